@@ -1,0 +1,295 @@
+"""RabbitMQ transport: the one way every service publishes, consumes and retries.
+
+Topology (declared in full by every service at start-up, so a message published before its
+consumer first starts waits in that consumer's queue instead of being dropped):
+
+- exchange `stt` (topic): work messages; one durable quorum queue per stage, `stt.<service>`.
+- exchange `stt.events` (topic): public events for subscribers (see README).
+- exchange `stt.dead` (topic): where a stage queue dead-letters a message that was rejected or
+  delivered more than DELIVERY_LIMIT times (a worker that crashes on it every time). Queue
+  `stt.dead-letters` keeps them for operators; queue `stt.persister.dead` lets the persister fail
+  the job with the reason.
+- `<queue>.retry.<N>s`: one TTL queue per retry delay that dead-letters back into the queue
+  it came from (delayed retry without a broker plugin).
+- A message whose retries are used up is failed with its reason and parked in
+  `stt.dead-letters` by the consumer itself (not rejected, so the reason stays the real one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractRobustConnection,
+)
+from pydantic import BaseModel, ValidationError
+
+from common.logs import current_job
+from common.messages import Contract, JobFailed
+from common.settings import Settings
+
+log = logging.getLogger(__name__)
+
+EXCHANGE = "stt"
+EVENTS_EXCHANGE = "stt.events"
+DEAD_EXCHANGE = "stt.dead"
+DEAD_LETTERS_QUEUE = "stt.dead-letters"
+PERSISTER_DEAD_QUEUE = "stt.persister.dead"
+
+# The routing keys each stage consumes: the contract of DESIGN.md.
+STAGE_BINDINGS: dict[str, list[str]] = {
+    "diarizer": ["job.submitted"],
+    "transcriber": ["job.diarized"],
+    "embedder": ["chunk.transcribed"],
+    "persister": ["chunk.transcribed", "chunk.embedded", "job.progress", "job.failed"],
+}
+
+ROUTING_KEY_HEADER = "x-original-routing-key"
+RETRY_COUNT_HEADER = "x-retry-count"
+
+
+class PermanentError(Exception):
+    """Bad input: the job fails at once with this message as its reason, and is not retried."""
+
+
+def stage_queue(service: str) -> str:
+    return f"stt.{service}"
+
+
+def retry_queue(queue_name: str, delay_s: int) -> str:
+    return f"{queue_name}.retry.{delay_s}s"
+
+
+async def connect(settings: Settings, name: str) -> AbstractRobustConnection:
+    """A connection that reconnects by itself; waits for the broker at start-up."""
+    url = settings.amqp_url.get_secret_value()
+    delay = 1.0
+    while True:
+        try:
+            return await aio_pika.connect_robust(url, client_properties={"connection_name": name})
+        except (ConnectionError, OSError, aio_pika.exceptions.AMQPError) as exc:
+            log.warning("RabbitMQ not reachable (%s); retrying in %.0f s", type(exc).__name__, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 15)
+
+
+async def declare_topology(channel: AbstractChannel, settings: Settings) -> None:
+    work = await channel.declare_exchange(EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
+    await channel.declare_exchange(EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
+    dead = await channel.declare_exchange(DEAD_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
+    for service, keys in STAGE_BINDINGS.items():
+        queue = await channel.declare_queue(
+            stage_queue(service),
+            durable=True,
+            arguments={
+                "x-queue-type": "quorum",
+                "x-delivery-limit": settings.delivery_limit,
+                "x-dead-letter-exchange": DEAD_EXCHANGE,
+            },
+        )
+        for key in keys:
+            await queue.bind(work, key)
+    for name in (DEAD_LETTERS_QUEUE, PERSISTER_DEAD_QUEUE):
+        queue = await channel.declare_queue(
+            name, durable=True,
+            arguments={"x-queue-type": "quorum", "x-delivery-limit": settings.delivery_limit},
+        )
+        await queue.bind(dead, "#")
+
+
+@dataclass
+class Bus:
+    """Publishing side of a service: every publish is persistent and confirmed by the broker
+    before the call returns, and a work message that no queue would take raises."""
+
+    channel: AbstractChannel
+    work: AbstractExchange
+    events: AbstractExchange
+
+    async def publish(self, message: Contract, headers: dict[str, Any] | None = None) -> None:
+        await self.work.publish(_encode(message, headers), routing_key=message.ROUTING_KEY, mandatory=True)
+
+    async def publish_event(self, message: Contract) -> None:
+        await self.events.publish(_encode(message), routing_key=message.ROUTING_KEY)
+
+
+def _encode(message: Contract, headers: dict[str, Any] | None = None) -> aio_pika.Message:
+    return aio_pika.Message(
+        body=message.model_dump_json().encode(),
+        content_type="application/json",
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        message_id=message.message_id,
+        type=message.ROUTING_KEY,
+        headers={"v": message.v, **(headers or {})},
+    )
+
+
+async def open_bus(connection: AbstractRobustConnection, settings: Settings) -> Bus:
+    channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+    await declare_topology(channel, settings)
+    work = await channel.get_exchange(EXCHANGE)
+    events = await channel.get_exchange(EVENTS_EXCHANGE)
+    return Bus(channel=channel, work=work, events=events)
+
+
+Handler = Callable[[Any, Bus], Awaitable[None]]
+
+
+@dataclass
+class Route:
+    model: type[BaseModel]
+    handler: Handler
+
+
+async def consume(
+    connection: AbstractRobustConnection,
+    settings: Settings,
+    service: str,
+    routes: dict[str, Route],
+    *,
+    queue_name: str | None = None,
+    prefetch: int | None = None,
+) -> None:
+    """Consume `queue_name` (default: this stage's queue) until cancelled.
+
+    Per message: validate against the route's model, run the handler, ack once it returned
+    (its publishes are already confirmed). PermanentError fails the job at once and acks.
+    Any other error retries after the next delay of RETRY_DELAYS_S; when they are used up the
+    job fails with the error and the message is parked in stt.dead-letters.
+    """
+    bus = await open_bus(connection, settings)
+    channel = await connection.channel()
+    await channel.set_qos(prefetch_count=prefetch or settings.prefetch_count)
+    queue_name = queue_name or stage_queue(service)
+    delays = settings.retry_delays
+    for delay in delays:
+        await channel.declare_queue(
+            retry_queue(queue_name, delay),
+            durable=True,
+            arguments={
+                "x-message-ttl": delay * 1000,
+                "x-dead-letter-exchange": "",
+                "x-dead-letter-routing-key": queue_name,
+            },
+        )
+    queue = await channel.declare_queue(queue_name, passive=True)
+
+    async def on_message(message: AbstractIncomingMessage) -> None:
+        headers = dict(message.headers or {})
+        routing_key = str(headers.get(ROUTING_KEY_HEADER) or message.routing_key)
+        route = routes.get(routing_key) or routes.get("*")
+        if route is None:
+            log.error("no handler for routing key %r on %s; dead-lettering", routing_key, queue_name)
+            await message.reject(requeue=False)
+            return
+        try:
+            parsed = route.model.model_validate_json(message.body)
+        except ValidationError as exc:
+            job_id = _job_id_of(message.body)
+            token = current_job.set(job_id)
+            try:
+                log.error("invalid %s message: %s", routing_key, exc.errors()[:3])
+                if job_id is not None:
+                    reason = f"invalid {routing_key} message: {_first_error(exc)}"
+                    await bus.publish(JobFailed(job_id=job_id, stage=service, reason=reason))
+                await _park(bus, message, headers, routing_key, "invalid message")
+                await message.ack()
+            finally:
+                current_job.reset(token)
+            return
+
+        token = current_job.set(getattr(parsed, "job_id", None))
+        try:
+            await route.handler(parsed, bus)
+        except PermanentError as exc:
+            log.warning("%s failed permanently: %s", routing_key, exc)
+            await _fail_job(bus, parsed, service, str(exc), permanent=True)
+            await message.ack()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            attempt = int(headers.get(RETRY_COUNT_HEADER, 0))
+            reason = f"{type(exc).__name__}: {exc}"
+            try:
+                if attempt < len(delays):
+                    delay = delays[attempt]
+                    log.warning("%s failed (%s); retry %d/%d in %d s",
+                                routing_key, reason, attempt + 1, len(delays), delay)
+                    retry_message = aio_pika.Message(
+                        body=message.body,
+                        content_type=message.content_type,
+                        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                        message_id=message.message_id,
+                        type=message.type,
+                        headers={**headers, ROUTING_KEY_HEADER: routing_key,
+                                 RETRY_COUNT_HEADER: attempt + 1, "x-last-error": reason[:500]},
+                    )
+                    await bus.channel.default_exchange.publish(
+                        retry_message, routing_key=retry_queue(queue_name, delay), mandatory=True
+                    )
+                    await message.ack()
+                else:
+                    log.exception("%s failed after %d attempts; failing the job", routing_key, attempt + 1)
+                    await _fail_job(bus, parsed, service,
+                                    f"{service} failed after {attempt + 1} attempts: {reason}",
+                                    permanent=False)
+                    await _park(bus, message, headers, routing_key, reason)
+                    await message.ack()
+            except Exception:
+                log.exception("could not schedule a retry; the broker will redeliver")
+                if not channel.is_closed:
+                    await message.nack(requeue=True)
+        else:
+            await message.ack()
+        finally:
+            current_job.reset(token)
+
+    await queue.consume(on_message)
+    log.info("consuming %s (prefetch %d)", queue_name, prefetch or settings.prefetch_count)
+    await asyncio.Future()  # run until cancelled
+
+
+async def _fail_job(bus: Bus, parsed: BaseModel, stage: str, reason: str, *, permanent: bool) -> None:
+    job_id = getattr(parsed, "job_id", None)
+    if job_id is not None and not isinstance(parsed, JobFailed):
+        await bus.publish(JobFailed(job_id=job_id, stage=stage, reason=reason, permanent=permanent))
+
+
+async def _park(bus: Bus, message: AbstractIncomingMessage, headers: dict[str, Any],
+                routing_key: str, reason: str) -> None:
+    """Keep a copy for operators in stt.dead-letters (inspect, fix, shovel back)."""
+    await bus.channel.default_exchange.publish(
+        aio_pika.Message(
+            body=message.body,
+            content_type=message.content_type,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=message.message_id,
+            type=message.type,
+            headers={**headers, ROUTING_KEY_HEADER: routing_key, "x-last-error": reason[:500]},
+        ),
+        routing_key=DEAD_LETTERS_QUEUE,
+        mandatory=True,
+    )
+
+
+def _job_id_of(body: bytes) -> int | None:
+    try:
+        job_id = json.loads(body).get("job_id")
+    except (ValueError, AttributeError):
+        return None
+    return job_id if isinstance(job_id, int) else None
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err.get("loc", ()))
+    return f"{where}: {err.get('msg')}" if where else str(err.get("msg"))

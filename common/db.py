@@ -1,0 +1,73 @@
+"""PostgreSQL access (ingest and persister only): pools and versioned migrations."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from importlib import resources
+
+import asyncpg
+
+from common.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Any constant: serialises concurrent start-ups applying migrations.
+MIGRATION_LOCK_KEY = 7_406_501_137
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+async def create_pool(settings: Settings, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
+    """Waits for the database at start-up instead of crashing."""
+    delay = 1.0
+    while True:
+        try:
+            return await asyncpg.create_pool(
+                settings.database_url.get_secret_value(),
+                min_size=min_size, max_size=max_size, init=_init_connection,
+            )
+        except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as exc:
+            log.warning("PostgreSQL not reachable (%s); retrying in %.0f s", type(exc).__name__, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 15)
+
+
+def _migrations() -> list[tuple[int, str, str]]:
+    found = []
+    for entry in resources.files("common.migrations").iterdir():
+        if entry.name.endswith(".sql"):
+            version = int(entry.name.split("_", 1)[0])
+            found.append((version, entry.name, entry.read_text()))
+    return sorted(found)
+
+
+async def apply_migrations(pool: asyncpg.Pool) -> list[str]:
+    """Apply every migration not yet applied, each in its own transaction. Safe when several
+    services start at once: an advisory lock lets one apply while the others wait."""
+    applied_now = []
+    async with pool.acquire() as conn:
+        await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
+        try:
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " version integer PRIMARY KEY, name text NOT NULL,"
+                " applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+            for version, name, sql in _migrations():
+                if version in done:
+                    continue
+                async with conn.transaction():
+                    await conn.execute(sql)
+                    await conn.execute(
+                        "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", version, name
+                    )
+                log.info("applied migration %s", name)
+                applied_now.append(name)
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)
+    return applied_now

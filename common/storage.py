@@ -1,0 +1,83 @@
+"""Object store access with plain S3 calls (MinIO in production, any S3 works). The `minio`
+client is synchronous: call these from a worker thread (asyncio.to_thread)."""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import BinaryIO
+
+from minio import Minio
+from minio.error import S3Error
+
+from common.settings import Settings
+
+PART_SIZE = 10 * 1024 * 1024
+
+
+def make_client(settings: Settings) -> Minio:
+    return Minio(
+        settings.minio_endpoint,
+        access_key=settings.minio_access_key,
+        secret_key=settings.minio_secret_key.get_secret_value(),
+        secure=settings.minio_secure,
+        region=settings.minio_region,
+    )
+
+
+def ensure_buckets(client: Minio, *buckets: str) -> None:
+    for bucket in buckets:
+        try:
+            client.make_bucket(bucket)
+        except S3Error as exc:
+            if exc.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                raise
+
+
+def upload_stream(client: Minio, bucket: str, key: str, stream: BinaryIO,
+                  content_type: str = "application/octet-stream",
+                  metadata: dict[str, str] | None = None) -> int:
+    """Stream to the store in 10 MiB parts without holding the object in memory."""
+    result = client.put_object(bucket, key, stream, length=-1, part_size=PART_SIZE,
+                               content_type=content_type, metadata=metadata)
+    return client.stat_object(result.bucket_name, result.object_name).size or 0
+
+
+def upload_bytes(client: Minio, bucket: str, key: str, data: bytes,
+                 content_type: str = "application/octet-stream") -> None:
+    client.put_object(bucket, key, io.BytesIO(data), length=len(data), content_type=content_type)
+
+
+def upload_json(client: Minio, bucket: str, key: str, document: object) -> None:
+    upload_bytes(client, bucket, key, json.dumps(document, ensure_ascii=False).encode(),
+                 content_type="application/json")
+
+
+def download_to(client: Minio, bucket: str, key: str, sink: BinaryIO) -> None:
+    response = client.get_object(bucket, key)
+    try:
+        for part in response.stream(1024 * 1024):
+            sink.write(part)
+    finally:
+        response.close()
+        response.release_conn()
+    sink.seek(0)
+
+
+def read_range(client: Minio, bucket: str, key: str, offset: int, length: int) -> bytes:
+    response = client.get_object(bucket, key, offset=offset, length=length)
+    try:
+        return response.read()
+    finally:
+        response.close()
+        response.release_conn()
+
+
+def object_exists(client: Minio, bucket: str, key: str) -> bool:
+    try:
+        client.stat_object(bucket, key)
+    except S3Error as exc:
+        if exc.code in ("NoSuchKey", "NoSuchObject", "NotFound"):
+            return False
+        raise
+    return True

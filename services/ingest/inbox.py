@@ -1,0 +1,173 @@
+"""Bucket drops: an object put into INBOX_BUCKET becomes exactly one job, found through
+MinIO's AMQP bucket notifications and, for whatever those miss, a periodic listing. When the
+job ends its status document is written to `<RESULTS_PREFIX><key>.json` in the inbox."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from urllib.parse import unquote_plus
+
+import aio_pika
+import asyncpg
+from minio import Minio
+from minio.commonconfig import CopySource
+from pydantic import BaseModel, Field
+
+from common.broker import EVENTS_EXCHANGE, Bus, Route, consume
+from common.logs import current_job
+from common.messages import JobSubmitted, TranscriptCompleted
+from common.settings import Settings
+from common.storage import upload_json
+from services.ingest.jobs import status_document, upload_key
+
+log = logging.getLogger(__name__)
+
+INBOX_EVENTS_QUEUE = "stt.ingest.inbox-events"
+RESULTS_QUEUE = "stt.ingest.results"
+
+
+# The S3 event document MinIO publishes (only the fields used here).
+class S3Object(BaseModel):
+    key: str
+    eTag: str | None = None
+    size: int | None = None
+
+
+class S3Bucket(BaseModel):
+    name: str
+
+
+class S3Entity(BaseModel):
+    bucket: S3Bucket
+    object: S3Object
+
+
+class S3Record(BaseModel):
+    eventName: str = ""
+    s3: S3Entity
+
+
+class BucketEvent(BaseModel):
+    Records: list[S3Record] = Field(default_factory=list)
+
+
+class JobEnded(BaseModel):
+    """transcript.completed or transcript.failed: only the job id matters here."""
+
+    transcript_id: int
+
+
+def _clean_etag(etag: str | None) -> str:
+    return (etag or "").strip('"')
+
+
+class Inbox:
+    def __init__(self, settings: Settings, pool: asyncpg.Pool, bus: Bus, s3: Minio):
+        self.settings, self.pool, self.bus, self.s3 = settings, pool, bus, s3
+
+    def is_input(self, key: str) -> bool:
+        return bool(key) and not key.endswith("/") and not key.startswith(self.settings.results_prefix)
+
+    async def register(self, key: str, etag: str) -> int | None:
+        """Make the object a job unless it already is one (bucket, key, etag); dispatch it if
+        it was never published. Returns the job id when this call dispatched it."""
+        bucket = self.settings.inbox_bucket
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "INSERT INTO transcripts (filename, source, source_bucket, source_key, source_etag)"
+                " VALUES ($1, 'bucket', $2, $3, $4) ON CONFLICT DO NOTHING",
+                key.rsplit("/", 1)[-1], bucket, key, etag,
+            )
+            job_id = await conn.fetchval(
+                "SELECT id FROM transcripts WHERE source_bucket = $1 AND source_key = $2"
+                " AND source_etag = $3 AND NOT published FOR UPDATE SKIP LOCKED",
+                bucket, key, etag,
+            )
+            if job_id is None:
+                return None
+            token = current_job.set(job_id)
+            try:
+                audio_key = upload_key(job_id)
+                await asyncio.to_thread(self.s3.copy_object, self.settings.audio_bucket, audio_key,
+                                        CopySource(bucket, key))
+                await self.bus.publish(JobSubmitted(
+                    message_id=f"job.submitted:{job_id}", job_id=job_id,
+                    audio_bucket=self.settings.audio_bucket, audio_key=audio_key,
+                    filename=key.rsplit("/", 1)[-1],
+                ))
+                await conn.execute(
+                    "UPDATE transcripts SET published = true, audio_key = $2 WHERE id = $1",
+                    job_id, audio_key,
+                )
+                log.info("bucket drop %s/%s became a job", bucket, key)
+            finally:
+                current_job.reset(token)
+            return job_id
+
+    async def on_event(self, event: BucketEvent, _bus: Bus) -> None:
+        for record in event.Records:
+            key = unquote_plus(record.s3.object.key)
+            if record.s3.bucket.name == self.settings.inbox_bucket and self.is_input(key):
+                await self.register(key, _clean_etag(record.s3.object.eTag))
+
+    async def reconcile(self) -> None:
+        """List the inbox for objects no event announced, and write missing result files."""
+        objects = await asyncio.to_thread(
+            lambda: list(self.s3.list_objects(self.settings.inbox_bucket, recursive=True))
+        )
+        for obj in objects:
+            if self.is_input(obj.object_name):
+                await self.register(obj.object_name, _clean_etag(obj.etag))
+        ended = await self.pool.fetch(
+            "SELECT id FROM transcripts WHERE source = 'bucket' AND status <> 'processing'"
+            " AND NOT result_written"
+        )
+        for row in ended:
+            await self.write_result(row["id"])
+
+    async def write_result(self, job_id: int) -> None:
+        row = await self.pool.fetchrow(
+            "SELECT source_bucket, source_key FROM transcripts WHERE id = $1 AND source = 'bucket'",
+            job_id,
+        )
+        if row is None:
+            return
+        document = await status_document(self.pool, job_id)
+        key = f"{self.settings.results_prefix}{row['source_key']}.json"
+        await asyncio.to_thread(upload_json, self.s3, row["source_bucket"], key, document)
+        await self.pool.execute("UPDATE transcripts SET result_written = true WHERE id = $1", job_id)
+        log.info("job %d: result written to %s/%s", job_id, row["source_bucket"], key)
+
+    async def on_job_ended(self, event: JobEnded, _bus: Bus) -> None:
+        await self.write_result(event.transcript_id)
+
+    async def run_scanner(self) -> None:
+        while True:
+            try:
+                await self.reconcile()
+            except Exception:
+                log.exception("inbox scan failed; will try again")
+            await asyncio.sleep(self.settings.inbox_scan_interval_s)
+
+    async def run_consumers(self, connection: aio_pika.abc.AbstractRobustConnection) -> None:
+        channel = await connection.channel()
+        events = await channel.declare_exchange(
+            self.settings.minio_events_exchange, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        inbox_queue = await channel.declare_queue(
+            INBOX_EVENTS_QUEUE, durable=True, arguments={"x-queue-type": "quorum"}
+        )
+        await inbox_queue.bind(events, self.settings.minio_events_routing_key)
+        results_queue = await channel.declare_queue(
+            RESULTS_QUEUE, durable=True, arguments={"x-queue-type": "quorum"}
+        )
+        stt_events = await channel.get_exchange(EVENTS_EXCHANGE)
+        for key in (TranscriptCompleted.ROUTING_KEY, "transcript.failed"):
+            await results_queue.bind(stt_events, key)
+        await asyncio.gather(
+            consume(connection, self.settings, "ingest", {"*": Route(BucketEvent, self.on_event)},
+                    queue_name=INBOX_EVENTS_QUEUE),
+            consume(connection, self.settings, "ingest", {"*": Route(JobEnded, self.on_job_ended)},
+                    queue_name=RESULTS_QUEUE),
+        )

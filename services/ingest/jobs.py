@@ -1,0 +1,76 @@
+"""Creating jobs and reading their state: the ingest side of the `transcripts` table."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import BinaryIO
+
+import asyncpg
+from minio import Minio
+
+from common.broker import Bus
+from common.messages import JobOptions, JobSubmitted
+from common.storage import upload_stream
+
+log = logging.getLogger(__name__)
+
+
+def upload_key(job_id: int) -> str:
+    """Server-chosen object key: client text never becomes part of a path."""
+    return f"uploads/{job_id}"
+
+
+async def create_upload_job(pool: asyncpg.Pool, bus: Bus, s3: Minio, audio_bucket: str,
+                            filename: str, options: JobOptions, stream: BinaryIO) -> int:
+    """Row, then audio, then job.submitted. If the upload or the publish fails, the row and
+    object are removed again and the error propagates: no job exists that will never run."""
+    job_id = await pool.fetchval(
+        "INSERT INTO transcripts (filename, source, options) VALUES ($1, 'upload', $2) RETURNING id",
+        filename, options.model_dump(exclude_none=True),
+    )
+    key = upload_key(job_id)
+    try:
+        await asyncio.to_thread(upload_stream, s3, audio_bucket, key, stream)
+        await pool.execute("UPDATE transcripts SET audio_key = $2 WHERE id = $1", job_id, key)
+        await bus.publish(JobSubmitted(job_id=job_id, audio_bucket=audio_bucket, audio_key=key,
+                                       filename=filename, options=options))
+    except BaseException:
+        await _discard(pool, s3, audio_bucket, job_id, key)
+        raise
+    await pool.execute("UPDATE transcripts SET published = true WHERE id = $1", job_id)
+    return job_id
+
+
+async def _discard(pool: asyncpg.Pool, s3: Minio, bucket: str, job_id: int, key: str) -> None:
+    try:
+        await asyncio.to_thread(s3.remove_object, bucket, key)
+    except Exception:
+        log.warning("job %d: could not remove %s after a failed submission", job_id, key)
+    try:
+        await pool.execute("DELETE FROM transcripts WHERE id = $1", job_id)
+    except Exception:
+        log.warning("job %d: could not remove its row after a failed submission", job_id)
+
+
+async def status_document(pool: asyncpg.Pool | asyncpg.Connection, job_id: int) -> dict | None:
+    """What GET /status/{id} returns (and the result file of a bucket drop)."""
+    job = await pool.fetchrow("SELECT status, error FROM transcripts WHERE id = $1", job_id)
+    if job is None:
+        return None
+    rows = await pool.fetch(
+        "SELECT speaker, start_ts, end_ts, text FROM segments WHERE transcript_id = $1 "
+        "ORDER BY start_ts, chunk_index, index",
+        job_id,
+    )
+    document: dict = {
+        "status": job["status"],
+        "segments": [
+            {"speaker": r["speaker"], "start_ts": round(r["start_ts"], 3),
+             "end_ts": round(r["end_ts"], 3), "text": r["text"]}
+            for r in rows
+        ],
+    }
+    if job["status"] == "error":
+        document["error"] = job["error"]
+    return document

@@ -1,0 +1,49 @@
+"""python -m services.persister: stores chunks and job state, publishes stt.events."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from common.broker import PERSISTER_DEAD_QUEUE, Route, connect, consume, open_bus
+from common.db import apply_migrations, create_pool
+from common.logs import setup_logging
+from common.messages import ChunkEmbedded, ChunkTranscribed, JobFailed, JobProgress
+from common.settings import get_settings
+from services.persister import store
+
+log = logging.getLogger("services.persister")
+
+
+async def main() -> None:
+    settings = get_settings()
+    setup_logging(settings.log_level)
+    pool = await create_pool(settings)
+    await apply_migrations(pool)
+    connection = await connect(settings, "persister")
+    bus = await open_bus(connection, settings)
+    wake = asyncio.Event()
+
+    def then_flush(handler):
+        async def handle(message, _bus):
+            if await handler(pool, message) is not False:
+                wake.set()
+        return handle
+
+    routes = {
+        "chunk.transcribed": Route(ChunkTranscribed, then_flush(store.on_transcribed)),
+        "chunk.embedded": Route(ChunkEmbedded, then_flush(store.on_embedded)),
+        "job.progress": Route(JobProgress, then_flush(store.on_progress)),
+        "job.failed": Route(JobFailed, then_flush(store.on_failed)),
+    }
+    dead_routes = {"*": Route(store.DeadLetter, then_flush(store.on_dead_letter))}
+    log.info("persister ready")
+    await asyncio.gather(
+        store.run_outbox_flusher(pool, bus, wake),
+        consume(connection, settings, "persister", routes, prefetch=max(settings.prefetch_count, 16)),
+        consume(connection, settings, "persister", dead_routes, queue_name=PERSISTER_DEAD_QUEUE),
+    )
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,181 @@
+"""The real stack for tests: RabbitMQ (a fresh vhost), PostgreSQL (a fresh database), moto's
+S3 server, a stand-in Ollama with the real bundled model, and the five services each as its
+own process, exactly as `make run` starts them."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = Path(os.environ.get("STT_FIXTURES", ROOT.parent / "shared" / "fixtures"))
+SERVICES = ("ingest", "diarizer", "transcriber", "embedder", "persister")
+PG_ADMIN_URL = os.environ.get("TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+AMQP_BASE = os.environ.get("TEST_AMQP_BASE", "amqp://guest:guest@127.0.0.1:5672")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on port {port}")
+
+
+def rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=60)
+
+
+def psql(sql: str) -> None:
+    subprocess.run(["psql", PG_ADMIN_URL, "-v", "ON_ERROR_STOP=1", "-qc", sql], check=True,
+                   capture_output=True, timeout=60)
+
+
+@dataclass
+class Stack:
+    env: dict[str, str]
+    api: str
+    log_dir: Path
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    @property
+    def amqp_url(self) -> str:
+        return self.env["AMQP_URL"]
+
+    @property
+    def database_url(self) -> str:
+        return self.env["DATABASE_URL"]
+
+    def start(self, name: str, *args: str) -> subprocess.Popen:
+        log = (self.log_dir / f"{name}.log").open("ab")
+        process = subprocess.Popen(
+            [sys.executable, *args], cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+        )
+        self.processes[name] = process
+        return process
+
+    def start_service(self, name: str) -> subprocess.Popen:
+        return self.start(name, "-m", f"services.{name}")
+
+    def stop(self, name: str) -> None:
+        process = self.processes.pop(name, None)
+        if process and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+    def log_tail(self, name: str, lines: int = 40) -> str:
+        path = self.log_dir / f"{name}.log"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+
+    def s3(self):
+        from minio import Minio
+
+        return Minio(self.env["MINIO_ENDPOINT"], access_key="test", secret_key="test", secure=False)
+
+    # ---- client helpers -------------------------------------------------------------------
+
+    def submit(self, path: Path | str, data: dict | None = None, name: str | None = None) -> httpx.Response:
+        path = Path(path)
+        with path.open("rb") as f:
+            return httpx.post(f"{self.api}/recognize", files={"file": (name or path.name, f)},
+                              data=data or {}, timeout=60)
+
+    def wait_finished(self, job_id: int, timeout: float = 300) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            document = httpx.get(f"{self.api}/status/{job_id}", timeout=10).json()
+            if document["status"] != "processing":
+                return document
+            dead = [n for n, p in self.processes.items() if p.poll() is not None]
+            if dead:
+                raise AssertionError(f"services died: {dead}\n" + "\n".join(self.log_tail(n) for n in dead))
+            time.sleep(0.5)
+        tails = "\n".join(f"--- {n}\n{self.log_tail(n, 15)}" for n in SERVICES)
+        raise AssertionError(f"job {job_id} still processing after {timeout} s\n{tails}")
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    if not FIXTURES.is_dir():
+        pytest.fail(f"audio fixtures not found at {FIXTURES} (set STT_FIXTURES)")
+    return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory, fixtures_dir) -> Iterator[Stack]:
+    name = f"stt_test_{uuid.uuid4().hex[:8]}"
+    log_dir = tmp_path_factory.mktemp("logs")
+    s3_port, api_port, ollama_port = free_port(), free_port(), free_port()
+    rabbitmqctl("add_vhost", name)
+    rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+    psql(f"CREATE DATABASE {name}")
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "LOG_LEVEL": "INFO",
+        "AMQP_URL": f"{AMQP_BASE}/{name}",
+        "DATABASE_URL": f"postgresql://postgres@127.0.0.1:5432/{name}",
+        "MINIO_ENDPOINT": f"127.0.0.1:{s3_port}",
+        "MINIO_ACCESS_KEY": "test",
+        "MINIO_SECRET_KEY": "test",
+        "API_HOST": "127.0.0.1",
+        "API_PORT": str(api_port),
+        "MAX_UPLOAD_MB": "5",
+        "INBOX_SCAN_INTERVAL_S": "1",
+        "RETRY_DELAYS_S": "1,2",
+        "DIARIZATION_BACKEND": "offline",
+        "WHISPER_MODEL": str(ROOT / "models" / "whisper-base"),
+        "EMBEDDING_BACKEND": "ollama",
+        "OLLAMA_URL": f"http://127.0.0.1:{ollama_port}",
+        "HF_HUB_OFFLINE": "1",
+    }
+    stack = Stack(env=env, api=f"http://127.0.0.1:{api_port}", log_dir=log_dir)
+    try:
+        stack.start("s3", "-m", "moto.server", "-H", "127.0.0.1", "-p", str(s3_port))
+        stack.start("ollama", "-m", "tests.fake_ollama", "--port", str(ollama_port))
+        wait_for_port(s3_port)
+        for service in SERVICES:
+            stack.start_service(service)
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if httpx.get(f"{stack.api}/readyz", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline or stack.processes["ingest"].poll() is not None:
+                raise RuntimeError("ingest never became ready:\n" + stack.log_tail("ingest"))
+            time.sleep(0.5)
+        wait_for_port(ollama_port, timeout=120)
+        yield stack
+    finally:
+        for process_name in list(stack.processes):
+            stack.stop(process_name)
+        if os.environ.get("STT_KEEP_LOGS"):
+            shutil.copytree(log_dir, ROOT / "test-logs", dirs_exist_ok=True)
+        subprocess.run(["rabbitmqctl", "delete_vhost", name], capture_output=True, timeout=60)
+        subprocess.run(["psql", PG_ADMIN_URL, "-qc", f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"],
+                       capture_output=True, timeout=60)

@@ -1,0 +1,54 @@
+"""A stand-in Ollama for tests and the local run: answers Ollama's HTTP embedding API
+(`POST /api/embed`, `GET /api/tags`, `GET /api/version`) with real vectors from the bundled
+all-MiniLM-L6-v2, which Ollama calls `all-minilm`.
+
+    python -m tests.fake_ollama --port 11434
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+from aiohttp import web
+
+from services.embedder.backends import LOCAL_MODEL_NAME, local_embed, load_local_model
+
+MODELS = {LOCAL_MODEL_NAME, f"{LOCAL_MODEL_NAME}:latest"}
+
+
+async def embed(request: web.Request) -> web.Response:
+    body = await request.json()
+    model = body.get("model")
+    if model not in MODELS:
+        return web.json_response({"error": f'model "{model}" not found, try pulling it first'}, status=404)
+    texts = body.get("input")
+    texts = [texts] if isinstance(texts, str) else list(texts or [])
+    vectors = await asyncio.to_thread(local_embed, texts) if texts else []
+    return web.json_response({"model": model, "embeddings": vectors, "total_duration": 0,
+                              "load_duration": 0, "prompt_eval_count": len(texts)})
+
+
+async def tags(_: web.Request) -> web.Response:
+    return web.json_response({"models": [{"name": f"{LOCAL_MODEL_NAME}:latest", "model": f"{LOCAL_MODEL_NAME}:latest"}]})
+
+
+async def version(_: web.Request) -> web.Response:
+    return web.json_response({"version": "0.0.0-fake"})
+
+
+def make_app() -> web.Application:
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app.router.add_post("/api/embed", embed)
+    app.router.add_get("/api/tags", tags)
+    app.router.add_get("/api/version", version)
+    return app
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=11434)
+    args = parser.parse_args()
+    load_local_model()
+    web.run_app(make_app(), host=args.host, port=args.port, print=None)
