@@ -119,7 +119,8 @@ class Bus:
         await self.work.publish(_encode(message, headers), routing_key=message.ROUTING_KEY, mandatory=True)
 
     async def publish_event(self, message: Contract) -> None:
-        await self.events.publish(_encode(message), routing_key=message.ROUTING_KEY)
+        # Events with no subscriber yet are fine to drop (aio-pika defaults to mandatory).
+        await self.events.publish(_encode(message), routing_key=message.ROUTING_KEY, mandatory=False)
 
 
 def _encode(message: Contract, headers: dict[str, Any] | None = None) -> aio_pika.Message:

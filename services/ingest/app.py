@@ -16,6 +16,7 @@ from litestar.exceptions import HTTPException, NotFoundException
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.params import Body
+from litestar.plugins.pydantic import PydanticPlugin
 from litestar.response import Response
 from pydantic import BaseModel, ValidationError
 
@@ -171,6 +172,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
     return Litestar(
         route_handlers=[recognize, job_status, healthz, readyz],
         lifespan=[lifespan],
+        logging_config=None,  # keep the project's log format (common.logs)
+        # `error` appears in a status document only when the job failed.
+        plugins=[PydanticPlugin(exclude_none=True)],
         # The limit is enforced while the body streams in, not after it was stored.
         request_max_body_size=settings.max_upload_bytes + 1024 * 1024,
         openapi_config=OpenAPIConfig(

@@ -127,6 +127,13 @@ class Inbox:
             await self.write_result(row["id"])
 
     async def write_result(self, job_id: int) -> None:
+        token = current_job.set(job_id)
+        try:
+            await self._write_result(job_id)
+        finally:
+            current_job.reset(token)
+
+    async def _write_result(self, job_id: int) -> None:
         row = await self.pool.fetchrow(
             "SELECT source_bucket, source_key FROM transcripts WHERE id = $1 AND source = 'bucket'",
             job_id,
@@ -137,7 +144,7 @@ class Inbox:
         key = f"{self.settings.results_prefix}{row['source_key']}.json"
         await asyncio.to_thread(upload_json, self.s3, row["source_bucket"], key, document)
         await self.pool.execute("UPDATE transcripts SET result_written = true WHERE id = $1", job_id)
-        log.info("job %d: result written to %s/%s", job_id, row["source_bucket"], key)
+        log.info("result written to %s/%s", row["source_bucket"], key)
 
     async def on_job_ended(self, event: JobEnded, _bus: Bus) -> None:
         await self.write_result(event.transcript_id)

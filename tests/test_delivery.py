@@ -1,0 +1,103 @@
+"""At-least-once delivery: redelivered and out-of-order messages change nothing twice."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import aio_pika
+import asyncpg
+
+from common.messages import ChunkEmbedded, ChunkTranscribed, Contract, JobSubmitted, Segment
+from tests.conftest import Stack
+
+
+async def publish(stack: Stack, *messages: Contract) -> None:
+    connection = await aio_pika.connect(stack.amqp_url)
+    try:
+        channel = await connection.channel()
+        exchange = await channel.get_exchange("stt")
+        for message in messages:
+            await exchange.publish(
+                aio_pika.Message(message.model_dump_json().encode(), content_type="application/json",
+                                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                routing_key=message.ROUTING_KEY, mandatory=True,
+            )
+    finally:
+        await connection.close()
+
+
+async def wait_status(conn: asyncpg.Connection, job_id: int, status: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while await conn.fetchval("SELECT status FROM transcripts WHERE id = $1", job_id) != status:
+        assert time.monotonic() < deadline, f"job {job_id} never became {status}"
+        await asyncio.sleep(0.2)
+
+
+def segment(index: int, start: float, text: str, speaker: str = "spk_0") -> Segment:
+    return Segment(index=index, speaker=speaker, start_ts=start, end_ts=start + 1, text=text)
+
+
+async def test_duplicates_and_out_of_order_chunks_store_each_segment_once(stack):
+    conn = await asyncpg.connect(stack.database_url)
+    events = await aio_pika.connect(stack.amqp_url)
+    try:
+        channel = await events.channel()
+        exchange = await channel.declare_exchange("stt.events", aio_pika.ExchangeType.TOPIC, durable=True)
+        queue = await channel.declare_queue(exclusive=True)
+        await queue.bind(exchange, "transcript.*")
+
+        job_id = await conn.fetchval("INSERT INTO transcripts (filename) VALUES ('handmade.wav') RETURNING id")
+        chunk0 = [segment(0, 0.0, "first"), segment(1, 1.5, "second", "spk_1")]
+        chunk1 = [segment(0, 10.0, "third")]
+        common = {"job_id": job_id, "chunk_count": 2, "duration": 12.0, "language": "en"}
+        embedded0 = ChunkEmbedded(chunk_index=0, embedding_model="all-minilm",
+                                  segments=[s.model_copy(update={"embedding": [0.5] * 384}) for s in chunk0], **common)
+        # chunk 0: chunk.embedded before chunk.transcribed, each delivered more than once (the
+        # real embedder also embeds the late chunk.transcribed again: one more duplicate).
+        await publish(stack, embedded0, embedded0, ChunkTranscribed(chunk_index=0, segments=chunk0, **common))
+        await asyncio.sleep(3)
+        assert await conn.fetchval("SELECT status FROM transcripts WHERE id = $1", job_id) == "processing"
+        rows = await conn.fetch("SELECT text, embedding FROM segments WHERE transcript_id = $1", job_id)
+        assert sorted(r["text"] for r in rows) == ["first", "second"]
+        assert all(r["embedding"] == [0.5] * 384 for r in rows)  # the first stored copy stays
+        # chunk 1: transcribed twice, so the real embedder embeds it twice
+        transcribed1 = ChunkTranscribed(chunk_index=1, segments=chunk1, **common)
+        await publish(stack, transcribed1, transcribed1)
+        await wait_status(conn, job_id, "done")
+        await asyncio.sleep(2)  # let any duplicate land
+
+        rows = await conn.fetch("SELECT chunk_index, index, text, embedding FROM segments"
+                                " WHERE transcript_id = $1 ORDER BY start_ts", job_id)
+        assert [r["text"] for r in rows] == ["first", "second", "third"]
+        assert all(r["embedding"] is not None for r in rows)
+        completed = []
+        while (message := await queue.get(fail=False)) is not None:
+            await message.ack()
+            body = json.loads(message.body)
+            if body["transcript_id"] == job_id:
+                completed.append(message.routing_key)
+        assert completed == ["transcript.completed"]
+    finally:
+        await events.close()
+        await conn.close()
+
+
+async def test_job_submitted_delivered_three_times_gives_one_transcript(stack, fixtures_dir):
+    response = await asyncio.to_thread(stack.submit, fixtures_dir / "en_dialogue.wav")
+    job_id = response.json()["id"]
+    again = JobSubmitted(job_id=job_id, audio_bucket="audio", audio_key=f"uploads/{job_id}",
+                         filename="en_dialogue.wav")
+    await publish(stack, again, again)
+    document = await asyncio.to_thread(stack.wait_finished, job_id)
+    assert document["status"] == "done"
+    await asyncio.sleep(8)  # the duplicate runs finish too
+    conn = await asyncpg.connect(stack.database_url)
+    try:
+        rows = await conn.fetch("SELECT speaker, start_ts, text FROM segments WHERE transcript_id = $1", job_id)
+    finally:
+        await conn.close()
+    assert rows
+    assert len({(r["start_ts"], r["text"]) for r in rows}) == len(rows)
+    assert len(rows) == len(document["segments"])

@@ -1,0 +1,83 @@
+"""What the API answers for bad requests, and what it serves besides jobs."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+import httpx
+import pytest
+
+from tests.conftest import Stack
+
+
+async def count_jobs(stack: Stack) -> int:
+    conn = await asyncpg.connect(stack.database_url)
+    try:
+        return await conn.fetchval("SELECT count(*) FROM transcripts")
+    finally:
+        await conn.close()
+
+
+def post(stack: Stack, content: bytes, name: str = "audio.mp3", data: dict | None = None) -> httpx.Response:
+    return httpx.post(f"{stack.api}/recognize", files={"file": (name, content)}, data=data or {}, timeout=60)
+
+
+@pytest.mark.parametrize("case, content, name, expected, says", [
+    ("text file", b"this is not audio at all\n" * 40, "notes.txt", 415, "not audio"),
+    ("text named .mp3", b"hello, I am text pretending to be sound\n" * 40, "song.mp3", 415, "not audio"),
+    ("zero bytes", b"", "audio.wav", 400, "empty"),
+])
+def test_undecodable_or_empty_uploads_are_rejected(stack, case, content, name, expected, says):
+    before = asyncio.run(count_jobs(stack))
+    response = post(stack, content, name)
+    assert response.status_code == expected, (case, response.text)
+    assert says in response.json()["detail"]
+    assert asyncio.run(count_jobs(stack)) == before  # no job, no row
+
+
+def test_truncated_mp3_is_rejected(stack, fixtures_dir):
+    head = (fixtures_dir / "multilingual.mp3").read_bytes()[:300]
+    response = post(stack, head, "cut.mp3")
+    assert response.status_code == 415, response.text
+
+
+def test_upload_over_the_limit_is_413(stack):
+    response = post(stack, b"\0" * (6 * 1024 * 1024), "big.wav")  # MAX_UPLOAD_MB=5 in tests
+    assert response.status_code == 413, response.text
+
+
+def test_missing_file_field_is_400(stack):
+    response = httpx.post(f"{stack.api}/recognize", files={"upload": ("a.wav", b"RIFF")}, timeout=30)
+    assert response.status_code == 400, response.text
+
+
+def test_inconsistent_speaker_hints_are_400(stack, fixtures_dir):
+    content = (fixtures_dir / "jfk.flac").read_bytes()
+    response = post(stack, content, "jfk.flac", {"min_speakers": "3", "max_speakers": "2"})
+    assert response.status_code == 400 and "min_speakers" in response.text
+    response = post(stack, content, "jfk.flac", {"num_speakers": "two"})
+    assert response.status_code == 400
+
+
+def test_speaker_hint_is_honoured(stack, fixtures_dir):
+    response = stack.submit(fixtures_dir / "sample.wav", data={"num_speakers": "3"})
+    assert response.status_code == 202
+    document = stack.wait_finished(response.json()["id"])
+    assert document["status"] == "done"
+    assert len({s["speaker"] for s in document["segments"]}) == 3
+
+
+def test_unknown_job_is_404(stack):
+    response = httpx.get(f"{stack.api}/status/987654321")
+    assert response.status_code == 404
+
+
+def test_health_readiness_and_openapi(stack):
+    assert httpx.get(f"{stack.api}/healthz").json() == {"status": "ok"}
+    ready = httpx.get(f"{stack.api}/readyz")
+    assert ready.status_code == 200
+    assert ready.json()["checks"] == {"postgres": "ok", "rabbitmq": "ok", "object_store": "ok"}
+    schema = httpx.get(f"{stack.api}/docs/openapi.json").json()
+    assert {"/recognize", "/status/{job_id}"} <= set(schema["paths"])
+    assert "swagger" in httpx.get(f"{stack.api}/docs/").text.lower()

@@ -1,0 +1,181 @@
+"""End to end through HTTP, the real services, broker, database, S3 protocol and models."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+
+import aio_pika
+import asyncpg
+import httpx
+import pytest
+
+from tests.conftest import Stack
+
+
+def normalised(text: str) -> str:
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+@pytest.fixture(scope="module")
+def finished(stack: Stack, fixtures_dir) -> dict[str, dict]:
+    """Submit the fixtures at once (as users would), then wait for each to finish."""
+    submitted = {}
+    for name in ("sample.wav", "jfk.flac", "ru_dialogue.wav", "multilingual.mp3", "empty.wav"):
+        response = stack.submit(fixtures_dir / name)
+        assert response.status_code == 202, response.text
+        body = response.json()
+        assert body["status"] == "processing" and body["filename"] == name and isinstance(body["id"], int)
+        submitted[name] = body["id"]
+    return {name: {"id": job_id, **stack.wait_finished(job_id)} for name, job_id in submitted.items()}
+
+
+async def fetch_segments(stack: Stack, job_id: int) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(stack.database_url)
+    try:
+        return await conn.fetch(
+            "SELECT chunk_index, index, speaker, start_ts, end_ts, text, embedding, embedding_model"
+            " FROM segments WHERE transcript_id = $1 ORDER BY start_ts", job_id)
+    finally:
+        await conn.close()
+
+
+async def fetch_job(stack: Stack, job_id: int) -> asyncpg.Record:
+    conn = await asyncpg.connect(stack.database_url)
+    try:
+        return await conn.fetchrow("SELECT * FROM transcripts WHERE id = $1", job_id)
+    finally:
+        await conn.close()
+
+
+def test_meeting_is_diarized_and_transcribed(finished):
+    doc = finished["sample.wav"]
+    assert doc["status"] == "done", doc
+    speakers = {s["speaker"] for s in doc["segments"]}
+    assert len(speakers) >= 2, speakers
+    assert all(set(s) == {"speaker", "start_ts", "end_ts", "text"} for s in doc["segments"])
+    assert " ".join(s["text"] for s in doc["segments"]).strip()
+    starts = [s["start_ts"] for s in doc["segments"]]
+    assert starts == sorted(starts)
+    assert all(0 <= s["start_ts"] <= s["end_ts"] <= 30.5 for s in doc["segments"])
+
+
+def test_flac_words_are_right(finished):
+    doc = finished["jfk.flac"]
+    assert doc["status"] == "done", doc
+    text = normalised(" ".join(s["text"] for s in doc["segments"]))
+    assert "ask not what your country can do for you" in text, text
+
+
+async def test_russian_dialogue_in_russian_with_two_speakers(finished, stack):
+    doc = finished["ru_dialogue.wav"]
+    assert doc["status"] == "done", doc
+    assert len({s["speaker"] for s in doc["segments"]}) == 2
+    text = " ".join(s["text"] for s in doc["segments"])
+    assert len(re.findall(r"[а-яё]", text.lower())) > 0.8 * len(re.findall(r"[a-zа-яё]", text.lower()))
+    assert (await fetch_job(stack, finished["ru_dialogue.wav"]["id"]))["language"] == "ru"
+
+
+def test_mp3_is_transcribed(finished):
+    doc = finished["multilingual.mp3"]
+    assert doc["status"] == "done", doc
+    text = normalised(" ".join(s["text"] for s in doc["segments"]))
+    assert "permission is hereby granted" in text or "software" in text, text
+
+
+def test_silence_ends_with_a_reason(finished):
+    doc = finished["empty.wav"]
+    assert doc["status"] in ("done", "error")
+    if doc["status"] == "done":
+        assert doc["segments"] == []
+    else:
+        assert "no speech" in doc["error"]
+
+
+async def test_every_segment_has_a_384_float_embedding(finished, stack):
+    for name in ("sample.wav", "jfk.flac", "ru_dialogue.wav", "multilingual.mp3"):
+        rows = await fetch_segments(stack, finished[name]["id"])
+        assert rows, name
+        for row in rows:
+            assert row["embedding"] is not None and len(row["embedding"]) == 384, (name, row["index"])
+            assert abs(sum(x * x for x in row["embedding"]) - 1.0) < 1e-3  # unit vectors
+            assert row["embedding_model"] == "all-minilm"
+
+
+async def test_job_record_has_language_duration_and_progress(finished, stack):
+    job = await fetch_job(stack, finished["jfk.flac"]["id"])
+    assert job["language"] == "en"
+    assert job["duration"] == pytest.approx(11.0, abs=0.1)
+    assert job["stage"] == "done" and job["progress"] == 1.0 and job["completed_at"] is not None
+
+
+async def test_subscriber_receives_segment_events_and_one_completion(stack, fixtures_dir):
+    connection = await aio_pika.connect(stack.amqp_url)
+    try:
+        channel = await connection.channel()
+        exchange = await channel.declare_exchange("stt.events", aio_pika.ExchangeType.TOPIC, durable=True)
+        queue = await channel.declare_queue(exclusive=True)
+        await queue.bind(exchange, "#")
+        response = stack.submit(fixtures_dir / "jfk.flac")
+        job_id = response.json()["id"]
+        await asyncio.to_thread(stack.wait_finished, job_id)
+        segments = await fetch_segments(stack, job_id)
+        events: list[tuple[str, dict]] = []
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            message = await queue.get(fail=False)
+            if message is None:
+                if any(k == "transcript.completed" and b["transcript_id"] == job_id for k, b in events):
+                    await asyncio.sleep(1)  # a duplicate would arrive now
+                    while (message := await queue.get(fail=False)) is not None:
+                        await message.ack()
+                        events.append((message.routing_key, json.loads(message.body)))
+                    break
+                await asyncio.sleep(0.2)
+                continue
+            await message.ack()
+            events.append((message.routing_key, json.loads(message.body)))
+        mine = [(k, b) for k, b in events if b.get("transcript_id") == job_id]
+        created = [b for k, b in mine if k == "segment.created"]
+        completed = [b for k, b in mine if k == "transcript.completed"]
+        assert len(completed) == 1, mine
+        assert completed[0]["segment_count"] == len(segments) and completed[0]["language"] == "en"
+        assert sorted((b["chunk_index"], b["index"]) for b in created) == sorted(
+            (r["chunk_index"], r["index"]) for r in segments)
+        assert all(len(b["embedding"]) == 384 and b["text"] for b in created)
+        assert mine[-1][0] == "transcript.completed"  # completion comes after its segments
+    finally:
+        await connection.close()
+
+
+def test_bucket_drop_becomes_one_job_with_a_result_file(stack, fixtures_dir):
+    s3 = stack.s3()
+    s3.fput_object("inbox", "calls/en dialogue.wav", str(fixtures_dir / "en_dialogue.wav"))
+    result_key = "results/calls/en dialogue.wav.json"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        try:
+            document = json.loads(s3.get_object("inbox", result_key).read())
+            break
+        except Exception:
+            time.sleep(1)
+    else:
+        pytest.fail("no result file appeared")
+    assert document["status"] == "done", document
+    assert len({s["speaker"] for s in document["segments"]}) == 2
+    assert "sales" in normalised(" ".join(s["text"] for s in document["segments"]))
+    jobs = asyncio.run(_bucket_jobs(stack, "calls/en dialogue.wav"))
+    assert len(jobs) == 1, jobs  # scans keep running: still exactly one job
+    assert httpx.get(f"{stack.api}/status/{jobs[0]}").json() == document
+
+
+async def _bucket_jobs(stack: Stack, key: str) -> list[int]:
+    conn = await asyncpg.connect(stack.database_url)
+    try:
+        await asyncio.sleep(3)  # several more reconcile scans
+        return [r["id"] for r in await conn.fetch(
+            "SELECT id FROM transcripts WHERE source = 'bucket' AND source_key = $1", key)]
+    finally:
+        await conn.close()
