@@ -10,6 +10,7 @@ export WHISPER_MODEL="${WHISPER_MODEL:-$PWD/models/whisper-base}"
 export EMBEDDING_BACKEND="${EMBEDDING_BACKEND:-local}"
 export DIARIZATION_BACKEND="${DIARIZATION_BACKEND:-auto}"
 export PYTHONUNBUFFERED=1
+export PATH="$PWD/.venv/bin:$PATH"  # the Procfile's `python` is the venv's
 if [ -z "${MINIO_ENDPOINT:-}" ]; then
   export MINIO_ENDPOINT=127.0.0.1:9000
   exec .venv/bin/honcho start -f Procfile
