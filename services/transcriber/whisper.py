@@ -17,6 +17,10 @@ from common.settings import Settings
 
 log = logging.getLogger(__name__)
 
+# A segment is one speaker's words without a long pause, at most this long (subtitle-sized).
+MAX_PAUSE_S = 1.0
+MAX_SEGMENT_S = 30.0
+
 
 def pick_device(settings: Settings) -> tuple[str, str]:
     device = settings.whisper_device
@@ -73,23 +77,17 @@ def transcribe_chunk(model: WhisperModel, audio: np.ndarray, offset: float,
         word_timestamps=True,
         condition_on_previous_text=False,
     )
+    words = [
+        Word(word=w.word, start=round(offset + w.start, 3), end=round(offset + w.end, 3),
+             probability=round(w.probability, 3))
+        for piece in pieces for w in (piece.words or [])
+    ]
     segments: list[Segment] = []
-    for piece in pieces:
-        words = [
-            Word(word=w.word, start=round(offset + w.start, 3), end=round(offset + w.end, 3),
-                 probability=round(w.probability, 3))
-            for w in (piece.words or [])
-        ]
-        if not words:
-            continue
-        for speaker, run in _runs_by_speaker(words, turns):
-            text = "".join(w.word for w in run).strip()
-            if not text:
-                continue
-            segments.append(Segment(
-                index=len(segments), speaker=speaker, start_ts=run[0].start, end_ts=run[-1].end,
-                text=text, words=run,
-            ))
+    for speaker, run in _runs_by_speaker(words, turns):
+        text = "".join(w.word for w in run).strip()
+        if text:
+            segments.append(Segment(index=len(segments), speaker=speaker, start_ts=run[0].start,
+                                    end_ts=run[-1].end, text=text, words=run))
     return segments, language or info.language
 
 
@@ -109,11 +107,15 @@ def speaker_of(start: float, end: float, turns: list[SpeakerTurn]) -> str:
 
 
 def _runs_by_speaker(words: list[Word], turns: list[SpeakerTurn]) -> list[tuple[str, list[Word]]]:
+    """Consecutive words of one speaker, split where the speaker changes, at a pause of
+    MAX_PAUSE_S, or before a segment would exceed MAX_SEGMENT_S."""
     runs: list[tuple[str, list[Word]]] = []
     for word in words:
         speaker = speaker_of(word.start, word.end, turns)
         if runs and runs[-1][0] == speaker:
-            runs[-1][1].append(word)
-        else:
-            runs.append((speaker, [word]))
+            run = runs[-1][1]
+            if word.start - run[-1].end < MAX_PAUSE_S and word.end - run[0].start <= MAX_SEGMENT_S:
+                run.append(word)
+                continue
+        runs.append((speaker, [word]))
     return runs
