@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install models run test lint services clean
+.PHONY: install models run test lint services clean docker-build docker-up docker-down
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,3 +35,14 @@ lint: install
 
 clean:
 	rm -rf $(VENV) models .pytest_cache
+
+COMPOSE := docker compose -f deploy/compose.yaml
+
+docker-build:
+	$(COMPOSE) build
+
+docker-up:
+	$(COMPOSE) up -d
+
+docker-down:
+	$(COMPOSE) down

@@ -1,0 +1,84 @@
+"""Pure logic that decides what users see: chunk plans, word-to-speaker assignment, contracts,
+and which heavy libraries each service pulls in (what its image must carry)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from pydantic import ValidationError
+
+from common.messages import JobOptions, SpeakerTurn, Word
+from services.diarizer.pipeline import language_probe, plan_chunks
+from services.transcriber.whisper import _runs_by_speaker, speaker_of
+from tests.conftest import ROOT
+
+
+def turn(speaker: str, start: float, end: float) -> SpeakerTurn:
+    return SpeakerTurn(speaker=speaker, start=start, end=end)
+
+
+def test_chunks_tile_the_file_and_cut_between_turns():
+    turns = [turn("spk_0", i * 10.0, i * 10.0 + 8.0) for i in range(10)]  # 80 s of speech
+    chunks = plan_chunks(turns, duration=100.0, max_speech_s=25.0)
+    assert [len(t) for _, t in chunks] == [3, 3, 3, 1]
+    assert chunks[0][0].start == 0.0 and chunks[-1][0].end == 100.0
+    for (span, group), (following, _) in zip(chunks, chunks[1:]):
+        assert span.end == following.start  # no gap, no overlap: no word lost or doubled
+        assert group[-1].end <= span.end <= following.start + 2.0
+    assert [t for _, group in chunks for t in group] == turns
+
+
+def test_a_turn_longer_than_a_chunk_gets_its_own_chunk():
+    chunks = plan_chunks([turn("spk_0", 0, 5), turn("spk_1", 6, 600), turn("spk_0", 601, 605)], 610, 300)
+    assert [len(t) for _, t in chunks] == [1, 1, 1]
+
+
+def test_no_speech_plans_one_empty_chunk():
+    [(span, turns)] = plan_chunks([], 12.0, 300)
+    assert (span.start, span.end, turns) == (0.0, 12.0, [])
+
+
+def test_language_probe_takes_the_first_30_seconds_of_speech():
+    probe = language_probe([turn("a", 0, 20), turn("b", 25, 40), turn("a", 50, 60)])
+    assert [(s.start, s.end) for s in probe] == [(0, 20), (25, 35)]
+
+
+def test_words_go_to_the_speaker_who_overlaps_most_or_the_nearest():
+    turns = [turn("spk_0", 0.0, 2.0), turn("spk_1", 2.5, 5.0)]
+    assert speaker_of(1.9, 2.8, turns) == "spk_1"  # 0.1 s in spk_0's turn, 0.3 s in spk_1's
+    assert speaker_of(0.5, 1.0, turns) == "spk_0"
+    assert speaker_of(2.1, 2.3, turns) == "spk_0"  # in the gap, nearer spk_0's end
+    assert speaker_of(9.0, 9.5, turns) == "spk_1"  # after all turns
+
+
+def test_segments_break_at_speaker_changes_and_long_pauses():
+    turns = [turn("spk_0", 0.0, 4.0), turn("spk_1", 4.2, 20.0)]
+    words = [Word(word=w, start=s, end=s + 0.3) for w, s in
+             [(" Hi", 0.1), (" there.", 0.5), (" Hello", 4.5), (" you.", 4.9), (" Later", 8.0)]]
+    runs = _runs_by_speaker(words, turns)
+    assert [(s, "".join(w.word for w in r).strip()) for s, r in runs] == [
+        ("spk_0", "Hi there."), ("spk_1", "Hello you."), ("spk_1", "Later")]
+
+
+def test_speaker_hints_must_be_consistent():
+    with pytest.raises(ValidationError, match="min_speakers"):
+        JobOptions(min_speakers=3, max_speakers=2)
+    with pytest.raises(ValidationError):
+        JobOptions(num_speakers=0)
+    assert JobOptions(min_speakers=2, max_speakers=2).max_speakers == 2
+
+
+@pytest.mark.parametrize("service, forbidden", [
+    ("ingest", ["torch", "faster_whisper", "pyannote.audio", "sentence_transformers"]),
+    ("transcriber", ["torch", "pyannote.audio", "litestar"]),
+    ("persister", ["torch", "faster_whisper", "litestar"]),
+    ("embedder", ["faster_whisper", "pyannote.audio", "litestar"]),
+])
+def test_each_service_imports_only_its_own_stack(service, forbidden):
+    module = "services.ingest.app" if service == "ingest" else f"services.{service}.__main__"
+    code = f"import sys, importlib; importlib.import_module({module!r}); print(sorted(sys.modules))"
+    loaded = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                            text=True, check=True).stdout
+    assert not [m for m in forbidden if f"'{m}'" in loaded]
