@@ -28,6 +28,7 @@ run: install models
 	scripts/run-local.sh
 
 test: install models services
+	$(BIN)/ruff check common services tests
 	$(BIN)/python -m pytest -ra $(PYTEST_ARGS)
 
 lint: install

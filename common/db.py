@@ -30,7 +30,7 @@ async def create_pool(settings: Settings, *, min_size: int = 1, max_size: int = 
                 settings.database_url.get_secret_value(),
                 min_size=min_size, max_size=max_size, init=_init_connection,
             )
-        except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
             log.warning("PostgreSQL not reachable (%s); retrying in %.0f s", type(exc).__name__, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 15)

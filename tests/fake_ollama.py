@@ -12,7 +12,7 @@ import asyncio
 
 from aiohttp import web
 
-from services.embedder.backends import LOCAL_MODEL_NAME, local_embed, load_local_model
+from services.embedder.backends import LOCAL_MODEL_NAME, load_local_model, local_embed
 
 MODELS = {LOCAL_MODEL_NAME, f"{LOCAL_MODEL_NAME}:latest"}
 
@@ -30,7 +30,8 @@ async def embed(request: web.Request) -> web.Response:
 
 
 async def tags(_: web.Request) -> web.Response:
-    return web.json_response({"models": [{"name": f"{LOCAL_MODEL_NAME}:latest", "model": f"{LOCAL_MODEL_NAME}:latest"}]})
+    name = f"{LOCAL_MODEL_NAME}:latest"
+    return web.json_response({"models": [{"name": name, "model": name}]})
 
 
 async def version(_: web.Request) -> web.Response:

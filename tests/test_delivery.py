@@ -5,11 +5,21 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import uuid
 
 import aio_pika
 import asyncpg
 
-from common.messages import ChunkEmbedded, ChunkTranscribed, Contract, JobSubmitted, Segment
+from common.messages import (
+    ChunkEmbedded,
+    ChunkTranscribed,
+    Contract,
+    JobDiarized,
+    JobSubmitted,
+    Segment,
+    SpeakerTurn,
+    TimeSpan,
+)
 from tests.conftest import Stack
 
 
@@ -101,3 +111,56 @@ async def test_job_submitted_delivered_three_times_gives_one_transcript(stack, f
     assert rows
     assert len({(r["start_ts"], r["text"]) for r in rows}) == len(rows)
     assert len(rows) == len(document["segments"])
+
+
+async def test_a_failing_message_is_retried_then_fails_the_job_with_the_reason(stack):
+    """A chunk whose audio is missing from the store: retried after each RETRY_DELAYS_S delay,
+    then the job fails with the error and the message waits in stt.dead-letters."""
+    conn = await asyncpg.connect(stack.database_url)
+    try:
+        job_id = await conn.fetchval("INSERT INTO transcripts (filename) VALUES ('lost.wav') RETURNING id")
+        await publish(stack, JobDiarized(
+            job_id=job_id, chunk_index=0, chunk_count=1, pcm_bucket="audio",
+            pcm_key=f"pcm/{job_id}-missing.s16le", duration=5.0, span=TimeSpan(start=0, end=5),
+            turns=[SpeakerTurn(speaker="spk_0", start=0.5, end=4.5)],
+        ))
+        started = time.monotonic()
+        await wait_status(conn, job_id, "error", timeout=60)
+        elapsed = time.monotonic() - started
+        error = await conn.fetchval("SELECT error FROM transcripts WHERE id = $1", job_id)
+    finally:
+        await conn.close()
+    assert "transcriber failed after 3 attempts" in error and "NoSuchKey" in error, error
+    assert elapsed >= 3.0  # waited 1 s and 2 s between the attempts (RETRY_DELAYS_S=1,2)
+    connection = await aio_pika.connect(stack.amqp_url)
+    try:
+        channel = await connection.channel()
+        queue = await channel.declare_queue("stt.dead-letters", passive=True)
+        parked = []
+        while (message := await queue.get(fail=False)) is not None:
+            parked.append(json.loads(message.body))
+            await message.ack()
+        assert any(p.get("job_id") == job_id for p in parked)
+    finally:
+        await connection.close()
+
+
+async def test_concurrent_start_ups_apply_migrations_once(stack):
+    from common.db import apply_migrations
+
+    name = f"stt_migrate_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(stack.database_url)
+    await admin.execute(f"CREATE DATABASE {name}")
+    try:
+        url = stack.database_url.rsplit("/", 1)[0] + f"/{name}"
+        pools = [await asyncpg.create_pool(url, min_size=1, max_size=1) for _ in range(5)]
+        results = await asyncio.gather(*(apply_migrations(p) for p in pools))
+        assert sorted(len(r) for r in results) == [0, 0, 0, 0, 1]
+        async with pools[0].acquire() as conn:
+            assert await conn.fetchval("SELECT count(*) FROM schema_migrations") == 1
+            assert await conn.fetchval("SELECT to_regclass('segments') IS NOT NULL")
+        for pool in pools:
+            await pool.close()
+    finally:
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        await admin.close()

@@ -56,9 +56,12 @@ def _pyannote_diarizer(settings: Settings) -> DiarizeFn:
         raise RuntimeError("the pipeline could not be downloaded (gated model: accept its terms?)")
 
     def diarize(waveform: np.ndarray, options: JobOptions) -> list[SpeakerTurn]:
-        hints = {k: v for k, v in options.model_dump(include={"num_speakers", "min_speakers", "max_speakers"}).items() if v}
-        output = pipeline({"waveform": torch.from_numpy(waveform).unsqueeze(0), "sample_rate": SAMPLE_RATE}, **hints)
-        annotation = getattr(output, "exclusive_speaker_diarization", None) or getattr(output, "speaker_diarization", output)
+        hints = options.model_dump(include={"num_speakers", "min_speakers", "max_speakers"}, exclude_none=True)
+        audio = {"waveform": torch.from_numpy(waveform).unsqueeze(0), "sample_rate": SAMPLE_RATE}
+        output = pipeline(audio, **hints)
+        # pyannote 4 returns both; the exclusive one (no overlap) is meant for word alignment.
+        annotation = (getattr(output, "exclusive_speaker_diarization", None)
+                      or getattr(output, "speaker_diarization", output))
         labels: dict[str, str] = {}
         turns = []
         for segment, _, label in annotation.itertracks(yield_label=True):

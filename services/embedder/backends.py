@@ -42,7 +42,7 @@ async def ollama_embed(session: aiohttp.ClientSession, settings: Settings,
                         f"{settings.model_name_embedded!r}: {(await response.text())[:200]}"
                     )
                 vectors = (await response.json())["embeddings"]
-        except (aiohttp.ClientConnectionError, asyncio.TimeoutError, OllamaError) as exc:
+        except (TimeoutError, aiohttp.ClientConnectionError, OllamaError) as exc:
             retriable = not isinstance(exc, OllamaError) or str(exc).startswith("Ollama answered 5")
             if not retriable or attempt == settings.ollama_retries:
                 raise
@@ -65,7 +65,8 @@ def load_local_model():
 
 
 def local_embed(texts: list[str], batch_size: int = 64) -> list[list[float]]:
-    vectors = load_local_model().encode(texts, batch_size=batch_size, normalize_embeddings=True)
+    vectors = load_local_model().encode(texts, batch_size=batch_size, normalize_embeddings=True,
+                                        show_progress_bar=False)
     return [[float(x) for x in v] for v in vectors]
 
 

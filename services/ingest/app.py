@@ -78,7 +78,8 @@ async def recognize(
     if size == 0:
         raise HTTPException(status_code=400, detail="the uploaded file is empty")
     if size > state.settings.max_upload_bytes:
-        raise HTTPException(status_code=413, detail=f"the file exceeds MAX_UPLOAD_MB ({state.settings.max_upload_mb} MB)")
+        limit = state.settings.max_upload_mb
+        raise HTTPException(status_code=413, detail=f"the file exceeds MAX_UPLOAD_MB ({limit} MB)")
     try:
         options = JobOptions(language=data.language or None, num_speakers=data.num_speakers,
                              min_speakers=data.min_speakers, max_speakers=data.max_speakers)
@@ -88,7 +89,8 @@ async def recognize(
     try:
         await asyncio.to_thread(probe_audio, stream)
     except UndecodableAudio as exc:
-        raise HTTPException(status_code=415, detail=f"{filename!r} is not audio this service can decode: {exc}") from exc
+        detail = f"{filename!r} is not audio this service can decode: {exc}"
+        raise HTTPException(status_code=415, detail=detail) from exc
     stream.seek(0)
     try:
         job_id = await create_upload_job(state.pool, state.bus, state.s3, state.settings.audio_bucket,

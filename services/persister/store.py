@@ -266,7 +266,7 @@ async def run_outbox_flusher(pool: asyncpg.Pool, bus: Bus, wake: asyncio.Event,
     while True:
         try:
             await asyncio.wait_for(wake.wait(), timeout=interval_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         wake.clear()
         try:

@@ -1,0 +1,73 @@
+"""The embedder's backends against Ollama's HTTP API (the stand-in serves real vectors)."""
+
+from __future__ import annotations
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from common.settings import Settings
+from services.embedder.backends import OllamaError, local_embed, make_embedder
+from tests import fake_ollama
+
+
+def cosine(a: list[float], b: list[float]) -> float:
+    return sum(x * y for x, y in zip(a, b))
+
+
+@pytest.fixture
+async def flaky_ollama():
+    """Answers 503 to the first two calls, then like Ollama."""
+    calls = {"n": 0}
+
+    async def embed(request: web.Request) -> web.Response:
+        calls["n"] += 1
+        if calls["n"] <= 2:
+            return web.Response(status=503, text="loading model")
+        return await fake_ollama.embed(request)
+
+    app = web.Application()
+    app.router.add_post("/api/embed", embed)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    yield f"http://127.0.0.1:{server.port}", calls
+    await server.close()
+
+
+async def test_ollama_backend_retries_then_returns_one_vector_per_text(flaky_ollama):
+    url, calls = flaky_ollama
+    settings = Settings(ollama_url=url, ollama_retries=3, embed_batch_size=2)
+    async with aiohttp.ClientSession() as session:
+        embed, model = make_embedder(settings, session)
+        texts = ["The meeting starts at noon.", "We meet at twelve o'clock.", "Bananas are yellow."]
+        vectors = await embed(texts)
+    assert model == "all-minilm" and calls["n"] == 4  # 2 failures, then 2 batches
+    assert [len(v) for v in vectors] == [384, 384, 384]
+    assert cosine(vectors[0], vectors[1]) > cosine(vectors[0], vectors[2]) + 0.3
+
+
+async def test_unknown_ollama_model_fails_with_a_clear_reason(flaky_ollama):
+    url, calls = flaky_ollama
+    calls["n"] = 10  # healthy from now on
+    settings = Settings(ollama_url=url, model_name_embedded="no-such-model", ollama_retries=3)
+    async with aiohttp.ClientSession() as session:
+        embed, _ = make_embedder(settings, session)
+        with pytest.raises(OllamaError, match="no-such-model"):
+            await embed(["hello"])
+    assert calls["n"] == 11  # not retried: pulling the model is an operator's job
+
+
+async def test_unreachable_ollama_raises_after_retries():
+    settings = Settings(ollama_url="http://127.0.0.1:9", ollama_retries=1, ollama_timeout_s=2)
+    async with aiohttp.ClientSession() as session:
+        embed, _ = make_embedder(settings, session)
+        with pytest.raises(aiohttp.ClientConnectionError):
+            await embed(["hello"])
+
+
+def test_local_backend_gives_unit_vectors_that_rank_meaning():
+    vectors = local_embed(["hello world", "Hello, world!", "quarterly revenue grew"])
+    assert all(len(v) == 384 and abs(cosine(v, v) - 1) < 1e-4 for v in vectors)
+    assert cosine(vectors[0], vectors[1]) > 0.8  # measured 0.87
+    assert cosine(vectors[0], vectors[2]) < 0.3
