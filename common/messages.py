@@ -192,3 +192,20 @@ class TranscriptFailed(Contract):
 EVENTS: dict[str, type[Contract]] = {
     m.ROUTING_KEY: m for m in (SegmentCreated, TranscriptCompleted, TranscriptFailed)
 }
+
+
+def events_json_schema() -> dict:
+    """JSON Schema of every event on `stt.events`, keyed by routing key (docs/events.schema.json)."""
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "stt.events",
+        "description": "Bodies published to the topic exchange stt.events; the AMQP routing key "
+                       "names the event. Delivery is at-least-once: deduplicate on message_id.",
+        "routing_keys": {key: model.model_json_schema() for key, model in EVENTS.items()},
+    }
+
+
+if __name__ == "__main__":
+    import json
+
+    print(json.dumps(events_json_schema(), indent=2, ensure_ascii=False))

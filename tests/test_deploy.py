@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -35,3 +36,11 @@ def test_readme_documents_every_setting():
     readme = (ROOT / "README.md").read_text()
     missing = [name.upper() for name in Settings.model_fields if f"`{name.upper()}`" not in readme]
     assert missing == []
+
+
+def test_published_event_schema_matches_the_models():
+    from common.messages import events_json_schema
+
+    document = json.loads((ROOT / "docs" / "events.schema.json").read_text())
+    assert document == events_json_schema(), "regenerate: python -m common.messages > docs/events.schema.json"
+    assert set(document["routing_keys"]) == {"segment.created", "transcript.completed", "transcript.failed"}

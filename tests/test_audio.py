@@ -1,0 +1,79 @@
+"""Decoding every common format to 16 kHz mono, and choosing the diarization backend."""
+
+from __future__ import annotations
+
+import io
+
+import av
+import numpy as np
+import pytest
+
+from common.audio import SAMPLE_RATE, AudioTooLong, UndecodableAudio, decode_audio, probe_audio
+from common.messages import JobOptions
+from common.settings import Settings
+from services.diarizer.pipeline import make_diarizer
+
+
+def encode(samples: np.ndarray, container: str, codec: str, rate: int) -> bytes:
+    """Encode mono float audio (at SAMPLE_RATE) as stereo with PyAV's own FFmpeg."""
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format=container) as out:
+        stream = out.add_stream(codec, rate=rate, layout="stereo")
+        stream.codec_context.options = {"strict": "experimental"}  # FFmpeg's native vorbis
+        interleaved = np.repeat((samples * 32767).astype(np.int16), 2)[None, :]
+        frame = av.AudioFrame.from_ndarray(interleaved, format="s16", layout="stereo")
+        frame.sample_rate = SAMPLE_RATE
+        resampler = av.AudioResampler(format=stream.format.name, layout="stereo", rate=rate)
+        for resampled in resampler.resample(frame):
+            for packet in stream.encode(resampled):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("container, codec, rate", [
+    ("ipod", "aac", 44_100),   # .m4a
+    ("ogg", "vorbis", 44_100),
+    ("ogg", "libopus", 48_000),
+    ("flac", "flac", 22_050),
+    ("wav", "pcm_s16le", 8_000),  # telephone audio
+])
+def test_common_formats_decode_to_16k_mono_of_the_right_length(fixtures_dir, container, codec, rate):
+    original = decode_audio(str(fixtures_dir / "jfk.flac"))
+    data = encode(original, container, codec, rate)
+    probe_audio(io.BytesIO(data))
+    decoded = decode_audio(io.BytesIO(data))
+    assert decoded.dtype == np.float32
+    assert abs(decoded.size / SAMPLE_RATE - 11.0) < 0.2
+    assert 0.05 < float(np.abs(decoded).max()) <= 1.0
+
+
+def test_stereo_is_mixed_to_mono(fixtures_dir):
+    decoded = decode_audio(str(fixtures_dir / "stereo_diarization.wav"))
+    assert decoded.ndim == 1 and abs(decoded.size / SAMPLE_RATE - 5.0) < 0.05
+
+
+def test_too_long_audio_is_refused_while_decoding(fixtures_dir):
+    with pytest.raises(AudioTooLong, match="longer than the limit"):
+        decode_audio(str(fixtures_dir / "jfk.flac"), max_seconds=5)
+
+
+def test_png_is_not_audio():
+    png = b"\x89PNG\r\n\x1a\n" + b"\0" * 64
+    with pytest.raises(UndecodableAudio):
+        probe_audio(io.BytesIO(png))
+
+
+def test_auto_backend_without_usable_pyannote_falls_back_to_offline():
+    # pyannote.audio is an optional extra, not installed in the test environment.
+    diarize, backend = make_diarizer(Settings(diarization_backend="auto", hf_token="hf_x"))
+    assert backend == "offline"
+    assert diarize(np.zeros(SAMPLE_RATE, dtype=np.float32), JobOptions()) == []  # silence
+    _, backend = make_diarizer(Settings(diarization_backend="auto"))
+    assert backend == "offline"
+
+
+def test_explicit_pyannote_backend_refuses_to_start_when_unusable():
+    with pytest.raises(SystemExit, match="cannot load the pyannote pipeline"):
+        make_diarizer(Settings(diarization_backend="pyannote", hf_token="hf_x"))
