@@ -159,13 +159,17 @@ async def consume(
     *,
     queue_name: str | None = None,
     prefetch: int | None = None,
+    wait_on: tuple[type[BaseException], ...] = (),
 ) -> None:
     """Consume `queue_name` (default: this stage's queue) until cancelled.
 
     Per message: validate against the route's model, run the handler, ack once it returned
     (its publishes are already confirmed). PermanentError fails the job at once and acks.
-    Any other error retries after the next delay of RETRY_DELAYS_S; when they are used up the
-    job fails with the error and the message is parked in stt.dead-letters.
+    An error in `wait_on` means a dependency is down (the database, for the persister): the
+    message is held and the handler tried again with backoff until the dependency is back,
+    spending no retry, so an outage fails no job. Any other error retries after the next
+    delay of RETRY_DELAYS_S; when they are used up the job fails with the error and the
+    message is parked in stt.dead-letters.
     """
     bus = await open_bus(connection, settings)
     channel = await connection.channel()
@@ -210,7 +214,7 @@ async def consume(
 
         token = current_job.set(getattr(parsed, "job_id", None))
         try:
-            await route.handler(parsed, bus)
+            await _run_waiting_out_outages(route.handler, parsed, bus, wait_on)
         except PermanentError as exc:
             log.warning("%s failed permanently: %s", routing_key, exc)
             await _fail_job(bus, parsed, service, str(exc), permanent=True)
@@ -257,6 +261,19 @@ async def consume(
     await queue.consume(on_message)
     log.info("consuming %s (prefetch %d)", queue_name, prefetch or settings.prefetch_count)
     await asyncio.Future()  # run until cancelled
+
+
+async def _run_waiting_out_outages(handler: Handler, parsed: BaseModel, bus: Bus,
+                                   wait_on: tuple[type[BaseException], ...]) -> None:
+    delay = 1.0
+    while True:
+        try:
+            return await handler(parsed, bus)
+        except wait_on as exc:
+            log.warning("dependency unavailable (%s: %s); holding the message, next try in %.0f s",
+                        type(exc).__name__, str(exc)[:200], delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
 
 
 async def _fail_job(bus: Bus, parsed: BaseModel, stage: str, reason: str, *, permanent: bool) -> None:

@@ -13,6 +13,15 @@ from common.settings import Settings
 
 log = logging.getLogger(__name__)
 
+# The database is down or restarting (as opposed to a bad query): worth waiting for.
+DATABASE_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+)
+
 # Any constant: serialises concurrent start-ups applying migrations.
 MIGRATION_LOCK_KEY = 7_406_501_137
 

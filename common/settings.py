@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     api_host: str = "0.0.0.0"
     api_port: int = 8000
     max_upload_mb: int = Field(default=2048, ge=1)
+    # Comma-separated keys; when set, every endpoint but /healthz and /readyz needs one
+    # (`Authorization: Bearer <key>` or `X-API-Key: <key>`), and a job is visible only to its key.
+    api_keys: SecretStr | None = None
 
     # Input limits (checked after decoding)
     max_audio_hours: float = Field(default=6.0, gt=0)
@@ -76,6 +79,11 @@ class Settings(BaseSettings):
     @property
     def retry_delays(self) -> list[int]:
         return [int(float(d)) for d in self.retry_delays_s.split(",") if d.strip()]
+
+    @property
+    def api_key_list(self) -> list[str]:
+        raw = self.api_keys.get_secret_value() if self.api_keys else ""
+        return [k.strip() for k in raw.split(",") if k.strip()]
 
     @property
     def max_upload_bytes(self) -> int:

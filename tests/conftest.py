@@ -4,6 +4,7 @@ own process, exactly as `make run` starts them."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -22,7 +23,6 @@ ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(os.environ.get("STT_FIXTURES", ROOT.parent / "shared" / "fixtures"))
 SERVICES = ("ingest", "diarizer", "transcriber", "embedder", "persister")
 PG_ADMIN_URL = os.environ.get("TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-AMQP_BASE = os.environ.get("TEST_AMQP_BASE", "amqp://guest:guest@127.0.0.1:5672")
 
 
 def free_port() -> int:
@@ -93,7 +93,27 @@ class Stack:
     def s3(self):
         from minio import Minio
 
-        return Minio(self.env["MINIO_ENDPOINT"], access_key="test", secret_key="test", secure=False)
+        return Minio(self.env["MINIO_ENDPOINT"], access_key="test",
+                     secret_key=self.env["MINIO_SECRET_KEY"], secure=False)
+
+    def settings(self, **overrides):
+        """Settings for running a component in the test process against this stack."""
+        from common.settings import Settings
+
+        same = {name: self.env[name.upper()] for name in Settings.model_fields if name.upper() in self.env}
+        return Settings(**{**same, **overrides})
+
+    def wait_ready(self, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if httpx.get(f"{self.api}/readyz", timeout=5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline or self.processes["ingest"].poll() is not None:
+                raise RuntimeError("ingest never became ready:\n" + self.log_tail("ingest"))
+            time.sleep(0.5)
 
     # ---- client helpers -------------------------------------------------------------------
 
@@ -124,33 +144,50 @@ def fixtures_dir() -> Path:
     return FIXTURES
 
 
-@pytest.fixture(scope="session")
-def stack(tmp_path_factory, fixtures_dir) -> Iterator[Stack]:
+# Secrets the stack runs with; tests assert none of them ever reaches a log line or response.
+SECRETS = {
+    "AMQP_PASSWORD": "amqp-Pw-7f3c9e",
+    "DB_PASSWORD": "db-Pw-51ab0d",
+    "MINIO_SECRET_KEY": "s3-Secret-9d27aa",
+    "HF_TOKEN": "hf_SecretToken0123456789abcdef",
+}
+
+
+@contextlib.contextmanager
+def running_stack(tmp_path_factory, **overrides: str) -> Iterator[Stack]:
+    """The five services plus moto and the Ollama stand-in, in a fresh vhost and database."""
     name = f"stt_test_{uuid.uuid4().hex[:8]}"
-    log_dir = tmp_path_factory.mktemp("logs")
+    log_dir = tmp_path_factory.mktemp(name)
     s3_port, api_port, ollama_port = free_port(), free_port(), free_port()
     rabbitmqctl("add_vhost", name)
-    rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+    rabbitmqctl("add_user", name, SECRETS["AMQP_PASSWORD"])
+    rabbitmqctl("set_permissions", "-p", name, name, ".*", ".*", ".*")
     psql(f"CREATE DATABASE {name}")
     env = {
         **os.environ,
         "PYTHONUNBUFFERED": "1",
         "LOG_LEVEL": "INFO",
-        "AMQP_URL": f"{AMQP_BASE}/{name}",
-        "DATABASE_URL": f"postgresql://postgres@127.0.0.1:5432/{name}",
+        "AMQP_URL": f"amqp://{name}:{SECRETS['AMQP_PASSWORD']}@127.0.0.1:5672/{name}",
+        # trust auth here ignores the password, but the services still carry it
+        "DATABASE_URL": f"postgresql://postgres:{SECRETS['DB_PASSWORD']}@127.0.0.1:5432/{name}",
         "MINIO_ENDPOINT": f"127.0.0.1:{s3_port}",
         "MINIO_ACCESS_KEY": "test",
-        "MINIO_SECRET_KEY": "test",
+        "MINIO_SECRET_KEY": SECRETS["MINIO_SECRET_KEY"],
         "API_HOST": "127.0.0.1",
         "API_PORT": str(api_port),
         "MAX_UPLOAD_MB": "5",
+        "MAX_AUDIO_HOURS": "0.1",
         "INBOX_SCAN_INTERVAL_S": "1",
         "RETRY_DELAYS_S": "1,2",
-        "DIARIZATION_BACKEND": "offline",
+        "DELIVERY_LIMIT": "3",
+        # auto + a token: the diarizer tries pyannote (not installed here) and falls back
+        "DIARIZATION_BACKEND": "auto",
+        "HF_TOKEN": SECRETS["HF_TOKEN"],
         "WHISPER_MODEL": str(ROOT / "models" / "whisper-base"),
         "EMBEDDING_BACKEND": "ollama",
         "OLLAMA_URL": f"http://127.0.0.1:{ollama_port}",
         "HF_HUB_OFFLINE": "1",
+        **overrides,
     }
     stack = Stack(env=env, api=f"http://127.0.0.1:{api_port}", log_dir=log_dir)
     try:
@@ -159,23 +196,21 @@ def stack(tmp_path_factory, fixtures_dir) -> Iterator[Stack]:
         wait_for_port(s3_port)
         for service in SERVICES:
             stack.start_service(service)
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(f"{stack.api}/readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or stack.processes["ingest"].poll() is not None:
-                raise RuntimeError("ingest never became ready:\n" + stack.log_tail("ingest"))
-            time.sleep(0.5)
+        stack.wait_ready()
         wait_for_port(ollama_port, timeout=120)
         yield stack
     finally:
         for process_name in list(stack.processes):
             stack.stop(process_name)
         if os.environ.get("STT_KEEP_LOGS"):
-            shutil.copytree(log_dir, ROOT / "test-logs", dirs_exist_ok=True)
+            shutil.copytree(log_dir, ROOT / "test-logs" / name, dirs_exist_ok=True)
         subprocess.run(["rabbitmqctl", "delete_vhost", name], capture_output=True, timeout=60)
+        subprocess.run(["rabbitmqctl", "delete_user", name], capture_output=True, timeout=60)
         subprocess.run(["psql", PG_ADMIN_URL, "-qc", f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"],
                        capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory, fixtures_dir) -> Iterator[Stack]:
+    with running_stack(tmp_path_factory) as running:
+        yield running

@@ -11,7 +11,6 @@ import urllib.parse
 
 from common.broker import connect, open_bus
 from common.db import create_pool
-from common.settings import Settings
 from common.storage import ensure_buckets, make_client
 from services.ingest.inbox import BucketEvent, Inbox
 from tests.conftest import Stack
@@ -37,11 +36,7 @@ def minio_event(bucket: str, key: str, etag: str, size: int) -> str:
 
 async def test_minio_event_makes_exactly_one_job_and_a_result(stack: Stack, fixtures_dir):
     bucket, key = "dropbox", "team call (1).wav"
-    settings = Settings(
-        amqp_url=stack.amqp_url, database_url=stack.database_url,
-        minio_endpoint=stack.env["MINIO_ENDPOINT"], minio_access_key="test", minio_secret_key="test",
-        inbox_bucket=bucket,
-    )
+    settings = stack.settings(inbox_bucket=bucket)
     s3 = make_client(settings)
     ensure_buckets(s3, bucket)
     s3.fput_object(bucket, key, str(fixtures_dir / "en_dialogue.wav"))

@@ -4,31 +4,35 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
+import json
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from litestar import Litestar, get, post
+from litestar import Litestar, Request, get, post
 from litestar.datastructures import State, UploadFile
 from litestar.enums import RequestEncodingType
 from litestar.exceptions import HTTPException, NotFoundException
-from litestar.openapi import OpenAPIConfig
+from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.openapi.plugins import SwaggerRenderPlugin
-from litestar.params import Body
+from litestar.params import Body, FromPath
 from litestar.plugins.pydantic import PydanticPlugin
 from litestar.response import Response
+from litestar.types import ASGIApp, Receive, Scope, Send
 from pydantic import BaseModel, ValidationError
 
 from common.audio import UndecodableAudio, probe_audio
 from common.broker import connect, open_bus
-from common.db import apply_migrations, create_pool
+from common.db import DATABASE_UNAVAILABLE, apply_migrations, create_pool
 from common.logs import current_job
 from common.messages import JobOptions
 from common.settings import Settings, get_settings
 from common.storage import ensure_buckets, make_client
 from services.ingest.inbox import Inbox
-from services.ingest.jobs import create_upload_job, status_document
+from services.ingest.jobs import clean_filename, create_upload_job, status_document
 
 log = logging.getLogger("services.ingest")
 
@@ -61,16 +65,86 @@ class JobStatus(BaseModel):
     error: str | None = None
 
 
+class ErrorBody(BaseModel):
+    status_code: int
+    detail: str
+    extra: dict[str, Any] | list[Any] | None = None
+
+
 class Unavailable(HTTPException):
     status_code = 503
 
 
-@post("/recognize", status_code=202, summary="Submit a recording for transcription")
+def _errors(*codes: int) -> dict[int, ResponseSpec]:
+    meaning = {400: "Bad request: the message says what is wrong", 401: "An API key is required",
+               403: "The API key is not valid", 404: "No such job (for this key)",
+               413: "The upload exceeds MAX_UPLOAD_MB", 415: "Not audio this service can decode",
+               503: "A backing service is unavailable; try again"}
+    return {c: ResponseSpec(data_container=ErrorBody, description=meaning[c]) for c in codes}
+
+
+# ---- API keys -------------------------------------------------------------------------------
+
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+
+
+def owner_of(api_key: str) -> str:
+    """What a job row stores for its key: a hash, so the database never holds the key."""
+    return hashlib.sha256(api_key.encode()).hexdigest()[:32]
+
+
+def api_key_middleware(settings: Settings):
+    owners = [owner_of(k) for k in settings.api_key_list]
+
+    def wrap(app: ASGIApp) -> ASGIApp:
+        async def check(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] != "http" or not owners or scope["path"] in OPEN_PATHS:
+                await app(scope, receive, send)
+                return
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+            presented = headers.get("x-api-key") or ""
+            scheme, _, token = headers.get("authorization", "").partition(" ")
+            if not presented and scheme.lower() == "bearer":
+                presented = token.strip()
+            if not presented:
+                await _deny(send, 401, "an API key is required: 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
+                return
+            owner = owner_of(presented)
+            if not any(hmac.compare_digest(owner, known) for known in owners):
+                await _deny(send, 403, "this API key is not valid")
+                return
+            scope.setdefault("state", {})["owner"] = owner
+            await app(scope, receive, send)
+
+        return check
+
+    return wrap
+
+
+async def _deny(send: Send, status: int, detail: str) -> None:
+    body = json.dumps({"status_code": status, "detail": detail}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if status == 401:
+        headers.append((b"www-authenticate", b'Bearer realm="stt"'))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def request_owner(request: Request) -> str | None:
+    return request.scope.get("state", {}).get("owner")
+
+
+# ---- routes ---------------------------------------------------------------------------------
+
+
+@post("/recognize", status_code=202, summary="Submit a recording for transcription",
+      responses=_errors(400, 401, 403, 413, 415, 503))
 async def recognize(
-    data: Annotated[RecognizeForm, Body(media_type=RequestEncodingType.MULTI_PART)], state: State
+    data: Annotated[RecognizeForm, Body(media_type=RequestEncodingType.MULTI_PART)], state: State,
+    request: Request,
 ) -> Accepted:
     upload = data.file
-    filename = upload.filename or "audio"
+    filename = clean_filename(upload.filename)
     stream = upload.file
     stream.seek(0, 2)
     size = stream.tell()
@@ -94,7 +168,7 @@ async def recognize(
     stream.seek(0)
     try:
         job_id = await create_upload_job(state.pool, state.bus, state.s3, state.settings.audio_bucket,
-                                         filename, options, stream)
+                                         filename, options, stream, owner=request_owner(request))
     except Exception as exc:
         log.exception("could not submit %r", filename)
         raise Unavailable(detail=f"the job could not be queued ({type(exc).__name__}); try again later") from exc
@@ -104,9 +178,9 @@ async def recognize(
     return Accepted(id=job_id, filename=filename)
 
 
-@get("/status/{job_id:int}", summary="State and segments of a job")
-async def job_status(job_id: int, state: State) -> JobStatus:
-    document = await status_document(state.pool, job_id)
+@get("/status/{job_id:int}", summary="State and segments of a job", responses=_errors(401, 403, 404, 503))
+async def job_status(job_id: FromPath[int], state: State, request: Request) -> JobStatus:
+    document = await status_document(state.pool, job_id, owner=request_owner(request))
     if document is None:
         raise NotFoundException(detail=f"no job with id {job_id}")
     return JobStatus(**document)
@@ -145,6 +219,12 @@ async def readyz(state: State) -> Response[dict[str, Any]]:
                     status_code=200 if ready else 503)
 
 
+def service_unavailable(request: Request, exc: Exception) -> Response:
+    log.warning("%s %s: backing service unavailable (%s)", request.method, request.url.path, type(exc).__name__)
+    return Response({"status_code": 503, "detail": "a backing service is unavailable; try again shortly"},
+                    status_code=503, headers={"Retry-After": "5"})
+
+
 def create_app(settings: Settings | None = None) -> Litestar:
     settings = settings or get_settings()
 
@@ -174,6 +254,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
     return Litestar(
         route_handlers=[recognize, job_status, healthz, readyz],
         lifespan=[lifespan],
+        middleware=[api_key_middleware(settings)],
+        exception_handlers={cls: service_unavailable for cls in DATABASE_UNAVAILABLE},
         logging_config=None,  # keep the project's log format (common.logs)
         # `error` appears in a status document only when the job failed.
         plugins=[PydanticPlugin(exclude_none=True)],

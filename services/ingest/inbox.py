@@ -15,6 +15,7 @@ from minio.commonconfig import CopySource
 from pydantic import BaseModel, Field
 
 from common.broker import EVENTS_EXCHANGE, Bus, Route, consume
+from common.db import DATABASE_UNAVAILABLE
 from common.logs import current_job
 from common.messages import JobSubmitted, TranscriptCompleted
 from common.settings import Settings
@@ -174,7 +175,7 @@ class Inbox:
             await results_queue.bind(stt_events, key)
         await asyncio.gather(
             consume(connection, self.settings, "ingest", {"*": Route(BucketEvent, self.on_event)},
-                    queue_name=INBOX_EVENTS_QUEUE),
+                    queue_name=INBOX_EVENTS_QUEUE, wait_on=DATABASE_UNAVAILABLE),
             consume(connection, self.settings, "ingest", {"*": Route(JobEnded, self.on_job_ended)},
-                    queue_name=RESULTS_QUEUE),
+                    queue_name=RESULTS_QUEUE, wait_on=DATABASE_UNAVAILABLE),
         )

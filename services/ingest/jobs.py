@@ -21,13 +21,29 @@ def upload_key(job_id: int) -> str:
     return f"uploads/{job_id}"
 
 
+MAX_FILENAME_CHARS = 255
+
+
+def clean_filename(name: str | None) -> str:
+    """The original name, kept as data (never a path): control characters dropped, at most
+    MAX_FILENAME_CHARS characters with the extension kept."""
+    name = "".join(c for c in (name or "") if c.isprintable()).strip() or "audio"
+    if len(name) > MAX_FILENAME_CHARS:
+        stem, dot, extension = name.rpartition(".")
+        extension = extension[:16] if dot and stem else ""
+        name = name[: MAX_FILENAME_CHARS - len(extension) - 2] + "…" + (f".{extension}" if extension else "")
+    return name
+
+
 async def create_upload_job(pool: asyncpg.Pool, bus: Bus, s3: Minio, audio_bucket: str,
-                            filename: str, options: JobOptions, stream: BinaryIO) -> int:
+                            filename: str, options: JobOptions, stream: BinaryIO,
+                            owner: str | None = None) -> int:
     """Row, then audio, then job.submitted. If the upload or the publish fails, the row and
     object are removed again and the error propagates: no job exists that will never run."""
     job_id = await pool.fetchval(
-        "INSERT INTO transcripts (filename, source, options) VALUES ($1, 'upload', $2) RETURNING id",
-        filename, options.model_dump(exclude_none=True),
+        "INSERT INTO transcripts (filename, source, options, owner) VALUES ($1, 'upload', $2, $3)"
+        " RETURNING id",
+        filename, options.model_dump(exclude_none=True), owner,
     )
     key = upload_key(job_id)
     try:
@@ -53,10 +69,12 @@ async def _discard(pool: asyncpg.Pool, s3: Minio, bucket: str, job_id: int, key:
         log.warning("job %d: could not remove its row after a failed submission", job_id)
 
 
-async def status_document(pool: asyncpg.Pool | asyncpg.Connection, job_id: int) -> dict | None:
-    """What GET /status/{id} returns (and the result file of a bucket drop)."""
-    job = await pool.fetchrow("SELECT status, error FROM transcripts WHERE id = $1", job_id)
-    if job is None:
+async def status_document(pool: asyncpg.Pool | asyncpg.Connection, job_id: int,
+                          owner: str | None = None) -> dict | None:
+    """What GET /status/{id} returns (and the result file of a bucket drop). With `owner`
+    (API keys on), another key's job is None, as if it did not exist."""
+    job = await pool.fetchrow("SELECT status, error, owner FROM transcripts WHERE id = $1", job_id)
+    if job is None or (owner is not None and job["owner"] != owner):
         return None
     rows = await pool.fetch(
         "SELECT speaker, start_ts, end_ts, text FROM segments WHERE transcript_id = $1 "

@@ -6,7 +6,7 @@ import asyncio
 import logging
 
 from common.broker import PERSISTER_DEAD_QUEUE, Route, connect, consume, open_bus
-from common.db import apply_migrations, create_pool
+from common.db import DATABASE_UNAVAILABLE, apply_migrations, create_pool
 from common.logs import setup_logging
 from common.messages import ChunkEmbedded, ChunkTranscribed, JobFailed, JobProgress
 from common.settings import get_settings
@@ -40,8 +40,10 @@ async def main() -> None:
     log.info("persister ready")
     await asyncio.gather(
         store.run_outbox_flusher(pool, bus, wake),
-        consume(connection, settings, "persister", routes, prefetch=max(settings.prefetch_count, 16)),
-        consume(connection, settings, "persister", dead_routes, queue_name=PERSISTER_DEAD_QUEUE),
+        consume(connection, settings, "persister", routes, prefetch=max(settings.prefetch_count, 16),
+                wait_on=DATABASE_UNAVAILABLE),
+        consume(connection, settings, "persister", dead_routes, queue_name=PERSISTER_DEAD_QUEUE,
+                wait_on=DATABASE_UNAVAILABLE),
     )
 
 
