@@ -41,12 +41,21 @@ class JobOptions(BaseModel):
         return self
 
 
-class SpeakerTurn(BaseModel):
+class _Interval(BaseModel):
+    start: float = Field(ge=0)
+    end: float = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _ends_after_it_starts(self):
+        if self.end < self.start:
+            raise ValueError("end must not be before start")
+        return self
+
+
+class SpeakerTurn(_Interval):
     """A stretch of audio where one speaker talks (seconds from the start of the file)."""
 
     speaker: str
-    start: float
-    end: float
 
 
 class Word(BaseModel):
@@ -68,9 +77,19 @@ class Segment(BaseModel):
     embedding: list[float] | None = None
 
 
-class TimeSpan(BaseModel):
-    start: float
-    end: float
+class TimeSpan(_Interval):
+    pass
+
+
+class _ChunkMessage(BaseModel):
+    chunk_index: int = Field(ge=0)
+    chunk_count: int = Field(ge=1, le=100_000)
+
+    @model_validator(mode="after")
+    def _index_within_count(self):
+        if self.chunk_index >= self.chunk_count:
+            raise ValueError("chunk_index must be below chunk_count")
+        return self
 
 
 # ---- work messages (exchange "stt") -------------------------------------------------------
@@ -85,13 +104,11 @@ class JobSubmitted(Contract):
     options: JobOptions = Field(default_factory=JobOptions)
 
 
-class JobDiarized(Contract):
+class JobDiarized(_ChunkMessage, Contract):
     """One chunk of a job: a run of speaker turns, transcribed and embedded as a unit."""
 
     ROUTING_KEY: ClassVar[str] = "job.diarized"
 
-    chunk_index: int = Field(ge=0)
-    chunk_count: int = Field(ge=1)
     # 16 kHz mono signed 16-bit little-endian PCM of the whole job, written once by the diarizer.
     pcm_bucket: str
     pcm_key: str
@@ -104,24 +121,20 @@ class JobDiarized(Contract):
     options: JobOptions = Field(default_factory=JobOptions)
 
 
-class ChunkTranscribed(Contract):
+class ChunkTranscribed(_ChunkMessage, Contract):
     ROUTING_KEY: ClassVar[str] = "chunk.transcribed"
 
-    chunk_index: int = Field(ge=0)
-    chunk_count: int = Field(ge=1)
     language: str | None = None
     duration: float
     segments: list[Segment]
 
 
-class ChunkEmbedded(Contract):
+class ChunkEmbedded(_ChunkMessage, Contract):
     """The chunk's segments again, now with embeddings: the persister can store a chunk from
     this message alone, so its arrival order relative to chunk.transcribed does not matter."""
 
     ROUTING_KEY: ClassVar[str] = "chunk.embedded"
 
-    chunk_index: int = Field(ge=0)
-    chunk_count: int = Field(ge=1)
     language: str | None = None
     duration: float
     embedding_model: str

@@ -25,6 +25,7 @@ async def main() -> None:
 
         async def handle(message: ChunkTranscribed, bus: Bus) -> None:
             texts = [segment.text for segment in message.segments]
+            log.info("embedding chunk %d/%d (%d texts)", message.chunk_index + 1, message.chunk_count, len(texts))
             vectors = await embed(texts) if texts else []
             segments = [s.model_copy(update={"embedding": v}) for s, v in zip(message.segments, vectors)]
             await bus.publish(ChunkEmbedded(

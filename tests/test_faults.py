@@ -1,0 +1,246 @@
+"""Break things for real and count: jobs submitted / done / error / lost, duplicate segments.
+
+Runs its own stack (services as processes), SIGKILLs services mid-message, restarts this
+machine's RabbitMQ and PostgreSQL, takes the object store away, and feeds poison messages.
+Each test records its figures (printed at the end of the run) and asserts them."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import aio_pika
+import asyncpg
+import httpx
+import pytest
+
+from common.messages import JobDiarized, JobOptions, JobSubmitted, TimeSpan
+from tests.conftest import Stack, record_figure, running_stack, wait_for_port
+
+
+@pytest.fixture(scope="module")
+def faulty(tmp_path_factory, fixtures_dir):
+    with running_stack(tmp_path_factory) as stack:
+        yield stack
+
+
+def db(stack: Stack, sql: str, *args):
+    async def run():
+        conn = await asyncpg.connect(stack.database_url)
+        try:
+            return await conn.fetch(sql, *args)
+        finally:
+            await conn.close()
+    return asyncio.run(run())
+
+
+def publish(stack: Stack, message) -> None:
+    async def run():
+        connection = await aio_pika.connect(stack.amqp_url)
+        try:
+            channel = await connection.channel()
+            exchange = await channel.get_exchange("stt")
+            await exchange.publish(aio_pika.Message(message.model_dump_json().encode(),
+                                                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                                   routing_key=message.ROUTING_KEY)
+        finally:
+            await connection.close()
+    asyncio.run(run())
+
+
+def wait_all(stack: Stack, job_ids: list[int], timeout: float = 400) -> dict[int, dict]:
+    return {job_id: stack.wait_finished(job_id, timeout=timeout) for job_id in job_ids}
+
+
+def duplicate_segments(stack: Stack, job_ids: list[int]) -> int:
+    [row] = db(stack, "SELECT count(*) - count(DISTINCT (transcript_id, start_ts, text)) AS dupes"
+                      " FROM segments WHERE transcript_id = ANY($1::bigint[])", job_ids)
+    return row["dupes"]
+
+
+def report(name: str, stack: Stack, job_ids: list[int], documents: dict[int, dict], extra: str = "") -> dict:
+    done = sum(d["status"] == "done" for d in documents.values())
+    error = sum(d["status"] == "error" for d in documents.values())
+    figures = {"submitted": len(job_ids), "done": done, "error": error,
+               "lost": len(job_ids) - done - error, "duplicate_segments": duplicate_segments(stack, job_ids)}
+    record_figure(f"{name:<34} " + "  ".join(f"{k}={v}" for k, v in figures.items()) + (f"  {extra}" if extra else ""))
+    return figures
+
+
+def submit_many(stack: Stack, files: list[Path]) -> list[int]:
+    ids = []
+    for path in files:
+        response = stack.submit(path)
+        assert response.status_code == 202, response.text
+        ids.append(response.json()["id"])
+    return ids
+
+
+def log_size(stack: Stack, service: str) -> int:
+    path = stack.log_dir / f"{service}.log"
+    return path.stat().st_size if path.exists() else 0
+
+
+def wait_for_log(stack: Stack, service: str, pattern: str, offset: int, timeout: float = 60) -> bool:
+    path = stack.log_dir / f"{service}.log"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with path.open("rb") as f:
+            f.seek(offset)
+            if re.search(pattern, f.read().decode(errors="replace")):
+                return True
+        time.sleep(0.05)
+    return False
+
+
+def kill_and_restart(stack: Stack, service: str) -> None:
+    process = stack.processes.pop(service)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    stack.start_service(service)
+
+
+def test_sigkill_of_every_stage_mid_message_loses_and_doubles_nothing(faulty, fixtures_dir):
+    files = [fixtures_dir / "jfk.flac", fixtures_dir / "en_dialogue.wav"] * 10
+    job_ids = submit_many(faulty, files)
+    busy = []
+    for service, started in [("diarizer", r"decoded "), ("transcriber", r"transcribing chunk"),
+                             ("embedder", r"embedding chunk"), ("persister", r"stored chunk")]:
+        caught = wait_for_log(faulty, service, started, log_size(faulty, service))
+        kill_and_restart(faulty, service)
+        busy.append(f"{service}{'' if caught else '(idle?)'}")
+    documents = wait_all(faulty, job_ids)
+    figures = report("SIGKILL each stage mid-message", faulty, job_ids, documents, "killed: " + ",".join(busy))
+    assert figures == {"submitted": 20, "done": 20, "error": 0, "lost": 0, "duplicate_segments": 0}, documents
+
+
+def test_rabbitmq_restart_mid_run(faulty, fixtures_dir):
+    job_ids = submit_many(faulty, [fixtures_dir / "en_dialogue.wav"] * 4)
+    subprocess.run(["rabbitmqctl", "stop_app"], check=True, capture_output=True, timeout=120)
+    try:
+        during = faulty.submit(fixtures_dir / "jfk.flac")
+        status_during = httpx.get(f"{faulty.api}/status/{job_ids[0]}").status_code
+    finally:
+        subprocess.run(["rabbitmqctl", "start_app"], check=True, capture_output=True, timeout=120)
+    assert during.status_code == 503, during.text  # never 202 for a job that cannot be queued
+    assert status_during == 200  # reading state needs no broker
+    faulty.wait_ready(timeout=120)  # every service reconnected by itself
+    job_ids += submit_many(faulty, [fixtures_dir / "jfk.flac"])
+    documents = wait_all(faulty, job_ids)
+    orphans = db(faulty, "SELECT count(*) AS n FROM transcripts WHERE NOT published AND source = 'upload'")
+    figures = report("RabbitMQ stopped and started", faulty, job_ids, documents,
+                     f"upload during outage -> {during.status_code}")
+    assert figures == {"submitted": 5, "done": 5, "error": 0, "lost": 0, "duplicate_segments": 0}
+    assert orphans[0]["n"] == 0  # the refused upload left no row behind
+
+
+def postgres(action: str) -> None:
+    version = sorted(os.listdir("/etc/postgresql"))[-1]
+    subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", action, *(
+        ["-m", "fast"] if action == "stop" else [])], check=True, capture_output=True, timeout=120)
+    if action == "start":
+        wait_for_port(5432)
+
+
+def test_postgresql_restart_mid_run(faulty, fixtures_dir):
+    job_ids = submit_many(faulty, [fixtures_dir / "en_dialogue.wav", fixtures_dir / "jfk.flac"] * 2)
+    postgres("stop")
+    try:
+        time.sleep(1)
+        upload_during = faulty.submit(fixtures_dir / "jfk.flac").status_code
+        status_during = httpx.get(f"{faulty.api}/status/{job_ids[0]}").status_code
+        ready_during = httpx.get(f"{faulty.api}/readyz").status_code
+        time.sleep(5)  # the pipeline keeps working meanwhile; the persister holds its messages
+    finally:
+        postgres("start")
+    assert (upload_during, status_during, ready_during) == (503, 503, 503)
+    faulty.wait_ready(timeout=60)  # ingest recovers without a restart
+    job_ids += submit_many(faulty, [fixtures_dir / "jfk.flac"])
+    documents = wait_all(faulty, job_ids)
+    figures = report("PostgreSQL restarted", faulty, job_ids, documents,
+                     f"during outage: upload {upload_during}, status {status_during}")
+    assert figures == {"submitted": 5, "done": 5, "error": 0, "lost": 0, "duplicate_segments": 0}
+
+
+def test_object_store_outage_refuses_uploads_and_fails_stranded_jobs(faulty, fixtures_dir):
+    [done_before] = submit_many(faulty, [fixtures_dir / "jfk.flac"])
+    faulty.wait_finished(done_before)
+    [row] = db(faulty, "INSERT INTO transcripts (filename, published) VALUES ('stranded.wav', true) RETURNING id")
+    stranded = row["id"]
+    port = int(faulty.env["MINIO_ENDPOINT"].rsplit(":", 1)[1])
+    faulty.stop("s3")
+    try:
+        upload_during = faulty.submit(fixtures_dir / "jfk.flac").status_code
+        ready_during = httpx.get(f"{faulty.api}/readyz").json()["checks"]["object_store"]
+        publish(faulty, JobSubmitted(job_id=stranded, audio_bucket="audio", audio_key=f"uploads/{done_before}",
+                                     filename="stranded.wav"))
+        document = faulty.wait_finished(stranded, timeout=180)
+    finally:
+        faulty.start("s3", "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port))
+        wait_for_port(port)
+    assert upload_during == 503 and ready_during.startswith("unavailable")
+    assert document["status"] == "error" and "diarizer failed after 3 attempts" in document["error"]
+    # moto forgets everything on restart (MinIO would not): recreate the buckets, then it works.
+    for bucket in ("audio", "inbox"):
+        faulty.s3().make_bucket(bucket)
+    faulty.wait_ready()
+    job_ids = submit_many(faulty, [fixtures_dir / "jfk.flac"])
+    documents = wait_all(faulty, job_ids)
+    report("object store down", faulty, [stranded, *job_ids], {stranded: document, **documents},
+           f"upload during outage -> {upload_during}; stranded job: {document['error'][:60]}...")
+    assert documents[job_ids[0]]["status"] == "done"
+
+
+def test_poison_messages_are_dead_lettered_and_the_queue_keeps_flowing(faulty, fixtures_dir):
+    # 1) valid JSON, impossible content: fails its job at once, no retries.
+    [row] = db(faulty, "INSERT INTO transcripts (filename, published) VALUES ('poison.wav', true) RETURNING id")
+    impossible = JobDiarized.model_construct(
+        v=1, message_id="poison-1", job_id=row["id"], chunk_index=7, chunk_count=2, pcm_bucket="audio",
+        pcm_key="pcm/none", duration=5.0, span=TimeSpan(start=0, end=5), turns=[], language_probe=[],
+        options=JobOptions(),
+    )
+    publish(faulty, impossible)
+    invalid = faulty.wait_finished(row["id"], timeout=60)
+    assert invalid["status"] == "error" and "invalid job.diarized message" in invalid["error"], invalid
+
+    # 2) a message that kills its worker every time: dead-lettered after DELIVERY_LIMIT deliveries.
+    [crashing] = submit_many(faulty, [fixtures_dir / "jfk.flac"])
+    kills = 0
+    for _ in range(8):
+        offset = log_size(faulty, "transcriber")
+        if not wait_for_log(faulty, "transcriber", rf"job={crashing} transcribing chunk", offset, timeout=60):
+            break
+        kill_and_restart(faulty, "transcriber")
+        kills += 1
+    crashed = faulty.wait_finished(crashing, timeout=120)
+    assert crashed["status"] == "error" and "dead-lettered" in crashed["error"], crashed
+    assert kills <= int(faulty.env["DELIVERY_LIMIT"]) + 1
+
+    # 3) other jobs still flow.
+    healthy = submit_many(faulty, [fixtures_dir / "en_dialogue.wav"])
+    documents = wait_all(faulty, healthy)
+    report("poison messages", faulty, [row["id"], crashing, *healthy],
+           {row["id"]: invalid, crashing: crashed, **documents},
+           f"crashing message killed its worker {kills}x before dead-lettering")
+    assert documents[healthy[0]]["status"] == "done"
+
+
+def test_no_job_is_left_processing(faulty):
+    stuck = db(faulty, "SELECT id, stage FROM transcripts WHERE status = 'processing'")
+    record_figure(f"{'jobs stuck after all faults':<34} {len(stuck)}")
+    assert stuck == []
+
+
+def test_same_submission_delivered_twice_changes_nothing(faulty, fixtures_dir):
+    [job_id] = submit_many(faulty, [fixtures_dir / "en_dialogue.wav"])
+    publish(faulty, JobSubmitted(job_id=job_id, audio_bucket="audio", audio_key=f"uploads/{job_id}",
+                                 filename="en_dialogue.wav"))
+    document = faulty.wait_finished(job_id)
+    time.sleep(5)
+    assert document["status"] == "done" and duplicate_segments(faulty, [job_id]) == 0
+    assert len(db(faulty, "SELECT 1 FROM segments WHERE transcript_id = $1", job_id)) == len(document["segments"])
