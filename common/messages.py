@@ -7,7 +7,9 @@ from __future__ import annotations
 import uuid
 from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from common.languages import WHISPER_LANGUAGES
 
 SCHEMA_VERSION = 1
 
@@ -33,6 +35,13 @@ class JobOptions(BaseModel):
     num_speakers: int | None = Field(default=None, ge=1, le=32)
     min_speakers: int | None = Field(default=None, ge=1, le=32)
     max_speakers: int | None = Field(default=None, ge=1, le=32)
+
+    @field_validator("language")
+    @classmethod
+    def _whisper_knows_the_language(cls, language: str | None) -> str | None:
+        if language is not None and language.lower() not in WHISPER_LANGUAGES:
+            raise ValueError(f"unsupported language {language[:20]!r}: use a Whisper code such as en, de, ru")
+        return language.lower() if language else None
 
     @model_validator(mode="after")
     def _speaker_bounds_are_consistent(self) -> JobOptions:

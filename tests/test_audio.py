@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 
-import av
 import numpy as np
 import pytest
 
@@ -12,24 +11,7 @@ from common.audio import SAMPLE_RATE, AudioTooLong, UndecodableAudio, decode_aud
 from common.messages import JobOptions
 from common.settings import Settings
 from services.diarizer.pipeline import make_diarizer
-
-
-def encode(samples: np.ndarray, container: str, codec: str, rate: int) -> bytes:
-    """Encode mono float audio (at SAMPLE_RATE) as stereo with PyAV's own FFmpeg."""
-    buffer = io.BytesIO()
-    with av.open(buffer, mode="w", format=container) as out:
-        stream = out.add_stream(codec, rate=rate, layout="stereo")
-        stream.codec_context.options = {"strict": "experimental"}  # FFmpeg's native vorbis
-        interleaved = np.repeat((samples * 32767).astype(np.int16), 2)[None, :]
-        frame = av.AudioFrame.from_ndarray(interleaved, format="s16", layout="stereo")
-        frame.sample_rate = SAMPLE_RATE
-        resampler = av.AudioResampler(format=stream.format.name, layout="stereo", rate=rate)
-        for resampled in resampler.resample(frame):
-            for packet in stream.encode(resampled):
-                out.mux(packet)
-        for packet in stream.encode(None):
-            out.mux(packet)
-    return buffer.getvalue()
+from tests.audio_files import encode
 
 
 @pytest.mark.parametrize("container, codec, rate", [

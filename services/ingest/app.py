@@ -15,7 +15,7 @@ from typing import Annotated, Any
 from litestar import Litestar, Request, get, post
 from litestar.datastructures import State, UploadFile
 from litestar.enums import RequestEncodingType
-from litestar.exceptions import HTTPException, NotFoundException
+from litestar.exceptions import ClientException, HTTPException, NotFoundException, ValidationException
 from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.params import Body, FromPath
@@ -219,6 +219,21 @@ async def readyz(state: State) -> Response[dict[str, Any]]:
                     status_code=200 if ready else 503)
 
 
+def clearer_client_error(request: Request, exc: ClientException) -> Response:
+    """Litestar's own 4xx answers, with a detail that says which field or limit is at fault."""
+    detail = exc.detail
+    if isinstance(exc, ValidationException) and isinstance(exc.extra, list):
+        fields = [f"{e.get('key')}: {e.get('message')}" for e in exc.extra if isinstance(e, dict) and e.get("key")]
+        if fields:
+            detail = "invalid form field " + "; ".join(fields)
+    elif exc.status_code == 400 and detail == "Request Entity Too Large":
+        detail = "a multipart header is over 4 KB: is the filename that long? (names are kept to 255 characters)"
+    body: dict[str, Any] = {"status_code": exc.status_code, "detail": detail}
+    if exc.extra:
+        body["extra"] = exc.extra
+    return Response(body, status_code=exc.status_code, headers=exc.headers)
+
+
 def service_unavailable(request: Request, exc: Exception) -> Response:
     log.warning("%s %s: backing service unavailable (%s)", request.method, request.url.path, type(exc).__name__)
     return Response({"status_code": 503, "detail": "a backing service is unavailable; try again shortly"},
@@ -255,7 +270,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
         route_handlers=[recognize, job_status, healthz, readyz],
         lifespan=[lifespan],
         middleware=[api_key_middleware(settings)],
-        exception_handlers={cls: service_unavailable for cls in DATABASE_UNAVAILABLE},
+        exception_handlers={ClientException: clearer_client_error,
+                            **{cls: service_unavailable for cls in DATABASE_UNAVAILABLE}},
         logging_config=None,  # keep the project's log format (common.logs)
         # `error` appears in a status document only when the job failed.
         plugins=[PydanticPlugin(exclude_none=True)],

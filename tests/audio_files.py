@@ -1,0 +1,43 @@
+"""Audio made on the fly for tests (PyAV's own FFmpeg), from real fixtures or from nothing."""
+
+from __future__ import annotations
+
+import io
+import struct
+
+import av
+import numpy as np
+
+from common.audio import SAMPLE_RATE
+
+
+def encode(samples: np.ndarray, container: str, codec: str, rate: int, channels: int = 2,
+           sample_rate: int = SAMPLE_RATE) -> bytes:
+    """Encode mono float audio (at `sample_rate`) into `container`/`codec`, duplicated over
+    `channels` channels and resampled to `rate`."""
+    layout = {1: "mono", 2: "stereo", 6: "5.1"}[channels]
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format=container) as out:
+        stream = out.add_stream(codec, rate=rate, layout=layout)
+        stream.codec_context.options = {"strict": "experimental"}  # FFmpeg's native vorbis
+        interleaved = np.repeat((np.clip(samples, -1, 1) * 32767).astype(np.int16), channels)[None, :]
+        frame = av.AudioFrame.from_ndarray(interleaved, format="s16", layout=layout)
+        frame.sample_rate = sample_rate
+        resampler = av.AudioResampler(format=stream.format.name, layout=layout, rate=rate)
+        for resampled in resampler.resample(frame):
+            for packet in stream.encode(resampled):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    return buffer.getvalue()
+
+
+def wav(samples: np.ndarray, rate: int = SAMPLE_RATE, channels: int = 1) -> bytes:
+    return encode(samples, "wav", "pcm_s16le", rate, channels)
+
+
+def wav_header(data_bytes: int, rate: int = SAMPLE_RATE, channels: int = 1) -> bytes:
+    """A 16-bit PCM WAV header announcing `data_bytes` of samples."""
+    return (b"RIFF" + struct.pack("<I", 36 + data_bytes) + b"WAVEfmt " +
+            struct.pack("<IHHIIHH", 16, 1, channels, rate, rate * channels * 2, channels * 2, 16) +
+            b"data" + struct.pack("<I", data_bytes))

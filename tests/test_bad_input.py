@@ -1,0 +1,257 @@
+"""The bad-input matrix: every case gets a clear 4xx with a message, or a job that ends with a
+reason a user understands. Afterwards: no worker crashed, no orphaned object or row.
+The outcome of each case is printed as a table at the end of the run."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import socket
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cache
+from urllib.parse import urlparse
+
+import asyncpg
+import httpx
+import numpy as np
+import pytest
+
+from common.audio import SAMPLE_RATE, decode_audio
+from tests.audio_files import encode, wav, wav_header
+from tests.conftest import FIXTURES, SERVICES, Stack, record_figure
+
+
+@cache
+def jfk() -> np.ndarray:
+    return decode_audio(str(FIXTURES / "jfk.flac"))
+
+
+@cache
+def fixture(name: str) -> bytes:
+    return (FIXTURES / name).read_bytes()
+
+
+def png() -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", bytes.fromhex("0000000100000001080200000000"))
+            + chunk(b"IDAT", zlib.compress(b"\x00\xff\x00\x00")) + chunk(b"IEND", b""))
+
+
+def pdf() -> bytes:
+    return (b"%PDF-1.4\n1 0 obj<</Type/Catalog/Pages 2 0 R>>endobj\n2 0 obj<</Type/Pages/Kids[]/Count 0>>"
+            b"endobj\ntrailer<</Root 1 0 R>>\n%%EOF\n")
+
+
+def long_silence_flac(hours: float) -> bytes:
+    return encode(np.zeros(int(hours * 3600 * 8000), dtype=np.float32), "flac", "flac", 8000,
+                  channels=1, sample_rate=8000)
+
+
+@dataclass
+class Case:
+    name: str
+    content: Callable[[], bytes]
+    filename: str = "audio.wav"
+    data: dict = field(default_factory=dict)
+    # an HTTP status (4xx) with words the message must contain, or a job's final status and reason
+    status: int = 202
+    says: str = ""
+    job: str | None = None
+
+
+CASES = [
+    Case("text file", lambda: b"meeting notes, not audio\n" * 50, "notes.txt", status=415, says="not audio"),
+    Case("text named .mp3", lambda: b"I am text pretending to be sound\n" * 50, "song.mp3", status=415, says="not audio"),
+    Case("PDF named .mp3", pdf, "report.mp3", status=415, says="not audio"),
+    Case("PNG named .mp3", png, "picture.mp3", status=415, says="not audio"),
+    Case("random bytes named .wav", lambda: np.random.default_rng(7).bytes(50_000), status=415, says="not audio"),
+    Case("zero bytes", lambda: b"", status=400, says="empty"),
+    Case("corrupt WAV header", lambda: b"RIFF\x10\x00\x00\x00WAVEfmX " + b"\x00" * 5000, status=415, says="not audio"),
+    Case("WAV header only, no samples", lambda: wav_header(0), status=415, says="not audio"),
+    Case("WAV truncated mid-header", lambda: wav(jfk())[:30], status=415, says="not audio"),
+    Case("WAV truncated to 0.3 s", lambda: wav(jfk())[:44 + 9600], job="error", says="no speech"),
+    Case("FLAC truncated to its header", lambda: fixture("jfk.flac")[:2000], "jfk.flac", status=415, says="not audio"),
+    Case("FLAC truncated halfway", lambda: fixture("jfk.flac")[: len(fixture("jfk.flac")) // 2], "jfk.flac", job="done"),
+    Case("MP3 truncated to 300 bytes", lambda: fixture("multilingual.mp3")[:300], "a.mp3", status=415, says="not audio"),
+    Case("MP3 truncated halfway", lambda: fixture("hotwords.mp3")[: len(fixture("hotwords.mp3")) // 2], "a.mp3", job="done"),
+    Case("M4A truncated halfway", lambda: (lambda b: b[: len(b) // 2])(encode(jfk(), "ipod", "aac", 44_100)),
+         "a.m4a", status=415, says="not audio"),
+    Case("OGG/Vorbis truncated halfway", lambda: (lambda b: b[: len(b) // 2])(encode(jfk(), "ogg", "vorbis", 44_100)),
+         "a.ogg", job="done"),
+    Case("Opus truncated halfway", lambda: (lambda b: b[: len(b) // 2])(encode(jfk(), "ogg", "libopus", 48_000)),
+         "a.opus", job="done"),
+    Case("only silence (10 s)", lambda: wav(np.zeros(10 * SAMPLE_RATE, dtype=np.float32)), job="error", says="no speech"),
+    Case("0.1 s of audio", lambda: wav(jfk()[: SAMPLE_RATE // 10]), job="error", says="no speech"),
+    Case("8 kHz telephone audio", lambda: wav(jfk(), rate=8000), job="done"),
+    Case("6-channel audio", lambda: encode(jfk(), "wav", "pcm_s16le", SAMPLE_RATE, channels=6), job="done"),
+    Case("192 kHz audio", lambda: encode(jfk()[: 6 * SAMPLE_RATE], "wav", "pcm_s16le", 192_000, channels=1), job="done"),
+    Case("µ-law WAV", lambda: encode(jfk(), "wav", "pcm_mulaw", 8000, channels=1), job="done"),
+    Case("2 hours (over MAX_AUDIO_HOURS)", lambda: long_silence_flac(2.0), "long.flac", job="error", says="longer than"),
+    Case("file over MAX_UPLOAD_MB", lambda: wav_header(6 * 2**20) + bytes(6 * 2**20), status=413, says=""),
+    Case("missing file field", lambda: b"", status=400, says=""),
+    Case("extra form fields", lambda: wav(jfk()), data={"colour": "blue", "priority": "9"}, job="done"),
+    Case("num_speakers not a number", lambda: wav(jfk()), data={"num_speakers": "two"}, status=400, says="num_speakers"),
+    Case("num_speakers = 0", lambda: wav(jfk()), data={"num_speakers": "0"}, status=400, says="num_speakers"),
+    Case("min_speakers > max_speakers", lambda: wav(jfk()), data={"min_speakers": "4", "max_speakers": "2"},
+         status=400, says="min_speakers"),
+    Case("unknown language", lambda: wav(jfk()), data={"language": "klingon"}, status=400, says="unsupported language"),
+    Case("path-traversal filename", lambda: wav(jfk()), "../../../etc/passwd.wav", job="done"),
+    Case("10 KB filename", lambda: wav(jfk()), "n" * 10_240 + ".wav", status=400, says="filename"),
+    Case("2 KB filename (kept to 255)", lambda: wav(jfk()), "n" * 2_048 + ".wav", job="done"),
+    Case("video container without audio", lambda: encode_video_only(), "clip.mp4", status=415, says="no audio stream"),
+]
+
+
+def encode_video_only() -> bytes:
+    import io
+
+    import av
+
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mp4") as out:
+        stream = out.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        for i in range(10):
+            frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), i * 20, dtype=np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def service_pids(stack: Stack) -> dict[str, int]:
+    return {name: stack.processes[name].pid for name in SERVICES}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input(stack: Stack, service_pids, case: Case):
+    files = {"upload" if case.name == "missing file field" else "file": (case.filename, case.content())}
+    response = httpx.post(f"{stack.api}/recognize", files=files, data=case.data, timeout=120)
+    if case.job is None:
+        outcome = f"{response.status_code} {response.json().get('detail', '')[:70]}"
+        record_figure(f"bad input | {case.name:<32} | {outcome}")
+        assert response.status_code == case.status, response.text
+        assert case.says in response.json()["detail"]
+        return
+    assert response.status_code == 202, response.text
+    body = response.json()
+    assert len(body["filename"]) <= 255 and "/" not in urlparse(f"x://h/uploads/{body['id']}").path[9:]
+    document = stack.wait_finished(body["id"], timeout=300)
+    outcome = f"job {document['status']}" + (f": {document['error'][:60]}" if document.get("error") else
+                                               f", {len(document['segments'])} segments")
+    record_figure(f"bad input | {case.name:<32} | 202 -> {outcome}")
+    assert document["status"] == case.job, document
+    if case.job == "error":
+        assert case.says in document["error"]
+    else:
+        assert document["segments"] and all(s["text"] for s in document["segments"])
+
+
+def test_oversized_stream_is_refused_while_it_streams(stack: Stack):
+    """Chunked (no Content-Length): the 413 arrives after ~MAX_UPLOAD_MB, not after 64 MB."""
+    url = urlparse(stack.api)
+    boundary = "bigboundary"
+    preamble = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.wav\"\r\n"
+                f"Content-Type: audio/wav\r\n\r\n").encode() + wav_header(64 * 2**20)
+    sent = 0
+    answer = b""
+    with socket.create_connection((url.hostname, url.port), timeout=30) as sock:
+        sock.sendall((f"POST /recognize HTTP/1.1\r\nHost: {url.hostname}\r\nTransfer-Encoding: chunked\r\n"
+                      f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n").encode())
+        sock.sendall(f"{len(preamble):x}\r\n".encode() + preamble + b"\r\n")
+        piece = bytes(2**16)
+        try:
+            while sent < 12 * 2**20:  # 12 MB of the announced 64: then stop sending and listen
+                sock.sendall(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+                sent += len(piece)
+        except OSError:
+            pass  # the server may close as soon as it has answered
+        try:
+            answer = sock.recv(4096)
+        except OSError:
+            answer = b""
+    status = answer.split(b"\r\n", 1)[0].decode(errors="replace")
+    record_figure(f"bad input | {'64 MB chunked upload (limit 5 MB)':<32} | {status} after {sent / 2**20:.1f} MB sent")
+    assert status.startswith("HTTP/1.1 413"), answer[:300]
+
+
+def test_upload_that_stops_midway_leaves_nothing_behind(stack: Stack):
+    before = asyncio.run(count_rows(stack))
+    url = urlparse(stack.api)
+    boundary = "cutboundary"
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"cut.wav\"\r\n"
+            f"Content-Type: audio/wav\r\n\r\n").encode() + wav(jfk())[:100_000]
+    with socket.create_connection((url.hostname, url.port)) as sock:
+        sock.sendall((f"POST /recognize HTTP/1.1\r\nHost: {url.hostname}\r\n"
+                      f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
+                      f"Content-Length: {len(head) + 400_000}\r\n\r\n").encode() + head)
+        time.sleep(0.5)
+    time.sleep(1)
+    assert asyncio.run(count_rows(stack)) == before
+    record_figure(f"bad input | {'upload stopped midway':<32} | no job, no row")
+
+
+def test_non_utf8_filename(stack: Stack):
+    boundary = "latinboundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"".encode()
+            + b"r\xe9union\xff.wav" + b"\"\r\nContent-Type: audio/wav\r\n\r\n" + wav(jfk()[: 3 * SAMPLE_RATE])
+            + f"\r\n--{boundary}--\r\n".encode())
+    response = httpx.post(f"{stack.api}/recognize", content=body, timeout=60,
+                          headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+    record_figure(f"bad input | {'non-UTF-8 filename':<32} | {response.status_code} {response.text[:60]}")
+    assert response.status_code in (202, 400), response.text
+    if response.status_code == 202:
+        assert stack.wait_finished(response.json()["id"])["status"] == "done"
+
+
+def test_hundred_concurrent_uploads(stack: Stack):
+    silence = wav(np.zeros(SAMPLE_RATE, dtype=np.float32))
+
+    def one(i: int) -> httpx.Response:
+        return httpx.post(f"{stack.api}/recognize", files={"file": (f"quiet-{i}.wav", silence)}, timeout=120)
+
+    started = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=100) as pool:
+        responses = list(pool.map(one, range(100)))
+    elapsed = time.monotonic() - started
+    codes = sorted({r.status_code for r in responses})
+    ids = [r.json()["id"] for r in responses if r.status_code == 202]
+    documents = [stack.wait_finished(i, timeout=300) for i in ids]
+    errors = {d.get("error") for d in documents}
+    record_figure(f"bad input | {'100 concurrent uploads':<32} | {codes} in {elapsed:.1f} s; "
+                  f"{len(ids)} jobs -> {errors}")
+    assert codes == [202] and len(set(ids)) == 100
+    assert errors == {"no speech was found in the audio"}
+
+
+def test_afterwards_no_worker_crashed_and_nothing_is_orphaned(stack: Stack, service_pids):
+    assert {name: stack.processes[name].poll() for name in SERVICES} == dict.fromkeys(SERVICES)
+    assert {name: stack.processes[name].pid for name in SERVICES} == service_pids
+    rows = asyncio.run(upload_rows(stack))
+    objects = {o.object_name for o in stack.s3().list_objects("audio", prefix="uploads/", recursive=True)}
+    expected = {f"uploads/{job_id}" for job_id in rows}
+    record_figure(f"bad input | {'orphans afterwards':<32} | rows without audio: {len(expected - objects)}, "
+                  f"audio without row: {len(objects - expected)}")
+    assert objects == expected
+
+
+async def count_rows(stack: Stack) -> int:
+    conn = await asyncpg.connect(stack.database_url)
+    try:
+        return await conn.fetchval("SELECT count(*) FROM transcripts")
+    finally:
+        await conn.close()
+
+
+async def upload_rows(stack: Stack) -> list[int]:
+    conn = await asyncpg.connect(stack.database_url)
+    try:
+        return [r["id"] for r in await conn.fetch("SELECT id FROM transcripts WHERE source = 'upload' AND published")]
+    finally:
+        await conn.close()
