@@ -12,7 +12,7 @@ from common.audio import SAMPLE_RATE
 
 
 def encode(samples: np.ndarray, container: str, codec: str, rate: int, channels: int = 2,
-           sample_rate: int = SAMPLE_RATE) -> bytes:
+           sample_rate: int = SAMPLE_RATE, bit_rate: int | None = None) -> bytes:
     """Encode mono float audio (at `sample_rate`) into `container`/`codec`, duplicated over
     `channels` channels and resampled to `rate`."""
     layout = {1: "mono", 2: "stereo", 6: "5.1"}[channels]
@@ -20,6 +20,8 @@ def encode(samples: np.ndarray, container: str, codec: str, rate: int, channels:
     with av.open(buffer, mode="w", format=container) as out:
         stream = out.add_stream(codec, rate=rate, layout=layout)
         stream.codec_context.options = {"strict": "experimental"}  # FFmpeg's native vorbis
+        if bit_rate:
+            stream.bit_rate = bit_rate
         interleaved = np.repeat((np.clip(samples, -1, 1) * 32767).astype(np.int16), channels)[None, :]
         frame = av.AudioFrame.from_ndarray(interleaved, format="s16", layout=layout)
         frame.sample_rate = sample_rate

@@ -7,20 +7,25 @@ Each test records its figures (printed at the end of the run) and asserts them."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 import aio_pika
 import asyncpg
 import httpx
+import numpy as np
 import pytest
 
+from common.audio import decode_audio
 from common.messages import JobDiarized, JobOptions, JobSubmitted, TimeSpan
-from tests.conftest import Stack, record_figure, running_stack, wait_for_port
+from tests.audio_files import encode
+from tests.conftest import SERVICES, Stack, record_figure, running_stack, wait_for_port
 
 
 @pytest.fixture(scope="module")
@@ -244,3 +249,77 @@ def test_same_submission_delivered_twice_changes_nothing(faulty, fixtures_dir):
     time.sleep(5)
     assert document["status"] == "done" and duplicate_segments(faulty, [job_id]) == 0
     assert len(db(faulty, "SELECT 1 FROM segments WHERE transcript_id = $1", job_id)) == len(document["segments"])
+
+
+def set_consumer_timeout(ms: int) -> None:
+    """RabbitMQ's delivery-acknowledgement timeout; channels opened afterwards use it."""
+    subprocess.run(["rabbitmqctl", "eval", f"application:set_env(rabbit, consumer_timeout, {ms})."],
+                   check=True, capture_output=True, timeout=60)
+
+
+def hold_a_delivery(amqp_url: str, result: dict) -> None:
+    """Control: take one message and never ack it; note when the broker closes the channel."""
+    async def run():
+        connection = await aio_pika.connect(amqp_url)
+        try:
+            channel = await connection.channel()
+            queue = await channel.declare_queue(exclusive=True)
+            await channel.default_exchange.publish(aio_pika.Message(b"probe"), routing_key=queue.name)
+            holder = await connection.channel()
+            closed = asyncio.Event()
+            started = time.monotonic()
+            holder.close_callbacks.add(lambda *_: (result.update(closed_after=time.monotonic() - started),
+                                                   closed.set()))
+            await (await holder.get_queue(queue.name)).get(no_ack=False)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(closed.wait(), 150)
+        finally:
+            await connection.close()
+    asyncio.run(run())
+
+
+def test_job_longer_than_the_ack_timeout_is_not_redelivered_or_duplicated(faulty, fixtures_dir, tmp_path):
+    """Designed around, not configured: a job is cut into chunks, each its own message, so a
+    job may run far longer than consumer_timeout while every delivery is acked quickly.
+    RabbitMQ checks the timeout once a minute, so the job here runs well past a minute; a
+    held message on the side proves the timeout was live meanwhile."""
+    parts = [decode_audio(str(fixtures_dir / n)) for n in
+             ("sample.wav", "ami_dev00.wav", "ami_dev01.wav", "ru_dialogue.wav", "en_dialogue.wav")]
+    long_file = tmp_path / "meeting.opus"  # ~18 minutes, ~3 MB
+    long_file.write_bytes(encode(np.concatenate(parts * 8), "ogg", "libopus", 48_000, channels=1,
+                                    bit_rate=24_000))
+    timeout_s = 10
+    set_consumer_timeout(timeout_s * 1000)
+    faulty.env.update(CHUNK_MAX_SPEECH_S="30", MAX_AUDIO_HOURS="1")
+    control: dict = {}
+    try:
+        for service in ("diarizer", "transcriber", "embedder", "persister"):
+            faulty.stop(service)
+            faulty.start_service(service)
+        faulty.wait_ready()
+        offsets = {s: log_size(faulty, s) for s in SERVICES}
+        holder = threading.Thread(target=hold_a_delivery, args=(faulty.amqp_url, control))
+        holder.start()
+        started = time.monotonic()
+        [job_id] = submit_many(faulty, [long_file])
+        document = faulty.wait_finished(job_id, timeout=500)
+        elapsed = time.monotonic() - started
+        holder.join()
+    finally:
+        set_consumer_timeout(1_800_000)
+        faulty.env.update(CHUNK_MAX_SPEECH_S="300", MAX_AUDIO_HOURS="0.1")
+        for service in ("diarizer", "transcriber", "embedder", "persister"):
+            faulty.stop(service)
+            faulty.start_service(service)
+        faulty.wait_ready()
+    [job] = db(faulty, "SELECT chunk_count FROM transcripts WHERE id = $1", job_id)
+    logs = {s: (faulty.log_dir / f"{s}.log").read_text(errors="replace")[offsets[s]:] for s in SERVICES}
+    transcribed = len(re.findall(rf"job={job_id} transcribing chunk", logs["transcriber"]))
+    timeouts = [s for s, text in logs.items() if "acknowledgement" in text and "timed out" in text]
+    record_figure(f"{'job longer than consumer_timeout':<34} job {elapsed:.0f} s vs timeout {timeout_s} s; "
+                  f"{job['chunk_count']} chunks, {transcribed} transcriptions; channel timeouts: "
+                  f"{timeouts or 'none'}; held control message closed after {control.get('closed_after', 0):.0f} s")
+    assert "closed_after" in control  # the timeout was live while the job ran
+    assert document["status"] == "done" and elapsed > control["closed_after"]
+    assert job["chunk_count"] >= 4 and transcribed == job["chunk_count"]  # no chunk worked twice
+    assert timeouts == [] and duplicate_segments(faulty, [job_id]) == 0
