@@ -146,7 +146,9 @@ async def test_a_failing_message_is_retried_then_fails_the_job_with_the_reason(s
 
 
 async def test_concurrent_start_ups_apply_migrations_once(stack):
-    from common.db import apply_migrations
+    from common.db import _migrations, apply_migrations
+
+    versions = len(_migrations())
 
     name = f"stt_migrate_{uuid.uuid4().hex[:8]}"
     admin = await asyncpg.connect(stack.database_url)
@@ -155,9 +157,9 @@ async def test_concurrent_start_ups_apply_migrations_once(stack):
         url = stack.database_url.rsplit("/", 1)[0] + f"/{name}"
         pools = [await asyncpg.create_pool(url, min_size=1, max_size=1) for _ in range(5)]
         results = await asyncio.gather(*(apply_migrations(p) for p in pools))
-        assert sorted(len(r) for r in results) == [0, 0, 0, 0, 1]
+        assert versions >= 2 and sorted(len(r) for r in results) == [0, 0, 0, 0, versions]  # one applier
         async with pools[0].acquire() as conn:
-            assert await conn.fetchval("SELECT count(*) FROM schema_migrations") == 1
+            assert await conn.fetchval("SELECT count(*) FROM schema_migrations") == versions
             assert await conn.fetchval("SELECT to_regclass('segments') IS NOT NULL")
         for pool in pools:
             await pool.close()

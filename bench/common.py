@@ -1,0 +1,346 @@
+"""Shared pieces of the benchmarks: fixtures and their references, metrics (DER, WER, cpWER),
+concatenated test audio, the pipeline's components run in-process, and plain-text tables."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import re
+import time
+import unicodedata
+import wave
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_FIXTURES = Path(os.environ.get("STT_FIXTURES", ROOT.parent / "shared" / "fixtures"))
+WHISPER_MODEL = ROOT / "models" / "whisper-base"
+SAMPLE_RATE = 16_000
+
+# Transcripts given in the fixtures' README (no file of their own).
+TEXT_REFERENCES = {
+    "jfk.flac": "And so my fellow Americans, ask not what your country can do for you, "
+                "ask what you can do for your country.",
+}
+# Speaker counts known from the README for files without an .rttm.
+SPEAKER_COUNTS = {"jfk.flac": 1}
+AUDIO_SUFFIXES = (".wav", ".flac", ".mp3")
+
+
+# ---- references -----------------------------------------------------------------------------
+
+@dataclass
+class Utterance:
+    speaker: str
+    start: float
+    end: float
+    text: str
+
+
+@dataclass
+class Fixture:
+    path: Path
+    turns: list[tuple[str, float, float]] | None = None  # reference who-spoke-when (.rttm)
+    utterances: list[Utterance] | None = None  # speaker-attributed transcript (.json)
+    text: str | None = None  # plain transcript
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def stem(self) -> str:
+        return self.path.stem
+
+    @property
+    def ref_speakers(self) -> int | None:
+        if self.turns is not None:
+            return len({t[0] for t in self.turns})
+        if self.utterances is not None:
+            return len({u.speaker for u in self.utterances})
+        return SPEAKER_COUNTS.get(self.name)
+
+    @property
+    def has_reference(self) -> bool:
+        return self.turns is not None or self.utterances is not None or self.text is not None
+
+
+def read_rttm(path: Path) -> list[tuple[str, float, float]]:
+    turns = []
+    for line in path.read_text().splitlines():
+        parts = line.split()
+        if len(parts) >= 8 and parts[0] == "SPEAKER":
+            start, duration = float(parts[3]), float(parts[4])
+            turns.append((parts[7], start, start + duration))
+    return sorted(turns, key=lambda t: t[1])
+
+
+def read_utterances(path: Path) -> list[Utterance]:
+    return [Utterance(u["speaker"], float(u["start"]), float(u["end"]), u["text"])
+            for u in json.loads(path.read_text())]
+
+
+def load_fixture(path: Path) -> Fixture:
+    fixture = Fixture(path=path)
+    rttm, js = path.with_suffix(".rttm"), path.with_suffix(".json")
+    if rttm.exists():
+        fixture.turns = read_rttm(rttm)
+    if js.exists():
+        fixture.utterances = read_utterances(js)
+        fixture.text = " ".join(u.text for u in sorted(fixture.utterances, key=lambda u: u.start))
+    if path.name in TEXT_REFERENCES:
+        fixture.text = TEXT_REFERENCES[path.name]
+    return fixture
+
+
+def load_fixtures(directory: Path) -> list[Fixture]:
+    if not directory.is_dir():
+        raise SystemExit(f"audio fixtures not found at {directory} (pass --fixtures or set STT_FIXTURES)")
+    fixtures = [load_fixture(p) for p in sorted(directory.iterdir()) if p.suffix in AUDIO_SUFFIXES]
+    return [f for f in fixtures if f.has_reference]
+
+
+# ---- metrics --------------------------------------------------------------------------------
+
+def normalize(text: str) -> str:
+    """Lowercase, punctuation stripped (any script), whitespace collapsed."""
+    text = unicodedata.normalize("NFKC", text).lower().replace("ё", "е")
+    text = "".join(" " if unicodedata.category(c).startswith(("P", "S")) else c for c in text)
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def wer(reference: str, hypothesis: str) -> float:
+    import jiwer
+
+    reference, hypothesis = normalize(reference), normalize(hypothesis)
+    if not reference:
+        return float("nan")
+    if not hypothesis:
+        return 1.0
+    return jiwer.wer(reference, hypothesis)
+
+
+def cpwer(reference: list[tuple[str, str]], hypothesis: list[tuple[str, str]]) -> float:
+    """meeteval's cpWER: (speaker, text) pairs in time order, concatenated per speaker,
+    scored after the best speaker mapping."""
+    from meeteval.wer.wer.cp import cp_word_error_rate
+
+    def per_speaker(pairs):
+        out: dict[str, list[str]] = {}
+        for speaker, text in pairs:
+            words = normalize(text)
+            if words:
+                out.setdefault(speaker, []).append(words)
+        return {s: " ".join(t) for s, t in out.items()}
+
+    ref, hyp = per_speaker(reference), per_speaker(hypothesis)
+    if not hyp:
+        return 1.0
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        return float(cp_word_error_rate(ref, hyp).error_rate)
+
+
+def der(reference: list[tuple[str, float, float]], hypothesis: list[tuple[str, float, float]],
+        collar: float) -> float:
+    """pyannote.metrics DER; `collar` is the total width (0.5 = +-0.25 s)."""
+    from pyannote.core import Annotation, Segment
+    from pyannote.metrics.diarization import DiarizationErrorRate
+
+    def annotation(turns):
+        a = Annotation()
+        for i, (speaker, start, end) in enumerate(turns):
+            if end > start:
+                a[Segment(start, end), i] = speaker
+        return a
+
+    metric = DiarizationErrorRate(collar=collar, skip_overlap=False)
+    return float(metric(annotation(reference), annotation(hypothesis)))
+
+
+# ---- audio ----------------------------------------------------------------------------------
+
+def write_wav(path: Path, audio: np.ndarray) -> None:
+    pcm = (np.clip(audio, -1.0, 1.0) * 32767.0).astype("<i2")
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(SAMPLE_RATE)
+        w.writeframes(pcm.tobytes())
+
+
+@dataclass
+class Concatenated:
+    """Fixtures laid end to end with silence between them, and their references offset."""
+
+    audio: np.ndarray
+    turns: list[tuple[str, float, float]] = field(default_factory=list)
+    utterances: list[Utterance] = field(default_factory=list)
+    text_regions: list[tuple[float, float]] = field(default_factory=list)  # where utterances cover all speech
+    pieces: list[tuple[str, float, float]] = field(default_factory=list)
+
+    @property
+    def duration(self) -> float:
+        return self.audio.size / SAMPLE_RATE
+
+
+def concatenate(fixtures: list[Fixture], seconds: float, gap_s: float = 1.0) -> Concatenated:
+    """Cycle through `fixtures` until at least `seconds` of audio. Speakers are labelled
+    `<file>:<speaker>` (a repeated file is the same people again)."""
+    from common.audio import decode_audio
+
+    decoded = {f.name: decode_audio(str(f.path)) for f in fixtures}
+    gap = np.zeros(int(gap_s * SAMPLE_RATE), dtype=np.float32)
+    parts: list[np.ndarray] = []
+    out = Concatenated(audio=np.zeros(0, dtype=np.float32))
+    t = 0.0
+    while t < seconds:
+        for f in fixtures:
+            audio = decoded[f.name]
+            length = audio.size / SAMPLE_RATE
+            parts += [audio, gap]
+            out.pieces.append((f.name, t, t + length))
+            for speaker, start, end in f.turns or []:
+                out.turns.append((f"{f.stem}:{speaker}", t + start, t + end))
+            if f.utterances is not None:
+                for u in f.utterances:
+                    out.utterances.append(Utterance(f"{f.stem}:{u.speaker}", t + u.start, t + u.end, u.text))
+                out.text_regions.append((t, t + length))
+            elif f.text is not None and f.ref_speakers == 1:
+                out.utterances.append(Utterance(f"{f.stem}:A", t, t + length, f.text))
+                out.text_regions.append((t, t + length))
+                if f.turns is None:
+                    out.turns.append((f"{f.stem}:A", t, t + length))
+            t += length + gap_s
+            if t >= seconds:
+                break
+    out.audio = np.concatenate(parts)
+    return out
+
+
+def cpwer_in_regions(concat: Concatenated, segments: list[tuple[str, float, float, str]]) -> float | None:
+    """cpWER over the parts of a concatenated file that have a speaker-attributed transcript;
+    hypothesis segments count where their middle falls in such a part."""
+    if not concat.utterances:
+        return None
+
+    def inside(start, end):
+        middle = (start + end) / 2
+        return any(a <= middle <= b for a, b in concat.text_regions)
+
+    reference = [(u.speaker, u.text) for u in sorted(concat.utterances, key=lambda u: u.start)]
+    hypothesis = [(s, text) for s, start, end, text in sorted(segments, key=lambda x: x[1])
+                  if inside(start, end)]
+    return cpwer(reference, hypothesis)
+
+
+# ---- the pipeline's components in-process ---------------------------------------------------
+
+def bench_settings(**overrides):
+    from common.settings import Settings
+
+    values = {"diarization_backend": "offline", "hf_token": None,
+              "whisper_model": str(WHISPER_MODEL), "log_level": "WARNING"}
+    values.update(overrides)
+    return Settings(**values)
+
+
+def quiet_logs() -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*'uem' was approximated.*")
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("preprocess").setLevel(logging.ERROR)  # meeteval's "Assuming sort=False"
+    for name in ("faster_whisper", "services", "common", "sentence_transformers", "httpx"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+@dataclass
+class PipelineResult:
+    duration: float
+    turns: list  # SpeakerTurn
+    segments: list  # Segment
+    language: str | None
+    timings: dict[str, float]
+
+    @property
+    def speakers(self) -> int:
+        return len({t.speaker for t in self.turns})
+
+    def turn_tuples(self) -> list[tuple[str, float, float]]:
+        return [(t.speaker, t.start, t.end) for t in self.turns]
+
+    def segment_tuples(self) -> list[tuple[str, float, float, str]]:
+        return [(s.speaker, s.start_ts, s.end_ts, s.text) for s in self.segments]
+
+
+def run_pipeline(waveform: np.ndarray, diarize, model, settings, language: str | None = None) -> PipelineResult:
+    """What diarizer + transcriber do for one job, in one process: diarize, plan chunks, detect
+    the language once on the probe spans, transcribe each chunk from the 16-bit PCM."""
+    from common.audio import float_to_pcm16, pcm16_to_float
+    from common.messages import JobOptions
+    from services.diarizer.pipeline import language_probe, plan_chunks
+    from services.transcriber.whisper import detect_language, transcribe_chunk
+
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    duration = round(waveform.size / SAMPLE_RATE, 3)
+    pcm = pcm16_to_float(float_to_pcm16(waveform))
+    turns = diarize(waveform, JobOptions(language=language))
+    timings["diarize"] = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    segments = []
+    if turns:
+        chunks = plan_chunks(turns, duration, settings.chunk_max_speech_s)
+        if language is None:
+            probe = language_probe(turns)
+            parts = [pcm[int(s.start * SAMPLE_RATE):int(s.end * SAMPLE_RATE)] for s in probe]
+            speech = np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
+            language = detect_language(model, speech)
+        for span, chunk_turns in chunks:
+            audio = pcm[max(0, int(span.start * SAMPLE_RATE)):int(span.end * SAMPLE_RATE)]
+            chunk_segments, language = transcribe_chunk(model, audio, span.start, chunk_turns, language,
+                                                        settings.whisper_beam_size)
+            segments += chunk_segments
+    timings["transcribe"] = time.perf_counter() - t1
+    return PipelineResult(duration, turns, segments, language, timings)
+
+
+def load_components(settings):
+    from services.diarizer.pipeline import make_diarizer
+    from services.transcriber.whisper import load_model
+
+    diarize, backend = make_diarizer(settings)
+    model, _ = load_model(settings)
+    return diarize, backend, model
+
+
+# ---- output ---------------------------------------------------------------------------------
+
+def fmt(value, kind: str = "pct") -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "-"
+    if kind == "pct":
+        return f"{100 * value:.1f}"
+    if kind == "s":
+        return f"{value:.1f}"
+    if kind == "x":
+        return f"{value:.2f}"
+    return str(value)
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(headers, widths)))]
+    lines.append("  ".join("-" * w for w in widths))
+    for r in rows:
+        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    return "\n".join(lines)
+
+
+def verdict(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("MET" if ok else "NOT MET")
