@@ -15,8 +15,20 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import (DEFAULT_FIXTURES, bench_settings, cpwer, der, fmt, load_components,
-                          load_fixtures, quiet_logs, run_pipeline, table, verdict, wer)
+from bench.common import (
+    DEFAULT_FIXTURES,
+    bench_settings,
+    cpwer,
+    der,
+    fmt,
+    load_components,
+    load_fixtures,
+    quiet_logs,
+    run_pipeline,
+    table,
+    verdict,
+    wer,
+)
 
 DIALOGUES = ("en_dialogue", "ru_dialogue")
 AMI = ("ami_dev00", "ami_dev01")

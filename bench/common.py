@@ -128,6 +128,12 @@ def wer(reference: str, hypothesis: str) -> float:
 def cpwer(reference: list[tuple[str, str]], hypothesis: list[tuple[str, str]]) -> float:
     """meeteval's cpWER: (speaker, text) pairs in time order, concatenated per speaker,
     scored after the best speaker mapping."""
+    errors, length = cpwer_counts(reference, hypothesis)
+    return errors / length if length else float("nan")
+
+
+def cpwer_counts(reference: list[tuple[str, str]], hypothesis: list[tuple[str, str]]) -> tuple[int, int]:
+    """cpWER's errors and reference length."""
     from meeteval.wer.wer.cp import cp_word_error_rate
 
     def per_speaker(pairs):
@@ -139,10 +145,12 @@ def cpwer(reference: list[tuple[str, str]], hypothesis: list[tuple[str, str]]) -
         return {s: " ".join(t) for s, t in out.items()}
 
     ref, hyp = per_speaker(reference), per_speaker(hypothesis)
+    length = sum(len(t.split()) for t in ref.values())
     if not hyp:
-        return 1.0
+        return length, length
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        return float(cp_word_error_rate(ref, hyp).error_rate)
+        result = cp_word_error_rate(ref, hyp)
+    return int(result.errors), int(result.length)
 
 
 def der(reference: list[tuple[str, float, float]], hypothesis: list[tuple[str, float, float]],
@@ -236,6 +244,25 @@ def cpwer_in_regions(concat: Concatenated, segments: list[tuple[str, float, floa
     hypothesis = [(s, text) for s, start, end, text in sorted(segments, key=lambda x: x[1])
                   if inside(start, end)]
     return cpwer(reference, hypothesis)
+
+
+def cpwer_by_piece(concat: Concatenated, segments: list[tuple[str, float, float, str]]) -> dict[str, float]:
+    """cpWER computed piece by piece (each fixture copy on its own, so the speaker mapping is
+    per piece), errors and lengths summed per fixture and over all ("all")."""
+    counts: dict[str, list[int]] = {}
+    for name, start, end in concat.pieces:
+        if not any(a == start for a, _ in concat.text_regions):
+            continue
+        reference = [(u.speaker, u.text) for u in sorted(concat.utterances, key=lambda u: u.start)
+                     if start <= u.start < end]
+        hypothesis = [(s, text) for s, a, b, text in sorted(segments, key=lambda x: x[1])
+                      if start <= (a + b) / 2 <= end]
+        errors, length = cpwer_counts(reference, hypothesis)
+        for key in (Path(name).stem, "all"):
+            c = counts.setdefault(key, [0, 0])
+            c[0] += errors
+            c[1] += length
+    return {k: e / n for k, (e, n) in counts.items() if n}
 
 
 # ---- the pipeline's components in-process ---------------------------------------------------

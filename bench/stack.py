@@ -181,7 +181,8 @@ def running_stack(services: tuple[str, ...] = SERVICES, keep_logs: Path | None =
         "PYANNOTE_METRICS_ENABLED": "0",
         **overrides,
     }
-    env.pop("HF_TOKEN") if not env.get("HF_TOKEN") else None
+    if not env.get("HF_TOKEN"):
+        env.pop("HF_TOKEN")
     stack = Stack(env=env, api=f"http://127.0.0.1:{api_port}", log_dir=log_dir)
     try:
         stack.start("s3", "-m", "moto.server", "-H", "127.0.0.1", "-p", str(s3_port))

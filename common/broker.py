@@ -53,6 +53,15 @@ STAGE_BINDINGS: dict[str, list[str]] = {
     "persister": ["chunk.transcribed", "chunk.embedded", "job.progress", "job.failed"],
 }
 
+# The broker is restarting or unreachable: a handler's publish failing for these reasons says
+# nothing about the job, so the message is held and the handler tried again, not failed.
+BROKER_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    aio_pika.exceptions.AMQPConnectionError,
+    aio_pika.exceptions.ChannelInvalidStateError,
+    aio_pika.exceptions.ChannelClosed,
+    aio_pika.exceptions.DeliveryError,  # a nack while queues recover; PublishError is excluded below
+)
+
 ROUTING_KEY_HEADER = "x-original-routing-key"
 RETRY_COUNT_HEADER = "x-retry-count"
 
@@ -165,11 +174,11 @@ async def consume(
 
     Per message: validate against the route's model, run the handler, ack once it returned
     (its publishes are already confirmed). PermanentError fails the job at once and acks.
-    An error in `wait_on` means a dependency is down (the database, for the persister): the
-    message is held and the handler tried again with backoff until the dependency is back,
-    spending no retry, so an outage fails no job. Any other error retries after the next
-    delay of RETRY_DELAYS_S; when they are used up the job fails with the error and the
-    message is parked in stt.dead-letters.
+    An error in `wait_on` (always including BROKER_UNAVAILABLE) means a dependency is down:
+    the message is held and the handler tried again with backoff until it is back, spending
+    no retry, so an outage of RabbitMQ (or the database, for the persister) fails no job.
+    Any other error retries after the next delay of RETRY_DELAYS_S; when they are used up the
+    job fails with the error and the message is parked in stt.dead-letters.
     """
     bus = await open_bus(connection, settings)
     channel = await connection.channel()
@@ -214,7 +223,7 @@ async def consume(
 
         token = current_job.set(getattr(parsed, "job_id", None))
         try:
-            await _run_waiting_out_outages(route.handler, parsed, bus, wait_on)
+            await _run_waiting_out_outages(route.handler, parsed, bus, (*BROKER_UNAVAILABLE, *wait_on))
         except PermanentError as exc:
             log.warning("%s failed permanently: %s", routing_key, exc)
             await _fail_job(bus, parsed, service, str(exc), permanent=True)
@@ -270,6 +279,8 @@ async def _run_waiting_out_outages(handler: Handler, parsed: BaseModel, bus: Bus
         try:
             return await handler(parsed, bus)
         except wait_on as exc:
+            if isinstance(exc, aio_pika.exceptions.PublishError):
+                raise  # returned as unroutable: a configuration error, not an outage
             log.warning("dependency unavailable (%s: %s); holding the message, next try in %.0f s",
                         type(exc).__name__, str(exc)[:200], delay)
             await asyncio.sleep(delay)

@@ -77,6 +77,10 @@ def report(name: str, stack: Stack, job_ids: list[int], documents: dict[int, dic
     return figures
 
 
+def reasons(documents: dict[int, dict]) -> dict[int, str]:
+    return {job_id: d.get("error") or d["status"] for job_id, d in documents.items() if d["status"] != "done"}
+
+
 def submit_many(stack: Stack, files: list[Path]) -> list[int]:
     ids = []
     for path in files:
@@ -121,7 +125,7 @@ def test_sigkill_of_every_stage_mid_message_loses_and_doubles_nothing(faulty, fi
         busy.append(f"{service}{'' if caught else '(idle?)'}")
     documents = wait_all(faulty, job_ids)
     figures = report("SIGKILL each stage mid-message", faulty, job_ids, documents, "killed: " + ",".join(busy))
-    assert figures == {"submitted": 20, "done": 20, "error": 0, "lost": 0, "duplicate_segments": 0}, documents
+    assert figures == {"submitted": 20, "done": 20, "error": 0, "lost": 0, "duplicate_segments": 0}, reasons(documents)
 
 
 def test_rabbitmq_restart_mid_run(faulty, fixtures_dir):
@@ -140,7 +144,7 @@ def test_rabbitmq_restart_mid_run(faulty, fixtures_dir):
     orphans = db(faulty, "SELECT count(*) AS n FROM transcripts WHERE NOT published AND source = 'upload'")
     figures = report("RabbitMQ stopped and started", faulty, job_ids, documents,
                      f"upload during outage -> {during.status_code}")
-    assert figures == {"submitted": 5, "done": 5, "error": 0, "lost": 0, "duplicate_segments": 0}
+    assert figures == {"submitted": 5, "done": 5, "error": 0, "lost": 0, "duplicate_segments": 0}, reasons(documents)
     assert orphans[0]["n"] == 0  # the refused upload left no row behind
 
 
@@ -169,7 +173,7 @@ def test_postgresql_restart_mid_run(faulty, fixtures_dir):
     documents = wait_all(faulty, job_ids)
     figures = report("PostgreSQL restarted", faulty, job_ids, documents,
                      f"during outage: upload {upload_during}, status {status_during}")
-    assert figures == {"submitted": 5, "done": 5, "error": 0, "lost": 0, "duplicate_segments": 0}
+    assert figures == {"submitted": 5, "done": 5, "error": 0, "lost": 0, "duplicate_segments": 0}, reasons(documents)
 
 
 def test_object_store_outage_refuses_uploads_and_fails_stranded_jobs(faulty, fixtures_dir):

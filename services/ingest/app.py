@@ -228,6 +228,8 @@ def clearer_client_error(request: Request, exc: ClientException) -> Response:
             detail = "invalid form field " + "; ".join(fields)
     elif exc.status_code == 400 and detail == "Request Entity Too Large":
         detail = "a multipart header is over 4 KB: is the filename that long? (names are kept to 255 characters)"
+    elif exc.status_code == 400 and detail == "Invalid multipart/form-data":
+        detail = "the multipart body could not be parsed: headers must be UTF-8 (a filename in another encoding?)"
     body: dict[str, Any] = {"status_code": exc.status_code, "detail": detail}
     if exc.extra:
         body["extra"] = exc.extra
