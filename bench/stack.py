@@ -120,13 +120,23 @@ class Stack:
         """Poll until every job leaves `processing`; returns each job's finish time
         (time.monotonic) and status document. Raises after `timeout` seconds."""
         finished: dict[int, tuple[float, dict]] = {}
+        last_error: dict[int, str] = {}
         deadline = time.monotonic() + timeout
         with httpx.Client() as client:
             while len(finished) < len(job_ids):
                 for job_id in job_ids:
                     if job_id in finished:
                         continue
-                    document = self.status(job_id, client)
+                    try:
+                        response = client.get(f"{self.api}/status/{job_id}", timeout=30)
+                    except httpx.HTTPError as exc:
+                        last_error[job_id] = repr(exc)
+                        continue
+                    document = response.json() if response.headers.get("content-type", "").startswith(
+                        "application/json") else {}
+                    if response.status_code != 200 or "status" not in document:
+                        last_error[job_id] = f"{response.status_code}: {response.text[:300]}"
+                        continue
                     if document["status"] != "processing":
                         finished[job_id] = (time.monotonic(), document)
                 if len(finished) == len(job_ids):
@@ -135,7 +145,7 @@ class Stack:
                 if time.monotonic() > deadline:
                     tails = "\n".join(f"--- {n}\n{self.log_tail(n, 8)}" for n in self.processes)
                     raise TimeoutError(f"jobs {sorted(set(job_ids) - set(finished))} not done after "
-                                       f"{timeout:.0f} s\n{tails}")
+                                       f"{timeout:.0f} s (last status errors: {last_error})\n{tails}")
                 time.sleep(poll_s)
         return finished
 

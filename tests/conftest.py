@@ -4,6 +4,8 @@ own process, exactly as `make run` starts them."""
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import os
 import shutil
@@ -16,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import asyncpg
 import httpx
 import pytest
 
@@ -110,6 +113,21 @@ class Stack:
 
         return Minio(self.env["MINIO_ENDPOINT"], access_key="test",
                      secret_key=self.env["MINIO_SECRET_KEY"], secure=False)
+
+    def query(self, sql: str, *args) -> list:
+        """Run one SQL statement on the stack's database; usable from sync and async tests."""
+        async def run():
+            conn = await asyncpg.connect(self.database_url)
+            try:
+                return await conn.fetch(sql, *args)
+            finally:
+                await conn.close()
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            return pool.submit(asyncio.run, run()).result()
+
+    def value(self, sql: str, *args):
+        rows = self.query(sql, *args)
+        return rows[0][0] if rows else None
 
     def settings(self, **overrides):
         """Settings for running a component in the test process against this stack."""

@@ -4,7 +4,6 @@ The outcome of each case is printed as a table at the end of the run."""
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import socket
 import time
@@ -14,7 +13,6 @@ from dataclasses import dataclass, field
 from functools import cache
 from urllib.parse import urlparse
 
-import asyncpg
 import httpx
 import numpy as np
 import pytest
@@ -182,7 +180,7 @@ def test_oversized_stream_is_refused_while_it_streams(stack: Stack):
 
 
 def test_upload_that_stops_midway_leaves_nothing_behind(stack: Stack):
-    before = asyncio.run(count_rows(stack))
+    before = stack.value("SELECT count(*) FROM transcripts")
     url = urlparse(stack.api)
     boundary = "cutboundary"
     head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"cut.wav\"\r\n"
@@ -193,7 +191,7 @@ def test_upload_that_stops_midway_leaves_nothing_behind(stack: Stack):
                       f"Content-Length: {len(head) + 400_000}\r\n\r\n").encode() + head)
         time.sleep(0.5)
     time.sleep(1)
-    assert asyncio.run(count_rows(stack)) == before
+    assert stack.value("SELECT count(*) FROM transcripts") == before
     record_figure(f"bad input | {'upload stopped midway':<32} | no job, no row")
 
 
@@ -231,25 +229,9 @@ def test_hundred_concurrent_uploads(stack: Stack):
 def test_afterwards_no_worker_crashed_and_nothing_is_orphaned(stack: Stack, service_pids):
     assert {name: stack.processes[name].poll() for name in SERVICES} == dict.fromkeys(SERVICES)
     assert {name: stack.processes[name].pid for name in SERVICES} == service_pids
-    rows = asyncio.run(upload_rows(stack))
+    rows = [r["id"] for r in stack.query("SELECT id FROM transcripts WHERE source = 'upload' AND published")]
     objects = {o.object_name for o in stack.s3().list_objects("audio", prefix="uploads/", recursive=True)}
     expected = {f"uploads/{job_id}" for job_id in rows}
     record_figure(f"bad input | {'orphans afterwards':<32} | rows without audio: {len(expected - objects)}, "
                   f"audio without row: {len(objects - expected)}")
     assert objects == expected
-
-
-async def count_rows(stack: Stack) -> int:
-    conn = await asyncpg.connect(stack.database_url)
-    try:
-        return await conn.fetchval("SELECT count(*) FROM transcripts")
-    finally:
-        await conn.close()
-
-
-async def upload_rows(stack: Stack) -> list[int]:
-    conn = await asyncpg.connect(stack.database_url)
-    try:
-        return [r["id"] for r in await conn.fetch("SELECT id FROM transcripts WHERE source = 'upload' AND published")]
-    finally:
-        await conn.close()

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import aio_pika
-import asyncpg
 import httpx
 import numpy as np
 import pytest
@@ -32,16 +31,6 @@ from tests.conftest import SERVICES, Stack, record_figure, running_stack, wait_f
 def faulty(tmp_path_factory, fixtures_dir):
     with running_stack(tmp_path_factory) as stack:
         yield stack
-
-
-def db(stack: Stack, sql: str, *args):
-    async def run():
-        conn = await asyncpg.connect(stack.database_url)
-        try:
-            return await conn.fetch(sql, *args)
-        finally:
-            await conn.close()
-    return asyncio.run(run())
 
 
 def publish(stack: Stack, message) -> None:
@@ -63,7 +52,7 @@ def wait_all(stack: Stack, job_ids: list[int], timeout: float = 400) -> dict[int
 
 
 def duplicate_segments(stack: Stack, job_ids: list[int]) -> int:
-    [row] = db(stack, "SELECT count(*) - count(DISTINCT (transcript_id, start_ts, text)) AS dupes"
+    [row] = stack.query("SELECT count(*) - count(DISTINCT (transcript_id, start_ts, text)) AS dupes"
                       " FROM segments WHERE transcript_id = ANY($1::bigint[])", job_ids)
     return row["dupes"]
 
@@ -141,7 +130,7 @@ def test_rabbitmq_restart_mid_run(faulty, fixtures_dir):
     faulty.wait_ready(timeout=120)  # every service reconnected by itself
     job_ids += submit_many(faulty, [fixtures_dir / "jfk.flac"])
     documents = wait_all(faulty, job_ids)
-    orphans = db(faulty, "SELECT count(*) AS n FROM transcripts WHERE NOT published AND source = 'upload'")
+    orphans = faulty.query("SELECT count(*) AS n FROM transcripts WHERE NOT published AND source = 'upload'")
     figures = report("RabbitMQ stopped and started", faulty, job_ids, documents,
                      f"upload during outage -> {during.status_code}")
     assert figures == {"submitted": 5, "done": 5, "error": 0, "lost": 0, "duplicate_segments": 0}, reasons(documents)
@@ -179,7 +168,7 @@ def test_postgresql_restart_mid_run(faulty, fixtures_dir):
 def test_object_store_outage_refuses_uploads_and_fails_stranded_jobs(faulty, fixtures_dir):
     [done_before] = submit_many(faulty, [fixtures_dir / "jfk.flac"])
     faulty.wait_finished(done_before)
-    [row] = db(faulty, "INSERT INTO transcripts (filename, published) VALUES ('stranded.wav', true) RETURNING id")
+    [row] = faulty.query("INSERT INTO transcripts (filename, published) VALUES ('stranded.wav', true) RETURNING id")
     stranded = row["id"]
     port = int(faulty.env["MINIO_ENDPOINT"].rsplit(":", 1)[1])
     faulty.stop("s3")
@@ -207,7 +196,7 @@ def test_object_store_outage_refuses_uploads_and_fails_stranded_jobs(faulty, fix
 
 def test_poison_messages_are_dead_lettered_and_the_queue_keeps_flowing(faulty, fixtures_dir):
     # 1) valid JSON, impossible content: fails its job at once, no retries.
-    [row] = db(faulty, "INSERT INTO transcripts (filename, published) VALUES ('poison.wav', true) RETURNING id")
+    [row] = faulty.query("INSERT INTO transcripts (filename, published) VALUES ('poison.wav', true) RETURNING id")
     impossible = JobDiarized.model_construct(
         v=1, message_id="poison-1", job_id=row["id"], chunk_index=7, chunk_count=2, pcm_bucket="audio",
         pcm_key="pcm/none", duration=5.0, span=TimeSpan(start=0, end=5), turns=[], language_probe=[],
@@ -240,7 +229,7 @@ def test_poison_messages_are_dead_lettered_and_the_queue_keeps_flowing(faulty, f
 
 
 def test_no_job_is_left_processing(faulty):
-    stuck = db(faulty, "SELECT id, stage FROM transcripts WHERE status = 'processing'")
+    stuck = faulty.query("SELECT id, stage FROM transcripts WHERE status = 'processing'")
     record_figure(f"{'jobs stuck after all faults':<34} {len(stuck)}")
     assert stuck == []
 
@@ -252,7 +241,7 @@ def test_same_submission_delivered_twice_changes_nothing(faulty, fixtures_dir):
     document = faulty.wait_finished(job_id)
     time.sleep(5)
     assert document["status"] == "done" and duplicate_segments(faulty, [job_id]) == 0
-    assert len(db(faulty, "SELECT 1 FROM segments WHERE transcript_id = $1", job_id)) == len(document["segments"])
+    assert len(faulty.query("SELECT 1 FROM segments WHERE transcript_id = $1", job_id)) == len(document["segments"])
 
 
 def set_consumer_timeout(ms: int) -> None:
@@ -316,7 +305,7 @@ def test_job_longer_than_the_ack_timeout_is_not_redelivered_or_duplicated(faulty
             faulty.stop(service)
             faulty.start_service(service)
         faulty.wait_ready()
-    [job] = db(faulty, "SELECT chunk_count FROM transcripts WHERE id = $1", job_id)
+    [job] = faulty.query("SELECT chunk_count FROM transcripts WHERE id = $1", job_id)
     logs = {s: (faulty.log_dir / f"{s}.log").read_text(errors="replace")[offsets[s]:] for s in SERVICES}
     transcribed = len(re.findall(rf"job={job_id} transcribing chunk", logs["transcriber"]))
     timeouts = [s for s, text in logs.items() if "acknowledgement" in text and "timed out" in text]

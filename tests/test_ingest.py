@@ -2,21 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
-
-import asyncpg
 import httpx
 import pytest
 
 from tests.conftest import Stack
-
-
-async def count_jobs(stack: Stack) -> int:
-    conn = await asyncpg.connect(stack.database_url)
-    try:
-        return await conn.fetchval("SELECT count(*) FROM transcripts")
-    finally:
-        await conn.close()
 
 
 def post(stack: Stack, content: bytes, name: str = "audio.mp3", data: dict | None = None) -> httpx.Response:
@@ -29,11 +18,11 @@ def post(stack: Stack, content: bytes, name: str = "audio.mp3", data: dict | Non
     ("zero bytes", b"", "audio.wav", 400, "empty"),
 ])
 def test_undecodable_or_empty_uploads_are_rejected(stack, case, content, name, expected, says):
-    before = asyncio.run(count_jobs(stack))
+    before = stack.value("SELECT count(*) FROM transcripts")
     response = post(stack, content, name)
     assert response.status_code == expected, (case, response.text)
     assert says in response.json()["detail"]
-    assert asyncio.run(count_jobs(stack)) == before  # no job, no row
+    assert stack.value("SELECT count(*) FROM transcripts") == before  # no job, no row
 
 
 def test_truncated_mp3_is_rejected(stack, fixtures_dir):

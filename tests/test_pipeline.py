@@ -8,7 +8,6 @@ import re
 import time
 
 import aio_pika
-import asyncpg
 import httpx
 import pytest
 
@@ -32,22 +31,13 @@ def finished(stack: Stack, fixtures_dir) -> dict[str, dict]:
     return {name: {"id": job_id, **stack.wait_finished(job_id)} for name, job_id in submitted.items()}
 
 
-async def fetch_segments(stack: Stack, job_id: int) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(stack.database_url)
-    try:
-        return await conn.fetch(
-            "SELECT chunk_index, index, speaker, start_ts, end_ts, text, embedding, embedding_model"
-            " FROM segments WHERE transcript_id = $1 ORDER BY start_ts", job_id)
-    finally:
-        await conn.close()
+def fetch_segments(stack: Stack, job_id: int) -> list:
+    return stack.query("SELECT chunk_index, index, speaker, start_ts, end_ts, text, embedding, embedding_model"
+                       " FROM segments WHERE transcript_id = $1 ORDER BY start_ts", job_id)
 
 
-async def fetch_job(stack: Stack, job_id: int) -> asyncpg.Record:
-    conn = await asyncpg.connect(stack.database_url)
-    try:
-        return await conn.fetchrow("SELECT * FROM transcripts WHERE id = $1", job_id)
-    finally:
-        await conn.close()
+def fetch_job(stack: Stack, job_id: int):
+    return stack.query("SELECT * FROM transcripts WHERE id = $1", job_id)[0]
 
 
 def test_meeting_is_diarized_and_transcribed(finished):
@@ -75,7 +65,7 @@ async def test_russian_dialogue_in_russian_with_two_speakers(finished, stack):
     assert len({s["speaker"] for s in doc["segments"]}) == 2
     text = " ".join(s["text"] for s in doc["segments"])
     assert len(re.findall(r"[а-яё]", text.lower())) > 0.8 * len(re.findall(r"[a-zа-яё]", text.lower()))
-    assert (await fetch_job(stack, finished["ru_dialogue.wav"]["id"]))["language"] == "ru"
+    assert (fetch_job(stack, finished["ru_dialogue.wav"]["id"]))["language"] == "ru"
 
 
 def test_mp3_is_transcribed(finished):
@@ -96,7 +86,7 @@ def test_silence_ends_with_a_reason(finished):
 
 async def test_every_segment_has_a_384_float_embedding(finished, stack):
     for name in ("sample.wav", "jfk.flac", "ru_dialogue.wav", "multilingual.mp3"):
-        rows = await fetch_segments(stack, finished[name]["id"])
+        rows = fetch_segments(stack, finished[name]["id"])
         assert rows, name
         for row in rows:
             assert row["embedding"] is not None and len(row["embedding"]) == 384, (name, row["index"])
@@ -105,7 +95,7 @@ async def test_every_segment_has_a_384_float_embedding(finished, stack):
 
 
 async def test_job_record_has_language_duration_and_progress(finished, stack):
-    job = await fetch_job(stack, finished["jfk.flac"]["id"])
+    job = fetch_job(stack, finished["jfk.flac"]["id"])
     assert job["language"] == "en"
     assert job["duration"] == pytest.approx(11.0, abs=0.1)
     assert job["stage"] == "done" and job["progress"] == 1.0 and job["completed_at"] is not None
@@ -121,7 +111,7 @@ async def test_subscriber_receives_segment_events_and_one_completion(stack, fixt
         response = stack.submit(fixtures_dir / "jfk.flac")
         job_id = response.json()["id"]
         await asyncio.to_thread(stack.wait_finished, job_id)
-        segments = await fetch_segments(stack, job_id)
+        segments = fetch_segments(stack, job_id)
         events: list[tuple[str, dict]] = []
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
@@ -166,16 +156,8 @@ def test_bucket_drop_becomes_one_job_with_a_result_file(stack, fixtures_dir):
     assert document["status"] == "done", document
     assert len({s["speaker"] for s in document["segments"]}) == 2
     assert "sales" in normalised(" ".join(s["text"] for s in document["segments"]))
-    jobs = asyncio.run(_bucket_jobs(stack, "calls/en dialogue.wav"))
+    time.sleep(3)  # several more reconcile scans
+    jobs = [r["id"] for r in stack.query(
+        "SELECT id FROM transcripts WHERE source = 'bucket' AND source_key = $1", "calls/en dialogue.wav")]
     assert len(jobs) == 1, jobs  # scans keep running: still exactly one job
     assert httpx.get(f"{stack.api}/status/{jobs[0]}").json() == document
-
-
-async def _bucket_jobs(stack: Stack, key: str) -> list[int]:
-    conn = await asyncpg.connect(stack.database_url)
-    try:
-        await asyncio.sleep(3)  # several more reconcile scans
-        return [r["id"] for r in await conn.fetch(
-            "SELECT id FROM transcripts WHERE source = 'bucket' AND source_key = $1", key)]
-    finally:
-        await conn.close()

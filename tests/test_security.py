@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import subprocess
 import sys
 from pathlib import Path
 
-import asyncpg
 import httpx
 import pytest
 from litestar.testing import TestClient
@@ -55,16 +53,8 @@ def test_a_job_is_visible_only_to_the_key_that_created_it(keyed_api, fixtures_di
     assert keyed_api.get(f"/status/{job_id}", headers={"X-API-Key": ALICE}).status_code == 200
     other = keyed_api.get(f"/status/{job_id}", headers={"Authorization": f"Bearer {BOB}"})
     assert other.status_code == 404  # as if it did not exist: ids reveal nothing
-    owner = asyncio.run(_owner(stack, job_id))
+    owner = stack.value("SELECT owner FROM transcripts WHERE id = $1", job_id)
     assert owner and ALICE not in owner  # a hash of the key, never the key
-
-
-async def _owner(stack: Stack, job_id: int) -> str:
-    conn = await asyncpg.connect(stack.database_url)
-    try:
-        return await conn.fetchval("SELECT owner FROM transcripts WHERE id = $1", job_id)
-    finally:
-        await conn.close()
 
 
 def test_object_keys_never_contain_client_text(stack, fixtures_dir):

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import hmac
-import json
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -21,7 +18,6 @@ from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.params import Body, FromPath
 from litestar.plugins.pydantic import PydanticPlugin
 from litestar.response import Response
-from litestar.types import ASGIApp, Receive, Scope, Send
 from pydantic import BaseModel, ValidationError
 
 from common.audio import UndecodableAudio, probe_audio
@@ -31,6 +27,7 @@ from common.logs import current_job
 from common.messages import JobOptions
 from common.settings import Settings, get_settings
 from common.storage import ensure_buckets, make_client
+from services.ingest.auth import api_key_middleware, request_owner
 from services.ingest.inbox import Inbox
 from services.ingest.jobs import clean_filename, create_upload_job, status_document
 
@@ -81,57 +78,6 @@ def _errors(*codes: int) -> dict[int, ResponseSpec]:
                413: "The upload exceeds MAX_UPLOAD_MB", 415: "Not audio this service can decode",
                503: "A backing service is unavailable; try again"}
     return {c: ResponseSpec(data_container=ErrorBody, description=meaning[c]) for c in codes}
-
-
-# ---- API keys -------------------------------------------------------------------------------
-
-OPEN_PATHS = frozenset({"/healthz", "/readyz"})
-
-
-def owner_of(api_key: str) -> str:
-    """What a job row stores for its key: a hash, so the database never holds the key."""
-    return hashlib.sha256(api_key.encode()).hexdigest()[:32]
-
-
-def api_key_middleware(settings: Settings):
-    owners = [owner_of(k) for k in settings.api_key_list]
-
-    def wrap(app: ASGIApp) -> ASGIApp:
-        async def check(scope: Scope, receive: Receive, send: Send) -> None:
-            if scope["type"] != "http" or not owners or scope["path"] in OPEN_PATHS:
-                await app(scope, receive, send)
-                return
-            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-            presented = headers.get("x-api-key") or ""
-            scheme, _, token = headers.get("authorization", "").partition(" ")
-            if not presented and scheme.lower() == "bearer":
-                presented = token.strip()
-            if not presented:
-                await _deny(send, 401, "an API key is required: 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
-                return
-            owner = owner_of(presented)
-            if not any(hmac.compare_digest(owner, known) for known in owners):
-                await _deny(send, 403, "this API key is not valid")
-                return
-            scope.setdefault("state", {})["owner"] = owner
-            await app(scope, receive, send)
-
-        return check
-
-    return wrap
-
-
-async def _deny(send: Send, status: int, detail: str) -> None:
-    body = json.dumps({"status_code": status, "detail": detail}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    if status == 401:
-        headers.append((b"www-authenticate", b'Bearer realm="stt"'))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
-
-
-def request_owner(request: Request) -> str | None:
-    return request.scope.get("state", {}).get("owner")
 
 
 # ---- routes ---------------------------------------------------------------------------------

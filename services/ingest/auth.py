@@ -1,0 +1,61 @@
+"""Optional API keys (API_KEYS): every endpoint but health needs one, and a job belongs to
+the key that created it (its hash is stored, never the key)."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+
+from litestar import Request
+from litestar.types import ASGIApp, Receive, Scope, Send
+
+from common.settings import Settings
+
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+
+
+def owner_of(api_key: str) -> str:
+    """What a job row stores for its key: a hash, so the database never holds the key."""
+    return hashlib.sha256(api_key.encode()).hexdigest()[:32]
+
+
+def api_key_middleware(settings: Settings):
+    owners = [owner_of(k) for k in settings.api_key_list]
+
+    def wrap(app: ASGIApp) -> ASGIApp:
+        async def check(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] != "http" or not owners or scope["path"] in OPEN_PATHS:
+                await app(scope, receive, send)
+                return
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+            presented = headers.get("x-api-key") or ""
+            scheme, _, token = headers.get("authorization", "").partition(" ")
+            if not presented and scheme.lower() == "bearer":
+                presented = token.strip()
+            if not presented:
+                await _deny(send, 401, "an API key is required: 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
+                return
+            owner = owner_of(presented)
+            if not any(hmac.compare_digest(owner, known) for known in owners):
+                await _deny(send, 403, "this API key is not valid")
+                return
+            scope.setdefault("state", {})["owner"] = owner
+            await app(scope, receive, send)
+
+        return check
+
+    return wrap
+
+
+async def _deny(send: Send, status: int, detail: str) -> None:
+    body = json.dumps({"status_code": status, "detail": detail}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if status == 401:
+        headers.append((b"www-authenticate", b'Bearer realm="stt"'))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def request_owner(request: Request) -> str | None:
+    return request.scope.get("state", {}).get("owner")
