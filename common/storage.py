@@ -15,6 +15,11 @@ from common.settings import Settings
 PART_SIZE = 10 * 1024 * 1024
 
 
+def pcm_key(job_id: int) -> str:
+    """The job's decoded audio (16 kHz mono s16le), written by the diarizer, read by transcribers."""
+    return f"pcm/{job_id}.s16le"
+
+
 def make_client(settings: Settings) -> Minio:
     return Minio(
         settings.minio_endpoint,
@@ -37,9 +42,10 @@ def ensure_buckets(client: Minio, *buckets: str) -> None:
 def upload_stream(client: Minio, bucket: str, key: str, stream: BinaryIO,
                   content_type: str = "application/octet-stream",
                   metadata: dict[str, str] | None = None) -> int:
-    """Stream to the store in 10 MiB parts without holding the object in memory."""
+    """Stream to the store in 10 MiB parts without holding the object in memory. One part in
+    flight at a time: parallel parts each hold their buffer (measured: +40 MB RSS on 1 GB)."""
     result = client.put_object(bucket, key, stream, length=-1, part_size=PART_SIZE,
-                               content_type=content_type, metadata=metadata)
+                               content_type=content_type, metadata=metadata, num_parallel_uploads=1)
     return client.stat_object(result.bucket_name, result.object_name).size or 0
 
 
