@@ -1,30 +1,303 @@
-"""The deploy files users run: valid against their schemas (no Docker engine runs here)."""
+"""The deploy files users run: valid against their schemas and complete (no Docker engine or
+Kubernetes cluster runs here)."""
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
+import pytest
+import yaml
+from jsonschema import Draft202012Validator
+
+from common.broker import stage_queue
 from common.settings import Settings
 from tests.conftest import ROOT
 
+DEPLOY = ROOT / "deploy"
+K8S = DEPLOY / "k8s"
+SERVICES = ("ingest", "diarizer", "transcriber", "embedder", "persister")
+WORKERS = SERVICES[1:]
+STAGE_WORKERS = ("diarizer", "transcriber", "embedder")  # no database credentials (DESIGN.md)
+SETTINGS = [name.upper() for name in Settings.model_fields]
+SECRET_SETTINGS = [name.upper() for name, field in Settings.model_fields.items()
+                   if "SecretStr" in str(field.annotation)]
+KEDA_SCHEMAS = {"ScaledObject": "keda-scaledobject.json", "TriggerAuthentication": "keda-triggerauthentication.json"}
 
-def test_compose_file_is_valid_compose_spec():
+
+def venv_tool(name: str) -> str:
+    return str(Path(sys.executable).parent / name)
+
+
+def parses_as_settings(values: dict[str, str]) -> Settings:
+    return Settings(_env_file=None, **{name.lower(): value for name, value in values.items() if name in SETTINGS})
+
+
+# ---- Dockerfile ------------------------------------------------------------------------------
+
+def dockerfile_stages() -> dict[str, tuple[str, str]]:
+    """name -> (base, instructions without comments) of every `FROM base AS name` stage."""
+    text = "\n".join(line for line in (DEPLOY / "Dockerfile").read_text().splitlines()
+                     if not line.lstrip().startswith("#"))
+    return {match[2]: (match[1], match[3])
+            for match in re.finditer(r"^FROM (\S+) AS (\S+)\n(.*?)(?=^FROM |\Z)", text, re.M | re.S)}
+
+
+def stage_with_its_sources(stages: dict[str, tuple[str, str]], name: str) -> str:
+    """A stage's instructions and those of every stage it builds on or copies from."""
+    base, body = stages[name]
+    sources = [base, *re.findall(r"--from=(\S+)", body)]
+    return body + "".join(stage_with_its_sources(stages, source) for source in sources if source in stages)
+
+
+def test_dockerfile_has_a_non_root_healthchecked_target_per_service():
+    stages = dockerfile_stages()
+    problems = []
+    for target in (*SERVICES, "transcriber-cpu"):
+        body = stages.get(target, ("", ""))[1]
+        service = target.removesuffix("-cpu")
+        if not re.search(r"^USER (?!root|0\b)\S+", body, re.M):
+            problems.append(f"{target}: no non-root USER")
+        if "HEALTHCHECK" not in body:
+            problems.append(f"{target}: no HEALTHCHECK")
+        if f'CMD ["python", "-m", "services.{service}"]' not in body:
+            problems.append(f"{target}: does not run services.{service}")
+    assert problems == []
+
+
+def test_each_image_installs_only_its_stage_extras():
+    stages = dockerfile_stages()
+    extras = {target: set(re.findall(r'pip install "\.\[([^]]+)\]"', stage_with_its_sources(stages, target)))
+              for target in (*SERVICES, "transcriber-cpu")}
+    assert extras == {
+        "ingest": {"ingest"},
+        "diarizer": {"diarizer,diarizer-pyannote"},
+        "transcriber": {"transcriber,models"},
+        "transcriber-cpu": {"transcriber,models"},
+        "embedder": {"embedder"},
+        "persister": {"persister"},
+    }
+    assert "torch" not in stage_with_its_sources(stages, "ingest")
+
+
+def test_images_pin_the_torch_of_pyproject():
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    pinned = {dependency for dependency in pyproject["project"]["optional-dependencies"]["diarizer"]
+              if dependency.startswith("torch==")}
+    assert set(re.findall(r'"(torch==[^"]+)"', (DEPLOY / "Dockerfile").read_text())) == pinned
+
+
+# ---- compose ---------------------------------------------------------------------------------
+
+def load_compose(name: str = "compose.yaml") -> dict:
+    return yaml.safe_load((DEPLOY / name).read_text())
+
+
+@pytest.mark.parametrize("name", ["compose.yaml", "compose.gpu.yaml"])
+def test_compose_file_is_valid_compose_spec(name):
     result = subprocess.run(
-        [str(Path(sys.executable).parent / "check-jsonschema"), "--builtin-schema",
-         "vendor.compose-spec", str(ROOT / "deploy" / "compose.yaml")],
+        [venv_tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(DEPLOY / name)],
         capture_output=True, text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_dockerfile_has_a_target_per_service():
-    targets = set(re.findall(r"^FROM \S+ AS (\S+)$", (ROOT / "deploy" / "Dockerfile").read_text(), re.M))
-    assert {"ingest", "diarizer", "transcriber", "transcriber-cpu", "embedder", "persister"} <= targets
+def test_compose_builds_targets_that_exist():
+    targets = {service["build"]["target"]
+               for name in ("compose.yaml", "compose.gpu.yaml")
+               for service in load_compose(name)["services"].values() if "build" in service}
+    assert targets - set(dockerfile_stages()) == set()
+    assert load_compose("compose.gpu.yaml")["services"]["transcriber"]["build"]["target"] == "transcriber"
 
+
+def test_compose_passes_every_setting():
+    """The rule: compose lists every setting by name (x-settings, plus DATABASE_URL, API_KEYS and
+    HF_TOKEN on the services that use them); values come from .env through interpolation."""
+    services = load_compose()["services"]
+    passed = set().union(*(services[name]["environment"] for name in SERVICES))
+    missing = [name for name in SETTINGS if name not in passed]
+    assert missing == [], f"add to deploy/compose.yaml (x-settings): {missing}"
+
+
+def test_compose_keeps_database_credentials_from_stage_workers():
+    services = load_compose()["services"]
+    assert [name for name in STAGE_WORKERS if "DATABASE_URL" in services[name]["environment"]] == []
+
+
+def test_compose_defaults_are_the_settings_defaults():
+    settings = load_compose()["x-settings"]
+    differing = {}
+    for name, value in settings.items():
+        match = re.fullmatch(r"\$\{(\w+):-(.*)\}", str(value))
+        if match and match[1] == name:
+            field = name.lower()
+            if getattr(parses_as_settings({name: match[2]}), field) != Settings.model_fields[field].default:
+                differing[name] = match[2]
+    assert differing == {}
+    parses_as_settings({name: re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", str(value))
+                        for name, value in settings.items() if value is not None})
+
+
+def test_compose_minio_notifies_where_ingest_listens():
+    compose = load_compose()
+    minio = compose["services"]["minio"]["environment"]
+    settings = compose["x-settings"]
+    assert minio["MINIO_NOTIFY_AMQP_EXCHANGE_PRIMARY"] == settings["MINIO_EVENTS_EXCHANGE"]
+    assert minio["MINIO_NOTIFY_AMQP_ROUTING_KEY_PRIMARY"] == settings["MINIO_EVENTS_ROUTING_KEY"]
+
+
+# ---- Kubernetes ------------------------------------------------------------------------------
+
+def k8s_manifests() -> list[Path]:
+    return [path for path in sorted(K8S.glob("*.yaml")) if path.name != "kustomization.yaml"]
+
+
+def k8s_documents() -> list[tuple[str, dict]]:
+    return [(path.name, document) for path in k8s_manifests()
+            for document in yaml.safe_load_all(path.read_text()) if document]
+
+
+def k8s_objects(kind: str) -> dict[str, dict]:
+    return {document["metadata"]["name"]: document for _, document in k8s_documents() if document["kind"] == kind}
+
+
+def secret_template() -> dict[str, str]:
+    return yaml.safe_load((K8S / "secret.example.yaml").read_text())["stringData"]
+
+
+def pod_spec(deployment: str) -> dict:
+    return k8s_objects("Deployment")[deployment]["spec"]["template"]["spec"]
+
+
+def test_k8s_manifests_are_valid_kubernetes():
+    result = subprocess.run(
+        [venv_tool("kubernetes-validate"), "--strict", "--quiet", *map(str, k8s_manifests())],
+        capture_output=True, text=True,
+    )
+    output = result.stdout + result.stderr
+    # It knows no CRDs: KEDA's kinds are checked against their own schemas below.
+    unchecked = [line for line in output.splitlines() if line.startswith("WARN") and "keda.sh/" not in line]
+    assert result.returncode == 0 and unchecked == [], output
+
+
+def strict(schema: dict) -> dict:
+    """A CRD schema as the API server applies it with strict field validation: an unknown field
+    is an error wherever an object lists its properties."""
+    schema = dict(schema)
+    if "properties" in schema:
+        schema["properties"] = {name: strict(sub) for name, sub in schema["properties"].items()}
+        schema.setdefault("additionalProperties", False)
+    if isinstance(schema.get("additionalProperties"), dict):
+        schema["additionalProperties"] = strict(schema["additionalProperties"])
+    if "items" in schema:
+        schema["items"] = strict(schema["items"])
+    return schema
+
+
+@pytest.mark.parametrize("kind", sorted(KEDA_SCHEMAS))
+def test_keda_objects_match_the_keda_crd(kind):
+    schema = json.loads((K8S / "schemas" / KEDA_SCHEMAS[kind]).read_text())
+    validator = Draft202012Validator(strict(schema))
+    documents = [(file, document) for file, document in k8s_documents() if document["kind"] == kind]
+    assert documents
+    errors = [f"{file} {document['metadata']['name']}: {'.'.join(map(str, error.path))}: {error.message}"
+              for file, document in documents for error in validator.iter_errors(document)]
+    assert errors == []
+    assert {document["apiVersion"] for _, document in documents} == {"keda.sh/v1alpha1"}
+
+
+def test_each_worker_scales_on_its_own_queue():
+    authentications = set(k8s_objects("TriggerAuthentication"))
+    deployments = set(k8s_objects("Deployment"))
+    scaling = {
+        scaled["spec"]["scaleTargetRef"]["name"]: [
+            (trigger["type"], trigger["metadata"]["queueName"], trigger["authenticationRef"]["name"] in authentications)
+            for trigger in scaled["spec"]["triggers"]
+        ]
+        for scaled in k8s_objects("ScaledObject").values()
+    }
+    assert scaling == {worker: [("rabbitmq", stage_queue(worker), True)] for worker in WORKERS}
+    assert set(scaling) <= deployments
+
+
+def test_k8s_config_holds_every_setting():
+    configmap = k8s_objects("ConfigMap")["stt-settings"]["data"]
+    secret = secret_template()
+    missing = [name for name in SETTINGS if name not in configmap and name not in secret]
+    assert missing == [], f"add to deploy/k8s/configmap.yaml or secret.example.yaml: {missing}"
+    assert [name for name in SECRET_SETTINGS if name not in secret or name in configmap] == []
+    parses_as_settings({**configmap, **secret})
+
+
+def test_k8s_pods_read_only_what_exists():
+    configmaps = set(k8s_objects("ConfigMap"))
+    secret = secret_template()
+    problems = []
+    for name, deployment in k8s_objects("Deployment").items():
+        for container in deployment["spec"]["template"]["spec"]["containers"]:
+            for source in container.get("envFrom", []):
+                if source["configMapRef"]["name"] not in configmaps:
+                    problems.append(f"{name}: ConfigMap {source['configMapRef']['name']}")
+            for variable in container.get("env", []):
+                reference = variable.get("valueFrom", {}).get("secretKeyRef")
+                if reference and (reference["name"] != "stt-secrets" or reference["key"] not in secret):
+                    problems.append(f"{name}: Secret {reference['name']} key {reference['key']}")
+    for name, authentication in k8s_objects("TriggerAuthentication").items():
+        for reference in authentication["spec"]["secretTargetRef"]:
+            if reference["name"] != "stt-secrets" or reference["key"] not in secret:
+                problems.append(f"{name}: Secret {reference['name']} key {reference['key']}")
+    assert problems == []
+
+
+def test_k8s_keeps_database_credentials_from_stage_workers():
+    given = {worker: [variable["name"] for container in pod_spec(worker)["containers"]
+                      for variable in container.get("env", [])] for worker in STAGE_WORKERS}
+    assert [worker for worker, names in given.items() if "DATABASE_URL" in names] == []
+
+
+def test_scrape_annotations_name_the_metrics_ports():
+    configmap = k8s_objects("ConfigMap")["stt-settings"]["data"]
+    expected = {"ingest": configmap["API_PORT"], **{worker: configmap["METRICS_PORT"] for worker in WORKERS}}
+    found = {}
+    for name, deployment in k8s_objects("Deployment").items():
+        template = deployment["spec"]["template"]
+        port = template["metadata"]["annotations"]["prometheus.io/port"]
+        container_ports = {str(port["containerPort"]) for container in template["spec"]["containers"]
+                           for port in container.get("ports", [])}
+        found[name] = port if port in container_ports else f"{port} (no such containerPort)"
+    assert found == expected
+
+
+def test_transcriber_runs_on_a_gpu_node():
+    pod = pod_spec("transcriber")
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert pod["nodeSelector"] and pod["tolerations"]
+
+
+def test_kustomization_applies_every_manifest_but_the_secret_template():
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    manifests = {path.name for path in k8s_manifests()} - {"secret.example.yaml"}
+    assert sorted(kustomization["resources"]) == sorted(manifests)
+    images = {container["image"] for deployment in k8s_objects("Deployment").values()
+              for container in deployment["spec"]["template"]["spec"]["containers"]}
+    assert {image["name"] for image in kustomization["images"]} == images
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+def test_kustomize_builds_everything_into_one_namespace():
+    result = subprocess.run(["kubectl", "kustomize", str(K8S)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    documents = list(yaml.safe_load_all(result.stdout))
+    namespaces = {document["metadata"].get("namespace") for document in documents if document["kind"] != "Namespace"}
+    assert namespaces == {"stt"}
+
+
+# ---- settings and docs -----------------------------------------------------------------------
 
 def test_env_example_lists_every_setting():
     listed = set(re.findall(r"^#?\s*([A-Z][A-Z0-9_]+)=", (ROOT / ".env.example").read_text(), re.M))
