@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,7 @@ from aio_pika.abc import (
 )
 from pydantic import BaseModel, ValidationError
 
+from common import metrics
 from common.logs import current_job
 from common.messages import Contract, JobFailed
 from common.settings import Settings
@@ -76,6 +78,13 @@ def stage_queue(service: str) -> str:
 
 def retry_queue(queue_name: str, delay_s: int) -> str:
     return f"{queue_name}.retry.{delay_s}s"
+
+
+def watched_queues(*extra: str) -> list[str]:
+    """The queues whose depth ingest reports: those declare_topology makes, and `extra`.
+    (Not the retry queues: they exist only once their worker ran, and a passive declare of a
+    missing queue closes the channel. Retries are counted by stt_messages_total instead.)"""
+    return [*(stage_queue(s) for s in STAGE_BINDINGS), PERSISTER_DEAD_QUEUE, DEAD_LETTERS_QUEUE, *extra]
 
 
 async def connect(settings: Settings, name: str) -> AbstractRobustConnection:
@@ -198,13 +207,24 @@ async def consume(
     queue = await channel.declare_queue(queue_name, passive=True)
 
     async def on_message(message: AbstractIncomingMessage) -> None:
+        # Counted and timed here, once for every service (common/metrics.py).
+        started = time.perf_counter()
+        work, work_token = metrics.begin_message(service)
+        outcome: str | None = None
+        try:
+            outcome = await settle(message, work)
+        finally:
+            metrics.end_message(work, work_token, queue_name, outcome, started)
+
+    async def settle(message: AbstractIncomingMessage, work: metrics.Work) -> str:
+        """Handle one message; returns what became of it (metrics.OUTCOMES)."""
         headers = dict(message.headers or {})
         routing_key = str(headers.get(ROUTING_KEY_HEADER) or message.routing_key)
         route = routes.get(routing_key) or routes.get("*")
         if route is None:
             log.error("no handler for routing key %r on %s; dead-lettering", routing_key, queue_name)
             await message.reject(requeue=False)
-            return
+            return "dead_lettered"
         try:
             parsed = route.model.model_validate_json(message.body)
         except ValidationError as exc:
@@ -219,15 +239,16 @@ async def consume(
                 await message.ack()
             finally:
                 current_job.reset(token)
-            return
+            return "dead_lettered"
 
         token = current_job.set(getattr(parsed, "job_id", None))
         try:
-            await _run_waiting_out_outages(route.handler, parsed, bus, (*BROKER_UNAVAILABLE, *wait_on))
+            await _run_waiting_out_outages(route.handler, parsed, bus, (*BROKER_UNAVAILABLE, *wait_on), work)
         except PermanentError as exc:
             log.warning("%s failed permanently: %s", routing_key, exc)
             await _fail_job(bus, parsed, service, str(exc), permanent=True)
             await message.ack()
+            return "failed"
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -251,6 +272,7 @@ async def consume(
                         retry_message, routing_key=retry_queue(queue_name, delay), mandatory=True
                     )
                     await message.ack()
+                    return "retried"
                 else:
                     log.exception("%s failed after %d attempts; failing the job", routing_key, attempt + 1)
                     await _fail_job(bus, parsed, service,
@@ -258,29 +280,35 @@ async def consume(
                                     permanent=False)
                     await _park(bus, message, headers, routing_key, reason)
                     await message.ack()
+                    return "dead_lettered"
             except Exception:
                 log.exception("could not schedule a retry; the broker will redeliver")
                 if not channel.is_closed:
                     await message.nack(requeue=True)
+                return "requeued"
         else:
             await message.ack()
+            return "handled"
         finally:
             current_job.reset(token)
 
+    metrics.consuming(service, queue_name)
     await queue.consume(on_message)
     log.info("consuming %s (prefetch %d)", queue_name, prefetch or settings.prefetch_count)
     await asyncio.Future()  # run until cancelled
 
 
 async def _run_waiting_out_outages(handler: Handler, parsed: BaseModel, bus: Bus,
-                                   wait_on: tuple[type[BaseException], ...]) -> None:
+                                   wait_on: tuple[type[BaseException], ...], work: metrics.Work) -> None:
     delay = 1.0
     while True:
+        work.new_attempt()
         try:
             return await handler(parsed, bus)
         except wait_on as exc:
             if isinstance(exc, aio_pika.exceptions.PublishError):
                 raise  # returned as unroutable: a configuration error, not an outage
+            metrics.DEPENDENCY_WAITS.labels(work.stage).inc()
             log.warning("dependency unavailable (%s: %s); holding the message, next try in %.0f s",
                         type(exc).__name__, str(exc)[:200], delay)
             await asyncio.sleep(delay)

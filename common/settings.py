@@ -25,6 +25,9 @@ class Settings(BaseSettings):
     # Deliveries of one message (worker crashes included) before the broker dead-letters it.
     delivery_limit: int = Field(default=5, ge=1)
 
+    # Prometheus /metrics port of a stage worker (0: off). Ingest serves /metrics on API_PORT.
+    metrics_port: int = Field(default=9100, ge=0, le=65535)
+
     # PostgreSQL (ingest and persister only; stage workers never see it)
     database_url: SecretStr = SecretStr("postgresql://postgres@127.0.0.1:5432/stt")
 
@@ -46,7 +49,7 @@ class Settings(BaseSettings):
     api_host: str = "0.0.0.0"
     api_port: int = 8000
     max_upload_mb: int = Field(default=2048, ge=1)
-    # Comma-separated keys; when set, every endpoint but /healthz and /readyz needs one
+    # Comma-separated keys; when set, every endpoint but /healthz, /readyz and /metrics needs one
     # (`Authorization: Bearer <key>` or `X-API-Key: <key>`), and a job is visible only to its key.
     api_keys: SecretStr | None = None
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # `make run`: the whole stack on this machine, each service its own process (honcho).
 # Without MINIO_ENDPOINT, moto's S3 server stands in for MinIO on 127.0.0.1:9000.
+# Prometheus metrics: ingest on :8000/metrics, the workers on :9101-9104 (set in the Procfile).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -f .env ] && set -a && . ./.env && set +a

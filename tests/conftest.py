@@ -74,6 +74,8 @@ class Stack:
     api: str
     log_dir: Path
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    # Each stage worker's own METRICS_PORT (one host: a shared port would clash).
+    metrics_ports: dict[str, int] = field(default_factory=dict)
 
     @property
     def amqp_url(self) -> str:
@@ -83,16 +85,24 @@ class Stack:
     def database_url(self) -> str:
         return self.env["DATABASE_URL"]
 
-    def start(self, name: str, *args: str) -> subprocess.Popen:
+    def start(self, name: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
         log = (self.log_dir / f"{name}.log").open("ab")
         process = subprocess.Popen(
-            [sys.executable, *args], cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            [sys.executable, *args], cwd=ROOT, env=env or self.env, stdout=log, stderr=subprocess.STDOUT,
         )
         self.processes[name] = process
         return process
 
     def start_service(self, name: str) -> subprocess.Popen:
-        return self.start(name, "-m", f"services.{name}")
+        port = self.metrics_ports.get(name)
+        env = {**self.env, "METRICS_PORT": str(port)} if port else None
+        return self.start(name, "-m", f"services.{name}", env=env)
+
+    def metrics_url(self, name: str) -> str:
+        """Where a service serves Prometheus metrics: ingest on its API port, workers on their own."""
+        if name == "ingest":
+            return f"{self.api}/metrics"
+        return f"http://127.0.0.1:{self.metrics_ports[name]}/metrics"
 
     def stop(self, name: str) -> None:
         process = self.processes.pop(name, None)
@@ -220,9 +230,11 @@ def running_stack(tmp_path_factory, **overrides: str) -> Iterator[Stack]:
         "EMBEDDING_BACKEND": "ollama",
         "OLLAMA_URL": f"http://127.0.0.1:{ollama_port}",
         "HF_HUB_OFFLINE": "1",
+        "METRICS_PORT": "0",  # workers get their own below; other processes serve none
         **overrides,
     }
-    stack = Stack(env=env, api=f"http://127.0.0.1:{api_port}", log_dir=log_dir)
+    stack = Stack(env=env, api=f"http://127.0.0.1:{api_port}", log_dir=log_dir,
+                  metrics_ports={s: free_port() for s in SERVICES if s != "ingest"})
     try:
         stack.start("s3", "-m", "moto.server", "-H", "127.0.0.1", "-p", str(s3_port))
         stack.start("ollama", "-m", "tests.fake_ollama", "--port", str(ollama_port))

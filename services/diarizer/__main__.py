@@ -10,20 +10,18 @@ from common.audio import AudioTooLong, UndecodableAudio, decode_audio, float_to_
 from common.broker import Bus, PermanentError, Route, connect, consume
 from common.logs import setup_logging
 from common.messages import JobDiarized, JobProgress, JobSubmitted
+from common.metrics import add_audio_seconds, serve_metrics
 from common.settings import get_settings
-from common.storage import download_to, make_client, upload_bytes
+from common.storage import download_to, make_client, pcm_key, upload_bytes
 from services.diarizer.pipeline import language_probe, make_diarizer, plan_chunks
 
 log = logging.getLogger("services.diarizer")
 
 
-def pcm_key(job_id: int) -> str:
-    return f"pcm/{job_id}.s16le"
-
-
 async def main() -> None:
     settings = get_settings()
     setup_logging(settings.log_level)
+    serve_metrics(settings, "diarizer")
     diarize, backend = await asyncio.to_thread(make_diarizer, settings)
     log.info("diarization backend: %s", backend)
     client = make_client(settings)
@@ -41,6 +39,7 @@ async def main() -> None:
         waveform = await asyncio.to_thread(decode, message)
         duration = round(waveform.size / 16_000, 3)
         log.info("decoded %s: %.1f s", message.filename, duration)
+        add_audio_seconds(duration)
         await asyncio.to_thread(upload_bytes, client, settings.audio_bucket,
                                 pcm_key(message.job_id), float_to_pcm16(waveform))
         turns = await asyncio.to_thread(diarize, waveform, message.options)

@@ -10,6 +10,7 @@ import aiohttp
 from common.broker import Bus, Route, connect, consume
 from common.logs import setup_logging
 from common.messages import ChunkEmbedded, ChunkTranscribed
+from common.metrics import serve_metrics
 from common.settings import get_settings
 from services.embedder.backends import make_embedder
 
@@ -19,6 +20,7 @@ log = logging.getLogger("services.embedder")
 async def main() -> None:
     settings = get_settings()
     setup_logging(settings.log_level)
+    serve_metrics(settings, "embedder")
     async with aiohttp.ClientSession() as session:
         embed, model_name = await asyncio.to_thread(make_embedder, settings, session)
         log.info("embedding with %s (%s backend)", model_name, settings.embedding_backend)

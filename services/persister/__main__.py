@@ -9,6 +9,7 @@ from common.broker import PERSISTER_DEAD_QUEUE, Route, connect, consume, open_bu
 from common.db import DATABASE_UNAVAILABLE, apply_migrations, create_pool
 from common.logs import setup_logging
 from common.messages import ChunkEmbedded, ChunkTranscribed, JobFailed, JobProgress
+from common.metrics import serve_metrics
 from common.settings import get_settings
 from services.persister import store
 
@@ -18,6 +19,7 @@ log = logging.getLogger("services.persister")
 async def main() -> None:
     settings = get_settings()
     setup_logging(settings.log_level)
+    serve_metrics(settings, "persister")
     pool = await create_pool(settings)
     await apply_migrations(pool)
     connection = await connect(settings, "persister")

@@ -12,6 +12,7 @@ from common.audio import SAMPLE_RATE, pcm16_to_float
 from common.broker import Bus, Route, connect, consume
 from common.logs import setup_logging
 from common.messages import ChunkTranscribed, JobDiarized, TimeSpan
+from common.metrics import add_audio_seconds, serve_metrics
 from common.settings import get_settings
 from common.storage import make_client, read_range
 from services.transcriber.whisper import detect_language, load_model, transcribe_chunk
@@ -34,6 +35,7 @@ def read_pcm(client, bucket: str, key: str, span: TimeSpan) -> np.ndarray:
 async def main() -> None:
     settings = get_settings()
     setup_logging(settings.log_level)
+    serve_metrics(settings, "transcriber")
     model, _ = await asyncio.to_thread(load_model, settings)
     client = make_client(settings)
 
@@ -58,6 +60,7 @@ async def main() -> None:
         log.info("transcribing chunk %d/%d (%.1f-%.1f s, %d turns)", message.chunk_index + 1,
                  message.chunk_count, message.span.start, message.span.end, len(message.turns))
         segments, language = await asyncio.to_thread(work, message)
+        add_audio_seconds(message.span.end - message.span.start)
         await bus.publish(ChunkTranscribed(
             message_id=f"chunk.transcribed:{message.job_id}:{message.chunk_index}",
             job_id=message.job_id, chunk_index=message.chunk_index,

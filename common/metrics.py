@@ -1,0 +1,208 @@
+"""Prometheus metrics, defined once for every service (README: Metrics).
+
+Stage workers serve them on METRICS_PORT (`serve_metrics`); ingest serves them on its API port
+at /metrics. The consume loop in common/broker.py counts and times every message; a handler
+only reports how much audio its message covered (`add_audio_seconds`), from which the loop
+derives audio seconds processed and the real-time factor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+from common.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Seconds per message range from milliseconds (persister) to many minutes (diarizing hours).
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300,
+                    600, 1200, 1800, 3600)
+_RTF_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10)
+_HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+# What became of a message: handled (acked after its work), failed (bad input: the job failed
+# at once), retried (sent to a retry queue), dead_lettered (retries used up, invalid or
+# unroutable: parked in stt.dead-letters), requeued (a retry could not be scheduled: the broker
+# redelivers it).
+OUTCOMES = ("handled", "failed", "retried", "dead_lettered", "requeued")
+
+MESSAGES = Counter(
+    "stt_messages", "Messages a stage consumed, by what became of them",
+    ["stage", "queue", "outcome"],
+)
+MESSAGE_SECONDS = Histogram(
+    "stt_message_duration_seconds",
+    "Seconds from receiving a message to settling it (ack, retry or dead-letter)",
+    ["stage", "queue"], buckets=_LATENCY_BUCKETS,
+)
+DEPENDENCY_WAITS = Counter(
+    "stt_dependency_unavailable",
+    "Handler tries that found a dependency (RabbitMQ, PostgreSQL) down; the message was held",
+    ["stage"],
+)
+AUDIO_SECONDS = Counter(
+    "stt_audio_seconds", "Seconds of audio in the messages a stage handled", ["stage"],
+)
+REAL_TIME_FACTOR = Histogram(
+    "stt_real_time_factor",
+    "Processing seconds per second of audio, per handled message (below 1: faster than real time)",
+    ["stage"], buckets=_RTF_BUCKETS,
+)
+QUEUE_MESSAGES = Gauge(
+    "stt_queue_messages", "Messages ready in a RabbitMQ queue (as seen by ingest)", ["queue"],
+)
+QUEUE_CONSUMERS = Gauge(
+    "stt_queue_consumers", "Consumers attached to a RabbitMQ queue (as seen by ingest)", ["queue"],
+)
+HTTP_REQUESTS = Counter(
+    "stt_http_requests", "HTTP requests answered by ingest", ["method", "route", "status"],
+)
+HTTP_SECONDS = Histogram(
+    "stt_http_request_duration_seconds", "Seconds to answer an HTTP request (ingest)",
+    ["method", "route"], buckets=_HTTP_BUCKETS,
+)
+
+
+# ---- stage workers --------------------------------------------------------------------------
+
+
+def serve_metrics(settings: Settings, service: str) -> None:
+    """Serve /metrics on METRICS_PORT (0: off) from a background thread. A port already in
+    use is logged, not fatal: the worker's job is its stage, not its figures."""
+    if not settings.metrics_port:
+        log.info("metrics disabled (METRICS_PORT=0)")
+        return
+    try:
+        start_http_server(settings.metrics_port)
+    except OSError as exc:
+        log.error("metrics not served: port %d is unavailable (%s); give each process on this "
+                  "host its own METRICS_PORT", settings.metrics_port, exc)
+        return
+    log.info("%s metrics on :%d/metrics", service, settings.metrics_port)
+
+
+@dataclass
+class Work:
+    """What the consume loop learns about one message while its handler runs."""
+
+    stage: str
+    audio_s: float = 0.0
+    attempt_started: float = field(default_factory=time.perf_counter)
+
+    def new_attempt(self) -> None:
+        self.audio_s = 0.0
+        self.attempt_started = time.perf_counter()
+
+
+_current_work: contextvars.ContextVar[Work | None] = contextvars.ContextVar("stt_work", default=None)
+
+
+def consuming(stage: str, queue: str) -> None:
+    """A consumer started: its series exist from now on, at 0, before the first message."""
+    for outcome in OUTCOMES:
+        MESSAGES.labels(stage, queue, outcome)
+    MESSAGE_SECONDS.labels(stage, queue)
+    DEPENDENCY_WAITS.labels(stage)
+
+
+def begin_message(stage: str) -> tuple[Work, contextvars.Token]:
+    work = Work(stage)
+    return work, _current_work.set(work)
+
+
+def end_message(work: Work, token: contextvars.Token, queue: str, outcome: str | None,
+                started: float) -> None:
+    """Count the message; for a handled one that covered audio, its audio seconds and RTF."""
+    _current_work.reset(token)
+    if outcome is None:  # cancelled, or the ack itself failed: the broker redelivers
+        return
+    MESSAGES.labels(work.stage, queue, outcome).inc()
+    MESSAGE_SECONDS.labels(work.stage, queue).observe(time.perf_counter() - started)
+    if outcome == "handled" and work.audio_s > 0:
+        AUDIO_SECONDS.labels(work.stage).inc(work.audio_s)
+        # The last attempt only: time spent holding the message through an outage is not work.
+        REAL_TIME_FACTOR.labels(work.stage).observe((time.perf_counter() - work.attempt_started) / work.audio_s)
+
+
+def add_audio_seconds(seconds: float) -> None:
+    """Called by a handler: the message it is handling covers this much audio. Safe from
+    worker threads started with asyncio.to_thread (they share the message's Work)."""
+    work = _current_work.get()
+    if work is not None and seconds > 0:
+        work.audio_s += seconds
+
+
+# ---- ingest ---------------------------------------------------------------------------------
+
+
+async def watch_queue_depths(connection, queues: Iterable[str], interval_s: float = 5.0) -> None:
+    """Refresh the queue gauges every `interval_s` with passive declares (current figures;
+    the management API lags). The queues must exist (ingest declares them; the first refresh
+    waits one interval so that its consumers have). Runs until cancelled."""
+    queues = list(queues)
+    channel = None
+    failing = False
+
+    async def refresh() -> None:
+        nonlocal channel
+        if channel is None:
+            channel = await connection.channel()
+        for name in queues:
+            # robust=False: a robust channel answers a repeated passive declare from its cache
+            declared = await channel.declare_queue(name, passive=True, robust=False)
+            QUEUE_MESSAGES.labels(name).set(declared.declaration_result.message_count)
+            QUEUE_CONSUMERS.labels(name).set(declared.declaration_result.consumer_count)
+
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await asyncio.wait_for(refresh(), timeout=max(10.0, 2 * interval_s))
+            if failing:
+                log.info("queue depths readable again")
+                failing = False
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if not failing:
+                log.warning("queue depths not readable (%s: %s); the gauges keep their last values",
+                            type(exc).__name__, str(exc)[:200])
+                failing = True
+            stale, channel = channel, None  # closed, not dropped: a robust channel would live on
+            if stale is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(stale.close(), timeout=5)
+
+
+def http_metrics_middleware(app):
+    """ASGI middleware (Litestar, per route): counts and times each request under its route
+    template (`/status/{job_id}`, not `/status/42`), so label values stay few."""
+
+    async def measure(scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500  # unless a response starts: an exception escaped
+
+        async def send_and_note(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await app(scope, receive, send_and_note)
+        finally:
+            route = scope.get("path_template") or "unmatched"
+            HTTP_REQUESTS.labels(scope["method"], route, str(status)).inc()
+            HTTP_SECONDS.labels(scope["method"], route).observe(time.perf_counter() - started)
+
+    return measure

@@ -1,0 +1,166 @@
+"""Prometheus metrics: every service's /metrics moves when a job goes through the stack."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aio_pika
+import httpx
+import pytest
+from litestar.testing import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from common.audio import decode_audio
+from common.messages import JobDiarized, SpeakerTurn, TimeSpan
+from services.ingest.app import create_app
+from tests.conftest import SERVICES, Stack
+
+WORKERS = ("diarizer", "transcriber", "embedder", "persister")
+Samples = list[tuple[str, dict[str, str], float]]
+
+
+def parse(text: str) -> Samples:
+    return [(s.name, s.labels, s.value) for family in text_string_to_metric_families(text) for s in family.samples]
+
+
+def scrape(stack: Stack, service: str) -> Samples:
+    response = httpx.get(stack.metrics_url(service), timeout=10)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/plain")
+    return parse(response.text)
+
+
+def total(samples: Samples, name: str, **labels: str) -> float:
+    """Sum of the samples called `name` whose labels include `labels`."""
+    return sum(v for n, lab, v in samples if n == name and labels.items() <= lab.items())
+
+
+@pytest.fixture(scope="module")
+def scrapes(stack: Stack, fixtures_dir) -> dict:
+    """Every service scraped before and after one job (jfk.flac) went all the way through."""
+    before = {s: scrape(stack, s) for s in SERVICES}
+    response = stack.submit(fixtures_dir / "jfk.flac")
+    assert response.status_code == 202, response.text
+    job_id = response.json()["id"]
+    document = stack.wait_finished(job_id)
+    assert document["status"] == "done", document
+    not_found = httpx.get(f"{stack.api}/status/987654321", timeout=10)
+    assert not_found.status_code == 404
+    time.sleep(0.5)  # the last acks are counted just after the work they settle
+    after = {s: scrape(stack, s) for s in SERVICES}
+    with (fixtures_dir / "jfk.flac").open("rb") as f:
+        duration = decode_audio(f).size / 16_000
+    return {"before": before, "after": after, "job_id": job_id, "duration": duration}
+
+
+def moved(scrapes: dict, service: str, name: str, **labels: str) -> float:
+    return total(scrapes["after"][service], name, **labels) - total(scrapes["before"][service], name, **labels)
+
+
+def test_every_stage_counts_the_messages_it_handled(scrapes):
+    for stage in WORKERS:
+        assert moved(scrapes, stage, "stt_messages_total", stage=stage, outcome="handled") >= 1, stage
+        assert moved(scrapes, stage, "stt_message_duration_seconds_count", stage=stage) >= 1, stage
+        # Every outcome has its series from the start, so alerts on them need no absent().
+        for outcome in ("failed", "retried", "dead_lettered", "requeued"):
+            assert any(n == "stt_messages_total" and lab["stage"] == stage and lab["outcome"] == outcome
+                       for n, lab, _ in scrapes["after"][stage]), (stage, outcome)
+    # each message is labelled with the queue it came from
+    assert moved(scrapes, "transcriber", "stt_messages_total", queue="stt.transcriber", outcome="handled") >= 1
+
+
+def test_diarizer_and_transcriber_count_audio_seconds_and_real_time_factor(scrapes):
+    duration = scrapes["duration"]
+    diarized = moved(scrapes, "diarizer", "stt_audio_seconds_total", stage="diarizer")
+    assert diarized >= duration - 0.01, (diarized, duration)  # the whole file (other jobs may add)
+    transcribed = moved(scrapes, "transcriber", "stt_audio_seconds_total", stage="transcriber")
+    assert 0.5 * duration <= transcribed, (transcribed, duration)  # the chunks' spans: its speech
+    for stage in ("diarizer", "transcriber"):
+        count = moved(scrapes, stage, "stt_real_time_factor_count", stage=stage)
+        rtf = moved(scrapes, stage, "stt_real_time_factor_sum", stage=stage) / count
+        assert count >= 1 and 0 < rtf < 5, (stage, count, rtf)
+    assert total(scrapes["after"]["embedder"], "stt_audio_seconds_total") == 0  # only stages that know it
+
+
+def test_ingest_counts_requests_by_route_template(scrapes):
+    assert moved(scrapes, "ingest", "stt_http_requests_total", method="POST", route="/recognize", status="202") >= 1
+    assert moved(scrapes, "ingest", "stt_http_requests_total", method="GET", route="/status/{job_id}",
+                 status="200") >= 1
+    assert moved(scrapes, "ingest", "stt_http_requests_total", method="GET", route="/status/{job_id}",
+                 status="404") >= 1
+    assert moved(scrapes, "ingest", "stt_http_request_duration_seconds_count", method="POST",
+                 route="/recognize") >= 1
+    routes = {lab["route"] for n, lab, _ in scrapes["after"]["ingest"] if n == "stt_http_requests_total"}
+    assert not [r for r in routes if any(ch.isdigit() for ch in r)], routes  # templates, never raw ids
+
+
+def test_ingest_reports_queue_depths_and_consumers(stack: Stack, scrapes):
+    deadline = time.monotonic() + 15
+    while True:
+        samples = scrape(stack, "ingest")
+        depths = {lab["queue"]: v for n, lab, v in samples if n == "stt_queue_messages"}
+        consumers = {lab["queue"]: v for n, lab, v in samples if n == "stt_queue_consumers"}
+        if all(f"stt.{s}" in depths for s in WORKERS) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    for stage in WORKERS:
+        assert depths.get(f"stt.{stage}", -1) >= 0, depths
+        assert consumers.get(f"stt.{stage}", 0) >= 1, consumers  # the running worker
+    assert depths.get("stt.dead-letters", -1) >= 0 and depths.get("stt.ingest.results", -1) >= 0, depths
+
+
+def test_workers_also_export_process_figures(scrapes):
+    for stage in WORKERS:
+        assert total(scrapes["after"][stage], "process_resident_memory_bytes") > 0, stage
+
+
+def test_metrics_is_open_and_undocumented_when_api_keys_are_set(stack: Stack):
+    with TestClient(create_app(stack.settings(api_keys="key-metrics-1")), timeout=60) as client:
+        assert client.get("/status/1").status_code == 401
+        response = client.get("/metrics")
+        assert response.status_code == 200
+        samples = parse(response.text)
+        # the refused request is counted too, under its route
+        assert total(samples, "stt_http_requests_total", route="/status/{job_id}", status="401") >= 1
+        spec = client.get("/docs/openapi.json", headers={"X-API-Key": "key-metrics-1"}).json()
+        assert "/metrics" not in spec["paths"] and "/recognize" in spec["paths"]
+
+
+def wait_for(check, timeout: float = 30):
+    deadline = time.monotonic() + timeout
+    while not (result := check()):
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.5)
+    return result
+
+
+def test_a_failing_chunk_counts_as_retried_then_dead_lettered(stack: Stack):
+    """A chunk whose audio is missing from the store: retried (RETRY_DELAYS_S=1,2), then the job
+    fails and the message is parked; the dead-letter queue depth shows it."""
+    before = scrape(stack, "transcriber")
+    job_id = stack.value("INSERT INTO transcripts (filename) VALUES ('lost.wav') RETURNING id")
+    message = JobDiarized(job_id=job_id, chunk_index=0, chunk_count=1, pcm_bucket="audio",
+                          pcm_key=f"pcm/{job_id}-missing.s16le", duration=5.0, span=TimeSpan(start=0, end=5),
+                          turns=[SpeakerTurn(speaker="spk_0", start=0.5, end=4.5)])
+
+    async def publish() -> None:
+        connection = await aio_pika.connect(stack.amqp_url)
+        async with connection:
+            exchange = await (await connection.channel()).get_exchange("stt")
+            await exchange.publish(aio_pika.Message(message.model_dump_json().encode(),
+                                                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                                   routing_key=message.ROUTING_KEY, mandatory=True)
+
+    asyncio.run(publish())
+    wait_for(lambda: stack.value("SELECT status FROM transcripts WHERE id = $1", job_id) == "error", 60)
+    time.sleep(0.5)
+    after = scrape(stack, "transcriber")
+
+    def change(outcome: str) -> float:
+        labels = {"stage": "transcriber", "outcome": outcome}
+        return total(after, "stt_messages_total", **labels) - total(before, "stt_messages_total", **labels)
+
+    assert change("retried") >= 2 and change("dead_lettered") >= 1, (change("retried"), change("dead_lettered"))
+    # ingest sees the parked message within its refresh interval (5 s)
+    wait_for(lambda: total(scrape(stack, "ingest"), "stt_queue_messages", queue="stt.dead-letters") >= 1, 20)
