@@ -5,7 +5,7 @@ consumer and test that uses it (see DESIGN.md)."""
 from __future__ import annotations
 
 import uuid
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -151,6 +151,10 @@ class ChunkEmbedded(_ChunkMessage, Contract):
 
 
 Stage = Literal["submitted", "diarizing", "transcribing", "embedding", "done"]
+STAGES: tuple[str, ...] = get_args(Stage)
+# JobFailed.stage names the service that gave up; the job's stage is the step that service runs.
+STAGE_OF_SERVICE: dict[str, str] = {"diarizer": "diarizing", "transcriber": "transcribing",
+                                    "embedder": "embedding"}
 
 
 class JobProgress(Contract):

@@ -7,29 +7,33 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from litestar import Litestar, Request, get, post
 from litestar.datastructures import State, UploadFile
 from litestar.enums import RequestEncodingType
 from litestar.exceptions import ClientException, HTTPException, NotFoundException, ValidationException
-from litestar.openapi import OpenAPIConfig, ResponseSpec
+from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.params import Body, FromPath
 from litestar.plugins.pydantic import PydanticPlugin
 from litestar.response import Response
-from pydantic import BaseModel, ValidationError
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, Field, ValidationError
 
 from common.audio import UndecodableAudio, probe_audio
-from common.broker import connect, open_bus
+from common.broker import connect, open_bus, watched_queues
 from common.db import DATABASE_UNAVAILABLE, apply_migrations, create_pool
 from common.logs import current_job
-from common.messages import JobOptions
+from common.messages import JobOptions, Stage
+from common.metrics import http_metrics_middleware, watch_queue_depths
 from common.settings import Settings, get_settings
 from common.storage import ensure_buckets, make_client
 from services.ingest.auth import api_key_middleware, request_owner
-from services.ingest.inbox import Inbox
+from services.ingest.errors import error_responses as _errors
+from services.ingest.inbox import INBOX_EVENTS_QUEUE, RESULTS_QUEUE, Inbox
 from services.ingest.jobs import clean_filename, create_upload_job, status_document
+from services.ingest.transcripts import TRANSCRIPT_ROUTES
 
 log = logging.getLogger("services.ingest")
 
@@ -57,27 +61,16 @@ class StatusSegment(BaseModel):
 
 
 class JobStatus(BaseModel):
-    status: str
+    status: Literal["processing", "done", "error"]
+    # The step the job is in (on error: the step it failed in); percent = chunks done / chunks.
+    stage: Stage
+    percent: int = Field(ge=0, le=100)
     segments: list[StatusSegment]
     error: str | None = None
 
 
-class ErrorBody(BaseModel):
-    status_code: int
-    detail: str
-    extra: dict[str, Any] | list[Any] | None = None
-
-
 class Unavailable(HTTPException):
     status_code = 503
-
-
-def _errors(*codes: int) -> dict[int, ResponseSpec]:
-    meaning = {400: "Bad request: the message says what is wrong", 401: "An API key is required",
-               403: "The API key is not valid", 404: "No such job (for this key)",
-               413: "The upload exceeds MAX_UPLOAD_MB", 415: "Not audio this service can decode",
-               503: "A backing service is unavailable; try again"}
-    return {c: ResponseSpec(data_container=ErrorBody, description=meaning[c]) for c in codes}
 
 
 # ---- routes ---------------------------------------------------------------------------------
@@ -132,6 +125,12 @@ async def job_status(job_id: FromPath[int], state: State, request: Request) -> J
     return JobStatus(**document)
 
 
+@get("/metrics", include_in_schema=False, media_type=CONTENT_TYPE_LATEST)
+async def metrics() -> bytes:
+    """Prometheus exposition (README: Metrics); open like /healthz."""
+    return generate_latest()
+
+
 @get("/healthz", summary="Liveness", include_in_schema=True)
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
@@ -169,11 +168,15 @@ def clearer_client_error(request: Request, exc: ClientException) -> Response:
     """Litestar's own 4xx answers, with a detail that says which field or limit is at fault."""
     detail = exc.detail
     if isinstance(exc, ValidationException) and isinstance(exc.extra, list):
-        fields = [f"{e.get('key')}: {e.get('message')}" for e in exc.extra if isinstance(e, dict) and e.get("key")]
-        if fields:
-            detail = "invalid form field " + "; ".join(fields)
+        where = {"query": "query parameter", "path": "path parameter"}
+        problems = [f"{where.get(e.get('source'), 'form field')} {e['key']}: {e.get('message')}"
+                    for e in exc.extra if isinstance(e, dict) and e.get("key")]
+        if problems:
+            detail = "invalid " + "; ".join(problems)
     elif exc.status_code == 400 and detail == "Request Entity Too Large":
         detail = "a multipart header is over 4 KB: is the filename that long? (names are kept to 255 characters)"
+    elif exc.status_code == 413:
+        detail = f"the file exceeds MAX_UPLOAD_MB ({request.app.state.settings.max_upload_mb} MB)"
     elif exc.status_code == 400 and detail == "Invalid multipart/form-data":
         detail = "the multipart body could not be parsed: headers must be UTF-8 (a filename in another encoding?)"
     body: dict[str, Any] = {"status_code": exc.status_code, "detail": detail}
@@ -202,8 +205,10 @@ def create_app(settings: Settings | None = None) -> Litestar:
         state.connection = await connect(settings, "ingest")
         state.bus = await open_bus(state.connection, settings)
         inbox = Inbox(settings, state.pool, state.bus, state.s3)
+        queues = watched_queues(INBOX_EVENTS_QUEUE, RESULTS_QUEUE)
         tasks = [asyncio.create_task(inbox.run_scanner()),
-                 asyncio.create_task(inbox.run_consumers(state.connection))]
+                 asyncio.create_task(inbox.run_consumers(state.connection)),
+                 asyncio.create_task(watch_queue_depths(state.connection, queues))]
         log.info("ingest ready on %s:%d", settings.api_host, settings.api_port)
         try:
             yield
@@ -215,9 +220,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
             await state.pool.close()
 
     return Litestar(
-        route_handlers=[recognize, job_status, healthz, readyz],
+        route_handlers=[recognize, job_status, healthz, readyz, metrics, *TRANSCRIPT_ROUTES],
         lifespan=[lifespan],
-        middleware=[api_key_middleware(settings)],
+        middleware=[http_metrics_middleware, api_key_middleware(settings)],  # metrics first: 401s count
         exception_handlers={ClientException: clearer_client_error,
                             **{cls: service_unavailable for cls in DATABASE_UNAVAILABLE}},
         logging_config=None,  # keep the project's log format (common.logs)

@@ -1,5 +1,5 @@
-"""Optional API keys (API_KEYS): every endpoint but health needs one, and a job belongs to
-the key that created it (its hash is stored, never the key)."""
+"""Optional API keys (API_KEYS): every endpoint but health and /metrics needs one, and a job
+belongs to the key that created it (its hash is stored, never the key)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from litestar.types import ASGIApp, Receive, Scope, Send
 
 from common.settings import Settings
 
-OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
 def owner_of(api_key: str) -> str:

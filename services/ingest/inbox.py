@@ -59,6 +59,10 @@ class JobEnded(BaseModel):
     transcript_id: int
 
 
+def result_key(results_prefix: str, source_key: str) -> str:
+    return f"{results_prefix}{source_key}.json"
+
+
 def _clean_etag(etag: str | None) -> str:
     return (etag or "").strip('"')
 
@@ -75,9 +79,12 @@ class Inbox:
         it was never published. Returns the job id when this call dispatched it."""
         bucket = self.settings.inbox_bucket
         async with self.pool.acquire() as conn, conn.transaction():
+            # An object whose job the user deleted stays deleted (until its content changes).
             await conn.execute(
                 "INSERT INTO transcripts (filename, source, source_bucket, source_key, source_etag)"
-                " VALUES ($1, 'bucket', $2, $3, $4) ON CONFLICT DO NOTHING",
+                " SELECT $1, 'bucket', $2, $3, $4 WHERE NOT EXISTS (SELECT 1 FROM deleted_drops"
+                " WHERE source_bucket = $2 AND source_key = $3 AND source_etag = $4)"
+                " ON CONFLICT DO NOTHING",
                 key.rsplit("/", 1)[-1], bucket, key, etag,
             )
             job_id = await conn.fetchval(
@@ -135,16 +142,19 @@ class Inbox:
             current_job.reset(token)
 
     async def _write_result(self, job_id: int) -> None:
-        row = await self.pool.fetchrow(
-            "SELECT source_bucket, source_key FROM transcripts WHERE id = $1 AND source = 'bucket'",
-            job_id,
-        )
-        if row is None:
-            return
-        document = await status_document(self.pool, job_id)
-        key = f"{self.settings.results_prefix}{row['source_key']}.json"
-        await asyncio.to_thread(upload_json, self.s3, row["source_bucket"], key, document)
-        await self.pool.execute("UPDATE transcripts SET result_written = true WHERE id = $1", job_id)
+        # The row lock keeps a DELETE of this job from running between the write and its mark.
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                "SELECT source_bucket, source_key FROM transcripts WHERE id = $1 AND source = 'bucket'"
+                " FOR UPDATE",
+                job_id,
+            )
+            if row is None:
+                return
+            document = await status_document(conn, job_id)
+            key = result_key(self.settings.results_prefix, row["source_key"])
+            await asyncio.to_thread(upload_json, self.s3, row["source_bucket"], key, document)
+            await conn.execute("UPDATE transcripts SET result_written = true WHERE id = $1", job_id)
         log.info("result written to %s/%s", row["source_bucket"], key)
 
     async def on_job_ended(self, event: JobEnded, _bus: Bus) -> None:

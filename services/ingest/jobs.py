@@ -10,7 +10,7 @@ import asyncpg
 from minio import Minio
 
 from common.broker import Bus
-from common.messages import JobOptions, JobSubmitted
+from common.messages import STAGE_OF_SERVICE, STAGES, JobOptions, JobSubmitted
 from common.storage import upload_stream
 
 log = logging.getLogger(__name__)
@@ -69,11 +69,25 @@ async def _discard(pool: asyncpg.Pool, s3: Minio, bucket: str, job_id: int, key:
         log.warning("job %d: could not remove its row after a failed submission", job_id)
 
 
+def percent_done(status: str, progress: float) -> int:
+    """Chunks stored / chunks, 0-100; 100 only once the job is done."""
+    if status == "done":
+        return 100
+    return min(99, max(0, round(progress * 100)))
+
+
+def public_stage(stage: str) -> str:
+    """One of STAGES. Rows failed before failures kept their pipeline stage name a service."""
+    return stage if stage in STAGES else STAGE_OF_SERVICE.get(stage, "submitted")
+
+
 async def status_document(pool: asyncpg.Pool | asyncpg.Connection, job_id: int,
                           owner: str | None = None) -> dict | None:
     """What GET /status/{id} returns (and the result file of a bucket drop). With `owner`
     (API keys on), another key's job is None, as if it did not exist."""
-    job = await pool.fetchrow("SELECT status, error, owner FROM transcripts WHERE id = $1", job_id)
+    job = await pool.fetchrow(
+        "SELECT status, stage, progress, error, owner FROM transcripts WHERE id = $1", job_id
+    )
     if job is None or (owner is not None and job["owner"] != owner):
         return None
     rows = await pool.fetch(
@@ -83,6 +97,8 @@ async def status_document(pool: asyncpg.Pool | asyncpg.Connection, job_id: int,
     )
     document: dict = {
         "status": job["status"],
+        "stage": public_stage(job["stage"]),
+        "percent": percent_done(job["status"], job["progress"]),
         "segments": [
             {"speaker": r["speaker"], "start_ts": round(r["start_ts"], 3),
              "end_ts": round(r["end_ts"], 3), "text": r["text"]}

@@ -13,6 +13,8 @@ from pydantic import BaseModel
 from common.broker import Bus
 from common.messages import (
     EVENTS,
+    STAGE_OF_SERVICE,
+    STAGES,
     ChunkEmbedded,
     ChunkTranscribed,
     Contract,
@@ -26,7 +28,6 @@ from common.messages import (
 
 log = logging.getLogger(__name__)
 
-STAGES = ["submitted", "diarizing", "transcribing", "embedding", "done"]
 OUTBOX_LOCK_KEY = 7_406_501_138
 
 
@@ -62,9 +63,17 @@ async def _advance(conn: asyncpg.Connection, job_id: int, stage: str, **fields: 
             updated_at = now()
         WHERE id = $1 AND status = 'processing'
         """,
-        job_id, STAGES, stage, fields.get("language"), fields.get("duration"),
+        job_id, list(STAGES), stage, fields.get("language"), fields.get("duration"),
         fields.get("chunk_count"),
     )
+
+
+async def _stage_after_chunk(conn: asyncpg.Connection, job_id: int, chunk_count: int) -> str:
+    """A job is `transcribing` until every chunk has its text, then `embedding` until done."""
+    transcribed = await conn.fetchval(
+        "SELECT count(*) FROM chunks WHERE transcript_id = $1 AND transcribed_at IS NOT NULL", job_id
+    )
+    return "embedding" if transcribed >= chunk_count else "transcribing"
 
 
 async def _upsert_segments(conn: asyncpg.Connection, job_id: int, chunk_index: int,
@@ -131,7 +140,8 @@ async def on_transcribed(pool: asyncpg.Pool, message: ChunkTranscribed) -> None:
         )
         await _upsert_segments(conn, message.job_id, message.chunk_index, message.segments,
                                with_embeddings=False)
-        await _advance(conn, message.job_id, "embedding", language=message.language,
+        stage = await _stage_after_chunk(conn, message.job_id, message.chunk_count)
+        await _advance(conn, message.job_id, stage, language=message.language,
                        duration=message.duration, chunk_count=message.chunk_count)
     log.info("stored chunk %d/%d text (%d segments)",
              message.chunk_index + 1, message.chunk_count, len(message.segments))
@@ -163,7 +173,8 @@ async def on_embedded(pool: asyncpg.Pool, message: ChunkEmbedded) -> bool:
         )
         await _upsert_segments(conn, message.job_id, message.chunk_index, message.segments,
                                with_embeddings=True, embedding_model=message.embedding_model)
-        await _advance(conn, message.job_id, "embedding", language=message.language,
+        stage = await _stage_after_chunk(conn, message.job_id, message.chunk_count)
+        await _advance(conn, message.job_id, stage, language=message.language,
                        duration=message.duration, chunk_count=message.chunk_count)
         for segment in message.segments:
             await _enqueue(conn, SegmentCreated(
@@ -206,16 +217,17 @@ async def on_embedded(pool: asyncpg.Pool, message: ChunkEmbedded) -> bool:
 
 
 async def fail_job(pool: asyncpg.Pool, job_id: int, stage: str, reason: str) -> bool:
-    """Mark a processing job failed (the first reason wins); returns True if it changed."""
+    """Mark a processing job failed (the first reason wins); returns True if it changed.
+    `stage` is the service that gave up; the job keeps the pipeline stage it failed in."""
     async with pool.acquire() as conn, conn.transaction():
         row = await conn.fetchrow(
             """
-            UPDATE transcripts SET status = 'error', error = $2, stage = $3,
-                completed_at = now(), updated_at = now()
+            UPDATE transcripts SET status = 'error', error = $2,
+                stage = COALESCE($3, stage), completed_at = now(), updated_at = now()
             WHERE id = $1 AND status = 'processing'
             RETURNING filename
             """,
-            job_id, reason, stage,
+            job_id, reason, STAGE_OF_SERVICE.get(stage),
         )
         if row is None:
             return False

@@ -1,0 +1,33 @@
+"""The error body every 4xx/5xx answer has, and its OpenAPI description per status code."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar.openapi import ResponseSpec
+from pydantic import BaseModel
+
+
+class ErrorBody(BaseModel):
+    status_code: int
+    detail: str
+    extra: dict[str, Any] | list[Any] | None = None
+
+
+MEANINGS = {
+    400: "Bad request: the message says what is wrong",
+    401: "An API key is required",
+    403: "The API key is not valid",
+    404: "No such job (for this key)",
+    409: "The job is in a state that does not allow this yet: the message says which",
+    413: "The upload exceeds MAX_UPLOAD_MB",
+    415: "Not audio this service can decode",
+    503: "A backing service is unavailable; try again",
+}
+
+
+def error_responses(*codes: int, **meanings: str) -> dict[int, ResponseSpec]:
+    """OpenAPI responses for `codes`; a keyword `e409="..."` overrides one code's meaning."""
+    return {code: ResponseSpec(data_container=ErrorBody,
+                               description=meanings.get(f"e{code}", MEANINGS[code]))
+            for code in codes}

@@ -1,0 +1,396 @@
+"""GET/DELETE /transcripts: a job's transcript as JSON, SRT, WebVTT or plain text; the list of
+jobs; deleting a job with its audio. The formatters are plain functions of the segments."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Annotated, Literal
+from urllib.parse import quote
+
+import asyncpg
+from litestar import Request, delete, get
+from litestar.datastructures import State
+from litestar.exceptions import HTTPException, NotFoundException
+from litestar.openapi.spec import OpenAPIMediaType, OpenAPIType, Operation, Schema
+from litestar.params import PathParameter, QueryParameter
+from litestar.response import Response
+from minio import Minio
+from minio.error import S3Error
+from pydantic import BaseModel, Field
+
+from common.messages import Stage
+from common.settings import Settings
+from common.storage import pcm_key
+from services.ingest.auth import request_owner
+from services.ingest.errors import error_responses
+from services.ingest.inbox import result_key
+from services.ingest.jobs import percent_done, public_stage, upload_key
+
+log = logging.getLogger(__name__)
+
+JobState = Literal["processing", "done", "error"]
+TextFormat = Literal["json", "srt", "vtt", "txt"]
+MEDIA_TYPES = {"srt": "application/x-subrip", "vtt": "text/vtt", "txt": "text/plain"}
+# Ids stay far below 2^53, the largest integer every JSON client reads exactly; declaring it
+# keeps out-of-range ids a documented 400 instead of a database error.
+MAX_ID = 2**53 - 1
+
+
+# ---- response models ------------------------------------------------------------------------
+
+
+class WordTiming(BaseModel):
+    word: str
+    start: float
+    end: float
+    probability: float | None = None
+
+
+class TranscriptSegment(BaseModel):
+    speaker: str
+    start_ts: float
+    end_ts: float
+    text: str
+    # Only with ?words=true.
+    words: list[WordTiming] | None = None
+
+
+class TranscriptSummary(BaseModel):
+    """A job as listed; fields without a value yet (language, duration, completed_at) are left out."""
+
+    id: int
+    filename: str
+    status: JobState
+    stage: Stage
+    percent: int = Field(ge=0, le=100)
+    language: str | None = None
+    duration: float | None = None
+    created_at: datetime
+    completed_at: datetime | None = None
+
+
+class TranscriptDocument(TranscriptSummary):
+    error: str | None = None
+    segments: list[TranscriptSegment]
+
+
+class TranscriptPage(BaseModel):
+    items: list[TranscriptSummary]
+    # Pass as ?cursor= for the next page; absent on the last page.
+    next_cursor: int | None = None
+
+
+# ---- formatters -----------------------------------------------------------------------------
+
+
+def _clock(seconds: float, fraction_separator: str | None) -> str:
+    """HH:MM:SS plus milliseconds after `fraction_separator`; hours grow past 99 if needed.
+    Rounded to the millisecond first, so 59.9996 s reads 00:01:00.000, never 00:00:60.000."""
+    total_ms = max(0, round(seconds * 1000))
+    hours, rest = divmod(total_ms, 3_600_000)
+    minutes, rest = divmod(rest, 60_000)
+    whole_seconds, ms = divmod(rest, 1000)
+    clock = f"{hours:02d}:{minutes:02d}:{whole_seconds:02d}"
+    return clock if fraction_separator is None else f"{clock}{fraction_separator}{ms:03d}"
+
+
+def srt_timestamp(seconds: float) -> str:
+    return _clock(seconds, ",")
+
+
+def vtt_timestamp(seconds: float) -> str:
+    return _clock(seconds, ".")
+
+
+def txt_timestamp(seconds: float) -> str:
+    return _clock(seconds, None)
+
+
+def _one_line(text: str) -> str:
+    """Cue text on one line: a blank line would end the cue, and `-->` would read as timing."""
+    return " ".join(text.split()).replace("-->", "->")
+
+
+def to_srt(segments: Sequence[TranscriptSegment]) -> str:
+    cues = [
+        f"{number}\n{srt_timestamp(s.start_ts)} --> {srt_timestamp(max(s.start_ts, s.end_ts))}\n"
+        f"{s.speaker}: {_one_line(s.text)}\n"
+        for number, s in enumerate(segments, start=1)
+    ]
+    return "\n".join(cues)
+
+
+def _vtt_escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def to_vtt(segments: Sequence[TranscriptSegment]) -> str:
+    cues = [
+        f"{vtt_timestamp(s.start_ts)} --> {vtt_timestamp(max(s.start_ts, s.end_ts))}\n"
+        f"<v {_vtt_escape(_one_line(s.speaker))}>{_vtt_escape(_one_line(s.text))}\n"
+        for s in segments
+    ]
+    return "\n".join(["WEBVTT\n", *cues])
+
+
+def to_txt(segments: Sequence[TranscriptSegment]) -> str:
+    return "".join(f"[{txt_timestamp(s.start_ts)}] {s.speaker}: {_one_line(s.text)}\n" for s in segments)
+
+
+FORMATTERS = {"srt": to_srt, "vtt": to_vtt, "txt": to_txt}
+
+
+def download_name(filename: str, extension: str) -> str:
+    """meeting.mp3 -> meeting.srt (the original name with the format's extension)."""
+    stem, dot, _ = filename.rpartition(".")
+    return f"{stem if dot and stem else filename}.{extension}"
+
+
+def content_disposition(filename: str) -> str:
+    """An ASCII fallback name plus the exact name in RFC 5987 form (names may be any language)."""
+    fallback = re.sub(r'[^\x20-\x7e]|["\\]', "_", filename)
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"
+
+
+# ---- database -------------------------------------------------------------------------------
+
+_SUMMARY_COLUMNS = "id, filename, status, stage, progress, language, duration, created_at, completed_at"
+
+
+def _summary_fields(row: asyncpg.Record) -> dict:
+    return {
+        "id": row["id"], "filename": row["filename"], "status": row["status"],
+        "stage": public_stage(row["stage"]), "percent": percent_done(row["status"], row["progress"]),
+        "language": row["language"], "duration": row["duration"],
+        "created_at": row["created_at"], "completed_at": row["completed_at"],
+    }
+
+
+def _visible(row: asyncpg.Record | None, owner: str | None) -> bool:
+    """With API keys on (`owner` set), another key's job is as if it did not exist."""
+    return row is not None and (owner is None or row["owner"] == owner)
+
+
+async def fetch_transcript(pool: asyncpg.Pool, job_id: int, owner: str | None,
+                           with_words: bool) -> TranscriptDocument | None:
+    job = await pool.fetchrow(f"SELECT {_SUMMARY_COLUMNS}, error, owner FROM transcripts WHERE id = $1",
+                              job_id)
+    if not _visible(job, owner):
+        return None
+    rows = await pool.fetch(
+        "SELECT speaker, start_ts, end_ts, text, words FROM segments WHERE transcript_id = $1"
+        " ORDER BY start_ts, chunk_index, index",
+        job_id,
+    )
+    segments = [
+        TranscriptSegment(
+            speaker=r["speaker"], start_ts=round(r["start_ts"], 3), end_ts=round(r["end_ts"], 3),
+            text=r["text"],
+            words=[WordTiming(word=w["word"].strip(), start=w["start"], end=w["end"],
+                              probability=w.get("probability")) for w in r["words"]]
+            if with_words else None,
+        )
+        for r in rows
+    ]
+    error = job["error"] if job["status"] == "error" else None
+    return TranscriptDocument(**_summary_fields(job), error=error, segments=segments)
+
+
+@dataclass
+class ListFilters:
+    status: JobState | None = None
+    filename: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+
+
+def _like_pattern(text: str) -> str:
+    """A substring match for ILIKE, with the user's % and _ taken literally."""
+    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
+
+
+async def list_transcripts(pool: asyncpg.Pool, owner: str | None, filters: ListFilters,
+                           limit: int, cursor: int | None) -> TranscriptPage:
+    """Newest first. The cursor is the last id of the previous page, so pages stay stable
+    while new jobs arrive."""
+    if filters.filename is not None and "\x00" in filters.filename:
+        return TranscriptPage(items=[])  # stored names never hold NUL (and PostgreSQL refuses it)
+    conditions, args = [], []
+
+    def where(sql: str, value: object) -> None:
+        args.append(value)
+        conditions.append(sql.format(f"${len(args)}"))
+
+    if owner is not None:
+        where("owner = {}", owner)
+    if cursor is not None:
+        where("id < {}", cursor)
+    if filters.status is not None:
+        where("status = {}", filters.status)
+    if filters.filename:
+        where("filename ILIKE {} ESCAPE '\\'", _like_pattern(filters.filename))
+    if filters.since is not None:
+        where("created_at >= {}", filters.since)
+    if filters.until is not None:
+        where("created_at < {}", filters.until)
+    args.append(limit + 1)
+    rows = await pool.fetch(
+        f"SELECT {_SUMMARY_COLUMNS} FROM transcripts"
+        f" {'WHERE ' + ' AND '.join(conditions) if conditions else ''}"
+        f" ORDER BY id DESC LIMIT ${len(args)}",
+        *args,
+    )
+    items = [TranscriptSummary(**_summary_fields(r)) for r in rows[:limit]]
+    return TranscriptPage(items=items, next_cursor=items[-1].id if len(rows) > limit else None)
+
+
+class StillProcessing(Exception):
+    pass
+
+
+class ObjectStoreUnavailable(Exception):
+    pass
+
+
+def _remove_objects(s3: Minio, objects: list[tuple[str, str]]) -> None:
+    for bucket, key in objects:
+        try:
+            s3.remove_object(bucket, key)
+        except S3Error as exc:
+            if exc.code not in ("NoSuchKey", "NoSuchObject", "NoSuchBucket"):
+                raise
+
+
+async def delete_transcript(pool: asyncpg.Pool, s3: Minio, settings: Settings, job_id: int,
+                            owner: str | None) -> bool:
+    """Remove an ended job: its audio objects (the upload and the decoded PCM), a bucket drop's
+    result file, then its rows (chunks and segments cascade). A bucket drop's inbox object is
+    the user's and stays; its identity is remembered so the inbox scan does not run it again.
+    Returns False for an unknown job; raises StillProcessing while the job runs, because its
+    workers would write the objects and rows again."""
+    async with pool.acquire() as conn, conn.transaction():
+        # The row lock also waits out the inbox writing this job's result file.
+        job = await conn.fetchrow(
+            "SELECT id, status, owner, source, source_bucket, source_key, source_etag, audio_key"
+            " FROM transcripts WHERE id = $1 FOR UPDATE",
+            job_id,
+        )
+        if not _visible(job, owner):
+            return False
+        if job["status"] == "processing":
+            raise StillProcessing
+        objects = [(settings.audio_bucket, job["audio_key"] or upload_key(job_id)),
+                   (settings.audio_bucket, pcm_key(job_id))]
+        if job["source"] == "bucket":
+            objects.append((job["source_bucket"], result_key(settings.results_prefix, job["source_key"])))
+            await conn.execute(
+                "INSERT INTO deleted_drops (source_bucket, source_key, source_etag) VALUES ($1, $2, $3)"
+                " ON CONFLICT DO NOTHING",
+                job["source_bucket"], job["source_key"], job["source_etag"],
+            )
+        # Objects first: if the store fails, the rows stay and the delete can be repeated.
+        try:
+            await asyncio.to_thread(_remove_objects, s3, objects)
+        except Exception as exc:
+            log.warning("job %d: could not remove its objects (%s)", job_id, type(exc).__name__)
+            raise ObjectStoreUnavailable from exc
+        await conn.execute("DELETE FROM transcripts WHERE id = $1", job_id)
+    log.info("job %d deleted (%s)", job_id, ", ".join(f"{b}/{k}" for b, k in objects))
+    return True
+
+
+# ---- routes ---------------------------------------------------------------------------------
+
+JobId = Annotated[int, PathParameter(ge=1, le=MAX_ID, description="The job id /recognize returned")]
+FormatQuery = Annotated[TextFormat, QueryParameter(description="json (default), srt, vtt or txt")]
+WordsQuery = Annotated[bool, QueryParameter(description="json only: each segment's words with their times")]
+LimitQuery = Annotated[int, QueryParameter(ge=1, le=500, description="Items per page")]
+CursorQuery = Annotated[int | None, QueryParameter(ge=1, le=MAX_ID, description="next_cursor of the previous page")]
+StatusQuery = Annotated[JobState | None, QueryParameter(description="Only jobs in this state")]
+FilenameQuery = Annotated[str | None, QueryParameter(max_length=255, description="Substring of the filename, any case")]
+SinceQuery = Annotated[datetime | None, QueryParameter(description="Created at or after (ISO 8601; UTC if no offset)")]
+UntilQuery = Annotated[datetime | None, QueryParameter(description="Created before (ISO 8601; UTC if no offset)")]
+
+
+@dataclass
+class _TextFormatsOperation(Operation):
+    """The 200 answer is JSON by default and text in the subtitle and text formats."""
+
+    def __post_init__(self) -> None:
+        answer = (self.responses or {}).get("200")
+        if answer is not None and not isinstance(answer, dict) and hasattr(answer, "content"):
+            answer.content = {**(answer.content or {}), **{
+                media_type: OpenAPIMediaType(schema=Schema(type=OpenAPIType.STRING))
+                for media_type in MEDIA_TYPES.values()
+            }}
+
+
+@get("/transcripts/{job_id:int}", summary="A job's transcript: JSON, SRT, WebVTT or text",
+      operation_class=_TextFormatsOperation,
+      responses=error_responses(400, 401, 403, 404, 409, 503,
+                                e409="srt, vtt and txt exist only once the job is done"))
+async def get_transcript(
+    job_id: JobId, state: State, request: Request,
+    format: FormatQuery = "json", words: WordsQuery = False,
+) -> Response[TranscriptDocument]:
+    document = await fetch_transcript(state.pool, job_id, request_owner(request), with_words=words)
+    if document is None:
+        raise NotFoundException(detail=f"no job with id {job_id}")
+    if format == "json":
+        return Response(document)
+    if document.status != "done":
+        reason = (f"the job failed ({document.error})" if document.status == "error"
+                  else f"the job is still processing ({document.stage}, {document.percent}%)")
+        raise HTTPException(status_code=409, detail=f"{reason}: {format} is available once it is done;"
+                                                    " format=json shows what exists so far")
+    return Response(
+        FORMATTERS[format](document.segments),
+        media_type=f"{MEDIA_TYPES[format]}; charset=utf-8",
+        headers={"Content-Disposition": content_disposition(download_name(document.filename, format))},
+    )
+
+
+@get("/transcripts", summary="Jobs, newest first, a page at a time",
+     responses=error_responses(400, 401, 403, 503))
+async def get_transcripts(
+    state: State, request: Request,
+    limit: LimitQuery = 50, cursor: CursorQuery = None, status: StatusQuery = None,
+    filename: FilenameQuery = None, since: SinceQuery = None, until: UntilQuery = None,
+) -> TranscriptPage:
+    filters = ListFilters(status=status, filename=filename, since=_as_utc(since, "since"),
+                          until=_as_utc(until, "until"))
+    return await list_transcripts(state.pool, request_owner(request), filters, limit, cursor)
+
+
+def _as_utc(moment: datetime | None, name: str) -> datetime | None:
+    if moment is None:
+        return None
+    try:
+        return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    except OverflowError as exc:
+        raise HTTPException(status_code=400, detail=f"{name} is out of range") from exc
+
+
+@delete("/transcripts/{job_id:int}", status_code=204, summary="Delete a job, its transcript and its audio",
+        responses=error_responses(400, 401, 403, 404, 409, 503,
+                                  e409="The job is still processing; delete it after it ends"))
+async def remove_transcript(job_id: JobId, state: State, request: Request) -> None:
+    try:
+        deleted = await delete_transcript(state.pool, state.s3, state.settings, job_id, request_owner(request))
+    except StillProcessing as exc:
+        raise HTTPException(status_code=409, detail=f"job {job_id} is still processing; delete it after it ends"
+                                                    " (done or error)") from exc
+    except ObjectStoreUnavailable as exc:
+        raise HTTPException(status_code=503, detail="the object store is unavailable; nothing was deleted,"
+                                                    " try again", headers={"Retry-After": "5"}) from exc
+    if not deleted:
+        raise NotFoundException(detail=f"no job with id {job_id}")
+
+
+TRANSCRIPT_ROUTES = [get_transcript, get_transcripts, remove_transcript]

@@ -1,0 +1,414 @@
+"""Reading results: progress in /status, /transcripts as JSON, SRT, WebVTT and text, the job
+list, and deleting a job with its audio. Formatter edge cases are plain unit tests."""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from urllib.parse import unquote
+
+import httpx
+import pytest
+from litestar.testing import TestClient
+
+from services.ingest.app import create_app
+from services.ingest.jobs import percent_done, public_stage
+from services.ingest.transcripts import (
+    TranscriptSegment,
+    content_disposition,
+    download_name,
+    srt_timestamp,
+    to_srt,
+    to_txt,
+    to_vtt,
+    txt_timestamp,
+    vtt_timestamp,
+)
+from tests.conftest import Stack, running_stack
+
+ALICE, BOB = "key-alice-transcripts", "key-bob-transcripts"
+
+
+# ---- formatters (no stack) --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seconds, srt, vtt, txt", [
+    (0, "00:00:00,000", "00:00:00.000", "00:00:00"),
+    (1.5, "00:00:01,500", "00:00:01.500", "00:00:01"),
+    (59.9994, "00:00:59,999", "00:00:59.999", "00:00:59"),
+    (59.9996, "00:01:00,000", "00:01:00.000", "00:01:00"),  # rounds up into the next minute
+    (3599.9995, "01:00:00,000", "01:00:00.000", "01:00:00"),
+    (2 * 3600 + 61.25, "02:01:01,250", "02:01:01.250", "02:01:01"),
+    (100 * 3600 + 0.001, "100:00:00,001", "100:00:00.001", "100:00:00"),
+    (-0.2, "00:00:00,000", "00:00:00.000", "00:00:00"),
+])
+def test_timestamps(seconds, srt, vtt, txt):
+    assert (srt_timestamp(seconds), vtt_timestamp(seconds), txt_timestamp(seconds)) == (srt, vtt, txt)
+
+
+SEGMENTS = [
+    TranscriptSegment(speaker="spk_0", start_ts=0.5, end_ts=3.25, text="Hello everyone."),
+    TranscriptSegment(speaker="spk_1", start_ts=3.9, end_ts=3661.5, text="Tom & Jerry <3\nsecond line --> x"),
+]
+
+
+def test_srt_cues_are_numbered_with_speaker_and_comma_milliseconds():
+    assert to_srt(SEGMENTS) == (
+        "1\n00:00:00,500 --> 00:00:03,250\nspk_0: Hello everyone.\n\n"
+        "2\n00:00:03,900 --> 01:01:01,500\nspk_1: Tom & Jerry <3 second line -> x\n"
+    )
+
+
+def test_vtt_has_header_voice_tags_and_escaped_text():
+    assert to_vtt(SEGMENTS) == (
+        "WEBVTT\n\n"
+        "00:00:00.500 --> 00:00:03.250\n<v spk_0>Hello everyone.\n\n"
+        "00:00:03.900 --> 01:01:01.500\n<v spk_1>Tom &amp; Jerry &lt;3 second line -&gt; x\n"
+    )
+
+
+def test_txt_lines_and_empty_transcripts():
+    assert to_txt(SEGMENTS) == ("[00:00:00] spk_0: Hello everyone.\n"
+                                "[00:00:03] spk_1: Tom & Jerry <3 second line -> x\n")
+    assert (to_srt([]), to_vtt([]), to_txt([])) == ("", "WEBVTT\n", "")
+
+
+def test_download_names_keep_any_language():
+    assert download_name("meeting.mp3", "srt") == "meeting.srt"
+    assert download_name("audio", "vtt") == "audio.vtt"
+    assert download_name(".hidden", "txt") == ".hidden.txt"
+    header = content_disposition('встреча "1".srt')
+    assert header.startswith('attachment; filename="_______ _1_.srt"; filename*=UTF-8\'\'')
+    assert unquote(header.split("''", 1)[1]) == 'встреча "1".srt'
+    header.encode("ascii")  # a valid HTTP header value
+
+
+def test_percent_reaches_100_only_when_done_and_stages_are_pipeline_steps():
+    assert [percent_done("processing", p) for p in (0.0, 0.333, 0.996, 1.0)] == [0, 33, 99, 99]
+    assert percent_done("done", 0.5) == 100 and percent_done("error", 0.5) == 50
+    assert [public_stage(s) for s in ("embedding", "diarizer", "transcriber", "dead-letter")] == [
+        "embedding", "diarizing", "transcribing", "submitted"]
+
+
+# ---- helpers ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Cue:
+    start: float
+    end: float
+    speaker: str
+    text: str
+
+
+def seconds_of(stamp: str) -> float:
+    hours, minutes, rest = stamp.replace(",", ".").split(":")
+    return int(hours) * 3600 + int(minutes) * 60 + float(rest)
+
+
+def parse_srt(body: str) -> list[Cue]:
+    cues = []
+    for number, block in enumerate(body.strip("\n").split("\n\n"), start=1):
+        index, timing, text = block.split("\n")
+        assert index == str(number)
+        match = re.fullmatch(r"(\d{2,}:\d{2}:\d{2},\d{3}) --> (\d{2,}:\d{2}:\d{2},\d{3})", timing)
+        assert match, timing
+        speaker, _, said = text.partition(": ")
+        cues.append(Cue(seconds_of(match[1]), seconds_of(match[2]), speaker, said))
+    return cues
+
+
+def parse_vtt(body: str) -> list[Cue]:
+    header, *blocks = body.strip("\n").split("\n\n")
+    assert header == "WEBVTT"
+    cues = []
+    for block in blocks:
+        timing, text = block.split("\n")
+        match = re.fullmatch(r"(\d{2,}:\d{2}:\d{2}\.\d{3}) --> (\d{2,}:\d{2}:\d{2}\.\d{3})", timing)
+        voice = re.fullmatch(r"<v ([^>]+)>(.*)", text)
+        assert match and voice, block
+        cues.append(Cue(seconds_of(match[1]), seconds_of(match[2]), voice[1],
+                        voice[2].replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")))
+    return cues
+
+
+def assert_cues_match(cues: list[Cue], segments: list[dict]) -> None:
+    assert len(cues) == len(segments) > 0
+    for cue, segment in zip(cues, segments):
+        assert cue.speaker == segment["speaker"] and re.fullmatch(r"spk_\d+", cue.speaker)
+        assert cue.text == " ".join(segment["text"].split())
+        assert abs(cue.start - segment["start_ts"]) < 0.0015 and abs(cue.end - segment["end_ts"]) < 0.0015
+        assert cue.start <= cue.end
+    starts = [c.start for c in cues]
+    assert starts == sorted(starts)
+
+
+def transcript(stack: Stack, job_id: int, **params) -> httpx.Response:
+    return httpx.get(f"{stack.api}/transcripts/{job_id}", params=params, timeout=30)
+
+
+def objects_of(stack: Stack, job_id: int) -> set[str]:
+    names = {o.object_name for o in stack.s3().list_objects("audio", recursive=True)}
+    return names & {f"uploads/{job_id}", f"pcm/{job_id}.s16le"}
+
+
+@pytest.fixture(scope="module")
+def dialogue(stack: Stack, fixtures_dir) -> dict:
+    """en_dialogue.wav (two speakers, 15 s) submitted under a unique name and finished."""
+    name = f"Dialogue {uuid.uuid4().hex[:6]}.wav"
+    response = stack.submit(fixtures_dir / "en_dialogue.wav", name=name)
+    assert response.status_code == 202, response.text
+    job_id = response.json()["id"]
+    return {"id": job_id, "filename": name, **stack.wait_finished(job_id)}
+
+
+# ---- status and the JSON document ------------------------------------------------------------
+
+
+def test_status_says_stage_and_percent(dialogue, stack, fixtures_dir):
+    assert dialogue["status"] == "done" and dialogue["stage"] == "done" and dialogue["percent"] == 100
+    assert len({s["speaker"] for s in dialogue["segments"]}) == 2
+    silent = stack.submit(fixtures_dir / "empty.wav").json()["id"]
+    failed = stack.wait_finished(silent)
+    assert failed["status"] == "error" and "no speech" in failed["error"]
+    assert failed["stage"] == "diarizing"  # the step it failed in, not the service's name
+    assert 0 <= failed["percent"] < 100
+
+
+def test_json_transcript_has_the_job_facts_and_segments(dialogue, stack):
+    response = transcript(stack, dialogue["id"])
+    assert response.status_code == 200 and response.headers["content-type"].startswith("application/json")
+    document = response.json()
+    assert {k: document[k] for k in ("id", "filename", "status", "stage", "percent", "language")} == {
+        "id": dialogue["id"], "filename": dialogue["filename"], "status": "done", "stage": "done",
+        "percent": 100, "language": "en"}
+    assert 14 < document["duration"] < 17
+    created, completed = (datetime.fromisoformat(document[k]) for k in ("created_at", "completed_at"))
+    assert created.tzinfo is not None and created <= completed < created + timedelta(minutes=5)
+    assert "error" not in document
+    assert [{k: s[k] for k in ("speaker", "start_ts", "end_ts", "text")} for s in document["segments"]] \
+        == dialogue["segments"]
+    assert all("words" not in s for s in document["segments"])
+    assert "sales" in " ".join(s["text"] for s in document["segments"]).lower()
+
+
+def test_words_come_with_their_times(dialogue, stack):
+    segments = transcript(stack, dialogue["id"], words="true").json()["segments"]
+    assert segments
+    for segment in segments:
+        words = segment["words"]
+        assert words, segment
+        assert "".join(w["word"] for w in words) == "".join(segment["text"].split())
+        starts = [w["start"] for w in words]
+        assert starts == sorted(starts)
+        assert segment["start_ts"] - 0.001 <= words[0]["start"] and words[-1]["end"] <= segment["end_ts"] + 0.001
+        assert all(w["start"] <= w["end"] and 0 <= w["probability"] <= 1 for w in words)
+    stored = stack.value("SELECT count(*) FROM segments WHERE transcript_id = $1 AND words <> '[]'::jsonb",
+                         dialogue["id"])
+    assert stored == len(segments)
+
+
+# ---- subtitles and text ----------------------------------------------------------------------
+
+
+def test_srt(dialogue, stack):
+    response = transcript(stack, dialogue["id"], format="srt")
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("application/x-subrip")
+    stem = dialogue["filename"].removesuffix(".wav")
+    assert f'filename="{stem}.srt"' in response.headers["content-disposition"]
+    assert_cues_match(parse_srt(response.text), dialogue["segments"])
+
+
+def test_vtt(dialogue, stack):
+    response = transcript(stack, dialogue["id"], format="vtt")
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/vtt")
+    assert response.headers["content-disposition"].endswith(".vtt")
+    assert response.text.startswith("WEBVTT\n\n")
+    assert_cues_match(parse_vtt(response.text), dialogue["segments"])
+
+
+def test_txt(dialogue, stack):
+    response = transcript(stack, dialogue["id"], format="txt")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    lines = response.text.splitlines()
+    assert len(lines) == len(dialogue["segments"])
+    for line, segment in zip(lines, dialogue["segments"]):
+        match = re.fullmatch(r"\[(\d{2}):(\d{2}):(\d{2})\] (spk_\d+): (.+)", line)
+        assert match, line
+        assert int(match[1]) * 3600 + int(match[2]) * 60 + int(match[3]) == int(segment["start_ts"])
+        assert (match[4], match[5]) == (segment["speaker"], segment["text"])
+
+
+def test_unknown_format_or_job(dialogue, stack):
+    response = transcript(stack, dialogue["id"], format="docx")
+    assert response.status_code == 400
+    assert response.json()["detail"] == "invalid query parameter format: Invalid enum value 'docx'"
+    response = httpx.get(f"{stack.api}/transcripts/0", timeout=30)
+    assert response.status_code == 400 and "path parameter job_id" in response.json()["detail"]
+    for fmt in ("json", "srt"):
+        assert transcript(stack, 987654321, format=fmt).status_code == 404
+    assert httpx.delete(f"{stack.api}/transcripts/987654321").status_code == 404
+
+
+def test_a_running_job_has_no_subtitles_and_cannot_be_deleted(stack, fixtures_dir):
+    job_id = stack.submit(fixtures_dir / "jfk.flac").json()["id"]
+    response = transcript(stack, job_id, format="srt")
+    assert response.status_code == 409 and "still processing" in response.json()["detail"]
+    assert transcript(stack, job_id).json()["status"] == "processing"  # json shows what exists so far
+    response = httpx.delete(f"{stack.api}/transcripts/{job_id}")
+    assert response.status_code == 409 and "delete it after it ends" in response.json()["detail"]
+    assert stack.wait_finished(job_id)["status"] == "done"
+    assert httpx.delete(f"{stack.api}/transcripts/{job_id}").status_code == 204
+
+
+# ---- the list ---------------------------------------------------------------------------------
+
+
+def list_jobs(stack: Stack, **params) -> dict:
+    response = httpx.get(f"{stack.api}/transcripts", params=params, timeout=30)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_list_pages_newest_first_with_filters(stack, fixtures_dir):
+    tag = uuid.uuid4().hex[:6]
+    ids = [stack.submit(fixtures_dir / "jfk.flac", name=f"Call_{tag} {n}.flac").json()["id"] for n in range(3)]
+    silent = stack.submit(fixtures_dir / "empty.wav", name=f"silence_{tag}.wav").json()["id"]
+    mine = list_jobs(stack, filename=tag.upper())["items"]  # substring, any case
+    assert [item["id"] for item in mine] == sorted([*ids, silent], reverse=True)
+    assert set(mine[0]) >= {"id", "filename", "status", "stage", "percent", "created_at"}
+
+    first = list_jobs(stack, filename=f"call_{tag}", limit=2)
+    assert [i["id"] for i in first["items"]] == ids[:0:-1]
+    second = list_jobs(stack, filename=f"call_{tag}", limit=2, cursor=first["next_cursor"])
+    assert [i["id"] for i in second["items"]] == ids[:1] and "next_cursor" not in second
+
+    assert list_jobs(stack, filename="%")["items"] == []  # % and _ are literal characters
+    for job_id in [*ids, silent]:
+        stack.wait_finished(job_id)
+    assert [i["id"] for i in list_jobs(stack, filename=tag, status="error")["items"]] == [silent]
+    assert [i["id"] for i in list_jobs(stack, filename=tag, status="done")["items"]] == ids[::-1]
+    done = list_jobs(stack, filename=tag, status="done")["items"]
+    assert all(i["percent"] == 100 and i["language"] == "en" and 10 < i["duration"] < 12 for i in done)
+
+    middle = next(i for i in mine if i["id"] == ids[1])["created_at"]
+    assert [i["id"] for i in list_jobs(stack, filename=tag, since=middle)["items"]] == [silent, ids[2], ids[1]]
+    assert [i["id"] for i in list_jobs(stack, filename=tag, until=middle)["items"]] == [ids[0]]
+    naive_future = (datetime.now(UTC) + timedelta(hours=1)).replace(microsecond=0, tzinfo=None).isoformat()
+    assert list_jobs(stack, filename=tag, since=naive_future)["items"] == []
+
+    for params in ({"limit": 0}, {"limit": 501}, {"status": "finished"}, {"since": "yesterday"}):
+        response = httpx.get(f"{stack.api}/transcripts", params=params, timeout=30)
+        assert response.status_code == 400, (params, response.text)
+
+
+# ---- delete -----------------------------------------------------------------------------------
+
+
+def test_delete_removes_rows_and_audio(stack, fixtures_dir):
+    job_id = stack.submit(fixtures_dir / "jfk.flac").json()["id"]
+    assert stack.wait_finished(job_id)["status"] == "done"
+    assert objects_of(stack, job_id) == {f"uploads/{job_id}", f"pcm/{job_id}.s16le"}
+    assert stack.value("SELECT count(*) FROM segments WHERE transcript_id = $1", job_id) > 0
+
+    response = httpx.delete(f"{stack.api}/transcripts/{job_id}")
+    assert response.status_code == 204 and response.content == b""
+    assert objects_of(stack, job_id) == set()
+    for table, column in (("transcripts", "id"), ("chunks", "transcript_id"), ("segments", "transcript_id")):
+        assert stack.value(f"SELECT count(*) FROM {table} WHERE {column} = $1", job_id) == 0
+    assert httpx.get(f"{stack.api}/status/{job_id}").status_code == 404
+    assert httpx.delete(f"{stack.api}/transcripts/{job_id}").status_code == 404
+
+
+def test_deleting_a_bucket_drop_keeps_the_users_object_and_does_not_rerun_it(stack, fixtures_dir):
+    s3 = stack.s3()
+    key = f"deleted/{uuid.uuid4().hex[:6]}.flac"
+    s3.fput_object("inbox", key, str(fixtures_dir / "jfk.flac"))
+    deadline = time.monotonic() + 120
+    while (job_id := stack.value("SELECT id FROM transcripts WHERE source_key = $1", key)) is None:
+        assert time.monotonic() < deadline, "the drop never became a job"
+        time.sleep(0.5)
+    stack.wait_finished(job_id)
+    while not stack.value("SELECT result_written FROM transcripts WHERE id = $1", job_id):
+        assert time.monotonic() < deadline, "no result file was written"
+        time.sleep(0.5)
+    result = f"results/{key}.json"
+    assert result in {o.object_name for o in s3.list_objects("inbox", recursive=True)}
+
+    assert httpx.delete(f"{stack.api}/transcripts/{job_id}").status_code == 204
+    time.sleep(4)  # several inbox scans (INBOX_SCAN_INTERVAL_S=1)
+    inbox = {o.object_name for o in s3.list_objects("inbox", recursive=True)}
+    assert key in inbox and result not in inbox
+    assert objects_of(stack, job_id) == set()
+    assert stack.value("SELECT count(*) FROM transcripts WHERE source_key = $1", key) == 0
+
+
+# ---- API keys ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def keyed_api(stack: Stack):
+    app = create_app(stack.settings(api_keys=f"{ALICE},{BOB}"))
+    with TestClient(app, timeout=60) as client:
+        yield client
+
+
+def test_another_keys_jobs_are_invisible(keyed_api, fixtures_dir):
+    alice, bob = {"Authorization": f"Bearer {ALICE}"}, {"X-API-Key": BOB}
+    with (fixtures_dir / "jfk.flac").open("rb") as f:
+        job_id = keyed_api.post("/recognize", files={"file": ("alice.flac", f)}, headers=alice).json()["id"]
+    deadline = time.monotonic() + 300
+    while keyed_api.get(f"/status/{job_id}", headers=alice).json()["status"] == "processing":
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+
+    assert keyed_api.get("/transcripts").status_code == 401
+    assert [i["id"] for i in keyed_api.get("/transcripts", headers=alice).json()["items"]] == [job_id]
+    assert keyed_api.get("/transcripts", headers=bob).json()["items"] == []
+    for fmt in ("json", "srt", "vtt", "txt"):
+        assert keyed_api.get(f"/transcripts/{job_id}?format={fmt}", headers=bob).status_code == 404
+        assert keyed_api.get(f"/transcripts/{job_id}?format={fmt}", headers=alice).status_code == 200
+    assert keyed_api.delete(f"/transcripts/{job_id}", headers=bob).status_code == 404
+    assert keyed_api.get(f"/status/{job_id}", headers=alice).status_code == 200  # still there
+    assert keyed_api.delete(f"/transcripts/{job_id}", headers=alice).status_code == 204
+    assert keyed_api.get(f"/transcripts/{job_id}", headers=alice).status_code == 404
+
+
+# ---- progress on a job of many chunks --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def chunked(tmp_path_factory, fixtures_dir):
+    """A second stack whose diarizer cuts jobs into chunks of at most 4 s of speech."""
+    with running_stack(tmp_path_factory, CHUNK_MAX_SPEECH_S="4") as running:
+        yield running
+
+
+def test_progress_moves_chunk_by_chunk(chunked, fixtures_dir):
+    job_id = chunked.submit(fixtures_dir / "sample.wav").json()["id"]
+    seen: list[tuple[str, int]] = []
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        document = httpx.get(f"{chunked.api}/status/{job_id}", timeout=10).json()
+        if not seen or seen[-1] != (document["stage"], document["percent"]):
+            seen.append((document["stage"], document["percent"]))
+        if document["status"] != "processing":
+            break
+        time.sleep(0.05)
+    assert document["status"] == "done", document
+    chunk_count = chunked.value("SELECT chunk_count FROM transcripts WHERE id = $1", job_id)
+    assert chunk_count >= 4
+    order = ["submitted", "diarizing", "transcribing", "embedding", "done"]
+    assert [order.index(stage) for stage, _ in seen] == sorted(order.index(stage) for stage, _ in seen)
+    percents = [percent for _, percent in seen]
+    assert percents == sorted(percents) and percents[-1] == 100
+    partial = {p for p in percents if 0 < p < 100}
+    assert len(partial) >= 2, seen  # a poller sees it move, not jump from 0 to 100
+    assert "transcribing" in {stage for stage, _ in seen}
+    srt = httpx.get(f"{chunked.api}/transcripts/{job_id}", params={"format": "srt"}, timeout=30).text
+    assert_cues_match(parse_srt(srt), document["segments"])  # chunks come back in time order
