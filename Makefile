@@ -28,16 +28,20 @@ run: install models
 	scripts/run-local.sh
 
 test: install models services
-	$(BIN)/ruff check common services tests
+	$(BIN)/ruff check common services tests cli
 	$(BIN)/python -m pytest -ra $(PYTEST_ARGS)
 
 lint: install
-	$(BIN)/ruff check common services tests
+	$(BIN)/ruff check common services tests cli
 
 clean:
 	rm -rf $(VENV) models .pytest_cache
 
-COMPOSE := docker compose -f deploy/compose.yaml
+# Containers (deploy/compose.yaml): settings from .env when there is one; the CUDA transcriber on
+# a reserved GPU when nvidia-smi finds one (needs the NVIDIA Container Toolkit; GPU= forces CPU).
+GPU ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
+COMPOSE := docker compose $(if $(wildcard .env),--env-file .env) -f deploy/compose.yaml \
+	$(if $(GPU),-f deploy/compose.gpu.yaml)
 
 docker-build:
 	$(COMPOSE) build

@@ -1,0 +1,5 @@
+"""python -m cli: the same as the installed `stt` command."""
+
+from cli.app import main
+
+main()

@@ -1,0 +1,537 @@
+"""`stt`: submit recordings, follow their jobs, fetch transcripts, watch the event stream.
+
+Talks to the ingest HTTP API (`--api`, `--api-key`) and, for `watch`, to RabbitMQ's
+`stt.events` exchange (`--amqp-url`). Progress and messages go to stderr; what a command
+produces (job ids, transcripts, documents) goes to stdout, so it can be piped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import signal
+import sys
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, NoReturn
+from urllib.parse import urlsplit
+
+import httpx
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+from common.messages import EVENTS, SegmentCreated, TranscriptCompleted, TranscriptFailed
+
+if TYPE_CHECKING:
+    from aio_pika.abc import AbstractIncomingMessage
+
+DEFAULT_API_URL = "http://localhost:8000"
+DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/"
+UPLOAD_CHUNK_BYTES = 256 * 1024
+POLL_INTERVAL_S = 1.0
+FINISHED = ("done", "error")
+# Answers worth waiting out while following a job: the API or its database is restarting.
+TRANSIENT_STATUS_CODES = (502, 503, 504)
+WATCHED_ROUTING_KEYS = ("segment.created", "transcript.*")
+SPEAKER_COLOURS = ("cyan", "magenta", "green", "yellow", "blue", "red",
+                   "bright_cyan", "bright_magenta", "bright_green", "bright_yellow")
+
+# soft_wrap: a transcript line piped to a file stays one line, whatever the terminal width.
+stdout = Console(soft_wrap=True, highlight=False)
+stderr = Console(stderr=True, soft_wrap=True, highlight=False)
+
+app = typer.Typer(
+    name="stt",
+    help="Client for the stt-pipeline speech-to-text service.",
+    no_args_is_help=True,
+    add_completion=False,
+    # A traceback with locals would print the API key.
+    pretty_exceptions_show_locals=False,
+)
+
+ApiUrl = Annotated[str, typer.Option("--api", envvar="STT_API_URL", help="Base URL of the ingest API.")]
+ApiKey = Annotated[str | None, typer.Option(
+    "--api-key", envvar="STT_API_KEY", show_default=False,
+    help="API key, sent as 'Authorization: Bearer <key>' (needed when the server sets API_KEYS).")]
+AmqpUrl = Annotated[str, typer.Option(
+    "--amqp-url", envvar="AMQP_URL", show_default=False,
+    help=f"RabbitMQ URL to read stt.events from [default: {DEFAULT_AMQP_URL}]")]
+
+
+class TranscriptFormat(StrEnum):
+    json = "json"
+    srt = "srt"
+    vtt = "vtt"
+    txt = "txt"
+
+
+class ApiError(Exception):
+    """The API answered with an error; the message carries its status and `detail`."""
+
+    def __init__(self, status_code: int, detail: str) -> None:
+        super().__init__(f"{status_code}: {detail}")
+        self.status_code = status_code
+        self.detail = detail
+
+
+@dataclass
+class SubmittedJob:
+    id: int
+    filename: str
+
+
+def fail(message: str) -> NoReturn:
+    stderr.print(Text(f"error: {message}", style="red"))
+    raise typer.Exit(1)
+
+
+# ---- HTTP -----------------------------------------------------------------------------------
+
+
+def api_client(api: str, api_key: str | None) -> httpx.Client:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    return httpx.Client(base_url=api.rstrip("/"), headers=headers, timeout=httpx.Timeout(30, connect=10))
+
+
+def checked(response: httpx.Response) -> httpx.Response:
+    if response.is_error:
+        try:
+            detail = response.json().get("detail")
+        except (ValueError, AttributeError):
+            detail = None
+        raise ApiError(response.status_code, str(detail or response.text.strip() or response.reason_phrase))
+    return response
+
+
+@contextlib.contextmanager
+def reporting_api_errors(api: str) -> Iterator[None]:
+    try:
+        yield
+    except ApiError as exc:
+        fail(str(exc))
+    except httpx.TransportError as exc:
+        fail(f"cannot reach the API at {api}: {exc or type(exc).__name__}")
+
+
+def multipart_body(path: Path, fields: dict[str, str],
+                   on_sent: Callable[[int], None]) -> tuple[dict[str, str], Iterator[bytes]]:
+    """Headers and a streamed multipart/form-data body: the file is read in chunks as httpx
+    sends them (never whole into memory), and `on_sent` hears of each chunk."""
+    boundary = secrets.token_hex(16)
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
+             for name, value in fields.items()]
+    quoted_name = path.name.replace("\\", "\\\\").replace('"', "%22").replace("\r", "").replace("\n", "")
+    parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{quoted_name}"\r\n'
+                 f"Content-Type: application/octet-stream\r\n\r\n".encode())
+    head = b"".join(parts)
+    tail = f"\r\n--{boundary}--\r\n".encode()
+
+    def body() -> Iterator[bytes]:
+        yield head
+        with path.open("rb") as file:
+            while chunk := file.read(UPLOAD_CHUNK_BYTES):
+                yield chunk
+                on_sent(len(chunk))
+        yield tail
+
+    # A known length lets the server refuse an over-size upload before it is sent.
+    length = len(head) + path.stat().st_size + len(tail)
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}", "Content-Length": str(length)}
+    return headers, body()
+
+
+def upload(client: httpx.Client, path: Path, fields: dict[str, str]) -> SubmittedJob:
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+               TimeRemainingColumn())
+    # Off where stderr is not a terminal: a finished upload bar in a log says nothing.
+    with Progress(*columns, console=stderr, transient=True, disable=not stderr.is_terminal) as progress:
+        task = progress.add_task(f"uploading {escape(path.name)}", total=path.stat().st_size)
+        headers, body = multipart_body(path, fields, lambda sent: progress.advance(task, sent))
+        # The server decodes the whole file before it answers: allow for that after the upload.
+        response = client.post("/recognize", content=body, headers=headers,
+                               timeout=httpx.Timeout(300, connect=10))
+    accepted = checked(response).json()
+    return SubmittedJob(id=int(accepted["id"]), filename=accepted.get("filename", path.name))
+
+
+# ---- following jobs -------------------------------------------------------------------------
+
+
+def job_percent(document: dict) -> float:
+    if document["status"] == "done":
+        return 100.0
+    return float(document.get("percent") or 0)
+
+
+def stage_label(document: dict) -> str:
+    if document["status"] == "error":
+        return "[red]error"
+    if document["status"] == "done":
+        return "[green]done"
+    return escape(str(document.get("stage") or document["status"]))
+
+
+def follow_jobs(client: httpx.Client, jobs: list[SubmittedJob]) -> dict[int, dict]:
+    """Poll every job until each is done or in error, drawing a stage and percent per job.
+    Returns each job's final status document."""
+    finished: dict[int, dict] = {}
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+               TextColumn("{task.fields[stage]}"))
+    with Progress(*columns, console=stderr) as progress:
+        tasks = {job.id: progress.add_task(f"job {job.id} {escape(job.filename)}", total=100, stage="submitted")
+                 for job in jobs}
+        while True:
+            for job in jobs:
+                if job.id in finished:
+                    continue
+                try:
+                    document = checked(client.get(f"/status/{job.id}")).json()
+                except httpx.TransportError:
+                    progress.update(tasks[job.id], stage="[yellow]API unreachable, retrying")
+                    continue
+                except ApiError as exc:
+                    if exc.status_code in TRANSIENT_STATUS_CODES:
+                        progress.update(tasks[job.id], stage=f"[yellow]{escape(exc.detail)}, retrying")
+                        continue
+                    document = {"status": "error", "segments": [], "error": str(exc)}
+                progress.update(tasks[job.id], completed=job_percent(document), stage=stage_label(document))
+                if document["status"] in FINISHED:
+                    finished[job.id] = document
+            if len(finished) == len(jobs):
+                return finished
+            time.sleep(POLL_INTERVAL_S)
+
+
+# ---- printing -------------------------------------------------------------------------------
+
+
+def clock(seconds: float) -> str:
+    """00:01.5, or 1:02:03.4 past an hour."""
+    minutes, secs = divmod(round(max(seconds, 0.0), 1), 60)
+    hours, minutes = divmod(int(minutes), 60)
+    return f"{hours}:{minutes:02d}:{secs:04.1f}" if hours else f"{minutes:02d}:{secs:04.1f}"
+
+
+class SpeakerColours:
+    """One colour per speaker, in the order speakers first appear."""
+
+    def __init__(self) -> None:
+        self.assigned: dict[str, str] = {}
+
+    def __call__(self, speaker: str) -> str:
+        if speaker not in self.assigned:
+            self.assigned[speaker] = SPEAKER_COLOURS[len(self.assigned) % len(SPEAKER_COLOURS)]
+        return self.assigned[speaker]
+
+
+def segment_line(start_ts: float, speaker: str, text: str, colours: SpeakerColours, prefix: str = "") -> Text:
+    line = Text(prefix)
+    line.append(f"[{clock(start_ts)}] ", style="dim")
+    line.append(f"{speaker}: ", style=f"bold {colours(speaker)}")
+    line.append(text.strip())
+    return line
+
+
+def print_transcript(job: SubmittedJob, document: dict) -> None:
+    stdout.print(Text(f"job {job.id}: {job.filename}", style="bold"))
+    colours = SpeakerColours()
+    for segment in document["segments"]:
+        stdout.print(segment_line(segment["start_ts"], segment["speaker"], segment["text"], colours))
+    if not document["segments"]:
+        stdout.print(Text("(no speech)", style="dim"))
+
+
+# ---- commands -------------------------------------------------------------------------------
+
+
+@app.command()
+def submit(
+    files: Annotated[list[Path], typer.Argument(
+        metavar="FILE", exists=True, dir_okay=False, readable=True, show_default=False,
+        help="Audio or video files.")],
+    language: Annotated[str | None, typer.Option(
+        help="Spoken language as a Whisper code (en, ru...); detected when left out.", show_default=False)] = None,
+    speakers: Annotated[int | None, typer.Option(
+        help="Exact number of speakers.", min=1, show_default=False)] = None,
+    min_speakers: Annotated[int | None, typer.Option(help="At least this many speakers.", min=1,
+                                                     show_default=False)] = None,
+    max_speakers: Annotated[int | None, typer.Option(help="At most this many speakers.", min=1,
+                                                     show_default=False)] = None,
+    wait: Annotated[bool, typer.Option(
+        help="Follow the jobs and print their transcripts; --no-wait prints the job ids and returns.")] = True,
+    api: ApiUrl = DEFAULT_API_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """Upload recordings for transcription.
+
+    Exits non-zero when an upload is refused or a job ends in error.
+    """
+    if speakers is not None and (min_speakers is not None or max_speakers is not None):
+        raise typer.BadParameter("give either --speakers or --min-speakers/--max-speakers, not both")
+    options = {"language": language, "num_speakers": speakers, "min_speakers": min_speakers,
+               "max_speakers": max_speakers}
+    fields = {name: str(value) for name, value in options.items() if value is not None}
+    jobs: list[SubmittedJob] = []
+    refused = 0
+    with api_client(api, api_key) as client:
+        for path in files:
+            try:
+                job = upload(client, path, fields)
+            except ApiError as exc:
+                refused += 1
+                stderr.print(Text(f"{path.name}: refused, {exc}", style="red"))
+                continue
+            except httpx.TransportError as exc:
+                refused += 1
+                stderr.print(Text(f"{path.name}: upload failed, cannot reach the API at {api}: "
+                                  f"{exc or type(exc).__name__}", style="red"))
+                continue
+            jobs.append(job)
+            stderr.print(f"{escape(path.name)}: accepted as job [bold]{job.id}[/]")
+            if not wait:
+                stdout.print(job.id)
+        if not wait or not jobs:
+            raise typer.Exit(1 if refused else 0)
+        try:
+            documents = follow_jobs(client, jobs)
+        except KeyboardInterrupt:
+            ids = " ".join(str(job.id) for job in jobs)
+            stderr.print(f"stopped waiting; the jobs go on: stt status {ids}")
+            raise typer.Exit(130) from None
+    failed = 0
+    for job in jobs:
+        document = documents[job.id]
+        if document["status"] == "done":
+            print_transcript(job, document)
+        else:
+            failed += 1
+            stderr.print(Text(f"job {job.id} ({job.filename}) failed: {document.get('error') or 'unknown error'}",
+                              style="red"))
+    raise typer.Exit(1 if refused or failed else 0)
+
+
+@app.command()
+def status(
+    job_id: Annotated[int, typer.Argument(metavar="ID", help="Job id, as printed by submit.", show_default=False)],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the status document as JSON.")] = False,
+    api: ApiUrl = DEFAULT_API_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """Show a job's state: status, stage, percent, error."""
+    with reporting_api_errors(api), api_client(api, api_key) as client:
+        document = checked(client.get(f"/status/{job_id}")).json()
+    if as_json:
+        sys.stdout.write(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
+        return
+    table = Table(show_header=False, box=None, padding=(0, 2, 0, 0))
+    table.add_column(style="bold")
+    table.add_column()
+    colour = {"done": "green", "error": "red"}.get(document["status"], "yellow")
+    table.add_row("job", str(job_id))
+    table.add_row("status", Text(document["status"], style=colour))
+    table.add_row("stage", Text(str(document.get("stage", "-"))))
+    table.add_row("percent", f"{job_percent(document):.0f}%")
+    table.add_row("segments", str(len(document.get("segments", []))))
+    if document.get("error"):
+        table.add_row("error", Text(document["error"], style="red"))
+    stdout.print(table)
+
+
+@app.command()
+def get(
+    job_id: Annotated[int, typer.Argument(metavar="ID", help="Job id, as printed by submit.", show_default=False)],
+    output_format: Annotated[TranscriptFormat, typer.Option("--format", "-f", help="Document format.")]
+    = TranscriptFormat.json,
+    output: Annotated[Path | None, typer.Option("--output", "-o", dir_okay=False, show_default=False,
+                                                help="Write to this file instead of stdout.")] = None,
+    api: ApiUrl = DEFAULT_API_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """Fetch a transcript as JSON, SRT or WebVTT subtitles, or plain text."""
+    with reporting_api_errors(api), api_client(api, api_key) as client:
+        response = checked(client.get(f"/transcripts/{job_id}", params={"format": output_format.value}))
+    if output_format is TranscriptFormat.json:
+        content = (json.dumps(response.json(), indent=2, ensure_ascii=False) + "\n").encode()
+    else:
+        content = response.content
+    if output is None:
+        sys.stdout.buffer.write(content)
+        sys.stdout.flush()
+    else:
+        output.write_bytes(content)
+        stderr.print(f"wrote {escape(str(output))}")
+
+
+class EventPrinter:
+    """Prints events from stt.events as they arrive; with a job to follow, tells when it ended."""
+
+    def __init__(self, job_id: int | None) -> None:
+        self.job_id = job_id
+        # Delivery is at-least-once: a redelivered event is shown once.
+        self.seen: OrderedDict[str, None] = OrderedDict()
+        self.colours: dict[int, SpeakerColours] = {}
+
+    def show(self, routing_key: str, body: bytes) -> int | None:
+        """Print one event. Returns the exit code once the followed job has ended, else None."""
+        event_type = EVENTS.get(routing_key)
+        if event_type is None:
+            return None
+        try:
+            event = event_type.model_validate_json(body)
+        except ValidationError as exc:
+            stderr.print(Text(f"skipped a malformed {routing_key} event: {exc.error_count()} errors", style="yellow"))
+            return None
+        if (self.job_id is not None and event.transcript_id != self.job_id) or event.message_id in self.seen:
+            return None
+        self.seen[event.message_id] = None
+        if len(self.seen) > 10_000:
+            self.seen.popitem(last=False)
+        prefix = "" if self.job_id is not None else f"job {event.transcript_id}  "
+        ended: int | None = None
+        if isinstance(event, SegmentCreated):
+            colours = self.colours.setdefault(event.transcript_id, SpeakerColours())
+            stdout.print(segment_line(event.start_ts, event.speaker, event.text, colours, prefix))
+        elif isinstance(event, TranscriptCompleted):
+            details = [event.language or "language unknown",
+                       f"{event.duration:.1f} s" if event.duration is not None else None,
+                       f"{event.segment_count} segments"]
+            stdout.print(Text(f"job {event.transcript_id} done: {event.filename} "
+                              f"({', '.join(d for d in details if d)})", style="bold green"))
+            ended = 0
+        elif isinstance(event, TranscriptFailed):
+            stdout.print(Text(f"job {event.transcript_id} failed: {event.filename}: {event.reason}", style="bold red"))
+            ended = 1
+        stdout.file.flush()
+        return ended if self.job_id is not None else None
+
+
+def where(amqp_url: str) -> str:
+    """host:port/vhost of an AMQP URL: never the password."""
+    parts = urlsplit(amqp_url)
+    return f"{parts.hostname}:{parts.port or 5672}{parts.path or '/'}"
+
+
+async def already_ended(api: str, api_key: str | None, job_id: int) -> int | None:
+    """The exit code for a followed job that ended before watching began, else None. Only a
+    shortcut: when the API cannot say, watching goes on and the event will tell."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        async with httpx.AsyncClient(base_url=api.rstrip("/"), headers=headers, timeout=10) as client:
+            document = checked(await client.get(f"/status/{job_id}")).json()
+    except (httpx.HTTPError, ApiError, ValueError):
+        return None
+    if document.get("status") not in FINISHED:
+        return None
+    stdout.print(Text(f"job {job_id} had already ended: {document['status']}",
+                      style="bold green" if document["status"] == "done" else "bold red"))
+    return 0 if document["status"] == "done" else 1
+
+
+async def watch_events(amqp_url: str, job_id: int | None, api: str, api_key: str | None) -> int:
+    import aio_pika
+    from yarl import URL
+
+    from common.broker import EVENTS_EXCHANGE
+
+    loop = asyncio.get_running_loop()
+    outcome: asyncio.Future[int] = loop.create_future()
+
+    def end(code: int) -> None:
+        if not outcome.done():
+            outcome.set_result(code)
+
+    printer = EventPrinter(job_id)
+
+    async def on_message(message: AbstractIncomingMessage) -> None:
+        code = printer.show(message.routing_key or "", message.body)
+        if code is not None:
+            end(code)
+
+    # aio-pika and aiormq log each failed reconnection attempt; the two lines below say it once.
+    for library in ("aio_pika", "aiormq"):
+        logging.getLogger(library).addHandler(logging.NullHandler())
+    # Named, so operators can tell the watcher apart in RabbitMQ's connection list.
+    connection = await aio_pika.connect_robust(URL(amqp_url).update_query(name="stt watch"))
+
+    def connection_lost(*_: object) -> None:
+        if not outcome.done():
+            stderr.print(Text("lost the connection to RabbitMQ; reconnecting...", style="yellow"))
+
+    def reconnected(*_: object) -> None:
+        # The exclusive queue went with the old connection: what was published meanwhile is missed.
+        stderr.print(Text("reconnected to RabbitMQ; events published while disconnected were missed",
+                          style="yellow"))
+
+    connection.close_callbacks.add(connection_lost)
+    connection.reconnect_callbacks.add(reconnected)
+    try:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, end, 0)
+        channel = await connection.channel()
+        exchange = await channel.declare_exchange(EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
+        # Our own queue, gone when we disconnect: watching leaves nothing behind on the broker.
+        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        for routing_key in WATCHED_ROUTING_KEYS:
+            await queue.bind(exchange, routing_key)
+        await queue.consume(on_message, no_ack=True)
+        which = f"job {job_id}" if job_id is not None else "all jobs"
+        stderr.print(f"watching {EVENTS_EXCHANGE} on {escape(where(amqp_url))} for {which} (Ctrl-C to stop)")
+        if job_id is not None:
+            # Checked after the queue is bound, so an ending between the two is not missed.
+            code = await already_ended(api, api_key, job_id)
+            if code is not None:
+                end(code)
+        return await outcome
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+        await connection.close()
+
+
+@app.command()
+def watch(
+    job: Annotated[int | None, typer.Option(
+        "--job", metavar="ID", show_default=False,
+        help="Only this job; exit when it ends (0 done, 1 failed).")] = None,
+    amqp_url: AmqpUrl = DEFAULT_AMQP_URL,
+    api: ApiUrl = DEFAULT_API_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """Print segments and completions from the stt.events exchange as they happen."""
+    # Imported here: aio-pika takes most of a second to import, and only watch needs it.
+    import aio_pika
+
+    try:
+        code = asyncio.run(watch_events(amqp_url, job, api, api_key))
+    except KeyboardInterrupt:
+        code = 0
+    except (aio_pika.exceptions.AMQPError, OSError) as exc:
+        reason = str(exc) or type(exc).__name__
+        password = urlsplit(amqp_url).password
+        if password:
+            reason = reason.replace(password, "***")
+        fail(f"cannot read events from RabbitMQ at {where(amqp_url)}: {reason}")
+    raise typer.Exit(code)
+
+
+def main() -> None:
+    app(prog_name="stt")

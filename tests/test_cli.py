@@ -1,0 +1,237 @@
+"""The `stt` command-line client, run as the installed script against a running stack with API
+keys on (so every call proves the key is sent)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cli.app import app, clock
+from tests.conftest import Stack, running_stack
+
+API_KEY = "cli-key-0b7d2e"
+# The console script pip installed next to this interpreter.
+STT = str(Path(sys.executable).parent / "stt")
+SRT_CUE = re.compile(r"^\d+\n\d{2}:\d{2}:\d{2},\d{3} --> \d{2}:\d{2}:\d{2},\d{3}\n(spk_\d+): \S.*$")
+
+
+@pytest.fixture(scope="module")
+def keyed_stack(tmp_path_factory, fixtures_dir) -> Iterator[Stack]:
+    with running_stack(tmp_path_factory, API_KEYS=API_KEY) as stack:
+        yield stack
+
+
+def cli_env(stack: Stack, **changes: str | None) -> dict[str, str]:
+    env = {**os.environ, "STT_API_URL": stack.api, "STT_API_KEY": API_KEY, "AMQP_URL": stack.amqp_url,
+           "PYTHONUNBUFFERED": "1", **changes}
+    return {name: value for name, value in env.items() if value is not None}
+
+
+def stt(stack: Stack, *args: str, timeout: float = 300, **env_changes: str | None) -> subprocess.CompletedProcess:
+    return subprocess.run([STT, *args], env=cli_env(stack, **env_changes), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+class Background:
+    """A long-running CLI command whose merged output is read as it comes."""
+
+    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+        self.process = subprocess.Popen([STT, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                        text=True)
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_for(self, pattern: str, timeout: float = 300) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                if match := re.search(pattern, line):
+                    return match
+            if self.process.poll() is not None and not self.reader.is_alive():
+                break
+            time.sleep(0.2)
+        raise AssertionError(f"no line matching {pattern!r} in:\n{self.output}")
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+        code = self.process.wait(15)
+        self.reader.join(5)
+        return code
+
+
+@pytest.fixture(scope="module")
+def jfk_submission(keyed_stack, fixtures_dir) -> tuple[subprocess.CompletedProcess, int]:
+    result = stt(keyed_stack, "submit", str(fixtures_dir / "jfk.flac"), "--wait")
+    match = re.search(r"accepted as job (\d+)", result.stderr)
+    assert match, result.stdout + result.stderr
+    return result, int(match.group(1))
+
+
+def test_submit_waits_and_prints_the_transcript(jfk_submission):
+    result, job_id = jfk_submission
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "ask not what your country" in result.stdout.lower()
+    assert f"job {job_id}: jfk.flac" in result.stdout
+    assert re.search(r"^\[00:\d\d\.\d\] spk_\d+: \S", result.stdout, re.MULTILINE), result.stdout
+    assert "Traceback" not in result.stderr
+
+
+def test_status_shows_done(keyed_stack, jfk_submission):
+    _, job_id = jfk_submission
+    # Flags in place of the environment.
+    result = stt(keyed_stack, "status", str(job_id), "--api", keyed_stack.api, "--api-key", API_KEY,
+                 STT_API_URL=None, STT_API_KEY=None)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"status\s+done", result.stdout), result.stdout
+    assert re.search(r"percent\s+100%", result.stdout), result.stdout
+    raw = stt(keyed_stack, "status", str(job_id), "--json")
+    document = json.loads(raw.stdout)
+    assert (document["status"], document["stage"], document["percent"]) == ("done", "done", 100)
+    assert any("ask not what your country" in s["text"].lower() for s in document["segments"])
+
+
+def test_get_writes_srt_with_speaker_names(keyed_stack, jfk_submission, tmp_path):
+    _, job_id = jfk_submission
+    target = tmp_path / "out.srt"
+    result = stt(keyed_stack, "get", str(job_id), "--format", "srt", "-o", str(target))
+    assert result.returncode == 0, result.stderr
+    cues = target.read_text(encoding="utf-8").strip().split("\n\n")
+    assert cues and all(SRT_CUE.match(cue) for cue in cues), cues
+    assert [int(cue.split("\n")[0]) for cue in cues] == list(range(1, len(cues) + 1))
+    assert "ask not what your country" in target.read_text().lower()
+
+    text = stt(keyed_stack, "get", str(job_id), "--format", "txt")
+    assert text.returncode == 0 and "ask not what your country" in text.stdout.lower()
+
+
+def test_watch_prints_segments_and_the_completion(keyed_stack, fixtures_dir):
+    watcher = Background(["watch"], cli_env(keyed_stack))
+    try:
+        watcher.wait_for(r"watching stt\.events", timeout=60)
+        submitted = stt(keyed_stack, "submit", str(fixtures_dir / "en_dialogue.wav"), "--no-wait")
+        assert submitted.returncode == 0, submitted.stderr
+        job_id = int(submitted.stdout.strip())  # --no-wait prints only the id
+        done = watcher.wait_for(rf"^job {job_id} done: en_dialogue\.wav \(.*\b(\d+) segments\)")
+        segment_line = re.compile(rf"job {job_id}  \[\d\d:\d\d\.\d\] spk_\d+: \S")
+        segment_lines = [line for line in watcher.lines if segment_line.match(line)]
+        assert len(segment_lines) == int(done.group(1)) > 0, watcher.output
+        assert watcher.lines.index(done.group(0)) > watcher.lines.index(segment_lines[-1])
+    finally:
+        code = watcher.stop()
+    assert code == 0, watcher.output
+    assert "Traceback" not in watcher.output
+
+
+def test_watch_reconnects_when_its_connection_drops(keyed_stack, fixtures_dir):
+    watcher = Background(["watch"], cli_env(keyed_stack))
+    try:
+        watcher.wait_for(r"watching stt\.events", timeout=60)
+        vhost = keyed_stack.amqp_url.rsplit("/", 1)[1]
+        listing = subprocess.run(["rabbitmqctl", "list_connections", "-q", "--no-table-headers", "pid", "vhost",
+                                  "client_properties"], capture_output=True, text=True, timeout=60, check=True)
+        ours = [line.split("\t")[0] for line in listing.stdout.splitlines()
+                if f"\t{vhost}\t" in line and '"stt watch"' in line]
+        assert len(ours) == 1, listing.stdout
+        subprocess.run(["rabbitmqctl", "close_connection", ours[0], "closed by test_cli"], capture_output=True,
+                       timeout=60, check=True)
+        watcher.wait_for(r"reconnected to RabbitMQ", timeout=60)
+        submitted = stt(keyed_stack, "submit", str(fixtures_dir / "jfk.flac"), "--no-wait")
+        job_id = int(submitted.stdout.strip())
+        watcher.wait_for(rf"^job {job_id} done: jfk\.flac")
+    finally:
+        code = watcher.stop()
+    assert code == 0, watcher.output
+    assert "lost the connection to RabbitMQ" in watcher.output
+
+
+def test_watch_for_one_job_ends_with_it(keyed_stack, fixtures_dir):
+    submitted = stt(keyed_stack, "submit", str(fixtures_dir / "jfk.flac"), "--no-wait")
+    job_id = int(submitted.stdout.strip())
+    # Whether it ends before or after watching begins, watch --job returns on its own.
+    watcher = subprocess.run([STT, "watch", "--job", str(job_id)], env=cli_env(keyed_stack),
+                             capture_output=True, text=True, timeout=300)
+    assert watcher.returncode == 0, watcher.stdout + watcher.stderr
+    assert re.search(rf"job {job_id} (done|had already ended: done)", watcher.stdout), watcher.stdout
+
+
+def test_a_text_file_is_refused_with_the_servers_reason(keyed_stack, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a recording, just words\n" * 50)
+    result = stt(keyed_stack, "submit", str(notes))
+    assert result.returncode == 1
+    assert "notes.txt: refused, 415:" in result.stderr
+    assert "is not audio this service can decode" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_an_upload_over_the_size_limit_is_refused(keyed_stack, tmp_path):
+    big = tmp_path / "big.wav"
+    big.write_bytes(b"\0" * (5 * 1024 * 1024 + 1000))  # the test stack allows 5 MB
+    bigger = tmp_path / "bigger.wav"
+    bigger.write_bytes(b"\0" * (64 * 1024 * 1024))  # over the request limit too: refused before it is read
+    result = stt(keyed_stack, "submit", str(big), str(bigger), timeout=120)
+    assert result.returncode == 1
+    assert "big.wav: refused, 413: the file exceeds MAX_UPLOAD_MB (5 MB)" in result.stderr, result.stderr
+    assert "bigger.wav: refused, 413:" in result.stderr, result.stderr
+
+
+def test_without_a_key_the_servers_reason_is_shown(keyed_stack, fixtures_dir):
+    result = stt(keyed_stack, "status", "1", STT_API_KEY=None)
+    assert result.returncode == 1
+    assert "401: an API key is required" in result.stderr
+    unknown = stt(keyed_stack, "get", "999999", "--format", "srt")
+    assert unknown.returncode == 1 and "404: no job with id 999999" in unknown.stderr
+
+
+def test_an_unreachable_api_is_reported(fixtures_dir):
+    result = subprocess.run([STT, "submit", str(fixtures_dir / "jfk.flac"), "--api", "http://127.0.0.1:9"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "cannot reach the API at http://127.0.0.1:9" in result.stderr
+
+
+def test_runs_as_a_module():
+    result = subprocess.run([sys.executable, "-m", "cli", "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "stt" in result.stdout and "submit" in result.stdout
+
+
+# ---- argument parsing only (no stack) -------------------------------------------------------
+
+
+def test_exact_and_ranged_speaker_counts_exclude_each_other(fixtures_dir):
+    result = CliRunner().invoke(app, ["submit", str(fixtures_dir / "jfk.flac"), "--speakers", "2",
+                                      "--min-speakers", "1"])
+    assert result.exit_code == 2
+    assert "give either --speakers or --min-speakers/--max-speakers, not both" in re.sub(r"[\s│]+", " ", result.output)
+
+
+def test_unknown_format_and_missing_file_are_usage_errors(tmp_path):
+    assert CliRunner().invoke(app, ["get", "1", "--format", "docx"]).exit_code == 2
+    assert CliRunner().invoke(app, ["submit", str(tmp_path / "missing.wav")]).exit_code == 2
+
+
+def test_clock():
+    assert clock(1.5) == "00:01.5"
+    assert clock(59.96) == "01:00.0"
+    assert clock(3723.4) == "1:02:03.4"
