@@ -233,6 +233,8 @@ def report_comparison(label: str, concat: Concatenated, floor: dict | None, seed
 
 # ---- --long ---------------------------------------------------------------------------------
 
+LONG_CHUNK_SPEECH_S = 120
+
 def long_file(fixtures, minutes: float, seed_budget: float, tmp: Path) -> None:
     from bench.stack import running_stack
 
@@ -241,8 +243,10 @@ def long_file(fixtures, minutes: float, seed_budget: float, tmp: Path) -> None:
     write_wav(path, concat.audio)
     log(f"long audio: {concat.duration / 60:.1f} min -> {path}")
     timeout = max(900.0, concat.duration * 1.5)
-    with running_stack() as stack:
-        log("stack ready (1 transcriber); submitting")
+    # Scale-out as a cluster does it: each transcriber replica sized to one core (as a pod with a
+    # CPU request of 1), and chunks small enough that a long file spreads over the replicas.
+    with running_stack(WHISPER_CPU_THREADS="1", CHUNK_MAX_SPEECH_S=str(LONG_CHUNK_SPEECH_S)) as stack:
+        log(f"stack ready (1 transcriber, 1 thread each, chunks <= {LONG_CHUNK_SPEECH_S} s of speech); submitting")
         one = run_stack_job(stack, path, timeout)
         one["transcription_stage_s"] = transcription_stage_s(stack, one["job_id"], ["transcriber"])
         one["chunks"] = chunks_of(stack, one["job_id"], ["transcriber"])
@@ -270,7 +274,8 @@ def long_file(fixtures, minutes: float, seed_budget: float, tmp: Path) -> None:
                  fmt(seed["transcribe_s"], "s"), "-",
                  fmt(cpwer_in_regions(concat, seed["segment_tuples"])) if seed["complete"] else "-"])
     print()
-    print(f"== --long: {concat.duration:.0f} s of audio ({concat.duration / 60:.1f} min) ==")
+    print(f"== --long: {concat.duration:.0f} s of audio ({concat.duration / 60:.1f} min); "
+          f"transcriber replicas of 1 thread each, chunks <= {LONG_CHUNK_SPEECH_S} s of speech ==")
     print(table(["run", "job wall s", "RTF", "transcription stage s", "chunks per process", "cpWER %"], rows))
     stage_speedup = (one["transcription_stage_s"] / two["transcription_stage_s"]
                      if one["transcription_stage_s"] and two["transcription_stage_s"] else None)

@@ -189,6 +189,7 @@ def running_stack(services: tuple[str, ...] = SERVICES, keep_logs: Path | None =
         "EMBEDDING_BACKEND": "local",
         "HF_HUB_OFFLINE": "1",
         "PYANNOTE_METRICS_ENABLED": "0",
+        "METRICS_PORT": "0",  # several replicas of one service run on this host
         **overrides,
     }
     if not env.get("HF_TOKEN"):
