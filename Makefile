@@ -28,11 +28,11 @@ run: install models
 	scripts/run-local.sh
 
 test: install models services
-	$(BIN)/ruff check common services tests cli
+	$(BIN)/ruff check common services tests cli bench
 	$(BIN)/python -m pytest -ra $(PYTEST_ARGS)
 
 lint: install
-	$(BIN)/ruff check common services tests cli
+	$(BIN)/ruff check common services tests cli bench
 
 clean:
 	rm -rf $(VENV) models .pytest_cache
