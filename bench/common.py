@@ -369,5 +369,10 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def at_most(value: float | None, bound: float | None) -> bool | None:
+    """value <= bound; None (n/a) when either is unknown."""
+    return None if value is None or bound is None else value <= bound
+
+
 def verdict(ok: bool | None) -> str:
     return "n/a" if ok is None else ("MET" if ok else "NOT MET")
