@@ -67,6 +67,16 @@ class SpeakerTurn(_Interval):
     speaker: str
 
 
+class SpeakerEmbedding(BaseModel):
+    """One speaker of a recording as the diarizer heard it: a unit-length voice embedding (the
+    mean over that speaker's cleanest speech) and the speaker model that made it."""
+
+    speaker: str
+    embedding: list[float]
+    model: str
+    speech_s: float = Field(default=0.0, ge=0)
+
+
 class Word(BaseModel):
     word: str
     start: float
@@ -83,6 +93,8 @@ class Segment(BaseModel):
     end_ts: float
     text: str
     words: list[Word] = Field(default_factory=list)
+    # True when another speaker talks during some of these words (the diarizer's turns overlap).
+    overlap: bool = False
     embedding: list[float] | None = None
 
 
@@ -128,9 +140,19 @@ class JobDiarized(_ChunkMessage, Contract):
     # detects the same language without coordination.
     language_probe: list[TimeSpan] = Field(default_factory=list)
     options: JobOptions = Field(default_factory=JobOptions)
+    # The job's speakers as the diarizer heard them, the same in every chunk.
+    speakers: list[SpeakerEmbedding] = Field(default_factory=list)
 
 
-class ChunkTranscribed(_ChunkMessage, Contract):
+class _DiarizationOfChunk(BaseModel):
+    """The diarizer's own output for a chunk, passed along unchanged so the persister stores
+    who spoke when (turns may overlap) and the speakers' voice embeddings with the text."""
+
+    turns: list[SpeakerTurn] = Field(default_factory=list)
+    speakers: list[SpeakerEmbedding] = Field(default_factory=list)
+
+
+class ChunkTranscribed(_DiarizationOfChunk, _ChunkMessage, Contract):
     ROUTING_KEY: ClassVar[str] = "chunk.transcribed"
 
     language: str | None = None
@@ -138,7 +160,7 @@ class ChunkTranscribed(_ChunkMessage, Contract):
     segments: list[Segment]
 
 
-class ChunkEmbedded(_ChunkMessage, Contract):
+class ChunkEmbedded(_DiarizationOfChunk, _ChunkMessage, Contract):
     """The chunk's segments again, now with embeddings: the persister can store a chunk from
     this message alone, so its arrival order relative to chunk.transcribed does not matter."""
 

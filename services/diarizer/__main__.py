@@ -42,7 +42,8 @@ async def main() -> None:
         add_audio_seconds(duration)
         await asyncio.to_thread(upload_bytes, client, settings.audio_bucket,
                                 pcm_key(message.job_id), float_to_pcm16(waveform))
-        turns = await asyncio.to_thread(diarize, waveform, message.options)
+        diarization = await asyncio.to_thread(diarize, waveform, message.options)
+        turns = diarization.turns
         if not turns:
             raise PermanentError("no speech was found in the audio")
         chunks = plan_chunks(turns, duration, settings.chunk_max_speech_s)
@@ -57,7 +58,7 @@ async def main() -> None:
                 job_id=message.job_id, chunk_index=index, chunk_count=len(chunks),
                 pcm_bucket=settings.audio_bucket, pcm_key=pcm_key(message.job_id),
                 duration=duration, span=span, turns=chunk_turns, language_probe=probe,
-                options=message.options,
+                options=message.options, speakers=diarization.speakers,
             ))
 
     connection = await connect(settings, "diarizer")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import logging
 import os
 from collections.abc import Callable
@@ -11,10 +12,12 @@ import numpy as np
 from common.audio import SAMPLE_RATE
 from common.messages import JobOptions, SpeakerTurn, TimeSpan
 from common.settings import Settings
+from common.turns import speech_regions
+from services.diarizer.offline import Diarization
 
 log = logging.getLogger(__name__)
 
-DiarizeFn = Callable[[np.ndarray, JobOptions], list[SpeakerTurn]]
+DiarizeFn = Callable[[np.ndarray, JobOptions], Diarization]
 
 LANGUAGE_PROBE_S = 30.0
 
@@ -38,7 +41,7 @@ def make_diarizer(settings: Settings) -> tuple[DiarizeFn, str]:
 
     load_offline_models()
 
-    def diarize(waveform: np.ndarray, options: JobOptions) -> list[SpeakerTurn]:
+    def diarize(waveform: np.ndarray, options: JobOptions) -> Diarization:
         return diarize_offline(waveform, num_speakers=options.num_speakers,
                                min_speakers=options.min_speakers, max_speakers=options.max_speakers)
 
@@ -55,43 +58,50 @@ def _pyannote_diarizer(settings: Settings) -> DiarizeFn:
     if pipeline is None:
         raise RuntimeError("the pipeline could not be downloaded (gated model: accept its terms?)")
 
-    def diarize(waveform: np.ndarray, options: JobOptions) -> list[SpeakerTurn]:
+    def diarize(waveform: np.ndarray, options: JobOptions) -> Diarization:
         hints = options.model_dump(include={"num_speakers", "min_speakers", "max_speakers"}, exclude_none=True)
         audio = {"waveform": torch.from_numpy(waveform).unsqueeze(0), "sample_rate": SAMPLE_RATE}
         output = pipeline(audio, **hints)
-        # pyannote 4 returns both; the exclusive one (no overlap) is meant for word alignment.
-        annotation = (getattr(output, "exclusive_speaker_diarization", None)
-                      or getattr(output, "speaker_diarization", output))
+        # pyannote 4 also offers an "exclusive" (overlap-free) version; the transcriber gives
+        # each word to the most active speaker itself, so keep the overlaps.
+        annotation = getattr(output, "speaker_diarization", output)
         labels: dict[str, str] = {}
         turns = []
-        for segment, _, label in annotation.itertracks(yield_label=True):
+        for segment, _, label in sorted(annotation.itertracks(yield_label=True), key=lambda t: t[0].start):
             speaker = labels.setdefault(label, f"spk_{len(labels)}")
             turns.append(SpeakerTurn(speaker=speaker, start=round(segment.start, 3), end=round(segment.end, 3)))
-        return sorted(turns, key=lambda t: t.start)
+        return Diarization(turns=sorted(turns, key=lambda t: (t.start, t.end)))
 
     return diarize
 
 
 def plan_chunks(turns: list[SpeakerTurn], duration: float,
                 max_speech_s: float) -> list[tuple[TimeSpan, list[SpeakerTurn]]]:
-    """Group turns into chunks of at most `max_speech_s` of speech, cut between turns. The
-    spans tile [0, duration] with cuts in the middle of the silence between chunks, so no
-    word is transcribed twice or lost at a cut."""
+    """Group turns into chunks of at most `max_speech_s` of speech, cut in silence between
+    turns (never inside anyone's turn, so overlapping turns stay together). The spans tile
+    [0, duration] with cuts in the middle of the silence between chunks, so no word is
+    transcribed twice or lost at a cut. Talk with no silence for longer than the limit stays in
+    one chunk."""
+    regions = speech_regions(turns)
+    starts = [region.start for region in regions]
+    in_region: list[list[SpeakerTurn]] = [[] for _ in regions]
+    for turn in sorted(turns, key=lambda t: (t.start, t.end)):
+        in_region[max(0, bisect.bisect_right(starts, turn.start) - 1)].append(turn)
     groups: list[list[SpeakerTurn]] = []
     speech = 0.0
-    for turn in turns:
-        length = turn.end - turn.start
-        if groups and groups[-1] and speech + length <= max_speech_s:
-            groups[-1].append(turn)
+    for region, inside in zip(regions, in_region):
+        length = region.end - region.start
+        if groups and speech + length <= max_speech_s:
+            groups[-1].extend(inside)
             speech += length
         else:
-            groups.append([turn])
+            groups.append(list(inside))
             speech = length
     if not groups:
         return [(TimeSpan(start=0.0, end=duration), [])]
     cuts = [0.0]
     for previous, following in zip(groups, groups[1:]):
-        cuts.append(round((previous[-1].end + following[0].start) / 2, 3))
+        cuts.append(round((max(t.end for t in previous) + following[0].start) / 2, 3))
     cuts.append(duration)
     return [(TimeSpan(start=cuts[i], end=cuts[i + 1]), group) for i, group in enumerate(groups)]
 
@@ -100,10 +110,10 @@ def language_probe(turns: list[SpeakerTurn], seconds: float = LANGUAGE_PROBE_S) 
     """The first `seconds` of speech, where Whisper detects the job's language."""
     spans: list[TimeSpan] = []
     left = seconds
-    for turn in turns:
+    for region in speech_regions(turns):
         if left <= 0:
             break
-        end = min(turn.end, turn.start + left)
-        spans.append(TimeSpan(start=turn.start, end=end))
-        left -= end - turn.start
+        end = min(region.end, region.start + left)
+        spans.append(TimeSpan(start=region.start, end=end))
+        left -= end - region.start
     return spans

@@ -1,0 +1,118 @@
+"""From per-window local activity and its speaker assignment to who spoke when over the file.
+
+Windows overlap (each frame is seen by up to four), so the file-level picture is an average:
+the number of people talking in a frame is the windows' mean local count, rounded; that many
+speakers are active in the frame, the ones whose averaged activity is highest. Overlap survives:
+a frame where two people talk gives two turns."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from common.messages import SpeakerTurn
+
+# A pause this short inside one speaker's talk is part of the turn (the AMI references are
+# annotated that way); bridging it also keeps words from being split between segments.
+SAME_SPEAKER_GAP_S = 0.5
+MIN_TURN_S = 0.0
+# A probe must prefer another speaker by this much cosine similarity to relabel a frame.
+RECHECK_MARGIN = 0.1
+
+
+def frame_offsets(starts_s: np.ndarray, frame_step_s: float) -> np.ndarray:
+    return np.rint(starts_s / frame_step_s).astype(np.int64)
+
+
+def accumulate(activity: np.ndarray, clusters: np.ndarray, offsets: np.ndarray, num_frames: int,
+               num_speakers: int) -> tuple[np.ndarray, np.ndarray]:
+    """File-level speaker activations (frames, speakers) in [0, 1] and speaker count (frames,)
+    from local `activity` (windows, window_frames, local) and `clusters` (windows, local): the
+    global speaker of each local speaker, -1 for none."""
+    window_frames = activity.shape[1]
+    total = np.zeros((num_frames, num_speakers), dtype=np.float32)
+    seen = np.zeros((num_frames, num_speakers), dtype=np.float32)
+    count = np.zeros(num_frames, dtype=np.float32)
+    covered = np.zeros(num_frames, dtype=np.float32)
+    for w in range(len(activity)):
+        a, b = offsets[w], min(num_frames, offsets[w] + window_frames)
+        if b <= a:
+            continue
+        local = activity[w, : b - a].astype(np.float32)
+        count[a:b] += local.sum(axis=1)
+        covered[a:b] += 1
+        for k in np.unique(clusters[w][clusters[w] >= 0]):
+            total[a:b, k] += local[:, clusters[w] == k].max(axis=1)
+            seen[a:b, k] += 1
+    activations = np.where(seen > 0, total / np.maximum(seen, 1), 0.0)
+    speakers_per_frame = np.rint(count / np.maximum(covered, 1)).astype(np.int64)
+    return activations, speakers_per_frame
+
+
+def binarize(activations: np.ndarray, speakers_per_frame: np.ndarray) -> np.ndarray:
+    """(frames, speakers) 0/1: in each frame the `speakers_per_frame` most active speakers."""
+    frames, k = activations.shape
+    binary = np.zeros((frames, k), dtype=bool)
+    if k == 0:
+        return binary
+    order = np.argsort(-activations, axis=1, kind="stable")
+    for rank in range(min(k, int(speakers_per_frame.max(initial=0)))):
+        on = speakers_per_frame > rank
+        binary[np.flatnonzero(on), order[on, rank]] = True
+    return binary
+
+
+def recheck_single_speaker(binary: np.ndarray, speakers_per_frame: np.ndarray, probe_frames: np.ndarray,
+                           probe_scores: np.ndarray) -> np.ndarray:
+    """Where one person talks, give the frame to the speaker the short probes covering it match
+    best (triangular weights around each probe's centre), when that beats the current speaker by
+    RECHECK_MARGIN. `probe_frames` (probes, 2) are frame spans, `probe_scores` (probes, speakers)
+    cosine similarities to the speakers' centroids."""
+    frames, k = binary.shape
+    if k < 2 or len(probe_frames) == 0:
+        return binary
+    score = np.zeros((frames, k), dtype=np.float32)
+    weight = np.zeros(frames, dtype=np.float32)
+    for (a, b), row in zip(probe_frames, probe_scores):
+        b = min(b, frames)
+        if b <= a:
+            continue
+        length = b - a
+        triangle = 1.0 - np.abs((np.arange(length) + 0.5) / length * 2 - 1) + 0.05
+        score[a:b] += triangle[:, None] * row[None, :]
+        weight[a:b] += triangle
+    single = np.flatnonzero((weight > 0) & (speakers_per_frame == 1) & (binary.sum(axis=1) == 1))
+    if len(single) == 0:
+        return binary
+    mean = score[single] / weight[single, None]
+    current = np.argmax(binary[single], axis=1)
+    best = np.argmax(mean, axis=1)
+    rows = np.arange(len(single))
+    change = mean[rows, best] - mean[rows, current] > RECHECK_MARGIN
+    out = binary.copy()
+    out[single[change]] = False
+    out[single[change], best[change]] = True
+    return out
+
+
+def turns_from_binary(binary: np.ndarray, frame_step_s: float, frame_duration_s: float,
+                      duration: float, labels: list[str]) -> list[SpeakerTurn]:
+    """Turns per speaker (frame middles as boundaries), short same-speaker pauses bridged;
+    sorted by start. Turns of different speakers may overlap."""
+    turns: list[SpeakerTurn] = []
+    middle = frame_duration_s / 2
+    for k in range(binary.shape[1]):
+        column = np.concatenate([[False], binary[:, k], [False]])
+        edges = np.flatnonzero(np.diff(column.astype(np.int8)))
+        spans: list[list[float]] = []
+        for on, off in zip(edges[::2], edges[1::2]):
+            start = on * frame_step_s + middle
+            end = min(duration, off * frame_step_s + middle)
+            if spans and start - spans[-1][1] < SAME_SPEAKER_GAP_S:
+                spans[-1][1] = end
+            else:
+                spans.append([start, end])
+        for start, end in spans:
+            if end - start > MIN_TURN_S:
+                turns.append(SpeakerTurn(speaker=labels[k], start=round(max(0.0, start), 3),
+                                         end=round(end, 3)))
+    return sorted(turns, key=lambda t: (t.start, t.end, t.speaker))

