@@ -305,9 +305,11 @@ class PipelineResult:
         return [(s.speaker, s.start_ts, s.end_ts, s.text) for s in self.segments]
 
 
-def run_pipeline(waveform: np.ndarray, diarize, model, settings, language: str | None = None) -> PipelineResult:
+def run_pipeline(waveform: np.ndarray, diarize, model, settings, language: str | None = None,
+                 speech: str = "diarizer", diarization=None) -> PipelineResult:
     """What diarizer + transcriber do for one job, in one process: diarize, plan chunks, detect
-    the language once on the probe spans, transcribe each chunk from the 16-bit PCM."""
+    the language once on the probe spans, transcribe each chunk from the 16-bit PCM. `speech`
+    chooses what Whisper hears (transcribe_chunk); a `diarization` already made is reused."""
     from common.audio import float_to_pcm16, pcm16_to_float
     from common.messages import JobOptions
     from services.diarizer.pipeline import language_probe, plan_chunks
@@ -317,7 +319,7 @@ def run_pipeline(waveform: np.ndarray, diarize, model, settings, language: str |
     t0 = time.perf_counter()
     duration = round(waveform.size / SAMPLE_RATE, 3)
     pcm = pcm16_to_float(float_to_pcm16(waveform))
-    turns = diarize(waveform, JobOptions(language=language))
+    turns = (diarization if diarization is not None else diarize(waveform, JobOptions(language=language))).turns
     timings["diarize"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     segments = []
@@ -331,7 +333,7 @@ def run_pipeline(waveform: np.ndarray, diarize, model, settings, language: str |
         for span, chunk_turns in chunks:
             audio = pcm[max(0, int(span.start * SAMPLE_RATE)):int(span.end * SAMPLE_RATE)]
             chunk_segments, language = transcribe_chunk(model, audio, span.start, chunk_turns, language,
-                                                        settings.whisper_beam_size)
+                                                        settings.whisper_beam_size, speech)
             segments += chunk_segments
     timings["transcribe"] = time.perf_counter() - t1
     return PipelineResult(duration, turns, segments, language, timings)

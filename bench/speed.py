@@ -76,7 +76,7 @@ def run_floor(path: Path, diarize, model, settings) -> dict:
     t0 = time.perf_counter()
     waveform = decode_audio(str(path))
     t1 = time.perf_counter()
-    turns = diarize(waveform, JobOptions())
+    turns = diarize(waveform, JobOptions()).turns
     t2 = time.perf_counter()
     # One call over the whole file, with the pipeline's own options (VAD, word timestamps).
     segments, language = transcribe_chunk(model, waveform, 0.0, turns, None, settings.whisper_beam_size)
@@ -100,7 +100,7 @@ def run_seed(path: Path, diarize, model, settings, budget_s: float) -> dict:
 
     t0 = time.perf_counter()
     waveform = decode_audio(str(path))
-    turns = diarize(waveform, JobOptions())
+    turns = diarize(waveform, JobOptions()).turns
     del waveform
     t1 = time.perf_counter()
     segments = []

@@ -82,6 +82,7 @@ class TranscriptFormat(StrEnum):
     srt = "srt"
     vtt = "vtt"
     txt = "txt"
+    rttm = "rttm"
 
 
 class ApiError(Exception):
@@ -366,7 +367,7 @@ def get(
     api: ApiUrl = DEFAULT_API_URL,
     api_key: ApiKey = None,
 ) -> None:
-    """Fetch a transcript as JSON, SRT or WebVTT subtitles, or plain text."""
+    """Fetch a transcript as JSON, SRT or WebVTT subtitles, plain text, or the diarization as RTTM."""
     with reporting_api_errors(api), api_client(api, api_key) as client:
         response = checked(client.get(f"/transcripts/{job_id}", params={"format": output_format.value}))
     if output_format is TranscriptFormat.json:

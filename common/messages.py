@@ -215,6 +215,8 @@ class SegmentCreated(Contract):
     start_ts: float
     end_ts: float
     text: str
+    # Another speaker talks during some of these words.
+    overlap: bool = False
     embedding: list[float] | None = None
     embedding_model: str | None = None
 

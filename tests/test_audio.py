@@ -51,7 +51,7 @@ def test_auto_backend_without_usable_pyannote_falls_back_to_offline():
     # pyannote.audio is an optional extra, not installed in the test environment.
     diarize, backend = make_diarizer(Settings(diarization_backend="auto", hf_token="hf_x"))
     assert backend == "offline"
-    assert diarize(np.zeros(SAMPLE_RATE, dtype=np.float32), JobOptions()) == []  # silence
+    assert diarize(np.zeros(SAMPLE_RATE, dtype=np.float32), JobOptions()).turns == []  # silence
     _, backend = make_diarizer(Settings(diarization_backend="auto"))
     assert backend == "offline"
 

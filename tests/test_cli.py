@@ -125,6 +125,15 @@ def test_get_writes_srt_with_speaker_names(keyed_stack, jfk_submission, tmp_path
     assert text.returncode == 0 and "ask not what your country" in text.stdout.lower()
 
 
+def test_get_rttm_one_voice_is_one_speaker(keyed_stack, jfk_submission):
+    _, job_id = jfk_submission
+    result = stt(keyed_stack, "get", str(job_id), "--format", "rttm")
+    assert result.returncode == 0, result.stderr
+    lines = [line.split() for line in result.stdout.splitlines()]
+    assert lines and all(len(f) == 10 and f[0] == "SPEAKER" and f[1] == "jfk" for f in lines), lines
+    assert {f[7] for f in lines} == {"spk_0"}
+
+
 def test_watch_prints_segments_and_the_completion(keyed_stack, fixtures_dir):
     watcher = Background(["watch"], cli_env(keyed_stack))
     try:

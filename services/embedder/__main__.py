@@ -35,6 +35,7 @@ async def main() -> None:
                 job_id=message.job_id, chunk_index=message.chunk_index,
                 chunk_count=message.chunk_count, language=message.language,
                 duration=message.duration, embedding_model=model_name, segments=segments,
+                turns=message.turns, speakers=message.speakers,
             ))
             log.info("chunk %d/%d embedded: %d segments", message.chunk_index + 1,
                      message.chunk_count, len(segments))

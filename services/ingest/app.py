@@ -58,6 +58,8 @@ class StatusSegment(BaseModel):
     start_ts: float
     end_ts: float
     text: str
+    # Another speaker talks during some of these words.
+    overlap: bool = False
 
 
 class JobStatus(BaseModel):

@@ -91,7 +91,7 @@ async def status_document(pool: asyncpg.Pool | asyncpg.Connection, job_id: int,
     if job is None or (owner is not None and job["owner"] != owner):
         return None
     rows = await pool.fetch(
-        "SELECT speaker, start_ts, end_ts, text FROM segments WHERE transcript_id = $1 "
+        "SELECT speaker, start_ts, end_ts, text, overlap FROM segments WHERE transcript_id = $1 "
         "ORDER BY start_ts, chunk_index, index",
         job_id,
     )
@@ -101,7 +101,7 @@ async def status_document(pool: asyncpg.Pool | asyncpg.Connection, job_id: int,
         "percent": percent_done(job["status"], job["progress"]),
         "segments": [
             {"speaker": r["speaker"], "start_ts": round(r["start_ts"], 3),
-             "end_ts": round(r["end_ts"], 3), "text": r["text"]}
+             "end_ts": round(r["end_ts"], 3), "text": r["text"], "overlap": r["overlap"]}
             for r in rows
         ],
     }

@@ -23,7 +23,7 @@ from minio import Minio
 from minio.error import S3Error
 from pydantic import BaseModel, Field
 
-from common.messages import Stage
+from common.messages import SpeakerTurn, Stage
 from common.settings import Settings
 from common.storage import pcm_key
 from services.ingest.auth import request_owner
@@ -34,8 +34,8 @@ from services.ingest.jobs import percent_done, public_stage, upload_key
 log = logging.getLogger(__name__)
 
 JobState = Literal["processing", "done", "error"]
-TextFormat = Literal["json", "srt", "vtt", "txt"]
-MEDIA_TYPES = {"srt": "application/x-subrip", "vtt": "text/vtt", "txt": "text/plain"}
+TextFormat = Literal["json", "srt", "vtt", "txt", "rttm"]
+MEDIA_TYPES = {"srt": "application/x-subrip", "vtt": "text/vtt", "txt": "text/plain", "rttm": "text/plain"}
 # Ids stay far below 2^53, the largest integer every JSON client reads exactly; declaring it
 # keeps out-of-range ids a documented 400 instead of a database error.
 MAX_ID = 2**53 - 1
@@ -56,6 +56,8 @@ class TranscriptSegment(BaseModel):
     start_ts: float
     end_ts: float
     text: str
+    # Another speaker talks during some of these words.
+    overlap: bool = False
     # Only with ?words=true.
     words: list[WordTiming] | None = None
 
@@ -145,6 +147,19 @@ def to_txt(segments: Sequence[TranscriptSegment]) -> str:
 FORMATTERS = {"srt": to_srt, "vtt": to_vtt, "txt": to_txt}
 
 
+def rttm_uri(filename: str) -> str:
+    """RTTM's file field: the name without its extension, one token (no spaces)."""
+    stem = download_name(filename, "")[:-1]
+    return re.sub(r"[^A-Za-z0-9._-]", "_", stem) or "audio"
+
+
+def to_rttm(uri: str, turns: Sequence[SpeakerTurn]) -> str:
+    """NIST RTTM, one SPEAKER line per turn (overlapping turns included), as pyannote.metrics,
+    dscore and md-eval read it."""
+    return "".join(f"SPEAKER {uri} 1 {t.start:.3f} {t.end - t.start:.3f} <NA> <NA> {t.speaker} <NA> <NA>\n"
+                   for t in turns)
+
+
 def download_name(filename: str, extension: str) -> str:
     """meeting.mp3 -> meeting.srt (the original name with the format's extension)."""
     stem, dot, _ = filename.rpartition(".")
@@ -183,14 +198,14 @@ async def fetch_transcript(pool: asyncpg.Pool, job_id: int, owner: str | None,
     if not _visible(job, owner):
         return None
     rows = await pool.fetch(
-        "SELECT speaker, start_ts, end_ts, text, words FROM segments WHERE transcript_id = $1"
+        "SELECT speaker, start_ts, end_ts, text, words, overlap FROM segments WHERE transcript_id = $1"
         " ORDER BY start_ts, chunk_index, index",
         job_id,
     )
     segments = [
         TranscriptSegment(
             speaker=r["speaker"], start_ts=round(r["start_ts"], 3), end_ts=round(r["end_ts"], 3),
-            text=r["text"],
+            text=r["text"], overlap=r["overlap"],
             words=[WordTiming(word=w["word"].strip(), start=w["start"], end=w["end"],
                               probability=w.get("probability")) for w in r["words"]]
             if with_words else None,
@@ -199,6 +214,14 @@ async def fetch_transcript(pool: asyncpg.Pool, job_id: int, owner: str | None,
     ]
     error = job["error"] if job["status"] == "error" else None
     return TranscriptDocument(**_summary_fields(job), error=error, segments=segments)
+
+
+async def fetch_turns(pool: asyncpg.Pool, job_id: int) -> list[SpeakerTurn]:
+    """The diarizer's turns of a job, in time order."""
+    rows = await pool.fetch(
+        "SELECT speaker, start_ts, end_ts FROM speaker_turns WHERE transcript_id = $1"
+        " ORDER BY start_ts, end_ts, speaker", job_id)
+    return [SpeakerTurn(speaker=r["speaker"], start=r["start_ts"], end=r["end_ts"]) for r in rows]
 
 
 @dataclass
@@ -308,7 +331,8 @@ async def delete_transcript(pool: asyncpg.Pool, s3: Minio, settings: Settings, j
 # ---- routes ---------------------------------------------------------------------------------
 
 JobId = Annotated[int, PathParameter(ge=1, le=MAX_ID, description="The job id /recognize returned")]
-FormatQuery = Annotated[TextFormat, QueryParameter(description="json (default), srt, vtt or txt")]
+FormatQuery = Annotated[TextFormat, QueryParameter(
+    description="json (default), srt, vtt, txt, or rttm: the diarization itself (every turn, overlaps included)")]
 WordsQuery = Annotated[bool, QueryParameter(description="json only: each segment's words with their times")]
 LimitQuery = Annotated[int, QueryParameter(ge=1, le=500, description="Items per page")]
 CursorQuery = Annotated[int | None, QueryParameter(ge=1, le=MAX_ID, description="next_cursor of the previous page")]
@@ -331,10 +355,10 @@ class _TextFormatsOperation(Operation):
             }}
 
 
-@get("/transcripts/{job_id:int}", summary="A job's transcript: JSON, SRT, WebVTT or text",
+@get("/transcripts/{job_id:int}", summary="A job's transcript: JSON, SRT, WebVTT, text or RTTM",
       operation_class=_TextFormatsOperation,
       responses=error_responses(400, 401, 403, 404, 409, 503,
-                                e409="srt, vtt and txt exist only once the job is done"))
+                                e409="srt, vtt, txt and rttm exist only once the job is done"))
 async def get_transcript(
     job_id: JobId, state: State, request: Request,
     format: FormatQuery = "json", words: WordsQuery = False,
@@ -349,8 +373,12 @@ async def get_transcript(
                   else f"the job is still processing ({document.stage}, {document.percent}%)")
         raise HTTPException(status_code=409, detail=f"{reason}: {format} is available once it is done;"
                                                     " format=json shows what exists so far")
+    if format == "rttm":
+        body = to_rttm(rttm_uri(document.filename), await fetch_turns(state.pool, job_id))
+    else:
+        body = FORMATTERS[format](document.segments)
     return Response(
-        FORMATTERS[format](document.segments),
+        body,
         media_type=f"{MEDIA_TYPES[format]}; charset=utf-8",
         headers={"Content-Disposition": content_disposition(download_name(document.filename, format))},
     )

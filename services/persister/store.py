@@ -76,23 +76,43 @@ async def _stage_after_chunk(conn: asyncpg.Connection, job_id: int, chunk_count:
     return "embedding" if transcribed >= chunk_count else "transcribing"
 
 
+async def _store_diarization(conn: asyncpg.Connection, job_id: int,
+                             message: ChunkTranscribed | ChunkEmbedded) -> None:
+    """The chunk's speaker turns (replacing any from an earlier delivery) and the job's speaker
+    embeddings (the same in every chunk: the first stored wins)."""
+    await conn.execute("DELETE FROM speaker_turns WHERE transcript_id = $1 AND chunk_index = $2",
+                       job_id, message.chunk_index)
+    await conn.executemany(
+        "INSERT INTO speaker_turns (transcript_id, chunk_index, index, speaker, start_ts, end_ts)"
+        " VALUES ($1, $2, $3, $4, $5, $6)",
+        [(job_id, message.chunk_index, i, t.speaker, t.start, t.end) for i, t in enumerate(message.turns)],
+    )
+    await conn.executemany(
+        """
+        INSERT INTO transcript_speakers (transcript_id, speaker, embedding, embedding_model, speech_s)
+        VALUES ($1, $2, $3, $4, $5) ON CONFLICT (transcript_id, speaker) DO NOTHING
+        """,
+        [(job_id, s.speaker, s.embedding, s.model, s.speech_s) for s in message.speakers],
+    )
+
+
 async def _upsert_segments(conn: asyncpg.Connection, job_id: int, chunk_index: int,
                            segments: list[Segment], with_embeddings: bool,
                            embedding_model: str | None = None) -> None:
     rows = [
         (job_id, chunk_index, s.index, s.speaker, s.start_ts, s.end_ts, s.text,
          [w.model_dump() for w in s.words], s.embedding if with_embeddings else None,
-         embedding_model if with_embeddings else None)
+         embedding_model if with_embeddings else None, s.overlap)
         for s in segments
     ]
     await conn.executemany(
         """
         INSERT INTO segments (transcript_id, chunk_index, index, speaker, start_ts, end_ts, text,
-                              words, embedding, embedding_model)
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+                              words, embedding, embedding_model, overlap)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
         ON CONFLICT (transcript_id, chunk_index, index) DO UPDATE SET
             speaker = EXCLUDED.speaker, start_ts = EXCLUDED.start_ts, end_ts = EXCLUDED.end_ts,
-            text = EXCLUDED.text, words = EXCLUDED.words,
+            text = EXCLUDED.text, words = EXCLUDED.words, overlap = EXCLUDED.overlap,
             embedding = COALESCE(EXCLUDED.embedding, segments.embedding),
             embedding_model = COALESCE(EXCLUDED.embedding_model, segments.embedding_model)
         """,
@@ -140,6 +160,7 @@ async def on_transcribed(pool: asyncpg.Pool, message: ChunkTranscribed) -> None:
         )
         await _upsert_segments(conn, message.job_id, message.chunk_index, message.segments,
                                with_embeddings=False)
+        await _store_diarization(conn, message.job_id, message)
         stage = await _stage_after_chunk(conn, message.job_id, message.chunk_count)
         await _advance(conn, message.job_id, stage, language=message.language,
                        duration=message.duration, chunk_count=message.chunk_count)
@@ -173,6 +194,7 @@ async def on_embedded(pool: asyncpg.Pool, message: ChunkEmbedded) -> bool:
         )
         await _upsert_segments(conn, message.job_id, message.chunk_index, message.segments,
                                with_embeddings=True, embedding_model=message.embedding_model)
+        await _store_diarization(conn, message.job_id, message)
         stage = await _stage_after_chunk(conn, message.job_id, message.chunk_count)
         await _advance(conn, message.job_id, stage, language=message.language,
                        duration=message.duration, chunk_count=message.chunk_count)
@@ -182,7 +204,7 @@ async def on_embedded(pool: asyncpg.Pool, message: ChunkEmbedded) -> bool:
                 job_id=message.job_id, transcript_id=message.job_id,
                 chunk_index=message.chunk_index, index=segment.index, speaker=segment.speaker,
                 start_ts=segment.start_ts, end_ts=segment.end_ts, text=segment.text,
-                embedding=segment.embedding, embedding_model=message.embedding_model,
+                overlap=segment.overlap, embedding=segment.embedding, embedding_model=message.embedding_model,
             ))
         embedded = await conn.fetchval(
             "SELECT count(*) FROM chunks WHERE transcript_id = $1 AND embedded_at IS NOT NULL",

@@ -65,7 +65,7 @@ async def main() -> None:
             message_id=f"chunk.transcribed:{message.job_id}:{message.chunk_index}",
             job_id=message.job_id, chunk_index=message.chunk_index,
             chunk_count=message.chunk_count, language=language, duration=message.duration,
-            segments=segments,
+            segments=segments, turns=message.turns, speakers=message.speakers,
         ))
         log.info("chunk %d/%d transcribed: %d segments, language %s",
                  message.chunk_index + 1, message.chunk_count, len(segments), language)

@@ -1,8 +1,15 @@
 """The transcriber's logic: faster-whisper over one chunk of speaker turns.
 
-A chunk is transcribed in one pass (VAD on, word timestamps), and each word is given to the
-speaker whose turn overlaps it most (the WhisperX way): one encoder pass per 30 s of audio
-instead of one per turn, and no words lost at turn cuts."""
+A chunk is transcribed in one pass with word timestamps, and each word is given to the speaker
+whose turn overlaps it most (the WhisperX way): one encoder pass per 30 s of audio instead of one
+per turn, and no words lost at turn cuts. Turns may overlap: a segment whose words another
+speaker talks over is marked `overlap`.
+
+What Whisper listens to: by default the diarizer's speech regions (padded, laid end to end, as
+faster-whisper's own VAD filter does with silero's regions). The segmentation model finds far
+more of the quiet far-field speech than silero does, and Whisper never hears long silences,
+where it would invent text. `speech="whisper-vad"` uses faster-whisper's VAD filter instead;
+bench/accuracy.py prints both."""
 
 from __future__ import annotations
 
@@ -12,14 +19,22 @@ from pathlib import Path
 import numpy as np
 from faster_whisper import WhisperModel
 
-from common.messages import Segment, SpeakerTurn, Word
+from common.audio import SAMPLE_RATE
+from common.messages import Segment, SpeakerTurn, TimeSpan, Word
 from common.settings import Settings
+from common.turns import speech_regions
 
 log = logging.getLogger(__name__)
 
 # A segment is one speaker's words without a long pause, at most this long (subtitle-sized).
 MAX_PAUSE_S = 1.0
 MAX_SEGMENT_S = 30.0
+# Around each of the diarizer's speech regions Whisper also hears this much (word onsets and
+# trailing consonants), and regions closer than REGION_BRIDGE_S are heard as one.
+REGION_PAD_S = 0.3
+REGION_BRIDGE_S = 1.0
+# A word is talked over when another speaker's turn covers this much of it.
+OVERLAP_MIN_S = 0.1
 
 
 def pick_device(settings: Settings) -> tuple[str, str]:
@@ -62,23 +77,49 @@ def detect_language(model: WhisperModel, speech: np.ndarray) -> str | None:
     return language
 
 
+def _regions_in_chunk(turns: list[SpeakerTurn], offset: float, length_s: float) -> list[TimeSpan]:
+    spans = []
+    for region in speech_regions(turns, REGION_BRIDGE_S + 2 * REGION_PAD_S):
+        start = max(0.0, region.start - offset - REGION_PAD_S)
+        end = min(length_s, region.end - offset + REGION_PAD_S)
+        if end > start:
+            spans.append(TimeSpan(start=start, end=end))
+    return spans
+
+
+def _heard_times(spans: list[TimeSpan]):
+    """Maps a time in the concatenated regions back to the chunk's own time."""
+    lengths = np.array([s.end - s.start for s in spans])
+    joined_starts = np.concatenate([[0.0], np.cumsum(lengths)[:-1]])
+
+    def to_chunk(t: float) -> float:
+        i = max(0, int(np.searchsorted(joined_starts, t, side="right")) - 1)
+        return spans[i].start + min(t - joined_starts[i], lengths[i])
+
+    return to_chunk
+
+
 def transcribe_chunk(model: WhisperModel, audio: np.ndarray, offset: float,
                      turns: list[SpeakerTurn], language: str | None,
-                     beam_size: int = 5) -> tuple[list[Segment], str | None]:
+                     beam_size: int = 5, speech: str = "diarizer") -> tuple[list[Segment], str | None]:
     """Transcribe `audio` (which starts at `offset` seconds into the job) and split the text
     into speaker-labelled segments. Returns the segments and the language used."""
     if not turns or audio.size == 0:
         return [], language
-    pieces, info = model.transcribe(
-        audio,
-        language=language,
-        beam_size=beam_size,
-        vad_filter=True,
-        word_timestamps=True,
-        condition_on_previous_text=False,
-    )
+    options = dict(language=language, beam_size=beam_size, word_timestamps=True,
+                   condition_on_previous_text=False)
+    if speech == "whisper-vad":
+        pieces, info = model.transcribe(audio, vad_filter=True, **options)
+        to_chunk = float
+    else:
+        spans = _regions_in_chunk(turns, offset, audio.size / SAMPLE_RATE)
+        if not spans:
+            return [], language
+        heard = np.concatenate([audio[round(s.start * SAMPLE_RATE):round(s.end * SAMPLE_RATE)] for s in spans])
+        pieces, info = model.transcribe(heard, vad_filter=False, **options)
+        to_chunk = _heard_times(spans)
     words = [
-        Word(word=w.word, start=round(offset + w.start, 3), end=round(offset + w.end, 3),
+        Word(word=w.word, start=round(offset + to_chunk(w.start), 3), end=round(offset + to_chunk(w.end), 3),
              probability=round(w.probability, 3))
         for piece in pieces for w in (piece.words or [])
     ]
@@ -87,8 +128,15 @@ def transcribe_chunk(model: WhisperModel, audio: np.ndarray, offset: float,
         text = "".join(w.word for w in run).strip()
         if text:
             segments.append(Segment(index=len(segments), speaker=speaker, start_ts=run[0].start,
-                                    end_ts=run[-1].end, text=text, words=run))
+                                    end_ts=run[-1].end, text=text, words=run,
+                                    overlap=any(_talked_over(w, speaker, turns) for w in run)))
     return segments, language or info.language
+
+
+def _talked_over(word: Word, speaker: str, turns: list[SpeakerTurn]) -> bool:
+    needed = max(1e-3, min(OVERLAP_MIN_S, (word.end - word.start) / 2))
+    return any(t.speaker != speaker and min(word.end, t.end) - max(word.start, t.start) >= needed
+               for t in turns)
 
 
 def speaker_of(start: float, end: float, turns: list[SpeakerTurn]) -> str:
