@@ -328,8 +328,8 @@ def run_pipeline(waveform: np.ndarray, diarize, model, settings, language: str |
         if language is None:
             probe = language_probe(turns)
             parts = [pcm[int(s.start * SAMPLE_RATE):int(s.end * SAMPLE_RATE)] for s in probe]
-            speech = np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
-            language = detect_language(model, speech)
+            probe_audio = np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
+            language = detect_language(model, probe_audio)
         for span, chunk_turns in chunks:
             audio = pcm[max(0, int(span.start * SAMPLE_RATE)):int(span.end * SAMPLE_RATE)]
             chunk_segments, language = transcribe_chunk(model, audio, span.start, chunk_turns, language,
