@@ -414,7 +414,7 @@ class EventPrinter:
         elif isinstance(event, TranscriptCompleted):
             details = [event.language or "language unknown",
                        f"{event.duration:.1f} s" if event.duration is not None else None,
-                       f"{event.segment_count} segments"]
+                       "no speech" if event.no_speech else f"{event.segment_count} segments"]
             stdout.print(Text(f"job {event.transcript_id} done: {event.filename} "
                               f"({', '.join(d for d in details if d)})", style="bold green"))
             ended = 0

@@ -229,6 +229,8 @@ class TranscriptCompleted(Contract):
     language: str | None = None
     duration: float | None = None
     segment_count: int
+    # Nobody talks in the recording: done with no segments (a result, not a failure).
+    no_speech: bool = False
 
 
 class TranscriptFailed(Contract):

@@ -58,8 +58,9 @@ def test_speaker_hint_is_honoured(stack, fixtures_dir):
 
 
 def test_unknown_job_is_404(stack):
-    response = httpx.get(f"{stack.api}/status/987654321")
-    assert response.status_code == 404
+    for job_id in ("987654321", "0", "-3", str(2**63), "1" + "0" * 30):  # beyond bigint too, not a 500
+        response = httpx.get(f"{stack.api}/status/{job_id}")
+        assert response.status_code == 404, (job_id, response.text)
 
 
 def test_health_readiness_and_openapi(stack):

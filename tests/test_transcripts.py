@@ -9,9 +9,11 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from urllib.parse import unquote
 
 import httpx
+import numpy as np
 import pytest
 from litestar.testing import TestClient
 
@@ -28,6 +30,7 @@ from services.ingest.transcripts import (
     txt_timestamp,
     vtt_timestamp,
 )
+from tests.audio_files import encode
 from tests.conftest import Stack, running_stack
 
 ALICE, BOB = "key-alice-transcripts", "key-bob-transcripts"
@@ -151,6 +154,13 @@ def transcript(stack: Stack, job_id: int, **params) -> httpx.Response:
     return httpx.get(f"{stack.api}/transcripts/{job_id}", params=params, timeout=30)
 
 
+def over_the_length_limit(path: Path) -> Path:
+    """Silence longer than the test stacks' MAX_AUDIO_HOURS (0.1 h): a job that fails."""
+    path.write_bytes(encode(np.zeros(7 * 60 * 8000, dtype=np.float32), "flac", "flac", 8000, channels=1,
+                            sample_rate=8000))
+    return path
+
+
 def objects_of(stack: Stack, job_id: int) -> set[str]:
     names = {o.object_name for o in stack.s3().list_objects("audio", recursive=True)}
     return names & {f"uploads/{job_id}", f"pcm/{job_id}.s16le"}
@@ -169,12 +179,12 @@ def dialogue(stack: Stack, fixtures_dir) -> dict:
 # ---- status and the JSON document ------------------------------------------------------------
 
 
-def test_status_says_stage_and_percent(dialogue, stack, fixtures_dir):
+def test_status_says_stage_and_percent(dialogue, stack, tmp_path):
     assert dialogue["status"] == "done" and dialogue["stage"] == "done" and dialogue["percent"] == 100
     assert len({s["speaker"] for s in dialogue["segments"]}) == 2
-    silent = stack.submit(fixtures_dir / "empty.wav").json()["id"]
-    failed = stack.wait_finished(silent)
-    assert failed["status"] == "error" and "no speech" in failed["error"]
+    too_long = stack.submit(over_the_length_limit(tmp_path / "long.flac")).json()["id"]
+    failed = stack.wait_finished(too_long)
+    assert failed["status"] == "error" and "longer than" in failed["error"]
     assert failed["stage"] == "diarizing"  # the step it failed in, not the service's name
     assert 0 <= failed["percent"] < 100
 
@@ -315,10 +325,10 @@ def list_jobs(stack: Stack, **params) -> dict:
     return response.json()
 
 
-def test_list_pages_newest_first_with_filters(stack, fixtures_dir):
+def test_list_pages_newest_first_with_filters(stack, fixtures_dir, tmp_path):
     tag = uuid.uuid4().hex[:6]
     ids = [stack.submit(fixtures_dir / "jfk.flac", name=f"Call_{tag} {n}.flac").json()["id"] for n in range(3)]
-    silent = stack.submit(fixtures_dir / "empty.wav", name=f"silence_{tag}.wav").json()["id"]
+    silent = stack.submit(over_the_length_limit(tmp_path / "long.flac"), name=f"silence_{tag}.flac").json()["id"]
     mine = list_jobs(stack, filename=tag.upper())["items"]  # substring, any case
     assert [item["id"] for item in mine] == sorted([*ids, silent], reverse=True)
     assert set(mine[0]) >= {"id", "filename", "status", "stage", "percent", "created_at"}
@@ -353,7 +363,11 @@ def test_list_pages_newest_first_with_filters(stack, fixtures_dir):
 def test_delete_removes_rows_and_audio(stack, fixtures_dir):
     job_id = stack.submit(fixtures_dir / "jfk.flac").json()["id"]
     assert stack.wait_finished(job_id)["status"] == "done"
-    assert objects_of(stack, job_id) == {f"uploads/{job_id}", f"pcm/{job_id}.s16le"}
+    # The decoded PCM is removed once the job has ended; the upload stays until DELETE.
+    deadline = time.monotonic() + 30
+    while objects_of(stack, job_id) != {f"uploads/{job_id}"} and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert objects_of(stack, job_id) == {f"uploads/{job_id}"}
     assert stack.value("SELECT count(*) FROM segments WHERE transcript_id = $1", job_id) > 0
 
     response = httpx.delete(f"{stack.api}/transcripts/{job_id}")

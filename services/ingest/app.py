@@ -53,6 +53,9 @@ class Accepted(BaseModel):
     filename: str
 
 
+MAX_BIGINT = 2**63 - 1
+
+
 class StatusSegment(BaseModel):
     speaker: str
     start_ts: float
@@ -68,6 +71,8 @@ class JobStatus(BaseModel):
     stage: Stage
     percent: int = Field(ge=0, le=100)
     segments: list[StatusSegment]
+    # True when the job is done and nobody talks in the recording (no segments, no turns).
+    no_speech: bool = False
     error: str | None = None
 
 
@@ -121,6 +126,8 @@ async def recognize(
 
 @get("/status/{job_id:int}", summary="State and segments of a job", responses=_errors(401, 403, 404, 503))
 async def job_status(job_id: FromPath[int], state: State, request: Request) -> JobStatus:
+    if not 1 <= job_id <= MAX_BIGINT:  # no such row can exist; PostgreSQL would refuse the number
+        raise NotFoundException(detail=f"no job with id {job_id}")
     document = await status_document(state.pool, job_id, owner=request_owner(request))
     if document is None:
         raise NotFoundException(detail=f"no job with id {job_id}")

@@ -19,8 +19,8 @@ from common.db import DATABASE_UNAVAILABLE
 from common.logs import current_job
 from common.messages import JobSubmitted, TranscriptCompleted
 from common.settings import Settings
-from common.storage import upload_json
-from services.ingest.jobs import status_document, upload_key
+from common.storage import pcm_key, remove_if_present, upload_json
+from services.ingest.jobs import clean_filename, status_document, upload_key
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class Inbox:
                 " SELECT $1, 'bucket', $2, $3, $4 WHERE NOT EXISTS (SELECT 1 FROM deleted_drops"
                 " WHERE source_bucket = $2 AND source_key = $3 AND source_etag = $4)"
                 " ON CONFLICT DO NOTHING",
-                key.rsplit("/", 1)[-1], bucket, key, etag,
+                clean_filename(key.rsplit("/", 1)[-1]), bucket, key, etag,
             )
             job_id = await conn.fetchval(
                 "SELECT id FROM transcripts WHERE source_bucket = $1 AND source_key = $2"
@@ -97,12 +97,14 @@ class Inbox:
             token = current_job.set(job_id)
             try:
                 audio_key = upload_key(job_id)
+                # Only the version this job was made for: an object overwritten meanwhile is a
+                # new drop (new ETag), not this job under the old identity.
                 await asyncio.to_thread(self.s3.copy_object, self.settings.audio_bucket, audio_key,
-                                        CopySource(bucket, key))
+                                        CopySource(bucket, key, match_etag=etag or None))
                 await self.bus.publish(JobSubmitted(
                     message_id=f"job.submitted:{job_id}", job_id=job_id,
                     audio_bucket=self.settings.audio_bucket, audio_key=audio_key,
-                    filename=key.rsplit("/", 1)[-1],
+                    filename=clean_filename(key.rsplit("/", 1)[-1]),
                 ))
                 await conn.execute(
                     "UPDATE transcripts SET published = true, audio_key = $2 WHERE id = $1",
@@ -159,6 +161,9 @@ class Inbox:
 
     async def on_job_ended(self, event: JobEnded, _bus: Bus) -> None:
         await self.write_result(event.transcript_id)
+        # The decoded PCM is an intermediate of the stages: once the job has ended nothing reads it.
+        await asyncio.to_thread(remove_if_present, self.s3, self.settings.audio_bucket,
+                                pcm_key(event.transcript_id))
 
     async def run_scanner(self) -> None:
         while True:

@@ -78,6 +78,8 @@ class TranscriptSummary(BaseModel):
 
 class TranscriptDocument(TranscriptSummary):
     error: str | None = None
+    # Done, and nobody talks in the recording.
+    no_speech: bool = False
     segments: list[TranscriptSegment]
 
 
@@ -213,7 +215,9 @@ async def fetch_transcript(pool: asyncpg.Pool, job_id: int, owner: str | None,
         for r in rows
     ]
     error = job["error"] if job["status"] == "error" else None
-    return TranscriptDocument(**_summary_fields(job), error=error, segments=segments)
+    silent = job["status"] == "done" and not segments and not await pool.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM speaker_turns WHERE transcript_id = $1)", job_id)
+    return TranscriptDocument(**_summary_fields(job), error=error, no_speech=silent, segments=segments)
 
 
 async def fetch_turns(pool: asyncpg.Pool, job_id: int) -> list[SpeakerTurn]:

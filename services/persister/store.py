@@ -217,7 +217,8 @@ async def on_embedded(pool: asyncpg.Pool, message: ChunkEmbedded) -> bool:
                     completed_at = now(), updated_at = now()
                 WHERE id = $1
                 RETURNING filename, language, duration,
-                    (SELECT count(*) FROM segments WHERE transcript_id = $1) AS segment_count
+                    (SELECT count(*) FROM segments WHERE transcript_id = $1) AS segment_count,
+                    NOT EXISTS (SELECT 1 FROM speaker_turns WHERE transcript_id = $1) AS silent
                 """,
                 message.job_id,
             )
@@ -226,6 +227,7 @@ async def on_embedded(pool: asyncpg.Pool, message: ChunkEmbedded) -> bool:
                 job_id=message.job_id, transcript_id=message.job_id, filename=info["filename"],
                 language=info["language"], duration=info["duration"],
                 segment_count=info["segment_count"],
+                no_speech=info["silent"] and info["segment_count"] == 0,
             ))
             log.info("job done: %d chunks, %d segments", embedded, info["segment_count"])
         else:

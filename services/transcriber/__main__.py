@@ -51,7 +51,9 @@ async def main() -> None:
         return _languages[message.job_id]
 
     def work(message: JobDiarized):
-        language = language_for(message) if message.turns else None
+        if not message.turns:  # nobody talks in this chunk (a silent recording)
+            return [], message.options.language
+        language = language_for(message)
         audio = read_pcm(client, message.pcm_bucket, message.pcm_key, message.span)
         return transcribe_chunk(model, audio, message.span.start, message.turns, language,
                                 settings.whisper_beam_size)
