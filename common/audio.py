@@ -19,27 +19,58 @@ class AudioTooLong(ValueError):
     pass
 
 
+# What a recording can be. Anything outside is refused before decoding: a crafted header with a
+# 1 Hz sample rate would otherwise be resampled 16,000-fold in memory.
+MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 8_000, 192_000
+MAX_CHANNELS = 8
+# Only containers of audio (and video with sound) and no other data: demuxers that open further
+# files or URLs (HLS playlists, concat lists, image sequences...) are not on the list, and no
+# protocol but local files may be opened.
+AUDIO_DEMUXERS = ("wav,w64,mp3,aac,mov,ogg,matroska,flac,aiff,caf,amr,au,asf,wv,ape,tta,ac3,eac3,dts,"
+                  "truehd,mpeg,mpegts,avi,flv,gsm,voc,mp2")
+OPEN_OPTIONS = {"format_whitelist": AUDIO_DEMUXERS, "protocol_whitelist": "file,pipe"}
+
+
+def _open(source: str | BinaryIO):
+    return av.open(source, mode="r", metadata_errors="ignore", options=OPEN_OPTIONS)
+
+
+def _audio_stream(container):
+    """The first audio stream, if its format is one a recording can have."""
+    if not container.streams.audio:
+        raise UndecodableAudio("the file has no audio stream")
+    stream = container.streams.audio[0]
+    rate, channels = stream.codec_context.sample_rate, stream.codec_context.channels
+    if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+        raise UndecodableAudio(f"unsupported sample rate {rate} Hz (8-192 kHz accepted)")
+    if channels > MAX_CHANNELS:
+        raise UndecodableAudio(f"{channels} channels (at most {MAX_CHANNELS} accepted)")
+    return stream
+
+
+def _too_long(max_seconds: float) -> AudioTooLong:
+    return AudioTooLong(f"the audio is longer than the limit of {max_seconds / 3600:g} h")
+
+
 def decode_audio(source: str | BinaryIO, max_seconds: float | None = None) -> np.ndarray:
-    """Decode the first audio stream to float32 mono at 16 kHz in [-1, 1]."""
+    """Decode the first audio stream to float32 mono at 16 kHz in [-1, 1]. The length limit is
+    checked on the header's duration and on the decoded input, before resampling."""
     pieces: list[np.ndarray] = []
-    decoded = 0
-    limit = int(max_seconds * SAMPLE_RATE) if max_seconds else None
+    decoded_s = 0.0
     try:
-        with av.open(source, mode="r", metadata_errors="ignore") as container:
-            if not container.streams.audio:
-                raise UndecodableAudio("the file has no audio stream")
-            stream = container.streams.audio[0]
+        with _open(source) as container:
+            stream = _audio_stream(container)
+            if max_seconds and stream.duration and stream.time_base:
+                if float(stream.duration * stream.time_base) > max_seconds:
+                    raise _too_long(max_seconds)
             resampler = av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE)
             for frame in container.decode(stream):
+                decoded_s += frame.samples / (frame.sample_rate or SAMPLE_RATE)
+                if max_seconds and decoded_s > max_seconds:
+                    raise _too_long(max_seconds)
                 frame.pts = None  # let the resampler ignore gaps in timestamps
                 for out in resampler.resample(frame):
-                    samples = out.to_ndarray().reshape(-1)
-                    pieces.append(samples)
-                    decoded += samples.size
-                if limit is not None and decoded > limit:
-                    raise AudioTooLong(
-                        f"the audio is longer than the limit of {max_seconds / 3600:g} h"
-                    )
+                    pieces.append(out.to_ndarray().reshape(-1))
             for out in resampler.resample(None):
                 pieces.append(out.to_ndarray().reshape(-1))
     except (UndecodableAudio, AudioTooLong):
@@ -54,13 +85,11 @@ def decode_audio(source: str | BinaryIO, max_seconds: float | None = None) -> np
 
 
 def probe_audio(source: BinaryIO) -> None:
-    """Cheap check that `source` is decodable audio: opens it and decodes the first frames.
-    Raises UndecodableAudio with a message a user understands."""
+    """Cheap check that `source` is decodable audio of an accepted format: opens it and decodes
+    the first frames. Raises UndecodableAudio with a message a user understands."""
     try:
-        with av.open(source, mode="r", metadata_errors="ignore") as container:
-            if not container.streams.audio:
-                raise UndecodableAudio("the file has no audio stream")
-            stream = container.streams.audio[0]
+        with _open(source) as container:
+            stream = _audio_stream(container)
             for index, frame in enumerate(container.decode(stream)):
                 if frame.samples > 0:
                     return

@@ -11,7 +11,7 @@ from common.audio import SAMPLE_RATE, AudioTooLong, UndecodableAudio, decode_aud
 from common.messages import JobOptions
 from common.settings import Settings
 from services.diarizer.pipeline import make_diarizer
-from tests.audio_files import encode
+from tests.audio_files import encode, wav_header
 
 
 @pytest.mark.parametrize("container, codec, rate", [
@@ -59,3 +59,30 @@ def test_auto_backend_without_usable_pyannote_falls_back_to_offline():
 def test_explicit_pyannote_backend_refuses_to_start_when_unusable():
     with pytest.raises(SystemExit, match="cannot load the pyannote pipeline"):
         make_diarizer(Settings(diarization_backend="pyannote", hf_token="hf_x"))
+
+
+@pytest.mark.parametrize(("rate", "channels", "says"), [
+    (1, 1, "sample rate 1 Hz"), (7_000, 1, "sample rate 7000 Hz"), (16_000, 9, "9 channels")])
+def test_formats_no_recording_has_are_refused_before_decoding(rate, channels, says):
+    crafted = wav_header(200_000, rate=rate, channels=channels) + bytes(200_000)
+    for attempt in (probe_audio, decode_audio):
+        with pytest.raises(UndecodableAudio, match=says):
+            attempt(io.BytesIO(crafted))
+
+
+def test_a_list_of_other_files_is_not_audio(tmp_path, monkeypatch, fixtures_dir):
+    """FFmpeg's concat demuxer would read a file named in the upload from the server's disk."""
+    (tmp_path / "secret.flac").write_bytes((fixtures_dir / "jfk.flac").read_bytes())
+    monkeypatch.chdir(tmp_path)
+    playlist = b"ffconcat version 1.0\nfile 'secret.flac'\n"
+    with pytest.raises(UndecodableAudio):
+        probe_audio(io.BytesIO(playlist))
+    with pytest.raises(UndecodableAudio):
+        decode_audio(io.BytesIO(playlist))
+
+
+def test_the_length_limit_is_checked_on_the_input():
+    flac = encode(np.zeros(20 * 8000, dtype=np.float32), "flac", "flac", 8000, channels=1, sample_rate=8000)
+    with pytest.raises(AudioTooLong, match="longer than the limit"):
+        decode_audio(io.BytesIO(flac), max_seconds=10)
+    assert decode_audio(io.BytesIO(flac), max_seconds=30).size == 20 * SAMPLE_RATE

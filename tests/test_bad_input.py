@@ -70,6 +70,8 @@ CASES = [
     Case("zero bytes", lambda: b"", status=400, says="empty"),
     Case("corrupt WAV header", lambda: b"RIFF\x10\x00\x00\x00WAVEfmX " + b"\x00" * 5000, status=415, says="not audio"),
     Case("WAV header only, no samples", lambda: wav_header(0), status=415, says="not audio"),
+    Case("1 Hz sample rate (crafted)", lambda: wav_header(100_000, rate=1) + bytes(100_000), status=415, says="sample rate 1 Hz"),
+    Case("9 channels", lambda: wav_header(96_000, channels=9) + bytes(96_000), status=415, says="9 channels"),
     Case("WAV truncated mid-header", lambda: wav(jfk())[:30], status=415, says="not audio"),
     Case("WAV truncated to 0.3 s", lambda: wav(jfk())[:44 + 9600], job="done", says="no speech"),
     Case("FLAC truncated to its header", lambda: fixture("jfk.flac")[:2000], "jfk.flac", status=415, says="not audio"),
