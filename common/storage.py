@@ -7,6 +7,7 @@ import io
 import json
 from typing import BinaryIO
 
+import urllib3
 from minio import Minio
 from minio.error import S3Error
 
@@ -20,13 +21,20 @@ def pcm_key(job_id: int) -> str:
     return f"pcm/{job_id}.s16le"
 
 
-def make_client(settings: Settings) -> Minio:
+def make_client(settings: Settings, timeout_s: float | None = None) -> Minio:
+    """The S3 client; with `timeout_s`, one whose calls give up after that long on a silent
+    endpoint and are not retried (for health checks; minio's default waits 5 minutes)."""
+    http_client = None
+    if timeout_s is not None:
+        http_client = urllib3.PoolManager(timeout=urllib3.Timeout(connect=timeout_s, read=timeout_s),
+                                          retries=urllib3.Retry(total=0), maxsize=1)
     return Minio(
         settings.minio_endpoint,
         access_key=settings.minio_access_key,
         secret_key=settings.minio_secret_key.get_secret_value(),
         secure=settings.minio_secure,
         region=settings.minio_region,
+        http_client=http_client,
     )
 
 

@@ -33,6 +33,7 @@ from services.ingest.auth import api_key_middleware, request_owner
 from services.ingest.errors import error_responses as _errors
 from services.ingest.inbox import INBOX_EVENTS_QUEUE, RESULTS_QUEUE, Inbox
 from services.ingest.jobs import clean_filename, create_upload_job, status_document
+from services.ingest.readiness import CHECK_TIMEOUT_S, ObjectStoreProbe, run_checks
 from services.ingest.transcripts import TRANSCRIPT_ROUTES
 
 log = logging.getLogger("services.ingest")
@@ -147,15 +148,6 @@ async def healthz() -> dict[str, str]:
 
 @get("/readyz", summary="Readiness: PostgreSQL, RabbitMQ and the object store answer")
 async def readyz(state: State) -> Response[dict[str, Any]]:
-    checks: dict[str, str] = {}
-
-    async def check(name: str, probe) -> None:
-        try:
-            await asyncio.wait_for(probe(), timeout=3)
-            checks[name] = "ok"
-        except Exception as exc:
-            checks[name] = f"unavailable ({type(exc).__name__})"
-
     async def database() -> None:
         await state.pool.fetchval("SELECT 1")
 
@@ -163,11 +155,7 @@ async def readyz(state: State) -> Response[dict[str, Any]]:
         if state.connection.is_closed or state.bus.channel.is_closed:
             raise ConnectionError("closed")
 
-    async def object_store() -> None:
-        if not await asyncio.to_thread(state.s3.bucket_exists, state.settings.audio_bucket):
-            raise LookupError("bucket missing")
-
-    await asyncio.gather(check("postgres", database), check("rabbitmq", broker), check("object_store", object_store))
+    checks = await run_checks({"postgres": database, "rabbitmq": broker, "object_store": state.s3_probe})
     ready = all(v == "ok" for v in checks.values())
     return Response({"status": "ready" if ready else "unavailable", "checks": checks},
                     status_code=200 if ready else 503)
@@ -208,6 +196,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         state = app.state
         state.settings = settings
         state.s3 = make_client(settings)
+        state.s3_probe = ObjectStoreProbe(make_client(settings, timeout_s=CHECK_TIMEOUT_S), settings.audio_bucket)
         await asyncio.to_thread(ensure_buckets, state.s3, settings.audio_bucket, settings.inbox_bucket)
         state.pool = await create_pool(settings)
         await apply_migrations(state.pool)
@@ -227,6 +216,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             await asyncio.gather(*tasks, return_exceptions=True)
             await state.connection.close()
             await state.pool.close()
+            state.s3_probe.close()
 
     return Litestar(
         route_handlers=[recognize, job_status, healthz, readyz, metrics, *TRANSCRIPT_ROUTES],
