@@ -49,6 +49,8 @@ class Settings(BaseSettings):
     api_host: str = "0.0.0.0"
     api_port: int = 8000
     max_upload_mb: int = Field(default=2048, ge=1)
+    # Uploads streaming in at once (each spools to disk); more get 503 with Retry-After.
+    max_concurrent_uploads: int = Field(default=16, ge=1)
     # Comma-separated keys; when set, every endpoint but /healthz, /readyz and /metrics needs one
     # (`Authorization: Bearer <key>` or `X-API-Key: <key>`), and a job is visible only to its key.
     api_keys: SecretStr | None = None

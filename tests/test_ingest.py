@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import time
+
 import httpx
 import pytest
 
-from tests.conftest import Stack
+from tests.conftest import Stack, running_stack
 
 
 def post(stack: Stack, content: bytes, name: str = "audio.mp3", data: dict | None = None) -> httpx.Response:
@@ -71,3 +74,47 @@ def test_health_readiness_and_openapi(stack):
     schema = httpx.get(f"{stack.api}/docs/openapi.json").json()
     assert {"/recognize", "/status/{job_id}"} <= set(schema["paths"])
     assert "swagger" in httpx.get(f"{stack.api}/docs/").text.lower()
+
+
+@pytest.fixture(scope="module")
+def two_uploads_at_once(tmp_path_factory):
+    with running_stack(tmp_path_factory, MAX_CONCURRENT_UPLOADS="2") as running:
+        yield running
+
+
+def slow_upload(stack: Stack, audio: bytes, seconds: float) -> httpx.Response:
+    """A multipart upload whose body trickles in over `seconds` (a slow client or a big file)."""
+    boundary = "slowboundary"
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"slow.wav\"\r\n"
+            f"Content-Type: audio/wav\r\n\r\n").encode()
+
+    def body():
+        yield head
+        pieces = 10
+        step = len(audio) // pieces + 1
+        for i in range(0, len(audio), step):
+            time.sleep(seconds / pieces)
+            yield audio[i:i + step]
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    return httpx.post(f"{stack.api}/recognize", content=body(), timeout=60,
+                      headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+
+
+def test_uploads_beyond_the_bound_are_told_to_retry(two_uploads_at_once, fixtures_dir):
+    stack = two_uploads_at_once
+    audio = (fixtures_dir / "jfk.flac").read_bytes()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        slow = [pool.submit(slow_upload, stack, audio, 4.0) for _ in range(2)]
+        time.sleep(1.5)  # both are streaming in now
+        started = time.monotonic()
+        refused = stack.submit(fixtures_dir / "jfk.flac")
+        refused_after = time.monotonic() - started
+        accepted = [future.result() for future in slow]
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "5", refused.text
+    assert "uploads are in progress" in refused.json()["detail"] and refused_after < 1.0
+    assert [r.status_code for r in accepted] == [202, 202], [r.text for r in accepted]
+    later = stack.submit(fixtures_dir / "jfk.flac")  # the slots are free again
+    assert later.status_code == 202, later.text
+    for job_id in [*(r.json()["id"] for r in accepted), later.json()["id"]]:
+        assert stack.wait_finished(job_id)["status"] == "done"

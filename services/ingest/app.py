@@ -29,6 +29,7 @@ from common.messages import JobOptions, Stage
 from common.metrics import http_metrics_middleware, watch_queue_depths
 from common.settings import Settings, get_settings
 from common.storage import ensure_buckets, make_client
+from services.ingest.admission import upload_limit_middleware
 from services.ingest.auth import api_key_middleware, request_owner
 from services.ingest.errors import error_responses as _errors
 from services.ingest.inbox import INBOX_EVENTS_QUEUE, RESULTS_QUEUE, Inbox
@@ -221,7 +222,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
     return Litestar(
         route_handlers=[recognize, job_status, healthz, readyz, metrics, *TRANSCRIPT_ROUTES],
         lifespan=[lifespan],
-        middleware=[http_metrics_middleware, api_key_middleware(settings)],  # metrics first: 401s count
+        middleware=[http_metrics_middleware, api_key_middleware(settings),  # metrics first: 401s count
+                    upload_limit_middleware(settings.max_concurrent_uploads)],
         exception_handlers={ClientException: clearer_client_error,
                             **{cls: service_unavailable for cls in DATABASE_UNAVAILABLE}},
         logging_config=None,  # keep the project's log format (common.logs)
