@@ -166,3 +166,38 @@ async def test_concurrent_start_ups_apply_migrations_once(stack):
     finally:
         await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         await admin.close()
+
+
+async def test_an_event_that_cannot_be_published_is_set_aside_and_later_ones_flow(stack, fixtures_dir):
+    connection = await aio_pika.connect(stack.amqp_url)
+    try:
+        channel = await connection.channel()
+        exchange = await channel.declare_exchange("stt.events", aio_pika.ExchangeType.TOPIC, durable=True)
+        queue = await channel.declare_queue(exclusive=True)
+        await queue.bind(exchange, "transcript.completed")
+        # Two rows no subscriber could be given: an unknown event and a body that is not one.
+        bad_ids = [r["id"] for r in stack.query(
+            "INSERT INTO outbox (routing_key, body) VALUES ('transcript.exploded', '{}'::jsonb),"
+            " ('transcript.completed', '{\"transcript_id\": \"not a number\"}'::jsonb) RETURNING id")]
+        job_id = stack.submit(fixtures_dir / "jfk.flac").json()["id"]
+        assert (await asyncio.to_thread(stack.wait_finished, job_id))["status"] == "done"
+        completed = None
+        deadline = time.monotonic() + 30
+        while completed is None and time.monotonic() < deadline:
+            message = await queue.get(fail=False)
+            if message is None:
+                await asyncio.sleep(0.2)
+                continue
+            await message.ack()
+            body = json.loads(message.body)
+            if body["transcript_id"] == job_id:
+                completed = body
+        assert completed is not None, "the job's completion never came out"
+    finally:
+        await connection.close()
+    dead = stack.query("SELECT id, routing_key, error FROM outbox_dead WHERE id = ANY($1::bigint[]) ORDER BY id",
+                       bad_ids)
+    assert [(r["id"], r["routing_key"]) for r in dead] == [(bad_ids[0], "transcript.exploded"),
+                                                           (bad_ids[1], "transcript.completed")]
+    assert "KeyError" in dead[0]["error"] and "ValidationError" in dead[1]["error"]
+    assert stack.value("SELECT count(*) FROM outbox WHERE id = ANY($1::bigint[])", bad_ids) == 0

@@ -153,7 +153,9 @@ def test_bucket_drop_becomes_one_job_with_a_result_file(stack, fixtures_dir):
     assert document["status"] == "done", document
     assert len({s["speaker"] for s in document["segments"]}) == 2
     assert "sales" in normalised(" ".join(s["text"] for s in document["segments"]))
+    sequence = stack.value("SELECT last_value FROM transcripts_id_seq")
     time.sleep(3)  # several more reconcile scans
+    assert stack.value("SELECT last_value FROM transcripts_id_seq") == sequence  # no id spent per scan
     jobs = [r["id"] for r in stack.query(
         "SELECT id FROM transcripts WHERE source = 'bucket' AND source_key = $1", "calls/en dialogue.wav")]
     assert len(jobs) == 1, jobs  # scans keep running: still exactly one job

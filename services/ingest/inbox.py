@@ -80,9 +80,13 @@ class Inbox:
         bucket = self.settings.inbox_bucket
         async with self.pool.acquire() as conn, conn.transaction():
             # An object whose job the user deleted stays deleted (until its content changes).
+            # Checking for the row first keeps each scan from spending a sequence value on every
+            # object it lists (ON CONFLICT alone takes one per attempted insert).
             await conn.execute(
                 "INSERT INTO transcripts (filename, source, source_bucket, source_key, source_etag)"
                 " SELECT $1, 'bucket', $2, $3, $4 WHERE NOT EXISTS (SELECT 1 FROM deleted_drops"
+                " WHERE source_bucket = $2 AND source_key = $3 AND source_etag = $4)"
+                " AND NOT EXISTS (SELECT 1 FROM transcripts"
                 " WHERE source_bucket = $2 AND source_key = $3 AND source_etag = $4)"
                 " ON CONFLICT DO NOTHING",
                 clean_filename(key.rsplit("/", 1)[-1]), bucket, key, etag,
@@ -127,8 +131,16 @@ class Inbox:
             lambda: list(self.s3.list_objects(self.settings.inbox_bucket, recursive=True))
         )
         for obj in objects:
-            if self.is_input(obj.object_name):
+            if not self.is_input(obj.object_name):
+                continue
+            try:
                 await self.register(obj.object_name, _clean_etag(obj.etag))
+            except DATABASE_UNAVAILABLE:
+                raise  # everything would fail: the scan as a whole tries again
+            except Exception:
+                # One object that cannot be taken (gone since the listing, unreadable...) must
+                # not keep every object after it from being seen; it is tried again next scan.
+                log.exception("bucket drop %s could not be registered; skipped this scan", obj.object_name)
         ended = await self.pool.fetch(
             "SELECT id FROM transcripts WHERE source = 'bucket' AND status <> 'processing'"
             " AND NOT result_written"

@@ -8,7 +8,7 @@ import asyncio
 import logging
 
 import asyncpg
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from common.broker import Bus
 from common.messages import (
@@ -288,13 +288,31 @@ async def flush_outbox(pool: asyncpg.Pool, bus: Bus) -> int:
                 )
                 if not rows:
                     return published
+                done = []
                 for row in rows:
-                    await bus.publish_event(EVENTS[row["routing_key"]].model_validate(row["body"]))
-                await conn.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])",
-                                   [row["id"] for row in rows])
-                published += len(rows)
+                    try:
+                        event = EVENTS[row["routing_key"]].model_validate(row["body"])
+                    except (KeyError, ValidationError) as exc:
+                        await _set_aside(conn, row, f"{type(exc).__name__}: {str(exc)[:300]}")
+                        continue
+                    await bus.publish_event(event)
+                    done.append(row["id"])
+                await conn.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])", done)
+                published += len(done)
         finally:
             await conn.execute("SELECT pg_advisory_unlock($1)", OUTBOX_LOCK_KEY)
+
+
+async def _set_aside(conn: asyncpg.Connection, row: asyncpg.Record, error: str) -> None:
+    """Move an event that can never be published out of the way of the ones after it."""
+    async with conn.transaction():
+        await conn.execute(
+            "INSERT INTO outbox_dead (id, routing_key, body, created_at, error)"
+            " SELECT id, routing_key, body, created_at, $2 FROM outbox WHERE id = $1"
+            " ON CONFLICT (id) DO NOTHING", row["id"], error)
+        await conn.execute("DELETE FROM outbox WHERE id = $1", row["id"])
+    log.error("outbox event %d (%s) cannot be published and was set aside in outbox_dead: %s",
+              row["id"], row["routing_key"], error)
 
 
 async def run_outbox_flusher(pool: asyncpg.Pool, bus: Bus, wake: asyncio.Event,
