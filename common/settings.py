@@ -6,7 +6,7 @@ from __future__ import annotations
 from functools import cache
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -54,6 +54,8 @@ class Settings(BaseSettings):
     # Comma-separated keys; when set, every endpoint but /healthz, /readyz and /metrics needs one
     # (`Authorization: Bearer <key>` or `X-API-Key: <key>`), and a job is visible only to its key.
     api_keys: SecretStr | None = None
+    # With API_KEYS: the key whose caller owns bucket-drop jobs (one of API_KEYS).
+    inbox_api_key: SecretStr | None = None
 
     # Input limits (checked after decoding)
     max_audio_hours: float = Field(default=6.0, gt=0)
@@ -93,6 +95,12 @@ class Settings(BaseSettings):
     @property
     def max_upload_bytes(self) -> int:
         return self.max_upload_mb * 1024 * 1024
+
+    @model_validator(mode="after")
+    def _inbox_key_is_an_api_key(self) -> Settings:
+        if self.inbox_api_key and self.inbox_api_key.get_secret_value() not in self.api_key_list:
+            raise ValueError("INBOX_API_KEY must be one of API_KEYS")
+        return self
 
 
 @cache

@@ -21,6 +21,7 @@ from cli.app import app, clock
 from tests.conftest import Stack, running_stack
 
 API_KEY = "cli-key-0b7d2e"
+OTHER_KEY = "cli-key-other-5c1a"
 # The console script pip installed next to this interpreter.
 STT = str(Path(sys.executable).parent / "stt")
 SRT_CUE = re.compile(r"^\d+\n\d{2}:\d{2}:\d{2},\d{3} --> \d{2}:\d{2}:\d{2},\d{3}\n(spk_\d+): \S.*$")
@@ -28,7 +29,7 @@ SRT_CUE = re.compile(r"^\d+\n\d{2}:\d{2}:\d{2},\d{3} --> \d{2}:\d{2}:\d{2},\d{3}
 
 @pytest.fixture(scope="module")
 def keyed_stack(tmp_path_factory, fixtures_dir) -> Iterator[Stack]:
-    with running_stack(tmp_path_factory, API_KEYS=API_KEY) as stack:
+    with running_stack(tmp_path_factory, API_KEYS=f"{API_KEY},{OTHER_KEY}", INBOX_API_KEY=API_KEY) as stack:
         yield stack
 
 
@@ -244,3 +245,19 @@ def test_clock():
     assert clock(1.5) == "00:01.5"
     assert clock(59.96) == "01:00.0"
     assert clock(3723.4) == "1:02:03.4"
+
+
+def test_bucket_drops_belong_to_the_inbox_key(keyed_stack, fixtures_dir):
+    keyed_stack.s3().fput_object("inbox", "cli/drop.flac", str(fixtures_dir / "jfk.flac"))
+    deadline = time.monotonic() + 120
+    rows = []
+    while not rows and time.monotonic() < deadline:
+        rows = keyed_stack.query("SELECT id FROM transcripts WHERE source_key = 'cli/drop.flac'")
+        time.sleep(0.5)
+    assert rows, "the drop never became a job"
+    job_id = rows[0]["id"]
+    result = stt(keyed_stack, "status", str(job_id), "--json")  # as INBOX_API_KEY's caller
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["status"] in ("processing", "done")
+    other = stt(keyed_stack, "status", str(job_id), "--json", STT_API_KEY=OTHER_KEY)
+    assert other.returncode != 0 and "404" in other.stderr  # another key: as if it did not exist

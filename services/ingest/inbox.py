@@ -20,6 +20,7 @@ from common.logs import current_job
 from common.messages import JobSubmitted, TranscriptCompleted
 from common.settings import Settings
 from common.storage import pcm_key, remove_if_present, upload_json
+from services.ingest.auth import owner_of
 from services.ingest.jobs import clean_filename, status_document, upload_key
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,9 @@ def _clean_etag(etag: str | None) -> str:
 class Inbox:
     def __init__(self, settings: Settings, pool: asyncpg.Pool, bus: Bus, s3: Minio):
         self.settings, self.pool, self.bus, self.s3 = settings, pool, bus, s3
+        # With API keys on, bucket drops belong to INBOX_API_KEY's caller (else to nobody's key).
+        inbox_key = settings.inbox_api_key.get_secret_value() if settings.inbox_api_key else None
+        self.owner = owner_of(inbox_key) if settings.api_key_list and inbox_key else None
 
     def is_input(self, key: str) -> bool:
         return bool(key) and not key.endswith("/") and not key.startswith(self.settings.results_prefix)
@@ -83,13 +87,13 @@ class Inbox:
             # Checking for the row first keeps each scan from spending a sequence value on every
             # object it lists (ON CONFLICT alone takes one per attempted insert).
             await conn.execute(
-                "INSERT INTO transcripts (filename, source, source_bucket, source_key, source_etag)"
-                " SELECT $1, 'bucket', $2, $3, $4 WHERE NOT EXISTS (SELECT 1 FROM deleted_drops"
+                "INSERT INTO transcripts (filename, source, source_bucket, source_key, source_etag, owner)"
+                " SELECT $1, 'bucket', $2, $3, $4, $5 WHERE NOT EXISTS (SELECT 1 FROM deleted_drops"
                 " WHERE source_bucket = $2 AND source_key = $3 AND source_etag = $4)"
                 " AND NOT EXISTS (SELECT 1 FROM transcripts"
                 " WHERE source_bucket = $2 AND source_key = $3 AND source_etag = $4)"
                 " ON CONFLICT DO NOTHING",
-                clean_filename(key.rsplit("/", 1)[-1]), bucket, key, etag,
+                clean_filename(key.rsplit("/", 1)[-1]), bucket, key, etag, self.owner,
             )
             job_id = await conn.fetchval(
                 "SELECT id FROM transcripts WHERE source_bucket = $1 AND source_key = $2"
