@@ -35,6 +35,7 @@ from aio_pika.abc import (
 from pydantic import BaseModel, ValidationError
 
 from common import metrics
+from common.failures import failure_category
 from common.logs import current_job
 from common.messages import Contract, JobFailed
 from common.settings import Settings
@@ -276,8 +277,8 @@ async def consume(
                 else:
                     log.exception("%s failed after %d attempts; failing the job", routing_key, attempt + 1)
                     await _fail_job(bus, parsed, service,
-                                    f"{service} failed after {attempt + 1} attempts: {reason}",
-                                    permanent=False)
+                                    f"{service} failed after {attempt + 1} attempts: "
+                                    f"{failure_category(exc)}, retries exhausted", permanent=False)
                     await _park(bus, message, headers, routing_key, reason)
                     await message.ack()
                     return "dead_lettered"
