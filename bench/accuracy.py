@@ -25,6 +25,7 @@ from bench.common import (
     DEFAULT_FIXTURES,
     bench_settings,
     cpwer_counts,
+    der_counts,
     fmt,
     load_components,
     load_fixtures,
@@ -64,28 +65,6 @@ PREVIOUS = {
     "sample": ((0.200, 16.340), (4.240, 24.350), 2),
     "jfk": (None, None, 2),
 }
-
-
-def der_counts(reference: list[tuple[str, float, float]], hypothesis: list[tuple[str, float, float]],
-               collar: float) -> tuple[float, float]:
-    """pyannote.metrics DER as (error seconds, reference seconds); `collar` is the total width."""
-    import warnings
-
-    from pyannote.core import Annotation, Segment
-    from pyannote.metrics.diarization import DiarizationErrorRate
-
-    def annotation(turns):
-        a = Annotation()
-        for i, (speaker, start, end) in enumerate(turns):
-            if end > start:
-                a[Segment(start, end), i] = speaker
-        return a
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        details = DiarizationErrorRate(collar=collar, skip_overlap=False)(
-            annotation(reference), annotation(hypothesis), detailed=True)
-    return details["diarization error rate"] * details["total"], details["total"]
 
 
 def bare_whisper(model, waveform: np.ndarray, beam_size: int) -> str:

@@ -153,9 +153,12 @@ def cpwer_counts(reference: list[tuple[str, str]], hypothesis: list[tuple[str, s
     return int(result.errors), int(result.length)
 
 
-def der(reference: list[tuple[str, float, float]], hypothesis: list[tuple[str, float, float]],
-        collar: float) -> float:
-    """pyannote.metrics DER; `collar` is the total width (0.5 = +-0.25 s)."""
+def der_counts(reference: list[tuple[str, float, float]], hypothesis: list[tuple[str, float, float]],
+               collar: float) -> tuple[float, float]:
+    """pyannote.metrics DER as (error seconds, reference seconds), overlap scored; `collar` is
+    the total width (0.5 = +-0.25 s). Pool files by summing both."""
+    import warnings
+
     from pyannote.core import Annotation, Segment
     from pyannote.metrics.diarization import DiarizationErrorRate
 
@@ -166,8 +169,18 @@ def der(reference: list[tuple[str, float, float]], hypothesis: list[tuple[str, f
                 a[Segment(start, end), i] = speaker
         return a
 
-    metric = DiarizationErrorRate(collar=collar, skip_overlap=False)
-    return float(metric(annotation(reference), annotation(hypothesis)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        details = DiarizationErrorRate(collar=collar, skip_overlap=False)(
+            annotation(reference), annotation(hypothesis), detailed=True)
+    return details["diarization error rate"] * details["total"], details["total"]
+
+
+def der(reference: list[tuple[str, float, float]], hypothesis: list[tuple[str, float, float]],
+        collar: float) -> float:
+    """pyannote.metrics DER of one file; `collar` is the total width (0.5 = +-0.25 s)."""
+    error, total = der_counts(reference, hypothesis, collar)
+    return error / total if total else 0.0
 
 
 # ---- audio ----------------------------------------------------------------------------------
