@@ -48,7 +48,7 @@ DEAD_EXCHANGE = "stt.dead"
 DEAD_LETTERS_QUEUE = "stt.dead-letters"
 PERSISTER_DEAD_QUEUE = "stt.persister.dead"
 
-# The routing keys each stage consumes: the contract of DESIGN.md.
+# The routing keys each stage consumes: the contract of docs/design.md.
 STAGE_BINDINGS: dict[str, list[str]] = {
     "diarizer": ["job.submitted"],
     "transcriber": ["job.diarized"],

@@ -1,6 +1,6 @@
 """The contracts between services: every message on the `stt` exchange and every event on
 `stt.events` is one of these models. Change a field only together with every producer,
-consumer and test that uses it (see DESIGN.md)."""
+consumer and test that uses it (see docs/design.md)."""
 
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 SERVICES = ("ingest", "diarizer", "transcriber", "embedder", "persister")
 WORKERS = SERVICES[1:]
-STAGE_WORKERS = ("diarizer", "transcriber", "embedder")  # no database credentials (DESIGN.md)
+STAGE_WORKERS = ("diarizer", "transcriber", "embedder")  # no database credentials (docs/design.md)
 SETTINGS = [name.upper() for name in Settings.model_fields]
 SECRET_SETTINGS = [name.upper() for name, field in Settings.model_fields.items()
                    if "SecretStr" in str(field.annotation)]
