@@ -15,6 +15,7 @@ import secrets
 import signal
 import sys
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -488,9 +489,11 @@ async def watch_events(amqp_url: str, job_id: int | None, api: str, api_key: str
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, end, 0)
         channel = await connection.channel()
-        exchange = await channel.declare_exchange(EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
+        # A passive look-up: a subscriber needs only read access to the exchange, not configure.
+        exchange = await channel.get_exchange(EVENTS_EXCHANGE, ensure=True)
         # Our own queue, gone when we disconnect: watching leaves nothing behind on the broker.
-        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        # Named sub.*: what a subscriber-only RabbitMQ user may create (README: Subscribing).
+        queue = await channel.declare_queue(f"sub.watch.{uuid.uuid4().hex}", exclusive=True, auto_delete=True)
         for routing_key in WATCHED_ROUTING_KEYS:
             await queue.bind(exchange, routing_key)
         await queue.consume(on_message, no_ack=True)

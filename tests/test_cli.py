@@ -3,6 +3,7 @@ keys on (so every call proves the key is sent)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -14,11 +15,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import aio_pika
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from cli.app import app, clock
-from tests.conftest import Stack, running_stack
+from tests.conftest import ROOT, Stack, running_stack
 
 API_KEY = "cli-key-0b7d2e"
 OTHER_KEY = "cli-key-other-5c1a"
@@ -261,3 +264,45 @@ def test_bucket_drops_belong_to_the_inbox_key(keyed_stack, fixtures_dir):
     assert json.loads(result.stdout)["status"] in ("processing", "done")
     other = stt(keyed_stack, "status", str(job_id), "--json", STT_API_KEY=OTHER_KEY)
     assert other.returncode != 0 and "404" in other.stderr  # another key: as if it did not exist
+
+
+def subscriber_permissions() -> dict[str, str]:
+    """The permissions compose gives its subscriber user (deploy/compose.yaml, rabbitmq-init)."""
+    command = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text())["services"]["rabbitmq-init"]["command"][0]
+    return json.loads(re.search(r"-d '(\{\"configure\".*?\})'", command)[1].replace("$$", "$"))
+
+
+def test_watch_as_a_subscriber_that_can_only_read_events(keyed_stack, fixtures_dir):
+    vhost = keyed_stack.amqp_url.rsplit("/", 1)[1]
+    user, password = f"{vhost}-subscriber", "subscriber-secret"
+    permissions = subscriber_permissions()
+    subprocess.run(["rabbitmqctl", "add_user", user, password], check=True, capture_output=True)
+    subprocess.run(["rabbitmqctl", "set_permissions", "-p", vhost, user, permissions["configure"],
+                    permissions["write"], permissions["read"]], check=True, capture_output=True)
+    amqp_url = f"amqp://{user}:{password}@127.0.0.1:5672/{vhost}"
+    try:
+        watcher = Background(["watch"], cli_env(keyed_stack, AMQP_URL=amqp_url))
+        try:
+            watcher.wait_for(r"watching stt\.events", timeout=60)
+            submitted = stt(keyed_stack, "submit", str(fixtures_dir / "jfk.flac"), "--no-wait")
+            job_id = int(submitted.stdout.strip())
+            watcher.wait_for(rf"^job {job_id} done: jfk\.flac")
+        finally:
+            assert watcher.stop() == 0, watcher.output
+
+        async def try_to_publish() -> str:
+            connection = await aio_pika.connect(amqp_url)
+            try:
+                channel = await connection.channel(publisher_confirms=True)
+                exchange = await channel.get_exchange("stt", ensure=False)
+                await exchange.publish(aio_pika.Message(b"{}"), routing_key="job.submitted")
+                await asyncio.sleep(0.5)
+                return "published"
+            except Exception as exc:
+                return type(exc).__name__
+            finally:
+                await connection.close()
+
+        assert asyncio.run(try_to_publish()) != "published"  # it cannot start or fake jobs
+    finally:
+        subprocess.run(["rabbitmqctl", "delete_user", user], capture_output=True)
