@@ -14,7 +14,7 @@ wheel.
 
 Windows stream through both models in batches: model activations and filterbanks exist for one
 batch at a time; what is kept for the clustering is one byte per frame and local speaker, one
-embedding per local speaker and one per probe (about 20 MB per hour). Deterministic: no sampling
+embedding per local speaker and one per probe (about 10 MB per hour). Deterministic: no sampling
 anywhere.
 """
 
