@@ -11,7 +11,7 @@ def failure_category(exc: BaseException) -> str:
     code = getattr(exc, "code", None)
     if module == "minio" and code in ("NoSuchKey", "NoSuchBucket"):
         return "the stored audio is missing"
-    if module in ("minio", "urllib3") or name in ("MaxRetryError", "NewConnectionError"):
+    if module in ("minio", "urllib3"):
         return "storage unavailable"
     if module == "asyncpg":
         return "database unavailable"

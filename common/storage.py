@@ -38,11 +38,6 @@ def make_client(settings: Settings, timeout_s: float | None = None) -> Minio:
     )
 
 
-def remove_if_present(client: Minio, bucket: str, key: str) -> None:
-    """Delete an object; one that is already gone is fine (S3's DELETE is idempotent)."""
-    client.remove_object(bucket, key)
-
-
 def ensure_buckets(client: Minio, *buckets: str) -> None:
     for bucket in buckets:
         try:

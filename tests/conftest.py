@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import aio_pika
 import asyncpg
 import httpx
 import pytest
@@ -57,6 +58,15 @@ def wait_for_port(port: int, timeout: float = 60) -> None:
                 return
         time.sleep(0.2)
     raise TimeoutError(f"nothing listens on port {port}")
+
+
+async def events_queue(channel: aio_pika.abc.AbstractChannel, *routing_keys: str) -> aio_pika.abc.AbstractQueue:
+    """An exclusive queue bound to stt.events for these routing keys, as a subscriber makes one."""
+    exchange = await channel.declare_exchange("stt.events", aio_pika.ExchangeType.TOPIC, durable=True)
+    queue = await channel.declare_queue(exclusive=True)
+    for routing_key in routing_keys:
+        await queue.bind(exchange, routing_key)
+    return queue
 
 
 def rabbitmqctl(*args: str) -> None:

@@ -20,7 +20,7 @@ from common.messages import (
     SpeakerTurn,
     TimeSpan,
 )
-from tests.conftest import Stack
+from tests.conftest import Stack, events_queue
 
 
 async def publish(stack: Stack, *messages: Contract) -> None:
@@ -53,10 +53,7 @@ async def test_duplicates_and_out_of_order_chunks_store_each_segment_once(stack)
     conn = await asyncpg.connect(stack.database_url)
     events = await aio_pika.connect(stack.amqp_url)
     try:
-        channel = await events.channel()
-        exchange = await channel.declare_exchange("stt.events", aio_pika.ExchangeType.TOPIC, durable=True)
-        queue = await channel.declare_queue(exclusive=True)
-        await queue.bind(exchange, "transcript.*")
+        queue = await events_queue(await events.channel(), "transcript.*")
 
         job_id = await conn.fetchval("INSERT INTO transcripts (filename) VALUES ('handmade.wav') RETURNING id")
         chunk0 = [segment(0, 0.0, "first"), segment(1, 1.5, "second", "spk_1")]
@@ -172,10 +169,7 @@ async def test_concurrent_start_ups_apply_migrations_once(stack):
 async def test_an_event_that_cannot_be_published_is_set_aside_and_later_ones_flow(stack, fixtures_dir):
     connection = await aio_pika.connect(stack.amqp_url)
     try:
-        channel = await connection.channel()
-        exchange = await channel.declare_exchange("stt.events", aio_pika.ExchangeType.TOPIC, durable=True)
-        queue = await channel.declare_queue(exclusive=True)
-        await queue.bind(exchange, "transcript.completed")
+        queue = await events_queue(await connection.channel(), "transcript.completed")
         # Two rows no subscriber could be given: an unknown event and a body that is not one.
         bad_ids = [r["id"] for r in stack.query(
             "INSERT INTO outbox (routing_key, body) VALUES ('transcript.exploded', '{}'::jsonb),"

@@ -11,7 +11,7 @@ import aio_pika
 import httpx
 import pytest
 
-from tests.conftest import Stack
+from tests.conftest import Stack, events_queue
 
 
 def normalised(text: str) -> str:
@@ -101,10 +101,7 @@ async def test_job_record_has_language_duration_and_progress(finished, stack):
 async def test_subscriber_receives_segment_events_and_one_completion(stack, fixtures_dir):
     connection = await aio_pika.connect(stack.amqp_url)
     try:
-        channel = await connection.channel()
-        exchange = await channel.declare_exchange("stt.events", aio_pika.ExchangeType.TOPIC, durable=True)
-        queue = await channel.declare_queue(exclusive=True)
-        await queue.bind(exchange, "#")
+        queue = await events_queue(await connection.channel(), "#")
         response = stack.submit(fixtures_dir / "jfk.flac")
         job_id = response.json()["id"]
         await asyncio.to_thread(stack.wait_finished, job_id)

@@ -14,7 +14,6 @@ from common.messages import SpeakerTurn
 # A pause this short inside one speaker's talk is part of the turn (the AMI references are
 # annotated that way); bridging it also keeps words from being split between segments.
 SAME_SPEAKER_GAP_S = 0.5
-MIN_TURN_S = 0.0
 # A probe must prefer another speaker by this much cosine similarity to relabel a frame.
 RECHECK_MARGIN = 0.1
 
@@ -112,7 +111,7 @@ def turns_from_binary(binary: np.ndarray, frame_step_s: float, frame_duration_s:
             else:
                 spans.append([start, end])
         for start, end in spans:
-            if end - start > MIN_TURN_S:
+            if end > start:
                 turns.append(SpeakerTurn(speaker=labels[k], start=round(max(0.0, start), 3),
                                          end=round(end, 3)))
     return sorted(turns, key=lambda t: (t.start, t.end, t.speaker))

@@ -24,7 +24,6 @@ WINDOW_SAMPLES = int(WINDOW_S * SAMPLE_RATE)
 STEP_S = 2.5
 STEP_SAMPLES = int(STEP_S * SAMPLE_RATE)
 BATCH_WINDOWS = 16  # windows per forward pass: bounds memory on long files
-MODEL_NAME = "pyannote/segmentation-3.0"
 
 
 @dataclass(frozen=True)

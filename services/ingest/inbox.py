@@ -19,7 +19,7 @@ from common.db import DATABASE_UNAVAILABLE
 from common.logs import current_job
 from common.messages import JobSubmitted, TranscriptCompleted
 from common.settings import Settings
-from common.storage import pcm_key, remove_if_present, upload_json
+from common.storage import pcm_key, upload_json
 from services.ingest.auth import owner_of
 from services.ingest.jobs import clean_filename, status_document, upload_key
 
@@ -82,6 +82,7 @@ class Inbox:
         """Make the object a job unless it already is one (bucket, key, etag); dispatch it if
         it was never published. Returns the job id when this call dispatched it."""
         bucket = self.settings.inbox_bucket
+        filename = clean_filename(key.rsplit("/", 1)[-1])
         async with self.pool.acquire() as conn, conn.transaction():
             # An object whose job the user deleted stays deleted (until its content changes).
             # Checking for the row first keeps each scan from spending a sequence value on every
@@ -93,7 +94,7 @@ class Inbox:
                 " AND NOT EXISTS (SELECT 1 FROM transcripts"
                 " WHERE source_bucket = $2 AND source_key = $3 AND source_etag = $4)"
                 " ON CONFLICT DO NOTHING",
-                clean_filename(key.rsplit("/", 1)[-1]), bucket, key, etag, self.owner,
+                filename, bucket, key, etag, self.owner,
             )
             job_id = await conn.fetchval(
                 "SELECT id FROM transcripts WHERE source_bucket = $1 AND source_key = $2"
@@ -112,7 +113,7 @@ class Inbox:
                 await self.bus.publish(JobSubmitted(
                     message_id=f"job.submitted:{job_id}", job_id=job_id,
                     audio_bucket=self.settings.audio_bucket, audio_key=audio_key,
-                    filename=clean_filename(key.rsplit("/", 1)[-1]),
+                    filename=filename,
                 ))
                 await conn.execute(
                     "UPDATE transcripts SET published = true, audio_key = $2 WHERE id = $1",
@@ -178,8 +179,8 @@ class Inbox:
     async def on_job_ended(self, event: JobEnded, _bus: Bus) -> None:
         await self.write_result(event.transcript_id)
         # The decoded PCM is an intermediate of the stages: once the job has ended nothing reads it.
-        await asyncio.to_thread(remove_if_present, self.s3, self.settings.audio_bucket,
-                                pcm_key(event.transcript_id))
+        # (S3's DELETE of a key already gone succeeds, so a redelivered ending is harmless.)
+        await asyncio.to_thread(self.s3.remove_object, self.settings.audio_bucket, pcm_key(event.transcript_id))
 
     async def run_scanner(self) -> None:
         while True:

@@ -10,6 +10,7 @@ import asyncpg
 from minio import Minio
 
 from common.broker import Bus
+from common.db import NO_SPEECH_COLUMN
 from common.messages import STAGE_OF_SERVICE, STAGES, JobOptions, JobSubmitted
 from common.storage import upload_stream
 
@@ -86,9 +87,8 @@ async def status_document(pool: asyncpg.Pool | asyncpg.Connection, job_id: int,
     """What GET /status/{id} returns (and the result file of a bucket drop). With `owner`
     (API keys on), another key's job is None, as if it did not exist."""
     job = await pool.fetchrow(
-        "SELECT status, stage, progress, error, owner,"
-        " NOT EXISTS (SELECT 1 FROM speaker_turns WHERE transcript_id = $1) AS silent"
-        " FROM transcripts WHERE id = $1", job_id
+        f"SELECT status, stage, progress, error, owner, {NO_SPEECH_COLUMN} FROM transcripts WHERE id = $1",
+        job_id,
     )
     if job is None or (owner is not None and job["owner"] != owner):
         return None
@@ -108,7 +108,7 @@ async def status_document(pool: asyncpg.Pool | asyncpg.Connection, job_id: int,
         ],
     }
     # Done with nobody talking: a silent recording is a result (as hosted APIs report it).
-    document["no_speech"] = job["status"] == "done" and job["silent"] and not rows
+    document["no_speech"] = job["no_speech"]
     if job["status"] == "error":
         document["error"] = job["error"]
     return document

@@ -24,7 +24,7 @@ class ObjectStoreProbe:
         if self.running is not None and not self.running.done():
             raise TimeoutError("the previous check has not answered yet")
         self.running = self.executor.submit(self.client.bucket_exists, self.bucket)
-        if not await asyncio.wait_for(asyncio.wrap_future(self.running), timeout=CHECK_TIMEOUT_S):
+        if not await asyncio.wrap_future(self.running):  # run_checks bounds the wait
             raise LookupError("bucket missing")
 
     def close(self) -> None:

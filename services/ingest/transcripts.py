@@ -23,6 +23,7 @@ from minio import Minio
 from minio.error import S3Error
 from pydantic import BaseModel, Field
 
+from common.db import NO_SPEECH_COLUMN
 from common.messages import SpeakerTurn, Stage
 from common.settings import Settings
 from common.storage import pcm_key
@@ -195,8 +196,8 @@ def _visible(row: asyncpg.Record | None, owner: str | None) -> bool:
 
 async def fetch_transcript(pool: asyncpg.Pool, job_id: int, owner: str | None,
                            with_words: bool) -> TranscriptDocument | None:
-    job = await pool.fetchrow(f"SELECT {_SUMMARY_COLUMNS}, error, owner FROM transcripts WHERE id = $1",
-                              job_id)
+    job = await pool.fetchrow(
+        f"SELECT {_SUMMARY_COLUMNS}, error, owner, {NO_SPEECH_COLUMN} FROM transcripts WHERE id = $1", job_id)
     if not _visible(job, owner):
         return None
     rows = await pool.fetch(
@@ -215,9 +216,7 @@ async def fetch_transcript(pool: asyncpg.Pool, job_id: int, owner: str | None,
         for r in rows
     ]
     error = job["error"] if job["status"] == "error" else None
-    silent = job["status"] == "done" and not segments and not await pool.fetchval(
-        "SELECT EXISTS (SELECT 1 FROM speaker_turns WHERE transcript_id = $1)", job_id)
-    return TranscriptDocument(**_summary_fields(job), error=error, no_speech=silent, segments=segments)
+    return TranscriptDocument(**_summary_fields(job), error=error, no_speech=job["no_speech"], segments=segments)
 
 
 async def fetch_turns(pool: asyncpg.Pool, job_id: int) -> list[SpeakerTurn]:

@@ -11,6 +11,7 @@ import asyncpg
 from pydantic import BaseModel, ValidationError
 
 from common.broker import Bus
+from common.db import NO_SPEECH_COLUMN
 from common.messages import (
     EVENTS,
     STAGE_OF_SERVICE,
@@ -212,13 +213,13 @@ async def on_embedded(pool: asyncpg.Pool, message: ChunkEmbedded) -> bool:
         )
         if embedded >= message.chunk_count:
             info = await conn.fetchrow(
-                """
+                f"""
                 UPDATE transcripts SET status = 'done', stage = 'done', progress = 1,
                     completed_at = now(), updated_at = now()
                 WHERE id = $1
                 RETURNING filename, language, duration,
                     (SELECT count(*) FROM segments WHERE transcript_id = $1) AS segment_count,
-                    NOT EXISTS (SELECT 1 FROM speaker_turns WHERE transcript_id = $1) AS silent
+                    {NO_SPEECH_COLUMN}
                 """,
                 message.job_id,
             )
@@ -227,7 +228,7 @@ async def on_embedded(pool: asyncpg.Pool, message: ChunkEmbedded) -> bool:
                 job_id=message.job_id, transcript_id=message.job_id, filename=info["filename"],
                 language=info["language"], duration=info["duration"],
                 segment_count=info["segment_count"],
-                no_speech=info["silent"] and info["segment_count"] == 0,
+                no_speech=info["no_speech"],
             ))
             log.info("job done: %d chunks, %d segments", embedded, info["segment_count"])
         else:
