@@ -27,13 +27,14 @@ from common.db import DATABASE_UNAVAILABLE, apply_migrations, create_pool
 from common.logs import current_job
 from common.messages import JobOptions, Stage
 from common.metrics import http_metrics_middleware, watch_queue_depths
+from common.outbox import run_outbox_flusher
 from common.settings import Settings, get_settings
-from common.storage import ensure_buckets, make_client
+from common.storage import ensure_buckets, make_client, upload_stream
 from services.ingest.admission import upload_limit_middleware
 from services.ingest.auth import api_key_middleware, request_owner
 from services.ingest.errors import error_responses as _errors
 from services.ingest.inbox import INBOX_EVENTS_QUEUE, RESULTS_QUEUE, Inbox
-from services.ingest.jobs import clean_filename, create_upload_job, status_document
+from services.ingest.jobs import clean_filename, create_job, status_document
 from services.ingest.readiness import CHECK_TIMEOUT_S, ObjectStoreProbe, run_checks
 from services.ingest.transcripts import TRANSCRIPT_ROUTES
 
@@ -115,8 +116,10 @@ async def recognize(
         raise HTTPException(status_code=415, detail=detail) from exc
     stream.seek(0)
     try:
-        job_id = await create_upload_job(state.pool, state.bus, state.s3, state.settings.audio_bucket,
-                                         filename, options, stream, owner=request_owner(request))
+        job_id = await create_job(
+            state.pool, state.s3, state.settings.audio_bucket,
+            lambda key: upload_stream(state.s3, state.settings.audio_bucket, key, stream),
+            filename=filename, options=options, owner=request_owner(request), outbox_wake=state.outbox_wake)
     except Exception as exc:
         log.exception("could not submit %r", filename)
         raise Unavailable(detail=f"the job could not be queued ({type(exc).__name__}); try again later") from exc
@@ -203,9 +206,11 @@ def create_app(settings: Settings | None = None) -> Litestar:
         await apply_migrations(state.pool)
         state.connection = await connect(settings, "ingest")
         state.bus = await open_bus(state.connection, settings)
-        inbox = Inbox(settings, state.pool, state.bus, state.s3)
+        state.outbox_wake = asyncio.Event()
+        inbox = Inbox(settings, state.pool, state.s3, state.outbox_wake)
         queues = watched_queues(INBOX_EVENTS_QUEUE, RESULTS_QUEUE)
-        tasks = [asyncio.create_task(inbox.run_scanner()),
+        tasks = [asyncio.create_task(run_outbox_flusher(state.pool, state.bus, state.outbox_wake)),
+                 asyncio.create_task(inbox.run_scanner()),
                  asyncio.create_task(inbox.run_consumers(state.connection)),
                  asyncio.create_task(watch_queue_depths(state.connection, queues))]
         log.info("ingest ready on %s:%d", settings.api_host, settings.api_port)

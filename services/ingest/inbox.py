@@ -17,11 +17,11 @@ from pydantic import BaseModel, Field
 from common.broker import EVENTS_EXCHANGE, Bus, Route, consume
 from common.db import DATABASE_UNAVAILABLE
 from common.logs import current_job
-from common.messages import JobSubmitted, TranscriptCompleted
+from common.messages import JobOptions, TranscriptCompleted
 from common.settings import Settings
 from common.storage import pcm_key, upload_json
 from services.ingest.auth import owner_of
-from services.ingest.jobs import clean_filename, status_document, upload_key
+from services.ingest.jobs import BucketDrop, clean_filename, create_job, status_document
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +69,8 @@ def _clean_etag(etag: str | None) -> str:
 
 
 class Inbox:
-    def __init__(self, settings: Settings, pool: asyncpg.Pool, bus: Bus, s3: Minio):
-        self.settings, self.pool, self.bus, self.s3 = settings, pool, bus, s3
+    def __init__(self, settings: Settings, pool: asyncpg.Pool, s3: Minio, outbox_wake: asyncio.Event):
+        self.settings, self.pool, self.s3, self.outbox_wake = settings, pool, s3, outbox_wake
         # With API keys on, bucket drops belong to INBOX_API_KEY's caller (else to nobody's key).
         inbox_key = settings.inbox_api_key.get_secret_value() if settings.inbox_api_key else None
         self.owner = owner_of(inbox_key) if settings.api_key_list and inbox_key else None
@@ -79,50 +79,31 @@ class Inbox:
         return bool(key) and not key.endswith("/") and not key.startswith(self.settings.results_prefix)
 
     async def register(self, key: str, etag: str) -> int | None:
-        """Make the object a job unless it already is one (bucket, key, etag); dispatch it if
-        it was never published. Returns the job id when this call dispatched it."""
+        """Make the object a job unless it already is one (bucket, key, ETag) or its job was
+        deleted. Returns the job id when this call made it."""
         bucket = self.settings.inbox_bucket
-        filename = clean_filename(key.rsplit("/", 1)[-1])
-        async with self.pool.acquire() as conn, conn.transaction():
-            # An object whose job the user deleted stays deleted (until its content changes).
-            # Checking for the row first keeps each scan from spending a sequence value on every
-            # object it lists (ON CONFLICT alone takes one per attempted insert).
-            await conn.execute(
-                "INSERT INTO transcripts (filename, source, source_bucket, source_key, source_etag, owner)"
-                " SELECT $1, 'bucket', $2, $3, $4, $5 WHERE NOT EXISTS (SELECT 1 FROM deleted_drops"
-                " WHERE source_bucket = $2 AND source_key = $3 AND source_etag = $4)"
-                " AND NOT EXISTS (SELECT 1 FROM transcripts"
-                " WHERE source_bucket = $2 AND source_key = $3 AND source_etag = $4)"
-                " ON CONFLICT DO NOTHING",
-                filename, bucket, key, etag, self.owner,
-            )
-            job_id = await conn.fetchval(
-                "SELECT id FROM transcripts WHERE source_bucket = $1 AND source_key = $2"
-                " AND source_etag = $3 AND NOT published FOR UPDATE SKIP LOCKED",
-                bucket, key, etag,
-            )
-            if job_id is None:
-                return None
+        # Checking first keeps each scan from spending a sequence value on every object it lists.
+        if await self.pool.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM transcripts WHERE source_bucket = $1 AND source_key = $2"
+            " AND source_etag = $3) OR EXISTS (SELECT 1 FROM deleted_drops WHERE source_bucket = $1"
+            " AND source_key = $2 AND source_etag = $3)", bucket, key, etag):
+            return None
+
+        def copy(audio_key: str) -> None:
+            # Only the version this job is made for: an object overwritten meanwhile is a new
+            # drop (new ETag), not this job under the old identity.
+            self.s3.copy_object(self.settings.audio_bucket, audio_key,
+                                CopySource(bucket, key, match_etag=etag or None))
+
+        job_id = await create_job(
+            self.pool, self.s3, self.settings.audio_bucket, copy,
+            filename=clean_filename(key.rsplit("/", 1)[-1]), options=JobOptions(), owner=self.owner,
+            outbox_wake=self.outbox_wake, drop=BucketDrop(bucket, key, etag))
+        if job_id is not None:
             token = current_job.set(job_id)
-            try:
-                audio_key = upload_key(job_id)
-                # Only the version this job was made for: an object overwritten meanwhile is a
-                # new drop (new ETag), not this job under the old identity.
-                await asyncio.to_thread(self.s3.copy_object, self.settings.audio_bucket, audio_key,
-                                        CopySource(bucket, key, match_etag=etag or None))
-                await self.bus.publish(JobSubmitted(
-                    message_id=f"job.submitted:{job_id}", job_id=job_id,
-                    audio_bucket=self.settings.audio_bucket, audio_key=audio_key,
-                    filename=filename,
-                ))
-                await conn.execute(
-                    "UPDATE transcripts SET published = true, audio_key = $2 WHERE id = $1",
-                    job_id, audio_key,
-                )
-                log.info("bucket drop %s/%s became a job", bucket, key)
-            finally:
-                current_job.reset(token)
-            return job_id
+            log.info("bucket drop %s/%s became a job", bucket, key)
+            current_job.reset(token)
+        return job_id
 
     async def on_event(self, event: BucketEvent, _bus: Bus) -> None:
         for record in event.Records:

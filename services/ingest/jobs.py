@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import BinaryIO
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import asyncpg
 from minio import Minio
 
-from common.broker import Bus
 from common.db import NO_SPEECH_COLUMN
+from common.logs import current_job
 from common.messages import STAGE_OF_SERVICE, STAGES, JobOptions, JobSubmitted
-from common.storage import upload_stream
+from common.outbox import add_to_outbox
 
 log = logging.getLogger(__name__)
 
@@ -36,38 +37,62 @@ def clean_filename(name: str | None) -> str:
     return name
 
 
-async def create_upload_job(pool: asyncpg.Pool, bus: Bus, s3: Minio, audio_bucket: str,
-                            filename: str, options: JobOptions, stream: BinaryIO,
-                            owner: str | None = None) -> int:
-    """Row, then audio, then job.submitted. If the upload or the publish fails, the row and
-    object are removed again and the error propagates: no job exists that will never run."""
-    job_id = await pool.fetchval(
-        "INSERT INTO transcripts (filename, source, options, owner) VALUES ($1, 'upload', $2, $3)"
-        " RETURNING id",
-        filename, options.model_dump(exclude_none=True), owner,
-    )
+@dataclass(frozen=True)
+class BucketDrop:
+    """The inbox object a job was made from: one job per (bucket, key, ETag)."""
+
+    bucket: str
+    key: str
+    etag: str
+
+
+async def create_job(pool: asyncpg.Pool, s3: Minio, audio_bucket: str, put_audio: Callable[[str], object],
+                     *, filename: str, options: JobOptions, owner: str | None, outbox_wake: asyncio.Event,
+                     drop: BucketDrop | None = None) -> int | None:
+    """The one way a job comes to exist, for uploads and bucket drops alike.
+
+    An id is reserved, `put_audio(key)` stores the audio at `uploads/{id}`, then the
+    `transcripts` row and its `job.submitted` are committed in one transaction: the outbox
+    publishes the message (now, or after a broker outage or a crash of this process), so a
+    committed job always runs. Anything that fails before the commit leaves no row and no object
+    behind. Returns None when `drop` already is a job (another process made it first) or was
+    deleted by its owner."""
+    job_id = await pool.fetchval("SELECT nextval(pg_get_serial_sequence('transcripts', 'id'))")
     key = upload_key(job_id)
+    token = current_job.set(job_id)
     try:
-        await asyncio.to_thread(upload_stream, s3, audio_bucket, key, stream)
-        await pool.execute("UPDATE transcripts SET audio_key = $2 WHERE id = $1", job_id, key)
-        await bus.publish(JobSubmitted(job_id=job_id, audio_bucket=audio_bucket, audio_key=key,
-                                       filename=filename, options=options))
-    except BaseException:
-        await _discard(pool, s3, audio_bucket, job_id, key)
-        raise
-    await pool.execute("UPDATE transcripts SET published = true WHERE id = $1", job_id)
-    return job_id
+        created = None
+        try:
+            await asyncio.to_thread(put_audio, key)
+            async with pool.acquire() as conn, conn.transaction():
+                created = await conn.fetchval(
+                    "INSERT INTO transcripts (id, filename, source, source_bucket, source_key, source_etag,"
+                    " audio_key, options, owner) SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9"
+                    " WHERE NOT EXISTS (SELECT 1 FROM deleted_drops"
+                    " WHERE source_bucket = $4 AND source_key = $5 AND source_etag = $6)"
+                    " ON CONFLICT DO NOTHING RETURNING id",
+                    job_id, filename, "bucket" if drop else "upload", drop and drop.bucket,
+                    drop and drop.key, drop and drop.etag, key, options.model_dump(exclude_none=True), owner,
+                )
+                if created is not None:
+                    await add_to_outbox(conn, JobSubmitted(
+                        message_id=f"job.submitted:{job_id}", job_id=job_id, audio_bucket=audio_bucket,
+                        audio_key=key, filename=filename, options=options))
+        finally:
+            if created is None:
+                await asyncio.to_thread(_remove_quietly, s3, audio_bucket, key)
+        if created is not None:
+            outbox_wake.set()
+        return created
+    finally:
+        current_job.reset(token)
 
 
-async def _discard(pool: asyncpg.Pool, s3: Minio, bucket: str, job_id: int, key: str) -> None:
+def _remove_quietly(s3: Minio, bucket: str, key: str) -> None:
     try:
-        await asyncio.to_thread(s3.remove_object, bucket, key)
+        s3.remove_object(bucket, key)
     except Exception:
-        log.warning("job %d: could not remove %s after a failed submission", job_id, key)
-    try:
-        await pool.execute("DELETE FROM transcripts WHERE id = $1", job_id)
-    except Exception:
-        log.warning("job %d: could not remove its row after a failed submission", job_id)
+        log.warning("could not remove %s/%s of a submission that did not complete", bucket, key)
 
 
 def percent_done(status: str, progress: float) -> int:

@@ -10,6 +10,8 @@ from common.db import DATABASE_UNAVAILABLE, apply_migrations, create_pool
 from common.logs import setup_logging
 from common.messages import ChunkEmbedded, ChunkTranscribed, JobFailed, JobProgress
 from common.metrics import serve_metrics
+from common.outbox import run_outbox_flusher
+from common.runner import run_worker
 from common.settings import get_settings
 from services.persister import store
 
@@ -41,7 +43,8 @@ async def main() -> None:
     dead_routes = {"*": Route(store.DeadLetter, then_flush(store.on_dead_letter))}
     log.info("persister ready")
     await asyncio.gather(
-        store.run_outbox_flusher(pool, bus, wake),
+        run_outbox_flusher(pool, bus, wake),
+        store.run_stall_reaper(pool, settings.job_stall_timeout_s, wake),
         consume(connection, settings, "persister", routes, prefetch=max(settings.prefetch_count, 16),
                 wait_on=DATABASE_UNAVAILABLE),
         consume(connection, settings, "persister", dead_routes, queue_name=PERSISTER_DEAD_QUEUE,
@@ -50,4 +53,4 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    run_worker(main)

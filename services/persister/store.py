@@ -1,6 +1,6 @@
 """The persister's logic: every state change of a job after submission, and the events that
 announce them. Each handler is one transaction, idempotent under redelivery; events go to the
-outbox table in that same transaction and are published after commit (see flush_outbox)."""
+outbox table in that same transaction and are published after commit (common.outbox)."""
 
 from __future__ import annotations
 
@@ -8,17 +8,15 @@ import asyncio
 import logging
 
 import asyncpg
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
-from common.broker import Bus
 from common.db import NO_SPEECH_COLUMN
+from common.logs import current_job
 from common.messages import (
-    EVENTS,
     STAGE_OF_SERVICE,
     STAGES,
     ChunkEmbedded,
     ChunkTranscribed,
-    Contract,
     JobFailed,
     JobProgress,
     Segment,
@@ -26,11 +24,9 @@ from common.messages import (
     TranscriptCompleted,
     TranscriptFailed,
 )
+from common.outbox import add_to_outbox
 
 log = logging.getLogger(__name__)
-
-OUTBOX_LOCK_KEY = 7_406_501_138
-
 
 class DeadLetter(BaseModel):
     """Any message the broker dead-lettered; only its job matters here."""
@@ -126,13 +122,6 @@ async def _upsert_segments(conn: asyncpg.Connection, job_id: int, chunk_index: i
     )
 
 
-async def _enqueue(conn: asyncpg.Connection, event: Contract) -> None:
-    await conn.execute(
-        "INSERT INTO outbox (routing_key, body) VALUES ($1, $2)",
-        event.ROUTING_KEY, event.model_dump(mode="json"),
-    )
-
-
 async def on_progress(pool: asyncpg.Pool, message: JobProgress) -> None:
     async with pool.acquire() as conn:
         await _advance(conn, message.job_id, message.stage,
@@ -200,7 +189,7 @@ async def on_embedded(pool: asyncpg.Pool, message: ChunkEmbedded) -> bool:
         await _advance(conn, message.job_id, stage, language=message.language,
                        duration=message.duration, chunk_count=message.chunk_count)
         for segment in message.segments:
-            await _enqueue(conn, SegmentCreated(
+            await add_to_outbox(conn, SegmentCreated(
                 message_id=f"segment.created:{message.job_id}:{message.chunk_index}:{segment.index}",
                 job_id=message.job_id, transcript_id=message.job_id,
                 chunk_index=message.chunk_index, index=segment.index, speaker=segment.speaker,
@@ -223,7 +212,7 @@ async def on_embedded(pool: asyncpg.Pool, message: ChunkEmbedded) -> bool:
                 """,
                 message.job_id,
             )
-            await _enqueue(conn, TranscriptCompleted(
+            await add_to_outbox(conn, TranscriptCompleted(
                 message_id=f"transcript.completed:{message.job_id}",
                 job_id=message.job_id, transcript_id=message.job_id, filename=info["filename"],
                 language=info["language"], duration=info["duration"],
@@ -256,12 +245,42 @@ async def fail_job(pool: asyncpg.Pool, job_id: int, stage: str, reason: str) -> 
         )
         if row is None:
             return False
-        await _enqueue(conn, TranscriptFailed(
+        await add_to_outbox(conn, TranscriptFailed(
             message_id=f"transcript.failed:{job_id}", job_id=job_id, transcript_id=job_id,
             filename=row["filename"], reason=reason,
         ))
     log.warning("job failed in %s: %s", stage, reason)
     return True
+
+
+async def fail_stalled_jobs(pool: asyncpg.Pool, timeout_s: float) -> list[int]:
+    """Fail every processing job that has not moved for `timeout_s` (a message lost to an
+    operator's purge, a stage that hangs): it must end, with a reason, and become deletable."""
+    rows = await pool.fetch(
+        "SELECT id FROM transcripts WHERE status = 'processing'"
+        " AND updated_at < now() - make_interval(secs => $1) ORDER BY id", timeout_s)
+    failed = []
+    for row in rows:
+        token = current_job.set(row["id"])
+        try:
+            reason = f"no progress for {timeout_s:g} s (JOB_STALL_TIMEOUT_S); processing was given up"
+            if await fail_job(pool, row["id"], "persister", reason):
+                failed.append(row["id"])
+        finally:
+            current_job.reset(token)
+    return failed
+
+
+async def run_stall_reaper(pool: asyncpg.Pool, timeout_s: float, wake: asyncio.Event) -> None:
+    if timeout_s <= 0:
+        return
+    while True:
+        await asyncio.sleep(min(30.0, max(1.0, timeout_s / 4)))
+        try:
+            if await fail_stalled_jobs(pool, timeout_s):
+                wake.set()
+        except Exception:
+            log.exception("looking for stalled jobs failed; will try again")
 
 
 async def on_failed(pool: asyncpg.Pool, message: JobFailed) -> bool:
@@ -273,58 +292,3 @@ async def on_dead_letter(pool: asyncpg.Pool, message: DeadLetter) -> bool:
         pool, message.job_id, "dead-letter",
         "processing stopped: a stage crashed on this job repeatedly (message dead-lettered)",
     )
-
-
-async def flush_outbox(pool: asyncpg.Pool, bus: Bus) -> int:
-    """Publish committed events in order, then delete them. One flusher at a time across
-    persister replicas (advisory lock), so subscribers see a job's events in order."""
-    published = 0
-    async with pool.acquire() as conn:
-        if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", OUTBOX_LOCK_KEY):
-            return 0
-        try:
-            while True:
-                rows = await conn.fetch(
-                    "SELECT id, routing_key, body FROM outbox ORDER BY id LIMIT 500"
-                )
-                if not rows:
-                    return published
-                done = []
-                for row in rows:
-                    try:
-                        event = EVENTS[row["routing_key"]].model_validate(row["body"])
-                    except (KeyError, ValidationError) as exc:
-                        await _set_aside(conn, row, f"{type(exc).__name__}: {str(exc)[:300]}")
-                        continue
-                    await bus.publish_event(event)
-                    done.append(row["id"])
-                await conn.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])", done)
-                published += len(done)
-        finally:
-            await conn.execute("SELECT pg_advisory_unlock($1)", OUTBOX_LOCK_KEY)
-
-
-async def _set_aside(conn: asyncpg.Connection, row: asyncpg.Record, error: str) -> None:
-    """Move an event that can never be published out of the way of the ones after it."""
-    async with conn.transaction():
-        await conn.execute(
-            "INSERT INTO outbox_dead (id, routing_key, body, created_at, error)"
-            " SELECT id, routing_key, body, created_at, $2 FROM outbox WHERE id = $1"
-            " ON CONFLICT (id) DO NOTHING", row["id"], error)
-        await conn.execute("DELETE FROM outbox WHERE id = $1", row["id"])
-    log.error("outbox event %d (%s) cannot be published and was set aside in outbox_dead: %s",
-              row["id"], row["routing_key"], error)
-
-
-async def run_outbox_flusher(pool: asyncpg.Pool, bus: Bus, wake: asyncio.Event,
-                             interval_s: float = 2.0) -> None:
-    while True:
-        try:
-            await asyncio.wait_for(wake.wait(), timeout=interval_s)
-        except TimeoutError:
-            pass
-        wake.clear()
-        try:
-            await flush_outbox(pool, bus)
-        except Exception:
-            log.exception("publishing events failed; will try again")

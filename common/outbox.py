@@ -1,0 +1,96 @@
+"""The transactional outbox: a message is written to the `outbox` table in the same transaction
+as the state it belongs to, and published after commit by whichever service's flusher holds the
+lock (docs/design.md, "Guarantees"). Ingest submits jobs this way (`job.submitted` goes out with
+its `transcripts` row or not at all) and the persister announces events this way.
+
+Work messages go to the `stt` exchange (a message no queue would take raises and stays in the
+outbox); events go to `stt.events`. Rows are published in id order, so a job's messages keep
+their order. A row that can never be published is moved to `outbox_dead` with the reason, and the
+rows after it still flow."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import asyncpg
+from pydantic import ValidationError
+
+from common.broker import Bus
+from common.messages import EVENTS, WORK_MESSAGES, Contract
+
+log = logging.getLogger(__name__)
+
+OUTBOX_LOCK_KEY = 7_406_501_138
+BATCH = 500
+
+
+async def add_to_outbox(conn: asyncpg.Connection, message: Contract) -> None:
+    """Queue `message` for publication when the caller's transaction commits."""
+    await conn.execute(
+        "INSERT INTO outbox (routing_key, body) VALUES ($1, $2)",
+        message.ROUTING_KEY, message.model_dump(mode="json"),
+    )
+
+
+async def flush_outbox(pool: asyncpg.Pool, bus: Bus) -> int:
+    """Publish committed rows in order, then delete them. One flusher at a time across every
+    service and replica (advisory lock), so subscribers see a job's messages in order."""
+    published = 0
+    async with pool.acquire() as conn:
+        if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", OUTBOX_LOCK_KEY):
+            return 0
+        try:
+            while True:
+                rows = await conn.fetch(f"SELECT id, routing_key, body FROM outbox ORDER BY id LIMIT {BATCH}")
+                if not rows:
+                    return published
+                done = []
+                try:
+                    for row in rows:
+                        key = row["routing_key"]
+                        try:
+                            message = (WORK_MESSAGES.get(key) or EVENTS[key]).model_validate(row["body"])
+                        except (KeyError, ValidationError) as exc:
+                            await _set_aside(conn, row, f"{type(exc).__name__}: {str(exc)[:300]}")
+                            continue
+                        if key in WORK_MESSAGES:
+                            await bus.publish(message)
+                        else:
+                            await bus.publish_event(message)
+                        done.append(row["id"])
+                finally:
+                    # What went out is not sent again (at-least-once holds for the rest).
+                    await conn.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])", done)
+                published += len(done)
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", OUTBOX_LOCK_KEY)
+
+
+async def _set_aside(conn: asyncpg.Connection, row: asyncpg.Record, error: str) -> None:
+    """Move a row that can never be published out of the way of the ones after it."""
+    async with conn.transaction():
+        await conn.execute(
+            "INSERT INTO outbox_dead (id, routing_key, body, created_at, error)"
+            " SELECT id, routing_key, body, created_at, $2 FROM outbox WHERE id = $1"
+            " ON CONFLICT (id) DO NOTHING", row["id"], error)
+        await conn.execute("DELETE FROM outbox WHERE id = $1", row["id"])
+    log.error("outbox message %d (%s) cannot be published and was set aside in outbox_dead: %s",
+              row["id"], row["routing_key"], error)
+
+
+async def run_outbox_flusher(pool: asyncpg.Pool, bus: Bus, wake: asyncio.Event,
+                             interval_s: float = 2.0) -> None:
+    """Flush when woken (after a commit that wrote to the outbox) and every `interval_s`, which
+    also publishes what another process committed and could not send (it died, or the broker
+    was away)."""
+    while True:
+        try:
+            await asyncio.wait_for(wake.wait(), timeout=interval_s)
+        except TimeoutError:
+            pass
+        wake.clear()
+        try:
+            await flush_outbox(pool, bus)
+        except Exception:
+            log.exception("publishing from the outbox failed; will try again")
