@@ -34,7 +34,7 @@ from aio_pika.abc import (
 )
 from pydantic import BaseModel, ValidationError
 
-from common import metrics
+from common import metrics, runner
 from common.failures import failure_category
 from common.logs import current_job
 from common.messages import Contract, JobFailed
@@ -101,20 +101,56 @@ async def connect(settings: Settings, name: str) -> AbstractRobustConnection:
             delay = min(delay * 2, 15)
 
 
-async def declare_topology(channel: AbstractChannel, settings: Settings) -> None:
+def diarizer_consumer_timeout_ms(settings: Settings) -> int:
+    """The diarizer holds one delivery for a whole file (its clustering needs all of it), up to
+    MAX_AUDIO_HOURS. It may take as long as the audio lasts before the broker takes it back: far
+    above any real run (0.06 of real time on 2 CPU cores), far below "forever"."""
+    return int(max(1800.0, settings.max_audio_hours * 3600) * 1000)
+
+
+def stage_queue_arguments(service: str, settings: Settings) -> dict[str, Any]:
+    arguments: dict[str, Any] = {
+        "x-queue-type": "quorum",
+        "x-delivery-limit": settings.delivery_limit,
+        "x-dead-letter-exchange": DEAD_EXCHANGE,
+    }
+    if service == "diarizer":
+        # Honoured by RabbitMQ 3.12 and later; older brokers apply their global consumer_timeout.
+        arguments["x-consumer-timeout"] = diarizer_consumer_timeout_ms(settings)
+    return arguments
+
+
+async def _declare_stage_queue(connection: AbstractRobustConnection, channel: AbstractChannel,
+                               service: str, settings: Settings):
+    try:
+        return await channel.declare_queue(stage_queue(service), durable=True,
+                                           arguments=stage_queue_arguments(service, settings))
+    except aio_pika.exceptions.ChannelPreconditionFailed:
+        # Made by an earlier version with other arguments: use it as it is (the broker closed
+        # the channel that asked; ask again on a new one).
+        log.warning("queue %s exists with other arguments than this version declares (%s); using it"
+                    " as it is. Delete it while it is empty to apply them.", stage_queue(service),
+                    stage_queue_arguments(service, settings))
+        probe = await connection.channel()
+        try:
+            await probe.declare_queue(stage_queue(service), passive=True)
+        finally:
+            await probe.close()
+        return None
+
+
+async def declare_topology(connection: AbstractRobustConnection, settings: Settings) -> AbstractChannel:
+    """Declare everything; returns an open channel (a refused declaration closes the one it used)."""
+    channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
     work = await channel.declare_exchange(EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
     await channel.declare_exchange(EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
     dead = await channel.declare_exchange(DEAD_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
     for service, keys in STAGE_BINDINGS.items():
-        queue = await channel.declare_queue(
-            stage_queue(service),
-            durable=True,
-            arguments={
-                "x-queue-type": "quorum",
-                "x-delivery-limit": settings.delivery_limit,
-                "x-dead-letter-exchange": DEAD_EXCHANGE,
-            },
-        )
+        queue = await _declare_stage_queue(connection, channel, service, settings)
+        if queue is None:
+            channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+            work = await channel.get_exchange(EXCHANGE)
+            queue = await channel.get_queue(stage_queue(service))
         for key in keys:
             await queue.bind(work, key)
     for name in (DEAD_LETTERS_QUEUE, PERSISTER_DEAD_QUEUE):
@@ -123,6 +159,7 @@ async def declare_topology(channel: AbstractChannel, settings: Settings) -> None
             arguments={"x-queue-type": "quorum", "x-delivery-limit": settings.delivery_limit},
         )
         await queue.bind(dead, "#")
+    return channel
 
 
 @dataclass
@@ -154,8 +191,7 @@ def _encode(message: Contract, headers: dict[str, Any] | None = None) -> aio_pik
 
 
 async def open_bus(connection: AbstractRobustConnection, settings: Settings) -> Bus:
-    channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-    await declare_topology(channel, settings)
+    channel = await declare_topology(connection, settings)
     work = await channel.get_exchange(EXCHANGE)
     events = await channel.get_exchange(EVENTS_EXCHANGE)
     return Bus(channel=channel, work=work, events=events)
@@ -207,14 +243,25 @@ async def consume(
         )
     queue = await channel.declare_queue(queue_name, passive=True)
 
+    in_hand: dict[int, AbstractIncomingMessage] = {}
+
     async def on_message(message: AbstractIncomingMessage) -> None:
         # Counted and timed here, once for every service (common/metrics.py).
         started = time.perf_counter()
         work, work_token = metrics.begin_message(service)
         outcome: str | None = None
+        in_hand[message.delivery_tag] = message
         try:
             outcome = await settle(message, work)
+        except Exception:
+            # The error path itself failed (publishing job.failed or the parked copy while the
+            # broker went away): the message goes back to the queue, never left unacked.
+            log.exception("could not settle a %s message; returning it to the queue", queue_name)
+            if not message.processed and not channel.is_closed:
+                await message.nack(requeue=True)
+            outcome = "requeued"
         finally:
+            in_hand.pop(message.delivery_tag, None)
             metrics.end_message(work, work_token, queue_name, outcome, started)
 
     async def settle(message: AbstractIncomingMessage, work: metrics.Work) -> str:
@@ -294,9 +341,41 @@ async def consume(
             current_job.reset(token)
 
     metrics.consuming(service, queue_name)
-    await queue.consume(on_message)
+    drained = runner.draining()
+    consumer_tag = await queue.consume(on_message)
     log.info("consuming %s (prefetch %d)", queue_name, prefetch or settings.prefetch_count)
-    await asyncio.Future()  # run until cancelled
+    try:
+        await runner.stopping().wait()
+        await queue.cancel(consumer_tag)
+        deadline = time.monotonic() + settings.shutdown_grace_s
+        while in_hand and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        for message in list(in_hand.values()):
+            await _hand_back(bus, message, queue_name)
+    finally:
+        if not drained.done():
+            drained.set_result(None)
+
+
+async def _hand_back(bus: Bus, message: AbstractIncomingMessage, queue_name: str) -> None:
+    """Return an unfinished message to its queue as a new copy, then ack the original: unlike a
+    nack or a closed channel, this spends none of the broker's delivery limit (a replica that
+    stops is not a crash) and no retry."""
+    token = current_job.set(_job_id_of(message.body))
+    headers = dict(message.headers or {})
+    routing_key = str(headers.get(ROUTING_KEY_HEADER) or message.routing_key)
+    try:
+        await bus.channel.default_exchange.publish(
+            aio_pika.Message(body=message.body, content_type=message.content_type,
+                             delivery_mode=aio_pika.DeliveryMode.PERSISTENT, message_id=message.message_id,
+                             type=message.type, headers={**headers, ROUTING_KEY_HEADER: routing_key}),
+            routing_key=queue_name, mandatory=True)
+        await message.ack()
+        log.info("stopping: unfinished %s handed back to %s", routing_key, queue_name)
+    except Exception:
+        log.exception("stopping: could not hand back a message; the broker will redeliver it")
+    finally:
+        current_job.reset(token)
 
 
 async def _run_waiting_out_outages(handler: Handler, parsed: BaseModel, bus: Bus,

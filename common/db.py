@@ -13,13 +13,21 @@ from common.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# The database is down or restarting (as opposed to a bad query): worth waiting for.
+# The database is down, restarting or failing over (as opposed to a bad or slow query): worth
+# waiting for, holding the message, spending no retry. By SQLSTATE: class 08 (connection),
+# 53300 too many connections, 25006 read-only transaction (a replica promoted mid-failover),
+# 57P01-57P03 shutting down or starting up. Not 57014 (statement timeout, also class 57): a slow
+# statement is this job's error, retried like any other and failed when retries run out.
 DATABASE_UNAVAILABLE: tuple[type[BaseException], ...] = (
     OSError,
     asyncio.TimeoutError,
     asyncpg.InterfaceError,
     asyncpg.PostgresConnectionError,
-    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.TooManyConnectionsError,
+    asyncpg.exceptions.ReadOnlySQLTransactionError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+    asyncpg.exceptions.CannotConnectNowError,
 )
 
 # A `transcripts` column: the job is done and nobody talks in it (the diarizer found no turns, so

@@ -24,12 +24,18 @@ class Settings(BaseSettings):
     retry_delays_s: str = "5,30,120"
     # Deliveries of one message (worker crashes included) before the broker dead-letters it.
     delivery_limit: int = Field(default=5, ge=1)
+    # On SIGTERM a worker finishes what it holds for this long, then hands the rest back.
+    shutdown_grace_s: float = Field(default=30.0, ge=0)
 
     # Prometheus /metrics port of a stage worker (0: off). Ingest serves /metrics on API_PORT.
     metrics_port: int = Field(default=9100, ge=0, le=65535)
 
     # PostgreSQL (ingest and persister only; stage workers never see it)
     database_url: SecretStr = SecretStr("postgresql://postgres@127.0.0.1:5432/stt")
+    # A processing job with no progress for this long is failed with a reason (0: never). Keep it
+    # above the longest wait a job may spend queued plus the longest single step (the diarizer
+    # on one whole file: about 15 minutes for 4 hours of audio on 2 CPU cores).
+    job_stall_timeout_s: float = Field(default=21600.0, ge=0)
 
     # Object store (MinIO or any S3)
     minio_endpoint: str = "127.0.0.1:9000"

@@ -196,3 +196,29 @@ async def test_an_event_that_cannot_be_published_is_set_aside_and_later_ones_flo
                                                            (bad_ids[1], "transcript.completed")]
     assert "KeyError" in dead[0]["error"] and "ValidationError" in dead[1]["error"]
     assert stack.value("SELECT count(*) FROM outbox WHERE id = ANY($1::bigint[])", bad_ids) == 0
+
+
+async def test_database_errors_are_told_apart_by_sqlstate(stack):
+    """What PostgreSQL itself raises: an outage is waited out (the message held, no retry
+    spent); a statement timeout is this job's error and is retried, then fails the job."""
+    from common.db import DATABASE_UNAVAILABLE
+
+    conn = await asyncpg.connect(stack.database_url)
+    try:
+        raised = {}
+        await conn.execute("SET statement_timeout = 50")
+        try:
+            await conn.execute("SELECT pg_sleep(2)")
+        except asyncpg.PostgresError as exc:
+            raised["statement timeout"] = exc
+        await conn.execute("RESET statement_timeout")
+        await conn.execute("SET default_transaction_read_only = on")  # as on a standby mid-failover
+        try:
+            await conn.execute("INSERT INTO transcripts (filename) VALUES ('read-only.wav')")
+        except asyncpg.PostgresError as exc:
+            raised["read-only"] = exc
+    finally:
+        await conn.close()
+    assert {name: exc.sqlstate for name, exc in raised.items()} == {"statement timeout": "57014", "read-only": "25006"}
+    assert not isinstance(raised["statement timeout"], DATABASE_UNAVAILABLE)
+    assert isinstance(raised["read-only"], DATABASE_UNAVAILABLE)

@@ -11,6 +11,7 @@ from common.broker import Bus, PermanentError, Route, connect, consume
 from common.logs import setup_logging
 from common.messages import JobDiarized, JobProgress, JobSubmitted
 from common.metrics import add_audio_seconds, serve_metrics
+from common.runner import run_worker
 from common.settings import get_settings
 from common.storage import download_to, make_client, pcm_key, upload_bytes
 from services.diarizer.pipeline import language_probe, make_diarizer, plan_chunks
@@ -68,4 +69,4 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    run_worker(main)

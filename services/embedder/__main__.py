@@ -11,6 +11,7 @@ from common.broker import Bus, Route, connect, consume
 from common.logs import setup_logging
 from common.messages import ChunkEmbedded, ChunkTranscribed
 from common.metrics import serve_metrics
+from common.runner import run_worker
 from common.settings import get_settings
 from services.embedder.backends import make_embedder
 
@@ -46,4 +47,4 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    run_worker(main)

@@ -13,6 +13,7 @@ from common.broker import Bus, Route, connect, consume
 from common.logs import setup_logging
 from common.messages import ChunkTranscribed, JobDiarized, TimeSpan
 from common.metrics import add_audio_seconds, serve_metrics
+from common.runner import run_worker
 from common.settings import get_settings
 from common.storage import make_client, read_range
 from services.transcriber.whisper import detect_language, load_model, transcribe_chunk
@@ -78,4 +79,4 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    run_worker(main)

@@ -1,0 +1,64 @@
+"""How a stage worker process runs: `run_worker(main)` in every `__main__`.
+
+On SIGTERM (Kubernetes scaling a replica down, `docker compose stop`) or SIGINT the worker stops
+taking messages and lets the ones it holds finish for up to SHUTDOWN_GRACE_S. A message still
+unfinished then is handed back to its queue as a fresh copy (the original acked), so it spends no
+delivery attempt of the broker's delivery limit and no retry; another replica takes it. Then the
+process exits 0, without waiting for a model call it can no longer use."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import Awaitable, Callable
+
+log = logging.getLogger(__name__)
+
+_stopping: asyncio.Event | None = None
+_drained: list[asyncio.Future] = []
+
+
+def stopping() -> asyncio.Event:
+    """Set once the process was asked to stop (one event per process)."""
+    global _stopping
+    if _stopping is None:
+        _stopping = asyncio.Event()
+    return _stopping
+
+
+def draining() -> asyncio.Future:
+    """A consumer's promise to resolve once it has stopped and settled what it held."""
+    future = asyncio.get_running_loop().create_future()
+    _drained.append(future)
+    return future
+
+
+async def _supervise(main: Callable[[], Awaitable[None]], grace_s: float) -> int:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping().set)
+    work = asyncio.create_task(main())
+    asked = asyncio.create_task(stopping().wait())
+    await asyncio.wait({work, asked}, return_when=asyncio.FIRST_COMPLETED)
+    if work.done():
+        asked.cancel()
+        work.result()  # a crash is a crash: raise it
+        return 0
+    log.info("stopping: no new messages; up to %.0f s for the ones in hand", grace_s)
+    if _drained:
+        # Each consumer hands back what is unfinished at the end of the grace period itself.
+        await asyncio.wait(_drained, timeout=grace_s + 5)
+    log.info("stopped")
+    return 0
+
+
+def run_worker(main: Callable[[], Awaitable[None]]) -> None:
+    from common.settings import get_settings
+
+    code = asyncio.run(_supervise(main, get_settings().shutdown_grace_s))
+    logging.shutdown()
+    # Threads still inside a model call would keep the interpreter alive; their messages are
+    # already back in the queue.
+    os._exit(code)

@@ -1,0 +1,153 @@
+"""How a consumer settles what it holds when it stops or when its own error path fails, on the
+real broker. A worker asked to stop (SIGTERM on scale-down) hands back what it holds without
+spending a delivery attempt: on a queue whose delivery limit is 1, a nack or a closed channel
+would drop the message; handing it back keeps it whole and unredelivered."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import subprocess
+import uuid
+from collections.abc import Iterator
+
+import aio_pika
+import pytest
+
+from common import runner
+from common.broker import PermanentError, Route, connect, consume, open_bus, stage_queue
+from common.messages import JobProgress, JobSubmitted
+from tests.conftest import Stack, rabbitmqctl
+
+QUEUE = "test.shutdown"
+
+
+@pytest.fixture
+def fresh_runner():
+    yield
+    runner._stopping = None
+    runner._drained.clear()
+
+
+async def test_a_stopping_consumer_hands_back_its_message_without_spending_a_delivery(stack: Stack, fresh_runner):
+    settings = stack.settings(shutdown_grace_s=0.5)
+    connection = await connect(settings, "test-shutdown")
+    try:
+        channel = await connection.channel()
+        await channel.queue_delete(QUEUE)
+        queue = await channel.declare_queue(QUEUE, durable=True, arguments={
+            "x-queue-type": "quorum", "x-delivery-limit": 1})
+        sent = JobProgress(job_id=424242, stage="transcribing")
+        await channel.default_exchange.publish(
+            aio_pika.Message(sent.model_dump_json().encode(), type=sent.ROUTING_KEY), routing_key=QUEUE)
+        holding = asyncio.Event()
+
+        async def never_finishes(message: JobProgress, _bus) -> None:
+            holding.set()
+            await asyncio.sleep(3600)
+
+        consumer = asyncio.create_task(consume(connection, settings, "test", {"*": Route(JobProgress, never_finishes)},
+                                               queue_name=QUEUE))
+        await asyncio.wait_for(holding.wait(), 20)
+        runner.stopping().set()
+        await asyncio.wait_for(consumer, 10)  # it stops within the grace period
+        assert all(f.done() for f in runner._drained)
+
+        message = await queue.get(timeout=5)
+        await message.ack()
+        assert JobProgress.model_validate_json(message.body) == sent
+        assert not message.redelivered
+        assert (message.headers or {}).get("x-delivery-count", 0) == 0
+        assert (message.headers or {}).get("x-retry-count", 0) == 0  # not a retry either
+        await channel.queue_delete(QUEUE)
+    finally:
+        await connection.close()
+
+
+@contextlib.contextmanager
+def private_vhost() -> Iterator[str]:
+    vhost = f"stt_private_{uuid.uuid4().hex[:8]}"
+    rabbitmqctl("add_vhost", vhost)
+    rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+    try:
+        yield vhost
+    finally:
+        rabbitmqctl("delete_vhost", vhost)
+
+
+async def consumers(connection, queue_name: str) -> int:
+    channel = await connection.channel()
+    try:
+        return (await channel.declare_queue(queue_name, passive=True)).declaration_result.consumer_count
+    finally:
+        await channel.close()
+
+
+def amqp_url(vhost: str) -> str:
+    return f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
+
+
+async def test_the_diarizer_queue_bounds_a_delivery_and_a_queue_of_an_earlier_version_still_works(stack: Stack):
+    with private_vhost() as fresh, private_vhost() as upgraded:
+        settings = stack.settings(amqp_url=amqp_url(fresh), max_audio_hours=4)
+        connection = await connect(settings, "test-topology")
+        await open_bus(connection, settings)
+        await connection.close()
+        listed = subprocess.run(["rabbitmqctl", "list_queues", "-q", "-p", fresh, "name", "arguments"],
+                                capture_output=True, text=True, check=True, timeout=60).stdout
+        [diarizer] = [line for line in listed.splitlines() if line.startswith("stt.diarizer\t")]
+        assert "x-consumer-timeout" in diarizer and str(4 * 3600 * 1000) in diarizer
+
+        # The stage queue as an earlier version declared it (no x-consumer-timeout): the broker
+        # refuses a declaration with other arguments; the service still starts and routes to it.
+        settings = stack.settings(amqp_url=amqp_url(upgraded))
+        connection = await connect(settings, "test-topology")
+        try:
+            channel = await connection.channel()
+            await channel.declare_queue(stage_queue("diarizer"), durable=True, arguments={
+                "x-queue-type": "quorum", "x-delivery-limit": settings.delivery_limit,
+                "x-dead-letter-exchange": "stt.dead"})
+            bus = await open_bus(connection, settings)
+            await bus.publish(JobSubmitted(job_id=1, audio_bucket="audio", audio_key="uploads/1", filename="a.wav"))
+            queue = await channel.declare_queue(stage_queue("diarizer"), passive=True)
+            message = await queue.get(timeout=5)
+            await message.ack()
+            assert JobSubmitted.model_validate_json(message.body).job_id == 1
+        finally:
+            await connection.close()
+
+
+async def test_when_failing_the_job_cannot_be_published_the_message_goes_back_to_the_queue(stack: Stack):
+    with private_vhost() as vhost:
+        # Its persister queue will no longer take job.failed: publishing that is refused.
+        settings = stack.settings(amqp_url=amqp_url(vhost))
+        connection = await connect(settings, "test-errpath")
+        try:
+            channel = await connection.channel()
+            await channel.declare_queue(QUEUE, durable=True, arguments={"x-queue-type": "quorum"})
+            deliveries = []
+
+            async def bad_input(message: JobProgress, _bus) -> None:
+                deliveries.append(message)
+                raise PermanentError("not audio")
+
+            consumer = asyncio.create_task(consume(connection, settings, "test", {"*": Route(JobProgress, bad_input)},
+                                                   queue_name=QUEUE))
+            while await consumers(connection, QUEUE) == 0:
+                await asyncio.sleep(0.1)  # it declared the topology (bindings included) and consumes
+            bus = await open_bus(connection, settings)
+            persister = await bus.channel.get_queue(stage_queue("persister"))
+            await persister.unbind(bus.work, "job.failed")
+            sent = JobProgress(job_id=7, stage="transcribing")
+            await channel.default_exchange.publish(aio_pika.Message(sent.model_dump_json().encode()), routing_key=QUEUE)
+            deadline = asyncio.get_running_loop().time() + 15
+            while len(deliveries) < 2 and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.1)
+            consumer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await consumer
+            # Not left unacked on a live channel (that would hold it until the process dies): back in
+            # the queue, delivered again.
+            assert len(deliveries) >= 2
+        finally:
+            await connection.close()
