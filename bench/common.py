@@ -320,36 +320,39 @@ class PipelineResult:
 
 def run_pipeline(waveform: np.ndarray, diarize, model, settings, language: str | None = None,
                  speech: str = "diarizer", diarization=None) -> PipelineResult:
-    """What diarizer + transcriber do for one job, in one process: diarize, plan chunks, detect
-    the language once on the probe spans, transcribe each chunk from the 16-bit PCM. `speech`
-    chooses what Whisper hears (transcribe_chunk); a `diarization` already made is reused."""
+    """What the diarizer and transcriber handlers do for one job, in one process and with the
+    PCM in memory instead of the object store: the diarizer's chunk messages
+    (services.diarizer.handler.chunk_messages), then the transcriber's work on each
+    (services.transcriber.handler.transcribe). `speech` chooses what Whisper hears; a
+    `diarization` already made is reused."""
     from common.audio import float_to_pcm16, pcm16_to_float
-    from common.messages import JobOptions
-    from services.diarizer.pipeline import language_probe, plan_chunks
-    from services.transcriber.whisper import detect_language, transcribe_chunk
+    from common.messages import JobDiarized, JobOptions, JobSubmitted
+    from services.diarizer.handler import chunk_messages
+    from services.transcriber import handler as transcriber
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     duration = round(waveform.size / SAMPLE_RATE, 3)
-    pcm = pcm16_to_float(float_to_pcm16(waveform))
-    turns = (diarization if diarization is not None else diarize(waveform, JobOptions(language=language))).turns
+    pcm = pcm16_to_float(float_to_pcm16(waveform))  # what the transcriber reads: 16-bit samples
+    options = JobOptions(language=language)
+    if diarization is None:
+        diarization = diarize(waveform, options)
     timings["diarize"] = time.perf_counter() - t0
     t1 = time.perf_counter()
+    job = JobSubmitted(job_id=1, audio_bucket="memory", audio_key="memory", filename="memory", options=options)
+    chunks = [m for m in chunk_messages(job, duration, diarization, settings) if isinstance(m, JobDiarized)]
+
+    def read_pcm(_bucket, _key, span):
+        return pcm[max(0, int(span.start * SAMPLE_RATE)):int(span.end * SAMPLE_RATE)]
+
+    deps = transcriber.Deps(model=model, read_pcm=read_pcm, beam_size=settings.whisper_beam_size)
     segments = []
-    if turns:
-        chunks = plan_chunks(turns, duration, settings.chunk_max_speech_s)
-        if language is None:
-            probe = language_probe(turns)
-            parts = [pcm[int(s.start * SAMPLE_RATE):int(s.end * SAMPLE_RATE)] for s in probe]
-            probe_audio = np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
-            language = detect_language(model, probe_audio)
-        for span, chunk_turns in chunks:
-            audio = pcm[max(0, int(span.start * SAMPLE_RATE)):int(span.end * SAMPLE_RATE)]
-            chunk_segments, language = transcribe_chunk(model, audio, span.start, chunk_turns, language,
-                                                        settings.whisper_beam_size, speech)
-            segments += chunk_segments
+    for chunk in chunks:
+        transcribed = transcriber.transcribe(chunk, deps, speech)
+        segments += transcribed.segments
+        language = transcribed.language or language
     timings["transcribe"] = time.perf_counter() - t1
-    return PipelineResult(duration, turns, segments, language, timings)
+    return PipelineResult(duration, diarization.turns, segments, language, timings)
 
 
 def load_components(settings):

@@ -153,7 +153,7 @@ def chunks_of(stack, job_id: int, names: list[str]) -> dict[str, int]:
 
 def run_stack_job(stack, path: Path, timeout: float) -> dict:
     t0 = time.monotonic()
-    job_id = stack.submit(path)
+    job_id = stack.submit_job(path)
     t_submitted = time.monotonic()
     finished = stack.wait_done([job_id], timeout)
     t_done, document = finished[job_id]
@@ -261,7 +261,7 @@ def long_file(fixtures, minutes: float, seed_budget: float, tmp: Path) -> None:
         one["chunks"] = chunks_of(stack, one["job_id"], ["transcriber"])
         log(f"1 transcriber: {one['wall_s']:.1f} s; starting a second transcriber")
         stack.start_service("transcriber", "transcriber2")
-        stack.wait_ready(("transcriber2",))
+        stack.wait_ready(workers=("transcriber2",))
         two = run_stack_job(stack, path, timeout)
         names = ["transcriber", "transcriber2"]
         two["transcription_stage_s"] = transcription_stage_s(stack, two["job_id"], names)
@@ -319,7 +319,7 @@ def concurrent(fixtures, n: int) -> None:
         log(f"stack ready; submitting {n} files at once")
         t0 = time.monotonic()
         with ThreadPoolExecutor(max_workers=min(n, 16)) as pool:
-            ids = list(pool.map(lambda p: stack.submit(p), files))
+            ids = list(pool.map(lambda p: stack.submit_job(p), files))
         t_submitted = time.monotonic()
         finished = stack.wait_done(ids, timeout=max(600.0, 60.0 * n))
     makespan = max(t for t, _ in finished.values()) - t0
@@ -421,7 +421,7 @@ def upload_gb(fixtures, gigabytes: float, tmp: Path) -> None:
         with running_stack(services=("ingest",), MAX_UPLOAD_MB=str(max(2048, megabytes)),
                            MAX_AUDIO_HOURS="0.1") as stack:
             pid = stack.processes["ingest"].pid
-            stack.submit(fixtures[0].path)  # warm-up: imports and connections already made
+            stack.submit_job(fixtures[0].path)  # warm-up: imports and connections already made
             time.sleep(1.0)
             sampler = RssSampler(pid)
             baseline = sampler.rss()

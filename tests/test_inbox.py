@@ -12,7 +12,7 @@ import urllib.parse
 from common.db import create_pool
 from common.storage import ensure_buckets, make_client
 from services.ingest.inbox import BucketEvent, Inbox
-from tests.conftest import Stack
+from tests.conftest import Stack, free_port, wait_for_port
 
 
 def minio_event(bucket: str, key: str, etag: str, size: int) -> str:
@@ -64,3 +64,47 @@ async def test_minio_event_makes_exactly_one_job_and_a_result(stack: Stack, fixt
     else:
         raise AssertionError("no result file for the event-driven job")
     assert document["status"] == "done" and len({s["speaker"] for s in document["segments"]}) == 2
+
+
+async def test_two_ingests_and_two_persisters_racing_on_the_same_drops_store_each_once(stack: Stack, fixtures_dir):
+    """Two ingest processes scan the inbox every second while this process announces the same
+    objects as MinIO events (twice each, concurrently), and two persisters share the stored work:
+    every object becomes exactly one job, stored once."""
+    port = free_port()
+    stack.start("ingest-2", "-m", "services.ingest", env={**stack.env, "API_PORT": str(port)})
+    stack.start("persister-2", "-m", "services.persister", env={**stack.env})
+    settings = stack.settings()
+    s3 = make_client(settings)
+    pool = await create_pool(settings)
+    keys = [f"race/call {i}.wav" for i in range(6)]
+    try:
+        await asyncio.to_thread(wait_for_port, port)
+        events = []
+        for i, key in enumerate(keys):
+            source = fixtures_dir / ("jfk.flac" if i % 2 else "en_dialogue.wav")
+            await asyncio.to_thread(s3.fput_object, settings.inbox_bucket, key, str(source))
+            stat = await asyncio.to_thread(s3.stat_object, settings.inbox_bucket, key)
+            events.append(BucketEvent.model_validate_json(
+                minio_event(settings.inbox_bucket, key, f'"{stat.etag}"', stat.size)))
+        inbox = Inbox(settings, pool, s3, asyncio.Event())
+        await asyncio.gather(*(inbox.on_event(event, None) for event in events * 2))
+
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            rows = await pool.fetch("SELECT id, source_key, status FROM transcripts WHERE source_key = ANY($1::text[])",
+                                    keys)
+            if len(rows) >= len(keys) and all(r["status"] != "processing" for r in rows):
+                break
+            await asyncio.sleep(1)
+        assert sorted(r["source_key"] for r in rows) == sorted(keys)  # one job per object
+        assert {r["status"] for r in rows} == {"done"}
+        ids = [r["id"] for r in rows]
+        duplicates = await pool.fetchval(
+            "SELECT count(*) - count(DISTINCT (transcript_id, start_ts, text)) FROM segments"
+            " WHERE transcript_id = ANY($1::bigint[])", ids)
+        assert duplicates == 0
+        assert stack.processes["ingest-2"].poll() is None and stack.processes["persister-2"].poll() is None
+    finally:
+        await pool.close()
+        stack.stop("ingest-2")
+        stack.stop("persister-2")

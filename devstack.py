@@ -1,0 +1,330 @@
+"""The whole system as separate processes on this host, for the tests and the benchmarks alike:
+a fresh RabbitMQ vhost and PostgreSQL database (removed afterwards), moto's S3 server, the five
+services each as its own process (as `make run` starts them) and, when asked, the stand-in
+Ollama. Everything listens on and talks to 127.0.0.1 only.
+
+    with running_stack(log_dir, env=TEST_ENV, ollama=True) as stack: ...
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent
+SERVICES = ("ingest", "diarizer", "transcriber", "embedder", "persister")
+WORKERS = SERVICES[1:]
+PG_ADMIN_URL = os.environ.get("TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+WHISPER_MODEL = ROOT / "models" / "whisper-base"
+LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \|")
+
+# Secrets the test stack runs with; tests assert none of them ever reaches a log line or response.
+SECRETS = {
+    "AMQP_PASSWORD": "amqp-Pw-7f3c9e",
+    "DB_PASSWORD": "db-Pw-51ab0d",
+    "MINIO_SECRET_KEY": "s3-Secret-9d27aa",
+    "HF_TOKEN": "hf_SecretToken0123456789abcdef",
+}
+
+# Small limits and fast retries; auto + a token: the diarizer tries pyannote (not installed
+# here) and falls back; embeddings from the Ollama stand-in.
+TEST_ENV = {
+    "MAX_UPLOAD_MB": "5",
+    "MAX_AUDIO_HOURS": "0.1",
+    "INBOX_SCAN_INTERVAL_S": "1",
+    "RETRY_DELAYS_S": "1,2",
+    "DELIVERY_LIMIT": "3",
+    "DIARIZATION_BACKEND": "auto",
+    "HF_TOKEN": SECRETS["HF_TOKEN"],
+    "EMBEDDING_BACKEND": "ollama",
+}
+# Production-like limits, the offline backends, the local embedding model.
+BENCH_ENV = {
+    "MAX_UPLOAD_MB": "2048",
+    "MAX_AUDIO_HOURS": "2",
+    "INBOX_SCAN_INTERVAL_S": "60",
+    "DIARIZATION_BACKEND": "offline",
+    "EMBEDDING_BACKEND": "local",
+    "PYANNOTE_METRICS_ENABLED": "0",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on port {port}")
+
+
+def rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=60)
+
+
+def psql(sql: str) -> None:
+    subprocess.run(["psql", PG_ADMIN_URL, "-v", "ON_ERROR_STOP=1", "-qc", sql], check=True,
+                   capture_output=True, timeout=60)
+
+
+@dataclass
+class Stack:
+    env: dict[str, str]
+    api: str
+    log_dir: Path
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    # Each stage worker's own METRICS_PORT (one host: a shared port would clash).
+    metrics_ports: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def amqp_url(self) -> str:
+        return self.env["AMQP_URL"]
+
+    @property
+    def database_url(self) -> str:
+        return self.env["DATABASE_URL"]
+
+    # ---- processes ----------------------------------------------------------------------------
+
+    def start(self, name: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+        log = (self.log_dir / f"{name}.log").open("ab")
+        process = subprocess.Popen(
+            [sys.executable, *args], cwd=ROOT, env=env or self.env, stdout=log, stderr=subprocess.STDOUT,
+        )
+        self.processes[name] = process
+        return process
+
+    def start_service(self, service: str, name: str | None = None) -> subprocess.Popen:
+        port = self.metrics_ports.get(service) if name is None else None
+        env = {**self.env, "METRICS_PORT": str(port)} if port else None
+        return self.start(name or service, "-m", f"services.{service}", env=env)
+
+    def metrics_url(self, name: str) -> str:
+        """Where a service serves Prometheus metrics: ingest on its API port, workers on their own."""
+        if name == "ingest":
+            return f"{self.api}/metrics"
+        return f"http://127.0.0.1:{self.metrics_ports[name]}/metrics"
+
+    def stop(self, name: str) -> None:
+        process = self.processes.pop(name, None)
+        if process and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+    def log_text(self, name: str) -> str:
+        path = self.log_dir / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def log_tail(self, name: str, lines: int = 40) -> str:
+        return "\n".join(self.log_text(name).splitlines()[-lines:])
+
+    def log_times(self, name: str, pattern: str) -> list[datetime]:
+        """Timestamps of the log lines of process `name` that contain `pattern`."""
+        out = []
+        for line in self.log_text(name).splitlines():
+            m = LOG_TIME.match(line)
+            if m and pattern in line:
+                out.append(datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f"))
+        return out
+
+    def check_alive(self) -> None:
+        dead = [n for n, p in self.processes.items() if p.poll() is not None]
+        if dead:
+            raise RuntimeError(f"services died: {dead}\n" + "\n".join(self.log_tail(n) for n in dead))
+
+    def wait_ready(self, timeout: float = 180, workers: tuple[str, ...] = ()) -> None:
+        """/readyz answers 200 and each of `workers` logged that it consumes (models loaded)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                ok = httpx.get(f"{self.api}/readyz", timeout=5).status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            if ok and all("consuming stt." in self.log_text(w) for w in workers):
+                return
+            if time.monotonic() > deadline or self.processes["ingest"].poll() is not None:
+                raise RuntimeError("the stack never became ready:\n"
+                                   + "\n".join(f"--- {n}\n{self.log_tail(n, 10)}" for n in self.processes))
+            time.sleep(0.5)
+
+    # ---- the stack's own stores -----------------------------------------------------------------
+
+    def s3(self):
+        from minio import Minio
+
+        return Minio(self.env["MINIO_ENDPOINT"], access_key=self.env["MINIO_ACCESS_KEY"],
+                     secret_key=self.env["MINIO_SECRET_KEY"], secure=False)
+
+    def query(self, sql: str, *args) -> list:
+        """Run one SQL statement on the stack's database; usable from sync and async code."""
+        import asyncpg
+
+        async def run():
+            conn = await asyncpg.connect(self.database_url)
+            try:
+                return await conn.fetch(sql, *args)
+            finally:
+                await conn.close()
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            return pool.submit(asyncio.run, run()).result()
+
+    def value(self, sql: str, *args):
+        rows = self.query(sql, *args)
+        return rows[0][0] if rows else None
+
+    def settings(self, **overrides):
+        """Settings for running a component in this process against this stack."""
+        from common.settings import Settings
+
+        same = {name: self.env[name.upper()] for name in Settings.model_fields if name.upper() in self.env}
+        return Settings(**{**same, **overrides})
+
+    # ---- client helpers -------------------------------------------------------------------------
+
+    def submit(self, path: Path | str, data: dict | None = None, name: str | None = None,
+               client: httpx.Client | None = None) -> httpx.Response:
+        path = Path(path)
+        with path.open("rb") as f:
+            return (client or httpx).post(f"{self.api}/recognize", files={"file": (name or path.name, f)},
+                                          data=data or {}, timeout=600)
+
+    def submit_job(self, path: Path | str, data: dict | None = None, name: str | None = None,
+                   client: httpx.Client | None = None) -> int:
+        """The id of a new job; anything but a 202 raises."""
+        response = self.submit(path, data, name, client)
+        if response.status_code != 202:
+            raise RuntimeError(f"POST /recognize answered {response.status_code}: {response.text[:300]}")
+        return response.json()["id"]
+
+    def status(self, job_id: int, client: httpx.Client | None = None) -> dict:
+        return (client or httpx).get(f"{self.api}/status/{job_id}", timeout=30).json()
+
+    def wait_finished(self, job_id: int, timeout: float = 300) -> dict:
+        """The job's status document once it is no longer processing (AssertionError after
+        `timeout` seconds or when a service died)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            document = httpx.get(f"{self.api}/status/{job_id}", timeout=10).json()
+            if document["status"] != "processing":
+                return document
+            dead = [n for n, p in self.processes.items() if p.poll() is not None]
+            if dead:
+                raise AssertionError(f"services died: {dead}\n" + "\n".join(self.log_tail(n) for n in dead))
+            time.sleep(0.5)
+        tails = "\n".join(f"--- {n}\n{self.log_tail(n, 15)}" for n in SERVICES)
+        raise AssertionError(f"job {job_id} still processing after {timeout} s\n{tails}")
+
+    def wait_done(self, job_ids: list[int], timeout: float, poll_s: float = 0.2) -> dict[int, tuple[float, dict]]:
+        """Poll until every job leaves `processing`; returns each job's finish time
+        (time.monotonic) and status document. Raises after `timeout` seconds."""
+        finished: dict[int, tuple[float, dict]] = {}
+        last_error: dict[int, str] = {}
+        deadline = time.monotonic() + timeout
+        with httpx.Client() as client:
+            while len(finished) < len(job_ids):
+                for job_id in job_ids:
+                    if job_id in finished:
+                        continue
+                    try:
+                        response = client.get(f"{self.api}/status/{job_id}", timeout=30)
+                    except httpx.HTTPError as exc:
+                        last_error[job_id] = repr(exc)
+                        continue
+                    document = response.json() if response.headers.get("content-type", "").startswith(
+                        "application/json") else {}
+                    if response.status_code != 200 or "status" not in document:
+                        last_error[job_id] = f"{response.status_code}: {response.text[:300]}"
+                        continue
+                    if document["status"] != "processing":
+                        finished[job_id] = (time.monotonic(), document)
+                if len(finished) == len(job_ids):
+                    break
+                self.check_alive()
+                if time.monotonic() > deadline:
+                    tails = "\n".join(f"--- {n}\n{self.log_tail(n, 8)}" for n in self.processes)
+                    raise TimeoutError(f"jobs {sorted(set(job_ids) - set(finished))} not done after "
+                                       f"{timeout:.0f} s (last status errors: {last_error})\n{tails}")
+                time.sleep(poll_s)
+        return finished
+
+
+@contextlib.contextmanager
+def running_stack(log_dir: Path, *, env: dict[str, str], services: tuple[str, ...] = SERVICES,
+                  ollama: bool = False, wait_for_workers: bool = False, keep_logs: Path | None = None,
+                  **overrides: str) -> Iterator[Stack]:
+    """`services` (with moto, and the Ollama stand-in when `ollama`) in a fresh vhost and
+    database, with `env` then `overrides` over the settings; everything is removed afterwards
+    (the logs are copied to `keep_logs` first when given)."""
+    name = f"stt_{uuid.uuid4().hex[:12]}"
+    s3_port, api_port, ollama_port = free_port(), free_port(), free_port()
+    rabbitmqctl("add_vhost", name)
+    rabbitmqctl("add_user", name, SECRETS["AMQP_PASSWORD"])
+    rabbitmqctl("set_permissions", "-p", name, name, ".*", ".*", ".*")
+    psql(f"CREATE DATABASE {name}")
+    settings = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "LOG_LEVEL": "INFO",
+        "AMQP_URL": f"amqp://{name}:{SECRETS['AMQP_PASSWORD']}@127.0.0.1:5672/{name}",
+        # trust auth here ignores the password, but the services still carry it
+        "DATABASE_URL": f"postgresql://postgres:{SECRETS['DB_PASSWORD']}@127.0.0.1:5432/{name}",
+        "MINIO_ENDPOINT": f"127.0.0.1:{s3_port}",
+        "MINIO_ACCESS_KEY": "test",
+        "MINIO_SECRET_KEY": SECRETS["MINIO_SECRET_KEY"],
+        "API_HOST": "127.0.0.1",
+        "API_PORT": str(api_port),
+        "WHISPER_MODEL": str(WHISPER_MODEL),
+        "OLLAMA_URL": f"http://127.0.0.1:{ollama_port}",
+        "HF_HUB_OFFLINE": "1",
+        "METRICS_PORT": "0",  # workers get their own below; other processes serve none
+        **env,
+        **overrides,
+    }
+    stack = Stack(env=settings, api=f"http://127.0.0.1:{api_port}", log_dir=log_dir,
+                  metrics_ports={s: free_port() for s in WORKERS})
+    try:
+        stack.start("s3", "-m", "moto.server", "-H", "127.0.0.1", "-p", str(s3_port))
+        if ollama:
+            stack.start("ollama", "-m", "tests.fake_ollama", "--port", str(ollama_port))
+        wait_for_port(s3_port)
+        for service in services:
+            stack.start_service(service)
+        stack.wait_ready(timeout=240, workers=tuple(s for s in services if s in WORKERS) if wait_for_workers else ())
+        if ollama:
+            wait_for_port(ollama_port, timeout=120)
+        yield stack
+    finally:
+        for process_name in list(stack.processes):
+            stack.stop(process_name)
+        if keep_logs:
+            shutil.copytree(log_dir, keep_logs / name, dirs_exist_ok=True)
+        subprocess.run(["rabbitmqctl", "delete_vhost", name], capture_output=True, timeout=60)
+        subprocess.run(["rabbitmqctl", "delete_user", name], capture_output=True, timeout=60)
+        subprocess.run(["psql", PG_ADMIN_URL, "-qc", f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"],
+                       capture_output=True, timeout=60)

@@ -1,0 +1,85 @@
+"""The transcriber's handler: one job.diarized chunk -> chunk.transcribed.
+
+`transcribe` is the work without the broker (the benchmarks call it with PCM read from memory);
+`handle` is what the broker runs."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from common.audio import SAMPLE_RATE, pcm16_to_float
+from common.messages import ChunkTranscribed, Contract, JobDiarized, TimeSpan
+from common.metrics import add_audio_seconds
+from common.storage import read_range
+from services.transcriber.whisper import detect_language, transcribe_chunk
+
+log = logging.getLogger(__name__)
+
+# (bucket, key, span) -> float32 samples of that span
+ReadPcm = Callable[[str, str, TimeSpan], np.ndarray]
+LANGUAGES_KEPT = 512
+
+
+@dataclass
+class Deps:
+    model: object  # faster_whisper.WhisperModel
+    read_pcm: ReadPcm
+    beam_size: int = 5
+    # Language per job, detected once on the job's first speech (the same probe in every chunk,
+    # so replicas agree without talking to each other).
+    languages: OrderedDict[int, str | None] = field(default_factory=OrderedDict)
+
+
+def pcm_reader(client) -> ReadPcm:
+    """Spans of the diarizer's 16-bit PCM in the object store, by ranged GET."""
+    def read(bucket: str, key: str, span: TimeSpan) -> np.ndarray:
+        start = max(0, int(span.start * SAMPLE_RATE)) * 2
+        end = int(span.end * SAMPLE_RATE) * 2
+        if end <= start:
+            return np.zeros(0, dtype=np.float32)
+        return pcm16_to_float(read_range(client, bucket, key, start, end - start))
+    return read
+
+
+def language_for(message: JobDiarized, deps: Deps) -> str | None:
+    if message.options.language:
+        return message.options.language
+    if message.job_id not in deps.languages:
+        probe = [deps.read_pcm(message.pcm_bucket, message.pcm_key, s) for s in message.language_probe]
+        speech = np.concatenate(probe) if probe else np.zeros(0, dtype=np.float32)
+        deps.languages[message.job_id] = detect_language(deps.model, speech)
+        while len(deps.languages) > LANGUAGES_KEPT:
+            deps.languages.popitem(last=False)
+    return deps.languages[message.job_id]
+
+
+def transcribe(message: JobDiarized, deps: Deps, speech: str = "diarizer") -> ChunkTranscribed:
+    """Whisper over the chunk, each word given to the speaker most active under it."""
+    if message.turns:
+        audio = deps.read_pcm(message.pcm_bucket, message.pcm_key, message.span)
+        segments, language = transcribe_chunk(deps.model, audio, message.span.start, message.turns,
+                                              language_for(message, deps), deps.beam_size, speech)
+    else:  # nobody talks in this chunk (a silent recording)
+        segments, language = [], message.options.language
+    return ChunkTranscribed(
+        message_id=f"chunk.transcribed:{message.job_id}:{message.chunk_index}",
+        job_id=message.job_id, chunk_index=message.chunk_index,
+        chunk_count=message.chunk_count, language=language, duration=message.duration,
+        segments=segments, turns=message.turns, speakers=message.speakers,
+    )
+
+
+async def handle(message: JobDiarized, deps: Deps) -> AsyncIterator[Contract]:
+    log.info("transcribing chunk %d/%d (%.1f-%.1f s, %d turns)", message.chunk_index + 1,
+             message.chunk_count, message.span.start, message.span.end, len(message.turns))
+    transcribed = await asyncio.to_thread(transcribe, message, deps)
+    add_audio_seconds(message.span.end - message.span.start)
+    log.info("chunk %d/%d transcribed: %d segments, language %s", message.chunk_index + 1,
+             message.chunk_count, len(transcribed.segments), transcribed.language)
+    yield transcribed
