@@ -18,10 +18,12 @@ consumer first starts waits in that consumer's queue instead of being dropped):
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import inspect
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,9 +37,18 @@ from aio_pika.abc import (
 from pydantic import BaseModel, ValidationError
 
 from common import metrics, runner
+from common.backoff import backoff, of_type
 from common.failures import failure_category
 from common.logs import current_job
-from common.messages import Contract, JobFailed
+from common.messages import (
+    ChunkEmbedded,
+    ChunkTranscribed,
+    Contract,
+    JobDiarized,
+    JobFailed,
+    JobProgress,
+    JobSubmitted,
+)
 from common.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -49,11 +60,15 @@ DEAD_LETTERS_QUEUE = "stt.dead-letters"
 PERSISTER_DEAD_QUEUE = "stt.persister.dead"
 
 # The routing keys each stage consumes: the contract of docs/design.md.
+# What each stage's queue takes: the routing keys of these message models.
+STAGE_INPUTS: dict[str, list[type[Contract]]] = {
+    "diarizer": [JobSubmitted],
+    "transcriber": [JobDiarized],
+    "embedder": [ChunkTranscribed],
+    "persister": [ChunkTranscribed, ChunkEmbedded, JobProgress, JobFailed],
+}
 STAGE_BINDINGS: dict[str, list[str]] = {
-    "diarizer": ["job.submitted"],
-    "transcriber": ["job.diarized"],
-    "embedder": ["chunk.transcribed"],
-    "persister": ["chunk.transcribed", "chunk.embedded", "job.progress", "job.failed"],
+    service: [model.ROUTING_KEY for model in models] for service, models in STAGE_INPUTS.items()
 }
 
 # The broker is restarting or unreachable: a handler's publish failing for these reasons says
@@ -91,14 +106,11 @@ def watched_queues(*extra: str) -> list[str]:
 async def connect(settings: Settings, name: str) -> AbstractRobustConnection:
     """A connection that reconnects by itself; waits for the broker at start-up."""
     url = settings.amqp_url.get_secret_value()
-    delay = 1.0
-    while True:
-        try:
+    async for attempt in backoff("RabbitMQ not reachable",
+                                 of_type(ConnectionError, OSError, aio_pika.exceptions.AMQPError)):
+        with attempt:
             return await aio_pika.connect_robust(url, client_properties={"connection_name": name})
-        except (ConnectionError, OSError, aio_pika.exceptions.AMQPError) as exc:
-            log.warning("RabbitMQ not reachable (%s); retrying in %.0f s", type(exc).__name__, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 15)
+    raise AssertionError("unreachable")
 
 
 def diarizer_consumer_timeout_ms(settings: Settings) -> int:
@@ -197,35 +209,48 @@ async def open_bus(connection: AbstractRobustConnection, settings: Settings) -> 
     return Bus(channel=channel, work=work, events=events)
 
 
-Handler = Callable[[Any, Bus], Awaitable[None]]
+# A stage's handler yields the messages it produces (each is published and confirmed before the
+# handler goes on; the delivery is acked after the last). A handler that only stores (the
+# persister, ingest's consumers) is a coroutine instead.
+Handler = Callable[[Any], AsyncIterator[Contract] | Awaitable[Any]]
 
 
 @dataclass
 class Route:
+    """Messages of `model` (matched by its ROUTING_KEY, or any key on a queue that takes one
+    kind of message) go to `handler`."""
+
     model: type[BaseModel]
     handler: Handler
+    any_routing_key: bool = False
+
+    @property
+    def routing_key(self) -> str:
+        return "*" if self.any_routing_key else self.model.ROUTING_KEY
 
 
 async def consume(
     connection: AbstractRobustConnection,
     settings: Settings,
     service: str,
-    routes: dict[str, Route],
+    routes: list[Route],
     *,
     queue_name: str | None = None,
     prefetch: int | None = None,
     wait_on: tuple[type[BaseException], ...] = (),
 ) -> None:
-    """Consume `queue_name` (default: this stage's queue) until cancelled.
+    """Consume `queue_name` (default: this stage's queue) until the process is asked to stop
+    (common.runner) or the task is cancelled.
 
-    Per message: validate against the route's model, run the handler, ack once it returned
-    (its publishes are already confirmed). PermanentError fails the job at once and acks.
+    Per message: validate against the route's model, run the handler, publish each message it
+    yields (confirmed by the broker), ack once it is done. PermanentError fails the job at once and acks.
     An error in `wait_on` (always including BROKER_UNAVAILABLE) means a dependency is down:
     the message is held and the handler tried again with backoff until it is back, spending
     no retry, so an outage of RabbitMQ (or the database, for the persister) fails no job.
     Any other error retries after the next delay of RETRY_DELAYS_S; when they are used up the
     job fails with the error and the message is parked in stt.dead-letters.
     """
+    by_key = {route.routing_key: route for route in routes}
     bus = await open_bus(connection, settings)
     channel = await connection.channel()
     await channel.set_qos(prefetch_count=prefetch or settings.prefetch_count)
@@ -268,7 +293,7 @@ async def consume(
         """Handle one message; returns what became of it (metrics.OUTCOMES)."""
         headers = dict(message.headers or {})
         routing_key = str(headers.get(ROUTING_KEY_HEADER) or message.routing_key)
-        route = routes.get(routing_key) or routes.get("*")
+        route = by_key.get(routing_key) or by_key.get("*")
         if route is None:
             log.error("no handler for routing key %r on %s; dead-lettering", routing_key, queue_name)
             await message.reject(requeue=False)
@@ -380,19 +405,23 @@ async def _hand_back(bus: Bus, message: AbstractIncomingMessage, queue_name: str
 
 async def _run_waiting_out_outages(handler: Handler, parsed: BaseModel, bus: Bus,
                                    wait_on: tuple[type[BaseException], ...], work: metrics.Work) -> None:
-    delay = 1.0
-    while True:
-        work.new_attempt()
-        try:
-            return await handler(parsed, bus)
-        except wait_on as exc:
-            if isinstance(exc, aio_pika.exceptions.PublishError):
-                raise  # returned as unroutable: a configuration error, not an outage
+    def outage(exc: BaseException) -> bool:
+        # A message returned as unroutable is a configuration error, not an outage.
+        if isinstance(exc, wait_on) and not isinstance(exc, aio_pika.exceptions.PublishError):
             metrics.DEPENDENCY_WAITS.labels(work.stage).inc()
-            log.warning("dependency unavailable (%s: %s); holding the message, next try in %.0f s",
-                        type(exc).__name__, str(exc)[:200], delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 30.0)
+            return True
+        return False
+
+    async for attempt in backoff("dependency unavailable; holding the message", outage, max_delay_s=30.0):
+        with attempt:
+            work.new_attempt()
+            result = handler(parsed)
+            if inspect.isasyncgen(result):
+                async with contextlib.aclosing(result) as produced_messages:
+                    async for produced in produced_messages:
+                        await bus.publish(produced)
+            else:
+                await result
 
 
 async def _fail_job(bus: Bus, parsed: BaseModel, stage: str, reason: str, *, permanent: bool) -> None:

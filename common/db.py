@@ -9,6 +9,7 @@ from importlib import resources
 
 import asyncpg
 
+from common.backoff import backoff, of_type
 from common.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -46,17 +47,13 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
 
 async def create_pool(settings: Settings, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
     """Waits for the database at start-up instead of crashing."""
-    delay = 1.0
-    while True:
-        try:
+    async for attempt in backoff("PostgreSQL not reachable", of_type(TimeoutError, OSError, asyncpg.PostgresError)):
+        with attempt:
             return await asyncpg.create_pool(
                 settings.database_url.get_secret_value(),
                 min_size=min_size, max_size=max_size, init=_init_connection,
             )
-        except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
-            log.warning("PostgreSQL not reachable (%s); retrying in %.0f s", type(exc).__name__, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 15)
+    raise AssertionError("unreachable")
 
 
 def _migrations() -> list[tuple[int, str, str]]:

@@ -42,11 +42,12 @@ async def test_a_stopping_consumer_hands_back_its_message_without_spending_a_del
             aio_pika.Message(sent.model_dump_json().encode(), type=sent.ROUTING_KEY), routing_key=QUEUE)
         holding = asyncio.Event()
 
-        async def never_finishes(message: JobProgress, _bus) -> None:
+        async def never_finishes(message: JobProgress) -> None:
             holding.set()
             await asyncio.sleep(3600)
 
-        consumer = asyncio.create_task(consume(connection, settings, "test", {"*": Route(JobProgress, never_finishes)},
+        consumer = asyncio.create_task(consume(connection, settings, "test",
+                                               [Route(JobProgress, never_finishes, any_routing_key=True)],
                                                queue_name=QUEUE))
         await asyncio.wait_for(holding.wait(), 20)
         runner.stopping().set()
@@ -127,11 +128,12 @@ async def test_when_failing_the_job_cannot_be_published_the_message_goes_back_to
             await channel.declare_queue(QUEUE, durable=True, arguments={"x-queue-type": "quorum"})
             deliveries = []
 
-            async def bad_input(message: JobProgress, _bus) -> None:
+            async def bad_input(message: JobProgress) -> None:
                 deliveries.append(message)
                 raise PermanentError("not audio")
 
-            consumer = asyncio.create_task(consume(connection, settings, "test", {"*": Route(JobProgress, bad_input)},
+            consumer = asyncio.create_task(consume(connection, settings, "test",
+                                                   [Route(JobProgress, bad_input, any_routing_key=True)],
                                                    queue_name=QUEUE))
             while await consumers(connection, QUEUE) == 0:
                 await asyncio.sleep(0.1)  # it declared the topology (bindings included) and consumes

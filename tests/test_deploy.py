@@ -360,7 +360,7 @@ def _imports(folder: str) -> dict[str, str]:
                 names.append(node.module)
         for name in names:
             top = name.split(".")[0]
-            if top in sys.stdlib_module_names or top in {"common", "services", "cli", "bench", "tests"}:
+            if top in sys.stdlib_module_names or top in {"common", "services", "cli", "bench", "tests", "devstack"}:
                 continue
             found.setdefault(".".join(name.split(".")[:2]) if top in NAMESPACES else top, str(path.relative_to(ROOT)))
     return found

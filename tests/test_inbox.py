@@ -46,8 +46,8 @@ async def test_minio_event_makes_exactly_one_job_and_a_result(stack: Stack, fixt
     try:
         # The job's message goes out through the outbox: the running services' flusher sends it.
         inbox = Inbox(settings, pool, s3, asyncio.Event())
-        await inbox.on_event(event, None)
-        await inbox.on_event(event, None)  # MinIO may deliver an event twice
+        await inbox.on_event(event)
+        await inbox.on_event(event)  # MinIO may deliver an event twice
         rows = await pool.fetch("SELECT id, filename, source_key FROM transcripts WHERE source_bucket = $1", bucket)
         assert [(r["filename"], r["source_key"]) for r in rows] == [(key, key)]
     finally:
@@ -87,7 +87,7 @@ async def test_two_ingests_and_two_persisters_racing_on_the_same_drops_store_eac
             events.append(BucketEvent.model_validate_json(
                 minio_event(settings.inbox_bucket, key, f'"{stat.etag}"', stat.size)))
         inbox = Inbox(settings, pool, s3, asyncio.Event())
-        await asyncio.gather(*(inbox.on_event(event, None) for event in events * 2))
+        await asyncio.gather(*(inbox.on_event(event) for event in events * 2))
 
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:

@@ -9,6 +9,7 @@ from functools import cache
 
 import aiohttp
 
+from common.backoff import backoff
 from common.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -30,29 +31,26 @@ async def ollama_embed(session: aiohttp.ClientSession, settings: Settings,
     url = settings.ollama_url.rstrip("/") + "/api/embed"
     payload = {"model": settings.model_name_embedded, "input": texts}
     timeout = aiohttp.ClientTimeout(total=settings.ollama_timeout_s)
-    for attempt in range(settings.ollama_retries + 1):
-        try:
+    def retriable(exc: BaseException) -> bool:
+        # A 4xx (a model not pulled) is not worth a quick retry; the broker retries later.
+        return isinstance(exc, (TimeoutError, aiohttp.ClientConnectionError)) or (
+            isinstance(exc, OllamaError) and str(exc).startswith("Ollama answered 5"))
+
+    async for attempt in backoff("Ollama call failed", retriable, max_delay_s=10.0,
+                                 attempts=settings.ollama_retries + 1, logger=log):
+        with attempt:
             async with session.post(url, json=payload, timeout=timeout) as response:
                 if response.status >= 500:
                     raise OllamaError(f"Ollama answered {response.status}: {(await response.text())[:200]}")
                 if response.status != 200:
-                    # 404: model not pulled. Not worth a quick retry; the broker retries later.
                     raise OllamaError(
                         f"Ollama answered {response.status} for model "
                         f"{settings.model_name_embedded!r}: {(await response.text())[:200]}"
                     )
                 vectors = (await response.json())["embeddings"]
-        except (TimeoutError, aiohttp.ClientConnectionError, OllamaError) as exc:
-            retriable = not isinstance(exc, OllamaError) or str(exc).startswith("Ollama answered 5")
-            if not retriable or attempt == settings.ollama_retries:
-                raise
-            delay = min(2.0**attempt, 10.0)
-            log.warning("Ollama call failed (%s); retrying in %.0f s", type(exc).__name__, delay)
-            await asyncio.sleep(delay)
-            continue
-        if len(vectors) != len(texts):
-            raise OllamaError(f"Ollama returned {len(vectors)} vectors for {len(texts)} texts")
-        return vectors
+            if len(vectors) != len(texts):
+                raise OllamaError(f"Ollama returned {len(vectors)} vectors for {len(texts)} texts")
+            return vectors
     raise AssertionError("unreachable")
 
 

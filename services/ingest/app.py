@@ -36,7 +36,7 @@ from services.ingest.errors import error_responses as _errors
 from services.ingest.inbox import INBOX_EVENTS_QUEUE, RESULTS_QUEUE, Inbox
 from services.ingest.jobs import clean_filename, create_job, status_document
 from services.ingest.readiness import CHECK_TIMEOUT_S, ObjectStoreProbe, run_checks
-from services.ingest.transcripts import TRANSCRIPT_ROUTES
+from services.ingest.transcripts import TRANSCRIPT_ROUTES, TranscriptSegment
 
 log = logging.getLogger("services.ingest")
 
@@ -59,21 +59,12 @@ class Accepted(BaseModel):
 MAX_BIGINT = 2**63 - 1
 
 
-class StatusSegment(BaseModel):
-    speaker: str
-    start_ts: float
-    end_ts: float
-    text: str
-    # Another speaker talks during some of these words.
-    overlap: bool = False
-
-
 class JobStatus(BaseModel):
     status: Literal["processing", "done", "error"]
     # The step the job is in (on error: the step it failed in); percent = chunks done / chunks.
     stage: Stage
     percent: int = Field(ge=0, le=100)
-    segments: list[StatusSegment]
+    segments: list[TranscriptSegment]
     # True when the job is done and nobody talks in the recording (no segments, no turns).
     no_speech: bool = False
     error: str | None = None

@@ -14,7 +14,7 @@ from minio import Minio
 from minio.commonconfig import CopySource
 from pydantic import BaseModel, Field
 
-from common.broker import EVENTS_EXCHANGE, Bus, Route, consume
+from common.broker import EVENTS_EXCHANGE, Route, consume
 from common.db import DATABASE_UNAVAILABLE
 from common.logs import current_job
 from common.messages import JobOptions, TranscriptCompleted
@@ -105,7 +105,7 @@ class Inbox:
             current_job.reset(token)
         return job_id
 
-    async def on_event(self, event: BucketEvent, _bus: Bus) -> None:
+    async def on_event(self, event: BucketEvent) -> None:
         for record in event.Records:
             key = unquote_plus(record.s3.object.key)
             if record.s3.bucket.name == self.settings.inbox_bucket and self.is_input(key):
@@ -157,7 +157,7 @@ class Inbox:
             await conn.execute("UPDATE transcripts SET result_written = true WHERE id = $1", job_id)
         log.info("result written to %s/%s", row["source_bucket"], key)
 
-    async def on_job_ended(self, event: JobEnded, _bus: Bus) -> None:
+    async def on_job_ended(self, event: JobEnded) -> None:
         await self.write_result(event.transcript_id)
         # The decoded PCM is an intermediate of the stages: once the job has ended nothing reads it.
         # (S3's DELETE of a key already gone succeeds, so a redelivered ending is harmless.)
@@ -187,8 +187,8 @@ class Inbox:
         for key in (TranscriptCompleted.ROUTING_KEY, "transcript.failed"):
             await results_queue.bind(stt_events, key)
         await asyncio.gather(
-            consume(connection, self.settings, "ingest", {"*": Route(BucketEvent, self.on_event)},
+            consume(connection, self.settings, "ingest", [Route(BucketEvent, self.on_event, any_routing_key=True)],
                     queue_name=INBOX_EVENTS_QUEUE, wait_on=DATABASE_UNAVAILABLE),
-            consume(connection, self.settings, "ingest", {"*": Route(JobEnded, self.on_job_ended)},
+            consume(connection, self.settings, "ingest", [Route(JobEnded, self.on_job_ended, any_routing_key=True)],
                     queue_name=RESULTS_QUEUE, wait_on=DATABASE_UNAVAILABLE),
         )

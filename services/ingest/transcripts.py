@@ -24,7 +24,7 @@ from minio.error import S3Error
 from pydantic import BaseModel, Field
 
 from common.db import NO_SPEECH_COLUMN
-from common.messages import SpeakerTurn, Stage
+from common.messages import SpeakerTurn, Stage, Word
 from common.settings import Settings
 from common.storage import pcm_key
 from services.ingest.auth import request_owner
@@ -45,13 +45,6 @@ MAX_ID = 2**53 - 1
 # ---- response models ------------------------------------------------------------------------
 
 
-class WordTiming(BaseModel):
-    word: str
-    start: float
-    end: float
-    probability: float | None = None
-
-
 class TranscriptSegment(BaseModel):
     speaker: str
     start_ts: float
@@ -60,7 +53,7 @@ class TranscriptSegment(BaseModel):
     # Another speaker talks during some of these words.
     overlap: bool = False
     # Only with ?words=true.
-    words: list[WordTiming] | None = None
+    words: list[Word] | None = None
 
 
 class TranscriptSummary(BaseModel):
@@ -209,7 +202,7 @@ async def fetch_transcript(pool: asyncpg.Pool, job_id: int, owner: str | None,
         TranscriptSegment(
             speaker=r["speaker"], start_ts=round(r["start_ts"], 3), end_ts=round(r["end_ts"], 3),
             text=r["text"], overlap=r["overlap"],
-            words=[WordTiming(word=w["word"].strip(), start=w["start"], end=w["end"],
+            words=[Word(word=w["word"].strip(), start=w["start"], end=w["end"],
                               probability=w.get("probability")) for w in r["words"]]
             if with_words else None,
         )

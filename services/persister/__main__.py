@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 
 from common.broker import PERSISTER_DEAD_QUEUE, Route, connect, consume, open_bus
 from common.db import DATABASE_UNAVAILABLE, apply_migrations, create_pool
@@ -13,7 +14,7 @@ from common.metrics import serve_metrics
 from common.outbox import run_outbox_flusher
 from common.runner import run_worker
 from common.settings import get_settings
-from services.persister import store
+from services.persister import handler
 
 log = logging.getLogger("services.persister")
 
@@ -28,26 +29,25 @@ async def main() -> None:
     bus = await open_bus(connection, settings)
     wake = asyncio.Event()
 
-    def then_flush(handler):
-        async def handle(message, _bus):
-            if await handler(pool, message) is not False:
+    def then_flush(handle: Callable[..., Awaitable[bool | None]]):
+        """Run the handler in its transaction, then wake the outbox flusher for its events."""
+        async def run(message) -> None:
+            if await handle(pool, message) is not False:
                 wake.set()
-        return handle
+        return run
 
-    routes = {
-        "chunk.transcribed": Route(ChunkTranscribed, then_flush(store.on_transcribed)),
-        "chunk.embedded": Route(ChunkEmbedded, then_flush(store.on_embedded)),
-        "job.progress": Route(JobProgress, then_flush(store.on_progress)),
-        "job.failed": Route(JobFailed, then_flush(store.on_failed)),
-    }
-    dead_routes = {"*": Route(store.DeadLetter, then_flush(store.on_dead_letter))}
+    routes = [Route(ChunkTranscribed, then_flush(handler.on_transcribed)),
+              Route(ChunkEmbedded, then_flush(handler.on_embedded)),
+              Route(JobProgress, then_flush(handler.on_progress)),
+              Route(JobFailed, then_flush(handler.on_failed))]
+    dead_letters = [Route(handler.DeadLetter, then_flush(handler.on_dead_letter), any_routing_key=True)]
     log.info("persister ready")
     await asyncio.gather(
         run_outbox_flusher(pool, bus, wake),
-        store.run_stall_reaper(pool, settings.job_stall_timeout_s, wake),
+        handler.run_stall_reaper(pool, settings.job_stall_timeout_s, wake),
         consume(connection, settings, "persister", routes, prefetch=max(settings.prefetch_count, 16),
                 wait_on=DATABASE_UNAVAILABLE),
-        consume(connection, settings, "persister", dead_routes, queue_name=PERSISTER_DEAD_QUEUE,
+        consume(connection, settings, "persister", dead_letters, queue_name=PERSISTER_DEAD_QUEUE,
                 wait_on=DATABASE_UNAVAILABLE),
     )
 

@@ -1,4 +1,4 @@
-"""The persister's logic: every state change of a job after submission, and the events that
+"""The persister's handlers: every state change of a job after submission, and the events that
 announce them. Each handler is one transaction, idempotent under redelivery; events go to the
 outbox table in that same transaction and are published after commit (common.outbox)."""
 

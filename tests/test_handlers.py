@@ -1,0 +1,60 @@
+"""The stage handlers called directly, as a unit test calls any function: real models, the real
+S3 protocol (the stack's moto), no broker. The diarizer's handler turns an uploaded file into its
+progress and chunk messages; the transcriber's turns each chunk into speaker-attributed text."""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+
+from common.messages import JobDiarized, JobProgress, JobSubmitted
+from common.storage import pcm_key
+from services.diarizer import handler as diarizer
+from services.diarizer.pipeline import make_diarizer
+from services.transcriber import handler as transcriber
+from services.transcriber.whisper import load_model
+from tests.conftest import Stack
+
+
+def words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9']+", text.lower())
+
+
+async def test_diarizer_then_transcriber_handlers_give_who_said_what(stack: Stack, fixtures_dir):
+    settings = stack.settings()
+    s3 = stack.s3()
+    job_id = 900_000 + uuid.uuid4().int % 10_000
+    key = f"uploads/handler-test-{job_id}"
+    s3.fput_object(settings.audio_bucket, key, str(fixtures_dir / "en_dialogue.wav"))
+    diarize, _ = make_diarizer(settings)
+    deps = diarizer.Deps(settings=settings, storage=s3, diarize=diarize)
+    submitted = JobSubmitted(job_id=job_id, audio_bucket=settings.audio_bucket, audio_key=key,
+                             filename="en_dialogue.wav")
+
+    produced = [message async for message in diarizer.handle(submitted, deps)]
+
+    assert [type(m) for m in produced[:2]] == [JobProgress, JobProgress]
+    assert [produced[0].stage, produced[1].stage] == ["diarizing", "transcribing"]
+    chunks = produced[2:]
+    assert chunks and all(isinstance(m, JobDiarized) for m in chunks)
+    assert produced[1].chunk_count == len(chunks) and [c.chunk_index for c in chunks] == list(range(len(chunks)))
+    # The decoded audio is stored for the next stage: 16-bit samples at 16 kHz (duration in ms).
+    assert abs(s3.stat_object(settings.audio_bucket, pcm_key(job_id)).size - produced[1].duration * 32_000) <= 32
+
+    model, _ = load_model(settings)
+    tdeps = transcriber.Deps(model=model, read_pcm=transcriber.pcm_reader(s3), beam_size=settings.whisper_beam_size)
+    segments = [s for chunk in chunks for s in transcriber.transcribe(chunk, tdeps).segments]
+
+    utterances = json.loads((fixtures_dir / "en_dialogue.json").read_text())
+    said = words(" ".join(s.text for s in segments))
+    expected = words(" ".join(u["text"] for u in utterances))
+    assert len(set(said) & set(expected)) >= 0.8 * len(set(expected))
+    # Who said it: each reference speaker's utterances land under one speaker, a different one each.
+    heard_as: dict[str, set[str]] = {}
+    for utterance in utterances:
+        middle = (utterance["start"] + utterance["end"]) / 2
+        under = [s.speaker for s in segments if s.start_ts - 0.3 <= middle <= s.end_ts + 0.3]
+        heard_as.setdefault(utterance["speaker"], set()).update(under[:1])
+    assert all(len(labels) == 1 for labels in heard_as.values()), heard_as
+    assert len(set.union(*heard_as.values())) == len(heard_as) == 2, heard_as
