@@ -116,7 +116,7 @@ async def connect(settings: Settings, name: str) -> AbstractRobustConnection:
 def diarizer_consumer_timeout_ms(settings: Settings) -> int:
     """The diarizer holds one delivery for a whole file (its clustering needs all of it), up to
     MAX_AUDIO_HOURS. It may take as long as the audio lasts before the broker takes it back: far
-    above any real run (0.06 of real time on 2 CPU cores), far below "forever"."""
+    above any real run (0.06-0.14 of real time on 2 CPU cores), far below "forever"."""
     return int(max(1800.0, settings.max_audio_hours * 3600) * 1000)
 
 

@@ -34,7 +34,7 @@ class Settings(BaseSettings):
     database_url: SecretStr = SecretStr("postgresql://postgres@127.0.0.1:5432/stt")
     # A processing job with no progress for this long is failed with a reason (0: never). Keep it
     # above the longest wait a job may spend queued plus the longest single step (the diarizer
-    # on one whole file: about 15 minutes for 4 hours of audio on 2 CPU cores).
+    # on one whole file: 15-35 minutes for 4 hours of audio on 2 CPU cores).
     job_stall_timeout_s: float = Field(default=21600.0, ge=0)
 
     # Object store (MinIO or any S3)
