@@ -59,8 +59,8 @@ DEAD_EXCHANGE = "stt.dead"
 DEAD_LETTERS_QUEUE = "stt.dead-letters"
 PERSISTER_DEAD_QUEUE = "stt.persister.dead"
 
-# The routing keys each stage consumes: the contract of docs/design.md.
-# What each stage's queue takes: the routing keys of these message models.
+# What each stage's queue takes, as message models (the contract of docs/design.md); the queue
+# is bound to their routing keys.
 STAGE_INPUTS: dict[str, list[type[Contract]]] = {
     "diarizer": [JobSubmitted],
     "transcriber": [JobDiarized],
@@ -332,18 +332,9 @@ async def consume(
                     delay = delays[attempt]
                     log.warning("%s failed (%s); retry %d/%d in %d s",
                                 routing_key, reason, attempt + 1, len(delays), delay)
-                    retry_message = aio_pika.Message(
-                        body=message.body,
-                        content_type=message.content_type,
-                        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                        message_id=message.message_id,
-                        type=message.type,
-                        headers={**headers, ROUTING_KEY_HEADER: routing_key,
-                                 RETRY_COUNT_HEADER: attempt + 1, "x-last-error": reason[:500]},
-                    )
-                    await bus.channel.default_exchange.publish(
-                        retry_message, routing_key=retry_queue(queue_name, delay), mandatory=True
-                    )
+                    await _send_copy(bus, message, retry_queue(queue_name, delay),
+                                     {**headers, ROUTING_KEY_HEADER: routing_key,
+                                      RETRY_COUNT_HEADER: attempt + 1, "x-last-error": reason[:500]})
                     await message.ack()
                     return "retried"
                 else:
@@ -390,11 +381,7 @@ async def _hand_back(bus: Bus, message: AbstractIncomingMessage, queue_name: str
     headers = dict(message.headers or {})
     routing_key = str(headers.get(ROUTING_KEY_HEADER) or message.routing_key)
     try:
-        await bus.channel.default_exchange.publish(
-            aio_pika.Message(body=message.body, content_type=message.content_type,
-                             delivery_mode=aio_pika.DeliveryMode.PERSISTENT, message_id=message.message_id,
-                             type=message.type, headers={**headers, ROUTING_KEY_HEADER: routing_key}),
-            routing_key=queue_name, mandatory=True)
+        await _send_copy(bus, message, queue_name, {**headers, ROUTING_KEY_HEADER: routing_key})
         await message.ack()
         log.info("stopping: unfinished %s handed back to %s", routing_key, queue_name)
     except Exception:
@@ -433,18 +420,18 @@ async def _fail_job(bus: Bus, parsed: BaseModel, stage: str, reason: str, *, per
 async def _park(bus: Bus, message: AbstractIncomingMessage, headers: dict[str, Any],
                 routing_key: str, reason: str) -> None:
     """Keep a copy for operators in stt.dead-letters (inspect, fix, shovel back)."""
+    await _send_copy(bus, message, DEAD_LETTERS_QUEUE,
+                     {**headers, ROUTING_KEY_HEADER: routing_key, "x-last-error": reason[:500]})
+
+
+async def _send_copy(bus: Bus, message: AbstractIncomingMessage, queue_name: str,
+                     headers: dict[str, Any]) -> None:
+    """A persistent copy of a delivery, with these headers, straight into a queue (confirmed)."""
     await bus.channel.default_exchange.publish(
-        aio_pika.Message(
-            body=message.body,
-            content_type=message.content_type,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            message_id=message.message_id,
-            type=message.type,
-            headers={**headers, ROUTING_KEY_HEADER: routing_key, "x-last-error": reason[:500]},
-        ),
-        routing_key=DEAD_LETTERS_QUEUE,
-        mandatory=True,
-    )
+        aio_pika.Message(body=message.body, content_type=message.content_type,
+                         delivery_mode=aio_pika.DeliveryMode.PERSISTENT, message_id=message.message_id,
+                         type=message.type, headers=headers),
+        routing_key=queue_name, mandatory=True)
 
 
 def _job_id_of(body: bytes) -> int | None:

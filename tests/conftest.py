@@ -13,14 +13,12 @@ import aio_pika
 import pytest
 
 from devstack import (  # noqa: F401 (re-exported for the tests)
-    PG_ADMIN_URL,
     ROOT,
     SECRETS,
     SERVICES,
     TEST_ENV,
     Stack,
     free_port,
-    psql,
     rabbitmqctl,
     wait_for_port,
 )
