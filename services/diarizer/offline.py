@@ -7,7 +7,8 @@ wheel.
 2. Embeddings (`speaker_embedding.py`): one CAM++ embedding per (window, local speaker), from the
    frames where that speaker talks alone (all its frames when it never does).
 3. Clustering (`clustering.py`): agglomerative clustering of the cleanest embeddings, then a
-   per-window assignment of every local speaker to a global speaker.
+   per-window assignment of every local speaker to a global speaker; a speaker whose lone-speech
+   probes (below) hold two clearly different voices is split in two and the assignment redone.
 4. Reconstruction (`reconstruction.py`): window activity averaged over the file, the estimated
    number of simultaneous speakers kept in each frame; where one person talks, short CAM++
    "probes" (1.5 s every 0.75 s) re-check who it is; turns out (they may overlap).
@@ -190,18 +191,33 @@ def decide(local: LocalSpeakers, lo: int = 1, hi: int | None = None) -> Diarizat
     clean = local.valid & (local.clean_frames >= MIN_CLEAN_SHARE * segmentation.frames_per_window)
     training = local.embeddings[clean] if clean.sum() >= max(2, lo) else local.embeddings[local.valid]
     centroids = clustering.cluster_centroids(training, lo, hi)
-    assigned = clustering.assign(local.embeddings, local.valid, centroids)
+    assigned, binary, count = _frame_speakers(local, centroids, segmentation.frame_step_s)
+    if len(local.probes) and (hi is None or len(centroids) < hi):
+        owners = reconstruction.probe_owners(binary, count, _probe_frames(local, segmentation.frame_step_s))
+        split = clustering.split_mixed(centroids, local.probes, owners, hi)
+        if len(split) > len(centroids):
+            centroids = split
+            assigned, binary, count = _frame_speakers(local, centroids, segmentation.frame_step_s)
+    return _labelled(binary, centroids, local.embeddings, assigned, clean, segmentation, local.duration)
 
-    step = segmentation.frame_step_s
+
+def _probe_frames(local: LocalSpeakers, step: float) -> np.ndarray:
+    return np.stack([np.rint(local.probe_starts / step), np.rint((local.probe_starts + PROBE_S) / step)],
+                    axis=1).astype(np.int64)
+
+
+def _frame_speakers(local: LocalSpeakers, centroids: np.ndarray, step: float):
+    """Each local speaker's global speaker, the file-level (frames, speakers) activity after the
+    probes' recheck, and the number of people talking in each frame."""
+    assigned = clustering.assign(local.embeddings, local.valid, centroids)
     num_frames = int(np.ceil(local.duration / step)) + 1
     offsets = reconstruction.frame_offsets(local.starts / SAMPLE_RATE, step)
     activations, count = reconstruction.accumulate(local.activity, assigned, offsets, num_frames, len(centroids))
     binary = reconstruction.binarize(activations, count)
     if len(local.probes):
-        probe_frames = np.stack([np.rint(local.probe_starts / step), np.rint((local.probe_starts + PROBE_S) / step)],
-                                axis=1).astype(np.int64)
-        binary = reconstruction.recheck_single_speaker(binary, count, probe_frames, local.probes @ centroids.T)
-    return _labelled(binary, centroids, local.embeddings, assigned, clean, segmentation, local.duration)
+        binary = reconstruction.recheck_single_speaker(binary, count, _probe_frames(local, step),
+                                                       local.probes @ centroids.T)
+    return assigned, binary, count
 
 
 def diarize_offline(waveform: np.ndarray, *, num_speakers: int | None = None,

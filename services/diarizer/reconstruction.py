@@ -93,6 +93,26 @@ def recheck_single_speaker(binary: np.ndarray, speakers_per_frame: np.ndarray, p
     return out
 
 
+def probe_owners(binary: np.ndarray, speakers_per_frame: np.ndarray, probe_frames: np.ndarray,
+                 share: float = 0.8) -> np.ndarray:
+    """The speaker each probe listened to, -1 unless one speaker talks alone under at least
+    `share` of its frames."""
+    owners = np.full(len(probe_frames), -1, dtype=np.int64)
+    alone = (speakers_per_frame == 1) & (binary.sum(axis=1) == 1)
+    speaker = np.argmax(binary, axis=1)
+    for i, (a, b) in enumerate(probe_frames):
+        b = min(b, len(binary))
+        if b <= a:
+            continue
+        who = speaker[a:b][alone[a:b]]
+        if len(who) == 0:
+            continue
+        values, counts = np.unique(who, return_counts=True)
+        if counts.max() >= share * (b - a):
+            owners[i] = values[np.argmax(counts)]
+    return owners
+
+
 def turns_from_binary(binary: np.ndarray, frame_step_s: float, frame_duration_s: float,
                       duration: float, labels: list[str]) -> list[SpeakerTurn]:
     """Turns per speaker (frame middles as boundaries), short same-speaker pauses bridged;
