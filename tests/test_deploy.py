@@ -73,8 +73,11 @@ def test_dockerfile_has_a_non_root_healthchecked_target_per_service():
 
 def test_each_image_installs_only_its_stage_extras():
     stages = dockerfile_stages()
-    extras = {target: set(re.findall(r'pip install "\.\[([^]]+)\]"', stage_with_its_sources(stages, target)))
+    extras = {target: set(re.findall(r'pip install (?:-c requirements.lock )?"\.\[([^]]+)\]"',
+                                     stage_with_its_sources(stages, target)))
               for target in (*SERVICES, "transcriber-cpu")}
+    unpinned = re.findall(r'pip install (?!-c requirements.lock )[^\n]*"\.\[', (DEPLOY / "Dockerfile").read_text())
+    assert unpinned == [], "every image installs the project at the versions of requirements.lock"
     assert extras == {
         "ingest": {"ingest"},
         "diarizer": {"diarizer,diarizer-pyannote"},
