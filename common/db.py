@@ -31,12 +31,6 @@ DATABASE_UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.CannotConnectNowError,
 )
 
-# A `transcripts` column: the job is done and nobody talks in it (the diarizer found no turns, so
-# there are no segments). One definition for /status, /transcripts and transcript.completed.
-NO_SPEECH_COLUMN = ("(transcripts.status = 'done'"
-                    " AND NOT EXISTS (SELECT 1 FROM speaker_turns t WHERE t.transcript_id = transcripts.id)"
-                    " AND NOT EXISTS (SELECT 1 FROM segments s WHERE s.transcript_id = transcripts.id)) AS no_speech")
-
 # Any constant: serialises concurrent start-ups applying migrations.
 MIGRATION_LOCK_KEY = 7_406_501_137
 

@@ -14,6 +14,7 @@ from minio import Minio
 from minio.commonconfig import CopySource
 from pydantic import BaseModel, Field
 
+from common import jobstore
 from common.broker import EVENTS_EXCHANGE, Route, consume
 from common.db import DATABASE_UNAVAILABLE
 from common.logs import current_job
@@ -83,10 +84,7 @@ class Inbox:
         deleted. Returns the job id when this call made it."""
         bucket = self.settings.inbox_bucket
         # Checking first keeps each scan from spending a sequence value on every object it lists.
-        if await self.pool.fetchval(
-            "SELECT EXISTS (SELECT 1 FROM transcripts WHERE source_bucket = $1 AND source_key = $2"
-            " AND source_etag = $3) OR EXISTS (SELECT 1 FROM deleted_drops WHERE source_bucket = $1"
-            " AND source_key = $2 AND source_etag = $3)", bucket, key, etag):
+        if await jobstore.drop_is_known(self.pool, bucket, key, etag):
             return None
 
         def copy(audio_key: str) -> None:
@@ -127,12 +125,8 @@ class Inbox:
                 # One object that cannot be taken (gone since the listing, unreadable...) must
                 # not keep every object after it from being seen; it is tried again next scan.
                 log.exception("bucket drop %s could not be registered; skipped this scan", obj.object_name)
-        ended = await self.pool.fetch(
-            "SELECT id FROM transcripts WHERE source = 'bucket' AND status <> 'processing'"
-            " AND NOT result_written"
-        )
-        for row in ended:
-            await self.write_result(row["id"])
+        for job_id in await jobstore.ended_drops_without_result(self.pool):
+            await self.write_result(job_id)
 
     async def write_result(self, job_id: int) -> None:
         token = current_job.set(job_id)
@@ -144,17 +138,13 @@ class Inbox:
     async def _write_result(self, job_id: int) -> None:
         # The row lock keeps a DELETE of this job from running between the write and its mark.
         async with self.pool.acquire() as conn, conn.transaction():
-            row = await conn.fetchrow(
-                "SELECT source_bucket, source_key FROM transcripts WHERE id = $1 AND source = 'bucket'"
-                " FOR UPDATE",
-                job_id,
-            )
+            row = await jobstore.lock_drop(conn, job_id)
             if row is None:
                 return
             document = await status_document(conn, job_id)
             key = result_key(self.settings.results_prefix, row["source_key"])
             await asyncio.to_thread(upload_json, self.s3, row["source_bucket"], key, document)
-            await conn.execute("UPDATE transcripts SET result_written = true WHERE id = $1", job_id)
+            await jobstore.mark_result_written(conn, job_id)
         log.info("result written to %s/%s", row["source_bucket"], key)
 
     async def on_job_ended(self, event: JobEnded) -> None:

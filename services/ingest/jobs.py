@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import asyncpg
 from minio import Minio
 
-from common.db import NO_SPEECH_COLUMN
+from common import jobstore
 from common.logs import current_job
 from common.messages import STAGE_OF_SERVICE, STAGES, JobOptions, JobSubmitted
 from common.outbox import add_to_outbox
@@ -57,7 +57,7 @@ async def create_job(pool: asyncpg.Pool, s3: Minio, audio_bucket: str, put_audio
     committed job always runs. Anything that fails before the commit leaves no row and no object
     behind. Returns None when `drop` already is a job (another process made it first) or was
     deleted by its owner."""
-    job_id = await pool.fetchval("SELECT nextval(pg_get_serial_sequence('transcripts', 'id'))")
+    job_id = await jobstore.reserve_job_id(pool)
     key = upload_key(job_id)
     token = current_job.set(job_id)
     try:
@@ -65,15 +65,9 @@ async def create_job(pool: asyncpg.Pool, s3: Minio, audio_bucket: str, put_audio
         try:
             await asyncio.to_thread(put_audio, key)
             async with pool.acquire() as conn, conn.transaction():
-                created = await conn.fetchval(
-                    "INSERT INTO transcripts (id, filename, source, source_bucket, source_key, source_etag,"
-                    " audio_key, options, owner) SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9"
-                    " WHERE NOT EXISTS (SELECT 1 FROM deleted_drops"
-                    " WHERE source_bucket = $4 AND source_key = $5 AND source_etag = $6)"
-                    " ON CONFLICT DO NOTHING RETURNING id",
-                    job_id, filename, "bucket" if drop else "upload", drop and drop.bucket,
-                    drop and drop.key, drop and drop.etag, key, options.model_dump(exclude_none=True), owner,
-                )
+                created = await jobstore.insert_job(
+                    conn, job_id, filename=filename, audio_key=key, options=options.model_dump(exclude_none=True),
+                    owner=owner, drop=(drop.bucket, drop.key, drop.etag) if drop else None)
                 if created is not None:
                     await add_to_outbox(conn, JobSubmitted(
                         message_id=f"job.submitted:{job_id}", job_id=job_id, audio_bucket=audio_bucket,
@@ -111,17 +105,10 @@ async def status_document(pool: asyncpg.Pool | asyncpg.Connection, job_id: int,
                           owner: str | None = None) -> dict | None:
     """What GET /status/{id} returns (and the result file of a bucket drop). With `owner`
     (API keys on), another key's job is None, as if it did not exist."""
-    job = await pool.fetchrow(
-        f"SELECT status, stage, progress, error, owner, {NO_SPEECH_COLUMN} FROM transcripts WHERE id = $1",
-        job_id,
-    )
+    job = await jobstore.job(pool, job_id)
     if job is None or (owner is not None and job["owner"] != owner):
         return None
-    rows = await pool.fetch(
-        "SELECT speaker, start_ts, end_ts, text, overlap FROM segments WHERE transcript_id = $1 "
-        "ORDER BY start_ts, chunk_index, index",
-        job_id,
-    )
+    rows = await jobstore.job_segments(pool, job_id)
     document: dict = {
         "status": job["status"],
         "stage": public_stage(job["stage"]),

@@ -23,7 +23,7 @@ from minio import Minio
 from minio.error import S3Error
 from pydantic import BaseModel, Field
 
-from common.db import NO_SPEECH_COLUMN
+from common import jobstore
 from common.messages import SpeakerTurn, Stage, Word
 from common.settings import Settings
 from common.storage import pcm_key
@@ -170,9 +170,6 @@ def content_disposition(filename: str) -> str:
 
 # ---- database -------------------------------------------------------------------------------
 
-_SUMMARY_COLUMNS = "id, filename, status, stage, progress, language, duration, created_at, completed_at"
-
-
 def _summary_fields(row: asyncpg.Record) -> dict:
     return {
         "id": row["id"], "filename": row["filename"], "status": row["status"],
@@ -189,15 +186,10 @@ def _visible(row: asyncpg.Record | None, owner: str | None) -> bool:
 
 async def fetch_transcript(pool: asyncpg.Pool, job_id: int, owner: str | None,
                            with_words: bool) -> TranscriptDocument | None:
-    job = await pool.fetchrow(
-        f"SELECT {_SUMMARY_COLUMNS}, error, owner, {NO_SPEECH_COLUMN} FROM transcripts WHERE id = $1", job_id)
+    job = await jobstore.job(pool, job_id)
     if not _visible(job, owner):
         return None
-    rows = await pool.fetch(
-        "SELECT speaker, start_ts, end_ts, text, words, overlap FROM segments WHERE transcript_id = $1"
-        " ORDER BY start_ts, chunk_index, index",
-        job_id,
-    )
+    rows = await jobstore.job_segments(pool, job_id)
     segments = [
         TranscriptSegment(
             speaker=r["speaker"], start_ts=round(r["start_ts"], 3), end_ts=round(r["end_ts"], 3),
@@ -212,14 +204,6 @@ async def fetch_transcript(pool: asyncpg.Pool, job_id: int, owner: str | None,
     return TranscriptDocument(**_summary_fields(job), error=error, no_speech=job["no_speech"], segments=segments)
 
 
-async def fetch_turns(pool: asyncpg.Pool, job_id: int) -> list[SpeakerTurn]:
-    """The diarizer's turns of a job, in time order."""
-    rows = await pool.fetch(
-        "SELECT speaker, start_ts, end_ts FROM speaker_turns WHERE transcript_id = $1"
-        " ORDER BY start_ts, end_ts, speaker", job_id)
-    return [SpeakerTurn(speaker=r["speaker"], start=r["start_ts"], end=r["end_ts"]) for r in rows]
-
-
 @dataclass
 class ListFilters:
     status: JobState | None = None
@@ -228,43 +212,14 @@ class ListFilters:
     until: datetime | None = None
 
 
-def _like_pattern(text: str) -> str:
-    """A substring match for ILIKE, with the user's % and _ taken literally."""
-    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    return f"%{escaped}%"
-
-
 async def list_transcripts(pool: asyncpg.Pool, owner: str | None, filters: ListFilters,
                            limit: int, cursor: int | None) -> TranscriptPage:
     """Newest first. The cursor is the last id of the previous page, so pages stay stable
     while new jobs arrive."""
     if filters.filename is not None and "\x00" in filters.filename:
         return TranscriptPage(items=[])  # stored names never hold NUL (and PostgreSQL refuses it)
-    conditions, args = [], []
-
-    def where(sql: str, value: object) -> None:
-        args.append(value)
-        conditions.append(sql.format(f"${len(args)}"))
-
-    if owner is not None:
-        where("owner = {}", owner)
-    if cursor is not None:
-        where("id < {}", cursor)
-    if filters.status is not None:
-        where("status = {}", filters.status)
-    if filters.filename:
-        where("filename ILIKE {} ESCAPE '\\'", _like_pattern(filters.filename))
-    if filters.since is not None:
-        where("created_at >= {}", filters.since)
-    if filters.until is not None:
-        where("created_at < {}", filters.until)
-    args.append(limit + 1)
-    rows = await pool.fetch(
-        f"SELECT {_SUMMARY_COLUMNS} FROM transcripts"
-        f" {'WHERE ' + ' AND '.join(conditions) if conditions else ''}"
-        f" ORDER BY id DESC LIMIT ${len(args)}",
-        *args,
-    )
+    rows = await jobstore.list_jobs(pool, owner=owner, status=filters.status, filename=filters.filename,
+                                    since=filters.since, until=filters.until, before_id=cursor, limit=limit + 1)
     items = [TranscriptSummary(**_summary_fields(r)) for r in rows[:limit]]
     return TranscriptPage(items=items, next_cursor=items[-1].id if len(rows) > limit else None)
 
@@ -295,11 +250,7 @@ async def delete_transcript(pool: asyncpg.Pool, s3: Minio, settings: Settings, j
     workers would write the objects and rows again."""
     async with pool.acquire() as conn, conn.transaction():
         # The row lock also waits out the inbox writing this job's result file.
-        job = await conn.fetchrow(
-            "SELECT id, status, owner, source, source_bucket, source_key, source_etag, audio_key"
-            " FROM transcripts WHERE id = $1 FOR UPDATE",
-            job_id,
-        )
+        job = await jobstore.lock_job_for_delete(conn, job_id)
         if not _visible(job, owner):
             return False
         if job["status"] == "processing":
@@ -308,18 +259,14 @@ async def delete_transcript(pool: asyncpg.Pool, s3: Minio, settings: Settings, j
                    (settings.audio_bucket, pcm_key(job_id))]
         if job["source"] == "bucket":
             objects.append((job["source_bucket"], result_key(settings.results_prefix, job["source_key"])))
-            await conn.execute(
-                "INSERT INTO deleted_drops (source_bucket, source_key, source_etag) VALUES ($1, $2, $3)"
-                " ON CONFLICT DO NOTHING",
-                job["source_bucket"], job["source_key"], job["source_etag"],
-            )
+            await jobstore.remember_deleted_drop(conn, job["source_bucket"], job["source_key"], job["source_etag"])
         # Objects first: if the store fails, the rows stay and the delete can be repeated.
         try:
             await asyncio.to_thread(_remove_objects, s3, objects)
         except Exception as exc:
             log.warning("job %d: could not remove its objects (%s)", job_id, type(exc).__name__)
             raise ObjectStoreUnavailable from exc
-        await conn.execute("DELETE FROM transcripts WHERE id = $1", job_id)
+        await jobstore.delete_job(conn, job_id)
     log.info("job %d deleted (%s)", job_id, ", ".join(f"{b}/{k}" for b, k in objects))
     return True
 
@@ -370,7 +317,7 @@ async def get_transcript(
         raise HTTPException(status_code=409, detail=f"{reason}: {format} is available once it is done;"
                                                     " format=json shows what exists so far")
     if format == "rttm":
-        body = to_rttm(rttm_uri(document.filename), await fetch_turns(state.pool, job_id))
+        body = to_rttm(rttm_uri(document.filename), await jobstore.job_turns(state.pool, job_id))
     else:
         body = FORMATTERS[format](document.segments)
     return Response(

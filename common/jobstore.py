@@ -1,0 +1,301 @@
+"""Job state in PostgreSQL: every statement over `transcripts`, `chunks`, `segments`,
+`speaker_turns`, `transcript_speakers` and `deleted_drops`, for ingest and the persister alike
+(the tables are described in docs/design.md). Plain async functions over an asyncpg connection
+or pool; the callers own the transactions, and the functions that lock a row say so."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import asyncpg
+
+from common.messages import STAGE_OF_SERVICE, STAGES, Segment, SpeakerEmbedding, SpeakerTurn
+
+Db = asyncpg.Connection | asyncpg.Pool
+
+# A `transcripts` column: the job is done and nobody talks in it (the diarizer found no turns, so
+# there are no segments). One definition for /status, /transcripts and transcript.completed.
+NO_SPEECH_COLUMN = ("(transcripts.status = 'done'"
+                    " AND NOT EXISTS (SELECT 1 FROM speaker_turns t WHERE t.transcript_id = transcripts.id)"
+                    " AND NOT EXISTS (SELECT 1 FROM segments s WHERE s.transcript_id = transcripts.id)) AS no_speech")
+SUMMARY_COLUMNS = "id, filename, status, stage, progress, language, duration, created_at, completed_at"
+
+
+# ---- creating jobs (ingest) -------------------------------------------------------------------
+
+async def reserve_job_id(db: Db) -> int:
+    return await db.fetchval("SELECT nextval(pg_get_serial_sequence('transcripts', 'id'))")
+
+
+async def insert_job(conn: asyncpg.Connection, job_id: int, *, filename: str, audio_key: str, options: dict,
+                     owner: str | None, drop: tuple[str, str, str] | None) -> int | None:
+    """The job's row; None when `drop` (bucket, key, ETag) already is a job or its owner deleted it."""
+    bucket, key, etag = drop or (None, None, None)
+    return await conn.fetchval(
+        "INSERT INTO transcripts (id, filename, source, source_bucket, source_key, source_etag,"
+        " audio_key, options, owner) SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9"
+        " WHERE NOT EXISTS (SELECT 1 FROM deleted_drops"
+        " WHERE source_bucket = $4 AND source_key = $5 AND source_etag = $6)"
+        " ON CONFLICT DO NOTHING RETURNING id",
+        job_id, filename, "bucket" if drop else "upload", bucket, key, etag, audio_key, options, owner,
+    )
+
+
+async def drop_is_known(db: Db, bucket: str, key: str, etag: str) -> bool:
+    """The bucket object already is a job, or was one that its owner deleted."""
+    return await db.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM transcripts WHERE source_bucket = $1 AND source_key = $2"
+        " AND source_etag = $3) OR EXISTS (SELECT 1 FROM deleted_drops WHERE source_bucket = $1"
+        " AND source_key = $2 AND source_etag = $3)", bucket, key, etag)
+
+
+# ---- reading jobs (ingest) --------------------------------------------------------------------
+
+async def job(db: Db, job_id: int) -> asyncpg.Record | None:
+    """The job's summary columns with its status detail: error, owner, no_speech."""
+    return await db.fetchrow(
+        f"SELECT {SUMMARY_COLUMNS}, error, owner, {NO_SPEECH_COLUMN} FROM transcripts WHERE id = $1", job_id)
+
+
+async def job_segments(db: Db, job_id: int) -> list[asyncpg.Record]:
+    """speaker, start_ts, end_ts, text, words, overlap of every segment, in time order."""
+    return await db.fetch(
+        "SELECT speaker, start_ts, end_ts, text, words, overlap FROM segments WHERE transcript_id = $1"
+        " ORDER BY start_ts, chunk_index, index", job_id)
+
+
+async def job_turns(db: Db, job_id: int) -> list[SpeakerTurn]:
+    """The diarizer's turns of a job, in time order."""
+    rows = await db.fetch(
+        "SELECT speaker, start_ts, end_ts FROM speaker_turns WHERE transcript_id = $1"
+        " ORDER BY start_ts, end_ts, speaker", job_id)
+    return [SpeakerTurn(speaker=r["speaker"], start=r["start_ts"], end=r["end_ts"]) for r in rows]
+
+
+def _like_pattern(text: str) -> str:
+    """A substring match for ILIKE, with the user's % and _ taken literally."""
+    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
+
+
+async def list_jobs(db: Db, *, owner: str | None, status: str | None, filename: str | None,
+                    since: datetime | None, until: datetime | None, before_id: int | None,
+                    limit: int) -> list[asyncpg.Record]:
+    """Summary rows, newest first, at most `limit`, with ids below `before_id` (a page cursor)."""
+    conditions, args = [], []
+
+    def where(sql: str, value: object) -> None:
+        args.append(value)
+        conditions.append(sql.format(f"${len(args)}"))
+
+    if owner is not None:
+        where("owner = {}", owner)
+    if before_id is not None:
+        where("id < {}", before_id)
+    if status is not None:
+        where("status = {}", status)
+    if filename:
+        where("filename ILIKE {} ESCAPE '\\'", _like_pattern(filename))
+    if since is not None:
+        where("created_at >= {}", since)
+    if until is not None:
+        where("created_at < {}", until)
+    args.append(limit)
+    return await db.fetch(
+        f"SELECT {SUMMARY_COLUMNS} FROM transcripts"
+        f" {'WHERE ' + ' AND '.join(conditions) if conditions else ''}"
+        f" ORDER BY id DESC LIMIT ${len(args)}", *args)
+
+
+# ---- deleting jobs (ingest) -------------------------------------------------------------------
+
+async def lock_job_for_delete(conn: asyncpg.Connection, job_id: int) -> asyncpg.Record | None:
+    """The job's row, locked until the transaction ends (this also waits out the inbox writing
+    its result file)."""
+    return await conn.fetchrow(
+        "SELECT id, status, owner, source, source_bucket, source_key, source_etag, audio_key"
+        " FROM transcripts WHERE id = $1 FOR UPDATE", job_id)
+
+
+async def remember_deleted_drop(conn: asyncpg.Connection, bucket: str, key: str, etag: str) -> None:
+    await conn.execute(
+        "INSERT INTO deleted_drops (source_bucket, source_key, source_etag) VALUES ($1, $2, $3)"
+        " ON CONFLICT DO NOTHING", bucket, key, etag)
+
+
+async def delete_job(conn: asyncpg.Connection, job_id: int) -> None:
+    """The row; chunks, segments, turns and speakers cascade."""
+    await conn.execute("DELETE FROM transcripts WHERE id = $1", job_id)
+
+
+# ---- bucket drops' result files (ingest) ------------------------------------------------------
+
+async def ended_drops_without_result(db: Db) -> list[int]:
+    rows = await db.fetch(
+        "SELECT id FROM transcripts WHERE source = 'bucket' AND status <> 'processing' AND NOT result_written")
+    return [r["id"] for r in rows]
+
+
+async def lock_drop(conn: asyncpg.Connection, job_id: int) -> asyncpg.Record | None:
+    """A bucket drop's source_bucket and source_key, locked until the transaction ends (so a
+    DELETE cannot run between writing its result file and marking it written)."""
+    return await conn.fetchrow(
+        "SELECT source_bucket, source_key FROM transcripts WHERE id = $1 AND source = 'bucket' FOR UPDATE",
+        job_id)
+
+
+async def mark_result_written(conn: asyncpg.Connection, job_id: int) -> None:
+    await conn.execute("UPDATE transcripts SET result_written = true WHERE id = $1", job_id)
+
+
+# ---- progress (persister) ---------------------------------------------------------------------
+
+async def lock_processing_job(conn: asyncpg.Connection, job_id: int) -> asyncpg.Record | None:
+    """The job's row (id, status, filename, chunk_count), locked until the transaction ends."""
+    return await conn.fetchrow(
+        "SELECT id, status, filename, chunk_count FROM transcripts WHERE id = $1 FOR UPDATE", job_id)
+
+
+async def advance(db: Db, job_id: int, stage: str, *, language: str | None = None,
+                  duration: float | None = None, chunk_count: int | None = None) -> None:
+    """Move a processing job's stage forward only, and fill in facts learned along the way."""
+    await db.execute(
+        """
+        UPDATE transcripts SET
+            stage = CASE WHEN array_position($2::text[], stage) < array_position($2::text[], $3)
+                         THEN $3 ELSE stage END,
+            language = COALESCE(language, $4),
+            duration = COALESCE($5, duration),
+            chunk_count = COALESCE($6, chunk_count),
+            updated_at = now()
+        WHERE id = $1 AND status = 'processing'
+        """,
+        job_id, list(STAGES), stage, language, duration, chunk_count,
+    )
+
+
+async def chunk_is_embedded(conn: asyncpg.Connection, job_id: int, chunk_index: int) -> bool:
+    """The chunk was stored in full (text and embeddings) by an earlier delivery."""
+    return bool(await conn.fetchval(
+        "SELECT embedded_at IS NOT NULL FROM chunks WHERE transcript_id = $1 AND chunk_index = $2",
+        job_id, chunk_index))
+
+
+async def record_chunk(conn: asyncpg.Connection, job_id: int, chunk_index: int, segment_count: int,
+                       embedded: bool) -> None:
+    await conn.execute(
+        """
+        INSERT INTO chunks (transcript_id, chunk_index, segment_count, transcribed_at, embedded_at)
+        VALUES ($1, $2, $3, now(), CASE WHEN $4 THEN now() END)
+        ON CONFLICT (transcript_id, chunk_index) DO UPDATE SET
+            segment_count = EXCLUDED.segment_count,
+            transcribed_at = COALESCE(chunks.transcribed_at, now()),
+            embedded_at = COALESCE(EXCLUDED.embedded_at, chunks.embedded_at)
+        """,
+        job_id, chunk_index, segment_count, embedded,
+    )
+
+
+async def stage_after_chunk(conn: asyncpg.Connection, job_id: int, chunk_count: int) -> str:
+    """A job is `transcribing` until every chunk has its text, then `embedding` until done."""
+    transcribed = await conn.fetchval(
+        "SELECT count(*) FROM chunks WHERE transcript_id = $1 AND transcribed_at IS NOT NULL", job_id)
+    return "embedding" if transcribed >= chunk_count else "transcribing"
+
+
+async def embedded_chunks(conn: asyncpg.Connection, job_id: int) -> int:
+    return await conn.fetchval(
+        "SELECT count(*) FROM chunks WHERE transcript_id = $1 AND embedded_at IS NOT NULL", job_id)
+
+
+async def store_segments(conn: asyncpg.Connection, job_id: int, chunk_index: int, segments: list[Segment],
+                         embedding_model: str | None = None) -> None:
+    """The chunk's segments (with their embeddings when `embedding_model` is given), replacing
+    what an earlier delivery stored; an embedding already stored is kept."""
+    with_embeddings = embedding_model is not None
+    rows = [
+        (job_id, chunk_index, s.index, s.speaker, s.start_ts, s.end_ts, s.text,
+         [w.model_dump() for w in s.words], s.embedding if with_embeddings else None,
+         embedding_model, s.overlap)
+        for s in segments
+    ]
+    await conn.executemany(
+        """
+        INSERT INTO segments (transcript_id, chunk_index, index, speaker, start_ts, end_ts, text,
+                              words, embedding, embedding_model, overlap)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+        ON CONFLICT (transcript_id, chunk_index, index) DO UPDATE SET
+            speaker = EXCLUDED.speaker, start_ts = EXCLUDED.start_ts, end_ts = EXCLUDED.end_ts,
+            text = EXCLUDED.text, words = EXCLUDED.words, overlap = EXCLUDED.overlap,
+            embedding = COALESCE(EXCLUDED.embedding, segments.embedding),
+            embedding_model = COALESCE(EXCLUDED.embedding_model, segments.embedding_model)
+        """,
+        rows,
+    )
+    # A redelivered chunk re-segmented differently must not leave stale tail segments.
+    await conn.execute(
+        "DELETE FROM segments WHERE transcript_id = $1 AND chunk_index = $2 AND index >= $3",
+        job_id, chunk_index, len(segments),
+    )
+
+
+async def store_diarization(conn: asyncpg.Connection, job_id: int, chunk_index: int,
+                            turns: list[SpeakerTurn], speakers: list[SpeakerEmbedding]) -> None:
+    """The chunk's speaker turns (replacing any from an earlier delivery) and the job's speaker
+    embeddings (the same in every chunk: the first stored wins)."""
+    await conn.execute("DELETE FROM speaker_turns WHERE transcript_id = $1 AND chunk_index = $2",
+                       job_id, chunk_index)
+    await conn.executemany(
+        "INSERT INTO speaker_turns (transcript_id, chunk_index, index, speaker, start_ts, end_ts)"
+        " VALUES ($1, $2, $3, $4, $5, $6)",
+        [(job_id, chunk_index, i, t.speaker, t.start, t.end) for i, t in enumerate(turns)],
+    )
+    await conn.executemany(
+        """
+        INSERT INTO transcript_speakers (transcript_id, speaker, embedding, embedding_model, speech_s)
+        VALUES ($1, $2, $3, $4, $5) ON CONFLICT (transcript_id, speaker) DO NOTHING
+        """,
+        [(job_id, s.speaker, s.embedding, s.model, s.speech_s) for s in speakers],
+    )
+
+
+async def set_progress(conn: asyncpg.Connection, job_id: int, fraction: float) -> None:
+    await conn.execute("UPDATE transcripts SET progress = $2, updated_at = now() WHERE id = $1",
+                       job_id, fraction)
+
+
+async def mark_done(conn: asyncpg.Connection, job_id: int) -> asyncpg.Record:
+    """The job done; returns its filename, language, duration, segment_count and no_speech."""
+    return await conn.fetchrow(
+        f"""
+        UPDATE transcripts SET status = 'done', stage = 'done', progress = 1,
+            completed_at = now(), updated_at = now()
+        WHERE id = $1
+        RETURNING filename, language, duration,
+            (SELECT count(*) FROM segments WHERE transcript_id = $1) AS segment_count,
+            {NO_SPEECH_COLUMN}
+        """,
+        job_id,
+    )
+
+
+async def mark_failed(conn: asyncpg.Connection, job_id: int, reason: str, service: str) -> str | None:
+    """A processing job failed (the first reason wins): returns its filename, or None when it
+    was not processing. The job keeps the pipeline stage `service` works in."""
+    return await conn.fetchval(
+        """
+        UPDATE transcripts SET status = 'error', error = $2,
+            stage = COALESCE($3, stage), completed_at = now(), updated_at = now()
+        WHERE id = $1 AND status = 'processing'
+        RETURNING filename
+        """,
+        job_id, reason, STAGE_OF_SERVICE.get(service),
+    )
+
+
+async def stalled_job_ids(db: Db, timeout_s: float) -> list[int]:
+    """Processing jobs that have not moved for `timeout_s`."""
+    rows = await db.fetch(
+        "SELECT id FROM transcripts WHERE status = 'processing'"
+        " AND updated_at < now() - make_interval(secs => $1) ORDER BY id", timeout_s)
+    return [r["id"] for r in rows]
