@@ -1,5 +1,5 @@
 """The bad-input matrix: every case gets a clear 4xx with a message, or a job that ends with a
-reason a user understands. Afterwards: no worker crashed, no orphaned object or row.
+reason a user understands. And a mix of them leaves no worker crashed and no orphaned object or row.
 The outcome of each case is printed as a table at the end of the run."""
 
 from __future__ import annotations
@@ -124,15 +124,14 @@ def encode_video_only() -> bytes:
     return buffer.getvalue()
 
 
-@pytest.fixture(scope="module")
-def service_pids(stack: Stack) -> dict[str, int]:
-    return {name: stack.processes[name].pid for name in SERVICES}
+def submit(stack: Stack, case: Case) -> httpx.Response:
+    files = {"upload" if case.name == "missing file field" else "file": (case.filename, case.content())}
+    return httpx.post(f"{stack.api}/recognize", files=files, data=case.data, timeout=120)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_bad_input(stack: Stack, service_pids, case: Case):
-    files = {"upload" if case.name == "missing file field" else "file": (case.filename, case.content())}
-    response = httpx.post(f"{stack.api}/recognize", files=files, data=case.data, timeout=120)
+def test_bad_input(stack: Stack, case: Case):
+    response = submit(stack, case)
     if case.job is None:
         outcome = f"{response.status_code} {response.json().get('detail', '')[:70]}"
         record_figure(f"bad input | {case.name:<32} | {outcome}")
@@ -240,14 +239,29 @@ def test_hundred_concurrent_uploads(stack: Stack):
     assert outcomes == {("done", True)}
 
 
-def test_afterwards_no_worker_crashed_and_nothing_is_orphaned(stack: Stack, service_pids):
+def test_a_mix_of_bad_inputs_crashes_no_worker_and_orphans_nothing(stack: Stack):
+    """Its own uploads (refused ones, ones that fail, ones that end with no speech, a good one),
+    whatever ran before: afterwards every service is the process it was, no job is left
+    processing, and every stored audio object belongs to a job and every job has its audio."""
+    pids = {name: stack.processes[name].pid for name in SERVICES}
+    mix = [c for c in CASES if c.name in (
+        "random bytes named .wav", "1 Hz sample rate (crafted)", "FLAC truncated halfway",
+        "WAV truncated to 0.3 s", "2 hours (over MAX_AUDIO_HOURS)", "file over MAX_UPLOAD_MB",
+        "6-channel audio", "unknown language")]
+    assert len(mix) == 8
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(mix)) as pool:
+        responses = list(pool.map(lambda case: submit(stack, case), mix))
+    assert [r.status_code for r in responses] == [c.status if c.job is None else 202 for c in mix]
+    job_ids = [r.json()["id"] for r in responses if r.status_code == 202]
+    documents = [stack.wait_finished(job_id, timeout=300) for job_id in job_ids]
+    assert {d["status"] for d in documents} <= {"done", "error"}
     assert {name: stack.processes[name].poll() for name in SERVICES} == dict.fromkeys(SERVICES)
-    assert {name: stack.processes[name].pid for name in SERVICES} == service_pids
-    # Uploads and bucket drops alike: every stored audio object belongs to a job, and every job
-    # has its audio.
+    assert {name: stack.processes[name].pid for name in SERVICES} == pids
+    assert stack.value("SELECT count(*) FROM transcripts WHERE status = 'processing'") == 0
     rows = [r["id"] for r in stack.query("SELECT id FROM transcripts")]
     objects = {o.object_name for o in stack.s3().list_objects("audio", prefix="uploads/", recursive=True)}
     expected = {f"uploads/{job_id}" for job_id in rows}
-    record_figure(f"bad input | {'orphans afterwards':<32} | rows without audio: {len(expected - objects)}, "
+    record_figure(f"bad input | {'orphans after a mix of 8':<32} | rows without audio: {len(expected - objects)}, "
                   f"audio without row: {len(objects - expected)}")
+    assert set(job_ids) <= set(rows)
     assert objects == expected
