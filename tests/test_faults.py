@@ -24,7 +24,7 @@ import pytest
 from common.audio import decode_audio
 from common.messages import JobDiarized, JobOptions, JobSubmitted, TimeSpan
 from tests.audio_files import encode
-from tests.conftest import SERVICES, Stack, record_figure, running_stack, wait_for_port
+from tests.conftest import SERVICES, Stack, postgres_server, record_figure, running_stack, wait_for_port
 
 
 @pytest.fixture(scope="module")
@@ -158,17 +158,9 @@ def test_rabbitmq_restart_mid_run(faulty, fixtures_dir):
     assert figures == {"submitted": 6, "done": 6, "error": 0, "lost": 0, "duplicate_segments": 0}, reasons(documents)
 
 
-def postgres(action: str) -> None:
-    version = sorted(os.listdir("/etc/postgresql"))[-1]
-    subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", action, *(
-        ["-m", "fast"] if action == "stop" else [])], check=True, capture_output=True, timeout=120)
-    if action == "start":
-        wait_for_port(5432)
-
-
 def test_postgresql_restart_mid_run(faulty, fixtures_dir):
     job_ids = submit_many(faulty, [fixtures_dir / "en_dialogue.wav", fixtures_dir / "jfk.flac"] * 2)
-    postgres("stop")
+    postgres_server("stop")
     try:
         time.sleep(1)
         upload_during = faulty.submit(fixtures_dir / "jfk.flac").status_code
@@ -176,7 +168,7 @@ def test_postgresql_restart_mid_run(faulty, fixtures_dir):
         ready_during = httpx.get(f"{faulty.api}/readyz").status_code
         time.sleep(5)  # the pipeline keeps working meanwhile; the persister holds its messages
     finally:
-        postgres("start")
+        postgres_server("start")
     assert (upload_during, status_during, ready_during) == (503, 503, 503)
     faulty.wait_ready(timeout=60)  # ingest recovers without a restart
     job_ids += submit_many(faulty, [fixtures_dir / "jfk.flac"])
