@@ -59,6 +59,16 @@ def _migrations() -> list[tuple[int, str, str]]:
     return sorted(found)
 
 
+class MissingPgvector(RuntimeError):
+    """The database has no pgvector extension to install."""
+
+    def __init__(self, detail: str):
+        super().__init__(
+            f"PostgreSQL lacks the pgvector extension ({detail}). Install pgvector 0.5 or later on the "
+            "database server (Debian/Ubuntu: apt install postgresql-<version>-pgvector; Docker: the "
+            "pgvector/pgvector image), or leave DATABASE_URL unset for `make run`'s embedded PostgreSQL.")
+
+
 async def apply_migrations(pool: asyncpg.Pool) -> list[str]:
     """Apply every migration not yet applied, each in its own transaction. Safe when several
     services start at once: an advisory lock lets one apply while the others wait."""
@@ -76,7 +86,14 @@ async def apply_migrations(pool: asyncpg.Pool) -> list[str]:
                 if version in done:
                     continue
                 async with conn.transaction():
-                    await conn.execute(sql)
+                    try:
+                        await conn.execute(sql)
+                    except asyncpg.exceptions.FeatureNotSupportedError as exc:
+                        if "vector" not in str(exc):
+                            raise
+                        missing = MissingPgvector(str(exc))
+                        log.critical("%s", missing)
+                        raise missing from exc
                     await conn.execute(
                         "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", version, name
                     )

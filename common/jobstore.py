@@ -5,6 +5,7 @@ or pool; the callers own the transactions, and the functions that lock a row say
 
 from __future__ import annotations
 
+import hashlib
 from datetime import datetime
 
 import asyncpg
@@ -223,7 +224,7 @@ async def store_segments(conn: asyncpg.Connection, job_id: int, chunk_index: int
         """
         INSERT INTO segments (transcript_id, chunk_index, index, speaker, start_ts, end_ts, text,
                               words, embedding, embedding_model, overlap)
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::real[]::vector, $10, $11)
         ON CONFLICT (transcript_id, chunk_index, index) DO UPDATE SET
             speaker = EXCLUDED.speaker, start_ts = EXCLUDED.start_ts, end_ts = EXCLUDED.end_ts,
             text = EXCLUDED.text, words = EXCLUDED.words, overlap = EXCLUDED.overlap,
@@ -237,6 +238,26 @@ async def store_segments(conn: asyncpg.Connection, job_id: int, chunk_index: int
         "DELETE FROM segments WHERE transcript_id = $1 AND chunk_index = $2 AND index >= $3",
         job_id, chunk_index, len(segments),
     )
+
+
+_indexed: set[tuple[str, int]] = set()
+
+
+async def ensure_vector_index(pool: asyncpg.Pool, model: str, dimensions: int) -> None:
+    """An HNSW cosine index over the segments of one embedding model (vectors of one model all
+    have its dimension; an index needs a fixed one). Run outside any transaction that has
+    written segments: building it locks the table against writes."""
+    if (model, dimensions) in _indexed:
+        return
+    name = "segments_embedding_" + hashlib.sha256(f"{model}:{dimensions}".encode()).hexdigest()[:16]
+    literal = model.replace("'", "''")
+    try:
+        await pool.execute(
+            f"CREATE INDEX IF NOT EXISTS {name} ON segments USING hnsw"
+            f" ((embedding::vector({int(dimensions)})) vector_cosine_ops) WHERE embedding_model = '{literal}'")
+    except (asyncpg.exceptions.UniqueViolationError, asyncpg.exceptions.DuplicateTableError):
+        pass  # another persister made it at the same moment
+    _indexed.add((model, dimensions))
 
 
 async def store_diarization(conn: asyncpg.Connection, job_id: int, chunk_index: int,
@@ -253,7 +274,7 @@ async def store_diarization(conn: asyncpg.Connection, job_id: int, chunk_index: 
     await conn.executemany(
         """
         INSERT INTO transcript_speakers (transcript_id, speaker, embedding, embedding_model, speech_s)
-        VALUES ($1, $2, $3, $4, $5) ON CONFLICT (transcript_id, speaker) DO NOTHING
+        VALUES ($1, $2, $3::real[]::vector, $4, $5) ON CONFLICT (transcript_id, speaker) DO NOTHING
         """,
         [(job_id, s.speaker, s.embedding, s.model, s.speech_s) for s in speakers],
     )

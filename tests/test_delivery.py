@@ -9,6 +9,7 @@ import uuid
 
 import aio_pika
 import asyncpg
+import pytest
 
 from common.messages import (
     ChunkEmbedded,
@@ -66,7 +67,8 @@ async def test_duplicates_and_out_of_order_chunks_store_each_segment_once(stack)
         await publish(stack, embedded0, embedded0, ChunkTranscribed(chunk_index=0, segments=chunk0, **common))
         await asyncio.sleep(3)
         assert await conn.fetchval("SELECT status FROM transcripts WHERE id = $1", job_id) == "processing"
-        rows = await conn.fetch("SELECT text, embedding FROM segments WHERE transcript_id = $1", job_id)
+        rows = await conn.fetch("SELECT text, embedding::real[] AS embedding FROM segments"
+                                " WHERE transcript_id = $1", job_id)
         assert sorted(r["text"] for r in rows) == ["first", "second"]
         assert all(r["embedding"] == [0.5] * 384 for r in rows)  # the first stored copy stays
         # chunk 1: transcribed twice, so the real embedder embeds it twice
@@ -75,7 +77,7 @@ async def test_duplicates_and_out_of_order_chunks_store_each_segment_once(stack)
         await wait_status(conn, job_id, "done")
         await asyncio.sleep(2)  # let any duplicate land
 
-        rows = await conn.fetch("SELECT chunk_index, index, text, embedding FROM segments"
+        rows = await conn.fetch("SELECT chunk_index, index, text, embedding::real[] AS embedding FROM segments"
                                 " WHERE transcript_id = $1 ORDER BY start_ts", job_id)
         assert [r["text"] for r in rows] == ["first", "second", "third"]
         assert all(r["embedding"] is not None for r in rows)
@@ -161,6 +163,65 @@ async def test_concurrent_start_ups_apply_migrations_once(stack):
             assert await conn.fetchval("SELECT count(*) FROM schema_migrations") == versions
             assert await conn.fetchval("SELECT to_regclass('segments') IS NOT NULL")
         for pool in pools:
+            await pool.close()
+    finally:
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        await admin.close()
+
+
+async def test_stored_real_array_embeddings_become_vectors(stack):
+    """A database from before pgvector: the migration converts its embeddings in place."""
+    from common.db import _migrations, apply_migrations
+    from devstack import with_database
+
+    name = f"stt_upgrade_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(stack.database_url)
+    await admin.execute(f"CREATE DATABASE {name}")
+    try:
+        conn = await asyncpg.connect(with_database(stack.database_url, name))
+        await conn.execute("CREATE TABLE schema_migrations (version integer PRIMARY KEY, name text NOT NULL,"
+                           " applied_at timestamptz NOT NULL DEFAULT now())")
+        for version, migration, sql in _migrations():
+            if version < 7:
+                await conn.execute(sql)
+                await conn.execute("INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", version, migration)
+        await conn.execute("INSERT INTO transcripts (id, filename) VALUES (1, 'old.wav')")
+        await conn.execute("INSERT INTO segments (transcript_id, chunk_index, index, speaker, start_ts, end_ts, text,"
+                           " embedding, embedding_model) VALUES (1, 0, 0, 'spk_0', 0, 1, 'hello', $1, 'all-minilm')",
+                           [0.6, 0.8, 0.0])
+        await conn.close()
+        pool = await asyncpg.create_pool(with_database(stack.database_url, name), min_size=1, max_size=1)
+        try:
+            assert [m for m in await apply_migrations(pool) if m.startswith("007")] == ["007_pgvector.sql"]
+            row = await pool.fetchrow("SELECT pg_typeof(embedding)::text AS type, embedding::real[] AS values,"
+                                      " embedding <=> '[0.6, 0.8, 0]'::vector AS distance FROM segments")
+            assert row["type"] == "vector" and row["values"] == pytest.approx([0.6, 0.8, 0.0])
+            assert row["distance"] == pytest.approx(0.0, abs=1e-6)
+        finally:
+            await pool.close()
+    finally:
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        await admin.close()
+
+
+async def test_a_database_without_pgvector_is_refused_with_what_to_install():
+    """This machine's own PostgreSQL 15 has no pgvector (the embedded one the tests use has)."""
+    from common.db import MissingPgvector, apply_migrations
+
+    try:
+        admin = await asyncpg.connect("postgresql://postgres@127.0.0.1:5432/postgres", timeout=5)
+    except (OSError, asyncpg.PostgresError):
+        pytest.skip("no PostgreSQL on 127.0.0.1:5432 to try")
+    name = f"stt_novector_{uuid.uuid4().hex[:8]}"
+    try:
+        if await admin.fetchval("SELECT count(*) FROM pg_available_extensions WHERE name = 'vector'"):
+            pytest.skip("that PostgreSQL has pgvector")
+        await admin.execute(f"CREATE DATABASE {name}")
+        pool = await asyncpg.create_pool(f"postgresql://postgres@127.0.0.1:5432/{name}", min_size=1, max_size=1)
+        try:
+            with pytest.raises(MissingPgvector, match="apt install postgresql-<version>-pgvector"):
+                await apply_migrations(pool)
+        finally:
             await pool.close()
     finally:
         await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")

@@ -8,6 +8,7 @@ import re
 import time
 
 import aio_pika
+import asyncpg
 import httpx
 import pytest
 
@@ -32,7 +33,8 @@ def finished(stack: Stack, fixtures_dir) -> dict[str, dict]:
 
 
 def fetch_segments(stack: Stack, job_id: int) -> list:
-    return stack.query("SELECT chunk_index, index, speaker, start_ts, end_ts, text, embedding, embedding_model"
+    return stack.query("SELECT chunk_index, index, speaker, start_ts, end_ts, text,"
+                       " embedding::real[] AS embedding, embedding_model"
                        " FROM segments WHERE transcript_id = $1 ORDER BY start_ts", job_id)
 
 
@@ -89,6 +91,29 @@ async def test_every_segment_has_a_384_float_embedding(finished, stack):
             assert row["embedding"] is not None and len(row["embedding"]) == 384, (name, row["index"])
             assert abs(sum(x * x for x in row["embedding"]) - 1.0) < 1e-3  # unit vectors
             assert row["embedding_model"] == "all-minilm"
+
+
+async def test_embeddings_are_pgvector_vectors_searchable_through_an_hnsw_index(finished, stack):
+    job_id = finished["sample.wav"]["id"]
+    [index] = stack.query("SELECT indexdef FROM pg_indexes WHERE tablename = 'segments' AND indexdef LIKE '%hnsw%'")
+    assert "vector(384)" in index["indexdef"] and "'all-minilm'" in index["indexdef"]
+    probe = stack.query("SELECT chunk_index, index, embedding::text AS vector FROM segments"
+                        " WHERE transcript_id = $1 ORDER BY start_ts LIMIT 1", job_id)[0]
+    # The segment nearest its own vector (cosine), the way a search asks: by the index.
+    nearest = stack.query(
+        "SELECT transcript_id, chunk_index, index FROM segments WHERE embedding_model = 'all-minilm'"
+        " ORDER BY embedding::vector(384) <=> $1::vector(384) LIMIT 1", probe["vector"])[0]
+    assert (nearest["transcript_id"], nearest["chunk_index"], nearest["index"]) == (
+        job_id, probe["chunk_index"], probe["index"])
+    conn = await asyncpg.connect(stack.database_url)
+    try:
+        await conn.execute("SET enable_seqscan = off")  # a few rows: the planner would just scan them
+        plan = "\n".join(r[0] for r in await conn.fetch(
+            "EXPLAIN SELECT index FROM segments WHERE embedding_model = 'all-minilm'"
+            " ORDER BY embedding::vector(384) <=> $1::vector(384) LIMIT 5", probe["vector"]))
+    finally:
+        await conn.close()
+    assert "segments_embedding_" in plan, plan
 
 
 async def test_job_record_has_language_duration_and_progress(finished, stack):
