@@ -62,6 +62,7 @@ TEST_ENV = {
     "DIARIZATION_BACKEND": "auto",
     "HF_TOKEN": SECRETS["HF_TOKEN"],
     "EMBEDDING_BACKEND": "ollama",
+    "MODEL_NAME_EMBEDDED": "all-minilm",  # what the stand-in Ollama serves
 }
 # Production-like limits, the offline backends, the local embedding model.
 BENCH_ENV = {

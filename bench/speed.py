@@ -70,7 +70,7 @@ def log(message: str) -> None:
 def run_floor(path: Path, diarize, model, settings) -> dict:
     from common.audio import decode_audio
     from common.messages import JobOptions
-    from services.embedder.backends import local_embed
+    from services.embedder.backends import local_embedder
     from services.transcriber.whisper import transcribe_chunk
 
     t0 = time.perf_counter()
@@ -81,7 +81,7 @@ def run_floor(path: Path, diarize, model, settings) -> dict:
     # One call over the whole file, with the pipeline's own options (VAD, word timestamps).
     segments, language = transcribe_chunk(model, waveform, 0.0, turns, None, settings.whisper_beam_size)
     t3 = time.perf_counter()
-    local_embed([s.text for s in segments])
+    local_embedder(settings)([s.text for s in segments])
     t4 = time.perf_counter()
     return {"wall_s": t4 - t0, "decode_s": t1 - t0, "diarize_s": t2 - t1, "transcribe_s": t3 - t2,
             "embed_s": t4 - t3, "turns": len(turns), "segments": len(segments), "language": language,
@@ -96,7 +96,7 @@ def run_seed(path: Path, diarize, model, settings, budget_s: float) -> dict:
     After `budget_s` seconds the rest is extrapolated from the speech seconds done so far."""
     from common.audio import decode_audio
     from common.messages import JobOptions
-    from services.embedder.backends import local_embed
+    from services.embedder.backends import local_embedder
 
     t0 = time.perf_counter()
     waveform = decode_audio(str(path))
@@ -123,7 +123,7 @@ def run_seed(path: Path, diarize, model, settings, budget_s: float) -> dict:
             done_speech += turn.end - turn.start
             processed += 1
     t2 = time.perf_counter()
-    local_embed([s[3] for s in segments] or [""])
+    local_embedder(settings)([s[3] for s in segments] or [""])
     t3 = time.perf_counter()
     transcribe_s = t2 - t1
     complete = processed == len(turns)
@@ -312,7 +312,7 @@ def long_file(fixtures, minutes: float, seed_budget: float, tmp: Path) -> None:
 def concurrent(fixtures, n: int) -> None:
     from bench.stack import running_stack
     from common.audio import decode_audio
-    from services.embedder.backends import local_embed
+    from services.embedder.backends import local_embedder
 
     files = [fixtures[i % len(fixtures)].path for i in range(n)]
     with running_stack() as stack:
@@ -336,7 +336,7 @@ def concurrent(fixtures, n: int) -> None:
         decode_s = time.perf_counter() - t
         result = run_pipeline(waveform, diarize, model, settings)
         t = time.perf_counter()
-        local_embed([s.text for s in result.segments] or [""])
+        local_embedder(settings)([s.text for s in result.segments] or [""])
         work["embedder"] += time.perf_counter() - t
         work["diarizer (decode+diarize)"] += decode_s + result.timings["diarize"]
         work["transcriber"] += result.timings["transcribe"]

@@ -84,7 +84,9 @@ class Settings(BaseSettings):
     # Embedder
     embedding_backend: str = "ollama"  # ollama | local
     ollama_url: str = "http://127.0.0.1:11434"
-    model_name_embedded: str = "all-minilm"
+    model_name_embedded: str = "bge-m3"  # multilingual; see the README's Models section
+    # EMBEDDING_BACKEND=local: universal-sentence-encoder-multilingual-3 | all-minilm
+    local_embedding_model: str = "universal-sentence-encoder-multilingual-3"
     ollama_timeout_s: float = Field(default=60.0, gt=0)
     ollama_retries: int = Field(default=3, ge=0)
     embed_batch_size: int = Field(default=64, ge=1)

@@ -37,7 +37,7 @@ async def flaky_ollama():
 
 async def test_ollama_backend_retries_then_returns_one_vector_per_text(flaky_ollama):
     url, calls = flaky_ollama
-    settings = Settings(ollama_url=url, ollama_retries=3, embed_batch_size=2)
+    settings = Settings(ollama_url=url, model_name_embedded="all-minilm", ollama_retries=3, embed_batch_size=2)
     async with aiohttp.ClientSession() as session:
         embed, model = make_embedder(settings, session)
         texts = ["The meeting starts at noon.", "We meet at twelve o'clock.", "Bananas are yellow."]
@@ -59,7 +59,8 @@ async def test_unknown_ollama_model_fails_with_a_clear_reason(flaky_ollama):
 
 
 async def test_unreachable_ollama_raises_after_retries():
-    settings = Settings(ollama_url="http://127.0.0.1:9", ollama_retries=1, ollama_timeout_s=2)
+    settings = Settings(ollama_url="http://127.0.0.1:9", model_name_embedded="all-minilm", ollama_retries=1,
+                        ollama_timeout_s=2)
     async with aiohttp.ClientSession() as session:
         embed, _ = make_embedder(settings, session)
         with pytest.raises(aiohttp.ClientConnectionError):
@@ -71,3 +72,21 @@ def test_local_backend_gives_unit_vectors_that_rank_meaning():
     assert all(len(v) == 384 and abs(cosine(v, v) - 1) < 1e-4 for v in vectors)
     assert cosine(vectors[0], vectors[1]) > 0.8  # measured 0.87
     assert cosine(vectors[0], vectors[2]) < 0.3
+
+
+async def test_local_default_is_multilingual():
+    """A Russian sentence lands nearer its English translation than unrelated English does."""
+    settings = Settings(embedding_backend="local")
+    embed, model = make_embedder(settings, None)
+    english, russian, unrelated, other_russian = await embed([
+        "Delivery costs almost doubled this quarter.", "Стоимость доставки в этом квартале выросла почти вдвое.",
+        "The weather is lovely in the mountains.", "Мы обсудим сроки запуска нового продукта."])
+    assert model == "universal-sentence-encoder-multilingual-3"
+    assert all(len(v) == 512 and abs(cosine(v, v) - 1) < 1e-3 for v in (english, russian, unrelated))
+    assert cosine(english, russian) > cosine(english, unrelated) + 0.3
+    assert cosine(english, russian) > cosine(english, other_russian) + 0.3
+
+
+def test_unknown_local_model_is_refused_at_start():
+    with pytest.raises(SystemExit, match="LOCAL_EMBEDDING_MODEL"):
+        make_embedder(Settings(embedding_backend="local", local_embedding_model="word2vec"), None)

