@@ -210,24 +210,27 @@ async def embedded_chunks(conn: asyncpg.Connection, job_id: int) -> int:
 
 
 async def store_segments(conn: asyncpg.Connection, job_id: int, chunk_index: int, segments: list[Segment],
-                         embedding_model: str | None = None) -> None:
-    """The chunk's segments (with their embeddings when `embedding_model` is given), replacing
-    what an earlier delivery stored; an embedding already stored is kept."""
+                         language: str | None, embedding_model: str | None = None) -> None:
+    """The chunk's segments (with their embeddings when `embedding_model` is given, and their
+    text indexed for search in `language`), replacing what an earlier delivery stored; an
+    embedding already stored is kept."""
     with_embeddings = embedding_model is not None
     rows = [
         (job_id, chunk_index, s.index, s.speaker, s.start_ts, s.end_ts, s.text,
          [w.model_dump() for w in s.words], s.embedding if with_embeddings else None,
-         embedding_model, s.overlap)
+         embedding_model, s.overlap, language)
         for s in segments
     ]
     await conn.executemany(
         """
         INSERT INTO segments (transcript_id, chunk_index, index, speaker, start_ts, end_ts, text,
-                              words, embedding, embedding_model, overlap)
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::real[]::vector, $10, $11)
+                              words, embedding, embedding_model, overlap, search_text)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::real[]::vector, $10, $11,
+                to_tsvector(stt_text_config($12), $7))
         ON CONFLICT (transcript_id, chunk_index, index) DO UPDATE SET
             speaker = EXCLUDED.speaker, start_ts = EXCLUDED.start_ts, end_ts = EXCLUDED.end_ts,
             text = EXCLUDED.text, words = EXCLUDED.words, overlap = EXCLUDED.overlap,
+            search_text = EXCLUDED.search_text,
             embedding = COALESCE(EXCLUDED.embedding, segments.embedding),
             embedding_model = COALESCE(EXCLUDED.embedding_model, segments.embedding_model)
         """,
@@ -320,3 +323,70 @@ async def stalled_job_ids(db: Db, timeout_s: float) -> list[int]:
         "SELECT id FROM transcripts WHERE status = 'processing'"
         " AND updated_at < now() - make_interval(secs => $1) ORDER BY id", timeout_s)
     return [r["id"] for r in rows]
+
+
+# ---- search (ingest) --------------------------------------------------------------------------
+
+# A query is matched in each language's stemming at once: a segment is indexed in its transcript's
+# language, and the person searching need not say which that was.
+_TEXT_QUERY = ("(websearch_to_tsquery('english', $1) || websearch_to_tsquery('russian', $1)"
+               " || websearch_to_tsquery('simple', $1))")
+_HIT_COLUMNS = ("s.transcript_id, s.chunk_index, s.index, t.filename, s.speaker, s.start_ts, s.end_ts, s.text")
+
+
+def _search_filters(args: list, *, owner: str | None, transcript_id: int | None, speaker: str | None,
+                    language: str | None, since: datetime | None, until: datetime | None) -> str:
+    conditions = []
+
+    def where(sql: str, value: object) -> None:
+        args.append(value)
+        conditions.append(sql.format(f"${len(args)}"))
+
+    if owner is not None:
+        where("t.owner = {}", owner)
+    if transcript_id is not None:
+        where("s.transcript_id = {}", transcript_id)
+    if speaker is not None:
+        where("s.speaker = {}", speaker)
+    if language is not None:
+        where("t.language = {}", language)
+    if since is not None:
+        where("t.created_at >= {}", since)
+    if until is not None:
+        where("t.created_at < {}", until)
+    return "".join(f" AND {c}" for c in conditions)
+
+
+async def search_text(db: Db, query: str, *, limit: int, **filters) -> list[asyncpg.Record]:
+    """Segments whose words match `query` (web-search syntax: words, "a phrase", -not, or), best
+    first (ts_rank_cd), with the matched words marked <mark>...</mark> in `highlighted`."""
+    args: list = [query]
+    where = _search_filters(args, **filters)
+    args.append(limit)
+    return await db.fetch(
+        f"SELECT {_HIT_COLUMNS}, ts_rank_cd(s.search_text, q.query) AS score,"
+        " ts_headline(stt_text_config(t.language), s.text, q.query,"
+        " 'StartSel=<mark>, StopSel=</mark>, HighlightAll=true') AS highlighted"
+        f" FROM segments s JOIN transcripts t ON t.id = s.transcript_id, (SELECT {_TEXT_QUERY} AS query) q"
+        f" WHERE s.search_text @@ q.query{where}"
+        f" ORDER BY score DESC, s.transcript_id DESC, s.start_ts LIMIT ${len(args)}", *args)
+
+
+async def search_semantic(pool: asyncpg.Pool, vector: list[float], model: str, *, limit: int,
+                          **filters) -> list[asyncpg.Record]:
+    """The segments of `model` nearest `vector` (cosine, through that model's HNSW index, which
+    keeps scanning while filters reject rows); `score` is the cosine similarity."""
+    dimensions = int(len(vector))
+    args: list = [vector]
+    where = _search_filters(args, **filters)
+    args.append(limit)
+    distance = f"s.embedding::vector({dimensions}) <=> $1::real[]::vector({dimensions})"
+    # The model as a literal, as in the partial index's predicate, so the planner can use it.
+    model_literal = model.replace("'", "''")
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("SET LOCAL hnsw.iterative_scan = strict_order")
+        return await conn.fetch(
+            f"SELECT {_HIT_COLUMNS}, 1 - ({distance}) AS score, NULL::text AS highlighted"
+            " FROM segments s JOIN transcripts t ON t.id = s.transcript_id"
+            f" WHERE s.embedding_model = '{model_literal}' AND s.embedding IS NOT NULL{where}"
+            f" ORDER BY {distance} LIMIT ${len(args)}", *args)

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
+import aiohttp
 from litestar import Litestar, Request, get, post
 from litestar.datastructures import State, UploadFile
 from litestar.enums import RequestEncodingType
@@ -30,12 +31,14 @@ from common.metrics import http_metrics_middleware, watch_queue_depths
 from common.outbox import run_outbox_flusher
 from common.settings import Settings, get_settings
 from common.storage import ensure_buckets, make_client, upload_stream
+from services.embedder.backends import make_embedder
 from services.ingest.admission import upload_limit_middleware
 from services.ingest.auth import api_key_middleware, request_owner
 from services.ingest.errors import error_responses as _errors
 from services.ingest.inbox import INBOX_EVENTS_QUEUE, RESULTS_QUEUE, Inbox
 from services.ingest.jobs import clean_filename, create_job, status_document
 from services.ingest.readiness import CHECK_TIMEOUT_S, ObjectStoreProbe, run_checks
+from services.ingest.search import SEARCH_ROUTES
 from services.ingest.transcripts import TRANSCRIPT_ROUTES, TranscriptSegment
 
 log = logging.getLogger("services.ingest")
@@ -198,6 +201,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
         state.connection = await connect(settings, "ingest")
         state.bus = await open_bus(state.connection, settings)
         state.outbox_wake = asyncio.Event()
+        # GET /search embeds queries with the embedder's model, whose vectors it searches.
+        http = aiohttp.ClientSession()
+        state.query_embedder = await asyncio.to_thread(make_embedder, settings, http)
         inbox = Inbox(settings, state.pool, state.s3, state.outbox_wake)
         queues = watched_queues(INBOX_EVENTS_QUEUE, RESULTS_QUEUE)
         tasks = [asyncio.create_task(run_outbox_flusher(state.pool, state.bus, state.outbox_wake)),
@@ -213,10 +219,11 @@ def create_app(settings: Settings | None = None) -> Litestar:
             await asyncio.gather(*tasks, return_exceptions=True)
             await state.connection.close()
             await state.pool.close()
+            await http.close()
             state.s3_probe.close()
 
     return Litestar(
-        route_handlers=[recognize, job_status, healthz, readyz, metrics, *TRANSCRIPT_ROUTES],
+        route_handlers=[recognize, job_status, healthz, readyz, metrics, *TRANSCRIPT_ROUTES, *SEARCH_ROUTES],
         lifespan=[lifespan],
         middleware=[http_metrics_middleware, api_key_middleware(settings),  # metrics first: 401s count
                     upload_limit_middleware(settings.max_concurrent_uploads)],

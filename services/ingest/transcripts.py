@@ -334,12 +334,12 @@ async def get_transcripts(
     limit: LimitQuery = 50, cursor: CursorQuery = None, status: StatusQuery = None,
     filename: FilenameQuery = None, since: SinceQuery = None, until: UntilQuery = None,
 ) -> TranscriptPage:
-    filters = ListFilters(status=status, filename=filename, since=_as_utc(since, "since"),
-                          until=_as_utc(until, "until"))
+    filters = ListFilters(status=status, filename=filename, since=as_utc(since, "since"),
+                          until=as_utc(until, "until"))
     return await list_transcripts(state.pool, request_owner(request), filters, limit, cursor)
 
 
-def _as_utc(moment: datetime | None, name: str) -> datetime | None:
+def as_utc(moment: datetime | None, name: str) -> datetime | None:
     if moment is None:
         return None
     try:

@@ -48,7 +48,8 @@ async def _store_chunk(conn: asyncpg.Connection, message: ChunkTranscribed | Chu
     job_id = message.job_id
     await jobstore.record_chunk(conn, job_id, message.chunk_index, len(message.segments),
                                 embedded=embedding_model is not None)
-    await jobstore.store_segments(conn, job_id, message.chunk_index, message.segments, embedding_model)
+    await jobstore.store_segments(conn, job_id, message.chunk_index, message.segments, message.language,
+                                  embedding_model)
     await jobstore.store_diarization(conn, job_id, message.chunk_index, message.turns, message.speakers)
     stage = await jobstore.stage_after_chunk(conn, job_id, message.chunk_count)
     await jobstore.advance(conn, job_id, stage, language=message.language, duration=message.duration,

@@ -1,0 +1,157 @@
+"""GET /search: find what anyone said, by words (PostgreSQL full-text search), by meaning
+(pgvector nearest neighbours of the query's embedding, in any of the embedding model's
+languages), or both fused by reciprocal rank."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+from typing import Annotated, Literal
+
+import aiohttp
+from litestar import Request, get
+from litestar.datastructures import State
+from litestar.exceptions import HTTPException
+from litestar.params import QueryParameter
+from pydantic import BaseModel
+
+from common import jobstore
+from services.embedder.backends import EmbedFn, OllamaError
+from services.ingest.auth import request_owner
+from services.ingest.errors import error_responses
+from services.ingest.transcripts import MAX_ID, SinceQuery, UntilQuery, as_utc
+
+log = logging.getLogger(__name__)
+
+SearchMode = Literal["hybrid", "semantic", "text"]
+# Reciprocal-rank fusion: a hit's score is the sum over the lists that found it of 1 / (K + rank);
+# K = 60 is the constant of the method's paper (Cormack et al., 2009) and what most engines use.
+RRF_K = 60
+# Each list contributes this many candidates to the fusion, and no page reaches past it.
+CANDIDATES = 200
+MAX_QUERY_CHARS = 1000
+
+
+class SearchHit(BaseModel):
+    transcript_id: int
+    filename: str
+    speaker: str
+    start_ts: float
+    end_ts: float
+    text: str
+    # The text with the words the query matched in <mark>...</mark> (for hits found by words).
+    highlighted: str | None = None
+    # text: ts_rank_cd; semantic: cosine similarity; hybrid: the reciprocal-rank-fusion score.
+    score: float
+    found_by: list[Literal["text", "semantic"]]
+
+
+class SearchPage(BaseModel):
+    mode: SearchMode
+    # The model the query was embedded with and whose vectors were searched (semantic, hybrid).
+    embedding_model: str | None = None
+    items: list[SearchHit]
+    next_cursor: str | None = None
+
+
+QueryText = Annotated[str, QueryParameter(min_length=1, max_length=MAX_QUERY_CHARS,
+                                          description="What to look for: words, \"a phrase\", -without, or a question")]
+ModeQuery = Annotated[SearchMode, QueryParameter(description="hybrid (both, fused by rank), semantic (by meaning,"
+                                                              " across languages) or text (by words)")]
+TranscriptQuery = Annotated[int | None, QueryParameter(ge=1, le=MAX_ID, description="Only this job's segments")]
+SpeakerQuery = Annotated[str | None, QueryParameter(min_length=1, max_length=100,
+                                                    description="Only this speaker (spk_0...)")]
+LanguageQuery = Annotated[str | None, QueryParameter(pattern=r"^[a-z]{2,3}$",
+                                                     description="Only transcripts in this language (en, ru...)")]
+SearchLimitQuery = Annotated[int, QueryParameter(ge=1, le=100, description="Hits per page")]
+SearchCursorQuery = Annotated[str | None, QueryParameter(max_length=64, description="next_cursor of the previous page")]
+
+
+def _cursor(offset: int) -> str:
+    return base64.urlsafe_b64encode(f"o{offset}".encode()).decode().rstrip("=")
+
+
+def _offset(cursor: str | None) -> int:
+    if cursor is None:
+        return 0
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        offset = int(text[1:]) if text.startswith("o") else -1
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        offset = -1
+    if not 0 < offset < CANDIDATES:
+        raise HTTPException(status_code=400, detail="cursor is not one this endpoint returned")
+    return offset
+
+
+def _hit(row, found_by: list[str], score: float) -> SearchHit:
+    return SearchHit(transcript_id=row["transcript_id"], filename=row["filename"], speaker=row["speaker"],
+                     start_ts=round(row["start_ts"], 3), end_ts=round(row["end_ts"], 3), text=row["text"],
+                     highlighted=row["highlighted"], score=round(float(score), 6), found_by=found_by)
+
+
+def fuse(text_rows: list, semantic_rows: list) -> list[SearchHit]:
+    """Reciprocal-rank fusion of the two ranked lists (each a list of segment rows)."""
+    fused: dict[tuple, dict] = {}
+    for source, rows in (("text", text_rows), ("semantic", semantic_rows)):
+        for rank, row in enumerate(rows, start=1):
+            key = (row["transcript_id"], row["chunk_index"], row["index"])
+            entry = fused.setdefault(key, {"row": row, "score": 0.0, "found_by": []})
+            entry["score"] += 1.0 / (RRF_K + rank)
+            entry["found_by"].append(source)
+            if source == "text":
+                entry["row"] = row  # it carries the highlighting
+    ranked = sorted(fused.values(), key=lambda e: (-e["score"], -e["row"]["transcript_id"], e["row"]["start_ts"]))
+    return [_hit(e["row"], e["found_by"], e["score"]) for e in ranked]
+
+
+async def embed_query(embed: EmbedFn, query: str) -> list[float]:
+    try:
+        [vector] = await embed([query])
+    except (OllamaError, aiohttp.ClientError, TimeoutError) as exc:
+        log.warning("could not embed a search query: %s", exc)
+        raise HTTPException(status_code=503, detail="embedding service unavailable: semantic search cannot run;"
+                                                    " mode=text still works", headers={"Retry-After": "5"}) from exc
+    return vector
+
+
+@get("/search", summary="Find what was said: by words, by meaning, or both",
+     responses=error_responses(400, 401, 403, 503))
+async def search(
+    state: State, request: Request, q: QueryText, mode: ModeQuery = "hybrid",
+    transcript_id: TranscriptQuery = None, speaker: SpeakerQuery = None, language: LanguageQuery = None,
+    since: SinceQuery = None, until: UntilQuery = None, limit: SearchLimitQuery = 20,
+    cursor: SearchCursorQuery = None,
+) -> SearchPage:
+    query = q.strip()
+    if not query or "\x00" in query:
+        raise HTTPException(status_code=400, detail="q must hold something to search for")
+    if speaker is not None and "\x00" in speaker:
+        raise HTTPException(status_code=400, detail="speaker cannot hold a NUL character")
+    offset = _offset(cursor)
+    filters = {"owner": request_owner(request), "transcript_id": transcript_id, "speaker": speaker,
+               "language": language, "since": as_utc(since, "since"), "until": as_utc(until, "until")}
+    wanted = min(CANDIDATES, offset + limit + 1)
+    embed, model = state.query_embedder
+    text_rows, semantic_rows = [], []
+    if mode in ("text", "hybrid"):
+        text_rows = await jobstore.search_text(state.pool, query, limit=CANDIDATES if mode == "hybrid" else wanted,
+                                               **filters)
+    if mode in ("semantic", "hybrid"):
+        vector = await embed_query(embed, query)
+        semantic_rows = await jobstore.search_semantic(
+            state.pool, vector, model, limit=CANDIDATES if mode == "hybrid" else wanted, **filters)
+    if mode == "hybrid":
+        hits = fuse(text_rows, semantic_rows)
+    elif mode == "text":
+        hits = [_hit(r, ["text"], r["score"]) for r in text_rows]
+    else:
+        hits = [_hit(r, ["semantic"], r["score"]) for r in semantic_rows]
+    page = hits[offset:offset + limit]
+    more = len(hits) > offset + limit and offset + limit < CANDIDATES
+    return SearchPage(mode=mode, embedding_model=None if mode == "text" else model, items=page,
+                      next_cursor=_cursor(offset + limit) if more else None)
+
+
+SEARCH_ROUTES = [search]

@@ -1,0 +1,106 @@
+"""GET /search on the real stack: the default (multilingual) local embedder, the embedded
+PostgreSQL's pgvector and full-text search, and API keys."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import Stack, running_stack
+
+OWNER, OTHER = "search-key-owner-0001", "search-key-other-0002"
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory, fixtures_dir):
+    """A stack with API keys and the local default embedder, and three finished jobs of OWNER."""
+    with running_stack(tmp_path_factory, EMBEDDING_BACKEND="local", API_KEYS=f"{OWNER},{OTHER}") as stack:
+        owner = httpx.Client(headers={"X-API-Key": OWNER}, timeout=60)
+        jobs = {name: stack.submit_job(fixtures_dir / name, client=owner)
+                for name in ("en_dialogue.wav", "ru_dialogue.wav", "jfk.flac")}
+        deadline = time.monotonic() + 400
+        while any(stack.status(i, owner)["status"] == "processing" for i in jobs.values()):
+            assert time.monotonic() < deadline, "jobs did not finish"
+            time.sleep(0.5)
+        assert {stack.status(i, owner)["status"] for i in jobs.values()} == {"done"}
+        yield stack, owner, jobs
+        owner.close()
+
+
+def search(stack: Stack, client: httpx.Client, **params) -> httpx.Response:
+    return client.get(f"{stack.api}/search", params=params)
+
+
+def test_an_english_question_finds_the_russian_answer(searched):
+    stack, owner, jobs = searched
+    page = search(stack, owner, q="how long will the testing take?", mode="semantic", limit=3).json()
+    assert page["embedding_model"] == "universal-sentence-encoder-multilingual-3"
+    assert [hit["transcript_id"] for hit in page["items"]][0] == jobs["ru_dialogue.wav"], page
+    assert any(re.search(r"т[еи]стир|недел", hit["text"]) for hit in page["items"]
+               if hit["transcript_id"] == jobs["ru_dialogue.wav"]), page
+    assert all(hit["found_by"] == ["semantic"] and -1 <= hit["score"] <= 1 for hit in page["items"])
+
+
+def test_a_word_is_found_and_marked_in_its_own_language(searched):
+    stack, owner, jobs = searched
+    [hit, *_] = search(stack, owner, q="sales", mode="text").json()["items"]
+    assert hit["transcript_id"] == jobs["en_dialogue.wav"] and "<mark>sales</mark>" in hit["highlighted"].lower()
+    # Russian stemming: another case form of the word that was said finds it.
+    russian = search(stack, owner, q="совещания", mode="text").json()["items"]
+    assert [h["transcript_id"] for h in russian] == [jobs["ru_dialogue.wav"]], russian
+    assert "<mark>" in russian[0]["highlighted"] and "совещани" in russian[0]["highlighted"].lower()
+    assert search(stack, owner, q="zebra", mode="text").json()["items"] == []
+
+
+def test_hybrid_fuses_both_and_says_which_found_each_hit(searched):
+    stack, owner, jobs = searched
+    page = search(stack, owner, q="sales numbers").json()
+    assert page["mode"] == "hybrid" and page["items"]
+    top = page["items"][0]
+    assert top["transcript_id"] == jobs["en_dialogue.wav"] and sorted(top["found_by"]) == ["semantic", "text"]
+    scores = [hit["score"] for hit in page["items"]]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_filters_narrow_and_pages_follow_each_other(searched):
+    stack, owner, jobs = searched
+    everything = search(stack, owner, q="what was said", mode="semantic", limit=100).json()["items"]
+    assert {hit["transcript_id"] for hit in everything} == set(jobs.values())
+    only_ru = search(stack, owner, q="what was said", mode="semantic", limit=100,
+                     transcript_id=jobs["ru_dialogue.wav"]).json()["items"]
+    assert only_ru and {hit["transcript_id"] for hit in only_ru} == {jobs["ru_dialogue.wav"]}
+    speaker = search(stack, owner, q="what was said", mode="semantic", limit=100, speaker="spk_1").json()["items"]
+    assert speaker and {hit["speaker"] for hit in speaker} == {"spk_1"} and len(speaker) < len(everything)
+    in_russian = search(stack, owner, q="what was said", mode="semantic", language="ru").json()["items"]
+    assert {hit["transcript_id"] for hit in in_russian} == {jobs["ru_dialogue.wav"]}
+    assert search(stack, owner, q="what was said", since="2100-01-01T00:00:00Z").json()["items"] == []
+    first = search(stack, owner, q="what was said", mode="semantic", limit=2).json()
+    second = search(stack, owner, q="what was said", mode="semantic", limit=2, cursor=first["next_cursor"]).json()
+    key = lambda hit: (hit["transcript_id"], hit["start_ts"])  # noqa: E731
+    assert [key(h) for h in first["items"] + second["items"]] == [key(h) for h in everything[:4]]
+
+
+def test_another_key_finds_nothing_and_no_key_is_refused(searched):
+    stack, _, _ = searched
+    with httpx.Client(headers={"X-API-Key": OTHER}, timeout=60) as other:
+        for mode in ("text", "semantic", "hybrid"):
+            assert search(stack, other, q="sales", mode=mode).json()["items"] == []
+    assert httpx.get(f"{stack.api}/search", params={"q": "sales"}, timeout=60).status_code == 401
+
+
+@pytest.mark.parametrize("params, says", [
+    ({"q": "   "}, "q must hold"),
+    ({}, "q"),
+    ({"q": "x", "limit": "101"}, "limit"),
+    ({"q": "x", "mode": "fuzzy"}, "mode"),
+    ({"q": "x", "cursor": "not-a-cursor"}, "cursor"),
+    ({"q": "x", "since": "yesterday"}, "since"),
+])
+def test_bad_queries_are_400_with_a_reason(searched, params, says):
+    stack, owner, _ = searched
+    response = search(stack, owner, **params)
+    assert response.status_code == 400, response.text
+    assert says in response.text
