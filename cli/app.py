@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import secrets
 import signal
 import sys
@@ -381,6 +382,55 @@ def get(
     else:
         output.write_bytes(content)
         stderr.print(f"wrote {escape(str(output))}")
+
+
+class SearchMode(StrEnum):
+    hybrid = "hybrid"
+    semantic = "semantic"
+    text = "text"
+
+
+def marked(text: str) -> Text:
+    """Text with the server's <mark>...</mark> shown highlighted."""
+    line = Text()
+    for i, piece in enumerate(re.split(r"</?mark>", text)):
+        line.append(piece, style="bold reverse" if i % 2 else "")
+    return line
+
+
+@app.command()
+def search(
+    query: Annotated[str, typer.Argument(help="What to look for: words, \"a phrase\", or a question.",
+                                         show_default=False)],
+    mode: Annotated[SearchMode, typer.Option(help="By words and meaning fused (hybrid), meaning only, or words"
+                                                  " only.")] = SearchMode.hybrid,
+    job: Annotated[int | None, typer.Option("--job", help="Only this job.", show_default=False)] = None,
+    speaker: Annotated[str | None, typer.Option(help="Only this speaker (spk_0...).", show_default=False)] = None,
+    language: Annotated[str | None, typer.Option(help="Only transcripts in this language (en, ru...).",
+                                                 show_default=False)] = None,
+    limit: Annotated[int, typer.Option(help="Hits to show.", min=1, max=100)] = 10,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the response as JSON.")] = False,
+    api: ApiUrl = DEFAULT_API_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """Find what was said in your transcripts: `job 12 [03:14.0] spk_1: ...`, best first."""
+    params = {"q": query, "mode": mode.value, "limit": limit, "transcript_id": job, "speaker": speaker,
+              "language": language}
+    with reporting_api_errors(api), api_client(api, api_key) as client:
+        page = checked(client.get("/search", params={k: v for k, v in params.items() if v is not None})).json()
+    if as_json:
+        sys.stdout.write(json.dumps(page, indent=2, ensure_ascii=False) + "\n")
+        return
+    colours = SpeakerColours()
+    for hit in page["items"]:
+        line = Text(f"job {hit['transcript_id']} ", style="bold")
+        line.append(f"[{clock(hit['start_ts'])}] ", style="dim")
+        colour = colours(f"{hit['transcript_id']}:{hit['speaker']}")
+        line.append(f"{hit['speaker']}: ", style=f"bold {colour}")
+        line.append_text(marked(hit["highlighted"] or hit["text"]))
+        stdout.print(line)
+    if not page["items"]:
+        stderr.print("nothing found")
 
 
 class EventPrinter:

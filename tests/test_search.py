@@ -3,8 +3,13 @@ PostgreSQL's pgvector and full-text search, and API keys."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -104,3 +109,20 @@ def test_bad_queries_are_400_with_a_reason(searched, params, says):
     response = search(stack, owner, **params)
     assert response.status_code == 400, response.text
     assert says in response.text
+
+
+def test_stt_search_prints_hits_and_json(searched):
+    stack, _, jobs = searched
+    env = {**os.environ, "STT_API_URL": stack.api, "STT_API_KEY": OWNER, "COLUMNS": "200"}
+    stt = str(Path(sys.executable).parent / "stt")
+    result = subprocess.run([stt, "search", "sales", "--mode", "text"], env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert re.search(rf"^job {jobs['en_dialogue.wav']} \[\d\d:\d\d\.\d\] spk_\d+: .*sales", result.stdout,
+                     re.M | re.I), result.stdout
+    result = subprocess.run([stt, "search", "how long will the testing take?", "--mode", "semantic", "--json",
+                             "--limit", "1"], env=env, capture_output=True, text=True, timeout=60)
+    assert json.loads(result.stdout)["items"][0]["transcript_id"] == jobs["ru_dialogue.wav"]
+    nothing = subprocess.run([stt, "search", "zebra", "--mode", "text"], env=env, capture_output=True, text=True,
+                             timeout=60)
+    assert nothing.returncode == 0 and nothing.stdout == "" and "nothing found" in nothing.stderr
