@@ -58,11 +58,37 @@ async def job(db: Db, job_id: int) -> asyncpg.Record | None:
         f"SELECT {SUMMARY_COLUMNS}, error, owner, {NO_SPEECH_COLUMN} FROM transcripts WHERE id = $1", job_id)
 
 
+_SPEAKER_NAME = ("LEFT JOIN transcript_speakers n ON n.transcript_id = s.transcript_id AND n.speaker = s.speaker")
+
+
 async def job_segments(db: Db, job_id: int) -> list[asyncpg.Record]:
-    """speaker, start_ts, end_ts, text, words, overlap of every segment, in time order."""
+    """speaker, speaker_name, start_ts, end_ts, text, words, overlap of every segment, in time order."""
     return await db.fetch(
-        "SELECT speaker, start_ts, end_ts, text, words, overlap FROM segments WHERE transcript_id = $1"
-        " ORDER BY start_ts, chunk_index, index", job_id)
+        "SELECT s.speaker, n.name AS speaker_name, s.start_ts, s.end_ts, s.text, s.words, s.overlap"
+        f" FROM segments s {_SPEAKER_NAME} WHERE s.transcript_id = $1"
+        " ORDER BY s.start_ts, s.chunk_index, s.index", job_id)
+
+
+async def job_speaker_labels(db: Db, job_id: int) -> set[str]:
+    """Every speaker label the job has so far (in its turns or segments)."""
+    rows = await db.fetch("SELECT speaker FROM speaker_turns WHERE transcript_id = $1"
+                          " UNION SELECT speaker FROM segments WHERE transcript_id = $1", job_id)
+    return {r["speaker"] for r in rows}
+
+
+async def speaker_names(db: Db, job_id: int) -> dict[str, str]:
+    """label -> name of the job's named speakers."""
+    rows = await db.fetch("SELECT speaker, name FROM transcript_speakers"
+                          " WHERE transcript_id = $1 AND name IS NOT NULL", job_id)
+    return {r["speaker"]: r["name"] for r in rows}
+
+
+async def set_speaker_names(conn: asyncpg.Connection, job_id: int, names: dict[str, str | None]) -> None:
+    """Name (or, with None, unname) speakers of a job; a speaker's voice embedding is kept."""
+    await conn.executemany(
+        "INSERT INTO transcript_speakers (transcript_id, speaker, name) VALUES ($1, $2, $3)"
+        " ON CONFLICT (transcript_id, speaker) DO UPDATE SET name = EXCLUDED.name",
+        [(job_id, label, name) for label, name in names.items()])
 
 
 async def job_turns(db: Db, job_id: int) -> list[SpeakerTurn]:
@@ -277,7 +303,9 @@ async def store_diarization(conn: asyncpg.Connection, job_id: int, chunk_index: 
     await conn.executemany(
         """
         INSERT INTO transcript_speakers (transcript_id, speaker, embedding, embedding_model, speech_s)
-        VALUES ($1, $2, $3::real[]::vector, $4, $5) ON CONFLICT (transcript_id, speaker) DO NOTHING
+        VALUES ($1, $2, $3::real[]::vector, $4, $5) ON CONFLICT (transcript_id, speaker) DO UPDATE SET
+            embedding = EXCLUDED.embedding, embedding_model = EXCLUDED.embedding_model, speech_s = EXCLUDED.speech_s
+        WHERE transcript_speakers.embedding IS NULL
         """,
         [(job_id, s.speaker, s.embedding, s.model, s.speech_s) for s in speakers],
     )
@@ -331,7 +359,8 @@ async def stalled_job_ids(db: Db, timeout_s: float) -> list[int]:
 # language, and the person searching need not say which that was.
 _TEXT_QUERY = ("(websearch_to_tsquery('english', $1) || websearch_to_tsquery('russian', $1)"
                " || websearch_to_tsquery('simple', $1))")
-_HIT_COLUMNS = ("s.transcript_id, s.chunk_index, s.index, t.filename, s.speaker, s.start_ts, s.end_ts, s.text")
+_HIT_COLUMNS = ("s.transcript_id, s.chunk_index, s.index, t.filename, s.speaker, n.name AS speaker_name,"
+                " s.start_ts, s.end_ts, s.text")
 
 
 def _search_filters(args: list, *, owner: str | None, transcript_id: int | None, speaker: str | None,
@@ -367,7 +396,8 @@ async def search_text(db: Db, query: str, *, limit: int, **filters) -> list[asyn
         f"SELECT {_HIT_COLUMNS}, ts_rank_cd(s.search_text, q.query) AS score,"
         " ts_headline(stt_text_config(t.language), s.text, q.query,"
         " 'StartSel=<mark>, StopSel=</mark>, HighlightAll=true') AS highlighted"
-        f" FROM segments s JOIN transcripts t ON t.id = s.transcript_id, (SELECT {_TEXT_QUERY} AS query) q"
+        f" FROM segments s JOIN transcripts t ON t.id = s.transcript_id {_SPEAKER_NAME},"
+        f" (SELECT {_TEXT_QUERY} AS query) q"
         f" WHERE s.search_text @@ q.query{where}"
         f" ORDER BY score DESC, s.transcript_id DESC, s.start_ts LIMIT ${len(args)}", *args)
 
@@ -387,6 +417,6 @@ async def search_semantic(pool: asyncpg.Pool, vector: list[float], model: str, *
         await conn.execute("SET LOCAL hnsw.iterative_scan = strict_order")
         return await conn.fetch(
             f"SELECT {_HIT_COLUMNS}, 1 - ({distance}) AS score, NULL::text AS highlighted"
-            " FROM segments s JOIN transcripts t ON t.id = s.transcript_id"
+            f" FROM segments s JOIN transcripts t ON t.id = s.transcript_id {_SPEAKER_NAME}"
             f" WHERE s.embedding_model = '{model_literal}' AND s.embedding IS NOT NULL{where}"
             f" ORDER BY {distance} LIMIT ${len(args)}", *args)

@@ -212,6 +212,8 @@ class SegmentCreated(Contract):
     chunk_index: int
     index: int
     speaker: str
+    # The speaker's name, when one was given (PATCH /transcripts/{id}/speakers) before this was stored.
+    speaker_name: str | None = None
     start_ts: float
     end_ts: float
     text: str

@@ -3,6 +3,7 @@ PostgreSQL's pgvector and full-text search, and API keys."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -11,10 +12,11 @@ import sys
 import time
 from pathlib import Path
 
+import aio_pika
 import httpx
 import pytest
 
-from tests.conftest import Stack, running_stack
+from tests.conftest import Stack, events_queue, running_stack
 
 OWNER, OTHER = "search-key-owner-0001", "search-key-other-0002"
 
@@ -126,3 +128,55 @@ def test_stt_search_prints_hits_and_json(searched):
     nothing = subprocess.run([stt, "search", "zebra", "--mode", "text"], env=env, capture_output=True, text=True,
                              timeout=60)
     assert nothing.returncode == 0 and nothing.stdout == "" and "nothing found" in nothing.stderr
+
+
+def test_named_speakers_show_in_every_format_and_in_search(searched):
+    stack, owner, jobs = searched
+    job = jobs["en_dialogue.wav"]
+    url = f"{stack.api}/transcripts/{job}/speakers"
+    named = owner.patch(url, json={"spk_0": "  Anna\tPetrova "})
+    assert named.status_code == 200, named.text
+    assert named.json()["speakers"] == {"spk_0": "Anna Petrova", "spk_1": None}
+    srt = owner.get(f"{stack.api}/transcripts/{job}", params={"format": "srt"}).text
+    assert "Anna Petrova: " in srt and "spk_0:" not in srt and "spk_1: " in srt
+    assert "<v Anna Petrova>" in owner.get(f"{stack.api}/transcripts/{job}", params={"format": "vtt"}).text
+    assert " Anna_Petrova " in owner.get(f"{stack.api}/transcripts/{job}", params={"format": "rttm"}).text
+    segments = stack.status(job, owner)["segments"]
+    assert {s.get("speaker_name") for s in segments if s["speaker"] == "spk_0"} == {"Anna Petrova"}
+    assert all("speaker_name" not in s for s in segments if s["speaker"] == "spk_1")
+    hits = search(stack, owner, q="sales", mode="text", transcript_id=job).json()["items"]
+    assert {h.get("speaker_name") for h in hits if h["speaker"] == "spk_0"} == {"Anna Petrova"}
+    # null removes a name; other keys, unknown speakers and empty names are refused
+    assert owner.patch(url, json={"spk_0": None}).json()["speakers"]["spk_0"] is None
+    assert "speaker_name" not in stack.status(job, owner)["segments"][0]
+    with httpx.Client(headers={"X-API-Key": OTHER}, timeout=60) as other:
+        assert other.patch(url, json={"spk_0": "Mallory"}).status_code == 404
+    assert owner.patch(url, json={"spk_7": "Nobody"}).status_code == 400
+    assert owner.patch(url, json={"spk_0": " \t"}).status_code == 400
+    assert owner.patch(url, json={}).status_code == 400
+
+
+async def test_a_speaker_named_while_the_job_runs_is_named_in_its_events(searched, fixtures_dir):
+    stack, owner, _ = searched
+    connection = await aio_pika.connect(stack.amqp_url)
+    try:
+        queue = await events_queue(await connection.channel(), "segment.created")
+        job = stack.submit_job(fixtures_dir / "jfk.flac", client=owner)
+        named = owner.patch(f"{stack.api}/transcripts/{job}/speakers", json={"spk_0": "John F. Kennedy"})
+        assert named.status_code == 200, named.text
+        events = []
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and stack.status(job, owner)["status"] == "processing" or not events:
+            assert time.monotonic() < deadline, "no segment.created for the job"
+            message = await queue.get(fail=False)
+            if message is None:
+                await asyncio.sleep(0.2)
+                continue
+            await message.ack()
+            body = json.loads(message.body)
+            if body["transcript_id"] == job:
+                events.append(body)
+    finally:
+        await connection.close()
+    assert {e["speaker"] for e in events} == {"spk_0"}
+    assert {e["speaker_name"] for e in events} == {"John F. Kennedy"}

@@ -114,8 +114,9 @@ async def status_document(pool: asyncpg.Pool | asyncpg.Connection, job_id: int,
         "stage": public_stage(job["stage"]),
         "percent": percent_done(job["status"], job["progress"]),
         "segments": [
-            {"speaker": r["speaker"], "start_ts": round(r["start_ts"], 3),
-             "end_ts": round(r["end_ts"], 3), "text": r["text"], "overlap": r["overlap"]}
+            {"speaker": r["speaker"], **({"speaker_name": r["speaker_name"]} if r["speaker_name"] else {}),
+             "start_ts": round(r["start_ts"], 3), "end_ts": round(r["end_ts"], 3), "text": r["text"],
+             "overlap": r["overlap"]}
             for r in rows
         ],
     }

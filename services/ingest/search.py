@@ -37,6 +37,8 @@ class SearchHit(BaseModel):
     transcript_id: int
     filename: str
     speaker: str
+    # The speaker's name, when one was given.
+    speaker_name: str | None = None
     start_ts: float
     end_ts: float
     text: str
@@ -87,7 +89,8 @@ def _offset(cursor: str | None) -> int:
 
 def _hit(row, found_by: list[str], score: float) -> SearchHit:
     return SearchHit(transcript_id=row["transcript_id"], filename=row["filename"], speaker=row["speaker"],
-                     start_ts=round(row["start_ts"], 3), end_ts=round(row["end_ts"], 3), text=row["text"],
+                     speaker_name=row["speaker_name"], start_ts=round(row["start_ts"], 3),
+                     end_ts=round(row["end_ts"], 3), text=row["text"],
                      highlighted=row["highlighted"], score=round(float(score), 6), found_by=found_by)
 
 

@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 from urllib.parse import quote
 
 import asyncpg
-from litestar import Request, delete, get
+from litestar import Request, delete, get, patch
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException, NotFoundException
 from litestar.openapi.spec import OpenAPIMediaType, OpenAPIType, Operation, Schema
@@ -47,6 +47,8 @@ MAX_ID = 2**53 - 1
 
 class TranscriptSegment(BaseModel):
     speaker: str
+    # The name given to the speaker (PATCH /transcripts/{id}/speakers), when there is one.
+    speaker_name: str | None = None
     start_ts: float
     end_ts: float
     text: str
@@ -117,7 +119,7 @@ def _one_line(text: str) -> str:
 def to_srt(segments: Sequence[TranscriptSegment]) -> str:
     cues = [
         f"{number}\n{srt_timestamp(s.start_ts)} --> {srt_timestamp(max(s.start_ts, s.end_ts))}\n"
-        f"{s.speaker}: {_one_line(s.text)}\n"
+        f"{_one_line(s.speaker_name or s.speaker)}: {_one_line(s.text)}\n"
         for number, s in enumerate(segments, start=1)
     ]
     return "\n".join(cues)
@@ -130,14 +132,15 @@ def _vtt_escape(text: str) -> str:
 def to_vtt(segments: Sequence[TranscriptSegment]) -> str:
     cues = [
         f"{vtt_timestamp(s.start_ts)} --> {vtt_timestamp(max(s.start_ts, s.end_ts))}\n"
-        f"<v {_vtt_escape(_one_line(s.speaker))}>{_vtt_escape(_one_line(s.text))}\n"
+        f"<v {_vtt_escape(_one_line(s.speaker_name or s.speaker))}>{_vtt_escape(_one_line(s.text))}\n"
         for s in segments
     ]
     return "\n".join(["WEBVTT\n", *cues])
 
 
 def to_txt(segments: Sequence[TranscriptSegment]) -> str:
-    return "".join(f"[{txt_timestamp(s.start_ts)}] {s.speaker}: {_one_line(s.text)}\n" for s in segments)
+    return "".join(f"[{txt_timestamp(s.start_ts)}] {_one_line(s.speaker_name or s.speaker)}: {_one_line(s.text)}\n"
+                   for s in segments)
 
 
 FORMATTERS = {"srt": to_srt, "vtt": to_vtt, "txt": to_txt}
@@ -149,11 +152,12 @@ def rttm_uri(filename: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", stem) or "audio"
 
 
-def to_rttm(uri: str, turns: Sequence[SpeakerTurn]) -> str:
+def to_rttm(uri: str, turns: Sequence[SpeakerTurn], names: dict[str, str] | None = None) -> str:
     """NIST RTTM, one SPEAKER line per turn (overlapping turns included), as pyannote.metrics,
-    dscore and md-eval read it."""
-    return "".join(f"SPEAKER {uri} 1 {t.start:.3f} {t.end - t.start:.3f} <NA> <NA> {t.speaker} <NA> <NA>\n"
-                   for t in turns)
+    dscore and md-eval read it; a named speaker appears under its name (blanks as _)."""
+    names = {label: re.sub(r"\s+", "_", name.strip()) for label, name in (names or {}).items()}
+    return "".join(f"SPEAKER {uri} 1 {t.start:.3f} {t.end - t.start:.3f} <NA> <NA> {names.get(t.speaker, t.speaker)}"
+                   " <NA> <NA>\n" for t in turns)
 
 
 def download_name(filename: str, extension: str) -> str:
@@ -192,7 +196,8 @@ async def fetch_transcript(pool: asyncpg.Pool, job_id: int, owner: str | None,
     rows = await jobstore.job_segments(pool, job_id)
     segments = [
         TranscriptSegment(
-            speaker=r["speaker"], start_ts=round(r["start_ts"], 3), end_ts=round(r["end_ts"], 3),
+            speaker=r["speaker"], speaker_name=r["speaker_name"], start_ts=round(r["start_ts"], 3),
+            end_ts=round(r["end_ts"], 3),
             text=r["text"], overlap=r["overlap"],
             words=[Word(word=w["word"].strip(), start=w["start"], end=w["end"],
                               probability=w.get("probability")) for w in r["words"]]
@@ -317,7 +322,8 @@ async def get_transcript(
         raise HTTPException(status_code=409, detail=f"{reason}: {format} is available once it is done;"
                                                     " format=json shows what exists so far")
     if format == "rttm":
-        body = to_rttm(rttm_uri(document.filename), await jobstore.job_turns(state.pool, job_id))
+        body = to_rttm(rttm_uri(document.filename), await jobstore.job_turns(state.pool, job_id),
+                       await jobstore.speaker_names(state.pool, job_id))
     else:
         body = FORMATTERS[format](document.segments)
     return Response(
@@ -364,4 +370,43 @@ async def remove_transcript(job_id: JobId, state: State, request: Request) -> No
         raise NotFoundException(detail=f"no job with id {job_id}")
 
 
-TRANSCRIPT_ROUTES = [get_transcript, get_transcripts, remove_transcript]
+MAX_NAME_CHARS = 100
+LABEL = re.compile(r"^spk_\d{1,4}$")
+
+
+class SpeakerNames(BaseModel):
+    """Every speaker of the job, with its name or null."""
+
+    speakers: dict[str, str | None]
+
+
+@patch("/transcripts/{job_id:int}/speakers", summary="Name a job's speakers",
+       responses=error_responses(400, 401, 403, 404, 503))
+async def name_speakers(job_id: JobId, state: State, request: Request,
+                        data: dict[str, str | None]) -> SpeakerNames:
+    """`{"spk_0": "Anna", "spk_1": null}`: names (null removes one) shown in /status, every
+    transcript format, search hits, and the segment.created events stored from then on."""
+    async with state.pool.acquire() as conn, conn.transaction():
+        job = await jobstore.lock_job_for_delete(conn, job_id)
+        if not _visible(job, request_owner(request)):
+            raise NotFoundException(detail=f"no job with id {job_id}")
+        labels = await jobstore.job_speaker_labels(conn, job_id)
+        # While the job runs, a speaker may be named before the diarizer has reached it.
+        unknown = sorted(label for label in data if label not in labels
+                         and not (job["status"] == "processing" and LABEL.match(label)))
+        if not data or unknown:
+            raise HTTPException(status_code=400, detail=f"no such speaker in job {job_id}: {', '.join(unknown)}"
+                                if unknown else "name at least one speaker: {\"spk_0\": \"Anna\"}")
+        names = {}
+        for label, name in data.items():
+            cleaned = None if name is None else " ".join("".join(c if c.isprintable() else " " for c in name).split())
+            if cleaned is not None and not 0 < len(cleaned) <= MAX_NAME_CHARS:
+                raise HTTPException(status_code=400, detail=f"a speaker's name is 1-{MAX_NAME_CHARS} printable"
+                                                            f" characters (null removes it): {label}")
+            names[label] = cleaned
+        await jobstore.set_speaker_names(conn, job_id, names)
+        current = await jobstore.speaker_names(conn, job_id)
+    return SpeakerNames(speakers={label: current.get(label) for label in sorted(labels | set(names))})
+
+
+TRANSCRIPT_ROUTES = [get_transcript, get_transcripts, remove_transcript, name_speakers]

@@ -85,12 +85,14 @@ async def on_embedded(pool: asyncpg.Pool, message: ChunkEmbedded) -> bool:
             log.info("chunk %d already stored; duplicate ignored", message.chunk_index)
             return False
         await _store_chunk(conn, message, embedding_model=message.embedding_model)
+        names = await jobstore.speaker_names(conn, message.job_id)
         for segment in message.segments:
             await add_to_outbox(conn, SegmentCreated(
                 message_id=f"segment.created:{message.job_id}:{message.chunk_index}:{segment.index}",
                 job_id=message.job_id, transcript_id=message.job_id,
                 chunk_index=message.chunk_index, index=segment.index, speaker=segment.speaker,
-                start_ts=segment.start_ts, end_ts=segment.end_ts, text=segment.text,
+                speaker_name=names.get(segment.speaker), start_ts=segment.start_ts, end_ts=segment.end_ts,
+                text=segment.text,
                 overlap=segment.overlap, embedding=segment.embedding, embedding_model=message.embedding_model,
             ))
         embedded = await jobstore.embedded_chunks(conn, message.job_id)
