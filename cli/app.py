@@ -433,6 +433,26 @@ def search(
         stderr.print("nothing found")
 
 
+@app.command()
+def reindex(
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Follow it until every segment is done.")] = True,
+    api: ApiUrl = DEFAULT_API_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """Re-embed stored transcripts with the embedding model the services now use (resumable)."""
+    with reporting_api_errors(api), api_client(api, api_key) as client:
+        progress = checked(client.post("/admin/reindex")).json()
+        stderr.print(f"re-embedding with {progress['model']}: {progress['pending_segments']} segments to do")
+        while wait and progress["running"]:
+            time.sleep(1)
+            progress = checked(client.get("/admin/reindex")).json()
+    if progress.get("error"):
+        fail(progress["error"])
+    state = "running" if progress["running"] else "done" if progress["pending_segments"] == 0 else "stopped"
+    sys.stdout.write(f"{progress['done_segments']} segments embedded with {progress['model']},"
+                     f" {progress['pending_segments']} to do ({state})\n")
+
+
 class EventPrinter:
     """Prints events from stt.events as they arrive; with a job to follow, tells when it ended."""
 

@@ -420,3 +420,37 @@ async def search_semantic(pool: asyncpg.Pool, vector: list[float], model: str, *
             f" FROM segments s JOIN transcripts t ON t.id = s.transcript_id {_SPEAKER_NAME}"
             f" WHERE s.embedding_model = '{model_literal}' AND s.embedding IS NOT NULL{where}"
             f" ORDER BY {distance} LIMIT ${len(args)}", *args)
+
+
+# ---- re-embedding (ingest) --------------------------------------------------------------------
+
+async def next_job_to_reindex(db: Db, model: str) -> int | None:
+    """The oldest ended job with a segment not embedded with `model`."""
+    return await db.fetchval(
+        "SELECT s.transcript_id FROM segments s JOIN transcripts t ON t.id = s.transcript_id"
+        " WHERE t.status <> 'processing' AND s.embedding_model IS DISTINCT FROM $1"
+        " ORDER BY s.transcript_id LIMIT 1", model)
+
+
+async def segments_to_reindex(db: Db, job_id: int, model: str) -> list[asyncpg.Record]:
+    """chunk_index, index and text of the job's segments not embedded with `model`."""
+    return await db.fetch(
+        "SELECT chunk_index, index, text FROM segments WHERE transcript_id = $1"
+        " AND embedding_model IS DISTINCT FROM $2 ORDER BY chunk_index, index", job_id, model)
+
+
+async def store_reindexed(conn: asyncpg.Connection, job_id: int, model: str,
+                          vectors: list[tuple[int, int, list[float]]]) -> None:
+    """New embeddings, (chunk_index, index, vector), of one model for a job's segments."""
+    await conn.executemany(
+        "UPDATE segments SET embedding = $4::real[]::vector, embedding_model = $5"
+        " WHERE transcript_id = $1 AND chunk_index = $2 AND index = $3",
+        [(job_id, chunk, index, vector, model) for chunk, index, vector in vectors])
+
+
+async def reindex_counts(db: Db, model: str) -> asyncpg.Record:
+    """Segments of ended jobs embedded with `model` (done) and not (pending)."""
+    return await db.fetchrow(
+        "SELECT count(*) FILTER (WHERE s.embedding_model = $1) AS done,"
+        " count(*) FILTER (WHERE s.embedding_model IS DISTINCT FROM $1) AS pending"
+        " FROM segments s JOIN transcripts t ON t.id = s.transcript_id WHERE t.status <> 'processing'", model)

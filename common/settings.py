@@ -62,6 +62,8 @@ class Settings(BaseSettings):
     api_keys: SecretStr | None = None
     # With API_KEYS: the key whose caller owns bucket-drop jobs (one of API_KEYS).
     inbox_api_key: SecretStr | None = None
+    # With API_KEYS: the key (one of API_KEYS) allowed to use /admin/* (re-embedding).
+    admin_api_key: SecretStr | None = None
 
     # Input limits (checked after decoding)
     max_audio_hours: float = Field(default=6.0, gt=0)
@@ -108,6 +110,8 @@ class Settings(BaseSettings):
     def _inbox_key_is_an_api_key(self) -> Settings:
         if self.inbox_api_key and self.inbox_api_key.get_secret_value() not in self.api_key_list:
             raise ValueError("INBOX_API_KEY must be one of API_KEYS")
+        if self.admin_api_key and self.admin_api_key.get_secret_value() not in self.api_key_list:
+            raise ValueError("ADMIN_API_KEY must be one of API_KEYS")
         return self
 
 

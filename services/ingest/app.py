@@ -38,6 +38,7 @@ from services.ingest.errors import error_responses as _errors
 from services.ingest.inbox import INBOX_EVENTS_QUEUE, RESULTS_QUEUE, Inbox
 from services.ingest.jobs import clean_filename, create_job, status_document
 from services.ingest.readiness import CHECK_TIMEOUT_S, ObjectStoreProbe, run_checks
+from services.ingest.reindex import REINDEX_ROUTES, Reindexer
 from services.ingest.search import SEARCH_ROUTES
 from services.ingest.transcripts import TRANSCRIPT_ROUTES, TranscriptSegment
 
@@ -204,6 +205,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         # GET /search embeds queries with the embedder's model, whose vectors it searches.
         http = aiohttp.ClientSession()
         state.query_embedder = await asyncio.to_thread(make_embedder, settings, http)
+        state.reindexer = Reindexer(state.pool, *state.query_embedder)
         inbox = Inbox(settings, state.pool, state.s3, state.outbox_wake)
         queues = watched_queues(INBOX_EVENTS_QUEUE, RESULTS_QUEUE)
         tasks = [asyncio.create_task(run_outbox_flusher(state.pool, state.bus, state.outbox_wake)),
@@ -214,6 +216,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
         try:
             yield
         finally:
+            if state.reindexer.task is not None:
+                tasks.append(state.reindexer.task)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -223,7 +227,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
             state.s3_probe.close()
 
     return Litestar(
-        route_handlers=[recognize, job_status, healthz, readyz, metrics, *TRANSCRIPT_ROUTES, *SEARCH_ROUTES],
+        route_handlers=[recognize, job_status, healthz, readyz, metrics, *TRANSCRIPT_ROUTES, *SEARCH_ROUTES,
+                        *REINDEX_ROUTES],
         lifespan=[lifespan],
         middleware=[http_metrics_middleware, api_key_middleware(settings),  # metrics first: 401s count
                     upload_limit_middleware(settings.max_concurrent_uploads)],
