@@ -120,9 +120,23 @@ class SoakFile:
     pieces: list[str]
 
 
-def make_files(fixtures: list[Fixture], lengths: list[float], rng: np.random.Generator, out: Path) -> list[SoakFile]:
-    import soundfile
+def write_flac(path: Path, audio: np.ndarray) -> None:
+    """16-bit mono FLAC through PyAV (FFmpeg), which the services decode with."""
+    import av
 
+    pcm = (np.clip(audio, -1.0, 1.0) * 32767.0).astype(np.int16)
+    with av.open(str(path), mode="w", format="flac") as out:
+        stream = out.add_stream("flac", rate=SAMPLE_RATE, layout="mono")
+        for start in range(0, len(pcm), 4096):
+            frame = av.AudioFrame.from_ndarray(pcm[None, start:start + 4096], format="s16", layout="mono")
+            frame.sample_rate = SAMPLE_RATE
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+
+
+def make_files(fixtures: list[Fixture], lengths: list[float], rng: np.random.Generator, out: Path) -> list[SoakFile]:
     from common.audio import decode_audio
 
     decoded = {f.stem: decode_audio(str(f.path)) for f in fixtures}
@@ -139,7 +153,7 @@ def make_files(fixtures: list[Fixture], lengths: list[float], rng: np.random.Gen
         audio = np.concatenate(parts)[:need]
         if i % 2:
             path = out / f"soak_{i:04d}.flac"
-            soundfile.write(path, audio, SAMPLE_RATE, subtype="PCM_16", format="FLAC")
+            write_flac(path, audio)
         else:
             path = out / f"soak_{i:04d}.wav"
             write_wav(path, audio)
