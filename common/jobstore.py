@@ -105,28 +105,25 @@ def _like_pattern(text: str) -> str:
     return f"%{escaped}%"
 
 
+def _where(args: list, conditions: dict[str, object]) -> list[str]:
+    """The conditions whose value is set, each value appended to `args` as the `{}` parameter."""
+    out = []
+    for sql, value in conditions.items():
+        if value is not None:
+            args.append(value)
+            out.append(sql.format(f"${len(args)}"))
+    return out
+
+
 async def list_jobs(db: Db, *, owner: str | None, status: str | None, filename: str | None,
                     since: datetime | None, until: datetime | None, before_id: int | None,
                     limit: int) -> list[asyncpg.Record]:
     """Summary rows, newest first, at most `limit`, with ids below `before_id` (a page cursor)."""
-    conditions, args = [], []
-
-    def where(sql: str, value: object) -> None:
-        args.append(value)
-        conditions.append(sql.format(f"${len(args)}"))
-
-    if owner is not None:
-        where("owner = {}", owner)
-    if before_id is not None:
-        where("id < {}", before_id)
-    if status is not None:
-        where("status = {}", status)
-    if filename:
-        where("filename ILIKE {} ESCAPE '\\'", _like_pattern(filename))
-    if since is not None:
-        where("created_at >= {}", since)
-    if until is not None:
-        where("created_at < {}", until)
+    args: list = []
+    conditions = _where(args, {
+        "owner = {}": owner, "id < {}": before_id, "status = {}": status,
+        "filename ILIKE {} ESCAPE '\\'": _like_pattern(filename) if filename else None,
+        "created_at >= {}": since, "created_at < {}": until})
     args.append(limit)
     return await db.fetch(
         f"SELECT {SUMMARY_COLUMNS} FROM transcripts"
@@ -365,24 +362,9 @@ _HIT_COLUMNS = ("s.transcript_id, s.chunk_index, s.index, t.filename, s.speaker,
 
 def _search_filters(args: list, *, owner: str | None, transcript_id: int | None, speaker: str | None,
                     language: str | None, since: datetime | None, until: datetime | None) -> str:
-    conditions = []
-
-    def where(sql: str, value: object) -> None:
-        args.append(value)
-        conditions.append(sql.format(f"${len(args)}"))
-
-    if owner is not None:
-        where("t.owner = {}", owner)
-    if transcript_id is not None:
-        where("s.transcript_id = {}", transcript_id)
-    if speaker is not None:
-        where("s.speaker = {}", speaker)
-    if language is not None:
-        where("t.language = {}", language)
-    if since is not None:
-        where("t.created_at >= {}", since)
-    if until is not None:
-        where("t.created_at < {}", until)
+    conditions = _where(args, {
+        "t.owner = {}": owner, "s.transcript_id = {}": transcript_id, "s.speaker = {}": speaker,
+        "t.language = {}": language, "t.created_at >= {}": since, "t.created_at < {}": until})
     return "".join(f" AND {c}" for c in conditions)
 
 
