@@ -370,18 +370,31 @@ def _search_filters(args: list, *, owner: str | None, transcript_id: int | None,
 
 async def search_text(db: Db, query: str, *, limit: int, **filters) -> list[asyncpg.Record]:
     """Segments whose words match `query` (web-search syntax: words, "a phrase", -not, or), best
-    first (ts_rank_cd), with the matched words marked <mark>...</mark> in `highlighted`."""
+    first (ts_rank_cd). `highlighted` is left empty: mark only the hits shown (`highlights`)."""
     args: list = [query]
     where = _search_filters(args, **filters)
     args.append(limit)
     return await db.fetch(
-        f"SELECT {_HIT_COLUMNS}, ts_rank_cd(s.search_text, q.query) AS score,"
-        " ts_headline(stt_text_config(t.language), s.text, q.query,"
-        " 'StartSel=<mark>, StopSel=</mark>, HighlightAll=true') AS highlighted"
+        f"SELECT {_HIT_COLUMNS}, ts_rank_cd(s.search_text, q.query) AS score, NULL::text AS highlighted"
         f" FROM segments s JOIN transcripts t ON t.id = s.transcript_id {_SPEAKER_NAME},"
         f" (SELECT {_TEXT_QUERY} AS query) q"
         f" WHERE s.search_text @@ q.query{where}"
         f" ORDER BY score DESC, s.transcript_id DESC, s.start_ts LIMIT ${len(args)}", *args)
+
+
+async def highlights(db: Db, query: str, keys: list[tuple[int, int, int]]) -> dict[tuple[int, int, int], str]:
+    """The text of these segments (transcript_id, chunk_index, index) with the words `query`
+    matched marked <mark>...</mark>, each in its transcript's language."""
+    if not keys:
+        return {}
+    rows = await db.fetch(
+        "SELECT s.transcript_id, s.chunk_index, s.index, ts_headline(stt_text_config(t.language), s.text, q.query,"
+        " 'StartSel=<mark>, StopSel=</mark>, HighlightAll=true') AS highlighted"
+        f" FROM segments s JOIN transcripts t ON t.id = s.transcript_id, (SELECT {_TEXT_QUERY} AS query) q"
+        " WHERE (s.transcript_id, s.chunk_index, s.index) IN"
+        " (SELECT * FROM unnest($2::bigint[], $3::int[], $4::int[]))",
+        query, [k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys])
+    return {(r["transcript_id"], r["chunk_index"], r["index"]): r["highlighted"] for r in rows}
 
 
 async def search_semantic(pool: asyncpg.Pool, vector: list[float], model: str, *, limit: int,

@@ -87,6 +87,10 @@ def _offset(cursor: str | None) -> int:
     return offset
 
 
+def _key(row) -> tuple[int, int, int]:
+    return row["transcript_id"], row["chunk_index"], row["index"]
+
+
 def _hit(row, found_by: list[str], score: float) -> SearchHit:
     return SearchHit(transcript_id=row["transcript_id"], filename=row["filename"], speaker=row["speaker"],
                      speaker_name=row["speaker_name"], start_ts=round(row["start_ts"], 3),
@@ -94,19 +98,16 @@ def _hit(row, found_by: list[str], score: float) -> SearchHit:
                      highlighted=row["highlighted"], score=round(float(score), 6), found_by=found_by)
 
 
-def fuse(text_rows: list, semantic_rows: list) -> list[SearchHit]:
+def fuse(text_rows: list, semantic_rows: list) -> list[tuple[tuple[int, int, int], SearchHit]]:
     """Reciprocal-rank fusion of the two ranked lists (each a list of segment rows)."""
     fused: dict[tuple, dict] = {}
     for source, rows in (("text", text_rows), ("semantic", semantic_rows)):
         for rank, row in enumerate(rows, start=1):
-            key = (row["transcript_id"], row["chunk_index"], row["index"])
-            entry = fused.setdefault(key, {"row": row, "score": 0.0, "found_by": []})
+            entry = fused.setdefault(_key(row), {"row": row, "score": 0.0, "found_by": []})
             entry["score"] += 1.0 / (RRF_K + rank)
             entry["found_by"].append(source)
-            if source == "text":
-                entry["row"] = row  # it carries the highlighting
     ranked = sorted(fused.values(), key=lambda e: (-e["score"], -e["row"]["transcript_id"], e["row"]["start_ts"]))
-    return [_hit(e["row"], e["found_by"], e["score"]) for e in ranked]
+    return [(_key(e["row"]), _hit(e["row"], e["found_by"], e["score"])) for e in ranked]
 
 
 async def embed_query(embed: EmbedFn, query: str) -> list[float]:
@@ -148,12 +149,16 @@ async def search(
     if mode == "hybrid":
         hits = fuse(text_rows, semantic_rows)
     elif mode == "text":
-        hits = [_hit(r, ["text"], r["score"]) for r in text_rows]
+        hits = [(_key(r), _hit(r, ["text"], r["score"])) for r in text_rows]
     else:
-        hits = [_hit(r, ["semantic"], r["score"]) for r in semantic_rows]
+        hits = [(_key(r), _hit(r, ["semantic"], r["score"])) for r in semantic_rows]
     page = hits[offset:offset + limit]
+    # Marking the matched words is the costly part of a text search: only for the hits shown.
+    marked = await jobstore.highlights(state.pool, query, [key for key, hit in page if "text" in hit.found_by])
+    for key, hit in page:
+        hit.highlighted = marked.get(key)
     more = len(hits) > offset + limit and offset + limit < CANDIDATES
-    return SearchPage(mode=mode, embedding_model=None if mode == "text" else model, items=page,
+    return SearchPage(mode=mode, embedding_model=None if mode == "text" else model, items=[hit for _, hit in page],
                       next_cursor=_cursor(offset + limit) if more else None)
 
 
