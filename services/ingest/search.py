@@ -4,6 +4,7 @@ languages), or both fused by reciprocal rank."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import logging
@@ -29,7 +30,7 @@ SearchMode = Literal["hybrid", "semantic", "text"]
 # K = 60 is the constant of the method's paper (Cormack et al., 2009) and what most engines use.
 RRF_K = 60
 # Each list contributes this many candidates to the fusion, and no page reaches past it.
-CANDIDATES = 200
+CANDIDATES = 100
 MAX_QUERY_CHARS = 1000
 
 
@@ -87,6 +88,10 @@ def _offset(cursor: str | None) -> int:
     return offset
 
 
+async def _nothing() -> list:
+    return []
+
+
 def _key(row) -> tuple[int, int, int]:
     return row["transcript_id"], row["chunk_index"], row["index"]
 
@@ -138,14 +143,19 @@ async def search(
                "language": language, "since": as_utc(since, "since"), "until": as_utc(until, "until")}
     wanted = min(CANDIDATES, offset + limit + 1)
     embed, model = state.query_embedder
-    text_rows, semantic_rows = [], []
-    if mode in ("text", "hybrid"):
-        text_rows = await jobstore.search_text(state.pool, query, limit=CANDIDATES if mode == "hybrid" else wanted,
-                                               **filters)
-    if mode in ("semantic", "hybrid"):
+    candidates = CANDIDATES if mode == "hybrid" else wanted
+
+    async def by_words() -> list:
+        return await jobstore.search_text(state.pool, query, limit=candidates, **filters)
+
+    async def by_meaning() -> list:
         vector = await embed_query(embed, query)
-        semantic_rows = await jobstore.search_semantic(
-            state.pool, vector, model, limit=CANDIDATES if mode == "hybrid" else wanted, **filters)
+        return await jobstore.search_semantic(state.pool, vector, model, limit=candidates, **filters)
+
+    # Hybrid runs both searches at once, on two connections: its latency is the slower one's.
+    text_rows, semantic_rows = await asyncio.gather(
+        by_words() if mode in ("text", "hybrid") else _nothing(),
+        by_meaning() if mode in ("semantic", "hybrid") else _nothing())
     if mode == "hybrid":
         hits = fuse(text_rows, semantic_rows)
     elif mode == "text":
