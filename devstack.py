@@ -298,12 +298,12 @@ class Stack:
     def status(self, job_id: int, client: httpx.Client | None = None) -> dict:
         return (client or httpx).get(f"{self.api}/status/{job_id}", timeout=30).json()
 
-    def wait_finished(self, job_id: int, timeout: float = 300) -> dict:
+    def wait_finished(self, job_id: int, timeout: float = 300, client: httpx.Client | None = None) -> dict:
         """The job's status document once it is no longer processing (AssertionError after
         `timeout` seconds or when a service died)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            document = httpx.get(f"{self.api}/status/{job_id}", timeout=10).json()
+            document = (client or httpx).get(f"{self.api}/status/{job_id}", timeout=10).json()
             if document["status"] != "processing":
                 return document
             dead = [n for n, p in self.processes.items() if p.poll() is not None]

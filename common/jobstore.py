@@ -133,9 +133,9 @@ async def list_jobs(db: Db, *, owner: str | None, status: str | None, filename: 
 
 # ---- deleting jobs (ingest) -------------------------------------------------------------------
 
-async def lock_job_for_delete(conn: asyncpg.Connection, job_id: int) -> asyncpg.Record | None:
-    """The job's row, locked until the transaction ends (this also waits out the inbox writing
-    its result file)."""
+async def lock_job(conn: asyncpg.Connection, job_id: int) -> asyncpg.Record | None:
+    """The job's row (status, owner, source, audio keys), locked until the transaction ends (this
+    also waits out the inbox writing its result file)."""
     return await conn.fetchrow(
         "SELECT id, status, owner, source, source_bucket, source_key, source_etag, audio_key"
         " FROM transcripts WHERE id = $1 FOR UPDATE", job_id)

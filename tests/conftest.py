@@ -4,8 +4,11 @@ each as its own process, exactly as `make run` starts them), and what tests shar
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -50,6 +53,24 @@ async def events_queue(channel: aio_pika.abc.AbstractChannel, *routing_keys: str
     for routing_key in routing_keys:
         await queue.bind(exchange, routing_key)
     return queue
+
+
+async def job_events(queue: aio_pika.abc.AbstractQueue, job_id: int, enough, timeout: float) -> list[dict]:
+    """The bodies of the job's events on `queue`, acked as they come, once `enough(bodies)` holds
+    (AssertionError after `timeout` seconds)."""
+    bodies: list[dict] = []
+    deadline = time.monotonic() + timeout
+    while not enough(bodies):
+        assert time.monotonic() < deadline, f"job {job_id}: the events expected never came ({len(bodies)} came)"
+        message = await queue.get(fail=False)
+        if message is None:
+            await asyncio.sleep(0.2)
+            continue
+        await message.ack()
+        body = json.loads(message.body)
+        if body["transcript_id"] == job_id:
+            bodies.append(body)
+    return bodies
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,7 @@ from common.messages import (
     SpeakerTurn,
     TimeSpan,
 )
-from tests.conftest import Stack, events_queue
+from tests.conftest import Stack, events_queue, job_events
 
 
 async def publish(stack: Stack, *messages: Contract) -> None:
@@ -263,18 +263,7 @@ async def test_an_event_that_cannot_be_published_is_set_aside_and_later_ones_flo
             " ('transcript.completed', '{\"transcript_id\": \"not a number\"}'::jsonb) RETURNING id")]
         job_id = stack.submit(fixtures_dir / "jfk.flac").json()["id"]
         assert (await asyncio.to_thread(stack.wait_finished, job_id))["status"] == "done"
-        completed = None
-        deadline = time.monotonic() + 30
-        while completed is None and time.monotonic() < deadline:
-            message = await queue.get(fail=False)
-            if message is None:
-                await asyncio.sleep(0.2)
-                continue
-            await message.ack()
-            body = json.loads(message.body)
-            if body["transcript_id"] == job_id:
-                completed = body
-        assert completed is not None, "the job's completion never came out"
+        await job_events(queue, job_id, lambda bodies: bodies, timeout=30)  # the job's completion came out
     finally:
         await connection.close()
     dead = stack.query("SELECT id, routing_key, error FROM outbox_dead WHERE id = ANY($1::bigint[]) ORDER BY id",

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -21,10 +20,7 @@ def test_a_new_embedding_model_reembeds_every_stored_segment(tmp_path_factory, f
     with running_stack(tmp_path_factory, API_KEYS=f"{ADMIN},{USER}", ADMIN_API_KEY=ADMIN) as stack:
         user = httpx.Client(headers={"X-API-Key": USER}, timeout=60)
         jobs = [stack.submit_job(fixtures_dir / name, client=user) for name in ("en_dialogue.wav", "jfk.flac")]
-        deadline = time.monotonic() + 300
-        while any(stack.status(job, user)["status"] == "processing" for job in jobs):
-            assert time.monotonic() < deadline
-            time.sleep(0.5)
+        assert {stack.wait_finished(job, 300, user)["status"] for job in jobs} == {"done"}
         models = {r["embedding_model"] for r in stack.query("SELECT embedding_model FROM segments")}
         assert models == {"all-minilm"}
 

@@ -3,20 +3,18 @@ PostgreSQL's pgvector and full-text search, and API keys."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import aio_pika
 import httpx
 import pytest
 
-from tests.conftest import Stack, events_queue, running_stack
+from tests.conftest import Stack, events_queue, job_events, running_stack
 
 OWNER, OTHER = "search-key-owner-0001", "search-key-other-0002"
 
@@ -28,11 +26,7 @@ def searched(tmp_path_factory, fixtures_dir):
         owner = httpx.Client(headers={"X-API-Key": OWNER}, timeout=60)
         jobs = {name: stack.submit_job(fixtures_dir / name, client=owner)
                 for name in ("en_dialogue.wav", "ru_dialogue.wav", "jfk.flac")}
-        deadline = time.monotonic() + 400
-        while any(stack.status(i, owner)["status"] == "processing" for i in jobs.values()):
-            assert time.monotonic() < deadline, "jobs did not finish"
-            time.sleep(0.5)
-        assert {stack.status(i, owner)["status"] for i in jobs.values()} == {"done"}
+        assert {stack.wait_finished(i, 400, owner)["status"] for i in jobs.values()} == {"done"}
         yield stack, owner, jobs
         owner.close()
 
@@ -164,18 +158,8 @@ async def test_a_speaker_named_while_the_job_runs_is_named_in_its_events(searche
         job = stack.submit_job(fixtures_dir / "jfk.flac", client=owner)
         named = owner.patch(f"{stack.api}/transcripts/{job}/speakers", json={"spk_0": "John F. Kennedy"})
         assert named.status_code == 200, named.text
-        events = []
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and stack.status(job, owner)["status"] == "processing" or not events:
-            assert time.monotonic() < deadline, "no segment.created for the job"
-            message = await queue.get(fail=False)
-            if message is None:
-                await asyncio.sleep(0.2)
-                continue
-            await message.ack()
-            body = json.loads(message.body)
-            if body["transcript_id"] == job:
-                events.append(body)
+        events = await job_events(
+            queue, job, lambda bodies: bodies and stack.status(job, owner)["status"] != "processing", timeout=300)
     finally:
         await connection.close()
     assert {e["speaker"] for e in events} == {"spk_0"}

@@ -255,7 +255,7 @@ async def delete_transcript(pool: asyncpg.Pool, s3: Minio, settings: Settings, j
     workers would write the objects and rows again."""
     async with pool.acquire() as conn, conn.transaction():
         # The row lock also waits out the inbox writing this job's result file.
-        job = await jobstore.lock_job_for_delete(conn, job_id)
+        job = await jobstore.lock_job(conn, job_id)
         if not _visible(job, owner):
             return False
         if job["status"] == "processing":
@@ -387,7 +387,7 @@ async def name_speakers(job_id: JobId, state: State, request: Request,
     """`{"spk_0": "Anna", "spk_1": null}`: names (null removes one) shown in /status, every
     transcript format, search hits, and the segment.created events stored from then on."""
     async with state.pool.acquire() as conn, conn.transaction():
-        job = await jobstore.lock_job_for_delete(conn, job_id)
+        job = await jobstore.lock_job(conn, job_id)
         if not _visible(job, request_owner(request)):
             raise NotFoundException(detail=f"no job with id {job_id}")
         labels = await jobstore.job_speaker_labels(conn, job_id)
