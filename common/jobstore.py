@@ -10,7 +10,7 @@ from datetime import datetime
 
 import asyncpg
 
-from common.messages import STAGE_OF_SERVICE, STAGES, Segment, SpeakerEmbedding, SpeakerTurn
+from common.messages import STAGE_OF_SERVICE, STAGES, Segment, SpeakerEmbedding, SpeakerName, SpeakerTurn
 
 Db = asyncpg.Connection | asyncpg.Pool
 
@@ -62,9 +62,11 @@ _SPEAKER_NAME = ("LEFT JOIN transcript_speakers n ON n.transcript_id = s.transcr
 
 
 async def job_segments(db: Db, job_id: int) -> list[asyncpg.Record]:
-    """speaker, speaker_name, start_ts, end_ts, text, words, overlap of every segment, in time order."""
+    """speaker, speaker_name, speaker_confidence, start_ts, end_ts, text, words, overlap of every
+    segment, in time order."""
     return await db.fetch(
-        "SELECT s.speaker, n.name AS speaker_name, s.start_ts, s.end_ts, s.text, s.words, s.overlap"
+        "SELECT s.speaker, n.name AS speaker_name, n.confidence AS speaker_confidence,"
+        " s.start_ts, s.end_ts, s.text, s.words, s.overlap"
         f" FROM segments s {_SPEAKER_NAME} WHERE s.transcript_id = $1"
         " ORDER BY s.start_ts, s.chunk_index, s.index", job_id)
 
@@ -76,19 +78,31 @@ async def job_speaker_labels(db: Db, job_id: int) -> set[str]:
     return {r["speaker"] for r in rows}
 
 
-async def speaker_names(db: Db, job_id: int) -> dict[str, str]:
-    """label -> name of the job's named speakers."""
-    rows = await db.fetch("SELECT speaker, name FROM transcript_speakers"
+async def speaker_names(db: Db, job_id: int) -> dict[str, SpeakerName]:
+    """label -> name (with how it was given) of the job's named speakers."""
+    rows = await db.fetch("SELECT speaker, name, name_source, confidence FROM transcript_speakers"
                           " WHERE transcript_id = $1 AND name IS NOT NULL", job_id)
-    return {r["speaker"]: r["name"] for r in rows}
+    return {r["speaker"]: SpeakerName(name=r["name"], source=r["name_source"], confidence=r["confidence"])
+            for r in rows}
+
+
+async def speaker_voice(db: Db, job_id: int, label: str) -> SpeakerEmbedding | None:
+    """The voice embedding the diarizer kept for one speaker of the job."""
+    row = await db.fetchrow("SELECT embedding::real[] AS embedding, embedding_model, speech_s FROM transcript_speakers"
+                            " WHERE transcript_id = $1 AND speaker = $2 AND embedding IS NOT NULL", job_id, label)
+    if row is None:
+        return None
+    return SpeakerEmbedding(speaker=label, embedding=list(row["embedding"]), model=row["embedding_model"],
+                            speech_s=row["speech_s"])
 
 
 async def set_speaker_names(conn: asyncpg.Connection, job_id: int, names: dict[str, str | None]) -> None:
-    """Name (or, with None, unname) speakers of a job; a speaker's voice embedding is kept."""
+    """Name by hand (or, with None, unname) speakers of a job; a speaker's voice embedding is kept."""
     await conn.executemany(
-        "INSERT INTO transcript_speakers (transcript_id, speaker, name) VALUES ($1, $2, $3)"
-        " ON CONFLICT (transcript_id, speaker) DO UPDATE SET name = EXCLUDED.name",
-        [(job_id, label, name) for label, name in names.items()])
+        "INSERT INTO transcript_speakers (transcript_id, speaker, name, name_source) VALUES ($1, $2, $3, $4)"
+        " ON CONFLICT (transcript_id, speaker) DO UPDATE SET name = EXCLUDED.name,"
+        " name_source = EXCLUDED.name_source, matched_speaker_id = NULL, confidence = NULL",
+        [(job_id, label, name, "manual" if name else None) for label, name in names.items()])
 
 
 async def job_turns(db: Db, job_id: int) -> list[SpeakerTurn]:
@@ -175,9 +189,9 @@ async def mark_result_written(conn: asyncpg.Connection, job_id: int) -> None:
 # ---- progress (persister) ---------------------------------------------------------------------
 
 async def lock_processing_job(conn: asyncpg.Connection, job_id: int) -> asyncpg.Record | None:
-    """The job's row (id, status, filename, chunk_count), locked until the transaction ends."""
+    """The job's row (id, status, filename, chunk_count, owner), locked until the transaction ends."""
     return await conn.fetchrow(
-        "SELECT id, status, filename, chunk_count FROM transcripts WHERE id = $1 FOR UPDATE", job_id)
+        "SELECT id, status, filename, chunk_count, owner FROM transcripts WHERE id = $1 FOR UPDATE", job_id)
 
 
 async def advance(db: Db, job_id: int, stage: str, *, language: str | None = None,

@@ -212,8 +212,11 @@ class SegmentCreated(Contract):
     chunk_index: int
     index: int
     speaker: str
-    # The speaker's name, when one was given (PATCH /transcripts/{id}/speakers) before this was stored.
+    # The speaker's name, when one was given (PATCH /transcripts/{id}/speakers) or the voice was
+    # recognised as an enrolled speaker's before this was stored.
     speaker_name: str | None = None
+    # For a recognised voice: its cosine similarity to the enrolled speaker's closest voiceprint.
+    speaker_confidence: float | None = None
     start_ts: float
     end_ts: float
     text: str
@@ -243,8 +246,26 @@ class TranscriptFailed(Contract):
     reason: str
 
 
+class SpeakerName(BaseModel):
+    name: str | None = None
+    # "manual" (PATCH /transcripts/{id}/speakers) or "auto" (a recognised enrolled voice)
+    source: Literal["manual", "auto"] | None = None
+    confidence: float | None = None
+
+
+class TranscriptSpeakersUpdated(Contract):
+    """A finished transcript's speaker names changed: named by hand, or voices recognised (or no
+    longer recognised) after an enrolment, a rename or a forgotten speaker."""
+
+    ROUTING_KEY: ClassVar[str] = "transcript.speakers_updated"
+
+    transcript_id: int
+    # every speaker label of the transcript -> its name now (null: unnamed)
+    speakers: dict[str, SpeakerName]
+
+
 EVENTS: dict[str, type[Contract]] = {
-    m.ROUTING_KEY: m for m in (SegmentCreated, TranscriptCompleted, TranscriptFailed)
+    m.ROUTING_KEY: m for m in (SegmentCreated, TranscriptCompleted, TranscriptFailed, TranscriptSpeakersUpdated)
 }
 
 

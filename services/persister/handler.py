@@ -10,7 +10,7 @@ import logging
 import asyncpg
 from pydantic import BaseModel
 
-from common import jobstore
+from common import jobstore, speakerstore
 from common.logs import current_job
 from common.messages import (
     ChunkEmbedded,
@@ -22,6 +22,7 @@ from common.messages import (
     TranscriptFailed,
 )
 from common.outbox import add_to_outbox
+from common.settings import get_settings
 
 log = logging.getLogger(__name__)
 
@@ -42,15 +43,20 @@ async def _lock_processing_job(conn: asyncpg.Connection, job_id: int) -> asyncpg
     return row
 
 
-async def _store_chunk(conn: asyncpg.Connection, message: ChunkTranscribed | ChunkEmbedded,
+async def _store_chunk(conn: asyncpg.Connection, job: asyncpg.Record, message: ChunkTranscribed | ChunkEmbedded,
                        embedding_model: str | None) -> None:
-    """The chunk's segments, turns and speakers, and the job's stage and facts."""
+    """The chunk's segments, turns and speakers (named when their voices are enrolled), and the
+    job's stage and facts."""
     job_id = message.job_id
     await jobstore.record_chunk(conn, job_id, message.chunk_index, len(message.segments),
                                 embedded=embedding_model is not None)
     await jobstore.store_segments(conn, job_id, message.chunk_index, message.segments, message.language,
                                   embedding_model)
     await jobstore.store_diarization(conn, job_id, message.chunk_index, message.turns, message.speakers)
+    if message.speakers:
+        settings = get_settings()
+        await speakerstore.name_recording_speakers(conn, job_id, job["owner"], settings.speaker_match_threshold,
+                                                   settings.speaker_min_speech_s)
     stage = await jobstore.stage_after_chunk(conn, job_id, message.chunk_count)
     await jobstore.advance(conn, job_id, stage, language=message.language, duration=message.duration,
                            chunk_count=message.chunk_count)
@@ -63,11 +69,12 @@ async def on_progress(pool: asyncpg.Pool, message: JobProgress) -> None:
 
 async def on_transcribed(pool: asyncpg.Pool, message: ChunkTranscribed) -> None:
     async with pool.acquire() as conn, conn.transaction():
-        if await _lock_processing_job(conn, message.job_id) is None:
+        job = await _lock_processing_job(conn, message.job_id)
+        if job is None:
             return
         if await jobstore.chunk_is_embedded(conn, message.job_id, message.chunk_index):
             return  # chunk.embedded already stored this chunk in full
-        await _store_chunk(conn, message, embedding_model=None)
+        await _store_chunk(conn, job, message, embedding_model=None)
     log.info("stored chunk %d/%d text (%d segments)",
              message.chunk_index + 1, message.chunk_count, len(message.segments))
 
@@ -84,14 +91,16 @@ async def on_embedded(pool: asyncpg.Pool, message: ChunkEmbedded) -> bool:
         if await jobstore.chunk_is_embedded(conn, message.job_id, message.chunk_index):
             log.info("chunk %d already stored; duplicate ignored", message.chunk_index)
             return False
-        await _store_chunk(conn, message, embedding_model=message.embedding_model)
+        await _store_chunk(conn, job, message, embedding_model=message.embedding_model)
         names = await jobstore.speaker_names(conn, message.job_id)
         for segment in message.segments:
             await add_to_outbox(conn, SegmentCreated(
                 message_id=f"segment.created:{message.job_id}:{message.chunk_index}:{segment.index}",
                 job_id=message.job_id, transcript_id=message.job_id,
                 chunk_index=message.chunk_index, index=segment.index, speaker=segment.speaker,
-                speaker_name=names.get(segment.speaker), start_ts=segment.start_ts, end_ts=segment.end_ts,
+                speaker_name=names[segment.speaker].name if segment.speaker in names else None,
+                speaker_confidence=names[segment.speaker].confidence if segment.speaker in names else None,
+                start_ts=segment.start_ts, end_ts=segment.end_ts,
                 text=segment.text,
                 overlap=segment.overlap, embedding=segment.embedding, embedding_model=message.embedding_model,
             ))

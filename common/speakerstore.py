@@ -1,0 +1,130 @@
+"""Enrolled speakers in PostgreSQL: every statement over `speakers` and `voiceprints`, and the
+automatic naming of recording speakers in `transcript_speakers` (ingest and the persister alike).
+Plain async functions over an asyncpg connection or pool; the callers own the transactions."""
+
+from __future__ import annotations
+
+import asyncpg
+import numpy as np
+
+from common.jobstore import Db
+from common.speakers import Match, Profile, RecordingSpeaker, match_speakers
+
+_OWNER = "owner IS NOT DISTINCT FROM $1"
+_SPEAKER_COLUMNS = ("s.id, s.name, s.created_at, (SELECT count(*) FROM voiceprints v WHERE v.speaker_id = s.id)"
+                    " AS voiceprints")
+
+
+class NameTaken(Exception):
+    pass
+
+
+async def create_speaker(conn: asyncpg.Connection, owner: str | None, name: str) -> int:
+    """The owner's speaker of that name (names are unique per owner, case-insensitively), created if new."""
+    existing = await conn.fetchval(f"SELECT id FROM speakers WHERE {_OWNER} AND lower(name) = lower($2)", owner, name)
+    if existing is not None:
+        return existing
+    return await conn.fetchval("INSERT INTO speakers (owner, name) VALUES ($1, $2) RETURNING id", owner, name)
+
+
+async def add_voiceprint(conn: asyncpg.Connection, speaker_id: int, embedding: list[float], model: str,
+                         speech_s: float, source: str, transcript_id: int | None = None,
+                         label: str | None = None) -> int:
+    return await conn.fetchval(
+        "INSERT INTO voiceprints (speaker_id, embedding, embedding_model, speech_s, source,"
+        " source_transcript_id, source_label) VALUES ($1, $2::real[]::vector, $3, $4, $5, $6, $7) RETURNING id",
+        speaker_id, embedding, model, speech_s, source, transcript_id, label)
+
+
+async def list_speakers(db: Db, owner: str | None) -> list[asyncpg.Record]:
+    return await db.fetch(f"SELECT {_SPEAKER_COLUMNS} FROM speakers s WHERE s.{_OWNER} ORDER BY lower(s.name), s.id",
+                          owner)
+
+
+async def get_speaker(db: Db, owner: str | None, speaker_id: int) -> asyncpg.Record | None:
+    return await db.fetchrow(f"SELECT {_SPEAKER_COLUMNS} FROM speakers s WHERE s.{_OWNER} AND s.id = $2",
+                             owner, speaker_id)
+
+
+async def speaker_voiceprints(db: Db, speaker_id: int) -> list[asyncpg.Record]:
+    return await db.fetch(
+        "SELECT id, embedding_model, speech_s, source, source_transcript_id, source_label, created_at"
+        " FROM voiceprints WHERE speaker_id = $1 ORDER BY id", speaker_id)
+
+
+async def rename_speaker(conn: asyncpg.Connection, owner: str | None, speaker_id: int, name: str) -> None:
+    """Rename, and carry the new name to every recording speaker it named automatically."""
+    clash = await conn.fetchval(f"SELECT id FROM speakers WHERE {_OWNER} AND lower(name) = lower($2) AND id <> $3",
+                                owner, name, speaker_id)
+    if clash is not None:
+        raise NameTaken(name)
+    await conn.execute("UPDATE speakers SET name = $2 WHERE id = $1", speaker_id, name)
+    await conn.execute("UPDATE transcript_speakers SET name = $2 WHERE matched_speaker_id = $1"
+                       " AND name_source = 'auto'", speaker_id, name)
+
+
+async def named_by(db: Db, speaker_id: int) -> list[int]:
+    """Transcripts with a recording speaker this enrolled speaker named automatically."""
+    rows = await db.fetch("SELECT DISTINCT transcript_id FROM transcript_speakers WHERE matched_speaker_id = $1"
+                          " AND name_source = 'auto' ORDER BY transcript_id", speaker_id)
+    return [r["transcript_id"] for r in rows]
+
+
+async def delete_speaker(conn: asyncpg.Connection, speaker_id: int) -> None:
+    """Forget a person: their voiceprints go (cascade) and so does every name matched to them."""
+    await conn.execute(
+        "UPDATE transcript_speakers SET name = NULL, name_source = NULL, matched_speaker_id = NULL,"
+        " confidence = NULL WHERE matched_speaker_id = $1 AND name_source = 'auto'", speaker_id)
+    await conn.execute("DELETE FROM speakers WHERE id = $1", speaker_id)
+
+
+async def owner_profiles(db: Db, owner: str | None, model: str) -> list[Profile]:
+    rows = await db.fetch(
+        "SELECT s.id, s.name, v.embedding::real[] AS embedding FROM speakers s JOIN voiceprints v"
+        f" ON v.speaker_id = s.id WHERE s.{_OWNER} AND v.embedding_model = $2 ORDER BY s.id, v.id", owner, model)
+    profiles: dict[int, Profile] = {}
+    for r in rows:
+        profiles.setdefault(r["id"], Profile(r["id"], r["name"], [])).voiceprints.append(np.asarray(r["embedding"]))
+    return list(profiles.values())
+
+
+async def owner_transcripts_with_voices(db: Db, owner: str | None) -> list[int]:
+    rows = await db.fetch(
+        "SELECT DISTINCT t.id FROM transcripts t JOIN transcript_speakers ts ON ts.transcript_id = t.id"
+        f" WHERE t.{_OWNER} AND ts.embedding IS NOT NULL ORDER BY t.id", owner)
+    return [r["id"] for r in rows]
+
+
+async def name_recording_speakers(conn: asyncpg.Connection, transcript_id: int, owner: str | None,
+                                  threshold: float, min_speech_s: float) -> bool:
+    """Match the transcript's speakers (by their stored centroids) against the owner's profiles and
+    set, change or clear their automatic names; manual names are never touched. True when a name
+    changed."""
+    rows = await conn.fetch(
+        "SELECT speaker, embedding::real[] AS embedding, embedding_model, speech_s, name, name_source,"
+        " matched_speaker_id, confidence FROM transcript_speakers WHERE transcript_id = $1"
+        " AND embedding IS NOT NULL ORDER BY speaker FOR UPDATE", transcript_id)
+    if not rows:
+        return False
+    manual = {r["speaker"] for r in rows if r["name_source"] == "manual"}
+    matches: dict[str, Match] = {}
+    for model in sorted({r["embedding_model"] for r in rows}):
+        profiles = await owner_profiles(conn, owner, model)
+        # A person named by hand in this recording is not given to a second speaker of it.
+        taken = {r["name"].lower() for r in rows if r["speaker"] in manual}
+        recording = [RecordingSpeaker(r["speaker"], np.asarray(r["embedding"]), r["speech_s"])
+                     for r in rows if r["embedding_model"] == model and r["speaker"] not in manual]
+        matches |= match_speakers(recording, [p for p in profiles if p.name.lower() not in taken], threshold,
+                                  min_speech_s)
+    changed = False
+    for r in rows:
+        if r["speaker"] in manual:
+            continue
+        match = matches.get(r["speaker"])
+        new = (match.name, "auto", match.speaker_id, match.confidence) if match else (None, None, None, None)
+        if new != (r["name"], r["name_source"], r["matched_speaker_id"], r["confidence"]):
+            changed |= new[0] != r["name"]
+            await conn.execute(
+                "UPDATE transcript_speakers SET name = $3, name_source = $4, matched_speaker_id = $5,"
+                " confidence = $6 WHERE transcript_id = $1 AND speaker = $2", transcript_id, r["speaker"], *new)
+    return changed
