@@ -41,7 +41,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from common.messages import EVENTS, SegmentCreated, TranscriptCompleted, TranscriptFailed
+from common.messages import EVENTS, SegmentCreated, TranscriptCompleted, TranscriptFailed, TranscriptSpeakersUpdated
 
 if TYPE_CHECKING:
     from aio_pika.abc import AbstractIncomingMessage
@@ -453,6 +453,55 @@ def reindex(
                      f" {progress['pending_segments']} to do ({state})\n")
 
 
+speakers_app = typer.Typer(help="Enrolled speakers: voices recognised in every new recording.", no_args_is_help=True)
+app.add_typer(speakers_app, name="speakers")
+
+
+@speakers_app.command("enroll")
+def speakers_enroll(
+    name: Annotated[str, typer.Argument(help="The person's name.", show_default=False)],
+    sample: Annotated[Path, typer.Argument(help="5-60 s of that person talking alone.", exists=True,
+                                           dir_okay=False, readable=True, show_default=False)],
+    api: ApiUrl = DEFAULT_API_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """Enrol NAME from an audio sample (a second sample of the same name adds a voiceprint)."""
+    with reporting_api_errors(api), api_client(api, api_key) as client:
+        headers, body = multipart_body(sample, {"name": name}, lambda sent: None)
+        profile = checked(client.post("/speakers", content=body, headers=headers,
+                                      timeout=httpx.Timeout(300, connect=10))).json()
+    relabelled = ", ".join(map(str, profile["relabelled"])) or "none"
+    sys.stdout.write(f"speaker {profile['id']} {profile['name']}: {profile['voiceprint_count']} voiceprint(s);"
+                     f" transcripts renamed: {relabelled}\n")
+
+
+@speakers_app.command("list")
+def speakers_list(api: ApiUrl = DEFAULT_API_URL, api_key: ApiKey = None) -> None:
+    """The enrolled speakers: id, name, voiceprints."""
+    with reporting_api_errors(api), api_client(api, api_key) as client:
+        items = checked(client.get("/speakers")).json()["items"]
+    for item in items:
+        sys.stdout.write(f"{item['id']}\t{item['name']}\t{item['voiceprint_count']} voiceprint(s)\n")
+    if not items:
+        stderr.print("no speakers enrolled")
+
+
+@speakers_app.command("forget")
+def speakers_forget(
+    name: Annotated[str, typer.Argument(help="The enrolled speaker's name (or id).", show_default=False)],
+    api: ApiUrl = DEFAULT_API_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """Delete a speaker's voiceprints and every name recognised from them."""
+    with reporting_api_errors(api), api_client(api, api_key) as client:
+        items = checked(client.get("/speakers")).json()["items"]
+        found = [i for i in items if i["name"].casefold() == name.casefold() or str(i["id"]) == name]
+        if not found:
+            fail(f"no enrolled speaker called {name!r}")
+        checked(client.delete(f"/speakers/{found[0]['id']}"))
+    sys.stdout.write(f"forgot {found[0]['name']}\n")
+
+
 class EventPrinter:
     """Prints events from stt.events as they arrive; with a job to follow, tells when it ended."""
 
@@ -481,7 +530,7 @@ class EventPrinter:
         ended: int | None = None
         if isinstance(event, SegmentCreated):
             colours = self.colours.setdefault(event.transcript_id, SpeakerColours())
-            stdout.print(segment_line(event.start_ts, event.speaker, event.text, colours, prefix))
+            stdout.print(segment_line(event.start_ts, event.speaker_name or event.speaker, event.text, colours, prefix))
         elif isinstance(event, TranscriptCompleted):
             details = [event.language or "language unknown",
                        f"{event.duration:.1f} s" if event.duration is not None else None,
@@ -489,6 +538,9 @@ class EventPrinter:
             stdout.print(Text(f"job {event.transcript_id} done: {event.filename} "
                               f"({', '.join(d for d in details if d)})", style="bold green"))
             ended = 0
+        elif isinstance(event, TranscriptSpeakersUpdated):
+            names = ", ".join(f"{label} = {n.name or '(unnamed)'}" for label, n in event.speakers.items())
+            stdout.print(Text(f"job {event.transcript_id} speakers: {names}", style="bold"))
         elif isinstance(event, TranscriptFailed):
             stdout.print(Text(f"job {event.transcript_id} failed: {event.filename}: {event.reason}", style="bold red"))
             ended = 1

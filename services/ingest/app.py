@@ -40,6 +40,7 @@ from services.ingest.jobs import clean_filename, create_job, status_document
 from services.ingest.readiness import CHECK_TIMEOUT_S, ObjectStoreProbe, run_checks
 from services.ingest.reindex import REINDEX_ROUTES, Reindexer
 from services.ingest.search import SEARCH_ROUTES
+from services.ingest.speakers import SPEAKER_ROUTES
 from services.ingest.transcripts import TRANSCRIPT_ROUTES, TranscriptSegment
 
 log = logging.getLogger("services.ingest")
@@ -228,7 +229,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
 
     return Litestar(
         route_handlers=[recognize, job_status, healthz, readyz, metrics, *TRANSCRIPT_ROUTES, *SEARCH_ROUTES,
-                        *REINDEX_ROUTES],
+                        *REINDEX_ROUTES, *SPEAKER_ROUTES],
         lifespan=[lifespan],
         middleware=[http_metrics_middleware, api_key_middleware(settings),  # metrics first: 401s count
                     upload_limit_middleware(settings.max_concurrent_uploads)],

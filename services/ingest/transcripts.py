@@ -23,7 +23,7 @@ from minio import Minio
 from minio.error import S3Error
 from pydantic import BaseModel, Field
 
-from common import jobstore
+from common import jobstore, speakerstore
 from common.messages import SpeakerTurn, Stage, Word
 from common.settings import Settings
 from common.storage import pcm_key
@@ -31,6 +31,7 @@ from services.ingest.auth import request_owner
 from services.ingest.errors import error_responses
 from services.ingest.inbox import result_key
 from services.ingest.jobs import percent_done, public_stage, upload_key
+from services.ingest.speakers import announce_speaker_names
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,11 @@ MAX_ID = 2**53 - 1
 
 class TranscriptSegment(BaseModel):
     speaker: str
-    # The name given to the speaker (PATCH /transcripts/{id}/speakers), when there is one.
+    # The name given to the speaker (PATCH /transcripts/{id}/speakers) or of the enrolled speaker
+    # whose voice it is (README "Speakers"), when there is one.
     speaker_name: str | None = None
+    # For a recognised voice: its cosine similarity to that speaker's closest voiceprint.
+    speaker_confidence: float | None = None
     start_ts: float
     end_ts: float
     text: str
@@ -196,7 +200,8 @@ async def fetch_transcript(pool: asyncpg.Pool, job_id: int, owner: str | None,
     rows = await jobstore.job_segments(pool, job_id)
     segments = [
         TranscriptSegment(
-            speaker=r["speaker"], speaker_name=r["speaker_name"], start_ts=round(r["start_ts"], 3),
+            speaker=r["speaker"], speaker_name=r["speaker_name"], speaker_confidence=r["speaker_confidence"],
+            start_ts=round(r["start_ts"], 3),
             end_ts=round(r["end_ts"], 3),
             text=r["text"], overlap=r["overlap"],
             words=[Word(word=w["word"].strip(), start=w["start"], end=w["end"],
@@ -323,7 +328,7 @@ async def get_transcript(
                                                     " format=json shows what exists so far")
     if format == "rttm":
         body = to_rttm(rttm_uri(document.filename), await jobstore.job_turns(state.pool, job_id),
-                       await jobstore.speaker_names(state.pool, job_id))
+                       {label: n.name for label, n in (await jobstore.speaker_names(state.pool, job_id)).items()})
     else:
         body = FORMATTERS[format](document.segments)
     return Response(
@@ -405,8 +410,14 @@ async def name_speakers(job_id: JobId, state: State, request: Request,
                                                             f" characters (null removes it): {label}")
             names[label] = cleaned
         await jobstore.set_speaker_names(conn, job_id, names)
+        # A speaker unnamed by hand is open to recognition again.
+        await speakerstore.name_recording_speakers(conn, job_id, job["owner"], state.settings.speaker_match_threshold,
+                                                   state.settings.speaker_min_speech_s)
+        await announce_speaker_names(conn, job_id)
         current = await jobstore.speaker_names(conn, job_id)
-    return SpeakerNames(speakers={label: current.get(label) for label in sorted(labels | set(names))})
+    state.outbox_wake.set()
+    return SpeakerNames(speakers={label: current[label].name if label in current else None
+                                  for label in sorted(labels | set(names))})
 
 
 TRANSCRIPT_ROUTES = [get_transcript, get_transcripts, remove_transcript, name_speakers]

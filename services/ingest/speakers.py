@@ -1,0 +1,279 @@
+"""Enrolled speakers: /speakers (enrol, list, show, rename, forget). A speaker is a name and a set of
+voiceprints, owned by the API key like jobs. Every change re-names the owner's recordings from
+their stored voices (no audio is processed again) and announces each transcript whose names
+changed with `transcript.speakers_updated`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import datetime
+from typing import Annotated
+
+import asyncpg
+from litestar import Request, delete, get, patch, post
+from litestar.datastructures import State, UploadFile
+from litestar.exceptions import HTTPException, NotFoundException
+from litestar.params import Parameter
+from pydantic import BaseModel, Field, ValidationError
+
+from common import jobstore, speakerstore
+from common.audio import AudioTooLong, UndecodableAudio, decode_audio
+from common.logs import current_job
+from common.messages import SpeakerEmbedding, SpeakerName, TranscriptSpeakersUpdated
+from common.outbox import add_to_outbox
+from common.settings import Settings
+from services.ingest.auth import request_owner
+from services.ingest.errors import error_responses
+
+log = logging.getLogger(__name__)
+
+SAMPLE_MIN_S = 5.0
+SAMPLE_MAX_S = 60.0
+MAX_NAME_CHARS = 100
+MAX_ID = 2**53 - 1
+# Embedding a sample runs the speaker models in this process: one at a time.
+_embedding_slot = asyncio.Semaphore(1)
+
+SpeakerId = Annotated[int, Parameter(ge=1, le=MAX_ID, description="An enrolled speaker's id")]
+
+
+class Voiceprint(BaseModel):
+    id: int
+    embedding_model: str
+    speech_s: float
+    # "sample" (an uploaded recording, not kept) or "transcript" (a finished job's speaker)
+    source: str
+    transcript_id: int | None = None
+    label: str | None = None
+    created_at: datetime
+
+
+class Speaker(BaseModel):
+    id: int
+    name: str
+    voiceprint_count: int
+    created_at: datetime
+
+
+class SpeakerProfile(Speaker):
+    voiceprints: list[Voiceprint]
+
+
+class Enrolled(SpeakerProfile):
+    # Transcripts whose speaker names changed because of this enrolment.
+    relabelled: list[int] = Field(default_factory=list)
+
+
+class SpeakerList(BaseModel):
+    items: list[Speaker]
+
+
+class FromTranscript(BaseModel):
+    name: str
+    transcript_id: int = Field(ge=1, le=MAX_ID)
+    label: str
+
+
+class Rename(BaseModel):
+    name: str
+
+
+def clean_name(name: object) -> str:
+    cleaned = " ".join("".join(c if c.isprintable() else " " for c in str(name or "")).split())
+    if not 0 < len(cleaned) <= MAX_NAME_CHARS:
+        raise HTTPException(status_code=400, detail=f"a speaker's name is 1-{MAX_NAME_CHARS} printable characters")
+    return cleaned
+
+
+# ---- announcing and re-naming -----------------------------------------------------------------
+
+
+async def announce_speaker_names(conn: asyncpg.Connection, transcript_id: int) -> None:
+    """Queue transcript.speakers_updated with every speaker of the transcript and its name now."""
+    labels = await jobstore.job_speaker_labels(conn, transcript_id)
+    names = await jobstore.speaker_names(conn, transcript_id)
+    speakers = {label: names.get(label, SpeakerName()) for label in sorted(labels | set(names))}
+    await add_to_outbox(conn, TranscriptSpeakersUpdated(job_id=transcript_id, transcript_id=transcript_id,
+                                                        speakers=speakers))
+
+
+async def rename_owner_recordings(pool: asyncpg.Pool, settings: Settings, owner: str | None) -> list[int]:
+    """Match every recording of the owner against the owner's profiles again; the transcripts whose
+    names changed, each announced."""
+    changed = []
+    for transcript_id in await speakerstore.owner_transcripts_with_voices(pool, owner):
+        async with pool.acquire() as conn, conn.transaction():
+            if await speakerstore.name_recording_speakers(conn, transcript_id, owner, settings.speaker_match_threshold,
+                                                          settings.speaker_min_speech_s):
+                await announce_speaker_names(conn, transcript_id)
+                changed.append(transcript_id)
+    for transcript_id in changed:
+        token = current_job.set(transcript_id)
+        log.info("speaker names changed after an enrolment")
+        current_job.reset(token)
+    return changed
+
+
+async def _profile(pool: asyncpg.Pool, owner: str | None, speaker_id: int) -> SpeakerProfile:
+    row = await speakerstore.get_speaker(pool, owner, speaker_id)
+    if row is None:
+        raise NotFoundException(detail=f"no speaker with id {speaker_id}")
+    prints = [Voiceprint(id=v["id"], embedding_model=v["embedding_model"], speech_s=round(v["speech_s"], 3),
+                         source=v["source"], transcript_id=v["source_transcript_id"], label=v["source_label"],
+                         created_at=v["created_at"])
+              for v in await speakerstore.speaker_voiceprints(pool, speaker_id)]
+    return SpeakerProfile(id=row["id"], name=row["name"], voiceprint_count=row["voiceprints"],
+                          created_at=row["created_at"], voiceprints=prints)
+
+
+# ---- voiceprints from the two sources ---------------------------------------------------------
+
+
+async def _voice_of_sample(upload: UploadFile, settings: Settings) -> SpeakerEmbedding:
+    stream = upload.file
+    stream.seek(0, 2)
+    size = stream.tell()
+    stream.seek(0)
+    if size == 0:
+        raise HTTPException(status_code=400, detail="the sample is empty")
+    if size > settings.max_upload_bytes:
+        raise HTTPException(status_code=413, detail=f"the file exceeds MAX_UPLOAD_MB ({settings.max_upload_mb} MB)")
+    try:
+        from services.diarizer.voiceprint import NotOneVoice, voiceprint_of_sample
+    except ImportError as exc:
+        raise HTTPException(status_code=501, detail="enrolment from audio needs the speaker models here: install"
+                                                    " the diarizer extra (pip install '.[diarizer]'), or enrol"
+                                                    " from a transcript's speaker") from exc
+    try:
+        waveform = await asyncio.to_thread(decode_audio, stream, SAMPLE_MAX_S + 1)
+    except AudioTooLong as exc:
+        raise HTTPException(status_code=400, detail=f"a sample is {SAMPLE_MIN_S:g}-{SAMPLE_MAX_S:g} s long") from exc
+    except UndecodableAudio as exc:
+        raise HTTPException(status_code=415, detail=f"the sample is not audio this service can decode: {exc}") from exc
+    seconds = len(waveform) / 16_000
+    if not SAMPLE_MIN_S <= seconds <= SAMPLE_MAX_S:
+        raise HTTPException(status_code=400, detail=f"a sample is {SAMPLE_MIN_S:g}-{SAMPLE_MAX_S:g} s long;"
+                                                    f" this one is {seconds:.1f} s")
+    async with _embedding_slot:
+        try:
+            return await asyncio.to_thread(voiceprint_of_sample, waveform, settings.speaker_match_threshold)
+        except NotOneVoice as exc:
+            raise HTTPException(status_code=422, detail=str(exc)) from exc
+
+
+async def _voice_of_transcript_speaker(conn: asyncpg.Connection, owner: str | None,
+                                       reference: FromTranscript) -> SpeakerEmbedding:
+    job = await jobstore.job(conn, reference.transcript_id)
+    if job is None or job["owner"] != owner:
+        raise NotFoundException(detail=f"no job with id {reference.transcript_id}")
+    if job["status"] != "done":
+        raise HTTPException(status_code=409, detail=f"job {reference.transcript_id} is not done")
+    voice = await jobstore.speaker_voice(conn, reference.transcript_id, reference.label)
+    if voice is None:
+        raise HTTPException(status_code=400, detail=f"job {reference.transcript_id} has no speaker"
+                                                    f" {reference.label[:20]!r} with a voice embedding")
+    return voice
+
+
+# ---- routes -------------------------------------------------------------------------------------
+
+
+@post("/speakers", status_code=201, summary="Enrol a speaker (or add a voiceprint to one)",
+      responses=error_responses(400, 401, 403, 404, 409, 413, 415, 503,
+                                e404="No such job (for this key) to take the voice from",
+                                e409="The job to take the voice from is not done"))
+async def enrol(request: Request, state: State) -> Enrolled:
+    """Either multipart/form-data with `name` and `file` (5-60 s of one person talking; refused
+    with 422 and the reason when it holds no speech or several voices), or JSON
+    `{"name": "Anna", "transcript_id": 12, "label": "spk_1"}` (a finished job's speaker). A name
+    the key already enrolled gets one more voiceprint. The key's recordings are then matched
+    again: `relabelled` lists those whose names changed."""
+    owner = request_owner(request)
+    content_type = request.headers.get("content-type", "")
+    reference = None
+    if content_type.startswith("multipart/form-data"):
+        form = await request.form()
+        name, upload = clean_name(form.get("name")), form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise HTTPException(status_code=400, detail="a multipart enrolment needs a `name` and a `file`"
+                                                        " (the sample)")
+        voice = await _voice_of_sample(upload, state.settings)
+    elif content_type.startswith("application/json"):
+        try:
+            reference = FromTranscript.model_validate_json(await request.body())
+        except ValidationError as exc:
+            raise HTTPException(status_code=400, detail="; ".join(
+                f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())) from exc
+        name = clean_name(reference.name)
+    else:
+        raise HTTPException(status_code=400, detail="send multipart/form-data (name, file) or JSON (name,"
+                                                    " transcript_id, label)")
+    async with state.pool.acquire() as conn, conn.transaction():
+        if reference is not None:
+            voice = await _voice_of_transcript_speaker(conn, owner, reference)
+        speaker_id = await speakerstore.create_speaker(conn, owner, name)
+        await speakerstore.add_voiceprint(
+            conn, speaker_id, voice.embedding, voice.model, voice.speech_s,
+            source="transcript" if reference else "sample",
+            transcript_id=reference.transcript_id if reference else None,
+            label=reference.label if reference else None)
+    log.info("enrolled a voiceprint for speaker %d (%.1f s of speech)", speaker_id, voice.speech_s)
+    relabelled = await rename_owner_recordings(state.pool, state.settings, owner)
+    state.outbox_wake.set()
+    profile = await _profile(state.pool, owner, speaker_id)
+    return Enrolled(**profile.model_dump(), relabelled=relabelled)
+
+
+@get("/speakers", summary="The enrolled speakers", responses=error_responses(401, 403, 503))
+async def list_speakers(request: Request, state: State) -> SpeakerList:
+    rows = await speakerstore.list_speakers(state.pool, request_owner(request))
+    return SpeakerList(items=[Speaker(id=r["id"], name=r["name"], voiceprint_count=r["voiceprints"],
+                                      created_at=r["created_at"]) for r in rows])
+
+
+@get("/speakers/{speaker_id:int}", summary="An enrolled speaker and their voiceprints",
+     responses=error_responses(400, 401, 403, 404, 503, e404="No such speaker (for this key)"))
+async def show_speaker(speaker_id: SpeakerId, request: Request, state: State) -> SpeakerProfile:
+    return await _profile(state.pool, request_owner(request), speaker_id)
+
+
+@patch("/speakers/{speaker_id:int}", summary="Rename an enrolled speaker",
+       responses=error_responses(400, 401, 403, 404, 409, 503, e404="No such speaker (for this key)",
+                                 e409="Another speaker of this key has that name"))
+async def rename(speaker_id: SpeakerId, data: Rename, request: Request, state: State) -> SpeakerProfile:
+    owner = request_owner(request)
+    name = clean_name(data.name)
+    async with state.pool.acquire() as conn, conn.transaction():
+        if await speakerstore.get_speaker(conn, owner, speaker_id) is None:
+            raise NotFoundException(detail=f"no speaker with id {speaker_id}")
+        try:
+            await speakerstore.rename_speaker(conn, owner, speaker_id, name)
+        except speakerstore.NameTaken as exc:
+            raise HTTPException(status_code=409, detail=f"another speaker is already called {name!r}") from exc
+        for transcript_id in await speakerstore.named_by(conn, speaker_id):
+            await announce_speaker_names(conn, transcript_id)
+    state.outbox_wake.set()
+    return await _profile(state.pool, owner, speaker_id)
+
+
+@delete("/speakers/{speaker_id:int}", status_code=204, summary="Forget a speaker",
+        responses=error_responses(400, 401, 403, 404, 503, e404="No such speaker (for this key)"))
+async def forget(speaker_id: SpeakerId, request: Request, state: State) -> None:
+    """Deletes every voiceprint of the speaker and every name recognition gave from them (names
+    given by hand stay); each transcript that loses a name is announced."""
+    owner = request_owner(request)
+    async with state.pool.acquire() as conn, conn.transaction():
+        if await speakerstore.get_speaker(conn, owner, speaker_id) is None:
+            raise NotFoundException(detail=f"no speaker with id {speaker_id}")
+        named = await speakerstore.named_by(conn, speaker_id)
+        await speakerstore.delete_speaker(conn, speaker_id)
+        for transcript_id in named:
+            await announce_speaker_names(conn, transcript_id)
+    log.info("forgot speaker %d: %d transcripts lose the name", speaker_id, len(named))
+    # Another profile may now be the best match for the voices it named.
+    await rename_owner_recordings(state.pool, state.settings, owner)
+    state.outbox_wake.set()
+
+
+SPEAKER_ROUTES = [enrol, list_speakers, show_speaker, rename, forget]

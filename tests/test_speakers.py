@@ -1,0 +1,175 @@
+"""Enrolled speakers on the real stack (offline diarizer, CAM++ voices, PostgreSQL, RabbitMQ): a
+voice enrolled from one recording is named in the next, everywhere a speaker shows; other voices
+and other keys are not; forgetting takes the names away."""
+
+from __future__ import annotations
+
+import json
+
+import aio_pika
+import httpx
+import numpy as np
+import pytest
+
+from common.audio import SAMPLE_RATE, decode_audio
+from common.speakers import Profile, RecordingSpeaker, match_speakers
+from tests.audio_files import wav
+from tests.conftest import events_queue, job_events, running_stack
+
+OWNER, OTHER = "speakers-key-owner-0001", "speakers-key-other-0002"
+
+
+def test_names_are_an_assignment_not_each_speakers_best_guess():
+    anna, boris = np.array([1.0, 0.0, 0.0]), np.array([0.0, 1.0, 0.0])
+    # spk_0 sounds most like Anna, but spk_1 sounds like Anna only: the best pairing gives Anna to
+    # spk_1 and Boris to spk_0, where a greedy pick would leave spk_1 unnamed.
+    recording = [RecordingSpeaker("spk_0", np.array([0.8, 0.6, 0.0]), 10.0),
+                 RecordingSpeaker("spk_1", np.array([0.75, 0.0, 0.66]), 10.0),
+                 RecordingSpeaker("spk_2", np.array([0.0, 0.0, 1.0]), 10.0)]
+    profiles = [Profile(1, "Anna", [anna]), Profile(2, "Boris", [boris])]
+    matches = match_speakers(recording, profiles, threshold=0.5, min_speech_s=2.0)
+    assert {label: m.name for label, m in matches.items()} == {"spk_0": "Boris", "spk_1": "Anna"}
+    assert matches["spk_1"].confidence == pytest.approx(0.75 / np.linalg.norm([0.75, 0, 0.66]), abs=1e-3)
+    # But a clear match is not traded for two marginal ones.
+    clear = [RecordingSpeaker("spk_0", np.array([0.9, 0.55, 0.0]), 10.0),
+             RecordingSpeaker("spk_1", np.array([0.55, 0.0, 0.83]), 10.0)]
+    matches = match_speakers(clear, profiles, threshold=0.5, min_speech_s=2.0)
+    assert {label: m.name for label, m in matches.items()} == {"spk_0": "Anna"}
+    # Too little speech to judge, or nobody close enough: no name.
+    brief = [RecordingSpeaker("spk_0", anna, 1.0)]
+    assert match_speakers(brief, profiles, threshold=0.5, min_speech_s=2.0) == {}
+    assert match_speakers(recording[2:], profiles, threshold=0.5, min_speech_s=2.0) == {}
+
+
+def _utterances(fixtures_dir, stem: str) -> tuple[np.ndarray, int, list[dict]]:
+    utterances = json.loads((fixtures_dir / f"{stem}.json").read_text())
+    return decode_audio(str(fixtures_dir / f"{stem}.wav")), SAMPLE_RATE, utterances
+
+
+def _cut(audio: np.ndarray, rate: int, spans: list[tuple[float, float]], gap_s: float = 0.6) -> np.ndarray:
+    gap = np.zeros(int(gap_s * rate), dtype=np.float32)
+    pieces = []
+    for start, end in spans:
+        pieces += [gap, audio[int(start * rate):int(end * rate)]]
+    return np.concatenate(pieces + [gap])
+
+
+@pytest.fixture(scope="module")
+def voices(tmp_path_factory, fixtures_dir):
+    """Recordings of en_dialogue's two voices other than en_dialogue itself: its second half, and
+    speaker A alone (a sample to enrol from)."""
+    audio, rate, utterances = _utterances(fixtures_dir, "en_dialogue")
+    folder = tmp_path_factory.mktemp("voices")
+    second_half = folder / "second_half.wav"
+    second_half.write_bytes(wav(_cut(audio, rate, [(u["start"], u["end"]) for u in utterances[2:]]), rate))
+    a_alone = _cut(audio, rate, [(u["start"], u["end"]) for u in utterances if u["speaker"] == "A"])
+    both = _cut(audio, rate, [(u["start"], u["end"]) for u in utterances])
+    return {"second_half": second_half, "a_alone": wav(a_alone, rate), "both": wav(both, rate),
+            "silence": wav(np.zeros(8 * rate, dtype=np.float32), rate)}
+
+
+@pytest.fixture(scope="module")
+def enrolled(tmp_path_factory, fixtures_dir):
+    """A stack with API keys; OWNER's en_dialogue transcript done."""
+    with running_stack(tmp_path_factory, API_KEYS=f"{OWNER},{OTHER}") as stack:
+        owner = httpx.Client(base_url=stack.api, headers={"X-API-Key": OWNER}, timeout=120)
+        other = httpx.Client(base_url=stack.api, headers={"X-API-Key": OTHER}, timeout=120)
+        source = stack.submit_job(fixtures_dir / "en_dialogue.wav", client=owner)
+        assert stack.wait_finished(source, 300, owner)["status"] == "done"
+        yield stack, owner, other, source
+        owner.close()
+        other.close()
+
+
+def _speaker_at(document: dict, seconds: float) -> dict:
+    return min(document["segments"], key=lambda s: abs((s["start_ts"] + s["end_ts"]) / 2 - seconds))
+
+
+async def test_a_voice_enrolled_from_a_transcript_is_named_in_the_next_recording(enrolled, voices, fixtures_dir):
+    stack, owner, other, source = enrolled
+    first = stack.status(source, owner)
+    anna_label = _speaker_at(first, 2.0)["speaker"]  # en_dialogue's first utterance: voice A
+    response = owner.post("/speakers", json={"name": "Anna", "transcript_id": source, "label": anna_label})
+    assert response.status_code == 201, response.text
+    anna = response.json()
+    assert anna["name"] == "Anna" and anna["voiceprint_count"] == 1 and anna["relabelled"] == [source]
+    assert anna["voiceprints"][0]["source"] == "transcript"
+    segments = stack.status(source, owner)["segments"]
+    assert {s["speaker_name"] for s in segments if s["speaker"] == anna_label} == {"Anna"}
+
+    connection = await aio_pika.connect(stack.amqp_url)
+    try:
+        queue = await events_queue(await connection.channel(), "segment.created", "transcript.completed",
+                                   "transcript.speakers_updated")
+        job = stack.submit_job(voices["second_half"], client=owner)
+        document = stack.wait_finished(job, 300, owner)
+        assert document["status"] == "done"
+        events = await job_events(queue, job, lambda bodies: any("segment_count" in b for b in bodies), 60)
+        # The job's first utterance is A's ("Yes, sales grew..."), its second B's.
+        named = [s for s in document["segments"] if s.get("speaker_name") == "Anna"]
+        assert named and all("sales" in s["text"].lower() or "twelve" in s["text"].lower() for s in named), document
+        assert all(0 < s["speaker_confidence"] <= 1 for s in named)
+        assert not any(s.get("speaker_name") for s in document["segments"] if s not in named)
+        created = [b for b in events if "index" in b]
+        # Names are there from the first segment.created on.
+        assert {b["speaker"]: b["speaker_name"] for b in created} == {
+            s["speaker"]: s.get("speaker_name") for s in document["segments"]}
+        srt = owner.get(f"/transcripts/{job}", params={"format": "srt"}).text
+        assert "Anna: " in srt and "spk_" in srt
+
+        # Another key's recording of the same voice is not named from OWNER's profile.
+        theirs = stack.submit_job(voices["second_half"], client=other)
+        assert not any(s.get("speaker_name") for s in stack.wait_finished(theirs, 300, other)["segments"])
+        assert other.get("/speakers").json()["items"] == []
+        assert other.get(f"/speakers/{anna['id']}").status_code == 404
+
+        # Voices nobody enrolled get no name.
+        stranger = stack.submit_job(fixtures_dir / "ru_dialogue.wav", client=owner)
+        assert not any(s.get("speaker_name") for s in stack.wait_finished(stranger, 300, owner)["segments"])
+
+        # Forgetting Anna takes every name she gave away, and says so.
+        assert owner.delete(f"/speakers/{anna['id']}").status_code == 204
+        assert owner.get("/speakers").json()["items"] == []
+        for transcript in (source, job):
+            assert not any(s.get("speaker_name") for s in stack.status(transcript, owner)["segments"])
+        updated = await job_events(queue, job, lambda bodies: any("speakers" in b for b in bodies), 30)
+        assert all(n["name"] is None for b in updated if "speakers" in b for n in b["speakers"].values())
+        assert stack.value("SELECT count(*) FROM voiceprints") == 0
+    finally:
+        await connection.close()
+
+
+async def test_enrolling_from_a_sample_names_past_recordings_and_refuses_unfit_samples(enrolled, voices):
+    stack, owner, other, source = enrolled
+    past = stack.submit_job(voices["second_half"], client=other)
+    assert stack.wait_finished(past, 300, other)["status"] == "done"
+
+    def enrol(name: str, sample: bytes) -> httpx.Response:
+        return other.post("/speakers", data={"name": name}, files={"file": ("sample.wav", sample)})
+
+    refused = enrol("Both", voices["both"])
+    assert refused.status_code == 422 and "voices" in refused.json()["detail"], refused.text
+    silent = enrol("Nobody", voices["silence"])
+    assert silent.status_code == 422 and "speech" in silent.json()["detail"], silent.text
+    assert other.get("/speakers").json()["items"] == []
+
+    connection = await aio_pika.connect(stack.amqp_url)
+    try:
+        queue = await events_queue(await connection.channel(), "transcript.speakers_updated")
+        response = enrol("Anya", voices["a_alone"])
+        assert response.status_code == 201, response.text
+        assert past in response.json()["relabelled"]
+        [event] = await job_events(queue, past, lambda bodies: len(bodies) >= 1, 30)
+        assert sorted(n["name"] for n in event["speakers"].values() if n["name"]) == ["Anya"]
+        named = [s for s in stack.status(past, other)["segments"] if s.get("speaker_name") == "Anya"]
+        assert named and all("sales" in s["text"].lower() or "twelve" in s["text"].lower() for s in named)
+
+        # A name given by hand wins over recognition, and the change is announced.
+        label = named[0]["speaker"]
+        assert other.patch(f"/transcripts/{past}/speakers", json={label: "Anna K."}).status_code == 200
+        [manual] = await job_events(queue, past, lambda bodies: len(bodies) >= 1, 30)
+        assert manual["speakers"][label] == {"name": "Anna K.", "source": "manual", "confidence": None}
+        # The owner's transcripts never heard of OTHER's speaker.
+        assert not any(s.get("speaker_name") for s in stack.status(source, owner)["segments"])
+    finally:
+        await connection.close()
