@@ -79,14 +79,18 @@ def test_each_image_installs_only_its_stage_extras():
     unpinned = re.findall(r'pip install (?!-c requirements.lock )[^\n]*"\.\[', (DEPLOY / "Dockerfile").read_text())
     assert unpinned == [], "every image installs the project at the versions of requirements.lock"
     assert extras == {
-        "ingest": {"ingest"},
+        # enrolment from an audio sample runs the diarizer's speaker models in ingest
+        "ingest": {"ingest,diarizer"},
         "diarizer": {"diarizer,diarizer-pyannote"},
         "transcriber": {"transcriber,models"},
         "transcriber-cpu": {"transcriber,models"},
         "embedder": {"embedder"},
         "persister": {"persister"},
     }
-    assert "torch" not in stage_with_its_sources(stages, "ingest")
+    for target in ("ingest", "diarizer"):  # the CPU build: a bare torch would pull GBs of CUDA wheels
+        assert "--index-url https://download.pytorch.org/whl/cpu" in stage_with_its_sources(stages, target)
+    for target in ("embedder", "persister"):
+        assert "torch" not in stage_with_its_sources(stages, target)
 
 
 def test_images_pin_the_torch_of_pyproject():
@@ -320,7 +324,8 @@ def test_published_event_schema_matches_the_models():
 
     document = json.loads((ROOT / "docs" / "events.schema.json").read_text())
     assert document == events_json_schema(), "regenerate: python -m common.messages > docs/events.schema.json"
-    assert set(document["routing_keys"]) == {"segment.created", "transcript.completed", "transcript.failed"}
+    assert set(document["routing_keys"]) == {"segment.created", "transcript.completed", "transcript.failed",
+                                             "transcript.speakers_updated"}
 
 
 # ---- packaging: each extra carries what its code imports, and nothing it does not -------------
@@ -384,7 +389,9 @@ def test_every_import_is_declared_in_the_extra_of_the_code_that_imports_it():
     for folder, names in CODE_EXTRAS.items():
         declared = base | {_name(r) for extra in names for r in extras[extra]}
         if folder == "common":
-            declared |= {"asyncpg"}  # common/db.py: imported by ingest and the persister only
+            # common/db.py, jobstore.py, speakerstore.py and speakers.py: imported by ingest and
+            # the persister only, whose extras declare asyncpg and scipy
+            declared |= {"asyncpg", "scipy"}
         for module, where in _imports(folder).items():
             distributions = _distributions(module, providers)
             if not distributions & declared:

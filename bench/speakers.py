@@ -1,0 +1,247 @@
+"""Speaker recognition on the fixtures whose people recur across files: `python -m bench.speakers`.
+
+Pairs: ami_dev00/ami_dev01 (MEE009, MEE012), ami_trn07/ami_trn08 (the same four people),
+ami_trn06/ami_trn09 (FEE083), and each synthetic dialogue cut in two halves (the same two voices).
+Every file is transcribed once through the running stack (offline diarizer). Then, for each pair
+in both directions, every speaker of the first file is enrolled through the API from its transcript
+speaker (`POST /speakers {name, transcript_id, label}`, named after the reference speaker it
+mostly is); the second file's speakers are renamed by recognition (the enrolment re-matches the
+owner's recordings, as it does for a new job), read back as RTTM with names, and scored against
+the reference; then the enrolled speakers are forgotten (`DELETE /speakers/{id}`) before the next
+direction.
+
+Scores, as shares of the second file's reference speech time (10 ms frames, overlap included):
+- accuracy: time of each enrolled person that carries their name (the targets' denominator is
+  the time of people enrolled from the first file);
+- false accepts: speech time under a name that is not one of the people talking then (a wrong
+  person, or a person never enrolled given someone's name).
+
+The threshold is the configured SPEAKER_MATCH_THRESHOLD. A sweep over the stored voices (no
+audio again) prints how accuracy and false accepts move with it, and a leave-one-pair-out choice
+(pick on the other pairs, score on the one left out) shows what a threshold fitted elsewhere gives.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from bench.common import DEFAULT_FIXTURES, SAMPLE_RATE, fmt, quiet_logs, read_rttm, table, verdict, write_wav
+from common.audio import decode_audio
+from common.settings import Settings
+from common.speakers import Profile, RecordingSpeaker, match_speakers
+
+AMI_PAIRS = [("ami_dev00", "ami_dev01"), ("ami_trn07", "ami_trn08"), ("ami_trn06", "ami_trn09")]
+DIALOGUES = ["en_dialogue", "ru_dialogue"]
+ACCURACY_TARGET = 0.85
+FALSE_ACCEPT_TARGET = 0.02
+FRAME_S = 0.01
+SWEEP = [0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7]
+
+Turns = list[tuple[str, float, float]]
+
+
+def prepare_files(fixtures: Path, workdir: Path) -> dict[str, tuple[Path, Turns]]:
+    """name -> (audio, reference turns): the AMI clips as they are, the dialogues in two halves
+    (cut between the second and third utterance), their speakers named per dialogue."""
+    files: dict[str, tuple[Path, Turns]] = {}
+    for first, second in AMI_PAIRS:
+        for stem in (first, second):
+            files[stem] = (fixtures / f"{stem}.wav", read_rttm(fixtures / f"{stem}.rttm"))
+    for stem in DIALOGUES:
+        utterances = json.loads((fixtures / f"{stem}.json").read_text())
+        cut = (utterances[1]["end"] + utterances[2]["start"]) / 2
+        audio, rate = decode_audio(str(fixtures / f"{stem}.wav")), SAMPLE_RATE
+        reference = [(f"{stem[:2]}:{s}", a, b) for s, a, b in read_rttm(fixtures / f"{stem}.rttm")]
+        for half, (lo, hi) in enumerate([(0.0, cut), (cut, len(audio) / rate)], start=1):
+            path = workdir / f"{stem}_{half}.wav"
+            write_wav(path, audio[int(lo * rate):int(hi * rate)])
+            files[f"{stem}_{half}"] = (path, [(s, max(a, lo) - lo, min(b, hi) - lo)
+                                             for s, a, b in reference if min(b, hi) > max(a, lo)])
+    return files
+
+
+def pairs() -> list[tuple[str, str, str]]:
+    """(group, enrolled from, scored on), both directions."""
+    out = []
+    for first, second in AMI_PAIRS + [(f"{d}_1", f"{d}_2") for d in DIALOGUES]:
+        group = "ami" if first.startswith("ami") else "synthetic"
+        out += [(group, first, second), (group, second, first)]
+    return out
+
+
+def _mask(turns: Turns, frames: int) -> np.ndarray:
+    mask = np.zeros(frames, dtype=bool)
+    for _, a, b in turns:
+        mask[int(round(a / FRAME_S)):int(round(b / FRAME_S))] = True
+    return mask
+
+
+def score(reference: Turns, named: Turns, enrolled: set[str]) -> dict[str, float]:
+    """Frame counts: `target` (enrolled people's speech), `correct` (of it, under their name),
+    `speech` (all reference speech) and `wrong` (speech under a name of nobody talking then)."""
+    frames = int(np.ceil(max([b for _, _, b in reference + named] + [0]) / FRAME_S)) + 1
+    people = {s for s, _, _ in reference}
+    talking = {p: _mask([t for t in reference if t[0] == p], frames) for p in people}
+    names = {n for n, _, _ in named}
+    given = {n: _mask([t for t in named if t[0] == n], frames) for n in names}
+    speech = np.any(list(talking.values()), axis=0) if talking else np.zeros(frames, dtype=bool)
+    target = sum(int(talking[p].sum()) for p in people & enrolled)
+    correct = sum(int((talking[p] & given[p]).sum()) for p in people & enrolled & names)
+    wrong = np.zeros(frames, dtype=bool)
+    for name, mask in given.items():
+        wrong |= mask & ~talking.get(name, np.zeros(frames, dtype=bool))
+    return {"target": target, "correct": correct, "speech": int(speech.sum()), "wrong": int((wrong & speech).sum())}
+
+
+def majority_person(reference: Turns, turns: Turns, label: str) -> str | None:
+    """The reference person a hypothesis speaker overlaps most."""
+    overlap: dict[str, float] = {}
+    for _, a, b in (t for t in turns if t[0] == label):
+        for person, c, d in reference:
+            overlap[person] = overlap.get(person, 0.0) + max(0.0, min(b, d) - max(a, c))
+    best = max(overlap, key=overlap.get, default=None)
+    return best if best is not None and overlap[best] > 0 else None
+
+
+class Api:
+    def __init__(self, stack) -> None:
+        self.stack = stack
+        self.client = httpx.Client(base_url=stack.api, timeout=120)
+
+    def turns(self, job_id: int) -> Turns:
+        """The job's diarization as RTTM: names where speakers have one, labels otherwise."""
+        response = self.client.get(f"/transcripts/{job_id}", params={"format": "rttm"})
+        response.raise_for_status()
+        rows = [line.split() for line in response.text.splitlines() if line.strip()]
+        return [(r[7], float(r[3]), float(r[3]) + float(r[4])) for r in rows]
+
+    def voices(self, job_id: int) -> list[RecordingSpeaker]:
+        rows = self.stack.query("SELECT speaker, embedding::real[] AS embedding, speech_s FROM transcript_speakers"
+                                " WHERE transcript_id = $1 AND embedding IS NOT NULL ORDER BY speaker", job_id)
+        return [RecordingSpeaker(r["speaker"], np.asarray(r["embedding"]), r["speech_s"]) for r in rows]
+
+
+def enrolled_direction(api: Api, jobs: dict[str, int], labelled: dict[str, Turns], files, source: str,
+                       scored_on: str) -> dict[str, float]:
+    """Enrol every speaker of `source` through the API, read `scored_on` back named, forget them."""
+    reference = files[source][1]
+    speaker_ids, people = set(), set()
+    for label in sorted({s for s, _, _ in labelled[source]}):
+        person = majority_person(reference, labelled[source], label)
+        if person is None:
+            continue
+        response = api.client.post("/speakers", json={"name": person, "transcript_id": jobs[source], "label": label})
+        if response.status_code == 400:  # no voice embedding for this label
+            continue
+        response.raise_for_status()
+        speaker_ids.add(response.json()["id"])
+        people.add(person)
+    named = [t for t in api.turns(jobs[scored_on]) if not t[0].startswith("spk_")]
+    result = score(files[scored_on][1], named, people)
+    for speaker_id in speaker_ids:
+        api.client.delete(f"/speakers/{speaker_id}").raise_for_status()
+    left = {n for n, _, _ in api.turns(jobs[scored_on]) if not n.startswith("spk_")}
+    if left:
+        raise SystemExit(f"forgetting the enrolled speakers left names behind in {scored_on}: {left}")
+    return result
+
+
+def offline_direction(voices: dict[str, list[RecordingSpeaker]], labelled: dict[str, Turns], files, source: str,
+                      scored_on: str, threshold: float, min_speech_s: float) -> dict[str, float]:
+    """The same as `enrolled_direction` from the stored voices, at any threshold."""
+    reference = files[source][1]
+    profiles: dict[str, Profile] = {}
+    for voice in voices[source]:
+        person = majority_person(reference, labelled[source], voice.label)
+        if person is not None:
+            profiles.setdefault(person, Profile(len(profiles), person, [])).voiceprints.append(voice.embedding)
+    matches = match_speakers(voices[scored_on], list(profiles.values()), threshold, min_speech_s)
+    named = [(matches[s].name, a, b) for s, a, b in labelled[scored_on] if s in matches]
+    return score(files[scored_on][1], named, set(profiles))
+
+
+def rates(counts: list[dict[str, float]]) -> tuple[float | None, float | None]:
+    target = sum(c["target"] for c in counts)
+    speech = sum(c["speech"] for c in counts)
+    return (sum(c["correct"] for c in counts) / target if target else None,
+            sum(c["wrong"] for c in counts) / speech if speech else None)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--fixtures", type=Path, default=DEFAULT_FIXTURES)
+    args = parser.parse_args()
+    quiet_logs()
+    from bench.stack import running_stack
+
+    settings = Settings()
+    threshold, min_speech_s = settings.speaker_match_threshold, settings.speaker_min_speech_s
+    with tempfile.TemporaryDirectory() as workdir, running_stack() as stack:
+        files = prepare_files(args.fixtures, Path(workdir))
+        jobs = {name: stack.submit_job(path) for name, (path, _) in files.items()}
+        finished = stack.wait_done(list(jobs.values()), timeout=3600)
+        failed = [name for name, job in jobs.items() if finished[job][1]["status"] != "done"]
+        if failed:
+            raise SystemExit(f"jobs did not finish: {failed}")
+        api = Api(stack)
+        labelled = {name: api.turns(job) for name, job in jobs.items()}
+        voices = {name: api.voices(job) for name, job in jobs.items()}
+        rows, by_group = [], {"ami": [], "synthetic": []}
+        for group, source, scored_on in pairs():
+            counts = enrolled_direction(api, jobs, labelled, files, source, scored_on)
+            by_group[group].append(counts)
+            accuracy, false_accepts = rates([counts])
+            rows.append([f"{source} -> {scored_on}", fmt(accuracy), fmt(false_accepts),
+                         fmt(counts["target"] * FRAME_S, "s")])
+
+    def sweep_at(value: float, directions) -> tuple[float | None, float | None]:
+        return rates([offline_direction(voices, labelled, files, s, t, value, min_speech_s) for _, s, t in directions])
+
+    sweep_rows = []
+    for value in SWEEP:
+        ami = sweep_at(value, [d for d in pairs() if d[0] == "ami"])
+        synthetic = sweep_at(value, [d for d in pairs() if d[0] == "synthetic"])
+        sweep_rows.append([f"{value:.2f}", fmt(ami[0]), fmt(ami[1]), fmt(synthetic[0]), fmt(synthetic[1])])
+    held_out_rows = []
+    groups = AMI_PAIRS + [(f"{d}_1", f"{d}_2") for d in DIALOGUES]
+    for first, second in groups:
+        kept = [d for d in pairs() if {d[1], d[2]} != {first, second}]
+        best = max(SWEEP, key=lambda v: (lambda r: (r[1] is not None and r[1] <= FALSE_ACCEPT_TARGET, r[0] or 0))(
+            sweep_at(v, kept)))
+        accuracy, false_accepts = sweep_at(best, [d for d in pairs() if {d[1], d[2]} == {first, second}])
+        held_out_rows.append([f"{first} / {second}", f"{best:.2f}", fmt(accuracy), fmt(false_accepts)])
+
+    ami_accuracy, ami_false = rates(by_group["ami"])
+    synthetic_accuracy, synthetic_false = rates(by_group["synthetic"])
+    print(f"# bench.speakers: threshold {threshold:g} (SPEAKER_MATCH_THRESHOLD), speakers need"
+          f" {min_speech_s:g} s of speech\n")
+    print(table(["enrolled from -> scored on", "accuracy %", "false accepts %", "enrolled speech s"], rows))
+    print()
+    print(table(["pooled", "accuracy %", "false accepts %"],
+                [["AMI pairs", fmt(ami_accuracy), fmt(ami_false)],
+                 ["synthetic dialogues", fmt(synthetic_accuracy), fmt(synthetic_false)]]))
+    print("\n## threshold sweep (stored voices, same scoring)\n")
+    print(table(["threshold", "AMI acc %", "AMI FA %", "synthetic acc %", "synthetic FA %"], sweep_rows))
+    print("\n## leave one pair out: threshold chosen on the others (FA <= 2 %, then best accuracy)\n")
+    print(table(["held out", "threshold", "accuracy %", "false accepts %"], held_out_rows))
+    print("\n## targets\n")
+    print(table(["target", "value", "verdict"], [
+        [f"AMI accuracy >= {100 * ACCURACY_TARGET:.0f} %", fmt(ami_accuracy),
+         verdict(None if ami_accuracy is None else ami_accuracy >= ACCURACY_TARGET)],
+        [f"AMI false accepts <= {100 * FALSE_ACCEPT_TARGET:.0f} %", fmt(ami_false),
+         verdict(None if ami_false is None else ami_false <= FALSE_ACCEPT_TARGET)],
+        [f"synthetic accuracy >= {100 * ACCURACY_TARGET:.0f} %", fmt(synthetic_accuracy),
+         verdict(None if synthetic_accuracy is None else synthetic_accuracy >= ACCURACY_TARGET)],
+        [f"synthetic false accepts <= {100 * FALSE_ACCEPT_TARGET:.0f} %", fmt(synthetic_false),
+         verdict(None if synthetic_false is None else synthetic_false <= FALSE_ACCEPT_TARGET)],
+    ]))
+
+
+if __name__ == "__main__":
+    main()
