@@ -77,7 +77,7 @@ class Settings(BaseSettings):
     # Speaker recognition (README "Speakers"): a recording speaker takes an enrolled speaker's name
     # when its voice is at least this cosine-similar to one of their voiceprints (calibrated by
     # `python -m bench.speakers`) and it talks for at least SPEAKER_MIN_SPEECH_S.
-    speaker_match_threshold: float = Field(default=0.5, ge=-1, le=1)
+    speaker_match_threshold: float = Field(default=0.6, ge=-1, le=1)
     speaker_min_speech_s: float = Field(default=2.0, ge=0)
 
     # Transcriber

@@ -12,6 +12,8 @@ wheel.
 4. Reconstruction (`reconstruction.py`): window activity averaged over the file, the estimated
    number of simultaneous speakers kept in each frame; where one person talks, short CAM++
    "probes" (1.5 s every 0.75 s) re-check who it is; turns out (they may overlap).
+5. Voices: one CAM++ embedding per speaker over their lone speech (up to a minute), kept for
+   recognising enrolled speakers.
 
 Windows stream through both models in batches: model activations and filterbanks exist for one
 batch at a time; what is kept for the clustering is one byte per frame and local speaker, one
@@ -58,6 +60,12 @@ MIN_CLEAN_SHARE = 0.1
 # and 2.5 s embeddings per window part instead gave unstable speaker counts).
 PROBE_S = 1.5
 PROBE_HOP_S = 0.75
+# A speaker's voice (kept for recognising them in other recordings) is embedded from at most this
+# much of their lone speech, in stretches of at least VOICE_MIN_PIECE_S (shorter ones are mostly
+# the edges of someone else's turn).
+VOICE_MAX_S = 60.0
+VOICE_MIN_PIECE_S = 0.3
+VOICE_STEP_S = 0.01
 
 
 @dataclass
@@ -238,7 +246,47 @@ def diarize_offline(waveform: np.ndarray, *, num_speakers: int | None = None,
     lo, hi = max(1, min_speakers or 1), max_speakers or None
     if num_speakers is not None:
         lo = hi = num_speakers
-    return decide(analyse(wav), lo, hi)
+    return with_whole_voices(wav, decide(analyse(wav), lo, hi))
+
+
+def exclusive_speech(turns: list[SpeakerTurn], speaker: str, duration: float) -> list[tuple[float, float]]:
+    """The stretches where `speaker` talks and nobody else does, at least VOICE_MIN_PIECE_S long,
+    longest first."""
+    frames = int(np.ceil(duration / VOICE_STEP_S)) + 1
+    mine, others = np.zeros(frames, dtype=bool), np.zeros(frames, dtype=bool)
+    for turn in turns:
+        (mine if turn.speaker == speaker else others)[
+            int(turn.start / VOICE_STEP_S):int(np.ceil(turn.end / VOICE_STEP_S))] = True
+    edges = np.diff(np.concatenate([[0], (mine & ~others).astype(np.int8), [0]]))
+    pieces = [(a * VOICE_STEP_S, b * VOICE_STEP_S)
+              for a, b in zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1))
+              if (b - a) * VOICE_STEP_S >= VOICE_MIN_PIECE_S]
+    return sorted(pieces, key=lambda p: (p[0] - p[1], p[0]))
+
+
+def with_whole_voices(wav: np.ndarray, diarization: Diarization) -> Diarization:
+    """Each speaker's voice embedding from one CAM++ pass over up to VOICE_MAX_S of the speech
+    where they talk alone, instead of the mean of per-window embeddings: on the fixtures' recurring
+    people, a person's voices in two recordings score 0.71-0.87 cosine this way (0.50-0.84 as a
+    mean) and two different people at most 0.47 (0.73), so names from voices are far steadier.
+    Speakers with too little lone speech keep the mean."""
+    model = load_embedding_model()
+    duration = len(wav) / SAMPLE_RATE
+    speakers = []
+    for speaker in diarization.speakers:
+        features, taken = [], 0.0
+        for start, end in exclusive_speech(diarization.turns, speaker.speaker, duration):
+            if taken >= VOICE_MAX_S:
+                break
+            end = min(end, start + VOICE_MAX_S - taken)
+            taken += end - start
+            features.append(fbank(model, wav[int(start * SAMPLE_RATE):int(end * SAMPLE_RATE)]))
+        frames = np.concatenate(features) if features else np.zeros((0, 80), dtype=np.float32)
+        if len(frames) >= MIN_FRAMES:
+            vector = embed(model, [frames])[0]
+            speaker = speaker.model_copy(update={"embedding": [round(float(v), 6) for v in vector]})
+        speakers.append(speaker)
+    return Diarization(turns=diarization.turns, speakers=speakers)
 
 
 def _labelled(binary: np.ndarray, centroids: np.ndarray, embeddings: np.ndarray, assigned: np.ndarray,
