@@ -1,14 +1,18 @@
 """A bound on uploads in progress (MAX_CONCURRENT_UPLOADS): each one spools to disk while it
 streams in, so without a bound a burst of large uploads could fill the disk. Past the bound a
-request is answered 503 with Retry-After before its body is read."""
+request is answered 503 with Retry-After before its body is read. And the size check every
+uploaded file gets once it is in."""
 
 from __future__ import annotations
 
 import json
+from typing import BinaryIO
 
+from litestar.exceptions import HTTPException
 from litestar.types import ASGIApp, Receive, Scope, Send
 
-UPLOAD_PATH = "/recognize"
+# Recordings, and speakers' enrolment samples.
+UPLOAD_PATHS = ("/recognize", "/speakers")
 RETRY_AFTER_S = 5
 
 
@@ -18,7 +22,7 @@ def upload_limit_middleware(limit: int):
     def wrap(app: ASGIApp) -> ASGIApp:
         async def admit(scope: Scope, receive: Receive, send: Send) -> None:
             nonlocal in_progress
-            if scope["type"] != "http" or scope["path"] != UPLOAD_PATH or scope["method"] != "POST":
+            if scope["type"] != "http" or scope["path"] not in UPLOAD_PATHS or scope["method"] != "POST":
                 await app(scope, receive, send)
                 return
             if in_progress >= limit:
@@ -38,3 +42,15 @@ def upload_limit_middleware(limit: int):
         return admit
 
     return wrap
+
+
+def checked_size(stream: BinaryIO, max_bytes: int, *, empty: str, too_big: str) -> int:
+    """The uploaded file's size, the stream rewound: 400 with `empty`, or 413 with `too_big`."""
+    stream.seek(0, 2)
+    size = stream.tell()
+    stream.seek(0)
+    if size == 0:
+        raise HTTPException(status_code=400, detail=empty)
+    if size > max_bytes:
+        raise HTTPException(status_code=413, detail=too_big)
+    return size

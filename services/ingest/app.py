@@ -32,7 +32,7 @@ from common.outbox import run_outbox_flusher
 from common.settings import Settings, get_settings
 from common.storage import ensure_buckets, make_client, upload_stream
 from services.embedder.backends import make_embedder
-from services.ingest.admission import upload_limit_middleware
+from services.ingest.admission import checked_size, upload_limit_middleware
 from services.ingest.auth import api_key_middleware, request_owner
 from services.ingest.errors import error_responses as _errors
 from services.ingest.inbox import INBOX_EVENTS_QUEUE, RESULTS_QUEUE, Inbox
@@ -91,14 +91,8 @@ async def recognize(
     upload = data.file
     filename = clean_filename(upload.filename)
     stream = upload.file
-    stream.seek(0, 2)
-    size = stream.tell()
-    stream.seek(0)
-    if size == 0:
-        raise HTTPException(status_code=400, detail="the uploaded file is empty")
-    if size > state.settings.max_upload_bytes:
-        limit = state.settings.max_upload_mb
-        raise HTTPException(status_code=413, detail=f"the file exceeds MAX_UPLOAD_MB ({limit} MB)")
+    size = checked_size(stream, state.settings.max_upload_bytes, empty="the uploaded file is empty",
+                        too_big=f"the file exceeds MAX_UPLOAD_MB ({state.settings.max_upload_mb} MB)")
     try:
         options = JobOptions(language=data.language or None, num_speakers=data.num_speakers,
                              min_speakers=data.min_speakers, max_speakers=data.max_speakers)

@@ -23,6 +23,7 @@ from common.logs import current_job
 from common.messages import SpeakerEmbedding, SpeakerName, TranscriptSpeakersUpdated
 from common.outbox import add_to_outbox
 from common.settings import Settings
+from services.ingest.admission import checked_size
 from services.ingest.auth import request_owner
 from services.ingest.errors import error_responses
 
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 
 SAMPLE_MIN_S = 5.0
 SAMPLE_MAX_S = 60.0
+SAMPLE_MAX_MB = 50  # a minute of uncompressed 48 kHz stereo float is 23 MB
 MAX_NAME_CHARS = 100
 MAX_ID = 2**53 - 1
 # Embedding a sample runs the speaker models in this process: one at a time.
@@ -79,10 +81,12 @@ class Rename(BaseModel):
     name: str
 
 
-def clean_name(name: object) -> str:
+def clean_name(name: object, which: str = "") -> str:
+    """A person's name with blanks collapsed and unprintable characters blanked; 400 when empty or long."""
     cleaned = " ".join("".join(c if c.isprintable() else " " for c in str(name or "")).split())
     if not 0 < len(cleaned) <= MAX_NAME_CHARS:
-        raise HTTPException(status_code=400, detail=f"a speaker's name is 1-{MAX_NAME_CHARS} printable characters")
+        raise HTTPException(status_code=400, detail=f"a speaker's name is 1-{MAX_NAME_CHARS} printable characters"
+                                                    f"{which}")
     return cleaned
 
 
@@ -132,13 +136,8 @@ async def _profile(pool: asyncpg.Pool, owner: str | None, speaker_id: int) -> Sp
 
 async def _voice_of_sample(upload: UploadFile, settings: Settings) -> SpeakerEmbedding:
     stream = upload.file
-    stream.seek(0, 2)
-    size = stream.tell()
-    stream.seek(0)
-    if size == 0:
-        raise HTTPException(status_code=400, detail="the sample is empty")
-    if size > settings.max_upload_bytes:
-        raise HTTPException(status_code=413, detail=f"the file exceeds MAX_UPLOAD_MB ({settings.max_upload_mb} MB)")
+    checked_size(stream, min(settings.max_upload_bytes, SAMPLE_MAX_MB * 1024 * 1024), empty="the sample is empty",
+                 too_big=f"a sample is at most {min(settings.max_upload_mb, SAMPLE_MAX_MB)} MB")
     try:
         from services.diarizer.voiceprint import NotOneVoice, voiceprint_of_sample
     except ImportError as exc:

@@ -31,7 +31,7 @@ from services.ingest.auth import request_owner
 from services.ingest.errors import error_responses
 from services.ingest.inbox import result_key
 from services.ingest.jobs import percent_done, public_stage, upload_key
-from services.ingest.speakers import announce_speaker_names
+from services.ingest.speakers import announce_speaker_names, clean_name
 
 log = logging.getLogger(__name__)
 
@@ -375,7 +375,6 @@ async def remove_transcript(job_id: JobId, state: State, request: Request) -> No
         raise NotFoundException(detail=f"no job with id {job_id}")
 
 
-MAX_NAME_CHARS = 100
 LABEL = re.compile(r"^spk_\d{1,4}$")
 
 
@@ -404,11 +403,7 @@ async def name_speakers(job_id: JobId, state: State, request: Request,
                                 if unknown else "name at least one speaker: {\"spk_0\": \"Anna\"}")
         names = {}
         for label, name in data.items():
-            cleaned = None if name is None else " ".join("".join(c if c.isprintable() else " " for c in name).split())
-            if cleaned is not None and not 0 < len(cleaned) <= MAX_NAME_CHARS:
-                raise HTTPException(status_code=400, detail=f"a speaker's name is 1-{MAX_NAME_CHARS} printable"
-                                                            f" characters (null removes it): {label}")
-            names[label] = cleaned
+            names[label] = None if name is None else clean_name(name, f" (null removes it): {label}")
         await jobstore.set_speaker_names(conn, job_id, names)
         # A speaker unnamed by hand is open to recognition again.
         await speakerstore.name_recording_speakers(conn, job_id, job["owner"], state.settings.speaker_match_threshold,
