@@ -426,8 +426,9 @@ def search(
         line = Text(f"job {hit['transcript_id']} ", style="bold")
         line.append(f"[{clock(hit['start_ts'])}] ", style="dim")
         colour = colours(f"{hit['transcript_id']}:{hit['speaker']}")
-        line.append(f"{hit['speaker']}: ", style=f"bold {colour}")
-        line.append_text(marked(hit["highlighted"] or hit["text"]))
+        line.append(f"{hit.get('speaker_name') or hit['speaker']}: ", style=f"bold {colour}")
+        # Absent from hits only the semantic search found: nothing to mark.
+        line.append_text(marked(hit.get("highlighted") or hit["text"]))
         stdout.print(line)
     if not page["items"]:
         stderr.print("nothing found")

@@ -119,6 +119,11 @@ def test_stt_search_prints_hits_and_json(searched):
     result = subprocess.run([stt, "search", "how long will the testing take?", "--mode", "semantic", "--json",
                              "--limit", "1"], env=env, capture_output=True, text=True, timeout=60)
     assert json.loads(result.stdout)["items"][0]["transcript_id"] == jobs["ru_dialogue.wav"]
+    # hybrid (the default) also prints the hits only the meaning found, which have nothing marked
+    result = subprocess.run([stt, "search", "how long will the testing take?"], env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert re.search(rf"^job {jobs['ru_dialogue.wav']} \[", result.stdout, re.M), result.stdout
     nothing = subprocess.run([stt, "search", "zebra", "--mode", "text"], env=env, capture_output=True, text=True,
                              timeout=60)
     assert nothing.returncode == 0 and nothing.stdout == "" and "nothing found" in nothing.stderr
@@ -140,6 +145,10 @@ def test_named_speakers_show_in_every_format_and_in_search(searched):
     assert all("speaker_name" not in s for s in segments if s["speaker"] == "spk_1")
     hits = search(stack, owner, q="sales", mode="text", transcript_id=job).json()["items"]
     assert {h.get("speaker_name") for h in hits if h["speaker"] == "spk_0"} == {"Anna Petrova"}
+    env = {**os.environ, "STT_API_URL": stack.api, "STT_API_KEY": OWNER, "COLUMNS": "200"}
+    printed = subprocess.run([str(Path(sys.executable).parent / "stt"), "search", "sales", "--job", str(job)],
+                             env=env, capture_output=True, text=True, timeout=60)
+    assert re.search(rf"^job {job} \[.*\] Anna Petrova: ", printed.stdout, re.M), printed.stdout + printed.stderr
     # null removes a name; other keys, unknown speakers and empty names are refused
     assert owner.patch(url, json={"spk_0": None}).json()["speakers"]["spk_0"] is None
     assert "speaker_name" not in stack.status(job, owner)["segments"][0]
