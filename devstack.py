@@ -36,7 +36,7 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parent
-SERVICES = ("ingest", "diarizer", "transcriber", "embedder", "persister")
+SERVICES = ("ingest", "diarizer", "transcriber", "embedder", "persister", "notifier")
 WORKERS = SERVICES[1:]
 STATE_DIR = ROOT / ".state"
 TEST_PG_DATA = STATE_DIR / "test-postgres"

@@ -503,6 +503,67 @@ def speakers_forget(
     sys.stdout.write(f"forgot {found[0]['name']}\n")
 
 
+webhooks_app = typer.Typer(help="Webhooks: events POSTed, signed, to your URL.", no_args_is_help=True)
+app.add_typer(webhooks_app, name="webhooks")
+
+
+@webhooks_app.command("add")
+def webhooks_add(
+    url: Annotated[str, typer.Argument(help="Where to POST the events.", show_default=False)],
+    events: Annotated[str | None, typer.Option(
+        help="Comma-separated event types, e.g. transcript.completed,transcript.failed (default: all).",
+        show_default=False)] = None,
+    secret: Annotated[str | None, typer.Option(help="Sign with this secret instead of a new one.",
+                                               show_default=False)] = None,
+    api: ApiUrl = DEFAULT_API_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """Register URL; prints its id and the signing secret (shown this once)."""
+    body: dict = {"url": url}
+    if events:
+        body["events"] = [e.strip() for e in events.split(",") if e.strip()]
+    if secret is not None:
+        body["secret"] = secret
+    with reporting_api_errors(api), api_client(api, api_key) as client:
+        hook = checked(client.post("/webhooks", json=body)).json()
+    sys.stdout.write(f"webhook {hook['id']}: {hook['url']} ({', '.join(hook['events'])})\n"
+                     f"secret: {hook['secret']}\n")
+
+
+@webhooks_app.command("list")
+def webhooks_list(api: ApiUrl = DEFAULT_API_URL, api_key: ApiKey = None) -> None:
+    """The registered webhooks (and jobs' callback URLs): id, URL, events."""
+    with reporting_api_errors(api), api_client(api, api_key) as client:
+        items = checked(client.get("/webhooks")).json()["items"]
+    for item in items:
+        job = f"\tjob {item['transcript_id']}" if item.get("transcript_id") else ""
+        sys.stdout.write(f"{item['id']}\t{item['url']}\t{','.join(item['events'])}{job}\n")
+    if not items:
+        stderr.print("no webhooks registered")
+
+
+@webhooks_app.command("deliveries")
+def webhooks_deliveries(
+    webhook_id: Annotated[int, typer.Argument(metavar="ID", help="The webhook's id.", show_default=False)],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the API's JSON.")] = False,
+    api: ApiUrl = DEFAULT_API_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """The webhook's deliveries, newest first, with every attempt."""
+    with reporting_api_errors(api), api_client(api, api_key) as client:
+        page = checked(client.get(f"/webhooks/{webhook_id}/deliveries")).json()
+    if as_json:
+        sys.stdout.write(json.dumps(page, indent=2, ensure_ascii=False) + "\n")
+        return
+    for item in page["items"]:
+        tries = "; ".join(f"{a.get('status_code') or '-'} {a['latency_ms']} ms {a.get('error') or ''}".rstrip()
+                          for a in item["attempts"])
+        sys.stdout.write(f"{item['id']}\tjob {item['transcript_id']}\t{item['event_type']}\t{item['status']}"
+                         f"\t{len(item['attempts'])} attempt(s)\t{tries}\n")
+    if not page["items"]:
+        stderr.print("no deliveries yet")
+
+
 class EventPrinter:
     """Prints events from stt.events as they arrive; with a job to follow, tells when it ended."""
 

@@ -48,6 +48,7 @@ from common.messages import (
     JobFailed,
     JobProgress,
     JobSubmitted,
+    WebhookDue,
 )
 from common.settings import Settings
 
@@ -66,6 +67,7 @@ STAGE_INPUTS: dict[str, list[type[Contract]]] = {
     "transcriber": [JobDiarized],
     "embedder": [ChunkTranscribed],
     "persister": [ChunkTranscribed, ChunkEmbedded, JobProgress, JobFailed],
+    "notifier": [WebhookDue],
 }
 STAGE_BINDINGS: dict[str, list[str]] = {
     service: [model.ROUTING_KEY for model in models] for service, models in STAGE_INPUTS.items()
@@ -209,6 +211,27 @@ async def open_bus(connection: AbstractRobustConnection, settings: Settings) -> 
     return Bus(channel=channel, work=work, events=events)
 
 
+async def declare_delay_queues(channel: AbstractChannel, queue_name: str, delays: list[int]) -> None:
+    """One TTL queue per delay that hands what it holds back to `queue_name` when it expires."""
+    for delay in sorted(set(delays)):
+        await channel.declare_queue(
+            retry_queue(queue_name, delay),
+            durable=True,
+            arguments={
+                "x-message-ttl": delay * 1000,
+                "x-dead-letter-exchange": "",
+                "x-dead-letter-routing-key": queue_name,
+            },
+        )
+
+
+async def publish_later(bus: Bus, message: Contract, queue_name: str, delay_s: int) -> None:
+    """`message` into `queue_name` after `delay_s` (a queue declare_delay_queues made for it)."""
+    await bus.channel.default_exchange.publish(
+        _encode(message, {ROUTING_KEY_HEADER: message.ROUTING_KEY}), routing_key=retry_queue(queue_name, delay_s),
+        mandatory=True)
+
+
 # A stage's handler yields the messages it produces (each is published and confirmed before the
 # handler goes on; the delivery is acked after the last). A handler that only stores (the
 # persister, ingest's consumers) is a coroutine instead.
@@ -256,16 +279,7 @@ async def consume(
     await channel.set_qos(prefetch_count=prefetch or settings.prefetch_count)
     queue_name = queue_name or stage_queue(service)
     delays = settings.retry_delays
-    for delay in delays:
-        await channel.declare_queue(
-            retry_queue(queue_name, delay),
-            durable=True,
-            arguments={
-                "x-message-ttl": delay * 1000,
-                "x-dead-letter-exchange": "",
-                "x-dead-letter-routing-key": queue_name,
-            },
-        )
+    await declare_delay_queues(channel, queue_name, delays)
     queue = await channel.declare_queue(queue_name, passive=True)
 
     in_hand: dict[int, AbstractIncomingMessage] = {}

@@ -196,9 +196,19 @@ class JobFailed(Contract):
     permanent: bool = True
 
 
+class WebhookDue(Contract):
+    """The notifier's work: send this job's pending deliveries to this webhook, oldest first."""
+
+    ROUTING_KEY: ClassVar[str] = "webhook.due"
+
+    webhook_id: int
+    # Set when this is the delayed retry of that delivery: it is due now, whatever the clocks say.
+    retry_of: int | None = None
+
+
 WORK_MESSAGES: dict[str, type[Contract]] = {
     m.ROUTING_KEY: m
-    for m in (JobSubmitted, JobDiarized, ChunkTranscribed, ChunkEmbedded, JobProgress, JobFailed)
+    for m in (JobSubmitted, JobDiarized, ChunkTranscribed, ChunkEmbedded, JobProgress, JobFailed, WebhookDue)
 }
 
 

@@ -99,6 +99,19 @@ class Settings(BaseSettings):
     ollama_retries: int = Field(default=3, ge=0)
     embed_batch_size: int = Field(default=64, ge=1)
 
+    # Webhooks (services/notifier): attempts per event and endpoint, the waits between them (the
+    # last one repeats), the time an endpoint has to answer 2xx, deliveries in flight to one
+    # endpoint at once, and whether targets on private networks are allowed.
+    webhook_max_attempts: int = Field(default=8, ge=1)
+    webhook_retry_delays_s: str = "60,300,1800,3600,7200,21600,43200"
+    webhook_timeout_s: float = Field(default=10.0, gt=0)
+    webhook_concurrency: int = Field(default=4, ge=1)
+    webhook_allow_private: bool = False
+
+    @property
+    def webhook_retry_delays(self) -> list[int]:
+        return [max(1, int(float(d))) for d in self.webhook_retry_delays_s.split(",") if d.strip()] or [60]
+
     @property
     def retry_delays(self) -> list[int]:
         return [int(float(d)) for d in self.retry_delays_s.split(",") if d.strip()]

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make run`: the whole stack on this machine, each service its own process (honcho).
 # Without MINIO_ENDPOINT, moto's S3 server stands in for MinIO on 127.0.0.1:9000.
-# Prometheus metrics: ingest on :8000/metrics, the workers on :9101-9104 (set in the Procfile).
+# Prometheus metrics: ingest on :8000/metrics, the workers on :9101-9105 (set in the Procfile).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -f .env ] && set -a && . ./.env && set +a
@@ -22,5 +22,5 @@ if [ -z "${MINIO_ENDPOINT:-}" ]; then
   export MINIO_ENDPOINT=127.0.0.1:9000
   exec .venv/bin/honcho start -f Procfile
 else
-  exec .venv/bin/honcho start -f Procfile ingest diarizer transcriber embedder persister
+  exec .venv/bin/honcho start -f Procfile ingest diarizer transcriber embedder persister notifier
 fi

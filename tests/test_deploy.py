@@ -22,7 +22,7 @@ from tests.conftest import ROOT
 
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
-SERVICES = ("ingest", "diarizer", "transcriber", "embedder", "persister")
+SERVICES = ("ingest", "diarizer", "transcriber", "embedder", "persister", "notifier")
 WORKERS = SERVICES[1:]
 STAGE_WORKERS = ("diarizer", "transcriber", "embedder")  # no database credentials (docs/design.md)
 SETTINGS = [name.upper() for name in Settings.model_fields]
@@ -86,10 +86,11 @@ def test_each_image_installs_only_its_stage_extras():
         "transcriber-cpu": {"transcriber,models"},
         "embedder": {"embedder"},
         "persister": {"persister"},
+        "notifier": {"notifier"},
     }
     for target in ("ingest", "diarizer"):  # the CPU build: a bare torch would pull GBs of CUDA wheels
         assert "--index-url https://download.pytorch.org/whl/cpu" in stage_with_its_sources(stages, target)
-    for target in ("embedder", "persister"):
+    for target in ("embedder", "persister", "notifier"):
         assert "torch" not in stage_with_its_sources(stages, target)
 
 
@@ -334,6 +335,7 @@ CODE_EXTRAS = {
     "common": [],
     "services/ingest": ["ingest"],
     "services/persister": ["persister"],
+    "services/notifier": ["notifier"],
     "services/diarizer": ["diarizer", "diarizer-pyannote"],
     "services/transcriber": ["transcriber", "models"],
     "services/embedder": ["embedder", "embedder-local"],

@@ -99,6 +99,7 @@ def test_speaker_hints_must_be_consistent():
     ("ingest", ["torch", "faster_whisper", "pyannote.audio", "sentence_transformers"]),
     ("transcriber", ["torch", "pyannote.audio", "litestar"]),
     ("persister", ["torch", "faster_whisper", "litestar"]),
+    ("notifier", ["torch", "faster_whisper", "litestar", "scipy"]),
     ("embedder", ["faster_whisper", "pyannote.audio", "litestar"]),
 ])
 def test_each_service_imports_only_its_own_stack(service, forbidden):

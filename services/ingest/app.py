@@ -42,6 +42,7 @@ from services.ingest.reindex import REINDEX_ROUTES, Reindexer
 from services.ingest.search import SEARCH_ROUTES
 from services.ingest.speakers import SPEAKER_ROUTES
 from services.ingest.transcripts import TRANSCRIPT_ROUTES, TranscriptSegment
+from services.ingest.webhooks import WEBHOOK_ROUTES, add_callback, checked_target
 
 log = logging.getLogger("services.ingest")
 
@@ -53,12 +54,16 @@ class RecognizeForm:
     num_speakers: int | None = None
     min_speakers: int | None = None
     max_speakers: int | None = None
+    # transcript.completed / transcript.failed of this job are POSTed here (README "Webhooks").
+    callback_url: str | None = None
 
 
 class Accepted(BaseModel):
     status: str = "processing"
     id: int
     filename: str
+    # With callback_url: the secret that signs its deliveries (shown this once).
+    callback_secret: str | None = None
 
 
 MAX_BIGINT = 2**63 - 1
@@ -99,6 +104,12 @@ async def recognize(
     except ValidationError as exc:
         raise HTTPException(status_code=400, detail="; ".join(
             f"{'.'.join(map(str, e['loc'])) or 'form'}: {e['msg']}" for e in exc.errors())) from exc
+    callback_url = await checked_target(data.callback_url, state.settings) if data.callback_url else None
+    callback_secret: list[str] = []
+
+    async def add_callback_url(conn, job_id: int) -> None:
+        callback_secret.append(await add_callback(conn, job_id, request_owner(request), callback_url))
+
     try:
         await asyncio.to_thread(probe_audio, stream)
     except UndecodableAudio as exc:
@@ -109,14 +120,15 @@ async def recognize(
         job_id = await create_job(
             state.pool, state.s3, state.settings.audio_bucket,
             lambda key: upload_stream(state.s3, state.settings.audio_bucket, key, stream),
-            filename=filename, options=options, owner=request_owner(request), outbox_wake=state.outbox_wake)
+            filename=filename, options=options, owner=request_owner(request), outbox_wake=state.outbox_wake,
+            also=add_callback_url if callback_url else None)
     except Exception as exc:
         log.exception("could not submit %r", filename)
         raise Unavailable(detail=f"the job could not be queued ({type(exc).__name__}); try again later") from exc
     token = current_job.set(job_id)
     log.info("accepted %r (%d bytes)", filename, size)
     current_job.reset(token)
-    return Accepted(id=job_id, filename=filename)
+    return Accepted(id=job_id, filename=filename, callback_secret=callback_secret[0] if callback_secret else None)
 
 
 @get("/status/{job_id:int}", summary="State and segments of a job", responses=_errors(401, 403, 404, 503))
@@ -223,7 +235,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
 
     return Litestar(
         route_handlers=[recognize, job_status, healthz, readyz, metrics, *TRANSCRIPT_ROUTES, *SEARCH_ROUTES,
-                        *REINDEX_ROUTES, *SPEAKER_ROUTES],
+                        *REINDEX_ROUTES, *SPEAKER_ROUTES, *WEBHOOK_ROUTES],
         lifespan=[lifespan],
         middleware=[http_metrics_middleware, api_key_middleware(settings),  # metrics first: 401s count
                     upload_limit_middleware(settings.max_concurrent_uploads)],

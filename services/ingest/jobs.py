@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import asyncpg
@@ -48,7 +48,8 @@ class BucketDrop:
 
 async def create_job(pool: asyncpg.Pool, s3: Minio, audio_bucket: str, put_audio: Callable[[str], object],
                      *, filename: str, options: JobOptions, owner: str | None, outbox_wake: asyncio.Event,
-                     drop: BucketDrop | None = None) -> int | None:
+                     drop: BucketDrop | None = None,
+                     also: Callable[[asyncpg.Connection, int], Awaitable[object]] | None = None) -> int | None:
     """The one way a job comes to exist, for uploads and bucket drops alike.
 
     An id is reserved, `put_audio(key)` stores the audio at `uploads/{id}`, then the
@@ -56,7 +57,7 @@ async def create_job(pool: asyncpg.Pool, s3: Minio, audio_bucket: str, put_audio
     publishes the message (now, or after a broker outage or a crash of this process), so a
     committed job always runs. Anything that fails before the commit leaves no row and no object
     behind. Returns None when `drop` already is a job (another process made it first) or was
-    deleted by its owner."""
+    deleted by its owner. `also(conn, job_id)` runs in the job's transaction (a callback URL)."""
     job_id = await jobstore.reserve_job_id(pool)
     key = upload_key(job_id)
     token = current_job.set(job_id)
@@ -68,6 +69,8 @@ async def create_job(pool: asyncpg.Pool, s3: Minio, audio_bucket: str, put_audio
                 created = await jobstore.insert_job(
                     conn, job_id, filename=filename, audio_key=key, options=options.model_dump(exclude_none=True),
                     owner=owner, drop=(drop.bucket, drop.key, drop.etag) if drop else None)
+                if created is not None and also is not None:
+                    await also(conn, job_id)
                 if created is not None:
                     await add_to_outbox(conn, JobSubmitted(
                         message_id=f"job.submitted:{job_id}", job_id=job_id, audio_bucket=audio_bucket,

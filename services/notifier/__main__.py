@@ -1,0 +1,68 @@
+"""python -m services.notifier: stt.events -> webhook deliveries (signed POSTs, retried)."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+
+import aiohttp
+
+from common.broker import (
+    EVENTS_EXCHANGE,
+    Route,
+    connect,
+    consume,
+    declare_delay_queues,
+    open_bus,
+)
+from common.db import DATABASE_UNAVAILABLE, apply_migrations, create_pool
+from common.logs import setup_logging
+from common.messages import EVENTS, WebhookDue
+from common.metrics import serve_metrics
+from common.runner import run_worker
+from common.settings import get_settings
+from services.notifier import handler
+
+log = logging.getLogger("services.notifier")
+
+# The notifier's own subscription to every public event. Declared by the notifier (a deployment
+# without one keeps no copy of its events); no dead-letter exchange: an event no handler takes
+# is dropped, never counted against its job.
+EVENTS_QUEUE = "stt.notifier.events"
+# Events are fanned out one at a time (prefetch 1), so a job's deliveries are recorded, and sent,
+# in the order its events were published. Deliveries in flight per replica (each endpoint gets
+# at most WEBHOOK_CONCURRENCY of them).
+DELIVERY_PREFETCH = 32
+
+
+async def main() -> None:
+    settings = get_settings()
+    setup_logging(settings.log_level)
+    serve_metrics(settings, "notifier")
+    pool = await create_pool(settings, max_size=DELIVERY_PREFETCH + 4)
+    await apply_migrations(pool)
+    connection = await connect(settings, "notifier")
+    bus = await open_bus(connection, settings)
+    events = await bus.channel.declare_queue(
+        EVENTS_QUEUE, durable=True,
+        arguments={"x-queue-type": "quorum", "x-delivery-limit": settings.delivery_limit})
+    await events.bind(await bus.channel.get_exchange(EVENTS_EXCHANGE), "#")
+    await declare_delay_queues(bus.channel, handler.DELIVERY_QUEUE,
+                               [*settings.webhook_retry_delays, handler.BUSY_ENDPOINT_DELAY_S])
+    async with aiohttp.ClientSession() as http:
+        fan_out = functools.partial(handler.fan_out, pool)
+        deliver = functools.partial(handler.deliver, pool, http, settings, bus)
+        log.info("notifier ready")
+        await asyncio.gather(
+            consume(connection, settings, "notifier", [Route(model, fan_out) for model in EVENTS.values()],
+                    queue_name=EVENTS_QUEUE, prefetch=1,
+                    wait_on=DATABASE_UNAVAILABLE),
+            consume(connection, settings, "notifier", [Route(WebhookDue, deliver)],
+                    prefetch=DELIVERY_PREFETCH, wait_on=DATABASE_UNAVAILABLE),
+            handler.sweep_stuck(pool, bus),
+        )
+
+
+if __name__ == "__main__":
+    run_worker(main)

@@ -1,0 +1,181 @@
+"""The notifier's handlers: webhooks for the events on `stt.events`.
+
+`fan_out` takes one public event and records a delivery for every webhook that wants it (the
+job owner's endpoints subscribed to its type, and the job's own callback_url), then asks for
+them to be sent. `deliver` sends one job's pending deliveries to one endpoint, oldest first,
+one at a time (so order per job holds for each endpoint); a failed attempt is retried after the
+next of WEBHOOK_RETRY_DELAYS_S through a TTL queue, and the deliveries after it wait for it.
+After WEBHOOK_MAX_ATTEMPTS it is recorded as failed and the next one goes. Every attempt is
+logged in `webhook_attempts` (GET /webhooks/{id}/deliveries). See docs/design.md, Webhooks."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import aiohttp
+import asyncpg
+
+from common.broker import Bus, publish_later, stage_queue
+from common.messages import Contract, WebhookDue
+from common.settings import Settings
+from common.webhooks import signature, target_problem
+
+log = logging.getLogger(__name__)
+
+DELIVERY_QUEUE = stage_queue("notifier")
+# A webhook whose WEBHOOK_CONCURRENCY deliveries are all in flight gets this one again later,
+# instead of it holding a consumer slot another endpoint could use.
+BUSY_ENDPOINT_DELAY_S = 5
+# A pending delivery this late (its kick lost: a crash between commit and publish) is kicked again.
+STUCK_AFTER_S = 120
+SWEEP_EVERY_S = 30.0
+MAX_ERROR_CHARS = 500
+
+_in_flight: dict[int, asyncio.Semaphore] = {}
+
+
+async def fan_out(pool: asyncpg.Pool, event: Contract) -> AsyncIterator[WebhookDue]:
+    """A delivery per webhook that takes `event` (idempotent: a redelivered event adds none)."""
+    payload = json.dumps({"type": event.ROUTING_KEY, "timestamp": datetime.now(UTC).isoformat(),
+                          "data": event.model_dump(mode="json")}, ensure_ascii=False)
+    async with pool.acquire() as conn:
+        rows = await conn.fetch(
+            """INSERT INTO webhook_deliveries (webhook_id, event_id, event_type, job_id, payload)
+               SELECT w.id, $1, $2, $3, $4 FROM webhooks w JOIN transcripts t ON t.id = $3
+                WHERE $2 = ANY (w.events)
+                  AND (w.job_id = $3 OR (w.job_id IS NULL AND w.owner IS NOT DISTINCT FROM t.owner))
+               ON CONFLICT (webhook_id, event_id) DO UPDATE SET event_type = EXCLUDED.event_type
+               RETURNING webhook_id, status""",
+            event.message_id, event.ROUTING_KEY, event.job_id, payload)
+    for row in rows:
+        if row["status"] == "pending":
+            yield WebhookDue(job_id=event.job_id, webhook_id=row["webhook_id"])
+
+
+async def deliver(pool: asyncpg.Pool, http: aiohttp.ClientSession, settings: Settings, bus: Bus,
+                  due: WebhookDue) -> None:
+    endpoint = _in_flight.setdefault(due.webhook_id, asyncio.Semaphore(settings.webhook_concurrency))
+    if endpoint.locked():
+        await publish_later(bus, due, DELIVERY_QUEUE, BUSY_ENDPOINT_DELAY_S)
+        return
+    async with endpoint:
+        while await _deliver_in_order(pool, http, settings, bus, due):
+            due = due.model_copy(update={"retry_of": None})
+
+
+async def _deliver_in_order(pool: asyncpg.Pool, http: aiohttp.ClientSession, settings: Settings, bus: Bus,
+                            due: WebhookDue) -> bool:
+    """Send the job's deliveries to the webhook while the oldest pending one is due. One worker
+    at a time per (webhook, job), by an advisory lock; a kick that finds it taken is dropped, so
+    the holder looks once more after letting go. True: more is due now."""
+    key = (due.webhook_id % 2**31, due.job_id % 2**31)
+    async with pool.acquire() as conn:
+        if not await conn.fetchval("SELECT pg_try_advisory_lock($1::int, $2::int)", *key):
+            return False
+        try:
+            retry_of = due.retry_of
+            while True:
+                head = await conn.fetchrow(
+                    """SELECT d.id, d.event_id, d.event_type, d.payload, d.attempts, w.url, w.secret,
+                              d.next_attempt_at <= now() AS due
+                         FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id
+                        WHERE d.webhook_id = $1 AND d.job_id = $2 AND d.status = 'pending'
+                        ORDER BY d.id LIMIT 1""", due.webhook_id, due.job_id)
+                if head is None or not (head["due"] or head["id"] == retry_of):
+                    break  # none left, or the oldest waits for its retry (which will go on from it)
+                retry_of = None
+                if not await _attempt(conn, http, settings, bus, due, head):
+                    break
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1::int, $2::int)", *key)
+        return bool(await conn.fetchval(
+            """SELECT EXISTS (SELECT 1 FROM webhook_deliveries
+                               WHERE webhook_id = $1 AND job_id = $2 AND status = 'pending'
+                                 AND next_attempt_at <= now()
+                                 AND id = (SELECT min(id) FROM webhook_deliveries
+                                            WHERE webhook_id = $1 AND job_id = $2 AND status = 'pending'))""",
+            due.webhook_id, due.job_id))
+
+
+async def _attempt(conn: asyncpg.Connection, http: aiohttp.ClientSession, settings: Settings, bus: Bus,
+                   due: WebhookDue, head: asyncpg.Record) -> bool:
+    """POST one delivery and record the attempt. True when it is settled (delivered, or given up)."""
+    attempt = head["attempts"] + 1
+    started = time.perf_counter()
+    status_code = None
+    error = await target_problem(head["url"], settings.webhook_allow_private)
+    if error is None:
+        status_code, error = await post(http, head["url"], head["secret"], head["event_id"],
+                                        head["payload"].encode(), settings.webhook_timeout_s)
+    latency_ms = int((time.perf_counter() - started) * 1000)
+    delays = settings.webhook_retry_delays
+    delay = delays[min(attempt - 1, len(delays) - 1)]
+    status = "delivered" if error is None else "failed" if attempt >= settings.webhook_max_attempts else "pending"
+    async with conn.transaction():
+        updated = await conn.fetchval(
+            """UPDATE webhook_deliveries SET attempts = $2, status = $3,
+                      next_attempt_at = now() + make_interval(secs => $4),
+                      finished_at = CASE WHEN $3 = 'pending' THEN NULL ELSE now() END
+                WHERE id = $1 RETURNING id""", head["id"], attempt, status, float(delay))
+        if updated is None:
+            log.info("webhook %d was removed during a delivery; nothing more to send", due.webhook_id)
+            return True
+        await conn.execute(
+            "INSERT INTO webhook_attempts (delivery_id, attempt, status_code, latency_ms, error)"
+            " VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+            head["id"], attempt, status_code, latency_ms, error[:MAX_ERROR_CHARS] if error else None)
+    if status == "pending":
+        log.warning("webhook %d: %s %s not delivered (%s); attempt %d/%d again in %d s", due.webhook_id,
+                    head["event_type"], head["event_id"], error, attempt, settings.webhook_max_attempts, delay)
+        await publish_later(bus, due.model_copy(update={"retry_of": head["id"]}), DELIVERY_QUEUE, delay)
+        return False
+    if status == "failed":
+        log.error("webhook %d: %s %s given up after %d attempts (%s)", due.webhook_id, head["event_type"],
+                  head["event_id"], attempt, error)
+    else:
+        log.info("webhook %d: %s delivered (HTTP %d, %d ms, attempt %d)", due.webhook_id, head["event_type"],
+                 status_code, latency_ms, attempt)
+    return True
+
+
+async def post(http: aiohttp.ClientSession, url: str, secret: str, event_id: str, body: bytes,
+               timeout_s: float) -> tuple[int | None, str | None]:
+    """(status code, error or None) of one signed POST; redirects are not followed (a 3xx is a
+    failure: following it could lead anywhere, a private address included)."""
+    timestamp = int(time.time())
+    headers = {"content-type": "application/json", "webhook-id": event_id,
+               "webhook-timestamp": str(timestamp),
+               "webhook-signature": signature(secret, event_id, timestamp, body),
+               "user-agent": "stt-pipeline-webhooks"}
+    try:
+        async with http.post(url, data=body, headers=headers, allow_redirects=False,
+                             timeout=aiohttp.ClientTimeout(total=timeout_s)) as response:
+            await response.content.read(4096)
+            if 200 <= response.status < 300:
+                return response.status, None
+            return response.status, f"HTTP {response.status}"
+    except TimeoutError:
+        return None, f"no answer within {timeout_s:g} s"
+    except aiohttp.ClientError as exc:
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+async def sweep_stuck(pool: asyncpg.Pool, bus: Bus, every_s: float = SWEEP_EVERY_S) -> None:
+    """Kick again, now and then, any (webhook, job) whose oldest pending delivery is long overdue:
+    its kick was lost between a commit and a publish (a crash). Extra kicks are harmless."""
+    while True:
+        try:
+            rows = await pool.fetch(
+                """SELECT DISTINCT ON (webhook_id, job_id) id, webhook_id, job_id FROM webhook_deliveries
+                    WHERE status = 'pending' AND next_attempt_at < now() - make_interval(secs => $1)
+                    ORDER BY webhook_id, job_id, id""", float(STUCK_AFTER_S))
+            for row in rows:
+                await bus.publish(WebhookDue(job_id=row["job_id"], webhook_id=row["webhook_id"], retry_of=row["id"]))
+        except Exception as exc:  # the database or the broker is away: the next round tries again
+            log.warning("could not look for overdue webhook deliveries (%s: %s); later", type(exc).__name__, exc)
+        await asyncio.sleep(every_s)

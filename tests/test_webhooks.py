@@ -1,0 +1,231 @@
+"""Webhooks on the real stack (ingest, the notifier, RabbitMQ, PostgreSQL) against a real local HTTP
+receiver: signed deliveries in order, retries through the TTL queues, giving up with a delivery
+log that says why, per-job callback URLs, the private-address refusal, and a notifier killed in
+the middle of a delivery."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import pytest
+
+from common.webhooks import new_secret, signature, target_problem
+from tests.conftest import free_port, running_stack
+
+# Short waits so retries and give-ups happen within a test.
+TIMEOUT_S = 2
+MAX_ATTEMPTS = 3
+
+
+class Receiver:
+    """A local HTTP server that records every POST and answers per path: /ok 200, /flaky 500
+    twice then 200, /dead never (holds the request), /slow 200 after 1 s."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict] = []
+        self.lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                with receiver.lock:
+                    receiver.requests.append({"path": self.path, "headers": dict(self.headers.items()),
+                                              "body": body, "at": time.monotonic()})
+                    seen = sum(1 for r in receiver.requests if r["path"] == self.path)
+                if self.path == "/dead":
+                    time.sleep(TIMEOUT_S * 3)
+                    return
+                if self.path == "/slow":
+                    time.sleep(1)
+                self.send_response(500 if self.path == "/flaky" and seen <= 2 else 200)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.server.server_port}{path}"
+
+    def got(self, path: str) -> list[dict]:
+        with self.lock:
+            return [r for r in self.requests if r["path"] == path]
+
+    def events(self, path: str, job_id: int) -> list[dict]:
+        return [json.loads(r["body"]) for r in self.got(path) if json.loads(r["body"])["data"]["job_id"] == job_id]
+
+
+def wait_for(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while not (result := condition()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+    return result
+
+
+def verifies(request: dict, secret: str) -> bool:
+    """Standard Webhooks verification, written out as a receiver would (not the service's code)."""
+    headers = {k.lower(): v for k, v in request["headers"].items()}
+    signed = f"{headers['webhook-id']}.{headers['webhook-timestamp']}.".encode() + request["body"]
+    key = base64.b64decode(secret.removeprefix("whsec_"))
+    expected = base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+    return any(hmac.compare_digest(expected, s.split(",", 1)[1]) for s in headers["webhook-signature"].split())
+
+
+def test_signatures_secrets_and_private_targets():
+    secret = new_secret()
+    assert secret.startswith("whsec_") and len(base64.b64decode(secret[6:])) == 24
+    body = b'{"type":"transcript.completed"}'
+    request = {"headers": {"webhook-id": "msg_1", "webhook-timestamp": "1700000000",
+                           "webhook-signature": signature(secret, "msg_1", 1700000000, body)}, "body": body}
+    assert verifies(request, secret)
+    assert not verifies({**request, "body": body + b" "}, secret)
+    assert not verifies(request, new_secret())
+
+    async def problems(allow_private: bool) -> list[str | None]:
+        urls = ["http://127.0.0.1:9/x", "http://localhost/", "http://10.1.2.3/", "http://169.254.169.254/latest",
+                "http://[::1]/", "http://192.168.0.10/", "http://93.184.216.34/hook", "ftp://93.184.216.34/"]
+        return [await target_problem(url, allow_private) for url in urls]
+
+    refused = asyncio.run(problems(False))
+    assert all("private" in p for p in refused[:6]), refused
+    assert refused[6] is None and "http" in refused[7]
+    allowed = asyncio.run(problems(True))
+    assert allowed[:7] == [None] * 7 and allowed[7] is not None
+
+
+@pytest.fixture(scope="module")
+def notified(tmp_path_factory, fixtures_dir):
+    """A stack whose notifier may reach this machine, retrying every second or two."""
+    receiver = Receiver()
+    with running_stack(tmp_path_factory, WEBHOOK_ALLOW_PRIVATE="true", WEBHOOK_RETRY_DELAYS_S="1,2",
+                       WEBHOOK_MAX_ATTEMPTS=str(MAX_ATTEMPTS), WEBHOOK_TIMEOUT_S=str(TIMEOUT_S)) as stack:
+        yield stack, receiver
+    receiver.server.shutdown()
+
+
+def stt(stack, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "STT_API_URL": stack.api, "COLUMNS": "200"}
+    return subprocess.run([str(Path(sys.executable).parent / "stt"), *args], env=env, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_events_arrive_signed_in_order_retried_and_given_up(notified, fixtures_dir):
+    stack, receiver = notified
+    added = stt(stack, "webhooks", "add", receiver.url("/ok"))
+    assert added.returncode == 0, added.stderr
+    ok_secret = added.stdout.split("secret: ")[1].strip()
+    api = httpx.Client(base_url=stack.api, timeout=30)
+    flaky = api.post("/webhooks", json={"url": receiver.url("/flaky"), "events": ["transcript.completed"]}).json()
+    dead = api.post("/webhooks", json={"url": receiver.url("/dead"), "events": ["transcript.completed"],
+                                       "secret": "my-own-secret-0123"}).json()
+    assert dead["secret"] == "my-own-secret-0123" and flaky["secret"].startswith("whsec_")
+    assert "secret" not in api.get(f"/webhooks/{flaky['id']}").json()
+    refused = api.post("/webhooks", json={"url": receiver.url("/ok"), "events": ["job.exploded"]})
+    assert refused.status_code == 400 and "job.exploded" in refused.json()["detail"]
+
+    accepted = stack.submit(fixtures_dir / "en_dialogue.wav", data={"callback_url": receiver.url("/callback")})
+    assert accepted.status_code == 202, accepted.text
+    job_id, callback_secret = accepted.json()["id"], accepted.json()["callback_secret"]
+    assert stack.wait_finished(job_id, 300)["status"] == "done"
+
+    # Every event of the job, in the order it happened, each signed; the completion last.
+    ok = wait_for(lambda: (e := receiver.events("/ok", job_id)) and e[-1]["type"] == "transcript.completed" and e,
+                  60, "transcript.completed at /ok")
+    segments = [e["data"] for e in ok if e["type"] == "segment.created"]
+    assert len(segments) == len(stack.status(job_id)["segments"]) >= 2
+    assert [s["index"] for s in segments] == sorted(s["index"] for s in segments)
+    mine = [r for r in receiver.got("/ok") if json.loads(r["body"])["data"]["job_id"] == job_id]
+    assert all(verifies(r, ok_secret) for r in mine)
+    assert all(r["headers"]["webhook-id"] == json.loads(r["body"])["data"]["message_id"] for r in mine)
+
+    # The job's own callback: its completion only, signed with the secret /recognize returned.
+    callback = wait_for(lambda: receiver.got("/callback"), 30, "the callback")
+    assert [json.loads(r["body"])["type"] for r in callback] == ["transcript.completed"]
+    assert verifies(callback[0], callback_secret) and not verifies(callback[0], ok_secret)
+
+    # 500, 500, then 200: delivered on the third attempt, the same event id each time.
+    wait_for(lambda: len(receiver.got("/flaky")) >= 3, 60, "the third attempt at /flaky")
+    assert len({r["headers"]["webhook-id"] for r in receiver.got("/flaky")}) == 1
+    log = wait_for(lambda: (d := api.get(f"/webhooks/{flaky['id']}/deliveries").json()["items"])
+                   and d[0]["status"] == "delivered" and d, 30, "the delivery log of /flaky")
+    assert [a.get("status_code") for a in log[0]["attempts"]] == [500, 500, 200]
+
+    # Never an answer: given up after MAX_ATTEMPTS, and the log says so.
+    log = wait_for(lambda: (d := api.get(f"/webhooks/{dead['id']}/deliveries").json()["items"])
+                   and d[0]["status"] == "failed" and d, 90, "giving up on /dead")
+    assert len(log[0]["attempts"]) == MAX_ATTEMPTS
+    assert all(a["error"] == f"no answer within {TIMEOUT_S} s" for a in log[0]["attempts"])
+    printed = stt(stack, "webhooks", "deliveries", str(dead["id"]))
+    assert f"job {job_id}\ttranscript.completed\tfailed\t{MAX_ATTEMPTS} attempt(s)" in printed.stdout, printed
+
+    listed = stt(stack, "webhooks", "list").stdout
+    assert receiver.url("/ok") in listed and f"job {job_id}" in listed
+    for hook in (flaky, dead):
+        assert api.delete(f"/webhooks/{hook['id']}").status_code == 204
+    assert api.get(f"/webhooks/{dead['id']}/deliveries").status_code == 404
+
+
+def test_private_targets_are_refused_when_not_allowed(notified):
+    stack, receiver = notified
+    port = free_port()
+    strict = stack.start("ingest-strict", "-m", "services.ingest",
+                         env={**stack.env, "API_PORT": str(port), "WEBHOOK_ALLOW_PRIVATE": "false"})
+    try:
+        wait_for(lambda: strict.poll() is not None or _healthy(f"http://127.0.0.1:{port}"), 120, "a strict ingest")
+        assert strict.poll() is None, stack.log_tail("ingest-strict")
+        answer = httpx.post(f"http://127.0.0.1:{port}/webhooks", json={"url": receiver.url("/ok")})
+        assert answer.status_code == 400 and "private" in answer.json()["detail"], answer.text
+        with (Path(__file__).parent / "audio_files.py").open("rb") as f:
+            callback = httpx.post(f"http://127.0.0.1:{port}/recognize", files={"file": ("a.wav", f)},
+                                  data={"callback_url": "http://169.254.169.254/"})
+        assert callback.status_code == 400 and "private" in callback.json()["detail"], callback.text
+    finally:
+        stack.stop("ingest-strict")
+
+
+def _healthy(api: str) -> bool:
+    try:
+        return httpx.get(f"{api}/healthz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_killing_the_notifier_mid_delivery_loses_nothing(notified, fixtures_dir):
+    stack, receiver = notified
+    api = httpx.Client(base_url=stack.api, timeout=30)
+    hooks = [api.post("/webhooks", json={"url": receiver.url(path)}).json() for path in ("/slow", "/fast")]
+    job_id = stack.submit_job(fixtures_dir / "jfk.flac")
+    wait_for(lambda: receiver.events("/slow", job_id), 300, "the first delivery to /slow")
+    stack.processes["notifier"].kill()  # in the middle of that delivery (it answers after 1 s)
+    stack.processes["notifier"].wait()
+    stack.start_service("notifier")
+    assert stack.wait_finished(job_id, 300)["status"] == "done"
+    wanted = wait_for(lambda: (e := receiver.events("/fast", job_id)) and e[-1]["type"] == "transcript.completed"
+                      and {x["data"]["message_id"] for x in e}, 120, "every event at /fast")
+    # The delivery the kill cut short was never recorded: only the restarted notifier can have
+    # marked it delivered, after sending it again.
+    log = wait_for(lambda: (d := api.get(f"/webhooks/{hooks[0]['id']}/deliveries").json()["items"])
+                   and {x["event_id"] for x in d if x["status"] == "delivered"} == wanted and d, 120,
+                   "every event delivered to /slow after the restart")
+    assert len(log) == len(wanted)
+    assert {e["data"]["message_id"] for e in receiver.events("/slow", job_id)} == wanted
+    for hook in hooks:
+        assert api.delete(f"/webhooks/{hook['id']}").status_code == 204
