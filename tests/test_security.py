@@ -89,7 +89,9 @@ def test_openapi_schema_holds_under_generated_requests(stack):
     result = subprocess.run(
         [str(Path(sys.executable).parent / "schemathesis"), "run", f"{stack.api}/docs/openapi.json",
          "--checks", "not_a_server_error,response_schema_conformance,status_code_conformance",
-         "--max-examples", "25", "--generation-deterministic", "--no-color"],
+         "--max-examples", "25", "--generation-deterministic", "--no-color",
+         # event streams stay open while jobs run (GET /events never ends): tests/test_live.py
+         "--exclude-path-regex", "/events$"],
         capture_output=True, text=True, cwd=ROOT, timeout=600,
     )
     print(result.stdout[-3000:])

@@ -12,8 +12,12 @@ from services.ingest.app import create_app
 def main() -> None:
     settings = get_settings()
     setup_logging(settings.log_level)
-    uvicorn.run(create_app(settings), host=settings.api_host, port=settings.api_port,
-                log_config=None, access_log=False)
+    app = create_app(settings)
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.api_host, port=settings.api_port, log_config=None,
+                                           access_log=False))
+    # Event streams end when the server is stopping (it waits for open responses to finish).
+    app.state.exiting = lambda: server.should_exit
+    server.run()
 
 
 if __name__ == "__main__":

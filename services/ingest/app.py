@@ -37,6 +37,9 @@ from services.ingest.auth import api_key_middleware, request_owner
 from services.ingest.errors import error_responses as _errors
 from services.ingest.inbox import INBOX_EVENTS_QUEUE, RESULTS_QUEUE, Inbox
 from services.ingest.jobs import clean_filename, create_job, status_document
+from services.ingest.live import LIVE_ROUTES, Wakeups
+from services.ingest.page import PAGE_ROUTES
+from services.ingest.playback import PLAYBACK_ROUTES
 from services.ingest.readiness import CHECK_TIMEOUT_S, ObjectStoreProbe, run_checks
 from services.ingest.reindex import REINDEX_ROUTES, Reindexer
 from services.ingest.search import SEARCH_ROUTES
@@ -213,12 +216,14 @@ def create_app(settings: Settings | None = None) -> Litestar:
         http = aiohttp.ClientSession()
         state.query_embedder = await asyncio.to_thread(make_embedder, settings, http)
         state.reindexer = Reindexer(state.pool, *state.query_embedder)
+        state.wakeups = Wakeups()
         inbox = Inbox(settings, state.pool, state.s3, state.outbox_wake)
         queues = watched_queues(INBOX_EVENTS_QUEUE, RESULTS_QUEUE)
         tasks = [asyncio.create_task(run_outbox_flusher(state.pool, state.bus, state.outbox_wake)),
                  asyncio.create_task(inbox.run_scanner()),
                  asyncio.create_task(inbox.run_consumers(state.connection)),
-                 asyncio.create_task(watch_queue_depths(state.connection, queues))]
+                 asyncio.create_task(watch_queue_depths(state.connection, queues)),
+                 asyncio.create_task(state.wakeups.run(state.connection))]
         log.info("ingest ready on %s:%d", settings.api_host, settings.api_port)
         try:
             yield
@@ -235,7 +240,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
 
     return Litestar(
         route_handlers=[recognize, job_status, healthz, readyz, metrics, *TRANSCRIPT_ROUTES, *SEARCH_ROUTES,
-                        *REINDEX_ROUTES, *SPEAKER_ROUTES, *WEBHOOK_ROUTES],
+                        *REINDEX_ROUTES, *SPEAKER_ROUTES, *WEBHOOK_ROUTES,
+                        *LIVE_ROUTES, *PLAYBACK_ROUTES, *PAGE_ROUTES],
         lifespan=[lifespan],
         middleware=[http_metrics_middleware, api_key_middleware(settings),  # metrics first: 401s count
                     upload_limit_middleware(settings.max_concurrent_uploads)],

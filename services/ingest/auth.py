@@ -12,7 +12,9 @@ from litestar.types import ASGIApp, Receive, Scope, Send
 
 from common.settings import Settings
 
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+# The page's own files are open (the key is typed into the page); everything it reads is not.
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/"})
+OPEN_PREFIXES = ("/ui/",)
 
 
 def owner_of(api_key: str) -> str:
@@ -25,7 +27,8 @@ def api_key_middleware(settings: Settings):
 
     def wrap(app: ASGIApp) -> ASGIApp:
         async def check(scope: Scope, receive: Receive, send: Send) -> None:
-            if scope["type"] != "http" or not owners or scope["path"] in OPEN_PATHS:
+            if (scope["type"] != "http" or not owners or scope["path"] in OPEN_PATHS
+                    or scope["path"].startswith(OPEN_PREFIXES)):
                 await app(scope, receive, send)
                 return
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}

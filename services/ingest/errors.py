@@ -22,6 +22,7 @@ MEANINGS = {
     409: "The job is in a state that does not allow this yet: the message says which",
     413: "The upload exceeds MAX_UPLOAD_MB",
     415: "Not audio this service can decode",
+    416: "The Range asked for is not within the file",
     503: "A backing service is unavailable; try again",
 }
 

@@ -1,0 +1,239 @@
+"""Server-sent events for browsers and other clients that cannot hold an AMQP connection:
+`GET /transcripts/{id}/events` (one job: its segments so far, then each new one, its progress,
+and how it ended) and `GET /events` (every job of the caller: status, stage and percent as they
+change).
+
+What is streamed is read from PostgreSQL, so a stream always starts from the stored state and
+a reconnect with `Last-Event-ID` resumes exactly after the last segment the client saw. Ingest's
+own exclusive queue on `stt.events` only wakes the streams of the job an event is about (with a
+poll every POLL_S for stage changes, which have no event). A job's segments are sent chunk by
+chunk in chunk order (a chunk only once every chunk before it is stored), so "after segment
+(chunk, index)" is a position that never moves back."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Annotated
+
+import asyncpg
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+from litestar import Request, get
+from litestar.datastructures import State
+from litestar.exceptions import NotFoundException
+from litestar.params import Parameter
+from litestar.response import ServerSentEvent
+from litestar.response.sse import ServerSentEventMessage
+
+from common import jobstore
+from common.broker import EVENTS_EXCHANGE
+from services.ingest.auth import request_owner
+from services.ingest.errors import error_responses
+from services.ingest.jobs import percent_done, public_stage
+
+log = logging.getLogger(__name__)
+
+POLL_S = 1.0
+# A comment line this often keeps proxies from closing a quiet stream.
+KEEPALIVE_S = 15.0
+# Clients reconnect by themselves (EventSource waits `retry` ms); the stream then resumes.
+RETRY_MS = 2000
+END_ID = "end"
+MAX_ID = 2**53 - 1
+
+JobId = Annotated[int, Parameter(ge=1, le=MAX_ID, description="The job id POST /recognize returned")]
+
+
+class Wakeups:
+    """Who waits for news of which job; fed by an exclusive queue on stt.events."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[int | None, set[asyncio.Event]] = defaultdict(set)
+
+    @contextlib.contextmanager
+    def listen(self, job_id: int | None) -> Iterator[asyncio.Event]:
+        """An event set whenever something happens to `job_id` (None: to any job)."""
+        event = asyncio.Event()
+        self._waiting[job_id].add(event)
+        try:
+            yield event
+        finally:
+            self._waiting[job_id].discard(event)
+            if not self._waiting[job_id]:
+                del self._waiting[job_id]
+
+    def wake(self, job_id: int | None) -> None:
+        for key in (job_id, None):
+            for event in self._waiting.get(key, ()):
+                event.set()
+
+    async def run(self, connection: AbstractRobustConnection) -> None:
+        """Consume every event into a server-named exclusive queue (gone with this process)."""
+        channel = await connection.channel()
+        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        await queue.bind(await channel.get_exchange(EVENTS_EXCHANGE), "#")
+
+        async def on_event(message: AbstractIncomingMessage) -> None:
+            try:
+                job_id = json.loads(message.body).get("job_id")
+            except (ValueError, AttributeError):
+                job_id = None
+            self.wake(job_id if isinstance(job_id, int) else None)
+
+        await queue.consume(on_event, no_ack=True)
+        await asyncio.Future()  # consume until cancelled
+
+
+def _message(event: str, data: dict, event_id: str | None = None) -> ServerSentEventMessage:
+    return ServerSentEventMessage(data=json.dumps(data, ensure_ascii=False, default=str), event=event, id=event_id,
+                                  sep="\n")
+
+
+def _position(last_event_id: str | None) -> tuple[int, int] | str | None:
+    """Where a reconnecting client was: after segment (chunk, index), at the end, or nowhere."""
+    if not last_event_id:
+        return None
+    if last_event_id == END_ID:
+        return END_ID
+    try:
+        chunk, index = (int(part) for part in last_event_id.split(":"))
+    except ValueError:
+        return None
+    return chunk, index
+
+
+def _progress(job: asyncpg.Record) -> dict:
+    return {"id": job["id"], "filename": job["filename"], "status": job["status"],
+            "stage": public_stage(job["stage"]), "percent": percent_done(job["status"], job["progress"])}
+
+
+async def _complete_chunks(pool: asyncpg.Pool, job_id: int) -> int:
+    """The highest chunk index k such that chunks 0..k are all stored (-1: none yet)."""
+    stored = await pool.fetch("SELECT chunk_index FROM chunks WHERE transcript_id = $1 ORDER BY chunk_index", job_id)
+    complete = -1
+    for row in stored:
+        if row["chunk_index"] != complete + 1:
+            break
+        complete += 1
+    return complete
+
+
+async def _segments_after(pool: asyncpg.Pool, job_id: int, after: tuple[int, int], up_to_chunk: int) -> list:
+    return await pool.fetch(
+        "SELECT s.chunk_index, s.index, s.speaker, n.name AS speaker_name, n.confidence AS speaker_confidence,"
+        " s.start_ts, s.end_ts, s.text, s.overlap"
+        " FROM segments s LEFT JOIN transcript_speakers n ON n.transcript_id = s.transcript_id"
+        " AND n.speaker = s.speaker"
+        " WHERE s.transcript_id = $1 AND (s.chunk_index, s.index) > ($2, $3) AND s.chunk_index <= $4"
+        " ORDER BY s.chunk_index, s.index", job_id, after[0], after[1], up_to_chunk)
+
+
+async def _wait(wake: asyncio.Event, timeout: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(wake.wait(), timeout)
+    wake.clear()
+
+
+async def job_stream(pool: asyncpg.Pool, wakeups: Wakeups, job_id: int, last_event_id: str | None,
+                     exiting: Callable[[], bool]) -> AsyncIterator[ServerSentEventMessage]:
+    position = _position(last_event_id)
+    if position == END_ID:
+        return
+    after = position if isinstance(position, tuple) else (-1, -1)
+    sent_progress = None
+    quiet_s = 0.0
+    yield ServerSentEventMessage(data=None, comment=f"stream of job {job_id}", retry=RETRY_MS, sep="\n")
+    with wakeups.listen(job_id) as wake:
+        while not exiting():
+            job = await jobstore.job(pool, job_id)
+            if job is None:
+                yield _message("transcript.deleted", {"transcript_id": job_id}, END_ID)
+                return
+            # Read before the segments: a job seen finished has every segment stored.
+            ended = job["status"] in ("done", "error")
+            for row in await _segments_after(pool, job_id, after, await _complete_chunks(pool, job_id)):
+                after = (row["chunk_index"], row["index"])
+                segment = {key: row[key] for key in ("chunk_index", "index", "speaker", "start_ts", "end_ts",
+                                                     "text", "overlap")}
+                if row["speaker_name"] is not None:
+                    segment.update(speaker_name=row["speaker_name"], speaker_confidence=row["speaker_confidence"])
+                yield _message("segment.created", {"transcript_id": job_id, **segment}, f"{after[0]}:{after[1]}")
+                quiet_s = 0.0
+            progress = _progress(job)
+            if progress != sent_progress:
+                sent_progress = progress
+                yield _message("progress", progress)
+                quiet_s = 0.0
+            if ended:
+                if job["status"] == "done":
+                    yield _message("transcript.completed", {**progress, "transcript_id": job_id}, END_ID)
+                else:
+                    yield _message("transcript.failed", {**progress, "transcript_id": job_id, "reason": job["error"]},
+                                   END_ID)
+                return
+            await _wait(wake, POLL_S)
+            quiet_s += POLL_S
+            if quiet_s >= KEEPALIVE_S:
+                quiet_s = 0.0
+                yield ServerSentEventMessage(data=None, comment="keep-alive", sep="\n")
+
+
+async def jobs_stream(pool: asyncpg.Pool, wakeups: Wakeups, owner: str | None,
+                      exiting: Callable[[], bool]) -> AsyncIterator[ServerSentEventMessage]:
+    """`job` events: every job of the owner once (the 100 newest), then each change."""
+    sent: dict[int, dict] = {}
+    quiet_s = 0.0
+    yield ServerSentEventMessage(data=None, comment="stream of jobs", retry=RETRY_MS, sep="\n")
+    with wakeups.listen(None) as wake:
+        while not exiting():
+            rows = await pool.fetch(
+                "SELECT id, filename, status, stage, progress FROM transcripts WHERE owner IS NOT DISTINCT FROM $1"
+                " AND (status = 'processing' OR updated_at > now() - interval '1 hour') ORDER BY id DESC LIMIT 100",
+                owner)
+            for row in reversed(rows):
+                progress = _progress(row)
+                if sent.get(row["id"]) != progress:
+                    sent[row["id"]] = progress
+                    yield _message("job", progress)
+                    quiet_s = 0.0
+            await _wait(wake, POLL_S)
+            quiet_s += POLL_S
+            if quiet_s >= KEEPALIVE_S:
+                quiet_s = 0.0
+                yield ServerSentEventMessage(data=None, comment="keep-alive", sep="\n")
+
+
+def _exiting(state: State) -> Callable[[], bool]:
+    return getattr(state, "exiting", None) or (lambda: False)
+
+
+@get("/transcripts/{job_id:int}/events", summary="A job's events as they happen (text/event-stream)",
+     responses=error_responses(400, 401, 403, 404, 503), media_type="text/event-stream")
+async def job_events(job_id: JobId, state: State, request: Request) -> ServerSentEvent:
+    """`segment.created` for each segment stored so far and each new one (id `chunk:index`), `progress`
+    (status, stage, percent) when it changes, then `transcript.completed` or `transcript.failed`
+    (id `end`), and the stream ends. Reconnect with `Last-Event-ID` to resume after the last
+    segment received."""
+    owner = request_owner(request)
+    job = await jobstore.job(state.pool, job_id)
+    if job is None or (owner is not None and job["owner"] != owner):
+        raise NotFoundException(detail=f"no job with id {job_id}")
+    stream = job_stream(state.pool, state.wakeups, job_id, request.headers.get("last-event-id"), _exiting(state))
+    return ServerSentEvent(stream, headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+
+@get("/events", summary="Status, stage and percent of all your jobs as they change (text/event-stream)",
+     responses=error_responses(401, 403, 503), media_type="text/event-stream")
+async def all_events(state: State, request: Request) -> ServerSentEvent:
+    """A `job` event ({id, filename, status, stage, percent}) for each recent job at first (the
+    processing ones and those that changed in the last hour, 100 at most), then one whenever a
+    job of yours is created or moves on."""
+    return ServerSentEvent(jobs_stream(state.pool, state.wakeups, request_owner(request), _exiting(state)),
+                           headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+
+LIVE_ROUTES = [job_events, all_events]

@@ -1,0 +1,22 @@
+"""The web page: static files (no build step, nothing fetched from elsewhere) served at `/` and
+`/ui/`. It talks to the same HTTP API as any client; with API keys, the key is typed into the
+page once and kept in the browser's session storage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from litestar import get
+from litestar.response import File
+from litestar.static_files import create_static_files_router
+
+STATIC = Path(__file__).parent / "static"
+
+
+@get("/", include_in_schema=False)
+async def index() -> File:
+    return File(STATIC / "index.html", media_type="text/html; charset=utf-8", content_disposition_type="inline",
+                headers={"Cache-Control": "no-cache"})
+
+
+PAGE_ROUTES = [index, create_static_files_router(path="/ui", directories=[STATIC], name="ui")]

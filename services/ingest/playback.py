@@ -1,0 +1,93 @@
+"""GET /transcripts/{id}/audio: the uploaded recording as it was sent, with HTTP Range support, so
+a browser's audio element can seek to any segment without downloading the whole file."""
+
+from __future__ import annotations
+
+import asyncio
+import mimetypes
+import re
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from litestar import Request, get
+from litestar.datastructures import State
+from litestar.exceptions import HTTPException, NotFoundException
+from litestar.params import Parameter
+from litestar.response import Stream
+from minio.error import S3Error
+
+from common.storage import read_range
+from services.ingest.auth import request_owner
+from services.ingest.errors import error_responses
+from services.ingest.transcripts import content_disposition
+
+PIECE_BYTES = 1024 * 1024
+MAX_ID = 2**53 - 1
+# Not every system's mime.types knows these; a browser needs the type to play the file.
+AUDIO_TYPES = {".flac": "audio/flac", ".wav": "audio/wav", ".mp3": "audio/mpeg", ".m4a": "audio/mp4",
+               ".aac": "audio/aac", ".ogg": "audio/ogg", ".oga": "audio/ogg", ".opus": "audio/ogg",
+               ".webm": "audio/webm", ".mp4": "video/mp4", ".mkv": "video/x-matroska"}
+RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+JobId = Annotated[int, Parameter(ge=1, le=MAX_ID, description="The job id POST /recognize returned")]
+
+
+class RangeNotSatisfiable(HTTPException):
+    status_code = 416
+
+
+def byte_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """(first, last) byte of a single `Range: bytes=...` within `size`; None for the whole file.
+    416 for a range that is malformed, several ranges, or one past the end."""
+    if not header:
+        return None
+    match = RANGE.match(header.strip())
+    if match is None or match[1] == match[2] == "":
+        raise RangeNotSatisfiable(detail="one range of bytes: bytes=FIRST-LAST, bytes=FIRST- or bytes=-SUFFIX",
+                                  headers={"Content-Range": f"bytes */{size}"})
+    if match[1] == "":
+        first, last = max(0, size - int(match[2])), size - 1
+    else:
+        first = int(match[1])
+        last = min(int(match[2]), size - 1) if match[2] else size - 1
+    if first >= size or last < first:
+        raise RangeNotSatisfiable(detail=f"the recording has {size} bytes",
+                                  headers={"Content-Range": f"bytes */{size}"})
+    return first, last
+
+
+async def _pieces(state: State, key: str, first: int, last: int) -> AsyncIterator[bytes]:
+    offset = first
+    while offset <= last:
+        length = min(PIECE_BYTES, last - offset + 1)
+        yield await asyncio.to_thread(read_range, state.s3, state.settings.audio_bucket, key, offset, length)
+        offset += length
+
+
+@get("/transcripts/{job_id:int}/audio", summary="The job's recording as uploaded (supports Range)",
+     responses=error_responses(400, 401, 403, 404, 416, 503, e404="No such job (for this key), or its audio is gone"))
+async def job_audio(job_id: JobId, state: State, request: Request) -> Stream:
+    owner = request_owner(request)
+    job = await state.pool.fetchrow("SELECT filename, audio_key, owner FROM transcripts WHERE id = $1", job_id)
+    if job is None or (owner is not None and job["owner"] != owner) or not job["audio_key"]:
+        raise NotFoundException(detail=f"no job with id {job_id}")
+    try:
+        stat = await asyncio.to_thread(state.s3.stat_object, state.settings.audio_bucket, job["audio_key"])
+    except S3Error as exc:
+        if exc.code in ("NoSuchKey", "NoSuchObject"):
+            raise NotFoundException(detail=f"the audio of job {job_id} is no longer stored") from exc
+        raise
+    size = stat.size or 0
+    span = byte_range(request.headers.get("range"), size)
+    first, last = span or (0, size - 1)
+    headers = {"Accept-Ranges": "bytes", "Content-Length": str(max(0, last - first + 1)),
+               "Content-Disposition": content_disposition(job["filename"]).replace("attachment", "inline", 1)}
+    if span:
+        headers["Content-Range"] = f"bytes {first}-{last}/{size}"
+    suffix = ("." + job["filename"].rsplit(".", 1)[-1].lower()) if "." in job["filename"] else ""
+    media_type = AUDIO_TYPES.get(suffix) or mimetypes.guess_type(job["filename"])[0] or "application/octet-stream"
+    return Stream(_pieces(state, job["audio_key"], first, last), status_code=206 if span else 200,
+                  media_type=media_type, headers=headers)
+
+
+PLAYBACK_ROUTES = [job_audio]

@@ -1,0 +1,428 @@
+// The stt-pipeline page: upload, follow jobs live (server-sent events), read and play a
+// transcript, name speakers, download, search. Plain JavaScript against the public HTTP API.
+"use strict";
+
+const $ = (selector) => document.querySelector(selector);
+const KEY_STORAGE = "stt-api-key";
+// Dark enough on white for text (WCAG AA), distinct enough for borders.
+const COLOURS = ["#0b5cad", "#b3261e", "#1d6b2a", "#7a3fa0", "#8a5a00", "#00707a", "#a1306b", "#4a5360"];
+
+const state = { jobs: new Map(), open: null, stream: null, speakers: [], names: {}, audioUrl: null };
+
+function apiKey() { return sessionStorage.getItem(KEY_STORAGE) || ""; }
+function authHeaders(extra = {}) {
+  const key = apiKey();
+  return key ? { ...extra, "X-API-Key": key } : extra;
+}
+
+function notice(text) {
+  const box = $("#notice");
+  box.textContent = text || "";
+  box.hidden = !text;
+}
+
+async function api(path, options = {}) {
+  const response = await fetch(path, { ...options, headers: authHeaders(options.headers || {}) });
+  if (response.status === 401) notice("This server needs an API key: enter it above.");
+  else if (response.status === 403) notice("The API key was refused.");
+  if (!response.ok) {
+    let detail = response.statusText;
+    try { detail = (await response.json()).detail || detail; } catch (error) { /* not JSON */ }
+    throw new Error(`${response.status}: ${detail}`);
+  }
+  return response;
+}
+
+function clock(seconds) {
+  const total = Math.max(0, Math.round(seconds * 10)) / 10;
+  const hours = Math.floor(total / 3600);
+  const minutes = Math.floor((total % 3600) / 60);
+  const rest = (total % 60).toFixed(1).padStart(4, "0");
+  return (hours ? `${hours}:${String(minutes).padStart(2, "0")}` : String(minutes).padStart(2, "0")) + `:${rest}`;
+}
+
+function escapeHtml(text) {
+  return text.replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
+}
+
+// ---- server-sent events over fetch (EventSource cannot send the API key header) ------------
+
+function follow(path, onEvent, { lastEventId = null, endId = null } = {}) {
+  const controller = new AbortController();
+  let last = lastEventId;
+  let stopped = false;
+  async function connect() {
+    while (!stopped) {
+      try {
+        const headers = authHeaders(last ? { "Last-Event-ID": last } : {});
+        const response = await fetch(path, { headers, signal: controller.signal });
+        if (!response.ok) throw new Error(`${response.status}`);
+        const reader = response.body.getReader();
+        const decoder = new TextDecoder();
+        let buffer = "";
+        for (;;) {
+          const { value, done } = await reader.read();
+          if (done) break;
+          buffer += decoder.decode(value, { stream: true });
+          let end;
+          while ((end = buffer.indexOf("\n\n")) >= 0) {
+            const block = buffer.slice(0, end);
+            buffer = buffer.slice(end + 2);
+            const event = { type: "message", data: "", id: null };
+            for (const line of block.split("\n")) {
+              if (line.startsWith(":")) continue;
+              const colon = line.indexOf(":");
+              const field = colon < 0 ? line : line.slice(0, colon);
+              const value = colon < 0 ? "" : line.slice(colon + 1).replace(/^ /, "");
+              if (field === "event") event.type = value;
+              else if (field === "data") event.data += (event.data ? "\n" : "") + value;
+              else if (field === "id") event.id = value;
+            }
+            if (!event.data) continue;
+            if (event.id !== null) last = event.id;
+            onEvent(event.type, JSON.parse(event.data));
+            if (endId !== null && event.id === endId) { stopped = true; return; }
+          }
+        }
+      } catch (error) {
+        if (stopped || error.name === "AbortError") return;
+      }
+      await new Promise((resolve) => setTimeout(resolve, 2000));
+    }
+  }
+  connect();
+  return { stop() { stopped = true; controller.abort(); } };
+}
+
+// ---- jobs ---------------------------------------------------------------------------------
+
+function renderJob(job) {
+  const known = state.jobs.get(job.id) || {};
+  const merged = { ...known, ...job };
+  state.jobs.set(job.id, merged);
+  let item = document.querySelector(`#jobs li[data-job="${job.id}"]`);
+  if (!item) {
+    item = document.createElement("li");
+    item.dataset.job = job.id;
+    item.innerHTML = '<button type="button"><span class="name"></span><span class="state"></span>'
+      + '<progress max="100"></progress></button>';
+    item.querySelector("button").addEventListener("click", () => openTranscript(job.id));
+    const list = $("#jobs");
+    const after = [...list.children].find((other) => Number(other.dataset.job) < job.id);
+    list.insertBefore(item, after || null);
+  }
+  item.dataset.status = merged.status;
+  item.className = `status-${merged.status}`;
+  item.querySelector(".name").textContent = `${merged.id}. ${merged.filename}`;
+  const label = merged.status === "processing" ? `${merged.stage} ${merged.percent}%` : merged.status;
+  item.querySelector(".state").textContent = label;
+  const bar = item.querySelector("progress");
+  bar.value = merged.percent;
+  bar.hidden = merged.status !== "processing";
+  bar.setAttribute("aria-label", `${merged.filename}: ${label}`);
+  item.querySelector("button").setAttribute("aria-current", state.open === job.id ? "true" : "false");
+  if (state.open === job.id) showStatus(merged);
+}
+
+async function loadJobs() {
+  try {
+    const page = await (await api("/transcripts?limit=50")).json();
+    page.items.reverse().forEach(renderJob);
+    notice("");
+  } catch (error) {
+    return;
+  }
+  if (state.jobsStream) state.jobsStream.stop();
+  state.jobsStream = follow("/events", (type, job) => { if (type === "job") renderJob(job); });
+}
+
+// ---- upload -------------------------------------------------------------------------------
+
+function upload(file) {
+  return new Promise((resolve, reject) => {
+    const form = new FormData();
+    form.append("file", file);
+    const language = $("#language").value;
+    const speakers = $("#speakers").value;
+    if (language) form.append("language", language);
+    if (speakers) form.append("num_speakers", speakers);
+    const request = new XMLHttpRequest();
+    request.open("POST", "/recognize");
+    for (const [name, value] of Object.entries(authHeaders())) request.setRequestHeader(name, value);
+    const bar = $("#upload-progress");
+    bar.hidden = false;
+    bar.value = 0;
+    request.upload.onprogress = (event) => {
+      if (event.lengthComputable) bar.value = Math.round((event.loaded / event.total) * 100);
+    };
+    request.onload = () => {
+      bar.value = 100;
+      let body = {};
+      try { body = JSON.parse(request.responseText); } catch (error) { /* not JSON */ }
+      if (request.status === 202) resolve(body);
+      else reject(new Error(`${file.name}: ${request.status} ${body.detail || request.statusText}`));
+    };
+    request.onerror = () => reject(new Error(`${file.name}: the upload failed`));
+    request.send(form);
+  });
+}
+
+async function uploadAll(files) {
+  const status = $("#upload-status");
+  for (const file of files) {
+    status.textContent = `Uploading ${file.name}…`;
+    try {
+      const accepted = await upload(file);
+      status.textContent = `${accepted.filename} accepted as job ${accepted.id}.`;
+      renderJob({ id: accepted.id, filename: accepted.filename, status: "processing", stage: "submitted", percent: 0 });
+      openTranscript(accepted.id);
+    } catch (error) {
+      status.textContent = error.message;
+    }
+  }
+}
+
+// ---- one transcript -----------------------------------------------------------------------
+
+function speakerIndex(label) {
+  if (!state.speakers.includes(label)) state.speakers.push(label);
+  return state.speakers.indexOf(label);
+}
+
+function speakerName(label) { return state.names[label] || label; }
+
+function renderSegment(segment) {
+  const list = $("#segments");
+  const key = `${segment.start_ts}:${segment.speaker}:${segment.text}`;
+  if (list.querySelector(`[data-key="${CSS.escape(key)}"]`)) return;
+  if (segment.speaker_name) state.names[segment.speaker] = segment.speaker_name;
+  const colour = COLOURS[speakerIndex(segment.speaker) % COLOURS.length];
+  const item = document.createElement("li");
+  item.dataset.key = key;
+  item.dataset.start = segment.start_ts;
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = "segment";
+  button.dataset.speaker = segment.speaker;
+  button.dataset.start = segment.start_ts;
+  button.style.setProperty("--speaker", colour);
+  button.style.setProperty("--speaker-text", colour);
+  button.innerHTML = `<span class="time">${clock(segment.start_ts)}</span><span class="who"></span><span class="text"></span>`;
+  button.querySelector(".who").textContent = speakerName(segment.speaker);
+  button.querySelector(".text").textContent = segment.text;
+  button.setAttribute("aria-label", `Play from ${clock(segment.start_ts)}: ${speakerName(segment.speaker)}: ${segment.text}`);
+  button.addEventListener("click", () => playFrom(segment.start_ts, button));
+  item.appendChild(button);
+  const later = [...list.children].find((other) => Number(other.dataset.start) > segment.start_ts);
+  list.insertBefore(item, later || null);
+}
+
+function refreshNames() {
+  for (const button of document.querySelectorAll("#segments .segment")) {
+    button.querySelector(".who").textContent = speakerName(button.dataset.speaker);
+  }
+  const form = $("#names");
+  form.innerHTML = "";
+  if (!state.speakers.length) return;
+  state.speakers.forEach((label, index) => {
+    const id = `name-${label}`;
+    const field = document.createElement("span");
+    field.innerHTML = `<label for="${id}"></label> <input id="${id}" data-label="${label}">`;
+    field.querySelector("label").textContent = label;
+    field.querySelector("label").style.color = COLOURS[index % COLOURS.length];
+    field.querySelector("input").value = state.names[label] || "";
+    field.querySelector("input").placeholder = "name";
+    form.appendChild(field);
+  });
+  const save = document.createElement("button");
+  save.type = "submit";
+  save.textContent = "Save names";
+  form.appendChild(save);
+}
+
+async function saveNames(event) {
+  event.preventDefault();
+  const changes = {};
+  for (const input of document.querySelectorAll("#names input")) {
+    const name = input.value.trim();
+    if ((state.names[input.dataset.label] || "") !== name) changes[input.dataset.label] = name || null;
+  }
+  if (!Object.keys(changes).length) return;
+  try {
+    const answer = await (await api(`/transcripts/${state.open}/speakers`, {
+      method: "PATCH", headers: { "Content-Type": "application/json" }, body: JSON.stringify(changes),
+    })).json();
+    state.names = Object.fromEntries(Object.entries(answer.speakers).filter(([, name]) => name));
+    refreshNames();
+    $("#transcript-status").textContent = "Names saved.";
+  } catch (error) {
+    $("#transcript-status").textContent = error.message;
+  }
+}
+
+function showStatus(job) {
+  const status = $("#transcript-status");
+  if (job.status === "processing") status.textContent = `Processing: ${job.stage}, ${job.percent}%`;
+  else if (job.status === "error") status.textContent = `Failed: ${job.error || job.reason || "see the job's status"}`;
+  else status.textContent = "Done.";
+  $("#transcript").dataset.status = job.status;
+}
+
+function renderDownloads(jobId, done) {
+  const nav = $("#downloads");
+  nav.innerHTML = "";
+  if (!done) return;
+  for (const format of ["json", "srt", "vtt", "txt"]) {
+    const link = document.createElement("a");
+    link.href = `/transcripts/${jobId}?format=${format}`;
+    link.textContent = `Download ${format.toUpperCase()}`;
+    link.setAttribute("download", "");
+    if (apiKey()) {
+      link.addEventListener("click", async (event) => {
+        event.preventDefault();
+        const response = await api(link.href);
+        const disposition = response.headers.get("content-disposition") || "";
+        const name = (disposition.match(/filename="([^"]+)"/) || [])[1] || `transcript.${format}`;
+        const url = URL.createObjectURL(await response.blob());
+        const save = document.createElement("a");
+        save.href = url;
+        save.download = name;
+        save.click();
+        setTimeout(() => URL.revokeObjectURL(url), 10000);
+      });
+    }
+    nav.appendChild(link);
+  }
+}
+
+async function loadAudio(jobId) {
+  const player = $("#player");
+  if (state.audioUrl) { URL.revokeObjectURL(state.audioUrl); state.audioUrl = null; }
+  if (!apiKey()) {
+    player.src = `/transcripts/${jobId}/audio`;  // streamed, seeking by Range requests
+    return;
+  }
+  try {  // an audio element cannot send the key: fetch the file with it
+    state.audioUrl = URL.createObjectURL(await (await api(`/transcripts/${jobId}/audio`)).blob());
+    if (state.open === jobId) player.src = state.audioUrl;
+  } catch (error) {
+    player.removeAttribute("src");
+  }
+}
+
+function playFrom(seconds, button) {
+  const player = $("#player");
+  player.currentTime = seconds;
+  for (const other of document.querySelectorAll(".segment.playing")) other.classList.remove("playing");
+  if (button) button.classList.add("playing");
+  player.play().catch(() => { /* the browser may refuse to play without sound output */ });
+}
+
+async function openTranscript(jobId) {
+  if (state.stream) state.stream.stop();
+  state.open = jobId;
+  state.speakers = [];
+  state.names = {};
+  const section = $("#transcript");
+  section.hidden = false;
+  section.dataset.job = jobId;
+  $("#segments").innerHTML = "";
+  $("#names").innerHTML = "";
+  renderDownloads(jobId, false);
+  const job = state.jobs.get(jobId) || { id: jobId, filename: "", status: "processing", stage: "submitted", percent: 0 };
+  $("#transcript-title").textContent = job.filename || `Job ${jobId}`;
+  showStatus(job);
+  for (const item of document.querySelectorAll("#jobs li")) renderJob(state.jobs.get(Number(item.dataset.job)));
+  loadAudio(jobId);
+  state.stream = follow(`/transcripts/${jobId}/events`, (type, data) => {
+    if (state.open !== jobId) return;
+    if (type === "segment.created") {
+      renderSegment(data);
+      refreshNames();
+    } else if (type === "progress") {
+      renderJob(data);
+    } else if (type === "transcript.completed" || type === "transcript.failed") {
+      renderJob(data);
+      showStatus(data);
+      renderDownloads(jobId, type === "transcript.completed");
+      refreshNames();
+      section.dataset.ended = "true";
+    }
+  }, { endId: "end" });
+}
+
+// ---- search -------------------------------------------------------------------------------
+
+async function search(event) {
+  event.preventDefault();
+  const query = $("#query").value.trim();
+  const list = $("#hits");
+  list.innerHTML = "";
+  if (!query) return;
+  try {
+    const page = await (await api(`/search?limit=20&q=${encodeURIComponent(query)}`)).json();
+    if (!page.items.length) list.innerHTML = "<li>Nothing found.</li>";
+    for (const hit of page.items) {
+      const item = document.createElement("li");
+      const button = document.createElement("button");
+      button.type = "button";
+      // Only <mark> survives from the highlighted text: everything else is escaped.
+      const text = escapeHtml(hit.highlighted || hit.text).replace(/&lt;(\/?)mark&gt;/g, "<$1mark>");
+      button.innerHTML = `<strong></strong> <span class="time">[${clock(hit.start_ts)}]</span> <em></em>: ${text}`;
+      button.querySelector("strong").textContent = hit.filename;
+      button.querySelector("em").textContent = hit.speaker_name || hit.speaker;
+      button.addEventListener("click", async () => {
+        await openTranscript(hit.transcript_id);
+        playFrom(hit.start_ts, null);
+      });
+      item.appendChild(button);
+      list.appendChild(item);
+    }
+  } catch (error) {
+    list.innerHTML = "";
+    const item = document.createElement("li");
+    item.textContent = error.message;
+    list.appendChild(item);
+  }
+}
+
+// ---- wiring -------------------------------------------------------------------------------
+
+document.addEventListener("DOMContentLoaded", () => {
+  $("#api-key").value = apiKey();
+  $("#key-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    sessionStorage.setItem(KEY_STORAGE, $("#api-key").value.trim());
+    state.jobs.clear();
+    $("#jobs").innerHTML = "";
+    loadJobs();
+  });
+  $("#upload").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const files = [...$("#file").files];
+    if (!files.length) { $("#upload-status").textContent = "Choose a file first."; return; }
+    uploadAll(files);
+  });
+  const drop = $("#drop");
+  drop.addEventListener("dragover", (event) => { event.preventDefault(); drop.classList.add("over"); });
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (event) => {
+    event.preventDefault();
+    drop.classList.remove("over");
+    uploadAll([...event.dataTransfer.files]);
+  });
+  $("#names").addEventListener("submit", saveNames);
+  $("#search").addEventListener("submit", search);
+  $("#player").addEventListener("timeupdate", () => {
+    const now = $("#player").currentTime;
+    let current = null;
+    for (const button of document.querySelectorAll(".segment")) {
+      if (Number(button.dataset.start) <= now) current = button;
+    }
+    for (const button of document.querySelectorAll(".segment.playing")) {
+      if (button !== current) button.classList.remove("playing");
+    }
+    if (current) current.classList.add("playing");
+  });
+  loadJobs();
+});

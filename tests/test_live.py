@@ -1,0 +1,103 @@
+"""Server-sent events and audio playback on the real stack: a client connected before a job
+exists sees it through to the end; one that reconnects with Last-Event-ID gets no duplicate and
+misses nothing; the recording is served with Range support."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+import pytest
+
+
+def read_events(url: str, *, headers: dict | None = None, until=None, timeout: float = 300,
+                connected: threading.Event | None = None) -> list[dict]:
+    """Parse a text/event-stream into [{event, id, data}] until the server ends it or `until(events)`."""
+    events: list[dict] = []
+    with httpx.stream("GET", url, headers=headers or {}, timeout=httpx.Timeout(timeout, connect=10)) as response:
+        assert response.status_code == 200, response.read()
+        assert response.headers["content-type"].startswith("text/event-stream")
+        if connected:
+            connected.set()
+        current: dict = {}
+        for line in response.iter_lines():
+            if line == "":
+                if "data" in current:
+                    events.append({**current, "data": json.loads(current["data"])})
+                    if until and until(events):
+                        return events
+                current = {}
+            elif not line.startswith(":"):
+                field, _, value = line.partition(":")
+                current[field] = value.removeprefix(" ")
+    return events
+
+
+def segments_of(events: list[dict]) -> list[dict]:
+    return [e for e in events if e.get("event") == "segment.created"]
+
+
+def test_a_job_stream_from_before_the_first_segment_to_the_end(stack, fixtures_dir):
+    job_id = stack.submit_job(fixtures_dir / "en_dialogue.wav")
+    events = read_events(f"{stack.api}/transcripts/{job_id}/events")
+    assert events[-1]["event"] == "transcript.completed" and events[-1]["id"] == "end"
+    stored = stack.status(job_id)["segments"]
+    streamed = segments_of(events)
+    assert [(s["data"]["start_ts"], s["data"]["text"]) for s in streamed] == \
+        [(s["start_ts"], s["text"]) for s in sorted(stored, key=lambda s: s["start_ts"])]
+    assert len({s["id"] for s in streamed}) == len(streamed) >= 2
+    stages = [e["data"]["stage"] for e in events if e.get("event") == "progress"]
+    assert stages[-1] == "done" and len(stages) >= 2, stages
+
+    # Reconnecting after the second segment: the rest, once each, then the end.
+    again = read_events(f"{stack.api}/transcripts/{job_id}/events", headers={"Last-Event-ID": streamed[1]["id"]})
+    assert [s["id"] for s in segments_of(again)] == [s["id"] for s in streamed[2:]]
+    assert again[-1]["event"] == "transcript.completed"
+    # After the end there is nothing more to say.
+    assert read_events(f"{stack.api}/transcripts/{job_id}/events", headers={"Last-Event-ID": "end"}) == []
+    assert httpx.get(f"{stack.api}/transcripts/987654321/events").status_code == 404
+
+
+def test_the_jobs_stream_sees_a_job_submitted_after_connecting(stack, fixtures_dir):
+    connected = threading.Event()
+    seen: list[dict] = []
+    submitted: dict = {}
+
+    def done(events: list[dict]) -> bool:
+        return any(e["data"]["id"] == submitted.get("id") and e["data"]["status"] == "done" for e in events)
+
+    reader = threading.Thread(target=lambda: seen.extend(
+        read_events(f"{stack.api}/events", until=done, timeout=300, connected=connected)), daemon=True)
+    reader.start()
+    assert connected.wait(30)
+    time.sleep(0.5)
+    submitted["id"] = stack.submit_job(fixtures_dir / "jfk.flac")
+    reader.join(300)
+    mine = [e["data"] for e in seen if e["event"] == "job" and e["data"]["id"] == submitted["id"]]
+    assert mine[0]["status"] == "processing" and mine[-1]["status"] == "done", mine
+    assert [m["percent"] for m in mine] == sorted(m["percent"] for m in mine)
+
+
+@pytest.fixture(scope="module")
+def finished(stack, fixtures_dir):
+    job_id = stack.submit_job(fixtures_dir / "jfk.flac")
+    assert stack.wait_finished(job_id)["status"] == "done"
+    return job_id, (fixtures_dir / "jfk.flac").read_bytes()
+
+
+def test_the_recording_is_served_whole_and_by_range(stack, finished):
+    job_id, original = finished
+    url = f"{stack.api}/transcripts/{job_id}/audio"
+    whole = httpx.get(url, timeout=60)
+    assert whole.status_code == 200 and whole.content == original
+    assert whole.headers["accept-ranges"] == "bytes" and whole.headers["content-type"] == "audio/flac"
+    part = httpx.get(url, headers={"Range": "bytes=1000-1999"}, timeout=60)
+    assert part.status_code == 206 and part.content == original[1000:2000]
+    assert part.headers["content-range"] == f"bytes 1000-1999/{len(original)}"
+    tail = httpx.get(url, headers={"Range": "bytes=-500"}, timeout=60)
+    assert tail.status_code == 206 and tail.content == original[-500:]
+    past = httpx.get(url, headers={"Range": f"bytes={len(original)}-"}, timeout=60)
+    assert past.status_code == 416 and past.headers["content-range"] == f"bytes */{len(original)}"
+    assert httpx.get(f"{stack.api}/transcripts/987654321/audio", timeout=60).status_code == 404

@@ -1,0 +1,113 @@
+"""The web page in a real browser (Playwright driving Debian's chromium) against the real stack:
+upload a recording, watch it reach done without reloading, read both speakers, click a segment
+and see the audio seek, download SRT. The screenshot in the README is taken here."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import ROOT, running_stack
+
+CHROMIUM = os.environ.get("STT_CHROMIUM", shutil.which("chromium") or "/usr/bin/chromium")
+# STT_UPDATE_SCREENSHOT=1 replaces the README's picture with this run's.
+SCREENSHOT = ROOT / "docs" / "web-page.png"
+KEY, OTHER_KEY = "page-key-3f9a1c", "page-key-other-77d2"
+
+
+@pytest.fixture
+def browser():
+    """Per test: while Playwright's sync API runs, this thread has an event loop, so stacks (whose
+    set-up and tear-down use asyncio.run) are made before it starts and removed after it ends."""
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"no chromium at {CHROMIUM}: apt-get install chromium (.ci/run does)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM,
+                                             args=["--no-sandbox", "--autoplay-policy=no-user-gesture-required"])
+        yield browser
+        browser.close()
+
+
+def test_upload_follow_read_play_and_download(stack, fixtures_dir, browser, tmp_path):
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(stack.api + "/")
+    assert page.title() == "stt-pipeline"
+
+    page.set_input_files("#file", str(fixtures_dir / "en_dialogue.wav"))
+    page.select_option("#language", "en")
+    page.get_by_role("button", name="Transcribe").click()
+    status = page.locator("#upload-status")
+    status.filter(has_text="accepted as job").wait_for(timeout=60_000)
+    job_id = int(status.inner_text().rsplit("job ", 1)[1].rstrip("."))
+
+    # Followed live: the job's row and the transcript reach done with no reload.
+    page.locator(f'#jobs li[data-job="{job_id}"][data-status="done"]').wait_for(timeout=300_000)
+    page.locator('#transcript[data-ended="true"]').wait_for(timeout=60_000)
+    segments = page.locator("#segments .segment")
+    speakers = {segments.nth(i).get_attribute("data-speaker") for i in range(segments.count())}
+    assert speakers == {"spk_0", "spk_1"}
+    text = page.locator("#segments").inner_text().lower()
+    assert "sales" in text and "quarter" in text
+
+    # Name a speaker from the page: the transcript shows it.
+    page.fill("#name-spk_0", "Anna")
+    page.get_by_role("button", name="Save names").click()
+    page.locator("#segments .segment[data-speaker='spk_0'] .who", has_text="Anna").first.wait_for(timeout=30_000)
+
+    # Clicking a segment seeks the audio there.
+    page.wait_for_function("document.querySelector('#player').readyState >= 1", timeout=30_000)
+    target = segments.nth(2)
+    start = float(target.get_attribute("data-start"))
+    target.click()
+    position = page.evaluate("document.querySelector('#player').currentTime")
+    assert abs(position - start) < 0.5, (position, start)
+
+    page.screenshot(path=str(SCREENSHOT if os.environ.get("STT_UPDATE_SCREENSHOT") else tmp_path / "page.png"),
+                    full_page=True)
+
+    with page.expect_download() as download:
+        page.get_by_role("link", name="Download SRT").click()
+    srt = Path(download.value.path()).read_text()
+    assert "-->" in srt and "Anna: " in srt and "spk_1: " in srt
+    assert errors == []
+    page.close()
+
+
+@pytest.fixture(scope="module")
+def keyed_stack(tmp_path_factory):
+    with running_stack(tmp_path_factory, API_KEYS=f"{KEY},{OTHER_KEY}") as stack:
+        yield stack
+
+
+def test_with_api_keys_the_key_is_asked_once_and_used_for_everything(keyed_stack, fixtures_dir, browser):
+    stack = keyed_stack
+    mine = stack.submit_job(fixtures_dir / "jfk.flac", client=httpx.Client(headers={"X-API-Key": KEY}))
+    theirs = stack.submit_job(fixtures_dir / "jfk.flac", name="theirs.flac",
+                              client=httpx.Client(headers={"X-API-Key": OTHER_KEY}))
+    page = browser.new_page()
+    page.goto(stack.api + "/")
+    page.locator("#notice", has_text="needs an API key").wait_for(timeout=30_000)
+    page.fill("#api-key", KEY)
+    page.get_by_role("button", name="Use key").click()
+    page.locator(f'#jobs li[data-job="{mine}"][data-status="done"]').wait_for(timeout=300_000)
+    assert page.locator(f'#jobs li[data-job="{theirs}"]').count() == 0
+    page.locator(f'#jobs li[data-job="{mine}"] button').click()
+    page.locator('#transcript[data-ended="true"]').wait_for(timeout=60_000)
+    assert "ask not what your country" in page.locator("#segments").inner_text().lower()
+    # The audio element cannot send the key: the page fetched the file with it.
+    page.wait_for_function("document.querySelector('#player').src.startsWith('blob:')", timeout=30_000)
+    with page.expect_download() as download:
+        page.get_by_role("link", name="Download TXT").click()
+    assert "ask not what your country" in Path(download.value.path()).read_text().lower()
+    # Kept for the browser session: a reload needs no key again.
+    page.reload()
+    page.locator(f'#jobs li[data-job="{mine}"]').wait_for(timeout=30_000)
+    page.close()
