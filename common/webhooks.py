@@ -46,7 +46,7 @@ def url_problem(url: str) -> str | None:
     return None
 
 
-def _private(address: str) -> bool:
+def is_private_address(address: str) -> bool:
     ip = ipaddress.ip_address(address.split("%", 1)[0])
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
         ip = ip.ipv4_mapped
@@ -67,7 +67,7 @@ async def target_problem(url: str, allow_private: bool) -> str | None:
             parts.hostname, parts.port or (443 if parts.scheme == "https" else 80), type=socket.SOCK_STREAM)
     except OSError as exc:
         return f"{parts.hostname} does not resolve ({exc.strerror or exc})"
-    private = sorted({info[4][0] for info in found if _private(info[4][0])})
+    private = sorted({info[4][0] for info in found if is_private_address(info[4][0])})
     if private:
         return (f"{parts.hostname} resolves to a private, loopback or link-local address ({private[0]});"
                 " set WEBHOOK_ALLOW_PRIVATE=true to allow that")

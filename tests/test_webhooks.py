@@ -22,6 +22,7 @@ import httpx
 import pytest
 
 from common.webhooks import new_secret, signature, target_problem
+from services.notifier.handler import PublicOnlyResolver
 from tests.conftest import free_port, running_stack
 
 # Short waits so retries and give-ups happen within a test.
@@ -109,6 +110,17 @@ def test_signatures_secrets_and_private_targets():
     assert refused[6] is None and "http" in refused[7]
     allowed = asyncio.run(problems(True))
     assert allowed[:7] == [None] * 7 and allowed[7] is not None
+
+    async def connect_time_resolution() -> None:
+        # what the notifier connects with: a name that turned private after the check is refused too
+        resolver = PublicOnlyResolver()
+        try:
+            with pytest.raises(OSError, match="private"):
+                await resolver.resolve("localhost", 80)
+        finally:
+            await resolver.close()
+
+    asyncio.run(connect_time_resolution())
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,6 @@ import asyncio
 import functools
 import logging
 
-import aiohttp
-
 from common.broker import (
     EVENTS_EXCHANGE,
     Route,
@@ -50,7 +48,7 @@ async def main() -> None:
     await events.bind(await bus.channel.get_exchange(EVENTS_EXCHANGE), "#")
     await declare_delay_queues(bus.channel, handler.DELIVERY_QUEUE,
                                [*settings.webhook_retry_delays, handler.BUSY_ENDPOINT_DELAY_S])
-    async with aiohttp.ClientSession() as http:
+    async with handler.http_session(settings) as http:
         fan_out = functools.partial(handler.fan_out, pool)
         deliver = functools.partial(handler.deliver, pool, http, settings, bus)
         log.info("notifier ready")
