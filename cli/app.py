@@ -542,6 +542,18 @@ def webhooks_list(api: ApiUrl = DEFAULT_API_URL, api_key: ApiKey = None) -> None
         stderr.print("no webhooks registered")
 
 
+@webhooks_app.command("remove")
+def webhooks_remove(
+    webhook_id: Annotated[int, typer.Argument(metavar="ID", help="The webhook's id.", show_default=False)],
+    api: ApiUrl = DEFAULT_API_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """Stop sending to a webhook and drop its delivery log."""
+    with reporting_api_errors(api), api_client(api, api_key) as client:
+        checked(client.delete(f"/webhooks/{webhook_id}"))
+    sys.stdout.write(f"removed webhook {webhook_id}\n")
+
+
 @webhooks_app.command("deliveries")
 def webhooks_deliveries(
     webhook_id: Annotated[int, typer.Argument(metavar="ID", help="The webhook's id.", show_default=False)],

@@ -190,9 +190,12 @@ def test_events_arrive_signed_in_order_retried_and_given_up(notified, fixtures_d
 
     listed = stt(stack, "webhooks", "list").stdout
     assert receiver.url("/ok") in listed and f"job {job_id}" in listed
-    for hook in (flaky, dead):
-        assert api.delete(f"/webhooks/{hook['id']}").status_code == 204
+    assert api.delete(f"/webhooks/{flaky['id']}").status_code == 204
+    removed = stt(stack, "webhooks", "remove", str(dead["id"]))
+    assert removed.returncode == 0 and f"removed webhook {dead['id']}" in removed.stdout, removed
     assert api.get(f"/webhooks/{dead['id']}/deliveries").status_code == 404
+    again = stt(stack, "webhooks", "remove", str(dead["id"]))
+    assert again.returncode != 0 and "no webhook" in again.stderr, again
 
 
 def test_private_targets_are_refused_when_not_allowed(notified):
