@@ -332,6 +332,11 @@ def submit(
     raise typer.Exit(1 if refused or failed else 0)
 
 
+def print_json(value: object) -> None:
+    """The API's JSON as it came, indented, non-ASCII kept (for --json)."""
+    sys.stdout.write(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+
+
 @app.command()
 def status(
     job_id: Annotated[int, typer.Argument(metavar="ID", help="Job id, as printed by submit.", show_default=False)],
@@ -343,7 +348,7 @@ def status(
     with reporting_api_errors(api), api_client(api, api_key) as client:
         document = checked(client.get(f"/status/{job_id}")).json()
     if as_json:
-        sys.stdout.write(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
+        print_json(document)
         return
     table = Table(show_header=False, box=None, padding=(0, 2, 0, 0))
     table.add_column(style="bold")
@@ -419,7 +424,7 @@ def search(
     with reporting_api_errors(api), api_client(api, api_key) as client:
         page = checked(client.get("/search", params={k: v for k, v in params.items() if v is not None})).json()
     if as_json:
-        sys.stdout.write(json.dumps(page, indent=2, ensure_ascii=False) + "\n")
+        print_json(page)
         return
     colours = SpeakerColours()
     for hit in page["items"]:
@@ -565,7 +570,7 @@ def webhooks_deliveries(
     with reporting_api_errors(api), api_client(api, api_key) as client:
         page = checked(client.get(f"/webhooks/{webhook_id}/deliveries")).json()
     if as_json:
-        sys.stdout.write(json.dumps(page, indent=2, ensure_ascii=False) + "\n")
+        print_json(page)
         return
     for item in page["items"]:
         tries = "; ".join(f"{a.get('status_code') or '-'} {a['latency_ms']} ms {a.get('error') or ''}".rstrip()

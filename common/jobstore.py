@@ -105,6 +105,42 @@ async def set_speaker_names(conn: asyncpg.Connection, job_id: int, names: dict[s
         [(job_id, label, name, "manual" if name else None) for label, name in names.items()])
 
 
+async def job_audio(db: Db, job_id: int) -> asyncpg.Record | None:
+    """filename, audio_key and owner of a job (the uploaded recording)."""
+    return await db.fetchrow("SELECT filename, audio_key, owner FROM transcripts WHERE id = $1", job_id)
+
+
+async def stored_chunk_prefix(db: Db, job_id: int) -> int:
+    """The highest chunk index k such that chunks 0..k are all stored (-1: none yet)."""
+    stored = await db.fetch("SELECT chunk_index FROM chunks WHERE transcript_id = $1 ORDER BY chunk_index", job_id)
+    complete = -1
+    for row in stored:
+        if row["chunk_index"] != complete + 1:
+            break
+        complete += 1
+    return complete
+
+
+async def segments_after(db: Db, job_id: int, after: tuple[int, int], up_to_chunk: int) -> list[asyncpg.Record]:
+    """chunk_index, index, speaker, speaker_name, speaker_confidence, start_ts, end_ts, text,
+    overlap of the segments after (chunk, index) `after` in chunks up to `up_to_chunk`, in that order."""
+    return await db.fetch(
+        "SELECT s.chunk_index, s.index, s.speaker, n.name AS speaker_name, n.confidence AS speaker_confidence,"
+        " s.start_ts, s.end_ts, s.text, s.overlap"
+        f" FROM segments s {_SPEAKER_NAME}"
+        " WHERE s.transcript_id = $1 AND (s.chunk_index, s.index) > ($2, $3) AND s.chunk_index <= $4"
+        " ORDER BY s.chunk_index, s.index", job_id, after[0], after[1], up_to_chunk)
+
+
+async def recent_jobs(db: Db, owner: str | None, limit: int = 100) -> list[asyncpg.Record]:
+    """id, filename, status, stage, progress of the owner's jobs that are processing or changed in
+    the last hour, newest first."""
+    return await db.fetch(
+        "SELECT id, filename, status, stage, progress FROM transcripts WHERE owner IS NOT DISTINCT FROM $1"
+        " AND (status = 'processing' OR updated_at > now() - interval '1 hour') ORDER BY id DESC LIMIT $2",
+        owner, limit)
+
+
 async def job_turns(db: Db, job_id: int) -> list[SpeakerTurn]:
     """The diarizer's turns of a job, in time order."""
     rows = await db.fetch(

@@ -31,6 +31,7 @@ from common.metrics import http_metrics_middleware, watch_queue_depths
 from common.outbox import run_outbox_flusher
 from common.settings import Settings, get_settings
 from common.storage import ensure_buckets, make_client, upload_stream
+from common.webhooks import new_secret
 from services.embedder.backends import make_embedder
 from services.ingest.admission import checked_size, upload_limit_middleware
 from services.ingest.auth import api_key_middleware, request_owner
@@ -108,10 +109,10 @@ async def recognize(
         raise HTTPException(status_code=400, detail="; ".join(
             f"{'.'.join(map(str, e['loc'])) or 'form'}: {e['msg']}" for e in exc.errors())) from exc
     callback_url = await checked_target(data.callback_url, state.settings) if data.callback_url else None
-    callback_secret: list[str] = []
+    callback_secret = new_secret() if callback_url else None
 
     async def add_callback_url(conn, job_id: int) -> None:
-        callback_secret.append(await add_callback(conn, job_id, request_owner(request), callback_url))
+        await add_callback(conn, job_id, request_owner(request), callback_url, callback_secret)
 
     try:
         await asyncio.to_thread(probe_audio, stream)
@@ -131,7 +132,7 @@ async def recognize(
     token = current_job.set(job_id)
     log.info("accepted %r (%d bytes)", filename, size)
     current_job.reset(token)
-    return Accepted(id=job_id, filename=filename, callback_secret=callback_secret[0] if callback_secret else None)
+    return Accepted(id=job_id, filename=filename, callback_secret=callback_secret)
 
 
 @get("/status/{job_id:int}", summary="State and segments of a job", responses=_errors(401, 403, 404, 503))

@@ -18,14 +18,12 @@ import json
 import logging
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Annotated
 
 import asyncpg
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from litestar import Request, get
 from litestar.datastructures import State
 from litestar.exceptions import NotFoundException
-from litestar.params import Parameter
 from litestar.response import ServerSentEvent
 from litestar.response.sse import ServerSentEventMessage
 
@@ -34,6 +32,7 @@ from common.broker import EVENTS_EXCHANGE
 from services.ingest.auth import request_owner
 from services.ingest.errors import error_responses
 from services.ingest.jobs import percent_done, public_stage
+from services.ingest.transcripts import JobId, visible
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +42,6 @@ KEEPALIVE_S = 15.0
 # Clients reconnect by themselves (EventSource waits `retry` ms); the stream then resumes.
 RETRY_MS = 2000
 END_ID = "end"
-MAX_ID = 2**53 - 1
-
-JobId = Annotated[int, Parameter(ge=1, le=MAX_ID, description="The job id POST /recognize returned")]
 
 
 class Wakeups:
@@ -111,27 +107,6 @@ def _progress(job: asyncpg.Record) -> dict:
             "stage": public_stage(job["stage"]), "percent": percent_done(job["status"], job["progress"])}
 
 
-async def _complete_chunks(pool: asyncpg.Pool, job_id: int) -> int:
-    """The highest chunk index k such that chunks 0..k are all stored (-1: none yet)."""
-    stored = await pool.fetch("SELECT chunk_index FROM chunks WHERE transcript_id = $1 ORDER BY chunk_index", job_id)
-    complete = -1
-    for row in stored:
-        if row["chunk_index"] != complete + 1:
-            break
-        complete += 1
-    return complete
-
-
-async def _segments_after(pool: asyncpg.Pool, job_id: int, after: tuple[int, int], up_to_chunk: int) -> list:
-    return await pool.fetch(
-        "SELECT s.chunk_index, s.index, s.speaker, n.name AS speaker_name, n.confidence AS speaker_confidence,"
-        " s.start_ts, s.end_ts, s.text, s.overlap"
-        " FROM segments s LEFT JOIN transcript_speakers n ON n.transcript_id = s.transcript_id"
-        " AND n.speaker = s.speaker"
-        " WHERE s.transcript_id = $1 AND (s.chunk_index, s.index) > ($2, $3) AND s.chunk_index <= $4"
-        " ORDER BY s.chunk_index, s.index", job_id, after[0], after[1], up_to_chunk)
-
-
 async def _wait(wake: asyncio.Event, timeout: float) -> None:
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(wake.wait(), timeout)
@@ -155,7 +130,8 @@ async def job_stream(pool: asyncpg.Pool, wakeups: Wakeups, job_id: int, last_eve
                 return
             # Read before the segments: a job seen finished has every segment stored.
             ended = job["status"] in ("done", "error")
-            for row in await _segments_after(pool, job_id, after, await _complete_chunks(pool, job_id)):
+            up_to_chunk = await jobstore.stored_chunk_prefix(pool, job_id)
+            for row in await jobstore.segments_after(pool, job_id, after, up_to_chunk):
                 after = (row["chunk_index"], row["index"])
                 segment = {key: row[key] for key in ("chunk_index", "index", "speaker", "start_ts", "end_ts",
                                                      "text", "overlap")}
@@ -190,11 +166,7 @@ async def jobs_stream(pool: asyncpg.Pool, wakeups: Wakeups, owner: str | None,
     yield ServerSentEventMessage(data=None, comment="stream of jobs", retry=RETRY_MS, sep="\n")
     with wakeups.listen(None) as wake:
         while not exiting():
-            rows = await pool.fetch(
-                "SELECT id, filename, status, stage, progress FROM transcripts WHERE owner IS NOT DISTINCT FROM $1"
-                " AND (status = 'processing' OR updated_at > now() - interval '1 hour') ORDER BY id DESC LIMIT 100",
-                owner)
-            for row in reversed(rows):
+            for row in reversed(await jobstore.recent_jobs(pool, owner)):
                 progress = _progress(row)
                 if sent.get(row["id"]) != progress:
                     sent[row["id"]] = progress
@@ -218,9 +190,7 @@ async def job_events(job_id: JobId, state: State, request: Request) -> ServerSen
     (status, stage, percent) when it changes, then `transcript.completed` or `transcript.failed`
     (id `end`), and the stream ends. Reconnect with `Last-Event-ID` to resume after the last
     segment received."""
-    owner = request_owner(request)
-    job = await jobstore.job(state.pool, job_id)
-    if job is None or (owner is not None and job["owner"] != owner):
+    if not visible(await jobstore.job(state.pool, job_id), request_owner(request)):
         raise NotFoundException(detail=f"no job with id {job_id}")
     stream = job_stream(state.pool, state.wakeups, job_id, request.headers.get("last-event-id"), _exiting(state))
     return ServerSentEvent(stream, headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})

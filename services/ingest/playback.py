@@ -7,29 +7,25 @@ import asyncio
 import mimetypes
 import re
 from collections.abc import AsyncIterator
-from typing import Annotated
 
 from litestar import Request, get
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException, NotFoundException
-from litestar.params import Parameter
 from litestar.response import Stream
 from minio.error import S3Error
 
+from common import jobstore
 from common.storage import read_range
 from services.ingest.auth import request_owner
 from services.ingest.errors import error_responses
-from services.ingest.transcripts import content_disposition
+from services.ingest.transcripts import JobId, content_disposition, visible
 
 PIECE_BYTES = 1024 * 1024
-MAX_ID = 2**53 - 1
 # Not every system's mime.types knows these; a browser needs the type to play the file.
 AUDIO_TYPES = {".flac": "audio/flac", ".wav": "audio/wav", ".mp3": "audio/mpeg", ".m4a": "audio/mp4",
                ".aac": "audio/aac", ".ogg": "audio/ogg", ".oga": "audio/ogg", ".opus": "audio/ogg",
                ".webm": "audio/webm", ".mp4": "video/mp4", ".mkv": "video/x-matroska"}
 RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
-
-JobId = Annotated[int, Parameter(ge=1, le=MAX_ID, description="The job id POST /recognize returned")]
 
 
 class RangeNotSatisfiable(HTTPException):
@@ -67,9 +63,8 @@ async def _pieces(state: State, key: str, first: int, last: int) -> AsyncIterato
 @get("/transcripts/{job_id:int}/audio", summary="The job's recording as uploaded (supports Range)",
      responses=error_responses(400, 401, 403, 404, 416, 503, e404="No such job (for this key), or its audio is gone"))
 async def job_audio(job_id: JobId, state: State, request: Request) -> Stream:
-    owner = request_owner(request)
-    job = await state.pool.fetchrow("SELECT filename, audio_key, owner FROM transcripts WHERE id = $1", job_id)
-    if job is None or (owner is not None and job["owner"] != owner) or not job["audio_key"]:
+    job = await jobstore.job_audio(state.pool, job_id)
+    if not visible(job, request_owner(request)) or not job["audio_key"]:
         raise NotFoundException(detail=f"no job with id {job_id}")
     try:
         stat = await asyncio.to_thread(state.s3.stat_object, state.settings.audio_bucket, job["audio_key"])

@@ -187,7 +187,7 @@ def _summary_fields(row: asyncpg.Record) -> dict:
     }
 
 
-def _visible(row: asyncpg.Record | None, owner: str | None) -> bool:
+def visible(row: asyncpg.Record | None, owner: str | None) -> bool:
     """With API keys on (`owner` set), another key's job is as if it did not exist."""
     return row is not None and (owner is None or row["owner"] == owner)
 
@@ -195,7 +195,7 @@ def _visible(row: asyncpg.Record | None, owner: str | None) -> bool:
 async def fetch_transcript(pool: asyncpg.Pool, job_id: int, owner: str | None,
                            with_words: bool) -> TranscriptDocument | None:
     job = await jobstore.job(pool, job_id)
-    if not _visible(job, owner):
+    if not visible(job, owner):
         return None
     rows = await jobstore.job_segments(pool, job_id)
     segments = [
@@ -261,7 +261,7 @@ async def delete_transcript(pool: asyncpg.Pool, s3: Minio, settings: Settings, j
     async with pool.acquire() as conn, conn.transaction():
         # The row lock also waits out the inbox writing this job's result file.
         job = await jobstore.lock_job(conn, job_id)
-        if not _visible(job, owner):
+        if not visible(job, owner):
             return False
         if job["status"] == "processing":
             raise StillProcessing
@@ -392,7 +392,7 @@ async def name_speakers(job_id: JobId, state: State, request: Request,
     transcript format, search hits, and the segment.created events stored from then on."""
     async with state.pool.acquire() as conn, conn.transaction():
         job = await jobstore.lock_job(conn, job_id)
-        if not _visible(job, request_owner(request)):
+        if not visible(job, request_owner(request)):
             raise NotFoundException(detail=f"no job with id {job_id}")
         labels = await jobstore.job_speaker_labels(conn, job_id)
         # While the job runs, a speaker may be named before the diarizer has reached it.

@@ -91,12 +91,10 @@ async def checked_target(url: str, settings: Settings) -> str:
     return url
 
 
-async def add_callback(conn: asyncpg.Connection, job_id: int, owner: str | None, url: str) -> str:
-    """A job's callback_url as a webhook bound to it (in the job's own transaction); its secret."""
-    secret = new_secret()
+async def add_callback(conn: asyncpg.Connection, job_id: int, owner: str | None, url: str, secret: str) -> None:
+    """A job's callback_url as a webhook bound to it (in the job's own transaction)."""
     await conn.execute("INSERT INTO webhooks (owner, url, events, secret, job_id) VALUES ($1, $2, $3, $4, $5)",
                        owner, url, CALLBACK_EVENTS, secret, job_id)
-    return secret
 
 
 def _webhook(row: asyncpg.Record) -> Webhook:

@@ -81,12 +81,7 @@ async def _deliver_in_order(pool: asyncpg.Pool, http: aiohttp.ClientSession, set
         try:
             retry_of = due.retry_of
             while True:
-                head = await conn.fetchrow(
-                    """SELECT d.id, d.event_id, d.event_type, d.payload, d.attempts, w.url, w.secret,
-                              d.next_attempt_at <= now() AS due
-                         FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id
-                        WHERE d.webhook_id = $1 AND d.job_id = $2 AND d.status = 'pending'
-                        ORDER BY d.id LIMIT 1""", due.webhook_id, due.job_id)
+                head = await _oldest_pending(conn, due)
                 if head is None or not (head["due"] or head["id"] == retry_of):
                     break  # none left, or the oldest waits for its retry (which will go on from it)
                 retry_of = None
@@ -94,13 +89,18 @@ async def _deliver_in_order(pool: asyncpg.Pool, http: aiohttp.ClientSession, set
                     break
         finally:
             await conn.execute("SELECT pg_advisory_unlock($1::int, $2::int)", *key)
-        return bool(await conn.fetchval(
-            """SELECT EXISTS (SELECT 1 FROM webhook_deliveries
-                               WHERE webhook_id = $1 AND job_id = $2 AND status = 'pending'
-                                 AND next_attempt_at <= now()
-                                 AND id = (SELECT min(id) FROM webhook_deliveries
-                                            WHERE webhook_id = $1 AND job_id = $2 AND status = 'pending'))""",
-            due.webhook_id, due.job_id))
+        head = await _oldest_pending(conn, due)
+        return head is not None and head["due"]
+
+
+async def _oldest_pending(conn: asyncpg.Connection, due: WebhookDue) -> asyncpg.Record | None:
+    """The job's oldest pending delivery to the webhook, and whether its time has come."""
+    return await conn.fetchrow(
+        """SELECT d.id, d.event_id, d.event_type, d.payload, d.attempts, w.url, w.secret,
+                  d.next_attempt_at <= now() AS due
+             FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id
+            WHERE d.webhook_id = $1 AND d.job_id = $2 AND d.status = 'pending'
+            ORDER BY d.id LIMIT 1""", due.webhook_id, due.job_id)
 
 
 async def _attempt(conn: asyncpg.Connection, http: aiohttp.ClientSession, settings: Settings, bus: Bus,
