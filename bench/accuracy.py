@@ -7,7 +7,9 @@ cpWER (meeteval) of the transcript with each of the two choices of what Whisper 
 diarizer's speech regions, the default, or faster-whisper's own VAD filter) beside bare Whisper
 (the whole file in one call, no VAD); and, for the meetings that have no transcript, how many
 words each gives against bare Whisper. The previous diarizer's figures (silero-vad + GE2E, the
-default until 2026-11-30, deterministic) are printed beside the new ones.
+default until 2026-11-30, deterministic) are printed beside the new ones. A last table splits the
+collar-0 error into its parts: speech missed (where the diarizer heard nobody, or in overlap with
+too few people), false alarm and confusion.
 
     python -m bench.accuracy [--fixtures DIR] [--json out.json]
 """
@@ -26,9 +28,11 @@ from bench.common import (
     bench_settings,
     cpwer_counts,
     der_counts,
+    der_parts,
     fmt,
     load_components,
     load_fixtures,
+    missed_speech,
     normalize,
     quiet_logs,
     run_pipeline,
@@ -97,6 +101,8 @@ def evaluate(fixtures_dir: Path) -> dict:
         if fixture.turns:
             row["der_0.5"] = der_counts(fixture.turns, hypothesis, 0.5)
             row["der_0"] = der_counts(fixture.turns, hypothesis, 0.0)
+            row["parts_0"] = der_parts(fixture.turns, hypothesis, 0.0)
+            row["missed_0"] = missed_speech(fixture.turns, hypothesis)
         bare = bare_whisper(model, waveform, settings.whisper_beam_size)
         row["bare_words"] = len(normalize(bare).split())
         reference = ([(u.speaker, u.text) for u in sorted(fixture.utterances, key=lambda u: u.start)]
@@ -185,6 +191,31 @@ def targets(rows: list[dict]) -> list[dict]:
     return out
 
 
+def _parts_row(name: str, members: list[dict]) -> list[str]:
+    """Collar-0 DER split into its parts, as shares of the reference speaker time."""
+    total = sum(r["parts_0"]["total"] for r in members)
+
+    def share(value: float) -> str:
+        return fmt(value / total if total else None)
+
+    def summed(key: str, part: str) -> float:
+        return sum(r[key][part] for r in members)
+
+    return [name, fmt(total, "s"), share(summed("parts_0", "missed")), share(summed("missed_0", "silence")),
+            share(summed("missed_0", "overlap")), share(summed("missed_0", "beyond_two")),
+            share(summed("parts_0", "false_alarm")), share(summed("parts_0", "confusion"))]
+
+
+def breakdown(rows: list[dict]) -> str:
+    """Where the collar-0 error is: speech missed (under what the diarizer took for silence, or
+    in overlap where it has too few people), false alarm, confusion."""
+    scored = [r for r in rows if "parts_0" in r]
+    lines = [_parts_row(r["file"], [r]) for r in scored]
+    lines.append(_parts_row("AMI (9 clips)", [r for r in scored if r["stem"] in AMI]))
+    return table(["file", "ref s", "missed %", "as silence", "in overlap", "(>2 at once)", "false alarm %",
+                  "confusion %"], lines)
+
+
 def render(report: dict) -> str:
     headers = ["file", "dur s", "spk ref", "spk found (prev)", "DER±.25 % (prev)", "DER@0 % (prev)",
                "diar s", "RTF", "cpWER % diar / vad", "bare WER %", "words diar / vad / bare"]
@@ -206,7 +237,10 @@ def render(report: dict) -> str:
              table(headers, rows), "",
              "pooled DER (total error / total reference):",
              table(["files", "DER±.25 %", "previous", "DER@0 %", "previous"], pooled_rows),
-             f"diarization real-time factor over all files: {report['pooled']['rtf']:.3f} (wall)", "", "targets:"]
+             f"diarization real-time factor over all files: {report['pooled']['rtf']:.3f} (wall)", "",
+             "where the error is (collar 0, shares of reference speaker time; '>2 at once' is the part of",
+             "the reference a model of at most two simultaneous speakers cannot give):",
+             breakdown(report["files"]), "", "targets:"]
     width = max(len(t["target"]) for t in report["targets"]) if report["targets"] else 0
     for t in report["targets"]:
         lines.append(f"  {t['target'].ljust(width)}  {(t['value'] or '-'):>22}  {verdict(t['met'])}")

@@ -188,10 +188,10 @@ def cpwer_counts(reference: list[tuple[str, str]], hypothesis: list[tuple[str, s
     return int(result.errors), int(result.length)
 
 
-def der_counts(reference: list[tuple[str, float, float]], hypothesis: list[tuple[str, float, float]],
-               collar: float) -> tuple[float, float]:
-    """pyannote.metrics DER as (error seconds, reference seconds), overlap scored; `collar` is
-    the total width (0.5 = +-0.25 s). Pool files by summing both."""
+def der_parts(reference: list[tuple[str, float, float]], hypothesis: list[tuple[str, float, float]],
+              collar: float) -> dict[str, float]:
+    """pyannote.metrics DER's parts in seconds: missed, false alarm, confusion and the scored
+    reference total; overlap scored; `collar` is the total width (0.5 = +-0.25 s)."""
     import warnings
 
     from pyannote.core import Annotation, Segment
@@ -208,7 +208,37 @@ def der_counts(reference: list[tuple[str, float, float]], hypothesis: list[tuple
         warnings.simplefilter("ignore")
         details = DiarizationErrorRate(collar=collar, skip_overlap=False)(
             annotation(reference), annotation(hypothesis), detailed=True)
-    return details["diarization error rate"] * details["total"], details["total"]
+    return {"missed": details["missed detection"], "false_alarm": details["false alarm"],
+            "confusion": details["confusion"], "total": details["total"]}
+
+
+def der_counts(reference: list[tuple[str, float, float]], hypothesis: list[tuple[str, float, float]],
+               collar: float) -> tuple[float, float]:
+    """pyannote.metrics DER as (error seconds, reference seconds), overlap scored; `collar` is
+    the total width (0.5 = +-0.25 s). Pool files by summing both."""
+    parts = der_parts(reference, hypothesis, collar)
+    return parts["missed"] + parts["false_alarm"] + parts["confusion"], parts["total"]
+
+
+def missed_speech(reference: list[tuple[str, float, float]], hypothesis: list[tuple[str, float, float]],
+                  frame_s: float = 0.01) -> dict[str, float]:
+    """Where the reference's speaker time goes unheard, in seconds (no collar): under frames
+    where the hypothesis has nobody talking (`silence`), or where it has fewer people than the
+    reference (`overlap`); and `beyond_two`, the reference's speaker time beyond two people at
+    once, which a model of at most two simultaneous speakers cannot give."""
+    end = max([e for _, _, e in reference + hypothesis], default=0.0)
+    frames = int(np.ceil(end / frame_s)) + 1
+
+    def count(turns):
+        c = np.zeros(frames, dtype=np.int64)
+        for _, start, stop in turns:
+            c[int(round(start / frame_s)):int(round(stop / frame_s))] += 1
+        return c
+
+    ref, hyp = count(reference), count(hypothesis)
+    return {"silence": float(ref[hyp == 0].sum()) * frame_s,
+            "overlap": float(np.clip(ref - hyp, 0, None)[hyp > 0].sum()) * frame_s,
+            "beyond_two": float(np.clip(ref - 2, 0, None).sum()) * frame_s}
 
 
 def der(reference: list[tuple[str, float, float]], hypothesis: list[tuple[str, float, float]],
