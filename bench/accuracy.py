@@ -28,6 +28,7 @@ from bench.common import (
     bench_settings,
     cpwer_counts,
     der_counts,
+    der_error,
     der_parts,
     fmt,
     load_components,
@@ -100,8 +101,8 @@ def evaluate(fixtures_dir: Path) -> dict:
                "diarize_s": round(diarize_s, 3), "turns": hypothesis}
         if fixture.turns:
             row["der_0.5"] = der_counts(fixture.turns, hypothesis, 0.5)
-            row["der_0"] = der_counts(fixture.turns, hypothesis, 0.0)
             row["parts_0"] = der_parts(fixture.turns, hypothesis, 0.0)
+            row["der_0"] = der_error(row["parts_0"])
             row["missed_0"] = missed_speech(fixture.turns, hypothesis)
         bare = bare_whisper(model, waveform, settings.whisper_beam_size)
         row["bare_words"] = len(normalize(bare).split())

@@ -216,7 +216,11 @@ def der_counts(reference: list[tuple[str, float, float]], hypothesis: list[tuple
                collar: float) -> tuple[float, float]:
     """pyannote.metrics DER as (error seconds, reference seconds), overlap scored; `collar` is
     the total width (0.5 = +-0.25 s). Pool files by summing both."""
-    parts = der_parts(reference, hypothesis, collar)
+    return der_error(der_parts(reference, hypothesis, collar))
+
+
+def der_error(parts: dict[str, float]) -> tuple[float, float]:
+    """(error seconds, reference seconds) from `der_parts`' result."""
     return parts["missed"] + parts["false_alarm"] + parts["confusion"], parts["total"]
 
 
