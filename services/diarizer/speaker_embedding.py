@@ -132,7 +132,7 @@ def embed(model: EmbeddingModel, features: list[np.ndarray]) -> np.ndarray:
     for length, index in by_length.items():
         if length == 0:
             continue
-        batch = np.stack([features[i] for i in index]).astype(np.float32)
+        batch = np.stack([features[i] for i in index]).astype(np.float32, copy=False)
         batch = batch - batch.mean(axis=1, keepdims=True)
         out[index] = model.session.run(None, {"features": batch})[0]
     norms = np.linalg.norm(out, axis=1, keepdims=True)
