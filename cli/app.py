@@ -258,7 +258,8 @@ def print_transcript(job: SubmittedJob, document: dict) -> None:
     stdout.print(Text(f"job {job.id}: {job.filename}", style="bold"))
     colours = SpeakerColours()
     for segment in document["segments"]:
-        stdout.print(segment_line(segment["start_ts"], segment["speaker"], segment["text"], colours))
+        speaker = segment.get("speaker_name") or segment["speaker"]
+        stdout.print(segment_line(segment["start_ts"], speaker, segment["text"], colours))
     if not document["segments"]:
         stdout.print(Text("(no speech)", style="dim"))
 

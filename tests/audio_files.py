@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import io
+import json
 import struct
+from pathlib import Path
 
 import av
 import numpy as np
 
-from common.audio import SAMPLE_RATE
+from common.audio import SAMPLE_RATE, decode_audio
 
 
 def encode(samples: np.ndarray, container: str, codec: str, rate: int, channels: int = 2,
@@ -43,3 +45,23 @@ def wav_header(data_bytes: int, rate: int = SAMPLE_RATE, channels: int = 1) -> b
     return (b"RIFF" + struct.pack("<I", 36 + data_bytes) + b"WAVEfmt " +
             struct.pack("<IHHIIHH", 16, 1, channels, rate, rate * channels * 2, channels * 2, 16) +
             b"data" + struct.pack("<I", data_bytes))
+
+
+def _cut(audio: np.ndarray, spans: list[tuple[float, float]], gap_s: float = 0.6) -> np.ndarray:
+    gap = np.zeros(int(gap_s * SAMPLE_RATE), dtype=np.float32)
+    pieces = []
+    for start, end in spans:
+        pieces += [gap, audio[int(start * SAMPLE_RATE):int(end * SAMPLE_RATE)]]
+    return np.concatenate(pieces + [gap])
+
+
+def en_dialogue_voices(fixtures: Path) -> dict[str, bytes]:
+    """WAVs of en_dialogue's two voices other than en_dialogue itself: `second_half` (its
+    utterances from the third on), `a_alone` (speaker A's utterances: a sample to enrol from),
+    `both` (every utterance) and 8 s of `silence`."""
+    audio = decode_audio(str(fixtures / "en_dialogue.wav"))
+    utterances = json.loads((fixtures / "en_dialogue.json").read_text())
+    return {"second_half": wav(_cut(audio, [(u["start"], u["end"]) for u in utterances[2:]])),
+            "a_alone": wav(_cut(audio, [(u["start"], u["end"]) for u in utterances if u["speaker"] == "A"])),
+            "both": wav(_cut(audio, [(u["start"], u["end"]) for u in utterances])),
+            "silence": wav(np.zeros(8 * SAMPLE_RATE, dtype=np.float32))}

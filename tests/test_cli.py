@@ -21,6 +21,7 @@ import yaml
 from typer.testing import CliRunner
 
 from cli.app import app, clock
+from tests.audio_files import en_dialogue_voices
 from tests.conftest import ROOT, Stack, running_stack
 
 API_KEY = "cli-key-0b7d2e"
@@ -186,6 +187,36 @@ def test_watch_for_one_job_ends_with_it(keyed_stack, fixtures_dir):
                              capture_output=True, text=True, timeout=300)
     assert watcher.returncode == 0, watcher.stdout + watcher.stderr
     assert re.search(rf"job {job_id} (done|had already ended: done)", watcher.stdout), watcher.stdout
+
+
+def test_an_enrolled_speaker_is_named_in_printed_transcripts_until_forgotten(keyed_stack, fixtures_dir, tmp_path):
+    voices = en_dialogue_voices(fixtures_dir)
+    sample, recording = tmp_path / "anna.wav", tmp_path / "meeting.wav"
+    sample.write_bytes(voices["a_alone"])
+    recording.write_bytes(voices["second_half"])
+
+    enrolled = stt(keyed_stack, "speakers", "enroll", "Anna", str(sample))
+    assert enrolled.returncode == 0, enrolled.stdout + enrolled.stderr
+    assert re.match(r"speaker \d+ Anna: 1 voiceprint\(s\)", enrolled.stdout), enrolled.stdout
+    assert re.search(r"^\d+\tAnna\t1 voiceprint\(s\)$", stt(keyed_stack, "speakers", "list").stdout, re.MULTILINE)
+
+    submitted = stt(keyed_stack, "submit", str(recording))
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    job_id = re.search(r"accepted as job (\d+)", submitted.stderr).group(1)
+    lines = re.findall(r"^\[\d\d:\d\d\.\d\] (\S+): (.*)$", submitted.stdout, re.MULTILINE)
+    said_by_anna = [text.lower() for who, text in lines if who == "Anna"]
+    # Speaker A of en_dialogue talks about the sales numbers; the other voice stays a label.
+    assert said_by_anna and all("sales" in text or "twelve" in text for text in said_by_anna), submitted.stdout
+    assert {who for who, _ in lines} - {"Anna"} and all(
+        re.fullmatch(r"spk_\d+", who) for who, _ in lines if who != "Anna"), submitted.stdout
+
+    forgotten = stt(keyed_stack, "speakers", "forget", "anna")
+    assert (forgotten.returncode, forgotten.stdout) == (0, "forgot Anna\n"), forgotten.stderr
+    assert "Anna" not in stt(keyed_stack, "get", job_id, "--format", "txt").stdout
+    listed = stt(keyed_stack, "speakers", "list")
+    assert listed.stdout == "" and "no speakers enrolled" in listed.stderr
+    again = stt(keyed_stack, "speakers", "forget", "Anna")
+    assert again.returncode == 1 and "no enrolled speaker called 'Anna'" in again.stderr
 
 
 def test_a_text_file_is_refused_with_the_servers_reason(keyed_stack, tmp_path):

@@ -4,16 +4,13 @@ and other keys are not; forgetting takes the names away."""
 
 from __future__ import annotations
 
-import json
-
 import aio_pika
 import httpx
 import numpy as np
 import pytest
 
-from common.audio import SAMPLE_RATE, decode_audio
 from common.speakers import Profile, RecordingSpeaker, match_speakers
-from tests.audio_files import wav
+from tests.audio_files import en_dialogue_voices
 from tests.conftest import events_queue, job_events, running_stack
 
 OWNER, OTHER = "speakers-key-owner-0001", "speakers-key-other-0002"
@@ -41,31 +38,13 @@ def test_names_are_an_assignment_not_each_speakers_best_guess():
     assert match_speakers(recording[2:], profiles, threshold=0.5, min_speech_s=2.0) == {}
 
 
-def _utterances(fixtures_dir, stem: str) -> tuple[np.ndarray, int, list[dict]]:
-    utterances = json.loads((fixtures_dir / f"{stem}.json").read_text())
-    return decode_audio(str(fixtures_dir / f"{stem}.wav")), SAMPLE_RATE, utterances
-
-
-def _cut(audio: np.ndarray, rate: int, spans: list[tuple[float, float]], gap_s: float = 0.6) -> np.ndarray:
-    gap = np.zeros(int(gap_s * rate), dtype=np.float32)
-    pieces = []
-    for start, end in spans:
-        pieces += [gap, audio[int(start * rate):int(end * rate)]]
-    return np.concatenate(pieces + [gap])
-
-
 @pytest.fixture(scope="module")
 def voices(tmp_path_factory, fixtures_dir):
-    """Recordings of en_dialogue's two voices other than en_dialogue itself: its second half, and
-    speaker A alone (a sample to enrol from)."""
-    audio, rate, utterances = _utterances(fixtures_dir, "en_dialogue")
-    folder = tmp_path_factory.mktemp("voices")
-    second_half = folder / "second_half.wav"
-    second_half.write_bytes(wav(_cut(audio, rate, [(u["start"], u["end"]) for u in utterances[2:]]), rate))
-    a_alone = _cut(audio, rate, [(u["start"], u["end"]) for u in utterances if u["speaker"] == "A"])
-    both = _cut(audio, rate, [(u["start"], u["end"]) for u in utterances])
-    return {"second_half": second_half, "a_alone": wav(a_alone, rate), "both": wav(both, rate),
-            "silence": wav(np.zeros(8 * rate, dtype=np.float32), rate)}
+    """en_dialogue's voices in other recordings; the second half as a file to submit."""
+    made = en_dialogue_voices(fixtures_dir)
+    second_half = tmp_path_factory.mktemp("voices") / "second_half.wav"
+    second_half.write_bytes(made["second_half"])
+    return {**made, "second_half": second_half}
 
 
 @pytest.fixture(scope="module")
