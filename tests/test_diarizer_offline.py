@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import time
+import tracemalloc
 import warnings
 
 import numpy as np
@@ -151,6 +152,18 @@ def test_clustering_a_long_recording_stays_bounded():
     assert len(set(mapping.values())) == 4
     assert np.mean(assigned == np.vectorize(mapping.get)(truth)) > 0.99
 
+    # The split check on one speaker's probes: 4 hours of two voices kept under one label (19,200
+    # probes) come apart without the 1.5 GB distance matrix of all of them.
+    probes = voices[np.arange(19_200) % 2] + 0.03 * rng.normal(size=(19_200, 192))
+    tracemalloc.start()
+    try:
+        split = clustering.split_mixed(centroids[:1], probes.astype(np.float32), np.zeros(19_200, dtype=np.int64))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(split) == 2 and sorted(np.argmax(split @ voices[:2].T, axis=1)) == [0, 1]
+    assert peak < 200 * 2**20, f"{peak / 2**20:.0f} MB"
+
 
 def test_two_voices_under_one_speaker_are_split_and_one_voice_is_not():
     """The probes of en_dialogue's two people, handed over as if they were one speaker (as the
@@ -182,6 +195,10 @@ def test_two_voices_under_one_speaker_are_split_and_one_voice_is_not():
                                    np.zeros(len(one), dtype=np.int64))
     assert len(alone) == 1
     assert len(clustering.split_mixed(merged, both, np.zeros(len(both), dtype=np.int64), max_speakers=1)) == 1
+    # A couple of odd probes (here a third person's) are set aside, not taken for the second voice.
+    odd = analyse(load("jfk.flac")).probes[:2]
+    with_odd = np.concatenate([both, odd])
+    assert len(clustering.split_mixed(merged, with_odd, np.zeros(len(with_odd), dtype=np.int64))) == 2
 
 
 def test_onnx_runtime_gives_the_torch_models_embeddings():

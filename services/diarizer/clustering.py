@@ -35,6 +35,14 @@ MAX_CLUSTERED = 3000
 SPLIT_BELOW = 0.4
 # ...and each group holds this many probes (about 3.75 s of lone speech at a 0.75 s hop).
 MIN_SPLIT_PROBES = 4
+# Average linkage cuts off the most distant probes first, so one odd probe (a cough, a probe
+# across a change of speaker) can take the place of a real second voice; groups smaller than
+# MIN_SPLIT_PROBES are set aside and the rest split again, at most this many times.
+MAX_SET_ASIDE = 3
+# At most this many probes of one speaker are compared (an even sample over the file): the split
+# holds their distance matrix, which for one voice talking alone for 4 hours (19,200 probes)
+# took 3 GB.
+MAX_SPLIT_PROBES = 1000
 
 
 def _normalize(x: np.ndarray) -> np.ndarray:
@@ -127,23 +135,34 @@ def assign(embeddings: np.ndarray, valid: np.ndarray, centroids: np.ndarray) -> 
     return out
 
 
+def _two_voices(probes: np.ndarray) -> np.ndarray | None:
+    """The mean voices (2, dim) of the two groups unit-length `probes` fall into, each of at
+    least MIN_SPLIT_PROBES; None when they do not make two such groups."""
+    from scipy.cluster.hierarchy import fcluster, linkage
+
+    for _ in range(MAX_SET_ASIDE + 1):
+        if len(probes) < 2 * MIN_SPLIT_PROBES:
+            return None
+        halves = fcluster(linkage(probes.astype(np.float64), method="average", metric="cosine"), 2, "maxclust")
+        groups = [probes[halves == h] for h in (1, 2)]
+        if min(len(g) for g in groups) >= MIN_SPLIT_PROBES:
+            return _normalize(np.stack([g.mean(axis=0) for g in groups]))
+        probes = max(groups, key=len)
+    return None
+
+
 def split_mixed(centroids: np.ndarray, probes: np.ndarray, owners: np.ndarray,
                 max_speakers: int | None = None) -> np.ndarray:
     """Centroids with each speaker whose lone-speech `probes` (owners[i] = its speaker, -1 for
     none) form two clearly different voices replaced by those two; at most `max_speakers`."""
-    from scipy.cluster.hierarchy import fcluster, linkage
-
     out = []
     room = (max_speakers or len(centroids) + len(probes)) - len(centroids)
     for k, centroid in enumerate(centroids):
         mine = _normalize(probes[owners == k])
-        if room <= 0 or len(mine) < 2 * MIN_SPLIT_PROBES:
-            out.append(centroid)
-            continue
-        halves = fcluster(linkage(mine.astype(np.float64), method="average", metric="cosine"), 2, "maxclust")
-        groups = [mine[halves == h] for h in (1, 2)]
-        voices = _normalize(np.stack([g.mean(axis=0) for g in groups]))
-        if min(len(g) for g in groups) >= MIN_SPLIT_PROBES and float(voices[0] @ voices[1]) < SPLIT_BELOW:
+        if len(mine) > MAX_SPLIT_PROBES:
+            mine = mine[np.linspace(0, len(mine) - 1, MAX_SPLIT_PROBES).round().astype(int)]
+        voices = _two_voices(mine) if room > 0 else None
+        if voices is not None and float(voices[0] @ voices[1]) < SPLIT_BELOW:
             out.extend(voices)
             room -= 1
         else:
