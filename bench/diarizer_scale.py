@@ -5,11 +5,14 @@ speakers who recur across clips counted as the same person: every fixture once (
 6 minutes, 13 rooms), ami_dev00 + ami_dev01 repeated to 5 minutes (the same 2 people), and
 ami_trn07 + ami_trn08 repeated (the same 4 people). Prints speakers found and DER.
 
-Time and memory: recordings of each asked length made by laying the nine AMI clips end to end;
-wall time, real-time factor, the process's peak resident memory above what it held before (the
-audio itself is decoded before the clock starts) and the speakers found.
+Time and memory: recordings of each asked length made by laying the nine AMI clips end to end,
+and one voice talking without pauses (the English half of multilingual.mp3 repeated: every
+window then holds 10 s of one speaker, the CAM++ model's largest inputs); wall time, real-time
+factor, the process's peak resident memory above what it held before (the audio itself is
+decoded before the clock starts) and in all (models, audio and what the runs before left
+allocated), and the speakers found.
 
-    python -m bench.diarizer_scale [--minutes 10 60] [--fixtures DIR]
+    python -m bench.diarizer_scale [--minutes 10 60] [--one-voice-minutes 10] [--fixtures DIR]
 """
 
 from __future__ import annotations
@@ -85,6 +88,7 @@ def quality(fixtures_dir: Path) -> list[list[str]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, nargs="+", default=[10.0, 60.0])
+    parser.add_argument("--one-voice-minutes", type=float, nargs="*", default=[10.0])
     parser.add_argument("--fixtures", type=Path, default=DEFAULT_FIXTURES)
     args = parser.parse_args()
 
@@ -95,23 +99,27 @@ def main() -> None:
     quality_rows = quality(args.fixtures)
     clips = [decode_audio(str(args.fixtures / f"{stem}.wav")) for stem in AMI]
     diarize_offline(clips[0])  # warm up
+    one_voice = [decode_audio(str(args.fixtures / "multilingual.mp3"))[: 29 * 16_000]]
+    cases = [(f"{m:g} min of AMI clips", m, clips) for m in args.minutes]
+    cases += [(f"{m:g} min of one voice", m, one_voice) for m in args.one_voice_minutes]
     rows = []
-    for minutes in args.minutes:
+    for name, minutes, pieces in cases:
         samples = int(minutes * 60 * 16_000)
-        tiled = np.concatenate(clips * (samples // sum(len(c) for c in clips) + 1))[:samples]
+        tiled = np.concatenate(pieces * (samples // sum(len(c) for c in pieces) + 1))[:samples]
         with PeakRss() as rss:
             started = time.perf_counter()
             result = diarize_offline(tiled)
             wall = time.perf_counter() - started
-        rows.append([f"{minutes:g} min", f"{wall:.1f}", f"{wall / (minutes * 60):.3f}",
-                     f"{(rss.peak - rss.start) / 2**20:.0f}", f"{tiled.nbytes / 2**20:.0f}",
+        rows.append([name, f"{wall:.1f}", f"{wall / (minutes * 60):.3f}",
+                     f"{(rss.peak - rss.start) / 2**20:.0f}", f"{rss.peak / 2**20:.0f}", f"{tiled.nbytes / 2**20:.0f}",
                      str(len({t.speaker for t in result.turns})), str(len(result.turns))])
-        print(f"  {minutes:g} min done in {wall:.1f} s", flush=True)
+        print(f"  {name} done in {wall:.1f} s", flush=True)
         del tiled, result
     print()
     print(table(["recording", "min", "people", "speakers found", "DER±.25 %", "DER@0 %"], quality_rows))
     print()
-    print(table(["audio", "wall s", "RTF", "peak RSS growth MB", "audio itself MB", "speakers", "turns"], rows))
+    print(table(["audio", "wall s", "RTF", "peak RSS growth MB", "peak RSS MB", "audio itself MB", "speakers",
+                 "turns"], rows))
 
 
 if __name__ == "__main__":

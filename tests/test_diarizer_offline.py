@@ -217,3 +217,18 @@ def test_onnx_runtime_gives_the_torch_models_embeddings():
                                    for p in pieces])
     expected /= np.linalg.norm(expected, axis=1, keepdims=True)
     np.testing.assert_allclose(embed(model, pieces), expected, atol=1e-4)
+
+
+def test_many_long_pieces_are_embedded_a_few_at_a_time_each_in_its_place():
+    """More equal-length pieces than one CAM++ run takes (MAX_BATCH_FRAMES bounds its memory):
+    each still gets its own voice, in order, as when embedded alone."""
+    from services.diarizer.speaker_embedding import MAX_BATCH_FRAMES, embed, fbank, load_embedding_model
+
+    model = load_embedding_model()
+    features = fbank(model, load("en_dialogue.wav"))
+    length = 900
+    pieces = [features[i * 70:i * 70 + length] for i in range(2 * MAX_BATCH_FRAMES // length + 1)]
+    assert len(pieces[-1]) == length
+    alone = np.concatenate([embed(model, [p]) for p in pieces])
+    np.testing.assert_allclose(embed(model, pieces), alone, atol=1e-4)
+    assert not np.allclose(alone[0], alone[-1], atol=1e-2)
