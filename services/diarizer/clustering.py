@@ -158,10 +158,10 @@ def split_mixed(centroids: np.ndarray, probes: np.ndarray, owners: np.ndarray,
     out = []
     room = (max_speakers or len(centroids) + len(probes)) - len(centroids)
     for k, centroid in enumerate(centroids):
-        mine = _normalize(probes[owners == k])
+        mine = probes[owners == k]
         if len(mine) > MAX_SPLIT_PROBES:
             mine = mine[np.linspace(0, len(mine) - 1, MAX_SPLIT_PROBES).round().astype(int)]
-        voices = _two_voices(mine) if room > 0 else None
+        voices = _two_voices(_normalize(mine)) if room > 0 else None
         if voices is not None and float(voices[0] @ voices[1]) < SPLIT_BELOW:
             out.extend(voices)
             room -= 1
