@@ -36,6 +36,13 @@ async def add_voiceprint(conn: asyncpg.Connection, speaker_id: int, embedding: l
         speaker_id, embedding, model, speech_s, source, transcript_id, label)
 
 
+async def voiceprint_source_owner(db: Db, owner: str | None, transcript_id: int, label: str) -> str | None:
+    """The name of the owner's speaker that already has a voiceprint from this transcript's speaker."""
+    return await db.fetchval(
+        f"SELECT s.name FROM speakers s JOIN voiceprints v ON v.speaker_id = s.id WHERE s.{_OWNER}"
+        " AND v.source_transcript_id = $2 AND v.source_label = $3 LIMIT 1", owner, transcript_id, label)
+
+
 async def list_speakers(db: Db, owner: str | None) -> list[asyncpg.Record]:
     return await db.fetch(f"SELECT {_SPEAKER_COLUMNS} FROM speakers s WHERE s.{_OWNER} ORDER BY lower(s.name), s.id",
                           owner)

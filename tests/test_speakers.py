@@ -75,6 +75,11 @@ async def test_a_voice_enrolled_from_a_transcript_is_named_in_the_next_recording
     assert anna["voiceprints"][0]["source"] == "transcript"
     segments = stack.status(source, owner)["segments"]
     assert {s["speaker_name"] for s in segments if s["speaker"] == anna_label} == {"Anna"}
+    # The same recording speaker is not enrolled twice, under her name or another.
+    for name in ("Anna", "Anne"):
+        again = owner.post("/speakers", json={"name": name, "transcript_id": source, "label": anna_label})
+        assert again.status_code == 409 and "already a voiceprint of 'Anna'" in again.json()["detail"], again.text
+    assert [(s["name"], s["voiceprint_count"]) for s in owner.get("/speakers").json()["items"]] == [("Anna", 1)]
 
     connection = await aio_pika.connect(stack.amqp_url)
     try:

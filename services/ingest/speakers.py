@@ -172,6 +172,12 @@ async def _voice_of_transcript_speaker(conn: asyncpg.Connection, owner: str | No
     if voice is None:
         raise HTTPException(status_code=400, detail=f"job {reference.transcript_id} has no speaker"
                                                     f" {reference.label[:20]!r} with a voice embedding")
+    # The same voice twice would count double in its profile, or (under two names) leave the
+    # matching to pick between two people with one voice.
+    enrolled_as = await speakerstore.voiceprint_source_owner(conn, owner, reference.transcript_id, reference.label)
+    if enrolled_as is not None:
+        raise HTTPException(status_code=409, detail=f"{reference.label} of job {reference.transcript_id} is already"
+                                                    f" a voiceprint of {enrolled_as!r}")
     return voice
 
 
@@ -181,7 +187,8 @@ async def _voice_of_transcript_speaker(conn: asyncpg.Connection, owner: str | No
 @post("/speakers", status_code=201, summary="Enrol a speaker (or add a voiceprint to one)",
       responses=error_responses(400, 401, 403, 404, 409, 413, 415, 503,
                                 e404="No such job (for this key) to take the voice from",
-                                e409="The job to take the voice from is not done"))
+                                e409="The job to take the voice from is not done, or that job's speaker is"
+                                     " already a voiceprint"))
 async def enrol(request: Request, state: State) -> Enrolled:
     """Either multipart/form-data with `name` and `file` (5-60 s of one person talking; refused
     with 422 and the reason when it holds no speech or several voices), or JSON
