@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import BinaryIO
 
 import av
@@ -33,6 +34,17 @@ OPEN_OPTIONS = {"format_whitelist": AUDIO_DEMUXERS, "protocol_whitelist": "file,
 
 def _open(source: str | BinaryIO):
     return av.open(source, mode="r", metadata_errors="ignore", options=OPEN_OPTIONS)
+
+
+def _undecodable(source: str | BinaryIO, exc: Exception) -> UndecodableAudio:
+    try:
+        if isinstance(source, str):
+            empty = os.path.getsize(source) == 0
+        else:
+            empty = source.seek(0, os.SEEK_END) == 0
+    except (OSError, ValueError):
+        empty = False
+    return UndecodableAudio("the file is empty" if empty else f"not decodable audio ({type(exc).__name__})")
 
 
 def _audio_stream(container):
@@ -77,7 +89,7 @@ def decode_audio(source: str | BinaryIO, max_seconds: float | None = None) -> np
         raise
     except (av.error.FFmpegError, ValueError, IndexError, OSError) as exc:
         if not pieces:
-            raise UndecodableAudio(f"not decodable audio ({type(exc).__name__})") from exc
+            raise _undecodable(source, exc) from exc
         # A truncated file: keep what decoded, as players do.
     if not pieces:
         raise UndecodableAudio("the file contains no audio samples")
@@ -98,7 +110,7 @@ def probe_audio(source: BinaryIO) -> None:
     except UndecodableAudio:
         raise
     except (av.error.FFmpegError, ValueError, IndexError, OSError) as exc:
-        raise UndecodableAudio(f"not decodable audio ({type(exc).__name__})") from exc
+        raise _undecodable(source, exc) from exc
     raise UndecodableAudio("the file contains no audio samples")
 
 

@@ -43,8 +43,17 @@ def test_too_long_audio_is_refused_while_decoding(fixtures_dir):
 
 def test_png_is_not_audio():
     png = b"\x89PNG\r\n\x1a\n" + b"\0" * 64
-    with pytest.raises(UndecodableAudio):
+    with pytest.raises(UndecodableAudio, match="not decodable audio"):
         probe_audio(io.BytesIO(png))
+
+
+def test_an_empty_file_is_said_to_be_empty(tmp_path):
+    # A zero-byte bucket drop fails its job with this reason, not a decoder's error name.
+    (tmp_path / "call.wav").write_bytes(b"")
+    with pytest.raises(UndecodableAudio, match="the file is empty"):
+        decode_audio(str(tmp_path / "call.wav"))
+    with pytest.raises(UndecodableAudio, match="the file is empty"):
+        decode_audio(io.BytesIO(b""))
 
 
 def test_auto_backend_without_usable_pyannote_falls_back_to_offline():
