@@ -53,6 +53,9 @@ POLL_INTERVAL_S = 1.0
 FINISHED = ("done", "error")
 # Answers worth waiting out while following a job: the API or its database is restarting.
 TRANSIENT_STATUS_CODES = (502, 503, 504)
+# How long `submit` keeps offering an upload that the server answers 503 with Retry-After (it
+# takes no more uploads at once, or its database or broker is briefly away; nothing was created).
+UPLOAD_BUSY_WAIT_S = 120.0
 WATCHED_ROUTING_KEYS = ("segment.created", "transcript.*")
 SPEAKER_COLOURS = ("cyan", "magenta", "green", "yellow", "blue", "red",
                    "bright_cyan", "bright_magenta", "bright_green", "bright_yellow")
@@ -163,6 +166,31 @@ def multipart_body(path: Path, fields: dict[str, str],
 
 
 def upload(client: httpx.Client, path: Path, fields: dict[str, str]) -> SubmittedJob:
+    """Upload one file; while the server answers 503 with Retry-After, wait that long and offer
+    it again, for up to UPLOAD_BUSY_WAIT_S."""
+    deadline = time.monotonic() + UPLOAD_BUSY_WAIT_S
+    while True:
+        response = _post_upload(client, path, fields)
+        wait_s = _retry_after_s(response)
+        if wait_s is None or time.monotonic() + wait_s > deadline:
+            break
+        stderr.print(f"{escape(path.name)}: the server is busy, trying again in {wait_s:g} s")
+        time.sleep(wait_s)
+    accepted = checked(response).json()
+    return SubmittedJob(id=int(accepted["id"]), filename=accepted.get("filename", path.name))
+
+
+def _retry_after_s(response: httpx.Response) -> float | None:
+    """Seconds a 503 asks to wait (its Retry-After, in seconds), None for any other answer."""
+    if response.status_code != 503:
+        return None
+    try:
+        return min(max(float(response.headers["retry-after"]), 0.0), UPLOAD_BUSY_WAIT_S)
+    except (KeyError, ValueError):
+        return None
+
+
+def _post_upload(client: httpx.Client, path: Path, fields: dict[str, str]) -> httpx.Response:
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                TimeRemainingColumn())
     # Off where stderr is not a terminal: a finished upload bar in a log says nothing.
@@ -170,10 +198,7 @@ def upload(client: httpx.Client, path: Path, fields: dict[str, str]) -> Submitte
         task = progress.add_task(f"uploading {escape(path.name)}", total=path.stat().st_size)
         headers, body = multipart_body(path, fields, lambda sent: progress.advance(task, sent))
         # The server decodes the whole file before it answers: allow for that after the upload.
-        response = client.post("/recognize", content=body, headers=headers,
-                               timeout=httpx.Timeout(300, connect=10))
-    accepted = checked(response).json()
-    return SubmittedJob(id=int(accepted["id"]), filename=accepted.get("filename", path.name))
+        return client.post("/recognize", content=body, headers=headers, timeout=httpx.Timeout(300, connect=10))
 
 
 # ---- following jobs -------------------------------------------------------------------------

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import concurrent.futures
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -118,3 +122,20 @@ def test_uploads_beyond_the_bound_are_told_to_retry(two_uploads_at_once, fixture
     assert later.status_code == 202, later.text
     for job_id in [*(r.json()["id"] for r in accepted), later.json()["id"]]:
         assert stack.wait_finished(job_id)["status"] == "done"
+
+
+def test_the_cli_waits_out_a_busy_server(two_uploads_at_once, fixtures_dir):
+    stack = two_uploads_at_once
+    audio = (fixtures_dir / "jfk.flac").read_bytes()
+    stt = str(Path(sys.executable).parent / "stt")
+    env = {name: value for name, value in os.environ.items() if name not in ("STT_API_URL", "STT_API_KEY")}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        slow = [pool.submit(slow_upload, stack, audio, 7.0) for _ in range(2)]
+        time.sleep(1.5)  # both slots are taken now
+        cli = subprocess.run([stt, "submit", "--no-wait", "--api", stack.api, str(fixtures_dir / "jfk.flac")],
+                             env=env, capture_output=True, text=True, timeout=120)
+        accepted = [future.result() for future in slow]
+    assert [r.status_code for r in accepted] == [202, 202], [r.text for r in accepted]
+    assert cli.returncode == 0, cli.stderr
+    assert "jfk.flac: the server is busy, trying again in 5 s" in cli.stderr
+    assert stack.wait_finished(int(cli.stdout.strip()))["status"] == "done"
