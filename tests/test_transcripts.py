@@ -351,6 +351,10 @@ def test_list_pages_newest_first_with_filters(stack, fixtures_dir, tmp_path):
     assert [i["id"] for i in list_jobs(stack, filename=tag, until=middle)["items"]] == [ids[0]]
     naive_future = (datetime.now(UTC) + timedelta(hours=1)).replace(microsecond=0, tzinfo=None).isoformat()
     assert list_jobs(stack, filename=tag, since=naive_future)["items"] == []
+    # A plain date is that day's midnight (UTC).
+    day_after = (datetime.fromisoformat(max(i["created_at"] for i in mine)) + timedelta(days=1)).date().isoformat()
+    assert [i["id"] for i in list_jobs(stack, filename=tag, until=day_after)["items"]] == [silent, *ids[::-1]]
+    assert list_jobs(stack, filename=tag, since=day_after)["items"] == []
 
     for params in ({"limit": 0}, {"limit": 501}, {"status": "finished"}, {"since": "yesterday"}):
         response = httpx.get(f"{stack.api}/transcripts", params=params, timeout=30)

@@ -291,8 +291,14 @@ LimitQuery = Annotated[int, QueryParameter(ge=1, le=500, description="Items per 
 CursorQuery = Annotated[int | None, QueryParameter(ge=1, le=MAX_ID, description="next_cursor of the previous page")]
 StatusQuery = Annotated[JobState | None, QueryParameter(description="Only jobs in this state")]
 FilenameQuery = Annotated[str | None, QueryParameter(max_length=255, description="Substring of the filename, any case")]
-SinceQuery = Annotated[datetime | None, QueryParameter(description="Created at or after (ISO 8601; UTC if no offset)")]
-UntilQuery = Annotated[datetime | None, QueryParameter(description="Created before (ISO 8601; UTC if no offset)")]
+# Strings parsed here rather than datetimes parsed by the framework, which takes only full RFC 3339
+# times: `since=2026-12-01` is what people type.
+SinceQuery = Annotated[str | None, QueryParameter(
+    description="Created at or after: an ISO 8601 date or date and time (UTC if no offset)", max_length=64)]
+UntilQuery = Annotated[str | None, QueryParameter(
+    description="Created before: an ISO 8601 date or date and time (UTC if no offset)", max_length=64)]
+# A '+' of an offset left unescaped in a query string arrives as a blank.
+_BLANKED_OFFSET = re.compile(r"(\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?) (\d{2}:?\d{2})$")
 
 
 @dataclass
@@ -350,11 +356,16 @@ async def get_transcripts(
     return await list_transcripts(state.pool, request_owner(request), filters, limit, cursor)
 
 
-def as_utc(moment: datetime | None, name: str) -> datetime | None:
-    if moment is None:
+def as_utc(value: str | None, name: str) -> datetime | None:
+    """An ISO 8601 date (its midnight) or date and time, in UTC when it has no offset."""
+    if value is None:
         return None
     try:
+        moment = datetime.fromisoformat(_BLANKED_OFFSET.sub(r"\1+\2", value.strip()))
         return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    except ValueError as exc:
+        raise HTTPException(status_code=400, detail=f"{name} is not an ISO 8601 date or date and time"
+                                                    " (2026-12-01, 2026-12-01T09:30:00Z)") from exc
     except OverflowError as exc:
         raise HTTPException(status_code=400, detail=f"{name} is out of range") from exc
 
