@@ -390,6 +390,50 @@ def status(
     stdout.print(table)
 
 
+class JobState(StrEnum):
+    processing = "processing"
+    done = "done"
+    error = "error"
+
+
+@app.command(name="list")
+def list_jobs(
+    state: Annotated[JobState | None, typer.Option("--status", help="Only jobs in this state.",
+                                                   show_default=False)] = None,
+    filename: Annotated[str | None, typer.Option(help="Only files whose name contains this (any case).",
+                                                 show_default=False)] = None,
+    since: Annotated[str | None, typer.Option(help="Created at or after this ISO 8601 date or time (UTC if no"
+                                                   " offset): 2026-12-01, 2026-12-01T09:30.",
+                                              show_default=False)] = None,
+    until: Annotated[str | None, typer.Option(help="Created before this date or time.", show_default=False)] = None,
+    limit: Annotated[int, typer.Option(help="Jobs to show.", min=1)] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the jobs as JSON (the API's items).")] = False,
+    api: ApiUrl = DEFAULT_API_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """Your jobs, newest first: id, status, percent, created (UTC), duration, language, file."""
+    filters = {"status": state.value if state else None, "filename": filename, "since": since, "until": until}
+    params: dict[str, str | int] = {name: value for name, value in filters.items() if value is not None}
+    items: list[dict] = []
+    with reporting_api_errors(api), api_client(api, api_key) as client:
+        while len(items) < limit:
+            page = checked(client.get("/transcripts", params={**params, "limit": min(500, limit - len(items))})).json()
+            items.extend(page["items"])
+            if "next_cursor" not in page:
+                break
+            params["cursor"] = page["next_cursor"]
+    if as_json:
+        print_json(items)
+        return
+    for item in items:
+        created = item["created_at"][:16].replace("T", " ")
+        duration = clock(item["duration"]) if item.get("duration") is not None else "-"
+        sys.stdout.write(f"{item['id']}\t{item['status']}\t{item['percent']}%\t{created}\t{duration}\t"
+                         f"{item.get('language') or '-'}\t{item['filename']}\n")
+    if not items:
+        stderr.print("no jobs")
+
+
 @app.command()
 def get(
     job_id: Annotated[int, typer.Argument(metavar="ID", help="Job id, as printed by submit.", show_default=False)],

@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import aio_pika
@@ -114,6 +115,27 @@ def test_status_shows_done(keyed_stack, jfk_submission):
     document = json.loads(raw.stdout)
     assert (document["status"], document["stage"], document["percent"]) == ("done", "done", 100)
     assert any("ask not what your country" in s["text"].lower() for s in document["segments"])
+
+
+def test_list_shows_the_keys_jobs_filtered(keyed_stack, jfk_submission):
+    _, job_id = jfk_submission
+    listed = stt(keyed_stack, "list")
+    assert listed.returncode == 0, listed.stderr
+    row = next(line.split("\t") for line in listed.stdout.splitlines() if line.startswith(f"{job_id}\t"))
+    assert (row[1], row[2], row[5], row[6]) == ("done", "100%", "en", "jfk.flac"), row
+    assert row[4].startswith("00:1"), row  # 11 s
+    # Another key's jobs are not listed.
+    assert f"{job_id}\t" not in stt(keyed_stack, "list", STT_API_KEY=OTHER_KEY).stdout
+
+    assert f"{job_id}\t" not in stt(keyed_stack, "list", "--status", "error").stdout
+    created = json.loads(stt(keyed_stack, "list", "--filename", "JFK", "--json").stdout)
+    assert job_id in [item["id"] for item in created]
+    day_after = (datetime.fromisoformat(next(i["created_at"] for i in created if i["id"] == job_id))
+                 + timedelta(days=1)).date().isoformat()
+    later = stt(keyed_stack, "list", "--since", day_after)
+    assert (later.returncode, later.stdout, later.stderr.strip()) == (0, "", "no jobs")
+    bad = stt(keyed_stack, "list", "--since", "yesterday")
+    assert bad.returncode == 1 and "since is not an ISO 8601 date" in bad.stderr, bad.stderr
 
 
 def test_get_writes_srt_with_speaker_names(keyed_stack, jfk_submission, tmp_path):
