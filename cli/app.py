@@ -474,6 +474,50 @@ def marked(text: str) -> Text:
 
 
 @app.command()
+def name(
+    job_id: Annotated[int, typer.Argument(metavar="ID", help="Job id.", show_default=False)],
+    names: Annotated[list[str], typer.Argument(
+        metavar="LABEL=NAME", help="spk_0=Anna spk_1=Boris; LABEL= removes the name.", show_default=False)],
+    api: ApiUrl = DEFAULT_API_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """Name a job's speakers by hand (names given here always win over recognition)."""
+    changes: dict[str, str | None] = {}
+    for pair in names:
+        label, sep, value = pair.partition("=")
+        if not sep or not label.strip():
+            raise typer.BadParameter(f"{pair!r} is not LABEL=NAME (spk_0=Anna)", param_hint="LABEL=NAME")
+        changes[label.strip()] = value.strip() or None
+    with reporting_api_errors(api), api_client(api, api_key) as client:
+        speakers = checked(client.patch(f"/transcripts/{job_id}/speakers", json=changes)).json()["speakers"]
+    for label, given in speakers.items():
+        sys.stdout.write(f"{label}\t{given or '-'}\n")
+
+
+@app.command()
+def delete(
+    job_ids: Annotated[list[int], typer.Argument(metavar="ID", help="Job ids.", show_default=False)],
+    api: ApiUrl = DEFAULT_API_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """Delete ended jobs: their transcripts, voices and audio. Exits 1 if any could not be deleted."""
+    refused = 0
+    with api_client(api, api_key) as client:
+        for job_id in job_ids:
+            try:
+                checked(client.delete(f"/transcripts/{job_id}"))
+            except ApiError as exc:
+                refused += 1
+                stderr.print(Text(f"job {job_id}: not deleted, {exc}", style="red"))
+                continue
+            except httpx.TransportError as exc:
+                fail(f"cannot reach the API at {api}: {exc or type(exc).__name__}")
+            sys.stdout.write(f"deleted job {job_id}\n")
+    if refused:
+        raise typer.Exit(1)
+
+
+@app.command()
 def search(
     query: Annotated[str, typer.Argument(help="What to look for: words, \"a phrase\", or a question.",
                                          show_default=False)],

@@ -241,6 +241,33 @@ def test_an_enrolled_speaker_is_named_in_printed_transcripts_until_forgotten(key
     assert again.returncode == 1 and "no enrolled speaker called 'Anna'" in again.stderr
 
 
+def test_a_job_is_named_by_hand_and_deleted(keyed_stack, fixtures_dir):
+    submitted = stt(keyed_stack, "submit", str(fixtures_dir / "en_dialogue.wav"))
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    job_id = re.search(r"accepted as job (\d+)", submitted.stderr).group(1)
+    labels = sorted(set(re.findall(r"^\[\d\d:\d\d\.\d\] (spk_\d+): ", submitted.stdout, re.MULTILINE)))
+    assert len(labels) == 2, submitted.stdout
+
+    named = stt(keyed_stack, "name", job_id, f"{labels[0]}=Anna", f"{labels[1]}=Boris Petrov")
+    assert (named.returncode, named.stdout) == (0, f"{labels[0]}\tAnna\n{labels[1]}\tBoris Petrov\n"), named.stderr
+    text = stt(keyed_stack, "get", job_id, "--format", "txt").stdout
+    assert "] Anna: " in text and "] Boris Petrov: " in text and "spk_" not in text, text
+    unnamed = stt(keyed_stack, "name", job_id, f"{labels[0]}=")
+    assert unnamed.stdout == f"{labels[0]}\t-\n{labels[1]}\tBoris Petrov\n", unnamed.stderr
+    unknown = stt(keyed_stack, "name", job_id, "spk_9=Zed")
+    assert unknown.returncode == 1 and "spk_9" in unknown.stderr, unknown.stderr
+    assert stt(keyed_stack, "name", job_id, "Anna").returncode == 2  # not LABEL=NAME
+
+    # Another key cannot delete it; its owner can, once; an unknown id is reported and the rest go on.
+    theirs = stt(keyed_stack, "delete", job_id, STT_API_KEY=OTHER_KEY)
+    assert theirs.returncode == 1 and f"job {job_id}: not deleted, 404" in theirs.stderr, theirs.stderr
+    deleted = stt(keyed_stack, "delete", "999999", job_id)
+    assert (deleted.returncode, deleted.stdout) == (1, f"deleted job {job_id}\n"), deleted.stderr
+    assert "job 999999: not deleted, 404" in deleted.stderr
+    gone = stt(keyed_stack, "status", job_id)
+    assert gone.returncode == 1 and "404" in gone.stderr
+
+
 def test_a_text_file_is_refused_with_the_servers_reason(keyed_stack, tmp_path):
     notes = tmp_path / "notes.txt"
     notes.write_text("not a recording, just words\n" * 50)
