@@ -1,6 +1,6 @@
 """The web page in a real browser (Playwright driving Debian's chromium) against the real stack:
 upload a recording, watch it reach done without reloading, read both speakers, click a segment
-and see the audio seek, download SRT. The screenshot in the README is taken here."""
+and see the audio seek, download SRT and RTTM, delete it. The screenshot in the README is taken here."""
 
 from __future__ import annotations
 
@@ -77,6 +77,23 @@ def test_upload_follow_read_play_and_download(stack, fixtures_dir, browser, tmp_
         page.get_by_role("link", name="Download SRT").click()
     srt = Path(download.value.path()).read_text()
     assert "-->" in srt and "Anna: " in srt and "spk_1: " in srt
+    with page.expect_download() as download:
+        page.get_by_role("link", name="Download RTTM").click()
+    assert Path(download.value.path()).read_text().startswith("SPEAKER en_dialogue 1 ")
+
+    # Deleting asks first; once confirmed the recording is gone from the page and the server.
+    asked: list[str] = []
+
+    def answer(dialog) -> None:
+        asked.append(dialog.message)
+        dialog.accept()
+
+    page.on("dialog", answer)
+    page.get_by_role("button", name="Delete recording").click()
+    page.locator(f'#jobs li[data-job="{job_id}"]').wait_for(state="detached", timeout=30_000)
+    assert asked and "en_dialogue.wav" in asked[0]
+    assert page.locator("#transcript").is_hidden()
+    assert httpx.get(f"{stack.api}/status/{job_id}", timeout=30).status_code == 404
     assert errors == []
     page.close()
 

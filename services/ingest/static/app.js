@@ -272,7 +272,7 @@ function renderDownloads(jobId, done) {
   const nav = $("#downloads");
   nav.innerHTML = "";
   if (!done) return;
-  for (const format of ["json", "srt", "vtt", "txt"]) {
+  for (const format of ["json", "srt", "vtt", "txt", "rttm"]) {
     const link = document.createElement("a");
     link.href = `/transcripts/${jobId}?format=${format}`;
     link.textContent = `Download ${format.toUpperCase()}`;
@@ -293,6 +293,32 @@ function renderDownloads(jobId, done) {
     }
     nav.appendChild(link);
   }
+}
+
+function renderDelete(jobId, ended) {
+  const button = $("#delete");
+  button.hidden = !ended;
+  button.onclick = async () => {
+    const job = state.jobs.get(jobId) || {};
+    if (!confirm(`Delete ${job.filename || `job ${jobId}`}: its transcript, speaker voices and audio?`)) return;
+    try {
+      await api(`/transcripts/${jobId}`, { method: "DELETE" });
+    } catch (error) {
+      $("#transcript-status").textContent = `Not deleted: ${error.message}`;
+      return;
+    }
+    state.jobs.delete(jobId);
+    const item = document.querySelector(`#jobs li[data-job="${jobId}"]`);
+    if (item) item.remove();
+    if (state.open === jobId) closeTranscript();
+  };
+}
+
+function closeTranscript() {
+  if (state.stream) state.stream.stop();
+  state.open = null;
+  $("#player").removeAttribute("src");
+  $("#transcript").hidden = true;
 }
 
 async function loadAudio(jobId) {
@@ -329,6 +355,7 @@ async function openTranscript(jobId) {
   $("#segments").innerHTML = "";
   $("#names").innerHTML = "";
   renderDownloads(jobId, false);
+  renderDelete(jobId, false);
   const job = state.jobs.get(jobId) || { id: jobId, filename: "", status: "processing", stage: "submitted", percent: 0 };
   $("#transcript-title").textContent = job.filename || `Job ${jobId}`;
   showStatus(job);
@@ -345,6 +372,7 @@ async function openTranscript(jobId) {
       renderJob(data);
       showStatus(data);
       renderDownloads(jobId, type === "transcript.completed");
+      renderDelete(jobId, true);
       refreshNames();
       section.dataset.ended = "true";
     }
