@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import logging
+from collections.abc import Iterator
 
 LOG_FORMAT = "%(asctime)s | %(levelname)-8s | %(name)s:%(lineno)d | %(message)s"
 
 # Set by the consumer loop around each message; asyncio.to_thread copies it into worker threads.
 current_job: contextvars.ContextVar[int | None] = contextvars.ContextVar("current_job", default=None)
+
+
+@contextlib.contextmanager
+def job_logged(job_id: int | None) -> Iterator[None]:
+    """Stamp `job=<id>` on the lines logged inside (outside a consumer, which stamps its own)."""
+    token = current_job.set(job_id)
+    try:
+        yield
+    finally:
+        current_job.reset(token)
 
 
 class _JobIdFilter(logging.Filter):

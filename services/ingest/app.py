@@ -25,7 +25,7 @@ from pydantic import BaseModel, Field, ValidationError
 from common.audio import UndecodableAudio, probe_audio
 from common.broker import connect, open_bus, watched_queues
 from common.db import DATABASE_UNAVAILABLE, apply_migrations, create_pool
-from common.logs import current_job
+from common.logs import job_logged
 from common.messages import JobOptions, Stage
 from common.metrics import http_metrics_middleware, watch_queue_depths
 from common.outbox import run_outbox_flusher
@@ -129,9 +129,8 @@ async def recognize(
     except Exception as exc:
         log.exception("could not submit %r", filename)
         raise Unavailable(detail=f"the job could not be queued ({type(exc).__name__}); try again later") from exc
-    token = current_job.set(job_id)
-    log.info("accepted %r (%d bytes)", filename, size)
-    current_job.reset(token)
+    with job_logged(job_id):
+        log.info("accepted %r (%d bytes)", filename, size)
     return Accepted(id=job_id, filename=filename, callback_secret=callback_secret)
 
 

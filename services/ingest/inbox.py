@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 from common import jobstore
 from common.broker import EVENTS_EXCHANGE, Route, consume
 from common.db import DATABASE_UNAVAILABLE
-from common.logs import current_job
+from common.logs import job_logged
 from common.messages import JobOptions, TranscriptCompleted
 from common.settings import Settings
 from common.storage import pcm_key, upload_json
@@ -98,9 +98,8 @@ class Inbox:
             filename=clean_filename(key.rsplit("/", 1)[-1]), options=JobOptions(), owner=self.owner,
             outbox_wake=self.outbox_wake, drop=BucketDrop(bucket, key, etag))
         if job_id is not None:
-            token = current_job.set(job_id)
-            log.info("bucket drop %s/%s became a job", bucket, key)
-            current_job.reset(token)
+            with job_logged(job_id):
+                log.info("bucket drop %s/%s became a job", bucket, key)
         return job_id
 
     async def on_event(self, event: BucketEvent) -> None:
@@ -129,11 +128,8 @@ class Inbox:
             await self.write_result(job_id)
 
     async def write_result(self, job_id: int) -> None:
-        token = current_job.set(job_id)
-        try:
+        with job_logged(job_id):
             await self._write_result(job_id)
-        finally:
-            current_job.reset(token)
 
     async def _write_result(self, job_id: int) -> None:
         # The row lock keeps a DELETE of this job from running between the write and its mark.

@@ -11,7 +11,7 @@ import asyncpg
 from minio import Minio
 
 from common import jobstore
-from common.logs import current_job
+from common.logs import job_logged
 from common.messages import STAGE_OF_SERVICE, STAGES, JobOptions, JobSubmitted
 from common.outbox import add_to_outbox
 
@@ -60,8 +60,7 @@ async def create_job(pool: asyncpg.Pool, s3: Minio, audio_bucket: str, put_audio
     deleted by its owner. `also(conn, job_id)` runs in the job's transaction (a callback URL)."""
     job_id = await jobstore.reserve_job_id(pool)
     key = upload_key(job_id)
-    token = current_job.set(job_id)
-    try:
+    with job_logged(job_id):
         created = None
         try:
             await asyncio.to_thread(put_audio, key)
@@ -81,8 +80,6 @@ async def create_job(pool: asyncpg.Pool, s3: Minio, audio_bucket: str, put_audio
         if created is not None:
             outbox_wake.set()
         return created
-    finally:
-        current_job.reset(token)
 
 
 def _remove_quietly(s3: Minio, bucket: str, key: str) -> None:

@@ -18,7 +18,7 @@ from litestar.exceptions import HTTPException
 from pydantic import BaseModel
 
 from common import jobstore
-from common.logs import current_job
+from common.logs import job_logged
 from services.embedder.backends import EmbedFn
 from services.ingest.auth import owner_of, request_owner
 from services.ingest.errors import error_responses
@@ -68,8 +68,7 @@ class Reindexer:
         log.info("re-embedding done: %d jobs now embedded with %s", jobs, self.model)
 
     async def _reindex_job(self, job_id: int) -> None:
-        token = current_job.set(job_id)
-        try:
+        with job_logged(job_id):
             rows = await jobstore.segments_to_reindex(self.pool, job_id, self.model)
             vectors = []
             for i in range(0, len(rows), BATCH):
@@ -81,8 +80,6 @@ class Reindexer:
             async with self.pool.acquire() as conn, conn.transaction():
                 await jobstore.store_reindexed(conn, job_id, self.model, vectors)
             log.info("re-embedded %d segments with %s", len(vectors), self.model)
-        finally:
-            current_job.reset(token)
 
     async def progress(self) -> ReindexProgress:
         counts = await jobstore.reindex_counts(self.pool, self.model)

@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from common import jobstore, speakerstore
 from common.audio import AudioTooLong, UndecodableAudio, decode_audio
-from common.logs import current_job
+from common.logs import job_logged
 from common.messages import SpeakerEmbedding, SpeakerName, TranscriptSpeakersUpdated
 from common.outbox import add_to_outbox
 from common.settings import Settings
@@ -113,9 +113,8 @@ async def rename_owner_recordings(pool: asyncpg.Pool, settings: Settings, owner:
                 await announce_speaker_names(conn, transcript_id)
                 changed.append(transcript_id)
     for transcript_id in changed:
-        token = current_job.set(transcript_id)
-        log.info("speaker names changed after an enrolment")
-        current_job.reset(token)
+        with job_logged(transcript_id):
+            log.info("speaker names changed after an enrolment")
     return changed
 
 

@@ -24,6 +24,7 @@ from minio.error import S3Error
 from pydantic import BaseModel, Field
 
 from common import jobstore, speakerstore
+from common.logs import job_logged
 from common.messages import SpeakerTurn, Stage, Word
 from common.settings import Settings
 from common.storage import pcm_key
@@ -274,10 +275,12 @@ async def delete_transcript(pool: asyncpg.Pool, s3: Minio, settings: Settings, j
         try:
             await asyncio.to_thread(_remove_objects, s3, objects)
         except Exception as exc:
-            log.warning("job %d: could not remove its objects (%s)", job_id, type(exc).__name__)
+            with job_logged(job_id):
+                log.warning("could not remove its objects (%s)", type(exc).__name__)
             raise ObjectStoreUnavailable from exc
         await jobstore.delete_job(conn, job_id)
-    log.info("job %d deleted (%s)", job_id, ", ".join(f"{b}/{k}" for b, k in objects))
+    with job_logged(job_id):
+        log.info("deleted (%s)", ", ".join(f"{b}/{k}" for b, k in objects))
     return True
 
 

@@ -11,7 +11,7 @@ import asyncpg
 from pydantic import BaseModel
 
 from common import jobstore, speakerstore
-from common.logs import current_job
+from common.logs import job_logged
 from common.messages import (
     ChunkEmbedded,
     ChunkTranscribed,
@@ -142,13 +142,10 @@ async def fail_stalled_jobs(pool: asyncpg.Pool, timeout_s: float) -> list[int]:
     operator's purge, a stage that hangs): it must end, with a reason, and become deletable."""
     failed = []
     for job_id in await jobstore.stalled_job_ids(pool, timeout_s):
-        token = current_job.set(job_id)
-        try:
+        with job_logged(job_id):
             reason = f"no progress for {timeout_s:g} s (JOB_STALL_TIMEOUT_S); processing was given up"
             if await fail_job(pool, job_id, "persister", reason):
                 failed.append(job_id)
-        finally:
-            current_job.reset(token)
     return failed
 
 
