@@ -580,16 +580,25 @@ app.add_typer(speakers_app, name="speakers")
 @speakers_app.command("enroll")
 def speakers_enroll(
     name: Annotated[str, typer.Argument(help="The person's name.", show_default=False)],
-    sample: Annotated[Path, typer.Argument(help="5-60 s of that person talking alone.", exists=True,
-                                           dir_okay=False, readable=True, show_default=False)],
+    sample: Annotated[Path | None, typer.Argument(help="5-60 s of that person talking alone.", exists=True,
+                                                  dir_okay=False, readable=True, show_default=False)] = None,
+    job: Annotated[int | None, typer.Option("--job", help="Instead of a sample: a finished job in which they"
+                                                          " speak (with --speaker).", show_default=False)] = None,
+    speaker: Annotated[str | None, typer.Option(help="Their label in that job (spk_1).", show_default=False)] = None,
     api: ApiUrl = DEFAULT_API_URL,
     api_key: ApiKey = None,
 ) -> None:
-    """Enrol NAME from an audio sample (a second sample of the same name adds a voiceprint)."""
+    """Enrol NAME from an audio sample, or from a finished job's speaker (--job 12 --speaker spk_1).
+    Enrolling a name again adds a voiceprint."""
+    if (sample is None) == (job is None) or (job is None) != (speaker is None):
+        raise typer.BadParameter("give either a SAMPLE file or --job and --speaker")
     with reporting_api_errors(api), api_client(api, api_key) as client:
-        headers, body = multipart_body(sample, {"name": name}, lambda sent: None)
-        profile = checked(client.post("/speakers", content=body, headers=headers,
-                                      timeout=httpx.Timeout(300, connect=10))).json()
+        if sample is not None:
+            headers, body = multipart_body(sample, {"name": name}, lambda sent: None)
+            response = client.post("/speakers", content=body, headers=headers, timeout=httpx.Timeout(300, connect=10))
+        else:
+            response = client.post("/speakers", json={"name": name, "transcript_id": job, "label": speaker})
+        profile = checked(response).json()
     relabelled = ", ".join(map(str, profile["relabelled"])) or "none"
     sys.stdout.write(f"speaker {profile['id']} {profile['name']}: {profile['voiceprint_count']} voiceprint(s);"
                      f" transcripts renamed: {relabelled}\n")

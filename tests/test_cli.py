@@ -240,6 +240,17 @@ def test_an_enrolled_speaker_is_named_in_printed_transcripts_until_forgotten(key
     again = stt(keyed_stack, "speakers", "forget", "Anna")
     assert again.returncode == 1 and "no enrolled speaker called 'Anna'" in again.stderr
 
+    # Enrolled from the recording's own speaker instead of a sample: named again at once.
+    unnamed = stt(keyed_stack, "get", job_id, "--format", "txt").stdout
+    anna_label = re.match(r"\[[\d:]+\] (spk_\d+): .*sales", unnamed)  # her line comes first
+    assert anna_label, unnamed
+    from_job = stt(keyed_stack, "speakers", "enroll", "Anna", "--job", job_id, "--speaker", anna_label.group(1))
+    assert re.match(rf"speaker \d+ Anna: 1 voiceprint\(s\); transcripts renamed: .*\b{job_id}\b", from_job.stdout), (
+        from_job.stdout + from_job.stderr)
+    assert "] Anna: " in stt(keyed_stack, "get", job_id, "--format", "txt").stdout
+    assert stt(keyed_stack, "speakers", "enroll", "Anna", str(sample), "--job", job_id).returncode == 2
+    assert stt(keyed_stack, "speakers", "forget", "Anna").returncode == 0
+
 
 def test_a_job_is_named_by_hand_and_deleted(keyed_stack, fixtures_dir):
     submitted = stt(keyed_stack, "submit", str(fixtures_dir / "en_dialogue.wav"))
