@@ -441,12 +441,17 @@ def get(
     = TranscriptFormat.json,
     output: Annotated[Path | None, typer.Option("--output", "-o", dir_okay=False, show_default=False,
                                                 help="Write to this file instead of stdout.")] = None,
+    words: Annotated[bool, typer.Option("--words", help="JSON: each segment's words with their times and"
+                                                        " probabilities.")] = False,
     api: ApiUrl = DEFAULT_API_URL,
     api_key: ApiKey = None,
 ) -> None:
     """Fetch a transcript as JSON, SRT or WebVTT subtitles, plain text, or the diarization as RTTM."""
+    if words and output_format is not TranscriptFormat.json:
+        raise typer.BadParameter("--words goes with --format json")
+    params = {"format": output_format.value, **({"words": "true"} if words else {})}
     with reporting_api_errors(api), api_client(api, api_key) as client:
-        response = checked(client.get(f"/transcripts/{job_id}", params={"format": output_format.value}))
+        response = checked(client.get(f"/transcripts/{job_id}", params=params))
     if output_format is TranscriptFormat.json:
         content = (json.dumps(response.json(), indent=2, ensure_ascii=False) + "\n").encode()
     else:

@@ -151,6 +151,13 @@ def test_get_writes_srt_with_speaker_names(keyed_stack, jfk_submission, tmp_path
     text = stt(keyed_stack, "get", str(job_id), "--format", "txt")
     assert text.returncode == 0 and "ask not what your country" in text.stdout.lower()
 
+    timed = json.loads(stt(keyed_stack, "get", str(job_id), "--words").stdout)
+    spoken = [w for segment in timed["segments"] for w in segment["words"]]
+    assert "country" in " ".join(w["word"].lower() for w in spoken)
+    assert all(0 <= w["start"] <= w["end"] <= 11.1 for w in spoken), spoken
+    assert "words" not in json.loads(stt(keyed_stack, "get", str(job_id)).stdout)["segments"][0]
+    assert stt(keyed_stack, "get", str(job_id), "--words", "--format", "srt").returncode == 2
+
 
 def test_get_rttm_one_voice_is_one_speaker(keyed_stack, jfk_submission):
     _, job_id = jfk_submission
