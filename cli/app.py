@@ -532,6 +532,10 @@ def search(
     speaker: Annotated[str | None, typer.Option(help="Only this speaker (spk_0...).", show_default=False)] = None,
     language: Annotated[str | None, typer.Option(help="Only transcripts in this language (en, ru...).",
                                                  show_default=False)] = None,
+    since: Annotated[str | None, typer.Option(help="Only jobs created at or after this ISO 8601 date or time.",
+                                              show_default=False)] = None,
+    until: Annotated[str | None, typer.Option(help="Only jobs created before this date or time.",
+                                              show_default=False)] = None,
     limit: Annotated[int, typer.Option(help="Hits to show.", min=1, max=100)] = 10,
     as_json: Annotated[bool, typer.Option("--json", help="Print the response as JSON.")] = False,
     api: ApiUrl = DEFAULT_API_URL,
@@ -539,7 +543,7 @@ def search(
 ) -> None:
     """Find what was said in your transcripts: `job 12 [03:14.0] spk_1: ...`, best first."""
     params = {"q": query, "mode": mode.value, "limit": limit, "transcript_id": job, "speaker": speaker,
-              "language": language}
+              "language": language, "since": since, "until": until}
     with reporting_api_errors(api), api_client(api, api_key) as client:
         page = checked(client.get("/search", params={k: v for k, v in params.items() if v is not None})).json()
     if as_json:

@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import aio_pika
@@ -127,6 +128,12 @@ def test_stt_search_prints_hits_and_json(searched):
     nothing = subprocess.run([stt, "search", "zebra", "--mode", "text"], env=env, capture_output=True, text=True,
                              timeout=60)
     assert nothing.returncode == 0 and nothing.stdout == "" and "nothing found" in nothing.stderr
+    # Dates: every job here was made before tomorrow and none after it.
+    tomorrow = (datetime.now(UTC) + timedelta(days=1)).date().isoformat()
+    for flag, found in (("--until", True), ("--since", False)):
+        dated = subprocess.run([stt, "search", "sales", "--mode", "text", flag, tomorrow], env=env,
+                               capture_output=True, text=True, timeout=60)
+        assert dated.returncode == 0 and bool(dated.stdout) == found, (flag, dated.stdout, dated.stderr)
 
 
 def test_named_speakers_show_in_every_format_and_in_search(searched):
