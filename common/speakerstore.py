@@ -36,7 +36,7 @@ async def add_voiceprint(conn: asyncpg.Connection, speaker_id: int, embedding: l
         speaker_id, embedding, model, speech_s, source, transcript_id, label)
 
 
-async def voiceprint_source_owner(db: Db, owner: str | None, transcript_id: int, label: str) -> str | None:
+async def speaker_enrolled_from(db: Db, owner: str | None, transcript_id: int, label: str) -> str | None:
     """The name of the owner's speaker that already has a voiceprint from this transcript's speaker."""
     return await db.fetchval(
         f"SELECT s.name FROM speakers s JOIN voiceprints v ON v.speaker_id = s.id WHERE s.{_OWNER}"

@@ -173,7 +173,7 @@ async def _voice_of_transcript_speaker(conn: asyncpg.Connection, owner: str | No
                                                     f" {reference.label[:20]!r} with a voice embedding")
     # The same voice twice would count double in its profile, or (under two names) leave the
     # matching to pick between two people with one voice.
-    enrolled_as = await speakerstore.voiceprint_source_owner(conn, owner, reference.transcript_id, reference.label)
+    enrolled_as = await speakerstore.speaker_enrolled_from(conn, owner, reference.transcript_id, reference.label)
     if enrolled_as is not None:
         raise HTTPException(status_code=409, detail=f"{reference.label} of job {reference.transcript_id} is already"
                                                     f" a voiceprint of {enrolled_as!r}")
