@@ -507,7 +507,7 @@ def delete(
 ) -> None:
     """Delete ended jobs: their transcripts, voices and audio. Exits 1 if any could not be deleted."""
     refused = 0
-    with api_client(api, api_key) as client:
+    with reporting_api_errors(api), api_client(api, api_key) as client:
         for job_id in job_ids:
             try:
                 checked(client.delete(f"/transcripts/{job_id}"))
@@ -515,8 +515,6 @@ def delete(
                 refused += 1
                 stderr.print(Text(f"job {job_id}: not deleted, {exc}", style="red"))
                 continue
-            except httpx.TransportError as exc:
-                fail(f"cannot reach the API at {api}: {exc or type(exc).__name__}")
             sys.stdout.write(f"deleted job {job_id}\n")
     if refused:
         raise typer.Exit(1)
