@@ -36,12 +36,21 @@ class JobOptions(BaseModel):
     min_speakers: int | None = Field(default=None, ge=1, le=32)
     max_speakers: int | None = Field(default=None, ge=1, le=32)
 
+    # A blank field (an HTML form's empty input) asks for nothing, as a field left out does.
+    @field_validator("language", "num_speakers", "min_speakers", "max_speakers", mode="before")
+    @classmethod
+    def _blank_is_absent(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("language")
     @classmethod
     def _whisper_knows_the_language(cls, language: str | None) -> str | None:
-        if language is not None and language.lower() not in WHISPER_LANGUAGES:
+        language = language.strip().lower() if language else None
+        if language == "auto":  # what whisper.cpp and many front ends send for "detect it"
+            return None
+        if language is not None and language not in WHISPER_LANGUAGES:
             raise ValueError(f"unsupported language {language[:20]!r}: use a Whisper code such as en, de, ru")
-        return language.lower() if language else None
+        return language
 
     @model_validator(mode="after")
     def _speaker_bounds_are_consistent(self) -> JobOptions:

@@ -53,7 +53,18 @@ def test_inconsistent_speaker_hints_are_400(stack, fixtures_dir):
     response = post(stack, content, "jfk.flac", {"min_speakers": "3", "max_speakers": "2"})
     assert response.status_code == 400 and "min_speakers" in response.text
     response = post(stack, content, "jfk.flac", {"num_speakers": "two"})
-    assert response.status_code == 400
+    assert response.status_code == 400 and "num_speakers: Input should be a valid integer" in response.json()["detail"]
+
+
+def test_blank_form_fields_and_auto_language_ask_for_nothing(stack, fixtures_dir):
+    """What a plain HTML form sends for inputs left empty, and what front ends send for
+    "detect the language", submit the job as if those fields were left out."""
+    blank = {"language": "auto", "num_speakers": "", "min_speakers": "", "max_speakers": "", "callback_url": ""}
+    response = post(stack, (fixtures_dir / "jfk.flac").read_bytes(), "jfk.flac", blank)
+    assert response.status_code == 202, response.text
+    job_id = response.json()["id"]
+    assert stack.wait_finished(job_id)["status"] == "done"
+    assert httpx.get(f"{stack.api}/transcripts/{job_id}").json()["language"] == "en"  # detected
 
 
 def test_speaker_hint_is_honoured(stack, fixtures_dir):

@@ -16,7 +16,7 @@ from litestar.enums import RequestEncodingType
 from litestar.exceptions import ClientException, HTTPException, NotFoundException, ValidationException
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
-from litestar.params import Body, FromPath
+from litestar.params import Body, FromPath, Parameter
 from litestar.plugins.pydantic import PydanticPlugin
 from litestar.response import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -51,15 +51,21 @@ from services.ingest.webhooks import WEBHOOK_ROUTES, add_callback, checked_targe
 log = logging.getLogger("services.ingest")
 
 
+# The counts are read as text so that a blank field (an HTML form's empty input) means "not
+# given", as it does for language; JobOptions checks what they say.
+SpeakerCount = Annotated[str | None, Parameter(description="A whole number from 1 to 32; blank or left out: not given")]
+
+
 @dataclass
 class RecognizeForm:
     file: UploadFile
-    language: str | None = None
-    num_speakers: int | None = None
-    min_speakers: int | None = None
-    max_speakers: int | None = None
-    # transcript.completed / transcript.failed of this job are POSTed here (README "Webhooks").
-    callback_url: str | None = None
+    language: Annotated[str | None, Parameter(
+        description="A Whisper language code (en, ru...); blank, left out or `auto`: detected")] = None
+    num_speakers: SpeakerCount = None
+    min_speakers: SpeakerCount = None
+    max_speakers: SpeakerCount = None
+    callback_url: Annotated[str | None, Parameter(
+        description="This job's transcript.completed or transcript.failed is POSTed here, signed")] = None
 
 
 class Accepted(BaseModel):
@@ -103,7 +109,7 @@ async def recognize(
     size = checked_size(stream, state.settings.max_upload_bytes, empty="the uploaded file is empty",
                         too_big=f"the file exceeds MAX_UPLOAD_MB ({state.settings.max_upload_mb} MB)")
     try:
-        options = JobOptions(language=data.language or None, num_speakers=data.num_speakers,
+        options = JobOptions(language=data.language, num_speakers=data.num_speakers,
                              min_speakers=data.min_speakers, max_speakers=data.max_speakers)
     except ValidationError as exc:
         raise HTTPException(status_code=400, detail="; ".join(
