@@ -185,6 +185,29 @@ def test_bucket_drop_becomes_one_job_with_a_result_file(stack, fixtures_dir):
     assert httpx.get(f"{stack.api}/status/{jobs[0]}").json() == document
 
 
+def test_bucket_drop_options_come_from_the_object_metadata(stack, fixtures_dir):
+    """A drop asks for a language and speaker counts as an upload does, in its S3 user metadata;
+    one that asks for something impossible ends in error, its result file saying which value."""
+    s3 = stack.s3()
+    s3.fput_object("inbox", "meta/sample.wav", str(fixtures_dir / "sample.wav"),
+                   metadata={"language": "de", "num-speakers": "3"})
+    s3.fput_object("inbox", "meta/bad count.flac", str(fixtures_dir / "jfk.flac"), metadata={"num-speakers": "many"})
+    documents = {}
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and len(documents) < 2:
+        for key in ("meta/sample.wav", "meta/bad count.flac"):
+            try:
+                documents[key] = json.loads(s3.get_object("inbox", f"results/{key}.json").read())
+            except Exception:
+                time.sleep(0.5)
+    bad = documents["meta/bad count.flac"]
+    assert bad["status"] == "error" and "x-amz-meta-num-speakers" in bad["error"], bad
+    hinted = documents["meta/sample.wav"]
+    assert hinted["status"] == "done" and len({s["speaker"] for s in hinted["segments"]}) == 3, hinted
+    job_id = stack.value("SELECT id FROM transcripts WHERE source_key = 'meta/sample.wav'")
+    assert httpx.get(f"{stack.api}/transcripts/{job_id}").json()["language"] == "de"
+
+
 def test_bucket_drop_names_are_cleaned_like_upload_names(stack, fixtures_dir):
     key = "calls/" + "long name " * 30 + ".flac"  # 306 characters: over the 255 kept
     stack.s3().fput_object("inbox", key, str(fixtures_dir / "jfk.flac"))

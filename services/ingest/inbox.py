@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
 from urllib.parse import unquote_plus
 
 import aio_pika
 import asyncpg
 from minio import Minio
 from minio.commonconfig import CopySource
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from common import jobstore
 from common.broker import EVENTS_EXCHANGE, Route, consume
@@ -69,6 +70,27 @@ def _clean_etag(etag: str | None) -> str:
     return (etag or "").strip('"')
 
 
+USER_METADATA = "x-amz-meta-"
+
+
+def drop_options(headers: Mapping[str, str]) -> JobOptions:
+    """What a drop asks for in its S3 user metadata, named as POST /recognize's form fields:
+    `x-amz-meta-language: ru`, `x-amz-meta-num-speakers: 2` (also min-/max-speakers; `-` or `_`).
+    Other metadata is not ours and is ignored. Raises ValueError saying which value is wrong."""
+    given = {}
+    for header, value in headers.items():
+        name = header.lower()
+        field = name[len(USER_METADATA):].replace("-", "_") if name.startswith(USER_METADATA) else ""
+        if field in JobOptions.model_fields:
+            given[field] = value
+    try:
+        return JobOptions(**given)
+    except ValidationError as exc:
+        raise ValueError("; ".join(
+            f"{USER_METADATA}{str(e['loc'][0]).replace('_', '-')}: {e['msg']}" if e["loc"] else e["msg"]
+            for e in exc.errors())) from exc
+
+
 class Inbox:
     def __init__(self, settings: Settings, pool: asyncpg.Pool, s3: Minio, outbox_wake: asyncio.Event):
         self.settings, self.pool, self.s3, self.outbox_wake = settings, pool, s3, outbox_wake
@@ -87,6 +109,13 @@ class Inbox:
         if await jobstore.drop_is_known(self.pool, bucket, key, etag):
             return None
 
+        stat = await asyncio.to_thread(self.s3.stat_object, bucket, key)
+        try:
+            options, refused = drop_options(stat.metadata), None
+        except ValueError as exc:
+            # Still a job, so that the drop's result file and the job list say why it did not run.
+            options, refused = JobOptions(), f"the object's metadata asks for something impossible: {exc}"
+
         def copy(audio_key: str) -> None:
             # Only the version this job is made for: an object overwritten meanwhile is a new
             # drop (new ETag), not this job under the old identity.
@@ -95,11 +124,14 @@ class Inbox:
 
         job_id = await create_job(
             self.pool, self.s3, self.settings.audio_bucket, copy,
-            filename=clean_filename(key.rsplit("/", 1)[-1]), options=JobOptions(), owner=self.owner,
-            outbox_wake=self.outbox_wake, drop=BucketDrop(bucket, key, etag))
+            filename=clean_filename(key.rsplit("/", 1)[-1]), options=options, owner=self.owner,
+            outbox_wake=self.outbox_wake, drop=BucketDrop(bucket, key, etag), refused=refused)
         if job_id is not None:
             with job_logged(job_id):
-                log.info("bucket drop %s/%s became a job", bucket, key)
+                if refused:
+                    log.warning("bucket drop %s/%s became a job, failed: %s", bucket, key, refused)
+                else:
+                    log.info("bucket drop %s/%s became a job", bucket, key)
         return job_id
 
     async def on_event(self, event: BucketEvent) -> None:

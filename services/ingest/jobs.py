@@ -12,7 +12,7 @@ from minio import Minio
 
 from common import jobstore
 from common.logs import job_logged
-from common.messages import STAGE_OF_SERVICE, STAGES, JobOptions, JobSubmitted
+from common.messages import STAGE_OF_SERVICE, STAGES, JobFailed, JobOptions, JobSubmitted
 from common.outbox import add_to_outbox
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ class BucketDrop:
 
 async def create_job(pool: asyncpg.Pool, s3: Minio, audio_bucket: str, put_audio: Callable[[str], object],
                      *, filename: str, options: JobOptions, owner: str | None, outbox_wake: asyncio.Event,
-                     drop: BucketDrop | None = None,
+                     drop: BucketDrop | None = None, refused: str | None = None,
                      also: Callable[[asyncpg.Connection, int], Awaitable[object]] | None = None) -> int | None:
     """The one way a job comes to exist, for uploads and bucket drops alike.
 
@@ -57,7 +57,9 @@ async def create_job(pool: asyncpg.Pool, s3: Minio, audio_bucket: str, put_audio
     publishes the message (now, or after a broker outage or a crash of this process), so a
     committed job always runs. Anything that fails before the commit leaves no row and no object
     behind. Returns None when `drop` already is a job (another process made it first) or was
-    deleted by its owner. `also(conn, job_id)` runs in the job's transaction (a callback URL)."""
+    deleted by its owner. `also(conn, job_id)` runs in the job's transaction (a callback URL).
+    With `refused` (a request that cannot be honoured, found after the audio was taken) the job
+    is failed with that reason instead of submitted, through the same outbox."""
     job_id = await jobstore.reserve_job_id(pool)
     key = upload_key(job_id)
     with job_logged(job_id):
@@ -70,7 +72,10 @@ async def create_job(pool: asyncpg.Pool, s3: Minio, audio_bucket: str, put_audio
                     owner=owner, drop=(drop.bucket, drop.key, drop.etag) if drop else None)
                 if created is not None and also is not None:
                     await also(conn, job_id)
-                if created is not None:
+                if created is not None and refused is not None:
+                    await add_to_outbox(conn, JobFailed(
+                        message_id=f"job.failed:{job_id}", job_id=job_id, stage="ingest", reason=refused))
+                elif created is not None:
                     await add_to_outbox(conn, JobSubmitted(
                         message_id=f"job.submitted:{job_id}", job_id=job_id, audio_bucket=audio_bucket,
                         audio_key=key, filename=filename, options=options))
