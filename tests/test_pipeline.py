@@ -183,6 +183,9 @@ def test_bucket_drop_becomes_one_job_with_a_result_file(stack, fixtures_dir):
         "SELECT id FROM transcripts WHERE source = 'bucket' AND source_key = $1", "calls/en dialogue.wav")]
     assert len(jobs) == 1, jobs  # scans keep running: still exactly one job
     assert httpx.get(f"{stack.api}/status/{jobs[0]}").json() == document
+    subtitles = s3.get_object("inbox", "results/calls/en dialogue.wav.srt").read().decode()
+    assert subtitles == httpx.get(f"{stack.api}/transcripts/{jobs[0]}", params={"format": "srt"}).text
+    assert subtitles.startswith("1\n00:00:") and "sales" in normalised(subtitles)
 
 
 def test_bucket_drop_options_come_from_the_object_metadata(stack, fixtures_dir):
@@ -202,6 +205,7 @@ def test_bucket_drop_options_come_from_the_object_metadata(stack, fixtures_dir):
                 time.sleep(0.5)
     bad = documents["meta/bad count.flac"]
     assert bad["status"] == "error" and "x-amz-meta-num-speakers" in bad["error"], bad
+    assert "results/meta/bad count.flac.srt" not in {o.object_name for o in s3.list_objects("inbox", recursive=True)}
     hinted = documents["meta/sample.wav"]
     assert hinted["status"] == "done" and len({s["speaker"] for s in hinted["segments"]}) == 3, hinted
     job_id = stack.value("SELECT id FROM transcripts WHERE source_key = 'meta/sample.wav'")

@@ -395,13 +395,13 @@ def test_deleting_a_bucket_drop_keeps_the_users_object_and_does_not_rerun_it(sta
     while not stack.value("SELECT result_written FROM transcripts WHERE id = $1", job_id):
         assert time.monotonic() < deadline, "no result file was written"
         time.sleep(0.5)
-    result = f"results/{key}.json"
-    assert result in {o.object_name for o in s3.list_objects("inbox", recursive=True)}
+    results = {f"results/{key}.json", f"results/{key}.srt"}
+    assert results <= {o.object_name for o in s3.list_objects("inbox", recursive=True)}
 
     assert httpx.delete(f"{stack.api}/transcripts/{job_id}").status_code == 204
     time.sleep(4)  # several inbox scans (INBOX_SCAN_INTERVAL_S=1)
     inbox = {o.object_name for o in s3.list_objects("inbox", recursive=True)}
-    assert key in inbox and result not in inbox
+    assert key in inbox and not results & inbox
     assert objects_of(stack, job_id) == set()
     assert stack.value("SELECT count(*) FROM transcripts WHERE source_key = $1", key) == 0
 

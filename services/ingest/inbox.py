@@ -1,6 +1,7 @@
 """Bucket drops: an object put into INBOX_BUCKET becomes exactly one job, found through
 MinIO's AMQP bucket notifications and, for whatever those miss, a periodic listing. When the
-job ends its status document is written to `<RESULTS_PREFIX><key>.json` in the inbox."""
+job ends its status document is written to `<RESULTS_PREFIX><key>.json` in the inbox, and
+once it is done its subtitles to `<RESULTS_PREFIX><key>.srt`."""
 
 from __future__ import annotations
 
@@ -21,9 +22,10 @@ from common.db import DATABASE_UNAVAILABLE
 from common.logs import job_logged
 from common.messages import JobOptions, TranscriptCompleted
 from common.settings import Settings
-from common.storage import pcm_key, upload_json
+from common.storage import pcm_key, upload_bytes, upload_json
 from services.ingest.auth import owner_of
-from services.ingest.jobs import BucketDrop, clean_filename, create_job, status_document
+from services.ingest.jobs import BucketDrop, clean_filename, create_job, result_keys, status_document
+from services.ingest.transcripts import TranscriptSegment, to_srt
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +62,6 @@ class JobEnded(BaseModel):
     """transcript.completed or transcript.failed: only the job id matters here."""
 
     transcript_id: int
-
-
-def result_key(results_prefix: str, source_key: str) -> str:
-    return f"{results_prefix}{source_key}.json"
 
 
 def _clean_etag(etag: str | None) -> str:
@@ -170,10 +168,17 @@ class Inbox:
             if row is None:
                 return
             document = await status_document(conn, job_id)
-            key = result_key(self.settings.results_prefix, row["source_key"])
-            await asyncio.to_thread(upload_json, self.s3, row["source_bucket"], key, document)
+            keys = result_keys(self.settings.results_prefix, row["source_key"])
+            bucket = row["source_bucket"]
+            if document["status"] == "done":
+                subtitles = to_srt([TranscriptSegment(**segment) for segment in document["segments"]])
+                await asyncio.to_thread(upload_bytes, self.s3, bucket, keys["srt"], subtitles.encode(),
+                                        content_type="application/x-subrip")
+            # The status document last: its presence says the results are complete.
+            await asyncio.to_thread(upload_json, self.s3, bucket, keys["json"], document)
             await jobstore.mark_result_written(conn, job_id)
-        log.info("result written to %s/%s", row["source_bucket"], key)
+        log.info("results written to %s/%s", bucket, keys["json"] if document["status"] != "done"
+                 else f"{keys['json']} and .srt")
 
     async def on_job_ended(self, event: JobEnded) -> None:
         await self.write_result(event.transcript_id)

@@ -23,6 +23,12 @@ def upload_key(job_id: int) -> str:
     return f"uploads/{job_id}"
 
 
+def result_keys(results_prefix: str, source_key: str) -> dict[str, str]:
+    """A bucket drop's result files beside it in the inbox, by format: the status document
+    (`results/calls/monday.wav.json`) and subtitles (`results/calls/monday.wav.srt`)."""
+    return {extension: f"{results_prefix}{source_key}.{extension}" for extension in ("json", "srt")}
+
+
 MAX_FILENAME_CHARS = 255
 
 

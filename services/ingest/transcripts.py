@@ -30,8 +30,7 @@ from common.settings import Settings
 from common.storage import pcm_key
 from services.ingest.auth import request_owner
 from services.ingest.errors import error_responses
-from services.ingest.inbox import result_key
-from services.ingest.jobs import percent_done, public_stage, upload_key
+from services.ingest.jobs import percent_done, public_stage, result_keys, upload_key
 from services.ingest.speakers import announce_speaker_names, clean_name
 
 log = logging.getLogger(__name__)
@@ -255,7 +254,7 @@ def _remove_objects(s3: Minio, objects: list[tuple[str, str]]) -> None:
 async def delete_transcript(pool: asyncpg.Pool, s3: Minio, settings: Settings, job_id: int,
                             owner: str | None) -> bool:
     """Remove an ended job: its audio objects (the upload and the decoded PCM), a bucket drop's
-    result file, then its rows (chunks and segments cascade). A bucket drop's inbox object is
+    result files, then its rows (chunks and segments cascade). A bucket drop's inbox object is
     the user's and stays; its identity is remembered so the inbox scan does not run it again.
     Returns False for an unknown job; raises StillProcessing while the job runs, because its
     workers would write the objects and rows again."""
@@ -269,7 +268,8 @@ async def delete_transcript(pool: asyncpg.Pool, s3: Minio, settings: Settings, j
         objects = [(settings.audio_bucket, job["audio_key"] or upload_key(job_id)),
                    (settings.audio_bucket, pcm_key(job_id))]
         if job["source"] == "bucket":
-            objects.append((job["source_bucket"], result_key(settings.results_prefix, job["source_key"])))
+            results = result_keys(settings.results_prefix, job["source_key"])
+            objects += [(job["source_bucket"], key) for key in results.values()]
             await jobstore.remember_deleted_drop(conn, job["source_bucket"], job["source_key"], job["source_etag"])
         # Objects first: if the store fails, the rows stay and the delete can be repeated.
         try:
