@@ -1,6 +1,7 @@
 """The web page in a real browser (Playwright driving Debian's chromium) against the real stack:
-upload a recording, watch it reach done without reloading, read both speakers, click a segment
-and see the audio seek, download SRT and RTTM, delete it. The screenshot in the README is taken here."""
+upload a recording, watch it reach done without reloading, read both speakers, name one and
+remember its voice, click a segment and see the audio seek, download SRT and RTTM, forget the
+voice, delete the recording. The screenshot in the README is taken here."""
 
 from __future__ import annotations
 
@@ -62,6 +63,13 @@ def test_upload_follow_read_play_and_download(stack, fixtures_dir, browser, tmp_
     page.get_by_role("button", name="Save names").click()
     page.locator("#segments .segment[data-speaker='spk_0'] .who", has_text="Anna").first.wait_for(timeout=30_000)
 
+    # Remember that voice: Anna becomes an enrolled speaker, listed under Known voices.
+    page.get_by_role("button", name="Remember voices").click()
+    page.locator("#transcript-status", has_text="Anna's voice remembered.").wait_for(timeout=60_000)
+    page.locator("#people li", has_text="Anna").filter(has_text="1 voiceprint").wait_for(timeout=30_000)
+    enrolled = {p["name"]: p for p in httpx.get(f"{stack.api}/speakers", timeout=30).json()["items"]}
+    assert enrolled["Anna"]["voiceprint_count"] == 1
+
     # Clicking a segment seeks the audio there.
     page.wait_for_function("document.querySelector('#player').readyState >= 1", timeout=30_000)
     target = segments.nth(2)
@@ -81,7 +89,6 @@ def test_upload_follow_read_play_and_download(stack, fixtures_dir, browser, tmp_
         page.get_by_role("link", name="Download RTTM").click()
     assert Path(download.value.path()).read_text().startswith("SPEAKER en_dialogue 1 ")
 
-    # Deleting asks first; once confirmed the recording is gone from the page and the server.
     asked: list[str] = []
 
     def answer(dialog) -> None:
@@ -89,9 +96,17 @@ def test_upload_follow_read_play_and_download(stack, fixtures_dir, browser, tmp_
         dialog.accept()
 
     page.on("dialog", answer)
+    # Forgetting asks first; then the voice is gone from the page and the server.
+    page.get_by_role("button", name="Forget Anna").click()
+    page.locator("#people li", has_text="Anna").wait_for(state="detached", timeout=30_000)
+    assert asked and asked[-1].startswith("Forget Anna")
+    assert "Anna" not in {p["name"] for p in httpx.get(f"{stack.api}/speakers", timeout=30).json()["items"]}
+
+    # Deleting asks first; once confirmed the recording is gone from the page and the server.
+    page.locator('#transcript[data-ended="true"]').wait_for(timeout=60_000)
     page.get_by_role("button", name="Delete recording").click()
     page.locator(f'#jobs li[data-job="{job_id}"]').wait_for(state="detached", timeout=30_000)
-    assert asked and "en_dialogue.wav" in asked[0]
+    assert "en_dialogue.wav" in asked[-1]
     assert page.locator("#transcript").is_hidden()
     assert httpx.get(f"{stack.api}/status/{job_id}", timeout=30).status_code == 404
     assert errors == []

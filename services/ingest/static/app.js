@@ -1,5 +1,6 @@
 // The stt-pipeline page: upload, follow jobs live (server-sent events), read and play a
-// transcript, name speakers, download, search. Plain JavaScript against the public HTTP API.
+// transcript, name speakers and remember their voices, download, search. Plain JavaScript
+// against the public HTTP API.
 "use strict";
 
 const $ = (selector) => document.querySelector(selector);
@@ -238,16 +239,24 @@ function refreshNames() {
   save.type = "submit";
   save.textContent = "Save names";
   form.appendChild(save);
+  if ($("#transcript").dataset.status !== "done") return;
+  const remember = document.createElement("button");
+  remember.type = "button";
+  remember.textContent = "Remember voices";
+  remember.title = "Save the names, and recognise these voices in new recordings";
+  remember.addEventListener("click", rememberVoices);
+  form.appendChild(remember);
 }
 
+// Returns false when the names could not be saved (the reason is shown).
 async function saveNames(event) {
-  event.preventDefault();
+  if (event) event.preventDefault();
   const changes = {};
   for (const input of document.querySelectorAll("#names input")) {
     const name = input.value.trim();
     if ((state.names[input.dataset.label] || "") !== name) changes[input.dataset.label] = name || null;
   }
-  if (!Object.keys(changes).length) return;
+  if (!Object.keys(changes).length) return true;
   try {
     const answer = await (await api(`/transcripts/${state.open}/speakers`, {
       method: "PATCH", headers: { "Content-Type": "application/json" }, body: JSON.stringify(changes),
@@ -255,9 +264,73 @@ async function saveNames(event) {
     state.names = Object.fromEntries(Object.entries(answer.speakers).filter(([, name]) => name));
     refreshNames();
     $("#transcript-status").textContent = "Names saved.";
+    return true;
   } catch (error) {
     $("#transcript-status").textContent = error.message;
+    return false;
   }
+}
+
+// Each named speaker of the open transcript becomes a voiceprint of that person (POST /speakers).
+async function rememberVoices() {
+  const status = $("#transcript-status");
+  if (!(await saveNames(null))) return;
+  const named = Object.entries(state.names);
+  if (!named.length) { status.textContent = "Name a speaker first."; return; }
+  const said = [];
+  for (const [label, name] of named) {
+    try {
+      await api("/speakers", {
+        method: "POST", headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ name, transcript_id: state.open, label }),
+      });
+      said.push(`${name}'s voice remembered.`);
+    } catch (error) {
+      said.push(`${name}: ${error.message}`);
+    }
+  }
+  status.textContent = said.join(" ");
+  loadPeople();
+}
+
+// ---- known voices -------------------------------------------------------------------------
+
+async function loadPeople() {
+  let people;
+  try {
+    people = (await (await api("/speakers")).json()).items;
+  } catch (error) {
+    return;
+  }
+  const list = $("#people");
+  list.innerHTML = "";
+  if (!people.length) list.innerHTML = '<li class="hint">None yet.</li>';
+  for (const person of people) {
+    const item = document.createElement("li");
+    item.dataset.speaker = person.id;
+    item.innerHTML = '<span class="name"></span> <span class="hint"></span> <button type="button" class="link"></button>';
+    item.querySelector(".name").textContent = person.name;
+    const count = person.voiceprint_count;
+    item.querySelector(".hint").textContent = `${count} voiceprint${count === 1 ? "" : "s"}`;
+    const forget = item.querySelector("button");
+    forget.textContent = "Forget";
+    forget.setAttribute("aria-label", `Forget ${person.name}`);
+    forget.addEventListener("click", () => forgetPerson(person));
+    list.appendChild(item);
+  }
+}
+
+async function forgetPerson(person) {
+  if (!confirm(`Forget ${person.name}: their voiceprints, and every name recognition gave from them?`
+      + " (Names given by hand stay.)")) return;
+  try {
+    await api(`/speakers/${person.id}`, { method: "DELETE" });
+  } catch (error) {
+    notice(`${person.name} was not forgotten: ${error.message}`);
+    return;
+  }
+  loadPeople();
+  if (state.open !== null) openTranscript(state.open);  // names recognised from that voice are gone
 }
 
 function showStatus(job) {
@@ -424,6 +497,7 @@ document.addEventListener("DOMContentLoaded", () => {
     state.jobs.clear();
     $("#jobs").innerHTML = "";
     loadJobs();
+    loadPeople();
   });
   $("#upload").addEventListener("submit", (event) => {
     event.preventDefault();
@@ -453,4 +527,5 @@ document.addEventListener("DOMContentLoaded", () => {
     if (current) current.classList.add("playing");
   });
   loadJobs();
+  loadPeople();
 });
