@@ -481,12 +481,21 @@ def marked(text: str) -> Text:
 @app.command()
 def name(
     job_id: Annotated[int, typer.Argument(metavar="ID", help="Job id.", show_default=False)],
-    names: Annotated[list[str], typer.Argument(
-        metavar="LABEL=NAME", help="spk_0=Anna spk_1=Boris; LABEL= removes the name.", show_default=False)],
+    names: Annotated[list[str] | None, typer.Argument(
+        metavar="LABEL=NAME", help="spk_0=Anna spk_1=Boris; LABEL= removes the name. Without any: list the "
+        "speakers (label, name, speaking time, how the name was given).", show_default=False)] = None,
     api: ApiUrl = DEFAULT_API_URL,
     api_key: ApiKey = None,
 ) -> None:
-    """Name a job's speakers by hand (names given here always win over recognition)."""
+    """Name a job's speakers by hand (names given here always win over recognition), or list them."""
+    if not names:
+        with reporting_api_errors(api), api_client(api, api_key) as client:
+            speakers = checked(client.get(f"/transcripts/{job_id}/speakers")).json()["speakers"]
+        for label, speaker in speakers.items():
+            source = speaker.get("source")
+            given = "by hand" if source == "manual" else f"recognised ({speaker['confidence']:.2f})" if source else ""
+            sys.stdout.write(f"{label}\t{speaker.get('name') or '-'}\t{clock(speaker['speech_s'])}\t{given}\n")
+        return
     changes: dict[str, str | None] = {}
     for pair in names:
         label, sep, value = pair.partition("=")

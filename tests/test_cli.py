@@ -270,6 +270,10 @@ def test_a_job_is_named_by_hand_and_deleted(keyed_stack, fixtures_dir):
     assert (named.returncode, named.stdout) == (0, f"{labels[0]}\tAnna\n{labels[1]}\tBoris Petrov\n"), named.stderr
     text = stt(keyed_stack, "get", job_id, "--format", "txt").stdout
     assert "] Anna: " in text and "] Boris Petrov: " in text and "spk_" not in text, text
+    listed = stt(keyed_stack, "name", job_id).stdout.splitlines()  # no LABEL=NAME: the speakers
+    assert [line.split("\t")[:2] + line.split("\t")[3:] for line in listed] == [
+        [labels[0], "Anna", "by hand"], [labels[1], "Boris Petrov", "by hand"]], listed
+    assert all(re.fullmatch(r"00:0\d\.\d", line.split("\t")[2]) for line in listed), listed  # speaking time
     unnamed = stt(keyed_stack, "name", job_id, f"{labels[0]}=")
     assert unnamed.stdout == f"{labels[0]}\t-\n{labels[1]}\tBoris Petrov\n", unnamed.stderr
     unknown = stt(keyed_stack, "name", job_id, "spk_9=Zed")

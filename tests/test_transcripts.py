@@ -17,12 +17,14 @@ import numpy as np
 import pytest
 from litestar.testing import TestClient
 
+from common.messages import SpeakerTurn
 from services.ingest.app import create_app
 from services.ingest.jobs import percent_done, public_stage
 from services.ingest.transcripts import (
     TranscriptSegment,
     content_disposition,
     download_name,
+    speaking_time,
     srt_timestamp,
     to_srt,
     to_txt,
@@ -292,6 +294,35 @@ def test_rttm_is_the_whole_diarization_with_its_overlaps(meeting, stack, fixture
     assert der < 0.9  # scored against the reference: the right file, times and labels
     segments = transcript(stack, meeting["id"]).json()["segments"]
     assert any(s["overlap"] for s in segments) and not all(s["overlap"] for s in segments)
+
+
+def test_speaking_time_counts_a_speakers_touching_or_overlapping_turns_once():
+    turns = [SpeakerTurn(speaker="spk_0", start=0, end=2), SpeakerTurn(speaker="spk_0", start=1, end=3),
+             SpeakerTurn(speaker="spk_1", start=2.5, end=4), SpeakerTurn(speaker="spk_0", start=5, end=5.5)]
+    assert speaking_time(turns) == {"spk_0": 3.5, "spk_1": 1.5}
+
+
+def test_a_jobs_speakers_with_their_names_and_speaking_time(dialogue, stack, fixtures_dir):
+    """Who talks how long: each speaker's time within a second of the reference's; a name given
+    by hand shows with its source."""
+    reference: dict[str, float] = {}
+    for line in (fixtures_dir / "en_dialogue.rttm").read_text().splitlines():
+        fields = line.split()
+        reference[fields[7]] = reference.get(fields[7], 0.0) + float(fields[4])
+    url = f"{stack.api}/transcripts/{dialogue['id']}/speakers"
+    speakers = httpx.get(url, timeout=30).json()["speakers"]
+    assert sorted(speakers) == ["spk_0", "spk_1"]
+    found = sorted(s["speech_s"] for s in speakers.values())
+    assert all(abs(a - b) < 1.0 for a, b in zip(found, sorted(reference.values()), strict=True)), (found, reference)
+
+    assert httpx.patch(url, json={"spk_1": "Boris"}, timeout=30).status_code == 200
+    try:
+        named = httpx.get(url, timeout=30).json()["speakers"]
+        assert (named["spk_1"]["name"], named["spk_1"]["source"]) == ("Boris", "manual")
+        assert "name" not in named["spk_0"] and named["spk_1"]["speech_s"] == speakers["spk_1"]["speech_s"]
+    finally:
+        httpx.patch(url, json={"spk_1": None}, timeout=30)
+    assert httpx.get(f"{stack.api}/transcripts/987654321/speakers", timeout=30).status_code == 404
 
 
 def test_unknown_format_or_job(dialogue, stack):

@@ -25,7 +25,7 @@ from pydantic import BaseModel, Field
 
 from common import jobstore, speakerstore
 from common.logs import job_logged
-from common.messages import SpeakerTurn, Stage, Word
+from common.messages import SpeakerName, SpeakerTurn, Stage, Word
 from common.settings import Settings
 from common.storage import pcm_key
 from services.ingest.auth import request_owner
@@ -398,6 +398,49 @@ class SpeakerNames(BaseModel):
     speakers: dict[str, str | None]
 
 
+class TranscriptSpeaker(SpeakerName):
+    # Seconds this speaker talks in the diarization (overlapping talk counted for each speaker).
+    speech_s: float = 0.0
+
+
+class TranscriptSpeakers(BaseModel):
+    """Every speaker of the job: its name (and how it was given) and how long it talks."""
+
+    speakers: dict[str, TranscriptSpeaker]
+
+
+def speaking_time(turns: Sequence[SpeakerTurn]) -> dict[str, float]:
+    """Seconds each speaker talks: the union of its turns (turns of one speaker may touch)."""
+    spans: dict[str, list[tuple[float, float]]] = {}
+    for turn in turns:
+        spans.setdefault(turn.speaker, []).append((turn.start, turn.end))
+    seconds = {}
+    for speaker, intervals in spans.items():
+        total, reach = 0.0, float("-inf")
+        for start, end in sorted(intervals):
+            if end > reach:
+                total += end - max(start, reach)
+                reach = end
+        seconds[speaker] = round(total, 3)
+    return seconds
+
+
+@get("/transcripts/{job_id:int}/speakers", summary="A job's speakers: names and speaking time",
+     responses=error_responses(400, 401, 403, 404, 503))
+async def list_job_speakers(job_id: JobId, state: State, request: Request) -> TranscriptSpeakers:
+    """While the job runs, the speakers the stored chunks have so far."""
+    job = await jobstore.job(state.pool, job_id)
+    if not visible(job, request_owner(request)):
+        raise NotFoundException(detail=f"no job with id {job_id}")
+    labels = await jobstore.job_speaker_labels(state.pool, job_id)
+    names = await jobstore.speaker_names(state.pool, job_id)
+    seconds = speaking_time(await jobstore.job_turns(state.pool, job_id))
+    return TranscriptSpeakers(speakers={
+        label: TranscriptSpeaker(**(names[label].model_dump() if label in names else {}),
+                                 speech_s=seconds.get(label, 0.0))
+        for label in sorted(labels | set(names), key=lambda label: (len(label), label))})
+
+
 @patch("/transcripts/{job_id:int}/speakers", summary="Name a job's speakers",
        responses=error_responses(400, 401, 403, 404, 503))
 async def name_speakers(job_id: JobId, state: State, request: Request,
@@ -429,4 +472,4 @@ async def name_speakers(job_id: JobId, state: State, request: Request,
                                   for label in sorted(labels | set(names))})
 
 
-TRANSCRIPT_ROUTES = [get_transcript, get_transcripts, remove_transcript, name_speakers]
+TRANSCRIPT_ROUTES = [get_transcript, get_transcripts, remove_transcript, list_job_speakers, name_speakers]
