@@ -58,6 +58,9 @@ def test_upload_follow_read_play_and_download(stack, fixtures_dir, browser, tmp_
     text = page.locator("#segments").inner_text().lower()
     assert "sales" in text and "quarter" in text
 
+    # Each speaker's talk time is beside its name field.
+    page.locator("label[for='name-spk_0']", has_text="(talks 00:").wait_for(timeout=30_000)
+
     # Name a speaker from the page: the transcript shows it.
     page.fill("#name-spk_0", "Anna")
     page.get_by_role("button", name="Save names").click()

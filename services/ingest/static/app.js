@@ -8,7 +8,7 @@ const KEY_STORAGE = "stt-api-key";
 // Dark enough on white for text (WCAG AA), distinct enough for borders.
 const COLOURS = ["#0b5cad", "#b3261e", "#1d6b2a", "#7a3fa0", "#8a5a00", "#00707a", "#a1306b", "#4a5360"];
 
-const state = { jobs: new Map(), open: null, stream: null, speakers: [], names: {}, audioUrl: null };
+const state = { jobs: new Map(), open: null, stream: null, speakers: [], names: {}, talk: {}, audioUrl: null };
 
 function apiKey() { return sessionStorage.getItem(KEY_STORAGE) || ""; }
 function authHeaders(extra = {}) {
@@ -223,15 +223,18 @@ function refreshNames() {
     button.querySelector(".who").textContent = speakerName(button.dataset.speaker);
   }
   const form = $("#names");
+  // Rebuilt as speakers arrive: what someone is typing in a field stays.
+  const typed = Object.fromEntries([...form.querySelectorAll("input")].map((input) => [input.dataset.label, input.value]));
   form.innerHTML = "";
   if (!state.speakers.length) return;
   state.speakers.forEach((label, index) => {
     const id = `name-${label}`;
     const field = document.createElement("span");
     field.innerHTML = `<label for="${id}"></label> <input id="${id}" data-label="${label}">`;
-    field.querySelector("label").textContent = label;
+    const seconds = state.talk[label];
+    field.querySelector("label").textContent = seconds === undefined ? label : `${label} (talks ${clock(seconds)})`;
     field.querySelector("label").style.color = COLOURS[index % COLOURS.length];
-    field.querySelector("input").value = state.names[label] || "";
+    field.querySelector("input").value = typed[label] ?? state.names[label] ?? "";
     field.querySelector("input").placeholder = "name";
     form.appendChild(field);
   });
@@ -262,6 +265,7 @@ async function saveNames(event) {
       method: "PATCH", headers: { "Content-Type": "application/json" }, body: JSON.stringify(changes),
     })).json();
     state.names = Object.fromEntries(Object.entries(answer.speakers).filter(([, name]) => name));
+    $("#names").innerHTML = "";  // show the names as the server keeps them
     refreshNames();
     $("#transcript-status").textContent = "Names saved.";
     return true;
@@ -417,11 +421,22 @@ function playFrom(seconds, button) {
   player.play().catch(() => { /* the browser may refuse to play without sound output */ });
 }
 
+// How long each speaker talks, shown beside its name field.
+async function loadSpeakingTime(jobId) {
+  try {
+    const answer = await (await api(`/transcripts/${jobId}/speakers`)).json();
+    if (state.open !== jobId) return;
+    state.talk = Object.fromEntries(Object.entries(answer.speakers).map(([label, s]) => [label, s.speech_s]));
+    refreshNames();
+  } catch (error) { /* the names work without it */ }
+}
+
 async function openTranscript(jobId) {
   if (state.stream) state.stream.stop();
   state.open = jobId;
   state.speakers = [];
   state.names = {};
+  state.talk = {};
   const section = $("#transcript");
   section.hidden = false;
   section.dataset.job = jobId;
@@ -448,6 +463,7 @@ async function openTranscript(jobId) {
       renderDelete(jobId, true);
       refreshNames();
       section.dataset.ended = "true";
+      if (type === "transcript.completed") loadSpeakingTime(jobId);
     }
   }, { endId: "end" });
 }
