@@ -305,6 +305,9 @@ def submit(
                                                      show_default=False)] = None,
     max_speakers: Annotated[int | None, typer.Option(help="At most this many speakers.", min=1,
                                                      show_default=False)] = None,
+    multichannel: Annotated[bool, typer.Option(
+        "--multichannel", help="Each channel is its own party (a call recorded one side per channel): "
+        "transcribe the channels apart.")] = False,
     wait: Annotated[bool, typer.Option(
         help="Follow the jobs and print their transcripts; --no-wait prints the job ids and returns.")] = True,
     api: ApiUrl = DEFAULT_API_URL,
@@ -317,7 +320,7 @@ def submit(
     if speakers is not None and (min_speakers is not None or max_speakers is not None):
         raise typer.BadParameter("give either --speakers or --min-speakers/--max-speakers, not both")
     options = {"language": language, "num_speakers": speakers, "min_speakers": min_speakers,
-               "max_speakers": max_speakers}
+               "max_speakers": max_speakers, "multichannel": "true" if multichannel else None}
     fields = {name: str(value) for name, value in options.items() if value is not None}
     jobs: list[SubmittedJob] = []
     refused = 0

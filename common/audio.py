@@ -64,8 +64,10 @@ def _too_long(max_seconds: float) -> AudioTooLong:
     return AudioTooLong(f"the audio is longer than the limit of {max_seconds / 3600:g} h")
 
 
-def decode_audio(source: str | BinaryIO, max_seconds: float | None = None) -> np.ndarray:
-    """Decode the first audio stream to float32 mono at 16 kHz in [-1, 1]. The length limit is
+def decode_audio(source: str | BinaryIO, max_seconds: float | None = None, *,
+                 separate_channels: bool = False) -> np.ndarray:
+    """Decode the first audio stream to float32 mono at 16 kHz in [-1, 1] (with
+    `separate_channels`, one row per channel: shape (channels, samples)). The length limit is
     checked on the header's duration and on the decoded input, before resampling."""
     pieces: list[np.ndarray] = []
     decoded_s = 0.0
@@ -75,16 +77,18 @@ def decode_audio(source: str | BinaryIO, max_seconds: float | None = None) -> np
             if max_seconds and stream.duration and stream.time_base:
                 if float(stream.duration * stream.time_base) > max_seconds:
                     raise _too_long(max_seconds)
-            resampler = av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE)
+            channels = stream.codec_context.channels if separate_channels else 1
+            layout = stream.codec_context.layout.name if channels > 1 else "mono"
+            resampler = av.AudioResampler(format="s16p" if channels > 1 else "s16", layout=layout, rate=SAMPLE_RATE)
             for frame in container.decode(stream):
                 decoded_s += frame.samples / (frame.sample_rate or SAMPLE_RATE)
                 if max_seconds and decoded_s > max_seconds:
                     raise _too_long(max_seconds)
                 frame.pts = None  # let the resampler ignore gaps in timestamps
                 for out in resampler.resample(frame):
-                    pieces.append(out.to_ndarray().reshape(-1))
+                    pieces.append(out.to_ndarray().reshape(channels, -1))
             for out in resampler.resample(None):
-                pieces.append(out.to_ndarray().reshape(-1))
+                pieces.append(out.to_ndarray().reshape(channels, -1))
     except (UndecodableAudio, AudioTooLong):
         raise
     except (av.error.FFmpegError, ValueError, IndexError, OSError) as exc:
@@ -93,7 +97,9 @@ def decode_audio(source: str | BinaryIO, max_seconds: float | None = None) -> np
         # A truncated file: keep what decoded, as players do.
     if not pieces:
         raise UndecodableAudio("the file contains no audio samples")
-    return pcm16_to_float(np.concatenate(pieces).astype(np.int16).tobytes())
+    samples = np.concatenate(pieces, axis=1).astype(np.int16)
+    audio = pcm16_to_float(samples.tobytes()).reshape(samples.shape)
+    return audio if separate_channels else audio[0]
 
 
 def probe_audio(source: BinaryIO) -> None:

@@ -35,12 +35,20 @@ class JobOptions(BaseModel):
     num_speakers: int | None = Field(default=None, ge=1, le=32)
     min_speakers: int | None = Field(default=None, ge=1, le=32)
     max_speakers: int | None = Field(default=None, ge=1, le=32)
+    # Each channel of the recording is its own party (a call recorded one leg per channel):
+    # channels are diarized and transcribed apart, and their speakers never mixed.
+    multichannel: bool = False
 
     # A blank field (an HTML form's empty input) asks for nothing, as a field left out does.
     @field_validator("language", "num_speakers", "min_speakers", "max_speakers", mode="before")
     @classmethod
     def _blank_is_absent(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("multichannel", mode="before")
+    @classmethod
+    def _blank_is_false(cls, value: object) -> object:
+        return False if value is None or (isinstance(value, str) and not value.strip()) else value
 
     @field_validator("language")
     @classmethod
@@ -56,6 +64,9 @@ class JobOptions(BaseModel):
     def _speaker_bounds_are_consistent(self) -> JobOptions:
         if self.min_speakers and self.max_speakers and self.min_speakers > self.max_speakers:
             raise ValueError("min_speakers must not exceed max_speakers")
+        if self.multichannel and (self.num_speakers or self.min_speakers or self.max_speakers):
+            raise ValueError("speaker counts do not go with multichannel: each channel's speakers are found "
+                             "on their own")
         return self
 
 
@@ -142,9 +153,15 @@ class JobDiarized(_ChunkMessage, Contract):
     # 16 kHz mono signed 16-bit little-endian PCM of the whole job, written once by the diarizer.
     pcm_bucket: str
     pcm_key: str
+    # Where this chunk's audio starts in that PCM: 0, or with multichannel, its channel's place
+    # (channels are laid end to end, each `duration` long). Turns and spans are recording times.
+    pcm_offset_s: float = Field(default=0.0, ge=0)
     duration: float
     span: TimeSpan
     turns: list[SpeakerTurn]
+    # With multichannel: the other channels' turns within the span. They mark segments talked
+    # over (`overlap`) and never take words.
+    other_channels: list[SpeakerTurn] = Field(default_factory=list)
     # The job's first stretch of speech, the same in every chunk, so each transcriber replica
     # detects the same language without coordination.
     language_probe: list[TimeSpan] = Field(default_factory=list)

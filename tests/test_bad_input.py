@@ -99,6 +99,8 @@ CASES = [
     Case("min_speakers > max_speakers", lambda: wav(jfk()), data={"min_speakers": "4", "max_speakers": "2"},
          status=400, says="min_speakers"),
     Case("unknown language", lambda: wav(jfk()), data={"language": "klingon"}, status=400, says="unsupported language"),
+    Case("speaker count with multichannel", lambda: wav(jfk()), data={"multichannel": "true", "num_speakers": "2"},
+         status=400, says="multichannel"),
     Case("path-traversal filename", lambda: wav(jfk()), "../../../etc/passwd.wav", job="done"),
     Case("10 KB filename", lambda: wav(jfk()), "n" * 10_240 + ".wav", status=400, says="filename"),
     Case("2 KB filename (kept to 255)", lambda: wav(jfk()), "n" * 2_048 + ".wav", job="done"),

@@ -290,6 +290,19 @@ def test_a_job_is_named_by_hand_and_deleted(keyed_stack, fixtures_dir):
     assert gone.returncode == 1 and "404" in gone.stderr
 
 
+def test_a_call_with_one_party_per_channel_is_transcribed_channel_by_channel(keyed_stack, fixtures_dir):
+    """stereo_diarization.wav: two people talking at once, one on each channel. Mixed, one
+    sentence is lost under the other; with --multichannel each is whole, under its own speaker."""
+    submitted = stt(keyed_stack, "submit", "--multichannel", str(fixtures_dir / "stereo_diarization.wav"))
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    lines = re.findall(r"^\[\d\d:\d\d\.\d\] (spk_\d+): (.*)$", submitted.stdout, re.MULTILINE)
+    said = {who: " ".join(text.lower() for w, text in lines if w == who) for who, _ in lines}
+    assert len(said) == 2, submitted.stdout
+    left, right = sorted(said.values(), key=lambda text: "horizon" in text)
+    assert "complaint against the wizard" in left and "curtain" in left and "horizon" not in left, said
+    assert "horizon seems extremely distant" in right and "wizard" not in right, said
+
+
 def test_a_text_file_is_refused_with_the_servers_reason(keyed_stack, tmp_path):
     notes = tmp_path / "notes.txt"
     notes.write_text("not a recording, just words\n" * 50)

@@ -17,7 +17,7 @@ from minio import Minio
 
 from common.audio import SAMPLE_RATE, AudioTooLong, UndecodableAudio, decode_audio, float_to_pcm16
 from common.broker import PermanentError
-from common.messages import Contract, JobDiarized, JobProgress, JobSubmitted
+from common.messages import Contract, JobDiarized, JobProgress, JobSubmitted, TimeSpan
 from common.metrics import add_audio_seconds
 from common.settings import Settings
 from common.storage import download_to, pcm_key, upload_bytes
@@ -35,48 +35,94 @@ class Deps:
 
 
 def decode(message: JobSubmitted, deps: Deps) -> np.ndarray:
-    """The uploaded file as 16 kHz mono float32; bad input fails the job at once."""
+    """The uploaded file as 16 kHz float32: mono, or with multichannel one row per channel.
+    Bad input fails the job at once."""
     with tempfile.SpooledTemporaryFile(max_size=32 * 1024 * 1024) as spool:
         download_to(deps.storage, message.audio_bucket, message.audio_key, spool)
         try:
-            return decode_audio(spool, max_seconds=deps.settings.max_audio_hours * 3600)
+            return decode_audio(spool, max_seconds=deps.settings.max_audio_hours * 3600,
+                                separate_channels=message.options.multichannel)
         except (UndecodableAudio, AudioTooLong) as exc:
             raise PermanentError(str(exc)) from exc
 
 
 def chunk_messages(message: JobSubmitted, duration: float, diarization: Diarization,
-                   settings: Settings) -> list[Contract]:
+                   settings: Settings, channels: list[Diarization] | None = None) -> list[Contract]:
     """job.progress (transcribing, with the chunk count), then the chunks: runs of speaker turns
-    cut only in silence or at a hand-over, each carrying its turns and the job's voices."""
+    cut only in silence or at a hand-over, each carrying its turns and the job's voices. With
+    `channels` (multichannel: each channel's own diarization, `diarization` their union), each
+    channel is cut on its own and its chunks read that channel's part of the PCM."""
     turns = diarization.turns
     if not turns:
         # Silence is a result, not a failure: one empty chunk carries the job to `done`.
         log.info("no speech in %.1f s of audio", duration)
-    chunks = plan_chunks(turns, duration, settings.chunk_max_speech_s)
-    probe = language_probe(turns)
-    log.info("%d turns, %d speakers, %d chunks", len(turns), len({t.speaker for t in turns}), len(chunks))
+    per_channel = [(0.0, diarization)] if not channels else [
+        (index * duration, channel) for index, channel in enumerate(channels) if channel.turns]
+    chunks = [(offset, span, chunk_turns) for offset, channel in per_channel
+              for span, chunk_turns in plan_chunks(channel.turns, duration, settings.chunk_max_speech_s)]
+    if not chunks:
+        chunks = [(0.0, span, chunk_turns) for span, chunk_turns in plan_chunks([], duration, 1.0)]
+    # The language is heard on the channel that talks most, where it lies in the PCM.
+    offset, talker = max(per_channel, key=lambda c: sum(t.end - t.start for t in c[1].turns),
+                         default=(0.0, diarization))
+    probe = [TimeSpan(start=s.start + offset, end=s.end + offset) for s in language_probe(talker.turns)]
+    log.info("%d turns, %d speakers, %d chunks%s", len(turns), len({t.speaker for t in turns}), len(chunks),
+             f", {len(channels)} channels" if channels else "")
     out: list[Contract] = [JobProgress(job_id=message.job_id, stage="transcribing", duration=duration,
                                        chunk_count=len(chunks))]
-    for index, (span, chunk_turns) in enumerate(chunks):
+    for index, (offset, span, chunk_turns) in enumerate(chunks):
+        others = [t for o, channel in per_channel if o != offset for t in channel.turns
+                  if t.end > span.start and t.start < span.end] if channels else []
         out.append(JobDiarized(
             message_id=f"job.diarized:{message.job_id}:{index}",
             job_id=message.job_id, chunk_index=index, chunk_count=len(chunks),
-            pcm_bucket=settings.audio_bucket, pcm_key=pcm_key(message.job_id),
-            duration=duration, span=span, turns=chunk_turns, language_probe=probe,
+            pcm_bucket=settings.audio_bucket, pcm_key=pcm_key(message.job_id), pcm_offset_s=offset,
+            duration=duration, span=span, turns=chunk_turns, other_channels=others, language_probe=probe,
             options=message.options, speakers=diarization.speakers,
         ))
     return out
 
 
+def numbered_across(channels: list[Diarization]) -> list[Diarization]:
+    """The channels' diarizations with their speakers numbered on from channel to channel
+    (channel 0's spk_0, spk_1, then channel 1's ...), so no two channels share a label."""
+    numbered, count = [], 0
+    for channel in channels:
+        labels: dict[str, str] = {}
+        for turn in channel.turns:
+            labels.setdefault(turn.speaker, f"spk_{count + len(labels)}")
+        count += len(labels)
+        numbered.append(Diarization(
+            turns=[t.model_copy(update={"speaker": labels[t.speaker]}) for t in channel.turns],
+            speakers=[s.model_copy(update={"speaker": labels[s.speaker]}) for s in channel.speakers
+                      if s.speaker in labels]))
+    return numbered
+
+
+def union(channels: list[Diarization]) -> Diarization:
+    return Diarization(turns=sorted((t for c in channels for t in c.turns), key=lambda t: (t.start, t.end, t.speaker)),
+                       speakers=[s for c in channels for s in c.speakers])
+
+
 async def handle(message: JobSubmitted, deps: Deps) -> AsyncIterator[Contract]:
     yield JobProgress(job_id=message.job_id, stage="diarizing")
     waveform = await asyncio.to_thread(decode, message, deps)
-    duration = round(waveform.size / SAMPLE_RATE, 3)
-    log.info("decoded %s: %.1f s", message.filename, duration)
+    if waveform.ndim == 2 and len(waveform) == 1:
+        waveform = waveform[0]  # multichannel asked for, one channel given: an ordinary job
+    duration = round(waveform.shape[-1] / SAMPLE_RATE, 3)
+    log.info("decoded %s: %.1f s%s", message.filename, duration,
+             f", {len(waveform)} channels kept apart" if waveform.ndim == 2 else "")
     add_audio_seconds(duration)
-    # The stages after this one read their chunk's samples from here (16-bit PCM, ranged GETs).
+    # The stages after this one read their chunk's samples from here (16-bit PCM, ranged GETs;
+    # channels one after another).
     await asyncio.to_thread(upload_bytes, deps.storage, deps.settings.audio_bucket,
-                            pcm_key(message.job_id), float_to_pcm16(waveform))
-    diarization = await asyncio.to_thread(deps.diarize, waveform, message.options)
-    for out in chunk_messages(message, duration, diarization, deps.settings):
+                            pcm_key(message.job_id), float_to_pcm16(waveform.reshape(-1)))
+    if waveform.ndim == 1:
+        diarization = await asyncio.to_thread(deps.diarize, waveform, message.options)
+        channels = None
+    else:
+        channels = numbered_across(
+            [await asyncio.to_thread(deps.diarize, channel, message.options) for channel in waveform])
+        diarization = union(channels)
+    for out in chunk_messages(message, duration, diarization, deps.settings, channels):
         yield out

@@ -64,6 +64,9 @@ class RecognizeForm:
     num_speakers: SpeakerCount = None
     min_speakers: SpeakerCount = None
     max_speakers: SpeakerCount = None
+    multichannel: Annotated[str | None, Parameter(
+        description="true: each channel is its own party (a call recorded one side per channel), diarized and "
+        "transcribed apart; no speaker counts with it")] = None
     callback_url: Annotated[str | None, Parameter(
         description="This job's transcript.completed or transcript.failed is POSTed here, signed")] = None
 
@@ -110,7 +113,8 @@ async def recognize(
                         too_big=f"the file exceeds MAX_UPLOAD_MB ({state.settings.max_upload_mb} MB)")
     try:
         options = JobOptions(language=data.language, num_speakers=data.num_speakers,
-                             min_speakers=data.min_speakers, max_speakers=data.max_speakers)
+                             min_speakers=data.min_speakers, max_speakers=data.max_speakers,
+                             multichannel=data.multichannel)
     except ValidationError as exc:
         raise HTTPException(status_code=400, detail="; ".join(
             f"{'.'.join(map(str, e['loc'])) or 'form'}: {e['msg']}" for e in exc.errors())) from exc

@@ -62,9 +62,12 @@ def language_for(message: JobDiarized, deps: Deps) -> str | None:
 def transcribe(message: JobDiarized, deps: Deps, speech: str = "diarizer") -> ChunkTranscribed:
     """Whisper over the chunk, each word given to the speaker most active under it."""
     if message.turns:
-        audio = deps.read_pcm(message.pcm_bucket, message.pcm_key, message.span)
+        offset = message.pcm_offset_s  # the chunk's channel, with multichannel
+        audio = deps.read_pcm(message.pcm_bucket, message.pcm_key,
+                              TimeSpan(start=message.span.start + offset, end=message.span.end + offset))
         segments, language = transcribe_chunk(deps.model, audio, message.span.start, message.turns,
-                                              language_for(message, deps), deps.beam_size, speech)
+                                              language_for(message, deps), deps.beam_size, speech,
+                                              other_talk=message.other_channels)
     else:  # nobody talks in this chunk (a silent recording)
         segments, language = [], message.options.language
     return ChunkTranscribed(

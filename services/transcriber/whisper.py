@@ -101,9 +101,11 @@ def _heard_times(spans: list[TimeSpan]):
 
 def transcribe_chunk(model: WhisperModel, audio: np.ndarray, offset: float,
                      turns: list[SpeakerTurn], language: str | None,
-                     beam_size: int = 5, speech: str = "diarizer") -> tuple[list[Segment], str | None]:
+                     beam_size: int = 5, speech: str = "diarizer",
+                     other_talk: list[SpeakerTurn] | None = None) -> tuple[list[Segment], str | None]:
     """Transcribe `audio` (which starts at `offset` seconds into the job) and split the text
-    into speaker-labelled segments. Returns the segments and the language used."""
+    into speaker-labelled segments. Returns the segments and the language used. `other_talk`
+    (other channels' turns) only marks segments talked over."""
     if not turns or audio.size == 0:
         return [], language
     options = dict(language=language, beam_size=beam_size, word_timestamps=True,
@@ -124,12 +126,13 @@ def transcribe_chunk(model: WhisperModel, audio: np.ndarray, offset: float,
         for piece in pieces for w in (piece.words or [])
     ]
     segments: list[Segment] = []
+    everyone = turns + (other_talk or [])
     for speaker, run in _runs_by_speaker(words, turns):
         text = "".join(w.word for w in run).strip()
         if text:
             segments.append(Segment(index=len(segments), speaker=speaker, start_ts=run[0].start,
                                     end_ts=run[-1].end, text=text, words=run,
-                                    overlap=any(_talked_over(w, speaker, turns) for w in run)))
+                                    overlap=any(_talked_over(w, speaker, everyone) for w in run)))
     return segments, language or info.language
 
 
