@@ -116,6 +116,23 @@ def test_upload_follow_read_play_and_download(stack, fixtures_dir, browser, tmp_
     page.close()
 
 
+def test_a_stereo_call_with_one_party_per_channel(stack, fixtures_dir, browser):
+    page = browser.new_page()
+    page.goto(stack.api + "/")
+    page.set_input_files("#file", str(fixtures_dir / "stereo_diarization.wav"))
+    page.get_by_label("One party per channel").check()
+    page.get_by_role("button", name="Transcribe").click()
+    page.locator('#transcript[data-ended="true"]').wait_for(timeout=300_000)
+    segments = page.locator("#segments .segment")
+    by_speaker = {}
+    for i in range(segments.count()):
+        by_speaker.setdefault(segments.nth(i).get_attribute("data-speaker"), []).append(
+            segments.nth(i).locator(".text").inner_text().lower())
+    texts = sorted(" ".join(t) for t in by_speaker.values())
+    assert len(texts) == 2 and "wizard" in texts[0] and "horizon" in texts[1], by_speaker
+    page.close()
+
+
 @pytest.fixture(scope="module")
 def keyed_stack(tmp_path_factory):
     with running_stack(tmp_path_factory, API_KEYS=f"{KEY},{OTHER_KEY}") as stack:

@@ -147,6 +147,7 @@ function upload(file) {
     const speakers = $("#speakers").value;
     if (language) form.append("language", language);
     if (speakers) form.append("num_speakers", speakers);
+    if ($("#multichannel").checked) form.append("multichannel", "true");
     const request = new XMLHttpRequest();
     request.open("POST", "/recognize");
     for (const [name, value] of Object.entries(authHeaders())) request.setRequestHeader(name, value);
