@@ -99,7 +99,8 @@ def numbered_across(channels: list[Diarization]) -> list[Diarization]:
     return numbered
 
 
-def union(channels: list[Diarization]) -> Diarization:
+def all_channels(channels: list[Diarization]) -> Diarization:
+    """The job's diarization: every channel's turns, in time order, and every channel's voices."""
     return Diarization(turns=sorted((t for c in channels for t in c.turns), key=lambda t: (t.start, t.end, t.speaker)),
                        speakers=[s for c in channels for s in c.speakers])
 
@@ -123,6 +124,6 @@ async def handle(message: JobSubmitted, deps: Deps) -> AsyncIterator[Contract]:
     else:
         channels = numbered_across(
             [await asyncio.to_thread(deps.diarize, channel, message.options) for channel in waveform])
-        diarization = union(channels)
+        diarization = all_channels(channels)
     for out in chunk_messages(message, duration, diarization, deps.settings, channels):
         yield out
