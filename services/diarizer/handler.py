@@ -56,15 +56,13 @@ def chunk_messages(message: JobSubmitted, duration: float, diarization: Diarizat
     if not turns:
         # Silence is a result, not a failure: one empty chunk carries the job to `done`.
         log.info("no speech in %.1f s of audio", duration)
-    per_channel = [(0.0, diarization)] if not channels else [
-        (index * duration, channel) for index, channel in enumerate(channels) if channel.turns]
+    # (where in the PCM, diarization) of each channel with speech; all silent: one silent whole.
+    per_channel = [(index * duration, channel) for index, channel in enumerate(channels or []) if channel.turns]
+    per_channel = per_channel or [(0.0, diarization)]
     chunks = [(offset, span, chunk_turns) for offset, channel in per_channel
               for span, chunk_turns in plan_chunks(channel.turns, duration, settings.chunk_max_speech_s)]
-    if not chunks:
-        chunks = [(0.0, span, chunk_turns) for span, chunk_turns in plan_chunks([], duration, 1.0)]
     # The language is heard on the channel that talks most, where it lies in the PCM.
-    offset, talker = max(per_channel, key=lambda c: sum(t.end - t.start for t in c[1].turns),
-                         default=(0.0, diarization))
+    offset, talker = max(per_channel, key=lambda c: sum(t.end - t.start for t in c[1].turns))
     probe = [TimeSpan(start=s.start + offset, end=s.end + offset) for s in language_probe(talker.turns)]
     log.info("%d turns, %d speakers, %d chunks%s", len(turns), len({t.speaker for t in turns}), len(chunks),
              f", {len(channels)} channels" if channels else "")
@@ -72,7 +70,7 @@ def chunk_messages(message: JobSubmitted, duration: float, diarization: Diarizat
                                        chunk_count=len(chunks))]
     for index, (offset, span, chunk_turns) in enumerate(chunks):
         others = [t for o, channel in per_channel if o != offset for t in channel.turns
-                  if t.end > span.start and t.start < span.end] if channels else []
+                  if t.end > span.start and t.start < span.end]
         out.append(JobDiarized(
             message_id=f"job.diarized:{message.job_id}:{index}",
             job_id=message.job_id, chunk_index=index, chunk_count=len(chunks),

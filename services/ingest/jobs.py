@@ -78,11 +78,10 @@ async def create_job(pool: asyncpg.Pool, s3: Minio, audio_bucket: str, put_audio
                     owner=owner, drop=(drop.bucket, drop.key, drop.etag) if drop else None)
                 if created is not None and also is not None:
                     await also(conn, job_id)
-                if created is not None and refused is not None:
+                if created is not None:
                     await add_to_outbox(conn, JobFailed(
-                        message_id=f"job.failed:{job_id}", job_id=job_id, stage="ingest", reason=refused))
-                elif created is not None:
-                    await add_to_outbox(conn, JobSubmitted(
+                        message_id=f"job.failed:{job_id}", job_id=job_id, stage="ingest", reason=refused,
+                    ) if refused is not None else JobSubmitted(
                         message_id=f"job.submitted:{job_id}", job_id=job_id, audio_bucket=audio_bucket,
                         audio_key=key, filename=filename, options=options))
         finally:

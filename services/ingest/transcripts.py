@@ -28,6 +28,7 @@ from common.logs import job_logged
 from common.messages import SpeakerName, SpeakerTurn, Stage, Word
 from common.settings import Settings
 from common.storage import pcm_key
+from common.turns import speech_regions
 from services.ingest.auth import request_owner
 from services.ingest.errors import error_responses
 from services.ingest.jobs import percent_done, public_stage, result_keys, upload_key
@@ -410,19 +411,11 @@ class TranscriptSpeakers(BaseModel):
 
 
 def speaking_time(turns: Sequence[SpeakerTurn]) -> dict[str, float]:
-    """Seconds each speaker talks: the union of its turns (turns of one speaker may touch)."""
-    spans: dict[str, list[tuple[float, float]]] = {}
+    """Seconds each speaker talks: the union of its turns (turns of one speaker may overlap)."""
+    by_speaker: dict[str, list[SpeakerTurn]] = {}
     for turn in turns:
-        spans.setdefault(turn.speaker, []).append((turn.start, turn.end))
-    seconds = {}
-    for speaker, intervals in spans.items():
-        total, reach = 0.0, float("-inf")
-        for start, end in sorted(intervals):
-            if end > reach:
-                total += end - max(start, reach)
-                reach = end
-        seconds[speaker] = round(total, 3)
-    return seconds
+        by_speaker.setdefault(turn.speaker, []).append(turn)
+    return {speaker: round(sum(r.end - r.start for r in speech_regions(own)), 3) for speaker, own in by_speaker.items()}
 
 
 @get("/transcripts/{job_id:int}/speakers", summary="A job's speakers: names and speaking time",
