@@ -1,4 +1,5 @@
-"""The error body every 4xx/5xx answer has, and its OpenAPI description per status code."""
+"""The error body every 4xx/5xx answer has, its OpenAPI description per status code, and the
+bound on ids that makes an out-of-range id a 400."""
 
 from __future__ import annotations
 
@@ -6,6 +7,10 @@ from typing import Any
 
 from litestar.openapi import ResponseSpec
 from pydantic import BaseModel
+
+# Ids stay far below 2^53, the largest integer every JSON client reads exactly; declaring it on
+# every id parameter keeps an out-of-range id a documented 400 instead of a database error.
+MAX_ID = 2**53 - 1
 
 
 class ErrorBody(BaseModel):

@@ -20,8 +20,8 @@ from pydantic import BaseModel
 from common import jobstore
 from services.embedder.backends import EmbedFn, OllamaError
 from services.ingest.auth import request_owner
-from services.ingest.errors import error_responses
-from services.ingest.transcripts import MAX_ID, SinceQuery, UntilQuery, as_utc
+from services.ingest.errors import MAX_ID, error_responses
+from services.ingest.transcripts import SinceQuery, UntilQuery, as_utc
 
 log = logging.getLogger(__name__)
 

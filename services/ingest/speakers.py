@@ -25,7 +25,7 @@ from common.outbox import add_to_outbox
 from common.settings import Settings
 from services.ingest.admission import checked_size
 from services.ingest.auth import request_owner
-from services.ingest.errors import error_responses
+from services.ingest.errors import MAX_ID, error_responses
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,6 @@ SAMPLE_MIN_S = 5.0
 SAMPLE_MAX_S = 60.0
 SAMPLE_MAX_MB = 50  # a minute of uncompressed 48 kHz stereo float is 23 MB
 MAX_NAME_CHARS = 100
-MAX_ID = 2**53 - 1
 # Embedding a sample runs the speaker models in this process: one at a time.
 _embedding_slot = asyncio.Semaphore(1)
 

@@ -30,7 +30,7 @@ from common.settings import Settings
 from common.storage import pcm_key
 from common.turns import speech_regions
 from services.ingest.auth import request_owner
-from services.ingest.errors import error_responses
+from services.ingest.errors import MAX_ID, error_responses
 from services.ingest.jobs import percent_done, public_stage, result_keys, upload_key
 from services.ingest.speakers import announce_speaker_names, clean_name
 
@@ -39,9 +39,6 @@ log = logging.getLogger(__name__)
 JobState = Literal["processing", "done", "error"]
 TextFormat = Literal["json", "srt", "vtt", "txt", "rttm"]
 MEDIA_TYPES = {"srt": "application/x-subrip", "vtt": "text/vtt", "txt": "text/plain", "rttm": "text/plain"}
-# Ids stay far below 2^53, the largest integer every JSON client reads exactly; declaring it
-# keeps out-of-range ids a documented 400 instead of a database error.
-MAX_ID = 2**53 - 1
 
 
 # ---- response models ------------------------------------------------------------------------

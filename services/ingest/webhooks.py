@@ -20,11 +20,10 @@ from common.messages import EVENTS, TranscriptCompleted, TranscriptFailed
 from common.settings import Settings
 from common.webhooks import new_secret, target_problem
 from services.ingest.auth import request_owner
-from services.ingest.errors import error_responses
+from services.ingest.errors import MAX_ID, error_responses
 
 log = logging.getLogger(__name__)
 
-MAX_ID = 2**53 - 1
 MAX_URL_CHARS = 2000
 SECRET_CHARS = (16, 200)
 CALLBACK_EVENTS = [TranscriptCompleted.ROUTING_KEY, TranscriptFailed.ROUTING_KEY]
