@@ -387,13 +387,13 @@ class PipelineResult:
         return [(s.speaker, s.start_ts, s.end_ts, s.text) for s in self.segments]
 
 
-def run_pipeline(waveform: np.ndarray, diarize, model, settings, language: str | None = None,
+def run_pipeline(waveform: np.ndarray, diarize, model, settings, options=None,
                  speech: str = "diarizer", diarization=None) -> PipelineResult:
     """What the diarizer and transcriber handlers do for one job, in one process and with the
     PCM in memory instead of the object store: the diarizer's chunk messages
     (services.diarizer.handler.chunk_messages), then the transcriber's work on each
     (services.transcriber.handler.transcribe). `speech` chooses what Whisper hears; a
-    `diarization` already made is reused."""
+    `diarization` already made is reused; `options` are the job's (JobOptions)."""
     from common.audio import float_to_pcm16, pcm16_to_float
     from common.messages import JobDiarized, JobOptions, JobSubmitted
     from services.diarizer.handler import chunk_messages
@@ -403,7 +403,7 @@ def run_pipeline(waveform: np.ndarray, diarize, model, settings, language: str |
     t0 = time.perf_counter()
     duration = round(waveform.size / SAMPLE_RATE, 3)
     pcm = pcm16_to_float(float_to_pcm16(waveform))  # what the transcriber reads: 16-bit samples
-    options = JobOptions(language=language)
+    options = options or JobOptions()
     if diarization is None:
         diarization = diarize(waveform, options)
     timings["diarize"] = time.perf_counter() - t0
@@ -415,7 +415,7 @@ def run_pipeline(waveform: np.ndarray, diarize, model, settings, language: str |
         return pcm[max(0, int(span.start * SAMPLE_RATE)):int(span.end * SAMPLE_RATE)]
 
     deps = transcriber.Deps(model=model, read_pcm=read_pcm, beam_size=settings.whisper_beam_size)
-    segments = []
+    segments, language = [], options.language
     for chunk in chunks:
         transcribed = transcriber.transcribe(chunk, deps, speech)
         segments += transcribed.segments

@@ -308,6 +308,9 @@ def submit(
     multichannel: Annotated[bool, typer.Option(
         "--multichannel", help="Each channel is its own party (a call recorded one side per channel): "
         "transcribe the channels apart.")] = False,
+    vocabulary: Annotated[str | None, typer.Option(
+        help="Names and terms the recordings use, comma-separated (people, products, jargon), so that they "
+        "are spelled so.", show_default=False)] = None,
     wait: Annotated[bool, typer.Option(
         help="Follow the jobs and print their transcripts; --no-wait prints the job ids and returns.")] = True,
     api: ApiUrl = DEFAULT_API_URL,
@@ -320,7 +323,8 @@ def submit(
     if speakers is not None and (min_speakers is not None or max_speakers is not None):
         raise typer.BadParameter("give either --speakers or --min-speakers/--max-speakers, not both")
     options = {"language": language, "num_speakers": speakers, "min_speakers": min_speakers,
-               "max_speakers": max_speakers, "multichannel": "true" if multichannel else None}
+               "max_speakers": max_speakers, "multichannel": "true" if multichannel else None,
+               "vocabulary": vocabulary}
     fields = {name: str(value) for name, value in options.items() if value is not None}
     jobs: list[SubmittedJob] = []
     refused = 0

@@ -28,6 +28,12 @@ class Contract(BaseModel):
     job_id: int
 
 
+# Whisper is told the vocabulary as if it were the text before each window. A long list makes it
+# go on writing list items after the last words of a recording, and decode slower; about ten
+# names and terms did neither on the fixtures (bench/vocabulary.py, README "Names and terms").
+VOCABULARY_MAX_CHARS = 150
+
+
 class JobOptions(BaseModel):
     """What the user asked for at submission."""
 
@@ -38,6 +44,9 @@ class JobOptions(BaseModel):
     # Each channel of the recording is its own party (a call recorded one leg per channel):
     # channels are diarized and transcribed apart, and their speakers never mixed.
     multichannel: bool = False
+    # Names and terms the recording uses (people, products, jargon), which Whisper is told in
+    # every 30 s window it decodes so that it spells them so. Sent as one comma-separated text.
+    vocabulary: list[str] = Field(default_factory=list)
 
     # A blank field (an HTML form's empty input) asks for nothing, as a field left out does.
     @field_validator("language", "num_speakers", "min_speakers", "max_speakers", mode="before")
@@ -49,6 +58,26 @@ class JobOptions(BaseModel):
     @classmethod
     def _blank_is_false(cls, value: object) -> object:
         return False if value is None or (isinstance(value, str) and not value.strip()) else value
+
+    @field_validator("vocabulary", mode="before")
+    @classmethod
+    def _terms(cls, value: object) -> object:
+        if value is None:
+            return []
+        if isinstance(value, str):
+            value = value.replace("\n", ",").split(",")
+        if isinstance(value, list):
+            terms = [" ".join(term.split()) if isinstance(term, str) else term for term in value]
+            return list(dict.fromkeys(term for term in terms if term != ""))
+        return value
+
+    @field_validator("vocabulary")
+    @classmethod
+    def _vocabulary_is_short(cls, terms: list[str]) -> list[str]:
+        if len(", ".join(terms)) > VOCABULARY_MAX_CHARS:
+            raise ValueError(f"vocabulary is longer than {VOCABULARY_MAX_CHARS} characters: keep the names and "
+                             "terms Whisper would otherwise get wrong")
+        return terms
 
     @field_validator("language")
     @classmethod

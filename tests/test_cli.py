@@ -303,6 +303,16 @@ def test_a_call_with_one_party_per_channel_is_transcribed_channel_by_channel(key
     assert "horizon seems extremely distant" in right and "wizard" not in right, said
 
 
+def test_a_vocabulary_spells_the_names_a_recording_uses(keyed_stack, fixtures_dir):
+    """hotwords.mp3 says "ComfyUI" twice, which Whisper alone writes as other words
+    (test_handlers shows both)."""
+    submitted = stt(keyed_stack, "submit", "--vocabulary", "Anna Petrova, ComfyUI", "--language", "en",
+                    str(fixtures_dir / "hotwords.mp3"))
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    assert submitted.stdout.count("ComfyUI") == 2 and "folder" in submitted.stdout, submitted.stdout
+    assert "Anna" not in submitted.stdout, submitted.stdout
+
+
 def test_a_text_file_is_refused_with_the_servers_reason(keyed_stack, tmp_path):
     notes = tmp_path / "notes.txt"
     notes.write_text("not a recording, just words\n" * 50)

@@ -8,7 +8,9 @@ import json
 import re
 import uuid
 
-from common.messages import JobDiarized, JobProgress, JobSubmitted
+from common.audio import SAMPLE_RATE, decode_audio
+from common.messages import JobDiarized, JobOptions, JobProgress, JobSubmitted, SpeakerTurn, TimeSpan
+from common.settings import Settings
 from common.storage import pcm_key
 from services.diarizer import handler as diarizer
 from services.diarizer.pipeline import make_diarizer
@@ -58,3 +60,24 @@ async def test_diarizer_then_transcriber_handlers_give_who_said_what(stack: Stac
         heard_as.setdefault(utterance["speaker"], set()).update(under[:1])
     assert all(len(labels) == 1 for labels in heard_as.values()), heard_as
     assert len(set.union(*heard_as.values())) == len(heard_as) == 2, heard_as
+
+
+def test_a_jobs_vocabulary_is_spelled_as_given(fixtures_dir):
+    """hotwords.mp3 says "ComfyUI" twice; Whisper alone writes it as words it knows."""
+    settings = Settings()
+    model, _ = load_model(settings.model_copy(update={"whisper_model": settings.whisper_fallback_model}))
+    audio = decode_audio(str(fixtures_dir / "hotwords.mp3"))
+    duration = audio.size / SAMPLE_RATE
+
+    def transcript(options: JobOptions) -> str:
+        chunk = JobDiarized(job_id=1, chunk_index=0, chunk_count=1, pcm_bucket="audio", pcm_key="pcm/1",
+                            duration=duration, span=TimeSpan(start=0, end=duration),
+                            turns=[SpeakerTurn(speaker="spk_0", start=0, end=duration)], options=options)
+        deps = transcriber.Deps(model=model, read_pcm=lambda bucket, key, span: audio[
+            round(span.start * SAMPLE_RATE):round(span.end * SAMPLE_RATE)])
+        return " ".join(s.text for s in transcriber.transcribe(chunk, deps).segments)
+
+    plain = transcript(JobOptions(language="en"))
+    told = transcript(JobOptions(language="en", vocabulary="Kubernetes, ComfyUI"))
+    assert "ComfyUI" not in plain and "folder" in plain, plain
+    assert told.count("ComfyUI") == 2 and "folder" in told and "Kubernetes" not in told, told

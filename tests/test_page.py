@@ -133,6 +133,18 @@ def test_a_stereo_call_with_one_party_per_channel(stack, fixtures_dir, browser):
     page.close()
 
 
+def test_names_and_terms_typed_in_are_spelled_so(stack, fixtures_dir, browser):
+    page = browser.new_page()
+    page.goto(stack.api + "/")
+    page.set_input_files("#file", str(fixtures_dir / "hotwords.mp3"))
+    page.get_by_label("Names and terms").fill("ComfyUI")
+    page.get_by_role("button", name="Transcribe").click()
+    page.locator('#transcript[data-ended="true"]').wait_for(timeout=300_000)
+    said = " ".join(page.locator("#segments .segment .text").all_inner_texts())
+    assert said.count("ComfyUI") == 2, said  # Whisper alone writes other words (test_handlers)
+    page.close()
+
+
 @pytest.fixture(scope="module")
 def keyed_stack(tmp_path_factory):
     with running_stack(tmp_path_factory, API_KEYS=f"{KEY},{OTHER_KEY}") as stack:

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from common.messages import JobOptions, SpeakerTurn, Word
 from services.diarizer.pipeline import language_probe, plan_chunks
+from services.ingest.inbox import drop_options
 from services.transcriber.whisper import _runs_by_speaker, _talked_over, speaker_of
 from tests.conftest import ROOT
 
@@ -93,6 +94,14 @@ def test_speaker_hints_must_be_consistent():
     with pytest.raises(ValidationError):
         JobOptions(num_speakers=0)
     assert JobOptions(min_speakers=2, max_speakers=2).max_speakers == 2
+
+
+def test_a_vocabulary_is_read_as_terms_from_a_form_field_or_bucket_metadata():
+    assert JobOptions(vocabulary=" Anna  Petrova,ComfyUI,\nComfyUI, ,").vocabulary == ["Anna Petrova", "ComfyUI"]
+    assert JobOptions(vocabulary="").vocabulary == [] == JobOptions(vocabulary=None).vocabulary
+    assert drop_options({"X-Amz-Meta-Vocabulary": "Anna, Kubernetes"}).vocabulary == ["Anna", "Kubernetes"]
+    with pytest.raises(ValueError, match="x-amz-meta-vocabulary: .*longer than 150"):
+        drop_options({"x-amz-meta-vocabulary": ", ".join(f"term {i}" for i in range(30))})
 
 
 @pytest.mark.parametrize("service, forbidden", [

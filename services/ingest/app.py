@@ -26,7 +26,7 @@ from common.audio import UndecodableAudio, probe_audio
 from common.broker import connect, open_bus, watched_queues
 from common.db import DATABASE_UNAVAILABLE, apply_migrations, create_pool
 from common.logs import job_logged
-from common.messages import JobOptions, Stage
+from common.messages import VOCABULARY_MAX_CHARS, JobOptions, Stage
 from common.metrics import http_metrics_middleware, watch_queue_depths
 from common.outbox import run_outbox_flusher
 from common.settings import Settings, get_settings
@@ -67,6 +67,9 @@ class RecognizeForm:
     multichannel: Annotated[str | None, Parameter(
         description="true: each channel is its own party (a call recorded one side per channel), diarized and "
         "transcribed apart; no speaker counts with it")] = None
+    vocabulary: Annotated[str | None, Parameter(
+        description="Names and terms the recording uses, comma-separated (people, products, jargon), so that "
+        f"Whisper spells them so; at most {VOCABULARY_MAX_CHARS} characters")] = None
     callback_url: Annotated[str | None, Parameter(
         description="This job's transcript.completed or transcript.failed is POSTed here, signed")] = None
 
@@ -114,7 +117,7 @@ async def recognize(
     try:
         options = JobOptions(language=data.language, num_speakers=data.num_speakers,
                              min_speakers=data.min_speakers, max_speakers=data.max_speakers,
-                             multichannel=data.multichannel)
+                             multichannel=data.multichannel, vocabulary=data.vocabulary)
     except ValidationError as exc:
         raise HTTPException(status_code=400, detail="; ".join(
             f"{'.'.join(map(str, e['loc'])) or 'form'}: {e['msg']}" for e in exc.errors())) from exc

@@ -67,7 +67,8 @@ def transcribe(message: JobDiarized, deps: Deps, speech: str = "diarizer") -> Ch
                               TimeSpan(start=message.span.start + offset, end=message.span.end + offset))
         segments, language = transcribe_chunk(deps.model, audio, message.span.start, message.turns,
                                               language_for(message, deps), deps.beam_size, speech,
-                                              other_talk=message.other_channels)
+                                              other_talk=message.other_channels,
+                                              vocabulary=message.options.vocabulary)
     else:  # nobody talks in this chunk (a silent recording)
         segments, language = [], message.options.language
     return ChunkTranscribed(

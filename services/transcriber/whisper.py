@@ -102,14 +102,18 @@ def _heard_times(spans: list[TimeSpan]):
 def transcribe_chunk(model: WhisperModel, audio: np.ndarray, offset: float,
                      turns: list[SpeakerTurn], language: str | None,
                      beam_size: int = 5, speech: str = "diarizer",
-                     other_talk: list[SpeakerTurn] | None = None) -> tuple[list[Segment], str | None]:
+                     other_talk: list[SpeakerTurn] | None = None,
+                     vocabulary: list[str] | None = None) -> tuple[list[Segment], str | None]:
     """Transcribe `audio` (which starts at `offset` seconds into the job) and split the text
     into speaker-labelled segments. Returns the segments and the language used. `other_talk`
-    (other channels' turns) only marks segments talked over."""
+    (other channels' turns) only marks segments talked over; `vocabulary` (names and terms to
+    expect) is put before every 30 s window Whisper decodes."""
     if not turns or audio.size == 0:
         return [], language
+    # Whisper's `hotwords`, not its `initial_prompt`: without conditioning on the previous text
+    # the initial prompt reaches only the first window.
     options = dict(language=language, beam_size=beam_size, word_timestamps=True,
-                   condition_on_previous_text=False)
+                   condition_on_previous_text=False, hotwords=", ".join(vocabulary or []) or None)
     if speech == "whisper-vad":
         pieces, info = model.transcribe(audio, vad_filter=True, **options)
         to_chunk = float

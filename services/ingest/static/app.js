@@ -148,6 +148,8 @@ function upload(file) {
     if (language) form.append("language", language);
     if (speakers) form.append("num_speakers", speakers);
     if ($("#multichannel").checked) form.append("multichannel", "true");
+    const vocabulary = $("#vocabulary").value.trim();
+    if (vocabulary) form.append("vocabulary", vocabulary);
     const request = new XMLHttpRequest();
     request.open("POST", "/recognize");
     for (const [name, value] of Object.entries(authHeaders())) request.setRequestHeader(name, value);
