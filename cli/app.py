@@ -311,6 +311,8 @@ def submit(
     vocabulary: Annotated[str | None, typer.Option(
         help="Names and terms the recordings use, comma-separated (people, products, jargon), so that they "
         "are spelled so.", show_default=False)] = None,
+    translate: Annotated[bool, typer.Option(
+        "--translate", help="Write the text in English, whatever the language spoken.")] = False,
     wait: Annotated[bool, typer.Option(
         help="Follow the jobs and print their transcripts; --no-wait prints the job ids and returns.")] = True,
     api: ApiUrl = DEFAULT_API_URL,
@@ -324,7 +326,7 @@ def submit(
         raise typer.BadParameter("give either --speakers or --min-speakers/--max-speakers, not both")
     options = {"language": language, "num_speakers": speakers, "min_speakers": min_speakers,
                "max_speakers": max_speakers, "multichannel": "true" if multichannel else None,
-               "vocabulary": vocabulary}
+               "vocabulary": vocabulary, "task": "translate" if translate else None}
     fields = {name: str(value) for name, value in options.items() if value is not None}
     jobs: list[SubmittedJob] = []
     refused = 0

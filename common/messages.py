@@ -47,6 +47,9 @@ class JobOptions(BaseModel):
     # Names and terms the recording uses (people, products, jargon), which Whisper is told in
     # every 30 s window it decodes so that it spells them so. Sent as one comma-separated text.
     vocabulary: list[str] = Field(default_factory=list)
+    # translate: the text comes out in English whatever was spoken (Whisper's own translation);
+    # the job's language stays the one spoken.
+    task: Literal["transcribe", "translate"] = "transcribe"
 
     # A blank field (an HTML form's empty input) asks for nothing, as a field left out does.
     @field_validator("language", "num_speakers", "min_speakers", "max_speakers", mode="before")
@@ -58,6 +61,13 @@ class JobOptions(BaseModel):
     @classmethod
     def _blank_is_false(cls, value: object) -> object:
         return False if value is None or (isinstance(value, str) and not value.strip()) else value
+
+    @field_validator("task", mode="before")
+    @classmethod
+    def _blank_is_transcribe(cls, value: object) -> object:
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return "transcribe"
+        return value.strip().lower() if isinstance(value, str) else value
 
     @field_validator("vocabulary", mode="before")
     @classmethod
@@ -211,6 +221,8 @@ class ChunkTranscribed(_DiarizationOfChunk, _ChunkMessage, Contract):
     ROUTING_KEY: ClassVar[str] = "chunk.transcribed"
 
     language: str | None = None
+    # The language of the segments' text when it is not the one spoken (en, for task=translate).
+    text_language: str | None = None
     duration: float
     segments: list[Segment]
 
@@ -222,6 +234,7 @@ class ChunkEmbedded(_DiarizationOfChunk, _ChunkMessage, Contract):
     ROUTING_KEY: ClassVar[str] = "chunk.embedded"
 
     language: str | None = None
+    text_language: str | None = None
     duration: float
     embedding_model: str
     segments: list[Segment]

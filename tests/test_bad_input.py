@@ -104,6 +104,7 @@ CASES = [
     Case("vocabulary over 150 characters", lambda: wav(jfk()),
          data={"vocabulary": ", ".join(f"Kubernetes {i}" for i in range(20))}, status=400,
          says="vocabulary is longer than 150 characters"),
+    Case("unknown task", lambda: wav(jfk()), data={"task": "summarize"}, status=400, says="task"),
     Case("path-traversal filename", lambda: wav(jfk()), "../../../etc/passwd.wav", job="done"),
     Case("10 KB filename", lambda: wav(jfk()), "n" * 10_240 + ".wav", status=400, says="filename"),
     Case("2 KB filename (kept to 255)", lambda: wav(jfk()), "n" * 2_048 + ".wav", job="done"),

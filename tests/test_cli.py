@@ -313,6 +313,15 @@ def test_a_vocabulary_spells_the_names_a_recording_uses(keyed_stack, fixtures_di
     assert "Anna" not in submitted.stdout, submitted.stdout
 
 
+def test_translate_writes_a_russian_dialogue_in_english_under_its_two_speakers(keyed_stack, fixtures_dir):
+    submitted = stt(keyed_stack, "submit", "--translate", str(fixtures_dir / "ru_dialogue.wav"))
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    lines = re.findall(r"^\[\d\d:\d\d\.\d\] (spk_\d+): (.*)$", submitted.stdout, re.MULTILINE)
+    said = " ".join(text for _, text in lines).lower()
+    assert not re.search("[а-яё]", said) and "hear" in said and "two weeks" in said, submitted.stdout
+    assert len({speaker for speaker, _ in lines}) == 2, submitted.stdout
+
+
 def test_a_text_file_is_refused_with_the_servers_reason(keyed_stack, tmp_path):
     notes = tmp_path / "notes.txt"
     notes.write_text("not a recording, just words\n" * 50)

@@ -81,3 +81,28 @@ def test_a_jobs_vocabulary_is_spelled_as_given(fixtures_dir):
     told = transcript(JobOptions(language="en", vocabulary="Kubernetes, ComfyUI"))
     assert "ComfyUI" not in plain and "folder" in plain, plain
     assert told.count("ComfyUI") == 2 and "folder" in told and "Kubernetes" not in told, told
+
+
+def test_a_translated_chunk_is_english_under_the_speakers_who_said_it(fixtures_dir):
+    settings = Settings()
+    model, _ = load_model(settings.model_copy(update={"whisper_model": settings.whisper_fallback_model}))
+    audio = decode_audio(str(fixtures_dir / "ru_dialogue.wav"))
+    duration = audio.size / SAMPLE_RATE
+    utterances = json.loads((fixtures_dir / "ru_dialogue.json").read_text())
+    turns = [SpeakerTurn(speaker=f"spk_{u['speaker']}", start=u["start"], end=u["end"]) for u in utterances]
+    chunk = JobDiarized(job_id=1, chunk_index=0, chunk_count=1, pcm_bucket="audio", pcm_key="pcm/1",
+                        duration=duration, span=TimeSpan(start=0, end=duration), turns=turns,
+                        options=JobOptions(task="translate"))
+    deps = transcriber.Deps(model=model, read_pcm=lambda bucket, key, span: audio[
+        round(span.start * SAMPLE_RATE):round(span.end * SAMPLE_RATE)])
+
+    transcribed = transcriber.transcribe(chunk, deps)
+
+    assert (transcribed.language, transcribed.text_language) == ("ru", "en")  # spoken, written
+    said = " ".join(s.text for s in transcribed.segments)
+    assert not re.search("[а-яё]", said.lower()) and {"hear", "two", "weeks"} <= set(words(said)), said
+    # Each reference utterance's words stay with its speaker.
+    for utterance in utterances:
+        middle = (utterance["start"] + utterance["end"]) / 2
+        [segment] = [s for s in transcribed.segments if s.start_ts - 0.3 <= middle <= s.end_ts + 0.3]
+        assert segment.speaker == f"spk_{utterance['speaker']}", (utterance, segment)

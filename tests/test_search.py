@@ -15,15 +15,18 @@ import aio_pika
 import httpx
 import pytest
 
+from common.audio import SAMPLE_RATE, decode_audio
+from tests.audio_files import wav
 from tests.conftest import Stack, events_queue, job_events, running_stack
 
 OWNER, OTHER = "search-key-owner-0001", "search-key-other-0002"
+TRANSLATOR = "search-key-translator-0003"  # its one job stays out of the other tests' results
 
 
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory, fixtures_dir):
     """A stack with API keys and the local default embedder, and three finished jobs of OWNER."""
-    with running_stack(tmp_path_factory, EMBEDDING_BACKEND="local", API_KEYS=f"{OWNER},{OTHER}") as stack:
+    with running_stack(tmp_path_factory, EMBEDDING_BACKEND="local", API_KEYS=f"{OWNER},{OTHER},{TRANSLATOR}") as stack:
         owner = httpx.Client(headers={"X-API-Key": OWNER}, timeout=60)
         jobs = {name: stack.submit_job(fixtures_dir / name, client=owner)
                 for name in ("en_dialogue.wav", "ru_dialogue.wav", "jfk.flac")}
@@ -91,6 +94,24 @@ def test_another_key_finds_nothing_and_no_key_is_refused(searched):
         for mode in ("text", "semantic", "hybrid"):
             assert search(stack, other, q="sales", mode=mode).json()["items"] == []
     assert httpx.get(f"{stack.api}/search", params={"q": "sales"}, timeout=60).status_code == 401
+
+
+def test_a_translated_recording_is_english_and_searched_as_english(searched, fixtures_dir, tmp_path):
+    """The German half of multilingual.mp3 with task=translate. German text would be indexed
+    without stemming; its English translation is indexed as English."""
+    stack, _, _ = searched
+    german = tmp_path / "german.wav"
+    german.write_bytes(wav(decode_audio(str(fixtures_dir / "multilingual.mp3"))[round(30.5 * SAMPLE_RATE):]))
+    with httpx.Client(headers={"X-API-Key": TRANSLATOR}, timeout=60) as client:
+        job = stack.submit_job(german, data={"task": "translate"}, client=client)
+        assert stack.wait_finished(job, 400, client)["status"] == "done"
+        document = client.get(f"{stack.api}/transcripts/{job}").json()
+        said = " ".join(segment["text"] for segment in document["segments"]).lower()
+        assert document["language"] == "de" and "software" in said and "modify" in said, document
+        assert not {"und", "die", "der", "das"} & set(re.findall(r"\w+", said)), said
+        # Another form of a word that was written finds it.
+        hits = search(stack, client, q="modified", mode="text").json()["items"]
+        assert [hit["transcript_id"] for hit in hits] == [job], hits
 
 
 @pytest.mark.parametrize("params, says", [

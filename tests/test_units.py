@@ -104,6 +104,13 @@ def test_a_vocabulary_is_read_as_terms_from_a_form_field_or_bucket_metadata():
         drop_options({"x-amz-meta-vocabulary": ", ".join(f"term {i}" for i in range(30))})
 
 
+def test_a_task_is_transcribe_unless_translate_is_asked_for():
+    assert JobOptions().task == "transcribe" == JobOptions(task=" ").task
+    assert drop_options({"x-amz-meta-task": "Translate"}).task == "translate"
+    with pytest.raises(ValueError, match="x-amz-meta-task"):
+        drop_options({"x-amz-meta-task": "summarize"})
+
+
 @pytest.mark.parametrize("service, forbidden", [
     ("ingest", ["torch", "faster_whisper", "pyannote.audio", "sentence_transformers"]),
     ("transcriber", ["torch", "pyannote.audio", "litestar"]),

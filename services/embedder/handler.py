@@ -25,7 +25,7 @@ async def handle(message: ChunkTranscribed, deps: Deps) -> AsyncIterator[Contrac
     yield ChunkEmbedded(
         message_id=f"chunk.embedded:{message.job_id}:{message.chunk_index}",
         job_id=message.job_id, chunk_index=message.chunk_index,
-        chunk_count=message.chunk_count, language=message.language,
+        chunk_count=message.chunk_count, language=message.language, text_language=message.text_language,
         duration=message.duration, embedding_model=deps.model_name, segments=segments,
         turns=message.turns, speakers=message.speakers,
     )

@@ -70,6 +70,9 @@ class RecognizeForm:
     vocabulary: Annotated[str | None, Parameter(
         description="Names and terms the recording uses, comma-separated (people, products, jargon), so that "
         f"Whisper spells them so; at most {VOCABULARY_MAX_CHARS} characters")] = None
+    task: Annotated[str | None, Parameter(
+        description="`transcribe` (blank or left out) or `translate`: the text in English, whatever the "
+        "language spoken")] = None
     callback_url: Annotated[str | None, Parameter(
         description="This job's transcript.completed or transcript.failed is POSTed here, signed")] = None
 
@@ -117,7 +120,8 @@ async def recognize(
     try:
         options = JobOptions(language=data.language, num_speakers=data.num_speakers,
                              min_speakers=data.min_speakers, max_speakers=data.max_speakers,
-                             multichannel=data.multichannel, vocabulary=data.vocabulary)
+                             multichannel=data.multichannel, vocabulary=data.vocabulary,
+                             task=data.task)
     except ValidationError as exc:
         raise HTTPException(status_code=400, detail="; ".join(
             f"{'.'.join(map(str, e['loc'])) or 'form'}: {e['msg']}" for e in exc.errors())) from exc

@@ -68,14 +68,15 @@ def transcribe(message: JobDiarized, deps: Deps, speech: str = "diarizer") -> Ch
         segments, language = transcribe_chunk(deps.model, audio, message.span.start, message.turns,
                                               language_for(message, deps), deps.beam_size, speech,
                                               other_talk=message.other_channels,
-                                              vocabulary=message.options.vocabulary)
+                                              vocabulary=message.options.vocabulary, task=message.options.task)
     else:  # nobody talks in this chunk (a silent recording)
         segments, language = [], message.options.language
     return ChunkTranscribed(
         message_id=f"chunk.transcribed:{message.job_id}:{message.chunk_index}",
         job_id=message.job_id, chunk_index=message.chunk_index,
         chunk_count=message.chunk_count, language=language, duration=message.duration,
-        segments=segments, turns=message.turns, speakers=message.speakers,
+        text_language="en" if message.options.task == "translate" else None, segments=segments,
+        turns=message.turns, speakers=message.speakers,
     )
 
 

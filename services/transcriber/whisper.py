@@ -103,16 +103,18 @@ def transcribe_chunk(model: WhisperModel, audio: np.ndarray, offset: float,
                      turns: list[SpeakerTurn], language: str | None,
                      beam_size: int = 5, speech: str = "diarizer",
                      other_talk: list[SpeakerTurn] | None = None,
-                     vocabulary: list[str] | None = None) -> tuple[list[Segment], str | None]:
+                     vocabulary: list[str] | None = None,
+                     task: str = "transcribe") -> tuple[list[Segment], str | None]:
     """Transcribe `audio` (which starts at `offset` seconds into the job) and split the text
     into speaker-labelled segments. Returns the segments and the language used. `other_talk`
     (other channels' turns) only marks segments talked over; `vocabulary` (names and terms to
-    expect) is put before every 30 s window Whisper decodes."""
+    expect) is put before every 30 s window Whisper decodes; `task="translate"` gives English
+    text (the language returned is still the one spoken)."""
     if not turns or audio.size == 0:
         return [], language
     # Whisper's `hotwords`, not its `initial_prompt`: without conditioning on the previous text
     # the initial prompt reaches only the first window.
-    options = dict(language=language, beam_size=beam_size, word_timestamps=True,
+    options = dict(language=language, task=task, beam_size=beam_size, word_timestamps=True,
                    condition_on_previous_text=False, hotwords=", ".join(vocabulary or []) or None)
     if speech == "whisper-vad":
         pieces, info = model.transcribe(audio, vad_filter=True, **options)

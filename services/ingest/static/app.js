@@ -148,6 +148,7 @@ function upload(file) {
     if (language) form.append("language", language);
     if (speakers) form.append("num_speakers", speakers);
     if ($("#multichannel").checked) form.append("multichannel", "true");
+    if ($("#translate").checked) form.append("task", "translate");
     const vocabulary = $("#vocabulary").value.trim();
     if (vocabulary) form.append("vocabulary", vocabulary);
     const request = new XMLHttpRequest();
