@@ -349,12 +349,18 @@ def submit(
                 stdout.print(job.id)
         if not wait or not jobs:
             raise typer.Exit(1 if refused else 0)
-        try:
-            documents = follow_jobs(client, jobs)
-        except KeyboardInterrupt:
-            ids = " ".join(str(job.id) for job in jobs)
-            stderr.print(f"stopped waiting; the jobs go on: stt status {ids}")
-            raise typer.Exit(130) from None
+        failed = wait_and_print(client, jobs)
+    raise typer.Exit(1 if refused or failed else 0)
+
+
+def wait_and_print(client: httpx.Client, jobs: list[SubmittedJob]) -> int:
+    """Follow the jobs to their end and print each transcript; returns how many failed."""
+    try:
+        documents = follow_jobs(client, jobs)
+    except KeyboardInterrupt:
+        ids = " ".join(str(job.id) for job in jobs)
+        stderr.print(f"stopped waiting; the jobs go on: stt status {ids}")
+        raise typer.Exit(130) from None
     failed = 0
     for job in jobs:
         document = documents[job.id]
@@ -364,7 +370,49 @@ def submit(
             failed += 1
             stderr.print(Text(f"job {job.id} ({job.filename}) failed: {document.get('error') or 'unknown error'}",
                               style="red"))
-    raise typer.Exit(1 if refused or failed else 0)
+    return failed
+
+
+@app.command()
+def rerun(
+    job_id: Annotated[int, typer.Argument(metavar="ID", help="The job whose recording runs again.",
+                                          show_default=False)],
+    language: Annotated[str | None, typer.Option(
+        help="Spoken language as a Whisper code (en, ru...).", show_default=False)] = None,
+    speakers: Annotated[int | None, typer.Option(
+        help="Exact number of speakers.", min=1, show_default=False)] = None,
+    min_speakers: Annotated[int | None, typer.Option(help="At least this many speakers.", min=1,
+                                                     show_default=False)] = None,
+    max_speakers: Annotated[int | None, typer.Option(help="At most this many speakers.", min=1,
+                                                     show_default=False)] = None,
+    vocabulary: Annotated[str | None, typer.Option(
+        help="Names and terms the recording uses, comma-separated.", show_default=False)] = None,
+    translate: Annotated[bool | None, typer.Option(
+        "--translate/--transcribe", help="Write the text in English / in the language spoken.",
+        show_default=False)] = None,
+    wait: Annotated[bool, typer.Option(
+        help="Follow the new job and print its transcript; --no-wait prints its id and returns.")] = True,
+    api: ApiUrl = DEFAULT_API_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """Run a job's recording again as a new job, with its options except those given.
+
+    For a miscounted meeting: stt rerun 12 --speakers 4. The first job stays as it is.
+    """
+    if speakers is not None and (min_speakers is not None or max_speakers is not None):
+        raise typer.BadParameter("give either --speakers or --min-speakers/--max-speakers, not both")
+    changes = {"language": language, "num_speakers": speakers, "min_speakers": min_speakers,
+               "max_speakers": max_speakers, "vocabulary": vocabulary,
+               "task": None if translate is None else "translate" if translate else "transcribe"}
+    with api_client(api, api_key) as client, reporting_api_errors(api):
+        accepted = checked(client.post(f"/transcripts/{job_id}/rerun",
+                                       json={k: v for k, v in changes.items() if v is not None})).json()
+        job = SubmittedJob(id=accepted["id"], filename=accepted["filename"])
+        stderr.print(f"job {job_id} runs again as job [bold]{job.id}[/]")
+        if not wait:
+            stdout.print(job.id)
+            raise typer.Exit(0)
+        raise typer.Exit(1 if wait_and_print(client, [job]) else 0)
 
 
 def print_json(value: object) -> None:

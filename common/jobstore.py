@@ -53,9 +53,9 @@ async def drop_is_known(db: Db, bucket: str, key: str, etag: str) -> bool:
 # ---- reading jobs (ingest) --------------------------------------------------------------------
 
 async def job(db: Db, job_id: int) -> asyncpg.Record | None:
-    """The job's summary columns with its status detail: error, owner, no_speech."""
+    """The job's summary columns with its status detail: error, owner, no_speech, options."""
     return await db.fetchrow(
-        f"SELECT {SUMMARY_COLUMNS}, error, owner, {NO_SPEECH_COLUMN} FROM transcripts WHERE id = $1", job_id)
+        f"SELECT {SUMMARY_COLUMNS}, error, owner, {NO_SPEECH_COLUMN}, options FROM transcripts WHERE id = $1", job_id)
 
 
 _SPEAKER_NAME = ("LEFT JOIN transcript_speakers n ON n.transcript_id = s.transcript_id AND n.speaker = s.speaker")

@@ -17,6 +17,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import aio_pika
+import httpx
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -166,6 +167,31 @@ def test_get_rttm_one_voice_is_one_speaker(keyed_stack, jfk_submission):
     lines = [line.split() for line in result.stdout.splitlines()]
     assert lines and all(len(f) == 10 and f[0] == "SPEAKER" and f[1] == "jfk" for f in lines), lines
     assert {f[7] for f in lines} == {"spk_0"}
+
+
+def test_rerun_runs_the_recording_again_with_a_speaker_count_and_keeps_the_first_job(keyed_stack, fixtures_dir):
+    """sample.wav comes back with its two speakers; rerun with three asked for, it has three."""
+    first = stt(keyed_stack, "submit", str(fixtures_dir / "sample.wav"), "--language", "en")
+    job_id = int(re.search(r"accepted as job (\d+)", first.stderr).group(1))
+    assert len(set(re.findall(r"\] (spk_\d+):", first.stdout))) == 2, first.stdout
+
+    result = stt(keyed_stack, "rerun", str(job_id), "--speakers", "3", "--vocabulary", "Gorilla")
+    assert result.returncode == 0, result.stdout + result.stderr
+    match = re.search(rf"job {job_id} runs again as job (\d+)", result.stderr)
+    assert match, result.stderr
+    new_id = int(match.group(1))
+    assert f"job {new_id}: sample.wav" in result.stdout
+    assert len(set(re.findall(r"\] (spk_\d+):", result.stdout))) == 3, result.stdout
+    with httpx.Client(headers={"Authorization": f"Bearer {API_KEY}"}) as client:
+        new, kept = (client.get(f"{keyed_stack.api}/transcripts/{i}").json() for i in (new_id, job_id))
+    assert new["options"] == {"language": "en", "num_speakers": 3, "multichannel": False,
+                              "vocabulary": ["Gorilla"], "task": "transcribe"}, new
+    assert "num_speakers" not in kept["options"] and len({s["speaker"] for s in kept["segments"]}) == 2, kept
+
+    refused = stt(keyed_stack, "rerun", str(job_id), "--speakers", "2", STT_API_KEY=OTHER_KEY)
+    assert refused.returncode == 1 and f"404: no job with id {job_id}" in refused.stderr, refused.stderr
+    impossible = stt(keyed_stack, "rerun", str(job_id), "--min-speakers", "5", "--max-speakers", "2")
+    assert impossible.returncode == 1 and "400" in impossible.stderr and "min_speakers" in impossible.stderr
 
 
 def test_watch_prints_segments_and_the_completion(keyed_stack, fixtures_dir):

@@ -209,7 +209,8 @@ def test_bucket_drop_options_come_from_the_object_metadata(stack, fixtures_dir):
     hinted = documents["meta/sample.wav"]
     assert hinted["status"] == "done" and len({s["speaker"] for s in hinted["segments"]}) == 3, hinted
     job_id = stack.value("SELECT id FROM transcripts WHERE source_key = 'meta/sample.wav'")
-    assert httpx.get(f"{stack.api}/transcripts/{job_id}").json()["language"] == "de"
+    transcript = httpx.get(f"{stack.api}/transcripts/{job_id}").json()
+    assert transcript["language"] == "de" and transcript["options"]["num_speakers"] == 3, transcript
 
 
 def test_bucket_drop_names_are_cleaned_like_upload_names(stack, fixtures_dir):

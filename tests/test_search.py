@@ -108,6 +108,7 @@ def test_a_translated_recording_is_english_and_searched_as_english(searched, fix
         document = client.get(f"{stack.api}/transcripts/{job}").json()
         said = " ".join(segment["text"] for segment in document["segments"]).lower()
         assert document["language"] == "de" and "software" in said and "modify" in said, document
+        assert document["options"]["task"] == "translate", document
         assert not {"und", "die", "der", "das"} & set(re.findall(r"\w+", said)), said
         # Another form of a word that was written finds it.
         hits = search(stack, client, q="modified", mode="text").json()["items"]

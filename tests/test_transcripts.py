@@ -395,6 +395,26 @@ def test_list_pages_newest_first_with_filters(stack, fixtures_dir, tmp_path):
 # ---- delete -----------------------------------------------------------------------------------
 
 
+def test_a_rerun_repeats_the_options_not_given_and_needs_the_stored_audio(dialogue, stack):
+    rerun = f"{stack.api}/transcripts/{dialogue['id']}/rerun"
+    response = httpx.post(rerun, timeout=30)  # no body: the same options again
+    assert response.status_code == 202 and response.json()["filename"] == dialogue["filename"], response.text
+    again = response.json()["id"]
+    assert transcript(stack, again).json()["options"] == transcript(stack, dialogue["id"]).json()["options"]
+
+    for changes, says in [({"task": "summarize"}, "field task: Input should be 'transcribe' or 'translate'"),
+                          ({"min_speakers": 5, "max_speakers": 2}, "min_speakers must not exceed max_speakers"),
+                          ({"vocabulary": ", ".join(f"term {i}" for i in range(30))}, "longer than 150 characters")]:
+        refused = httpx.post(rerun, json=changes, timeout=30)
+        assert refused.status_code == 400 and says in refused.json()["detail"], refused.text
+    assert httpx.post(f"{stack.api}/transcripts/999999999/rerun", timeout=30).status_code == 404
+
+    assert stack.wait_finished(again)["status"] == "done"
+    stack.s3().remove_object("audio", f"uploads/{again}")
+    gone = httpx.post(f"{stack.api}/transcripts/{again}/rerun", json={"num_speakers": 2}, timeout=30)
+    assert gone.status_code == 409 and "no longer stored" in gone.json()["detail"], gone.text
+
+
 def test_delete_removes_rows_and_audio(stack, fixtures_dir):
     job_id = stack.submit(fixtures_dir / "jfk.flac").json()["id"]
     assert stack.wait_finished(job_id)["status"] == "done"

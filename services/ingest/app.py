@@ -19,9 +19,12 @@ from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.params import Body, FromPath, Parameter
 from litestar.plugins.pydantic import PydanticPlugin
 from litestar.response import Response
+from minio.commonconfig import CopySource
+from minio.error import S3Error
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field, ValidationError
 
+from common import jobstore
 from common.audio import UndecodableAudio, probe_audio
 from common.broker import connect, open_bus, watched_queues
 from common.db import DATABASE_UNAVAILABLE, apply_migrations, create_pool
@@ -37,7 +40,7 @@ from services.ingest.admission import checked_size, upload_limit_middleware
 from services.ingest.auth import api_key_middleware, request_owner
 from services.ingest.errors import error_responses as _errors
 from services.ingest.inbox import INBOX_EVENTS_QUEUE, RESULTS_QUEUE, Inbox
-from services.ingest.jobs import clean_filename, create_job, status_document
+from services.ingest.jobs import clean_filename, create_job, rerun_options, status_document, upload_key
 from services.ingest.live import LIVE_ROUTES, Wakeups
 from services.ingest.page import PAGE_ROUTES
 from services.ingest.playback import PLAYBACK_ROUTES
@@ -45,7 +48,7 @@ from services.ingest.readiness import CHECK_TIMEOUT_S, ObjectStoreProbe, run_che
 from services.ingest.reindex import REINDEX_ROUTES, Reindexer
 from services.ingest.search import SEARCH_ROUTES
 from services.ingest.speakers import SPEAKER_ROUTES
-from services.ingest.transcripts import TRANSCRIPT_ROUTES, TranscriptSegment
+from services.ingest.transcripts import TRANSCRIPT_ROUTES, JobId, TranscriptSegment, visible
 from services.ingest.webhooks import WEBHOOK_ROUTES, add_callback, checked_target
 
 log = logging.getLogger("services.ingest")
@@ -151,6 +154,39 @@ async def recognize(
     return Accepted(id=job_id, filename=filename, callback_secret=callback_secret)
 
 
+@post("/transcripts/{job_id:int}/rerun", status_code=202, summary="Run a recording again with other options",
+      responses=_errors(400, 401, 403, 404, 409, 503))
+async def rerun(job_id: JobId, state: State, request: Request, data: JobOptions | None = None) -> Accepted:
+    """A new job on the stored audio of job `job_id` (which stays as it is), with its options
+    except those given: `{"num_speakers": 4}` when the speakers were miscounted."""
+    original = await jobstore.job(state.pool, job_id)
+    if not visible(original, request_owner(request)):
+        raise NotFoundException(detail=f"no job with id {job_id}")
+    try:
+        options = rerun_options(original["options"] or {}, data or JobOptions())
+    except ValidationError as exc:
+        raise HTTPException(status_code=400, detail="; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'options'}: {e['msg']}" for e in exc.errors())) from exc
+    bucket = state.settings.audio_bucket
+
+    def copy(key: str) -> None:
+        state.s3.copy_object(bucket, key, CopySource(bucket, upload_key(job_id)))
+
+    try:
+        new_id = await create_job(state.pool, state.s3, bucket, copy, filename=original["filename"], options=options,
+                                  owner=request_owner(request), outbox_wake=state.outbox_wake)
+    except S3Error as exc:
+        if exc.code != "NoSuchKey":
+            raise Unavailable(detail=f"the job could not be queued ({exc.code}); try again later") from exc
+        raise HTTPException(status_code=409, detail=f"job {job_id}'s recording is no longer stored") from exc
+    except Exception as exc:
+        log.exception("could not rerun job %d", job_id)
+        raise Unavailable(detail=f"the job could not be queued ({type(exc).__name__}); try again later") from exc
+    with job_logged(new_id):
+        log.info("rerun of job %d", job_id)
+    return Accepted(id=new_id, filename=original["filename"])
+
+
 @get("/status/{job_id:int}", summary="State and segments of a job", responses=_errors(401, 403, 404, 503))
 async def job_status(job_id: FromPath[int], state: State, request: Request) -> JobStatus:
     if not 1 <= job_id <= MAX_BIGINT:  # no such row can exist; PostgreSQL would refuse the number
@@ -191,9 +227,11 @@ def clearer_client_error(request: Request, exc: ClientException) -> Response:
     """Litestar's own 4xx answers, with a detail that says which field or limit is at fault."""
     detail = exc.detail
     if isinstance(exc, ValidationException) and isinstance(exc.extra, list):
+        field = "form field" if request.content_type[0].startswith("multipart/") else "field"
         where = {"query": "query parameter", "path": "path parameter"}
-        problems = [f"{where.get(e.get('source'), 'form field')} {e['key']}: {e.get('message')}"
-                    for e in exc.extra if isinstance(e, dict) and e.get("key")]
+        # A check across fields (min_speakers > max_speakers) has no key.
+        problems = [f"{where.get(e.get('source'), field)} {e['key']}: {e.get('message')}" if e.get("key")
+                    else str(e.get("message")) for e in exc.extra if isinstance(e, dict) and e.get("message")]
         if problems:
             detail = "invalid " + "; ".join(problems)
     elif exc.status_code == 400 and detail == "Request Entity Too Large":
@@ -256,7 +294,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             state.s3_probe.close()
 
     return Litestar(
-        route_handlers=[recognize, job_status, healthz, readyz, metrics, *TRANSCRIPT_ROUTES, *SEARCH_ROUTES,
+        route_handlers=[recognize, rerun, job_status, healthz, readyz, metrics, *TRANSCRIPT_ROUTES, *SEARCH_ROUTES,
                         *REINDEX_ROUTES, *SPEAKER_ROUTES, *WEBHOOK_ROUTES,
                         *LIVE_ROUTES, *PLAYBACK_ROUTES, *PAGE_ROUTES],
         lifespan=[lifespan],

@@ -92,6 +92,19 @@ async def create_job(pool: asyncpg.Pool, s3: Minio, audio_bucket: str, put_audio
         return created
 
 
+SPEAKER_COUNTS = {"num_speakers", "min_speakers", "max_speakers"}
+
+
+def rerun_options(original: dict, changes: JobOptions) -> JobOptions:
+    """A rerun's options: the original job's, with the fields `changes` was given replaced. The
+    speaker counts go together: giving one drops the original's others (num_speakers=4 after
+    min_speakers=2). Raises pydantic's ValidationError for a combination that cannot run."""
+    given = changes.model_dump(include=changes.model_fields_set)
+    kept = JobOptions.model_validate(original).model_dump(
+        exclude=SPEAKER_COUNTS if given.keys() & SPEAKER_COUNTS else set())
+    return JobOptions.model_validate({**kept, **given})
+
+
 def _remove_quietly(s3: Minio, bucket: str, key: str) -> None:
     try:
         s3.remove_object(bucket, key)

@@ -25,7 +25,7 @@ from pydantic import BaseModel, Field
 
 from common import jobstore, speakerstore
 from common.logs import job_logged
-from common.messages import SpeakerName, SpeakerTurn, Stage, Word
+from common.messages import JobOptions, SpeakerName, SpeakerTurn, Stage, Word
 from common.settings import Settings
 from common.storage import pcm_key
 from common.turns import speech_regions
@@ -76,6 +76,8 @@ class TranscriptSummary(BaseModel):
 
 class TranscriptDocument(TranscriptSummary):
     error: str | None = None
+    # What the job was submitted with (form fields or a drop's metadata), defaults filled in.
+    options: JobOptions
     # Done, and nobody talks in the recording.
     no_speech: bool = False
     segments: list[TranscriptSegment]
@@ -209,7 +211,8 @@ async def fetch_transcript(pool: asyncpg.Pool, job_id: int, owner: str | None,
         for r in rows
     ]
     error = job["error"] if job["status"] == "error" else None
-    return TranscriptDocument(**_summary_fields(job), error=error, no_speech=job["no_speech"], segments=segments)
+    return TranscriptDocument(**_summary_fields(job), error=error, no_speech=job["no_speech"],
+                              options=JobOptions.model_validate(job["options"] or {}), segments=segments)
 
 
 @dataclass
