@@ -145,6 +145,28 @@ def test_names_and_terms_typed_in_are_spelled_so(stack, fixtures_dir, browser):
     page.close()
 
 
+def test_a_miscounted_recording_runs_again_with_the_speaker_count_given(stack, fixtures_dir, browser):
+    page = browser.new_page()
+    page.goto(stack.api + "/")
+    page.set_input_files("#file", str(fixtures_dir / "sample.wav"))
+    page.get_by_role("button", name="Transcribe").click()
+    page.locator('#transcript[data-ended="true"]').wait_for(timeout=300_000)
+    first = page.locator("#transcript").get_attribute("data-job")
+    assert speakers_shown(page) == 2
+    page.get_by_role("form", name="Run again").get_by_label("Speakers").fill("3")
+    page.get_by_role("button", name="Run again").click()
+    page.wait_for_function(f"document.querySelector('#transcript').dataset.job !== '{first}'")
+    page.locator('#transcript[data-ended="true"]').wait_for(timeout=300_000)
+    assert speakers_shown(page) == 3
+    assert page.locator("#jobs li").filter(has_text="sample.wav").count() >= 2  # the first job is kept
+    page.close()
+
+
+def speakers_shown(page) -> int:
+    segments = page.locator("#segments .segment")
+    return len({segments.nth(i).get_attribute("data-speaker") for i in range(segments.count())})
+
+
 @pytest.fixture(scope="module")
 def keyed_stack(tmp_path_factory):
     with running_stack(tmp_path_factory, API_KEYS=f"{KEY},{OTHER_KEY}") as stack:

@@ -395,6 +395,27 @@ function renderDelete(jobId, ended) {
   };
 }
 
+// The recording again as a new job (POST /transcripts/{id}/rerun), with the speaker count given
+// (blank: found automatically) and the first job's other options; the new job opens.
+function renderRerun(jobId, ended) {
+  const form = $("#rerun");
+  form.hidden = !ended;
+  form.onsubmit = async (event) => {
+    event.preventDefault();
+    const speakers = $("#rerun-speakers").value;
+    try {
+      const accepted = await (await api(`/transcripts/${jobId}/rerun`, {
+        method: "POST", headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ num_speakers: speakers ? Number(speakers) : null }),
+      })).json();
+      renderJob({ id: accepted.id, filename: accepted.filename, status: "processing", stage: "submitted", percent: 0 });
+      openTranscript(accepted.id);
+    } catch (error) {
+      $("#transcript-status").textContent = `Not run again: ${error.message}`;
+    }
+  };
+}
+
 function closeTranscript() {
   if (state.stream) state.stream.stop();
   state.open = null;
@@ -444,10 +465,13 @@ async function openTranscript(jobId) {
   const section = $("#transcript");
   section.hidden = false;
   section.dataset.job = jobId;
+  delete section.dataset.ended;
   $("#segments").innerHTML = "";
   $("#names").innerHTML = "";
   renderDownloads(jobId, false);
   renderDelete(jobId, false);
+  renderRerun(jobId, false);
+  $("#rerun-speakers").value = "";
   const job = state.jobs.get(jobId) || { id: jobId, filename: "", status: "processing", stage: "submitted", percent: 0 };
   $("#transcript-title").textContent = job.filename || `Job ${jobId}`;
   showStatus(job);
@@ -465,6 +489,7 @@ async function openTranscript(jobId) {
       showStatus(data);
       renderDownloads(jobId, type === "transcript.completed");
       renderDelete(jobId, true);
+      renderRerun(jobId, true);
       refreshNames();
       section.dataset.ended = "true";
       if (type === "transcript.completed") loadSpeakingTime(jobId);
