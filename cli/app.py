@@ -292,25 +292,37 @@ def print_transcript(job: SubmittedJob, document: dict) -> None:
 # ---- commands -------------------------------------------------------------------------------
 
 
+# What a job asks for, the same in submit and rerun.
+Language = Annotated[str | None, typer.Option(
+    help="Spoken language as a Whisper code (en, ru...); left out: detected (rerun: the first job's).",
+    show_default=False)]
+ExactSpeakers = Annotated[int | None, typer.Option(help="Exact number of speakers.", min=1, show_default=False)]
+MinSpeakers = Annotated[int | None, typer.Option(help="At least this many speakers.", min=1, show_default=False)]
+MaxSpeakers = Annotated[int | None, typer.Option(help="At most this many speakers.", min=1, show_default=False)]
+Vocabulary = Annotated[str | None, typer.Option(
+    help="Names and terms the recordings use, comma-separated (people, products, jargon), so that they are "
+    "spelled so.", show_default=False)]
+
+
+def speaker_counts(speakers: int | None, min_speakers: int | None, max_speakers: int | None) -> dict:
+    if speakers is not None and (min_speakers is not None or max_speakers is not None):
+        raise typer.BadParameter("give either --speakers or --min-speakers/--max-speakers, not both")
+    return {"num_speakers": speakers, "min_speakers": min_speakers, "max_speakers": max_speakers}
+
+
 @app.command()
 def submit(
     files: Annotated[list[Path], typer.Argument(
         metavar="FILE", exists=True, dir_okay=False, readable=True, show_default=False,
         help="Audio or video files.")],
-    language: Annotated[str | None, typer.Option(
-        help="Spoken language as a Whisper code (en, ru...); detected when left out.", show_default=False)] = None,
-    speakers: Annotated[int | None, typer.Option(
-        help="Exact number of speakers.", min=1, show_default=False)] = None,
-    min_speakers: Annotated[int | None, typer.Option(help="At least this many speakers.", min=1,
-                                                     show_default=False)] = None,
-    max_speakers: Annotated[int | None, typer.Option(help="At most this many speakers.", min=1,
-                                                     show_default=False)] = None,
+    language: Language = None,
+    speakers: ExactSpeakers = None,
+    min_speakers: MinSpeakers = None,
+    max_speakers: MaxSpeakers = None,
     multichannel: Annotated[bool, typer.Option(
         "--multichannel", help="Each channel is its own party (a call recorded one side per channel): "
         "transcribe the channels apart.")] = False,
-    vocabulary: Annotated[str | None, typer.Option(
-        help="Names and terms the recordings use, comma-separated (people, products, jargon), so that they "
-        "are spelled so.", show_default=False)] = None,
+    vocabulary: Vocabulary = None,
     translate: Annotated[bool, typer.Option(
         "--translate", help="Write the text in English, whatever the language spoken.")] = False,
     wait: Annotated[bool, typer.Option(
@@ -322,10 +334,8 @@ def submit(
 
     Exits non-zero when an upload is refused or a job ends in error.
     """
-    if speakers is not None and (min_speakers is not None or max_speakers is not None):
-        raise typer.BadParameter("give either --speakers or --min-speakers/--max-speakers, not both")
-    options = {"language": language, "num_speakers": speakers, "min_speakers": min_speakers,
-               "max_speakers": max_speakers, "multichannel": "true" if multichannel else None,
+    options = {"language": language, **speaker_counts(speakers, min_speakers, max_speakers),
+               "multichannel": "true" if multichannel else None,
                "vocabulary": vocabulary, "task": "translate" if translate else None}
     fields = {name: str(value) for name, value in options.items() if value is not None}
     jobs: list[SubmittedJob] = []
@@ -377,16 +387,11 @@ def wait_and_print(client: httpx.Client, jobs: list[SubmittedJob]) -> int:
 def rerun(
     job_id: Annotated[int, typer.Argument(metavar="ID", help="The job whose recording runs again.",
                                           show_default=False)],
-    language: Annotated[str | None, typer.Option(
-        help="Spoken language as a Whisper code (en, ru...).", show_default=False)] = None,
-    speakers: Annotated[int | None, typer.Option(
-        help="Exact number of speakers.", min=1, show_default=False)] = None,
-    min_speakers: Annotated[int | None, typer.Option(help="At least this many speakers.", min=1,
-                                                     show_default=False)] = None,
-    max_speakers: Annotated[int | None, typer.Option(help="At most this many speakers.", min=1,
-                                                     show_default=False)] = None,
-    vocabulary: Annotated[str | None, typer.Option(
-        help="Names and terms the recording uses, comma-separated.", show_default=False)] = None,
+    language: Language = None,
+    speakers: ExactSpeakers = None,
+    min_speakers: MinSpeakers = None,
+    max_speakers: MaxSpeakers = None,
+    vocabulary: Vocabulary = None,
     translate: Annotated[bool | None, typer.Option(
         "--translate/--transcribe", help="Write the text in English / in the language spoken.",
         show_default=False)] = None,
@@ -399,11 +404,9 @@ def rerun(
 
     For a miscounted meeting: stt rerun 12 --speakers 4. The first job stays as it is.
     """
-    if speakers is not None and (min_speakers is not None or max_speakers is not None):
-        raise typer.BadParameter("give either --speakers or --min-speakers/--max-speakers, not both")
-    changes = {"language": language, "num_speakers": speakers, "min_speakers": min_speakers,
-               "max_speakers": max_speakers, "vocabulary": vocabulary,
-               "task": None if translate is None else "translate" if translate else "transcribe"}
+    task = None if translate is None else "translate" if translate else "transcribe"
+    changes = {"language": language, **speaker_counts(speakers, min_speakers, max_speakers),
+               "vocabulary": vocabulary, "task": task}
     with api_client(api, api_key) as client, reporting_api_errors(api):
         accepted = checked(client.post(f"/transcripts/{job_id}/rerun",
                                        json={k: v for k, v in changes.items() if v is not None})).json()
