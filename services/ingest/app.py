@@ -39,6 +39,7 @@ from services.embedder.backends import make_embedder
 from services.ingest.admission import checked_size, upload_limit_middleware
 from services.ingest.auth import api_key_middleware, request_owner
 from services.ingest.errors import error_responses as _errors
+from services.ingest.errors import invalid
 from services.ingest.inbox import INBOX_EVENTS_QUEUE, RESULTS_QUEUE, Inbox
 from services.ingest.jobs import clean_filename, create_job, rerun_options, status_document, upload_key
 from services.ingest.live import LIVE_ROUTES, Wakeups
@@ -126,8 +127,7 @@ async def recognize(
                              multichannel=data.multichannel, vocabulary=data.vocabulary,
                              task=data.task)
     except ValidationError as exc:
-        raise HTTPException(status_code=400, detail="; ".join(
-            f"{'.'.join(map(str, e['loc'])) or 'form'}: {e['msg']}" for e in exc.errors())) from exc
+        raise invalid(exc, whole="form") from exc
     callback_url = await checked_target(data.callback_url, state.settings) if data.callback_url else None
     callback_secret = new_secret() if callback_url else None
 
@@ -165,8 +165,7 @@ async def rerun(job_id: JobId, state: State, request: Request, data: JobOptions 
     try:
         options = rerun_options(original["options"] or {}, data or JobOptions())
     except ValidationError as exc:
-        raise HTTPException(status_code=400, detail="; ".join(
-            f"{'.'.join(map(str, e['loc'])) or 'options'}: {e['msg']}" for e in exc.errors())) from exc
+        raise invalid(exc, whole="options") from exc
     bucket = state.settings.audio_bucket
 
     def copy(key: str) -> None:

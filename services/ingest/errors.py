@@ -1,12 +1,14 @@
-"""The error body every 4xx/5xx answer has, its OpenAPI description per status code, and the
-bound on ids that makes an out-of-range id a 400."""
+"""The error body every 4xx/5xx answer has, its OpenAPI description per status code, the 400
+for a request model that does not validate, and the bound on ids that makes an out-of-range id a
+400."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from litestar.exceptions import HTTPException
 from litestar.openapi import ResponseSpec
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 # Ids stay far below 2^53, the largest integer every JSON client reads exactly; declaring it on
 # every id parameter keeps an out-of-range id a documented 400 instead of a database error.
@@ -37,3 +39,9 @@ def error_responses(*codes: int, **meanings: str) -> dict[int, ResponseSpec]:
     return {code: ResponseSpec(data_container=ErrorBody,
                                description=meanings.get(f"e{code}", MEANINGS[code]))
             for code in codes}
+
+
+def invalid(exc: ValidationError, whole: str) -> HTTPException:
+    """A 400 naming each field of a request model at fault (`whole` for a check across fields)."""
+    return HTTPException(status_code=400, detail="; ".join(
+        f"{'.'.join(map(str, e['loc'])) or whole}: {e['msg']}" for e in exc.errors()))

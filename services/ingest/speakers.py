@@ -25,7 +25,7 @@ from common.outbox import add_to_outbox
 from common.settings import Settings
 from services.ingest.admission import checked_size
 from services.ingest.auth import request_owner
-from services.ingest.errors import MAX_ID, error_responses
+from services.ingest.errors import MAX_ID, error_responses, invalid
 
 log = logging.getLogger(__name__)
 
@@ -207,8 +207,7 @@ async def enrol(request: Request, state: State) -> Enrolled:
         try:
             reference = FromTranscript.model_validate_json(await request.body())
         except ValidationError as exc:
-            raise HTTPException(status_code=400, detail="; ".join(
-                f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())) from exc
+            raise invalid(exc, whole="body") from exc
         name = clean_name(reference.name)
     else:
         raise HTTPException(status_code=400, detail="send multipart/form-data (name, file) or JSON (name,"
