@@ -503,13 +503,23 @@ def get(
                                                 help="Write to this file instead of stdout.")] = None,
     words: Annotated[bool, typer.Option("--words", help="JSON: each segment's words with their times and"
                                                         " probabilities.")] = False,
+    max_line_width: Annotated[int | None, typer.Option(
+        min=12, max=200, show_default=False,
+        help="SRT and WebVTT: the most characters on a subtitle line (default 42).")] = None,
+    max_line_count: Annotated[int | None, typer.Option(
+        min=1, max=10, show_default=False, help="SRT and WebVTT: the most lines in a cue (default 2).")] = None,
     api: ApiUrl = DEFAULT_API_URL,
     api_key: ApiKey = None,
 ) -> None:
     """Fetch a transcript as JSON, SRT or WebVTT subtitles, plain text, or the diarization as RTTM."""
     if words and output_format is not TranscriptFormat.json:
         raise typer.BadParameter("--words goes with --format json")
-    params = {"format": output_format.value, **({"words": "true"} if words else {})}
+    cue_limits = {"max_line_width": max_line_width, "max_line_count": max_line_count}
+    if any(v is not None for v in cue_limits.values()) and output_format not in (TranscriptFormat.srt,
+                                                                                  TranscriptFormat.vtt):
+        raise typer.BadParameter("--max-line-width and --max-line-count go with --format srt or vtt")
+    params = {"format": output_format.value, **({"words": "true"} if words else {}),
+              **{name: value for name, value in cue_limits.items() if value is not None}}
     with reporting_api_errors(api), api_client(api, api_key) as client:
         response = checked(client.get(f"/transcripts/{job_id}", params=params))
     if output_format is TranscriptFormat.json:

@@ -31,7 +31,7 @@ API_KEY = "cli-key-0b7d2e"
 OTHER_KEY = "cli-key-other-5c1a"
 # The console script pip installed next to this interpreter.
 STT = str(Path(sys.executable).parent / "stt")
-SRT_CUE = re.compile(r"^\d+\n\d{2}:\d{2}:\d{2},\d{3} --> \d{2}:\d{2}:\d{2},\d{3}\n(spk_\d+): \S.*$")
+SRT_CUE = re.compile(r"\d+\n(\d{2}:\d{2}:\d{2},\d{3}) --> (\d{2}:\d{2}:\d{2},\d{3})\n(spk_\d+): (\S.*(?:\n.+)*)")
 
 
 @pytest.fixture(scope="module")
@@ -140,15 +140,30 @@ def test_list_shows_the_keys_jobs_filtered(keyed_stack, jfk_submission):
     assert bad.returncode == 1 and "since is not an ISO 8601 date" in bad.stderr, bad.stderr
 
 
+def seconds(stamp: str) -> float:
+    hours, minutes, rest = stamp.replace(",", ".").split(":")
+    return int(hours) * 3600 + int(minutes) * 60 + float(rest)
+
+
 def test_get_writes_srt_with_speaker_names(keyed_stack, jfk_submission, tmp_path):
     _, job_id = jfk_submission
     target = tmp_path / "out.srt"
     result = stt(keyed_stack, "get", str(job_id), "--format", "srt", "-o", str(target))
     assert result.returncode == 0, result.stderr
     cues = target.read_text(encoding="utf-8").strip().split("\n\n")
-    assert cues and all(SRT_CUE.match(cue) for cue in cues), cues
+    assert cues and all(SRT_CUE.fullmatch(cue) for cue in cues), cues
     assert [int(cue.split("\n")[0]) for cue in cues] == list(range(1, len(cues) + 1))
-    assert "ask not what your country" in target.read_text().lower()
+    said = " ".join(SRT_CUE.fullmatch(cue)[4].replace("\n", " ") for cue in cues)
+    assert "ask not what your country" in said.lower()
+    # The 11 s sentence is cut into cues a viewer can read: two lines of 42 characters, 7 s
+    assert len(cues) >= 2 and all(len(line) <= 42 for cue in cues for line in cue.split("\n")[2:])
+    assert all(seconds(SRT_CUE.fullmatch(c)[2]) - seconds(SRT_CUE.fullmatch(c)[1]) <= 7 for c in cues)
+    narrow = stt(keyed_stack, "get", str(job_id), "--format", "srt", "--max-line-width", "24", "--max-line-count", "1")
+    assert narrow.returncode == 0, narrow.stderr
+    narrow_cues = narrow.stdout.strip().split("\n\n")
+    assert len(narrow_cues) > len(cues) and all(len(cue.split("\n")) == 3 for cue in narrow_cues)
+    assert all(len(cue.split("\n")[2]) <= 24 for cue in narrow_cues), narrow_cues
+    assert stt(keyed_stack, "get", str(job_id), "--max-line-width", "30").returncode == 2  # JSON has no lines
 
     text = stt(keyed_stack, "get", str(job_id), "--format", "txt")
     assert text.returncode == 0 and "ask not what your country" in text.stdout.lower()

@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 from litestar.testing import TestClient
 
-from common.messages import SpeakerTurn
+from common.messages import SpeakerTurn, Word
 from services.ingest.app import create_app
+from services.ingest.captions import columns
 from services.ingest.jobs import percent_done, public_stage
 from services.ingest.transcripts import (
     TranscriptSegment,
@@ -82,6 +83,69 @@ def test_txt_lines_and_empty_transcripts():
     assert (to_srt([]), to_vtt([]), to_txt([])) == ("", "WEBVTT\n", "")
 
 
+def timed(text: str, words: list[str], start: float = 0.3, step: float = 0.45) -> TranscriptSegment:
+    """A segment whose words follow each other every `step` seconds, with half a second more
+    after a comma or a full stop, as a speaker pauses."""
+    timed_words, t = [], start
+    for word in words:
+        timed_words.append(Word(word=word, start=round(t, 3), end=round(t + step - 0.1, 3)))
+        t += step + (0.5 if word.endswith((",", ".", "，", "。")) else 0.0)
+    return TranscriptSegment(speaker="spk_0", start_ts=timed_words[0].start, end_ts=timed_words[-1].end,
+                             text=text, words=timed_words)
+
+
+JFK = "And so my fellow Americans, ask not what your country can do for you, ask what you can do for your country."
+
+
+def test_a_long_segment_is_cut_into_cues_that_fit_on_screen():
+    """11 s and 110 characters of one speaker: one cue would be a wall of text on screen."""
+    segment = timed(JFK, JFK.split())
+    assert to_srt([segment]) == (
+        "1\n00:00:00,300 --> 00:00:07,000\n"
+        "spk_0: And so my fellow Americans, ask\nnot what your country can do for you,\n\n"
+        "2\n00:00:07,600 --> 00:00:11,100\n"
+        "spk_0: ask what you can\ndo for your country.\n"
+    )
+    # Without the speaker in the lines, the second cue fits on one
+    assert to_vtt([segment]) == (
+        "WEBVTT\n\n"
+        "00:00:00.300 --> 00:00:07.000\n"
+        "<v spk_0>And so my fellow Americans, ask not\nwhat your country can do for you,\n\n"
+        "00:00:07.600 --> 00:00:11.100\n<v spk_0>ask what you can do for your country.\n"
+    )
+
+
+def test_cue_limits_can_be_narrowed_and_a_cue_stays_long_enough_to_read():
+    cues = parse_vtt(to_vtt([timed(JFK, JFK.split())], line_width=24, line_count=1))
+    assert [c.text for c in cues] == ["And so my fellow", "Americans, ask not what", "your country can do for",
+                                      "you, ask what you can do", "for your country."]
+    assert all(len(c.lines) == 1 and columns(c.lines[0]) <= 24 and 1.0 <= c.end - c.start <= 7.0 for c in cues)
+
+
+def test_wide_characters_take_two_columns_and_no_spaces_are_added():
+    text = "我们今天讨论一下项目的进度，然后决定下一步怎么做。大家有什么意见吗？"
+    words = re.findall("..?", text)  # Whisper's Chinese words: a character or two, no spaces
+    [cue] = parse_srt(to_srt([timed(text, words, step=0.3)]))
+    assert cue.lines == ["spk_0: 我们今天讨论一下项目的进度，然后", "决定下一步怎么做。大家有什么意见吗？"]
+    assert max(columns(line) for line in cue.lines) <= 42
+
+
+def test_lines_break_only_where_the_text_has_a_space():
+    text = "Yes, sales grew by 12% in the last quarter, and by 30% in the one before it."
+    words = ["Yes,", "sales", "grew", "by", "12", "%", "in", "the", "last", "quarter,", "and", "by", "30", "%",
+             "in", "the", "one", "before", "it."]
+    cues = parse_vtt(to_vtt([timed(text, words)], line_width=20, line_count=2))
+    assert " ".join(c.text for c in cues) == text
+    assert all("%" not in line.split()[0] for c in cues for line in c.lines), cues
+
+
+def test_a_segment_without_word_times_is_one_cue_on_as_many_lines_as_it_needs():
+    segment = TranscriptSegment(speaker="spk_1", speaker_name="Anna", start_ts=2.0, end_ts=13.0, text=JFK)
+    [cue] = parse_srt(to_srt([segment]))
+    assert (cue.start, cue.end, cue.speaker, cue.text) == (2.0, 13.0, "Anna", JFK)
+    assert len(cue.lines) == 3 and all(columns(line) <= 42 for line in cue.lines)
+
+
 def test_download_names_keep_any_language():
     assert download_name("meeting.mp3", "srt") == "meeting.srt"
     assert download_name("audio", "vtt") == "audio.vtt"
@@ -107,7 +171,8 @@ class Cue:
     start: float
     end: float
     speaker: str
-    text: str
+    text: str  # the lines joined, without the speaker
+    lines: list[str]  # as shown: SRT's first line starts with the speaker
 
 
 def seconds_of(stamp: str) -> float:
@@ -115,15 +180,20 @@ def seconds_of(stamp: str) -> float:
     return int(hours) * 3600 + int(minutes) * 60 + float(rest)
 
 
+def _joined(lines: list[str]) -> str:
+    """Lines of Chinese or Japanese were cut where no space was, so they join without one."""
+    return ("" if all(columns(line) > len(line) for line in lines) else " ").join(lines)
+
+
 def parse_srt(body: str) -> list[Cue]:
     cues = []
     for number, block in enumerate(body.strip("\n").split("\n\n"), start=1):
-        index, timing, text = block.split("\n")
-        assert index == str(number)
+        index, timing, *lines = block.split("\n")
+        assert index == str(number) and lines, block
         match = re.fullmatch(r"(\d{2,}:\d{2}:\d{2},\d{3}) --> (\d{2,}:\d{2}:\d{2},\d{3})", timing)
         assert match, timing
-        speaker, _, said = text.partition(": ")
-        cues.append(Cue(seconds_of(match[1]), seconds_of(match[2]), speaker, said))
+        speaker, _, first = lines[0].partition(": ")
+        cues.append(Cue(seconds_of(match[1]), seconds_of(match[2]), speaker, _joined([first, *lines[1:]]), lines))
     return cues
 
 
@@ -132,22 +202,32 @@ def parse_vtt(body: str) -> list[Cue]:
     assert header == "WEBVTT"
     cues = []
     for block in blocks:
-        timing, text = block.split("\n")
+        timing, text, *more = block.split("\n")
         match = re.fullmatch(r"(\d{2,}:\d{2}:\d{2}\.\d{3}) --> (\d{2,}:\d{2}:\d{2}\.\d{3})", timing)
         voice = re.fullmatch(r"<v ([^>]+)>(.*)", text)
         assert match and voice, block
-        cues.append(Cue(seconds_of(match[1]), seconds_of(match[2]), voice[1],
-                        voice[2].replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")))
+        lines = [line.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&") for line in [voice[2], *more]]
+        cues.append(Cue(seconds_of(match[1]), seconds_of(match[2]), voice[1], _joined(lines), lines))
     return cues
 
 
 def assert_cues_match(cues: list[Cue], segments: list[dict]) -> None:
-    assert len(cues) == len(segments) > 0
-    for cue, segment in zip(cues, segments):
-        assert cue.speaker == segment["speaker"] and re.fullmatch(r"spk_\d+", cue.speaker)
-        assert cue.text == " ".join(segment["text"].split())
-        assert abs(cue.start - segment["start_ts"]) < 0.0015 and abs(cue.end - segment["end_ts"]) < 0.0015
-        assert cue.start <= cue.end
+    """Each segment's text comes back, in order, as one or more cues that fit on screen
+    (at most two lines of 42 columns, at most 7 s) and lie within the segment's time."""
+    assert cues and segments
+    remaining = list(cues)
+    for segment in segments:
+        text = " ".join(segment["text"].split())
+        mine: list[Cue] = []
+        while " ".join(c.text for c in mine) != text:
+            assert remaining and len(" ".join(c.text for c in mine)) < len(text), (segment, mine)
+            mine.append(remaining.pop(0))
+        assert {c.speaker for c in mine} == {segment["speaker"]} and re.fullmatch(r"spk_\d+", segment["speaker"])
+        assert abs(mine[0].start - segment["start_ts"]) < 0.0015 and abs(mine[-1].end - segment["end_ts"]) < 0.0015
+        for cue in mine:
+            assert cue.start <= cue.end <= cue.start + 7.0 and len(cue.lines) <= 2
+            assert all(columns(line) <= 42 for line in cue.lines), cue
+    assert not remaining
     starts = [c.start for c in cues]
     assert starts == sorted(starts)
 
@@ -331,6 +411,9 @@ def test_unknown_format_or_job(dialogue, stack):
     assert response.json()["detail"] == "invalid query parameter format: Invalid enum value 'docx'"
     response = httpx.get(f"{stack.api}/transcripts/0", timeout=30)
     assert response.status_code == 400 and "path parameter job_id" in response.json()["detail"]
+    for limits in ({"max_line_width": 5}, {"max_line_count": 0}, {"max_line_width": "wide"}):
+        response = transcript(stack, dialogue["id"], format="srt", **limits)
+        assert response.status_code == 400 and next(iter(limits)) in response.json()["detail"], response.text
     for fmt in ("json", "srt"):
         assert transcript(stack, 987654321, format=fmt).status_code == 404
     assert httpx.delete(f"{stack.api}/transcripts/987654321").status_code == 404

@@ -25,7 +25,7 @@ from common.settings import Settings
 from common.storage import pcm_key, upload_bytes, upload_json
 from services.ingest.auth import owner_of
 from services.ingest.jobs import BucketDrop, clean_filename, create_job, result_keys, status_document
-from services.ingest.transcripts import TranscriptSegment, to_srt
+from services.ingest.transcripts import fetch_transcript, to_srt
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,8 @@ class Inbox:
             keys = result_keys(self.settings.results_prefix, row["source_key"])
             bucket = row["source_bucket"]
             if document["status"] == "done":
-                subtitles = to_srt([TranscriptSegment(**segment) for segment in document["segments"]])
+                transcript = await fetch_transcript(conn, job_id, owner=None, with_words=True)
+                subtitles = to_srt(transcript.segments)
                 await asyncio.to_thread(upload_bytes, self.s3, bucket, keys["srt"], subtitles.encode(),
                                         content_type="application/x-subrip")
             # The status document last: its presence says the results are complete.

@@ -30,6 +30,7 @@ from common.settings import Settings
 from common.storage import pcm_key
 from common.turns import speech_regions
 from services.ingest.auth import request_owner
+from services.ingest.captions import LINE_COUNT, LINE_WIDTH, caption_cues
 from services.ingest.errors import MAX_ID, error_responses
 from services.ingest.jobs import percent_done, public_stage, result_keys, upload_key
 from services.ingest.speakers import announce_speaker_names, clean_name
@@ -120,11 +121,13 @@ def _one_line(text: str) -> str:
     return " ".join(text.split()).replace("-->", "->")
 
 
-def to_srt(segments: Sequence[TranscriptSegment]) -> str:
+def to_srt(segments: Sequence[TranscriptSegment], line_width: int = LINE_WIDTH,
+           line_count: int = LINE_COUNT) -> str:
+    """Numbered cues of at most `line_count` lines, each starting with the speaker."""
     cues = [
-        f"{number}\n{srt_timestamp(s.start_ts)} --> {srt_timestamp(max(s.start_ts, s.end_ts))}\n"
-        f"{_one_line(s.speaker_name or s.speaker)}: {_one_line(s.text)}\n"
-        for number, s in enumerate(segments, start=1)
+        f"{number}\n{srt_timestamp(cue.start)} --> {srt_timestamp(cue.end)}\n"
+        + "\n".join(_one_line(line) for line in [f"{cue.speaker}: {cue.lines[0]}", *cue.lines[1:]]) + "\n"
+        for number, cue in enumerate(caption_cues(segments, line_width, line_count), start=1)
     ]
     return "\n".join(cues)
 
@@ -133,11 +136,14 @@ def _vtt_escape(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
-def to_vtt(segments: Sequence[TranscriptSegment]) -> str:
+def to_vtt(segments: Sequence[TranscriptSegment], line_width: int = LINE_WIDTH,
+           line_count: int = LINE_COUNT) -> str:
+    """Cues with the speaker as a voice tag; players show it as they choose, so it takes no
+    room in the lines."""
     cues = [
-        f"{vtt_timestamp(s.start_ts)} --> {vtt_timestamp(max(s.start_ts, s.end_ts))}\n"
-        f"<v {_vtt_escape(_one_line(s.speaker_name or s.speaker))}>{_vtt_escape(_one_line(s.text))}\n"
-        for s in segments
+        f"{vtt_timestamp(cue.start)} --> {vtt_timestamp(cue.end)}\n<v {_vtt_escape(_one_line(cue.speaker))}>"
+        + "\n".join(_vtt_escape(_one_line(line)) for line in cue.lines) + "\n"
+        for cue in caption_cues(segments, line_width, line_count, speaker_takes_room=False)
     ]
     return "\n".join(["WEBVTT\n", *cues])
 
@@ -147,7 +153,7 @@ def to_txt(segments: Sequence[TranscriptSegment]) -> str:
                    for s in segments)
 
 
-FORMATTERS = {"srt": to_srt, "vtt": to_vtt, "txt": to_txt}
+SUBTITLE_FORMATTERS = {"srt": to_srt, "vtt": to_vtt}
 
 
 def rttm_uri(filename: str) -> str:
@@ -192,7 +198,7 @@ def visible(row: asyncpg.Record | None, owner: str | None) -> bool:
     return row is not None and (owner is None or row["owner"] == owner)
 
 
-async def fetch_transcript(pool: asyncpg.Pool, job_id: int, owner: str | None,
+async def fetch_transcript(pool: asyncpg.Pool | asyncpg.Connection, job_id: int, owner: str | None,
                            with_words: bool) -> TranscriptDocument | None:
     job = await jobstore.job(pool, job_id)
     if not visible(job, owner):
@@ -291,6 +297,9 @@ JobId = Annotated[int, PathParameter(ge=1, le=MAX_ID, description="The job id /r
 FormatQuery = Annotated[TextFormat, QueryParameter(
     description="json (default), srt, vtt, txt, or rttm: the diarization itself (every turn, overlaps included)")]
 WordsQuery = Annotated[bool, QueryParameter(description="json only: each segment's words with their times")]
+LineWidthQuery = Annotated[int, QueryParameter(
+    ge=12, le=200, description="srt and vtt: the most columns on a subtitle line (a wide character takes two)")]
+LineCountQuery = Annotated[int, QueryParameter(ge=1, le=10, description="srt and vtt: the most lines in a cue")]
 LimitQuery = Annotated[int, QueryParameter(ge=1, le=500, description="Items per page")]
 CursorQuery = Annotated[int | None, QueryParameter(ge=1, le=MAX_ID, description="next_cursor of the previous page")]
 StatusQuery = Annotated[JobState | None, QueryParameter(description="Only jobs in this state")]
@@ -325,8 +334,10 @@ class _TextFormatsOperation(Operation):
 async def get_transcript(
     job_id: JobId, state: State, request: Request,
     format: FormatQuery = "json", words: WordsQuery = False,
+    max_line_width: LineWidthQuery = LINE_WIDTH, max_line_count: LineCountQuery = LINE_COUNT,
 ) -> Response[TranscriptDocument]:
-    document = await fetch_transcript(state.pool, job_id, request_owner(request), with_words=words)
+    subtitles = format in ("srt", "vtt")  # cut into cues by the words' times
+    document = await fetch_transcript(state.pool, job_id, request_owner(request), with_words=words or subtitles)
     if document is None:
         raise NotFoundException(detail=f"no job with id {job_id}")
     if format == "json":
@@ -339,8 +350,10 @@ async def get_transcript(
     if format == "rttm":
         body = to_rttm(rttm_uri(document.filename), await jobstore.job_turns(state.pool, job_id),
                        {label: n.name for label, n in (await jobstore.speaker_names(state.pool, job_id)).items()})
+    elif subtitles:
+        body = SUBTITLE_FORMATTERS[format](document.segments, max_line_width, max_line_count)
     else:
-        body = FORMATTERS[format](document.segments)
+        body = to_txt(document.segments)
     return Response(
         body,
         media_type=f"{MEDIA_TYPES[format]}; charset=utf-8",

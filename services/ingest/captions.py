@@ -1,0 +1,191 @@
+"""Subtitle cues from transcript segments: what fits on a screen at once.
+
+A segment is one speaker's words until a pause or a change of speaker, up to 30 s: as a subtitle
+that is a wall of text. With the words' times a segment is cut into cues of at most
+`line_count` lines of `line_width` columns and MAX_CUE_S seconds, preferably after a sentence,
+then after a clause, then at the longest pause. Widths are display columns: a Chinese or
+Japanese character takes two, as on screen."""
+
+from __future__ import annotations
+
+import unicodedata
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from common.messages import Word
+
+LINE_WIDTH = 42  # columns: the usual limit of broadcast and streaming subtitle guides
+LINE_COUNT = 2
+MAX_CUE_S = 7.0
+MIN_CUE_S = 1.0
+SENTENCE_ENDS = tuple(".?!…。？！")
+CLAUSE_ENDS = tuple(",;:、，；：")
+PAUSE_S = 0.3
+
+
+class Captioned(Protocol):
+    speaker: str
+    speaker_name: str | None
+    start_ts: float
+    end_ts: float
+    text: str
+    words: list[Word] | None
+
+
+@dataclass(frozen=True)
+class Cue:
+    start: float
+    end: float
+    speaker: str  # the name when there is one
+    lines: list[str]
+
+
+@dataclass(frozen=True)
+class _Token:
+    text: str  # the word with the space before it, if the text has one
+    start: float
+    end: float
+
+    @property
+    def columns(self) -> int:
+        return columns(self.text)
+
+    @property
+    def bare_columns(self) -> int:
+        """At the start of a line, where its space is dropped."""
+        return self.columns - self.text.startswith(" ")
+
+
+def columns(text: str) -> int:
+    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
+def _tokens(segment: Captioned) -> list[_Token] | None:
+    """The words with their spacing as in the segment's text (none between Chinese words), or
+    None when the segment has no word times or its words are not found in its text. Words
+    written together ("12" "%") make one token."""
+    if not segment.words:
+        return None
+    tokens, cursor = [], 0
+    for word in segment.words:
+        bare = word.word.strip()
+        found = segment.text.find(bare, cursor)
+        if not bare or found < 0:
+            return None
+        spaced = found > cursor and segment.text[cursor:found].isspace()
+        if tokens and not spaced and columns(tokens[-1].text[-1]) == 1 and columns(bare[0]) == 1:
+            # "12" and "%": a line may break between two words only where a space is, or
+            # between characters of a script written without spaces.
+            tokens[-1] = _Token(tokens[-1].text + bare, tokens[-1].start, word.end)
+        else:
+            tokens.append(_Token((" " if spaced and tokens else "") + bare, word.start, word.end))
+        cursor = found + len(bare)
+    return tokens
+
+
+def _joined(tokens: Sequence[_Token]) -> str:
+    return "".join(t.text for t in tokens).strip()
+
+
+def _lines_needed(widths: Sequence[tuple[int, int]], width: int, first_line_taken: int) -> int:
+    """Filling each line before the next gives the fewest lines. `widths`: each token's
+    columns, with its space and at the start of a line."""
+    lines, used = 1, first_line_taken + widths[0][1]
+    for spaced, bare in widths[1:]:
+        if used + spaced <= width:
+            used += spaced
+        else:
+            lines, used = lines + 1, bare
+    return lines
+
+
+def wrap(tokens: Sequence[_Token], width: int, count: int, first_line_taken: int = 0) -> list[str] | None:
+    """The tokens on as few lines of `width` columns as they fit in, at most `count` (the first
+    line already holds `first_line_taken`), as even as possible; None when they do not fit.
+    A single word wider than a line still gets a line of its own."""
+    widths = [(t.columns, t.bare_columns) for t in tokens]
+    fewest = _lines_needed(widths, width, first_line_taken)
+    if fewest > count:
+        return None
+    n = len(tokens)
+    running = [0]
+    for spaced, _ in widths:
+        running.append(running[-1] + spaced)
+
+    def line_width(i: int, j: int) -> int:
+        return running[j] - running[i] - widths[i][0] + widths[i][1] + (first_line_taken if i == 0 else 0)
+
+    # widest[k][i]: the narrowest possible widest line for tokens[i:] on at most k lines.
+    inf = float("inf")
+    widest = [[inf] * (n + 1) for _ in range(fewest + 1)]
+    cut: dict[tuple[int, int], int] = {}
+    for k in range(fewest + 1):
+        widest[k][n] = 0
+    for k in range(1, fewest + 1):
+        for i in range(n - 1, -1, -1):
+            for j in range(i + 1, n + 1):
+                used = line_width(i, j)
+                if used > width and j > i + 1:
+                    break
+                candidate = max(used, widest[k - 1][j])
+                if candidate < widest[k][i]:
+                    widest[k][i], cut[(k, i)] = candidate, j
+    lines, i, k = [], 0, fewest
+    while i < n:
+        j = cut[(k, i)]
+        lines.append(_joined(tokens[i:j]))
+        i, k = j, k - 1
+    return lines
+
+
+def _break_after(tokens: Sequence[_Token], room: int) -> int:
+    """How many of `tokens` (which overflow a cue) go in this cue: after the last sentence end,
+    else the last clause end, else at the longest pause, among cuts that fill at least a third
+    of the cue and last long enough to be read; else as many as fit."""
+    def ends_with(i: int, marks: tuple[str, ...]) -> bool:
+        return tokens[i - 1].text.rstrip().endswith(marks)
+
+    candidates = [i for i in range(1, len(tokens))
+                  if columns(_joined(tokens[:i])) * 3 >= room and tokens[i - 1].end - tokens[0].start >= MIN_CUE_S]
+    for marks in (SENTENCE_ENDS, CLAUSE_ENDS):
+        marked = [i for i in candidates if ends_with(i, marks)]
+        if marked:
+            return marked[-1]
+    pauses = [(tokens[i].start - tokens[i - 1].end, i) for i in candidates]
+    if pauses and max(pauses)[0] >= PAUSE_S:
+        return max(pauses)[1]
+    return len(tokens) - 1
+
+
+def _segment_cues(segment: Captioned, width: int, count: int, speaker_takes_room: bool) -> list[Cue]:
+    speaker = segment.speaker_name or segment.speaker
+    label = columns(f"{speaker}: ") if speaker_takes_room else 0
+    tokens = _tokens(segment)
+    if tokens is None:  # no word times: the segment as one cue
+        words = [_Token((" " if i else "") + w, segment.start_ts, segment.end_ts)
+                 for i, w in enumerate(segment.text.split())]
+        lines = wrap(words, width, max(count, len(words)), label) or [_joined(words)]
+        return [Cue(segment.start_ts, max(segment.start_ts, segment.end_ts), speaker, lines)]
+    cues, pending = [], list(tokens)
+    while pending:
+        widths = [(t.columns, t.bare_columns) for t in pending]
+        taken = 1
+        while taken < len(pending) and pending[taken].end - pending[0].start <= MAX_CUE_S \
+                and _lines_needed(widths[:taken + 1], width, label) <= count:
+            taken += 1
+        if taken < len(pending):
+            taken = _break_after(pending[:taken + 1], width * count - label)
+        chosen = pending[:taken]
+        lines = wrap(chosen, width, count, label) or [_joined(chosen)]
+        cues.append(Cue(chosen[0].start, max(chosen[0].start, chosen[-1].end), speaker, lines))
+        pending = [_Token(pending[taken].text.lstrip(), pending[taken].start, pending[taken].end),
+                   *pending[taken + 1:]] if taken < len(pending) else []
+    return cues
+
+
+def caption_cues(segments: Sequence[Captioned], line_width: int = LINE_WIDTH, line_count: int = LINE_COUNT,
+                 speaker_takes_room: bool = True) -> list[Cue]:
+    """`speaker_takes_room`: the speaker's name opens the first line (SRT) and counts in its width."""
+    return [cue for segment in segments
+            for cue in _segment_cues(segment, line_width, line_count, speaker_takes_room)]
