@@ -294,7 +294,8 @@ def print_transcript(job: SubmittedJob, document: dict) -> None:
 
 # What a job asks for, the same in submit and rerun.
 Language = Annotated[str | None, typer.Option(
-    help="Spoken language as a Whisper code (en, ru...); left out: detected (rerun: the first job's).",
+    help="Spoken language as a Whisper code (en, ru...); left out: detected (rerun: the first job's); several"
+         " (en,de) or multi: the recording switches language, each speaker's passage is transcribed in its own.",
     show_default=False)]
 ExactSpeakers = Annotated[int | None, typer.Option(help="Exact number of speakers.", min=1, show_default=False)]
 MinSpeakers = Annotated[int | None, typer.Option(help="At least this many speakers.", min=1, show_default=False)]
@@ -607,7 +608,7 @@ def search(
                                                   " only.")] = SearchMode.hybrid,
     job: Annotated[int | None, typer.Option("--job", help="Only this job.", show_default=False)] = None,
     speaker: Annotated[str | None, typer.Option(help="Only this speaker (spk_0...).", show_default=False)] = None,
-    language: Annotated[str | None, typer.Option(help="Only transcripts in this language (en, ru...).",
+    language: Annotated[str | None, typer.Option(help="Only what was said in this language (en, ru...).",
                                                  show_default=False)] = None,
     since: Annotated[str | None, typer.Option(help="Only jobs created at or after this ISO 8601 date or time.",
                                               show_default=False)] = None,

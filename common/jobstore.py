@@ -62,11 +62,11 @@ _SPEAKER_NAME = ("LEFT JOIN transcript_speakers n ON n.transcript_id = s.transcr
 
 
 async def job_segments(db: Db, job_id: int) -> list[asyncpg.Record]:
-    """speaker, speaker_name, speaker_confidence, start_ts, end_ts, text, words, overlap of every
-    segment, in time order."""
+    """speaker, speaker_name, speaker_confidence, start_ts, end_ts, text, words, overlap and
+    language (where the recording switches language) of every segment, in time order."""
     return await db.fetch(
         "SELECT s.speaker, n.name AS speaker_name, n.confidence AS speaker_confidence,"
-        " s.start_ts, s.end_ts, s.text, s.words, s.overlap"
+        " s.start_ts, s.end_ts, s.text, s.words, s.overlap, s.language"
         f" FROM segments s {_SPEAKER_NAME} WHERE s.transcript_id = $1"
         " ORDER BY s.start_ts, s.chunk_index, s.index", job_id)
 
@@ -283,27 +283,29 @@ async def embedded_chunks(conn: asyncpg.Connection, job_id: int) -> int:
 
 
 async def store_segments(conn: asyncpg.Connection, job_id: int, chunk_index: int, segments: list[Segment],
-                         language: str | None, embedding_model: str | None = None) -> None:
+                         language: str | None, embedding_model: str | None = None,
+                         text_language: str | None = None) -> None:
     """The chunk's segments (with their embeddings when `embedding_model` is given, and their
-    text indexed for search in `language`), replacing what an earlier delivery stored; an
+    text indexed for search in the language it is written in: `text_language` when translated,
+    else the segment's own, else `language`), replacing what an earlier delivery stored; an
     embedding already stored is kept."""
     with_embeddings = embedding_model is not None
     rows = [
         (job_id, chunk_index, s.index, s.speaker, s.start_ts, s.end_ts, s.text,
          [w.model_dump() for w in s.words], s.embedding if with_embeddings else None,
-         embedding_model, s.overlap, language)
+         embedding_model, s.overlap, text_language or s.language or language, s.language)
         for s in segments
     ]
     await conn.executemany(
         """
         INSERT INTO segments (transcript_id, chunk_index, index, speaker, start_ts, end_ts, text,
-                              words, embedding, embedding_model, overlap, search_text)
+                              words, embedding, embedding_model, overlap, search_text, language)
         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::real[]::vector, $10, $11,
-                to_tsvector(stt_text_config($12), $7))
+                to_tsvector(stt_text_config($12), $7), $13)
         ON CONFLICT (transcript_id, chunk_index, index) DO UPDATE SET
             speaker = EXCLUDED.speaker, start_ts = EXCLUDED.start_ts, end_ts = EXCLUDED.end_ts,
             text = EXCLUDED.text, words = EXCLUDED.words, overlap = EXCLUDED.overlap,
-            search_text = EXCLUDED.search_text,
+            search_text = EXCLUDED.search_text, language = EXCLUDED.language,
             embedding = COALESCE(EXCLUDED.embedding, segments.embedding),
             embedding_model = COALESCE(EXCLUDED.embedding_model, segments.embedding_model)
         """,
@@ -402,8 +404,9 @@ async def stalled_job_ids(db: Db, timeout_s: float) -> list[int]:
 
 # ---- search (ingest) --------------------------------------------------------------------------
 
-# A query is matched in each language's stemming at once: a segment is indexed in its transcript's
-# language, and the person searching need not say which that was.
+# A query is matched in each language's stemming at once: a segment is indexed in its own language
+# (its transcript's, unless the recording switches language), and the person searching need not say
+# which that was.
 _TEXT_QUERY = ("(websearch_to_tsquery('english', $1) || websearch_to_tsquery('russian', $1)"
                " || websearch_to_tsquery('simple', $1))")
 _HIT_COLUMNS = ("s.transcript_id, s.chunk_index, s.index, t.filename, s.speaker, n.name AS speaker_name,"
@@ -414,7 +417,7 @@ def _search_filters(args: list, *, owner: str | None, transcript_id: int | None,
                     language: str | None, since: datetime | None, until: datetime | None) -> str:
     conditions = _where(args, {
         "t.owner = {}": owner, "s.transcript_id = {}": transcript_id, "s.speaker = {}": speaker,
-        "t.language = {}": language, "t.created_at >= {}": since, "t.created_at < {}": until})
+        "COALESCE(s.language, t.language) = {}": language, "t.created_at >= {}": since, "t.created_at < {}": until})
     return "".join(f" AND {c}" for c in conditions)
 
 
@@ -434,11 +437,12 @@ async def search_text(db: Db, query: str, *, limit: int, **filters) -> list[asyn
 
 async def highlights(db: Db, query: str, keys: list[tuple[int, int, int]]) -> dict[tuple[int, int, int], str]:
     """The text of these segments (transcript_id, chunk_index, index) with the words `query`
-    matched marked <mark>...</mark>, each in its transcript's language."""
+    matched marked <mark>...</mark>, each in its own language."""
     if not keys:
         return {}
     rows = await db.fetch(
-        "SELECT s.transcript_id, s.chunk_index, s.index, ts_headline(stt_text_config(t.language), s.text, q.query,"
+        "SELECT s.transcript_id, s.chunk_index, s.index,"
+        " ts_headline(stt_text_config(COALESCE(s.language, t.language)), s.text, q.query,"
         " 'StartSel=<mark>, StopSel=</mark>, HighlightAll=true') AS highlighted"
         f" FROM segments s JOIN transcripts t ON t.id = s.transcript_id, (SELECT {_TEXT_QUERY} AS query) q"
         " WHERE (s.transcript_id, s.chunk_index, s.index) IN"

@@ -34,9 +34,22 @@ class Contract(BaseModel):
 VOCABULARY_MAX_CHARS = 150
 
 
+# A recording that may switch language: each speaker's passage is transcribed in its own.
+ANY_LANGUAGE = "multi"
+
+
+def language_choices(language: str | None) -> list[str] | None:
+    """The languages a passage's is chosen among when a job's recording switches language
+    (`language` "en,de", or "multi" for any Whisper knows); None for one language or one detected."""
+    if language == ANY_LANGUAGE:
+        return sorted(WHISPER_LANGUAGES)
+    return language.split(",") if language and "," in language else None
+
+
 class JobOptions(BaseModel):
     """What the user asked for at submission."""
 
+    # A Whisper code; None: detected once; several codes ("en,de") or "multi": per passage.
     language: str | None = None
     num_speakers: int | None = Field(default=None, ge=1, le=32)
     min_speakers: int | None = Field(default=None, ge=1, le=32)
@@ -95,9 +108,14 @@ class JobOptions(BaseModel):
         language = language.strip().lower() if language else None
         if language == "auto":  # what whisper.cpp and many front ends send for "detect it"
             return None
-        if language is not None and language not in WHISPER_LANGUAGES:
-            raise ValueError(f"unsupported language {language[:20]!r}: use a Whisper code such as en, de, ru")
-        return language
+        if language is None or language == ANY_LANGUAGE:
+            return language
+        codes = list(dict.fromkeys(code.strip() for code in language.split(",") if code.strip()))
+        unknown = [code for code in codes if code not in WHISPER_LANGUAGES] or ([] if codes else [language])
+        if unknown:
+            raise ValueError(f"unsupported language {unknown[0][:20]!r}: use a Whisper code such as en, de, ru, "
+                             "several separated by commas, or multi")
+        return ",".join(codes)
 
     @model_validator(mode="after")
     def _speaker_bounds_are_consistent(self) -> JobOptions:
@@ -155,6 +173,9 @@ class Segment(BaseModel):
     # True when another speaker talks during some of these words (the diarizer's turns overlap).
     overlap: bool = False
     embedding: list[float] | None = None
+    # The language spoken in these words, where the job's recording switches language (its
+    # language "en,de" or "multi"); else None: the chunk's.
+    language: str | None = None
 
 
 class TimeSpan(_Interval):
@@ -302,6 +323,8 @@ class SegmentCreated(Contract):
     overlap: bool = False
     embedding: list[float] | None = None
     embedding_model: str | None = None
+    # The language spoken, where the recording switches language (language "en,de" or "multi").
+    language: str | None = None
 
 
 class TranscriptCompleted(Contract):

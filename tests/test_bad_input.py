@@ -99,6 +99,8 @@ CASES = [
     Case("min_speakers > max_speakers", lambda: wav(jfk()), data={"min_speakers": "4", "max_speakers": "2"},
          status=400, says="min_speakers"),
     Case("unknown language", lambda: wav(jfk()), data={"language": "klingon"}, status=400, says="unsupported language"),
+    Case("unknown language in a list", lambda: wav(jfk()), data={"language": "en,tlh"}, status=400,
+         says="unsupported language 'tlh'"),
     Case("speaker count with multichannel", lambda: wav(jfk()), data={"multichannel": "true", "num_speakers": "2"},
          status=400, says="multichannel"),
     Case("vocabulary over 150 characters", lambda: wav(jfk()),

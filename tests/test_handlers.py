@@ -8,6 +8,8 @@ import json
 import re
 import uuid
 
+import numpy as np
+
 from common.audio import SAMPLE_RATE, decode_audio
 from common.messages import JobDiarized, JobOptions, JobProgress, JobSubmitted, SpeakerTurn, TimeSpan
 from common.settings import Settings
@@ -106,3 +108,55 @@ def test_a_translated_chunk_is_english_under_the_speakers_who_said_it(fixtures_d
         middle = (utterance["start"] + utterance["end"]) / 2
         [segment] = [s for s in transcribed.segments if s.start_ts - 0.3 <= middle <= s.end_ts + 0.3]
         assert segment.speaker == f"spk_{utterance['speaker']}", (utterance, segment)
+
+
+def transcribed_with(audio, turns: list[SpeakerTurn], language: str | None):
+    settings = Settings()
+    model, _ = load_model(settings.model_copy(update={"whisper_model": settings.whisper_fallback_model}))
+    duration = audio.size / SAMPLE_RATE
+    chunk = JobDiarized(job_id=1, chunk_index=0, chunk_count=1, pcm_bucket="audio", pcm_key="pcm/1",
+                        duration=duration, span=TimeSpan(start=0, end=duration), turns=turns,
+                        language_probe=[TimeSpan(start=0, end=min(30.0, duration))],
+                        options=JobOptions(language=language))
+    deps = transcriber.Deps(model=model, read_pcm=lambda bucket, key, span: audio[
+        round(span.start * SAMPLE_RATE):round(span.end * SAMPLE_RATE)])
+    return transcriber.transcribe(chunk, deps)
+
+
+def test_a_meeting_that_switches_language_is_written_in_each_language_spoken(fixtures_dir):
+    """The English dialogue, then the Russian one (other voices). Detected once, the job would
+    be one language and Whisper would write the other part in it; asked for en,ru each speaker's
+    passage is transcribed in its own, and its segments say which."""
+    english = decode_audio(str(fixtures_dir / "en_dialogue.wav"))
+    russian = decode_audio(str(fixtures_dir / "ru_dialogue.wav"))
+    offset = english.size / SAMPLE_RATE
+    utterances = [(u, "en", 0.0) for u in json.loads((fixtures_dir / "en_dialogue.json").read_text())] + [
+        (u, "ru", offset) for u in json.loads((fixtures_dir / "ru_dialogue.json").read_text())]
+    turns = [SpeakerTurn(speaker=f"spk_{language}_{u['speaker']}", start=u["start"] + shift, end=u["end"] + shift)
+             for u, language, shift in utterances]
+
+    transcribed = transcribed_with(np.concatenate([english, russian]), turns, "en,ru")
+
+    assert transcribed.language in ("en", "ru")
+    for utterance, language, shift in utterances:
+        middle = (utterance["start"] + utterance["end"]) / 2 + shift
+        [segment] = [s for s in transcribed.segments if s.start_ts - 0.3 <= middle <= s.end_ts + 0.3]
+        assert segment.language == language, (utterance, segment)
+        cyrillic = re.findall("[а-яё]", segment.text.lower())
+        assert (len(cyrillic) > len(segment.text) / 2) if language == "ru" else not cyrillic, segment.text
+    english_said = words(" ".join(s.text for s in transcribed.segments if s.language == "en"))
+    assert {"everyone", "sales", "quarter", "growth"} <= set(english_said), english_said
+
+
+def test_one_voice_switching_language_is_not_translated(fixtures_dir):
+    """multilingual.mp3 reads a licence in English, then in German. With `multi` the German half
+    comes back in German; detected once (English), Whisper translated it into English."""
+    audio = decode_audio(str(fixtures_dir / "multilingual.mp3"))
+    turns = [SpeakerTurn(speaker="spk_0", start=0.0, end=29.2), SpeakerTurn(speaker="spk_1", start=31.0, end=59.9)]
+
+    transcribed = transcribed_with(audio, turns, "multi")
+
+    [english, german] = [[s for s in transcribed.segments if s.speaker == spk] for spk in ("spk_0", "spk_1")]
+    assert {s.language for s in english} == {"en"} and {s.language for s in german} == {"de"}
+    assert {"permission", "software"} <= set(words(" ".join(s.text for s in english)))
+    assert {"und", "der", "software"} <= set(words(" ".join(s.text for s in german)))

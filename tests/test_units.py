@@ -9,9 +9,10 @@ import sys
 import pytest
 from pydantic import ValidationError
 
-from common.messages import JobOptions, SpeakerTurn, Word
+from common.messages import JobOptions, SpeakerTurn, Word, language_choices
 from services.diarizer.pipeline import language_probe, plan_chunks
 from services.ingest.inbox import drop_options
+from services.transcriber.languages import language_spans, passages
 from services.transcriber.whisper import _runs_by_speaker, _talked_over, speaker_of
 from tests.conftest import ROOT
 
@@ -58,9 +59,35 @@ def test_segments_break_at_speaker_changes_and_long_pauses():
     turns = [turn("spk_0", 0.0, 4.0), turn("spk_1", 4.2, 20.0)]
     words = [Word(word=w, start=s, end=s + 0.3) for w, s in
              [(" Hi", 0.1), (" there.", 0.5), (" Hello", 4.5), (" you.", 4.9), (" Later", 8.0)]]
-    runs = _runs_by_speaker(words, turns)
-    assert [(s, "".join(w.word for w in r).strip()) for s, r in runs] == [
+    runs = _runs_by_speaker(words, [None] * len(words), turns)
+    assert [(s, "".join(w.word for w in r).strip()) for s, r, _ in runs] == [
         ("spk_0", "Hi there."), ("spk_1", "Hello you."), ("spk_1", "Later")]
+    # A speaker who switches language gets a segment per language.
+    runs = _runs_by_speaker(words[2:4], ["en", "de"], turns)
+    assert [(s, language) for s, _, language in runs] == [("spk_1", "en"), ("spk_1", "de")]
+
+
+def test_a_recording_that_switches_language_is_cut_where_the_passage_language_changes():
+    turns = [turn("spk_0", 0, 5), turn("spk_0", 5.5, 9), turn("spk_1", 9.2, 9.8), turn("spk_1", 10, 20),
+             turn("spk_0", 12, 13), turn("spk_0", 21, 30)]
+    runs = passages(turns, offset=0.0, length_s=31.0)
+    assert [(r.start, r.end, r.speaker) for r in runs] == [
+        (0, 9, "spk_0"), (9.2, 20, "spk_1"), (12, 13, "spk_0"), (21, 30, "spk_0")]
+    for run, language in zip(runs, ["en", "de", "en", "en"]):
+        run.language = language
+    # spk_0's "en" inside spk_1's German passage is heard with it; cuts fall 0.3 s before a passage
+    assert [(round(s.start, 3), round(s.end, 3), language) for s, language in language_spans(runs, 31.0, 0.3)] == [
+        (0.0, 8.9, "en"), (8.9, 20.7, "de"), (20.7, 31.0, "en")]
+
+
+def test_a_job_language_is_one_code_several_or_multi():
+    assert JobOptions(language=" DE ").language == "de" and JobOptions(language="auto").language is None
+    assert JobOptions(language="en, DE,en").language == "en,de" and language_choices("en,de") == ["en", "de"]
+    assert JobOptions(language="multi").language == "multi" and "uk" in language_choices("multi")
+    assert language_choices("en") is None and language_choices(None) is None
+    for bad in ("en,xx", "english", ","):
+        with pytest.raises(ValidationError, match="unsupported language"):
+            JobOptions(language=bad)
 
 
 def test_overlapping_turns_stay_in_one_chunk_and_the_cut_is_in_silence():

@@ -64,7 +64,9 @@ SpeakerCount = Annotated[str | None, Parameter(description="A whole number from 
 class RecognizeForm:
     file: UploadFile
     language: Annotated[str | None, Parameter(
-        description="A Whisper language code (en, ru...); blank, left out or `auto`: detected")] = None
+        description="A Whisper language code (en, ru...); blank, left out or `auto`: detected once; several "
+                    "codes (`en,de`) or `multi`: the recording switches language, each speaker's passage is "
+                    "transcribed in its own")] = None
     num_speakers: SpeakerCount = None
     min_speakers: SpeakerCount = None
     max_speakers: SpeakerCount = None

@@ -66,7 +66,7 @@ TranscriptQuery = Annotated[int | None, QueryParameter(ge=1, le=MAX_ID, descript
 SpeakerQuery = Annotated[str | None, QueryParameter(min_length=1, max_length=100,
                                                     description="Only this speaker (spk_0...)")]
 LanguageQuery = Annotated[str | None, QueryParameter(pattern=r"^[a-z]{2,3}$",
-                                                     description="Only transcripts in this language (en, ru...)")]
+                                                     description="Only what was said in this language (en, ru...)")]
 SearchLimitQuery = Annotated[int, QueryParameter(ge=1, le=100, description="Hits per page")]
 SearchCursorQuery = Annotated[str | None, QueryParameter(max_length=64, description="next_cursor of the previous page")]
 

@@ -57,6 +57,8 @@ class TranscriptSegment(BaseModel):
     text: str
     # Another speaker talks during some of these words.
     overlap: bool = False
+    # The language spoken, where the recording switches language (language "en,de" or "multi").
+    language: str | None = None
     # Only with ?words=true.
     words: list[Word] | None = None
 
@@ -209,7 +211,7 @@ async def fetch_transcript(pool: asyncpg.Pool | asyncpg.Connection, job_id: int,
             speaker=r["speaker"], speaker_name=r["speaker_name"], speaker_confidence=r["speaker_confidence"],
             start_ts=round(r["start_ts"], 3),
             end_ts=round(r["end_ts"], 3),
-            text=r["text"], overlap=r["overlap"],
+            text=r["text"], overlap=r["overlap"], language=r["language"],
             words=[Word(word=w["word"].strip(), start=w["start"], end=w["end"],
                               probability=w.get("probability")) for w in r["words"]]
             if with_words else None,

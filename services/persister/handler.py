@@ -50,8 +50,8 @@ async def _store_chunk(conn: asyncpg.Connection, job: asyncpg.Record, message: C
     job_id = message.job_id
     await jobstore.record_chunk(conn, job_id, message.chunk_index, len(message.segments),
                                 embedded=embedding_model is not None)
-    await jobstore.store_segments(conn, job_id, message.chunk_index, message.segments,
-                                  message.text_language or message.language, embedding_model)
+    await jobstore.store_segments(conn, job_id, message.chunk_index, message.segments, message.language,
+                                  embedding_model, text_language=message.text_language)
     await jobstore.store_diarization(conn, job_id, message.chunk_index, message.turns, message.speakers)
     if message.speakers:
         settings = get_settings()
@@ -103,6 +103,7 @@ async def on_embedded(pool: asyncpg.Pool, message: ChunkEmbedded) -> bool:
                 start_ts=segment.start_ts, end_ts=segment.end_ts,
                 text=segment.text,
                 overlap=segment.overlap, embedding=segment.embedding, embedding_model=message.embedding_model,
+                language=segment.language,
             ))
         embedded = await jobstore.embedded_chunks(conn, message.job_id)
         if embedded >= message.chunk_count:

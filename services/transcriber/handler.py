@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from common.audio import SAMPLE_RATE, pcm16_to_float
-from common.messages import ChunkTranscribed, Contract, JobDiarized, TimeSpan
+from common.messages import ChunkTranscribed, Contract, JobDiarized, TimeSpan, language_choices
 from common.metrics import add_audio_seconds
 from common.storage import read_range
-from services.transcriber.whisper import detect_language, transcribe_chunk
+from services.transcriber.languages import detect_language
+from services.transcriber.whisper import transcribe_chunk
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +49,15 @@ def pcm_reader(client) -> ReadPcm:
 
 
 def language_for(message: JobDiarized, deps: Deps) -> str | None:
-    if message.options.language:
+    """The job's language: the one asked for, else detected on the job's first speech (among
+    the languages asked for, when the recording switches among several)."""
+    among = language_choices(message.options.language)
+    if message.options.language and among is None:
         return message.options.language
     if message.job_id not in deps.languages:
         probe = [deps.read_pcm(message.pcm_bucket, message.pcm_key, s) for s in message.language_probe]
         speech = np.concatenate(probe) if probe else np.zeros(0, dtype=np.float32)
-        deps.languages[message.job_id] = detect_language(deps.model, speech)
+        deps.languages[message.job_id] = detect_language(deps.model, speech, among)
         while len(deps.languages) > LANGUAGES_KEPT:
             deps.languages.popitem(last=False)
     return deps.languages[message.job_id]
@@ -68,9 +72,11 @@ def transcribe(message: JobDiarized, deps: Deps, speech: str = "diarizer") -> Ch
         segments, language = transcribe_chunk(deps.model, audio, message.span.start, message.turns,
                                               language_for(message, deps), deps.beam_size, speech,
                                               other_talk=message.other_channels,
-                                              vocabulary=message.options.vocabulary, task=message.options.task)
+                                              vocabulary=message.options.vocabulary, task=message.options.task,
+                                              among=language_choices(message.options.language))
     else:  # nobody talks in this chunk (a silent recording)
-        segments, language = [], message.options.language
+        segments, language = [], message.options.language if language_choices(message.options.language) is None \
+            else None
     return ChunkTranscribed(
         message_id=f"chunk.transcribed:{message.job_id}:{message.chunk_index}",
         job_id=message.job_id, chunk_index=message.chunk_index,

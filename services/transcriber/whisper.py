@@ -23,6 +23,7 @@ from common.audio import SAMPLE_RATE
 from common.messages import Segment, SpeakerTurn, TimeSpan, Word
 from common.settings import Settings
 from common.turns import speech_regions
+from services.transcriber.languages import identify, language_spans, passages
 
 log = logging.getLogger(__name__)
 
@@ -69,14 +70,6 @@ def load_model(settings: Settings) -> tuple[WhisperModel, str]:
     return model, name
 
 
-def detect_language(model: WhisperModel, speech: np.ndarray) -> str | None:
-    if speech.size < 16_000 // 2:
-        return None
-    language, probability, _ = model.detect_language(speech)
-    log.info("detected language %s (p=%.2f)", language, probability)
-    return language
-
-
 def _regions_in_chunk(turns: list[SpeakerTurn], offset: float, length_s: float) -> list[TimeSpan]:
     spans = []
     for region in speech_regions(turns, REGION_BRIDGE_S + 2 * REGION_PAD_S):
@@ -104,42 +97,70 @@ def transcribe_chunk(model: WhisperModel, audio: np.ndarray, offset: float,
                      beam_size: int = 5, speech: str = "diarizer",
                      other_talk: list[SpeakerTurn] | None = None,
                      vocabulary: list[str] | None = None,
-                     task: str = "transcribe") -> tuple[list[Segment], str | None]:
+                     task: str = "transcribe",
+                     among: list[str] | None = None) -> tuple[list[Segment], str | None]:
     """Transcribe `audio` (which starts at `offset` seconds into the job) and split the text
     into speaker-labelled segments. Returns the segments and the language used. `other_talk`
     (other channels' turns) only marks segments talked over; `vocabulary` (names and terms to
     expect) is put before every 30 s window Whisper decodes; `task="translate"` gives English
-    text (the language returned is still the one spoken)."""
+    text (the language returned is still the one spoken). With `among` (the languages a
+    recording switches among), each speaker's passage is transcribed in its own language, the
+    segments say which, and the language returned is the one most spoken."""
     if not turns or audio.size == 0:
         return [], language
     # Whisper's `hotwords`, not its `initial_prompt`: without conditioning on the previous text
     # the initial prompt reaches only the first window.
-    options = dict(language=language, task=task, beam_size=beam_size, word_timestamps=True,
+    options = dict(task=task, beam_size=beam_size, word_timestamps=True,
                    condition_on_previous_text=False, hotwords=", ".join(vocabulary or []) or None)
+    length_s = audio.size / SAMPLE_RATE
     if speech == "whisper-vad":
-        pieces, info = model.transcribe(audio, vad_filter=True, **options)
-        to_chunk = float
+        pieces, info = model.transcribe(audio, vad_filter=True, language=language, **options)
+        words = [_word(w, offset, float) for piece in pieces for w in (piece.words or [])]
+        spoken = [language or info.language] * len(words)
     else:
-        spans = _regions_in_chunk(turns, offset, audio.size / SAMPLE_RATE)
-        if not spans:
-            return [], language
-        heard = np.concatenate([audio[round(s.start * SAMPLE_RATE):round(s.end * SAMPLE_RATE)] for s in spans])
-        pieces, info = model.transcribe(heard, vad_filter=False, **options)
-        to_chunk = _heard_times(spans)
-    words = [
-        Word(word=w.word, start=round(offset + to_chunk(w.start), 3), end=round(offset + to_chunk(w.end), 3),
-             probability=round(w.probability, 3))
-        for piece in pieces for w in (piece.words or [])
-    ]
+        if among:
+            runs = passages(turns, offset, length_s)
+            identify(model, audio, runs, among, fallback=language)
+            parts = language_spans(runs, length_s, margin_s=REGION_PAD_S)
+        else:
+            parts = [(TimeSpan(start=0.0, end=length_s), language)]
+        regions = _regions_in_chunk(turns, offset, length_s)
+        words, spoken, info = [], [], None
+        for part, part_language in parts:
+            spans = [TimeSpan(start=max(r.start, part.start), end=min(r.end, part.end))
+                     for r in regions if min(r.end, part.end) > max(r.start, part.start)]
+            if not spans:
+                continue
+            heard = np.concatenate([audio[round(s.start * SAMPLE_RATE):round(s.end * SAMPLE_RATE)] for s in spans])
+            pieces, info = model.transcribe(heard, vad_filter=False, language=part_language, **options)
+            to_chunk = _heard_times(spans)
+            found = [_word(w, offset, to_chunk) for piece in pieces for w in (piece.words or [])]
+            words += found
+            spoken += [part_language or info.language] * len(found)
+    if not words:
+        return [], language or (info.language if info else None)
     segments: list[Segment] = []
     everyone = turns + (other_talk or [])
-    for speaker, run in _runs_by_speaker(words, turns):
+    for speaker, run, run_language in _runs_by_speaker(words, spoken, turns):
         text = "".join(w.word for w in run).strip()
         if text:
             segments.append(Segment(index=len(segments), speaker=speaker, start_ts=run[0].start,
                                     end_ts=run[-1].end, text=text, words=run,
-                                    overlap=any(_talked_over(w, speaker, everyone) for w in run)))
-    return segments, language or info.language
+                                    overlap=any(_talked_over(w, speaker, everyone) for w in run),
+                                    language=run_language if among else None))
+    return segments, _most_spoken(words, spoken)
+
+
+def _word(word, offset: float, to_chunk) -> Word:
+    return Word(word=word.word, start=round(offset + to_chunk(word.start), 3),
+                end=round(offset + to_chunk(word.end), 3), probability=round(word.probability, 3))
+
+
+def _most_spoken(words: list[Word], spoken: list[str | None]) -> str | None:
+    seconds: dict[str | None, float] = {}
+    for word, language in zip(words, spoken):
+        seconds[language] = seconds.get(language, 0.0) + word.end - word.start
+    return max(seconds, key=seconds.__getitem__)
 
 
 def _talked_over(word: Word, speaker: str, turns: list[SpeakerTurn]) -> bool:
@@ -163,16 +184,17 @@ def speaker_of(start: float, end: float, turns: list[SpeakerTurn]) -> str:
     return nearest.speaker
 
 
-def _runs_by_speaker(words: list[Word], turns: list[SpeakerTurn]) -> list[tuple[str, list[Word]]]:
-    """Consecutive words of one speaker, split where the speaker changes, at a pause of
-    MAX_PAUSE_S, or before a segment would exceed MAX_SEGMENT_S."""
-    runs: list[tuple[str, list[Word]]] = []
-    for word in words:
+def _runs_by_speaker(words: list[Word], spoken: list[str | None],
+                     turns: list[SpeakerTurn]) -> list[tuple[str, list[Word], str | None]]:
+    """Consecutive words of one speaker in one language, split where the speaker or the
+    language changes, at a pause of MAX_PAUSE_S, or before a segment would exceed MAX_SEGMENT_S."""
+    runs: list[tuple[str, list[Word], str | None]] = []
+    for word, language in zip(words, spoken):
         speaker = speaker_of(word.start, word.end, turns)
-        if runs and runs[-1][0] == speaker:
+        if runs and runs[-1][0] == speaker and runs[-1][2] == language:
             run = runs[-1][1]
             if word.start - run[-1].end < MAX_PAUSE_S and word.end - run[0].start <= MAX_SEGMENT_S:
                 run.append(word)
                 continue
-        runs.append((speaker, [word]))
+        runs.append((speaker, [word], language))
     return runs
