@@ -123,10 +123,11 @@ async def stored_chunk_prefix(db: Db, job_id: int) -> int:
 
 async def segments_after(db: Db, job_id: int, after: tuple[int, int], up_to_chunk: int) -> list[asyncpg.Record]:
     """chunk_index, index, speaker, speaker_name, speaker_confidence, start_ts, end_ts, text,
-    overlap of the segments after (chunk, index) `after` in chunks up to `up_to_chunk`, in that order."""
+    overlap, language of the segments after (chunk, index) `after` in chunks up to `up_to_chunk`,
+    in that order."""
     return await db.fetch(
         "SELECT s.chunk_index, s.index, s.speaker, n.name AS speaker_name, n.confidence AS speaker_confidence,"
-        " s.start_ts, s.end_ts, s.text, s.overlap"
+        " s.start_ts, s.end_ts, s.text, s.overlap, s.language"
         f" FROM segments s {_SPEAKER_NAME}"
         " WHERE s.transcript_id = $1 AND (s.chunk_index, s.index) > ($2, $3) AND s.chunk_index <= $4"
         " ORDER BY s.chunk_index, s.index", job_id, after[0], after[1], up_to_chunk)

@@ -57,6 +57,7 @@ def test_upload_follow_read_play_and_download(stack, fixtures_dir, browser, tmp_
     assert speakers == {"spk_0", "spk_1"}
     text = page.locator("#segments").inner_text().lower()
     assert "sales" in text and "quarter" in text
+    assert page.locator("#segments").get_attribute("lang") == "en"  # read aloud as English
 
     # Each speaker's talk time is beside its name field.
     page.locator("label[for='name-spk_0']", has_text="(talks 00:").wait_for(timeout=30_000)
@@ -142,6 +143,23 @@ def test_names_and_terms_typed_in_are_spelled_so(stack, fixtures_dir, browser):
     page.locator('#transcript[data-ended="true"]').wait_for(timeout=300_000)
     said = " ".join(page.locator("#segments .segment .text").all_inner_texts())
     assert said.count("ComfyUI") == 2, said  # Whisper alone writes other words (test_handlers)
+    page.close()
+
+
+def test_a_recording_that_changes_language_is_written_in_each(stack, fixtures_dir, browser):
+    page = browser.new_page()
+    page.goto(stack.api + "/")
+    page.set_input_files("#file", str(fixtures_dir / "multilingual.mp3"))
+    page.select_option("#language", label="changes during the recording")
+    page.get_by_role("button", name="Transcribe").click()
+    page.locator('#transcript[data-ended="true"]').wait_for(timeout=300_000)
+    texts = page.locator("#segments .segment .text")
+    by_language: dict[str, str] = {}
+    for i in range(texts.count()):
+        language = texts.nth(i).get_attribute("lang")
+        by_language[language] = by_language.get(language, "") + " " + texts.nth(i).inner_text().lower()
+    assert set(by_language) == {"en", "de"}, by_language
+    assert "permission" in by_language["en"] and " und " in by_language["de"], by_language
     page.close()
 
 

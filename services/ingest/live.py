@@ -137,6 +137,8 @@ async def job_stream(pool: asyncpg.Pool, wakeups: Wakeups, job_id: int, last_eve
                                                      "text", "overlap")}
                 if row["speaker_name"] is not None:
                     segment.update(speaker_name=row["speaker_name"], speaker_confidence=row["speaker_confidence"])
+                if row["language"] is not None:
+                    segment.update(language=row["language"])
                 yield _message("segment.created", {"transcript_id": job_id, **segment}, f"{after[0]}:{after[1]}")
                 quiet_s = 0.0
             progress = _progress(job)
@@ -146,7 +148,8 @@ async def job_stream(pool: asyncpg.Pool, wakeups: Wakeups, job_id: int, last_eve
                 quiet_s = 0.0
             if ended:
                 if job["status"] == "done":
-                    yield _message("transcript.completed", {**progress, "transcript_id": job_id}, END_ID)
+                    yield _message("transcript.completed", {**progress, "transcript_id": job_id,
+                                                            "language": job["language"]}, END_ID)
                 else:
                     yield _message("transcript.failed", {**progress, "transcript_id": job_id, "reason": job["error"]},
                                    END_ID)

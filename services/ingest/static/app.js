@@ -215,6 +215,9 @@ function renderSegment(segment) {
   button.innerHTML = `<span class="time">${clock(segment.start_ts)}</span><span class="who"></span><span class="text"></span>`;
   button.querySelector(".who").textContent = speakerName(segment.speaker);
   button.querySelector(".text").textContent = segment.text;
+  // Screen readers and fonts follow the language of the text: the segment's own where the
+  // recording switches language, else the transcript's (set on the list).
+  if (segment.language) button.querySelector(".text").lang = segment.language;
   button.setAttribute("aria-label", `Play from ${clock(segment.start_ts)}: ${speakerName(segment.speaker)}: ${segment.text}`);
   button.addEventListener("click", () => playFrom(segment.start_ts, button));
   item.appendChild(button);
@@ -468,12 +471,14 @@ async function openTranscript(jobId) {
   delete section.dataset.ended;
   $("#segments").innerHTML = "";
   $("#names").innerHTML = "";
+  $("#segments").lang = "";
   renderDownloads(jobId, false);
   renderDelete(jobId, false);
   renderRerun(jobId, false);
   $("#rerun-speakers").value = "";
   const job = state.jobs.get(jobId) || { id: jobId, filename: "", status: "processing", stage: "submitted", percent: 0 };
   $("#transcript-title").textContent = job.filename || `Job ${jobId}`;
+  if (job.language) $("#segments").lang = job.language;
   showStatus(job);
   for (const item of document.querySelectorAll("#jobs li")) renderJob(state.jobs.get(Number(item.dataset.job)));
   loadAudio(jobId);
@@ -485,6 +490,7 @@ async function openTranscript(jobId) {
     } else if (type === "progress") {
       renderJob(data);
     } else if (type === "transcript.completed" || type === "transcript.failed") {
+      if (data.language) $("#segments").lang = data.language;
       renderJob(data);
       showStatus(data);
       renderDownloads(jobId, type === "transcript.completed");
