@@ -85,6 +85,7 @@ def test_a_job_language_is_one_code_several_or_multi():
     assert JobOptions(language="en, DE,en").language == "en,de" and language_choices("en,de") == ["en", "de"]
     assert JobOptions(language="multi").language == "multi" and "uk" in language_choices("multi")
     assert language_choices("en") is None and language_choices(None) is None
+    assert drop_options({"X-Amz-Meta-Language": "en, de"}).language == "en,de"
     for bad in ("en,xx", "english", ","):
         with pytest.raises(ValidationError, match="unsupported language"):
             JobOptions(language=bad)
