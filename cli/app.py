@@ -165,19 +165,40 @@ def multipart_body(path: Path, fields: dict[str, str],
     return headers, body()
 
 
-def upload(client: httpx.Client, path: Path, fields: dict[str, str]) -> SubmittedJob:
-    """Upload one file; while the server answers 503 with Retry-After, wait that long and offer
-    it again, for up to UPLOAD_BUSY_WAIT_S."""
+def upload(client: httpx.Client, source: Path | str, fields: dict[str, str]) -> SubmittedJob:
+    """Upload one file, or give the address the service fetches it from; while the server
+    answers 503 with Retry-After, wait that long and offer it again, for up to UPLOAD_BUSY_WAIT_S."""
     deadline = time.monotonic() + UPLOAD_BUSY_WAIT_S
     while True:
-        response = _post_upload(client, path, fields)
+        response = (_post_upload(client, source, fields) if isinstance(source, Path)
+                    else _post_url(client, source, fields))
         wait_s = _retry_after_s(response)
         if wait_s is None or time.monotonic() + wait_s > deadline:
             break
-        stderr.print(f"{escape(path.name)}: the server is busy, trying again in {wait_s:g} s")
+        stderr.print(f"{escape(source_name(source))}: the server is busy, trying again in {wait_s:g} s")
         time.sleep(wait_s)
     accepted = checked(response).json()
-    return SubmittedJob(id=int(accepted["id"]), filename=accepted.get("filename", path.name))
+    return SubmittedJob(id=int(accepted["id"]), filename=accepted.get("filename", source_name(source)))
+
+
+def source_name(source: Path | str) -> str:
+    return source.name if isinstance(source, Path) else source
+
+
+def recording_source(argument: str) -> Path | str:
+    """An http(s) address as given, else an existing file."""
+    if argument.startswith(("http://", "https://")):
+        return argument
+    path = Path(argument)
+    if not path.is_file():
+        raise typer.BadParameter(f"{argument}: no such file (or give an http:// or https:// address)")
+    return path
+
+
+def _post_url(client: httpx.Client, url: str, fields: dict[str, str]) -> httpx.Response:
+    form = {name: (None, value) for name, value in {"url": url, **fields}.items()}
+    # The service downloads the recording and decodes it before it answers.
+    return client.post("/recognize", files=form, timeout=httpx.Timeout(900, connect=10))
 
 
 def _retry_after_s(response: httpx.Response) -> float | None:
@@ -313,9 +334,9 @@ def speaker_counts(speakers: int | None, min_speakers: int | None, max_speakers:
 
 @app.command()
 def submit(
-    files: Annotated[list[Path], typer.Argument(
-        metavar="FILE", exists=True, dir_okay=False, readable=True, show_default=False,
-        help="Audio or video files.")],
+    recordings: Annotated[list[str], typer.Argument(
+        metavar="FILE|URL", show_default=False,
+        help="Audio or video files, or http(s) addresses the service fetches them from.")],
     language: Language = None,
     speakers: ExactSpeakers = None,
     min_speakers: MinSpeakers = None,
@@ -339,23 +360,25 @@ def submit(
                "multichannel": "true" if multichannel else None,
                "vocabulary": vocabulary, "task": "translate" if translate else None}
     fields = {name: str(value) for name, value in options.items() if value is not None}
+    sources = [recording_source(argument) for argument in recordings]
     jobs: list[SubmittedJob] = []
     refused = 0
     with api_client(api, api_key) as client:
-        for path in files:
+        for source in sources:
+            name = source_name(source)
             try:
-                job = upload(client, path, fields)
+                job = upload(client, source, fields)
             except ApiError as exc:
                 refused += 1
-                stderr.print(Text(f"{path.name}: refused, {exc}", style="red"))
+                stderr.print(Text(f"{name}: refused, {exc}", style="red"))
                 continue
             except httpx.TransportError as exc:
                 refused += 1
-                stderr.print(Text(f"{path.name}: upload failed, cannot reach the API at {api}: "
+                stderr.print(Text(f"{name}: upload failed, cannot reach the API at {api}: "
                                   f"{exc or type(exc).__name__}", style="red"))
                 continue
             jobs.append(job)
-            stderr.print(f"{escape(path.name)}: accepted as job [bold]{job.id}[/]")
+            stderr.print(f"{escape(name)}: accepted as job [bold]{job.id}[/]")
             if not wait:
                 stdout.print(job.id)
         if not wait or not jobs:

@@ -108,6 +108,11 @@ class Settings(BaseSettings):
     webhook_concurrency: int = Field(default=4, ge=1)
     webhook_allow_private: bool = False
 
+    # Recordings fetched by URL (POST /recognize with `url`): how long the download may take, and
+    # whether addresses on private networks may be fetched.
+    audio_url_timeout_s: float = Field(default=600.0, gt=0)
+    audio_url_allow_private: bool = False
+
     @property
     def webhook_retry_delays(self) -> list[int]:
         return [max(1, int(float(d))) for d in self.webhook_retry_delays_s.split(",") if d.strip()] or [60]

@@ -376,6 +376,15 @@ def test_a_text_file_is_refused_with_the_servers_reason(keyed_stack, tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_an_address_is_given_to_the_service_to_fetch(keyed_stack):
+    """The stack fetches only public addresses (its default), so the refusal shows the address
+    reached the service (tests/test_ingest.py fetches one)."""
+    result = stt(keyed_stack, "submit", "http://127.0.0.1:9/meeting.wav", "--no-wait")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "http://127.0.0.1:9/meeting.wav: refused, 400" in result.stderr
+    assert "AUDIO_URL_ALLOW_PRIVATE" in result.stderr, result.stderr
+
+
 def test_an_upload_over_the_size_limit_is_refused(keyed_stack, tmp_path):
     big = tmp_path / "big.wav"
     big.write_bytes(b"\0" * (5 * 1024 * 1024 + 1000))  # the test stack allows 5 MB
@@ -419,7 +428,8 @@ def test_exact_and_ranged_speaker_counts_exclude_each_other(fixtures_dir):
 
 def test_unknown_format_and_missing_file_are_usage_errors(tmp_path):
     assert CliRunner().invoke(app, ["get", "1", "--format", "docx"]).exit_code == 2
-    assert CliRunner().invoke(app, ["submit", str(tmp_path / "missing.wav")]).exit_code == 2
+    missing = CliRunner().invoke(app, ["submit", str(tmp_path / "missing.wav")])
+    assert missing.exit_code == 2 and "no such file" in missing.output
 
 
 def test_clock():

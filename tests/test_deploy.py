@@ -393,8 +393,9 @@ def test_every_import_is_declared_in_the_extra_of_the_code_that_imports_it():
         declared = base | {_name(r) for extra in names for r in extras[extra]}
         if folder == "common":
             # common/db.py, jobstore.py, speakerstore.py and speakers.py: imported by ingest and
-            # the persister only, whose extras declare asyncpg and scipy
-            declared |= {"asyncpg", "scipy"}
+            # the persister only, whose extras declare asyncpg and scipy; common/outbound.py by
+            # ingest and the notifier only, whose extras declare aiohttp
+            declared |= {"asyncpg", "scipy", "aiohttp"}
         for module, where in _imports(folder).items():
             distributions = _distributions(module, providers)
             if not distributions & declared:

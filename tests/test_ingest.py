@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import http.server
 import os
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import Stack, running_stack
+from tests.conftest import Stack, free_port, running_stack
 
 
 def post(stack: Stack, content: bytes, name: str = "audio.mp3", data: dict | None = None) -> httpx.Response:
@@ -150,3 +154,105 @@ def test_the_cli_waits_out_a_busy_server(two_uploads_at_once, fixtures_dir):
     assert cli.returncode == 0, cli.stderr
     assert "jfk.flac: the server is busy, trying again in 5 s" in cli.stderr
     assert stack.wait_finished(int(cli.stdout.strip()))["status"] == "done"
+
+
+# ---- recordings fetched by URL ----------------------------------------------------------------
+
+
+def form(**fields: str) -> dict:
+    """Multipart form fields without a file, as `curl -F name=value` sends them."""
+    return {name: (None, value) for name, value in fields.items()}
+
+
+@contextlib.contextmanager
+def serving(files: dict[str, bytes]) -> Iterator[str]:
+    """An HTTP server on this machine: `files` by path, /go/<path> redirecting to /<path>."""
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (the http.server name)
+            if self.path.startswith("/go/"):
+                self.send_response(302)
+                self.send_header("Location", self.path.removeprefix("/go"))
+                self.end_headers()
+            elif self.path in files:
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(files[self.path])))
+                self.end_headers()
+                self.wfile.write(files[self.path])
+            else:
+                self.send_error(404)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def fetching(stack) -> Iterator[str]:
+    """A second ingest of the stack that may fetch from this machine (AUDIO_URL_ALLOW_PRIVATE)."""
+    port = free_port()
+    stack.start("ingest-fetching", "-m", "services.ingest",
+                env={**stack.env, "API_PORT": str(port), "AUDIO_URL_ALLOW_PRIVATE": "true"})
+    api = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while not _ready(api):
+            assert time.monotonic() < deadline, stack.log_tail("ingest-fetching")
+            time.sleep(0.5)
+        yield api
+    finally:
+        stack.stop("ingest-fetching")
+
+
+def _ready(api: str) -> bool:
+    try:
+        return httpx.get(f"{api}/readyz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_a_recording_is_fetched_from_its_url(stack, fetching, fixtures_dir):
+    files = {"/calls/en_dialogue.wav": (fixtures_dir / "en_dialogue.wav").read_bytes(),
+             "/notes.txt": b"not a recording\n" * 100, "/big.wav": b"\0" * (6 * 1024 * 1024)}
+    with serving(files) as site:
+        accepted = httpx.post(f"{fetching}/recognize", files=form(url=f"{site}/go/calls/en_dialogue.wav",
+                                                                   num_speakers="2"), timeout=60)
+        assert accepted.status_code == 202, accepted.text
+        assert accepted.json()["filename"] == "en_dialogue.wav"  # the name in the address it led to
+        for path, status, says in [("/missing.wav", 400, "answered HTTP 404"), ("/notes.txt", 415, "not audio"),
+                                   ("/big.wav", 413, "MAX_UPLOAD_MB")]:
+            refused = httpx.post(f"{fetching}/recognize", files=form(url=site + path), timeout=60)
+            assert refused.status_code == status and says in refused.json()["detail"], (path, refused.text)
+        # This stack's own ingest keeps the default: nothing on this machine's network is fetched
+        private = httpx.post(f"{stack.api}/recognize", files=form(url=f"{site}/calls/en_dialogue.wav"), timeout=60)
+        assert private.status_code == 400 and "AUDIO_URL_ALLOW_PRIVATE" in private.json()["detail"], private.text
+    document = stack.wait_finished(accepted.json()["id"])
+    assert document["status"] == "done" and {s["speaker"] for s in document["segments"]} == {"spk_0", "spk_1"}
+    assert "sales" in " ".join(s["text"] for s in document["segments"]).lower()
+
+
+@pytest.mark.parametrize("fields, files", [({}, None), ({"url": "https://example.org/a.wav"}, "a.wav")])
+def test_a_recording_is_a_file_or_a_url_not_both_nor_neither(stack, fields, files):
+    response = httpx.post(f"{stack.api}/recognize", files={**form(**fields, language="en"),
+                                                           **({"file": (files, b"RIFF")} if files else {})}, timeout=60)
+    assert response.status_code == 400 and "one of the two" in response.json()["detail"], response.text
+
+
+@pytest.mark.parametrize("url, says", [("ftp://example.org/a.wav", "http:// or https://"),
+                                       ("https://user:pw@example.org/a.wav", "presigned"),
+                                       ("http://169.254.169.254/latest/meta-data", "private")])
+def test_audio_urls_that_cannot_be_fetched_are_refused_with_the_reason(stack, url, says):
+    response = httpx.post(f"{stack.api}/recognize", files=form(url=url), timeout=60)
+    assert response.status_code == 400 and says in response.json()["detail"], response.text
+
+
+def test_a_form_that_is_not_multipart_is_told_so(stack):
+    response = httpx.post(f"{stack.api}/recognize", data={"url": "https://example.org/a.wav"}, timeout=60)
+    assert response.status_code == 400, response.text
+    assert "multipart/form-data" in response.json()["detail"] and "urlencoded" in response.json()["detail"]

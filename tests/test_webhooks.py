@@ -21,8 +21,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from common.webhooks import new_secret, signature, target_problem
-from services.notifier.handler import PublicOnlyResolver
+from common.outbound import PublicOnlyResolver, target_problem
+from common.webhooks import new_secret, signature
 from tests.conftest import free_port, running_stack
 
 # Short waits so retries and give-ups happen within a test.

@@ -40,6 +40,7 @@ from services.ingest.admission import checked_size, upload_limit_middleware
 from services.ingest.auth import api_key_middleware, request_owner
 from services.ingest.errors import error_responses as _errors
 from services.ingest.errors import invalid
+from services.ingest.fetch import fetch_recording
 from services.ingest.inbox import INBOX_EVENTS_QUEUE, RESULTS_QUEUE, Inbox
 from services.ingest.jobs import clean_filename, create_job, rerun_options, status_document, upload_key
 from services.ingest.live import LIVE_ROUTES, Wakeups
@@ -62,7 +63,10 @@ SpeakerCount = Annotated[str | None, Parameter(description="A whole number from 
 
 @dataclass
 class RecognizeForm:
-    file: UploadFile
+    file: Annotated[UploadFile | None, Parameter(description="The recording (or give `url`)")] = None
+    url: Annotated[str | None, Parameter(
+        description="Instead of `file`: an http(s) address of the recording, fetched by the service "
+                    "(public addresses only, within MAX_UPLOAD_MB and AUDIO_URL_TIMEOUT_S)")] = None
     language: Annotated[str | None, Parameter(
         description="A Whisper language code (en, ru...); blank, left out or `auto`: detected once; several "
                     "codes (`en,de`) or `multi`: the recording switches language, each speaker's passage is "
@@ -118,11 +122,9 @@ async def recognize(
     data: Annotated[RecognizeForm, Body(media_type=RequestEncodingType.MULTI_PART)], state: State,
     request: Request,
 ) -> Accepted:
-    upload = data.file
-    filename = clean_filename(upload.filename)
-    stream = upload.file
-    size = checked_size(stream, state.settings.max_upload_bytes, empty="the uploaded file is empty",
-                        too_big=f"the file exceeds MAX_UPLOAD_MB ({state.settings.max_upload_mb} MB)")
+    if (data.file is None) == (not data.url or not data.url.strip()):
+        raise HTTPException(status_code=400, detail="send the recording as `file` (a multipart upload) or its "
+                                                    "address as `url`: one of the two")
     try:
         options = JobOptions(language=data.language, num_speakers=data.num_speakers,
                              min_speakers=data.min_speakers, max_speakers=data.max_speakers,
@@ -132,6 +134,19 @@ async def recognize(
         raise invalid(exc, whole="form") from exc
     callback_url = await checked_target(data.callback_url, state.settings) if data.callback_url else None
     callback_secret = new_secret() if callback_url else None
+    if data.file is not None:
+        filename, stream = clean_filename(data.file.filename), data.file.file
+    else:
+        stream, name = await fetch_recording(data.url, state.settings)
+        filename = clean_filename(name)
+    with contextlib.closing(stream):
+        return await _submit_recording(state, request, stream, filename, options, callback_url, callback_secret)
+
+
+async def _submit_recording(state: State, request: Request, stream, filename: str, options: JobOptions,
+                            callback_url: str | None, callback_secret: str | None) -> Accepted:
+    size = checked_size(stream, state.settings.max_upload_bytes, empty="the recording is empty",
+                        too_big=f"the file exceeds MAX_UPLOAD_MB ({state.settings.max_upload_mb} MB)")
 
     async def add_callback_url(conn, job_id: int) -> None:
         await add_callback(conn, job_id, request_owner(request), callback_url, callback_secret)
@@ -240,7 +255,9 @@ def clearer_client_error(request: Request, exc: ClientException) -> Response:
     elif exc.status_code == 413:
         detail = f"the file exceeds MAX_UPLOAD_MB ({request.app.state.settings.max_upload_mb} MB)"
     elif exc.status_code == 400 and detail == "Invalid multipart/form-data":
-        detail = "the multipart body could not be parsed: headers must be UTF-8 (a filename in another encoding?)"
+        detail = ("the multipart body could not be parsed: headers must be UTF-8 (a filename in another encoding?)"
+                  if request.content_type[0] == "multipart/form-data" else
+                  f"send a multipart/form-data body (curl -F), not {request.content_type[0] or 'no content type'}")
     body: dict[str, Any] = {"status_code": exc.status_code, "detail": detail}
     if exc.extra:
         body["extra"] = exc.extra

@@ -17,8 +17,9 @@ from litestar.params import Parameter
 from pydantic import BaseModel
 
 from common.messages import EVENTS, TranscriptCompleted, TranscriptFailed
+from common.outbound import target_problem
 from common.settings import Settings
-from common.webhooks import new_secret, target_problem
+from common.webhooks import new_secret
 from services.ingest.auth import request_owner
 from services.ingest.errors import MAX_ID, error_responses
 

@@ -18,6 +18,7 @@ from common.db import DATABASE_UNAVAILABLE, apply_migrations, create_pool
 from common.logs import setup_logging
 from common.messages import EVENTS, WebhookDue
 from common.metrics import serve_metrics
+from common.outbound import http_session
 from common.runner import run_worker
 from common.settings import get_settings
 from services.notifier import handler
@@ -48,7 +49,7 @@ async def main() -> None:
     await events.bind(await bus.channel.get_exchange(EVENTS_EXCHANGE), "#")
     await declare_delay_queues(bus.channel, handler.DELIVERY_QUEUE,
                                [*settings.webhook_retry_delays, handler.BUSY_ENDPOINT_DELAY_S])
-    async with handler.http_session(settings) as http:
+    async with http_session(settings.webhook_allow_private) as http:
         fan_out = functools.partial(handler.fan_out, pool)
         deliver = functools.partial(handler.deliver, pool, http, settings, bus)
         log.info("notifier ready")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import socket
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -23,8 +22,9 @@ import asyncpg
 
 from common.broker import Bus, publish_later, stage_queue
 from common.messages import Contract, WebhookDue
+from common.outbound import target_problem
 from common.settings import Settings
-from common.webhooks import is_private_address, signature, target_problem
+from common.webhooks import signature
 
 log = logging.getLogger(__name__)
 
@@ -142,24 +142,6 @@ async def _attempt(conn: asyncpg.Connection, http: aiohttp.ClientSession, settin
         log.info("webhook %d: %s delivered (HTTP %d, %d ms, attempt %d)", due.webhook_id, head["event_type"],
                  status_code, latency_ms, attempt)
     return True
-
-
-class PublicOnlyResolver(aiohttp.ThreadedResolver):
-    """The resolver the notifier connects with unless WEBHOOK_ALLOW_PRIVATE: a name that resolves
-    to a private address between the check before an attempt and the connection (DNS rebinding)
-    is refused here too."""
-
-    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list:
-        found = await super().resolve(host, port, family)
-        private = [r["host"] for r in found if is_private_address(r["host"])]
-        if private:
-            raise OSError(f"{host} resolves to a private, loopback or link-local address ({private[0]})")
-        return found
-
-
-def http_session(settings: Settings) -> aiohttp.ClientSession:
-    resolver = None if settings.webhook_allow_private else PublicOnlyResolver()
-    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(resolver=resolver))
 
 
 async def post(http: aiohttp.ClientSession, url: str, secret: str, event_id: str, body: bytes,

@@ -1,0 +1,71 @@
+"""Requests to addresses users give (webhook targets, recordings fetched by URL): what such an
+address may be. None of them may reach into the network this service runs in, unless a setting
+allows private addresses: the check is made before each request and again as its connection is
+made, so a name that changes its address in between (DNS rebinding) is caught too."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from urllib.parse import urlsplit
+
+import aiohttp
+
+
+def url_problem(url: str, what: str = "a webhook URL",
+                credentials: str = "the signature authenticates deliveries") -> str | None:
+    """Why `url` cannot be used by its form alone, or None."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return f"{what} is http:// or https:// with a host"
+    if parts.username or parts.password:
+        return f"{what} carries no credentials ({credentials})"
+    return None
+
+
+def is_private_address(address: str) -> bool:
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return (ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_reserved
+            or ip.is_unspecified)
+
+
+async def target_problem(url: str, allow_private: bool, allowed_by: str = "WEBHOOK_ALLOW_PRIVATE",
+                         **form) -> str | None:
+    """Why nothing may be requested from `url` now, or None: a bad form (`form`: url_problem's
+    wording), a host that does not resolve, or (unless `allow_private`, the setting
+    `allowed_by`) one that resolves to a loopback, link-local or private address."""
+    problem = url_problem(url, **form)
+    if problem or allow_private:
+        return problem
+    parts = urlsplit(url)
+    try:
+        found = await asyncio.get_running_loop().getaddrinfo(
+            parts.hostname, parts.port or (443 if parts.scheme == "https" else 80), type=socket.SOCK_STREAM)
+    except OSError as exc:
+        return f"{parts.hostname} does not resolve ({exc.strerror or exc})"
+    private = sorted({info[4][0] for info in found if is_private_address(info[4][0])})
+    if private:
+        return (f"{parts.hostname} resolves to a private, loopback or link-local address ({private[0]});"
+                f" set {allowed_by}=true to allow that")
+    return None
+
+
+class PublicOnlyResolver(aiohttp.ThreadedResolver):
+    """Resolves only to public addresses: a name that resolves to a private one between the check
+    before a request and its connection is refused here too."""
+
+    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list:
+        found = await super().resolve(host, port, family)
+        private = [r["host"] for r in found if is_private_address(r["host"])]
+        if private:
+            raise OSError(f"{host} resolves to a private, loopback or link-local address ({private[0]})")
+        return found
+
+
+def http_session(allow_private: bool, **session) -> aiohttp.ClientSession:
+    """A session that connects only to public addresses unless `allow_private`."""
+    resolver = None if allow_private else PublicOnlyResolver()
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(resolver=resolver), **session)

@@ -1,0 +1,83 @@
+"""Recordings fetched by URL (`url` instead of `file` in POST /recognize, as hosted APIs take an
+audio URL): ingest downloads it to a temporary file, within MAX_UPLOAD_MB and
+AUDIO_URL_TIMEOUT_S, and takes it as an upload. Only public addresses are fetched, redirects
+included (each hop is checked), unless AUDIO_URL_ALLOW_PRIVATE."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import PurePosixPath
+from typing import BinaryIO
+from urllib.parse import unquote, urljoin, urlsplit
+
+import aiohttp
+from litestar.exceptions import HTTPException
+
+from common.outbound import http_session, target_problem
+from common.settings import Settings
+
+MAX_URL_CHARS = 2000
+MAX_REDIRECTS = 5
+REDIRECTS = (301, 302, 303, 307, 308)
+BLOCK = 1 << 16
+
+
+def _refused(detail: str, status_code: int = 400) -> HTTPException:
+    return HTTPException(status_code=status_code, detail=detail)
+
+
+def _name_of(response: aiohttp.ClientResponse, url: str) -> str:
+    disposition = response.content_disposition
+    if disposition is not None and disposition.filename:
+        return disposition.filename
+    return PurePosixPath(unquote(urlsplit(url).path)).name or urlsplit(url).hostname or "audio"
+
+
+async def _download(response: aiohttp.ClientResponse, max_bytes: int, too_big: str) -> BinaryIO:
+    if response.content_length is not None and response.content_length > max_bytes:
+        raise _refused(too_big, 413)
+    spool = tempfile.SpooledTemporaryFile(max_size=BLOCK * 16)  # noqa: SIM115 (returned open)
+    try:
+        size = 0
+        async for block in response.content.iter_chunked(BLOCK):
+            size += len(block)
+            if size > max_bytes:
+                raise _refused(too_big, 413)
+            spool.write(block)
+    except BaseException:
+        spool.close()
+        raise
+    spool.seek(0)
+    return spool
+
+
+async def fetch_recording(url: str, settings: Settings) -> tuple[BinaryIO, str]:
+    """The recording at `url` as an open temporary file (the caller closes it), and its name (from
+    Content-Disposition, else the URL's path). 400 with the reason when it cannot be fetched,
+    413 past MAX_UPLOAD_MB."""
+    url = url.strip()
+    if len(url) > MAX_URL_CHARS:
+        raise _refused(f"audio URL refused: longer than {MAX_URL_CHARS} characters")
+    too_big = f"the recording at the URL exceeds MAX_UPLOAD_MB ({settings.max_upload_mb} MB)"
+    timeout = aiohttp.ClientTimeout(total=settings.audio_url_timeout_s, sock_connect=30)
+    try:
+        async with http_session(settings.audio_url_allow_private, timeout=timeout) as http:
+            for _ in range(MAX_REDIRECTS + 1):
+                problem = await target_problem(url, settings.audio_url_allow_private, "AUDIO_URL_ALLOW_PRIVATE",
+                                               what="an audio URL", credentials="give a presigned URL instead")
+                if problem:
+                    raise _refused(f"audio URL refused: {problem}")
+                async with http.get(url, allow_redirects=False) as response:
+                    if response.status in REDIRECTS and "Location" in response.headers:
+                        url = urljoin(url, response.headers["Location"])
+                        continue
+                    if response.status != 200:
+                        raise _refused(f"could not fetch the audio URL: {urlsplit(url).hostname} answered "
+                                       f"HTTP {response.status}")
+                    return await _download(response, settings.max_upload_bytes, too_big), _name_of(response, url)
+    except TimeoutError as exc:  # before OSError, of which it is one
+        raise _refused(f"could not fetch the audio URL within AUDIO_URL_TIMEOUT_S "
+                       f"({settings.audio_url_timeout_s:g} s)") from exc
+    except (aiohttp.ClientError, OSError) as exc:
+        raise _refused(f"could not fetch the audio URL: {exc or type(exc).__name__}") from exc
+    raise _refused(f"could not fetch the audio URL: more than {MAX_REDIRECTS} redirects")
