@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import aio_pika
+import httpx
 import pytest
 
 from devstack import (  # noqa: F401 (re-exported for the tests)
@@ -87,6 +88,30 @@ def running_stack(tmp_path_factory, **overrides: str) -> Iterator[Stack]:
     with dev_stack(tmp_path_factory.mktemp("stack"), env=TEST_ENV, ollama=True, keep_logs=keep_logs,
                    **overrides) as stack:
         yield stack
+
+
+@contextlib.contextmanager
+def another_ingest(stack: Stack, name: str, **settings: str) -> Iterator[str]:
+    """One more ingest process of `stack`, with settings of its own; yields its API address once
+    it is ready."""
+    port = free_port()
+    process = stack.start(name, "-m", "services.ingest", env={**stack.env, "API_PORT": str(port), **settings})
+    api = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while not _answers(f"{api}/readyz"):
+            assert process.poll() is None and time.monotonic() < deadline, stack.log_tail(name)
+            time.sleep(0.3)
+        yield api
+    finally:
+        stack.stop(name)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 @pytest.fixture(scope="session")

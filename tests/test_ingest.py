@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import Stack, free_port, running_stack
+from tests.conftest import Stack, another_ingest, running_stack
 
 
 def post(stack: Stack, content: bytes, name: str = "audio.mp3", data: dict | None = None) -> httpx.Response:
@@ -196,25 +196,8 @@ def serving(files: dict[str, bytes]) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def fetching(stack) -> Iterator[str]:
     """A second ingest of the stack that may fetch from this machine (AUDIO_URL_ALLOW_PRIVATE)."""
-    port = free_port()
-    stack.start("ingest-fetching", "-m", "services.ingest",
-                env={**stack.env, "API_PORT": str(port), "AUDIO_URL_ALLOW_PRIVATE": "true"})
-    api = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while not _ready(api):
-            assert time.monotonic() < deadline, stack.log_tail("ingest-fetching")
-            time.sleep(0.5)
+    with another_ingest(stack, "ingest-fetching", AUDIO_URL_ALLOW_PRIVATE="true") as api:
         yield api
-    finally:
-        stack.stop("ingest-fetching")
-
-
-def _ready(api: str) -> bool:
-    try:
-        return httpx.get(f"{api}/readyz", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def test_a_recording_is_fetched_from_its_url(stack, fetching, fixtures_dir):

@@ -23,7 +23,7 @@ import pytest
 
 from common.outbound import PublicOnlyResolver, target_problem
 from common.webhooks import new_secret, signature
-from tests.conftest import free_port, running_stack
+from tests.conftest import another_ingest, free_port, running_stack
 
 # Short waits so retries and give-ups happen within a test.
 TIMEOUT_S = 2
@@ -200,27 +200,13 @@ def test_events_arrive_signed_in_order_retried_and_given_up(notified, fixtures_d
 
 def test_private_targets_are_refused_when_not_allowed(notified):
     stack, receiver = notified
-    port = free_port()
-    strict = stack.start("ingest-strict", "-m", "services.ingest",
-                         env={**stack.env, "API_PORT": str(port), "WEBHOOK_ALLOW_PRIVATE": "false"})
-    try:
-        wait_for(lambda: strict.poll() is not None or _healthy(f"http://127.0.0.1:{port}"), 120, "a strict ingest")
-        assert strict.poll() is None, stack.log_tail("ingest-strict")
-        answer = httpx.post(f"http://127.0.0.1:{port}/webhooks", json={"url": receiver.url("/ok")})
+    with another_ingest(stack, "ingest-strict", WEBHOOK_ALLOW_PRIVATE="false") as strict:
+        answer = httpx.post(f"{strict}/webhooks", json={"url": receiver.url("/ok")})
         assert answer.status_code == 400 and "private" in answer.json()["detail"], answer.text
         with (Path(__file__).parent / "audio_files.py").open("rb") as f:
-            callback = httpx.post(f"http://127.0.0.1:{port}/recognize", files={"file": ("a.wav", f)},
+            callback = httpx.post(f"{strict}/recognize", files={"file": ("a.wav", f)},
                                   data={"callback_url": "http://169.254.169.254/"})
         assert callback.status_code == 400 and "private" in callback.json()["detail"], callback.text
-    finally:
-        stack.stop("ingest-strict")
-
-
-def _healthy(api: str) -> bool:
-    try:
-        return httpx.get(f"{api}/healthz", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def test_killing_the_notifier_mid_delivery_loses_nothing(notified, fixtures_dir):
