@@ -58,6 +58,8 @@ def language_for(message: JobDiarized, deps: Deps) -> str | None:
         probe = [deps.read_pcm(message.pcm_bucket, message.pcm_key, s) for s in message.language_probe]
         speech = np.concatenate(probe) if probe else np.zeros(0, dtype=np.float32)
         deps.languages[message.job_id] = detect_language(deps.model, speech, among)
+        log.info("detected language %s on %.1f s of speech", deps.languages[message.job_id],
+                 speech.size / SAMPLE_RATE)
         while len(deps.languages) > LANGUAGES_KEPT:
             deps.languages.popitem(last=False)
     return deps.languages[message.job_id]

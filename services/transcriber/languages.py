@@ -9,6 +9,7 @@ language of the same speaker's nearest identified passage instead."""
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,7 +34,7 @@ def detect_language(model, speech: np.ndarray, among: list[str] | None = None) -
         allowed = set(among)
         language, probability = max(((code, p) for code, p in ranked if code in allowed),
                                     key=lambda pair: pair[1], default=(among[0], 0.0))
-    log.info("detected language %s (p=%.2f) in %.1f s of speech", language, probability, speech.size / SAMPLE_RATE)
+    log.debug("detected language %s (p=%.2f) in %.1f s of speech", language, probability, speech.size / SAMPLE_RATE)
     return language
 
 
@@ -73,6 +74,9 @@ def identify(model, audio: np.ndarray, runs: list[Passage], among: list[str], fa
             same_voice = [k for k in known if k.speaker == run.speaker] or known
             nearest = min(same_voice, key=lambda k: abs((k.start + k.end) - (run.start + run.end)), default=None)
             run.language = nearest.language if nearest else fallback
+    spoken = Counter(run.language for run in runs)
+    log.info("passages by language: %s (%d identified)", ", ".join(f"{code} {n}" for code, n in spoken.most_common()),
+             len(known))
 
 
 def language_spans(runs: list[Passage], length_s: float, margin_s: float) -> list[tuple[TimeSpan, str | None]]:
