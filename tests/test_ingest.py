@@ -235,6 +235,14 @@ def test_audio_urls_that_cannot_be_fetched_are_refused_with_the_reason(stack, ur
     assert response.status_code == 400 and says in response.json()["detail"], response.text
 
 
+def test_a_file_sent_as_a_plain_field_is_told_so(stack):
+    """A part without a filename is a text field; a file's bytes there are not UTF-8."""
+    body = (b'--b\r\nContent-Disposition: form-data; name="file"\r\n\r\n\x89PNG\r\n\x1a\n\x00\xff\r\n--b--\r\n')
+    response = httpx.post(f"{stack.api}/recognize", content=body,
+                          headers={"content-type": "multipart/form-data; boundary=b"}, timeout=60)
+    assert response.status_code == 400 and "filename" in response.json()["detail"], response.text
+
+
 def test_a_form_that_is_not_multipart_is_told_so(stack):
     response = httpx.post(f"{stack.api}/recognize", data={"url": "https://example.org/a.wav"}, timeout=60)
     assert response.status_code == 400, response.text

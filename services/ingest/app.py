@@ -264,6 +264,16 @@ def clearer_client_error(request: Request, exc: ClientException) -> Response:
     return Response(body, status_code=exc.status_code, headers=exc.headers)
 
 
+def undecodable_form_field(request: Request, exc: UnicodeDecodeError) -> Response:
+    """Litestar reads a multipart part without a filename as UTF-8 text and fails on other bytes:
+    the client sent a file's bytes as a plain field (no filename). Anything else is a fault here."""
+    if request.content_type[0] != "multipart/form-data":
+        log.exception("%s %s failed", request.method, request.url.path)
+        return Response({"status_code": 500, "detail": "Internal Server Error"}, status_code=500)
+    return Response({"status_code": 400, "detail": "a form field is not UTF-8 text: send a file as a part with a "
+                     "filename (curl -F file=@meeting.mp3)"}, status_code=400)
+
+
 def service_unavailable(request: Request, exc: Exception) -> Response:
     log.warning("%s %s: backing service unavailable (%s)", request.method, request.url.path, type(exc).__name__)
     return Response({"status_code": 503, "detail": "a backing service is unavailable; try again shortly"},
@@ -318,7 +328,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         lifespan=[lifespan],
         middleware=[http_metrics_middleware, api_key_middleware(settings),  # metrics first: 401s count
                     upload_limit_middleware(settings.max_concurrent_uploads)],
-        exception_handlers={ClientException: clearer_client_error,
+        exception_handlers={ClientException: clearer_client_error, UnicodeDecodeError: undecodable_form_field,
                             **{cls: service_unavailable for cls in DATABASE_UNAVAILABLE}},
         logging_config=None,  # keep the project's log format (common.logs)
         # `error` appears in a status document only when the job failed.
