@@ -12,6 +12,8 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+MAX_URL_CHARS = 2000
+
 
 def url_problem(url: str, what: str = "a webhook URL",
                 credentials: str = "the signature authenticates deliveries") -> str | None:

@@ -13,10 +13,9 @@ from urllib.parse import unquote, urljoin, urlsplit
 import aiohttp
 from litestar.exceptions import HTTPException
 
-from common.outbound import http_session, target_problem
+from common.outbound import MAX_URL_CHARS, http_session, target_problem
 from common.settings import Settings
 
-MAX_URL_CHARS = 2000
 MAX_REDIRECTS = 5
 REDIRECTS = (301, 302, 303, 307, 308)
 BLOCK = 1 << 16

@@ -17,7 +17,7 @@ from litestar.params import Parameter
 from pydantic import BaseModel
 
 from common.messages import EVENTS, TranscriptCompleted, TranscriptFailed
-from common.outbound import target_problem
+from common.outbound import MAX_URL_CHARS, target_problem
 from common.settings import Settings
 from common.webhooks import new_secret
 from services.ingest.auth import request_owner
@@ -25,7 +25,6 @@ from services.ingest.errors import MAX_ID, error_responses
 
 log = logging.getLogger(__name__)
 
-MAX_URL_CHARS = 2000
 SECRET_CHARS = (16, 200)
 CALLBACK_EVENTS = [TranscriptCompleted.ROUTING_KEY, TranscriptFailed.ROUTING_KEY]
 
