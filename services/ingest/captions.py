@@ -167,20 +167,19 @@ def _segment_cues(segment: Captioned, width: int, count: int, speaker_takes_room
                  for i, w in enumerate(segment.text.split())]
         lines = wrap(words, width, max(count, len(words)), label) or [_joined(words)]
         return [Cue(segment.start_ts, max(segment.start_ts, segment.end_ts), speaker, lines)]
-    cues, pending = [], list(tokens)
-    while pending:
-        widths = [(t.columns, t.bare_columns) for t in pending]
-        taken = 1
-        while taken < len(pending) and pending[taken].end - pending[0].start <= MAX_CUE_S \
-                and _lines_needed(widths[:taken + 1], width, label) <= count:
-            taken += 1
-        if taken < len(pending):
-            taken = _break_after(pending[:taken + 1], width * count - label)
-        chosen = pending[:taken]
+    widths = [(t.columns, t.bare_columns) for t in tokens]
+    cues, start = [], 0
+    while start < len(tokens):
+        end = start + 1
+        while end < len(tokens) and tokens[end].end - tokens[start].start <= MAX_CUE_S \
+                and _lines_needed(widths[start:end + 1], width, label) <= count:
+            end += 1
+        if end < len(tokens):
+            end = start + _break_after(tokens[start:end + 1], width * count - label)
+        chosen = tokens[start:end]
         lines = wrap(chosen, width, count, label) or [_joined(chosen)]
         cues.append(Cue(chosen[0].start, max(chosen[0].start, chosen[-1].end), speaker, lines))
-        pending = [_Token(pending[taken].text.lstrip(), pending[taken].start, pending[taken].end),
-                   *pending[taken + 1:]] if taken < len(pending) else []
+        start = end
     return cues
 
 

@@ -338,7 +338,7 @@ async def get_transcript(
     format: FormatQuery = "json", words: WordsQuery = False,
     max_line_width: LineWidthQuery = LINE_WIDTH, max_line_count: LineCountQuery = LINE_COUNT,
 ) -> Response[TranscriptDocument]:
-    subtitles = format in ("srt", "vtt")  # cut into cues by the words' times
+    subtitles = format in SUBTITLE_FORMATTERS  # cut into cues by the words' times
     document = await fetch_transcript(state.pool, job_id, request_owner(request), with_words=words or subtitles)
     if document is None:
         raise NotFoundException(detail=f"no job with id {job_id}")

@@ -67,6 +67,7 @@ def language_for(message: JobDiarized, deps: Deps) -> str | None:
 
 def transcribe(message: JobDiarized, deps: Deps, speech: str = "diarizer") -> ChunkTranscribed:
     """Whisper over the chunk, each word given to the speaker most active under it."""
+    among = language_choices(message.options.language)
     if message.turns:
         offset = message.pcm_offset_s  # the chunk's channel, with multichannel
         audio = deps.read_pcm(message.pcm_bucket, message.pcm_key,
@@ -75,10 +76,9 @@ def transcribe(message: JobDiarized, deps: Deps, speech: str = "diarizer") -> Ch
                                               language_for(message, deps), deps.beam_size, speech,
                                               other_talk=message.other_channels,
                                               vocabulary=message.options.vocabulary, task=message.options.task,
-                                              among=language_choices(message.options.language))
+                                              among=among)
     else:  # nobody talks in this chunk (a silent recording)
-        segments, language = [], message.options.language if language_choices(message.options.language) is None \
-            else None
+        segments, language = [], None if among else message.options.language
     return ChunkTranscribed(
         message_id=f"chunk.transcribed:{message.job_id}:{message.chunk_index}",
         job_id=message.job_id, chunk_index=message.chunk_index,
