@@ -624,6 +624,28 @@ def delete(
 
 
 @app.command()
+def cancel(
+    job_ids: Annotated[list[int], typer.Argument(metavar="ID", help="Job ids.", show_default=False)],
+    api: ApiUrl = DEFAULT_API_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """Stop jobs that are still processing (what they stored so far is kept until you delete them).
+    Exits 1 if any could not be cancelled."""
+    refused = 0
+    with reporting_api_errors(api), api_client(api, api_key) as client:
+        for job_id in job_ids:
+            try:
+                document = checked(client.post(f"/transcripts/{job_id}/cancel")).json()
+            except ApiError as exc:
+                refused += 1
+                stderr.print(Text(f"job {job_id}: not cancelled, {exc}", style="red"))
+                continue
+            sys.stdout.write(f"cancelled job {job_id} ({len(document['segments'])} segments kept)\n")
+    if refused:
+        raise typer.Exit(1)
+
+
+@app.command()
 def search(
     query: Annotated[str, typer.Argument(help="What to look for: words, \"a phrase\", or a question.",
                                          show_default=False)],

@@ -13,6 +13,8 @@ consumer first starts waits in that consumer's queue instead of being dropped):
   it came from (delayed retry without a broker plugin).
 - A message whose retries are used up is failed with its reason and parked in
   `stt.dead-letters` by the consumer itself (not rejected, so the reason stays the real one).
+- `stt.<service>.ended.<id>`: each pipeline worker's own exclusive queue of `transcript.failed`
+  events, so a job that failed or was cancelled is not worked on further by any replica.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import inspect
 import json
 import logging
 import time
+import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +52,7 @@ from common.messages import (
     JobFailed,
     JobProgress,
     JobSubmitted,
+    TranscriptFailed,
     WebhookDue,
 )
 from common.settings import Settings
@@ -83,6 +88,7 @@ BROKER_UNAVAILABLE: tuple[type[BaseException], ...] = (
 )
 
 ROUTING_KEY_HEADER = "x-original-routing-key"
+ENDED_JOBS_KEPT = 10_000
 RETRY_COUNT_HEADER = "x-retry-count"
 
 
@@ -238,6 +244,41 @@ async def publish_later(bus: Bus, message: Contract, queue_name: str, delay_s: i
 Handler = Callable[[Any], AsyncIterator[Contract] | Awaitable[Any]]
 
 
+class EndedJobs:
+    """The jobs that ended before their work did (failed, or cancelled by their owner), as
+    announced on stt.events while this process ran: the newest ENDED_JOBS_KEPT of them. A
+    pipeline stage skips their messages; what a replica started after the announcement still
+    does is dropped by the persister, which stores nothing for a job that is not processing."""
+
+    def __init__(self) -> None:
+        self._ids: OrderedDict[int, None] = OrderedDict()
+
+    def add(self, job_id: int) -> None:
+        self._ids[job_id] = None
+        while len(self._ids) > ENDED_JOBS_KEPT:
+            self._ids.popitem(last=False)
+
+    def __contains__(self, job_id: object) -> bool:
+        return job_id in self._ids
+
+
+async def watch_ended_jobs(connection: AbstractRobustConnection, service: str, ended: EndedJobs) -> None:
+    """Fill `ended` from stt.events' transcript.failed, on a queue of this process's own (named,
+    not server-named, so the robust connection can declare it again after a reconnect)."""
+    channel = await connection.channel()
+    events = await channel.declare_exchange(EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
+    queue = await channel.declare_queue(f"stt.{service}.ended.{uuid.uuid4().hex[:12]}",
+                                        exclusive=True, auto_delete=True)
+    await queue.bind(events, TranscriptFailed.ROUTING_KEY)
+
+    async def on_event(message: AbstractIncomingMessage) -> None:
+        job_id = _job_id_of(message.body)
+        if job_id is not None:
+            ended.add(job_id)
+
+    await queue.consume(on_event, no_ack=True)
+
+
 @dataclass
 class Route:
     """Messages of `model` (matched by its ROUTING_KEY, or any key on a queue that takes one
@@ -261,6 +302,7 @@ async def consume(
     queue_name: str | None = None,
     prefetch: int | None = None,
     wait_on: tuple[type[BaseException], ...] = (),
+    ended: EndedJobs | None = None,
 ) -> None:
     """Consume `queue_name` (default: this stage's queue) until the process is asked to stop
     (common.runner) or the task is cancelled.
@@ -272,6 +314,8 @@ async def consume(
     no retry, so an outage of RabbitMQ (or the database, for the persister) fails no job.
     Any other error retries after the next delay of RETRY_DELAYS_S; when they are used up the
     job fails with the error and the message is parked in stt.dead-letters.
+    With `ended`, filled here from stt.events, a message of a job that has already failed or
+    been cancelled is acked without being handled.
     """
     by_key = {route.routing_key: route for route in routes}
     bus = await open_bus(connection, settings)
@@ -281,6 +325,8 @@ async def consume(
     delays = settings.retry_delays
     await declare_delay_queues(channel, queue_name, delays)
     queue = await channel.declare_queue(queue_name, passive=True)
+    if ended is not None:
+        await watch_ended_jobs(connection, service, ended)
 
     in_hand: dict[int, AbstractIncomingMessage] = {}
 
@@ -329,6 +375,11 @@ async def consume(
             return "dead_lettered"
 
         token = current_job.set(getattr(parsed, "job_id", None))
+        if ended is not None and getattr(parsed, "job_id", None) in ended:
+            log.info("the job has ended (failed or cancelled); %s skipped", routing_key)
+            await message.ack()
+            current_job.reset(token)
+            return "skipped"
         try:
             await _run_waiting_out_outages(route.handler, parsed, bus, (*BROKER_UNAVAILABLE, *wait_on), work)
         except PermanentError as exc:

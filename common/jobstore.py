@@ -10,7 +10,16 @@ from datetime import datetime
 
 import asyncpg
 
-from common.messages import STAGE_OF_SERVICE, STAGES, Segment, SpeakerEmbedding, SpeakerName, SpeakerTurn
+from common.messages import (
+    STAGE_OF_SERVICE,
+    STAGES,
+    Segment,
+    SpeakerEmbedding,
+    SpeakerName,
+    SpeakerTurn,
+    TranscriptFailed,
+)
+from common.outbox import add_to_outbox
 
 Db = asyncpg.Connection | asyncpg.Pool
 
@@ -393,6 +402,20 @@ async def mark_failed(conn: asyncpg.Connection, job_id: int, reason: str, servic
         """,
         job_id, reason, STAGE_OF_SERVICE.get(service),
     )
+
+
+async def fail(conn: asyncpg.Connection, job_id: int, reason: str, service: str) -> bool:
+    """Mark a processing job failed (the first reason wins) and queue its transcript.failed in
+    the caller's transaction, which also tells every pipeline worker to stop working on it.
+    False when the job was not processing."""
+    filename = await mark_failed(conn, job_id, reason, service)
+    if filename is None:
+        return False
+    await add_to_outbox(conn, TranscriptFailed(
+        message_id=f"transcript.failed:{job_id}", job_id=job_id, transcript_id=job_id,
+        filename=filename, reason=reason,
+    ))
+    return True
 
 
 async def stalled_job_ids(db: Db, timeout_s: float) -> list[int]:

@@ -31,8 +31,8 @@ _HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60
 # What became of a message: handled (acked after its work), failed (bad input: the job failed
 # at once), retried (sent to a retry queue), dead_lettered (retries used up, invalid or
 # unroutable: parked in stt.dead-letters), requeued (a retry could not be scheduled: the broker
-# redelivers it).
-OUTCOMES = ("handled", "failed", "retried", "dead_lettered", "requeued")
+# redelivers it), skipped (its job had already failed or been cancelled).
+OUTCOMES = ("handled", "failed", "retried", "dead_lettered", "requeued", "skipped")
 
 MESSAGES = Counter(
     "stt_messages", "Messages a stage consumed, by what became of them",

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import aio_pika
 import httpx
+import numpy as np
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -330,6 +331,28 @@ def test_a_job_is_named_by_hand_and_deleted(keyed_stack, fixtures_dir):
     assert "job 999999: not deleted, 404" in deleted.stderr
     gone = stt(keyed_stack, "status", job_id)
     assert gone.returncode == 1 and "404" in gone.stderr
+
+
+def test_a_job_still_processing_is_cancelled_then_deleted(keyed_stack, fixtures_dir, tmp_path):
+    parts = [decode_audio(str(fixtures_dir / n)) for n in ("ami_dev00.wav", "ami_dev01.wav", "ami_trn03.wav")]
+    meeting = tmp_path / "meeting.wav"
+    meeting.write_bytes(wav(np.concatenate(parts)))  # 90 s: still diarizing when cancelled
+    submitted = stt(keyed_stack, "submit", "--no-wait", str(meeting))
+    job_id = submitted.stdout.split()[0]
+    refused = stt(keyed_stack, "delete", job_id)
+    assert refused.returncode == 1 and f"POST /transcripts/{job_id}/cancel" in refused.stderr, refused.stderr
+
+    theirs = stt(keyed_stack, "cancel", job_id, STT_API_KEY=OTHER_KEY)
+    assert theirs.returncode == 1 and f"job {job_id}: not cancelled, 404" in theirs.stderr, theirs.stderr
+    cancelled = stt(keyed_stack, "cancel", "999999", job_id)
+    assert (cancelled.returncode, cancelled.stdout) == (1, f"cancelled job {job_id} (0 segments kept)\n"), \
+        cancelled.stderr
+    assert "job 999999: not cancelled, 404" in cancelled.stderr
+    again = stt(keyed_stack, "cancel", job_id)
+    assert again.returncode == 1 and "has already ended (error)" in again.stderr, again.stderr
+    status = json.loads(stt(keyed_stack, "status", job_id, "--json").stdout)
+    assert (status["status"], status["error"]) == ("error", "cancelled")
+    assert stt(keyed_stack, "delete", job_id).stdout == f"deleted job {job_id}\n"
 
 
 def test_a_call_with_one_party_per_channel_is_transcribed_channel_by_channel(keyed_stack, fixtures_dir):

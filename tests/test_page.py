@@ -10,8 +10,11 @@ import shutil
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
+from common.audio import decode_audio
+from tests.audio_files import encode
 from tests.conftest import ROOT, running_stack
 
 CHROMIUM = os.environ.get("STT_CHROMIUM", shutil.which("chromium") or "/usr/bin/chromium")
@@ -189,6 +192,29 @@ def speakers_shown(page) -> int:
 def keyed_stack(tmp_path_factory):
     with running_stack(tmp_path_factory, API_KEYS=f"{KEY},{OTHER_KEY}") as stack:
         yield stack
+
+
+def test_a_recording_still_processing_can_be_stopped(stack, fixtures_dir, browser, tmp_path):
+    parts = [decode_audio(str(fixtures_dir / n)) for n in ("ami_dev00.wav", "ami_dev01.wav", "ami_trn03.wav")]
+    meeting = tmp_path / "long meeting.opus"  # 3 minutes: still diarizing when the button is pressed
+    meeting.write_bytes(encode(np.concatenate(parts * 2), "ogg", "libopus", 48_000, channels=1, bit_rate=24_000))
+    page = browser.new_page()
+    asked: list[str] = []
+    page.on("dialog", lambda dialog: (asked.append(dialog.message), dialog.accept()))
+    page.goto(stack.api + "/")
+    page.set_input_files("#file", str(meeting))
+    page.get_by_role("button", name="Transcribe").click()
+    page.get_by_role("button", name="Stop processing").click()
+    page.locator('#transcript[data-ended="true"]').wait_for(timeout=60_000)
+    assert asked and asked[-1].startswith("Stop processing long meeting.opus?")
+    assert page.locator("#transcript-status").inner_text().startswith("Stopped")
+    assert page.get_by_role("button", name="Stop processing").is_hidden()
+    job_id = int(page.locator("#transcript").get_attribute("data-job"))
+    document = httpx.get(f"{stack.api}/status/{job_id}", timeout=30).json()
+    assert document["status"] == "error" and document["error"] == "cancelled"
+    page.get_by_role("button", name="Delete recording").click()  # a stopped job can be deleted
+    page.locator(f'#jobs li[data-job="{job_id}"]').wait_for(state="detached", timeout=30_000)
+    page.close()
 
 
 def test_with_api_keys_the_key_is_asked_once_and_used_for_everything(keyed_stack, fixtures_dir, browser):

@@ -6,7 +6,7 @@ import asyncio
 import functools
 import logging
 
-from common.broker import Route, connect, consume
+from common.broker import EndedJobs, Route, connect, consume
 from common.logs import setup_logging
 from common.messages import JobSubmitted
 from common.metrics import serve_metrics
@@ -25,10 +25,12 @@ async def main() -> None:
     serve_metrics(settings, "diarizer")
     diarize, backend = await asyncio.to_thread(make_diarizer, settings)
     log.info("diarization backend: %s", backend)
-    deps = handler.Deps(settings=settings, storage=make_client(settings), diarize=diarize)
+    ended = EndedJobs()
+    deps = handler.Deps(settings=settings, storage=make_client(settings), diarize=diarize, ended=ended)
     connection = await connect(settings, "diarizer")
     log.info("diarizer ready")
-    await consume(connection, settings, "diarizer", [Route(JobSubmitted, functools.partial(handler.handle, deps=deps))])
+    await consume(connection, settings, "diarizer", [Route(JobSubmitted, functools.partial(handler.handle, deps=deps))],
+                  ended=ended)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Container
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +32,9 @@ class Deps:
     settings: Settings
     storage: Minio
     diarize: DiarizeFn
+    # Jobs that failed or were cancelled (common.broker.EndedJobs): a file that takes minutes to
+    # diarize is dropped as soon as it is known to be unwanted.
+    ended: Container[int] = ()
 
 
 def decode(message: JobSubmitted, deps: Deps) -> np.ndarray:
@@ -112,6 +115,9 @@ async def handle(message: JobSubmitted, deps: Deps) -> AsyncIterator[Contract]:
     log.info("decoded %s: %.1f s%s", message.filename, duration,
              f", {len(waveform)} channels kept apart" if waveform.ndim == 2 else "")
     add_audio_seconds(duration)
+    if message.job_id in deps.ended:
+        log.info("the job has ended (failed or cancelled) while it was decoded; not diarized")
+        return
     # The stages after this one read their chunk's samples from here (16-bit PCM, ranged GETs;
     # channels one after another).
     await asyncio.to_thread(upload_bytes, deps.storage, deps.settings.audio_bucket,
@@ -123,5 +129,10 @@ async def handle(message: JobSubmitted, deps: Deps) -> AsyncIterator[Contract]:
         channels = numbered_across(
             [await asyncio.to_thread(deps.diarize, channel, message.options) for channel in waveform])
         diarization = all_channels(channels)
+    if message.job_id in deps.ended:
+        # Its PCM was stored for the chunks; none will read it, and a delete may have come already.
+        await asyncio.to_thread(deps.storage.remove_object, deps.settings.audio_bucket, pcm_key(message.job_id))
+        log.info("the job has ended (failed or cancelled) while it was diarized; its chunks are not sent")
+        return
     for out in chunk_messages(message, duration, diarization, deps.settings, channels):
         yield out

@@ -8,7 +8,7 @@ import logging
 
 import aiohttp
 
-from common.broker import Route, connect, consume
+from common.broker import EndedJobs, Route, connect, consume
 from common.logs import setup_logging
 from common.messages import ChunkTranscribed
 from common.metrics import serve_metrics
@@ -31,7 +31,7 @@ async def main() -> None:
         connection = await connect(settings, "embedder")
         log.info("embedder ready")
         await consume(connection, settings, "embedder",
-                      [Route(ChunkTranscribed, functools.partial(handler.handle, deps=deps))])
+                      [Route(ChunkTranscribed, functools.partial(handler.handle, deps=deps))], ended=EndedJobs())
 
 
 if __name__ == "__main__":

@@ -98,6 +98,10 @@ class Accepted(BaseModel):
 MAX_BIGINT = 2**63 - 1
 
 
+# The `error` of a job its owner cancelled (POST /transcripts/{id}/cancel).
+CANCELLED = "cancelled"
+
+
 class JobStatus(BaseModel):
     status: Literal["processing", "done", "error"]
     # The step the job is in (on error: the step it failed in); percent = chunks done / chunks.
@@ -201,6 +205,24 @@ async def rerun(job_id: JobId, state: State, request: Request, data: JobOptions 
     with job_logged(new_id):
         log.info("rerun of job %d", job_id)
     return Accepted(id=new_id, filename=original["filename"])
+
+
+@post("/transcripts/{job_id:int}/cancel", status_code=200, summary="Stop a job that is still processing",
+      responses=_errors(401, 403, 404, 409, 503, e409="The job has already ended (done or error)"))
+async def cancel(job_id: JobId, state: State, request: Request) -> JobStatus:
+    """The job ends at once with `"status": "error"` and `"error": "cancelled"`, keeping the
+    segments stored so far; transcript.failed announces it, and every stage stops working on it
+    (a chunk already being transcribed is finished and thrown away). Then it can be deleted."""
+    async with state.pool.acquire() as conn, conn.transaction():
+        job = await jobstore.lock_job(conn, job_id)
+        if not visible(job, request_owner(request)):
+            raise NotFoundException(detail=f"no job with id {job_id}")
+        if not await jobstore.fail(conn, job_id, CANCELLED, "ingest"):
+            raise HTTPException(status_code=409, detail=f"job {job_id} has already ended ({job['status']})")
+    state.outbox_wake.set()
+    with job_logged(job_id):
+        log.info("cancelled at its owner's request")
+    return JobStatus(**await status_document(state.pool, job_id))
 
 
 @get("/status/{job_id:int}", summary="State and segments of a job", responses=_errors(401, 403, 404, 503))
@@ -322,8 +344,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
             state.s3_probe.close()
 
     return Litestar(
-        route_handlers=[recognize, rerun, job_status, healthz, readyz, metrics, *TRANSCRIPT_ROUTES, *SEARCH_ROUTES,
-                        *REINDEX_ROUTES, *SPEAKER_ROUTES, *WEBHOOK_ROUTES,
+        route_handlers=[recognize, rerun, cancel, job_status, healthz, readyz, metrics, *TRANSCRIPT_ROUTES,
+                        *SEARCH_ROUTES, *REINDEX_ROUTES, *SPEAKER_ROUTES, *WEBHOOK_ROUTES,
                         *LIVE_ROUTES, *PLAYBACK_ROUTES, *PAGE_ROUTES],
         lifespan=[lifespan],
         middleware=[http_metrics_middleware, api_key_middleware(settings),  # metrics first: 401s count

@@ -391,13 +391,14 @@ def as_utc(value: str | None, name: str) -> datetime | None:
 
 @delete("/transcripts/{job_id:int}", status_code=204, summary="Delete a job, its transcript and its audio",
         responses=error_responses(400, 401, 403, 404, 409, 503,
-                                  e409="The job is still processing; delete it after it ends"))
+                                  e409="The job is still processing; cancel it first, or delete it after it ends"))
 async def remove_transcript(job_id: JobId, state: State, request: Request) -> None:
     try:
         deleted = await delete_transcript(state.pool, state.s3, state.settings, job_id, request_owner(request))
     except StillProcessing as exc:
         raise HTTPException(status_code=409, detail=f"job {job_id} is still processing; delete it after it ends"
-                                                    " (done or error)") from exc
+                                                    f" (done or error), or cancel it first: POST"
+                                                    f" /transcripts/{job_id}/cancel") from exc
     except ObjectStoreUnavailable as exc:
         raise HTTPException(status_code=503, detail="the object store is unavailable; nothing was deleted,"
                                                     " try again", headers={"Retry-After": "5"}) from exc

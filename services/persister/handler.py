@@ -19,7 +19,6 @@ from common.messages import (
     JobProgress,
     SegmentCreated,
     TranscriptCompleted,
-    TranscriptFailed,
 )
 from common.outbox import add_to_outbox
 from common.settings import get_settings
@@ -127,13 +126,8 @@ async def fail_job(pool: asyncpg.Pool, job_id: int, stage: str, reason: str) -> 
     """Mark a processing job failed (the first reason wins); returns True if it changed.
     `stage` is the service that gave up; the job keeps the pipeline stage it failed in."""
     async with pool.acquire() as conn, conn.transaction():
-        filename = await jobstore.mark_failed(conn, job_id, reason, stage)
-        if filename is None:
+        if not await jobstore.fail(conn, job_id, reason, stage):
             return False
-        await add_to_outbox(conn, TranscriptFailed(
-            message_id=f"transcript.failed:{job_id}", job_id=job_id, transcript_id=job_id,
-            filename=filename, reason=reason,
-        ))
     log.warning("job failed in %s: %s", stage, reason)
     return True
 

@@ -6,7 +6,7 @@ import asyncio
 import functools
 import logging
 
-from common.broker import Route, connect, consume
+from common.broker import EndedJobs, Route, connect, consume
 from common.logs import setup_logging
 from common.messages import JobDiarized
 from common.metrics import serve_metrics
@@ -29,7 +29,7 @@ async def main() -> None:
     connection = await connect(settings, "transcriber")
     log.info("transcriber ready")
     await consume(connection, settings, "transcriber",
-                  [Route(JobDiarized, functools.partial(handler.handle, deps=deps))])
+                  [Route(JobDiarized, functools.partial(handler.handle, deps=deps))], ended=EndedJobs())
 
 
 if __name__ == "__main__":

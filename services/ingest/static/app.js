@@ -347,6 +347,7 @@ async function forgetPerson(person) {
 function showStatus(job) {
   const status = $("#transcript-status");
   if (job.status === "processing") status.textContent = `Processing: ${job.stage}, ${job.percent}%`;
+  else if ((job.error || job.reason) === "cancelled") status.textContent = "Stopped: the transcript ends where it was.";
   else if (job.status === "error") status.textContent = `Failed: ${job.error || job.reason || "see the job's status"}`;
   else status.textContent = "Done.";
   $("#transcript").dataset.status = job.status;
@@ -395,6 +396,21 @@ function renderDelete(jobId, ended) {
     const item = document.querySelector(`#jobs li[data-job="${jobId}"]`);
     if (item) item.remove();
     if (state.open === jobId) closeTranscript();
+  };
+}
+
+// A job still processing can be stopped (POST /transcripts/{id}/cancel); what it has stored stays.
+function renderCancel(jobId, ended) {
+  const button = $("#cancel");
+  button.hidden = ended;
+  button.onclick = async () => {
+    const job = state.jobs.get(jobId) || {};
+    if (!confirm(`Stop processing ${job.filename || `job ${jobId}`}? What is transcribed so far is kept.`)) return;
+    try {
+      showStatus(await (await api(`/transcripts/${jobId}/cancel`, { method: "POST" })).json());
+    } catch (error) {
+      $("#transcript-status").textContent = `Not stopped: ${error.message}`;
+    }
   };
 }
 
@@ -477,6 +493,7 @@ async function openTranscript(jobId) {
   renderRerun(jobId, false);
   $("#rerun-speakers").value = "";
   const job = state.jobs.get(jobId) || { id: jobId, filename: "", status: "processing", stage: "submitted", percent: 0 };
+  renderCancel(jobId, job.status !== "processing");
   $("#transcript-title").textContent = job.filename || `Job ${jobId}`;
   if (job.language) $("#segments").lang = job.language;
   showStatus(job);
@@ -494,6 +511,7 @@ async function openTranscript(jobId) {
       renderJob(data);
       showStatus(data);
       renderDownloads(jobId, type === "transcript.completed");
+      renderCancel(jobId, true);
       renderDelete(jobId, true);
       renderRerun(jobId, true);
       refreshNames();

@@ -1,0 +1,133 @@
+"""Cancelling a job (POST /transcripts/{id}/cancel) on the real stack: it ends at once, and every
+stage stops working on it. Chunks are small here (20 s of speech) so a 7-minute meeting has
+enough of them to see the transcriber stop."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+
+import aio_pika
+import httpx
+import numpy as np
+import pytest
+
+from common.audio import decode_audio
+from common.storage import pcm_key
+from tests.audio_files import encode
+from tests.conftest import events_queue, job_events, record_figure, running_stack
+
+
+@pytest.fixture(scope="module")
+def small_chunks(tmp_path_factory, fixtures_dir):
+    with running_stack(tmp_path_factory, CHUNK_MAX_SPEECH_S="20", MAX_AUDIO_HOURS="1") as stack:
+        yield stack
+
+
+@pytest.fixture(scope="module")
+def meeting(fixtures_dir, tmp_path_factory):
+    """About 7 minutes of talk, 18 chunks or so."""
+    parts = [decode_audio(str(fixtures_dir / n)) for n in
+             ("sample.wav", "ami_dev00.wav", "ami_dev01.wav", "ru_dialogue.wav", "en_dialogue.wav")]
+    path = tmp_path_factory.mktemp("cancel") / "meeting.opus"
+    path.write_bytes(encode(np.concatenate(parts * 3), "ogg", "libopus", 48_000, channels=1, bit_rate=24_000))
+    return path
+
+
+def log_count(stack, service: str, pattern: str) -> int:
+    return len(re.findall(pattern, stack.log_text(service)))
+
+
+def skipped(stack, stage: str) -> float:
+    """Messages of `stage` acked unworked because their job had ended (its metrics)."""
+    lines = httpx.get(stack.metrics_url(stage), timeout=10).text.splitlines()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith("stt_messages_total{")
+               and 'outcome="skipped"' in line and f'stage="{stage}"' in line)
+
+
+def pcm_exists(stack, job_id: int) -> bool:
+    try:
+        stack.s3.stat_object(stack.settings().audio_bucket, pcm_key(job_id))
+    except Exception:
+        return False
+    return True
+
+
+def test_cancelling_while_transcribing_stops_every_stage_and_keeps_what_was_stored(small_chunks, meeting):
+    stack = small_chunks
+    job_id = stack.submit_job(meeting)
+
+    async def cancel_and_hear_it() -> tuple[httpx.Response, int, list[dict]]:
+        connection = await aio_pika.connect_robust(stack.amqp_url)
+        async with connection:
+            channel = await connection.channel()
+            queue = await events_queue(channel, "transcript.failed")
+            deadline = time.monotonic() + 240
+            while stack.status(job_id)["percent"] == 0:  # the first chunk is stored
+                assert time.monotonic() < deadline, stack.log_tail("transcriber")
+                await asyncio.sleep(0.2)
+            answer = httpx.post(f"{stack.api}/transcripts/{job_id}/cancel", timeout=30)
+            transcribed_then = log_count(stack, "transcriber", rf"job={job_id} transcribing chunk")
+            failed = await job_events(queue, job_id, lambda bodies: bodies, timeout=30)
+            return answer, transcribed_then, failed
+
+    answer, transcribed_then, failed = asyncio.run(cancel_and_hear_it())
+    assert answer.status_code == 200, answer.text
+    document = answer.json()
+    assert document["status"] == "error" and document["error"] == "cancelled"
+    assert document["segments"], "what was stored before the cancel is kept"
+    assert failed[0]["reason"] == "cancelled"
+    assert stack.status(job_id) == document
+
+    [job] = stack.query("SELECT chunk_count FROM transcripts WHERE id = $1", job_id)
+    chunk_count = job["chunk_count"]
+    assert chunk_count >= 10
+    # Every chunk message is settled one way or the other: worked on, or skipped unworked.
+    deadline = time.monotonic() + 120
+    while log_count(stack, "transcriber", rf"job={job_id} transcribing chunk") + skipped(stack, "transcriber") \
+            < chunk_count:
+        assert time.monotonic() < deadline, stack.log_tail("transcriber")
+        time.sleep(0.5)
+    transcribed = log_count(stack, "transcriber", rf"job={job_id} transcribing chunk")
+    record_figure(f"{'cancel while transcribing':<34} {chunk_count} chunks: {transcribed_then} started before the"
+                  f" cancel, {transcribed - transcribed_then} after, {skipped(stack, 'transcriber'):.0f} skipped")
+    # At most the chunk in hand, and one taken before the news arrived, after the cancel.
+    assert transcribed <= transcribed_then + 2 < chunk_count
+    assert skipped(stack, "transcriber") == chunk_count - transcribed
+    time.sleep(2)  # what was in hand reaches the persister, which stores none of it
+    assert stack.status(job_id)["segments"] == document["segments"]
+
+    assert httpx.post(f"{stack.api}/transcripts/{job_id}/cancel", timeout=30).status_code == 409
+    assert httpx.delete(f"{stack.api}/transcripts/{job_id}", timeout=30).status_code == 204
+    assert not pcm_exists(stack, job_id)
+    assert httpx.post(f"{stack.api}/transcripts/{job_id}/cancel", timeout=30).status_code == 404
+
+
+def test_cancelling_while_diarizing_sends_no_chunk_and_leaves_no_audio(small_chunks, meeting):
+    stack = small_chunks
+    job_id = stack.submit_job(meeting)
+    answer = httpx.post(f"{stack.api}/transcripts/{job_id}/cancel", timeout=30)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["segments"] == [] and answer.json()["error"] == "cancelled"
+    # Deleted at once, while the diarizer may still be decoding or diarizing the file.
+    assert httpx.delete(f"{stack.api}/transcripts/{job_id}", timeout=30).status_code == 204
+
+    deadline = time.monotonic() + 120
+    while not re.search(rf"job={job_id} .*the job has ended", stack.log_text("diarizer")):
+        assert time.monotonic() < deadline, stack.log_tail("diarizer")
+        time.sleep(0.3)
+    time.sleep(1)
+    assert f"job={job_id} " not in stack.log_text("transcriber")
+    assert not pcm_exists(stack, job_id)  # the PCM it may have stored after the delete is removed
+    assert stack.query("SELECT 1 FROM transcripts WHERE id = $1", job_id) == []
+
+
+def test_a_job_that_has_ended_cannot_be_cancelled(small_chunks, fixtures_dir):
+    stack = small_chunks
+    job_id = stack.submit_job(fixtures_dir / "jfk.flac")
+    assert stack.wait_finished(job_id)["status"] == "done"
+    answer = httpx.post(f"{stack.api}/transcripts/{job_id}/cancel", timeout=30)
+    assert answer.status_code == 409 and "already ended (done)" in answer.json()["detail"]
+    assert stack.status(job_id)["status"] == "done"
+    assert httpx.post(f"{stack.api}/transcripts/999999/cancel", timeout=30).status_code == 404
