@@ -115,8 +115,9 @@ async def set_speaker_names(conn: asyncpg.Connection, job_id: int, names: dict[s
 
 
 async def job_audio(db: Db, job_id: int) -> asyncpg.Record | None:
-    """filename, audio_key and owner of a job (the uploaded recording)."""
-    return await db.fetchrow("SELECT filename, audio_key, owner FROM transcripts WHERE id = $1", job_id)
+    """filename, audio_key, owner and audio_removed_at of a job (the uploaded recording)."""
+    return await db.fetchrow("SELECT filename, audio_key, owner, audio_removed_at FROM transcripts WHERE id = $1",
+                             job_id)
 
 
 async def stored_chunk_prefix(db: Db, job_id: int) -> int:
@@ -416,6 +417,28 @@ async def fail(conn: asyncpg.Connection, job_id: int, reason: str, service: str)
         filename=filename, reason=reason,
     ))
     return True
+
+
+async def ended_before(db: Db, age_s: float, limit: int) -> list[int]:
+    """Jobs that ended (done or error) more than `age_s` seconds ago, oldest first."""
+    rows = await db.fetch(
+        "SELECT id FROM transcripts WHERE status <> 'processing'"
+        " AND completed_at < now() - make_interval(secs => $1) ORDER BY completed_at LIMIT $2", age_s, limit)
+    return [r["id"] for r in rows]
+
+
+async def recordings_ended_before(db: Db, age_s: float, limit: int) -> list[asyncpg.Record]:
+    """id and audio_key of the jobs that ended more than `age_s` seconds ago and still have their
+    recording, oldest first."""
+    return await db.fetch(
+        "SELECT id, COALESCE(audio_key, 'uploads/' || id) AS audio_key FROM transcripts"
+        " WHERE status <> 'processing' AND audio_removed_at IS NULL"
+        " AND completed_at < now() - make_interval(secs => $1) ORDER BY completed_at LIMIT $2", age_s, limit)
+
+
+async def mark_audio_removed(db: Db, job_id: int) -> bool:
+    return await db.execute("UPDATE transcripts SET audio_removed_at = now()"
+                            " WHERE id = $1 AND audio_removed_at IS NULL", job_id) == "UPDATE 1"
 
 
 async def stalled_job_ids(db: Db, timeout_s: float) -> list[int]:

@@ -113,6 +113,11 @@ class Settings(BaseSettings):
     audio_url_timeout_s: float = Field(default=600.0, gt=0)
     audio_url_allow_private: bool = False
 
+    # Retention (ingest; README "Storage"): days after a job ends until its uploaded recording is
+    # removed (the transcript kept), and until the whole job is deleted. 0: kept until deleted.
+    audio_retention_days: float = Field(default=0.0, ge=0)
+    transcript_retention_days: float = Field(default=0.0, ge=0)
+
     @property
     def webhook_retry_delays(self) -> list[int]:
         return [max(1, int(float(d))) for d in self.webhook_retry_delays_s.split(",") if d.strip()] or [60]

@@ -61,11 +61,16 @@ async def _pieces(state: State, key: str, first: int, last: int) -> AsyncIterato
 
 
 @get("/transcripts/{job_id:int}/audio", summary="The job's recording as uploaded (supports Range)",
-     responses=error_responses(400, 401, 403, 404, 416, 503, e404="No such job (for this key), or its audio is gone"))
+     responses=error_responses(400, 401, 403, 404, 410, 416, 503,
+                               e404="No such job (for this key), or its audio is gone",
+                               e410="The recording was removed (AUDIO_RETENTION_DAYS); the transcript is kept"))
 async def job_audio(job_id: JobId, state: State, request: Request) -> Stream:
     job = await jobstore.job_audio(state.pool, job_id)
     if not visible(job, request_owner(request)) or not job["audio_key"]:
         raise NotFoundException(detail=f"no job with id {job_id}")
+    if job["audio_removed_at"] is not None:
+        raise HTTPException(status_code=410, detail=f"the recording of job {job_id} was removed on"
+                            f" {job['audio_removed_at']:%Y-%m-%d} (AUDIO_RETENTION_DAYS); its transcript is kept")
     try:
         stat = await asyncio.to_thread(state.s3.stat_object, state.settings.audio_bucket, job["audio_key"])
     except S3Error as exc:

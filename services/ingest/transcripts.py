@@ -251,7 +251,7 @@ class ObjectStoreUnavailable(Exception):
     pass
 
 
-def _remove_objects(s3: Minio, objects: list[tuple[str, str]]) -> None:
+def remove_objects(s3: Minio, objects: list[tuple[str, str]]) -> None:
     for bucket, key in objects:
         try:
             s3.remove_object(bucket, key)
@@ -282,7 +282,7 @@ async def delete_transcript(pool: asyncpg.Pool, s3: Minio, settings: Settings, j
             await jobstore.remember_deleted_drop(conn, job["source_bucket"], job["source_key"], job["source_etag"])
         # Objects first: if the store fails, the rows stay and the delete can be repeated.
         try:
-            await asyncio.to_thread(_remove_objects, s3, objects)
+            await asyncio.to_thread(remove_objects, s3, objects)
         except Exception as exc:
             with job_logged(job_id):
                 log.warning("could not remove its objects (%s)", type(exc).__name__)
