@@ -56,6 +56,8 @@ TRANSIENT_STATUS_CODES = (502, 503, 504)
 # How long `submit` keeps offering an upload that the server answers 503 with Retry-After (it
 # takes no more uploads at once, or its database or broker is briefly away; nothing was created).
 UPLOAD_BUSY_WAIT_S = 120.0
+# Sends of one upload whose connection broke (each with the same Idempotency-Key).
+UPLOAD_ATTEMPTS = 3
 WATCHED_ROUTING_KEYS = ("segment.created", "transcript.*")
 SPEAKER_COLOURS = ("cyan", "magenta", "green", "yellow", "blue", "red",
                    "bright_cyan", "bright_magenta", "bright_green", "bright_yellow")
@@ -167,11 +169,25 @@ def multipart_body(path: Path, fields: dict[str, str],
 
 def upload(client: httpx.Client, source: Path | str, fields: dict[str, str]) -> SubmittedJob:
     """Upload one file, or give the address the service fetches it from; while the server
-    answers 503 with Retry-After, wait that long and offer it again, for up to UPLOAD_BUSY_WAIT_S."""
+    answers 503 with Retry-After, wait that long and offer it again, for up to UPLOAD_BUSY_WAIT_S.
+    The request carries an Idempotency-Key, so when the connection breaks after it was sent (the
+    answer lost on the way back) it is sent again, up to UPLOAD_ATTEMPTS times, and the service
+    answers with the job it already made instead of making a second."""
+    headers = {"Idempotency-Key": str(uuid.uuid4())}
     deadline = time.monotonic() + UPLOAD_BUSY_WAIT_S
+    attempt = 1
     while True:
-        response = (_post_upload(client, source, fields) if isinstance(source, Path)
-                    else _post_url(client, source, fields))
+        try:
+            response = (_post_upload(client, source, fields, headers) if isinstance(source, Path)
+                        else _post_url(client, source, fields, headers))
+        except httpx.TransportError as exc:
+            if isinstance(exc, httpx.ConnectError) or attempt == UPLOAD_ATTEMPTS:
+                raise  # nothing reached the service, or it keeps failing: say so
+            reason = escape(str(exc) or type(exc).__name__)
+            stderr.print(f"{escape(source_name(source))}: the connection broke ({reason}), sending it again")
+            time.sleep(2 * attempt)
+            attempt += 1
+            continue
         wait_s = _retry_after_s(response)
         if wait_s is None or time.monotonic() + wait_s > deadline:
             break
@@ -195,10 +211,10 @@ def recording_source(argument: str) -> Path | str:
     return path
 
 
-def _post_url(client: httpx.Client, url: str, fields: dict[str, str]) -> httpx.Response:
+def _post_url(client: httpx.Client, url: str, fields: dict[str, str], headers: dict[str, str]) -> httpx.Response:
     form = {name: (None, value) for name, value in {"url": url, **fields}.items()}
     # The service downloads the recording and decodes it before it answers.
-    return client.post("/recognize", files=form, timeout=httpx.Timeout(900, connect=10))
+    return client.post("/recognize", files=form, headers=headers, timeout=httpx.Timeout(900, connect=10))
 
 
 def _retry_after_s(response: httpx.Response) -> float | None:
@@ -211,15 +227,16 @@ def _retry_after_s(response: httpx.Response) -> float | None:
         return None
 
 
-def _post_upload(client: httpx.Client, path: Path, fields: dict[str, str]) -> httpx.Response:
+def _post_upload(client: httpx.Client, path: Path, fields: dict[str, str], headers: dict[str, str]) -> httpx.Response:
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                TimeRemainingColumn())
     # Off where stderr is not a terminal: a finished upload bar in a log says nothing.
     with Progress(*columns, console=stderr, transient=True, disable=not stderr.is_terminal) as progress:
         task = progress.add_task(f"uploading {escape(path.name)}", total=path.stat().st_size)
-        headers, body = multipart_body(path, fields, lambda sent: progress.advance(task, sent))
+        body_headers, body = multipart_body(path, fields, lambda sent: progress.advance(task, sent))
         # The server decodes the whole file before it answers: allow for that after the upload.
-        return client.post("/recognize", content=body, headers=headers, timeout=httpx.Timeout(300, connect=10))
+        return client.post("/recognize", content=body, headers={**headers, **body_headers},
+                           timeout=httpx.Timeout(300, connect=10))
 
 
 # ---- following jobs -------------------------------------------------------------------------

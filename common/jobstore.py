@@ -38,17 +38,31 @@ async def reserve_job_id(db: Db) -> int:
 
 
 async def insert_job(conn: asyncpg.Connection, job_id: int, *, filename: str, audio_key: str, options: dict,
-                     owner: str | None, drop: tuple[str, str, str] | None) -> int | None:
-    """The job's row; None when `drop` (bucket, key, ETag) already is a job or its owner deleted it."""
+                     owner: str | None, drop: tuple[str, str, str] | None,
+                     idempotency: tuple[str, str] | None = None) -> int | None:
+    """The job's row; None when `drop` (bucket, key, ETag) already is a job or its owner deleted
+    it, or when the owner's `idempotency` key (with the request's hash) already made one."""
     bucket, key, etag = drop or (None, None, None)
+    idempotency_key, request_hash = idempotency or (None, None)
     return await conn.fetchval(
         "INSERT INTO transcripts (id, filename, source, source_bucket, source_key, source_etag,"
-        " audio_key, options, owner) SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9"
+        " audio_key, options, owner, idempotency_key, request_hash)"
+        " SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11"
         " WHERE NOT EXISTS (SELECT 1 FROM deleted_drops"
         " WHERE source_bucket = $4 AND source_key = $5 AND source_etag = $6)"
         " ON CONFLICT DO NOTHING RETURNING id",
         job_id, filename, "bucket" if drop else "upload", bucket, key, etag, audio_key, options, owner,
+        idempotency_key, request_hash,
     )
+
+
+async def job_by_idempotency_key(db: Db, owner: str | None, idempotency_key: str) -> asyncpg.Record | None:
+    """id, filename, request_hash and callback_secret (of its callback_url) of the owner's job
+    made with this Idempotency-Key."""
+    return await db.fetchrow(
+        "SELECT t.id, t.filename, t.request_hash, w.secret AS callback_secret FROM transcripts t"
+        " LEFT JOIN webhooks w ON w.job_id = t.id"
+        " WHERE coalesce(t.owner, '') = coalesce($1, '') AND t.idempotency_key = $2", owner, idempotency_key)
 
 
 async def drop_is_known(db: Db, bucket: str, key: str, etag: str) -> bool:

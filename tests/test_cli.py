@@ -4,6 +4,7 @@ keys on (so every call proves the key is sent)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -26,7 +27,7 @@ from typer.testing import CliRunner
 from cli.app import app, clock
 from common.audio import SAMPLE_RATE, decode_audio
 from tests.audio_files import en_dialogue_voices, wav
-from tests.conftest import ROOT, Stack, running_stack
+from tests.conftest import ROOT, Stack, free_port, running_stack
 
 API_KEY = "cli-key-0b7d2e"
 OTHER_KEY = "cli-key-other-5c1a"
@@ -353,6 +354,58 @@ def test_a_job_still_processing_is_cancelled_then_deleted(keyed_stack, fixtures_
     status = json.loads(stt(keyed_stack, "status", job_id, "--json").stdout)
     assert (status["status"], status["error"]) == ("error", "cancelled")
     assert stt(keyed_stack, "delete", job_id).stdout == f"deleted job {job_id}\n"
+
+
+class AnswerLosingProxy:
+    """A TCP proxy to the API that lets the first request through and then drops the connection
+    instead of passing the answer back: the job exists, the client never hears of it."""
+
+    def __init__(self, api: str) -> None:
+        self.target = httpx.URL(api)
+        self.port = free_port()
+        self.connections = 0
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    async def _serve(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        server_reader, server_writer = await asyncio.open_connection(self.target.host, self.target.port)
+        sending = asyncio.ensure_future(self._pipe(client_reader, server_writer))
+        if self.connections == 1:
+            await server_reader.read(1)  # the service has answered: the job was made
+            client_writer.transport.abort()
+            server_writer.close()
+            sending.cancel()
+            return
+        await asyncio.gather(sending, self._pipe(server_reader, client_writer))
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(asyncio.start_server(self._serve, "127.0.0.1", self.port),
+                                         self.loop).result(10)
+        return f"http://127.0.0.1:{self.port}"
+
+    def __exit__(self, *exc: object) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+def test_an_upload_whose_answer_was_lost_is_sent_again_and_makes_one_job(keyed_stack, fixtures_dir, tmp_path):
+    recording = tmp_path / f"call-{time.monotonic_ns()}.flac"
+    recording.write_bytes((fixtures_dir / "jfk.flac").read_bytes())
+    proxy = AnswerLosingProxy(keyed_stack.api)
+    with proxy as api:
+        submitted = stt(keyed_stack, "submit", "--no-wait", "--api", api, str(recording), timeout=120)
+    assert submitted.returncode == 0, submitted.stderr
+    assert "the connection broke" in submitted.stderr and proxy.connections == 2
+    jobs = keyed_stack.query("SELECT id FROM transcripts WHERE filename = $1", recording.name)
+    assert [str(job["id"]) for job in jobs] == [submitted.stdout.strip()]  # the job the first send made
 
 
 def test_a_call_with_one_party_per_channel_is_transcribed_channel_by_channel(keyed_stack, fixtures_dir):

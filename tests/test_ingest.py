@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -77,6 +78,36 @@ def test_speaker_hint_is_honoured(stack, fixtures_dir):
     document = stack.wait_finished(response.json()["id"])
     assert document["status"] == "done"
     assert len({s["speaker"] for s in document["segments"]}) == 3
+
+
+def test_a_request_sent_again_with_its_idempotency_key_makes_one_job(stack, fixtures_dir):
+    """A client that lost the answer (a timeout, a dropped connection) sends the request again:
+    with the same Idempotency-Key it gets the first answer, at once or later, and one job."""
+    key = f"upload-{uuid.uuid4()}"
+    audio = (fixtures_dir / "jfk.flac").read_bytes()
+
+    def send(language: str = "en", idempotency_key: str = key) -> httpx.Response:
+        return httpx.post(f"{stack.api}/recognize", files={"file": ("jfk.flac", audio)}, data={"language": language},
+                          headers={"Idempotency-Key": idempotency_key}, timeout=60)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        answers = list(pool.map(lambda _: send(), range(2)))  # both at once
+    answers.append(send())  # and once more later
+    assert [a.status_code for a in answers] == [202] * 3, [a.text for a in answers]
+    [job_id] = {a.json()["id"] for a in answers}
+    assert sorted(a.headers.get("idempotent-replayed", "") for a in answers) == ["", "true", "true"]
+    assert stack.value("SELECT count(*) FROM transcripts WHERE idempotency_key = $1", key) == 1
+
+    other = send(language="de")  # the same key for another request is a mistake, not a replay
+    assert other.status_code == 422 and f"job {job_id}" in other.json()["detail"]
+    assert send(idempotency_key="a key with spaces").status_code == 400
+
+    rerun_key = f"rerun-{uuid.uuid4()}"
+    reruns = [httpx.post(f"{stack.api}/transcripts/{job_id}/rerun", json={"num_speakers": 1},
+                         headers={"Idempotency-Key": rerun_key}, timeout=60) for _ in range(2)]
+    assert [r.status_code for r in reruns] == [202, 202]
+    assert reruns[0].json()["id"] == reruns[1].json()["id"] != job_id
+    assert reruns[1].headers["idempotent-replayed"] == "true"
 
 
 def test_unknown_job_is_404(stack):

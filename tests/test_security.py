@@ -57,6 +57,16 @@ def test_a_job_is_visible_only_to_the_key_that_created_it(keyed_api, fixtures_di
     assert owner and ALICE not in owner  # a hash of the key, never the key
 
 
+def test_an_idempotency_key_is_the_key_owners_own(keyed_api, fixtures_dir, stack):
+    """Bob sending Alice's Idempotency-Key gets a job of his own, not hers (nor a 422 naming it)."""
+    alice = upload(keyed_api, fixtures_dir, {"X-API-Key": ALICE, "Idempotency-Key": "weekly-call"})
+    bob = upload(keyed_api, fixtures_dir, {"X-API-Key": BOB, "Idempotency-Key": "weekly-call"})
+    assert alice.status_code == bob.status_code == 202, bob.text
+    assert alice.json()["id"] != bob.json()["id"] and "idempotent-replayed" not in bob.headers
+    again = upload(keyed_api, fixtures_dir, {"X-API-Key": ALICE, "Idempotency-Key": "weekly-call"})
+    assert again.json()["id"] == alice.json()["id"] and again.headers["idempotent-replayed"] == "true"
+
+
 def test_object_keys_never_contain_client_text(stack, fixtures_dir):
     hostile = "../../etc/passwd/../evil name.flac"
     response = stack.submit(fixtures_dir / "jfk.flac", name=hostile)

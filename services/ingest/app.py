@@ -42,7 +42,16 @@ from services.ingest.errors import error_responses as _errors
 from services.ingest.errors import invalid
 from services.ingest.fetch import fetch_recording
 from services.ingest.inbox import INBOX_EVENTS_QUEUE, RESULTS_QUEUE, Inbox
-from services.ingest.jobs import clean_filename, create_job, rerun_options, status_document, upload_key
+from services.ingest.jobs import (
+    Idempotency,
+    clean_filename,
+    create_job,
+    earlier_job,
+    idempotency,
+    rerun_options,
+    status_document,
+    upload_key,
+)
 from services.ingest.live import LIVE_ROUTES, Wakeups
 from services.ingest.page import PAGE_ROUTES
 from services.ingest.playback import PLAYBACK_ROUTES
@@ -121,12 +130,18 @@ class Unavailable(HTTPException):
 # ---- routes ---------------------------------------------------------------------------------
 
 
+IdempotencyKey = Annotated[str | None, Parameter(
+    header="Idempotency-Key", description="Any unique string (a UUID): the same request sent again with it (after a "
+    "timeout or a dropped connection) makes no second job and gets the first answer again")]
+
+
 @post("/recognize", status_code=202, summary="Submit a recording for transcription",
-      responses=_errors(400, 401, 403, 413, 415, 503))
+      responses=_errors(400, 401, 403, 413, 415, 422, 503,
+                        e422="The Idempotency-Key was already used for another request"))
 async def recognize(
     data: Annotated[RecognizeForm, Body(media_type=RequestEncodingType.MULTI_PART)], state: State,
-    request: Request,
-) -> Accepted:
+    request: Request, idempotency_key: IdempotencyKey = None,
+) -> Response[Accepted]:
     if (data.file is None) == (not data.url or not data.url.strip()):
         raise HTTPException(status_code=400, detail="send the recording as `file` (a multipart upload) or its "
                                                     "address as `url`: one of the two")
@@ -137,6 +152,10 @@ async def recognize(
                              task=data.task)
     except ValidationError as exc:
         raise invalid(exc, whole="form") from exc
+    asked = idempotency(idempotency_key, "recognize", data.file.filename if data.file else None, data.url,
+                        options.model_dump(exclude_none=True), data.callback_url)
+    if (earlier := await earlier_job(state.pool, request_owner(request), asked)) is not None:
+        return replayed(earlier)
     callback_url = await checked_target(data.callback_url, state.settings) if data.callback_url else None
     callback_secret = new_secret() if callback_url else None
     if data.file is not None:
@@ -145,11 +164,25 @@ async def recognize(
         stream, name = await fetch_recording(data.url, state.settings)
         filename = clean_filename(name)
     with contextlib.closing(stream):
-        return await _submit_recording(state, request, stream, filename, options, callback_url, callback_secret)
+        return await _submit_recording(state, request, stream, filename, options, callback_url, callback_secret, asked)
+
+
+def accepted(job_id: int, filename: str, callback_secret: str | None = None) -> Response[Accepted]:
+    return Response(Accepted(id=job_id, filename=filename, callback_secret=callback_secret), status_code=202)
+
+
+def replayed(job) -> Response[Accepted]:
+    """The answer the request with the same Idempotency-Key got: its job, made once."""
+    with job_logged(job["id"]):
+        log.info("the same request again (Idempotency-Key): no new job")
+    answer = accepted(job["id"], job["filename"], job["callback_secret"])
+    answer.headers["Idempotent-Replayed"] = "true"
+    return answer
 
 
 async def _submit_recording(state: State, request: Request, stream, filename: str, options: JobOptions,
-                            callback_url: str | None, callback_secret: str | None) -> Accepted:
+                            callback_url: str | None, callback_secret: str | None,
+                            asked: Idempotency | None) -> Response[Accepted]:
     size = checked_size(stream, state.settings.max_upload_bytes, empty="the recording is empty",
                         too_big=f"the file exceeds MAX_UPLOAD_MB ({state.settings.max_upload_mb} MB)")
 
@@ -167,18 +200,22 @@ async def _submit_recording(state: State, request: Request, stream, filename: st
             state.pool, state.s3, state.settings.audio_bucket,
             lambda key: upload_stream(state.s3, state.settings.audio_bucket, key, stream),
             filename=filename, options=options, owner=request_owner(request), outbox_wake=state.outbox_wake,
-            also=add_callback_url if callback_url else None)
+            also=add_callback_url if callback_url else None, idempotency=asked)
     except Exception as exc:
         log.exception("could not submit %r", filename)
         raise Unavailable(detail=f"the job could not be queued ({type(exc).__name__}); try again later") from exc
+    if job_id is None:  # the same request, sent twice at once, made its job first
+        return replayed(await earlier_job(state.pool, request_owner(request), asked))
     with job_logged(job_id):
         log.info("accepted %r (%d bytes)", filename, size)
-    return Accepted(id=job_id, filename=filename, callback_secret=callback_secret)
+    return accepted(job_id, filename, callback_secret)
 
 
 @post("/transcripts/{job_id:int}/rerun", status_code=202, summary="Run a recording again with other options",
-      responses=_errors(400, 401, 403, 404, 409, 503))
-async def rerun(job_id: JobId, state: State, request: Request, data: JobOptions | None = None) -> Accepted:
+      responses=_errors(400, 401, 403, 404, 409, 422, 503,
+                        e422="The Idempotency-Key was already used for another request"))
+async def rerun(job_id: JobId, state: State, request: Request, data: JobOptions | None = None,
+                idempotency_key: IdempotencyKey = None) -> Response[Accepted]:
     """A new job on the stored audio of job `job_id` (which stays as it is), with its options
     except those given: `{"num_speakers": 4}` when the speakers were miscounted."""
     original = await jobstore.job(state.pool, job_id)
@@ -188,6 +225,9 @@ async def rerun(job_id: JobId, state: State, request: Request, data: JobOptions 
         options = rerun_options(original["options"] or {}, data or JobOptions())
     except ValidationError as exc:
         raise invalid(exc, whole="options") from exc
+    asked = idempotency(idempotency_key, "rerun", job_id, options.model_dump(exclude_none=True))
+    if (earlier := await earlier_job(state.pool, request_owner(request), asked)) is not None:
+        return replayed(earlier)
     bucket = state.settings.audio_bucket
 
     def copy(key: str) -> None:
@@ -195,7 +235,7 @@ async def rerun(job_id: JobId, state: State, request: Request, data: JobOptions 
 
     try:
         new_id = await create_job(state.pool, state.s3, bucket, copy, filename=original["filename"], options=options,
-                                  owner=request_owner(request), outbox_wake=state.outbox_wake)
+                                  owner=request_owner(request), outbox_wake=state.outbox_wake, idempotency=asked)
     except S3Error as exc:
         if exc.code != "NoSuchKey":
             raise Unavailable(detail=f"the job could not be queued ({exc.code}); try again later") from exc
@@ -203,9 +243,11 @@ async def rerun(job_id: JobId, state: State, request: Request, data: JobOptions 
     except Exception as exc:
         log.exception("could not rerun job %d", job_id)
         raise Unavailable(detail=f"the job could not be queued ({type(exc).__name__}); try again later") from exc
+    if new_id is None:  # the same request, sent twice at once, made its job first
+        return replayed(await earlier_job(state.pool, request_owner(request), asked))
     with job_logged(new_id):
         log.info("rerun of job %d", job_id)
-    return Accepted(id=new_id, filename=original["filename"])
+    return accepted(new_id, original["filename"])
 
 
 @post("/transcripts/{job_id:int}/cancel", status_code=200, summary="Stop a job that is still processing",

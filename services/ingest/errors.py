@@ -31,6 +31,7 @@ MEANINGS = {
     413: "The upload exceeds MAX_UPLOAD_MB",
     415: "Not audio this service can decode",
     416: "The Range asked for is not within the file",
+    422: "The request cannot be carried out as sent: the message says why",
     503: "A backing service is unavailable; try again",
 }
 

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import asyncpg
+from litestar.exceptions import HTTPException
 from minio import Minio
 
 from common import jobstore
@@ -43,6 +47,39 @@ def clean_filename(name: str | None) -> str:
     return name
 
 
+IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+
+
+@dataclass(frozen=True)
+class Idempotency:
+    """A request's Idempotency-Key header, with a hash of what the request asked for."""
+
+    key: str
+    request_hash: str
+
+
+def idempotency(key: str | None, *asked: object) -> Idempotency | None:
+    """A request's Idempotency-Key (400 when malformed) with the hash of `asked`; None without one."""
+    if key is None:
+        return None
+    if not IDEMPOTENCY_KEY.match(key):
+        raise HTTPException(status_code=400, detail="Idempotency-Key: 1-255 visible ASCII characters (a UUID will do)")
+    asked_json = json.dumps(asked, sort_keys=True, separators=(",", ":"), default=str)
+    return Idempotency(key=key, request_hash=hashlib.sha256(asked_json.encode()).hexdigest())
+
+
+async def earlier_job(pool: asyncpg.Pool, owner: str | None, asked: Idempotency | None) -> asyncpg.Record | None:
+    """The job an earlier request with the same Idempotency-Key made (id, filename,
+    callback_secret); 422 when that request asked for something else."""
+    if asked is None:
+        return None
+    job = await jobstore.job_by_idempotency_key(pool, owner, asked.key)
+    if job is not None and job["request_hash"] != asked.request_hash:
+        raise HTTPException(status_code=422, detail=f"this Idempotency-Key was used for another request (job"
+                                                    f" {job['id']}): send a new key with a new request")
+    return job
+
+
 @dataclass(frozen=True)
 class BucketDrop:
     """The inbox object a job was made from: one job per (bucket, key, ETag)."""
@@ -55,6 +92,7 @@ class BucketDrop:
 async def create_job(pool: asyncpg.Pool, s3: Minio, audio_bucket: str, put_audio: Callable[[str], object],
                      *, filename: str, options: JobOptions, owner: str | None, outbox_wake: asyncio.Event,
                      drop: BucketDrop | None = None, refused: str | None = None,
+                     idempotency: Idempotency | None = None,
                      also: Callable[[asyncpg.Connection, int], Awaitable[object]] | None = None) -> int | None:
     """The one way a job comes to exist, for uploads and bucket drops alike.
 
@@ -63,7 +101,8 @@ async def create_job(pool: asyncpg.Pool, s3: Minio, audio_bucket: str, put_audio
     publishes the message (now, or after a broker outage or a crash of this process), so a
     committed job always runs. Anything that fails before the commit leaves no row and no object
     behind. Returns None when `drop` already is a job (another process made it first) or was
-    deleted by its owner. `also(conn, job_id)` runs in the job's transaction (a callback URL).
+    deleted by its owner, or when a request with the same `idempotency` key made its job first.
+    `also(conn, job_id)` runs in the job's transaction (a callback URL).
     With `refused` (a request that cannot be honoured, found after the audio was taken) the job
     is failed with that reason instead of submitted, through the same outbox."""
     job_id = await jobstore.reserve_job_id(pool)
@@ -75,7 +114,8 @@ async def create_job(pool: asyncpg.Pool, s3: Minio, audio_bucket: str, put_audio
             async with pool.acquire() as conn, conn.transaction():
                 created = await jobstore.insert_job(
                     conn, job_id, filename=filename, audio_key=key, options=options.model_dump(exclude_none=True),
-                    owner=owner, drop=(drop.bucket, drop.key, drop.etag) if drop else None)
+                    owner=owner, drop=(drop.bucket, drop.key, drop.etag) if drop else None,
+                    idempotency=(idempotency.key, idempotency.request_hash) if idempotency else None)
                 if created is not None and also is not None:
                     await also(conn, job_id)
                 if created is not None:
