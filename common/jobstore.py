@@ -85,13 +85,43 @@ _SPEAKER_NAME = ("LEFT JOIN transcript_speakers n ON n.transcript_id = s.transcr
 
 
 async def job_segments(db: Db, job_id: int) -> list[asyncpg.Record]:
-    """speaker, speaker_name, speaker_confidence, start_ts, end_ts, text, words, overlap and
-    language (where the recording switches language) of every segment, in time order."""
+    """chunk_index, index, speaker, speaker_name, speaker_confidence, start_ts, end_ts, text,
+    words, overlap, language (where the recording switches language) and edited (corrected by
+    hand) of every segment, in time order."""
     return await db.fetch(
-        "SELECT s.speaker, n.name AS speaker_name, n.confidence AS speaker_confidence,"
-        " s.start_ts, s.end_ts, s.text, s.words, s.overlap, s.language"
+        "SELECT s.chunk_index, s.index, s.speaker, n.name AS speaker_name, n.confidence AS speaker_confidence,"
+        " s.start_ts, s.end_ts, s.text, s.words, s.overlap, s.language, s.edited_at IS NOT NULL AS edited"
         f" FROM segments s {_SPEAKER_NAME} WHERE s.transcript_id = $1"
         " ORDER BY s.start_ts, s.chunk_index, s.index", job_id)
+
+
+async def lock_segment(conn: asyncpg.Connection, job_id: int, chunk_index: int, index: int) -> asyncpg.Record | None:
+    """One segment (with the language its text is indexed in), locked until the transaction ends."""
+    return await conn.fetchrow(
+        "SELECT s.speaker, s.start_ts, s.end_ts, s.text, s.words, s.embedding_model,"
+        " COALESCE(s.language, t.language) AS text_language FROM segments s"
+        " JOIN transcripts t ON t.id = s.transcript_id"
+        " WHERE s.transcript_id = $1 AND s.chunk_index = $2 AND s.index = $3 FOR UPDATE OF s",
+        job_id, chunk_index, index)
+
+
+async def correct_segment(conn: asyncpg.Connection, job_id: int, chunk_index: int, index: int, *, speaker: str,
+                          text: str | None = None, words: list[dict] | None = None, text_language: str | None = None,
+                          embedding: list[float] | None = None, embedding_model: str | None = None) -> None:
+    """A segment's speaker as corrected by hand; with `text`, also its text with its words
+    retimed, indexed again for search, and `embedding` in place of its vector (None: left for
+    the next reindex to embed)."""
+    if text is None:
+        await conn.execute("UPDATE segments SET speaker = $4, edited_at = now()"
+                           " WHERE transcript_id = $1 AND chunk_index = $2 AND index = $3",
+                           job_id, chunk_index, index, speaker)
+        return
+    await conn.execute(
+        "UPDATE segments SET speaker = $4, text = $5, words = $6, search_text = to_tsvector(stt_text_config($7), $5),"
+        " embedding = $8::real[]::vector, embedding_model = $9, edited_at = now()"
+        " WHERE transcript_id = $1 AND chunk_index = $2 AND index = $3",
+        job_id, chunk_index, index, speaker, text, words, text_language, embedding,
+        embedding_model if embedding is not None else None)
 
 
 async def job_speaker_labels(db: Db, job_id: int) -> set[str]:

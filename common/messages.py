@@ -327,6 +327,12 @@ class SegmentCreated(Contract):
     language: str | None = None
 
 
+class SegmentUpdated(SegmentCreated):
+    """A stored segment corrected by hand (its text, its speaker): the whole segment as it is now."""
+
+    ROUTING_KEY: ClassVar[str] = "segment.updated"
+
+
 class TranscriptCompleted(Contract):
     ROUTING_KEY: ClassVar[str] = "transcript.completed"
 
@@ -366,7 +372,8 @@ class TranscriptSpeakersUpdated(Contract):
 
 
 EVENTS: dict[str, type[Contract]] = {
-    m.ROUTING_KEY: m for m in (SegmentCreated, TranscriptCompleted, TranscriptFailed, TranscriptSpeakersUpdated)
+    m.ROUTING_KEY: m for m in (SegmentCreated, SegmentUpdated, TranscriptCompleted, TranscriptFailed,
+                               TranscriptSpeakersUpdated)
 }
 
 

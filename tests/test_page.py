@@ -194,6 +194,30 @@ def keyed_stack(tmp_path_factory):
         yield stack
 
 
+def test_a_segment_is_corrected_on_the_page(stack, fixtures_dir, browser):
+    page = browser.new_page()
+    page.goto(stack.api + "/")
+    page.set_input_files("#file", str(fixtures_dir / "en_dialogue.wav"))
+    page.get_by_role("button", name="Transcribe").click()
+    page.locator('#transcript[data-ended="true"]').wait_for(timeout=300_000)
+    job_id = int(page.locator("#transcript").get_attribute("data-job"))
+    first = page.locator("#segments li").first
+    said_by = first.locator(".segment").get_attribute("data-speaker")
+    other = "spk_1" if said_by == "spk_0" else "spk_0"
+    first.get_by_role("button", name="Correct the segment at").click()
+    form = page.get_by_role("form", name="Correct the segment at")
+    form.get_by_label("Words").fill("Hello everyone, welcome to Zanzibar.")
+    form.get_by_label("Speaker").select_option(other)
+    form.get_by_role("button", name="Save correction").click()
+    page.locator("#transcript-status", has_text="Correction saved.").wait_for(timeout=30_000)
+    corrected = page.locator("#segments .segment", has_text="welcome to Zanzibar")
+    assert corrected.get_attribute("data-speaker") == other
+    segments = httpx.get(f"{stack.api}/transcripts/{job_id}", timeout=30).json()["segments"]
+    assert [(s["speaker"], s["text"]) for s in segments if s["edited"]] == [
+        (other, "Hello everyone, welcome to Zanzibar.")]
+    page.close()
+
+
 def test_a_recording_still_processing_can_be_stopped(stack, fixtures_dir, browser, tmp_path):
     parts = [decode_audio(str(fixtures_dir / n)) for n in ("ami_dev00.wav", "ami_dev01.wav", "ami_trn03.wav")]
     meeting = tmp_path / "long meeting.opus"  # 3 minutes: still diarizing when the button is pressed

@@ -3,6 +3,7 @@ list, and deleting a job with its audio. Formatter edge cases are plain unit tes
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import re
 import time
@@ -12,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import unquote
 
+import aio_pika
 import httpx
 import numpy as np
 import pytest
@@ -34,7 +36,7 @@ from services.ingest.transcripts import (
     vtt_timestamp,
 )
 from tests.audio_files import encode
-from tests.conftest import Stack, running_stack
+from tests.conftest import Stack, events_queue, job_events, running_stack
 
 ALICE, BOB = "key-alice-transcripts", "key-bob-transcripts"
 
@@ -282,8 +284,9 @@ def test_json_transcript_has_the_job_facts_and_segments(dialogue, stack):
     created, completed = (datetime.fromisoformat(document[k]) for k in ("created_at", "completed_at"))
     assert created.tzinfo is not None and created <= completed < created + timedelta(minutes=5)
     assert "error" not in document
-    assert [{k: s[k] for k in ("speaker", "start_ts", "end_ts", "text", "overlap")}
-            for s in document["segments"]] == dialogue["segments"]
+    assert document["segments"] == dialogue["segments"]  # as /status has them
+    where = [(s["chunk_index"], s["index"], s["edited"]) for s in document["segments"]]
+    assert where[:2] == [(0, 0, False), (0, 1, False)]
     assert all("words" not in s for s in document["segments"])
     assert "sales" in " ".join(s["text"] for s in document["segments"]).lower()
 
@@ -403,6 +406,55 @@ def test_a_jobs_speakers_with_their_names_and_speaking_time(dialogue, stack, fix
     finally:
         httpx.patch(url, json={"spk_1": None}, timeout=30)
     assert httpx.get(f"{stack.api}/transcripts/987654321/speakers", timeout=30).status_code == 404
+
+
+def test_a_segment_corrected_by_hand_reads_so_everywhere(stack, fixtures_dir):
+    job_id = stack.submit_job(fixtures_dir / "en_dialogue.wav")
+    running = httpx.patch(f"{stack.api}/transcripts/{job_id}/segments/0/0", json={"text": "x"}, timeout=30)
+    assert running.status_code == 409, running.text  # its chunks may still be written
+    assert stack.wait_finished(job_id)["status"] == "done"
+    segments = httpx.get(f"{stack.api}/transcripts/{job_id}?words=true", timeout=30).json()["segments"]
+    target = next(s for s in segments if len(s["text"].split()) >= 4)
+    where = f"{stack.api}/transcripts/{job_id}/segments/{target['chunk_index']}/{target['index']}"
+    words = target["text"].split()
+    corrected = " ".join([words[0], "Zanzibar", *words[2:]])
+
+    async def correct_and_hear_it() -> tuple[httpx.Response, list[dict]]:
+        connection = await aio_pika.connect_robust(stack.amqp_url)
+        async with connection:
+            queue = await events_queue(await connection.channel(), "segment.updated")
+            answer = httpx.patch(where, json={"text": corrected}, timeout=30)
+            return answer, await job_events(queue, job_id, lambda bodies: bodies, timeout=30)
+
+    answer, [event] = asyncio.run(correct_and_hear_it())
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["text"] == event["text"] == corrected and answer.json()["edited"] is True
+    assert (event["chunk_index"], event["index"], event["speaker"]) == (target["chunk_index"], target["index"],
+                                                                        target["speaker"])
+    after = httpx.get(f"{stack.api}/transcripts/{job_id}?words=true", timeout=30).json()["segments"]
+    changed = [s for s in after if s["edited"]]
+    assert [s["text"] for s in changed] == [corrected] and len(after) == len(segments)
+    # One word replaced: every word keeps its time, and the new one has no probability.
+    assert [(w["start"], w["end"]) for w in changed[0]["words"]] == [(w["start"], w["end"]) for w in target["words"]]
+    assert changed[0]["words"][1]["word"] == "Zanzibar" and changed[0]["words"][1].get("probability") is None
+    assert "Zanzibar" in httpx.get(f"{stack.api}/transcripts/{job_id}?format=srt", timeout=30).text
+    hits = httpx.get(f"{stack.api}/search", params={"q": "Zanzibar", "mode": "text"}, timeout=30).json()["items"]
+    assert [(h["transcript_id"], h["text"]) for h in hits] == [(job_id, corrected)]
+
+    # Who said it: another label of the job, or a new one that can then be named.
+    moved = httpx.patch(where, json={"speaker": "spk_7"}, timeout=30)
+    assert moved.status_code == 200 and (moved.json()["speaker"], moved.json()["text"]) == ("spk_7", corrected)
+    named = httpx.patch(f"{stack.api}/transcripts/{job_id}/speakers", json={"spk_7": "Guest"}, timeout=30)
+    assert named.status_code == 200, named.text
+    txt = httpx.get(f"{stack.api}/transcripts/{job_id}?format=txt", timeout=30).text
+    assert f"Guest: {corrected}" in txt
+    assert stack.status(job_id)["segments"][after.index(changed[0])]["speaker_name"] == "Guest"
+
+    for body, says in (({}, "give the right"), ({"speaker": "Anna"}, "speaker"), ({"text": "  "}, "words")):
+        refused = httpx.patch(where, json=body, timeout=30)
+        assert refused.status_code == 400 and says in refused.text, refused.text
+    assert httpx.patch(f"{stack.api}/transcripts/{job_id}/segments/99/0", json={"text": "x"},
+                       timeout=30).status_code == 404
 
 
 def test_unknown_format_or_job(dialogue, stack):

@@ -16,7 +16,7 @@ from litestar.enums import RequestEncodingType
 from litestar.exceptions import ClientException, HTTPException, NotFoundException, ValidationException
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
-from litestar.params import Body, FromPath, Parameter
+from litestar.params import Body, FromPath, HeaderParameter, Parameter
 from litestar.plugins.pydantic import PydanticPlugin
 from litestar.response import Response
 from minio.commonconfig import CopySource
@@ -38,6 +38,7 @@ from common.webhooks import new_secret
 from services.embedder.backends import make_embedder
 from services.ingest.admission import checked_size, upload_limit_middleware
 from services.ingest.auth import api_key_middleware, request_owner
+from services.ingest.corrections import CORRECTION_ROUTES
 from services.ingest.errors import error_responses as _errors
 from services.ingest.errors import invalid
 from services.ingest.fetch import fetch_recording
@@ -130,8 +131,8 @@ class Unavailable(HTTPException):
 # ---- routes ---------------------------------------------------------------------------------
 
 
-IdempotencyKey = Annotated[str | None, Parameter(
-    header="Idempotency-Key", description="Any unique string (a UUID): the same request sent again with it (after a "
+IdempotencyKey = Annotated[str | None, HeaderParameter(
+    name="Idempotency-Key", description="Any unique string (a UUID): the same request sent again with it (after a "
     "timeout or a dropped connection) makes no second job and gets the first answer again")]
 
 
@@ -389,7 +390,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
 
     return Litestar(
         route_handlers=[recognize, rerun, cancel, job_status, healthz, readyz, metrics, *TRANSCRIPT_ROUTES,
-                        *SEARCH_ROUTES, *REINDEX_ROUTES, *SPEAKER_ROUTES, *WEBHOOK_ROUTES,
+                        *CORRECTION_ROUTES, *SEARCH_ROUTES, *REINDEX_ROUTES, *SPEAKER_ROUTES, *WEBHOOK_ROUTES,
                         *LIVE_ROUTES, *PLAYBACK_ROUTES, *PAGE_ROUTES],
         lifespan=[lifespan],
         middleware=[http_metrics_middleware, api_key_middleware(settings),  # metrics first: 401s count

@@ -177,10 +177,12 @@ async def status_document(pool: asyncpg.Pool | asyncpg.Connection, job_id: int,
         "stage": public_stage(job["stage"]),
         "percent": percent_done(job["status"], job["progress"]),
         "segments": [
-            {"speaker": r["speaker"], **({"speaker_name": r["speaker_name"]} if r["speaker_name"] else {}),
+            {"chunk_index": r["chunk_index"], "index": r["index"],
+             "speaker": r["speaker"], **({"speaker_name": r["speaker_name"]} if r["speaker_name"] else {}),
              **({"speaker_confidence": r["speaker_confidence"]} if r["speaker_confidence"] is not None else {}),
              "start_ts": round(r["start_ts"], 3), "end_ts": round(r["end_ts"], 3), "text": r["text"],
-             "overlap": r["overlap"], **({"language": r["language"]} if r["language"] else {})}
+             "overlap": r["overlap"], **({"language": r["language"]} if r["language"] else {}),
+             **({"edited": True} if r["edited"] else {})}
             for r in rows
         ],
     }

@@ -46,6 +46,9 @@ MEDIA_TYPES = {"srt": "application/x-subrip", "vtt": "text/vtt", "txt": "text/pl
 
 
 class TranscriptSegment(BaseModel):
+    # Where the segment is kept: PATCH /transcripts/{id}/segments/{chunk_index}/{index} corrects it.
+    chunk_index: int | None = None
+    index: int | None = None
     speaker: str
     # The name given to the speaker (PATCH /transcripts/{id}/speakers) or of the enrolled speaker
     # whose voice it is (README "Speakers"), when there is one.
@@ -59,6 +62,8 @@ class TranscriptSegment(BaseModel):
     overlap: bool = False
     # The language spoken, where the recording switches language (language "en,de" or "multi").
     language: str | None = None
+    # Its text or speaker was corrected by hand.
+    edited: bool = False
     # Only with ?words=true.
     words: list[Word] | None = None
 
@@ -200,24 +205,24 @@ def visible(row: asyncpg.Record | None, owner: str | None) -> bool:
     return row is not None and (owner is None or row["owner"] == owner)
 
 
+def transcript_segment(row: asyncpg.Record, with_words: bool = False) -> TranscriptSegment:
+    """A row of jobstore.job_segments as the API shows it."""
+    return TranscriptSegment(
+        chunk_index=row["chunk_index"], index=row["index"], edited=row["edited"],
+        speaker=row["speaker"], speaker_name=row["speaker_name"], speaker_confidence=row["speaker_confidence"],
+        start_ts=round(row["start_ts"], 3), end_ts=round(row["end_ts"], 3),
+        text=row["text"], overlap=row["overlap"], language=row["language"],
+        words=[Word(word=w["word"].strip(), start=w["start"], end=w["end"], probability=w.get("probability"))
+               for w in row["words"]] if with_words else None,
+    )
+
+
 async def fetch_transcript(pool: asyncpg.Pool | asyncpg.Connection, job_id: int, owner: str | None,
                            with_words: bool) -> TranscriptDocument | None:
     job = await jobstore.job(pool, job_id)
     if not visible(job, owner):
         return None
-    rows = await jobstore.job_segments(pool, job_id)
-    segments = [
-        TranscriptSegment(
-            speaker=r["speaker"], speaker_name=r["speaker_name"], speaker_confidence=r["speaker_confidence"],
-            start_ts=round(r["start_ts"], 3),
-            end_ts=round(r["end_ts"], 3),
-            text=r["text"], overlap=r["overlap"], language=r["language"],
-            words=[Word(word=w["word"].strip(), start=w["start"], end=w["end"],
-                              probability=w.get("probability")) for w in r["words"]]
-            if with_words else None,
-        )
-        for r in rows
-    ]
+    segments = [transcript_segment(r, with_words) for r in await jobstore.job_segments(pool, job_id)]
     error = job["error"] if job["status"] == "error" else None
     return TranscriptDocument(**_summary_fields(job), error=error, no_speech=job["no_speech"],
                               options=JobOptions.model_validate(job["options"] or {}), segments=segments)

@@ -221,8 +221,61 @@ function renderSegment(segment) {
   button.setAttribute("aria-label", `Play from ${clock(segment.start_ts)}: ${speakerName(segment.speaker)}: ${segment.text}`);
   button.addEventListener("click", () => playFrom(segment.start_ts, button));
   item.appendChild(button);
+  if (segment.chunk_index !== undefined && segment.chunk_index !== null) {
+    const correct = document.createElement("button");
+    correct.type = "button";
+    correct.className = "correct";
+    correct.textContent = "✎";
+    correct.title = "Correct the words or the speaker";
+    correct.setAttribute("aria-label", `Correct the segment at ${clock(segment.start_ts)}`);
+    correct.addEventListener("click", () => openCorrection(item, segment));
+    item.appendChild(correct);
+  }
   const later = [...list.children].find((other) => Number(other.dataset.start) > segment.start_ts);
   list.insertBefore(item, later || null);
+}
+
+// A segment corrected by hand (PATCH /transcripts/{id}/segments/{chunk}/{index}): its words, or
+// who said them (one of the speakers, or a new one).
+function openCorrection(item, segment) {
+  if (item.querySelector("form")) return;
+  const jobId = state.open;
+  const form = document.createElement("form");
+  form.className = "correction";
+  form.setAttribute("aria-label", `Correct the segment at ${clock(segment.start_ts)}`);
+  const labels = [...new Set([...state.speakers, segment.speaker])];
+  const fresh = `spk_${Math.max(-1, ...labels.map((l) => Number(l.split("_")[1]) || 0)) + 1}`;
+  form.innerHTML = '<label>Speaker <select name="speaker"></select></label>'
+    + '<label>Words <textarea name="text" rows="2"></textarea></label>'
+    + '<button type="submit">Save correction</button><button type="button" class="cancel">Cancel</button>';
+  const select = form.querySelector("select");
+  for (const label of [...labels, fresh]) {
+    const option = document.createElement("option");
+    option.value = label;
+    option.textContent = label === fresh ? `${fresh} (someone else)` : speakerName(label);
+    option.selected = label === segment.speaker;
+    select.appendChild(option);
+  }
+  form.querySelector("textarea").value = segment.text;
+  form.querySelector(".cancel").addEventListener("click", () => form.remove());
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    try {
+      const corrected = await (await api(`/transcripts/${jobId}/segments/${segment.chunk_index}/${segment.index}`, {
+        method: "PATCH", headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ text: form.querySelector("textarea").value, speaker: select.value }),
+      })).json();
+      if (state.open !== jobId) return;
+      item.remove();
+      renderSegment(corrected);
+      refreshNames();
+      $("#transcript-status").textContent = "Correction saved.";
+    } catch (error) {
+      $("#transcript-status").textContent = `Not corrected: ${error.message}`;
+    }
+  });
+  item.appendChild(form);
+  form.querySelector("textarea").focus();
 }
 
 function refreshNames() {
