@@ -626,18 +626,11 @@ def delete(
     api_key: ApiKey = None,
 ) -> None:
     """Delete ended jobs: their transcripts, voices and audio. Exits 1 if any could not be deleted."""
-    refused = 0
-    with reporting_api_errors(api), api_client(api, api_key) as client:
-        for job_id in job_ids:
-            try:
-                checked(client.delete(f"/transcripts/{job_id}"))
-            except ApiError as exc:
-                refused += 1
-                stderr.print(Text(f"job {job_id}: not deleted, {exc}", style="red"))
-                continue
-            sys.stdout.write(f"deleted job {job_id}\n")
-    if refused:
-        raise typer.Exit(1)
+    def delete_one(client: httpx.Client, job_id: int) -> str:
+        checked(client.delete(f"/transcripts/{job_id}"))
+        return f"deleted job {job_id}"
+
+    for_each_job(job_ids, api, api_key, delete_one, "not deleted")
 
 
 @app.command()
@@ -648,16 +641,27 @@ def cancel(
 ) -> None:
     """Stop jobs that are still processing (what they stored so far is kept until you delete them).
     Exits 1 if any could not be cancelled."""
+    def cancel_one(client: httpx.Client, job_id: int) -> str:
+        document = checked(client.post(f"/transcripts/{job_id}/cancel")).json()
+        return f"cancelled job {job_id} ({len(document['segments'])} segments kept)"
+
+    for_each_job(job_ids, api, api_key, cancel_one, "not cancelled")
+
+
+def for_each_job(job_ids: list[int], api: str, api_key: str | None, act: Callable[[httpx.Client, int], str],
+                 refusal: str) -> None:
+    """`act` on each job, printing what it says; one the API refuses is reported (`job 7: <refusal>,
+    <reason>`) and the rest go on. Exits 1 if any was refused."""
     refused = 0
     with reporting_api_errors(api), api_client(api, api_key) as client:
         for job_id in job_ids:
             try:
-                document = checked(client.post(f"/transcripts/{job_id}/cancel")).json()
+                done = act(client, job_id)
             except ApiError as exc:
                 refused += 1
-                stderr.print(Text(f"job {job_id}: not cancelled, {exc}", style="red"))
+                stderr.print(Text(f"job {job_id}: {refusal}, {exc}", style="red"))
                 continue
-            sys.stdout.write(f"cancelled job {job_id} ({len(document['segments'])} segments kept)\n")
+            sys.stdout.write(done + "\n")
     if refused:
         raise typer.Exit(1)
 

@@ -65,6 +65,13 @@ async def job_by_idempotency_key(db: Db, owner: str | None, idempotency_key: str
         " WHERE coalesce(t.owner, '') = coalesce($1, '') AND t.idempotency_key = $2", owner, idempotency_key)
 
 
+async def running_job_asked_so(db: Db, owner: str | None, request_hash: str) -> asyncpg.Record | None:
+    """The owner's newest job still processing that a request with this hash made (its id)."""
+    return await db.fetchrow(
+        "SELECT id FROM transcripts WHERE status = 'processing' AND request_hash = $2"
+        " AND coalesce(owner, '') = coalesce($1, '') ORDER BY id DESC LIMIT 1", owner, request_hash)
+
+
 async def drop_is_known(db: Db, bucket: str, key: str, etag: str) -> bool:
     """The bucket object already is a job, or was one that its owner deleted."""
     return await db.fetchval(

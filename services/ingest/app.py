@@ -25,7 +25,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field, ValidationError
 
 from common import jobstore
-from common.audio import UndecodableAudio, probe_audio
 from common.broker import connect, open_bus, watched_queues
 from common.db import DATABASE_UNAVAILABLE, apply_migrations, create_pool
 from common.logs import job_logged
@@ -33,18 +32,17 @@ from common.messages import VOCABULARY_MAX_CHARS, JobOptions, Stage
 from common.metrics import http_metrics_middleware, watch_queue_depths
 from common.outbox import run_outbox_flusher
 from common.settings import Settings, get_settings
-from common.storage import ensure_buckets, make_client, upload_stream
+from common.storage import ensure_buckets, make_client
 from common.webhooks import new_secret
 from services.embedder.backends import make_embedder
-from services.ingest.admission import checked_size, upload_limit_middleware
+from services.ingest.admission import upload_limit_middleware
 from services.ingest.auth import api_key_middleware, request_owner
 from services.ingest.corrections import CORRECTION_ROUTES
+from services.ingest.errors import error_body, invalid
 from services.ingest.errors import error_responses as _errors
-from services.ingest.errors import invalid
 from services.ingest.fetch import fetch_recording
 from services.ingest.inbox import INBOX_EVENTS_QUEUE, RESULTS_QUEUE, Inbox
 from services.ingest.jobs import (
-    Idempotency,
     clean_filename,
     create_job,
     earlier_job,
@@ -54,6 +52,7 @@ from services.ingest.jobs import (
     upload_key,
 )
 from services.ingest.live import LIVE_ROUTES, Wakeups
+from services.ingest.openai_api import OPENAI_ROUTES
 from services.ingest.page import PAGE_ROUTES
 from services.ingest.playback import PLAYBACK_ROUTES
 from services.ingest.readiness import CHECK_TIMEOUT_S, ObjectStoreProbe, run_checks
@@ -61,8 +60,9 @@ from services.ingest.reindex import REINDEX_ROUTES, Reindexer
 from services.ingest.retention import run_retention
 from services.ingest.search import SEARCH_ROUTES
 from services.ingest.speakers import SPEAKER_ROUTES
+from services.ingest.submission import Accepted, Unavailable, accepted, replayed, submit_recording
 from services.ingest.transcripts import TRANSCRIPT_ROUTES, JobId, TranscriptSegment, visible
-from services.ingest.webhooks import WEBHOOK_ROUTES, add_callback, checked_target
+from services.ingest.webhooks import WEBHOOK_ROUTES, checked_target
 
 log = logging.getLogger("services.ingest")
 
@@ -98,14 +98,6 @@ class RecognizeForm:
         description="This job's transcript.completed or transcript.failed is POSTed here, signed")] = None
 
 
-class Accepted(BaseModel):
-    status: str = "processing"
-    id: int
-    filename: str
-    # With callback_url: the secret that signs its deliveries (shown this once).
-    callback_secret: str | None = None
-
-
 MAX_BIGINT = 2**63 - 1
 
 
@@ -122,10 +114,6 @@ class JobStatus(BaseModel):
     # True when the job is done and nobody talks in the recording (no segments, no turns).
     no_speech: bool = False
     error: str | None = None
-
-
-class Unavailable(HTTPException):
-    status_code = 503
 
 
 # ---- routes ---------------------------------------------------------------------------------
@@ -165,51 +153,7 @@ async def recognize(
         stream, name = await fetch_recording(data.url, state.settings)
         filename = clean_filename(name)
     with contextlib.closing(stream):
-        return await _submit_recording(state, request, stream, filename, options, callback_url, callback_secret, asked)
-
-
-def accepted(job_id: int, filename: str, callback_secret: str | None = None) -> Response[Accepted]:
-    return Response(Accepted(id=job_id, filename=filename, callback_secret=callback_secret), status_code=202)
-
-
-def replayed(job) -> Response[Accepted]:
-    """The answer the request with the same Idempotency-Key got: its job, made once."""
-    with job_logged(job["id"]):
-        log.info("the same request again (Idempotency-Key): no new job")
-    answer = accepted(job["id"], job["filename"], job["callback_secret"])
-    answer.headers["Idempotent-Replayed"] = "true"
-    return answer
-
-
-async def _submit_recording(state: State, request: Request, stream, filename: str, options: JobOptions,
-                            callback_url: str | None, callback_secret: str | None,
-                            asked: Idempotency | None) -> Response[Accepted]:
-    size = checked_size(stream, state.settings.max_upload_bytes, empty="the recording is empty",
-                        too_big=f"the file exceeds MAX_UPLOAD_MB ({state.settings.max_upload_mb} MB)")
-
-    async def add_callback_url(conn, job_id: int) -> None:
-        await add_callback(conn, job_id, request_owner(request), callback_url, callback_secret)
-
-    try:
-        await asyncio.to_thread(probe_audio, stream)
-    except UndecodableAudio as exc:
-        detail = f"{filename!r} is not audio this service can decode: {exc}"
-        raise HTTPException(status_code=415, detail=detail) from exc
-    stream.seek(0)
-    try:
-        job_id = await create_job(
-            state.pool, state.s3, state.settings.audio_bucket,
-            lambda key: upload_stream(state.s3, state.settings.audio_bucket, key, stream),
-            filename=filename, options=options, owner=request_owner(request), outbox_wake=state.outbox_wake,
-            also=add_callback_url if callback_url else None, idempotency=asked)
-    except Exception as exc:
-        log.exception("could not submit %r", filename)
-        raise Unavailable(detail=f"the job could not be queued ({type(exc).__name__}); try again later") from exc
-    if job_id is None:  # the same request, sent twice at once, made its job first
-        return replayed(await earlier_job(state.pool, request_owner(request), asked))
-    with job_logged(job_id):
-        log.info("accepted %r (%d bytes)", filename, size)
-    return accepted(job_id, filename, callback_secret)
+        return await submit_recording(state, request, stream, filename, options, callback_url, callback_secret, asked)
 
 
 @post("/transcripts/{job_id:int}/rerun", status_code=202, summary="Run a recording again with other options",
@@ -324,10 +268,8 @@ def clearer_client_error(request: Request, exc: ClientException) -> Response:
         detail = ("the multipart body could not be parsed: headers must be UTF-8 (a filename in another encoding?)"
                   if request.content_type[0] == "multipart/form-data" else
                   f"send a multipart/form-data body (curl -F), not {request.content_type[0] or 'no content type'}")
-    body: dict[str, Any] = {"status_code": exc.status_code, "detail": detail}
-    if exc.extra:
-        body["extra"] = exc.extra
-    return Response(body, status_code=exc.status_code, headers=exc.headers)
+    return Response(error_body(request.url.path, exc.status_code, detail, exc.extra), status_code=exc.status_code,
+                    headers=exc.headers)
 
 
 def undecodable_form_field(request: Request, exc: UnicodeDecodeError) -> Response:
@@ -335,14 +277,14 @@ def undecodable_form_field(request: Request, exc: UnicodeDecodeError) -> Respons
     the client sent a file's bytes as a plain field (no filename). Anything else is a fault here."""
     if request.content_type[0] != "multipart/form-data":
         log.exception("%s %s failed", request.method, request.url.path)
-        return Response({"status_code": 500, "detail": "Internal Server Error"}, status_code=500)
-    return Response({"status_code": 400, "detail": "a form field is not UTF-8 text: send a file as a part with a "
-                     "filename (curl -F file=@meeting.mp3)"}, status_code=400)
+        return Response(error_body(request.url.path, 500, "Internal Server Error"), status_code=500)
+    return Response(error_body(request.url.path, 400, "a form field is not UTF-8 text: send a file as a part with a "
+                               "filename (curl -F file=@meeting.mp3)"), status_code=400)
 
 
 def service_unavailable(request: Request, exc: Exception) -> Response:
     log.warning("%s %s: backing service unavailable (%s)", request.method, request.url.path, type(exc).__name__)
-    return Response({"status_code": 503, "detail": "a backing service is unavailable; try again shortly"},
+    return Response(error_body(request.url.path, 503, "a backing service is unavailable; try again shortly"),
                     status_code=503, headers={"Retry-After": "5"})
 
 
@@ -390,8 +332,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
 
     return Litestar(
         route_handlers=[recognize, rerun, cancel, job_status, healthz, readyz, metrics, *TRANSCRIPT_ROUTES,
-                        *CORRECTION_ROUTES, *SEARCH_ROUTES, *REINDEX_ROUTES, *SPEAKER_ROUTES, *WEBHOOK_ROUTES,
-                        *LIVE_ROUTES, *PLAYBACK_ROUTES, *PAGE_ROUTES],
+                        *CORRECTION_ROUTES, *SEARCH_ROUTES, *REINDEX_ROUTES, *OPENAI_ROUTES, *SPEAKER_ROUTES,
+                        *WEBHOOK_ROUTES, *LIVE_ROUTES, *PLAYBACK_ROUTES, *PAGE_ROUTES],
         lifespan=[lifespan],
         middleware=[http_metrics_middleware, api_key_middleware(settings),  # metrics first: 401s count
                     upload_limit_middleware(settings.max_concurrent_uploads)],

@@ -21,6 +21,30 @@ class ErrorBody(BaseModel):
     extra: dict[str, Any] | list[Any] | None = None
 
 
+# The OpenAI-compatible endpoint (services/ingest/openai_api.py) answers errors in OpenAI's shape,
+# which its SDKs read the reason from.
+OPENAI_PREFIX = "/v1/"
+
+
+class OpenAIError(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class OpenAIErrorBody(BaseModel):
+    error: OpenAIError
+
+
+def error_body(path: str, status_code: int, detail: str, extra: Any = None) -> dict[str, Any]:
+    """An error answer's body: this API's, or OpenAI's shape under OPENAI_PREFIX."""
+    if path.startswith(OPENAI_PREFIX):
+        kind = "invalid_request_error" if status_code < 500 else "server_error"
+        return {"error": {"message": detail, "type": kind, "param": None, "code": None}}
+    return {"status_code": status_code, "detail": detail, **({"extra": extra} if extra else {})}
+
+
 MEANINGS = {
     400: "Bad request: the message says what is wrong",
     401: "An API key is required",

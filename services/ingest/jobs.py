@@ -52,9 +52,10 @@ IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 
 @dataclass(frozen=True)
 class Idempotency:
-    """A request's Idempotency-Key header, with a hash of what the request asked for."""
+    """A request's Idempotency-Key header, with a hash of what the request asked for (the key
+    None: the hash alone, to find the same request while its job runs)."""
 
-    key: str
+    key: str | None
     request_hash: str
 
 
@@ -71,7 +72,7 @@ def idempotency(key: str | None, *asked: object) -> Idempotency | None:
 async def earlier_job(pool: asyncpg.Pool, owner: str | None, asked: Idempotency | None) -> asyncpg.Record | None:
     """The job an earlier request with the same Idempotency-Key made (id, filename,
     callback_secret); 422 when that request asked for something else."""
-    if asked is None:
+    if asked is None or asked.key is None:
         return None
     job = await jobstore.job_by_idempotency_key(pool, owner, asked.key)
     if job is not None and job["request_hash"] != asked.request_hash:

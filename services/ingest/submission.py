@@ -1,0 +1,83 @@
+"""Taking a recording as a job, the same way whichever endpoint it came through (POST /recognize
+with a file or a url, POST /v1/audio/transcriptions): the 202 answer, a replay of it for a
+request sent again with its Idempotency-Key."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from litestar import Request
+from litestar.datastructures import State
+from litestar.exceptions import HTTPException
+from litestar.response import Response
+from pydantic import BaseModel
+
+from common.audio import UndecodableAudio, probe_audio
+from common.logs import job_logged
+from common.messages import JobOptions
+from common.storage import upload_stream
+from services.ingest.admission import checked_size
+from services.ingest.auth import request_owner
+from services.ingest.jobs import Idempotency, create_job, earlier_job
+from services.ingest.webhooks import add_callback
+
+log = logging.getLogger(__name__)
+
+
+class Accepted(BaseModel):
+    status: str = "processing"
+    id: int
+    filename: str
+    # With callback_url: the secret that signs its deliveries (shown this once).
+    callback_secret: str | None = None
+
+
+class Unavailable(HTTPException):
+    status_code = 503
+
+
+def accepted(job_id: int, filename: str, callback_secret: str | None = None) -> Response[Accepted]:
+    return Response(Accepted(id=job_id, filename=filename, callback_secret=callback_secret), status_code=202)
+
+
+def replayed(job) -> Response[Accepted]:
+    """The answer the request with the same Idempotency-Key got: its job, made once."""
+    with job_logged(job["id"]):
+        log.info("the same request again (Idempotency-Key): no new job")
+    answer = accepted(job["id"], job["filename"], job["callback_secret"])
+    answer.headers["Idempotent-Replayed"] = "true"
+    return answer
+
+
+async def submit_recording(state: State, request: Request, stream, filename: str, options: JobOptions,
+                           callback_url: str | None, callback_secret: str | None,
+                           asked: Idempotency | None) -> Response[Accepted]:
+    """Take a recording's stream (an upload or a download) as a job: its size within
+    MAX_UPLOAD_MB, audio that decodes, then stored and queued (services.ingest.jobs.create_job)."""
+    size = checked_size(stream, state.settings.max_upload_bytes, empty="the recording is empty",
+                        too_big=f"the file exceeds MAX_UPLOAD_MB ({state.settings.max_upload_mb} MB)")
+
+    async def add_callback_url(conn, job_id: int) -> None:
+        await add_callback(conn, job_id, request_owner(request), callback_url, callback_secret)
+
+    try:
+        await asyncio.to_thread(probe_audio, stream)
+    except UndecodableAudio as exc:
+        detail = f"{filename!r} is not audio this service can decode: {exc}"
+        raise HTTPException(status_code=415, detail=detail) from exc
+    stream.seek(0)
+    try:
+        job_id = await create_job(
+            state.pool, state.s3, state.settings.audio_bucket,
+            lambda key: upload_stream(state.s3, state.settings.audio_bucket, key, stream),
+            filename=filename, options=options, owner=request_owner(request), outbox_wake=state.outbox_wake,
+            also=add_callback_url if callback_url else None, idempotency=asked)
+    except Exception as exc:
+        log.exception("could not submit %r", filename)
+        raise Unavailable(detail=f"the job could not be queued ({type(exc).__name__}); try again later") from exc
+    if job_id is None:  # the same request, sent twice at once, made its job first
+        return replayed(await earlier_job(state.pool, request_owner(request), asked))
+    with job_logged(job_id):
+        log.info("accepted %r (%d bytes)", filename, size)
+    return accepted(job_id, filename, callback_secret)
