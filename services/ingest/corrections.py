@@ -39,7 +39,7 @@ class SegmentCorrection(BaseModel):
         if self.text is None and self.speaker is None:
             raise ValueError('give the right "text", "speaker" or both')
         if self.text is not None and not self.text.split():
-            raise ValueError("text must have words (delete nothing by correcting it to blank)")
+            raise ValueError("text must have words (a segment cannot be corrected to nothing)")
         return self
 
 
@@ -95,7 +95,12 @@ async def correct_segment(job_id: JobId, chunk_index: SegmentChunk, index: Segme
             # Search by meaning finds the new words at once when this process embeds with the
             # model the segment's vector is in; otherwise the next reindex embeds them.
             if segment["embedding_model"] == model:
-                [embedding] = await embed([text])
+                try:
+                    [embedding] = await embed([text])
+                except Exception as exc:  # the embedding service is away: the text is what matters
+                    with job_logged(job_id):
+                        log.warning("segment %d/%d not embedded (%s); the next reindex will", chunk_index, index,
+                                    type(exc).__name__)
             words = retimed_words(segment["words"], text, segment["start_ts"], segment["end_ts"])
             await jobstore.correct_segment(conn, job_id, chunk_index, index, speaker=speaker, text=text,
                                            words=[w.model_dump() for w in words],
