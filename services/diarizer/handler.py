@@ -21,7 +21,7 @@ from common.messages import Contract, JobDiarized, JobProgress, JobSubmitted, Ti
 from common.metrics import add_audio_seconds
 from common.settings import Settings
 from common.storage import download_to, pcm_key, upload_bytes
-from services.diarizer.offline import Diarization
+from services.diarizer.offline import Diarization, DiarizationStopped
 from services.diarizer.pipeline import DiarizeFn, language_probe, plan_chunks
 
 log = logging.getLogger(__name__)
@@ -122,17 +122,24 @@ async def handle(message: JobSubmitted, deps: Deps) -> AsyncIterator[Contract]:
     # channels one after another).
     await asyncio.to_thread(upload_bytes, deps.storage, deps.settings.audio_bucket,
                             pcm_key(message.job_id), float_to_pcm16(waveform.reshape(-1)))
-    if waveform.ndim == 1:
-        diarization = await asyncio.to_thread(deps.diarize, waveform, message.options)
-        channels = None
-    else:
-        channels = numbered_across(
-            [await asyncio.to_thread(deps.diarize, channel, message.options) for channel in waveform])
-        diarization = all_channels(channels)
-    if message.job_id in deps.ended:
+    def ended() -> bool:  # asked by the backend between batches of windows
+        return message.job_id in deps.ended
+
+    stopped = False
+    try:
+        if waveform.ndim == 1:
+            diarization = await asyncio.to_thread(deps.diarize, waveform, message.options, ended)
+            channels = None
+        else:
+            channels = numbered_across(
+                [await asyncio.to_thread(deps.diarize, channel, message.options, ended) for channel in waveform])
+            diarization = all_channels(channels)
+    except DiarizationStopped:
+        stopped = True
+    if stopped or ended():
         # Its PCM was stored for the chunks; none will read it, and a delete may have come already.
         await asyncio.to_thread(deps.storage.remove_object, deps.settings.audio_bucket, pcm_key(message.job_id))
-        log.info("the job has ended (failed or cancelled) while it was diarized; its chunks are not sent")
+        log.info("the job has ended (failed or cancelled) while it was diarized; diarizing stopped, no chunk sent")
         return
     for out in chunk_messages(message, duration, diarization, deps.settings, channels):
         yield out

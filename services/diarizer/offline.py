@@ -24,6 +24,7 @@ anywhere.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -159,8 +160,13 @@ def _probe_embeddings(embedding_model, batch: _Batch, first_s: float, until_s: f
     return grid, embed(embedding_model, pieces)
 
 
-def analyse(wav: np.ndarray) -> LocalSpeakers:
-    """Run segmentation and embeddings over the file, one batch of windows at a time."""
+class DiarizationStopped(Exception):
+    """`stop()` said so between two batches of windows: the job ended (failed or was cancelled)."""
+
+
+def analyse(wav: np.ndarray, stop: Callable[[], bool] | None = None) -> LocalSpeakers:
+    """Run segmentation and embeddings over the file, one batch of windows at a time (asking
+    `stop()` before each: DiarizationStopped when it says so)."""
     segmentation = load_segmentation()
     embedding_model = load_embedding_model()
     starts = window_starts(len(wav))
@@ -174,6 +180,8 @@ def analyse(wav: np.ndarray) -> LocalSpeakers:
         probe_starts=np.zeros(0), probes=np.zeros((0, EMBEDDING_DIM), dtype=np.float32))
     probe_starts, probes = [], []
     for index, activity in segment_batches(segmentation, wav, starts):
+        if stop is not None and stop():
+            raise DiarizationStopped
         batch = _Batch(embedding_model, wav, starts, index)
         result.activity[index] = activity
         result.embeddings[index], result.valid[index], result.clean_frames[index] = _local_embeddings(
@@ -229,13 +237,15 @@ def _frame_speakers(local: LocalSpeakers, centroids: np.ndarray, step: float):
 
 
 def diarize_offline(waveform: np.ndarray, *, num_speakers: int | None = None,
-                    min_speakers: int | None = None, max_speakers: int | None = None) -> Diarization:
+                    min_speakers: int | None = None, max_speakers: int | None = None,
+                    stop: Callable[[], bool] | None = None) -> Diarization:
     """Who spoke when, for float32 mono 16 kHz audio in [-1, 1].
 
     Turns are sorted by start and may overlap (two people talking at once); speakers are
     labelled ``spk_0``, ``spk_1``, ... in order of first appearance. ``num_speakers`` is honoured
     exactly when there is speech enough to tell that many voices apart; otherwise the estimated
     count is clamped into ``[min_speakers, max_speakers]``. No speech: an empty result.
+    ``stop()`` is asked between batches of windows (DiarizationStopped when it says so).
     """
     wav = np.asarray(waveform, dtype=np.float32)
     if wav.ndim > 1:
@@ -246,7 +256,7 @@ def diarize_offline(waveform: np.ndarray, *, num_speakers: int | None = None,
     lo, hi = max(1, min_speakers or 1), max_speakers or None
     if num_speakers is not None:
         lo = hi = num_speakers
-    return with_whole_voices(wav, decide(analyse(wav), lo, hi))
+    return with_whole_voices(wav, decide(analyse(wav, stop), lo, hi))
 
 
 def exclusive_speech(turns: list[SpeakerTurn], speaker: str, duration: float) -> list[tuple[float, float]]:

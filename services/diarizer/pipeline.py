@@ -6,6 +6,7 @@ import bisect
 import logging
 import os
 from collections.abc import Callable
+from typing import Protocol
 
 import numpy as np
 
@@ -13,11 +14,16 @@ from common.audio import SAMPLE_RATE
 from common.messages import JobOptions, SpeakerEmbedding, SpeakerTurn, TimeSpan
 from common.settings import Settings
 from common.turns import speech_regions
-from services.diarizer.offline import Diarization
+from services.diarizer.offline import Diarization, DiarizationStopped
 
 log = logging.getLogger(__name__)
 
-DiarizeFn = Callable[[np.ndarray, JobOptions], Diarization]
+class DiarizeFn(Protocol):
+    """A backend: who spoke when in 16 kHz mono audio. `stop()` is asked as it goes; when it says
+    so the backend raises DiarizationStopped (the job ended: nobody wants the result)."""
+
+    def __call__(self, waveform: np.ndarray, options: JobOptions,
+                 stop: Callable[[], bool] | None = None) -> Diarization: ...
 
 LANGUAGE_PROBE_S = 30.0
 
@@ -41,9 +47,9 @@ def make_diarizer(settings: Settings) -> tuple[DiarizeFn, str]:
 
     load_offline_models()
 
-    def diarize(waveform: np.ndarray, options: JobOptions) -> Diarization:
+    def diarize(waveform: np.ndarray, options: JobOptions, stop: Callable[[], bool] | None = None) -> Diarization:
         return diarize_offline(waveform, num_speakers=options.num_speakers,
-                               min_speakers=options.min_speakers, max_speakers=options.max_speakers)
+                               min_speakers=options.min_speakers, max_speakers=options.max_speakers, stop=stop)
 
     return diarize, "offline"
 
@@ -58,10 +64,15 @@ def _pyannote_diarizer(settings: Settings) -> DiarizeFn:
     if pipeline is None:
         raise RuntimeError("the pipeline could not be downloaded (gated model: accept its terms?)")
 
-    def diarize(waveform: np.ndarray, options: JobOptions) -> Diarization:
+    def diarize(waveform: np.ndarray, options: JobOptions, stop: Callable[[], bool] | None = None) -> Diarization:
         hints = options.model_dump(include={"num_speakers", "min_speakers", "max_speakers"}, exclude_none=True)
         audio = {"waveform": torch.from_numpy(waveform).unsqueeze(0), "sample_rate": SAMPLE_RATE}
-        output = pipeline(audio, **hints)
+
+        def hook(*_args, **_kwargs) -> None:  # pyannote calls it as each step moves on
+            if stop is not None and stop():
+                raise DiarizationStopped
+
+        output = pipeline(audio, hook=hook, **hints)
         # pyannote 4 also offers an "exclusive" (overlap-free) version; the transcriber gives
         # each word to the most active speaker itself, so keep the overlaps.
         annotation = getattr(output, "speaker_diarization", output)
