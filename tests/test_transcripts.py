@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import re
 import time
 import uuid
@@ -397,6 +398,14 @@ def test_a_jobs_speakers_with_their_names_and_speaking_time(dialogue, stack, fix
     assert sorted(speakers) == ["spk_0", "spk_1"]
     found = sorted(s["speech_s"] for s in speakers.values())
     assert all(abs(a - b) < 1.0 for a, b in zip(found, sorted(reference.values()), strict=True)), (found, reference)
+    assert abs(sum(s["share"] for s in speakers.values()) - 1) < 0.01
+    assert all(abs(s["share"] - s["speech_s"] / sum(found)) < 0.001 for s in speakers.values())
+    # Words per speaker, against the reference transcript's (Whisper writes "twelve percent" as "12%").
+    said: dict[str, int] = {}
+    for turn in json.loads((fixtures_dir / "en_dialogue.json").read_text()):
+        said[turn["speaker"]] = said.get(turn["speaker"], 0) + len(turn["text"].split())
+    counted = sorted(s["words"] for s in speakers.values())
+    assert all(abs(a - b) <= 2 for a, b in zip(counted, sorted(said.values()), strict=True)), (counted, said)
 
     assert httpx.patch(url, json={"spk_1": "Boris"}, timeout=30).status_code == 200
     try:
@@ -417,7 +426,8 @@ def test_a_segment_corrected_by_hand_reads_so_everywhere(stack, fixtures_dir):
     target = next(s for s in segments if len(s["text"].split()) >= 4)
     where = f"{stack.api}/transcripts/{job_id}/segments/{target['chunk_index']}/{target['index']}"
     words = target["text"].split()
-    corrected = " ".join([words[0], "Zanzibar", *words[2:]])
+    term = "Kwazulu" + uuid.uuid4().hex[:6].translate(str.maketrans("0123456789", "ghijklmnop"))  # in no other
+    corrected = " ".join([words[0], term, *words[2:]])
 
     async def correct_and_hear_it() -> tuple[httpx.Response, list[dict]]:
         connection = await aio_pika.connect_robust(stack.amqp_url)
@@ -436,9 +446,9 @@ def test_a_segment_corrected_by_hand_reads_so_everywhere(stack, fixtures_dir):
     assert [s["text"] for s in changed] == [corrected] and len(after) == len(segments)
     # One word replaced: every word keeps its time, and the new one has no probability.
     assert [(w["start"], w["end"]) for w in changed[0]["words"]] == [(w["start"], w["end"]) for w in target["words"]]
-    assert changed[0]["words"][1]["word"] == "Zanzibar" and changed[0]["words"][1].get("probability") is None
-    assert "Zanzibar" in httpx.get(f"{stack.api}/transcripts/{job_id}?format=srt", timeout=30).text
-    hits = httpx.get(f"{stack.api}/search", params={"q": "Zanzibar", "mode": "text"}, timeout=30).json()["items"]
+    assert changed[0]["words"][1]["word"] == term and changed[0]["words"][1].get("probability") is None
+    assert term in httpx.get(f"{stack.api}/transcripts/{job_id}?format=srt", timeout=30).text
+    hits = httpx.get(f"{stack.api}/search", params={"q": term, "mode": "text"}, timeout=30).json()["items"]
     assert [(h["transcript_id"], h["text"]) for h in hits] == [(job_id, corrected)]
 
     # Who said it: another label of the job, or a new one that can then be named.

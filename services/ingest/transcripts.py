@@ -423,6 +423,10 @@ class SpeakerNames(BaseModel):
 class TranscriptSpeaker(SpeakerName):
     # Seconds this speaker talks in the diarization (overlapping talk counted for each speaker).
     speech_s: float = 0.0
+    # Its share of all the speakers' talk (0-1; the shares add up to 1).
+    share: float = 0.0
+    # Words of the transcript said by this speaker.
+    words: int = 0
 
 
 class TranscriptSpeakers(BaseModel):
@@ -449,9 +453,14 @@ async def list_job_speakers(job_id: JobId, state: State, request: Request) -> Tr
     labels = await jobstore.job_speaker_labels(state.pool, job_id)
     names = await jobstore.speaker_names(state.pool, job_id)
     seconds = speaking_time(await jobstore.job_turns(state.pool, job_id))
+    words: dict[str, int] = {}
+    for segment in await jobstore.job_segments(state.pool, job_id):
+        words[segment["speaker"]] = words.get(segment["speaker"], 0) + len(segment["text"].split())
+    total_s = sum(seconds.values())
     return TranscriptSpeakers(speakers={
         label: TranscriptSpeaker(**(names[label].model_dump() if label in names else {}),
-                                 speech_s=seconds.get(label, 0.0))
+                                 speech_s=seconds.get(label, 0.0), words=words.get(label, 0),
+                                 share=round(seconds.get(label, 0.0) / total_s, 3) if total_s else 0.0)
         for label in sorted(labels | set(names), key=lambda label: (len(label), label))})
 
 

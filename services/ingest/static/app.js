@@ -291,8 +291,9 @@ function refreshNames() {
     const id = `name-${label}`;
     const field = document.createElement("span");
     field.innerHTML = `<label for="${id}"></label> <input id="${id}" data-label="${label}">`;
-    const seconds = state.talk[label];
-    field.querySelector("label").textContent = seconds === undefined ? label : `${label} (talks ${clock(seconds)})`;
+    const talk = state.talk[label];
+    field.querySelector("label").textContent = talk === undefined ? label
+      : `${label} (talks ${clock(talk.speech_s)}, ${Math.round(talk.share * 100)}%, ${talk.words} words)`;
     field.querySelector("label").style.color = COLOURS[index % COLOURS.length];
     field.querySelector("input").value = typed[label] ?? state.names[label] ?? "";
     field.querySelector("input").placeholder = "name";
@@ -518,12 +519,12 @@ function playFrom(seconds, button) {
   player.play().catch(() => { /* the browser may refuse to play without sound output */ });
 }
 
-// How long each speaker talks, shown beside its name field.
+// How long each speaker talks (time, share of all talk, words), shown beside its name field.
 async function loadSpeakingTime(jobId) {
   try {
     const answer = await (await api(`/transcripts/${jobId}/speakers`)).json();
     if (state.open !== jobId) return;
-    state.talk = Object.fromEntries(Object.entries(answer.speakers).map(([label, s]) => [label, s.speech_s]));
+    state.talk = answer.speakers;
     refreshNames();
   } catch (error) { /* the names work without it */ }
 }
