@@ -47,7 +47,8 @@ def test_meeting_is_diarized_and_transcribed(finished):
     assert doc["status"] == "done", doc
     speakers = {s["speaker"] for s in doc["segments"]}
     assert len(speakers) >= 2, speakers
-    assert all(set(s) == {"speaker", "start_ts", "end_ts", "text", "overlap"} for s in doc["segments"])
+    assert all(set(s) == {"chunk_index", "index", "speaker", "start_ts", "end_ts", "text", "overlap", "edited"}
+               for s in doc["segments"])
     assert " ".join(s["text"] for s in doc["segments"]).strip()
     starts = [s["start_ts"] for s in doc["segments"]]
     assert starts == sorted(starts)

@@ -183,7 +183,7 @@ async def status_document(pool: asyncpg.Pool | asyncpg.Connection, job_id: int,
              **({"speaker_confidence": r["speaker_confidence"]} if r["speaker_confidence"] is not None else {}),
              "start_ts": round(r["start_ts"], 3), "end_ts": round(r["end_ts"], 3), "text": r["text"],
              "overlap": r["overlap"], **({"language": r["language"]} if r["language"] else {}),
-             **({"edited": True} if r["edited"] else {})}
+             "edited": r["edited"]}
             for r in rows
         ],
     }
