@@ -91,15 +91,21 @@ async def job(db: Db, job_id: int) -> asyncpg.Record | None:
 _SPEAKER_NAME = ("LEFT JOIN transcript_speakers n ON n.transcript_id = s.transcript_id AND n.speaker = s.speaker")
 
 
+_SEGMENT = ("SELECT s.chunk_index, s.index, s.speaker, n.name AS speaker_name, n.confidence AS speaker_confidence,"
+            " s.start_ts, s.end_ts, s.text, s.words, s.overlap, s.language, s.edited_at IS NOT NULL AS edited"
+            f" FROM segments s {_SPEAKER_NAME} WHERE s.transcript_id = $1")
+
+
 async def job_segments(db: Db, job_id: int) -> list[asyncpg.Record]:
     """chunk_index, index, speaker, speaker_name, speaker_confidence, start_ts, end_ts, text,
     words, overlap, language (where the recording switches language) and edited (corrected by
     hand) of every segment, in time order."""
-    return await db.fetch(
-        "SELECT s.chunk_index, s.index, s.speaker, n.name AS speaker_name, n.confidence AS speaker_confidence,"
-        " s.start_ts, s.end_ts, s.text, s.words, s.overlap, s.language, s.edited_at IS NOT NULL AS edited"
-        f" FROM segments s {_SPEAKER_NAME} WHERE s.transcript_id = $1"
-        " ORDER BY s.start_ts, s.chunk_index, s.index", job_id)
+    return await db.fetch(f"{_SEGMENT} ORDER BY s.start_ts, s.chunk_index, s.index", job_id)
+
+
+async def job_segment(db: Db, job_id: int, chunk_index: int, index: int) -> asyncpg.Record | None:
+    """One segment, with the fields of job_segments."""
+    return await db.fetchrow(f"{_SEGMENT} AND s.chunk_index = $2 AND s.index = $3", job_id, chunk_index, index)
 
 
 async def lock_segment(conn: asyncpg.Connection, job_id: int, chunk_index: int, index: int) -> asyncpg.Record | None:
@@ -129,6 +135,14 @@ async def correct_segment(conn: asyncpg.Connection, job_id: int, chunk_index: in
         " WHERE transcript_id = $1 AND chunk_index = $2 AND index = $3",
         job_id, chunk_index, index, speaker, text, words, text_language, embedding,
         embedding_model if embedding is not None else None)
+
+
+async def speaker_word_counts(db: Db, job_id: int) -> dict[str, int]:
+    """Words (whitespace-separated) each speaker's segments hold so far."""
+    rows = await db.fetch(
+        "SELECT speaker, sum(cardinality(regexp_split_to_array(btrim(text), '\\s+'))) AS words FROM segments"
+        " WHERE transcript_id = $1 AND btrim(text) <> '' GROUP BY speaker", job_id)
+    return {r["speaker"]: r["words"] for r in rows}
 
 
 async def job_speaker_labels(db: Db, job_id: int) -> set[str]:

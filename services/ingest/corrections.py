@@ -106,9 +106,7 @@ async def correct_segment(job_id: JobId, chunk_index: SegmentChunk, index: Segme
                                            words=[w.model_dump() for w in words],
                                            text_language=segment["text_language"],
                                            embedding=embedding, embedding_model=model)
-        [row] = [r for r in await jobstore.job_segments(conn, job_id)
-                 if (r["chunk_index"], r["index"]) == (chunk_index, index)]
-        corrected = transcript_segment(row)
+        corrected = transcript_segment(await jobstore.job_segment(conn, job_id, chunk_index, index))
         await add_to_outbox(conn, SegmentUpdated(
             job_id=job_id, transcript_id=job_id, **corrected.model_dump(exclude={"words", "edited"}),
             embedding=embedding, embedding_model=model if embedding is not None else None))

@@ -52,12 +52,17 @@ def byte_range(header: str | None, size: int) -> tuple[int, int] | None:
     return first, last
 
 
-async def _pieces(state: State, key: str, first: int, last: int) -> AsyncIterator[bytes]:
-    offset = first
+def _read(state: State, key: str, offset: int, last: int) -> bytes:
+    return read_range(state.s3, state.settings.audio_bucket, key, offset, min(PIECE_BYTES, last - offset + 1))
+
+
+async def _pieces(state: State, key: str, opening: bytes, first: int, last: int) -> AsyncIterator[bytes]:
+    yield opening
+    offset = first + len(opening)
     while offset <= last:
-        length = min(PIECE_BYTES, last - offset + 1)
-        yield await asyncio.to_thread(read_range, state.s3, state.settings.audio_bucket, key, offset, length)
-        offset += length
+        piece = await asyncio.to_thread(_read, state, key, offset, last)
+        yield piece
+        offset += len(piece)
 
 
 @get("/transcripts/{job_id:int}/audio", summary="The job's recording as uploaded (supports Range)",
@@ -73,20 +78,23 @@ async def job_audio(job_id: JobId, state: State, request: Request) -> Stream:
                             f" {job['audio_removed_at']:%Y-%m-%d} (AUDIO_RETENTION_DAYS); its transcript is kept")
     try:
         stat = await asyncio.to_thread(state.s3.stat_object, state.settings.audio_bucket, job["audio_key"])
+        size = stat.size or 0
+        span = byte_range(request.headers.get("range"), size)
+        first, last = span or (0, size - 1)
+        # Read before answering: a recording removed meanwhile (DELETE, retention) is then a 404,
+        # not a 200 whose body breaks off.
+        opening = await asyncio.to_thread(_read, state, job["audio_key"], first, last) if size else b""
     except S3Error as exc:
         if exc.code in ("NoSuchKey", "NoSuchObject"):
             raise NotFoundException(detail=f"the audio of job {job_id} is no longer stored") from exc
         raise
-    size = stat.size or 0
-    span = byte_range(request.headers.get("range"), size)
-    first, last = span or (0, size - 1)
     headers = {"Accept-Ranges": "bytes", "Content-Length": str(max(0, last - first + 1)),
                "Content-Disposition": content_disposition(job["filename"]).replace("attachment", "inline", 1)}
     if span:
         headers["Content-Range"] = f"bytes {first}-{last}/{size}"
     suffix = ("." + job["filename"].rsplit(".", 1)[-1].lower()) if "." in job["filename"] else ""
     media_type = AUDIO_TYPES.get(suffix) or mimetypes.guess_type(job["filename"])[0] or "application/octet-stream"
-    return Stream(_pieces(state, job["audio_key"], first, last), status_code=206 if span else 200,
+    return Stream(_pieces(state, job["audio_key"], opening, first, last), status_code=206 if span else 200,
                   media_type=media_type, headers=headers)
 
 

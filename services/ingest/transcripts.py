@@ -453,9 +453,7 @@ async def list_job_speakers(job_id: JobId, state: State, request: Request) -> Tr
     labels = await jobstore.job_speaker_labels(state.pool, job_id)
     names = await jobstore.speaker_names(state.pool, job_id)
     seconds = speaking_time(await jobstore.job_turns(state.pool, job_id))
-    words: dict[str, int] = {}
-    for segment in await jobstore.job_segments(state.pool, job_id):
-        words[segment["speaker"]] = words.get(segment["speaker"], 0) + len(segment["text"].split())
+    words = await jobstore.speaker_word_counts(state.pool, job_id)
     total_s = sum(seconds.values())
     return TranscriptSpeakers(speakers={
         label: TranscriptSpeaker(**(names[label].model_dump() if label in names else {}),
