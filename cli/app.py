@@ -341,6 +341,9 @@ MaxSpeakers = Annotated[int | None, typer.Option(help="At most this many speaker
 Vocabulary = Annotated[str | None, typer.Option(
     help="Names and terms the recordings use, comma-separated (people, products, jargon), so that they are "
     "spelled so.", show_default=False)]
+Redact = Annotated[str | None, typer.Option(
+    help="Replace these in the text before it is stored, comma-separated: email, card, phone, number "
+    "(every number in digits).", show_default=False)]
 
 
 def speaker_counts(speakers: int | None, min_speakers: int | None, max_speakers: int | None) -> dict:
@@ -364,6 +367,7 @@ def submit(
     vocabulary: Vocabulary = None,
     translate: Annotated[bool, typer.Option(
         "--translate", help="Write the text in English, whatever the language spoken.")] = False,
+    redact: Redact = None,
     wait: Annotated[bool, typer.Option(
         help="Follow the jobs and print their transcripts; --no-wait prints the job ids and returns.")] = True,
     api: ApiUrl = DEFAULT_API_URL,
@@ -375,7 +379,7 @@ def submit(
     """
     options = {"language": language, **speaker_counts(speakers, min_speakers, max_speakers),
                "multichannel": "true" if multichannel else None,
-               "vocabulary": vocabulary, "task": "translate" if translate else None}
+               "vocabulary": vocabulary, "task": "translate" if translate else None, "redact": redact}
     fields = {name: str(value) for name, value in options.items() if value is not None}
     sources = [recording_source(argument) for argument in recordings]
     jobs: list[SubmittedJob] = []
@@ -436,6 +440,7 @@ def rerun(
     translate: Annotated[bool | None, typer.Option(
         "--translate/--transcribe", help="Write the text in English / in the language spoken.",
         show_default=False)] = None,
+    redact: Redact = None,
     wait: Annotated[bool, typer.Option(
         help="Follow the new job and print its transcript; --no-wait prints its id and returns.")] = True,
     api: ApiUrl = DEFAULT_API_URL,
@@ -447,7 +452,7 @@ def rerun(
     """
     task = None if translate is None else "translate" if translate else "transcribe"
     changes = {"language": language, **speaker_counts(speakers, min_speakers, max_speakers),
-               "vocabulary": vocabulary, "task": task}
+               "vocabulary": vocabulary, "task": task, "redact": redact}
     with api_client(api, api_key) as client, reporting_api_errors(api):
         accepted = checked(client.post(f"/transcripts/{job_id}/rerun",
                                        json={k: v for k, v in changes.items() if v is not None})).json()

@@ -37,6 +37,11 @@ VOCABULARY_MAX_CHARS = 150
 # A recording that may switch language: each speaker's passage is transcribed in its own.
 ANY_LANGUAGE = "multi"
 
+# What a job may ask to have redacted from its text; the order is the order they are looked for
+# in, so a card number is a card and not a phone number (services/transcriber/redaction.py).
+Redactable = Literal["email", "card", "phone", "number"]
+REDACTABLE: tuple[str, ...] = get_args(Redactable)
+
 
 def language_choices(language: str | None) -> list[str] | None:
     """The languages a passage's is chosen among when a job's recording switches language
@@ -63,6 +68,8 @@ class JobOptions(BaseModel):
     # translate: the text comes out in English whatever was spoken (Whisper's own translation);
     # the job's language stays the one spoken.
     task: Literal["transcribe", "translate"] = "transcribe"
+    # Replaced in the text by [EMAIL], [CARD], [PHONE], [NUMBER] before it is stored anywhere.
+    redact: list[Redactable] = Field(default_factory=list)
 
     # A blank field (an HTML form's empty input) asks for nothing, as a field left out does.
     @field_validator("language", "num_speakers", "min_speakers", "max_speakers", mode="before")
@@ -92,6 +99,18 @@ class JobOptions(BaseModel):
         if isinstance(value, list):
             terms = [" ".join(term.split()) if isinstance(term, str) else term for term in value]
             return list(dict.fromkeys(term for term in terms if term != ""))
+        return value
+
+    @field_validator("redact", mode="before")
+    @classmethod
+    def _kinds(cls, value: object) -> object:
+        if value is None:
+            return []
+        if isinstance(value, str):
+            value = value.split(",")
+        if isinstance(value, list):
+            kinds = [kind.strip().lower() if isinstance(kind, str) else kind for kind in value]
+            return list(dict.fromkeys(kind for kind in kinds if kind != ""))
         return value
 
     @field_validator("vocabulary")

@@ -9,6 +9,8 @@ from pathlib import Path
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from common.messages import REDACTABLE
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -88,6 +90,9 @@ class Settings(BaseSettings):
     whisper_compute_type: str = "auto"  # auto: float16 on CUDA, int8 on CPU
     whisper_beam_size: int = Field(default=5, ge=1)
     whisper_cpu_threads: int = Field(default=0, ge=0)
+    # Redacted from every job's text whatever the job asks (README "Redaction"), comma-separated:
+    # email, card, phone, number. Blank: only what each job asks for.
+    redact: str = ""
 
     # Embedder
     embedding_backend: str = "ollama"  # ollama | local
@@ -132,6 +137,10 @@ class Settings(BaseSettings):
         return [k.strip() for k in raw.split(",") if k.strip()]
 
     @property
+    def redact_kinds(self) -> list[str]:
+        return [kind.strip().lower() for kind in self.redact.split(",") if kind.strip()]
+
+    @property
     def max_upload_bytes(self) -> int:
         return self.max_upload_mb * 1024 * 1024
 
@@ -141,6 +150,8 @@ class Settings(BaseSettings):
             raise ValueError("INBOX_API_KEY must be one of API_KEYS")
         if self.admin_api_key and self.admin_api_key.get_secret_value() not in self.api_key_list:
             raise ValueError("ADMIN_API_KEY must be one of API_KEYS")
+        if unknown := [kind for kind in self.redact_kinds if kind not in REDACTABLE]:
+            raise ValueError(f"REDACT: {unknown[0]!r} is not one of {', '.join(REDACTABLE)}")
         return self
 
 

@@ -193,7 +193,7 @@ def test_rerun_runs_the_recording_again_with_a_speaker_count_and_keeps_the_first
     job_id = int(re.search(r"accepted as job (\d+)", first.stderr).group(1))
     assert len(set(re.findall(r"\] (spk_\d+):", first.stdout))) == 2, first.stdout
 
-    result = stt(keyed_stack, "rerun", str(job_id), "--speakers", "3", "--vocabulary", "Gorilla")
+    result = stt(keyed_stack, "rerun", str(job_id), "--speakers", "3", "--vocabulary", "Gorilla", "--redact", "phone")
     assert result.returncode == 0, result.stdout + result.stderr
     match = re.search(rf"job {job_id} runs again as job (\d+)", result.stderr)
     assert match, result.stderr
@@ -203,7 +203,7 @@ def test_rerun_runs_the_recording_again_with_a_speaker_count_and_keeps_the_first
     with httpx.Client(headers={"Authorization": f"Bearer {API_KEY}"}) as client:
         new, kept = (client.get(f"{keyed_stack.api}/transcripts/{i}").json() for i in (new_id, job_id))
     assert new["options"] == {"language": "en", "num_speakers": 3, "multichannel": False,
-                              "vocabulary": ["Gorilla"], "task": "transcribe"}, new
+                              "vocabulary": ["Gorilla"], "task": "transcribe", "redact": ["phone"]}, new
     assert "num_speakers" not in kept["options"] and len({s["speaker"] for s in kept["segments"]}) == 2, kept
 
     refused = stt(keyed_stack, "rerun", str(job_id), "--speakers", "2", STT_API_KEY=OTHER_KEY)
@@ -429,6 +429,30 @@ def test_a_vocabulary_spells_the_names_a_recording_uses(keyed_stack, fixtures_di
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
     assert submitted.stdout.count("ComfyUI") == 2 and "folder" in submitted.stdout, submitted.stdout
     assert "Anna" not in submitted.stdout, submitted.stdout
+
+
+def test_redaction_keeps_card_phone_and_email_out_of_everything_stored(keyed_stack):
+    """billing_call.flac reads out a card number, a phone number and an e-mail address
+    (test_handlers shows Whisper writes them without redaction)."""
+    submitted = stt(keyed_stack, "submit", "--redact", "card,phone,email", "--language", "en",
+                    str(ROOT / "tests" / "data" / "billing_call.flac"))
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    assert all(label in submitted.stdout for label in ("[CARD]", "[PHONE]", "[EMAIL]")), submitted.stdout
+    job_id = int(re.search(r"accepted as job (\d+)", submitted.stderr)[1])
+    with httpx.Client(headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60) as client:
+        document = client.get(f"{keyed_stack.api}/transcripts/{job_id}", params={"words": "true"}).json()
+        srt = client.get(f"{keyed_stack.api}/transcripts/{job_id}", params={"format": "srt"}).text
+        found = client.get(f"{keyed_stack.api}/search", params={"q": "card number", "mode": "text"}).json()
+    assert document["options"]["redact"] == ["card", "phone", "email"]
+    cues = [line for line in srt.splitlines() if "-->" not in line and not line.isdigit()]
+    stored = keyed_stack.query("SELECT text, words::text, search_text::text FROM segments WHERE transcript_id = $1",
+                               job_id)
+    everything = " ".join([*cues, *(w["word"] for s in document["segments"] for w in s["words"])]
+                          + [row["text"] for row in stored]
+                          + [w["word"] for row in stored for w in json.loads(row["words"])]
+                          + [lexeme for row in stored for lexeme in re.findall(r"'([^']*)'", row["search_text"])])
+    assert "[CARD]" in srt and not re.search(r"\d{3}", everything) and ".com" not in everything, everything
+    assert any("[CARD]" in hit["text"] for hit in found["items"] if hit["transcript_id"] == job_id), found
 
 
 def test_translate_writes_russian_speech_in_english_under_its_two_speakers(keyed_stack, fixtures_dir, tmp_path):

@@ -11,14 +11,14 @@ import uuid
 import numpy as np
 
 from common.audio import SAMPLE_RATE, decode_audio
-from common.messages import JobDiarized, JobOptions, JobProgress, JobSubmitted, SpeakerTurn, TimeSpan
+from common.messages import JobDiarized, JobOptions, JobProgress, JobSubmitted, Segment, SpeakerTurn, TimeSpan
 from common.settings import Settings
 from common.storage import pcm_key
 from services.diarizer import handler as diarizer
 from services.diarizer.pipeline import make_diarizer
 from services.transcriber import handler as transcriber
 from services.transcriber.whisper import load_model
-from tests.conftest import Stack
+from tests.conftest import ROOT, Stack
 
 
 def words(text: str) -> list[str]:
@@ -83,6 +83,40 @@ def test_a_jobs_vocabulary_is_spelled_as_given(fixtures_dir):
     told = transcript(JobOptions(language="en", vocabulary="Kubernetes, ComfyUI"))
     assert "ComfyUI" not in plain and "folder" in plain, plain
     assert told.count("ComfyUI") == 2 and "folder" in told and "Kubernetes" not in told, told
+
+
+def test_a_jobs_redaction_replaces_numbers_and_addresses_in_its_words_and_text():
+    """billing_call.flac reads out a card number, a phone number and an e-mail address."""
+    settings = Settings()
+    model, _ = load_model(settings.model_copy(update={"whisper_model": settings.whisper_fallback_model}))
+    audio = decode_audio(str(ROOT / "tests" / "data" / "billing_call.flac"))
+    duration = audio.size / SAMPLE_RATE
+
+    def transcribed(options: JobOptions, always: list[str]) -> list[Segment]:
+        chunk = JobDiarized(job_id=1, chunk_index=0, chunk_count=1, pcm_bucket="audio", pcm_key="pcm/1",
+                            duration=duration, span=TimeSpan(start=0, end=duration),
+                            turns=[SpeakerTurn(speaker="spk_0", start=0, end=duration)], options=options)
+        deps = transcriber.Deps(model=model, redact=always, read_pcm=lambda bucket, key, span: audio[
+            round(span.start * SAMPLE_RATE):round(span.end * SAMPLE_RATE)])
+        return transcriber.transcribe(chunk, deps).segments
+
+    def text(segments: list[Segment]) -> str:
+        return " ".join(s.text for s in segments)
+
+    plain = transcribed(JobOptions(language="en"), [])
+    assert re.search(r"\d{6}", text(plain)) and ".com" in text(plain), text(plain)
+    redacted = transcribed(JobOptions(language="en", redact="card,phone,email"), [])
+    said = text(redacted)
+    assert all(label in said for label in ("[CARD]", "[PHONE]", "[EMAIL]")), said
+    assert not re.search(r"\d{3}", said) and ".com" not in said and "team" in said, said
+    # The words say the same as the text, and a label spans the time of the words it replaces.
+    for segment in redacted:
+        assert "".join(w.word for w in segment.words).strip() == segment.text
+    [card] = [w for s in redacted for w in s.words if "[CARD]" in w.word]
+    assert card.end - card.start > 2, card  # sixteen digits read out one by one
+    # The operator's REDACT adds to what the job asks for.
+    numbers = text(transcribed(JobOptions(language="en", redact="email"), ["number"]))
+    assert "[EMAIL]" in numbers and "[NUMBER]" in numbers and not re.search(r"\d", numbers), numbers
 
 
 def test_a_translated_chunk_is_english_under_the_speakers_who_said_it(fixtures_dir):

@@ -38,11 +38,12 @@ def test_the_sdk_gets_the_text_and_who_said_what(stack, fixtures_dir, client):
 
     with (fixtures_dir / "jfk.flac").open("rb") as f:
         srt = client.audio.transcriptions.create(model="whisper-1", file=f, response_format="srt", language="en",
-                                                 extra_body={"num_speakers": 1})
+                                                 extra_body={"num_speakers": 1, "redact": "number"})
     assert srt.startswith("1\n00:00:") and "-->" in srt and "ask not" in srt.lower()
     [job] = stack.query("SELECT options FROM transcripts WHERE filename = 'jfk.flac' ORDER BY id DESC LIMIT 1")
     options = json.loads(job["options"])
-    assert {k: options.get(k) for k in ("language", "num_speakers")} == {"language": "en", "num_speakers": 1}
+    assert {k: options.get(k) for k in ("language", "num_speakers", "redact")} == {
+        "language": "en", "num_speakers": 1, "redact": ["number"]}
 
     # Each request was an ordinary job: listed, and deletable like any other.
     listed = httpx.get(f"{stack.api}/transcripts", params={"filename": "en_dialogue"}, timeout=30).json()["items"]

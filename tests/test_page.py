@@ -149,6 +149,18 @@ def test_names_and_terms_typed_in_are_spelled_so(stack, fixtures_dir, browser):
     page.close()
 
 
+def test_card_and_phone_numbers_and_addresses_are_hidden_when_asked(stack, browser):
+    page = browser.new_page()
+    page.goto(stack.api + "/")
+    page.set_input_files("#file", str(ROOT / "tests" / "data" / "billing_call.flac"))
+    page.get_by_label("Hide card and phone numbers, e-mail addresses").check()
+    page.get_by_role("button", name="Transcribe").click()
+    page.locator('#transcript[data-ended="true"]').wait_for(timeout=300_000)
+    said = " ".join(page.locator("#segments .segment .text").all_inner_texts())
+    assert "[CARD]" in said and "[PHONE]" in said and "[EMAIL]" in said, said
+    page.close()
+
+
 def test_a_recording_that_changes_language_is_written_in_each(stack, fixtures_dir, browser):
     page = browser.new_page()
     page.goto(stack.api + "/")

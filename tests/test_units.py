@@ -13,6 +13,7 @@ from common.messages import JobOptions, SpeakerTurn, Word, language_choices
 from services.diarizer.pipeline import language_probe, plan_chunks
 from services.ingest.inbox import drop_options
 from services.transcriber.languages import language_spans, passages
+from services.transcriber.redaction import redact_text, redact_words
 from services.transcriber.whisper import _runs_by_speaker, _talked_over, speaker_of
 from tests.conftest import ROOT
 
@@ -137,6 +138,33 @@ def test_a_task_is_transcribe_unless_translate_is_asked_for():
     assert drop_options({"x-amz-meta-task": "Translate"}).task == "translate"
     with pytest.raises(ValueError, match="x-amz-meta-task"):
         drop_options({"x-amz-meta-task": "summarize"})
+
+
+@pytest.mark.parametrize("said, kinds, stored", [
+    ("Call me at +1 (555) 123-4567, thanks.", "phone", "Call me at [PHONE], thanks."),
+    ("It's 555,867,5309 or 020 7946 0958.", "phone", "It's [PHONE] or [PHONE]."),
+    ("In 2023 we grew 12% to 3.5 million.", "phone,card", "In 2023 we grew 12% to 3.5 million."),
+    ("In 2023 we grew 12% to 3.5 million.", "number", "In [NUMBER] we grew [NUMBER]% to [NUMBER] million."),
+    ("The card is 4111 1111 1111 1111, expiry soon.", "card,phone", "The card is [CARD], expiry soon."),
+    ("Card 4,111,111,111,111,111,111.", "card", "Card [CARD]."),
+    ("Mail anna.p+work@mail.example.org today.", "email", "Mail [EMAIL] today."),
+    ("Write to support at example dot com or meet me at noon.", "email",
+     "Write to [EMAIL] or meet me at noon."),
+    ("Write to support at example.com, room 4.", "phone", "Write to support at example.com, room 4."),
+])
+def test_redaction_finds_what_was_asked_for_and_leaves_the_rest(said, kinds, stored):
+    assert redact_text(said, JobOptions(redact=kinds).redact) == stored
+
+
+def test_a_redacted_span_becomes_one_word_over_the_time_of_the_words_it_covers():
+    words = [Word(word=w, start=i, end=i + 0.5, probability=p) for i, (w, p) in
+             enumerate([(" at", 0.9), (" 555", 0.8), (",867", 0.7), (",5309.", 0.95), (" Bye.", 0.9)])]
+    assert [(w.word, w.start, w.end, w.probability) for w in redact_words(words, ["phone"])] == [
+        (" at", 0, 0.5, 0.9), (" [PHONE].", 1, 3.5, 0.7), (" Bye.", 4, 4.5, 0.9)]
+    assert JobOptions(redact=" Phone, card,phone").redact == ["phone", "card"] and JobOptions().redact == []
+    with pytest.raises(ValidationError, match="'email', 'card', 'phone' or 'number'"):
+        JobOptions(redact="names")
+    assert drop_options({"x-amz-meta-redact": "card"}).redact == ["card"]
 
 
 @pytest.mark.parametrize("service, forbidden", [

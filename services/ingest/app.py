@@ -94,6 +94,9 @@ class RecognizeForm:
     task: Annotated[str | None, Parameter(
         description="`transcribe` (blank or left out) or `translate`: the text in English, whatever the "
         "language spoken")] = None
+    redact: Annotated[str | None, Parameter(
+        description="What to replace in the text before it is stored, comma-separated: email, card, phone, "
+        "number (every number written in digits)")] = None
     callback_url: Annotated[str | None, Parameter(
         description="This job's transcript.completed or transcript.failed is POSTed here, signed")] = None
 
@@ -138,7 +141,7 @@ async def recognize(
         options = JobOptions(language=data.language, num_speakers=data.num_speakers,
                              min_speakers=data.min_speakers, max_speakers=data.max_speakers,
                              multichannel=data.multichannel, vocabulary=data.vocabulary,
-                             task=data.task)
+                             task=data.task, redact=data.redact)
     except ValidationError as exc:
         raise invalid(exc, whole="form") from exc
     asked = idempotency(idempotency_key, "recognize", data.file.filename if data.file else None, data.url,

@@ -18,6 +18,7 @@ from common.messages import ChunkTranscribed, Contract, JobDiarized, TimeSpan, l
 from common.metrics import add_audio_seconds
 from common.storage import read_range
 from services.transcriber.languages import detect_language
+from services.transcriber.redaction import redact
 from services.transcriber.whisper import transcribe_chunk
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,8 @@ class Deps:
     model: object  # faster_whisper.WhisperModel
     read_pcm: ReadPcm
     beam_size: int = 5
+    # Redacted in every job, besides what each job asks for (the REDACT setting).
+    redact: list[str] = field(default_factory=list)
     # Language per job, detected once on the job's first speech (the same probe in every chunk,
     # so replicas agree without talking to each other).
     languages: OrderedDict[int, str | None] = field(default_factory=OrderedDict)
@@ -66,7 +69,8 @@ def language_for(message: JobDiarized, deps: Deps) -> str | None:
 
 
 def transcribe(message: JobDiarized, deps: Deps, speech: str = "diarizer") -> ChunkTranscribed:
-    """Whisper over the chunk, each word given to the speaker most active under it."""
+    """Whisper over the chunk, each word given to the speaker most active under it, with what
+    the job asked to have redacted replaced."""
     among = language_choices(message.options.language)
     if message.turns:
         offset = message.pcm_offset_s  # the chunk's channel, with multichannel
@@ -77,6 +81,7 @@ def transcribe(message: JobDiarized, deps: Deps, speech: str = "diarizer") -> Ch
                                               other_talk=message.other_channels,
                                               vocabulary=message.options.vocabulary, task=message.options.task,
                                               among=among)
+        segments = redact(segments, [*message.options.redact, *deps.redact])
     else:  # nobody talks in this chunk (a silent recording)
         segments, language = [], None if among else message.options.language
     return ChunkTranscribed(

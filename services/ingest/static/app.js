@@ -149,6 +149,7 @@ function upload(file) {
     if (speakers) form.append("num_speakers", speakers);
     if ($("#multichannel").checked) form.append("multichannel", "true");
     if ($("#translate").checked) form.append("task", "translate");
+    if ($("#redact").checked) form.append("redact", $("#redact").value);
     const vocabulary = $("#vocabulary").value.trim();
     if (vocabulary) form.append("vocabulary", vocabulary);
     const request = new XMLHttpRequest();

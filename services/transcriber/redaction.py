@@ -1,0 +1,99 @@
+"""Redaction: e-mail addresses, card numbers, phone numbers or every number replaced in a job's
+text before it leaves the transcriber, so that no later stage, table, index, embedding or event
+ever holds them (README "Redaction"). Whisper writes most spoken numbers in digits; a number it
+spells out in words is not recognised."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from common.messages import REDACTABLE, Segment, Word
+
+_DOMAIN_PART = r"[A-Za-z0-9-]+"
+PATTERNS: dict[str, re.Pattern[str]] = {
+    # Written (a@b.com) or as spoken and written down (a at b dot com).
+    "email": re.compile(rf"[\w.+-]+@{_DOMAIN_PART}(?:\.{_DOMAIN_PART})+"
+                        rf"|\b[\w.+-]+ at {_DOMAIN_PART}(?:(?: dot |\.){_DOMAIN_PART})*(?: dot |\.)[A-Za-z]{{2,}}\b",
+                        re.IGNORECASE),
+    # 13-19 digits, grouped or not. No Luhn check: one digit misheard would let the number through.
+    "card": re.compile(r"(?<![\d.,])\d(?:(?:, ?|[ -])?\d){12,18}(?!\d)"),
+    # 7-15 digits with the separators people say them with, a country code or area code included
+    # (Whisper groups long numbers with commas).
+    "phone": re.compile(r"(?<![\w.,])\+?\(?\d(?:[\d ().-]|, ?(?=\d)){5,}\d(?!\d)"),
+    "number": re.compile(r"\d(?:[\d,.]*\d)?"),
+}
+
+
+def _accepted(kind: str, found: str) -> bool:
+    return kind != "phone" or 7 <= len(re.sub(r"\D", "", found)) <= 15
+
+
+def spans(text: str, kinds: Iterable[str]) -> list[tuple[int, int, str]]:
+    """(start, end, kind) of what to redact in `text`, in order, none overlapping; the kinds
+    are tried in REDACTABLE's order, so a card number is a card, not a phone or a number."""
+    found: list[tuple[int, int, str]] = []
+    for kind in (k for k in REDACTABLE if k in set(kinds)):
+        for match in PATTERNS[kind].finditer(text):
+            start, end = match.span()
+            if _accepted(kind, match[0]) and not any(s < end and start < e for s, e, _ in found):
+                found.append((start, end, kind))
+    return sorted(found)
+
+
+def _label(kind: str) -> str:
+    return f"[{kind.upper()}]"
+
+
+def redact_words(words: list[Word], kinds: Iterable[str]) -> list[Word]:
+    """The words with each redacted span's words merged into one `[KIND]` word over their
+    time; what a first or last word holds outside the span (a space, punctuation) is kept."""
+    text = "".join(w.word for w in words)
+    found = spans(text, kinds)
+    if not found:
+        return words
+    edges, position = [], 0
+    for word in words:
+        edges.append((position, position + len(word.word)))
+        position += len(word.word)
+    redacted: list[Word] = []
+    i = 0
+    for start, end, kind in found:
+        while i < len(words) and edges[i][1] <= start:
+            redacted.append(words[i])
+            i += 1
+        first = i
+        while i < len(words) and edges[i][0] < end:
+            i += 1
+        covered = words[first:i]
+        if not covered:
+            continue
+        before = text[edges[first][0]:start] if edges[first][0] < start else ""
+        after = text[end:edges[i - 1][1]] if end < edges[i - 1][1] else ""
+        probabilities = [w.probability for w in covered if w.probability is not None]
+        redacted.append(Word(word=before + _label(kind) + after, start=covered[0].start, end=covered[-1].end,
+                             probability=min(probabilities) if probabilities else None))
+    redacted.extend(words[i:])
+    return redacted
+
+
+def redact_text(text: str, kinds: Iterable[str]) -> str:
+    for start, end, kind in reversed(spans(text, kinds)):
+        text = text[:start] + _label(kind) + text[end:]
+    return text
+
+
+def redact(segments: list[Segment], kinds: Iterable[str]) -> list[Segment]:
+    """Segments with what `kinds` names replaced in their words and text."""
+    kinds = list(kinds)
+    if not kinds:
+        return segments
+    out = []
+    for segment in segments:
+        if segment.words:
+            words = redact_words(segment.words, kinds)
+            text = "".join(w.word for w in words).strip()
+        else:
+            words, text = segment.words, redact_text(segment.text, kinds)
+        out.append(segment.model_copy(update={"words": words, "text": text}))
+    return out
