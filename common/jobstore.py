@@ -6,11 +6,13 @@ or pool; the callers own the transactions, and the functions that lock a row say
 from __future__ import annotations
 
 import hashlib
+import re
 from datetime import datetime
 
 import asyncpg
 
 from common.messages import (
+    REDACTABLE,
     STAGE_OF_SERVICE,
     STAGES,
     Segment,
@@ -18,6 +20,7 @@ from common.messages import (
     SpeakerName,
     SpeakerTurn,
     TranscriptFailed,
+    redacted_label,
 )
 from common.outbox import add_to_outbox
 
@@ -180,9 +183,23 @@ async def set_speaker_names(conn: asyncpg.Connection, job_id: int, names: dict[s
 
 
 async def job_audio(db: Db, job_id: int) -> asyncpg.Record | None:
-    """filename, audio_key, owner and audio_removed_at of a job (the uploaded recording)."""
-    return await db.fetchrow("SELECT filename, audio_key, owner, audio_removed_at FROM transcripts WHERE id = $1",
-                             job_id)
+    """filename, audio_key, owner, audio_removed_at and audio_redacted_at of a job (the uploaded
+    recording), with its status, options and duration."""
+    return await db.fetchrow("SELECT filename, audio_key, owner, audio_removed_at, audio_redacted_at, status,"
+                             " options, duration FROM transcripts WHERE id = $1", job_id)
+
+
+async def redacted_word_times(db: Db, job_id: int) -> list[tuple[float, float]]:
+    """(start, end) of every word of the job that redaction replaced ([EMAIL], [CARD]...)."""
+    rows = await db.fetch(
+        "SELECT (w->>'start')::float8 AS start, (w->>'end')::float8 AS end FROM segments s,"
+        " jsonb_array_elements(s.words) w WHERE s.transcript_id = $1"
+        " AND w->>'word' ~ $2 ORDER BY 1", job_id, "|".join(re.escape(redacted_label(k)) for k in REDACTABLE))
+    return [(r["start"], r["end"]) for r in rows]
+
+
+async def mark_audio_redacted(db: Db, job_id: int) -> None:
+    await db.execute("UPDATE transcripts SET audio_redacted_at = now() WHERE id = $1", job_id)
 
 
 async def stored_chunk_prefix(db: Db, job_id: int) -> int:

@@ -43,6 +43,11 @@ Redactable = Literal["email", "card", "phone", "number"]
 REDACTABLE: tuple[str, ...] = get_args(Redactable)
 
 
+def redacted_label(kind: str) -> str:
+    """What stands in the text for a redacted `kind`: [EMAIL], [CARD]..."""
+    return f"[{kind.upper()}]"
+
+
 def language_choices(language: str | None) -> list[str] | None:
     """The languages a passage's is chosen among when a job's recording switches language
     (`language` "en,de", or "multi" for any Whisper knows); None for one language or one detected."""

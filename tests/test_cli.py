@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import os
 import re
@@ -453,6 +454,25 @@ def test_redaction_keeps_card_phone_and_email_out_of_everything_stored(keyed_sta
                           + [lexeme for row in stored for lexeme in re.findall(r"'([^']*)'", row["search_text"])])
     assert "[CARD]" in srt and not re.search(r"\d{3}", everything) and ".com" not in everything, everything
     assert any("[CARD]" in hit["text"] for hit in found["items"] if hit["transcript_id"] == job_id), found
+
+    # The stored recording becomes the audio with the redacted words silent, and only them.
+    deadline = time.monotonic() + 60
+    with httpx.Client(headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60) as client:
+        while (audio := client.get(f"{keyed_stack.api}/transcripts/{job_id}/audio")).headers[
+                "content-type"] != "audio/wav":
+            assert time.monotonic() < deadline, audio.headers
+            time.sleep(0.5)
+    assert 'filename="billing_call.wav"' in audio.headers["content-disposition"]
+    samples = decode_audio(io.BytesIO(audio.content))
+    assert abs(samples.size / SAMPLE_RATE - document["duration"]) < 0.05
+
+    def loudest(word: dict) -> float:
+        return float(np.abs(samples[int(word["start"] * SAMPLE_RATE):int(word["end"] * SAMPLE_RATE)]).max())
+
+    words = [w for s in document["segments"] for w in s["words"]]
+    hidden = [w for w in words if re.search(r"\[(CARD|PHONE|EMAIL)\]", w["word"])]
+    assert len(hidden) == 3 and all(loudest(w) == 0 for w in hidden), hidden
+    assert all(loudest(w) > 0.05 for w in words if w["word"].strip() in ("Hi,", "card", "questions.")), words
 
 
 def test_translate_writes_russian_speech_in_english_under_its_two_speakers(keyed_stack, fixtures_dir, tmp_path):

@@ -1,7 +1,8 @@
 """Bucket drops: an object put into INBOX_BUCKET becomes exactly one job, found through
 MinIO's AMQP bucket notifications and, for whatever those miss, a periodic listing. When the
 job ends its status document is written to `<RESULTS_PREFIX><key>.json` in the inbox, and
-once it is done its subtitles to `<RESULTS_PREFIX><key>.srt`."""
+once it is done its subtitles to `<RESULTS_PREFIX><key>.srt`. The same consumer of job endings
+tidies every job's audio: a redacted recording is written (redacted_audio), the decoded PCM removed."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from common.settings import Settings
 from common.storage import pcm_key, upload_bytes, upload_json
 from services.ingest.auth import owner_of
 from services.ingest.jobs import BucketDrop, clean_filename, create_job, result_keys, status_document
+from services.ingest.redacted_audio import redact_recording
 from services.ingest.transcripts import fetch_transcript, to_srt
 
 log = logging.getLogger(__name__)
@@ -183,6 +185,7 @@ class Inbox:
 
     async def on_job_ended(self, event: JobEnded) -> None:
         await self.write_result(event.transcript_id)
+        await redact_recording(self.pool, self.s3, self.settings.audio_bucket, event.transcript_id)
         # The decoded PCM is an intermediate of the stages: once the job has ended nothing reads it.
         # (S3's DELETE of a key already gone succeeds, so a redelivered ending is harmless.)
         await asyncio.to_thread(self.s3.remove_object, self.settings.audio_bucket, pcm_key(event.transcript_id))

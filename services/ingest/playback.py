@@ -88,12 +88,15 @@ async def job_audio(job_id: JobId, state: State, request: Request) -> Stream:
         if exc.code in ("NoSuchKey", "NoSuchObject"):
             raise NotFoundException(detail=f"the audio of job {job_id} is no longer stored") from exc
         raise
+    filename = job["filename"]
+    if job["audio_redacted_at"] is not None:  # stored since as a WAV (README "Redaction")
+        filename = filename.rsplit(".", 1)[0] + ".wav"
     headers = {"Accept-Ranges": "bytes", "Content-Length": str(max(0, last - first + 1)),
-               "Content-Disposition": content_disposition(job["filename"]).replace("attachment", "inline", 1)}
+               "Content-Disposition": content_disposition(filename).replace("attachment", "inline", 1)}
     if span:
         headers["Content-Range"] = f"bytes {first}-{last}/{size}"
-    suffix = ("." + job["filename"].rsplit(".", 1)[-1].lower()) if "." in job["filename"] else ""
-    media_type = AUDIO_TYPES.get(suffix) or mimetypes.guess_type(job["filename"])[0] or "application/octet-stream"
+    suffix = ("." + filename.rsplit(".", 1)[-1].lower()) if "." in filename else ""
+    media_type = AUDIO_TYPES.get(suffix) or mimetypes.guess_type(filename)[0] or "application/octet-stream"
     return Stream(_pieces(state, job["audio_key"], opening, first, last), status_code=206 if span else 200,
                   media_type=media_type, headers=headers)
 

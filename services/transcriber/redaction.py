@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from common.messages import REDACTABLE, Segment, Word
+from common.messages import REDACTABLE, Segment, Word, redacted_label
 
 _DOMAIN_PART = r"[A-Za-z0-9-]+"
 PATTERNS: dict[str, re.Pattern[str]] = {
@@ -41,10 +41,6 @@ def spans(text: str, kinds: Iterable[str]) -> list[tuple[int, int, str]]:
     return sorted(found)
 
 
-def _label(kind: str) -> str:
-    return f"[{kind.upper()}]"
-
-
 def redact_words(words: list[Word], kinds: Iterable[str]) -> list[Word]:
     """The words with each redacted span's words merged into one `[KIND]` word over their
     time; what a first or last word holds outside the span (a space, punctuation) is kept."""
@@ -71,7 +67,7 @@ def redact_words(words: list[Word], kinds: Iterable[str]) -> list[Word]:
         before = text[edges[first][0]:start] if edges[first][0] < start else ""
         after = text[end:edges[i - 1][1]] if end < edges[i - 1][1] else ""
         probabilities = [w.probability for w in covered if w.probability is not None]
-        redacted.append(Word(word=before + _label(kind) + after, start=covered[0].start, end=covered[-1].end,
+        redacted.append(Word(word=before + redacted_label(kind) + after, start=covered[0].start, end=covered[-1].end,
                              probability=min(probabilities) if probabilities else None))
     redacted.extend(words[i:])
     return redacted
@@ -79,7 +75,7 @@ def redact_words(words: list[Word], kinds: Iterable[str]) -> list[Word]:
 
 def redact_text(text: str, kinds: Iterable[str]) -> str:
     for start, end, kind in reversed(spans(text, kinds)):
-        text = text[:start] + _label(kind) + text[end:]
+        text = text[:start] + redacted_label(kind) + text[end:]
     return text
 
 

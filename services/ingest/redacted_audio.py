@@ -1,0 +1,84 @@
+"""A job that asked for redaction keeps no recording of what was redacted: once it is done, its
+stored recording is replaced by the decoded audio (a 16 kHz, 16-bit WAV) in which every redacted
+word's time is silent (README "Redaction"). The decoded PCM, still stored when the job ends, is
+the source: no second decode, read and written a piece at a time."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import tempfile
+import wave
+
+import asyncpg
+import numpy as np
+from minio import Minio
+from minio.error import S3Error
+
+from common import jobstore
+from common.audio import SAMPLE_RATE
+from common.logs import job_logged
+from common.messages import JobOptions
+from common.storage import pcm_key, read_range
+
+log = logging.getLogger(__name__)
+
+# Word times are Whisper's estimates: the silence reaches this far past each end.
+MARGIN_S = 0.2
+PIECE_SAMPLES = 60 * SAMPLE_RATE
+
+
+def silenced(block: np.ndarray, first_sample: int, spans: list[tuple[float, float]]) -> np.ndarray:
+    """`block` (samples x channels, starting at `first_sample`) with the spans' samples zeroed."""
+    for start, end in spans:
+        a = max(0, round((start - MARGIN_S) * SAMPLE_RATE) - first_sample)
+        b = min(len(block), round((end + MARGIN_S) * SAMPLE_RATE) - first_sample)
+        if b > a:
+            block[a:b] = 0
+    return block
+
+
+def write_redacted(s3: Minio, bucket: str, audio_key: str, pcm: str, channels: int,
+                   spans: list[tuple[float, float]]) -> None:
+    """The PCM (`channels` one after another) as an interleaved WAV with `spans` silent, stored
+    over `audio_key`."""
+    samples = s3.stat_object(bucket, pcm).size // 2 // channels
+    with tempfile.TemporaryFile() as spool:
+        with wave.open(spool, "wb") as out:
+            out.setnchannels(channels)
+            out.setsampwidth(2)
+            out.setframerate(SAMPLE_RATE)
+            for first in range(0, samples, PIECE_SAMPLES):
+                count = min(PIECE_SAMPLES, samples - first)
+                block = np.stack([np.frombuffer(read_range(s3, bucket, pcm, (channel * samples + first) * 2, count * 2),
+                                                dtype="<i2") for channel in range(channels)], axis=1)
+                out.writeframes(silenced(block.copy(), first, spans).tobytes())
+        length = spool.tell()
+        spool.seek(0)
+        s3.put_object(bucket, audio_key, spool, length=length, content_type="audio/wav")
+
+
+async def redact_recording(pool: asyncpg.Pool, s3: Minio, bucket: str, job_id: int) -> None:
+    """For a done job that asked for redaction (or whose words the transcriber's REDACT replaced):
+    its recording rewritten with those words silent, once. Called when the job ends, before its
+    PCM is removed."""
+    job = await jobstore.job_audio(pool, job_id)
+    if job is None or job["status"] != "done" or job["audio_removed_at"] or job["audio_redacted_at"]:
+        return
+    spans = await jobstore.redacted_word_times(pool, job_id)
+    options = JobOptions.model_validate(job["options"] or {})
+    if not spans and not options.redact:
+        return
+    with job_logged(job_id):
+        try:
+            size = (await asyncio.to_thread(s3.stat_object, bucket, pcm_key(job_id))).size
+        except S3Error as exc:
+            if exc.code not in ("NoSuchKey", "NoSuchObject"):
+                raise
+            log.warning("the recording could not be redacted: its decoded audio is gone; it is stored as uploaded")
+            return
+        per_channel = (job["duration"] or 0) * SAMPLE_RATE * 2
+        channels = max(1, round(size / per_channel)) if options.multichannel and per_channel else 1
+        await asyncio.to_thread(write_redacted, s3, bucket, job["audio_key"], pcm_key(job_id), channels, spans)
+        await jobstore.mark_audio_redacted(pool, job_id)
+        log.info("recording redacted: %d spans silent", len(spans))
