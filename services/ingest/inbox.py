@@ -27,7 +27,7 @@ from common.storage import pcm_key, upload_bytes, upload_json
 from services.ingest.auth import owner_of
 from services.ingest.jobs import BucketDrop, clean_filename, create_job, result_keys, status_document
 from services.ingest.redacted_audio import redact_recording
-from services.ingest.transcripts import fetch_transcript, to_srt
+from services.ingest.transcripts import to_srt, transcript_segment
 
 log = logging.getLogger(__name__)
 
@@ -169,12 +169,12 @@ class Inbox:
             row = await jobstore.lock_drop(conn, job_id)
             if row is None:
                 return
-            document = await status_document(conn, job_id)
+            segments = await jobstore.job_segments(conn, job_id)
+            document = await status_document(conn, job_id, rows=segments)
             keys = result_keys(self.settings.results_prefix, row["source_key"])
             bucket = row["source_bucket"]
             if document["status"] == "done":
-                transcript = await fetch_transcript(conn, job_id, owner=None, with_words=True)
-                subtitles = to_srt(transcript.segments)
+                subtitles = to_srt([transcript_segment(r, with_words=True) for r in segments])
                 await asyncio.to_thread(upload_bytes, self.s3, bucket, keys["srt"], subtitles.encode(),
                                         content_type="application/x-subrip")
             # The status document last: its presence says the results are complete.

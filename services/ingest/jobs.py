@@ -166,13 +166,15 @@ def public_stage(stage: str) -> str:
 
 
 async def status_document(pool: asyncpg.Pool | asyncpg.Connection, job_id: int,
-                          owner: str | None = None) -> dict | None:
+                          owner: str | None = None, rows: list[asyncpg.Record] | None = None) -> dict | None:
     """What GET /status/{id} returns (and the result file of a bucket drop). With `owner`
-    (API keys on), another key's job is None, as if it did not exist."""
+    (API keys on), another key's job is None, as if it did not exist. `rows`: the job's
+    segments (jobstore.job_segments) when the caller has read them already."""
     job = await jobstore.job(pool, job_id)
     if job is None or (owner is not None and job["owner"] != owner):
         return None
-    rows = await jobstore.job_segments(pool, job_id)
+    if rows is None:
+        rows = await jobstore.job_segments(pool, job_id)
     document: dict = {
         "status": job["status"],
         "stage": public_stage(job["stage"]),
