@@ -341,6 +341,9 @@ MaxSpeakers = Annotated[int | None, typer.Option(help="At most this many speaker
 Vocabulary = Annotated[str | None, typer.Option(
     help="Names and terms the recordings use, comma-separated (people, products, jargon), so that they are "
     "spelled so.", show_default=False)]
+Spelling = Annotated[str | None, typer.Option(
+    help="Custom spelling, heard=written pairs, comma-separated: --spelling \"confu i=ComfyUI\".",
+    show_default=False)]
 Redact = Annotated[str | None, typer.Option(
     help="Replace these in the text before it is stored, comma-separated: email, card, phone, number "
     "(every number in digits).", show_default=False)]
@@ -367,6 +370,7 @@ def submit(
     vocabulary: Vocabulary = None,
     translate: Annotated[bool, typer.Option(
         "--translate", help="Write the text in English, whatever the language spoken.")] = False,
+    spelling: Spelling = None,
     redact: Redact = None,
     wait: Annotated[bool, typer.Option(
         help="Follow the jobs and print their transcripts; --no-wait prints the job ids and returns.")] = True,
@@ -379,7 +383,8 @@ def submit(
     """
     options = {"language": language, **speaker_counts(speakers, min_speakers, max_speakers),
                "multichannel": "true" if multichannel else None,
-               "vocabulary": vocabulary, "task": "translate" if translate else None, "redact": redact}
+               "vocabulary": vocabulary, "task": "translate" if translate else None,
+               "spelling": spelling, "redact": redact}
     fields = {name: str(value) for name, value in options.items() if value is not None}
     sources = [recording_source(argument) for argument in recordings]
     jobs: list[SubmittedJob] = []
@@ -440,6 +445,7 @@ def rerun(
     translate: Annotated[bool | None, typer.Option(
         "--translate/--transcribe", help="Write the text in English / in the language spoken.",
         show_default=False)] = None,
+    spelling: Spelling = None,
     redact: Redact = None,
     wait: Annotated[bool, typer.Option(
         help="Follow the new job and print its transcript; --no-wait prints its id and returns.")] = True,
@@ -452,7 +458,8 @@ def rerun(
     """
     task = None if translate is None else "translate" if translate else "transcribe"
     changes = {"language": language, **speaker_counts(speakers, min_speakers, max_speakers),
-               "vocabulary": vocabulary, "task": task, "redact": redact}
+               "vocabulary": vocabulary, "task": task, "spelling": spelling,
+               "redact": redact}
     with api_client(api, api_key) as client, reporting_api_errors(api):
         accepted = checked(client.post(f"/transcripts/{job_id}/rerun",
                                        json={k: v for k, v in changes.items() if v is not None})).json()

@@ -34,6 +34,9 @@ class Contract(BaseModel):
 VOCABULARY_MAX_CHARS = 150
 
 
+SPELLING_MAX_PAIRS = 100
+
+
 # A recording that may switch language: each speaker's passage is transcribed in its own.
 ANY_LANGUAGE = "multi"
 
@@ -75,6 +78,9 @@ class JobOptions(BaseModel):
     task: Literal["transcribe", "translate"] = "transcribe"
     # Replaced in the text by [EMAIL], [CARD], [PHONE], [NUMBER] before it is stored anywhere.
     redact: list[Redactable] = Field(default_factory=list)
+    # Custom spelling: what Whisper writes (any case, whole words) -> how it is to be written.
+    # Sent as one text, "heard=written" pairs separated by commas or lines.
+    spelling: dict[str, str] = Field(default_factory=dict)
 
     # A blank field (an HTML form's empty input) asks for nothing, as a field left out does.
     @field_validator("language", "num_speakers", "min_speakers", "max_speakers", mode="before")
@@ -117,6 +123,32 @@ class JobOptions(BaseModel):
             kinds = [kind.strip().lower() if isinstance(kind, str) else kind for kind in value]
             return list(dict.fromkeys(kind for kind in kinds if kind != ""))
         return value
+
+    @field_validator("spelling", mode="before")
+    @classmethod
+    def _pairs(cls, value: object) -> object:
+        if value is None:
+            return {}
+        if isinstance(value, str):
+            pairs = [pair for pair in value.replace("\n", ",").split(",") if pair.strip()]
+            if any("=" not in pair for pair in pairs):
+                raise ValueError("spelling: write each pair as heard=written, separated by commas")
+            value = dict(pair.split("=", 1) for pair in pairs)
+        if isinstance(value, dict):
+            return {" ".join(str(heard).split()).lower(): " ".join(str(written).split())
+                    for heard, written in value.items()}
+        return value
+
+    @field_validator("spelling")
+    @classmethod
+    def _spelling_is_sensible(cls, pairs: dict[str, str]) -> dict[str, str]:
+        if len(pairs) > SPELLING_MAX_PAIRS:
+            raise ValueError(f"spelling: at most {SPELLING_MAX_PAIRS} pairs")
+        for heard, written in pairs.items():
+            if not heard or not written or len(heard) > 100 or len(written) > 100:
+                raise ValueError(f"spelling: {heard[:40]!r}={written[:40]!r} needs both sides, each up to 100 "
+                                 "characters")
+        return pairs
 
     @field_validator("vocabulary")
     @classmethod

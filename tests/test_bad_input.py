@@ -107,6 +107,8 @@ CASES = [
          data={"vocabulary": ", ".join(f"Kubernetes {i}" for i in range(20))}, status=400,
          says="vocabulary is longer than 150 characters"),
     Case("unknown task", lambda: wav(jfk()), data={"task": "summarize"}, status=400, says="task"),
+    Case("custom spelling without =", lambda: wav(jfk()), data={"spelling": "ComfyUI"}, status=400,
+         says="heard=written"),
     Case("unknown kind to redact", lambda: wav(jfk()), data={"redact": "card,names"}, status=400,
          says="'email', 'card', 'phone' or 'number'"),
     Case("path-traversal filename", lambda: wav(jfk()), "../../../etc/passwd.wav", job="done"),

@@ -204,7 +204,7 @@ def test_rerun_runs_the_recording_again_with_a_speaker_count_and_keeps_the_first
     with httpx.Client(headers={"Authorization": f"Bearer {API_KEY}"}) as client:
         new, kept = (client.get(f"{keyed_stack.api}/transcripts/{i}").json() for i in (new_id, job_id))
     assert new["options"] == {"language": "en", "num_speakers": 3, "multichannel": False,
-                              "vocabulary": ["Gorilla"], "task": "transcribe", "redact": ["phone"]}, new
+                              "vocabulary": ["Gorilla"], "task": "transcribe", "redact": ["phone"], "spelling": {}}, new
     assert "num_speakers" not in kept["options"] and len({s["speaker"] for s in kept["segments"]}) == 2, kept
 
     refused = stt(keyed_stack, "rerun", str(job_id), "--speakers", "2", STT_API_KEY=OTHER_KEY)
@@ -426,9 +426,10 @@ def test_a_vocabulary_spells_the_names_a_recording_uses(keyed_stack, fixtures_di
     """hotwords.mp3 says "ComfyUI" twice, which Whisper alone writes as other words
     (test_handlers shows both)."""
     submitted = stt(keyed_stack, "submit", "--vocabulary", "Anna Petrova, ComfyUI", "--language", "en",
-                    str(fixtures_dir / "hotwords.mp3"))
+                    "--spelling", "folder=directory", str(fixtures_dir / "hotwords.mp3"))
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
-    assert submitted.stdout.count("ComfyUI") == 2 and "folder" in submitted.stdout, submitted.stdout
+    assert submitted.stdout.count("ComfyUI") == 2 and "directory" in submitted.stdout, submitted.stdout
+    assert "folder" not in submitted.stdout, submitted.stdout
     assert "Anna" not in submitted.stdout, submitted.stdout
 
 

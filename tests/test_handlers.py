@@ -83,6 +83,10 @@ def test_a_jobs_vocabulary_is_spelled_as_given(fixtures_dir):
     told = transcript(JobOptions(language="en", vocabulary="Kubernetes, ComfyUI"))
     assert "ComfyUI" not in plain and "folder" in plain, plain
     assert told.count("ComfyUI") == 2 and "folder" in told and "Kubernetes" not in told, told
+    # Custom spelling fixes what Whisper writes after the fact, whatever it heard.
+    assert plain.lower().count("confu i") == 2, plain
+    spelled = transcript(JobOptions(language="en", spelling="confu i=ComfyUI, folder=directory"))
+    assert spelled.count("ComfyUI") == 2 and "directory" in spelled and "folder" not in spelled, spelled
 
 
 def test_a_jobs_redaction_replaces_numbers_and_addresses_in_its_words_and_text():

@@ -9,11 +9,12 @@ import sys
 import pytest
 from pydantic import ValidationError
 
-from common.messages import JobOptions, SpeakerTurn, Word, language_choices
+from common.messages import JobOptions, Segment, SpeakerTurn, Word, language_choices
 from services.diarizer.pipeline import language_probe, plan_chunks
 from services.ingest.inbox import drop_options
 from services.transcriber.languages import language_spans, passages
 from services.transcriber.redaction import redact_text, redact_words
+from services.transcriber.spelling import respell
 from services.transcriber.whisper import _runs_by_speaker, _talked_over, speaker_of
 from tests.conftest import ROOT
 
@@ -165,6 +166,25 @@ def test_a_redacted_span_becomes_one_word_over_the_time_of_the_words_it_covers()
     with pytest.raises(ValidationError, match="'email', 'card', 'phone' or 'number'"):
         JobOptions(redact="names")
     assert drop_options({"x-amz-meta-redact": "card"}).redact == ["card"]
+
+
+def test_custom_spelling_replaces_whole_words_in_any_case_longest_first():
+    options = JobOptions(spelling="confu i = ComfyUI, Kubernetis=Kubernetes\nana=Anna, ana petrova=Anna Petrova")
+    assert options.spelling == {"confu i": "ComfyUI", "kubernetis": "Kubernetes", "ana": "Anna",
+                                "ana petrova": "Anna Petrova"}
+    words = [Word(word=w, start=i, end=i + 1) for i, w in enumerate(
+        [" Into", " your", " Confu", " i", " folder,", " Ana", " Petrova", " and", " Ana.", " Banana", " kubernetis."])]
+    segment = Segment(index=0, speaker="spk_0", start_ts=0, end_ts=11, text="".join(w.word for w in words).strip(),
+                      words=words)
+    [spelled] = respell([segment], options.spelling)
+    assert spelled.text == "Into your ComfyUI folder, Anna Petrova and Anna. Banana Kubernetes."
+    assert [(w.word, w.start, w.end) for w in spelled.words][2:6] == [
+        (" ComfyUI", 2, 4), (" folder,", 4, 5), (" Anna Petrova", 5, 7), (" and", 7, 8)]
+    for wrong, says in [("abc", "heard=written"), ("x=", "needs both sides"), (
+            ",".join(f"w{i}=W{i}" for i in range(101)), "at most 100 pairs")]:
+        with pytest.raises(ValidationError, match=says):
+            JobOptions(spelling=wrong)
+    assert drop_options({"x-amz-meta-spelling": "confu i=ComfyUI"}).spelling == {"confu i": "ComfyUI"}
 
 
 @pytest.mark.parametrize("service, forbidden", [

@@ -94,6 +94,9 @@ class RecognizeForm:
     task: Annotated[str | None, Parameter(
         description="`transcribe` (blank or left out) or `translate`: the text in English, whatever the "
         "language spoken")] = None
+    spelling: Annotated[str | None, Parameter(
+        description="Custom spelling: heard=written pairs, comma-separated (`confu i=ComfyUI`); what Whisper "
+        "writes (whole words, any case) is replaced by the written form")] = None
     redact: Annotated[str | None, Parameter(
         description="What to replace in the text before it is stored, comma-separated: email, card, phone, "
         "number (every number written in digits)")] = None
@@ -141,7 +144,7 @@ async def recognize(
         options = JobOptions(language=data.language, num_speakers=data.num_speakers,
                              min_speakers=data.min_speakers, max_speakers=data.max_speakers,
                              multichannel=data.multichannel, vocabulary=data.vocabulary,
-                             task=data.task, redact=data.redact)
+                             task=data.task, spelling=data.spelling, redact=data.redact)
     except ValidationError as exc:
         raise invalid(exc, whole="form") from exc
     asked = idempotency(idempotency_key, "recognize", data.file.filename if data.file else None, data.url,

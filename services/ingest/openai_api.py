@@ -60,6 +60,8 @@ class OpenAITranscriptionForm:
     num_speakers: Annotated[int | None, Parameter(description="This service's own: the number of speakers")] = None
     min_speakers: Annotated[int | None, Parameter(description="This service's own: at least this many")] = None
     max_speakers: Annotated[int | None, Parameter(description="This service's own: at most this many")] = None
+    spelling: Annotated[str | None, Parameter(
+        description="This service's own: custom spelling, heard=written pairs, comma-separated")] = None
     redact: Annotated[str | None, Parameter(
         description="This service's own: what to replace in the text, comma-separated (email, card, phone, "
                     "number)")] = None
@@ -140,7 +142,8 @@ async def transcribe_and_wait(state: State, request: Request, data: OpenAITransc
         raise HTTPException(status_code=400, detail=f"response_format: one of {', '.join(ResponseFormat.__args__)}")
     try:
         options = JobOptions(language=data.language, vocabulary=data.prompt, task=task, num_speakers=data.num_speakers,
-                             min_speakers=data.min_speakers, max_speakers=data.max_speakers, redact=data.redact)
+                             min_speakers=data.min_speakers, max_speakers=data.max_speakers, spelling=data.spelling,
+                             redact=data.redact)
     except ValidationError as exc:
         raise invalid(exc, whole="form") from exc
     filename = clean_filename(data.file.filename)

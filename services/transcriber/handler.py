@@ -19,6 +19,7 @@ from common.metrics import add_audio_seconds
 from common.storage import read_range
 from services.transcriber.languages import detect_language
 from services.transcriber.redaction import redact
+from services.transcriber.spelling import respell
 from services.transcriber.whisper import transcribe_chunk
 
 log = logging.getLogger(__name__)
@@ -69,8 +70,8 @@ def language_for(message: JobDiarized, deps: Deps) -> str | None:
 
 
 def transcribe(message: JobDiarized, deps: Deps, speech: str = "diarizer") -> ChunkTranscribed:
-    """Whisper over the chunk, each word given to the speaker most active under it, with what
-    the job asked to have redacted replaced."""
+    """Whisper over the chunk, each word given to the speaker most active under it, spelled as
+    the job asked and with what it asked to have redacted replaced."""
     among = language_choices(message.options.language)
     if message.turns:
         offset = message.pcm_offset_s  # the chunk's channel, with multichannel
@@ -81,7 +82,7 @@ def transcribe(message: JobDiarized, deps: Deps, speech: str = "diarizer") -> Ch
                                               other_talk=message.other_channels,
                                               vocabulary=message.options.vocabulary, task=message.options.task,
                                               among=among)
-        segments = redact(segments, [*message.options.redact, *deps.redact])
+        segments = redact(respell(segments, message.options.spelling), [*message.options.redact, *deps.redact])
     else:  # nobody talks in this chunk (a silent recording)
         segments, language = [], None if among else message.options.language
     return ChunkTranscribed(

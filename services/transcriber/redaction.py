@@ -9,6 +9,7 @@ import re
 from collections.abc import Iterable
 
 from common.messages import REDACTABLE, Segment, Word, redacted_label
+from services.transcriber.rewrite import Finder, rewrite, rewrite_text, rewrite_words
 
 _DOMAIN_PART = r"[A-Za-z0-9-]+"
 PATTERNS: dict[str, re.Pattern[str]] = {
@@ -41,55 +42,21 @@ def spans(text: str, kinds: Iterable[str]) -> list[tuple[int, int, str]]:
     return sorted(found)
 
 
+def _finder(kinds: Iterable[str]) -> Finder:
+    kinds = list(kinds)
+    return lambda text: [(start, end, redacted_label(kind)) for start, end, kind in spans(text, kinds)]
+
+
 def redact_words(words: list[Word], kinds: Iterable[str]) -> list[Word]:
-    """The words with each redacted span's words merged into one `[KIND]` word over their
-    time; what a first or last word holds outside the span (a space, punctuation) is kept."""
-    text = "".join(w.word for w in words)
-    found = spans(text, kinds)
-    if not found:
-        return words
-    edges, position = [], 0
-    for word in words:
-        edges.append((position, position + len(word.word)))
-        position += len(word.word)
-    redacted: list[Word] = []
-    i = 0
-    for start, end, kind in found:
-        while i < len(words) and edges[i][1] <= start:
-            redacted.append(words[i])
-            i += 1
-        first = i
-        while i < len(words) and edges[i][0] < end:
-            i += 1
-        covered = words[first:i]
-        if not covered:
-            continue
-        before = text[edges[first][0]:start] if edges[first][0] < start else ""
-        after = text[end:edges[i - 1][1]] if end < edges[i - 1][1] else ""
-        probabilities = [w.probability for w in covered if w.probability is not None]
-        redacted.append(Word(word=before + redacted_label(kind) + after, start=covered[0].start, end=covered[-1].end,
-                             probability=min(probabilities) if probabilities else None))
-    redacted.extend(words[i:])
-    return redacted
+    """The words with each redacted span's words merged into one `[KIND]` word over their time."""
+    return rewrite_words(words, _finder(kinds))
 
 
 def redact_text(text: str, kinds: Iterable[str]) -> str:
-    for start, end, kind in reversed(spans(text, kinds)):
-        text = text[:start] + redacted_label(kind) + text[end:]
-    return text
+    return rewrite_text(text, _finder(kinds))
 
 
 def redact(segments: list[Segment], kinds: Iterable[str]) -> list[Segment]:
     """Segments with what `kinds` names replaced in their words and text."""
     kinds = list(kinds)
-    if not kinds:
-        return segments
-    out = []
-    for segment in segments:
-        if segment.words:
-            words = redact_words(segment.words, kinds)
-            text = "".join(w.word for w in words).strip()
-        else:
-            words, text = segment.words, redact_text(segment.text, kinds)
-        out.append(segment.model_copy(update={"words": words, "text": text}))
-    return out
+    return rewrite(segments, _finder(kinds)) if kinds else segments

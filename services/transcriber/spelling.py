@@ -1,0 +1,29 @@
+"""Custom spelling: words as Whisper writes them replaced by how the job asked for them to be
+written ("confu i" -> "ComfyUI"), matched whole and in any case, the longest phrase first.
+Applied before redaction, so what is redacted is the final text."""
+
+from __future__ import annotations
+
+import re
+
+from common.messages import Segment
+from services.transcriber.rewrite import Finder, Replacements, rewrite
+
+
+def _finder(spelling: dict[str, str]) -> Finder:
+    patterns = [(re.compile(r"(?<!\w)" + r"\s+".join(map(re.escape, heard.split())) + r"(?!\w)", re.IGNORECASE),
+                 written) for heard, written in sorted(spelling.items(), key=lambda pair: -len(pair[0]))]
+
+    def find(text: str) -> Replacements:
+        found: Replacements = []
+        for pattern, written in patterns:
+            for match in pattern.finditer(text):
+                start, end = match.span()
+                if not any(s < end and start < e for s, e, _ in found):
+                    found.append((start, end, written))
+        return sorted(found)
+    return find
+
+
+def respell(segments: list[Segment], spelling: dict[str, str]) -> list[Segment]:
+    return rewrite(segments, _finder(spelling)) if spelling else segments
