@@ -738,6 +738,38 @@ def reindex(
                      f" {progress['pending_segments']} to do ({state})\n")
 
 
+@app.command()
+def usage(
+    since: Annotated[str | None, typer.Option(help="Jobs that ended at or after this ISO 8601 date or time"
+                                                   " (default: 30 days ago).", show_default=False)] = None,
+    until: Annotated[str | None, typer.Option(help="Jobs that ended before this date or time (default: now).",
+                                              show_default=False)] = None,
+    all_keys: Annotated[bool, typer.Option("--all-keys", help="Every API key's (needs ADMIN_API_KEY).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the API's answer.")] = False,
+    api: ApiUrl = DEFAULT_API_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """What your API key has had transcribed: one line a day (UTC), then the total, tab-separated:
+    day, jobs, done, failed, length of the recordings done."""
+    params = {name: value for name, value in {"since": since, "until": until}.items() if value is not None}
+    with reporting_api_errors(api), api_client(api, api_key) as client:
+        answer = checked(client.get("/admin/usage" if all_keys else "/usage", params=params)).json()
+    if as_json:
+        print_json(answer)
+        return
+
+    def line(label: str, counts: dict) -> str:
+        return (f"{label}\t{counts['jobs']}\t{counts['done']}\t{counts['failed']}\t"
+                f"{clock(counts['audio_s'])}\n")
+    if all_keys:
+        for key in answer["keys"]:
+            sys.stdout.write(line(key["key"], key))
+        return
+    for day in answer["days"]:
+        sys.stdout.write(line(day["day"], day))
+    sys.stdout.write(line("total", answer))
+
+
 speakers_app = typer.Typer(help="Enrolled speakers: voices recognised in every new recording.", no_args_is_help=True)
 app.add_typer(speakers_app, name="speakers")
 

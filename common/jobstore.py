@@ -1,6 +1,6 @@
 """Job state in PostgreSQL: every statement over `transcripts`, `chunks`, `segments`,
-`speaker_turns`, `transcript_speakers` and `deleted_drops`, for ingest and the persister alike
-(the tables are described in docs/design.md). Plain async functions over an asyncpg connection
+`speaker_turns`, `transcript_speakers`, `deleted_drops` and `job_usage`, for ingest and the
+persister alike (the tables are described in docs/design.md). Plain async functions over an asyncpg connection
 or pool; the callers own the transactions, and the functions that lock a row say so."""
 
 from __future__ import annotations
@@ -521,6 +521,26 @@ async def recordings_ended_before(db: Db, age_s: float, limit: int) -> list[asyn
 async def mark_audio_removed(db: Db, job_id: int) -> bool:
     return await db.execute("UPDATE transcripts SET audio_removed_at = now()"
                             " WHERE id = $1 AND audio_removed_at IS NULL", job_id) == "UPDATE 1"
+
+
+async def record_usage(db: Db, job_id: int) -> None:
+    """The ended job's line in the usage ledger (once; it outlives the job)."""
+    await db.execute(
+        "INSERT INTO job_usage (job_id, owner, ended_at, status, audio_s)"
+        " SELECT id, owner, COALESCE(completed_at, now()), status, COALESCE(duration, 0) FROM transcripts"
+        " WHERE id = $1 AND status <> 'processing' ON CONFLICT (job_id) DO NOTHING", job_id)
+
+
+async def usage_by_day(db: Db, owner: str | None, since: datetime, until: datetime,
+                       everyone: bool = False) -> list[asyncpg.Record]:
+    """owner, day (UTC), jobs, done, failed and audio_s (of done jobs) of the jobs that ended in
+    [since, until): one owner's (None: jobs made without a key), or with `everyone` all owners'."""
+    return await db.fetch(
+        "SELECT owner, (date_trunc('day', ended_at AT TIME ZONE 'UTC'))::date AS day, count(*) AS jobs,"
+        " count(*) FILTER (WHERE status = 'done') AS done, count(*) FILTER (WHERE status <> 'done') AS failed,"
+        " COALESCE(sum(audio_s) FILTER (WHERE status = 'done'), 0) AS audio_s FROM job_usage"
+        " WHERE ($1 OR owner IS NOT DISTINCT FROM $2) AND ended_at >= $3 AND ended_at < $4"
+        " GROUP BY 1, 2 ORDER BY 1, 2", everyone, owner, since, until)
 
 
 async def stalled_job_ids(db: Db, timeout_s: float) -> list[int]:

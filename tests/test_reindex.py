@@ -1,5 +1,6 @@
 """Re-embedding stored transcripts after the embedding model changed (`stt reindex`,
-/admin/reindex), on the real stack."""
+/admin/reindex), and usage per API key (`stt usage`, /usage, /admin/usage): the admin's
+endpoints, on one real stack with an admin key and a user key."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.conftest import running_stack
 
@@ -16,32 +18,68 @@ ADMIN, USER = "reindex-admin-key-01", "reindex-user-key-02"
 USE = "universal-sentence-encoder-multilingual-3"
 
 
-def test_a_new_embedding_model_reembeds_every_stored_segment(tmp_path_factory, fixtures_dir):
+@pytest.fixture(scope="module")
+def keyed(tmp_path_factory, fixtures_dir):
+    """A stack with an admin key and a user key, and two finished jobs of the user's."""
     with running_stack(tmp_path_factory, API_KEYS=f"{ADMIN},{USER}", ADMIN_API_KEY=ADMIN) as stack:
         user = httpx.Client(headers={"X-API-Key": USER}, timeout=60)
         jobs = [stack.submit_job(fixtures_dir / name, client=user) for name in ("en_dialogue.wav", "jfk.flac")]
         assert {stack.wait_finished(job, 300, user)["status"] for job in jobs} == {"done"}
-        models = {r["embedding_model"] for r in stack.query("SELECT embedding_model FROM segments")}
-        assert models == {"all-minilm"}
-
-        # The operator switches the embedder (and so ingest's query embedding) to another model.
-        stack.env["EMBEDDING_BACKEND"] = "local"
-        stack.stop("ingest")
-        stack.start_service("ingest")
-        stack.wait_ready(timeout=120)
-        assert user.post(f"{stack.api}/admin/reindex").status_code == 403
-        assert user.get(f"{stack.api}/search", params={"q": "sales", "mode": "semantic"}).json()["items"] == []
-
-        env = {**os.environ, "STT_API_URL": stack.api, "STT_API_KEY": ADMIN}
-        stt = str(Path(sys.executable).parent / "stt")
-        result = subprocess.run([stt, "reindex"], env=env, capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, result.stdout + result.stderr
-        segments = stack.value("SELECT count(*) FROM segments")
-        assert result.stdout.strip() == f"{segments} segments embedded with {USE}, 0 to do (done)"
-        rows = stack.query("SELECT embedding_model, vector_dims(embedding) AS dims FROM segments")
-        assert {(r["embedding_model"], r["dims"]) for r in rows} == {(USE, 512)}
-        hits = user.get(f"{stack.api}/search", params={"q": "sales figures", "mode": "semantic"}).json()
-        assert hits["embedding_model"] == USE and hits["items"][0]["transcript_id"] == jobs[0]
-        again = subprocess.run([stt, "reindex"], env=env, capture_output=True, text=True, timeout=300)
-        assert again.stdout.strip() == f"{segments} segments embedded with {USE}, 0 to do (done)"
+        yield stack, user, jobs
         user.close()
+
+
+def stt(stack, key: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "STT_API_URL": stack.api, "STT_API_KEY": key}
+    return subprocess.run([str(Path(sys.executable).parent / "stt"), *args], env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_usage_counts_each_keys_audio_and_outlives_deleted_jobs(keyed):
+    stack, user, jobs = keyed
+    admin = httpx.Client(headers={"X-API-Key": ADMIN}, timeout=60)
+    seconds = sum(stack.value("SELECT duration FROM transcripts WHERE id = $1", job) for job in jobs)
+    own = user.get(f"{stack.api}/usage").json()
+    assert (own["jobs"], own["done"], own["failed"]) == (2, 2, 0) and abs(own["audio_s"] - seconds) < 0.01, own
+    assert [day["jobs"] for day in own["days"]] == [2]
+    assert admin.get(f"{stack.api}/usage").json()["jobs"] == 0  # the admin key made none
+
+    # Deleting a job does not take back what was processed.
+    assert user.delete(f"{stack.api}/transcripts/{jobs[1]}").status_code == 204
+    assert user.get(f"{stack.api}/usage").json()["jobs"] == 2
+    assert user.get(f"{stack.api}/usage", params={"until": "2020-01-01"}).json()["jobs"] == 0
+    assert user.get(f"{stack.api}/usage", params={"since": "2020-01-02", "until": "2020-01-01"}).status_code == 400
+
+    assert user.get(f"{stack.api}/admin/usage").status_code == 403
+    [by_key] = admin.get(f"{stack.api}/admin/usage").json()["keys"]
+    assert by_key["key"] == "…" + USER[-4:] and by_key["jobs"] == 2, by_key
+    printed = stt(stack, USER, "usage")
+    assert printed.returncode == 0, printed.stderr
+    assert printed.stdout.splitlines()[-1].split("\t")[:4] == ["total", "2", "2", "0"], printed.stdout
+    assert stt(stack, ADMIN, "usage", "--all-keys").stdout.startswith(f"…{USER[-4:]}\t2\t2\t0\t")
+    admin.close()
+
+
+def test_a_new_embedding_model_reembeds_every_stored_segment(keyed):
+    stack, user, jobs = keyed
+    models = {r["embedding_model"] for r in stack.query("SELECT embedding_model FROM segments")}
+    assert models == {"all-minilm"}
+
+    # The operator switches the embedder (and so ingest's query embedding) to another model.
+    stack.env["EMBEDDING_BACKEND"] = "local"
+    stack.stop("ingest")
+    stack.start_service("ingest")
+    stack.wait_ready(timeout=120)
+    assert user.post(f"{stack.api}/admin/reindex").status_code == 403
+    assert user.get(f"{stack.api}/search", params={"q": "sales", "mode": "semantic"}).json()["items"] == []
+
+    result = stt(stack, ADMIN, "reindex")
+    assert result.returncode == 0, result.stdout + result.stderr
+    segments = stack.value("SELECT count(*) FROM segments")
+    assert result.stdout.strip() == f"{segments} segments embedded with {USE}, 0 to do (done)"
+    rows = stack.query("SELECT embedding_model, vector_dims(embedding) AS dims FROM segments")
+    assert {(r["embedding_model"], r["dims"]) for r in rows} == {(USE, 512)}
+    hits = user.get(f"{stack.api}/search", params={"q": "sales figures", "mode": "semantic"}).json()
+    assert hits["embedding_model"] == USE and hits["items"][0]["transcript_id"] == jobs[0]
+    again = stt(stack, ADMIN, "reindex")
+    assert again.stdout.strip() == f"{segments} segments embedded with {USE}, 0 to do (done)"

@@ -62,6 +62,7 @@ from services.ingest.search import SEARCH_ROUTES
 from services.ingest.speakers import SPEAKER_ROUTES
 from services.ingest.submission import Accepted, Unavailable, accepted, replayed, submit_recording
 from services.ingest.transcripts import TRANSCRIPT_ROUTES, JobId, TranscriptSegment, visible
+from services.ingest.usage import USAGE_ROUTES
 from services.ingest.webhooks import WEBHOOK_ROUTES, checked_target
 
 log = logging.getLogger("services.ingest")
@@ -338,8 +339,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
 
     return Litestar(
         route_handlers=[recognize, rerun, cancel, job_status, healthz, readyz, metrics, *TRANSCRIPT_ROUTES,
-                        *CORRECTION_ROUTES, *SEARCH_ROUTES, *REINDEX_ROUTES, *OPENAI_ROUTES, *SPEAKER_ROUTES,
-                        *WEBHOOK_ROUTES, *LIVE_ROUTES, *PLAYBACK_ROUTES, *PAGE_ROUTES],
+                        *CORRECTION_ROUTES, *SEARCH_ROUTES, *REINDEX_ROUTES, *USAGE_ROUTES, *OPENAI_ROUTES,
+                        *SPEAKER_ROUTES, *WEBHOOK_ROUTES, *LIVE_ROUTES, *PLAYBACK_ROUTES, *PAGE_ROUTES],
         lifespan=[lifespan],
         middleware=[http_metrics_middleware, api_key_middleware(settings),  # metrics first: 401s count
                     upload_limit_middleware(settings.max_concurrent_uploads)],

@@ -8,6 +8,7 @@ import hmac
 import json
 
 from litestar import Request
+from litestar.exceptions import HTTPException
 from litestar.types import ASGIApp, Receive, Scope, Send
 
 from common.settings import Settings
@@ -62,3 +63,12 @@ async def _deny(send: Send, status: int, detail: str) -> None:
 
 def request_owner(request: Request) -> str | None:
     return request.scope.get("state", {}).get("owner")
+
+
+def admin_only(settings: Settings, request: Request, what: str) -> None:
+    """403 unless the caller holds ADMIN_API_KEY (anyone may, without API keys)."""
+    if not settings.api_key_list:
+        return
+    admin = settings.admin_api_key.get_secret_value() if settings.admin_api_key else None
+    if admin is None or not hmac.compare_digest(request_owner(request) or "", owner_of(admin)):
+        raise HTTPException(status_code=403, detail=f"only ADMIN_API_KEY may {what}")

@@ -2,7 +2,8 @@
 MinIO's AMQP bucket notifications and, for whatever those miss, a periodic listing. When the
 job ends its status document is written to `<RESULTS_PREFIX><key>.json` in the inbox, and
 once it is done its subtitles to `<RESULTS_PREFIX><key>.srt`. The same consumer of job endings
-tidies every job's audio: a redacted recording is written (redacted_audio), the decoded PCM removed."""
+records every job in the usage ledger and tidies its audio: a redacted recording is written
+(redacted_audio), the decoded PCM removed."""
 
 from __future__ import annotations
 
@@ -185,6 +186,7 @@ class Inbox:
 
     async def on_job_ended(self, event: JobEnded) -> None:
         await self.write_result(event.transcript_id)
+        await jobstore.record_usage(self.pool, event.transcript_id)
         await redact_recording(self.pool, self.s3, self.settings.audio_bucket, event.transcript_id)
         # The decoded PCM is an intermediate of the stages: once the job has ended nothing reads it.
         # (S3's DELETE of a key already gone succeeds, so a redelivered ending is harmless.)

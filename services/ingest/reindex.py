@@ -8,19 +8,17 @@ restarted ingest resumes by asking again. With API keys on, only ADMIN_API_KEY m
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 
 import asyncpg
 from litestar import Request, get, post
 from litestar.datastructures import State
-from litestar.exceptions import HTTPException
 from pydantic import BaseModel
 
 from common import jobstore
 from common.logs import job_logged
 from services.embedder.backends import EmbedFn
-from services.ingest.auth import owner_of, request_owner
+from services.ingest.auth import admin_only
 from services.ingest.errors import error_responses
 
 log = logging.getLogger(__name__)
@@ -87,26 +85,17 @@ class Reindexer:
                                pending_segments=counts["pending"], error=self.error)
 
 
-def _admin_only(state: State, request: Request) -> None:
-    settings = state.settings
-    if not settings.api_key_list:
-        return
-    admin = settings.admin_api_key.get_secret_value() if settings.admin_api_key else None
-    if admin is None or not hmac.compare_digest(request_owner(request) or "", owner_of(admin)):
-        raise HTTPException(status_code=403, detail="only ADMIN_API_KEY may re-embed transcripts")
-
-
 @post("/admin/reindex", status_code=202, summary="Re-embed stored segments with the current model",
       responses=error_responses(401, 403, 503))
 async def start_reindex(state: State, request: Request) -> ReindexProgress:
-    _admin_only(state, request)
+    admin_only(state.settings, request, "re-embed transcripts")
     state.reindexer.start()
     return await state.reindexer.progress()
 
 
 @get("/admin/reindex", summary="How far re-embedding is", responses=error_responses(401, 403, 503))
 async def reindex_progress(state: State, request: Request) -> ReindexProgress:
-    _admin_only(state, request)
+    admin_only(state.settings, request, "re-embed transcripts")
     return await state.reindexer.progress()
 
 

@@ -1,0 +1,102 @@
+"""How much each API key has had transcribed: GET /usage (the caller's own) and GET /admin/usage
+(every key, for ADMIN_API_KEY). Read from the usage ledger, a line per job written when it ends
+(common/migrations/018_usage.sql), so deleted jobs still count. README "Usage"."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, timedelta
+from typing import Annotated
+
+from litestar import Request, get
+from litestar.datastructures import State
+from litestar.exceptions import HTTPException
+from litestar.params import Parameter
+from pydantic import BaseModel
+
+from common import jobstore
+from services.ingest.auth import admin_only, owner_of, request_owner
+from services.ingest.errors import error_responses
+from services.ingest.transcripts import as_utc
+
+DEFAULT_DAYS = 30
+EndedSince = Annotated[str | None, Parameter(
+    description=f"Jobs that ended at or after: an ISO 8601 date or date and time (UTC if no offset); "
+                f"default {DEFAULT_DAYS} days before until", max_length=64)]
+EndedUntil = Annotated[str | None, Parameter(
+    description="Jobs that ended before: an ISO 8601 date or date and time; default now", max_length=64)]
+
+
+class UsageDay(BaseModel):
+    day: date
+    # Jobs that ended that day (UTC): done, and failed or cancelled.
+    jobs: int
+    done: int
+    failed: int
+    # Seconds of recording transcribed (jobs done).
+    audio_s: float
+
+
+class Usage(BaseModel):
+    since: datetime
+    until: datetime
+    jobs: int = 0
+    done: int = 0
+    failed: int = 0
+    audio_s: float = 0.0
+    days: list[UsageDay] = []
+
+
+class KeyUsage(Usage):
+    # The key's last four characters ("none": jobs made while API keys were off).
+    key: str
+
+
+class UsageByKey(BaseModel):
+    since: datetime
+    until: datetime
+    keys: list[KeyUsage]
+
+
+def period(since: str | None, until: str | None) -> tuple[datetime, datetime]:
+    """[since, until): by default the last DEFAULT_DAYS days."""
+    end = as_utc(until, "until") or datetime.now(UTC)
+    try:
+        start = as_utc(since, "since") or end - timedelta(days=DEFAULT_DAYS)
+    except OverflowError as exc:  # until in the first days of year 1
+        raise HTTPException(status_code=400, detail="until is out of range") from exc
+    if start >= end:
+        raise HTTPException(status_code=400, detail="since must be before until")
+    return start, end
+
+
+def summed(rows, since: datetime, until: datetime) -> Usage:
+    days = [UsageDay(day=r["day"], jobs=r["jobs"], done=r["done"], failed=r["failed"],
+                     audio_s=round(r["audio_s"], 3)) for r in rows]
+    return Usage(since=since, until=until, jobs=sum(d.jobs for d in days), done=sum(d.done for d in days),
+                 failed=sum(d.failed for d in days), audio_s=round(sum(d.audio_s for d in days), 3), days=days)
+
+
+@get("/usage", summary="What this API key has had transcribed, by day",
+     responses=error_responses(400, 401, 403, 503))
+async def own_usage(state: State, request: Request, since: EndedSince = None, until: EndedUntil = None) -> Usage:
+    start, end = period(since, until)
+    return summed(await jobstore.usage_by_day(state.pool, request_owner(request), start, end), start, end)
+
+
+@get("/admin/usage", summary="What every API key has had transcribed, by day",
+     responses=error_responses(400, 401, 403, 503))
+async def usage_by_key(state: State, request: Request, since: EndedSince = None,
+                       until: EndedUntil = None) -> UsageByKey:
+    admin_only(state.settings, request, "see every key's usage")
+    start, end = period(since, until)
+    rows = await jobstore.usage_by_day(state.pool, None, start, end, everyone=True)
+    names = {owner_of(key): f"…{key[-4:]}" for key in state.settings.api_key_list}
+    by_owner: dict[str | None, list] = {}
+    for row in rows:
+        by_owner.setdefault(row["owner"], []).append(row)
+    return UsageByKey(since=start, until=end, keys=[
+        KeyUsage(key=names.get(owner, "none" if owner is None else "a removed key"), **summed(owned, start, end)
+                 .model_dump()) for owner, owned in by_owner.items()])
+
+
+USAGE_ROUTES = [own_usage, usage_by_key]
