@@ -5,6 +5,7 @@ consumer and test that uses it (see docs/design.md)."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from typing import ClassVar, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -59,6 +60,19 @@ def language_choices(language: str | None) -> list[str] | None:
     return language.split(",") if language and "," in language else None
 
 
+def _listed(value: object, clean: Callable[[str], str]) -> object:
+    """A list sent as one text (items separated by commas or lines) or as a list: each item
+    cleaned, blanks and repeats dropped; None is empty. Anything else is left for the type check."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = value.replace("\n", ",").split(",")
+    if isinstance(value, list):
+        items = [clean(item) if isinstance(item, str) else item for item in value]
+        return list(dict.fromkeys(item for item in items if item != ""))
+    return value
+
+
 class JobOptions(BaseModel):
     """What the user asked for at submission."""
 
@@ -103,26 +117,12 @@ class JobOptions(BaseModel):
     @field_validator("vocabulary", mode="before")
     @classmethod
     def _terms(cls, value: object) -> object:
-        if value is None:
-            return []
-        if isinstance(value, str):
-            value = value.replace("\n", ",").split(",")
-        if isinstance(value, list):
-            terms = [" ".join(term.split()) if isinstance(term, str) else term for term in value]
-            return list(dict.fromkeys(term for term in terms if term != ""))
-        return value
+        return _listed(value, lambda term: " ".join(term.split()))
 
     @field_validator("redact", mode="before")
     @classmethod
     def _kinds(cls, value: object) -> object:
-        if value is None:
-            return []
-        if isinstance(value, str):
-            value = value.split(",")
-        if isinstance(value, list):
-            kinds = [kind.strip().lower() if isinstance(kind, str) else kind for kind in value]
-            return list(dict.fromkeys(kind for kind in kinds if kind != ""))
-        return value
+        return _listed(value, lambda kind: kind.strip().lower())
 
     @field_validator("spelling", mode="before")
     @classmethod
