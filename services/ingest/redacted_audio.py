@@ -39,10 +39,10 @@ def silenced(block: np.ndarray, first_sample: int, spans: list[tuple[float, floa
 
 
 def write_redacted(s3: Minio, bucket: str, audio_key: str, pcm: str, channels: int,
-                   spans: list[tuple[float, float]]) -> None:
-    """The PCM (`channels` one after another) as an interleaved WAV with `spans` silent, stored
-    over `audio_key`."""
-    samples = s3.stat_object(bucket, pcm).size // 2 // channels
+                   spans: list[tuple[float, float]], size: int | None = None) -> None:
+    """The PCM (`channels` one after another; `size` bytes, asked of the store when not given)
+    as an interleaved WAV with `spans` silent, stored over `audio_key`."""
+    samples = (s3.stat_object(bucket, pcm).size if size is None else size) // 2 // channels
     with tempfile.TemporaryFile() as spool:
         with wave.open(spool, "wb") as out:
             out.setnchannels(channels)
@@ -79,6 +79,6 @@ async def redact_recording(pool: asyncpg.Pool, s3: Minio, bucket: str, job_id: i
             return
         per_channel = (job["duration"] or 0) * SAMPLE_RATE * 2
         channels = max(1, round(size / per_channel)) if options.multichannel and per_channel else 1
-        await asyncio.to_thread(write_redacted, s3, bucket, job["audio_key"], pcm_key(job_id), channels, spans)
+        await asyncio.to_thread(write_redacted, s3, bucket, job["audio_key"], pcm_key(job_id), channels, spans, size)
         await jobstore.mark_audio_redacted(pool, job_id)
         log.info("recording redacted: %d spans silent", len(spans))
