@@ -1,6 +1,6 @@
 """How much each API key has had transcribed: GET /usage (the caller's own) and GET /admin/usage
 (every key, for ADMIN_API_KEY). Read from the usage ledger, a line per job written when it ends
-(common/migrations/018_usage.sql), so deleted jobs still count. README "Usage"."""
+(common/migrations/018_usage.sql), so deleted jobs still count. README "`GET /usage`, `GET /admin/usage`"."""
 
 from __future__ import annotations
 
