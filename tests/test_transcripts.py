@@ -24,8 +24,8 @@ from common.messages import SpeakerTurn, Word
 from services.ingest.app import create_app
 from services.ingest.captions import columns
 from services.ingest.jobs import percent_done, public_stage
+from services.ingest.segments import TranscriptSegment
 from services.ingest.transcripts import (
-    TranscriptSegment,
     content_disposition,
     download_name,
     speaking_time,
@@ -459,6 +459,9 @@ def test_a_segment_corrected_by_hand_reads_so_everywhere(stack, fixtures_dir):
     txt = httpx.get(f"{stack.api}/transcripts/{job_id}?format=txt", timeout=30).text
     assert f"Guest: {corrected}" in txt
     assert stack.status(job_id)["segments"][after.index(changed[0])]["speaker_name"] == "Guest"
+    # /status shows every segment as the transcript does, corrections and names included.
+    assert stack.status(job_id)["segments"] == httpx.get(f"{stack.api}/transcripts/{job_id}", timeout=30).json()[
+        "segments"]
 
     for body, says in (({}, "give the right"), ({"speaker": "Anna"}, "speaker"), ({"text": "  "}, "words")):
         refused = httpx.patch(where, json=body, timeout=30)

@@ -59,9 +59,10 @@ from services.ingest.readiness import CHECK_TIMEOUT_S, ObjectStoreProbe, run_che
 from services.ingest.reindex import REINDEX_ROUTES, Reindexer
 from services.ingest.retention import run_retention
 from services.ingest.search import SEARCH_ROUTES
+from services.ingest.segments import TranscriptSegment
 from services.ingest.speakers import SPEAKER_ROUTES
 from services.ingest.submission import Accepted, Unavailable, accepted, replayed, submit_recording
-from services.ingest.transcripts import TRANSCRIPT_ROUTES, JobId, TranscriptSegment, visible
+from services.ingest.transcripts import TRANSCRIPT_ROUTES, JobId, visible
 from services.ingest.usage import USAGE_ROUTES
 from services.ingest.webhooks import WEBHOOK_ROUTES, checked_target
 

@@ -19,7 +19,8 @@ from common.messages import SegmentUpdated, Word
 from common.outbox import add_to_outbox
 from services.ingest.auth import request_owner
 from services.ingest.errors import error_responses
-from services.ingest.transcripts import LABEL, JobId, TranscriptSegment, transcript_segment, visible
+from services.ingest.segments import TranscriptSegment, transcript_segment
+from services.ingest.transcripts import LABEL, JobId, visible
 
 log = logging.getLogger(__name__)
 

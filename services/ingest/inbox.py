@@ -28,7 +28,8 @@ from common.storage import pcm_key, upload_bytes, upload_json
 from services.ingest.auth import owner_of
 from services.ingest.jobs import BucketDrop, clean_filename, create_job, result_keys, status_document
 from services.ingest.redacted_audio import redact_recording
-from services.ingest.transcripts import to_srt, transcript_segment
+from services.ingest.segments import transcript_segment
+from services.ingest.transcripts import to_srt
 
 log = logging.getLogger(__name__)
 

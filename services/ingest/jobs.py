@@ -18,6 +18,7 @@ from common import jobstore
 from common.logs import job_logged
 from common.messages import STAGE_OF_SERVICE, STAGES, JobFailed, JobOptions, JobSubmitted
 from common.outbox import add_to_outbox
+from services.ingest.segments import transcript_segment
 
 log = logging.getLogger(__name__)
 
@@ -179,15 +180,8 @@ async def status_document(pool: asyncpg.Pool | asyncpg.Connection, job_id: int,
         "status": job["status"],
         "stage": public_stage(job["stage"]),
         "percent": percent_done(job["status"], job["progress"]),
-        "segments": [
-            {"chunk_index": r["chunk_index"], "index": r["index"],
-             "speaker": r["speaker"], **({"speaker_name": r["speaker_name"]} if r["speaker_name"] else {}),
-             **({"speaker_confidence": r["speaker_confidence"]} if r["speaker_confidence"] is not None else {}),
-             "start_ts": round(r["start_ts"], 3), "end_ts": round(r["end_ts"], 3), "text": r["text"],
-             "overlap": r["overlap"], **({"language": r["language"]} if r["language"] else {}),
-             "edited": r["edited"]}
-            for r in rows
-        ],
+        # As GET /transcripts/{id} shows them, without words; absent values left out.
+        "segments": [transcript_segment(r).model_dump(exclude_none=True) for r in rows],
     }
     # Done with nobody talking: a silent recording is a result (as hosted APIs report it).
     document["no_speech"] = job["no_speech"]

@@ -32,8 +32,9 @@ from common.messages import VOCABULARY_MAX_CHARS, JobOptions
 from services.ingest.auth import request_owner
 from services.ingest.errors import OpenAIErrorBody, error_body, error_responses, invalid
 from services.ingest.jobs import Idempotency, clean_filename, earlier_job
+from services.ingest.segments import TranscriptSegment
 from services.ingest.submission import submit_recording
-from services.ingest.transcripts import TranscriptSegment, fetch_transcript, to_srt, to_vtt
+from services.ingest.transcripts import fetch_transcript, to_srt, to_vtt
 
 log = logging.getLogger(__name__)
 

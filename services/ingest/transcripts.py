@@ -25,7 +25,7 @@ from pydantic import BaseModel, Field
 
 from common import jobstore, speakerstore
 from common.logs import job_logged
-from common.messages import JobOptions, SpeakerName, SpeakerTurn, Stage, Word
+from common.messages import JobOptions, SpeakerName, SpeakerTurn, Stage
 from common.settings import Settings
 from common.storage import pcm_key
 from common.turns import speech_regions
@@ -33,6 +33,7 @@ from services.ingest.auth import request_owner
 from services.ingest.captions import LINE_COUNT, LINE_WIDTH, caption_cues
 from services.ingest.errors import MAX_ID, error_responses
 from services.ingest.jobs import percent_done, public_stage, result_keys, upload_key
+from services.ingest.segments import TranscriptSegment, transcript_segment
 from services.ingest.speakers import announce_speaker_names, clean_name
 
 log = logging.getLogger(__name__)
@@ -43,29 +44,6 @@ MEDIA_TYPES = {"srt": "application/x-subrip", "vtt": "text/vtt", "txt": "text/pl
 
 
 # ---- response models ------------------------------------------------------------------------
-
-
-class TranscriptSegment(BaseModel):
-    # Where the segment is kept: PATCH /transcripts/{id}/segments/{chunk_index}/{index} corrects it.
-    chunk_index: int | None = None
-    index: int | None = None
-    speaker: str
-    # The name given to the speaker (PATCH /transcripts/{id}/speakers) or of the enrolled speaker
-    # whose voice it is (README "Speakers"), when there is one.
-    speaker_name: str | None = None
-    # For a recognised voice: its cosine similarity to that speaker's closest voiceprint.
-    speaker_confidence: float | None = None
-    start_ts: float
-    end_ts: float
-    text: str
-    # Another speaker talks during some of these words.
-    overlap: bool = False
-    # The language spoken, where the recording switches language (language "en,de" or "multi").
-    language: str | None = None
-    # Its text or speaker was corrected by hand.
-    edited: bool = False
-    # Only with ?words=true.
-    words: list[Word] | None = None
 
 
 class TranscriptSummary(BaseModel):
@@ -203,18 +181,6 @@ def _summary_fields(row: asyncpg.Record) -> dict:
 def visible(row: asyncpg.Record | None, owner: str | None) -> bool:
     """With API keys on (`owner` set), another key's job is as if it did not exist."""
     return row is not None and (owner is None or row["owner"] == owner)
-
-
-def transcript_segment(row: asyncpg.Record, with_words: bool = False) -> TranscriptSegment:
-    """A row of jobstore.job_segments as the API shows it."""
-    return TranscriptSegment(
-        chunk_index=row["chunk_index"], index=row["index"], edited=row["edited"],
-        speaker=row["speaker"], speaker_name=row["speaker_name"], speaker_confidence=row["speaker_confidence"],
-        start_ts=round(row["start_ts"], 3), end_ts=round(row["end_ts"], 3),
-        text=row["text"], overlap=row["overlap"], language=row["language"],
-        words=[Word(word=w["word"].strip(), start=w["start"], end=w["end"], probability=w.get("probability"))
-               for w in row["words"]] if with_words else None,
-    )
 
 
 async def fetch_transcript(pool: asyncpg.Pool | asyncpg.Connection, job_id: int, owner: str | None,
