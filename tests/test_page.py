@@ -178,7 +178,7 @@ def test_a_recording_that_changes_language_is_written_in_each(stack, fixtures_di
     page.close()
 
 
-def test_a_miscounted_recording_runs_again_with_the_speaker_count_given(stack, fixtures_dir, browser):
+def test_unsure_words_are_marked_and_a_miscounted_recording_runs_again(stack, fixtures_dir, browser):
     page = browser.new_page()
     page.goto(stack.api + "/")
     page.set_input_files("#file", str(fixtures_dir / "sample.wav"))
@@ -186,6 +186,16 @@ def test_a_miscounted_recording_runs_again_with_the_speaker_count_given(stack, f
     page.locator('#transcript[data-ended="true"]').wait_for(timeout=300_000)
     first = page.locator("#transcript").get_attribute("data-job")
     assert speakers_shown(page) == 2
+
+    # The words Whisper was unsure of are underlined, and only those; the text reads the same.
+    segments = httpx.get(f"{stack.api}/transcripts/{first}?words=true", timeout=30).json()["segments"]
+    unsure = sorted(w["word"] for s in segments for w in s["words"] if (w.get("probability") or 1) < 0.5)
+    assert unsure, "sample.wav (a far-field meeting) has words Whisper is unsure of"
+    page.locator("#unsure-hint").wait_for(state="visible", timeout=30_000)
+    marks = page.locator("#segments mark.unsure")
+    assert sorted(marks.all_inner_texts()) == unsure
+    assert "%" in marks.first.get_attribute("title")
+    assert sorted(page.locator("#segments .segment .text").all_inner_texts()) == sorted(s["text"] for s in segments)
     page.get_by_role("form", name="Run again").get_by_label("Speakers").fill("3")
     page.get_by_role("button", name="Run again").click()
     page.wait_for_function(f"document.querySelector('#transcript').dataset.job !== '{first}'")

@@ -206,6 +206,7 @@ function renderSegment(segment) {
   const item = document.createElement("li");
   item.dataset.key = key;
   item.dataset.start = segment.start_ts;
+  item.dataset.segment = `${segment.chunk_index}:${segment.index}`;
   const button = document.createElement("button");
   button.type = "button";
   button.className = "segment";
@@ -234,6 +235,53 @@ function renderSegment(segment) {
   }
   const later = [...list.children].find((other) => Number(other.dataset.start) > segment.start_ts);
   list.insertBefore(item, later || null);
+}
+
+// Words Whisper was unsure of (probability below this) are underlined once the job is done, so
+// a reader knows which ones to check against the recording.
+const UNSURE_BELOW = 0.5;
+
+async function markUnsureWords(jobId) {
+  let segments;
+  try {
+    segments = (await (await api(`/transcripts/${jobId}?words=true`)).json()).segments;
+  } catch {
+    return;  // the transcript reads as it is, without marks
+  }
+  if (state.open !== jobId) return;
+  let marked = 0;
+  for (const segment of segments) {
+    const text = document.querySelector(`#segments li[data-segment="${segment.chunk_index}:${segment.index}"] .segment .text`);
+    if (text && text.textContent === segment.text) marked += markWords(text, segment.words || []);
+  }
+  $("#unsure-hint").hidden = marked === 0;
+}
+
+// Wraps each unsure word of the element's text in a <mark>, finding the words in order; the
+// text itself is unchanged. Returns how many were marked.
+function markWords(element, words) {
+  const text = element.textContent;
+  const pieces = [];
+  let cursor = 0;
+  for (const word of words) {
+    const at = word.word ? text.indexOf(word.word, cursor) : -1;
+    if (at < 0) continue;
+    const end = at + word.word.length;
+    if (typeof word.probability === "number" && word.probability < UNSURE_BELOW) {
+      pieces.push(text.slice(cursor, at));
+      const mark = document.createElement("mark");
+      mark.className = "unsure";
+      mark.textContent = word.word;
+      mark.title = `Unsure (${Math.round(word.probability * 100)}%): check it against the recording`;
+      pieces.push(mark);
+    } else {
+      pieces.push(text.slice(cursor, end));
+    }
+    cursor = end;
+  }
+  const marked = pieces.filter((piece) => typeof piece !== "string").length;
+  if (marked) element.replaceChildren(...pieces, text.slice(cursor));
+  return marked;
 }
 
 // A segment corrected by hand (PATCH /transcripts/{id}/segments/{chunk}/{index}): its words, or
@@ -543,6 +591,7 @@ async function openTranscript(jobId) {
   $("#segments").innerHTML = "";
   $("#names").innerHTML = "";
   $("#segments").lang = "";
+  $("#unsure-hint").hidden = true;
   renderDownloads(jobId, false);
   renderDelete(jobId, false);
   renderRerun(jobId, false);
@@ -571,7 +620,10 @@ async function openTranscript(jobId) {
       renderRerun(jobId, true);
       refreshNames();
       section.dataset.ended = "true";
-      if (type === "transcript.completed") loadSpeakingTime(jobId);
+      if (type === "transcript.completed") {
+        loadSpeakingTime(jobId);
+        markUnsureWords(jobId);
+      }
     }
   }, { endId: "end" });
 }
