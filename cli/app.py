@@ -347,6 +347,9 @@ Spelling = Annotated[str | None, typer.Option(
 Redact = Annotated[str | None, typer.Option(
     help="Replace these in the text before it is stored, comma-separated: email, card, phone, number "
     "(every number in digits).", show_default=False)]
+Reference = Annotated[str | None, typer.Option(
+    help="Your own name for the job (a call id, a ticket), returned with it and in its events; "
+    "stt list --reference finds it.", show_default=False)]
 
 
 def speaker_counts(speakers: int | None, min_speakers: int | None, max_speakers: int | None) -> dict:
@@ -372,6 +375,7 @@ def submit(
         "--translate", help="Write the text in English, whatever the language spoken.")] = False,
     spelling: Spelling = None,
     redact: Redact = None,
+    reference: Reference = None,
     wait: Annotated[bool, typer.Option(
         help="Follow the jobs and print their transcripts; --no-wait prints the job ids and returns.")] = True,
     api: ApiUrl = DEFAULT_API_URL,
@@ -384,7 +388,7 @@ def submit(
     options = {"language": language, **speaker_counts(speakers, min_speakers, max_speakers),
                "multichannel": "true" if multichannel else None,
                "vocabulary": vocabulary, "task": "translate" if translate else None,
-               "spelling": spelling, "redact": redact}
+               "spelling": spelling, "redact": redact, "reference": reference}
     fields = {name: str(value) for name, value in options.items() if value is not None}
     sources = [recording_source(argument) for argument in recordings]
     jobs: list[SubmittedJob] = []
@@ -447,6 +451,7 @@ def rerun(
         show_default=False)] = None,
     spelling: Spelling = None,
     redact: Redact = None,
+    reference: Reference = None,
     wait: Annotated[bool, typer.Option(
         help="Follow the new job and print its transcript; --no-wait prints its id and returns.")] = True,
     api: ApiUrl = DEFAULT_API_URL,
@@ -459,7 +464,7 @@ def rerun(
     task = None if translate is None else "translate" if translate else "transcribe"
     changes = {"language": language, **speaker_counts(speakers, min_speakers, max_speakers),
                "vocabulary": vocabulary, "task": task, "spelling": spelling,
-               "redact": redact}
+               "redact": redact, "reference": reference}
     with api_client(api, api_key) as client, reporting_api_errors(api):
         accepted = checked(client.post(f"/transcripts/{job_id}/rerun",
                                        json={k: v for k, v in changes.items() if v is not None})).json()
@@ -519,13 +524,16 @@ def list_jobs(
                                                    " offset): 2026-12-01, 2026-12-01T09:30.",
                                               show_default=False)] = None,
     until: Annotated[str | None, typer.Option(help="Created before this date or time.", show_default=False)] = None,
+    reference: Annotated[str | None, typer.Option(help="Only jobs submitted with this --reference.",
+                                                  show_default=False)] = None,
     limit: Annotated[int, typer.Option(help="Jobs to show.", min=1)] = 20,
     as_json: Annotated[bool, typer.Option("--json", help="Print the jobs as JSON (the API's items).")] = False,
     api: ApiUrl = DEFAULT_API_URL,
     api_key: ApiKey = None,
 ) -> None:
     """Your jobs, newest first: id, status, percent, created (UTC), duration, language, file."""
-    filters = {"status": state.value if state else None, "filename": filename, "since": since, "until": until}
+    filters = {"status": state.value if state else None, "filename": filename, "since": since, "until": until,
+               "reference": reference}
     params: dict[str, str | int] = {name: value for name, value in filters.items() if value is not None}
     items: list[dict] = []
     with reporting_api_errors(api), api_client(api, api_key) as client:

@@ -31,7 +31,8 @@ Db = asyncpg.Connection | asyncpg.Pool
 NO_SPEECH_COLUMN = ("(transcripts.status = 'done'"
                     " AND NOT EXISTS (SELECT 1 FROM speaker_turns t WHERE t.transcript_id = transcripts.id)"
                     " AND NOT EXISTS (SELECT 1 FROM segments s WHERE s.transcript_id = transcripts.id)) AS no_speech")
-SUMMARY_COLUMNS = "id, filename, status, stage, progress, language, duration, created_at, completed_at"
+SUMMARY_COLUMNS = ("id, filename, status, stage, progress, language, duration, created_at, completed_at,"
+                   " options->>'reference' AS reference")
 
 
 # ---- creating jobs (ingest) -------------------------------------------------------------------
@@ -260,13 +261,13 @@ def _where(args: list, conditions: dict[str, object]) -> list[str]:
 
 async def list_jobs(db: Db, *, owner: str | None, status: str | None, filename: str | None,
                     since: datetime | None, until: datetime | None, before_id: int | None,
-                    limit: int) -> list[asyncpg.Record]:
+                    limit: int, reference: str | None = None) -> list[asyncpg.Record]:
     """Summary rows, newest first, at most `limit`, with ids below `before_id` (a page cursor)."""
     args: list = []
     conditions = _where(args, {
         "owner = {}": owner, "id < {}": before_id, "status = {}": status,
         "filename ILIKE {} ESCAPE '\\'": _like_pattern(filename) if filename else None,
-        "created_at >= {}": since, "created_at < {}": until})
+        "created_at >= {}": since, "created_at < {}": until, "options->>'reference' = {}": reference})
     args.append(limit)
     return await db.fetch(
         f"SELECT {SUMMARY_COLUMNS} FROM transcripts"
@@ -459,13 +460,13 @@ async def set_progress(conn: asyncpg.Connection, job_id: int, fraction: float) -
 
 
 async def mark_done(conn: asyncpg.Connection, job_id: int) -> asyncpg.Record:
-    """The job done; returns its filename, language, duration, segment_count and no_speech."""
+    """The job done; returns its filename, language, duration, segment_count, no_speech and reference."""
     return await conn.fetchrow(
         f"""
         UPDATE transcripts SET status = 'done', stage = 'done', progress = 1,
             completed_at = now(), updated_at = now()
         WHERE id = $1
-        RETURNING filename, language, duration,
+        RETURNING filename, language, duration, options->>'reference' AS reference,
             (SELECT count(*) FROM segments WHERE transcript_id = $1) AS segment_count,
             {NO_SPEECH_COLUMN}
         """,
@@ -473,15 +474,15 @@ async def mark_done(conn: asyncpg.Connection, job_id: int) -> asyncpg.Record:
     )
 
 
-async def mark_failed(conn: asyncpg.Connection, job_id: int, reason: str, service: str) -> str | None:
-    """A processing job failed (the first reason wins): returns its filename, or None when it
-    was not processing. The job keeps the pipeline stage `service` works in."""
-    return await conn.fetchval(
+async def mark_failed(conn: asyncpg.Connection, job_id: int, reason: str, service: str) -> asyncpg.Record | None:
+    """A processing job failed (the first reason wins): returns its filename and reference, or
+    None when it was not processing. The job keeps the pipeline stage `service` works in."""
+    return await conn.fetchrow(
         """
         UPDATE transcripts SET status = 'error', error = $2,
             stage = COALESCE($3, stage), completed_at = now(), updated_at = now()
         WHERE id = $1 AND status = 'processing'
-        RETURNING filename
+        RETURNING filename, options->>'reference' AS reference
         """,
         job_id, reason, STAGE_OF_SERVICE.get(service),
     )
@@ -491,12 +492,12 @@ async def fail(conn: asyncpg.Connection, job_id: int, reason: str, service: str)
     """Mark a processing job failed (the first reason wins) and queue its transcript.failed in
     the caller's transaction, which also tells every pipeline worker to stop working on it.
     False when the job was not processing."""
-    filename = await mark_failed(conn, job_id, reason, service)
-    if filename is None:
+    failed = await mark_failed(conn, job_id, reason, service)
+    if failed is None:
         return False
     await add_to_outbox(conn, TranscriptFailed(
         message_id=f"transcript.failed:{job_id}", job_id=job_id, transcript_id=job_id,
-        filename=filename, reason=reason,
+        filename=failed["filename"], reason=reason, reference=failed["reference"],
     ))
     return True
 

@@ -73,6 +73,9 @@ def _listed(value: object, clean: Callable[[str], str]) -> object:
     return value
 
 
+REFERENCE_MAX_CHARS = 200
+
+
 class JobOptions(BaseModel):
     """What the user asked for at submission."""
 
@@ -95,12 +98,23 @@ class JobOptions(BaseModel):
     # Custom spelling: what Whisper writes (any case, whole words) -> how it is to be written.
     # Sent as one text, "heard=written" pairs separated by commas or lines.
     spelling: dict[str, str] = Field(default_factory=dict)
+    # The submitter's own name for the job (a call id, a ticket): never read by the pipeline;
+    # returned with the transcript and its transcript.completed / transcript.failed, and listed by.
+    reference: str | None = Field(default=None, max_length=REFERENCE_MAX_CHARS)
 
     # A blank field (an HTML form's empty input) asks for nothing, as a field left out does.
-    @field_validator("language", "num_speakers", "min_speakers", "max_speakers", mode="before")
+    @field_validator("language", "num_speakers", "min_speakers", "max_speakers", "reference", mode="before")
     @classmethod
     def _blank_is_absent(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("reference", mode="after")
+    @classmethod
+    def _one_line(cls, value: str | None) -> str | None:
+        # Shown on one line in lists and logs; PostgreSQL's jsonb cannot hold a NUL.
+        if value is not None and any(ord(c) < 32 or ord(c) == 127 for c in value):
+            raise ValueError("reference: one line of text, without control characters")
+        return value.strip() if value is not None else None
 
     @field_validator("multichannel", mode="before")
     @classmethod
@@ -399,6 +413,8 @@ class TranscriptCompleted(Contract):
     segment_count: int
     # Nobody talks in the recording: done with no segments (a result, not a failure).
     no_speech: bool = False
+    # The job's `reference`, when it was submitted with one.
+    reference: str | None = None
 
 
 class TranscriptFailed(Contract):
@@ -407,6 +423,8 @@ class TranscriptFailed(Contract):
     transcript_id: int
     filename: str
     reason: str
+    # The job's `reference`, when it was submitted with one.
+    reference: str | None = None
 
 
 class SpeakerName(BaseModel):

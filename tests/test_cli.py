@@ -93,7 +93,7 @@ class Background:
 
 @pytest.fixture(scope="module")
 def jfk_submission(keyed_stack, fixtures_dir) -> tuple[subprocess.CompletedProcess, int]:
-    result = stt(keyed_stack, "submit", str(fixtures_dir / "jfk.flac"), "--wait")
+    result = stt(keyed_stack, "submit", str(fixtures_dir / "jfk.flac"), "--wait", "--reference", "inaugural-1961")
     match = re.search(r"accepted as job (\d+)", result.stderr)
     assert match, result.stdout + result.stderr
     return result, int(match.group(1))
@@ -137,6 +137,10 @@ def test_list_shows_the_keys_jobs_filtered(keyed_stack, jfk_submission):
     assert job_id in [item["id"] for item in created]
     day_after = (datetime.fromisoformat(next(i["created_at"] for i in created if i["id"] == job_id))
                  + timedelta(days=1)).date().isoformat()
+    # The submitter's own name for the job finds it, exactly as given.
+    referred = json.loads(stt(keyed_stack, "list", "--reference", "inaugural-1961", "--json").stdout)
+    assert [(i["id"], i["reference"]) for i in referred] == [(job_id, "inaugural-1961")]
+    assert stt(keyed_stack, "list", "--reference", "inaugural").stdout == ""
     later = stt(keyed_stack, "list", "--since", day_after)
     assert (later.returncode, later.stdout, later.stderr.strip()) == (0, "", "no jobs")
     bad = stt(keyed_stack, "list", "--since", "yesterday")

@@ -540,6 +540,35 @@ def test_list_pages_newest_first_with_filters(stack, fixtures_dir, tmp_path):
         assert response.status_code == 400, (params, response.text)
 
 
+def test_a_reference_given_at_submission_comes_back_with_the_job_and_its_end(stack, fixtures_dir, tmp_path):
+    """A submitter's own name for a job (a call id) is how its systems match the job's end to
+    their records, whether it ends done or failed, and how they find the job later."""
+    ours, theirs = f"CALL-{uuid.uuid4().hex[:8]}", f"CALL-{uuid.uuid4().hex[:8]}"
+
+    async def submit_and_hear_the_ends() -> tuple[int, int, list[dict], list[dict]]:
+        connection = await aio_pika.connect_robust(stack.amqp_url)
+        async with connection:
+            channel = await connection.channel()
+            completions = await events_queue(channel, "transcript.completed")
+            failures = await events_queue(channel, "transcript.failed")
+            done = stack.submit_job(fixtures_dir / "jfk.flac", data={"reference": f"  {ours} "})
+            failed = stack.submit_job(over_the_length_limit(tmp_path / "long.flac"), data={"reference": theirs})
+            return (done, failed, await job_events(completions, done, lambda bodies: bodies, timeout=300),
+                    await job_events(failures, failed, lambda bodies: bodies, timeout=300))
+
+    done, failed, [completed], [failure] = asyncio.run(submit_and_hear_the_ends())
+    assert (completed["reference"], failure["reference"]) == (ours, theirs)
+    document = transcript(stack, done).json()
+    assert document["reference"] == document["options"]["reference"] == ours
+    assert [i["id"] for i in list_jobs(stack, reference=ours)["items"]] == [done]
+    assert [(i["id"], i["reference"]) for i in list_jobs(stack, reference=theirs)["items"]] == [(failed, theirs)]
+    assert list_jobs(stack, reference=ours.lower())["items"] == []  # exactly as given
+    # A rerun is the same recording for the submitter's systems: it keeps the reference.
+    rerun = httpx.post(f"{stack.api}/transcripts/{done}/rerun", json={"language": "en"}, timeout=30).json()["id"]
+    assert [i["id"] for i in list_jobs(stack, reference=ours)["items"]] == [rerun, done]
+    assert transcript(stack, rerun).json()["reference"] == ours
+
+
 # ---- delete -----------------------------------------------------------------------------------
 
 

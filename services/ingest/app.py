@@ -28,7 +28,7 @@ from common import jobstore
 from common.broker import connect, open_bus, watched_queues
 from common.db import DATABASE_UNAVAILABLE, apply_migrations, create_pool
 from common.logs import job_logged
-from common.messages import VOCABULARY_MAX_CHARS, JobOptions, Stage
+from common.messages import REFERENCE_MAX_CHARS, VOCABULARY_MAX_CHARS, JobOptions, Stage
 from common.metrics import http_metrics_middleware, watch_queue_depths
 from common.outbox import run_outbox_flusher
 from common.settings import Settings, get_settings
@@ -102,6 +102,10 @@ class RecognizeForm:
     redact: Annotated[str | None, Parameter(
         description="What to replace in the text before it is stored, comma-separated: email, card, phone, "
         "number (every number written in digits)")] = None
+    reference: Annotated[str | None, Parameter(
+        description="Your own name for the job (a call id, a ticket), one line of at most "
+        f"{REFERENCE_MAX_CHARS} characters: returned with the transcript and in its transcript.completed or "
+        "transcript.failed, and GET /transcripts?reference= finds the job by it")] = None
     callback_url: Annotated[str | None, Parameter(
         description="This job's transcript.completed or transcript.failed is POSTed here, signed")] = None
 
@@ -146,7 +150,7 @@ async def recognize(
         options = JobOptions(language=data.language, num_speakers=data.num_speakers,
                              min_speakers=data.min_speakers, max_speakers=data.max_speakers,
                              multichannel=data.multichannel, vocabulary=data.vocabulary,
-                             task=data.task, spelling=data.spelling, redact=data.redact)
+                             task=data.task, spelling=data.spelling, redact=data.redact, reference=data.reference)
     except ValidationError as exc:
         raise invalid(exc, whole="form") from exc
     asked = idempotency(idempotency_key, "recognize", data.file.filename if data.file else None, data.url,

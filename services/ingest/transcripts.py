@@ -25,7 +25,7 @@ from pydantic import BaseModel, Field
 
 from common import jobstore, speakerstore
 from common.logs import job_logged
-from common.messages import JobOptions, SpeakerName, SpeakerTurn, Stage
+from common.messages import REFERENCE_MAX_CHARS, JobOptions, SpeakerName, SpeakerTurn, Stage
 from common.settings import Settings
 from common.storage import pcm_key
 from common.turns import speech_regions
@@ -58,6 +58,8 @@ class TranscriptSummary(BaseModel):
     duration: float | None = None
     created_at: datetime
     completed_at: datetime | None = None
+    # The submitter's own name for the job (`reference` at submission), when it has one.
+    reference: str | None = None
 
 
 class TranscriptDocument(TranscriptSummary):
@@ -174,7 +176,7 @@ def _summary_fields(row: asyncpg.Record) -> dict:
         "id": row["id"], "filename": row["filename"], "status": row["status"],
         "stage": public_stage(row["stage"]), "percent": percent_done(row["status"], row["progress"]),
         "language": row["language"], "duration": row["duration"],
-        "created_at": row["created_at"], "completed_at": row["completed_at"],
+        "created_at": row["created_at"], "completed_at": row["completed_at"], "reference": row["reference"],
     }
 
 
@@ -200,16 +202,18 @@ class ListFilters:
     filename: str | None = None
     since: datetime | None = None
     until: datetime | None = None
+    reference: str | None = None
 
 
 async def list_transcripts(pool: asyncpg.Pool, owner: str | None, filters: ListFilters,
                            limit: int, cursor: int | None) -> TranscriptPage:
     """Newest first. The cursor is the last id of the previous page, so pages stay stable
     while new jobs arrive."""
-    if filters.filename is not None and "\x00" in filters.filename:
+    if any(text is not None and "\x00" in text for text in (filters.filename, filters.reference)):
         return TranscriptPage(items=[])  # stored names never hold NUL (and PostgreSQL refuses it)
     rows = await jobstore.list_jobs(pool, owner=owner, status=filters.status, filename=filters.filename,
-                                    since=filters.since, until=filters.until, before_id=cursor, limit=limit + 1)
+                                    since=filters.since, until=filters.until, before_id=cursor, limit=limit + 1,
+                                    reference=filters.reference)
     items = [TranscriptSummary(**_summary_fields(r)) for r in rows[:limit]]
     return TranscriptPage(items=items, next_cursor=items[-1].id if len(rows) > limit else None)
 
@@ -276,6 +280,8 @@ LineCountQuery = Annotated[int, QueryParameter(ge=1, le=10, description="srt and
 LimitQuery = Annotated[int, QueryParameter(ge=1, le=500, description="Items per page")]
 CursorQuery = Annotated[int | None, QueryParameter(ge=1, le=MAX_ID, description="next_cursor of the previous page")]
 StatusQuery = Annotated[JobState | None, QueryParameter(description="Only jobs in this state")]
+ReferenceQuery = Annotated[str | None, QueryParameter(
+    max_length=REFERENCE_MAX_CHARS, description="Only jobs submitted with this `reference` (exactly)")]
 FilenameQuery = Annotated[str | None, QueryParameter(max_length=255, description="Substring of the filename, any case")]
 # Strings parsed here rather than datetimes parsed by the framework, which takes only full RFC 3339
 # times: `since=2026-12-01` is what people type.
@@ -340,9 +346,10 @@ async def get_transcripts(
     state: State, request: Request,
     limit: LimitQuery = 50, cursor: CursorQuery = None, status: StatusQuery = None,
     filename: FilenameQuery = None, since: SinceQuery = None, until: UntilQuery = None,
+    reference: ReferenceQuery = None,
 ) -> TranscriptPage:
     filters = ListFilters(status=status, filename=filename, since=as_utc(since, "since"),
-                          until=as_utc(until, "until"))
+                          until=as_utc(until, "until"), reference=reference)
     return await list_transcripts(state.pool, request_owner(request), filters, limit, cursor)
 
 

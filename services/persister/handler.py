@@ -112,7 +112,7 @@ async def on_embedded(pool: asyncpg.Pool, message: ChunkEmbedded) -> bool:
                 job_id=message.job_id, transcript_id=message.job_id, filename=info["filename"],
                 language=info["language"], duration=info["duration"],
                 segment_count=info["segment_count"],
-                no_speech=info["no_speech"],
+                no_speech=info["no_speech"], reference=info["reference"],
             ))
             log.info("job done: %d chunks, %d segments", embedded, info["segment_count"])
         else:
