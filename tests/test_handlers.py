@@ -112,7 +112,7 @@ def test_a_jobs_redaction_replaces_numbers_and_addresses_in_its_words_and_text()
     redacted = transcribed(JobOptions(language="en", redact="card,phone,email"), [])
     said = text(redacted)
     assert all(label in said for label in ("[CARD]", "[PHONE]", "[EMAIL]")), said
-    assert not re.search(r"\d{3}", said) and ".com" not in said and "team" in said, said
+    assert not re.search(r"\d{3}", said) and ".com" not in said and "team" in said.lower(), said
     # The words say the same as the text, and a label spans the time of the words it replaces.
     for segment in redacted:
         assert "".join(w.word for w in segment.words).strip() == segment.text
