@@ -374,15 +374,13 @@ WORK_MESSAGES: dict[str, type[Contract]] = {
 # ---- public events (exchange "stt.events") --------------------------------------------------
 
 
-class SegmentCreated(Contract):
-    ROUTING_KEY: ClassVar[str] = "segment.created"
+class StoredSegment(BaseModel):
+    """A stored segment as its readers see it: in segment.created / segment.updated and in every
+    output of the API (services/ingest/segments.py)."""
 
-    transcript_id: int
-    chunk_index: int
-    index: int
     speaker: str
     # The speaker's name, when one was given (PATCH /transcripts/{id}/speakers) or the voice was
-    # recognised as an enrolled speaker's before this was stored.
+    # recognised as an enrolled speaker's (README "Speakers").
     speaker_name: str | None = None
     # For a recognised voice: its cosine similarity to the enrolled speaker's closest voiceprint.
     speaker_confidence: float | None = None
@@ -391,10 +389,18 @@ class SegmentCreated(Contract):
     text: str
     # Another speaker talks during some of these words.
     overlap: bool = False
-    embedding: list[float] | None = None
-    embedding_model: str | None = None
     # The language spoken, where the recording switches language (language "en,de" or "multi").
     language: str | None = None
+
+
+class SegmentCreated(StoredSegment, Contract):
+    ROUTING_KEY: ClassVar[str] = "segment.created"
+
+    transcript_id: int
+    chunk_index: int
+    index: int
+    embedding: list[float] | None = None
+    embedding_model: str | None = None
 
 
 class SegmentUpdated(SegmentCreated):

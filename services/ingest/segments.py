@@ -4,28 +4,14 @@ results), built from one row of jobstore.job_segments."""
 from __future__ import annotations
 
 import asyncpg
-from pydantic import BaseModel
 
-from common.messages import Word
+from common.messages import StoredSegment, Word
 
 
-class TranscriptSegment(BaseModel):
+class TranscriptSegment(StoredSegment):
     # Where the segment is kept: PATCH /transcripts/{id}/segments/{chunk_index}/{index} corrects it.
     chunk_index: int | None = None
     index: int | None = None
-    speaker: str
-    # The name given to the speaker (PATCH /transcripts/{id}/speakers) or of the enrolled speaker
-    # whose voice it is (README "Speakers"), when there is one.
-    speaker_name: str | None = None
-    # For a recognised voice: its cosine similarity to that speaker's closest voiceprint.
-    speaker_confidence: float | None = None
-    start_ts: float
-    end_ts: float
-    text: str
-    # Another speaker talks during some of these words.
-    overlap: bool = False
-    # The language spoken, where the recording switches language (language "en,de" or "multi").
-    language: str | None = None
     # Its text or speaker was corrected by hand.
     edited: bool = False
     # Only with ?words=true.
