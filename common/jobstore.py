@@ -95,9 +95,9 @@ async def job(db: Db, job_id: int) -> asyncpg.Record | None:
 _SPEAKER_NAME = ("LEFT JOIN transcript_speakers n ON n.transcript_id = s.transcript_id AND n.speaker = s.speaker")
 
 
-_SEGMENT = ("SELECT s.chunk_index, s.index, s.speaker, n.name AS speaker_name, n.confidence AS speaker_confidence,"
-            " s.start_ts, s.end_ts, s.text, s.words, s.overlap, s.language, s.edited_at IS NOT NULL AS edited"
-            f" FROM segments s {_SPEAKER_NAME} WHERE s.transcript_id = $1")
+_SEGMENT_COLUMNS = ("s.chunk_index, s.index, s.speaker, n.name AS speaker_name, n.confidence AS speaker_confidence,"
+                    " s.start_ts, s.end_ts, s.text, s.overlap, s.language, s.edited_at IS NOT NULL AS edited")
+_SEGMENT = f"SELECT {_SEGMENT_COLUMNS}, s.words FROM segments s {_SPEAKER_NAME} WHERE s.transcript_id = $1"
 
 
 async def job_segments(db: Db, job_id: int) -> list[asyncpg.Record]:
@@ -215,13 +215,10 @@ async def stored_chunk_prefix(db: Db, job_id: int) -> int:
 
 
 async def segments_after(db: Db, job_id: int, after: tuple[int, int], up_to_chunk: int) -> list[asyncpg.Record]:
-    """chunk_index, index, speaker, speaker_name, speaker_confidence, start_ts, end_ts, text,
-    overlap, language of the segments after (chunk, index) `after` in chunks up to `up_to_chunk`,
-    in that order."""
+    """The fields of job_segments but words, of the segments after (chunk, index) `after` in chunks
+    up to `up_to_chunk`, in that order."""
     return await db.fetch(
-        "SELECT s.chunk_index, s.index, s.speaker, n.name AS speaker_name, n.confidence AS speaker_confidence,"
-        " s.start_ts, s.end_ts, s.text, s.overlap, s.language"
-        f" FROM segments s {_SPEAKER_NAME}"
+        f"SELECT {_SEGMENT_COLUMNS} FROM segments s {_SPEAKER_NAME}"
         " WHERE s.transcript_id = $1 AND (s.chunk_index, s.index) > ($2, $3) AND s.chunk_index <= $4"
         " ORDER BY s.chunk_index, s.index", job_id, after[0], after[1], up_to_chunk)
 

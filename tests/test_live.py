@@ -40,13 +40,15 @@ def segments_of(events: list[dict]) -> list[dict]:
 
 
 def test_a_job_stream_from_before_the_first_segment_to_the_end(stack, fixtures_dir):
-    job_id = stack.submit_job(fixtures_dir / "en_dialogue.wav")
+    job_id = stack.submit_job(fixtures_dir / "en_dialogue.wav", data={"reference": "CALL-17"})
     events = read_events(f"{stack.api}/transcripts/{job_id}/events")
     assert events[-1]["event"] == "transcript.completed" and events[-1]["id"] == "end"
+    assert events[-1]["data"]["reference"] == "CALL-17"
     stored = stack.status(job_id)["segments"]
     streamed = segments_of(events)
-    assert [(s["data"]["start_ts"], s["data"]["text"]) for s in streamed] == \
-        [(s["start_ts"], s["text"]) for s in sorted(stored, key=lambda s: s["start_ts"])]
+    # Each segment as /status shows it, with the job's id.
+    assert [s["data"] for s in streamed] == [
+        {"transcript_id": job_id, **s} for s in sorted(stored, key=lambda s: (s["chunk_index"], s["index"]))]
     assert len({s["id"] for s in streamed}) == len(streamed) >= 2
     stages = [e["data"]["stage"] for e in events if e.get("event") == "progress"]
     assert stages[-1] == "done" and len(stages) >= 2, stages

@@ -32,6 +32,7 @@ from common.broker import EVENTS_EXCHANGE
 from services.ingest.auth import request_owner
 from services.ingest.errors import error_responses
 from services.ingest.jobs import percent_done, public_stage
+from services.ingest.segments import transcript_segment
 from services.ingest.transcripts import JobId, visible
 
 log = logging.getLogger(__name__)
@@ -133,12 +134,7 @@ async def job_stream(pool: asyncpg.Pool, wakeups: Wakeups, job_id: int, last_eve
             up_to_chunk = await jobstore.stored_chunk_prefix(pool, job_id)
             for row in await jobstore.segments_after(pool, job_id, after, up_to_chunk):
                 after = (row["chunk_index"], row["index"])
-                segment = {key: row[key] for key in ("chunk_index", "index", "speaker", "start_ts", "end_ts",
-                                                     "text", "overlap")}
-                if row["speaker_name"] is not None:
-                    segment.update(speaker_name=row["speaker_name"], speaker_confidence=row["speaker_confidence"])
-                if row["language"] is not None:
-                    segment.update(language=row["language"])
+                segment = transcript_segment(row).model_dump(exclude_none=True)
                 yield _message("segment.created", {"transcript_id": job_id, **segment}, f"{after[0]}:{after[1]}")
                 quiet_s = 0.0
             progress = _progress(job)
@@ -147,12 +143,13 @@ async def job_stream(pool: asyncpg.Pool, wakeups: Wakeups, job_id: int, last_eve
                 yield _message("progress", progress)
                 quiet_s = 0.0
             if ended:
+                reference = {"reference": job["reference"]} if job["reference"] is not None else {}
                 if job["status"] == "done":
                     yield _message("transcript.completed", {**progress, "transcript_id": job_id,
-                                                            "language": job["language"]}, END_ID)
+                                                            "language": job["language"], **reference}, END_ID)
                 else:
-                    yield _message("transcript.failed", {**progress, "transcript_id": job_id, "reason": job["error"]},
-                                   END_ID)
+                    yield _message("transcript.failed", {**progress, "transcript_id": job_id, "reason": job["error"],
+                                                         **reference}, END_ID)
                 return
             await _wait(wake, POLL_S)
             quiet_s += POLL_S
