@@ -531,7 +531,7 @@ def list_jobs(
     api: ApiUrl = DEFAULT_API_URL,
     api_key: ApiKey = None,
 ) -> None:
-    """Your jobs, newest first: id, status, percent, created (UTC), duration, language, file."""
+    """Your jobs, newest first: id, status, percent, created (UTC), duration, language, file, reference."""
     filters = {"status": state.value if state else None, "filename": filename, "since": since, "until": until,
                "reference": reference}
     params: dict[str, str | int] = {name: value for name, value in filters.items() if value is not None}
@@ -550,7 +550,7 @@ def list_jobs(
         created = item["created_at"][:16].replace("T", " ")
         duration = clock(item["duration"]) if item.get("duration") is not None else "-"
         sys.stdout.write(f"{item['id']}\t{item['status']}\t{item['percent']}%\t{created}\t{duration}\t"
-                         f"{item.get('language') or '-'}\t{item['filename']}\n")
+                         f"{item.get('language') or '-'}\t{item['filename']}\t{item.get('reference') or '-'}\n")
     if not items:
         stderr.print("no jobs")
 

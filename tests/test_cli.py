@@ -127,7 +127,7 @@ def test_list_shows_the_keys_jobs_filtered(keyed_stack, jfk_submission):
     listed = stt(keyed_stack, "list")
     assert listed.returncode == 0, listed.stderr
     row = next(line.split("\t") for line in listed.stdout.splitlines() if line.startswith(f"{job_id}\t"))
-    assert (row[1], row[2], row[5], row[6]) == ("done", "100%", "en", "jfk.flac"), row
+    assert (row[1], row[2], row[5], row[6], row[7]) == ("done", "100%", "en", "jfk.flac", "inaugural-1961"), row
     assert row[4].startswith("00:1"), row  # 11 s
     # Another key's jobs are not listed.
     assert f"{job_id}\t" not in stt(keyed_stack, "list", STT_API_KEY=OTHER_KEY).stdout
