@@ -31,8 +31,11 @@ Db = asyncpg.Connection | asyncpg.Pool
 NO_SPEECH_COLUMN = ("(transcripts.status = 'done'"
                     " AND NOT EXISTS (SELECT 1 FROM speaker_turns t WHERE t.transcript_id = transcripts.id)"
                     " AND NOT EXISTS (SELECT 1 FROM segments s WHERE s.transcript_id = transcripts.id)) AS no_speech")
+# A job's reference (JobOptions.reference), as migration 019 indexes it: the list filter must use
+# this very expression for the index to serve it.
+_REFERENCE = "options->>'reference'"
 SUMMARY_COLUMNS = ("id, filename, status, stage, progress, language, duration, created_at, completed_at,"
-                   " options->>'reference' AS reference")
+                   f" {_REFERENCE} AS reference")
 
 
 # ---- creating jobs (ingest) -------------------------------------------------------------------
@@ -264,7 +267,7 @@ async def list_jobs(db: Db, *, owner: str | None, status: str | None, filename: 
     conditions = _where(args, {
         "owner = {}": owner, "id < {}": before_id, "status = {}": status,
         "filename ILIKE {} ESCAPE '\\'": _like_pattern(filename) if filename else None,
-        "created_at >= {}": since, "created_at < {}": until, "options->>'reference' = {}": reference})
+        "created_at >= {}": since, "created_at < {}": until, f"{_REFERENCE} = {{}}": reference})
     args.append(limit)
     return await db.fetch(
         f"SELECT {SUMMARY_COLUMNS} FROM transcripts"
@@ -463,7 +466,7 @@ async def mark_done(conn: asyncpg.Connection, job_id: int) -> asyncpg.Record:
         UPDATE transcripts SET status = 'done', stage = 'done', progress = 1,
             completed_at = now(), updated_at = now()
         WHERE id = $1
-        RETURNING filename, language, duration, options->>'reference' AS reference,
+        RETURNING filename, language, duration, {_REFERENCE} AS reference,
             (SELECT count(*) FROM segments WHERE transcript_id = $1) AS segment_count,
             {NO_SPEECH_COLUMN}
         """,
@@ -475,11 +478,11 @@ async def mark_failed(conn: asyncpg.Connection, job_id: int, reason: str, servic
     """A processing job failed (the first reason wins): returns its filename and reference, or
     None when it was not processing. The job keeps the pipeline stage `service` works in."""
     return await conn.fetchrow(
-        """
+        f"""
         UPDATE transcripts SET status = 'error', error = $2,
             stage = COALESCE($3, stage), completed_at = now(), updated_at = now()
         WHERE id = $1 AND status = 'processing'
-        RETURNING filename, options->>'reference' AS reference
+        RETURNING filename, {_REFERENCE} AS reference
         """,
         job_id, reason, STAGE_OF_SERVICE.get(service),
     )
