@@ -347,6 +347,9 @@ Spelling = Annotated[str | None, typer.Option(
 Redact = Annotated[str | None, typer.Option(
     help="Replace these in the text before it is stored, comma-separated: email, card, phone, number "
     "(every number in digits).", show_default=False)]
+Expect = Annotated[str | None, typer.Option(
+    help="Enrolled speakers who may talk in it, comma-separated names (\"Anna, Boris\"): recognition names "
+    "speakers after these only (stt speakers list shows who is enrolled).", show_default=False)]
 Reference = Annotated[str | None, typer.Option(
     help="Your own name for the job (a call id, a ticket), returned with it and in its events; "
     "stt list --reference finds it.", show_default=False)]
@@ -367,6 +370,7 @@ def submit(
     speakers: ExactSpeakers = None,
     min_speakers: MinSpeakers = None,
     max_speakers: MaxSpeakers = None,
+    expect: Expect = None,
     multichannel: Annotated[bool, typer.Option(
         "--multichannel", help="Each channel is its own party (a call recorded one side per channel): "
         "transcribe the channels apart.")] = False,
@@ -386,7 +390,7 @@ def submit(
     Exits non-zero when an upload is refused or a job ends in error.
     """
     options = {"language": language, **speaker_counts(speakers, min_speakers, max_speakers),
-               "multichannel": "true" if multichannel else None,
+               "expected_speakers": expect, "multichannel": "true" if multichannel else None,
                "vocabulary": vocabulary, "task": "translate" if translate else None,
                "spelling": spelling, "redact": redact, "reference": reference}
     fields = {name: str(value) for name, value in options.items() if value is not None}
@@ -445,6 +449,7 @@ def rerun(
     speakers: ExactSpeakers = None,
     min_speakers: MinSpeakers = None,
     max_speakers: MaxSpeakers = None,
+    expect: Expect = None,
     vocabulary: Vocabulary = None,
     translate: Annotated[bool | None, typer.Option(
         "--translate/--transcribe", help="Write the text in English / in the language spoken.",
@@ -463,7 +468,7 @@ def rerun(
     """
     task = None if translate is None else "translate" if translate else "transcribe"
     changes = {"language": language, **speaker_counts(speakers, min_speakers, max_speakers),
-               "vocabulary": vocabulary, "task": task, "spelling": spelling,
+               "expected_speakers": expect, "vocabulary": vocabulary, "task": task, "spelling": spelling,
                "redact": redact, "reference": reference}
     with api_client(api, api_key) as client, reporting_api_errors(api):
         accepted = checked(client.post(f"/transcripts/{job_id}/rerun",

@@ -74,6 +74,13 @@ def _listed(value: object, clean: Callable[[str], str]) -> object:
 
 
 REFERENCE_MAX_CHARS = 200
+SPEAKER_NAME_MAX_CHARS = 100
+EXPECTED_SPEAKERS_MAX = 32
+
+
+def person_name(text: str) -> str:
+    """A speaker's name as it is kept: unprintable characters blanked, blanks collapsed."""
+    return " ".join("".join(c if c.isprintable() else " " for c in text).split())
 
 
 class JobOptions(BaseModel):
@@ -84,6 +91,10 @@ class JobOptions(BaseModel):
     num_speakers: int | None = Field(default=None, ge=1, le=32)
     min_speakers: int | None = Field(default=None, ge=1, le=32)
     max_speakers: int | None = Field(default=None, ge=1, le=32)
+    # Enrolled speakers (their names) who may talk in the recording: recognition names its
+    # speakers after these only, not after every speaker of the owner's. Sent as one
+    # comma-separated text.
+    expected_speakers: list[str] = Field(default_factory=list)
     # Each channel of the recording is its own party (a call recorded one leg per channel):
     # channels are diarized and transcribed apart, and their speakers never mixed.
     multichannel: bool = False
@@ -132,6 +143,26 @@ class JobOptions(BaseModel):
     @classmethod
     def _terms(cls, value: object) -> object:
         return _listed(value, lambda term: " ".join(term.split()))
+
+    @field_validator("expected_speakers", mode="before")
+    @classmethod
+    def _names(cls, value: object) -> object:
+        names = _listed(value, person_name)
+        if isinstance(names, list):  # one person written twice in two cases is one person
+            first: dict[object, object] = {}
+            for name in names:
+                first.setdefault(name.lower() if isinstance(name, str) else name, name)
+            names = list(first.values())
+        return names
+
+    @field_validator("expected_speakers")
+    @classmethod
+    def _names_are_sensible(cls, names: list[str]) -> list[str]:
+        if len(names) > EXPECTED_SPEAKERS_MAX:
+            raise ValueError(f"expected_speakers: at most {EXPECTED_SPEAKERS_MAX} names")
+        if any(len(name) > SPEAKER_NAME_MAX_CHARS for name in names):
+            raise ValueError(f"expected_speakers: a name is at most {SPEAKER_NAME_MAX_CHARS} characters")
+        return names
 
     @field_validator("redact", mode="before")
     @classmethod

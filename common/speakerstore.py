@@ -11,6 +11,8 @@ from common.jobstore import Db
 from common.speakers import Match, Profile, RecordingSpeaker, match_speakers
 
 _OWNER = "owner IS NOT DISTINCT FROM $1"
+# A job's `expected_speakers` option (JobOptions): the enrolled people who may be in it.
+_EXPECTED = "options->'expected_speakers'"
 _SPEAKER_COLUMNS = ("s.id, s.name, s.created_at, (SELECT count(*) FROM voiceprints v WHERE v.speaker_id = s.id)"
                     " AS voiceprints")
 
@@ -65,9 +67,16 @@ async def rename_speaker(conn: asyncpg.Connection, owner: str | None, speaker_id
                                 owner, name, speaker_id)
     if clash is not None:
         raise NameTaken(name)
-    await conn.execute("UPDATE speakers SET name = $2 WHERE id = $1", speaker_id, name)
+    old = await conn.fetchval("UPDATE speakers s SET name = $2 FROM speakers o WHERE s.id = $1 AND o.id = s.id"
+                              " RETURNING o.name", speaker_id, name)
     await conn.execute("UPDATE transcript_speakers SET name = $2 WHERE matched_speaker_id = $1"
                        " AND name_source = 'auto'", speaker_id, name)
+    # Jobs that expect the person (`expected_speakers`) go on expecting them by the new name.
+    await conn.execute(
+        f"UPDATE transcripts SET options = jsonb_set(options, '{{expected_speakers}}', (SELECT jsonb_agg(CASE WHEN"
+        f" lower(n) = lower($2) THEN $3 ELSE n END) FROM jsonb_array_elements_text({_EXPECTED}) n)) WHERE {_OWNER}"
+        f" AND jsonb_typeof({_EXPECTED}) = 'array' AND EXISTS (SELECT 1 FROM jsonb_array_elements_text({_EXPECTED}) n"
+        " WHERE lower(n) = lower($2))", owner, old, name)
 
 
 async def named_by(db: Db, speaker_id: int) -> list[int]:
@@ -95,6 +104,16 @@ async def owner_profiles(db: Db, owner: str | None, model: str) -> list[Profile]
     return list(profiles.values())
 
 
+async def unknown_names(db: Db, owner: str | None, names: list[str]) -> list[str]:
+    """Those of `names` that are none of the owner's speakers (names compare case-insensitively)."""
+    if not names:
+        return []
+    known = await db.fetch(f"SELECT lower(name) AS name FROM speakers WHERE {_OWNER} AND lower(name) = ANY($2::text[])",
+                           owner, [n.lower() for n in names])
+    found = {r["name"] for r in known}
+    return [n for n in names if n.lower() not in found]
+
+
 async def owner_transcripts_with_voices(db: Db, owner: str | None) -> list[int]:
     rows = await db.fetch(
         "SELECT DISTINCT t.id FROM transcripts t JOIN transcript_speakers ts ON ts.transcript_id = t.id"
@@ -114,9 +133,12 @@ async def name_recording_speakers(conn: asyncpg.Connection, transcript_id: int, 
     if not rows:
         return False
     manual = {r["speaker"] for r in rows if r["name_source"] == "manual"}
+    # The job's `expected_speakers`: the enrolled people who may be in it (empty: any of the owner's).
+    expected = {n.lower() for n in await conn.fetchval(
+        f"SELECT coalesce({_EXPECTED}, '[]') FROM transcripts WHERE id = $1", transcript_id) or []}
     matches: dict[str, Match] = {}
     for model in sorted({r["embedding_model"] for r in rows}):
-        profiles = await owner_profiles(conn, owner, model)
+        profiles = [p for p in await owner_profiles(conn, owner, model) if not expected or p.name.lower() in expected]
         # A person named by hand in this recording is not given to a second speaker of it.
         taken = {r["name"].lower() for r in rows if r["speaker"] in manual}
         recording = [RecordingSpeaker(r["speaker"], np.asarray(r["embedding"]), r["speech_s"])

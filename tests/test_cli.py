@@ -207,12 +207,17 @@ def test_rerun_runs_the_recording_again_with_a_speaker_count_and_keeps_the_first
     assert len(set(re.findall(r"\] (spk_\d+):", result.stdout))) == 3, result.stdout
     with httpx.Client(headers={"Authorization": f"Bearer {API_KEY}"}) as client:
         new, kept = (client.get(f"{keyed_stack.api}/transcripts/{i}").json() for i in (new_id, job_id))
-    assert new["options"] == {"language": "en", "num_speakers": 3, "multichannel": False,
+    assert new["options"] == {"language": "en", "num_speakers": 3, "expected_speakers": [], "multichannel": False,
                               "vocabulary": ["Gorilla"], "task": "transcribe", "redact": ["phone"], "spelling": {}}, new
     assert "num_speakers" not in kept["options"] and len({s["speaker"] for s in kept["segments"]}) == 2, kept
 
     refused = stt(keyed_stack, "rerun", str(job_id), "--speakers", "2", STT_API_KEY=OTHER_KEY)
     assert refused.returncode == 1 and f"404: no job with id {job_id}" in refused.stderr, refused.stderr
+    # --expect names enrolled speakers; a name nobody is enrolled under is refused, not ignored.
+    for command in (["rerun", str(job_id)], ["submit", str(fixtures_dir / "jfk.flac")]):
+        refused = stt(keyed_stack, *command, "--expect", "Anna, Nobody")
+        said = " ".join(refused.stderr.split())
+        assert refused.returncode == 1 and "no enrolled speaker is called 'Anna', 'Nobody'" in said, said
     impossible = stt(keyed_stack, "rerun", str(job_id), "--min-speakers", "5", "--max-speakers", "2")
     assert impossible.returncode == 1 and "400" in impossible.stderr and "min_speakers" in impossible.stderr
 

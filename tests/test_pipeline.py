@@ -191,21 +191,27 @@ def test_bucket_drop_becomes_one_job_with_a_result_file(stack, fixtures_dir):
 
 def test_bucket_drop_options_come_from_the_object_metadata(stack, fixtures_dir):
     """A drop asks for a language and speaker counts as an upload does, in its S3 user metadata;
-    one that asks for something impossible ends in error, its result file saying which value."""
+    one that asks for something impossible (or expects a speaker nobody is enrolled as) ends in
+    error, its result file saying which value."""
     s3 = stack.s3()
     s3.fput_object("inbox", "meta/sample.wav", str(fixtures_dir / "sample.wav"),
                    metadata={"language": "de", "num-speakers": "3"})
     s3.fput_object("inbox", "meta/bad count.flac", str(fixtures_dir / "jfk.flac"), metadata={"num-speakers": "many"})
+    s3.fput_object("inbox", "meta/nobody.flac", str(fixtures_dir / "jfk.flac"),
+                   metadata={"expected-speakers": "Nobody Enrolled"})
     documents = {}
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and len(documents) < 2:
-        for key in ("meta/sample.wav", "meta/bad count.flac"):
+    while time.monotonic() < deadline and len(documents) < 3:
+        for key in ("meta/sample.wav", "meta/bad count.flac", "meta/nobody.flac"):
             try:
                 documents[key] = json.loads(s3.get_object("inbox", f"results/{key}.json").read())
             except Exception:
                 time.sleep(0.5)
     bad = documents["meta/bad count.flac"]
     assert bad["status"] == "error" and "x-amz-meta-num-speakers" in bad["error"], bad
+    unknown = documents["meta/nobody.flac"]
+    assert unknown["status"] == "error" and "x-amz-meta-expected-speakers" in unknown["error"], unknown
+    assert "'Nobody Enrolled'" in unknown["error"], unknown
     assert "results/meta/bad count.flac.srt" not in {o.object_name for o in s3.list_objects("inbox", recursive=True)}
     hinted = documents["meta/sample.wav"]
     assert hinted["status"] == "done" and len({s["speaker"] for s in hinted["segments"]}) == 3, hinted

@@ -157,3 +157,38 @@ async def test_enrolling_from_a_sample_names_past_recordings_and_refuses_unfit_s
         assert not any(s.get("speaker_name") for s in stack.status(source, owner)["segments"])
     finally:
         await connection.close()
+
+
+def test_a_job_names_only_the_speakers_it_expects(enrolled, voices):
+    stack, owner, other, source = enrolled
+    first = stack.status(source, owner)
+    voice_a, voice_b = _speaker_at(first, 2.0)["speaker"], _speaker_at(first, 5.5)["speaker"]  # en_dialogue's A, B
+    assert voice_a != voice_b
+    boris = owner.post("/speakers", json={"name": "Boris", "transcript_id": source, "label": voice_b})
+    assert boris.status_code == 201, boris.text
+
+    # A name nobody is enrolled under is refused (a typo would otherwise quietly name nobody).
+    typo = stack.submit(voices["second_half"], {"expected_speakers": "Boris, Anja"}, client=owner)
+    assert typo.status_code == 400 and "'Anja'" in typo.json()["detail"], typo.text
+    # Another key's speakers are not this key's to expect.
+    assert stack.submit(voices["second_half"], {"expected_speakers": "Anya"}, client=owner).status_code == 400
+
+    job = stack.submit_job(voices["second_half"], {"expected_speakers": "boris"}, client=owner)
+    assert stack.wait_finished(job, 300, owner)["status"] == "done"
+    # Anna is enrolled after the job ran; re-matching the key's recordings names her in the
+    # recording she came from, but not in the job that expects Boris only.
+    anna = owner.post("/speakers", json={"name": "Anna", "transcript_id": source, "label": voice_a})
+    assert anna.status_code == 201, anna.text
+    assert source in anna.json()["relabelled"] and job not in anna.json()["relabelled"]
+    names = {s["speaker"]: s.get("speaker_name") for s in stack.status(job, owner)["segments"]}
+    assert "Anna" not in names.values(), names
+    # Without the option the same recording names her (so it was the option that kept her out).
+    unrestricted = stack.submit_job(voices["second_half"], client=owner)
+    assert "Anna" in {s.get("speaker_name") for s in stack.wait_finished(unrestricted, 300, owner)["segments"]}
+    assert owner.post(f"/transcripts/{job}/rerun", json={"expected_speakers": ["Borys"]}).status_code == 400
+
+    # Renaming a speaker keeps the jobs that expect them expecting them.
+    assert owner.patch(f"/speakers/{boris.json()['id']}", json={"name": "Boris K."}).status_code == 200
+    assert owner.get(f"/transcripts/{job}").json()["options"]["expected_speakers"] == ["Boris K."]
+    for speaker in (anna, boris):
+        assert owner.delete(f"/speakers/{speaker.json()['id']}").status_code == 204

@@ -200,3 +200,13 @@ def test_each_service_imports_only_its_own_stack(service, forbidden):
     loaded = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                             text=True, check=True).stdout
     assert not [m for m in forbidden if f"'{m}'" in loaded]
+
+
+def test_expected_speakers_are_names_each_once():
+    assert JobOptions(expected_speakers=" Anna,  Boris\tK. ,anna,\n").expected_speakers == ["Anna", "Boris K."]
+    assert JobOptions(expected_speakers="").expected_speakers == [] == JobOptions().expected_speakers
+    assert drop_options({"x-amz-meta-expected-speakers": "Anna, Boris"}).expected_speakers == ["Anna", "Boris"]
+    with pytest.raises(ValidationError, match="at most 32 names"):
+        JobOptions(expected_speakers=[f"Person {i}" for i in range(33)])
+    with pytest.raises(ValidationError, match="at most 100 characters"):
+        JobOptions(expected_speakers="A" * 101)

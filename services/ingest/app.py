@@ -60,7 +60,7 @@ from services.ingest.reindex import REINDEX_ROUTES, Reindexer
 from services.ingest.retention import run_retention
 from services.ingest.search import SEARCH_ROUTES
 from services.ingest.segments import TranscriptSegment
-from services.ingest.speakers import SPEAKER_ROUTES
+from services.ingest.speakers import SPEAKER_ROUTES, require_enrolled
 from services.ingest.submission import Accepted, Unavailable, accepted, replayed, submit_recording
 from services.ingest.transcripts import TRANSCRIPT_ROUTES, JobId, visible
 from services.ingest.usage import USAGE_ROUTES
@@ -87,6 +87,9 @@ class RecognizeForm:
     num_speakers: SpeakerCount = None
     min_speakers: SpeakerCount = None
     max_speakers: SpeakerCount = None
+    expected_speakers: Annotated[str | None, Parameter(
+        description="Enrolled speakers who may talk in it, comma-separated names (`Anna, Boris`): recognition "
+                    "names the recording's speakers after these only")] = None
     multichannel: Annotated[str | None, Parameter(
         description="true: each channel is its own party (a call recorded one side per channel), diarized and "
         "transcribed apart; no speaker counts with it")] = None
@@ -149,10 +152,12 @@ async def recognize(
     try:
         options = JobOptions(language=data.language, num_speakers=data.num_speakers,
                              min_speakers=data.min_speakers, max_speakers=data.max_speakers,
-                             multichannel=data.multichannel, vocabulary=data.vocabulary,
-                             task=data.task, spelling=data.spelling, redact=data.redact, reference=data.reference)
+                             expected_speakers=data.expected_speakers, multichannel=data.multichannel,
+                             vocabulary=data.vocabulary, task=data.task, spelling=data.spelling,
+                             redact=data.redact, reference=data.reference)
     except ValidationError as exc:
         raise invalid(exc, whole="form") from exc
+    await require_enrolled(state.pool, request_owner(request), options.expected_speakers)
     asked = idempotency(idempotency_key, "recognize", data.file.filename if data.file else None, data.url,
                         options.model_dump(exclude_none=True), data.callback_url)
     if (earlier := await earlier_job(state.pool, request_owner(request), asked)) is not None:
@@ -182,6 +187,8 @@ async def rerun(job_id: JobId, state: State, request: Request, data: JobOptions 
         options = rerun_options(original["options"] or {}, data or JobOptions())
     except ValidationError as exc:
         raise invalid(exc, whole="options") from exc
+    if data is not None and "expected_speakers" in data.model_fields_set:
+        await require_enrolled(state.pool, request_owner(request), options.expected_speakers)
     asked = idempotency(idempotency_key, "rerun", job_id, options.model_dump(exclude_none=True))
     if (earlier := await earlier_job(state.pool, request_owner(request), asked)) is not None:
         return replayed(earlier)

@@ -18,7 +18,7 @@ from minio import Minio
 from minio.commonconfig import CopySource
 from pydantic import BaseModel, Field, ValidationError
 
-from common import jobstore
+from common import jobstore, speakerstore
 from common.broker import EVENTS_EXCHANGE, Route, consume
 from common.db import DATABASE_UNAVAILABLE
 from common.logs import job_logged
@@ -29,6 +29,7 @@ from services.ingest.auth import owner_of
 from services.ingest.jobs import BucketDrop, clean_filename, create_job, result_keys, status_document
 from services.ingest.redacted_audio import redact_recording
 from services.ingest.segments import transcript_segment
+from services.ingest.speakers import unenrolled
 from services.ingest.transcripts import to_srt
 
 log = logging.getLogger(__name__)
@@ -117,6 +118,10 @@ class Inbox:
         except ValueError as exc:
             # Still a job, so that the drop's result file and the job list say why it did not run.
             options, refused = JobOptions(), f"the object's metadata asks for something impossible: {exc}"
+        expected = options.expected_speakers
+        if refused is None and (unknown := await speakerstore.unknown_names(self.pool, self.owner, expected)):
+            refused = ("the object's metadata asks for something impossible: "
+                       + unenrolled(unknown, f"{USER_METADATA}expected-speakers"))
 
         def copy(audio_key: str) -> None:
             # Only the version this job is made for: an object overwritten meanwhile is a new

@@ -20,7 +20,13 @@ from pydantic import BaseModel, Field, ValidationError
 from common import jobstore, speakerstore
 from common.audio import AudioTooLong, UndecodableAudio, decode_audio
 from common.logs import job_logged
-from common.messages import SpeakerEmbedding, SpeakerName, TranscriptSpeakersUpdated
+from common.messages import (
+    SPEAKER_NAME_MAX_CHARS,
+    SpeakerEmbedding,
+    SpeakerName,
+    TranscriptSpeakersUpdated,
+    person_name,
+)
 from common.outbox import add_to_outbox
 from common.settings import Settings
 from services.ingest.admission import checked_size
@@ -32,7 +38,6 @@ log = logging.getLogger(__name__)
 SAMPLE_MIN_S = 5.0
 SAMPLE_MAX_S = 60.0
 SAMPLE_MAX_MB = 50  # a minute of uncompressed 48 kHz stereo float is 23 MB
-MAX_NAME_CHARS = 100
 # Embedding a sample runs the speaker models in this process: one at a time.
 _embedding_slot = asyncio.Semaphore(1)
 
@@ -82,11 +87,22 @@ class Rename(BaseModel):
 
 def clean_name(name: object, which: str = "") -> str:
     """A person's name with blanks collapsed and unprintable characters blanked; 400 when empty or long."""
-    cleaned = " ".join("".join(c if c.isprintable() else " " for c in str(name or "")).split())
-    if not 0 < len(cleaned) <= MAX_NAME_CHARS:
-        raise HTTPException(status_code=400, detail=f"a speaker's name is 1-{MAX_NAME_CHARS} printable characters"
-                                                    f"{which}")
+    cleaned = person_name(str(name or ""))
+    if not 0 < len(cleaned) <= SPEAKER_NAME_MAX_CHARS:
+        raise HTTPException(status_code=400, detail=f"a speaker's name is 1-{SPEAKER_NAME_MAX_CHARS} printable"
+                                                    f" characters{which}")
     return cleaned
+
+
+async def require_enrolled(db: asyncpg.Pool, owner: str | None, names: list[str]) -> None:
+    """400 unless every one of a job's `expected_speakers` is an enrolled speaker of the owner: a misspelt
+    name would otherwise quietly name nobody."""
+    if unknown := await speakerstore.unknown_names(db, owner, names):
+        raise HTTPException(status_code=400, detail=unenrolled(unknown))
+
+
+def unenrolled(names: list[str], field: str = "expected_speakers") -> str:
+    return f"{field}: no enrolled speaker is called {', '.join(map(repr, names))} (GET /speakers lists them)"
 
 
 # ---- announcing and re-naming -----------------------------------------------------------------
