@@ -77,6 +77,20 @@ def test_upload_follow_read_play_and_download(stack, fixtures_dir, browser, tmp_
     enrolled = {p["name"]: p for p in httpx.get(f"{stack.api}/speakers", timeout=30).json()["items"]}
     assert enrolled["Anna"]["voiceprint_count"] == 1
 
+    # The upload form now offers her as someone who may be in the next recording; ticked, the job
+    # expects her (and only her) to be named.
+    page.get_by_role("checkbox", name="Anna").check()
+    page.set_input_files("#file", str(fixtures_dir / "jfk.flac"))
+    page.get_by_role("button", name="Transcribe").click()
+    status.filter(has_text="jfk.flac accepted as job").wait_for(timeout=60_000)
+    expecting = int(status.inner_text().rsplit("job ", 1)[1].rstrip("."))
+    options = httpx.get(f"{stack.api}/transcripts/{expecting}", timeout=30).json()["options"]
+    assert options["expected_speakers"] == ["Anna"], options
+    page.locator("#transcript-title", has_text="jfk.flac").wait_for(timeout=30_000)
+    page.locator(f'#jobs li[data-job="{job_id}"] button').click()
+    page.locator("#transcript-title", has_text="en_dialogue.wav").wait_for(timeout=30_000)
+    page.locator('#transcript[data-ended="true"]').wait_for(timeout=60_000)
+
     # Clicking a segment seeks the audio there.
     page.wait_for_function("document.querySelector('#player').readyState >= 1", timeout=30_000)
     target = segments.nth(2)

@@ -152,6 +152,8 @@ function upload(file) {
     if ($("#redact").checked) form.append("redact", $("#redact").value);
     const vocabulary = $("#vocabulary").value.trim();
     if (vocabulary) form.append("vocabulary", vocabulary);
+    const expected = [...document.querySelectorAll("#expected-people input:checked")].map((box) => box.value);
+    if (expected.length) form.append("expected_speakers", expected.join(", "));
     const request = new XMLHttpRequest();
     request.open("POST", "/recognize");
     for (const [name, value] of Object.entries(authHeaders())) request.setRequestHeader(name, value);
@@ -432,6 +434,24 @@ async function loadPeople() {
     forget.addEventListener("click", () => forgetPerson(person));
     list.appendChild(item);
   }
+  showExpectedChoices(people);
+}
+
+// The upload form's "Who may be in it": a box per known person (names only those ticked).
+function showExpectedChoices(people) {
+  const choices = $("#expected-people");
+  const ticked = new Set([...choices.querySelectorAll("input:checked")].map((box) => box.value));
+  choices.innerHTML = "";
+  for (const person of people) {
+    const label = document.createElement("label");
+    const box = document.createElement("input");
+    box.type = "checkbox";
+    box.value = person.name;
+    box.checked = ticked.has(person.name);
+    label.append(box, ` ${person.name}`);
+    choices.appendChild(label);
+  }
+  $("#expected").hidden = !people.length;
 }
 
 async function forgetPerson(person) {
