@@ -166,6 +166,26 @@ def offline_direction(voices: dict[str, list[RecordingSpeaker]], labelled: dict[
     return score(files[scored_on][1], named, set(profiles))
 
 
+def roster_direction(voices: dict[str, list[RecordingSpeaker]], labelled: dict[str, Turns], files, source: str,
+                     scored_on: str, threshold: float, min_speech_s: float, expected: bool) -> dict[str, float]:
+    """`offline_direction` with everyone of every other file enrolled too (a team's whole roster,
+    each person's voiceprints from every file they are in but `scored_on`); with `expected`, the
+    job lists the people enrolled from `source` as its expected_speakers, so only they are candidates."""
+    profiles: dict[str, Profile] = {}
+    for name in files:
+        if name == scored_on:
+            continue
+        for voice in voices[name]:
+            person = majority_person(files[name][1], labelled[name], voice.label)
+            if person is not None:
+                profiles.setdefault(person, Profile(len(profiles), person, [])).voiceprints.append(voice.embedding)
+    people = {majority_person(files[source][1], labelled[source], v.label) for v in voices[source]} - {None}
+    candidates = [p for p in profiles.values() if not expected or p.name in people]
+    matches = match_speakers(voices[scored_on], candidates, threshold, min_speech_s)
+    named = [(matches[s].name, a, b) for s, a, b in labelled[scored_on] if s in matches]
+    return score(files[scored_on][1], named, people)
+
+
 def diarization_ceiling(voices, labelled: dict[str, Turns], files, source: str, scored_on: str) -> dict[str, float]:
     """The scores if every speaker of `scored_on` were named after the reference person it mostly
     is (when that person was enrolled from `source`): what perfect recognition gives on top of
@@ -220,6 +240,14 @@ def main() -> None:
         sweep_rows.append([f"{value:.2f}", fmt(ami[0]), fmt(ami[1]), fmt(synthetic[0]), fmt(synthetic[1])])
     ceiling = {group: rates([diarization_ceiling(voices, labelled, files, s, t) for g, s, t in pairs() if g == group])
                for group in ("ami", "synthetic")}
+    roster_rows = []
+    for group in ("ami", "synthetic"):
+        directions = [d for d in pairs() if d[0] == group]
+        for expected, candidates in ((False, "every enrolled person"), (True, "the meeting's, as expected_speakers")):
+            accuracy, false_accepts = rates([roster_direction(voices, labelled, files, s, t, threshold, min_speech_s,
+                                                              expected) for _, s, t in directions])
+            roster_rows.append([f"{group}: {candidates}", fmt(accuracy), fmt(false_accepts)])
+    roster = {majority_person(files[n][1], labelled[n], v.label) for n in files for v in voices[n]} - {None}
     held_out_rows = []
     groups = AMI_PAIRS + [(f"{d}_1", f"{d}_2") for d in DIALOGUES]
     for first, second in groups:
@@ -243,6 +271,8 @@ def main() -> None:
                  ["  with perfect recognition", fmt(ceiling["synthetic"][0]), fmt(ceiling["synthetic"][1])]]))
     print("\n## threshold sweep (stored voices, same scoring)\n")
     print(table(["threshold", "AMI acc %", "AMI FA %", "synthetic acc %", "synthetic FA %"], sweep_rows))
+    print(f"\n## everyone of the other files enrolled (a roster of up to {len(roster)} people)\n")
+    print(table(["candidates", "accuracy %", "false accepts %"], roster_rows))
     print("\n## leave one pair out: threshold chosen on the others (FA <= 2 %, then best accuracy)\n")
     print(table(["held out", "threshold", "accuracy %", "false accepts %"], held_out_rows))
     print("\n## targets\n")
