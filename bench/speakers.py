@@ -152,18 +152,33 @@ def enrolled_direction(api: Api, jobs: dict[str, int], labelled: dict[str, Turns
     return result
 
 
+def enrolled_profiles(voices: dict[str, list[RecordingSpeaker]], labelled: dict[str, Turns], files,
+                      names) -> dict[str, Profile]:
+    """person -> profile: each recording speaker of the `names` files enrolled as the reference
+    person it mostly is (a person found in several files gets a voiceprint from each)."""
+    profiles: dict[str, Profile] = {}
+    for name in names:
+        for voice in voices[name]:
+            person = majority_person(files[name][1], labelled[name], voice.label)
+            if person is not None:
+                profiles.setdefault(person, Profile(len(profiles), person, [])).voiceprints.append(voice.embedding)
+    return profiles
+
+
+def recognised(voices: dict[str, list[RecordingSpeaker]], labelled: dict[str, Turns], files, scored_on: str,
+               candidates: list[Profile], people: set[str], threshold: float, min_speech_s: float) -> dict[str, float]:
+    """`scored_on`'s speakers named by matching against `candidates`, scored for `people`."""
+    matches = match_speakers(voices[scored_on], candidates, threshold, min_speech_s)
+    named = [(matches[s].name, a, b) for s, a, b in labelled[scored_on] if s in matches]
+    return score(files[scored_on][1], named, people)
+
+
 def offline_direction(voices: dict[str, list[RecordingSpeaker]], labelled: dict[str, Turns], files, source: str,
                       scored_on: str, threshold: float, min_speech_s: float) -> dict[str, float]:
     """The same as `enrolled_direction` from the stored voices, at any threshold."""
-    reference = files[source][1]
-    profiles: dict[str, Profile] = {}
-    for voice in voices[source]:
-        person = majority_person(reference, labelled[source], voice.label)
-        if person is not None:
-            profiles.setdefault(person, Profile(len(profiles), person, [])).voiceprints.append(voice.embedding)
-    matches = match_speakers(voices[scored_on], list(profiles.values()), threshold, min_speech_s)
-    named = [(matches[s].name, a, b) for s, a, b in labelled[scored_on] if s in matches]
-    return score(files[scored_on][1], named, set(profiles))
+    profiles = enrolled_profiles(voices, labelled, files, [source])
+    return recognised(voices, labelled, files, scored_on, list(profiles.values()), set(profiles), threshold,
+                      min_speech_s)
 
 
 def roster_direction(voices: dict[str, list[RecordingSpeaker]], labelled: dict[str, Turns], files, source: str,
@@ -171,26 +186,17 @@ def roster_direction(voices: dict[str, list[RecordingSpeaker]], labelled: dict[s
     """`offline_direction` with everyone of every other file enrolled too (a team's whole roster,
     each person's voiceprints from every file they are in but `scored_on`); with `expected`, the
     job lists the people enrolled from `source` as its expected_speakers, so only they are candidates."""
-    profiles: dict[str, Profile] = {}
-    for name in files:
-        if name == scored_on:
-            continue
-        for voice in voices[name]:
-            person = majority_person(files[name][1], labelled[name], voice.label)
-            if person is not None:
-                profiles.setdefault(person, Profile(len(profiles), person, [])).voiceprints.append(voice.embedding)
-    people = {majority_person(files[source][1], labelled[source], v.label) for v in voices[source]} - {None}
-    candidates = [p for p in profiles.values() if not expected or p.name in people]
-    matches = match_speakers(voices[scored_on], candidates, threshold, min_speech_s)
-    named = [(matches[s].name, a, b) for s, a, b in labelled[scored_on] if s in matches]
-    return score(files[scored_on][1], named, people)
+    roster = enrolled_profiles(voices, labelled, files, [n for n in files if n != scored_on])
+    people = set(enrolled_profiles(voices, labelled, files, [source]))
+    candidates = [p for p in roster.values() if not expected or p.name in people]
+    return recognised(voices, labelled, files, scored_on, candidates, people, threshold, min_speech_s)
 
 
 def diarization_ceiling(voices, labelled: dict[str, Turns], files, source: str, scored_on: str) -> dict[str, float]:
     """The scores if every speaker of `scored_on` were named after the reference person it mostly
     is (when that person was enrolled from `source`): what perfect recognition gives on top of
     this diarization (speech it missed or gave to the wrong speaker stays lost)."""
-    people = {majority_person(files[source][1], labelled[source], v.label) for v in voices[source]} - {None}
+    people = set(enrolled_profiles(voices, labelled, files, [source]))
     named = [(majority_person(files[scored_on][1], labelled[scored_on], label), a, b)
              for label, a, b in labelled[scored_on]]
     return score(files[scored_on][1], [t for t in named if t[0] in people], people)
@@ -247,7 +253,7 @@ def main() -> None:
             accuracy, false_accepts = rates([roster_direction(voices, labelled, files, s, t, threshold, min_speech_s,
                                                               expected) for _, s, t in directions])
             roster_rows.append([f"{group}: {candidates}", fmt(accuracy), fmt(false_accepts)])
-    roster = {majority_person(files[n][1], labelled[n], v.label) for n in files for v in voices[n]} - {None}
+    roster = enrolled_profiles(voices, labelled, files, files)
     held_out_rows = []
     groups = AMI_PAIRS + [(f"{d}_1", f"{d}_2") for d in DIALOGUES]
     for first, second in groups:

@@ -67,8 +67,8 @@ async def rename_speaker(conn: asyncpg.Connection, owner: str | None, speaker_id
                                 owner, name, speaker_id)
     if clash is not None:
         raise NameTaken(name)
-    old = await conn.fetchval("UPDATE speakers s SET name = $2 FROM speakers o WHERE s.id = $1 AND o.id = s.id"
-                              " RETURNING o.name", speaker_id, name)
+    old = await conn.fetchval("SELECT name FROM speakers WHERE id = $1", speaker_id)
+    await conn.execute("UPDATE speakers SET name = $2 WHERE id = $1", speaker_id, name)
     await conn.execute("UPDATE transcript_speakers SET name = $2 WHERE matched_speaker_id = $1"
                        " AND name_source = 'auto'", speaker_id, name)
     # Jobs that expect the person (`expected_speakers`) go on expecting them by the new name.

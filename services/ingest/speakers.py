@@ -94,7 +94,7 @@ def clean_name(name: object, which: str = "") -> str:
     return cleaned
 
 
-async def require_enrolled(db: asyncpg.Pool, owner: str | None, names: list[str]) -> None:
+async def require_enrolled(db: jobstore.Db, owner: str | None, names: list[str]) -> None:
     """400 unless every one of a job's `expected_speakers` is an enrolled speaker of the owner: a misspelt
     name would otherwise quietly name nobody."""
     if unknown := await speakerstore.unknown_names(db, owner, names):
