@@ -72,6 +72,9 @@ class Settings(BaseSettings):
 
     # Diarizer
     diarization_backend: str = "auto"  # auto | offline | pyannote
+    # cpu | cuda | auto (cuda when torch sees a GPU). CPU by default: on an H200 the offline
+    # diarizer was no faster than on 16 CPU cores (README "Performance").
+    diarizer_device: str = "cpu"
     hf_token: SecretStr | None = None
     pyannote_pipeline: str = "pyannote/speaker-diarization-community-1"
     chunk_max_speech_s: float = Field(default=300.0, gt=0)

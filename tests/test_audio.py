@@ -79,6 +79,20 @@ def test_explicit_pyannote_backend_refuses_to_start_when_unusable():
         make_diarizer(Settings(diarization_backend="pyannote", hf_token="hf_x"))
 
 
+def test_diarizer_device_is_checked_at_start_up():
+    """DIARIZER_DEVICE=cuda on a machine without a GPU (CI's, with the CPU build of torch) refuses
+    to start rather than running on the CPU unnoticed; `auto` runs on the CPU there."""
+    import torch
+
+    with pytest.raises(SystemExit, match="DIARIZER_DEVICE must be auto, cpu or cuda, not 'gpu'"):
+        make_diarizer(Settings(diarization_backend="offline", diarizer_device="gpu"))
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="DIARIZER_DEVICE=cuda, but torch sees no CUDA device"):
+            make_diarizer(Settings(diarization_backend="offline", diarizer_device="cuda"))
+    diarize, _ = make_diarizer(Settings(diarization_backend="offline", diarizer_device="auto"))
+    assert diarize(np.zeros(SAMPLE_RATE, dtype=np.float32), JobOptions()).turns == []
+
+
 @pytest.mark.parametrize(("rate", "channels", "says"), [
     (1, 1, "sample rate 1 Hz"), (7_000, 1, "sample rate 7000 Hz"), (16_000, 9, "9 channels")])
 def test_formats_no_recording_has_are_refused_before_decoding(rate, channels, says):

@@ -89,13 +89,14 @@ class LocalSpeakers:
     clean_frames: np.ndarray  # (windows, 3): frames where that local speaker talks alone
     probe_starts: np.ndarray  # (probes,) seconds
     probes: np.ndarray  # (probes, dim)
+    device: str = "cpu"  # torch device the models ran on
 
 
 @functools.cache
-def load_offline_models() -> None:
-    """Load both models once (cached, thread-safe to share: inference only)."""
-    load_segmentation()
-    load_embedding_model()
+def load_offline_models(device: str = "cpu") -> None:
+    """Load both models once per device (cached, thread-safe to share: inference only)."""
+    load_segmentation(device)
+    load_embedding_model(device)
 
 
 class _Batch:
@@ -164,11 +165,11 @@ class DiarizationStopped(Exception):
     """`stop()` said so between two batches of windows: the job ended (failed or was cancelled)."""
 
 
-def analyse(wav: np.ndarray, stop: Callable[[], bool] | None = None) -> LocalSpeakers:
+def analyse(wav: np.ndarray, stop: Callable[[], bool] | None = None, device: str = "cpu") -> LocalSpeakers:
     """Run segmentation and embeddings over the file, one batch of windows at a time (asking
-    `stop()` before each: DiarizationStopped when it says so)."""
-    segmentation = load_segmentation()
-    embedding_model = load_embedding_model()
+    `stop()` before each: DiarizationStopped when it says so), on `device` ("cpu" or "cuda")."""
+    segmentation = load_segmentation(device)
+    embedding_model = load_embedding_model(device)
     starts = window_starts(len(wav))
     duration = len(wav) / SAMPLE_RATE
     result = LocalSpeakers(
@@ -177,7 +178,7 @@ def analyse(wav: np.ndarray, stop: Callable[[], bool] | None = None) -> LocalSpe
         embeddings=np.full((len(starts), LOCAL_SPEAKERS, EMBEDDING_DIM), np.nan, dtype=np.float32),
         valid=np.zeros((len(starts), LOCAL_SPEAKERS), dtype=bool),
         clean_frames=np.zeros((len(starts), LOCAL_SPEAKERS), dtype=np.int64),
-        probe_starts=np.zeros(0), probes=np.zeros((0, EMBEDDING_DIM), dtype=np.float32))
+        probe_starts=np.zeros(0), probes=np.zeros((0, EMBEDDING_DIM), dtype=np.float32), device=device)
     probe_starts, probes = [], []
     for index, activity in segment_batches(segmentation, wav, starts):
         if stop is not None and stop():
@@ -201,7 +202,7 @@ def analyse(wav: np.ndarray, stop: Callable[[], bool] | None = None) -> LocalSpe
 
 def decide(local: LocalSpeakers, lo: int = 1, hi: int | None = None) -> Diarization:
     """Cluster the local speakers into the recording's speakers and build the turns."""
-    segmentation = load_segmentation()
+    segmentation = load_segmentation(local.device)
     if not local.valid.any():
         return Diarization()
     clean = local.valid & (local.clean_frames >= MIN_CLEAN_SHARE * segmentation.frames_per_window)
@@ -238,8 +239,8 @@ def _frame_speakers(local: LocalSpeakers, centroids: np.ndarray, step: float):
 
 def diarize_offline(waveform: np.ndarray, *, num_speakers: int | None = None,
                     min_speakers: int | None = None, max_speakers: int | None = None,
-                    stop: Callable[[], bool] | None = None) -> Diarization:
-    """Who spoke when, for float32 mono 16 kHz audio in [-1, 1].
+                    stop: Callable[[], bool] | None = None, device: str = "cpu") -> Diarization:
+    """Who spoke when, for float32 mono 16 kHz audio in [-1, 1], the models on `device`.
 
     Turns are sorted by start and may overlap (two people talking at once); speakers are
     labelled ``spk_0``, ``spk_1``, ... in order of first appearance. ``num_speakers`` is honoured
@@ -256,7 +257,7 @@ def diarize_offline(waveform: np.ndarray, *, num_speakers: int | None = None,
     lo, hi = max(1, min_speakers or 1), max_speakers or None
     if num_speakers is not None:
         lo = hi = num_speakers
-    return with_whole_voices(wav, decide(analyse(wav, stop), lo, hi))
+    return with_whole_voices(wav, decide(analyse(wav, stop, device), lo, hi), device)
 
 
 def exclusive_speech(turns: list[SpeakerTurn], speaker: str, duration: float) -> list[tuple[float, float]]:
@@ -274,13 +275,13 @@ def exclusive_speech(turns: list[SpeakerTurn], speaker: str, duration: float) ->
     return sorted(pieces, key=lambda p: (p[0] - p[1], p[0]))
 
 
-def with_whole_voices(wav: np.ndarray, diarization: Diarization) -> Diarization:
+def with_whole_voices(wav: np.ndarray, diarization: Diarization, device: str = "cpu") -> Diarization:
     """Each speaker's voice embedding from one CAM++ pass over up to VOICE_MAX_S of the speech
     where they talk alone, instead of the mean of per-window embeddings: on the fixtures' recurring
     people, a person's voices in two recordings score 0.71-0.87 cosine this way (0.50-0.84 as a
     mean) and two different people at most 0.47 (0.73), so names from voices are far steadier.
     Speakers with too little lone speech keep the mean."""
-    model = load_embedding_model()
+    model = load_embedding_model(device)
     duration = len(wav) / SAMPLE_RATE
     speakers = []
     for speaker in diarization.speakers:

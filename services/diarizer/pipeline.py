@@ -35,9 +35,10 @@ def make_diarizer(settings: Settings) -> tuple[DiarizeFn, str]:
     backend = settings.diarization_backend
     if backend not in ("auto", "pyannote", "offline"):
         raise SystemExit(f"DIARIZATION_BACKEND must be auto, pyannote or offline, not {backend!r}")
+    device = pick_device(settings.diarizer_device)
     if backend == "pyannote" or (backend == "auto" and settings.hf_token):
         try:
-            return _pyannote_diarizer(settings), "pyannote"
+            return _pyannote_diarizer(settings, device), "pyannote"
         except Exception as exc:
             if backend == "pyannote":
                 raise SystemExit(f"cannot load the pyannote pipeline {settings.pyannote_pipeline!r}: {exc}") from exc
@@ -45,16 +46,33 @@ def make_diarizer(settings: Settings) -> tuple[DiarizeFn, str]:
                         type(exc).__name__, str(exc)[:200])
     from services.diarizer.offline import diarize_offline, load_offline_models
 
-    load_offline_models()
+    load_offline_models(device)
+    log.info("offline diarizer on %s", device)
 
     def diarize(waveform: np.ndarray, options: JobOptions, stop: Callable[[], bool] | None = None) -> Diarization:
-        return diarize_offline(waveform, num_speakers=options.num_speakers,
-                               min_speakers=options.min_speakers, max_speakers=options.max_speakers, stop=stop)
+        return diarize_offline(waveform, num_speakers=options.num_speakers, min_speakers=options.min_speakers,
+                               max_speakers=options.max_speakers, stop=stop, device=device)
 
     return diarize, "offline"
 
 
-def _pyannote_diarizer(settings: Settings) -> DiarizeFn:
+def pick_device(requested: str) -> str:
+    """DIARIZER_DEVICE: `cuda` when asked for or (with `auto`) when torch sees a GPU, else `cpu`."""
+    if requested not in ("auto", "cpu", "cuda"):
+        raise SystemExit(f"DIARIZER_DEVICE must be auto, cpu or cuda, not {requested!r}")
+    if requested == "cpu":
+        return "cpu"
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if requested == "cuda":
+        raise SystemExit("DIARIZER_DEVICE=cuda, but torch sees no CUDA device (no GPU visible, or a CPU build "
+                         f"of torch: {torch.__version__})")
+    return "cpu"
+
+
+def _pyannote_diarizer(settings: Settings, device: str) -> DiarizeFn:
     os.environ.setdefault("PYANNOTE_METRICS_ENABLED", "0")
     import torch
     from pyannote.audio import Pipeline
@@ -63,6 +81,7 @@ def _pyannote_diarizer(settings: Settings) -> DiarizeFn:
     pipeline = Pipeline.from_pretrained(settings.pyannote_pipeline, token=token)
     if pipeline is None:
         raise RuntimeError("the pipeline could not be downloaded (gated model: accept its terms?)")
+    pipeline.to(torch.device(device))
 
     def diarize(waveform: np.ndarray, options: JobOptions, stop: Callable[[], bool] | None = None) -> Diarization:
         hints = options.model_dump(include={"num_speakers", "min_speakers", "max_speakers"}, exclude_none=True)

