@@ -192,3 +192,37 @@ def test_a_job_names_only_the_speakers_it_expects(enrolled, voices):
     assert owner.get(f"/transcripts/{job}").json()["options"]["expected_speakers"] == ["Boris K."]
     for speaker in (anna, boris):
         assert owner.delete(f"/speakers/{speaker.json()['id']}").status_code == 204
+
+
+def test_the_openai_endpoint_takes_the_names_of_enrolled_voices(enrolled, voices):
+    """OpenAI's `known_speaker_names[]` (its SDK sends a list in `extra_body` so): names of the
+    key's enrolled speakers, who become the job's expected speakers and name its diarized
+    segments. A name nobody is enrolled under, and reference clips (a voice is enrolled once, not
+    sent with each request), are refused with the reason, in OpenAI's error shape."""
+    import json
+
+    import openai
+
+    stack, owner, _, source = enrolled
+    voice_a = _speaker_at(stack.status(source, owner), 2.0)["speaker"]
+    anna = owner.post("/speakers", json={"name": "Anna", "transcript_id": source, "label": voice_a})
+    assert anna.status_code == 201, anna.text
+    client = openai.OpenAI(base_url=f"{stack.api}/v1", api_key=OWNER, max_retries=0)
+    recording = ("second_half.wav", voices["second_half"].read_bytes())
+    try:
+        diarized = client.audio.transcriptions.create(model="gpt-4o-transcribe-diarize", file=recording,
+                                                      response_format="diarized_json",
+                                                      extra_body={"known_speaker_names": ["Anna"]})
+        assert "Anna" in {s.speaker for s in diarized.segments}
+        [job] = stack.query("SELECT options FROM transcripts WHERE filename = 'second_half.wav' AND owner IS NOT NULL"
+                            " ORDER BY id DESC LIMIT 1")
+        assert json.loads(job["options"])["expected_speakers"] == ["Anna"]
+
+        with pytest.raises(openai.BadRequestError, match="known_speaker_names: no enrolled speaker is called 'Anja'"):
+            client.audio.transcriptions.create(model="whisper-1", file=recording,
+                                               extra_body={"known_speaker_names": ["Anna", "Anja"]})
+        with pytest.raises(openai.BadRequestError, match="enrol each voice once"):
+            client.audio.transcriptions.create(model="whisper-1", file=recording, extra_body={
+                "known_speaker_names": ["Anna"], "known_speaker_references": ["data:audio/wav;base64,UklGRg=="]})
+    finally:
+        assert owner.delete(f"/speakers/{anna.json()['id']}").status_code == 204

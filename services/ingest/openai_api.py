@@ -33,6 +33,7 @@ from services.ingest.auth import request_owner
 from services.ingest.errors import OpenAIErrorBody, error_body, error_responses, invalid
 from services.ingest.jobs import Idempotency, clean_filename, earlier_job
 from services.ingest.segments import TranscriptSegment
+from services.ingest.speakers import require_enrolled
 from services.ingest.submission import submit_recording
 from services.ingest.transcripts import fetch_transcript, to_srt, to_vtt
 
@@ -66,6 +67,23 @@ class OpenAITranscriptionForm:
     redact: Annotated[str | None, Parameter(
         description="This service's own: what to replace in the text, comma-separated (email, card, phone, "
                     "number)")] = None
+
+
+# OpenAI's diarizing model takes up to 4 names, each with a 2-10 s reference clip, as repeated
+# multipart fields (the SDK sends a list in `extra_body` as `name[]`). Here the names are those of
+# enrolled speakers (README "Speakers"), who become the job's expected_speakers; clips are refused,
+# since a voice is enrolled once, with consent, rather than sent with each request.
+KNOWN_SPEAKER_NAMES = ("known_speaker_names[]", "known_speaker_names")
+KNOWN_SPEAKER_REFERENCES = ("known_speaker_references[]", "known_speaker_references")
+
+
+async def known_speaker_names(request: Request) -> list[str]:
+    form = await request.form()
+    if any(form.getall(field, []) for field in KNOWN_SPEAKER_REFERENCES):
+        raise HTTPException(status_code=400, detail=(
+            "known_speaker_references: reference clips are not taken here; enrol each voice once (POST /speakers, "
+            "or `stt speakers enroll NAME sample.wav`) and give its name in known_speaker_names"))
+    return [name for field in KNOWN_SPEAKER_NAMES for name in form.getall(field, []) if isinstance(name, str)]
 
 
 IdempotencyKey = Annotated[str | None, HeaderParameter(
@@ -144,9 +162,10 @@ async def transcribe_and_wait(state: State, request: Request, data: OpenAITransc
     try:
         options = JobOptions(language=data.language, vocabulary=data.prompt, task=task, num_speakers=data.num_speakers,
                              min_speakers=data.min_speakers, max_speakers=data.max_speakers, spelling=data.spelling,
-                             redact=data.redact)
+                             redact=data.redact, expected_speakers=await known_speaker_names(request))
     except ValidationError as exc:
         raise invalid(exc, whole="form") from exc
+    await require_enrolled(state.pool, request_owner(request), options.expected_speakers, "known_speaker_names")
     filename = clean_filename(data.file.filename)
     stream = data.file.file
     asked = Idempotency(key=idempotency_key,

@@ -94,11 +94,12 @@ def clean_name(name: object, which: str = "") -> str:
     return cleaned
 
 
-async def require_enrolled(db: jobstore.Db, owner: str | None, names: list[str]) -> None:
+async def require_enrolled(db: jobstore.Db, owner: str | None, names: list[str],
+                           field: str = "expected_speakers") -> None:
     """400 unless every one of a job's `expected_speakers` is an enrolled speaker of the owner: a misspelt
-    name would otherwise quietly name nobody."""
+    name would otherwise quietly name nobody. `field` is what the request called them."""
     if unknown := await speakerstore.unknown_names(db, owner, names):
-        raise HTTPException(status_code=400, detail=unenrolled(unknown))
+        raise HTTPException(status_code=400, detail=unenrolled(unknown, field))
 
 
 def unenrolled(names: list[str], field: str = "expected_speakers") -> str:
