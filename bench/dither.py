@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import DEFAULT_FIXTURES, SAMPLE_RATE, der_counts, load_fixtures, quiet_logs, table
+from bench.common import DEFAULT_FIXTURES, SAMPLE_RATE, der_counts, fmt, load_fixtures, quiet_logs, table
 
 AMI_PREFIX = "ami_"
 
@@ -27,10 +27,6 @@ def noise_floor_dbfs(waveform: np.ndarray) -> float:
     frames = waveform[: len(waveform) // frame * frame].reshape(-1, frame)
     rms = np.sqrt((frames.astype(np.float64) ** 2).mean(axis=1))
     return float(20 * np.log10(max(np.percentile(rms, 10), 1e-10)))
-
-
-def _pct(value: float) -> str:
-    return f"{100 * value:.1f}"
 
 
 def main() -> None:
@@ -61,18 +57,18 @@ def main() -> None:
             counts.setdefault(run, {})[fixture.stem] = der_counts(fixture.turns, turns, 0.5)
             found[run] = len({speaker for speaker, _, _ in turns})
         row = [fixture.stem, f"{noise_floor_dbfs(waveform):.0f}", str(fixture.ref_speakers),
-               f"{_pct(_rate(counts[None][fixture.stem]))} ({found[None]})"]
+               f"{fmt(_rate(counts[None][fixture.stem]))} ({found[None]})"]
         for level in args.levels:
             mine = [r for r in runs if r[0] == level]
             rates = [_rate(counts[r][fixture.stem]) for r in mine]
-            row.append(f"{_pct(np.mean(rates))} [{_pct(min(rates))}-{_pct(max(rates))}] "
+            row.append(f"{fmt(np.mean(rates))} [{fmt(min(rates))}-{fmt(max(rates))}] "
                        f"({','.join(str(found[r]) for r in mine)})")
         rows.append(row)
         print(f"  {fixture.stem}: done", flush=True)
-    pooled = ["pooled AMI", "", "", _pct(_pooled(counts[None]))]
+    pooled = ["pooled AMI", "", "", fmt(_pooled(counts[None]))]
     for level in args.levels:
         rates = [_pooled(counts[r]) for r in runs if r[0] == level]
-        pooled.append(f"{_pct(np.mean(rates))} [{_pct(min(rates))}-{_pct(max(rates))}]")
+        pooled.append(f"{fmt(np.mean(rates))} [{fmt(min(rates))}-{fmt(max(rates))}]")
     rows.append(pooled)
     levels = [f"noise {20 * np.log10(level):.0f} dBFS: DER mean [low-high] (speakers)" for level in args.levels]
     print()

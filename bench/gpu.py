@@ -38,6 +38,7 @@ from bench.common import (
     WHISPER_MODEL,
     bench_settings,
     concatenate,
+    fmt,
     load_fixtures,
     quiet_logs,
     run_pipeline,
@@ -195,9 +196,9 @@ def render(report: dict) -> str:
         for f in run["files"]:
             s = scores.get((run["device"], f["file"]), {})
             rows.append([f["file"], run["device"], f"{f['duration_s']:.0f}", f"{f['diarize_s']:.1f}",
-                         _rtf(f["diarize_s"], f["duration_s"]), _seconds(f["transcribe_s"]),
+                         _rtf(f["diarize_s"], f["duration_s"]), fmt(f["transcribe_s"], "s"),
                          _rtf(f["transcribe_s"], f["duration_s"]), str(len({t[0] for t in f["turns"]})),
-                         _pct(s.get("der")), _pct(s.get("cpwer")), _pct(s.get("vs_cpu"))])
+                         fmt(s.get("der")), fmt(s.get("cpwer")), fmt(s.get("vs_cpu"))])
     rows.sort(key=lambda r: (r[0] == LONG, r[0], r[1]))
     lines.append(table(["file", "device", "audio s", "diarize s", "diarize RTF", "transcribe s", "transcribe RTF",
                         "speakers", "DER % ±0.25", "cpWER %", "vs CPU turns %"], rows))
@@ -236,16 +237,8 @@ def _rtf(seconds: float | None, audio_s: float) -> str:
     return "-" if seconds is None or not audio_s else f"{seconds / audio_s:.4f}"
 
 
-def _seconds(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{seconds:.1f}"
-
-
 def _ratio(a: float | None, b: float | None) -> str:
     return "-" if a is None or not b else f"{a / b:.1f}"
-
-
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.1f}"
 
 
 def main() -> None:
