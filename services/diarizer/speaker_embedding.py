@@ -116,8 +116,8 @@ def _onnx_runner(model) -> Callable[[np.ndarray], np.ndarray]:
 def _torch_runner(model, device: str) -> Callable[[np.ndarray], np.ndarray]:
     """`model` in torch on `device`, without cuDNN: cuDNN plans each new input shape afresh (about
     40 ms on an H200, against 18 ms for a whole run), and nearly every piece here has a length of
-    its own; torch's own kernels cost the same for every shape (measured: CAM++ 37.6 s with cuDNN,
-    15.4 s without, for 17.7 minutes of audio, with the same turns on every fixture)."""
+    its own; torch's own kernels cost the same for every shape (measured in two runs on 17.7
+    minutes of audio: CAM++ 37.6-46.6 s with cuDNN, 15.4-24.7 s without; bench.diarizer_profile)."""
     import torch
 
     model = model.to(device)
