@@ -231,3 +231,30 @@ def test_many_long_pieces_are_embedded_a_few_at_a_time_each_in_its_place():
     alone = np.concatenate([embed(model, [p]) for p in pieces])
     np.testing.assert_allclose(embed(model, pieces), alone, atol=1e-4)
     assert not np.allclose(alone[0], alone[-1], atol=1e-2)
+
+
+def test_concurrent_gpu_path_runs_leave_cudnn_on_for_the_segmentation_model():
+    """CAM++'s runs on a GPU switch cuDNN off for the process while they run (it re-plans every
+    new piece length). Two diarizations at once (PREFETCH_COUNT above 1) must not interleave
+    those switches: that left cuDNN off for good, and the segmentation model without it. The
+    same torch code path runs here on the CPU, where the switch is just as global."""
+    import threading
+
+    import torch
+
+    from services.diarizer.speaker_embedding import _torch_runner, campplus_module
+
+    infer = _torch_runner(campplus_module(), "cpu")
+    pieces = [np.random.default_rng(seed).normal(size=(1, 60 + seed, 80)).astype(np.float32) for seed in range(12)]
+    assert torch.backends.cudnn.enabled
+
+    def run() -> None:
+        for piece in pieces:
+            infer(piece)
+
+    threads = [threading.Thread(target=run) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert torch.backends.cudnn.enabled

@@ -9,12 +9,15 @@ window and local speaker 0 of the next are not the same person: the clustering s
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.resources
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
+
+from services.diarizer.speaker_embedding import GPU_CALLS
 
 SAMPLE_RATE = 16_000
 WINDOW_S = 10.0
@@ -82,6 +85,6 @@ def segment_batches(model: SegmentationModel, waveform: np.ndarray,
     for first in range(0, len(starts), BATCH_WINDOWS):
         index = np.arange(first, min(first + BATCH_WINDOWS, len(starts)))
         batch = np.stack([window_audio(waveform, int(starts[i])) for i in index])
-        with torch.inference_mode():
+        with torch.inference_mode(), GPU_CALLS if model.device != "cpu" else contextlib.nullcontext():
             logits = model.model(torch.from_numpy(batch).unsqueeze(1).to(model.device)).float().cpu().numpy()
         yield index, model.powerset[np.argmax(logits, axis=-1)]

@@ -16,6 +16,7 @@ import functools
 import importlib.resources
 import io
 import math
+import threading
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,6 +37,9 @@ MIN_FRAMES = 50
 # which ONNX Runtime then kept; 4,000 at a time cost no speed (measured on 10 minutes of one
 # voice and of the AMI clips: 940 and 548 MB held after analysis, now 241 and 230 MB).
 MAX_BATCH_FRAMES = 4000
+# On a GPU, one model call at a time: CAM++'s runs switch cuDNN off for the whole process (below),
+# which must not happen while another thread's segmentation pass or CAM++ run is under way.
+GPU_CALLS = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -123,7 +127,7 @@ def _torch_runner(model, device: str) -> Callable[[np.ndarray], np.ndarray]:
     model = model.to(device)
 
     def infer(batch: np.ndarray) -> np.ndarray:
-        with torch.inference_mode(), torch.backends.cudnn.flags(enabled=False):
+        with GPU_CALLS, torch.inference_mode(), torch.backends.cudnn.flags(enabled=False):
             return model(torch.from_numpy(batch).to(device)).float().cpu().numpy()
 
     return infer
