@@ -224,7 +224,7 @@ def decide(local: LocalSpeakers, lo: int = 1, hi: int | None = None) -> Diarizat
     if len(local.probes) and (hi is None or len(centroids) < hi):
         owners = reconstruction.probe_owners(binary, count, _probe_frames(local, segmentation.frame_step_s))
         split = clustering.split_mixed(centroids, local.probes, owners, hi)
-        if len(split) > len(centroids):
+        if not np.array_equal(split, centroids):
             centroids = split
             assigned, binary, count = _frame_speakers(local, centroids, segmentation.frame_step_s)
     return _labelled(binary, centroids, local.embeddings, assigned, clean, segmentation, local.duration)
