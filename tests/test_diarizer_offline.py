@@ -16,7 +16,7 @@ import pytest
 from common.audio import decode_audio
 from common.messages import SpeakerTurn
 from services.diarizer import clustering
-from services.diarizer.offline import Diarization, analyse, diarize_offline, load_offline_models
+from services.diarizer.offline import Diarization, LocalSpeakers, analyse, decide, diarize_offline, load_offline_models
 from services.diarizer.speaker_embedding import MODEL_NAME
 from tests.conftest import FIXTURES
 
@@ -124,6 +124,32 @@ def test_speaker_count_hints_are_honoured():
     assert len(speakers(diarize_offline(load("en_dialogue.wav"), min_speakers=3).turns)) == 3
 
 
+@pytest.fixture(scope="module")
+def ami_analysed() -> dict[str, LocalSpeakers]:
+    return {stem: analyse(load(f"{stem}.wav")) for stem in AMI}
+
+
+def test_a_true_speaker_count_does_not_make_meetings_worse(ami_analysed):
+    """Told how many people talk, the diarizer does about as well as left to count them (pooled
+    over the AMI clips; 11.4 % without hints on 2026-12-04): a cap it already keeps to changes
+    nothing, and an exact count finds the quiet people instead of splitting the loud ones (before,
+    24.4 % with the exact counts and 13.0 % with them as caps)."""
+    pooled = {"none": [0.0, 0.0], "max": [0.0, 0.0], "num": [0.0, 0.0]}
+    for stem, local in ami_analysed.items():
+        people = len(reference(stem).labels())
+        unhinted = decide(local)
+        capped = decide(local, 1, len(speakers(unhinted.turns)))
+        assert capped.turns == unhinted.turns, stem
+        for hint, result in (("none", unhinted), ("max", decide(local, 1, people)),
+                             ("num", decide(local, people, people))):
+            error, total = error_and_total(result.turns, stem)
+            pooled[hint][0] += error
+            pooled[hint][1] += total
+    der = {hint: error / total for hint, (error, total) in pooled.items()}
+    assert der["max"] <= der["none"] + 0.01, der
+    assert der["num"] <= 0.20, der
+
+
 def test_deterministic_and_thread_safe():
     import asyncio
 
@@ -168,7 +194,7 @@ def test_clustering_a_long_recording_stays_bounded():
 def test_two_voices_under_one_speaker_are_split_and_one_voice_is_not():
     """The probes of en_dialogue's two people, handed over as if they were one speaker (as the
     segmentation model sometimes keeps two similar voices under one label), come back as two;
-    one person's probes alone, or a cap of one speaker, stay one."""
+    one person's probes alone stay one."""
     from pyannote.core import Segment
 
     local = analyse(load("en_dialogue.wav"))
@@ -194,7 +220,6 @@ def test_two_voices_under_one_speaker_are_split_and_one_voice_is_not():
     alone = clustering.split_mixed(clustering._normalize(one.mean(axis=0, keepdims=True)), one,
                                    np.zeros(len(one), dtype=np.int64))
     assert len(alone) == 1
-    assert len(clustering.split_mixed(merged, both, np.zeros(len(both), dtype=np.int64), max_speakers=1)) == 1
     # A couple of odd probes (here a third person's) are set aside, not taken for the second voice.
     odd = analyse(load("jfk.flac")).probes[:2]
     with_odd = np.concatenate([both, odd])

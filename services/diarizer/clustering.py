@@ -159,18 +159,16 @@ def _two_voices(probes: np.ndarray) -> np.ndarray | None:
     return None
 
 
-def split_mixed(centroids: np.ndarray, probes: np.ndarray, owners: np.ndarray,
-                max_speakers: int | None = None) -> np.ndarray:
+def split_mixed(centroids: np.ndarray, probes: np.ndarray, owners: np.ndarray) -> np.ndarray:
     """Centroids with each speaker whose lone-speech `probes` (owners[i] = its speaker, -1 for
-    none) form two clearly different voices replaced by those two, at most `max_speakers`; or by
-    the one of them that is not another speaker's voice, when the other is (SAME_VOICE)."""
+    none) form two clearly different voices replaced by those two; or by the one of them that is
+    not another speaker's voice, when the other is (SAME_VOICE)."""
     out = []
-    room = (max_speakers or len(centroids) + len(probes)) - len(centroids)
     for k, centroid in enumerate(centroids):
         mine = probes[owners == k]
         if len(mine) > MAX_SPLIT_PROBES:
             mine = mine[np.linspace(0, len(mine) - 1, MAX_SPLIT_PROBES).round().astype(int)]
-        voices = _two_voices(_normalize(mine)) if room > 0 else None
+        voices = _two_voices(_normalize(mine))
         if voices is None or float(voices[0] @ voices[1]) >= SPLIT_BELOW:
             out.append(centroid)
             continue
@@ -178,7 +176,6 @@ def split_mixed(centroids: np.ndarray, probes: np.ndarray, owners: np.ndarray,
         known = (others @ voices.T).max(axis=0) >= SAME_VOICE if len(others) else np.zeros(2, dtype=bool)
         if not known.any():
             out.extend(voices)
-            room -= 1
         elif known.all():
             out.append(centroid)
         else:

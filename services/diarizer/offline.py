@@ -217,16 +217,27 @@ def decide(local: LocalSpeakers, lo: int = 1, hi: int | None = None) -> Diarizat
     segmentation = load_segmentation(local.device)
     if not local.valid.any():
         return Diarization()
+    step = segmentation.frame_step_s
     clean = local.valid & (local.clean_frames >= MIN_CLEAN_SHARE * segmentation.frames_per_window)
     training = local.embeddings[clean] if clean.sum() >= max(2, lo) else local.embeddings[local.valid]
+    if lo > 1 and len(clustering.cluster_centroids(training)) < lo:
+        # The caller knows of more people than the clean voices hold: the others never talk alone
+        # for a second of a window. Cutting the clean voices finer would split the people already
+        # found, so every window voice is clustered instead.
+        training = local.embeddings[local.valid]
     centroids = clustering.cluster_centroids(training, lo, hi)
-    assigned, binary, count = _frame_speakers(local, centroids, segmentation.frame_step_s)
-    if len(local.probes) and (hi is None or len(centroids) < hi):
-        owners = reconstruction.probe_owners(binary, count, _probe_frames(local, segmentation.frame_step_s))
-        split = clustering.split_mixed(centroids, local.probes, owners, hi)
+    assigned, binary, count = _frame_speakers(local, centroids, step)
+    if len(local.probes):
+        owners = reconstruction.probe_owners(binary, count, _probe_frames(local, step))
+        split = clustering.split_mixed(centroids, local.probes, owners)
         if not np.array_equal(split, centroids):
             centroids = split
-            assigned, binary, count = _frame_speakers(local, centroids, segmentation.frame_step_s)
+            assigned, binary, count = _frame_speakers(local, centroids, step)
+    # Over max_speakers only now, after the split check, so that a cut at the cap cannot keep two
+    # people mixed in one speaker beside one who barely talks: those who talk most are kept.
+    while hi is not None and len(centroids) > hi:
+        centroids = np.delete(centroids, int(np.argmin(binary.sum(axis=0))), axis=0)
+        assigned, binary, count = _frame_speakers(local, centroids, step)
     return _labelled(binary, centroids, local.embeddings, assigned, clean, segmentation, local.duration)
 
 
