@@ -15,7 +15,7 @@ import pytest
 
 from common.audio import decode_audio
 from common.messages import SpeakerTurn
-from services.diarizer import clustering
+from services.diarizer import clustering, reconstruction
 from services.diarizer.offline import (
     Diarization,
     LocalSpeakers,
@@ -249,6 +249,52 @@ def test_a_split_voice_that_is_another_speakers_is_not_a_new_speaker():
     result = clustering.split_mixed(np.concatenate([a[None], mixed]), probes, owners)
     assert len(result) == 2
     assert float(result[0] @ a) == pytest.approx(1.0) and float(result[1] @ b) > 0.9
+
+
+def _lone(speaker_of_frame: list[int], speakers: int = 2) -> np.ndarray:
+    binary = np.zeros((len(speaker_of_frame), speakers), dtype=bool)
+    for frame, speaker in enumerate(speaker_of_frame):
+        if speaker >= 0:
+            binary[frame, speaker] = True
+    return binary
+
+
+def _change_frames(binary: np.ndarray) -> list[int]:
+    who = np.where(binary.sum(axis=1) == 1, np.argmax(binary, axis=1), -1)
+    return [int(f) for f in np.flatnonzero(who[1:] != who[:-1]) + 1]
+
+
+def test_a_change_only_the_probes_found_moves_into_the_pause_near_it():
+    """Where the segmentation model heard one voice go on and the probes found a change of
+    speaker, the change moves to a clear pause within reach; without a pause, beyond reach, or
+    where the segmentation model itself heard the change, it stays where it was."""
+    one_voice = _lone([0] * 100)
+    probes_say = _lone([0] * 50 + [1] * 50)
+    reach = 20
+
+    def with_dip(frame: int, depth_db: float) -> np.ndarray:
+        loudness = np.ones(100, dtype=np.float32)
+        loudness[frame] = 10 ** (-depth_db / 10)
+        return loudness
+
+    moved = reconstruction.changes_at_pauses(probes_say, one_voice, with_dip(60, 20), reach)
+    assert _change_frames(moved) == [60]
+    assert moved[:60, 0].all() and moved[60:, 1].all() and (moved.sum(axis=1) == 1).all()
+    moved_back = reconstruction.changes_at_pauses(probes_say, one_voice, with_dip(41, 20), reach)
+    assert _change_frames(moved_back) == [41]
+    for loudness in (with_dip(60, 5), with_dip(85, 20), np.ones(100, dtype=np.float32)):
+        assert np.array_equal(reconstruction.changes_at_pauses(probes_say, one_voice, loudness, reach), probes_say)
+    heard_by_segmentation = probes_say.copy()
+    assert np.array_equal(
+        reconstruction.changes_at_pauses(probes_say, heard_by_segmentation, with_dip(60, 20), reach), probes_say)
+    # Two changes close together each look only in their own half of the stretch between them.
+    there_and_back = _lone([0] * 50 + [1] * 10 + [0] * 40)
+    loudness = np.ones(100, dtype=np.float32)
+    loudness[57] = 0.01
+    assert _change_frames(reconstruction.changes_at_pauses(there_and_back, one_voice, loudness, reach)) == [50, 57]
+    loudness[57] = 1.0
+    loudness[[45, 70]] = 0.01
+    assert _change_frames(reconstruction.changes_at_pauses(there_and_back, one_voice, loudness, reach)) == [45, 70]
 
 
 def test_two_people_stay_two_under_faint_noise():

@@ -11,7 +11,8 @@ wheel.
    probes (below) hold two clearly different voices is split in two and the assignment redone.
 4. Reconstruction (`reconstruction.py`): window activity averaged over the file, the estimated
    number of simultaneous speakers kept in each frame; where one person talks, short CAM++
-   "probes" (1.5 s every 0.75 s) re-check who it is; turns out (they may overlap).
+   "probes" (1.5 s every 0.75 s) re-check who it is, and a change of speaker only they found
+   is moved into a pause next to it; turns out (they may overlap).
 5. Voices: one CAM++ embedding per speaker over their lone speech (up to a minute), kept for
    recognising enrolled speakers.
 
@@ -61,6 +62,11 @@ MIN_CLEAN_SHARE = 0.1
 # and 2.5 s embeddings per window part instead gave unstable speaker counts).
 PROBE_S = 1.5
 PROBE_HOP_S = 0.75
+# The probes place a change of speaker to within about half their hop; that is how far a change
+# they alone found is looked at for a pause to move into (reconstruction.changes_at_pauses), by
+# each frame's loudness over about LOUDNESS_S around it.
+PAUSE_SEARCH_S = PROBE_HOP_S / 2
+LOUDNESS_S = 0.1
 # A speaker's voice (kept for recognising them in other recordings) is embedded from at most this
 # much of their lone speech, in stretches of at least VOICE_MIN_PIECE_S (shorter ones are mostly
 # the edges of someone else's turn).
@@ -89,6 +95,7 @@ class LocalSpeakers:
     clean_frames: np.ndarray  # (windows, 3): frames where that local speaker talks alone
     probe_starts: np.ndarray  # (probes,) seconds
     probes: np.ndarray  # (probes, dim)
+    loudness: np.ndarray  # (file frames,) mean square of the audio around each frame
     device: str = "cpu"  # torch device the models ran on
 
 
@@ -190,7 +197,10 @@ def analyse(wav: np.ndarray, stop: Callable[[], bool] | None = None, device: str
         embeddings=np.full((len(starts), LOCAL_SPEAKERS, EMBEDDING_DIM), np.nan, dtype=np.float32),
         valid=np.zeros((len(starts), LOCAL_SPEAKERS), dtype=bool),
         clean_frames=np.zeros((len(starts), LOCAL_SPEAKERS), dtype=np.int64),
-        probe_starts=np.zeros(0), probes=np.zeros((0, EMBEDDING_DIM), dtype=np.float32), device=device)
+        probe_starts=np.zeros(0), probes=np.zeros((0, EMBEDDING_DIM), dtype=np.float32),
+        loudness=frame_loudness(wav, segmentation.frame_step_s, segmentation.frame_duration_s,
+                                _file_frames(duration, segmentation.frame_step_s)),
+        device=device)
     probe_starts, probes = [], []
     for index, activity in segment_batches(segmentation, wav, starts):
         if stop is not None and stop():
@@ -210,6 +220,24 @@ def analyse(wav: np.ndarray, stop: Callable[[], bool] | None = None, device: str
     result.probe_starts = np.concatenate(probe_starts)
     result.probes = np.concatenate(probes)
     return result
+
+
+def _file_frames(duration: float, step: float) -> int:
+    return int(np.ceil(duration / step)) + 1
+
+
+def frame_loudness(wav: np.ndarray, frame_step_s: float, frame_duration_s: float, num_frames: int) -> np.ndarray:
+    """Mean square of the audio over about LOUDNESS_S around the middle of each of `num_frames`
+    file frames, from sums over one frame step at a time (a long file is never copied whole)."""
+    block = int(round(frame_step_s * SAMPLE_RATE))
+    sums = [np.square(np.pad(piece, (0, -len(piece) % block))).reshape(-1, block).sum(axis=1)
+            for piece in (wav[first:first + 8192 * block].astype(np.float64)
+                          for first in range(0, len(wav), 8192 * block))]
+    cumulative = np.concatenate([[0.0], np.cumsum(np.concatenate(sums))]) if sums else np.zeros(1)
+    middles = np.arange(num_frames) * frame_step_s + frame_duration_s / 2
+    first = np.clip(np.floor((middles - LOUDNESS_S / 2) / frame_step_s).astype(np.int64), 0, len(cumulative) - 1)
+    last = np.clip(np.ceil((middles + LOUDNESS_S / 2) / frame_step_s).astype(np.int64), 0, len(cumulative) - 1)
+    return ((cumulative[last] - cumulative[first]) / (np.maximum(last - first, 1) * block)).astype(np.float32)
 
 
 def decide(local: LocalSpeakers, lo: int = 1, hi: int | None = None) -> Diarization:
@@ -250,13 +278,15 @@ def _frame_speakers(local: LocalSpeakers, centroids: np.ndarray, step: float):
     """Each local speaker's global speaker, the file-level (frames, speakers) activity after the
     probes' recheck, and the number of people talking in each frame."""
     assigned = clustering.assign(local.embeddings, local.valid, centroids)
-    num_frames = int(np.ceil(local.duration / step)) + 1
+    num_frames = _file_frames(local.duration, step)
     offsets = reconstruction.frame_offsets(local.starts / SAMPLE_RATE, step)
     activations, count = reconstruction.accumulate(local.activity, assigned, offsets, num_frames, len(centroids))
     binary = reconstruction.binarize(activations, count)
     if len(local.probes):
-        binary = reconstruction.recheck_single_speaker(binary, count, _probe_frames(local, step),
-                                                       local.probes @ centroids.T)
+        rechecked = reconstruction.recheck_single_speaker(binary, count, _probe_frames(local, step),
+                                                          local.probes @ centroids.T)
+        binary = reconstruction.changes_at_pauses(rechecked, binary, local.loudness,
+                                                  int(round(PAUSE_SEARCH_S / step)))
     return assigned, binary, count
 
 
