@@ -1,12 +1,13 @@
-"""python -m bench.telephone: the diarizer on the fixtures as a telephone line would carry them.
+"""python -m bench.telephone: the diarizer on the fixtures as call recordings would bring them.
 
-Calls are often recorded at 8 kHz: nothing above 4 kHz, and on the public network only 300-3400
-Hz, 8-bit G.711 mu-law. Every fixture with a reference .rttm is diarized as it is and after each
-of those channels (resampled back to 16 kHz as the services do), without hints and told the
-reference's speaker count (`num_speakers`). Printed per file: the share of the recording's energy
-above 4.2 kHz (the bandwidth it already has), then DER at +-0.25 s with the speakers found, per
-channel; then DER pooled over the nine AMI clips and over the other files (total error / total
-reference).
+Calls are often recorded at 8 kHz: nothing above 4 kHz, and on the public telephone network only
+300-3400 Hz, stored as 8-bit G.711 mu-law. Every fixture with a reference .rttm is written as such
+a file (8 kHz WAV through PyAV's resampler, the one the services decode with; band-limited at 8 kHz
+for the last two) and decoded back by the services' own `decode_audio`, then diarized without
+hints and told the reference's speaker count (`num_speakers`). Printed per file: the recording's
+energy above 4.2 kHz relative to 0.3-3.4 kHz (the bandwidth it already has), then DER at +-0.25 s
+with the speakers found, per channel; then DER pooled over the nine AMI clips and over the other
+files (total error / total reference).
 
 Each recording is analysed once per channel (segmentation and embeddings); the hinted and unhinted
 results are two clusterings of that analysis, as `diarize_offline` would make them.
@@ -17,7 +18,7 @@ results are two clusterings of that analysis, as `diarize_offline` would make th
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+import io
 from pathlib import Path
 
 import numpy as np
@@ -25,42 +26,40 @@ import numpy as np
 from bench.common import DEFAULT_FIXTURES, SAMPLE_RATE, der_counts, fmt, load_fixtures, quiet_logs, table
 
 AMI_PREFIX = "ami_"
-MU = 255.0
-
-
-def narrowband(waveform: np.ndarray) -> np.ndarray:
-    """8 kHz sampling: nothing above 4 kHz."""
-    from scipy.signal import resample_poly
-
-    return resample_poly(resample_poly(waveform, 1, 2), 2, 1)[: len(waveform)]
-
-
-def telephone_band(waveform: np.ndarray) -> np.ndarray:
-    """8 kHz sampling and the network's 300-3400 Hz band."""
-    from scipy.signal import butter, resample_poly, sosfilt
-
-    at_8k = resample_poly(waveform, 1, 2)
-    band = sosfilt(butter(4, [300, 3400], btype="band", fs=SAMPLE_RATE // 2, output="sos"), at_8k)
-    return resample_poly(band, 2, 1)[: len(waveform)]
-
-
-def g711(waveform: np.ndarray) -> np.ndarray:
-    """The telephone band, then 8-bit mu-law companding (G.711) and back."""
-    from scipy.signal import resample_poly
-
-    band = resample_poly(telephone_band(waveform), 1, 2)
-    compressed = np.sign(band) * np.log1p(MU * np.abs(np.clip(band, -1, 1))) / np.log1p(MU)
-    quantised = np.round(compressed * 127) / 127
-    expanded = np.sign(quantised) * ((1 + MU) ** np.abs(quantised) - 1) / MU
-    return resample_poly(expanded, 2, 1)[: len(waveform)]
-
-
-CHANNELS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-    "as it is": lambda w: w,
-    "8 kHz": narrowband,
-    "telephone band": telephone_band,
-    "G.711": g711,
+CALL_RATE = 8000
+# name: (300-3400 Hz band, WAV codec)
+CHANNELS = {
+    "8 kHz": (False, "pcm_s16le"),
+    "telephone band": (True, "pcm_s16le"),
+    "G.711": (True, "pcm_mulaw"),
 }
+AS_IT_IS = "as it is"
+CONDITIONS = [AS_IT_IS, *CHANNELS]
+
+
+def call_recording(waveform: np.ndarray, band: bool, codec: str) -> bytes:
+    """`waveform` (16 kHz float) as an 8 kHz mono WAV file in `codec`, band-limited to 300-3400 Hz
+    when `band`."""
+    import av
+    from scipy.signal import butter, sosfiltfilt
+
+    frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(waveform, dtype=np.float32)[None, :],
+                                       format="flt", layout="mono")
+    frame.sample_rate = SAMPLE_RATE
+    resampler = av.AudioResampler(format="flt", layout="mono", rate=CALL_RATE)
+    at_8k = np.concatenate([f.to_ndarray().reshape(-1) for f in [*resampler.resample(frame),
+                                                                   *resampler.resample(None)]])
+    if band:
+        at_8k = sosfiltfilt(butter(6, [300, 3400], btype="band", fs=CALL_RATE, output="sos"), at_8k)
+    pcm = np.clip(np.round(at_8k * 32767), -32768, 32767).astype(np.int16)
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="wav") as container:
+        stream = container.add_stream(codec, rate=CALL_RATE, layout="mono")
+        out = av.AudioFrame.from_ndarray(pcm[None, :], format="s16", layout="mono")
+        out.sample_rate = CALL_RATE
+        for packet in [*stream.encode(out), *stream.encode(None)]:
+            container.mux(packet)
+    return buffer.getvalue()
 
 
 def high_band_db(waveform: np.ndarray) -> float:
@@ -88,8 +87,11 @@ def main() -> None:
     for fixture in fixtures:
         waveform = decode_audio(str(fixture.path))
         row = [fixture.stem, f"{high_band_db(waveform):.0f}", str(fixture.ref_speakers)]
-        for name, channel in CHANNELS.items():
-            local = analyse(np.ascontiguousarray(channel(waveform), dtype=np.float32))
+        for name in CONDITIONS:
+            if name != AS_IT_IS:
+                local = analyse(decode_audio(io.BytesIO(call_recording(waveform, *CHANNELS[name]))))
+            else:
+                local = analyse(waveform)
             cells = []
             for hinted in (False, True):
                 n = fixture.ref_speakers if hinted else None
@@ -104,10 +106,10 @@ def main() -> None:
     for group, label in ((True, "pooled AMI"), (False, "pooled others")):
         rows.append([label, "", ""] + [
             f"{fmt(_pooled(counts[(name, False)], group))} / {fmt(_pooled(counts[(name, True)], group))}"
-            for name in CHANNELS])
+            for name in CONDITIONS])
     print()
     print(table(["file", "energy above 4.2 kHz dB", "speakers",
-                 *[f"{name}: DER % (speakers), no hint / told the count" for name in CHANNELS]], rows))
+                 *[f"{name}: DER % (speakers), no hint / told the count" for name in CONDITIONS]], rows))
 
 
 def _rate(count: tuple[float, float]) -> float:

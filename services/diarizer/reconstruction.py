@@ -117,13 +117,14 @@ def changes_at_pauses(rechecked: np.ndarray, segmented: np.ndarray, loudness: np
     out = rechecked.copy()
     for change in np.flatnonzero(probe_made) + 1:
         left, right, voice = now[change - 1], now[change], before[change]
+        # A short stretch between two changes is shared: each looks only in its own half of it
+        # (so no run needs following further than twice the reach).
         start = change - 1
-        while start > 0 and now[start - 1] == left and before[start - 1] == voice:
+        while start > max(0, change - 2 * reach) and now[start - 1] == left and before[start - 1] == voice:
             start -= 1
         end = change
-        while end + 1 < frames and now[end + 1] == right and before[end + 1] == voice:
+        while end + 1 < min(frames, change + 2 * reach + 2) and now[end + 1] == right and before[end + 1] == voice:
             end += 1
-        # A short stretch between two changes is shared: each looks only in its own half of it.
         first = max(change - reach, (start + change) // 2)
         last = min(change + reach, (change + end + 1) // 2 - 1)
         looked_at = loudness[first:last + 1]
