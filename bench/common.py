@@ -245,11 +245,18 @@ def missed_speech(reference: list[tuple[str, float, float]], hypothesis: list[tu
             "beyond_two": float(np.clip(ref - 2, 0, None).sum()) * frame_s}
 
 
+def pooled_rate(counts) -> float:
+    """Total error / total reference over (error seconds, reference seconds) pairs; 0.0 when
+    there is no reference."""
+    counts = list(counts)
+    total = sum(t for _, t in counts)
+    return sum(e for e, _ in counts) / total if total else 0.0
+
+
 def der(reference: list[tuple[str, float, float]], hypothesis: list[tuple[str, float, float]],
         collar: float) -> float:
     """pyannote.metrics DER of one file; `collar` is the total width (0.5 = +-0.25 s)."""
-    error, total = der_counts(reference, hypothesis, collar)
-    return error / total if total else 0.0
+    return pooled_rate([der_counts(reference, hypothesis, collar)])
 
 
 # ---- audio ----------------------------------------------------------------------------------

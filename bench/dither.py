@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import DEFAULT_FIXTURES, SAMPLE_RATE, der_counts, fmt, load_fixtures, quiet_logs, table
+from bench.common import DEFAULT_FIXTURES, SAMPLE_RATE, der_counts, fmt, load_fixtures, pooled_rate, quiet_logs, table
 
 AMI_PREFIX = "ami_"
 
@@ -57,10 +57,10 @@ def main() -> None:
             counts.setdefault(run, {})[fixture.stem] = der_counts(fixture.turns, turns, 0.5)
             found[run] = len({speaker for speaker, _, _ in turns})
         row = [fixture.stem, f"{noise_floor_dbfs(waveform):.0f}", str(fixture.ref_speakers),
-               f"{fmt(_rate(counts[None][fixture.stem]))} ({found[None]})"]
+               f"{fmt(pooled_rate([counts[None][fixture.stem]]))} ({found[None]})"]
         for level in args.levels:
             mine = [r for r in runs if r[0] == level]
-            rates = [_rate(counts[r][fixture.stem]) for r in mine]
+            rates = [pooled_rate([counts[r][fixture.stem]]) for r in mine]
             row.append(f"{fmt(np.mean(rates))} [{fmt(min(rates))}-{fmt(max(rates))}] "
                        f"({','.join(str(found[r]) for r in mine)})")
         rows.append(row)
@@ -75,15 +75,8 @@ def main() -> None:
     print(table(["file", "noise floor dBFS", "speakers", "DER % as it is (speakers)", *levels], rows))
 
 
-def _rate(count: tuple[float, float]) -> float:
-    error, total = count
-    return error / total if total else 0.0
-
-
 def _pooled(by_file: dict[str, tuple[float, float]]) -> float:
-    ami = [c for stem, c in by_file.items() if stem.startswith(AMI_PREFIX)]
-    total = sum(t for _, t in ami)
-    return sum(e for e, _ in ami) / total if total else 0.0
+    return pooled_rate(c for stem, c in by_file.items() if stem.startswith(AMI_PREFIX))
 
 
 if __name__ == "__main__":

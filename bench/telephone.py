@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import DEFAULT_FIXTURES, SAMPLE_RATE, der_counts, fmt, load_fixtures, quiet_logs, table
+from bench.common import DEFAULT_FIXTURES, SAMPLE_RATE, der_counts, fmt, load_fixtures, pooled_rate, quiet_logs, table
 
 AMI_PREFIX = "ami_"
 CALL_RATE = 8000
@@ -99,7 +99,7 @@ def main() -> None:
                 turns = [(t.speaker, t.start, t.end) for t in result.turns]
                 counts.setdefault((name, hinted), {})[fixture.stem] = der_counts(fixture.turns, turns, 0.5)
                 found = len({speaker for speaker, _, _ in turns})
-                cells.append(f"{fmt(_rate(counts[(name, hinted)][fixture.stem]))} ({found})")
+                cells.append(f"{fmt(pooled_rate([counts[(name, hinted)][fixture.stem]]))} ({found})")
             row.append(" / ".join(cells))
         rows.append(row)
         print(f"  {fixture.stem}: done", flush=True)
@@ -112,15 +112,8 @@ def main() -> None:
                  *[f"{name}: DER % (speakers), no hint / told the count" for name in CONDITIONS]], rows))
 
 
-def _rate(count: tuple[float, float]) -> float:
-    error, total = count
-    return error / total if total else 0.0
-
-
 def _pooled(by_file: dict[str, tuple[float, float]], ami: bool) -> float:
-    chosen = [c for stem, c in by_file.items() if stem.startswith(AMI_PREFIX) == ami]
-    total = sum(t for _, t in chosen)
-    return sum(e for e, _ in chosen) / total if total else 0.0
+    return pooled_rate(c for stem, c in by_file.items() if stem.startswith(AMI_PREFIX) == ami)
 
 
 if __name__ == "__main__":
