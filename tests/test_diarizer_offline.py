@@ -260,7 +260,7 @@ def _lone(speaker_of_frame: list[int], speakers: int = 2) -> np.ndarray:
 
 
 def _change_frames(binary: np.ndarray) -> list[int]:
-    who = np.where(binary.sum(axis=1) == 1, np.argmax(binary, axis=1), -1)
+    who = reconstruction._lone_speaker(binary)
     return [int(f) for f in np.flatnonzero(who[1:] != who[:-1]) + 1]
 
 

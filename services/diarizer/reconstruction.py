@@ -110,8 +110,8 @@ def changes_at_pauses(rechecked: np.ndarray, segmented: np.ndarray, loudness: np
     `segmented`, the activity before their recheck, one voice goes on across it) moved to the
     quietest frame within `reach` frames of it, when that frame is PAUSE_DIP_DB below the median
     of the frames looked at. `loudness` (frames,) is the audio's mean square around each frame."""
-    frames = min(len(rechecked), len(loudness))
-    now, before = _lone_speaker(rechecked[:frames]), _lone_speaker(segmented[:frames])
+    frames = len(rechecked)
+    now, before = _lone_speaker(rechecked), _lone_speaker(segmented)
     probe_made = ((now[1:] != now[:-1]) & (now[1:] >= 0) & (now[:-1] >= 0)
                   & (before[1:] == before[:-1]) & (before[1:] >= 0))
     out = rechecked.copy()
@@ -142,13 +142,12 @@ def probe_owners(binary: np.ndarray, speakers_per_frame: np.ndarray, probe_frame
     """The speaker each probe listened to, -1 unless one speaker talks alone under at least
     `share` of its frames."""
     owners = np.full(len(probe_frames), -1, dtype=np.int64)
-    alone = (speakers_per_frame == 1) & (binary.sum(axis=1) == 1)
-    speaker = np.argmax(binary, axis=1)
+    speaker = np.where(speakers_per_frame == 1, _lone_speaker(binary), -1)
     for i, (a, b) in enumerate(probe_frames):
         b = min(b, len(binary))
         if b <= a:
             continue
-        who = speaker[a:b][alone[a:b]]
+        who = speaker[a:b][speaker[a:b] >= 0]
         if len(who) == 0:
             continue
         values, counts = np.unique(who, return_counts=True)
