@@ -9,6 +9,8 @@ wheel.
 3. Clustering (`clustering.py`): agglomerative clustering of the cleanest embeddings, then a
    per-window assignment of every local speaker to a global speaker; a speaker whose lone-speech
    probes (below) hold two clearly different voices is split in two and the assignment redone.
+   The number of people the segmentation model hears apart in most windows is a floor under the
+   count (CAM++ finds voices alike in the telephone band; the segmentation model still tells them apart).
 4. Reconstruction (`reconstruction.py`): window activity averaged over the file, the estimated
    number of simultaneous speakers kept in each frame; where one person talks, short CAM++
    "probes" (1.5 s every 0.75 s) re-check who it is, and a change of speaker only they found
@@ -56,6 +58,13 @@ LOCAL_SPEAKERS = 3
 # share of the window (1 s): shorter stretches give embeddings that blur voices together, and a
 # larger share (pyannote uses 0.2) left the quieter speakers of the AMI clips out of the clustering.
 MIN_CLEAN_SHARE = 0.1
+# The segmentation model tells two people apart within a window even where CAM++ finds their
+# voices alike (telephone audio: 300-3400 Hz, G.711). When it hears k people each talking alone
+# for a second or more in at least this share of the windows with speech, the recording has at
+# least k speakers. Measured: two-person dialogues 0.67-1.0 of their windows, in the telephone
+# band too; one voice at a time (jfk; multilingual.mp3 laid end to end, 1-4 minutes) 0-0.05; any share from
+# 0.15 to 0.6 gives the same speakers on every fixture, as it is and in the telephone band.
+HEARD_APART_SHARE = 0.5
 # Short "probe" embeddings on a fixed grid over the whole file. The segmentation model sometimes
 # keeps two similar voices under one local label for a whole window; where only one person talks,
 # the probes re-check who it is against the speakers' centroids (measured on the fixtures: 5 s
@@ -247,11 +256,14 @@ def decide(local: LocalSpeakers, lo: int = 1, hi: int | None = None) -> Diarizat
         return Diarization()
     step = segmentation.frame_step_s
     clean = local.valid & (local.clean_frames >= MIN_CLEAN_SHARE * segmentation.frames_per_window)
+    floor = heard_apart(clean)
+    lo = max(lo, floor if hi is None else min(floor, hi))
     training = local.embeddings[clean] if clean.sum() >= max(2, lo) else local.embeddings[local.valid]
     if lo > 1 and len(clustering.cluster_centroids(training)) < lo:
-        # The caller knows of more people than the clean voices hold: the others never talk alone
-        # for a second of a window. Cutting the clean voices finer would split the people already
-        # found, so every window voice is clustered instead.
+        # The caller (or the segmentation model) knows of more people than the clean voices hold:
+        # the others never talk alone for a second of a window, or CAM++ hears them alike. Cutting
+        # the clean voices finer would split the people already found, so every window voice is
+        # clustered instead.
         training = local.embeddings[local.valid]
     centroids = clustering.cluster_centroids(training, lo, hi)
     assigned, binary, count = _frame_speakers(local, centroids, step)
@@ -267,6 +279,15 @@ def decide(local: LocalSpeakers, lo: int = 1, hi: int | None = None) -> Diarizat
         centroids = np.delete(centroids, int(np.argmin(binary.sum(axis=0))), axis=0)
         assigned, binary, count = _frame_speakers(local, centroids, step)
     return _labelled(binary, centroids, local.embeddings, assigned, clean, segmentation, local.duration)
+
+
+def heard_apart(clean: np.ndarray) -> int:
+    """The most people the segmentation model hears each talking alone within one window, in at
+    least HEARD_APART_SHARE of the windows where anyone does (`clean`: windows x local speakers)."""
+    per_window = clean.sum(axis=1)
+    with_speech = int((per_window >= 1).sum())
+    return max([k for k in range(1, clean.shape[1] + 1)
+                if with_speech and (per_window >= k).sum() >= HEARD_APART_SHARE * with_speech], default=1)
 
 
 def _probe_frames(local: LocalSpeakers, step: float) -> np.ndarray:
