@@ -10,7 +10,7 @@ wheel.
    per-window assignment of every local speaker to a global speaker; a speaker whose lone-speech
    probes (below) hold two clearly different voices is split in two and the assignment redone.
    The number of people the segmentation model hears apart in most windows is a floor under the
-   count (CAM++ finds voices alike in the telephone band; the segmentation model still tells them apart).
+   count (in the telephone band CAM++ finds voices alike that the segmentation model tells apart).
 4. Reconstruction (`reconstruction.py`): window activity averaged over the file, the estimated
    number of simultaneous speakers kept in each frame; where one person talks, short CAM++
    "probes" (1.5 s every 0.75 s) re-check who it is, and a change of speaker only they found
@@ -62,8 +62,9 @@ MIN_CLEAN_SHARE = 0.1
 # voices alike (telephone audio: 300-3400 Hz, G.711). When it hears k people each talking alone
 # for a second or more in at least this share of the windows with speech, the recording has at
 # least k speakers. Measured: two-person dialogues 0.67-1.0 of their windows, in the telephone
-# band too; one voice at a time (jfk; multilingual.mp3 laid end to end, 1-4 minutes) 0-0.05; any share from
-# 0.15 to 0.6 gives the same speakers on every fixture, as it is and in the telephone band.
+# band too; one voice at a time (jfk; multilingual.mp3 laid end to end, 1-4 minutes) 0-0.05.
+# Any share from 0.15 to 0.6 gives the same speakers on every fixture, as it is and in the
+# telephone band.
 HEARD_APART_SHARE = 0.5
 # Short "probe" embeddings on a fixed grid over the whole file. The segmentation model sometimes
 # keeps two similar voices under one local label for a whole window; where only one person talks,
