@@ -287,8 +287,9 @@ def heard_apart(clean: np.ndarray) -> int:
     least HEARD_APART_SHARE of the windows where anyone does (`clean`: windows x local speakers)."""
     per_window = clean.sum(axis=1)
     with_speech = int((per_window >= 1).sum())
-    return max([k for k in range(1, clean.shape[1] + 1)
-                if with_speech and (per_window >= k).sum() >= HEARD_APART_SHARE * with_speech], default=1)
+    if with_speech == 0:
+        return 1
+    return max(k for k in range(1, clean.shape[1] + 1) if (per_window >= k).sum() >= HEARD_APART_SHARE * with_speech)
 
 
 def _probe_frames(local: LocalSpeakers, step: float) -> np.ndarray:
