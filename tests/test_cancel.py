@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from common.audio import decode_audio
-from common.storage import pcm_key
+from common.storage import object_exists, pcm_key
 from tests.audio_files import encode
 from tests.conftest import events_queue, job_events, record_figure, running_stack
 
@@ -58,11 +58,7 @@ def diarizing_s(stack, job_id: int) -> float:
 
 
 def pcm_exists(stack, job_id: int) -> bool:
-    try:
-        stack.s3.stat_object(stack.settings().audio_bucket, pcm_key(job_id))
-    except Exception:
-        return False
-    return True
+    return object_exists(stack.s3(), stack.settings().audio_bucket, pcm_key(job_id))
 
 
 def test_cancelling_while_transcribing_stops_every_stage_and_keeps_what_was_stored(small_chunks, meeting):
@@ -78,6 +74,7 @@ def test_cancelling_while_transcribing_stops_every_stage_and_keeps_what_was_stor
             while stack.status(job_id)["percent"] == 0:  # the first chunk is stored
                 assert time.monotonic() < deadline, stack.log_tail("transcriber")
                 await asyncio.sleep(0.2)
+            assert pcm_exists(stack, job_id), "the chunks still to transcribe read the decoded audio"
             answer = httpx.post(f"{stack.api}/transcripts/{job_id}/cancel", timeout=30)
             transcribed_then = log_count(stack, "transcriber", rf"job={job_id} transcribing chunk")
             failed = await job_events(queue, job_id, lambda bodies: bodies, timeout=30)
