@@ -19,6 +19,7 @@ def client(stack) -> openai.OpenAI:
 
 
 def test_the_sdk_gets_the_text_and_who_said_what(stack, fixtures_dir, client):
+    last_before = stack.value("SELECT coalesce(max(id), 0) FROM transcripts")
     with (fixtures_dir / "en_dialogue.wav").open("rb") as f:
         plain = client.audio.transcriptions.create(model="whisper-1", file=f)
     assert "sales" in plain.text.lower() and "quarter" in plain.text.lower()
@@ -46,8 +47,12 @@ def test_the_sdk_gets_the_text_and_who_said_what(stack, fixtures_dir, client):
         "language": "en", "num_speakers": 1, "redact": ["number"]}
 
     # Each request was an ordinary job: listed, and deletable like any other.
-    listed = httpx.get(f"{stack.api}/transcripts", params={"filename": "en_dialogue"}, timeout=30).json()["items"]
-    assert len([job for job in listed if job["status"] == "done"]) >= 3
+    listed = httpx.get(f"{stack.api}/transcripts", params={"filename": "en_dialogue", "limit": 500},
+                       timeout=30).json()["items"]
+    ours = [job for job in listed if job["id"] > last_before]
+    assert len(ours) == 3 and {job["status"] for job in ours} == {"done"}
+    assert httpx.delete(f"{stack.api}/transcripts/{ours[0]['id']}", timeout=30).status_code == 204
+    assert httpx.get(f"{stack.api}/status/{ours[0]['id']}", timeout=30).status_code == 404
 
 
 def test_a_translation_is_in_english(stack, fixtures_dir, client):
