@@ -102,14 +102,16 @@ async def test_a_voice_enrolled_from_a_transcript_is_named_in_the_next_recording
         assert "Anna: " in srt and "spk_" in srt
 
         # Another key's recording of the same voice is not named from OWNER's profile.
-        theirs = stack.submit_job(voices["second_half"], client=other)
-        assert not any(s.get("speaker_name") for s in stack.wait_finished(theirs, 300, other)["segments"])
+        theirs = stack.wait_finished(stack.submit_job(voices["second_half"], client=other), 300, other)
+        assert theirs["status"] == "done" and theirs["segments"]
+        assert not any(s.get("speaker_name") for s in theirs["segments"])
         assert other.get("/speakers").json()["items"] == []
         assert other.get(f"/speakers/{anna['id']}").status_code == 404
 
         # Voices nobody enrolled get no name.
-        stranger = stack.submit_job(fixtures_dir / "ru_dialogue.wav", client=owner)
-        assert not any(s.get("speaker_name") for s in stack.wait_finished(stranger, 300, owner)["segments"])
+        stranger = stack.wait_finished(stack.submit_job(fixtures_dir / "ru_dialogue.wav", client=owner), 300, owner)
+        assert stranger["status"] == "done" and stranger["segments"]
+        assert not any(s.get("speaker_name") for s in stranger["segments"])
 
         # Forgetting Anna takes every name she gave away, and says so.
         assert owner.delete(f"/speakers/{anna['id']}").status_code == 204
