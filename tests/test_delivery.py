@@ -275,8 +275,10 @@ async def test_an_event_that_cannot_be_published_is_set_aside_and_later_ones_flo
 
 
 async def test_database_errors_are_told_apart_by_sqlstate(stack):
-    """What PostgreSQL itself raises: an outage is waited out (the message held, no retry
-    spent); a statement timeout is this job's error and is retried, then fails the job."""
+    """What PostgreSQL itself raises is classified by its sqlstate: a read-only database (a standby
+    mid-failover) counts as unavailable, which the persister's consumer waits out without spending
+    a retry (test_faults' PostgreSQL restart shows the waiting); a statement timeout does not, so
+    it is this job's error, retried and then failing the job as any other error does."""
     from common.db import DATABASE_UNAVAILABLE
 
     conn = await asyncpg.connect(stack.database_url)
