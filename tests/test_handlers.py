@@ -1,6 +1,8 @@
-"""The stage handlers called directly, as a unit test calls any function: real models, the real
-S3 protocol (the stack's moto), no broker. The diarizer's handler turns an uploaded file into its
-progress and chunk messages; the transcriber's turns each chunk into speaker-attributed text."""
+"""The stage handlers called directly, as a unit test calls any function: real models, no broker.
+The diarizer's handler turns an uploaded file into its progress and chunk messages, through the
+real S3 protocol (the stack's moto); the transcriber's turns each chunk into speaker-attributed
+text. The tests of transcription options hand the transcriber its audio through its `read_pcm`
+dependency instead of the store: what they check is the text, not the storage."""
 
 from __future__ import annotations
 
