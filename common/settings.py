@@ -32,7 +32,7 @@ class Settings(BaseSettings):
     # Prometheus /metrics port of a stage worker (0: off). Ingest serves /metrics on API_PORT.
     metrics_port: int = Field(default=9100, ge=0, le=65535)
 
-    # PostgreSQL (ingest and persister only; stage workers never see it)
+    # PostgreSQL (ingest, persister and notifier; the other workers never see it)
     database_url: SecretStr = SecretStr("postgresql://postgres@127.0.0.1:5432/stt")
     # A processing job with no progress for this long is failed with a reason (0: never). Keep it
     # above the longest wait a job may spend queued plus the longest single step (the diarizer
@@ -64,7 +64,7 @@ class Settings(BaseSettings):
     api_keys: SecretStr | None = None
     # With API_KEYS: the key whose caller owns bucket-drop jobs (one of API_KEYS).
     inbox_api_key: SecretStr | None = None
-    # With API_KEYS: the key (one of API_KEYS) allowed to use /admin/* (re-embedding).
+    # With API_KEYS: the key (one of API_KEYS) allowed to use /admin/* (re-embedding, every key's usage).
     admin_api_key: SecretStr | None = None
 
     # Input limits (checked after decoding)
@@ -72,8 +72,9 @@ class Settings(BaseSettings):
 
     # Diarizer
     diarization_backend: str = "auto"  # auto | offline | pyannote
-    # cpu | cuda | auto (cuda when torch sees a GPU). CPU by default: on an H200 the offline
-    # diarizer was no faster than on 16 CPU cores (README "Performance").
+    # cpu | cuda | auto (cuda when torch sees a GPU). CPU by default: the diarizer image has the CPU
+    # build of torch, and on an H200 the offline diarizer was only 1.6 times as fast as on 16 CPU
+    # cores (README "Performance").
     diarizer_device: str = "cpu"
     hf_token: SecretStr | None = None
     pyannote_pipeline: str = "pyannote/speaker-diarization-community-1"
