@@ -336,6 +336,8 @@ async def consume(
         work, work_token = metrics.begin_message(service)
         outcome: str | None = None
         in_hand[message.delivery_tag] = message
+        # Every line about this message names its job, the error paths' included.
+        job_token = current_job.set(_job_id_of(message.body))
         try:
             outcome = await settle(message, work)
         except Exception:
@@ -346,6 +348,7 @@ async def consume(
                 await message.nack(requeue=True)
             outcome = "requeued"
         finally:
+            current_job.reset(job_token)
             in_hand.pop(message.delivery_tag, None)
             metrics.end_message(work, work_token, queue_name, outcome, started)
 
@@ -362,23 +365,17 @@ async def consume(
             parsed = route.model.model_validate_json(message.body)
         except ValidationError as exc:
             job_id = _job_id_of(message.body)
-            token = current_job.set(job_id)
-            try:
-                log.error("invalid %s message: %s", routing_key, exc.errors()[:3])
-                if job_id is not None:
-                    reason = f"invalid {routing_key} message: {_first_error(exc)}"
-                    await bus.publish(JobFailed(job_id=job_id, stage=service, reason=reason))
-                await _park(bus, message, headers, routing_key, "invalid message")
-                await message.ack()
-            finally:
-                current_job.reset(token)
+            log.error("invalid %s message: %s", routing_key, exc.errors()[:3])
+            if job_id is not None:
+                reason = f"invalid {routing_key} message: {_first_error(exc)}"
+                await bus.publish(JobFailed(job_id=job_id, stage=service, reason=reason))
+            await _park(bus, message, headers, routing_key, "invalid message")
+            await message.ack()
             return "dead_lettered"
 
-        token = current_job.set(getattr(parsed, "job_id", None))
         if ended is not None and getattr(parsed, "job_id", None) in ended:
             log.info("the job has ended (failed or cancelled); %s skipped", routing_key)
             await message.ack()
-            current_job.reset(token)
             return "skipped"
         try:
             await _run_waiting_out_outages(route.handler, parsed, bus, (*BROKER_UNAVAILABLE, *wait_on), work)
@@ -418,8 +415,6 @@ async def consume(
         else:
             await message.ack()
             return "handled"
-        finally:
-            current_job.reset(token)
 
     metrics.consuming(service, queue_name)
     drained = runner.draining()

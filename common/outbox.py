@@ -17,6 +17,7 @@ import asyncpg
 from pydantic import ValidationError
 
 from common.broker import Bus
+from common.logs import job_logged
 from common.messages import EVENTS, WORK_MESSAGES, Contract
 
 log = logging.getLogger(__name__)
@@ -75,8 +76,10 @@ async def _set_aside(conn: asyncpg.Connection, row: asyncpg.Record, error: str) 
             " SELECT id, routing_key, body, created_at, $2 FROM outbox WHERE id = $1"
             " ON CONFLICT (id) DO NOTHING", row["id"], error)
         await conn.execute("DELETE FROM outbox WHERE id = $1", row["id"])
-    log.error("outbox message %d (%s) cannot be published and was set aside in outbox_dead: %s",
-              row["id"], row["routing_key"], error)
+    body = row["body"]
+    with job_logged(body.get("job_id") if isinstance(body, dict) else None):
+        log.error("outbox message %d (%s) cannot be published and was set aside in outbox_dead: %s",
+                  row["id"], row["routing_key"], error)
 
 
 async def run_outbox_flusher(pool: asyncpg.Pool, bus: Bus, wake: asyncio.Event,

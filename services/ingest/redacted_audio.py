@@ -16,7 +16,7 @@ from minio import Minio
 from minio.error import S3Error
 
 from common import jobstore
-from common.audio import SAMPLE_RATE
+from common.audio import PCM_BYTES_PER_SECOND, SAMPLE_RATE
 from common.logs import job_logged
 from common.messages import JobOptions
 from common.storage import pcm_key, read_range
@@ -77,7 +77,7 @@ async def redact_recording(pool: asyncpg.Pool, s3: Minio, bucket: str, job_id: i
                 raise
             log.warning("the recording could not be redacted: its decoded audio is gone; it is stored as uploaded")
             return
-        per_channel = (job["duration"] or 0) * SAMPLE_RATE * 2
+        per_channel = (job["duration"] or 0) * PCM_BYTES_PER_SECOND
         channels = max(1, round(size / per_channel)) if options.multichannel and per_channel else 1
         await asyncio.to_thread(write_redacted, s3, bucket, job["audio_key"], pcm_key(job_id), channels, spans, size)
         await jobstore.mark_audio_redacted(pool, job_id)
