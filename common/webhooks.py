@@ -7,6 +7,11 @@ import base64
 import hashlib
 import hmac
 import secrets
+from datetime import datetime
+
+from pydantic import BaseModel, SerializeAsAny
+
+from common.messages import Contract
 
 SECRET_PREFIX = "whsec_"
 
@@ -29,3 +34,12 @@ def signature(secret: str, message_id: str, timestamp: int, body: bytes) -> str:
     """The `webhook-signature` header: `v1,` + base64 HMAC-SHA256 of `id.timestamp.body`."""
     signed = f"{message_id}.{timestamp}.".encode() + body
     return "v1," + base64.b64encode(hmac.new(_key(secret), signed, hashlib.sha256).digest()).decode()
+
+
+class WebhookPayload(BaseModel):
+    """The body of every delivery: the event's type, when it was fanned out, and the event itself,
+    exactly as on stt.events."""
+
+    type: str
+    timestamp: datetime
+    data: SerializeAsAny[Contract]

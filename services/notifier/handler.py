@@ -11,7 +11,6 @@ logged in `webhook_attempts` (GET /webhooks/{id}/deliveries). See docs/design.md
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -24,7 +23,7 @@ from common.broker import Bus, publish_later, stage_queue
 from common.messages import Contract, WebhookDue
 from common.outbound import target_problem
 from common.settings import Settings
-from common.webhooks import signature
+from common.webhooks import WebhookPayload, signature
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +41,7 @@ _in_flight: dict[int, asyncio.Semaphore] = {}
 
 async def fan_out(pool: asyncpg.Pool, event: Contract) -> AsyncIterator[WebhookDue]:
     """A delivery per webhook that takes `event` (idempotent: a redelivered event adds none)."""
-    payload = json.dumps({"type": event.ROUTING_KEY, "timestamp": datetime.now(UTC).isoformat(),
-                          "data": event.model_dump(mode="json")}, ensure_ascii=False)
+    payload = WebhookPayload(type=event.ROUTING_KEY, timestamp=datetime.now(UTC), data=event).model_dump_json()
     async with pool.acquire() as conn:
         rows = await conn.fetch(
             """INSERT INTO webhook_deliveries (webhook_id, event_id, event_type, job_id, payload)
