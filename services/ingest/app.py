@@ -7,7 +7,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import aiohttp
 from litestar import Litestar, Request, get, post
@@ -22,13 +22,13 @@ from litestar.response import Response
 from minio.commonconfig import CopySource
 from minio.error import S3Error
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import ValidationError
 
 from common import jobstore
 from common.broker import connect, open_bus, watched_queues
 from common.db import DATABASE_UNAVAILABLE, apply_migrations, create_pool
 from common.logs import job_logged
-from common.messages import REFERENCE_MAX_CHARS, VOCABULARY_MAX_CHARS, JobOptions, Stage
+from common.messages import REFERENCE_MAX_CHARS, VOCABULARY_MAX_CHARS, JobOptions
 from common.metrics import http_metrics_middleware, watch_queue_depths
 from common.outbox import run_outbox_flusher
 from common.settings import Settings, get_settings
@@ -43,6 +43,7 @@ from services.ingest.errors import error_responses as _errors
 from services.ingest.fetch import fetch_recording
 from services.ingest.inbox import INBOX_EVENTS_QUEUE, RESULTS_QUEUE, Inbox
 from services.ingest.jobs import (
+    JobStatus,
     clean_filename,
     create_job,
     earlier_job,
@@ -59,7 +60,6 @@ from services.ingest.readiness import CHECK_TIMEOUT_S, ObjectStoreProbe, run_che
 from services.ingest.reindex import REINDEX_ROUTES, Reindexer
 from services.ingest.retention import run_retention
 from services.ingest.search import SEARCH_ROUTES
-from services.ingest.segments import TranscriptSegment
 from services.ingest.speakers import SPEAKER_ROUTES, require_enrolled
 from services.ingest.submission import Accepted, Unavailable, accepted, replayed, submit_recording
 from services.ingest.transcripts import TRANSCRIPT_ROUTES, JobId, visible
@@ -118,17 +118,6 @@ MAX_BIGINT = 2**63 - 1
 
 # The `error` of a job its owner cancelled (POST /transcripts/{id}/cancel).
 CANCELLED = "cancelled"
-
-
-class JobStatus(BaseModel):
-    status: Literal["processing", "done", "error"]
-    # The step the job is in (on error: the step it failed in); percent = chunks done / chunks.
-    stage: Stage
-    percent: int = Field(ge=0, le=100)
-    segments: list[TranscriptSegment]
-    # True when the job is done and nobody talks in the recording (no segments, no turns).
-    no_speech: bool = False
-    error: str | None = None
 
 
 # ---- routes ---------------------------------------------------------------------------------
@@ -229,7 +218,7 @@ async def cancel(job_id: JobId, state: State, request: Request) -> JobStatus:
     state.outbox_wake.set()
     with job_logged(job_id):
         log.info("cancelled at its owner's request")
-    return JobStatus(**await status_document(state.pool, job_id))
+    return await status_document(state.pool, job_id)
 
 
 @get("/status/{job_id:int}", summary="State and segments of a job", responses=_errors(401, 403, 404, 503))
@@ -239,7 +228,7 @@ async def job_status(job_id: FromPath[int], state: State, request: Request) -> J
     document = await status_document(state.pool, job_id, owner=request_owner(request))
     if document is None:
         raise NotFoundException(detail=f"no job with id {job_id}")
-    return JobStatus(**document)
+    return document
 
 
 @get("/metrics", include_in_schema=False, media_type=CONTENT_TYPE_LATEST)

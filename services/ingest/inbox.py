@@ -180,14 +180,15 @@ class Inbox:
             document = await status_document(conn, job_id, rows=segments)
             keys = result_keys(self.settings.results_prefix, row["source_key"])
             bucket = row["source_bucket"]
-            if document["status"] == "done":
+            if document.status == "done":
                 subtitles = to_srt([transcript_segment(r, with_words=True) for r in segments])
                 await asyncio.to_thread(upload_bytes, self.s3, bucket, keys["srt"], subtitles.encode(),
                                         content_type="application/x-subrip")
             # The status document last: its presence says the results are complete.
-            await asyncio.to_thread(upload_json, self.s3, bucket, keys["json"], document)
+            await asyncio.to_thread(upload_json, self.s3, bucket, keys["json"],
+                                    document.model_dump(mode="json", exclude_none=True))
             await jobstore.mark_result_written(conn, job_id)
-        log.info("results written to %s/%s", bucket, keys["json"] if document["status"] != "done"
+        log.info("results written to %s/%s", bucket, keys["json"] if document.status != "done"
                  else f"{keys['json']} and .srt")
 
     async def on_job_ended(self, event: JobEnded) -> None:

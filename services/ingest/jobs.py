@@ -9,16 +9,18 @@ import logging
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import asyncpg
 from litestar.exceptions import HTTPException
 from minio import Minio
+from pydantic import BaseModel, Field
 
 from common import jobstore
 from common.logs import job_logged
-from common.messages import STAGE_OF_SERVICE, STAGES, JobFailed, JobOptions, JobSubmitted
+from common.messages import STAGE_OF_SERVICE, STAGES, JobFailed, JobOptions, JobSubmitted, Stage
 from common.outbox import add_to_outbox
-from services.ingest.segments import transcript_segment
+from services.ingest.segments import TranscriptSegment, transcript_segment
 
 log = logging.getLogger(__name__)
 
@@ -166,8 +168,19 @@ def public_stage(stage: str) -> str:
     return stage if stage in STAGES else STAGE_OF_SERVICE.get(stage, "submitted")
 
 
+class JobStatus(BaseModel):
+    status: Literal["processing", "done", "error"]
+    # The step the job is in (on error: the step it failed in); percent = chunks done / chunks.
+    stage: Stage
+    percent: int = Field(ge=0, le=100)
+    segments: list[TranscriptSegment]
+    # True when the job is done and nobody talks in the recording (no segments, no turns).
+    no_speech: bool = False
+    error: str | None = None
+
+
 async def status_document(pool: asyncpg.Pool | asyncpg.Connection, job_id: int,
-                          owner: str | None = None, rows: list[asyncpg.Record] | None = None) -> dict | None:
+                          owner: str | None = None, rows: list[asyncpg.Record] | None = None) -> JobStatus | None:
     """What GET /status/{id} returns (and the result file of a bucket drop). With `owner`
     (API keys on), another key's job is None, as if it did not exist. `rows`: the job's
     segments (jobstore.job_segments) when the caller has read them already."""
@@ -176,15 +189,11 @@ async def status_document(pool: asyncpg.Pool | asyncpg.Connection, job_id: int,
         return None
     if rows is None:
         rows = await jobstore.job_segments(pool, job_id)
-    document: dict = {
-        "status": job["status"],
-        "stage": public_stage(job["stage"]),
-        "percent": percent_done(job["status"], job["progress"]),
-        # As GET /transcripts/{id} shows them, without words; absent values left out.
-        "segments": [transcript_segment(r).model_dump(exclude_none=True) for r in rows],
-    }
-    # Done with nobody talking: a silent recording is a result (as hosted APIs report it).
-    document["no_speech"] = job["no_speech"]
-    if job["status"] == "error":
-        document["error"] = job["error"]
-    return document
+    return JobStatus(
+        status=job["status"], stage=public_stage(job["stage"]),
+        percent=percent_done(job["status"], job["progress"]),
+        # As GET /transcripts/{id} shows them, without words.
+        segments=[transcript_segment(r) for r in rows],
+        # Done with nobody talking: a silent recording is a result (as hosted APIs report it).
+        no_speech=job["no_speech"],
+        error=job["error"] if job["status"] == "error" else None)
