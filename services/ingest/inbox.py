@@ -22,7 +22,7 @@ from common import jobstore, speakerstore
 from common.broker import EVENTS_EXCHANGE, Route, consume
 from common.db import DATABASE_UNAVAILABLE
 from common.logs import job_logged
-from common.messages import JobOptions, TranscriptCompleted
+from common.messages import JobOptions, TranscriptCompleted, TranscriptFailed
 from common.settings import Settings
 from common.storage import pcm_key, upload_bytes, upload_json
 from services.ingest.auth import owner_of
@@ -61,12 +61,6 @@ class S3Record(BaseModel):
 
 class BucketEvent(BaseModel):
     Records: list[S3Record] = Field(default_factory=list)
-
-
-class JobEnded(BaseModel):
-    """transcript.completed or transcript.failed: only the job id matters here."""
-
-    transcript_id: int
 
 
 def _clean_etag(etag: str | None) -> str:
@@ -191,7 +185,7 @@ class Inbox:
         log.info("results written to %s/%s", bucket, keys["json"] if document.status != "done"
                  else f"{keys['json']} and .srt")
 
-    async def on_job_ended(self, event: JobEnded) -> None:
+    async def on_job_ended(self, event: TranscriptCompleted | TranscriptFailed) -> None:
         await self.write_result(event.transcript_id)
         await jobstore.record_usage(self.pool, event.transcript_id)
         await redact_recording(self.pool, self.s3, self.settings.audio_bucket, event.transcript_id)
@@ -220,11 +214,12 @@ class Inbox:
             RESULTS_QUEUE, durable=True, arguments={"x-queue-type": "quorum"}
         )
         stt_events = await channel.get_exchange(EVENTS_EXCHANGE)
-        for key in (TranscriptCompleted.ROUTING_KEY, "transcript.failed"):
-            await results_queue.bind(stt_events, key)
+        job_ended = [Route(TranscriptCompleted, self.on_job_ended), Route(TranscriptFailed, self.on_job_ended)]
+        for route in job_ended:
+            await results_queue.bind(stt_events, route.routing_key)
         await asyncio.gather(
             consume(connection, self.settings, "ingest", [Route(BucketEvent, self.on_event, any_routing_key=True)],
                     queue_name=INBOX_EVENTS_QUEUE, wait_on=DATABASE_UNAVAILABLE),
-            consume(connection, self.settings, "ingest", [Route(JobEnded, self.on_job_ended, any_routing_key=True)],
-                    queue_name=RESULTS_QUEUE, wait_on=DATABASE_UNAVAILABLE),
+            consume(connection, self.settings, "ingest", job_ended, queue_name=RESULTS_QUEUE,
+                    wait_on=DATABASE_UNAVAILABLE),
         )
