@@ -262,21 +262,31 @@ class EndedJobs:
         return job_id in self._ids
 
 
-async def watch_ended_jobs(connection: AbstractRobustConnection, service: str, ended: EndedJobs) -> None:
-    """Fill `ended` from stt.events' transcript.failed, on a queue of this process's own (named,
-    not server-named, so the robust connection can declare it again after a reconnect)."""
+async def watch_job_events(connection: AbstractRobustConnection, queue_prefix: str, routing_keys: list[str],
+                           on_job: Callable[[int | None], None]) -> None:
+    """Call `on_job` with the job id (None where there is none) of every stt.events message with
+    one of `routing_keys`, from a queue of this process's own: exclusive, gone with the process,
+    and named (not server-named) so that the robust connection can declare it again after a
+    reconnect. Nothing is acknowledged: a wake-up missed while the process is away is not owed."""
     channel = await connection.channel()
     events = await channel.declare_exchange(EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
-    queue = await channel.declare_queue(f"stt.{service}.ended.{uuid.uuid4().hex[:12]}",
-                                        exclusive=True, auto_delete=True)
-    await queue.bind(events, TranscriptFailed.ROUTING_KEY)
+    queue = await channel.declare_queue(f"{queue_prefix}.{uuid.uuid4().hex[:12]}", exclusive=True, auto_delete=True)
+    for key in routing_keys:
+        await queue.bind(events, key)
 
     async def on_event(message: AbstractIncomingMessage) -> None:
-        job_id = _job_id_of(message.body)
+        on_job(_job_id_of(message.body))
+
+    await queue.consume(on_event, no_ack=True)
+
+
+async def watch_ended_jobs(connection: AbstractRobustConnection, service: str, ended: EndedJobs) -> None:
+    """Fill `ended` from stt.events' transcript.failed."""
+    def add(job_id: int | None) -> None:
         if job_id is not None:
             ended.add(job_id)
 
-    await queue.consume(on_event, no_ack=True)
+    await watch_job_events(connection, f"stt.{service}.ended", [TranscriptFailed.ROUTING_KEY], add)
 
 
 @dataclass

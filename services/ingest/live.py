@@ -20,7 +20,7 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Iterator
 
 import asyncpg
-from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.abc import AbstractRobustConnection
 from litestar import Request, get
 from litestar.datastructures import State
 from litestar.exceptions import NotFoundException
@@ -28,7 +28,7 @@ from litestar.response import ServerSentEvent
 from litestar.response.sse import ServerSentEventMessage
 
 from common import jobstore
-from common.broker import EVENTS_EXCHANGE
+from common.broker import watch_job_events
 from services.ingest.auth import request_owner
 from services.ingest.errors import error_responses
 from services.ingest.jobs import percent_done, public_stage
@@ -69,20 +69,9 @@ class Wakeups:
                 event.set()
 
     async def run(self, connection: AbstractRobustConnection) -> None:
-        """Consume every event into a server-named exclusive queue (gone with this process)."""
-        channel = await connection.channel()
-        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
-        await queue.bind(await channel.get_exchange(EVENTS_EXCHANGE), "#")
-
-        async def on_event(message: AbstractIncomingMessage) -> None:
-            try:
-                job_id = json.loads(message.body).get("job_id")
-            except (ValueError, AttributeError):
-                job_id = None
-            self.wake(job_id if isinstance(job_id, int) else None)
-
-        await queue.consume(on_event, no_ack=True)
-        await asyncio.Future()  # consume until cancelled
+        """Wake the streams of every job that an event on stt.events is about, until cancelled."""
+        await watch_job_events(connection, "stt.ingest.live", ["#"], self.wake)
+        await asyncio.Future()
 
 
 def _message(event: str, data: dict, event_id: str | None = None) -> ServerSentEventMessage:
