@@ -19,13 +19,25 @@ def job_logged(job_id: int | None) -> Iterator[None]:
     token = current_job.set(job_id)
     try:
         yield
+    except Exception as exc:
+        # An error that escapes is logged further out (a sweep over many jobs logs and goes on):
+        # it carries the job, so that line names it too.
+        if getattr(exc, _ERROR_JOB, None) is None:
+            with contextlib.suppress(AttributeError):
+                setattr(exc, _ERROR_JOB, job_id)
+        raise
     finally:
         current_job.reset(token)
+
+
+_ERROR_JOB = "_stt_job_id"
 
 
 class _JobIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         job_id = current_job.get()
+        if job_id is None and record.exc_info and record.exc_info[1] is not None:
+            job_id = getattr(record.exc_info[1], _ERROR_JOB, None)
         if job_id is not None and not getattr(record, "_job_stamped", False):
             record.msg = f"job={job_id} {record.msg}"
             record._job_stamped = True

@@ -3,6 +3,7 @@ and which heavy libraries each service pulls in (what its image must carry)."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -210,3 +211,28 @@ def test_expected_speakers_are_names_each_once():
         JobOptions(expected_speakers=[f"Person {i}" for i in range(33)])
     with pytest.raises(ValidationError, match="at most 100 characters"):
         JobOptions(expected_speakers="A" * 101)
+
+
+def test_every_line_about_a_job_names_it_even_where_its_error_is_logged():
+    """The services' log format, with the job stamped on lines inside its block, and on the line
+    of an error that escaped the block and was logged by a loop over many jobs."""
+    code = """
+import logging
+from common.logs import job_logged, setup_logging
+setup_logging("INFO")
+log = logging.getLogger("sweep")
+with job_logged(7):
+    log.info("inside")
+try:
+    with job_logged(8):
+        raise RuntimeError("boom")
+except RuntimeError:
+    log.exception("the sweep failed; will try again")
+log.info("between jobs")
+"""
+    logged = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stderr
+    lines = [line for line in logged.splitlines() if " | " in line]
+    stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}"
+    assert re.fullmatch(stamp + r" \| INFO     \| sweep:\d+ \| job=7 inside", lines[0]), lines
+    assert "| ERROR    | sweep:" in lines[1] and lines[1].endswith("| job=8 the sweep failed; will try again"), lines
+    assert lines[2].endswith("| sweep:13 | between jobs"), lines
