@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -26,13 +25,14 @@ from litestar.datastructures import State
 from litestar.exceptions import NotFoundException
 from litestar.response import ServerSentEvent
 from litestar.response.sse import ServerSentEventMessage
+from pydantic import BaseModel
 
 from common import jobstore
 from common.broker import watch_job_events
 from services.ingest.auth import request_owner
 from services.ingest.errors import error_responses
 from services.ingest.jobs import percent_done, public_stage
-from services.ingest.segments import transcript_segment
+from services.ingest.segments import TranscriptSegment, transcript_segment
 from services.ingest.transcripts import JobId, visible
 
 log = logging.getLogger(__name__)
@@ -74,9 +74,8 @@ class Wakeups:
         await asyncio.Future()
 
 
-def _message(event: str, data: dict, event_id: str | None = None) -> ServerSentEventMessage:
-    return ServerSentEventMessage(data=json.dumps(data, ensure_ascii=False, default=str), event=event, id=event_id,
-                                  sep="\n")
+def _message(event: str, data: BaseModel, event_id: str | None = None) -> ServerSentEventMessage:
+    return ServerSentEventMessage(data=data.model_dump_json(exclude_none=True), event=event, id=event_id, sep="\n")
 
 
 def _position(last_event_id: str | None) -> tuple[int, int] | str | None:
@@ -92,9 +91,39 @@ def _position(last_event_id: str | None) -> tuple[int, int] | str | None:
     return chunk, index
 
 
-def _progress(job: asyncpg.Record) -> dict:
-    return {"id": job["id"], "filename": job["filename"], "status": job["status"],
-            "stage": public_stage(job["stage"]), "percent": percent_done(job["status"], job["progress"])}
+class JobProgressEvent(BaseModel):
+    """`job` on /events, `progress` on a job's stream."""
+
+    id: int
+    filename: str
+    status: str
+    stage: str
+    percent: int
+
+
+class SegmentEvent(TranscriptSegment):
+    """`segment.created`: the segment as in /status, and whose it is."""
+
+    transcript_id: int
+
+
+class JobEndedEvent(JobProgressEvent):
+    """`transcript.completed` (with `language`) or `transcript.failed` (with `reason`), or
+    `transcript.deleted` (only `transcript_id`: the job is gone)."""
+
+    transcript_id: int
+    language: str | None = None
+    reason: str | None = None
+    reference: str | None = None
+
+
+class JobDeletedEvent(BaseModel):
+    transcript_id: int
+
+
+def _progress(job: asyncpg.Record) -> JobProgressEvent:
+    return JobProgressEvent(id=job["id"], filename=job["filename"], status=job["status"],
+                            stage=public_stage(job["stage"]), percent=percent_done(job["status"], job["progress"]))
 
 
 async def _wait(wake: asyncio.Event, timeout: float) -> None:
@@ -116,15 +145,15 @@ async def job_stream(pool: asyncpg.Pool, wakeups: Wakeups, job_id: int, last_eve
         while not exiting():
             job = await jobstore.job(pool, job_id)
             if job is None:
-                yield _message("transcript.deleted", {"transcript_id": job_id}, END_ID)
+                yield _message("transcript.deleted", JobDeletedEvent(transcript_id=job_id), END_ID)
                 return
             # Read before the segments: a job seen finished has every segment stored.
             ended = job["status"] in ("done", "error")
             up_to_chunk = await jobstore.stored_chunk_prefix(pool, job_id)
             for row in await jobstore.segments_after(pool, job_id, after, up_to_chunk):
                 after = (row["chunk_index"], row["index"])
-                segment = transcript_segment(row).model_dump(exclude_none=True)
-                yield _message("segment.created", {"transcript_id": job_id, **segment}, f"{after[0]}:{after[1]}")
+                segment = SegmentEvent(transcript_id=job_id, **dict(transcript_segment(row)))
+                yield _message("segment.created", segment, f"{after[0]}:{after[1]}")
                 quiet_s = 0.0
             progress = _progress(job)
             if progress != sent_progress:
@@ -132,13 +161,10 @@ async def job_stream(pool: asyncpg.Pool, wakeups: Wakeups, job_id: int, last_eve
                 yield _message("progress", progress)
                 quiet_s = 0.0
             if ended:
-                reference = {"reference": job["reference"]} if job["reference"] is not None else {}
-                if job["status"] == "done":
-                    yield _message("transcript.completed", {**progress, "transcript_id": job_id,
-                                                            "language": job["language"], **reference}, END_ID)
-                else:
-                    yield _message("transcript.failed", {**progress, "transcript_id": job_id, "reason": job["error"],
-                                                         **reference}, END_ID)
+                done = job["status"] == "done"
+                yield _message("transcript.completed" if done else "transcript.failed", JobEndedEvent(
+                    **dict(progress), transcript_id=job_id, reference=job["reference"],
+                    language=job["language"] if done else None, reason=None if done else job["error"]), END_ID)
                 return
             await _wait(wake, POLL_S)
             quiet_s += POLL_S
@@ -150,7 +176,7 @@ async def job_stream(pool: asyncpg.Pool, wakeups: Wakeups, job_id: int, last_eve
 async def jobs_stream(pool: asyncpg.Pool, wakeups: Wakeups, owner: str | None,
                       exiting: Callable[[], bool]) -> AsyncIterator[ServerSentEventMessage]:
     """`job` events: every job of the owner once (the 100 newest), then each change."""
-    sent: dict[int, dict] = {}
+    sent: dict[int, JobProgressEvent] = {}
     quiet_s = 0.0
     yield ServerSentEventMessage(data=None, comment="stream of jobs", retry=RETRY_MS, sep="\n")
     with wakeups.listen(None) as wake:
