@@ -108,8 +108,7 @@ class SegmentEvent(TranscriptSegment):
 
 
 class JobEndedEvent(JobProgressEvent):
-    """`transcript.completed` (with `language`) or `transcript.failed` (with `reason`), or
-    `transcript.deleted` (only `transcript_id`: the job is gone)."""
+    """`transcript.completed` (with `language`) or `transcript.failed` (with `reason`)."""
 
     transcript_id: int
     language: str | None = None
@@ -118,6 +117,8 @@ class JobEndedEvent(JobProgressEvent):
 
 
 class JobDeletedEvent(BaseModel):
+    """`transcript.deleted`: the job was deleted while its stream was open."""
+
     transcript_id: int
 
 
