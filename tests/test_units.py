@@ -236,3 +236,41 @@ log.info("between jobs")
     assert re.fullmatch(stamp + r" \| INFO     \| sweep:\d+ \| job=7 inside", lines[0]), lines
     assert "| ERROR    | sweep:" in lines[1] and lines[1].endswith("| job=8 the sweep failed; will try again"), lines
     assert lines[2].endswith("| sweep:13 | between jobs"), lines
+
+
+async def test_every_upload_path_counts_against_max_concurrent_uploads():
+    """Past the bound, an upload to any path that takes a file is answered 503 with Retry-After
+    before its body is read; other requests pass."""
+    import asyncio
+
+    from services.ingest.admission import upload_limit_middleware
+
+    release = asyncio.Event()
+
+    async def app_holding_uploads(scope, receive, send):
+        if scope["method"] == "POST":
+            await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    app = upload_limit_middleware(1)(app_holding_uploads)
+
+    async def request(path: str, method: str = "POST") -> tuple[int, dict]:
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        await app({"type": "http", "path": path, "method": method}, None, send)
+        return sent[0]["status"], dict(sent[0]["headers"])
+
+    for path in ("/recognize", "/v1/audio/transcriptions", "/v1/audio/translations", "/speakers"):
+        release.clear()
+        first = asyncio.create_task(request(path))
+        await asyncio.sleep(0)
+        for other in ("/recognize", path):
+            status, headers = await asyncio.wait_for(request(other), 5)  # answered at once, or held
+            assert status == 503 and b"retry-after" in headers, (path, other)
+        assert (await request("/status/1", "GET"))[0] == 200
+        release.set()
+        assert (await first)[0] == 200

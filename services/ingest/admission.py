@@ -11,8 +11,9 @@ from typing import BinaryIO
 from litestar.exceptions import HTTPException
 from litestar.types import ASGIApp, Receive, Scope, Send
 
-# Recordings, and speakers' enrolment samples.
-UPLOAD_PATHS = ("/recognize", "/speakers")
+# Recordings (the OpenAI-compatible ones too: their spooled file lasts until they answer), and
+# speakers' enrolment samples.
+UPLOAD_PATHS = ("/recognize", "/v1/audio/transcriptions", "/v1/audio/translations", "/speakers")
 RETRY_AFTER_S = 5
 
 
