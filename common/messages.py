@@ -78,9 +78,14 @@ SPEAKER_NAME_MAX_CHARS = 100
 EXPECTED_SPEAKERS_MAX = 32
 
 
-def person_name(text: str) -> str:
-    """A speaker's name as it is kept: unprintable characters blanked, blanks collapsed."""
+def printable_words(text: str) -> str:
+    """`text` with unprintable characters (control characters, NUL) blanked and blanks collapsed."""
     return " ".join("".join(c if c.isprintable() else " " for c in text).split())
+
+
+def person_name(text: str) -> str:
+    """A speaker's name as it is kept."""
+    return printable_words(text)
 
 
 class JobOptions(BaseModel):
@@ -142,7 +147,7 @@ class JobOptions(BaseModel):
     @field_validator("vocabulary", mode="before")
     @classmethod
     def _terms(cls, value: object) -> object:
-        return _listed(value, lambda term: " ".join(term.split()))
+        return _listed(value, printable_words)
 
     @field_validator("expected_speakers", mode="before")
     @classmethod
@@ -180,7 +185,7 @@ class JobOptions(BaseModel):
                 raise ValueError("spelling: write each pair as heard=written, separated by commas")
             value = dict(pair.split("=", 1) for pair in pairs)
         if isinstance(value, dict):
-            return {" ".join(str(heard).split()).lower(): " ".join(str(written).split())
+            return {printable_words(str(heard)).lower(): printable_words(str(written))
                     for heard, written in value.items()}
         return value
 

@@ -18,7 +18,13 @@ MAX_URL_CHARS = 2000
 def url_problem(url: str, what: str = "a webhook URL",
                 credentials: str = "the signature authenticates deliveries") -> str | None:
     """Why `url` cannot be used by its form alone, or None."""
-    parts = urlsplit(url)
+    if any(ord(c) < 32 or ord(c) == 127 for c in url):
+        return f"{what} cannot hold control characters"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (a port that is not a number, or out of range, raises here)
+    except ValueError as exc:
+        return f"{what} is not a valid URL ({exc})"
     if parts.scheme not in ("http", "https") or not parts.hostname:
         return f"{what} is http:// or https:// with a host"
     if parts.username or parts.password:

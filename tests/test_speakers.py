@@ -80,6 +80,9 @@ async def test_a_voice_enrolled_from_a_transcript_is_named_in_the_next_recording
         again = owner.post("/speakers", json={"name": name, "transcript_id": source, "label": anna_label})
         assert again.status_code == 409 and "already a voiceprint of 'Anna'" in again.json()["detail"], again.text
     assert [(s["name"], s["voiceprint_count"]) for s in owner.get("/speakers").json()["items"]] == [("Anna", 1)]
+    # A label no recording speaker can have is refused as such, not looked up.
+    odd = owner.post("/speakers", json={"name": "Odd", "transcript_id": source, "label": "spk_0\x00"})
+    assert odd.status_code == 400 and "label" in odd.json()["detail"], odd.text
 
     connection = await aio_pika.connect(stack.amqp_url)
     try:

@@ -463,7 +463,8 @@ def test_a_segment_corrected_by_hand_reads_so_everywhere(stack, fixtures_dir):
     assert stack.status(job_id)["segments"] == httpx.get(f"{stack.api}/transcripts/{job_id}", timeout=30).json()[
         "segments"]
 
-    for body, says in (({}, "give the right"), ({"speaker": "Anna"}, "speaker"), ({"text": "  "}, "words")):
+    for body, says in (({}, "give the right"), ({"speaker": "Anna"}, "speaker"), ({"text": "  "}, "words"),
+                       ({"text": "a\x00b"}, "NUL")):
         refused = httpx.patch(where, json=body, timeout=30)
         assert refused.status_code == 400 and says in refused.text, refused.text
     assert httpx.patch(f"{stack.api}/transcripts/{job_id}/segments/99/0", json={"text": "x"},

@@ -19,8 +19,8 @@ from common.messages import SegmentUpdated, Word
 from common.outbox import add_to_outbox
 from services.ingest.auth import request_owner
 from services.ingest.errors import error_responses
-from services.ingest.segments import TranscriptSegment, transcript_segment
-from services.ingest.transcripts import LABEL, JobId, visible
+from services.ingest.segments import LABEL, TranscriptSegment, transcript_segment
+from services.ingest.transcripts import JobId, visible
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,8 @@ class SegmentCorrection(BaseModel):
             raise ValueError('give the right "text", "speaker" or both')
         if self.text is not None and not self.text.split():
             raise ValueError("text must have words (a segment cannot be corrected to nothing)")
+        if self.text is not None and "\x00" in self.text:
+            raise ValueError("text cannot hold a NUL character")
         return self
 
 

@@ -3,9 +3,14 @@ results), built from one row of jobstore.job_segments."""
 
 from __future__ import annotations
 
+import re
+
 import asyncpg
 
 from common.messages import StoredSegment, Word
+
+# A recording speaker's label, as both diarizer backends write it.
+LABEL = re.compile(r"^spk_\d{1,4}$")
 
 
 class TranscriptSegment(StoredSegment):

@@ -32,6 +32,7 @@ from common.settings import Settings
 from services.ingest.admission import checked_size
 from services.ingest.auth import request_owner
 from services.ingest.errors import MAX_ID, error_responses, invalid
+from services.ingest.segments import LABEL
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ class SpeakerList(BaseModel):
 class FromTranscript(BaseModel):
     name: str
     transcript_id: int = Field(ge=1, le=MAX_ID)
-    label: str
+    label: str = Field(pattern=LABEL.pattern)
 
 
 class Rename(BaseModel):

@@ -33,7 +33,7 @@ from services.ingest.auth import request_owner
 from services.ingest.captions import LINE_COUNT, LINE_WIDTH, caption_cues
 from services.ingest.errors import MAX_ID, error_responses
 from services.ingest.jobs import percent_done, public_stage, result_keys, upload_key
-from services.ingest.segments import TranscriptSegment, transcript_segment
+from services.ingest.segments import LABEL, TranscriptSegment, transcript_segment
 from services.ingest.speakers import announce_speaker_names, clean_name
 
 log = logging.getLogger(__name__)
@@ -382,9 +382,6 @@ async def remove_transcript(job_id: JobId, state: State, request: Request) -> No
                                                     " try again", headers={"Retry-After": "5"}) from exc
     if not deleted:
         raise NotFoundException(detail=f"no job with id {job_id}")
-
-
-LABEL = re.compile(r"^spk_\d{1,4}$")
 
 
 class SpeakerNames(BaseModel):
