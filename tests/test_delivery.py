@@ -300,3 +300,34 @@ async def test_database_errors_are_told_apart_by_sqlstate(stack):
     assert {name: exc.sqlstate for name, exc in raised.items()} == {"statement timeout": "57014", "read-only": "25006"}
     assert not isinstance(raised["statement timeout"], DATABASE_UNAVAILABLE)
     assert isinstance(raised["read-only"], DATABASE_UNAVAILABLE)
+
+
+async def test_a_submission_that_fails_after_its_row_is_written_leaves_no_audio(stack):
+    """The job's transaction fails after the insert (here its callback URL cannot be stored):
+    the client is told, and neither the row nor the uploaded recording is left behind."""
+    from common.db import create_pool
+    from common.messages import JobOptions
+    from common.storage import object_exists, upload_bytes
+    from services.ingest.jobs import create_job
+
+    settings = stack.settings()
+    s3 = stack.s3()
+    stored: list[str] = []
+
+    def put_audio(key: str) -> None:
+        upload_bytes(s3, settings.audio_bucket, key, b"RIFF-not-really-audio")
+        stored.append(key)
+
+    async def callback_that_fails(conn: asyncpg.Connection, job_id: int) -> None:
+        raise RuntimeError("the callback could not be stored")
+
+    pool = await create_pool(settings)
+    try:
+        with pytest.raises(RuntimeError, match="callback"):
+            await create_job(pool, s3, settings.audio_bucket, put_audio, filename="lost.wav", options=JobOptions(),
+                             owner=None, outbox_wake=asyncio.Event(), also=callback_that_fails)
+        job_id = int(stored[0].rsplit("/", 1)[1])
+        assert await pool.fetchval("SELECT count(*) FROM transcripts WHERE id = $1", job_id) == 0
+    finally:
+        await pool.close()
+    assert not object_exists(s3, settings.audio_bucket, stored[0])

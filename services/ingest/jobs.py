@@ -113,6 +113,7 @@ async def create_job(pool: asyncpg.Pool, s3: Minio, audio_bucket: str, put_audio
     key = upload_key(job_id)
     with job_logged(job_id):
         created = None
+        committed = False
         try:
             await asyncio.to_thread(put_audio, key)
             async with pool.acquire() as conn, conn.transaction():
@@ -128,12 +129,25 @@ async def create_job(pool: asyncpg.Pool, s3: Minio, audio_bucket: str, put_audio
                     ) if refused is not None else JobSubmitted(
                         message_id=f"job.submitted:{job_id}", job_id=job_id, audio_bucket=audio_bucket,
                         audio_key=key, filename=filename, options=options))
+            committed = created is not None
         finally:
-            if created is None:
+            if not committed and not await _row_exists_after_all(pool, job_id, created):
                 await asyncio.to_thread(_remove_quietly, s3, audio_bucket, key)
-        if created is not None:
+        if committed:
             outbox_wake.set()
         return created
+
+
+async def _row_exists_after_all(pool: asyncpg.Pool, job_id: int, inserted: int | None) -> bool:
+    """After a failure past the insert (a later statement, or the COMMIT itself, whose answer can
+    be lost), whether the job's row was committed anyway. When that cannot be told, it is taken
+    to be: an object left over is better than a job without its audio."""
+    if inserted is None:
+        return False
+    try:
+        return await jobstore.job(pool, job_id) is not None
+    except Exception:
+        return True
 
 
 SPEAKER_COUNTS = {"num_speakers", "min_speakers", "max_speakers"}
