@@ -95,3 +95,13 @@ def object_exists(client: Minio, bucket: str, key: str) -> bool:
             return False
         raise
     return True
+
+
+def remove_objects(client: Minio, objects: list[tuple[str, str]]) -> None:
+    """Remove each (bucket, key); one that is already gone is no error."""
+    for bucket, key in objects:
+        try:
+            client.remove_object(bucket, key)
+        except S3Error as exc:
+            if exc.code not in ("NoSuchKey", "NoSuchObject", "NoSuchBucket"):
+                raise

@@ -19,7 +19,7 @@ from common import jobstore
 from common.audio import PCM_BYTES_PER_SECOND, SAMPLE_RATE
 from common.logs import job_logged
 from common.messages import JobOptions
-from common.storage import pcm_key, read_range
+from common.storage import pcm_key, read_range, remove_objects
 
 log = logging.getLogger(__name__)
 
@@ -80,5 +80,11 @@ async def redact_recording(pool: asyncpg.Pool, s3: Minio, bucket: str, job_id: i
         per_channel = (job["duration"] or 0) * PCM_BYTES_PER_SECOND
         channels = max(1, round(size / per_channel)) if options.multichannel and per_channel else 1
         await asyncio.to_thread(write_redacted, s3, bucket, job["audio_key"], pcm_key(job_id), channels, spans, size)
-        await jobstore.mark_audio_redacted(pool, job_id)
+        async with pool.acquire() as conn, conn.transaction():
+            if await jobstore.lock_job(conn, job_id) is None:
+                # Deleted while its recording was rewritten: the rewrite must not outlive the job.
+                await asyncio.to_thread(remove_objects, s3, [(bucket, job["audio_key"])])
+                log.info("deleted while its recording was redacted; the redacted copy is removed too")
+                return
+            await jobstore.mark_audio_redacted(conn, job_id)
         log.info("recording redacted: %d spans silent", len(spans))

@@ -16,8 +16,8 @@ from minio import Minio
 from common import jobstore
 from common.logs import job_logged
 from common.settings import Settings
-from common.storage import pcm_key
-from services.ingest.transcripts import delete_transcript, remove_objects
+from common.storage import pcm_key, remove_objects
+from services.ingest.transcripts import delete_transcript
 
 log = logging.getLogger(__name__)
 

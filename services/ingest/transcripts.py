@@ -20,14 +20,13 @@ from litestar.openapi.spec import OpenAPIMediaType, OpenAPIType, Operation, Sche
 from litestar.params import PathParameter, QueryParameter
 from litestar.response import Response
 from minio import Minio
-from minio.error import S3Error
 from pydantic import BaseModel, Field
 
 from common import jobstore, speakerstore
 from common.logs import job_logged
 from common.messages import REFERENCE_MAX_CHARS, JobOptions, SpeakerName, SpeakerTurn, Stage
 from common.settings import Settings
-from common.storage import pcm_key
+from common.storage import pcm_key, remove_objects
 from common.turns import speech_regions
 from services.ingest.auth import request_owner
 from services.ingest.captions import LINE_COUNT, LINE_WIDTH, caption_cues
@@ -224,15 +223,6 @@ class StillProcessing(Exception):
 
 class ObjectStoreUnavailable(Exception):
     pass
-
-
-def remove_objects(s3: Minio, objects: list[tuple[str, str]]) -> None:
-    for bucket, key in objects:
-        try:
-            s3.remove_object(bucket, key)
-        except S3Error as exc:
-            if exc.code not in ("NoSuchKey", "NoSuchObject", "NoSuchBucket"):
-                raise
 
 
 async def delete_transcript(pool: asyncpg.Pool, s3: Minio, settings: Settings, job_id: int,
