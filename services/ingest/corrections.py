@@ -78,6 +78,21 @@ async def correct_segment(job_id: JobId, chunk_index: SegmentChunk, index: Segme
     listing show the correction from then on, and segment.updated announces it. The job's RTTM
     stays the diarizer's."""
     embed, model = state.query_embedder
+    new_text = " ".join(data.text.split()) if data.text is not None else None
+    # Search by meaning finds the new words at once when this process embeds with the model the
+    # segment's vector is in; otherwise the next reindex embeds them. They are embedded before
+    # the job is locked: a slow embedding service (a minute a try) must not hold the lock, and a
+    # pool connection, that every other change of the job waits on.
+    new_embedding = None
+    if new_text is not None:
+        if not visible(await jobstore.job(state.pool, job_id), request_owner(request)):
+            raise NotFoundException(detail=f"no job with id {job_id}")
+        try:
+            [new_embedding] = await embed([new_text])
+        except Exception as exc:  # the embedding service is away: the text is what matters
+            with job_logged(job_id):
+                log.warning("segment %d/%d not embedded (%s); the next reindex will", chunk_index, index,
+                            type(exc).__name__)
     async with state.pool.acquire() as conn, conn.transaction():
         job = await jobstore.lock_job(conn, job_id)
         if not visible(job, request_owner(request)):
@@ -90,20 +105,13 @@ async def correct_segment(job_id: JobId, chunk_index: SegmentChunk, index: Segme
             raise NotFoundException(detail=f"job {job_id} has no segment {chunk_index}/{index}"
                                            " (see chunk_index and index in its JSON)")
         speaker = data.speaker or segment["speaker"]
-        text = " ".join(data.text.split()) if data.text is not None else segment["text"]
+        text = new_text if new_text is not None else segment["text"]
         embedding = None
         if text == segment["text"]:
             await jobstore.correct_segment(conn, job_id, chunk_index, index, speaker=speaker)
         else:
-            # Search by meaning finds the new words at once when this process embeds with the
-            # model the segment's vector is in; otherwise the next reindex embeds them.
             if segment["embedding_model"] == model:
-                try:
-                    [embedding] = await embed([text])
-                except Exception as exc:  # the embedding service is away: the text is what matters
-                    with job_logged(job_id):
-                        log.warning("segment %d/%d not embedded (%s); the next reindex will", chunk_index, index,
-                                    type(exc).__name__)
+                embedding = new_embedding
             words = retimed_words(segment["words"], text, segment["start_ts"], segment["end_ts"])
             await jobstore.correct_segment(conn, job_id, chunk_index, index, speaker=speaker, text=text,
                                            words=[w.model_dump() for w in words],
