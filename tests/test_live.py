@@ -57,6 +57,9 @@ def test_a_job_stream_from_before_the_first_segment_to_the_end(stack, fixtures_d
     again = read_events(f"{stack.api}/transcripts/{job_id}/events", headers={"Last-Event-ID": streamed[1]["id"]})
     assert [s["id"] for s in segments_of(again)] == [s["id"] for s in streamed[2:]]
     assert again[-1]["event"] == "transcript.completed"
+    # An id this stream never sent (past PostgreSQL's integers) starts it over instead of breaking it.
+    over = read_events(f"{stack.api}/transcripts/{job_id}/events", headers={"Last-Event-ID": "99999999999:0"})
+    assert [s["id"] for s in segments_of(over)] == [s["id"] for s in streamed]
     # After the end there is nothing more to say.
     assert read_events(f"{stack.api}/transcripts/{job_id}/events", headers={"Last-Event-ID": "end"}) == []
     assert httpx.get(f"{stack.api}/transcripts/987654321/events").status_code == 404

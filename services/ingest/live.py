@@ -88,7 +88,8 @@ def _position(last_event_id: str | None) -> tuple[int, int] | str | None:
         chunk, index = (int(part) for part in last_event_id.split(":"))
     except ValueError:
         return None
-    return chunk, index
+    # Not one this stream sent (PostgreSQL's integers end at 2**31): from the start, as for none.
+    return (chunk, index) if 0 <= chunk < 2**31 and 0 <= index < 2**31 else None
 
 
 class JobProgressEvent(BaseModel):
