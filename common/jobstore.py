@@ -460,8 +460,9 @@ async def set_progress(conn: asyncpg.Connection, job_id: int, fraction: float) -
 
 
 async def mark_done(conn: asyncpg.Connection, job_id: int) -> asyncpg.Record:
-    """The job done; returns its filename, language, duration, segment_count, no_speech and reference."""
-    return await conn.fetchrow(
+    """The job done, and counted in the usage ledger; returns its filename, language, duration,
+    segment_count, no_speech and reference."""
+    done = await conn.fetchrow(
         f"""
         UPDATE transcripts SET status = 'done', stage = 'done', progress = 1,
             completed_at = now(), updated_at = now()
@@ -472,6 +473,8 @@ async def mark_done(conn: asyncpg.Connection, job_id: int) -> asyncpg.Record:
         """,
         job_id,
     )
+    await record_usage(conn, job_id)
+    return done
 
 
 async def mark_failed(conn: asyncpg.Connection, job_id: int, reason: str, service: str) -> asyncpg.Record | None:
@@ -495,6 +498,7 @@ async def fail(conn: asyncpg.Connection, job_id: int, reason: str, service: str)
     failed = await mark_failed(conn, job_id, reason, service)
     if failed is None:
         return False
+    await record_usage(conn, job_id)
     await add_to_outbox(conn, TranscriptFailed(
         message_id=f"transcript.failed:{job_id}", job_id=job_id, transcript_id=job_id,
         filename=failed["filename"], reason=reason, reference=failed["reference"],
@@ -525,7 +529,8 @@ async def mark_audio_removed(db: Db, job_id: int) -> bool:
 
 
 async def record_usage(db: Db, job_id: int) -> None:
-    """The ended job's line in the usage ledger (once; it outlives the job)."""
+    """The ended job's line in the usage ledger (once; it outlives the job), written in the
+    transaction that ends the job, so that deleting the job right after cannot lose it."""
     await db.execute(
         "INSERT INTO job_usage (job_id, owner, ended_at, status, audio_s)"
         " SELECT id, owner, COALESCE(completed_at, now()), status, COALESCE(duration, 0) FROM transcripts"

@@ -331,3 +331,35 @@ async def test_a_submission_that_fails_after_its_row_is_written_leaves_no_audio(
     finally:
         await pool.close()
     assert not object_exists(s3, settings.audio_bucket, stored[0])
+
+
+async def test_a_job_deleted_as_soon_as_it_ends_is_still_counted_and_announced(stack):
+    """Usage is recorded in the transaction that ends the job, and the owner's webhooks still get
+    its end: a client that deletes a job the moment it is done loses neither."""
+    from common import jobstore
+    from common.db import create_pool
+    from common.messages import TranscriptCompleted
+    from services.notifier.handler import fan_out
+
+    owner = f"owner-{uuid.uuid4().hex[:12]}"
+    pool = await create_pool(stack.settings())
+    hook = None
+    try:
+        async with pool.acquire() as conn:
+            job_id = await conn.fetchval("INSERT INTO transcripts (filename, owner, duration)"
+                                         " VALUES ('gone.wav', $1, 12.5) RETURNING id", owner)
+            hook = await conn.fetchval("INSERT INTO webhooks (owner, url, events, secret) VALUES"
+                                       " ($1, 'http://127.0.0.1:9/', $2, 'x') RETURNING id", owner,
+                                       ["transcript.completed"])
+            async with conn.transaction():
+                await jobstore.mark_done(conn, job_id)
+            await conn.execute("DELETE FROM transcripts WHERE id = $1", job_id)
+            usage = await conn.fetchrow("SELECT owner, status, audio_s FROM job_usage WHERE job_id = $1", job_id)
+        assert (usage["owner"], usage["status"], usage["audio_s"]) == (owner, "done", 12.5)
+        ended = TranscriptCompleted(job_id=job_id, transcript_id=job_id, filename="gone.wav", language="en",
+                                    duration=12.5, segment_count=0)
+        assert [due.webhook_id async for due in fan_out(pool, ended)] == [hook]
+    finally:
+        if hook is not None:
+            await pool.execute("DELETE FROM webhooks WHERE id = $1", hook)
+        await pool.close()

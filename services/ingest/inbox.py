@@ -187,7 +187,6 @@ class Inbox:
 
     async def on_job_ended(self, event: TranscriptCompleted | TranscriptFailed) -> None:
         await self.write_result(event.transcript_id)
-        await jobstore.record_usage(self.pool, event.transcript_id)
         await redact_recording(self.pool, self.s3, self.settings.audio_bucket, event.transcript_id)
         # The decoded PCM is an intermediate of the stages: once the job has ended nothing reads it.
         # (S3's DELETE of a key already gone succeeds, so a redelivered ending is harmless.)
