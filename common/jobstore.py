@@ -87,6 +87,17 @@ async def drop_is_known(db: Db, bucket: str, key: str, etag: str) -> bool:
         " AND source_key = $2 AND source_etag = $3)", bucket, key, etag)
 
 
+async def unknown_drops(db: Db, bucket: str, drops: list[tuple[str, str]]) -> set[tuple[str, str]]:
+    """The (key, ETag) pairs of `drops` that are not a job yet and were not deleted by their owner."""
+    rows = await db.fetch(
+        "SELECT d.key, d.etag FROM unnest($2::text[], $3::text[]) AS d(key, etag)"
+        " WHERE NOT EXISTS (SELECT 1 FROM transcripts WHERE source_bucket = $1 AND source_key = d.key"
+        " AND source_etag = d.etag) AND NOT EXISTS (SELECT 1 FROM deleted_drops WHERE source_bucket = $1"
+        " AND source_key = d.key AND source_etag = d.etag)",
+        bucket, [key for key, _ in drops], [etag for _, etag in drops])
+    return {(r["key"], r["etag"]) for r in rows}
+
+
 # ---- reading jobs (ingest) --------------------------------------------------------------------
 
 async def job(db: Db, job_id: int) -> asyncpg.Record | None:

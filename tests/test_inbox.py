@@ -108,3 +108,32 @@ async def test_two_ingests_and_two_persisters_racing_on_the_same_drops_store_eac
         await pool.close()
         stack.stop("ingest-2")
         stack.stop("persister-2")
+
+
+async def test_the_scan_makes_each_unannounced_drop_a_job_once_a_page_at_a_time(stack: Stack, fixtures_dir,
+                                                                                 monkeypatch):
+    """Objects no event announced are found by the scan, listed a page at a time (here pages of
+    two), and a second scan makes nothing new; result files are not drops."""
+    import services.ingest.inbox as inbox_module
+
+    bucket = f"scanbox-{time.monotonic_ns() % 10**9}"
+    settings = stack.settings(inbox_bucket=bucket)
+    s3 = make_client(settings)
+    ensure_buckets(s3, bucket)
+    keys = [f"calls/quiet {i}.flac" for i in range(3)]
+    for key in keys:
+        await asyncio.to_thread(s3.fput_object, bucket, key, str(fixtures_dir / "jfk.flac"))
+    await asyncio.to_thread(s3.fput_object, bucket, f"{settings.results_prefix}calls/old.json",
+                            str(fixtures_dir / "en_dialogue.json"))
+    monkeypatch.setattr(inbox_module, "SCAN_PAGE", 2)
+    pool = await create_pool(settings)
+    try:
+        inbox = Inbox(settings, pool, s3, asyncio.Event())
+        await inbox.reconcile()
+        first = await pool.fetch("SELECT id, source_key FROM transcripts WHERE source_bucket = $1", bucket)
+        await inbox.reconcile()
+        second = await pool.fetch("SELECT id, source_key FROM transcripts WHERE source_bucket = $1", bucket)
+    finally:
+        await pool.close()
+    assert sorted(r["source_key"] for r in first) == keys
+    assert sorted(r["id"] for r in second) == sorted(r["id"] for r in first)

@@ -8,6 +8,7 @@ records every job in the usage ledger and tidies its audio: a redacted recording
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from collections.abc import Mapping
 from urllib.parse import unquote_plus
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 
 INBOX_EVENTS_QUEUE = "stt.ingest.inbox-events"
 RESULTS_QUEUE = "stt.ingest.results"
+# Objects of the inbox listed and checked at a time by the scan.
+SCAN_PAGE = 1000
 
 
 # The S3 event document MinIO publishes (only the fields used here).
@@ -143,20 +146,22 @@ class Inbox:
 
     async def reconcile(self) -> None:
         """List the inbox for objects no event announced, and write missing result files."""
-        objects = await asyncio.to_thread(
-            lambda: list(self.s3.list_objects(self.settings.inbox_bucket, recursive=True))
-        )
-        for obj in objects:
-            if not self.is_input(obj.object_name):
-                continue
-            try:
-                await self.register(obj.object_name, _clean_etag(obj.etag))
-            except DATABASE_UNAVAILABLE:
-                raise  # everything would fail: the scan as a whole tries again
-            except Exception:
-                # One object that cannot be taken (gone since the listing, unreadable...) must
-                # not keep every object after it from being seen; it is tried again next scan.
-                log.exception("bucket drop %s could not be registered; skipped this scan", obj.object_name)
+        bucket = self.settings.inbox_bucket
+        listing = self.s3.list_objects(bucket, recursive=True)
+        # A page at a time, each checked in one query: an inbox only grows (every drop and its
+        # result files stay), and is never held whole nor asked about object by object.
+        while page := await asyncio.to_thread(lambda: list(itertools.islice(listing, SCAN_PAGE))):
+            drops = [(obj.object_name, _clean_etag(obj.etag)) for obj in page if self.is_input(obj.object_name)]
+            new = await jobstore.unknown_drops(self.pool, bucket, drops) if drops else set()
+            for key, etag in (drop for drop in drops if drop in new):
+                try:
+                    await self.register(key, etag)
+                except DATABASE_UNAVAILABLE:
+                    raise  # everything would fail: the scan as a whole tries again
+                except Exception:
+                    # One object that cannot be taken (gone since the listing, unreadable...) must
+                    # not keep every object after it from being seen; it is tried again next scan.
+                    log.exception("bucket drop %s could not be registered; skipped this scan", key)
         for job_id in await jobstore.ended_drops_without_result(self.pool):
             await self.write_result(job_id)
 
