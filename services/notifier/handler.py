@@ -46,11 +46,11 @@ async def fan_out(pool: asyncpg.Pool, event: Contract) -> AsyncIterator[WebhookD
         rows = await conn.fetch(
             """INSERT INTO webhook_deliveries (webhook_id, event_id, event_type, job_id, payload)
                SELECT w.id, $1, $2, $3, $4 FROM webhooks w
-                 -- The job's owner; from the usage ledger when the job was deleted since it ended.
-                 JOIN (SELECT owner FROM transcripts WHERE id = $3
-                       UNION ALL SELECT owner FROM job_usage WHERE job_id = $3 LIMIT 1) t ON true
                 WHERE $2 = ANY (w.events)
-                  AND (w.job_id = $3 OR (w.job_id IS NULL AND w.owner IS NOT DISTINCT FROM t.owner))
+                  AND (w.job_id = $3 OR (w.job_id IS NULL AND coalesce(w.owner, '') = (
+                      -- The job's owner; from the usage ledger when the job was deleted since it ended.
+                      SELECT coalesce(owner, '') FROM (SELECT owner FROM transcripts WHERE id = $3
+                          UNION ALL SELECT owner FROM job_usage WHERE job_id = $3) o LIMIT 1)))
                ON CONFLICT (webhook_id, event_id) DO UPDATE SET event_type = EXCLUDED.event_type
                RETURNING webhook_id, status""",
             event.message_id, event.ROUTING_KEY, event.job_id, payload)
