@@ -510,11 +510,25 @@ async def fail(conn: asyncpg.Connection, job_id: int, reason: str, service: str)
     if failed is None:
         return False
     await record_usage(conn, job_id)
-    await add_to_outbox(conn, TranscriptFailed(
-        message_id=f"transcript.failed:{job_id}", job_id=job_id, transcript_id=job_id,
-        filename=failed["filename"], reason=reason, reference=failed["reference"],
-    ))
+    await add_to_outbox(conn, _failure(job_id, failed["filename"], reason, failed["reference"]))
     return True
+
+
+async def announce_failure_again(conn: asyncpg.Connection, job_id: int) -> bool:
+    """Queue a failed job's transcript.failed once more, under its own message id (subscribers
+    see the same event again, as at-least-once delivery allows). False for a job not in error."""
+    failed = await conn.fetchrow(
+        f"SELECT filename, error, {_REFERENCE} AS reference FROM transcripts WHERE id = $1 AND status = 'error'",
+        job_id)
+    if failed is None:
+        return False
+    await add_to_outbox(conn, _failure(job_id, failed["filename"], failed["error"], failed["reference"]))
+    return True
+
+
+def _failure(job_id: int, filename: str, reason: str, reference: str | None) -> TranscriptFailed:
+    return TranscriptFailed(message_id=f"transcript.failed:{job_id}", job_id=job_id, transcript_id=job_id,
+                            filename=filename, reason=reason, reference=reference)
 
 
 async def ended_before(db: Db, age_s: float, limit: int) -> list[int]:

@@ -363,3 +363,26 @@ async def test_a_job_deleted_as_soon_as_it_ends_is_still_counted_and_announced(s
         if hook is not None:
             await pool.execute("DELETE FROM webhooks WHERE id = $1", hook)
         await pool.close()
+
+
+async def test_progress_of_a_job_that_already_failed_announces_the_failure_again(stack):
+    """A diarizer replica started after a job was cancelled never heard transcript.failed and
+    takes the job: its first progress report makes the failure go out again (the same event), so
+    that it stops, ingest removes the decoded audio and the transcribers skip the chunks."""
+    from common.messages import JobProgress
+
+    conn = await asyncpg.connect(stack.database_url)
+    try:
+        job_id = await conn.fetchval("INSERT INTO transcripts (filename, status, error, completed_at)"
+                                     " VALUES ('cancelled.wav', 'error', 'cancelled', now()) RETURNING id")
+        connection = await aio_pika.connect(stack.amqp_url)
+        async with connection:
+            queue = await events_queue(await connection.channel(), "transcript.failed")
+            await publish(stack, JobProgress(job_id=job_id, stage="diarizing"))
+            [failed] = await job_events(queue, job_id, lambda bodies: bodies, timeout=30)
+        stage = await conn.fetchval("SELECT stage FROM transcripts WHERE id = $1", job_id)
+    finally:
+        await conn.close()
+    assert (failed["message_id"], failed["reason"], failed["filename"]) == (
+        f"transcript.failed:{job_id}", "cancelled", "cancelled.wav")
+    assert stage != "diarizing"  # an ended job's stage does not move

@@ -61,9 +61,18 @@ async def _store_chunk(conn: asyncpg.Connection, job: asyncpg.Record, message: C
                            chunk_count=message.chunk_count)
 
 
-async def on_progress(pool: asyncpg.Pool, message: JobProgress) -> None:
-    await jobstore.advance(pool, message.job_id, message.stage, duration=message.duration,
-                           chunk_count=message.chunk_count)
+async def on_progress(pool: asyncpg.Pool, message: JobProgress) -> bool:
+    """The job's stage moves on. Progress of a job that has already failed comes from a diarizer
+    that never heard so (a replica started after the job was cancelled): the failure is
+    announced again, so that the diarizer stops (or does not store the decoded audio), ingest
+    removes what was stored, and the transcribers skip the chunks. True when it was."""
+    async with pool.acquire() as conn, conn.transaction():
+        await jobstore.advance(conn, message.job_id, message.stage, duration=message.duration,
+                               chunk_count=message.chunk_count)
+        if await jobstore.announce_failure_again(conn, message.job_id):
+            log.info("%s reported after the job had failed; its failure is announced again", message.stage)
+            return True
+    return False
 
 
 async def on_transcribed(pool: asyncpg.Pool, message: ChunkTranscribed) -> None:
