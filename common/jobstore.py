@@ -81,10 +81,7 @@ async def running_job_asked_so(db: Db, owner: str | None, request_hash: str) -> 
 
 async def drop_is_known(db: Db, bucket: str, key: str, etag: str) -> bool:
     """The bucket object already is a job, or was one that its owner deleted."""
-    return await db.fetchval(
-        "SELECT EXISTS (SELECT 1 FROM transcripts WHERE source_bucket = $1 AND source_key = $2"
-        " AND source_etag = $3) OR EXISTS (SELECT 1 FROM deleted_drops WHERE source_bucket = $1"
-        " AND source_key = $2 AND source_etag = $3)", bucket, key, etag)
+    return not await unknown_drops(db, bucket, [(key, etag)])
 
 
 async def unknown_drops(db: Db, bucket: str, drops: list[tuple[str, str]]) -> set[tuple[str, str]]:

@@ -78,6 +78,12 @@ SPEAKER_NAME_MAX_CHARS = 100
 EXPECTED_SPEAKERS_MAX = 32
 
 
+def has_control_characters(text: str) -> bool:
+    """Line breaks, tabs, NUL and the like: text that must stay one line (PostgreSQL's jsonb and
+    text cannot hold a NUL at all)."""
+    return any(ord(c) < 32 or ord(c) == 127 for c in text)
+
+
 def printable_words(text: str) -> str:
     """`text` with unprintable characters (control characters, NUL) blanked and blanks collapsed."""
     return " ".join("".join(c if c.isprintable() else " " for c in text).split())
@@ -128,7 +134,7 @@ class JobOptions(BaseModel):
     @classmethod
     def _one_line(cls, value: str | None) -> str | None:
         # Shown on one line in lists and logs; PostgreSQL's jsonb cannot hold a NUL.
-        if value is not None and any(ord(c) < 32 or ord(c) == 127 for c in value):
+        if value is not None and has_control_characters(value):
             raise ValueError("reference: one line of text, without control characters")
         return value.strip() if value is not None else None
 

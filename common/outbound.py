@@ -12,13 +12,15 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from common.messages import has_control_characters
+
 MAX_URL_CHARS = 2000
 
 
 def url_problem(url: str, what: str = "a webhook URL",
                 credentials: str = "the signature authenticates deliveries") -> str | None:
     """Why `url` cannot be used by its form alone, or None."""
-    if any(ord(c) < 32 or ord(c) == 127 for c in url):
+    if has_control_characters(url):
         return f"{what} cannot hold control characters"
     try:
         parts = urlsplit(url)

@@ -2,8 +2,8 @@
 MinIO's AMQP bucket notifications and, for whatever those miss, a periodic listing. When the
 job ends its status document is written to `<RESULTS_PREFIX><key>.json` in the inbox, and
 once it is done its subtitles to `<RESULTS_PREFIX><key>.srt`. The same consumer of job endings
-records every job in the usage ledger and tidies its audio: a redacted recording is written
-(redacted_audio), the decoded PCM removed."""
+tidies every job's audio: a redacted recording is written (redacted_audio), the decoded PCM
+removed."""
 
 from __future__ import annotations
 
