@@ -871,8 +871,15 @@ def webhooks_add(
 @webhooks_app.command("list")
 def webhooks_list(api: ApiUrl = DEFAULT_API_URL, api_key: ApiKey = None) -> None:
     """The registered webhooks (and jobs' callback URLs): id, URL, events."""
+    items: list[dict] = []
+    params: dict[str, int] = {"limit": 500}
     with reporting_api_errors(api), api_client(api, api_key) as client:
-        items = checked(client.get("/webhooks")).json()["items"]
+        while True:
+            page = checked(client.get("/webhooks", params=params)).json()
+            items.extend(page["items"])
+            if "next_cursor" not in page:
+                break
+            params["cursor"] = page["next_cursor"]
     for item in items:
         job = f"\tjob {item['transcript_id']}" if item.get("transcript_id") else ""
         sys.stdout.write(f"{item['id']}\t{item['url']}\t{','.join(item['events'])}{job}\n")

@@ -190,6 +190,13 @@ def test_events_arrive_signed_in_order_retried_and_given_up(notified, fixtures_d
 
     listed = stt(stack, "webhooks", "list").stdout
     assert receiver.url("/ok") in listed and f"job {job_id}" in listed
+    # A page at a time, oldest first: the pages together are the whole list, each webhook once.
+    first = api.get("/webhooks", params={"limit": 2}).json()
+    rest = api.get("/webhooks", params={"limit": 500, "cursor": first["next_cursor"]}).json()
+    assert len(first["items"]) == 2 and "next_cursor" not in rest
+    paged = [w["id"] for w in first["items"] + rest["items"]]
+    assert paged == sorted(set(paged)) and {flaky["id"], dead["id"]} <= set(paged)
+    assert [line.split("\t")[0] for line in listed.splitlines()] == [str(i) for i in paged]
     assert api.delete(f"/webhooks/{flaky['id']}").status_code == 204
     removed = stt(stack, "webhooks", "remove", str(dead["id"]))
     assert removed.returncode == 0 and f"removed webhook {dead['id']}" in removed.stdout, removed

@@ -22,6 +22,7 @@ from common.settings import Settings
 from common.webhooks import new_secret
 from services.ingest.auth import request_owner
 from services.ingest.errors import MAX_ID, error_responses
+from services.ingest.transcripts import CursorQuery, LimitQuery
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,8 @@ class CreatedWebhook(Webhook):
 
 class WebhookList(BaseModel):
     items: list[Webhook]
+    # Pass as ?cursor= for the next page; absent on the last page.
+    next_cursor: int | None = None
 
 
 class Attempt(BaseModel):
@@ -132,12 +135,16 @@ async def register(data: NewWebhook, request: Request, state: State) -> CreatedW
     return CreatedWebhook(**_webhook(row).model_dump(), secret=secret)
 
 
-@get("/webhooks", summary="The registered webhooks (and jobs' callback URLs)",
-     responses=error_responses(401, 403, 503))
-async def list_webhooks(request: Request, state: State) -> WebhookList:
-    rows = await state.pool.fetch("SELECT * FROM webhooks WHERE owner IS NOT DISTINCT FROM $1 ORDER BY id",
-                                  request_owner(request))
-    return WebhookList(items=[_webhook(r) for r in rows])
+@get("/webhooks", summary="The registered webhooks (and jobs' callback URLs), oldest first",
+     responses=error_responses(400, 401, 403, 503))
+async def list_webhooks(request: Request, state: State, limit: LimitQuery = 100,
+                        cursor: CursorQuery = None) -> WebhookList:
+    """A page at a time: every job submitted with a callback_url adds one."""
+    rows = await state.pool.fetch(
+        "SELECT * FROM webhooks WHERE owner IS NOT DISTINCT FROM $1 AND id > $2 ORDER BY id LIMIT $3",
+        request_owner(request), cursor or 0, limit + 1)
+    items = [_webhook(r) for r in rows[:limit]]
+    return WebhookList(items=items, next_cursor=items[-1].id if len(rows) > limit else None)
 
 
 @get("/webhooks/{webhook_id:int}", summary="A webhook",
