@@ -20,6 +20,7 @@ from common import jobstore
 from common.logs import job_logged
 from common.messages import STAGE_OF_SERVICE, STAGES, JobFailed, JobOptions, JobSubmitted, Stage
 from common.outbox import add_to_outbox
+from common.storage import remove_objects
 from services.ingest.segments import TranscriptSegment, transcript_segment
 
 log = logging.getLogger(__name__)
@@ -165,7 +166,7 @@ def rerun_options(original: dict, changes: JobOptions) -> JobOptions:
 
 def _remove_quietly(s3: Minio, bucket: str, key: str) -> None:
     try:
-        s3.remove_object(bucket, key)
+        remove_objects(s3, [(bucket, key)])
     except Exception:
         log.warning("could not remove %s/%s of a submission that did not complete", bucket, key)
 
