@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -301,6 +303,12 @@ def create_app(settings: Settings | None = None) -> Litestar:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        # Each upload holds a worker thread for its whole transfer to the object store. asyncio's
+        # default pool (CPUs + 4 threads) would let a few slow uploads hold up everything else that
+        # runs in a thread: playback, DNS checks of webhook URLs, the inbox scan.
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(
+            max_workers=settings.max_concurrent_uploads + min(32, (os.cpu_count() or 1) + 4),
+            thread_name_prefix="ingest"))
         state = app.state
         state.settings = settings
         state.s3 = make_client(settings)
