@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import re
 import secrets
 import signal
@@ -58,6 +59,8 @@ TRANSIENT_STATUS_CODES = (502, 503, 504)
 UPLOAD_BUSY_WAIT_S = 120.0
 # Sends of one upload whose connection broke (each with the same Idempotency-Key).
 UPLOAD_ATTEMPTS = 3
+# Enrolling and forgetting a speaker relabel every past recording of the key before answering.
+SPEAKER_CHANGE_TIMEOUT = httpx.Timeout(300, connect=10)
 WATCHED_ROUTING_KEYS = ("segment.created", "transcript.*")
 SPEAKER_COLOURS = ("cyan", "magenta", "green", "yellow", "blue", "red",
                    "bright_cyan", "bright_magenta", "bright_green", "bright_yellow")
@@ -121,7 +124,13 @@ def api_client(api: str, api_key: str | None) -> httpx.Client:
 
 
 def checked(response: httpx.Response) -> httpx.Response:
-    if response.is_error:
+    """The response if it is a success; else ApiError with the service's reason. A redirect (a
+    proxy sending http:// on to https://, say) is not followed: a DELETE or POST sent on could
+    change meaning, and a followed GET would print the proxy's page as a transcript."""
+    if response.is_redirect:
+        raise ApiError(response.status_code, f"the API answered with a redirect to {response.headers.get('location')}:"
+                                             " give that address as --api")
+    if not response.is_success:
         try:
             detail = response.json().get("detail")
         except (ValueError, AttributeError):
@@ -137,7 +146,7 @@ def reporting_api_errors(api: str) -> Iterator[None]:
     except ApiError as exc:
         fail(str(exc))
     except httpx.TransportError as exc:
-        fail(f"cannot reach the API at {api}: {exc or type(exc).__name__}")
+        fail(f"cannot reach the API at {api}: {str(exc) or type(exc).__name__}")
 
 
 def multipart_body(path: Path, fields: dict[str, str],
@@ -147,7 +156,7 @@ def multipart_body(path: Path, fields: dict[str, str],
     boundary = secrets.token_hex(16)
     parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
              for name, value in fields.items()]
-    quoted_name = path.name.replace("\\", "\\\\").replace('"', "%22").replace("\r", "").replace("\n", "")
+    quoted_name = printable_name(path).replace('"', "%22").replace("\r", "").replace("\n", "")
     parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{quoted_name}"\r\n'
                  f"Content-Type: application/octet-stream\r\n\r\n".encode())
     head = b"".join(parts)
@@ -181,8 +190,13 @@ def upload(client: httpx.Client, source: Path | str, fields: dict[str, str]) -> 
             response = (_post_upload(client, source, fields, headers) if isinstance(source, Path)
                         else _post_url(client, source, fields, headers))
         except httpx.TransportError as exc:
-            if isinstance(exc, httpx.ConnectError) or attempt == UPLOAD_ATTEMPTS:
-                raise  # nothing reached the service, or it keeps failing: say so
+            # A refused connection on the first attempt: nothing reached the service, say so. On
+            # a later one the service may be restarting, and may have made the job already.
+            if (isinstance(exc, httpx.ConnectError) and attempt == 1) or attempt == UPLOAD_ATTEMPTS:
+                if attempt > 1:
+                    stderr.print(f"{escape(source_name(source))}: an earlier attempt may have been accepted;"
+                                 " see stt list before sending it again")
+                raise
             reason = escape(str(exc) or type(exc).__name__)
             stderr.print(f"{escape(source_name(source))}: the connection broke ({reason}), sending it again")
             time.sleep(2 * attempt)
@@ -198,7 +212,13 @@ def upload(client: httpx.Client, source: Path | str, fields: dict[str, str]) -> 
 
 
 def source_name(source: Path | str) -> str:
-    return source.name if isinstance(source, Path) else source
+    return printable_name(source) if isinstance(source, Path) else source
+
+
+def printable_name(path: Path) -> str:
+    """The file's name as text: a name that is not UTF-8 (Linux allows any bytes) has its odd
+    bytes replaced, where sending or printing it as it is would raise UnicodeEncodeError."""
+    return os.fsencode(path.name).decode("utf-8", "replace")
 
 
 def recording_source(argument: str) -> Path | str:
@@ -208,6 +228,10 @@ def recording_source(argument: str) -> Path | str:
     path = Path(argument)
     if not path.is_file():
         raise typer.BadParameter(f"{argument}: no such file (or give an http:// or https:// address)")
+    try:
+        path.open("rb").close()
+    except OSError as exc:
+        raise typer.BadParameter(f"{argument}: cannot be read ({exc.strerror or exc})") from None
     return path
 
 
@@ -232,7 +256,7 @@ def _post_upload(client: httpx.Client, path: Path, fields: dict[str, str], heade
                TimeRemainingColumn())
     # Off where stderr is not a terminal: a finished upload bar in a log says nothing.
     with Progress(*columns, console=stderr, transient=True, disable=not stderr.is_terminal) as progress:
-        task = progress.add_task(f"uploading {escape(path.name)}", total=path.stat().st_size)
+        task = progress.add_task(f"uploading {escape(printable_name(path))}", total=path.stat().st_size)
         body_headers, body = multipart_body(path, fields, lambda sent: progress.advance(task, sent))
         # The server decodes the whole file before it answers: allow for that after the upload.
         return client.post("/recognize", content=body, headers={**headers, **body_headers},
@@ -409,7 +433,7 @@ def submit(
             except httpx.TransportError as exc:
                 refused += 1
                 stderr.print(Text(f"{name}: upload failed, cannot reach the API at {api}: "
-                                  f"{exc or type(exc).__name__}", style="red"))
+                                  f"{str(exc) or type(exc).__name__}", style="red"))
                 continue
             jobs.append(job)
             stderr.print(f"{escape(name)}: accepted as job [bold]{job.id}[/]")
@@ -457,6 +481,10 @@ def rerun(
     spelling: Spelling = None,
     redact: Redact = None,
     reference: Reference = None,
+    multichannel: Annotated[bool | None, typer.Option(
+        "--multichannel/--mixed", help="Each channel is its own party / mix the channels into one (with"
+                                       " --speakers on a job that kept its channels apart).",
+        show_default=False)] = None,
     wait: Annotated[bool, typer.Option(
         help="Follow the new job and print its transcript; --no-wait prints its id and returns.")] = True,
     api: ApiUrl = DEFAULT_API_URL,
@@ -469,7 +497,7 @@ def rerun(
     task = None if translate is None else "translate" if translate else "transcribe"
     changes = {"language": language, **speaker_counts(speakers, min_speakers, max_speakers),
                "expected_speakers": expect, "vocabulary": vocabulary, "task": task, "spelling": spelling,
-               "redact": redact, "reference": reference}
+               "redact": redact, "reference": reference, "multichannel": multichannel}
     with api_client(api, api_key) as client, reporting_api_errors(api):
         accepted = checked(client.post(f"/transcripts/{job_id}/rerun",
                                        json={k: v for k, v in changes.items() if v is not None})).json()
@@ -596,7 +624,10 @@ def get(
         sys.stdout.buffer.write(content)
         sys.stdout.flush()
     else:
-        output.write_bytes(content)
+        try:
+            output.write_bytes(content)
+        except OSError as exc:
+            fail(f"cannot write {output}: {exc.strerror or exc}")
         stderr.print(f"wrote {escape(str(output))}")
 
 
@@ -805,9 +836,10 @@ def speakers_enroll(
     with reporting_api_errors(api), api_client(api, api_key) as client:
         if sample is not None:
             headers, body = multipart_body(sample, {"name": name}, lambda sent: None)
-            response = client.post("/speakers", content=body, headers=headers, timeout=httpx.Timeout(300, connect=10))
+            response = client.post("/speakers", content=body, headers=headers, timeout=SPEAKER_CHANGE_TIMEOUT)
         else:
-            response = client.post("/speakers", json={"name": name, "transcript_id": job, "label": speaker})
+            response = client.post("/speakers", json={"name": name, "transcript_id": job, "label": speaker},
+                                   timeout=SPEAKER_CHANGE_TIMEOUT)
         profile = checked(response).json()
     relabelled = ", ".join(map(str, profile["relabelled"])) or "none"
     sys.stdout.write(f"speaker {profile['id']} {profile['name']}: {profile['voiceprint_count']} voiceprint(s);"
@@ -837,7 +869,7 @@ def speakers_forget(
         found = [i for i in items if i["name"].casefold() == name.casefold() or str(i["id"]) == name]
         if not found:
             fail(f"no enrolled speaker called {name!r}")
-        checked(client.delete(f"/speakers/{found[0]['id']}"))
+        checked(client.delete(f"/speakers/{found[0]['id']}", timeout=SPEAKER_CHANGE_TIMEOUT))
     sys.stdout.write(f"forgot {found[0]['name']}\n")
 
 
@@ -980,7 +1012,11 @@ async def already_ended(api: str, api_key: str | None, job_id: int) -> int | Non
     try:
         async with httpx.AsyncClient(base_url=api.rstrip("/"), headers=headers, timeout=10) as client:
             document = checked(await client.get(f"/status/{job_id}")).json()
-    except (httpx.HTTPError, ApiError, ValueError):
+    except ApiError as exc:
+        if exc.status_code == 404:  # a mistyped id would otherwise be watched for ever
+            fail(f"job {job_id}: {exc.detail}")
+        return None  # 401/403: a subscriber may watch without access to the API
+    except (httpx.HTTPError, ValueError):
         return None
     if document.get("status") not in FINISHED:
         return None

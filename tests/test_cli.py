@@ -10,6 +10,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -433,6 +434,15 @@ def test_a_call_with_one_party_per_channel_is_transcribed_channel_by_channel(key
     assert "complaint against the wizard" in left and "curtain" in left and "horizon" not in left, said
     assert "horizon seems extremely distant" in right and "wizard" not in right, said
 
+    # A count of speakers does not go with channels kept apart; run again mixed, it does.
+    job_id = re.search(r"accepted as job (\d+)", submitted.stderr).group(1)
+    refused = stt(keyed_stack, "rerun", job_id, "--speakers", "2", "--no-wait")
+    assert refused.returncode == 1 and "multichannel" in refused.stderr, refused.stderr
+    mixed = stt(keyed_stack, "rerun", job_id, "--mixed", "--speakers", "2", "--no-wait")
+    assert mixed.returncode == 0, mixed.stderr
+    options = json.loads(stt(keyed_stack, "get", mixed.stdout.strip()).stdout)["options"]
+    assert (options["multichannel"], options["num_speakers"]) == (False, 2)
+
 
 def test_a_vocabulary_spells_the_names_a_recording_uses(keyed_stack, fixtures_dir):
     """hotwords.mp3 says "ComfyUI" twice, which Whisper alone writes as other words
@@ -535,6 +545,81 @@ def test_without_a_key_the_servers_reason_is_shown(keyed_stack, fixtures_dir):
     assert "401: an API key is required" in result.stderr
     unknown = stt(keyed_stack, "get", "999999", "--format", "srt")
     assert unknown.returncode == 1 and "404: no job with id 999999" in unknown.stderr
+
+
+def test_a_file_that_cannot_be_written_and_a_mistyped_job_are_reported(keyed_stack, jfk_submission, tmp_path):
+    _, job_id = jfk_submission
+    unwritable = stt(keyed_stack, "get", str(job_id), "--format", "srt", "-o", str(tmp_path / "missing" / "x.srt"))
+    assert unwritable.returncode == 1 and "cannot write" in unwritable.stderr, unwritable.stderr
+    assert "Traceback" not in unwritable.stderr
+    # Watching a job that does not exist would otherwise wait for ever.
+    watched = stt(keyed_stack, "watch", "--job", "999999", timeout=60)
+    assert watched.returncode == 1 and "job 999999: no job with id 999999" in watched.stderr, watched.stderr
+
+
+def test_file_names_that_are_not_utf8_or_hold_a_backslash_are_sent(keyed_stack, fixtures_dir, tmp_path):
+    """Linux file names are bytes: a Latin-1 é is no UTF-8, and a backslash is an ordinary character."""
+    recording = Path(os.fsdecode(bytes(tmp_path) + b"/caf\xe9 a\\b.flac"))
+    recording.write_bytes((fixtures_dir / "jfk.flac").read_bytes())
+    submitted = stt(keyed_stack, "submit", "--no-wait", str(recording))
+    assert submitted.returncode == 0, submitted.stderr
+    job = keyed_stack.query("SELECT filename FROM transcripts WHERE id = $1", int(submitted.stdout))
+    assert [row["filename"] for row in job] == ["caf\ufffd a\\b.flac"]
+
+
+class RedirectingServer:
+    """Answers every request with a permanent redirect, as a proxy sending http:// to https:// does."""
+
+    def __enter__(self) -> str:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        class Handler(BaseHTTPRequestHandler):
+            def answer(self) -> None:
+                self.send_response(301)
+                self.send_header("Location", "https://stt.example" + self.path)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            do_GET = do_POST = do_DELETE = do_PATCH = answer
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return f"http://127.0.0.1:{self.server.server_port}"
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+
+
+def test_a_redirect_is_reported_not_taken_for_success(tmp_path):
+    with RedirectingServer() as api:
+        deleted = subprocess.run([STT, "delete", "5", "--api", api], capture_output=True, text=True, timeout=60)
+        got = subprocess.run([STT, "get", "5", "--format", "srt", "-o", str(tmp_path / "x.srt"), "--api", api],
+                             capture_output=True, text=True, timeout=60)
+    assert deleted.returncode == 1 and "deleted" not in deleted.stdout, deleted.stdout
+    assert "redirect to https://stt.example/transcripts/5" in deleted.stderr, deleted.stderr
+    assert got.returncode == 1 and not (tmp_path / "x.srt").exists(), got.stderr
+
+
+def test_a_connection_refused_after_a_broken_send_says_the_job_may_exist(fixtures_dir):
+    """The first send breaks off after the service read it; then the service is gone (restarting):
+    the job may have been made, so the user is told to look before sending it again."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def take_one_then_go() -> None:
+        connection, _ = listener.accept()
+        connection.recv(65536)
+        connection.close()
+        listener.close()
+
+    threading.Thread(target=take_one_then_go, daemon=True).start()
+    result = subprocess.run([STT, "submit", str(fixtures_dir / "jfk.flac"), "--api", f"http://127.0.0.1:{port}"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "the connection broke" in result.stderr and "may have been accepted" in result.stderr, result.stderr
 
 
 def test_an_unreachable_api_is_reported(fixtures_dir):
