@@ -60,8 +60,9 @@ COMPOSE := docker compose $(if $(wildcard .env),--env-file .env) -f deploy/compo
 docker-build:
 	$(COMPOSE) build
 
+# More workers of a stage: make docker-up SCALE="transcriber=2 diarizer=2"
 docker-up:
-	$(COMPOSE) up -d
+	$(COMPOSE) up -d $(foreach stage,$(SCALE),--scale $(stage))
 
 docker-down:
 	$(COMPOSE) down

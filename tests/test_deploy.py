@@ -4,6 +4,7 @@ Kubernetes cluster runs here)."""
 from __future__ import annotations
 
 import ast
+import fnmatch
 import json
 import re
 import shutil
@@ -81,7 +82,7 @@ def test_each_image_installs_only_its_stage_extras():
     assert extras == {
         # enrolment from an audio sample runs the diarizer's speaker models in ingest
         "ingest": {"ingest,diarizer"},
-        "diarizer": {"diarizer,diarizer-pyannote"},
+        "diarizer": {"diarizer"},
         "transcriber": {"transcriber,models"},
         "transcriber-cpu": {"transcriber,models"},
         "embedder": {"embedder"},
@@ -92,6 +93,31 @@ def test_each_image_installs_only_its_stage_extras():
         assert "--index-url https://download.pytorch.org/whl/cpu" in stage_with_its_sources(stages, target)
     for target in ("embedder", "persister", "notifier"):
         assert "torch" not in stage_with_its_sources(stages, target)
+
+
+def in_build_context(path: str) -> bool:
+    """Whether deploy/Dockerfile.dockerignore lets `path` (from the repository root) into the
+    build context: its patterns in order, the last that matches the path or a folder above it
+    deciding, `!` letting back in."""
+    included = True
+    for line in (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines():
+        pattern = line.strip()
+        if not pattern or pattern.startswith("#"):
+            continue
+        negated = pattern.startswith("!")
+        pattern = pattern.lstrip("!").rstrip("/")
+        parts = Path(path).parts
+        if any(fnmatch.fnmatchcase("/".join(parts[:depth]), pattern) for depth in range(1, len(parts) + 1)):
+            included = negated
+    return included
+
+
+def test_every_file_the_dockerfile_copies_is_in_the_build_context():
+    sources = [source for match in re.finditer(r"^COPY (?!--from)(.+) \S+$", (DEPLOY / "Dockerfile").read_text(), re.M)
+               for source in match[1].split()]
+    assert "requirements.lock" in sources and "common" in sources
+    assert not [source for source in sources if not in_build_context(source)]
+    assert not in_build_context("tests/test_deploy.py") and not in_build_context("common/__pycache__/x.pyc")
 
 
 def test_images_pin_the_torch_of_pyproject():
