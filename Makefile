@@ -3,14 +3,19 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Where torch comes from. PyPI's Linux build of torch is the CUDA one (several GB of nvidia
+# wheels); on a machine whose pip does not already find the CPU build, pass
+# TORCH_INDEX=https://download.pytorch.org/whl/cpu (the images do).
+TORCH_INDEX ?=
+TORCH := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "torch==2.13.0"
 
 .PHONY: install lock models run test lint services clean docker-build docker-up docker-down
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip "setuptools<81" wheel
-	# CPU torch first, pinned: a bare "torch" would pull several GB of CUDA wheels.
-	$(BIN)/pip install -q "torch==2.13.0"
+	# torch first, pinned: a bare "torch" would pull whatever the newest is.
+	$(BIN)/pip install -q $(TORCH)
 	# Exactly the versions CI tested (requirements.lock, written by `make lock`), then the project.
 	$(BIN)/pip install -q -r requirements.lock
 	$(BIN)/pip install -q --no-deps -e ".[all,dev]"
@@ -24,10 +29,11 @@ install: $(STAMP)
 lock:
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
 	.lock-venv/bin/pip install -q --upgrade pip "setuptools<81" wheel
-	.lock-venv/bin/pip install -q "torch==2.13.0"
+	.lock-venv/bin/pip install -q $(TORCH)
 	.lock-venv/bin/pip install -q ".[all,dev]"
 	{ echo "# Pinned by \`make lock\` from pyproject.toml (Python 3.11, Linux x86_64); \`make install\` installs this."; \
-	  .lock-venv/bin/pip freeze | grep -v -e '^torch==' -e '^stt-pipeline' -e '^-e ' -e '^# Editable'; } > requirements.lock
+	  .lock-venv/bin/pip freeze | grep -v -e '^torch==' -e '^nvidia-' -e '^triton==' -e '^stt-pipeline' -e '^-e ' \
+	  -e '^# Editable'; } > requirements.lock
 	rm -rf .lock-venv
 
 models/whisper-base/model.bin: $(STAMP)
