@@ -28,8 +28,10 @@ from services.ingest.segments import TranscriptSegment
 from services.ingest.transcripts import (
     content_disposition,
     download_name,
+    rttm_uri,
     speaking_time,
     srt_timestamp,
+    to_rttm,
     to_srt,
     to_txt,
     to_vtt,
@@ -147,6 +149,40 @@ def test_a_segment_without_word_times_is_one_cue_on_as_many_lines_as_it_needs():
     [cue] = parse_srt(to_srt([segment]))
     assert (cue.start, cue.end, cue.speaker, cue.text) == (2.0, 13.0, "Anna", JFK)
     assert len(cue.lines) == 3 and all(columns(line) <= 42 for line in cue.lines)
+
+
+def test_cues_of_people_talking_at_once_come_in_the_order_they_start():
+    """WebVTT requires cues in order of their start; a long turn cut into cues must not keep the
+    other person's interjection after it."""
+    long_turn = timed(JFK, JFK.split())  # cut into two cues: 0.3 s and 7.6 s
+    interjection = TranscriptSegment(speaker="spk_1", start_ts=3.0, end_ts=4.0, text="Yes.",
+                                     words=[Word(word="Yes.", start=3.0, end=4.0)])
+    cues = parse_vtt(to_vtt([long_turn, interjection]))
+    assert [c.start for c in cues] == [0.3, 3.0, 7.6]
+    assert [c.start for c in parse_srt(to_srt([long_turn, interjection]))] == [0.3, 3.0, 7.6]
+
+
+def test_a_word_timed_at_one_instant_still_makes_a_cue_that_is_shown():
+    hm = TranscriptSegment(speaker="spk_0", start_ts=1.0, end_ts=1.0, text="Hm.",
+                           words=[Word(word="Hm.", start=1.0, end=1.0)])
+    yes = TranscriptSegment(speaker="spk_0", start_ts=1.4, end_ts=1.4, text="Yes.")
+    cues = parse_srt(to_srt([hm, yes]))
+    assert [(c.start, c.end) for c in cues] == [(1.0, 1.4), (1.4, 2.4)]
+
+
+def test_thai_words_written_without_spaces_are_cut_into_cues_that_fit():
+    words = ["สวัสดี", "ครับ", "วันนี้", "เรา", "จะ", "คุย", "เรื่อง", "โครงการ", "ใหม่", "ของ", "บริษัท", "และ",
+             "แผนงาน", "ใน", "ปี", "หน้า", "ที่", "ทุก", "คน", "ต้อง", "รู้"]
+    cues = parse_srt(to_srt([timed("".join(words), words, step=0.9)]))
+    assert "".join(c.text.replace("spk_0: ", "") for c in cues).replace(" ", "") == "".join(words)
+    assert len(cues) > 1 and all(len(c.lines) <= 2 and c.end - c.start <= 7.0 for c in cues), cues
+    assert all(columns(line) <= 42 for c in cues for line in c.lines), cues
+
+
+def test_rttm_keeps_file_names_in_any_script_and_leaves_out_turns_too_short_to_write():
+    assert rttm_uri("встреча 1.wav") == "встреча_1" and rttm_uri("会议.mp3") != rttm_uri("会谈.mp3")
+    turns = [SpeakerTurn(speaker="spk_0", start=1.0, end=1.0002), SpeakerTurn(speaker="spk_1", start=2.0, end=3.5)]
+    assert to_rttm("x", turns) == "SPEAKER x 1 2.000 1.500 <NA> <NA> spk_1 <NA> <NA>\n"
 
 
 def test_download_names_keep_any_language():

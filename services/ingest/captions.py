@@ -57,8 +57,18 @@ class _Token:
         return self.columns - self.text.startswith(" ")
 
 
+# Scripts written without spaces between words whose characters take one column: Thai, Lao,
+# Myanmar, Khmer. A line may break between any two of their words, as between Chinese ones.
+UNSPACED_SCRIPTS = ((0x0E00, 0x0EFF), (0x1000, 0x109F), (0x1780, 0x17FF))
+
+
 def columns(text: str) -> int:
     return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
+def _written_with_spaces(character: str) -> bool:
+    code = ord(character)
+    return columns(character) == 1 and not any(first <= code <= last for first, last in UNSPACED_SCRIPTS)
 
 
 def _tokens(segment: Captioned) -> list[_Token] | None:
@@ -74,7 +84,7 @@ def _tokens(segment: Captioned) -> list[_Token] | None:
         if not bare or found < 0:
             return None
         spaced = found > cursor and segment.text[cursor:found].isspace()
-        if tokens and not spaced and columns(tokens[-1].text[-1]) == 1 and columns(bare[0]) == 1:
+        if tokens and not spaced and _written_with_spaces(tokens[-1].text[-1]) and _written_with_spaces(bare[0]):
             # "12" and "%": a line may break between two words only where a space is, or
             # between characters of a script written without spaces.
             tokens[-1] = _Token(tokens[-1].text + bare, tokens[-1].start, word.end)
@@ -185,6 +195,20 @@ def _segment_cues(segment: Captioned, width: int, count: int, speaker_takes_room
 
 def caption_cues(segments: Sequence[Captioned], line_width: int = LINE_WIDTH, line_count: int = LINE_COUNT,
                  speaker_takes_room: bool = True) -> list[Cue]:
-    """`speaker_takes_room`: the speaker's name opens the first line (SRT) and counts in its width."""
-    return [cue for segment in segments
-            for cue in _segment_cues(segment, line_width, line_count, speaker_takes_room)]
+    """`speaker_takes_room`: the speaker's name opens the first line (SRT) and counts in its width.
+    Cues come in the order they start (WebVTT requires it; with two people talking at once, one's
+    later cues would otherwise come before the other's), and each lasts long enough to be shown."""
+    cues = sorted((cue for segment in segments
+                   for cue in _segment_cues(segment, line_width, line_count, speaker_takes_room)),
+                  key=lambda cue: (cue.start, cue.end))
+    return [_readable(cue, cues[i + 1:]) for i, cue in enumerate(cues)]
+
+
+def _readable(cue: Cue, later: Sequence[Cue]) -> Cue:
+    """A cue that ends where it starts (a word Whisper timed at one instant) is never shown: it
+    is given up to MIN_CUE_S, but not past the start of the same speaker's next cue."""
+    if cue.end - cue.start >= MIN_CUE_S:
+        return cue
+    following = next((c.start for c in later if c.speaker == cue.speaker), float("inf"))
+    end = max(cue.end, min(cue.start + MIN_CUE_S, following), cue.start + 0.001)
+    return Cue(cue.start, end, cue.speaker, cue.lines)

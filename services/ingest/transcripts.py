@@ -143,17 +143,19 @@ SUBTITLE_FORMATTERS = {"srt": to_srt, "vtt": to_vtt}
 
 
 def rttm_uri(filename: str) -> str:
-    """RTTM's file field: the name without its extension, one token (no spaces)."""
+    """RTTM's file field: the name without its extension, one token (fields are split at
+    whitespace; any other character, in any script, is kept, so a reference's file id matches)."""
     stem = download_name(filename, "")[:-1]
-    return re.sub(r"[^A-Za-z0-9._-]", "_", stem) or "audio"
+    return re.sub(r"\s", "_", stem) or "audio"
 
 
 def to_rttm(uri: str, turns: Sequence[SpeakerTurn], names: dict[str, str] | None = None) -> str:
     """NIST RTTM, one SPEAKER line per turn (overlapping turns included), as pyannote.metrics,
     dscore and md-eval read it; a named speaker appears under its name (blanks as _)."""
     names = {label: re.sub(r"\s+", "_", name.strip()) for label, name in (names or {}).items()}
+    # A turn shorter than the format's millisecond would be written as lasting 0, which scorers refuse.
     return "".join(f"SPEAKER {uri} 1 {t.start:.3f} {t.end - t.start:.3f} <NA> <NA> {names.get(t.speaker, t.speaker)}"
-                   " <NA> <NA>\n" for t in turns)
+                   " <NA> <NA>\n" for t in turns if round(t.end - t.start, 3) > 0)
 
 
 def download_name(filename: str, extension: str) -> str:
