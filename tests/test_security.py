@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 from litestar.testing import TestClient
 
@@ -44,6 +45,14 @@ def test_a_wrong_key_is_403(keyed_api, fixtures_dir):
     response = upload(keyed_api, fixtures_dir, {"Authorization": "Bearer not-a-key"})
     assert response.status_code == 403 and "not valid" in response.json()["detail"]
     assert keyed_api.get("/status/1", headers={"X-API-Key": "nope"}).status_code == 403
+
+
+def test_the_openai_sdk_hears_a_wrong_key_as_openai_says_it(keyed_api, fixtures_dir):
+    client = openai.OpenAI(base_url="http://testserver.local/v1", api_key="not-a-key", http_client=keyed_api,
+                           max_retries=0)
+    with (fixtures_dir / "jfk.flac").open("rb") as f, pytest.raises(openai.AuthenticationError) as refused:
+        client.audio.transcriptions.create(model="whisper-1", file=f)
+    assert refused.value.code == "invalid_api_key" and "not valid" in refused.value.message
 
 
 def test_a_job_is_visible_only_to_the_key_that_created_it(keyed_api, fixtures_dir, stack):

@@ -11,10 +11,14 @@ from typing import BinaryIO
 from litestar.exceptions import HTTPException
 from litestar.types import ASGIApp, Receive, Scope, Send
 
-# Recordings (the OpenAI-compatible ones too: their spooled file lasts until they answer), and
-# speakers' enrolment samples.
+from services.ingest.errors import error_body
+
+# Recordings (the OpenAI-compatible ones too), and speakers' enrolment samples.
 UPLOAD_PATHS = ("/recognize", "/v1/audio/transcriptions", "/v1/audio/translations", "/speakers")
 RETRY_AFTER_S = 5
+# The scope key of a function a handler may call once its upload is stored and its spooled file
+# closed, to give up its place before it answers (the OpenAI-compatible endpoints wait minutes).
+RELEASE_UPLOAD = "stt.release_upload"
 
 
 def upload_limit_middleware(limit: int):
@@ -27,22 +31,35 @@ def upload_limit_middleware(limit: int):
                 await app(scope, receive, send)
                 return
             if in_progress >= limit:
-                body = json.dumps({"status_code": 503, "detail": f"{in_progress} uploads are in progress, the most "
-                                   f"this server takes at once; try again in {RETRY_AFTER_S} s"}).encode()
+                body = json.dumps(error_body(scope["path"], 503, f"{in_progress} uploads are in progress, the most "
+                                             f"this server takes at once; try again in {RETRY_AFTER_S} s")).encode()
                 await send({"type": "http.response.start", "status": 503, "headers": [
                     (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                     (b"retry-after", str(RETRY_AFTER_S).encode()), (b"connection", b"close")]})
                 await send({"type": "http.response.body", "body": body})
                 return
             in_progress += 1
+            released = False
+
+            def release() -> None:
+                nonlocal in_progress, released
+                if not released:
+                    released, in_progress = True, in_progress - 1
+
+            scope[RELEASE_UPLOAD] = release
             try:
                 await app(scope, receive, send)
             finally:
-                in_progress -= 1
+                release()
 
         return admit
 
     return wrap
+
+
+def release_upload(scope: Scope) -> None:
+    """Give up the request's place among MAX_CONCURRENT_UPLOADS (its upload is in the store)."""
+    scope.get(RELEASE_UPLOAD, lambda: None)()
 
 
 def checked_size(stream: BinaryIO, max_bytes: int, *, empty: str, too_big: str) -> int:

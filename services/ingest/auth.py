@@ -12,6 +12,7 @@ from litestar.exceptions import HTTPException
 from litestar.types import ASGIApp, Receive, Scope, Send
 
 from common.settings import Settings
+from services.ingest.errors import OPENAI_PREFIX, error_body
 
 # The page's own files are open (the key is typed into the page); everything it reads is not.
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/"})
@@ -38,11 +39,12 @@ def api_key_middleware(settings: Settings):
             if not presented and scheme.lower() == "bearer":
                 presented = token.strip()
             if not presented:
-                await _deny(send, 401, "an API key is required: 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
+                await _deny(scope, send, 401,
+                            "an API key is required: 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
                 return
             owner = owner_of(presented)
             if not any(hmac.compare_digest(owner, known) for known in owners):
-                await _deny(send, 403, "this API key is not valid")
+                await _deny(scope, send, 403, "this API key is not valid")
                 return
             scope.setdefault("state", {})["owner"] = owner
             await app(scope, receive, send)
@@ -52,8 +54,13 @@ def api_key_middleware(settings: Settings):
     return wrap
 
 
-async def _deny(send: Send, status: int, detail: str) -> None:
-    body = json.dumps({"status_code": status, "detail": detail}).encode()
+async def _deny(scope: Scope, send: Send, status: int, detail: str) -> None:
+    if scope["path"].startswith(OPENAI_PREFIX):
+        # OpenAI answers a wrong key 401 too; its SDKs raise AuthenticationError for it.
+        status, code = 401, "invalid_api_key"
+    else:
+        code = None
+    body = json.dumps(error_body(scope["path"], status, detail, code=code)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if status == 401:
         headers.append((b"www-authenticate", b'Bearer realm="stt"'))

@@ -37,11 +37,11 @@ class OpenAIErrorBody(BaseModel):
     error: OpenAIError
 
 
-def error_body(path: str, status_code: int, detail: str, extra: Any = None) -> dict[str, Any]:
-    """An error answer's body: this API's, or OpenAI's shape under OPENAI_PREFIX."""
+def error_body(path: str, status_code: int, detail: str, extra: Any = None, code: str | None = None) -> dict[str, Any]:
+    """An error answer's body: this API's, or OpenAI's shape under OPENAI_PREFIX (with `code`)."""
     if path.startswith(OPENAI_PREFIX):
         kind = "invalid_request_error" if status_code < 500 else "server_error"
-        return {"error": {"message": detail, "type": kind, "param": None, "code": None}}
+        return {"error": {"message": detail, "type": kind, "param": None, "code": code}}
     return {"status_code": status_code, "detail": detail, **({"extra": extra} if extra else {})}
 
 

@@ -12,8 +12,10 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import string
 import time
+import zlib
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
@@ -27,8 +29,10 @@ from litestar.response import Response
 from pydantic import ValidationError
 
 from common import jobstore
+from common.languages import LANGUAGE_NAMES
 from common.logs import job_logged
 from common.messages import VOCABULARY_MAX_CHARS, JobOptions
+from services.ingest.admission import release_upload
 from services.ingest.auth import request_owner
 from services.ingest.errors import OpenAIErrorBody, error_body, error_responses, invalid
 from services.ingest.jobs import Idempotency, clean_filename, earlier_job
@@ -53,8 +57,8 @@ class OpenAITranscriptionForm:
         "whisper-1")
     language: Annotated[str | None, Parameter(description="A Whisper language code; left out: detected")] = None
     prompt: Annotated[str | None, Parameter(
-        description=f"Names and terms the recording uses (the job's vocabulary), up to {VOCABULARY_MAX_CHARS} "
-                    "characters")] = None
+        description=f"Text Whisper goes on from, or names and terms the recording uses: its last "
+                    f"{VOCABULARY_MAX_CHARS} characters become the job's vocabulary")] = None
     response_format: Annotated[str, Parameter(
         description="json, text, srt, vtt, verbose_json (segments with their speaker, and words) or diarized_json")] = (
         "json")
@@ -88,6 +92,25 @@ async def known_speaker_names(request: Request) -> list[str]:
 
 IdempotencyKey = Annotated[str | None, HeaderParameter(
     name="Idempotency-Key", description="As for POST /recognize: the same request again waits for the same job")]
+
+
+def prompt_vocabulary(prompt: str | None) -> str | None:
+    """OpenAI's `prompt` is text for Whisper to go on from, often the transcript of the piece
+    before (Whisper itself reads only its end). Here it becomes the job's vocabulary, which Whisper
+    is also shown as preceding text: its last whole words within the vocabulary's bound."""
+    if prompt is None:
+        return None
+    words = prompt[-4 * VOCABULARY_MAX_CHARS:].split()
+    while words and len(", ".join(t.strip() for t in " ".join(words).split(",") if t.strip())) > VOCABULARY_MAX_CHARS:
+        words.pop(0)
+    return " ".join(words)
+
+
+async def client_gone(request: Request) -> None:
+    """Returns once the client has disconnected. The body has been read by then, so the next ASGI
+    message is the disconnect (or the end of the answer)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def request_hash(digest: str, filename: str, options: JobOptions) -> str:
@@ -128,6 +151,21 @@ def speaker_letters(segments: list[TranscriptSegment]) -> dict[str, str]:
             for label, letter in letters.items()}
 
 
+def verbose_segment(n: int, segment: TranscriptSegment) -> dict:
+    """A segment as in OpenAI's verbose_json, whose clients read every field: Whisper's decoding
+    figures that are not kept here have neutral values (`tokens` empty, `temperature` 0, a
+    segment of speech `no_speech_prob` 0); `avg_logprob` is the words' mean log probability."""
+    probabilities = [w.probability for w in segment.words or [] if w.probability]
+    text = segment.text.encode()
+    return {"id": n, "seek": round(segment.start_ts * 100), "start": segment.start_ts, "end": segment.end_ts,
+            "text": segment.text, "tokens": [], "temperature": 0.0,
+            "avg_logprob": round(sum(math.log(p) for p in probabilities) / len(probabilities), 4) if probabilities
+            else 0.0,
+            "compression_ratio": round(len(text) / len(zlib.compress(text)), 4) if text else 0.0,
+            "no_speech_prob": 0.0, "speaker": segment.speaker,
+            **({"speaker_name": segment.speaker_name} if segment.speaker_name else {})}
+
+
 def rendered(document, response_format: str, task: str) -> Response:
     segments = document.segments
     text = " ".join(s.text for s in segments)
@@ -136,22 +174,24 @@ def rendered(document, response_format: str, task: str) -> Response:
     if response_format in ("srt", "vtt"):
         body = (to_srt if response_format == "srt" else to_vtt)(segments)
         return Response(body, media_type="text/plain; charset=utf-8")
-    if response_format == "json":
-        return Response({"text": text})
     duration = document.duration or 0.0
+    usage = {"type": "duration", "seconds": duration}
+    if response_format == "json":
+        return Response({"text": text, "usage": usage})
     if response_format == "diarized_json":
         who = speaker_letters(segments)
         return Response({"task": "transcribe", "duration": duration, "text": text,
                          "segments": [{"type": "transcript.text.segment", "id": f"seg_{n}", "start": s.start_ts,
                                        "end": s.end_ts, "text": s.text, "speaker": who[s.speaker]}
                                       for n, s in enumerate(segments)],
-                         "usage": {"type": "duration", "seconds": duration}})
+                         "usage": usage})
+    # OpenAI names the language in English ("english"); a translation's is English.
+    language = "english" if task == "translate" else LANGUAGE_NAMES.get(document.language or "", document.language)
     return Response({
-        "task": task, "language": document.language, "duration": duration, "text": text,
-        "segments": [{"id": n, "start": s.start_ts, "end": s.end_ts, "text": s.text, "speaker": s.speaker,
-                      **({"speaker_name": s.speaker_name} if s.speaker_name else {})}
-                     for n, s in enumerate(segments)],
+        "task": task, "language": language, "duration": duration, "text": text,
+        "segments": [verbose_segment(n, s) for n, s in enumerate(segments)],
         "words": [{"word": w.word, "start": w.start, "end": w.end} for s in segments for w in s.words or []],
+        "usage": usage,
     })
 
 
@@ -160,7 +200,8 @@ async def transcribe_and_wait(state: State, request: Request, data: OpenAITransc
     if data.response_format not in ResponseFormat.__args__:
         raise HTTPException(status_code=400, detail=f"response_format: one of {', '.join(ResponseFormat.__args__)}")
     try:
-        options = JobOptions(language=data.language, vocabulary=data.prompt, task=task, num_speakers=data.num_speakers,
+        options = JobOptions(language=data.language, vocabulary=prompt_vocabulary(data.prompt), task=task,
+                             num_speakers=data.num_speakers,
                              min_speakers=data.min_speakers, max_speakers=data.max_speakers, spelling=data.spelling,
                              redact=data.redact, expected_speakers=await known_speaker_names(request))
     except ValidationError as exc:
@@ -174,15 +215,25 @@ async def transcribe_and_wait(state: State, request: Request, data: OpenAITransc
     # The same request again (the SDK retries after a timeout or a 503): the job it made, not another.
     earlier = (await earlier_job(state.pool, owner, asked) if idempotency_key
                else await jobstore.running_job_asked_so(state.pool, owner, asked.request_hash))
-    if earlier is not None:
-        job_id = earlier["id"]
+    with contextlib.closing(stream):
+        if earlier is None:
+            job_id = (await submit_recording(state, request, stream, filename, options, None, None, asked)).content.id
+        else:
+            job_id = earlier["id"]
+            with job_logged(job_id):
+                log.info("the same transcription request again: waiting for its job")
+    # The recording is stored: waiting for the job holds no upload's place.
+    release_upload(request.scope)
+    waiting = asyncio.ensure_future(wait_for_end(state, job_id, WAIT_S))
+    gone = asyncio.ensure_future(client_gone(request))
+    await asyncio.wait({waiting, gone}, return_when=asyncio.FIRST_COMPLETED)
+    gone.cancel()
+    if not waiting.done():
+        waiting.cancel()
         with job_logged(job_id):
-            log.info("the same transcription request again: waiting for its job")
-    else:
-        with contextlib.closing(stream):
-            answer = await submit_recording(state, request, stream, filename, options, None, None, asked)
-        job_id = answer.content.id
-    status = await wait_for_end(state, job_id, WAIT_S)
+            log.info("the client went away before the job ended; the job goes on")
+        raise HTTPException(status_code=503, detail="the client went away")
+    status = waiting.result()
     if status == "processing":
         raise HTTPException(status_code=503, headers={"Retry-After": "1"},
                             detail=f"job {job_id} is still processing after {WAIT_S:g} s and goes on: send the same "
@@ -195,17 +246,20 @@ async def transcribe_and_wait(state: State, request: Request, data: OpenAITransc
 
 def openai_error(request: Request, exc: HTTPException) -> Response:
     """What the handler raises, in OpenAI's error shape (errors the framework raises before it
-    runs are shaped so by the app's own handlers, services.ingest.errors.error_body)."""
-    return Response(error_body(request.url.path, exc.status_code, exc.detail), status_code=exc.status_code,
-                    headers=exc.headers)
+    runs are shaped so by the app's own handlers, services.ingest.errors.error_body). A file that
+    is not audio is a 400, as OpenAI answers it, so its SDKs raise BadRequestError."""
+    status = 400 if exc.status_code == 415 else exc.status_code
+    return Response(error_body(request.url.path, status, exc.detail), status_code=status, headers=exc.headers)
 
 
 _RESPONSES = {code: ResponseSpec(data_container=OpenAIErrorBody, description=spec.description)
               for code, spec in error_responses(
-                  400, 413, 415, 422, 503,
+                  400, 401, 413, 422, 503,
+                  e400="Bad request, or a file that is not audio this service can decode: the message says which",
+                  e401="An API key is required, or the one given is not valid",
                   e422="The job failed (the reason says why) or the Idempotency-Key was used for another request",
                   e503="The job is still processing after 5 minutes (send the same request again to wait on), or "
-                       "a backing service is unavailable").items()} | error_responses(401, 403)
+                       "a backing service is unavailable").items()}
 
 
 @post("/v1/audio/transcriptions", status_code=200, summary="OpenAI-compatible: transcribe a recording and wait",
