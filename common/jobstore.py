@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import asyncpg
 
@@ -72,11 +72,14 @@ async def job_by_idempotency_key(db: Db, owner: str | None, idempotency_key: str
         " WHERE coalesce(t.owner, '') = coalesce($1, '') AND t.idempotency_key = $2", owner, idempotency_key)
 
 
-async def running_job_asked_so(db: Db, owner: str | None, request_hash: str) -> asyncpg.Record | None:
-    """The owner's newest job still processing that a request with this hash made (its id)."""
+async def recent_job_asked_so(db: Db, owner: str | None, request_hash: str,
+                              ended_within: timedelta) -> asyncpg.Record | None:
+    """The owner's newest job that a request with this hash made (its id), still processing or
+    done within `ended_within`."""
     return await db.fetchrow(
-        "SELECT id FROM transcripts WHERE status = 'processing' AND request_hash = $2"
-        " AND coalesce(owner, '') = coalesce($1, '') ORDER BY id DESC LIMIT 1", owner, request_hash)
+        "SELECT id FROM transcripts WHERE request_hash = $2 AND coalesce(owner, '') = coalesce($1, '')"
+        " AND (status = 'processing' OR (status = 'done' AND completed_at > now() - $3::interval))"
+        " ORDER BY id DESC LIMIT 1", owner, request_hash, ended_within)
 
 
 async def drop_is_known(db: Db, bucket: str, key: str, etag: str) -> bool:

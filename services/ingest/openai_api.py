@@ -17,6 +17,7 @@ import string
 import time
 import zlib
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Annotated, Literal
 
 from litestar import Request, post
@@ -48,6 +49,9 @@ ResponseFormat = Literal["json", "text", "srt", "vtt", "verbose_json", "diarized
 # Retry-After, and the SDK's retry (the same file and options) waits on for that same job.
 WAIT_S = 300.0
 POLL_S = 2.0
+# The same request again finds the job it made while that runs and this long after it is done:
+# a job that ends between the SDK's attempts (or before a person sends it again) is not redone.
+REPEAT_WINDOW = timedelta(minutes=10)
 
 
 @dataclass
@@ -214,7 +218,7 @@ async def transcribe_and_wait(state: State, request: Request, data: OpenAITransc
     owner = request_owner(request)
     # The same request again (the SDK retries after a timeout or a 503): the job it made, not another.
     earlier = (await earlier_job(state.pool, owner, asked) if idempotency_key
-               else await jobstore.running_job_asked_so(state.pool, owner, asked.request_hash))
+               else await jobstore.recent_job_asked_so(state.pool, owner, asked.request_hash, REPEAT_WINDOW))
     with contextlib.closing(stream):
         if earlier is None:
             job_id = (await submit_recording(state, request, stream, filename, options, None, None, asked)).content.id
