@@ -5,7 +5,9 @@ voice, delete the recording. The screenshot in the README is taken here."""
 
 from __future__ import annotations
 
+import base64
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -42,6 +44,17 @@ def test_upload_follow_read_play_and_download(stack, fixtures_dir, browser, tmp_
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     errors: list[str] = []
     page.on("pageerror", lambda error: errors.append(str(error)))
+    # The speaking times (the last thing to refresh the name fields) wait until a name is being
+    # typed: refreshing the fields must not take the focus or the text away.
+    held: list = []
+
+    def hold_speaking_time(route) -> None:
+        if route.request.method == "GET" and not held:
+            held.append(route)
+        else:
+            route.continue_()
+
+    page.route(re.compile(r"/transcripts/\d+/speakers$"), hold_speaking_time)
     page.goto(stack.api + "/")
     assert page.title() == "stt-pipeline"
 
@@ -62,13 +75,28 @@ def test_upload_follow_read_play_and_download(stack, fixtures_dir, browser, tmp_
     assert "sales" in text and "quarter" in text
     assert page.locator("#segments").get_attribute("lang") == "en"  # read aloud as English
 
-    # Each speaker's talk time is beside its name field.
+    # Each speaker's talk time is beside its name field; it arrives while a name is being typed,
+    # and the typing goes on in the same field.
+    page.click("#name-spk_0")
+    page.keyboard.type("An")
+    for _ in range(300):
+        if held:
+            break
+        page.wait_for_timeout(100)
+    assert held, "the page never asked for the speaking times"
+    held[0].continue_()
+    page.unroute(re.compile(r"/transcripts/\d+/speakers$"))
     page.locator("label[for='name-spk_0']", has_text="(talks 00:").wait_for(timeout=30_000)
+    assert page.evaluate("document.activeElement.id") == "name-spk_0"
+    page.keyboard.type("na")
+    assert page.input_value("#name-spk_0") == "Anna"
 
-    # Name a speaker from the page: the transcript shows it.
-    page.fill("#name-spk_0", "Anna")
+    # Name a speaker from the page: the transcript shows it, and screen readers say it.
     page.get_by_role("button", name="Save names").click()
     page.locator("#segments .segment[data-speaker='spk_0'] .who", has_text="Anna").first.wait_for(timeout=30_000)
+    labels = [segments.nth(i).get_attribute("aria-label") for i in range(segments.count())
+              if segments.nth(i).get_attribute("data-speaker") == "spk_0"]
+    assert labels and all(re.match(r"Play from [\d:.]+: Anna: ", label) for label in labels), labels
 
     # Remember that voice: Anna becomes an enrolled speaker, listed under Known voices.
     page.get_by_role("button", name="Remember voices").click()
@@ -130,6 +158,24 @@ def test_upload_follow_read_play_and_download(stack, fixtures_dir, browser, tmp_
     assert "en_dialogue.wav" in asked[-1]
     assert page.locator("#transcript").is_hidden()
     assert httpx.get(f"{stack.api}/status/{job_id}", timeout=30).status_code == 404
+
+    # A recording deleted elsewhere (another tab, the CLI, retention) while open: opened again,
+    # the page says it is gone, drops it from the list, offers nothing more for it, and does not
+    # keep asking for it.
+    page.locator(f'#jobs li[data-job="{expecting}"][data-status="done"] button').click(timeout=300_000)
+    page.locator('#transcript[data-ended="true"]').wait_for(timeout=60_000)
+    assert httpx.delete(f"{stack.api}/transcripts/{expecting}", timeout=30).status_code == 204
+    streams: list[str] = []
+    page.on("request", lambda request: streams.append(request.url)
+            if request.url.endswith(f"/transcripts/{expecting}/events") else None)
+    page.locator(f'#jobs li[data-job="{expecting}"] button').click()
+    page.locator("#transcript-status", has_text="was deleted").wait_for(timeout=15_000)
+    page.locator(f'#jobs li[data-job="{expecting}"]').wait_for(state="detached", timeout=5_000)
+    assert page.locator("#transcript").is_visible()
+    for control in ("#downloads a", "#delete", "#cancel", "#rerun", "#player"):
+        assert not page.locator(control).is_visible(), control
+    page.wait_for_timeout(4_500)  # the page tried again every 2 s
+    assert len(streams) == 1, streams
     assert errors == []
     page.close()
 
@@ -156,19 +202,37 @@ def test_names_and_terms_typed_in_are_spelled_so(stack, fixtures_dir, browser):
     page.goto(stack.api + "/")
     page.set_input_files("#file", str(fixtures_dir / "hotwords.mp3"))
     page.get_by_label("Names and terms").fill("ComfyUI")
-    page.get_by_role("button", name="Transcribe").click()
+    transcribe = page.get_by_role("button", name="Transcribe")
+    transcribe.dblclick()  # one recording, one job
     page.locator('#transcript[data-ended="true"]').wait_for(timeout=300_000)
     said = " ".join(page.locator("#segments .segment .text").all_inner_texts())
     assert said.count("ComfyUI") == 2, said  # Whisper alone writes other words (test_handlers)
+    jobs = httpx.get(f"{stack.api}/transcripts?limit=100", timeout=30).json()["items"]
+    assert [job["filename"] for job in jobs].count("hotwords.mp3") == 1, jobs
+    # Done uploading: the form is ready for the next file, not for this one again.
+    assert transcribe.is_enabled()
+    assert page.eval_on_selector("#file", "input => input.files.length") == 0
+    assert page.locator("#upload-progress").is_hidden()
     page.close()
 
 
 def test_card_and_phone_numbers_and_addresses_are_hidden_when_asked(stack, browser):
     page = browser.new_page()
     page.goto(stack.api + "/")
-    page.set_input_files("#file", str(ROOT / "tests" / "data" / "billing_call.flac"))
     page.get_by_label("Hide card and phone numbers, e-mail addresses").check()
-    page.get_by_role("button", name="Transcribe").click()
+    # Dropped on the page, outside the drop box: uploaded (with the form's options), and the
+    # browser does not leave the page to open the file.
+    recording = base64.b64encode((ROOT / "tests" / "data" / "billing_call.flac").read_bytes()).decode()
+    cancelled = page.evaluate('''(recording) => {
+        const files = new DataTransfer();
+        const bytes = Uint8Array.from(atob(recording), (c) => c.charCodeAt(0));
+        files.items.add(new File([bytes], "billing_call.flac", { type: "audio/flac" }));
+        const target = document.querySelector("#search-title");
+        return ["dragover", "drop"].map((type) => !target.dispatchEvent(
+            new DragEvent(type, { dataTransfer: files, bubbles: true, cancelable: true })));
+    }''', recording)
+    assert cancelled == [True, True]
+    page.locator("#upload-status", has_text="billing_call.flac accepted as job").wait_for(timeout=60_000)
     page.locator('#transcript[data-ended="true"]').wait_for(timeout=300_000)
     said = " ".join(page.locator("#segments .segment .text").all_inner_texts())
     assert "[CARD]" in said and "[PHONE]" in said and "[EMAIL]" in said, said
@@ -216,6 +280,29 @@ def test_unsure_words_are_marked_and_a_miscounted_recording_runs_again(stack, fi
     page.locator('#transcript[data-ended="true"]').wait_for(timeout=300_000)
     assert speakers_shown(page) == 3
     assert page.locator("#jobs li").filter(has_text="sample.wav").count() >= 2  # the first job is kept
+    second = page.locator("#transcript").get_attribute("data-job")
+    page.close()
+
+    # A recording removed by AUDIO_RETENTION_DAYS, opened on a later visit (a new browser context:
+    # nothing cached): the page says why it does not play, and the transcript reads as before.
+    stack.query("UPDATE transcripts SET audio_removed_at = now() WHERE id = $1", int(first))
+    page = browser.new_page()
+    page.goto(stack.api + "/")
+    page.locator(f'#jobs li[data-job="{first}"] button').click()
+    page.locator("#audio-status", has_text="AUDIO_RETENTION_DAYS").wait_for(timeout=30_000)
+    page.locator('#transcript[data-ended="true"]').wait_for(timeout=60_000)
+    assert page.locator("#transcript-status").inner_text() == "Done."
+    assert sorted(page.locator("#segments .segment .text").all_inner_texts()) == sorted(s["text"] for s in segments)
+
+    # The server's `transcript.deleted` (the job deleted while its stream was open): the page
+    # says so and drops the job from the list.
+    page.route(f"**/transcripts/{second}/events", lambda route: route.fulfill(
+        status=200, content_type="text/event-stream",
+        body=f'event: transcript.deleted\ndata: {{"transcript_id": {second}}}\nid: end\n\n'))
+    page.locator(f'#jobs li[data-job="{second}"] button').click()
+    page.locator("#transcript-status", has_text="was deleted").wait_for(timeout=15_000)
+    page.locator(f'#jobs li[data-job="{second}"]').wait_for(state="detached", timeout=5_000)
+    assert page.get_by_role("button", name="Delete recording").is_hidden()
     page.close()
 
 
@@ -297,6 +384,12 @@ def test_with_api_keys_the_key_is_asked_once_and_used_for_everything(keyed_stack
     with page.expect_download() as download:
         page.get_by_role("link", name="Download TXT").click()
     assert "ask not what your country" in Path(download.value.path()).read_text().lower()
+    # A recording removed by AUDIO_RETENTION_DAYS: the page says why it does not play.
+    stack.query("UPDATE transcripts SET audio_removed_at = now() WHERE id = $1", mine)
+    page.locator(f'#jobs li[data-job="{mine}"] button').click()
+    page.locator("#audio-status", has_text="AUDIO_RETENTION_DAYS").wait_for(timeout=30_000)
+    assert page.locator("#player").get_attribute("src") is None
+    assert "ask not what your country" in page.locator("#segments").inner_text().lower()
     # Kept for the browser session: a reload needs no key again.
     page.reload()
     page.locator(f'#jobs li[data-job="{mine}"]').wait_for(timeout=30_000)

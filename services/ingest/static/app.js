@@ -8,7 +8,10 @@ const KEY_STORAGE = "stt-api-key";
 // Dark enough on white for text (WCAG AA), distinct enough for borders.
 const COLOURS = ["#0b5cad", "#b3261e", "#1d6b2a", "#7a3fa0", "#8a5a00", "#00707a", "#a1306b", "#4a5360"];
 
-const state = { jobs: new Map(), open: null, stream: null, speakers: [], names: {}, talk: {}, audioUrl: null };
+const state = {
+  jobs: new Map(), deleted: new Set(), open: null, stream: null, speakers: [], names: {}, talk: {}, audioUrl: null,
+  uploading: 0,
+};
 
 function apiKey() { return sessionStorage.getItem(KEY_STORAGE) || ""; }
 function authHeaders(extra = {}) {
@@ -22,14 +25,22 @@ function notice(text) {
   box.hidden = !text;
 }
 
+function explainRefusal(status) {
+  if (status === 401) notice("This server needs an API key: enter it above.");
+  else if (status === 403) notice("The API key was refused.");
+}
+
+// The answer when OK; else throws an Error with the answer's `status` and `detail` (the API's reason).
 async function api(path, options = {}) {
   const response = await fetch(path, { ...options, headers: authHeaders(options.headers || {}) });
-  if (response.status === 401) notice("This server needs an API key: enter it above.");
-  else if (response.status === 403) notice("The API key was refused.");
+  explainRefusal(response.status);
   if (!response.ok) {
     let detail = response.statusText;
     try { detail = (await response.json()).detail || detail; } catch (error) { /* not JSON */ }
-    throw new Error(`${response.status}: ${detail}`);
+    const error = new Error(`${response.status}: ${detail}`);
+    error.status = response.status;
+    error.detail = detail;
+    throw error;
   }
   return response;
 }
@@ -48,7 +59,9 @@ function escapeHtml(text) {
 
 // ---- server-sent events over fetch (EventSource cannot send the API key header) ------------
 
-function follow(path, onEvent, { lastEventId = null, endId = null } = {}) {
+// A dropped connection is made again (every 2 s), resuming after the last event. A 4xx answer
+// would be the same again (no such job, a key refused): following stops and onGone(status) is told.
+function follow(path, onEvent, { lastEventId = null, endId = null, onGone = null } = {}) {
   const controller = new AbortController();
   let last = lastEventId;
   let stopped = false;
@@ -57,6 +70,12 @@ function follow(path, onEvent, { lastEventId = null, endId = null } = {}) {
       try {
         const headers = authHeaders(last ? { "Last-Event-ID": last } : {});
         const response = await fetch(path, { headers, signal: controller.signal });
+        if (response.status >= 400 && response.status < 500 && response.status !== 408 && response.status !== 429) {
+          stopped = true;
+          explainRefusal(response.status);
+          if (onGone) onGone(response.status);
+          return;
+        }
         if (!response.ok) throw new Error(`${response.status}`);
         const reader = response.body.getReader();
         const decoder = new TextDecoder();
@@ -98,6 +117,7 @@ function follow(path, onEvent, { lastEventId = null, endId = null } = {}) {
 // ---- jobs ---------------------------------------------------------------------------------
 
 function renderJob(job) {
+  if (state.deleted.has(job.id)) return;  // an event sent before it was deleted
   const known = state.jobs.get(job.id) || {};
   const merged = { ...known, ...job };
   state.jobs.set(job.id, merged);
@@ -175,17 +195,31 @@ function upload(file) {
   });
 }
 
+// While files upload, "Transcribe" is off (a second click would send them again); once all are
+// sent the file choice is cleared and the bar goes away.
 async function uploadAll(files) {
   const status = $("#upload-status");
-  for (const file of files) {
-    status.textContent = `Uploading ${file.name}…`;
-    try {
-      const accepted = await upload(file);
-      status.textContent = `${accepted.filename} accepted as job ${accepted.id}.`;
-      renderJob({ id: accepted.id, filename: accepted.filename, status: "processing", stage: "submitted", percent: 0 });
-      openTranscript(accepted.id);
-    } catch (error) {
-      status.textContent = error.message;
+  const submit = $("#upload button[type=submit]");
+  state.uploading += 1;
+  submit.disabled = true;
+  try {
+    for (const file of files) {
+      status.textContent = `Uploading ${file.name}…`;
+      try {
+        const accepted = await upload(file);
+        status.textContent = `${accepted.filename} accepted as job ${accepted.id}.`;
+        renderJob({ id: accepted.id, filename: accepted.filename, status: "processing", stage: "submitted", percent: 0 });
+        openTranscript(accepted.id);
+      } catch (error) {
+        status.textContent = error.message;
+      }
+    }
+  } finally {
+    state.uploading -= 1;
+    if (!state.uploading) {
+      submit.disabled = false;
+      $("#file").value = "";
+      $("#upload-progress").hidden = true;
     }
   }
 }
@@ -198,6 +232,12 @@ function speakerIndex(label) {
 }
 
 function speakerName(label) { return state.names[label] || label; }
+
+// What a screen reader says for a segment's button: kept in step with the speaker's name.
+function segmentLabel(button) {
+  const text = button.querySelector(".text").textContent;
+  return `Play from ${clock(Number(button.dataset.start))}: ${speakerName(button.dataset.speaker)}: ${text}`;
+}
 
 function renderSegment(segment) {
   const list = $("#segments");
@@ -222,7 +262,7 @@ function renderSegment(segment) {
   // Screen readers and fonts follow the language of the text: the segment's own where the
   // recording switches language, else the transcript's (set on the list).
   if (segment.language) button.querySelector(".text").lang = segment.language;
-  button.setAttribute("aria-label", `Play from ${clock(segment.start_ts)}: ${speakerName(segment.speaker)}: ${segment.text}`);
+  button.setAttribute("aria-label", segmentLabel(button));
   button.addEventListener("click", () => playFrom(segment.start_ts, button));
   item.appendChild(button);
   if (segment.chunk_index !== undefined && segment.chunk_index !== null) {
@@ -329,34 +369,50 @@ function openCorrection(item, segment) {
   form.querySelector("textarea").focus();
 }
 
-function refreshNames() {
+// The name fields, one per speaker, updated in place and new speakers appended: a field someone
+// is typing in keeps its focus and its text. `fromServer`: show the names as the server keeps them.
+function refreshNames(fromServer = false) {
   for (const button of document.querySelectorAll("#segments .segment")) {
     button.querySelector(".who").textContent = speakerName(button.dataset.speaker);
+    button.setAttribute("aria-label", segmentLabel(button));
   }
   const form = $("#names");
-  // Rebuilt as speakers arrive: what someone is typing in a field stays.
-  const typed = Object.fromEntries([...form.querySelectorAll("input")].map((input) => [input.dataset.label, input.value]));
-  form.innerHTML = "";
-  if (!state.speakers.length) return;
+  if (!state.speakers.length) { form.replaceChildren(); return; }
+  let save = form.querySelector(".save");
+  if (!save) {
+    save = document.createElement("button");
+    save.type = "submit";
+    save.className = "save";
+    save.textContent = "Save names";
+    form.appendChild(save);
+  }
   state.speakers.forEach((label, index) => {
     const id = `name-${label}`;
-    const field = document.createElement("span");
-    field.innerHTML = `<label for="${id}"></label> <input id="${id}" data-label="${label}">`;
+    let input = form.querySelector(`#${CSS.escape(id)}`);
+    if (!input) {
+      const field = document.createElement("span");
+      const caption = document.createElement("label");
+      caption.htmlFor = id;
+      input = document.createElement("input");
+      input.id = id;
+      input.dataset.label = label;
+      input.placeholder = "name";
+      input.value = state.names[label] ?? "";
+      field.append(caption, " ", input);
+      form.insertBefore(field, save);
+    } else if (fromServer) {
+      input.value = state.names[label] ?? "";
+    }
+    const caption = input.parentElement.querySelector("label");
     const talk = state.talk[label];
-    field.querySelector("label").textContent = talk === undefined ? label
+    caption.textContent = talk === undefined ? label
       : `${label} (talks ${clock(talk.speech_s)}, ${Math.round(talk.share * 100)}%, ${talk.words} words)`;
-    field.querySelector("label").style.color = COLOURS[index % COLOURS.length];
-    field.querySelector("input").value = typed[label] ?? state.names[label] ?? "";
-    field.querySelector("input").placeholder = "name";
-    form.appendChild(field);
+    caption.style.color = COLOURS[index % COLOURS.length];
   });
-  const save = document.createElement("button");
-  save.type = "submit";
-  save.textContent = "Save names";
-  form.appendChild(save);
-  if ($("#transcript").dataset.status !== "done") return;
+  if ($("#transcript").dataset.status !== "done" || form.querySelector(".remember")) return;
   const remember = document.createElement("button");
   remember.type = "button";
+  remember.className = "remember";
   remember.textContent = "Remember voices";
   remember.title = "Save the names, and recognise these voices in new recordings";
   remember.addEventListener("click", rememberVoices);
@@ -377,8 +433,7 @@ async function saveNames(event) {
       method: "PATCH", headers: { "Content-Type": "application/json" }, body: JSON.stringify(changes),
     })).json();
     state.names = Object.fromEntries(Object.entries(answer.speakers).filter(([, name]) => name));
-    $("#names").innerHTML = "";  // show the names as the server keeps them
-    refreshNames();
+    refreshNames(true);
     $("#transcript-status").textContent = "Names saved.";
     return true;
   } catch (error) {
@@ -512,14 +567,34 @@ function renderDelete(jobId, ended) {
     try {
       await api(`/transcripts/${jobId}`, { method: "DELETE" });
     } catch (error) {
-      $("#transcript-status").textContent = `Not deleted: ${error.message}`;
+      if (error.status === 404) forgetJob(jobId, { elsewhere: true });  // deleted meanwhile
+      else $("#transcript-status").textContent = `Not deleted: ${error.message}`;
       return;
     }
-    state.jobs.delete(jobId);
-    const item = document.querySelector(`#jobs li[data-job="${jobId}"]`);
-    if (item) item.remove();
-    if (state.open === jobId) closeTranscript();
+    forgetJob(jobId);
   };
+}
+
+// A deleted job leaves the page: its row, and its transcript if open. Deleted here (the button
+// above), the transcript closes; deleted elsewhere (another tab, the CLI, retention), the
+// transcript stays readable and says so, with nothing left to do with it.
+function forgetJob(jobId, { elsewhere = false } = {}) {
+  state.deleted.add(jobId);
+  state.jobs.delete(jobId);
+  const item = document.querySelector(`#jobs li[data-job="${jobId}"]`);
+  if (item) item.remove();
+  if (state.open !== jobId) return;
+  closeTranscript();
+  if (!elsewhere) return;
+  const section = $("#transcript");
+  section.hidden = false;
+  section.dataset.status = "deleted";
+  renderDownloads(jobId, false);
+  renderCancel(jobId, true);
+  renderDelete(jobId, false);
+  renderRerun(jobId, false);
+  $("#transcript-status").textContent = "This recording was deleted (in another tab, from the command line,"
+    + " or by the retention settings): its transcript, speaker voices and audio are gone from the server.";
 }
 
 // A job still processing can be stopped (POST /transcripts/{id}/cancel); what it has stored stays.
@@ -565,19 +640,49 @@ function closeTranscript() {
   $("#transcript").hidden = true;
 }
 
+// Why the recording does not play (under the player; the transcript reads on); "" hides it.
+function audioProblem(text) {
+  const line = $("#audio-status");
+  line.textContent = text;
+  line.hidden = !text;
+}
+
 async function loadAudio(jobId) {
   const player = $("#player");
+  audioProblem("");
   if (state.audioUrl) { URL.revokeObjectURL(state.audioUrl); state.audioUrl = null; }
   if (!apiKey()) {
     player.src = `/transcripts/${jobId}/audio`;  // streamed, seeking by Range requests
     return;
   }
   try {  // an audio element cannot send the key: fetch the file with it
-    state.audioUrl = URL.createObjectURL(await (await api(`/transcripts/${jobId}/audio`)).blob());
-    if (state.open === jobId) player.src = state.audioUrl;
+    const blob = await (await api(`/transcripts/${jobId}/audio`)).blob();
+    if (state.open !== jobId) return;
+    state.audioUrl = URL.createObjectURL(blob);
+    player.src = state.audioUrl;
   } catch (error) {
+    if (state.open !== jobId) return;
     player.removeAttribute("src");
+    audioProblem(`The recording could not be loaded: ${error.detail || error.message}`);
   }
+}
+
+// The audio element only says that it failed: the API says why (e.g. a 410, the recording
+// removed after AUDIO_RETENTION_DAYS).
+async function audioFailed() {
+  const player = $("#player");
+  const jobId = state.open;
+  if (jobId === null || !player.getAttribute("src")) return;
+  let reason = "";
+  if (!player.src.startsWith("blob:")) {
+    try {
+      await api(`/transcripts/${jobId}/audio`, { headers: { Range: "bytes=0-0" } });
+    } catch (error) {
+      reason = error.detail || error.message;
+    }
+  }
+  if (state.open !== jobId) return;
+  audioProblem(reason ? `The recording could not be loaded: ${reason}` : "The recording could not be loaded.");
 }
 
 function playFrom(seconds, button) {
@@ -625,7 +730,9 @@ async function openTranscript(jobId) {
   loadAudio(jobId);
   state.stream = follow(`/transcripts/${jobId}/events`, (type, data) => {
     if (state.open !== jobId) return;
-    if (type === "segment.created") {
+    if (type === "transcript.deleted") {
+      forgetJob(jobId, { elsewhere: true });
+    } else if (type === "segment.created") {
       renderSegment(data);
       refreshNames();
     } else if (type === "progress") {
@@ -645,7 +752,14 @@ async function openTranscript(jobId) {
         markUnsureWords(jobId);
       }
     }
-  }, { endId: "end" });
+  }, {
+    endId: "end",
+    onGone: (status) => {
+      if (state.open !== jobId) return;
+      if (status === 404) forgetJob(jobId, { elsewhere: true });
+      else $("#transcript-status").textContent = `Not followed: the server answered ${status}.`;
+    },
+  });
 }
 
 // ---- search -------------------------------------------------------------------------------
@@ -697,20 +811,32 @@ document.addEventListener("DOMContentLoaded", () => {
   });
   $("#upload").addEventListener("submit", (event) => {
     event.preventDefault();
+    if (state.uploading) return;
     const files = [...$("#file").files];
     if (!files.length) { $("#upload-status").textContent = "Choose a file first."; return; }
     uploadAll(files);
   });
+  // Files dropped anywhere on the page are uploaded (else the browser would leave the page to
+  // open them); the drop box lights up while they are over it. Text dragged about is left alone.
   const drop = $("#drop");
-  drop.addEventListener("dragover", (event) => { event.preventDefault(); drop.classList.add("over"); });
+  const carriesFiles = (event) => event.dataTransfer && [...event.dataTransfer.types].includes("Files");
+  document.addEventListener("dragover", (event) => {
+    if (!carriesFiles(event)) return;
+    event.preventDefault();
+    event.dataTransfer.dropEffect = "copy";
+    drop.classList.toggle("over", drop.contains(event.target));
+  });
   drop.addEventListener("dragleave", () => drop.classList.remove("over"));
-  drop.addEventListener("drop", (event) => {
+  document.addEventListener("drop", (event) => {
+    if (!carriesFiles(event)) return;
     event.preventDefault();
     drop.classList.remove("over");
-    uploadAll([...event.dataTransfer.files]);
+    const files = [...event.dataTransfer.files];
+    if (files.length) uploadAll(files);
   });
   $("#names").addEventListener("submit", saveNames);
   $("#search").addEventListener("submit", search);
+  $("#player").addEventListener("error", audioFailed);
   $("#player").addEventListener("timeupdate", () => {
     const now = $("#player").currentTime;
     let current = null;
