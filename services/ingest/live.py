@@ -17,6 +17,7 @@ import contextlib
 import logging
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Literal
 
 import asyncpg
 from aio_pika.abc import AbstractRobustConnection
@@ -134,44 +135,71 @@ async def _wait(wake: asyncio.Event, timeout: float) -> None:
     wake.clear()
 
 
-async def job_stream(pool: asyncpg.Pool, wakeups: Wakeups, job_id: int, last_event_id: str | None,
-                     exiting: Callable[[], bool]) -> AsyncIterator[ServerSentEventMessage]:
-    position = _position(last_event_id)
-    if position == END_ID:
-        return
-    after = position if isinstance(position, tuple) else (-1, -1)
+# What job_updates yields: a segment (where it is kept, and the segment), a change of progress,
+# the job's end (its row), its deletion, or a quiet while in which nothing happened.
+Segment = tuple[Literal["segment"], tuple[int, int], TranscriptSegment]
+Progress = tuple[Literal["progress"], JobProgressEvent]
+Ended = tuple[Literal["ended"], asyncpg.Record]
+Deleted = tuple[Literal["deleted"]]
+Quiet = tuple[Literal["quiet"]]
+
+
+async def job_updates(pool: asyncpg.Pool, wakeups: Wakeups, job_id: int, after: tuple[int, int],
+                      exiting: Callable[[], bool]) -> AsyncIterator[Segment | Progress | Ended | Deleted | Quiet]:
+    """A job's segments after `after` in order as they are stored, its progress when it changes,
+    then its end or deletion (the last update); a quiet every KEEPALIVE_S without news."""
     sent_progress = None
     quiet_s = 0.0
-    yield ServerSentEventMessage(data=None, comment=f"stream of job {job_id}", retry=RETRY_MS, sep="\n")
     with wakeups.listen(job_id) as wake:
         while not exiting():
             job = await jobstore.job(pool, job_id)
             if job is None:
-                yield _message("transcript.deleted", JobDeletedEvent(transcript_id=job_id), END_ID)
+                yield ("deleted",)
                 return
             # Read before the segments: a job seen finished has every segment stored.
             ended = job["status"] in ("done", "error")
             up_to_chunk = await jobstore.stored_chunk_prefix(pool, job_id)
             for row in await jobstore.segments_after(pool, job_id, after, up_to_chunk):
                 after = (row["chunk_index"], row["index"])
-                segment = SegmentEvent(transcript_id=job_id, **dict(transcript_segment(row)))
-                yield _message("segment.created", segment, f"{after[0]}:{after[1]}")
+                yield "segment", after, transcript_segment(row)
                 quiet_s = 0.0
             progress = _progress(job)
             if progress != sent_progress:
                 sent_progress = progress
-                yield _message("progress", progress)
+                yield "progress", progress
                 quiet_s = 0.0
             if ended:
-                done = job["status"] == "done"
-                yield _message("transcript.completed" if done else "transcript.failed", JobEndedEvent(
-                    **dict(progress), transcript_id=job_id, reference=job["reference"],
-                    language=job["language"] if done else None, reason=None if done else job["error"]), END_ID)
+                yield "ended", job
                 return
             await _wait(wake, POLL_S)
             quiet_s += POLL_S
             if quiet_s >= KEEPALIVE_S:
                 quiet_s = 0.0
+                yield ("quiet",)
+
+
+async def job_stream(pool: asyncpg.Pool, wakeups: Wakeups, job_id: int, last_event_id: str | None,
+                     exiting: Callable[[], bool]) -> AsyncIterator[ServerSentEventMessage]:
+    position = _position(last_event_id)
+    if position == END_ID:
+        return
+    yield ServerSentEventMessage(data=None, comment=f"stream of job {job_id}", retry=RETRY_MS, sep="\n")
+    async for update in job_updates(pool, wakeups, job_id, position if isinstance(position, tuple) else (-1, -1),
+                                    exiting):
+        match update:
+            case ("segment", (chunk, index), segment):
+                yield _message("segment.created", SegmentEvent(transcript_id=job_id, **dict(segment)),
+                               f"{chunk}:{index}")
+            case ("progress", progress):
+                yield _message("progress", progress)
+            case ("ended", job):
+                done = job["status"] == "done"
+                yield _message("transcript.completed" if done else "transcript.failed", JobEndedEvent(
+                    **dict(_progress(job)), transcript_id=job_id, reference=job["reference"],
+                    language=job["language"] if done else None, reason=None if done else job["error"]), END_ID)
+            case ("deleted",):
+                yield _message("transcript.deleted", JobDeletedEvent(transcript_id=job_id), END_ID)
+            case ("quiet",):
                 yield ServerSentEventMessage(data=None, comment="keep-alive", sep="\n")
 
 
@@ -196,7 +224,8 @@ async def jobs_stream(pool: asyncpg.Pool, wakeups: Wakeups, owner: str | None,
                 yield ServerSentEventMessage(data=None, comment="keep-alive", sep="\n")
 
 
-def _exiting(state: State) -> Callable[[], bool]:
+def server_exiting(state: State) -> Callable[[], bool]:
+    """Asked by a stream between waits: true once the server is shutting down."""
     return getattr(state, "exiting", None) or (lambda: False)
 
 
@@ -209,7 +238,7 @@ async def job_events(job_id: JobId, state: State, request: Request) -> ServerSen
     segment received."""
     if not visible(await jobstore.job(state.pool, job_id), request_owner(request)):
         raise NotFoundException(detail=f"no job with id {job_id}")
-    stream = job_stream(state.pool, state.wakeups, job_id, request.headers.get("last-event-id"), _exiting(state))
+    stream = job_stream(state.pool, state.wakeups, job_id, request.headers.get("last-event-id"), server_exiting(state))
     return ServerSentEvent(stream, headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
 
@@ -219,7 +248,7 @@ async def all_events(state: State, request: Request) -> ServerSentEvent:
     """A `job` event ({id, filename, status, stage, percent}) for each recent job at first (the
     processing ones and those that changed in the last hour, 100 at most), then one whenever a
     job of yours is created or moves on."""
-    return ServerSentEvent(jobs_stream(state.pool, state.wakeups, request_owner(request), _exiting(state)),
+    return ServerSentEvent(jobs_stream(state.pool, state.wakeups, request_owner(request), server_exiting(state)),
                            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
 

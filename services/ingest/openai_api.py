@@ -16,6 +16,7 @@ import math
 import string
 import time
 import zlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Annotated, Literal
@@ -26,7 +27,8 @@ from litestar.enums import RequestEncodingType
 from litestar.exceptions import HTTPException
 from litestar.openapi import ResponseSpec
 from litestar.params import Body, HeaderParameter, Parameter
-from litestar.response import Response
+from litestar.response import Response, ServerSentEvent
+from litestar.response.sse import ServerSentEventMessage
 from pydantic import ValidationError
 
 from common import jobstore
@@ -35,8 +37,9 @@ from common.logs import job_logged
 from common.messages import VOCABULARY_MAX_CHARS, JobOptions
 from services.ingest.admission import release_upload
 from services.ingest.auth import request_owner
-from services.ingest.errors import OpenAIErrorBody, error_body, error_responses, invalid
+from services.ingest.errors import OPENAI_PREFIX, OpenAIErrorBody, error_body, error_responses, invalid
 from services.ingest.jobs import Idempotency, clean_filename, earlier_job
+from services.ingest.live import job_updates, server_exiting
 from services.ingest.segments import TranscriptSegment
 from services.ingest.speakers import require_enrolled
 from services.ingest.submission import submit_recording
@@ -75,6 +78,9 @@ class OpenAITranscriptionForm:
     redact: Annotated[str | None, Parameter(
         description="This service's own: what to replace in the text, comma-separated (email, card, phone, "
                     "number)")] = None
+    stream: Annotated[bool, Parameter(
+        description="Events as the text is written: transcript.text.delta per segment, then transcript.text.done")] = (
+        False)
 
 
 # OpenAI's diarizing model takes up to 4 names, each with a 2-10 s reference clip, as repeated
@@ -228,6 +234,9 @@ async def transcribe_and_wait(state: State, request: Request, data: OpenAITransc
                 log.info("the same transcription request again: waiting for its job")
     # The recording is stored: waiting for the job holds no upload's place.
     release_upload(request.scope)
+    if data.stream:
+        return ServerSentEvent(text_events(state, job_id), headers={"Cache-Control": "no-store",
+                                                                     "X-Accel-Buffering": "no"})
     waiting = asyncio.ensure_future(wait_for_end(state, job_id, WAIT_S))
     gone = asyncio.ensure_future(client_gone(request))
     await asyncio.wait({waiting, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -246,6 +255,30 @@ async def transcribe_and_wait(state: State, request: Request, data: OpenAITransc
     if status == "error":
         raise HTTPException(status_code=422, detail=f"job {job_id} failed: {document.error}")
     return rendered(document, data.response_format, task)
+
+
+def _event(data: dict) -> ServerSentEventMessage:
+    return ServerSentEventMessage(data=json.dumps(data, ensure_ascii=False), sep="\n")
+
+
+async def text_events(state: State, job_id: int) -> AsyncIterator[ServerSentEventMessage]:
+    """OpenAI's streamed transcription: `transcript.text.delta` with each segment as it is stored,
+    then `transcript.text.done` with the whole text; a job that fails (or is deleted) ends the
+    stream with an error, which the SDKs raise."""
+    texts: list[str] = []
+    async for update in job_updates(state.pool, state.wakeups, job_id, (-1, -1), server_exiting(state)):
+        match update:
+            case ("segment", _, segment):
+                yield _event({"type": "transcript.text.delta", "delta": (" " if texts else "") + segment.text})
+                texts.append(segment.text)
+            case ("ended", job) if job["status"] == "done":
+                yield _event({"type": "transcript.text.done", "text": " ".join(texts)})
+            case ("ended", job):
+                yield _event(error_body(OPENAI_PREFIX, 500, f"job {job_id} failed: {job['error']}"))
+            case ("deleted",):
+                yield _event(error_body(OPENAI_PREFIX, 500, f"job {job_id} was deleted"))
+            case ("quiet",):
+                yield ServerSentEventMessage(data=None, comment="keep-alive", sep="\n")
 
 
 def openai_error(request: Request, exc: HTTPException) -> Response:
