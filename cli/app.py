@@ -294,7 +294,10 @@ def follow_jobs(client: httpx.Client, jobs: list[SubmittedJob]) -> dict[int, dic
                 if job.id in finished:
                     continue
                 try:
-                    document = checked(client.get(f"/status/{job.id}")).json()
+                    # The segments only once: a long job's would be read again every second.
+                    document = checked(client.get(f"/status/{job.id}", params={"segments": "false"})).json()
+                    if document["status"] in FINISHED:
+                        document = checked(client.get(f"/status/{job.id}")).json()
                 except httpx.TransportError:
                     progress.update(tasks[job.id], stage="[yellow]API unreachable, retrying")
                     continue

@@ -303,6 +303,8 @@ def dialogue(stack: Stack, fixtures_dir) -> dict:
 def test_status_says_stage_and_percent(dialogue, stack, tmp_path):
     assert dialogue["status"] == "done" and dialogue["stage"] == "done" and dialogue["percent"] == 100
     assert len({s["speaker"] for s in dialogue["segments"]}) == 2
+    light = httpx.get(f"{stack.api}/status/{dialogue['id']}", params={"segments": "false"}, timeout=30).json()
+    assert light == {k: v for k, v in dialogue.items() if k in ("status", "stage", "percent", "no_speech")}
     too_long = stack.submit(over_the_length_limit(tmp_path / "long.flac")).json()["id"]
     failed = stack.wait_finished(too_long)
     assert failed["status"] == "error" and "longer than" in failed["error"]

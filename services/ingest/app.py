@@ -224,10 +224,12 @@ async def cancel(job_id: JobId, state: State, request: Request) -> JobStatus:
 
 
 @get("/status/{job_id:int}", summary="State and segments of a job", responses=_errors(401, 403, 404, 503))
-async def job_status(job_id: FromPath[int], state: State, request: Request) -> JobStatus:
+async def job_status(job_id: FromPath[int], state: State, request: Request,
+                     segments: Annotated[bool, Parameter(description="false: status, stage and percent only, for a "
+                                                                     "client following a job")] = True) -> JobStatus:
     if not 1 <= job_id <= MAX_BIGINT:  # no such row can exist; PostgreSQL would refuse the number
         raise NotFoundException(detail=f"no job with id {job_id}")
-    document = await status_document(state.pool, job_id, owner=request_owner(request))
+    document = await status_document(state.pool, job_id, owner=request_owner(request), with_segments=segments)
     if document is None:
         raise NotFoundException(detail=f"no job with id {job_id}")
     return document

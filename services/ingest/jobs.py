@@ -188,27 +188,29 @@ class JobStatus(BaseModel):
     # The step the job is in (on error: the step it failed in); percent = chunks done / chunks.
     stage: Stage
     percent: int = Field(ge=0, le=100)
-    segments: list[TranscriptSegment]
+    # Left out with ?segments=false (a client following progress).
+    segments: list[TranscriptSegment] | None = None
     # True when the job is done and nobody talks in the recording (no segments, no turns).
     no_speech: bool = False
     error: str | None = None
 
 
 async def status_document(pool: asyncpg.Pool | asyncpg.Connection, job_id: int,
-                          owner: str | None = None, rows: list[asyncpg.Record] | None = None) -> JobStatus | None:
+                          owner: str | None = None, rows: list[asyncpg.Record] | None = None,
+                          with_segments: bool = True) -> JobStatus | None:
     """What GET /status/{id} returns (and the result file of a bucket drop). With `owner`
     (API keys on), another key's job is None, as if it did not exist. `rows`: the job's
     segments (jobstore.job_segments) when the caller has read them already."""
     job = await jobstore.job(pool, job_id)
     if job is None or (owner is not None and job["owner"] != owner):
         return None
-    if rows is None:
+    if rows is None and with_segments:
         rows = await jobstore.job_segments(pool, job_id)
     return JobStatus(
         status=job["status"], stage=public_stage(job["stage"]),
         percent=percent_done(job["status"], job["progress"]),
         # As GET /transcripts/{id} shows them, without words.
-        segments=[transcript_segment(r) for r in rows],
+        segments=[transcript_segment(r) for r in rows] if with_segments else None,
         # Done with nobody talking: a silent recording is a result (as hosted APIs report it).
         no_speech=job["no_speech"],
         error=job["error"] if job["status"] == "error" else None)
