@@ -59,14 +59,26 @@ def _migrations() -> list[tuple[int, str, str]]:
     return sorted(found)
 
 
+# Search filters while it walks the HNSW index (hnsw.iterative_scan), which pgvector has from 0.8;
+# from 0.6 on, setting it where it does not exist is an error.
+PGVECTOR_AT_LEAST = (0, 8)
+
+
 class MissingPgvector(RuntimeError):
-    """The database has no pgvector extension to install."""
+    """The database has no pgvector extension to install, or too old a one."""
 
     def __init__(self, detail: str):
         super().__init__(
-            f"PostgreSQL lacks the pgvector extension ({detail}). Install pgvector 0.5 or later on the "
+            f"PostgreSQL lacks a usable pgvector extension ({detail}). Install pgvector "
+            f"{'.'.join(map(str, PGVECTOR_AT_LEAST))} or later on the "
             "database server (Debian/Ubuntu: apt install postgresql-<version>-pgvector; Docker: the "
             "pgvector/pgvector image), or leave DATABASE_URL unset for `make run`'s embedded PostgreSQL.")
+
+
+def pgvector_too_old(version: str) -> bool:
+    """Whether an installed pgvector version ("0.7.4") is older than PGVECTOR_AT_LEAST."""
+    numbers = tuple(int(part) for part in version.split(".")[:2] if part.isdigit())
+    return numbers < PGVECTOR_AT_LEAST
 
 
 async def apply_migrations(pool: asyncpg.Pool) -> list[str]:
@@ -99,6 +111,11 @@ async def apply_migrations(pool: asyncpg.Pool) -> list[str]:
                     )
                 log.info("applied migration %s", name)
                 applied_now.append(name)
+            version = await conn.fetchval("SELECT extversion FROM pg_extension WHERE extname = 'vector'")
+            if version is None or pgvector_too_old(version):
+                missing = MissingPgvector(f"version {version} is installed" if version else "not installed")
+                log.critical("%s", missing)
+                raise missing
         finally:
             await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)
     return applied_now

@@ -274,3 +274,10 @@ async def test_every_upload_path_counts_against_max_concurrent_uploads():
         assert (await request("/status/1", "GET"))[0] == 200
         release.set()
         assert (await first)[0] == 200
+
+
+def test_a_pgvector_too_old_for_filtered_search_is_told_apart_by_version_numbers():
+    from common.db import pgvector_too_old
+
+    assert [pgvector_too_old(v) for v in ("0.5.1", "0.7.4", "0.8.0", "0.8.5", "0.10.1", "1.0")] == [
+        True, True, False, False, False, False]
