@@ -23,10 +23,10 @@ class NameTaken(Exception):
 
 async def create_speaker(conn: asyncpg.Connection, owner: str | None, name: str) -> int:
     """The owner's speaker of that name (names are unique per owner, case-insensitively), created if new."""
-    existing = await conn.fetchval(f"SELECT id FROM speakers WHERE {_OWNER} AND lower(name) = lower($2)", owner, name)
-    if existing is not None:
-        return existing
-    return await conn.fetchval("INSERT INTO speakers (owner, name) VALUES ($1, $2) RETURNING id", owner, name)
+    # One statement, so two enrolments of a new name at once make one speaker, not a unique violation.
+    return await conn.fetchval(
+        "INSERT INTO speakers (owner, name) VALUES ($1, $2) ON CONFLICT (coalesce(owner, ''), lower(name))"
+        " DO UPDATE SET name = speakers.name RETURNING id", owner, name)
 
 
 async def add_voiceprint(conn: asyncpg.Connection, speaker_id: int, embedding: list[float], model: str,
@@ -68,7 +68,11 @@ async def rename_speaker(conn: asyncpg.Connection, owner: str | None, speaker_id
     if clash is not None:
         raise NameTaken(name)
     old = await conn.fetchval("SELECT name FROM speakers WHERE id = $1", speaker_id)
-    await conn.execute("UPDATE speakers SET name = $2 WHERE id = $1", speaker_id, name)
+    try:
+        async with conn.transaction():  # a savepoint: the name taken meanwhile by another request
+            await conn.execute("UPDATE speakers SET name = $2 WHERE id = $1", speaker_id, name)
+    except asyncpg.UniqueViolationError as exc:
+        raise NameTaken(name) from exc
     await conn.execute("UPDATE transcript_speakers SET name = $2 WHERE matched_speaker_id = $1"
                        " AND name_source = 'auto'", speaker_id, name)
     # Jobs that expect the person (`expected_speakers`) go on expecting them by the new name.

@@ -231,3 +231,20 @@ def test_the_openai_endpoint_takes_the_names_of_enrolled_voices(enrolled, voices
                 "known_speaker_names": ["Anna"], "known_speaker_references": ["data:audio/wav;base64,UklGRg=="]})
     finally:
         assert owner.delete(f"/speakers/{anna.json()['id']}").status_code == 204
+
+
+def test_a_speaker_who_barely_talks_is_no_voiceprint(enrolled):
+    stack, owner, _, source = enrolled
+    voice_b = _speaker_at(stack.status(source, owner), 5.5)["speaker"]
+    # Recognition does not name anyone from under SPEAKER_MIN_SPEECH_S of speech; nor is it a voiceprint.
+    talked = stack.value("SELECT speech_s FROM transcript_speakers WHERE transcript_id = $1 AND speaker = $2",
+                         source, voice_b)
+    stack.value("UPDATE transcript_speakers SET speech_s = 0.5 WHERE transcript_id = $1 AND speaker = $2",
+                source, voice_b)
+    try:
+        brief = owner.post("/speakers", json={"name": "Brief", "transcript_id": source, "label": voice_b})
+        assert brief.status_code == 422 and "SPEAKER_MIN_SPEECH_S" in brief.json()["detail"], brief.text
+        assert owner.get("/speakers").json()["items"] == []
+    finally:
+        stack.value("UPDATE transcript_speakers SET speech_s = $3 WHERE transcript_id = $1 AND speaker = $2",
+                    source, voice_b, talked)

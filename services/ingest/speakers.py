@@ -177,9 +177,11 @@ async def _voice_of_sample(upload: UploadFile, settings: Settings) -> SpeakerEmb
             raise HTTPException(status_code=422, detail=str(exc)) from exc
 
 
-async def _voice_of_transcript_speaker(conn: asyncpg.Connection, owner: str | None,
-                                       reference: FromTranscript) -> SpeakerEmbedding:
-    job = await jobstore.job(conn, reference.transcript_id)
+async def _voice_of_transcript_speaker(conn: asyncpg.Connection, owner: str | None, reference: FromTranscript,
+                                       min_speech_s: float) -> SpeakerEmbedding:
+    # The job's row locked: two enrolments of one recording speaker at once wait for each other,
+    # so the second finds the first's voiceprint below.
+    job = await jobstore.lock_processing_job(conn, reference.transcript_id)
     if job is None or job["owner"] != owner:
         raise NotFoundException(detail=f"no job with id {reference.transcript_id}")
     if job["status"] != "done":
@@ -188,6 +190,11 @@ async def _voice_of_transcript_speaker(conn: asyncpg.Connection, owner: str | No
     if voice is None:
         raise HTTPException(status_code=400, detail=f"job {reference.transcript_id} has no speaker"
                                                     f" {reference.label[:20]!r} with a voice embedding")
+    if voice.speech_s < min_speech_s:
+        # What recognition would not trust to name anyone (SPEAKER_MIN_SPEECH_S) is no voiceprint either.
+        raise HTTPException(status_code=422, detail=f"{reference.label} of job {reference.transcript_id} talks for"
+                                                    f" {voice.speech_s:.1f} s, too little to recognise them by (at"
+                                                    f" least {min_speech_s:g} s: SPEAKER_MIN_SPEECH_S)")
     # The same voice twice would count double in its profile, or (under two names) leave the
     # matching to pick between two people with one voice.
     enrolled_as = await speakerstore.speaker_enrolled_from(conn, owner, reference.transcript_id, reference.label)
@@ -201,8 +208,10 @@ async def _voice_of_transcript_speaker(conn: asyncpg.Connection, owner: str | No
 
 
 @post("/speakers", status_code=201, summary="Enrol a speaker (or add a voiceprint to one)",
-      responses=error_responses(400, 401, 403, 404, 409, 413, 415, 503,
+      responses=error_responses(400, 401, 403, 404, 409, 413, 415, 422, 503,
                                 e404="No such job (for this key) to take the voice from",
+                                e422="The sample holds no speech or several voices, or the job's speaker talks"
+                                     " too little to be recognised by",
                                 e409="The job to take the voice from is not done, or that job's speaker is"
                                      " already a voiceprint"))
 async def enrol(request: Request, state: State) -> Enrolled:
@@ -232,7 +241,7 @@ async def enrol(request: Request, state: State) -> Enrolled:
                                                     " transcript_id, label)")
     async with state.pool.acquire() as conn, conn.transaction():
         if reference is not None:
-            voice = await _voice_of_transcript_speaker(conn, owner, reference)
+            voice = await _voice_of_transcript_speaker(conn, owner, reference, state.settings.speaker_min_speech_s)
         speaker_id = await speakerstore.create_speaker(conn, owner, name)
         await speakerstore.add_voiceprint(
             conn, speaker_id, voice.embedding, voice.model, voice.speech_s,
