@@ -77,6 +77,10 @@ STAGE_INPUTS: dict[str, list[type[Contract]]] = {
 STAGE_BINDINGS: dict[str, list[str]] = {
     service: [model.ROUTING_KEY for model in models] for service, models in STAGE_INPUTS.items()
 }
+# The services whose work is the job: a message of theirs that cannot be handled fails the job.
+# The others (the notifier, ingest) act on jobs' events: what they cannot handle is parked for an
+# operator, and the transcription goes on.
+JOB_STAGES = frozenset({"diarizer", "transcriber", "embedder", "persister"})
 
 # The broker is restarting or unreachable: a handler's publish failing for these reasons says
 # nothing about the job, so the message is held and the handler tried again, not failed.
@@ -376,7 +380,7 @@ async def consume(
         except ValidationError as exc:
             job_id = _job_id_of(message.body)
             log.error("invalid %s message: %s", routing_key, exc.errors()[:3])
-            if job_id is not None:
+            if job_id is not None and service in JOB_STAGES:
                 reason = f"invalid {routing_key} message: {_first_error(exc)}"
                 await bus.publish(JobFailed(job_id=job_id, stage=service, reason=reason))
             await _park(bus, message, headers, routing_key, "invalid message")
@@ -410,7 +414,8 @@ async def consume(
                     await message.ack()
                     return "retried"
                 else:
-                    log.exception("%s failed after %d attempts; failing the job", routing_key, attempt + 1)
+                    log.exception("%s failed after %d attempts; %s", routing_key, attempt + 1,
+                                  "failing the job" if service in JOB_STAGES else "parked in stt.dead-letters")
                     await _fail_job(bus, parsed, service,
                                     f"{service} failed after {attempt + 1} attempts: "
                                     f"{failure_category(exc)}, retries exhausted", permanent=False)
@@ -483,7 +488,7 @@ async def _run_waiting_out_outages(handler: Handler, parsed: BaseModel, bus: Bus
 
 async def _fail_job(bus: Bus, parsed: BaseModel, stage: str, reason: str, *, permanent: bool) -> None:
     job_id = getattr(parsed, "job_id", None)
-    if job_id is not None and not isinstance(parsed, JobFailed):
+    if job_id is not None and stage in JOB_STAGES and not isinstance(parsed, JobFailed):
         await bus.publish(JobFailed(job_id=job_id, stage=stage, reason=reason, permanent=permanent))
 
 

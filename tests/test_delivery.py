@@ -386,3 +386,31 @@ async def test_progress_of_a_job_that_already_failed_announces_the_failure_again
     assert (failed["message_id"], failed["reason"], failed["filename"]) == (
         f"transcript.failed:{job_id}", "cancelled", "cancelled.wav")
     assert stage != "diarizing"  # an ended job's stage does not move
+
+
+async def test_an_event_the_notifier_cannot_handle_is_parked_and_the_job_goes_on(stack):
+    """Webhooks act on jobs' events; an event they cannot handle must not fail the transcription."""
+    conn = await asyncpg.connect(stack.database_url)
+    connection = await aio_pika.connect(stack.amqp_url)
+    try:
+        job_id = await conn.fetchval("INSERT INTO transcripts (filename) VALUES ('still going.wav') RETURNING id")
+        channel = await connection.channel()
+        events = await channel.get_exchange("stt.events")
+        await events.publish(aio_pika.Message(json.dumps({"job_id": job_id, "v": 1}).encode(),
+                                              content_type="application/json"), routing_key="segment.created")
+        dead_letters = await channel.declare_queue("stt.dead-letters", passive=True)
+        deadline = time.monotonic() + 60
+        parked = False
+        while not parked:
+            assert time.monotonic() < deadline, "the notifier never parked the event"
+            message = await dead_letters.get(fail=False)
+            if message is None:
+                await asyncio.sleep(0.2)
+                continue
+            await message.ack()
+            parked = json.loads(message.body).get("job_id") == job_id
+        await asyncio.sleep(2)  # a job.failed, had one been published, would be stored by now
+        assert await conn.fetchval("SELECT status FROM transcripts WHERE id = $1", job_id) == "processing"
+    finally:
+        await connection.close()
+        await conn.close()
