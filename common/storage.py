@@ -9,11 +9,14 @@ from typing import BinaryIO
 
 import urllib3
 from minio import Minio
-from minio.error import S3Error
+from minio.error import S3Error, ServerError
 
 from common.settings import Settings
 
 PART_SIZE = 10 * 1024 * 1024
+# The object store is down or unreachable (no connection, or a 5xx answer): what must happen once
+# it is back is held until then (common.broker.consume's `wait_on`), not retried a few times.
+STORAGE_UNAVAILABLE: tuple[type[BaseException], ...] = (urllib3.exceptions.HTTPError, ServerError)
 
 
 def pcm_key(job_id: int) -> str:

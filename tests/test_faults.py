@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import os
 import re
 import signal
@@ -17,12 +18,14 @@ import time
 from pathlib import Path
 
 import aio_pika
+import asyncpg
 import httpx
 import numpy as np
 import pytest
 
 from common.audio import decode_audio
-from common.messages import JobDiarized, JobOptions, JobSubmitted, TimeSpan
+from common.messages import JobDiarized, JobOptions, JobSubmitted, TimeSpan, TranscriptCompleted
+from common.storage import object_exists
 from tests.audio_files import encode
 from tests.conftest import SERVICES, Stack, postgres_server, record_figure, running_stack, wait_for_port
 
@@ -47,6 +50,18 @@ def publish(stack: Stack, message) -> None:
         finally:
             await connection.close()
     asyncio.run(run())
+
+
+async def publish_event(stack: Stack, message) -> None:
+    connection = await aio_pika.connect(stack.amqp_url)
+    try:
+        channel = await connection.channel()
+        exchange = await channel.get_exchange("stt.events")
+        await exchange.publish(aio_pika.Message(message.model_dump_json().encode(),
+                                                delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                               routing_key=message.ROUTING_KEY)
+    finally:
+        await connection.close()
 
 
 def wait_all(stack: Stack, job_ids: list[int], timeout: float = 400) -> dict[int, dict]:
@@ -206,6 +221,42 @@ def test_object_store_outage_refuses_uploads_and_fails_stranded_jobs(faulty, fix
     report("object store down", faulty, [stranded, *job_ids], {stranded: document, **documents},
            f"upload during outage -> {upload_during}; stranded job: {document['error'][:60]}...")
     assert documents[job_ids[0]]["status"] == "done"
+
+
+async def test_a_job_that_ends_while_the_object_store_is_down_is_tidied_once_it_is_back(faulty):
+    """When a job ends, ingest writes a bucket drop's result file and removes the decoded audio;
+    nothing tries that again later, so through an outage longer than every retry it must wait."""
+    [row] = faulty.query("INSERT INTO transcripts (filename, status, stage, completed_at, source, source_bucket,"
+                         " source_key) VALUES ('tidy.wav', 'done', 'done', now(), 'bucket', 'inbox', 'tidy.wav')"
+                         " RETURNING id")
+    job_id = row["id"]
+    port = int(faulty.env["MINIO_ENDPOINT"].rsplit(":", 1)[1])
+    faulty.stop("s3")
+    conn = await asyncpg.connect(faulty.database_url)
+    try:
+        await publish_event(faulty, TranscriptCompleted(job_id=job_id, transcript_id=job_id, filename="tidy.wav",
+                                                        segment_count=0))
+        await asyncio.sleep(25)  # past RETRY_DELAYS_S and the S3 client's own retries, on every attempt
+        # moto forgets everything on restart (MinIO would not): the job's row is held while the store
+        # comes back with what it held, so the tidying cannot run before then.
+        async with conn.transaction():
+            await conn.execute("SELECT 1 FROM transcripts WHERE id = $1 FOR UPDATE", job_id)
+            faulty.start("s3", "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port))
+            wait_for_port(port)
+            for bucket in ("audio", "inbox"):
+                faulty.s3().make_bucket(bucket)
+            faulty.s3().put_object("audio", f"pcm/{job_id}.s16le", io.BytesIO(bytes(3200)), 3200)
+    finally:
+        await conn.close()
+        if "s3" not in faulty.processes or faulty.processes["s3"].poll() is not None:
+            faulty.start("s3", "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port))
+            wait_for_port(port)
+    deadline = time.monotonic() + 90
+    while object_exists(faulty.s3(), "audio", f"pcm/{job_id}.s16le") or not object_exists(
+            faulty.s3(), "inbox", "results/tidy.wav.json"):
+        assert time.monotonic() < deadline, "a job that ended during the outage was never tidied"
+        await asyncio.sleep(1)
+    faulty.wait_ready()
 
 
 def test_poison_messages_are_dead_lettered_and_the_queue_keeps_flowing(faulty, fixtures_dir):

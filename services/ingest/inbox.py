@@ -25,7 +25,7 @@ from common.db import DATABASE_UNAVAILABLE
 from common.logs import job_logged
 from common.messages import JobOptions, TranscriptCompleted, TranscriptFailed
 from common.settings import Settings
-from common.storage import pcm_key, upload_bytes, upload_json
+from common.storage import STORAGE_UNAVAILABLE, pcm_key, upload_bytes, upload_json
 from services.ingest.auth import owner_of
 from services.ingest.jobs import BucketDrop, clean_filename, create_job, result_keys, status_document
 from services.ingest.redacted_audio import redact_recording
@@ -223,7 +223,9 @@ class Inbox:
             await results_queue.bind(stt_events, route.routing_key)
         await asyncio.gather(
             consume(connection, self.settings, "ingest", [Route(BucketEvent, self.on_event, any_routing_key=True)],
-                    queue_name=INBOX_EVENTS_QUEUE, wait_on=DATABASE_UNAVAILABLE),
+                    queue_name=INBOX_EVENTS_QUEUE, wait_on=(*DATABASE_UNAVAILABLE, *STORAGE_UNAVAILABLE)),
+            # An ending's tidying (result files, redaction, the decoded audio's removal) is never
+            # tried again later: through an object-store outage it waits for the store.
             consume(connection, self.settings, "ingest", job_ended, queue_name=RESULTS_QUEUE,
-                    wait_on=DATABASE_UNAVAILABLE),
+                    wait_on=(*DATABASE_UNAVAILABLE, *STORAGE_UNAVAILABLE)),
         )
