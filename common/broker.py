@@ -52,6 +52,7 @@ from common.messages import (
     JobFailed,
     JobProgress,
     JobSubmitted,
+    TranscriptCompleted,
     TranscriptFailed,
     WebhookDue,
 )
@@ -249,10 +250,11 @@ Handler = Callable[[Any], AsyncIterator[Contract] | Awaitable[Any]]
 
 
 class EndedJobs:
-    """The jobs that ended before their work did (failed, or cancelled by their owner), as
-    announced on stt.events while this process ran: the newest ENDED_JOBS_KEPT of them. A
-    pipeline stage skips their messages; what a replica started after the announcement still
-    does is dropped by the persister, which stores nothing for a job that is not processing."""
+    """The jobs that ended (done, failed, or cancelled by their owner), as announced on
+    stt.events while this process ran: the newest ENDED_JOBS_KEPT of them. A pipeline stage skips
+    their messages (a job's work delivered again after it was done, or left over after it
+    failed); what a replica started after the announcement still does is dropped by the
+    persister, which stores nothing for a job that is not processing."""
 
     def __init__(self) -> None:
         self._ids: OrderedDict[int, None] = OrderedDict()
@@ -285,12 +287,13 @@ async def watch_job_events(connection: AbstractRobustConnection, queue_prefix: s
 
 
 async def watch_ended_jobs(connection: AbstractRobustConnection, service: str, ended: EndedJobs) -> None:
-    """Fill `ended` from stt.events' transcript.failed."""
+    """Fill `ended` from stt.events' transcript.failed and transcript.completed."""
     def add(job_id: int | None) -> None:
         if job_id is not None:
             ended.add(job_id)
 
-    await watch_job_events(connection, f"stt.{service}.ended", [TranscriptFailed.ROUTING_KEY], add)
+    await watch_job_events(connection, f"stt.{service}.ended",
+                           [TranscriptFailed.ROUTING_KEY, TranscriptCompleted.ROUTING_KEY], add)
 
 
 @dataclass

@@ -19,6 +19,7 @@ from common.messages import (
     SpeakerEmbedding,
     SpeakerName,
     SpeakerTurn,
+    TranscriptCompleted,
     TranscriptFailed,
     redacted_label,
 )
@@ -514,16 +515,27 @@ async def fail(conn: asyncpg.Connection, job_id: int, reason: str, service: str)
     return True
 
 
-async def announce_failure_again(conn: asyncpg.Connection, job_id: int) -> bool:
-    """Queue a failed job's transcript.failed once more, under its own message id (subscribers
-    see the same event again, as at-least-once delivery allows). False for a job not in error."""
-    failed = await conn.fetchrow(
-        f"SELECT filename, error, {_REFERENCE} AS reference FROM transcripts WHERE id = $1 AND status = 'error'",
-        job_id)
-    if failed is None:
+async def announce_end_again(conn: asyncpg.Connection, job_id: int) -> bool:
+    """Queue an ended job's transcript.completed or transcript.failed once more, under its own
+    message id (subscribers see the same event again, as at-least-once delivery allows). False for
+    a job still processing."""
+    ended = await conn.fetchrow(
+        f"""SELECT status, filename, error, language, duration, {_REFERENCE} AS reference,
+                   (SELECT count(*) FROM segments WHERE transcript_id = $1) AS segment_count, {NO_SPEECH_COLUMN}
+              FROM transcripts WHERE id = $1 AND status <> 'processing'""", job_id)
+    if ended is None:
         return False
-    await add_to_outbox(conn, _failure(job_id, failed["filename"], failed["error"], failed["reference"]))
+    await add_to_outbox(conn, completion(job_id, ended) if ended["status"] == "done"
+                        else _failure(job_id, ended["filename"], ended["error"], ended["reference"]))
     return True
+
+
+def completion(job_id: int, done: asyncpg.Record) -> TranscriptCompleted:
+    """A done job's transcript.completed, from what mark_done returns."""
+    return TranscriptCompleted(
+        message_id=f"transcript.completed:{job_id}", job_id=job_id, transcript_id=job_id, filename=done["filename"],
+        language=done["language"], duration=done["duration"], segment_count=done["segment_count"],
+        no_speech=done["no_speech"], reference=done["reference"])
 
 
 def _failure(job_id: int, filename: str, reason: str, reference: str | None) -> TranscriptFailed:

@@ -388,6 +388,30 @@ async def test_progress_of_a_job_that_already_failed_announces_the_failure_again
     assert stage != "diarizing"  # an ended job's stage does not move
 
 
+async def test_a_job_done_and_delivered_again_announces_its_completion_again(stack):
+    """The broker gives a job.submitted again after a lost connection although the job got done
+    meanwhile: the second diarization's first progress report makes the completion go out again
+    (the same event), so that the diarizer stops and the transcribers skip its chunks."""
+    from common.messages import JobProgress
+
+    conn = await asyncpg.connect(stack.database_url)
+    try:
+        job_id = await conn.fetchval(
+            "INSERT INTO transcripts (filename, status, stage, progress, language, completed_at)"
+            " VALUES ('twice.wav', 'done', 'done', 1, 'en', now()) RETURNING id")
+        connection = await aio_pika.connect(stack.amqp_url)
+        async with connection:
+            queue = await events_queue(await connection.channel(), "transcript.completed")
+            await publish(stack, JobProgress(job_id=job_id, stage="diarizing"))
+            [completed] = await job_events(queue, job_id, lambda bodies: bodies, timeout=30)
+        status, stage = await conn.fetchrow("SELECT status, stage FROM transcripts WHERE id = $1", job_id)
+    finally:
+        await conn.close()
+    assert (completed["message_id"], completed["filename"], completed["language"]) == (
+        f"transcript.completed:{job_id}", "twice.wav", "en")
+    assert (status, stage) == ("done", "done")
+
+
 async def test_an_event_the_notifier_cannot_handle_is_parked_and_the_job_goes_on(stack):
     """Webhooks act on jobs' events; an event they cannot handle must not fail the transcription."""
     conn = await asyncpg.connect(stack.database_url)

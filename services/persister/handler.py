@@ -18,7 +18,6 @@ from common.messages import (
     JobFailed,
     JobProgress,
     SegmentCreated,
-    TranscriptCompleted,
 )
 from common.outbox import add_to_outbox
 from common.settings import get_settings
@@ -62,15 +61,16 @@ async def _store_chunk(conn: asyncpg.Connection, job: asyncpg.Record, message: C
 
 
 async def on_progress(pool: asyncpg.Pool, message: JobProgress) -> bool:
-    """The job's stage moves on. Progress of a job that has already failed comes from a diarizer
-    that never heard so (a replica started after the job was cancelled): the failure is
-    announced again, so that the diarizer stops (or does not store the decoded audio), ingest
-    removes what was stored, and the transcribers skip the chunks. True when it was."""
+    """The job's stage moves on. Progress of a job that has already ended comes from a diarizer
+    that never heard so: a replica started after the job was cancelled, or a second delivery of a
+    job already done (the broker gave it again after a lost connection). The ending is announced
+    again, so that the diarizer stops (or does not store the decoded audio), ingest removes what
+    was stored, and the transcribers skip the chunks. True when it was."""
     async with pool.acquire() as conn, conn.transaction():
         await jobstore.advance(conn, message.job_id, message.stage, duration=message.duration,
                                chunk_count=message.chunk_count)
-        if await jobstore.announce_failure_again(conn, message.job_id):
-            log.info("%s reported after the job had failed; its failure is announced again", message.stage)
+        if await jobstore.announce_end_again(conn, message.job_id):
+            log.info("%s reported after the job had ended; its ending is announced again", message.stage)
             return True
     return False
 
@@ -116,13 +116,7 @@ async def on_embedded(pool: asyncpg.Pool, message: ChunkEmbedded) -> bool:
         embedded = await jobstore.embedded_chunks(conn, message.job_id)
         if embedded >= message.chunk_count:
             info = await jobstore.mark_done(conn, message.job_id)
-            await add_to_outbox(conn, TranscriptCompleted(
-                message_id=f"transcript.completed:{message.job_id}",
-                job_id=message.job_id, transcript_id=message.job_id, filename=info["filename"],
-                language=info["language"], duration=info["duration"],
-                segment_count=info["segment_count"],
-                no_speech=info["no_speech"], reference=info["reference"],
-            ))
+            await add_to_outbox(conn, jobstore.completion(message.job_id, info))
             log.info("job done: %d chunks, %d segments", embedded, info["segment_count"])
         else:
             await jobstore.set_progress(conn, message.job_id, embedded / message.chunk_count)
