@@ -122,6 +122,13 @@ async def job_segments(db: Db, job_id: int) -> list[asyncpg.Record]:
     return await db.fetch(f"{_SEGMENT} ORDER BY s.start_ts, s.chunk_index, s.index", job_id)
 
 
+# The language a segment's text is written, and indexed for search, in: English for a translated
+# job's (the transcriber writes English), else the segment's own or its transcript's (as
+# store_segments indexes it). In SQL over segments s JOIN transcripts t.
+_SEGMENT_TEXT_LANGUAGE = ("(CASE WHEN t.options->>'task' = 'translate' THEN 'en'"
+                          " ELSE COALESCE(s.language, t.language) END)")
+
+
 async def job_segment(db: Db, job_id: int, chunk_index: int, index: int) -> asyncpg.Record | None:
     """One segment, with the fields of job_segments."""
     return await db.fetchrow(f"{_SEGMENT} AND s.chunk_index = $2 AND s.index = $3", job_id, chunk_index, index)
@@ -131,7 +138,7 @@ async def lock_segment(conn: asyncpg.Connection, job_id: int, chunk_index: int, 
     """One segment (with the language its text is indexed in), locked until the transaction ends."""
     return await conn.fetchrow(
         "SELECT s.speaker, s.start_ts, s.end_ts, s.text, s.words, s.embedding_model,"
-        " COALESCE(s.language, t.language) AS text_language FROM segments s"
+        f" {_SEGMENT_TEXT_LANGUAGE} AS text_language FROM segments s"
         " JOIN transcripts t ON t.id = s.transcript_id"
         " WHERE s.transcript_id = $1 AND s.chunk_index = $2 AND s.index = $3 FOR UPDATE OF s",
         job_id, chunk_index, index)
@@ -601,6 +608,7 @@ async def stalled_job_ids(db: Db, timeout_s: float) -> list[int]:
 # which that was.
 _TEXT_QUERY = ("(websearch_to_tsquery('english', $1) || websearch_to_tsquery('russian', $1)"
                " || websearch_to_tsquery('simple', $1))")
+_SEGMENT_TEXT_CONFIG = f"stt_text_config({_SEGMENT_TEXT_LANGUAGE})"
 _HIT_COLUMNS = ("s.transcript_id, s.chunk_index, s.index, t.filename, s.speaker, n.name AS speaker_name,"
                 " s.start_ts, s.end_ts, s.text")
 
@@ -623,7 +631,10 @@ async def search_text(db: Db, query: str, *, limit: int, **filters) -> list[asyn
         f"SELECT {_HIT_COLUMNS}, ts_rank_cd(s.search_text, q.query) AS score, NULL::text AS highlighted"
         f" FROM segments s JOIN transcripts t ON t.id = s.transcript_id {_SPEAKER_NAME},"
         f" (SELECT {_TEXT_QUERY} AS query) q"
-        f" WHERE s.search_text @@ q.query{where}"
+        # The three languages' queries joined by OR find the candidates through the index; a
+        # segment must also match in its own language, or "-word" would be ignored wherever one
+        # stemming leaves the word out (`simple` keeps "meetings" where English indexed "meet").
+        f" WHERE s.search_text @@ q.query AND s.search_text @@ websearch_to_tsquery({_SEGMENT_TEXT_CONFIG}, $1){where}"
         f" ORDER BY score DESC, s.transcript_id DESC, s.start_ts LIMIT ${len(args)}", *args)
 
 
@@ -634,7 +645,7 @@ async def highlights(db: Db, query: str, keys: list[tuple[int, int, int]]) -> di
         return {}
     rows = await db.fetch(
         "SELECT s.transcript_id, s.chunk_index, s.index,"
-        " ts_headline(stt_text_config(COALESCE(s.language, t.language)), s.text, q.query,"
+        f" ts_headline({_SEGMENT_TEXT_CONFIG}, s.text, q.query,"
         " 'StartSel=<mark>, StopSel=</mark>, HighlightAll=true') AS highlighted"
         f" FROM segments s JOIN transcripts t ON t.id = s.transcript_id, (SELECT {_TEXT_QUERY} AS query) q"
         " WHERE (s.transcript_id, s.chunk_index, s.index) IN"

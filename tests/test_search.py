@@ -61,6 +61,12 @@ def test_a_word_is_found_and_marked_in_its_own_language(searched):
     assert [h["transcript_id"] for h in russian] == [jobs["ru_dialogue.wav"]], russian
     assert "<mark>" in russian[0]["highlighted"] and "совещани" in russian[0]["highlighted"].lower()
     assert search(stack, owner, q="zebra", mode="text").json()["items"] == []
+    # A word left out with "-" is left out, though another language's stemming keeps it ("sales"
+    # stays whole without stemming, where English indexed "sale").
+    grew = search(stack, owner, q="grew", mode="text").json()["items"]
+    assert any("sales" in h["text"].lower() for h in grew), grew
+    assert not any("sales" in h["text"].lower() for h in search(stack, owner, q="grew -sales", mode="text").json()[
+        "items"])
 
 
 def test_hybrid_fuses_both_and_says_which_found_each_hit(searched):
@@ -117,6 +123,14 @@ def test_a_translated_recording_is_english_and_searched_as_english(searched, fix
         # Another form of a word that was written finds it.
         hits = search(stack, client, q="modified", mode="text").json()["items"]
         assert hits and {hit["transcript_id"] for hit in hits} == {job}, hits  # Whisper may repeat "to modify"
+        assert all("<mark>" in hit["highlighted"] for hit in hits), hits  # marked as English too
+        # A corrected segment is indexed again as English, not as the German spoken.
+        first = document["segments"][0]
+        corrected = client.patch(f"{stack.api}/transcripts/{job}/segments/{first['chunk_index']}/{first['index']}",
+                                 json={"text": first["text"] + " Extensions follow."})
+        assert corrected.status_code == 200, corrected.text
+        extended = search(stack, client, q="extension", mode="text").json()["items"]
+        assert [(h["transcript_id"], h["start_ts"]) for h in extended] == [(job, first["start_ts"])], extended
 
 
 def test_a_recording_that_switches_language_is_written_and_searched_in_each(searched, fixtures_dir, tmp_path):
