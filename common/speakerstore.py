@@ -112,10 +112,12 @@ async def unknown_names(db: Db, owner: str | None, names: list[str]) -> list[str
     """Those of `names` that are none of the owner's speakers (names compare case-insensitively)."""
     if not names:
         return []
-    known = await db.fetch(f"SELECT lower(name) AS name FROM speakers WHERE {_OWNER} AND lower(name) = ANY($2::text[])",
-                           owner, [n.lower() for n in names])
-    found = {r["name"] for r in known}
-    return [n for n in names if n.lower() not in found]
+    # Both sides lowered by PostgreSQL: Python's lower() differs from it ("İ", or any non-ASCII
+    # letter in a database whose collation is C).
+    rows = await db.fetch(f"SELECT n FROM unnest($2::text[]) WITH ORDINALITY AS given(n, i) WHERE NOT EXISTS"
+                          f" (SELECT 1 FROM speakers WHERE {_OWNER} AND lower(name) = lower(n)) ORDER BY i",
+                          owner, names)
+    return [r["n"] for r in rows]
 
 
 async def owner_transcripts_with_voices(db: Db, owner: str | None) -> list[int]:

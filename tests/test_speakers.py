@@ -248,3 +248,22 @@ def test_a_speaker_who_barely_talks_is_no_voiceprint(enrolled):
     finally:
         stack.value("UPDATE transcript_speakers SET speech_s = $3 WHERE transcript_id = $1 AND speaker = $2",
                     source, voice_b, talked)
+
+
+async def test_names_in_any_script_are_known_whatever_their_case(enrolled):
+    """PostgreSQL's lower() decides, as for the unique names: Python's differs on "İ"."""
+    import asyncpg
+
+    from common import speakerstore
+
+    stack, *_ = enrolled
+    conn = await asyncpg.connect(stack.database_url)
+    try:
+        async with conn.transaction():
+            await conn.execute("INSERT INTO speakers (owner, name) VALUES ('names-test', 'İlker'),"
+                               " ('names-test', 'Анна')")
+            unknown = await speakerstore.unknown_names(conn, "names-test", ["İlker", "анна", "Nobody", "АННА"])
+            await conn.execute("DELETE FROM speakers WHERE owner = 'names-test'")
+    finally:
+        await conn.close()
+    assert unknown == ["Nobody"]
