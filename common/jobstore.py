@@ -692,12 +692,13 @@ async def segments_to_reindex(db: Db, job_id: int, model: str) -> list[asyncpg.R
 
 
 async def store_reindexed(conn: asyncpg.Connection, job_id: int, model: str,
-                          vectors: list[tuple[int, int, list[float]]]) -> None:
-    """New embeddings, (chunk_index, index, vector), of one model for a job's segments."""
+                          vectors: list[tuple[int, int, str, list[float]]]) -> None:
+    """New embeddings, (chunk_index, index, the text embedded, vector), of one model for a job's
+    segments; a segment whose text was corrected meanwhile keeps waiting for its own."""
     await conn.executemany(
         "UPDATE segments SET embedding = $4::real[]::vector, embedding_model = $5"
-        " WHERE transcript_id = $1 AND chunk_index = $2 AND index = $3",
-        [(job_id, chunk, index, vector, model) for chunk, index, vector in vectors])
+        " WHERE transcript_id = $1 AND chunk_index = $2 AND index = $3 AND text = $6",
+        [(job_id, chunk, index, vector, model, text) for chunk, index, text, vector in vectors])
 
 
 async def reindex_counts(db: Db, model: str) -> asyncpg.Record:

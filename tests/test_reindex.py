@@ -83,3 +83,32 @@ def test_a_new_embedding_model_reembeds_every_stored_segment(keyed):
     assert hits["embedding_model"] == USE and hits["items"][0]["transcript_id"] == jobs[0]
     again = stt(stack, ADMIN, "reindex")
     assert again.stdout.strip() == f"{segments} segments embedded with {USE}, 0 to do (done)"
+
+
+async def test_a_segment_corrected_while_it_is_reembedded_is_not_given_its_old_texts_vector(keyed):
+    """A correction clears the segment's vector for the next re-embedding; one under way, which
+    embedded the old text, must not store that vector over it as if it were the new text's."""
+    import asyncpg
+
+    from services.ingest.reindex import Reindexer
+
+    stack, _, jobs = keyed
+    pool = await asyncpg.create_pool(stack.database_url, min_size=1, max_size=2)
+    corrected = []
+
+    async def embed(texts: list[str]) -> list[list[float]]:
+        if not corrected:  # the owner corrects the first segment while its old text is embedded
+            corrected.append(await pool.execute(
+                "UPDATE segments SET text = 'Corrected by hand.', embedding_model = NULL"
+                " WHERE transcript_id = $1 AND chunk_index = 0 AND index = 0", jobs[0]))
+        return [[1.0] + [0.0] * 511 for _ in texts]
+
+    try:
+        await Reindexer(pool, embed, "race-test-model")._reindex_job(jobs[0])
+        rows = await pool.fetch("SELECT chunk_index, index, embedding_model FROM segments WHERE transcript_id = $1"
+                                " ORDER BY chunk_index, index", jobs[0])
+    finally:
+        await pool.close()
+    assert corrected == ["UPDATE 1"]
+    assert rows[0]["embedding_model"] is None  # waits for the next run, which embeds the corrected text
+    assert {r["embedding_model"] for r in rows[1:]} == {"race-test-model"}

@@ -72,9 +72,9 @@ class Reindexer:
             for i in range(0, len(rows), BATCH):
                 batch = rows[i:i + BATCH]
                 embedded = await self.embed([r["text"] for r in batch])
-                vectors += [(r["chunk_index"], r["index"], v) for r, v in zip(batch, embedded)]
+                vectors += [(r["chunk_index"], r["index"], r["text"], v) for r, v in zip(batch, embedded)]
             if vectors:
-                await jobstore.ensure_vector_index(self.pool, self.model, len(vectors[0][2]))
+                await jobstore.ensure_vector_index(self.pool, self.model, len(vectors[0][3]))
             async with self.pool.acquire() as conn, conn.transaction():
                 await jobstore.store_reindexed(conn, job_id, self.model, vectors)
             log.info("re-embedded %d segments with %s", len(vectors), self.model)
