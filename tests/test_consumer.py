@@ -132,7 +132,8 @@ async def test_when_failing_the_job_cannot_be_published_the_message_goes_back_to
                 deliveries.append(message)
                 raise PermanentError("not audio")
 
-            consumer = asyncio.create_task(consume(connection, settings, "test",
+            # As a stage of the transcript, whose failures fail the job.
+            consumer = asyncio.create_task(consume(connection, settings, "transcriber",
                                                    [Route(JobProgress, bad_input, any_routing_key=True)],
                                                    queue_name=QUEUE))
             while await consumers(connection, QUEUE) == 0:
