@@ -179,6 +179,12 @@ def test_thai_words_written_without_spaces_are_cut_into_cues_that_fit():
     assert all(columns(line) <= 42 for c in cues for line in c.lines), cues
 
 
+def test_marks_that_sit_on_a_letter_take_no_column_and_a_blank_segment_makes_no_cue():
+    assert [columns(text) for text in ("नमस्ते", "e\u0301", "会议", "ok")] == [4, 1, 4, 2]
+    blank = TranscriptSegment(speaker="spk_0", start_ts=1.0, end_ts=2.0, text="   ")
+    assert (to_srt([blank]), to_vtt([blank])) == ("", "WEBVTT\n")
+
+
 def test_rttm_keeps_file_names_in_any_script_and_leaves_out_turns_too_short_to_write():
     assert rttm_uri("встреча 1.wav") == "встреча_1" and rttm_uri("会议.mp3") != rttm_uri("会谈.mp3")
     turns = [SpeakerTurn(speaker="spk_0", start=1.0, end=1.0002), SpeakerTurn(speaker="spk_1", start=2.0, end=3.5)]

@@ -63,12 +63,16 @@ UNSPACED_SCRIPTS = ((0x0E00, 0x0EFF), (0x1000, 0x109F), (0x1780, 0x17FF))
 
 
 def columns(text: str) -> int:
-    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+    """Display columns: two for a wide character, none for a mark that sits on the one before
+    (Devanagari and Thai vowel signs, accents written apart, joiners and variation selectors)."""
+    return sum(0 if unicodedata.category(c) in ("Mn", "Me", "Cf") else 2 if unicodedata.east_asian_width(c) in "WF"
+               else 1 for c in text)
 
 
 def _written_with_spaces(character: str) -> bool:
     code = ord(character)
-    return columns(character) == 1 and not any(first <= code <= last for first, last in UNSPACED_SCRIPTS)
+    return unicodedata.east_asian_width(character) not in "WF" and not any(
+        first <= code <= last for first, last in UNSPACED_SCRIPTS)
 
 
 def _tokens(segment: Captioned) -> list[_Token] | None:
@@ -171,6 +175,8 @@ def _break_after(tokens: Sequence[_Token], room: int) -> int:
 def _segment_cues(segment: Captioned, width: int, count: int, speaker_takes_room: bool) -> list[Cue]:
     speaker = segment.speaker_name or segment.speaker
     label = columns(f"{speaker}: ") if speaker_takes_room else 0
+    if not segment.text.strip():
+        return []
     tokens = _tokens(segment)
     if tokens is None:  # no word times: the segment as one cue
         words = [_Token((" " if i else "") + w, segment.start_ts, segment.end_ts)
