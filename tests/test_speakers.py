@@ -267,3 +267,20 @@ async def test_names_in_any_script_are_known_whatever_their_case(enrolled):
     finally:
         await conn.close()
     assert unknown == ["Nobody"]
+
+
+def test_renaming_a_person_to_a_name_given_by_hand_leaves_it_on_one_speaker(enrolled):
+    stack, owner, _, source = enrolled
+    first = stack.status(source, owner)
+    voice_a, voice_b = _speaker_at(first, 2.0)["speaker"], _speaker_at(first, 5.5)["speaker"]
+    anna = owner.post("/speakers", json={"name": "Anna", "transcript_id": source, "label": voice_a})
+    assert anna.status_code == 201, anna.text
+    try:
+        assert owner.patch(f"/transcripts/{source}/speakers", json={voice_b: "Boris"}).status_code == 200
+        assert owner.patch(f"/speakers/{anna.json()['id']}", json={"name": "Boris"}).status_code == 200
+        names = owner.get(f"/transcripts/{source}/speakers").json()["speakers"]
+        assert ({label: names[label].get("name") for label in (voice_a, voice_b)}
+                == {voice_a: None, voice_b: "Boris"}), names
+    finally:
+        assert owner.delete(f"/speakers/{anna.json()['id']}").status_code == 204
+        assert owner.patch(f"/transcripts/{source}/speakers", json={voice_b: None}).status_code == 200

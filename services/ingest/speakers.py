@@ -283,6 +283,9 @@ async def rename(speaker_id: SpeakerId, data: Rename, request: Request, state: S
             raise HTTPException(status_code=409, detail=f"another speaker is already called {name!r}") from exc
         for transcript_id in await speakerstore.named_by(conn, speaker_id):
             await announce_speaker_names(conn, transcript_id)
+    # Under its new name the person may be one a recording named by hand already: matched again,
+    # the recording keeps that name on one speaker only.
+    await rename_owner_recordings(state.pool, state.settings, owner)
     state.outbox_wake.set()
     return await _profile(state.pool, owner, speaker_id)
 
