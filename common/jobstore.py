@@ -41,6 +41,11 @@ SUMMARY_COLUMNS = ("id, filename, status, stage, progress, language, duration, c
 
 # ---- creating jobs (ingest) -------------------------------------------------------------------
 
+async def existing_job_ids(db: Db, job_ids: list[int]) -> set[int]:
+    """Those of `job_ids` that are jobs."""
+    return {r["id"] for r in await db.fetch("SELECT id FROM transcripts WHERE id = ANY($1::bigint[])", job_ids)}
+
+
 async def reserve_job_id(db: Db) -> int:
     return await db.fetchval("SELECT nextval(pg_get_serial_sequence('transcripts', 'id'))")
 

@@ -438,3 +438,28 @@ async def test_an_event_the_notifier_cannot_handle_is_parked_and_the_job_goes_on
     finally:
         await connection.close()
         await conn.close()
+
+
+async def test_an_upload_left_without_a_job_is_removed_and_a_jobs_upload_kept(stack):
+    """An ingest killed between storing a recording and committing its job leaves the upload
+    with no row; the hourly look removes such uploads once they are old enough, and no other."""
+    import io
+
+    from common.storage import object_exists
+    from services.ingest.orphans import remove_orphan_uploads
+
+    conn = await asyncpg.connect(stack.database_url)
+    pool = await asyncpg.create_pool(stack.database_url, min_size=1, max_size=2)
+    try:
+        kept = await conn.fetchval("INSERT INTO transcripts (filename) VALUES ('kept.wav') RETURNING id")
+        orphan = await conn.fetchval("SELECT nextval(pg_get_serial_sequence('transcripts', 'id'))")
+        s3 = stack.s3()
+        for job_id in (kept, orphan):
+            s3.put_object("audio", f"uploads/{job_id}", io.BytesIO(b"RIFF"), 4)
+        assert await remove_orphan_uploads(pool, s3, "audio", age_s=3600) == 0  # too new to tell
+        assert await remove_orphan_uploads(pool, s3, "audio", age_s=0) >= 1
+        assert not object_exists(s3, "audio", f"uploads/{orphan}")
+        assert object_exists(s3, "audio", f"uploads/{kept}")
+    finally:
+        await pool.close()
+        await conn.close()

@@ -56,6 +56,7 @@ from services.ingest.jobs import (
 )
 from services.ingest.live import LIVE_ROUTES, Wakeups
 from services.ingest.openai_api import OPENAI_ROUTES
+from services.ingest.orphans import run_orphan_sweep
 from services.ingest.page import PAGE_ROUTES
 from services.ingest.playback import PLAYBACK_ROUTES
 from services.ingest.readiness import CHECK_TIMEOUT_S, ObjectStoreProbe, run_checks
@@ -333,7 +334,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
                  asyncio.create_task(inbox.run_consumers(state.connection)),
                  asyncio.create_task(watch_queue_depths(state.connection, queues)),
                  asyncio.create_task(state.wakeups.run(state.connection)),
-                 asyncio.create_task(run_retention(state.pool, state.s3, settings))]
+                 asyncio.create_task(run_retention(state.pool, state.s3, settings)),
+                 asyncio.create_task(run_orphan_sweep(state.pool, state.s3, settings.audio_bucket))]
         log.info("ingest ready on %s:%d", settings.api_host, settings.api_port)
         try:
             yield

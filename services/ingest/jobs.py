@@ -26,9 +26,12 @@ from services.ingest.segments import TranscriptSegment, transcript_segment
 log = logging.getLogger(__name__)
 
 
+UPLOAD_PREFIX = "uploads/"
+
+
 def upload_key(job_id: int) -> str:
     """Server-chosen object key: client text never becomes part of a path."""
-    return f"uploads/{job_id}"
+    return f"{UPLOAD_PREFIX}{job_id}"
 
 
 def result_keys(results_prefix: str, source_key: str) -> dict[str, str]:
