@@ -365,51 +365,45 @@ async def test_a_job_deleted_as_soon_as_it_ends_is_still_counted_and_announced(s
         await pool.close()
 
 
-async def test_progress_of_a_job_that_already_failed_announces_the_failure_again(stack):
-    """A diarizer replica started after a job was cancelled never heard transcript.failed and
-    takes the job: its first progress report makes the failure go out again (the same event), so
-    that it stops, ingest removes the decoded audio and the transcribers skip the chunks."""
+async def progress_of_an_ended_job(stack: Stack, columns: str, values: str, event: str) -> tuple[dict, asyncpg.Record]:
+    """Make an ended job (`columns` and `values` of its row), report progress on it as a diarizer
+    does, and return the `event` that goes out for the job and its row afterwards."""
     from common.messages import JobProgress
 
     conn = await asyncpg.connect(stack.database_url)
     try:
-        job_id = await conn.fetchval("INSERT INTO transcripts (filename, status, error, completed_at)"
-                                     " VALUES ('cancelled.wav', 'error', 'cancelled', now()) RETURNING id")
+        job_id = await conn.fetchval(f"INSERT INTO transcripts ({columns}) VALUES ({values}) RETURNING id")
         connection = await aio_pika.connect(stack.amqp_url)
         async with connection:
-            queue = await events_queue(await connection.channel(), "transcript.failed")
+            queue = await events_queue(await connection.channel(), event)
             await publish(stack, JobProgress(job_id=job_id, stage="diarizing"))
-            [failed] = await job_events(queue, job_id, lambda bodies: bodies, timeout=30)
-        stage = await conn.fetchval("SELECT stage FROM transcripts WHERE id = $1", job_id)
+            [announced] = await job_events(queue, job_id, lambda bodies: bodies, timeout=30)
+        return announced, await conn.fetchrow("SELECT id, status, stage FROM transcripts WHERE id = $1", job_id)
     finally:
         await conn.close()
+
+
+async def test_progress_of_a_job_that_already_failed_announces_the_failure_again(stack):
+    """A diarizer replica started after a job was cancelled never heard transcript.failed and
+    takes the job: its first progress report makes the failure go out again (the same event), so
+    that it stops, ingest removes the decoded audio and the transcribers skip the chunks."""
+    failed, job = await progress_of_an_ended_job(stack, "filename, status, error, completed_at",
+                                                 "'cancelled.wav', 'error', 'cancelled', now()", "transcript.failed")
     assert (failed["message_id"], failed["reason"], failed["filename"]) == (
-        f"transcript.failed:{job_id}", "cancelled", "cancelled.wav")
-    assert stage != "diarizing"  # an ended job's stage does not move
+        f"transcript.failed:{job['id']}", "cancelled", "cancelled.wav")
+    assert job["stage"] != "diarizing"  # an ended job's stage does not move
 
 
 async def test_a_job_done_and_delivered_again_announces_its_completion_again(stack):
     """The broker gives a job.submitted again after a lost connection although the job got done
     meanwhile: the second diarization's first progress report makes the completion go out again
     (the same event), so that the diarizer stops and the transcribers skip its chunks."""
-    from common.messages import JobProgress
-
-    conn = await asyncpg.connect(stack.database_url)
-    try:
-        job_id = await conn.fetchval(
-            "INSERT INTO transcripts (filename, status, stage, progress, language, completed_at)"
-            " VALUES ('twice.wav', 'done', 'done', 1, 'en', now()) RETURNING id")
-        connection = await aio_pika.connect(stack.amqp_url)
-        async with connection:
-            queue = await events_queue(await connection.channel(), "transcript.completed")
-            await publish(stack, JobProgress(job_id=job_id, stage="diarizing"))
-            [completed] = await job_events(queue, job_id, lambda bodies: bodies, timeout=30)
-        status, stage = await conn.fetchrow("SELECT status, stage FROM transcripts WHERE id = $1", job_id)
-    finally:
-        await conn.close()
+    completed, job = await progress_of_an_ended_job(
+        stack, "filename, status, stage, progress, language, completed_at",
+        "'twice.wav', 'done', 'done', 1, 'en', now()", "transcript.completed")
     assert (completed["message_id"], completed["filename"], completed["language"]) == (
-        f"transcript.completed:{job_id}", "twice.wav", "en")
-    assert (status, stage) == ("done", "done")
+        f"transcript.completed:{job['id']}", "twice.wav", "en")
+    assert (job["status"], job["stage"]) == ("done", "done")
 
 
 async def test_an_event_the_notifier_cannot_handle_is_parked_and_the_job_goes_on(stack):

@@ -38,30 +38,21 @@ def faulty(tmp_path_factory, fixtures_dir):
         yield stack
 
 
-def publish(stack: Stack, message) -> None:
-    async def run():
-        connection = await aio_pika.connect(stack.amqp_url)
-        try:
-            channel = await connection.channel()
-            exchange = await channel.get_exchange("stt")
-            await exchange.publish(aio_pika.Message(message.model_dump_json().encode(),
-                                                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
-                                   routing_key=message.ROUTING_KEY)
-        finally:
-            await connection.close()
-    asyncio.run(run())
-
-
-async def publish_event(stack: Stack, message) -> None:
+async def publish_to(stack: Stack, exchange_name: str, message) -> None:
     connection = await aio_pika.connect(stack.amqp_url)
     try:
         channel = await connection.channel()
-        exchange = await channel.get_exchange("stt.events")
+        exchange = await channel.get_exchange(exchange_name)
         await exchange.publish(aio_pika.Message(message.model_dump_json().encode(),
                                                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
                                routing_key=message.ROUTING_KEY)
     finally:
         await connection.close()
+
+
+def publish(stack: Stack, message) -> None:
+    """A work message, as a stage publishes it."""
+    asyncio.run(publish_to(stack, "stt", message))
 
 
 def wait_all(stack: Stack, job_ids: list[int], timeout: float = 400) -> dict[int, dict]:
@@ -234,8 +225,8 @@ async def test_a_job_that_ends_while_the_object_store_is_down_is_tidied_once_it_
     faulty.stop("s3")
     conn = await asyncpg.connect(faulty.database_url)
     try:
-        await publish_event(faulty, TranscriptCompleted(job_id=job_id, transcript_id=job_id, filename="tidy.wav",
-                                                        segment_count=0))
+        await publish_to(faulty, "stt.events", TranscriptCompleted(job_id=job_id, transcript_id=job_id,
+                                                                   filename="tidy.wav", segment_count=0))
         await asyncio.sleep(25)  # past RETRY_DELAYS_S and the S3 client's own retries, on every attempt
         # moto forgets everything on restart (MinIO would not): the job's row is held while the store
         # comes back with what it held, so the tidying cannot run before then.
