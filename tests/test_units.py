@@ -14,7 +14,7 @@ from common.messages import JobOptions, Segment, SpeakerTurn, Word, language_cho
 from services.diarizer.pipeline import language_probe, plan_chunks
 from services.ingest.inbox import drop_options
 from services.transcriber.languages import language_spans, passages
-from services.transcriber.redaction import redact_text, redact_words
+from services.transcriber.redaction import redact, redact_text, redact_words
 from services.transcriber.spelling import respell
 from services.transcriber.whisper import _runs_by_speaker, _talked_over, speaker_of
 from tests.conftest import ROOT
@@ -153,6 +153,9 @@ def test_a_task_is_transcribe_unless_translate_is_asked_for():
     ("Write to support at example dot com or meet me at noon.", "email",
      "Write to [EMAIL] or meet me at noon."),
     ("Write to support at example.com, room 4.", "phone", "Write to support at example.com, room 4."),
+    # Two numbers said one after another are two phones, not one too long to be a phone (or a card).
+    ("Try 555-123-4567, 555-987-6543 today.", "card,phone", "Try [PHONE], [PHONE] today."),
+    ("Write to anna dot petrova at example dot com.", "email", "Write to [EMAIL]."),
 ])
 def test_redaction_finds_what_was_asked_for_and_leaves_the_rest(said, kinds, stored):
     assert redact_text(said, JobOptions(redact=kinds).redact) == stored
@@ -167,6 +170,27 @@ def test_a_redacted_span_becomes_one_word_over_the_time_of_the_words_it_covers()
     with pytest.raises(ValidationError, match="'email', 'card', 'phone' or 'number'"):
         JobOptions(redact="names")
     assert drop_options({"x-amz-meta-redact": "card"}).redact == ["card"]
+
+
+def segment_of(*timed: tuple[str, float], speaker: str = "spk_0", index: int = 0) -> Segment:
+    words = [Word(word=w, start=t, end=t + 0.4) for w, t in timed]
+    return Segment(index=index, speaker=speaker, start_ts=words[0].start, end_ts=words[-1].end,
+                   text="".join(w.word for w in words).strip(), words=words)
+
+
+def test_every_number_in_one_word_is_redacted_and_spelled_and_a_number_cut_by_a_pause_too():
+    said = segment_of((" at", 0), (" 9:30", 0.5), (" on", 1), (" 12/05/1990.", 1.5), (" AI/ML", 2))
+    [redacted] = redact([said], ["number"])
+    assert redacted.text == "at [NUMBER]:[NUMBER] on [NUMBER]/[NUMBER]/[NUMBER]. AI/ML"
+    assert redacted.text == "".join(w.word for w in redacted.words).strip()  # SRT is made of the words
+    assert respell([said], {"ai": "A.I.", "ml": "M.L."})[0].text.endswith("A.I./M.L.")
+    # A pause in the middle of a phone number cuts the segment there; the number is still one.
+    first = segment_of((" my", 0), (" number", 0.5), (" is", 1), (" 555", 1.5), (" 123", 2))
+    second = segment_of((" 4567.", 3.6), (" Thanks.", 4.2), index=1)
+    other = segment_of((" OK.", 5), speaker="spk_1", index=2)
+    redacted = redact([first, second, other], ["phone"])
+    assert [(s.index, s.speaker, s.text, round(s.start_ts, 3), round(s.end_ts, 3)) for s in redacted] == [
+        (0, "spk_0", "my number is [PHONE].", 0, 4.0), (1, "spk_0", "Thanks.", 4.2, 4.6), (2, "spk_1", "OK.", 5, 5.4)]
 
 
 def test_custom_spelling_replaces_whole_words_in_any_case_longest_first():
@@ -186,6 +210,9 @@ def test_custom_spelling_replaces_whole_words_in_any_case_longest_first():
         with pytest.raises(ValidationError, match=says):
             JobOptions(spelling=wrong)
     assert drop_options({"x-amz-meta-spelling": "confu i=ComfyUI"}).spelling == {"confu i": "ComfyUI"}
+    # Whole words: not the start of a contraction; a possessive is the word's.
+    [don] = respell([segment_of((" I", 0), (" don't", 1), (" know", 2), (" Don's", 3), (" plan.", 4))], {"don": "Donn"})
+    assert don.text == "I don't know Donn's plan."
 
 
 @pytest.mark.parametrize("service, forbidden", [

@@ -15,10 +15,11 @@ _DOMAIN_PART = r"[A-Za-z0-9-]+"
 PATTERNS: dict[str, re.Pattern[str]] = {
     # Written (a@b.com) or as spoken and written down (a at b dot com).
     "email": re.compile(rf"[\w.+-]+@{_DOMAIN_PART}(?:\.{_DOMAIN_PART})+"
-                        rf"|\b[\w.+-]+ at {_DOMAIN_PART}(?:(?: dot |\.){_DOMAIN_PART})*(?: dot |\.)[A-Za-z]{{2,}}\b",
-                        re.IGNORECASE),
-    # 13-19 digits, grouped or not. No Luhn check: one digit misheard would let the number through.
-    "card": re.compile(r"(?<![\d.,])\d(?:(?:, ?|[ -])?\d){12,18}(?!\d)"),
+                        rf"|\b(?:[\w+-]+ dot )*[\w.+-]+ at {_DOMAIN_PART}(?:(?: dot |\.){_DOMAIN_PART})*"
+                        rf"(?: dot |\.)[A-Za-z]{{2,}}\b", re.IGNORECASE),
+    # 13-19 digits, grouped or not, and not part of a longer run (two phone numbers said one after
+    # the other are no card). No Luhn check: one digit misheard would let the number through.
+    "card": re.compile(r"(?<![\d.,])(?<!\d[ -])(?<!\d, )\d(?:(?:, ?|[ -])?\d){12,18}(?!(?:, ?|[ -])?\d)"),
     # 7-15 digits with the separators people say them with, a country code or area code included
     # (Whisper groups long numbers with commas).
     "phone": re.compile(r"(?<![\w.,])\+?\(?\d(?:[\d ().-]|, ?(?=\d)){5,}\d(?!\d)"),
@@ -26,8 +27,31 @@ PATTERNS: dict[str, re.Pattern[str]] = {
 }
 
 
-def _accepted(kind: str, found: str) -> bool:
-    return kind != "phone" or 7 <= len(re.sub(r"\D", "", found)) <= 15
+PHONE_DIGITS = (7, 15)
+
+
+def _digits(text: str) -> int:
+    return len(re.sub(r"\D", "", text))
+
+
+def _phones(match: re.Match[str]) -> list[tuple[int, int]]:
+    """The phone numbers in a phone match: itself, or, where it runs past 15 digits (numbers said
+    one after another, "555-123-4567, 555-987-6543"), its parts between commas taken in turn as
+    long as they stay within 15 digits."""
+    if _digits(match[0]) <= PHONE_DIGITS[1]:
+        return [match.span()] if _digits(match[0]) >= PHONE_DIGITS[0] else []
+    phones, group = [], None
+    for part in re.finditer(r"[^,]+", match[0]):
+        start, end = match.start() + part.start(), match.start() + part.end()
+        if group and _digits(match.string[group[0]:end]) <= PHONE_DIGITS[1]:
+            group = (group[0], end)
+            continue
+        if group and _digits(match.string[group[0]:group[1]]) >= PHONE_DIGITS[0]:
+            phones.append(group)
+        group = (start + len(part[0]) - len(part[0].lstrip()), end)
+    if group and _digits(match.string[group[0]:group[1]]) >= PHONE_DIGITS[0]:
+        phones.append(group)
+    return phones
 
 
 def spans(text: str, kinds: Iterable[str]) -> list[tuple[int, int, str]]:
@@ -36,9 +60,9 @@ def spans(text: str, kinds: Iterable[str]) -> list[tuple[int, int, str]]:
     found: list[tuple[int, int, str]] = []
     for kind in (k for k in REDACTABLE if k in set(kinds)):
         for match in PATTERNS[kind].finditer(text):
-            start, end = match.span()
-            if _accepted(kind, match[0]) and not any(s < end and start < e for s, e, _ in found):
-                found.append((start, end, kind))
+            for start, end in _phones(match) if kind == "phone" else [match.span()]:
+                if not any(s < end and start < e for s, e, _ in found):
+                    found.append((start, end, kind))
     return sorted(found)
 
 

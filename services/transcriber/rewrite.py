@@ -4,7 +4,9 @@ held outside the span: a space, punctuation). Redaction and custom spelling both
 
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable
+from itertools import groupby
 
 from common.messages import Segment, Word
 
@@ -13,50 +15,72 @@ Replacements = list[tuple[int, int, str]]
 Finder = Callable[[str], Replacements]
 
 
-def rewrite_words(words: list[Word], find: Finder) -> list[Word]:
+def _rewritten(words: list[Word], find: Finder) -> list[tuple[int, Word]]:
+    """The words with what `find` finds in their text replaced, each with the index of the first
+    word it stands for. Spans within the same words ("9:30" is one word and two numbers) are
+    replaced together in the one word that stands for them all."""
     text = "".join(w.word for w in words)
-    found = find(text)
-    if not found:
-        return words
-    edges, position = [], 0
+    starts, ends, position = [], [], 0
     for word in words:
-        edges.append((position, position + len(word.word)))
+        starts.append(position)
         position += len(word.word)
-    rewritten: list[Word] = []
-    i = 0
-    for start, end, replacement in found:
-        while i < len(words) and edges[i][1] <= start:
-            rewritten.append(words[i])
-            i += 1
-        first = i
-        while i < len(words) and edges[i][0] < end:
-            i += 1
-        covered = words[first:i]
-        if not covered:
+        ends.append(position)
+    groups: list[tuple[int, int, Replacements]] = []  # [first, last) words and the spans in them
+    for start, end, replacement in find(text):
+        first, last = bisect_right(ends, start), bisect_left(starts, end)
+        if first >= last:
             continue
-        before = text[edges[first][0]:start] if edges[first][0] < start else ""
-        after = text[end:edges[i - 1][1]] if end < edges[i - 1][1] else ""
+        if groups and first < groups[-1][1]:
+            groups[-1] = (groups[-1][0], max(last, groups[-1][1]), [*groups[-1][2], (start, end, replacement)])
+        else:
+            groups.append((first, last, [(start, end, replacement)]))
+    out: list[tuple[int, Word]] = []
+    i = 0
+    for first, last, replacements in groups:
+        out += [(k, words[k]) for k in range(i, first)]
+        covered = words[first:last]
+        offset = starts[first]
+        piece = _replaced(text[offset:ends[last - 1]], [(s - offset, e - offset, r) for s, e, r in replacements])
         probabilities = [w.probability for w in covered if w.probability is not None]
-        rewritten.append(Word(word=before + replacement + after, start=covered[0].start, end=covered[-1].end,
-                              probability=min(probabilities) if probabilities else None))
-    rewritten.extend(words[i:])
-    return rewritten
+        out.append((first, Word(word=piece, start=covered[0].start, end=covered[-1].end,
+                                probability=min(probabilities) if probabilities else None)))
+        i = last
+    return out + [(k, words[k]) for k in range(i, len(words))]
 
 
-def rewrite_text(text: str, find: Finder) -> str:
-    for start, end, replacement in reversed(find(text)):
+def rewrite_words(words: list[Word], find: Finder) -> list[Word]:
+    return [word for _, word in _rewritten(words, find)]
+
+
+def _replaced(text: str, replacements: Replacements) -> str:
+    for start, end, replacement in reversed(replacements):
         text = text[:start] + replacement + text[end:]
     return text
 
 
+def rewrite_text(text: str, find: Finder) -> str:
+    return _replaced(text, find(text))
+
+
 def rewrite(segments: list[Segment], find: Finder) -> list[Segment]:
-    """Segments with what `find` finds replaced in their words and text."""
-    out = []
-    for segment in segments:
-        if segment.words:
-            words = rewrite_words(segment.words, find)
-            text = "".join(w.word for w in words).strip()
-        else:
-            words, text = segment.words, rewrite_text(segment.text, find)
-        out.append(segment.model_copy(update={"words": words, "text": text}))
-    return out
+    """Segments with what `find` finds replaced in their words and text. One speaker's segments
+    in a row are searched as one text: a number said across a pause that cut the segment there
+    is found whole, and its word stays in the segment it starts in (which then ends with it)."""
+    out: list[Segment] = []
+    for _, run in groupby(segments, key=lambda s: (s.speaker, bool(s.words))):
+        run = list(run)
+        if not run[0].words:
+            out += [s.model_copy(update={"text": rewrite_text(s.text, find)}) for s in run]
+            continue
+        owner = [n for n, segment in enumerate(run) for _ in segment.words]
+        kept: list[list[Word]] = [[] for _ in run]
+        for first, word in _rewritten([w for s in run for w in s.words], find):
+            kept[owner[first]].append(word)
+        for segment, words in zip(run, kept, strict=True):
+            if words:
+                out.append(segment.model_copy(update={
+                    "words": words, "text": "".join(w.word for w in words).strip(),
+                    # It starts later when its first words went to the segment before.
+                    "start_ts": segment.start_ts if words[0].start <= segment.words[0].start else words[0].start,
+                    "end_ts": max(segment.end_ts, words[-1].end)}))
+    return [s.model_copy(update={"index": n}) for n, s in enumerate(out)]

@@ -11,8 +11,11 @@ from services.transcriber.rewrite import Finder, Replacements, rewrite
 
 
 def _finder(spelling: dict[str, str]) -> Finder:
-    patterns = [(re.compile(r"(?<!\w)" + r"\s+".join(map(re.escape, heard.split())) + r"(?!\w)", re.IGNORECASE),
-                 written) for heard, written in sorted(spelling.items(), key=lambda pair: -len(pair[0]))]
+    # Whole words: not part of a contraction either ("don" is not respelled in "don't"), but a
+    # possessive is the word's ("Don's").
+    patterns = [(re.compile(r"(?<!\w)" + r"\s+".join(map(re.escape, heard.split())) + r"(?!\w|['’](?!s\b)\w)",
+                            re.IGNORECASE), written)
+                for heard, written in sorted(spelling.items(), key=lambda pair: -len(pair[0]))]
 
     def find(text: str) -> Replacements:
         found: Replacements = []
