@@ -60,6 +60,25 @@ def _audio_stream(container):
     return stream
 
 
+# Packets that do not decode (a damaged spot) are skipped, as players skip them, up to this many:
+# a file that is mostly damage is not audio.
+MAX_BAD_PACKETS = 100
+
+
+def _frames(container, stream):
+    """The stream's decoded frames, packet by packet, past packets that do not decode."""
+    bad = 0
+    for packet in container.demux(stream):
+        try:
+            frames = packet.decode()
+        except av.error.InvalidDataError:
+            bad += 1
+            if bad > MAX_BAD_PACKETS:
+                raise
+            continue
+        yield from frames
+
+
 def _too_long(max_seconds: float) -> AudioTooLong:
     return AudioTooLong(f"the audio is longer than the limit of {max_seconds / 3600:g} h")
 
@@ -79,16 +98,29 @@ def decode_audio(source: str | BinaryIO, max_seconds: float | None = None, *,
                     raise _too_long(max_seconds)
             channels = stream.codec_context.channels if separate_channels else 1
             layout = stream.codec_context.layout.name if channels > 1 else "mono"
-            resampler = av.AudioResampler(format="s16p" if channels > 1 else "s16", layout=layout, rate=SAMPLE_RATE)
-            for frame in container.decode(stream):
+
+            def resampled(frame) -> None:
+                # Interleaved samples, one row per channel after the reshape (planar output of 8
+                # channels crashed PyAV).
+                for out in resampler.resample(frame):
+                    pieces.append(out.to_ndarray().reshape(-1, channels).T)
+
+            resampler, setup = None, None
+            for frame in _frames(container, stream):
                 decoded_s += frame.samples / (frame.sample_rate or SAMPLE_RATE)
                 if max_seconds and decoded_s > max_seconds:
                     raise _too_long(max_seconds)
                 frame.pts = None  # let the resampler ignore gaps in timestamps
-                for out in resampler.resample(frame):
-                    pieces.append(out.to_ndarray().reshape(channels, -1))
-            for out in resampler.resample(None):
-                pieces.append(out.to_ndarray().reshape(channels, -1))
+                # A stream may change its rate or layout midway (files joined end to end): a
+                # resampler takes one kind of input.
+                if (frame.format.name, frame.layout.name, frame.sample_rate) != setup:
+                    if resampler is not None:
+                        resampled(None)
+                    resampler = av.AudioResampler(format="s16", layout=layout, rate=SAMPLE_RATE)
+                    setup = (frame.format.name, frame.layout.name, frame.sample_rate)
+                resampled(frame)
+            if resampler is not None:
+                resampled(None)
     except (UndecodableAudio, AudioTooLong):
         raise
     except (av.error.FFmpegError, ValueError, IndexError, OSError) as exc:
