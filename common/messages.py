@@ -233,6 +233,9 @@ class JobOptions(BaseModel):
     def _speaker_bounds_are_consistent(self) -> JobOptions:
         if self.min_speakers and self.max_speakers and self.min_speakers > self.max_speakers:
             raise ValueError("min_speakers must not exceed max_speakers")
+        if self.num_speakers and not (self.min_speakers or 1) <= self.num_speakers <= (self.max_speakers or
+                                                                                        self.num_speakers):
+            raise ValueError("num_speakers must lie within min_speakers and max_speakers (or give only num_speakers)")
         if self.multichannel and (self.num_speakers or self.min_speakers or self.max_speakers):
             raise ValueError("speaker counts do not go with multichannel: each channel's speakers are found "
                              "on their own")

@@ -40,6 +40,12 @@ def test_a_turn_longer_than_a_chunk_gets_its_own_chunk():
     assert [len(t) for _, t in chunks] == [1, 1, 1]
 
 
+def test_a_turn_of_no_length_is_no_speech_to_plan():
+    chunks = plan_chunks([turn("spk_0", 0, 2), turn("spk_1", 5, 5), turn("spk_0", 5, 7)], 8, 1)
+    assert [[(t.speaker, t.start, t.end) for t in turns] for _, turns in chunks] == [
+        [("spk_0", 0, 2)], [("spk_0", 5, 7)]]
+
+
 def test_no_speech_plans_one_empty_chunk():
     [(span, turns)] = plan_chunks([], 12.0, 300)
     assert (span.start, span.end, turns) == (0.0, 12.0, [])

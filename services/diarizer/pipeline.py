@@ -130,6 +130,7 @@ def plan_chunks(turns: list[SpeakerTurn], duration: float,
     [0, duration] with cuts in the middle of the silence between chunks, so no word is
     transcribed twice or lost at a cut. Talk with no silence for longer than the limit stays in
     one chunk."""
+    turns = [t for t in turns if t.end > t.start]  # an instant has no speech (pyannote can give one)
     regions = speech_regions(turns)
     starts = [region.start for region in regions]
     in_region: list[list[SpeakerTurn]] = [[] for _ in regions]
