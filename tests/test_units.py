@@ -10,13 +10,13 @@ import sys
 import pytest
 from pydantic import ValidationError
 
-from common.messages import JobOptions, Segment, SpeakerTurn, Word, language_choices
+from common.messages import JobOptions, Segment, SpeakerTurn, TimeSpan, Word, language_choices
 from services.diarizer.pipeline import language_probe, plan_chunks
 from services.ingest.inbox import drop_options
 from services.transcriber.languages import language_spans, passages
 from services.transcriber.redaction import redact, redact_text, redact_words
 from services.transcriber.spelling import respell
-from services.transcriber.whisper import _runs_by_speaker, _talked_over, speaker_of
+from services.transcriber.whisper import _heard_times, _runs_by_speaker, _talked_over, speaker_of
 from tests.conftest import ROOT
 
 
@@ -38,6 +38,12 @@ def test_chunks_tile_the_file_and_cut_between_turns():
 def test_a_turn_longer_than_a_chunk_gets_its_own_chunk():
     chunks = plan_chunks([turn("spk_0", 0, 5), turn("spk_1", 6, 600), turn("spk_0", 601, 605)], 610, 300)
     assert [len(t) for _, t in chunks] == [1, 1, 1]
+
+
+def test_a_word_ending_where_two_stitched_regions_meet_ends_before_the_silence_between():
+    to_chunk = _heard_times([TimeSpan(start=0.0, end=1.0), TimeSpan(start=3.0, end=4.0)])
+    assert (to_chunk(0.6), to_chunk(1.0, is_end=True), to_chunk(1.0), to_chunk(1.5, is_end=True)) == (
+        0.6, 1.0, 3.0, 3.5)
 
 
 def test_a_turn_of_no_length_is_no_speech_to_plan():

@@ -81,12 +81,14 @@ def _regions_in_chunk(turns: list[SpeakerTurn], offset: float, length_s: float) 
 
 
 def _heard_times(spans: list[TimeSpan]):
-    """Maps a time in the concatenated regions back to the chunk's own time."""
+    """Maps a time in the concatenated regions back to the chunk's own time. At a junction a
+    start belongs to the region after it, an end to the region before (a word ending there is
+    not stretched over the silence between them)."""
     lengths = np.array([s.end - s.start for s in spans])
     joined_starts = np.concatenate([[0.0], np.cumsum(lengths)[:-1]])
 
-    def to_chunk(t: float) -> float:
-        i = max(0, int(np.searchsorted(joined_starts, t, side="right")) - 1)
+    def to_chunk(t: float, is_end: bool = False) -> float:
+        i = max(0, int(np.searchsorted(joined_starts, t, side="left" if is_end else "right")) - 1)
         return spans[i].start + min(t - joined_starts[i], lengths[i])
 
     return to_chunk
@@ -153,7 +155,7 @@ def transcribe_chunk(model: WhisperModel, audio: np.ndarray, offset: float,
 
 def _word(word, offset: float, to_chunk) -> Word:
     return Word(word=word.word, start=round(offset + to_chunk(word.start), 3),
-                end=round(offset + to_chunk(word.end), 3), probability=round(word.probability, 3))
+                end=round(offset + to_chunk(word.end, is_end=True), 3), probability=round(word.probability, 3))
 
 
 def _most_spoken(words: list[Word], spoken: list[str | None]) -> str | None:
