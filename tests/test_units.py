@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from pydantic import ValidationError
 
@@ -320,3 +321,38 @@ def test_a_pgvector_too_old_for_filtered_search_is_told_apart_by_version_numbers
 
     assert [pgvector_too_old(v) for v in ("0.5.1", "0.7.4", "0.8.0", "0.8.5", "0.10.1", "1.0")] == [
         True, True, False, False, False, False]
+
+
+class BurstHearingModel:
+    """Stands in for Whisper where only timing matters: each burst of sound in what it is given
+    is one word, timed where the burst is."""
+
+    def transcribe(self, audio, language=None, **_options):
+        from types import SimpleNamespace
+
+        loud = np.abs(audio) > 0.1
+        edges = np.flatnonzero(np.diff(np.concatenate([[False], loud, [False]]).astype(int)))
+        words = [SimpleNamespace(word=" word", start=a / 16_000, end=b / 16_000, probability=0.9)
+                 for a, b in zip(edges[::2], edges[1::2])]
+        return [SimpleNamespace(words=words)], SimpleNamespace(language=language or "en")
+
+
+def test_a_word_said_across_a_chunk_cut_is_heard_whole_and_written_once():
+    """One person hands over to the next with no pause where the chunk is cut, and the first is
+    still finishing a word: that word is transcribed once, whole, in the chunk its middle is in."""
+    from common.messages import JobDiarized
+    from services.transcriber.handler import Deps, transcribe
+
+    audio = np.zeros(12 * 16_000, dtype=np.float32)
+    for start, end in ((2.0, 2.5), (5.8, 6.25), (9.0, 9.5)):  # the second runs over the cut at 6.0
+        audio[int(start * 16_000):int(end * 16_000)] = 0.5
+    turns = [turn("spk_0", 0.0, 6.0), turn("spk_1", 6.0, 12.0)]
+    chunks = plan_chunks(turns, 12.0, max_speech_s=8.0)
+    assert [(span.start, span.end) for span, _ in chunks] == [(0.0, 6.0), (6.0, 12.0)]
+    deps = Deps(model=BurstHearingModel(),
+                read_pcm=lambda _b, _k, s: audio[round(s.start * 16_000):round(s.end * 16_000)])
+    words = [(w.start, w.end) for index, (span, chunk_turns) in enumerate(chunks)
+             for segment in transcribe(JobDiarized(
+                 job_id=1, chunk_index=index, chunk_count=2, pcm_bucket="b", pcm_key="k", duration=12.0, span=span,
+                 turns=chunk_turns, options=JobOptions(language="en")), deps).segments for w in segment.words]
+    assert words == [(2.0, 2.5), (5.8, 6.25), (9.0, 9.5)]

@@ -20,7 +20,7 @@ from common.storage import read_range
 from services.transcriber.languages import detect_language
 from services.transcriber.redaction import redact
 from services.transcriber.spelling import respell
-from services.transcriber.whisper import transcribe_chunk
+from services.transcriber.whisper import REGION_PAD_S, transcribe_chunk
 
 log = logging.getLogger(__name__)
 
@@ -75,13 +75,18 @@ def transcribe(message: JobDiarized, deps: Deps, speech: str = "diarizer") -> Ch
     among = language_choices(message.options.language)
     if message.turns:
         offset = message.pcm_offset_s  # the chunk's channel, with multichannel
+        # A little of the audio on either side too: a chunk may be cut where one person hands
+        # over to the next with hardly a pause, and the word there must be heard whole. Words
+        # are kept by where their middle falls (transcribe_chunk's `keep`), so none is written twice.
+        heard = TimeSpan(start=max(0.0, message.span.start - REGION_PAD_S),
+                         end=min(message.duration, message.span.end + REGION_PAD_S))
         audio = deps.read_pcm(message.pcm_bucket, message.pcm_key,
-                              TimeSpan(start=message.span.start + offset, end=message.span.end + offset))
-        segments, language = transcribe_chunk(deps.model, audio, message.span.start, message.turns,
+                              TimeSpan(start=heard.start + offset, end=heard.end + offset))
+        segments, language = transcribe_chunk(deps.model, audio, heard.start, message.turns,
                                               language_for(message, deps), deps.beam_size, speech,
                                               other_talk=message.other_channels,
                                               vocabulary=message.options.vocabulary, task=message.options.task,
-                                              among=among)
+                                              among=among, keep=message.span)
         segments = redact(respell(segments, message.options.spelling), [*message.options.redact, *deps.redact])
     else:  # nobody talks in this chunk (a silent recording)
         segments, language = [], None if among else message.options.language

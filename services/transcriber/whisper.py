@@ -100,14 +100,17 @@ def transcribe_chunk(model: WhisperModel, audio: np.ndarray, offset: float,
                      other_talk: list[SpeakerTurn] | None = None,
                      vocabulary: list[str] | None = None,
                      task: str = "transcribe",
-                     among: list[str] | None = None) -> tuple[list[Segment], str | None]:
+                     among: list[str] | None = None,
+                     keep: TimeSpan | None = None) -> tuple[list[Segment], str | None]:
     """Transcribe `audio` (which starts at `offset` seconds into the job) and split the text
     into speaker-labelled segments. Returns the segments and the language used. `other_talk`
     (other channels' turns) only marks segments talked over; `vocabulary` (names and terms to
     expect) is put before every 30 s window Whisper decodes; `task="translate"` gives English
     text (the language returned is still the one spoken). With `among` (the languages a
     recording switches among), each speaker's passage is transcribed in its own language, the
-    segments say which, and the language returned is the one most spoken."""
+    segments say which, and the language returned is the one most spoken. With `keep` (job time),
+    only the words whose middle falls within it are kept: the audio may reach a little past the
+    chunk's own span on either side, and what is there belongs to the chunk next to it."""
     if not turns or audio.size == 0:
         return [], language
     # Whisper's `hotwords`, not its `initial_prompt`: without conditioning on the previous text
@@ -139,6 +142,10 @@ def transcribe_chunk(model: WhisperModel, audio: np.ndarray, offset: float,
             found = [_word(w, offset, to_chunk) for piece in pieces for w in (piece.words or [])]
             words += found
             spoken += [part_language or info.language] * len(found)
+    if keep is not None:
+        kept = [keep.start <= (w.start + w.end) / 2 < keep.end for w in words]
+        words = [w for w, k in zip(words, kept) if k]
+        spoken = [s for s, k in zip(spoken, kept) if k]
     if not words:
         return [], language or (info.language if info else None)
     segments: list[Segment] = []
