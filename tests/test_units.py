@@ -356,3 +356,14 @@ def test_a_word_said_across_a_chunk_cut_is_heard_whole_and_written_once():
                  job_id=1, chunk_index=index, chunk_count=2, pcm_bucket="b", pcm_key="k", duration=12.0, span=span,
                  turns=chunk_turns, options=JobOptions(language="en")), deps).segments for w in segment.words]
     assert words == [(2.0, 2.5), (5.8, 6.25), (9.0, 9.5)]
+
+
+def test_whisper_with_its_own_voice_filter_gives_words_in_the_chunks_time():
+    """The benchmarks' other way of choosing what Whisper hears (speech="whisper-vad")."""
+    from services.transcriber.whisper import transcribe_chunk
+
+    audio = np.zeros(4 * 16_000, dtype=np.float32)
+    audio[16_000:24_000] = 0.5
+    segments, _ = transcribe_chunk(BurstHearingModel(), audio, 10.0, [turn("spk_0", 10.0, 14.0)], "en",
+                                   speech="whisper-vad")
+    assert [(w.start, w.end) for s in segments for w in s.words] == [(11.0, 11.5)]

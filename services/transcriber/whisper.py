@@ -120,7 +120,7 @@ def transcribe_chunk(model: WhisperModel, audio: np.ndarray, offset: float,
     length_s = audio.size / SAMPLE_RATE
     if speech == "whisper-vad":
         pieces, info = model.transcribe(audio, vad_filter=True, language=language, **options)
-        words = [_word(w, offset, float) for piece in pieces for w in (piece.words or [])]
+        words = [_word(w, offset, _as_heard) for piece in pieces for w in (piece.words or [])]
         spoken = [language or info.language] * len(words)
     else:
         if among:
@@ -158,6 +158,11 @@ def transcribe_chunk(model: WhisperModel, audio: np.ndarray, offset: float,
                                     overlap=any(_talked_over(w, speaker, everyone) for w in run),
                                     language=run_language if among else None))
     return segments, _most_spoken(words, spoken)
+
+
+def _as_heard(t: float, is_end: bool = False) -> float:
+    """The chunk's own time, where Whisper heard the chunk whole."""
+    return float(t)
 
 
 def _word(word, offset: float, to_chunk) -> Word:
