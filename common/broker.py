@@ -81,7 +81,9 @@ STAGE_BINDINGS: dict[str, list[str]] = {
 # The services whose work is the job: a message of theirs that cannot be handled fails the job.
 # The others (the notifier, ingest) act on jobs' events: what they cannot handle is parked for an
 # operator, and the transcription goes on.
-JOB_STAGES = frozenset({"diarizer", "transcriber", "embedder", "persister"})
+JOB_STAGES = frozenset(STAGE_INPUTS) - {"notifier"}
+# What the job stages take: a message of these the broker dead-letters fails its job.
+JOB_ROUTING_KEYS = tuple(key for stage in sorted(JOB_STAGES) for key in STAGE_BINDINGS[stage])
 
 # The broker is restarting or unreachable: a handler's publish failing for these reasons says
 # nothing about the job, so the message is held and the handler tried again, not failed.
@@ -304,10 +306,16 @@ class Route:
     model: type[BaseModel]
     handler: Handler
     any_routing_key: bool = False
+    # Instead of the model's own: messages of these routing keys (dead letters of several kinds).
+    routing_keys: tuple[str, ...] = ()
 
     @property
     def routing_key(self) -> str:
         return "*" if self.any_routing_key else self.model.ROUTING_KEY
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return self.routing_keys or (self.routing_key,)
 
 
 async def consume(
@@ -334,7 +342,7 @@ async def consume(
     With `ended`, filled here from stt.events, a message of a job that has already failed or
     been cancelled is acked without being handled.
     """
-    by_key = {route.routing_key: route for route in routes}
+    by_key = {key: route for route in routes for key in route.keys}
     bus = await open_bus(connection, settings)
     channel = await connection.channel()
     await channel.set_qos(prefetch_count=prefetch or settings.prefetch_count)
@@ -391,7 +399,7 @@ async def consume(
             return "dead_lettered"
 
         if ended is not None and getattr(parsed, "job_id", None) in ended:
-            log.info("the job has ended (failed or cancelled); %s skipped", routing_key)
+            log.info("the job has ended (done, failed or cancelled); %s skipped", routing_key)
             await message.ack()
             return "skipped"
         try:

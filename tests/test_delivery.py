@@ -457,3 +457,24 @@ async def test_an_upload_left_without_a_job_is_removed_and_a_jobs_upload_kept(st
     finally:
         await pool.close()
         await conn.close()
+
+
+async def test_a_webhook_delivery_dead_lettered_fails_no_job_and_a_stages_message_does(stack):
+    """RabbitMQ dead-letters a message its worker crashed on DELIVERY_LIMIT times. A chunk's
+    fails its job; a webhook delivery's is the notifier's problem, not the transcription's."""
+    conn = await asyncpg.connect(stack.database_url)
+    connection = await aio_pika.connect(stack.amqp_url)
+    try:
+        webhook_job, chunk_job = [await conn.fetchval("INSERT INTO transcripts (filename) VALUES ($1) RETURNING id",
+                                                      name) for name in ("hooked.wav", "crashed.wav")]
+        dead = await (await connection.channel()).get_exchange("stt.dead")
+        for routing_key, body in (("webhook.due", {"v": 1, "job_id": webhook_job, "webhook_id": 1}),
+                                  ("job.diarized", {"v": 1, "job_id": chunk_job})):
+            await dead.publish(aio_pika.Message(json.dumps(body).encode(), content_type="application/json"),
+                               routing_key=routing_key)
+        await wait_status(conn, chunk_job, "error", timeout=30)
+        await asyncio.sleep(1)  # the two were published together: the other has been taken by now
+        assert await conn.fetchval("SELECT status FROM transcripts WHERE id = $1", webhook_job) == "processing"
+    finally:
+        await connection.close()
+        await conn.close()

@@ -32,8 +32,8 @@ class Deps:
     settings: Settings
     storage: Minio
     diarize: DiarizeFn
-    # Jobs that failed or were cancelled (common.broker.EndedJobs): a file that takes minutes to
-    # diarize is dropped as soon as it is known to be unwanted.
+    # Jobs that ended (common.broker.EndedJobs): a file that takes minutes to diarize is dropped as
+    # soon as it is known to be unwanted (failed, cancelled, or done by a delivery before this one).
     ended: Container[int] = ()
 
 
@@ -116,7 +116,7 @@ async def handle(message: JobSubmitted, deps: Deps) -> AsyncIterator[Contract]:
              f", {len(waveform)} channels kept apart" if waveform.ndim == 2 else "")
     add_audio_seconds(duration)
     if message.job_id in deps.ended:
-        log.info("the job has ended (failed or cancelled) while it was decoded; not diarized")
+        log.info("the job has ended (done, failed or cancelled) while it was decoded; not diarized")
         return
     # The stages after this one read their chunk's samples from here (16-bit PCM, ranged GETs;
     # channels one after another).
@@ -139,7 +139,8 @@ async def handle(message: JobSubmitted, deps: Deps) -> AsyncIterator[Contract]:
     if stopped or ended():
         # Its PCM was stored for the chunks; none will read it, and a delete may have come already.
         await asyncio.to_thread(deps.storage.remove_object, deps.settings.audio_bucket, pcm_key(message.job_id))
-        log.info("the job has ended (failed or cancelled) while it was diarized; diarizing stopped, no chunk sent")
+        log.info("the job has ended (done, failed or cancelled) while it was diarized; diarizing stopped,"
+                 " no chunk sent")
         return
     for out in chunk_messages(message, duration, diarization, deps.settings, channels):
         yield out

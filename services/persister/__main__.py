@@ -6,7 +6,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
-from common.broker import PERSISTER_DEAD_QUEUE, Route, connect, consume, open_bus
+from common.broker import JOB_ROUTING_KEYS, PERSISTER_DEAD_QUEUE, Route, connect, consume, open_bus
 from common.db import DATABASE_UNAVAILABLE, apply_migrations, create_pool
 from common.logs import setup_logging
 from common.messages import ChunkEmbedded, ChunkTranscribed, JobFailed, JobProgress
@@ -40,7 +40,9 @@ async def main() -> None:
               Route(ChunkEmbedded, then_flush(handler.on_embedded)),
               Route(JobProgress, then_flush(handler.on_progress)),
               Route(JobFailed, then_flush(handler.on_failed))]
-    dead_letters = [Route(handler.DeadLetter, then_flush(handler.on_dead_letter), any_routing_key=True)]
+    # Only the job stages' messages: a webhook delivery the notifier crashed on is no job's failure
+    # (its copy waits in stt.dead-letters).
+    dead_letters = [Route(handler.DeadLetter, then_flush(handler.on_dead_letter), routing_keys=JOB_ROUTING_KEYS)]
     log.info("persister ready")
     await asyncio.gather(
         run_outbox_flusher(pool, bus, wake),
