@@ -201,7 +201,9 @@ def test_every_number_in_one_word_is_redacted_and_spelled_and_a_number_cut_by_a_
     first = segment_of((" my", 0), (" number", 0.5), (" is", 1), (" 555", 1.5), (" 123", 2))
     second = segment_of((" 4567.", 3.6), (" Thanks.", 4.2), index=1)
     other = segment_of((" OK.", 5), speaker="spk_1", index=2)
+    later = segment_of((" 55", 8.0), (" 12", 8.5), index=3)  # after a long silence: something else said
     redacted = redact([first, second, other], ["phone"])
+    assert [s.text for s in redact([first, later], ["phone"])] == ["my number is 555 123", "55 12"]
     assert [(s.index, s.speaker, s.text, round(s.start_ts, 3), round(s.end_ts, 3)) for s in redacted] == [
         (0, "spk_0", "my number is [PHONE].", 0, 4.0), (1, "spk_0", "Thanks.", 4.2, 4.6), (2, "spk_1", "OK.", 5, 5.4)]
 

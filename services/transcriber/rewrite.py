@@ -6,13 +6,15 @@ from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable
-from itertools import groupby
 
 from common.messages import Segment, Word
 
 # (start, end, replacement) in a text, in order, none overlapping.
 Replacements = list[tuple[int, int, str]]
 Finder = Callable[[str], Replacements]
+# One speaker's segments this close are searched as one text (a number said with a pause in it);
+# after a longer silence what follows is something else said.
+JOIN_GAP_S = 3.0
 
 
 def _rewritten(words: list[Word], find: Finder) -> list[tuple[int, Word]]:
@@ -64,11 +66,19 @@ def rewrite_text(text: str, find: Finder) -> str:
 
 def rewrite(segments: list[Segment], find: Finder) -> list[Segment]:
     """Segments with what `find` finds replaced in their words and text. One speaker's segments
-    in a row are searched as one text: a number said across a pause that cut the segment there
-    is found whole, and its word stays in the segment it starts in (which then ends with it)."""
+    in a row, less than JOIN_GAP_S apart, are searched as one text: a number said across a pause
+    that cut the segment there is found whole, and its word stays in the segment it starts in
+    (which then ends with it)."""
+    runs: list[list[Segment]] = []
+    for segment in segments:
+        last = runs[-1][-1] if runs else None
+        if (last is not None and last.speaker == segment.speaker and bool(last.words) == bool(segment.words)
+                and segment.start_ts - last.end_ts < JOIN_GAP_S):
+            runs[-1].append(segment)
+        else:
+            runs.append([segment])
     out: list[Segment] = []
-    for _, run in groupby(segments, key=lambda s: (s.speaker, bool(s.words))):
-        run = list(run)
+    for run in runs:
         if not run[0].words:
             out += [s.model_copy(update={"text": rewrite_text(s.text, find)}) for s in run]
             continue
