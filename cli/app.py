@@ -123,6 +123,20 @@ def api_client(api: str, api_key: str | None) -> httpx.Client:
     return httpx.Client(base_url=api.rstrip("/"), headers=headers, timeout=httpx.Timeout(30, connect=10))
 
 
+def listed(client: httpx.Client, path: str, params: dict, limit: int | None = None) -> list[dict]:
+    """The items of a paginated listing, page after page (following next_cursor), up to `limit`."""
+    items: list[dict] = []
+    params = dict(params)
+    while limit is None or len(items) < limit:
+        size = 500 if limit is None else min(500, limit - len(items))
+        page = checked(client.get(path, params={**params, "limit": size})).json()
+        items.extend(page["items"])
+        if "next_cursor" not in page:
+            break
+        params["cursor"] = page["next_cursor"]
+    return items
+
+
 def checked(response: httpx.Response) -> httpx.Response:
     """The response if it is a success; else ApiError with the service's reason. A redirect (a
     proxy sending http:// on to https://, say) is not followed: a DELETE or POST sent on could
@@ -571,14 +585,8 @@ def list_jobs(
     filters = {"status": state.value if state else None, "filename": filename, "since": since, "until": until,
                "reference": reference}
     params: dict[str, str | int] = {name: value for name, value in filters.items() if value is not None}
-    items: list[dict] = []
     with reporting_api_errors(api), api_client(api, api_key) as client:
-        while len(items) < limit:
-            page = checked(client.get("/transcripts", params={**params, "limit": min(500, limit - len(items))})).json()
-            items.extend(page["items"])
-            if "next_cursor" not in page:
-                break
-            params["cursor"] = page["next_cursor"]
+        items = listed(client, "/transcripts", params, limit)
     if as_json:
         print_json(items)
         return
@@ -906,15 +914,8 @@ def webhooks_add(
 @webhooks_app.command("list")
 def webhooks_list(api: ApiUrl = DEFAULT_API_URL, api_key: ApiKey = None) -> None:
     """The registered webhooks (and jobs' callback URLs): id, URL, events."""
-    items: list[dict] = []
-    params: dict[str, int] = {"limit": 500}
     with reporting_api_errors(api), api_client(api, api_key) as client:
-        while True:
-            page = checked(client.get("/webhooks", params=params)).json()
-            items.extend(page["items"])
-            if "next_cursor" not in page:
-                break
-            params["cursor"] = page["next_cursor"]
+        items = listed(client, "/webhooks", {})
     for item in items:
         job = f"\tjob {item['transcript_id']}" if item.get("transcript_id") else ""
         sys.stdout.write(f"{item['id']}\t{item['url']}\t{','.join(item['events'])}{job}\n")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from importlib import resources
 
 import asyncpg
@@ -119,3 +120,21 @@ async def apply_migrations(pool: asyncpg.Pool) -> list[str]:
         finally:
             await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)
     return applied_now
+
+
+async def every(interval_s: float, pool: asyncpg.Pool, lock_key: int, work: Callable[[], Awaitable[object]],
+                what: str) -> None:
+    """Run `work` every `interval_s` seconds, in one process at a time of those sharing the
+    database (an advisory lock: a process that finds it taken skips that turn). An error is logged
+    and the next turn comes."""
+    while True:
+        try:
+            async with pool.acquire() as conn:
+                if await conn.fetchval("SELECT pg_try_advisory_lock($1)", lock_key):
+                    try:
+                        await work()
+                    finally:
+                        await conn.execute("SELECT pg_advisory_unlock($1)", lock_key)
+        except Exception:
+            log.exception("%s failed; will try again", what)
+        await asyncio.sleep(interval_s)

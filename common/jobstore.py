@@ -483,6 +483,12 @@ async def set_progress(conn: asyncpg.Connection, job_id: int, fraction: float) -
                        job_id, fraction)
 
 
+# What a transcript.completed tells of job $1 (completion()), in a query over its row.
+_COMPLETION_COLUMNS = (f"filename, language, duration, {_REFERENCE} AS reference,"
+                       " (SELECT count(*) FROM segments WHERE transcript_id = $1) AS segment_count,"
+                       f" {NO_SPEECH_COLUMN}")
+
+
 async def mark_done(conn: asyncpg.Connection, job_id: int) -> asyncpg.Record:
     """The job done, and counted in the usage ledger; returns its filename, language, duration,
     segment_count, no_speech and reference."""
@@ -491,9 +497,7 @@ async def mark_done(conn: asyncpg.Connection, job_id: int) -> asyncpg.Record:
         UPDATE transcripts SET status = 'done', stage = 'done', progress = 1,
             completed_at = now(), updated_at = now()
         WHERE id = $1
-        RETURNING filename, language, duration, {_REFERENCE} AS reference,
-            (SELECT count(*) FROM segments WHERE transcript_id = $1) AS segment_count,
-            {NO_SPEECH_COLUMN}
+        RETURNING {_COMPLETION_COLUMNS}
         """,
         job_id,
     )
@@ -532,9 +536,8 @@ async def announce_end_again(conn: asyncpg.Connection, job_id: int) -> bool:
     message id (subscribers see the same event again, as at-least-once delivery allows). False for
     a job still processing."""
     ended = await conn.fetchrow(
-        f"""SELECT status, filename, error, language, duration, {_REFERENCE} AS reference,
-                   (SELECT count(*) FROM segments WHERE transcript_id = $1) AS segment_count, {NO_SPEECH_COLUMN}
-              FROM transcripts WHERE id = $1 AND status <> 'processing'""", job_id)
+        f"SELECT status, error, {_COMPLETION_COLUMNS} FROM transcripts WHERE id = $1 AND status <> 'processing'",
+        job_id)
     if ended is None:
         return False
     await add_to_outbox(conn, completion(job_id, ended) if ended["status"] == "done"

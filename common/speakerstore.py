@@ -62,14 +62,11 @@ async def speaker_voiceprints(db: Db, speaker_id: int) -> list[asyncpg.Record]:
 
 
 async def rename_speaker(conn: asyncpg.Connection, owner: str | None, speaker_id: int, name: str) -> None:
-    """Rename, and carry the new name to every recording speaker it named automatically."""
-    clash = await conn.fetchval(f"SELECT id FROM speakers WHERE {_OWNER} AND lower(name) = lower($2) AND id <> $3",
-                                owner, name, speaker_id)
-    if clash is not None:
-        raise NameTaken(name)
+    """Rename, and carry the new name to every recording speaker it named automatically. NameTaken
+    when another of the owner's speakers has the name (the unique index on it says so)."""
     old = await conn.fetchval("SELECT name FROM speakers WHERE id = $1", speaker_id)
     try:
-        async with conn.transaction():  # a savepoint: the name taken meanwhile by another request
+        async with conn.transaction():  # a savepoint: the caller's transaction goes on
             await conn.execute("UPDATE speakers SET name = $2 WHERE id = $1", speaker_id, name)
     except asyncpg.UniqueViolationError as exc:
         raise NameTaken(name) from exc

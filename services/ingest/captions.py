@@ -207,14 +207,15 @@ def caption_cues(segments: Sequence[Captioned], line_width: int = LINE_WIDTH, li
     cues = sorted((cue for segment in segments
                    for cue in _segment_cues(segment, line_width, line_count, speaker_takes_room)),
                   key=lambda cue: (cue.start, cue.end))
-    return [_readable(cue, cues[i + 1:]) for i, cue in enumerate(cues)]
+    return [_readable(cues, i) for i in range(len(cues))]
 
 
-def _readable(cue: Cue, later: Sequence[Cue]) -> Cue:
+def _readable(cues: Sequence[Cue], i: int) -> Cue:
     """A cue that ends where it starts (a word Whisper timed at one instant) is never shown: it
     is given up to MIN_CUE_S, but not past the start of the same speaker's next cue."""
+    cue = cues[i]
     if cue.end - cue.start >= MIN_CUE_S:
         return cue
-    following = next((c.start for c in later if c.speaker == cue.speaker), float("inf"))
+    following = next((c.start for c in cues[i + 1:] if c.speaker == cue.speaker), float("inf"))
     end = max(cue.end, min(cue.start + MIN_CUE_S, following), cue.start + 0.001)
     return Cue(cue.start, end, cue.speaker, cue.lines)

@@ -16,6 +16,7 @@ import asyncpg
 from minio import Minio
 
 from common import jobstore
+from common.db import every
 from common.storage import remove_objects
 from services.ingest.jobs import UPLOAD_PREFIX
 
@@ -40,6 +41,8 @@ async def remove_orphan_uploads(pool: asyncpg.Pool, s3: Minio, bucket: str, age_
     while page := await asyncio.to_thread(lambda: list(itertools.islice(listing, PAGE))):
         old = {job_id: item.object_name for item in page
                if (job_id := _job_id(item.object_name)) is not None and item.last_modified < before}
+        if not old:
+            continue
         existing = await jobstore.existing_job_ids(pool, list(old))
         orphans = [(bucket, key) for job_id, key in old.items() if job_id not in existing]
         if orphans:
@@ -51,14 +54,5 @@ async def remove_orphan_uploads(pool: asyncpg.Pool, s3: Minio, bucket: str, age_
 
 
 async def run_orphan_sweep(pool: asyncpg.Pool, s3: Minio, bucket: str) -> None:
-    while True:
-        try:
-            async with pool.acquire() as conn:
-                if await conn.fetchval("SELECT pg_try_advisory_lock($1)", ORPHANS_LOCK_KEY):
-                    try:
-                        await remove_orphan_uploads(pool, s3, bucket)
-                    finally:
-                        await conn.execute("SELECT pg_advisory_unlock($1)", ORPHANS_LOCK_KEY)
-        except Exception:
-            log.exception("looking for uploads without a job failed; will try again")
-        await asyncio.sleep(SWEEP_INTERVAL_S)
+    await every(SWEEP_INTERVAL_S, pool, ORPHANS_LOCK_KEY, lambda: remove_orphan_uploads(pool, s3, bucket),
+                "looking for uploads without a job")

@@ -14,6 +14,7 @@ import asyncpg
 from minio import Minio
 
 from common import jobstore
+from common.db import every
 from common.logs import job_logged
 from common.settings import Settings
 from common.storage import pcm_key, remove_objects
@@ -59,15 +60,9 @@ async def run_retention(pool: asyncpg.Pool, s3: Minio, settings: Settings) -> No
     interval = sweep_interval_s(settings)
     if interval is None:
         return
-    while True:
-        try:
-            async with pool.acquire() as conn:
-                if await conn.fetchval("SELECT pg_try_advisory_lock($1)", RETENTION_LOCK_KEY):
-                    try:
-                        while max(await sweep(pool, s3, settings)) >= BATCH:
-                            pass  # a backlog (retention just switched on): on until it is cleared
-                    finally:
-                        await conn.execute("SELECT pg_advisory_unlock($1)", RETENTION_LOCK_KEY)
-        except Exception:
-            log.exception("the retention sweep failed; will try again")
-        await asyncio.sleep(interval)
+
+    async def sweep_all() -> None:
+        while max(await sweep(pool, s3, settings)) >= BATCH:
+            pass  # a backlog (retention just switched on): on until it is cleared
+
+    await every(interval, pool, RETENTION_LOCK_KEY, sweep_all, "the retention sweep")
