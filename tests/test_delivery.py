@@ -429,6 +429,7 @@ async def test_an_event_the_notifier_cannot_handle_is_parked_and_the_job_goes_on
             parked = json.loads(message.body).get("job_id") == job_id
         await asyncio.sleep(2)  # a job.failed, had one been published, would be stored by now
         assert await conn.fetchval("SELECT status FROM transcripts WHERE id = $1", job_id) == "processing"
+        await conn.execute("DELETE FROM transcripts WHERE id = $1", job_id)  # the stack is shared
     finally:
         await connection.close()
         await conn.close()
@@ -454,6 +455,8 @@ async def test_an_upload_left_without_a_job_is_removed_and_a_jobs_upload_kept(st
         assert await remove_orphan_uploads(pool, s3, "audio", age_s=0) >= 1
         assert not object_exists(s3, "audio", f"uploads/{orphan}")
         assert object_exists(s3, "audio", f"uploads/{kept}")
+        await conn.execute("DELETE FROM transcripts WHERE id = $1", kept)  # the stack is shared
+        s3.remove_object("audio", f"uploads/{kept}")
     finally:
         await pool.close()
         await conn.close()
@@ -475,6 +478,7 @@ async def test_a_webhook_delivery_dead_lettered_fails_no_job_and_a_stages_messag
         await wait_status(conn, chunk_job, "error", timeout=30)
         await asyncio.sleep(1)  # the two were published together: the other has been taken by now
         assert await conn.fetchval("SELECT status FROM transcripts WHERE id = $1", webhook_job) == "processing"
+        await conn.execute("DELETE FROM transcripts WHERE id = $1", webhook_job)  # the stack is shared
     finally:
         await connection.close()
         await conn.close()
