@@ -73,6 +73,12 @@ def _listed(value: object, clean: Callable[[str], str]) -> object:
     return value
 
 
+def vocabulary_chars(text: str) -> int:
+    """How long `text` is as a job's vocabulary (its terms as the validator keeps them, joined),
+    the length VOCABULARY_MAX_CHARS bounds."""
+    return len(", ".join(_listed(text, printable_words)))
+
+
 REFERENCE_MAX_CHARS = 200
 SPEAKER_NAME_MAX_CHARS = 100
 EXPECTED_SPEAKERS_MAX = 32

@@ -34,7 +34,7 @@ from pydantic import ValidationError
 from common import jobstore
 from common.languages import LANGUAGE_NAMES
 from common.logs import job_logged
-from common.messages import VOCABULARY_MAX_CHARS, JobOptions
+from common.messages import VOCABULARY_MAX_CHARS, JobOptions, vocabulary_chars
 from services.ingest.admission import release_upload
 from services.ingest.auth import request_owner
 from services.ingest.errors import OPENAI_PREFIX, OpenAIErrorBody, error_body, error_responses, invalid
@@ -111,7 +111,7 @@ def prompt_vocabulary(prompt: str | None) -> str | None:
     if prompt is None:
         return None
     words = prompt[-4 * VOCABULARY_MAX_CHARS:].split()
-    while words and len(", ".join(t.strip() for t in " ".join(words).split(",") if t.strip())) > VOCABULARY_MAX_CHARS:
+    while words and vocabulary_chars(" ".join(words)) > VOCABULARY_MAX_CHARS:
         words.pop(0)
     return " ".join(words)
 
