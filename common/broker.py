@@ -9,8 +9,9 @@ consumer first starts waits in that consumer's queue instead of being dropped):
   delivered more than DELIVERY_LIMIT times (a worker that crashes on it every time). Queue
   `stt.dead-letters` keeps them for operators; queue `stt.persister.dead` lets the persister fail
   the job with the reason.
-- `<queue>.retry.<N>s`: one TTL queue per retry delay that dead-letters back into the queue
-  it came from (delayed retry without a broker plugin).
+- `<queue>.delay.<N>s`: one quorum queue per retry delay whose messages expire after it and are
+  dead-lettered back into the queue they came from (delayed retry without a broker plugin),
+  at-least-once: the broker lets go of an expired message only once its queue confirmed it.
 - A message whose retries are used up is failed with its reason and parked in
   `stt.dead-letters` by the consumer itself (not rejected, so the reason stays the real one).
 - `stt.<service>.ended.<id>`: each pipeline worker's own exclusive queue of `transcript.failed`
@@ -108,7 +109,9 @@ def stage_queue(service: str) -> str:
 
 
 def retry_queue(queue_name: str, delay_s: int) -> str:
-    return f"{queue_name}.retry.{delay_s}s"
+    # Not `.retry.`: versions before 2026-12-05 made classic queues there (at-most-once
+    # dead-lettering), and a queue cannot be declared again with other arguments.
+    return f"{queue_name}.delay.{delay_s}s"
 
 
 def watched_queues(*extra: str) -> list[str]:
@@ -147,37 +150,32 @@ def stage_queue_arguments(service: str, settings: Settings) -> dict[str, Any]:
     return arguments
 
 
-async def _declare_stage_queue(connection: AbstractRobustConnection, channel: AbstractChannel,
-                               service: str, settings: Settings):
+async def declare_queue(connection: AbstractRobustConnection, name: str, arguments: dict[str, Any]) -> None:
+    """Declare a durable queue on a channel of its own. One made by an earlier version with other
+    arguments is used as it is, with a warning (a queue's arguments cannot change in place; the
+    broker closes the channel that asks, hence one of its own)."""
+    channel = await connection.channel()
     try:
-        return await channel.declare_queue(stage_queue(service), durable=True,
-                                           arguments=stage_queue_arguments(service, settings))
+        await channel.declare_queue(name, durable=True, arguments=arguments)
     except aio_pika.exceptions.ChannelPreconditionFailed:
-        # Made by an earlier version with other arguments: use it as it is (the broker closed
-        # the channel that asked; ask again on a new one).
         log.warning("queue %s exists with other arguments than this version declares (%s); using it"
-                    " as it is. Delete it while it is empty to apply them.", stage_queue(service),
-                    stage_queue_arguments(service, settings))
-        probe = await connection.channel()
-        try:
-            await probe.declare_queue(stage_queue(service), passive=True)
-        finally:
-            await probe.close()
-        return None
+                    " as it is. Delete it while it is empty to apply them.", name, arguments)
+        channel = await connection.channel()
+        await channel.declare_queue(name, passive=True)
+    finally:
+        if not channel.is_closed:
+            await channel.close()
 
 
 async def declare_topology(connection: AbstractRobustConnection, settings: Settings) -> AbstractChannel:
-    """Declare everything; returns an open channel (a refused declaration closes the one it used)."""
+    """Declare everything; returns an open channel for publishing."""
     channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
     work = await channel.declare_exchange(EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
     await channel.declare_exchange(EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
     dead = await channel.declare_exchange(DEAD_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
     for service, keys in STAGE_BINDINGS.items():
-        queue = await _declare_stage_queue(connection, channel, service, settings)
-        if queue is None:
-            channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-            work = await channel.get_exchange(EXCHANGE)
-            queue = await channel.get_queue(stage_queue(service))
+        await declare_queue(connection, stage_queue(service), stage_queue_arguments(service, settings))
+        queue = await channel.get_queue(stage_queue(service))
         for key in keys:
             await queue.bind(work, key)
     for name in (DEAD_LETTERS_QUEUE, PERSISTER_DEAD_QUEUE):
@@ -225,15 +223,20 @@ async def open_bus(connection: AbstractRobustConnection, settings: Settings) -> 
 
 
 async def declare_delay_queues(channel: AbstractChannel, queue_name: str, delays: list[int]) -> None:
-    """One TTL queue per delay that hands what it holds back to `queue_name` when it expires."""
+    """One queue per delay that hands what it holds back to `queue_name` when it expires.
+    Quorum with at-least-once dead-lettering (RabbitMQ 3.10+, which needs reject-publish
+    overflow): a classic queue drops an expired message even when `queue_name` could not take it."""
     for delay in sorted(set(delays)):
         await channel.declare_queue(
             retry_queue(queue_name, delay),
             durable=True,
             arguments={
+                "x-queue-type": "quorum",
                 "x-message-ttl": delay * 1000,
                 "x-dead-letter-exchange": "",
                 "x-dead-letter-routing-key": queue_name,
+                "x-dead-letter-strategy": "at-least-once",
+                "x-overflow": "reject-publish",
             },
         )
 

@@ -7,15 +7,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import subprocess
 import uuid
 from collections.abc import Iterator
+from urllib.parse import unquote, urlsplit
 
 import aio_pika
 import pytest
 
 from common import runner
-from common.broker import PermanentError, Route, connect, consume, open_bus, stage_queue
+from common.broker import (
+    PermanentError,
+    Route,
+    connect,
+    consume,
+    open_bus,
+    retry_queue,
+    stage_queue,
+)
 from common.messages import JobProgress, JobSubmitted
 from tests.conftest import Stack, rabbitmqctl
 
@@ -154,3 +164,26 @@ async def test_when_failing_the_job_cannot_be_published_the_message_goes_back_to
             assert len(deliveries) >= 2
         finally:
             await connection.close()
+
+
+
+def test_retries_come_back_at_least_once_and_one_notifier_at_a_time_records_events(stack: Stack):
+    """A retry waits in a delay queue until its delay is over, then the broker moves it back to
+    its stage's queue. A classic queue does that at most once: where the stage's queue cannot
+    take it at that moment (a cluster node down), the retry, and with it the job, is gone. A
+    quorum queue with at-least-once dead-lettering keeps it until the stage's queue confirmed it."""
+    vhost = unquote(urlsplit(stack.amqp_url).path[1:])
+    listing = subprocess.run(["rabbitmqctl", "list_queues", "-q", "-p", vhost, "name", "type", "arguments",
+                              "--formatter", "json"], check=True, capture_output=True, text=True, timeout=60)
+    queues = {q["name"]: q for q in json.loads(listing.stdout)}
+    delays = {retry_queue("stt.transcriber", delay) for delay in stack.settings().retry_delays}
+    assert delays <= queues.keys()
+    for name in delays:
+        arguments = {key: value for key, _type, value in queues[name]["arguments"]}
+        assert queues[name]["type"] == "quorum", name
+        assert arguments["x-dead-letter-strategy"] == "at-least-once", name
+        assert arguments["x-overflow"] == "reject-publish", name  # at-least-once needs it
+        assert arguments["x-dead-letter-routing-key"] == "stt.transcriber", name
+    # Not a retry, but declared the same way: one notifier at a time records events, in order.
+    events = {key: value for key, _type, value in queues["stt.notifier.events"]["arguments"]}
+    assert events["x-single-active-consumer"] is True

@@ -12,6 +12,7 @@ from common.broker import (
     connect,
     consume,
     declare_delay_queues,
+    declare_queue,
     open_bus,
 )
 from common.db import DATABASE_UNAVAILABLE, apply_migrations, create_pool
@@ -29,9 +30,10 @@ log = logging.getLogger("services.notifier")
 # without one keeps no copy of its events); no dead-letter exchange: an event no handler takes
 # is dropped, never counted against its job.
 EVENTS_QUEUE = "stt.notifier.events"
-# Events are fanned out one at a time (prefetch 1), so a job's deliveries are recorded, and sent,
-# in the order its events were published. Deliveries in flight per replica (each endpoint gets
-# at most WEBHOOK_CONCURRENCY of them).
+# Events are fanned out one at a time (prefetch 1) by one replica at a time (single active
+# consumer: with two, one replica could record a job's later event before another recorded the
+# earlier one), so a job's deliveries are recorded, and sent, in the order its events were
+# published. Deliveries in flight per replica (each endpoint gets at most WEBHOOK_CONCURRENCY).
 DELIVERY_PREFETCH = 32
 
 
@@ -43,9 +45,9 @@ async def main() -> None:
     await apply_migrations(pool)
     connection = await connect(settings, "notifier")
     bus = await open_bus(connection, settings)
-    events = await bus.channel.declare_queue(
-        EVENTS_QUEUE, durable=True,
-        arguments={"x-queue-type": "quorum", "x-delivery-limit": settings.delivery_limit})
+    await declare_queue(connection, EVENTS_QUEUE, {"x-queue-type": "quorum", "x-single-active-consumer": True,
+                                                   "x-delivery-limit": settings.delivery_limit})
+    events = await bus.channel.get_queue(EVENTS_QUEUE)
     await events.bind(await bus.channel.get_exchange(EVENTS_EXCHANGE), "#")
     await declare_delay_queues(bus.channel, handler.DELIVERY_QUEUE,
                                [*settings.webhook_retry_delays, handler.BUSY_ENDPOINT_DELAY_S])
