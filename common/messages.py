@@ -412,8 +412,10 @@ class WebhookDue(Contract):
     ROUTING_KEY: ClassVar[str] = "webhook.due"
 
     webhook_id: int
-    # Set when this is the delayed retry of that delivery: it is due now, whatever the clocks say.
+    # Set when this is the delayed retry of that delivery after its `after_attempts`-th attempt:
+    # it is due now, whatever the clocks say, unless that delivery was tried again meanwhile.
     retry_of: int | None = None
+    after_attempts: int | None = None
 
 
 WORK_MESSAGES: dict[str, type[Contract]] = {

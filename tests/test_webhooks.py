@@ -1,5 +1,5 @@
 """Webhooks on the real stack (ingest, the notifier, RabbitMQ, PostgreSQL) against a real local HTTP
-receiver: signed deliveries in order, retries through the TTL queues, giving up with a delivery
+receiver: signed deliveries in order, retries through the delay queues, giving up with a delivery
 log that says why, per-job callback URLs, the private-address refusal, and a notifier killed in
 the middle of a delivery."""
 
@@ -18,11 +18,15 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import asyncpg
 import httpx
 import pytest
 
-from common.outbound import PublicOnlyResolver, target_problem
+from common.broker import connect, declare_delay_queues, open_bus, retry_queue
+from common.messages import WebhookDue
+from common.outbound import PublicOnlyResolver, http_session, target_problem
 from common.webhooks import new_secret, signature
+from services.notifier import handler
 from tests.conftest import another_ingest, free_port, running_stack
 
 # Short waits so retries and give-ups happen within a test.
@@ -102,14 +106,19 @@ def test_signatures_secrets_and_private_targets():
 
     async def problems(allow_private: bool) -> list[str | None]:
         urls = ["http://127.0.0.1:9/x", "http://localhost/", "http://10.1.2.3/", "http://169.254.169.254/latest",
-                "http://[::1]/", "http://192.168.0.10/", "http://93.184.216.34/hook", "ftp://93.184.216.34/"]
+                "http://[::1]/", "http://192.168.0.10/",
+                # carrier-grade NAT (some clouds' metadata service), and 169.254.169.254 inside 6to4
+                "http://100.100.100.200/latest/meta-data/", "http://[2002:a9fe:a9fe::1]/",
+                "http://93.184.216.34/hook", "ftp://93.184.216.34/"]
         return [await target_problem(url, allow_private) for url in urls]
 
     refused = asyncio.run(problems(False))
-    assert all("private" in p for p in refused[:6]), refused
-    assert refused[6] is None and "http" in refused[7]
+    assert all("private" in p for p in refused[:8]), refused
+    assert refused[8] is None and "http" in refused[9]
     allowed = asyncio.run(problems(True))
-    assert allowed[:7] == [None] * 7 and allowed[7] is not None
+    assert allowed[:9] == [None] * 9 and allowed[9] is not None
+    # a host name no resolver accepts is a reason, not an error
+    assert "valid host name" in asyncio.run(target_problem("https://a..b/", False))
 
     async def connect_time_resolution() -> None:
         # what the notifier connects with: a name that turned private after the check is refused too
@@ -152,6 +161,9 @@ def test_events_arrive_signed_in_order_retried_and_given_up(notified, fixtures_d
     assert "secret" not in api.get(f"/webhooks/{flaky['id']}").json()
     refused = api.post("/webhooks", json={"url": receiver.url("/ok"), "events": ["job.exploded"]})
     assert refused.status_code == 400 and "job.exploded" in refused.json()["detail"]
+    # a receiver's library would decode this one leniently and never verify a delivery
+    not_base64 = api.post("/webhooks", json={"url": receiver.url("/ok"), "secret": "whsec_abcd-efgh-ijkl"})
+    assert not_base64.status_code == 400 and "base64" in not_base64.json()["detail"], not_base64.text
 
     accepted = stack.submit(fixtures_dir / "en_dialogue.wav", data={"callback_url": receiver.url("/callback")})
     assert accepted.status_code == 202, accepted.text
@@ -237,3 +249,42 @@ def test_killing_the_notifier_mid_delivery_loses_nothing(notified, fixtures_dir)
     assert {e["data"]["message_id"] for e in receiver.events("/slow", job_id)} == wanted
     for hook in hooks:
         assert api.delete(f"/webhooks/{hook['id']}").status_code == 204
+
+
+def test_a_retry_kicked_twice_spends_one_attempt(notified):
+    """A delivery's retry can arrive twice (the delayed retry and a redelivery of it, or kicks
+    from two replicas): the second must not try again at once, or the attempts meant to last about
+    a day are spent in seconds."""
+    stack, _ = notified
+    settings = stack.settings(webhook_retry_delays_s="600", webhook_max_attempts=8)
+    unreachable = f"http://127.0.0.1:{free_port()}/hook"
+
+    async def kicked_twice() -> int:
+        pool = await asyncpg.create_pool(stack.database_url, min_size=1, max_size=2)
+        connection = await connect(settings, "test-webhook-kicks")
+        http = http_session(True)
+        webhook_id = await pool.fetchval(
+            "INSERT INTO webhooks (url, events, secret) VALUES ($1, $2, $3) RETURNING id",
+            unreachable, ["transcript.completed"], "a-secret-of-16-chars")
+        try:
+            bus = await open_bus(connection, settings)
+            await declare_delay_queues(bus.channel, handler.DELIVERY_QUEUE, settings.webhook_retry_delays)
+            delivery_id = await pool.fetchval(
+                """INSERT INTO webhook_deliveries (webhook_id, event_id, event_type, job_id, payload)
+                   VALUES ($1, 'evt-kicked-twice', 'transcript.completed', 919191, '{}') RETURNING id""", webhook_id)
+            due = WebhookDue(job_id=919191, webhook_id=webhook_id)
+            await handler.deliver(pool, http, settings, bus, due)  # attempt 1 fails: retry in 600 s
+            retry = due.model_copy(update={"retry_of": delivery_id, "after_attempts": 1})
+            await handler.deliver(pool, http, settings, bus, retry)  # the retry: attempt 2
+            await handler.deliver(pool, http, settings, bus, retry)  # the same retry again
+            await handler.deliver(pool, http, settings, bus, due)  # a plain kick (the sweep's)
+            return await pool.fetchval("SELECT attempts FROM webhook_deliveries WHERE id = $1", delivery_id)
+        finally:
+            await pool.execute("DELETE FROM webhooks WHERE id = $1", webhook_id)
+            channel = await connection.channel()
+            await (await channel.get_queue(retry_queue(handler.DELIVERY_QUEUE, 600))).purge()
+            await http.close()
+            await connection.close()
+            await pool.close()
+
+    assert asyncio.run(kicked_twice()) == 2

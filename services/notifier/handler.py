@@ -36,7 +36,8 @@ STUCK_AFTER_S = 120
 SWEEP_EVERY_S = 30.0
 MAX_ERROR_CHARS = 500
 
-_in_flight: dict[int, asyncio.Semaphore] = {}
+# Deliveries in flight in this process, per webhook (an entry goes when its count is back to 0).
+_in_flight: dict[int, int] = {}
 
 
 async def fan_out(pool: asyncpg.Pool, event: Contract) -> AsyncIterator[WebhookDue]:
@@ -61,13 +62,17 @@ async def fan_out(pool: asyncpg.Pool, event: Contract) -> AsyncIterator[WebhookD
 
 async def deliver(pool: asyncpg.Pool, http: aiohttp.ClientSession, settings: Settings, bus: Bus,
                   due: WebhookDue) -> None:
-    endpoint = _in_flight.setdefault(due.webhook_id, asyncio.Semaphore(settings.webhook_concurrency))
-    if endpoint.locked():
+    if _in_flight.get(due.webhook_id, 0) >= settings.webhook_concurrency:
         await publish_later(bus, due, DELIVERY_QUEUE, BUSY_ENDPOINT_DELAY_S)
         return
-    async with endpoint:
+    _in_flight[due.webhook_id] = _in_flight.get(due.webhook_id, 0) + 1
+    try:
         while await _deliver_in_order(pool, http, settings, bus, due):
-            due = due.model_copy(update={"retry_of": None})
+            due = due.model_copy(update={"retry_of": None, "after_attempts": None})
+    finally:
+        _in_flight[due.webhook_id] -= 1
+        if not _in_flight[due.webhook_id]:
+            del _in_flight[due.webhook_id]
 
 
 async def _deliver_in_order(pool: asyncpg.Pool, http: aiohttp.ClientSession, settings: Settings, bus: Bus,
@@ -83,7 +88,11 @@ async def _deliver_in_order(pool: asyncpg.Pool, http: aiohttp.ClientSession, set
             retry_of = due.retry_of
             while True:
                 head = await _oldest_pending(conn, due)
-                if head is None or not (head["due"] or head["id"] == retry_of):
+                # A retry that finds its delivery tried again since (a second kick of the same
+                # retry) forces nothing: it would spend the next attempt before its delay.
+                forced = (head is not None and head["id"] == retry_of
+                          and due.after_attempts in (None, head["attempts"]))
+                if head is None or not (head["due"] or forced):
                     break  # none left, or the oldest waits for its retry (which will go on from it)
                 retry_of = None
                 if not await _attempt(conn, http, settings, bus, due, head):
@@ -134,7 +143,8 @@ async def _attempt(conn: asyncpg.Connection, http: aiohttp.ClientSession, settin
     if status == "pending":
         log.warning("webhook %d: %s %s not delivered (%s); attempt %d/%d again in %d s", due.webhook_id,
                     head["event_type"], head["event_id"], error, attempt, settings.webhook_max_attempts, delay)
-        await publish_later(bus, due.model_copy(update={"retry_of": head["id"]}), DELIVERY_QUEUE, delay)
+        await publish_later(bus, due.model_copy(update={"retry_of": head["id"], "after_attempts": attempt}),
+                            DELIVERY_QUEUE, delay)
         return False
     if status == "failed":
         log.error("webhook %d: %s %s given up after %d attempts (%s)", due.webhook_id, head["event_type"],
@@ -169,15 +179,19 @@ async def post(http: aiohttp.ClientSession, url: str, secret: str, event_id: str
 
 async def sweep_stuck(pool: asyncpg.Pool, bus: Bus, every_s: float = SWEEP_EVERY_S) -> None:
     """Kick again, now and then, any (webhook, job) whose oldest pending delivery is long overdue:
-    its kick was lost between a commit and a publish (a crash). Extra kicks are harmless."""
+    its kick was lost between a commit and a publish (a crash). Extra kicks are harmless: they
+    force no attempt, and one that is overdue is due anyway. Only the oldest pending delivery
+    counts: the ones after it wait for it, and are not late."""
     while True:
         try:
             rows = await pool.fetch(
-                """SELECT DISTINCT ON (webhook_id, job_id) id, webhook_id, job_id FROM webhook_deliveries
-                    WHERE status = 'pending' AND next_attempt_at < now() - make_interval(secs => $1)
-                    ORDER BY webhook_id, job_id, id""", float(STUCK_AFTER_S))
+                """SELECT webhook_id, job_id FROM (
+                       SELECT DISTINCT ON (webhook_id, job_id) webhook_id, job_id, next_attempt_at
+                         FROM webhook_deliveries WHERE status = 'pending'
+                        ORDER BY webhook_id, job_id, id) oldest
+                    WHERE next_attempt_at < now() - make_interval(secs => $1)""", float(STUCK_AFTER_S))
             for row in rows:
-                await bus.publish(WebhookDue(job_id=row["job_id"], webhook_id=row["webhook_id"], retry_of=row["id"]))
+                await bus.publish(WebhookDue(job_id=row["job_id"], webhook_id=row["webhook_id"]))
         except Exception as exc:  # the database or the broker is away: the next round tries again
             log.warning("could not look for overdue webhook deliveries (%s: %s); later", type(exc).__name__, exc)
         await asyncio.sleep(every_s)
