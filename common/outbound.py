@@ -36,10 +36,12 @@ def url_problem(url: str, what: str = "a webhook URL",
 
 def is_private_address(address: str) -> bool:
     ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address) and (ip.ipv4_mapped or ip.sixtofour):
+        ip = ip.ipv4_mapped or ip.sixtofour
+    # `not is_global` also takes what is neither private nor public: carrier-grade NAT
+    # (100.64.0.0/10), where some clouds answer their metadata requests.
     return (ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_reserved
-            or ip.is_unspecified)
+            or ip.is_unspecified or not ip.is_global)
 
 
 async def target_problem(url: str, allow_private: bool, allowed_by: str = "WEBHOOK_ALLOW_PRIVATE",
@@ -56,6 +58,8 @@ async def target_problem(url: str, allow_private: bool, allowed_by: str = "WEBHO
             parts.hostname, parts.port or (443 if parts.scheme == "https" else 80), type=socket.SOCK_STREAM)
     except OSError as exc:
         return f"{parts.hostname} does not resolve ({exc.strerror or exc})"
+    except UnicodeError:  # an empty label or one over 63 characters, refused by the IDNA codec
+        return f"{parts.hostname} is not a valid host name"
     private = sorted({info[4][0] for info in found if is_private_address(info[4][0])})
     if private:
         return (f"{parts.hostname} resolves to a private, loopback or link-local address ({private[0]});"

@@ -20,14 +20,20 @@ def new_secret() -> str:
     return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(24)).decode()
 
 
-def _key(secret: str) -> bytes:
-    """A `whsec_` secret signs with its base64-decoded bytes; any other string with its UTF-8."""
+def decoded_secret(secret: str) -> bytes | None:
+    """The bytes a `whsec_` secret stands for; None for a secret without the prefix or whose
+    rest is not base64 (refused at registration: receivers' libraries would decode it otherwise)."""
     if secret.startswith(SECRET_PREFIX):
         try:
-            return base64.b64decode(secret[len(SECRET_PREFIX):], validate=True)
+            return base64.b64decode(secret[len(SECRET_PREFIX):], validate=True) or None
         except ValueError:
             pass
-    return secret.encode()
+    return None
+
+
+def _key(secret: str) -> bytes:
+    """A `whsec_` secret signs with its base64-decoded bytes; any other string with its UTF-8."""
+    return decoded_secret(secret) or secret.encode()
 
 
 def signature(secret: str, message_id: str, timestamp: int, body: bytes) -> str:

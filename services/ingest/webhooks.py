@@ -19,7 +19,7 @@ from pydantic import BaseModel
 from common.messages import EVENTS, TranscriptCompleted, TranscriptFailed
 from common.outbound import MAX_URL_CHARS, target_problem
 from common.settings import Settings
-from common.webhooks import new_secret
+from common.webhooks import SECRET_PREFIX, decoded_secret, new_secret
 from services.ingest.auth import request_owner
 from services.ingest.errors import MAX_ID, error_responses
 from services.ingest.transcripts import CursorQuery, LimitQuery
@@ -128,6 +128,11 @@ async def register(data: NewWebhook, request: Request, state: State) -> CreatedW
     if not SECRET_CHARS[0] <= len(secret) <= SECRET_CHARS[1] or not secret.isprintable():
         raise HTTPException(status_code=400, detail=f"a secret is {SECRET_CHARS[0]}-{SECRET_CHARS[1]} printable"
                                                     " characters")
+    if secret.startswith(SECRET_PREFIX) and decoded_secret(secret) is None:
+        raise HTTPException(status_code=400, detail=f"a secret that starts with {SECRET_PREFIX} signs with the bytes"
+                                                    " the base64 after it stands for, and this is not base64;"
+                                                    f" choose one without the {SECRET_PREFIX} prefix to sign with"
+                                                    " its own characters")
     row = await state.pool.fetchrow(
         "INSERT INTO webhooks (owner, url, events, secret) VALUES ($1, $2, $3, $4) RETURNING *",
         request_owner(request), url, list(dict.fromkeys(events)), secret)
