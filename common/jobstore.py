@@ -6,6 +6,7 @@ or pool; the callers own the transactions, and the functions that lock a row say
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 from datetime import datetime, timedelta
 
@@ -24,6 +25,8 @@ from common.messages import (
     redacted_label,
 )
 from common.outbox import add_to_outbox
+
+log = logging.getLogger(__name__)
 
 Db = asyncpg.Connection | asyncpg.Pool
 
@@ -439,18 +442,34 @@ async def store_segments(conn: asyncpg.Connection, job_id: int, chunk_index: int
 _indexed: set[tuple[str, int]] = set()
 
 
+# pgvector's HNSW indexes take vectors of up to 2,000 dimensions, half-precision ones up to 4,000.
+# A model with more (qwen3-embedding:8b gives 4,096) is searched without an index.
+HNSW_MAX_DIMENSIONS = {"vector": 2000, "halfvec": 4000}
+
+
+def _indexed_as(dimensions: int) -> str | None:
+    """The type a model's vectors are indexed (and compared) as, or None: too long to index."""
+    return next((kind for kind, most in HNSW_MAX_DIMENSIONS.items() if dimensions <= most), None)
+
+
 async def ensure_vector_index(pool: asyncpg.Pool, model: str, dimensions: int) -> None:
     """An HNSW cosine index over the segments of one embedding model (vectors of one model all
     have its dimension; an index needs a fixed one). Run outside any transaction that has
     written segments: building it locks the table against writes."""
     if (model, dimensions) in _indexed:
         return
+    kind = _indexed_as(dimensions)
+    if kind is None:
+        log.warning("embedding model %s gives %d dimensions, more than pgvector can index (%d): semantic"
+                    " search reads every segment of it", model, dimensions, HNSW_MAX_DIMENSIONS["halfvec"])
+        _indexed.add((model, dimensions))
+        return
     name = "segments_embedding_" + hashlib.sha256(f"{model}:{dimensions}".encode()).hexdigest()[:16]
     literal = model.replace("'", "''")
     try:
         await pool.execute(
             f"CREATE INDEX IF NOT EXISTS {name} ON segments USING hnsw"
-            f" ((embedding::vector({int(dimensions)})) vector_cosine_ops) WHERE embedding_model = '{literal}'")
+            f" ((embedding::{kind}({int(dimensions)})) {kind}_cosine_ops) WHERE embedding_model = '{literal}'")
     except (asyncpg.exceptions.UniqueViolationError, asyncpg.exceptions.DuplicateTableError):
         pass  # another persister made it at the same moment
     _indexed.add((model, dimensions))
@@ -670,7 +689,8 @@ async def search_semantic(pool: asyncpg.Pool, vector: list[float], model: str, *
     args: list = [vector]
     where = _search_filters(args, **filters)
     args.append(limit)
-    distance = f"s.embedding::vector({dimensions}) <=> $1::real[]::vector({dimensions})"
+    kind = _indexed_as(dimensions) or "vector"  # compared as indexed, so the index serves it
+    distance = f"s.embedding::{kind}({dimensions}) <=> $1::real[]::{kind}({dimensions})"
     # The model as a literal, as in the partial index's predicate, so the planner can use it.
     model_literal = model.replace("'", "''")
     async with pool.acquire() as conn, conn.transaction():

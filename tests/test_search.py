@@ -12,10 +12,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import aio_pika
+import asyncpg
 import httpx
 import numpy as np
 import pytest
 
+from common import jobstore
 from common.audio import SAMPLE_RATE, decode_audio
 from tests.audio_files import wav
 from tests.conftest import Stack, events_queue, job_events, running_stack
@@ -249,3 +251,34 @@ async def test_a_speaker_named_while_the_job_runs_is_named_in_its_events(searche
         await connection.close()
     assert {e["speaker"] for e in events} == {"spk_0"}
     assert {e["speaker_name"] for e in events} == {"John F. Kennedy"}
+
+
+@pytest.mark.parametrize("dimensions", [2048, 4096])
+async def test_a_model_with_more_dimensions_than_pgvector_indexes_is_stored_and_searched(stack: Stack, dimensions):
+    """Ollama models such as qwen3-embedding:4b/8b give 2,560/4,096 numbers; pgvector's HNSW takes
+    vectors of up to 2,000 (half-precision ones up to 4,000). Every job failed on such a model."""
+    model = f"test-model-{dimensions}"
+    rng = np.random.default_rng(dimensions)
+    vectors = rng.standard_normal((3, dimensions)).astype(np.float32)
+    pool = await asyncpg.create_pool(stack.database_url, min_size=1, max_size=2)
+    try:
+        job_id = await pool.fetchval("INSERT INTO transcripts (filename, status) VALUES ('wide.wav', 'done')"
+                                     " RETURNING id")
+        await jobstore.ensure_vector_index(pool, model, dimensions)
+        await pool.executemany(
+            "INSERT INTO segments (transcript_id, chunk_index, index, speaker, start_ts, end_ts, text,"
+            " embedding, embedding_model) VALUES ($1, 0, $2, 'spk_0', $3, $3::float8 + 1, $4, $5::real[]::vector, $6)",
+            [(job_id, i, float(i), f"segment {i}", vector.tolist(), model) for i, vector in enumerate(vectors)])
+        hits = await jobstore.search_semantic(pool, vectors[1].tolist(), model, limit=2, owner=None,
+                                              transcript_id=job_id, speaker=None, language=None,
+                                              since=None, until=None)
+        assert [hit["index"] for hit in hits][:1] == [1] and hits[0]["score"] > 0.99
+        indexes = await pool.fetchval("SELECT count(*) FROM pg_indexes WHERE tablename = 'segments'"
+                                      " AND indexdef LIKE $1", f"%{model}%")
+        assert indexes == (1 if dimensions <= 4000 else 0)
+    finally:
+        await pool.execute("DELETE FROM transcripts WHERE filename = 'wide.wav'")
+        for (name,) in await pool.fetch("SELECT indexname FROM pg_indexes WHERE tablename = 'segments'"
+                                        " AND indexdef LIKE $1", f"%{model}%"):
+            await pool.execute(f"DROP INDEX {name}")
+        await pool.close()
