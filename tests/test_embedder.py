@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from litestar.exceptions import HTTPException
 
 from common.settings import Settings
 from services.embedder.backends import OllamaError, local_embed, make_embedder
+from services.ingest.search import embed_query
 from tests import fake_ollama
 
 
@@ -96,3 +101,38 @@ async def test_local_default_is_multilingual():
 def test_unknown_local_model_is_refused_at_start():
     with pytest.raises(SystemExit, match="LOCAL_EMBEDDING_MODEL"):
         make_embedder(Settings(embedding_backend="local", local_embedding_model="word2vec"), None)
+
+
+@pytest.mark.parametrize("answer", [{"embeddings": [[]]}, {"embeddings": [[0.1, 0.2], [0.3]]}, {"error": "?"}, []])
+async def test_an_ollama_answer_without_usable_vectors_is_an_ollama_error(answer):
+    """An empty vector was stored as the model's and failed every try as a database error; a
+    missing `embeddings` made search answer 500 instead of 503."""
+    async def embed(_: web.Request) -> web.Response:
+        return web.json_response(answer)
+
+    app = web.Application()
+    app.router.add_post("/api/embed", embed)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        settings = Settings(ollama_url=f"http://127.0.0.1:{server.port}", model_name_embedded="odd", ollama_retries=0)
+        async with aiohttp.ClientSession() as session:
+            embed_texts, _ = make_embedder(settings, session)
+            texts = ["hello", "world"] if len(answer and answer.get("embeddings", [])) == 2 else ["hello"]
+            with pytest.raises(OllamaError, match="Ollama returned"):
+                await embed_texts(texts)
+    finally:
+        await server.close()
+
+
+async def test_a_search_waits_for_its_query_vector_a_bounded_time():
+    """Ollama that takes connections and never answers held a search for about 4 minutes (the
+    embedder's 60 s per try, 4 tries); a person waiting gets the 503 after the request's bound."""
+    async def never_answers(texts: list[str]) -> list[list[float]]:
+        await asyncio.sleep(3600)
+        return []
+
+    started = time.monotonic()
+    with pytest.raises(HTTPException) as refused:
+        await embed_query(never_answers, "budget", timeout_s=0.5)
+    assert refused.value.status_code == 503 and time.monotonic() - started < 5

@@ -53,9 +53,17 @@ async def ollama_embed(session: aiohttp.ClientSession, settings: Settings,
                         f"Ollama answered {response.status} for model "
                         f"{settings.model_name_embedded!r}: {(await response.text())[:200]}"
                     )
-                vectors = (await response.json())["embeddings"]
-            if len(vectors) != len(texts):
-                raise OllamaError(f"Ollama returned {len(vectors)} vectors for {len(texts)} texts")
+                answer = await response.json(content_type=None)
+            vectors = answer.get("embeddings") if isinstance(answer, dict) else None
+            if not isinstance(vectors, list) or len(vectors) != len(texts):
+                raise OllamaError(f"Ollama returned {len(vectors) if isinstance(vectors, list) else 'no'} vectors"
+                                  f" for {len(texts)} texts")
+            # One model gives vectors of one length; an empty one or another length would be
+            # stored, and fail, as that model's.
+            lengths = {len(v) if isinstance(v, list) else 0 for v in vectors}
+            if 0 in lengths or len(lengths) > 1:
+                raise OllamaError(f"Ollama returned vectors of {sorted(lengths)} numbers for model"
+                                  f" {settings.model_name_embedded!r}")
             return vectors
     raise AssertionError("unreachable")
 

@@ -19,6 +19,7 @@ from common.messages import SegmentUpdated, Word
 from common.outbox import add_to_outbox
 from services.ingest.auth import request_owner
 from services.ingest.errors import error_responses
+from services.ingest.search import embed_for_request
 from services.ingest.segments import LABEL, TranscriptSegment, transcript_segment
 from services.ingest.transcripts import JobId, visible
 
@@ -88,7 +89,7 @@ async def correct_segment(job_id: JobId, chunk_index: SegmentChunk, index: Segme
         if not visible(await jobstore.job(state.pool, job_id), request_owner(request)):
             raise NotFoundException(detail=f"no job with id {job_id}")
         try:
-            [new_embedding] = await embed([new_text])
+            new_embedding = await embed_for_request(embed, new_text)
         except Exception as exc:  # the embedding service is away: the text is what matters
             with job_logged(job_id):
                 log.warning("segment %d/%d not embedded (%s); the next reindex will", chunk_index, index,

@@ -115,11 +115,24 @@ def fuse(text_rows: list, semantic_rows: list) -> list[tuple[tuple[int, int, int
     return [(_key(e["row"]), _hit(e["row"], e["found_by"], e["score"])) for e in ranked]
 
 
-async def embed_query(embed: EmbedFn, query: str) -> list[float]:
+# How long a request waits for its text's vector. The embedder's own calls wait longer and are
+# retried (OLLAMA_TIMEOUT_S, OLLAMA_RETRIES: about 4 minutes in all), which suits a queue, not a
+# person waiting on a search.
+REQUEST_EMBED_TIMEOUT_S = 15.0
+
+
+async def embed_for_request(embed: EmbedFn, text: str, timeout_s: float = REQUEST_EMBED_TIMEOUT_S) -> list[float]:
+    """`text`'s vector, for an HTTP request: TimeoutError after `timeout_s`."""
+    async with asyncio.timeout(timeout_s):
+        [vector] = await embed([text])
+    return vector
+
+
+async def embed_query(embed: EmbedFn, query: str, timeout_s: float = REQUEST_EMBED_TIMEOUT_S) -> list[float]:
     try:
-        [vector] = await embed([query])
+        vector = await embed_for_request(embed, query, timeout_s)
     except (OllamaError, aiohttp.ClientError, TimeoutError) as exc:
-        log.warning("could not embed a search query: %s", exc)
+        log.warning("could not embed a search query: %s", exc or type(exc).__name__)
         raise HTTPException(status_code=503, detail="embedding service unavailable: semantic search cannot run;"
                                                     " mode=text still works", headers={"Retry-After": "5"}) from exc
     return vector
