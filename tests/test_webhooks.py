@@ -35,8 +35,8 @@ MAX_ATTEMPTS = 3
 
 
 class Receiver:
-    """A local HTTP server that records every POST and answers per path: /ok 200, /flaky 500
-    twice then 200, /dead never (holds the request), /slow 200 after 1 s."""
+    """A local HTTP server that records every POST and answers per path: /ok 200, /flaky (and
+    /flaky-anything) 500 twice then 200, /dead never (holds the request), /slow 200 after 1 s."""
 
     def __init__(self) -> None:
         self.requests: list[dict] = []
@@ -55,7 +55,7 @@ class Receiver:
                     return
                 if self.path == "/slow":
                     time.sleep(1)
-                self.send_response(500 if self.path == "/flaky" and seen <= 2 else 200)
+                self.send_response(500 if self.path.startswith("/flaky") and seen <= 2 else 200)
                 self.send_header("content-length", "0")
                 self.end_headers()
 
@@ -226,6 +226,27 @@ def test_private_targets_are_refused_when_not_allowed(notified):
             callback = httpx.post(f"{strict}/recognize", files={"file": ("a.wav", f)},
                                   data={"callback_url": "http://169.254.169.254/"})
         assert callback.status_code == 400 and "private" in callback.json()["detail"], callback.text
+
+
+def test_a_job_deleted_as_soon_as_it_ends_still_calls_back_and_leaves_no_deliveries(notified, fixtures_dir):
+    """Its callback (retried: the receiver fails twice) still gets the completion after the job is
+    gone; then no delivery of the job, with its text, is left in the database."""
+    stack, receiver = notified
+    api = httpx.Client(base_url=stack.api, timeout=30)
+    hook = api.post("/webhooks", json={"url": receiver.url("/ok-deleted"), "events": ["transcript.completed"]}).json()
+    try:
+        accepted = stack.submit(fixtures_dir / "jfk.flac", data={"callback_url": receiver.url("/flaky-callback")})
+        job_id = accepted.json()["id"]
+        assert stack.wait_finished(job_id, 300)["status"] == "done"
+        assert api.delete(f"/transcripts/{job_id}").status_code == 204
+        wait_for(lambda: receiver.events("/ok-deleted", job_id), 60, "the owner's webhook")
+        wait_for(lambda: len(receiver.events("/flaky-callback", job_id)) == 3, 60, "the callback's third attempt")
+        assert {e["type"] for e in receiver.events("/flaky-callback", job_id)} == {"transcript.completed"}
+        wait_for(lambda: not stack.query("SELECT 1 FROM webhook_deliveries WHERE job_id = $1", job_id)
+                 and not stack.query("SELECT 1 FROM webhooks WHERE job_id = $1", job_id), 30,
+                 "the deleted job's deliveries and callback to go")
+    finally:
+        api.delete(f"/webhooks/{hook['id']}")
 
 
 def test_killing_the_notifier_mid_delivery_loses_nothing(notified, fixtures_dir):

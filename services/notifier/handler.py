@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 import aiohttp
 import asyncpg
 
+from common import jobstore
 from common.broker import Bus, publish_later, stage_queue
 from common.messages import Contract, WebhookDue
 from common.outbound import target_problem
@@ -140,6 +141,11 @@ async def _attempt(conn: asyncpg.Connection, http: aiohttp.ClientSession, settin
             "INSERT INTO webhook_attempts (delivery_id, attempt, status_code, latency_ms, error)"
             " VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
             head["id"], attempt, status_code, latency_ms, error[:MAX_ERROR_CHARS] if error else None)
+        if status != "pending" and not await conn.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM transcripts WHERE id = $1)", due.job_id):
+            # The job was deleted meanwhile: its text stays nowhere (jobstore.delete_job).
+            await jobstore.forget_settled_callback(conn, due.job_id)
+            await conn.execute("DELETE FROM webhook_deliveries WHERE id = $1", head["id"])
     if status == "pending":
         log.warning("webhook %d: %s %s not delivered (%s); attempt %d/%d again in %d s", due.webhook_id,
                     head["event_type"], head["event_id"], error, attempt, settings.webhook_max_attempts, delay)
