@@ -719,12 +719,12 @@ async def search_semantic(pool: asyncpg.Pool, vector: list[float], model: str, *
 
 # ---- re-embedding (ingest) --------------------------------------------------------------------
 
-async def next_job_to_reindex(db: Db, model: str) -> int | None:
-    """The oldest ended job with a segment not embedded with `model`."""
+async def next_job_to_reindex(db: Db, model: str, after: int = 0) -> int | None:
+    """The oldest ended job after job `after` with a segment not embedded with `model`."""
     return await db.fetchval(
         "SELECT s.transcript_id FROM segments s JOIN transcripts t ON t.id = s.transcript_id"
-        " WHERE t.status <> 'processing' AND s.embedding_model IS DISTINCT FROM $1"
-        " ORDER BY s.transcript_id LIMIT 1", model)
+        " WHERE t.status <> 'processing' AND s.embedding_model IS DISTINCT FROM $1 AND s.transcript_id > $2"
+        " ORDER BY s.transcript_id LIMIT 1", model, after)
 
 
 async def segments_to_reindex(db: Db, job_id: int, model: str) -> list[asyncpg.Record]:

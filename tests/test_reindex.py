@@ -4,6 +4,7 @@ endpoints, on one real stack with an admin key and a user key."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -112,3 +113,62 @@ async def test_a_segment_corrected_while_it_is_reembedded_is_not_given_its_old_t
     assert corrected == ["UPDATE 1"]
     assert rows[0]["embedding_model"] is None  # waits for the next run, which embeds the corrected text
     assert {r["embedding_model"] for r in rows[1:]} == {"race-test-model"}
+
+
+async def test_one_run_across_replicas_that_passes_over_a_job_it_cannot_embed(keyed):
+    """Two ingest replicas (k8s runs two): a run started through one is reported, and not run
+    again, by the other; a job whose text the embedding service refuses is passed over and named,
+    and the jobs after it are still embedded."""
+    import asyncpg
+
+    from services.embedder.backends import OllamaError
+    from services.ingest.reindex import Reindexer
+
+    stack, _, jobs = keyed
+    model = "replicas-test-model"
+    pool = await asyncpg.create_pool(stack.database_url, min_size=1, max_size=4)
+    # The run re-embeds the module's other jobs too: put their vectors back afterwards.
+    kept = await pool.fetch("SELECT transcript_id, chunk_index, index, embedding::real[] AS embedding,"
+                            " embedding_model FROM segments")
+    refused_job = await pool.fetchval("INSERT INTO transcripts (filename, status) VALUES ('refused.wav', 'done')"
+                                      " RETURNING id")
+    later_job = await pool.fetchval("INSERT INTO transcripts (filename, status) VALUES ('later.wav', 'done')"
+                                    " RETURNING id")
+    for job_id, text in ((refused_job, "a text the service refuses"), (later_job, "an ordinary text")):
+        await pool.execute("INSERT INTO segments (transcript_id, chunk_index, index, speaker, start_ts, end_ts, text)"
+                           " VALUES ($1, 0, 0, 'spk_0', 0, 1, $2)", job_id, text)
+    underway, go_on, calls = asyncio.Event(), asyncio.Event(), {"first": 0, "second": 0}
+
+    def embedder(replica: str):
+        async def embed(texts: list[str]) -> list[list[float]]:
+            calls[replica] += 1
+            underway.set()
+            await go_on.wait()
+            if any("refuses" in t for t in texts):
+                raise OllamaError("Ollama answered 500: json: unsupported value: NaN")
+            return [[1.0] + [0.0] * 7 for _ in texts]
+        return embed
+
+    first, second = Reindexer(pool, embedder("first"), model), Reindexer(pool, embedder("second"), model)
+    try:
+        first.start()
+        await asyncio.wait_for(underway.wait(), 30)
+        second.start()  # asked through the other replica while the run is under way
+        assert (await second.progress()).running
+        go_on.set()
+        await asyncio.wait_for(first.task, 120)
+        await asyncio.wait_for(second.task, 30)
+        seen_elsewhere = await second.progress()
+        embedded = {r["transcript_id"]: r["embedding_model"] for r in await pool.fetch(
+            "SELECT transcript_id, embedding_model FROM segments WHERE transcript_id = ANY($1)",
+            [refused_job, later_job])}
+    finally:
+        await pool.execute("DELETE FROM transcripts WHERE id = ANY($1)", [refused_job, later_job])
+        await pool.executemany(
+            "UPDATE segments SET embedding = $4::real[]::vector, embedding_model = $5"
+            " WHERE transcript_id = $1 AND chunk_index = $2 AND index = $3", [tuple(r) for r in kept])
+        await pool.execute("DELETE FROM reindex_runs WHERE model = $1", model)
+        await pool.close()
+    assert calls["second"] == 0  # no second run over the same jobs
+    assert not seen_elsewhere.running and f": {refused_job}" in seen_elsewhere.error, seen_elsewhere
+    assert embedded == {refused_job: None, later_job: model}

@@ -1,9 +1,10 @@
 """Re-embedding stored segments with the current embedding model (after EMBEDDING_BACKEND,
 MODEL_NAME_EMBEDDED or LOCAL_EMBEDDING_MODEL changed), so search covers every transcript:
 `POST /admin/reindex` starts it in the ingest process, `GET /admin/reindex` shows how far it is,
-`stt reindex` does both. It goes job by job (ended jobs, oldest first), one transaction per job,
-and keeps no state of its own: what is left is whatever is not yet in the current model, so a
-restarted ingest resumes by asking again. With API keys on, only ADMIN_API_KEY may call it."""
+`stt reindex` does both. It goes job by job (ended jobs, oldest first), one transaction per job;
+what is left is whatever is not yet in the current model, so a restarted ingest resumes by
+asking again. One run at a time across replicas, its outcome kept in `reindex_runs`. With API
+keys on, only ADMIN_API_KEY may call it."""
 
 from __future__ import annotations
 
@@ -35,13 +36,20 @@ class ReindexProgress(BaseModel):
     error: str | None = None
 
 
+# Held by the replica whose run is under way (a session lock: it goes if that replica dies).
+REINDEX_LOCK_KEY = 7_406_501_141
+# Jobs that fail one after another: the embedding service is away, not one text it cannot take.
+STOP_AFTER_FAILED_JOBS = 3
+FAILED_JOBS_LISTED = 20
+
+
 class Reindexer:
-    """At most one run at a time per ingest process."""
+    """One run at a time across every ingest replica (an advisory lock); its end, and why it
+    stopped, in `reindex_runs`, so any replica reports the same."""
 
     def __init__(self, pool: asyncpg.Pool, embed: EmbedFn, model: str):
         self.pool, self.embed, self.model = pool, embed, model
         self.task: asyncio.Task | None = None
-        self.error: str | None = None
 
     @property
     def running(self) -> bool:
@@ -49,21 +57,55 @@ class Reindexer:
 
     def start(self) -> None:
         if not self.running:
-            self.error = None
             self.task = asyncio.create_task(self._run())
 
     async def _run(self) -> None:
+        async with self.pool.acquire() as conn:
+            if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", REINDEX_LOCK_KEY):
+                return  # another replica's run is under way
+            try:
+                await conn.execute(
+                    "INSERT INTO reindex_runs (model) VALUES ($1) ON CONFLICT (model)"
+                    " DO UPDATE SET started_at = now(), ended_at = NULL, error = NULL", self.model)
+                error = await self._reindex_all()
+                await conn.execute("UPDATE reindex_runs SET ended_at = now(), error = $2 WHERE model = $1",
+                                   self.model, error)
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock($1)", REINDEX_LOCK_KEY)
+
+    async def _reindex_all(self) -> str | None:
+        """Every ended job not yet in the model, oldest first; None, or why some are left. A job
+        whose embedding fails is passed over (one text the service cannot take must not keep
+        every later job out), unless several in a row fail."""
         log.info("re-embedding stored segments with %s", self.model)
-        jobs = 0
+        jobs, failed, failed_in_a_row, after = 0, [], 0, 0
         try:
-            while (job_id := await jobstore.next_job_to_reindex(self.pool, self.model)) is not None:
-                await self._reindex_job(job_id)
+            while (job_id := await jobstore.next_job_to_reindex(self.pool, self.model, after)) is not None:
+                after = job_id
+                try:
+                    await self._reindex_job(job_id)
+                except (asyncpg.PostgresConnectionError, OSError):
+                    raise
+                except Exception:
+                    with job_logged(job_id):
+                        log.exception("could not re-embed this job; going on with the next")
+                    failed.append(job_id)
+                    failed_in_a_row += 1
+                    if failed_in_a_row >= STOP_AFTER_FAILED_JOBS:
+                        raise
+                    continue
                 jobs += 1
+                failed_in_a_row = 0
         except Exception as exc:
-            self.error = f"{type(exc).__name__}: stopped; POST /admin/reindex again to resume"
             log.exception("re-embedding stopped after %d jobs", jobs)
-            return
-        log.info("re-embedding done: %d jobs now embedded with %s", jobs, self.model)
+            return f"{type(exc).__name__}: stopped; POST /admin/reindex again to resume"
+        log.info("re-embedding done: %d jobs now embedded with %s, %d not", jobs, self.model, len(failed))
+        if failed:
+            listed = ", ".join(map(str, failed[:FAILED_JOBS_LISTED]))
+            listed += ", ..." if len(failed) > FAILED_JOBS_LISTED else ""
+            return (f"{len(failed)} jobs could not be embedded (ingest's log says why): {listed};"
+                    " POST /admin/reindex again to try them again")
+        return None
 
     async def _reindex_job(self, job_id: int) -> None:
         with job_logged(job_id):
@@ -81,8 +123,14 @@ class Reindexer:
 
     async def progress(self) -> ReindexProgress:
         counts = await jobstore.reindex_counts(self.pool, self.model)
-        return ReindexProgress(model=self.model, running=self.running, done_segments=counts["done"],
-                               pending_segments=counts["pending"], error=self.error)
+        # Under way here or in another replica (pg_locks spells a bigint key as two halves).
+        running = self.running or await self.pool.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 1"
+            " AND classid::bigint = $1 AND objid::bigint = $2)", REINDEX_LOCK_KEY >> 32, REINDEX_LOCK_KEY & 0xFFFFFFFF)
+        error = None if running else await self.pool.fetchval(
+            "SELECT error FROM reindex_runs WHERE model = $1", self.model)
+        return ReindexProgress(model=self.model, running=running, done_segments=counts["done"],
+                               pending_segments=counts["pending"], error=error)
 
 
 @post("/admin/reindex", status_code=202, summary="Re-embed stored segments with the current model",
