@@ -406,7 +406,16 @@ async def consume(
             await message.ack()
             return "skipped"
         try:
-            await _run_waiting_out_outages(route.handler, parsed, bus, (*BROKER_UNAVAILABLE, *wait_on), work)
+            await _run_waiting_out_outages(route.handler, parsed, bus, (*BROKER_UNAVAILABLE, *wait_on), work,
+                                           settings.outage_hold_s)
+        except HeldThroughOutage as exc:
+            log.warning("%s: still unavailable after %.0f s (%s); handing the message back to %s",
+                        routing_key, settings.outage_hold_s, exc.__cause__, queue_name)
+            if await _hand_back(bus, message, queue_name):
+                return "handed_back"
+            if not channel.is_closed:
+                await message.nack(requeue=True)
+            return "requeued"
         except PermanentError as exc:
             log.warning("%s failed permanently: %s", routing_key, exc)
             await _fail_job(bus, parsed, service, str(exc), permanent=True)
@@ -456,48 +465,68 @@ async def consume(
         while in_hand and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
         for message in list(in_hand.values()):
-            await _hand_back(bus, message, queue_name)
+            if await _hand_back(bus, message, queue_name):
+                log.info("stopping: an unfinished message handed back to %s", queue_name)
     finally:
         if not drained.done():
             drained.set_result(None)
 
 
-async def _hand_back(bus: Bus, message: AbstractIncomingMessage, queue_name: str) -> None:
+async def _hand_back(bus: Bus, message: AbstractIncomingMessage, queue_name: str) -> bool:
     """Return an unfinished message to its queue as a new copy, then ack the original: unlike a
     nack or a closed channel, this spends none of the broker's delivery limit (a replica that
-    stops is not a crash) and no retry."""
+    stops, or a database that is away, is not a crash) and no retry. False: it could not be (the
+    broker will redeliver it)."""
     token = current_job.set(_job_id_of(message.body))
     headers = dict(message.headers or {})
     routing_key = str(headers.get(ROUTING_KEY_HEADER) or message.routing_key)
     try:
         await _send_copy(bus, message, queue_name, {**headers, ROUTING_KEY_HEADER: routing_key})
         await message.ack()
-        log.info("stopping: unfinished %s handed back to %s", routing_key, queue_name)
+        return True
     except Exception:
-        log.exception("stopping: could not hand back a message; the broker will redeliver it")
+        log.exception("could not hand back a %s message; the broker will redeliver it", routing_key)
+        return False
     finally:
         current_job.reset(token)
 
 
+class HeldThroughOutage(Exception):
+    """A dependency stayed unavailable for OUTAGE_HOLD_S while a message was held (its cause)."""
+
+
 async def _run_waiting_out_outages(handler: Handler, parsed: BaseModel, bus: Bus,
-                                   wait_on: tuple[type[BaseException], ...], work: metrics.Work) -> None:
+                                   wait_on: tuple[type[BaseException], ...], work: metrics.Work,
+                                   hold_s: float) -> None:
+    """Run the handler, trying again while a dependency is down; HeldThroughOutage once it has
+    been down for `hold_s`."""
+    held_since = time.monotonic()
+
     def outage(exc: BaseException) -> bool:
         # A message returned as unroutable is a configuration error, not an outage.
-        if isinstance(exc, wait_on) and not isinstance(exc, aio_pika.exceptions.PublishError):
+        return isinstance(exc, wait_on) and not isinstance(exc, aio_pika.exceptions.PublishError)
+
+    def wait_more(exc: BaseException) -> bool:
+        if outage(exc) and time.monotonic() - held_since < hold_s:
             metrics.DEPENDENCY_WAITS.labels(work.stage).inc()
             return True
         return False
 
-    async for attempt in backoff("dependency unavailable; holding the message", outage, max_delay_s=30.0):
-        with attempt:
-            work.new_attempt()
-            result = handler(parsed)
-            if inspect.isasyncgen(result):
-                async with contextlib.aclosing(result) as produced_messages:
-                    async for produced in produced_messages:
-                        await bus.publish(produced)
-            else:
-                await result
+    try:
+        async for attempt in backoff("dependency unavailable; holding the message", wait_more, max_delay_s=30.0):
+            with attempt:
+                work.new_attempt()
+                result = handler(parsed)
+                if inspect.isasyncgen(result):
+                    async with contextlib.aclosing(result) as produced_messages:
+                        async for produced in produced_messages:
+                            await bus.publish(produced)
+                else:
+                    await result
+    except Exception as exc:
+        if outage(exc):
+            raise HeldThroughOutage from exc
+        raise
 
 
 async def _fail_job(bus: Bus, parsed: BaseModel, stage: str, reason: str, *, permanent: bool) -> None:

@@ -32,7 +32,7 @@ _HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60
 # at once), retried (sent to a retry queue), dead_lettered (retries used up, invalid or
 # unroutable: parked in stt.dead-letters), requeued (a retry could not be scheduled: the broker
 # redelivers it), skipped (its job had already failed or been cancelled).
-OUTCOMES = ("handled", "failed", "retried", "dead_lettered", "requeued", "skipped")
+OUTCOMES = ("handled", "failed", "retried", "dead_lettered", "requeued", "handed_back", "skipped")
 
 MESSAGES = Counter(
     "stt_messages", "Messages a stage consumed, by what became of them",

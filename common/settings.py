@@ -28,6 +28,9 @@ class Settings(BaseSettings):
     delivery_limit: int = Field(default=5, ge=1)
     # On SIGTERM a worker finishes what it holds for this long, then hands the rest back.
     shutdown_grace_s: float = Field(default=30.0, ge=0)
+    # A message held while a dependency is down goes back to its queue after this long, before
+    # the broker's consumer timeout (30 min by default) takes it back and counts a delivery.
+    outage_hold_s: float = Field(default=600.0, gt=0)
 
     # Prometheus /metrics port of a stage worker (0: off). Ingest serves /metrics on API_PORT.
     metrics_port: int = Field(default=9100, ge=0, le=65535)

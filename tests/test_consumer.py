@@ -16,7 +16,7 @@ from urllib.parse import unquote, urlsplit
 import aio_pika
 import pytest
 
-from common import runner
+from common import metrics, runner
 from common.broker import (
     PermanentError,
     Route,
@@ -71,6 +71,47 @@ async def test_a_stopping_consumer_hands_back_its_message_without_spending_a_del
         assert (message.headers or {}).get("x-delivery-count", 0) == 0
         assert (message.headers or {}).get("x-retry-count", 0) == 0  # not a retry either
         await channel.queue_delete(QUEUE)
+    finally:
+        await connection.close()
+
+
+async def test_a_message_held_through_a_long_outage_goes_back_to_its_queue_unspent(stack: Stack, fresh_runner):
+    """A worker holds a message while its database is down, trying again. Held past the broker's
+    consumer timeout (30 min by default), the broker takes it back and counts a delivery: an
+    outage of DELIVERY_LIMIT times that (2.5 hours) dead-lettered the message and failed its job.
+    After OUTAGE_HOLD_S the worker hands it back as a new copy instead (a fresh delivery count),
+    and handles it once the database is back."""
+    settings = stack.settings(outage_hold_s=1.0, shutdown_grace_s=0.5)
+    queue_name = "test.outage"
+    connection = await connect(settings, "test-outage")
+    try:
+        channel = await connection.channel()
+        await channel.queue_delete(queue_name)
+        queue = await channel.declare_queue(queue_name, durable=True, arguments={
+            "x-queue-type": "quorum", "x-delivery-limit": 1})
+        sent = JobProgress(job_id=454545, stage="transcribing")
+        await channel.default_exchange.publish(
+            aio_pika.Message(sent.model_dump_json().encode(), type=sent.ROUTING_KEY), routing_key=queue_name)
+        outage_ends = asyncio.get_running_loop().time() + 4
+        tries, handled = [], asyncio.Event()
+
+        async def store(message: JobProgress) -> None:
+            tries.append(message)
+            if asyncio.get_running_loop().time() < outage_ends:
+                raise ConnectionRefusedError("the database is down")
+            handled.set()
+
+        handed_back = metrics.MESSAGES.labels("test", queue_name, "handed_back")
+        before = handed_back._value.get()
+        consumer = asyncio.create_task(consume(connection, settings, "test",
+                                               [Route(JobProgress, store, any_routing_key=True)],
+                                               queue_name=queue_name, wait_on=(ConnectionRefusedError,)))
+        await asyncio.wait_for(handled.wait(), 60)
+        runner.stopping().set()
+        await asyncio.wait_for(consumer, 10)
+        assert tries[-1] == sent and handed_back._value.get() - before >= 2  # after 1 s, 2 s, ... of outage
+        assert await queue.get(fail=False) is None  # handled once, not also left behind
+        await channel.queue_delete(queue_name)
     finally:
         await connection.close()
 
