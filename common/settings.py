@@ -6,7 +6,7 @@ from __future__ import annotations
 from functools import cache
 from pathlib import Path
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from common.messages import REDACTABLE
@@ -151,6 +151,12 @@ class Settings(BaseSettings):
     def max_upload_bytes(self) -> int:
         return self.max_upload_mb * 1024 * 1024
 
+    @field_validator("inbox_api_key", "admin_api_key", mode="before")
+    @classmethod
+    def _without_surrounding_blanks(cls, value):
+        # As API_KEYS' keys are read: a Secret's trailing newline is not part of the key.
+        return value.strip() or None if isinstance(value, str) else value
+
     @model_validator(mode="after")
     def _inbox_key_is_an_api_key(self) -> Settings:
         if self.inbox_api_key and self.inbox_api_key.get_secret_value() not in self.api_key_list:
@@ -164,4 +170,11 @@ class Settings(BaseSettings):
 
 @cache
 def get_settings() -> Settings:
-    return Settings()
+    try:
+        return Settings()
+    except ValidationError as exc:
+        # Only what is wrong and where: pydantic's own message repeats the values it was given,
+        # which for a check over several settings is all of them, keys and passwords included.
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])).upper() or 'settings'}: {e['msg']}"
+                             for e in exc.errors())
+        raise SystemExit(f"invalid settings: {problems}") from None

@@ -123,3 +123,19 @@ def test_openapi_schema_holds_under_generated_requests(stack):
     )
     print(result.stdout[-3000:])
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("service", ["ingest", "persister"])
+def test_a_service_refusing_its_settings_says_why_without_printing_any_secret(service):
+    """ADMIN_API_KEY not among API_KEYS: pydantic's message listed every setting it was given,
+    API keys, the broker and database passwords included, into the service's log."""
+    secrets = {"API_KEYS": "alpha-secret-key-1,beta-secret-key-2", "ADMIN_API_KEY": "gamma-secret-key-3",
+               "AMQP_URL": "amqp://stt:broker-password-4@127.0.0.1:5672/",
+               "DATABASE_URL": "postgresql://stt:database-password-5@127.0.0.1:5432/stt"}
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(ROOT), **secrets}
+    started = subprocess.run([sys.executable, "-m", f"services.{service}"], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=120)
+    said = started.stdout + started.stderr
+    assert started.returncode != 0 and "ADMIN_API_KEY must be one of API_KEYS" in said, said
+    for leaked in ("alpha-secret", "beta-secret", "gamma-secret", "broker-password", "database-password"):
+        assert leaked not in said, said
