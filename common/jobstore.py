@@ -354,6 +354,14 @@ async def lock_drop(conn: asyncpg.Connection, job_id: int) -> asyncpg.Record | N
         job_id)
 
 
+async def newer_drop_of_the_same_key(db: Db, job_id: int) -> bool:
+    """Whether a later job was made from the same bucket key (the object was dropped again)."""
+    return await db.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM transcripts o JOIN transcripts n ON n.source = 'bucket'"
+        " AND n.source_bucket = o.source_bucket AND n.source_key = o.source_key AND n.id > o.id"
+        " WHERE o.id = $1 AND o.source = 'bucket')", job_id)
+
+
 async def mark_result_written(conn: asyncpg.Connection, job_id: int) -> None:
     await conn.execute("UPDATE transcripts SET result_written = true WHERE id = $1", job_id)
 

@@ -137,3 +137,82 @@ async def test_the_scan_makes_each_unannounced_drop_a_job_once_a_page_at_a_time(
         await pool.close()
     assert sorted(r["source_key"] for r in first) == keys
     assert sorted(r["id"] for r in second) == sorted(r["id"] for r in first)
+
+
+async def wait_for_result(s3, bucket: str, key: str, text_in_it: str, timeout: float = 300) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            document = json.loads(s3.get_object(bucket, f"results/{key}.json").read())
+            if text_in_it in " ".join(s["text"] for s in document.get("segments", [])):
+                return document
+        except Exception:
+            pass
+        await asyncio.sleep(1)
+    raise AssertionError(f"no result file of {key} saying {text_in_it!r}")
+
+
+async def test_a_key_dropped_again_keeps_the_newer_jobs_results(stack: Stack, fixtures_dir):
+    """A drop overwritten with the right recording is a new job. The older job's results must
+    not replace the newer one's when it ends later, and deleting it must not remove them."""
+    import httpx
+
+    bucket, key = f"redrop-{time.monotonic_ns() % 10**9}", "weekly/call.flac"
+    settings = stack.settings(inbox_bucket=bucket)
+    s3 = make_client(settings)
+    ensure_buckets(s3, bucket)
+    pool = await create_pool(settings)
+    inbox = Inbox(settings, pool, s3, asyncio.Event())
+
+    async def drop(fixture: str) -> int:
+        await asyncio.to_thread(s3.fput_object, bucket, key, str(fixtures_dir / fixture))
+        stat = s3.stat_object(bucket, key)
+        return await inbox.register(key, stat.etag.strip('"'))
+
+    try:
+        first = await drop("jfk.flac")
+        await wait_for_result(s3, bucket, key, "country")
+        second = await drop("en_dialogue.wav")
+        await wait_for_result(s3, bucket, key, "sales")
+        # The first job's ending comes again (or only now): its results are not written over.
+        await pool.execute("UPDATE transcripts SET result_written = false WHERE id = $1", first)
+        await inbox.write_result(first)
+        assert await pool.fetchval("SELECT result_written FROM transcripts WHERE id = $1", first)
+        await wait_for_result(s3, bucket, key, "sales", timeout=1)
+        assert httpx.delete(f"{stack.api}/transcripts/{first}").status_code == 204
+        await wait_for_result(s3, bucket, key, "sales", timeout=1)  # still there
+    finally:
+        for job_id in (first, second):
+            httpx.delete(f"{stack.api}/transcripts/{job_id}")
+        await pool.close()
+
+
+async def test_a_refused_drop_keeps_its_reference_and_a_drop_gone_before_it_is_taken_is_no_error(
+        stack: Stack, fixtures_dir):
+    import httpx
+
+    bucket = f"oddbox-{time.monotonic_ns() % 10**9}"
+    settings = stack.settings(inbox_bucket=bucket)
+    s3 = make_client(settings)
+    ensure_buckets(s3, bucket)
+    pool = await create_pool(settings)
+    inbox = Inbox(settings, pool, s3, asyncio.Event())
+    try:
+        await asyncio.to_thread(s3.fput_object, bucket, "call 7.flac", str(fixtures_dir / "jfk.flac"),
+                                metadata={"num-speakers": "many", "reference": "CALL-7-REFUSED"})
+        refused = await inbox.register("call 7.flac", s3.stat_object(bucket, "call 7.flac").etag.strip('"'))
+        listed = httpx.get(f"{stack.api}/transcripts", params={"reference": "CALL-7-REFUSED"}).json()["items"]
+        assert [job["id"] for job in listed] == [refused]
+
+        # Announced, then removed before ingest took it: nothing to do, no error (it was retried
+        # and parked in stt.dead-letters). (Overwritten meanwhile is alike on MinIO, whose copy
+        # refuses the old ETag; moto's copies whatever is there.)
+        await asyncio.to_thread(s3.fput_object, bucket, "gone.flac", str(fixtures_dir / "jfk.flac"))
+        etag = s3.stat_object(bucket, "gone.flac").etag.strip('"')
+        s3.remove_object(bucket, "gone.flac")
+        assert await inbox.register("gone.flac", etag) is None
+        assert await pool.fetchval("SELECT count(*) FROM transcripts WHERE source_key = 'gone.flac'"
+                                   " AND source_bucket = $1", bucket) == 0
+    finally:
+        httpx.delete(f"{stack.api}/transcripts/{refused}")
+        await pool.close()

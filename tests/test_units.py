@@ -148,6 +148,15 @@ def test_a_vocabulary_is_read_as_terms_from_a_form_field_or_bucket_metadata():
         drop_options({"x-amz-meta-vocabulary": ", ".join(f"term {i}" for i in range(30))})
 
 
+def test_non_ascii_bucket_metadata_reads_as_it_was_written():
+    """MinIO returns a UTF-8 value as raw bytes (read by HTTP clients as ISO-8859-1: Cyrillic came
+    out as mojibake); S3 returns it RFC 2047-encoded. Both read as written; Latin-1 stays."""
+    as_minio_returns_it = "Анна Петрова, Zoë".encode().decode("latin-1")
+    assert drop_options({"x-amz-meta-vocabulary": as_minio_returns_it}).vocabulary == ["Анна Петрова", "Zoë"]
+    assert drop_options({"x-amz-meta-reference": "=?UTF-8?B?0JDQvdC90LA=?="}).reference == "Анна"
+    assert drop_options({"x-amz-meta-reference": "Zoë"}).reference == "Zoë"
+
+
 def test_a_task_is_transcribe_unless_translate_is_asked_for():
     assert JobOptions().task == "transcribe" == JobOptions(task=" ").task
     assert drop_options({"x-amz-meta-task": "Translate"}).task == "translate"

@@ -8,6 +8,8 @@ removed."""
 from __future__ import annotations
 
 import asyncio
+import email.errors
+import email.header
 import itertools
 import logging
 from collections.abc import Mapping
@@ -17,11 +19,12 @@ import aio_pika
 import asyncpg
 from minio import Minio
 from minio.commonconfig import CopySource
+from minio.error import S3Error
 from pydantic import BaseModel, Field, ValidationError
 
 from common import jobstore, speakerstore
 from common.broker import EVENTS_EXCHANGE, Route, consume
-from common.db import DATABASE_UNAVAILABLE
+from common.db import DATABASE_UNAVAILABLE, every
 from common.logs import job_logged
 from common.messages import JobOptions, TranscriptCompleted, TranscriptFailed
 from common.settings import Settings
@@ -37,6 +40,7 @@ log = logging.getLogger(__name__)
 
 INBOX_EVENTS_QUEUE = "stt.ingest.inbox-events"
 RESULTS_QUEUE = "stt.ingest.results"
+INBOX_SCAN_LOCK_KEY = 7_406_501_142
 # Objects of the inbox listed and checked at a time by the scan.
 SCAN_PAGE = 1000
 
@@ -73,6 +77,20 @@ def _clean_etag(etag: str | None) -> str:
 USER_METADATA = "x-amz-meta-"
 
 
+def metadata_text(value: str) -> str:
+    """A user-metadata value as it was written. S3 returns non-ASCII values RFC 2047-encoded
+    (`=?UTF-8?B?...?=`); MinIO returns raw UTF-8, which HTTP clients read as ISO-8859-1."""
+    if value.startswith("=?") and value.rstrip().endswith("?="):
+        try:
+            return str(email.header.make_header(email.header.decode_header(value)))
+        except (ValueError, LookupError, email.errors.HeaderParseError):
+            return value
+    try:
+        return value.encode("latin-1").decode("utf-8")
+    except UnicodeError:  # characters beyond ISO-8859-1 (decoded already), or not UTF-8 bytes
+        return value
+
+
 def drop_options(headers: Mapping[str, str]) -> JobOptions:
     """What a drop asks for in its S3 user metadata, named as POST /recognize's form fields:
     `x-amz-meta-language: ru`, `x-amz-meta-num-speakers: 2` (also min-/max-speakers; `-` or `_`).
@@ -82,7 +100,7 @@ def drop_options(headers: Mapping[str, str]) -> JobOptions:
         name = header.lower()
         field = name[len(USER_METADATA):].replace("-", "_") if name.startswith(USER_METADATA) else ""
         if field in JobOptions.model_fields:
-            given[field] = value
+            given[field] = metadata_text(value)
     try:
         return JobOptions(**given)
     except ValidationError as exc:
@@ -109,12 +127,23 @@ class Inbox:
         if await jobstore.drop_is_known(self.pool, bucket, key, etag):
             return None
 
-        stat = await asyncio.to_thread(self.s3.stat_object, bucket, key)
+        try:
+            stat = await asyncio.to_thread(self.s3.stat_object, bucket, key)
+        except S3Error as exc:
+            if exc.code != "NoSuchKey":
+                raise
+            log.info("bucket drop %s/%s was removed before it was taken; nothing to do", bucket, key)
+            return None
         try:
             options, refused = drop_options(stat.metadata), None
         except ValueError as exc:
-            # Still a job, so that the drop's result file and the job list say why it did not run.
-            options, refused = JobOptions(), f"the object's metadata asks for something impossible: {exc}"
+            # Still a job, so that the drop's result file and the job list say why it did not
+            # run; its reference kept, so that the client finds it by that.
+            try:
+                options = JobOptions(reference=stat.metadata.get(f"{USER_METADATA}reference"))
+            except ValidationError:
+                options = JobOptions()
+            refused = f"the object's metadata asks for something impossible: {exc}"
         expected = options.expected_speakers
         if refused is None and (unknown := await speakerstore.unknown_names(self.pool, self.owner, expected)):
             refused = ("the object's metadata asks for something impossible: "
@@ -126,10 +155,17 @@ class Inbox:
             self.s3.copy_object(self.settings.audio_bucket, audio_key,
                                 CopySource(bucket, key, match_etag=etag or None))
 
-        job_id = await create_job(
-            self.pool, self.s3, self.settings.audio_bucket, copy,
-            filename=clean_filename(key.rsplit("/", 1)[-1]), options=options, owner=self.owner,
-            outbox_wake=self.outbox_wake, drop=BucketDrop(bucket, key, etag), refused=refused)
+        try:
+            job_id = await create_job(
+                self.pool, self.s3, self.settings.audio_bucket, copy,
+                filename=clean_filename(key.rsplit("/", 1)[-1]), options=options, owner=self.owner,
+                outbox_wake=self.outbox_wake, drop=BucketDrop(bucket, key, etag), refused=refused)
+        except S3Error as exc:
+            if exc.code not in ("NoSuchKey", "PreconditionFailed"):
+                raise
+            # Removed, or overwritten (the new content is a drop of its own), since announced.
+            log.info("bucket drop %s/%s changed before it was taken (%s); nothing to do", bucket, key, exc.code)
+            return None
         if job_id is not None:
             with job_logged(job_id):
                 if refused:
@@ -163,7 +199,13 @@ class Inbox:
                     # not keep every object after it from being seen; it is tried again next scan.
                     log.exception("bucket drop %s could not be registered; skipped this scan", key)
         for job_id in await jobstore.ended_drops_without_result(self.pool):
-            await self.write_result(job_id)
+            try:
+                await self.write_result(job_id)
+            except DATABASE_UNAVAILABLE:
+                raise
+            except Exception:  # likewise: one result that cannot be written holds up no other
+                with job_logged(job_id):
+                    log.exception("results could not be written; tried again next scan")
 
     async def write_result(self, job_id: int) -> None:
         with job_logged(job_id):
@@ -175,6 +217,13 @@ class Inbox:
             row = await jobstore.lock_drop(conn, job_id)
             if row is None:
                 return
+            if await jobstore.newer_drop_of_the_same_key(conn, job_id):
+                # The object was overwritten and its new content is a job of its own: the result
+                # files are that job's, not this older one's.
+                await jobstore.mark_result_written(conn, job_id)
+                log.info("results not written: %s/%s was dropped again since", row["source_bucket"],
+                         row["source_key"])
+                return
             segments = await jobstore.job_segments(conn, job_id)
             document = await status_document(conn, job_id, rows=segments)
             keys = result_keys(self.settings.results_prefix, row["source_key"])
@@ -183,6 +232,8 @@ class Inbox:
                 subtitles = to_srt([transcript_segment(r, with_words=True) for r in segments])
                 await asyncio.to_thread(upload_bytes, self.s3, bucket, keys["srt"], subtitles.encode(),
                                         content_type="application/x-subrip")
+            else:  # an earlier job's subtitles of this key are not this failed job's
+                await asyncio.to_thread(self.s3.remove_object, bucket, keys["srt"])
             # The status document last: its presence says the results are complete.
             await asyncio.to_thread(upload_json, self.s3, bucket, keys["json"],
                                     document.model_dump(mode="json", exclude_none=True))
@@ -191,19 +242,37 @@ class Inbox:
                  else f"{keys['json']} and .srt")
 
     async def on_job_ended(self, event: TranscriptCompleted | TranscriptFailed) -> None:
-        await self.write_result(event.transcript_id)
-        await redact_recording(self.pool, self.s3, self.settings.audio_bucket, event.transcript_id)
-        # The decoded PCM is an intermediate of the stages: once the job has ended nothing reads it.
-        # (S3's DELETE of a key already gone succeeds, so a redelivered ending is harmless.)
-        await asyncio.to_thread(self.s3.remove_object, self.settings.audio_bucket, pcm_key(event.transcript_id))
+        """Each of the three, whatever became of the others (a result file the inbox bucket
+        refuses must not keep a recording unredacted); an error is raised after all three ran,
+        so that the message is retried (each step does nothing a second time)."""
+        job_id = event.transcript_id
+        steps = {
+            "writing the result files": lambda: self.write_result(job_id),
+            "redacting the recording": lambda: redact_recording(self.pool, self.s3, self.settings.audio_bucket,
+                                                                job_id),
+            # The decoded PCM is an intermediate of the stages: once the job has ended nothing
+            # reads it. (S3's DELETE of a key already gone succeeds.)
+            "removing the decoded audio": lambda: asyncio.to_thread(
+                self.s3.remove_object, self.settings.audio_bucket, pcm_key(job_id)),
+        }
+        failed: BaseException | None = None
+        for what, step in steps.items():
+            try:
+                await step()
+            except (*DATABASE_UNAVAILABLE, *STORAGE_UNAVAILABLE):
+                raise  # an outage: the consumer waits it out and runs them all again
+            except Exception as exc:
+                with job_logged(job_id):
+                    log.warning("%s failed (%s: %s); the other steps go on", what, type(exc).__name__, exc)
+                failed = failed or exc
+        if failed is not None:
+            raise failed
 
     async def run_scanner(self) -> None:
-        while True:
-            try:
-                await self.reconcile()
-            except Exception:
-                log.exception("inbox scan failed; will try again")
-            await asyncio.sleep(self.settings.inbox_scan_interval_s)
+        """The scan, by one ingest replica at a time: each would list the whole inbox and copy
+        every unannounced drop into the audio bucket, all but one copy then thrown away."""
+        await every(self.settings.inbox_scan_interval_s, self.pool, INBOX_SCAN_LOCK_KEY, self.reconcile,
+                    "the inbox scan")
 
     async def run_consumers(self, connection: aio_pika.abc.AbstractRobustConnection) -> None:
         channel = await connection.channel()
