@@ -244,22 +244,29 @@ async def stored_chunk_prefix(db: Db, job_id: int) -> int:
     return complete
 
 
-async def segments_after(db: Db, job_id: int, after: tuple[int, int], up_to_chunk: int) -> list[asyncpg.Record]:
+async def segments_after(db: Db, job_id: int, after: tuple[int, int], up_to_chunk: int | None) -> list[asyncpg.Record]:
     """The fields of job_segments but words, of the segments after (chunk, index) `after` in chunks
-    up to `up_to_chunk`, in that order."""
+    up to `up_to_chunk` (None: all), in that order."""
     return await db.fetch(
         f"SELECT {_SEGMENT_COLUMNS} FROM segments s {_SPEAKER_NAME}"
-        " WHERE s.transcript_id = $1 AND (s.chunk_index, s.index) > ($2, $3) AND s.chunk_index <= $4"
+        " WHERE s.transcript_id = $1 AND (s.chunk_index, s.index) > ($2, $3)"
+        " AND ($4::int IS NULL OR s.chunk_index <= $4)"
         " ORDER BY s.chunk_index, s.index", job_id, after[0], after[1], up_to_chunk)
 
 
 async def recent_jobs(db: Db, owner: str | None, limit: int = 100) -> list[asyncpg.Record]:
-    """id, filename, status, stage, progress of the owner's jobs that are processing or changed in
-    the last hour, newest first."""
+    """id, filename, status, stage, progress of the owner's jobs (None: everyone's, as without
+    API keys) that are processing or changed in the last hour, newest first."""
     return await db.fetch(
-        "SELECT id, filename, status, stage, progress FROM transcripts WHERE owner IS NOT DISTINCT FROM $1"
+        "SELECT id, filename, status, stage, progress FROM transcripts WHERE ($1::text IS NULL OR owner = $1)"
         " AND (status = 'processing' OR updated_at > now() - interval '1 hour') ORDER BY id DESC LIMIT $2",
         owner, limit)
+
+
+async def jobs_progress(db: Db, job_ids: list[int]) -> list[asyncpg.Record]:
+    """recent_jobs' fields of these jobs (those that still exist), oldest first."""
+    return await db.fetch("SELECT id, filename, status, stage, progress FROM transcripts WHERE id = ANY($1)"
+                          " ORDER BY id", job_ids)
 
 
 async def job_turns(db: Db, job_id: int) -> list[SpeakerTurn]:

@@ -191,11 +191,15 @@ def http_metrics_middleware(app):
             return
         started = time.perf_counter()
         status = 500  # unless a response starts: an exception escaped
+        answered_s = None
 
         async def send_and_note(message) -> None:
-            nonlocal status
+            nonlocal status, answered_s
             if message["type"] == "http.response.start":
                 status = message["status"]
+                # Seconds to answer: to the start of the answer, not the end of its body (an event
+                # stream stays open for the whole job, a recording takes its download's time).
+                answered_s = time.perf_counter() - started
             await send(message)
 
         try:
@@ -203,6 +207,7 @@ def http_metrics_middleware(app):
         finally:
             route = scope.get("path_template") or "unmatched"
             HTTP_REQUESTS.labels(scope["method"], route, str(status)).inc()
-            HTTP_SECONDS.labels(scope["method"], route).observe(time.perf_counter() - started)
+            HTTP_SECONDS.labels(scope["method"], route).observe(
+                answered_s if answered_s is not None else time.perf_counter() - started)
 
     return measure

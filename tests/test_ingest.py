@@ -278,3 +278,17 @@ def test_a_form_that_is_not_multipart_is_told_so(stack):
     response = httpx.post(f"{stack.api}/recognize", data={"url": "https://example.org/a.wav"}, timeout=60)
     assert response.status_code == 400, response.text
     assert "multipart/form-data" in response.json()["detail"] and "urlencoded" in response.json()["detail"]
+
+
+def test_without_api_keys_usage_counts_the_jobs_made_while_keys_were_on(stack):
+    """A server that ran with API_KEYS and now runs without: its jobs are everyone's, as
+    GET /transcripts shows them, and GET /usage counts them too."""
+    before = httpx.get(f"{stack.api}/usage").json()
+    stack.query("INSERT INTO job_usage (job_id, owner, ended_at, status, audio_s)"
+                " VALUES (987654, 'the-hash-of-an-old-key', now(), 'done', 12.5)")
+    try:
+        after = httpx.get(f"{stack.api}/usage").json()
+    finally:
+        stack.query("DELETE FROM job_usage WHERE job_id = 987654")
+    assert (after["jobs"] - before["jobs"], round(after["audio_s"] - before["audio_s"], 3)) == (1, 12.5)
+    assert len({day["day"] for day in after["days"]}) == len(after["days"])  # one line a day

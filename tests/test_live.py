@@ -60,8 +60,10 @@ def test_a_job_stream_from_before_the_first_segment_to_the_end(stack, fixtures_d
     # An id this stream never sent (past PostgreSQL's integers) starts it over instead of breaking it.
     over = read_events(f"{stack.api}/transcripts/{job_id}/events", headers={"Last-Event-ID": "99999999999:0"})
     assert [s["id"] for s in segments_of(over)] == [s["id"] for s in streamed]
-    # After the end there is nothing more to say.
-    assert read_events(f"{stack.api}/transcripts/{job_id}/events", headers={"Last-Event-ID": "end"}) == []
+    # After the end there is nothing more to say: 204, which stops an EventSource reconnecting
+    # (a 200 with nothing in it made it reconnect every 2 s for ever).
+    ended = httpx.get(f"{stack.api}/transcripts/{job_id}/events", headers={"Last-Event-ID": "end"})
+    assert ended.status_code == 204 and ended.content == b""
     assert httpx.get(f"{stack.api}/transcripts/987654321/events").status_code == 404
 
 
@@ -83,6 +85,53 @@ def test_the_jobs_stream_sees_a_job_submitted_after_connecting(stack, fixtures_d
     mine = [e["data"] for e in seen if e["event"] == "job" and e["data"]["id"] == submitted["id"]]
     assert mine[0]["status"] == "processing" and mine[-1]["status"] == "done", mine
     assert [m["percent"] for m in mine] == sorted(m["percent"] for m in mine)
+
+
+def test_a_job_that_failed_with_a_chunk_missing_streams_every_segment_it_kept(stack):
+    """Chunks 0 and 2 stored, chunk 1 never (its retries ran out, or the job was cancelled):
+    /status shows both kept chunks' segments, and so must the stream."""
+    job_id = stack.value("INSERT INTO transcripts (filename, status, error, chunk_count) VALUES"
+                         " ('gap.wav', 'error', 'transcriber failed after 4 attempts', 3) RETURNING id")
+    try:
+        for chunk in (0, 2):
+            stack.query("INSERT INTO chunks (transcript_id, chunk_index) VALUES ($1, $2)", job_id, chunk)
+            stack.query("INSERT INTO segments (transcript_id, chunk_index, index, speaker, start_ts, end_ts, text)"
+                        " VALUES ($1, $2, 0, 'spk_0', $3::float8, $3::float8 + 1, $4)", job_id, chunk, chunk * 10.0,
+                        f"chunk {chunk}")
+        events = read_events(f"{stack.api}/transcripts/{job_id}/events", timeout=30)
+        assert [e["id"] for e in segments_of(events)] == ["0:0", "2:0"]
+        assert events[-1]["event"] == "transcript.failed"
+    finally:
+        stack.query("DELETE FROM transcripts WHERE id = $1", job_id)
+
+
+def test_the_jobs_stream_follows_a_job_to_its_end_after_newer_ones_push_it_out_of_view(stack):
+    """/events starts with the 100 newest recent jobs; a job it showed processing must still be
+    told ending after 100 newer ones came (a batch of uploads), or the page shows it processing."""
+    older = stack.value("INSERT INTO transcripts (filename) VALUES ('older.wav') RETURNING id")
+    newer: list[int] = []
+    connected, seen, outcome = threading.Event(), [], {}
+
+    def older_ended(events: list[dict]) -> bool:
+        return any(e["data"]["id"] == older and e["data"]["status"] == "error" for e in events)
+
+    reader = threading.Thread(target=lambda: seen.extend(
+        read_events(f"{stack.api}/events", until=older_ended, timeout=30, connected=connected)), daemon=True)
+    try:
+        reader.start()
+        assert connected.wait(30)
+        time.sleep(1)
+        newer += [row["id"] for row in stack.query(
+            "INSERT INTO transcripts (filename, status) SELECT 'newer.wav', 'done' FROM generate_series(1, 100)"
+            " RETURNING id")]
+        time.sleep(2)
+        stack.query("UPDATE transcripts SET status = 'error', error = 'cancelled', updated_at = now()"
+                    " WHERE id = $1", older)
+        reader.join(40)
+        outcome["older"] = [e["data"]["status"] for e in seen if e.get("event") == "job" and e["data"]["id"] == older]
+    finally:
+        stack.query("DELETE FROM transcripts WHERE id = ANY($1)", [older, *newer])
+    assert outcome["older"][0] == "processing" and outcome["older"][-1] == "error", outcome
 
 
 @pytest.fixture(scope="module")

@@ -250,7 +250,7 @@ async def healthz() -> dict[str, str]:
 @get("/readyz", summary="Readiness: PostgreSQL, RabbitMQ and the object store answer")
 async def readyz(state: State) -> Response[dict[str, Any]]:
     async def database() -> None:
-        await state.pool.fetchval("SELECT 1")
+        await state.probe_pool.fetchval("SELECT 1")
 
     async def broker() -> None:
         if state.connection.is_closed or state.bus.channel.is_closed:
@@ -318,6 +318,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
         state.s3_probe = ObjectStoreProbe(make_client(settings, timeout_s=CHECK_TIMEOUT_S), settings.audio_bucket)
         await asyncio.to_thread(ensure_buckets, state.s3, settings.audio_bucket, settings.inbox_bucket)
         state.pool = await create_pool(settings)
+        # /readyz asks PostgreSQL on a connection of its own: the requests' pool, all busy (slow
+        # searches, waits on a row lock), is not the database being down.
+        state.probe_pool = await create_pool(settings, min_size=1, max_size=1)
         await apply_migrations(state.pool)
         state.connection = await connect(settings, "ingest")
         state.bus = await open_bus(state.connection, settings)
@@ -347,6 +350,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             await asyncio.gather(*tasks, return_exceptions=True)
             await state.connection.close()
             await state.pool.close()
+            await state.probe_pool.close()
             await http.close()
             state.s3_probe.close()
 

@@ -21,7 +21,7 @@ from typing import Literal
 
 import asyncpg
 from aio_pika.abc import AbstractRobustConnection
-from litestar import Request, get
+from litestar import Request, Response, get
 from litestar.datastructures import State
 from litestar.exceptions import NotFoundException
 from litestar.response import ServerSentEvent
@@ -129,10 +129,13 @@ def _progress(job: asyncpg.Record) -> JobProgressEvent:
                             stage=public_stage(job["stage"]), percent=percent_done(job["status"], job["progress"]))
 
 
-async def _wait(wake: asyncio.Event, timeout: float) -> None:
+async def _wait(wake: asyncio.Event, timeout: float) -> float:
+    """Until woken or `timeout`; the seconds waited."""
+    started = asyncio.get_running_loop().time()
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(wake.wait(), timeout)
     wake.clear()
+    return asyncio.get_running_loop().time() - started
 
 
 # What job_updates yields: a segment (where it is kept, and the segment), a change of progress,
@@ -156,9 +159,11 @@ async def job_updates(pool: asyncpg.Pool, wakeups: Wakeups, job_id: int, after: 
             if job is None:
                 yield ("deleted",)
                 return
-            # Read before the segments: a job seen finished has every segment stored.
+            # Read before the segments: a job seen ended has every segment it will have stored.
+            # While it runs, segments go out in order, up to the first chunk still missing; once it
+            # has ended (failed or cancelled with a chunk missing too) nothing more comes: all.
             ended = job["status"] in ("done", "error")
-            up_to_chunk = await jobstore.stored_chunk_prefix(pool, job_id)
+            up_to_chunk = None if ended else await jobstore.stored_chunk_prefix(pool, job_id)
             for row in await jobstore.segments_after(pool, job_id, after, up_to_chunk):
                 after = (row["chunk_index"], row["index"])
                 yield "segment", after, transcript_segment(row)
@@ -171,8 +176,7 @@ async def job_updates(pool: asyncpg.Pool, wakeups: Wakeups, job_id: int, after: 
             if ended:
                 yield "ended", job
                 return
-            await _wait(wake, POLL_S)
-            quiet_s += POLL_S
+            quiet_s += await _wait(wake, POLL_S)
             if quiet_s >= KEEPALIVE_S:
                 quiet_s = 0.0
                 yield ("quiet",)
@@ -205,20 +209,28 @@ async def job_stream(pool: asyncpg.Pool, wakeups: Wakeups, job_id: int, last_eve
 
 async def jobs_stream(pool: asyncpg.Pool, wakeups: Wakeups, owner: str | None,
                       exiting: Callable[[], bool]) -> AsyncIterator[ServerSentEventMessage]:
-    """`job` events: every job of the owner once (the 100 newest), then each change."""
+    """`job` events: every recent job of the owner once (the 100 newest), then each change. A job
+    sent while it was processing is followed until it ends, also once newer ones push it out of
+    the 100 (a batch of 150 uploads)."""
     sent: dict[int, JobProgressEvent] = {}
     quiet_s = 0.0
     yield ServerSentEventMessage(data=None, comment="stream of jobs", retry=RETRY_MS, sep="\n")
     with wakeups.listen(None) as wake:
         while not exiting():
-            for row in reversed(await jobstore.recent_jobs(pool, owner)):
+            recent = await jobstore.recent_jobs(pool, owner)
+            in_view = {row["id"] for row in recent}
+            outside = [job_id for job_id in sent if job_id not in in_view]
+            followed = [job_id for job_id in outside if sent[job_id].status == "processing"]
+            earlier = await jobstore.jobs_progress(pool, followed) if followed else []
+            for job_id in set(outside) - {row["id"] for row in earlier}:
+                del sent[job_id]  # its end was sent, or it was deleted: nothing more to tell
+            for row in [*earlier, *reversed(recent)]:
                 progress = _progress(row)
                 if sent.get(row["id"]) != progress:
                     sent[row["id"]] = progress
                     yield _message("job", progress)
                     quiet_s = 0.0
-            await _wait(wake, POLL_S)
-            quiet_s += POLL_S
+            quiet_s += await _wait(wake, POLL_S)
             if quiet_s >= KEEPALIVE_S:
                 quiet_s = 0.0
                 yield ServerSentEventMessage(data=None, comment="keep-alive", sep="\n")
@@ -231,11 +243,14 @@ def server_exiting(state: State) -> Callable[[], bool]:
 
 @get("/transcripts/{job_id:int}/events", summary="A job's events as they happen (text/event-stream)",
      responses=error_responses(400, 401, 403, 404, 503), media_type="text/event-stream")
-async def job_events(job_id: JobId, state: State, request: Request) -> ServerSentEvent:
+async def job_events(job_id: JobId, state: State, request: Request) -> ServerSentEvent | Response:
     """`segment.created` for each segment stored so far and each new one (id `chunk:index`), `progress`
     (status, stage, percent) when it changes, then `transcript.completed` or `transcript.failed`
     (id `end`), and the stream ends. Reconnect with `Last-Event-ID` to resume after the last
-    segment received."""
+    segment received; after the end (`Last-Event-ID: end`) the answer is 204, which stops an
+    EventSource from reconnecting."""
+    if _position(request.headers.get("last-event-id")) == END_ID:
+        return Response(content=None, status_code=204)
     if not visible(await jobstore.job(state.pool, job_id), request_owner(request)):
         raise NotFoundException(detail=f"no job with id {job_id}")
     stream = job_stream(state.pool, state.wakeups, job_id, request.headers.get("last-event-id"), server_exiting(state))

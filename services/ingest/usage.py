@@ -70,8 +70,14 @@ def period(since: str | None, until: str | None) -> tuple[datetime, datetime]:
 
 
 def summed(rows, since: datetime, until: datetime) -> Usage:
-    days = [UsageDay(day=r["day"], jobs=r["jobs"], done=r["done"], failed=r["failed"],
-                     audio_s=round(r["audio_s"], 3)) for r in rows]
+    """One line a day, whoever's the rows are."""
+    by_day: dict = {}
+    for r in rows:
+        day = by_day.setdefault(r["day"], {"jobs": 0, "done": 0, "failed": 0, "audio_s": 0.0})
+        for field in day:
+            day[field] += r[field]
+    days = [UsageDay(day=day, jobs=d["jobs"], done=d["done"], failed=d["failed"], audio_s=round(d["audio_s"], 3))
+            for day, d in sorted(by_day.items())]
     return Usage(since=since, until=until, jobs=sum(d.jobs for d in days), done=sum(d.done for d in days),
                  failed=sum(d.failed for d in days), audio_s=round(sum(d.audio_s for d in days), 3), days=days)
 
@@ -80,7 +86,9 @@ def summed(rows, since: datetime, until: datetime) -> Usage:
      responses=error_responses(400, 401, 403, 503))
 async def own_usage(state: State, request: Request, since: EndedSince = None, until: EndedUntil = None) -> Usage:
     start, end = period(since, until)
-    return summed(await jobstore.usage_by_day(state.pool, request_owner(request), start, end), start, end)
+    owner = request_owner(request)
+    # Without API keys (no owner), every job: those made while keys were on included.
+    return summed(await jobstore.usage_by_day(state.pool, owner, start, end, everyone=owner is None), start, end)
 
 
 @get("/admin/usage", summary="What every API key has had transcribed, by day",
