@@ -77,6 +77,7 @@ function follow(path, onEvent, { lastEventId = null, endId = null, onGone = null
           return;
         }
         if (!response.ok) throw new Error(`${response.status}`);
+        if (response.status === 204) { stopped = true; return; }  // nothing more will come (SSE)
         const reader = response.body.getReader();
         const decoder = new TextDecoder();
         let buffer = "";
