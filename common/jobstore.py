@@ -361,6 +361,12 @@ async def lock_drop(conn: asyncpg.Connection, job_id: int) -> asyncpg.Record | N
         job_id)
 
 
+async def other_chunks_stored(db: Db, job_id: int, chunk_index: int) -> bool:
+    """Whether a chunk of the job other than `chunk_index` is stored already."""
+    return await db.fetchval("SELECT EXISTS (SELECT 1 FROM chunks WHERE transcript_id = $1 AND chunk_index <> $2)",
+                             job_id, chunk_index)
+
+
 async def newer_drop_of_the_same_key(db: Db, job_id: int) -> bool:
     """Whether a later job was made from the same bucket key (the object was dropped again)."""
     return await db.fetchval(

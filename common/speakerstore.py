@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncpg
 import numpy as np
 
-from common.jobstore import Db
+from common.jobstore import Db, job_speaker_labels, speaker_names
+from common.messages import SpeakerName, TranscriptSpeakersUpdated
+from common.outbox import add_to_outbox
 from common.speakers import Match, Profile, RecordingSpeaker, match_speakers
 
 _OWNER = "owner IS NOT DISTINCT FROM $1"
@@ -160,3 +162,12 @@ async def name_recording_speakers(conn: asyncpg.Connection, transcript_id: int, 
                 "UPDATE transcript_speakers SET name = $3, name_source = $4, matched_speaker_id = $5,"
                 " confidence = $6 WHERE transcript_id = $1 AND speaker = $2", transcript_id, r["speaker"], *new)
     return changed
+
+
+async def announce_speaker_names(conn: asyncpg.Connection, transcript_id: int) -> None:
+    """Queue transcript.speakers_updated with every speaker of the transcript and its name now."""
+    labels = await job_speaker_labels(conn, transcript_id)
+    names = await speaker_names(conn, transcript_id)
+    speakers = {label: names.get(label, SpeakerName()) for label in sorted(labels | set(names))}
+    await add_to_outbox(conn, TranscriptSpeakersUpdated(job_id=transcript_id, transcript_id=transcript_id,
+                                                        speakers=speakers))

@@ -18,6 +18,7 @@ from common.messages import (
     JobDiarized,
     JobSubmitted,
     Segment,
+    SpeakerEmbedding,
     SpeakerTurn,
     TimeSpan,
 )
@@ -481,4 +482,37 @@ async def test_a_webhook_delivery_dead_lettered_fails_no_job_and_a_stages_messag
         await conn.execute("DELETE FROM transcripts WHERE id = $1", webhook_job)  # the stack is shared
     finally:
         await connection.close()
+        await conn.close()
+
+
+async def test_a_speaker_enrolled_while_a_job_runs_is_announced_for_the_segments_already_out(stack):
+    """Chunk 0's segments went out unnamed; then the person is enrolled, and chunk 1 names them.
+    The enrolment's own pass over past recordings may find nothing left to change in this job,
+    so the persister announces the new name: subscribers must not keep chunk 0 unnamed."""
+    conn = await asyncpg.connect(stack.database_url)
+    events = await aio_pika.connect(stack.amqp_url)
+    voice = [0.0] * 192
+    voice[7] = 1.0  # like no other voice in the stack
+    model = "campplus_sv_zh_en_16k-common_advanced"
+    speaker_id = None
+    try:
+        queue = await events_queue(await events.channel(), "transcript.speakers_updated", "segment.created")
+        job_id = await conn.fetchval("INSERT INTO transcripts (filename) VALUES ('enrolled-late.wav') RETURNING id")
+        heard = [SpeakerEmbedding(speaker="spk_0", embedding=voice, model=model, speech_s=20.0)]
+        common = {"job_id": job_id, "chunk_count": 2, "duration": 20.0, "language": "en", "speakers": heard}
+        await publish(stack, ChunkTranscribed(chunk_index=0, segments=[segment(0, 0.0, "first")], **common))
+        first = await job_events(queue, job_id, lambda bodies: bodies, 30)
+        assert first[0]["speaker_name"] is None
+        speaker_id = await conn.fetchval("INSERT INTO speakers (name) VALUES ('Anna Enrolled-Late') RETURNING id")
+        await conn.execute("INSERT INTO voiceprints (speaker_id, embedding, embedding_model, speech_s, source)"
+                           " VALUES ($1, $2::real[]::vector, $3, 20, 'sample')", speaker_id, voice, model)
+        await publish(stack, ChunkTranscribed(chunk_index=1, segments=[segment(0, 10.0, "second")], **common))
+        later = await job_events(queue, job_id, lambda bodies: any("speakers" in b for b in bodies), 30)
+        [update] = [b for b in later if "speakers" in b]
+        assert update["speakers"]["spk_0"]["name"] == "Anna Enrolled-Late"
+    finally:
+        if speaker_id is not None:
+            await conn.execute("DELETE FROM speakers WHERE id = $1", speaker_id)
+        await conn.execute("DELETE FROM transcripts WHERE filename = 'enrolled-late.wav'")
+        await events.close()
         await conn.close()

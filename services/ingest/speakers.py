@@ -23,11 +23,8 @@ from common.logs import job_logged
 from common.messages import (
     SPEAKER_NAME_MAX_CHARS,
     SpeakerEmbedding,
-    SpeakerName,
-    TranscriptSpeakersUpdated,
     person_name,
 )
-from common.outbox import add_to_outbox
 from common.settings import Settings
 from services.ingest.admission import checked_size
 from services.ingest.auth import request_owner
@@ -110,15 +107,6 @@ def unenrolled(names: list[str], field: str = "expected_speakers") -> str:
 # ---- announcing and re-naming -----------------------------------------------------------------
 
 
-async def announce_speaker_names(conn: asyncpg.Connection, transcript_id: int) -> None:
-    """Queue transcript.speakers_updated with every speaker of the transcript and its name now."""
-    labels = await jobstore.job_speaker_labels(conn, transcript_id)
-    names = await jobstore.speaker_names(conn, transcript_id)
-    speakers = {label: names.get(label, SpeakerName()) for label in sorted(labels | set(names))}
-    await add_to_outbox(conn, TranscriptSpeakersUpdated(job_id=transcript_id, transcript_id=transcript_id,
-                                                        speakers=speakers))
-
-
 async def rename_owner_recordings(pool: asyncpg.Pool, settings: Settings, owner: str | None) -> list[int]:
     """Match every recording of the owner against the owner's profiles again; the transcripts whose
     names changed, each announced."""
@@ -127,7 +115,7 @@ async def rename_owner_recordings(pool: asyncpg.Pool, settings: Settings, owner:
         async with pool.acquire() as conn, conn.transaction():
             if await speakerstore.name_recording_speakers(conn, transcript_id, owner, settings.speaker_match_threshold,
                                                           settings.speaker_min_speech_s):
-                await announce_speaker_names(conn, transcript_id)
+                await speakerstore.announce_speaker_names(conn, transcript_id)
                 changed.append(transcript_id)
     for transcript_id in changed:
         with job_logged(transcript_id):
@@ -282,7 +270,7 @@ async def rename(speaker_id: SpeakerId, data: Rename, request: Request, state: S
         except speakerstore.NameTaken as exc:
             raise HTTPException(status_code=409, detail=f"another speaker is already called {name!r}") from exc
         for transcript_id in await speakerstore.named_by(conn, speaker_id):
-            await announce_speaker_names(conn, transcript_id)
+            await speakerstore.announce_speaker_names(conn, transcript_id)
     # Under its new name the person may be one a recording named by hand already: matched again,
     # the recording keeps that name on one speaker only.
     await rename_owner_recordings(state.pool, state.settings, owner)
@@ -302,7 +290,7 @@ async def forget(speaker_id: SpeakerId, request: Request, state: State) -> None:
         named = await speakerstore.named_by(conn, speaker_id)
         await speakerstore.delete_speaker(conn, speaker_id)
         for transcript_id in named:
-            await announce_speaker_names(conn, transcript_id)
+            await speakerstore.announce_speaker_names(conn, transcript_id)
     log.info("forgot speaker %d: %d transcripts lose the name", speaker_id, len(named))
     # Another profile may now be the best match for the voices it named.
     await rename_owner_recordings(state.pool, state.settings, owner)

@@ -33,7 +33,7 @@ from services.ingest.captions import LINE_COUNT, LINE_WIDTH, caption_cues
 from services.ingest.errors import MAX_ID, error_responses
 from services.ingest.jobs import percent_done, public_stage, result_keys, upload_key
 from services.ingest.segments import LABEL, TranscriptSegment, transcript_segment
-from services.ingest.speakers import announce_speaker_names, clean_name
+from services.ingest.speakers import clean_name
 
 log = logging.getLogger(__name__)
 
@@ -450,7 +450,7 @@ async def name_speakers(job_id: JobId, state: State, request: Request,
         # A speaker unnamed by hand is open to recognition again.
         await speakerstore.name_recording_speakers(conn, job_id, job["owner"], state.settings.speaker_match_threshold,
                                                    state.settings.speaker_min_speech_s)
-        await announce_speaker_names(conn, job_id)
+        await speakerstore.announce_speaker_names(conn, job_id)
         current = await jobstore.speaker_names(conn, job_id)
     state.outbox_wake.set()
     return SpeakerNames(speakers={label: current[label].name if label in current else None

@@ -53,8 +53,12 @@ async def _store_chunk(conn: asyncpg.Connection, job: asyncpg.Record, message: C
     await jobstore.store_diarization(conn, job_id, message.chunk_index, message.turns, message.speakers)
     if message.speakers:
         settings = get_settings()
-        await speakerstore.name_recording_speakers(conn, job_id, job["owner"], settings.speaker_match_threshold,
-                                                   settings.speaker_min_speech_s)
+        renamed = await speakerstore.name_recording_speakers(
+            conn, job_id, job["owner"], settings.speaker_match_threshold, settings.speaker_min_speech_s)
+        if renamed and await jobstore.other_chunks_stored(conn, job_id, message.chunk_index):
+            # Someone was enrolled since an earlier chunk's segments went out without the name
+            # (that enrolment's own pass may have found nothing left to change here).
+            await speakerstore.announce_speaker_names(conn, job_id)
     stage = await jobstore.stage_after_chunk(conn, job_id, message.chunk_count)
     await jobstore.advance(conn, job_id, stage, language=message.language, duration=message.duration,
                            chunk_count=message.chunk_count)
