@@ -480,6 +480,10 @@ async def _hand_back(bus: Bus, message: AbstractIncomingMessage, queue_name: str
     token = current_job.set(_job_id_of(message.body))
     headers = dict(message.headers or {})
     routing_key = str(headers.get(ROUTING_KEY_HEADER) or message.routing_key)
+    if getattr(message.channel, "is_closed", False):
+        # The broker has taken it back with its channel: a copy would make it twice.
+        current_job.reset(token)
+        return False
     try:
         await _send_copy(bus, message, queue_name, {**headers, ROUTING_KEY_HEADER: routing_key})
         await message.ack()
@@ -500,14 +504,18 @@ async def _run_waiting_out_outages(handler: Handler, parsed: BaseModel, bus: Bus
                                    hold_s: float) -> None:
     """Run the handler, trying again while a dependency is down; HeldThroughOutage once it has
     been down for `hold_s`."""
-    held_since = time.monotonic()
+    outage_since: float | None = None  # from the first error of this outage, not the handler's start
 
     def outage(exc: BaseException) -> bool:
         # A message returned as unroutable is a configuration error, not an outage.
         return isinstance(exc, wait_on) and not isinstance(exc, aio_pika.exceptions.PublishError)
 
     def wait_more(exc: BaseException) -> bool:
-        if outage(exc) and time.monotonic() - held_since < hold_s:
+        nonlocal outage_since
+        if not outage(exc):
+            return False
+        outage_since = outage_since or time.monotonic()
+        if time.monotonic() - outage_since < hold_s:
             metrics.DEPENDENCY_WAITS.labels(work.stage).inc()
             return True
         return False

@@ -118,6 +118,8 @@ class Settings(BaseSettings):
     webhook_retry_delays_s: str = "60,300,1800,3600,7200,21600,43200"
     webhook_timeout_s: float = Field(default=10.0, gt=0)
     webhook_concurrency: int = Field(default=4, ge=1)
+    # Settled deliveries (the log GET /webhooks/{id}/deliveries shows) are kept this long (0: for ever).
+    webhook_log_days: float = Field(default=30.0, ge=0)
     webhook_allow_private: bool = False
 
     # Recordings fetched by URL (POST /recognize with `url`): how long the download may take, and

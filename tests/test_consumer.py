@@ -111,8 +111,10 @@ async def test_a_message_held_through_a_long_outage_goes_back_to_its_queue_unspe
         await asyncio.wait_for(consumer, 10)
         assert tries[-1] == sent and handed_back._value.get() - before >= 2  # after 1 s, 2 s, ... of outage
         assert await queue.get(fail=False) is None  # handled once, not also left behind
-        await channel.queue_delete(queue_name)
     finally:
+        cleanup = await connection.channel()
+        for name in (queue_name, *(retry_queue(queue_name, delay) for delay in settings.retry_delays)):
+            await cleanup.queue_delete(name)
         await connection.close()
 
 

@@ -139,6 +139,12 @@ async def test_the_scan_makes_each_unannounced_drop_a_job_once_a_page_at_a_time(
     assert sorted(r["id"] for r in second) == sorted(r["id"] for r in first)
 
 
+def remove_bucket(s3, bucket: str) -> None:
+    for obj in s3.list_objects(bucket, recursive=True):
+        s3.remove_object(bucket, obj.object_name)
+    s3.remove_bucket(bucket)
+
+
 async def wait_for_result(s3, bucket: str, key: str, text_in_it: str, timeout: float = 300) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -169,6 +175,7 @@ async def test_a_key_dropped_again_keeps_the_newer_jobs_results(stack: Stack, fi
         stat = s3.stat_object(bucket, key)
         return await inbox.register(key, stat.etag.strip('"'))
 
+    first = second = None
     try:
         first = await drop("jfk.flac")
         await wait_for_result(s3, bucket, key, "country")
@@ -183,8 +190,11 @@ async def test_a_key_dropped_again_keeps_the_newer_jobs_results(stack: Stack, fi
         await wait_for_result(s3, bucket, key, "sales", timeout=1)  # still there
     finally:
         for job_id in (first, second):
-            httpx.delete(f"{stack.api}/transcripts/{job_id}")
+            if job_id is not None:
+                httpx.delete(f"{stack.api}/transcripts/{job_id}")
+        await pool.execute("DELETE FROM deleted_drops WHERE source_bucket = $1", bucket)
         await pool.close()
+        remove_bucket(s3, bucket)
 
 
 async def test_a_refused_drop_keeps_its_reference_and_a_drop_gone_before_it_is_taken_is_no_error(
@@ -197,6 +207,7 @@ async def test_a_refused_drop_keeps_its_reference_and_a_drop_gone_before_it_is_t
     ensure_buckets(s3, bucket)
     pool = await create_pool(settings)
     inbox = Inbox(settings, pool, s3, asyncio.Event())
+    refused = None
     try:
         await asyncio.to_thread(s3.fput_object, bucket, "call 7.flac", str(fixtures_dir / "jfk.flac"),
                                 metadata={"num-speakers": "many", "reference": "CALL-7-REFUSED"})
@@ -214,5 +225,8 @@ async def test_a_refused_drop_keeps_its_reference_and_a_drop_gone_before_it_is_t
         assert await pool.fetchval("SELECT count(*) FROM transcripts WHERE source_key = 'gone.flac'"
                                    " AND source_bucket = $1", bucket) == 0
     finally:
-        httpx.delete(f"{stack.api}/transcripts/{refused}")
+        if refused is not None:
+            httpx.delete(f"{stack.api}/transcripts/{refused}")
+        await pool.execute("DELETE FROM deleted_drops WHERE source_bucket = $1", bucket)
         await pool.close()
+        remove_bucket(s3, bucket)

@@ -281,4 +281,5 @@ async def test_a_model_with_more_dimensions_than_pgvector_indexes_is_stored_and_
         for (name,) in await pool.fetch("SELECT indexname FROM pg_indexes WHERE tablename = 'segments'"
                                         " AND indexdef LIKE $1", f"%{model}%"):
             await pool.execute(f"DROP INDEX {name}")
+        jobstore._indexed.discard((model, dimensions))
         await pool.close()

@@ -303,9 +303,41 @@ def test_a_retry_kicked_twice_spends_one_attempt(notified):
         finally:
             await pool.execute("DELETE FROM webhooks WHERE id = $1", webhook_id)
             channel = await connection.channel()
-            await (await channel.get_queue(retry_queue(handler.DELIVERY_QUEUE, 600))).purge()
+            await channel.queue_delete(retry_queue(handler.DELIVERY_QUEUE, 600))
             await http.close()
             await connection.close()
             await pool.close()
 
     assert asyncio.run(kicked_twice()) == 2
+
+
+def test_the_delivery_log_keeps_settled_deliveries_for_webhook_log_days(notified):
+    stack, _ = notified
+    settings = stack.settings(webhook_log_days=30)
+    webhook_id = stack.value("INSERT INTO webhooks (url, events, secret) VALUES ('https://example.com/hook',"
+                             " '{transcript.completed}', 'a-secret-of-16-chars') RETURNING id")
+    try:
+        for event, status, age_days in (("old-delivered", "delivered", 40), ("old-failed", "failed", 31),
+                                        ("recent", "delivered", 10), ("old-but-pending", "pending", 40)):
+            delivery = stack.value(
+                "INSERT INTO webhook_deliveries (webhook_id, event_id, event_type, job_id, payload, status,"
+                " created_at, finished_at) VALUES ($1, $2, 'transcript.completed', 1, '{}', $3,"
+                " now() - make_interval(days => $4), CASE WHEN $3 = 'pending' THEN NULL"
+                " ELSE now() - make_interval(days => $4) END) RETURNING id", webhook_id, event, status, age_days)
+            stack.query("INSERT INTO webhook_attempts (delivery_id, attempt, latency_ms) VALUES ($1, 1, 5)", delivery)
+
+        async def prune() -> int:
+            pool = await asyncpg.create_pool(stack.database_url, min_size=1, max_size=1)
+            try:
+                return await handler.prune_delivery_log(pool, settings)
+            finally:
+                await pool.close()
+
+        assert asyncio.run(prune()) == 2
+        kept = {row["event_id"] for row in stack.query(
+            "SELECT event_id FROM webhook_deliveries WHERE webhook_id = $1", webhook_id)}
+        assert kept == {"recent", "old-but-pending"}
+        assert stack.value("SELECT count(*) FROM webhook_attempts a JOIN webhook_deliveries d ON d.id = a.delivery_id"
+                           " WHERE d.webhook_id = $1", webhook_id) == 2
+    finally:
+        stack.query("DELETE FROM webhooks WHERE id = $1", webhook_id)

@@ -53,7 +53,10 @@ async def ollama_embed(session: aiohttp.ClientSession, settings: Settings,
                         f"Ollama answered {response.status} for model "
                         f"{settings.model_name_embedded!r}: {(await response.text())[:200]}"
                     )
-                answer = await response.json(content_type=None)
+                try:
+                    answer = await response.json(content_type=None)
+                except ValueError as exc:  # a proxy's HTML page, say
+                    raise OllamaError(f"Ollama's answer is not JSON ({exc})") from exc
             vectors = answer.get("embeddings") if isinstance(answer, dict) else None
             if not isinstance(vectors, list) or len(vectors) != len(texts):
                 raise OllamaError(f"Ollama returned {len(vectors) if isinstance(vectors, list) else 'no'} vectors"

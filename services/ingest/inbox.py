@@ -140,7 +140,8 @@ class Inbox:
             # Still a job, so that the drop's result file and the job list say why it did not
             # run; its reference kept, so that the client finds it by that.
             try:
-                options = JobOptions(reference=stat.metadata.get(f"{USER_METADATA}reference"))
+                reference = stat.metadata.get(f"{USER_METADATA}reference")
+                options = JobOptions(reference=metadata_text(reference) if reference else None)
             except ValidationError:
                 options = JobOptions()
             refused = f"the object's metadata asks for something impossible: {exc}"

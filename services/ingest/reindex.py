@@ -9,6 +9,7 @@ keys on, only ADMIN_API_KEY may call it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 import asyncpg
@@ -64,14 +65,16 @@ class Reindexer:
             if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", REINDEX_LOCK_KEY):
                 return  # another replica's run is under way
             try:
-                await conn.execute(
+                await self.pool.execute(
                     "INSERT INTO reindex_runs (model) VALUES ($1) ON CONFLICT (model)"
                     " DO UPDATE SET started_at = now(), ended_at = NULL, error = NULL", self.model)
                 error = await self._reindex_all()
-                await conn.execute("UPDATE reindex_runs SET ended_at = now(), error = $2 WHERE model = $1",
-                                   self.model, error)
+                # On a connection of the pool's: the lock's own may have died with a restart.
+                await self.pool.execute("UPDATE reindex_runs SET ended_at = now(), error = $2 WHERE model = $1",
+                                        self.model, error)
             finally:
-                await conn.execute("SELECT pg_advisory_unlock($1)", REINDEX_LOCK_KEY)
+                with contextlib.suppress(Exception):  # a dead connection took the lock with it
+                    await conn.execute("SELECT pg_advisory_unlock($1)", REINDEX_LOCK_KEY)
 
     async def _reindex_all(self) -> str | None:
         """Every ended job not yet in the model, oldest first; None, or why some are left. A job
@@ -126,7 +129,9 @@ class Reindexer:
         # Under way here or in another replica (pg_locks spells a bigint key as two halves).
         running = self.running or await self.pool.fetchval(
             "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 1"
-            " AND classid::bigint = $1 AND objid::bigint = $2)", REINDEX_LOCK_KEY >> 32, REINDEX_LOCK_KEY & 0xFFFFFFFF)
+            " AND classid::bigint = $1 AND objid::bigint = $2"
+            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))",
+            REINDEX_LOCK_KEY >> 32, REINDEX_LOCK_KEY & 0xFFFFFFFF)
         error = None if running else await self.pool.fetchval(
             "SELECT error FROM reindex_runs WHERE model = $1", self.model)
         return ReindexProgress(model=self.model, running=running, done_segments=counts["done"],

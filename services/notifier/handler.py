@@ -36,6 +36,9 @@ BUSY_ENDPOINT_DELAY_S = 5
 STUCK_AFTER_S = 120
 SWEEP_EVERY_S = 30.0
 MAX_ERROR_CHARS = 500
+PRUNE_EVERY_S = 3600.0
+PRUNE_BATCH = 1000
+PRUNE_LOCK_KEY = 7_406_501_143
 
 # Deliveries in flight in this process, per webhook (an entry goes when its count is back to 0).
 _in_flight: dict[int, int] = {}
@@ -141,8 +144,10 @@ async def _attempt(conn: asyncpg.Connection, http: aiohttp.ClientSession, settin
             "INSERT INTO webhook_attempts (delivery_id, attempt, status_code, latency_ms, error)"
             " VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
             head["id"], attempt, status_code, latency_ms, error[:MAX_ERROR_CHARS] if error else None)
-        if status != "pending" and not await conn.fetchval(
-                "SELECT EXISTS (SELECT 1 FROM transcripts WHERE id = $1)", due.job_id):
+        # FOR KEY SHARE waits for a deletion of the job under way (its FOR UPDATE), and holds off
+        # one to come until this commits: one of the two sees the other's outcome.
+        if status != "pending" and await conn.fetchval(
+                "SELECT 1 FROM transcripts WHERE id = $1 FOR KEY SHARE", due.job_id) is None:
             # The job was deleted meanwhile: its text stays nowhere (jobstore.delete_job).
             await jobstore.forget_settled_callback(conn, due.job_id)
             await conn.execute("DELETE FROM webhook_deliveries WHERE id = $1", head["id"])
@@ -181,6 +186,25 @@ async def post(http: aiohttp.ClientSession, url: str, secret: str, event_id: str
         return None, f"no answer within {timeout_s:g} s"
     except aiohttp.ClientError as exc:
         return None, f"{type(exc).__name__}: {exc}"
+
+
+async def prune_delivery_log(pool: asyncpg.Pool, settings: Settings) -> int:
+    """Remove settled deliveries (with their attempts) settled over WEBHOOK_LOG_DAYS ago, a
+    batch at a time; how many went."""
+    if not settings.webhook_log_days:
+        return 0
+    removed = 0
+    while True:
+        batch = await pool.execute(
+            "DELETE FROM webhook_deliveries WHERE id IN (SELECT id FROM webhook_deliveries"
+            " WHERE status <> 'pending' AND finished_at < now() - make_interval(secs => $1) LIMIT $2)",
+            settings.webhook_log_days * 86400.0, PRUNE_BATCH)
+        count = int(batch.split()[-1])
+        removed += count
+        if count < PRUNE_BATCH:
+            if removed:
+                log.info("removed %d webhook deliveries settled over %g days ago", removed, settings.webhook_log_days)
+            return removed
 
 
 async def sweep_stuck(pool: asyncpg.Pool, bus: Bus, every_s: float = SWEEP_EVERY_S) -> None:
