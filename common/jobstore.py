@@ -560,25 +560,29 @@ async def mark_done(conn: asyncpg.Connection, job_id: int) -> asyncpg.Record:
     return done
 
 
-async def mark_failed(conn: asyncpg.Connection, job_id: int, reason: str, service: str) -> asyncpg.Record | None:
+async def mark_failed(conn: asyncpg.Connection, job_id: int, reason: str, service: str,
+                      still_for_s: float | None = None) -> asyncpg.Record | None:
     """A processing job failed (the first reason wins): returns its filename and reference, or
-    None when it was not processing. The job keeps the pipeline stage `service` works in."""
+    None when it was not processing (or, with `still_for_s`, has moved within that many seconds).
+    The job keeps the pipeline stage `service` works in."""
     return await conn.fetchrow(
         f"""
         UPDATE transcripts SET status = 'error', error = $2,
             stage = COALESCE($3, stage), completed_at = now(), updated_at = now()
         WHERE id = $1 AND status = 'processing'
+          AND ($4::float8 IS NULL OR updated_at < now() - make_interval(secs => $4::float8))
         RETURNING filename, {_REFERENCE} AS reference
         """,
-        job_id, reason, STAGE_OF_SERVICE.get(service),
+        job_id, reason, STAGE_OF_SERVICE.get(service), still_for_s,
     )
 
 
-async def fail(conn: asyncpg.Connection, job_id: int, reason: str, service: str) -> bool:
+async def fail(conn: asyncpg.Connection, job_id: int, reason: str, service: str,
+               still_for_s: float | None = None) -> bool:
     """Mark a processing job failed (the first reason wins) and queue its transcript.failed in
     the caller's transaction, which also tells every pipeline worker to stop working on it.
-    False when the job was not processing."""
-    failed = await mark_failed(conn, job_id, reason, service)
+    False when the job was not processing (or moved within `still_for_s` seconds)."""
+    failed = await mark_failed(conn, job_id, reason, service, still_for_s)
     if failed is None:
         return False
     await record_usage(conn, job_id)
@@ -587,9 +591,9 @@ async def fail(conn: asyncpg.Connection, job_id: int, reason: str, service: str)
 
 
 async def announce_end_again(conn: asyncpg.Connection, job_id: int) -> bool:
-    """Queue an ended job's transcript.completed or transcript.failed once more, under its own
-    message id (subscribers see the same event again, as at-least-once delivery allows). False for
-    a job still processing."""
+    """Queue an ended job's transcript.completed or transcript.failed once more, under the same
+    message id as the first time (subscribers see the same event again, as at-least-once delivery
+    allows). False for a job still processing."""
     ended = await conn.fetchrow(
         f"SELECT status, error, {_COMPLETION_COLUMNS} FROM transcripts WHERE id = $1 AND status <> 'processing'",
         job_id)

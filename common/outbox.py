@@ -55,10 +55,17 @@ async def flush_outbox(pool: asyncpg.Pool, bus: Bus) -> int:
                         except (KeyError, ValidationError) as exc:
                             await _set_aside(conn, row, f"{type(exc).__name__}: {str(exc)[:300]}")
                             continue
-                        if key in WORK_MESSAGES:
-                            await bus.publish(message)
-                        else:
-                            await bus.publish_event(message)
+                        try:
+                            if key in WORK_MESSAGES:
+                                await bus.publish(message)
+                            else:
+                                await bus.publish_event(message)
+                        except Exception as exc:
+                            # It stays at the head, and those after it wait: say which it is.
+                            with job_logged(getattr(message, "job_id", None)):
+                                log.warning("outbox message %d (%s) not published (%s: %s); it and the ones"
+                                            " after it are tried again", row["id"], key, type(exc).__name__, exc)
+                            raise
                         done.append(row["id"])
                 finally:
                     # What went out is not sent again (at-least-once holds for the rest).

@@ -516,3 +516,30 @@ async def test_a_speaker_enrolled_while_a_job_runs_is_announced_for_the_segments
         await conn.execute("DELETE FROM transcripts WHERE filename = 'enrolled-late.wav'")
         await events.close()
         await conn.close()
+
+
+async def test_the_stall_reaper_spares_a_job_that_moved_after_it_was_listed(stack):
+    """The reaper lists jobs with no progress for JOB_STALL_TIMEOUT_S, then fails them one by one;
+    a job that a chunk moved meanwhile (a stage back after an outage) must not be failed."""
+    from common.db import create_pool
+    from services.persister.handler import fail_job
+
+    conn = await asyncpg.connect(stack.database_url)
+    pool = await create_pool(stack.settings(), max_size=2)
+    moved = stalled = None
+    try:
+        moved = await conn.fetchval("INSERT INTO transcripts (filename, updated_at) VALUES"
+                                    " ('moved.wav', now()) RETURNING id")
+        stalled = await conn.fetchval("INSERT INTO transcripts (filename, updated_at) VALUES"
+                                      " ('stalled.wav', now() - interval '7 hours') RETURNING id")
+        reason = "no progress (test)"
+        assert not await fail_job(pool, moved, "persister", reason, still_for_s=6 * 3600)
+        assert await fail_job(pool, stalled, "persister", reason, still_for_s=6 * 3600)
+        statuses = {r["id"]: r["status"] for r in await conn.fetch(
+            "SELECT id, status FROM transcripts WHERE id = ANY($1)", [moved, stalled])}
+        assert statuses == {moved: "processing", stalled: "error"}
+    finally:
+        await conn.execute("DELETE FROM transcripts WHERE filename IN ('moved.wav', 'stalled.wav')")
+        await conn.execute("DELETE FROM job_usage WHERE job_id = $1", stalled)
+        await pool.close()
+        await conn.close()

@@ -129,11 +129,13 @@ async def on_embedded(pool: asyncpg.Pool, message: ChunkEmbedded) -> bool:
     return True
 
 
-async def fail_job(pool: asyncpg.Pool, job_id: int, stage: str, reason: str) -> bool:
+async def fail_job(pool: asyncpg.Pool, job_id: int, stage: str, reason: str,
+                   still_for_s: float | None = None) -> bool:
     """Mark a processing job failed (the first reason wins); returns True if it changed.
-    `stage` is the service that gave up; the job keeps the pipeline stage it failed in."""
+    `stage` is the service that gave up; the job keeps the pipeline stage it failed in. With
+    `still_for_s`, only if it has not moved for that long (checked as it is failed)."""
     async with pool.acquire() as conn, conn.transaction():
-        if not await jobstore.fail(conn, job_id, reason, stage):
+        if not await jobstore.fail(conn, job_id, reason, stage, still_for_s):
             return False
     log.warning("job failed in %s: %s", stage, reason)
     return True
@@ -146,7 +148,8 @@ async def fail_stalled_jobs(pool: asyncpg.Pool, timeout_s: float) -> list[int]:
     for job_id in await jobstore.stalled_job_ids(pool, timeout_s):
         with job_logged(job_id):
             reason = f"no progress for {timeout_s:g} s (JOB_STALL_TIMEOUT_S); processing was given up"
-            if await fail_job(pool, job_id, "persister", reason):
+            # Checked again as it is failed: it may have moved since the list was read.
+            if await fail_job(pool, job_id, "persister", reason, still_for_s=timeout_s):
                 failed.append(job_id)
     return failed
 
