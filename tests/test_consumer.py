@@ -39,17 +39,23 @@ def fresh_runner():
     runner._drained.clear()
 
 
+async def queue_holding_one(channel, name: str, message: JobProgress):
+    """A fresh quorum queue whose delivery limit is 1 (a nack or a lost channel would drop what it
+    holds), holding `message`."""
+    await channel.queue_delete(name)
+    queue = await channel.declare_queue(name, durable=True, arguments={"x-queue-type": "quorum", "x-delivery-limit": 1})
+    await channel.default_exchange.publish(
+        aio_pika.Message(message.model_dump_json().encode(), type=message.ROUTING_KEY), routing_key=name)
+    return queue
+
+
 async def test_a_stopping_consumer_hands_back_its_message_without_spending_a_delivery(stack: Stack, fresh_runner):
     settings = stack.settings(shutdown_grace_s=0.5)
     connection = await connect(settings, "test-shutdown")
     try:
         channel = await connection.channel()
-        await channel.queue_delete(QUEUE)
-        queue = await channel.declare_queue(QUEUE, durable=True, arguments={
-            "x-queue-type": "quorum", "x-delivery-limit": 1})
         sent = JobProgress(job_id=424242, stage="transcribing")
-        await channel.default_exchange.publish(
-            aio_pika.Message(sent.model_dump_json().encode(), type=sent.ROUTING_KEY), routing_key=QUEUE)
+        queue = await queue_holding_one(channel, QUEUE, sent)
         holding = asyncio.Event()
 
         async def never_finishes(message: JobProgress) -> None:
@@ -86,12 +92,8 @@ async def test_a_message_held_through_a_long_outage_goes_back_to_its_queue_unspe
     connection = await connect(settings, "test-outage")
     try:
         channel = await connection.channel()
-        await channel.queue_delete(queue_name)
-        queue = await channel.declare_queue(queue_name, durable=True, arguments={
-            "x-queue-type": "quorum", "x-delivery-limit": 1})
         sent = JobProgress(job_id=454545, stage="transcribing")
-        await channel.default_exchange.publish(
-            aio_pika.Message(sent.model_dump_json().encode(), type=sent.ROUTING_KEY), routing_key=queue_name)
+        queue = await queue_holding_one(channel, queue_name, sent)
         outage_ends = asyncio.get_running_loop().time() + 4
         tries, handled = [], asyncio.Event()
 
