@@ -480,7 +480,9 @@ async def _hand_back(bus: Bus, message: AbstractIncomingMessage, queue_name: str
     token = current_job.set(_job_id_of(message.body))
     headers = dict(message.headers or {})
     routing_key = str(headers.get(ROUTING_KEY_HEADER) or message.routing_key)
-    if getattr(message.channel, "is_closed", False):
+    try:
+        message.channel  # noqa: B018 (raises once the delivery's channel is closed)
+    except aio_pika.exceptions.ChannelInvalidStateError:
         # The broker has taken it back with its channel: a copy would make it twice.
         current_job.reset(token)
         return False
@@ -499,12 +501,21 @@ class HeldThroughOutage(Exception):
     """A dependency stayed unavailable for OUTAGE_HOLD_S while a message was held (its cause)."""
 
 
+# An attempt that ran this long before a dependency failed it met a new outage, not the old one
+# (the longest wait between attempts is 30 s; a connection attempt times out within a minute).
+OUTAGE_OVER_AFTER_S = 300.0
+
+
 async def _run_waiting_out_outages(handler: Handler, parsed: BaseModel, bus: Bus,
                                    wait_on: tuple[type[BaseException], ...], work: metrics.Work,
                                    hold_s: float) -> None:
     """Run the handler, trying again while a dependency is down; HeldThroughOutage once it has
-    been down for `hold_s`."""
-    outage_since: float | None = None  # from the first error of this outage, not the handler's start
+    been down for `hold_s`: counted from the outage's first error, not from the handler's start
+    (a long diarization that meets one error at its end is not an outage of that length), and
+    counted again after an attempt that ran for OUTAGE_OVER_AFTER_S before failing (the
+    dependency was back meanwhile: this is another outage)."""
+    outage_since: float | None = None
+    attempt_started = time.monotonic()
 
     def outage(exc: BaseException) -> bool:
         # A message returned as unroutable is a configuration error, not an outage.
@@ -514,8 +525,10 @@ async def _run_waiting_out_outages(handler: Handler, parsed: BaseModel, bus: Bus
         nonlocal outage_since
         if not outage(exc):
             return False
-        outage_since = outage_since or time.monotonic()
-        if time.monotonic() - outage_since < hold_s:
+        now = time.monotonic()
+        if outage_since is None or now - attempt_started > OUTAGE_OVER_AFTER_S:
+            outage_since = now
+        if now - outage_since < hold_s:
             metrics.DEPENDENCY_WAITS.labels(work.stage).inc()
             return True
         return False
@@ -523,6 +536,7 @@ async def _run_waiting_out_outages(handler: Handler, parsed: BaseModel, bus: Bus
     try:
         async for attempt in backoff("dependency unavailable; holding the message", wait_more, max_delay_s=30.0):
             with attempt:
+                attempt_started = time.monotonic()
                 work.new_attempt()
                 result = handler(parsed)
                 if inspect.isasyncgen(result):

@@ -67,18 +67,18 @@ async def rename_speaker(conn: asyncpg.Connection, owner: str | None, speaker_id
     """Rename, and carry the new name to every recording speaker it named automatically. NameTaken
     when another of the owner's speakers has the name (the unique index on it says so)."""
     old = await conn.fetchval("SELECT name FROM speakers WHERE id = $1", speaker_id)
-    try:
-        async with conn.transaction():  # a savepoint: the caller's transaction goes on
-            await conn.execute("UPDATE speakers SET name = $2 WHERE id = $1", speaker_id, name)
-    except asyncpg.UniqueViolationError as exc:
-        raise NameTaken(name) from exc
     # The jobs it changes are locked first, in id order, as the persister locks a job before its
-    # speakers: the other order deadlocked with a chunk being stored.
+    # speakers and an enrolment a job before the speaker: the other order deadlocked with them.
     await conn.execute(
         f"SELECT id FROM transcripts WHERE id IN (SELECT transcript_id FROM transcript_speakers"
         f" WHERE matched_speaker_id = $1 AND name_source = 'auto') OR ({_OWNER.replace('$1', '$2')}"
         f" AND jsonb_typeof({_EXPECTED}) = 'array' AND EXISTS (SELECT 1 FROM jsonb_array_elements_text({_EXPECTED}) n"
         " WHERE lower(n) = lower($3))) ORDER BY id FOR UPDATE", speaker_id, owner, old)
+    try:
+        async with conn.transaction():  # a savepoint: the caller's transaction goes on
+            await conn.execute("UPDATE speakers SET name = $2 WHERE id = $1", speaker_id, name)
+    except asyncpg.UniqueViolationError as exc:
+        raise NameTaken(name) from exc
     await conn.execute("UPDATE transcript_speakers SET name = $2 WHERE matched_speaker_id = $1"
                        " AND name_source = 'auto'", speaker_id, name)
     # Jobs that expect the person (`expected_speakers`) go on expecting them by the new name.

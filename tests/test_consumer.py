@@ -49,6 +49,14 @@ async def queue_holding_one(channel, name: str, message: JobProgress):
     return queue
 
 
+async def delete_queues(connection, name: str, settings) -> None:
+    """A test queue and the delay queues consume() made for it; then the connection is closed."""
+    channel = await connection.channel()
+    for queue in (name, *(retry_queue(name, delay) for delay in settings.retry_delays)):
+        await channel.queue_delete(queue)
+    await connection.close()
+
+
 async def test_a_stopping_consumer_hands_back_its_message_without_spending_a_delivery(stack: Stack, fresh_runner):
     settings = stack.settings(shutdown_grace_s=0.5)
     connection = await connect(settings, "test-shutdown")
@@ -76,9 +84,8 @@ async def test_a_stopping_consumer_hands_back_its_message_without_spending_a_del
         assert not message.redelivered
         assert (message.headers or {}).get("x-delivery-count", 0) == 0
         assert (message.headers or {}).get("x-retry-count", 0) == 0  # not a retry either
-        await channel.queue_delete(QUEUE)
     finally:
-        await connection.close()
+        await delete_queues(connection, QUEUE, settings)
 
 
 async def test_a_message_held_through_a_long_outage_goes_back_to_its_queue_unspent(stack: Stack, fresh_runner):
@@ -114,10 +121,7 @@ async def test_a_message_held_through_a_long_outage_goes_back_to_its_queue_unspe
         assert tries[-1] == sent and handed_back._value.get() - before >= 2  # after 1 s, 2 s, ... of outage
         assert await queue.get(fail=False) is None  # handled once, not also left behind
     finally:
-        cleanup = await connection.channel()
-        for name in (queue_name, *(retry_queue(queue_name, delay) for delay in settings.retry_delays)):
-            await cleanup.queue_delete(name)
-        await connection.close()
+        await delete_queues(connection, queue_name, settings)
 
 
 @contextlib.contextmanager

@@ -530,11 +530,12 @@ async def test_the_stall_reaper_spares_a_job_that_moved_after_it_was_listed(stac
     try:
         moved = await conn.fetchval("INSERT INTO transcripts (filename, updated_at) VALUES"
                                     " ('moved.wav', now()) RETURNING id")
+        # Stalled for this test's 1 h, not for the stack's own reaper's 6 h.
         stalled = await conn.fetchval("INSERT INTO transcripts (filename, updated_at) VALUES"
-                                      " ('stalled.wav', now() - interval '7 hours') RETURNING id")
+                                      " ('stalled.wav', now() - interval '2 hours') RETURNING id")
         reason = "no progress (test)"
-        assert not await fail_job(pool, moved, "persister", reason, still_for_s=6 * 3600)
-        assert await fail_job(pool, stalled, "persister", reason, still_for_s=6 * 3600)
+        assert not await fail_job(pool, moved, "persister", reason, still_for_s=3600)
+        assert await fail_job(pool, stalled, "persister", reason, still_for_s=3600)
         statuses = {r["id"]: r["status"] for r in await conn.fetch(
             "SELECT id, status FROM transcripts WHERE id = ANY($1)", [moved, stalled])}
         assert statuses == {moved: "processing", stalled: "error"}

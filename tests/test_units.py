@@ -378,3 +378,33 @@ def test_whisper_with_its_own_voice_filter_gives_words_in_the_chunks_time():
     segments, _ = transcribe_chunk(BurstHearingModel(), audio, 10.0, [turn("spk_0", 10.0, 14.0)], "en",
                                    speech="whisper-vad")
     assert [(w.start, w.end) for s in segments for w in s.words] == [(11.0, 11.5)]
+
+
+async def test_a_message_is_held_through_an_outage_counted_from_its_errors(monkeypatch):
+    """OUTAGE_HOLD_S counts the outage, not the handler's run: an attempt that ran for a while
+    before a dependency failed it meets a new outage, and the clock starts again."""
+    import asyncio
+    import types
+
+    from common import broker
+
+    monkeypatch.setattr(broker, "OUTAGE_OVER_AFTER_S", 0.5)
+    work = types.SimpleNamespace(stage="test", new_attempt=lambda: None)
+    runs: list[str] = []
+
+    async def handler(_message) -> None:
+        runs.append("run")
+        if len(runs) == 1:
+            raise ConnectionRefusedError("down at once")
+        if len(runs) == 2:
+            await asyncio.sleep(0.8)  # worked a while, then the dependency went away again
+            raise ConnectionRefusedError("down again, later")
+
+    await broker._run_waiting_out_outages(handler, None, None, (ConnectionRefusedError,), work, hold_s=1.0)
+    assert len(runs) == 3
+
+    async def never_back(_message) -> None:
+        raise ConnectionRefusedError("down for good")
+
+    with pytest.raises(broker.HeldThroughOutage):
+        await broker._run_waiting_out_outages(never_back, None, None, (ConnectionRefusedError,), work, hold_s=1.0)

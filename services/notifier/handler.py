@@ -196,8 +196,10 @@ async def prune_delivery_log(pool: asyncpg.Pool, settings: Settings) -> int:
     removed = 0
     while True:
         batch = await pool.execute(
+            # Not a job's callback's: it goes with its job, which its settled delivery tells.
             "DELETE FROM webhook_deliveries WHERE id IN (SELECT id FROM webhook_deliveries"
-            " WHERE status <> 'pending' AND finished_at < now() - make_interval(secs => $1) LIMIT $2)",
+            " WHERE status <> 'pending' AND finished_at < now() - make_interval(secs => $1)"
+            " AND webhook_id IN (SELECT id FROM webhooks WHERE job_id IS NULL) LIMIT $2)",
             settings.webhook_log_days * 86400.0, PRUNE_BATCH)
         count = int(batch.split()[-1])
         removed += count
