@@ -235,7 +235,11 @@ def test_card_and_phone_numbers_and_addresses_are_hidden_when_asked(stack, brows
     page.locator("#upload-status", has_text="billing_call.flac accepted as job").wait_for(timeout=60_000)
     page.locator('#transcript[data-ended="true"]').wait_for(timeout=300_000)
     said = " ".join(page.locator("#segments .segment .text").all_inner_texts())
-    assert "[CARD]" in said and "[PHONE]" in said and "[EMAIL]" in said, said
+    assert "[CARD]" in said and "[PHONE]" in said, said
+    # The e-mail address comes in the second voice's part, which starts mid-number: Whisper may
+    # decode it again by random sampling (a sentence can come back other, or not at all), so it is
+    # hidden whenever it is there, not always there (test_handlers hears it whole, and hides it).
+    assert not re.search(r"\d{3}|support ?at|example|@", said, re.I), said
     page.close()
 
 
@@ -393,6 +397,7 @@ def test_with_api_keys_the_key_is_asked_once_and_used_for_everything(keyed_stack
     page.locator(f'#jobs li[data-job="{mine}"] button').click()
     page.locator("#audio-status", has_text="AUDIO_RETENTION_DAYS").wait_for(timeout=30_000)
     assert page.locator("#player").get_attribute("src") is None
+    page.locator('#transcript[data-ended="true"]').wait_for(timeout=60_000)  # opened anew: its stream again
     assert "ask not what your country" in page.locator("#segments").inner_text().lower()
     # Kept for the browser session: a reload needs no key again.
     page.reload()
