@@ -326,23 +326,23 @@ async def remember_deleted_drop(conn: asyncpg.Connection, bucket: str, key: str,
 
 
 async def delete_job(conn: asyncpg.Connection, job_id: int) -> None:
-    """The row; chunks, segments, turns and speakers cascade. Its webhook deliveries carry its
-    text: the settled ones go now, a pending one once the notifier has settled it (so a job
-    deleted as soon as it ends is still announced), and a callback webhook with it."""
+    """The row; chunks, segments, turns and speakers cascade; its webhook deliveries as below."""
     await conn.execute("DELETE FROM transcripts WHERE id = $1", job_id)
-    await forget_settled_callback(conn, job_id)
-    await conn.execute("DELETE FROM webhook_deliveries WHERE job_id = $1 AND status <> 'pending'", job_id)
+    await forget_deleted_jobs_deliveries(conn, job_id)
 
 
-async def forget_settled_callback(conn: asyncpg.Connection, job_id: int) -> None:
-    """A deleted job's callback webhook, once one of its deliveries is settled and none pending
-    (its events are the job's last: transcript.completed or transcript.failed)."""
+async def forget_deleted_jobs_deliveries(conn: asyncpg.Connection, job_id: int) -> None:
+    """A deleted job's settled webhook deliveries (they carry its text), and its callback webhook
+    once one of its deliveries is settled and none pending (its events are the job's last:
+    transcript.completed or transcript.failed). A pending delivery stays until the notifier has
+    settled it and comes here again, so a job deleted as soon as it ends is still announced."""
     await conn.execute(
         "DELETE FROM webhooks w WHERE w.job_id = $1"
         " AND NOT EXISTS (SELECT 1 FROM transcripts WHERE id = $1)"
         " AND EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.webhook_id = w.id AND d.status <> 'pending')"
         " AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.webhook_id = w.id AND d.status = 'pending')",
         job_id)
+    await conn.execute("DELETE FROM webhook_deliveries WHERE job_id = $1 AND status <> 'pending'", job_id)
 
 
 # ---- bucket drops' result files (ingest) ------------------------------------------------------

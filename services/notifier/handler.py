@@ -149,8 +149,7 @@ async def _attempt(conn: asyncpg.Connection, http: aiohttp.ClientSession, settin
         if status != "pending" and await conn.fetchval(
                 "SELECT 1 FROM transcripts WHERE id = $1 FOR KEY SHARE", due.job_id) is None:
             # The job was deleted meanwhile: its text stays nowhere (jobstore.delete_job).
-            await jobstore.forget_settled_callback(conn, due.job_id)
-            await conn.execute("DELETE FROM webhook_deliveries WHERE id = $1", head["id"])
+            await jobstore.forget_deleted_jobs_deliveries(conn, due.job_id)
     if status == "pending":
         log.warning("webhook %d: %s %s not delivered (%s); attempt %d/%d again in %d s", due.webhook_id,
                     head["event_type"], head["event_id"], error, attempt, settings.webhook_max_attempts, delay)
