@@ -157,7 +157,7 @@ async def correct_segment(conn: asyncpg.Connection, job_id: int, chunk_index: in
                           embedding: list[float] | None = None, embedding_model: str | None = None) -> None:
     """A segment's speaker as corrected by hand; with `text`, also its text with its words
     retimed, indexed again for search, and `embedding` in place of its vector (None: left for
-    the next reindex to embed)."""
+    ingest to embed within a minute, reindex.embed_corrections)."""
     if text is None:
         await conn.execute("UPDATE segments SET speaker = $4, edited_at = now()"
                            " WHERE transcript_id = $1 AND chunk_index = $2 AND index = $3",
@@ -757,6 +757,16 @@ async def segments_to_reindex(db: Db, job_id: int, model: str) -> list[asyncpg.R
     return await db.fetch(
         "SELECT chunk_index, index, text FROM segments WHERE transcript_id = $1"
         " AND embedding_model IS DISTINCT FROM $2 ORDER BY chunk_index, index", job_id, model)
+
+
+async def corrected_segments_without_vector(db: Db, limit: int) -> list[asyncpg.Record]:
+    """transcript_id, chunk_index, index and text of segments of ended jobs corrected by hand and
+    left without a vector (the embedding service was away), by job."""
+    return await db.fetch(
+        "SELECT s.transcript_id, s.chunk_index, s.index, s.text FROM segments s"
+        " JOIN transcripts t ON t.id = s.transcript_id"
+        " WHERE s.embedding IS NULL AND s.edited_at IS NOT NULL AND t.status <> 'processing'"
+        " ORDER BY s.transcript_id, s.chunk_index, s.index LIMIT $1", limit)
 
 
 async def store_reindexed(conn: asyncpg.Connection, job_id: int, model: str,

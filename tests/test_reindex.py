@@ -61,6 +61,47 @@ def test_usage_counts_each_keys_audio_and_outlives_deleted_jobs(keyed):
     admin.close()
 
 
+async def test_a_segment_corrected_while_ollama_is_away_is_found_by_meaning_once_it_is_back(keyed):
+    """Before the model changes (the next test): ingest's query model is the stored one."""
+    import aiohttp
+    import asyncpg
+
+    from services.embedder.backends import make_embedder
+    from services.ingest.reindex import CORRECTIONS_LOCK_KEY, embed_corrections
+    from tests.conftest import wait_for_port
+
+    stack, user, jobs = keyed
+    segment = user.get(f"{stack.api}/transcripts/{jobs[0]}").json()["segments"][-1]
+    where = f"{stack.api}/transcripts/{jobs[0]}/segments/{segment['chunk_index']}/{segment['index']}"
+    said = "The giraffes at the zoo were fed fresh leaves this morning."
+    ollama_port = stack.env["OLLAMA_URL"].rsplit(":", 1)[1]
+    stack.stop("ollama")
+    try:
+        corrected = await asyncio.to_thread(user.patch, where, json={"text": said})
+        assert corrected.status_code == 200, corrected.text  # the words are kept without their vector
+    finally:
+        stack.start("ollama", "-m", "tests.fake_ollama", "--port", ollama_port)
+        wait_for_port(int(ollama_port), timeout=120)
+    assert stack.value("SELECT embedding_model FROM segments WHERE transcript_id = $1 AND chunk_index = $2"
+                       " AND index = $3", jobs[0], segment["chunk_index"], segment["index"]) is None
+
+    def top_hit() -> tuple[int, str]:
+        hits = user.get(f"{stack.api}/search", params={"q": "animals eating", "mode": "semantic"}).json()["items"]
+        return (hits[0]["transcript_id"], hits[0]["text"]) if hits else None
+
+    assert await asyncio.to_thread(top_hit) != (jobs[0], said)
+    # What ingest does every minute, here at once (holding its lock, so that ingest's own turn waits).
+    pool = await asyncpg.create_pool(stack.database_url, min_size=2, max_size=3)
+    try:
+        async with pool.acquire() as lock, aiohttp.ClientSession() as http:
+            assert await lock.fetchval("SELECT pg_try_advisory_lock($1)", CORRECTIONS_LOCK_KEY)
+            assert await embed_corrections(pool, *make_embedder(stack.settings(), http)) == 1
+            assert await embed_corrections(pool, *make_embedder(stack.settings(), http)) == 0
+    finally:
+        await pool.close()
+    assert await asyncio.to_thread(top_hit) == (jobs[0], said)
+
+
 def test_a_new_embedding_model_reembeds_every_stored_segment(keyed):
     stack, user, jobs = keyed
     models = {r["embedding_model"] for r in stack.query("SELECT embedding_model FROM segments")}

@@ -60,7 +60,7 @@ from services.ingest.orphans import run_orphan_sweep
 from services.ingest.page import PAGE_ROUTES
 from services.ingest.playback import PLAYBACK_ROUTES
 from services.ingest.readiness import CHECK_TIMEOUT_S, ObjectStoreProbe, run_checks
-from services.ingest.reindex import REINDEX_ROUTES, Reindexer
+from services.ingest.reindex import REINDEX_ROUTES, Reindexer, run_corrections_embedder
 from services.ingest.retention import run_retention
 from services.ingest.search import SEARCH_ROUTES
 from services.ingest.speakers import SPEAKER_ROUTES, require_enrolled
@@ -338,7 +338,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
                  asyncio.create_task(watch_queue_depths(state.connection, queues)),
                  asyncio.create_task(state.wakeups.run(state.connection)),
                  asyncio.create_task(run_retention(state.pool, state.s3, settings)),
-                 asyncio.create_task(run_orphan_sweep(state.pool, state.s3, settings.audio_bucket))]
+                 asyncio.create_task(run_orphan_sweep(state.pool, state.s3, settings.audio_bucket)),
+                 asyncio.create_task(run_corrections_embedder(state.pool, *state.query_embedder))]
         log.info("ingest ready on %s:%d", settings.api_host, settings.api_port)
         try:
             yield

@@ -81,7 +81,8 @@ async def correct_segment(job_id: JobId, chunk_index: SegmentChunk, index: Segme
     embed, model = state.query_embedder
     new_text = " ".join(data.text.split()) if data.text is not None else None
     # Search by meaning finds the new words at once when this process embeds with the model the
-    # segment's vector is in; otherwise the next reindex embeds them. They are embedded before
+    # segment's vector is in; otherwise they are embedded within a minute (reindex.embed_corrections)
+    # with the model search asks in, once the embedding service answers. They are embedded before
     # the job is locked: a slow embedding service (a minute a try) must not hold the lock, and a
     # pool connection, that every other change of the job waits on.
     new_embedding = None
@@ -92,7 +93,7 @@ async def correct_segment(job_id: JobId, chunk_index: SegmentChunk, index: Segme
             new_embedding = await embed_for_request(embed, new_text)
         except Exception as exc:  # the embedding service is away: the text is what matters
             with job_logged(job_id):
-                log.warning("segment %d/%d not embedded (%s); the next reindex will", chunk_index, index,
+                log.warning("segment %d/%d not embedded (%s); it will be once the service answers", chunk_index, index,
                             type(exc).__name__)
     async with state.pool.acquire() as conn, conn.transaction():
         job = await jobstore.lock_job(conn, job_id)

@@ -4,13 +4,18 @@ MODEL_NAME_EMBEDDED or LOCAL_EMBEDDING_MODEL changed), so search covers every tr
 `stt reindex` does both. It goes job by job (ended jobs, oldest first), one transaction per job;
 what is left is whatever is not yet in the current model, so a restarted ingest resumes by
 asking again. One run at a time across replicas, its outcome kept in `reindex_runs`. With API
-keys on, only ADMIN_API_KEY may call it."""
+keys on, only ADMIN_API_KEY may call it.
+
+Apart from runs, `embed_corrections` gives a vector every minute to the segments corrected by
+hand while the embedding service was away, so search by meaning finds them once it is back."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
+from collections.abc import Awaitable
 
 import asyncpg
 from litestar import Request, get, post
@@ -18,6 +23,7 @@ from litestar.datastructures import State
 from pydantic import BaseModel
 
 from common import jobstore
+from common.db import every
 from common.logs import job_logged
 from services.embedder.backends import EmbedFn
 from services.ingest.auth import admin_only
@@ -42,6 +48,8 @@ REINDEX_LOCK_KEY = 7_406_501_141
 # Jobs that fail one after another: the embedding service is away, not one text it cannot take.
 STOP_AFTER_FAILED_JOBS = 3
 FAILED_JOBS_LISTED = 20
+CORRECTIONS_INTERVAL_S = 60.0
+CORRECTIONS_LOCK_KEY = 7_406_501_142
 
 
 class Reindexer:
@@ -136,6 +144,37 @@ class Reindexer:
             "SELECT error FROM reindex_runs WHERE model = $1", self.model)
         return ReindexProgress(model=self.model, running=running, done_segments=counts["done"],
                                pending_segments=counts["pending"], error=error)
+
+
+async def embed_corrections(pool: asyncpg.Pool, embed: EmbedFn, model: str) -> int:
+    """Vectors for the hand-corrected segments left without one; how many were stored. While the
+    embedding service is still away they wait for the next turn."""
+    stored = 0
+    while rows := await jobstore.corrected_segments_without_vector(pool, BATCH):
+        try:
+            vectors = await embed([r["text"] for r in rows])
+        except Exception as exc:
+            log.warning("%d segments corrected by hand still have no vector (%s: %s); trying again in %.0f s",
+                        len(rows), type(exc).__name__, exc, CORRECTIONS_INTERVAL_S)
+            return stored
+        await jobstore.ensure_vector_index(pool, model, len(vectors[0]))
+        embedded = [(r, v) for r, v in zip(rows, vectors)]
+        for job_id, group in itertools.groupby(embedded, key=lambda pair: pair[0]["transcript_id"]):
+            group = list(group)
+            async with pool.acquire() as conn, conn.transaction():
+                await jobstore.store_reindexed(conn, job_id, model, [(r["chunk_index"], r["index"], r["text"], v)
+                                                                     for r, v in group])
+            with job_logged(job_id):
+                log.info("%d segments corrected by hand embedded with %s", len(group), model)
+        stored += len(rows)
+        if len(rows) < BATCH:
+            break
+    return stored
+
+
+def run_corrections_embedder(pool: asyncpg.Pool, embed: EmbedFn, model: str) -> Awaitable[None]:
+    return every(CORRECTIONS_INTERVAL_S, pool, CORRECTIONS_LOCK_KEY, lambda: embed_corrections(pool, embed, model),
+                 "embedding corrected segments")
 
 
 @post("/admin/reindex", status_code=202, summary="Re-embed stored segments with the current model",
