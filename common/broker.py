@@ -179,10 +179,8 @@ async def declare_topology(connection: AbstractRobustConnection, settings: Setti
         for key in keys:
             await queue.bind(work, key)
     for name in (DEAD_LETTERS_QUEUE, PERSISTER_DEAD_QUEUE):
-        queue = await channel.declare_queue(
-            name, durable=True,
-            arguments={"x-queue-type": "quorum", "x-delivery-limit": settings.delivery_limit},
-        )
+        await declare_queue(connection, name, {"x-queue-type": "quorum", "x-delivery-limit": settings.delivery_limit})
+        queue = await channel.get_queue(name)
         await queue.bind(dead, "#")
     return channel
 

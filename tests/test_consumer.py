@@ -18,6 +18,7 @@ import pytest
 
 from common import metrics, runner
 from common.broker import (
+    DEAD_LETTERS_QUEUE,
     PermanentError,
     Route,
     connect,
@@ -158,8 +159,9 @@ async def test_the_diarizer_queue_bounds_a_delivery_and_a_queue_of_an_earlier_ve
         [diarizer] = [line for line in listed.splitlines() if line.startswith("stt.diarizer\t")]
         assert "x-consumer-timeout" in diarizer and str(4 * 3600 * 1000) in diarizer
 
-        # The stage queue as an earlier version declared it (no x-consumer-timeout): the broker
-        # refuses a declaration with other arguments; the service still starts and routes to it.
+        # The stage queue as an earlier version declared it (no x-consumer-timeout), and the
+        # dead letters' queue as a DELIVERY_LIMIT since changed made it: the broker refuses a
+        # declaration with other arguments; the service still starts and routes to them.
         settings = stack.settings(amqp_url=amqp_url(upgraded))
         connection = await connect(settings, "test-topology")
         try:
@@ -167,6 +169,8 @@ async def test_the_diarizer_queue_bounds_a_delivery_and_a_queue_of_an_earlier_ve
             await channel.declare_queue(stage_queue("diarizer"), durable=True, arguments={
                 "x-queue-type": "quorum", "x-delivery-limit": settings.delivery_limit,
                 "x-dead-letter-exchange": "stt.dead"})
+            await channel.declare_queue(DEAD_LETTERS_QUEUE, durable=True, arguments={
+                "x-queue-type": "quorum", "x-delivery-limit": settings.delivery_limit + 5})
             bus = await open_bus(connection, settings)
             await bus.publish(JobSubmitted(job_id=1, audio_bucket="audio", audio_key="uploads/1", filename="a.wav"))
             queue = await channel.declare_queue(stage_queue("diarizer"), passive=True)
