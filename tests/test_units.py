@@ -128,6 +128,11 @@ def test_a_word_is_talked_over_when_another_speakers_turn_covers_part_of_it():
     assert _talked_over(Word(word=" yes", start=2.2, end=2.6), "spk_0", turns)
     assert not _talked_over(Word(word=" no", start=0.5, end=0.9), "spk_0", turns)
     assert not _talked_over(Word(word=" so", start=2.95, end=3.3), "spk_1", turns)  # 0.05 s is a touch
+    # A hand-over with nobody talking at once: a word timed across it is not talked over.
+    handover = [turn("spk_0", 0.0, 3.0), turn("spk_1", 3.0, 5.0)]
+    assert speaker_of(2.7, 3.2, handover) == "spk_0"
+    assert not _talked_over(Word(word=" then", start=2.7, end=3.2), "spk_0", handover)
+    assert not _talked_over(Word(word=" well", start=2.8, end=3.4), "spk_1", handover)
     assert speaker_of(2.2, 2.6, turns) == "spk_0"  # a tie goes to the earlier turn: the same words, the same speakers
     assert speaker_of(2.5, 3.5, turns) == "spk_1"  # most of the word is in spk_1's turn
 

@@ -178,9 +178,14 @@ def _most_spoken(words: list[Word], spoken: list[str | None]) -> str | None:
 
 
 def _talked_over(word: Word, speaker: str, turns: list[SpeakerTurn]) -> bool:
+    """Whether, inside the word, another speaker's turn runs at the same time as one of its own
+    speaker's. Not merely another turn under the word: word times are often a little off the
+    turns', and a word across a hand-over is no one talking over anyone."""
     needed = max(1e-3, min(OVERLAP_MIN_S, (word.end - word.start) / 2))
-    return any(t.speaker != speaker and min(word.end, t.end) - max(word.start, t.start) >= needed
-               for t in turns)
+    own = [(max(word.start, t.start), min(word.end, t.end)) for t in turns
+           if t.speaker == speaker and min(word.end, t.end) > max(word.start, t.start)]
+    return any(t.speaker != speaker and min(end, t.end) - max(start, t.start) >= needed
+               for t in turns for start, end in own)
 
 
 def speaker_of(start: float, end: float, turns: list[SpeakerTurn]) -> str:
