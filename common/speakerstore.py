@@ -141,7 +141,11 @@ async def name_recording_speakers(conn: asyncpg.Connection, transcript_id: int, 
     rows = await conn.fetch(
         "SELECT speaker, embedding::real[] AS embedding, embedding_model, speech_s, name, name_source,"
         " matched_speaker_id, confidence FROM transcript_speakers WHERE transcript_id = $1"
-        " AND embedding IS NOT NULL ORDER BY speaker FOR UPDATE", transcript_id)
+        " ORDER BY speaker FOR UPDATE", transcript_id)
+    # A person named by hand in this recording is not given to a second speaker of it, also when
+    # the one named has no voice of its own (a label made by moving segments to it).
+    taken = {r["name"].lower() for r in rows if r["name_source"] == "manual"}
+    rows = [r for r in rows if r["embedding"] is not None]
     if not rows:
         return False
     manual = {r["speaker"] for r in rows if r["name_source"] == "manual"}
@@ -151,8 +155,6 @@ async def name_recording_speakers(conn: asyncpg.Connection, transcript_id: int, 
     matches: dict[str, Match] = {}
     for model in sorted({r["embedding_model"] for r in rows}):
         profiles = [p for p in await owner_profiles(conn, owner, model) if not expected or p.name.lower() in expected]
-        # A person named by hand in this recording is not given to a second speaker of it.
-        taken = {r["name"].lower() for r in rows if r["speaker"] in manual}
         recording = [RecordingSpeaker(r["speaker"], np.asarray(r["embedding"]), r["speech_s"])
                      for r in rows if r["embedding_model"] == model and r["speaker"] not in manual]
         matches |= match_speakers(recording, [p for p in profiles if p.name.lower() not in taken], threshold,

@@ -284,3 +284,27 @@ def test_renaming_a_person_to_a_name_given_by_hand_leaves_it_on_one_speaker(enro
     finally:
         assert owner.delete(f"/speakers/{anna.json()['id']}").status_code == 204
         assert owner.patch(f"/transcripts/{source}/speakers", json={voice_b: None}).status_code == 200
+
+
+def test_a_name_given_by_hand_to_a_label_without_a_voice_is_not_recognised_in_a_second_speaker(enrolled):
+    """Lines moved to a new label (no voice of its own) and that label named by hand: recognition
+    no longer gives the name to the speaker it had named."""
+    stack, owner, _, source = enrolled
+    first = stack.status(source, owner)
+    segment = _speaker_at(first, 2.0)
+    voice_a = segment["speaker"]
+    anna = owner.post("/speakers", json={"name": "Anna", "transcript_id": source, "label": voice_a})
+    assert anna.status_code == 201, anna.text
+    where = f"/transcripts/{source}/segments/{segment['chunk_index']}/{segment['index']}"
+    try:
+        assert owner.get(f"/transcripts/{source}/speakers").json()["speakers"][voice_a]["name"] == "Anna"
+        assert owner.patch(where, json={"speaker": "spk_9"}).status_code == 200
+        assert owner.patch(f"/transcripts/{source}/speakers", json={"spk_9": "anna"}).status_code == 200
+        names = owner.get(f"/transcripts/{source}/speakers").json()["speakers"]
+        assert (names[voice_a].get("name"), names["spk_9"].get("name")) == (None, "anna"), names
+        txt = owner.get(f"/transcripts/{source}", params={"format": "txt"}).text
+        assert "Anna:" not in txt and "anna:" in txt, txt
+    finally:
+        assert owner.patch(where, json={"speaker": voice_a}).status_code == 200
+        assert owner.patch(f"/transcripts/{source}/speakers", json={"spk_9": None}).status_code == 200
+        assert owner.delete(f"/speakers/{anna.json()['id']}").status_code == 204

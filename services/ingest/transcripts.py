@@ -436,7 +436,8 @@ async def name_speakers(job_id: JobId, state: State, request: Request,
         job = await jobstore.lock_job(conn, job_id)
         if not visible(job, request_owner(request)):
             raise NotFoundException(detail=f"no job with id {job_id}")
-        labels = await jobstore.job_speaker_labels(conn, job_id)
+        # A label whose lines were all moved to another keeps its name, listed, until unnamed.
+        labels = await jobstore.job_speaker_labels(conn, job_id) | set(await jobstore.speaker_names(conn, job_id))
         # While the job runs, a speaker may be named before the diarizer has reached it.
         unknown = sorted(label for label in data if label not in labels
                          and not (job["status"] == "processing" and LABEL.match(label)))
