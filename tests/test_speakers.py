@@ -308,3 +308,19 @@ def test_a_name_given_by_hand_to_a_label_without_a_voice_is_not_recognised_in_a_
         assert owner.patch(where, json={"speaker": voice_a}).status_code == 200
         assert owner.patch(f"/transcripts/{source}/speakers", json={"spk_9": None}).status_code == 200
         assert owner.delete(f"/speakers/{anna.json()['id']}").status_code == 204
+
+
+def test_a_name_with_a_comma_is_refused_as_it_could_never_be_expected(enrolled):
+    """`expected_speakers` is one text of comma-separated names (form, CLI, bucket drops)."""
+    stack, owner, _, source = enrolled
+    voice = _speaker_at(stack.status(source, owner), 2.0)["speaker"]
+    refused = owner.post("/speakers", json={"name": "Smith, John", "transcript_id": source, "label": voice})
+    assert refused.status_code == 400 and "comma" in refused.text, refused.text
+    john = owner.post("/speakers", json={"name": "John Smith", "transcript_id": source, "label": voice})
+    assert john.status_code == 201, john.text
+    try:
+        renamed = owner.patch(f"/speakers/{john.json()['id']}", json={"name": "Smith, John"})
+        assert renamed.status_code == 400 and "comma" in renamed.text, renamed.text
+        assert owner.get(f"/speakers/{john.json()['id']}").json()["name"] == "John Smith"
+    finally:
+        assert owner.delete(f"/speakers/{john.json()['id']}").status_code == 204

@@ -92,6 +92,16 @@ def clean_name(name: object, which: str = "") -> str:
     return cleaned
 
 
+def enrolled_name(name: object) -> str:
+    """An enrolled person's name: as `clean_name`, without commas, which separate the names of a
+    job's expected_speakers (the form, the CLI and bucket-drop metadata send them as one text)."""
+    cleaned = clean_name(name)
+    if "," in cleaned:
+        raise HTTPException(status_code=400, detail=f"a speaker's name cannot hold a comma ({cleaned!r}): lists of"
+                                                    " expected speakers are separated by commas")
+    return cleaned
+
+
 async def require_enrolled(db: jobstore.Db, owner: str | None, names: list[str],
                            field: str = "expected_speakers") -> None:
     """400 unless every one of a job's `expected_speakers` is an enrolled speaker of the owner: a misspelt
@@ -213,7 +223,7 @@ async def enrol(request: Request, state: State) -> Enrolled:
     reference = None
     if content_type.startswith("multipart/form-data"):
         form = await request.form()
-        name, upload = clean_name(form.get("name")), form.get("file")
+        name, upload = enrolled_name(form.get("name")), form.get("file")
         if not isinstance(upload, UploadFile):
             raise HTTPException(status_code=400, detail="a multipart enrolment needs a `name` and a `file`"
                                                         " (the sample)")
@@ -223,7 +233,7 @@ async def enrol(request: Request, state: State) -> Enrolled:
             reference = FromTranscript.model_validate_json(await request.body())
         except ValidationError as exc:
             raise invalid(exc, whole="body") from exc
-        name = clean_name(reference.name)
+        name = enrolled_name(reference.name)
     else:
         raise HTTPException(status_code=400, detail="send multipart/form-data (name, file) or JSON (name,"
                                                     " transcript_id, label)")
@@ -261,7 +271,7 @@ async def show_speaker(speaker_id: SpeakerId, request: Request, state: State) ->
                                  e409="Another speaker of this key has that name"))
 async def rename(speaker_id: SpeakerId, data: Rename, request: Request, state: State) -> SpeakerProfile:
     owner = request_owner(request)
-    name = clean_name(data.name)
+    name = enrolled_name(data.name)
     async with state.pool.acquire() as conn, conn.transaction():
         if await speakerstore.get_speaker(conn, owner, speaker_id) is None:
             raise NotFoundException(detail=f"no speaker with id {speaker_id}")
