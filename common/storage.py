@@ -42,7 +42,11 @@ def make_client(settings: Settings, timeout_s: float | None = None) -> Minio:
 
 
 def ensure_buckets(client: Minio, *buckets: str) -> None:
+    """Create the buckets that do not exist yet. One that exists is left alone, so a key that may
+    not create buckets works once they are made; one made meanwhile by another replica is fine."""
     for bucket in buckets:
+        if client.bucket_exists(bucket):
+            continue
         try:
             client.make_bucket(bucket)
         except S3Error as exc:
