@@ -96,12 +96,20 @@ async def named_by(db: Db, speaker_id: int) -> list[int]:
     return [r["transcript_id"] for r in rows]
 
 
-async def delete_speaker(conn: asyncpg.Connection, speaker_id: int) -> None:
-    """Forget a person: their voiceprints go (cascade) and so does every name matched to them."""
-    await conn.execute(
-        "UPDATE transcript_speakers SET name = NULL, name_source = NULL, matched_speaker_id = NULL,"
-        " confidence = NULL WHERE matched_speaker_id = $1 AND name_source = 'auto'", speaker_id)
+_UNNAME = "UPDATE transcript_speakers SET name = NULL, name_source = NULL, matched_speaker_id = NULL, confidence = NULL"
+
+
+async def delete_speaker(conn: asyncpg.Connection, speaker_id: int) -> list[int]:
+    """Forget a person: their voiceprints go (cascade) and so does every name matched to them.
+    The transcripts that lost a name."""
+    rows = await conn.fetch(f"{_UNNAME} WHERE matched_speaker_id = $1 AND name_source = 'auto'"
+                            " RETURNING transcript_id", speaker_id)
     await conn.execute("DELETE FROM speakers WHERE id = $1", speaker_id)
+    # A matching that named a voice after them meanwhile (its transaction held the delete back
+    # until it committed) left that name behind with matched_speaker_id cleared by the cascade.
+    rows += await conn.fetch(f"{_UNNAME} WHERE matched_speaker_id IS NULL AND name_source = 'auto'"
+                             " RETURNING transcript_id")
+    return sorted({r["transcript_id"] for r in rows})
 
 
 async def owner_profiles(db: Db, owner: str | None, model: str) -> list[Profile]:

@@ -4,6 +4,8 @@ and other keys are not; forgetting takes the names away."""
 
 from __future__ import annotations
 
+import asyncio
+
 import aio_pika
 import httpx
 import numpy as np
@@ -324,3 +326,39 @@ def test_a_name_with_a_comma_is_refused_as_it_could_never_be_expected(enrolled):
         assert owner.get(f"/speakers/{john.json()['id']}").json()["name"] == "John Smith"
     finally:
         assert owner.delete(f"/speakers/{john.json()['id']}").status_code == 204
+
+
+async def test_a_voice_named_after_a_person_while_they_are_forgotten_loses_the_name(enrolled):
+    """A matching (a job's chunk, another enrolment) names a voice after Zoe while she is being
+    forgotten: its transaction holds the deletion back until it commits, and the deletion's
+    cascade clears only the link to her. The name must go too."""
+    import asyncpg
+
+    from common import speakerstore
+
+    stack, owner, _, source = enrolled
+    voice = _speaker_at(stack.status(source, owner), 5.5)["speaker"]
+    matching, forgetting = await asyncpg.connect(stack.database_url), await asyncpg.connect(stack.database_url)
+    try:
+        zoe = await forgetting.fetchval("INSERT INTO speakers (owner, name) VALUES ($1, 'Zoe') RETURNING id", OWNER)
+        naming = matching.transaction()
+        await naming.start()
+        await matching.execute("UPDATE transcript_speakers SET name = 'Zoe', name_source = 'auto',"
+                               " matched_speaker_id = $3, confidence = 0.9 WHERE transcript_id = $1 AND speaker = $2",
+                               source, voice, zoe)
+
+        async def forget() -> list[int]:
+            async with forgetting.transaction():
+                return await speakerstore.delete_speaker(forgetting, zoe)
+
+        forgot = asyncio.create_task(forget())
+        await asyncio.sleep(1.0)
+        assert not forgot.done()  # waits for the matching
+        await naming.commit()
+        assert await forgot == [source]
+        left = await forgetting.fetchrow("SELECT name, name_source, matched_speaker_id FROM transcript_speakers"
+                                         " WHERE transcript_id = $1 AND speaker = $2", source, voice)
+        assert tuple(left) == (None, None, None)
+    finally:
+        await matching.close()
+        await forgetting.close()

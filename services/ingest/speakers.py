@@ -297,8 +297,7 @@ async def forget(speaker_id: SpeakerId, request: Request, state: State) -> None:
     async with state.pool.acquire() as conn, conn.transaction():
         if await speakerstore.get_speaker(conn, owner, speaker_id) is None:
             raise NotFoundException(detail=f"no speaker with id {speaker_id}")
-        named = await speakerstore.named_by(conn, speaker_id)
-        await speakerstore.delete_speaker(conn, speaker_id)
+        named = await speakerstore.delete_speaker(conn, speaker_id)
         for transcript_id in named:
             await speakerstore.announce_speaker_names(conn, transcript_id)
     log.info("forgot speaker %d: %d transcripts lose the name", speaker_id, len(named))
