@@ -877,11 +877,17 @@ def speakers_forget(
     """Delete a speaker's voiceprints and every name recognised from them."""
     with reporting_api_errors(api), api_client(api, api_key) as client:
         items = checked(client.get("/speakers")).json()["items"]
-        found = [i for i in items if i["name"].casefold() == name.casefold() or str(i["id"]) == name]
+        wanted = " ".join(name.split())  # as the server keeps names
+        found = {i["id"]: i for i in items if i["name"].casefold() == wanted.casefold() or str(i["id"]) == wanted}
         if not found:
             fail(f"no enrolled speaker called {name!r}")
-        checked(client.delete(f"/speakers/{found[0]['id']}", timeout=SPEAKER_CHANGE_TIMEOUT))
-    sys.stdout.write(f"forgot {found[0]['name']}\n")
+        if len(found) > 1:  # forgetting cannot be undone: never guess
+            named, numbered = sorted(found.values(), key=lambda i: str(i["id"]) == wanted)
+            fail(f"{wanted!r} is both the name of speaker {named['id']} and the id of {numbered['name']!r};"
+                 f" forget {numbered['name']!r} by name, or rename speaker {named['id']} first")
+        [found] = found.values()
+        checked(client.delete(f"/speakers/{found['id']}", timeout=SPEAKER_CHANGE_TIMEOUT))
+    sys.stdout.write(f"forgot {found['name']}\n")
 
 
 webhooks_app = typer.Typer(help="Webhooks: events POSTed, signed, to your URL.", no_args_is_help=True)

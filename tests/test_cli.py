@@ -314,7 +314,17 @@ def test_an_enrolled_speaker_is_named_in_printed_transcripts_until_forgotten(key
         from_job.stdout + from_job.stderr)
     assert "] Anna: " in stt(keyed_stack, "get", job_id, "--format", "txt").stdout
     assert stt(keyed_stack, "speakers", "enroll", "Anna", str(sample), "--job", job_id).returncode == 2
-    assert stt(keyed_stack, "speakers", "forget", "Anna").returncode == 0
+
+    # A speaker whose name is another's id: forgetting by that text is refused, never guessed.
+    anna_id = re.match(r"speaker (\d+) Anna", from_job.stdout).group(1)
+    other = next(label for label in re.findall(r"\] (spk_\d+): ", unnamed) if label != anna_label.group(1))
+    numbered = stt(keyed_stack, "speakers", "enroll", anna_id, "--job", job_id, "--speaker", other)
+    assert numbered.returncode == 0, numbered.stdout + numbered.stderr
+    ambiguous = stt(keyed_stack, "speakers", "forget", anna_id)
+    assert ambiguous.returncode == 1 and "both the name of speaker" in ambiguous.stderr, ambiguous.stderr
+    assert re.search(r"^\d+\tAnna\t", stt(keyed_stack, "speakers", "list").stdout, re.MULTILINE)
+    assert stt(keyed_stack, "speakers", "forget", " anna ").stdout == "forgot Anna\n"
+    assert stt(keyed_stack, "speakers", "forget", anna_id).stdout == f"forgot {anna_id}\n"
 
 
 def test_a_job_is_named_by_hand_and_deleted(keyed_stack, fixtures_dir):
