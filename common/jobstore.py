@@ -315,7 +315,7 @@ async def lock_job(conn: asyncpg.Connection, job_id: int) -> asyncpg.Record | No
     """The job's row (status, owner, source, audio keys), locked until the transaction ends (this
     also waits out the inbox writing its result file)."""
     return await conn.fetchrow(
-        "SELECT id, status, owner, source, source_bucket, source_key, source_etag, audio_key"
+        "SELECT id, status, owner, source, source_bucket, source_key, source_etag, audio_key, audio_removed_at"
         " FROM transcripts WHERE id = $1 FOR UPDATE", job_id)
 
 

@@ -4,11 +4,15 @@ whole path (a job asking for redaction, its recording replaced) runs in test_cli
 
 from __future__ import annotations
 
+import asyncio
 import io
+import time
 import uuid
 import wave
 
+import httpx
 import numpy as np
+import pytest
 
 from common.audio import SAMPLE_RATE
 from common.storage import upload_bytes
@@ -38,3 +42,55 @@ def test_each_channel_keeps_its_own_audio_and_loses_only_the_redacted_time(stack
         silent[round((start - MARGIN_S) * SAMPLE_RATE):round((end + MARGIN_S) * SAMPLE_RATE)] = True
     assert (frames[silent] == 0).all()
     assert (frames[~silent, 0] == 1000).all() and (frames[~silent, 1] == -2000).all()
+
+
+async def test_a_recording_the_store_refuses_to_redact_keeps_what_redaction_reads(stack, fixtures_dir):
+    """The redacted copy cannot be written (here the store answers it is full, as MinIO's 507
+    XMinioStorageFull does; every other call is real): the decoded audio must stay for the retry,
+    or the recording would stay unredacted for good."""
+    from minio import Minio
+    from minio.error import S3Error
+
+    from common.audio import decode_audio
+    from common.db import create_pool
+    from common.messages import TranscriptCompleted
+    from common.storage import make_client, pcm_key
+    from services.ingest.inbox import Inbox
+
+    settings = stack.settings()
+    s3 = make_client(settings)
+
+    class FullStore(Minio):
+        def put_object(self, bucket_name, object_name, *args, **kwargs):
+            if object_name.startswith("uploads/"):
+                raise S3Error(None, "XMinioStorageFull", "Storage backend has reached its minimum free drive threshold",
+                              f"/{bucket_name}/{object_name}", None, None, bucket_name, object_name)
+            return super().put_object(bucket_name, object_name, *args, **kwargs)
+
+    full = FullStore(settings.minio_endpoint, access_key=settings.minio_access_key,
+                     secret_key=settings.minio_secret_key.get_secret_value(), secure=settings.minio_secure,
+                     region=settings.minio_region)
+    job_id = stack.submit_job(fixtures_dir / "jfk.flac", data={"redact": "card"})
+    assert stack.wait_finished(job_id)["status"] == "done"
+    pool = await create_pool(settings)
+    try:
+        deadline = time.monotonic() + 60
+        while not await pool.fetchval("SELECT audio_redacted_at IS NOT NULL FROM transcripts WHERE id = $1", job_id):
+            assert time.monotonic() < deadline, "never redacted"
+            await asyncio.sleep(0.3)
+        # As the job stood when it ended: not yet redacted, its decoded audio stored.
+        audio = decode_audio(str(fixtures_dir / "jfk.flac"))
+        upload_bytes(s3, settings.audio_bucket, pcm_key(job_id), (audio * 32767).astype("<i2").tobytes())
+        await pool.execute("UPDATE transcripts SET audio_redacted_at = NULL WHERE id = $1", job_id)
+        ended = TranscriptCompleted(job_id=job_id, transcript_id=job_id, filename="jfk.flac", segment_count=1)
+
+        with pytest.raises(S3Error):
+            await Inbox(settings, pool, full, asyncio.Event()).on_job_ended(ended)
+        assert s3.stat_object(settings.audio_bucket, pcm_key(job_id)).size == audio.size * 2  # kept
+        await Inbox(settings, pool, s3, asyncio.Event()).on_job_ended(ended)  # the retry
+        assert await pool.fetchval("SELECT audio_redacted_at IS NOT NULL FROM transcripts WHERE id = $1", job_id)
+        with pytest.raises(S3Error):
+            s3.stat_object(settings.audio_bucket, pcm_key(job_id))
+    finally:
+        await pool.close()
+        httpx.delete(f"{stack.api}/transcripts/{job_id}", timeout=30)

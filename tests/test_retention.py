@@ -1,7 +1,8 @@
 """Retention (README "Retention") on the shared stack: a second ingest with retention on sweeps
 once at start-up. Its days are real days, so only the jobs made here, their ends moved back in
 time, are due: one ended 10 days ago loses its recording and keeps its transcript; one ended 40
-days ago (a bucket drop) is deleted with its result files, and the drop is not run again."""
+days ago (a bucket drop) is deleted with its result files, and the drop is not run again; one
+ended 50 days ago whose result files the store refuses to remove is passed over, not a stop."""
 
 from __future__ import annotations
 
@@ -43,29 +44,43 @@ def test_the_recording_goes_first_then_the_whole_job(stack, fixtures_dir):
     stack.query("UPDATE transcripts SET completed_at = now() - make_interval(days => $2) WHERE id = $1", job_id, 10)
     stack.query("UPDATE transcripts SET completed_at = now() - make_interval(days => $2) WHERE id = $1",
                 drop["id"], 40)
-    others = stack.value("SELECT count(*) FROM transcripts WHERE id NOT IN ($1, $2)", job_id, drop["id"])
+    # A drop whose results cannot be removed (its bucket's name is not one S3 accepts): the oldest
+    # due, so the sweep meets it first.
+    stuck = stack.submit_job(fixtures_dir / "jfk.flac")
+    assert stack.wait_finished(stuck)["status"] == "done"
+    stack.query("UPDATE transcripts SET source = 'bucket', source_bucket = 'Not A Bucket', source_key = 'x.flac',"
+                " source_etag = 'e', completed_at = now() - make_interval(days => 50) WHERE id = $1", stuck)
+    try:
+        others = stack.value("SELECT count(*) FROM transcripts WHERE id NOT IN ($1, $2, $3)", job_id, drop["id"], stuck)
 
-    with another_ingest(stack, "ingest-retention", AUDIO_RETENTION_DAYS="7", TRANSCRIPT_RETENTION_DAYS="30") as api:
-        # One byte is enough to tell, and a whole download could race the removal.
-        wait_for(lambda: httpx.get(f"{api}/transcripts/{job_id}/audio", headers={"Range": "bytes=0-0"},
-                                   timeout=30).status_code == 410, 30, "the recording was never removed")
-        wait_for(lambda: httpx.get(f"{api}/status/{drop['id']}", timeout=30).status_code == 404, 30,
-                 "the old job was never deleted")
+        with another_ingest(stack, "ingest-retention", AUDIO_RETENTION_DAYS="7", TRANSCRIPT_RETENTION_DAYS="30") as api:
+            # One byte is enough to tell, and a whole download could race the removal.
+            wait_for(lambda: httpx.get(f"{api}/transcripts/{job_id}/audio", headers={"Range": "bytes=0-0"},
+                                       timeout=30).status_code == 410, 30, "the recording was never removed")
+            wait_for(lambda: httpx.get(f"{api}/status/{drop['id']}", timeout=30).status_code == 404, 30,
+                     "the old job was never deleted")
 
-    # The recording is gone, its transcript stays.
-    gone = httpx.get(f"{stack.api}/transcripts/{job_id}/audio", timeout=30)
-    assert gone.status_code == 410 and "AUDIO_RETENTION_DAYS" in gone.json()["detail"]
-    assert not stored(s3, settings.audio_bucket, f"uploads/{job_id}")
-    document = httpx.get(f"{stack.api}/transcripts/{job_id}", timeout=30).json()
-    assert "ask not what your country" in " ".join(s["text"] for s in document["segments"]).lower()
-    assert httpx.post(f"{stack.api}/transcripts/{job_id}/rerun", json={}, timeout=30).status_code == 409
+        # The recording is gone, its transcript stays.
+        gone = httpx.get(f"{stack.api}/transcripts/{job_id}/audio", timeout=30)
+        assert gone.status_code == 410 and "AUDIO_RETENTION_DAYS" in gone.json()["detail"]
+        assert not stored(s3, settings.audio_bucket, f"uploads/{job_id}")
+        document = httpx.get(f"{stack.api}/transcripts/{job_id}", timeout=30).json()
+        assert "ask not what your country" in " ".join(s["text"] for s in document["segments"]).lower()
+        assert httpx.post(f"{stack.api}/transcripts/{job_id}/rerun", json={}, timeout=30).status_code == 409
 
-    # The job ended 40 days ago is deleted, its results with it; the user's own object stays.
-    assert not stored(s3, settings.inbox_bucket, f"results/{key}.json")
-    assert stored(s3, settings.inbox_bucket, key)
-    time.sleep(3 * float(settings.inbox_scan_interval_s) + 1)
-    assert stack.query("SELECT id FROM transcripts WHERE source_key = $1", key) == []  # not run again
-    # Nothing else was due: every other job of the stack keeps its transcript and its recording.
-    assert stack.value("SELECT count(*) FROM transcripts WHERE id NOT IN ($1, $2)", job_id, drop["id"]) == others
-    assert stack.value("SELECT count(*) FROM transcripts WHERE audio_removed_at IS NOT NULL AND id <> $1",
-                       job_id) == 0
+        # The job ended 40 days ago is deleted, its results with it; the user's own object stays.
+        assert not stored(s3, settings.inbox_bucket, f"results/{key}.json")
+        assert stored(s3, settings.inbox_bucket, key)
+        time.sleep(3 * float(settings.inbox_scan_interval_s) + 1)
+        assert stack.query("SELECT id FROM transcripts WHERE source_key = $1", key) == []  # not run again
+        # Nothing else was due: every other job of the stack keeps its transcript and its recording.
+        assert stack.value("SELECT count(*) FROM transcripts WHERE id NOT IN ($1, $2, $3)", job_id, drop["id"],
+                           stuck) == others
+        assert stack.value("SELECT count(*) FROM transcripts WHERE audio_removed_at IS NOT NULL AND id NOT IN ($1, $2)",
+                           job_id, stuck) == 0
+        # The job that could not be deleted was passed over, and the recordings' retention still ran for it.
+        assert stack.value("SELECT audio_removed_at IS NOT NULL FROM transcripts WHERE id = $1", stuck) is True
+    finally:
+        stack.query("UPDATE transcripts SET source = 'upload', source_bucket = NULL, source_key = NULL,"
+                    " source_etag = NULL WHERE id = $1", stuck)
+        assert httpx.delete(f"{stack.api}/transcripts/{stuck}", timeout=30).status_code == 204

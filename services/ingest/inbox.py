@@ -244,8 +244,9 @@ class Inbox:
 
     async def on_job_ended(self, event: TranscriptCompleted | TranscriptFailed) -> None:
         """Each of the three, whatever became of the others (a result file the inbox bucket
-        refuses must not keep a recording unredacted); an error is raised after all three ran,
-        so that the message is retried (each step does nothing a second time)."""
+        refuses must not keep a recording unredacted), except that the decoded audio stays while
+        the recording is not redacted: it is what redaction reads. An error is raised after the
+        steps ran, so that the message is retried (each step does nothing a second time)."""
         job_id = event.transcript_id
         steps = {
             "writing the result files": lambda: self.write_result(job_id),
@@ -256,8 +257,10 @@ class Inbox:
             "removing the decoded audio": lambda: asyncio.to_thread(
                 self.s3.remove_object, self.settings.audio_bucket, pcm_key(job_id)),
         }
-        failed: BaseException | None = None
+        failed: dict[str, Exception] = {}
         for what, step in steps.items():
+            if what == "removing the decoded audio" and "redacting the recording" in failed:
+                continue  # kept for the retry's redaction
             try:
                 await step()
             except (*DATABASE_UNAVAILABLE, *STORAGE_UNAVAILABLE):
@@ -265,9 +268,9 @@ class Inbox:
             except Exception as exc:
                 with job_logged(job_id):
                     log.warning("%s failed (%s: %s); the other steps go on", what, type(exc).__name__, exc)
-                failed = failed or exc
-        if failed is not None:
-            raise failed
+                failed[what] = exc
+        if failed:
+            raise next(iter(failed.values()))
 
     async def run_scanner(self) -> None:
         """The scan, by one ingest replica at a time: each would list the whole inbox and copy

@@ -81,10 +81,13 @@ async def redact_recording(pool: asyncpg.Pool, s3: Minio, bucket: str, job_id: i
         channels = max(1, round(size / per_channel)) if options.multichannel and per_channel else 1
         await asyncio.to_thread(write_redacted, s3, bucket, job["audio_key"], pcm_key(job_id), channels, spans, size)
         async with pool.acquire() as conn, conn.transaction():
-            if await jobstore.lock_job(conn, job_id) is None:
-                # Deleted while its recording was rewritten: the rewrite must not outlive the job.
+            locked = await jobstore.lock_job(conn, job_id)
+            if locked is None or locked["audio_removed_at"]:
+                # Deleted, or its recording removed by AUDIO_RETENTION_DAYS, while the recording
+                # was rewritten: the rewrite must not outlive either.
                 await asyncio.to_thread(remove_objects, s3, [(bucket, job["audio_key"])])
-                log.info("deleted while its recording was redacted; the redacted copy is removed too")
+                log.info("%s while its recording was redacted; the redacted copy is removed too",
+                         "deleted" if locked is None else "its recording was removed")
                 return
             await jobstore.mark_audio_redacted(conn, job_id)
         log.info("recording redacted: %d spans silent", len(spans))

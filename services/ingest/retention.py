@@ -8,16 +8,18 @@ sweep at a time."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import Iterator
 
 import asyncpg
 from minio import Minio
 
 from common import jobstore
-from common.db import every
+from common.db import DATABASE_UNAVAILABLE, every
 from common.logs import job_logged
 from common.settings import Settings
-from common.storage import pcm_key, remove_objects
+from common.storage import STORAGE_UNAVAILABLE, pcm_key, remove_objects
 from services.ingest.transcripts import delete_transcript
 
 log = logging.getLogger(__name__)
@@ -35,25 +37,45 @@ def sweep_interval_s(settings: Settings) -> float | None:
 
 
 async def sweep(pool: asyncpg.Pool, s3: Minio, settings: Settings) -> tuple[int, int]:
-    """One pass over at most BATCH jobs of each kind; returns (recordings removed, jobs deleted)."""
+    """One pass over at most BATCH jobs of each kind; returns (recordings removed, jobs deleted).
+    A job whose objects the store refuses to remove is logged and passed over: it must not keep
+    every later job, or the other kind of retention, from being swept."""
     deleted = removed = 0
     if settings.transcript_retention_days:
         for job_id in await jobstore.ended_before(pool, settings.transcript_retention_days * DAY_S, BATCH):
-            with job_logged(job_id):
+            with job_logged(job_id), _passed_over_on_error("could not delete it"):
                 if await delete_transcript(pool, s3, settings, job_id, owner=None):
                     deleted += 1
                     log.info("deleted: ended more than TRANSCRIPT_RETENTION_DAYS (%g) ago",
                              settings.transcript_retention_days)
     if settings.audio_retention_days:
         for job in await jobstore.recordings_ended_before(pool, settings.audio_retention_days * DAY_S, BATCH):
-            with job_logged(job["id"]):
-                await asyncio.to_thread(remove_objects, s3, [(settings.audio_bucket, job["audio_key"]),
-                                                             (settings.audio_bucket, pcm_key(job["id"]))])
-                if await jobstore.mark_audio_removed(pool, job["id"]):
+            with job_logged(job["id"]), _passed_over_on_error("could not remove its recording"):
+                # Under the job's lock: a redaction rewriting the recording either ends before
+                # (and its copy is removed here) or finds it marked removed and removes its copy.
+                async with pool.acquire() as conn, conn.transaction():
+                    if await jobstore.lock_job(conn, job["id"]) is None:
+                        continue
+                    await asyncio.to_thread(remove_objects, s3, [(settings.audio_bucket, job["audio_key"]),
+                                                                 (settings.audio_bucket, pcm_key(job["id"]))])
+                    marked = await jobstore.mark_audio_removed(conn, job["id"])
+                if marked:
                     removed += 1
                     log.info("recording removed: the job ended more than AUDIO_RETENTION_DAYS (%g) ago",
                              settings.audio_retention_days)
     return removed, deleted
+
+
+@contextlib.contextmanager
+def _passed_over_on_error(what: str) -> Iterator[None]:
+    try:
+        yield
+    except (*DATABASE_UNAVAILABLE, *STORAGE_UNAVAILABLE):
+        raise  # an outage: the whole sweep waits for its next turn
+    except Exception as exc:
+        if isinstance(exc.__cause__, STORAGE_UNAVAILABLE):
+            raise  # the same, as delete_transcript reports it
+        log.warning("%s (%s: %s); passed over until the next sweep", what, type(exc).__name__, exc)
 
 
 async def run_retention(pool: asyncpg.Pool, s3: Minio, settings: Settings) -> None:
