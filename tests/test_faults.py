@@ -194,6 +194,7 @@ def test_object_store_outage_refuses_uploads_and_fails_stranded_jobs(faulty, fix
     try:
         upload_during = faulty.submit(fixtures_dir / "jfk.flac").status_code
         ready_during = httpx.get(f"{faulty.api}/readyz").json()["checks"]["object_store"]
+        audio_during = httpx.get(f"{faulty.api}/transcripts/{done_before}/audio", timeout=120)
         publish(faulty, JobSubmitted(job_id=stranded, audio_bucket="audio", audio_key=f"uploads/{done_before}",
                                      filename="stranded.wav"))
         document = faulty.wait_finished(stranded, timeout=180)
@@ -201,6 +202,7 @@ def test_object_store_outage_refuses_uploads_and_fails_stranded_jobs(faulty, fix
         faulty.start("s3", "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port))
         wait_for_port(port)
     assert upload_during == 503 and ready_during.startswith("unavailable")
+    assert audio_during.status_code == 503 and audio_during.headers["retry-after"], audio_during.text
     # A category, never the store's address or the client library's text (those are in the log).
     assert document["error"] == "diarizer failed after 3 attempts: storage unavailable, retries exhausted", document
     # moto forgets everything on restart (MinIO would not): recreate the buckets, then it works.

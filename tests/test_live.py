@@ -154,4 +154,10 @@ def test_the_recording_is_served_whole_and_by_range(stack, finished):
     assert tail.status_code == 206 and tail.content == original[-500:]
     past = httpx.get(url, headers={"Range": f"bytes={len(original)}-"}, timeout=60)
     assert past.status_code == 416 and past.headers["content-range"] == f"bytes */{len(original)}"
+    assert httpx.get(url, headers={"Range": "BYTES=0-9"}, timeout=60).content == original[:10]  # units ignore case
+    # What this does not serve (several ranges, another unit, an inverted or malformed one) is
+    # ignored, as HTTP allows: the whole file, not an error a player gives up on.
+    for ignored in ("bytes=0-1,5-6", "items=0-1", "bytes=5-3", "bytes=abc"):
+        answer = httpx.get(url, headers={"Range": ignored}, timeout=60)
+        assert answer.status_code == 200 and answer.content == original, ignored
     assert httpx.get(f"{stack.api}/transcripts/987654321/audio", timeout=60).status_code == 404

@@ -34,7 +34,7 @@ from common.messages import REFERENCE_MAX_CHARS, VOCABULARY_MAX_CHARS, JobOption
 from common.metrics import http_metrics_middleware, watch_queue_depths
 from common.outbox import run_outbox_flusher
 from common.settings import Settings, get_settings
-from common.storage import ensure_buckets, make_client
+from common.storage import STORAGE_UNAVAILABLE, ensure_buckets, make_client
 from common.webhooks import new_secret
 from services.embedder.backends import make_embedder
 from services.ingest.admission import upload_limit_middleware
@@ -363,7 +363,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         middleware=[http_metrics_middleware, api_key_middleware(settings),  # metrics first: 401s count
                     upload_limit_middleware(settings.max_concurrent_uploads)],
         exception_handlers={ClientException: clearer_client_error, UnicodeDecodeError: undecodable_form_field,
-                            **{cls: service_unavailable for cls in DATABASE_UNAVAILABLE}},
+                            **{cls: service_unavailable for cls in (*DATABASE_UNAVAILABLE, *STORAGE_UNAVAILABLE)}},
         logging_config=None,  # keep the project's log format (common.logs)
         # `error` appears in a status document only when the job failed.
         plugins=[PydanticPlugin(exclude_none=True)],

@@ -25,7 +25,7 @@ PIECE_BYTES = 1024 * 1024
 AUDIO_TYPES = {".flac": "audio/flac", ".wav": "audio/wav", ".mp3": "audio/mpeg", ".m4a": "audio/mp4",
                ".aac": "audio/aac", ".ogg": "audio/ogg", ".oga": "audio/ogg", ".opus": "audio/ogg",
                ".webm": "audio/webm", ".mp4": "video/mp4", ".mkv": "video/x-matroska"}
-RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+RANGE = re.compile(r"bytes=[ \t]*(\d*)[ \t]*-[ \t]*(\d*)[ \t]*", re.IGNORECASE)
 
 
 class RangeNotSatisfiable(HTTPException):
@@ -33,14 +33,12 @@ class RangeNotSatisfiable(HTTPException):
 
 
 def byte_range(header: str | None, size: int) -> tuple[int, int] | None:
-    """(first, last) byte of a single `Range: bytes=...` within `size`; None for the whole file.
-    416 for a range that is malformed, several ranges, or one past the end."""
-    if not header:
+    """(first, last) byte of a single `Range: bytes=...` within `size`; None for the whole file,
+    also for a header this does not serve (another unit, several ranges, a malformed or inverted
+    one), which HTTP lets a server ignore (RFC 9110, 14.2). 416 for a range past the end."""
+    match = RANGE.fullmatch(header.strip()) if header else None
+    if match is None or match[1] == match[2] == "" or (match[1] and match[2] and int(match[2]) < int(match[1])):
         return None
-    match = RANGE.match(header.strip())
-    if match is None or match[1] == match[2] == "":
-        raise RangeNotSatisfiable(detail="one range of bytes: bytes=FIRST-LAST, bytes=FIRST- or bytes=-SUFFIX",
-                                  headers={"Content-Range": f"bytes */{size}"})
     if match[1] == "":
         first, last = max(0, size - int(match[2])), size - 1
     else:
