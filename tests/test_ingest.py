@@ -200,7 +200,13 @@ def serving(files: dict[str, bytes]) -> Iterator[str]:
     """An HTTP server on this machine: `files` by path, /go/<path> redirecting to /<path>."""
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 (the http.server name)
-            if self.path.startswith("/go/"):
+            if self.path.startswith("/slow/"):  # /slow/<n>/<path>: n redirects of a second each
+                hops, target = self.path.removeprefix("/slow/").split("/", 1)
+                time.sleep(1.0)
+                self.send_response(302)
+                self.send_header("Location", f"/slow/{int(hops) - 1}/{target}" if int(hops) > 1 else f"/{target}")
+                self.end_headers()
+            elif self.path.startswith("/go/"):
                 self.send_response(302)
                 self.send_header("Location", self.path.removeprefix("/go"))
                 self.end_headers()
@@ -226,8 +232,9 @@ def serving(files: dict[str, bytes]) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def fetching(stack) -> Iterator[str]:
-    """A second ingest of the stack that may fetch from this machine (AUDIO_URL_ALLOW_PRIVATE)."""
-    with another_ingest(stack, "ingest-fetching", AUDIO_URL_ALLOW_PRIVATE="true") as api:
+    """A second ingest of the stack that may fetch from this machine (AUDIO_URL_ALLOW_PRIVATE),
+    for at most 3 s a recording."""
+    with another_ingest(stack, "ingest-fetching", AUDIO_URL_ALLOW_PRIVATE="true", AUDIO_URL_TIMEOUT_S="3") as api:
         yield api
 
 
@@ -240,7 +247,9 @@ def test_a_recording_is_fetched_from_its_url(stack, fetching, fixtures_dir):
         assert accepted.status_code == 202, accepted.text
         assert accepted.json()["filename"] == "en_dialogue.wav"  # the name in the address it led to
         for path, status, says in [("/missing.wav", 400, "answered HTTP 404"), ("/notes.txt", 415, "not audio"),
-                                   ("/big.wav", 413, "MAX_UPLOAD_MB")]:
+                                   ("/big.wav", 413, "MAX_UPLOAD_MB"),
+                                   # each answer within the 3 s, the whole fetch not
+                                   ("/slow/5/calls/en_dialogue.wav", 400, "AUDIO_URL_TIMEOUT_S (3 s)")]:
             refused = httpx.post(f"{fetching}/recognize", files=form(url=site + path), timeout=60)
             assert refused.status_code == status and says in refused.json()["detail"], (path, refused.text)
         # This stack's own ingest keeps the default: nothing on this machine's network is fetched

@@ -5,6 +5,7 @@ included (each hop is checked), unless AUDIO_URL_ALLOW_PRIVATE."""
 
 from __future__ import annotations
 
+import asyncio
 import tempfile
 from pathlib import PurePosixPath
 from typing import BinaryIO
@@ -60,7 +61,9 @@ async def fetch_recording(url: str, settings: Settings) -> tuple[BinaryIO, str]:
     too_big = f"the recording at the URL exceeds MAX_UPLOAD_MB ({settings.max_upload_mb} MB)"
     timeout = aiohttp.ClientTimeout(total=settings.audio_url_timeout_s, sock_connect=30)
     try:
-        async with http_session(settings.audio_url_allow_private, timeout=timeout) as http:
+        # The whole fetch, redirects and their address checks included: the session's total is per request.
+        async with asyncio.timeout(settings.audio_url_timeout_s), \
+                http_session(settings.audio_url_allow_private, timeout=timeout) as http:
             for _ in range(MAX_REDIRECTS + 1):
                 problem = await target_problem(url, settings.audio_url_allow_private, "AUDIO_URL_ALLOW_PRIVATE",
                                                what="an audio URL", credentials="give a presigned URL instead")
