@@ -24,7 +24,7 @@ from typing import Annotated, Literal
 from litestar import Request, post
 from litestar.datastructures import State, UploadFile
 from litestar.enums import RequestEncodingType
-from litestar.exceptions import HTTPException
+from litestar.exceptions import HTTPException, NotFoundException
 from litestar.openapi import ResponseSpec
 from litestar.params import Body, HeaderParameter, Parameter
 from litestar.response import Response, ServerSentEvent
@@ -137,11 +137,14 @@ def file_digest(stream) -> str:
 
 
 async def wait_for_end(state: State, job_id: int, timeout_s: float) -> str:
-    """The job's status once it has ended, or "processing" after `timeout_s`."""
+    """The job's status once it has ended, "processing" after `timeout_s`, or "deleted"."""
     deadline = time.monotonic() + timeout_s
     with state.wakeups.listen(job_id) as woken:
         while True:
-            status = (await jobstore.job(state.pool, job_id))["status"]
+            job = await jobstore.job(state.pool, job_id)
+            if job is None:  # deleted while waited for (the web page, retention)
+                return "deleted"
+            status = job["status"]
             left = deadline - time.monotonic()
             if status != "processing" or left <= 0:
                 return status
@@ -252,6 +255,8 @@ async def transcribe_and_wait(state: State, request: Request, data: OpenAITransc
                             detail=f"job {job_id} is still processing after {WAIT_S:g} s and goes on: send the same "
                                    f"request again to wait for it, or follow GET /status/{job_id}")
     document = await fetch_transcript(state.pool, job_id, owner, with_words=data.response_format != "json")
+    if status == "deleted" or document is None:
+        raise NotFoundException(detail=f"job {job_id} was deleted while this request waited for it")
     if status == "error":
         raise HTTPException(status_code=422, detail=f"job {job_id} failed: {document.error}")
     return rendered(document, data.response_format, task)
@@ -291,9 +296,10 @@ def openai_error(request: Request, exc: HTTPException) -> Response:
 
 _RESPONSES = {code: ResponseSpec(data_container=OpenAIErrorBody, description=spec.description)
               for code, spec in error_responses(
-                  400, 401, 413, 422, 503,
+                  400, 401, 404, 413, 422, 503,
                   e400="Bad request, or a file that is not audio this service can decode: the message says which",
                   e401="An API key is required, or the one given is not valid",
+                  e404="The job was deleted while the request waited for it",
                   e422="The job failed (the reason says why) or the Idempotency-Key was used for another request",
                   e503="The job is still processing after 5 minutes (send the same request again to wait on), or "
                        "a backing service is unavailable").items()}
