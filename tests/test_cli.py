@@ -507,6 +507,14 @@ def test_redaction_keeps_card_phone_and_email_out_of_everything_stored(keyed_sta
     assert len(hidden) == 3 and all(loudest(w) == 0 for w in hidden), hidden
     assert all(loudest(w) > 0.05 for w in words if w["word"].strip() in ("Hi,", "card", "questions.")), words
 
+    # A rerun runs on that WAV, and says so: its audio is served as the WAV it is.
+    with httpx.Client(headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60) as client:
+        rerun = client.post(f"{keyed_stack.api}/transcripts/{job_id}/rerun", json={"redact": []})
+        assert rerun.status_code == 202 and rerun.json()["filename"] == "billing_call.wav", rerun.text
+        again = client.get(f"{keyed_stack.api}/transcripts/{rerun.json()['id']}/audio")
+        assert again.headers["content-type"] == "audio/wav" and again.content == audio.content
+        keyed_stack.wait_finished(rerun.json()["id"], client=client)
+
 
 def test_translate_writes_russian_speech_in_english_under_its_two_speakers(keyed_stack, fixtures_dir, tmp_path):
     opening = tmp_path / "opening.wav"  # ru_dialogue's first two lines

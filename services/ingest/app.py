@@ -60,6 +60,7 @@ from services.ingest.orphans import run_orphan_sweep
 from services.ingest.page import PAGE_ROUTES
 from services.ingest.playback import PLAYBACK_ROUTES
 from services.ingest.readiness import CHECK_TIMEOUT_S, ObjectStoreProbe, run_checks
+from services.ingest.redacted_audio import stored_filename
 from services.ingest.reindex import REINDEX_ROUTES, Reindexer, run_corrections_embedder
 from services.ingest.retention import run_retention
 from services.ingest.search import SEARCH_ROUTES
@@ -189,8 +190,12 @@ async def rerun(job_id: JobId, state: State, request: Request, data: JobOptions 
     def copy(key: str) -> None:
         state.s3.copy_object(bucket, key, CopySource(bucket, upload_key(job_id)))
 
+    # A redacted recording was stored as a WAV: the rerun's name says so, for its playback's type.
+    stored = await jobstore.job_audio(state.pool, job_id)
+    redacted = stored is not None and stored["audio_redacted_at"] is not None
+    filename = stored_filename(original["filename"], redacted=redacted)
     try:
-        new_id = await create_job(state.pool, state.s3, bucket, copy, filename=original["filename"], options=options,
+        new_id = await create_job(state.pool, state.s3, bucket, copy, filename=filename, options=options,
                                   owner=request_owner(request), outbox_wake=state.outbox_wake, idempotency=asked)
     except S3Error as exc:
         if exc.code != "NoSuchKey":
@@ -203,7 +208,7 @@ async def rerun(job_id: JobId, state: State, request: Request, data: JobOptions 
         return replayed(await earlier_job(state.pool, request_owner(request), asked))
     with job_logged(new_id):
         log.info("rerun of job %d", job_id)
-    return accepted(new_id, original["filename"])
+    return accepted(new_id, filename)
 
 
 @post("/transcripts/{job_id:int}/cancel", status_code=200, summary="Stop a job that is still processing",

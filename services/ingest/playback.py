@@ -18,6 +18,7 @@ from common import jobstore
 from common.storage import read_range
 from services.ingest.auth import request_owner
 from services.ingest.errors import error_responses
+from services.ingest.redacted_audio import stored_filename
 from services.ingest.transcripts import JobId, content_disposition, visible
 
 PIECE_BYTES = 1024 * 1024
@@ -86,9 +87,7 @@ async def job_audio(job_id: JobId, state: State, request: Request) -> Stream:
         if exc.code in ("NoSuchKey", "NoSuchObject"):
             raise NotFoundException(detail=f"the audio of job {job_id} is no longer stored") from exc
         raise
-    filename = job["filename"]
-    if job["audio_redacted_at"] is not None:  # stored since as a WAV (README "Redaction")
-        filename = filename.rsplit(".", 1)[0] + ".wav"
+    filename = stored_filename(job["filename"], redacted=job["audio_redacted_at"] is not None)
     headers = {"Accept-Ranges": "bytes", "Content-Length": str(max(0, last - first + 1)),
                "Content-Disposition": content_disposition(filename).replace("attachment", "inline", 1)}
     if span:
