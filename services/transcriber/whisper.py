@@ -81,15 +81,16 @@ def _regions_in_chunk(turns: list[SpeakerTurn], offset: float, length_s: float) 
 
 
 def _heard_times(spans: list[TimeSpan]):
-    """Maps a time in the concatenated regions back to the chunk's own time. At a junction a
-    start belongs to the region after it, an end to the region before (a word ending there is
-    not stretched over the silence between them)."""
+    """Maps a word's (start, end) in the concatenated regions back to the chunk's own time,
+    through the region that holds the middle of the word, its ends kept inside that region: a
+    word Whisper times a little across a junction is not stretched over the silence between."""
     lengths = np.array([s.end - s.start for s in spans])
     joined_starts = np.concatenate([[0.0], np.cumsum(lengths)[:-1]])
 
-    def to_chunk(t: float, is_end: bool = False) -> float:
-        i = max(0, int(np.searchsorted(joined_starts, t, side="left" if is_end else "right")) - 1)
-        return spans[i].start + min(t - joined_starts[i], lengths[i])
+    def to_chunk(start: float, end: float) -> tuple[float, float]:
+        i = max(0, int(np.searchsorted(joined_starts, (start + end) / 2, side="right")) - 1)
+        first, length = float(joined_starts[i]), float(lengths[i])
+        return tuple(spans[i].start + min(max(t - first, 0.0), length) for t in (start, end))
 
     return to_chunk
 
@@ -160,14 +161,15 @@ def transcribe_chunk(model: WhisperModel, audio: np.ndarray, offset: float,
     return segments, _most_spoken(words, spoken)
 
 
-def _as_heard(t: float, is_end: bool = False) -> float:
-    """The chunk's own time, where Whisper heard the chunk whole."""
-    return float(t)
+def _as_heard(start: float, end: float) -> tuple[float, float]:
+    """The chunk's own times, where Whisper heard the chunk whole."""
+    return float(start), float(end)
 
 
 def _word(word, offset: float, to_chunk) -> Word:
-    return Word(word=word.word, start=round(offset + to_chunk(word.start), 3),
-                end=round(offset + to_chunk(word.end, is_end=True), 3), probability=round(word.probability, 3))
+    start, end = to_chunk(word.start, word.end)
+    return Word(word=word.word, start=round(offset + start, 3), end=round(offset + end, 3),
+                probability=round(word.probability, 3))
 
 
 def _most_spoken(words: list[Word], spoken: list[str | None]) -> str | None:
