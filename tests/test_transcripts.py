@@ -144,6 +144,12 @@ def test_lines_break_only_where_the_text_has_a_space():
     assert all("%" not in line.split()[0] for c in cues for line in c.lines), cues
 
 
+def test_a_blank_word_does_not_make_a_long_segment_one_cue():
+    segment = timed(JFK, JFK.split())
+    segment.words.insert(4, Word(word=" ", start=2.4, end=2.45))
+    assert to_srt([segment]) == to_srt([timed(JFK, JFK.split())])
+
+
 def test_a_segment_without_word_times_is_one_cue_on_as_many_lines_as_it_needs():
     segment = TranscriptSegment(speaker="spk_1", speaker_name="Anna", start_ts=2.0, end_ts=13.0, text=JFK)
     [cue] = parse_srt(to_srt([segment]))

@@ -77,15 +77,18 @@ def _written_with_spaces(character: str) -> bool:
 
 def _tokens(segment: Captioned) -> list[_Token] | None:
     """The words with their spacing as in the segment's text (none between Chinese words), or
-    None when the segment has no word times or its words are not found in its text. Words
+    None when the segment has no word times or its words are not found in its text (blank ones
+    left out). Words
     written together ("12" "%") make one token."""
     if not segment.words:
         return None
     tokens, cursor = [], 0
     for word in segment.words:
         bare = word.word.strip()
+        if not bare:
+            continue  # a blank word (Whisper writes one now and then) is nothing to show
         found = segment.text.find(bare, cursor)
-        if not bare or found < 0:
+        if found < 0:
             return None
         spaced = found > cursor and segment.text[cursor:found].isspace()
         if tokens and not spaced and _written_with_spaces(tokens[-1].text[-1]) and _written_with_spaces(bare[0]):
