@@ -617,26 +617,35 @@ def _failure(job_id: int, filename: str, reason: str, reference: str | None) -> 
                             filename=filename, reason=reason, reference=reference)
 
 
-async def ended_before(db: Db, age_s: float, limit: int) -> list[int]:
-    """Jobs that ended (done or error) more than `age_s` seconds ago, oldest first."""
+async def ended_before(db: Db, age_s: float, limit: int, leaving_out: list[int] = ()) -> list[int]:
+    """Jobs that ended (done or error) more than `age_s` seconds ago, oldest first, but those
+    `leaving_out`."""
     rows = await db.fetch(
-        "SELECT id FROM transcripts WHERE status <> 'processing'"
-        " AND completed_at < now() - make_interval(secs => $1) ORDER BY completed_at LIMIT $2", age_s, limit)
+        "SELECT id FROM transcripts WHERE status <> 'processing' AND id <> ALL($3::bigint[])"
+        " AND completed_at < now() - make_interval(secs => $1) ORDER BY completed_at LIMIT $2",
+        age_s, limit, list(leaving_out))
     return [r["id"] for r in rows]
 
 
-async def recordings_ended_before(db: Db, age_s: float, limit: int) -> list[asyncpg.Record]:
+async def recordings_ended_before(db: Db, age_s: float, limit: int,
+                                  leaving_out: list[int] = ()) -> list[asyncpg.Record]:
     """id and audio_key of the jobs that ended more than `age_s` seconds ago and still have their
-    recording, oldest first."""
+    recording, oldest first, but those `leaving_out`."""
     return await db.fetch(
         "SELECT id, COALESCE(audio_key, 'uploads/' || id) AS audio_key FROM transcripts"
-        " WHERE status <> 'processing' AND audio_removed_at IS NULL"
-        " AND completed_at < now() - make_interval(secs => $1) ORDER BY completed_at LIMIT $2", age_s, limit)
+        " WHERE status <> 'processing' AND audio_removed_at IS NULL AND id <> ALL($3::bigint[])"
+        " AND completed_at < now() - make_interval(secs => $1) ORDER BY completed_at LIMIT $2",
+        age_s, limit, list(leaving_out))
 
 
 async def mark_audio_removed(db: Db, job_id: int) -> bool:
     return await db.execute("UPDATE transcripts SET audio_removed_at = now()"
                             " WHERE id = $1 AND audio_removed_at IS NULL", job_id) == "UPDATE 1"
+
+
+async def mark_audio_kept(db: Db, job_id: int) -> None:
+    """The recording could not be removed after all (the store refused): retention tries again."""
+    await db.execute("UPDATE transcripts SET audio_removed_at = NULL WHERE id = $1", job_id)
 
 
 async def record_usage(db: Db, job_id: int) -> None:

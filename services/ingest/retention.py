@@ -36,38 +36,49 @@ def sweep_interval_s(settings: Settings) -> float | None:
     return min(3600.0, max(1.0, min(kept_s) / 10)) if kept_s else None
 
 
-async def sweep(pool: asyncpg.Pool, s3: Minio, settings: Settings) -> tuple[int, int]:
-    """One pass over at most BATCH jobs of each kind; returns (recordings removed, jobs deleted).
-    A job whose objects the store refuses to remove is logged and passed over: it must not keep
-    every later job, or the other kind of retention, from being swept."""
+async def sweep(pool: asyncpg.Pool, s3: Minio, settings: Settings,
+                passed_over: set[int] | None = None) -> tuple[int, int, bool]:
+    """One pass over at most BATCH jobs of each kind; returns (recordings removed, jobs deleted,
+    whether a kind had a full batch: more may be due). A job whose objects the store refuses to
+    remove is logged and added to `passed_over`, which later passes of the same sweep leave out:
+    it must not keep every later job, or the other kind of retention, from being swept."""
+    passed_over = set() if passed_over is None else passed_over
     deleted = removed = 0
+    full = False
     if settings.transcript_retention_days:
-        for job_id in await jobstore.ended_before(pool, settings.transcript_retention_days * DAY_S, BATCH):
-            with job_logged(job_id), _passed_over_on_error("could not delete it"):
+        due = await jobstore.ended_before(pool, settings.transcript_retention_days * DAY_S, BATCH, sorted(passed_over))
+        full |= len(due) == BATCH
+        for job_id in due:
+            with job_logged(job_id), _passed_over_on_error("could not delete it", job_id, passed_over):
                 if await delete_transcript(pool, s3, settings, job_id, owner=None):
                     deleted += 1
                     log.info("deleted: ended more than TRANSCRIPT_RETENTION_DAYS (%g) ago",
                              settings.transcript_retention_days)
     if settings.audio_retention_days:
-        for job in await jobstore.recordings_ended_before(pool, settings.audio_retention_days * DAY_S, BATCH):
-            with job_logged(job["id"]), _passed_over_on_error("could not remove its recording"):
-                # Under the job's lock: a redaction rewriting the recording either ends before
-                # (and its copy is removed here) or finds it marked removed and removes its copy.
-                async with pool.acquire() as conn, conn.transaction():
-                    if await jobstore.lock_job(conn, job["id"]) is None:
-                        continue
+        due = await jobstore.recordings_ended_before(pool, settings.audio_retention_days * DAY_S, BATCH,
+                                                     sorted(passed_over))
+        full |= len(due) == BATCH
+        for job in due:
+            with job_logged(job["id"]), _passed_over_on_error("could not remove its recording", job["id"], passed_over):
+                # Marked first: a redaction rewriting the recording meanwhile either was marked
+                # done before (and its copy is removed here) or finds this mark and removes its copy.
+                if not await jobstore.mark_audio_removed(pool, job["id"]):
+                    continue
+                try:
                     await asyncio.to_thread(remove_objects, s3, [(settings.audio_bucket, job["audio_key"]),
                                                                  (settings.audio_bucket, pcm_key(job["id"]))])
-                    marked = await jobstore.mark_audio_removed(conn, job["id"])
-                if marked:
-                    removed += 1
-                    log.info("recording removed: the job ended more than AUDIO_RETENTION_DAYS (%g) ago",
-                             settings.audio_retention_days)
-    return removed, deleted
+                except BaseException:
+                    with contextlib.suppress(Exception):
+                        await jobstore.mark_audio_kept(pool, job["id"])  # the next sweep tries again
+                    raise
+                removed += 1
+                log.info("recording removed: the job ended more than AUDIO_RETENTION_DAYS (%g) ago",
+                         settings.audio_retention_days)
+    return removed, deleted, full
 
 
 @contextlib.contextmanager
-def _passed_over_on_error(what: str) -> Iterator[None]:
+def _passed_over_on_error(what: str, job_id: int, passed_over: set[int]) -> Iterator[None]:
     try:
         yield
     except (*DATABASE_UNAVAILABLE, *STORAGE_UNAVAILABLE):
@@ -76,6 +87,7 @@ def _passed_over_on_error(what: str) -> Iterator[None]:
         if isinstance(exc.__cause__, STORAGE_UNAVAILABLE):
             raise  # the same, as delete_transcript reports it
         log.warning("%s (%s: %s); passed over until the next sweep", what, type(exc).__name__, exc)
+        passed_over.add(job_id)
 
 
 async def run_retention(pool: asyncpg.Pool, s3: Minio, settings: Settings) -> None:
@@ -84,7 +96,8 @@ async def run_retention(pool: asyncpg.Pool, s3: Minio, settings: Settings) -> No
         return
 
     async def sweep_all() -> None:
-        while max(await sweep(pool, s3, settings)) >= BATCH:
+        passed_over: set[int] = set()
+        while (await sweep(pool, s3, settings, passed_over))[2]:
             pass  # a backlog (retention just switched on): on until it is cleared
 
     await every(interval, pool, RETENTION_LOCK_KEY, sweep_all, "the retention sweep")
