@@ -768,14 +768,15 @@ async def segments_to_reindex(db: Db, job_id: int, model: str) -> list[asyncpg.R
         " AND embedding_model IS DISTINCT FROM $2 ORDER BY chunk_index, index", job_id, model)
 
 
-async def corrected_segments_without_vector(db: Db, limit: int) -> list[asyncpg.Record]:
+async def corrected_segments_without_vector(db: Db, after: tuple[int, int, int], limit: int) -> list[asyncpg.Record]:
     """transcript_id, chunk_index, index and text of segments of ended jobs corrected by hand and
-    left without a vector (the embedding service was away), by job."""
+    left without a vector (the embedding service was away), in that order, after `after`."""
     return await db.fetch(
         "SELECT s.transcript_id, s.chunk_index, s.index, s.text FROM segments s"
         " JOIN transcripts t ON t.id = s.transcript_id"
         " WHERE s.embedding IS NULL AND s.edited_at IS NOT NULL AND t.status <> 'processing'"
-        " ORDER BY s.transcript_id, s.chunk_index, s.index LIMIT $1", limit)
+        " AND (s.transcript_id, s.chunk_index, s.index) > ($1, $2, $3)"
+        " ORDER BY s.transcript_id, s.chunk_index, s.index LIMIT $4", *after, limit)
 
 
 async def store_reindexed(conn: asyncpg.Connection, job_id: int, model: str,

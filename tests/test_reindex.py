@@ -75,31 +75,89 @@ async def test_a_segment_corrected_while_ollama_is_away_is_found_by_meaning_once
     where = f"{stack.api}/transcripts/{jobs[0]}/segments/{segment['chunk_index']}/{segment['index']}"
     said = "The giraffes at the zoo were fed fresh leaves this morning."
     ollama_port = stack.env["OLLAMA_URL"].rsplit(":", 1)[1]
-    stack.stop("ollama")
-    try:
-        corrected = await asyncio.to_thread(user.patch, where, json={"text": said})
-        assert corrected.status_code == 200, corrected.text  # the words are kept without their vector
-    finally:
-        stack.start("ollama", "-m", "tests.fake_ollama", "--port", ollama_port)
-        wait_for_port(int(ollama_port), timeout=120)
-    assert stack.value("SELECT embedding_model FROM segments WHERE transcript_id = $1 AND chunk_index = $2"
-                       " AND index = $3", jobs[0], segment["chunk_index"], segment["index"]) is None
 
     def top_hit() -> tuple[int, str]:
         hits = user.get(f"{stack.api}/search", params={"q": "animals eating", "mode": "semantic"}).json()["items"]
         return (hits[0]["transcript_id"], hits[0]["text"]) if hits else None
 
-    assert await asyncio.to_thread(top_hit) != (jobs[0], said)
-    # What ingest does every minute, here at once (holding its lock, so that ingest's own turn waits).
+    # Ingest's own turn, every minute, is held off by holding its lock throughout; this test
+    # takes that turn itself, at once.
     pool = await asyncpg.create_pool(stack.database_url, min_size=2, max_size=3)
     try:
         async with pool.acquire() as lock, aiohttp.ClientSession() as http:
-            assert await lock.fetchval("SELECT pg_try_advisory_lock($1)", CORRECTIONS_LOCK_KEY)
+            while not await lock.fetchval("SELECT pg_try_advisory_lock($1)", CORRECTIONS_LOCK_KEY):
+                await asyncio.sleep(0.2)  # ingest's turn is under way
+            stack.stop("ollama")
+            try:
+                corrected = await asyncio.to_thread(user.patch, where, json={"text": said})
+                assert corrected.status_code == 200, corrected.text  # the words are kept without their vector
+                assert await embed_corrections(pool, *make_embedder(stack.settings(), http)) == 0  # still away
+            finally:
+                stack.start("ollama", "-m", "tests.fake_ollama", "--port", ollama_port)
+                wait_for_port(int(ollama_port), timeout=120)
+            assert await pool.fetchval("SELECT embedding_model FROM segments WHERE transcript_id = $1"
+                                       " AND chunk_index = $2 AND index = $3",
+                                       jobs[0], segment["chunk_index"], segment["index"]) is None
+            assert await asyncio.to_thread(top_hit) != (jobs[0], said)
             assert await embed_corrections(pool, *make_embedder(stack.settings(), http)) == 1
             assert await embed_corrections(pool, *make_embedder(stack.settings(), http)) == 0
     finally:
         await pool.close()
     assert await asyncio.to_thread(top_hit) == (jobs[0], said)
+
+
+async def test_a_correction_the_embedding_service_refuses_holds_up_no_other(keyed):
+    """One text the service cannot take (Ollama answered 500 to some models' NaN): passed over and
+    remembered; the others are embedded; while the service is simply away, nothing is remembered."""
+    import asyncpg
+
+    from services.embedder.backends import OllamaError
+    from services.ingest.reindex import CORRECTIONS_LOCK_KEY, embed_corrections
+
+    stack, _, jobs = keyed
+    pool = await asyncpg.create_pool(stack.database_url, min_size=2, max_size=3)
+    asked: list[list[str]] = []
+
+    async def refusing(texts: list[str]) -> list[list[float]]:
+        asked.append(texts)
+        if any("POISON" in text for text in texts):
+            raise OllamaError("Ollama answered 500: json: unsupported value: NaN")
+        return [[1.0] + [0.0] * 383 for _ in texts]
+
+    async def away(texts: list[str]) -> list[list[float]]:
+        raise OllamaError("cannot reach Ollama at http://ollama:11434")
+
+    where = "transcript_id = $1 AND chunk_index = 0 AND index < 3"
+    try:
+        async with pool.acquire() as lock:
+            while not await lock.fetchval("SELECT pg_try_advisory_lock($1)", CORRECTIONS_LOCK_KEY):
+                await asyncio.sleep(0.2)  # ingest's own turn is under way
+            kept = await pool.fetch("SELECT index, text, edited_at, embedding::real[] AS embedding, embedding_model"
+                                    f" FROM segments WHERE {where} ORDER BY index", jobs[0])
+            assert len(kept) == 3
+            try:
+                # Three corrections made while the service was away, the second one its poison.
+                await pool.execute("UPDATE segments SET embedding = NULL, embedding_model = NULL, edited_at = now(),"
+                                   f" text = CASE index WHEN 1 THEN 'POISON ' || text ELSE text END WHERE {where}",
+                                   jobs[0])
+                refused: set[tuple] = set()
+                assert await embed_corrections(pool, away, "all-minilm", refused) == 0 and not refused
+                assert await embed_corrections(pool, refusing, "all-minilm", refused) == 2
+                assert [index for _, _, index, _ in refused] == [1]
+                asked.clear()
+                assert await embed_corrections(pool, refusing, "all-minilm", refused) == 0 and asked == []
+                models = await pool.fetch(f"SELECT index, embedding_model FROM segments WHERE {where} ORDER BY index",
+                                          jobs[0])
+                assert [(r["index"], r["embedding_model"]) for r in models] == [(0, "all-minilm"), (1, None),
+                                                                               (2, "all-minilm")]
+            finally:
+                await pool.executemany(
+                    "UPDATE segments SET text = $3, edited_at = $4, embedding = $5::real[]::vector,"
+                    " embedding_model = $6 WHERE transcript_id = $1 AND chunk_index = 0 AND index = $2",
+                    [(jobs[0], r["index"], r["text"], r["edited_at"], r["embedding"], r["embedding_model"])
+                     for r in kept])
+    finally:
+        await pool.close()
 
 
 def test_a_new_embedding_model_reembeds_every_stored_segment(keyed):

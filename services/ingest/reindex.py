@@ -146,35 +146,62 @@ class Reindexer:
                                pending_segments=counts["pending"], error=error)
 
 
-async def embed_corrections(pool: asyncpg.Pool, embed: EmbedFn, model: str) -> int:
+async def embed_corrections(pool: asyncpg.Pool, embed: EmbedFn, model: str,
+                            refused: set[tuple] | None = None) -> int:
     """Vectors for the hand-corrected segments left without one; how many were stored. While the
-    embedding service is still away they wait for the next turn."""
-    stored = 0
-    while rows := await jobstore.corrected_segments_without_vector(pool, BATCH):
+    embedding service is away they wait for the next turn; a text it refuses (added to `refused`,
+    which later turns leave alone) is passed over, not a stop for the others."""
+    refused = set() if refused is None else refused
+    stored, after = 0, (0, -1, -1)
+    while rows := await jobstore.corrected_segments_without_vector(pool, after, BATCH):
+        after = (rows[-1]["transcript_id"], rows[-1]["chunk_index"], rows[-1]["index"])
+        rows = [r for r in rows if tuple(r) not in refused]
         try:
-            vectors = await embed([r["text"] for r in rows])
+            embedded = list(zip(rows, await embed([r["text"] for r in rows]))) if rows else []
         except Exception as exc:
-            log.warning("%d segments corrected by hand still have no vector (%s: %s); trying again in %.0f s",
-                        len(rows), type(exc).__name__, exc, CORRECTIONS_INTERVAL_S)
-            return stored
-        await jobstore.ensure_vector_index(pool, model, len(vectors[0]))
-        embedded = [(r, v) for r, v in zip(rows, vectors)]
-        for job_id, group in itertools.groupby(embedded, key=lambda pair: pair[0]["transcript_id"]):
-            group = list(group)
-            async with pool.acquire() as conn, conn.transaction():
-                await jobstore.store_reindexed(conn, job_id, model, [(r["chunk_index"], r["index"], r["text"], v)
-                                                                     for r, v in group])
-            with job_logged(job_id):
-                log.info("%d segments corrected by hand embedded with %s", len(group), model)
-        stored += len(rows)
-        if len(rows) < BATCH:
-            break
+            # One text may be what the service refuses: each alone, unless it is simply away. A
+            # text counts as refused once the service has embedded another after it.
+            embedded, failing = [], []
+            for row in rows:
+                try:
+                    [vector] = await embed([row["text"]])
+                except Exception as alone:
+                    failing.append((row, alone))
+                    if len(failing) >= STOP_AFTER_FAILED_JOBS:
+                        log.warning("segments corrected by hand still have no vector (%s: %s); trying again in"
+                                    " %.0f s", type(exc).__name__, exc, CORRECTIONS_INTERVAL_S)
+                        return stored + await _store_corrections(pool, model, embedded)
+                    continue
+                for refused_row, why in failing:
+                    refused.add(tuple(refused_row))
+                    with job_logged(refused_row["transcript_id"]):
+                        log.warning("segment %d/%d, corrected by hand, is refused by the embedding service (%s: %s);"
+                                    " left without a vector", refused_row["chunk_index"], refused_row["index"],
+                                    type(why).__name__, why)
+                failing = []
+                embedded.append((row, vector))
+        stored += await _store_corrections(pool, model, embedded)
     return stored
 
 
+async def _store_corrections(pool: asyncpg.Pool, model: str, embedded: list[tuple[asyncpg.Record, list[float]]]) -> int:
+    if not embedded:
+        return 0
+    await jobstore.ensure_vector_index(pool, model, len(embedded[0][1]))
+    for job_id, group in itertools.groupby(embedded, key=lambda pair: pair[0]["transcript_id"]):
+        group = list(group)
+        async with pool.acquire() as conn, conn.transaction():
+            await jobstore.store_reindexed(conn, job_id, model, [(r["chunk_index"], r["index"], r["text"], v)
+                                                                 for r, v in group])
+        with job_logged(job_id):
+            log.info("%d segments corrected by hand embedded with %s", len(group), model)
+    return len(embedded)
+
+
 def run_corrections_embedder(pool: asyncpg.Pool, embed: EmbedFn, model: str) -> Awaitable[None]:
-    return every(CORRECTIONS_INTERVAL_S, pool, CORRECTIONS_LOCK_KEY, lambda: embed_corrections(pool, embed, model),
-                 "embedding corrected segments")
+    refused: set[tuple] = set()  # for as long as this process runs; a new text is tried again
+    return every(CORRECTIONS_INTERVAL_S, pool, CORRECTIONS_LOCK_KEY,
+                 lambda: embed_corrections(pool, embed, model, refused), "embedding corrected segments")
 
 
 @post("/admin/reindex", status_code=202, summary="Re-embed stored segments with the current model",
