@@ -104,11 +104,14 @@ async def delete_speaker(conn: asyncpg.Connection, speaker_id: int) -> list[int]
     The transcripts that lost a name."""
     rows = await conn.fetch(f"{_UNNAME} WHERE matched_speaker_id = $1 AND name_source = 'auto'"
                             " RETURNING transcript_id", speaker_id)
-    await conn.execute("DELETE FROM speakers WHERE id = $1", speaker_id)
-    # A matching that named a voice after them meanwhile (its transaction held the delete back
-    # until it committed) left that name behind with matched_speaker_id cleared by the cascade.
-    rows += await conn.fetch(f"{_UNNAME} WHERE matched_speaker_id IS NULL AND name_source = 'auto'"
-                             " RETURNING transcript_id")
+    forgotten = await conn.fetchrow("DELETE FROM speakers WHERE id = $1 RETURNING owner, name", speaker_id)
+    if forgotten is not None:
+        # A matching that named a voice after them meanwhile (its transaction held the delete back
+        # until it committed) left that name behind with matched_speaker_id cleared by the cascade.
+        rows += await conn.fetch(
+            f"{_UNNAME} WHERE matched_speaker_id IS NULL AND name_source = 'auto' AND lower(name) = lower($2)"
+            f" AND transcript_id IN (SELECT id FROM transcripts WHERE {_OWNER}) RETURNING transcript_id",
+            forgotten["owner"], forgotten["name"])
     return sorted({r["transcript_id"] for r in rows})
 
 

@@ -123,6 +123,9 @@ async def rename_owner_recordings(pool: asyncpg.Pool, settings: Settings, owner:
     changed = []
     for transcript_id in await speakerstore.owner_transcripts_with_voices(pool, owner):
         async with pool.acquire() as conn, conn.transaction():
+            # The job first, then its speakers, as the persister and naming by hand lock them.
+            if await jobstore.lock_job(conn, transcript_id) is None:
+                continue  # deleted meanwhile
             if await speakerstore.name_recording_speakers(conn, transcript_id, owner, settings.speaker_match_threshold,
                                                           settings.speaker_min_speech_s):
                 await speakerstore.announce_speaker_names(conn, transcript_id)
