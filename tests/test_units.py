@@ -134,6 +134,9 @@ def test_a_word_is_talked_over_when_another_speakers_turn_covers_part_of_it():
     assert speaker_of(2.7, 3.2, handover) == "spk_0"
     assert not _talked_over(Word(word=" then", start=2.7, end=3.2), "spk_0", handover)
     assert not _talked_over(Word(word=" well", start=2.8, end=3.4), "spk_1", handover)
+    # With no turn of its own under it (one channel's word where its diarization has a gap while
+    # the other channel talks), another speaker's turn over the word is enough.
+    assert _talked_over(Word(word=" hm", start=3.5, end=3.9), "spk_0", turns)
     assert speaker_of(2.2, 2.6, turns) == "spk_0"  # a tie goes to the earlier turn: the same words, the same speakers
     assert speaker_of(2.5, 3.5, turns) == "spk_1"  # most of the word is in spk_1's turn
 

@@ -186,6 +186,9 @@ def _talked_over(word: Word, speaker: str, turns: list[SpeakerTurn]) -> bool:
     needed = max(1e-3, min(OVERLAP_MIN_S, (word.end - word.start) / 2))
     own = [(max(word.start, t.start), min(word.end, t.end)) for t in turns
            if t.speaker == speaker and min(word.end, t.end) > max(word.start, t.start)]
+    # No turn of its own speaker under the word (given by the nearest turn: another channel's
+    # talk, or speech the diarizer missed): the word's own time counts.
+    own = own or [(word.start, word.end)]
     return any(t.speaker != speaker and min(end, t.end) - max(start, t.start) >= needed
                for t in turns for start, end in own)
 
