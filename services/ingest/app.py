@@ -60,13 +60,12 @@ from services.ingest.orphans import run_orphan_sweep
 from services.ingest.page import PAGE_ROUTES
 from services.ingest.playback import PLAYBACK_ROUTES
 from services.ingest.readiness import CHECK_TIMEOUT_S, ObjectStoreProbe, run_checks
-from services.ingest.redacted_audio import stored_filename
 from services.ingest.reindex import REINDEX_ROUTES, Reindexer, run_corrections_embedder
 from services.ingest.retention import run_retention
 from services.ingest.search import SEARCH_ROUTES
 from services.ingest.speakers import SPEAKER_ROUTES, require_enrolled
 from services.ingest.submission import Accepted, Unavailable, accepted, replayed, submit_recording
-from services.ingest.transcripts import TRANSCRIPT_ROUTES, JobId, visible
+from services.ingest.transcripts import TRANSCRIPT_ROUTES, JobId, stored_filename, visible
 from services.ingest.usage import USAGE_ROUTES
 from services.ingest.webhooks import WEBHOOK_ROUTES, checked_target
 

@@ -18,8 +18,7 @@ from common import jobstore
 from common.storage import read_range
 from services.ingest.auth import request_owner
 from services.ingest.errors import error_responses
-from services.ingest.redacted_audio import stored_filename
-from services.ingest.transcripts import JobId, content_disposition, visible
+from services.ingest.transcripts import JobId, content_disposition, stored_filename, visible
 
 PIECE_BYTES = 1024 * 1024
 # Not every system's mime.types knows these; a browser needs the type to play the file.

@@ -28,11 +28,6 @@ MARGIN_S = 0.2
 PIECE_SAMPLES = 60 * SAMPLE_RATE
 
 
-def stored_filename(filename: str, redacted: bool) -> str:
-    """The name of what is stored for a job: a redacted recording is a WAV whatever was uploaded."""
-    return filename.rsplit(".", 1)[0] + ".wav" if redacted else filename
-
-
 def silenced(block: np.ndarray, first_sample: int, spans: list[tuple[float, float]]) -> np.ndarray:
     """`block` (samples x channels, starting at `first_sample`) with the spans' samples zeroed."""
     for start, end in spans:

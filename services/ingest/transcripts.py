@@ -164,6 +164,11 @@ def download_name(filename: str, extension: str) -> str:
     return f"{stem if dot and stem else filename}.{extension}"
 
 
+def stored_filename(filename: str, redacted: bool) -> str:
+    """The name of what is stored for a job: a redacted recording is a WAV whatever was uploaded."""
+    return download_name(filename, "wav") if redacted else filename
+
+
 def content_disposition(filename: str) -> str:
     """An ASCII fallback name plus the exact name in RFC 5987 form (names may be any language)."""
     fallback = re.sub(r'[^\x20-\x7e]|["\\]', "_", filename)
