@@ -37,29 +37,31 @@ def sweep_interval_s(settings: Settings) -> float | None:
 
 
 async def sweep(pool: asyncpg.Pool, s3: Minio, settings: Settings,
-                passed_over: set[int] | None = None) -> tuple[int, int, bool]:
+                passed_over: set[tuple[str, int]] | None = None) -> tuple[int, int, bool]:
     """One pass over at most BATCH jobs of each kind; returns (recordings removed, jobs deleted,
     whether a kind had a full batch: more may be due). A job whose objects the store refuses to
-    remove is logged and added to `passed_over`, which later passes of the same sweep leave out:
-    it must not keep every later job, or the other kind of retention, from being swept."""
+    remove is logged and added to `passed_over` (with the kind), which later passes of the same
+    sweep leave out: it must not keep every later job, or the other kind, from being swept."""
     passed_over = set() if passed_over is None else passed_over
     deleted = removed = 0
     full = False
     if settings.transcript_retention_days:
-        due = await jobstore.ended_before(pool, settings.transcript_retention_days * DAY_S, BATCH, sorted(passed_over))
+        due = await jobstore.ended_before(pool, settings.transcript_retention_days * DAY_S, BATCH,
+                                          [job_id for kind, job_id in passed_over if kind == "delete"])
         full |= len(due) == BATCH
         for job_id in due:
-            with job_logged(job_id), _passed_over_on_error("could not delete it", job_id, passed_over):
+            with job_logged(job_id), _passed_over_on_error("could not delete it", ("delete", job_id), passed_over):
                 if await delete_transcript(pool, s3, settings, job_id, owner=None):
                     deleted += 1
                     log.info("deleted: ended more than TRANSCRIPT_RETENTION_DAYS (%g) ago",
                              settings.transcript_retention_days)
     if settings.audio_retention_days:
         due = await jobstore.recordings_ended_before(pool, settings.audio_retention_days * DAY_S, BATCH,
-                                                     sorted(passed_over))
+                                                     [job_id for kind, job_id in passed_over if kind == "audio"])
         full |= len(due) == BATCH
         for job in due:
-            with job_logged(job["id"]), _passed_over_on_error("could not remove its recording", job["id"], passed_over):
+            with job_logged(job["id"]), _passed_over_on_error("could not remove its recording", ("audio", job["id"]),
+                                                              passed_over):
                 # Marked first: a redaction rewriting the recording meanwhile either was marked
                 # done before (and its copy is removed here) or finds this mark and removes its copy.
                 if not await jobstore.mark_audio_removed(pool, job["id"]):
@@ -78,7 +80,7 @@ async def sweep(pool: asyncpg.Pool, s3: Minio, settings: Settings,
 
 
 @contextlib.contextmanager
-def _passed_over_on_error(what: str, job_id: int, passed_over: set[int]) -> Iterator[None]:
+def _passed_over_on_error(what: str, job: tuple[str, int], passed_over: set[tuple[str, int]]) -> Iterator[None]:
     try:
         yield
     except (*DATABASE_UNAVAILABLE, *STORAGE_UNAVAILABLE):
@@ -87,7 +89,7 @@ def _passed_over_on_error(what: str, job_id: int, passed_over: set[int]) -> Iter
         if isinstance(exc.__cause__, STORAGE_UNAVAILABLE):
             raise  # the same, as delete_transcript reports it
         log.warning("%s (%s: %s); passed over until the next sweep", what, type(exc).__name__, exc)
-        passed_over.add(job_id)
+        passed_over.add(job)
 
 
 async def run_retention(pool: asyncpg.Pool, s3: Minio, settings: Settings) -> None:
@@ -96,7 +98,7 @@ async def run_retention(pool: asyncpg.Pool, s3: Minio, settings: Settings) -> No
         return
 
     async def sweep_all() -> None:
-        passed_over: set[int] = set()
+        passed_over: set[tuple[str, int]] = set()
         while (await sweep(pool, s3, settings, passed_over))[2]:
             pass  # a backlog (retention just switched on): on until it is cleared
 
