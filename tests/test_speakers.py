@@ -340,7 +340,8 @@ async def test_a_voice_named_after_a_person_while_they_are_forgotten_loses_the_n
     voice = _speaker_at(stack.status(source, owner), 5.5)["speaker"]
     matching, forgetting = await asyncpg.connect(stack.database_url), await asyncpg.connect(stack.database_url)
     try:
-        zoe = await forgetting.fetchval("INSERT INTO speakers (owner, name) VALUES ($1, 'Zoe') RETURNING id", OWNER)
+        zoe = await forgetting.fetchval("INSERT INTO speakers (owner, name) SELECT owner, 'Zoe' FROM transcripts"
+                                        " WHERE id = $1 RETURNING id", source)
         naming = matching.transaction()
         await naming.start()
         await matching.execute("UPDATE transcript_speakers SET name = 'Zoe', name_source = 'auto',"
