@@ -48,6 +48,18 @@ def test_a_word_where_two_stitched_regions_meet_is_not_stretched_over_the_silenc
     assert to_chunk(0.7, 1.1) == pytest.approx((0.7, 1.0)) and to_chunk(0.9, 1.3) == pytest.approx((3.0, 3.3))
 
 
+def test_a_chunk_ends_in_a_wide_pause_near_its_end_rather_than_a_narrow_one():
+    """Each chunk is heard with 0.3 s more audio on each side: at a 0.1 s hand-over both would
+    hear the same words, and a word timed differently by each could be written twice or never."""
+    turns = [turn("spk_0", 0, 4), turn("spk_1", 5.5, 8), turn("spk_0", 8.1, 10), turn("spk_1", 10.1, 13)]
+    chunks = plan_chunks(turns, duration=14.0, max_speech_s=10.0)
+    assert [[t.start for t in group] for _, group in chunks] == [[0], [5.5, 8.1, 10.1]]
+    assert chunks[0][0].end == 4.75  # in the middle of the 1.5 s pause
+    # A pause wide enough where the budget ends: the cut stays there.
+    wide = [turn("spk_0", 0, 4), turn("spk_1", 5.5, 8), turn("spk_0", 8.1, 10), turn("spk_1", 11.0, 13)]
+    assert [len(group) for _, group in plan_chunks(wide, 14.0, 10.0)] == [3, 1]
+
+
 def test_a_turn_of_no_length_is_no_speech_to_plan():
     chunks = plan_chunks([turn("spk_0", 0, 2), turn("spk_1", 5, 5), turn("spk_0", 5, 7)], 8, 1)
     assert [[(t.speaker, t.start, t.end) for t in turns] for _, turns in chunks] == [

@@ -26,6 +26,11 @@ class DiarizeFn(Protocol):
                  stop: Callable[[], bool] | None = None) -> Diarization: ...
 
 LANGUAGE_PROBE_S = 30.0
+# A chunk's audio is heard with 0.3 s more on each side (the transcriber's REGION_PAD_S): a cut
+# in a pause at least twice that wide lets neither chunk hear a word of the other. A narrower
+# one may move back to the widest pause among the chunk's last CUT_LOOKBACK_S of speech.
+SAFE_CUT_PAUSE_S = 0.6
+CUT_LOOKBACK_S = 30.0
 
 
 def make_diarizer(settings: Settings) -> tuple[DiarizeFn, str]:
@@ -126,7 +131,8 @@ def _pyannote_speakers(output, annotation, labels: dict[str, str], turns: list[S
 def plan_chunks(turns: list[SpeakerTurn], duration: float,
                 max_speech_s: float) -> list[tuple[TimeSpan, list[SpeakerTurn]]]:
     """Group turns into chunks of at most `max_speech_s` of speech, cut in silence between
-    turns (never inside anyone's turn, so overlapping turns stay together). The spans tile
+    turns (never inside anyone's turn, so overlapping turns stay together), in a pause wide
+    enough that neither chunk hears the other's words when there is one near. The spans tile
     [0, duration] with cuts in the middle of the silence between chunks, so no word is
     transcribed twice or lost at a cut. Talk with no silence for longer than the limit stays in
     one chunk."""
@@ -136,16 +142,21 @@ def plan_chunks(turns: list[SpeakerTurn], duration: float,
     in_region: list[list[SpeakerTurn]] = [[] for _ in regions]
     for turn in sorted(turns, key=lambda t: (t.start, t.end)):
         in_region[max(0, bisect.bisect_right(starts, turn.start) - 1)].append(turn)
-    groups: list[list[SpeakerTurn]] = []
+    lengths = [region.end - region.start for region in regions]
+    grouped: list[list[int]] = []  # region indices
     speech = 0.0
-    for region, inside in zip(regions, in_region):
-        length = region.end - region.start
-        if groups and speech + length <= max_speech_s:
-            groups[-1].extend(inside)
+    for i, length in enumerate(lengths):
+        if grouped and speech + length <= max_speech_s:
+            grouped[-1].append(i)
             speech += length
-        else:
-            groups.append(list(inside))
-            speech = length
+            continue
+        moved = _regions_to_move(regions, lengths, grouped[-1], i, max_speech_s) if grouped else 0
+        tail = grouped[-1][-moved:] if moved else []
+        if moved:
+            del grouped[-1][-moved:]
+        grouped.append([*tail, i])
+        speech = sum(lengths[j] for j in grouped[-1])
+    groups = [[t for j in group for t in in_region[j]] for group in grouped]
     if not groups:
         return [(TimeSpan(start=0.0, end=duration), [])]
     cuts = [0.0]
@@ -153,6 +164,26 @@ def plan_chunks(turns: list[SpeakerTurn], duration: float,
         cuts.append(round((max(t.end for t in previous) + following[0].start) / 2, 3))
     cuts.append(duration)
     return [(TimeSpan(start=cuts[i], end=cuts[i + 1]), group) for i, group in enumerate(groups)]
+
+
+def _regions_to_move(regions: list[TimeSpan], lengths: list[float], group: list[int], following: int,
+                     max_speech_s: float) -> int:
+    """How many of `group`'s last regions go to the next chunk with region `following`, so that
+    the cut falls in a wide pause: 0 when the pause before `following` is wide enough, or none
+    among the group's last CUT_LOOKBACK_S of speech is wider."""
+    def pause_before(j: int) -> float:
+        return regions[j].start - regions[j - 1].end
+
+    if pause_before(following) >= SAFE_CUT_PAUSE_S:
+        return 0
+    best, best_pause, moved_speech = 0, pause_before(following), lengths[following]
+    for moved in range(1, len(group)):
+        moved_speech += lengths[group[-moved]]
+        if moved_speech - lengths[following] > CUT_LOOKBACK_S or moved_speech > max_speech_s:
+            break
+        if pause_before(group[-moved]) > best_pause:
+            best, best_pause = moved, pause_before(group[-moved])
+    return best
 
 
 def language_probe(turns: list[SpeakerTurn], seconds: float = LANGUAGE_PROBE_S) -> list[TimeSpan]:
