@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import enum
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -32,8 +33,20 @@ DATABASE_UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.CannotConnectNowError,
 )
 
-# Any constant: serialises concurrent start-ups applying migrations.
-MIGRATION_LOCK_KEY = 7_406_501_137
+@enum.unique
+class LockKey(enum.IntEnum):
+    """PostgreSQL advisory lock keys, one per kind of work that one process at a time does (among
+    all services sharing the database), kept together so that no two kinds share one: @unique
+    refuses a repeated value."""
+
+    MIGRATIONS = 7_406_501_137  # concurrent start-ups applying migrations
+    OUTBOX = 7_406_501_138
+    RETENTION = 7_406_501_139
+    ORPHANS = 7_406_501_140
+    REINDEX = 7_406_501_141
+    INBOX_SCAN = 7_406_501_142
+    WEBHOOK_PRUNE = 7_406_501_143
+    CORRECTIONS = 7_406_501_144
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -87,7 +100,7 @@ async def apply_migrations(pool: asyncpg.Pool) -> list[str]:
     services start at once: an advisory lock lets one apply while the others wait."""
     applied_now = []
     async with pool.acquire() as conn:
-        await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
+        await conn.execute("SELECT pg_advisory_lock($1)", LockKey.MIGRATIONS)
         try:
             await conn.execute(
                 "CREATE TABLE IF NOT EXISTS schema_migrations ("
@@ -118,7 +131,7 @@ async def apply_migrations(pool: asyncpg.Pool) -> list[str]:
                 log.critical("%s", missing)
                 raise missing
         finally:
-            await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)
+            await conn.execute("SELECT pg_advisory_unlock($1)", LockKey.MIGRATIONS)
     return applied_now
 
 

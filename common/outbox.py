@@ -17,12 +17,12 @@ import asyncpg
 from pydantic import ValidationError
 
 from common.broker import Bus
+from common.db import LockKey
 from common.logs import job_logged
 from common.messages import EVENTS, WORK_MESSAGES, Contract
 
 log = logging.getLogger(__name__)
 
-OUTBOX_LOCK_KEY = 7_406_501_138
 BATCH = 500
 
 
@@ -39,7 +39,7 @@ async def flush_outbox(pool: asyncpg.Pool, bus: Bus) -> int:
     service and replica (advisory lock), so subscribers see a job's messages in order."""
     published = 0
     async with pool.acquire() as conn:
-        if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", OUTBOX_LOCK_KEY):
+        if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", LockKey.OUTBOX):
             return 0
         try:
             while True:
@@ -72,7 +72,7 @@ async def flush_outbox(pool: asyncpg.Pool, bus: Bus) -> int:
                     await conn.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])", done)
                 published += len(done)
         finally:
-            await conn.execute("SELECT pg_advisory_unlock($1)", OUTBOX_LOCK_KEY)
+            await conn.execute("SELECT pg_advisory_unlock($1)", LockKey.OUTBOX)
 
 
 async def _set_aside(conn: asyncpg.Connection, row: asyncpg.Record, error: str) -> None:

@@ -66,8 +66,9 @@ async def test_a_segment_corrected_while_ollama_is_away_is_found_by_meaning_once
     import aiohttp
     import asyncpg
 
+    from common.db import LockKey
     from services.embedder.backends import make_embedder
-    from services.ingest.reindex import CORRECTIONS_LOCK_KEY, embed_corrections
+    from services.ingest.reindex import embed_corrections
     from tests.conftest import wait_for_port
 
     stack, user, jobs = keyed
@@ -85,7 +86,7 @@ async def test_a_segment_corrected_while_ollama_is_away_is_found_by_meaning_once
     pool = await asyncpg.create_pool(stack.database_url, min_size=2, max_size=3)
     try:
         async with pool.acquire() as lock, aiohttp.ClientSession() as http:
-            while not await lock.fetchval("SELECT pg_try_advisory_lock($1)", CORRECTIONS_LOCK_KEY):
+            while not await lock.fetchval("SELECT pg_try_advisory_lock($1)", LockKey.CORRECTIONS):
                 await asyncio.sleep(0.2)  # ingest's turn is under way
             stack.stop("ollama")
             try:
@@ -111,8 +112,9 @@ async def test_a_correction_the_embedding_service_refuses_holds_up_no_other(keye
     remembered; the others are embedded; while the service is simply away, nothing is remembered."""
     import asyncpg
 
+    from common.db import LockKey
     from services.embedder.backends import OllamaError
-    from services.ingest.reindex import CORRECTIONS_LOCK_KEY, embed_corrections
+    from services.ingest.reindex import embed_corrections
 
     stack, _, jobs = keyed
     pool = await asyncpg.create_pool(stack.database_url, min_size=2, max_size=3)
@@ -130,7 +132,7 @@ async def test_a_correction_the_embedding_service_refuses_holds_up_no_other(keye
     where = "transcript_id = $1 AND chunk_index = 0 AND index < 3"
     try:
         async with pool.acquire() as lock:
-            while not await lock.fetchval("SELECT pg_try_advisory_lock($1)", CORRECTIONS_LOCK_KEY):
+            while not await lock.fetchval("SELECT pg_try_advisory_lock($1)", LockKey.CORRECTIONS):
                 await asyncio.sleep(0.2)  # ingest's own turn is under way
             kept = await pool.fetch("SELECT index, text, edited_at, embedding::real[] AS embedding, embedding_model"
                                     f" FROM segments WHERE {where} ORDER BY index", jobs[0])

@@ -24,7 +24,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from common import jobstore, speakerstore
 from common.broker import EVENTS_EXCHANGE, Route, consume
-from common.db import DATABASE_UNAVAILABLE, every
+from common.db import DATABASE_UNAVAILABLE, LockKey, every
 from common.logs import job_logged
 from common.messages import JobOptions, TranscriptCompleted, TranscriptFailed
 from common.settings import Settings
@@ -40,7 +40,6 @@ log = logging.getLogger(__name__)
 
 INBOX_EVENTS_QUEUE = "stt.ingest.inbox-events"
 RESULTS_QUEUE = "stt.ingest.results"
-INBOX_SCAN_LOCK_KEY = 7_406_501_142
 # Objects of the inbox listed and checked at a time by the scan.
 SCAN_PAGE = 1000
 
@@ -275,7 +274,7 @@ class Inbox:
     async def run_scanner(self) -> None:
         """The scan, by one ingest replica at a time: each would list the whole inbox and copy
         every unannounced drop into the audio bucket, all but one copy then thrown away."""
-        await every(self.settings.inbox_scan_interval_s, self.pool, INBOX_SCAN_LOCK_KEY, self.reconcile,
+        await every(self.settings.inbox_scan_interval_s, self.pool, LockKey.INBOX_SCAN, self.reconcile,
                     "the inbox scan")
 
     async def run_consumers(self, connection: aio_pika.abc.AbstractRobustConnection) -> None:

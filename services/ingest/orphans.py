@@ -16,7 +16,7 @@ import asyncpg
 from minio import Minio
 
 from common import jobstore
-from common.db import every
+from common.db import LockKey, every
 from common.storage import remove_objects
 from services.ingest.jobs import UPLOAD_PREFIX
 
@@ -24,7 +24,6 @@ log = logging.getLogger(__name__)
 
 ORPHAN_AGE_S = 3600.0
 SWEEP_INTERVAL_S = 3600.0
-ORPHANS_LOCK_KEY = 7_406_501_140
 PAGE = 1000
 
 
@@ -54,5 +53,5 @@ async def remove_orphan_uploads(pool: asyncpg.Pool, s3: Minio, bucket: str, age_
 
 
 async def run_orphan_sweep(pool: asyncpg.Pool, s3: Minio, bucket: str) -> None:
-    await every(SWEEP_INTERVAL_S, pool, ORPHANS_LOCK_KEY, lambda: remove_orphan_uploads(pool, s3, bucket),
+    await every(SWEEP_INTERVAL_S, pool, LockKey.ORPHANS, lambda: remove_orphan_uploads(pool, s3, bucket),
                 "looking for uploads without a job")

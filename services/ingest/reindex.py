@@ -23,7 +23,7 @@ from litestar.datastructures import State
 from pydantic import BaseModel
 
 from common import jobstore
-from common.db import every
+from common.db import LockKey, every
 from common.logs import job_logged
 from services.embedder.backends import EmbedFn
 from services.ingest.auth import admin_only
@@ -43,13 +43,10 @@ class ReindexProgress(BaseModel):
     error: str | None = None
 
 
-# Held by the replica whose run is under way (a session lock: it goes if that replica dies).
-REINDEX_LOCK_KEY = 7_406_501_141
 # Jobs that fail one after another: the embedding service is away, not one text it cannot take.
 STOP_AFTER_FAILED_JOBS = 3
 FAILED_JOBS_LISTED = 20
 CORRECTIONS_INTERVAL_S = 60.0
-CORRECTIONS_LOCK_KEY = 7_406_501_142
 
 
 class Reindexer:
@@ -70,7 +67,8 @@ class Reindexer:
 
     async def _run(self) -> None:
         async with self.pool.acquire() as conn:
-            if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", REINDEX_LOCK_KEY):
+            # A session lock, held while the run goes on: it goes if this replica dies.
+            if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", LockKey.REINDEX):
                 return  # another replica's run is under way
             try:
                 await self.pool.execute(
@@ -82,7 +80,7 @@ class Reindexer:
                                         self.model, error)
             finally:
                 with contextlib.suppress(Exception):  # a dead connection took the lock with it
-                    await conn.execute("SELECT pg_advisory_unlock($1)", REINDEX_LOCK_KEY)
+                    await conn.execute("SELECT pg_advisory_unlock($1)", LockKey.REINDEX)
 
     async def _reindex_all(self) -> str | None:
         """Every ended job not yet in the model, oldest first; None, or why some are left. A job
@@ -139,7 +137,7 @@ class Reindexer:
             "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 1"
             " AND classid::bigint = $1 AND objid::bigint = $2"
             " AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))",
-            REINDEX_LOCK_KEY >> 32, REINDEX_LOCK_KEY & 0xFFFFFFFF)
+            LockKey.REINDEX >> 32, LockKey.REINDEX & 0xFFFFFFFF)
         error = None if running else await self.pool.fetchval(
             "SELECT error FROM reindex_runs WHERE model = $1", self.model)
         return ReindexProgress(model=self.model, running=running, done_segments=counts["done"],
@@ -200,7 +198,7 @@ async def _store_corrections(pool: asyncpg.Pool, model: str, embedded: list[tupl
 
 def run_corrections_embedder(pool: asyncpg.Pool, embed: EmbedFn, model: str) -> Awaitable[None]:
     refused: set[tuple] = set()  # for as long as this process runs; a new text is tried again
-    return every(CORRECTIONS_INTERVAL_S, pool, CORRECTIONS_LOCK_KEY,
+    return every(CORRECTIONS_INTERVAL_S, pool, LockKey.CORRECTIONS,
                  lambda: embed_corrections(pool, embed, model, refused), "embedding corrected segments")
 
 

@@ -16,7 +16,7 @@ import asyncpg
 from minio import Minio
 
 from common import jobstore
-from common.db import DATABASE_UNAVAILABLE, every
+from common.db import DATABASE_UNAVAILABLE, LockKey, every
 from common.logs import job_logged
 from common.settings import Settings
 from common.storage import STORAGE_UNAVAILABLE, pcm_key, remove_objects
@@ -24,7 +24,6 @@ from services.ingest.transcripts import delete_transcript
 
 log = logging.getLogger(__name__)
 
-RETENTION_LOCK_KEY = 7_406_501_139
 BATCH = 100
 DAY_S = 86_400.0
 
@@ -102,4 +101,4 @@ async def run_retention(pool: asyncpg.Pool, s3: Minio, settings: Settings) -> No
         while (await sweep(pool, s3, settings, passed_over))[2]:
             pass  # a backlog (retention just switched on): on until it is cleared
 
-    await every(interval, pool, RETENTION_LOCK_KEY, sweep_all, "the retention sweep")
+    await every(interval, pool, LockKey.RETENTION, sweep_all, "the retention sweep")

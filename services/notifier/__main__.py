@@ -15,7 +15,7 @@ from common.broker import (
     declare_queue,
     open_bus,
 )
-from common.db import DATABASE_UNAVAILABLE, apply_migrations, create_pool, every
+from common.db import DATABASE_UNAVAILABLE, LockKey, apply_migrations, create_pool, every
 from common.logs import setup_logging
 from common.messages import EVENTS, WebhookDue
 from common.metrics import serve_metrics
@@ -62,7 +62,7 @@ async def main() -> None:
             consume(connection, settings, "notifier", [Route(WebhookDue, deliver)],
                     prefetch=DELIVERY_PREFETCH, wait_on=DATABASE_UNAVAILABLE),
             handler.sweep_stuck(pool, bus),
-            every(handler.PRUNE_EVERY_S, pool, handler.PRUNE_LOCK_KEY,
+            every(handler.PRUNE_EVERY_S, pool, LockKey.WEBHOOK_PRUNE,
                   functools.partial(handler.prune_delivery_log, pool, settings), "pruning the delivery log"),
         )
 

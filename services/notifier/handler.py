@@ -38,7 +38,6 @@ SWEEP_EVERY_S = 30.0
 MAX_ERROR_CHARS = 500
 PRUNE_EVERY_S = 3600.0
 PRUNE_BATCH = 1000
-PRUNE_LOCK_KEY = 7_406_501_143
 
 # Deliveries in flight in this process, per webhook (an entry goes when its count is back to 0).
 _in_flight: dict[int, int] = {}
