@@ -176,10 +176,10 @@ def _regions_to_move(regions: list[TimeSpan], lengths: list[float], group: list[
 
     if pause_before(following) >= SAFE_CUT_PAUSE_S:
         return 0
-    best, best_pause, moved_speech = 0, pause_before(following), lengths[following]
+    best, best_pause, moved_speech = 0, pause_before(following), 0.0
     for moved in range(1, len(group)):
         moved_speech += lengths[group[-moved]]
-        if moved_speech - lengths[following] > CUT_LOOKBACK_S or moved_speech > max_speech_s:
+        if moved_speech > CUT_LOOKBACK_S or moved_speech + lengths[following] > max_speech_s:
             break
         if pause_before(group[-moved]) > best_pause:
             best, best_pause = moved, pause_before(group[-moved])

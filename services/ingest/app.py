@@ -172,7 +172,7 @@ async def rerun(job_id: JobId, state: State, request: Request, data: JobOptions 
                 idempotency_key: IdempotencyKey = None) -> Response[Accepted]:
     """A new job on the stored audio of job `job_id` (which stays as it is), with its options
     except those given: `{"num_speakers": 4}` when the speakers were miscounted."""
-    original = await jobstore.job(state.pool, job_id)
+    original = await jobstore.job_audio(state.pool, job_id)
     if not visible(original, request_owner(request)):
         raise NotFoundException(detail=f"no job with id {job_id}")
     try:
@@ -190,9 +190,7 @@ async def rerun(job_id: JobId, state: State, request: Request, data: JobOptions 
         state.s3.copy_object(bucket, key, CopySource(bucket, upload_key(job_id)))
 
     # A redacted recording was stored as a WAV: the rerun's name says so, for its playback's type.
-    stored = await jobstore.job_audio(state.pool, job_id)
-    redacted = stored is not None and stored["audio_redacted_at"] is not None
-    filename = stored_filename(original["filename"], redacted=redacted)
+    filename = stored_filename(original["filename"], redacted=original["audio_redacted_at"] is not None)
     try:
         new_id = await create_job(state.pool, state.s3, bucket, copy, filename=filename, options=options,
                                   owner=request_owner(request), outbox_wake=state.outbox_wake, idempotency=asked)
