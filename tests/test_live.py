@@ -11,6 +11,8 @@ import time
 import httpx
 import pytest
 
+from tests.conftest import another_ingest
+
 
 def read_events(url: str, *, headers: dict | None = None, until=None, timeout: float = 300,
                 connected: threading.Event | None = None) -> list[dict]:
@@ -132,6 +134,31 @@ def test_the_jobs_stream_follows_a_job_to_its_end_after_newer_ones_push_it_out_o
     finally:
         stack.query("DELETE FROM transcripts WHERE id = ANY($1)", [older, *newer])
     assert outcome["older"][0] == "processing" and outcome["older"][-1] == "error", outcome
+
+
+def test_event_streams_past_the_limit_are_told_to_come_back_later(stack):
+    """Each open stream reads PostgreSQL every second: past MAX_EVENT_STREAMS a new one is 503
+    with Retry-After (the page tries again), and a closed one gives its place back."""
+    running = stack.value("INSERT INTO transcripts (filename) VALUES ('streamed.wav') RETURNING id")
+    try:
+        with another_ingest(stack, "ingest-two-streams", MAX_EVENT_STREAMS="2") as api, httpx.Client(
+                timeout=httpx.Timeout(30, connect=10)) as client:
+            with client.stream("GET", f"{api}/events") as first, \
+                    client.stream("GET", f"{api}/transcripts/{running}/events") as second:
+                assert first.status_code == second.status_code == 200
+                with client.stream("GET", f"{api}/events") as refused:
+                    assert refused.status_code == 503 and refused.headers["retry-after"].isdigit()
+                    assert "event streams" in json.loads(refused.read())["detail"]
+                # Other requests are not counted.
+                assert client.get(f"{api}/transcripts/{running}").status_code == 200
+            deadline = time.monotonic() + 15
+            while (status := client.get(f"{api}/transcripts/{running}/events",
+                                        headers={"Last-Event-ID": "end"}).status_code) == 503:
+                assert time.monotonic() < deadline, "closed streams did not give their places back"
+                time.sleep(0.5)
+            assert status == 204
+    finally:
+        stack.query("DELETE FROM transcripts WHERE id = $1", running)
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,12 @@
-"""A bound on uploads in progress (MAX_CONCURRENT_UPLOADS): each one spools to disk while it
-streams in, so without a bound a burst of large uploads could fill the disk. Past the bound a
-request is answered 503 with Retry-After before its body is read. And the size check every
-uploaded file gets once it is in."""
+"""Bounds on requests in progress: uploads (MAX_CONCURRENT_UPLOADS; each one spools to disk while
+it streams in, so without a bound a burst of large uploads could fill the disk) and event streams
+(MAX_EVENT_STREAMS). Past a bound a request is answered 503 with Retry-After before its body is
+read. And the size check every uploaded file gets once it is in."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import BinaryIO
 
 from litestar.exceptions import HTTPException
@@ -21,17 +22,29 @@ RETRY_AFTER_S = 5
 RELEASE_UPLOAD = "stt.release_upload"
 
 
-def upload_limit_middleware(limit: int):
+def _is_upload(scope: Scope) -> bool:
+    return scope["path"] in UPLOAD_PATHS and scope["method"] == "POST"
+
+
+def _is_event_stream(scope: Scope) -> bool:
+    path = scope["path"]
+    return scope["method"] == "GET" and (path == "/events" or (path.startswith("/transcripts/")
+                                                              and path.endswith("/events")))
+
+
+def _limit_middleware(limit: int, applies: Callable[[Scope], bool], what: str):
+    """At most `limit` requests that `applies` to in progress at once in this process, each
+    counted until its response has ended; past it, 503 with Retry-After."""
     in_progress = 0
 
     def wrap(app: ASGIApp) -> ASGIApp:
         async def admit(scope: Scope, receive: Receive, send: Send) -> None:
             nonlocal in_progress
-            if scope["type"] != "http" or scope["path"] not in UPLOAD_PATHS or scope["method"] != "POST":
+            if scope["type"] != "http" or not applies(scope):
                 await app(scope, receive, send)
                 return
             if in_progress >= limit:
-                body = json.dumps(error_body(scope["path"], 503, f"{in_progress} uploads are in progress, the most "
+                body = json.dumps(error_body(scope["path"], 503, f"{in_progress} {what} are in progress, the most "
                                              f"this server takes at once; try again in {RETRY_AFTER_S} s")).encode()
                 await send({"type": "http.response.start", "status": 503, "headers": [
                     (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
@@ -55,6 +68,17 @@ def upload_limit_middleware(limit: int):
         return admit
 
     return wrap
+
+
+def upload_limit_middleware(limit: int):
+    """MAX_CONCURRENT_UPLOADS."""
+    return _limit_middleware(limit, _is_upload, "uploads")
+
+
+def event_stream_limit_middleware(limit: int):
+    """MAX_EVENT_STREAMS: each open stream reads PostgreSQL every second, so without a bound
+    enough idle browser tabs would hold the database pool that every request needs."""
+    return _limit_middleware(limit, _is_event_stream, "event streams")
 
 
 def release_upload(scope: Scope) -> None:

@@ -37,7 +37,7 @@ from common.settings import Settings, get_settings
 from common.storage import STORAGE_UNAVAILABLE, ensure_buckets, make_client
 from common.webhooks import new_secret
 from services.embedder.backends import make_embedder
-from services.ingest.admission import upload_limit_middleware
+from services.ingest.admission import event_stream_limit_middleware, upload_limit_middleware
 from services.ingest.auth import api_key_middleware, request_owner
 from services.ingest.corrections import CORRECTION_ROUTES
 from services.ingest.errors import error_body, invalid
@@ -363,7 +363,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
                         *SPEAKER_ROUTES, *WEBHOOK_ROUTES, *LIVE_ROUTES, *PLAYBACK_ROUTES, *PAGE_ROUTES],
         lifespan=[lifespan],
         middleware=[http_metrics_middleware, api_key_middleware(settings),  # metrics first: 401s count
-                    upload_limit_middleware(settings.max_concurrent_uploads)],
+                    upload_limit_middleware(settings.max_concurrent_uploads),
+                    event_stream_limit_middleware(settings.max_event_streams)],
         exception_handlers={ClientException: clearer_client_error, UnicodeDecodeError: undecodable_form_field,
                             **{cls: service_unavailable for cls in (*DATABASE_UNAVAILABLE, *STORAGE_UNAVAILABLE)}},
         logging_config=None,  # keep the project's log format (common.logs)

@@ -5,8 +5,9 @@ change).
 
 What is streamed is read from PostgreSQL, so a stream always starts from the stored state and
 a reconnect with `Last-Event-ID` resumes exactly after the last segment the client saw. Ingest's
-own exclusive queue on `stt.events` only wakes the streams of the job an event is about (with a
-poll every POLL_S for stage changes, which have no event). A job's segments are sent chunk by
+own exclusive queues on `stt.events` wake the streams of the job an event is about, and the
+streams of all jobs when a job ends (with a poll every POLL_S for what has no event: a new job,
+a change of stage or percent). A job's segments are sent chunk by
 chunk in chunk order (a chunk only once every chunk before it is stored), so "after segment
 (chunk, index)" is a position that never moves back."""
 
@@ -30,6 +31,7 @@ from pydantic import BaseModel
 
 from common import jobstore
 from common.broker import watch_job_events
+from common.messages import TranscriptCompleted, TranscriptFailed
 from services.ingest.auth import request_owner
 from services.ingest.errors import error_responses
 from services.ingest.jobs import percent_done, public_stage
@@ -47,14 +49,14 @@ END_ID = "end"
 
 
 class Wakeups:
-    """Who waits for news of which job; fed by an exclusive queue on stt.events."""
+    """Who waits for news of which job (None: of any job); fed by exclusive queues on stt.events."""
 
     def __init__(self) -> None:
         self._waiting: dict[int | None, set[asyncio.Event]] = defaultdict(set)
 
     @contextlib.contextmanager
     def listen(self, job_id: int | None) -> Iterator[asyncio.Event]:
-        """An event set whenever something happens to `job_id` (None: to any job)."""
+        """An event set whenever something happens to `job_id` (None: whenever a job ends)."""
         event = asyncio.Event()
         self._waiting[job_id].add(event)
         try:
@@ -64,14 +66,25 @@ class Wakeups:
             if not self._waiting[job_id]:
                 del self._waiting[job_id]
 
-    def wake(self, job_id: int | None) -> None:
-        for key in (job_id, None):
-            for event in self._waiting.get(key, ()):
-                event.set()
+    def _wake(self, key: int | None) -> None:
+        for event in self._waiting.get(key, ()):
+            event.set()
+
+    def _wake_job(self, job_id: int | None) -> None:
+        if job_id is not None:
+            self._wake(job_id)
+
+    def _wake_all_jobs(self, _job_id: int | None) -> None:
+        self._wake(None)
 
     async def run(self, connection: AbstractRobustConnection) -> None:
-        """Wake the streams of every job that an event on stt.events is about, until cancelled."""
-        await watch_job_events(connection, "stt.ingest.live", ["#"], self.wake)
+        """Wake the streams of every job that an event on stt.events is about, and the streams of
+        all jobs at each job's end, until cancelled. Not those at each segment: they show status,
+        stage and percent only, which their poll finds, and a busy server sends many segments a
+        second to each of them."""
+        await watch_job_events(connection, "stt.ingest.live", ["#"], self._wake_job)
+        await watch_job_events(connection, "stt.ingest.live-ends",
+                               [TranscriptCompleted.ROUTING_KEY, TranscriptFailed.ROUTING_KEY], self._wake_all_jobs)
         await asyncio.Future()
 
 
