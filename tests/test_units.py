@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from common.messages import JobOptions, Segment, SpeakerTurn, TimeSpan, Word, language_choices
 from services.diarizer.pipeline import language_probe, plan_chunks
 from services.ingest.inbox import drop_options
-from services.transcriber.languages import language_spans, passages
+from services.transcriber.languages import Passage, language_spans, passages
 from services.transcriber.redaction import redact, redact_text, redact_words
 from services.transcriber.spelling import respell
 from services.transcriber.whisper import _heard_times, _runs_by_speaker, _talked_over, speaker_of
@@ -104,9 +104,13 @@ def test_a_recording_that_switches_language_is_cut_where_the_passage_language_ch
         (0, 9, "spk_0"), (9.2, 20, "spk_1"), (12, 13, "spk_0"), (21, 30, "spk_0")]
     for run, language in zip(runs, ["en", "de", "en", "en"]):
         run.language = language
-    # spk_0's "en" inside spk_1's German passage is heard with it; cuts fall 0.3 s before a passage
+    # spk_0's "en" inside spk_1's German passage is heard with it; cuts fall 0.3 s before a passage,
+    # but never into the talk before it: halfway through a shorter pause (9.0 to 9.2).
     assert [(round(s.start, 3), round(s.end, 3), language) for s, language in language_spans(runs, 31.0, 0.3)] == [
-        (0.0, 8.9, "en"), (8.9, 20.7, "de"), (20.7, 31.0, "en")]
+        (0.0, 9.1, "en"), (9.1, 20.7, "de"), (20.7, 31.0, "en")]
+    # Someone starts in another language while the speaker before is still talking: at their start.
+    over = [Passage(0.0, 10.0, "spk_0", "en"), Passage(9.5, 20.0, "spk_1", "de")]
+    assert [(s.start, s.end) for s, _ in language_spans(over, 20.0, 0.3)] == [(0.0, 9.5), (9.5, 20.0)]
 
 
 def test_a_job_language_is_one_code_several_or_multi():

@@ -82,14 +82,17 @@ def identify(model, audio: np.ndarray, runs: list[Passage], among: list[str], fa
 def language_spans(runs: list[Passage], length_s: float, margin_s: float) -> list[tuple[TimeSpan, str | None]]:
     """The chunk (0 to `length_s`) cut where the language changes, each piece with its
     language. A cut lies `margin_s` before the passage in the new language starts, so that its
-    first word is heard whole; a passage within the time of the one before goes with it."""
+    first word is heard whole; where the talk before ends nearer than that, halfway between the
+    two (the last word before is heard whole too), and where it goes on, at the new passage's
+    start. A passage within the time of the one before goes with it."""
     cuts: list[tuple[float, str | None]] = []
     reach = 0.0
     for run in sorted(runs, key=lambda r: r.start):
         if not cuts:
             cuts.append((0.0, run.language))
         elif run.language != cuts[-1][1] and run.end > reach:
-            cuts.append((max(run.start - margin_s, cuts[-1][0]), run.language))
+            cut = min(max(run.start - margin_s, (reach + run.start) / 2), run.start)
+            cuts.append((max(cut, cuts[-1][0]), run.language))
         reach = max(reach, run.end)
     ends = [start for start, _ in cuts[1:]] + [length_s]
     return [(TimeSpan(start=start, end=end), language) for (start, language), end in zip(cuts, ends) if end > start]
