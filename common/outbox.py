@@ -6,7 +6,8 @@ its `transcripts` row or not at all) and the persister announces events this way
 Work messages go to the `stt` exchange (a message no queue would take raises and stays in the
 outbox); events go to `stt.events`. Rows are published in id order, so a job's messages keep
 their order. A row that can never be published is moved to `outbox_dead` with the reason, and the
-rows after it still flow."""
+rows after it still flow. An event that a queue refuses (a subscriber's full queue set to
+reject-publish) is not sent again: the queues that took it have it, and the rest must not wait."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import asyncio
 import logging
 
 import asyncpg
+from aio_pika.exceptions import DeliveryError
 from pydantic import ValidationError
 
 from common.broker import Bus
@@ -61,11 +63,21 @@ async def flush_outbox(pool: asyncpg.Pool, bus: Bus) -> int:
                             else:
                                 await bus.publish_event(message)
                         except Exception as exc:
-                            # It stays at the head, and those after it wait: say which it is.
                             with job_logged(getattr(message, "job_id", None)):
-                                log.warning("outbox message %d (%s) not published (%s: %s); it and the ones"
-                                            " after it are tried again", row["id"], key, type(exc).__name__, exc)
-                            raise
+                                if isinstance(exc, DeliveryError) and key not in WORK_MESSAGES:
+                                    # The broker gave the event to every queue that took it, and a
+                                    # queue refused it: a subscriber's full `sub.*` queue set to
+                                    # reject-publish. Sent again it would be refused again, and
+                                    # every job's messages would wait behind it.
+                                    log.warning("event %s (outbox message %d) was refused by a queue bound to"
+                                                " stt.events (a subscriber's queue that is full and refuses"
+                                                " more?); the queues that took it have it", key, row["id"])
+                                else:
+                                    # It stays at the head, and those after it wait: say which it is.
+                                    log.warning("outbox message %d (%s) not published (%s: %s); it and the"
+                                                " ones after it are tried again", row["id"], key,
+                                                type(exc).__name__, exc)
+                                    raise
                         done.append(row["id"])
                 finally:
                     # What went out is not sent again (at-least-once holds for the rest).

@@ -275,6 +275,26 @@ async def test_an_event_that_cannot_be_published_is_set_aside_and_later_ones_flo
     assert stack.value("SELECT count(*) FROM outbox WHERE id = ANY($1::bigint[])", bad_ids) == 0
 
 
+async def test_a_subscriber_queue_that_refuses_events_holds_back_nothing(stack, fixtures_dir):
+    """A subscriber's queue full and set to reject-publish makes the broker refuse every event
+    routed to it. The outbox carries jobs' work messages and everyone's events in one order: an
+    event sent again and again until that queue has room held back every job behind it."""
+    connection = await aio_pika.connect(stack.amqp_url)
+    try:
+        channel = await connection.channel()
+        exchange = await channel.get_exchange("stt.events")
+        full = await channel.declare_queue(f"sub.full-{uuid.uuid4().hex[:8]}", exclusive=True,
+                                           arguments={"x-max-length": 0, "x-overflow": "reject-publish"})
+        await full.bind(exchange, "#")
+        queue = await events_queue(channel, "transcript.completed")
+        job_id = stack.submit(fixtures_dir / "jfk.flac").json()["id"]
+        assert (await asyncio.to_thread(stack.wait_finished, job_id))["status"] == "done"
+        await job_events(queue, job_id, lambda bodies: bodies, timeout=30)  # the others still get theirs
+        assert stack.value("SELECT count(*) FROM outbox WHERE body->>'job_id' = $1", str(job_id)) == 0
+    finally:
+        await connection.close()
+
+
 async def test_database_errors_are_told_apart_by_sqlstate(stack):
     """What PostgreSQL itself raises is classified by its sqlstate: a read-only database (a standby
     mid-failover) counts as unavailable, which the persister's consumer waits out without spending
