@@ -403,3 +403,82 @@ def test_with_api_keys_the_key_is_asked_once_and_used_for_everything(keyed_stack
     page.reload()
     page.locator(f'#jobs li[data-job="{mine}"]').wait_for(timeout=30_000)
     page.close()
+
+
+def test_with_api_keys_a_job_opened_plays_its_own_recording_and_the_list_goes_on(keyed_stack, fixtures_dir, browser):
+    stack = keyed_stack
+    client = httpx.Client(headers={"X-API-Key": KEY}, timeout=30)
+    made: list[int] = []
+    page = None
+    try:
+        made.append(first := stack.submit_job(fixtures_dir / "jfk.flac", name="first.flac", client=client))
+        made.append(second := stack.submit_job(fixtures_dir / "en_dialogue.wav", name="second.wav", client=client))
+        for job_id in made:
+            assert stack.wait_finished(job_id, client=client)["status"] == "done"
+        page = browser.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.add_init_script(f"sessionStorage.setItem('stt-api-key', '{KEY}')")
+        # /events would list the recent jobs too: here the list comes from GET /transcripts only.
+        page.route(f"{stack.api}/events", lambda route: route.abort())
+        # The first list fails (PostgreSQL restarting); the next has one job and a next page.
+        listed: list[str] = []
+
+        def list_page(route) -> None:
+            listed.append(route.request.url)
+            if len(listed) == 1:
+                route.fulfill(status=503, json={"detail": "the database is restarting"})
+                return
+            answer = route.fetch()
+            items = answer.json()["items"]
+            route.fulfill(response=answer, json={"items": items[:1], "next_cursor": items[0]["id"]})
+
+        page.route(re.compile(r"/transcripts\?limit=50$"), list_page)
+        page.goto(stack.api + "/")
+        page.locator("#notice", has_text="could not be listed").wait_for(timeout=30_000)
+        page.locator(f'#jobs li[data-job="{second}"]').wait_for(timeout=30_000)  # asked again
+        assert page.locator("#notice").is_hidden()
+        assert page.locator(f'#jobs li[data-job="{first}"]').count() == 0
+
+        # A job not in the list (opened from a search hit) is named once its events come.
+        page.evaluate(f"openTranscript({first})")
+        page.locator("#transcript-title", has_text="first.flac").wait_for(timeout=30_000)
+        page.locator('#transcript[data-ended="true"]').wait_for(timeout=60_000)
+        page.wait_for_function("document.querySelector('#player').src.startsWith('blob:')", timeout=30_000)
+        first_url = page.evaluate("document.querySelector('#player').src")
+
+        # "More" lists the rest, then goes.
+        page.get_by_role("button", name="More").click()
+        everything = {job["id"] for job in client.get(f"{stack.api}/transcripts?limit=100").json()["items"]}
+        page.locator("#more-jobs").wait_for(state="hidden", timeout=30_000)
+        shown = {int(i) for i in page.eval_on_selector_all("#jobs li", "items => items.map((i) => i.dataset.job)")}
+        assert shown == everything and {first, second} <= shown, (shown, everything)
+
+        # Another job opened and a time asked for at once (a search hit), its recording still on
+        # its way: nothing plays until it is there (not the first job's), then it plays from there.
+        held: list = []
+        page.route(f"{stack.api}/transcripts/{second}/audio", lambda route: held.append(route))
+        page.evaluate(f"openTranscript({second}); playFrom(3, null)")
+        for _ in range(300):
+            if held:
+                break
+            page.wait_for_timeout(100)
+        assert held, "the page never asked for the second recording"
+        player = page.evaluate("(({ src, paused }) => ({ src, paused }))(document.querySelector('#player'))")
+        assert player == {"src": "", "paused": True}, player
+        assert page.evaluate("(url) => fetch(url).then(() => 'kept', () => 'revoked')", first_url) == "revoked"
+        held[0].continue_()
+        page.wait_for_function("document.querySelector('#player').src.startsWith('blob:')"
+                               " && document.querySelector('#player').readyState >= 1", timeout=30_000)
+        position = page.evaluate("document.querySelector('#player').currentTime")
+        assert 2.9 < position < 4.5, position
+        size = page.evaluate("fetch(document.querySelector('#player').src).then((r) => r.arrayBuffer())"
+                             ".then((b) => b.byteLength)")
+        assert size == len(client.get(f"{stack.api}/transcripts/{second}/audio").content)
+        assert errors == []
+    finally:
+        if page is not None:
+            page.close()
+        for job_id in made:
+            client.delete(f"{stack.api}/transcripts/{job_id}")
+        client.close()

@@ -10,7 +10,7 @@ const COLOURS = ["#0b5cad", "#b3261e", "#1d6b2a", "#7a3fa0", "#8a5a00", "#00707a
 
 const state = {
   jobs: new Map(), deleted: new Set(), open: null, stream: null, speakers: [], names: {}, talk: {}, audioUrl: null,
-  uploading: 0,
+  uploading: 0, jobsStream: null, jobsRetry: null, jobsCursor: null, audioLoads: 0, pendingSeek: null,
 };
 
 function apiKey() { return sessionStorage.getItem(KEY_STORAGE) || ""; }
@@ -81,29 +81,36 @@ function follow(path, onEvent, { lastEventId = null, endId = null, onGone = null
         const reader = response.body.getReader();
         const decoder = new TextDecoder();
         let buffer = "";
-        for (;;) {
-          const { value, done } = await reader.read();
-          if (done) break;
-          buffer += decoder.decode(value, { stream: true });
-          let end;
-          while ((end = buffer.indexOf("\n\n")) >= 0) {
-            const block = buffer.slice(0, end);
-            buffer = buffer.slice(end + 2);
-            const event = { type: "message", data: "", id: null };
-            for (const line of block.split("\n")) {
-              if (line.startsWith(":")) continue;
-              const colon = line.indexOf(":");
-              const field = colon < 0 ? line : line.slice(0, colon);
-              const value = colon < 0 ? "" : line.slice(colon + 1).replace(/^ /, "");
-              if (field === "event") event.type = value;
-              else if (field === "data") event.data += (event.data ? "\n" : "") + value;
-              else if (field === "id") event.id = value;
+        // However reading ends (an event that does not parse or is not handled included), the
+        // connection is closed before the next: an open one counts against the server's streams.
+        try {
+          for (;;) {
+            const { value, done } = await reader.read();
+            if (done) break;
+            buffer += decoder.decode(value, { stream: true });
+            let end;
+            while ((end = buffer.indexOf("\n\n")) >= 0) {
+              if (stopped) return;  // events that came before stop() are not told
+              const block = buffer.slice(0, end);
+              buffer = buffer.slice(end + 2);
+              const event = { type: "message", data: "", id: null };
+              for (const line of block.split("\n")) {
+                if (line.startsWith(":")) continue;
+                const colon = line.indexOf(":");
+                const field = colon < 0 ? line : line.slice(0, colon);
+                const value = colon < 0 ? "" : line.slice(colon + 1).replace(/^ /, "");
+                if (field === "event") event.type = value;
+                else if (field === "data") event.data += (event.data ? "\n" : "") + value;
+                else if (field === "id") event.id = value;
+              }
+              if (!event.data) continue;
+              if (event.id !== null) last = event.id;
+              onEvent(event.type, JSON.parse(event.data));
+              if (endId !== null && event.id === endId) { stopped = true; return; }
             }
-            if (!event.data) continue;
-            if (event.id !== null) last = event.id;
-            onEvent(event.type, JSON.parse(event.data));
-            if (endId !== null && event.id === endId) { stopped = true; return; }
           }
+        } finally {
+          reader.cancel().catch(() => { /* already closed */ });
         }
       } catch (error) {
         if (stopped || error.name === "AbortError") return;
@@ -143,19 +150,51 @@ function renderJob(job) {
   bar.hidden = merged.status !== "processing";
   bar.setAttribute("aria-label", `${merged.filename}: ${label}`);
   item.querySelector("button").setAttribute("aria-current", state.open === job.id ? "true" : "false");
-  if (state.open === job.id) showStatus(merged);
+  if (state.open === job.id) {
+    showStatus(merged);
+    // A job opened from elsewhere (a search hit) is named once its events say what it is.
+    if (merged.filename) $("#transcript-title").textContent = merged.filename;
+  }
 }
 
+// A page of GET /transcripts into the list; "More" asks for the next one while there is one.
+function showJobsPage(page) {
+  page.items.reverse().forEach(renderJob);
+  state.jobsCursor = page.next_cursor ?? null;
+  $("#more-jobs").hidden = state.jobsCursor === null;
+}
+
+// The newest jobs, then each change (/events). A list that could not be had (the database
+// restarting, the network down) is said so and asked for again every 5 s; changes are followed
+// meanwhile. A key refused is said by api(): a new key loads again.
 async function loadJobs() {
+  const key = apiKey();
+  clearTimeout(state.jobsRetry);
   try {
     const page = await (await api("/transcripts?limit=50")).json();
-    page.items.reverse().forEach(renderJob);
+    if (apiKey() !== key) return;  // answered for the key before
+    showJobsPage(page);
     notice("");
   } catch (error) {
-    return;
+    if (apiKey() !== key || error.status === 401 || error.status === 403) return;
+    notice(`The recordings could not be listed (${error.message}): trying again.`);
+    state.jobsRetry = setTimeout(loadJobs, 5000);
   }
-  if (state.jobsStream) state.jobsStream.stop();
-  state.jobsStream = follow("/events", (type, job) => { if (type === "job") renderJob(job); });
+  if (!state.jobsStream) state.jobsStream = follow("/events", (type, job) => { if (type === "job") renderJob(job); });
+}
+
+async function loadMoreJobs() {
+  const more = $("#more-jobs");
+  const key = apiKey();
+  more.disabled = true;
+  try {
+    const page = await (await api(`/transcripts?limit=50&cursor=${encodeURIComponent(state.jobsCursor)}`)).json();
+    if (apiKey() === key) showJobsPage(page);
+  } catch (error) {
+    notice(`No more recordings could be listed: ${error.message}`);
+  } finally {
+    more.disabled = false;
+  }
 }
 
 // ---- upload -------------------------------------------------------------------------------
@@ -532,6 +571,22 @@ function showStatus(job) {
   $("#transcript").dataset.status = job.status;
 }
 
+// meeting.mp3 -> meeting.json, as the server names the other formats (download_name).
+function downloadName(jobId, format) {
+  const filename = (state.jobs.get(jobId) || {}).filename || "transcript";
+  const dot = filename.lastIndexOf(".");
+  return `${dot > 0 ? filename.slice(0, dot) : filename}.${format}`;
+}
+
+// The exact name (filename*=UTF-8''…, any language) before the ASCII stand-in (filename="…").
+function dispositionName(disposition) {
+  const exact = disposition.match(/filename\*=UTF-8''([^;\s]+)/i);
+  if (exact) {
+    try { return decodeURIComponent(exact[1]); } catch (error) { /* malformed: the stand-in */ }
+  }
+  return (disposition.match(/filename="([^"]+)"/) || [])[1];
+}
+
 function renderDownloads(jobId, done) {
   const nav = $("#downloads");
   nav.innerHTML = "";
@@ -540,14 +595,22 @@ function renderDownloads(jobId, done) {
     const link = document.createElement("a");
     link.href = `/transcripts/${jobId}?format=${format}`;
     link.textContent = `Download ${format.toUpperCase()}`;
-    link.setAttribute("download", "");
+    // JSON comes with no Content-Disposition: named here as the server names the others.
+    link.setAttribute("download", format === "json" ? downloadName(jobId, format) : "");
     if (apiKey()) {
       link.addEventListener("click", async (event) => {
         event.preventDefault();
-        const response = await api(link.href);
+        let response, blob;
+        try {
+          response = await api(link.href);
+          blob = await response.blob();
+        } catch (error) {
+          if (state.open === jobId) $("#transcript-status").textContent = `Not downloaded: ${error.message}`;
+          return;
+        }
         const disposition = response.headers.get("content-disposition") || "";
-        const name = (disposition.match(/filename="([^"]+)"/) || [])[1] || `transcript.${format}`;
-        const url = URL.createObjectURL(await response.blob());
+        const name = dispositionName(disposition) || downloadName(jobId, format);
+        const url = URL.createObjectURL(blob);
         const save = document.createElement("a");
         save.href = url;
         save.download = name;
@@ -618,27 +681,51 @@ function renderCancel(jobId, ended) {
 function renderRerun(jobId, ended) {
   const form = $("#rerun");
   form.hidden = !ended;
+  // Off while the request is on its way (a double click would make two jobs), and one
+  // Idempotency-Key per submission: sent again, the request gives back the same job.
   form.onsubmit = async (event) => {
     event.preventDefault();
+    const submit = form.querySelector("button[type=submit]");
+    if (submit.disabled) return;
+    submit.disabled = true;
     const speakers = $("#rerun-speakers").value;
     try {
       const accepted = await (await api(`/transcripts/${jobId}/rerun`, {
-        method: "POST", headers: { "Content-Type": "application/json" },
+        method: "POST", headers: { "Content-Type": "application/json", "Idempotency-Key": requestKey() },
         body: JSON.stringify({ num_speakers: speakers ? Number(speakers) : null }),
       })).json();
       renderJob({ id: accepted.id, filename: accepted.filename, status: "processing", stage: "submitted", percent: 0 });
       openTranscript(accepted.id);
     } catch (error) {
       $("#transcript-status").textContent = `Not run again: ${error.message}`;
+    } finally {
+      submit.disabled = false;
     }
   };
+}
+
+// A fresh Idempotency-Key (randomUUID exists only on https and localhost pages).
+function requestKey() {
+  if (crypto.randomUUID) return crypto.randomUUID();
+  return [...crypto.getRandomValues(new Uint8Array(16))].map((byte) => byte.toString(16).padStart(2, "0")).join("");
 }
 
 function closeTranscript() {
   if (state.stream) state.stream.stop();
   state.open = null;
-  $("#player").removeAttribute("src");
+  stopAudio();
   $("#transcript").hidden = true;
+}
+
+// The player stops and empties (else it plays on what it had), a fetch of a recording still on
+// its way is dropped, and so is a seek waiting for it.
+function stopAudio() {
+  const player = $("#player");
+  state.audioLoads += 1;
+  state.pendingSeek = null;
+  player.removeAttribute("src");
+  player.load();
+  if (state.audioUrl) { URL.revokeObjectURL(state.audioUrl); state.audioUrl = null; }
 }
 
 // Why the recording does not play (under the player; the transcript reads on); "" hides it.
@@ -651,18 +738,19 @@ function audioProblem(text) {
 async function loadAudio(jobId) {
   const player = $("#player");
   audioProblem("");
-  if (state.audioUrl) { URL.revokeObjectURL(state.audioUrl); state.audioUrl = null; }
+  stopAudio();
+  const load = state.audioLoads;
   if (!apiKey()) {
     player.src = `/transcripts/${jobId}/audio`;  // streamed, seeking by Range requests
     return;
   }
   try {  // an audio element cannot send the key: fetch the file with it
     const blob = await (await api(`/transcripts/${jobId}/audio`)).blob();
-    if (state.open !== jobId) return;
+    if (state.open !== jobId || state.audioLoads !== load) return;  // another job, or this one again
     state.audioUrl = URL.createObjectURL(blob);
     player.src = state.audioUrl;
   } catch (error) {
-    if (state.open !== jobId) return;
+    if (state.open !== jobId || state.audioLoads !== load) return;
     player.removeAttribute("src");
     audioProblem(`The recording could not be loaded: ${error.detail || error.message}`);
   }
@@ -686,12 +774,23 @@ async function audioFailed() {
   audioProblem(reason ? `The recording could not be loaded: ${reason}` : "The recording could not be loaded.");
 }
 
+// A seek asked for before the recording of the job just opened is there (fetched with the key)
+// waits for it (seekWaiting): else it would play the previous job's recording.
 function playFrom(seconds, button) {
   const player = $("#player");
-  player.currentTime = seconds;
   for (const other of document.querySelectorAll(".segment.playing")) other.classList.remove("playing");
   if (button) button.classList.add("playing");
+  if (!player.getAttribute("src") || player.readyState < HTMLMediaElement.HAVE_METADATA) {
+    state.pendingSeek = seconds;
+    return;
+  }
+  state.pendingSeek = null;
+  player.currentTime = seconds;
   player.play().catch(() => { /* the browser may refuse to play without sound output */ });
+}
+
+function seekWaiting() {
+  if (state.pendingSeek !== null) playFrom(state.pendingSeek, document.querySelector(".segment.playing"));
 }
 
 // How long each speaker talks (time, share of all talk, words), shown beside its name field.
@@ -802,14 +901,25 @@ async function search(event) {
 
 document.addEventListener("DOMContentLoaded", () => {
   $("#api-key").value = apiKey();
+  // Another key, another user's data: nothing of the one before stays (its streams included).
   $("#key-form").addEventListener("submit", (event) => {
     event.preventDefault();
     sessionStorage.setItem(KEY_STORAGE, $("#api-key").value.trim());
+    if (state.jobsStream) state.jobsStream.stop();
+    state.jobsStream = null;
+    clearTimeout(state.jobsRetry);
+    closeTranscript();
     state.jobs.clear();
+    state.deleted.clear();
     $("#jobs").innerHTML = "";
+    $("#more-jobs").hidden = true;
+    $("#hits").innerHTML = "";
+    $("#people").innerHTML = "";
+    showExpectedChoices([]);
     loadJobs();
     loadPeople();
   });
+  $("#more-jobs").addEventListener("click", loadMoreJobs);
   $("#upload").addEventListener("submit", (event) => {
     event.preventDefault();
     if (state.uploading) return;
@@ -838,6 +948,7 @@ document.addEventListener("DOMContentLoaded", () => {
   $("#names").addEventListener("submit", saveNames);
   $("#search").addEventListener("submit", search);
   $("#player").addEventListener("error", audioFailed);
+  $("#player").addEventListener("loadedmetadata", seekWaiting);
   $("#player").addEventListener("timeupdate", () => {
     const now = $("#player").currentTime;
     let current = null;
