@@ -184,6 +184,11 @@ async def post(http: aiohttp.ClientSession, url: str, secret: str, event_id: str
         return None, f"no answer within {timeout_s:g} s"
     except aiohttp.ClientError as exc:
         return None, f"{type(exc).__name__}: {exc}"
+    except Exception as exc:
+        # Anything else (a URL aiohttp cannot take, an SSL context error) is a failed attempt too:
+        # raised, it would leave the attempt unrecorded and be kicked again for ever.
+        log.exception("POST to a webhook failed unexpectedly")
+        return None, f"{type(exc).__name__}: {exc}"
 
 
 async def prune_delivery_log(pool: asyncpg.Pool, settings: Settings) -> int:
@@ -207,6 +212,25 @@ async def prune_delivery_log(pool: asyncpg.Pool, settings: Settings) -> int:
             return removed
 
 
+async def overdue_chains(pool: asyncpg.Pool) -> list[asyncpg.Record]:
+    """(webhook_id, job_id) of each job whose oldest pending delivery to an idle webhook is long
+    overdue. A webhook with a delivery in flight (its (webhook, job) lock held, by any replica) is
+    busy, not stuck: its waiting jobs' kicks come back every BUSY_ENDPOINT_DELAY_S until a place
+    frees, and a kick added every sweep would pile up behind a slow endpoint for as long as its
+    backlog lasts."""
+    return await pool.fetch(
+        """SELECT webhook_id, job_id FROM (
+               SELECT DISTINCT ON (webhook_id, job_id) webhook_id, job_id, next_attempt_at
+                 FROM webhook_deliveries WHERE status = 'pending'
+                ORDER BY webhook_id, job_id, id) oldest
+            WHERE next_attempt_at < now() - make_interval(secs => $1)
+              AND NOT EXISTS (
+                  SELECT 1 FROM pg_locks l
+                   WHERE l.locktype = 'advisory' AND l.objsubid = 2 AND l.granted
+                     AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                     AND l.classid::bigint = oldest.webhook_id % 2147483648)""", float(STUCK_AFTER_S))
+
+
 async def sweep_stuck(pool: asyncpg.Pool, bus: Bus, every_s: float = SWEEP_EVERY_S) -> None:
     """Kick again, now and then, any (webhook, job) whose oldest pending delivery is long overdue:
     its kick was lost between a commit and a publish (a crash). Extra kicks are harmless: they
@@ -214,13 +238,7 @@ async def sweep_stuck(pool: asyncpg.Pool, bus: Bus, every_s: float = SWEEP_EVERY
     counts: the ones after it wait for it, and are not late."""
     while True:
         try:
-            rows = await pool.fetch(
-                """SELECT webhook_id, job_id FROM (
-                       SELECT DISTINCT ON (webhook_id, job_id) webhook_id, job_id, next_attempt_at
-                         FROM webhook_deliveries WHERE status = 'pending'
-                        ORDER BY webhook_id, job_id, id) oldest
-                    WHERE next_attempt_at < now() - make_interval(secs => $1)""", float(STUCK_AFTER_S))
-            for row in rows:
+            for row in await overdue_chains(pool):
                 await bus.publish(WebhookDue(job_id=row["job_id"], webhook_id=row["webhook_id"]))
         except Exception as exc:  # the database or the broker is away: the next round tries again
             log.warning("could not look for overdue webhook deliveries (%s: %s); later", type(exc).__name__, exc)
