@@ -502,6 +502,11 @@ async def ensure_vector_index(pool: asyncpg.Pool, model: str, dimensions: int) -
         return
     name = "segments_embedding_" + hashlib.sha256(f"{model}:{dimensions}".encode()).hexdigest()[:16]
     literal = model.replace("'", "''")
+    # CREATE INDEX IF NOT EXISTS locks the table against writes before it finds the index there:
+    # behind a long transaction writing segments (a reindex), every segment write would queue.
+    if await pool.fetchval("SELECT to_regclass($1)", name) is not None:
+        _indexed.add((model, dimensions))
+        return
     try:
         await pool.execute(
             f"CREATE INDEX IF NOT EXISTS {name} ON segments USING hnsw"

@@ -184,6 +184,26 @@ def test_postgresql_restart_mid_run(faulty, fixtures_dir):
     assert figures == {"submitted": 5, "done": 5, "error": 0, "lost": 0, "duplicate_segments": 0}, reasons(documents)
 
 
+def test_an_ollama_outage_holds_jobs_at_embedding_instead_of_failing_them(faulty, fixtures_dir):
+    """Ollama restarting (or still starting) failed every job that reached the embedder, after
+    its quick retries and the broker's (under half a minute with the tests' RETRY_DELAYS_S)."""
+    port = int(faulty.env["OLLAMA_URL"].rsplit(":", 1)[1])
+    faulty.stop("ollama")
+    try:
+        [job_id] = submit_many(faulty, [fixtures_dir / "jfk.flac"])
+        deadline = time.monotonic() + 120
+        while faulty.status(job_id)["stage"] != "embedding":
+            assert time.monotonic() < deadline, faulty.status(job_id)
+            time.sleep(0.5)
+        time.sleep(40)
+        during = faulty.status(job_id)
+    finally:
+        faulty.start("ollama", "-m", "tests.fake_ollama", "--port", str(port))
+        wait_for_port(port, timeout=120)
+    assert (during["status"], during["stage"]) == ("processing", "embedding"), during
+    assert faulty.wait_finished(job_id, timeout=180)["status"] == "done"
+
+
 def test_object_store_outage_refuses_uploads_and_fails_stranded_jobs(faulty, fixtures_dir):
     [done_before] = submit_many(faulty, [fixtures_dir / "jfk.flac"])
     faulty.wait_finished(done_before)
@@ -192,7 +212,7 @@ def test_object_store_outage_refuses_uploads_and_fails_stranded_jobs(faulty, fix
     port = int(faulty.env["MINIO_ENDPOINT"].rsplit(":", 1)[1])
     faulty.stop("s3")
     try:
-        upload_during = faulty.submit(fixtures_dir / "jfk.flac").status_code
+        upload_during = faulty.submit(fixtures_dir / "jfk.flac")
         ready_during = httpx.get(f"{faulty.api}/readyz").json()["checks"]["object_store"]
         audio_during = httpx.get(f"{faulty.api}/transcripts/{done_before}/audio", timeout=120)
         publish(faulty, JobSubmitted(job_id=stranded, audio_bucket="audio", audio_key=f"uploads/{done_before}",
@@ -201,7 +221,9 @@ def test_object_store_outage_refuses_uploads_and_fails_stranded_jobs(faulty, fix
     finally:
         faulty.start("s3", "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port))
         wait_for_port(port)
-    assert upload_during == 503 and ready_during.startswith("unavailable")
+    # Nothing was created: the CLI sends it again after Retry-After.
+    assert upload_during.status_code == 503 and upload_during.headers["retry-after"] == "5", upload_during.text
+    assert ready_during.startswith("unavailable")
     assert audio_during.status_code == 503 and audio_during.headers["retry-after"], audio_during.text
     # A category, never the store's address or the client library's text (those are in the log).
     assert document["error"] == "diarizer failed after 3 attempts: storage unavailable, retries exhausted", document
@@ -212,7 +234,7 @@ def test_object_store_outage_refuses_uploads_and_fails_stranded_jobs(faulty, fix
     job_ids = submit_many(faulty, [fixtures_dir / "jfk.flac"])
     documents = wait_all(faulty, job_ids)
     report("object store down", faulty, [stranded, *job_ids], {stranded: document, **documents},
-           f"upload during outage -> {upload_during}; stranded job: {document['error'][:60]}...")
+           f"upload during outage -> {upload_during.status_code}; stranded job: {document['error'][:60]}...")
     assert documents[job_ids[0]]["status"] == "done"
 
 

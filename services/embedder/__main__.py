@@ -15,7 +15,7 @@ from common.metrics import serve_metrics
 from common.runner import run_worker
 from common.settings import get_settings
 from services.embedder import handler
-from services.embedder.backends import make_embedder
+from services.embedder.backends import OLLAMA_UNAVAILABLE, make_embedder
 
 log = logging.getLogger("services.embedder")
 
@@ -28,10 +28,28 @@ async def main() -> None:
         embed, model_name = await asyncio.to_thread(make_embedder, settings, session)
         log.info("embedding with %s (%s backend)", model_name, settings.embedding_backend)
         deps = handler.Deps(embed=embed, model_name=model_name)
+        if settings.embedding_backend == "ollama":
+            await check_ollama(embed, settings)
         connection = await connect(settings, "embedder")
         log.info("embedder ready")
+        # Ollama not answering at all is an outage: chunks wait for it without spending retries
+        # (a restart, a model being pulled), as the persister waits for the database.
         await consume(connection, settings, "embedder",
-                      [Route(ChunkTranscribed, functools.partial(handler.handle, deps=deps))], ended=EndedJobs())
+                      [Route(ChunkTranscribed, functools.partial(handler.handle, deps=deps))], ended=EndedJobs(),
+                      wait_on=OLLAMA_UNAVAILABLE if settings.embedding_backend == "ollama" else ())
+
+
+async def check_ollama(embed, settings) -> None:
+    """Say at start, not at the first job, when Ollama cannot embed with the configured model."""
+    try:
+        [vector] = await embed(["warm-up"])
+        log.info("Ollama at %s embeds with %s (%d dimensions)", settings.ollama_url, settings.model_name_embedded,
+                 len(vector))
+    except Exception as exc:
+        log.error("Ollama at %s cannot embed with %s yet (%s: %s): jobs wait at embedding while it cannot be"
+                  " reached, and fail with this reason while it answers with an error (pull the model:"
+                  " `ollama pull %s`)", settings.ollama_url, settings.model_name_embedded, type(exc).__name__,
+                  exc, settings.model_name_embedded)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,10 @@ class OllamaError(RuntimeError):
     pass
 
 
+# Ollama not reachable at all (down, restarting): the embedder holds its messages until it is.
+OLLAMA_UNAVAILABLE: tuple[type[BaseException], ...] = (aiohttp.ClientConnectorError,)
+
+
 async def ollama_embed(session: aiohttp.ClientSession, settings: Settings,
                        texts: list[str]) -> list[list[float]]:
     """POST /api/embed with a batch; retries connection errors, timeouts and 5xx with backoff."""

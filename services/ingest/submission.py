@@ -34,7 +34,13 @@ class Accepted(BaseModel):
 
 
 class Unavailable(HTTPException):
+    """The job could not be stored or queued; nothing was created, so the same request may come
+    again (the CLI sends it again after Retry-After)."""
+
     status_code = 503
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, headers={"Retry-After": "5", **(kwargs.pop("headers", None) or {})}, **kwargs)
 
 
 def accepted(job_id: int, filename: str, callback_secret: str | None = None) -> Response[Accepted]:
