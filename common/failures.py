@@ -14,9 +14,23 @@ def failure_category(exc: BaseException) -> str:
     if module in ("minio", "urllib3"):
         return "storage unavailable"
     if module == "asyncpg":
-        return "database unavailable"
+        return _database_category(getattr(exc, "sqlstate", None) or "")
     if module == "aiohttp" or name == "OllamaError":
         return "embedding service unavailable"
     if isinstance(exc, (ConnectionError, TimeoutError, OSError)):
         return "a service it depends on was unreachable"
     return "internal error"
+
+
+def _database_category(sqlstate: str) -> str:
+    # No SQLSTATE: the connection itself (asyncpg's interface and connection errors).
+    if not sqlstate or sqlstate[:2] in ("08", "53") or sqlstate in ("25006", "57P01", "57P02", "57P03"):
+        return "database unavailable"
+    if sqlstate == "57014":
+        return "database too slow (statement timeout)"
+    if sqlstate[:2] == "40":
+        return "database conflict (deadlock or serialization)"
+    # Data the database refuses (a vector of another length under the same model name, class 22;
+    # a constraint, class 23): waiting would not help, and "unavailable" would send people looking
+    # at a database that is up.
+    return f"the database refused the data (SQLSTATE {sqlstate})"

@@ -433,3 +433,19 @@ async def test_a_message_is_held_through_an_outage_counted_from_its_errors(monke
 
     with pytest.raises(broker.HeldThroughOutage):
         await broker._run_waiting_out_outages(never_back, None, None, (ConnectionRefusedError,), work, hold_s=1.0)
+
+
+def test_a_job_failed_by_the_database_says_whether_it_was_down_or_refused_the_data():
+    """A vector of another length under the same model name (class 22) failed jobs as "database
+    unavailable", which sends people to look at a database that is up."""
+    import asyncpg
+
+    from common.failures import failure_category
+
+    assert failure_category(asyncpg.exceptions.ConnectionDoesNotExistError("gone")) == "database unavailable"
+    assert failure_category(asyncpg.exceptions.TooManyConnectionsError("full")) == "database unavailable"
+    assert failure_category(asyncpg.exceptions.QueryCanceledError("slow")) == "database too slow (statement timeout)"
+    conflict = failure_category(asyncpg.exceptions.DeadlockDetectedError("x"))
+    assert conflict == "database conflict (deadlock or serialization)"
+    refused = failure_category(asyncpg.exceptions.DataError("expected 1024 dimensions, not 768"))
+    assert refused == "the database refused the data (SQLSTATE 22000)", refused
