@@ -440,6 +440,20 @@ def load_components(settings):
     return diarize, backend, model
 
 
+def warm_up(diarize, model, settings, waveform: np.ndarray) -> None:
+    """One untimed pass of every model over the first 20 s of `waveform`, so that no timed run
+    pays for what a service does before it is ready (loading the embedding model, the first
+    inference's allocations): the stack's services are measured warm."""
+    from common.messages import JobOptions
+    from services.embedder.backends import local_embedder
+    from services.transcriber.whisper import transcribe_chunk
+
+    piece = waveform[:20 * 16_000]
+    turns = diarize(piece, JobOptions()).turns
+    segments, _ = transcribe_chunk(model, piece, 0.0, turns, None, settings.whisper_beam_size)
+    local_embedder(settings)([s.text for s in segments] or ["warm-up"])
+
+
 # ---- output ---------------------------------------------------------------------------------
 
 def fmt(value, kind: str = "pct") -> str:

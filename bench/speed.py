@@ -51,6 +51,7 @@ from bench.common import (
     run_pipeline,
     table,
     verdict,
+    warm_up,
     write_wav,
 )
 
@@ -175,6 +176,7 @@ def default_comparison(fixtures, seconds: float, seed_budget: float, tmp: Path) 
     log(f"default audio: {concat.duration:.1f} s from {len(concat.pieces)} pieces -> {path}")
     settings = bench_settings()
     diarize, _, model = load_components(settings)
+    warm_up(diarize, model, settings, concat.audio)
     log("(a) floor ...")
     floor = run_floor(path, diarize, model, settings)
     log(f"(a) {floor['wall_s']:.1f} s; (b) seed ...")
