@@ -77,7 +77,7 @@ def batched(model, audio, turns, language, beam_size):
              for piece in pieces for w in (piece.words or [])]
     return [Segment(index=i, speaker=speaker, start_ts=run[0].start, end_ts=run[-1].end,
                     text="".join(w.word for w in run).strip(), words=run)
-            for i, (speaker, run) in enumerate(_runs_by_speaker(words, turns))]
+            for i, (speaker, run, _) in enumerate(_runs_by_speaker(words, [None] * len(words), turns))]
 
 
 STRATEGIES = {"per-turn": per_turn, "whole-chunk (default)": whole_chunk, "batched": batched}
@@ -86,7 +86,7 @@ STRATEGIES = {"per-turn": per_turn, "whole-chunk (default)": whole_chunk, "batch
 def main() -> None:
     from common.audio import decode_audio
     from common.messages import SpeakerTurn
-    from services.transcriber.whisper import detect_language
+    from services.transcriber.languages import detect_language
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fixtures", type=Path, default=DEFAULT_FIXTURES)
@@ -101,7 +101,8 @@ def main() -> None:
     for fixture in fixtures:
         if fixture.stem in DIALOGUES:
             reference = [(u.speaker, u.text) for u in sorted(fixture.utterances, key=lambda u: u.start)]
-            cases.append((fixture.name, decode_audio(str(fixture.path)), fixture.turns,
+            words = sum(len(text.split()) for _, text in reference)
+            cases.append((f"{fixture.name} ({words} reference words)", decode_audio(str(fixture.path)), fixture.turns,
                           lambda segs, ref=reference: cpwer(ref, [(s.speaker, s.text) for s in segs])))
     # One language per job (detected once), so the long file is made of the English fixtures only;
     # scored piece by piece: each copy of a fixture gets its own speaker mapping.
@@ -110,8 +111,11 @@ def main() -> None:
     def score_concatenation(segments) -> float:
         return cpwer_by_piece(concat, [(s.speaker, s.start_ts, s.end_ts, s.text) for s in segments])["all"]
 
-    cases.append((f"English concatenation ({concat.duration / 60:.1f} min)", concat.audio, concat.turns,
-                  score_concatenation))
+    # Only the pieces with a transcript are scored: say how many words that is.
+    scored = [(start, end) for _, start, end in concat.pieces if any(a == start for a, _ in concat.text_regions)]
+    words = sum(len(u.text.split()) for u in concat.utterances if any(a <= u.start < b for a, b in scored))
+    cases.append((f"English concatenation ({concat.duration / 60:.1f} min; {words} reference words scored)",
+                  concat.audio, concat.turns, score_concatenation))
 
     rows = []
     totals = {name: [0.0, []] for name in STRATEGIES}

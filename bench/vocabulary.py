@@ -70,7 +70,7 @@ def evaluate(fixtures_dir: Path) -> dict:
                                                      diarization=diarization).segments)
         said = normalize(text).split()
         term_rows.append({"vocabulary": name, "term": text.count(TERM),
-                          "context": sum(word in said for word in CONTEXT_WORDS), "text": text.strip()})
+                          "context": in_order(CONTEXT_WORDS, said), "text": text.strip()})
 
     cost_rows = []
     for fixture in load_fixtures(fixtures_dir):
@@ -92,9 +92,22 @@ def evaluate(fixtures_dir: Path) -> dict:
     return {"term": term_rows, "cost": cost_rows, "unrelated_chars": len(", ".join(unrelated.vocabulary))}
 
 
+def in_order(expected: list[str], said: list[str]) -> int:
+    """How many of `expected` the text has in their order (the longest common subsequence):
+    common words found anywhere in it would count as the sentence kept."""
+    best = [0] * (len(said) + 1)
+    for word in expected:
+        previous_row_diagonal = 0
+        for j, spoken in enumerate(said, 1):
+            above = best[j]
+            best[j] = previous_row_diagonal + 1 if word == spoken else max(best[j], best[j - 1])
+            previous_row_diagonal = above
+    return best[-1]
+
+
 def render(report: dict) -> str:
     lines = [f"{TERM_FILE}: how often {TERM!r} is written (it is said twice), and how many of the "
-             f"{len(CONTEXT_WORDS)} words around it are",
+             f"{len(CONTEXT_WORDS)} words said around it it has in their order",
              table(["vocabulary", TERM, "words around it", "text"],
                    [[r["vocabulary"], str(r["term"]), f"{r['context']}/{len(CONTEXT_WORDS)}", r["text"]]
                     for r in report["term"]]),

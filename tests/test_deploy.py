@@ -441,3 +441,21 @@ def test_nothing_is_declared_that_no_code_imports():
                                                if name not in {"all", "dev", "bench"} for r in extra]
     unused = sorted({_name(r) for r in runtime} - imported - set(DECLARED_NOT_IMPORTED))
     assert unused == []
+
+
+def test_every_name_a_benchmark_imports_exists():
+    """Benchmarks import the services' code inside their functions (so `--help` stays fast): a
+    name moved to another module broke `python -m bench.strategies` only when it was run."""
+    import importlib
+    import importlib.util
+
+    def exists(module: str, name: str) -> bool:
+        found = hasattr(importlib.import_module(module), name)
+        return found or importlib.util.find_spec(f"{module}.{name}") is not None
+
+    missing = [f"{path.name}: {node.module}.{alias.name}"
+               for path in sorted((ROOT / "bench").glob("*.py"))
+               for node in ast.walk(ast.parse(path.read_text()))
+               if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in ("services", "common")
+               for alias in node.names if not exists(node.module, alias.name)]
+    assert missing == []
