@@ -30,6 +30,8 @@ def _database_category(sqlstate: str) -> str:
         return "database too slow (statement timeout)"
     if sqlstate[:2] == "40":
         return "database conflict (deadlock or serialization)"
+    if sqlstate[:2] == "42":  # a table or column this version expects is not there
+        return f"database schema error (SQLSTATE {sqlstate})"
     # Data the database refuses (a vector of another length under the same model name, class 22;
     # a constraint, class 23): waiting would not help, and "unavailable" would send people looking
     # at a database that is up.

@@ -6,13 +6,15 @@ its `transcripts` row or not at all) and the persister announces events this way
 Work messages go to the `stt` exchange (a message no queue would take raises and stays in the
 outbox); events go to `stt.events`. Rows are published in id order, so a job's messages keep
 their order. A row that can never be published is moved to `outbox_dead` with the reason, and the
-rows after it still flow. An event that a queue refuses (a subscriber's full queue set to
-reject-publish) is not sent again: the queues that took it have it, and the rest must not wait."""
+rows after it still flow. An event that a queue has refused for EVENT_REFUSED_FOR_S (a
+subscriber's full queue set to reject-publish) is not sent again: the queues that took it have
+it, and the rest must not wait."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import asyncpg
 from aio_pika.exceptions import DeliveryError
@@ -26,6 +28,17 @@ from common.messages import EVENTS, WORK_MESSAGES, Contract
 log = logging.getLogger(__name__)
 
 BATCH = 500
+# An event a queue refuses (the broker's nack) is sent again for this long: our own queues on
+# stt.events (the notifier's, ingest's results) refuse only in a broker failure, which passes.
+# Refused longer, it is a subscriber's full queue that refuses new messages: such events are then
+# dropped at once, by routing key, until one of that key goes through again.
+EVENT_REFUSED_FOR_S = 30.0
+_events_refused_since: dict[str, float] = {}
+
+
+def _refused_too_long(routing_key: str) -> bool:
+    since = _events_refused_since.setdefault(routing_key, time.monotonic())
+    return time.monotonic() - since >= EVENT_REFUSED_FOR_S
 
 
 async def add_to_outbox(conn: asyncpg.Connection, message: Contract) -> None:
@@ -62,16 +75,20 @@ async def flush_outbox(pool: asyncpg.Pool, bus: Bus) -> int:
                                 await bus.publish(message)
                             else:
                                 await bus.publish_event(message)
+                                _events_refused_since.pop(key, None)
                         except Exception as exc:
                             with job_logged(getattr(message, "job_id", None)):
-                                if isinstance(exc, DeliveryError) and key not in WORK_MESSAGES:
+                                refused = isinstance(exc, DeliveryError) and key not in WORK_MESSAGES
+                                if refused and _refused_too_long(key):
                                     # The broker gave the event to every queue that took it, and a
-                                    # queue refused it: a subscriber's full `sub.*` queue set to
-                                    # reject-publish. Sent again it would be refused again, and
-                                    # every job's messages would wait behind it.
-                                    log.warning("event %s (outbox message %d) was refused by a queue bound to"
-                                                " stt.events (a subscriber's queue that is full and refuses"
-                                                " more?); the queues that took it have it", key, row["id"])
+                                    # queue has refused this kind for EVENT_REFUSED_FOR_S: a
+                                    # subscriber's full `sub.*` queue set to reject-publish. Sent
+                                    # again it would be refused again, and every job's messages
+                                    # would wait behind it.
+                                    log.error("event %s (outbox message %d) refused by a queue bound to stt.events"
+                                              " (a subscriber's queue that is full and refuses more?) for %g s;"
+                                              " not sent again: the queues that took it have it", key, row["id"],
+                                              EVENT_REFUSED_FOR_S)
                                 else:
                                     # It stays at the head, and those after it wait: say which it is.
                                     log.warning("outbox message %d (%s) not published (%s: %s); it and the"

@@ -447,5 +447,7 @@ def test_a_job_failed_by_the_database_says_whether_it_was_down_or_refused_the_da
     assert failure_category(asyncpg.exceptions.QueryCanceledError("slow")) == "database too slow (statement timeout)"
     conflict = failure_category(asyncpg.exceptions.DeadlockDetectedError("x"))
     assert conflict == "database conflict (deadlock or serialization)"
+    schema = failure_category(asyncpg.exceptions.UndefinedColumnError("no column"))
+    assert schema == "database schema error (SQLSTATE 42703)", schema
     refused = failure_category(asyncpg.exceptions.DataError("expected 1024 dimensions, not 768"))
     assert refused == "the database refused the data (SQLSTATE 22000)", refused

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -311,39 +312,48 @@ def test_a_retry_kicked_twice_spends_one_attempt(notified):
     assert asyncio.run(kicked_twice()) == 2
 
 
-def test_the_sweep_kicks_overdue_jobs_of_idle_webhooks_only(notified):
+def test_the_sweep_kicks_a_busy_webhooks_overdue_jobs_one_at_a_time(notified):
     """A slow endpoint's backlog is overdue without being stuck: kicking each of its waiting jobs
     every sweep (in every replica) piled up kicks, each sent back every few seconds while the
-    endpoint stayed busy."""
+    endpoint stayed busy. Only the job overdue longest (the one a lost kick leaves behind) is
+    kicked while another delivery is in flight; all of them once the webhook is idle."""
     stack, _ = notified
 
     async def swept() -> tuple[set, set, set]:
         pool = await asyncpg.create_pool(stack.database_url, min_size=1, max_size=3)
-        webhook_id = await pool.fetchval(
-            "INSERT INTO webhooks (url, events, secret) VALUES ('http://192.0.2.1/hook', $1, $2) RETURNING id",
-            ["transcript.completed"], "a-secret-of-16-chars")
         try:
-            await pool.execute(
-                """INSERT INTO webhook_deliveries (webhook_id, event_id, event_type, job_id, payload, next_attempt_at)
-                   VALUES ($1, 'evt-overdue', 'transcript.completed', 929291, '{}', now() - interval '1 hour')""",
-                webhook_id)
+            async with pool.acquire() as conn, pool.acquire() as sender:
+                # In a transaction rolled back at the end: the stack's own notifier never sees it.
+                writing = conn.transaction()
+                await writing.start()
+                try:
+                    webhook_id = await conn.fetchval(
+                        "INSERT INTO webhooks (url, events, secret) VALUES ('http://192.0.2.1/hook', $1, $2)"
+                        " RETURNING id", ["transcript.completed"], "a-secret-of-16-chars")
+                    for job_id, late in ((929291, timedelta(hours=2)), (929292, timedelta(hours=1))):
+                        await conn.execute(
+                            """INSERT INTO webhook_deliveries (webhook_id, event_id, event_type, job_id, payload,
+                                                               next_attempt_at)
+                               VALUES ($1, $2, 'transcript.completed', $3, '{}', now() - $4::interval)""",
+                            webhook_id, f"evt-overdue-{job_id}", job_id, late)
 
-            async def overdue() -> set:
-                return {(r["webhook_id"], r["job_id"]) for r in await handler.overdue_chains(pool)
-                        if r["webhook_id"] == webhook_id}
+                    async def overdue() -> set:
+                        chains = await handler.overdue_chains(conn)
+                        return {r["job_id"] for r in chains if r["webhook_id"] == webhook_id}
 
-            idle = await overdue()
-            async with pool.acquire() as sender:  # another job's delivery in flight to the same webhook
-                await sender.execute("SELECT pg_advisory_lock($1::int, $2::int)", webhook_id, 929292)
-                busy = await overdue()
-                await sender.execute("SELECT pg_advisory_unlock($1::int, $2::int)", webhook_id, 929292)
-            return idle, busy, await overdue()
+                    idle = await overdue()
+                    # Another job's delivery in flight to the same webhook.
+                    await sender.execute("SELECT pg_advisory_lock($1::int, $2::int)", webhook_id, 929293)
+                    busy = await overdue()
+                    await sender.execute("SELECT pg_advisory_unlock($1::int, $2::int)", webhook_id, 929293)
+                    return idle, busy, await overdue()
+                finally:
+                    await writing.rollback()
         finally:
-            await pool.execute("DELETE FROM webhooks WHERE id = $1", webhook_id)
             await pool.close()
 
     idle, busy, idle_again = asyncio.run(swept())
-    assert idle == idle_again != set() and busy == set(), (idle, busy, idle_again)
+    assert idle == idle_again == {929291, 929292} and busy == {929291}, (idle, busy, idle_again)
 
 
 def test_the_delivery_log_keeps_settled_deliveries_for_webhook_log_days(notified):

@@ -28,15 +28,19 @@ async def main() -> None:
         embed, model_name = await asyncio.to_thread(make_embedder, settings, session)
         log.info("embedding with %s (%s backend)", model_name, settings.embedding_backend)
         deps = handler.Deps(embed=embed, model_name=model_name)
-        if settings.embedding_backend == "ollama":
-            await check_ollama(embed, settings)
+        # Told in the log, not waited for: an Ollama that drops connection attempts would hold the
+        # start for minutes of retries.
+        ollama = settings.embedding_backend == "ollama"
+        checking = asyncio.create_task(check_ollama(embed, settings)) if ollama else None
         connection = await connect(settings, "embedder")
         log.info("embedder ready")
         # Ollama not answering at all is an outage: chunks wait for it without spending retries
         # (a restart, a model being pulled), as the persister waits for the database.
         await consume(connection, settings, "embedder",
                       [Route(ChunkTranscribed, functools.partial(handler.handle, deps=deps))], ended=EndedJobs(),
-                      wait_on=OLLAMA_UNAVAILABLE if settings.embedding_backend == "ollama" else ())
+                      wait_on=OLLAMA_UNAVAILABLE if ollama else ())
+        if checking is not None:
+            checking.cancel()
 
 
 async def check_ollama(embed, settings) -> None:

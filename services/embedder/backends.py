@@ -31,8 +31,9 @@ class OllamaError(RuntimeError):
     pass
 
 
-# Ollama not reachable at all (down, restarting): the embedder holds its messages until it is.
-OLLAMA_UNAVAILABLE: tuple[type[BaseException], ...] = (aiohttp.ClientConnectorError,)
+# Ollama not reachable at all (down, restarting, a host that drops the connection attempt): the
+# embedder holds its messages until it is.
+OLLAMA_UNAVAILABLE: tuple[type[BaseException], ...] = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
 
 
 async def ollama_embed(session: aiohttp.ClientSession, settings: Settings,

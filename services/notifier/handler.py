@@ -212,23 +212,26 @@ async def prune_delivery_log(pool: asyncpg.Pool, settings: Settings) -> int:
             return removed
 
 
-async def overdue_chains(pool: asyncpg.Pool) -> list[asyncpg.Record]:
-    """(webhook_id, job_id) of each job whose oldest pending delivery to an idle webhook is long
-    overdue. A webhook with a delivery in flight (its (webhook, job) lock held, by any replica) is
-    busy, not stuck: its waiting jobs' kicks come back every BUSY_ENDPOINT_DELAY_S until a place
-    frees, and a kick added every sweep would pile up behind a slow endpoint for as long as its
-    backlog lasts."""
-    return await pool.fetch(
+async def overdue_chains(db: asyncpg.Pool | asyncpg.Connection) -> list[asyncpg.Record]:
+    """(webhook_id, job_id) of each job whose oldest pending delivery is long overdue; of a webhook
+    with a delivery in flight (a (webhook, job) lock held, by any replica), only the one overdue
+    longest. Such a webhook is busy, not stuck: its waiting jobs' kicks come back every
+    BUSY_ENDPOINT_DELAY_S until a place frees, and a kick for each of them every sweep piled up
+    behind a slow endpoint for as long as its backlog lasted. A job whose kick was lost is the
+    one overdue longest in time, so it is still kicked."""
+    return await db.fetch(
         """SELECT webhook_id, job_id FROM (
-               SELECT DISTINCT ON (webhook_id, job_id) webhook_id, job_id, next_attempt_at
-                 FROM webhook_deliveries WHERE status = 'pending'
-                ORDER BY webhook_id, job_id, id) oldest
-            WHERE next_attempt_at < now() - make_interval(secs => $1)
-              AND NOT EXISTS (
+               SELECT webhook_id, job_id,
+                      row_number() OVER (PARTITION BY webhook_id ORDER BY next_attempt_at, id) AS place
+                 FROM (SELECT DISTINCT ON (webhook_id, job_id) webhook_id, job_id, id, next_attempt_at
+                         FROM webhook_deliveries WHERE status = 'pending'
+                        ORDER BY webhook_id, job_id, id) oldest
+                WHERE next_attempt_at < now() - make_interval(secs => $1)) overdue
+            WHERE place = 1 OR NOT EXISTS (
                   SELECT 1 FROM pg_locks l
                    WHERE l.locktype = 'advisory' AND l.objsubid = 2 AND l.granted
                      AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-                     AND l.classid::bigint = oldest.webhook_id % 2147483648)""", float(STUCK_AFTER_S))
+                     AND l.classid::bigint = overdue.webhook_id % 2147483648)""", float(STUCK_AFTER_S))
 
 
 async def sweep_stuck(pool: asyncpg.Pool, bus: Bus, every_s: float = SWEEP_EVERY_S) -> None:

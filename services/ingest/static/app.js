@@ -507,12 +507,14 @@ async function rememberVoices() {
 // ---- known voices -------------------------------------------------------------------------
 
 async function loadPeople() {
+  const key = apiKey();
   let people;
   try {
     people = (await (await api("/speakers")).json()).items;
   } catch (error) {
     return;
   }
+  if (apiKey() !== key) return;  // answered for the key before
   const list = $("#people");
   list.innerHTML = "";
   if (!people.length) list.innerHTML = '<li class="hint">None yet.</li>';
@@ -782,6 +784,8 @@ function playFrom(seconds, button) {
   if (button) button.classList.add("playing");
   if (!player.getAttribute("src") || player.readyState < HTMLMediaElement.HAVE_METADATA) {
     state.pendingSeek = seconds;
+    // A browser that loads nothing until asked (preload ignored) would never tell it is there.
+    if (player.getAttribute("src") && player.networkState === HTMLMediaElement.NETWORK_IDLE) player.load();
     return;
   }
   state.pendingSeek = null;
@@ -870,8 +874,10 @@ async function search(event) {
   const list = $("#hits");
   list.innerHTML = "";
   if (!query) return;
+  const key = apiKey();
   try {
     const page = await (await api(`/search?limit=20&q=${encodeURIComponent(query)}`)).json();
+    if (apiKey() !== key) return;  // answered for the key before
     if (!page.items.length) list.innerHTML = "<li>Nothing found.</li>";
     for (const hit of page.items) {
       const item = document.createElement("li");
@@ -890,6 +896,7 @@ async function search(event) {
       list.appendChild(item);
     }
   } catch (error) {
+    if (apiKey() !== key) return;
     list.innerHTML = "";
     const item = document.createElement("li");
     item.textContent = error.message;
