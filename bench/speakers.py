@@ -112,12 +112,18 @@ def score(reference: Turns, named: Turns, enrolled: set[str], recurring: set[str
             "strangers": int(strangers.sum()), "strangers_named": int((strangers & named_any).sum())}
 
 
-def majority_person(reference: Turns, turns: Turns, label: str) -> str | None:
-    """The reference person a hypothesis speaker overlaps most."""
+def speech_in_common(reference: Turns, turns: Turns, label: str) -> dict[str, float]:
+    """Seconds each reference person talks under a hypothesis speaker's turns."""
     overlap: dict[str, float] = {}
     for _, a, b in (t for t in turns if t[0] == label):
         for person, c, d in reference:
             overlap[person] = overlap.get(person, 0.0) + max(0.0, min(b, d) - max(a, c))
+    return overlap
+
+
+def majority_person(reference: Turns, turns: Turns, label: str) -> str | None:
+    """The reference person a hypothesis speaker overlaps most."""
+    overlap = speech_in_common(reference, turns, label)
     best = max(overlap, key=overlap.get, default=None)
     return best if best is not None and overlap[best] > 0 else None
 
@@ -221,11 +227,9 @@ def diarization_ceiling(voices, labelled: dict[str, Turns], files, source: str, 
     people = sorted(enrolled_profiles(voices, labelled, files, [source], min_speech_s))
     reference = files[scored_on][1]
     labels = sorted(v.label for v in voices[scored_on] if v.speech_s >= min_speech_s)
-    common = np.zeros((len(labels), len(people)))
-    for i, label in enumerate(labels):
-        for _, a, b in (t for t in labelled[scored_on] if t[0] == label):
-            for j, person in enumerate(people):
-                common[i, j] += sum(max(0.0, min(b, d) - max(a, c)) for p, c, d in reference if p == person)
+    overlaps = [speech_in_common(reference, labelled[scored_on], label) for label in labels]
+    common = np.array([[overlap.get(person, 0.0) for person in people] for overlap in overlaps]).reshape(
+        len(labels), len(people))
     rows, columns = linear_sum_assignment(common, maximize=True) if common.size else ([], [])
     name_of = {labels[i]: people[j] for i, j in zip(rows, columns) if common[i, j] > 0}
     named = [(name_of[label], a, b) for label, a, b in labelled[scored_on] if label in name_of]

@@ -23,6 +23,8 @@ def failure_category(exc: BaseException) -> str:
 
 
 def _database_category(sqlstate: str) -> str:
+    # By SQLSTATE, not common.db.DATABASE_UNAVAILABLE's types: this module is imported by every
+    # stage (common.broker), and the diarizer and transcriber do not install asyncpg.
     # No SQLSTATE: the connection itself (asyncpg's interface and connection errors).
     if not sqlstate or sqlstate[:2] in ("08", "53") or sqlstate in ("25006", "57P01", "57P02", "57P03"):
         return "database unavailable"
