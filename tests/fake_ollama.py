@@ -3,6 +3,7 @@
 all-MiniLM-L6-v2, which Ollama calls `all-minilm`.
 
     python -m tests.fake_ollama --port 11434
+    python -m tests.fake_ollama --port 11434 --proxy-answering 503   # a proxy whose Ollama is away
 """
 
 from __future__ import annotations
@@ -46,10 +47,26 @@ def make_app() -> web.Application:
     return app
 
 
+def proxy_without_ollama(status: int) -> web.Application:
+    """A reverse proxy whose Ollama is away: every request answered `status` with its HTML page."""
+    async def away(_: web.Request) -> web.Response:
+        return web.Response(status=status, content_type="text/html",
+                            text=f"<html><body><h1>{status}</h1>upstream unavailable</body></html>")
+
+    app = web.Application()
+    app.router.add_route("*", "/{path:.*}", away)
+    return app
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=11434)
+    parser.add_argument("--proxy-answering", type=int, metavar="STATUS",
+                        help="stand in for a proxy whose Ollama is away: answer everything with this status")
     args = parser.parse_args()
-    load_local_model()
-    web.run_app(make_app(), host=args.host, port=args.port, print=None)
+    if args.proxy_answering:
+        web.run_app(proxy_without_ollama(args.proxy_answering), host=args.host, port=args.port, print=None)
+    else:
+        load_local_model()
+        web.run_app(make_app(), host=args.host, port=args.port, print=None)

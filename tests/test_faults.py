@@ -186,7 +186,8 @@ def test_postgresql_restart_mid_run(faulty, fixtures_dir):
 
 def test_an_ollama_outage_holds_jobs_at_embedding_instead_of_failing_them(faulty, fixtures_dir):
     """Ollama restarting (or still starting) failed every job that reached the embedder, after
-    its quick retries and the broker's (under half a minute with the tests' RETRY_DELAYS_S)."""
+    its quick retries and the broker's (under half a minute with the tests' RETRY_DELAYS_S); so
+    did a proxy in front of it answering 503 while Ollama is away."""
     port = int(faulty.env["OLLAMA_URL"].rsplit(":", 1)[1])
     faulty.stop("ollama")
     try:
@@ -196,11 +197,17 @@ def test_an_ollama_outage_holds_jobs_at_embedding_instead_of_failing_them(faulty
             assert time.monotonic() < deadline, faulty.status(job_id)
             time.sleep(0.5)
         time.sleep(40)
-        during = faulty.status(job_id)
+        refused = faulty.status(job_id)
+        faulty.start("ollama", "-m", "tests.fake_ollama", "--port", str(port), "--proxy-answering", "503")
+        wait_for_port(port, timeout=60)
+        time.sleep(40)
+        proxied = faulty.status(job_id)
     finally:
+        faulty.stop("ollama")
         faulty.start("ollama", "-m", "tests.fake_ollama", "--port", str(port))
         wait_for_port(port, timeout=120)
-    assert (during["status"], during["stage"]) == ("processing", "embedding"), during
+    assert (refused["status"], refused["stage"]) == ("processing", "embedding"), refused
+    assert (proxied["status"], proxied["stage"]) == ("processing", "embedding"), proxied
     assert faulty.wait_finished(job_id, timeout=180)["status"] == "done"
 
 

@@ -135,6 +135,34 @@ def test_a_waiting_request_holds_no_upload_place(stack, fixtures_dir):
         assert answers and "sales" in answers[0].lower()
 
 
+def test_a_stream_past_the_event_stream_limit_is_told_to_come_back_and_its_job_goes_on(stack, fixtures_dir):
+    """A streamed answer reads PostgreSQL every second as GET /events does, so it takes one of
+    MAX_EVENT_STREAMS' places: past them, 503 with Retry-After in OpenAI's shape; the recording
+    was stored, so its job goes on, and the same request sent again follows that job."""
+    recording = (f"streamed {uuid.uuid4().hex[:6]}.flac", (fixtures_dir / "jfk.flac").read_bytes())
+    with another_ingest(stack, "ingest-one-stream", MAX_EVENT_STREAMS="1") as api, \
+            httpx.stream("GET", f"{api}/events", timeout=httpx.Timeout(60, connect=10)) as watching:
+        assert watching.status_code == 200
+        client = openai.OpenAI(base_url=f"{api}/v1", api_key="-", max_retries=0)
+        with pytest.raises(openai.APIStatusError) as refused:
+            client.audio.transcriptions.create(model="gpt-4o-transcribe", file=recording, stream=True)
+        assert refused.value.status_code == 503 and refused.value.response.headers["retry-after"].isdigit()
+        assert "event streams" in refused.value.message
+        [job] = stack.query("SELECT id FROM transcripts WHERE filename = $1", recording[0])
+        watching.close()
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                events = list(client.audio.transcriptions.create(model="gpt-4o-transcribe", file=recording,
+                                                                 stream=True))
+                break
+            except openai.APIStatusError as exc:  # until the closed stream's place is given back
+                assert exc.status_code == 503 and time.monotonic() < deadline
+                time.sleep(0.5)
+    assert events[-1].type == "transcript.text.done" and "ask not" in events[-1].text.lower()
+    assert stack.query("SELECT id FROM transcripts WHERE filename = $1", recording[0]) == [job]
+
+
 async def test_a_job_deleted_while_its_request_waits_is_not_found(stack):
     """The web page's delete, or retention, right after the job ended: the wait sees the row gone
     (the route then answers 404 in OpenAI's shape, which the SDK raises as NotFoundError), where it

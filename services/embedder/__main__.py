@@ -34,8 +34,8 @@ async def main() -> None:
         checking = asyncio.create_task(check_ollama(embed, settings)) if ollama else None
         connection = await connect(settings, "embedder")
         log.info("embedder ready")
-        # Ollama not answering at all is an outage: chunks wait for it without spending retries
-        # (a restart, a model being pulled), as the persister waits for the database.
+        # Ollama not reachable, or a proxy answering 502-504 for it, is an outage: chunks wait for it
+        # without spending retries (a restart), as the persister waits for the database.
         await consume(connection, settings, "embedder",
                       [Route(ChunkTranscribed, functools.partial(handler.handle, deps=deps))], ended=EndedJobs(),
                       wait_on=OLLAMA_UNAVAILABLE if ollama else ())

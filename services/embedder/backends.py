@@ -31,9 +31,15 @@ class OllamaError(RuntimeError):
     pass
 
 
-# Ollama not reachable at all (down, restarting, a host that drops the connection attempt): the
-# embedder holds its messages until it is.
-OLLAMA_UNAVAILABLE: tuple[type[BaseException], ...] = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
+class OllamaUnavailable(OllamaError):
+    """502, 503 or 504: a proxy in front of an Ollama that is away, or Ollama's own queue full."""
+
+
+# Ollama not reachable (down, restarting, a host that drops the connection attempt, a proxy
+# answering for it): the embedder holds its messages until it is.
+OLLAMA_UNAVAILABLE: tuple[type[BaseException], ...] = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError,
+                                                       OllamaUnavailable)
+UNAVAILABLE_STATUSES = (502, 503, 504)
 
 
 async def ollama_embed(session: aiohttp.ClientSession, settings: Settings,
@@ -51,6 +57,8 @@ async def ollama_embed(session: aiohttp.ClientSession, settings: Settings,
                                  attempts=settings.ollama_retries + 1, logger=log):
         with attempt:
             async with session.post(url, json=payload, timeout=timeout) as response:
+                if response.status in UNAVAILABLE_STATUSES:
+                    raise OllamaUnavailable(f"Ollama answered {response.status}: {(await response.text())[:200]}")
                 if response.status >= 500:
                     raise OllamaError(f"Ollama answered {response.status}: {(await response.text())[:200]}")
                 if response.status != 200:

@@ -20,6 +20,10 @@ RETRY_AFTER_S = 5
 # The scope key of a function a handler may call once its upload is stored and its spooled file
 # closed, to give up its place before it answers (the OpenAI-compatible endpoints wait minutes).
 RELEASE_UPLOAD = "stt.release_upload"
+# The scope key of a function an OpenAI-compatible request calls when it turns into an event stream
+# (stream=true, once its upload is stored): True when it got a place among MAX_EVENT_STREAMS.
+CLAIM_EVENT_STREAM = "stt.claim_event_stream"
+OPENAI_PATHS = ("/v1/audio/transcriptions", "/v1/audio/translations")
 
 
 def _is_upload(scope: Scope) -> bool:
@@ -32,18 +36,42 @@ def _is_event_stream(scope: Scope) -> bool:
                                                               and path.endswith("/events")))
 
 
-def _limit_middleware(limit: int, applies: Callable[[Scope], bool], what: str):
+def _is_openai_upload(scope: Scope) -> bool:
+    return scope["path"] in OPENAI_PATHS and scope["method"] == "POST"
+
+
+def _limit_middleware(limit: int, applies: Callable[[Scope], bool], what: str, scope_key: str,
+                      may_claim: Callable[[Scope], bool] = lambda scope: False):
     """At most `limit` requests that `applies` to in progress at once in this process, each
-    counted until its response has ended; past it, 503 with Retry-After."""
+    counted until its response has ended; past it, 503 with Retry-After. A request that
+    `may_claim` one is given `scope[scope_key]`, a function that takes a place (False when there
+    is none), held from then until its response has ended."""
     in_progress = 0
 
     def wrap(app: ASGIApp) -> ASGIApp:
         async def admit(scope: Scope, receive: Receive, send: Send) -> None:
             nonlocal in_progress
-            if scope["type"] != "http" or not applies(scope):
+            if scope["type"] != "http" or not (applies(scope) or may_claim(scope)):
                 await app(scope, receive, send)
                 return
-            if in_progress >= limit:
+            holding = False
+
+            def release() -> None:
+                nonlocal in_progress, holding
+                if holding:
+                    holding, in_progress = False, in_progress - 1
+
+            def claim() -> bool:
+                nonlocal in_progress, holding
+                if not holding and in_progress < limit:
+                    holding, in_progress = True, in_progress + 1
+                return holding
+
+            if not applies(scope):
+                scope[scope_key] = claim
+            elif claim():
+                scope[scope_key] = release
+            else:
                 body = json.dumps(error_body(scope["path"], 503, f"{in_progress} {what} are in progress, the most "
                                              f"this server takes at once; try again in {RETRY_AFTER_S} s")).encode()
                 await send({"type": "http.response.start", "status": 503, "headers": [
@@ -51,15 +79,6 @@ def _limit_middleware(limit: int, applies: Callable[[Scope], bool], what: str):
                     (b"retry-after", str(RETRY_AFTER_S).encode()), (b"connection", b"close")]})
                 await send({"type": "http.response.body", "body": body})
                 return
-            in_progress += 1
-            released = False
-
-            def release() -> None:
-                nonlocal in_progress, released
-                if not released:
-                    released, in_progress = True, in_progress - 1
-
-            scope[RELEASE_UPLOAD] = release
             try:
                 await app(scope, receive, send)
             finally:
@@ -72,18 +91,24 @@ def _limit_middleware(limit: int, applies: Callable[[Scope], bool], what: str):
 
 def upload_limit_middleware(limit: int):
     """MAX_CONCURRENT_UPLOADS."""
-    return _limit_middleware(limit, _is_upload, "uploads")
+    return _limit_middleware(limit, _is_upload, "uploads", RELEASE_UPLOAD)
 
 
 def event_stream_limit_middleware(limit: int):
     """MAX_EVENT_STREAMS: each open stream reads PostgreSQL every second, so without a bound
-    enough idle browser tabs would hold the database pool that every request needs."""
-    return _limit_middleware(limit, _is_event_stream, "event streams")
+    enough idle browser tabs would hold the database pool that every request needs. An
+    OpenAI-compatible request with stream=true claims its place once its upload is stored."""
+    return _limit_middleware(limit, _is_event_stream, "event streams", CLAIM_EVENT_STREAM, _is_openai_upload)
 
 
 def release_upload(scope: Scope) -> None:
     """Give up the request's place among MAX_CONCURRENT_UPLOADS (its upload is in the store)."""
     scope.get(RELEASE_UPLOAD, lambda: None)()
+
+
+def claim_event_stream(scope: Scope) -> bool:
+    """Take a place among MAX_EVENT_STREAMS for the rest of this request; False when none is free."""
+    return scope.get(CLAIM_EVENT_STREAM, lambda: True)()
 
 
 def checked_size(stream: BinaryIO, max_bytes: int, *, empty: str, too_big: str) -> int:

@@ -35,7 +35,7 @@ from common import jobstore
 from common.languages import LANGUAGE_NAMES
 from common.logs import job_logged
 from common.messages import VOCABULARY_MAX_CHARS, JobOptions, vocabulary_chars
-from services.ingest.admission import release_upload
+from services.ingest.admission import RETRY_AFTER_S, claim_event_stream, release_upload
 from services.ingest.auth import request_owner
 from services.ingest.errors import OPENAI_PREFIX, OpenAIErrorBody, error_body, error_responses, invalid
 from services.ingest.jobs import Idempotency, clean_filename, earlier_job
@@ -238,6 +238,11 @@ async def transcribe_and_wait(state: State, request: Request, data: OpenAITransc
     # The recording is stored: waiting for the job holds no upload's place.
     release_upload(request.scope)
     if data.stream:
+        if not claim_event_stream(request.scope):
+            raise HTTPException(status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)},
+                                detail=f"job {job_id} goes on, but this server has as many event streams open as "
+                                       f"it takes: send the same request again in {RETRY_AFTER_S} s to follow it, "
+                                       f"or follow GET /status/{job_id}")
         return ServerSentEvent(text_events(state, job_id), headers={"Cache-Control": "no-store",
                                                                      "X-Accel-Buffering": "no"})
     waiting = asyncio.ensure_future(wait_for_end(state, job_id, WAIT_S))
