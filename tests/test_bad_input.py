@@ -210,6 +210,25 @@ def test_oversized_stream_is_refused_while_it_streams(stack: Stack):
     assert status.startswith("HTTP/1.1 413"), answer[:300]
 
 
+def test_a_body_read_whole_into_memory_is_bounded_far_below_an_upload(stack: Stack):
+    """JSON and URL-encoded bodies are read into memory whole, so up to MAX_UPLOAD_MB each (2 GB
+    by default) of them, sixteen uploads at a time, could exhaust ingest's memory. Past 1 MiB they
+    are 413; a recording sent as multipart still goes up to MAX_UPLOAD_MB."""
+    big = "x" * (2 * 2**20)
+    answers = {
+        "urlencoded /recognize": httpx.post(f"{stack.api}/recognize", data={"url": big}, timeout=30),
+        "JSON enrolment": httpx.post(f"{stack.api}/speakers", json={"name": big}, timeout=30),
+        "speaker names": httpx.patch(f"{stack.api}/transcripts/1/speakers", json={"spk_0": big}, timeout=30),
+        "rerun options": httpx.post(f"{stack.api}/transcripts/1/rerun", json={"vocabulary": big}, timeout=30),
+        "webhook": httpx.post(f"{stack.api}/webhooks", json={"url": big}, timeout=30),
+    }
+    assert {what: r.status_code for what, r in answers.items()} == dict.fromkeys(answers, 413), {
+        what: r.text[:200] for what, r in answers.items()}
+    # A small body is read as before: here the options of a job that does not exist.
+    assert httpx.post(f"{stack.api}/transcripts/999999999/rerun", json={"vocabulary": "x" * 100},
+                      timeout=30).status_code == 404
+
+
 def test_upload_that_stops_midway_leaves_nothing_behind(stack: Stack):
     def uploads() -> set[str]:
         return {o.object_name for o in stack.s3().list_objects("audio", prefix="uploads/", recursive=True)}

@@ -6,6 +6,7 @@ dependency instead of the store: what they check is the text, not the storage.""
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import uuid
@@ -15,7 +16,7 @@ import numpy as np
 from common.audio import SAMPLE_RATE, decode_audio
 from common.messages import JobDiarized, JobOptions, JobProgress, JobSubmitted, Segment, SpeakerTurn, TimeSpan
 from common.settings import Settings
-from common.storage import pcm_key
+from common.storage import object_exists, pcm_key
 from services.diarizer import handler as diarizer
 from services.diarizer.pipeline import make_diarizer
 from services.transcriber import handler as transcriber
@@ -64,6 +65,37 @@ async def test_diarizer_then_transcriber_handlers_give_who_said_what(stack: Stac
         heard_as.setdefault(utterance["speaker"], set()).update(under[:1])
     assert all(len(labels) == 1 for labels in heard_as.values()), heard_as
     assert len(set.union(*heard_as.values())) == len(heard_as) == 2, heard_as
+
+
+async def test_a_second_run_of_a_job_leaves_its_decoded_audio_to_the_job(stack: Stack, fixtures_dir):
+    """A delivery again (the first run cut off after its chunks went) that sees the job end while
+    it diarizes must not remove the decoded audio: ingest is reading it then to redact the
+    recording. A run that stored it for a job that ended meanwhile removes its own copy."""
+    settings = stack.settings()
+    s3 = stack.s3()
+    diarize, _ = make_diarizer(settings)
+    for earlier_run_stored_it in (True, False):
+        job_id = 900_000 + uuid.uuid4().int % 10_000
+        key = f"uploads/handler-test-{job_id}"
+        s3.fput_object(settings.audio_bucket, key, str(fixtures_dir / "jfk.flac"))
+        if earlier_run_stored_it:
+            s3.put_object(settings.audio_bucket, pcm_key(job_id), io.BytesIO(b"\0" * 64), 64)
+        ended: set[int] = set()
+
+        def done_meanwhile(waveform, options, stop, job_id=job_id, ended=ended):
+            ended.add(job_id)  # the job's transcript.completed, heard while this run diarizes
+            return diarize(waveform, options, stop)
+
+        deps = diarizer.Deps(settings=settings, storage=s3, diarize=done_meanwhile, ended=ended)
+        submitted = JobSubmitted(job_id=job_id, audio_bucket=settings.audio_bucket, audio_key=key,
+                                 filename="jfk.flac")
+        produced = [message async for message in diarizer.handle(submitted, deps)]
+        assert [type(m) for m in produced] == [JobProgress]  # no chunk of an ended job
+        assert object_exists(s3, settings.audio_bucket, pcm_key(job_id)) == earlier_run_stored_it
+        if earlier_run_stored_it:  # not written over either
+            assert s3.stat_object(settings.audio_bucket, pcm_key(job_id)).size == 64
+        s3.remove_object(settings.audio_bucket, pcm_key(job_id))
+        s3.remove_object(settings.audio_bucket, key)
 
 
 def test_a_jobs_vocabulary_is_spelled_as_given(fixtures_dir):

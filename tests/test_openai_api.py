@@ -79,6 +79,12 @@ def test_a_translation_is_in_english(stack, fixtures_dir, client):
     with (fixtures_dir / "ru_dialogue.wav").open("rb") as f:
         translated = client.audio.translations.create(model="whisper-1", file=f, response_format="verbose_json")
     assert "hear" in translated.text.lower() and translated.language == "english"
+    # The same recording asked again in OpenAI's diarized format: the same job, said to be a translation.
+    diarized = httpx.post(f"{stack.api}/v1/audio/translations", timeout=300,
+                          files={"file": ("ru_dialogue.wav", (fixtures_dir / "ru_dialogue.wav").read_bytes())},
+                          data={"model": "whisper-1", "response_format": "diarized_json"})
+    assert diarized.status_code == 200, diarized.text
+    assert diarized.json()["task"] == "translate" and diarized.json()["text"] == translated.text
 
 
 def test_the_same_request_again_while_it_runs_waits_for_the_same_job(stack, fixtures_dir, client, tmp_path):
@@ -112,6 +118,10 @@ def test_what_cannot_be_done_is_refused_with_the_reason(stack, client, fixtures_
     with pytest.raises(openai.BadRequestError) as refused:  # as OpenAI answers it
         client.audio.transcriptions.create(model="whisper-1", file=("notes.wav", b"not audio at all" * 50))
     assert "not audio" in refused.value.message
+    # An Idempotency-Key is checked as POST /recognize checks it (a long one could not be stored).
+    with (fixtures_dir / "jfk.flac").open("rb") as f, pytest.raises(openai.BadRequestError) as refused:
+        client.audio.transcriptions.create(model="whisper-1", file=f, extra_headers={"Idempotency-Key": "k" * 3000})
+    assert "Idempotency-Key" in refused.value.message
 
 
 def test_a_waiting_request_holds_no_upload_place(stack, fixtures_dir):

@@ -633,7 +633,8 @@ def test_a_rerun_repeats_the_options_not_given_and_needs_the_stored_audio(dialog
     for changes, says in [({"task": "summarize"}, "field task: Input should be 'transcribe' or 'translate'"),
                           ({"min_speakers": 5, "max_speakers": 2}, "min_speakers must not exceed max_speakers"),
                           ({"num_speakers": 5, "max_speakers": 2}, "num_speakers must lie within"),
-                          ({"vocabulary": ", ".join(f"term {i}" for i in range(30))}, "longer than 150 characters")]:
+                          ({"vocabulary": ", ".join(f"term {i}" for i in range(30))}, "longer than 150 characters"),
+                          ({"speakers": 4}, "speakers")]:  # a misspelt option is not ignored
         refused = httpx.post(rerun, json=changes, timeout=30)
         assert refused.status_code == 400 and says in refused.json()["detail"], refused.text
     assert httpx.post(f"{stack.api}/transcripts/999999999/rerun", timeout=30).status_code == 404

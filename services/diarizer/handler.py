@@ -20,7 +20,7 @@ from common.broker import PermanentError
 from common.messages import Contract, JobDiarized, JobProgress, JobSubmitted, TimeSpan
 from common.metrics import add_audio_seconds
 from common.settings import Settings
-from common.storage import download_to, pcm_key, upload_bytes
+from common.storage import download_to, object_exists, pcm_key, upload_bytes
 from services.diarizer.offline import Diarization, DiarizationStopped
 from services.diarizer.pipeline import DiarizeFn, language_probe, plan_chunks
 
@@ -119,9 +119,13 @@ async def handle(message: JobSubmitted, deps: Deps) -> AsyncIterator[Contract]:
         log.info("the job has ended (done, failed or cancelled) while it was decoded; not diarized")
         return
     # The stages after this one read their chunk's samples from here (16-bit PCM, ranged GETs;
-    # channels one after another).
-    await asyncio.to_thread(upload_bytes, deps.storage, deps.settings.audio_bucket,
-                            pcm_key(message.job_id), float_to_pcm16(waveform.reshape(-1)))
+    # channels one after another). A delivery again (its first run cut off after storing it) finds
+    # the same samples there: that copy is the job's, which ingest reads to redact the recording
+    # when the job is done, so this run neither writes it again nor removes it.
+    bucket, pcm = deps.settings.audio_bucket, pcm_key(message.job_id)
+    stored_here = not await asyncio.to_thread(object_exists, deps.storage, bucket, pcm)
+    if stored_here:
+        await asyncio.to_thread(upload_bytes, deps.storage, bucket, pcm, float_to_pcm16(waveform.reshape(-1)))
     def ended() -> bool:  # asked by the backend between batches of windows
         return message.job_id in deps.ended
 
@@ -137,8 +141,10 @@ async def handle(message: JobSubmitted, deps: Deps) -> AsyncIterator[Contract]:
     except DiarizationStopped:
         stopped = True
     if stopped or ended():
-        # Its PCM was stored for the chunks; none will read it, and a delete may have come already.
-        await asyncio.to_thread(deps.storage.remove_object, deps.settings.audio_bucket, pcm_key(message.job_id))
+        if stored_here:
+            # Stored for the chunks of a job that ended meanwhile: ingest's removal at the job's
+            # end (or a delete) may have come before it.
+            await asyncio.to_thread(deps.storage.remove_object, bucket, pcm)
         log.info("the job has ended (done, failed or cancelled) while it was diarized; diarizing stopped,"
                  " no chunk sent")
         return

@@ -1,7 +1,8 @@
 """Bounds on requests in progress: uploads (MAX_CONCURRENT_UPLOADS; each one spools to disk while
 it streams in, so without a bound a burst of large uploads could fill the disk) and event streams
 (MAX_EVENT_STREAMS). Past a bound a request is answered 503 with Retry-After before its body is
-read. And the size check every uploaded file gets once it is in."""
+read. The bound on bodies read into memory (SMALL_BODY_BYTES), and the size check every uploaded
+file gets once it is in."""
 
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ from services.ingest.errors import error_body
 # Recordings (the OpenAI-compatible ones too), and speakers' enrolment samples.
 UPLOAD_PATHS = ("/recognize", "/v1/audio/transcriptions", "/v1/audio/translations", "/speakers")
 RETRY_AFTER_S = 5
+# The most a request body without a recording (JSON, a URL-encoded form) may hold: such bodies are
+# read into memory whole.
+SMALL_BODY_BYTES = 1024 * 1024
 # The scope key of a function a handler may call once its upload is stored and its spooled file
 # closed, to give up its place before it answers (the OpenAI-compatible endpoints wait minutes).
 RELEASE_UPLOAD = "stt.release_upload"
@@ -34,6 +38,17 @@ def _is_event_stream(scope: Scope) -> bool:
     path = scope["path"]
     return scope["method"] == "GET" and (path == "/events" or (path.startswith("/transcripts/")
                                                               and path.endswith("/events")))
+
+
+async def _refuse(send: Send, scope: Scope, status: int, detail: str, *, retry_after: bool = False) -> None:
+    """Answer the request with an error before its body is read."""
+    body = json.dumps(error_body(scope["path"], status, detail)).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+               (b"connection", b"close")]
+    if retry_after:
+        headers.append((b"retry-after", str(RETRY_AFTER_S).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 def _is_openai_upload(scope: Scope) -> bool:
@@ -72,12 +87,8 @@ def _limit_middleware(limit: int, applies: Callable[[Scope], bool], what: str, s
             elif claim():
                 scope[scope_key] = release
             else:
-                body = json.dumps(error_body(scope["path"], 503, f"{in_progress} {what} are in progress, the most "
-                                             f"this server takes at once; try again in {RETRY_AFTER_S} s")).encode()
-                await send({"type": "http.response.start", "status": 503, "headers": [
-                    (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                    (b"retry-after", str(RETRY_AFTER_S).encode()), (b"connection", b"close")]})
-                await send({"type": "http.response.body", "body": body})
+                await _refuse(send, scope, 503, f"{in_progress} {what} are in progress, the most this server takes"
+                                                f" at once; try again in {RETRY_AFTER_S} s", retry_after=True)
                 return
             try:
                 await app(scope, receive, send)
@@ -99,6 +110,26 @@ def event_stream_limit_middleware(limit: int):
     enough idle browser tabs would hold the database pool that every request needs. An
     OpenAI-compatible request with stream=true claims its place once its upload is stored."""
     return _limit_middleware(limit, _is_event_stream, "event streams", CLAIM_EVENT_STREAM, _is_openai_upload)
+
+
+def small_body_middleware(app: ASGIApp) -> ASGIApp:
+    """The upload routes take bodies up to MAX_UPLOAD_MB, streamed to disk when they are multipart;
+    a JSON or URL-encoded body (an address to fetch, a speaker from a transcript) is read into
+    memory whole, so it must say its length and stay within SMALL_BODY_BYTES (413 otherwise)."""
+
+    async def check(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and _is_upload(scope):
+            headers = dict(scope["headers"])
+            multipart = headers.get(b"content-type", b"").lower().startswith(b"multipart/")
+            length = headers.get(b"content-length", b"")
+            if not multipart and not (length.isdigit() and int(length) <= SMALL_BODY_BYTES):
+                await _refuse(send, scope, 413, f"a body that is not multipart/form-data holds no recording: at most "
+                                                f"{SMALL_BODY_BYTES // 1024} KiB, with its Content-Length; send the "
+                                                f"recording itself as a multipart upload")
+                return
+        await app(scope, receive, send)
+
+    return check
 
 
 def release_upload(scope: Scope) -> None:

@@ -24,7 +24,7 @@ from litestar.response import Response
 from minio.commonconfig import CopySource
 from minio.error import S3Error
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import ValidationError
+from pydantic import ConfigDict, ValidationError
 
 from common import jobstore
 from common.broker import connect, open_bus, watched_queues
@@ -37,7 +37,12 @@ from common.settings import Settings, get_settings
 from common.storage import STORAGE_UNAVAILABLE, ensure_buckets, make_client
 from common.webhooks import new_secret
 from services.embedder.backends import make_embedder
-from services.ingest.admission import event_stream_limit_middleware, upload_limit_middleware
+from services.ingest.admission import (
+    SMALL_BODY_BYTES,
+    event_stream_limit_middleware,
+    small_body_middleware,
+    upload_limit_middleware,
+)
 from services.ingest.auth import api_key_middleware, request_owner
 from services.ingest.corrections import CORRECTION_ROUTES
 from services.ingest.errors import error_body, invalid
@@ -165,10 +170,17 @@ async def recognize(
         return await submit_recording(state, request, stream, filename, options, callback_url, callback_secret, asked)
 
 
+class RerunOptions(JobOptions):
+    """The options to change; a field not among JobOptions' (a misspelt one) is refused, not ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
 @post("/transcripts/{job_id:int}/rerun", status_code=202, summary="Run a recording again with other options",
+      request_max_body_size=SMALL_BODY_BYTES,
       responses=_errors(400, 401, 403, 404, 409, 422, 503,
                         e422="The Idempotency-Key was already used for another request"))
-async def rerun(job_id: JobId, state: State, request: Request, data: JobOptions | None = None,
+async def rerun(job_id: JobId, state: State, request: Request, data: RerunOptions | None = None,
                 idempotency_key: IdempotencyKey = None) -> Response[Accepted]:
     """A new job on the stored audio of job `job_id` (which stays as it is), with its options
     except those given: `{"num_speakers": 4}` when the speakers were miscounted."""
@@ -363,14 +375,15 @@ def create_app(settings: Settings | None = None) -> Litestar:
                         *SPEAKER_ROUTES, *WEBHOOK_ROUTES, *LIVE_ROUTES, *PLAYBACK_ROUTES, *PAGE_ROUTES],
         lifespan=[lifespan],
         middleware=[http_metrics_middleware, api_key_middleware(settings),  # metrics first: 401s count
-                    upload_limit_middleware(settings.max_concurrent_uploads),
+                    upload_limit_middleware(settings.max_concurrent_uploads), small_body_middleware,
                     event_stream_limit_middleware(settings.max_event_streams)],
         exception_handlers={ClientException: clearer_client_error, UnicodeDecodeError: undecodable_form_field,
                             **{cls: service_unavailable for cls in (*DATABASE_UNAVAILABLE, *STORAGE_UNAVAILABLE)}},
         logging_config=None,  # keep the project's log format (common.logs)
         # `error` appears in a status document only when the job failed.
         plugins=[PydanticPlugin(exclude_none=True)],
-        # The limit is enforced while the body streams in, not after it was stored.
+        # The limit is enforced while the body streams in, not after it was stored. Routes whose
+        # bodies are read into memory whole set their own, far lower.
         request_max_body_size=settings.max_upload_bytes + 1024 * 1024,
         openapi_config=OpenAPIConfig(
             title="stt-pipeline",

@@ -17,6 +17,7 @@ from common import jobstore
 from common.logs import job_logged
 from common.messages import SegmentUpdated, Word
 from common.outbox import add_to_outbox
+from services.ingest.admission import SMALL_BODY_BYTES
 from services.ingest.auth import request_owner
 from services.ingest.errors import error_responses
 from services.ingest.search import embed_for_request
@@ -71,6 +72,7 @@ SegmentIndex = Annotated[int, PathParameter(ge=0, le=1_000_000, description="The
 
 
 @patch("/transcripts/{job_id:int}/segments/{chunk_index:int}/{index:int}", summary="Correct a segment by hand",
+       request_max_body_size=SMALL_BODY_BYTES,
        responses=error_responses(400, 401, 403, 404, 409, 503,
                                  e409="The job is still processing: correct it once it has ended"))
 async def correct_segment(job_id: JobId, chunk_index: SegmentChunk, index: SegmentIndex, state: State,

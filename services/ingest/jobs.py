@@ -66,12 +66,17 @@ class Idempotency:
     request_hash: str
 
 
+def checked_idempotency_key(key: str | None) -> str | None:
+    """The Idempotency-Key header as given; 400 when it is not 1-255 visible ASCII characters."""
+    if key is not None and not IDEMPOTENCY_KEY.match(key):
+        raise HTTPException(status_code=400, detail="Idempotency-Key: 1-255 visible ASCII characters (a UUID will do)")
+    return key
+
+
 def idempotency(key: str | None, *asked: object) -> Idempotency | None:
     """A request's Idempotency-Key (400 when malformed) with the hash of `asked`; None without one."""
-    if key is None:
+    if checked_idempotency_key(key) is None:
         return None
-    if not IDEMPOTENCY_KEY.match(key):
-        raise HTTPException(status_code=400, detail="Idempotency-Key: 1-255 visible ASCII characters (a UUID will do)")
     asked_json = json.dumps(asked, sort_keys=True, separators=(",", ":"), default=str)
     return Idempotency(key=key, request_hash=hashlib.sha256(asked_json.encode()).hexdigest())
 

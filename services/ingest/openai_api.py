@@ -38,7 +38,7 @@ from common.messages import VOCABULARY_MAX_CHARS, JobOptions, vocabulary_chars
 from services.ingest.admission import RETRY_AFTER_S, claim_event_stream, release_upload
 from services.ingest.auth import request_owner
 from services.ingest.errors import OPENAI_PREFIX, OpenAIErrorBody, error_body, error_responses, invalid
-from services.ingest.jobs import Idempotency, clean_filename, earlier_job
+from services.ingest.jobs import Idempotency, checked_idempotency_key, clean_filename, earlier_job
 from services.ingest.live import job_updates, server_exiting
 from services.ingest.segments import TranscriptSegment
 from services.ingest.speakers import require_enrolled
@@ -193,7 +193,7 @@ def rendered(document, response_format: str, task: str) -> Response:
         return Response({"text": text, "usage": usage})
     if response_format == "diarized_json":
         who = speaker_letters(segments)
-        return Response({"task": "transcribe", "duration": duration, "text": text,
+        return Response({"task": task, "duration": duration, "text": text,
                          "segments": [{"type": "transcript.text.segment", "id": f"seg_{n}", "start": s.start_ts,
                                        "end": s.end_ts, "text": s.text, "speaker": who[s.speaker]}
                                       for n, s in enumerate(segments)],
@@ -222,11 +222,11 @@ async def transcribe_and_wait(state: State, request: Request, data: OpenAITransc
     await require_enrolled(state.pool, request_owner(request), options.expected_speakers, "known_speaker_names")
     filename = clean_filename(data.file.filename)
     stream = data.file.file
-    asked = Idempotency(key=idempotency_key,
+    asked = Idempotency(key=checked_idempotency_key(idempotency_key),
                         request_hash=request_hash(await asyncio.to_thread(file_digest, stream), filename, options))
     owner = request_owner(request)
     # The same request again (the SDK retries after a timeout or a 503): the job it made, not another.
-    earlier = (await earlier_job(state.pool, owner, asked) if idempotency_key
+    earlier = (await earlier_job(state.pool, owner, asked) if idempotency_key is not None
                else await jobstore.recent_job_asked_so(state.pool, owner, asked.request_hash, REPEAT_WINDOW))
     with contextlib.closing(stream):
         if earlier is None:

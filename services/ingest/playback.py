@@ -85,7 +85,10 @@ async def job_audio(job_id: JobId, state: State, request: Request) -> Stream:
     except S3Error as exc:
         if exc.code in ("NoSuchKey", "NoSuchObject"):
             raise NotFoundException(detail=f"the audio of job {job_id} is no longer stored") from exc
-        raise
+        # The store answered with an error of its own (SlowDown, ServiceUnavailable, a server
+        # still starting): a passing state, as an outage of it is.
+        raise HTTPException(status_code=503, headers={"Retry-After": "5"}, detail="the object store could not serve"
+                            f" the recording ({exc.code}); try again later") from exc
     filename = stored_filename(job["filename"], redacted=job["audio_redacted_at"] is not None)
     headers = {"Accept-Ranges": "bytes", "Content-Length": str(max(0, last - first + 1)),
                "Content-Disposition": content_disposition(filename).replace("attachment", "inline", 1)}

@@ -156,7 +156,9 @@ async def search(
                "language": language, "since": as_utc(since, "since"), "until": as_utc(until, "until")}
     wanted = min(CANDIDATES, offset + limit + 1)
     embed, model = state.query_embedder
-    candidates = CANDIDATES if mode == "hybrid" else wanted
+    # Semantic pages are cut from one fetch of the same size each time: segments with the same
+    # vector ("Okay.") tie, and a fetch of another size may order them otherwise.
+    candidates = wanted if mode == "text" else CANDIDATES
 
     async def by_words() -> list:
         return await jobstore.search_text(state.pool, query, limit=candidates, **filters)
@@ -174,7 +176,8 @@ async def search(
     elif mode == "text":
         hits = [(_key(r), _hit(r, ["text"], r["score"])) for r in text_rows]
     else:
-        hits = [(_key(r), _hit(r, ["semantic"], r["score"])) for r in semantic_rows]
+        hits = [(_key(r), _hit(r, ["semantic"], r["score"]))
+                for r in sorted(semantic_rows, key=lambda r: (-r["score"], _key(r)))]
     page = hits[offset:offset + limit]
     # Marking the matched words is the costly part of a text search: only for the hits shown.
     marked = await jobstore.highlights(state.pool, query, [key for key, hit in page if "text" in hit.found_by])

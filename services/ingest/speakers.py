@@ -26,7 +26,7 @@ from common.messages import (
     person_name,
 )
 from common.settings import Settings
-from services.ingest.admission import checked_size
+from services.ingest.admission import SMALL_BODY_BYTES, checked_size
 from services.ingest.auth import request_owner
 from services.ingest.errors import MAX_ID, error_responses, invalid
 from services.ingest.segments import LABEL
@@ -209,6 +209,7 @@ async def _voice_of_transcript_speaker(conn: asyncpg.Connection, owner: str | No
 
 
 @post("/speakers", status_code=201, summary="Enrol a speaker (or add a voiceprint to one)",
+      request_max_body_size=(SAMPLE_MAX_MB + 1) * 1024 * 1024,
       responses=error_responses(400, 401, 403, 404, 409, 413, 415, 422, 503,
                                 e404="No such job (for this key) to take the voice from",
                                 e422="The sample holds no speech or several voices, or the job's speaker talks"
@@ -269,7 +270,7 @@ async def show_speaker(speaker_id: SpeakerId, request: Request, state: State) ->
     return await _profile(state.pool, request_owner(request), speaker_id)
 
 
-@patch("/speakers/{speaker_id:int}", summary="Rename an enrolled speaker",
+@patch("/speakers/{speaker_id:int}", summary="Rename an enrolled speaker", request_max_body_size=SMALL_BODY_BYTES,
        responses=error_responses(400, 401, 403, 404, 409, 503, e404="No such speaker (for this key)",
                                  e409="Another speaker of this key has that name"))
 async def rename(speaker_id: SpeakerId, data: Rename, request: Request, state: State) -> SpeakerProfile:

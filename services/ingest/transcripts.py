@@ -28,6 +28,7 @@ from common.messages import REFERENCE_MAX_CHARS, JobOptions, SpeakerName, Speake
 from common.settings import Settings
 from common.storage import pcm_key, remove_objects
 from common.turns import speech_regions
+from services.ingest.admission import SMALL_BODY_BYTES
 from services.ingest.auth import request_owner
 from services.ingest.captions import LINE_COUNT, LINE_WIDTH, caption_cues
 from services.ingest.errors import MAX_ID, error_responses
@@ -431,7 +432,7 @@ async def list_job_speakers(job_id: JobId, state: State, request: Request) -> Tr
         for label in sorted(labels | set(names), key=lambda label: (len(label), label))})
 
 
-@patch("/transcripts/{job_id:int}/speakers", summary="Name a job's speakers",
+@patch("/transcripts/{job_id:int}/speakers", summary="Name a job's speakers", request_max_body_size=SMALL_BODY_BYTES,
        responses=error_responses(400, 401, 403, 404, 503))
 async def name_speakers(job_id: JobId, state: State, request: Request,
                         data: dict[str, str | None]) -> SpeakerNames:

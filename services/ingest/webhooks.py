@@ -20,6 +20,7 @@ from common.messages import EVENTS, TranscriptCompleted, TranscriptFailed
 from common.outbound import MAX_URL_CHARS, target_problem
 from common.settings import Settings
 from common.webhooks import SECRET_PREFIX, decoded_secret, new_secret
+from services.ingest.admission import SMALL_BODY_BYTES
 from services.ingest.auth import request_owner
 from services.ingest.errors import MAX_ID, error_responses
 from services.ingest.transcripts import CursorQuery, LimitQuery
@@ -112,7 +113,7 @@ async def _owned(pool: asyncpg.Pool, owner: str | None, webhook_id: int) -> asyn
     return row
 
 
-@post("/webhooks", status_code=201, summary="Register a webhook",
+@post("/webhooks", status_code=201, summary="Register a webhook", request_max_body_size=SMALL_BODY_BYTES,
       responses=error_responses(400, 401, 403, 503))
 async def register(data: NewWebhook, request: Request, state: State) -> CreatedWebhook:
     """Events go to `url` as signed POSTs (Standard Webhooks: `webhook-id`, `webhook-timestamp`,
