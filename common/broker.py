@@ -463,8 +463,7 @@ async def consume(
         while in_hand and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
         for message in list(in_hand.values()):
-            if await _hand_back(bus, message, queue_name):
-                log.info("stopping: an unfinished message handed back to %s", queue_name)
+            await _hand_back(bus, message, queue_name)
     finally:
         if not drained.done():
             drained.set_result(None)
@@ -487,6 +486,7 @@ async def _hand_back(bus: Bus, message: AbstractIncomingMessage, queue_name: str
     try:
         await _send_copy(bus, message, queue_name, {**headers, ROUTING_KEY_HEADER: routing_key})
         await message.ack()
+        log.info("an unfinished %s message handed back to %s", routing_key, queue_name)
         return True
     except Exception:
         log.exception("could not hand back a %s message; the broker will redeliver it", routing_key)

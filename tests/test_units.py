@@ -12,6 +12,7 @@ import pytest
 from pydantic import ValidationError
 
 from common.messages import JobOptions, Segment, SpeakerTurn, TimeSpan, Word, language_choices
+from common.turns import speech_regions
 from services.diarizer.pipeline import language_probe, plan_chunks
 from services.ingest.inbox import drop_options
 from services.transcriber.languages import Passage, language_spans, passages
@@ -36,9 +37,17 @@ def test_chunks_tile_the_file_and_cut_between_turns():
     assert [t for _, group in chunks for t in group] == turns
 
 
-def test_a_turn_longer_than_a_chunk_gets_its_own_chunk():
+def test_a_turn_longer_than_a_chunk_is_cut_into_chunks_within_the_limit():
+    """One chunk is one delivery: a 10-minute turn in one chunk could outlast the broker's
+    acknowledgement timeout in the transcriber."""
     chunks = plan_chunks([turn("spk_0", 0, 5), turn("spk_1", 6, 600), turn("spk_0", 601, 605)], 610, 300)
-    assert [len(t) for _, t in chunks] == [1, 1, 1]
+    assert [[(t.speaker, t.start, t.end) for t in group] for _, group in chunks] == [
+        [("spk_0", 0, 5)], [("spk_1", 6, 303)], [("spk_1", 303, 600)], [("spk_0", 601, 605)]]
+    assert [span.start for span, _ in chunks] == [0, 5.5, 303, 600.5]  # the parts meet where the turn is cut
+    # Two people talking over each other throughout, one of them pausing: cut with both.
+    crosstalk = plan_chunks([turn("spk_0", 0, 700), turn("spk_1", 1, 350), turn("spk_1", 351, 699)], 700, 300)
+    assert max(sum(t.end - t.start for t in speech_regions(group)) for _, group in crosstalk) <= 300
+    assert [sorted({t.speaker for t in group}) for _, group in crosstalk] == [["spk_0", "spk_1"]] * 3
 
 
 def test_a_word_where_two_stitched_regions_meet_is_not_stretched_over_the_silence_between():
@@ -61,7 +70,7 @@ def test_a_chunk_ends_in_a_wide_pause_near_its_end_rather_than_a_narrow_one():
 
 
 def test_a_turn_of_no_length_is_no_speech_to_plan():
-    chunks = plan_chunks([turn("spk_0", 0, 2), turn("spk_1", 5, 5), turn("spk_0", 5, 7)], 8, 1)
+    chunks = plan_chunks([turn("spk_0", 0, 2), turn("spk_1", 5, 5), turn("spk_0", 5, 7)], 8, 2)
     assert [[(t.speaker, t.start, t.end) for t in turns] for _, turns in chunks] == [
         [("spk_0", 0, 2)], [("spk_0", 5, 7)]]
 
@@ -126,7 +135,7 @@ def test_a_job_language_is_one_code_several_or_multi():
 
 def test_overlapping_turns_stay_in_one_chunk_and_the_cut_is_in_silence():
     turns = [turn("spk_0", 0, 10), turn("spk_1", 8, 20), turn("spk_0", 19, 24), turn("spk_1", 30, 40)]
-    chunks = plan_chunks(turns, duration=50.0, max_speech_s=15.0)
+    chunks = plan_chunks(turns, duration=50.0, max_speech_s=25.0)
     assert [[(t.speaker, t.start) for t in group] for _, group in chunks] == [
         [("spk_0", 0), ("spk_1", 8), ("spk_0", 19)], [("spk_1", 30)]]
     assert chunks[0][0].end == 27.0  # halfway between the end of all talk (24) and 30

@@ -327,7 +327,9 @@ def diarize_offline(waveform: np.ndarray, *, num_speakers: int | None = None,
     wav = np.asarray(waveform, dtype=np.float32)
     if wav.ndim > 1:
         wav = wav.mean(axis=-1) if wav.shape[-1] <= 8 else wav.mean(axis=0)
-    wav = np.nan_to_num(np.ascontiguousarray(wav))
+    wav = np.ascontiguousarray(wav)
+    if not np.isfinite(wav).all():  # never from a decoded file; a copy of a long one held throughout
+        wav = np.nan_to_num(wav)
     if len(wav) < SAMPLE_RATE // 10:
         return Diarization()
     lo, hi = max(1, min_speakers or 1), max_speakers or None

@@ -134,14 +134,24 @@ def plan_chunks(turns: list[SpeakerTurn], duration: float,
     turns (never inside anyone's turn, so overlapping turns stay together), in a pause wide
     enough that neither chunk hears the other's words when there is one near. The spans tile
     [0, duration] with cuts in the middle of the silence between chunks, so no word is
-    transcribed twice or lost at a cut. Talk with no silence for longer than the limit stays in
-    one chunk."""
+    transcribed twice or lost at a cut. Talk with no silence for longer than the limit is cut
+    into equal parts within it, its turns with it (the transcriber keeps a word cut there in the
+    chunk that holds its middle): one chunk is one delivery, which must end within the broker's
+    acknowledgement timeout."""
     turns = [t for t in turns if t.end > t.start]  # an instant has no speech (pyannote can give one)
-    regions = speech_regions(turns)
+    regions = [part for region in speech_regions(turns) for part in _parts(region, max_speech_s)]
     starts = [region.start for region in regions]
     in_region: list[list[SpeakerTurn]] = [[] for _ in regions]
     for turn in sorted(turns, key=lambda t: (t.start, t.end)):
-        in_region[max(0, bisect.bisect_right(starts, turn.start) - 1)].append(turn)
+        first = max(0, bisect.bisect_right(starts, turn.start) - 1)
+        if regions[first].end >= turn.end:
+            in_region[first].append(turn)
+            continue
+        for j in range(first, len(regions)):  # a turn across the cuts of a long region: a piece in each part
+            if regions[j].start >= turn.end:
+                break
+            in_region[j].append(turn.model_copy(update={"start": max(turn.start, regions[j].start),
+                                                        "end": min(turn.end, regions[j].end)}))
     lengths = [region.end - region.start for region in regions]
     grouped: list[list[int]] = []  # region indices
     speech = 0.0
@@ -164,6 +174,13 @@ def plan_chunks(turns: list[SpeakerTurn], duration: float,
         cuts.append(round((max(t.end for t in previous) + following[0].start) / 2, 3))
     cuts.append(duration)
     return [(TimeSpan(start=cuts[i], end=cuts[i + 1]), group) for i, group in enumerate(groups)]
+
+
+def _parts(region: TimeSpan, max_speech_s: float) -> list[TimeSpan]:
+    """The region in equal parts of at most `max_speech_s`."""
+    count = max(1, int(np.ceil((region.end - region.start) / max_speech_s - 1e-9)))
+    bounds = [region.start + (region.end - region.start) * k / count for k in range(count)] + [region.end]
+    return [TimeSpan(start=round(a, 3), end=round(b, 3)) for a, b in zip(bounds, bounds[1:])]
 
 
 def _regions_to_move(regions: list[TimeSpan], lengths: list[float], group: list[int], following: int,
