@@ -276,7 +276,7 @@ class Stack:
         from common.settings import Settings
 
         same = {name: self.env[name.upper()] for name in Settings.model_fields if name.upper() in self.env}
-        return Settings(**{**same, **overrides})
+        return Settings(_env_file=None, **{**same, **overrides})
 
     # ---- client helpers -------------------------------------------------------------------------
 
@@ -362,6 +362,7 @@ def running_stack(log_dir: Path, *, env: dict[str, str], services: tuple[str, ..
     admin_sql(f"CREATE DATABASE {name}")
     settings = {
         **os.environ,
+        "STT_ENV_FILE": "",  # a .env of the checkout (for `make run`) is not this stack's
         "PYTHONUNBUFFERED": "1",
         "LOG_LEVEL": "INFO",
         "AMQP_URL": f"amqp://{name}:{SECRETS['AMQP_PASSWORD']}@127.0.0.1:5672/{name}",

@@ -405,8 +405,12 @@ async def consume(
             return "skipped"
         try:
             await _run_waiting_out_outages(route.handler, parsed, bus, (*BROKER_UNAVAILABLE, *wait_on), work,
-                                           settings.outage_hold_s)
+                                           settings.outage_hold_s, lambda: _delivery_open(message))
         except HeldThroughOutage as exc:
+            if not _delivery_open(message):
+                log.warning("%s: the broker took the message back with its channel (%s); it is delivered again",
+                            routing_key, exc.__cause__)
+                return "requeued"
             log.warning("%s: still unavailable after %.0f s (%s); handing the message back to %s",
                         routing_key, settings.outage_hold_s, exc.__cause__, queue_name)
             if await _hand_back(bus, message, queue_name):
@@ -477,9 +481,7 @@ async def _hand_back(bus: Bus, message: AbstractIncomingMessage, queue_name: str
     token = current_job.set(_job_id_of(message.body))
     headers = dict(message.headers or {})
     routing_key = str(headers.get(ROUTING_KEY_HEADER) or message.routing_key)
-    try:
-        message.channel  # noqa: B018 (raises once the delivery's channel is closed)
-    except aio_pika.exceptions.ChannelInvalidStateError:
+    if not _delivery_open(message):
         # The broker has taken it back with its channel: a copy would make it twice.
         current_job.reset(token)
         return False
@@ -495,6 +497,16 @@ async def _hand_back(bus: Bus, message: AbstractIncomingMessage, queue_name: str
         current_job.reset(token)
 
 
+def _delivery_open(message: AbstractIncomingMessage) -> bool:
+    """False once the delivery's channel is closed: the broker has taken the message back and
+    gives it to a consumer again."""
+    try:
+        message.channel  # noqa: B018 (raises once the delivery's channel is closed)
+    except aio_pika.exceptions.ChannelInvalidStateError:
+        return False
+    return True
+
+
 class HeldThroughOutage(Exception):
     """A dependency stayed unavailable for OUTAGE_HOLD_S while a message was held (its cause)."""
 
@@ -506,12 +518,14 @@ OUTAGE_OVER_AFTER_S = 300.0
 
 async def _run_waiting_out_outages(handler: Handler, parsed: BaseModel, bus: Bus,
                                    wait_on: tuple[type[BaseException], ...], work: metrics.Work,
-                                   hold_s: float) -> None:
+                                   hold_s: float, still_held: Callable[[], bool] = lambda: True) -> None:
     """Run the handler, trying again while a dependency is down; HeldThroughOutage once it has
     been down for `hold_s`: counted from the outage's first error, not from the handler's start
     (a long diarization that meets one error at its end is not an outage of that length), and
     counted again after an attempt that ran for OUTAGE_OVER_AFTER_S before failing (the
-    dependency was back meanwhile: this is another outage)."""
+    dependency was back meanwhile: this is another outage). HeldThroughOutage at once when the
+    message is no longer `still_held` (a broker failure closed its channel): the broker gives it
+    to a consumer again, so running the handler again here would do the work twice at once."""
     outage_since: float | None = None
     attempt_started = time.monotonic()
 
@@ -521,7 +535,7 @@ async def _run_waiting_out_outages(handler: Handler, parsed: BaseModel, bus: Bus
 
     def wait_more(exc: BaseException) -> bool:
         nonlocal outage_since
-        if not outage(exc):
+        if not outage(exc) or not still_held():
             return False
         now = time.monotonic()
         if outage_since is None or now - attempt_started > OUTAGE_OVER_AFTER_S:

@@ -3,6 +3,7 @@ lists them all with their defaults; the README explains each."""
 
 from __future__ import annotations
 
+import os
 from functools import cache
 from pathlib import Path
 
@@ -15,7 +16,10 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False)
+    # `.env` in the working directory, or the file STT_ENV_FILE names ("" for none: the dev stack's
+    # services, whose settings are all their own).
+    model_config = SettingsConfigDict(env_file=os.environ.get("STT_ENV_FILE", ".env") or None, extra="ignore",
+                                      case_sensitive=False)
 
     log_level: str = "INFO"
 

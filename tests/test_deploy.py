@@ -80,8 +80,9 @@ def test_each_image_installs_only_its_stage_extras():
     unpinned = re.findall(r'pip install (?!-c requirements.lock )[^\n]*"\.\[', (DEPLOY / "Dockerfile").read_text())
     assert unpinned == [], "every image installs the project at the versions of requirements.lock"
     assert extras == {
-        # enrolment from an audio sample runs the diarizer's speaker models in ingest
-        "ingest": {"ingest,diarizer"},
+        # enrolment from an audio sample runs the diarizer's speaker models in ingest; operators
+        # run the command-line client there (`exec ingest stt ...`)
+        "ingest": {"ingest,diarizer,cli"},
         "diarizer": {"diarizer"},
         "transcriber": {"transcriber,models"},
         "transcriber-cpu": {"transcriber,models"},
