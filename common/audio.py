@@ -102,7 +102,7 @@ def decode_audio(source: str | BinaryIO, max_seconds: float | None = None, *,
     try:
         with _open(source) as container:
             stream = _audio_stream(container)
-            channels = stream.codec_context.channels if separate_channels else 1
+            channels = max(1, stream.codec_context.channels) if separate_channels else 1
             layout = stream.codec_context.layout.name if channels > 1 else "mono"
             limit_s = max_seconds / channels if max_seconds else None
             if limit_s and stream.duration and stream.time_base:

@@ -370,7 +370,7 @@ async def consume(
             # The error path itself failed (publishing job.failed or the parked copy while the
             # broker went away): the message goes back to the queue, never left unacked.
             log.exception("could not settle a %s message; returning it to the queue", queue_name)
-            if not message.processed and not channel.is_closed:
+            if not message.processed and _delivery_open(message):
                 await message.nack(requeue=True)
             outcome = "requeued"
         finally:
@@ -415,7 +415,7 @@ async def consume(
                         routing_key, settings.outage_hold_s, exc.__cause__, queue_name)
             if await _hand_back(bus, message, queue_name):
                 return "handed_back"
-            if not channel.is_closed:
+            if _delivery_open(message):
                 await message.nack(requeue=True)
             return "requeued"
         except PermanentError as exc:
@@ -449,7 +449,7 @@ async def consume(
                     return "dead_lettered"
             except Exception:
                 log.exception("could not schedule a retry; the broker will redeliver")
-                if not channel.is_closed:
+                if _delivery_open(message):
                     await message.nack(requeue=True)
                 return "requeued"
         else:

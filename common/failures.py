@@ -15,7 +15,7 @@ def failure_category(exc: BaseException) -> str:
         return "storage unavailable"
     if module == "asyncpg":
         return _database_category(getattr(exc, "sqlstate", None) or "")
-    if module == "aiohttp" or name == "OllamaError":
+    if module == "aiohttp" or name in ("OllamaError", "OllamaUnavailable"):
         return "embedding service unavailable"
     if isinstance(exc, (ConnectionError, TimeoutError, OSError)):
         return "a service it depends on was unreachable"

@@ -94,14 +94,18 @@ def read_range(client: Minio, bucket: str, key: str, offset: int, length: int) -
         response.release_conn()
 
 
-def object_exists(client: Minio, bucket: str, key: str) -> bool:
+def stored_size(client: Minio, bucket: str, key: str) -> int | None:
+    """The object's size in bytes; None when there is no such object."""
     try:
-        client.stat_object(bucket, key)
+        return client.stat_object(bucket, key).size
     except S3Error as exc:
         if exc.code in ("NoSuchKey", "NoSuchObject", "NotFound"):
-            return False
+            return None
         raise
-    return True
+
+
+def object_exists(client: Minio, bucket: str, key: str) -> bool:
+    return stored_size(client, bucket, key) is not None
 
 
 def remove_objects(client: Minio, objects: list[tuple[str, str]]) -> None:

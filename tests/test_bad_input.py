@@ -224,6 +224,12 @@ def test_a_body_read_whole_into_memory_is_bounded_far_below_an_upload(stack: Sta
     }
     assert {what: r.status_code for what, r in answers.items()} == dict.fromkeys(answers, 413), {
         what: r.text[:200] for what, r in answers.items()}
+    # A JSON body sent in pieces without its length cannot be bounded before it is read.
+    chunked = httpx.post(f"{stack.api}/speakers", headers={"Content-Type": "application/json"}, timeout=30,
+                         content=iter([b'{"name": ', b'"Anna"}']))
+    assert chunked.status_code == 411, chunked.text
+    # No body at all is what it was: neither a file nor an address.
+    assert "one of the two" in httpx.post(f"{stack.api}/recognize", timeout=30).json()["detail"]
     # A small body is read as before: here the options of a job that does not exist.
     assert httpx.post(f"{stack.api}/transcripts/999999999/rerun", json={"vocabulary": "x" * 100},
                       timeout=30).status_code == 404

@@ -16,7 +16,7 @@ import numpy as np
 from common.audio import SAMPLE_RATE, decode_audio
 from common.messages import JobDiarized, JobOptions, JobProgress, JobSubmitted, Segment, SpeakerTurn, TimeSpan
 from common.settings import Settings
-from common.storage import object_exists, pcm_key
+from common.storage import pcm_key, stored_size
 from services.diarizer import handler as diarizer
 from services.diarizer.pipeline import make_diarizer
 from services.transcriber import handler as transcriber
@@ -70,32 +70,37 @@ async def test_diarizer_then_transcriber_handlers_give_who_said_what(stack: Stac
 async def test_a_second_run_of_a_job_leaves_its_decoded_audio_to_the_job(stack: Stack, fixtures_dir):
     """A delivery again (the first run cut off after its chunks went) that sees the job end while
     it diarizes must not remove the decoded audio: ingest is reading it then to redact the
-    recording. A run that stored it for a job that ended meanwhile removes its own copy."""
+    recording. A run that stored it for a job that ended meanwhile removes its own copy, and a
+    stored PCM of another length (a job of the same id before the database was reset) is not
+    taken for this recording's."""
     settings = stack.settings()
     s3 = stack.s3()
     diarize, _ = make_diarizer(settings)
-    for earlier_run_stored_it in (True, False):
+    pcm_bytes = decode_audio(str(fixtures_dir / "jfk.flac")).size * 2
+    for stored_before, left_after in ((pcm_bytes, pcm_bytes), (None, None), (64, None)):
         job_id = 900_000 + uuid.uuid4().int % 10_000
         key = f"uploads/handler-test-{job_id}"
-        s3.fput_object(settings.audio_bucket, key, str(fixtures_dir / "jfk.flac"))
-        if earlier_run_stored_it:
-            s3.put_object(settings.audio_bucket, pcm_key(job_id), io.BytesIO(b"\0" * 64), 64)
-        ended: set[int] = set()
+        try:
+            s3.fput_object(settings.audio_bucket, key, str(fixtures_dir / "jfk.flac"))
+            if stored_before:
+                s3.put_object(settings.audio_bucket, pcm_key(job_id), io.BytesIO(bytes(stored_before)), stored_before)
+            ended: set[int] = set()
 
-        def done_meanwhile(waveform, options, stop, job_id=job_id, ended=ended):
-            ended.add(job_id)  # the job's transcript.completed, heard while this run diarizes
-            return diarize(waveform, options, stop)
+            def done_meanwhile(waveform, options, stop, job_id=job_id, ended=ended):
+                ended.add(job_id)  # the job's transcript.completed, heard while this run diarizes
+                return diarize(waveform, options, stop)
 
-        deps = diarizer.Deps(settings=settings, storage=s3, diarize=done_meanwhile, ended=ended)
-        submitted = JobSubmitted(job_id=job_id, audio_bucket=settings.audio_bucket, audio_key=key,
-                                 filename="jfk.flac")
-        produced = [message async for message in diarizer.handle(submitted, deps)]
-        assert [type(m) for m in produced] == [JobProgress]  # no chunk of an ended job
-        assert object_exists(s3, settings.audio_bucket, pcm_key(job_id)) == earlier_run_stored_it
-        if earlier_run_stored_it:  # not written over either
-            assert s3.stat_object(settings.audio_bucket, pcm_key(job_id)).size == 64
-        s3.remove_object(settings.audio_bucket, pcm_key(job_id))
-        s3.remove_object(settings.audio_bucket, key)
+            deps = diarizer.Deps(settings=settings, storage=s3, diarize=done_meanwhile, ended=ended)
+            submitted = JobSubmitted(job_id=job_id, audio_bucket=settings.audio_bucket, audio_key=key,
+                                     filename="jfk.flac")
+            produced = [message async for message in diarizer.handle(submitted, deps)]
+            assert [type(m) for m in produced] == [JobProgress]  # no chunk of an ended job
+            assert stored_size(s3, settings.audio_bucket, pcm_key(job_id)) == left_after, stored_before
+            if left_after:  # the earlier run's copy, not written over
+                assert s3.get_object(settings.audio_bucket, pcm_key(job_id)).read(64) == bytes(64)
+        finally:
+            s3.remove_object(settings.audio_bucket, pcm_key(job_id))
+            s3.remove_object(settings.audio_bucket, key)
 
 
 def test_a_jobs_vocabulary_is_spelled_as_given(fixtures_dir):

@@ -21,6 +21,7 @@ import pytest
 from litestar.testing import TestClient
 
 from common.messages import SpeakerTurn, Word
+from services.diarizer.pipeline import plan_chunks
 from services.ingest.app import create_app
 from services.ingest.captions import columns
 from services.ingest.jobs import percent_done, public_stage
@@ -195,6 +196,16 @@ def test_rttm_keeps_file_names_in_any_script_and_leaves_out_turns_too_short_to_w
     assert rttm_uri("встреча 1.wav") == "встреча_1" and rttm_uri("会议.mp3") != rttm_uri("会谈.mp3")
     turns = [SpeakerTurn(speaker="spk_0", start=1.0, end=1.0002), SpeakerTurn(speaker="spk_1", start=2.0, end=3.5)]
     assert to_rttm("x", turns) == "SPEAKER x 1 2.000 1.500 <NA> <NA> spk_1 <NA> <NA>\n"
+
+
+def test_a_turn_cut_between_chunks_is_one_rttm_turn_again():
+    """Talk longer than a chunk is cut with its turns (plan_chunks); the diarization is one turn."""
+    turns = [turn for _, group in plan_chunks([SpeakerTurn(speaker="spk_0", start=0.0, end=700.0),
+                                               SpeakerTurn(speaker="spk_1", start=650.0, end=705.0)], 710.0, 300)
+             for turn in group]
+    assert len(turns) > 2
+    assert to_rttm("x", turns) == ("SPEAKER x 1 0.000 700.000 <NA> <NA> spk_0 <NA> <NA>\n"
+                                   "SPEAKER x 1 650.000 55.000 <NA> <NA> spk_1 <NA> <NA>\n")
 
 
 def test_download_names_keep_any_language():

@@ -20,7 +20,7 @@ from common.broker import PermanentError
 from common.messages import Contract, JobDiarized, JobProgress, JobSubmitted, TimeSpan
 from common.metrics import add_audio_seconds
 from common.settings import Settings
-from common.storage import download_to, object_exists, pcm_key, upload_bytes
+from common.storage import download_to, pcm_key, stored_size, upload_bytes
 from services.diarizer.offline import Diarization, DiarizationStopped
 from services.diarizer.pipeline import DiarizeFn, language_probe, plan_chunks
 
@@ -121,9 +121,10 @@ async def handle(message: JobSubmitted, deps: Deps) -> AsyncIterator[Contract]:
     # The stages after this one read their chunk's samples from here (16-bit PCM, ranged GETs;
     # channels one after another). A delivery again (its first run cut off after storing it) finds
     # the same samples there: that copy is the job's, which ingest reads to redact the recording
-    # when the job is done, so this run neither writes it again nor removes it.
+    # when the job is done, so this run neither writes it again nor removes it. (One of another
+    # length is not this recording's: a job of the same id before the database was reset.)
     bucket, pcm = deps.settings.audio_bucket, pcm_key(message.job_id)
-    stored_here = not await asyncio.to_thread(object_exists, deps.storage, bucket, pcm)
+    stored_here = await asyncio.to_thread(stored_size, deps.storage, bucket, pcm) != waveform.size * 2
     if stored_here:
         await asyncio.to_thread(upload_bytes, deps.storage, bucket, pcm, float_to_pcm16(waveform.reshape(-1)))
     def ended() -> bool:  # asked by the backend between batches of windows

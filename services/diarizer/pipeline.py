@@ -179,8 +179,11 @@ def plan_chunks(turns: list[SpeakerTurn], duration: float,
 def _parts(region: TimeSpan, max_speech_s: float) -> list[TimeSpan]:
     """The region in equal parts of at most `max_speech_s`."""
     count = max(1, int(np.ceil((region.end - region.start) / max_speech_s - 1e-9)))
-    bounds = [region.start + (region.end - region.start) * k / count for k in range(count)] + [region.end]
-    return [TimeSpan(start=round(a, 3), end=round(b, 3)) for a, b in zip(bounds, bounds[1:])]
+    if count == 1:
+        return [region]
+    cuts = [round(region.start + (region.end - region.start) * k / count, 3) for k in range(1, count)]
+    bounds = [region.start, *cuts, region.end]
+    return [TimeSpan(start=a, end=b) for a, b in zip(bounds, bounds[1:])]
 
 
 def _regions_to_move(regions: list[TimeSpan], lengths: list[float], group: list[int], following: int,

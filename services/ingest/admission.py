@@ -115,17 +115,21 @@ def event_stream_limit_middleware(limit: int):
 def small_body_middleware(app: ASGIApp) -> ASGIApp:
     """The upload routes take bodies up to MAX_UPLOAD_MB, streamed to disk when they are multipart;
     a JSON or URL-encoded body (an address to fetch, a speaker from a transcript) is read into
-    memory whole, so it must say its length and stay within SMALL_BODY_BYTES (413 otherwise)."""
+    memory whole, so it must say its length (411) and stay within SMALL_BODY_BYTES (413)."""
 
     async def check(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and _is_upload(scope):
             headers = dict(scope["headers"])
             multipart = headers.get(b"content-type", b"").lower().startswith(b"multipart/")
-            length = headers.get(b"content-length", b"")
-            if not multipart and not (length.isdigit() and int(length) <= SMALL_BODY_BYTES):
+            length = headers.get(b"content-length")
+            if not multipart and length is None and b"transfer-encoding" in headers:
+                await _refuse(send, scope, 411, "a body that is not multipart/form-data must say its Content-Length;"
+                                                " send a recording itself as a multipart upload")
+                return
+            if not multipart and length is not None and not (length.isdigit() and int(length) <= SMALL_BODY_BYTES):
                 await _refuse(send, scope, 413, f"a body that is not multipart/form-data holds no recording: at most "
-                                                f"{SMALL_BODY_BYTES // 1024} KiB, with its Content-Length; send the "
-                                                f"recording itself as a multipart upload")
+                                                f"{SMALL_BODY_BYTES // 1024} KiB; send the recording itself as a "
+                                                f"multipart upload")
                 return
         await app(scope, receive, send)
 

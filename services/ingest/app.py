@@ -178,7 +178,7 @@ class RerunOptions(JobOptions):
 
 @post("/transcripts/{job_id:int}/rerun", status_code=202, summary="Run a recording again with other options",
       request_max_body_size=SMALL_BODY_BYTES,
-      responses=_errors(400, 401, 403, 404, 409, 422, 503,
+      responses=_errors(400, 401, 403, 404, 409, 413, 422, 503, e413="The JSON body is over 1 MiB",
                         e422="The Idempotency-Key was already used for another request"))
 async def rerun(job_id: JobId, state: State, request: Request, data: RerunOptions | None = None,
                 idempotency_key: IdempotencyKey = None) -> Response[Accepted]:

@@ -73,7 +73,7 @@ SegmentIndex = Annotated[int, PathParameter(ge=0, le=1_000_000, description="The
 
 @patch("/transcripts/{job_id:int}/segments/{chunk_index:int}/{index:int}", summary="Correct a segment by hand",
        request_max_body_size=SMALL_BODY_BYTES,
-       responses=error_responses(400, 401, 403, 404, 409, 503,
+       responses=error_responses(400, 401, 403, 404, 409, 413, 503, e413="The JSON body is over 1 MiB",
                                  e409="The job is still processing: correct it once it has ended"))
 async def correct_segment(job_id: JobId, chunk_index: SegmentChunk, index: SegmentIndex, state: State,
                           request: Request, data: SegmentCorrection) -> TranscriptSegment:

@@ -25,7 +25,7 @@ from pydantic import BaseModel
 from common import jobstore
 from common.db import LockKey, every
 from common.logs import job_logged
-from services.embedder.backends import EmbedFn
+from services.embedder.backends import EmbedFn, OllamaUnavailable
 from services.ingest.auth import admin_only
 from services.ingest.errors import error_responses
 
@@ -93,8 +93,8 @@ class Reindexer:
                 after = job_id
                 try:
                     await self._reindex_job(job_id)
-                except (asyncpg.PostgresConnectionError, OSError):
-                    raise
+                except (asyncpg.PostgresConnectionError, OSError, OllamaUnavailable):
+                    raise  # the database or the embedding service away: no job of them would go
                 except Exception:
                     with job_logged(job_id):
                         log.exception("could not re-embed this job; going on with the next")

@@ -177,7 +177,7 @@ async def search(
         hits = [(_key(r), _hit(r, ["text"], r["score"])) for r in text_rows]
     else:
         hits = [(_key(r), _hit(r, ["semantic"], r["score"]))
-                for r in sorted(semantic_rows, key=lambda r: (-r["score"], _key(r)))]
+                for r in sorted(semantic_rows, key=lambda r: (-r["score"], -r["transcript_id"], _key(r)))]
     page = hits[offset:offset + limit]
     # Marking the matched words is the costly part of a text search: only for the hits shown.
     marked = await jobstore.highlights(state.pool, query, [key for key, hit in page if "text" in hit.found_by])

@@ -271,7 +271,8 @@ async def show_speaker(speaker_id: SpeakerId, request: Request, state: State) ->
 
 
 @patch("/speakers/{speaker_id:int}", summary="Rename an enrolled speaker", request_max_body_size=SMALL_BODY_BYTES,
-       responses=error_responses(400, 401, 403, 404, 409, 503, e404="No such speaker (for this key)",
+       responses=error_responses(400, 401, 403, 404, 409, 413, 503, e404="No such speaker (for this key)",
+                                 e413="The JSON body is over 1 MiB",
                                  e409="Another speaker of this key has that name"))
 async def rename(speaker_id: SpeakerId, data: Rename, request: Request, state: State) -> SpeakerProfile:
     owner = request_owner(request)

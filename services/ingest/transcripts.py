@@ -154,9 +154,19 @@ def to_rttm(uri: str, turns: Sequence[SpeakerTurn], names: dict[str, str] | None
     """NIST RTTM, one SPEAKER line per turn (overlapping turns included), as pyannote.metrics,
     dscore and md-eval read it; a named speaker appears under its name (blanks as _)."""
     names = {label: re.sub(r"\s+", "_", name.strip()) for label, name in (names or {}).items()}
+    # A turn cut where talk longer than a chunk was split comes back as one.
+    joined: list[SpeakerTurn] = []
+    open_turn: dict[str, int] = {}  # speaker -> index in `joined` of their latest turn
+    for turn in sorted(turns, key=lambda t: (t.start, t.end)):
+        latest = open_turn.get(turn.speaker)
+        if latest is not None and joined[latest].end == turn.start:
+            joined[latest] = joined[latest].model_copy(update={"end": turn.end})
+            continue
+        open_turn[turn.speaker] = len(joined)
+        joined.append(turn)
     # A turn shorter than the format's millisecond would be written as lasting 0, which scorers refuse.
     return "".join(f"SPEAKER {uri} 1 {t.start:.3f} {t.end - t.start:.3f} <NA> <NA> {names.get(t.speaker, t.speaker)}"
-                   " <NA> <NA>\n" for t in turns if round(t.end - t.start, 3) > 0)
+                   " <NA> <NA>\n" for t in joined if round(t.end - t.start, 3) > 0)
 
 
 def download_name(filename: str, extension: str) -> str:
@@ -433,7 +443,7 @@ async def list_job_speakers(job_id: JobId, state: State, request: Request) -> Tr
 
 
 @patch("/transcripts/{job_id:int}/speakers", summary="Name a job's speakers", request_max_body_size=SMALL_BODY_BYTES,
-       responses=error_responses(400, 401, 403, 404, 503))
+       responses=error_responses(400, 401, 403, 404, 413, 503, e413="The JSON body is over 1 MiB"))
 async def name_speakers(job_id: JobId, state: State, request: Request,
                         data: dict[str, str | None]) -> SpeakerNames:
     """`{"spk_0": "Anna", "spk_1": null}`: names (null removes one) shown in /status, every

@@ -114,7 +114,7 @@ async def _owned(pool: asyncpg.Pool, owner: str | None, webhook_id: int) -> asyn
 
 
 @post("/webhooks", status_code=201, summary="Register a webhook", request_max_body_size=SMALL_BODY_BYTES,
-      responses=error_responses(400, 401, 403, 503))
+      responses=error_responses(400, 401, 403, 413, 503, e413="The JSON body is over 1 MiB"))
 async def register(data: NewWebhook, request: Request, state: State) -> CreatedWebhook:
     """Events go to `url` as signed POSTs (Standard Webhooks: `webhook-id`, `webhook-timestamp`,
     `webhook-signature`). URLs that resolve to private, loopback or link-local addresses are
