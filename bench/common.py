@@ -421,7 +421,8 @@ def run_pipeline(waveform: np.ndarray, diarize, model, settings, options=None,
     def read_pcm(_bucket, _key, span):
         return pcm[max(0, int(span.start * SAMPLE_RATE)):int(span.end * SAMPLE_RATE)]
 
-    deps = transcriber.Deps(model=model, read_pcm=read_pcm, beam_size=settings.whisper_beam_size)
+    deps = transcriber.Deps(model=model, read_pcm=read_pcm, beam_size=settings.whisper_beam_size,
+                            batch_size=settings.whisper_batch_size)
     segments, language = [], options.language
     for chunk in chunks:
         transcribed = transcriber.transcribe(chunk, deps, speech)

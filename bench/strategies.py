@@ -1,13 +1,16 @@
 """python -m bench.strategies: how to turn speaker turns into speaker-attributed text, decided by
 the numbers. The same speaker turns (the references', so only the transcription differs), the
-same model, three ways:
+same model, four ways:
 
   per-turn    each speaker turn transcribed on its own (clips cut in memory; the seed's idea
               without its temporary files)
-  whole-chunk one faster-whisper pass over the chunk with VAD and word timestamps, each word
-              given to the speaker whose turn overlaps it most (WhisperX's way; the default)
-  batched     faster-whisper's BatchedInferencePipeline over the chunk (batch 8, word
-              timestamps), words assigned the same way
+  whole-chunk one faster-whisper pass over the chunk's speech regions (the turns', padded and
+              laid end to end) with word timestamps, each word given to the speaker whose turn
+              overlaps it most (WhisperX's way; the default)
+  batched     faster-whisper's BatchedInferencePipeline over the chunk with its own VAD (silero;
+              batch 8, word timestamps), words assigned the same way
+  batched over the regions   the default's speech regions cut into clips of up to 30 s where
+              they join, decoded 8 at once by the batched pipeline (WHISPER_BATCH_SIZE=8)
 
 on the two dialogues (speaker-attributed references) and a ~5-minute concatenation of the
 fixtures. Prints cpWER and transcription seconds per strategy.
@@ -80,7 +83,14 @@ def batched(model, audio, turns, language, beam_size):
             for i, (speaker, run, _) in enumerate(_runs_by_speaker(words, [None] * len(words), turns))]
 
 
-STRATEGIES = {"per-turn": per_turn, "whole-chunk (default)": whole_chunk, "batched": batched}
+def batched_regions(model, audio, turns, language, beam_size):
+    from services.transcriber.whisper import transcribe_chunk
+
+    return transcribe_chunk(model, audio, 0.0, turns, language, beam_size, batch_size=8)[0]
+
+
+STRATEGIES = {"per-turn": per_turn, "whole-chunk (default)": whole_chunk, "batched": batched,
+              "batched over the regions": batched_regions}
 
 
 def main() -> None:

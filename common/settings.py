@@ -103,6 +103,8 @@ class Settings(BaseSettings):
     whisper_compute_type: str = "auto"  # auto: float16 on CUDA, int8 on CPU
     whisper_beam_size: int = Field(default=5, ge=1)
     whisper_cpu_threads: int = Field(default=0, ge=0)
+    # Whisper windows decoded at once (faster-whisper's batched pipeline); 0: one after another.
+    whisper_batch_size: int = Field(default=0, ge=0, le=64)
     # Redacted from every job's text whatever the job asks (README "Redaction"), comma-separated:
     # email, card, phone, number. Blank: only what each job asks for.
     redact: str = ""

@@ -20,7 +20,7 @@ from common.storage import pcm_key, stored_size
 from services.diarizer import handler as diarizer
 from services.diarizer.pipeline import make_diarizer
 from services.transcriber import handler as transcriber
-from services.transcriber.whisper import load_model
+from services.transcriber.whisper import load_model, transcribe_chunk
 from tests.conftest import ROOT, Stack
 
 
@@ -101,6 +101,25 @@ async def test_a_second_run_of_a_job_leaves_its_decoded_audio_to_the_job(stack: 
         finally:
             s3.remove_object(settings.audio_bucket, pcm_key(job_id))
             s3.remove_object(settings.audio_bucket, key)
+
+
+def test_batched_decoding_gives_each_person_their_words(fixtures_dir):
+    """WHISPER_BATCH_SIZE: the chunk's speech cut into clips where its regions join and decoded
+    several at once; the words and who said them are what one window after another gives."""
+    settings = Settings()
+    model, _ = load_model(settings.model_copy(update={"whisper_model": settings.whisper_fallback_model}))
+    audio = decode_audio(str(fixtures_dir / "en_dialogue.wav"))
+    utterances = json.loads((fixtures_dir / "en_dialogue.json").read_text())
+    turns = [SpeakerTurn(speaker=u["speaker"], start=u["start"], end=u["end"]) for u in utterances]
+    by_speaker = {}
+    for batch_size in (0, 4):
+        segments, _ = transcribe_chunk(model, audio, 0.0, turns, "en", batch_size=batch_size)
+        by_speaker[batch_size] = {speaker: words(" ".join(s.text for s in segments if s.speaker == speaker))
+                                  for speaker in {t.speaker for t in turns}}
+    for speaker, said in by_speaker[4].items():
+        expected = words(" ".join(u["text"] for u in utterances if u["speaker"] == speaker))
+        assert len(set(said) & set(expected)) >= 0.8 * len(set(expected)), (speaker, said)
+        assert len(set(said) ^ set(by_speaker[0][speaker])) <= 2, (said, by_speaker[0][speaker])
 
 
 def test_a_jobs_vocabulary_is_spelled_as_given(fixtures_dir):

@@ -18,7 +18,7 @@ from services.ingest.inbox import drop_options
 from services.transcriber.languages import Passage, language_spans, passages
 from services.transcriber.redaction import redact, redact_text, redact_words
 from services.transcriber.spelling import respell
-from services.transcriber.whisper import _heard_times, _runs_by_speaker, _talked_over, speaker_of
+from services.transcriber.whisper import _clips, _heard_times, _runs_by_speaker, _talked_over, speaker_of
 from tests.conftest import ROOT
 
 
@@ -55,6 +55,15 @@ def test_a_word_where_two_stitched_regions_meet_is_not_stretched_over_the_silenc
     assert to_chunk(0.6, 1.0) == (0.6, 1.0) and to_chunk(1.0, 1.5) == (3.0, 3.5)
     # Timed a little across the junction: kept in the region that holds most of it.
     assert to_chunk(0.7, 1.1) == pytest.approx((0.7, 1.0)) and to_chunk(0.9, 1.3) == pytest.approx((3.0, 3.3))
+
+
+def test_batched_clips_are_cut_where_regions_join_and_hold_at_most_a_whisper_window():
+    spans = [TimeSpan(start=0, end=12), TimeSpan(start=20, end=35), TimeSpan(start=40, end=48),
+             TimeSpan(start=50, end=120)]  # 12 + 15 + 8 + 70 s of speech, laid end to end
+    clips = _clips(spans)
+    assert [(c["start"], c["end"]) for c in clips] == [
+        (0, 27), (27, 35), (35, 35 + 70 / 3), (35 + 70 / 3, 35 + 140 / 3), (35 + 140 / 3, 105)]
+    assert all(c["end"] - c["start"] <= 30 for c in clips)
 
 
 def test_a_chunk_ends_in_a_wide_pause_near_its_end_rather_than_a_narrow_one():

@@ -25,7 +25,8 @@ async def main() -> None:
     serve_metrics(settings, "transcriber")
     model, _ = await asyncio.to_thread(load_model, settings)
     deps = handler.Deps(model=model, read_pcm=handler.pcm_reader(make_client(settings)),
-                        beam_size=settings.whisper_beam_size, redact=settings.redact_kinds)
+                        beam_size=settings.whisper_beam_size, batch_size=settings.whisper_batch_size,
+                        redact=settings.redact_kinds)
     connection = await connect(settings, "transcriber")
     log.info("transcriber ready")
     await consume(connection, settings, "transcriber",

@@ -34,6 +34,8 @@ class Deps:
     model: object  # faster_whisper.WhisperModel
     read_pcm: ReadPcm
     beam_size: int = 5
+    # Windows decoded at once (WHISPER_BATCH_SIZE); 0 or 1: one after another.
+    batch_size: int = 0
     # Redacted in every job, besides what each job asks for (the REDACT setting).
     redact: list[str] = field(default_factory=list)
     # Language per job, detected once on the job's first speech (the same probe in every chunk,
@@ -86,7 +88,7 @@ def transcribe(message: JobDiarized, deps: Deps, speech: str = "diarizer") -> Ch
                                               language_for(message, deps), deps.beam_size, speech,
                                               other_talk=message.other_channels,
                                               vocabulary=message.options.vocabulary, task=message.options.task,
-                                              among=among, keep=message.span)
+                                              among=among, keep=message.span, batch_size=deps.batch_size)
         segments = redact(respell(segments, message.options.spelling), [*message.options.redact, *deps.redact])
     else:  # nobody talks in this chunk (a silent recording)
         segments, language = [], None if among else message.options.language
