@@ -57,13 +57,13 @@ def test_a_word_where_two_stitched_regions_meet_is_not_stretched_over_the_silenc
     assert to_chunk(0.7, 1.1) == pytest.approx((0.7, 1.0)) and to_chunk(0.9, 1.3) == pytest.approx((3.0, 3.3))
 
 
-def test_batched_clips_are_cut_where_regions_join_and_hold_at_most_a_whisper_window():
+def test_batched_clips_end_where_regions_join_or_in_a_pause_and_hold_at_most_a_whisper_window():
     spans = [TimeSpan(start=0, end=12), TimeSpan(start=20, end=35), TimeSpan(start=40, end=48),
              TimeSpan(start=50, end=120)]  # 12 + 15 + 8 + 70 s of speech, laid end to end
-    clips = _clips(spans)
-    assert [(c["start"], c["end"]) for c in clips] == [
-        (0, 27), (27, 35), (35, 35 + 70 / 3), (35 + 70 / 3, 35 + 140 / 3), (35 + 140 / 3, 105)]
-    assert all(c["end"] - c["start"] <= 30 for c in clips)
+    clips = _clips(spans, pauses=[80.0, 100.0])  # two pauses inside the last region
+    assert [(c["start"], c["end"]) for c in clips] == [(0, 27), (27, 35), (35, 65), (65, 85), (85, 105)]
+    # Talk with no pause at all: cut where the window is full.
+    assert [(c["start"], c["end"]) for c in _clips([TimeSpan(start=5, end=75)], [])] == [(0, 30), (30, 60), (60, 70)]
 
 
 def test_a_chunk_ends_in_a_wide_pause_near_its_end_rather_than_a_narrow_one():

@@ -137,7 +137,7 @@ IdempotencyKey = Annotated[str | None, HeaderParameter(
 
 
 @post("/recognize", status_code=202, summary="Submit a recording for transcription",
-      responses=_errors(400, 401, 403, 413, 415, 422, 503,
+      responses=_errors(400, 401, 403, 411, 413, 415, 422, 503,
                         e422="The Idempotency-Key was already used for another request"))
 async def recognize(
     data: Annotated[RecognizeForm, Body(media_type=RequestEncodingType.MULTI_PART)], state: State,

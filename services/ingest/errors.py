@@ -52,6 +52,7 @@ MEANINGS = {
     404: "No such job (for this key)",
     409: "The job is in a state that does not allow this yet: the message says which",
     410: "Removed on purpose (a retention setting): the message says when",
+    411: "A body that is not multipart/form-data must say its Content-Length",
     413: "The upload exceeds MAX_UPLOAD_MB",
     415: "Not audio this service can decode",
     416: "The Range asked for is not within the file",

@@ -176,8 +176,8 @@ async def search(
     elif mode == "text":
         hits = [(_key(r), _hit(r, ["text"], r["score"])) for r in text_rows]
     else:
-        hits = [(_key(r), _hit(r, ["semantic"], r["score"]))
-                for r in sorted(semantic_rows, key=lambda r: (-r["score"], -r["transcript_id"], _key(r)))]
+        in_order = sorted(semantic_rows, key=lambda r: (-r["score"], -r["transcript_id"], r["start_ts"], _key(r)))
+        hits = [(_key(r), _hit(r, ["semantic"], r["score"])) for r in in_order]
     page = hits[offset:offset + limit]
     # Marking the matched words is the costly part of a text search: only for the hits shown.
     marked = await jobstore.highlights(state.pool, query, [key for key, hit in page if "text" in hit.found_by])

@@ -151,7 +151,8 @@ def rttm_uri(filename: str) -> str:
 
 
 def to_rttm(uri: str, turns: Sequence[SpeakerTurn], names: dict[str, str] | None = None) -> str:
-    """NIST RTTM, one SPEAKER line per turn (overlapping turns included), as pyannote.metrics,
+    """NIST RTTM, one SPEAKER line per turn (overlapping turns included; a turn's pieces that touch,
+    cut between chunks, joined), as pyannote.metrics,
     dscore and md-eval read it; a named speaker appears under its name (blanks as _)."""
     names = {label: re.sub(r"\s+", "_", name.strip()) for label, name in (names or {}).items()}
     # A turn cut where talk longer than a chunk was split comes back as one.

@@ -38,6 +38,9 @@ REGION_BRIDGE_S = 1.0
 OVERLAP_MIN_S = 0.1
 # Whisper's window: with WHISPER_BATCH_SIZE, the speech heard is cut into clips of at most this.
 CLIP_MAX_S = 30.0
+# faster-whisper's defaults for a window it takes for silence (no_speech_threshold, log_prob_threshold).
+NO_SPEECH_PROB = 0.6
+LOW_LOGPROB = -1.0
 
 
 def pick_device(settings: Settings) -> tuple[str, str]:
@@ -115,8 +118,8 @@ def transcribe_chunk(model: WhisperModel, audio: np.ndarray, offset: float,
     segments say which, and the language returned is the one most spoken. With `keep` (job time),
     only the words whose middle falls within it are kept: the audio may reach a little past the
     chunk's own span on either side, and what is there belongs to the chunk next to it. With
-    `batch_size` over 1, the speech heard is cut into clips of up to 30 s at the joins between
-    regions and decoded that many at once (faster-whisper's batched pipeline) instead of one
+    `batch_size` over 1, the speech heard is cut into clips of up to 30 s where regions join or
+    in pauses and decoded that many at once (faster-whisper's batched pipeline) instead of one
     window after another."""
     if not turns or audio.size == 0:
         return [], language
@@ -137,6 +140,7 @@ def transcribe_chunk(model: WhisperModel, audio: np.ndarray, offset: float,
         else:
             parts = [(TimeSpan(start=0.0, end=length_s), language)]
         regions = _regions_in_chunk(turns, offset, length_s)
+        own_regions = speech_regions(turns)  # unbridged: where a batched clip may end
         words, spoken, info = [], [], None
         for part, part_language in parts:
             spans = [TimeSpan(start=max(r.start, part.start), end=min(r.end, part.end))
@@ -145,9 +149,13 @@ def transcribe_chunk(model: WhisperModel, audio: np.ndarray, offset: float,
                 continue
             heard = np.concatenate([audio[round(s.start * SAMPLE_RATE):round(s.end * SAMPLE_RATE)] for s in spans])
             if batch_size > 1:
+                pauses = [(a.end + b.start) / 2 - offset for a, b in zip(own_regions, own_regions[1:])]
                 pieces, info = BatchedInferencePipeline(model).transcribe(
-                    heard, vad_filter=False, clip_timestamps=_clips(spans), batch_size=batch_size,
+                    heard, vad_filter=False, clip_timestamps=_clips(spans, pauses), batch_size=batch_size,
                     language=part_language, **options)
+                # The batched pipeline skips no window as silent (nor retries one at a higher
+                # temperature): what one window after another would have dropped is dropped here.
+                pieces = [p for p in pieces if not (p.no_speech_prob > NO_SPEECH_PROB and p.avg_logprob < LOW_LOGPROB)]
             else:
                 pieces, info = model.transcribe(heard, vad_filter=False, language=part_language, **options)
             to_chunk = _heard_times(spans)
@@ -172,22 +180,23 @@ def transcribe_chunk(model: WhisperModel, audio: np.ndarray, offset: float,
     return segments, _most_spoken(words, spoken)
 
 
-def _clips(spans: list[TimeSpan]) -> list[dict[str, float]]:
-    """The spans laid end to end, cut into clips of at most CLIP_MAX_S where one span ends and the
-    next begins (a span longer than that alone into equal parts), in the joined audio's seconds."""
-    clips: list[list[float]] = []
-    joined = 0.0
+def _clips(spans: list[TimeSpan], pauses: list[float]) -> list[dict[str, float]]:
+    """The spans laid end to end, cut into clips of at most CLIP_MAX_S, in the joined audio's
+    seconds: each as long as it can be while it ends where one span ends and the next begins, or
+    at one of `pauses` (chunk times between two people's turns or in one's silence) inside a
+    span; only talk with no pause for CLIP_MAX_S is cut where the window is full."""
+    joined, bounds = 0.0, []
     for span in spans:
-        length = span.end - span.start
-        parts = max(1, int(np.ceil(length / CLIP_MAX_S - 1e-9)))
-        for k in range(parts):
-            start, end = joined + length * k / parts, joined + length * (k + 1) / parts
-            if k == 0 and clips and end - clips[-1][0] <= CLIP_MAX_S:
-                clips[-1][1] = end
-            else:
-                clips.append([start, end])
-        joined += length
-    return [{"start": start, "end": end} for start, end in clips]
+        bounds += [joined + t - span.start for t in pauses if span.start < t < span.end]
+        joined += span.end - span.start
+        bounds.append(joined)
+    clips, start = [], 0.0
+    while start < joined - 1e-9:
+        fitting = [b for b in bounds if start < b <= start + CLIP_MAX_S]
+        end = max(fitting) if fitting else min(start + CLIP_MAX_S, joined)
+        clips.append({"start": start, "end": end})
+        start = end
+    return clips
 
 
 def _as_heard(start: float, end: float) -> tuple[float, float]:
