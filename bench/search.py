@@ -18,10 +18,9 @@ not such a cluster; how the index does on them is not measured here.
 
 Speed: `--segments` (default 100,000) more segments, all different, made by recombining the
 distractors' halves (real vectors from the default model), spread over 1,000 jobs made over the
-last ten hours; then p50 and
-p95 wall latency of GET /search (client to answer) for each mode, without and with filters (one
-of two speakers and the last five hours: about 30 % of the segments), `--repeat` queries
-each.
+last ten hours; then p50 and p95 wall latency of GET /search (client to answer) for each mode,
+without and with filters (one of two speakers and the last five hours: about 30 % of the
+segments), `--repeat` queries each.
 
     python -m bench.search [--segments 100000] [--repeat 50]
 """
@@ -170,9 +169,12 @@ FILTERED_SPEAKER = "A"
 FILTERED_HOURS = 5
 
 
+def filtered_since() -> datetime:
+    return datetime.now(UTC) - timedelta(hours=FILTERED_HOURS)
+
+
 def filters() -> dict[str, str]:
-    since = datetime.now(UTC) - timedelta(hours=FILTERED_HOURS)
-    return {"speaker": FILTERED_SPEAKER, "since": since.strftime("%Y-%m-%dT%H:%M:%SZ")}
+    return {"speaker": FILTERED_SPEAKER, "since": filtered_since().strftime("%Y-%m-%dT%H:%M:%SZ")}
 
 
 def speed(api: str, repeat: int, rng: random.Random) -> list[list[str]]:
@@ -247,9 +249,8 @@ def main() -> None:
         print(f"{args.segments} segments embedded and stored in {time.perf_counter() - started:.0f} s", flush=True)
         latency = speed(stack.api, args.repeat, rng)
         total = stack.value("SELECT count(*) FROM segments")
-        since = datetime.fromisoformat(filters()["since"].replace("Z", "+00:00"))
         kept = stack.value("SELECT count(*) FROM segments s JOIN transcripts t ON t.id = s.transcript_id"
-                           " WHERE s.speaker = $1 AND t.created_at >= $2", FILTERED_SPEAKER, since)
+                           " WHERE s.speaker = $1 AND t.created_at >= $2", FILTERED_SPEAKER, filtered_since())
 
     print()
     print(table(["mode", "same-language R@1", "same-language R@5", "cross-language R@1", "cross-language R@5"],

@@ -10,7 +10,8 @@ same model, four ways:
   batched     faster-whisper's BatchedInferencePipeline over the chunk with its own VAD (silero;
               batch 8, word timestamps), words assigned the same way
   batched over the regions   the default's speech regions cut into clips of up to 30 s where
-              they join, decoded 8 at once by the batched pipeline (WHISPER_BATCH_SIZE=8)
+              they join or in a pause, decoded 8 at once by the batched pipeline
+              (WHISPER_BATCH_SIZE=8)
 
 on the two dialogues (speaker-attributed references) and a ~5-minute concatenation of the
 fixtures. Prints cpWER and transcription seconds per strategy.

@@ -140,7 +140,9 @@ def transcribe_chunk(model: WhisperModel, audio: np.ndarray, offset: float,
         else:
             parts = [(TimeSpan(start=0.0, end=length_s), language)]
         regions = _regions_in_chunk(turns, offset, length_s)
-        own_regions = speech_regions(turns)  # unbridged: where a batched clip may end
+        # Where a batched clip may end besides the regions' joins: between the unbridged regions.
+        own_regions = speech_regions(turns) if batch_size > 1 else []
+        pauses = [(a.end + b.start) / 2 - offset for a, b in zip(own_regions, own_regions[1:])]
         words, spoken, info = [], [], None
         for part, part_language in parts:
             spans = [TimeSpan(start=max(r.start, part.start), end=min(r.end, part.end))
@@ -149,7 +151,6 @@ def transcribe_chunk(model: WhisperModel, audio: np.ndarray, offset: float,
                 continue
             heard = np.concatenate([audio[round(s.start * SAMPLE_RATE):round(s.end * SAMPLE_RATE)] for s in spans])
             if batch_size > 1:
-                pauses = [(a.end + b.start) / 2 - offset for a, b in zip(own_regions, own_regions[1:])]
                 pieces, info = BatchedInferencePipeline(model).transcribe(
                     heard, vad_filter=False, clip_timestamps=_clips(spans, pauses), batch_size=batch_size,
                     language=part_language, **options)
