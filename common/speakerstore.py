@@ -40,6 +40,14 @@ async def add_voiceprint(conn: asyncpg.Connection, speaker_id: int, embedding: l
         speaker_id, embedding, model, speech_s, source, transcript_id, label)
 
 
+async def has_voiceprint(conn: asyncpg.Connection, speaker_id: int, embedding: list[float], model: str) -> bool:
+    """Whether the speaker already has this voiceprint: the same sample sent again (a client retrying
+    after a timeout) gives the same embedding, and counted twice it would weigh nothing more."""
+    return await conn.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM voiceprints WHERE speaker_id = $1 AND embedding_model = $2"
+        " AND embedding <=> $3::real[]::vector < 1e-5)", speaker_id, model, embedding)
+
+
 async def speaker_enrolled_from(db: Db, owner: str | None, transcript_id: int, label: str) -> str | None:
     """The name of the owner's speaker that already has a voiceprint from this transcript's speaker."""
     return await db.fetchval(
@@ -137,10 +145,27 @@ async def unknown_names(db: Db, owner: str | None, names: list[str]) -> list[str
     return [r["n"] for r in rows]
 
 
-async def owner_transcripts_with_voices(db: Db, owner: str | None) -> list[int]:
+async def transcripts_near_voice(db: Db, owner: str | None, embedding: list[float], model: str,
+                                 threshold: float) -> list[int]:
+    """The owner's transcripts with a speaker whose centroid is at least `threshold` alike (cosine)
+    to the voice: the only ones a new voiceprint can name anyone in, since a profile scores a
+    speaker by its best voiceprint."""
+    # pgvector computes in single precision: the margin keeps a pair at the threshold in.
     rows = await db.fetch(
-        "SELECT DISTINCT t.id FROM transcripts t JOIN transcript_speakers ts ON ts.transcript_id = t.id"
-        f" WHERE t.{_OWNER} AND ts.embedding IS NOT NULL ORDER BY t.id", owner)
+        "SELECT DISTINCT ts.transcript_id FROM transcript_speakers ts JOIN transcripts t ON t.id = ts.transcript_id"
+        f" WHERE t.{_OWNER} AND ts.embedding_model = $2 AND 1 - (ts.embedding <=> $3::real[]::vector) >= $4"
+        " ORDER BY ts.transcript_id", owner, model, embedding, threshold - 1e-4)
+    return [r["transcript_id"] for r in rows]
+
+
+async def transcripts_naming(db: Db, owner: str | None, name: str) -> list[int]:
+    """The owner's transcripts where a speaker is called `name` by hand or that expect a person of
+    that name (`expected_speakers`): where a speaker renamed to it may have to give way, or may come in."""
+    rows = await db.fetch(
+        f"SELECT id FROM transcripts t WHERE t.{_OWNER} AND (EXISTS (SELECT 1 FROM transcript_speakers ts"
+        " WHERE ts.transcript_id = t.id AND ts.name_source = 'manual' AND lower(ts.name) = lower($2))"
+        f" OR (jsonb_typeof({_EXPECTED}) = 'array' AND EXISTS (SELECT 1 FROM jsonb_array_elements_text({_EXPECTED}) n"
+        " WHERE lower(n) = lower($2)))) ORDER BY id", owner, name)
     return [r["id"] for r in rows]
 
 

@@ -154,6 +154,10 @@ async def test_enrolling_from_a_sample_names_past_recordings_and_refuses_unfit_s
         assert sorted(n["name"] for n in event["speakers"].values() if n["name"]) == ["Anya"]
         named = [s for s in stack.status(past, other)["segments"] if s.get("speaker_name") == "Anya"]
         assert named and all("sales" in s["text"].lower() or "twelve" in s["text"].lower() for s in named)
+        # The same sample again (a client retrying after a timeout) adds no second voiceprint.
+        again = enrol("Anya", voices["a_alone"])
+        assert again.status_code == 201 and again.json()["voiceprint_count"] == 1, again.text
+        assert again.json()["relabelled"] == []
 
         # A name given by hand wins over recognition, and the change is announced.
         label = named[0]["speaker"]

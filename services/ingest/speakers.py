@@ -117,11 +117,13 @@ def unenrolled(names: list[str], field: str = "expected_speakers") -> str:
 # ---- announcing and re-naming -----------------------------------------------------------------
 
 
-async def rename_owner_recordings(pool: asyncpg.Pool, settings: Settings, owner: str | None) -> list[int]:
-    """Match every recording of the owner against the owner's profiles again; the transcripts whose
-    names changed, each announced."""
+async def rename_recordings(pool: asyncpg.Pool, settings: Settings, owner: str | None,
+                            transcript_ids: list[int]) -> list[int]:
+    """Match these recordings of the owner against the owner's profiles again; the transcripts
+    whose names changed, each announced. The callers pass only the recordings their change can
+    rename: a key with thousands of transcripts is not matched again whole on every enrolment."""
     changed = []
-    for transcript_id in await speakerstore.owner_transcripts_with_voices(pool, owner):
+    for transcript_id in transcript_ids:
         async with pool.acquire() as conn, conn.transaction():
             # The job first, then its speakers, as the persister and naming by hand lock them.
             if await jobstore.lock_job(conn, transcript_id) is None:
@@ -244,14 +246,19 @@ async def enrol(request: Request, state: State) -> Enrolled:
     async with state.pool.acquire() as conn, conn.transaction():
         if reference is not None:
             voice = await _voice_of_transcript_speaker(conn, owner, reference, state.settings.speaker_min_speech_s)
+        # Locks the speaker's row: the same sample sent twice at once waits here and finds the first.
         speaker_id = await speakerstore.create_speaker(conn, owner, name)
-        await speakerstore.add_voiceprint(
-            conn, speaker_id, voice.embedding, voice.model, voice.speech_s,
-            source="transcript" if reference else "sample",
-            transcript_id=reference.transcript_id if reference else None,
-            label=reference.label if reference else None)
-    log.info("enrolled a voiceprint for speaker %d (%.1f s of speech)", speaker_id, voice.speech_s)
-    relabelled = await rename_owner_recordings(state.pool, state.settings, owner)
+        if reference is None and await speakerstore.has_voiceprint(conn, speaker_id, voice.embedding, voice.model):
+            log.info("speaker %d already has this sample's voiceprint: nothing added", speaker_id)
+        else:
+            await speakerstore.add_voiceprint(
+                conn, speaker_id, voice.embedding, voice.model, voice.speech_s,
+                source="transcript" if reference else "sample",
+                transcript_id=reference.transcript_id if reference else None,
+                label=reference.label if reference else None)
+            log.info("enrolled a voiceprint for speaker %d (%.1f s of speech)", speaker_id, voice.speech_s)
+    relabelled = await rename_recordings(state.pool, state.settings, owner, await speakerstore.transcripts_near_voice(
+        state.pool, owner, voice.embedding, voice.model, state.settings.speaker_match_threshold))
     state.outbox_wake.set()
     profile = await _profile(state.pool, owner, speaker_id)
     return Enrolled(**profile.model_dump(), relabelled=relabelled)
@@ -286,9 +293,10 @@ async def rename(speaker_id: SpeakerId, data: Rename, request: Request, state: S
             raise HTTPException(status_code=409, detail=f"another speaker is already called {name!r}") from exc
         for transcript_id in await speakerstore.named_by(conn, speaker_id):
             await speakerstore.announce_speaker_names(conn, transcript_id)
-    # Under its new name the person may be one a recording named by hand already: matched again,
-    # the recording keeps that name on one speaker only.
-    await rename_owner_recordings(state.pool, state.settings, owner)
+    # Under its new name the person may be one a recording named by hand already (matched again,
+    # the recording keeps that name on one speaker only), or one a job expects.
+    await rename_recordings(state.pool, state.settings, owner, await speakerstore.transcripts_naming(
+        state.pool, owner, name))
     state.outbox_wake.set()
     return await _profile(state.pool, owner, speaker_id)
 
@@ -306,8 +314,9 @@ async def forget(speaker_id: SpeakerId, request: Request, state: State) -> None:
         for transcript_id in named:
             await speakerstore.announce_speaker_names(conn, transcript_id)
     log.info("forgot speaker %d: %d transcripts lose the name", speaker_id, len(named))
-    # Another profile may now be the best match for the voices it named.
-    await rename_owner_recordings(state.pool, state.settings, owner)
+    # Another profile may now be the best match for the voices it named. Elsewhere the assignment
+    # stands: a profile no speaker was given takes nothing from the best pairing when it goes.
+    await rename_recordings(state.pool, state.settings, owner, named)
     state.outbox_wake.set()
 
 
