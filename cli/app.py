@@ -1015,22 +1015,28 @@ def where(amqp_url: str) -> str:
     return f"{parts.hostname}:{parts.port or 5672}{parts.path or '/'}"
 
 
-async def already_ended(api: str, api_key: str | None, job_id: int) -> int | None:
-    """The exit code for a followed job that ended before watching began, else None. Only a
-    shortcut: when the API cannot say, watching goes on and the event will tell."""
+# How often `watch --job` asks the API whether its job ended: its events may have been missed
+# (published while the connection to RabbitMQ was down) and a deleted job has none.
+STATUS_POLL_S = 15.0
+
+
+async def already_ended(api: str, api_key: str | None, job_id: int, when: str = "had already ended") -> int | None:
+    """The exit code for a followed job that has ended (1 for one that does not exist), else None.
+    Only a shortcut: when the API cannot say, watching goes on and the event will tell."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
         async with httpx.AsyncClient(base_url=api.rstrip("/"), headers=headers, timeout=10) as client:
-            document = checked(await client.get(f"/status/{job_id}")).json()
+            document = checked(await client.get(f"/status/{job_id}", params={"segments": "false"})).json()
     except ApiError as exc:
-        if exc.status_code == 404:  # a mistyped id would otherwise be watched for ever
-            fail(f"job {job_id}: {exc.detail}")
+        if exc.status_code == 404:  # a mistyped id (or a job deleted) would otherwise be watched for ever
+            stderr.print(Text(f"error: job {job_id}: {exc.detail}", style="red"))
+            return 1
         return None  # 401/403: a subscriber may watch without access to the API
     except (httpx.HTTPError, ValueError):
         return None
     if document.get("status") not in FINISHED:
         return None
-    stdout.print(Text(f"job {job_id} had already ended: {document['status']}",
+    stdout.print(Text(f"job {job_id} {when}: {document['status']}",
                       style="bold green" if document["status"] == "done" else "bold red"))
     return 0 if document["status"] == "done" else 1
 
@@ -1049,6 +1055,14 @@ async def watch_events(amqp_url: str, job_id: int | None, api: str, api_key: str
             outcome.set_result(code)
 
     printer = EventPrinter(job_id)
+    polling: asyncio.Task | None = None
+
+    async def poll_status() -> None:
+        while not outcome.done():
+            await asyncio.sleep(STATUS_POLL_S)
+            code = await already_ended(api, api_key, job_id, when="ended (seen through the API)")
+            if code is not None:
+                end(code)
 
     async def on_message(message: AbstractIncomingMessage) -> None:
         code = printer.show(message.routing_key or "", message.body)
@@ -1091,8 +1105,11 @@ async def watch_events(amqp_url: str, job_id: int | None, api: str, api_key: str
             code = await already_ended(api, api_key, job_id)
             if code is not None:
                 end(code)
+            polling = asyncio.create_task(poll_status())
         return await outcome
     finally:
+        if polling is not None:
+            polling.cancel()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
         await connection.close()

@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,6 +31,22 @@ from devstack import (  # noqa: F401 (re-exported for the tests)
 from devstack import running_stack as dev_stack
 
 FIXTURES = Path(os.environ.get("STT_FIXTURES", ROOT.parent / "shared" / "fixtures"))
+
+
+@contextlib.contextmanager
+def private_vhost() -> Iterator[str]:
+    """A RabbitMQ vhost of its own for a test, removed after it."""
+    vhost = f"stt_private_{uuid.uuid4().hex[:8]}"
+    rabbitmqctl("add_vhost", vhost)
+    rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+    try:
+        yield vhost
+    finally:
+        rabbitmqctl("delete_vhost", vhost)
+
+
+def amqp_url(vhost: str) -> str:
+    return f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
 
 
 # Figures the fault and bad-input tests measured, printed at the end of the run.

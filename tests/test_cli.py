@@ -29,7 +29,7 @@ from typer.testing import CliRunner
 from cli.app import app, clock
 from common.audio import SAMPLE_RATE, decode_audio
 from tests.audio_files import en_dialogue_voices, wav
-from tests.conftest import ROOT, Stack, free_port, running_stack
+from tests.conftest import ROOT, Stack, amqp_url, free_port, private_vhost, running_stack
 
 API_KEY = "cli-key-0b7d2e"
 OTHER_KEY = "cli-key-other-5c1a"
@@ -274,6 +274,31 @@ def test_watch_for_one_job_ends_with_it(keyed_stack, fixtures_dir):
                              capture_output=True, text=True, timeout=300)
     assert watcher.returncode == 0, watcher.stdout + watcher.stderr
     assert re.search(rf"job {job_id} (done|had already ended: done)", watcher.stdout), watcher.stdout
+
+
+def test_watch_for_one_job_ends_with_it_when_its_events_are_missed(keyed_stack, fixtures_dir):
+    """Events published while the watcher was disconnected are lost; the job's end is still seen.
+    Here the watcher listens where no event of the stack ever comes (an empty vhost of its own)."""
+    from common.broker import EVENTS_EXCHANGE
+
+    async def declare_events_exchange(url: str) -> None:
+        connection = await aio_pika.connect(url)
+        try:
+            await (await connection.channel()).declare_exchange(EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC,
+                                                                durable=True)
+        finally:
+            await connection.close()
+
+    with private_vhost() as vhost:
+        asyncio.run(declare_events_exchange(amqp_url(vhost)))
+        submitted = stt(keyed_stack, "submit", str(fixtures_dir / "en_dialogue.wav"), "--no-wait")
+        job_id = int(submitted.stdout.strip())
+        started = time.monotonic()
+        watcher = stt(keyed_stack, "watch", "--job", str(job_id), AMQP_URL=amqp_url(vhost))
+    assert watcher.returncode == 0, watcher.stdout + watcher.stderr
+    # Fifteen seconds of audio take longer than starting to watch: it ends while watched.
+    assert re.search(rf"job {job_id} ended \(seen through the API\): done", watcher.stdout), watcher.stdout
+    assert time.monotonic() - started < 120, watcher.stdout
 
 
 def test_an_enrolled_speaker_is_named_in_printed_transcripts_until_forgotten(keyed_stack, fixtures_dir, tmp_path):

@@ -9,8 +9,6 @@ import asyncio
 import contextlib
 import json
 import subprocess
-import uuid
-from collections.abc import Iterator
 from urllib.parse import unquote, urlsplit
 
 import aio_pika
@@ -28,7 +26,7 @@ from common.broker import (
     stage_queue,
 )
 from common.messages import JobProgress, JobSubmitted
-from tests.conftest import Stack, rabbitmqctl
+from tests.conftest import Stack, amqp_url, private_vhost
 
 QUEUE = "test.shutdown"
 
@@ -125,27 +123,12 @@ async def test_a_message_held_through_a_long_outage_goes_back_to_its_queue_unspe
         await delete_queues(connection, queue_name, settings)
 
 
-@contextlib.contextmanager
-def private_vhost() -> Iterator[str]:
-    vhost = f"stt_private_{uuid.uuid4().hex[:8]}"
-    rabbitmqctl("add_vhost", vhost)
-    rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
-    try:
-        yield vhost
-    finally:
-        rabbitmqctl("delete_vhost", vhost)
-
-
 async def consumers(connection, queue_name: str) -> int:
     channel = await connection.channel()
     try:
         return (await channel.declare_queue(queue_name, passive=True)).declaration_result.consumer_count
     finally:
         await channel.close()
-
-
-def amqp_url(vhost: str) -> str:
-    return f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
 
 
 async def test_the_diarizer_queue_bounds_a_delivery_and_a_queue_of_an_earlier_version_still_works(stack: Stack):

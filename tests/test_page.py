@@ -57,6 +57,10 @@ def test_upload_follow_read_play_and_download(stack, fixtures_dir, browser, tmp_
     page.route(re.compile(r"/transcripts/\d+/speakers$"), hold_speaking_time)
     page.goto(stack.api + "/")
     assert page.title() == "stt-pipeline"
+    # The script and styles are checked again on every load, as the page is: after an upgrade a
+    # browser must not run the new page with the old script.
+    for asset in ("/ui/app.js", "/ui/style.css"):
+        assert httpx.get(stack.api + asset).headers.get("cache-control") == "no-cache", asset
 
     page.set_input_files("#file", str(fixtures_dir / "en_dialogue.wav"))
     page.select_option("#language", "en")
@@ -71,6 +75,8 @@ def test_upload_follow_read_play_and_download(stack, fixtures_dir, browser, tmp_
     segments = page.locator("#segments .segment")
     speakers = {segments.nth(i).get_attribute("data-speaker") for i in range(segments.count())}
     assert speakers == {"spk_0", "spk_1"}
+    starts = [float(segments.nth(i).get_attribute("data-start")) for i in range(segments.count())]
+    assert starts == sorted(starts) and len(starts) >= 4
     text = page.locator("#segments").inner_text().lower()
     assert "sales" in text and "quarter" in text
     assert page.locator("#segments").get_attribute("lang") == "en"  # read aloud as English

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from litestar import get
+from litestar.datastructures import CacheControlHeader
 from litestar.response import File
 from litestar.static_files import create_static_files_router
 
@@ -19,4 +20,7 @@ async def index() -> File:
                 headers={"Cache-Control": "no-cache"})
 
 
-PAGE_ROUTES = [index, create_static_files_router(path="/ui", directories=[STATIC], name="ui")]
+# Revalidated on every load like the page itself: after an upgrade a browser would otherwise run
+# the new page with the script and styles it cached from the old one.
+PAGE_ROUTES = [index, create_static_files_router(path="/ui", directories=[STATIC], name="ui",
+                                                 cache_control=CacheControlHeader(no_cache=True))]

@@ -10,6 +10,7 @@ const COLOURS = ["#0b5cad", "#b3261e", "#1d6b2a", "#7a3fa0", "#8a5a00", "#00707a
 
 const state = {
   jobs: new Map(), deleted: new Set(), open: null, stream: null, speakers: [], names: {}, talk: {}, audioUrl: null,
+  shown: new Map(),  // the open transcript's segments on the page, by `renderSegment`'s key
   uploading: 0, jobsStream: null, jobsRetry: null, jobsCursor: null, audioLoads: 0, pendingSeek: null,
 };
 
@@ -279,10 +280,15 @@ function segmentLabel(button) {
   return `Play from ${clock(Number(button.dataset.start))}: ${speakerName(button.dataset.speaker)}: ${text}`;
 }
 
+// Shows a segment once, in time order. True when it brings a speaker or a name the page did not
+// have (the name fields and the other segments' names need `refreshNames` then); work per segment
+// stays the same however long the transcript, as a long meeting's segments arrive in a burst.
 function renderSegment(segment) {
   const list = $("#segments");
   const key = `${segment.start_ts}:${segment.speaker}:${segment.text}`;
-  if (list.querySelector(`[data-key="${CSS.escape(key)}"]`)) return;
+  if (state.shown.get(key)?.isConnected) return false;
+  const news = !state.speakers.includes(segment.speaker)
+    || (Boolean(segment.speaker_name) && state.names[segment.speaker] !== segment.speaker_name);
   if (segment.speaker_name) state.names[segment.speaker] = segment.speaker_name;
   const colour = COLOURS[speakerIndex(segment.speaker) % COLOURS.length];
   const item = document.createElement("li");
@@ -315,8 +321,12 @@ function renderSegment(segment) {
     correct.addEventListener("click", () => openCorrection(item, segment));
     item.appendChild(correct);
   }
-  const later = [...list.children].find((other) => Number(other.dataset.start) > segment.start_ts);
-  list.insertBefore(item, later || null);
+  const last = list.lastElementChild;
+  const later = !last || Number(last.dataset.start) <= segment.start_ts ? null
+    : [...list.children].find((other) => Number(other.dataset.start) > segment.start_ts);
+  list.insertBefore(item, later);
+  state.shown.set(key, item);
+  return news;
 }
 
 // Words Whisper was unsure of (probability below this) are underlined once the job is done, so
@@ -813,6 +823,7 @@ async function openTranscript(jobId) {
   state.speakers = [];
   state.names = {};
   state.talk = {};
+  state.shown = new Map();
   const section = $("#transcript");
   section.hidden = false;
   section.dataset.job = jobId;
@@ -837,8 +848,7 @@ async function openTranscript(jobId) {
     if (type === "transcript.deleted") {
       forgetJob(jobId, { elsewhere: true });
     } else if (type === "segment.created") {
-      renderSegment(data);
-      refreshNames();
+      if (renderSegment(data)) refreshNames();
     } else if (type === "progress") {
       renderJob(data);
     } else if (type === "transcript.completed" || type === "transcript.failed") {
