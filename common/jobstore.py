@@ -634,23 +634,26 @@ async def ended_before(db: Db, age_s: float, limit: int, leaving_out: list[int] 
 
 async def recordings_ended_before(db: Db, age_s: float, limit: int,
                                   leaving_out: list[int] = ()) -> list[asyncpg.Record]:
-    """id and audio_key of the jobs that ended more than `age_s` seconds ago and still have their
-    recording, oldest first, but those `leaving_out`."""
+    """id and audio_key of the jobs that ended more than `age_s` seconds ago and whose recording
+    may still be stored (not removed, or marked removed by a sweep that did not finish), oldest
+    first, but those `leaving_out`."""
     return await db.fetch(
         "SELECT id, COALESCE(audio_key, 'uploads/' || id) AS audio_key FROM transcripts"
-        " WHERE status <> 'processing' AND audio_removed_at IS NULL AND id <> ALL($3::bigint[])"
+        " WHERE status <> 'processing' AND audio_objects_removed_at IS NULL AND id <> ALL($3::bigint[])"
         " AND completed_at < now() - make_interval(secs => $1) ORDER BY completed_at LIMIT $2",
         age_s, limit, list(leaving_out))
 
 
 async def mark_audio_removed(db: Db, job_id: int) -> bool:
+    """The recording counts as removed from now on (playback answers 410, a rerun 409); False when
+    an earlier sweep had marked it already."""
     return await db.execute("UPDATE transcripts SET audio_removed_at = now()"
                             " WHERE id = $1 AND audio_removed_at IS NULL", job_id) == "UPDATE 1"
 
 
-async def mark_audio_kept(db: Db, job_id: int) -> None:
-    """The recording could not be removed after all (the store refused): retention tries again."""
-    await db.execute("UPDATE transcripts SET audio_removed_at = NULL WHERE id = $1", job_id)
+async def mark_audio_objects_removed(db: Db, job_id: int) -> None:
+    """The recording's objects are gone: the sweep need not look at the job again."""
+    await db.execute("UPDATE transcripts SET audio_objects_removed_at = now() WHERE id = $1", job_id)
 
 
 async def record_usage(db: Db, job_id: int) -> None:

@@ -2,7 +2,8 @@
 once at start-up. Its days are real days, so only the jobs made here, their ends moved back in
 time, are due: one ended 10 days ago loses its recording and keeps its transcript; one ended 40
 days ago (a bucket drop) is deleted with its result files, and the drop is not run again; one
-ended 50 days ago whose result files the store refuses to remove is passed over, not a stop."""
+ended 50 days ago whose result files the store refuses to remove is passed over, not a stop; a
+recording an earlier sweep marked removed but left stored is removed."""
 
 from __future__ import annotations
 
@@ -50,8 +51,15 @@ def test_the_recording_goes_first_then_the_whole_job(stack, fixtures_dir):
     assert stack.wait_finished(stuck)["status"] == "done"
     stack.query("UPDATE transcripts SET source = 'bucket', source_bucket = 'Not A Bucket', source_key = 'x.flac',"
                 " source_etag = 'e', completed_at = now() - make_interval(days => 50) WHERE id = $1", stuck)
+    # A job whose recording an earlier sweep marked removed, and stopped (killed, or the store
+    # refused) before removing it.
+    halfway = stack.submit_job(fixtures_dir / "jfk.flac")
+    assert stack.wait_finished(halfway)["status"] == "done"
+    stack.query("UPDATE transcripts SET completed_at = now() - make_interval(days => 9),"
+                " audio_removed_at = now() - make_interval(days => 1) WHERE id = $1", halfway)
     try:
-        others = stack.value("SELECT count(*) FROM transcripts WHERE id NOT IN ($1, $2, $3)", job_id, drop["id"], stuck)
+        others = stack.value("SELECT count(*) FROM transcripts WHERE id NOT IN ($1, $2, $3, $4)", job_id, drop["id"],
+                             stuck, halfway)
 
         with another_ingest(stack, "ingest-retention", AUDIO_RETENTION_DAYS="7", TRANSCRIPT_RETENTION_DAYS="30") as api:
             # One byte is enough to tell, and a whole download could race the removal.
@@ -59,6 +67,8 @@ def test_the_recording_goes_first_then_the_whole_job(stack, fixtures_dir):
                                        timeout=30).status_code == 410, 30, "the recording was never removed")
             wait_for(lambda: httpx.get(f"{api}/status/{drop['id']}", timeout=30).status_code == 404, 30,
                      "the old job was never deleted")
+            wait_for(lambda: not stored(s3, settings.audio_bucket, f"uploads/{halfway}"), 30,
+                     "a recording marked removed by a sweep that stopped halfway stays stored")
 
         # The recording is gone, its transcript stays.
         gone = httpx.get(f"{stack.api}/transcripts/{job_id}/audio", timeout=30)
@@ -74,13 +84,14 @@ def test_the_recording_goes_first_then_the_whole_job(stack, fixtures_dir):
         time.sleep(3 * float(settings.inbox_scan_interval_s) + 1)
         assert stack.query("SELECT id FROM transcripts WHERE source_key = $1", key) == []  # not run again
         # Nothing else was due: every other job of the stack keeps its transcript and its recording.
-        assert stack.value("SELECT count(*) FROM transcripts WHERE id NOT IN ($1, $2, $3)", job_id, drop["id"],
-                           stuck) == others
-        assert stack.value("SELECT count(*) FROM transcripts WHERE audio_removed_at IS NOT NULL AND id NOT IN ($1, $2)",
-                           job_id, stuck) == 0
+        assert stack.value("SELECT count(*) FROM transcripts WHERE id NOT IN ($1, $2, $3, $4)", job_id, drop["id"],
+                           stuck, halfway) == others
+        assert stack.value("SELECT count(*) FROM transcripts WHERE audio_removed_at IS NOT NULL"
+                           " AND id NOT IN ($1, $2, $3)", job_id, stuck, halfway) == 0
         # The job that could not be deleted was passed over, and the recordings' retention still ran for it.
         assert stack.value("SELECT audio_removed_at IS NOT NULL FROM transcripts WHERE id = $1", stuck) is True
     finally:
         stack.query("UPDATE transcripts SET source = 'upload', source_bucket = NULL, source_key = NULL,"
                     " source_etag = NULL WHERE id = $1", stuck)
         assert httpx.delete(f"{stack.api}/transcripts/{stuck}", timeout=30).status_code == 204
+        assert httpx.delete(f"{stack.api}/transcripts/{halfway}", timeout=30).status_code == 204

@@ -63,18 +63,15 @@ async def sweep(pool: asyncpg.Pool, s3: Minio, settings: Settings,
                                                               passed_over):
                 # Marked first: a redaction rewriting the recording meanwhile either was marked
                 # done before (and its copy is removed here) or finds this mark and removes its copy.
-                if not await jobstore.mark_audio_removed(pool, job["id"]):
-                    continue
-                try:
-                    await asyncio.to_thread(remove_objects, s3, [(settings.audio_bucket, job["audio_key"]),
-                                                                 (settings.audio_bucket, pcm_key(job["id"]))])
-                except BaseException:
-                    with contextlib.suppress(Exception):
-                        await jobstore.mark_audio_kept(pool, job["id"])  # the next sweep tries again
-                    raise
+                # The objects' removal is confirmed apart: an ingest stopped in between, or a store
+                # that refused, leaves the job for the next sweep, never a removed job still stored.
+                again = not await jobstore.mark_audio_removed(pool, job["id"])
+                await asyncio.to_thread(remove_objects, s3, [(settings.audio_bucket, job["audio_key"]),
+                                                             (settings.audio_bucket, pcm_key(job["id"]))])
+                await jobstore.mark_audio_objects_removed(pool, job["id"])
                 removed += 1
-                log.info("recording removed: the job ended more than AUDIO_RETENTION_DAYS (%g) ago",
-                         settings.audio_retention_days)
+                log.info("recording removed%s: the job ended more than AUDIO_RETENTION_DAYS (%g) ago",
+                         " (an earlier sweep had stopped halfway)" if again else "", settings.audio_retention_days)
     return removed, deleted, full
 
 
