@@ -205,12 +205,18 @@ async def speaker_voice(db: Db, job_id: int, label: str) -> SpeakerEmbedding | N
 
 
 async def set_speaker_names(conn: asyncpg.Connection, job_id: int, names: dict[str, str | None]) -> None:
-    """Name by hand (or, with None, unname) speakers of a job; a speaker's voice embedding is kept."""
+    """Name by hand speakers of a job; a speaker's voice embedding is kept. None unnames: a name
+    given by hand goes (recognition may name the speaker again), while a recognised name is
+    refused by hand, the speaker left unnamed by hand (a recognition that got the voice wrong
+    would otherwise give the same name straight back); None once more returns it to recognition."""
+    recognised = {r["speaker"] for r in await conn.fetch(
+        "SELECT speaker FROM transcript_speakers WHERE transcript_id = $1 AND speaker = ANY($2::text[])"
+        " AND name_source = 'auto'", job_id, list(names))}
     await conn.executemany(
         "INSERT INTO transcript_speakers (transcript_id, speaker, name, name_source) VALUES ($1, $2, $3, $4)"
         " ON CONFLICT (transcript_id, speaker) DO UPDATE SET name = EXCLUDED.name,"
         " name_source = EXCLUDED.name_source, matched_speaker_id = NULL, confidence = NULL",
-        [(job_id, label, name, "manual" if name else None) for label, name in names.items()])
+        [(job_id, label, name, "manual" if name or label in recognised else None) for label, name in names.items()])
 
 
 async def job_audio(db: Db, job_id: int) -> asyncpg.Record | None:

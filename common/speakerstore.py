@@ -180,7 +180,7 @@ async def name_recording_speakers(conn: asyncpg.Connection, transcript_id: int, 
         " ORDER BY speaker FOR UPDATE", transcript_id)
     # A person named by hand in this recording is not given to a second speaker of it, also when
     # the one named has no voice of its own (a label made by moving segments to it).
-    taken = {r["name"].lower() for r in rows if r["name_source"] == "manual"}
+    taken = {r["name"].lower() for r in rows if r["name_source"] == "manual" and r["name"]}
     rows = [r for r in rows if r["embedding"] is not None]
     if not rows:
         return False

@@ -159,8 +159,19 @@ async def test_enrolling_from_a_sample_names_past_recordings_and_refuses_unfit_s
         assert again.status_code == 201 and again.json()["voiceprint_count"] == 1, again.text
         assert again.json()["relabelled"] == []
 
-        # A name given by hand wins over recognition, and the change is announced.
+        # A wrong recognition is taken back by hand: the speaker stays unnamed, announced...
         label = named[0]["speaker"]
+        cleared = other.patch(f"/transcripts/{past}/speakers", json={label: None})
+        assert cleared.status_code == 200 and cleared.json()["speakers"][label] is None, cleared.text
+        [unnamed] = await job_events(queue, past, lambda bodies: len(bodies) >= 1, 30)
+        assert unnamed["speakers"][label]["name"] is None
+        assert not any(s.get("speaker_name") for s in stack.status(past, other)["segments"])
+        # ...until unnamed once more, which gives the speaker back to recognition.
+        reopened = other.patch(f"/transcripts/{past}/speakers", json={label: None})
+        assert reopened.status_code == 200 and reopened.json()["speakers"][label] == "Anya", reopened.text
+        await job_events(queue, past, lambda bodies: len(bodies) >= 1, 30)
+
+        # A name given by hand wins over recognition, and the change is announced.
         assert other.patch(f"/transcripts/{past}/speakers", json={label: "Anna K."}).status_code == 200
         [manual] = await job_events(queue, past, lambda bodies: len(bodies) >= 1, 30)
         assert manual["speakers"][label] == {"name": "Anna K.", "source": "manual", "confidence": None}
