@@ -40,19 +40,19 @@ async def add_voiceprint(conn: asyncpg.Connection, speaker_id: int, embedding: l
         speaker_id, embedding, model, speech_s, source, transcript_id, label)
 
 
-async def has_voiceprint(conn: asyncpg.Connection, speaker_id: int, embedding: list[float], model: str) -> bool:
-    """Whether the speaker already has this voiceprint: the same sample sent again (a client retrying
-    after a timeout) gives the same embedding, and counted twice it would weigh nothing more."""
-    return await conn.fetchval(
-        "SELECT EXISTS (SELECT 1 FROM voiceprints WHERE speaker_id = $1 AND embedding_model = $2"
-        " AND embedding <=> $3::real[]::vector < 1e-5)", speaker_id, model, embedding)
-
-
-async def speaker_enrolled_from(db: Db, owner: str | None, transcript_id: int, label: str) -> str | None:
-    """The name of the owner's speaker that already has a voiceprint from this transcript's speaker."""
-    return await db.fetchval(
-        f"SELECT s.name FROM speakers s JOIN voiceprints v ON v.speaker_id = s.id WHERE s.{_OWNER}"
+async def speaker_enrolled_from(db: Db, owner: str | None, transcript_id: int, label: str) -> asyncpg.Record | None:
+    """The owner's speaker (`id`, `name`) that already has a voiceprint from this transcript's speaker."""
+    return await db.fetchrow(
+        f"SELECT s.id, s.name FROM speakers s JOIN voiceprints v ON v.speaker_id = s.id WHERE s.{_OWNER}"
         " AND v.source_transcript_id = $2 AND v.source_label = $3 LIMIT 1", owner, transcript_id, label)
+
+
+async def voice_enrolled_as(db: Db, owner: str | None, embedding: list[float], model: str) -> asyncpg.Record | None:
+    """The owner's speaker that already has this very voiceprint (the same sample), with `id` and `name`."""
+    return await db.fetchrow(
+        f"SELECT s.id, s.name FROM speakers s JOIN voiceprints v ON v.speaker_id = s.id WHERE s.{_OWNER}"
+        " AND v.embedding_model = $2 AND v.embedding <=> $3::real[]::vector < 1e-5 ORDER BY s.id LIMIT 1",
+        owner, model, embedding)
 
 
 async def list_speakers(db: Db, owner: str | None) -> list[asyncpg.Record]:

@@ -110,6 +110,12 @@ def test_upload_follow_read_play_and_download(stack, fixtures_dir, browser, tmp_
     page.locator("#people li", has_text="Anna").filter(has_text="1 voiceprint").wait_for(timeout=30_000)
     enrolled = {p["name"]: p for p in httpx.get(f"{stack.api}/speakers", timeout=30).json()["items"]}
     assert enrolled["Anna"]["voiceprint_count"] == 1
+    # Pressed again, nothing is added and nothing is refused.
+    page.locator("#transcript-status").evaluate("status => { status.textContent = ''; }")
+    page.get_by_role("button", name="Remember voices").click()
+    page.locator("#transcript-status", has_text="Anna's voice remembered.").wait_for(timeout=60_000)
+    enrolled = {p["name"]: p for p in httpx.get(f"{stack.api}/speakers", timeout=30).json()["items"]}
+    assert enrolled["Anna"]["voiceprint_count"] == 1
 
     # The upload form now offers her as someone who may be in the next recording; ticked, the job
     # expects her (and only her) to be named.

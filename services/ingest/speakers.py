@@ -198,12 +198,6 @@ async def _voice_of_transcript_speaker(conn: asyncpg.Connection, owner: str | No
         raise HTTPException(status_code=422, detail=f"{reference.label} of job {reference.transcript_id} talks for"
                                                     f" {voice.speech_s:.1f} s, too little to recognise them by (at"
                                                     f" least {min_speech_s:g} s: SPEAKER_MIN_SPEECH_S)")
-    # The same voice twice would count double in its profile, or (under two names) leave the
-    # matching to pick between two people with one voice.
-    enrolled_as = await speakerstore.speaker_enrolled_from(conn, owner, reference.transcript_id, reference.label)
-    if enrolled_as is not None:
-        raise HTTPException(status_code=409, detail=f"{reference.label} of job {reference.transcript_id} is already"
-                                                    f" a voiceprint of {enrolled_as!r}")
     return voice
 
 
@@ -216,8 +210,8 @@ async def _voice_of_transcript_speaker(conn: asyncpg.Connection, owner: str | No
                                 e404="No such job (for this key) to take the voice from",
                                 e422="The sample holds no speech or several voices, or the job's speaker talks"
                                      " too little to be recognised by",
-                                e409="The job to take the voice from is not done, or that job's speaker is"
-                                     " already a voiceprint"))
+                                e409="The job to take the voice from is not done, or that job's speaker (or"
+                                     " the sample) is already a voiceprint of another speaker"))
 async def enrol(request: Request, state: State) -> Enrolled:
     """Either multipart/form-data with `name` and `file` (5-60 s of one person talking; refused
     with 422 and the reason when it holds no speech or several voices), or JSON
@@ -246,10 +240,23 @@ async def enrol(request: Request, state: State) -> Enrolled:
     async with state.pool.acquire() as conn, conn.transaction():
         if reference is not None:
             voice = await _voice_of_transcript_speaker(conn, owner, reference, state.settings.speaker_min_speech_s)
-        # Locks the speaker's row: the same sample sent twice at once waits here and finds the first.
+        # Locks the speaker's row: the same enrolment sent twice at once waits here and finds the first.
         speaker_id = await speakerstore.create_speaker(conn, owner, name)
-        if reference is None and await speakerstore.has_voiceprint(conn, speaker_id, voice.embedding, voice.model):
-            log.info("speaker %d already has this sample's voiceprint: nothing added", speaker_id)
+        # The same voice twice would count double in its profile, or (under two names) leave the
+        # matching to pick between two people with one voice. Sent again for the same person (a
+        # retry after a timeout, or after the matching below was cut off), it adds nothing and
+        # the matching runs again.
+        if reference is not None:
+            enrolled_as = await speakerstore.speaker_enrolled_from(conn, owner, reference.transcript_id,
+                                                                   reference.label)
+            already = f"{reference.label} of job {reference.transcript_id} is"
+        else:
+            enrolled_as = await speakerstore.voice_enrolled_as(conn, owner, voice.embedding, voice.model)
+            already = "this sample is"
+        if enrolled_as is not None and enrolled_as["id"] != speaker_id:
+            raise HTTPException(status_code=409, detail=f"{already} already a voiceprint of {enrolled_as['name']!r}")
+        if enrolled_as is not None:
+            log.info("speaker %d already has this voiceprint: nothing added", speaker_id)
         else:
             await speakerstore.add_voiceprint(
                 conn, speaker_id, voice.embedding, voice.model, voice.speech_s,

@@ -492,11 +492,20 @@ async function saveNames(event) {
   }
 }
 
-// Each named speaker of the open transcript becomes a voiceprint of that person (POST /speakers).
+// Each speaker of the open transcript named by hand becomes a voiceprint of that person (POST
+// /speakers). Names recognition gave are left out: a voice it got wrong would become a voiceprint
+// of the wrong person, and one it got right is known already.
 async function rememberVoices() {
   const status = $("#transcript-status");
   if (!(await saveNames(null))) return;
-  const named = Object.entries(state.names);
+  let named;
+  try {
+    const speakers = (await (await api(`/transcripts/${state.open}/speakers`)).json()).speakers;
+    named = Object.entries(speakers).filter(([, s]) => s.name && s.source === "manual").map(([label, s]) => [label, s.name]);
+  } catch (error) {
+    status.textContent = `Not remembered: ${error.message}`;
+    return;
+  }
   if (!named.length) { status.textContent = "Name a speaker first."; return; }
   const said = [];
   for (const [label, name] of named) {
