@@ -124,9 +124,13 @@ async def delete_speaker(conn: asyncpg.Connection, speaker_id: int) -> list[int]
 
 
 async def owner_profiles(db: Db, owner: str | None, model: str) -> list[Profile]:
+    # Shared locks on the speakers until the caller's transaction ends: forgetting or renaming one
+    # waits for a matching that read it (which would otherwise write a name, or an id, that the
+    # delete or rename has just done away with), and a matching that starts later reads the outcome.
     rows = await db.fetch(
         "SELECT s.id, s.name, v.embedding::real[] AS embedding FROM speakers s JOIN voiceprints v"
-        f" ON v.speaker_id = s.id WHERE s.{_OWNER} AND v.embedding_model = $2 ORDER BY s.id, v.id", owner, model)
+        f" ON v.speaker_id = s.id WHERE s.{_OWNER} AND v.embedding_model = $2 ORDER BY s.id, v.id FOR SHARE OF s",
+        owner, model)
     profiles: dict[int, Profile] = {}
     for r in rows:
         profiles.setdefault(r["id"], Profile(r["id"], r["name"], [])).voiceprints.append(np.asarray(r["embedding"]))

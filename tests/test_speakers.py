@@ -303,6 +303,11 @@ def test_renaming_a_person_to_a_name_given_by_hand_leaves_it_on_one_speaker(enro
         names = owner.get(f"/transcripts/{source}/speakers").json()["speakers"]
         assert ({label: names[label].get("name") for label in (voice_a, voice_b)}
                 == {voice_a: None, voice_b: "Boris"}), names
+        # Named Anna again, the person is no longer the one given by hand: her voice is hers again.
+        assert owner.patch(f"/speakers/{anna.json()['id']}", json={"name": "Anna"}).status_code == 200
+        names = owner.get(f"/transcripts/{source}/speakers").json()["speakers"]
+        assert ({label: names[label].get("name") for label in (voice_a, voice_b)}
+                == {voice_a: "Anna", voice_b: "Boris"}), names
     finally:
         assert owner.delete(f"/speakers/{anna.json()['id']}").status_code == 204
         assert owner.patch(f"/transcripts/{source}/speakers", json={voice_b: None}).status_code == 200

@@ -292,8 +292,11 @@ async def rename(speaker_id: SpeakerId, data: Rename, request: Request, state: S
     owner = request_owner(request)
     name = enrolled_name(data.name)
     async with state.pool.acquire() as conn, conn.transaction():
-        if await speakerstore.get_speaker(conn, owner, speaker_id) is None:
+        speaker = await speakerstore.get_speaker(conn, owner, speaker_id)
+        if speaker is None:
             raise NotFoundException(detail=f"no speaker with id {speaker_id}")
+        if speaker["name"] == name:
+            return await _profile(state.pool, owner, speaker_id)  # nothing changes: nothing is announced
         try:
             await speakerstore.rename_speaker(conn, owner, speaker_id, name)
         except speakerstore.NameTaken as exc:
@@ -301,9 +304,11 @@ async def rename(speaker_id: SpeakerId, data: Rename, request: Request, state: S
         for transcript_id in await speakerstore.named_by(conn, speaker_id):
             await speakerstore.announce_speaker_names(conn, transcript_id)
     # Under its new name the person may be one a recording named by hand already (matched again,
-    # the recording keeps that name on one speaker only), or one a job expects.
-    await rename_recordings(state.pool, state.settings, owner, await speakerstore.transcripts_naming(
-        state.pool, owner, name))
+    # the recording keeps that name on one speaker only), or one a job expects; and a recording
+    # where the old name was given by hand to one speaker may now give the person to another.
+    renamed_in = {*await speakerstore.transcripts_naming(state.pool, owner, name),
+                  *await speakerstore.transcripts_naming(state.pool, owner, speaker["name"])}
+    await rename_recordings(state.pool, state.settings, owner, sorted(renamed_in))
     state.outbox_wake.set()
     return await _profile(state.pool, owner, speaker_id)
 
