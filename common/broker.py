@@ -481,12 +481,18 @@ async def _hand_back(bus: Bus, message: AbstractIncomingMessage, queue_name: str
     token = current_job.set(_job_id_of(message.body))
     headers = dict(message.headers or {})
     routing_key = str(headers.get(ROUTING_KEY_HEADER) or message.routing_key)
-    if not _delivery_open(message):
-        # The broker has taken it back with its channel: a copy would make it twice.
+    if message.processed or not _delivery_open(message):
+        # Acked by its handler after all (finished while the others were handed back), or taken
+        # back by the broker with its channel: a copy would make it twice.
         current_job.reset(token)
         return False
     try:
         await _send_copy(bus, message, queue_name, {**headers, ROUTING_KEY_HEADER: routing_key})
+        if message.processed:
+            # Its handler acked it while the copy was sent: the copy is the one left over; it
+            # finds the job's work done when it runs.
+            log.info("a %s message finished while it was handed back; its copy will find the work done", routing_key)
+            return True
         await message.ack()
         log.info("an unfinished %s message handed back to %s", routing_key, queue_name)
         return True

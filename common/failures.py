@@ -15,6 +15,9 @@ def failure_category(exc: BaseException) -> str:
         return "storage unavailable"
     if module == "asyncpg":
         return _database_category(getattr(exc, "sqlstate", None) or "")
+    if name == "OllamaError" and 400 <= (getattr(exc, "status", None) or 0) < 500:
+        # Up, but refusing: most often the model is not pulled (the embedder's log has the answer).
+        return f"the embedding service refused the request ({exc.status}: is the model pulled?)"
     if module == "aiohttp" or name in ("OllamaError", "OllamaUnavailable"):
         return "embedding service unavailable"
     if isinstance(exc, (ConnectionError, TimeoutError, OSError)):

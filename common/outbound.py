@@ -45,17 +45,23 @@ def is_private_address(address: str) -> bool:
 
 
 async def target_problem(url: str, allow_private: bool, allowed_by: str = "WEBHOOK_ALLOW_PRIVATE",
-                         **form) -> str | None:
+                         resolve_timeout_s: float = 10.0, **form) -> str | None:
     """Why nothing may be requested from `url` now, or None: a bad form (`form`: url_problem's
-    wording), a host that does not resolve, or (unless `allow_private`, the setting
-    `allowed_by`) one that resolves to a loopback, link-local or private address."""
+    wording), a host that does not resolve (within `resolve_timeout_s`), or (unless
+    `allow_private`, the setting `allowed_by`) one that resolves to a loopback, link-local or
+    private address."""
     problem = url_problem(url, **form)
     if problem or allow_private:
         return problem
     parts = urlsplit(url)
     try:
-        found = await asyncio.get_running_loop().getaddrinfo(
-            parts.hostname, parts.port or (443 if parts.scheme == "https" else 80), type=socket.SOCK_STREAM)
+        # The system resolver's own limit (its timeout times its tries times the search domains)
+        # can be minutes: a name server that does not answer is not waited on past this.
+        found = await asyncio.wait_for(asyncio.get_running_loop().getaddrinfo(
+            parts.hostname, parts.port or (443 if parts.scheme == "https" else 80), type=socket.SOCK_STREAM),
+            resolve_timeout_s)
+    except TimeoutError:
+        return f"{parts.hostname} did not resolve within {resolve_timeout_s:g} s"
     except OSError as exc:
         return f"{parts.hostname} does not resolve ({exc.strerror or exc})"
     except UnicodeError:  # an empty label or one over 63 characters, refused by the IDNA codec

@@ -28,6 +28,7 @@ from common.messages import EVENTS, WORK_MESSAGES, Contract
 log = logging.getLogger(__name__)
 
 BATCH = 500
+DELETE_EVERY = 20
 # An event a queue refuses (the broker's nack) is sent again for this long: our own queues on
 # stt.events (the notifier's, ingest's results) refuse only in a broker failure, which passes.
 # Refused longer, it is a subscriber's full queue that refuses new messages: such events are then
@@ -36,7 +37,15 @@ EVENT_REFUSED_FOR_S = 30.0
 _events_refused_since: dict[str, float] = {}
 
 
-def _refused_too_long(routing_key: str) -> bool:
+def refused_too_long(routing_key: str, exc: BaseException) -> bool:
+    """Whether an event whose publication failed with `exc` is dropped: a queue has refused events
+    of its kind for EVENT_REFUSED_FOR_S while the broker was there. Any other failure (the broker
+    gone, a channel closed) starts the count again: a broker failure often begins with refusals
+    and goes on as a lost connection, and the first refusal after it must not be taken for a
+    subscriber's full queue."""
+    if not isinstance(exc, DeliveryError):
+        _events_refused_since.clear()
+        return False
     since = _events_refused_since.setdefault(routing_key, time.monotonic())
     return time.monotonic() - since >= EVENT_REFUSED_FOR_S
 
@@ -78,8 +87,7 @@ async def flush_outbox(pool: asyncpg.Pool, bus: Bus) -> int:
                                 _events_refused_since.pop(key, None)
                         except Exception as exc:
                             with job_logged(getattr(message, "job_id", None)):
-                                refused = isinstance(exc, DeliveryError) and key not in WORK_MESSAGES
-                                if refused and _refused_too_long(key):
+                                if refused_too_long(key, exc) and key not in WORK_MESSAGES:
                                     # The broker gave the event to every queue that took it, and a
                                     # queue has refused this kind for EVENT_REFUSED_FOR_S: a
                                     # subscriber's full `sub.*` queue set to reject-publish. Sent
@@ -96,6 +104,12 @@ async def flush_outbox(pool: asyncpg.Pool, bus: Bus) -> int:
                                                 type(exc).__name__, exc)
                                     raise
                         done.append(row["id"])
+                        if len(done) >= DELETE_EVERY:
+                            # Not only at the batch's end: a flusher killed mid-batch would send
+                            # every row of it again (a job.submitted twice runs the job twice).
+                            await conn.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])", done)
+                            published += len(done)
+                            done = []
                 finally:
                     # What went out is not sent again (at-least-once holds for the rest).
                     await conn.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])", done)

@@ -11,8 +11,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from litestar.exceptions import HTTPException
 
+from common.failures import failure_category
 from common.settings import Settings
-from services.embedder.backends import OllamaError, local_embed, make_embedder
+from services.embedder.backends import OLLAMA_UNAVAILABLE, OllamaError, local_embed, make_embedder
 from services.ingest.search import embed_query
 from tests import fake_ollama
 
@@ -58,9 +59,11 @@ async def test_unknown_ollama_model_fails_with_a_clear_reason(flaky_ollama):
     settings = Settings(ollama_url=url, model_name_embedded="no-such-model", ollama_retries=3)
     async with aiohttp.ClientSession() as session:
         embed, _ = make_embedder(settings, session)
-        with pytest.raises(OllamaError, match="no-such-model"):
+        with pytest.raises(OllamaError, match="no-such-model") as raised:
             await embed(["hello"])
     assert calls["n"] == 11  # not retried: pulling the model is an operator's job
+    # What the failed job says: not that the service is away, when it answered.
+    assert failure_category(raised.value).startswith("the embedding service refused the request (4")
 
 
 async def test_unreachable_ollama_raises_after_retries():
@@ -70,6 +73,38 @@ async def test_unreachable_ollama_raises_after_retries():
         embed, _ = make_embedder(settings, session)
         with pytest.raises(aiohttp.ClientConnectionError):
             await embed(["hello"])
+
+
+async def test_an_ollama_host_that_drops_connection_attempts_is_an_outage():
+    """A listening socket whose accept queue is full: the kernel drops further connection
+    attempts, as a stopped VM or a firewall does. That is Ollama being away (waited out), not a
+    failure of the job."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    fillers = []
+    try:
+        for _ in range(3):  # fill the accept queue (nobody accepts)
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(listener.getsockname())
+            fillers.append(filler)
+        await asyncio.sleep(0.2)
+        port = listener.getsockname()[1]
+        settings = Settings(ollama_url=f"http://127.0.0.1:{port}", model_name_embedded="all-minilm",
+                            ollama_retries=0, ollama_timeout_s=4)
+        started = time.monotonic()
+        async with aiohttp.ClientSession() as session:
+            embed, _ = make_embedder(settings, session)
+            with pytest.raises(OLLAMA_UNAVAILABLE):
+                await embed(["hello"])
+        assert time.monotonic() - started < 4
+    finally:
+        for filler in fillers:
+            filler.close()
+        listener.close()
 
 
 def test_local_backend_gives_unit_vectors_that_rank_meaning():

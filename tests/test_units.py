@@ -469,3 +469,27 @@ def test_a_job_failed_by_the_database_says_whether_it_was_down_or_refused_the_da
     assert schema == "database schema error (SQLSTATE 42703)", schema
     refused = failure_category(asyncpg.exceptions.DataError("expected 1024 dimensions, not 768"))
     assert refused == "the database refused the data (SQLSTATE 22000)", refused
+
+
+def test_an_event_is_dropped_only_when_a_queue_refused_it_for_a_while_with_the_broker_there(monkeypatch):
+    """A subscriber's full queue refuses events for good; a broker failure refuses some, then
+    loses the connection. After such a failure, the first refusal is not taken for the former."""
+    from aio_pika.exceptions import DeliveryError
+
+    from common import outbox
+
+    now = [1000.0]
+    monkeypatch.setattr(outbox.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(outbox, "_events_refused_since", {})
+    refused = DeliveryError(None, None)
+    assert not outbox.refused_too_long("transcript.completed", refused)
+    now[0] += outbox.EVENT_REFUSED_FOR_S + 1
+    assert outbox.refused_too_long("transcript.completed", refused)  # refused all along: dropped
+    # Refused, then the connection lost for longer than the limit, then refused once more.
+    now[0] += 1
+    assert not outbox.refused_too_long("transcript.failed", refused)
+    now[0] += 1
+    assert not outbox.refused_too_long("transcript.failed", ConnectionError("broker gone"))
+    now[0] += outbox.EVENT_REFUSED_FOR_S + 5
+    assert not outbox.refused_too_long("transcript.failed", refused)
+    assert not outbox.refused_too_long("transcript.completed", refused)

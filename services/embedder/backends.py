@@ -28,7 +28,9 @@ EmbedFn = Callable[[list[str]], Awaitable[list[list[float]]]]
 
 
 class OllamaError(RuntimeError):
-    pass
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status  # Ollama's HTTP status, when it answered with an error
 
 
 class OllamaUnavailable(OllamaError):
@@ -40,6 +42,7 @@ class OllamaUnavailable(OllamaError):
 OLLAMA_UNAVAILABLE: tuple[type[BaseException], ...] = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError,
                                                        OllamaUnavailable)
 UNAVAILABLE_STATUSES = (502, 503, 504)
+CONNECT_TIMEOUT_S = 10.0
 
 
 async def ollama_embed(session: aiohttp.ClientSession, settings: Settings,
@@ -47,7 +50,11 @@ async def ollama_embed(session: aiohttp.ClientSession, settings: Settings,
     """POST /api/embed with a batch; retries connection errors, timeouts and 5xx with backoff."""
     url = settings.ollama_url.rstrip("/") + "/api/embed"
     payload = {"model": settings.model_name_embedded, "input": texts}
-    timeout = aiohttp.ClientTimeout(total=settings.ollama_timeout_s)
+    # A connect of its own limit: a host that drops connection attempts (a stopped VM, a firewall)
+    # then raises ConnectionTimeoutError, an outage the embedder waits out, where the total limit
+    # alone raises a bare TimeoutError that fails the job once retries run out.
+    timeout = aiohttp.ClientTimeout(total=settings.ollama_timeout_s,
+                                    sock_connect=min(CONNECT_TIMEOUT_S, settings.ollama_timeout_s / 2))
     def retriable(exc: BaseException) -> bool:
         # A 4xx (a model not pulled) is not worth a quick retry; the broker retries later.
         return isinstance(exc, (TimeoutError, aiohttp.ClientConnectionError)) or (
@@ -64,8 +71,7 @@ async def ollama_embed(session: aiohttp.ClientSession, settings: Settings,
                 if response.status != 200:
                     raise OllamaError(
                         f"Ollama answered {response.status} for model "
-                        f"{settings.model_name_embedded!r}: {(await response.text())[:200]}"
-                    )
+                        f"{settings.model_name_embedded!r}: {(await response.text())[:200]}", response.status)
                 try:
                     answer = await response.json(content_type=None)
                 except ValueError as exc:  # a proxy's HTML page, say

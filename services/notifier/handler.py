@@ -122,7 +122,8 @@ async def _attempt(conn: asyncpg.Connection, http: aiohttp.ClientSession, settin
     attempt = head["attempts"] + 1
     started = time.perf_counter()
     status_code = None
-    error = await target_problem(head["url"], settings.webhook_allow_private)
+    error = await target_problem(head["url"], settings.webhook_allow_private,
+                                 resolve_timeout_s=settings.webhook_timeout_s)
     if error is None:
         status_code, error = await post(http, head["url"], head["secret"], head["event_id"],
                                         head["payload"].encode(), settings.webhook_timeout_s)
