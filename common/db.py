@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import itertools
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -76,6 +77,7 @@ def _migrations() -> list[tuple[int, str, str]]:
 # Search filters while it walks the HNSW index (hnsw.iterative_scan), which pgvector has from 0.8;
 # from 0.6 on, setting it where it does not exist is an error.
 PGVECTOR_AT_LEAST = (0, 8)
+MIGRATION_LOCK_TIMEOUT_S = 5.0
 
 
 class MissingPgvector(RuntimeError):
@@ -111,18 +113,15 @@ async def apply_migrations(pool: asyncpg.Pool) -> list[str]:
             for version, name, sql in _migrations():
                 if version in done:
                     continue
-                async with conn.transaction():
+                for attempt in itertools.count(1):
                     try:
-                        await conn.execute(sql)
-                    except asyncpg.exceptions.FeatureNotSupportedError as exc:
-                        if "vector" not in str(exc):
-                            raise
-                        missing = MissingPgvector(str(exc))
-                        log.critical("%s", missing)
-                        raise missing from exc
-                    await conn.execute(
-                        "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", version, name
-                    )
+                        await _apply_migration(conn, version, name, sql)
+                        break
+                    except asyncpg.exceptions.LockNotAvailableError:
+                        log.warning("migration %s waited %g s for a table another transaction holds (try %d);"
+                                    " trying again, so that queries of the running services do not queue behind"
+                                    " it meanwhile", name, MIGRATION_LOCK_TIMEOUT_S, attempt)
+                        await asyncio.sleep(min(30.0, attempt * MIGRATION_LOCK_TIMEOUT_S))
                 log.info("applied migration %s", name)
                 applied_now.append(name)
             version = await conn.fetchval("SELECT extversion FROM pg_extension WHERE extname = 'vector'")
@@ -133,6 +132,23 @@ async def apply_migrations(pool: asyncpg.Pool) -> list[str]:
         finally:
             await conn.execute("SELECT pg_advisory_unlock($1)", LockKey.MIGRATIONS)
     return applied_now
+
+
+async def _apply_migration(conn: asyncpg.Connection, version: int, name: str, sql: str) -> None:
+    async with conn.transaction():
+        # While a migration waits for a table's lock (behind a long transaction of a running
+        # replica, in a rolling upgrade), every query of that table queues behind it: it gives up
+        # after a while and tries again, letting them through in between.
+        await conn.execute(f"SET LOCAL lock_timeout = '{int(MIGRATION_LOCK_TIMEOUT_S * 1000)}ms'")
+        try:
+            await conn.execute(sql)
+        except asyncpg.exceptions.FeatureNotSupportedError as exc:
+            if "vector" not in str(exc):
+                raise
+            missing = MissingPgvector(str(exc))
+            log.critical("%s", missing)
+            raise missing from exc
+        await conn.execute("INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", version, name)
 
 
 async def every(interval_s: float, pool: asyncpg.Pool, lock_key: int, work: Callable[[], Awaitable[object]],

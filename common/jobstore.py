@@ -262,10 +262,12 @@ async def segments_after(db: Db, job_id: int, after: tuple[int, int], up_to_chun
 
 async def recent_jobs(db: Db, owner: str | None, limit: int = 100) -> list[asyncpg.Record]:
     """id, filename, status, stage, progress of the owner's jobs (None: everyone's, as without
-    API keys) that are processing or changed in the last hour, newest first."""
+    API keys) that are processing or ended in the last hour, newest first."""
+    # By completed_at, not updated_at (the same for an ended job): both sides of the OR have an
+    # index, where updated_at's would read every job, once a second for each open page.
     return await db.fetch(
         "SELECT id, filename, status, stage, progress FROM transcripts WHERE ($1::text IS NULL OR owner = $1)"
-        " AND (status = 'processing' OR updated_at > now() - interval '1 hour') ORDER BY id DESC LIMIT $2",
+        " AND (status = 'processing' OR completed_at > now() - interval '1 hour') ORDER BY id DESC LIMIT $2",
         owner, limit)
 
 

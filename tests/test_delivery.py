@@ -171,6 +171,51 @@ async def test_concurrent_start_ups_apply_migrations_once(stack):
         await admin.close()
 
 
+async def test_a_migration_waiting_for_a_busy_table_lets_the_running_services_through(stack):
+    """A rolling upgrade: an old replica's transaction writing transcripts is open when the new
+    version's migration wants to index that table. The migration waits; the old replicas' writes
+    must not queue behind it all that time."""
+    from common.db import MIGRATION_LOCK_TIMEOUT_S, _migrations, apply_migrations
+    from devstack import with_database
+
+    name = f"stt_busy_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(stack.database_url)
+    await admin.execute(f"CREATE DATABASE {name}")
+    url = with_database(stack.database_url, name)
+    try:
+        *earlier, (last, last_name, _) = _migrations()
+        setup = await asyncpg.connect(url)
+        await setup.execute("CREATE TABLE schema_migrations (version integer PRIMARY KEY, name text NOT NULL,"
+                            " applied_at timestamptz NOT NULL DEFAULT now())")
+        for version, migration, sql in earlier:
+            await setup.execute(sql)
+            await setup.execute("INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", version, migration)
+        await setup.close()
+        old_replica, other_write = await asyncpg.connect(url), await asyncpg.connect(url)
+        pool = await asyncpg.create_pool(url, min_size=1, max_size=1)
+        try:
+            long_transaction = old_replica.transaction()
+            await long_transaction.start()
+            await old_replica.execute("INSERT INTO transcripts (filename) VALUES ('being written.wav')")
+            migrating = asyncio.create_task(apply_migrations(pool))
+            await asyncio.sleep(1)
+            assert not migrating.done()
+            # Another write of the old version goes through while the migration waits.
+            await asyncio.wait_for(other_write.execute("INSERT INTO transcripts (filename) VALUES ('meanwhile.wav')"),
+                                   3 * MIGRATION_LOCK_TIMEOUT_S)
+            assert not migrating.done()
+            await long_transaction.commit()
+            assert last_name in await asyncio.wait_for(migrating, 60)
+            assert await pool.fetchval("SELECT max(version) FROM schema_migrations") == last
+        finally:
+            await old_replica.close()
+            await other_write.close()
+            await pool.close()
+    finally:
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        await admin.close()
+
+
 async def test_stored_real_array_embeddings_become_vectors(stack):
     """A database from before pgvector: the migration converts its embeddings in place."""
     from common.db import _migrations, apply_migrations
