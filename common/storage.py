@@ -3,9 +3,11 @@ client is synchronous: call these from a worker thread (asyncio.to_thread)."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
-from typing import BinaryIO
+from collections.abc import Callable
+from typing import BinaryIO, TypeVar
 
 import urllib3
 from minio import Minio
@@ -22,6 +24,19 @@ STORAGE_UNAVAILABLE: tuple[type[BaseException], ...] = (urllib3.exceptions.HTTPE
 def pcm_key(job_id: int) -> str:
     """The job's decoded audio (16 kHz mono s16le), written by the diarizer, read by transcribers."""
     return f"pcm/{job_id}.s16le"
+
+
+T = TypeVar("T")
+# A store call made while a database transaction holds a row lock and a pooled connection: a store
+# that does not answer (minio's client waits 5 minutes a try, and retries) must not hold them, and
+# with them every request waiting for a connection, that long.
+IN_TRANSACTION_S = 30.0
+
+
+async def call_in_transaction(fn: Callable[..., T], *args, **kwargs) -> T:
+    """`fn(*args, **kwargs)` in a thread, given up (TimeoutError) after IN_TRANSACTION_S so that the
+    caller's transaction ends. What the thread still does after that must be safe to do again."""
+    return await asyncio.wait_for(asyncio.to_thread(fn, *args, **kwargs), IN_TRANSACTION_S)
 
 
 def make_client(settings: Settings, timeout_s: float | None = None) -> Minio:

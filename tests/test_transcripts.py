@@ -666,6 +666,26 @@ def test_delete_removes_rows_and_audio(stack, fixtures_dir):
     assert objects_of(stack, job_id) == {f"uploads/{job_id}"}
     assert stack.value("SELECT count(*) FROM segments WHERE transcript_id = $1", job_id) > 0
 
+    # While another request holds the job (a delete waiting on a store that does not answer), a
+    # second delete says so soon, rather than holding a pooled connection as long as the first.
+    async def held_while_deleting() -> httpx.Response:
+        import asyncpg
+
+        holder = await asyncpg.connect(stack.database_url)
+        try:
+            async with holder.transaction():
+                await holder.execute("SELECT id FROM transcripts WHERE id = $1 FOR UPDATE", job_id)
+                async with httpx.AsyncClient() as client:
+                    return await client.delete(f"{stack.api}/transcripts/{job_id}", timeout=60)
+        finally:
+            await holder.close()
+
+    started = time.monotonic()
+    busy = asyncio.run(held_while_deleting())
+    assert busy.status_code == 503 and "another request" in busy.json()["detail"], busy.text
+    assert busy.headers["retry-after"] and time.monotonic() - started < 20
+    assert objects_of(stack, job_id) == {f"uploads/{job_id}"}
+
     response = httpx.delete(f"{stack.api}/transcripts/{job_id}")
     assert response.status_code == 204 and response.content == b""
     assert objects_of(stack, job_id) == set()

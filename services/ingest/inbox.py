@@ -28,7 +28,7 @@ from common.db import DATABASE_UNAVAILABLE, LockKey, every
 from common.logs import job_logged
 from common.messages import JobOptions, TranscriptCompleted, TranscriptFailed
 from common.settings import Settings
-from common.storage import STORAGE_UNAVAILABLE, pcm_key, upload_bytes, upload_json
+from common.storage import STORAGE_UNAVAILABLE, call_in_transaction, pcm_key, upload_bytes, upload_json
 from services.ingest.auth import owner_of
 from services.ingest.jobs import BucketDrop, clean_filename, create_job, result_keys, status_document
 from services.ingest.redacted_audio import redact_recording
@@ -230,13 +230,13 @@ class Inbox:
             bucket = row["source_bucket"]
             if document.status == "done":
                 subtitles = to_srt([transcript_segment(r, with_words=True) for r in segments])
-                await asyncio.to_thread(upload_bytes, self.s3, bucket, keys["srt"], subtitles.encode(),
-                                        content_type="application/x-subrip")
+                await call_in_transaction(upload_bytes, self.s3, bucket, keys["srt"], subtitles.encode(),
+                                          content_type="application/x-subrip")
             else:  # an earlier job's subtitles of this key are not this failed job's
-                await asyncio.to_thread(self.s3.remove_object, bucket, keys["srt"])
+                await call_in_transaction(self.s3.remove_object, bucket, keys["srt"])
             # The status document last: its presence says the results are complete.
-            await asyncio.to_thread(upload_json, self.s3, bucket, keys["json"],
-                                    document.model_dump(mode="json", exclude_none=True))
+            await call_in_transaction(upload_json, self.s3, bucket, keys["json"],
+                                      document.model_dump(mode="json", exclude_none=True))
             await jobstore.mark_result_written(conn, job_id)
         log.info("results written to %s/%s", bucket, keys["json"] if document.status != "done"
                  else f"{keys['json']} and .srt")

@@ -3,7 +3,6 @@ jobs; deleting a job with its audio. The formatters are plain functions of the s
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 from collections.abc import Sequence
@@ -26,7 +25,7 @@ from common import jobstore, speakerstore
 from common.logs import job_logged
 from common.messages import REFERENCE_MAX_CHARS, JobOptions, SpeakerName, SpeakerTurn, Stage
 from common.settings import Settings
-from common.storage import pcm_key, remove_objects
+from common.storage import call_in_transaction, pcm_key, remove_objects
 from common.turns import speech_regions
 from services.ingest.admission import SMALL_BODY_BYTES
 from services.ingest.auth import request_owner
@@ -240,6 +239,13 @@ class StillProcessing(Exception):
     pass
 
 
+class JobBusy(Exception):
+    """Another request holds the job (deleting it, or writing its result files) for longer than JOB_LOCK_WAIT_S."""
+
+
+JOB_LOCK_WAIT_S = 5.0
+
+
 class ObjectStoreUnavailable(Exception):
     pass
 
@@ -252,8 +258,14 @@ async def delete_transcript(pool: asyncpg.Pool, s3: Minio, settings: Settings, j
     Returns False for an unknown job; raises StillProcessing while the job runs, because its
     workers would write the objects and rows again."""
     async with pool.acquire() as conn, conn.transaction():
-        # The row lock also waits out the inbox writing this job's result file.
-        job = await jobstore.lock_job(conn, job_id)
+        # The row lock also waits out the inbox writing this job's result file, but not for long:
+        # a delete sent again while the first waits on a store that does not answer would hold
+        # one more pooled connection each time.
+        await conn.execute(f"SET LOCAL lock_timeout = '{int(JOB_LOCK_WAIT_S * 1000)}ms'")
+        try:
+            job = await jobstore.lock_job(conn, job_id)
+        except asyncpg.exceptions.LockNotAvailableError as exc:
+            raise JobBusy from exc
         if not visible(job, owner):
             return False
         if job["status"] == "processing":
@@ -268,7 +280,7 @@ async def delete_transcript(pool: asyncpg.Pool, s3: Minio, settings: Settings, j
             await jobstore.remember_deleted_drop(conn, job["source_bucket"], job["source_key"], job["source_etag"])
         # Objects first: if the store fails, the rows stay and the delete can be repeated.
         try:
-            await asyncio.to_thread(remove_objects, s3, objects)
+            await call_in_transaction(remove_objects, s3, objects)
         except Exception as exc:
             with job_logged(job_id):
                 log.warning("could not remove its objects (%s)", type(exc).__name__)
@@ -390,6 +402,10 @@ async def remove_transcript(job_id: JobId, state: State, request: Request) -> No
                                                     f" /transcripts/{job_id}/cancel") from exc
     except ObjectStoreUnavailable as exc:
         raise HTTPException(status_code=503, detail="the object store is unavailable; nothing was deleted,"
+                                                    " try again", headers={"Retry-After": "5"}) from exc
+    except JobBusy as exc:
+        raise HTTPException(status_code=503, detail=f"job {job_id} is being changed by another request (a delete,"
+                                                    " or its result files being written); nothing was deleted,"
                                                     " try again", headers={"Retry-After": "5"}) from exc
     if not deleted:
         raise NotFoundException(detail=f"no job with id {job_id}")
