@@ -52,8 +52,13 @@ DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/"
 UPLOAD_CHUNK_BYTES = 256 * 1024
 POLL_INTERVAL_S = 1.0
 FINISHED = ("done", "error")
+NOT_FOLLOWED = "not followed"  # follow_jobs' status for a job the API stopped telling about
 # Answers worth waiting out while following a job: the API or its database is restarting.
 TRANSIENT_STATUS_CODES = (502, 503, 504)
+# Waited out too, for a while (a gateway's rate limit, an error of one request), before the job
+# is reported as not followed: the job itself goes on either way.
+RETRIED_STATUS_CODES = (429, 500)
+FOLLOW_TRIES = 60
 # How long `submit` keeps offering an upload that the server answers 503 with Retry-After (it
 # takes no more uploads at once, or its database or broker is briefly away; nothing was created).
 UPLOAD_BUSY_WAIT_S = 120.0
@@ -303,6 +308,7 @@ def follow_jobs(client: httpx.Client, jobs: list[SubmittedJob]) -> dict[int, dic
     with Progress(*columns, console=stderr) as progress:
         tasks = {job.id: progress.add_task(f"job {job.id} {escape(job.filename)}", total=100, stage="submitted")
                  for job in jobs}
+        errors_in_a_row = dict.fromkeys(tasks, 0)
         while True:
             for job in jobs:
                 if job.id in finished:
@@ -316,12 +322,17 @@ def follow_jobs(client: httpx.Client, jobs: list[SubmittedJob]) -> dict[int, dic
                     progress.update(tasks[job.id], stage="[yellow]API unreachable, retrying")
                     continue
                 except ApiError as exc:
-                    if exc.status_code in TRANSIENT_STATUS_CODES:
+                    errors_in_a_row[job.id] += 1
+                    if exc.status_code in TRANSIENT_STATUS_CODES or (
+                            exc.status_code in RETRIED_STATUS_CODES and errors_in_a_row[job.id] < FOLLOW_TRIES):
                         progress.update(tasks[job.id], stage=f"[yellow]{escape(exc.detail)}, retrying")
                         continue
-                    document = {"status": "error", "segments": [], "error": str(exc)}
+                    # Not the job's end: the API would not say how it is (a key refused, the job
+                    # deleted, an error of the API's own).
+                    document = {"status": NOT_FOLLOWED, "segments": [], "error": str(exc)}
+                errors_in_a_row[job.id] = 0
                 progress.update(tasks[job.id], completed=job_percent(document), stage=stage_label(document))
-                if document["status"] in FINISHED:
+                if document["status"] in (*FINISHED, NOT_FOLLOWED):
                     finished[job.id] = document
             if len(finished) == len(jobs):
                 return finished
@@ -475,6 +486,10 @@ def wait_and_print(client: httpx.Client, jobs: list[SubmittedJob]) -> int:
         document = documents[job.id]
         if document["status"] == "done":
             print_transcript(job, document)
+        elif document["status"] == NOT_FOLLOWED:
+            failed += 1  # its outcome is not known: not a success
+            stderr.print(Text(f"job {job.id} ({job.filename}): could not follow it ({document['error']}); it may"
+                              f" still be running: stt status {job.id}", style="red"))
         else:
             failed += 1
             stderr.print(Text(f"job {job.id} ({job.filename}) failed: {document.get('error') or 'unknown error'}",

@@ -636,6 +636,42 @@ class RedirectingServer:
         self.server.shutdown()
 
 
+def test_following_a_job_waits_out_an_api_error_and_tells_an_unknown_outcome_from_a_failure():
+    """A /status answer of 500 (one request's error) is not the job failing; an API that will not
+    say (the job gone, the key refused) leaves its outcome unknown, not "failed"."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from cli.app import NOT_FOLLOWED, SubmittedJob, follow_jobs
+
+    done = {"status": "done", "segments": []}
+    answers = {"/status/7": [(500, {"detail": "Internal Server Error"})] * 2 + [(200, done)],
+               "/status/8": [(404, {"detail": "no job with id 8"})]}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            queue = answers[self.path.split("?")[0]]
+            status, body = queue.pop(0) if len(queue) > 1 else queue[0]
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{server.server_port}") as client:
+            documents = follow_jobs(client, [SubmittedJob(7, "a.wav"), SubmittedJob(8, "b.wav")])
+    finally:
+        server.shutdown()
+    assert documents[7]["status"] == "done"
+    assert documents[8]["status"] == NOT_FOLLOWED and "no job with id 8" in documents[8]["error"]
+
+
 def test_a_redirect_is_reported_not_taken_for_success(tmp_path):
     with RedirectingServer() as api:
         deleted = subprocess.run([STT, "delete", "5", "--api", api], capture_output=True, text=True, timeout=60)

@@ -150,6 +150,16 @@ def test_upload_follow_read_play_and_download(stack, fixtures_dir, browser, tmp_
         page.get_by_role("link", name="Download RTTM").click()
     assert Path(download.value.path()).read_text().startswith("SPEAKER en_dialogue 1 ")
 
+    # Search by meaning unavailable (the embedding service away: the server's 503): the page
+    # searches by words and says so.
+    by_meaning = re.compile(r"/search\?(?!.*mode=text)")
+    page.route(by_meaning, lambda route: route.fulfill(status=503, json={"detail": "embedding service unavailable"}))
+    page.fill("#query", "sales numbers")
+    page.press("#query", "Enter")
+    page.locator("#hits li", has_text="by words only").wait_for(timeout=30_000)
+    page.locator("#hits li button", has_text="en_dialogue.wav").first.wait_for(timeout=30_000)
+    page.unroute(by_meaning)
+
     asked: list[str] = []
 
     def answer(dialog) -> None:

@@ -60,6 +60,16 @@ function escapeHtml(text) {
 
 // ---- server-sent events over fetch (EventSource cannot send the API key header) ------------
 
+// The server sends a keep-alive every 15 s: a stream silent for this long has died without an
+// error (a proxy or NAT forgot the connection) and is made again.
+const SILENT_STREAM_MS = 45_000;
+
+function readWithin(reader, ms) {
+  let timer;
+  const silence = new Promise((_, reject) => { timer = setTimeout(() => reject(new Error("silent stream")), ms); });
+  return Promise.race([reader.read(), silence]).finally(() => clearTimeout(timer));
+}
+
 // A dropped connection is made again (every 2 s), resuming after the last event. A 4xx answer
 // would be the same again (no such job, a key refused): following stops and onGone(status) is told.
 function follow(path, onEvent, { lastEventId = null, endId = null, onGone = null } = {}) {
@@ -86,7 +96,7 @@ function follow(path, onEvent, { lastEventId = null, endId = null, onGone = null
         // connection is closed before the next: an open one counts against the server's streams.
         try {
           for (;;) {
-            const { value, done } = await reader.read();
+            const { value, done } = await readWithin(reader, SILENT_STREAM_MS);
             if (done) break;
             buffer += decoder.decode(value, { stream: true });
             let end;
@@ -895,9 +905,24 @@ async function search(event) {
   if (!query) return;
   const key = apiKey();
   try {
-    const page = await (await api(`/search?limit=20&q=${encodeURIComponent(query)}`)).json();
+    const path = `/search?limit=20&q=${encodeURIComponent(query)}`;
+    let page;
+    let wordsOnly = false;
+    try {
+      page = await (await api(path)).json();
+    } catch (error) {
+      // Search by meaning needs the embedding service; by words it still works without it.
+      if (error.status !== 503) throw error;
+      page = await (await api(`${path}&mode=text`)).json();
+      wordsOnly = true;
+    }
     if (apiKey() !== key) return;  // answered for the key before
-    if (!page.items.length) list.innerHTML = "<li>Nothing found.</li>";
+    if (wordsOnly) {
+      const note = document.createElement("li");
+      note.textContent = "Searched by words only: search by meaning is unavailable right now.";
+      list.appendChild(note);
+    }
+    if (!page.items.length) list.insertAdjacentHTML("beforeend", "<li>Nothing found.</li>");
     for (const hit of page.items) {
       const item = document.createElement("li");
       const button = document.createElement("button");
