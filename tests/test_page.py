@@ -371,6 +371,17 @@ def test_a_segment_is_corrected_on_the_page(stack, fixtures_dir, browser):
     page.close()
 
 
+def test_a_silent_recording_says_nobody_talks(stack, fixtures_dir, browser):
+    page = browser.new_page()
+    page.goto(stack.api + "/")
+    page.set_input_files("#file", str(fixtures_dir / "empty.wav"))
+    page.get_by_role("button", name="Transcribe").click()
+    page.locator('#transcript[data-ended="true"]').wait_for(timeout=120_000)
+    # Not a bare "Done." over an empty list, which looks like a page still loading.
+    assert page.locator("#transcript-status").inner_text() == "Done: nobody talks in this recording."
+    page.close()
+
+
 def test_a_recording_still_processing_can_be_stopped(stack, fixtures_dir, browser, tmp_path):
     parts = [decode_audio(str(fixtures_dir / n)) for n in ("ami_dev00.wav", "ami_dev01.wav", "ami_trn03.wav")]
     meeting = tmp_path / "long meeting.opus"  # 3 minutes: still diarizing when the button is pressed
@@ -386,6 +397,8 @@ def test_a_recording_still_processing_can_be_stopped(stack, fixtures_dir, browse
     assert asked and asked[-1].startswith("Stop processing long meeting.opus?")
     assert page.locator("#transcript-status").inner_text().startswith("Stopped")
     assert page.get_by_role("button", name="Stop processing").is_hidden()
+    # What it kept can be saved: as JSON (the subtitle formats are for finished transcripts).
+    assert page.locator("#downloads a").all_inner_texts() == ["Download JSON"]
     job_id = int(page.locator("#transcript").get_attribute("data-job"))
     document = httpx.get(f"{stack.api}/status/{job_id}", timeout=30).json()
     assert document["status"] == "error" and document["error"] == "cancelled"

@@ -618,11 +618,13 @@ function dispositionName(disposition) {
   return (disposition.match(/filename="([^"]+)"/) || [])[1];
 }
 
-function renderDownloads(jobId, done) {
+// `ended`: "done" (every format), "failed" (JSON: the segments a stopped or failed job kept, and
+// its reason), or null while it runs (none).
+function renderDownloads(jobId, ended) {
   const nav = $("#downloads");
   nav.innerHTML = "";
-  if (!done) return;
-  for (const format of ["json", "srt", "vtt", "txt", "rttm"]) {
+  if (!ended) return;
+  for (const format of ended === "done" ? ["json", "srt", "vtt", "txt", "rttm"] : ["json"]) {
     const link = document.createElement("a");
     link.href = `/transcripts/${jobId}?format=${format}`;
     link.textContent = `Download ${format.toUpperCase()}`;
@@ -684,7 +686,7 @@ function forgetJob(jobId, { elsewhere = false } = {}) {
   const section = $("#transcript");
   section.hidden = false;
   section.dataset.status = "deleted";
-  renderDownloads(jobId, false);
+  renderDownloads(jobId, null);
   renderCancel(jobId, true);
   renderDelete(jobId, false);
   renderRerun(jobId, false);
@@ -851,7 +853,7 @@ async function openTranscript(jobId) {
   $("#names").innerHTML = "";
   $("#segments").lang = "";
   $("#unsure-hint").hidden = true;
-  renderDownloads(jobId, false);
+  renderDownloads(jobId, null);
   renderDelete(jobId, false);
   renderRerun(jobId, false);
   $("#rerun-speakers").value = "";
@@ -874,7 +876,10 @@ async function openTranscript(jobId) {
       if (data.language) $("#segments").lang = data.language;
       renderJob(data);
       showStatus(data);
-      renderDownloads(jobId, type === "transcript.completed");
+      renderDownloads(jobId, type === "transcript.completed" ? "done" : "failed");
+      if (type === "transcript.completed" && !$("#segments").children.length) {
+        $("#transcript-status").textContent = "Done: nobody talks in this recording.";
+      }
       renderCancel(jobId, true);
       renderDelete(jobId, true);
       renderRerun(jobId, true);
