@@ -49,6 +49,15 @@ async def existing_job_ids(db: Db, job_ids: list[int]) -> set[int]:
     return {r["id"] for r in await db.fetch("SELECT id FROM transcripts WHERE id = ANY($1::bigint[])", job_ids)}
 
 
+async def jobs_using_pcm(db: Db, job_ids: list[int], kept_after_end_s: float) -> set[int]:
+    """Those of `job_ids` that are jobs still processing or that ended within `kept_after_end_s`:
+    their decoded audio may still be read (by the stages, or by redaction when the job ends)."""
+    rows = await db.fetch("SELECT id FROM transcripts WHERE id = ANY($1::bigint[]) AND (status = 'processing'"
+                          " OR completed_at IS NULL OR completed_at > now() - make_interval(secs => $2))",
+                          job_ids, kept_after_end_s)
+    return {r["id"] for r in rows}
+
+
 async def reserve_job_id(db: Db) -> int:
     return await db.fetchval("SELECT nextval(pg_get_serial_sequence('transcripts', 'id'))")
 

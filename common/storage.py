@@ -21,9 +21,12 @@ PART_SIZE = 10 * 1024 * 1024
 STORAGE_UNAVAILABLE: tuple[type[BaseException], ...] = (urllib3.exceptions.HTTPError, ServerError)
 
 
+PCM_PREFIX, PCM_SUFFIX = "pcm/", ".s16le"
+
+
 def pcm_key(job_id: int) -> str:
     """The job's decoded audio (16 kHz mono s16le), written by the diarizer, read by transcribers."""
-    return f"pcm/{job_id}.s16le"
+    return f"{PCM_PREFIX}{job_id}{PCM_SUFFIX}"
 
 
 T = TypeVar("T")

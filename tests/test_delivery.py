@@ -539,6 +539,40 @@ async def test_an_upload_left_without_a_job_is_removed_and_a_jobs_upload_kept(st
         await conn.close()
 
 
+async def test_decoded_audio_left_after_its_job_ended_is_removed_and_a_running_jobs_kept(stack):
+    """A second run of a job stored its decoded audio after the job's end had removed it, then
+    stopped: nothing else would remove it. Audio of jobs running, or just ended (redaction may
+    still read it), stays."""
+    import io
+
+    from common.storage import object_exists, pcm_key
+    from services.ingest.orphans import remove_leftover_pcm
+
+    conn = await asyncpg.connect(stack.database_url)
+    pool = await asyncpg.create_pool(stack.database_url, min_size=1, max_size=2)
+    s3 = stack.s3()
+    jobs = {}
+    try:
+        for name, status, ended_days_ago in (("running", "processing", None), ("just ended", "done", 0),
+                                             ("ended long ago", "done", 2), ("failed long ago", "error", 3)):
+            jobs[name] = await conn.fetchval(
+                "INSERT INTO transcripts (filename, status, completed_at) VALUES ($1, $2,"
+                " now() - make_interval(days => $3)) RETURNING id", name, status, ended_days_ago)
+        jobs["deleted"] = await conn.fetchval("SELECT nextval(pg_get_serial_sequence('transcripts', 'id'))")
+        for job_id in jobs.values():
+            s3.put_object("audio", pcm_key(job_id), io.BytesIO(b"\0\0"), 2)
+        assert await remove_leftover_pcm(pool, s3, "audio") == 0  # too new to tell
+        assert await remove_leftover_pcm(pool, s3, "audio", age_s=0) >= 3
+        assert {name for name, job_id in jobs.items() if object_exists(s3, "audio", pcm_key(job_id))} == {
+            "running", "just ended"}
+    finally:
+        await conn.execute("DELETE FROM transcripts WHERE id = ANY($1::bigint[])", list(jobs.values()))
+        for job_id in jobs.values():
+            s3.remove_object("audio", pcm_key(job_id))
+        await pool.close()
+        await conn.close()
+
+
 async def test_a_webhook_delivery_dead_lettered_fails_no_job_and_a_stages_message_does(stack):
     """RabbitMQ dead-letters a message its worker crashed on DELIVERY_LIMIT times. A chunk's
     fails its job; a webhook delivery's is the notifier's problem, not the transcription's."""

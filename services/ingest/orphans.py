@@ -3,13 +3,18 @@
 its shutdown grace) leaves the object with no row, and nothing else would ever remove it. Every
 ingest replica looks once an hour (an advisory lock lets one look at a time) and removes uploads
 older than ORPHAN_AGE_S whose job does not exist: a job's id is reserved before its upload is
-stored, so no row can appear for them any more."""
+stored, so no row can appear for them any more.
+
+Decoded audio (`pcm/`) is removed when its job ends; a run that stored it after that (a second
+delivery of the job) and then stopped leaves it behind. The same look removes decoded audio of
+a job that does not exist or ended more than a day ago."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
 import logging
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -17,7 +22,7 @@ from minio import Minio
 
 from common import jobstore
 from common.db import LockKey, every
-from common.storage import remove_objects
+from common.storage import PCM_PREFIX, PCM_SUFFIX, remove_objects
 from services.ingest.jobs import UPLOAD_PREFIX
 
 log = logging.getLogger(__name__)
@@ -27,31 +32,66 @@ SWEEP_INTERVAL_S = 3600.0
 PAGE = 1000
 
 
-def _job_id(key: str) -> int | None:
+# A job's decoded audio is removed when the job ends (after redaction reads it); one still there a
+# day after the end was left by a run that stored it after that removal and then stopped.
+PCM_KEPT_AFTER_END_S = 86_400.0
+
+
+def _upload_job_id(key: str) -> int | None:
     name = key.removeprefix(UPLOAD_PREFIX)
     return int(name) if name.isdigit() else None
 
 
-async def remove_orphan_uploads(pool: asyncpg.Pool, s3: Minio, bucket: str, age_s: float = ORPHAN_AGE_S) -> int:
-    """One look through the uploads, a page at a time; returns how many were removed."""
+def _pcm_job_id(key: str) -> int | None:
+    name = key.removeprefix(PCM_PREFIX).removesuffix(PCM_SUFFIX)
+    return int(name) if key.startswith(PCM_PREFIX) and key.endswith(PCM_SUFFIX) and name.isdigit() else None
+
+
+async def _remove_unneeded(s3: Minio, bucket: str, prefix: str, job_id_of: Callable[[str], int | None],
+                           needed: Callable[[list[int]], Awaitable[set[int]]], age_s: float) -> list[str]:
+    """One look through `prefix`, a page at a time: removes the objects older than `age_s` whose
+    job `needed` leaves out; their keys."""
     before = datetime.now(UTC) - timedelta(seconds=age_s)
-    listing = iter(s3.list_objects(bucket, prefix=UPLOAD_PREFIX, recursive=True))
-    removed = 0
+    listing = iter(s3.list_objects(bucket, prefix=prefix, recursive=True))
+    removed: list[str] = []
     while page := await asyncio.to_thread(lambda: list(itertools.islice(listing, PAGE))):
         old = {job_id: item.object_name for item in page
-               if (job_id := _job_id(item.object_name)) is not None and item.last_modified < before}
+               if (job_id := job_id_of(item.object_name)) is not None and item.last_modified < before}
         if not old:
             continue
-        existing = await jobstore.existing_job_ids(pool, list(old))
-        orphans = [(bucket, key) for job_id, key in old.items() if job_id not in existing]
-        if orphans:
-            await asyncio.to_thread(remove_objects, s3, orphans)
-            log.warning("removed %d uploads without a job (an ingest stopped between storing them and"
-                        " making their jobs): %s", len(orphans), ", ".join(key for _, key in orphans[:10]))
-            removed += len(orphans)
+        kept = await needed(list(old))
+        unneeded = [(bucket, key) for job_id, key in old.items() if job_id not in kept]
+        if unneeded:
+            await asyncio.to_thread(remove_objects, s3, unneeded)
+            removed += [key for _, key in unneeded]
     return removed
 
 
+async def remove_orphan_uploads(pool: asyncpg.Pool, s3: Minio, bucket: str, age_s: float = ORPHAN_AGE_S) -> int:
+    """Uploads older than `age_s` whose job does not exist; returns how many were removed."""
+    removed = await _remove_unneeded(s3, bucket, UPLOAD_PREFIX, _upload_job_id,
+                                     lambda ids: jobstore.existing_job_ids(pool, ids), age_s)
+    if removed:
+        log.warning("removed %d uploads without a job (an ingest stopped between storing them and making their"
+                    " jobs): %s", len(removed), ", ".join(removed[:10]))
+    return len(removed)
+
+
+async def remove_leftover_pcm(pool: asyncpg.Pool, s3: Minio, bucket: str, age_s: float = ORPHAN_AGE_S,
+                              kept_after_end_s: float = PCM_KEPT_AFTER_END_S) -> int:
+    """Decoded audio older than `age_s` of a job that does not exist or ended more than
+    `kept_after_end_s` ago; returns how many were removed."""
+    removed = await _remove_unneeded(s3, bucket, PCM_PREFIX, _pcm_job_id,
+                                     lambda ids: jobstore.jobs_using_pcm(pool, ids, kept_after_end_s), age_s)
+    if removed:
+        log.warning("removed %d decoded audio files left after their jobs ended (a run stored one after the"
+                    " job's end, then stopped): %s", len(removed), ", ".join(removed[:10]))
+    return len(removed)
+
+
 async def run_orphan_sweep(pool: asyncpg.Pool, s3: Minio, bucket: str) -> None:
-    await every(SWEEP_INTERVAL_S, pool, LockKey.ORPHANS, lambda: remove_orphan_uploads(pool, s3, bucket),
-                "looking for uploads without a job")
+    async def sweep() -> None:
+        await remove_orphan_uploads(pool, s3, bucket)
+        await remove_leftover_pcm(pool, s3, bucket)
+
+    await every(SWEEP_INTERVAL_S, pool, LockKey.ORPHANS, sweep, "looking for uploads and decoded audio without a job")
