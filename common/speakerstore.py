@@ -123,14 +123,19 @@ async def delete_speaker(conn: asyncpg.Connection, speaker_id: int) -> list[int]
     return sorted({r["transcript_id"] for r in rows})
 
 
-async def owner_profiles(db: Db, owner: str | None, model: str) -> list[Profile]:
+async def owner_profiles(db: Db, owner: str | None, model: str, only: list[str] | None = None,
+                         leaving_out: list[str] = ()) -> list[Profile]:
+    """The owner's profiles of voiceprints by `model`: with `only`, those whose name is one of
+    them; never those named one of `leaving_out` (names compare as PostgreSQL lowers them)."""
     # Shared locks on the speakers until the caller's transaction ends: forgetting or renaming one
     # waits for a matching that read it (which would otherwise write a name, or an id, that the
     # delete or rename has just done away with), and a matching that starts later reads the outcome.
     rows = await db.fetch(
         "SELECT s.id, s.name, v.embedding::real[] AS embedding FROM speakers s JOIN voiceprints v"
-        f" ON v.speaker_id = s.id WHERE s.{_OWNER} AND v.embedding_model = $2 ORDER BY s.id, v.id FOR SHARE OF s",
-        owner, model)
+        f" ON v.speaker_id = s.id WHERE s.{_OWNER} AND v.embedding_model = $2"
+        " AND ($3::text[] IS NULL OR lower(s.name) IN (SELECT lower(n) FROM unnest($3::text[]) n))"
+        " AND lower(s.name) NOT IN (SELECT lower(n) FROM unnest($4::text[]) n)"
+        " ORDER BY s.id, v.id FOR SHARE OF s", owner, model, only, list(leaving_out))
     profiles: dict[int, Profile] = {}
     for r in rows:
         profiles.setdefault(r["id"], Profile(r["id"], r["name"], [])).voiceprints.append(np.asarray(r["embedding"]))
@@ -184,21 +189,21 @@ async def name_recording_speakers(conn: asyncpg.Connection, transcript_id: int, 
         " ORDER BY speaker FOR UPDATE", transcript_id)
     # A person named by hand in this recording is not given to a second speaker of it, also when
     # the one named has no voice of its own (a label made by moving segments to it).
-    taken = {r["name"].lower() for r in rows if r["name_source"] == "manual" and r["name"]}
+    taken = [r["name"] for r in rows if r["name_source"] == "manual" and r["name"]]
     rows = [r for r in rows if r["embedding"] is not None]
     if not rows:
         return False
     manual = {r["speaker"] for r in rows if r["name_source"] == "manual"}
-    # The job's `expected_speakers`: the enrolled people who may be in it (empty: any of the owner's).
-    expected = {n.lower() for n in await conn.fetchval(
-        f"SELECT coalesce({_EXPECTED}, '[]') FROM transcripts WHERE id = $1", transcript_id) or []}
+    # The job's `expected_speakers`: the enrolled people who may be in it (none: any of the owner's).
+    expected = await conn.fetchval(
+        f"SELECT CASE WHEN jsonb_typeof({_EXPECTED}) = 'array' AND jsonb_array_length({_EXPECTED}) > 0 THEN"
+        f" ARRAY(SELECT jsonb_array_elements_text({_EXPECTED})) END FROM transcripts WHERE id = $1", transcript_id)
     matches: dict[str, Match] = {}
     for model in sorted({r["embedding_model"] for r in rows}):
-        profiles = [p for p in await owner_profiles(conn, owner, model) if not expected or p.name.lower() in expected]
+        profiles = await owner_profiles(conn, owner, model, only=expected, leaving_out=taken)
         recording = [RecordingSpeaker(r["speaker"], np.asarray(r["embedding"]), r["speech_s"])
                      for r in rows if r["embedding_model"] == model and r["speaker"] not in manual]
-        matches |= match_speakers(recording, [p for p in profiles if p.name.lower() not in taken], threshold,
-                                  min_speech_s)
+        matches |= match_speakers(recording, profiles, threshold, min_speech_s)
     changed = False
     for r in rows:
         if r["speaker"] in manual:
