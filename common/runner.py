@@ -57,8 +57,16 @@ async def _supervise(main: Callable[[], Awaitable[None]], grace_s: float) -> int
 def run_worker(main: Callable[[], Awaitable[None]]) -> None:
     from common.settings import get_settings
 
-    code = asyncio.run(_supervise(main, get_settings().shutdown_grace_s))
+    # Not asyncio.run: at its end it waits for the default executor's threads, and one still
+    # inside a model call (whose message is already back in its queue) would hold the exit until
+    # the call returns, past the orchestrator's kill. For the same reason the interpreter is left
+    # with os._exit, crash or not.
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        code = loop.run_until_complete(_supervise(main, get_settings().shutdown_grace_s))
+    except BaseException:
+        log.exception("the worker stopped on an error")
+        code = 1
     logging.shutdown()
-    # Threads still inside a model call would keep the interpreter alive; their messages are
-    # already back in the queue.
     os._exit(code)
