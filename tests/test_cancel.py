@@ -147,8 +147,13 @@ def test_cancelling_a_long_diarization_stops_it_within_a_batch_of_windows(small_
         assert time.monotonic() < deadline, stack.log_tail("diarizer")
         time.sleep(0.05)
     stopped_after = time.monotonic() - cancelled_at
-    # The first test's job: the same file diarized in full.
-    whole_s = max(diarizing_s(stack, other) for other in range(1, job_id))
+    # The same file diarized in full: by the first test of this module, or (run alone) now.
+    whole_s = max([diarizing_s(stack, other) for other in range(1, job_id)], default=0.0)
+    if not whole_s:
+        whole = stack.submit_job(meeting)
+        stack.wait_finished(whole, 600)
+        whole_s = diarizing_s(stack, whole)
+        assert whole_s > 0, stack.log_tail("diarizer")
     record_figure(f"{'cancel while diarizing':<34} stopped {stopped_after:.1f} s after the cancel; the whole file"
                   f" took {whole_s:.1f} s")
     assert stopped_after < whole_s / 2

@@ -530,7 +530,10 @@ def test_redaction_keeps_card_phone_and_email_out_of_everything_stored(keyed_sta
     words = [w for s in document["segments"] for w in s["words"]]
     hidden = [w for w in words if re.search(r"\[(CARD|PHONE|EMAIL)\]", w["word"])]
     assert len(hidden) == 3 and all(loudest(w) == 0 for w in hidden), hidden
-    assert all(loudest(w) > 0.05 for w in words if w["word"].strip() in ("Hi,", "card", "questions.")), words
+    # Only those: every word apart from them keeps its sound (a word shorter than a few hundredths
+    # of a second can be quiet between syllables, so the loudest of each word is what counts).
+    kept = [w for w in words if w not in hidden and w["end"] - w["start"] >= 0.1]
+    assert len(kept) >= 10 and sum(loudest(w) > 0.05 for w in kept) >= 0.9 * len(kept), words
 
     # A rerun runs on that WAV, and says so: its audio is served as the WAV it is.
     with httpx.Client(headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60) as client:

@@ -144,15 +144,19 @@ def test_a_failing_chunk_counts_as_retried_then_dead_lettered(stack: Stack):
                           pcm_key=f"pcm/{job_id}-missing.s16le", duration=5.0, span=TimeSpan(start=0, end=5),
                           turns=[SpeakerTurn(speaker="spk_0", start=0.5, end=4.5)])
 
-    async def publish() -> None:
+    async def publish() -> int:
+        """Publishes the chunk; the dead-letter queue's depth before it, as the broker counts."""
         connection = await aio_pika.connect(stack.amqp_url)
         async with connection:
-            exchange = await (await connection.channel()).get_exchange("stt")
+            channel = await connection.channel()
+            parked = (await channel.declare_queue("stt.dead-letters", passive=True)).declaration_result.message_count
+            exchange = await channel.get_exchange("stt")
             await exchange.publish(aio_pika.Message(message.model_dump_json().encode(),
                                                     delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
                                    routing_key=message.ROUTING_KEY, mandatory=True)
+            return parked
 
-    asyncio.run(publish())
+    parked_before = asyncio.run(publish())
     wait_for(lambda: stack.value("SELECT status FROM transcripts WHERE id = $1", job_id) == "error", 60)
     time.sleep(0.5)
     after = scrape(stack, "transcriber")
@@ -163,4 +167,5 @@ def test_a_failing_chunk_counts_as_retried_then_dead_lettered(stack: Stack):
 
     assert change("retried") >= 2 and change("dead_lettered") >= 1, (change("retried"), change("dead_lettered"))
     # ingest sees the parked message within its refresh interval (5 s)
-    wait_for(lambda: total(scrape(stack, "ingest"), "stt_queue_messages", queue="stt.dead-letters") >= 1, 20)
+    wait_for(lambda: total(scrape(stack, "ingest"), "stt_queue_messages", queue="stt.dead-letters")
+             >= parked_before + 1, 20)

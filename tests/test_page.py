@@ -40,7 +40,16 @@ def browser():
         browser.close()
 
 
-def test_upload_follow_read_play_and_download(stack, fixtures_dir, browser, tmp_path):
+@pytest.fixture
+def forgets_its_speakers(stack):
+    """The test enrols voices on the shared stack: they are forgotten after it, passed or failed,
+    or they would name en_dialogue's voices in every later test."""
+    yield
+    for speaker in httpx.get(f"{stack.api}/speakers", timeout=30).json()["items"]:
+        httpx.delete(f"{stack.api}/speakers/{speaker['id']}", timeout=30)
+
+
+def test_upload_follow_read_play_and_download(stack, fixtures_dir, browser, tmp_path, forgets_its_speakers):
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     errors: list[str] = []
     page.on("pageerror", lambda error: errors.append(str(error)))

@@ -255,7 +255,7 @@ def test_killing_the_notifier_mid_delivery_loses_nothing(notified, fixtures_dir)
     api = httpx.Client(base_url=stack.api, timeout=30)
     hooks = [api.post("/webhooks", json={"url": receiver.url(path)}).json() for path in ("/slow", "/fast")]
     job_id = stack.submit_job(fixtures_dir / "jfk.flac")
-    wait_for(lambda: receiver.events("/slow", job_id), 300, "the first delivery to /slow")
+    cut_short = wait_for(lambda: receiver.events("/slow", job_id), 300, "the first delivery to /slow")[-1]
     stack.processes["notifier"].kill()  # in the middle of that delivery (it answers after 1 s)
     stack.processes["notifier"].wait()
     stack.start_service("notifier")
@@ -269,6 +269,9 @@ def test_killing_the_notifier_mid_delivery_loses_nothing(notified, fixtures_dir)
                    "every event delivered to /slow after the restart")
     assert len(log) == len(wanted)
     assert {e["data"]["message_id"] for e in receiver.events("/slow", job_id)} == wanted
+    # The kill did land mid-delivery: the event it cut short was sent again.
+    assert [e["data"]["message_id"] for e in receiver.events("/slow", job_id)].count(
+        cut_short["data"]["message_id"]) >= 2
     for hook in hooks:
         assert api.delete(f"/webhooks/{hook['id']}").status_code == 204
 
