@@ -196,9 +196,10 @@ async def job_speaker_labels(db: Db, job_id: int) -> set[str]:
 
 
 async def speaker_names(db: Db, job_id: int) -> dict[str, SpeakerName]:
-    """label -> name (with how it was given) of the job's named speakers."""
+    """label -> name (with how it was given) of the job's named speakers, and of those whose
+    recognised name was taken back by hand (name None, source "manual")."""
     rows = await db.fetch("SELECT speaker, name, name_source, confidence FROM transcript_speakers"
-                          " WHERE transcript_id = $1 AND name IS NOT NULL", job_id)
+                          " WHERE transcript_id = $1 AND (name IS NOT NULL OR name_source = 'manual')", job_id)
     return {r["speaker"]: SpeakerName(name=r["name"], source=r["name_source"], confidence=r["confidence"])
             for r in rows}
 
@@ -215,17 +216,18 @@ async def speaker_voice(db: Db, job_id: int, label: str) -> SpeakerEmbedding | N
 
 async def set_speaker_names(conn: asyncpg.Connection, job_id: int, names: dict[str, str | None]) -> None:
     """Name by hand speakers of a job; a speaker's voice embedding is kept. None unnames: a name
-    given by hand goes (recognition may name the speaker again), while a recognised name is
-    refused by hand, the speaker left unnamed by hand (a recognition that got the voice wrong
-    would otherwise give the same name straight back); None once more returns it to recognition."""
-    recognised = {r["speaker"] for r in await conn.fetch(
+    given by hand goes (recognition may name the speaker again), while a recognised name is taken
+    back by hand: the speaker stays unnamed by hand (name None, source "manual"), as a recognition
+    that got the voice wrong would give the same name straight back. Sent again (a retry), None
+    leaves it so; a name given by hand, then removed, returns it to recognition."""
+    refused = {r["speaker"] for r in await conn.fetch(
         "SELECT speaker FROM transcript_speakers WHERE transcript_id = $1 AND speaker = ANY($2::text[])"
-        " AND name_source = 'auto'", job_id, list(names))}
+        " AND (name_source = 'auto' OR (name_source = 'manual' AND name IS NULL))", job_id, list(names))}
     await conn.executemany(
         "INSERT INTO transcript_speakers (transcript_id, speaker, name, name_source) VALUES ($1, $2, $3, $4)"
         " ON CONFLICT (transcript_id, speaker) DO UPDATE SET name = EXCLUDED.name,"
         " name_source = EXCLUDED.name_source, matched_speaker_id = NULL, confidence = NULL",
-        [(job_id, label, name, "manual" if name or label in recognised else None) for label, name in names.items()])
+        [(job_id, label, name, "manual" if name or label in refused else None) for label, name in names.items()])
 
 
 async def job_audio(db: Db, job_id: int) -> asyncpg.Record | None:

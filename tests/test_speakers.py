@@ -183,12 +183,18 @@ async def test_enrolling_from_a_sample_names_past_recordings_and_refuses_unfit_s
         cleared = other.patch(f"/transcripts/{past}/speakers", json={label: None})
         assert cleared.status_code == 200 and cleared.json()["speakers"][label] is None, cleared.text
         [unnamed] = await job_events(queue, past, lambda bodies: len(bodies) >= 1, 30)
-        assert unnamed["speakers"][label]["name"] is None
+        assert unnamed["speakers"][label] == {"name": None, "source": "manual", "confidence": None}
         assert not any(s.get("speaker_name") for s in stack.status(past, other)["segments"])
-        # ...until unnamed once more, which gives the speaker back to recognition.
+        assert other.get(f"/transcripts/{past}/speakers").json()["speakers"][label]["source"] == "manual"
+        # Sent again (a retry), it stays so...
+        again = other.patch(f"/transcripts/{past}/speakers", json={label: None})
+        assert again.status_code == 200 and again.json()["speakers"][label] is None, again.text
+        await job_events(queue, past, lambda bodies: len(bodies) >= 1, 30)
+        # ...and a name given by hand, then removed, gives the speaker back to recognition.
+        assert other.patch(f"/transcripts/{past}/speakers", json={label: "Someone"}).status_code == 200
         reopened = other.patch(f"/transcripts/{past}/speakers", json={label: None})
         assert reopened.status_code == 200 and reopened.json()["speakers"][label] == "Anya", reopened.text
-        await job_events(queue, past, lambda bodies: len(bodies) >= 1, 30)
+        await job_events(queue, past, lambda bodies: len(bodies) >= 2, 30)
 
         # A name given by hand wins over recognition, and the change is announced.
         assert other.patch(f"/transcripts/{past}/speakers", json={label: "Anna K."}).status_code == 200

@@ -351,7 +351,8 @@ async def get_transcript(
                                                     " format=json shows what exists so far")
     if format == "rttm":
         body = to_rttm(rttm_uri(document.filename), await jobstore.job_turns(state.pool, job_id),
-                       {label: n.name for label, n in (await jobstore.speaker_names(state.pool, job_id)).items()})
+                       {label: n.name for label, n in (await jobstore.speaker_names(state.pool, job_id)).items()
+                        if n.name})
     elif subtitles:
         body = SUBTITLE_FORMATTERS[format](document.segments, max_line_width, max_line_count)
     else:
