@@ -300,8 +300,8 @@ def stage_label(document: dict) -> str:
 
 
 def follow_jobs(client: httpx.Client, jobs: list[SubmittedJob]) -> dict[int, dict]:
-    """Poll every job until each is done or in error, drawing a stage and percent per job.
-    Returns each job's final status document."""
+    """Poll every job until each is done or in error (or the API stops telling: NOT_FOLLOWED),
+    drawing a stage and percent per job. Returns each job's final status document."""
     finished: dict[int, dict] = {}
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                TextColumn("{task.fields[stage]}"))
@@ -322,7 +322,8 @@ def follow_jobs(client: httpx.Client, jobs: list[SubmittedJob]) -> dict[int, dic
                     progress.update(tasks[job.id], stage="[yellow]API unreachable, retrying")
                     continue
                 except ApiError as exc:
-                    errors_in_a_row[job.id] += 1
+                    # Only these count: 502-504 (the API restarting) are waited out however long.
+                    errors_in_a_row[job.id] += exc.status_code in RETRIED_STATUS_CODES
                     if exc.status_code in TRANSIENT_STATUS_CODES or (
                             exc.status_code in RETRIED_STATUS_CODES and errors_in_a_row[job.id] < FOLLOW_TRIES):
                         progress.update(tasks[job.id], stage=f"[yellow]{escape(exc.detail)}, retrying")

@@ -476,8 +476,8 @@ async def consume(
 async def _hand_back(bus: Bus, message: AbstractIncomingMessage, queue_name: str) -> bool:
     """Return an unfinished message to its queue as a new copy, then ack the original: unlike a
     nack or a closed channel, this spends none of the broker's delivery limit (a replica that
-    stops, or a database that is away, is not a crash) and no retry. False: it could not be (the
-    broker will redeliver it)."""
+    stops, or a database that is away, is not a crash) and no retry. False: it was not (already
+    acked by its handler, or taken back by the broker, which redelivers it; or the copy failed)."""
     token = current_job.set(_job_id_of(message.body))
     headers = dict(message.headers or {})
     routing_key = str(headers.get(ROUTING_KEY_HEADER) or message.routing_key)

@@ -27,6 +27,8 @@ from common.messages import (
 from common.outbox import add_to_outbox
 
 log = logging.getLogger(__name__)
+# A word redaction replaced ([EMAIL], [CARD]...), as a PostgreSQL regular expression.
+_REDACTED_WORD = "|".join(re.escape(redacted_label(kind)) for kind in REDACTABLE)
 
 Db = asyncpg.Connection | asyncpg.Pool
 
@@ -50,11 +52,17 @@ async def existing_job_ids(db: Db, job_ids: list[int]) -> set[int]:
 
 
 async def jobs_using_pcm(db: Db, job_ids: list[int], kept_after_end_s: float) -> set[int]:
-    """Those of `job_ids` that are jobs still processing or that ended within `kept_after_end_s`:
-    their decoded audio may still be read (by the stages, or by redaction when the job ends)."""
-    rows = await db.fetch("SELECT id FROM transcripts WHERE id = ANY($1::bigint[]) AND (status = 'processing'"
-                          " OR completed_at IS NULL OR completed_at > now() - make_interval(secs => $2))",
-                          job_ids, kept_after_end_s)
+    """Those of `job_ids` whose decoded audio may still be read: jobs still processing, ended
+    within `kept_after_end_s`, or done with a redaction of the recording still to do (a failed
+    one is retried from the PCM, however late: it is the only way to a recording without them)."""
+    rows = await db.fetch(
+        "SELECT id FROM transcripts t WHERE id = ANY($1::bigint[]) AND (status = 'processing'"
+        " OR completed_at IS NULL OR completed_at > now() - make_interval(secs => $2)"
+        " OR (status = 'done' AND audio_redacted_at IS NULL AND audio_removed_at IS NULL"
+        "     AND ((jsonb_typeof(options->'redact') = 'array' AND jsonb_array_length(options->'redact') > 0)"
+        "          OR EXISTS (SELECT 1 FROM segments s, jsonb_array_elements(s.words) w"
+        "                     WHERE s.transcript_id = t.id AND w->>'word' ~ $3))))",
+        job_ids, kept_after_end_s, _REDACTED_WORD)
     return {r["id"] for r in rows}
 
 
@@ -242,7 +250,7 @@ async def redacted_word_times(db: Db, job_id: int) -> list[tuple[float, float]]:
     rows = await db.fetch(
         "SELECT (w->>'start')::float8 AS start, (w->>'end')::float8 AS end FROM segments s,"
         " jsonb_array_elements(s.words) w WHERE s.transcript_id = $1"
-        " AND w->>'word' ~ $2 ORDER BY 1", job_id, "|".join(re.escape(redacted_label(k)) for k in REDACTABLE))
+        " AND w->>'word' ~ $2 ORDER BY 1", job_id, _REDACTED_WORD)
     return [(r["start"], r["end"]) for r in rows]
 
 

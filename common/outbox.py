@@ -46,6 +46,8 @@ def refused_too_long(routing_key: str, exc: BaseException) -> bool:
     if not isinstance(exc, DeliveryError):
         _events_refused_since.clear()
         return False
+    if routing_key in WORK_MESSAGES:
+        return False  # a stage's message is never dropped
     since = _events_refused_since.setdefault(routing_key, time.monotonic())
     return time.monotonic() - since >= EVENT_REFUSED_FOR_S
 
@@ -87,7 +89,7 @@ async def flush_outbox(pool: asyncpg.Pool, bus: Bus) -> int:
                                 _events_refused_since.pop(key, None)
                         except Exception as exc:
                             with job_logged(getattr(message, "job_id", None)):
-                                if refused_too_long(key, exc) and key not in WORK_MESSAGES:
+                                if refused_too_long(key, exc):
                                     # The broker gave the event to every queue that took it, and a
                                     # queue has refused this kind for EVENT_REFUSED_FOR_S: a
                                     # subscriber's full `sub.*` queue set to reject-publish. Sent

@@ -32,8 +32,10 @@ def pcm_key(job_id: int) -> str:
 T = TypeVar("T")
 # A store call made while a database transaction holds a row lock and a pooled connection: a store
 # that does not answer (minio's client waits 5 minutes a try, and retries) must not hold them, and
-# with them every request waiting for a connection, that long.
+# with them every request waiting for a connection, that long. Such calls use a client made with
+# QUICK_CLIENT_TIMEOUT_S (no retries), so that the thread ends soon after too.
 IN_TRANSACTION_S = 30.0
+QUICK_CLIENT_TIMEOUT_S = 15.0
 
 
 async def call_in_transaction(fn: Callable[..., T], *args, **kwargs) -> T:
@@ -42,13 +44,14 @@ async def call_in_transaction(fn: Callable[..., T], *args, **kwargs) -> T:
     return await asyncio.wait_for(asyncio.to_thread(fn, *args, **kwargs), IN_TRANSACTION_S)
 
 
-def make_client(settings: Settings, timeout_s: float | None = None) -> Minio:
+def make_client(settings: Settings, timeout_s: float | None = None, connections: int = 1) -> Minio:
     """The S3 client; with `timeout_s`, one whose calls give up after that long on a silent
-    endpoint and are not retried (for health checks; minio's default waits 5 minutes)."""
+    endpoint and are not retried (health checks, calls made inside a database transaction;
+    minio's default waits 5 minutes a try), keeping up to `connections` open."""
     http_client = None
     if timeout_s is not None:
         http_client = urllib3.PoolManager(timeout=urllib3.Timeout(connect=timeout_s, read=timeout_s),
-                                          retries=urllib3.Retry(total=0), maxsize=1)
+                                          retries=urllib3.Retry(total=0), maxsize=connections)
     return Minio(
         settings.minio_endpoint,
         access_key=settings.minio_access_key,

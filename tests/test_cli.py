@@ -273,7 +273,8 @@ def test_watch_for_one_job_ends_with_it(keyed_stack, fixtures_dir):
     watcher = subprocess.run([STT, "watch", "--job", str(job_id)], env=cli_env(keyed_stack),
                              capture_output=True, text=True, timeout=300)
     assert watcher.returncode == 0, watcher.stdout + watcher.stderr
-    assert re.search(rf"job {job_id} (done|had already ended: done)", watcher.stdout), watcher.stdout
+    assert re.search(rf"job {job_id} (done|had already ended: done|ended \(seen through the API\): done)",
+                     watcher.stdout), watcher.stdout
 
 
 def test_watch_for_one_job_ends_with_it_when_its_events_are_missed(keyed_stack, fixtures_dir):
@@ -298,7 +299,7 @@ def test_watch_for_one_job_ends_with_it_when_its_events_are_missed(keyed_stack, 
     assert watcher.returncode == 0, watcher.stdout + watcher.stderr
     # Fifteen seconds of audio take longer than starting to watch: it ends while watched.
     assert re.search(rf"job {job_id} ended \(seen through the API\): done", watcher.stdout), watcher.stdout
-    assert time.monotonic() - started < 120, watcher.stdout
+    assert time.monotonic() - started < 300, watcher.stdout
 
 
 def test_an_enrolled_speaker_is_named_in_printed_transcripts_until_forgotten(keyed_stack, fixtures_dir, tmp_path):

@@ -34,7 +34,7 @@ from common.messages import REFERENCE_MAX_CHARS, VOCABULARY_MAX_CHARS, JobOption
 from common.metrics import http_metrics_middleware, watch_queue_depths
 from common.outbox import run_outbox_flusher
 from common.settings import Settings, get_settings
-from common.storage import STORAGE_UNAVAILABLE, ensure_buckets, make_client
+from common.storage import QUICK_CLIENT_TIMEOUT_S, STORAGE_UNAVAILABLE, ensure_buckets, make_client
 from common.webhooks import new_secret
 from services.embedder.backends import make_embedder
 from services.ingest.admission import (
@@ -329,6 +329,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
         state = app.state
         state.settings = settings
         state.s3 = make_client(settings)
+        # For store calls made inside a database transaction (common.storage.call_in_transaction).
+        state.s3_quick = make_client(settings, timeout_s=QUICK_CLIENT_TIMEOUT_S, connections=8)
         state.s3_probe = ObjectStoreProbe(make_client(settings, timeout_s=CHECK_TIMEOUT_S), settings.audio_bucket)
         await asyncio.to_thread(ensure_buckets, state.s3, settings.audio_bucket, settings.inbox_bucket)
         state.pool = await create_pool(settings)
@@ -344,14 +346,14 @@ def create_app(settings: Settings | None = None) -> Litestar:
         state.query_embedder = await asyncio.to_thread(make_embedder, settings, http)
         state.reindexer = Reindexer(state.pool, *state.query_embedder)
         state.wakeups = Wakeups()
-        inbox = Inbox(settings, state.pool, state.s3, state.outbox_wake)
+        inbox = Inbox(settings, state.pool, state.s3, state.outbox_wake, s3_quick=state.s3_quick)
         queues = watched_queues(INBOX_EVENTS_QUEUE, RESULTS_QUEUE)
         tasks = [asyncio.create_task(run_outbox_flusher(state.pool, state.bus, state.outbox_wake)),
                  asyncio.create_task(inbox.run_scanner()),
                  asyncio.create_task(inbox.run_consumers(state.connection)),
                  asyncio.create_task(watch_queue_depths(state.connection, queues)),
                  asyncio.create_task(state.wakeups.run(state.connection)),
-                 asyncio.create_task(run_retention(state.pool, state.s3, settings)),
+                 asyncio.create_task(run_retention(state.pool, state.s3_quick, settings)),
                  asyncio.create_task(run_orphan_sweep(state.pool, state.s3, settings.audio_bucket)),
                  asyncio.create_task(run_corrections_embedder(state.pool, *state.query_embedder))]
         log.info("ingest ready on %s:%d", settings.api_host, settings.api_port)

@@ -109,8 +109,11 @@ def drop_options(headers: Mapping[str, str]) -> JobOptions:
 
 
 class Inbox:
-    def __init__(self, settings: Settings, pool: asyncpg.Pool, s3: Minio, outbox_wake: asyncio.Event):
+    def __init__(self, settings: Settings, pool: asyncpg.Pool, s3: Minio, outbox_wake: asyncio.Event,
+                 s3_quick: Minio | None = None):
         self.settings, self.pool, self.s3, self.outbox_wake = settings, pool, s3, outbox_wake
+        # For the result files, written while the job's row is locked (call_in_transaction).
+        self.s3_quick = s3_quick or s3
         # With API keys on, bucket drops belong to INBOX_API_KEY's caller (else to nobody's key).
         inbox_key = settings.inbox_api_key.get_secret_value() if settings.inbox_api_key else None
         self.owner = owner_of(inbox_key) if settings.api_key_list and inbox_key else None
@@ -230,12 +233,12 @@ class Inbox:
             bucket = row["source_bucket"]
             if document.status == "done":
                 subtitles = to_srt([transcript_segment(r, with_words=True) for r in segments])
-                await call_in_transaction(upload_bytes, self.s3, bucket, keys["srt"], subtitles.encode(),
+                await call_in_transaction(upload_bytes, self.s3_quick, bucket, keys["srt"], subtitles.encode(),
                                           content_type="application/x-subrip")
             else:  # an earlier job's subtitles of this key are not this failed job's
-                await call_in_transaction(self.s3.remove_object, bucket, keys["srt"])
+                await call_in_transaction(self.s3_quick.remove_object, bucket, keys["srt"])
             # The status document last: its presence says the results are complete.
-            await call_in_transaction(upload_json, self.s3, bucket, keys["json"],
+            await call_in_transaction(upload_json, self.s3_quick, bucket, keys["json"],
                                       document.model_dump(mode="json", exclude_none=True))
             await jobstore.mark_result_written(conn, job_id)
         log.info("results written to %s/%s", bucket, keys["json"] if document.status != "done"

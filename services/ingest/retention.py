@@ -70,8 +70,9 @@ async def sweep(pool: asyncpg.Pool, s3: Minio, settings: Settings,
                                                              (settings.audio_bucket, pcm_key(job["id"]))])
                 await jobstore.mark_audio_objects_removed(pool, job["id"])
                 removed += 1
-                log.info("recording removed%s: the job ended more than AUDIO_RETENTION_DAYS (%g) ago",
-                         " (an earlier sweep had stopped halfway)" if again else "", settings.audio_retention_days)
+                log.info("%s: the job ended more than AUDIO_RETENTION_DAYS (%g) ago",
+                         "recording's removal confirmed (it was marked removed before)" if again
+                         else "recording removed", settings.audio_retention_days)
     return removed, deleted, full
 
 

@@ -1,7 +1,7 @@
 """Enrolled speakers: /speakers (enrol, list, show, rename, forget). A speaker is a name and a set of
-voiceprints, owned by the API key like jobs. Every change re-names the owner's recordings from
-their stored voices (no audio is processed again) and announces each transcript whose names
-changed with `transcript.speakers_updated`."""
+voiceprints, owned by the API key like jobs. Every change re-names the owner's recordings it can
+change from their stored voices (no audio is processed again) and announces each transcript
+whose names changed with `transcript.speakers_updated`."""
 
 from __future__ import annotations
 
@@ -134,7 +134,7 @@ async def rename_recordings(pool: asyncpg.Pool, settings: Settings, owner: str |
                 changed.append(transcript_id)
     for transcript_id in changed:
         with job_logged(transcript_id):
-            log.info("speaker names changed after an enrolment")
+            log.info("speaker names changed after a change of the enrolled speakers")
     return changed
 
 
@@ -295,19 +295,21 @@ async def rename(speaker_id: SpeakerId, data: Rename, request: Request, state: S
         speaker = await speakerstore.get_speaker(conn, owner, speaker_id)
         if speaker is None:
             raise NotFoundException(detail=f"no speaker with id {speaker_id}")
-        if speaker["name"] == name:
-            return await _profile(state.pool, owner, speaker_id)  # nothing changes: nothing is announced
-        try:
-            await speakerstore.rename_speaker(conn, owner, speaker_id, name)
-        except speakerstore.NameTaken as exc:
-            raise HTTPException(status_code=409, detail=f"another speaker is already called {name!r}") from exc
-        for transcript_id in await speakerstore.named_by(conn, speaker_id):
-            await speakerstore.announce_speaker_names(conn, transcript_id)
+        old = speaker["name"]
+        if old != name:
+            try:
+                await speakerstore.rename_speaker(conn, owner, speaker_id, name)
+            except speakerstore.NameTaken as exc:
+                raise HTTPException(status_code=409, detail=f"another speaker is already called {name!r}") from exc
+            for transcript_id in await speakerstore.named_by(conn, speaker_id):
+                await speakerstore.announce_speaker_names(conn, transcript_id)
     # Under its new name the person may be one a recording named by hand already (matched again,
     # the recording keeps that name on one speaker only), or one a job expects; and a recording
     # where the old name was given by hand to one speaker may now give the person to another.
+    # The same name sent again (after this matching was cut off) renames and announces nothing,
+    # and finishes the matching: only what it changes is announced.
     renamed_in = {*await speakerstore.transcripts_naming(state.pool, owner, name),
-                  *await speakerstore.transcripts_naming(state.pool, owner, speaker["name"])}
+                  *await speakerstore.transcripts_naming(state.pool, owner, old)}
     await rename_recordings(state.pool, state.settings, owner, sorted(renamed_in))
     state.outbox_wake.set()
     return await _profile(state.pool, owner, speaker_id)

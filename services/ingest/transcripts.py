@@ -396,7 +396,7 @@ def as_utc(value: str | None, name: str) -> datetime | None:
                                   e409="The job is still processing; cancel it first, or delete it after it ends"))
 async def remove_transcript(job_id: JobId, state: State, request: Request) -> None:
     try:
-        deleted = await delete_transcript(state.pool, state.s3, state.settings, job_id, request_owner(request))
+        deleted = await delete_transcript(state.pool, state.s3_quick, state.settings, job_id, request_owner(request))
     except StillProcessing as exc:
         raise HTTPException(status_code=409, detail=f"job {job_id} is still processing; delete it after it ends"
                                                     f" (done or error), or cancel it first: POST"

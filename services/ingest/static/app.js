@@ -507,22 +507,26 @@ async function saveNames(event) {
 // of the wrong person, and one it got right is known already.
 async function rememberVoices() {
   const status = $("#transcript-status");
+  const jobId = state.open;  // the transcript whose voices these are, whatever is opened meanwhile
   if (!(await saveNames(null))) return;
   let named;
   try {
-    const speakers = (await (await api(`/transcripts/${state.open}/speakers`)).json()).speakers;
+    const speakers = (await (await api(`/transcripts/${jobId}/speakers`)).json()).speakers;
     named = Object.entries(speakers).filter(([, s]) => s.name && s.source === "manual").map(([label, s]) => [label, s.name]);
   } catch (error) {
     status.textContent = `Not remembered: ${error.message}`;
     return;
   }
-  if (!named.length) { status.textContent = "Name a speaker first."; return; }
+  if (!named.length) {
+    status.textContent = "Name a speaker first: only names given here are remembered (recognised voices are known already).";
+    return;
+  }
   const said = [];
   for (const [label, name] of named) {
     try {
       await api("/speakers", {
         method: "POST", headers: { "Content-Type": "application/json" },
-        body: JSON.stringify({ name, transcript_id: state.open, label }),
+        body: JSON.stringify({ name, transcript_id: jobId, label }),
       });
       said.push(`${name}'s voice remembered.`);
     } catch (error) {
