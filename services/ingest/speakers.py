@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import asyncpg
 from litestar import Request, delete, get, patch, post
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 SAMPLE_MIN_S = 5.0
 SAMPLE_MAX_S = 60.0
 SAMPLE_MAX_MB = 50  # a minute of uncompressed 48 kHz stereo float is 23 MB
+DEADLOCK_TRIES = 3
+T = TypeVar("T")
 # Embedding a sample runs the speaker models in this process: one at a time.
 _embedding_slot = asyncio.Semaphore(1)
 
@@ -136,6 +139,22 @@ async def rename_recordings(pool: asyncpg.Pool, settings: Settings, owner: str |
         with job_logged(transcript_id):
             log.info("speaker names changed after a change of the enrolled speakers")
     return changed
+
+
+async def _in_transaction_retried(pool: asyncpg.Pool, work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+    """`work` in a transaction, run again when PostgreSQL ends it as a deadlock's victim. A rename
+    or forget updates the recording speakers a speaker named, while a matching (the persister's, a
+    name given by hand) holds some of them and waits for its shared lock on that speaker: one of
+    the two must give way, and the other's work is whole again on a second run."""
+    for attempt in range(1, DEADLOCK_TRIES + 1):
+        try:
+            async with pool.acquire() as conn, conn.transaction():
+                return await work(conn)
+        except asyncpg.exceptions.DeadlockDetectedError:
+            if attempt == DEADLOCK_TRIES:
+                raise
+            log.warning("gave way in a deadlock with a matching of voices (try %d); trying again", attempt)
+    raise AssertionError("unreachable")
 
 
 async def _profile(pool: asyncpg.Pool, owner: str | None, speaker_id: int) -> SpeakerProfile:
@@ -291,18 +310,21 @@ async def show_speaker(speaker_id: SpeakerId, request: Request, state: State) ->
 async def rename(speaker_id: SpeakerId, data: Rename, request: Request, state: State) -> SpeakerProfile:
     owner = request_owner(request)
     name = enrolled_name(data.name)
-    async with state.pool.acquire() as conn, conn.transaction():
+
+    async def renamed(conn: asyncpg.Connection) -> str:
         speaker = await speakerstore.get_speaker(conn, owner, speaker_id)
         if speaker is None:
             raise NotFoundException(detail=f"no speaker with id {speaker_id}")
-        old = speaker["name"]
-        if old != name:
+        if speaker["name"] != name:
             try:
                 await speakerstore.rename_speaker(conn, owner, speaker_id, name)
             except speakerstore.NameTaken as exc:
                 raise HTTPException(status_code=409, detail=f"another speaker is already called {name!r}") from exc
             for transcript_id in await speakerstore.named_by(conn, speaker_id):
                 await speakerstore.announce_speaker_names(conn, transcript_id)
+        return speaker["name"]
+
+    old = await _in_transaction_retried(state.pool, renamed)
     # Under its new name the person may be one a recording named by hand already (matched again,
     # the recording keeps that name on one speaker only), or one a job expects; and a recording
     # where the old name was given by hand to one speaker may now give the person to another.
@@ -321,12 +343,16 @@ async def forget(speaker_id: SpeakerId, request: Request, state: State) -> None:
     """Deletes every voiceprint of the speaker and every name recognition gave from them (names
     given by hand stay); each transcript that loses a name is announced."""
     owner = request_owner(request)
-    async with state.pool.acquire() as conn, conn.transaction():
+
+    async def forgotten(conn: asyncpg.Connection) -> list[int]:
         if await speakerstore.get_speaker(conn, owner, speaker_id) is None:
             raise NotFoundException(detail=f"no speaker with id {speaker_id}")
         named = await speakerstore.delete_speaker(conn, speaker_id)
         for transcript_id in named:
             await speakerstore.announce_speaker_names(conn, transcript_id)
+        return named
+
+    named = await _in_transaction_retried(state.pool, forgotten)
     log.info("forgot speaker %d: %d transcripts lose the name", speaker_id, len(named))
     # Another profile may now be the best match for the voices it named. Elsewhere the assignment
     # stands: a profile no speaker was given takes nothing from the best pairing when it goes.
