@@ -140,9 +140,11 @@ async def test_a_failing_message_is_retried_then_fails_the_job_with_the_reason(s
         queue = await channel.declare_queue("stt.dead-letters", passive=True)
         parked = []
         while (message := await queue.get(fail=False)) is not None:
-            parked.append(json.loads(message.body))
+            parked.append((json.loads(message.body), message.headers))
             await message.ack()
-        assert any(p.get("job_id") == job_id for p in parked)
+        [headers] = [h for body, h in parked if body.get("job_id") == job_id]
+        # What operators read there: the exception itself, which the job's reason leaves out.
+        assert "S3Error" in headers["x-last-error"] and f"{job_id}-missing" in headers["x-last-error"], headers
     finally:
         await connection.close()
 

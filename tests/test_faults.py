@@ -27,7 +27,16 @@ from common.audio import decode_audio
 from common.messages import JobDiarized, JobOptions, JobSubmitted, TimeSpan, TranscriptCompleted
 from common.storage import object_exists
 from tests.audio_files import encode
-from tests.conftest import SERVICES, Stack, postgres_server, record_figure, running_stack, wait_for_port
+from tests.conftest import (
+    SERVICES,
+    Stack,
+    events_queue,
+    job_events,
+    postgres_server,
+    record_figure,
+    running_stack,
+    wait_for_port,
+)
 
 
 @pytest.fixture(scope="module")
@@ -315,17 +324,25 @@ def test_poison_messages_are_dead_lettered_and_the_queue_keeps_flowing(faulty, f
     assert documents[healthy[0]]["status"] == "done"
 
 
-def test_a_job_that_stopped_moving_is_failed_with_a_reason_and_can_be_deleted(faulty):
+async def test_a_job_that_stopped_moving_is_failed_with_a_reason_and_can_be_deleted(faulty):
     # A job whose message is gone (purged by an operator, lost with a broker's disk): nothing
     # will ever move it. Its last progress lies further back than JOB_STALL_TIMEOUT_S (6 h).
-    [row] = faulty.query("INSERT INTO transcripts (filename, stage, updated_at) VALUES"
-                         " ('lost.wav', 'transcribing', now() - interval '7 hours') RETURNING id")
-    lost = row["id"]
-    assert httpx.delete(f"{faulty.api}/transcripts/{lost}").status_code == 409  # still processing
-    document = faulty.wait_finished(lost, timeout=90)
+    connection = await aio_pika.connect(faulty.amqp_url)
+    try:
+        # Its subscribers are told, as of any job that fails.
+        queue = await events_queue(await connection.channel(), "transcript.failed")
+        [row] = faulty.query("INSERT INTO transcripts (filename, stage, updated_at) VALUES"
+                             " ('lost.wav', 'transcribing', now() - interval '7 hours') RETURNING id")
+        lost = row["id"]
+        assert httpx.delete(f"{faulty.api}/transcripts/{lost}").status_code == 409  # still processing
+        document = await asyncio.to_thread(faulty.wait_finished, lost, 90)
+        [event] = await job_events(queue, lost, lambda bodies: bodies, 60)
+    finally:
+        await connection.close()
     record_figure(f"{'job with no progress for 7 h':<34} -> {document['status']}: {document.get('error')}")
     assert document["status"] == "error" and "JOB_STALL_TIMEOUT_S" in document["error"]
     assert document["stage"] == "transcribing"  # where it stopped
+    assert event["filename"] == "lost.wav" and "JOB_STALL_TIMEOUT_S" in event["reason"], event
     assert httpx.delete(f"{faulty.api}/transcripts/{lost}").status_code == 204
     assert httpx.get(f"{faulty.api}/status/{lost}").status_code == 404
 
