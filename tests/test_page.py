@@ -225,6 +225,16 @@ def test_a_stereo_call_with_one_party_per_channel(stack, fixtures_dir, browser):
             segments.nth(i).locator(".text").inner_text().lower())
     texts = sorted(" ".join(t) for t in by_speaker.values())
     assert len(texts) == 2 and "wizard" in texts[0] and "horizon" in texts[1], by_speaker
+    # Run again with a count of voices: the channels are mixed for it (a count does not go with
+    # channels kept apart, which the first job's options would otherwise carry over).
+    first = page.locator("#transcript").get_attribute("data-job")
+    page.get_by_role("form", name="Run again").get_by_label("Speakers").fill("2")
+    page.get_by_role("button", name="Run again").click()
+    page.wait_for_function(f"document.querySelector('#transcript').dataset.job !== '{first}'", timeout=30_000)
+    again = page.locator("#transcript").get_attribute("data-job")
+    options = httpx.get(f"{stack.api}/transcripts/{again}", timeout=30).json()["options"]
+    assert options["num_speakers"] == 2 and not options.get("multichannel"), options
+    page.locator('#transcript[data-ended="true"]').wait_for(timeout=300_000)
     page.close()
 
 

@@ -729,7 +729,9 @@ function renderRerun(jobId, ended) {
     try {
       const accepted = await (await api(`/transcripts/${jobId}/rerun`, {
         method: "POST", headers: { "Content-Type": "application/json", "Idempotency-Key": requestKey() },
-        body: JSON.stringify({ num_speakers: speakers ? Number(speakers) : null }),
+        // A count is of the voices in the mix: a recording kept one party per channel is mixed
+        // for it (a count does not go with channels kept apart).
+        body: JSON.stringify(speakers ? { num_speakers: Number(speakers), multichannel: false } : { num_speakers: null }),
       })).json();
       renderJob({ id: accepted.id, filename: accepted.filename, status: "processing", stage: "submitted", percent: 0 });
       openTranscript(accepted.id);
