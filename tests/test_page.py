@@ -392,10 +392,23 @@ def test_a_segment_is_corrected_on_the_page(stack, fixtures_dir, browser):
 
 def test_a_silent_recording_says_nobody_talks(stack, fixtures_dir, browser):
     page = browser.new_page()
+    # The server busy at first (every upload slot taken: 503 with Retry-After, nothing made): the
+    # page sends the file again after the wait, as the CLI does.
+    busy: list[str] = []
+
+    def busy_once(route) -> None:
+        if busy:
+            route.continue_()
+        else:
+            busy.append(route.request.url)
+            route.fulfill(status=503, headers={"Retry-After": "1"}, json={"detail": "2 uploads are in progress"})
+
+    page.route(re.compile(r"/recognize$"), busy_once)
     page.goto(stack.api + "/")
     page.set_input_files("#file", str(fixtures_dir / "empty.wav"))
     page.get_by_role("button", name="Transcribe").click()
     page.locator('#transcript[data-ended="true"]').wait_for(timeout=120_000)
+    assert busy
     # Not a bare "Done." over an empty list, which looks like a page still loading.
     assert page.locator("#transcript-status").inner_text() == "Done: nobody talks in this recording."
     page.close()

@@ -238,17 +238,44 @@ function upload(file) {
       bar.value = 100;
       let body = {};
       try { body = JSON.parse(request.responseText); } catch (error) { /* not JSON */ }
-      if (request.status === 202) resolve(body);
-      else reject(new Error(`${file.name}: ${request.status} ${body.detail || request.statusText}`));
+      if (request.status === 202) { resolve(body); return; }
+      const error = new Error(`${file.name}: ${request.status} ${body.detail || request.statusText}`);
+      error.status = request.status;
+      error.retryAfter = Number(request.getResponseHeader("Retry-After")) || 0;
+      reject(error);
     };
     request.onerror = () => reject(new Error(`${file.name}: the upload failed`));
     request.send(form);
   });
 }
 
+// How long an upload the server answers 503 with Retry-After (it takes no more at once, or its
+// database or broker is briefly away; nothing was made) is offered again, as `stt submit` does.
+const UPLOAD_BUSY_WAIT_MS = 120_000;
+
+async function uploadWaitingOutBusy(file, status) {
+  const giveUpAt = Date.now() + UPLOAD_BUSY_WAIT_MS;
+  for (;;) {
+    try {
+      return await upload(file);
+    } catch (error) {
+      if (error.status !== 503 || !error.retryAfter || Date.now() + error.retryAfter * 1000 > giveUpAt) throw error;
+      status.textContent = `${file.name}: the server is busy; sending it again in ${error.retryAfter} s…`;
+      await new Promise((resolve) => setTimeout(resolve, error.retryAfter * 1000));
+    }
+  }
+}
+
 // While files upload, "Transcribe" is off (a second click would send them again); once all are
-// sent the file choice is cleared and the bar goes away.
-async function uploadAll(files) {
+// sent the file choice is cleared and the bar goes away. Files dropped meanwhile wait their turn
+// (one progress bar, one status line).
+let uploads = Promise.resolve();
+function uploadAll(files) {
+  uploads = uploads.catch(() => { /* told on the page */ }).then(() => uploadBatch(files));
+  return uploads;
+}
+
+async function uploadBatch(files) {
   const status = $("#upload-status");
   const submit = $("#upload button[type=submit]");
   state.uploading += 1;
@@ -257,7 +284,7 @@ async function uploadAll(files) {
     for (const file of files) {
       status.textContent = `Uploading ${file.name}…`;
       try {
-        const accepted = await upload(file);
+        const accepted = await uploadWaitingOutBusy(file, status);
         status.textContent = `${accepted.filename} accepted as job ${accepted.id}.`;
         renderJob({ id: accepted.id, filename: accepted.filename, status: "processing", stage: "submitted", percent: 0 });
         openTranscript(accepted.id);
