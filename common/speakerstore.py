@@ -71,6 +71,13 @@ async def speaker_voiceprints(db: Db, speaker_id: int) -> list[asyncpg.Record]:
         " FROM voiceprints WHERE speaker_id = $1 ORDER BY id", speaker_id)
 
 
+async def speaker_voices(db: Db, speaker_id: int) -> list[tuple[list[float], str]]:
+    """The speaker's voiceprints: (embedding, the model that made it)."""
+    rows = await db.fetch("SELECT embedding::real[] AS embedding, embedding_model FROM voiceprints"
+                          " WHERE speaker_id = $1 ORDER BY id", speaker_id)
+    return [(list(r["embedding"]), r["embedding_model"]) for r in rows]
+
+
 async def rename_speaker(conn: asyncpg.Connection, owner: str | None, speaker_id: int, name: str) -> None:
     """Rename, and carry the new name to every recording speaker it named automatically. NameTaken
     when another of the owner's speakers has the name (the unique index on it says so)."""

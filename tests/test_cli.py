@@ -299,7 +299,8 @@ def test_watch_for_one_job_ends_with_it_when_its_events_are_missed(keyed_stack, 
     assert watcher.returncode == 0, watcher.stdout + watcher.stderr
     # Fifteen seconds of audio take longer than starting to watch: it ends while watched.
     assert re.search(rf"job {job_id} ended \(seen through the API\): done", watcher.stdout), watcher.stdout
-    assert time.monotonic() - started < 300, watcher.stdout
+    # Within the processing (well under 2 minutes here) and a poll or two of STATUS_POLL_S.
+    assert time.monotonic() - started < 150, watcher.stdout
 
 
 def test_an_enrolled_speaker_is_named_in_printed_transcripts_until_forgotten(keyed_stack, fixtures_dir, tmp_path):

@@ -353,7 +353,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
                  asyncio.create_task(inbox.run_consumers(state.connection)),
                  asyncio.create_task(watch_queue_depths(state.connection, queues)),
                  asyncio.create_task(state.wakeups.run(state.connection)),
-                 asyncio.create_task(run_retention(state.pool, state.s3_quick, settings)),
+                 asyncio.create_task(run_retention(state.pool, state.s3, settings, state.s3_quick)),
                  asyncio.create_task(run_orphan_sweep(state.pool, state.s3, settings.audio_bucket)),
                  asyncio.create_task(run_corrections_embedder(state.pool, *state.query_embedder))]
         log.info("ingest ready on %s:%d", settings.api_host, settings.api_port)

@@ -7,7 +7,9 @@ stored, so no row can appear for them any more.
 
 Decoded audio (`pcm/`) is removed when its job ends; a run that stored it after that (a second
 delivery of the job) and then stopped leaves it behind. The same look removes decoded audio of
-a job that does not exist or ended more than a day ago."""
+a job that does not exist or ended more than a day ago, but not of a done job whose redaction of
+the recording is still to do (its message, parked in stt.dead-letters after its retries, needs
+it when an operator sends it back)."""
 
 from __future__ import annotations
 
@@ -80,7 +82,8 @@ async def remove_orphan_uploads(pool: asyncpg.Pool, s3: Minio, bucket: str, age_
 async def remove_leftover_pcm(pool: asyncpg.Pool, s3: Minio, bucket: str, age_s: float = ORPHAN_AGE_S,
                               kept_after_end_s: float = PCM_KEPT_AFTER_END_S) -> int:
     """Decoded audio older than `age_s` of a job that does not exist or ended more than
-    `kept_after_end_s` ago; returns how many were removed."""
+    `kept_after_end_s` ago (with no redaction of its recording still to do); returns how many
+    were removed."""
     removed = await _remove_unneeded(s3, bucket, PCM_PREFIX, _pcm_job_id,
                                      lambda ids: jobstore.jobs_using_pcm(pool, ids, kept_after_end_s), age_s)
     if removed:

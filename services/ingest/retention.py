@@ -35,8 +35,8 @@ def sweep_interval_s(settings: Settings) -> float | None:
     return min(3600.0, max(1.0, min(kept_s) / 10)) if kept_s else None
 
 
-async def sweep(pool: asyncpg.Pool, s3: Minio, settings: Settings,
-                passed_over: set[tuple[str, int]] | None = None) -> tuple[int, int, bool]:
+async def sweep(pool: asyncpg.Pool, s3: Minio, settings: Settings, passed_over: set[tuple[str, int]] | None = None,
+                s3_quick: Minio | None = None) -> tuple[int, int, bool]:
     """One pass over at most BATCH jobs of each kind; returns (recordings removed, jobs deleted,
     whether a kind had a full batch: more may be due). A job whose objects the store refuses to
     remove is logged and added to `passed_over` (with the kind), which later passes of the same
@@ -50,7 +50,8 @@ async def sweep(pool: asyncpg.Pool, s3: Minio, settings: Settings,
         full |= len(due) == BATCH
         for job_id in due:
             with job_logged(job_id), _passed_over_on_error("could not delete it", ("delete", job_id), passed_over):
-                if await delete_transcript(pool, s3, settings, job_id, owner=None):
+                # The quick client: the delete calls the store with the job's row locked.
+                if await delete_transcript(pool, s3_quick or s3, settings, job_id, owner=None):
                     deleted += 1
                     log.info("deleted: ended more than TRANSCRIPT_RETENTION_DAYS (%g) ago",
                              settings.transcript_retention_days)
@@ -89,14 +90,14 @@ def _passed_over_on_error(what: str, job: tuple[str, int], passed_over: set[tupl
         passed_over.add(job)
 
 
-async def run_retention(pool: asyncpg.Pool, s3: Minio, settings: Settings) -> None:
+async def run_retention(pool: asyncpg.Pool, s3: Minio, settings: Settings, s3_quick: Minio | None = None) -> None:
     interval = sweep_interval_s(settings)
     if interval is None:
         return
 
     async def sweep_all() -> None:
         passed_over: set[tuple[str, int]] = set()
-        while (await sweep(pool, s3, settings, passed_over))[2]:
+        while (await sweep(pool, s3, settings, passed_over, s3_quick))[2]:
             pass  # a backlog (retention just switched on): on until it is cleared
 
     await every(interval, pool, LockKey.RETENTION, sweep_all, "the retention sweep")

@@ -332,6 +332,12 @@ async def rename(speaker_id: SpeakerId, data: Rename, request: Request, state: S
     # and finishes the matching: only what it changes is announced.
     renamed_in = {*await speakerstore.transcripts_naming(state.pool, owner, name),
                   *await speakerstore.transcripts_naming(state.pool, owner, old)}
+    if old == name:
+        # Sent again, the old name is gone: the recordings where it was given by hand are among
+        # those near the person's voice.
+        for embedding, model in await speakerstore.speaker_voices(state.pool, speaker_id):
+            renamed_in.update(await speakerstore.transcripts_near_voice(
+                state.pool, owner, embedding, model, state.settings.speaker_match_threshold))
     await rename_recordings(state.pool, state.settings, owner, sorted(renamed_in))
     state.outbox_wake.set()
     return await _profile(state.pool, owner, speaker_id)

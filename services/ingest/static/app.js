@@ -210,30 +210,51 @@ async function loadMoreJobs() {
 
 // ---- upload -------------------------------------------------------------------------------
 
-function upload(file) {
+// The form's options as they are now, for one file: taken when the file is chosen or dropped,
+// not when its turn to upload comes (the options may have been changed for the next file).
+function uploadForm(file) {
+  const form = new FormData();
+  form.append("file", file);
+  const language = $("#language").value;
+  const speakers = $("#speakers").value;
+  if (language) form.append("language", language);
+  if (speakers) form.append("num_speakers", speakers);
+  if ($("#multichannel").checked) form.append("multichannel", "true");
+  if ($("#translate").checked) form.append("task", "translate");
+  if ($("#redact").checked) form.append("redact", $("#redact").value);
+  const vocabulary = $("#vocabulary").value.trim();
+  if (vocabulary) form.append("vocabulary", vocabulary);
+  const expected = [...document.querySelectorAll("#expected-people input:checked")].map((box) => box.value);
+  if (expected.length) form.append("expected_speakers", expected.join(", "));
+  return form;
+}
+
+// An upload that sends nothing for this long has stalled (a half-open connection): given up, so
+// that the files after it are not held up for as long as the browser would wait.
+const UPLOAD_STALLED_MS = 60_000;
+
+// One send of a prepared upload; `key`, the same on every send of one file, makes a resend after
+// a lost answer give back the job the first made instead of a second one.
+function upload({ file, form, key }) {
   return new Promise((resolve, reject) => {
-    const form = new FormData();
-    form.append("file", file);
-    const language = $("#language").value;
-    const speakers = $("#speakers").value;
-    if (language) form.append("language", language);
-    if (speakers) form.append("num_speakers", speakers);
-    if ($("#multichannel").checked) form.append("multichannel", "true");
-    if ($("#translate").checked) form.append("task", "translate");
-    if ($("#redact").checked) form.append("redact", $("#redact").value);
-    const vocabulary = $("#vocabulary").value.trim();
-    if (vocabulary) form.append("vocabulary", vocabulary);
-    const expected = [...document.querySelectorAll("#expected-people input:checked")].map((box) => box.value);
-    if (expected.length) form.append("expected_speakers", expected.join(", "));
     const request = new XMLHttpRequest();
     request.open("POST", "/recognize");
-    for (const [name, value] of Object.entries(authHeaders())) request.setRequestHeader(name, value);
+    for (const [name, value] of Object.entries(authHeaders({ "Idempotency-Key": key }))) {
+      request.setRequestHeader(name, value);
+    }
     const bar = $("#upload-progress");
     bar.hidden = false;
     bar.value = 0;
+    let stalled = setTimeout(() => request.abort(), UPLOAD_STALLED_MS);
+    const moved = () => { clearTimeout(stalled); stalled = setTimeout(() => request.abort(), UPLOAD_STALLED_MS); };
     request.upload.onprogress = (event) => {
+      moved();
       if (event.lengthComputable) bar.value = Math.round((event.loaded / event.total) * 100);
     };
+    // Once the file is sent, the server stores it before it answers (minutes for a big one): no
+    // longer a stall.
+    request.upload.onload = () => clearTimeout(stalled);
+    request.onloadend = () => clearTimeout(stalled);
     request.onload = () => {
       bar.value = 100;
       let body = {};
@@ -245,6 +266,7 @@ function upload(file) {
       reject(error);
     };
     request.onerror = () => reject(new Error(`${file.name}: the upload failed`));
+    request.onabort = () => reject(new Error(`${file.name}: the upload stalled (nothing sent for ${UPLOAD_STALLED_MS / 1000} s)`));
     request.send(form);
   });
 }
@@ -253,14 +275,14 @@ function upload(file) {
 // database or broker is briefly away; nothing was made) is offered again, as `stt submit` does.
 const UPLOAD_BUSY_WAIT_MS = 120_000;
 
-async function uploadWaitingOutBusy(file, status) {
+async function uploadWaitingOutBusy(prepared, status) {
   const giveUpAt = Date.now() + UPLOAD_BUSY_WAIT_MS;
   for (;;) {
     try {
-      return await upload(file);
+      return await upload(prepared);
     } catch (error) {
       if (error.status !== 503 || !error.retryAfter || Date.now() + error.retryAfter * 1000 > giveUpAt) throw error;
-      status.textContent = `${file.name}: the server is busy; sending it again in ${error.retryAfter} s…`;
+      status.textContent = `${prepared.file.name}: the server is busy; sending it again in ${error.retryAfter} s…`;
       await new Promise((resolve) => setTimeout(resolve, error.retryAfter * 1000));
     }
   }
@@ -268,10 +290,11 @@ async function uploadWaitingOutBusy(file, status) {
 
 // While files upload, "Transcribe" is off (a second click would send them again); once all are
 // sent the file choice is cleared and the bar goes away. Files dropped meanwhile wait their turn
-// (one progress bar, one status line).
+// (one progress bar, one status line), with the options the form had when they were dropped.
 let uploads = Promise.resolve();
 function uploadAll(files) {
-  uploads = uploads.catch(() => { /* told on the page */ }).then(() => uploadBatch(files));
+  const prepared = files.map((file) => ({ file, form: uploadForm(file), key: requestKey() }));
+  uploads = uploads.catch(() => { /* told on the page */ }).then(() => uploadBatch(prepared));
   return uploads;
 }
 
@@ -281,10 +304,10 @@ async function uploadBatch(files) {
   state.uploading += 1;
   submit.disabled = true;
   try {
-    for (const file of files) {
-      status.textContent = `Uploading ${file.name}…`;
+    for (const item of files) {
+      status.textContent = `Uploading ${item.file.name}…`;
       try {
-        const accepted = await uploadWaitingOutBusy(file, status);
+        const accepted = await uploadWaitingOutBusy(item, status);
         status.textContent = `${accepted.filename} accepted as job ${accepted.id}.`;
         renderJob({ id: accepted.id, filename: accepted.filename, status: "processing", stage: "submitted", percent: 0 });
         openTranscript(accepted.id);
