@@ -652,7 +652,10 @@ function showStatus(job) {
   if (job.status === "processing") status.textContent = `Processing: ${job.stage}, ${job.percent}%`;
   else if ((job.error || job.reason) === "cancelled") status.textContent = "Stopped: the transcript ends where it was.";
   else if (job.status === "error") status.textContent = `Failed: ${job.error || job.reason || "see the job's status"}`;
-  else status.textContent = "Done.";
+  // Ended with no segment at all: said, rather than a bare "Done." over an empty list.
+  else if ($("#transcript").dataset.ended === "true" && !$("#segments").children.length) {
+    status.textContent = "Done: nobody talks in this recording.";
+  } else status.textContent = "Done.";
   $("#transcript").dataset.status = job.status;
 }
 
@@ -930,17 +933,14 @@ async function openTranscript(jobId) {
       renderJob(data);
     } else if (type === "transcript.completed" || type === "transcript.failed") {
       if (data.language) $("#segments").lang = data.language;
+      section.dataset.ended = "true";
       renderJob(data);
       showStatus(data);
       renderDownloads(jobId, type === "transcript.completed" ? "done" : "failed");
-      if (type === "transcript.completed" && !$("#segments").children.length) {
-        $("#transcript-status").textContent = "Done: nobody talks in this recording.";
-      }
       renderCancel(jobId, true);
       renderDelete(jobId, true);
       renderRerun(jobId, true);
       refreshNames();
-      section.dataset.ended = "true";
       if (type === "transcript.completed") {
         loadSpeakingTime(jobId);
         markUnsureWords(jobId);
