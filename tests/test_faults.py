@@ -395,10 +395,10 @@ def test_job_longer_than_the_ack_timeout_is_not_redelivered_or_duplicated(faulty
     checked every second) so the job needs minutes, not the half hour of the default."""
     parts = [decode_audio(str(fixtures_dir / n)) for n in
              ("sample.wav", "ami_dev00.wav", "ami_dev01.wav", "ru_dialogue.wav", "en_dialogue.wav")]
-    # ~7.5 minutes: 80 s of work on the 2-core CI machine (2026-12-05), past twice the timeout; a
-    # machine over 30 % faster needs a longer file (a 10-minute one took 107 s there).
+    # ~10 minutes: 107 s of work on the 2-core CI machine (2026-12-05), past twice the timeout
+    # (7.5 minutes took 80 s there, and once only 56 s: too short to show anything).
     long_file = tmp_path / "meeting.opus"
-    long_file.write_bytes(encode(np.concatenate(parts * 3), "ogg", "libopus", 48_000, channels=1,
+    long_file.write_bytes(encode(np.concatenate(parts * 4), "ogg", "libopus", 48_000, channels=1,
                                     bit_rate=24_000))
     # Every delivery of the chunked stages must be acked within the timeout while the job as a
     # whole runs well past it. The diarizer's one delivery per file is covered by a longer
