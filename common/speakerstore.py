@@ -15,6 +15,14 @@ from common.speakers import Match, Profile, RecordingSpeaker, match_speakers
 _OWNER = "owner IS NOT DISTINCT FROM $1"
 # A job's `expected_speakers` option (JobOptions): the enrolled people who may be in it.
 _EXPECTED = "options->'expected_speakers'"
+
+
+def _expects(name_param: str) -> str:
+    """SQL: the job's `expected_speakers` hold the name in `name_param` ("$3"), in any case."""
+    return (f"(jsonb_typeof({_EXPECTED}) = 'array' AND EXISTS (SELECT 1 FROM jsonb_array_elements_text({_EXPECTED})"
+            f" n WHERE lower(n) = lower({name_param})))")
+
+
 _SPEAKER_COLUMNS = ("s.id, s.name, s.created_at, (SELECT count(*) FROM voiceprints v WHERE v.speaker_id = s.id)"
                     " AS voiceprints")
 
@@ -87,8 +95,7 @@ async def rename_speaker(conn: asyncpg.Connection, owner: str | None, speaker_id
     await conn.execute(
         f"SELECT id FROM transcripts WHERE id IN (SELECT transcript_id FROM transcript_speakers"
         f" WHERE matched_speaker_id = $1 AND name_source = 'auto') OR ({_OWNER.replace('$1', '$2')}"
-        f" AND jsonb_typeof({_EXPECTED}) = 'array' AND EXISTS (SELECT 1 FROM jsonb_array_elements_text({_EXPECTED}) n"
-        " WHERE lower(n) = lower($3))) ORDER BY id FOR UPDATE", speaker_id, owner, old)
+        f" AND {_expects('$3')}) ORDER BY id FOR UPDATE", speaker_id, owner, old)
     try:
         async with conn.transaction():  # a savepoint: the caller's transaction goes on
             await conn.execute("UPDATE speakers SET name = $2 WHERE id = $1", speaker_id, name)
@@ -100,8 +107,7 @@ async def rename_speaker(conn: asyncpg.Connection, owner: str | None, speaker_id
     await conn.execute(
         f"UPDATE transcripts SET options = jsonb_set(options, '{{expected_speakers}}', (SELECT jsonb_agg(CASE WHEN"
         f" lower(n) = lower($2) THEN $3 ELSE n END) FROM jsonb_array_elements_text({_EXPECTED}) n)) WHERE {_OWNER}"
-        f" AND jsonb_typeof({_EXPECTED}) = 'array' AND EXISTS (SELECT 1 FROM jsonb_array_elements_text({_EXPECTED}) n"
-        " WHERE lower(n) = lower($2))", owner, old, name)
+        f" AND {_expects('$2')}", owner, old, name)
 
 
 async def named_by(db: Db, speaker_id: int) -> list[int]:
@@ -180,8 +186,7 @@ async def transcripts_naming(db: Db, owner: str | None, name: str) -> list[int]:
     rows = await db.fetch(
         f"SELECT id FROM transcripts t WHERE t.{_OWNER} AND (EXISTS (SELECT 1 FROM transcript_speakers ts"
         " WHERE ts.transcript_id = t.id AND ts.name_source = 'manual' AND lower(ts.name) = lower($2))"
-        f" OR (jsonb_typeof({_EXPECTED}) = 'array' AND EXISTS (SELECT 1 FROM jsonb_array_elements_text({_EXPECTED}) n"
-        " WHERE lower(n) = lower($2)))) ORDER BY id", owner, name)
+        f" OR {_expects('$2')}) ORDER BY id", owner, name)
     return [r["id"] for r in rows]
 
 
