@@ -136,6 +136,32 @@ def test_the_jobs_stream_follows_a_job_to_its_end_after_newer_ones_push_it_out_o
     assert outcome["older"][0] == "processing" and outcome["older"][-1] == "error", outcome
 
 
+def test_the_jobs_stream_says_when_a_job_it_showed_is_deleted(stack):
+    """A job deleted in another tab or from the command line must leave the page's list: /events
+    says so, or the list keeps offering a job that answers 404."""
+    kept = stack.value("INSERT INTO transcripts (filename) VALUES ('kept.wav') RETURNING id")
+    gone = stack.value("INSERT INTO transcripts (filename, status, completed_at) VALUES ('gone.wav', 'done', now())"
+                       " RETURNING id")
+    connected, seen = threading.Event(), []
+
+    def told_deleted(events: list[dict]) -> bool:
+        return any(e.get("event") == "job.deleted" for e in events)
+
+    reader = threading.Thread(target=lambda: seen.extend(
+        read_events(f"{stack.api}/events", until=told_deleted, timeout=30, connected=connected)), daemon=True)
+    try:
+        reader.start()
+        assert connected.wait(30)
+        time.sleep(2)
+        assert httpx.delete(f"{stack.api}/transcripts/{gone}", timeout=30).status_code == 204
+        reader.join(40)
+    finally:
+        stack.query("DELETE FROM transcripts WHERE id = ANY($1)", [kept, gone])
+    shown = {e["data"]["id"] for e in seen if e.get("event") == "job"}
+    assert {kept, gone} <= shown, seen
+    assert [e["data"] for e in seen if e.get("event") == "job.deleted"] == [{"id": gone}], seen
+
+
 def test_event_streams_past_the_limit_are_told_to_come_back_later(stack):
     """Each open stream reads PostgreSQL every second: past MAX_EVENT_STREAMS a new one is 503
     with Retry-After (the page tries again), and a closed one gives its place back."""

@@ -131,6 +131,12 @@ class JobEndedEvent(JobProgressEvent):
     reference: str | None = None
 
 
+class JobGoneEvent(BaseModel):
+    """`job.deleted` on /events: a job the stream had shown was deleted."""
+
+    id: int
+
+
 class JobDeletedEvent(BaseModel):
     """`transcript.deleted`: the job was deleted while its stream was open."""
 
@@ -224,7 +230,7 @@ async def jobs_stream(pool: asyncpg.Pool, wakeups: Wakeups, owner: str | None,
                       exiting: Callable[[], bool]) -> AsyncIterator[ServerSentEventMessage]:
     """`job` events: every recent job of the owner once (the 100 newest), then each change. A job
     sent while it was processing is followed until it ends, also once newer ones push it out of
-    the 100 (a batch of 150 uploads)."""
+    the 100 (a batch of 150 uploads). A job sent that is then deleted gets a `job.deleted`."""
     sent: dict[int, JobProgressEvent] = {}
     quiet_s = 0.0
     yield ServerSentEventMessage(data=None, comment="stream of jobs", retry=RETRY_MS, sep="\n")
@@ -233,10 +239,18 @@ async def jobs_stream(pool: asyncpg.Pool, wakeups: Wakeups, owner: str | None,
             recent = await jobstore.recent_jobs(pool, owner)
             in_view = {row["id"] for row in recent}
             outside = [job_id for job_id in sent if job_id not in in_view]
-            followed = [job_id for job_id in outside if sent[job_id].status == "processing"]
-            earlier = await jobstore.jobs_progress(pool, followed) if followed else []
-            for job_id in set(outside) - {row["id"] for row in earlier}:
-                del sent[job_id]  # its end was sent, or it was deleted: nothing more to tell
+            still_there = {row["id"]: row for row in await jobstore.jobs_progress(pool, outside)} if outside else {}
+            earlier = []
+            for job_id in outside:
+                if job_id not in still_there:
+                    # Deleted (in another tab, from the CLI, by retention): a list showing it says so.
+                    del sent[job_id]
+                    yield _message("job.deleted", JobGoneEvent(id=job_id))
+                    quiet_s = 0.0
+                elif sent[job_id].status == "processing":
+                    earlier.append(still_there[job_id])  # followed to its end
+                else:
+                    del sent[job_id]  # its end was sent: nothing more to tell
             for row in [*earlier, *reversed(recent)]:
                 progress = _progress(row)
                 if sent.get(row["id"]) != progress:
@@ -275,7 +289,7 @@ async def job_events(job_id: JobId, state: State, request: Request) -> ServerSen
 async def all_events(state: State, request: Request) -> ServerSentEvent:
     """A `job` event ({id, filename, status, stage, percent}) for each recent job at first (the
     processing ones and those that changed in the last hour, 100 at most), then one whenever a
-    job of yours is created or moves on."""
+    job of yours is created or moves on; `job.deleted` ({id}) when one of those sent is deleted."""
     return ServerSentEvent(jobs_stream(state.pool, state.wakeups, request_owner(request), server_exiting(state)),
                            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 

@@ -191,7 +191,12 @@ async function loadJobs() {
     notice(`The recordings could not be listed (${error.message}): trying again.`);
     state.jobsRetry = setTimeout(loadJobs, 5000);
   }
-  if (!state.jobsStream) state.jobsStream = follow("/events", (type, job) => { if (type === "job") renderJob(job); });
+  if (!state.jobsStream) {
+    state.jobsStream = follow("/events", (type, job) => {
+      if (type === "job") renderJob(job);
+      else if (type === "job.deleted") forgetJob(job.id, { elsewhere: true });
+    });
+  }
 }
 
 async function loadMoreJobs() {
