@@ -746,7 +746,9 @@ async def search_text(db: Db, query: str, *, limit: int, **filters) -> list[asyn
         # segment must also match in its own language, or "-word" would be ignored wherever one
         # stemming leaves the word out (`simple` keeps "meetings" where English indexed "meet").
         f" WHERE s.search_text @@ q.query AND s.search_text @@ websearch_to_tsquery({_SEGMENT_TEXT_CONFIG}, $1){where}"
-        f" ORDER BY score DESC, s.transcript_id DESC, s.start_ts LIMIT ${len(args)}", *args)
+        # A total order: pages are fetches of growing size, and ties (one "Okay." said by both parties
+        # of a call at the same moment) must come in the same order in each.
+        f" ORDER BY score DESC, s.transcript_id DESC, s.start_ts, s.chunk_index, s.index LIMIT ${len(args)}", *args)
 
 
 async def highlights(db: Db, query: str, keys: list[tuple[int, int, int]]) -> dict[tuple[int, int, int], str]:

@@ -253,9 +253,11 @@ async def test_a_speaker_named_while_the_job_runs_is_named_in_its_events(searche
     assert {e["speaker_name"] for e in events} == {"John F. Kennedy"}
 
 
-def test_pages_of_hits_that_tie_hold_each_hit_once(stack: Stack):
-    """Segments that say the same ("Okay.") have the same vector and tie; each page was a fetch of
-    another size, which may order ties otherwise, so a hit could come twice and another never."""
+@pytest.mark.parametrize("mode", ["semantic", "text"])
+def test_pages_of_hits_that_tie_hold_each_hit_once(stack: Stack, mode):
+    """Segments that say the same ("Okay.") at the same moment (both parties of a call recorded
+    one per channel) have the same vector and rank and tie; each page was a fetch of another size,
+    which may order ties otherwise, so a hit could come twice and another never."""
     from services.embedder.backends import local_embed
 
     [vector] = local_embed(["Okay."])
@@ -263,17 +265,18 @@ def test_pages_of_hits_that_tie_hold_each_hit_once(stack: Stack):
     try:
         for i in range(9):
             stack.query("INSERT INTO segments (transcript_id, chunk_index, index, speaker, start_ts, end_ts, text,"
-                        " embedding, embedding_model) VALUES ($1, $2 % 3, $2, 'spk_0', $2, $2 + 1, 'Okay.',"
-                        " $3::real[]::vector, $4)", job_id, i, vector, stack.settings().model_name_embedded)
+                        " embedding, embedding_model, search_text) VALUES ($1, $2 % 3, $2, 'spk_0', 0, $2 + 1,"
+                        " 'Okay.', $3::real[]::vector, $4, to_tsvector('english', 'Okay.'))",
+                        job_id, i, vector, stack.settings().model_name_embedded)
         seen, cursor = [], None
         with httpx.Client(timeout=60) as client:
             while True:
-                page = search(stack, client, q="Okay.", mode="semantic", transcript_id=job_id, limit=2,
+                page = search(stack, client, q="Okay.", mode=mode, transcript_id=job_id, limit=2,
                               **({"cursor": cursor} if cursor else {})).json()
-                seen += [hit["start_ts"] for hit in page["items"]]
+                seen += [hit["end_ts"] for hit in page["items"]]
                 if not (cursor := page.get("next_cursor")):
                     break
-        assert sorted(seen) == list(range(9)), seen
+        assert sorted(seen) == list(range(1, 10)), seen
     finally:
         stack.query("DELETE FROM transcripts WHERE id = $1", job_id)
 

@@ -111,7 +111,8 @@ def fuse(text_rows: list, semantic_rows: list) -> list[tuple[tuple[int, int, int
             entry = fused.setdefault(_key(row), {"row": row, "score": 0.0, "found_by": []})
             entry["score"] += 1.0 / (RRF_K + rank)
             entry["found_by"].append(source)
-    ranked = sorted(fused.values(), key=lambda e: (-e["score"], -e["row"]["transcript_id"], e["row"]["start_ts"]))
+    ranked = sorted(fused.values(),
+                    key=lambda e: (-e["score"], -e["row"]["transcript_id"], e["row"]["start_ts"], _key(e["row"])))
     return [(_key(e["row"]), _hit(e["row"], e["found_by"], e["score"])) for e in ranked]
 
 
