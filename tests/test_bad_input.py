@@ -215,6 +215,27 @@ def test_oversized_stream_is_refused_while_it_streams(stack: Stack):
     assert status.startswith("HTTP/1.1 413"), answer[:300]
 
 
+def test_a_form_field_is_bounded_like_a_body_read_whole(stack: Stack, fixtures_dir):
+    """A multipart part without a filename is a text field, which the form parser holds in memory
+    whole: `curl -F file=<meeting.wav` (not `@`), or a huge prompt, put up to MAX_UPLOAD_MB (2 GB
+    by default) of it in ingest's memory. Past 1 MiB it is 413, named, before the rest is read."""
+    recording = (fixtures_dir / "jfk.flac").read_bytes()
+    for path in ("/recognize", "/v1/audio/transcriptions", "/speakers"):
+        answer = httpx.post(f"{stack.api}{path}", timeout=60, files={"file": ("jfk.flac", recording)},
+                            data={"prompt" if path.startswith("/v1") else "name": "x" * (2 * 2**20),
+                                  "model": "whisper-1"})
+        assert answer.status_code == 413, (path, answer.text[:300])
+        assert "form field" in answer.text, (path, answer.text[:300])  # OpenAI's shape or ours
+    # The recording sent as a field: said so.
+    sent_as_text = httpx.post(f"{stack.api}/recognize", timeout=60, files={"file": (None, bytes(3 * 2**20))})
+    assert sent_as_text.status_code == 413 and "filename" in sent_as_text.json()["detail"], sent_as_text.text[:300]
+    # A field within the bound, beside a recording, is read as before.
+    submitted = httpx.post(f"{stack.api}/recognize", timeout=60, files={"file": ("jfk.flac", recording)},
+                           data={"reference": "r" * 100})
+    assert submitted.status_code == 202, submitted.text[:300]
+    assert stack.wait_finished(submitted.json()["id"])["status"] == "done"
+
+
 def test_a_body_read_whole_into_memory_is_bounded_far_below_an_upload(stack: Stack):
     """JSON and URL-encoded bodies are read into memory whole, so up to MAX_UPLOAD_MB each (2 GB
     by default) of them, sixteen uploads at a time, could exhaust ingest's memory. Past 1 MiB they
@@ -228,6 +249,8 @@ def test_a_body_read_whole_into_memory_is_bounded_far_below_an_upload(stack: Sta
         "webhook": httpx.post(f"{stack.api}/webhooks", json={"url": big}, timeout=30),
     }
     assert {what: r.status_code for what, r in answers.items()} == dict.fromkeys(answers, 413), {
+        what: r.text[:200] for what, r in answers.items()}
+    assert all("1024 KiB" in r.json()["detail"] for r in answers.values()), {
         what: r.text[:200] for what, r in answers.items()}
     # A JSON body sent in pieces without its length cannot be bounded before it is read.
     chunked = httpx.post(f"{stack.api}/speakers", headers={"Content-Type": "application/json"}, timeout=30,

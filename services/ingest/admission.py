@@ -10,8 +10,9 @@ import json
 from collections.abc import Callable
 from typing import BinaryIO
 
-from litestar.exceptions import HTTPException
-from litestar.types import ASGIApp, Receive, Scope, Send
+from litestar.exceptions import ClientException, HTTPException
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from multipart import MultipartSegment, ParserError, PushMultipartParser, parse_options_header
 
 from services.ingest.errors import error_body
 
@@ -112,15 +113,55 @@ def event_stream_limit_middleware(limit: int):
     return _limit_middleware(limit, _is_event_stream, "event streams", CLAIM_EVENT_STREAM, _is_openai_upload)
 
 
+def _fields_bounded(receive: Receive, content_type: bytes) -> Receive:
+    """`receive` for a multipart body whose parts without a filename (form fields, which the form
+    parser holds in memory whole) are each at most SMALL_BODY_BYTES: past that, 413. Parts with a
+    filename (the recording) are spooled to disk by the parser and not counted here."""
+    _, options = parse_options_header(content_type.decode("latin-1"))
+    try:
+        parser = PushMultipartParser(options.get("boundary", ""))
+    except (ParserError, ValueError):
+        return receive  # no usable boundary: the form parser refuses the body itself
+    field: str | None = None  # the text field being read, if one is
+    field_bytes = 0
+
+    async def watched() -> Message:
+        nonlocal parser, field, field_bytes
+        message = await receive()
+        if parser is None or message["type"] != "http.request" or not message.get("body"):
+            return message
+        try:
+            for part in parser.parse(message["body"]):
+                if isinstance(part, MultipartSegment):
+                    field, field_bytes = (None if part.filename else part.name), 0
+                elif part and field is not None:
+                    field_bytes += len(part)
+                    if field_bytes > SMALL_BODY_BYTES:
+                        raise ClientException(status_code=413, detail=(
+                            f"the form field {field!r} holds over {SMALL_BODY_BYTES // 1024} KiB: a field is"
+                            f" text; send a file as a part with a filename (curl -F file=@meeting.mp3, not"
+                            f" file=<meeting.mp3)"))
+                elif part is None:
+                    field = None
+        except ParserError:
+            parser = None  # the form parser says what is wrong with the body
+        return message
+
+    return watched
+
+
 def small_body_middleware(app: ASGIApp) -> ASGIApp:
     """The upload routes take bodies up to MAX_UPLOAD_MB, streamed to disk when they are multipart;
     a JSON or URL-encoded body (an address to fetch, a speaker from a transcript) is read into
-    memory whole, so it must say its length (411) and stay within SMALL_BODY_BYTES (413)."""
+    memory whole, so it must say its length (411) and stay within SMALL_BODY_BYTES (413). So is
+    each text field of a multipart body (413)."""
 
     async def check(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and _is_upload(scope):
             headers = dict(scope["headers"])
             multipart = headers.get(b"content-type", b"").lower().startswith(b"multipart/")
+            if multipart:
+                receive = _fields_bounded(receive, headers[b"content-type"])
             length = headers.get(b"content-length")
             if not multipart and length is None and b"transfer-encoding" in headers:
                 await _refuse(send, scope, 411, "a body that is not multipart/form-data must say its Content-Length;"

@@ -39,6 +39,7 @@ from common.webhooks import new_secret
 from services.embedder.backends import make_embedder
 from services.ingest.admission import (
     SMALL_BODY_BYTES,
+    UPLOAD_PATHS,
     event_stream_limit_middleware,
     small_body_middleware,
     upload_limit_middleware,
@@ -289,8 +290,11 @@ def clearer_client_error(request: Request, exc: ClientException) -> Response:
             detail = "invalid " + "; ".join(problems)
     elif exc.status_code == 400 and detail == "Request Entity Too Large":
         detail = "a multipart header is over 4 KB: is the filename that long? (names are kept to 255 characters)"
-    elif exc.status_code == 413:
-        detail = f"the file exceeds MAX_UPLOAD_MB ({request.app.state.settings.max_upload_mb} MB)"
+    elif exc.status_code == 413 and detail == "Request Entity Too Large":
+        # Litestar's own: the body passed the route's limit, an upload's or a body read whole.
+        detail = (f"the file exceeds MAX_UPLOAD_MB ({request.app.state.settings.max_upload_mb} MB)"
+                  if request.url.path in UPLOAD_PATHS and request.content_type[0].startswith("multipart/") else
+                  f"the body exceeds {SMALL_BODY_BYTES // 1024} KiB; send a recording itself as a multipart upload")
     elif exc.status_code == 400 and detail == "Invalid multipart/form-data":
         detail = ("the multipart body could not be parsed: headers must be UTF-8 (a filename in another encoding?)"
                   if request.content_type[0] == "multipart/form-data" else
