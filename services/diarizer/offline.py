@@ -319,9 +319,11 @@ def diarize_offline(waveform: np.ndarray, *, num_speakers: int | None = None,
     """Who spoke when, for float32 mono 16 kHz audio in [-1, 1], the models on `device`.
 
     Turns are sorted by start and may overlap (two people talking at once); speakers are
-    labelled ``spk_0``, ``spk_1``, ... in order of first appearance. ``num_speakers`` is honoured
-    exactly when there is speech enough to tell that many voices apart; otherwise the estimated
-    count is clamped into ``[min_speakers, max_speakers]``. No speech: an empty result.
+    labelled ``spk_0``, ``spk_1``, ... in order of first appearance. ``max_speakers`` is a bound
+    on the speakers returned; ``num_speakers`` and ``min_speakers`` set where the clustering is
+    cut, and a cluster that is never among the most active speakers of any frame has no turns,
+    so fewer may come back when there is not speech enough to tell that many voices apart.
+    No speech: an empty result.
     ``stop()`` is asked between batches of windows (DiarizationStopped when it says so).
     """
     wav = np.asarray(waveform, dtype=np.float32)
