@@ -197,6 +197,9 @@ async def rerun(job_id: JobId, state: State, request: Request, data: RerunOption
     asked = idempotency(idempotency_key, "rerun", job_id, options.model_dump(exclude_none=True))
     if (earlier := await earlier_job(state.pool, request_owner(request), asked)) is not None:
         return replayed(earlier)
+    if original["audio_removed_at"] is not None:  # retention's removal may not have reached the store yet
+        raise HTTPException(status_code=409, detail=f"job {job_id}'s recording is no longer stored: it was removed"
+                                                    f" after AUDIO_RETENTION_DAYS")
     bucket = state.settings.audio_bucket
 
     def copy(key: str) -> None:
