@@ -59,6 +59,9 @@ def test_inconsistent_speaker_hints_are_400(stack, fixtures_dir):
     assert response.status_code == 400 and "min_speakers" in response.text
     response = post(stack, content, "jfk.flac", {"num_speakers": "two"})
     assert response.status_code == 400 and "num_speakers: Input should be a valid integer" in response.json()["detail"]
+    # A misspelt option is not dropped without a word (the job would run without it).
+    response = post(stack, content, "jfk.flac", {"num_speaker": "2"})
+    assert response.status_code == 400 and "unknown form field 'num_speaker'" in response.text, response.text
 
 
 def test_blank_form_fields_and_auto_language_ask_for_nothing(stack, fixtures_dir):

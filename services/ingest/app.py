@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -122,6 +123,8 @@ class RecognizeForm:
         description="This job's transcript.completed or transcript.failed is POSTed here, signed")] = None
 
 
+RECOGNIZE_FIELDS = frozenset(field.name for field in dataclasses.fields(RecognizeForm))
+
 MAX_BIGINT = 2**63 - 1
 
 
@@ -147,6 +150,11 @@ async def recognize(
     if (data.file is None) == (not data.url or not data.url.strip()):
         raise HTTPException(status_code=400, detail="send the recording as `file` (a multipart upload) or its "
                                                     "address as `url`: one of the two")
+    # A misspelt option (`num_speaker`, `speakers`) would otherwise be dropped without a word and
+    # the job run without it.
+    if unknown := sorted(set((await request.form()).keys()) - RECOGNIZE_FIELDS):
+        raise HTTPException(status_code=400, detail=f"unknown form field {', '.join(map(repr, unknown))[:300]}; the"
+                                                    f" fields are {', '.join(sorted(RECOGNIZE_FIELDS))}")
     try:
         options = JobOptions(language=data.language, num_speakers=data.num_speakers,
                              min_speakers=data.min_speakers, max_speakers=data.max_speakers,
