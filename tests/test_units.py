@@ -370,6 +370,54 @@ async def test_every_upload_path_counts_against_max_concurrent_uploads():
         assert (await first)[0] == 200
 
 
+async def test_an_upload_whose_body_stops_coming_gives_up_its_place(monkeypatch):
+    """A client gone quiet in the middle of an upload (a laptop asleep, a connection a NAT dropped)
+    held its place among MAX_CONCURRENT_UPLOADS for good: after MAX_CONCURRENT_UPLOADS of them,
+    every upload was 503 until ingest restarted. The read now gives up (408) and the place is free;
+    once the body is in, waiting (for the client to leave a streamed answer) is not bounded."""
+    import asyncio
+
+    from litestar.exceptions import ClientException
+
+    from services.ingest import admission
+
+    monkeypatch.setattr(admission, "UPLOAD_IDLE_S", 0.3)
+
+    def client(messages: list[dict]):
+        async def receive():
+            if messages:
+                return messages.pop(0)
+            await asyncio.Event().wait()  # nothing more, ever
+        return receive
+
+    async def app_reading_the_body(scope, receive, send):
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"", "more_body": True})
+        await receive()  # until the client leaves
+
+    app = admission.upload_limit_middleware(1)(admission.small_body_middleware(app_reading_the_body))
+    scope = {"type": "http", "path": "/recognize", "method": "POST",
+             "headers": [(b"content-type", b"multipart/form-data; boundary=b")]}
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    stalled = client([{"type": "http.request", "body": b"--b\r\n", "more_body": True}])
+    with pytest.raises(ClientException) as refused:
+        await asyncio.wait_for(app(dict(scope), stalled, send), 5)
+    assert refused.value.status_code == 408
+    # The place is free again, and once a whole body is in, the wait for the client to leave is
+    # not cut short.
+    whole = client([{"type": "http.request", "body": b"--b--\r\n", "more_body": False}])
+    answering = asyncio.create_task(app(dict(scope), whole, send))
+    await asyncio.sleep(1.0)
+    assert sent[-2]["status"] == 200 and not answering.done(), sent
+    answering.cancel()
+
+
 def test_a_pgvector_too_old_for_filtered_search_is_told_apart_by_version_numbers():
     from common.db import pgvector_too_old
 

@@ -6,6 +6,7 @@ file gets once it is in."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from typing import BinaryIO
@@ -22,6 +23,8 @@ RETRY_AFTER_S = 5
 # The most a request body without a recording (JSON, a URL-encoded form) may hold: such bodies are
 # read into memory whole.
 SMALL_BODY_BYTES = 1024 * 1024
+# How long an upload's body may stop coming before the request is given up.
+UPLOAD_IDLE_S = 120.0
 # The scope key of a function a handler may call once its upload is stored and its spooled file
 # closed, to give up its place before it answers (the OpenAI-compatible endpoints wait minutes).
 RELEASE_UPLOAD = "stt.release_upload"
@@ -113,6 +116,29 @@ def event_stream_limit_middleware(limit: int):
     return _limit_middleware(limit, _is_event_stream, "event streams", CLAIM_EVENT_STREAM, _is_openai_upload)
 
 
+def _idle_bounded(receive: Receive) -> Receive:
+    """`receive` that gives up (408) when the body stops coming for UPLOAD_IDLE_S: a client gone
+    quiet in the middle of an upload (a laptop asleep, a connection a NAT dropped) otherwise keeps
+    its place among MAX_CONCURRENT_UPLOADS for good, since nothing ends a connection that is only
+    read from. Once the body is in, it waits as long as it is asked to (a streamed answer waits
+    for the client to leave)."""
+    body_in = False
+
+    async def bounded() -> Message:
+        nonlocal body_in
+        if body_in:
+            return await receive()
+        try:
+            message = await asyncio.wait_for(receive(), UPLOAD_IDLE_S)
+        except TimeoutError:
+            raise ClientException(status_code=408, detail=f"nothing more of the body came for {UPLOAD_IDLE_S:g} s;"
+                                                          f" send it again") from None
+        body_in = message["type"] != "http.request" or not message.get("more_body", False)
+        return message
+
+    return bounded
+
+
 def _fields_bounded(receive: Receive, content_type: bytes) -> Receive:
     """`receive` for a multipart body whose parts without a filename (form fields, which the form
     parser holds in memory whole) are each at most SMALL_BODY_BYTES: past that, 413. Parts with a
@@ -154,12 +180,13 @@ def small_body_middleware(app: ASGIApp) -> ASGIApp:
     """The upload routes take bodies up to MAX_UPLOAD_MB, streamed to disk when they are multipart;
     a JSON or URL-encoded body (an address to fetch, a speaker from a transcript) is read into
     memory whole, so it must say its length (411) and stay within SMALL_BODY_BYTES (413). So is
-    each text field of a multipart body (413)."""
+    each text field of a multipart body (413). A body that stops coming is given up (408)."""
 
     async def check(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and _is_upload(scope):
             headers = dict(scope["headers"])
             multipart = headers.get(b"content-type", b"").lower().startswith(b"multipart/")
+            receive = _idle_bounded(receive)
             if multipart:
                 receive = _fields_bounded(receive, headers[b"content-type"])
             length = headers.get(b"content-length")
