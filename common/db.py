@@ -48,6 +48,7 @@ class LockKey(enum.IntEnum):
     INBOX_SCAN = 7_406_501_142
     WEBHOOK_PRUNE = 7_406_501_143
     CORRECTIONS = 7_406_501_144
+    VECTOR_INDEX = 7_406_501_145  # building an embedding model's search index
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:

@@ -5,6 +5,7 @@ or pool; the callers own the transactions, and the functions that lock a row say
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import re
@@ -12,6 +13,7 @@ from datetime import datetime, timedelta
 
 import asyncpg
 
+from common.db import LockKey
 from common.messages import (
     REDACTABLE,
     STAGE_OF_SERVICE,
@@ -517,8 +519,9 @@ def _indexed_as(dimensions: int) -> str | None:
 
 async def ensure_vector_index(pool: asyncpg.Pool, model: str, dimensions: int) -> None:
     """An HNSW cosine index over the segments of one embedding model (vectors of one model all
-    have its dimension; an index needs a fixed one). Run outside any transaction that has
-    written segments: building it locks the table against writes."""
+    have its dimension; an index needs a fixed one). Built CONCURRENTLY: a plain build locks
+    `segments` against writes while it reads the whole table (minutes on a large store), and
+    every persister, correction and delete would wait. Run outside any transaction."""
     if (model, dimensions) in _indexed:
         return
     kind = _indexed_as(dimensions)
@@ -529,18 +532,32 @@ async def ensure_vector_index(pool: asyncpg.Pool, model: str, dimensions: int) -
         return
     name = "segments_embedding_" + hashlib.sha256(f"{model}:{dimensions}".encode()).hexdigest()[:16]
     literal = model.replace("'", "''")
-    # CREATE INDEX IF NOT EXISTS locks the table against writes before it finds the index there:
-    # behind a long transaction writing segments (a reindex), every segment write would queue.
-    if await pool.fetchval("SELECT to_regclass($1)", name) is not None:
-        _indexed.add((model, dimensions))
-        return
-    try:
-        await pool.execute(
-            f"CREATE INDEX IF NOT EXISTS {name} ON segments USING hnsw"
-            f" ((embedding::{kind}({int(dimensions)})) {kind}_cosine_ops) WHERE embedding_model = '{literal}'")
-    except (asyncpg.exceptions.UniqueViolationError, asyncpg.exceptions.DuplicateTableError):
-        pass  # another persister made it at the same moment
+    # One builder at a time (among every process); the others wait without a lock request of
+    # their own, which a concurrent build would wait for in turn (a deadlock).
+    async with pool.acquire() as conn:
+        while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", LockKey.VECTOR_INDEX):
+            if await _index_valid(conn, name):
+                _indexed.add((model, dimensions))
+                return
+            await asyncio.sleep(1.0)
+        try:
+            valid = await _index_valid(conn, name)
+            if valid is False:  # a build cut short (a CONCURRENTLY build leaves its index invalid)
+                log.warning("the index of %s was left half built: building it again", model)
+                await conn.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {name}")
+            if not valid:
+                log.info("building the search index of %s (%d dimensions)", model, dimensions)
+                await conn.execute(
+                    f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} ON segments USING hnsw"
+                    f" ((embedding::{kind}({int(dimensions)})) {kind}_cosine_ops) WHERE embedding_model = '{literal}'")
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", LockKey.VECTOR_INDEX)
     _indexed.add((model, dimensions))
+
+
+async def _index_valid(conn: asyncpg.Connection, name: str) -> bool | None:
+    """Whether the index `name` is usable, None when there is none."""
+    return await conn.fetchval("SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass($1)", name)
 
 
 async def store_diarization(conn: asyncpg.Connection, job_id: int, chunk_index: int,

@@ -3,6 +3,7 @@ PostgreSQL's pgvector and full-text search, and API keys."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -19,6 +20,7 @@ import pytest
 
 from common import jobstore
 from common.audio import SAMPLE_RATE, decode_audio
+from common.db import LockKey
 from tests.audio_files import wav
 from tests.conftest import Stack, events_queue, job_events, running_stack
 
@@ -279,6 +281,35 @@ def test_pages_of_hits_that_tie_hold_each_hit_once(stack: Stack, mode):
         assert sorted(seen) == list(range(1, 10)), seen
     finally:
         stack.query("DELETE FROM transcripts WHERE id = $1", job_id)
+
+
+async def test_a_search_index_left_half_built_is_built_again(stack: Stack):
+    """Indexes are built CONCURRENTLY, so that writes to segments go on meanwhile; a build cut
+    short (a persister killed during it) leaves an invalid index, which PostgreSQL keeps up to
+    date on every write but never searches with. The next process to store that model's vectors
+    builds it again."""
+    model, dimensions = "half-built-model", 8
+    pool = await asyncpg.create_pool(stack.database_url, min_size=1, max_size=2)
+    try:
+        await jobstore.ensure_vector_index(pool, model, dimensions)
+        [name] = [r["indexname"] for r in await pool.fetch(
+            "SELECT indexname FROM pg_indexes WHERE tablename = 'segments' AND indexdef LIKE $1", f"%{model}%")]
+        await pool.execute("UPDATE pg_index SET indisvalid = false WHERE indexrelid = to_regclass($1)", name)
+        jobstore._indexed.discard((model, dimensions))  # as in a process started afterwards
+        await asyncio.wait_for(jobstore.ensure_vector_index(pool, model, dimensions), 60)
+        assert await pool.fetchval("SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass($1)", name)
+        # Another process building at the same moment waits for that build instead of starting one.
+        jobstore._indexed.discard((model, dimensions))
+        async with pool.acquire() as holder:
+            await holder.execute("SELECT pg_advisory_lock($1)", LockKey.VECTOR_INDEX)
+            await asyncio.wait_for(jobstore.ensure_vector_index(pool, model, dimensions), 10)  # valid: done
+            await holder.execute("SELECT pg_advisory_unlock($1)", LockKey.VECTOR_INDEX)
+    finally:
+        for (index,) in await pool.fetch("SELECT indexname FROM pg_indexes WHERE tablename = 'segments'"
+                                         " AND indexdef LIKE $1", f"%{model}%"):
+            await pool.execute(f"DROP INDEX {index}")
+        jobstore._indexed.discard((model, dimensions))
+        await pool.close()
 
 
 @pytest.mark.parametrize("dimensions", [2048, 4096])
