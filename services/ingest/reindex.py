@@ -47,6 +47,7 @@ class ReindexProgress(BaseModel):
 STOP_AFTER_FAILED_JOBS = 3
 FAILED_JOBS_LISTED = 20
 CORRECTIONS_INTERVAL_S = 60.0
+COUNTS_FRESH_S = 10.0
 
 
 class Reindexer:
@@ -56,6 +57,9 @@ class Reindexer:
     def __init__(self, pool: asyncpg.Pool, embed: EmbedFn, model: str):
         self.pool, self.embed, self.model = pool, embed, model
         self.task: asyncio.Task | None = None
+        # When the segments were last counted, whether a run was under way then, and the counts.
+        self._counts: tuple[float, bool, asyncpg.Record] | None = None
+        self._counting = asyncio.Lock()
 
     @property
     def running(self) -> bool:
@@ -130,8 +134,17 @@ class Reindexer:
                 await jobstore.store_reindexed(conn, job_id, self.model, vectors)
             log.info("re-embedded %d segments with %s", len(vectors), self.model)
 
+    async def _segment_counts(self, running: bool) -> asyncpg.Record:
+        """reindex_counts, read at most every COUNTS_FRESH_S while a run goes on: it reads every
+        segment, and `stt reindex` asks every second for as long as a run lasts (hours on a large
+        store). Once no run goes on, the counts are read again: they are the outcome."""
+        async with self._counting:
+            now = asyncio.get_running_loop().time()
+            if self._counts is None or now - self._counts[0] >= COUNTS_FRESH_S or self._counts[1] != running:
+                self._counts = now, running, await jobstore.reindex_counts(self.pool, self.model)
+            return self._counts[2]
+
     async def progress(self) -> ReindexProgress:
-        counts = await jobstore.reindex_counts(self.pool, self.model)
         # Under way here or in another replica (pg_locks spells a bigint key as two halves).
         running = self.running or await self.pool.fetchval(
             "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 1"
@@ -140,6 +153,7 @@ class Reindexer:
             LockKey.REINDEX >> 32, LockKey.REINDEX & 0xFFFFFFFF)
         error = None if running else await self.pool.fetchval(
             "SELECT error FROM reindex_runs WHERE model = $1", self.model)
+        counts = await self._segment_counts(running)
         return ReindexProgress(model=self.model, running=running, done_segments=counts["done"],
                                pending_segments=counts["pending"], error=error)
 
