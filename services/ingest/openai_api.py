@@ -237,12 +237,14 @@ async def transcribe_and_wait(state: State, request: Request, data: OpenAITransc
                 log.info("the same transcription request again: waiting for its job")
     # The recording is stored: waiting for the job holds no upload's place.
     release_upload(request.scope)
+    # Waiting reads PostgreSQL every few seconds, as an event stream does: one of their places,
+    # streamed or not (a client resending a small file could otherwise hold thousands of waits).
+    if not claim_event_stream(request.scope):
+        raise HTTPException(status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)},
+                            detail=f"job {job_id} goes on, but this server has as many event streams and waiting"
+                                   f" requests open as it takes: send the same request again in {RETRY_AFTER_S} s"
+                                   f" to follow it, or follow GET /status/{job_id}")
     if data.stream:
-        if not claim_event_stream(request.scope):
-            raise HTTPException(status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)},
-                                detail=f"job {job_id} goes on, but this server has as many event streams open as "
-                                       f"it takes: send the same request again in {RETRY_AFTER_S} s to follow it, "
-                                       f"or follow GET /status/{job_id}")
         return ServerSentEvent(text_events(state, job_id), headers={"Cache-Control": "no-store",
                                                                      "X-Accel-Buffering": "no"})
     waiting = asyncio.ensure_future(wait_for_end(state, job_id, WAIT_S))
