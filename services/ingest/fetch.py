@@ -18,6 +18,7 @@ from common.outbound import MAX_URL_CHARS, http_session, target_problem
 from common.settings import Settings
 
 MAX_REDIRECTS = 5
+CONNECT_TIMEOUT_S = 30.0
 REDIRECTS = (301, 302, 303, 307, 308)
 BLOCK = 1 << 16
 
@@ -63,7 +64,8 @@ async def fetch_recording(url: str, settings: Settings) -> tuple[BinaryIO, str]:
         # AUDIO_URL_TIMEOUT_S for the whole fetch, redirects and their address checks included (a
         # session's total would be per request).
         async with asyncio.timeout(settings.audio_url_timeout_s), \
-                http_session(settings.audio_url_allow_private, timeout=aiohttp.ClientTimeout(sock_connect=30)) as http:
+                http_session(settings.audio_url_allow_private,
+                             timeout=aiohttp.ClientTimeout(sock_connect=CONNECT_TIMEOUT_S)) as http:
             for _ in range(MAX_REDIRECTS + 1):
                 problem = await target_problem(url, settings.audio_url_allow_private, "AUDIO_URL_ALLOW_PRIVATE",
                                                what="an audio URL", credentials="give a presigned URL instead")
@@ -77,6 +79,9 @@ async def fetch_recording(url: str, settings: Settings) -> tuple[BinaryIO, str]:
                         raise _refused(f"could not fetch the audio URL: {urlsplit(url).hostname} answered "
                                        f"HTTP {response.status}")
                     return await _download(response, settings.max_upload_bytes, too_big), _name_of(response, url)
+    except aiohttp.ServerTimeoutError as exc:  # a TimeoutError too: the connect's own limit, not the whole fetch's
+        raise _refused(f"could not fetch the audio URL: {urlsplit(url).hostname} did not accept a connection"
+                       f" within {CONNECT_TIMEOUT_S:g} s") from exc
     except TimeoutError as exc:  # before OSError, of which it is one
         raise _refused(f"could not fetch the audio URL within AUDIO_URL_TIMEOUT_S "
                        f"({settings.audio_url_timeout_s:g} s)") from exc
