@@ -187,6 +187,17 @@ def test_silence_gives_nothing():
         assert diarize_offline(audio) == Diarization()
 
 
+def test_a_lone_short_word_is_speech_with_no_voice_to_recognise():
+    """A voicemail's "Hello?": speech too short for a voice embedding (under half a second) came
+    back as no speech at all, so the job said nobody talks and its word was never transcribed."""
+    jfk = load("jfk.flac")
+    pause = np.zeros(16000 * 2, dtype=np.float32)
+    result = diarize_offline(np.concatenate([pause, jfk[int(0.3 * 16000):int(0.7 * 16000)], pause]))  # "And so"
+    assert speakers(result.turns) == {"spk_0"} and result.speakers == [], result
+    [turn] = result.turns
+    assert 1.9 <= turn.start and turn.end <= 2.8, turn
+
+
 def test_speaker_count_hints_are_honoured():
     audio = load("sample.wav")
     assert speakers(diarize_offline(audio, num_speakers=3).turns) == {"spk_0", "spk_1", "spk_2"}

@@ -84,6 +84,22 @@ def test_silence_is_a_result_not_a_failure(finished):
     assert finished["jfk.flac"]["no_speech"] is False
 
 
+def test_a_lone_short_word_is_transcribed_not_called_silence(stack, fixtures_dir, tmp_path):
+    """A voicemail's "Hello?" is too short for a voice embedding; the job said nobody talks."""
+    import numpy as np
+
+    from common.audio import decode_audio
+    from tests.audio_files import wav
+
+    jfk = decode_audio(str(fixtures_dir / "jfk.flac"))
+    pause = np.zeros(16000 * 2, dtype=np.float32)
+    path = tmp_path / "and so.wav"
+    path.write_bytes(wav(np.concatenate([pause, jfk[int(0.3 * 16000):int(0.7 * 16000)], pause])))
+    doc = stack.wait_finished(stack.submit_job(path))
+    assert doc["status"] == "done" and doc["no_speech"] is False, doc
+    assert [s["speaker"] for s in doc["segments"]] == ["spk_0"] and doc["segments"][0]["text"].strip(), doc
+
+
 async def test_every_segment_has_a_384_float_embedding(finished, stack):
     for name in ("sample.wav", "jfk.flac", "ru_dialogue.wav", "multilingual.mp3"):
         rows = fetch_segments(stack, finished[name]["id"])

@@ -254,7 +254,7 @@ def decide(local: LocalSpeakers, lo: int = 1, hi: int | None = None) -> Diarizat
     """Cluster the local speakers into the recording's speakers and build the turns."""
     segmentation = load_segmentation(local.device)
     if not local.valid.any():
-        return Diarization()
+        return _speech_without_voice(local, segmentation)
     step = segmentation.frame_step_s
     clean = local.valid & (local.clean_frames >= MIN_CLEAN_SHARE * segmentation.frames_per_window)
     floor = heard_apart(clean)
@@ -280,6 +280,21 @@ def decide(local: LocalSpeakers, lo: int = 1, hi: int | None = None) -> Diarizat
         centroids = np.delete(centroids, int(np.argmin(binary.sum(axis=0))), axis=0)
         assigned, binary, count = _frame_speakers(local, centroids, step)
     return _labelled(binary, centroids, local.embeddings, assigned, clean, segmentation, local.duration)
+
+
+def _speech_without_voice(local: LocalSpeakers, segmentation) -> Diarization:
+    """Speech, none of it long enough for a voice embedding (a voicemail's lone "Hello?"): one
+    speaker over it, with no voice to recognise; no speech, nothing."""
+    talking = local.activity.any(axis=1)  # (windows, local speakers)
+    if not talking.any():
+        return Diarization()
+    step = segmentation.frame_step_s
+    activations, count = reconstruction.accumulate(
+        local.activity, np.where(talking, 0, -1), reconstruction.frame_offsets(local.starts / SAMPLE_RATE, step),
+        _file_frames(local.duration, step), 1)
+    binary = reconstruction.binarize(activations, np.minimum(count, 1))
+    return Diarization(turns=reconstruction.turns_from_binary(
+        binary, step, segmentation.frame_duration_s, local.duration, ["spk_0"]))
 
 
 def heard_apart(clean: np.ndarray) -> int:
