@@ -70,3 +70,20 @@ def run_worker(main: Callable[[], Awaitable[None]]) -> None:
         code = 1
     logging.shutdown()
     os._exit(code)
+
+
+# How long a background task that stopped waits before it starts again.
+RESTART_S = 5.0
+
+
+async def keep_running(what: str, work: Callable[[], Awaitable[object]], restart_s: float = RESTART_S) -> None:
+    """Run `work`, which runs until cancelled, again whenever it stops: a server's background task
+    (a consumer, a watcher) that fails to declare its queue while the broker restarts is logged
+    and started again, instead of ending without a word while the server goes on without it."""
+    while True:
+        try:
+            await work()
+            log.error("%s stopped; starting it again in %g s", what, restart_s)
+        except Exception:
+            log.exception("%s failed; starting it again in %g s", what, restart_s)
+        await asyncio.sleep(restart_s)

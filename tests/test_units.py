@@ -418,6 +418,33 @@ async def test_an_upload_whose_body_stops_coming_gives_up_its_place(monkeypatch)
     answering.cancel()
 
 
+async def test_a_background_task_that_fails_is_logged_and_started_again(caplog):
+    """Ingest's consumers and watchers ran as bare tasks: one that failed as it declared its queue
+    (the broker restarting at that moment) ended without a log line, and ingest went on without
+    it (bucket drops unseen, recordings never redacted) while /readyz said ready."""
+    import asyncio
+
+    from common.runner import keep_running
+
+    starts = []
+
+    async def declares_then_consumes():
+        starts.append(len(starts))
+        if len(starts) == 1:
+            raise ConnectionError("the broker is restarting")
+        await asyncio.Event().wait()  # consuming, until cancelled
+
+    with caplog.at_level("ERROR", logger="common.runner"):
+        running = asyncio.create_task(keep_running("the test consumer", declares_then_consumes, restart_s=0.05))
+        await asyncio.sleep(0.5)
+        assert starts == [0, 1] and not running.done()
+        running.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await running
+    [record] = caplog.records
+    assert "the test consumer failed; starting it again" in record.getMessage() and record.exc_info
+
+
 def test_a_pgvector_too_old_for_filtered_search_is_told_apart_by_version_numbers():
     from common.db import pgvector_too_old
 

@@ -34,6 +34,7 @@ from common.logs import job_logged
 from common.messages import REFERENCE_MAX_CHARS, VOCABULARY_MAX_CHARS, JobOptions
 from common.metrics import http_metrics_middleware, watch_queue_depths
 from common.outbox import run_outbox_flusher
+from common.runner import keep_running
 from common.settings import Settings, get_settings
 from common.storage import QUICK_CLIENT_TIMEOUT_S, STORAGE_UNAVAILABLE, ensure_buckets, make_client
 from common.webhooks import new_secret
@@ -363,11 +364,15 @@ def create_app(settings: Settings | None = None) -> Litestar:
         state.wakeups = Wakeups()
         inbox = Inbox(settings, state.pool, state.s3, state.outbox_wake, s3_quick=state.s3_quick)
         queues = watched_queues(INBOX_EVENTS_QUEUE, RESULTS_QUEUE)
-        tasks = [asyncio.create_task(run_outbox_flusher(state.pool, state.bus, state.outbox_wake)),
-                 asyncio.create_task(inbox.run_scanner()),
-                 asyncio.create_task(inbox.run_consumers(state.connection)),
-                 asyncio.create_task(watch_queue_depths(state.connection, queues)),
-                 asyncio.create_task(state.wakeups.run(state.connection)),
+        tasks = [asyncio.create_task(keep_running("the outbox flusher", lambda: run_outbox_flusher(
+                     state.pool, state.bus, state.outbox_wake))),
+                 asyncio.create_task(keep_running("the inbox scanner", inbox.run_scanner)),
+                 asyncio.create_task(keep_running("the inbox's and job ends' consumers",
+                                                  lambda: inbox.run_consumers(state.connection))),
+                 asyncio.create_task(keep_running("the queue depth watcher",
+                                                  lambda: watch_queue_depths(state.connection, queues))),
+                 asyncio.create_task(keep_running("the event streams' wake-ups",
+                                                  lambda: state.wakeups.run(state.connection))),
                  asyncio.create_task(run_retention(state.pool, state.s3, settings, state.s3_quick)),
                  asyncio.create_task(run_orphan_sweep(state.pool, state.s3, settings.audio_bucket)),
                  asyncio.create_task(run_corrections_embedder(state.pool, *state.query_embedder))]

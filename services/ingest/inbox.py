@@ -281,7 +281,11 @@ class Inbox:
                     "the inbox scan")
 
     async def run_consumers(self, connection: aio_pika.abc.AbstractRobustConnection) -> None:
-        channel = await connection.channel()
+        async with connection.channel() as channel:
+            await self._consume(connection, channel)
+
+    async def _consume(self, connection: aio_pika.abc.AbstractRobustConnection,
+                       channel: aio_pika.abc.AbstractChannel) -> None:
         events = await channel.declare_exchange(
             self.settings.minio_events_exchange, aio_pika.ExchangeType.TOPIC, durable=True
         )
@@ -296,11 +300,12 @@ class Inbox:
         job_ended = [Route(TranscriptCompleted, self.on_job_ended), Route(TranscriptFailed, self.on_job_ended)]
         for route in job_ended:
             await results_queue.bind(stt_events, route.routing_key)
-        await asyncio.gather(
-            consume(connection, self.settings, "ingest", [Route(BucketEvent, self.on_event, any_routing_key=True)],
-                    queue_name=INBOX_EVENTS_QUEUE, wait_on=(*DATABASE_UNAVAILABLE, *STORAGE_UNAVAILABLE)),
+        # One stopping stops the other, so that both start again together (not a second copy of one).
+        async with asyncio.TaskGroup() as group:
+            group.create_task(consume(
+                connection, self.settings, "ingest", [Route(BucketEvent, self.on_event, any_routing_key=True)],
+                queue_name=INBOX_EVENTS_QUEUE, wait_on=(*DATABASE_UNAVAILABLE, *STORAGE_UNAVAILABLE)))
             # An ending's tidying (result files, redaction, the decoded audio's removal) is never
             # tried again later: through an object-store outage it waits for the store.
-            consume(connection, self.settings, "ingest", job_ended, queue_name=RESULTS_QUEUE,
-                    wait_on=(*DATABASE_UNAVAILABLE, *STORAGE_UNAVAILABLE)),
-        )
+            group.create_task(consume(connection, self.settings, "ingest", job_ended, queue_name=RESULTS_QUEUE,
+                                      wait_on=(*DATABASE_UNAVAILABLE, *STORAGE_UNAVAILABLE)))
