@@ -258,6 +258,11 @@ def test_every_number_in_one_word_is_redacted_and_spelled_and_a_number_cut_by_a_
     assert [s.text for s in redact([first, later], ["phone"])] == ["my number is 555 123", "55 12"]
     assert [(s.index, s.speaker, s.text, round(s.start_ts, 3), round(s.end_ts, 3)) for s in redacted] == [
         (0, "spk_0", "my number is [PHONE].", 0, 4.0), (1, "spk_0", "Thanks.", 4.2, 4.6), (2, "spk_1", "OK.", 5, 5.4)]
+    # The other side of a call says "Okay." in the middle of the number: still one number.
+    okay = segment_of((" Okay.", 2.8), speaker="spk_1", index=1)
+    rest = segment_of((" 4567.", 3.6), index=2)
+    assert [(s.index, s.speaker, s.text) for s in redact([first, okay, rest], ["phone"])] == [
+        (0, "spk_0", "my number is [PHONE]."), (1, "spk_1", "Okay.")]
 
 
 def test_custom_spelling_replaces_whole_words_in_any_case_longest_first():

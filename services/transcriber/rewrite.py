@@ -66,31 +66,36 @@ def rewrite_text(text: str, find: Finder) -> str:
 
 def rewrite(segments: list[Segment], find: Finder) -> list[Segment]:
     """Segments with what `find` finds replaced in their words and text. One speaker's segments
-    in a row, less than JOIN_GAP_S apart, are searched as one text: a number said across a pause
-    that cut the segment there is found whole, and its word stays in the segment it starts in
-    (which then ends with it)."""
-    runs: list[list[Segment]] = []
-    for segment in segments:
-        last = runs[-1][-1] if runs else None
-        if (last is not None and last.speaker == segment.speaker and bool(last.words) == bool(segment.words)
-                and segment.start_ts - last.end_ts < JOIN_GAP_S):
-            runs[-1].append(segment)
+    less than JOIN_GAP_S apart are searched as one text, also with another speaker's segments
+    between them (an "Okay." from the other side of a call in the middle of a phone number): a
+    number said across a pause that cut the segment there is found whole, and its word stays in
+    the segment it starts in (which then ends with it)."""
+    runs: list[list[int]] = []  # each run: the positions of its segments
+    open_runs: dict[tuple[str, bool], list[int]] = {}  # the latest run of each speaker
+    for position, segment in enumerate(segments):
+        key = (segment.speaker, bool(segment.words))
+        run = open_runs.get(key)
+        if run is not None and segment.start_ts - segments[run[-1]].end_ts < JOIN_GAP_S:
+            run.append(position)
         else:
-            runs.append([segment])
-    out: list[Segment] = []
+            open_runs[key] = [position]
+            runs.append(open_runs[key])
+    rewritten: dict[int, Segment] = {}
     for run in runs:
-        if not run[0].words:
-            out += [s.model_copy(update={"text": rewrite_text(s.text, find)}) for s in run]
+        mine = [segments[position] for position in run]
+        if not mine[0].words:
+            rewritten.update((p, s.model_copy(update={"text": rewrite_text(s.text, find)})) for p, s in zip(run, mine))
             continue
-        owner = [n for n, segment in enumerate(run) for _ in segment.words]
-        kept: list[list[Word]] = [[] for _ in run]
-        for first, word in _rewritten([w for s in run for w in s.words], find):
+        owner = [n for n, segment in enumerate(mine) for _ in segment.words]
+        kept: list[list[Word]] = [[] for _ in mine]
+        for first, word in _rewritten([w for s in mine for w in s.words], find):
             kept[owner[first]].append(word)
-        for segment, words in zip(run, kept, strict=True):
+        for position, segment, words in zip(run, mine, kept, strict=True):
             if words:
-                out.append(segment.model_copy(update={
+                rewritten[position] = segment.model_copy(update={
                     "words": words, "text": "".join(w.word for w in words).strip(),
                     # It starts later when its first words went to the segment before.
                     "start_ts": segment.start_ts if words[0].start <= segment.words[0].start else words[0].start,
-                    "end_ts": max(segment.end_ts, words[-1].end)}))
+                    "end_ts": max(segment.end_ts, words[-1].end)})
+    out = [rewritten[position] for position in range(len(segments)) if position in rewritten]
     return [s.model_copy(update={"index": n}) for n, s in enumerate(out)]
