@@ -214,6 +214,8 @@ def test_a_task_is_transcribe_unless_translate_is_asked_for():
     ("In 2023 we grew 12% to 3.5 million.", "number", "In [NUMBER] we grew [NUMBER]% to [NUMBER] million."),
     ("The card is 4111 1111 1111 1111, expiry soon.", "card,phone", "The card is [CARD], expiry soon."),
     ("Card 4,111,111,111,111,111,111.", "card", "Card [CARD]."),
+    ("It's 4111. 1111. 1111. 1111. Thanks.", "card", "It's [CARD]. Thanks."),
+    ("It's 4111.1111.1111.1111 and 3.5 million.", "card", "It's [CARD] and 3.5 million."),
     ("Mail anna.p+work@mail.example.org today.", "email", "Mail [EMAIL] today."),
     ("Write to support at example dot com or meet me at noon.", "email",
      "Write to [EMAIL] or meet me at noon."),
