@@ -452,6 +452,25 @@ async def test_a_background_task_that_fails_is_logged_and_started_again(caplog):
     assert "the test consumer failed; starting it again" in record.getMessage() and record.exc_info
 
 
+def test_an_english_only_whisper_model_is_not_asked_which_language_is_spoken():
+    """WHISPER_MODEL=medium.en (a name faster-whisper accepts): CTranslate2 refuses to identify a
+    language with it, so every job that did not name its language failed at transcription."""
+    from types import SimpleNamespace
+
+    from services.transcriber.languages import detect_language
+
+    def refuses(_audio):
+        raise RuntimeError("detect_language can only be called on multilingual models")
+
+    english_only = SimpleNamespace(model=SimpleNamespace(is_multilingual=False), detect_language=refuses)
+    speech = np.zeros(16000 * 5, dtype=np.float32)
+    assert detect_language(english_only, speech) == "en"
+    assert detect_language(english_only, speech, among=["en", "de"]) == "en"
+    multilingual = SimpleNamespace(model=SimpleNamespace(is_multilingual=True),
+                                   detect_language=lambda _audio: ("de", 0.9, [("de", 0.9), ("en", 0.1)]))
+    assert detect_language(multilingual, speech) == "de"
+
+
 def test_a_pgvector_too_old_for_filtered_search_is_told_apart_by_version_numbers():
     from common.db import pgvector_too_old
 

@@ -26,7 +26,10 @@ WINDOW_S = 30.0
 
 
 def detect_language(model, speech: np.ndarray, among: list[str] | None = None) -> str | None:
-    """The most likely language of `speech` (at least half a second), among `among` if given."""
+    """The most likely language of `speech` (at least half a second), among `among` if given;
+    English for an English-only model (`medium.en`), which cannot identify languages at all."""
+    if not getattr(getattr(model, "model", None), "is_multilingual", True):
+        return "en"
     if speech.size < SAMPLE_RATE // 2:
         return None
     language, probability, ranked = model.detect_language(speech[:int(WINDOW_S * SAMPLE_RATE)])
