@@ -267,6 +267,17 @@ def test_every_number_in_one_word_is_redacted_and_spelled_and_a_number_cut_by_a_
         (0, "spk_0", "my number is [PHONE]."), (1, "spk_1", "Okay.")]
 
 
+def test_custom_spelling_finds_a_phrase_inside_text_written_without_spaces():
+    """Chinese and Japanese are written without spaces between words: a phrase there was never
+    matched, because the characters around it counted as the same word."""
+    words = [Word(word=w, start=i, end=i + 1) for i, w in enumerate(["我们", "使用康", "菲工具。", " Ana"])]
+    segment = Segment(index=0, speaker="spk_0", start_ts=0, end_ts=4, text="我们使用康菲工具。 Ana", words=words)
+    [spelled] = respell([segment], {"康菲": "ComfyUI", "ana": "Anna"})
+    assert spelled.text == "我们使用ComfyUI工具。 Anna"
+    assert [(w.word, w.start, w.end) for w in spelled.words] == [
+        ("我们", 0, 1), ("使用ComfyUI工具。", 1, 3), (" Anna", 3, 4)]
+
+
 def test_custom_spelling_replaces_whole_words_in_any_case_longest_first():
     options = JobOptions(spelling="confu i = ComfyUI, Kubernetis=Kubernetes\nana=Anna, ana petrova=Anna Petrova")
     assert options.spelling == {"confu i": "ComfyUI", "kubernetis": "Kubernetes", "ana": "Anna",

@@ -9,12 +9,22 @@ import re
 from common.messages import Segment
 from services.transcriber.rewrite import Finder, Replacements, rewrite
 
+# Scripts written without spaces between words (Chinese, Japanese kana, Thai, Lao, Myanmar,
+# Khmer): a phrase's edge in one of them is a word's edge wherever it falls.
+_UNSPACED = re.compile("[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u0e00-\u0eff"
+                       "\u1000-\u109f\u1780-\u17ff]")
+
+
+def _pattern(heard: str) -> re.Pattern[str]:
+    """`heard` as whole words: not part of a contraction either ("don" is not respelled in
+    "don't"), but a possessive is the word's ("Don's")."""
+    before = "" if _UNSPACED.match(heard[0]) else r"(?<!\w)"
+    after = "" if _UNSPACED.match(heard[-1]) else r"(?!\w|['’](?!s\b)\w)"
+    return re.compile(before + r"\s+".join(map(re.escape, heard.split())) + after, re.IGNORECASE)
+
 
 def _finder(spelling: dict[str, str]) -> Finder:
-    # Whole words: not part of a contraction either ("don" is not respelled in "don't"), but a
-    # possessive is the word's ("Don's").
-    patterns = [(re.compile(r"(?<!\w)" + r"\s+".join(map(re.escape, heard.split())) + r"(?!\w|['’](?!s\b)\w)",
-                            re.IGNORECASE), written)
+    patterns = [(_pattern(heard), written)
                 for heard, written in sorted(spelling.items(), key=lambda pair: -len(pair[0]))]
 
     def find(text: str) -> Replacements:
