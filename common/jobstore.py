@@ -417,20 +417,23 @@ async def lock_processing_job(conn: asyncpg.Connection, job_id: int) -> asyncpg.
 
 
 async def advance(db: Db, job_id: int, stage: str, *, language: str | None = None,
-                  duration: float | None = None, chunk_count: int | None = None) -> None:
-    """Move a processing job's stage forward only, and fill in facts learned along the way."""
+                  duration: float | None = None, chunk_count: int | None = None,
+                  first_chunk: bool = False) -> None:
+    """Move a processing job's stage forward only, and fill in facts learned along the way. The
+    job's language is its first chunk's (in a recording that switches language, chunks differ,
+    and they are stored in no set order); another chunk's stands in until that one is stored."""
     await db.execute(
         """
         UPDATE transcripts SET
             stage = CASE WHEN array_position($2::text[], stage) < array_position($2::text[], $3)
                          THEN $3 ELSE stage END,
-            language = COALESCE(language, $4),
+            language = CASE WHEN $7 THEN COALESCE($4, language) ELSE COALESCE(language, $4) END,
             duration = COALESCE($5, duration),
             chunk_count = COALESCE($6, chunk_count),
             updated_at = now()
         WHERE id = $1 AND status = 'processing'
         """,
-        job_id, list(STAGES), stage, language, duration, chunk_count,
+        job_id, list(STAGES), stage, language, duration, chunk_count, first_chunk,
     )
 
 

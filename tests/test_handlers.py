@@ -67,6 +67,26 @@ async def test_diarizer_then_transcriber_handlers_give_who_said_what(stack: Stac
     assert len(set.union(*heard_as.values())) == len(heard_as) == 2, heard_as
 
 
+async def test_a_jobs_language_is_its_first_chunks_whichever_is_stored_first(stack: Stack):
+    """In a recording that switches language the chunks' languages differ, and replicas store
+    chunks in no set order: the job's language was whichever chunk came first."""
+    import asyncpg
+
+    from common import jobstore
+
+    conn = await asyncpg.connect(stack.database_url)
+    try:
+        for order in ([1, 0, 2], [0, 1, 2], [2, 1, 0]):
+            job_id = await conn.fetchval("INSERT INTO transcripts (filename) VALUES ('switching.wav') RETURNING id")
+            for chunk in order:
+                await jobstore.advance(conn, job_id, "transcribing", language=["en", "de", "fr"][chunk],
+                                       first_chunk=chunk == 0)
+            assert await conn.fetchval("SELECT language FROM transcripts WHERE id = $1", job_id) == "en", order
+            await conn.execute("DELETE FROM transcripts WHERE id = $1", job_id)
+    finally:
+        await conn.close()
+
+
 async def test_a_second_run_of_a_job_leaves_its_decoded_audio_to_the_job(stack: Stack, fixtures_dir):
     """A delivery again (the first run cut off after its chunks went) that sees the job end while
     it diarizes must not remove the decoded audio: ingest is reading it then to redact the

@@ -61,7 +61,7 @@ async def _store_chunk(conn: asyncpg.Connection, job: asyncpg.Record, message: C
             await speakerstore.announce_speaker_names(conn, job_id)
     stage = await jobstore.stage_after_chunk(conn, job_id, message.chunk_count)
     await jobstore.advance(conn, job_id, stage, language=message.language, duration=message.duration,
-                           chunk_count=message.chunk_count)
+                           chunk_count=message.chunk_count, first_chunk=message.chunk_index == 0)
 
 
 async def on_progress(pool: asyncpg.Pool, message: JobProgress) -> bool:
