@@ -59,6 +59,10 @@ def test_inconsistent_speaker_hints_are_400(stack, fixtures_dir):
     assert response.status_code == 400 and "min_speakers" in response.text
     response = post(stack, content, "jfk.flac", {"num_speakers": "two"})
     assert response.status_code == 400 and "num_speakers: Input should be a valid integer" in response.json()["detail"]
+    # A field in a charset Python does not know is the client's error, not a 500.
+    response = httpx.post(f"{stack.api}/recognize", timeout=60, files={
+        "file": ("jfk.flac", content), "reference": (None, b"x", "text/plain; charset=bogus")})
+    assert response.status_code == 400 and "charset" in response.text, response.text
     # A misspelt option is not dropped without a word (the job would run without it).
     response = post(stack, content, "jfk.flac", {"num_speaker": "2"})
     assert response.status_code == 400 and "unknown form field 'num_speaker'" in response.text, response.text

@@ -482,6 +482,31 @@ def test_an_english_only_whisper_model_is_not_asked_which_language_is_spoken():
     assert detect_language(multilingual, speech) == "de"
 
 
+async def test_a_request_that_fails_unexpectedly_is_logged_with_its_job():
+    """Litestar logs nothing when its own logging is off (as in ingest, for the project's format):
+    a 500 left no line at all, only a count in stt_http_requests_total."""
+    import logging
+
+    from litestar.exceptions import NotFoundException
+
+    from common.logs import _JobIdFilter
+    from services.ingest.app import log, log_unexpected
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    handler.addFilter(_JobIdFilter())
+    log.addHandler(handler)
+    try:
+        scope = {"method": "GET", "path": "/transcripts/12", "path_params": {"job_id": 12}}
+        await log_unexpected(KeyError("speaker"), scope)
+        await log_unexpected(NotFoundException("no job with id 12"), scope)  # answered: not a fault
+    finally:
+        log.removeHandler(handler)
+    [record] = records
+    assert record.getMessage() == "job=12 GET /transcripts/12 failed" and record.exc_info, record.getMessage()
+
+
 def test_a_pgvector_too_old_for_filtered_search_is_told_apart_by_version_numbers():
     from common.db import pgvector_too_old
 

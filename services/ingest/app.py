@@ -325,6 +325,28 @@ def undecodable_form_field(request: Request, exc: UnicodeDecodeError) -> Respons
                                "filename (curl -F file=@meeting.mp3)"), status_code=400)
 
 
+def unknown_charset_or_fault(request: Request, exc: LookupError) -> Response:
+    """A multipart field whose charset Python does not know (`charset=bogus`) is the client's;
+    any other LookupError (a KeyError, an IndexError) is a fault here."""
+    if type(exc) is LookupError and str(exc).startswith("unknown encoding"):
+        return Response(error_body(request.url.path, 400, f"a form field's charset is not one this server knows"
+                                   f" ({exc}): send text fields as UTF-8"), status_code=400)
+    return Response(error_body(request.url.path, 500, "Internal Server Error"), status_code=500)
+
+
+async def log_unexpected(exception: Exception, scope) -> None:
+    """A request that failed with an error nothing answers for (a 500) is logged with its
+    traceback, and its job id when the route has one: Litestar logs nothing itself when its own
+    logging is off, as here (the project's format is kept)."""
+    if isinstance(exception, (HTTPException, UnicodeDecodeError, *DATABASE_UNAVAILABLE, *STORAGE_UNAVAILABLE)):
+        return  # answered with a 4xx, or a 503 logged where it is made
+    if isinstance(exception, LookupError) and str(exception).startswith("unknown encoding"):
+        return
+    job_id = (scope.get("path_params") or {}).get("job_id")
+    with job_logged(job_id) if isinstance(job_id, int) else contextlib.nullcontext():
+        log.error("%s %s failed", scope.get("method"), scope.get("path"), exc_info=exception)
+
+
 def service_unavailable(request: Request, exc: Exception) -> Response:
     log.warning("%s %s: backing service unavailable (%s)", request.method, request.url.path, type(exc).__name__)
     return Response(error_body(request.url.path, 503, "a backing service is unavailable; try again shortly"),
@@ -400,7 +422,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
                     upload_limit_middleware(settings.max_concurrent_uploads), small_body_middleware,
                     event_stream_limit_middleware(settings.max_event_streams)],
         exception_handlers={ClientException: clearer_client_error, UnicodeDecodeError: undecodable_form_field,
+                            LookupError: unknown_charset_or_fault,
                             **{cls: service_unavailable for cls in (*DATABASE_UNAVAILABLE, *STORAGE_UNAVAILABLE)}},
+        after_exception=[log_unexpected],
         logging_config=None,  # keep the project's log format (common.logs)
         # `error` appears in a status document only when the job failed.
         plugins=[PydanticPlugin(exclude_none=True)],
