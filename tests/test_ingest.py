@@ -128,6 +128,9 @@ def test_health_readiness_and_openapi(stack):
     ready = httpx.get(f"{stack.api}/readyz")
     assert ready.status_code == 200
     assert ready.json()["checks"] == {"postgres": "ok", "rabbitmq": "ok", "object_store": "ok"}
+    assert httpx.get(f"{stack.api}/readyz", params={"need": "postgres"}).status_code == 200
+    unknown = httpx.get(f"{stack.api}/readyz", params={"need": "postgres,redis"})
+    assert unknown.status_code == 400 and "redis" in unknown.text, unknown.text
     schema = httpx.get(f"{stack.api}/docs/openapi.json").json()
     assert {"/recognize", "/status/{job_id}"} <= set(schema["paths"])
     assert "swagger" in httpx.get(f"{stack.api}/docs/").text.lower()

@@ -274,8 +274,19 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
+READINESS_CHECKS = ("postgres", "rabbitmq", "object_store")
+
+
 @get("/readyz", summary="Readiness: PostgreSQL, RabbitMQ and the object store answer")
-async def readyz(state: State) -> Response[dict[str, Any]]:
+async def readyz(state: State, need: Annotated[str | None, Parameter(
+        max_length=100, description="The checks that must pass, comma-separated (default: all); a load balancer "
+        "needs only postgres: ingest takes jobs through a RabbitMQ outage and answers /status through an "
+        "object-store one")] = None) -> Response[dict[str, Any]]:
+    needed = set(READINESS_CHECKS) if need is None else {name.strip() for name in need.split(",")}
+    if unknown := needed - set(READINESS_CHECKS):
+        raise HTTPException(status_code=400, detail=f"unknown check {', '.join(sorted(unknown))}; the checks are"
+                                                    f" {', '.join(READINESS_CHECKS)}")
+
     async def database() -> None:
         await state.probe_pool.fetchval("SELECT 1")
 
@@ -284,7 +295,7 @@ async def readyz(state: State) -> Response[dict[str, Any]]:
             raise ConnectionError("closed")
 
     checks = await run_checks({"postgres": database, "rabbitmq": broker, "object_store": state.s3_probe})
-    ready = all(v == "ok" for v in checks.values())
+    ready = all(checks[name] == "ok" for name in needed)
     return Response({"status": "ready" if ready else "unavailable", "checks": checks},
                     status_code=200 if ready else 503)
 
