@@ -51,5 +51,7 @@ def setup_logging(level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # Libraries' warnings (torch, ONNX Runtime's exporter) in the same format, not bare on stderr.
+    logging.captureWarnings(True)
     for noisy in ("aiormq", "aio_pika", "urllib3", "httpx", "faster_whisper", "numba"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

@@ -221,10 +221,13 @@ async def rerun(job_id: JobId, state: State, request: Request, data: RerunOption
                                   owner=request_owner(request), outbox_wake=state.outbox_wake, idempotency=asked)
     except S3Error as exc:
         if exc.code != "NoSuchKey":
+            with job_logged(job_id):
+                log.warning("could not copy the recording for a rerun: %s", exc.code)
             raise Unavailable(detail=f"the job could not be queued ({exc.code}); try again later") from exc
         raise HTTPException(status_code=409, detail=f"job {job_id}'s recording is no longer stored") from exc
     except Exception as exc:
-        log.exception("could not rerun job %d", job_id)
+        with job_logged(job_id):
+            log.exception("could not rerun this job")
         raise Unavailable(detail=f"the job could not be queued ({type(exc).__name__}); try again later") from exc
     if new_id is None:  # the same request, sent twice at once, made its job first
         return replayed(await earlier_job(state.pool, request_owner(request), asked))
@@ -359,7 +362,9 @@ async def log_unexpected(exception: Exception, scope) -> None:
 
 
 def service_unavailable(request: Request, exc: Exception) -> Response:
-    log.warning("%s %s: backing service unavailable (%s)", request.method, request.url.path, type(exc).__name__)
+    job_id = (request.scope.get("path_params") or {}).get("job_id")
+    with job_logged(job_id) if isinstance(job_id, int) else contextlib.nullcontext():
+        log.warning("%s %s: backing service unavailable (%s)", request.method, request.url.path, type(exc).__name__)
     return Response(error_body(request.url.path, 503, "a backing service is unavailable; try again shortly"),
                     status_code=503, headers={"Retry-After": "5"})
 

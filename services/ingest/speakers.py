@@ -274,15 +274,16 @@ async def enrol(request: Request, state: State) -> Enrolled:
             already = "this sample is"
         if enrolled_as is not None and enrolled_as["id"] != speaker_id:
             raise HTTPException(status_code=409, detail=f"{already} already a voiceprint of {enrolled_as['name']!r}")
-        if enrolled_as is not None:
-            log.info("speaker %d already has this voiceprint: nothing added", speaker_id)
-        else:
-            await speakerstore.add_voiceprint(
-                conn, speaker_id, voice.embedding, voice.model, voice.speech_s,
-                source="transcript" if reference else "sample",
-                transcript_id=reference.transcript_id if reference else None,
-                label=reference.label if reference else None)
-            log.info("enrolled a voiceprint for speaker %d (%.1f s of speech)", speaker_id, voice.speech_s)
+        with job_logged(reference.transcript_id if reference else None):
+            if enrolled_as is not None:
+                log.info("speaker %d already has this voiceprint: nothing added", speaker_id)
+            else:
+                await speakerstore.add_voiceprint(
+                    conn, speaker_id, voice.embedding, voice.model, voice.speech_s,
+                    source="transcript" if reference else "sample",
+                    transcript_id=reference.transcript_id if reference else None,
+                    label=reference.label if reference else None)
+                log.info("enrolled a voiceprint for speaker %d (%.1f s of speech)", speaker_id, voice.speech_s)
     relabelled = await rename_recordings(state.pool, state.settings, owner, await speakerstore.transcripts_near_voice(
         state.pool, owner, voice.embedding, voice.model, state.settings.speaker_match_threshold))
     state.outbox_wake.set()
