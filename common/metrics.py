@@ -96,9 +96,11 @@ class Work:
     stage: str
     audio_s: float = 0.0
     attempt_started: float = field(default_factory=time.perf_counter)
+    nothing_to_do: bool = False
 
     def new_attempt(self) -> None:
         self.audio_s = 0.0
+        self.nothing_to_do = False
         self.attempt_started = time.perf_counter()
 
 
@@ -124,12 +126,22 @@ def end_message(work: Work, token: contextvars.Token, queue: str, outcome: str |
     _current_work.reset(token)
     if outcome is None:  # cancelled, or the ack itself failed: the broker redelivers
         return
+    if outcome == "handled" and work.nothing_to_do:
+        outcome, work.audio_s = "skipped", 0.0
     MESSAGES.labels(work.stage, queue, outcome).inc()
     MESSAGE_SECONDS.labels(work.stage, queue).observe(time.perf_counter() - started)
     if outcome == "handled" and work.audio_s > 0:
         AUDIO_SECONDS.labels(work.stage).inc(work.audio_s)
         # The last attempt only: time spent holding the message through an outage is not work.
         REAL_TIME_FACTOR.labels(work.stage).observe((time.perf_counter() - work.attempt_started) / work.audio_s)
+
+
+def nothing_to_do() -> None:
+    """Called by a handler that returns without doing its work (its job ended meanwhile): the
+    message counts as skipped, with no audio seconds and no real-time factor."""
+    work = _current_work.get()
+    if work is not None:
+        work.nothing_to_do = True
 
 
 def add_audio_seconds(seconds: float) -> None:

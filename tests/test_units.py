@@ -507,6 +507,25 @@ async def test_a_request_that_fails_unexpectedly_is_logged_with_its_job():
     assert record.getMessage() == "job=12 GET /transcripts/12 failed" and record.exc_info, record.getMessage()
 
 
+def test_a_message_whose_job_ended_meanwhile_counts_as_skipped_without_its_audio():
+    """The diarizer counted a job cancelled while it decoded an hour of audio as handled, with that
+    hour in stt_audio_seconds_total and a real-time factor near 0 from a few seconds of work."""
+    import time
+
+    from common import metrics
+
+    def counted(outcome: str) -> float:
+        return metrics.MESSAGES.labels("diarizer", "stt.diarizer", outcome)._value.get()
+
+    before = (counted("handled"), counted("skipped"), metrics.AUDIO_SECONDS.labels("diarizer")._value.get())
+    work, token = metrics.begin_message("diarizer")
+    metrics.add_audio_seconds(3600.0)
+    metrics.nothing_to_do()
+    metrics.end_message(work, token, "stt.diarizer", "handled", time.perf_counter())
+    after = (counted("handled"), counted("skipped"), metrics.AUDIO_SECONDS.labels("diarizer")._value.get())
+    assert [b - a for a, b in zip(before, after)] == [0, 1, 0]
+
+
 def test_a_pgvector_too_old_for_filtered_search_is_told_apart_by_version_numbers():
     from common.db import pgvector_too_old
 

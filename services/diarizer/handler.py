@@ -18,7 +18,7 @@ from minio import Minio
 from common.audio import SAMPLE_RATE, AudioTooLong, UndecodableAudio, decode_audio, float_to_pcm16
 from common.broker import PermanentError
 from common.messages import Contract, JobDiarized, JobProgress, JobSubmitted, TimeSpan
-from common.metrics import add_audio_seconds
+from common.metrics import add_audio_seconds, nothing_to_do
 from common.settings import Settings
 from common.storage import download_to, pcm_key, stored_size, upload_bytes
 from services.diarizer.offline import Diarization, DiarizationStopped
@@ -114,9 +114,9 @@ async def handle(message: JobSubmitted, deps: Deps) -> AsyncIterator[Contract]:
     duration = round(waveform.shape[-1] / SAMPLE_RATE, 3)
     log.info("decoded %s: %.1f s%s", message.filename, duration,
              f", {len(waveform)} channels kept apart" if waveform.ndim == 2 else "")
-    add_audio_seconds(duration)
     if message.job_id in deps.ended:
         log.info("the job has ended (done, failed or cancelled) while it was decoded; not diarized")
+        nothing_to_do()
         return
     # The stages after this one read their chunk's samples from here (16-bit PCM, ranged GETs;
     # channels one after another). A delivery again (its first run cut off after storing it) finds
@@ -148,6 +148,8 @@ async def handle(message: JobSubmitted, deps: Deps) -> AsyncIterator[Contract]:
             await asyncio.to_thread(deps.storage.remove_object, bucket, pcm)
         log.info("the job has ended (done, failed or cancelled) while it was diarized; diarizing stopped,"
                  " no chunk sent")
+        nothing_to_do()
         return
+    add_audio_seconds(waveform.size / SAMPLE_RATE)  # every channel diarized, as the transcriber counts
     for out in chunk_messages(message, duration, diarization, deps.settings, channels):
         yield out
