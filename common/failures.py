@@ -3,13 +3,17 @@ itself (hosts, URLs, object keys, stack text) stays in the service's log with th
 
 from __future__ import annotations
 
+# What S3 servers answer for an object that is not there: NoSuchKey (to a GET), NotFound (to a
+# HEAD, whose answer has no body to name the code), NoSuchObject (some servers).
+MISSING_OBJECT = frozenset({"NoSuchKey", "NoSuchObject", "NotFound"})
+
 
 def failure_category(exc: BaseException) -> str:
     """A short, stable description of why retries did not help, from the exception's type."""
     module = type(exc).__module__.split(".")[0]
     name = type(exc).__name__
     code = getattr(exc, "code", None)
-    if module == "minio" and code in ("NoSuchKey", "NoSuchBucket"):
+    if module == "minio" and (code in MISSING_OBJECT or code == "NoSuchBucket"):
         return "the stored audio is missing"
     if module in ("minio", "urllib3"):
         return "storage unavailable"

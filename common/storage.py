@@ -13,6 +13,7 @@ import urllib3
 from minio import Minio
 from minio.error import S3Error, ServerError
 
+from common.failures import MISSING_OBJECT
 from common.settings import Settings
 
 PART_SIZE = 10 * 1024 * 1024
@@ -115,12 +116,17 @@ def read_range(client: Minio, bucket: str, key: str, offset: int, length: int) -
         response.release_conn()
 
 
+def is_missing(exc: S3Error) -> bool:
+    """The store says there is no such object."""
+    return exc.code in MISSING_OBJECT
+
+
 def stored_size(client: Minio, bucket: str, key: str) -> int | None:
     """The object's size in bytes; None when there is no such object."""
     try:
         return client.stat_object(bucket, key).size
     except S3Error as exc:
-        if exc.code in ("NoSuchKey", "NoSuchObject", "NotFound"):
+        if is_missing(exc):
             return None
         raise
 
@@ -135,5 +141,5 @@ def remove_objects(client: Minio, objects: list[tuple[str, str]]) -> None:
         try:
             client.remove_object(bucket, key)
         except S3Error as exc:
-            if exc.code not in ("NoSuchKey", "NoSuchObject", "NoSuchBucket"):
+            if not (is_missing(exc) or exc.code == "NoSuchBucket"):
                 raise

@@ -36,7 +36,7 @@ from common.metrics import http_metrics_middleware, watch_queue_depths
 from common.outbox import run_outbox_flusher
 from common.runner import keep_running
 from common.settings import Settings, get_settings
-from common.storage import QUICK_CLIENT_TIMEOUT_S, STORAGE_UNAVAILABLE, ensure_buckets, make_client
+from common.storage import QUICK_CLIENT_TIMEOUT_S, STORAGE_UNAVAILABLE, ensure_buckets, is_missing, make_client
 from common.webhooks import new_secret
 from services.embedder.backends import make_embedder
 from services.ingest.admission import (
@@ -220,7 +220,7 @@ async def rerun(job_id: JobId, state: State, request: Request, data: RerunOption
         new_id = await create_job(state.pool, state.s3, bucket, copy, filename=filename, options=options,
                                   owner=request_owner(request), outbox_wake=state.outbox_wake, idempotency=asked)
     except S3Error as exc:
-        if exc.code != "NoSuchKey":
+        if not is_missing(exc):
             with job_logged(job_id):
                 log.warning("could not copy the recording for a rerun: %s", exc.code)
             raise Unavailable(detail=f"the job could not be queued ({exc.code}); try again later") from exc

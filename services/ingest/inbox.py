@@ -28,7 +28,7 @@ from common.db import DATABASE_UNAVAILABLE, LockKey, every
 from common.logs import job_logged
 from common.messages import JobOptions, TranscriptCompleted, TranscriptFailed
 from common.settings import Settings
-from common.storage import STORAGE_UNAVAILABLE, call_in_transaction, pcm_key, upload_bytes, upload_json
+from common.storage import STORAGE_UNAVAILABLE, call_in_transaction, is_missing, pcm_key, upload_bytes, upload_json
 from services.ingest.auth import owner_of
 from services.ingest.jobs import BucketDrop, clean_filename, create_job, result_keys, status_document
 from services.ingest.redacted_audio import redact_recording
@@ -132,7 +132,7 @@ class Inbox:
         try:
             stat = await asyncio.to_thread(self.s3.stat_object, bucket, key)
         except S3Error as exc:
-            if exc.code != "NoSuchKey":
+            if not is_missing(exc):
                 raise
             log.info("bucket drop %s/%s was removed before it was taken; nothing to do", bucket, key)
             return None
@@ -164,7 +164,7 @@ class Inbox:
                 filename=clean_filename(key.rsplit("/", 1)[-1]), options=options, owner=self.owner,
                 outbox_wake=self.outbox_wake, drop=BucketDrop(bucket, key, etag), refused=refused)
         except S3Error as exc:
-            if exc.code not in ("NoSuchKey", "PreconditionFailed"):
+            if not (is_missing(exc) or exc.code == "PreconditionFailed"):
                 raise
             # Removed, or overwritten (the new content is a drop of its own), since announced.
             log.info("bucket drop %s/%s changed before it was taken (%s); nothing to do", bucket, key, exc.code)

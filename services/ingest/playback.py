@@ -15,7 +15,7 @@ from litestar.response import Stream
 from minio.error import S3Error
 
 from common import jobstore
-from common.storage import read_range
+from common.storage import is_missing, read_range
 from services.ingest.auth import request_owner
 from services.ingest.errors import error_responses
 from services.ingest.transcripts import JobId, content_disposition, stored_filename, visible
@@ -83,7 +83,7 @@ async def job_audio(job_id: JobId, state: State, request: Request) -> Stream:
         # not a 200 whose body breaks off.
         opening = await asyncio.to_thread(_read, state, job["audio_key"], first, last) if size else b""
     except S3Error as exc:
-        if exc.code in ("NoSuchKey", "NoSuchObject"):
+        if is_missing(exc):
             raise NotFoundException(detail=f"the audio of job {job_id} is no longer stored") from exc
         # The store answered with an error of its own (SlowDown, ServiceUnavailable, a server
         # still starting): a passing state, as an outage of it is.

@@ -19,7 +19,7 @@ from common import jobstore
 from common.audio import PCM_BYTES_PER_SECOND, SAMPLE_RATE
 from common.logs import job_logged
 from common.messages import JobOptions
-from common.storage import pcm_key, read_range, remove_objects
+from common.storage import is_missing, pcm_key, read_range, remove_objects
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ async def redact_recording(pool: asyncpg.Pool, s3: Minio, bucket: str, job_id: i
         try:
             size = (await asyncio.to_thread(s3.stat_object, bucket, pcm_key(job_id))).size
         except S3Error as exc:
-            if exc.code not in ("NoSuchKey", "NoSuchObject"):
+            if not is_missing(exc):
                 raise
             log.warning("the recording could not be redacted: its decoded audio is gone; it is stored as uploaded")
             return
