@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from common.audio import SAMPLE_RATE  # what the model was trained on, and what the pipeline decodes to
 from services.diarizer.speaker_embedding import GPU_CALLS
 
-SAMPLE_RATE = 16_000
 WINDOW_S = 10.0
 WINDOW_SAMPLES = int(WINDOW_S * SAMPLE_RATE)
 # A 2.5 s step puts each second of audio in four windows: on the AMI clips a 1 s step (pyannote's

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SAMPLE_RATE = 16_000
+from common.audio import SAMPLE_RATE  # what CAM++ was trained on, and what the pipeline decodes to
+
 FRAME_LENGTH = 400  # 25 ms
 FRAME_SHIFT = 160  # 10 ms
 FFT_SIZE = 512

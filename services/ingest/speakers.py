@@ -19,7 +19,7 @@ from litestar.params import Parameter
 from pydantic import BaseModel, Field, ValidationError
 
 from common import jobstore, speakerstore
-from common.audio import AudioTooLong, UndecodableAudio, decode_audio
+from common.audio import SAMPLE_RATE, AudioTooLong, UndecodableAudio, decode_audio
 from common.logs import job_logged
 from common.messages import (
     SPEAKER_NAME_MAX_CHARS,
@@ -188,7 +188,7 @@ async def _voice_of_sample(upload: UploadFile, settings: Settings) -> SpeakerEmb
         raise HTTPException(status_code=400, detail=f"a sample is {SAMPLE_MIN_S:g}-{SAMPLE_MAX_S:g} s long") from exc
     except UndecodableAudio as exc:
         raise HTTPException(status_code=415, detail=f"the sample is not audio this service can decode: {exc}") from exc
-    seconds = len(waveform) / 16_000
+    seconds = len(waveform) / SAMPLE_RATE
     if not SAMPLE_MIN_S <= seconds <= SAMPLE_MAX_S:
         raise HTTPException(status_code=400, detail=f"a sample is {SAMPLE_MIN_S:g}-{SAMPLE_MAX_S:g} s long;"
                                                     f" this one is {seconds:.1f} s")
