@@ -1,4 +1,5 @@
-"""PostgreSQL access (ingest and persister only): pools and versioned migrations."""
+"""PostgreSQL access (ingest, the persister and the notifier): pools, versioned migrations,
+advisory lock keys and work done by one process at a time."""
 
 from __future__ import annotations
 

@@ -29,10 +29,11 @@ async def main() -> None:
     bus = await open_bus(connection, settings)
     wake = asyncio.Event()
 
-    def then_flush(handle: Callable[..., Awaitable[bool | None]]):
-        """Run the handler in its transaction, then wake the outbox flusher for its events."""
+    def then_flush(handle: Callable[..., Awaitable[bool]]):
+        """Run the handler (one transaction); when it says it enqueued events (True), wake the
+        outbox flusher for them at once rather than at its next poll."""
         async def run(message) -> None:
-            if await handle(pool, message) is not False:
+            if await handle(pool, message):
                 wake.set()
         return run
 

@@ -79,16 +79,19 @@ async def on_progress(pool: asyncpg.Pool, message: JobProgress) -> bool:
     return False
 
 
-async def on_transcribed(pool: asyncpg.Pool, message: ChunkTranscribed) -> None:
+async def on_transcribed(pool: asyncpg.Pool, message: ChunkTranscribed) -> bool:
+    """Store the chunk's text ahead of its embeddings; returns True when events may have been
+    enqueued (names recognised since an earlier chunk went out are announced)."""
     async with pool.acquire() as conn, conn.transaction():
         job = await _lock_processing_job(conn, message.job_id)
         if job is None:
-            return
+            return False
         if await jobstore.chunk_is_embedded(conn, message.job_id, message.chunk_index):
-            return  # chunk.embedded already stored this chunk in full
+            return False  # chunk.embedded already stored this chunk in full
         await _store_chunk(conn, job, message, embedding_model=None)
     log.info("stored chunk %d/%d text (%d segments)",
              message.chunk_index + 1, message.chunk_count, len(message.segments))
+    return True
 
 
 async def on_embedded(pool: asyncpg.Pool, message: ChunkEmbedded) -> bool:
