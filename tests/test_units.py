@@ -216,6 +216,10 @@ def test_a_task_is_transcribe_unless_translate_is_asked_for():
     ("Card 4,111,111,111,111,111,111.", "card", "Card [CARD]."),
     ("It's 4111. 1111. 1111. 1111. Thanks.", "card", "It's [CARD]. Thanks."),
     ("It's 4111.1111.1111.1111 and 3.5 million.", "card", "It's [CARD] and 3.5 million."),
+    # The expiry and the code after it, or a number said before, are not taken into the card.
+    ("The card is 4111 1111 1111 1111. 0427. 737.", "card", "The card is [CARD]. 0427. 737."),
+    ("In 2019. 4111 1111 1111 1111 was it.", "card", "In 2019. [CARD] was it."),
+    ("Card 4111111111111111. 12 months.", "card", "Card [CARD]. 12 months."),
     ("Mail anna.p+work@mail.example.org today.", "email", "Mail [EMAIL] today."),
     ("Write to support at example dot com or meet me at noon.", "email",
      "Write to [EMAIL] or meet me at noon."),
@@ -490,7 +494,7 @@ async def test_a_request_that_fails_unexpectedly_is_logged_with_its_job():
     from litestar.exceptions import NotFoundException
 
     from common.logs import _JobIdFilter
-    from services.ingest.app import log, log_unexpected
+    from services.ingest.error_handlers import log, log_unexpected
 
     records: list[logging.LogRecord] = []
     handler = logging.Handler()

@@ -17,11 +17,12 @@ PATTERNS: dict[str, re.Pattern[str]] = {
     "email": re.compile(rf"[\w.+-]+@{_DOMAIN_PART}(?:\.{_DOMAIN_PART})+"
                         rf"|\b(?:[\w+-]+ dot )*[\w.+-]+ at {_DOMAIN_PART}(?:(?: dot |\.){_DOMAIN_PART})*"
                         rf"(?: dot |\.)[A-Za-z]{{2,}}\b", re.IGNORECASE),
-    # 13-19 digits, grouped or not (by spaces, dashes, commas, or the full stops Whisper writes
-    # where each group is said as a sentence of its own), and not part of a longer run (two phone
-    # numbers said one after the other are no card). No Luhn check: one digit misheard would let
-    # the number through.
-    "card": re.compile(r"(?<![\d.,])(?<!\d[ .-])(?<!\d[,.] )\d(?:(?:[,.] ?|[ -])?\d){12,18}(?!(?:[,.] ?|[ -])?\d)"),
+    # 13-19 digits, grouped or not, and not part of a longer run (two phone numbers said one after
+    # the other are no card); or four groups of four with full stops between them, as Whisper
+    # writes groups said each as a sentence of its own ("4111. 1111. 1111. 1111."). No Luhn
+    # check: one digit misheard would let the number through.
+    "card": re.compile(r"(?<![\d.,])(?<!\d[ -])(?<!\d, )\d(?:(?:, ?|[ -])?\d){12,18}(?!(?:, ?|[ -])?\d)"
+                       r"|(?<![\d.,])(?<!\d\. )\d{4}(?:\. ?\d{4}){3}(?!\d)"),
     # 7-15 digits with the separators people say them with, a country code or area code included
     # (Whisper groups long numbers with commas).
     "phone": re.compile(r"(?<![\w.,])\+?\(?\d(?:[\d ().-]|, ?(?=\d)){5,}\d(?!\d)"),
