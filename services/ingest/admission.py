@@ -13,7 +13,7 @@ from typing import BinaryIO
 
 from litestar.exceptions import ClientException, HTTPException
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
-from multipart import MultipartSegment, ParserError, PushMultipartParser, parse_options_header
+from multipart import MultipartError, MultipartSegment, PushMultipartParser, parse_options_header
 
 from services.ingest.errors import error_body
 
@@ -141,36 +141,36 @@ def _idle_bounded(receive: Receive) -> Receive:
 
 def _fields_bounded(receive: Receive, content_type: bytes) -> Receive:
     """`receive` for a multipart body whose parts without a filename (form fields, which the form
-    parser holds in memory whole) are each at most SMALL_BODY_BYTES: past that, 413. Parts with a
-    filename (the recording) are spooled to disk by the parser and not counted here."""
+    parser holds in memory whole) hold at most SMALL_BODY_BYTES together: past that, 413. Parts
+    with a filename (the recording) are spooled to disk by the parser and not counted here."""
     _, options = parse_options_header(content_type.decode("latin-1"))
     try:
         parser = PushMultipartParser(options.get("boundary", ""))
-    except (ParserError, ValueError):
+    except (MultipartError, ValueError):
         return receive  # no usable boundary: the form parser refuses the body itself
     field: str | None = None  # the text field being read, if one is
-    field_bytes = 0
+    fields_bytes = 0
 
     async def watched() -> Message:
-        nonlocal parser, field, field_bytes
+        nonlocal parser, field, fields_bytes
         message = await receive()
         if parser is None or message["type"] != "http.request" or not message.get("body"):
             return message
         try:
             for part in parser.parse(message["body"]):
                 if isinstance(part, MultipartSegment):
-                    field, field_bytes = (None if part.filename else part.name), 0
+                    field = None if part.filename else part.name
                 elif part and field is not None:
-                    field_bytes += len(part)
-                    if field_bytes > SMALL_BODY_BYTES:
+                    fields_bytes += len(part)
+                    if fields_bytes > SMALL_BODY_BYTES:
                         raise ClientException(status_code=413, detail=(
-                            f"the form field {field!r} holds over {SMALL_BODY_BYTES // 1024} KiB: a field is"
-                            f" text; send a file as a part with a filename (curl -F file=@meeting.mp3, not"
-                            f" file=<meeting.mp3)"))
+                            f"the form's text fields hold over {SMALL_BODY_BYTES // 1024} KiB (at {field!r}):"
+                            f" a field is text; send a file as a part with a filename (curl -F"
+                            f" file=@meeting.mp3, not file=<meeting.mp3)"))
                 elif part is None:
                     field = None
-        except ParserError:
-            parser = None  # the form parser says what is wrong with the body
+        except MultipartError:
+            parser = None  # a malformed body, or a header over the limit: the form parser says so
         return message
 
     return watched
@@ -179,8 +179,8 @@ def _fields_bounded(receive: Receive, content_type: bytes) -> Receive:
 def small_body_middleware(app: ASGIApp) -> ASGIApp:
     """The upload routes take bodies up to MAX_UPLOAD_MB, streamed to disk when they are multipart;
     a JSON or URL-encoded body (an address to fetch, a speaker from a transcript) is read into
-    memory whole, so it must say its length (411) and stay within SMALL_BODY_BYTES (413). So is
-    each text field of a multipart body (413). A body that stops coming is given up (408)."""
+    memory whole, so it must say its length (411) and stay within SMALL_BODY_BYTES (413). So
+    are a multipart body's text fields together (413). A body that stops coming is given up (408)."""
 
     async def check(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and _is_upload(scope):
