@@ -5,7 +5,6 @@ or pool; the callers own the transactions, and the functions that lock a row say
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import re
@@ -535,14 +534,14 @@ async def ensure_vector_index(pool: asyncpg.Pool, model: str, dimensions: int) -
         return
     name = "segments_embedding_" + hashlib.sha256(f"{model}:{dimensions}".encode()).hexdigest()[:16]
     literal = model.replace("'", "''")
-    # One builder at a time (among every process); the others wait without a lock request of
-    # their own, which a concurrent build would wait for in turn (a deadlock).
+    # One builder at a time (among every process). The others do not wait for it: a concurrent
+    # build takes in the rows written while it runs, so they store their vectors and look again
+    # next time (waiting would hold their connections for the whole build).
     async with pool.acquire() as conn:
-        while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", LockKey.VECTOR_INDEX):
+        if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", LockKey.VECTOR_INDEX):
             if await _index_valid(conn, name):
                 _indexed.add((model, dimensions))
-                return
-            await asyncio.sleep(1.0)
+            return
         try:
             valid = await _index_valid(conn, name)
             if valid is False:  # a build cut short (a CONCURRENTLY build leaves its index invalid)

@@ -298,12 +298,18 @@ async def test_a_search_index_left_half_built_is_built_again(stack: Stack):
         jobstore._indexed.discard((model, dimensions))  # as in a process started afterwards
         await asyncio.wait_for(jobstore.ensure_vector_index(pool, model, dimensions), 60)
         assert await pool.fetchval("SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass($1)", name)
-        # Another process building at the same moment waits for that build instead of starting one.
+        # While another process builds, one that needs the index neither builds it too nor waits
+        # (holding its connection for the whole build): it looks again next time.
         jobstore._indexed.discard((model, dimensions))
+        await pool.execute("DROP INDEX " + name)
         async with pool.acquire() as holder:
             await holder.execute("SELECT pg_advisory_lock($1)", LockKey.VECTOR_INDEX)
-            await asyncio.wait_for(jobstore.ensure_vector_index(pool, model, dimensions), 10)  # valid: done
+            await asyncio.wait_for(jobstore.ensure_vector_index(pool, model, dimensions), 5)
+            assert (model, dimensions) not in jobstore._indexed
+            assert await pool.fetchval("SELECT to_regclass($1)", name) is None
             await holder.execute("SELECT pg_advisory_unlock($1)", LockKey.VECTOR_INDEX)
+        await jobstore.ensure_vector_index(pool, model, dimensions)
+        assert await pool.fetchval("SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass($1)", name)
     finally:
         for (index,) in await pool.fetch("SELECT indexname FROM pg_indexes WHERE tablename = 'segments'"
                                          " AND indexdef LIKE $1", f"%{model}%"):
