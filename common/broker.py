@@ -272,21 +272,29 @@ class EndedJobs:
 
 
 async def watch_job_events(connection: AbstractRobustConnection, queue_prefix: str, routing_keys: list[str],
-                           on_job: Callable[[int | None], None]) -> None:
+                           on_job: Callable[[int | None], None]) -> AbstractChannel:
     """Call `on_job` with the job id (None where there is none) of every stt.events message with
     one of `routing_keys`, from a queue of this process's own: exclusive, gone with the process,
     and named (not server-named) so that the robust connection can declare it again after a
-    reconnect. Nothing is acknowledged: a wake-up missed while the process is away is not owed."""
+    reconnect. Nothing is acknowledged: a wake-up missed while the process is away is not owed.
+    Returns the channel it consumes on: closing it stops the watch."""
     channel = await connection.channel()
-    events = await channel.declare_exchange(EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
-    queue = await channel.declare_queue(f"{queue_prefix}.{uuid.uuid4().hex[:12]}", exclusive=True, auto_delete=True)
-    for key in routing_keys:
-        await queue.bind(events, key)
+    try:
+        events = await channel.declare_exchange(EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
+        queue = await channel.declare_queue(f"{queue_prefix}.{uuid.uuid4().hex[:12]}", exclusive=True,
+                                            auto_delete=True)
+        for key in routing_keys:
+            await queue.bind(events, key)
 
-    async def on_event(message: AbstractIncomingMessage) -> None:
-        on_job(_job_id_of(message.body))
+        async def on_event(message: AbstractIncomingMessage) -> None:
+            on_job(_job_id_of(message.body))
 
-    await queue.consume(on_event, no_ack=True)
+        await queue.consume(on_event, no_ack=True)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await channel.close()
+        raise
+    return channel
 
 
 async def watch_ended_jobs(connection: AbstractRobustConnection, service: str, ended: EndedJobs) -> None:
@@ -346,131 +354,138 @@ async def consume(
     by_key = {key: route for route in routes for key in route.keys}
     bus = await open_bus(connection, settings)
     channel = await connection.channel()
-    await channel.set_qos(prefetch_count=prefetch or settings.prefetch_count)
-    queue_name = queue_name or stage_queue(service)
-    delays = settings.retry_delays
-    await declare_delay_queues(channel, queue_name, delays)
-    queue = await channel.declare_queue(queue_name, passive=True)
-    if ended is not None:
-        await watch_ended_jobs(connection, service, ended)
+    try:
+        await channel.set_qos(prefetch_count=prefetch or settings.prefetch_count)
+        queue_name = queue_name or stage_queue(service)
+        delays = settings.retry_delays
+        await declare_delay_queues(channel, queue_name, delays)
+        queue = await channel.declare_queue(queue_name, passive=True)
+        if ended is not None:
+            await watch_ended_jobs(connection, service, ended)
 
-    in_hand: dict[int, AbstractIncomingMessage] = {}
+        in_hand: dict[int, AbstractIncomingMessage] = {}
 
-    async def on_message(message: AbstractIncomingMessage) -> None:
-        # Counted and timed here, once for every service (common/metrics.py).
-        started = time.perf_counter()
-        work, work_token = metrics.begin_message(service)
-        outcome: str | None = None
-        in_hand[message.delivery_tag] = message
-        # Every line about this message names its job, the error paths' included.
-        job_token = current_job.set(_job_id_of(message.body))
-        try:
-            outcome = await settle(message, work)
-        except Exception:
-            # The error path itself failed (publishing job.failed or the parked copy while the
-            # broker went away): the message goes back to the queue, never left unacked.
-            log.exception("could not settle a %s message; returning it to the queue", queue_name)
-            if not message.processed and _delivery_open(message):
-                await message.nack(requeue=True)
-            outcome = "requeued"
-        finally:
-            current_job.reset(job_token)
-            in_hand.pop(message.delivery_tag, None)
-            metrics.end_message(work, work_token, queue_name, outcome, started)
-
-    async def settle(message: AbstractIncomingMessage, work: metrics.Work) -> str:
-        """Handle one message; returns what became of it (metrics.OUTCOMES)."""
-        headers = dict(message.headers or {})
-        routing_key = str(headers.get(ROUTING_KEY_HEADER) or message.routing_key)
-        route = by_key.get(routing_key) or by_key.get("*")
-        if route is None:
-            log.error("no handler for routing key %r on %s; dead-lettering", routing_key, queue_name)
-            await message.reject(requeue=False)
-            return "dead_lettered"
-        try:
-            parsed = route.model.model_validate_json(message.body)
-        except ValidationError as exc:
-            job_id = _job_id_of(message.body)
-            log.error("invalid %s message: %s", routing_key, exc.errors()[:3])
-            if job_id is not None and service in JOB_STAGES:
-                reason = f"invalid {routing_key} message: {_first_error(exc)}"
-                await bus.publish(JobFailed(job_id=job_id, stage=service, reason=reason))
-            await _park(bus, message, headers, routing_key, "invalid message")
-            await message.ack()
-            return "dead_lettered"
-
-        if ended is not None and getattr(parsed, "job_id", None) in ended:
-            log.info("the job has ended (done, failed or cancelled); %s skipped", routing_key)
-            await message.ack()
-            return "skipped"
-        try:
-            await _run_waiting_out_outages(route.handler, parsed, bus, (*BROKER_UNAVAILABLE, *wait_on), work,
-                                           settings.outage_hold_s, lambda: _delivery_open(message))
-        except HeldThroughOutage as exc:
-            if not _delivery_open(message):
-                log.warning("%s: the broker took the message back with its channel (%s); it is delivered again",
-                            routing_key, exc.__cause__)
-                return "requeued"
-            log.warning("%s: still unavailable after %.0f s (%s); handing the message back to %s",
-                        routing_key, settings.outage_hold_s, exc.__cause__, queue_name)
-            if await _hand_back(bus, message, queue_name):
-                return "handed_back"
-            if _delivery_open(message):
-                await message.nack(requeue=True)
-            return "requeued"
-        except PermanentError as exc:
-            log.warning("%s failed permanently: %s", routing_key, exc)
-            await _fail_job(bus, parsed, service, str(exc), permanent=True)
-            await message.ack()
-            return "failed"
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            attempt = int(headers.get(RETRY_COUNT_HEADER, 0))
-            reason = f"{type(exc).__name__}: {exc}"
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            # Counted and timed here, once for every service (common/metrics.py).
+            started = time.perf_counter()
+            work, work_token = metrics.begin_message(service)
+            outcome: str | None = None
+            in_hand[message.delivery_tag] = message
+            # Every line about this message names its job, the error paths' included.
+            job_token = current_job.set(_job_id_of(message.body))
             try:
-                if attempt < len(delays):
-                    delay = delays[attempt]
-                    log.warning("%s failed (%s); retry %d/%d in %d s",
-                                routing_key, reason, attempt + 1, len(delays), delay)
-                    await _send_copy(bus, message, retry_queue(queue_name, delay),
-                                     {**headers, ROUTING_KEY_HEADER: routing_key,
-                                      RETRY_COUNT_HEADER: attempt + 1, "x-last-error": reason[:500]})
-                    await message.ack()
-                    return "retried"
-                else:
-                    log.exception("%s failed after %d attempts; %s", routing_key, attempt + 1,
-                                  "failing the job" if service in JOB_STAGES else "parked in stt.dead-letters")
-                    await _fail_job(bus, parsed, service,
-                                    f"{service} failed after {attempt + 1} attempts: "
-                                    f"{failure_category(exc)}, retries exhausted", permanent=False)
-                    await _park(bus, message, headers, routing_key, reason)
-                    await message.ack()
-                    return "dead_lettered"
+                outcome = await settle(message, work)
             except Exception:
-                log.exception("could not schedule a retry; the broker will redeliver")
+                # The error path itself failed (publishing job.failed or the parked copy while the
+                # broker went away): the message goes back to the queue, never left unacked.
+                log.exception("could not settle a %s message; returning it to the queue", queue_name)
+                if not message.processed and _delivery_open(message):
+                    await message.nack(requeue=True)
+                outcome = "requeued"
+            finally:
+                current_job.reset(job_token)
+                in_hand.pop(message.delivery_tag, None)
+                metrics.end_message(work, work_token, queue_name, outcome, started)
+
+        async def settle(message: AbstractIncomingMessage, work: metrics.Work) -> str:
+            """Handle one message; returns what became of it (metrics.OUTCOMES)."""
+            headers = dict(message.headers or {})
+            routing_key = str(headers.get(ROUTING_KEY_HEADER) or message.routing_key)
+            route = by_key.get(routing_key) or by_key.get("*")
+            if route is None:
+                log.error("no handler for routing key %r on %s; dead-lettering", routing_key, queue_name)
+                await message.reject(requeue=False)
+                return "dead_lettered"
+            try:
+                parsed = route.model.model_validate_json(message.body)
+            except ValidationError as exc:
+                job_id = _job_id_of(message.body)
+                log.error("invalid %s message: %s", routing_key, exc.errors()[:3])
+                if job_id is not None and service in JOB_STAGES:
+                    reason = f"invalid {routing_key} message: {_first_error(exc)}"
+                    await bus.publish(JobFailed(job_id=job_id, stage=service, reason=reason))
+                await _park(bus, message, headers, routing_key, "invalid message")
+                await message.ack()
+                return "dead_lettered"
+
+            if ended is not None and getattr(parsed, "job_id", None) in ended:
+                log.info("the job has ended (done, failed or cancelled); %s skipped", routing_key)
+                await message.ack()
+                return "skipped"
+            try:
+                await _run_waiting_out_outages(route.handler, parsed, bus, (*BROKER_UNAVAILABLE, *wait_on), work,
+                                               settings.outage_hold_s, lambda: _delivery_open(message))
+            except HeldThroughOutage as exc:
+                if not _delivery_open(message):
+                    log.warning("%s: the broker took the message back with its channel (%s); it is delivered again",
+                                routing_key, exc.__cause__)
+                    return "requeued"
+                log.warning("%s: still unavailable after %.0f s (%s); handing the message back to %s",
+                            routing_key, settings.outage_hold_s, exc.__cause__, queue_name)
+                if await _hand_back(bus, message, queue_name):
+                    return "handed_back"
                 if _delivery_open(message):
                     await message.nack(requeue=True)
                 return "requeued"
-        else:
-            await message.ack()
-            return "handled"
+            except PermanentError as exc:
+                log.warning("%s failed permanently: %s", routing_key, exc)
+                await _fail_job(bus, parsed, service, str(exc), permanent=True)
+                await message.ack()
+                return "failed"
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                attempt = int(headers.get(RETRY_COUNT_HEADER, 0))
+                reason = f"{type(exc).__name__}: {exc}"
+                try:
+                    if attempt < len(delays):
+                        delay = delays[attempt]
+                        log.warning("%s failed (%s); retry %d/%d in %d s",
+                                    routing_key, reason, attempt + 1, len(delays), delay)
+                        await _send_copy(bus, message, retry_queue(queue_name, delay),
+                                         {**headers, ROUTING_KEY_HEADER: routing_key,
+                                          RETRY_COUNT_HEADER: attempt + 1, "x-last-error": reason[:500]})
+                        await message.ack()
+                        return "retried"
+                    else:
+                        log.exception("%s failed after %d attempts; %s", routing_key, attempt + 1,
+                                      "failing the job" if service in JOB_STAGES else "parked in stt.dead-letters")
+                        await _fail_job(bus, parsed, service,
+                                        f"{service} failed after {attempt + 1} attempts: "
+                                        f"{failure_category(exc)}, retries exhausted", permanent=False)
+                        await _park(bus, message, headers, routing_key, reason)
+                        await message.ack()
+                        return "dead_lettered"
+                except Exception:
+                    log.exception("could not schedule a retry; the broker will redeliver")
+                    if _delivery_open(message):
+                        await message.nack(requeue=True)
+                    return "requeued"
+            else:
+                await message.ack()
+                return "handled"
 
-    metrics.consuming(service, queue_name)
-    drained = runner.draining()
-    consumer_tag = await queue.consume(on_message)
-    log.info("consuming %s (prefetch %d)", queue_name, prefetch or settings.prefetch_count)
-    try:
-        await runner.stopping().wait()
-        await queue.cancel(consumer_tag)
-        deadline = time.monotonic() + settings.shutdown_grace_s
-        while in_hand and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
-        for message in list(in_hand.values()):
-            await _hand_back(bus, message, queue_name)
+        metrics.consuming(service, queue_name)
+        drained = runner.draining()
+        consumer_tag = await queue.consume(on_message)
+        log.info("consuming %s (prefetch %d)", queue_name, prefetch or settings.prefetch_count)
+        try:
+            await runner.stopping().wait()
+            await queue.cancel(consumer_tag)
+            deadline = time.monotonic() + settings.shutdown_grace_s
+            while in_hand and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            for message in list(in_hand.values()):
+                await _hand_back(bus, message, queue_name)
+        finally:
+            if not drained.done():
+                drained.set_result(None)
     finally:
-        if not drained.done():
-            drained.set_result(None)
+        # Cancelled (a server's background task started again) or failed while setting up: its
+        # consumer and channels go with it, or a second copy would consume beside the first.
+        for opened in (channel, bus.channel):
+            with contextlib.suppress(Exception):
+                await opened.close()
 
 
 async def _hand_back(bus: Bus, message: AbstractIncomingMessage, queue_name: str) -> bool:

@@ -82,10 +82,17 @@ class Wakeups:
         all jobs at each job's end, until cancelled. Not those at each segment: they show status,
         stage and percent only, which their poll finds, and a busy server sends many segments a
         second to each of them."""
-        await watch_job_events(connection, "stt.ingest.live", ["#"], self._wake_job)
-        await watch_job_events(connection, "stt.ingest.live-ends",
-                               [TranscriptCompleted.ROUTING_KEY, TranscriptFailed.ROUTING_KEY], self._wake_all_jobs)
-        await asyncio.Future()
+        channels = []
+        try:
+            channels.append(await watch_job_events(connection, "stt.ingest.live", ["#"], self._wake_job))
+            channels.append(await watch_job_events(
+                connection, "stt.ingest.live-ends", [TranscriptCompleted.ROUTING_KEY, TranscriptFailed.ROUTING_KEY],
+                self._wake_all_jobs))
+            await asyncio.Future()
+        finally:  # stopped, or started again after a failure: no watch left running twice
+            for channel in channels:
+                with contextlib.suppress(Exception):
+                    await channel.close()
 
 
 def _message(event: str, data: BaseModel, event_id: str | None = None) -> ServerSentEventMessage:
@@ -243,7 +250,7 @@ async def jobs_stream(pool: asyncpg.Pool, wakeups: Wakeups, owner: str | None,
             earlier = []
             for job_id in outside:
                 if job_id not in still_there:
-                    # Deleted (in another tab, from the CLI, by retention): a list showing it says so.
+                    # Deleted (in another tab, from the CLI): a list showing it says so.
                     del sent[job_id]
                     yield _message("job.deleted", JobGoneEvent(id=job_id))
                     quiet_s = 0.0
