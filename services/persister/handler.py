@@ -42,15 +42,16 @@ async def _lock_processing_job(conn: asyncpg.Connection, job_id: int) -> asyncpg
 
 
 async def _store_chunk(conn: asyncpg.Connection, job: asyncpg.Record, message: ChunkTranscribed | ChunkEmbedded,
-                       embedding_model: str | None) -> None:
+                       embedding_model: str | None) -> bool:
     """The chunk's segments, turns and speakers (named when their voices are enrolled), and the
-    job's stage and facts."""
+    job's stage and facts; True when names were announced (events enqueued)."""
     job_id = message.job_id
     await jobstore.record_chunk(conn, job_id, message.chunk_index, len(message.segments),
                                 embedded=embedding_model is not None)
     await jobstore.store_segments(conn, job_id, message.chunk_index, message.segments, message.language,
                                   embedding_model, text_language=message.text_language)
     await jobstore.store_diarization(conn, job_id, message.chunk_index, message.turns, message.speakers)
+    announced = False
     if message.speakers:
         settings = get_settings()
         renamed = await speakerstore.name_recording_speakers(
@@ -59,9 +60,11 @@ async def _store_chunk(conn: asyncpg.Connection, job: asyncpg.Record, message: C
             # Someone was enrolled since an earlier chunk's segments went out without the name
             # (that enrolment's own pass may have found nothing left to change here).
             await speakerstore.announce_speaker_names(conn, job_id)
+            announced = True
     stage = await jobstore.stage_after_chunk(conn, job_id, message.chunk_count)
     await jobstore.advance(conn, job_id, stage, language=message.language, duration=message.duration,
                            chunk_count=message.chunk_count, first_chunk=message.chunk_index == 0)
+    return announced
 
 
 async def on_progress(pool: asyncpg.Pool, message: JobProgress) -> bool:
@@ -80,18 +83,18 @@ async def on_progress(pool: asyncpg.Pool, message: JobProgress) -> bool:
 
 
 async def on_transcribed(pool: asyncpg.Pool, message: ChunkTranscribed) -> bool:
-    """Store the chunk's text ahead of its embeddings; returns True when events may have been
-    enqueued (names recognised since an earlier chunk went out are announced)."""
+    """Store the chunk's text ahead of its embeddings; returns True when events were enqueued
+    (names recognised since an earlier chunk went out, announced)."""
     async with pool.acquire() as conn, conn.transaction():
         job = await _lock_processing_job(conn, message.job_id)
         if job is None:
             return False
         if await jobstore.chunk_is_embedded(conn, message.job_id, message.chunk_index):
             return False  # chunk.embedded already stored this chunk in full
-        await _store_chunk(conn, job, message, embedding_model=None)
+        announced = await _store_chunk(conn, job, message, embedding_model=None)
     log.info("stored chunk %d/%d text (%d segments)",
              message.chunk_index + 1, message.chunk_count, len(message.segments))
-    return True
+    return announced
 
 
 async def on_embedded(pool: asyncpg.Pool, message: ChunkEmbedded) -> bool:
