@@ -16,7 +16,7 @@ import aiohttp
 from litestar import Litestar, Request, get, post
 from litestar.datastructures import State, UploadFile
 from litestar.enums import RequestEncodingType
-from litestar.exceptions import ClientException, HTTPException, NotFoundException, ValidationException
+from litestar.exceptions import HTTPException, NotFoundException
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.params import Body, FromPath, HeaderParameter, Parameter
@@ -29,27 +29,27 @@ from pydantic import ConfigDict, ValidationError
 
 from common import jobstore
 from common.broker import connect, open_bus, watched_queues
-from common.db import DATABASE_UNAVAILABLE, apply_migrations, create_pool
+from common.db import apply_migrations, create_pool
 from common.logs import job_logged
 from common.messages import REFERENCE_MAX_CHARS, VOCABULARY_MAX_CHARS, JobOptions
 from common.metrics import http_metrics_middleware, watch_queue_depths
 from common.outbox import run_outbox_flusher
 from common.runner import keep_running
 from common.settings import Settings, get_settings
-from common.storage import QUICK_CLIENT_TIMEOUT_S, STORAGE_UNAVAILABLE, ensure_buckets, is_missing, make_client
+from common.storage import QUICK_CLIENT_TIMEOUT_S, ensure_buckets, is_missing, make_client
 from common.webhooks import new_secret
 from services.embedder.backends import make_embedder
 from services.ingest.admission import (
     SMALL_BODY_BYTES,
-    UPLOAD_PATHS,
     event_stream_limit_middleware,
     small_body_middleware,
     upload_limit_middleware,
 )
 from services.ingest.auth import api_key_middleware, request_owner
 from services.ingest.corrections import CORRECTION_ROUTES
-from services.ingest.errors import error_body, invalid
+from services.ingest.error_handlers import EXCEPTION_HANDLERS, log_unexpected
 from services.ingest.errors import error_responses as _errors
+from services.ingest.errors import invalid
 from services.ingest.fetch import fetch_recording
 from services.ingest.inbox import INBOX_EVENTS_QUEUE, RESULTS_QUEUE, Inbox
 from services.ingest.jobs import (
@@ -303,72 +303,6 @@ async def readyz(state: State, need: Annotated[str | None, Parameter(
                     status_code=200 if ready else 503)
 
 
-def clearer_client_error(request: Request, exc: ClientException) -> Response:
-    """Litestar's own 4xx answers, with a detail that says which field or limit is at fault."""
-    detail = exc.detail
-    if isinstance(exc, ValidationException) and isinstance(exc.extra, list):
-        field = "form field" if request.content_type[0].startswith("multipart/") else "field"
-        where = {"query": "query parameter", "path": "path parameter"}
-        # A check across fields (min_speakers > max_speakers) has no key.
-        problems = [f"{where.get(e.get('source'), field)} {e['key']}: {e.get('message')}" if e.get("key")
-                    else str(e.get("message")) for e in exc.extra if isinstance(e, dict) and e.get("message")]
-        if problems:
-            detail = "invalid " + "; ".join(problems)
-    elif exc.status_code == 400 and detail == "Request Entity Too Large":
-        detail = "a multipart header is over 4 KB: is the filename that long? (names are kept to 255 characters)"
-    elif exc.status_code == 413 and detail == "Request Entity Too Large":
-        # Litestar's own: the body passed the route's limit, an upload's or a body read whole.
-        detail = (f"the file exceeds MAX_UPLOAD_MB ({request.app.state.settings.max_upload_mb} MB)"
-                  if request.url.path in UPLOAD_PATHS and request.content_type[0].startswith("multipart/") else
-                  f"the body exceeds {SMALL_BODY_BYTES // 1024} KiB; send a recording itself as a multipart upload")
-    elif exc.status_code == 400 and detail == "Invalid multipart/form-data":
-        detail = ("the multipart body could not be parsed: headers must be UTF-8 (a filename in another encoding?)"
-                  if request.content_type[0] == "multipart/form-data" else
-                  f"send a multipart/form-data body (curl -F), not {request.content_type[0] or 'no content type'}")
-    return Response(error_body(request.url.path, exc.status_code, detail, exc.extra), status_code=exc.status_code,
-                    headers=exc.headers)
-
-
-def undecodable_form_field(request: Request, exc: UnicodeDecodeError) -> Response:
-    """Litestar reads a multipart part without a filename as UTF-8 text and fails on other bytes:
-    the client sent a file's bytes as a plain field (no filename). Anything else is a fault here."""
-    if request.content_type[0] != "multipart/form-data":
-        log.exception("%s %s failed", request.method, request.url.path)
-        return Response(error_body(request.url.path, 500, "Internal Server Error"), status_code=500)
-    return Response(error_body(request.url.path, 400, "a form field is not UTF-8 text: send a file as a part with a "
-                               "filename (curl -F file=@meeting.mp3)"), status_code=400)
-
-
-def unknown_charset_or_fault(request: Request, exc: LookupError) -> Response:
-    """A multipart field whose charset Python does not know (`charset=bogus`) is the client's;
-    any other LookupError (a KeyError, an IndexError) is a fault here."""
-    if type(exc) is LookupError and str(exc).startswith("unknown encoding"):
-        return Response(error_body(request.url.path, 400, f"a form field's charset is not one this server knows"
-                                   f" ({exc}): send text fields as UTF-8"), status_code=400)
-    return Response(error_body(request.url.path, 500, "Internal Server Error"), status_code=500)
-
-
-async def log_unexpected(exception: Exception, scope) -> None:
-    """A request that failed with an error nothing answers for (a 500) is logged with its
-    traceback, and its job id when the route has one: Litestar logs nothing itself when its own
-    logging is off, as here (the project's format is kept)."""
-    if isinstance(exception, (HTTPException, UnicodeDecodeError, *DATABASE_UNAVAILABLE, *STORAGE_UNAVAILABLE)):
-        return  # answered with a 4xx, or a 503 logged where it is made
-    if isinstance(exception, LookupError) and str(exception).startswith("unknown encoding"):
-        return
-    job_id = (scope.get("path_params") or {}).get("job_id")
-    with job_logged(job_id) if isinstance(job_id, int) else contextlib.nullcontext():
-        log.error("%s %s failed", scope.get("method"), scope.get("path"), exc_info=exception)
-
-
-def service_unavailable(request: Request, exc: Exception) -> Response:
-    job_id = (request.scope.get("path_params") or {}).get("job_id")
-    with job_logged(job_id) if isinstance(job_id, int) else contextlib.nullcontext():
-        log.warning("%s %s: backing service unavailable (%s)", request.method, request.url.path, type(exc).__name__)
-    return Response(error_body(request.url.path, 503, "a backing service is unavailable; try again shortly"),
-                    status_code=503, headers={"Retry-After": "5"})
-
-
 def create_app(settings: Settings | None = None) -> Litestar:
     settings = settings or get_settings()
 
@@ -437,9 +371,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         middleware=[http_metrics_middleware, api_key_middleware(settings),  # metrics first: 401s count
                     upload_limit_middleware(settings.max_concurrent_uploads), small_body_middleware,
                     event_stream_limit_middleware(settings.max_event_streams)],
-        exception_handlers={ClientException: clearer_client_error, UnicodeDecodeError: undecodable_form_field,
-                            LookupError: unknown_charset_or_fault,
-                            **{cls: service_unavailable for cls in (*DATABASE_UNAVAILABLE, *STORAGE_UNAVAILABLE)}},
+        exception_handlers=EXCEPTION_HANDLERS,
         after_exception=[log_unexpected],
         logging_config=None,  # keep the project's log format (common.logs)
         # `error` appears in a status document only when the job failed.
