@@ -140,7 +140,8 @@ class Reindexer:
         store). Once no run goes on, the counts are read again: they are the outcome."""
         async with self._counting:
             now = asyncio.get_running_loop().time()
-            if self._counts is None or now - self._counts[0] >= COUNTS_FRESH_S or self._counts[1] != running:
+            if (not running or self._counts is None or now - self._counts[0] >= COUNTS_FRESH_S
+                    or not self._counts[1]):
                 self._counts = now, running, await jobstore.reindex_counts(self.pool, self.model)
             return self._counts[2]
 
