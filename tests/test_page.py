@@ -64,6 +64,9 @@ def test_upload_follow_read_play_and_download(stack, fixtures_dir, browser, tmp_
             route.continue_()
 
     page.route(re.compile(r"/transcripts/\d+/speakers$"), hold_speaking_time)
+    # A recording that ended hours ago: listed, but no longer followed by the list's event stream.
+    old = stack.value("INSERT INTO transcripts (filename, status, completed_at) VALUES ('old.wav', 'done',"
+                      " now() - interval '2 hours') RETURNING id")
     page.goto(stack.api + "/")
     assert page.title() == "stt-pipeline"
     # The script and styles are checked again on every load, as the page is: after an upgrade a
@@ -206,6 +209,11 @@ def test_upload_follow_read_play_and_download(stack, fixtures_dir, browser, tmp_
         assert not page.locator(control).is_visible(), control
     page.wait_for_timeout(4_500)  # a page that kept asking would have tried again every 2 s
     assert streams == [], streams
+    # One deleted elsewhere that no stream told the page of: opened, the page says it is gone.
+    assert httpx.delete(f"{stack.api}/transcripts/{old}", timeout=30).status_code == 204
+    page.locator(f'#jobs li[data-job="{old}"] button').click()
+    page.locator("#transcript-status", has_text="was deleted").wait_for(timeout=15_000)
+    page.locator(f'#jobs li[data-job="{old}"]').wait_for(state="detached", timeout=5_000)
     assert errors == []
     page.close()
 
