@@ -37,6 +37,17 @@ def read_events(url: str, *, headers: dict | None = None, until=None, timeout: f
     return events
 
 
+def reading_events(url: str, until, timeout: float = 30) -> tuple[threading.Thread, list[dict]]:
+    """A reader of `url`'s events on a thread of its own, connected once this returns; what it
+    read is in the list once the thread has ended."""
+    connected, seen = threading.Event(), []
+    reader = threading.Thread(target=lambda: seen.extend(
+        read_events(url, until=until, timeout=timeout, connected=connected)), daemon=True)
+    reader.start()
+    assert connected.wait(30)
+    return reader, seen
+
+
 def segments_of(events: list[dict]) -> list[dict]:
     return [e for e in events if e.get("event") == "segment.created"]
 
@@ -112,16 +123,13 @@ def test_the_jobs_stream_follows_a_job_to_its_end_after_newer_ones_push_it_out_o
     told ending after 100 newer ones came (a batch of uploads), or the page shows it processing."""
     older = stack.value("INSERT INTO transcripts (filename) VALUES ('older.wav') RETURNING id")
     newer: list[int] = []
-    connected, seen, outcome = threading.Event(), [], {}
+    outcome = {}
 
     def older_ended(events: list[dict]) -> bool:
         return any(e["data"]["id"] == older and e["data"]["status"] == "error" for e in events)
 
-    reader = threading.Thread(target=lambda: seen.extend(
-        read_events(f"{stack.api}/events", until=older_ended, timeout=30, connected=connected)), daemon=True)
     try:
-        reader.start()
-        assert connected.wait(30)
+        reader, seen = reading_events(f"{stack.api}/events", until=older_ended)
         time.sleep(1)
         newer += [row["id"] for row in stack.query(
             "INSERT INTO transcripts (filename, status) SELECT 'newer.wav', 'done' FROM generate_series(1, 100)"
@@ -142,16 +150,12 @@ def test_the_jobs_stream_says_when_a_job_it_showed_is_deleted(stack):
     kept = stack.value("INSERT INTO transcripts (filename) VALUES ('kept.wav') RETURNING id")
     gone = stack.value("INSERT INTO transcripts (filename, status, completed_at) VALUES ('gone.wav', 'done', now())"
                        " RETURNING id")
-    connected, seen = threading.Event(), []
 
     def told_deleted(events: list[dict]) -> bool:
         return any(e.get("event") == "job.deleted" for e in events)
 
-    reader = threading.Thread(target=lambda: seen.extend(
-        read_events(f"{stack.api}/events", until=told_deleted, timeout=30, connected=connected)), daemon=True)
     try:
-        reader.start()
-        assert connected.wait(30)
+        reader, seen = reading_events(f"{stack.api}/events", until=told_deleted)
         time.sleep(2)
         assert httpx.delete(f"{stack.api}/transcripts/{gone}", timeout=30).status_code == 204
         reader.join(40)
