@@ -62,6 +62,13 @@ QUEUE_MESSAGES = Gauge(
 QUEUE_CONSUMERS = Gauge(
     "stt_queue_consumers", "Consumers attached to a RabbitMQ queue (as seen by ingest)", ["queue"],
 )
+WEBHOOK_ATTEMPTS = Counter(
+    "stt_webhook_attempts",
+    "Webhook delivery attempts (the notifier), by outcome: delivered, retried (it will be tried again),"
+    " given_up (the last attempt failed)",
+    ["outcome"],
+)
+WEBHOOK_OUTCOMES = ("delivered", "retried", "given_up")
 HTTP_REQUESTS = Counter(
     "stt_http_requests", "HTTP requests answered by ingest", ["method", "route", "status"],
 )
@@ -142,6 +149,16 @@ def nothing_to_do() -> None:
     work = _current_work.get()
     if work is not None:
         work.nothing_to_do = True
+
+
+def delivering_webhooks() -> None:
+    """The notifier started: its webhook series exist from now on, at 0."""
+    for outcome in WEBHOOK_OUTCOMES:
+        WEBHOOK_ATTEMPTS.labels(outcome)
+
+
+def webhook_attempted(outcome: str) -> None:
+    WEBHOOK_ATTEMPTS.labels(outcome).inc()
 
 
 def add_audio_seconds(seconds: float) -> None:

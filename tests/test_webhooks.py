@@ -149,8 +149,17 @@ def stt(stack, *args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=60)
 
 
+def webhook_attempts(stack) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(stack.metrics_url("notifier"), timeout=10).text
+    return {s.labels["outcome"]: s.value for family in text_string_to_metric_families(text)
+            for s in family.samples if s.name == "stt_webhook_attempts_total"}
+
+
 def test_events_arrive_signed_in_order_retried_and_given_up(notified, fixtures_dir):
     stack, receiver = notified
+    attempts_before = webhook_attempts(stack)
     added = stt(stack, "webhooks", "add", receiver.url("/ok"))
     assert added.returncode == 0, added.stderr
     ok_secret = added.stdout.split("secret: ")[1].strip()
@@ -200,6 +209,10 @@ def test_events_arrive_signed_in_order_retried_and_given_up(notified, fixtures_d
     assert all(a["error"] == f"no answer within {TIMEOUT_S} s" for a in log[0]["attempts"])
     printed = stt(stack, "webhooks", "deliveries", str(dead["id"]))
     assert f"job {job_id}\ttranscript.completed\tfailed\t{MAX_ATTEMPTS} attempt(s)" in printed.stdout, printed
+    # An operator sees the same in the notifier's metrics: the retries, and the one given up.
+    attempts = webhook_attempts(stack)
+    moved = {outcome: attempts[outcome] - attempts_before.get(outcome, 0) for outcome in attempts}
+    assert moved["given_up"] >= 1 and moved["retried"] >= 2 + MAX_ATTEMPTS - 1 and moved["delivered"] >= len(ok), moved
 
     listed = stt(stack, "webhooks", "list").stdout
     assert receiver.url("/ok") in listed and f"job {job_id}" in listed

@@ -18,7 +18,7 @@ from common.broker import (
 from common.db import DATABASE_UNAVAILABLE, LockKey, apply_migrations, create_pool, every
 from common.logs import setup_logging
 from common.messages import EVENTS, WebhookDue
-from common.metrics import serve_metrics
+from common.metrics import delivering_webhooks, serve_metrics
 from common.outbound import http_session
 from common.runner import run_worker
 from common.settings import get_settings
@@ -41,6 +41,7 @@ async def main() -> None:
     settings = get_settings()
     setup_logging(settings.log_level)
     serve_metrics(settings, "notifier")
+    delivering_webhooks()
     pool = await create_pool(settings, max_size=DELIVERY_PREFETCH + 4)
     await apply_migrations(pool)
     connection = await connect(settings, "notifier")

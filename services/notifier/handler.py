@@ -22,6 +22,7 @@ import asyncpg
 from common import jobstore
 from common.broker import Bus, publish_later, stage_queue
 from common.messages import Contract, WebhookDue
+from common.metrics import webhook_attempted
 from common.outbound import target_problem
 from common.settings import Settings
 from common.webhooks import WebhookPayload, signature
@@ -150,6 +151,7 @@ async def _attempt(conn: asyncpg.Connection, http: aiohttp.ClientSession, settin
                 "SELECT 1 FROM transcripts WHERE id = $1 FOR KEY SHARE", due.job_id) is None:
             # The job was deleted meanwhile: its text stays nowhere (jobstore.delete_job).
             await jobstore.forget_deleted_jobs_deliveries(conn, due.job_id)
+    webhook_attempted({"pending": "retried", "failed": "given_up"}.get(status, status))
     if status == "pending":
         log.warning("webhook %d: %s %s not delivered (%s); attempt %d/%d again in %d s", due.webhook_id,
                     head["event_type"], head["event_id"], error, attempt, settings.webhook_max_attempts, delay)
