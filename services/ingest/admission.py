@@ -146,7 +146,7 @@ def _fields_bounded(receive: Receive, content_type: bytes) -> Receive:
     _, options = parse_options_header(content_type.decode("latin-1"))
     try:
         parser = PushMultipartParser(options.get("boundary", ""))
-    except (MultipartError, ValueError):
+    except ValueError:  # MultipartError is one
         return receive  # no usable boundary: the form parser refuses the body itself
     field: str | None = None  # the text field being read, if one is
     fields_bytes = 0

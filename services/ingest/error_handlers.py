@@ -60,10 +60,22 @@ def undecodable_form_field(request: Request, exc: UnicodeDecodeError) -> Respons
                                "filename (curl -F file=@meeting.mp3)"), status_code=400)
 
 
+def _unknown_charset(exc: BaseException) -> bool:
+    """Python's answer to decoding a multipart field in a charset it does not know (`charset=bogus`);
+    not a KeyError or an IndexError, which are LookupErrors too."""
+    return type(exc) is LookupError and str(exc).startswith("unknown encoding")
+
+
+def _for_the_routes_job(scope) -> contextlib.AbstractContextManager:
+    """Lines logged inside carry the job of the route's `job_id`, when it has one."""
+    job_id = (scope.get("path_params") or {}).get("job_id")
+    return job_logged(job_id) if isinstance(job_id, int) else contextlib.nullcontext()
+
+
 def unknown_charset_or_fault(request: Request, exc: LookupError) -> Response:
-    """A multipart field whose charset Python does not know (`charset=bogus`) is the client's;
-    any other LookupError (a KeyError, an IndexError) is a fault here."""
-    if type(exc) is LookupError and str(exc).startswith("unknown encoding"):
+    """A multipart field whose charset Python does not know is the client's; any other
+    LookupError is a fault here."""
+    if _unknown_charset(exc):
         return Response(error_body(request.url.path, 400, f"a form field's charset is not one this server knows"
                                    f" ({exc}): send text fields as UTF-8"), status_code=400)
     return Response(error_body(request.url.path, 500, "Internal Server Error"), status_code=500)
@@ -75,16 +87,14 @@ async def log_unexpected(exception: Exception, scope) -> None:
     logging is off, as here (the project's format is kept)."""
     if isinstance(exception, (HTTPException, UnicodeDecodeError, *DATABASE_UNAVAILABLE, *STORAGE_UNAVAILABLE)):
         return  # answered with a 4xx, or a 503 logged where it is made
-    if isinstance(exception, LookupError) and str(exception).startswith("unknown encoding"):
+    if _unknown_charset(exception):
         return
-    job_id = (scope.get("path_params") or {}).get("job_id")
-    with job_logged(job_id) if isinstance(job_id, int) else contextlib.nullcontext():
+    with _for_the_routes_job(scope):
         log.error("%s %s failed", scope.get("method"), scope.get("path"), exc_info=exception)
 
 
 def service_unavailable(request: Request, exc: Exception) -> Response:
-    job_id = (request.scope.get("path_params") or {}).get("job_id")
-    with job_logged(job_id) if isinstance(job_id, int) else contextlib.nullcontext():
+    with _for_the_routes_job(request.scope):
         log.warning("%s %s: backing service unavailable (%s)", request.method, request.url.path, type(exc).__name__)
     return Response(error_body(request.url.path, 503, "a backing service is unavailable; try again shortly"),
                     status_code=503, headers={"Retry-After": "5"})
