@@ -798,13 +798,23 @@ async def search_semantic(pool: asyncpg.Pool, vector: list[float], model: str, *
     distance = f"s.embedding::{kind}({dimensions}) <=> $1::real[]::{kind}({dimensions})"
     # The model as a literal, as in the partial index's predicate, so the planner can use it.
     model_literal = model.replace("'", "''")
+
+    def nearest(order: str) -> str:
+        return (f"SELECT {_HIT_COLUMNS}, 1 - ({distance}) AS score, NULL::text AS highlighted"
+                f" FROM segments s JOIN transcripts t ON t.id = s.transcript_id {_SPEAKER_NAME}"
+                f" WHERE s.embedding_model = '{model_literal}' AND s.embedding IS NOT NULL{where}"
+                f" ORDER BY {order} LIMIT ${len(args)}")
+
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute("SET LOCAL hnsw.iterative_scan = strict_order")
-        return await conn.fetch(
-            f"SELECT {_HIT_COLUMNS}, 1 - ({distance}) AS score, NULL::text AS highlighted"
-            f" FROM segments s JOIN transcripts t ON t.id = s.transcript_id {_SPEAKER_NAME}"
-            f" WHERE s.embedding_model = '{model_literal}' AND s.embedding IS NOT NULL{where}"
-            f" ORDER BY {distance} LIMIT ${len(args)}", *args)
+        rows = await conn.fetch(nearest(distance), *args)
+        if len(rows) < limit and where:
+            # The index walk gives up after hnsw.max_scan_tuples (20,000) rows the filters reject: one
+            # meeting's or one key's segments in a large store come back short. Short means the
+            # filters keep few rows, so ranking all of them exactly is cheap; `+ 0` keeps the
+            # planner off the HNSW index.
+            rows = await conn.fetch(nearest(f"({distance}) + 0"), *args)
+        return rows
 
 
 # ---- re-embedding (ingest) --------------------------------------------------------------------

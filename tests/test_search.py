@@ -348,3 +348,39 @@ async def test_a_model_with_more_dimensions_than_pgvector_indexes_is_stored_and_
             await pool.execute(f"DROP INDEX {name}")
         jobstore._indexed.discard((model, dimensions))
         await pool.close()
+
+
+async def test_a_narrow_filters_nearest_segments_are_all_found_in_a_crowded_store(stack: Stack):
+    """The HNSW walk stops after hnsw.max_scan_tuples rows its filters reject (20,000 by default):
+    searching one speaker, one key's meetings or one meeting of a large store came back with fewer
+    hits than there are. A store too small to reach that limit stands in, with the limit set to 1."""
+    model, dimensions = "test-model-crowded", 8
+    rng = np.random.default_rng(8)
+    query = np.ones(dimensions, dtype=np.float32)
+    others = query + 0.05 * rng.standard_normal((200, dimensions)).astype(np.float32)
+    speaker = -query + 0.05 * rng.standard_normal((5, dimensions)).astype(np.float32)
+    pool = await asyncpg.create_pool(stack.database_url, min_size=1, max_size=1, server_settings={
+        "hnsw.ef_search": "1", "hnsw.max_scan_tuples": "1", "enable_seqscan": "off",
+        "enable_bitmapscan": "off", "enable_sort": "off"})
+    insert = ("INSERT INTO segments (transcript_id, chunk_index, index, speaker, start_ts, end_ts, text,"
+              " embedding, embedding_model) VALUES ($1, 0, $2, $3, $4, $4::float8 + 1, 'words',"
+              " $5::real[]::vector, $6)")
+    try:
+        job_id = await pool.fetchval(
+            "INSERT INTO transcripts (filename, status) VALUES ('crowded.wav', 'done') RETURNING id")
+        await jobstore.ensure_vector_index(pool, model, dimensions)
+        rows = [(i, "spk_0", v) for i, v in enumerate(others)] + [(1000 + i, "spk_1", v) for i, v in enumerate(speaker)]
+        await pool.executemany(insert, [(job_id, i, who, float(i), v.tolist(), model) for i, who, v in rows])
+        await pool.execute("ANALYZE segments")
+        hits = await jobstore.search_semantic(pool, query.tolist(), model, limit=10, owner=None,
+                                              transcript_id=None, speaker="spk_1", language=None,
+                                              since=None, until=None)
+        assert sorted(hit["index"] for hit in hits) == [1000, 1001, 1002, 1003, 1004]
+        assert [hit["score"] for hit in hits] == sorted((hit["score"] for hit in hits), reverse=True)
+    finally:
+        await pool.execute("DELETE FROM transcripts WHERE filename = 'crowded.wav'")
+        for (name,) in await pool.fetch("SELECT indexname FROM pg_indexes WHERE tablename = 'segments'"
+                                        " AND indexdef LIKE $1", f"%{model}%"):
+            await pool.execute(f"DROP INDEX {name}")
+        jobstore._indexed.discard((model, dimensions))
+        await pool.close()
