@@ -187,6 +187,25 @@ def test_compose_minio_notifies_where_ingest_listens():
     assert minio["MINIO_NOTIFY_AMQP_ROUTING_KEY_PRIMARY"] == settings["MINIO_EVENTS_ROUTING_KEY"]
 
 
+def test_compose_broker_keeps_its_queues_when_recreated():
+    """RabbitMQ stores its queues under rabbit@<hostname>; a container's default hostname is its
+    id, so a recreated broker found its volume's queues under another node's name and started empty."""
+    assert load_compose()["services"]["rabbitmq"].get("hostname") == "rabbitmq"
+
+
+def test_compose_publishes_every_port_on_this_host_unless_told_otherwise():
+    """Without API_KEYS the API is open: published on every interface it was open to the network."""
+    published = {name: service.get("ports", []) for name, service in load_compose()["services"].items()}
+    assert {name: [port for port in ports if not re.match(r"(127\.0\.0\.1|\$\{API_BIND:-127\.0\.0\.1\}):", port)]
+            for name, ports in published.items() if ports} == {"ingest": [], "minio": [], "rabbitmq": []}
+
+
+def test_compose_gpu_transcriber_has_an_image_of_its_own():
+    """One tag for both: `make docker-up` ran whichever image was built last, with GPU= or without."""
+    assert load_compose("compose.gpu.yaml")["services"]["transcriber"]["image"] != \
+        load_compose()["services"]["transcriber"]["image"]
+
+
 # ---- Kubernetes ------------------------------------------------------------------------------
 
 def k8s_manifests() -> list[Path]:
