@@ -124,8 +124,24 @@ def fail(message: str) -> NoReturn:
 
 
 def api_client(api: str, api_key: str | None) -> httpx.Client:
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    return httpx.Client(base_url=api.rstrip("/"), headers=headers, timeout=httpx.Timeout(30, connect=10))
+    return httpx.Client(base_url=api_base(api), headers=auth_headers(api_key), timeout=httpx.Timeout(30, connect=10))
+
+
+def api_base(api: str) -> str:
+    if not api.lower().startswith(("http://", "https://")):
+        fail(f"--api / STT_API_URL must start with http:// or https:// (it is {api!r})")
+    return api.rstrip("/")
+
+
+def auth_headers(api_key: str | None) -> dict[str, str]:
+    """The key as a header. A key read from a file often ends in a newline or a carriage return,
+    which the server would strip, but httpx refuses to send and names the whole key in its error."""
+    key = (api_key or "").strip()
+    if not key:
+        return {}
+    if not (key.isascii() and key.isprintable()):
+        fail("the API key (--api-key / STT_API_KEY) holds characters a header cannot carry")
+    return {"Authorization": f"Bearer {key}"}
 
 
 def listed(client: httpx.Client, path: str, params: dict, limit: int | None = None) -> list[dict]:
@@ -195,6 +211,11 @@ def multipart_body(path: Path, fields: dict[str, str],
     return headers, body()
 
 
+# Errors raised before a request leaves this machine: sending it again cannot help.
+NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.UnsupportedProtocol, httpx.LocalProtocolError,
+            httpx.ProxyError)
+
+
 def upload(client: httpx.Client, source: Path | str, fields: dict[str, str]) -> SubmittedJob:
     """Upload one file, or give the address the service fetches it from; while the server
     answers 503 with Retry-After, wait that long and offer it again, for up to UPLOAD_BUSY_WAIT_S.
@@ -209,9 +230,9 @@ def upload(client: httpx.Client, source: Path | str, fields: dict[str, str]) -> 
             response = (_post_upload(client, source, fields, headers) if isinstance(source, Path)
                         else _post_url(client, source, fields, headers))
         except httpx.TransportError as exc:
-            # A refused connection on the first attempt: nothing reached the service, say so. On
-            # a later one the service may be restarting, and may have made the job already.
-            if (isinstance(exc, httpx.ConnectError) and attempt == 1) or attempt == UPLOAD_ATTEMPTS:
+            # Not sent on the first attempt (no connection made): nothing reached the service, say
+            # so. On a later one the service may be restarting, and may have made the job already.
+            if (isinstance(exc, NOT_SENT) and attempt == 1) or attempt == UPLOAD_ATTEMPTS:
                 if attempt > 1:
                     stderr.print(f"{escape(source_name(source))}: an earlier attempt may have been accepted;"
                                  " see stt list before sending it again")
@@ -1039,9 +1060,8 @@ STATUS_POLL_S = 15.0
 async def already_ended(api: str, api_key: str | None, job_id: int, when: str = "had already ended") -> int | None:
     """The exit code for a followed job that has ended (1 for one that does not exist), else None.
     Only a shortcut: when the API cannot say, watching goes on and the event will tell."""
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        async with httpx.AsyncClient(base_url=api.rstrip("/"), headers=headers, timeout=10) as client:
+        async with httpx.AsyncClient(base_url=api_base(api), headers=auth_headers(api_key), timeout=10) as client:
             document = checked(await client.get(f"/status/{job_id}", params={"segments": "false"})).json()
     except ApiError as exc:
         if exc.status_code == 404:  # a mistyped id (or a job deleted) would otherwise be watched for ever

@@ -721,6 +721,26 @@ def test_runs_as_a_module():
 # ---- argument parsing only (no stack) -------------------------------------------------------
 
 
+def test_a_key_read_with_its_line_ending_works_and_a_bad_key_is_never_printed(keyed_stack, jfk_submission):
+    """A key from `$(cat key.txt)` of a Windows file ends in a carriage return: httpx refused the
+    header and its error, printed as "cannot reach the API", held the whole key."""
+    _, job_id = jfk_submission
+    read_with_crlf = stt(keyed_stack, "status", str(job_id), STT_API_KEY=f"{API_KEY}\r\n")
+    assert read_with_crlf.returncode == 0 and "done" in read_with_crlf.stdout, read_with_crlf.stderr
+    secret = f"{API_KEY}\u00e9"
+    refused = stt(keyed_stack, "status", str(job_id), STT_API_KEY=secret)
+    assert refused.returncode == 1 and "cannot carry" in refused.stderr
+    assert API_KEY not in refused.stdout + refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_an_address_without_its_scheme_is_said_once_and_not_sent_again(fixtures_dir):
+    result = CliRunner().invoke(app, ["submit", str(fixtures_dir / "jfk.flac"), "--no-wait",
+                                      "--api", "localhost:8000"])
+    assert result.exit_code == 1
+    assert "must start with http:// or https://" in result.output
+    assert "sending it again" not in result.output and "may have been accepted" not in result.output
+
+
 def test_exact_and_ranged_speaker_counts_exclude_each_other(fixtures_dir):
     result = CliRunner().invoke(app, ["submit", str(fixtures_dir / "jfk.flac"), "--speakers", "2",
                                       "--min-speakers", "1"])
