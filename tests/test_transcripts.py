@@ -75,6 +75,13 @@ def test_srt_cues_are_numbered_with_speaker_and_comma_milliseconds():
     )
 
 
+def test_an_arrow_of_any_length_in_the_text_never_reads_as_timing():
+    """One pass of replace("-->", "->") made "--->" into "-->", which players read as a timing line."""
+    segment = TranscriptSegment(speaker="spk_0", start_ts=0.0, end_ts=2.0, text="step one ---> step two ----> three")
+    lines = to_srt([segment]).splitlines()
+    assert [line for line in lines if "-->" in line] == ["00:00:00,000 --> 00:00:02,000"]
+
+
 def test_vtt_has_header_voice_tags_and_escaped_text():
     assert to_vtt(SEGMENTS) == (
         "WEBVTT\n\n"
@@ -375,7 +382,7 @@ def test_words_come_with_their_times(dialogue, stack):
 def test_srt(dialogue, stack):
     response = transcript(stack, dialogue["id"], format="srt")
     assert response.status_code == 200, response.text
-    assert response.headers["content-type"].startswith("application/x-subrip")
+    assert response.headers["content-type"] == "application/x-subrip; charset=utf-8"
     stem = dialogue["filename"].removesuffix(".wav")
     assert f'filename="{stem}.srt"' in response.headers["content-disposition"]
     assert_cues_match(parse_srt(response.text), dialogue["segments"])
@@ -384,7 +391,8 @@ def test_srt(dialogue, stack):
 def test_vtt(dialogue, stack):
     response = transcript(stack, dialogue["id"], format="vtt")
     assert response.status_code == 200, response.text
-    assert response.headers["content-type"].startswith("text/vtt")
+    # One charset: a repeated parameter is refused by strict parsers (Go's mime package).
+    assert response.headers["content-type"] == "text/vtt; charset=utf-8"
     assert response.headers["content-disposition"].endswith(".vtt")
     assert response.text.startswith("WEBVTT\n\n")
     assert_cues_match(parse_vtt(response.text), dialogue["segments"])
@@ -392,7 +400,7 @@ def test_vtt(dialogue, stack):
 
 def test_txt(dialogue, stack):
     response = transcript(stack, dialogue["id"], format="txt")
-    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    assert response.status_code == 200 and response.headers["content-type"] == "text/plain; charset=utf-8"
     lines = response.text.splitlines()
     assert len(lines) == len(dialogue["segments"])
     for line, segment in zip(lines, dialogue["segments"]):

@@ -183,10 +183,10 @@ def rendered(document, response_format: str, task: str) -> Response:
     segments = document.segments
     text = " ".join(s.text for s in segments)
     if response_format == "text":
-        return Response(text, media_type="text/plain; charset=utf-8")
+        return Response(text, media_type="text/plain")
     if response_format in ("srt", "vtt"):
         body = (to_srt if response_format == "srt" else to_vtt)(segments)
-        return Response(body, media_type="text/plain; charset=utf-8")
+        return Response(body, media_type="text/plain")
     duration = document.duration or 0.0
     usage = {"type": "duration", "seconds": duration}
     if response_format == "json":

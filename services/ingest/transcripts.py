@@ -104,7 +104,7 @@ def txt_timestamp(seconds: float) -> str:
 
 def _one_line(text: str) -> str:
     """Cue text on one line: a blank line would end the cue, and `-->` would read as timing."""
-    return " ".join(text.split()).replace("-->", "->")
+    return re.sub(r"-{2,}>", "->", " ".join(text.split()))
 
 
 def to_srt(segments: Sequence[TranscriptSegment], line_width: int = LINE_WIDTH,
@@ -316,6 +316,12 @@ UntilQuery = Annotated[str | None, QueryParameter(
 _BLANKED_OFFSET = re.compile(r"(\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?) (\d{2}:?\d{2})$")
 
 
+def utf8(media_type: str) -> str:
+    """The media type saying UTF-8; Litestar adds the charset to text/* types itself, and a second
+    one is a repeated parameter that strict parsers (Go's mime package) refuse."""
+    return media_type if media_type.startswith("text/") else f"{media_type}; charset=utf-8"
+
+
 @dataclass
 class _TextFormatsOperation(Operation):
     """The 200 answer is JSON by default and text in the subtitle and text formats."""
@@ -359,7 +365,7 @@ async def get_transcript(
         body = to_txt(document.segments)
     return Response(
         body,
-        media_type=f"{MEDIA_TYPES[format]}; charset=utf-8",
+        media_type=utf8(MEDIA_TYPES[format]),
         headers={"Content-Disposition": content_disposition(download_name(document.filename, format))},
     )
 
