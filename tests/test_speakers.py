@@ -418,3 +418,20 @@ async def test_a_voice_named_after_a_person_while_they_are_forgotten_loses_the_n
     finally:
         await matching.close()
         await forgetting.close()
+
+
+def test_a_rerun_of_an_enrolled_recording_cannot_enrol_the_same_voice_under_another_name(enrolled):
+    """A rerun gives the same voice under another job; enrolled under a second name, both profiles
+    scored alike on it everywhere and the matching picked between them by chance."""
+    stack, owner, _, source = enrolled
+    rerun = owner.post(f"/transcripts/{source}/rerun", json={})
+    assert rerun.status_code in (200, 201, 202), rerun.text
+    again = rerun.json()["id"]
+    assert stack.wait_finished(again, 300, owner)["status"] == "done"
+    first_label = _speaker_at(stack.status(source, owner), 2.0)["speaker"]
+    rerun_label = _speaker_at(stack.status(again, owner), 2.0)["speaker"]
+    anna = owner.post("/speakers", json={"name": "Anna", "transcript_id": source, "label": first_label})
+    assert anna.status_code == 201, anna.text
+    twice = owner.post("/speakers", json={"name": "Boris", "transcript_id": again, "label": rerun_label})
+    assert twice.status_code == 409 and "already a voiceprint of 'Anna'" in twice.json()["detail"], twice.text
+    assert [s["name"] for s in owner.get("/speakers").json()["items"]] == ["Anna"]

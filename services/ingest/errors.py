@@ -57,6 +57,7 @@ MEANINGS = {
     415: "Not audio this service can decode",
     416: "The Range asked for is not within the file",
     422: "The request cannot be carried out as sent: the message says why",
+    501: "Not installed on this server",
     503: "A backing service is unavailable; try again",
 }
 

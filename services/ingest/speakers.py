@@ -172,6 +172,12 @@ async def _profile(pool: asyncpg.Pool, owner: str | None, speaker_id: int) -> Sp
 # ---- voiceprints from the two sources ---------------------------------------------------------
 
 
+def _no_speaker_models() -> HTTPException:
+    return HTTPException(status_code=501, detail="enrolment from audio needs the speaker models here: install the"
+                                                 " diarizer extra (pip install '.[diarizer]'), or enrol from a"
+                                                 " transcript's speaker")
+
+
 async def _voice_of_sample(upload: UploadFile, settings: Settings) -> SpeakerEmbedding:
     stream = upload.file
     checked_size(stream, min(settings.max_upload_bytes, SAMPLE_MAX_MB * 1024 * 1024), empty="the sample is empty",
@@ -179,9 +185,7 @@ async def _voice_of_sample(upload: UploadFile, settings: Settings) -> SpeakerEmb
     try:
         from services.diarizer.voiceprint import NotOneVoice, voiceprint_of_sample
     except ImportError as exc:
-        raise HTTPException(status_code=501, detail="enrolment from audio needs the speaker models here: install"
-                                                    " the diarizer extra (pip install '.[diarizer]'), or enrol"
-                                                    " from a transcript's speaker") from exc
+        raise _no_speaker_models() from exc
     try:
         waveform = await asyncio.to_thread(decode_audio, stream, SAMPLE_MAX_S + 1)
     except AudioTooLong as exc:
@@ -197,6 +201,8 @@ async def _voice_of_sample(upload: UploadFile, settings: Settings) -> SpeakerEmb
             return await asyncio.to_thread(voiceprint_of_sample, waveform, settings.speaker_match_threshold)
         except NotOneVoice as exc:
             raise HTTPException(status_code=422, detail=str(exc)) from exc
+        except ImportError as exc:  # the models' packages are imported when they first run
+            raise _no_speaker_models() from exc
 
 
 async def _voice_of_transcript_speaker(conn: asyncpg.Connection, owner: str | None, reference: FromTranscript,
@@ -225,7 +231,8 @@ async def _voice_of_transcript_speaker(conn: asyncpg.Connection, owner: str | No
 
 @post("/speakers", status_code=201, summary="Enrol a speaker (or add a voiceprint to one)",
       request_max_body_size=(SAMPLE_MAX_MB + 1) * 1024 * 1024,
-      responses=error_responses(400, 401, 403, 404, 409, 411, 413, 415, 422, 503,
+      responses=error_responses(400, 401, 403, 404, 409, 411, 413, 415, 422, 501, 503,
+                                e501="The speaker models are not installed here (the diarizer extra)",
                                 e404="No such job (for this key) to take the voice from",
                                 e422="The sample holds no speech or several voices, or the job's speaker talks"
                                      " too little to be recognised by",
@@ -269,6 +276,9 @@ async def enrol(request: Request, state: State) -> Enrolled:
             enrolled_as = await speakerstore.speaker_enrolled_from(conn, owner, reference.transcript_id,
                                                                    reference.label)
             already = f"{reference.label} of job {reference.transcript_id} is"
+            if enrolled_as is None:  # a rerun of an enrolled recording: the same voice under another job
+                enrolled_as = await speakerstore.voice_enrolled_as(conn, owner, voice.embedding, voice.model)
+                already = f"the voice of {reference.label} of job {reference.transcript_id} is"
         else:
             enrolled_as = await speakerstore.voice_enrolled_as(conn, owner, voice.embedding, voice.model)
             already = "this sample is"
