@@ -5,6 +5,7 @@ or pool; the callers own the transactions, and the functions that lock a row say
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import re
@@ -549,12 +550,34 @@ async def ensure_vector_index(pool: asyncpg.Pool, model: str, dimensions: int) -
                 await conn.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {name}")
             if not valid:
                 log.info("building the search index of %s (%d dimensions)", model, dimensions)
+                # A build over a large store outlasts any statement_timeout set for the role's queries.
+                await conn.execute("SET statement_timeout = 0")
                 await conn.execute(
                     f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} ON segments USING hnsw"
                     f" ((embedding::{kind}({int(dimensions)})) {kind}_cosine_ops) WHERE embedding_model = '{literal}'")
         finally:
             await conn.execute("SELECT pg_advisory_unlock($1)", LockKey.VECTOR_INDEX)
     _indexed.add((model, dimensions))
+
+
+_index_builds: dict[tuple[str, int], asyncio.Task] = {}
+
+
+def build_vector_index_soon(pool: asyncpg.Pool, model: str, dimensions: int) -> None:
+    """ensure_vector_index in the background: vectors are stored without the index, and a build
+    takes minutes on a large store (waiting, too, for every transaction older than it), which a
+    message being handled must not wait for. One that fails is logged and tried again next time."""
+    key = (model, dimensions)
+    if key in _indexed or (key in _index_builds and not _index_builds[key].done()):
+        return
+
+    async def build() -> None:
+        try:
+            await ensure_vector_index(pool, model, dimensions)
+        except Exception:  # noqa: BLE001 (search works without the index, only slower)
+            log.exception("could not build the search index of %s; it is tried again with the next vectors", model)
+
+    _index_builds[key] = asyncio.create_task(build())
 
 
 async def _index_valid(conn: asyncpg.Connection, name: str) -> bool | None:

@@ -4,6 +4,7 @@ PostgreSQL's pgvector and full-text search, and API keys."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import re
@@ -382,5 +383,43 @@ async def test_a_narrow_filters_nearest_segments_are_all_found_in_a_crowded_stor
         for (name,) in await pool.fetch("SELECT indexname FROM pg_indexes WHERE tablename = 'segments'"
                                         " AND indexdef LIKE $1", f"%{model}%"):
             await pool.execute(f"DROP INDEX {name}")
+        jobstore._indexed.discard((model, dimensions))
+        await pool.close()
+
+
+async def test_a_chunk_of_a_new_embedding_model_is_stored_while_its_index_cannot_be_built_yet(stack: Stack):
+    """A concurrent index build waits for every transaction older than it (a long report, a
+    pg_dump) and takes minutes on a large store: the persister built it before storing the chunk,
+    holding the message (and the job) for all that time."""
+    from common.db import create_pool
+    from common.messages import ChunkEmbedded, Segment
+    from common.settings import Settings
+    from services.persister import handler as persister
+
+    model, dimensions = "test-model-late-index", 8
+    name = "segments_embedding_" + hashlib.sha256(f"{model}:{dimensions}".encode()).hexdigest()[:16]
+    pool = await create_pool(Settings(_env_file=None, database_url=stack.database_url), max_size=4)
+    reader = await asyncpg.connect(stack.database_url)
+    try:
+        job_id = await pool.fetchval("INSERT INTO transcripts (filename) VALUES ('late-index.wav') RETURNING id")
+        old_snapshot = reader.transaction(isolation="repeatable_read")
+        await old_snapshot.start()
+        await reader.fetchval("SELECT count(*) FROM segments")
+        message = ChunkEmbedded(job_id=job_id, chunk_index=0, chunk_count=2, duration=2.0, embedding_model=model,
+                                segments=[Segment(index=0, speaker="spk_0", start_ts=0.0, end_ts=1.0, text="words",
+                                                  embedding=[1.0] * dimensions)])
+        await asyncio.wait_for(persister.on_embedded(pool, message), 15)
+        assert await pool.fetchval("SELECT embedding_model FROM segments WHERE transcript_id = $1", job_id) == model
+        await old_snapshot.rollback()
+        for _ in range(100):  # the build goes on once the old transaction is over
+            if await pool.fetchval("SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass($1)", name):
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("the index was never built")
+    finally:
+        await reader.close()
+        await pool.execute("DELETE FROM transcripts WHERE filename = 'late-index.wav'")
+        await pool.execute(f"DROP INDEX IF EXISTS {name}")
         jobstore._indexed.discard((model, dimensions))
         await pool.close()

@@ -101,7 +101,7 @@ async def on_embedded(pool: asyncpg.Pool, message: ChunkEmbedded) -> bool:
     """Store the chunk with its embeddings; returns True when events were enqueued."""
     dimensions = next((len(s.embedding) for s in message.segments if s.embedding), None)
     if dimensions:
-        await jobstore.ensure_vector_index(pool, message.embedding_model, dimensions)
+        jobstore.build_vector_index_soon(pool, message.embedding_model, dimensions)
     async with pool.acquire() as conn, conn.transaction():
         job = await _lock_processing_job(conn, message.job_id)
         if job is None:
