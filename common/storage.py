@@ -45,14 +45,26 @@ async def call_in_transaction(fn: Callable[..., T], *args, **kwargs) -> T:
     return await asyncio.wait_for(asyncio.to_thread(fn, *args, **kwargs), IN_TRANSACTION_S)
 
 
-def make_client(settings: Settings, timeout_s: float | None = None, connections: int = 1) -> Minio:
+# The stage workers' client (worker_client). minio's own waits 5 minutes for each read and tries 6 times: a store
+# that takes connections and never answers held a message for half an hour, past RabbitMQ's
+# consumer timeout, and the broker took it back as a crash (the job failed hours later, as a
+# crash) instead of the worker waiting out an outage. A silent read is given up after a minute
+# (the wait between two reads of a large file, not the whole transfer), tried three times.
+WORKER_CLIENT_TIMEOUT_S = 60.0
+WORKER_CLIENT_RETRIES = 2
+
+
+def make_client(settings: Settings, timeout_s: float | None = None, connections: int = 1, retries: int = 0) -> Minio:
     """The S3 client; with `timeout_s`, one whose calls give up after that long on a silent
-    endpoint and are not retried (health checks, calls made inside a database transaction;
-    minio's default waits 5 minutes a try), keeping up to `connections` open."""
+    endpoint, retried `retries` times (none: health checks, calls made inside a database
+    transaction; minio's default waits 5 minutes a try), keeping up to `connections` open."""
     http_client = None
     if timeout_s is not None:
+        # The last answer of a store that stays busy goes back to minio, which raises ServerError with it.
+        retry = (urllib3.Retry(total=retries, backoff_factor=0.5, status_forcelist=[500, 502, 503, 504],
+                               raise_on_status=False) if retries else urllib3.Retry(total=0))
         http_client = urllib3.PoolManager(timeout=urllib3.Timeout(connect=timeout_s, read=timeout_s),
-                                          retries=urllib3.Retry(total=0), maxsize=connections)
+                                          retries=retry, maxsize=connections)
     return Minio(
         settings.minio_endpoint,
         access_key=settings.minio_access_key,
@@ -61,6 +73,10 @@ def make_client(settings: Settings, timeout_s: float | None = None, connections:
         region=settings.minio_region,
         http_client=http_client,
     )
+
+
+def worker_client(settings: Settings) -> Minio:
+    return make_client(settings, WORKER_CLIENT_TIMEOUT_S, retries=WORKER_CLIENT_RETRIES)
 
 
 def ensure_buckets(client: Minio, *buckets: str) -> None:

@@ -54,3 +54,27 @@ def test_a_hung_object_store_is_unavailable_quickly_and_leaks_no_threads():
     assert all(elapsed < CHECK_TIMEOUT_S + 0.5 for _, elapsed in answers), answers
     assert threading.active_count() - threads_before <= 1  # the probe's own thread, at most
     assert len(accepted) <= 8  # one connection per check, no retries piling up
+
+
+def test_a_stage_workers_store_client_gives_up_on_a_silent_store_and_says_it_is_unavailable(monkeypatch):
+    """minio's own client waits 5 minutes a read and tries 6 times: a worker held its message for
+    half an hour, until RabbitMQ's consumer timeout took it back as a crash."""
+    from common import storage
+
+    monkeypatch.setattr(storage, "WORKER_CLIENT_TIMEOUT_S", 0.5)
+    server, accepted = silent_server()
+    client = storage.worker_client(Settings(minio_endpoint=f"127.0.0.1:{server.getsockname()[1]}"))
+    started = time.monotonic()
+    try:
+        client.stat_object("audio", "pcm/1.s16le")
+    except storage.STORAGE_UNAVAILABLE:
+        pass
+    else:
+        raise AssertionError("a store that never answers answered")
+    finally:
+        server.close()
+        for connection in accepted:
+            connection.close()
+    # Each try waits its timeout (and a short pause before the next): about 4 s here, 3 minutes as set.
+    assert time.monotonic() - started < 6
+    assert len(accepted) == storage.WORKER_CLIENT_RETRIES + 1

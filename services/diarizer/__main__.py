@@ -12,7 +12,7 @@ from common.messages import JobSubmitted
 from common.metrics import serve_metrics
 from common.runner import run_worker
 from common.settings import get_settings
-from common.storage import make_client
+from common.storage import worker_client
 from services.diarizer import handler
 from services.diarizer.pipeline import make_diarizer
 
@@ -26,7 +26,7 @@ async def main() -> None:
     diarize, backend = await asyncio.to_thread(make_diarizer, settings)
     log.info("diarization backend: %s", backend)
     ended = EndedJobs()
-    deps = handler.Deps(settings=settings, storage=make_client(settings), diarize=diarize, ended=ended)
+    deps = handler.Deps(settings=settings, storage=worker_client(settings), diarize=diarize, ended=ended)
     connection = await connect(settings, "diarizer")
     log.info("diarizer ready")
     await consume(connection, settings, "diarizer", [Route(JobSubmitted, functools.partial(handler.handle, deps=deps))],

@@ -12,7 +12,7 @@ from common.messages import JobDiarized
 from common.metrics import serve_metrics
 from common.runner import run_worker
 from common.settings import get_settings
-from common.storage import make_client
+from common.storage import worker_client
 from services.transcriber import handler
 from services.transcriber.whisper import load_model
 
@@ -24,7 +24,7 @@ async def main() -> None:
     setup_logging(settings.log_level)
     serve_metrics(settings, "transcriber")
     model, _ = await asyncio.to_thread(load_model, settings)
-    deps = handler.Deps(model=model, read_pcm=handler.pcm_reader(make_client(settings)),
+    deps = handler.Deps(model=model, read_pcm=handler.pcm_reader(worker_client(settings)),
                         beam_size=settings.whisper_beam_size, batch_size=settings.whisper_batch_size,
                         redact=settings.redact_kinds)
     connection = await connect(settings, "transcriber")
