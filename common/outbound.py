@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import socket
 from urllib.parse import urlsplit
 
 import aiohttp
 
 from common.messages import has_control_characters
+
+log = logging.getLogger(__name__)
 
 MAX_URL_CHARS = 2000
 
@@ -68,7 +71,10 @@ async def target_problem(url: str, allow_private: bool, allowed_by: str = "WEBHO
         return f"{parts.hostname} is not a valid host name"
     private = sorted({info[4][0] for info in found if is_private_address(info[4][0])})
     if private:
-        return (f"{parts.hostname} resolves to a private, loopback or link-local address ({private[0]});"
+        # The address stays in the log: told to whoever asks, the answers map the private network's
+        # names (a cluster's service names) to their addresses.
+        log.info("%s resolves to %s: refused", parts.hostname, private[0])
+        return (f"{parts.hostname} resolves to a private, loopback or link-local address;"
                 f" set {allowed_by}=true to allow that")
     return None
 

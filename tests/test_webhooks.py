@@ -115,6 +115,8 @@ def test_signatures_secrets_and_private_targets():
 
     refused = asyncio.run(problems(False))
     assert all("private" in p for p in refused[:8]), refused
+    # A name's private address is not told (it would map the private network's names to addresses).
+    assert "127.0.0.1" not in refused[1], refused[1]
     assert refused[8] is None and "http" in refused[9]
     allowed = asyncio.run(problems(True))
     assert allowed[:9] == [None] * 9 and allowed[9] is not None
@@ -174,6 +176,9 @@ def test_events_arrive_signed_in_order_retried_and_given_up(notified, fixtures_d
     # a receiver's library would decode this one leniently and never verify a delivery
     not_base64 = api.post("/webhooks", json={"url": receiver.url("/ok"), "secret": "whsec_abcd-efgh-ijkl"})
     assert not_base64.status_code == 400 and "base64" in not_base64.json()["detail"], not_base64.text
+    # A misspelt field subscribed to every event type without a word.
+    misspelt = api.post("/webhooks", json={"url": receiver.url("/ok"), "event": ["transcript.completed"]})
+    assert misspelt.status_code == 400 and "event" in misspelt.text, misspelt.text
 
     accepted = stack.submit(fixtures_dir / "en_dialogue.wav", data={"callback_url": receiver.url("/callback")})
     assert accepted.status_code == 202, accepted.text

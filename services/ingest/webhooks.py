@@ -14,7 +14,7 @@ from litestar import Request, delete, get, post
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException, NotFoundException
 from litestar.params import Parameter
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 from common.messages import EVENTS, TranscriptCompleted, TranscriptFailed
 from common.outbound import MAX_URL_CHARS, target_problem
@@ -34,6 +34,9 @@ WebhookId = Annotated[int, Parameter(ge=1, le=MAX_ID, description="A webhook's i
 
 
 class NewWebhook(BaseModel):
+    # A misspelt field ("event") would otherwise subscribe to every event type.
+    model_config = ConfigDict(extra="forbid")
+
     url: str
     # Default: every event type.
     events: list[str] | None = None
