@@ -653,3 +653,81 @@ def test_an_event_is_dropped_only_when_a_queue_refused_it_for_a_while_with_the_b
     now[0] += outbox.EVENT_REFUSED_FOR_S + 5
     assert not outbox.refused_too_long("transcript.failed", refused)
     assert not outbox.refused_too_long("transcript.completed", refused)
+
+
+def _corrected_segment(text: str, words: list[Word]):
+    from services.ingest.segments import TranscriptSegment
+
+    return TranscriptSegment(speaker="spk_0", start_ts=words[0].start, end_ts=words[-1].end, text=text, words=words)
+
+
+def test_a_chinese_segment_corrected_by_one_character_keeps_a_word_a_character_and_its_cues():
+    """Whisper times Chinese a character at a time: after 客户 is corrected to 用户 the segment still
+    has a word a character, the characters left as they were keep their times, and its subtitles
+    are cut as before, not shown as one long line for the whole segment."""
+    from services.ingest.captions import LINE_WIDTH, columns
+    from services.ingest.corrections import retimed_words
+    from services.ingest.transcripts import to_srt
+
+    said = "我们今天和客户开会讨论了新产品的发布计划，大家都觉得时间有点紧，但是我们会尽力按时完成。"
+    stored = [{"word": c, "start": round(i * 0.45, 3), "end": round(i * 0.45 + 0.4, 3), "probability": 0.9}
+              for i, c in enumerate(said)]
+    corrected = said.replace("客户", "用户")
+    words = retimed_words(stored, corrected, 0.0, stored[-1]["end"])
+    assert [w.word for w in words] == list(corrected)
+    for old, new in zip(stored, words):
+        if old["word"] == new.word:
+            assert (new.start, new.end, new.probability) == (old["start"], old["end"], old["probability"])
+        else:  # 用 in place of 客: its time, no probability
+            assert (new.word, new.start, new.end, new.probability) == ("用", old["start"], old["end"], None)
+    cues = [cue.split("\n") for cue in to_srt([_corrected_segment(corrected, words)]).strip().split("\n\n")]
+    assert len(cues) > 1
+    assert all(columns(line) <= LINE_WIDTH for cue in cues for line in cue[2:])
+    assert to_srt([_corrected_segment(corrected, words)]) == to_srt([_corrected_segment(said, [
+        Word(**w) for w in stored])]).replace("客", "用")
+
+
+def test_a_correction_keeps_whole_a_word_of_several_characters_left_as_it_was():
+    """Whisper's words in Chinese or Thai are sometimes a few characters: one left as it was is
+    kept whole; new characters are words of their own, added ones in the pause before the next."""
+    from services.ingest.corrections import retimed_words
+
+    stored = [{"word": w, "start": s, "end": e, "probability": 0.8}
+              for w, s, e in (("我们", 0.0, 0.4), ("和", 0.4, 0.6), ("客户", 0.7, 1.1), ("开会", 1.1, 1.5))]
+    words = retimed_words(stored, "我们和重要客户开会", 0.0, 1.5)
+    assert [(w.word, w.start, w.end) for w in words] == [
+        ("我们", 0.0, 0.4), ("和", 0.4, 0.6), ("重", 0.6, 0.65), ("要", 0.65, 0.7), ("客户", 0.7, 1.1),
+        ("开会", 1.1, 1.5)]
+    assert [w.probability for w in words] == [0.8, 0.8, None, None, 0.8, 0.8]
+    # 客户 parted by a space is no longer the word it was; Thai's vowel signs stay on their letter.
+    assert [w.word for w in retimed_words(stored, "我们和客 户开会", 0.0, 1.5)] == ["我们", "和", "客", "户", "开会"]
+    thai = [{"word": "กิน", "start": 0.0, "end": 0.5}, {"word": "ข้าว", "start": 0.5, "end": 1.0}]
+    assert [w.word for w in retimed_words(thai, "กินข้าวไหม", 0.0, 1.0)][:2] == ["กิน", "ข้าว"]
+    # Korean is written with spaces, and so are its words.
+    korean = [{"word": " 안녕하세요", "start": 0.0, "end": 1.0}, {"word": " 여러분", "start": 1.0, "end": 2.0}]
+    assert [(w.word, w.start, w.end) for w in retimed_words(korean, "안녕하세요 친구들", 0.0, 2.0)] == [
+        ("안녕하세요", 0.0, 1.0), ("친구들", 1.0, 2.0)]
+
+
+def test_an_english_correction_keeps_the_times_of_the_words_left_as_they_were():
+    from services.ingest.corrections import retimed_words
+
+    stored = [{"word": w, "start": s, "end": e, "probability": 0.9}
+              for w, s, e in ((" We", 0.0, 0.3), (" ship", 0.4, 0.7), (" on", 0.8, 0.9), (" Monday.", 1.0, 1.5))]
+
+    def timed(text: str) -> list[tuple[str, float, float, float | None]]:
+        return [(w.word, w.start, w.end, w.probability) for w in retimed_words(stored, text, 0.0, 1.5)]
+
+    assert timed("We ship on Tuesday.") == [("We", 0.0, 0.3, 0.9), ("ship", 0.4, 0.7, 0.9), ("on", 0.8, 0.9, 0.9),
+                                            ("Tuesday.", 1.0, 1.5, None)]
+    # A word added: the others keep their times, it takes the pause before the next.
+    assert timed("We ship it on Monday.") == [("We", 0.0, 0.3, 0.9), ("ship", 0.4, 0.7, 0.9), ("it", 0.7, 0.8, None),
+                                              ("on", 0.8, 0.9, 0.9), ("Monday.", 1.0, 1.5, 0.9)]
+    # One taken out; one added where there was a pause; two in place of two, one each.
+    assert timed("We ship Monday.") == [("We", 0.0, 0.3, 0.9), ("ship", 0.4, 0.7, 0.9), ("Monday.", 1.0, 1.5, 0.9)]
+    assert timed("We will ship on Monday.")[:3] == [("We", 0.0, 0.3, 0.9), ("will", 0.3, 0.4, None),
+                                                    ("ship", 0.4, 0.7, 0.9)]
+    assert timed("They shipped on Monday.") == [("They", 0.0, 0.3, None), ("shipped", 0.4, 0.7, None),
+                                                ("on", 0.8, 0.9, 0.9), ("Monday.", 1.0, 1.5, 0.9)]
+    # Two in place of one share its time, by length.
+    assert timed("We deliver it on Monday.")[1:3] == [("deliver", 0.4, 0.618, None), ("it", 0.618, 0.7, None)]

@@ -69,7 +69,7 @@ def columns(text: str) -> int:
                else 1 for c in text)
 
 
-def _written_with_spaces(character: str) -> bool:
+def written_with_spaces(character: str) -> bool:
     code = ord(character)
     return unicodedata.east_asian_width(character) not in "WF" and not any(
         first <= code <= last for first, last in UNSPACED_SCRIPTS)
@@ -91,7 +91,7 @@ def _tokens(segment: Captioned) -> list[_Token] | None:
         if found < 0:
             return None
         spaced = found > cursor and segment.text[cursor:found].isspace()
-        if tokens and not spaced and _written_with_spaces(tokens[-1].text[-1]) and _written_with_spaces(bare[0]):
+        if tokens and not spaced and written_with_spaces(tokens[-1].text[-1]) and written_with_spaces(bare[0]):
             # "12" and "%": a line may break between two words only where a space is, or
             # between characters of a script written without spaces.
             tokens[-1] = _Token(tokens[-1].text + bare, tokens[-1].start, word.end)

@@ -5,6 +5,9 @@ PATCH /transcripts/{id}/segments/{chunk_index}/{index}; README "Corrections"."""
 from __future__ import annotations
 
 import logging
+import re
+import unicodedata
+from difflib import SequenceMatcher
 from typing import Annotated
 
 from litestar import Request, patch
@@ -19,6 +22,7 @@ from common.messages import SegmentUpdated, Word
 from common.outbox import add_to_outbox
 from services.ingest.admission import SMALL_BODY_BYTES
 from services.ingest.auth import request_owner
+from services.ingest.captions import written_with_spaces
 from services.ingest.errors import error_responses
 from services.ingest.search import embed_for_request
 from services.ingest.segments import LABEL, TranscriptSegment, transcript_segment
@@ -48,16 +52,41 @@ class SegmentCorrection(BaseModel):
         return self
 
 
-def retimed_words(words: list[dict], text: str, start: float, end: float) -> list[Word]:
-    """The corrected text's words with times. A word left as it was keeps its time and
-    probability; with as many words as before, each takes its predecessor's time; otherwise the
-    words share the time the old ones spanned, by length."""
-    new = text.split()
-    old = [Word(word=w["word"].strip(), start=w["start"], end=w["end"], probability=w.get("probability"))
-           for w in words]
-    if len(new) == len(old):
-        return [w if w.word == word else Word(word=word, start=w.start, end=w.end) for word, w in zip(new, old)]
-    first, last = (old[0].start, old[-1].end) if old else (start, end)
+def _written_unspaced(character: str) -> bool:
+    """Of a script written without spaces between words (Chinese, Japanese, Thai...), whose
+    words Whisper gives a character or a few at a time. Korean is written with spaces, though its
+    characters are as wide as Chinese ones."""
+    return not written_with_spaces(character) and not unicodedata.name(character, "").startswith("HANGUL")
+
+
+def _written_on(character: str) -> bool:
+    """A mark written on the character before it: a Thai vowel sign, an accent written apart, a joiner."""
+    return unicodedata.category(character) in ("Mn", "Mc", "Me", "Cf")
+
+
+def _word_spans(text: str) -> list[tuple[int, int]]:
+    """Where the text's words are, parted as the transcriber's are: at spaces, and around each
+    character (with the marks on it) of a script written without spaces."""
+    spans = []
+    for run in re.finditer(r"\S+", text):
+        start, unspaced = run.start(), _written_unspaced(run.group()[0])
+        for at in range(run.start() + 1, run.end()):
+            if _written_on(text[at]):
+                continue
+            if unspaced or _written_unspaced(text[at]):
+                spans.append((start, at))
+                start = at
+            unspaced = _written_unspaced(text[at])
+        spans.append((start, run.end()))
+    return spans
+
+
+def _in_place_of(new: list[str], replaced: list[Word], between: tuple[float, float]) -> list[Word]:
+    """Words written where `replaced` were (between two kept words, where none were): as many as
+    they take the time of one each, otherwise they share the time those spanned, by length."""
+    if len(new) == len(replaced):
+        return [w if w.word == word else Word(word=word, start=w.start, end=w.end) for word, w in zip(new, replaced)]
+    first, last = (replaced[0].start, replaced[-1].end) if replaced else between
     weights = [len(word) + 1 for word in new]
     out, at = [], first
     for word, weight in zip(new, weights):
@@ -65,6 +94,45 @@ def retimed_words(words: list[dict], text: str, start: float, end: float) -> lis
         out.append(Word(word=word, start=round(at, 3), end=round(at + length, 3)))
         at += length
     return out
+
+
+def retimed_words(words: list[dict], text: str, start: float, end: float) -> list[Word]:
+    """The corrected text's words with times, parted as the transcriber's are (a character at a
+    time in Chinese, Japanese or Thai). A word left as it was keeps its time and probability;
+    words written in place of others take their time (see _in_place_of), and words added between
+    two kept ones the pause between them."""
+    old = [Word(word=w["word"].strip(), start=w["start"], end=w["end"], probability=w.get("probability"))
+           for w in words if w["word"].strip()]  # a blank word (Whisper writes one now and then) times nothing
+    # Old and new are compared piece by piece, a piece being what a new word is: one of Whisper's
+    # words may hold several Chinese characters, and is kept whole if they all are.
+    pieces, first_piece = [], []
+    for word in old:
+        first_piece.append(len(pieces))
+        pieces += [word.word[a:b] for a, b in _word_spans(word.word)]
+    first_piece.append(len(pieces))
+    spans = _word_spans(text)
+    new = [text[a:b] for a, b in spans]
+    kept: dict[int, tuple[int, int]] = {}  # where a kept word starts among the new: (its index in old, where it ends)
+    for i, j, size in SequenceMatcher(None, pieces, new, autojunk=False).get_matching_blocks():
+        for k in range(len(old)):
+            if i <= first_piece[k] and first_piece[k + 1] <= i + size:
+                begins, ends = j + first_piece[k] - i, j + first_piece[k + 1] - i
+                if text[spans[begins][0]:spans[ends - 1][1]] == old[k].word:  # not parted by a space now
+                    kept[begins] = (k, ends)
+    out: list[Word] = []
+    written: list[str] = []
+    previous, at = -1, 0  # the last kept word's index in old; the next new word
+    while at < len(new):
+        if at not in kept:
+            written.append(new[at])
+            at += 1
+            continue
+        k, at = kept[at]
+        pause = (old[previous].end if previous >= 0 else min(start, old[k].start), old[k].start)
+        out += _in_place_of(written, old[previous + 1:k], pause) + [old[k]]
+        written, previous = [], k
+    pause_start = old[previous].end if previous >= 0 else start
+    return out + _in_place_of(written, old[previous + 1:], (pause_start, max(end, pause_start)))
 
 
 SegmentChunk = Annotated[int, PathParameter(ge=0, le=1_000_000, description="The segment's chunk_index")]
