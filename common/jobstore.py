@@ -191,9 +191,12 @@ async def correct_segment(conn: asyncpg.Connection, job_id: int, chunk_index: in
 
 
 async def speaker_word_counts(db: Db, job_id: int) -> dict[str, int]:
-    """Words (whitespace-separated) each speaker's segments hold so far."""
+    """Words each speaker's segments hold so far: their timed words (Chinese, Japanese and Thai,
+    written without spaces, are a word a character), else the text's whitespace-separated ones."""
     rows = await db.fetch(
-        "SELECT speaker, sum(cardinality(regexp_split_to_array(btrim(text), '\\s+'))) AS words FROM segments"
+        "SELECT speaker, sum(CASE WHEN jsonb_array_length(words) > 0"
+        " THEN (SELECT count(*) FROM jsonb_array_elements(words) w WHERE btrim(w->>'word') <> '')"
+        " ELSE cardinality(regexp_split_to_array(btrim(text), '\\s+')) END) AS words FROM segments"
         " WHERE transcript_id = $1 AND btrim(text) <> '' GROUP BY speaker", job_id)
     return {r["speaker"]: r["words"] for r in rows}
 

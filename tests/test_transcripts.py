@@ -455,6 +455,24 @@ def test_speaking_time_counts_a_speakers_touching_or_overlapping_turns_once():
     assert speaking_time(turns) == {"spk_0": 3.5, "spk_1": 1.5}
 
 
+def test_words_are_counted_a_character_at_a_time_in_chinese_as_the_transcriber_parts_them(stack):
+    """Text written without spaces counted as one word a segment: a speaker of a Chinese meeting
+    who said hundreds of words showed a dozen."""
+    chinese = [{"word": c, "start": i * 0.2, "end": i * 0.2 + 0.2} for i, c in enumerate("我们的客户很满意。")]
+    english = [{"word": f" {w}", "start": i * 0.3, "end": i * 0.3 + 0.3}
+               for i, w in enumerate("Sales grew a lot.".split())]
+    job_id = stack.value("INSERT INTO transcripts (filename, status) VALUES ('words.wav', 'done') RETURNING id")
+    try:
+        stack.query("INSERT INTO segments (transcript_id, chunk_index, index, speaker, start_ts, end_ts, text, words)"
+                    " VALUES ($1, 0, 0, 'spk_0', 0, 2, $2, $3::jsonb), ($1, 0, 1, 'spk_1', 2, 3, $4, $5::jsonb),"
+                    " ($1, 0, 2, 'spk_1', 3, 4, 'no word times here', '[]')",
+                    job_id, "我们的客户很满意。", json.dumps(chinese), "Sales grew a lot.", json.dumps(english))
+        speakers = httpx.get(f"{stack.api}/transcripts/{job_id}/speakers", timeout=30).json()["speakers"]
+        assert {label: s["words"] for label, s in speakers.items()} == {"spk_0": 9, "spk_1": 8}
+    finally:
+        stack.query("DELETE FROM transcripts WHERE id = $1", job_id)
+
+
 def test_a_jobs_speakers_with_their_names_and_speaking_time(dialogue, stack, fixtures_dir):
     """Who talks how long: each speaker's time within a second of the reference's; a name given
     by hand shows with its source."""
