@@ -87,7 +87,7 @@ def evaluate(fixtures_dir: Path) -> dict:
             row[f"transcribe_s_{name}"] = round(time.perf_counter() - t, 2)
             said = [(s.speaker, s.text) for s in sorted(result.segments, key=lambda s: s.start_ts)]
             errors, length = cpwer_counts(reference, said)
-            row[f"cpwer_{name}"] = errors / length
+            row[f"cpwer_{name}"] = errors / length if length else None
         cost_rows.append(row)
     return {"term": term_rows, "cost": cost_rows, "unrelated_chars": len(", ".join(unrelated.vocabulary))}
 
