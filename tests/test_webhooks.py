@@ -236,6 +236,29 @@ def test_events_arrive_signed_in_order_retried_and_given_up(notified, fixtures_d
     assert again.returncode != 0 and "no webhook" in again.stderr, again
 
 
+def test_once_a_jobs_delivery_is_given_up_its_later_ones_get_one_attempt_each(notified, fixtures_dir):
+    """Deliveries of a job go out in order, the oldest first: behind one given up after its whole
+    schedule (about a day), the next started it again, and so on for every segment of the job."""
+    stack, receiver = notified
+    with httpx.Client(base_url=stack.api, timeout=30) as api:
+        hook = api.post("/webhooks", json={"url": receiver.url("/dead"),
+                                           "events": ["segment.created", "transcript.completed"]}).json()
+        try:
+            job_id = stack.submit_job(fixtures_dir / "en_dialogue.wav")
+            assert stack.wait_finished(job_id, 300)["status"] == "done"
+
+            def settled():
+                rows = stack.query("SELECT status, attempts FROM webhook_deliveries WHERE webhook_id = $1"
+                                   " AND job_id = $2 ORDER BY id", hook["id"], job_id)
+                return rows if rows and all(r["status"] != "pending" for r in rows) else None
+
+            rows = wait_for(settled, 300, "every delivery of the job settled")
+            assert len(rows) > 2 and {r["status"] for r in rows} == {"failed"}
+            assert [r["attempts"] for r in rows] == [MAX_ATTEMPTS] + [1] * (len(rows) - 1)
+        finally:
+            api.delete(f"/webhooks/{hook['id']}")
+
+
 def test_private_targets_are_refused_when_not_allowed(notified):
     stack, receiver = notified
     with another_ingest(stack, "ingest-strict", WEBHOOK_ALLOW_PRIVATE="false") as strict:
