@@ -6,6 +6,7 @@ voice, delete the recording. The screenshot in the README is taken here."""
 from __future__ import annotations
 
 import base64
+import json
 import os
 import re
 import shutil
@@ -394,6 +395,154 @@ def test_a_segment_is_corrected_on_the_page(stack, fixtures_dir, browser):
     segments = httpx.get(f"{stack.api}/transcripts/{job_id}", timeout=30).json()["segments"]
     assert [(s["speaker"], s["text"]) for s in segments if s["edited"]] == [
         (other, "Hello everyone, welcome to Zanzibar.")]
+    page.close()
+
+
+def a_recording_in_the_database(stack, filename: str, said: list[tuple[str, str]]) -> int:
+    """A finished job made in the database, with nothing transcribed (the tests of the name fields
+    need no recording processed): `said` is who says what, a segment every 2 s."""
+    job_id = stack.value("INSERT INTO transcripts (filename, status, language, completed_at)"
+                         " VALUES ($1, 'done', 'en', now()) RETURNING id", filename)
+    for index, (speaker, text) in enumerate(said):
+        stack.query("INSERT INTO segments (transcript_id, chunk_index, index, speaker, start_ts, end_ts, text)"
+                    " VALUES ($1, 0, $2, $3, $4, $5, $6)", job_id, index, speaker, 2.0 * index, 2.0 * index + 1.5, text)
+    return job_id
+
+
+def test_forgetting_a_voice_keeps_the_names_and_the_correction_being_typed(stack, browser, forgets_its_speakers):
+    anna = stack.value("INSERT INTO speakers (name) VALUES ('Anna') RETURNING id")
+    job_id = a_recording_in_the_database(stack, "standup.wav", [
+        ("spk_0", "Morning, all."), ("spk_1", "Morning."), ("spk_0", "Let us start.")])
+    stack.query("INSERT INTO transcript_speakers (transcript_id, speaker, name, name_source, matched_speaker_id)"
+                " VALUES ($1, 'spk_0', 'Anna', 'auto', $2)", job_id, anna)
+    page = browser.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.on("dialog", lambda dialog: dialog.accept())
+    page.goto(stack.api + "/")
+    page.locator(f'#jobs li[data-job="{job_id}"] button').click()
+    page.locator('#transcript[data-ended="true"]').wait_for(timeout=60_000)
+    assert page.input_value("#name-spk_0") == "Anna"  # her voice recognised
+    # Another speaker being named, and a segment being corrected, neither saved yet.
+    page.fill("#name-spk_1", "Ben")
+    page.locator("#segments li").nth(1).get_by_role("button", name="Correct the segment at").click()
+    words = page.get_by_role("form", name="Correct the segment at").get_by_label("Words")
+    words.fill("Good morning.")
+
+    # Forgotten, Anna's name leaves the transcript; what is being typed stays.
+    page.get_by_role("button", name="Forget Anna").click()
+    page.locator("#segments .segment[data-speaker='spk_0'] .who", has_text="spk_0").first.wait_for(timeout=30_000)
+    assert page.input_value("#name-spk_0") == ""
+    assert page.input_value("#name-spk_1") == "Ben"
+    assert words.input_value(timeout=5_000) == "Good morning."
+    page.get_by_role("button", name="Save names").click()
+    page.locator("#transcript-status", has_text="Names saved.").wait_for(timeout=30_000)
+    speakers = httpx.get(f"{stack.api}/transcripts/{job_id}/speakers", timeout=30).json()["speakers"]
+    assert (speakers["spk_0"].get("name"), speakers["spk_1"].get("name")) == (None, "Ben"), speakers
+    assert errors == []
+    page.close()
+
+
+def test_a_file_uploaded_in_the_background_leaves_the_transcript_being_named_open(stack, fixtures_dir, browser):
+    job_id = a_recording_in_the_database(stack, "interview.wav", [
+        ("spk_0", "Thanks for coming."), ("spk_1", "Glad to be here.")])
+    page = browser.new_page()
+    # The upload takes its time (a big file, a slow line): it is answered once the test says so.
+    held: list = []
+    page.route(re.compile(r"/recognize$"), lambda route: held.append(route))
+    page.goto(stack.api + "/")
+    page.set_input_files("#file", str(fixtures_dir / "empty.wav"))
+    page.get_by_role("button", name="Transcribe").click()
+    for _ in range(300):
+        if held:
+            break
+        page.wait_for_timeout(100)
+    assert held, "the page never sent the file"
+    # Meanwhile another recording is opened, and a speaker named there (not saved yet).
+    page.locator(f'#jobs li[data-job="{job_id}"] button').click()
+    page.locator('#transcript[data-ended="true"]').wait_for(timeout=60_000)
+    page.fill("#name-spk_1", "Ben")
+    held[0].continue_()
+    status = page.locator("#upload-status")
+    status.filter(has_text="empty.wav accepted as job").wait_for(timeout=60_000)
+    uploaded = int(re.search(r"job (\d+)", status.inner_text())[1])
+    # The new job is listed, and said to be; the recording being named stays open as it was.
+    page.locator(f'#jobs li[data-job="{uploaded}"]').wait_for(timeout=30_000)
+    assert "not opened" in status.inner_text()
+    assert page.locator("#transcript").get_attribute("data-job") == str(job_id)
+    assert page.locator("#transcript-title").inner_text() == "interview.wav"
+    assert page.input_value("#name-spk_1") == "Ben"
+    page.close()
+
+
+def segment_events(job_id: int, filename: str, segments: list[dict]) -> str:
+    """A job's event stream (/transcripts/{id}/events) as the server sends it: its segments, then
+    its end."""
+    def event(kind: str, data: dict, event_id: str) -> str:
+        return f"event: {kind}\ndata: {json.dumps(data)}\nid: {event_id}\n\n"
+
+    stream = [event("segment.created", {"transcript_id": job_id, "chunk_index": 0, "index": i, **segment}, f"0:{i}")
+              for i, segment in enumerate(segments)]
+    ended = {"id": job_id, "transcript_id": job_id, "filename": filename, "status": "done", "stage": "done",
+             "percent": 100, "language": "en"}
+    return "".join(stream) + event("transcript.completed", ended, "end")
+
+
+def test_a_name_recognised_after_its_field_was_made_is_kept_when_others_are_saved(stack, browser):
+    said = [("spk_0", "Hello."), ("spk_1", "Hi there."), ("spk_0", "Shall we begin?")]
+    job_id = a_recording_in_the_database(stack, "call.wav", said)
+    stack.query("INSERT INTO transcript_speakers (transcript_id, speaker, name, name_source)"
+                " VALUES ($1, 'spk_0', 'Anna', 'auto')", job_id)
+    # As the page saw it live: spk_0's voice was recognised between its first segment and its
+    # second, so the first came unnamed.
+    segments = [{"speaker": speaker, "speaker_name": "Anna" if i == 2 else None, "start_ts": 2.0 * i,
+                 "end_ts": 2.0 * i + 1.5, "text": text} for i, (speaker, text) in enumerate(said)]
+    page = browser.new_page()
+    page.route(f"**/transcripts/{job_id}/events", lambda route: route.fulfill(
+        status=200, content_type="text/event-stream", body=segment_events(job_id, "call.wav", segments)))
+    page.goto(stack.api + "/")
+    page.locator(f'#jobs li[data-job="{job_id}"] button').click()
+    page.locator('#transcript[data-ended="true"]').wait_for(timeout=60_000)
+    # Naming the other speaker leaves hers as it is: not taken back (which recognition would not
+    # undo), and shown in her field.
+    page.fill("#name-spk_1", "Ben")
+    page.get_by_role("button", name="Save names").click()
+    page.locator("#transcript-status", has_text="Names saved.").wait_for(timeout=30_000)
+    speakers = httpx.get(f"{stack.api}/transcripts/{job_id}/speakers", timeout=30).json()["speakers"]
+    assert (speakers["spk_0"].get("name"), speakers["spk_1"].get("name")) == ("Anna", "Ben"), speakers
+    assert page.input_value("#name-spk_0") == "Anna"
+    assert page.locator("#segments .segment .who").all_inner_texts() == ["Anna", "Ben", "Anna"]
+    page.close()
+
+
+def test_names_saved_as_another_recording_opens_stay_with_their_own(stack, browser):
+    first = a_recording_in_the_database(stack, "first.wav", [("spk_0", "One."), ("spk_1", "Two.")])
+    second = a_recording_in_the_database(stack, "second.wav", [("spk_0", "Three."), ("spk_1", "Four.")])
+    page = browser.new_page()
+    held: list = []
+    page.route(re.compile(rf"/transcripts/{first}/speakers$"),
+               lambda route: held.append(route) if route.request.method == "PATCH" else route.continue_())
+    page.goto(stack.api + "/")
+    page.locator(f'#jobs li[data-job="{first}"] button').click()
+    page.locator('#transcript[data-ended="true"]').wait_for(timeout=60_000)
+    page.fill("#name-spk_0", "Anna")
+    page.get_by_role("button", name="Save names").click()
+    for _ in range(300):
+        if held:
+            break
+        page.wait_for_timeout(100)
+    assert held, "the page never sent the names"
+    # The second recording is opened before the first's names are answered for.
+    page.locator(f'#jobs li[data-job="{second}"] button').click()
+    page.locator(f'#transcript[data-job="{second}"][data-ended="true"]').wait_for(timeout=60_000)
+    with page.expect_response(lambda response: response.request.method == "PATCH"):
+        held[0].continue_()
+    page.wait_for_timeout(500)  # time for the answer to be read (and, wrongly, shown)
+    saved = httpx.get(f"{stack.api}/transcripts/{first}/speakers", timeout=30).json()["speakers"]
+    assert saved["spk_0"].get("name") == "Anna"  # saved for the first recording
+    assert page.locator("#transcript-status").inner_text() == "Done."
+    assert page.input_value("#name-spk_0") == ""
+    assert page.locator("#segments .segment .who").all_inner_texts() == ["spk_0", "spk_1"]
     page.close()
 
 

@@ -299,13 +299,30 @@ async function uploadWaitingOutBusy(prepared, status) {
 let uploads = Promise.resolve();
 function uploadAll(files) {
   const prepared = files.map((file) => ({ file, form: uploadForm(file), key: requestKey() }));
-  uploads = uploads.catch(() => { /* told on the page */ }).then(() => uploadBatch(prepared));
+  const openWhenSent = state.open;
+  uploads = uploads.catch(() => { /* told on the page */ }).then(() => uploadBatch(prepared, openWhenSent));
   return uploads;
 }
 
-async function uploadBatch(files) {
+// Edits to the open transcript not saved yet: a name typed (or cleared) in a field, or a
+// correction being written. Opening another transcript would lose them.
+function unsavedEdits() {
+  const names = [...document.querySelectorAll("#names input")].some((input) => input.value.trim() !== input.dataset.shown);
+  return names || Boolean(document.querySelector("#segments form.correction"));
+}
+
+// A job of files sent opens in place of the open transcript only while the user still looks at
+// what they looked at when they sent them (or at a job of the same files) and has nothing unsaved
+// there: files uploading in the background must not take away the transcript the user turned to.
+function uploadMayOpen(openWhenSent, jobsOfBatch) {
+  if (state.open === null) return true;
+  return (state.open === openWhenSent || jobsOfBatch.has(state.open)) && !unsavedEdits();
+}
+
+async function uploadBatch(files, openWhenSent) {
   const status = $("#upload-status");
   const submit = $("#upload button[type=submit]");
+  const jobsOfBatch = new Set();
   state.uploading += 1;
   submit.disabled = true;
   try {
@@ -313,9 +330,15 @@ async function uploadBatch(files) {
       status.textContent = `Uploading ${item.file.name}…`;
       try {
         const accepted = await uploadWaitingOutBusy(item, status);
-        status.textContent = `${accepted.filename} accepted as job ${accepted.id}.`;
         renderJob({ id: accepted.id, filename: accepted.filename, status: "processing", stage: "submitted", percent: 0 });
-        openTranscript(accepted.id);
+        if (uploadMayOpen(openWhenSent, jobsOfBatch)) {
+          status.textContent = `${accepted.filename} accepted as job ${accepted.id}.`;
+          openTranscript(accepted.id);
+        } else {
+          status.textContent = `${accepted.filename} accepted as job ${accepted.id}: it is listed, not opened,`
+            + (unsavedEdits() ? " as the open transcript has changes not saved." : " as another transcript is open.");
+        }
+        jobsOfBatch.add(accepted.id);
       } catch (error) {
         status.textContent = error.message;
       }
@@ -477,16 +500,17 @@ function openCorrection(item, segment) {
       refreshNames();
       $("#transcript-status").textContent = "Correction saved.";
     } catch (error) {
-      $("#transcript-status").textContent = `Not corrected: ${error.message}`;
+      if (state.open === jobId) $("#transcript-status").textContent = `Not corrected: ${error.message}`;
     }
   });
   item.appendChild(form);
   form.querySelector("textarea").focus();
 }
 
-// The name fields, one per speaker, updated in place and new speakers appended: a field someone
-// is typing in keeps its focus and its text. `fromServer`: show the names as the server keeps them.
-function refreshNames(fromServer = false) {
+// The name fields, one per speaker, updated in place and new speakers appended. Each field keeps
+// what it was last filled with (dataset.shown): one still showing that follows the names as they
+// come, one typed in keeps its text (and its focus) until saved.
+function refreshNames() {
   for (const button of document.querySelectorAll("#segments .segment")) {
     button.querySelector(".who").textContent = speakerName(button.dataset.speaker);
     button.setAttribute("aria-label", segmentLabel(button));
@@ -512,11 +536,11 @@ function refreshNames(fromServer = false) {
       input.id = id;
       input.dataset.label = label;
       input.placeholder = "name";
-      input.value = state.names[label] ?? "";
+      input.value = input.dataset.shown = state.names[label] ?? "";
       field.append(caption, " ", input);
       form.insertBefore(field, save);
-    } else if (fromServer) {
-      input.value = state.names[label] ?? "";
+    } else if (input.value === input.dataset.shown) {
+      input.value = input.dataset.shown = state.names[label] ?? "";
     }
     const caption = input.parentElement.querySelector("label");
     const talk = state.talk[label];
@@ -537,22 +561,31 @@ function refreshNames(fromServer = false) {
 // Returns false when the names could not be saved (the reason is shown).
 async function saveNames(event) {
   if (event) event.preventDefault();
+  const jobId = state.open;
   const changes = {};
+  const sent = [];
+  // Only the fields typed in: a name that came after its field was made (a voice recognised
+  // meanwhile) is no change, and sent as an empty field it would be taken back for good.
   for (const input of document.querySelectorAll("#names input")) {
     const name = input.value.trim();
-    if ((state.names[input.dataset.label] || "") !== name) changes[input.dataset.label] = name || null;
+    if (name === input.dataset.shown) continue;
+    changes[input.dataset.label] = name || null;
+    sent.push([input, input.value]);
   }
   if (!Object.keys(changes).length) return true;
   try {
-    const answer = await (await api(`/transcripts/${state.open}/speakers`, {
+    const answer = await (await api(`/transcripts/${jobId}/speakers`, {
       method: "PATCH", headers: { "Content-Type": "application/json" }, body: JSON.stringify(changes),
     })).json();
+    if (state.open !== jobId) return true;
+    // A field typed in again while the names were on their way stays a change.
+    for (const [input, value] of sent) if (input.value === value) input.dataset.shown = value;
     state.names = Object.fromEntries(Object.entries(answer.speakers).filter(([, name]) => name));
-    refreshNames(true);
+    refreshNames();
     $("#transcript-status").textContent = "Names saved.";
     return true;
   } catch (error) {
-    $("#transcript-status").textContent = error.message;
+    if (state.open === jobId) $("#transcript-status").textContent = error.message;
     return false;
   }
 }
@@ -561,19 +594,20 @@ async function saveNames(event) {
 // /speakers). Names recognition gave are left out: a voice it got wrong would become a voiceprint
 // of the wrong person, and one it got right is known already.
 async function rememberVoices() {
-  const status = $("#transcript-status");
   const jobId = state.open;  // the transcript whose voices these are, whatever is opened meanwhile
+  // Said under that transcript only: not under another opened meanwhile.
+  const say = (text) => { if (state.open === jobId) $("#transcript-status").textContent = text; };
   if (!(await saveNames(null))) return;
   let named;
   try {
     const speakers = (await (await api(`/transcripts/${jobId}/speakers`)).json()).speakers;
     named = Object.entries(speakers).filter(([, s]) => s.name && s.source === "manual").map(([label, s]) => [label, s.name]);
   } catch (error) {
-    status.textContent = `Not remembered: ${error.message}`;
+    say(`Not remembered: ${error.message}`);
     return;
   }
   if (!named.length) {
-    status.textContent = "Name a speaker first: only names given here are remembered (recognised voices are known already).";
+    say("Name a speaker first: only names given here are remembered (recognised voices are known already).");
     return;
   }
   const said = [];
@@ -588,7 +622,7 @@ async function rememberVoices() {
       said.push(`${name}: ${error.message}`);
     }
   }
-  status.textContent = said.join(" ");
+  say(said.join(" "));
   loadPeople();
 }
 
@@ -649,7 +683,22 @@ async function forgetPerson(person) {
     return;
   }
   loadPeople();
-  if (state.open !== null) openTranscript(state.open);  // names recognised from that voice are gone
+  if (state.open !== null) reloadNames(state.open);  // names recognised from that voice are gone
+}
+
+// The open transcript's names as the server has them now, in the fields not typed in: opened
+// anew, it would lose the names being typed and a correction being written.
+async function reloadNames(jobId) {
+  let speakers;
+  try {
+    speakers = (await (await api(`/transcripts/${jobId}/speakers`)).json()).speakers;
+  } catch (error) {
+    if (state.open === jobId) $("#transcript-status").textContent = `The names could not be reloaded: ${error.message}`;
+    return;
+  }
+  if (state.open !== jobId) return;
+  state.names = Object.fromEntries(Object.entries(speakers).filter(([, s]) => s.name).map(([label, s]) => [label, s.name]));
+  refreshNames();
 }
 
 function showStatus(job) {
@@ -727,7 +776,7 @@ function renderDelete(jobId, ended) {
       await api(`/transcripts/${jobId}`, { method: "DELETE" });
     } catch (error) {
       if (error.status === 404) forgetJob(jobId, { elsewhere: true });  // deleted meanwhile
-      else $("#transcript-status").textContent = `Not deleted: ${error.message}`;
+      else if (state.open === jobId) $("#transcript-status").textContent = `Not deleted: ${error.message}`;
       return;
     }
     forgetJob(jobId);
@@ -764,9 +813,10 @@ function renderCancel(jobId, ended) {
     const job = state.jobs.get(jobId) || {};
     if (!confirm(`Stop processing ${job.filename || `job ${jobId}`}? What is transcribed so far is kept.`)) return;
     try {
-      showStatus(await (await api(`/transcripts/${jobId}/cancel`, { method: "POST" })).json());
+      const stopped = await (await api(`/transcripts/${jobId}/cancel`, { method: "POST" })).json();
+      if (state.open === jobId) showStatus(stopped);
     } catch (error) {
-      $("#transcript-status").textContent = `Not stopped: ${error.message}`;
+      if (state.open === jobId) $("#transcript-status").textContent = `Not stopped: ${error.message}`;
     }
   };
 }
@@ -792,9 +842,9 @@ function renderRerun(jobId, ended) {
         body: JSON.stringify(speakers ? { num_speakers: Number(speakers), multichannel: false } : { num_speakers: null }),
       })).json();
       renderJob({ id: accepted.id, filename: accepted.filename, status: "processing", stage: "submitted", percent: 0 });
-      openTranscript(accepted.id);
+      if (state.open === jobId) openTranscript(accepted.id);  // else listed: another was opened meanwhile
     } catch (error) {
-      $("#transcript-status").textContent = `Not run again: ${error.message}`;
+      if (state.open === jobId) $("#transcript-status").textContent = `Not run again: ${error.message}`;
     } finally {
       submit.disabled = false;
     }
