@@ -59,6 +59,10 @@ TRANSIENT_STATUS_CODES = (502, 503, 504)
 # is reported as not followed: the job itself goes on either way.
 RETRIED_STATUS_CODES = (429, 500)
 FOLLOW_TRIES = 60
+# How long following waits out an API that does not answer at all, or answers 502-504, before
+# the job is reported as not followed: a restart or an upgrade takes minutes; a port-forward or a
+# VPN that is gone never comes back, and a script would wait for ever.
+API_AWAY_S = 1800.0
 # How long `submit` keeps offering an upload that the server answers 503 with Retry-After (it
 # takes no more uploads at once, or its database or broker is briefly away; nothing was created).
 UPLOAD_BUSY_WAIT_S = 120.0
@@ -330,28 +334,39 @@ def follow_jobs(client: httpx.Client, jobs: list[SubmittedJob]) -> dict[int, dic
         tasks = {job.id: progress.add_task(f"job {job.id} {escape(job.filename)}", total=100, stage="submitted")
                  for job in jobs}
         errors_in_a_row = dict.fromkeys(tasks, 0)
+        answered_at = time.monotonic()  # when the API last answered (other than 502-504)
         while True:
             for job in jobs:
                 if job.id in finished:
                     continue
+                away_s = time.monotonic() - answered_at
+                answered = True
                 try:
                     # The segments only once: a long job's would be read again every second.
                     document = checked(client.get(f"/status/{job.id}", params={"segments": "false"})).json()
                     if document["status"] in FINISHED:
                         document = checked(client.get(f"/status/{job.id}")).json()
-                except httpx.TransportError:
-                    progress.update(tasks[job.id], stage="[yellow]API unreachable, retrying")
-                    continue
+                except httpx.TransportError as exc:
+                    if away_s < API_AWAY_S:
+                        progress.update(tasks[job.id], stage="[yellow]API unreachable, retrying")
+                        continue
+                    document = {"status": NOT_FOLLOWED, "segments": [],
+                                "error": f"the API has not answered for {away_s / 60:.0f} minutes ({exc})"}
+                    answered = False
                 except ApiError as exc:
-                    # Only these count: 502-504 (the API restarting) are waited out however long.
                     errors_in_a_row[job.id] += exc.status_code in RETRIED_STATUS_CODES
-                    if exc.status_code in TRANSIENT_STATUS_CODES or (
+                    if (exc.status_code in TRANSIENT_STATUS_CODES and away_s < API_AWAY_S) or (
                             exc.status_code in RETRIED_STATUS_CODES and errors_in_a_row[job.id] < FOLLOW_TRIES):
                         progress.update(tasks[job.id], stage=f"[yellow]{escape(exc.detail)}, retrying")
+                        if exc.status_code not in TRANSIENT_STATUS_CODES:
+                            answered_at = time.monotonic()
                         continue
                     # Not the job's end: the API would not say how it is (a key refused, the job
-                    # deleted, an error of the API's own).
+                    # deleted, an error of the API's own, an API away for too long).
                     document = {"status": NOT_FOLLOWED, "segments": [], "error": str(exc)}
+                    answered = exc.status_code not in TRANSIENT_STATUS_CODES
+                if answered:
+                    answered_at = time.monotonic()
                 errors_in_a_row[job.id] = 0
                 progress.update(tasks[job.id], completed=job_percent(document), stage=stage_label(document))
                 if document["status"] in (*FINISHED, NOT_FOLLOWED):

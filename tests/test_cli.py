@@ -741,6 +741,25 @@ def test_an_address_without_its_scheme_is_said_once_and_not_sent_again(fixtures_
     assert "sending it again" not in result.output and "may have been accepted" not in result.output
 
 
+def test_following_a_job_gives_up_on_an_api_gone_for_good(monkeypatch):
+    """A port-forward or VPN that is gone never answers again: `submit` waited for ever, saying
+    "API unreachable, retrying"; it now reports the jobs as not followed (the jobs go on)."""
+    from cli import app as cli
+
+    monkeypatch.setattr(cli, "API_AWAY_S", 0.5)
+    monkeypatch.setattr(cli, "POLL_INTERVAL_S", 0.05)
+    outcome: dict = {}
+    jobs = [cli.SubmittedJob(id=4, filename="a.wav"), cli.SubmittedJob(id=5, filename="b.wav")]
+    with httpx.Client(base_url=f"http://127.0.0.1:{free_port()}", timeout=2) as client:
+        follower = threading.Thread(target=lambda: outcome.update(cli.follow_jobs(client, jobs)), daemon=True)
+        follower.start()
+        follower.join(15)
+    assert not follower.is_alive(), "still following an API that is gone"
+    assert {job_id: document["status"] for job_id, document in outcome.items()} == {4: cli.NOT_FOLLOWED,
+                                                                                     5: cli.NOT_FOLLOWED}
+    assert "has not answered for" in outcome[4]["error"]
+
+
 def test_exact_and_ranged_speaker_counts_exclude_each_other(fixtures_dir):
     result = CliRunner().invoke(app, ["submit", str(fixtures_dir / "jfk.flac"), "--speakers", "2",
                                       "--min-speakers", "1"])
