@@ -835,9 +835,19 @@ def reindex(
     with reporting_api_errors(api), api_client(api, api_key) as client:
         progress = checked(client.post("/admin/reindex")).json()
         stderr.print(f"re-embedding with {progress['model']}: {progress['pending_segments']} segments to do")
+        answered_at = time.monotonic()
         while wait and progress["running"]:
             time.sleep(1)
-            progress = checked(client.get("/admin/reindex")).json()
+            # A run takes hours: one proxy's 502 or a dropped connection is waited out as when
+            # following a job, not taken for the run's end (the run goes on on the server).
+            try:
+                progress = checked(client.get("/admin/reindex")).json()
+            except (httpx.TransportError, ApiError) as exc:
+                transient = not isinstance(exc, ApiError) or exc.status_code in TRANSIENT_STATUS_CODES
+                if not transient or time.monotonic() - answered_at > API_AWAY_S:
+                    raise
+                continue
+            answered_at = time.monotonic()
     if progress.get("error"):
         fail(progress["error"])
     state = "running" if progress["running"] else "done" if progress["pending_segments"] == 0 else "stopped"

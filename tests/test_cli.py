@@ -677,6 +677,46 @@ def test_following_a_job_waits_out_an_api_error_and_tells_an_unknown_outcome_fro
     assert documents[8]["status"] == NOT_FOLLOWED and "no job with id 8" in documents[8]["error"]
 
 
+def test_a_reindex_being_followed_waits_out_a_proxys_bad_gateway():
+    """A run takes hours: one 502 from a proxy ended `stt reindex --wait` with an error while the
+    run went on on the server."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    def progress(running: bool, pending: int) -> tuple[int, dict]:
+        return 200, {"model": "all-minilm", "running": running, "done_segments": 10 - pending,
+                     "pending_segments": pending, "error": None}
+
+    polls = [(502, {"detail": "Bad Gateway"}), progress(True, 4), (503, {"detail": "database unavailable"}),
+             progress(False, 0)]
+
+    class Handler(BaseHTTPRequestHandler):
+        def answer(self, status: int, body: dict) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+            self.answer(*progress(True, 10))
+
+        def do_GET(self) -> None:  # noqa: N802
+            self.answer(*(polls.pop(0) if len(polls) > 1 else polls[0]))
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        result = CliRunner().invoke(app, ["reindex", "--api", f"http://127.0.0.1:{server.server_port}"])
+    finally:
+        server.shutdown()
+    assert result.exit_code == 0, result.output
+    assert "10 segments embedded with all-minilm, 0 to do (done)" in result.output
+
+
 def test_a_redirect_is_reported_not_taken_for_success(tmp_path):
     with RedirectingServer() as api:
         deleted = subprocess.run([STT, "delete", "5", "--api", api], capture_output=True, text=True, timeout=60)
