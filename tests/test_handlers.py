@@ -123,6 +123,50 @@ async def test_a_second_run_of_a_job_leaves_its_decoded_audio_to_the_job(stack: 
             s3.remove_object(settings.audio_bucket, key)
 
 
+async def test_a_diarization_whose_delivery_is_gone_stops_instead_of_running_beside_the_next(stack: Stack,
+                                                                                          fixtures_dir):
+    """A closed channel cancels the handler's task, not its thread: the diarization went on beside
+    the copy the broker delivered again (twice the memory, half the CPU each, and slower still
+    each time the consumer timeout took the message back)."""
+    import asyncio
+    import threading
+    import time
+
+    settings = stack.settings()
+    s3 = stack.s3()
+    diarize, _ = make_diarizer(settings)
+    job_id = 900_000 + uuid.uuid4().int % 10_000
+    key = f"uploads/handler-test-{job_id}"
+    started, told_to_stop = threading.Event(), []
+
+    def diarize_slowly(waveform, options, stop):
+        started.set()
+        deadline = time.monotonic() + 20
+        while not stop() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        told_to_stop.append(stop())
+        return diarize(waveform, options, stop)
+
+    try:
+        s3.fput_object(settings.audio_bucket, key, str(fixtures_dir / "jfk.flac"))
+        deps = diarizer.Deps(settings=settings, storage=s3, diarize=diarize_slowly, ended=set())
+        submitted = JobSubmitted(job_id=job_id, audio_bucket=settings.audio_bucket, audio_key=key, filename="jfk.flac")
+
+        async def run() -> list:
+            return [message async for message in diarizer.handle(submitted, deps)]
+
+        handling = asyncio.create_task(run())
+        assert await asyncio.to_thread(started.wait, 60)
+        handling.cancel()
+        deadline = time.monotonic() + 5
+        while not told_to_stop and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert told_to_stop == [True]
+    finally:
+        s3.remove_object(settings.audio_bucket, pcm_key(job_id))
+        s3.remove_object(settings.audio_bucket, key)
+
+
 def test_batched_decoding_gives_each_person_their_words(fixtures_dir):
     """WHISPER_BATCH_SIZE: the chunk's speech cut into clips where its regions join and decoded
     several at once; the words and who said them are what one window after another gives."""

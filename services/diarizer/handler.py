@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import tempfile
+import threading
 from collections.abc import AsyncIterator, Container
 from dataclasses import dataclass
 
@@ -127,8 +128,13 @@ async def handle(message: JobSubmitted, deps: Deps) -> AsyncIterator[Contract]:
     stored_here = await asyncio.to_thread(stored_size, deps.storage, bucket, pcm) != waveform.size * 2
     if stored_here:
         await asyncio.to_thread(upload_bytes, deps.storage, bucket, pcm, float_to_pcm16(waveform.reshape(-1)))
+    # Set when this delivery is gone (its channel closed: the broker restarted, or its consumer
+    # timeout passed). Cancelling the task does not stop its thread, which would go on diarizing
+    # beside the copy the broker delivers again, twice the memory and half the CPU each.
+    delivery_gone = threading.Event()
+
     def ended() -> bool:  # asked by the backend between batches of windows
-        return message.job_id in deps.ended
+        return message.job_id in deps.ended or delivery_gone.is_set()
 
     stopped = False
     try:
@@ -141,6 +147,9 @@ async def handle(message: JobSubmitted, deps: Deps) -> AsyncIterator[Contract]:
             diarization = all_channels(channels)
     except DiarizationStopped:
         stopped = True
+    except asyncio.CancelledError:
+        delivery_gone.set()
+        raise
     if stopped or ended():
         if stored_here:
             # Stored for the chunks of a job that ended meanwhile: ingest's removal at the job's
