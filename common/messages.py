@@ -494,8 +494,9 @@ class SpeakerName(BaseModel):
 
 
 class TranscriptSpeakersUpdated(Contract):
-    """A finished transcript's speaker names changed: named by hand, or voices recognised (or no
-    longer recognised) after an enrolment, a rename or a forgotten speaker."""
+    """A transcript's speaker names changed, finished or still processing: named by hand, or
+    voices recognised (or no longer recognised) after an enrolment, a rename or a forgotten
+    speaker, or recognised in a later chunk than the transcript's first segments."""
 
     ROUTING_KEY: ClassVar[str] = "transcript.speakers_updated"
 
