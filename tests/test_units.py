@@ -356,7 +356,8 @@ log.info("between jobs")
 
 async def test_every_upload_path_counts_against_max_concurrent_uploads():
     """Past the bound, an upload to any path that takes a file is answered 503 with Retry-After
-    before its body is read; other requests pass."""
+    before its body is read; other requests pass, an enrolment from a transcript (JSON, no file)
+    among them: it held a place through its re-matching of every past recording."""
     import asyncio
 
     from services.ingest.admission import upload_limit_middleware
@@ -371,13 +372,15 @@ async def test_every_upload_path_counts_against_max_concurrent_uploads():
 
     app = upload_limit_middleware(1)(app_holding_uploads)
 
-    async def request(path: str, method: str = "POST") -> tuple[int, dict]:
+    async def request(path: str, method: str = "POST", content_type: bytes = b"multipart/form-data; boundary=b",
+                      ) -> tuple[int, dict]:
         sent = []
 
         async def send(message):
             sent.append(message)
 
-        await app({"type": "http", "path": path, "method": method}, None, send)
+        await app({"type": "http", "path": path, "method": method, "headers": [(b"content-type", content_type)]},
+                  None, send)
         return sent[0]["status"], dict(sent[0]["headers"])
 
     for path in ("/recognize", "/v1/audio/transcriptions", "/v1/audio/translations", "/speakers"):
@@ -388,8 +391,12 @@ async def test_every_upload_path_counts_against_max_concurrent_uploads():
             status, headers = await asyncio.wait_for(request(other), 5)  # answered at once, or held
             assert status == 503 and b"retry-after" in headers, (path, other)
         assert (await request("/status/1", "GET"))[0] == 200
+        from_transcript = asyncio.create_task(request("/speakers", content_type=b"application/json"))
+        await asyncio.sleep(0.1)
+        assert not from_transcript.done()  # let in, held by the app like any request, not refused
         release.set()
         assert (await first)[0] == 200
+        assert (await from_transcript)[0] == 200
 
 
 async def test_an_upload_whose_body_stops_coming_gives_up_its_place(monkeypatch):

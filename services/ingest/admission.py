@@ -38,6 +38,16 @@ def _is_upload(scope: Scope) -> bool:
     return scope["path"] in UPLOAD_PATHS and scope["method"] == "POST"
 
 
+def _is_streamed_upload(scope: Scope) -> bool:
+    """An upload that streams a file in. An enrolment from a transcript's speaker (JSON) holds
+    none, and would hold a place among MAX_CONCURRENT_UPLOADS through its re-matching of every past
+    recording of its key."""
+    if not _is_upload(scope):
+        return False
+    return scope["path"] != "/speakers" or dict(scope["headers"]).get(b"content-type", b"").lower().startswith(
+        b"multipart/")
+
+
 def _is_event_stream(scope: Scope) -> bool:
     path = scope["path"]
     return scope["method"] == "GET" and (path == "/events" or (path.startswith("/transcripts/")
@@ -106,7 +116,7 @@ def _limit_middleware(limit: int, applies: Callable[[Scope], bool], what: str, s
 
 def upload_limit_middleware(limit: int):
     """MAX_CONCURRENT_UPLOADS."""
-    return _limit_middleware(limit, _is_upload, "uploads", RELEASE_UPLOAD)
+    return _limit_middleware(limit, _is_streamed_upload, "uploads", RELEASE_UPLOAD)
 
 
 def event_stream_limit_middleware(limit: int):
