@@ -777,13 +777,30 @@ def _search_filters(args: list, *, owner: str | None, transcript_id: int | None,
     return "".join(f" AND {c}" for c in conditions)
 
 
-async def search_text(db: Db, query: str, *, limit: int, **filters) -> list[asyncpg.Record]:
+# A search is a person waiting: one that runs longer (a common word over a large store, an exact
+# ranking of many vectors) is cancelled, its connection freed, rather than left to run for minutes.
+SEARCH_TIMEOUT_S = 15.0
+
+
+async def _bounded(conn: asyncpg.Connection, timeout_s: float) -> None:
+    """In the transaction: statements give up (QueryCanceledError) after `timeout_s`."""
+    await conn.execute(f"SET LOCAL statement_timeout = {max(1, int(timeout_s * 1000))}")
+
+
+async def search_text(pool: asyncpg.Pool, query: str, *, limit: int, timeout_s: float = SEARCH_TIMEOUT_S,
+                      **filters) -> list[asyncpg.Record]:
     """Segments whose words match `query` (web-search syntax: words, "a phrase", -not, or), best
     first (ts_rank_cd). `highlighted` is left empty: mark only the hits shown (`highlights`)."""
     args: list = [query]
     where = _search_filters(args, **filters)
     args.append(limit)
-    return await db.fetch(
+    async with pool.acquire() as conn, conn.transaction():
+        await _bounded(conn, timeout_s)
+        return await _fetch_text_hits(conn, where, args)
+
+
+async def _fetch_text_hits(conn: asyncpg.Connection, where: str, args: list) -> list[asyncpg.Record]:
+    return await conn.fetch(
         f"SELECT {_HIT_COLUMNS}, ts_rank_cd(s.search_text, q.query) AS score, NULL::text AS highlighted"
         f" FROM segments s JOIN transcripts t ON t.id = s.transcript_id {_SPEAKER_NAME},"
         f" (SELECT {_TEXT_QUERY} AS query) q"
@@ -813,7 +830,7 @@ async def highlights(db: Db, query: str, keys: list[tuple[int, int, int]]) -> di
 
 
 async def search_semantic(pool: asyncpg.Pool, vector: list[float], model: str, *, limit: int,
-                          **filters) -> list[asyncpg.Record]:
+                          timeout_s: float = SEARCH_TIMEOUT_S, **filters) -> list[asyncpg.Record]:
     """The segments of `model` nearest `vector` (cosine, through that model's HNSW index, which
     keeps scanning while filters reject rows); `score` is the cosine similarity."""
     dimensions = int(len(vector))
@@ -832,6 +849,7 @@ async def search_semantic(pool: asyncpg.Pool, vector: list[float], model: str, *
                 f" ORDER BY {order} LIMIT ${len(args)}")
 
     async with pool.acquire() as conn, conn.transaction():
+        await _bounded(conn, timeout_s)
         await conn.execute("SET LOCAL hnsw.iterative_scan = strict_order")
         rows = await conn.fetch(nearest(distance), *args)
         if len(rows) < limit and where:

@@ -423,3 +423,26 @@ async def test_a_chunk_of_a_new_embedding_model_is_stored_while_its_index_cannot
         await pool.execute(f"DROP INDEX IF EXISTS {name}")
         jobstore._indexed.discard((model, dimensions))
         await pool.close()
+
+
+async def test_a_search_that_runs_too_long_is_stopped_and_frees_its_connection(stack: Stack):
+    """A common word over a large store ranked every match for as long as that took, holding a
+    connection; a search is now stopped after SEARCH_TIMEOUT_S. A store of 30,000 segments and a
+    limit of a millisecond stand in."""
+    pool = await asyncpg.create_pool(stack.database_url, min_size=1, max_size=1)
+    try:
+        job_id = await pool.fetchval("INSERT INTO transcripts (filename, status) VALUES ('long-search.wav', 'done')"
+                                     " RETURNING id")
+        await pool.execute(
+            "INSERT INTO segments (transcript_id, chunk_index, index, speaker, start_ts, end_ts, text, search_text)"
+            " SELECT $1, 0, i, 'spk_0', i, i + 1, 'the budget of the year ' || i,"
+            " to_tsvector('english', 'the budget of the year ' || i) FROM generate_series(0, 29999) i", job_id)
+        filters = {"owner": None, "transcript_id": job_id, "speaker": None, "language": None, "since": None,
+                   "until": None}
+        with pytest.raises(asyncpg.exceptions.QueryCanceledError):
+            await jobstore.search_text(pool, "budget", limit=100, timeout_s=0.001, **filters)
+        hits = await jobstore.search_text(pool, "budget", limit=100, **filters)
+        assert len(hits) == 100  # the connection is free, and an ordinary search runs
+    finally:
+        await pool.execute("DELETE FROM transcripts WHERE filename = 'long-search.wav'")
+        await pool.close()

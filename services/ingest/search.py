@@ -11,6 +11,7 @@ import logging
 from typing import Annotated, Literal
 
 import aiohttp
+import asyncpg
 from litestar import Request, get
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException
@@ -169,9 +170,14 @@ async def search(
         return await jobstore.search_semantic(state.pool, vector, model, limit=candidates, **filters)
 
     # Hybrid runs both searches at once, on two connections: its latency is the slower one's.
-    text_rows, semantic_rows = await asyncio.gather(
-        by_words() if mode in ("text", "hybrid") else _nothing(),
-        by_meaning() if mode in ("semantic", "hybrid") else _nothing())
+    try:
+        text_rows, semantic_rows = await asyncio.gather(
+            by_words() if mode in ("text", "hybrid") else _nothing(),
+            by_meaning() if mode in ("semantic", "hybrid") else _nothing())
+    except asyncpg.exceptions.QueryCanceledError as exc:
+        raise HTTPException(status_code=503, detail=f"the search took over {jobstore.SEARCH_TIMEOUT_S:g} s and was"
+                                                    " stopped: narrow it with transcript_id, speaker, language,"
+                                                    " since or until") from exc
     if mode == "hybrid":
         hits = fuse(text_rows, semantic_rows)
     elif mode == "text":
