@@ -10,7 +10,7 @@ import time
 import urllib.parse
 
 from common.db import create_pool
-from common.storage import ensure_buckets, make_client
+from common.storage import ensure_buckets, make_client, stored_size
 from services.ingest.inbox import BucketEvent, Inbox
 from tests.conftest import Stack, free_port, wait_for_port
 
@@ -159,8 +159,10 @@ async def wait_for_result(s3, bucket: str, key: str, text_in_it: str, timeout: f
 
 
 async def test_a_key_dropped_again_keeps_the_newer_jobs_results(stack: Stack, fixtures_dir):
-    """A drop overwritten with the right recording is a new job. The older job's results must
-    not replace the newer one's when it ends later, and deleting it must not remove them."""
+    """A drop overwritten with the right recording is a new job. Until its results are written the
+    older job's are not there to be read as its own (a weekly drop of one name, read as soon as its
+    .json is there, was last week's); the older job's results must not replace the newer one's
+    when it ends later, and deleting it must not remove them."""
     import httpx
 
     bucket, key = f"redrop-{time.monotonic_ns() % 10**9}", "weekly/call.flac"
@@ -180,6 +182,8 @@ async def test_a_key_dropped_again_keeps_the_newer_jobs_results(stack: Stack, fi
         first = await drop("jfk.flac")
         await wait_for_result(s3, bucket, key, "country")
         second = await drop("en_dialogue.wav")
+        assert stored_size(s3, bucket, f"results/{key}.json") is None  # taken down as the new drop is taken
+        assert stored_size(s3, bucket, f"results/{key}.srt") is None
         await wait_for_result(s3, bucket, key, "sales")
         # The first job's ending comes again (or only now): its results are not written over.
         await pool.execute("UPDATE transcripts SET result_written = false WHERE id = $1", first)

@@ -28,7 +28,15 @@ from common.db import DATABASE_UNAVAILABLE, LockKey, every
 from common.logs import job_logged
 from common.messages import JobOptions, TranscriptCompleted, TranscriptFailed
 from common.settings import Settings
-from common.storage import STORAGE_UNAVAILABLE, call_in_transaction, is_missing, pcm_key, upload_bytes, upload_json
+from common.storage import (
+    STORAGE_UNAVAILABLE,
+    call_in_transaction,
+    is_missing,
+    pcm_key,
+    remove_objects,
+    upload_bytes,
+    upload_json,
+)
 from services.ingest.auth import owner_of
 from services.ingest.jobs import BucketDrop, clean_filename, create_job, result_keys, status_document
 from services.ingest.redacted_audio import redact_recording
@@ -169,6 +177,12 @@ class Inbox:
             # Removed, or overwritten (the new content is a drop of its own), since announced.
             log.info("bucket drop %s/%s changed before it was taken (%s); nothing to do", bucket, key, exc.code)
             return None
+        if job_id is not None and refused is None:
+            # An earlier drop of this key left its result files: until this one's are written they
+            # would be read as this recording's (the .json says the results are complete). A
+            # refused drop's own are written at once, over them.
+            keys = result_keys(self.settings.results_prefix, key)
+            await asyncio.to_thread(remove_objects, self.s3, [(bucket, keys["json"]), (bucket, keys["srt"])])
         if job_id is not None:
             with job_logged(job_id):
                 if refused:
@@ -236,7 +250,8 @@ class Inbox:
                 await call_in_transaction(upload_bytes, self.s3_quick, bucket, keys["srt"], subtitles.encode(),
                                           content_type="application/x-subrip")
             else:  # an earlier job's subtitles of this key are not this failed job's
-                await call_in_transaction(self.s3_quick.remove_object, bucket, keys["srt"])
+                # (remove_objects: some stores, Google's among them, answer 404 for a key not there)
+                await call_in_transaction(remove_objects, self.s3_quick, [(bucket, keys["srt"])])
             # The status document last: its presence says the results are complete.
             await call_in_transaction(upload_json, self.s3_quick, bucket, keys["json"],
                                       document.model_dump(mode="json", exclude_none=True))
@@ -255,9 +270,9 @@ class Inbox:
             "redacting the recording": lambda: redact_recording(self.pool, self.s3, self.settings.audio_bucket,
                                                                 job_id),
             # The decoded PCM is an intermediate of the stages: once the job has ended nothing
-            # reads it. (S3's DELETE of a key already gone succeeds.)
+            # reads it. (Already gone is no error, on the stores that answer 404 for it too.)
             "removing the decoded audio": lambda: asyncio.to_thread(
-                self.s3.remove_object, self.settings.audio_bucket, pcm_key(job_id)),
+                remove_objects, self.s3, [(self.settings.audio_bucket, pcm_key(job_id))]),
         }
         failed: dict[str, Exception] = {}
         for what, step in steps.items():
