@@ -546,6 +546,90 @@ def test_names_saved_as_another_recording_opens_stay_with_their_own(stack, brows
     page.close()
 
 
+def test_the_list_catches_up_when_its_event_stream_is_back(stack, browser):
+    def ended_hours_ago(filename: str) -> int:
+        return stack.value("INSERT INTO transcripts (filename, status, completed_at) VALUES ($1, 'done',"
+                           " now() - interval '2 hours') RETURNING id", filename)
+
+    older, old = ended_hours_ago("older.wav"), ended_hours_ago("old.wav")
+    running = stack.value("INSERT INTO transcripts (filename) VALUES ('running.wav') RETURNING id")
+    recent = a_recording_in_the_database(stack, "recent.wav", [("spk_0", "Hello.")])
+    page = browser.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    # The list's first page ends before `old`: "More" lists it.
+    listed: list[str] = []
+
+    def first_page_ends_before_old(route) -> None:
+        listed.append(route.request.url)
+        answer = route.fetch()
+        items = [job for job in answer.json()["items"] if job["id"] > old]
+        route.fulfill(response=answer, json={"items": items, "next_cursor": items[-1]["id"]})
+
+    page.route(re.compile(r"/transcripts\?limit=50$"), first_page_ends_before_old)
+    # The list's event stream is dropped at once (a proxy, a laptop asleep); made again, it is
+    # held until the test has changed what it would have told.
+    streams: list = []
+
+    def dropped_then_held(route) -> None:
+        streams.append(route)
+        if len(streams) == 1:
+            route.fulfill(status=200, content_type="text/event-stream", body=": stream of jobs\n\n")
+        elif len(streams) > 2:
+            route.continue_()
+
+    page.route(f"{stack.api}/events", dropped_then_held)
+    page.goto(stack.api + "/")
+    page.locator(f'#jobs li[data-job="{running}"][data-status="processing"]').wait_for(timeout=30_000)
+    page.get_by_role("button", name="More").click()
+    page.locator(f'#jobs li[data-job="{old}"]').wait_for(timeout=30_000)
+    for _ in range(300):
+        if len(streams) > 1:
+            break
+        page.wait_for_timeout(100)
+    assert len(streams) > 1, "the page never made its event stream again"
+    assert len(listed) == 1  # not asked for again on the stream's first connection
+    # Meanwhile: two recordings deleted elsewhere, and one that ended over an hour ago (which a
+    # new stream no longer follows).
+    for job_id in (recent, old):
+        assert httpx.delete(f"{stack.api}/transcripts/{job_id}", timeout=30).status_code == 204
+    stack.query("UPDATE transcripts SET status = 'done', stage = 'done', completed_at = now() - interval '2 hours'"
+                " WHERE id = $1", running)
+    streams[1].continue_()
+    page.locator(f'#jobs li[data-job="{running}"][data-status="done"]').wait_for(timeout=15_000)
+    for job_id in (recent, old):
+        page.locator(f'#jobs li[data-job="{job_id}"]').wait_for(state="detached", timeout=5_000)
+    # What "More" listed is still listed (less what was deleted), once each, newest first.
+    shown = page.eval_on_selector_all("#jobs li", "items => items.map((i) => Number(i.dataset.job))")
+    assert older in shown and shown == sorted(set(shown), reverse=True), shown
+    assert errors == []
+    page.close()
+    for job_id in (older, running):
+        httpx.delete(f"{stack.api}/transcripts/{job_id}", timeout=30)
+
+
+def test_known_voices_that_could_not_be_listed_are_asked_for_again(stack, browser, forgets_its_speakers):
+    stack.value("INSERT INTO speakers (name) VALUES ('Anna') RETURNING id")
+    page = browser.new_page()
+    # The first answer fails (PostgreSQL restarting); the page says so and asks again.
+    asked: list[str] = []
+
+    def fails_once(route) -> None:
+        asked.append(route.request.url)
+        if len(asked) == 1:
+            route.fulfill(status=503, json={"detail": "the database is restarting"})
+        else:
+            route.continue_()
+
+    page.route(f"{stack.api}/speakers", fails_once)
+    page.goto(stack.api + "/")
+    page.locator("#people li", has_text="could not be listed").wait_for(timeout=30_000)
+    page.get_by_role("button", name="Forget Anna").wait_for(timeout=30_000)
+    assert page.locator("#people li", has_text="could not be listed").count() == 0
+    page.get_by_role("checkbox", name="Anna").wait_for(timeout=5_000)  # "Who may be in it"
+    page.close()
+
+
 def test_a_silent_recording_says_nobody_talks(stack, fixtures_dir, browser):
     page = browser.new_page()
     # The server busy at first (every upload slot taken: 503 with Retry-After, nothing made): the

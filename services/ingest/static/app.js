@@ -11,7 +11,8 @@ const COLOURS = ["#0b5cad", "#b3261e", "#1d6b2a", "#7a3fa0", "#8a5a00", "#00707a
 const state = {
   jobs: new Map(), deleted: new Set(), open: null, stream: null, speakers: [], names: {}, talk: {}, audioUrl: null,
   shown: new Map(),  // the open transcript's segments on the page, by `renderSegment`'s key
-  uploading: 0, jobsStream: null, jobsRetry: null, jobsCursor: null, audioLoads: 0, pendingSeek: null,
+  uploading: 0, jobsStream: null, jobsRetry: null, jobsCursor: null, jobsListed: false, audioLoads: 0,
+  pendingSeek: null, peopleRetry: null,
 };
 
 function apiKey() { return sessionStorage.getItem(KEY_STORAGE) || ""; }
@@ -70,12 +71,14 @@ function readWithin(reader, ms) {
   return Promise.race([reader.read(), silence]).finally(() => clearTimeout(timer));
 }
 
-// A dropped connection is made again (every 2 s), resuming after the last event. A 4xx answer
-// would be the same again (no such job, a key refused): following stops and onGone(status) is told.
-function follow(path, onEvent, { lastEventId = null, endId = null, onGone = null } = {}) {
+// A dropped connection is made again (every 2 s), resuming after the last event; onReconnect()
+// is told each time it is made again, for what a stream does not resume. A 4xx answer would be
+// the same again (no such job, a key refused): following stops and onGone(status) is told.
+function follow(path, onEvent, { lastEventId = null, endId = null, onGone = null, onReconnect = null } = {}) {
   const controller = new AbortController();
   let last = lastEventId;
   let stopped = false;
+  let connected = false;
   async function connect() {
     while (!stopped) {
       try {
@@ -89,6 +92,8 @@ function follow(path, onEvent, { lastEventId = null, endId = null, onGone = null
         }
         if (!response.ok) throw new Error(`${response.status}`);
         if (response.status === 204) { stopped = true; return; }  // nothing more will come (SSE)
+        if (connected && onReconnect) onReconnect();
+        connected = true;
         const reader = response.body.getReader();
         const decoder = new TextDecoder();
         let buffer = "";
@@ -175,16 +180,41 @@ function showJobsPage(page) {
   $("#more-jobs").hidden = state.jobsCursor === null;
 }
 
+// The list from the newest job down as far as it went before ("More" takes it further; at first,
+// one page), each row as the server has it now. A row in that span that the server no longer
+// lists was deleted while nothing could tell the page: it goes. False when answered for the key
+// before.
+async function listJobs(key) {
+  const shown = [...state.jobs.keys()];
+  const listedBefore = state.jobsListed;
+  const reached = state.jobsCursor;  // where "More" goes on from; null once every job is listed
+  const items = [];
+  let next = null;
+  do {
+    const page = await (await api(`/transcripts?limit=50${next === null ? "" : `&cursor=${next}`}`)).json();
+    if (apiKey() !== key) return false;
+    items.push(...page.items);
+    next = page.next_cursor ?? null;
+  } while (listedBefore && next !== null && (reached === null || next > reached));
+  const listed = new Set(items.map((job) => job.id));
+  for (const id of shown) {
+    if (id >= (next ?? 0) && !listed.has(id)) forgetJob(id, { elsewhere: true });
+  }
+  showJobsPage({ items, next_cursor: next });
+  state.jobsListed = true;
+  return true;
+}
+
 // The newest jobs, then each change (/events). A list that could not be had (the database
 // restarting, the network down) is said so and asked for again every 5 s; changes are followed
-// meanwhile. A key refused is said by api(): a new key loads again.
+// meanwhile. A stream made again starts afresh, so it does not tell what was deleted while it
+// was down, nor the jobs it does not follow (those ended over an hour ago): the list is asked for
+// again then. A key refused is said by api(): a new key loads again.
 async function loadJobs() {
   const key = apiKey();
   clearTimeout(state.jobsRetry);
   try {
-    const page = await (await api("/transcripts?limit=50")).json();
-    if (apiKey() !== key) return;  // answered for the key before
-    showJobsPage(page);
+    if (!(await listJobs(key))) return;
     notice("");
   } catch (error) {
     if (apiKey() !== key || error.status === 401 || error.status === 403) return;
@@ -195,7 +225,7 @@ async function loadJobs() {
     state.jobsStream = follow("/events", (type, job) => {
       if (type === "job") renderJob(job);
       else if (type === "job.deleted") forgetJob(job.id, { elsewhere: true });
-    });
+    }, { onReconnect: loadJobs });
   }
 }
 
@@ -628,16 +658,26 @@ async function rememberVoices() {
 
 // ---- known voices -------------------------------------------------------------------------
 
+// A list that could not be had (the database restarting, the network down) is said so in its
+// place and asked for again every 5 s; a key refused is said by api(): a new key loads again.
 async function loadPeople() {
   const key = apiKey();
+  clearTimeout(state.peopleRetry);
+  const list = $("#people");
   let people;
   try {
     people = (await (await api("/speakers")).json()).items;
   } catch (error) {
+    if (apiKey() !== key || error.status === 401 || error.status === 403) return;
+    list.innerHTML = "";
+    const problem = document.createElement("li");
+    problem.className = "problem";
+    problem.textContent = `The known voices could not be listed (${error.message}): trying again.`;
+    list.appendChild(problem);
+    state.peopleRetry = setTimeout(loadPeople, 5000);
     return;
   }
   if (apiKey() !== key) return;  // answered for the key before
-  const list = $("#people");
   list.innerHTML = "";
   if (!people.length) list.innerHTML = '<li class="hint">None yet.</li>';
   for (const person of people) {
@@ -1078,6 +1118,8 @@ document.addEventListener("DOMContentLoaded", () => {
     closeTranscript();
     state.jobs.clear();
     state.deleted.clear();
+    state.jobsCursor = null;
+    state.jobsListed = false;
     $("#jobs").innerHTML = "";
     $("#more-jobs").hidden = true;
     $("#hits").innerHTML = "";
