@@ -167,6 +167,15 @@ class Settings(BaseSettings):
         # As API_KEYS' keys are read: a Secret's trailing newline is not part of the key.
         return value.strip() or None if isinstance(value, str) else value
 
+    @field_validator("results_prefix")
+    @classmethod
+    def _a_folder_of_its_own(cls, value: str) -> str:
+        # Keys under it are never input: empty, every drop was a result and nothing ran; without
+        # the slash ("out"), a drop "outbound/call.wav" was one.
+        if not value.endswith("/") or not value.strip("/"):
+            raise ValueError("RESULTS_PREFIX must be a folder, ending in / (results/)")
+        return value
+
     @model_validator(mode="after")
     def _inbox_key_is_an_api_key(self) -> Settings:
         if self.inbox_api_key and self.inbox_api_key.get_secret_value() not in self.api_key_list:
