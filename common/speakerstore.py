@@ -79,42 +79,63 @@ async def speaker_voiceprints(db: Db, speaker_id: int) -> list[asyncpg.Record]:
         " FROM voiceprints WHERE speaker_id = $1 ORDER BY id", speaker_id)
 
 
-async def speaker_voices(db: Db, speaker_id: int) -> list[tuple[list[float], str]]:
-    """The speaker's voiceprints: (embedding, the model that made it)."""
-    rows = await db.fetch("SELECT embedding::real[] AS embedding, embedding_model FROM voiceprints"
-                          " WHERE speaker_id = $1 ORDER BY id", speaker_id)
-    return [(list(r["embedding"]), r["embedding_model"]) for r in rows]
+def _lock_jobs(where: str) -> str:
+    """SQL: lock the jobs (transcripts `t`) `where` holds, in id order, and give their ids."""
+    return f"SELECT id FROM transcripts t WHERE {where} ORDER BY id FOR UPDATE"
 
 
-async def rename_speaker(conn: asyncpg.Connection, owner: str | None, speaker_id: int, name: str) -> None:
-    """Rename, and carry the new name to every recording speaker it named automatically. NameTaken
-    when another of the owner's speakers has the name (the unique index on it says so)."""
-    old = await conn.fetchval("SELECT name FROM speakers WHERE id = $1", speaker_id)
+_NAMED_BY = "SELECT transcript_id FROM transcript_speakers WHERE matched_speaker_id = $1 AND name_source = 'auto'"
+
+
+def _naming(name_param: str) -> str:
+    """SQL: the transcript `t` has a speaker called the name in `name_param` by hand, or expects
+    a person of that name (`expected_speakers`)."""
+    return (f"(EXISTS (SELECT 1 FROM transcript_speakers ts WHERE ts.transcript_id = t.id AND ts.name_source = 'manual'"
+            f" AND lower(ts.name) = lower({name_param})) OR {_expects(name_param)})")
+
+
+async def _lock_jobs_of_rename(conn: asyncpg.Connection, owner: str | None, speaker_id: int, old: str | None,
+                               new: str) -> list[int]:
+    """Lock the jobs a rename from `old` to `new` can change the names of: those with a speaker
+    the person named automatically, and the owner's that call a speaker either name by hand
+    (where the person may have to give way, or may come in) or expect either."""
+    rows = await conn.fetch(_lock_jobs(f"id IN ({_NAMED_BY}) OR (t.{_OWNER.replace('$1', '$2')} AND"
+                                       f" ({_naming('$3')} OR {_naming('$4')}))"), speaker_id, owner, old, new)
+    return [r["id"] for r in rows]
+
+
+async def rename_speaker(conn: asyncpg.Connection, owner: str | None, speaker_id: int,
+                         name: str) -> tuple[list[int], list[int]]:
+    """Rename, and carry the new name to every recording speaker it named automatically and to the
+    jobs that expect the person. NameTaken when another of the owner's speakers has the name (the
+    unique index on it says so). The transcripts whose names it changed, and those it can change
+    the names of (a superset), their jobs locked until the transaction ends: the caller matches
+    them again before it commits. Nothing when the speaker has the name already, or is gone."""
     # The jobs it changes are locked first, in id order, as the persister locks a job before its
     # speakers and an enrolment a job before the speaker: the other order deadlocked with them.
-    await conn.execute(
-        f"SELECT id FROM transcripts WHERE id IN (SELECT transcript_id FROM transcript_speakers"
-        f" WHERE matched_speaker_id = $1 AND name_source = 'auto') OR ({_OWNER.replace('$1', '$2')}"
-        f" AND {_expects('$3')}) ORDER BY id FOR UPDATE", speaker_id, owner, old)
+    await _lock_jobs_of_rename(conn, owner, speaker_id,
+                               await conn.fetchval("SELECT name FROM speakers WHERE id = $1", speaker_id), name)
+    # Then the speaker, and its name read again under the lock: a rename of it that committed
+    # meanwhile left the jobs expecting the person under its new name, not the one read above,
+    # and a matching that committed meanwhile may have given it a voice in another job. Their
+    # jobs are locked now; while the speaker is locked, no matching can give it another voice.
+    old = await conn.fetchval("SELECT name FROM speakers WHERE id = $1 FOR UPDATE", speaker_id)
+    if old is None or old == name:
+        return [], []
+    jobs = await _lock_jobs_of_rename(conn, owner, speaker_id, old, name)
     try:
         async with conn.transaction():  # a savepoint: the caller's transaction goes on
             await conn.execute("UPDATE speakers SET name = $2 WHERE id = $1", speaker_id, name)
     except asyncpg.UniqueViolationError as exc:
         raise NameTaken(name) from exc
-    await conn.execute("UPDATE transcript_speakers SET name = $2 WHERE matched_speaker_id = $1"
-                       " AND name_source = 'auto'", speaker_id, name)
+    renamed = await conn.fetch("UPDATE transcript_speakers SET name = $2 WHERE matched_speaker_id = $1"
+                               " AND name_source = 'auto' RETURNING transcript_id", speaker_id, name)
     # Jobs that expect the person (`expected_speakers`) go on expecting them by the new name.
     await conn.execute(
         f"UPDATE transcripts SET options = jsonb_set(options, '{{expected_speakers}}', (SELECT jsonb_agg(CASE WHEN"
         f" lower(n) = lower($2) THEN $3 ELSE n END) FROM jsonb_array_elements_text({_EXPECTED}) n)) WHERE {_OWNER}"
         f" AND {_expects('$2')}", owner, old, name)
-
-
-async def named_by(db: Db, speaker_id: int) -> list[int]:
-    """Transcripts with a recording speaker this enrolled speaker named automatically."""
-    rows = await db.fetch("SELECT DISTINCT transcript_id FROM transcript_speakers WHERE matched_speaker_id = $1"
-                          " AND name_source = 'auto' ORDER BY transcript_id", speaker_id)
-    return [r["transcript_id"] for r in rows]
+    return sorted({r["transcript_id"] for r in renamed}), jobs
 
 
 _UNNAME = "UPDATE transcript_speakers SET name = NULL, name_source = NULL, matched_speaker_id = NULL, confidence = NULL"
@@ -122,7 +143,10 @@ _UNNAME = "UPDATE transcript_speakers SET name = NULL, name_source = NULL, match
 
 async def delete_speaker(conn: asyncpg.Connection, speaker_id: int) -> list[int]:
     """Forget a person: their voiceprints go (cascade) and so does every name matched to them.
-    The transcripts that lost a name."""
+    The transcripts that lost a name, their jobs locked until the transaction ends (for the caller
+    to match them again before it commits)."""
+    # Their jobs first, in id order, as a rename locks them.
+    await conn.fetch(_lock_jobs(f"id IN ({_NAMED_BY})"), speaker_id)
     rows = await conn.fetch(f"{_UNNAME} WHERE matched_speaker_id = $1 AND name_source = 'auto'"
                             " RETURNING transcript_id", speaker_id)
     forgotten = await conn.fetchrow("DELETE FROM speakers WHERE id = $1 RETURNING owner, name", speaker_id)
@@ -133,7 +157,11 @@ async def delete_speaker(conn: asyncpg.Connection, speaker_id: int) -> list[int]
             f"{_UNNAME} WHERE matched_speaker_id IS NULL AND name_source = 'auto' AND lower(name) = lower($2)"
             f" AND transcript_id IN (SELECT id FROM transcripts WHERE {_OWNER}) RETURNING transcript_id",
             forgotten["owner"], forgotten["name"])
-    return sorted({r["transcript_id"] for r in rows})
+    transcript_ids = sorted({r["transcript_id"] for r in rows})
+    # Those such a matching named are locked only now, after their speakers: rare as that is, a
+    # deadlock it may end in is the caller's to retry.
+    await conn.fetch(_lock_jobs("id = ANY($1::bigint[])"), transcript_ids)
+    return transcript_ids
 
 
 async def owner_profiles(db: Db, owner: str | None, model: str, only: list[str] | None = None,
@@ -178,16 +206,6 @@ async def transcripts_near_voice(db: Db, owner: str | None, embedding: list[floa
         f" WHERE t.{_OWNER} AND ts.embedding_model = $2 AND 1 - (ts.embedding <=> $3::real[]::vector) >= $4"
         " ORDER BY ts.transcript_id", owner, model, embedding, threshold - 1e-4)
     return [r["transcript_id"] for r in rows]
-
-
-async def transcripts_naming(db: Db, owner: str | None, name: str) -> list[int]:
-    """The owner's transcripts where a speaker is called `name` by hand or that expect a person of
-    that name (`expected_speakers`): where a speaker renamed to it may have to give way, or may come in."""
-    rows = await db.fetch(
-        f"SELECT id FROM transcripts t WHERE t.{_OWNER} AND (EXISTS (SELECT 1 FROM transcript_speakers ts"
-        " WHERE ts.transcript_id = t.id AND ts.name_source = 'manual' AND lower(ts.name) = lower($2))"
-        f" OR {_expects('$2')}) ORDER BY id", owner, name)
-    return [r["id"] for r in rows]
 
 
 async def name_recording_speakers(conn: asyncpg.Connection, transcript_id: int, owner: str | None,

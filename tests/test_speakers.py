@@ -5,6 +5,8 @@ and other keys are not; forgetting takes the names away."""
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 
 import aio_pika
 import httpx
@@ -321,26 +323,127 @@ async def test_names_in_any_script_are_known_whatever_their_case(enrolled):
     assert [p.name for p in expected] == ["İlker"]
 
 
-def test_renaming_a_person_to_a_name_given_by_hand_leaves_it_on_one_speaker(enrolled):
+async def _speakers_updated(queue: aio_pika.abc.AbstractQueue, transcript_id: int,
+                            quiet_s: float = 3.0) -> dict[int, list[dict]]:
+    """The transcript.speakers_updated events on `queue`, their `speakers` by transcript, once one
+    of `transcript_id` came and then none for `quiet_s` seconds."""
+    events: dict[int, list[dict]] = {}
+    deadline, quiet_until = time.monotonic() + 30, None
+    while quiet_until is None or time.monotonic() < quiet_until:
+        assert time.monotonic() < deadline, f"no transcript.speakers_updated of job {transcript_id} came: {events}"
+        message = await queue.get(fail=False)
+        if message is None:
+            await asyncio.sleep(0.2)
+            continue
+        await message.ack()
+        body = json.loads(message.body)
+        events.setdefault(body["transcript_id"], []).append(body["speakers"])
+        if transcript_id in events:
+            quiet_until = time.monotonic() + quiet_s
+    return events
+
+
+def _told_once_each_with_no_name_twice(events: dict[int, list[dict]]) -> None:
+    for transcript_id, told in events.items():
+        assert len(told) == 1, f"job {transcript_id} was told its names {len(told)} times: {told}"
+        names = [n["name"].lower() for n in told[0].values() if n["name"]]
+        assert len(names) == len(set(names)), f"job {transcript_id} was told of one name on two speakers: {told}"
+
+
+async def test_renaming_a_person_to_a_name_given_by_hand_leaves_it_on_one_speaker(enrolled):
+    """The name never shows on two speakers of a recording, not even between two steps of the
+    rename: each transcript it changes is told its names once, as they end."""
     stack, owner, _, source = enrolled
     first = stack.status(source, owner)
     voice_a, voice_b = _speaker_at(first, 2.0)["speaker"], _speaker_at(first, 5.5)["speaker"]
     anna = owner.post("/speakers", json={"name": "Anna", "transcript_id": source, "label": voice_a})
     assert anna.status_code == 201, anna.text
+    connection = await aio_pika.connect(stack.amqp_url)
     try:
         assert owner.patch(f"/transcripts/{source}/speakers", json={voice_b: "Boris"}).status_code == 200
+        queue = await events_queue(await connection.channel(), "transcript.speakers_updated")
         assert owner.patch(f"/speakers/{anna.json()['id']}", json={"name": "Boris"}).status_code == 200
         names = owner.get(f"/transcripts/{source}/speakers").json()["speakers"]
         assert ({label: names[label].get("name") for label in (voice_a, voice_b)}
                 == {voice_a: None, voice_b: "Boris"}), names
+        events = await _speakers_updated(queue, source)
+        _told_once_each_with_no_name_twice(events)
+        assert (events[source][0][voice_a]["name"], events[source][0][voice_b]["name"]) == (None, "Boris")
         # Named Anna again, the person is no longer the one given by hand: her voice is hers again.
         assert owner.patch(f"/speakers/{anna.json()['id']}", json={"name": "Anna"}).status_code == 200
         names = owner.get(f"/transcripts/{source}/speakers").json()["speakers"]
         assert ({label: names[label].get("name") for label in (voice_a, voice_b)}
                 == {voice_a: "Anna", voice_b: "Boris"}), names
+        events = await _speakers_updated(queue, source)
+        _told_once_each_with_no_name_twice(events)
+        assert (events[source][0][voice_a]["name"], events[source][0][voice_b]["name"]) == ("Anna", "Boris")
     finally:
+        await connection.close()
         assert owner.delete(f"/speakers/{anna.json()['id']}").status_code == 204
         assert owner.patch(f"/transcripts/{source}/speakers", json={voice_b: None}).status_code == 200
+
+
+async def test_forgetting_a_person_tells_each_recording_its_names_once(enrolled, voices):
+    """A voice the forgotten person was given goes to the next best profile in the same step: the
+    transcript is not told it is unnamed and then, in a second event, named again."""
+    stack, owner, _, source = enrolled
+    voice_a = _speaker_at(stack.status(source, owner), 2.0)["speaker"]
+    anna = owner.post("/speakers", json={"name": "Anna", "transcript_id": source, "label": voice_a})
+    assert anna.status_code == 201, anna.text
+    anne = owner.post("/speakers", data={"name": "Anne"}, files={"file": ("anne.wav", voices["a_alone"])})
+    assert anne.status_code == 201, anne.text
+    assert owner.get(f"/transcripts/{source}/speakers").json()["speakers"][voice_a]["name"] == "Anna"
+    connection = await aio_pika.connect(stack.amqp_url)
+    try:
+        queue = await events_queue(await connection.channel(), "transcript.speakers_updated")
+        assert owner.delete(f"/speakers/{anna.json()['id']}").status_code == 204
+        events = await _speakers_updated(queue, source)
+        _told_once_each_with_no_name_twice(events)
+        assert events[source][0][voice_a]["name"] == "Anne"
+        assert owner.get(f"/transcripts/{source}/speakers").json()["speakers"][voice_a]["name"] == "Anne"
+    finally:
+        await connection.close()
+
+
+async def test_two_renames_at_once_leave_the_jobs_expecting_the_name_the_person_ends_with(enrolled):
+    """Both renames read the old name before either has renamed; the second to run must carry the
+    name the first gave on to the jobs that expect the person, not look for the old one."""
+    import asyncpg
+
+    stack, owner, _, source = enrolled
+    voice_a = _speaker_at(stack.status(source, owner), 2.0)["speaker"]
+    anna = owner.post("/speakers", json={"name": "Anna", "transcript_id": source, "label": voice_a})
+    assert anna.status_code == 201, anna.text
+    options = stack.value("SELECT options::text FROM transcripts WHERE id = $1", source)
+    stack.value("UPDATE transcripts SET options = options || '{\"expected_speakers\": [\"Anna\"]}' WHERE id = $1",
+                source)
+    holding = await asyncpg.connect(stack.database_url)
+    try:
+        # The job held, both renames read "Anna" and wait for it; let go, they run one after the other.
+        held = holding.transaction()
+        await held.start()
+        await holding.execute("SELECT id FROM transcripts WHERE id = $1 FOR UPDATE", source)
+
+        async def let_go_once_both_wait() -> None:
+            for _ in range(300):
+                if await holding.fetchval("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                                          " AND wait_event_type = 'Lock' AND wait_event <> 'advisory'") >= 2:
+                    break
+                await asyncio.sleep(0.1)
+            await held.rollback()
+
+        async with httpx.AsyncClient(base_url=stack.api, headers={"X-API-Key": OWNER}, timeout=120) as client:
+            where = f"/speakers/{anna.json()['id']}"
+            *answers, _ = await asyncio.gather(client.patch(where, json={"name": "Boris"}),
+                                               client.patch(where, json={"name": "Carl"}), let_go_once_both_wait())
+        assert [a.status_code for a in answers] == [200, 200], [a.text for a in answers]
+        final = owner.get(where).json()["name"]
+        assert final in ("Boris", "Carl")
+        expected = owner.get(f"/transcripts/{source}").json()["options"]["expected_speakers"]
+        assert expected == [final], (expected, final)
+    finally:
+        await holding.close()
+        stack.value("UPDATE transcripts SET options = $2::text::jsonb WHERE id = $1", source, options)
 
 
 def test_a_name_given_by_hand_to_a_label_without_a_voice_is_not_recognised_in_a_second_speaker(enrolled):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from datetime import datetime
 from typing import Annotated, TypeVar
 
@@ -120,6 +120,27 @@ def unenrolled(names: list[str], field: str = "expected_speakers") -> str:
 # ---- announcing and re-naming -----------------------------------------------------------------
 
 
+async def _name_again(conn: asyncpg.Connection, settings: Settings, owner: str | None, transcript_ids: list[int],
+                      changed: Collection[int] = ()) -> list[int]:
+    """Match these recordings of the owner, their jobs locked by the caller's transaction, against
+    the owner's profiles again; the transcripts whose names changed (here, or before: `changed`),
+    each announced once."""
+    announced = []
+    for transcript_id in transcript_ids:
+        if (await speakerstore.name_recording_speakers(conn, transcript_id, owner, settings.speaker_match_threshold,
+                                                       settings.speaker_min_speech_s)
+                or transcript_id in changed):
+            await speakerstore.announce_speaker_names(conn, transcript_id)
+            announced.append(transcript_id)
+    return announced
+
+
+def _log_renamed(transcript_ids: list[int]) -> None:
+    for transcript_id in transcript_ids:
+        with job_logged(transcript_id):
+            log.info("speaker names changed after a change of the enrolled speakers")
+
+
 async def rename_recordings(pool: asyncpg.Pool, settings: Settings, owner: str | None,
                             transcript_ids: list[int]) -> list[int]:
     """Match these recordings of the owner against the owner's profiles again; the transcripts
@@ -131,21 +152,17 @@ async def rename_recordings(pool: asyncpg.Pool, settings: Settings, owner: str |
             # The job first, then its speakers, as the persister and naming by hand lock them.
             if await jobstore.lock_job(conn, transcript_id) is None:
                 continue  # deleted meanwhile
-            if await speakerstore.name_recording_speakers(conn, transcript_id, owner, settings.speaker_match_threshold,
-                                                          settings.speaker_min_speech_s):
-                await speakerstore.announce_speaker_names(conn, transcript_id)
-                changed.append(transcript_id)
-    for transcript_id in changed:
-        with job_logged(transcript_id):
-            log.info("speaker names changed after a change of the enrolled speakers")
+            changed += await _name_again(conn, settings, owner, [transcript_id])
+    _log_renamed(changed)
     return changed
 
 
 async def _in_transaction_retried(pool: asyncpg.Pool, work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
     """`work` in a transaction, run again when PostgreSQL ends it as a deadlock's victim. A rename
     or forget updates the recording speakers a speaker named, while a matching (the persister's, a
-    name given by hand) holds some of them and waits for its shared lock on that speaker: one of
-    the two must give way, and the other's work is whole again on a second run."""
+    name given by hand, or the one a rename or forget of another speaker runs) holds some of them,
+    or that other speaker, and waits for its shared lock on this one: one of the two must give
+    way, and the other's work is whole again on a second run."""
     for attempt in range(1, DEADLOCK_TRIES + 1):
         try:
             async with pool.acquire() as conn, conn.transaction():
@@ -322,34 +339,20 @@ async def rename(speaker_id: SpeakerId, data: Rename, request: Request, state: S
     owner = request_owner(request)
     name = enrolled_name(data.name)
 
-    async def renamed(conn: asyncpg.Connection) -> str:
-        speaker = await speakerstore.get_speaker(conn, owner, speaker_id)
-        if speaker is None:
+    async def renamed(conn: asyncpg.Connection) -> list[int]:
+        if await speakerstore.get_speaker(conn, owner, speaker_id) is None:
             raise NotFoundException(detail=f"no speaker with id {speaker_id}")
-        if speaker["name"] != name:
-            try:
-                await speakerstore.rename_speaker(conn, owner, speaker_id, name)
-            except speakerstore.NameTaken as exc:
-                raise HTTPException(status_code=409, detail=f"another speaker is already called {name!r}") from exc
-            for transcript_id in await speakerstore.named_by(conn, speaker_id):
-                await speakerstore.announce_speaker_names(conn, transcript_id)
-        return speaker["name"]
+        try:
+            changed, renamed_in = await speakerstore.rename_speaker(conn, owner, speaker_id, name)
+        except speakerstore.NameTaken as exc:
+            raise HTTPException(status_code=409, detail=f"another speaker is already called {name!r}") from exc
+        # Under its new name the person may be one a recording named by hand already (matched again,
+        # the recording keeps that name on one speaker only), or one a job expects; and a recording
+        # where the old name was given by hand to one speaker may now give the person to another.
+        # Matched before the rename commits: no one sees, or is told of, the name on two speakers.
+        return await _name_again(conn, state.settings, owner, renamed_in, changed)
 
-    old = await _in_transaction_retried(state.pool, renamed)
-    # Under its new name the person may be one a recording named by hand already (matched again,
-    # the recording keeps that name on one speaker only), or one a job expects; and a recording
-    # where the old name was given by hand to one speaker may now give the person to another.
-    # The same name sent again (after this matching was cut off) renames and announces nothing,
-    # and finishes the matching: only what it changes is announced.
-    renamed_in = {*await speakerstore.transcripts_naming(state.pool, owner, name),
-                  *await speakerstore.transcripts_naming(state.pool, owner, old)}
-    if old == name:
-        # Sent again, the old name is gone: the recordings where it was given by hand are among
-        # those near the person's voice.
-        for embedding, model in await speakerstore.speaker_voices(state.pool, speaker_id):
-            renamed_in.update(await speakerstore.transcripts_near_voice(
-                state.pool, owner, embedding, model, state.settings.speaker_match_threshold))
-    await rename_recordings(state.pool, state.settings, owner, sorted(renamed_in))
+    _log_renamed(await _in_transaction_retried(state.pool, renamed))
     state.outbox_wake.set()
     return await _profile(state.pool, owner, speaker_id)
 
@@ -365,15 +368,16 @@ async def forget(speaker_id: SpeakerId, request: Request, state: State) -> None:
         if await speakerstore.get_speaker(conn, owner, speaker_id) is None:
             raise NotFoundException(detail=f"no speaker with id {speaker_id}")
         named = await speakerstore.delete_speaker(conn, speaker_id)
-        for transcript_id in named:
-            await speakerstore.announce_speaker_names(conn, transcript_id)
+        # Another profile may now be the best match for the voices it named: matched before the
+        # forgetting commits, each transcript is told its names once, as they end. Elsewhere the
+        # assignment stands: a profile no speaker was given takes nothing from the best pairing
+        # when it goes.
+        await _name_again(conn, state.settings, owner, named, named)
         return named
 
     named = await _in_transaction_retried(state.pool, forgotten)
     log.info("forgot speaker %d: %d transcripts lose the name", speaker_id, len(named))
-    # Another profile may now be the best match for the voices it named. Elsewhere the assignment
-    # stands: a profile no speaker was given takes nothing from the best pairing when it goes.
-    await rename_recordings(state.pool, state.settings, owner, named)
+    _log_renamed(named)
     state.outbox_wake.set()
 
 
