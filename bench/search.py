@@ -117,7 +117,7 @@ async def store(database_url: str, jobs: list[tuple[str, list[tuple[str, str, li
     """Jobs (language, [(speaker, text, vector)]) as ended transcripts with their segments."""
     import asyncpg
 
-    from common import jobstore
+    from common import searchstore
 
     conn = await asyncpg.connect(database_url)
     try:
@@ -141,7 +141,7 @@ async def store(database_url: str, jobs: list[tuple[str, list[tuple[str, str, li
         await conn.close()
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=1)
     try:
-        await jobstore.ensure_vector_index(pool, model, len(jobs[0][1][0][2]))
+        await searchstore.ensure_vector_index(pool, model, len(jobs[0][1][0][2]))
         await pool.execute("ANALYZE segments")
     finally:
         await pool.close()

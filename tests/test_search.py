@@ -19,7 +19,7 @@ import httpx
 import numpy as np
 import pytest
 
-from common import jobstore
+from common import searchstore
 from common.audio import SAMPLE_RATE, decode_audio
 from common.db import LockKey
 from tests.audio_files import wav
@@ -292,30 +292,30 @@ async def test_a_search_index_left_half_built_is_built_again(stack: Stack):
     model, dimensions = "half-built-model", 8
     pool = await asyncpg.create_pool(stack.database_url, min_size=1, max_size=2)
     try:
-        await jobstore.ensure_vector_index(pool, model, dimensions)
+        await searchstore.ensure_vector_index(pool, model, dimensions)
         [name] = [r["indexname"] for r in await pool.fetch(
             "SELECT indexname FROM pg_indexes WHERE tablename = 'segments' AND indexdef LIKE $1", f"%{model}%")]
         await pool.execute("UPDATE pg_index SET indisvalid = false WHERE indexrelid = to_regclass($1)", name)
-        jobstore._indexed.discard((model, dimensions))  # as in a process started afterwards
-        await asyncio.wait_for(jobstore.ensure_vector_index(pool, model, dimensions), 60)
+        searchstore._indexed.discard((model, dimensions))  # as in a process started afterwards
+        await asyncio.wait_for(searchstore.ensure_vector_index(pool, model, dimensions), 60)
         assert await pool.fetchval("SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass($1)", name)
         # While another process builds, one that needs the index neither builds it too nor waits
         # (holding its connection for the whole build): it looks again next time.
-        jobstore._indexed.discard((model, dimensions))
+        searchstore._indexed.discard((model, dimensions))
         await pool.execute("DROP INDEX " + name)
         async with pool.acquire() as holder:
             await holder.execute("SELECT pg_advisory_lock($1)", LockKey.VECTOR_INDEX)
-            await asyncio.wait_for(jobstore.ensure_vector_index(pool, model, dimensions), 5)
-            assert (model, dimensions) not in jobstore._indexed
+            await asyncio.wait_for(searchstore.ensure_vector_index(pool, model, dimensions), 5)
+            assert (model, dimensions) not in searchstore._indexed
             assert await pool.fetchval("SELECT to_regclass($1)", name) is None
             await holder.execute("SELECT pg_advisory_unlock($1)", LockKey.VECTOR_INDEX)
-        await jobstore.ensure_vector_index(pool, model, dimensions)
+        await searchstore.ensure_vector_index(pool, model, dimensions)
         assert await pool.fetchval("SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass($1)", name)
     finally:
         for (index,) in await pool.fetch("SELECT indexname FROM pg_indexes WHERE tablename = 'segments'"
                                          " AND indexdef LIKE $1", f"%{model}%"):
             await pool.execute(f"DROP INDEX {index}")
-        jobstore._indexed.discard((model, dimensions))
+        searchstore._indexed.discard((model, dimensions))
         await pool.close()
 
 
@@ -330,12 +330,12 @@ async def test_a_model_with_more_dimensions_than_pgvector_indexes_is_stored_and_
     try:
         job_id = await pool.fetchval("INSERT INTO transcripts (filename, status) VALUES ('wide.wav', 'done')"
                                      " RETURNING id")
-        await jobstore.ensure_vector_index(pool, model, dimensions)
+        await searchstore.ensure_vector_index(pool, model, dimensions)
         await pool.executemany(
             "INSERT INTO segments (transcript_id, chunk_index, index, speaker, start_ts, end_ts, text,"
             " embedding, embedding_model) VALUES ($1, 0, $2, 'spk_0', $3, $3::float8 + 1, $4, $5::real[]::vector, $6)",
             [(job_id, i, float(i), f"segment {i}", vector.tolist(), model) for i, vector in enumerate(vectors)])
-        hits = await jobstore.search_semantic(pool, vectors[1].tolist(), model, limit=2, owner=None,
+        hits = await searchstore.search_semantic(pool, vectors[1].tolist(), model, limit=2, owner=None,
                                               transcript_id=job_id, speaker=None, language=None,
                                               since=None, until=None)
         assert [hit["index"] for hit in hits][:1] == [1] and hits[0]["score"] > 0.99
@@ -347,7 +347,7 @@ async def test_a_model_with_more_dimensions_than_pgvector_indexes_is_stored_and_
         for (name,) in await pool.fetch("SELECT indexname FROM pg_indexes WHERE tablename = 'segments'"
                                         " AND indexdef LIKE $1", f"%{model}%"):
             await pool.execute(f"DROP INDEX {name}")
-        jobstore._indexed.discard((model, dimensions))
+        searchstore._indexed.discard((model, dimensions))
         await pool.close()
 
 
@@ -369,11 +369,11 @@ async def test_a_narrow_filters_nearest_segments_are_all_found_in_a_crowded_stor
     try:
         job_id = await pool.fetchval(
             "INSERT INTO transcripts (filename, status) VALUES ('crowded.wav', 'done') RETURNING id")
-        await jobstore.ensure_vector_index(pool, model, dimensions)
+        await searchstore.ensure_vector_index(pool, model, dimensions)
         rows = [(i, "spk_0", v) for i, v in enumerate(others)] + [(1000 + i, "spk_1", v) for i, v in enumerate(speaker)]
         await pool.executemany(insert, [(job_id, i, who, float(i), v.tolist(), model) for i, who, v in rows])
         await pool.execute("ANALYZE segments")
-        hits = await jobstore.search_semantic(pool, query.tolist(), model, limit=10, owner=None,
+        hits = await searchstore.search_semantic(pool, query.tolist(), model, limit=10, owner=None,
                                               transcript_id=None, speaker="spk_1", language=None,
                                               since=None, until=None)
         assert sorted(hit["index"] for hit in hits) == [1000, 1001, 1002, 1003, 1004]
@@ -383,7 +383,7 @@ async def test_a_narrow_filters_nearest_segments_are_all_found_in_a_crowded_stor
         for (name,) in await pool.fetch("SELECT indexname FROM pg_indexes WHERE tablename = 'segments'"
                                         " AND indexdef LIKE $1", f"%{model}%"):
             await pool.execute(f"DROP INDEX {name}")
-        jobstore._indexed.discard((model, dimensions))
+        searchstore._indexed.discard((model, dimensions))
         await pool.close()
 
 
@@ -421,7 +421,7 @@ async def test_a_chunk_of_a_new_embedding_model_is_stored_while_its_index_cannot
         await reader.close()
         await pool.execute("DELETE FROM transcripts WHERE filename = 'late-index.wav'")
         await pool.execute(f"DROP INDEX IF EXISTS {name}")
-        jobstore._indexed.discard((model, dimensions))
+        searchstore._indexed.discard((model, dimensions))
         await pool.close()
 
 
@@ -440,8 +440,8 @@ async def test_a_search_that_runs_too_long_is_stopped_and_frees_its_connection(s
         filters = {"owner": None, "transcript_id": job_id, "speaker": None, "language": None, "since": None,
                    "until": None}
         with pytest.raises(asyncpg.exceptions.QueryCanceledError):
-            await jobstore.search_text(pool, "budget", limit=100, timeout_s=0.001, **filters)
-        hits = await jobstore.search_text(pool, "budget", limit=100, **filters)
+            await searchstore.search_text(pool, "budget", limit=100, timeout_s=0.001, **filters)
+        hits = await searchstore.search_text(pool, "budget", limit=100, **filters)
         assert len(hits) == 100  # the connection is free, and an ordinary search runs
     finally:
         await pool.execute("DELETE FROM transcripts WHERE filename = 'long-search.wav'")

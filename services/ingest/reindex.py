@@ -22,7 +22,7 @@ from litestar import Request, get, post
 from litestar.datastructures import State
 from pydantic import BaseModel
 
-from common import jobstore
+from common import searchstore
 from common.db import LockKey, every
 from common.logs import job_logged
 from services.embedder.backends import EmbedFn, OllamaUnavailable
@@ -93,7 +93,7 @@ class Reindexer:
         log.info("re-embedding stored segments with %s", self.model)
         jobs, failed, failed_in_a_row, after = 0, [], 0, 0
         try:
-            while (job_id := await jobstore.next_job_to_reindex(self.pool, self.model, after)) is not None:
+            while (job_id := await searchstore.next_job_to_reindex(self.pool, self.model, after)) is not None:
                 after = job_id
                 try:
                     await self._reindex_job(job_id)
@@ -122,16 +122,16 @@ class Reindexer:
 
     async def _reindex_job(self, job_id: int) -> None:
         with job_logged(job_id):
-            rows = await jobstore.segments_to_reindex(self.pool, job_id, self.model)
+            rows = await searchstore.segments_to_reindex(self.pool, job_id, self.model)
             vectors = []
             for i in range(0, len(rows), BATCH):
                 batch = rows[i:i + BATCH]
                 embedded = await self.embed([r["text"] for r in batch])
                 vectors += [(r["chunk_index"], r["index"], r["text"], v) for r, v in zip(batch, embedded)]
             if vectors:
-                await jobstore.ensure_vector_index(self.pool, self.model, len(vectors[0][3]))
+                await searchstore.ensure_vector_index(self.pool, self.model, len(vectors[0][3]))
             async with self.pool.acquire() as conn, conn.transaction():
-                await jobstore.store_reindexed(conn, job_id, self.model, vectors)
+                await searchstore.store_reindexed(conn, job_id, self.model, vectors)
             log.info("re-embedded %d segments with %s", len(vectors), self.model)
 
     async def _segment_counts(self, running: bool) -> asyncpg.Record:
@@ -142,7 +142,7 @@ class Reindexer:
             now = asyncio.get_running_loop().time()
             if (not running or self._counts is None or now - self._counts[0] >= COUNTS_FRESH_S
                     or not self._counts[1]):
-                self._counts = now, running, await jobstore.reindex_counts(self.pool, self.model)
+                self._counts = now, running, await searchstore.reindex_counts(self.pool, self.model)
             return self._counts[2]
 
     async def progress(self) -> ReindexProgress:
@@ -166,7 +166,7 @@ async def embed_corrections(pool: asyncpg.Pool, embed: EmbedFn, model: str,
     which later turns leave alone) is passed over, not a stop for the others."""
     refused = set() if refused is None else refused
     stored, after = 0, (0, -1, -1)
-    while rows := await jobstore.corrected_segments_without_vector(pool, after, BATCH):
+    while rows := await searchstore.corrected_segments_without_vector(pool, after, BATCH):
         after = (rows[-1]["transcript_id"], rows[-1]["chunk_index"], rows[-1]["index"])
         rows = [r for r in rows if tuple(r) not in refused]
         try:
@@ -200,11 +200,11 @@ async def embed_corrections(pool: asyncpg.Pool, embed: EmbedFn, model: str,
 async def _store_corrections(pool: asyncpg.Pool, model: str, embedded: list[tuple[asyncpg.Record, list[float]]]) -> int:
     if not embedded:
         return 0
-    await jobstore.ensure_vector_index(pool, model, len(embedded[0][1]))
+    await searchstore.ensure_vector_index(pool, model, len(embedded[0][1]))
     for job_id, group in itertools.groupby(embedded, key=lambda pair: pair[0]["transcript_id"]):
         group = list(group)
         async with pool.acquire() as conn, conn.transaction():
-            await jobstore.store_reindexed(conn, job_id, model, [(r["chunk_index"], r["index"], r["text"], v)
+            await searchstore.store_reindexed(conn, job_id, model, [(r["chunk_index"], r["index"], r["text"], v)
                                                                  for r, v in group])
         with job_logged(job_id):
             log.info("%d segments corrected by hand embedded with %s", len(group), model)

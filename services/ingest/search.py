@@ -18,7 +18,7 @@ from litestar.exceptions import HTTPException
 from litestar.params import QueryParameter
 from pydantic import BaseModel
 
-from common import jobstore
+from common import searchstore
 from services.embedder.backends import EmbedFn, OllamaError
 from services.ingest.auth import request_owner
 from services.ingest.errors import MAX_ID, error_responses
@@ -163,11 +163,11 @@ async def search(
     candidates = wanted if mode == "text" else CANDIDATES
 
     async def by_words() -> list:
-        return await jobstore.search_text(state.pool, query, limit=candidates, **filters)
+        return await searchstore.search_text(state.pool, query, limit=candidates, **filters)
 
     async def by_meaning() -> list:
         vector = await embed_query(embed, query)
-        return await jobstore.search_semantic(state.pool, vector, model, limit=candidates, **filters)
+        return await searchstore.search_semantic(state.pool, vector, model, limit=candidates, **filters)
 
     # Hybrid runs both searches at once, on two connections: its latency is the slower one's.
     try:
@@ -175,7 +175,7 @@ async def search(
             by_words() if mode in ("text", "hybrid") else _nothing(),
             by_meaning() if mode in ("semantic", "hybrid") else _nothing())
     except asyncpg.exceptions.QueryCanceledError as exc:
-        raise HTTPException(status_code=503, detail=f"the search took over {jobstore.SEARCH_TIMEOUT_S:g} s and was"
+        raise HTTPException(status_code=503, detail=f"the search took over {searchstore.SEARCH_TIMEOUT_S:g} s and was"
                                                     " stopped: narrow it with transcript_id, speaker, language,"
                                                     " since or until") from exc
     if mode == "hybrid":
@@ -187,7 +187,7 @@ async def search(
         hits = [(_key(r), _hit(r, ["semantic"], r["score"])) for r in in_order]
     page = hits[offset:offset + limit]
     # Marking the matched words is the costly part of a text search: only for the hits shown.
-    marked = await jobstore.highlights(state.pool, query, [key for key, hit in page if "text" in hit.found_by])
+    marked = await searchstore.highlights(state.pool, query, [key for key, hit in page if "text" in hit.found_by])
     for key, hit in page:
         hit.highlighted = marked.get(key)
     more = len(hits) > offset + limit and offset + limit < CANDIDATES

@@ -10,7 +10,7 @@ import logging
 import asyncpg
 from pydantic import BaseModel
 
-from common import jobstore, speakerstore
+from common import jobstore, searchstore, speakerstore
 from common.logs import job_logged
 from common.messages import (
     ChunkEmbedded,
@@ -101,7 +101,7 @@ async def on_embedded(pool: asyncpg.Pool, message: ChunkEmbedded) -> bool:
     """Store the chunk with its embeddings; returns True when events were enqueued."""
     dimensions = next((len(s.embedding) for s in message.segments if s.embedding), None)
     if dimensions:
-        jobstore.build_vector_index_soon(pool, message.embedding_model, dimensions)
+        searchstore.build_vector_index_soon(pool, message.embedding_model, dimensions)
     async with pool.acquire() as conn, conn.transaction():
         job = await _lock_processing_job(conn, message.job_id)
         if job is None:

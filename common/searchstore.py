@@ -1,0 +1,247 @@
+"""Search in PostgreSQL: every statement of the search over `segments` (by words, and by meaning
+through pgvector's HNSW indexes, one per embedding model), the building of those indexes, and the
+re-embedding of stored segments with another model. Plain async functions over an asyncpg
+connection or pool, as in common.jobstore."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from datetime import datetime
+
+import asyncpg
+
+from common.db import LockKey
+from common.jobstore import SEGMENT_TEXT_LANGUAGE, SPEAKER_NAME_JOIN, Db, conditions_set
+
+log = logging.getLogger(__name__)
+
+# ---- search indexes (the persister, reindexing) ------------------------------------------------
+
+_indexed: set[tuple[str, int]] = set()
+
+
+# pgvector's HNSW indexes take vectors of up to 2,000 dimensions, half-precision ones up to 4,000.
+# A model with more (qwen3-embedding:8b gives 4,096) is searched without an index.
+HNSW_MAX_DIMENSIONS = {"vector": 2000, "halfvec": 4000}
+
+
+def _indexed_as(dimensions: int) -> str | None:
+    """The type a model's vectors are indexed (and compared) as, or None: too long to index."""
+    return next((kind for kind, most in HNSW_MAX_DIMENSIONS.items() if dimensions <= most), None)
+
+
+async def ensure_vector_index(pool: asyncpg.Pool, model: str, dimensions: int) -> None:
+    """An HNSW cosine index over the segments of one embedding model (vectors of one model all
+    have its dimension; an index needs a fixed one). Built CONCURRENTLY: a plain build locks
+    `segments` against writes while it reads the whole table (minutes on a large store), and
+    every persister, correction and delete would wait. Run outside any transaction."""
+    if (model, dimensions) in _indexed:
+        return
+    kind = _indexed_as(dimensions)
+    if kind is None:
+        log.warning("embedding model %s gives %d dimensions, more than pgvector can index (%d): semantic"
+                    " search reads every segment of it", model, dimensions, HNSW_MAX_DIMENSIONS["halfvec"])
+        _indexed.add((model, dimensions))
+        return
+    name = "segments_embedding_" + hashlib.sha256(f"{model}:{dimensions}".encode()).hexdigest()[:16]
+    literal = model.replace("'", "''")
+    # One builder at a time (among every process). The others do not wait for it: a concurrent
+    # build takes in the rows written while it runs, so they store their vectors and look again
+    # next time (waiting would hold their connections for the whole build).
+    async with pool.acquire() as conn:
+        if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", LockKey.VECTOR_INDEX):
+            if await _index_valid(conn, name):
+                _indexed.add((model, dimensions))
+            return
+        try:
+            valid = await _index_valid(conn, name)
+            if valid is False:  # a build cut short (a CONCURRENTLY build leaves its index invalid)
+                log.warning("the index of %s was left half built: building it again", model)
+                await conn.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {name}")
+            if not valid:
+                log.info("building the search index of %s (%d dimensions)", model, dimensions)
+                # A build over a large store outlasts any statement_timeout set for the role's queries.
+                await conn.execute("SET statement_timeout = 0")
+                await conn.execute(
+                    f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} ON segments USING hnsw"
+                    f" ((embedding::{kind}({int(dimensions)})) {kind}_cosine_ops) WHERE embedding_model = '{literal}'")
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", LockKey.VECTOR_INDEX)
+    _indexed.add((model, dimensions))
+
+
+_index_builds: dict[tuple[str, int], asyncio.Task] = {}
+
+
+def build_vector_index_soon(pool: asyncpg.Pool, model: str, dimensions: int) -> None:
+    """ensure_vector_index in the background: vectors are stored without the index, and a build
+    takes minutes on a large store (waiting, too, for every transaction older than it), which a
+    message being handled must not wait for. One that fails is logged and tried again next time."""
+    key = (model, dimensions)
+    if key in _indexed or (key in _index_builds and not _index_builds[key].done()):
+        return
+
+    async def build() -> None:
+        try:
+            await ensure_vector_index(pool, model, dimensions)
+        except Exception:  # noqa: BLE001 (search works without the index, only slower)
+            log.exception("could not build the search index of %s; it is tried again with the next vectors", model)
+
+    _index_builds[key] = asyncio.create_task(build())
+
+
+async def _index_valid(conn: asyncpg.Connection, name: str) -> bool | None:
+    """Whether the index `name` is usable, None when there is none."""
+    return await conn.fetchval("SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass($1)", name)
+
+
+# ---- search (ingest) --------------------------------------------------------------------------
+
+# A query is matched in each language's stemming at once: a segment is indexed in its own language
+# (its transcript's, unless the recording switches language), and the person searching need not say
+# which that was.
+_TEXT_QUERY = ("(websearch_to_tsquery('english', $1) || websearch_to_tsquery('russian', $1)"
+               " || websearch_to_tsquery('simple', $1))")
+_SEGMENT_TEXT_CONFIG = f"stt_text_config({SEGMENT_TEXT_LANGUAGE})"
+_HIT_COLUMNS = ("s.transcript_id, s.chunk_index, s.index, t.filename, s.speaker, n.name AS speaker_name,"
+                " s.start_ts, s.end_ts, s.text")
+
+
+def _search_filters(args: list, *, owner: str | None, transcript_id: int | None, speaker: str | None,
+                    language: str | None, since: datetime | None, until: datetime | None) -> str:
+    conditions = conditions_set(args, {
+        "t.owner = {}": owner, "s.transcript_id = {}": transcript_id, "s.speaker = {}": speaker,
+        "COALESCE(s.language, t.language) = {}": language, "t.created_at >= {}": since, "t.created_at < {}": until})
+    return "".join(f" AND {c}" for c in conditions)
+
+
+# A search is a person waiting: one that runs longer (a common word over a large store, an exact
+# ranking of many vectors) is cancelled, its connection freed, rather than left to run for minutes.
+SEARCH_TIMEOUT_S = 15.0
+
+
+async def _bounded(conn: asyncpg.Connection, timeout_s: float) -> None:
+    """In the transaction: statements give up (QueryCanceledError) after `timeout_s`."""
+    await conn.execute(f"SET LOCAL statement_timeout = {max(1, int(timeout_s * 1000))}")
+
+
+async def search_text(pool: asyncpg.Pool, query: str, *, limit: int, timeout_s: float = SEARCH_TIMEOUT_S,
+                      **filters) -> list[asyncpg.Record]:
+    """Segments whose words match `query` (web-search syntax: words, "a phrase", -not, or), best
+    first (ts_rank_cd). `highlighted` is left empty: mark only the hits shown (`highlights`)."""
+    args: list = [query]
+    where = _search_filters(args, **filters)
+    args.append(limit)
+    async with pool.acquire() as conn, conn.transaction():
+        await _bounded(conn, timeout_s)
+        return await _fetch_text_hits(conn, where, args)
+
+
+async def _fetch_text_hits(conn: asyncpg.Connection, where: str, args: list) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        f"SELECT {_HIT_COLUMNS}, ts_rank_cd(s.search_text, q.query) AS score, NULL::text AS highlighted"
+        f" FROM segments s JOIN transcripts t ON t.id = s.transcript_id {SPEAKER_NAME_JOIN},"
+        f" (SELECT {_TEXT_QUERY} AS query) q"
+        # The three languages' queries joined by OR find the candidates through the index; a
+        # segment must also match in its own language, or "-word" would be ignored wherever one
+        # stemming leaves the word out (`simple` keeps "meetings" where English indexed "meet").
+        f" WHERE s.search_text @@ q.query AND s.search_text @@ websearch_to_tsquery({_SEGMENT_TEXT_CONFIG}, $1){where}"
+        # A total order: pages are fetches of growing size, and ties (one "Okay." said by both parties
+        # of a call at the same moment) must come in the same order in each.
+        f" ORDER BY score DESC, s.transcript_id DESC, s.start_ts, s.chunk_index, s.index LIMIT ${len(args)}", *args)
+
+
+async def highlights(db: Db, query: str, keys: list[tuple[int, int, int]]) -> dict[tuple[int, int, int], str]:
+    """The text of these segments (transcript_id, chunk_index, index) with the words `query`
+    matched marked <mark>...</mark>, each in its own language."""
+    if not keys:
+        return {}
+    rows = await db.fetch(
+        "SELECT s.transcript_id, s.chunk_index, s.index,"
+        f" ts_headline({_SEGMENT_TEXT_CONFIG}, s.text, q.query,"
+        " 'StartSel=<mark>, StopSel=</mark>, HighlightAll=true') AS highlighted"
+        f" FROM segments s JOIN transcripts t ON t.id = s.transcript_id, (SELECT {_TEXT_QUERY} AS query) q"
+        " WHERE (s.transcript_id, s.chunk_index, s.index) IN"
+        " (SELECT * FROM unnest($2::bigint[], $3::int[], $4::int[]))",
+        query, [k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys])
+    return {(r["transcript_id"], r["chunk_index"], r["index"]): r["highlighted"] for r in rows}
+
+
+async def search_semantic(pool: asyncpg.Pool, vector: list[float], model: str, *, limit: int,
+                          timeout_s: float = SEARCH_TIMEOUT_S, **filters) -> list[asyncpg.Record]:
+    """The segments of `model` nearest `vector` (cosine, through that model's HNSW index, which
+    keeps scanning while filters reject rows); `score` is the cosine similarity."""
+    dimensions = int(len(vector))
+    args: list = [vector]
+    where = _search_filters(args, **filters)
+    args.append(limit)
+    kind = _indexed_as(dimensions) or "vector"  # compared as indexed, so the index serves it
+    distance = f"s.embedding::{kind}({dimensions}) <=> $1::real[]::{kind}({dimensions})"
+    # The model as a literal, as in the partial index's predicate, so the planner can use it.
+    model_literal = model.replace("'", "''")
+
+    def nearest(order: str) -> str:
+        return (f"SELECT {_HIT_COLUMNS}, 1 - ({distance}) AS score, NULL::text AS highlighted"
+                f" FROM segments s JOIN transcripts t ON t.id = s.transcript_id {SPEAKER_NAME_JOIN}"
+                f" WHERE s.embedding_model = '{model_literal}' AND s.embedding IS NOT NULL{where}"
+                f" ORDER BY {order} LIMIT ${len(args)}")
+
+    async with pool.acquire() as conn, conn.transaction():
+        await _bounded(conn, timeout_s)
+        await conn.execute("SET LOCAL hnsw.iterative_scan = strict_order")
+        rows = await conn.fetch(nearest(distance), *args)
+        if len(rows) < limit and where:
+            # The index walk gives up after hnsw.max_scan_tuples (20,000) rows the filters reject: one
+            # meeting's or one key's segments in a large store come back short. Short means the
+            # filters keep few rows, so ranking all of them exactly is cheap; `+ 0` keeps the
+            # planner off the HNSW index.
+            rows = await conn.fetch(nearest(f"({distance}) + 0"), *args)
+        return rows
+
+
+# ---- re-embedding (ingest) --------------------------------------------------------------------
+
+async def next_job_to_reindex(db: Db, model: str, after: int = 0) -> int | None:
+    """The oldest ended job after job `after` with a segment not embedded with `model`."""
+    return await db.fetchval(
+        "SELECT s.transcript_id FROM segments s JOIN transcripts t ON t.id = s.transcript_id"
+        " WHERE t.status <> 'processing' AND s.embedding_model IS DISTINCT FROM $1 AND s.transcript_id > $2"
+        " ORDER BY s.transcript_id LIMIT 1", model, after)
+
+
+async def segments_to_reindex(db: Db, job_id: int, model: str) -> list[asyncpg.Record]:
+    """chunk_index, index and text of the job's segments not embedded with `model`."""
+    return await db.fetch(
+        "SELECT chunk_index, index, text FROM segments WHERE transcript_id = $1"
+        " AND embedding_model IS DISTINCT FROM $2 ORDER BY chunk_index, index", job_id, model)
+
+
+async def corrected_segments_without_vector(db: Db, after: tuple[int, int, int], limit: int) -> list[asyncpg.Record]:
+    """transcript_id, chunk_index, index and text of segments of ended jobs corrected by hand and
+    left without a vector (the embedding service was away), in that order, after `after`."""
+    return await db.fetch(
+        "SELECT s.transcript_id, s.chunk_index, s.index, s.text FROM segments s"
+        " JOIN transcripts t ON t.id = s.transcript_id"
+        " WHERE s.embedding IS NULL AND s.edited_at IS NOT NULL AND t.status <> 'processing'"
+        " AND (s.transcript_id, s.chunk_index, s.index) > ($1, $2, $3)"
+        " ORDER BY s.transcript_id, s.chunk_index, s.index LIMIT $4", *after, limit)
+
+
+async def store_reindexed(conn: asyncpg.Connection, job_id: int, model: str,
+                          vectors: list[tuple[int, int, str, list[float]]]) -> None:
+    """New embeddings, (chunk_index, index, the text embedded, vector), of one model for a job's
+    segments; a segment whose text was corrected meanwhile keeps waiting for its own."""
+    await conn.executemany(
+        "UPDATE segments SET embedding = $4::real[]::vector, embedding_model = $5"
+        " WHERE transcript_id = $1 AND chunk_index = $2 AND index = $3 AND text = $6",
+        [(job_id, chunk, index, vector, model, text) for chunk, index, text, vector in vectors])
+
+
+async def reindex_counts(db: Db, model: str) -> asyncpg.Record:
+    """Segments of ended jobs embedded with `model` (done) and not (pending)."""
+    return await db.fetchrow(
+        "SELECT count(*) FILTER (WHERE s.embedding_model = $1) AS done,"
+        " count(*) FILTER (WHERE s.embedding_model IS DISTINCT FROM $1) AS pending"
+        " FROM segments s JOIN transcripts t ON t.id = s.transcript_id WHERE t.status <> 'processing'", model)
