@@ -641,38 +641,50 @@ class RedirectingServer:
         self.server.shutdown()
 
 
+class StandInApi:
+    """A local HTTP server answering each (method, path) with its answers in turn, (status, JSON
+    body), the last one again and again: the API as the client sees it when it errs."""
+
+    def __init__(self, answers: dict[tuple[str, str], list[tuple[int, dict]]]) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        class Handler(BaseHTTPRequestHandler):
+            def answer(self) -> None:
+                queue = answers[(self.command, self.path.split("?")[0])]
+                status, body = queue.pop(0) if len(queue) > 1 else queue[0]
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = answer  # noqa: N815 (http.server's names)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+
+    def __enter__(self) -> str:
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self.url
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+
+
 def test_following_a_job_waits_out_an_api_error_and_tells_an_unknown_outcome_from_a_failure():
     """A /status answer of 500 (one request's error) is not the job failing; an API that will not
     say (the job gone, the key refused) leaves its outcome unknown, not "failed"."""
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
     from cli.app import NOT_FOLLOWED, SubmittedJob, follow_jobs
 
     done = {"status": "done", "segments": []}
-    answers = {"/status/7": [(500, {"detail": "Internal Server Error"})] * 2 + [(200, done)],
-               "/status/8": [(404, {"detail": "no job with id 8"})]}
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            queue = answers[self.path.split("?")[0]]
-            status, body = queue.pop(0) if len(queue) > 1 else queue[0]
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{server.server_port}") as client:
-            documents = follow_jobs(client, [SubmittedJob(7, "a.wav"), SubmittedJob(8, "b.wav")])
-    finally:
-        server.shutdown()
+    answers = {("GET", "/status/7"): [(500, {"detail": "Internal Server Error"})] * 2 + [(200, done)],
+               ("GET", "/status/8"): [(404, {"detail": "no job with id 8"})]}
+    with StandInApi(answers) as api, httpx.Client(base_url=api) as client:
+        documents = follow_jobs(client, [SubmittedJob(7, "a.wav"), SubmittedJob(8, "b.wav")])
     assert documents[7]["status"] == "done"
     assert documents[8]["status"] == NOT_FOLLOWED and "no job with id 8" in documents[8]["error"]
 
@@ -680,39 +692,16 @@ def test_following_a_job_waits_out_an_api_error_and_tells_an_unknown_outcome_fro
 def test_a_reindex_being_followed_waits_out_a_proxys_bad_gateway():
     """A run takes hours: one 502 from a proxy ended `stt reindex --wait` with an error while the
     run went on on the server."""
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     def progress(running: bool, pending: int) -> tuple[int, dict]:
         return 200, {"model": "all-minilm", "running": running, "done_segments": 10 - pending,
                      "pending_segments": pending, "error": None}
 
-    polls = [(502, {"detail": "Bad Gateway"}), progress(True, 4), (503, {"detail": "database unavailable"}),
-             progress(False, 0)]
-
-    class Handler(BaseHTTPRequestHandler):
-        def answer(self, status: int, body: dict) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def do_POST(self) -> None:  # noqa: N802 (http.server's name)
-            self.answer(*progress(True, 10))
-
-        def do_GET(self) -> None:  # noqa: N802
-            self.answer(*(polls.pop(0) if len(polls) > 1 else polls[0]))
-
-        def log_message(self, *args) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        result = CliRunner().invoke(app, ["reindex", "--api", f"http://127.0.0.1:{server.server_port}"])
-    finally:
-        server.shutdown()
+    answers = {("POST", "/admin/reindex"): [progress(True, 10)],
+               ("GET", "/admin/reindex"): [(502, {"detail": "Bad Gateway"}), progress(True, 4),
+                                           (503, {"detail": "database unavailable"}), progress(False, 0)]}
+    with StandInApi(answers) as api:
+        result = CliRunner().invoke(app, ["reindex", "--api", api])
     assert result.exit_code == 0, result.output
     assert "10 segments embedded with all-minilm, 0 to do (done)" in result.output
 

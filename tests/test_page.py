@@ -50,6 +50,15 @@ def forgets_its_speakers(stack):
         httpx.delete(f"{stack.api}/speakers/{speaker['id']}", timeout=30)
 
 
+def wait_until(page, condition, what: str, timeout_s: float = 30) -> None:
+    """Until `condition()` holds (what a held route or a stream recorded), the page running meanwhile."""
+    for _ in range(int(timeout_s * 10)):
+        if condition():
+            return
+        page.wait_for_timeout(100)
+    raise AssertionError(what)
+
+
 def test_upload_follow_read_play_and_download(stack, fixtures_dir, browser, tmp_path, forgets_its_speakers):
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     errors: list[str] = []
@@ -98,11 +107,7 @@ def test_upload_follow_read_play_and_download(stack, fixtures_dir, browser, tmp_
     # and the typing goes on in the same field.
     page.click("#name-spk_0")
     page.keyboard.type("An")
-    for _ in range(300):
-        if held:
-            break
-        page.wait_for_timeout(100)
-    assert held, "the page never asked for the speaking times"
+    wait_until(page, lambda: held, "the page never asked for the speaking times")
     held[0].continue_()
     page.unroute(re.compile(r"/transcripts/\d+/speakers$"))
     page.locator("label[for='name-spk_0']", has_text="(talks 00:").wait_for(timeout=30_000)
@@ -453,11 +458,7 @@ def test_a_file_uploaded_in_the_background_leaves_the_transcript_being_named_ope
     page.goto(stack.api + "/")
     page.set_input_files("#file", str(fixtures_dir / "empty.wav"))
     page.get_by_role("button", name="Transcribe").click()
-    for _ in range(300):
-        if held:
-            break
-        page.wait_for_timeout(100)
-    assert held, "the page never sent the file"
+    wait_until(page, lambda: held, "the page never sent the file")
     # Meanwhile another recording is opened, and a speaker named there (not saved yet).
     page.locator(f'#jobs li[data-job="{job_id}"] button').click()
     page.locator('#transcript[data-ended="true"]').wait_for(timeout=60_000)
@@ -527,11 +528,7 @@ def test_names_saved_as_another_recording_opens_stay_with_their_own(stack, brows
     page.locator('#transcript[data-ended="true"]').wait_for(timeout=60_000)
     page.fill("#name-spk_0", "Anna")
     page.get_by_role("button", name="Save names").click()
-    for _ in range(300):
-        if held:
-            break
-        page.wait_for_timeout(100)
-    assert held, "the page never sent the names"
+    wait_until(page, lambda: held, "the page never sent the names")
     # The second recording is opened before the first's names are answered for.
     page.locator(f'#jobs li[data-job="{second}"] button').click()
     page.locator(f'#transcript[data-job="{second}"][data-ended="true"]').wait_for(timeout=60_000)
@@ -583,11 +580,7 @@ def test_the_list_catches_up_when_its_event_stream_is_back(stack, browser):
     page.locator(f'#jobs li[data-job="{running}"][data-status="processing"]').wait_for(timeout=30_000)
     page.get_by_role("button", name="More").click()
     page.locator(f'#jobs li[data-job="{old}"]').wait_for(timeout=30_000)
-    for _ in range(300):
-        if len(streams) > 1:
-            break
-        page.wait_for_timeout(100)
-    assert len(streams) > 1, "the page never made its event stream again"
+    wait_until(page, lambda: len(streams) > 1, "the page never made its event stream again")
     assert len(listed) == 1  # not asked for again on the stream's first connection
     # Meanwhile: two recordings deleted elsewhere, and one that ended over an hour ago (which a
     # new stream no longer follows).
@@ -766,11 +759,7 @@ def test_with_api_keys_a_job_opened_plays_its_own_recording_and_the_list_goes_on
         held: list = []
         page.route(f"{stack.api}/transcripts/{second}/audio", lambda route: held.append(route))
         page.evaluate(f"openTranscript({second}); playFrom(3, null)")
-        for _ in range(300):
-            if held:
-                break
-            page.wait_for_timeout(100)
-        assert held, "the page never asked for the second recording"
+        wait_until(page, lambda: held, "the page never asked for the second recording")
         player = page.evaluate("(({ src, paused }) => ({ src, paused }))(document.querySelector('#player'))")
         assert player == {"src": "", "paused": True}, player
         assert page.evaluate("(url) => fetch(url).then(() => 'kept', () => 'revoked')", first_url) == "revoked"

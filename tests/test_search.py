@@ -284,6 +284,17 @@ def test_pages_of_hits_that_tie_hold_each_hit_once(stack: Stack, mode):
         stack.query("DELETE FROM transcripts WHERE id = $1", job_id)
 
 
+async def forget_test_model(pool: asyncpg.Pool, model: str, dimensions: int, filename: str | None = None) -> None:
+    """A test's embedding model leaves nothing behind: its job (by filename), its search indexes,
+    and what this process remembers of them."""
+    if filename is not None:
+        await pool.execute("DELETE FROM transcripts WHERE filename = $1", filename)
+    for (index,) in await pool.fetch("SELECT indexname FROM pg_indexes WHERE tablename = 'segments'"
+                                     " AND indexdef LIKE $1", f"%{model}%"):
+        await pool.execute(f"DROP INDEX {index}")
+    searchstore._indexed.discard((model, dimensions))
+
+
 async def test_a_search_index_left_half_built_is_built_again(stack: Stack):
     """Indexes are built CONCURRENTLY, so that writes to segments go on meanwhile; a build cut
     short (a persister killed during it) leaves an invalid index, which PostgreSQL keeps up to
@@ -312,10 +323,7 @@ async def test_a_search_index_left_half_built_is_built_again(stack: Stack):
         await searchstore.ensure_vector_index(pool, model, dimensions)
         assert await pool.fetchval("SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass($1)", name)
     finally:
-        for (index,) in await pool.fetch("SELECT indexname FROM pg_indexes WHERE tablename = 'segments'"
-                                         " AND indexdef LIKE $1", f"%{model}%"):
-            await pool.execute(f"DROP INDEX {index}")
-        searchstore._indexed.discard((model, dimensions))
+        await forget_test_model(pool, model, dimensions)
         await pool.close()
 
 
@@ -343,11 +351,7 @@ async def test_a_model_with_more_dimensions_than_pgvector_indexes_is_stored_and_
                                       " AND indexdef LIKE $1", f"%{model}%")
         assert indexes == (1 if dimensions <= 4000 else 0)
     finally:
-        await pool.execute("DELETE FROM transcripts WHERE filename = 'wide.wav'")
-        for (name,) in await pool.fetch("SELECT indexname FROM pg_indexes WHERE tablename = 'segments'"
-                                        " AND indexdef LIKE $1", f"%{model}%"):
-            await pool.execute(f"DROP INDEX {name}")
-        searchstore._indexed.discard((model, dimensions))
+        await forget_test_model(pool, model, dimensions, "wide.wav")
         await pool.close()
 
 
@@ -379,11 +383,7 @@ async def test_a_narrow_filters_nearest_segments_are_all_found_in_a_crowded_stor
         assert sorted(hit["index"] for hit in hits) == [1000, 1001, 1002, 1003, 1004]
         assert [hit["score"] for hit in hits] == sorted((hit["score"] for hit in hits), reverse=True)
     finally:
-        await pool.execute("DELETE FROM transcripts WHERE filename = 'crowded.wav'")
-        for (name,) in await pool.fetch("SELECT indexname FROM pg_indexes WHERE tablename = 'segments'"
-                                        " AND indexdef LIKE $1", f"%{model}%"):
-            await pool.execute(f"DROP INDEX {name}")
-        searchstore._indexed.discard((model, dimensions))
+        await forget_test_model(pool, model, dimensions, "crowded.wav")
         await pool.close()
 
 
@@ -419,9 +419,7 @@ async def test_a_chunk_of_a_new_embedding_model_is_stored_while_its_index_cannot
             raise AssertionError("the index was never built")
     finally:
         await reader.close()
-        await pool.execute("DELETE FROM transcripts WHERE filename = 'late-index.wav'")
-        await pool.execute(f"DROP INDEX IF EXISTS {name}")
-        searchstore._indexed.discard((model, dimensions))
+        await forget_test_model(pool, model, dimensions, "late-index.wav")
         await pool.close()
 
 
