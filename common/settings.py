@@ -169,11 +169,12 @@ class Settings(BaseSettings):
 
     @field_validator("results_prefix")
     @classmethod
-    def _a_folder_of_its_own(cls, value: str) -> str:
-        # Keys under it are never input: empty, every drop was a result and nothing ran; without
-        # the slash ("out"), a drop "outbound/call.wav" was one.
-        if not value.endswith("/") or not value.strip("/"):
-            raise ValueError("RESULTS_PREFIX must be a folder, ending in / (results/)")
+    def _not_every_key(cls, value: str) -> str:
+        # Keys under it are never input: empty, every bucket drop was taken for a result and
+        # nothing ever ran, without a word.
+        if not value:
+            raise ValueError("RESULTS_PREFIX cannot be empty: every object in the inbox would be a result"
+                             " (results/ is the default)")
         return value
 
     @model_validator(mode="after")
