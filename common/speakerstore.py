@@ -104,6 +104,14 @@ async def _lock_jobs_of_rename(conn: asyncpg.Connection, owner: str | None, spea
     return [r["id"] for r in rows]
 
 
+async def _one_change_of_the_owners_people_at_a_time(conn: asyncpg.Connection, owner: str | None) -> None:
+    """For the rest of the transaction. A rename or a forgetting locks its person, then matches
+    the recordings it changes again, which reads every person of the owner: two of them at once,
+    of two people, each waited for the other's person, and one failed as a deadlock."""
+    await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended('stt.speakers:' || coalesce($1, ''), 0))",
+                       owner)
+
+
 async def rename_speaker(conn: asyncpg.Connection, owner: str | None, speaker_id: int,
                          name: str) -> tuple[list[int], list[int]]:
     """Rename, and carry the new name to every recording speaker it named automatically and to the
@@ -111,6 +119,7 @@ async def rename_speaker(conn: asyncpg.Connection, owner: str | None, speaker_id
     unique index on it says so). The transcripts whose names it changed, and those it can change
     the names of (a superset), their jobs locked until the transaction ends: the caller matches
     them again before it commits. Nothing when the speaker has the name already, or is gone."""
+    await _one_change_of_the_owners_people_at_a_time(conn, owner)
     # The jobs it changes are locked first, in id order, as the persister locks a job before its
     # speakers and an enrolment a job before the speaker: the other order deadlocked with them.
     await _lock_jobs_of_rename(conn, owner, speaker_id,
@@ -145,6 +154,8 @@ async def delete_speaker(conn: asyncpg.Connection, speaker_id: int) -> list[int]
     """Forget a person: their voiceprints go (cascade) and so does every name matched to them.
     The transcripts that lost a name, their jobs locked until the transaction ends (for the caller
     to match them again before it commits)."""
+    owner = await conn.fetchval("SELECT owner FROM speakers WHERE id = $1", speaker_id)
+    await _one_change_of_the_owners_people_at_a_time(conn, owner)
     # Their jobs first, in id order, as a rename locks them.
     await conn.fetch(_lock_jobs(f"id IN ({_NAMED_BY})"), speaker_id)
     rows = await conn.fetch(f"{_UNNAME} WHERE matched_speaker_id = $1 AND name_source = 'auto'"
