@@ -57,13 +57,15 @@ async def ensure_vector_index(pool: asyncpg.Pool, model: str, dimensions: int) -
             return
         try:
             valid = await _index_valid(conn, name)
+            # A build over a large store, and the drop of one cut short (each waits for every older
+            # transaction), outlast any statement_timeout set for the role's queries. (The pool
+            # resets the setting when the connection goes back.)
+            await conn.execute("SET statement_timeout = 0")
             if valid is False:  # a build cut short (a CONCURRENTLY build leaves its index invalid)
                 log.warning("the index of %s was left half built: building it again", model)
                 await conn.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {name}")
             if not valid:
                 log.info("building the search index of %s (%d dimensions)", model, dimensions)
-                # A build over a large store outlasts any statement_timeout set for the role's queries.
-                await conn.execute("SET statement_timeout = 0")
                 await conn.execute(
                     f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} ON segments USING hnsw"
                     f" ((embedding::{kind}({int(dimensions)})) {kind}_cosine_ops) WHERE embedding_model = '{literal}'")

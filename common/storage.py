@@ -76,7 +76,9 @@ def make_client(settings: Settings, timeout_s: float | None = None, connections:
 
 
 def worker_client(settings: Settings) -> Minio:
-    return make_client(settings, WORKER_CLIENT_TIMEOUT_S, retries=WORKER_CLIENT_RETRIES)
+    # As many connections as minio's own client keeps: a long recording's decoded audio goes up
+    # in parts, three at a time.
+    return make_client(settings, WORKER_CLIENT_TIMEOUT_S, connections=10, retries=WORKER_CLIENT_RETRIES)
 
 
 def ensure_buckets(client: Minio, *buckets: str) -> None:
