@@ -182,7 +182,12 @@ class Inbox:
             # would be read as this recording's (the .json says the results are complete). A
             # refused drop's own are written at once, over them.
             keys = result_keys(self.settings.results_prefix, key)
-            await asyncio.to_thread(remove_objects, self.s3, [(bucket, keys["json"]), (bucket, keys["srt"])])
+            try:
+                await asyncio.to_thread(remove_objects, self.s3, [(bucket, keys["json"]), (bucket, keys["srt"])])
+            except (*STORAGE_UNAVAILABLE, S3Error) as exc:  # the job is made: the drop is not taken again
+                with job_logged(job_id):
+                    log.warning("the earlier results of %s/%s could not be removed (%s): they stay until this"
+                                " job's are written", bucket, key, exc)
         if job_id is not None:
             with job_logged(job_id):
                 if refused:
