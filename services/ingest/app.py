@@ -237,7 +237,7 @@ async def rerun(job_id: JobId, state: State, request: Request, data: RerunOption
 
 
 @post("/transcripts/{job_id:int}/cancel", status_code=200, summary="Stop a job that is still processing",
-      responses=_errors(401, 403, 404, 409, 503, e409="The job has already ended (done or error)"))
+      responses=_errors(400, 401, 403, 404, 409, 503, e409="The job has already ended (done or error)"))
 async def cancel(job_id: JobId, state: State, request: Request) -> JobStatus:
     """The job ends at once with `"status": "error"` and `"error": "cancelled"`, keeping the
     segments stored so far; transcript.failed announces it, and every stage stops working on it
@@ -248,13 +248,16 @@ async def cancel(job_id: JobId, state: State, request: Request) -> JobStatus:
             raise NotFoundException(detail=f"no job with id {job_id}")
         if not await jobstore.fail(conn, job_id, CANCELLED, "ingest"):
             raise HTTPException(status_code=409, detail=f"job {job_id} has already ended ({job['status']})")
+        # Read before the commit: a delete right after it would leave nothing to answer with
+        # (a 200 of `null`), and a database gone after it would answer 503 for a cancel that was made.
+        document = await status_document(conn, job_id)
     state.outbox_wake.set()
     with job_logged(job_id):
         log.info("cancelled at its owner's request")
-    return await status_document(state.pool, job_id)
+    return document
 
 
-@get("/status/{job_id:int}", summary="State and segments of a job", responses=_errors(401, 403, 404, 503))
+@get("/status/{job_id:int}", summary="State and segments of a job", responses=_errors(400, 401, 403, 404, 503))
 async def job_status(job_id: FromPath[int], state: State, request: Request,
                      segments: Annotated[bool, Parameter(description="false: status, stage and percent only, for a "
                                                                      "client following a job")] = True) -> JobStatus:
