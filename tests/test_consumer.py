@@ -182,8 +182,10 @@ async def test_when_failing_the_job_cannot_be_published_the_message_goes_back_to
             consumer = asyncio.create_task(consume(connection, settings, "transcriber",
                                                    [Route(JobProgress, bad_input, any_routing_key=True)],
                                                    queue_name=QUEUE))
-            while await consumers(connection, QUEUE) == 0:
-                await asyncio.sleep(0.1)  # it declared the topology (bindings included) and consumes
+            started = asyncio.get_running_loop().time()
+            while await consumers(connection, QUEUE) == 0:  # it declared the topology (bindings included)
+                assert asyncio.get_running_loop().time() - started < 30, "the consumer never started consuming"
+                await asyncio.sleep(0.1)
             bus = await open_bus(connection, settings)
             persister = await bus.channel.get_queue(stage_queue("persister"))
             await persister.unbind(bus.work, "job.failed")

@@ -96,14 +96,25 @@ async def test_duplicates_and_out_of_order_chunks_store_each_segment_once(stack)
 
 
 async def test_job_submitted_delivered_three_times_gives_one_transcript(stack, fixtures_dir):
-    response = await asyncio.to_thread(stack.submit, fixtures_dir / "en_dialogue.wav")
-    job_id = response.json()["id"]
-    again = JobSubmitted(job_id=job_id, audio_bucket="audio", audio_key=f"uploads/{job_id}",
-                         filename="en_dialogue.wav")
-    await publish(stack, again, again)
-    document = await asyncio.to_thread(stack.wait_finished, job_id)
-    assert document["status"] == "done"
-    await asyncio.sleep(8)  # the duplicate runs finish too
+    """What a subscriber sees too: each segment announced once, and one completion."""
+    events = await aio_pika.connect(stack.amqp_url)
+    try:
+        queue = await events_queue(await events.channel(), "segment.created", "transcript.completed")
+        response = await asyncio.to_thread(stack.submit, fixtures_dir / "en_dialogue.wav")
+        job_id = response.json()["id"]
+        again = JobSubmitted(job_id=job_id, audio_bucket="audio", audio_key=f"uploads/{job_id}",
+                             filename="en_dialogue.wav")
+        await publish(stack, again, again)
+        document = await asyncio.to_thread(stack.wait_finished, job_id)
+        assert document["status"] == "done"
+        await asyncio.sleep(8)  # the duplicate runs finish too
+        bodies = await job_events(queue, job_id, lambda got: any("segment_count" in b for b in got), 30)
+        while (message := await queue.get(fail=False)) is not None:  # and whatever came after
+            await message.ack()
+            if (body := json.loads(message.body))["transcript_id"] == job_id:
+                bodies.append(body)
+    finally:
+        await events.close()
     conn = await asyncpg.connect(stack.database_url)
     try:
         rows = await conn.fetch("SELECT speaker, start_ts, text FROM segments WHERE transcript_id = $1", job_id)
@@ -112,6 +123,9 @@ async def test_job_submitted_delivered_three_times_gives_one_transcript(stack, f
     assert rows
     assert len({(r["start_ts"], r["text"]) for r in rows}) == len(rows)
     assert len(rows) == len(document["segments"])
+    announced = [(b["chunk_index"], b["index"]) for b in bodies if "index" in b]
+    assert sorted(announced) == sorted({(s["chunk_index"], s["index"]) for s in document["segments"]})
+    assert sum("segment_count" in b for b in bodies) == 1
 
 
 async def test_a_failing_message_is_retried_then_fails_the_job_with_the_reason(stack):

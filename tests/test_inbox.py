@@ -9,6 +9,8 @@ import json
 import time
 import urllib.parse
 
+import httpx
+
 from common.db import create_pool
 from common.storage import ensure_buckets, make_client, stored_size
 from services.ingest.inbox import BucketEvent, Inbox
@@ -127,6 +129,7 @@ async def test_the_scan_makes_each_unannounced_drop_a_job_once_a_page_at_a_time(
                             str(fixtures_dir / "en_dialogue.json"))
     monkeypatch.setattr(inbox_module, "SCAN_PAGE", 2)
     pool = await create_pool(settings)
+    first = second = []
     try:
         inbox = Inbox(settings, pool, s3, asyncio.Event())
         await inbox.reconcile()
@@ -134,7 +137,13 @@ async def test_the_scan_makes_each_unannounced_drop_a_job_once_a_page_at_a_time(
         await inbox.reconcile()
         second = await pool.fetch("SELECT id, source_key FROM transcripts WHERE source_bucket = $1", bucket)
     finally:
+        # Not left for the stack's stages to transcribe while the tests after this one run.
+        async with httpx.AsyncClient(base_url=stack.api, timeout=30) as api:
+            for row in {r["id"]: r for r in [*first, *second]}.values():
+                await api.delete(f"/transcripts/{row['id']}")
+        await pool.execute("DELETE FROM deleted_drops WHERE source_bucket = $1", bucket)
         await pool.close()
+        remove_bucket(s3, bucket)
     assert sorted(r["source_key"] for r in first) == keys
     assert sorted(r["id"] for r in second) == sorted(r["id"] for r in first)
 
@@ -163,7 +172,6 @@ async def test_a_key_dropped_again_keeps_the_newer_jobs_results(stack: Stack, fi
     older job's are not there to be read as its own (a weekly drop of one name, read as soon as its
     .json is there, was last week's); the older job's results must not replace the newer one's
     when it ends later, and deleting it must not remove them."""
-    import httpx
 
     bucket, key = f"redrop-{time.monotonic_ns() % 10**9}", "weekly/call.flac"
     settings = stack.settings(inbox_bucket=bucket)
@@ -203,7 +211,6 @@ async def test_a_key_dropped_again_keeps_the_newer_jobs_results(stack: Stack, fi
 
 async def test_a_refused_drop_keeps_its_reference_and_a_drop_gone_before_it_is_taken_is_no_error(
         stack: Stack, fixtures_dir):
-    import httpx
 
     bucket = f"oddbox-{time.monotonic_ns() % 10**9}"
     settings = stack.settings(inbox_bucket=bucket)

@@ -132,11 +132,15 @@ def test_the_jobs_stream_follows_a_job_to_its_end_after_newer_ones_push_it_out_o
         reader, seen = reading_events(f"{stack.api}/events", until=older_ended)
         time.sleep(1)
         newer += [row["id"] for row in stack.query(
-            "INSERT INTO transcripts (filename, status) SELECT 'newer.wav', 'done' FROM generate_series(1, 100)"
-            " RETURNING id")]
+            "INSERT INTO transcripts (filename, status, completed_at) SELECT 'newer.wav', 'done', now()"
+            " FROM generate_series(1, 100) RETURNING id")]
+        # Out of view: the stream's first 100 are these (ended in the last hour, newer) now.
+        assert older not in {r["id"] for r in stack.query(
+            "SELECT id FROM transcripts WHERE status = 'processing' OR completed_at > now() - interval '1 hour'"
+            " ORDER BY id DESC LIMIT 100")}
         time.sleep(2)
-        stack.query("UPDATE transcripts SET status = 'error', error = 'cancelled', updated_at = now()"
-                    " WHERE id = $1", older)
+        stack.query("UPDATE transcripts SET status = 'error', error = 'cancelled', completed_at = now(),"
+                    " updated_at = now() WHERE id = $1", older)
         reader.join(40)
         outcome["older"] = [e["data"]["status"] for e in seen if e.get("event") == "job" and e["data"]["id"] == older]
     finally:
