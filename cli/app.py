@@ -128,23 +128,29 @@ def fail(message: str) -> NoReturn:
 
 
 def api_client(api: str, api_key: str | None) -> httpx.Client:
-    return httpx.Client(base_url=api_base(api), headers=auth_headers(api_key), timeout=httpx.Timeout(30, connect=10))
+    try:
+        return httpx.Client(base_url=api_base(api), headers=auth_headers(api_key),
+                            timeout=httpx.Timeout(30, connect=10))
+    except ValueError as exc:
+        fail(str(exc))
 
 
 def api_base(api: str) -> str:
+    """ValueError for an address that is no HTTP one."""
     if not api.lower().startswith(("http://", "https://")):
-        fail(f"--api / STT_API_URL must start with http:// or https:// (it is {api!r})")
+        raise ValueError(f"--api / STT_API_URL must start with http:// or https:// (it is {api!r})")
     return api.rstrip("/")
 
 
 def auth_headers(api_key: str | None) -> dict[str, str]:
     """The key as a header. A key read from a file often ends in a newline or a carriage return,
-    which the server would strip, but httpx refuses to send and names the whole key in its error."""
+    which the server would strip, but httpx refuses to send and names the whole key in its error:
+    ValueError (without the key) for one a header cannot carry."""
     key = (api_key or "").strip()
     if not key:
         return {}
     if not (key.isascii() and key.isprintable()):
-        fail("the API key (--api-key / STT_API_KEY) holds characters a header cannot carry")
+        raise ValueError("the API key (--api-key / STT_API_KEY) holds characters a header cannot carry")
     return {"Authorization": f"Bearer {key}"}
 
 
