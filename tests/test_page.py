@@ -474,6 +474,10 @@ def test_a_file_uploaded_in_the_background_leaves_the_transcript_being_named_ope
     assert page.locator("#transcript-title").inner_text() == "interview.wav"
     assert page.input_value("#name-spk_1") == "Ben"
     page.close()
+    # Not left processing beside the tests after this one.
+    httpx.post(f"{stack.api}/transcripts/{uploaded}/cancel", timeout=30)
+    for done_with in (uploaded, job_id):
+        httpx.delete(f"{stack.api}/transcripts/{done_with}", timeout=30)
 
 
 def segment_events(job_id: int, filename: str, segments: list[dict]) -> str:

@@ -13,6 +13,8 @@ const state = {
   shown: new Map(),  // the open transcript's segments on the page, by `renderSegment`'s key
   uploading: 0, jobsStream: null, jobsRetry: null, jobsCursor: null, jobsListed: false, audioLoads: 0,
   pendingSeek: null, peopleRetry: null,
+  jobEventAt: new Map(),  // when /events last told of each job (performance.now())
+  openedByUploads: new Set(),  // jobs an upload opened, not the user
 };
 
 function apiKey() { return sessionStorage.getItem(KEY_STORAGE) || ""; }
@@ -185,6 +187,7 @@ function showJobsPage(page) {
 // lists was deleted while nothing could tell the page: it goes. False when answered for the key
 // before.
 async function listJobs(key) {
+  const askedAt = performance.now();
   const shown = [...state.jobs.keys()];
   const listedBefore = state.jobsListed;
   const reached = state.jobsCursor;  // where "More" goes on from; null once every job is listed
@@ -200,7 +203,9 @@ async function listJobs(key) {
   for (const id of shown) {
     if (id >= (next ?? 0) && !listed.has(id)) forgetJob(id, { elsewhere: true });
   }
-  showJobsPage({ items, next_cursor: next });
+  // A job /events told of while the list was on its way is newer there than in the list (and
+  // the stream does not tell it again).
+  showJobsPage({ items: items.filter((job) => !((state.jobEventAt.get(job.id) ?? -1) > askedAt)), next_cursor: next });
   state.jobsListed = true;
   return true;
 }
@@ -223,7 +228,10 @@ async function loadJobs() {
   }
   if (!state.jobsStream) {
     state.jobsStream = follow("/events", (type, job) => {
-      if (type === "job") renderJob(job);
+      if (type === "job") {
+        state.jobEventAt.set(job.id, performance.now());
+        renderJob(job);
+      }
       else if (type === "job.deleted") forgetJob(job.id, { elsewhere: true });
     }, { onReconnect: loadJobs });
   }
@@ -342,11 +350,13 @@ function unsavedEdits() {
 }
 
 // A job of files sent opens in place of the open transcript only while the user still looks at
-// what they looked at when they sent them (or at a job of the same files) and has nothing unsaved
+// what they looked at when they sent them (or at a job an upload opened) and has nothing unsaved
 // there: files uploading in the background must not take away the transcript the user turned to.
 function uploadMayOpen(openWhenSent, jobsOfBatch) {
   if (state.open === null) return true;
-  return (state.open === openWhenSent || jobsOfBatch.has(state.open)) && !unsavedEdits();
+  const chosenBeforeOrByUploads = state.open === openWhenSent || jobsOfBatch.has(state.open)
+    || state.openedByUploads.has(state.open);
+  return chosenBeforeOrByUploads && !unsavedEdits();
 }
 
 async function uploadBatch(files, openWhenSent) {
@@ -363,6 +373,7 @@ async function uploadBatch(files, openWhenSent) {
         renderJob({ id: accepted.id, filename: accepted.filename, status: "processing", stage: "submitted", percent: 0 });
         if (uploadMayOpen(openWhenSent, jobsOfBatch)) {
           status.textContent = `${accepted.filename} accepted as job ${accepted.id}.`;
+          state.openedByUploads.add(accepted.id);
           openTranscript(accepted.id);
         } else {
           status.textContent = `${accepted.filename} accepted as job ${accepted.id}: it is listed, not opened,`
@@ -1117,6 +1128,8 @@ document.addEventListener("DOMContentLoaded", () => {
     clearTimeout(state.jobsRetry);
     closeTranscript();
     state.jobs.clear();
+    state.jobEventAt.clear();
+    state.openedByUploads.clear();
     state.deleted.clear();
     state.jobsCursor = null;
     state.jobsListed = false;
