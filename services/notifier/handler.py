@@ -79,18 +79,29 @@ async def deliver(pool: asyncpg.Pool, http: aiohttp.ClientSession, settings: Set
             del _in_flight[due.webhook_id]
 
 
+# How long one message sends a job's deliveries to one endpoint; the rest go on in a message of
+# their own. A backlog (a dead endpoint's, each one attempt of up to two timeouts once one was given
+# up) sent in one would hold the message past RabbitMQ's consumer timeout, and with it the other
+# deliveries prefetched on its channel.
+DELIVERY_BUDGET_S = 60.0
+
+
 async def _deliver_in_order(pool: asyncpg.Pool, http: aiohttp.ClientSession, settings: Settings, bus: Bus,
                             due: WebhookDue) -> bool:
     """Send the job's deliveries to the webhook while the oldest pending one is due. One worker
     at a time per (webhook, job), by an advisory lock; a kick that finds it taken is dropped, so
     the holder looks once more after letting go. True: more is due now."""
     key = (due.webhook_id % 2**31, due.job_id % 2**31)
+    started, handed_on = time.monotonic(), False
     async with pool.acquire() as conn:
         if not await conn.fetchval("SELECT pg_try_advisory_lock($1::int, $2::int)", *key):
             return False
         try:
             retry_of = due.retry_of
             while True:
+                if time.monotonic() - started > DELIVERY_BUDGET_S:
+                    handed_on = True
+                    break
                 head = await _oldest_pending(conn, due)
                 # A retry that finds its delivery tried again since (a second kick of the same
                 # retry) forces nothing: it would spend the next attempt before its delay.
@@ -104,7 +115,11 @@ async def _deliver_in_order(pool: asyncpg.Pool, http: aiohttp.ClientSession, set
         finally:
             await conn.execute("SELECT pg_advisory_unlock($1::int, $2::int)", *key)
         head = await _oldest_pending(conn, due)
-        return head is not None and head["due"]
+        more = head is not None and head["due"]
+    if more and handed_on:  # kicked after letting go, so the kick does not find the lock taken
+        await publish_later(bus, due.model_copy(update={"retry_of": None, "after_attempts": None}), DELIVERY_QUEUE, 0)
+        return False
+    return more
 
 
 async def _oldest_pending(conn: asyncpg.Connection, due: WebhookDue) -> asyncpg.Record | None:
@@ -131,8 +146,9 @@ async def _attempt(conn: asyncpg.Connection, http: aiohttp.ClientSession, settin
     latency_ms = int((time.perf_counter() - started) * 1000)
     delays = settings.webhook_retry_delays
     delay = delays[min(attempt - 1, len(delays) - 1)]
+    behind_given_up = error is not None and await _behind_one_given_up(conn, due, head)
     status = ("delivered" if error is None
-              else "failed" if attempt >= settings.webhook_max_attempts or await _chain_given_up(conn, due, head)
+              else "failed" if attempt >= settings.webhook_max_attempts or behind_given_up
               else "pending")
     async with conn.transaction():
         updated = await conn.fetchval(
@@ -160,7 +176,10 @@ async def _attempt(conn: asyncpg.Connection, http: aiohttp.ClientSession, settin
         await publish_later(bus, due.model_copy(update={"retry_of": head["id"], "after_attempts": attempt}),
                             DELIVERY_QUEUE, delay)
         return False
-    if status == "failed":
+    if behind_given_up:
+        log.error("webhook %d: %s %s given up after one attempt, behind one given up (%s)", due.webhook_id,
+                  head["event_type"], head["event_id"], error)
+    elif status == "failed":
         log.error("webhook %d: %s %s given up after %d attempts (%s)", due.webhook_id, head["event_type"],
                   head["event_id"], attempt, error)
     else:
@@ -169,13 +188,14 @@ async def _attempt(conn: asyncpg.Connection, http: aiohttp.ClientSession, settin
     return True
 
 
-async def _chain_given_up(conn: asyncpg.Connection, due: WebhookDue, head: asyncpg.Record) -> bool:
-    """Whether an earlier delivery of the job to the webhook was given up. Its later ones then get
-    one attempt each: each waiting out the whole schedule behind the one before (about a day
-    each) held a dead endpoint's job, 500 segments long, for over a year."""
-    return await conn.fetchval(
-        "SELECT EXISTS (SELECT 1 FROM webhook_deliveries WHERE webhook_id = $1 AND job_id = $2 AND id < $3"
-        " AND status = 'failed')", due.webhook_id, due.job_id, head["id"])
+async def _behind_one_given_up(conn: asyncpg.Connection, due: WebhookDue, head: asyncpg.Record) -> bool:
+    """Whether the last settled delivery of the job to the webhook before this one was given up.
+    This one then gets one attempt: each waiting out the whole schedule behind the one before
+    (about a day each) held a dead endpoint's job, 500 segments long, for over a year. One
+    delivered since (the endpoint back) gives the next failure its whole schedule again."""
+    return bool(await conn.fetchval(
+        "SELECT status = 'failed' FROM webhook_deliveries WHERE webhook_id = $1 AND job_id = $2 AND id < $3"
+        " AND status <> 'pending' ORDER BY id DESC LIMIT 1", due.webhook_id, due.job_id, head["id"]))
 
 
 async def post(http: aiohttp.ClientSession, url: str, secret: str, event_id: str, body: bytes,
