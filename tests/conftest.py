@@ -73,9 +73,9 @@ async def events_queue(channel: aio_pika.abc.AbstractChannel, *routing_keys: str
     return queue
 
 
-async def job_events(queue: aio_pika.abc.AbstractQueue, job_id: int, enough, timeout: float) -> list[dict]:
-    """The bodies of the job's events on `queue`, acked as they come, once `enough(bodies)` holds
-    (AssertionError after `timeout` seconds)."""
+async def job_events(queue: aio_pika.abc.AbstractQueue, job_id: int | None, enough, timeout: float) -> list[dict]:
+    """The bodies of the job's events (None: every job's) on `queue`, acked as they come, once
+    `enough(bodies)` holds (AssertionError after `timeout` seconds)."""
     bodies: list[dict] = []
     deadline = time.monotonic() + timeout
     while not enough(bodies):
@@ -86,7 +86,7 @@ async def job_events(queue: aio_pika.abc.AbstractQueue, job_id: int, enough, tim
             continue
         await message.ack()
         body = json.loads(message.body)
-        if body["transcript_id"] == job_id:
+        if job_id is None or body["transcript_id"] == job_id:
             bodies.append(body)
     return bodies
 
