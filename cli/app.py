@@ -346,7 +346,6 @@ def follow_jobs(client: httpx.Client, jobs: list[SubmittedJob]) -> dict[int, dic
                 if job.id in finished:
                     continue
                 away_s = time.monotonic() - answered_at
-                answered = True
                 try:
                     # The segments only once: a long job's would be read again every second.
                     document = checked(client.get(f"/status/{job.id}", params={"segments": "false"})).json()
@@ -358,20 +357,18 @@ def follow_jobs(client: httpx.Client, jobs: list[SubmittedJob]) -> dict[int, dic
                         continue
                     document = {"status": NOT_FOLLOWED, "segments": [],
                                 "error": f"the API has not answered for {away_s / 60:.0f} minutes ({exc})"}
-                    answered = False
                 except ApiError as exc:
+                    if exc.status_code not in TRANSIENT_STATUS_CODES:
+                        answered_at = time.monotonic()
                     errors_in_a_row[job.id] += exc.status_code in RETRIED_STATUS_CODES
                     if (exc.status_code in TRANSIENT_STATUS_CODES and away_s < API_AWAY_S) or (
                             exc.status_code in RETRIED_STATUS_CODES and errors_in_a_row[job.id] < FOLLOW_TRIES):
                         progress.update(tasks[job.id], stage=f"[yellow]{escape(exc.detail)}, retrying")
-                        if exc.status_code not in TRANSIENT_STATUS_CODES:
-                            answered_at = time.monotonic()
                         continue
                     # Not the job's end: the API would not say how it is (a key refused, the job
                     # deleted, an error of the API's own, an API away for too long).
                     document = {"status": NOT_FOLLOWED, "segments": [], "error": str(exc)}
-                    answered = exc.status_code not in TRANSIENT_STATUS_CODES
-                if answered:
+                else:
                     answered_at = time.monotonic()
                 errors_in_a_row[job.id] = 0
                 progress.update(tasks[job.id], completed=job_percent(document), stage=stage_label(document))

@@ -138,21 +138,19 @@ async def search_text(pool: asyncpg.Pool, query: str, *, limit: int, timeout_s: 
     args.append(limit)
     async with pool.acquire() as conn, conn.transaction():
         await _bounded(conn, timeout_s)
-        return await _fetch_text_hits(conn, where, args)
-
-
-async def _fetch_text_hits(conn: asyncpg.Connection, where: str, args: list) -> list[asyncpg.Record]:
-    return await conn.fetch(
-        f"SELECT {_HIT_COLUMNS}, ts_rank_cd(s.search_text, q.query) AS score, NULL::text AS highlighted"
-        f" FROM segments s JOIN transcripts t ON t.id = s.transcript_id {SPEAKER_NAME_JOIN},"
-        f" (SELECT {_TEXT_QUERY} AS query) q"
-        # The three languages' queries joined by OR find the candidates through the index; a
-        # segment must also match in its own language, or "-word" would be ignored wherever one
-        # stemming leaves the word out (`simple` keeps "meetings" where English indexed "meet").
-        f" WHERE s.search_text @@ q.query AND s.search_text @@ websearch_to_tsquery({_SEGMENT_TEXT_CONFIG}, $1){where}"
-        # A total order: pages are fetches of growing size, and ties (one "Okay." said by both parties
-        # of a call at the same moment) must come in the same order in each.
-        f" ORDER BY score DESC, s.transcript_id DESC, s.start_ts, s.chunk_index, s.index LIMIT ${len(args)}", *args)
+        return await conn.fetch(
+            f"SELECT {_HIT_COLUMNS}, ts_rank_cd(s.search_text, q.query) AS score, NULL::text AS highlighted"
+            f" FROM segments s JOIN transcripts t ON t.id = s.transcript_id {SPEAKER_NAME_JOIN},"
+            f" (SELECT {_TEXT_QUERY} AS query) q"
+            # The three languages' queries joined by OR find the candidates through the index; a
+            # segment must also match in its own language, or "-word" would be ignored wherever one
+            # stemming leaves the word out (`simple` keeps "meetings" where English indexed "meet").
+            f" WHERE s.search_text @@ q.query"
+            f" AND s.search_text @@ websearch_to_tsquery({_SEGMENT_TEXT_CONFIG}, $1){where}"
+            # A total order: pages are fetches of growing size, and ties (one "Okay." said by both
+            # parties of a call at the same moment) must come in the same order in each.
+            f" ORDER BY score DESC, s.transcript_id DESC, s.start_ts, s.chunk_index, s.index LIMIT ${len(args)}",
+            *args)
 
 
 async def highlights(db: Db, query: str, keys: list[tuple[int, int, int]]) -> dict[tuple[int, int, int], str]:

@@ -45,10 +45,10 @@ async def call_in_transaction(fn: Callable[..., T], *args, **kwargs) -> T:
     return await asyncio.wait_for(asyncio.to_thread(fn, *args, **kwargs), IN_TRANSACTION_S)
 
 
-# The stage workers' client (worker_client). minio's own waits 5 minutes for each read and tries 6 times: a store
-# that takes connections and never answers held a message for half an hour, past RabbitMQ's
-# consumer timeout, and the broker took it back as a crash (the job failed hours later, as a
-# crash) instead of the worker waiting out an outage. A silent read is given up after a minute
+# The stage workers' client (worker_client). minio's own waits 5 minutes for each read and tries
+# 6 times: a store that takes connections and never answers held a message for half an hour, past
+# RabbitMQ's consumer timeout, and the broker took it back as a crash (the job failed hours later
+# as one) instead of the worker waiting out an outage. A silent read is given up after a minute
 # (the wait between two reads of a large file, not the whole transfer), tried three times.
 WORKER_CLIENT_TIMEOUT_S = 60.0
 WORKER_CLIENT_RETRIES = 2

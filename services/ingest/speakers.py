@@ -293,12 +293,12 @@ async def enrol(request: Request, state: State) -> Enrolled:
             enrolled_as = await speakerstore.speaker_enrolled_from(conn, owner, reference.transcript_id,
                                                                    reference.label)
             already = f"{reference.label} of job {reference.transcript_id} is"
-            if enrolled_as is None:  # a rerun of an enrolled recording: the same voice under another job
-                enrolled_as = await speakerstore.voice_enrolled_as(conn, owner, voice.embedding, voice.model)
-                already = f"the voice of {reference.label} of job {reference.transcript_id} is"
         else:
+            enrolled_as, already = None, "this sample is"
+        if enrolled_as is None:  # the same voice: the same sample, or a rerun of an enrolled recording
             enrolled_as = await speakerstore.voice_enrolled_as(conn, owner, voice.embedding, voice.model)
-            already = "this sample is"
+            if reference is not None:
+                already = f"the voice of {already}"
         if enrolled_as is not None and enrolled_as["id"] != speaker_id:
             raise HTTPException(status_code=409, detail=f"{already} already a voiceprint of {enrolled_as['name']!r}")
         with job_logged(reference.transcript_id if reference else None):
