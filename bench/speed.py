@@ -5,7 +5,7 @@
   (b) seed    the naive prototype: per diarization turn, decode the file from disk again, write
               the turn to a temporary wav, WhisperModel.transcribe(path) on it (language
               detected per clip); then embed
-  (c) stack   this project end to end: five services as processes, POST /recognize, poll
+  (c) stack   this project end to end: six services as processes, POST /recognize, poll
               GET /status/{id}; submit to done
 
 Default: a ~5-minute English file concatenated from en_dialogue, jfk and sample (references
@@ -196,7 +196,7 @@ def report_comparison(label: str, concat: Concatenated, floor: dict | None, seed
     rows = []
     piece_names = sorted({Path(n).stem for n, a, _ in concat.pieces if any(a == s for s, _ in concat.text_regions)})
     entries = [("(a) floor: bare models, one process", floor), ("(b) seed: per-turn wav files", seed),
-               ("(c) stack: HTTP API, 5 services", stack_run)]
+               ("(c) stack: HTTP API, 6 services", stack_run)]
     for name, r in entries:
         if r is None:
             continue

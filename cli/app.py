@@ -861,7 +861,7 @@ def reindex(
 @app.command()
 def usage(
     since: Annotated[str | None, typer.Option(help="Jobs that ended at or after this ISO 8601 date or time"
-                                                   " (default: 30 days ago).", show_default=False)] = None,
+                                                   " (default: 30 days before --until).", show_default=False)] = None,
     until: Annotated[str | None, typer.Option(help="Jobs that ended before this date or time (default: now).",
                                               show_default=False)] = None,
     all_keys: Annotated[bool, typer.Option("--all-keys", help="Every API key's (needs ADMIN_API_KEY).")] = False,

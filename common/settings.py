@@ -66,7 +66,8 @@ class Settings(BaseSettings):
     max_upload_mb: int = Field(default=2048, ge=1)
     # Uploads streaming in at once (each spools to disk); more get 503 with Retry-After.
     max_concurrent_uploads: int = Field(default=16, ge=1)
-    # Event streams (GET /events, /transcripts/{id}/events) open at once; more get 503 with Retry-After.
+    # Event streams (GET /events, /transcripts/{id}/events, OpenAI-compatible requests waiting for
+    # their job, streamed or not) open at once; more get 503 with Retry-After.
     max_event_streams: int = Field(default=500, ge=1)
     # Comma-separated keys; when set, every endpoint but /healthz, /readyz and /metrics needs one
     # (`Authorization: Bearer <key>` or `X-API-Key: <key>`), and a job is visible only to its key.

@@ -1,5 +1,5 @@
 """The real stack for tests (devstack.py: RabbitMQ in a fresh vhost, PostgreSQL in a fresh
-database, moto's S3 server, a stand-in Ollama with the real bundled model, and the five services
+database, moto's S3 server, a stand-in Ollama with the real bundled model, and the six services
 each as its own process, exactly as `make run` starts them), and what tests share."""
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def fixtures_dir() -> Path:
 
 @contextlib.contextmanager
 def running_stack(tmp_path_factory, **overrides: str) -> Iterator[Stack]:
-    """The five services plus moto and the Ollama stand-in, in a fresh vhost and database."""
+    """The six services plus moto and the Ollama stand-in, in a fresh vhost and database."""
     keep_logs = ROOT / "test-logs" if os.environ.get("STT_KEEP_LOGS") else None
     with dev_stack(tmp_path_factory.mktemp("stack"), env=TEST_ENV, ollama=True, keep_logs=keep_logs,
                    **overrides) as stack:
