@@ -46,6 +46,9 @@ from common.backoff import backoff, of_type
 from common.failures import failure_category
 from common.logs import current_job
 from common.messages import (
+    EVENTS,
+    SCHEMA_VERSION,
+    WORK_MESSAGES,
     ChunkEmbedded,
     ChunkTranscribed,
     Contract,
@@ -127,8 +130,32 @@ async def connect(settings: Settings, name: str) -> AbstractRobustConnection:
     async for attempt in backoff("RabbitMQ not reachable",
                                  of_type(ConnectionError, OSError, aio_pika.exceptions.AMQPError)):
         with attempt:
-            return await aio_pika.connect_robust(url, client_properties={"connection_name": name})
+            connection = await aio_pika.connect_robust(url, client_properties={"connection_name": name})
+            _log_connection_changes(connection, name)
+            return connection
     raise AssertionError("unreachable")
+
+
+def _log_connection_changes(connection: AbstractRobustConnection, name: str) -> None:
+    """A lost connection and its return, at WARNING (aio-pika says it at INFO, below the
+    libraries' level; common.logs): what a service did meanwhile (held messages, an outbox that
+    could not publish) is explained by these lines."""
+    lost_at: list[float] = []
+
+    def closed(_sender: Any, exc: BaseException | None = None) -> None:
+        if connection.close_called or connection.is_closed:
+            return  # closed by this process (shutting down)
+        if not lost_at:
+            lost_at.append(time.monotonic())
+        log.warning("RabbitMQ connection %s lost (%s); reconnecting", name,
+                    f"{type(exc).__name__}: {exc}" if exc else "closed")
+
+    def reconnected(_sender: Any) -> None:
+        down_s = time.monotonic() - lost_at.pop() if lost_at else 0.0
+        log.warning("RabbitMQ connection %s reconnected after %.1f s", name, down_s)
+
+    connection.close_callbacks.add(closed)
+    connection.reconnect_callbacks.add(reconnected)
 
 
 def diarizer_consumer_timeout_ms(settings: Settings) -> int:
@@ -201,15 +228,35 @@ class Bus:
         # Events with no subscriber yet are fine to drop (aio-pika defaults to mandatory).
         await self.events.publish(_encode(message), routing_key=message.ROUTING_KEY, mandatory=False)
 
+    async def publish_stored(self, routing_key: str, body: dict[str, Any]) -> None:
+        """A message as it was stored (the outbox): `body` published as it is, not as this
+        version's model would have it (a field added by a newer version stays), to the exchange
+        and with the properties that publish() or publish_event() give a message of
+        `routing_key`, which must be one of WORK_MESSAGES or EVENTS (KeyError otherwise)."""
+        if routing_key not in WORK_MESSAGES and routing_key not in EVENTS:
+            raise KeyError(routing_key)
+        message = _envelope(json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode(),
+                            routing_key, str(body["message_id"]), body.get("v", SCHEMA_VERSION))
+        if routing_key in WORK_MESSAGES:
+            await self.work.publish(message, routing_key=routing_key, mandatory=True)
+        else:
+            await self.events.publish(message, routing_key=routing_key, mandatory=False)
+
 
 def _encode(message: Contract, headers: dict[str, Any] | None = None) -> aio_pika.Message:
+    return _envelope(message.model_dump_json().encode(), message.ROUTING_KEY, message.message_id, message.v,
+                     headers)
+
+
+def _envelope(body: bytes, routing_key: str, message_id: str, v: Any,
+              headers: dict[str, Any] | None = None) -> aio_pika.Message:
     return aio_pika.Message(
-        body=message.model_dump_json().encode(),
+        body=body,
         content_type="application/json",
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        message_id=message.message_id,
-        type=message.ROUTING_KEY,
-        headers={"v": message.v, **(headers or {})},
+        message_id=message_id,
+        type=routing_key,
+        headers={"v": v, **(headers or {})},
     )
 
 
@@ -546,7 +593,10 @@ async def _run_waiting_out_outages(handler: Handler, parsed: BaseModel, bus: Bus
     counted again after an attempt that ran for OUTAGE_OVER_AFTER_S before failing (the
     dependency was back meanwhile: this is another outage). HeldThroughOutage at once when the
     message is no longer `still_held` (a broker failure closed its channel): the broker gives it
-    to a consumer again, so running the handler again here would do the work twice at once."""
+    to a consumer again, so running the handler again here would do the work twice at once.
+    A message the handler yields whose publish meets the outage is published again, under the
+    same hold, while the handler waits at its yield: only an outage the handler itself raised
+    runs it again."""
     outage_since: float | None = None
     attempt_started = time.monotonic()
 
@@ -566,6 +616,28 @@ async def _run_waiting_out_outages(handler: Handler, parsed: BaseModel, bus: Bus
             return True
         return False
 
+    async def publish_holding(produced: Contract) -> None:
+        # Only this publish is tried again while the broker is away, the handler suspended at its
+        # yield: run again, it would redo its work (a diarization: minutes) and publish again what
+        # it had published. The same hold applies: past it, or once the delivery was taken back,
+        # the handler is given up (HeldThroughOutage), not run again.
+        nonlocal attempt_started
+        first = True
+        try:
+            async for attempt in backoff("RabbitMQ unavailable; holding a produced message", wait_more,
+                                         max_delay_s=30.0):
+                with attempt:
+                    if not first:
+                        # A try after a wait: how long the first ran since the handler started
+                        # (or since the last wait) tells a new outage from the one before.
+                        attempt_started = time.monotonic()
+                    first = False
+                    await bus.publish(produced)
+        except Exception as exc:
+            if outage(exc):
+                raise HeldThroughOutage from exc
+            raise
+
     try:
         async for attempt in backoff("dependency unavailable; holding the message", wait_more, max_delay_s=30.0):
             with attempt:
@@ -575,7 +647,7 @@ async def _run_waiting_out_outages(handler: Handler, parsed: BaseModel, bus: Bus
                 if inspect.isasyncgen(result):
                     async with contextlib.aclosing(result) as produced_messages:
                         async for produced in produced_messages:
-                            await bus.publish(produced)
+                            await publish_holding(produced)
                 else:
                     await result
     except Exception as exc:

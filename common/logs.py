@@ -44,6 +44,9 @@ class _JobIdFilter(logging.Filter):
         return True
 
 
+NOISY_LIBRARIES = ("aiormq", "aio_pika", "urllib3", "httpx", "faster_whisper", "numba")
+
+
 def setup_logging(level: str = "INFO") -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
@@ -53,5 +56,8 @@ def setup_logging(level: str = "INFO") -> None:
     root.setLevel(level.upper())
     # Libraries' warnings (torch, ONNX Runtime's exporter) in the same format, not bare on stderr.
     logging.captureWarnings(True)
-    for noisy in ("aiormq", "aio_pika", "urllib3", "httpx", "faster_whisper", "numba"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    # Chatty libraries say only warnings and worse, unless LOG_LEVEL=DEBUG asks for everything
+    # (a lost broker connection is logged at WARNING by common.broker, not left to aio-pika's INFO).
+    for noisy in NOISY_LIBRARIES:
+        logging.getLogger(noisy).setLevel(
+            logging.NOTSET if root.level <= logging.DEBUG else max(logging.WARNING, root.level))

@@ -5,8 +5,10 @@ its `transcripts` row or not at all) and the persister announces events this way
 
 Work messages go to the `stt` exchange (a message no queue would take raises and stays in the
 outbox); events go to `stt.events`. Rows are published in id order, so a job's messages keep
-their order. A row that can never be published is moved to `outbox_dead` with the reason, and the
-rows after it still flow. An event that a queue has refused for EVENT_REFUSED_FOR_S (a
+their order, each body as it was stored (a newer version's message keeps the fields this version
+does not know). A row of a routing key this version does not know is left for a newer version's
+flusher (a rolling upgrade), and the rows after it still flow; a row that is no message at all is
+moved to `outbox_dead` with the reason. An event that a queue has refused for EVENT_REFUSED_FOR_S (a
 subscriber's full queue set to reject-publish) is not sent again: the queues that took it have
 it, and the rest must not wait."""
 
@@ -18,7 +20,7 @@ import time
 
 import asyncpg
 from aio_pika.exceptions import DeliveryError
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from common.broker import Bus
 from common.db import LockKey
@@ -60,35 +62,68 @@ async def add_to_outbox(conn: asyncpg.Connection, message: Contract) -> None:
     )
 
 
+class _Envelope(BaseModel):
+    """What every version's message carries, whatever else its body holds: the id subscribers
+    deduplicate on."""
+
+    model_config = ConfigDict(extra="allow")
+
+    message_id: str
+
+
+# Rows of routing keys this version does not know, left for a newer version's flusher (a rolling
+# upgrade): the ids last warned about, and when.
+_unknown_warned: tuple[frozenset[int], float] = (frozenset(), 0.0)
+UNKNOWN_WARN_EVERY_S = 600.0
+# The row whose publication failed last (it holds the ones after it): warned about once.
+_held_row: int | None = None
+
+
 async def flush_outbox(pool: asyncpg.Pool, bus: Bus) -> int:
     """Publish committed rows in order, then delete them. One flusher at a time across every
-    service and replica (advisory lock), so subscribers see a job's messages in order."""
+    service and replica (advisory lock), so subscribers see a job's messages in order.
+
+    Each row's body goes out as it was stored, not as this version's model reads it: a row
+    written by a newer version keeps the fields this one does not know. A row whose routing key
+    this version does not know stays in the outbox for a newer version's flusher (the rows after
+    it still go); only a body that is no message at all (not a JSON object with a message_id)
+    is set aside in outbox_dead."""
+    global _held_row
     published = 0
+    unknown: dict[int, str] = {}
     async with pool.acquire() as conn:
         if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", LockKey.OUTBOX):
             return 0
         try:
+            after = 0
             while True:
-                rows = await conn.fetch(f"SELECT id, routing_key, body FROM outbox ORDER BY id LIMIT {BATCH}")
+                rows = await conn.fetch(
+                    f"SELECT id, routing_key, body FROM outbox WHERE id > $1 ORDER BY id LIMIT {BATCH}", after)
                 if not rows:
+                    _report_unknown(unknown)
                     return published
+                after = rows[-1]["id"]
                 done = []
                 try:
                     for row in rows:
-                        key = row["routing_key"]
+                        key, body = row["routing_key"], row["body"]
                         try:
-                            message = (WORK_MESSAGES.get(key) or EVENTS[key]).model_validate(row["body"])
-                        except (KeyError, ValidationError) as exc:
+                            if not isinstance(body, dict):
+                                raise ValueError(f"the body is a JSON {type(body).__name__}, not an object")
+                            _Envelope.model_validate(body)
+                        except (ValueError, ValidationError) as exc:
                             await _set_aside(conn, row, f"{type(exc).__name__}: {str(exc)[:300]}")
                             continue
+                        if key not in WORK_MESSAGES and key not in EVENTS:
+                            unknown[row["id"]] = key
+                            continue
                         try:
-                            if key in WORK_MESSAGES:
-                                await bus.publish(message)
-                            else:
-                                await bus.publish_event(message)
+                            await bus.publish_stored(key, body)
+                            if key in EVENTS:
                                 _events_refused_since.pop(key, None)
                         except Exception as exc:
-                            with job_logged(getattr(message, "job_id", None)):
+                            job_id = body.get("job_id")
+                            with job_logged(job_id if isinstance(job_id, int) else None):
                                 if refused_too_long(key, exc):
                                     # The broker gave the event to every queue that took it, and a
                                     # queue has refused this kind for EVENT_REFUSED_FOR_S: a
@@ -100,11 +135,15 @@ async def flush_outbox(pool: asyncpg.Pool, bus: Bus) -> int:
                                               " not sent again: the queues that took it have it", key, row["id"],
                                               EVENT_REFUSED_FOR_S)
                                 else:
-                                    # It stays at the head, and those after it wait: say which it is.
-                                    log.warning("outbox message %d (%s) not published (%s: %s); it and the"
-                                                " ones after it are tried again", row["id"], key,
-                                                type(exc).__name__, exc)
+                                    # It stays at the head, and those after it wait: say which it
+                                    # is, once (the flusher tries again every few seconds).
+                                    log.log(logging.WARNING if _held_row != row["id"] else logging.DEBUG,
+                                            "outbox message %d (%s) not published (%s: %s); it and the"
+                                            " ones after it are tried again", row["id"], key,
+                                            type(exc).__name__, exc)
+                                    _held_row = row["id"]
                                     raise
+                        _held_row = None
                         done.append(row["id"])
                         if len(done) >= DELETE_EVERY:
                             # Not only at the batch's end: a flusher killed mid-batch would send
@@ -118,6 +157,25 @@ async def flush_outbox(pool: asyncpg.Pool, bus: Bus) -> int:
                 published += len(done)
         finally:
             await conn.execute("SELECT pg_advisory_unlock($1)", LockKey.OUTBOX)
+
+
+def _report_unknown(unknown: dict[int, str]) -> None:
+    """One line per flush pass about the rows left for a newer version: a warning when they
+    change, and every UNKNOWN_WARN_EVERY_S while they stay; otherwise at debug level."""
+    global _unknown_warned
+    ids = frozenset(unknown)
+    warned_ids, warned_at = _unknown_warned
+    if not ids:
+        _unknown_warned = (frozenset(), 0.0)
+        return
+    now = time.monotonic()
+    warn = ids != warned_ids or now - warned_at >= UNKNOWN_WARN_EVERY_S
+    log.log(logging.WARNING if warn else logging.DEBUG,
+            "%d outbox message(s) of routing keys this version does not know (%s; first id %d) left in the"
+            " outbox for a newer version's flusher; the others were published",
+            len(ids), ", ".join(sorted(set(unknown.values()))), min(ids))
+    if warn:
+        _unknown_warned = (ids, now)
 
 
 async def _set_aside(conn: asyncpg.Connection, row: asyncpg.Record, error: str) -> None:
@@ -138,7 +196,9 @@ async def run_outbox_flusher(pool: asyncpg.Pool, bus: Bus, wake: asyncio.Event,
                              interval_s: float = 2.0) -> None:
     """Flush when woken (after a commit that wrote to the outbox) and every `interval_s`, which
     also publishes what another process committed and could not send (it died, or the broker
-    was away)."""
+    was away). A failure (the broker or the database away) is logged when it starts and when it
+    is over, not at every try."""
+    failing_since: float | None = None
     while True:
         try:
             await asyncio.wait_for(wake.wait(), timeout=interval_s)
@@ -147,5 +207,15 @@ async def run_outbox_flusher(pool: asyncpg.Pool, bus: Bus, wake: asyncio.Event,
         wake.clear()
         try:
             await flush_outbox(pool, bus)
-        except Exception:
-            log.exception("publishing from the outbox failed; will try again")
+        except Exception as exc:
+            if failing_since is None:
+                failing_since = time.monotonic()
+                log.warning("publishing from the outbox failed (%s: %s); trying again every %g s",
+                            type(exc).__name__, str(exc)[:300], interval_s, exc_info=True)
+            else:
+                log.debug("publishing from the outbox still fails", exc_info=True)
+        else:
+            if failing_since is not None:
+                log.warning("publishing from the outbox works again, after %.0f s of failures",
+                            time.monotonic() - failing_since)
+                failing_since = None

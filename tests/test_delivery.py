@@ -321,7 +321,7 @@ async def test_an_event_that_cannot_be_published_is_set_aside_and_later_ones_flo
     connection = await aio_pika.connect(stack.amqp_url)
     try:
         queue = await events_queue(await connection.channel(), "transcript.completed")
-        # Two rows no subscriber could be given: an unknown event and a body that is not one.
+        # Two rows no subscriber could be given: bodies that are not messages (no message_id).
         bad_ids = [r["id"] for r in stack.query(
             "INSERT INTO outbox (routing_key, body) VALUES ('transcript.exploded', '{}'::jsonb),"
             " ('transcript.completed', '{\"transcript_id\": \"not a number\"}'::jsonb) RETURNING id")]
@@ -334,7 +334,9 @@ async def test_an_event_that_cannot_be_published_is_set_aside_and_later_ones_flo
                        bad_ids)
     assert [(r["id"], r["routing_key"]) for r in dead] == [(bad_ids[0], "transcript.exploded"),
                                                            (bad_ids[1], "transcript.completed")]
-    assert "KeyError" in dead[0]["error"] and "ValidationError" in dead[1]["error"]
+    # Neither is a message at all (no message_id to deduplicate on); a known-shaped body of an
+    # unknown kind would stay for a newer version (test_broker_outages).
+    assert all("ValidationError" in row["error"] for row in dead)
     assert stack.value("SELECT count(*) FROM outbox WHERE id = ANY($1::bigint[])", bad_ids) == 0
 
 

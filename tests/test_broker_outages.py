@@ -1,0 +1,284 @@
+"""What a service does when the broker fails under it, on the real RabbitMQ and PostgreSQL (a
+vhost and a database of their own, no services): a publish refused mid-handler is tried again
+without running the handler again, the outbox publishes what was stored as it was stored (a
+newer version's message included), and a lost connection or a failing outbox is logged once,
+where it is seen."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import subprocess
+import uuid
+from typing import ClassVar
+
+import aio_pika
+import pytest
+
+from common import metrics, runner
+from common.broker import Bus, Route, connect, consume, open_bus, retry_queue
+from common.db import apply_migrations, create_pool
+from common.logs import setup_logging
+from common.messages import Contract, JobProgress, TranscriptCompleted
+from common.outbox import flush_outbox, run_outbox_flusher
+from common.settings import Settings
+from devstack import admin_sql, pg_admin_url, with_database
+from tests.conftest import amqp_url, events_queue, private_vhost, rabbitmqctl
+
+
+class Produced(Contract):
+    ROUTING_KEY: ClassVar[str] = "test.produced"
+    n: int
+
+
+@pytest.fixture
+def fresh_runner():
+    yield
+    runner._stopping = None
+    runner._drained.clear()
+
+
+@pytest.fixture
+def vhost():
+    with private_vhost() as name:
+        yield name
+
+
+@pytest.fixture
+def database_url():
+    name = f"stt_outbox_{uuid.uuid4().hex[:8]}"
+    admin_sql(f"CREATE DATABASE {name}")
+    try:
+        yield with_database(pg_admin_url(), name)
+    finally:
+        admin_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def settings_for(vhost: str, **overrides) -> Settings:
+    return Settings(_env_file=None, amqp_url=amqp_url(vhost), retry_delays_s="1,2", **overrides)
+
+
+def completed(job_id: int) -> dict:
+    """A transcript.completed as the outbox stores it."""
+    return TranscriptCompleted(job_id=job_id, transcript_id=job_id, filename=f"{job_id}.wav",
+                               segment_count=1).model_dump(mode="json")
+
+
+async def wait_until(check, timeout: float, what: str) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await check():
+        assert asyncio.get_running_loop().time() < deadline, what
+        await asyncio.sleep(0.1)
+
+
+async def test_a_publish_refused_mid_handler_is_tried_again_without_running_the_handler_again(vhost, fresh_runner):
+    """The broker refuses (nacks) the first message a handler yields, as while its queues
+    recover. Only that publish is tried again, the handler waiting at its yield: run again from
+    the start, a diarizer would decode and diarize a whole file again, and a transcriber could
+    publish another text under the same message id."""
+    settings = settings_for(vhost, outage_hold_s=120.0)
+    queue_name = "test.publish-outage"
+    connection = await connect(settings, "test-publish-outage")
+    try:
+        channel = await connection.channel()
+        work = await channel.declare_exchange("stt", aio_pika.ExchangeType.TOPIC, durable=True)
+        out = await channel.declare_queue("test.out", durable=True)
+        await out.bind(work, Produced.ROUTING_KEY)
+        # The queue the handler's messages go to refuses them (the broker nacks the publish)...
+        await asyncio.to_thread(rabbitmqctl, "set_policy", "-p", vhost, "--apply-to", "queues", "refuse",
+                                r"^test\.out$", json.dumps({"max-length": 0, "overflow": "reject-publish"}))
+        source = await channel.declare_queue(queue_name, durable=True, arguments={"x-queue-type": "quorum"})
+        await channel.default_exchange.publish(
+            aio_pika.Message(JobProgress(job_id=31337, stage="transcribing").model_dump_json().encode()),
+            routing_key=queue_name)
+
+        started = []
+
+        async def handler(message: JobProgress):
+            started.append(message)
+            yield Produced(job_id=message.job_id, n=1)
+            yield Produced(job_id=message.job_id, n=2)
+
+        waits = metrics.DEPENDENCY_WAITS.labels("test")
+        before = waits._value.get()
+        consumer = asyncio.create_task(consume(connection, settings, "test",
+                                               [Route(JobProgress, handler, any_routing_key=True)],
+                                               queue_name=queue_name))
+
+        async def refused() -> bool:
+            assert not consumer.done(), consumer
+            return waits._value.get() > before
+
+        await wait_until(refused, 30, "the first publish was never refused")
+        # ... until the outage is over.
+        await asyncio.to_thread(rabbitmqctl, "clear_policy", "-p", vhost, "refuse")
+
+        bodies = []
+
+        async def both_arrived() -> bool:
+            message = await out.get(fail=False)
+            if message is not None:
+                await message.ack()
+                bodies.append(json.loads(message.body))
+            return len(bodies) >= 2
+
+        await wait_until(both_arrived, 60, f"the produced messages never all arrived: {bodies}")
+        runner.stopping().set()
+        await asyncio.wait_for(consumer, 40)  # once the handler is done with the delivery
+        assert await source.get(fail=False) is None  # acked
+        assert len(started) == 1  # the handler ran once
+        assert [body["n"] for body in bodies] == [1, 2]
+        assert await out.get(fail=False) is None  # nothing published twice
+    finally:
+        channel = await connection.channel()
+        for name in (queue_name, "test.out", *(retry_queue(queue_name, d) for d in settings.retry_delays)):
+            await channel.queue_delete(name)
+        await connection.close()
+
+
+@pytest.fixture
+async def outbox_bus(vhost, database_url):
+    """A migrated database of its own and a Bus on a vhost of its own."""
+    settings = settings_for(vhost, database_url=database_url)
+    pool = await create_pool(settings, max_size=2)
+    connection = await connect(settings, "test-outbox")
+    try:
+        await apply_migrations(pool)
+        yield pool, await open_bus(connection, settings), connection
+    finally:
+        await connection.close()
+        await pool.close()
+
+
+async def received(queue, count: int) -> list[aio_pika.abc.AbstractIncomingMessage]:
+    messages = []
+    for _ in range(count):
+        message = await queue.get(timeout=10)
+        await message.ack()
+        messages.append(message)
+    assert await queue.get(fail=False) is None
+    return messages
+
+
+def properties(message) -> tuple:
+    return message.message_id, message.type, message.headers, message.content_type, message.delivery_mode
+
+
+async def test_the_outbox_publishes_each_row_as_it_was_stored(outbox_bus):
+    """A rolling upgrade: a newer version stored an event and a work message with a field this
+    version does not know. They go out with it (not re-serialised by this version's model, which
+    drops it), with the properties Bus.publish gives them, to the same exchanges."""
+    pool, bus, connection = outbox_bus
+    channel = await connection.channel()
+    subscriber = await events_queue(channel, "#")
+    persister = await channel.declare_queue("stt.persister", passive=True)
+    event = {**completed(5), "summary_language": "de"}
+    work = {**JobProgress(job_id=5, stage="transcribing").model_dump(mode="json"), "eta_s": 12.5}
+    await pool.execute("INSERT INTO outbox (routing_key, body) VALUES ('transcript.completed', $1),"
+                       " ('job.progress', $2)", event, work)
+    assert await flush_outbox(pool, bus) == 2
+    [stored_event] = await received(subscriber, 1)
+    [stored_work] = await received(persister, 1)
+    assert json.loads(stored_event.body) == event  # with the field this version does not know
+    assert json.loads(stored_work.body) == work
+    assert stored_event.message_id == event["message_id"] and stored_work.message_id == work["message_id"]
+
+    # The same properties as this version's own publish of them.
+    await bus.publish_event(TranscriptCompleted.model_validate(event))
+    await bus.publish(JobProgress.model_validate(work))
+    [own_event] = await received(subscriber, 1)
+    [own_work] = await received(persister, 1)
+    assert properties(stored_event) == properties(own_event)
+    assert properties(stored_work) == properties(own_work)
+
+
+async def test_a_row_of_a_kind_this_version_does_not_know_is_left_for_a_newer_version(outbox_bus, caplog):
+    """A newer version stored an event of a kind this one does not know: it stays in the outbox
+    for a newer flusher (not set aside in outbox_dead for good), the rows after it still go, and
+    it is said once, not at every pass. A row that is no message at all is still set aside."""
+    pool, bus, connection = outbox_bus
+    subscriber = await events_queue(await connection.channel(), "#")
+    future = {"v": 2, "message_id": uuid.uuid4().hex, "job_id": 5, "transcript_id": 5}
+    later = completed(6)
+    ids = [r["id"] for r in await pool.fetch(
+        "INSERT INTO outbox (routing_key, body) VALUES ('transcript.summarised', $1),"
+        " ('transcript.completed', $2), ('transcript.completed', '[]'::jsonb) RETURNING id", future, later)]
+    caplog.set_level(logging.DEBUG, logger="common.outbox")
+    assert await flush_outbox(pool, bus) == 1
+    assert await flush_outbox(pool, bus) == 0
+
+    [message] = await received(subscriber, 1)
+    assert json.loads(message.body) == later
+    assert [r["id"] for r in await pool.fetch("SELECT id FROM outbox")] == [ids[0]]
+    assert [r["id"] for r in await pool.fetch("SELECT id FROM outbox_dead")] == [ids[2]]
+    left = [r for r in caplog.records if "does not know" in r.getMessage()]
+    assert [r.levelno for r in left] == [logging.WARNING, logging.DEBUG]  # once, not every pass
+
+
+async def test_a_lost_broker_connection_is_logged_as_a_warning(vhost, caplog):
+    """aio-pika says it at INFO, which the services' logging keeps from libraries."""
+    settings = settings_for(vhost)
+    caplog.set_level(logging.WARNING, logger="common.broker")
+    connection = await connect(settings, "test-connection-lost")
+    try:
+        await asyncio.to_thread(subprocess.run, ["rabbitmqctl", "close_all_connections", "--vhost", vhost,
+                                                 "test: connection cut"], check=True, capture_output=True,
+                                timeout=60)
+
+        async def logged_back() -> bool:
+            return any("reconnected" in r.getMessage() for r in caplog.records)
+
+        await wait_until(logged_back, 60, "the reconnection was never logged")
+    finally:
+        await connection.close()
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "common.broker"]
+    assert lines[0][0] == logging.WARNING and "test-connection-lost lost" in lines[0][1], lines
+    assert lines[-1][0] == logging.WARNING and "reconnected" in lines[-1][1], lines
+    assert len(lines) == 2, lines  # closing it ourselves is no loss
+
+
+async def test_an_outbox_that_cannot_publish_says_so_once_and_once_more_when_it_can(outbox_bus, caplog):
+    """A broker away for minutes: the flusher tries every 2 s; one warning when the failure
+    starts and one when it is over, not a warning and a traceback at every try."""
+    pool, bus, connection = outbox_bus
+    working = Bus(bus.channel, bus.work, bus.events)
+    broken = await open_bus(connection, settings_for("unused"))
+    await broken.channel.close()  # publishing on it fails, as on a channel the broker closed
+    bus.channel, bus.work, bus.events = broken.channel, broken.work, broken.events
+    await pool.execute("INSERT INTO outbox (routing_key, body) VALUES ('transcript.completed', $1)", completed(8))
+    caplog.set_level(logging.INFO, logger="common.outbox")
+    flusher = asyncio.create_task(run_outbox_flusher(pool, bus, asyncio.Event(), interval_s=0.05))
+    try:
+        await asyncio.sleep(1.5)  # many tries
+        bus.channel, bus.work, bus.events = working.channel, working.work, working.events
+
+        async def published() -> bool:
+            return await pool.fetchval("SELECT count(*) FROM outbox") == 0
+
+        await wait_until(published, 20, "the outbox was never published")
+        await asyncio.sleep(0.3)
+    finally:
+        flusher.cancel()
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "common.outbox"]
+    assert [level for level, _ in lines] == [logging.WARNING, logging.WARNING, logging.WARNING], lines
+    assert "not published" in lines[0][1] and "failed" in lines[1][1] and "works again" in lines[2][1], lines
+
+
+def test_log_level_debug_reaches_the_libraries_and_other_levels_keep_them_quiet():
+    root = logging.getLogger()
+    libraries = ("aiormq", "aio_pika", "urllib3", "httpx", "faster_whisper", "numba")
+    saved = root.handlers[:], root.level, {name: logging.getLogger(name).level for name in libraries}
+    try:
+        setup_logging("INFO")
+        assert {logging.getLogger(n).getEffectiveLevel() for n in ("aio_pika", "aiormq", "httpx")} == {logging.WARNING}
+        setup_logging("DEBUG")
+        assert {logging.getLogger(n).getEffectiveLevel() for n in ("aio_pika", "aiormq", "urllib3", "httpx")} == {
+            logging.DEBUG}
+        assert logging.getLogger("aio_pika.robust_connection").isEnabledFor(logging.DEBUG)
+        setup_logging("ERROR")
+        assert logging.getLogger("aio_pika").getEffectiveLevel() == logging.ERROR
+    finally:
+        root.handlers[:], root.level = saved[0], saved[1]
+        for name, level in saved[2].items():
+            logging.getLogger(name).setLevel(level)
