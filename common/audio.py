@@ -50,6 +50,16 @@ def _undecodable(source: str | BinaryIO, exc: Exception) -> UndecodableAudio:
     return UndecodableAudio("the file is empty" if empty else f"not decodable audio ({type(exc).__name__})")
 
 
+def _not_about_the_content(exc: Exception) -> bool:
+    """An error that says nothing of the bytes: FFmpeg out of memory (ENOMEM), or an OSError of
+    Python's own reading the source (a spool on a failing or full disk), which PyAV raises as it
+    was. FFmpeg's own errors (its OSError subclasses included: EIO, EINVAL...) are about the
+    container it reads. Raised as they are, these are retried like any error, not taken for a file
+    that is not audio (or, past the first frames, for a truncated one whose end is dropped)."""
+    return isinstance(exc, av.error.MemoryError) or (
+        isinstance(exc, OSError) and not isinstance(exc, av.error.FFmpegError))
+
+
 def _audio_stream(container):
     """The first audio stream, if its format is one a recording can have."""
     if not container.streams.audio:
@@ -134,6 +144,8 @@ def decode_audio(source: str | BinaryIO, max_seconds: float | None = None, *,
     except (UndecodableAudio, AudioTooLong):
         raise
     except (av.error.FFmpegError, ValueError, IndexError, OSError) as exc:
+        if _not_about_the_content(exc):
+            raise
         if not pieces:
             raise _undecodable(source, exc) from exc
         # A truncated file: keep what decoded, as players do.
@@ -164,6 +176,8 @@ def probe_audio(source: BinaryIO) -> None:
     except UndecodableAudio:
         raise
     except (av.error.FFmpegError, ValueError, IndexError, OSError) as exc:
+        if _not_about_the_content(exc):
+            raise
         raise _undecodable(source, exc) from exc
     raise UndecodableAudio("the file contains no audio samples")
 

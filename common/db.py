@@ -8,32 +8,96 @@ import enum
 import itertools
 import json
 import logging
+import socket
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from importlib import resources
 
 import asyncpg
 
-from common.backoff import backoff, of_type
+from common.backoff import backoff
+from common.failures import connection_closed, database_unavailable_sqlstate, network_error
 from common.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# The database is down, restarting or failing over (as opposed to a bad or slow query): worth
-# waiting for, holding the message, spending no retry. By SQLSTATE: class 08 (connection),
-# 53300 too many connections, 25006 read-only transaction (a replica promoted mid-failover),
-# 57P01-57P03 shutting down or starting up. Not 57014 (statement timeout, also class 57): a slow
-# statement is this job's error, retried like any other and failed when retries run out.
+# The database is down, restarting, failing over or out of resources (as opposed to a bad or slow
+# query): worth waiting for, holding the message, spending no retry. By SQLSTATE
+# (common.failures.DATABASE_UNAVAILABLE_SQLSTATES, which also names these in a failed job's reason):
+# class 08 (connection), class 58 (system error: the server's disk failing, 58030), 53100 disk full,
+# 53200 out of memory, 53300 too many connections, 25006 read-only transaction (a replica promoted
+# mid-failover), 57P01-57P03 shutting down or starting up; and no server to connect to (refused,
+# unreachable, a name that does not resolve, a timeout). Not 57014 (statement timeout, also class
+# 57): a slow statement is this job's error, retried like any other and failed when retries run
+# out. Nor asyncpg's InterfaceErrors but those of a closed connection (a statement given the wrong
+# number of arguments is a mistake), nor an OSError of this machine's disk: held, those would be
+# handed back every OUTAGE_HOLD_S for ever, never failing the job.
+#
+# These are types, for `except` clauses and handler maps, which go by the exception's type alone;
+# DATABASE_OUTAGE adds the errors told apart by what they say, for `isinstance`.
 DATABASE_UNAVAILABLE: tuple[type[BaseException], ...] = (
-    OSError,
+    ConnectionError,
+    socket.gaierror,
+    TimeoutError,
+    # A local PostgreSQL's Unix socket is not there while the server is stopped. (The services
+    # that use the database open no local file that could be missing.)
+    FileNotFoundError,
     asyncio.TimeoutError,
-    asyncpg.InterfaceError,
     asyncpg.PostgresConnectionError,
     asyncpg.exceptions.TooManyConnectionsError,
+    asyncpg.exceptions.DiskFullError,
+    asyncpg.exceptions.OutOfMemoryError,
+    asyncpg.exceptions.PostgresSystemError,
     asyncpg.exceptions.ReadOnlySQLTransactionError,
     asyncpg.exceptions.AdminShutdownError,
     asyncpg.exceptions.CrashShutdownError,
     asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.TargetServerAttributeNotMatched,  # no primary among the hosts, mid-failover
 )
+
+
+class _MatchedByContent(type):
+    """The metaclass of an exception class that `isinstance` matches by what an error says, not by
+    its type. `except` and exception-handler maps never match such a class (they go by the type's
+    MRO); `isinstance`, which the consumers' `wait_on` uses, does."""
+
+    def __instancecheck__(cls, instance: object) -> bool:
+        return cls.matches(instance)
+
+
+class DatabaseUnavailableByContent(Exception, metaclass=_MatchedByContent):
+    """Errors of the database being away that no type of their own tells apart: asyncpg's
+    InterfaceError about a closed connection or pool (its other InterfaceErrors are the caller's
+    mistakes); a PostgreSQL error of an unavailable SQLSTATE without a type listed above (53000); a
+    network OSError that is not a ConnectionError (host or network unreachable, asyncio's "Multiple
+    exceptions" when every address of a host refused)."""
+
+    @staticmethod
+    def matches(exc: object) -> bool:
+        if isinstance(exc, asyncpg.PostgresError):
+            return database_unavailable_sqlstate(exc.sqlstate)
+        if isinstance(exc, asyncpg.InterfaceError):
+            return connection_closed(exc)
+        return isinstance(exc, OSError) and network_error(exc)
+
+
+# For `isinstance` (the persister's and notifier's `wait_on`): the types above and the errors
+# matched by what they say.
+DATABASE_OUTAGE: tuple[type[BaseException], ...] = (*DATABASE_UNAVAILABLE, DatabaseUnavailableByContent)
+
+# The database answered, but refuses this service for good: a wrong password or user, a database
+# that does not exist (a mistyped DATABASE_URL). Waiting for it at start-up would leave a process
+# that looks alive (its /metrics is served) and never works.
+DATABASE_MISCONFIGURED: tuple[type[BaseException], ...] = (
+    asyncpg.exceptions.InvalidPasswordError,
+    asyncpg.exceptions.InvalidAuthorizationSpecificationError,
+    asyncpg.exceptions.InvalidCatalogNameError,
+)
+
+
+class DatabaseMisconfigured(RuntimeError):
+    """DATABASE_URL names a database this service may not use (DATABASE_MISCONFIGURED)."""
+
 
 @enum.unique
 class LockKey(enum.IntEnum):
@@ -57,14 +121,41 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
 
 
 async def create_pool(settings: Settings, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
-    """Waits for the database at start-up instead of crashing."""
-    async for attempt in backoff("PostgreSQL not reachable", of_type(TimeoutError, OSError, asyncpg.PostgresError)):
-        with attempt:
-            return await asyncpg.create_pool(
-                settings.database_url.get_secret_value(),
-                min_size=min_size, max_size=max_size, init=_init_connection,
-            )
+    """Waits for the database at start-up instead of crashing; raises DatabaseMisconfigured at
+    once when the database answers that this service may not use it (wrong password or user, no
+    such database), which waiting would not change."""
+    url = settings.database_url.get_secret_value()
+
+    def worth_waiting(exc: BaseException) -> bool:
+        return isinstance(exc, (TimeoutError, OSError, asyncpg.PostgresError)) and not isinstance(
+            exc, DATABASE_MISCONFIGURED)
+
+    try:
+        async for attempt in backoff("PostgreSQL not reachable", worth_waiting):
+            with attempt:
+                return await asyncpg.create_pool(url, min_size=min_size, max_size=max_size, init=_init_connection)
+    except DATABASE_MISCONFIGURED as exc:
+        where = describe_database_url(url)
+        log.error("PostgreSQL at %s refuses this service (%s: %s, SQLSTATE %s): fix DATABASE_URL;"
+                  " not waiting for it", where, type(exc).__name__, exc, exc.sqlstate)
+        raise DatabaseMisconfigured(f"PostgreSQL at {where} refuses this service: {exc}"
+                                    f" (SQLSTATE {exc.sqlstate}); fix DATABASE_URL") from None
     raise AssertionError("unreachable")
+
+
+def describe_database_url(url: str) -> str:
+    """user@host:port/database of a DATABASE_URL, without its password (a Unix socket's folder
+    stands for the host)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        query = urllib.parse.parse_qs(parts.query)
+        host = parts.hostname or (query.get("host") or [""])[0] or "localhost"
+        port = parts.port or (query.get("port") or [""])[0] or 5432
+        user = urllib.parse.unquote(parts.username or (query.get("user") or [""])[0] or "?")
+        database = urllib.parse.unquote(parts.path.lstrip("/")) or (query.get("dbname") or [""])[0] or user
+    except ValueError:
+        return "DATABASE_URL (unparsable)"
+    return f"{user}@{host}:{port}/{database}"
 
 
 def _migrations() -> list[tuple[int, str, str]]:

@@ -282,10 +282,16 @@ class Word(BaseModel):
     probability: float | None = None
 
 
+# Chunks a job may have. Counts and indexes go to integer (int4) columns: a larger number in a
+# message would reach asyncpg, which cannot send it, and fail there instead of at parse.
+MAX_CHUNKS = 100_000
+INT4_MAX = 2**31 - 1
+
+
 class Segment(BaseModel):
     """One speaker-labelled piece of transcript; keyed by (job, chunk_index, index)."""
 
-    index: int
+    index: int = Field(ge=0, le=INT4_MAX)
     speaker: str
     start_ts: float
     end_ts: float
@@ -305,7 +311,7 @@ class TimeSpan(_Interval):
 
 class _ChunkMessage(BaseModel):
     chunk_index: int = Field(ge=0)
-    chunk_count: int = Field(ge=1, le=100_000)
+    chunk_count: int = Field(ge=1, le=MAX_CHUNKS)
 
     @model_validator(mode="after")
     def _index_within_count(self):
@@ -394,7 +400,7 @@ class JobProgress(Contract):
 
     stage: Stage
     duration: float | None = None
-    chunk_count: int | None = None
+    chunk_count: int | None = Field(default=None, ge=1, le=MAX_CHUNKS)
 
 
 class JobFailed(Contract):

@@ -22,9 +22,10 @@ from common.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# Seconds per message range from milliseconds (persister) to many minutes (diarizing hours).
+# Seconds per message range from milliseconds (persister) to hours (the diarizer on a recording of
+# MAX_AUDIO_HOURS, 6 by default, on few cores).
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300,
-                    600, 1200, 1800, 3600)
+                    600, 1200, 1800, 3600, 7200, 14400, 21600)
 _RTF_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10)
 _HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 

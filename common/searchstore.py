@@ -6,6 +6,7 @@ connection or pool, as in common.jobstore."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hashlib
 import logging
 from datetime import datetime
@@ -91,7 +92,9 @@ def build_vector_index_soon(pool: asyncpg.Pool, model: str, dimensions: int) -> 
         except Exception:  # noqa: BLE001 (search works without the index, only slower)
             log.exception("could not build the search index of %s; it is tried again with the next vectors", model)
 
-    _index_builds[key] = asyncio.create_task(build())
+    # In a context of its own: a copy of the triggering message's would stamp that message's job on
+    # every line of a build that outlives it and serves every job.
+    _index_builds[key] = asyncio.create_task(build(), context=contextvars.Context())
 
 
 async def _index_valid(conn: asyncpg.Connection, name: str) -> bool | None:

@@ -13,6 +13,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from common.messages import REDACTABLE
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# What LOG_LEVEL may be (any case): the levels Python's logging knows by name, and its aliases.
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_LOG_LEVEL_ALIASES = {"WARN": "WARNING", "FATAL": "CRITICAL"}
 
 
 class Settings(BaseSettings):
@@ -161,6 +164,17 @@ class Settings(BaseSettings):
     @property
     def max_upload_bytes(self) -> int:
         return self.max_upload_mb * 1024 * 1024
+
+    @field_validator("log_level")
+    @classmethod
+    def _a_log_level(cls, value: str) -> str:
+        # Checked here, where a wrong one is told in one line with the other settings' problems;
+        # logging itself refuses it later with a traceback ("Unknown level: 'TRACE'").
+        level = value.strip().upper()
+        level = _LOG_LEVEL_ALIASES.get(level, level)
+        if level not in LOG_LEVELS:
+            raise ValueError(f"{value!r} is not a log level: use one of {', '.join(LOG_LEVELS)}")
+        return level
 
     @field_validator("inbox_api_key", "admin_api_key", mode="before")
     @classmethod

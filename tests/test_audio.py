@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 
 import av
@@ -182,3 +183,47 @@ def test_files_joined_end_to_end_at_different_rates_decode_whole():
     tone = np.sin(np.linspace(0, 2 * np.pi * 440 * 3, 3 * SAMPLE_RATE)).astype(np.float32) * 0.3
     joined = encode(tone, "mp3", "mp3", 44_100, channels=1) + encode(tone, "mp3", "mp3", 22_050, channels=2)
     assert 5.8 < decode_audio(io.BytesIO(joined)).size / SAMPLE_RATE < 6.3
+
+
+class FailingRead(io.RawIOBase):
+    """A recording whose reading fails `after` bytes in, as a spool on a failing or full disk
+    does: the bytes are real, the error is the one the disk would give."""
+
+    def __init__(self, data: bytes, after: int, error: Exception):
+        self._data, self._after, self._error = io.BytesIO(data), after, error
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self._data.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._data.tell()
+
+    def readinto(self, buffer) -> int:
+        if self._data.tell() >= self._after:
+            raise self._error
+        return self._data.readinto(buffer)
+
+
+@pytest.mark.parametrize("error", [OSError(errno.EIO, "Input/output error"),
+                                   av.error.MemoryError(errno.ENOMEM, "Cannot allocate memory")],
+                         ids=["local I/O error", "FFmpeg out of memory"])
+def test_an_error_reading_the_recording_is_not_taken_for_bad_audio(fixtures_dir, error):
+    """A local I/O error reading the spool, or FFmpeg out of memory, failed the job at once as
+    "not decodable audio" (at the start), or silently cut the recording where it came (past the
+    first frames, as a truncated file is). Raised as it is, it is retried like any error."""
+    flac = (fixtures_dir / "jfk.flac").read_bytes()
+    for after in (0, len(flac) // 2):
+        with pytest.raises(type(error)) as raised:
+            decode_audio(FailingRead(flac, after, error))
+        assert not isinstance(raised.value, UndecodableAudio)
+    with pytest.raises(type(error)):
+        probe_audio(FailingRead(flac, 0, error))
+    # What was always bad input still is.
+    with pytest.raises(UndecodableAudio, match="not decodable audio"):
+        decode_audio(io.BytesIO(b"\x89PNG\r\n\x1a\n" + b"\0" * 64))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import ssl
 import time
 
 import aiohttp
@@ -16,6 +18,7 @@ from common.settings import Settings
 from services.embedder.backends import OLLAMA_UNAVAILABLE, OllamaError, local_embed, make_embedder
 from services.ingest.search import embed_query
 from tests import fake_ollama
+from tests.conftest import free_port
 
 
 def cosine(a: list[float], b: list[float]) -> float:
@@ -171,3 +174,92 @@ async def test_a_search_waits_for_its_query_vector_a_bounded_time():
     with pytest.raises(HTTPException) as refused:
         await embed_query(never_answers, "budget", timeout_s=0.5)
     assert refused.value.status_code == 503 and time.monotonic() - started < 5
+
+
+def self_signed_context(tmp_path) -> ssl.SSLContext:
+    """A server's TLS context with a certificate for 127.0.0.1 that nobody signed."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .sign(key, hashes.SHA256()))
+    (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                         serialization.NoEncryption()))
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    return context
+
+
+@pytest.mark.parametrize("server", ["a certificate nobody signed", "plain HTTP"])
+async def test_a_failed_tls_handshake_with_ollama_fails_the_job_saying_tls(server, tmp_path):
+    """aiohttp's certificate and SSL errors are ClientConnectorErrors, which the embedder held as
+    Ollama being away: a misconfigured https OLLAMA_URL held every chunk for ever. Waiting does not
+    fix a setting: retried as any error, then the job fails, its reason naming TLS."""
+    app = web.Application()
+    app.router.add_post("/api/embed", fake_ollama.embed)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    tls = self_signed_context(tmp_path) if server == "a certificate nobody signed" else None
+    await web.TCPSite(runner, "127.0.0.1", port, ssl_context=tls).start()
+    try:
+        settings = Settings(ollama_url=f"https://127.0.0.1:{port}", model_name_embedded="all-minilm",
+                            ollama_retries=2, ollama_timeout_s=5)
+        started = time.monotonic()
+        async with aiohttp.ClientSession() as session:
+            embed, _ = make_embedder(settings, session)
+            with pytest.raises(Exception) as failed:  # noqa: PT011 (asserted below)
+                await embed(["hello"])
+        assert not isinstance(failed.value, OLLAMA_UNAVAILABLE), repr(failed.value)
+        assert type(failed.value).__name__ == "OllamaTLSError", repr(failed.value)
+        assert "TLS" in failure_category(failed.value), failure_category(failed.value)
+        assert time.monotonic() - started < 3  # no quick retries of a setting
+    finally:
+        await runner.cleanup()
+
+
+async def test_the_start_up_check_says_when_ollamas_host_does_not_resolve(caplog):
+    """A name that does not resolve is held like Ollama being down (DNS blips pass), so a mistyped
+    one holds every chunk: the embedder says so at start, naming the host."""
+    from services.embedder.__main__ import check_ollama
+
+    settings = Settings(ollama_url="http://no-such-ollama.invalid:11434", model_name_embedded="all-minilm",
+                        ollama_retries=0, ollama_timeout_s=5)
+    caplog.set_level(logging.INFO, logger="services.embedder")
+    async with aiohttp.ClientSession() as session:
+        embed, _ = make_embedder(settings, session)
+        with pytest.raises(OLLAMA_UNAVAILABLE):  # held, as before
+            await embed(["hello"])
+        await check_ollama(embed, settings)
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR and r.name == "services.embedder"]
+    assert len(said) == 1 and "'no-such-ollama.invalid'" in said[0] and "cannot be resolved" in said[0], said
+    assert "ollama pull" not in said[0]
+
+
+async def test_a_backend_giving_fewer_vectors_than_segments_fails_the_chunk():
+    """The handler paired segments and vectors with zip, which stops at the shorter: the segments
+    past the last vector were left out of chunk.embedded, and the persister, which stores a chunk
+    from that message alone, would have deleted their text."""
+    from common.messages import ChunkTranscribed, Segment
+    from services.embedder import handler
+
+    async def one_short(texts: list[str]) -> list[list[float]]:
+        return [[1.0, 0.0]] * (len(texts) - 1)
+
+    message = ChunkTranscribed(job_id=1, chunk_index=0, chunk_count=1, duration=4.0, segments=[
+        Segment(index=i, speaker="spk_0", start_ts=i, end_ts=i + 1, text=f"sentence {i}") for i in range(3)])
+    with pytest.raises(Exception, match="2 vectors for 3 segments"):  # noqa: PT011
+        _ = [produced async for produced in handler.handle(message, handler.Deps(embed=one_short, model_name="m"))]

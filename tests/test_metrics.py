@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import aio_pika
@@ -170,3 +171,41 @@ def test_a_failing_chunk_counts_as_retried_then_dead_lettered(stack: Stack):
     # ingest sees the parked message within its refresh interval (5 s)
     wait_for(lambda: total(scrape(stack, "ingest"), "stt_queue_messages", queue="stt.dead-letters")
              >= parked_before + 1, 20)
+
+
+def test_a_message_that_takes_hours_falls_in_a_bucket_of_its_own():
+    """The top finite bucket was 1 h, while the diarizer may work on one recording for hours
+    (MAX_AUDIO_HOURS is 6): a 2-hour and a 5-hour message were both just "over an hour"."""
+    from common import metrics
+
+    metrics.MESSAGE_SECONDS.labels("bucket-test", "q").observe(5 * 3600)
+    [family] = [f for f in metrics.MESSAGE_SECONDS.collect()]
+    counts = {s.labels["le"]: s.value for s in family.samples
+              if s.name.endswith("_bucket") and s.labels["stage"] == "bucket-test"}
+    assert (counts["3600.0"], counts["7200.0"], counts["14400.0"], counts["21600.0"]) == (0, 0, 0, 1)
+
+
+async def test_the_search_index_build_does_not_log_as_the_message_that_started_it():
+    """The background build of a model's vector index copied the log context of the chunk that
+    started it: its lines (a build runs for minutes, for every job) named that chunk's job."""
+    from common import searchstore
+    from common.logs import current_job
+
+    seen: list[int | None] = []
+
+    class Seen(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(current_job.get())
+
+    handler = Seen()
+    logging.getLogger("common.searchstore").addHandler(handler)
+    token = current_job.set(4242)
+    try:
+        # More dimensions than pgvector indexes: the build only says so, with no database to ask.
+        model = f"wide-model-{time.monotonic_ns()}"
+        searchstore.build_vector_index_soon(None, model, 5000)
+        await searchstore._index_builds[(model, 5000)]
+    finally:
+        current_job.reset(token)
+        logging.getLogger("common.searchstore").removeHandler(handler)
+    assert seen == [None]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import socket
+import urllib.parse
 
 import aiohttp
 
@@ -15,7 +17,7 @@ from common.metrics import serve_metrics
 from common.runner import run_worker
 from common.settings import get_settings
 from services.embedder import handler
-from services.embedder.backends import OLLAMA_UNAVAILABLE, make_embedder
+from services.embedder.backends import OLLAMA_UNAVAILABLE, OllamaTLSError, make_embedder
 
 log = logging.getLogger("services.embedder")
 
@@ -45,15 +47,30 @@ async def main() -> None:
 
 async def check_ollama(embed, settings) -> None:
     """Say at start, not at the first job, when Ollama cannot embed with the configured model."""
+    host = urllib.parse.urlsplit(settings.ollama_url).hostname
+    if host:
+        # A name that does not resolve is held like Ollama being down (a DNS blip passes), so a
+        # mistyped one would hold every chunk without a word but the retries' warnings.
+        try:
+            await asyncio.get_running_loop().getaddrinfo(host, None)
+        except socket.gaierror as exc:
+            log.error("OLLAMA_URL's host %r cannot be resolved (%s): chunks wait at embedding until it can;"
+                      " check the host name in OLLAMA_URL", host, exc)
+            return
     try:
         [vector] = await embed(["warm-up"])
         log.info("Ollama at %s embeds with %s (%d dimensions)", settings.ollama_url, settings.model_name_embedded,
                  len(vector))
+    except OllamaTLSError as exc:
+        log.error("Ollama at %s: %s. Jobs fail at embedding, after their retries, until this is fixed",
+                  settings.ollama_url, exc)
+    except OLLAMA_UNAVAILABLE as exc:
+        log.error("Ollama at %s cannot be reached yet (%s: %s): chunks wait at embedding until it can",
+                  settings.ollama_url, type(exc).__name__, exc)
     except Exception as exc:
-        log.error("Ollama at %s cannot embed with %s yet (%s: %s): jobs wait at embedding while it cannot be"
-                  " reached, and fail with this reason while it answers with an error (pull the model:"
-                  " `ollama pull %s`)", settings.ollama_url, settings.model_name_embedded, type(exc).__name__,
-                  exc, settings.model_name_embedded)
+        log.error("Ollama at %s cannot embed with %s yet (%s: %s): jobs fail at embedding with this reason"
+                  " while it answers with an error (pull the model: `ollama pull %s`)", settings.ollama_url,
+                  settings.model_name_embedded, type(exc).__name__, exc, settings.model_name_embedded)
 
 
 if __name__ == "__main__":

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from functools import cache
 
 import aiohttp
@@ -37,8 +38,16 @@ class OllamaUnavailable(OllamaError):
     """502, 503 or 504: a proxy in front of an Ollama that is away, or Ollama's own queue full."""
 
 
-# Ollama not reachable (down, restarting, a host that drops the connection attempt, a proxy
-# answering for it): the embedder holds its messages until it is.
+class OllamaTLSError(OllamaError):
+    """The TLS handshake with OLLAMA_URL's host failed: a certificate not trusted or not for that
+    host, or an https URL of a server that speaks plain HTTP. A setting to fix, not an outage to
+    wait out: the job fails after its retries, with a reason that says TLS."""
+
+
+# Ollama not reachable (down, restarting, a host that drops the connection attempt, a name that
+# does not resolve for a while, a proxy answering for it): the embedder holds its messages until it
+# is. Not a failed TLS handshake (aiohttp's ClientSSLError, a ClientConnectorError too): raised as
+# OllamaTLSError, which is not held.
 OLLAMA_UNAVAILABLE: tuple[type[BaseException], ...] = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError,
                                                        OllamaUnavailable)
 UNAVAILABLE_STATUSES = (502, 503, 504)
@@ -62,7 +71,7 @@ async def ollama_embed(session: aiohttp.ClientSession, settings: Settings,
 
     async for attempt in backoff("Ollama call failed", retriable, max_delay_s=10.0,
                                  attempts=settings.ollama_retries + 1, logger=log):
-        with attempt:
+        with attempt, _tls_named():
             async with session.post(url, json=payload, timeout=timeout) as response:
                 if response.status in UNAVAILABLE_STATUSES:
                     raise OllamaUnavailable(f"Ollama answered {response.status}: {(await response.text())[:200]}")
@@ -88,6 +97,15 @@ async def ollama_embed(session: aiohttp.ClientSession, settings: Settings,
                                   f" {settings.model_name_embedded!r}")
             return vectors
     raise AssertionError("unreachable")
+
+
+@contextlib.contextmanager
+def _tls_named() -> Iterator[None]:
+    try:
+        yield
+    except aiohttp.ClientSSLError as exc:  # its message names the host and port
+        raise OllamaTLSError(f"TLS with Ollama failed ({type(exc).__name__}: {exc}); check OLLAMA_URL"
+                             " (http or https) and the certificate its host presents") from exc
 
 
 @cache

@@ -11,6 +11,10 @@ from common.messages import ChunkEmbedded, ChunkTranscribed, Contract
 log = logging.getLogger(__name__)
 
 
+class EmbeddingCountMismatch(RuntimeError):
+    """The backend gave another number of vectors than it was given texts."""
+
+
 @dataclass
 class Deps:
     embed: Callable[[list[str]], Awaitable[list[list[float]]]]
@@ -21,7 +25,11 @@ async def handle(message: ChunkTranscribed, deps: Deps) -> AsyncIterator[Contrac
     texts = [segment.text for segment in message.segments]
     log.info("embedding chunk %d/%d (%d texts)", message.chunk_index + 1, message.chunk_count, len(texts))
     vectors = await deps.embed(texts) if texts else []
-    segments = [s.model_copy(update={"embedding": v}) for s, v in zip(message.segments, vectors)]
+    if len(vectors) != len(texts):
+        # Paired short, the segments without a vector would be left out of chunk.embedded, and the
+        # persister, which stores a chunk from that message alone, would delete their text.
+        raise EmbeddingCountMismatch(f"the embedding backend returned {len(vectors)} vectors for {len(texts)} segments")
+    segments = [s.model_copy(update={"embedding": v}) for s, v in zip(message.segments, vectors, strict=True)]
     yield ChunkEmbedded(
         message_id=f"chunk.embedded:{message.job_id}:{message.chunk_index}",
         job_id=message.job_id, chunk_index=message.chunk_index,

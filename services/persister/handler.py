@@ -19,6 +19,7 @@ from common.messages import (
     JobProgress,
     SegmentCreated,
 )
+from common.metrics import nothing_to_do
 from common.outbox import add_to_outbox
 from common.settings import get_settings
 
@@ -31,12 +32,16 @@ class DeadLetter(BaseModel):
 
 
 async def _lock_processing_job(conn: asyncpg.Connection, job_id: int) -> asyncpg.Record | None:
+    """The job's row, locked; None (and the message counted as skipped) when there is nothing to
+    store for it: the job is unknown, or has ended."""
     row = await jobstore.lock_processing_job(conn, job_id)
     if row is None:
         log.warning("message for unknown job; ignored")
+        nothing_to_do()
         return None
     if row["status"] != "processing":
         log.info("job already %s; late message ignored", row["status"])
+        nothing_to_do()
         return None
     return row
 
@@ -90,6 +95,7 @@ async def on_transcribed(pool: asyncpg.Pool, message: ChunkTranscribed) -> bool:
         if job is None:
             return False
         if await jobstore.chunk_is_embedded(conn, message.job_id, message.chunk_index):
+            nothing_to_do()
             return False  # chunk.embedded already stored this chunk in full
         announced = await _store_chunk(conn, job, message, embedding_model=None)
     log.info("stored chunk %d/%d text (%d segments)",
@@ -108,6 +114,7 @@ async def on_embedded(pool: asyncpg.Pool, message: ChunkEmbedded) -> bool:
             return False
         if await jobstore.chunk_is_embedded(conn, message.job_id, message.chunk_index):
             log.info("chunk %d already stored; duplicate ignored", message.chunk_index)
+            nothing_to_do()
             return False
         await _store_chunk(conn, job, message, embedding_model=message.embedding_model)
         names = await jobstore.speaker_names(conn, message.job_id)
@@ -173,11 +180,17 @@ async def run_stall_reaper(pool: asyncpg.Pool, timeout_s: float, wake: asyncio.E
 
 
 async def on_failed(pool: asyncpg.Pool, message: JobFailed) -> bool:
-    return await fail_job(pool, message.job_id, message.stage, message.reason)
+    failed = await fail_job(pool, message.job_id, message.stage, message.reason)
+    if not failed:  # the job had ended already (another stage's failure came first, or a cancel)
+        nothing_to_do()
+    return failed
 
 
 async def on_dead_letter(pool: asyncpg.Pool, message: DeadLetter) -> bool:
-    return await fail_job(
+    failed = await fail_job(
         pool, message.job_id, "dead-letter",
         "processing stopped: a stage crashed on this job repeatedly (message dead-lettered)",
     )
+    if not failed:
+        nothing_to_do()
+    return failed
