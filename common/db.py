@@ -33,9 +33,10 @@ log = logging.getLogger(__name__)
 # number of arguments is a mistake), nor an OSError of this machine's disk: held, those would be
 # handed back every OUTAGE_HOLD_S for ever, never failing the job.
 #
-# These are types, for `except` clauses and handler maps, which go by the exception's type alone;
-# DATABASE_OUTAGE adds the errors told apart by what they say, for `isinstance`.
-DATABASE_UNAVAILABLE: tuple[type[BaseException], ...] = (
+# Test with `isinstance(exc, DATABASE_UNAVAILABLE)`, not in an `except` clause or a handler map:
+# those go by the exception's type alone and miss the errors told apart by what they say
+# (DatabaseUnavailableByContent).
+_UNAVAILABLE_TYPES: tuple[type[BaseException], ...] = (
     ConnectionError,
     socket.gaierror,
     TimeoutError,
@@ -81,9 +82,7 @@ class DatabaseUnavailableByContent(Exception, metaclass=_MatchedByContent):
         return isinstance(exc, OSError) and network_error(exc)
 
 
-# For `isinstance` (the persister's and notifier's `wait_on`): the types above and the errors
-# matched by what they say.
-DATABASE_OUTAGE: tuple[type[BaseException], ...] = (*DATABASE_UNAVAILABLE, DatabaseUnavailableByContent)
+DATABASE_UNAVAILABLE: tuple[type[BaseException], ...] = (*_UNAVAILABLE_TYPES, DatabaseUnavailableByContent)
 
 # The database answered, but refuses this service for good: a wrong password or user, a database
 # that does not exist (a mistyped DATABASE_URL). Waiting for it at start-up would leave a process

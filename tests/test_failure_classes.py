@@ -51,7 +51,7 @@ async def raised(conn: asyncpg.Connection, sql: str, *args) -> BaseException:
 
 def held(exc: BaseException) -> bool:
     """Whether the persister and the notifier hold a message through this error (their wait_on)."""
-    return isinstance(exc, db.DATABASE_OUTAGE)
+    return isinstance(exc, db.DATABASE_UNAVAILABLE)
 
 
 async def test_a_statement_asyncpg_refuses_to_send_fails_the_job_instead_of_being_held_for_ever(database):
@@ -84,7 +84,7 @@ async def test_a_statement_asyncpg_refuses_to_send_fails_the_job_instead_of_bein
 
     started = time.monotonic()
     with pytest.raises(asyncpg.InterfaceError):
-        await broker._run_waiting_out_outages(store, None, None, (*broker.BROKER_UNAVAILABLE, *db.DATABASE_OUTAGE),
+        await broker._run_waiting_out_outages(store, None, None, (*broker.BROKER_UNAVAILABLE, *db.DATABASE_UNAVAILABLE),
                                               work, hold_s=20.0)
     assert time.monotonic() - started < 5
 

@@ -214,18 +214,18 @@ class Inbox:
             for key, etag in (drop for drop in drops if drop in new):
                 try:
                     await self.register(key, etag)
-                except DATABASE_UNAVAILABLE:
-                    raise  # everything would fail: the scan as a whole tries again
-                except Exception:
+                except Exception as exc:
+                    if isinstance(exc, DATABASE_UNAVAILABLE):
+                        raise  # everything would fail: the scan as a whole tries again
                     # One object that cannot be taken (gone since the listing, unreadable...) must
                     # not keep every object after it from being seen; it is tried again next scan.
                     log.exception("bucket drop %s could not be registered; skipped this scan", key)
         for job_id in await jobstore.ended_drops_without_result(self.pool):
             try:
                 await self.write_result(job_id)
-            except DATABASE_UNAVAILABLE:
-                raise
-            except Exception:  # likewise: one result that cannot be written holds up no other
+            except Exception as exc:  # likewise: one result that cannot be written holds up no other
+                if isinstance(exc, DATABASE_UNAVAILABLE):
+                    raise
                 with job_logged(job_id):
                     log.exception("results could not be written; tried again next scan")
 
@@ -285,9 +285,9 @@ class Inbox:
                 continue  # kept for the retry's redaction
             try:
                 await step()
-            except (*DATABASE_UNAVAILABLE, *STORAGE_UNAVAILABLE):
-                raise  # an outage: the consumer waits it out and runs them all again
             except Exception as exc:
+                if isinstance(exc, (*DATABASE_UNAVAILABLE, *STORAGE_UNAVAILABLE)):
+                    raise  # an outage: the consumer waits it out and runs them all again
                 with job_logged(job_id):
                     log.warning("%s failed (%s: %s); the other steps go on", what, type(exc).__name__, exc)
                 failed[what] = exc

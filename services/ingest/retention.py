@@ -81,9 +81,9 @@ async def sweep(pool: asyncpg.Pool, s3: Minio, settings: Settings, passed_over: 
 def _passed_over_on_error(what: str, job: tuple[str, int], passed_over: set[tuple[str, int]]) -> Iterator[None]:
     try:
         yield
-    except (*DATABASE_UNAVAILABLE, *STORAGE_UNAVAILABLE):
-        raise  # an outage: the whole sweep waits for its next turn
     except Exception as exc:
+        if isinstance(exc, (*DATABASE_UNAVAILABLE, *STORAGE_UNAVAILABLE)):
+            raise  # an outage: the whole sweep waits for its next turn
         if isinstance(exc.__cause__, STORAGE_UNAVAILABLE):
             raise  # the same, as delete_transcript reports it
         log.warning("%s (%s: %s); passed over until the next sweep", what, type(exc).__name__, exc)

@@ -15,7 +15,7 @@ from common.broker import (
     declare_queue,
     open_bus,
 )
-from common.db import DATABASE_OUTAGE, LockKey, apply_migrations, create_pool, every
+from common.db import DATABASE_UNAVAILABLE, LockKey, apply_migrations, create_pool, every
 from common.logs import setup_logging
 from common.messages import EVENTS, WebhookDue
 from common.metrics import delivering_webhooks, serve_metrics
@@ -59,9 +59,9 @@ async def main() -> None:
         await asyncio.gather(
             consume(connection, settings, "notifier", [Route(model, fan_out) for model in EVENTS.values()],
                     queue_name=EVENTS_QUEUE, prefetch=1,
-                    wait_on=DATABASE_OUTAGE),
+                    wait_on=DATABASE_UNAVAILABLE),
             consume(connection, settings, "notifier", [Route(WebhookDue, deliver)],
-                    prefetch=DELIVERY_PREFETCH, wait_on=DATABASE_OUTAGE),
+                    prefetch=DELIVERY_PREFETCH, wait_on=DATABASE_UNAVAILABLE),
             handler.sweep_stuck(pool, bus),
             every(handler.PRUNE_EVERY_S, pool, LockKey.WEBHOOK_PRUNE,
                   functools.partial(handler.prune_delivery_log, pool, settings), "pruning the delivery log"),

@@ -7,7 +7,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from common.broker import JOB_ROUTING_KEYS, PERSISTER_DEAD_QUEUE, Route, connect, consume, open_bus
-from common.db import DATABASE_OUTAGE, apply_migrations, create_pool
+from common.db import DATABASE_UNAVAILABLE, apply_migrations, create_pool
 from common.logs import setup_logging
 from common.messages import ChunkEmbedded, ChunkTranscribed, JobFailed, JobProgress
 from common.metrics import serve_metrics
@@ -49,9 +49,9 @@ async def main() -> None:
         run_outbox_flusher(pool, bus, wake),
         handler.run_stall_reaper(pool, settings.job_stall_timeout_s, wake),
         consume(connection, settings, "persister", routes, prefetch=max(settings.prefetch_count, 16),
-                wait_on=DATABASE_OUTAGE),
+                wait_on=DATABASE_UNAVAILABLE),
         consume(connection, settings, "persister", dead_letters, queue_name=PERSISTER_DEAD_QUEUE,
-                wait_on=DATABASE_OUTAGE),
+                wait_on=DATABASE_UNAVAILABLE),
     )
 
 
