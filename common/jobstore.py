@@ -51,6 +51,16 @@ async def existing_job_ids(db: Db, job_ids: list[int]) -> set[int]:
     return {r["id"] for r in await db.fetch("SELECT id FROM transcripts WHERE id = ANY($1::bigint[])", job_ids)}
 
 
+# Of `transcripts t`: its recording is to be redacted and is not yet (neither redacted nor removed):
+# the job asked for redaction, or words of it were replaced (the transcriber's REDACT); $3 is
+# _REDACTED_WORD. With status = 'done': ingest's job-end step has still to write the redacted copy.
+_RECORDING_TO_REDACT = (
+    "(t.audio_redacted_at IS NULL AND t.audio_removed_at IS NULL"
+    " AND ((jsonb_typeof(t.options->'redact') = 'array' AND jsonb_array_length(t.options->'redact') > 0)"
+    "      OR EXISTS (SELECT 1 FROM segments s, jsonb_array_elements(s.words) w"
+    "                 WHERE s.transcript_id = t.id AND w->>'word' ~ $3)))")
+
+
 async def jobs_using_pcm(db: Db, job_ids: list[int], kept_after_end_s: float) -> set[int]:
     """Those of `job_ids` whose decoded audio may still be read: jobs still processing, ended
     within `kept_after_end_s`, or done with a redaction of the recording still to do (a failed
@@ -58,12 +68,19 @@ async def jobs_using_pcm(db: Db, job_ids: list[int], kept_after_end_s: float) ->
     rows = await db.fetch(
         "SELECT id FROM transcripts t WHERE id = ANY($1::bigint[]) AND (status = 'processing'"
         " OR completed_at IS NULL OR completed_at > now() - make_interval(secs => $2)"
-        " OR (status = 'done' AND audio_redacted_at IS NULL AND audio_removed_at IS NULL"
-        "     AND ((jsonb_typeof(options->'redact') = 'array' AND jsonb_array_length(options->'redact') > 0)"
-        "          OR EXISTS (SELECT 1 FROM segments s, jsonb_array_elements(s.words) w"
-        "                     WHERE s.transcript_id = t.id AND w->>'word' ~ $3))))",
+        f" OR (status = 'done' AND {_RECORDING_TO_REDACT}))",
         job_ids, kept_after_end_s, _REDACTED_WORD)
     return {r["id"] for r in rows}
+
+
+async def redaction_pending(db: Db, job_id: int, processing_too: bool = False) -> bool:
+    """The job is done and its stored recording is still the unredacted upload, to be redacted
+    (jobs_using_pcm's "redaction of the recording still to do"); with `processing_too`, also a
+    job still processing that asked for redaction (or whose words were already redacted)."""
+    return bool(await db.fetchval(
+        "SELECT (t.status = 'done' OR ($2 AND t.status = 'processing'))"
+        f" AND {_RECORDING_TO_REDACT} FROM transcripts t WHERE t.id = $1",
+        job_id, processing_too, _REDACTED_WORD))
 
 
 async def reserve_job_id(db: Db) -> int:

@@ -79,15 +79,27 @@ async def target_problem(url: str, allow_private: bool, allowed_by: str = "WEBHO
     return None
 
 
+class PrivateAddressRefused(OSError):
+    """A name that resolved to a private address as its connection was made. Its message is its
+    `strerror` too, the part of it that aiohttp keeps when it wraps it (ClientConnectorError);
+    like target_problem's, it does not tell the address."""
+
+    def __init__(self, host: str) -> None:
+        message = f"{host} resolves to a private, loopback or link-local address"
+        super().__init__(message)
+        self.host, self.strerror = host, message
+
+
 class PublicOnlyResolver(aiohttp.ThreadedResolver):
     """Resolves only to public addresses: a name that resolves to a private one between the check
-    before a request and its connection is refused here too."""
+    before a request and its connection is refused here too (PrivateAddressRefused)."""
 
     async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list:
         found = await super().resolve(host, port, family)
         private = [r["host"] for r in found if is_private_address(r["host"])]
         if private:
-            raise OSError(f"{host} resolves to a private, loopback or link-local address ({private[0]})")
+            log.info("%s resolves to %s as it is connected to: refused", host, private[0])
+            raise PrivateAddressRefused(host)
         return found
 
 

@@ -312,3 +312,25 @@ def test_without_api_keys_usage_counts_the_jobs_made_while_keys_were_on(stack):
         stack.query("DELETE FROM job_usage WHERE job_id = 987654")
     assert (after["jobs"] - before["jobs"], round(after["audio_s"] - before["audio_s"], 3)) == (1, 12.5)
     assert len({day["day"] for day in after["days"]}) == len(after["days"])  # one line a day
+
+
+def test_a_name_that_turns_private_as_it_is_connected_to_is_refused_with_the_reason(stack, monkeypatch):
+    """An address's name is checked before each request and again as its connection is made (a
+    name that changes its address in between, DNS rebinding). Refused at the connection, the
+    reason was lost in aiohttp's wrapping: "Cannot connect to host localhost:80 ssl:default [None]".
+    Here the first check is passed, as a rebinding name passes it, and the name is localhost."""
+    from litestar.testing import TestClient
+
+    from services.ingest import fetch
+    from services.ingest.app import create_app
+
+    async def passed(*args, **kwargs) -> None:
+        return None
+
+    monkeypatch.setattr(fetch, "target_problem", passed)
+    with TestClient(create_app(stack.settings(audio_url_allow_private=False)), timeout=60) as client:
+        response = client.post("/recognize", files=form(url="http://localhost:9/meeting.wav"))
+    detail = response.json()["detail"]
+    assert response.status_code == 400, response.text
+    assert "localhost resolves to a private" in detail and "AUDIO_URL_ALLOW_PRIVATE" in detail, detail
+    assert not any(leak in detail for leak in ("127.0.0.1", "::1", "[None]")), detail  # the address stays in the log

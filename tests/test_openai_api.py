@@ -193,3 +193,47 @@ async def test_a_job_deleted_while_its_request_waits_is_not_found(stack):
         assert await wait_for_end(SimpleNamespace(pool=pool, wakeups=Wakeups()), 987654321, 5.0) == "deleted"
     finally:
         await pool.close()
+
+
+def test_a_prompt_written_without_spaces_keeps_its_end(stack, client, fixtures_dir):
+    """The prompt's last whole words within 150 characters became the vocabulary: text written
+    without spaces (Chinese, Japanese) or a long URL is one "word" longer than that, and nothing
+    was kept, without a word. Its last characters are kept, from a sentence's start where one is."""
+    from services.ingest.openai_api import prompt_vocabulary
+
+    prompt = "会议记录" * 40 + "。张伟和李娜讨论了ComfyUI的问题。"
+    assert prompt_vocabulary(prompt) == "张伟和李娜讨论了ComfyUI的问题。"
+    link = "see https://example.org/" + "a" * 300
+    assert len(prompt_vocabulary(link)) == 150 and link.endswith(prompt_vocabulary(link))
+    assert prompt_vocabulary("x" * 10 + " ok") == "x" * 10 + " ok"  # whole words as before
+    name = f"prompt {uuid.uuid4().hex[:6]}.flac"
+    client.audio.transcriptions.create(model="whisper-1", file=(name, (fixtures_dir / "jfk.flac").read_bytes()),
+                                       language="en", prompt=prompt, response_format="text")
+    [job] = stack.query("SELECT options FROM transcripts WHERE filename = $1", name)
+    assert json.loads(job["options"])["vocabulary"] == ["张伟和李娜讨论了ComfyUI的问题。"]
+
+
+def test_a_fault_is_answered_in_openais_shape_and_logged_once(stack, fixtures_dir, monkeypatch, caplog):
+    """A 500 (a fault here) had Litestar's own body, {"status_code", "detail"}, where OpenAI's SDKs
+    read {"error": {...}}. It has OpenAI's shape now, and is logged once, with its traceback."""
+    import logging
+
+    from litestar.testing import TestClient
+
+    from services.ingest import openai_api
+    from services.ingest.app import create_app
+
+    def broken(stream) -> str:
+        raise RuntimeError("the digest broke")
+
+    monkeypatch.setattr(openai_api, "file_digest", broken)
+    with TestClient(create_app(stack.settings()), timeout=60, raise_server_exceptions=False) as http, \
+            caplog.at_level(logging.INFO):
+        sdk = openai.OpenAI(base_url="http://testserver.local/v1", api_key="-", http_client=http, max_retries=0)
+        with (fixtures_dir / "jfk.flac").open("rb") as f, pytest.raises(openai.InternalServerError) as failed:
+            sdk.audio.transcriptions.create(model="whisper-1", file=f)
+    assert failed.value.status_code == 500
+    assert failed.value.response.json() == {"error": {"message": "Internal Server Error", "type": "server_error",
+                                                      "param": None, "code": None}}
+    logged = [r for r in caplog.records if r.exc_info and "the digest broke" in str(r.exc_info[1])]
+    assert len(logged) == 1 and "/v1/audio/transcriptions" in logged[0].getMessage(), caplog.text

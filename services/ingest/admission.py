@@ -1,19 +1,22 @@
 """Bounds on requests in progress: uploads (MAX_CONCURRENT_UPLOADS; each one spools to disk while
 it streams in, so without a bound a burst of large uploads could fill the disk) and event streams
 (MAX_EVENT_STREAMS). Past a bound a request is answered 503 with Retry-After before its body is
-read. The bound on bodies read into memory (SMALL_BODY_BYTES), and the size check every uploaded
-file gets once it is in."""
+read. The bound on bodies read into memory (SMALL_BODY_BYTES), on a multipart body's text fields,
+files and parts, on how slowly a body may come, and the size check every uploaded file gets once
+it is in."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Callable
 from typing import BinaryIO
 
+from litestar._multipart import parse_content_header
 from litestar.exceptions import ClientException, HTTPException
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
-from multipart import MultipartError, MultipartSegment, PushMultipartParser, parse_options_header
+from multipart import MultipartError, MultipartSegment, PushMultipartParser
 
 from services.ingest.errors import error_body
 
@@ -25,6 +28,15 @@ RETRY_AFTER_S = 5
 SMALL_BODY_BYTES = 1024 * 1024
 # How long an upload's body may stop coming before the request is given up.
 UPLOAD_IDLE_S = 120.0
+# The slowest an upload's body may come on average, counted from the start of the request once
+# UPLOAD_RATE_GRACE_S have passed (64 kbit/s: a poor mobile uplink still passes). A body trickled
+# in a byte at a time, each within UPLOAD_IDLE_S, would otherwise hold its place among
+# MAX_CONCURRENT_UPLOADS for as long as the client likes.
+UPLOAD_MIN_RATE = 8 * 1024
+UPLOAD_RATE_GRACE_S = 60.0
+# The most parts a recording's form may have (Litestar's own default is 1000): the routes' fields,
+# a few of them lists, with room to spare.
+UPLOAD_FORM_PARTS = 64
 # The scope key of a function a handler may call once its upload is stored and its spooled file
 # closed, to give up its place before it answers (the OpenAI-compatible endpoints wait minutes).
 RELEASE_UPLOAD = "stt.release_upload"
@@ -127,42 +139,80 @@ def event_stream_limit_middleware(limit: int):
 
 
 def _idle_bounded(receive: Receive) -> Receive:
-    """`receive` that gives up (408) when the body stops coming for UPLOAD_IDLE_S: a client gone
-    quiet in the middle of an upload (a laptop asleep, a connection a NAT dropped) otherwise keeps
-    its place among MAX_CONCURRENT_UPLOADS for good, since nothing ends a connection that is only
-    read from. Once the body is in, it waits as long as it is asked to (a streamed answer waits
-    for the client to leave)."""
+    """`receive` that gives up (408) when the body stops coming for UPLOAD_IDLE_S, or comes at
+    under UPLOAD_MIN_RATE on average once UPLOAD_RATE_GRACE_S have passed: a client gone quiet in
+    the middle of an upload (a laptop asleep, a connection a NAT dropped), or one that trickles its
+    body in, otherwise keeps its place among MAX_CONCURRENT_UPLOADS for good, since nothing ends a
+    connection that is only read from. Once the body is in, it waits as long as it is asked to (a
+    streamed answer waits for the client to leave)."""
     body_in = False
+    started = time.monotonic()
+    received = 0
 
     async def bounded() -> Message:
-        nonlocal body_in
+        nonlocal body_in, received
         if body_in:
             return await receive()
+        # The body so far must have come by the time its average would fall below the rate.
+        rate_deadline = started + max(UPLOAD_RATE_GRACE_S, received / UPLOAD_MIN_RATE)
+        wait_s = min(UPLOAD_IDLE_S, rate_deadline - time.monotonic())
         try:
-            message = await asyncio.wait_for(receive(), UPLOAD_IDLE_S)
+            if wait_s <= 0:
+                raise TimeoutError
+            message = await asyncio.wait_for(receive(), wait_s)
         except TimeoutError:
+            if wait_s < UPLOAD_IDLE_S:
+                raise ClientException(status_code=408, detail=(
+                    f"the body came at under {UPLOAD_MIN_RATE // 1024} KiB/s on average ({received} bytes in"
+                    f" {time.monotonic() - started:.0f} s), too slowly to keep its place among the uploads this"
+                    f" server takes at once; send it again over a faster connection")) from None
             raise ClientException(status_code=408, detail=f"nothing more of the body came for {UPLOAD_IDLE_S:g} s;"
                                                           f" send it again") from None
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
         body_in = message["type"] != "http.request" or not message.get("more_body", False)
         return message
 
     return bounded
 
 
-def _fields_bounded(receive: Receive, content_type: bytes) -> Receive:
-    """`receive` for a multipart body whose parts without a filename (form fields, which the form
-    parser holds in memory whole) hold at most SMALL_BODY_BYTES together: past that, 413. Parts
-    with a filename (the recording) are spooled to disk by the parser and not counted here."""
-    _, options = parse_options_header(content_type.decode("latin-1"))
+class _BadContentType(ValueError):
+    """An upload's Content-Type that the form parser could read otherwise than this module."""
+
+
+def _boundary(headers: list[tuple[bytes, bytes]]) -> tuple[bool, str]:
+    """Whether the body is multipart, and its boundary, read as the form parser reads them
+    (litestar's parse_content_header, which takes any whitespace after `;`). _BadContentType for
+    more than one Content-Type header (the form parser reads the first), or a multipart one
+    without a boundary."""
+    content_types = [value for name, value in headers if name.lower() == b"content-type"]
+    if len(content_types) > 1:
+        raise _BadContentType("the request has more than one Content-Type header; send one")
+    media_type, options = parse_content_header(content_types[0].decode("latin-1") if content_types else "")
+    if not media_type.startswith("multipart/"):
+        return False, ""
+    boundary = options.get("boundary", "")
     try:
-        parser = PushMultipartParser(options.get("boundary", ""))
-    except ValueError:  # MultipartError is one
-        return receive  # no usable boundary: the form parser refuses the body itself
+        PushMultipartParser(boundary.encode())
+    except ValueError:  # MultipartError is one: an empty boundary
+        raise _BadContentType(f"the multipart body's boundary cannot be read from its Content-Type"
+                              f" ({content_types[0].decode('latin-1')[:200]!r}); send multipart/form-data;"
+                              f" boundary=... (curl -F)") from None
+    return True, boundary
+
+
+def _fields_bounded(receive: Receive, boundary: str) -> Receive:
+    """`receive` for a multipart body whose parts without a filename (form fields, which the form
+    parser holds in memory whole) hold at most SMALL_BODY_BYTES together: past that, 413. A part
+    with a filename (the recording) is spooled by the parser (in memory up to 1 MiB), so only
+    one is taken: a second is 400."""
+    parser: PushMultipartParser | None = PushMultipartParser(boundary.encode())
     field: str | None = None  # the text field being read, if one is
     fields_bytes = 0
+    files = 0
 
     async def watched() -> Message:
-        nonlocal parser, field, fields_bytes
+        nonlocal parser, field, fields_bytes, files
         message = await receive()
         if parser is None or message["type"] != "http.request" or not message.get("body"):
             return message
@@ -170,6 +220,11 @@ def _fields_bounded(receive: Receive, content_type: bytes) -> Receive:
             for part in parser.parse(message["body"]):
                 if isinstance(part, MultipartSegment):
                     field = None if part.filename else part.name
+                    files += bool(part.filename)
+                    if files > 1:
+                        raise ClientException(status_code=400, detail=(
+                            f"one file per request: the form's part {part.name!r} is a second file (a part with a"
+                            f" filename); send each recording in a request of its own"))
                 elif part and field is not None:
                     fields_bytes += len(part)
                     if fields_bytes > SMALL_BODY_BYTES:
@@ -190,15 +245,21 @@ def small_body_middleware(app: ASGIApp) -> ASGIApp:
     """The upload routes take bodies up to MAX_UPLOAD_MB, streamed to disk when they are multipart;
     a JSON or URL-encoded body (an address to fetch, a speaker from a transcript) is read into
     memory whole, so it must say its length (411) and stay within SMALL_BODY_BYTES (413). So
-    are a multipart body's text fields together (413). A body that stops coming is given up (408)."""
+    are a multipart body's text fields together (413); it holds one file (400), and its boundary
+    and Content-Type must be unambiguous (400). A body that stops coming, or comes too slowly, is
+    given up (408)."""
 
     async def check(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and _is_upload(scope):
             headers = dict(scope["headers"])
-            multipart = headers.get(b"content-type", b"").lower().startswith(b"multipart/")
+            try:
+                multipart, boundary = _boundary(scope["headers"])
+            except _BadContentType as exc:
+                await _refuse(send, scope, 400, str(exc))
+                return
             receive = _idle_bounded(receive)
             if multipart:
-                receive = _fields_bounded(receive, headers[b"content-type"])
+                receive = _fields_bounded(receive, boundary)
             length = headers.get(b"content-length")
             if not multipart and length is None and b"transfer-encoding" in headers:
                 await _refuse(send, scope, 411, "a body that is not multipart/form-data must say its Content-Length;"

@@ -41,6 +41,7 @@ from common.webhooks import new_secret
 from services.embedder.backends import make_embedder
 from services.ingest.admission import (
     SMALL_BODY_BYTES,
+    UPLOAD_FORM_PARTS,
     event_stream_limit_middleware,
     small_body_middleware,
     upload_limit_middleware,
@@ -145,7 +146,8 @@ IdempotencyKey = Annotated[str | None, HeaderParameter(
       responses=_errors(400, 401, 403, 411, 413, 415, 422, 503,
                         e422="The Idempotency-Key was already used for another request"))
 async def recognize(
-    data: Annotated[RecognizeForm, Body(media_type=RequestEncodingType.MULTI_PART)], state: State,
+    data: Annotated[RecognizeForm, Body(media_type=RequestEncodingType.MULTI_PART,
+                                        multipart_form_part_limit=UPLOAD_FORM_PARTS)], state: State,
     request: Request, idempotency_key: IdempotencyKey = None,
 ) -> Response[Accepted]:
     if (data.file is None) == (not data.url or not data.url.strip()):
@@ -189,6 +191,7 @@ class RerunOptions(JobOptions):
 @post("/transcripts/{job_id:int}/rerun", status_code=202, summary="Run a recording again with other options",
       request_max_body_size=SMALL_BODY_BYTES,
       responses=_errors(400, 401, 403, 404, 409, 413, 422, 503, e413="The JSON body is over 1 MiB",
+                        e409="The recording is no longer stored, or is still to be redacted (Retry-After)",
                         e422="The Idempotency-Key was already used for another request"))
 async def rerun(job_id: JobId, state: State, request: Request, data: RerunOptions | None = None,
                 idempotency_key: IdempotencyKey = None) -> Response[Accepted]:
@@ -209,6 +212,14 @@ async def rerun(job_id: JobId, state: State, request: Request, data: RerunOption
     if original["audio_removed_at"] is not None:  # retention's removal may not have reached the store yet
         raise HTTPException(status_code=409, detail=f"job {job_id}'s recording is no longer stored: it was removed"
                                                     f" after AUDIO_RETENTION_DAYS")
+    if await jobstore.redaction_pending(state.pool, job_id, processing_too=True):
+        # What is stored is still the upload, with what redaction hides audible: a copy of it
+        # now would keep it for good (and a rerun without `redact` would serve it).
+        still = original["status"] == "processing"
+        raise HTTPException(status_code=409, headers={"Retry-After": "30" if still else "5"},
+                            detail=f"job {job_id} asked for redaction and its recording is not redacted yet"
+                                   f" ({'the job is still processing' if still else 'it is being redacted'});"
+                                   " rerun it once that is done")
     bucket = state.settings.audio_bucket
 
     def copy(key: str) -> None:
@@ -377,6 +388,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         exception_handlers=EXCEPTION_HANDLERS,
         after_exception=[log_unexpected],
         logging_config=None,  # keep the project's log format (common.logs)
+        multipart_form_part_limit=UPLOAD_FORM_PARTS,  # /speakers' form too (each part is held until read)
         # `error` appears in a status document only when the job failed.
         plugins=[PydanticPlugin(exclude_none=True)],
         # The limit is enforced while the body streams in, not after it was stored. Routes whose

@@ -31,6 +31,8 @@ from services.ingest.transcripts import JobId, visible
 log = logging.getLogger(__name__)
 
 MAX_SEGMENT_CHARS = 10_000
+# Retry-After of a text correction while the job's recording is being redacted (README "Redaction").
+REDACTION_RETRY_AFTER_S = 5
 
 
 class SegmentCorrection(BaseModel):
@@ -142,7 +144,8 @@ SegmentIndex = Annotated[int, PathParameter(ge=0, le=1_000_000, description="The
 @patch("/transcripts/{job_id:int}/segments/{chunk_index:int}/{index:int}", summary="Correct a segment by hand",
        request_max_body_size=SMALL_BODY_BYTES,
        responses=error_responses(400, 401, 403, 404, 409, 413, 503, e413="The JSON body is over 1 MiB",
-                                 e409="The job is still processing: correct it once it has ended"))
+                                 e409="The job is still processing, or its recording is being redacted"
+                                 " (Retry-After): correct it once that has ended"))
 async def correct_segment(job_id: JobId, chunk_index: SegmentChunk, index: SegmentIndex, state: State,
                           request: Request, data: SegmentCorrection) -> TranscriptSegment:
     """`{"text": "..."}`, `{"speaker": "spk_1"}` or both: every format, search and the speakers'
@@ -178,6 +181,13 @@ async def correct_segment(job_id: JobId, chunk_index: SegmentChunk, index: Segme
                                            " (see chunk_index and index in its JSON)")
         speaker = data.speaker or segment["speaker"]
         text = new_text if new_text is not None else segment["text"]
+        if text != segment["text"] and await jobstore.redaction_pending(conn, job_id):
+            # The redacted recording is made from the words' times as they are when it is written:
+            # retimed or relabelled words would leave redacted speech audible. (It is marked
+            # written under this lock, so a correction waits for it or comes after.)
+            raise HTTPException(status_code=409, headers={"Retry-After": str(REDACTION_RETRY_AFTER_S)},
+                                detail=f"the recording of job {job_id} is being redacted; correct its words once"
+                                       " that is done (a speaker can be corrected now)")
         embedding = None
         if text == segment["text"]:
             await jobstore.correct_segment(conn, job_id, chunk_index, index, speaker=speaker)

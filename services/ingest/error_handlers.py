@@ -13,11 +13,14 @@ from litestar.exceptions import ClientException, HTTPException, ValidationExcept
 from common.db import DATABASE_UNAVAILABLE
 from common.logs import job_logged
 from common.storage import STORAGE_UNAVAILABLE
-from services.ingest.admission import SMALL_BODY_BYTES, UPLOAD_PATHS
+from services.ingest.admission import OPENAI_PATHS, SMALL_BODY_BYTES, UPLOAD_FORM_PARTS, UPLOAD_PATHS
 from services.ingest.errors import error_body
 from services.ingest.speakers import SAMPLE_MAX_MB
 
 log = logging.getLogger(__name__)
+
+# The routes whose form takes at most UPLOAD_FORM_PARTS parts (Body(multipart_form_part_limit=...)).
+FORM_PART_LIMITED_PATHS = ("/recognize", *OPENAI_PATHS)
 
 
 def clearer_client_error(request: Request, exc: ClientException) -> Response:
@@ -32,7 +35,12 @@ def clearer_client_error(request: Request, exc: ClientException) -> Response:
         if problems:
             detail = "invalid " + "; ".join(problems)
     elif exc.status_code == 400 and detail == "Request Entity Too Large":
-        detail = "a multipart header is over 4 KB: is the filename that long? (names are kept to 255 characters)"
+        # The form parser's limits, which it words alike.
+        parts = (UPLOAD_FORM_PARTS if request.url.path in FORM_PART_LIMITED_PATHS
+                 else request.app.multipart_form_part_limit)
+        detail = (f"the multipart body is over a limit of the form parser: more than {parts} parts, more than 8"
+                  f" headers in a part, or a part header over 4 KB (is the filename that long? names are kept to"
+                  f" 255 characters)")
     elif exc.status_code == 413 and detail == "Request Entity Too Large":
         # Litestar's own: the body passed the route's limit, an upload's or a body read whole.
         most_mb = request.app.state.settings.max_upload_mb
@@ -93,6 +101,17 @@ async def log_unexpected(exception: Exception, scope) -> None:
         log.error("%s %s failed", scope.get("method"), scope.get("path"), exc_info=exception)
 
 
+def internal_error(request: Request, exc: Exception) -> Response:
+    """A 500 in the route's error shape: OpenAI's under /v1/, which its SDKs read, where
+    Litestar's own body would be this API's. Logged once, with its traceback, by log_unexpected.
+    A database outage told apart by what it says (a closed connection), which no handler by type
+    catches, is a 503 like the others."""
+    if isinstance(exc, (*DATABASE_UNAVAILABLE, *STORAGE_UNAVAILABLE)):
+        return service_unavailable(request, exc)
+    detail = exc.detail if isinstance(exc, HTTPException) else "Internal Server Error"
+    return Response(error_body(request.url.path, 500, detail), status_code=500)
+
+
 def service_unavailable(request: Request, exc: Exception) -> Response:
     with _for_the_routes_job(request.scope):
         log.warning("%s %s: backing service unavailable (%s)", request.method, request.url.path, type(exc).__name__)
@@ -101,5 +120,5 @@ def service_unavailable(request: Request, exc: Exception) -> Response:
 
 
 EXCEPTION_HANDLERS = {ClientException: clearer_client_error, UnicodeDecodeError: undecodable_form_field,
-                      LookupError: unknown_charset_or_fault,
+                      LookupError: unknown_charset_or_fault, 500: internal_error,
                       **{cls: service_unavailable for cls in (*DATABASE_UNAVAILABLE, *STORAGE_UNAVAILABLE)}}

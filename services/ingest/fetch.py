@@ -14,7 +14,7 @@ from urllib.parse import unquote, urljoin, urlsplit
 import aiohttp
 from litestar.exceptions import HTTPException
 
-from common.outbound import MAX_URL_CHARS, http_session, target_problem
+from common.outbound import MAX_URL_CHARS, PrivateAddressRefused, http_session, target_problem
 from common.settings import Settings
 
 MAX_REDIRECTS = 5
@@ -85,6 +85,14 @@ async def fetch_recording(url: str, settings: Settings) -> tuple[BinaryIO, str]:
     except TimeoutError as exc:  # before OSError, of which it is one
         raise _refused(f"could not fetch the audio URL within AUDIO_URL_TIMEOUT_S "
                        f"({settings.audio_url_timeout_s:g} s)") from exc
+    except aiohttp.ClientConnectorError as exc:
+        # The name resolved to a public address as it was checked and to a private one as it was
+        # connected to (DNS rebinding): refused as the check refuses it. aiohttp's own wording of
+        # the resolver's error ("Cannot connect to host ... [None]") would not say why.
+        if isinstance(exc.os_error, PrivateAddressRefused):
+            raise _refused(f"audio URL refused: {exc.os_error.strerror}; set AUDIO_URL_ALLOW_PRIVATE=true to allow"
+                           f" that") from exc
+        raise _refused(f"could not fetch the audio URL: {exc}") from exc
     except (aiohttp.ClientError, OSError) as exc:
         raise _refused(f"could not fetch the audio URL: {exc or type(exc).__name__}") from exc
     raise _refused(f"could not fetch the audio URL: more than {MAX_REDIRECTS} redirects")

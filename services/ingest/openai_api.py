@@ -15,6 +15,7 @@ import logging
 import math
 import string
 import time
+import unicodedata
 import zlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from common import jobstore
 from common.languages import LANGUAGE_NAMES
 from common.logs import job_logged
 from common.messages import VOCABULARY_MAX_CHARS, JobOptions, vocabulary_chars
-from services.ingest.admission import RETRY_AFTER_S, claim_event_stream, release_upload
+from services.ingest.admission import RETRY_AFTER_S, UPLOAD_FORM_PARTS, claim_event_stream, release_upload
 from services.ingest.auth import request_owner
 from services.ingest.errors import OPENAI_PREFIX, OpenAIErrorBody, error_body, error_responses, invalid
 from services.ingest.jobs import Idempotency, checked_idempotency_key, clean_filename, earlier_job
@@ -104,16 +105,32 @@ IdempotencyKey = Annotated[str | None, HeaderParameter(
     name="Idempotency-Key", description="As for POST /recognize: the same request again waits for the same job")]
 
 
+def _breaks_text(char: str) -> bool:
+    return char.isspace() or unicodedata.category(char).startswith("P")
+
+
 def prompt_vocabulary(prompt: str | None) -> str | None:
     """OpenAI's `prompt` is text for Whisper to go on from, often the transcript of the piece
     before (Whisper itself reads only its end). Here it becomes the job's vocabulary, which Whisper
-    is also shown as preceding text: its last whole words within the vocabulary's bound."""
+    is also shown as preceding text: its last whole words within the vocabulary's bound. When its
+    last word alone is longer than that (text without spaces, as Chinese or Japanese is written;
+    a long URL), its last characters within it, from after a punctuation mark among them where
+    there is one."""
     if prompt is None:
         return None
-    words = prompt[-4 * VOCABULARY_MAX_CHARS:].split()
+    text = prompt[-4 * VOCABULARY_MAX_CHARS:].strip()
+    words = text.split()
     while words and vocabulary_chars(" ".join(words)) > VOCABULARY_MAX_CHARS:
         words.pop(0)
-    return " ".join(words)
+    if words or not text:
+        return " ".join(words)
+    start = len(text) - VOCABULARY_MAX_CHARS
+    if not _breaks_text(text[start - 1]):  # cut inside a sentence: from the next one, if one starts
+        start = next((i + 1 for i in range(start, len(text) - 1) if _breaks_text(text[i])), start)
+    tail = text[start:].strip()
+    while vocabulary_chars(tail) > VOCABULARY_MAX_CHARS:  # commas count with a space after each
+        tail = tail[1:].lstrip()
+    return tail
 
 
 async def client_gone(request: Request) -> None:
@@ -312,17 +329,22 @@ _RESPONSES = {code: ResponseSpec(data_container=OpenAIErrorBody, description=spe
                        "a backing service is unavailable").items()}
 
 
+# At most UPLOAD_FORM_PARTS parts: each is held (a file's in memory up to 1 MiB) until the form is read.
+OpenAIForm = Annotated[OpenAITranscriptionForm, Body(media_type=RequestEncodingType.MULTI_PART,
+                                                     multipart_form_part_limit=UPLOAD_FORM_PARTS)]
+
+
 @post("/v1/audio/transcriptions", status_code=200, summary="OpenAI-compatible: transcribe a recording and wait",
       responses=_RESPONSES, tags=["OpenAI-compatible"], exception_handlers={HTTPException: openai_error})
-async def transcriptions(data: Annotated[OpenAITranscriptionForm, Body(media_type=RequestEncodingType.MULTI_PART)],
-                         state: State, request: Request, idempotency_key: IdempotencyKey = None) -> Response:
+async def transcriptions(data: OpenAIForm, state: State, request: Request,
+                         idempotency_key: IdempotencyKey = None) -> Response:
     return await transcribe_and_wait(state, request, data, "transcribe", idempotency_key)
 
 
 @post("/v1/audio/translations", status_code=200, summary="OpenAI-compatible: the recording's text in English",
       responses=_RESPONSES, tags=["OpenAI-compatible"], exception_handlers={HTTPException: openai_error})
-async def translations(data: Annotated[OpenAITranscriptionForm, Body(media_type=RequestEncodingType.MULTI_PART)],
-                       state: State, request: Request, idempotency_key: IdempotencyKey = None) -> Response:
+async def translations(data: OpenAIForm, state: State, request: Request,
+                       idempotency_key: IdempotencyKey = None) -> Response:
     return await transcribe_and_wait(state, request, data, "translate", idempotency_key)
 
 

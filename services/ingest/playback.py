@@ -1,26 +1,40 @@
 """GET /transcripts/{id}/audio: the uploaded recording as it was sent, with HTTP Range support, so
-a browser's audio element can seek to any segment without downloading the whole file."""
+a browser's audio element can seek to any segment without downloading the whole file. Every piece
+is read from the version of the object the answer began with (its ETag): a recording replaced
+meanwhile (by its redacted copy) ends the answer, rather than splicing two files into one."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import mimetypes
 import re
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from email.utils import format_datetime, parsedate_to_datetime
 
 from litestar import Request, get
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException, NotFoundException
 from litestar.response import Stream
+from minio import Minio
+from minio.datatypes import Object
 from minio.error import S3Error
 
 from common import jobstore
-from common.storage import is_missing, read_range
+from common.logs import job_logged
+from common.storage import is_missing
 from services.ingest.auth import request_owner
 from services.ingest.errors import error_responses
 from services.ingest.transcripts import JobId, content_disposition, stored_filename, visible
 
+log = logging.getLogger(__name__)
+
 PIECE_BYTES = 1024 * 1024
+# Retry-After while a done job's recording is still to be redacted (ingest does it within seconds).
+REDACTION_RETRY_AFTER_S = 5
+# Only these are served as what the name says: an upload named x.html or x.svg is not a page.
+PLAYABLE = ("audio/", "video/")
 # Not every system's mime.types knows these; a browser needs the type to play the file.
 AUDIO_TYPES = {".flac": "audio/flac", ".wav": "audio/wav", ".mp3": "audio/mpeg", ".m4a": "audio/mp4",
                ".aac": "audio/aac", ".ogg": "audio/ogg", ".oga": "audio/ogg", ".opus": "audio/ogg",
@@ -50,23 +64,106 @@ def byte_range(header: str | None, size: int) -> tuple[int, int] | None:
     return first, last
 
 
-def _read(state: State, key: str, offset: int, last: int) -> bytes:
-    return read_range(state.s3, state.settings.audio_bucket, key, offset, min(PIECE_BYTES, last - offset + 1))
+class RecordingChanged(RuntimeError):
+    """The stored recording is no longer the version the answer began with."""
 
 
-async def _pieces(state: State, key: str, opening: bytes, first: int, last: int) -> AsyncIterator[bytes]:
+def media_type(filename: str) -> str:
+    """The type of the stored recording from its name: audio and video types only, anything else
+    application/octet-stream (with nosniff, a browser does not render an upload as a page)."""
+    suffix = ("." + filename.rsplit(".", 1)[-1].lower()) if "." in filename else ""
+    guessed = AUDIO_TYPES.get(suffix) or mimetypes.guess_type(filename)[0]
+    return guessed if guessed and guessed.lower().startswith(PLAYABLE) else "application/octet-stream"
+
+
+def http_date(moment: datetime) -> str:
+    return format_datetime(moment.astimezone(UTC), usegmt=True)
+
+
+def if_range_holds(header: str | None, etag: str, last_modified: datetime | None) -> bool:
+    """Whether `If-Range` lets a Range be served (RFC 9110, 13.1.5): no header, the ETag itself
+    (a strong comparison: a weak tag never matches), or the date of Last-Modified exactly."""
+    if header is None:
+        return True
+    value = header.strip()
+    if value.startswith(("\"", "W/")):
+        return bool(etag) and value == f'"{etag}"'
+    try:
+        date = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return False
+    return (last_modified is not None and date.tzinfo is not None
+            and date == last_modified.astimezone(UTC).replace(microsecond=0))
+
+
+def _changed(exc: S3Error) -> bool:
+    return exc.code == "PreconditionFailed" or getattr(exc.response, "status", None) == 412
+
+
+def _read(s3: Minio, bucket: str, key: str, etag: str, offset: int, last: int) -> bytes:
+    """Bytes `offset`.. of the object (a piece at most, up to `last`), of the version whose ETag is `etag`."""
+    try:
+        response = s3.get_object(bucket, key, offset=offset, length=min(PIECE_BYTES, last - offset + 1),
+                                 request_headers={"If-Match": f'"{etag}"'} if etag else None)
+    except S3Error as exc:
+        if _changed(exc):
+            raise RecordingChanged(f"{key} was replaced (its ETag is no longer {etag})") from exc
+        raise
+    try:
+        return response.read()
+    finally:
+        response.close()
+        response.release_conn()
+
+
+async def _pieces(state: State, job_id: int, key: str, etag: str, opening: bytes, first: int,
+                  last: int) -> AsyncIterator[bytes]:
     yield opening
     offset = first + len(opening)
     while offset <= last:
-        piece = await asyncio.to_thread(_read, state, key, offset, last)
+        try:
+            piece = await asyncio.to_thread(_read, state.s3, state.settings.audio_bucket, key, etag, offset, last)
+        except RecordingChanged:
+            # Replaced (by its redacted copy) or rewritten since the answer began: what is left of
+            # the body would be another file's bytes. Breaking off the answer (shorter than its
+            # Content-Length) tells the player to ask again.
+            with job_logged(job_id):
+                log.info("playback broken off at byte %d: the recording was replaced meanwhile", offset)
+            raise
+        if not piece:
+            raise RecordingChanged(f"{key} ended at byte {offset}, before {last + 1}")
         yield piece
         offset += len(piece)
+
+
+async def _opening(state: State, key: str, range_header: str | None,
+                   if_range: str | None) -> tuple[Object, tuple[int, int] | None, bytes]:
+    """The object's stat, the span to serve (None: the whole file) and its first piece, read from
+    the version stated; a recording replaced between the two is stated again (twice at most)."""
+    tries = 3
+    while True:
+        stat = await asyncio.to_thread(state.s3.stat_object, state.settings.audio_bucket, key)
+        size = stat.size or 0
+        span = byte_range(range_header if if_range_holds(if_range, stat.etag or "", stat.last_modified) else None,
+                          size)
+        first, last = span or (0, size - 1)
+        try:
+            opening = (await asyncio.to_thread(_read, state.s3, state.settings.audio_bucket, key, stat.etag or "",
+                                               first, last) if size else b"")
+        except RecordingChanged:
+            tries -= 1
+            if not tries:
+                raise
+            continue
+        return stat, span, opening
 
 
 @get("/transcripts/{job_id:int}/audio", summary="The job's recording as uploaded (supports Range)",
      responses=error_responses(400, 401, 403, 404, 410, 416, 503,
                                e404="No such job (for this key), or its audio is gone",
-                               e410="The recording was removed (AUDIO_RETENTION_DAYS); the transcript is kept"))
+                               e410="The recording was removed (AUDIO_RETENTION_DAYS); the transcript is kept",
+                               e503="The object store does not answer, or the recording is still being redacted"
+                                    " (Retry-After)"))
 async def job_audio(job_id: JobId, state: State, request: Request) -> Stream:
     job = await jobstore.job_audio(state.pool, job_id)
     if not visible(job, request_owner(request)) or not job["audio_key"]:
@@ -74,14 +171,21 @@ async def job_audio(job_id: JobId, state: State, request: Request) -> Stream:
     if job["audio_removed_at"] is not None:
         raise HTTPException(status_code=410, detail=f"the recording of job {job_id} was removed on"
                             f" {job['audio_removed_at']:%Y-%m-%d} (AUDIO_RETENTION_DAYS); its transcript is kept")
+    if job["status"] == "done" and job["audio_redacted_at"] is None and await jobstore.redaction_pending(
+            state.pool, job_id):
+        # Until ingest's job-end step has written the redacted copy, what is stored is the upload
+        # with what was redacted audible: not served, however soon after transcript.completed.
+        raise HTTPException(status_code=503, headers={"Retry-After": str(REDACTION_RETRY_AFTER_S),
+                                                      "Cache-Control": "no-store"},
+                            detail=f"the recording of job {job_id} is being redacted; try again in a few seconds")
     try:
-        stat = await asyncio.to_thread(state.s3.stat_object, state.settings.audio_bucket, job["audio_key"])
-        size = stat.size or 0
-        span = byte_range(request.headers.get("range"), size)
-        first, last = span or (0, size - 1)
         # Read before answering: a recording removed meanwhile (DELETE, retention) is then a 404,
         # not a 200 whose body breaks off.
-        opening = await asyncio.to_thread(_read, state, job["audio_key"], first, last) if size else b""
+        stat, span, opening = await _opening(state, job["audio_key"], request.headers.get("range"),
+                                             request.headers.get("if-range"))
+    except RecordingChanged as exc:
+        raise HTTPException(status_code=503, headers={"Retry-After": "1"},
+                            detail="the recording was being replaced; try again") from exc
     except S3Error as exc:
         if is_missing(exc):
             raise NotFoundException(detail=f"the audio of job {job_id} is no longer stored") from exc
@@ -89,15 +193,22 @@ async def job_audio(job_id: JobId, state: State, request: Request) -> Stream:
         # still starting): a passing state, as an outage of it is.
         raise HTTPException(status_code=503, headers={"Retry-After": "5"}, detail="the object store could not serve"
                             f" the recording ({exc.code}); try again later") from exc
+    size = stat.size or 0
+    first, last = span or (0, size - 1)
     filename = stored_filename(job["filename"], redacted=job["audio_redacted_at"] is not None)
     headers = {"Accept-Ranges": "bytes", "Content-Length": str(max(0, last - first + 1)),
-               "Content-Disposition": content_disposition(filename).replace("attachment", "inline", 1)}
+               "Content-Disposition": content_disposition(filename).replace("attachment", "inline", 1),
+               # Someone's recording: kept by no shared cache, and checked with the ETag before a
+               # browser plays its own copy again (it changes when the recording is redacted).
+               "Cache-Control": "private, no-cache", "X-Content-Type-Options": "nosniff"}
+    if stat.etag:
+        headers["ETag"] = f'"{stat.etag}"'
+    if stat.last_modified is not None:
+        headers["Last-Modified"] = http_date(stat.last_modified)
     if span:
         headers["Content-Range"] = f"bytes {first}-{last}/{size}"
-    suffix = ("." + filename.rsplit(".", 1)[-1].lower()) if "." in filename else ""
-    media_type = AUDIO_TYPES.get(suffix) or mimetypes.guess_type(filename)[0] or "application/octet-stream"
-    return Stream(_pieces(state, job["audio_key"], opening, first, last), status_code=206 if span else 200,
-                  media_type=media_type, headers=headers)
+    return Stream(_pieces(state, job_id, job["audio_key"], stat.etag or "", opening, first, last),
+                  status_code=206 if span else 200, media_type=media_type(filename), headers=headers)
 
 
 PLAYBACK_ROUTES = [job_audio]

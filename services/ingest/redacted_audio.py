@@ -82,12 +82,14 @@ async def redact_recording(pool: asyncpg.Pool, s3: Minio, bucket: str, job_id: i
         await asyncio.to_thread(write_redacted, s3, bucket, job["audio_key"], pcm_key(job_id), channels, spans, size)
         async with pool.acquire() as conn, conn.transaction():
             locked = await jobstore.lock_job(conn, job_id)
-            if locked is None or locked["audio_removed_at"]:
-                # Deleted, or its recording removed by AUDIO_RETENTION_DAYS, while the recording
-                # was rewritten: the rewrite must not outlive either.
-                await asyncio.to_thread(remove_objects, s3, [(bucket, job["audio_key"])])
-                log.info("%s while its recording was redacted; the redacted copy is removed too",
-                         "deleted" if locked is None else "its recording was removed")
-                return
-            await jobstore.mark_audio_redacted(conn, job_id)
+            if locked is not None and not locked["audio_removed_at"]:
+                await jobstore.mark_audio_redacted(conn, job_id)
+        if locked is None or locked["audio_removed_at"]:
+            # Deleted, or its recording removed by AUDIO_RETENTION_DAYS, while the recording was
+            # rewritten: the rewrite must not outlive either. Removed after the transaction: a
+            # store that does not answer must not hold the job's lock and a pooled connection.
+            await asyncio.to_thread(remove_objects, s3, [(bucket, job["audio_key"])])
+            log.info("%s while its recording was redacted; the redacted copy is removed too",
+                     "deleted" if locked is None else "its recording was removed")
+            return
         log.info("recording redacted: %d spans silent", len(spans))

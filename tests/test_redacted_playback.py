@@ -1,0 +1,222 @@
+"""The recording of a job that asked for redaction is never handed out, copied or retimed before
+its redacted copy is written (README "Redaction"), and playback serves one version of a recording
+from start to end, as what it is (README "GET /transcripts/{id}/audio"). The jobs here are made
+by hand as ingest's job-end step finds them: done, with redaction still to do or done."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import time
+from email.utils import format_datetime
+
+import httpx
+import pytest
+from minio import Minio
+from minio.error import S3Error
+
+from common.storage import pcm_key, upload_bytes
+
+SEGMENT_WORDS = [{"word": " call", "start": 0.5, "end": 0.8, "probability": 0.9},
+                 {"word": " me", "start": 0.8, "end": 1.0, "probability": 0.9},
+                 {"word": " at", "start": 1.0, "end": 1.2, "probability": 0.9},
+                 {"word": " [PHONE].", "start": 1.3, "end": 4.8, "probability": None}]
+
+
+@pytest.fixture
+def made_job(stack):
+    """make(filename, content, options=..., redacted=..., status=...) -> the id of a job made by
+    hand, its recording stored at uploads/{id}; removed after the test."""
+    made: list[int] = []
+    s3, bucket = stack.s3(), stack.settings().audio_bucket
+
+    def make(filename: str, content: bytes, options: dict | None = None, redacted: bool = False,
+             status: str = "done", segment: bool = False) -> int:
+        job_id = stack.value(
+            "INSERT INTO transcripts (id, filename, audio_key, status, stage, progress, options, duration,"
+            " completed_at, audio_redacted_at)"
+            " SELECT n, $1, 'uploads/' || n, $2, CASE WHEN $2 = 'done' THEN 'done' ELSE 'transcribing' END,"
+            " CASE WHEN $2 = 'done' THEN 1 ELSE 0.5 END, $3::jsonb, 5.0,"
+            " CASE WHEN $2 = 'done' THEN now() END, CASE WHEN $4 THEN now() END"
+            " FROM nextval(pg_get_serial_sequence('transcripts', 'id')) n RETURNING id",
+            filename, status, json.dumps(options or {}), redacted)
+        made.append(job_id)
+        upload_bytes(s3, bucket, f"uploads/{job_id}", content)
+        if segment:
+            stack.query("INSERT INTO segments (transcript_id, chunk_index, index, speaker, start_ts, end_ts, text,"
+                        " words) VALUES ($1, 0, 0, 'spk_0', 0.5, 4.8, 'call me at [PHONE].', $2::jsonb)",
+                        job_id, json.dumps(SEGMENT_WORDS))
+        return job_id
+
+    yield make
+    for job_id in made:
+        stack.query("DELETE FROM transcripts WHERE id = $1", job_id)
+        for key in (f"uploads/{job_id}", pcm_key(job_id)):
+            try:
+                s3.remove_object(bucket, key)
+            except Exception:
+                pass
+
+
+def audio(stack, job_id: int, **headers: str) -> httpx.Response:
+    return httpx.get(f"{stack.api}/transcripts/{job_id}/audio", headers=headers, timeout=60)
+
+
+def test_a_recording_still_to_be_redacted_is_not_served_until_it_is(stack, made_job):
+    """Subscribers get transcript.completed when the job ends, before ingest has written the
+    redacted copy: the upload, with what was redacted audible, is not theirs to download."""
+    job_id = made_job("call.mp3", b"ID3 the upload as sent", options={"redact": ["phone"]})
+    waiting = audio(stack, job_id)
+    assert waiting.status_code == 503, waiting.text
+    assert waiting.headers["retry-after"].isdigit() and "being redacted" in waiting.json()["detail"]
+    assert b"the upload as sent" not in waiting.content
+
+    # Redacted words are what makes it pending too (the transcriber's REDACT), not only the option.
+    by_words = made_job("other.mp3", b"ID3 another upload", segment=True)
+    assert audio(stack, by_words).status_code == 503
+
+    upload_bytes(stack.s3(), stack.settings().audio_bucket, f"uploads/{job_id}", b"RIFF the redacted copy")
+    stack.query("UPDATE transcripts SET audio_redacted_at = now() WHERE id = $1", job_id)
+    served = audio(stack, job_id)
+    assert served.status_code == 200 and served.content == b"RIFF the redacted copy"
+    assert served.headers["content-type"] == "audio/wav" and "call.wav" in served.headers["content-disposition"]
+
+
+def test_words_are_not_corrected_while_the_recording_is_being_redacted(stack, made_job):
+    """The redacted copy silences the words' times as they are when it is written: a correction
+    before it (retiming "[PHONE]." or dropping the label) would leave the number audible."""
+    job_id = made_job("call.mp3", b"ID3 the upload as sent", options={"redact": ["phone"]}, segment=True)
+    url = f"{stack.api}/transcripts/{job_id}/segments/0/0"
+    refused = httpx.patch(url, json={"text": "call me at [PHONE], please"}, timeout=60)
+    assert refused.status_code == 409, refused.text
+    assert refused.headers["retry-after"].isdigit() and "being redacted" in refused.json()["detail"]
+    refused = httpx.patch(url, json={"text": "call me at home"}, timeout=60)
+    assert refused.status_code == 409, refused.text
+    assert json.loads(stack.value("SELECT words::text FROM segments WHERE transcript_id = $1", job_id)) == SEGMENT_WORDS
+    # Who said it changes no word's time.
+    assert httpx.patch(url, json={"speaker": "spk_1"}, timeout=60).status_code == 200
+
+    stack.query("UPDATE transcripts SET audio_redacted_at = now() WHERE id = $1", job_id)
+    corrected = httpx.patch(url, json={"text": "call me at home"}, timeout=60)
+    assert corrected.status_code == 200 and corrected.json()["text"] == "call me at home", corrected.text
+
+
+def test_a_rerun_does_not_copy_a_recording_still_to_be_redacted(stack, made_job):
+    """A rerun copies the stored recording: before the redaction, that is the upload, which a rerun
+    with `"redact": []` would then keep and serve."""
+    done = made_job("call.mp3", b"ID3 the upload as sent", options={"redact": ["phone"]})
+    running = made_job("call.mp3", b"ID3 the upload as sent", options={"redact": ["phone"]}, status="processing")
+    for job_id in (done, running):
+        refused = httpx.post(f"{stack.api}/transcripts/{job_id}/rerun", json={"redact": []}, timeout=60)
+        assert refused.status_code == 409, refused.text
+        assert refused.headers["retry-after"].isdigit() and "not redacted yet" in refused.json()["detail"]
+    assert stack.value("SELECT count(*) FROM transcripts WHERE filename = 'call.mp3' AND id > $1", running) == 0
+
+
+def test_playback_names_its_version_and_honours_if_range(stack, made_job):
+    content = bytes(range(256)) * 40
+    job_id = made_job("talk.flac", content)
+    whole = audio(stack, job_id)
+    assert whole.status_code == 200 and whole.content == content
+    etag, modified = whole.headers["etag"], whole.headers["last-modified"]
+    assert etag.startswith('"') and etag.endswith('"') and len(etag) > 2
+    assert whole.headers["cache-control"] == "private, no-cache"
+    assert whole.headers["x-content-type-options"] == "nosniff"
+    stored = stack.s3().stat_object(stack.settings().audio_bucket, f"uploads/{job_id}")
+    assert etag == f'"{stored.etag}"' and modified == format_datetime(stored.last_modified, usegmt=True)
+
+    for validator in (etag, modified):
+        part = audio(stack, job_id, Range="bytes=100-199", **{"If-Range": validator})
+        assert part.status_code == 206 and part.content == content[100:200], validator
+    # Another version's validator: the whole file, not a piece of this one spliced onto that one.
+    for validator in ('"0123456789abcdef"', f"W/{etag}", "Thu, 01 Jan 2015 00:00:00 GMT", "not a date"):
+        answer = audio(stack, job_id, Range="bytes=100-199", **{"If-Range": validator})
+        assert answer.status_code == 200 and answer.content == content, validator
+        assert "content-range" not in answer.headers
+
+
+@pytest.mark.parametrize(("filename", "served_as"), [
+    ("page.html", "application/octet-stream"), ("picture.svg", "application/octet-stream"),
+    ("notes.txt", "application/octet-stream"), ("script.js", "application/octet-stream"),
+    ("noname", "application/octet-stream"), ("talk.mp3", "audio/mpeg"), ("meeting.mp4", "video/mp4")])
+def test_playback_serves_audio_and_video_types_only(stack, made_job, filename, served_as):
+    """The type comes from the uploader's file name: one named x.html must not be a page of this
+    origin, opened inline."""
+    job_id = made_job(filename, b"<html><script>alert(1)</script></html>")
+    answer = audio(stack, job_id)
+    assert answer.status_code == 200 and answer.headers["content-type"].split(";")[0] == served_as
+    assert answer.headers["x-content-type-options"] == "nosniff"
+
+
+def test_a_recording_replaced_while_it_is_played_breaks_the_answer_off(stack, made_job):
+    """Each piece is read from the version the answer began with: the recording replaced
+    meanwhile (by its redacted copy) ends the answer short, never continues it with the new file."""
+    size = 24 * 1024 * 1024  # many pieces, past what the sockets between hold
+    job_id = made_job("call.mp3", b"\x01" * size)
+    received = io.BytesIO()
+    with httpx.Client(timeout=60) as client, client.stream("GET", f"{stack.api}/transcripts/{job_id}/audio") as answer:
+        assert answer.status_code == 200 and answer.headers["content-length"] == str(size)
+        pieces = answer.iter_bytes(64 * 1024)
+        received.write(next(pieces))
+        time.sleep(1)  # the server has filled the sockets and waits
+        upload_bytes(stack.s3(), stack.settings().audio_bucket, f"uploads/{job_id}", b"\x02" * size)
+        with pytest.raises(httpx.HTTPError):
+            for piece in pieces:
+                received.write(piece)
+    assert 0 < received.tell() < size and set(received.getvalue()) == {1}
+    # Asked again, it is the new recording, whole.
+    again = audio(stack, job_id)
+    assert again.status_code == 200 and again.content == b"\x02" * size
+
+
+async def test_the_redacted_copy_of_a_job_gone_meanwhile_is_removed_without_holding_its_lock(stack, made_job):
+    """Retention removes the recording while its redacted copy is written: the copy is removed
+    too, by a store call made after the transaction that locks the job (a store that does not
+    answer must not hold the lock, and every request waiting on it)."""
+    import asyncpg
+    import numpy as np
+
+    from common.db import create_pool
+    from services.ingest.redacted_audio import redact_recording
+
+    settings = stack.settings()
+    bucket = settings.audio_bucket
+    job_id = made_job("call.mp3", b"ID3 the upload as sent", options={"redact": ["phone"]}, segment=True)
+    upload_bytes(stack.s3(), bucket, pcm_key(job_id), np.full(5 * 16000, 1000, dtype="<i2").tobytes())
+    lock_free: list[bool] = []
+
+    class Store(Minio):  # the real store; the test only acts and looks between two calls
+        def put_object(self, bucket_name, object_name, *args, **kwargs):
+            result = super().put_object(bucket_name, object_name, *args, **kwargs)
+            if object_name == f"uploads/{job_id}":  # retention, meanwhile
+                stack.query("UPDATE transcripts SET audio_removed_at = now() WHERE id = $1", job_id)
+            return result
+
+        def remove_object(self, bucket_name, object_name, *args, **kwargs):
+            async def free() -> bool:
+                conn = await asyncpg.connect(stack.database_url)
+                try:
+                    await conn.execute("SET lock_timeout = '1s'")
+                    async with conn.transaction():
+                        await conn.fetchval("SELECT id FROM transcripts WHERE id = $1 FOR UPDATE", job_id)
+                    return True
+                except asyncpg.exceptions.LockNotAvailableError:
+                    return False
+                finally:
+                    await conn.close()
+            lock_free.append(asyncio.run(free()))
+            return super().remove_object(bucket_name, object_name, *args, **kwargs)
+
+    store = Store(settings.minio_endpoint, access_key=settings.minio_access_key,
+                  secret_key=settings.minio_secret_key.get_secret_value(), secure=settings.minio_secure,
+                  region=settings.minio_region)
+    pool = await create_pool(settings)
+    try:
+        await redact_recording(pool, store, bucket, job_id)
+    finally:
+        await pool.close()
+    assert lock_free == [True]
+    with pytest.raises(S3Error):  # the redacted copy did not outlive the removal
+        stack.s3().stat_object(bucket, f"uploads/{job_id}")
+    assert stack.value("SELECT audio_redacted_at FROM transcripts WHERE id = $1", job_id) is None
