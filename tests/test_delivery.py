@@ -129,13 +129,14 @@ async def test_job_submitted_delivered_three_times_gives_one_transcript(stack, f
 
 
 async def test_a_failing_message_is_retried_then_fails_the_job_with_the_reason(stack):
-    """A chunk whose audio is missing from the store: retried after each RETRY_DELAYS_S delay,
-    then the job fails with the error and the message waits in stt.dead-letters."""
+    """A chunk whose audio's bucket is missing from the store (a missing object fails at once):
+    retried after each RETRY_DELAYS_S delay, then the job fails with the error and the message
+    waits in stt.dead-letters."""
     conn = await asyncpg.connect(stack.database_url)
     try:
         job_id = await conn.fetchval("INSERT INTO transcripts (filename) VALUES ('lost.wav') RETURNING id")
         await publish(stack, JobDiarized(
-            job_id=job_id, chunk_index=0, chunk_count=1, pcm_bucket="audio",
+            job_id=job_id, chunk_index=0, chunk_count=1, pcm_bucket="no-such-bucket",
             pcm_key=f"pcm/{job_id}-missing.s16le", duration=5.0, span=TimeSpan(start=0, end=5),
             turns=[SpeakerTurn(speaker="spk_0", start=0.5, end=4.5)],
         ))

@@ -12,6 +12,7 @@ import re
 import uuid
 
 import numpy as np
+import pytest
 
 from common.audio import SAMPLE_RATE, decode_audio
 from common.messages import JobDiarized, JobOptions, JobProgress, JobSubmitted, Segment, SpeakerTurn, TimeSpan
@@ -320,3 +321,106 @@ def test_one_voice_switching_language_is_not_translated(fixtures_dir):
     assert {s.language for s in english} == {"en"} and {s.language for s in german} == {"de"}
     assert {"permission", "software"} <= set(words(" ".join(s.text for s in english)))
     assert {"und", "der", "software"} <= set(words(" ".join(s.text for s in german)))
+
+
+def test_a_cantonese_job_on_a_model_without_cantonese_is_transcribed_as_chinese(fixtures_dir):
+    """Only Whisper large-v3 knows Cantonese (yue). The bundled base and the default medium were
+    given no language at all for it (faster-whisper leaves out a language token it cannot find)
+    and wrote whatever they guessed; Whisper before v3 writes Cantonese as Chinese, so the job is
+    transcribed as zh, its language still the one asked for, and the log says so."""
+    import logging
+
+    from common.logs import _JobIdFilter, job_logged
+    from services.transcriber import whisper
+
+    settings = Settings()
+    model, _ = load_model(settings.model_copy(update={"whisper_model": settings.whisper_fallback_model}))
+    audio = decode_audio(str(fixtures_dir / "jfk.flac"))
+    duration = audio.size / SAMPLE_RATE
+    chunk = JobDiarized(job_id=31, chunk_index=0, chunk_count=1, pcm_bucket="audio", pcm_key="pcm/31",
+                        duration=duration, span=TimeSpan(start=0, end=duration),
+                        turns=[SpeakerTurn(speaker="spk_0", start=0, end=duration)], options=JobOptions(language="yue"))
+    deps = transcriber.Deps(model=model, read_pcm=lambda bucket, key, span: audio[
+        round(span.start * SAMPLE_RATE):round(span.end * SAMPLE_RATE)])
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    handler.addFilter(_JobIdFilter())
+    whisper.log.addHandler(handler)
+    try:
+        with job_logged(31):
+            transcribed = transcriber.transcribe(chunk, deps)
+    finally:
+        whisper.log.removeHandler(handler)
+
+    assert transcribed.language == "yue" and transcribed.segments
+    assert [r.getMessage() for r in records] == [
+        "job=31 Cantonese (yue) asked for, which this Whisper model does not know (large-v3 does): transcribed"
+        " as Chinese (zh)"], records
+    # What Whisper is told: Chinese for Cantonese; a language it knows as asked.
+    assert [whisper.model_language(model, code) for code in ("yue", "zh", "de", None)] == ["zh", "zh", "de", None]
+
+
+def test_a_chunk_with_long_silence_reads_only_the_speech_it_transcribes(stack: Stack, fixtures_dir):
+    """A chunk holds at most CHUNK_MAX_SPEECH_S of speech, but from cut to cut it may span hours
+    of silence, and all of it was fetched and held as float32 (a 6 h recording with 4 min of
+    speech: 700 MB fetched, over 1 GB of arrays). Only the speech Whisper hears is read."""
+    from common.audio import PCM_BYTES_PER_SECOND, float_to_pcm16
+    from common.storage import upload_bytes
+    from services.transcriber.whisper import REGION_PAD_S
+
+    settings = Settings()
+    model, _ = load_model(settings.model_copy(update={"whisper_model": settings.whisper_fallback_model}))
+    s3, bucket = stack.s3(), stack.settings().audio_bucket
+    speech = decode_audio(str(fixtures_dir / "jfk.flac"))
+    said, silent = speech.size / SAMPLE_RATE, 600.0
+    duration = round(2 * said + silent, 3)
+    job_id = 900_000 + uuid.uuid4().int % 10_000
+    upload_bytes(s3, bucket, pcm_key(job_id), float_to_pcm16(
+        np.concatenate([speech, np.zeros(int(silent * SAMPLE_RATE), dtype=np.float32), speech])))
+    chunk = JobDiarized(job_id=job_id, chunk_index=0, chunk_count=1, pcm_bucket=bucket, pcm_key=pcm_key(job_id),
+                        duration=duration, span=TimeSpan(start=0, end=duration),
+                        turns=[SpeakerTurn(speaker="spk_0", start=0, end=said),
+                               SpeakerTurn(speaker="spk_0", start=said + silent, end=duration)],
+                        options=JobOptions(language="en"))
+    read, bytes_read = transcriber.pcm_reader(s3), []
+
+    def counted(bucket: str, key: str, span: TimeSpan) -> np.ndarray:
+        samples = read(bucket, key, span)
+        bytes_read.append(samples.size * 2)
+        return samples
+
+    try:
+        segments = transcriber.transcribe(chunk, transcriber.Deps(model=model, read_pcm=counted)).segments
+    finally:
+        s3.remove_object(bucket, pcm_key(job_id))
+
+    # The two speeches with the padding around each, not the ten minutes between them.
+    assert sum(bytes_read) <= 2 * (said + 2 * REGION_PAD_S) * PCM_BYTES_PER_SECOND + 64, bytes_read
+    middle = said + silent / 2
+    for heard in ([s for s in segments if s.end_ts < middle], [s for s in segments if s.start_ts > middle]):
+        assert {"ask", "what", "country"} <= set(words(" ".join(s.text for s in heard))), segments
+
+
+def test_a_chunk_whose_decoded_audio_is_gone_fails_its_job_at_once(stack: Stack):
+    """The job was cancelled or deleted while its chunk waited, and its decoded audio removed
+    with it: no retry brings that back, yet the chunk was retried, then dead-lettered as an
+    internal failure. A bucket that is not there (the store's setup) is still retried."""
+    from minio.error import S3Error
+
+    from common.broker import PermanentError
+
+    settings = Settings()
+    model, _ = load_model(settings.model_copy(update={"whisper_model": settings.whisper_fallback_model}))
+    job_id = 900_000 + uuid.uuid4().int % 10_000
+    deps = transcriber.Deps(model=model, read_pcm=transcriber.pcm_reader(stack.s3()))
+
+    def chunk(bucket: str) -> JobDiarized:
+        return JobDiarized(job_id=job_id, chunk_index=0, chunk_count=1, pcm_bucket=bucket, pcm_key=pcm_key(job_id),
+                           duration=5.0, span=TimeSpan(start=0, end=5),
+                           turns=[SpeakerTurn(speaker="spk_0", start=0.5, end=4.5)], options=JobOptions(language="en"))
+
+    with pytest.raises(PermanentError, match="^the job's decoded audio is gone$"):
+        transcriber.transcribe(chunk(stack.settings().audio_bucket), deps)
+    with pytest.raises(S3Error, match="NoSuchBucket"):
+        transcriber.transcribe(chunk("no-such-bucket"), deps)

@@ -138,11 +138,12 @@ def wait_for(check, timeout: float = 30):
 
 
 def test_a_failing_chunk_counts_as_retried_then_dead_lettered(stack: Stack):
-    """A chunk whose audio is missing from the store: retried (RETRY_DELAYS_S=1,2), then the job
-    fails and the message is parked; the dead-letter queue depth shows it."""
+    """A chunk whose audio's bucket is missing from the store (a missing object fails at once):
+    retried (RETRY_DELAYS_S=1,2), then the job fails and the message is parked; the dead-letter
+    queue depth shows it."""
     before = scrape(stack, "transcriber")
     job_id = stack.value("INSERT INTO transcripts (filename) VALUES ('lost.wav') RETURNING id")
-    message = JobDiarized(job_id=job_id, chunk_index=0, chunk_count=1, pcm_bucket="audio",
+    message = JobDiarized(job_id=job_id, chunk_index=0, chunk_count=1, pcm_bucket="no-such-bucket",
                           pcm_key=f"pcm/{job_id}-missing.s16le", duration=5.0, span=TimeSpan(start=0, end=5),
                           turns=[SpeakerTurn(speaker="spk_0", start=0.5, end=4.5)])
 

@@ -12,15 +12,17 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+from minio.error import S3Error
 
 from common.audio import SAMPLE_RATE, pcm16_to_float
+from common.broker import PermanentError
 from common.messages import ChunkTranscribed, Contract, JobDiarized, TimeSpan, language_choices
 from common.metrics import add_audio_seconds
-from common.storage import read_range
+from common.storage import is_missing, read_range
 from services.transcriber.languages import detect_language
 from services.transcriber.redaction import redact
 from services.transcriber.spelling import respell
-from services.transcriber.whisper import REGION_PAD_S, transcribe_chunk
+from services.transcriber.whisper import REGION_PAD_S, HeardAudio, heard_spans, transcribe_chunk
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +46,20 @@ class Deps:
 
 
 def pcm_reader(client) -> ReadPcm:
-    """Spans of the diarizer's 16-bit PCM in the object store, by ranged GET."""
+    """Spans of the diarizer's 16-bit PCM in the object store, by ranged GET. PCM that is not
+    there fails the job at once: it is removed when the job ends (cancelled, deleted, or failed
+    meanwhile), and no retry brings it back."""
     def read(bucket: str, key: str, span: TimeSpan) -> np.ndarray:
         start = max(0, int(span.start * SAMPLE_RATE)) * 2
         end = int(span.end * SAMPLE_RATE) * 2
         if end <= start:
             return np.zeros(0, dtype=np.float32)
-        return pcm16_to_float(read_range(client, bucket, key, start, end - start))
+        try:
+            return pcm16_to_float(read_range(client, bucket, key, start, end - start))
+        except S3Error as exc:
+            if is_missing(exc):
+                raise PermanentError("the job's decoded audio is gone") from exc
+            raise
     return read
 
 
@@ -82,8 +91,14 @@ def transcribe(message: JobDiarized, deps: Deps, speech: str = "diarizer") -> Ch
         # are kept by where their middle falls (transcribe_chunk's `keep`), so none is written twice.
         heard = TimeSpan(start=max(0.0, message.span.start - REGION_PAD_S),
                          end=min(message.duration, message.span.end + REGION_PAD_S))
-        audio = deps.read_pcm(message.pcm_bucket, message.pcm_key,
-                              TimeSpan(start=heard.start + offset, end=heard.end + offset))
+        # Only what Whisper hears is read: a chunk holds at most CHUNK_MAX_SPEECH_S of speech, but
+        # from cut to cut it may span hours of silence (hundreds of MB of PCM).
+        length_s = heard.end - heard.start
+        spans = heard_spans(message.turns, heard.start, length_s, speech)
+        audio = HeardAudio(length_s, spans, [
+            deps.read_pcm(message.pcm_bucket, message.pcm_key,
+                          TimeSpan(start=heard.start + offset + s.start, end=heard.start + offset + s.end))
+            for s in spans])
         segments, language = transcribe_chunk(deps.model, audio, heard.start, message.turns,
                                               language_for(message, deps), deps.beam_size, speech,
                                               other_talk=message.other_channels,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,14 +64,14 @@ def passages(turns: list[SpeakerTurn], offset: float, length_s: float) -> list[P
     return runs
 
 
-def identify(model, audio: np.ndarray, runs: list[Passage], among: list[str], fallback: str | None) -> None:
-    """Sets each passage's language: identified on passages of IDENTIFY_MIN_S or more, else
-    the language of the same speaker's nearest identified passage, else of the nearest one,
-    else `fallback` (the job's)."""
+def identify(model, samples: Callable[[float, float], np.ndarray], runs: list[Passage], among: list[str],
+             fallback: str | None) -> None:
+    """Sets each passage's language: identified on passages of IDENTIFY_MIN_S or more (their
+    audio from `samples(start, end)`, in the chunk's seconds), else the language of the same
+    speaker's nearest identified passage, else of the nearest one, else `fallback` (the job's)."""
     for run in runs:
         if run.end - run.start >= IDENTIFY_MIN_S:
-            speech = audio[round(run.start * SAMPLE_RATE):round(run.end * SAMPLE_RATE)]
-            run.language = detect_language(model, speech, among)
+            run.language = detect_language(model, samples(run.start, run.end), among)
     known = [run for run in runs if run.language]
     for run in runs:
         if run.language is None:

@@ -9,23 +9,33 @@ import re
 from collections.abc import Iterable
 
 from common.messages import REDACTABLE, Segment, Word, redacted_label
-from services.transcriber.rewrite import Finder, rewrite, rewrite_text, rewrite_words
+from services.transcriber.rewrite import SPACED_WORD_CHAR, Finder, rewrite, rewrite_text, rewrite_words
 
 _DOMAIN_PART = r"[A-Za-z0-9-]+"
+# An address's name: its own letters and digits, not those of Chinese or Japanese written against
+# it ("我的邮箱是anna@example.org" loses the address, not the sentence).
+_NAME_CHAR = rf"(?:{SPACED_WORD_CHAR}|[%+-])"
+_LOCAL_CHAR = rf"(?:{SPACED_WORD_CHAR}|[.%+-])"
+# Digits in groups of four, with a comma, a full stop, a space or a hyphen between groups.
+_GROUP_BREAK = r"(?:[.,] ?| |-)"
 PATTERNS: dict[str, re.Pattern[str]] = {
     # Written (a@b.com) or as spoken and written down (a at b dot com).
-    "email": re.compile(rf"[\w.+-]+@{_DOMAIN_PART}(?:\.{_DOMAIN_PART})+"
-                        rf"|\b(?:[\w+-]+ dot )*[\w.+-]+ at {_DOMAIN_PART}(?:(?: dot |\.){_DOMAIN_PART})*"
-                        rf"(?: dot |\.)[A-Za-z]{{2,}}\b", re.IGNORECASE),
+    "email": re.compile(rf"{_LOCAL_CHAR}+@{_DOMAIN_PART}(?:\.{_DOMAIN_PART})+"
+                        rf"|(?<!{_LOCAL_CHAR})(?:{_NAME_CHAR}+ dot )*{_LOCAL_CHAR}+ at {_DOMAIN_PART}"
+                        rf"(?:(?: dot |\.){_DOMAIN_PART})*(?: dot |\.)[A-Za-z]{{2,}}(?!{SPACED_WORD_CHAR})",
+                        re.IGNORECASE),
     # 13-19 digits, grouped or not, and not part of a longer run (two phone numbers said one after
-    # the other are no card); or four groups of four with full stops between them, as Whisper
-    # writes groups said each as a sentence of its own ("4111. 1111. 1111. 1111."). No Luhn
-    # check: one digit misheard would let the number through.
+    # the other are no card); or four groups of four with a full stop after some or all of them,
+    # as Whisper writes groups said each as a sentence of its own ("4111. 1111. 1111. 1111.", or
+    # "4111 1111. 1111, 1111." with a pause in the middle). A number said after the card's last
+    # full stop (its expiry) is not taken into it. No Luhn check: one digit misheard would let
+    # the number through.
     "card": re.compile(r"(?<![\d.,])(?<!\d[ -])(?<!\d, )\d(?:(?:, ?|[ -])?\d){12,18}(?!(?:, ?|[ -])?\d)"
-                       r"|(?<![\d.,])(?<!\d\. )\d{4}(?:\. ?\d{4}){3}(?!\d)"),
-    # 7-15 digits with the separators people say them with, a country code or area code included
-    # (Whisper groups long numbers with commas).
-    "phone": re.compile(r"(?<![\w.,])\+?\(?\d(?:[\d ().-]|, ?(?=\d)){5,}\d(?!\d)"),
+                       rf"|(?<![\d.,])(?<!\d[ -])(?<!\d, )\d{{4}}(?:{_GROUP_BREAK}\d{{4}}){{3}}(?!(?:, ?|[ -])?\d)"),
+    # 7-15 digits with the separators people say them with, a country or area code included
+    # (Whisper groups long numbers with commas); not the end of a word or of a number with a
+    # decimal point, but right after Chinese, Japanese or Thai, which Whisper writes digits against.
+    "phone": re.compile(rf"(?<![.,])(?<!{SPACED_WORD_CHAR})\+?\(?\d(?:[\d ().-]|, ?(?=\d)){{5,}}\d(?!\d)"),
     "number": re.compile(r"\d(?:[\d,.]*\d)?"),
 }
 

@@ -12,6 +12,12 @@ from common.messages import Segment, Word
 # (start, end, replacement) in a text, in order, none overlapping.
 Replacements = list[tuple[int, int, str]]
 Finder = Callable[[str], Replacements]
+# Scripts written without spaces between words (Chinese, Japanese kana, Thai, Lao, Myanmar,
+# Khmer): a word, a number or an address written against one of their characters begins or ends
+# there all the same.
+UNSPACED = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff"
+# A letter, digit or underscore of any other script: next to one, a word goes on.
+SPACED_WORD_CHAR = f"[^\\W{UNSPACED}]"
 # One speaker's segments this close are searched as one text (a number said with a pause in it);
 # after a longer silence what follows is something else said.
 JOIN_GAP_S = 3.0

@@ -7,19 +7,18 @@ from __future__ import annotations
 import re
 
 from common.messages import Segment
-from services.transcriber.rewrite import Finder, Replacements, rewrite
+from services.transcriber.rewrite import SPACED_WORD_CHAR, UNSPACED, Finder, Replacements, rewrite
 
-# Scripts written without spaces between words (Chinese, Japanese kana, Thai, Lao, Myanmar,
-# Khmer): a phrase's edge in one of them is a word's edge wherever it falls.
-_UNSPACED = re.compile("[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u0e00-\u0eff"
-                       "\u1000-\u109f\u1780-\u17ff]")
+_UNSPACED = re.compile(f"[{UNSPACED}]")
 
 
 def _pattern(heard: str) -> re.Pattern[str]:
     """`heard` as whole words: not part of a contraction either ("don" is not respelled in
-    "don't"), but a possessive is the word's ("Don's")."""
-    before = "" if _UNSPACED.match(heard[0]) else r"(?<!\w)"
-    after = "" if _UNSPACED.match(heard[-1]) else r"(?!\w|['’](?!s\b)\w)"
+    "don't"), but a possessive is the word's ("Don's"). A phrase's edge in a script written without
+    spaces is a word's edge wherever it falls, and so is a character of such a script next to it
+    ("gpt" in "我们用gpt写代码")."""
+    before = "" if _UNSPACED.match(heard[0]) else f"(?<!{SPACED_WORD_CHAR})"
+    after = "" if _UNSPACED.match(heard[-1]) else rf"(?!{SPACED_WORD_CHAR}|['’](?!s\b)\w)"
     return re.compile(before + r"\s+".join(map(re.escape, heard.split())) + after, re.IGNORECASE)
 
 

@@ -14,12 +14,14 @@ bench/accuracy.py prints both."""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from faster_whisper import BatchedInferencePipeline, WhisperModel
 
 from common.audio import SAMPLE_RATE
+from common.broker import PermanentError
 from common.messages import Segment, SpeakerTurn, TimeSpan, Word
 from common.settings import Settings
 from common.turns import speech_regions
@@ -85,6 +87,62 @@ def _regions_in_chunk(turns: list[SpeakerTurn], offset: float, length_s: float) 
     return spans
 
 
+def heard_spans(turns: list[SpeakerTurn], offset: float, length_s: float, speech: str = "diarizer") -> list[TimeSpan]:
+    """What transcribe_chunk listens to of a chunk `length_s` long starting at `offset` in the
+    job, in the chunk's own time: the padded speech regions, or all of it with `speech="whisper-vad"`."""
+    if speech == "whisper-vad":
+        return [TimeSpan(start=0.0, end=length_s)]
+    return _regions_in_chunk(turns, offset, length_s)
+
+
+@dataclass
+class HeardAudio:
+    """A chunk's audio as read: the samples of `spans` (the chunk's time) only, the chunk being
+    `length_s` long. A chunk holds at most CHUNK_MAX_SPEECH_S of speech but may span hours of
+    silence around it, which is never read nor held."""
+    length_s: float
+    spans: list[TimeSpan]
+    pieces: list[np.ndarray]
+
+    @classmethod
+    def whole(cls, audio: np.ndarray) -> HeardAudio:
+        length_s = audio.size / SAMPLE_RATE
+        return cls(length_s, [TimeSpan(start=0.0, end=length_s)], [audio])
+
+    def empty(self) -> bool:
+        return not any(piece.size for piece in self.pieces)
+
+    def samples(self, start: float, end: float) -> np.ndarray:
+        """The samples from `start` to `end` (seconds); silence where nothing was read."""
+        first, last = round(start * SAMPLE_RATE), round(end * SAMPLE_RATE)
+        out = None
+        for span, piece in zip(self.spans, self.pieces):
+            at = round(span.start * SAMPLE_RATE)
+            if at <= first and last <= at + piece.size:
+                return piece[first - at:last - at]
+            a, b = max(first, at), min(last, at + piece.size)
+            if b > a:
+                out = np.zeros(max(0, last - first), dtype=np.float32) if out is None else out
+                out[a - first:b - first] = piece[a - at:b - at]
+        return out if out is not None else np.zeros(max(0, last - first), dtype=np.float32)
+
+
+def model_language(model, language: str | None) -> str | None:
+    """The language code to give `model` for a job's `language`. Whisper before large-v3 (the
+    bundled base, the default medium) has no <|yue|>, and writes Cantonese as Chinese: a job in
+    Cantonese is transcribed as zh there (given a code it lacks, faster-whisper decodes with no
+    language at all). Any other code the model lacks fails the job."""
+    tokenizer = getattr(model, "hf_tokenizer", None)
+    if (language is None or tokenizer is None or not model.model.is_multilingual
+            or tokenizer.token_to_id(f"<|{language}|>") is not None):
+        return language
+    if language == "yue":
+        log.info("Cantonese (yue) asked for, which this Whisper model does not know (large-v3 does): transcribed"
+                 " as Chinese (zh)")
+        return "zh"
+    raise PermanentError(f"the Whisper model in use cannot transcribe language {language!r}")
+
+
 def _heard_times(spans: list[TimeSpan]):
     """Maps a word's (start, end) in the concatenated regions back to the chunk's own time,
     through the region that holds the middle of the word, its ends kept inside that region: a
@@ -100,7 +158,7 @@ def _heard_times(spans: list[TimeSpan]):
     return to_chunk
 
 
-def transcribe_chunk(model: WhisperModel, audio: np.ndarray, offset: float,
+def transcribe_chunk(model: WhisperModel, audio: np.ndarray | HeardAudio, offset: float,
                      turns: list[SpeakerTurn], language: str | None,
                      beam_size: int = 5, speech: str = "diarizer",
                      other_talk: list[SpeakerTurn] | None = None,
@@ -120,22 +178,25 @@ def transcribe_chunk(model: WhisperModel, audio: np.ndarray, offset: float,
     chunk's own span on either side, and what is there belongs to the chunk next to it. With
     `batch_size` over 1, the speech heard is cut into clips of up to 30 s where regions join or
     in pauses and decoded that many at once (faster-whisper's batched pipeline) instead of one
-    window after another."""
-    if not turns or audio.size == 0:
+    window after another. `audio` is the whole chunk, or what was read of it (HeardAudio: at
+    least heard_spans)."""
+    heard_audio = audio if isinstance(audio, HeardAudio) else HeardAudio.whole(audio)
+    if not turns or heard_audio.empty():
         return [], language
     # Whisper's `hotwords`, not its `initial_prompt`: without conditioning on the previous text
     # the initial prompt reaches only the first window.
     options = dict(task=task, beam_size=beam_size, word_timestamps=True,
                    condition_on_previous_text=False, hotwords=", ".join(vocabulary or []) or None)
-    length_s = audio.size / SAMPLE_RATE
+    length_s = heard_audio.length_s
     if speech == "whisper-vad":
-        pieces, info = model.transcribe(audio, vad_filter=True, language=language, **options)
+        pieces, info = model.transcribe(heard_audio.samples(0.0, length_s), vad_filter=True,
+                                        language=model_language(model, language), **options)
         words = [_word(w, offset, _as_heard) for piece in pieces for w in (piece.words or [])]
         spoken = [language or info.language] * len(words)
     else:
         if among:
             runs = passages(turns, offset, length_s)
-            identify(model, audio, runs, among, fallback=language)
+            identify(model, heard_audio.samples, runs, among, fallback=language)
             parts = language_spans(runs, length_s, margin_s=REGION_PAD_S)
         else:
             parts = [(TimeSpan(start=0.0, end=length_s), language)]
@@ -149,16 +210,17 @@ def transcribe_chunk(model: WhisperModel, audio: np.ndarray, offset: float,
                      for r in regions if min(r.end, part.end) > max(r.start, part.start)]
             if not spans:
                 continue
-            heard = np.concatenate([audio[round(s.start * SAMPLE_RATE):round(s.end * SAMPLE_RATE)] for s in spans])
+            heard = np.concatenate([heard_audio.samples(s.start, s.end) for s in spans])
             if batch_size > 1:
                 pieces, info = BatchedInferencePipeline(model).transcribe(
                     heard, vad_filter=False, clip_timestamps=_clips(spans, pauses), batch_size=batch_size,
-                    language=part_language, **options)
+                    language=model_language(model, part_language), **options)
                 # The batched pipeline skips no window as silent (nor retries one at a higher
                 # temperature): what one window after another would have dropped is dropped here.
                 pieces = [p for p in pieces if not (p.no_speech_prob > NO_SPEECH_PROB and p.avg_logprob < LOW_LOGPROB)]
             else:
-                pieces, info = model.transcribe(heard, vad_filter=False, language=part_language, **options)
+                pieces, info = model.transcribe(heard, vad_filter=False, language=model_language(model, part_language),
+                                                **options)
             to_chunk = _heard_times(spans)
             found = [_word(w, offset, to_chunk) for piece in pieces for w in (piece.words or [])]
             words += found
