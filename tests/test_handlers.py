@@ -424,3 +424,32 @@ def test_a_chunk_whose_decoded_audio_is_gone_fails_its_job_at_once(stack: Stack)
         transcriber.transcribe(chunk(stack.settings().audio_bucket), deps)
     with pytest.raises(S3Error, match="NoSuchBucket"):
         transcriber.transcribe(chunk("no-such-bucket"), deps)
+
+
+def test_a_short_passage_takes_its_own_speakers_language_before_anyone_elses():
+    """An interpreted interview: the German speaker's short "Ja, genau." (too short to identify)
+    in a chunk that is mostly English takes German, the language of that speaker's nearest
+    identified passage, not English, the nearest passage's; a speaker with no passage long enough
+    takes the nearest one's; with none identified at all, the job's language stands."""
+    from services.transcriber.languages import Passage, identify
+
+    spoken = {"spk_en": "en", "spk_de": "de", "spk_fr": "fr"}
+    codes = list(spoken.values())
+
+    class Identifier:  # Whisper's identification, told the language by the audio it is given
+        def detect_language(self, speech):
+            code = codes[int(speech[0])]
+            return code, 0.9, [(code, 0.9)]
+
+    runs = [Passage(0.0, 12.0, "spk_en"), Passage(12.5, 20.0, "spk_de"), Passage(20.5, 40.0, "spk_en"),
+            Passage(40.3, 41.0, "spk_de"), Passage(41.5, 55.0, "spk_en"), Passage(55.4, 56.0, "spk_fr")]
+
+    def samples(start: float, end: float) -> np.ndarray:
+        [run] = [r for r in runs if (r.start, r.end) == (start, end)]
+        return np.full(round((end - start) * SAMPLE_RATE), codes.index(spoken[run.speaker]), dtype=np.float32)
+
+    identify(Identifier(), samples, runs, ["en", "de", "fr"], fallback="en")
+    assert [r.language for r in runs] == ["en", "de", "en", "de", "en", "en"]
+    short = [Passage(0.0, 1.0, "spk_en"), Passage(1.2, 2.0, "spk_de")]
+    identify(Identifier(), samples, short, ["en", "de"], fallback="de")
+    assert [r.language for r in short] == ["de", "de"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from common.messages import Segment, Word
-from services.transcriber.redaction import redact_text
+from services.transcriber.redaction import redact, redact_text
 from services.transcriber.spelling import respell
 
 
@@ -51,3 +51,43 @@ def test_custom_spelling_of_a_latin_phrase_is_found_inside_chinese():
     assert spelled.text == "我们用GPT-4o写代码, gpts GPT-4o."
     assert [(w.word, w.start, w.end) for w in spelled.words] == [
         ("我们用", 0, 1), ("GPT-4o写", 1, 2), ("代码,", 2, 3), (" gpts", 3, 4), (" GPT-4o.", 4, 5)]
+
+
+def said_by(speaker: str, *timed: tuple[str, float], index: int = 0) -> Segment:
+    """A segment as the transcriber makes it: Whisper's words (each with its space before it)
+    given to the speaker talking under them."""
+    words = [Word(word=w, start=t, end=round(t + 0.4, 3), probability=0.9) for w, t in timed]
+    return Segment(index=index, speaker=speaker, start_ts=words[0].start, end_ts=words[-1].end,
+                   text="".join(w.word for w in words).strip(), words=words)
+
+
+def test_a_number_whose_words_went_to_two_speakers_is_redacted_in_both():
+    """Where B talks over A, the word-level speaker assignment can give the end of A's number to
+    B: each speaker's words alone hold no phone number, everyone's in the order said do."""
+    a = said_by("spk_0", (" My", 0), (" number", 0.5), (" is", 1), (" 555", 1.5), (" 123", 2))
+    b = said_by("spk_1", (" 4567.", 2.5), (" Got", 3.1), (" it.", 3.4), index=1)
+    redacted = redact([a, b], ["phone"])
+    assert [(s.index, s.speaker, s.text) for s in redacted] == [
+        (0, "spk_0", "My number is [PHONE]"), (1, "spk_1", "[PHONE]. Got it.")]
+    # Each part is one word over its own words' time, in its own segment: both are silenced.
+    assert [(w.word, w.start, w.end) for s in redacted for w in s.words if "PHONE" in w.word] == [
+        (" [PHONE]", 1.5, 2.4), (" [PHONE].", 2.5, 2.9)]
+    assert [(s.start_ts, s.end_ts) for s in redacted] == [(0, 2.4), (2.5, 3.8)]
+    # Given back and forth (A, B, A): still one number, each part in its own speaker's segment.
+    first = said_by("spk_0", (" Call", 0), (" 555", 0.5))
+    middle = said_by("spk_1", (" 123", 1.0), index=1)
+    last = said_by("spk_0", (" 4567", 1.5), (" please.", 2.0), index=2)
+    assert [s.text for s in redact([first, middle, last], ["phone"])] == ["Call [PHONE]", "[PHONE]", "[PHONE] please."]
+
+
+def test_two_speakers_own_numbers_are_not_joined_into_one():
+    """A's phone number is found in A's words; B's "12" a second later is B's own and stays, as
+    does a number said after everyone was silent for JOIN_GAP_S."""
+    a = said_by("spk_0", (" It's", 0), (" 555", 0.5), (" 1234.", 1))
+    b = said_by("spk_1", (" 12", 2.4), (" minutes?", 2.8), index=1)
+    assert [s.text for s in redact([a, b], ["phone"])] == ["It's [PHONE].", "12 minutes?"]
+    late = said_by("spk_1", (" 4567", 5.5), index=1)
+    half = said_by("spk_0", (" It's", 0), (" 555", 0.5), (" 123", 1))
+    assert [s.text for s in redact([half, late], ["phone"])] == ["It's 555 123", "4567"]
+    # Spelling is searched in each speaker's words only, as before.
+    assert [s.text for s in respell([half, b], {"123 12": "x"})] == ["It's 555 123", "12 minutes?"]

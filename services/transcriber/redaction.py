@@ -94,6 +94,8 @@ def redact_text(text: str, kinds: Iterable[str]) -> str:
 
 
 def redact(segments: list[Segment], kinds: Iterable[str]) -> list[Segment]:
-    """Segments with what `kinds` names replaced in their words and text."""
+    """Segments with what `kinds` names replaced in their words and text: each speaker's words
+    searched, then everyone's in the order said (a number whose words went to two speakers
+    where they talk over each other)."""
     kinds = list(kinds)
-    return rewrite(segments, _finder(kinds)) if kinds else segments
+    return rewrite(segments, _finder(kinds), across_speakers=True) if kinds else segments

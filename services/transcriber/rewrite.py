@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable
+from itertools import accumulate
 
 from common.messages import Segment, Word
 
@@ -70,12 +71,13 @@ def rewrite_text(text: str, find: Finder) -> str:
     return _replaced(text, find(text))
 
 
-def rewrite(segments: list[Segment], find: Finder) -> list[Segment]:
+def rewrite(segments: list[Segment], find: Finder, across_speakers: bool = False) -> list[Segment]:
     """Segments with what `find` finds replaced in their words and text. One speaker's segments
     less than JOIN_GAP_S apart are searched as one text, also with another speaker's segments
     between them (an "Okay." from the other side of a call in the middle of a phone number): a
     number said across a pause that cut the segment there is found whole, and its word stays in
-    the segment it starts in (which then ends with it)."""
+    the segment it starts in (which then ends with it). With `across_speakers`, everyone's words
+    are searched too, in the order said: see _across_speakers."""
     runs: list[list[int]] = []  # each run: the positions of its segments
     open_runs: dict[tuple[str, bool], list[int]] = {}  # the latest run of each speaker
     for position, segment in enumerate(segments):
@@ -86,15 +88,20 @@ def rewrite(segments: list[Segment], find: Finder) -> list[Segment]:
         else:
             open_runs[key] = [position]
             runs.append(open_runs[key])
+    # What to replace in each run of words' text.
+    found = {n: find("".join(w.word for p in run for w in segments[p].words))
+             for n, run in enumerate(runs) if segments[run[0]].words}
+    if across_speakers:
+        _across_speakers(segments, runs, found, find)
     rewritten: dict[int, Segment] = {}
-    for run in runs:
+    for n, run in enumerate(runs):
         mine = [segments[position] for position in run]
         if not mine[0].words:
             rewritten.update((p, s.model_copy(update={"text": rewrite_text(s.text, find)})) for p, s in zip(run, mine))
             continue
         owner = [n for n, segment in enumerate(mine) for _ in segment.words]
         kept: list[list[Word]] = [[] for _ in mine]
-        for first, word in _rewritten([w for s in mine for w in s.words], find):
+        for first, word in _rewritten([w for s in mine for w in s.words], lambda _, spans=found[n]: spans):
             kept[owner[first]].append(word)
         for position, segment, words in zip(run, mine, kept, strict=True):
             if words:
@@ -105,3 +112,84 @@ def rewrite(segments: list[Segment], find: Finder) -> list[Segment]:
                     "end_ts": max(segment.end_ts, words[-1].end)})
     out = [rewritten[position] for position in range(len(segments)) if position in rewritten]
     return [s.model_copy(update={"index": n}) for n, s in enumerate(out)]
+
+
+def _covered(bounds: list[int], start: int, end: int) -> tuple[int, int]:
+    """[first, last) of the words (their text from bounds[i] to bounds[i + 1]) that a span covers."""
+    return bisect_right(bounds, start) - 1, bisect_left(bounds, end)
+
+
+def _across_speakers(segments: list[Segment], runs: list[list[int]], found: dict[int, Replacements],
+                     find: Finder) -> None:
+    """Adds to `found` (each run's spans, in its text) what `find` finds in everyone's words in
+    the order said (a word less than JOIN_GAP_S after the talk before it goes on the same text)
+    where the words found went to two speakers or more: where people talk over each other, one
+    number's words can be given some to one speaker, some to the other. Each speaker's part of it
+    becomes one word in the segment that holds it. What a speaker's own search found is not taken
+    into a longer match with another speaker's words around it (A's "555 1234" and B's "12" said
+    after it are two things said), only one that fills the words of another speaker said in
+    between ("555", "123", "4567" given to A, B, A: A's search saw "555 4567"); that one then
+    stands instead."""
+    Place = tuple[int, int]  # a word: (segment, its index there)
+    where: dict[Place, tuple[int, int]] = {}  # each word's run and its start in the run's text
+    texts: dict[int, str] = {}
+    taken: dict[Place, set[tuple[int, int]]] = {}  # the run's own spans (run, which) covering each word
+    own: dict[tuple[int, int], list[Place]] = {}  # each such span's words
+    for n, spans in found.items():
+        places = [(p, k) for p in runs[n] for k in range(len(segments[p].words))]
+        bounds = list(accumulate((len(segments[p].words[k].word) for p, k in places), initial=0))
+        texts[n] = "".join(segments[p].words[k].word for p, k in places)
+        where.update((place, (n, bound)) for place, bound in zip(places, bounds))
+        for i, (start, end, _) in enumerate(spans):
+            first, last = _covered(bounds, start, end)
+            own[n, i] = places[first:last]
+            for place in places[first:last]:
+                taken.setdefault(place, set()).add((n, i))
+    order = sorted((segments[p].words[k].start, p, k) for p, k in where)
+    pieces: list[list[Place]] = []
+    reach = 0.0
+    for start, p, k in order:
+        if pieces and start - reach < JOIN_GAP_S:
+            pieces[-1].append((p, k))
+            reach = max(reach, segments[p].words[k].end)
+        else:
+            pieces.append([(p, k)])
+            reach = segments[p].words[k].end
+    dropped: set[tuple[int, int]] = set()
+    added: dict[int, Replacements] = {}
+    for piece in pieces:
+        if len({segments[p].speaker for p, _ in piece}) < 2:
+            continue
+        word = {place: segments[place[0]].words[place[1]] for place in piece}
+        bounds = list(accumulate((len(word[place].word) for place in piece), initial=0))
+        for start, end, replacement in find("".join(word[place].word for place in piece)):
+            first, last = _covered(bounds, start, end)
+            covered = piece[first:last]
+            if len({segments[p].speaker for p, _ in covered}) < 2:
+                continue  # one speaker's own: their own search has it
+            touched = {span for place in covered for span in taken.get(place, ())}
+            if touched:
+                theirs = {place for span in touched for place in own[span]}
+                extents = [(min(word[place].start for place in own[span]), max(word[place].end for place in own[span]))
+                           for span in touched]
+                if not theirs <= set(covered) or any(
+                        place not in theirs and not any(a <= (word[place].start + word[place].end) / 2 <= b
+                                                        for a, b in extents) for place in covered):
+                    continue
+            dropped |= touched
+            parts: list[list[int]] = []  # [run, segment, word, start, end]: the words of one segment in a row
+            for i, (p, k) in enumerate(covered, start=first):
+                n, at = where[p, k]
+                low, high = at + max(start - bounds[i], 0), at + min(end, bounds[i + 1]) - bounds[i]
+                if parts and parts[-1][1:3] == [p, k - 1] and parts[-1][4] == at == low:
+                    parts[-1][2], parts[-1][4] = k, high
+                else:
+                    parts.append([n, p, k, low, high])
+            for n, _, _, low, high in parts:
+                said = texts[n][low:high]
+                # A part keeps the space before it (the other speaker's part ended there).
+                low, high = low + len(said) - len(said.lstrip()), high - len(said) + len(said.rstrip())
+                if high > low:
+                    added.setdefault(n, []).append((low, high, replacement))
+    for n in found:
+        found[n] = sorted([span for i, span in enumerate(found[n]) if (n, i) not in dropped] + added.get(n, []))
