@@ -243,19 +243,36 @@ async def _apply_migration(conn: asyncpg.Connection, version: int, name: str, sq
         await conn.execute("INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", version, name)
 
 
+async def _connection_outside(pool: asyncpg.Pool) -> asyncpg.Connection:
+    """A connection of its own, made as `pool` makes its connections (the same DATABASE_URL and
+    options, and create_pool's init), but not one of them."""
+    conn = await asyncpg.connect(*pool._connect_args, **pool._connect_kwargs)
+    try:
+        await _init_connection(conn)
+    except BaseException:
+        await conn.close()
+        raise
+    return conn
+
+
 async def every(interval_s: float, pool: asyncpg.Pool, lock_key: int, work: Callable[[], Awaitable[object]],
                 what: str) -> None:
     """Run `work` every `interval_s` seconds, in one process at a time of those sharing the
     database (an advisory lock: a process that finds it taken skips that turn). An error is logged
-    and the next turn comes."""
+    and the next turn comes. The lock is held on a connection of its own, closed after the turn,
+    not on one of `pool`'s: `work` (listing a whole bucket, a backlog) may take minutes, and the
+    requests' pool would be one connection short all that while."""
     while True:
         try:
-            async with pool.acquire() as conn:
+            conn = await _connection_outside(pool)
+            try:
                 if await conn.fetchval("SELECT pg_try_advisory_lock($1)", lock_key):
-                    try:
-                        await work()
-                    finally:
-                        await conn.execute("SELECT pg_advisory_unlock($1)", lock_key)
+                    await work()  # the lock goes with the connection
+            finally:
+                try:
+                    await conn.close(timeout=10)
+                except Exception:
+                    conn.terminate()
         except Exception:
             log.exception("%s failed; will try again", what)
         await asyncio.sleep(interval_s)

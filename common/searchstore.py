@@ -9,6 +9,7 @@ import asyncio
 import contextvars
 import hashlib
 import logging
+from collections.abc import Sequence
 from datetime import datetime
 
 import asyncpg
@@ -206,12 +207,24 @@ async def search_semantic(pool: asyncpg.Pool, vector: list[float], model: str, *
 
 # ---- re-embedding (ingest) --------------------------------------------------------------------
 
-async def next_job_to_reindex(db: Db, model: str, after: int = 0) -> int | None:
-    """The oldest ended job after job `after` with a segment not embedded with `model`."""
+async def next_job_to_reindex(db: Db, model: str, after: int = 0, passed_over: Sequence[int] = ()) -> int | None:
+    """The oldest ended job after job `after`, and not in `passed_over`, with a segment not
+    embedded with `model`."""
     return await db.fetchval(
         "SELECT s.transcript_id FROM segments s JOIN transcripts t ON t.id = s.transcript_id"
         " WHERE t.status <> 'processing' AND s.embedding_model IS DISTINCT FROM $1 AND s.transcript_id > $2"
-        " ORDER BY s.transcript_id LIMIT 1", model, after)
+        " AND s.transcript_id <> ALL($3::bigint[])"
+        " ORDER BY s.transcript_id LIMIT 1", model, after, list(passed_over))
+
+
+async def running_jobs_to_reindex(db: Db, model: str) -> list[int]:
+    """Jobs still running with segments embedded with another model than `model` (the embedder's,
+    before it was switched): they are re-embedded once they end. Segments not embedded yet are
+    the embedder's to do, not counted."""
+    rows = await db.fetch(
+        "SELECT DISTINCT s.transcript_id FROM segments s JOIN transcripts t ON t.id = s.transcript_id"
+        " WHERE t.status = 'processing' AND s.embedding_model <> $1 ORDER BY 1", model)
+    return [r["transcript_id"] for r in rows]
 
 
 async def segments_to_reindex(db: Db, job_id: int, model: str) -> list[asyncpg.Record]:
@@ -243,8 +256,14 @@ async def store_reindexed(conn: asyncpg.Connection, job_id: int, model: str,
 
 
 async def reindex_counts(db: Db, model: str) -> asyncpg.Record:
-    """Segments of ended jobs embedded with `model` (done) and not (pending)."""
+    """Segments embedded with `model` (done); those still to do (pending): of ended jobs, every
+    segment not embedded with it; of running jobs, those embedded with another model (re-embedded
+    once their job ends; the embedder embeds the others); and how many running jobs have such
+    segments (waiting_jobs)."""
     return await db.fetchrow(
         "SELECT count(*) FILTER (WHERE s.embedding_model = $1) AS done,"
-        " count(*) FILTER (WHERE s.embedding_model IS DISTINCT FROM $1) AS pending"
-        " FROM segments s JOIN transcripts t ON t.id = s.transcript_id WHERE t.status <> 'processing'", model)
+        " count(*) FILTER (WHERE s.embedding_model IS DISTINCT FROM $1"
+        " AND (t.status <> 'processing' OR s.embedding_model IS NOT NULL)) AS pending,"
+        " count(DISTINCT s.transcript_id) FILTER (WHERE t.status = 'processing' AND s.embedding_model <> $1)"
+        " AS waiting_jobs"
+        " FROM segments s JOIN transcripts t ON t.id = s.transcript_id", model)

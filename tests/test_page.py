@@ -782,3 +782,64 @@ def test_with_api_keys_a_job_opened_plays_its_own_recording_and_the_list_goes_on
         for job_id in made:
             client.delete(f"{stack.api}/transcripts/{job_id}")
         client.close()
+
+
+def test_a_recording_still_being_redacted_plays_once_it_is(stack, browser):
+    """Just after a job that asked for redaction is done, its recording answers 503 with
+    Retry-After until ingest has written the redacted copy (seconds): the page asks again, saying
+    nothing meanwhile, and plays it once it is there. Streamed by the audio element (no key) and
+    fetched with a key alike. The jobs are made by hand as tests/test_redacted_playback.py does."""
+    from common.storage import pcm_key, upload_bytes
+    from tests.audio_files import wav
+
+    s3, bucket = stack.s3(), stack.settings().audio_bucket
+    made: list[int] = []
+    redacted_copy = wav(np.zeros(16_000, dtype=np.float32))
+
+    def being_redacted() -> int:
+        job_id = stack.value(
+            "INSERT INTO transcripts (id, filename, audio_key, status, stage, progress, options, duration,"
+            " completed_at) SELECT n, 'call.mp3', 'uploads/' || n, 'done', 'done', 1, '{\"redact\": [\"phone\"]}',"
+            " 1.0, now() FROM nextval(pg_get_serial_sequence('transcripts', 'id')) n RETURNING id")
+        made.append(job_id)
+        upload_bytes(s3, bucket, f"uploads/{job_id}", b"ID3 the upload as sent")
+        return job_id
+
+    def redacted(job_id: int) -> None:
+        upload_bytes(s3, bucket, f"uploads/{job_id}", redacted_copy)
+        stack.query("UPDATE transcripts SET audio_redacted_at = now() WHERE id = $1", job_id)
+
+    def plays_once_redacted(key: str | None) -> None:
+        job_id = being_redacted()
+        page = browser.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        if key:
+            page.add_init_script(f"sessionStorage.setItem('stt-api-key', '{key}')")
+        refused: list[int] = []
+        page.on("response", lambda response: refused.append(response.status)
+                if response.url.endswith(f"/transcripts/{job_id}/audio") and response.status == 503 else None)
+        page.goto(stack.api + "/")
+        page.evaluate(f"openTranscript({job_id})")
+        wait_until(page, lambda: refused, "the page never asked for the recording")
+        page.wait_for_timeout(1500)
+        assert page.locator("#audio-status").is_hidden(), page.locator("#audio-status").inner_text()
+        redacted(job_id)
+        page.wait_for_function("document.querySelector('#player').readyState >= HTMLMediaElement.HAVE_METADATA",
+                               timeout=30_000)
+        assert page.locator("#audio-status").is_hidden(), page.locator("#audio-status").inner_text()
+        assert page.evaluate("document.querySelector('#player').src.startsWith('blob:')") == bool(key)
+        assert errors == []
+        page.close()
+
+    try:
+        plays_once_redacted(None)  # the audio element streams it
+        plays_once_redacted("any-key-the-server-does-not-ask-for")  # fetched with the key
+    finally:
+        for job_id in made:
+            stack.query("DELETE FROM transcripts WHERE id = $1", job_id)
+            for object_key in (f"uploads/{job_id}", pcm_key(job_id)):
+                try:
+                    s3.remove_object(bucket, object_key)
+                except Exception:
+                    pass

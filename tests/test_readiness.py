@@ -1,4 +1,5 @@
-"""GET /readyz against an object store that accepts connections and never answers."""
+"""GET /readyz, and what else ingest does in the background, against an object store that
+accepts connections and never answers."""
 
 from __future__ import annotations
 
@@ -82,3 +83,50 @@ def test_a_stage_workers_store_client_gives_up_on_a_silent_store_and_says_it_is_
     # Each try waits its timeout (and a short pause before the next): about 4 s here, 3 minutes as set.
     assert time.monotonic() - started < 6
     assert len(accepted) == storage.WORKER_CLIENT_RETRIES + 1
+
+
+async def test_load_balancer_checkers_probing_at_once_all_find_it_ready(stack):
+    """Several checkers (a load balancer's, Kubernetes') probe at once: those that come while a
+    check of the object store is under way wait for its answer, not take it for a stuck store."""
+    import httpx
+
+    async with httpx.AsyncClient(timeout=30) as client:
+        for _ in range(5):
+            answers = await asyncio.gather(*(client.get(f"{stack.api}/readyz") for _ in range(8)))
+            assert [a.status_code for a in answers] == [200] * 8, [a.json()["checks"] for a in answers]
+
+
+async def test_the_orphan_sweep_held_up_by_the_store_keeps_no_request_connection(stack):
+    """The hourly sweep lists the whole audio bucket under an advisory lock (one replica at a
+    time): a large or hanging store keeps it going for minutes, and its lock must not hold one of
+    the connections API requests are served from all that while."""
+    from common.db import LockKey, create_pool
+    from services.ingest.orphans import run_orphan_sweep
+
+    server, accepted = silent_server()
+    s3 = make_client(Settings(minio_endpoint=f"127.0.0.1:{server.getsockname()[1]}"), timeout_s=60)
+    pool = await create_pool(stack.settings())  # the requests' pool, as ingest makes it
+    sweep = asyncio.create_task(run_orphan_sweep(pool, s3, "audio"))
+
+    async def sweeping() -> bool:
+        return await pool.fetchval("SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted"
+                                   " AND ((classid::bigint << 32) | objid::bigint) = $1"
+                                   " AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))",
+                                   int(LockKey.ORPHANS))
+
+    try:
+        deadline = time.monotonic() + 30
+        while not (accepted and await sweeping()):  # under way, its listing unanswered
+            assert time.monotonic() < deadline and not sweep.done(), "the sweep never began"
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.5)
+        assert pool.get_size() - pool.get_idle_size() == 0, "a request connection is held by the sweep"
+        assert not sweep.done()
+    finally:
+        sweep.cancel()
+        await asyncio.gather(sweep, return_exceptions=True)
+        server.close()
+        for connection in accepted:
+            connection.close()
+    assert not await sweeping()  # its lock went with its connection
+    await pool.close()

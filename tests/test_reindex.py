@@ -273,3 +273,72 @@ async def test_one_run_across_replicas_that_passes_over_a_job_it_cannot_embed(ke
     assert calls["second"] == 0  # no second run over the same jobs
     assert not seen_elsewhere.running and f": {refused_job}" in seen_elsewhere.error, seen_elsewhere
     assert embedded == {refused_job: None, later_job: model}
+
+
+async def test_a_job_running_as_the_model_changed_is_reembedded_once_it_ends(keyed, monkeypatch):
+    """A long job running while the model is switched has its early chunks embedded with the old
+    model (by the embedder, before its restart): the run counts them as still to do, is not done
+    while the job runs, and re-embeds them once it ends."""
+    import asyncpg
+
+    from services.ingest import reindex
+    from services.ingest.reindex import Reindexer
+
+    monkeypatch.setattr(reindex, "RUNNING_JOBS_CHECK_S", 0.5, raising=False)
+    stack, _, _ = keyed
+    model = "switched-test-model"
+    pool = await asyncpg.create_pool(stack.database_url, min_size=1, max_size=4)
+    # The run re-embeds the module's other jobs too: put their vectors back afterwards.
+    kept = await pool.fetch("SELECT transcript_id, chunk_index, index, embedding::real[] AS embedding,"
+                            " embedding_model FROM segments")
+    job = await pool.fetchval("INSERT INTO transcripts (filename, status, stage) VALUES ('long-meeting.wav',"
+                              " 'processing', 'transcribing') RETURNING id")
+    # Chunk 0 embedded before the switch; chunk 1's text stored, its embedding (the embedder's, with
+    # the new model) still to come.
+    for chunk, index, text, embedded_with in ((0, 0, "Good morning, everyone.", "model-before-the-switch"),
+                                              (0, 1, "Let us look at the figures.", "model-before-the-switch"),
+                                              (1, 0, "Sales grew in the spring.", None)):
+        await pool.execute("INSERT INTO segments (transcript_id, chunk_index, index, speaker, start_ts, end_ts, text,"
+                           " embedding_model) VALUES ($1, $2, $3, 'spk_0', 0, 1, $4, $5)",
+                           job, chunk, index, text, embedded_with)
+
+    async def embed(texts: list[str]) -> list[list[float]]:
+        return [[1.0] + [0.0] * 7 for _ in texts]
+
+    async def models() -> dict[tuple[int, int], str | None]:
+        return {(r["chunk_index"], r["index"]): r["embedding_model"] for r in await pool.fetch(
+            "SELECT chunk_index, index, embedding_model FROM segments WHERE transcript_id = $1", job)}
+
+    reindexer = Reindexer(pool, embed, model)
+    try:
+        reindexer.start()
+        deadline = asyncio.get_running_loop().time() + 120
+        # Every ended job done, the running one left for its end, and the run still on.
+        while await pool.fetchval("SELECT count(*) FROM segments s JOIN transcripts t ON t.id = s.transcript_id"
+                                  " WHERE t.status <> 'processing' AND s.embedding_model IS DISTINCT FROM $1", model):
+            assert asyncio.get_running_loop().time() < deadline and not reindexer.task.done()
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(2)
+        while_running = await reindexer.progress()
+        untouched = await models()
+        await pool.execute("UPDATE transcripts SET status = 'done', stage = 'done', completed_at = now()"
+                           " WHERE id = $1", job)
+        await asyncio.wait_for(reindexer.task, 60)
+        after = await reindexer.progress()
+        embedded = set((await models()).values())
+    finally:
+        if reindexer.task is not None and not reindexer.task.done():
+            reindexer.task.cancel()
+            await asyncio.gather(reindexer.task, return_exceptions=True)
+        await pool.execute("DELETE FROM transcripts WHERE id = $1", job)
+        await pool.executemany(
+            "UPDATE segments SET embedding = $4::real[]::vector, embedding_model = $5"
+            " WHERE transcript_id = $1 AND chunk_index = $2 AND index = $3", [tuple(r) for r in kept])
+        await pool.execute("DELETE FROM reindex_runs WHERE model = $1", model)
+        await pool.close()
+    assert untouched == {(0, 0): "model-before-the-switch", (0, 1): "model-before-the-switch", (1, 0): None}
+    # Its two old segments are still to do, and the run says so: not done.
+    assert (while_running.running, while_running.pending_segments, getattr(while_running, "waiting_jobs", None)) \
+        == (True, 2, 1), while_running
+    assert embedded == {model}
+    assert (after.running, after.pending_segments, after.waiting_jobs, after.error) == (False, 0, 0, None), after

@@ -184,6 +184,38 @@ def test_a_word_timed_at_one_instant_still_makes_a_cue_that_is_shown():
     assert [(c.start, c.end) for c in cues] == [(1.0, 1.4), (1.4, 2.4)]
 
 
+def test_cues_of_words_all_timed_at_one_instant_follow_one_another_and_are_each_shown():
+    """Whisper now and then times a run of words at one instant: cut to fit on one narrow line,
+    they made three cues that all started at 12.000 and ended a millisecond later, shown at once
+    and gone before anyone could read them."""
+    from services.ingest.captions import MIN_CUE_S, caption_cues
+
+    words = ["one", "two", "three", "four", "five", "six", "seven", "eight"]
+    at_once = TranscriptSegment(speaker="spk_0", start_ts=12.0, end_ts=12.0, text=" ".join(words),
+                                words=[Word(word=w, start=12.0, end=12.0) for w in words])
+    cues = parse_srt(to_srt([at_once], line_width=20, line_count=1))
+    assert [(c.start, c.end, c.text) for c in cues] == [
+        (12.0, 13.0, "one two three"), (13.0, 14.0, "four five six"), (14.0, 15.0, "seven eight")]
+
+    # With the speaker's next words 1.5 s later, and someone else's in between: the three share
+    # that time and none runs into the next; the other speaker's cue keeps its place.
+    later = TranscriptSegment(speaker="spk_0", start_ts=13.5, end_ts=15.0, text="Then more.",
+                              words=[Word(word="Then", start=13.5, end=14.0), Word(word="more.", start=14.2, end=15.0)])
+    other = TranscriptSegment(speaker="spk_1", start_ts=12.2, end_ts=13.4, text="Yes.",
+                              words=[Word(word="Yes.", start=12.2, end=13.4)])
+    cues = caption_cues([at_once, later, other], line_width=20, line_count=1)
+    assert [(c.speaker, round(c.start, 3), round(c.end, 3), c.lines) for c in cues] == [
+        ("spk_0", 12.0, 12.5, ["one two three"]), ("spk_1", 12.2, 13.4, ["Yes."]),
+        ("spk_0", 12.5, 13.0, ["four five six"]), ("spk_0", 13.0, 13.5, ["seven eight"]),
+        ("spk_0", 13.5, 15.0, ["Then more."])], cues
+    for speaker in ("spk_0", "spk_1"):
+        own = [c for c in cues if c.speaker == speaker]
+        assert all(a.end <= b.start for a, b in itertools.pairwise(own)), own
+        assert all(c.end > c.start for c in own), own
+    assert [c.start for c in cues] == sorted(c.start for c in cues)
+    assert MIN_CUE_S == 1.0  # README: such a cue lasts up to 1 s
+
+
 def test_thai_words_written_without_spaces_are_cut_into_cues_that_fit():
     words = ["สวัสดี", "ครับ", "วันนี้", "เรา", "จะ", "คุย", "เรื่อง", "โครงการ", "ใหม่", "ของ", "บริษัท", "และ",
              "แผนงาน", "ใน", "ปี", "หน้า", "ที่", "ทุก", "คน", "ต้อง", "รู้"]

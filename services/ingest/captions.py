@@ -206,19 +206,41 @@ def caption_cues(segments: Sequence[Captioned], line_width: int = LINE_WIDTH, li
                  speaker_takes_room: bool = True) -> list[Cue]:
     """`speaker_takes_room`: the speaker's name opens the first line (SRT) and counts in its width.
     Cues come in the order they start (WebVTT requires it; with two people talking at once, one's
-    later cues would otherwise come before the other's), and each lasts long enough to be shown."""
+    later cues would otherwise come before the other's), each lasts long enough to be shown, and
+    no two of one speaker overlap."""
     cues = sorted((cue for segment in segments
                    for cue in _segment_cues(segment, line_width, line_count, speaker_takes_room)),
                   key=lambda cue: (cue.start, cue.end))
-    return [_readable(cues, i) for i in range(len(cues))]
+    by_speaker: dict[str, list[int]] = {}
+    for i, cue in enumerate(cues):
+        by_speaker.setdefault(cue.speaker, []).append(i)
+    for indices in by_speaker.values():
+        for i, cue in zip(indices, _readable([cues[i] for i in indices])):
+            cues[i] = cue
+    return sorted(cues, key=lambda cue: (cue.start, cue.end))  # stable: one speaker's stay in order
 
 
-def _readable(cues: Sequence[Cue], i: int) -> Cue:
-    """A cue that ends where it starts (a word Whisper timed at one instant) is never shown: it
-    is given up to MIN_CUE_S, but not past the start of the same speaker's next cue."""
-    cue = cues[i]
-    if cue.end - cue.start >= MIN_CUE_S:
-        return cue
-    following = next((c.start for c in cues[i + 1:] if c.speaker == cue.speaker), float("inf"))
-    end = max(cue.end, min(cue.start + MIN_CUE_S, following), cue.start + 0.001)
-    return Cue(cue.start, end, cue.speaker, cue.lines)
+def _readable(cues: Sequence[Cue]) -> list[Cue]:
+    """One speaker's cues, in order, timed to be shown. A cue that ends where it starts (a word
+    Whisper timed at one instant) would never be: it is given up to MIN_CUE_S, but not past the
+    start of the speaker's next cue. Several cues that start at one instant (a passage whose words
+    were all timed alike, cut to fit on screen) follow one another over the time after it, up to
+    MIN_CUE_S each, shared evenly where the speaker's next cue comes sooner. A cue ends at the
+    latest where the speaker's next one starts."""
+    timed: list[Cue] = []
+    first = 0
+    while first < len(cues):
+        at = cues[first].start
+        last = first
+        while last + 1 < len(cues) and cues[last + 1].start == at:
+            last += 1
+        following = cues[last + 1].start if last + 1 < len(cues) else float("inf")
+        together = last - first + 1
+        share = min(MIN_CUE_S, (following - at) / together)
+        for n, cue in enumerate(cues[first:last + 1]):
+            start, end = at + n * share, at + (n + 1) * share
+            if n == together - 1:  # the last keeps the time its words take, up to the next cue
+                end = min(max(cue.end, end), following)
+            timed.append(Cue(start, end, cue.speaker, cue.lines))
+        first = last + 1
+    return timed

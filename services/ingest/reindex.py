@@ -1,10 +1,11 @@
 """Re-embedding stored segments with the current embedding model (after EMBEDDING_BACKEND,
 MODEL_NAME_EMBEDDED or LOCAL_EMBEDDING_MODEL changed), so search covers every transcript:
 `POST /admin/reindex` starts it in the ingest process, `GET /admin/reindex` shows how far it is,
-`stt reindex` does both. It goes job by job (ended jobs, oldest first), one transaction per job;
-what is left is whatever is not yet in the current model, so a restarted ingest resumes by
-asking again. One run at a time across replicas, its outcome kept in `reindex_runs`. With API
-keys on, only ADMIN_API_KEY may call it.
+`stt reindex` does both. It goes job by job (ended jobs, oldest first), one transaction per job,
+then waits for the jobs that were running as the model changed (with segments in the old one)
+to end and does them too; what is left is whatever is not yet in the current model, so a
+restarted ingest resumes by asking again. One run at a time across replicas, its outcome kept
+in `reindex_runs`. With API keys on, only ADMIN_API_KEY may call it.
 
 Apart from runs, `embed_corrections` gives a vector every minute to the segments corrected by
 hand while the embedding service was away, so search by meaning finds them once it is back."""
@@ -37,9 +38,13 @@ BATCH = 256  # texts per embedding call
 class ReindexProgress(BaseModel):
     model: str
     running: bool
-    # Segments of ended jobs embedded with `model`, and those still to do.
+    # Segments embedded with `model`, and those still to do: of ended jobs, every other; of
+    # running ones, those embedded with another model (the embedder's before the switch).
     done_segments: int
     pending_segments: int
+    # Running jobs with segments embedded with another model: a run waits for them to end, then
+    # re-embeds them, before it is done.
+    waiting_jobs: int = 0
     error: str | None = None
 
 
@@ -48,6 +53,8 @@ STOP_AFTER_FAILED_JOBS = 3
 FAILED_JOBS_LISTED = 20
 CORRECTIONS_INTERVAL_S = 60.0
 COUNTS_FRESH_S = 10.0
+# How often a run that has done every ended job looks whether the running jobs it waits for ended.
+RUNNING_JOBS_CHECK_S = 10.0
 
 
 class Reindexer:
@@ -87,28 +94,50 @@ class Reindexer:
                     await conn.execute("SELECT pg_advisory_unlock($1)", LockKey.REINDEX)
 
     async def _reindex_all(self) -> str | None:
-        """Every ended job not yet in the model, oldest first; None, or why some are left. A job
-        whose embedding fails is passed over (one text the service cannot take must not keep
-        every later job out), unless several in a row fail."""
+        """Every ended job not yet in the model, oldest first; then, while jobs that were running
+        as the model changed still run (their early segments in the old model), waits for them
+        to end and re-embeds them too. None, or why some are left. A job whose embedding fails is
+        passed over (one text the service cannot take must not keep every later job out), unless
+        several in a row fail."""
         log.info("re-embedding stored segments with %s", self.model)
-        jobs, failed, failed_in_a_row, after = 0, [], 0, 0
+        jobs, failed, failed_in_a_row = 0, [], 0
+
+        async def reindex(job_id: int) -> None:
+            nonlocal jobs, failed_in_a_row
+            try:
+                await self._reindex_job(job_id)
+            except (asyncpg.PostgresConnectionError, OSError, OllamaUnavailable):
+                raise  # the database or the embedding service away: no job of them would go
+            except Exception:
+                with job_logged(job_id):
+                    log.exception("could not re-embed this job; going on with the next")
+                failed.append(job_id)
+                failed_in_a_row += 1
+                if failed_in_a_row >= STOP_AFTER_FAILED_JOBS:
+                    raise
+                return
+            jobs += 1
+            failed_in_a_row = 0
+
         try:
-            while (job_id := await searchstore.next_job_to_reindex(self.pool, self.model, after)) is not None:
-                after = job_id
-                try:
-                    await self._reindex_job(job_id)
-                except (asyncpg.PostgresConnectionError, OSError, OllamaUnavailable):
-                    raise  # the database or the embedding service away: no job of them would go
-                except Exception:
-                    with job_logged(job_id):
-                        log.exception("could not re-embed this job; going on with the next")
-                    failed.append(job_id)
-                    failed_in_a_row += 1
-                    if failed_in_a_row >= STOP_AFTER_FAILED_JOBS:
-                        raise
-                    continue
-                jobs += 1
-                failed_in_a_row = 0
+            while True:
+                after, found = 0, False
+                while (job_id := await searchstore.next_job_to_reindex(self.pool, self.model, after,
+                                                                       failed)) is not None:
+                    after, found = job_id, True
+                    await reindex(job_id)
+                waiting = set(await searchstore.running_jobs_to_reindex(self.pool, self.model))
+                if not waiting and not found:
+                    break
+                # Jobs that ran as the model changed, their first segments in the old one: once
+                # they have ended, the next pass does them (and any job that ended during this one).
+                told = 0
+                while waiting:
+                    if len(waiting) != told:
+                        log.info("waiting for %d running jobs with segments embedded with another model to end",
+                                 told := len(waiting))
+                    await asyncio.sleep(RUNNING_JOBS_CHECK_S)
+                    waiting = set(await searchstore.running_jobs_to_reindex(self.pool, self.model))
         except Exception as exc:
             log.exception("re-embedding stopped after %d jobs", jobs)
             return f"{type(exc).__name__}: stopped; POST /admin/reindex again to resume"
@@ -156,7 +185,7 @@ class Reindexer:
             "SELECT error FROM reindex_runs WHERE model = $1", self.model)
         counts = await self._segment_counts(running)
         return ReindexProgress(model=self.model, running=running, done_segments=counts["done"],
-                               pending_segments=counts["pending"], error=error)
+                               pending_segments=counts["pending"], waiting_jobs=counts["waiting_jobs"], error=error)
 
 
 async def embed_corrections(pool: asyncpg.Pool, embed: EmbedFn, model: str,

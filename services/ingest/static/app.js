@@ -12,6 +12,7 @@ const state = {
   jobs: new Map(), deleted: new Set(), open: null, stream: null, speakers: [], names: {}, talk: {}, audioUrl: null,
   shown: new Map(),  // the open transcript's segments on the page, by `renderSegment`'s key
   uploading: 0, jobsStream: null, jobsRetry: null, jobsCursor: null, jobsListed: false, audioLoads: 0,
+  audioRetries: 0,  // of the recording now loading, after a 503
   pendingSeek: null, peopleRetry: null,
   jobEventAt: new Map(),  // when /events last told of each job (performance.now())
   openedByUploads: new Set(),  // jobs an upload opened, not the user
@@ -44,6 +45,7 @@ async function api(path, options = {}) {
     const error = new Error(`${response.status}: ${detail}`);
     error.status = response.status;
     error.detail = detail;
+    error.retryAfter = response.headers.get("Retry-After");
     throw error;
   }
   return response;
@@ -933,24 +935,47 @@ function audioProblem(text) {
   line.hidden = !text;
 }
 
+// A 503 (the recording of a job just done still being redacted, the object store busy) passes:
+// the recording is asked for again after the answer's Retry-After (else 5 s), this many times,
+// saying nothing meanwhile.
+const AUDIO_RETRIES = 6;
+
+function retryDelayMs(retryAfter) {
+  const seconds = Number(retryAfter);
+  let ms = retryAfter && Number.isFinite(seconds) ? seconds * 1000 : Date.parse(retryAfter || "") - Date.now();
+  if (!Number.isFinite(ms)) ms = 5000;
+  return Math.min(60_000, Math.max(1000, ms));
+}
+
 async function loadAudio(jobId) {
   const player = $("#player");
   audioProblem("");
   stopAudio();
   const load = state.audioLoads;
+  state.audioRetries = 0;
   if (!apiKey()) {
     player.src = `/transcripts/${jobId}/audio`;  // streamed, seeking by Range requests
     return;
   }
-  try {  // an audio element cannot send the key: fetch the file with it
-    const blob = await (await api(`/transcripts/${jobId}/audio`)).blob();
-    if (state.open !== jobId || state.audioLoads !== load) return;  // another job, or this one again
-    state.audioUrl = URL.createObjectURL(blob);
-    player.src = state.audioUrl;
-  } catch (error) {
-    if (state.open !== jobId || state.audioLoads !== load) return;
-    player.removeAttribute("src");
-    audioProblem(`The recording could not be loaded: ${error.detail || error.message}`);
+  for (;;) {
+    try {  // an audio element cannot send the key: fetch the file with it
+      const blob = await (await api(`/transcripts/${jobId}/audio`)).blob();
+      if (state.open !== jobId || state.audioLoads !== load) return;  // another job, or this one again
+      state.audioUrl = URL.createObjectURL(blob);
+      player.src = state.audioUrl;
+      return;
+    } catch (error) {
+      if (state.open !== jobId || state.audioLoads !== load) return;
+      if (error.status === 503 && state.audioRetries < AUDIO_RETRIES) {
+        state.audioRetries += 1;
+        await new Promise((resolve) => setTimeout(resolve, retryDelayMs(error.retryAfter)));
+        if (state.open !== jobId || state.audioLoads !== load) return;
+        continue;
+      }
+      player.removeAttribute("src");
+      audioProblem(`The recording could not be loaded: ${error.detail || error.message}`);
+      return;
+    }
   }
 }
 
@@ -959,6 +984,7 @@ async function loadAudio(jobId) {
 async function audioFailed() {
   const player = $("#player");
   const jobId = state.open;
+  const load = state.audioLoads;
   if (jobId === null || !player.getAttribute("src")) return;
   let reason = "";
   if (!player.src.startsWith("blob:")) {
@@ -966,9 +992,18 @@ async function audioFailed() {
       await api(`/transcripts/${jobId}/audio`, { headers: { Range: "bytes=0-0" } });
     } catch (error) {
       reason = error.detail || error.message;
+      if (error.status === 503 && state.audioRetries < AUDIO_RETRIES && state.open === jobId
+          && state.audioLoads === load) {
+        state.audioRetries += 1;
+        setTimeout(() => {
+          if (state.open !== jobId || state.audioLoads !== load) return;  // another job, or this one again
+          player.src = `/transcripts/${jobId}/audio`;  // setting it loads it again
+        }, retryDelayMs(error.retryAfter));
+        return;
+      }
     }
   }
-  if (state.open !== jobId) return;
+  if (state.open !== jobId || state.audioLoads !== load) return;
   audioProblem(reason ? `The recording could not be loaded: ${reason}` : "The recording could not be loaded.");
 }
 
