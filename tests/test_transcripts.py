@@ -314,8 +314,14 @@ def parse_vtt(body: str) -> list[Cue]:
 
 def assert_cues_match(cues: list[Cue], segments: list[dict]) -> None:
     """Each segment's text comes back, in order, as one or more cues that fit on screen
-    (at most two lines of 42 columns, at most 7 s) and lie within the segment's time."""
+    (at most two lines of 42 columns, at most 7 s) and lie within the segment's time (ending
+    sooner only where the same speaker's next cue begins: one speaker's cues never overlap, also
+    where two chunks' segments of theirs do)."""
     assert cues and segments
+    next_start = {}
+    for i, cue in enumerate(cues):
+        later = [c.start for c in cues[i + 1:] if c.speaker == cue.speaker]
+        next_start[id(cue)] = later[0] if later else None
     remaining = list(cues)
     for segment in segments:
         text = " ".join(segment["text"].split())
@@ -324,7 +330,9 @@ def assert_cues_match(cues: list[Cue], segments: list[dict]) -> None:
             assert remaining and len(" ".join(c.text for c in mine)) < len(text), (segment, mine)
             mine.append(remaining.pop(0))
         assert {c.speaker for c in mine} == {segment["speaker"]} and re.fullmatch(r"spk_\d+", segment["speaker"])
-        assert abs(mine[0].start - segment["start_ts"]) < 0.0015 and abs(mine[-1].end - segment["end_ts"]) < 0.0015
+        following = next_start[id(mine[-1])]
+        end = segment["end_ts"] if following is None else min(segment["end_ts"], following)
+        assert abs(mine[0].start - segment["start_ts"]) < 0.0015 and abs(mine[-1].end - end) < 0.0015
         for cue in mine:
             assert cue.start <= cue.end <= cue.start + 7.0 and len(cue.lines) <= 2
             assert all(columns(line) <= 42 for line in cue.lines), cue

@@ -64,7 +64,10 @@ def _large_clusters(labels: np.ndarray, min_size: int) -> np.ndarray:
 
 def _cut_closest_to(linkage: np.ndarray, threshold: float, min_size: int, lo: int, hi: int) -> np.ndarray:
     """The dendrogram cut nearest the threshold whose number of large clusters is within
-    [lo, hi] (or as close to that range as the dendrogram allows)."""
+    [lo, hi] (or as close to that range as the dendrogram allows). The cuts tried include the
+    one below every merge (each embedding its own cluster): a recording of one window may hold
+    two voices in two embeddings only, alike enough to merge at the threshold (a telephone call),
+    and a count of two must then keep them apart."""
     from scipy.cluster.hierarchy import fcluster
 
     labels = fcluster(linkage, threshold, criterion="distance") - 1
@@ -72,12 +75,16 @@ def _cut_closest_to(linkage: np.ndarray, threshold: float, min_size: int, lo: in
     if lo <= found <= hi:
         return labels
     target = lo if found < lo else hi
-    # Cut by merge index instead of distance, trying the merges nearest the threshold first.
+    # Cut by merge index instead of distance, trying the merges nearest the threshold first (a
+    # cut at merge m applies merges 0..m; -1, no merge at all, comes right after merge 0).
     by_index = linkage.copy()
     by_index[:, 2] = np.arange(len(linkage))
     best, best_gap = labels, abs(found - target)
-    for merge in np.argsort(np.abs(linkage[:, 2] - threshold), kind="stable"):
-        candidate = fcluster(by_index, merge, criterion="distance") - 1
+    order = np.argsort(np.abs(linkage[:, 2] - threshold), kind="stable").tolist()
+    order.insert(order.index(0) + 1, -1)
+    for merge in order:
+        candidate = (np.arange(len(linkage) + 1) if merge < 0
+                     else fcluster(by_index, merge, criterion="distance") - 1)
         gap = abs(len(_large_clusters(candidate, min_size)) - target)
         if gap < best_gap:
             best, best_gap = candidate, gap

@@ -23,7 +23,7 @@ from common.metrics import add_audio_seconds, nothing_to_do
 from common.settings import Settings
 from common.storage import download_to, pcm_key, stored_size, upload_bytes
 from services.diarizer.offline import Diarization, DiarizationStopped
-from services.diarizer.pipeline import DiarizeFn, language_probe, plan_chunks
+from services.diarizer.pipeline import DiarizeFn, language_probe, plan_chunks, quietest_instant
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +51,14 @@ def decode(message: JobSubmitted, deps: Deps) -> np.ndarray:
 
 
 def chunk_messages(message: JobSubmitted, duration: float, diarization: Diarization,
-                   settings: Settings, channels: list[Diarization] | None = None) -> list[Contract]:
+                   settings: Settings, channels: list[Diarization] | None = None,
+                   waveform: np.ndarray | None = None) -> list[Contract]:
     """job.progress (transcribing, with the chunk count), then the chunks: runs of speaker turns
     cut only in silence or at a hand-over, each carrying its turns and the job's voices. With
     `channels` (multichannel: each channel's own diarization, `diarization` their union), each
-    channel is cut on its own and its chunks read that channel's part of the PCM."""
+    channel is cut on its own and its chunks read that channel's part of the PCM. With the
+    `waveform` (a row per channel with `channels`), talk too long for one chunk with no hand-over
+    near where it is cut is cut at its quietest instant there (pipeline.plan_chunks)."""
     turns = diarization.turns
     if not turns:
         # Silence is a result, not a failure: one empty chunk carries the job to `done`.
@@ -63,8 +66,17 @@ def chunk_messages(message: JobSubmitted, duration: float, diarization: Diarizat
     # (where in the PCM, diarization) of each channel with speech; all silent: one silent whole.
     per_channel = [(index * duration, channel) for index, channel in enumerate(channels or []) if channel.turns]
     per_channel = per_channel or [(0.0, diarization)]
+
+    def quietest(offset: float):  # where the audio of the channel at `offset` (or the mono file) is quietest
+        if waveform is None:
+            return None
+        if waveform.ndim == 1:
+            return quietest_instant(waveform)
+        return quietest_instant(waveform[round(offset / duration) if duration else 0])
+
     chunks = [(offset, span, chunk_turns) for offset, channel in per_channel
-              for span, chunk_turns in plan_chunks(channel.turns, duration, settings.chunk_max_speech_s)]
+              for span, chunk_turns in plan_chunks(channel.turns, duration, settings.chunk_max_speech_s,
+                                                   quietest(offset))]
     # The language is heard on the channel that talks most, where it lies in the PCM.
     offset, talker = max(per_channel, key=lambda c: sum(t.end - t.start for t in c[1].turns))
     probe = [TimeSpan(start=s.start + offset, end=s.end + offset) for s in language_probe(talker.turns)]
@@ -160,5 +172,5 @@ async def handle(message: JobSubmitted, deps: Deps) -> AsyncIterator[Contract]:
         nothing_to_do()
         return
     add_audio_seconds(waveform.size / SAMPLE_RATE)  # every channel diarized, as the transcriber counts
-    for out in chunk_messages(message, duration, diarization, deps.settings, channels):
+    for out in chunk_messages(message, duration, diarization, deps.settings, channels, waveform):
         yield out

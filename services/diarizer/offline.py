@@ -16,7 +16,7 @@ wheel.
    "probes" (1.5 s every 0.75 s) re-check who it is, and a change of speaker only they found
    is moved into a pause next to it; turns out (they may overlap).
 5. Voices: one CAM++ embedding per speaker over their lone speech (up to a minute), kept for
-   recognising enrolled speakers.
+   recognising enrolled speakers; a speaker with under half a second of lone speech has none.
 
 Windows stream through both models in batches: model activations and filterbanks exist for one
 batch at a time; what is kept for the clustering is one byte per frame and local speaker, one
@@ -371,11 +371,15 @@ def exclusive_speech(turns: list[SpeakerTurn], speaker: str, duration: float) ->
 
 
 def with_whole_voices(wav: np.ndarray, diarization: Diarization, device: str = "cpu") -> Diarization:
-    """Each speaker's voice embedding from one CAM++ pass over up to VOICE_MAX_S of the speech
-    where they talk alone, instead of the mean of per-window embeddings: on the fixtures' recurring
-    people, a person's voices in two recordings score 0.71-0.87 cosine this way (0.50-0.84 as a
-    mean) and two different people at most 0.47 (0.73), so names from voices are far steadier.
-    Speakers with too little lone speech keep the mean."""
+    """Each speaker's voice embedding from CAM++ over up to VOICE_MAX_S of the speech where they
+    talk alone (in runs of at most 4,000 frames, 40 s: `embed` averages the parts of a longer
+    voice), instead of the mean of per-window embeddings: on the fixtures' recurring people, a
+    person's voices in two recordings score 0.71-0.87 cosine this way (0.50-0.84 as a mean) and
+    two different people at most 0.47 (0.73), so names from voices are far steadier.
+    A speaker with too little lone speech for an embedding (MIN_FRAMES, half a second, in
+    stretches of VOICE_MIN_PIECE_S or more) gets no voice, like speech too short for any (see
+    _speech_without_voice): the window embeddings it has are of overlapped speech, mostly the
+    louder person's voice, and recognition would give it that person's name. Its turns stay."""
     model = load_embedding_model(device)
     duration = len(wav) / SAMPLE_RATE
     speakers = []
@@ -390,8 +394,7 @@ def with_whole_voices(wav: np.ndarray, diarization: Diarization, device: str = "
         frames = np.concatenate(features) if features else np.zeros((0, 80), dtype=np.float32)
         if len(frames) >= MIN_FRAMES:
             vector = embed(model, [frames])[0]
-            speaker = speaker.model_copy(update={"embedding": [round(float(v), 6) for v in vector]})
-        speakers.append(speaker)
+            speakers.append(speaker.model_copy(update={"embedding": [round(float(v), 6) for v in vector]}))
     return Diarization(turns=diarization.turns, speakers=speakers)
 
 

@@ -36,7 +36,8 @@ MIN_FRAMES = 50
 # Frames (pieces x length) in one CAM++ run. Its first layers hold 32 x 80 values for each frame,
 # so a batch of 16 windows where one voice talks throughout (16 x 998 frames) took about 1 GB,
 # which ONNX Runtime then kept; 4,000 at a time cost no speed (measured on 10 minutes of one
-# voice and of the AMI clips: 940 and 548 MB held after analysis, now 241 and 230 MB).
+# voice and of the AMI clips: 940 and 548 MB held after analysis, now 241 and 230 MB). One piece
+# longer than that (a speaker's whole voice, up to a minute) is embedded in parts (`embed`).
 MAX_BATCH_FRAMES = 4000
 # On a GPU, one model call at a time: CAM++'s runs switch cuDNN off for the whole process (below),
 # which must not happen while another thread's segmentation pass or CAM++ run is under way.
@@ -153,7 +154,9 @@ def fbank(model: EmbeddingModel, waveform: np.ndarray) -> np.ndarray:
 
 def embed(model: EmbeddingModel, features: list[np.ndarray]) -> np.ndarray:
     """One L2-normalised embedding per feature matrix (each mean-normalised over its own
-    frames, as in training). Returns (n, 192)."""
+    frames, as in training). Returns (n, 192). No run is given more than MAX_BATCH_FRAMES
+    frames: a longer matrix (a speaker's whole voice) is embedded in equal consecutive parts of
+    at most that many, and its embedding is the normalised mean of theirs."""
     out = np.zeros((len(features), EMBEDDING_DIM), dtype=np.float32)
     # Equal lengths batch without padding (stats pooling would average the padding in).
     by_length: dict[int, list[int]] = {}
@@ -161,6 +164,12 @@ def embed(model: EmbeddingModel, features: list[np.ndarray]) -> np.ndarray:
         by_length.setdefault(len(f), []).append(i)
     for length, same_length in by_length.items():
         if length == 0:
+            continue
+        if length > MAX_BATCH_FRAMES:
+            parts = math.ceil(length / MAX_BATCH_FRAMES)
+            bounds = [round(length * k / parts) for k in range(parts + 1)]
+            for i in same_length:
+                out[i] = embed(model, [features[i][a:b] for a, b in zip(bounds, bounds[1:])]).mean(axis=0)
             continue
         per_run = max(1, MAX_BATCH_FRAMES // length)
         for first in range(0, len(same_length), per_run):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from common.messages import SpeakerEmbedding
+from common.turns import speech_regions
 from services.diarizer.offline import diarize_offline
 
 MIN_SPEECH_S = 3.0
@@ -28,9 +29,12 @@ def voiceprint_of_sample(waveform: np.ndarray, same_voice_similarity: float) -> 
     diarization = diarize_offline(waveform)
     speakers = sorted(diarization.speakers, key=lambda s: -s.speech_s)
     if not speakers or speakers[0].speech_s < MIN_SPEECH_S:
-        found = speakers[0].speech_s if speakers else 0.0
-        raise NotOneVoice(f"the sample holds {found:.1f} s of speech; at least {MIN_SPEECH_S:g} s of one person"
-                          " talking is needed")
+        # Speech too short for a voice (under half a second of anyone talking alone) has turns
+        # but no speaker with a voice: its time is what the sample holds.
+        found = speakers[0].speech_s if speakers else sum(r.end - r.start for r in speech_regions(diarization.turns))
+        alone = "" if speakers or not found else ", none of it one person talking alone for long enough"
+        raise NotOneVoice(f"the sample holds {found:.1f} s of speech{alone}; at least {MIN_SPEECH_S:g} s of one"
+                          " person talking is needed")
     main = speakers[0]
     others = [s for s in speakers[1:]
               if s.speech_s >= max(1.0, SECOND_VOICE_SHARE * main.speech_s)
