@@ -40,9 +40,8 @@ _UNAVAILABLE_TYPES: tuple[type[BaseException], ...] = (
     ConnectionError,
     socket.gaierror,
     TimeoutError,
-    # A local PostgreSQL's Unix socket is not there while the server is stopped. (The services
-    # that use the database open no local file that could be missing.)
-    FileNotFoundError,
+    # (A local PostgreSQL's Unix socket, not there while the server is stopped, is an ENOENT that
+    # names no file: told apart from a missing file of this machine by DatabaseUnavailableByContent.)
     asyncio.TimeoutError,
     asyncpg.PostgresConnectionError,
     asyncpg.exceptions.TooManyConnectionsError,

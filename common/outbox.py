@@ -7,7 +7,8 @@ Work messages go to the `stt` exchange (a message no queue would take raises and
 outbox); events go to `stt.events`. Rows are published in id order, so a job's messages keep
 their order, each body as it was stored (a newer version's message keeps the fields this version
 does not know). A row of a routing key this version does not know is left for a newer version's
-flusher (a rolling upgrade), and the rows after it still flow; a row that is no message at all is
+flusher (a rolling upgrade), and the rows after it still flow, overtaking it (a job's order then
+holds among the kinds this version knows); a row that is no message at all is
 moved to `outbox_dead` with the reason. An event that a queue has refused for EVENT_REFUSED_FOR_S (a
 subscriber's full queue set to reject-publish) is not sent again: the queues that took it have
 it, and the rest must not wait."""
