@@ -51,14 +51,21 @@ async def existing_job_ids(db: Db, job_ids: list[int]) -> set[int]:
     return {r["id"] for r in await db.fetch("SELECT id FROM transcripts WHERE id = ANY($1::bigint[])", job_ids)}
 
 
-# Of `transcripts t`: its recording is to be redacted and is not yet (neither redacted nor removed):
-# the job asked for redaction, or words of it were replaced (the transcriber's REDACT); $3 is
-# _REDACTED_WORD. With status = 'done': ingest's job-end step has still to write the redacted copy.
-_RECORDING_TO_REDACT = (
-    "(t.audio_redacted_at IS NULL AND t.audio_removed_at IS NULL"
-    " AND ((jsonb_typeof(t.options->'redact') = 'array' AND jsonb_array_length(t.options->'redact') > 0)"
-    "      OR EXISTS (SELECT 1 FROM segments s, jsonb_array_elements(s.words) w"
-    "                 WHERE s.transcript_id = t.id AND w->>'word' ~ $3)))")
+# Of a `transcripts` row: the job asked for redaction (JobOptions.redact); never NULL.
+_REDACTION_ASKED = ("COALESCE(CASE WHEN jsonb_typeof(transcripts.options->'redact') = 'array'"
+                    " THEN jsonb_array_length(transcripts.options->'redact') > 0 END, false)")
+# Of a `transcripts` row: its stored recording is the upload, to be redacted by ingest's job-end
+# step (audio_redaction_due, set by mark_done; cleared once the redacted copy is written or that is
+# given up), and neither redacted nor removed since.
+_RECORDING_TO_REDACT = ("(transcripts.audio_redaction_due AND transcripts.audio_redacted_at IS NULL"
+                        " AND transcripts.audio_removed_at IS NULL)")
+# Of a `transcripts` row, as a job is marked done: its recording is to be redacted (the job asked
+# for it, or the transcriber's REDACT replaced words of it); $2 is _REDACTED_WORD. Read once then
+# (mark_done), never per request: a label typed by hand in a correction later is no redaction.
+_REDACTION_DUE_AT_END = (
+    "(transcripts.audio_redacted_at IS NULL AND transcripts.audio_removed_at IS NULL"
+    f" AND ({_REDACTION_ASKED} OR EXISTS (SELECT 1 FROM segments s, jsonb_array_elements(s.words) w"
+    " WHERE s.transcript_id = transcripts.id AND w->>'word' ~ $2)))")
 
 
 async def jobs_using_pcm(db: Db, job_ids: list[int], kept_after_end_s: float) -> set[int]:
@@ -66,21 +73,22 @@ async def jobs_using_pcm(db: Db, job_ids: list[int], kept_after_end_s: float) ->
     within `kept_after_end_s`, or done with a redaction of the recording still to do (a failed
     one is retried from the PCM, however late: it is the only way to a recording without them)."""
     rows = await db.fetch(
-        "SELECT id FROM transcripts t WHERE id = ANY($1::bigint[]) AND (status = 'processing'"
+        "SELECT id FROM transcripts WHERE id = ANY($1::bigint[]) AND (status = 'processing'"
         " OR completed_at IS NULL OR completed_at > now() - make_interval(secs => $2)"
         f" OR (status = 'done' AND {_RECORDING_TO_REDACT}))",
-        job_ids, kept_after_end_s, _REDACTED_WORD)
+        job_ids, kept_after_end_s)
     return {r["id"] for r in rows}
 
 
 async def redaction_pending(db: Db, job_id: int, processing_too: bool = False) -> bool:
     """The job is done and its stored recording is still the unredacted upload, to be redacted
     (jobs_using_pcm's "redaction of the recording still to do"); with `processing_too`, also a
-    job still processing that asked for redaction (or whose words were already redacted)."""
+    job still processing that asked for redaction. A column read: no word is looked at."""
     return bool(await db.fetchval(
-        "SELECT (t.status = 'done' OR ($2 AND t.status = 'processing'))"
-        f" AND {_RECORDING_TO_REDACT} FROM transcripts t WHERE t.id = $1",
-        job_id, processing_too, _REDACTED_WORD))
+        f"SELECT CASE WHEN status = 'done' THEN {_RECORDING_TO_REDACT}"
+        f" WHEN status = 'processing' THEN $2 AND {_REDACTION_ASKED} AND audio_redacted_at IS NULL"
+        " AND audio_removed_at IS NULL ELSE false END FROM transcripts WHERE id = $1",
+        job_id, processing_too))
 
 
 async def reserve_job_id(db: Db) -> int:
@@ -260,9 +268,12 @@ async def set_speaker_names(conn: asyncpg.Connection, job_id: int, names: dict[s
 
 async def job_audio(db: Db, job_id: int) -> asyncpg.Record | None:
     """filename, audio_key, owner, audio_removed_at and audio_redacted_at of a job (the uploaded
-    recording), with its status, options and duration."""
+    recording), with its status, options, duration, audio_redaction_due and redaction_pending
+    (that of redaction_pending())."""
     return await db.fetchrow("SELECT filename, audio_key, owner, audio_removed_at, audio_redacted_at, status,"
-                             " options, duration FROM transcripts WHERE id = $1", job_id)
+                             " options, duration, audio_redaction_due,"
+                             f" (status = 'done' AND {_RECORDING_TO_REDACT}) AS redaction_pending"
+                             " FROM transcripts WHERE id = $1", job_id)
 
 
 async def redacted_word_times(db: Db, job_id: int) -> list[tuple[float, float]]:
@@ -275,7 +286,17 @@ async def redacted_word_times(db: Db, job_id: int) -> list[tuple[float, float]]:
 
 
 async def mark_audio_redacted(db: Db, job_id: int) -> None:
-    await db.execute("UPDATE transcripts SET audio_redacted_at = now() WHERE id = $1", job_id)
+    """The job's stored recording is its redacted copy now."""
+    await db.execute("UPDATE transcripts SET audio_redacted_at = now(), audio_redaction_due = false WHERE id = $1",
+                     job_id)
+
+
+async def clear_redaction_due(db: Db, job_id: int) -> bool:
+    """The job's recording is no longer held back as still to be redacted: no redacted copy will
+    be made (none is needed, or what it would be made from is gone), it stays as uploaded. False
+    when the job is gone or its recording was redacted meanwhile (another ingest)."""
+    return bool(await db.fetchval("UPDATE transcripts SET audio_redaction_due = false"
+                                  " WHERE id = $1 AND audio_redacted_at IS NULL RETURNING true", job_id))
 
 
 async def stored_chunk_prefix(db: Db, job_id: int) -> int:
@@ -560,15 +581,16 @@ _COMPLETION_COLUMNS = (f"filename, language, duration, {_REFERENCE} AS reference
 
 async def mark_done(conn: asyncpg.Connection, job_id: int) -> asyncpg.Record:
     """The job done, and counted in the usage ledger; returns its filename, language, duration,
-    segment_count, no_speech and reference."""
+    segment_count, no_speech and reference. A job with redaction (asked, or words the transcriber
+    replaced) is marked with its recording still to be redacted (audio_redaction_due)."""
     done = await conn.fetchrow(
         f"""
         UPDATE transcripts SET status = 'done', stage = 'done', progress = 1,
-            completed_at = now(), updated_at = now()
+            completed_at = now(), updated_at = now(), audio_redaction_due = {_REDACTION_DUE_AT_END}
         WHERE id = $1
         RETURNING {_COMPLETION_COLUMNS}
         """,
-        job_id,
+        job_id, _REDACTED_WORD,
     )
     await record_usage(conn, job_id)
     return done

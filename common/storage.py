@@ -125,8 +125,12 @@ def download_to(client: Minio, bucket: str, key: str, sink: BinaryIO) -> None:
     sink.seek(0)
 
 
-def read_range(client: Minio, bucket: str, key: str, offset: int, length: int) -> bytes:
-    response = client.get_object(bucket, key, offset=offset, length=length)
+def read_range(client: Minio, bucket: str, key: str, offset: int, length: int,
+               match_etag: str | None = None) -> bytes:
+    """`length` bytes of the object from `offset` (fewer at its end). With `match_etag`, of that
+    version only (If-Match): another one is an S3Error PreconditionFailed (412)."""
+    response = client.get_object(bucket, key, offset=offset, length=length,
+                                 request_headers={"If-Match": f'"{match_etag}"'} if match_etag else None)
     try:
         return response.read()
     finally:

@@ -586,9 +586,9 @@ async def test_decoded_audio_left_after_its_job_ended_is_removed_and_a_running_j
                 # its redaction failed, and is retried from the PCM whenever it is
                 ("redaction to do", "done", 2, {"redact": ["email"]})):
             jobs[name] = await conn.fetchval(
-                "INSERT INTO transcripts (filename, status, completed_at, options) VALUES ($1, $2,"
-                " now() - make_interval(days => $3), $4::jsonb) RETURNING id", name, status, ended_days_ago,
-                json.dumps(options))
+                "INSERT INTO transcripts (filename, status, completed_at, options, audio_redaction_due)"
+                " VALUES ($1, $2, now() - make_interval(days => $3), $4::jsonb, $5) RETURNING id", name, status,
+                ended_days_ago, json.dumps(options), name == "redaction to do")
         jobs["deleted"] = await conn.fetchval("SELECT nextval(pg_get_serial_sequence('transcripts', 'id'))")
         for job_id in jobs.values():
             s3.put_object("audio", pcm_key(job_id), io.BytesIO(b"\0\0"), 2)

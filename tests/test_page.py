@@ -799,8 +799,9 @@ def test_a_recording_still_being_redacted_plays_once_it_is(stack, browser):
     def being_redacted() -> int:
         job_id = stack.value(
             "INSERT INTO transcripts (id, filename, audio_key, status, stage, progress, options, duration,"
-            " completed_at) SELECT n, 'call.mp3', 'uploads/' || n, 'done', 'done', 1, '{\"redact\": [\"phone\"]}',"
-            " 1.0, now() FROM nextval(pg_get_serial_sequence('transcripts', 'id')) n RETURNING id")
+            " completed_at, audio_redaction_due) SELECT n, 'call.mp3', 'uploads/' || n, 'done', 'done', 1,"
+            " '{\"redact\": [\"phone\"]}', 1.0, now(), true"
+            " FROM nextval(pg_get_serial_sequence('transcripts', 'id')) n RETURNING id")
         made.append(job_id)
         upload_bytes(s3, bucket, f"uploads/{job_id}", b"ID3 the upload as sent")
         return job_id

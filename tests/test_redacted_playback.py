@@ -26,21 +26,22 @@ SEGMENT_WORDS = [{"word": " call", "start": 0.5, "end": 0.8, "probability": 0.9}
 
 @pytest.fixture
 def made_job(stack):
-    """make(filename, content, options=..., redacted=..., status=...) -> the id of a job made by
-    hand, its recording stored at uploads/{id}; removed after the test."""
+    """make(filename, content, options=..., redacted=..., status=..., segment=..., due=...) -> the
+    id of a job made by hand, its recording stored at uploads/{id}; removed after the test. `due`:
+    its recording still to be redacted, as the persister marks a job with redaction it ends."""
     made: list[int] = []
     s3, bucket = stack.s3(), stack.settings().audio_bucket
 
     def make(filename: str, content: bytes, options: dict | None = None, redacted: bool = False,
-             status: str = "done", segment: bool = False) -> int:
+             status: str = "done", segment: bool = False, due: bool = False) -> int:
         job_id = stack.value(
             "INSERT INTO transcripts (id, filename, audio_key, status, stage, progress, options, duration,"
-            " completed_at, audio_redacted_at)"
+            " completed_at, audio_redacted_at, audio_redaction_due)"
             " SELECT n, $1, 'uploads/' || n, $2, CASE WHEN $2 = 'done' THEN 'done' ELSE 'transcribing' END,"
             " CASE WHEN $2 = 'done' THEN 1 ELSE 0.5 END, $3::jsonb, 5.0,"
-            " CASE WHEN $2 = 'done' THEN now() END, CASE WHEN $4 THEN now() END"
+            " CASE WHEN $2 = 'done' THEN now() END, CASE WHEN $4 THEN now() END, $5"
             " FROM nextval(pg_get_serial_sequence('transcripts', 'id')) n RETURNING id",
-            filename, status, json.dumps(options or {}), redacted)
+            filename, status, json.dumps(options or {}), redacted, due)
         made.append(job_id)
         upload_bytes(s3, bucket, f"uploads/{job_id}", content)
         if segment:
@@ -66,14 +67,15 @@ def audio(stack, job_id: int, **headers: str) -> httpx.Response:
 def test_a_recording_still_to_be_redacted_is_not_served_until_it_is(stack, made_job):
     """Subscribers get transcript.completed when the job ends, before ingest has written the
     redacted copy: the upload, with what was redacted audible, is not theirs to download."""
-    job_id = made_job("call.mp3", b"ID3 the upload as sent", options={"redact": ["phone"]})
+    job_id = made_job("call.mp3", b"ID3 the upload as sent", options={"redact": ["phone"]}, due=True)
     waiting = audio(stack, job_id)
     assert waiting.status_code == 503, waiting.text
     assert waiting.headers["retry-after"].isdigit() and "being redacted" in waiting.json()["detail"]
     assert b"the upload as sent" not in waiting.content
 
-    # Redacted words are what makes it pending too (the transcriber's REDACT), not only the option.
-    by_words = made_job("other.mp3", b"ID3 another upload", segment=True)
+    # Redacted words are what makes it pending too (the transcriber's REDACT), not only the option:
+    # the persister marks either as the job ends (test_a_job_with_redaction_is_marked_as_it_ends).
+    by_words = made_job("other.mp3", b"ID3 another upload", segment=True, due=True)
     assert audio(stack, by_words).status_code == 503
 
     upload_bytes(stack.s3(), stack.settings().audio_bucket, f"uploads/{job_id}", b"RIFF the redacted copy")
@@ -86,7 +88,7 @@ def test_a_recording_still_to_be_redacted_is_not_served_until_it_is(stack, made_
 def test_words_are_not_corrected_while_the_recording_is_being_redacted(stack, made_job):
     """The redacted copy silences the words' times as they are when it is written: a correction
     before it (retiming "[PHONE]." or dropping the label) would leave the number audible."""
-    job_id = made_job("call.mp3", b"ID3 the upload as sent", options={"redact": ["phone"]}, segment=True)
+    job_id = made_job("call.mp3", b"ID3 the upload as sent", options={"redact": ["phone"]}, segment=True, due=True)
     url = f"{stack.api}/transcripts/{job_id}/segments/0/0"
     refused = httpx.patch(url, json={"text": "call me at [PHONE], please"}, timeout=60)
     assert refused.status_code == 409, refused.text
@@ -105,7 +107,7 @@ def test_words_are_not_corrected_while_the_recording_is_being_redacted(stack, ma
 def test_a_rerun_does_not_copy_a_recording_still_to_be_redacted(stack, made_job):
     """A rerun copies the stored recording: before the redaction, that is the upload, which a rerun
     with `"redact": []` would then keep and serve."""
-    done = made_job("call.mp3", b"ID3 the upload as sent", options={"redact": ["phone"]})
+    done = made_job("call.mp3", b"ID3 the upload as sent", options={"redact": ["phone"]}, due=True)
     running = made_job("call.mp3", b"ID3 the upload as sent", options={"redact": ["phone"]}, status="processing")
     for job_id in (done, running):
         refused = httpx.post(f"{stack.api}/transcripts/{job_id}/rerun", json={"redact": []}, timeout=60)
@@ -155,6 +157,7 @@ def test_a_recording_replaced_while_it_is_played_breaks_the_answer_off(stack, ma
     size = 24 * 1024 * 1024  # many pieces, past what the sockets between hold
     job_id = made_job("call.mp3", b"\x01" * size)
     received = io.BytesIO()
+    logged_before = len(stack.log_text("ingest"))
     with httpx.Client(timeout=60) as client, client.stream("GET", f"{stack.api}/transcripts/{job_id}/audio") as answer:
         assert answer.status_code == 200 and answer.headers["content-length"] == str(size)
         pieces = answer.iter_bytes(64 * 1024)
@@ -168,6 +171,12 @@ def test_a_recording_replaced_while_it_is_played_breaks_the_answer_off(stack, ma
     # Asked again, it is the new recording, whole.
     again = audio(stack, job_id)
     assert again.status_code == 200 and again.content == b"\x02" * size
+    # An answer broken off is said in a line, not an error with a traceback.
+    deadline = time.monotonic() + 10
+    while f"job={job_id} " not in (logged := stack.log_text("ingest")[logged_before:]):
+        assert time.monotonic() < deadline, logged
+        time.sleep(0.2)
+    assert "playback broken off" in logged and "Traceback" not in logged, logged
 
 
 async def test_the_redacted_copy_of_a_job_gone_meanwhile_is_removed_without_holding_its_lock(stack, made_job):
@@ -182,7 +191,8 @@ async def test_the_redacted_copy_of_a_job_gone_meanwhile_is_removed_without_hold
 
     settings = stack.settings()
     bucket = settings.audio_bucket
-    job_id = made_job("call.mp3", b"ID3 the upload as sent", options={"redact": ["phone"]}, segment=True)
+    job_id = made_job("call.mp3", b"ID3 the upload as sent", options={"redact": ["phone"]}, segment=True,
+                      due=True)
     upload_bytes(stack.s3(), bucket, pcm_key(job_id), np.full(5 * 16000, 1000, dtype="<i2").tobytes())
     lock_free: list[bool] = []
 
@@ -220,3 +230,87 @@ async def test_the_redacted_copy_of_a_job_gone_meanwhile_is_removed_without_hold
     with pytest.raises(S3Error):  # the redacted copy did not outlive the removal
         stack.s3().stat_object(bucket, f"uploads/{job_id}")
     assert stack.value("SELECT audio_redacted_at FROM transcripts WHERE id = $1", job_id) is None
+
+
+async def test_a_job_with_redaction_is_marked_as_it_ends(stack, made_job):
+    """The persister marks a job's recording as still to be redacted in the transaction that ends
+    the job: when the job asked for redaction, or the transcriber replaced words of it (REDACT).
+    Read then, once: what a request later holds back is that mark, never a look at the words."""
+    import asyncpg
+
+    from common import jobstore
+
+    asked = made_job("asked.mp3", b"ID3 one", options={"redact": ["phone"]}, status="processing")
+    by_words = made_job("by-words.mp3", b"ID3 two", status="processing", segment=True)
+    neither = made_job("neither.mp3", b"ID3 three", status="processing")
+    conn = await asyncpg.connect(stack.database_url)
+    try:
+        ending = conn.transaction()  # rolled back: no transcript.completed, no usage line
+        await ending.start()
+        try:
+            for job_id in (asked, by_words, neither):
+                await jobstore.mark_done(conn, job_id)
+            due = dict(await conn.fetch("SELECT id, audio_redaction_due FROM transcripts WHERE id = ANY($1::bigint[])",
+                                        [asked, by_words, neither]))
+        finally:
+            await ending.rollback()
+    finally:
+        await conn.close()
+    assert due == {asked: True, by_words: True, neither: False}
+
+
+def _rerun_then_remove(stack, job_id: int) -> httpx.Response:
+    """POST /transcripts/{job_id}/rerun; the job it made, if any, cancelled and deleted."""
+    answer = httpx.post(f"{stack.api}/transcripts/{job_id}/rerun", json={}, timeout=60)
+    if answer.status_code == 202:
+        new_id = answer.json()["id"]
+        httpx.post(f"{stack.api}/transcripts/{new_id}/cancel", timeout=30)
+        stack.wait_finished(new_id, timeout=120)
+        httpx.delete(f"{stack.api}/transcripts/{new_id}", timeout=30)
+    return answer
+
+
+def test_a_label_typed_by_hand_holds_nothing_back(stack, made_job):
+    """A job that had no redaction, whose words a user corrected to "call me at [PHONE]", has
+    nothing to redact: its recording plays, its words can be corrected again and it can be rerun
+    (they were held back for good: no redaction ever comes). So does a job that ended before
+    jobs were marked for redaction (asked for it, never marked: its decoded audio is long gone)."""
+    typed = made_job("call.mp3", b"ID3 the upload as sent", segment=True)  # the words as a correction left them
+    older = made_job("older.mp3", b"ID3 an older upload", options={"redact": ["phone"]}, segment=True)
+    for job_id, content in ((typed, b"ID3 the upload as sent"), (older, b"ID3 an older upload")):
+        played = audio(stack, job_id)
+        assert played.status_code == 200 and played.content == content, played.text
+        corrected = httpx.patch(f"{stack.api}/transcripts/{job_id}/segments/0/0",
+                                json={"text": "call me at [PHONE] tomorrow"}, timeout=60)
+        assert corrected.status_code == 200, corrected.text
+        rerun = _rerun_then_remove(stack, job_id)
+        assert rerun.status_code == 202, rerun.text
+
+
+async def test_a_recording_whose_decoded_audio_is_gone_stays_as_uploaded_and_is_served(stack, made_job, caplog):
+    """Redaction is made from the decoded audio: with it gone (removed after a crash, say), the
+    recording can never be redacted. The job is not held back as "being redacted" for ever: it
+    plays as uploaded, its words can be corrected, and a warning names the job."""
+    import logging
+
+    from common.db import create_pool
+    from services.ingest.redacted_audio import redact_recording
+
+    settings = stack.settings()
+    job_id = made_job("call.mp3", b"ID3 the upload as sent", options={"redact": ["phone"]}, segment=True,
+                      due=True)
+    assert audio(stack, job_id).status_code == 503
+    caplog.set_level(logging.WARNING, logger="services.ingest.redacted_audio")
+    pool = await create_pool(settings)
+    try:
+        await redact_recording(pool, stack.s3(), settings.audio_bucket, job_id)  # no pcm/{id} stored
+    finally:
+        await pool.close()
+    assert stack.value("SELECT audio_redacted_at FROM transcripts WHERE id = $1", job_id) is None
+    played = audio(stack, job_id)
+    assert played.status_code == 200 and played.content == b"ID3 the upload as sent", played.text
+    corrected = httpx.patch(f"{stack.api}/transcripts/{job_id}/segments/0/0", json={"text": "call me at home"},
+                            timeout=60)
+    assert corrected.status_code == 200, corrected.text
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("stays as uploaded" in line for line in warned), warned  # stamped job=N in the service's log

@@ -69,6 +69,7 @@ from services.ingest.orphans import run_orphan_sweep
 from services.ingest.page import PAGE_ROUTES
 from services.ingest.playback import PLAYBACK_ROUTES
 from services.ingest.readiness import CHECK_TIMEOUT_S, ObjectStoreProbe, run_checks
+from services.ingest.redacted_audio import PROCESSING_RETRY_AFTER_S, REDACTION_RETRY_AFTER_S
 from services.ingest.reindex import REINDEX_ROUTES, Reindexer, run_corrections_embedder
 from services.ingest.retention import run_retention
 from services.ingest.search import SEARCH_ROUTES
@@ -216,7 +217,8 @@ async def rerun(job_id: JobId, state: State, request: Request, data: RerunOption
         # What is stored is still the upload, with what redaction hides audible: a copy of it
         # now would keep it for good (and a rerun without `redact` would serve it).
         still = original["status"] == "processing"
-        raise HTTPException(status_code=409, headers={"Retry-After": "30" if still else "5"},
+        raise HTTPException(status_code=409, headers={"Retry-After": str(PROCESSING_RETRY_AFTER_S if still
+                                                                         else REDACTION_RETRY_AFTER_S)},
                             detail=f"job {job_id} asked for redaction and its recording is not redacted yet"
                                    f" ({'the job is still processing' if still else 'it is being redacted'});"
                                    " rerun it once that is done")

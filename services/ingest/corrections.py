@@ -24,6 +24,7 @@ from services.ingest.admission import SMALL_BODY_BYTES
 from services.ingest.auth import request_owner
 from services.ingest.captions import written_with_spaces
 from services.ingest.errors import error_responses
+from services.ingest.redacted_audio import REDACTION_RETRY_AFTER_S
 from services.ingest.search import embed_for_request
 from services.ingest.segments import LABEL, TranscriptSegment, transcript_segment
 from services.ingest.transcripts import JobId, visible
@@ -31,8 +32,6 @@ from services.ingest.transcripts import JobId, visible
 log = logging.getLogger(__name__)
 
 MAX_SEGMENT_CHARS = 10_000
-# Retry-After of a text correction while the job's recording is being redacted (README "Redaction").
-REDACTION_RETRY_AFTER_S = 5
 
 
 class SegmentCorrection(BaseModel):

@@ -23,16 +23,15 @@ from minio.error import S3Error
 
 from common import jobstore
 from common.logs import job_logged
-from common.storage import is_missing
+from common.storage import is_missing, read_range
 from services.ingest.auth import request_owner
 from services.ingest.errors import error_responses
+from services.ingest.redacted_audio import REDACTION_RETRY_AFTER_S
 from services.ingest.transcripts import JobId, content_disposition, stored_filename, visible
 
 log = logging.getLogger(__name__)
 
 PIECE_BYTES = 1024 * 1024
-# Retry-After while a done job's recording is still to be redacted (ingest does it within seconds).
-REDACTION_RETRY_AFTER_S = 5
 # Only these are served as what the name says: an upload named x.html or x.svg is not a page.
 PLAYABLE = ("audio/", "video/")
 # Not every system's mime.types knows these; a browser needs the type to play the file.
@@ -66,6 +65,15 @@ def byte_range(header: str | None, size: int) -> tuple[int, int] | None:
 
 class RecordingChanged(RuntimeError):
     """The stored recording is no longer the version the answer began with."""
+
+
+class AnswerBrokenOff(asyncio.CancelledError):
+    """Ends a body already begun, short of its Content-Length. An ordinary exception there would
+    reach the server as "Exception in ASGI application" with a traceback (Litestar re-raises it
+    once the response has started; an early end of the body fails the same way, at h11's "too
+    little data"). A cancellation of the body's task instead ends the task group of Litestar's
+    streaming response (anyio cancels the group, no error recorded): the server then closes the
+    connection, logging one line ("ASGI callable returned without completing response.")."""
 
 
 def media_type(filename: str) -> str:
@@ -103,17 +111,14 @@ def _changed(exc: S3Error) -> bool:
 def _read(s3: Minio, bucket: str, key: str, etag: str, offset: int, last: int) -> bytes:
     """Bytes `offset`.. of the object (a piece at most, up to `last`), of the version whose ETag is `etag`."""
     try:
-        response = s3.get_object(bucket, key, offset=offset, length=min(PIECE_BYTES, last - offset + 1),
-                                 request_headers={"If-Match": f'"{etag}"'} if etag else None)
+        piece = read_range(s3, bucket, key, offset, min(PIECE_BYTES, last - offset + 1), match_etag=etag or None)
     except S3Error as exc:
         if _changed(exc):
             raise RecordingChanged(f"{key} was replaced (its ETag is no longer {etag})") from exc
         raise
-    try:
-        return response.read()
-    finally:
-        response.close()
-        response.release_conn()
+    if not piece:
+        raise RecordingChanged(f"{key} ended at byte {offset}, before {last + 1}")
+    return piece
 
 
 async def _pieces(state: State, job_id: int, key: str, etag: str, opening: bytes, first: int,
@@ -123,15 +128,13 @@ async def _pieces(state: State, job_id: int, key: str, etag: str, opening: bytes
     while offset <= last:
         try:
             piece = await asyncio.to_thread(_read, state.s3, state.settings.audio_bucket, key, etag, offset, last)
-        except RecordingChanged:
+        except RecordingChanged as exc:
             # Replaced (by its redacted copy) or rewritten since the answer began: what is left of
             # the body would be another file's bytes. Breaking off the answer (shorter than its
-            # Content-Length) tells the player to ask again.
+            # Content-Length) tells the player to ask again; this line says why, and no traceback.
             with job_logged(job_id):
                 log.info("playback broken off at byte %d: the recording was replaced meanwhile", offset)
-            raise
-        if not piece:
-            raise RecordingChanged(f"{key} ended at byte {offset}, before {last + 1}")
+            raise AnswerBrokenOff(str(exc)) from None
         yield piece
         offset += len(piece)
 
@@ -171,8 +174,7 @@ async def job_audio(job_id: JobId, state: State, request: Request) -> Stream:
     if job["audio_removed_at"] is not None:
         raise HTTPException(status_code=410, detail=f"the recording of job {job_id} was removed on"
                             f" {job['audio_removed_at']:%Y-%m-%d} (AUDIO_RETENTION_DAYS); its transcript is kept")
-    if job["status"] == "done" and job["audio_redacted_at"] is None and await jobstore.redaction_pending(
-            state.pool, job_id):
+    if job["redaction_pending"]:
         # Until ingest's job-end step has written the redacted copy, what is stored is the upload
         # with what was redacted audible: not served, however soon after transcript.completed.
         raise HTTPException(status_code=503, headers={"Retry-After": str(REDACTION_RETRY_AFTER_S),

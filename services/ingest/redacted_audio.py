@@ -25,6 +25,11 @@ log = logging.getLogger(__name__)
 
 # Word times are Whisper's estimates: the silence reaches this far past each end.
 MARGIN_S = 0.2
+# Retry-After of what a done job's recording still to be redacted holds back (playback's 503, a
+# correction's or a rerun's 409): this step runs within seconds of the job's end.
+REDACTION_RETRY_AFTER_S = 5
+# Retry-After of a rerun of a job still processing that asked for redaction.
+PROCESSING_RETRY_AFTER_S = 30
 PIECE_SAMPLES = 60 * SAMPLE_RATE
 
 
@@ -61,13 +66,16 @@ def write_redacted(s3: Minio, bucket: str, audio_key: str, pcm: str, channels: i
 async def redact_recording(pool: asyncpg.Pool, s3: Minio, bucket: str, job_id: int) -> None:
     """For a done job that asked for redaction (or whose words the transcriber's REDACT replaced):
     its recording rewritten with those words silent, once. Called when the job ends, before its
-    PCM is removed."""
+    PCM is removed. Either way the job ends no longer held back as being redacted
+    (audio_redaction_due cleared): redacted, or, its decoded audio gone, stored as uploaded."""
     job = await jobstore.job_audio(pool, job_id)
     if job is None or job["status"] != "done" or job["audio_removed_at"] or job["audio_redacted_at"]:
         return
     spans = await jobstore.redacted_word_times(pool, job_id)
     options = JobOptions.model_validate(job["options"] or {})
     if not spans and not options.redact:
+        if job["audio_redaction_due"]:  # nothing to silence: not held back for good
+            await jobstore.clear_redaction_due(pool, job_id)
         return
     with job_logged(job_id):
         try:
@@ -75,7 +83,11 @@ async def redact_recording(pool: asyncpg.Pool, s3: Minio, bucket: str, job_id: i
         except S3Error as exc:
             if not is_missing(exc):
                 raise
-            log.warning("the recording could not be redacted: its decoded audio is gone; it is stored as uploaded")
+            # Nothing can make the redacted copy any more: the job is not held back as being
+            # redacted for ever (its recording is played, copied and corrected as uploaded).
+            if await jobstore.clear_redaction_due(pool, job_id):
+                log.warning("the recording could not be redacted, its decoded audio is gone: it stays as"
+                            " uploaded, with what was redacted audible")  # stamped job=N (job_logged)
             return
         per_channel = (job["duration"] or 0) * PCM_BYTES_PER_SECOND
         channels = max(1, round(size / per_channel)) if options.multichannel and per_channel else 1
