@@ -207,24 +207,39 @@ async def search_semantic(pool: asyncpg.Pool, vector: list[float], model: str, *
 
 # ---- re-embedding (ingest) --------------------------------------------------------------------
 
-async def next_job_to_reindex(db: Db, model: str, after: int = 0, passed_over: Sequence[int] = ()) -> int | None:
-    """The oldest ended job after job `after`, and not in `passed_over`, with a segment not
-    embedded with `model`."""
+async def newest_job(db: Db) -> int:
+    """The highest job id so far (0 with none)."""
+    return await db.fetchval("SELECT coalesce(max(id), 0) FROM transcripts")
+
+
+async def next_job_to_reindex(db: Db, model: str, after: int = 0, passed_over: Sequence[int] = (),
+                              up_to: int | None = None) -> int | None:
+    """The oldest ended job after job `after`, up to job `up_to` (any with None), and not in
+    `passed_over`, with a segment not embedded with `model`."""
     return await db.fetchval(
         "SELECT s.transcript_id FROM segments s JOIN transcripts t ON t.id = s.transcript_id"
         " WHERE t.status <> 'processing' AND s.embedding_model IS DISTINCT FROM $1 AND s.transcript_id > $2"
-        " AND s.transcript_id <> ALL($3::bigint[])"
-        " ORDER BY s.transcript_id LIMIT 1", model, after, list(passed_over))
+        " AND s.transcript_id <> ALL($3::bigint[]) AND ($4::bigint IS NULL OR s.transcript_id <= $4)"
+        " ORDER BY s.transcript_id LIMIT 1", model, after, list(passed_over), up_to)
 
 
-async def running_jobs_to_reindex(db: Db, model: str) -> list[int]:
-    """Jobs still running with segments embedded with another model than `model` (the embedder's,
-    before it was switched): they are re-embedded once they end. Segments not embedded yet are
-    the embedder's to do, not counted."""
+async def running_jobs_to_reindex(db: Db, model: str, up_to: int | None = None) -> list[int]:
+    """Jobs still running, up to job `up_to` (any with None), with segments embedded with another
+    model than `model` (the embedder's, before it was switched): they are re-embedded once they
+    end. Segments not embedded yet are the embedder's to do, not counted."""
     rows = await db.fetch(
         "SELECT DISTINCT s.transcript_id FROM segments s JOIN transcripts t ON t.id = s.transcript_id"
-        " WHERE t.status = 'processing' AND s.embedding_model <> $1 ORDER BY 1", model)
+        " WHERE t.status = 'processing' AND s.embedding_model <> $1"
+        " AND ($2::bigint IS NULL OR s.transcript_id <= $2) ORDER BY 1", model, up_to)
     return [r["transcript_id"] for r in rows]
+
+
+async def embedded_with_another_model_after(db: Db, model: str, after: int) -> asyncpg.Record | None:
+    """A job after job `after` (one started since) with segments embedded with another model than
+    `model`, and that model (transcript_id, embedding_model): the embedder still embeds with it."""
+    return await db.fetchrow(
+        "SELECT transcript_id, embedding_model FROM segments WHERE transcript_id > $2"
+        " AND embedding_model <> $1 ORDER BY transcript_id LIMIT 1", model, after)
 
 
 async def segments_to_reindex(db: Db, job_id: int, model: str) -> list[asyncpg.Record]:

@@ -493,3 +493,73 @@ def test_a_body_trickled_in_gives_up_its_upload_place(stack: Stack, monkeypatch)
         free = httpx.post(f"{api}/recognize", timeout=30)
         assert free.status_code == 400 and "one of the two" in free.json()["detail"], free.text
     record_figure(f"bad input | {'body trickled in (test rate)':<32} | 408 after {elapsed:.1f} s")
+
+
+async def test_a_slow_upload_keeps_its_place_while_another_is_free(monkeypatch):
+    """The rate bound gave a phone on a poor uplink (40 kbit/s, 20 MB) 408 after a minute while no
+    one else was uploading: it is a bound on holding a place another upload needs, so it applies
+    only while every place among MAX_CONCURRENT_UPLOADS is taken. Here (rate 4 KiB/s after 0.5 s)
+    a body trickled in well under the rate goes on past the grace while one of two places is free,
+    and is given up as soon as a second upload takes the other."""
+    import asyncio
+
+    from litestar.exceptions import ClientException
+
+    from services.ingest import admission
+
+    monkeypatch.setattr(admission, "UPLOAD_RATE_GRACE_S", 0.5, raising=False)
+    monkeypatch.setattr(admission, "UPLOAD_MIN_RATE", 4096, raising=False)
+    monkeypatch.setattr(admission, "UPLOAD_RATE_CHECK_S", 0.05, raising=False)
+
+    def trickle(seconds: float):
+        """A byte every 0.1 s for `seconds`, then the end of the body."""
+        end = asyncio.get_running_loop().time() + seconds
+
+        async def receive():
+            await asyncio.sleep(0.1)
+            more = asyncio.get_running_loop().time() < end
+            return {"type": "http.request", "body": b"\0", "more_body": more}
+        return receive
+
+    def quick_then_quiet():
+        """1 MiB at once (well within the rate), then nothing for a while: it holds its place."""
+        messages = [{"type": "http.request", "body": b"\0" * 2**20, "more_body": True}]
+
+        async def receive():
+            if messages:
+                return messages.pop(0)
+            await asyncio.Event().wait()
+        return receive
+
+    async def app_reading_the_body(scope, receive, send):
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    app = admission.upload_limit_middleware(2)(admission.small_body_middleware(app_reading_the_body))
+    scope = {"type": "http", "path": "/recognize", "method": "POST",
+             "headers": [(b"content-type", b"multipart/form-data; boundary=b")]}
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    # Alone, one place of two free: 2 s (four times the grace) at 10 bytes/s, and answered.
+    started = asyncio.get_running_loop().time()
+    await asyncio.wait_for(app(dict(scope), trickle(2.0), send), 10)
+    assert sent[0]["status"] == 200 and asyncio.get_running_loop().time() - started >= 2.0
+
+    # The same trickle while another upload comes to take the last place: given up.
+    slow = asyncio.ensure_future(app(dict(scope), trickle(30.0), send))
+    await asyncio.sleep(1.0)  # past the grace, still going
+    assert not slow.done()
+    other = asyncio.ensure_future(app(dict(scope), quick_then_quiet(), send))
+    try:
+        with pytest.raises(ClientException) as refused:
+            await asyncio.wait_for(slow, 2)
+        assert refused.value.status_code == 408 and "KiB/s" in refused.value.detail
+        assert not other.done()  # its own body came within the rate
+    finally:
+        other.cancel()
+        await asyncio.gather(other, return_exceptions=True)

@@ -453,3 +453,50 @@ def test_a_short_passage_takes_its_own_speakers_language_before_anyone_elses():
     short = [Passage(0.0, 1.0, "spk_en"), Passage(1.2, 2.0, "spk_de")]
     identify(Identifier(), samples, short, ["en", "de"], fallback="de")
     assert [r.language for r in short] == ["de", "de"]
+
+
+def test_a_chunk_of_many_close_speech_regions_is_read_in_one_go(monkeypatch):
+    """A GET for each speech region: a chatty chunk (a back-and-forth of short turns) made dozens
+    of sequential requests to the store. Regions less than READ_BRIDGE_S apart are read at once,
+    apart only across a long silence; what Whisper hears is the same, sample for sample."""
+    from services.transcriber.whisper import REGION_PAD_S, heard_spans
+
+    rng = np.random.default_rng(7)
+    duration = 400.0
+    pcm = rng.standard_normal(int(duration * SAMPLE_RATE)).astype(np.float32)
+    # 40 short turns 4 s apart (each its own region), a silence of 60 s, then 5 more.
+    starts = [100.05 + 4 * i for i in range(40)] + [320.5 + 4 * i for i in range(5)]
+    turns = [SpeakerTurn(speaker=f"spk_{i % 2}", start=round(t, 3), end=round(t + 1.2, 3))
+             for i, t in enumerate(starts)]
+    chunk = JobDiarized(job_id=1, chunk_index=1, chunk_count=3, pcm_bucket="b", pcm_key="k", duration=duration,
+                        span=TimeSpan(start=99.0, end=345.0), turns=turns, options=JobOptions(language="en"))
+    reads: list[TimeSpan] = []
+
+    def read(bucket: str, key: str, span: TimeSpan) -> np.ndarray:
+        """As pcm_reader reads the store."""
+        start, end = max(0, int(span.start * SAMPLE_RATE)), int(span.end * SAMPLE_RATE)
+        return pcm[start:end].copy() if end > start else np.zeros(0, dtype=np.float32)
+
+    def counted(bucket: str, key: str, span: TimeSpan) -> np.ndarray:
+        reads.append(span)
+        return read(bucket, key, span)
+
+    heard = []
+
+    def whisper(model, audio, *args, **kwargs):  # what it would hear
+        heard.append(audio)
+        return [], "en"
+
+    monkeypatch.setattr(transcriber, "transcribe_chunk", whisper)
+    transcriber.transcribe(chunk, transcriber.Deps(model=None, read_pcm=counted))
+    [audio] = heard
+    at = chunk.span.start - REGION_PAD_S  # the chunk as heard, from a little before it
+    spans = heard_spans(turns, at, audio.length_s)
+    assert len(spans) == 45 and audio.spans == spans
+    # One read for the 40 close regions, one for the 5 after the long silence, which is not read.
+    assert [(round(r.start, 3), round(r.end, 3)) for r in reads] == [
+        (round(at + spans[0].start, 3), round(at + spans[39].end, 3)),
+        (round(at + spans[40].start, 3), round(at + spans[44].end, 3))]
+    # Each region's samples as reading it alone gave them.
+    for span, piece in zip(spans, audio.pieces, strict=True):
+        assert np.array_equal(piece, read("b", "k", TimeSpan(start=at + span.start, end=at + span.end))), span

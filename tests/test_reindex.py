@@ -5,6 +5,7 @@ endpoints, on one real stack with an admin key and a user key."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import subprocess
 import sys
@@ -342,3 +343,112 @@ async def test_a_job_running_as_the_model_changed_is_reembedded_once_it_ends(key
         == (True, 2, 1), while_running
     assert embedded == {model}
     assert (after.running, after.pending_segments, after.waiting_jobs, after.error) == (False, 0, 0, None), after
+
+
+@pytest.fixture
+async def own_database():
+    """A database of its own, every migration applied, and a pool on it: no stack."""
+    import uuid
+
+    import asyncpg
+
+    from common.db import apply_migrations
+    from devstack import pg_admin_url, with_database
+
+    admin = await asyncpg.connect(pg_admin_url())
+    name = f"stt_reindex_{uuid.uuid4().hex[:8]}"
+    await admin.execute(f"CREATE DATABASE {name}")
+    try:
+        pool = await asyncpg.create_pool(with_database(pg_admin_url(), name), min_size=1, max_size=4)
+        try:
+            await apply_migrations(pool)
+            yield pool
+        finally:
+            await pool.close()
+    finally:
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        await admin.close()
+
+
+async def test_a_job_started_after_the_run_began_does_not_keep_it_going(own_database, monkeypatch, caplog):
+    """The embedder not switched to the new model while jobs keep coming: each new job has
+    segments in the old model. The run waits only for the jobs running when it began, ends, and
+    says (once) that the embedder still embeds with another model."""
+    from services.ingest import reindex
+    from services.ingest.reindex import Reindexer
+
+    monkeypatch.setattr(reindex, "RUNNING_JOBS_CHECK_S", 0.2)
+    pool, model, old = own_database, "new-test-model", "old-test-model"
+
+    async def job(status: str, text: str) -> int:
+        job_id = await pool.fetchval("INSERT INTO transcripts (filename, status, stage) VALUES ($1, $2, $3)"
+                                     " RETURNING id", f"{text}.wav", status,
+                                     "transcribing" if status == "processing" else "done")
+        await pool.execute("INSERT INTO segments (transcript_id, chunk_index, index, speaker, start_ts, end_ts, text,"
+                           " embedding_model) VALUES ($1, 0, 0, 'spk_0', 0, 1, $2, $3)", job_id, text, old)
+        return job_id
+
+    async def embed(texts: list[str]) -> list[list[float]]:
+        return [[1.0] + [0.0] * 7 for _ in texts]
+
+    async def models(job_id: int) -> set[str | None]:
+        return {r["embedding_model"] for r in await pool.fetch(
+            "SELECT embedding_model FROM segments WHERE transcript_id = $1", job_id)}
+
+    ended, running = await job("done", "ended before"), await job("processing", "running as it began")
+    reindexer = Reindexer(pool, embed, model)
+    caplog.set_level("INFO", logger="services.ingest.reindex")
+    try:
+        reindexer.start()
+        deadline = asyncio.get_running_loop().time() + 30
+        while await models(ended) != {model}:
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.1)
+        late = await job("processing", "started after it began")  # embedded by the old model
+        await asyncio.sleep(1)  # several looks at the running jobs
+        assert not reindexer.task.done()  # still waiting for the job running as it began
+        await pool.execute("UPDATE transcripts SET status = 'done', stage = 'done', completed_at = now()"
+                           " WHERE id = $1", running)
+        await asyncio.wait_for(reindexer.task, 15)
+        error = await pool.fetchval("SELECT error FROM reindex_runs WHERE model = $1", model)
+    finally:
+        if reindexer.task is not None and not reindexer.task.done():
+            reindexer.task.cancel()
+            await asyncio.gather(reindexer.task, return_exceptions=True)
+    assert error is None
+    assert (await models(running), await models(late)) == ({model}, {old})
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and f"job {late}" in warnings[0] and old in warnings[0], warnings
+
+
+@pytest.mark.parametrize("raised, stops", [
+    # This machine's disk (a local model's cache): that job's failure, passed over and named.
+    (OSError(errno.ENOSPC, "No space left on device", "/root/.cache/model.bin"), False),
+    # The database's connection closed under the run: an outage, the run stops to be resumed.
+    ("closed", True),
+])
+async def test_a_run_stops_for_an_outage_and_passes_over_a_jobs_own_error(own_database, raised, stops):
+    """What stops a run is what the services wait out (DATABASE_UNAVAILABLE, OLLAMA_UNAVAILABLE):
+    a closed connection does, a full local disk is one job's failure."""
+    import asyncpg
+
+    from services.ingest.reindex import Reindexer
+
+    pool, model = own_database, "outage-test-model"
+    job_id = await pool.fetchval("INSERT INTO transcripts (filename, status) VALUES ('a.wav', 'done') RETURNING id")
+    await pool.execute("INSERT INTO segments (transcript_id, chunk_index, index, speaker, start_ts, end_ts, text)"
+                       " VALUES ($1, 0, 0, 'spk_0', 0, 1, 'Hello.')", job_id)
+    error = asyncpg.InterfaceError("cannot call Connection.fetch(): connection is closed") \
+        if raised == "closed" else raised
+
+    async def embed(texts: list[str]) -> list[list[float]]:
+        raise error
+
+    reindexer = Reindexer(pool, embed, model)
+    reindexer.start()
+    await asyncio.wait_for(reindexer.task, 15)
+    said = await pool.fetchval("SELECT error FROM reindex_runs WHERE model = $1", model)
+    if stops:
+        assert said == "InterfaceError: stopped; POST /admin/reindex again to resume", said
+    else:
+        assert said.startswith("1 jobs could not be embedded") and f": {job_id};" in said, said

@@ -91,3 +91,31 @@ def test_two_speakers_own_numbers_are_not_joined_into_one():
     assert [s.text for s in redact([half, late], ["phone"])] == ["It's 555 123", "4567"]
     # Spelling is searched in each speaker's words only, as before.
     assert [s.text for s in respell([half, b], {"123 12": "x"})] == ["It's 555 123", "12 minutes?"]
+
+
+def test_a_reply_after_a_pause_is_not_joined_into_one_number_with_what_was_said_before():
+    """Only words said over each other are searched across speakers: B's "2020," answering
+    after A's "2019." is two years, not an eight-digit phone number; B's "4567" said on top of
+    the end of A's "555 123" still makes one."""
+    a = said_by("spk_0", (" It", 0), (" started", 0.4), (" in", 0.8), (" 2019.", 1.2))
+    b = said_by("spk_1", (" 2020,", 2.2), (" I", 2.6), (" think.", 2.9), index=1)
+    assert [s.text for s in redact([a, b], ["phone"])] == ["It started in 2019.", "2020, I think."]
+    # A quicker answer, still after A stopped (0.5 s): two things said.
+    quick = said_by("spk_1", (" 2020,", 2.1), index=1)
+    assert [s.text for s in redact([a, quick], ["phone"])] == ["It started in 2019.", "2020,"]
+    # Said over each other (B starts before A's "123" ends) or right after it: one number.
+    for at in (2.2, 2.45):
+        mine = said_by("spk_0", (" My", 0), (" number", 0.5), (" is", 1), (" 555", 1.5), (" 123", 2))
+        theirs = said_by("spk_1", (" 4567", at), index=1)
+        assert [s.text for s in redact([mine, theirs], ["phone"])] == ["My number is [PHONE]", "[PHONE]"]
+
+
+def test_one_segments_words_of_a_number_with_another_speakers_between_them_get_one_label():
+    """A's segment holds "555" and "4567" with B's "123" said between them in time: A's part of
+    the number is one word, one [PHONE], over both of A's words."""
+    a = said_by("spk_0", (" Call", 0), (" 555", 0.5), (" 4567", 1.3), (" please.", 1.8))
+    b = said_by("spk_1", (" 123", 0.9), index=1)
+    redacted = redact([a, b], ["phone"])
+    assert [s.text for s in redacted] == ["Call [PHONE] please.", "[PHONE]"]
+    assert [(w.word, w.start, w.end) for w in redacted[0].words] == [
+        (" Call", 0, 0.4), (" [PHONE]", 0.5, 1.7), (" please.", 1.8, 2.2)]

@@ -216,6 +216,38 @@ def test_cues_of_words_all_timed_at_one_instant_follow_one_another_and_are_each_
     assert MIN_CUE_S == 1.0  # README: such a cue lasts up to 1 s
 
 
+def test_many_cues_at_one_instant_with_the_next_soon_after_each_last_a_millisecond():
+    """Cues of words all timed at one instant share the time until that speaker's next cue: with
+    thirty of them and the next 15 ms later, each got half a millisecond, and once written to the
+    millisecond started where it ended (players drop such a cue). Each lasts at least 1 ms; where
+    that leaves no room before the next cue, the last of them run past its start."""
+    def cues_of(count: int, next_in_ms: int) -> list[Cue]:
+        words = [f"w{i:02d}" for i in range(count)]
+        at_once = TranscriptSegment(speaker="spk_0", start_ts=5.0, end_ts=5.0, text=" ".join(words),
+                                    words=[Word(word=w, start=5.0, end=5.0) for w in words])
+        after = 5.0 + next_in_ms / 1000
+        then = TranscriptSegment(speaker="spk_0", start_ts=after, end_ts=6.0, text="Next.",
+                                 words=[Word(word="Next.", start=after, end=6.0)])
+        vtt = parse_vtt(to_vtt([at_once, then], line_width=3, line_count=1))
+        srt = parse_srt(to_srt([at_once, then], line_width=3, line_count=1))
+        assert [(c.start, c.end) for c in vtt] == [(c.start, c.end) for c in srt]
+        assert [c.start for c in vtt] == sorted(c.start for c in vtt)  # in the order they start
+        assert [c.text for c in vtt if c.text != "Next."] == words
+        return vtt
+
+    for count, next_in_ms in ((30, 15), (10, 15), (12, 20)):
+        cues = cues_of(count, next_in_ms)
+        shared, [following] = [c for c in cues if c.text != "Next."], [c for c in cues if c.text == "Next."]
+        assert following.start == 5.0 + next_in_ms / 1000
+        assert all(round((c.end - c.start) * 1000) >= 1 for c in shared), (count, shared)
+        assert all(a.end <= b.start for a, b in itertools.pairwise(shared)), (count, shared)
+        assert shared[0].start == 5.0
+        if count <= next_in_ms:  # room for 1 ms each: none runs into the next
+            assert shared[-1].end <= following.start, (count, shared)
+        else:  # 1 ms each, one after another
+            assert [round(c.start * 1000) for c in shared] == list(range(5000, 5000 + count))
+
+
 def test_thai_words_written_without_spaces_are_cut_into_cues_that_fit():
     words = ["สวัสดี", "ครับ", "วันนี้", "เรา", "จะ", "คุย", "เรื่อง", "โครงการ", "ใหม่", "ของ", "บริษัท", "และ",
              "แผนงาน", "ใน", "ปี", "หน้า", "ที่", "ทุก", "คน", "ต้อง", "รู้"]

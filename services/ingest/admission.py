@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 from collections.abc import Callable
 from typing import BinaryIO
@@ -29,17 +30,24 @@ SMALL_BODY_BYTES = 1024 * 1024
 # How long an upload's body may stop coming before the request is given up.
 UPLOAD_IDLE_S = 120.0
 # The slowest an upload's body may come on average, counted from the start of the request once
-# UPLOAD_RATE_GRACE_S have passed (64 kbit/s: a poor mobile uplink still passes). A body trickled
-# in a byte at a time, each within UPLOAD_IDLE_S, would otherwise hold its place among
-# MAX_CONCURRENT_UPLOADS for as long as the client likes.
+# UPLOAD_RATE_GRACE_S have passed (64 kbit/s: a poor mobile uplink still passes), while every place
+# among MAX_CONCURRENT_UPLOADS is taken. A body trickled in a byte at a time, each within
+# UPLOAD_IDLE_S, would otherwise hold its place for as long as the client likes while other uploads
+# are refused; while a place is free, a slow upload (a phone on a poor uplink) keeps no one out and
+# takes as long as it takes.
 UPLOAD_MIN_RATE = 8 * 1024
 UPLOAD_RATE_GRACE_S = 60.0
+# How often an upload waiting for more of its body looks whether every upload place is now taken.
+UPLOAD_RATE_CHECK_S = 1.0
 # The most parts a recording's form may have (Litestar's own default is 1000): the routes' fields,
 # a few of them lists, with room to spare.
 UPLOAD_FORM_PARTS = 64
 # The scope key of a function a handler may call once its upload is stored and its spooled file
 # closed, to give up its place before it answers (the OpenAI-compatible endpoints wait minutes).
 RELEASE_UPLOAD = "stt.release_upload"
+# The scope key of a function that says whether every place among MAX_CONCURRENT_UPLOADS is taken
+# (the next upload would be refused), given to each upload that holds one.
+UPLOADS_FULL = "stt.uploads_full"
 # The scope key of a function an OpenAI-compatible request calls when it turns into an event stream
 # (stream=true, once its upload is stored): True when it got a place among MAX_EVENT_STREAMS.
 CLAIM_EVENT_STREAM = "stt.claim_event_stream"
@@ -82,11 +90,12 @@ def _is_openai_upload(scope: Scope) -> bool:
 
 
 def _limit_middleware(limit: int, applies: Callable[[Scope], bool], what: str, scope_key: str,
-                      may_claim: Callable[[Scope], bool] = lambda scope: False):
+                      may_claim: Callable[[Scope], bool] = lambda scope: False, full_key: str | None = None):
     """At most `limit` requests that `applies` to in progress at once in this process, each
     counted until its response has ended; past it, 503 with Retry-After. A request that
     `may_claim` one is given `scope[scope_key]`, a function that takes a place (False when there
-    is none), held from then until its response has ended."""
+    is none), held from then until its response has ended. With `full_key`, a request holding a
+    place is given `scope[full_key]`, a function that says whether every place is taken."""
     in_progress = 0
 
     def wrap(app: ASGIApp) -> ASGIApp:
@@ -112,6 +121,8 @@ def _limit_middleware(limit: int, applies: Callable[[Scope], bool], what: str, s
                 scope[scope_key] = claim
             elif claim():
                 scope[scope_key] = release
+                if full_key is not None:
+                    scope[full_key] = lambda: in_progress >= limit
             else:
                 await _refuse(send, scope, 503, f"{in_progress} {what} are in progress, the most this server takes"
                                                 f" at once; try again in {RETRY_AFTER_S} s", retry_after=True)
@@ -128,7 +139,7 @@ def _limit_middleware(limit: int, applies: Callable[[Scope], bool], what: str, s
 
 def upload_limit_middleware(limit: int):
     """MAX_CONCURRENT_UPLOADS."""
-    return _limit_middleware(limit, _is_streamed_upload, "uploads", RELEASE_UPLOAD)
+    return _limit_middleware(limit, _is_streamed_upload, "uploads", RELEASE_UPLOAD, full_key=UPLOADS_FULL)
 
 
 def event_stream_limit_middleware(limit: int):
@@ -138,13 +149,14 @@ def event_stream_limit_middleware(limit: int):
     return _limit_middleware(limit, _is_event_stream, "event streams", CLAIM_EVENT_STREAM, _is_openai_upload)
 
 
-def _idle_bounded(receive: Receive) -> Receive:
-    """`receive` that gives up (408) when the body stops coming for UPLOAD_IDLE_S, or comes at
-    under UPLOAD_MIN_RATE on average once UPLOAD_RATE_GRACE_S have passed: a client gone quiet in
-    the middle of an upload (a laptop asleep, a connection a NAT dropped), or one that trickles its
-    body in, otherwise keeps its place among MAX_CONCURRENT_UPLOADS for good, since nothing ends a
-    connection that is only read from. Once the body is in, it waits as long as it is asked to (a
-    streamed answer waits for the client to leave)."""
+def _idle_bounded(receive: Receive, full: Callable[[], bool] = lambda: False) -> Receive:
+    """`receive` that gives up (408) when the body stops coming for UPLOAD_IDLE_S, or, while
+    `full` (every upload place is taken), comes at under UPLOAD_MIN_RATE on average once
+    UPLOAD_RATE_GRACE_S have passed: a client gone quiet in the middle of an upload (a laptop
+    asleep, a connection a NAT dropped), or one that trickles its body in, otherwise keeps its
+    place among MAX_CONCURRENT_UPLOADS for good, since nothing ends a connection that is only read
+    from. While a place is free, a slow body keeps no one out: it may take its time. Once the body
+    is in, it waits as long as it is asked to (a streamed answer waits for the client to leave)."""
     body_in = False
     started = time.monotonic()
     received = 0
@@ -153,21 +165,31 @@ def _idle_bounded(receive: Receive) -> Receive:
         nonlocal body_in, received
         if body_in:
             return await receive()
+        asked = time.monotonic()
         # The body so far must have come by the time its average would fall below the rate.
         rate_deadline = started + max(UPLOAD_RATE_GRACE_S, received / UPLOAD_MIN_RATE)
-        wait_s = min(UPLOAD_IDLE_S, rate_deadline - time.monotonic())
+        coming = asyncio.ensure_future(receive())
         try:
-            if wait_s <= 0:
-                raise TimeoutError
-            message = await asyncio.wait_for(receive(), wait_s)
-        except TimeoutError:
-            if wait_s < UPLOAD_IDLE_S:
-                raise ClientException(status_code=408, detail=(
-                    f"the body came at under {UPLOAD_MIN_RATE // 1024} KiB/s on average ({received} bytes in"
-                    f" {time.monotonic() - started:.0f} s), too slowly to keep its place among the uploads this"
-                    f" server takes at once; send it again over a faster connection")) from None
-            raise ClientException(status_code=408, detail=f"nothing more of the body came for {UPLOAD_IDLE_S:g} s;"
-                                                          f" send it again") from None
+            while True:
+                now = time.monotonic()
+                if full() and now >= rate_deadline:
+                    raise ClientException(status_code=408, detail=(
+                        f"the body came at under {UPLOAD_MIN_RATE // 1024} KiB/s on average ({received} bytes in"
+                        f" {now - started:.0f} s), too slowly to keep its place among the uploads this server"
+                        f" takes at once, every one of them taken; send it again over a faster connection"))
+                if now - asked >= UPLOAD_IDLE_S:
+                    raise ClientException(status_code=408, detail=f"nothing more of the body came for"
+                                                                  f" {UPLOAD_IDLE_S:g} s; send it again")
+                # Until the next message, the idle limit, or the rate's deadline (while every
+                # place is taken); looking again every UPLOAD_RATE_CHECK_S whether they all are.
+                until = min(asked + UPLOAD_IDLE_S, rate_deadline if full() else math.inf, now + UPLOAD_RATE_CHECK_S)
+                done, _ = await asyncio.wait({coming}, timeout=max(until - now, 0))
+                if done:
+                    break
+            message = coming.result()
+        finally:
+            if not coming.done():
+                coming.cancel()
         if message["type"] == "http.request":
             received += len(message.get("body", b""))
         body_in = message["type"] != "http.request" or not message.get("more_body", False)
@@ -246,8 +268,8 @@ def small_body_middleware(app: ASGIApp) -> ASGIApp:
     a JSON or URL-encoded body (an address to fetch, a speaker from a transcript) is read into
     memory whole, so it must say its length (411) and stay within SMALL_BODY_BYTES (413). So
     are a multipart body's text fields together (413); it holds one file (400), and its boundary
-    and Content-Type must be unambiguous (400). A body that stops coming, or comes too slowly, is
-    given up (408)."""
+    and Content-Type must be unambiguous (400). A body that stops coming, or comes too slowly
+    while every upload place is taken, is given up (408)."""
 
     async def check(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and _is_upload(scope):
@@ -257,7 +279,7 @@ def small_body_middleware(app: ASGIApp) -> ASGIApp:
             except _BadContentType as exc:
                 await _refuse(send, scope, 400, str(exc))
                 return
-            receive = _idle_bounded(receive)
+            receive = _idle_bounded(receive, lambda: scope.get(UPLOADS_FULL, lambda: False)())
             if multipart:
                 receive = _fields_bounded(receive, boundary)
             length = headers.get(b"content-length")

@@ -19,6 +19,7 @@ LINE_WIDTH = 42  # columns: the usual limit of broadcast and streaming subtitle 
 LINE_COUNT = 2
 MAX_CUE_S = 7.0
 MIN_CUE_S = 1.0
+MIN_SHARE_MS = 1  # the least a cue lasts, where cues at one instant share the time after it
 SENTENCE_ENDS = tuple(".?!…。？！")
 CLAUSE_ENDS = tuple(",;:、，；：")
 PAUSE_S = 0.3
@@ -225,8 +226,9 @@ def _readable(cues: Sequence[Cue]) -> list[Cue]:
     Whisper timed at one instant) would never be: it is given up to MIN_CUE_S, but not past the
     start of the speaker's next cue. Several cues that start at one instant (a passage whose words
     were all timed alike, cut to fit on screen) follow one another over the time after it, up to
-    MIN_CUE_S each, shared evenly where the speaker's next cue comes sooner. A cue ends at the
-    latest where the speaker's next one starts."""
+    MIN_CUE_S each, shared evenly where the speaker's next cue comes sooner, but at least
+    MIN_SHARE_MS each (past the next cue's start where there is no room for that). A cue ends at
+    the latest where the speaker's next one starts, but for those."""
     timed: list[Cue] = []
     first = 0
     while first < len(cues):
@@ -237,10 +239,19 @@ def _readable(cues: Sequence[Cue]) -> list[Cue]:
         following = cues[last + 1].start if last + 1 < len(cues) else float("inf")
         together = last - first + 1
         share = min(MIN_CUE_S, (following - at) / together)
+        if share < MIN_CUE_S:
+            # Shared out on whole milliseconds (the subtitle's precision), at least MIN_SHARE_MS
+            # each: one that starts where it ends once rounded is dropped by players. Where there
+            # is no room for that before the next cue, they run past its start.
+            base = round(at * 1000)
+            room = max(round(following * 1000) - base, together * MIN_SHARE_MS)
+            bounds = [(base + n * room // together) / 1000 for n in range(together + 1)]
+        else:
+            bounds = [at + n * share for n in range(together + 1)]
         for n, cue in enumerate(cues[first:last + 1]):
-            start, end = at + n * share, at + (n + 1) * share
+            start, end = bounds[n], bounds[n + 1]
             if n == together - 1:  # the last keeps the time its words take, up to the next cue
-                end = min(max(cue.end, end), following)
+                end = max(min(max(cue.end, end), following), end)
             timed.append(Cue(start, end, cue.speaker, cue.lines))
         first = last + 1
     return timed

@@ -3,7 +3,9 @@ MODEL_NAME_EMBEDDED or LOCAL_EMBEDDING_MODEL changed), so search covers every tr
 `POST /admin/reindex` starts it in the ingest process, `GET /admin/reindex` shows how far it is,
 `stt reindex` does both. It goes job by job (ended jobs, oldest first), one transaction per job,
 then waits for the jobs that were running as the model changed (with segments in the old one)
-to end and does them too; what is left is whatever is not yet in the current model, so a
+to end and does them too. Only jobs there when the run began: a job started since is the
+embedder's, which embeds it with the new model once it was switched (one it embeds with another
+model says it was not: a WARNING, and the run leaves it). What is left is whatever is not yet in the current model, so a
 restarted ingest resumes by asking again. One run at a time across replicas, its outcome kept
 in `reindex_runs`. With API keys on, only ADMIN_API_KEY may call it.
 
@@ -24,9 +26,9 @@ from litestar.datastructures import State
 from pydantic import BaseModel
 
 from common import searchstore
-from common.db import LockKey, every
+from common.db import DATABASE_UNAVAILABLE, LockKey, every
 from common.logs import job_logged
-from services.embedder.backends import EmbedFn, OllamaUnavailable
+from services.embedder.backends import OLLAMA_UNAVAILABLE, EmbedFn
 from services.ingest.auth import admin_only
 from services.ingest.errors import error_responses
 
@@ -96,19 +98,21 @@ class Reindexer:
     async def _reindex_all(self) -> str | None:
         """Every ended job not yet in the model, oldest first; then, while jobs that were running
         as the model changed still run (their early segments in the old model), waits for them
-        to end and re-embeds them too. None, or why some are left. A job whose embedding fails is
+        to end and re-embeds them too. Only the jobs there as the run began: it ends while new
+        ones keep coming. None, or why some are left. A job whose embedding fails is
         passed over (one text the service cannot take must not keep every later job out), unless
         several in a row fail."""
         log.info("re-embedding stored segments with %s", self.model)
         jobs, failed, failed_in_a_row = 0, [], 0
+        warned = False
 
         async def reindex(job_id: int) -> None:
             nonlocal jobs, failed_in_a_row
             try:
                 await self._reindex_job(job_id)
-            except (asyncpg.PostgresConnectionError, OSError, OllamaUnavailable):
-                raise  # the database or the embedding service away: no job of them would go
-            except Exception:
+            except Exception as exc:
+                if isinstance(exc, (*DATABASE_UNAVAILABLE, *OLLAMA_UNAVAILABLE)):
+                    raise  # the database or the embedding service away: no job of them would go
                 with job_logged(job_id):
                     log.exception("could not re-embed this job; going on with the next")
                 failed.append(job_id)
@@ -119,14 +123,31 @@ class Reindexer:
             jobs += 1
             failed_in_a_row = 0
 
+        async def embedder_not_switched() -> None:
+            """Warns (once a run) where the embedder embeds jobs started since the run began with
+            another model: it was not switched, and every new job stays to do."""
+            nonlocal warned
+            if warned:
+                return
+            if (seen := await searchstore.embedded_with_another_model_after(self.pool, self.model, newest)):
+                warned = True
+                log.warning("job %d, started after this run began, was embedded with %s, not %s: the embedder"
+                            " was not switched to the new model (EMBEDDING_BACKEND, MODEL_NAME_EMBEDDED,"
+                            " LOCAL_EMBEDDING_MODEL); this run leaves such jobs, POST /admin/reindex again"
+                            " once it is", seen["transcript_id"], seen["embedding_model"], self.model)
+
         try:
+            # The jobs there as the run begins: those started since are not waited for (the
+            # embedder does them; one not yet switched would keep the run going for ever).
+            newest = await searchstore.newest_job(self.pool)
             while True:
                 after, found = 0, False
                 while (job_id := await searchstore.next_job_to_reindex(self.pool, self.model, after,
-                                                                       failed)) is not None:
+                                                                       failed, newest)) is not None:
                     after, found = job_id, True
                     await reindex(job_id)
-                waiting = set(await searchstore.running_jobs_to_reindex(self.pool, self.model))
+                waiting = set(await searchstore.running_jobs_to_reindex(self.pool, self.model, newest))
+                await embedder_not_switched()
                 if not waiting and not found:
                     break
                 # Jobs that ran as the model changed, their first segments in the old one: once
@@ -137,7 +158,8 @@ class Reindexer:
                         log.info("waiting for %d running jobs with segments embedded with another model to end",
                                  told := len(waiting))
                     await asyncio.sleep(RUNNING_JOBS_CHECK_S)
-                    waiting = set(await searchstore.running_jobs_to_reindex(self.pool, self.model))
+                    waiting = set(await searchstore.running_jobs_to_reindex(self.pool, self.model, newest))
+                    await embedder_not_switched()
         except Exception as exc:
             log.exception("re-embedding stopped after %d jobs", jobs)
             return f"{type(exc).__name__}: stopped; POST /admin/reindex again to resume"

@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 # (bucket, key, span) -> float32 samples of that span
 ReadPcm = Callable[[str, str, TimeSpan], np.ndarray]
 LANGUAGES_KEPT = 512
+# Speech regions of a chunk less than this far apart are read in one ranged GET: the silence
+# between them is cheap to read, a GET for each region of a chatty chunk (dozens) is not. Only
+# across a longer silence is a chunk read in parts.
+READ_BRIDGE_S = 30.0
 
 
 @dataclass
@@ -50,8 +54,7 @@ def pcm_reader(client) -> ReadPcm:
     there fails the job at once: it is removed when the job ends (cancelled, deleted, or failed
     meanwhile), and no retry brings it back."""
     def read(bucket: str, key: str, span: TimeSpan) -> np.ndarray:
-        start = max(0, int(span.start * SAMPLE_RATE)) * 2
-        end = int(span.end * SAMPLE_RATE) * 2
+        start, end = _sample(span.start) * 2, _sample(span.end) * 2
         if end <= start:
             return np.zeros(0, dtype=np.float32)
         try:
@@ -61,6 +64,30 @@ def pcm_reader(client) -> ReadPcm:
                 raise PermanentError("the job's decoded audio is gone") from exc
             raise
     return read
+
+
+def _sample(t: float) -> int:
+    """The PCM's sample at `t` seconds, as pcm_reader counts."""
+    return max(0, int(t * SAMPLE_RATE))
+
+
+def _read_heard(message: JobDiarized, deps: Deps, at: float, spans: list[TimeSpan]) -> list[np.ndarray]:
+    """The samples of each of `spans` (the chunk's time; the chunk is `at` s into the PCM), as
+    reading each alone gives them: spans less than READ_BRIDGE_S apart are read in one GET, each
+    span's samples a view of it (the silence read between them is not heard)."""
+    pieces: list[np.ndarray] = []
+    first = 0
+    while first < len(spans):
+        last = first + 1
+        while last < len(spans) and spans[last].start - spans[last - 1].end < READ_BRIDGE_S:
+            last += 1
+        read = TimeSpan(start=at + spans[first].start, end=at + spans[last - 1].end)
+        samples, read_from = deps.read_pcm(message.pcm_bucket, message.pcm_key, read), _sample(read.start)
+        for span in spans[first:last]:
+            a, b = _sample(at + span.start) - read_from, _sample(at + span.end) - read_from
+            pieces.append(samples[a:max(a, b)])
+        first = last
+    return pieces
 
 
 def language_for(message: JobDiarized, deps: Deps) -> str | None:
@@ -92,13 +119,11 @@ def transcribe(message: JobDiarized, deps: Deps, speech: str = "diarizer") -> Ch
         heard = TimeSpan(start=max(0.0, message.span.start - REGION_PAD_S),
                          end=min(message.duration, message.span.end + REGION_PAD_S))
         # Only what Whisper hears is read: a chunk holds at most CHUNK_MAX_SPEECH_S of speech, but
-        # from cut to cut it may span hours of silence (hundreds of MB of PCM).
+        # from cut to cut it may span hours of silence (hundreds of MB of PCM). Regions close
+        # together are read at once (READ_BRIDGE_S).
         length_s = heard.end - heard.start
         spans = heard_spans(message.turns, heard.start, length_s, speech)
-        audio = HeardAudio(length_s, spans, [
-            deps.read_pcm(message.pcm_bucket, message.pcm_key,
-                          TimeSpan(start=heard.start + offset + s.start, end=heard.start + offset + s.end))
-            for s in spans])
+        audio = HeardAudio(length_s, spans, _read_heard(message, deps, heard.start + offset, spans))
         segments, language = transcribe_chunk(deps.model, audio, heard.start, message.turns,
                                               language_for(message, deps), deps.beam_size, speech,
                                               other_talk=message.other_channels,

@@ -22,6 +22,10 @@ SPACED_WORD_CHAR = f"[^\\W{UNSPACED}]"
 # One speaker's segments this close are searched as one text (a number said with a pause in it);
 # after a longer silence what follows is something else said.
 JOIN_GAP_S = 3.0
+# Another speaker's word goes on the same text (see _across_speakers) only where the two talk over
+# each other: it overlaps the words before it or starts less than this after them. A reply after
+# a pause ("It started in 2019." "2020, I think.") is something else said.
+OVERLAP_GAP_S = 0.3
 
 
 def _rewritten(words: list[Word], find: Finder) -> list[tuple[int, Word]]:
@@ -122,10 +126,12 @@ def _covered(bounds: list[int], start: int, end: int) -> tuple[int, int]:
 def _across_speakers(segments: list[Segment], runs: list[list[int]], found: dict[int, Replacements],
                      find: Finder) -> None:
     """Adds to `found` (each run's spans, in its text) what `find` finds in everyone's words in
-    the order said (a word less than JOIN_GAP_S after the talk before it goes on the same text)
-    where the words found went to two speakers or more: where people talk over each other, one
-    number's words can be given some to one speaker, some to the other. Each speaker's part of it
-    becomes one word in the segment that holds it. What a speaker's own search found is not taken
+    the order said (a word less than JOIN_GAP_S after the same speaker's talk before it goes on
+    the same text, another speaker's word only where it overlaps the talk before it or starts
+    less than OVERLAP_GAP_S after it) where the words found went to two speakers or more: where
+    people talk over each other, one number's words can be given some to one speaker, some to
+    the other. Each speaker's part of it becomes one word in the segment that holds it (one also
+    where another speaker's word came between two of its words). What a speaker's own search found is not taken
     into a longer match with another speaker's words around it (A's "555 1234" and B's "12" said
     after it are two things said), only one that fills the words of another speaker said in
     between ("555", "123", "4567" given to A, B, A: A's search saw "555 4567"); that one then
@@ -149,7 +155,10 @@ def _across_speakers(segments: list[Segment], runs: list[list[int]], found: dict
     pieces: list[list[Place]] = []
     reach = 0.0
     for start, p, k in order:
-        if pieces and start - reach < JOIN_GAP_S:
+        # One speaker's next word goes on as in their own search; another speaker's only where
+        # they talk over each other.
+        same = bool(pieces) and segments[pieces[-1][-1][0]].speaker == segments[p].speaker
+        if pieces and start - reach < (JOIN_GAP_S if same else OVERLAP_GAP_S):
             pieces[-1].append((p, k))
             reach = max(reach, segments[p].words[k].end)
         else:
@@ -178,13 +187,18 @@ def _across_speakers(segments: list[Segment], runs: list[list[int]], found: dict
                     continue
             dropped |= touched
             parts: list[list[int]] = []  # [run, segment, word, start, end]: the words of one segment in a row
+            latest: dict[int, list[int]] = {}  # each segment's latest part
             for i, (p, k) in enumerate(covered, start=first):
                 n, at = where[p, k]
                 low, high = at + max(start - bounds[i], 0), at + min(end, bounds[i + 1]) - bounds[i]
-                if parts and parts[-1][1:3] == [p, k - 1] and parts[-1][4] == at == low:
-                    parts[-1][2], parts[-1][4] = k, high
+                part = latest.get(p)
+                # A segment's words next to each other make one part, also where another
+                # speaker's word was said between them (A, B, A over each other): one label.
+                if part is not None and part[2] == k - 1 and part[4] == at == low:
+                    part[2], part[4] = k, high
                 else:
-                    parts.append([n, p, k, low, high])
+                    latest[p] = [n, p, k, low, high]
+                    parts.append(latest[p])
             for n, _, _, low, high in parts:
                 said = texts[n][low:high]
                 # A part keeps the space before it (the other speaker's part ended there).
