@@ -784,27 +784,19 @@ def test_with_api_keys_a_job_opened_plays_its_own_recording_and_the_list_goes_on
         client.close()
 
 
-def test_a_recording_still_being_redacted_plays_once_it_is(stack, browser):
+def test_a_recording_still_being_redacted_plays_once_it_is(stack, browser, made_job):
     """Just after a job that asked for redaction is done, its recording answers 503 with
     Retry-After until ingest has written the redacted copy (seconds): the page asks again, saying
     nothing meanwhile, and plays it once it is there. Streamed by the audio element (no key) and
     fetched with a key alike. The jobs are made by hand as tests/test_redacted_playback.py does."""
-    from common.storage import pcm_key, upload_bytes
+    from common.storage import upload_bytes
     from tests.audio_files import wav
 
     s3, bucket = stack.s3(), stack.settings().audio_bucket
-    made: list[int] = []
     redacted_copy = wav(np.zeros(16_000, dtype=np.float32))
 
     def being_redacted() -> int:
-        job_id = stack.value(
-            "INSERT INTO transcripts (id, filename, audio_key, status, stage, progress, options, duration,"
-            " completed_at, audio_redaction_due) SELECT n, 'call.mp3', 'uploads/' || n, 'done', 'done', 1,"
-            " '{\"redact\": [\"phone\"]}', 1.0, now(), true"
-            " FROM nextval(pg_get_serial_sequence('transcripts', 'id')) n RETURNING id")
-        made.append(job_id)
-        upload_bytes(s3, bucket, f"uploads/{job_id}", b"ID3 the upload as sent")
-        return job_id
+        return made_job("call.mp3", b"ID3 the upload as sent", options={"redact": ["phone"]}, due=True)
 
     def redacted(job_id: int) -> None:
         upload_bytes(s3, bucket, f"uploads/{job_id}", redacted_copy)
@@ -833,14 +825,5 @@ def test_a_recording_still_being_redacted_plays_once_it_is(stack, browser):
         assert errors == []
         page.close()
 
-    try:
-        plays_once_redacted(None)  # the audio element streams it
-        plays_once_redacted("any-key-the-server-does-not-ask-for")  # fetched with the key
-    finally:
-        for job_id in made:
-            stack.query("DELETE FROM transcripts WHERE id = $1", job_id)
-            for object_key in (f"uploads/{job_id}", pcm_key(job_id)):
-                try:
-                    s3.remove_object(bucket, object_key)
-                except Exception:
-                    pass
+    plays_once_redacted(None)  # the audio element streams it
+    plays_once_redacted("any-key-the-server-does-not-ask-for")  # fetched with the key

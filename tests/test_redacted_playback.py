@@ -17,47 +17,7 @@ from minio import Minio
 from minio.error import S3Error
 
 from common.storage import pcm_key, upload_bytes
-
-SEGMENT_WORDS = [{"word": " call", "start": 0.5, "end": 0.8, "probability": 0.9},
-                 {"word": " me", "start": 0.8, "end": 1.0, "probability": 0.9},
-                 {"word": " at", "start": 1.0, "end": 1.2, "probability": 0.9},
-                 {"word": " [PHONE].", "start": 1.3, "end": 4.8, "probability": None}]
-
-
-@pytest.fixture
-def made_job(stack):
-    """make(filename, content, options=..., redacted=..., status=..., segment=..., due=...) -> the
-    id of a job made by hand, its recording stored at uploads/{id}; removed after the test. `due`:
-    its recording still to be redacted, as the persister marks a job with redaction it ends."""
-    made: list[int] = []
-    s3, bucket = stack.s3(), stack.settings().audio_bucket
-
-    def make(filename: str, content: bytes, options: dict | None = None, redacted: bool = False,
-             status: str = "done", segment: bool = False, due: bool = False) -> int:
-        job_id = stack.value(
-            "INSERT INTO transcripts (id, filename, audio_key, status, stage, progress, options, duration,"
-            " completed_at, audio_redacted_at, audio_redaction_due)"
-            " SELECT n, $1, 'uploads/' || n, $2, CASE WHEN $2 = 'done' THEN 'done' ELSE 'transcribing' END,"
-            " CASE WHEN $2 = 'done' THEN 1 ELSE 0.5 END, $3::jsonb, 5.0,"
-            " CASE WHEN $2 = 'done' THEN now() END, CASE WHEN $4 THEN now() END, $5"
-            " FROM nextval(pg_get_serial_sequence('transcripts', 'id')) n RETURNING id",
-            filename, status, json.dumps(options or {}), redacted, due)
-        made.append(job_id)
-        upload_bytes(s3, bucket, f"uploads/{job_id}", content)
-        if segment:
-            stack.query("INSERT INTO segments (transcript_id, chunk_index, index, speaker, start_ts, end_ts, text,"
-                        " words) VALUES ($1, 0, 0, 'spk_0', 0.5, 4.8, 'call me at [PHONE].', $2::jsonb)",
-                        job_id, json.dumps(SEGMENT_WORDS))
-        return job_id
-
-    yield make
-    for job_id in made:
-        stack.query("DELETE FROM transcripts WHERE id = $1", job_id)
-        for key in (f"uploads/{job_id}", pcm_key(job_id)):
-            try:
-                s3.remove_object(bucket, key)
-            except Exception:
-                pass
+from tests.conftest import SEGMENT_WORDS
 
 
 def audio(stack, job_id: int, **headers: str) -> httpx.Response:
