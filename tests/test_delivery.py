@@ -124,7 +124,13 @@ async def test_job_submitted_delivered_three_times_gives_one_transcript(stack, f
     assert len({(r["start_ts"], r["text"]) for r in rows}) == len(rows)
     assert len(rows) == len(document["segments"])
     # Events are at-least-once, deduplicated on message_id (README): a copy of one is not a second
-    # announcement, another message for the same segment or a second completion is.
+    # announcement, another message for the same segment or a second completion is. A copy comes
+    # from the persister announcing an ended job's completion again when a late duplicate's
+    # progress reaches it (a stage still working is told so): the same body under the same id.
+    for message_id in {b["message_id"] for b in bodies}:
+        copies = [b for b in bodies if b["message_id"] == message_id]
+        assert all(copy == copies[0] for copy in copies), copies
+    assert {b["message_id"] for b in bodies if "segment_count" in b} == {f"transcript.completed:{job_id}"}
     bodies = list({b["message_id"]: b for b in bodies}.values())
     announced = [(b["chunk_index"], b["index"]) for b in bodies if "index" in b]
     assert sorted(announced) == sorted({(s["chunk_index"], s["index"]) for s in document["segments"]})
