@@ -176,12 +176,23 @@ def checked(response: httpx.Response) -> httpx.Response:
         raise ApiError(response.status_code, f"the API answered with a redirect to {response.headers.get('location')}:"
                                              " give that address as --api")
     if not response.is_success:
-        try:
-            detail = response.json().get("detail")
-        except (ValueError, AttributeError):
-            detail = None
-        raise ApiError(response.status_code, str(detail or response.text.strip() or response.reason_phrase))
+        raise ApiError(response.status_code, error_detail(response))
     return response
+
+
+def error_detail(response: httpx.Response) -> str:
+    """The service's `detail`; for a body that is not the API's JSON (a proxy's error page, say)
+    one line of it, never a whole HTML page printed as the reason."""
+    try:
+        detail = response.json().get("detail")
+    except (ValueError, AttributeError):
+        detail = None
+    if detail:
+        return str(detail)
+    line = next((line.strip() for line in response.text.splitlines() if line.strip()), "")
+    if not line or line.startswith("<") or "html" in response.headers.get("content-type", ""):
+        return response.reason_phrase or f"HTTP {response.status_code}"
+    return line if len(line) <= 200 else line[:199] + "…"
 
 
 @contextlib.contextmanager
@@ -192,6 +203,9 @@ def reporting_api_errors(api: str) -> Iterator[None]:
         fail(str(exc))
     except httpx.TransportError as exc:
         fail(f"cannot reach the API at {api}: {str(exc) or type(exc).__name__}")
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        # What Response.json() raises for a success that is no JSON: --api naming a web page.
+        fail(f"the API at {api} did not answer JSON; is --api right?")
 
 
 def multipart_body(path: Path, fields: dict[str, str],
@@ -489,7 +503,7 @@ def submit(
     sources = [recording_source(argument) for argument in recordings]
     jobs: list[SubmittedJob] = []
     refused = 0
-    with api_client(api, api_key) as client:
+    with reporting_api_errors(api), api_client(api, api_key) as client:
         for source in sources:
             name = source_name(source)
             try:
@@ -682,10 +696,10 @@ def get(
               **{name: value for name, value in cue_limits.items() if value is not None}}
     with reporting_api_errors(api), api_client(api, api_key) as client:
         response = checked(client.get(f"/transcripts/{job_id}", params=params))
-    if output_format is TranscriptFormat.json:
-        content = (json.dumps(response.json(), indent=2, ensure_ascii=False) + "\n").encode()
-    else:
-        content = response.content
+        if output_format is TranscriptFormat.json:
+            content = (json.dumps(response.json(), indent=2, ensure_ascii=False) + "\n").encode()
+        else:
+            content = response.content
     if output is None:
         sys.stdout.buffer.write(content)
         sys.stdout.flush()
@@ -965,14 +979,16 @@ def webhooks_add(
     events: Annotated[str | None, typer.Option(
         help="Comma-separated event types, e.g. transcript.completed,transcript.failed (default: all).",
         show_default=False)] = None,
-    secret: Annotated[str | None, typer.Option(help="Sign with this secret instead of a new one.",
+    secret: Annotated[str | None, typer.Option(envvar="STT_WEBHOOK_SECRET",
+                                               help="Sign with this secret instead of a new one.",
                                                show_default=False)] = None,
     api: ApiUrl = DEFAULT_API_URL,
     api_key: ApiKey = None,
 ) -> None:
     """Register URL; prints its id and the signing secret (shown this once)."""
     body: dict = {"url": url}
-    if events:
+    # An empty --events is sent as an empty list, for the API to refuse, not taken as "all events".
+    if events is not None:
         body["events"] = [e.strip() for e in events.split(",") if e.strip()]
     if secret is not None:
         body["secret"] = secret
@@ -1151,8 +1167,10 @@ async def watch_events(amqp_url: str, job_id: int | None, api: str, api_key: str
     connection.close_callbacks.add(connection_lost)
     connection.reconnect_callbacks.add(reconnected)
     try:
+        # With --job the exit code is the job's outcome: a stop before it ended is the shell's
+        # 128 + signal (130, 143), as submit's, never the 0 of a job done.
         for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, end, 0)
+            loop.add_signal_handler(signum, end, 0 if job_id is None else 128 + signum)
         channel = await connection.channel()
         # A passive look-up: a subscriber needs only read access to the exchange, not configure.
         exchange = await channel.get_exchange(EVENTS_EXCHANGE, ensure=True)
@@ -1183,7 +1201,7 @@ async def watch_events(amqp_url: str, job_id: int | None, api: str, api_key: str
 def watch(
     job: Annotated[int | None, typer.Option(
         "--job", metavar="ID", show_default=False,
-        help="Only this job; exit when it ends (0 done, 1 failed).")] = None,
+        help="Only this job; exit when it ends (0 done, 1 failed; 130 if interrupted).")] = None,
     amqp_url: AmqpUrl = DEFAULT_AMQP_URL,
     api: ApiUrl = DEFAULT_API_URL,
     api_key: ApiKey = None,
@@ -1195,7 +1213,7 @@ def watch(
     try:
         code = asyncio.run(watch_events(amqp_url, job, api, api_key))
     except KeyboardInterrupt:
-        code = 0
+        code = 0 if job is None else 128 + signal.SIGINT
     except (aio_pika.exceptions.AMQPError, OSError) as exc:
         reason = str(exc) or type(exc).__name__
         password = urlsplit(amqp_url).password

@@ -277,19 +277,20 @@ def test_watch_for_one_job_ends_with_it(keyed_stack, fixtures_dir):
                      watcher.stdout), watcher.stdout
 
 
+async def declare_events_exchange(url: str) -> None:
+    from common.broker import EVENTS_EXCHANGE
+
+    connection = await aio_pika.connect(url)
+    try:
+        await (await connection.channel()).declare_exchange(EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC,
+                                                            durable=True)
+    finally:
+        await connection.close()
+
+
 def test_watch_for_one_job_ends_with_it_when_its_events_are_missed(keyed_stack, fixtures_dir):
     """Events published while the watcher was disconnected are lost; the job's end is still seen.
     Here the watcher listens where no event of the stack ever comes (an empty vhost of its own)."""
-    from common.broker import EVENTS_EXCHANGE
-
-    async def declare_events_exchange(url: str) -> None:
-        connection = await aio_pika.connect(url)
-        try:
-            await (await connection.channel()).declare_exchange(EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC,
-                                                                durable=True)
-        finally:
-            await connection.close()
-
     with private_vhost() as vhost:
         asyncio.run(declare_events_exchange(amqp_url(vhost)))
         submitted = stt(keyed_stack, "submit", str(fixtures_dir / "en_dialogue.wav"), "--no-wait")
@@ -643,13 +644,18 @@ class RedirectingServer:
 
 class StandInApi:
     """A local HTTP server answering each (method, path) with its answers in turn, (status, JSON
-    body), the last one again and again: the API as the client sees it when it errs."""
+    body), the last one again and again: the API as the client sees it when it errs. `requests`
+    holds what it was sent: (method, path, body)."""
 
     def __init__(self, answers: dict[tuple[str, str], list[tuple[int, dict]]]) -> None:
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+        requests = self.requests = []
+
         class Handler(BaseHTTPRequestHandler):
             def answer(self) -> None:
+                sent = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                requests.append((self.command, self.path.split("?")[0], sent))
                 queue = answers[(self.command, self.path.split("?")[0])]
                 status, body = queue.pop(0) if len(queue) > 1 else queue[0]
                 data = json.dumps(body).encode()
@@ -704,6 +710,122 @@ def test_a_reindex_being_followed_waits_out_a_proxys_bad_gateway():
         result = CliRunner().invoke(app, ["reindex", "--api", api])
     assert result.exit_code == 0, result.output
     assert "10 segments embedded with all-minilm, 0 to do (done)" in result.output
+
+
+class PageServer:
+    """Answers every request with one page that is not the API's JSON: what --api gets when it
+    names a web site, or a proxy in front of the API answers with its own error page."""
+
+    def __init__(self, status: int, content_type: str, body: str) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        class Handler(BaseHTTPRequestHandler):
+            def answer(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                data = body.encode()
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = answer  # noqa: N815 (http.server's names)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+
+    def __enter__(self) -> str:
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return f"http://127.0.0.1:{self.server.server_port}"
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+
+
+HTML_PAGE = ("<!DOCTYPE html>\n<html>\n<head><title>Welcome</title></head>\n<body>\n"
+             + "<p>lorem ipsum</p>\n" * 50 + "</body>\n</html>\n")
+
+
+def test_an_api_address_answering_a_web_page_is_reported_not_a_traceback():
+    with PageServer(200, "text/html", HTML_PAGE) as api:
+        status = subprocess.run([STT, "status", "5", "--api", api], capture_output=True, text=True, timeout=60)
+        submitted = subprocess.run([STT, "submit", "https://example.com/a.wav", "--api", api],
+                                   capture_output=True, text=True, timeout=60)
+        got = subprocess.run([STT, "get", "5", "--format", "json", "--api", api],
+                             capture_output=True, text=True, timeout=60)
+    for result in (status, submitted, got):
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert f"the API at {api} did not answer JSON; is --api right?" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_an_error_page_that_is_not_json_is_reported_in_one_line():
+    """A proxy's 502 page was printed whole as the error (and as a job's progress stage)."""
+    from cli.app import ApiError, SubmittedJob, checked, follow_jobs
+
+    with PageServer(502, "text/html", HTML_PAGE) as api:
+        status = subprocess.run([STT, "status", "5", "--api", api], capture_output=True, text=True, timeout=60)
+    assert status.returncode == 1
+    assert status.stderr.strip() == "error: 502: Bad Gateway", status.stderr
+
+    with PageServer(404, "text/html", HTML_PAGE) as api, httpx.Client(base_url=api) as client:
+        documents = follow_jobs(client, [SubmittedJob(7, "a.wav")])
+    assert documents[7]["error"] == "404: Not Found"
+
+    with PageServer(500, "text/plain", "\n\n  " + "x" * 1000 + "\nsecond line\n") as api, \
+            httpx.Client(base_url=api) as client:
+        with pytest.raises(ApiError) as raised:
+            checked(client.get("/status/7"))
+    assert raised.value.detail.startswith("x" * 100) and len(raised.value.detail) <= 200
+    assert "\n" not in raised.value.detail
+
+
+def test_an_empty_events_list_is_sent_for_the_api_to_refuse_not_taken_as_all():
+    refusal = {"detail": "events are some of transcript.completed, transcript.failed"}
+    stand_in = StandInApi({("POST", "/webhooks"): [(400, refusal)]})
+    with stand_in as api:
+        result = CliRunner().invoke(app, ["webhooks", "add", "https://hooks.example/x", "--events", "",
+                                          "--api", api])
+    assert result.exit_code == 1
+    assert "events are some of" in result.output
+    [(_, _, sent)] = stand_in.requests
+    assert json.loads(sent) == {"url": "https://hooks.example/x", "events": []}
+
+
+def test_the_webhook_secret_is_read_from_the_environment():
+    """A secret on the command line is in the shell's history and in `ps`."""
+    hook = {"id": 3, "url": "https://hooks.example/x", "events": ["transcript.completed"],
+            "secret": "whsec_from-the-environment-1234"}
+    stand_in = StandInApi({("POST", "/webhooks"): [(201, hook)]})
+    with stand_in as api:
+        result = CliRunner().invoke(app, ["webhooks", "add", "https://hooks.example/x", "--api", api],
+                                    env={"STT_WEBHOOK_SECRET": "whsec_from-the-environment-1234"})
+    assert result.exit_code == 0, result.output
+    [(_, _, sent)] = stand_in.requests
+    assert json.loads(sent)["secret"] == "whsec_from-the-environment-1234"
+
+
+def test_watch_for_one_job_stopped_before_it_ends_does_not_exit_as_done():
+    """`watch --job` exits 0 when the job is done: a Ctrl-C (or a SIGTERM) before it ended said the
+    same. It now ends as submit does when stopped (130; 143 for SIGTERM); plain watch still 0."""
+    processing = {"status": "processing", "stage": "transcribing", "percent": 40}
+    with private_vhost() as vhost, StandInApi({("GET", "/status/7"): [(200, processing)]}) as api:
+        asyncio.run(declare_events_exchange(amqp_url(vhost)))
+        env = {**os.environ, "STT_API_URL": api, "AMQP_URL": amqp_url(vhost), "PYTHONUNBUFFERED": "1"}
+        codes = {}
+        for args, signum in ((["--job", "7"], signal.SIGINT), (["--job", "7"], signal.SIGTERM),
+                             ([], signal.SIGTERM)):
+            watcher = Background(["watch", *args], env)
+            try:
+                watcher.wait_for(r"watching stt\.events", timeout=60)
+                watcher.process.send_signal(signum)
+                codes[(bool(args), signum)] = watcher.process.wait(15)
+            finally:
+                watcher.stop()
+            assert "Traceback" not in watcher.output, watcher.output
+    assert codes == {(True, signal.SIGINT): 130, (True, signal.SIGTERM): 143, (False, signal.SIGTERM): 0}
 
 
 def test_a_redirect_is_reported_not_taken_for_success(tmp_path):
