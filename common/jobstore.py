@@ -403,14 +403,23 @@ async def forget_deleted_jobs_deliveries(conn: asyncpg.Connection, job_id: int) 
     """A deleted job's settled webhook deliveries (they carry its text), and its callback webhook
     once one of its deliveries is settled and none pending (its events are the job's last:
     transcript.completed or transcript.failed). A pending delivery stays until the notifier has
-    settled it and comes here again, so a job deleted as soon as it ends is still announced."""
+    settled it and comes here again, so a job deleted as soon as it ends is still announced.
+    A webhook's last one given up stays while one of the job's is pending after it: the notifier
+    gives those one attempt each because of it (a dead endpoint's backlog of a deleted job would
+    otherwise keep its text for the whole retry schedule of each); it goes with the last of them."""
     await conn.execute(
         "DELETE FROM webhooks w WHERE w.job_id = $1"
         " AND NOT EXISTS (SELECT 1 FROM transcripts WHERE id = $1)"
         " AND EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.webhook_id = w.id AND d.status <> 'pending')"
         " AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.webhook_id = w.id AND d.status = 'pending')",
         job_id)
-    await conn.execute("DELETE FROM webhook_deliveries WHERE job_id = $1 AND status <> 'pending'", job_id)
+    await conn.execute(
+        "DELETE FROM webhook_deliveries d WHERE d.job_id = $1 AND d.status <> 'pending'"
+        " AND NOT (d.status = 'failed'"
+        " AND NOT EXISTS (SELECT 1 FROM webhook_deliveries s WHERE s.webhook_id = d.webhook_id AND s.job_id = $1"
+        " AND s.status <> 'pending' AND s.id > d.id)"
+        " AND EXISTS (SELECT 1 FROM webhook_deliveries p WHERE p.webhook_id = d.webhook_id AND p.job_id = $1"
+        " AND p.status = 'pending' AND p.id > d.id))", job_id)
 
 
 # ---- bucket drops' result files (ingest) ------------------------------------------------------

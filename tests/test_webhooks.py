@@ -23,7 +23,7 @@ import asyncpg
 import httpx
 import pytest
 
-from common.broker import connect, declare_delay_queues, open_bus, retry_queue
+from common.broker import DEAD_LETTERS_QUEUE, connect, declare_delay_queues, open_bus, retry_queue
 from common.messages import WebhookDue
 from common.outbound import PublicOnlyResolver, http_session, target_problem
 from common.webhooks import new_secret, signature
@@ -37,7 +37,8 @@ MAX_ATTEMPTS = 3
 
 class Receiver:
     """A local HTTP server that records every POST and answers per path: /ok 200, /flaky (and
-    /flaky-anything) 500 twice then 200, /dead never (holds the request), /slow 200 after 1 s."""
+    /flaky-anything) 500 twice then 200, /refusing-anything 500 always, /dead never (holds the
+    request), /slow (and /slow-anything) 200 after 1 s."""
 
     def __init__(self) -> None:
         self.requests: list[dict] = []
@@ -54,9 +55,10 @@ class Receiver:
                 if self.path == "/dead":
                     time.sleep(TIMEOUT_S * 3)
                     return
-                if self.path == "/slow":
+                if self.path.startswith("/slow"):
                     time.sleep(1)
-                self.send_response(500 if self.path.startswith("/flaky") and seen <= 2 else 200)
+                refused = self.path.startswith("/refusing") or (self.path.startswith("/flaky") and seen <= 2)
+                self.send_response(500 if refused else 200)
                 self.send_header("content-length", "0")
                 self.end_headers()
 
@@ -257,6 +259,95 @@ def test_once_a_jobs_delivery_is_given_up_its_later_ones_get_one_attempt_each(no
             assert [r["attempts"] for r in rows] == [MAX_ATTEMPTS] + [1] * (len(rows) - 1)
         finally:
             api.delete(f"/webhooks/{hook['id']}")
+
+
+def pending_deliveries(stack, url: str, job_id: int, count: int) -> tuple[int, list[str]]:
+    """A webhook at `url` with `count` deliveries of `job_id` waiting; (its id, their event ids).
+    A job id with no transcript is a deleted job's to the notifier."""
+    webhook_id = stack.value("INSERT INTO webhooks (url, events, secret) VALUES ($1, '{segment.created}',"
+                             " 'a-secret-of-16-chars') RETURNING id", url)
+    event_ids = [f"evt-{job_id}-{n}" for n in range(count)]
+    for event_id in event_ids:
+        stack.query("INSERT INTO webhook_deliveries (webhook_id, event_id, event_type, job_id, payload)"
+                    " VALUES ($1, $2, 'segment.created', $3, $4)", webhook_id, event_id, job_id,
+                    json.dumps({"type": "segment.created", "data": {"job_id": job_id, "message_id": event_id}}))
+    return webhook_id, event_ids
+
+
+def kick(stack, job_id: int, webhook_id: int) -> None:
+    """Ask the notifier to send the job's deliveries to the webhook, as fan_out and the sweep do."""
+    async def publish() -> None:
+        connection = await connect(stack.settings(), "test-webhook-kick")
+        try:
+            bus = await open_bus(connection, stack.settings())
+            await bus.publish(WebhookDue(job_id=job_id, webhook_id=webhook_id))
+        finally:
+            await connection.close()
+
+    asyncio.run(publish())
+
+
+def dead_letters(stack) -> int:
+    async def count() -> int:
+        connection = await connect(stack.settings(), "test-dead-letters")
+        try:
+            queue = await (await connection.channel()).declare_queue(DEAD_LETTERS_QUEUE, passive=True)
+            return queue.declaration_result.message_count
+        finally:
+            await connection.close()
+
+    return asyncio.run(count())
+
+
+def test_a_backlog_longer_than_the_delivery_budget_is_handed_on_and_all_delivered(notified):
+    """A message sends a job's deliveries for DELIVERY_BUDGET_S, then hands the rest on to a
+    message of their own: that kick failing (a publish no queue took) retried the message and
+    parked it, and the rest waited for the sweep minutes later."""
+    stack, receiver = notified
+    # The stack's notifier, but with a budget one delivery to /slow outlasts.
+    budget = ("from services.notifier import handler\nhandler.DELIVERY_BUDGET_S = 0.5\n"
+              "from common.runner import run_worker\nfrom services.notifier.__main__ import main\nrun_worker(main)")
+    env = {**stack.env, "METRICS_PORT": str(stack.metrics_ports["notifier"])}
+    stack.stop("notifier")
+    log_from = len(stack.log_text("notifier"))
+    stack.start("notifier", "-c", budget, env=env)
+    webhook_id = None
+    try:
+        wait_for(lambda: "consuming stt.notifier (" in stack.log_text("notifier")[log_from:], 60, "the notifier")
+        parked_before = dead_letters(stack)
+        job_id = 969696
+        webhook_id, event_ids = pending_deliveries(stack, receiver.url("/slow-budget"), job_id, 6)
+        kick(stack, job_id, webhook_id)
+        wait_for(lambda: len(receiver.events("/slow-budget", job_id)) >= len(event_ids)
+                 and not stack.query("SELECT 1 FROM webhook_deliveries WHERE job_id = $1 AND status = 'pending'",
+                                     job_id), 30, "every delivery sent, well before the sweep")
+        assert [e["data"]["message_id"] for e in receiver.events("/slow-budget", job_id)] == event_ids
+        log = stack.log_text("notifier")[log_from:]
+        assert "webhook.due failed" not in log and "parked" not in log, log
+        assert dead_letters(stack) == parked_before
+    finally:
+        if webhook_id is not None:
+            stack.query("DELETE FROM webhooks WHERE id = $1", webhook_id)
+        stack.stop("notifier")
+        stack.start_service("notifier")
+
+
+def test_a_deleted_jobs_later_deliveries_get_one_attempt_each_once_one_is_given_up(notified):
+    """Deleting a job removes its settled deliveries, the one given up included: the rule that the
+    later ones get one attempt each then never applied, and each kept the deleted text through the
+    whole schedule (about a day each)."""
+    stack, receiver = notified
+    job_id = 979797  # no transcript: deleted
+    webhook_id, event_ids = pending_deliveries(stack, receiver.url("/refusing-deleted"), job_id, 4)
+    try:
+        kick(stack, job_id, webhook_id)
+        wait_for(lambda: not stack.query("SELECT 1 FROM webhook_deliveries WHERE job_id = $1", job_id), 120,
+                 "every delivery of the deleted job settled and gone")
+        tried = [e["data"]["message_id"] for e in receiver.events("/refusing-deleted", job_id)]
+        assert [tried.count(event_id) for event_id in event_ids] == [MAX_ATTEMPTS, 1, 1, 1], tried
+        assert tried == sorted(tried, key=event_ids.index)
+    finally:
+        stack.query("DELETE FROM webhooks WHERE id = $1", webhook_id)
 
 
 def test_private_targets_are_refused_when_not_allowed(notified):

@@ -117,7 +117,9 @@ async def _deliver_in_order(pool: asyncpg.Pool, http: aiohttp.ClientSession, set
         head = await _oldest_pending(conn, due)
         more = head is not None and head["due"]
     if more and handed_on:  # kicked after letting go, so the kick does not find the lock taken
-        await publish_later(bus, due.model_copy(update={"retry_of": None, "after_attempts": None}), DELIVERY_QUEUE, 0)
+        # Through the work queue, as the sweep kicks: a delay queue exists only for the delays
+        # that __main__ declares, and a publish no queue takes raises.
+        await bus.publish(WebhookDue(job_id=due.job_id, webhook_id=due.webhook_id))
         return False
     return more
 
@@ -167,7 +169,8 @@ async def _attempt(conn: asyncpg.Connection, http: aiohttp.ClientSession, settin
         # one to come until this commits: one of the two sees the other's outcome.
         if status != "pending" and await conn.fetchval(
                 "SELECT 1 FROM transcripts WHERE id = $1 FOR KEY SHARE", due.job_id) is None:
-            # The job was deleted meanwhile: its text stays nowhere (jobstore.delete_job).
+            # The job was deleted meanwhile: its text stays nowhere once its deliveries are
+            # settled (jobstore.forget_deleted_jobs_deliveries).
             await jobstore.forget_deleted_jobs_deliveries(conn, due.job_id)
     webhook_attempted({"pending": "retried", "failed": "given_up"}.get(status, status))
     if status == "pending":
