@@ -200,6 +200,10 @@ class Settings(BaseSettings):
             raise ValueError("ADMIN_API_KEY must be one of API_KEYS")
         if unknown := [kind for kind in self.redact_kinds if kind not in REDACTABLE]:
             raise ValueError(f"REDACT: {unknown[0]!r} is not one of {', '.join(REDACTABLE)}")
+        if self.audio_bucket == self.inbox_bucket:
+            # Every job's copy (uploads/N) and decoded audio (pcm/N.s16le) would be a new drop,
+            # without end, and the orphan sweep would take drops named uploads/<digits> for its own.
+            raise ValueError("AUDIO_BUCKET and INBOX_BUCKET must differ")
         return self
 
 

@@ -39,10 +39,25 @@ IN_TRANSACTION_S = 30.0
 QUICK_CLIENT_TIMEOUT_S = 15.0
 
 
+class StoreCallTimedOut(Exception):
+    """A store call made inside a transaction took longer than IN_TRANSACTION_S. Not a
+    TimeoutError: common.db counts that as the database being away, and the caller would wait for
+    a database that is there (a consumer holding its message for ever, a scan given up whole)
+    instead of failing this one step."""
+
+
 async def call_in_transaction(fn: Callable[..., T], *args, **kwargs) -> T:
-    """`fn(*args, **kwargs)` in a thread, given up (TimeoutError) after IN_TRANSACTION_S so that the
-    caller's transaction ends. What the thread still does after that must be safe to do again."""
-    return await asyncio.wait_for(asyncio.to_thread(fn, *args, **kwargs), IN_TRANSACTION_S)
+    """`fn(*args, **kwargs)` in a thread, given up (StoreCallTimedOut) after IN_TRANSACTION_S so that
+    the caller's transaction ends. What the thread still does after that must be safe to do again."""
+    deadline = asyncio.timeout(IN_TRANSACTION_S)
+    try:
+        async with deadline:
+            return await asyncio.to_thread(fn, *args, **kwargs)
+    except TimeoutError as exc:
+        if not deadline.expired():
+            raise  # the call's own (a socket's), not this wait's
+        raise StoreCallTimedOut(f"the object store did not answer {getattr(fn, '__name__', 'a call')}"
+                                f" within {IN_TRANSACTION_S:g} s") from exc
 
 
 # The stage workers' client (worker_client). minio's own waits 5 minutes for each read and tries

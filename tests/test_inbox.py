@@ -5,14 +5,19 @@ ingest does not scan: only the event path can make the job."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
+import threading
 import time
 import urllib.parse
 
 import httpx
+import pytest
 
-from common.db import create_pool
-from common.storage import ensure_buckets, make_client, stored_size
+import common.storage
+from common.db import DATABASE_UNAVAILABLE, create_pool
+from common.messages import TranscriptFailed
+from common.storage import StoreCallTimedOut, call_in_transaction, ensure_buckets, make_client, pcm_key, stored_size
 from services.ingest.inbox import BucketEvent, Inbox
 from tests.conftest import Stack, free_port, wait_for_port
 
@@ -238,6 +243,191 @@ async def test_a_refused_drop_keeps_its_reference_and_a_drop_gone_before_it_is_t
     finally:
         if refused is not None:
             httpx.delete(f"{stack.api}/transcripts/{refused}")
+        await pool.execute("DELETE FROM deleted_drops WHERE source_bucket = $1", bucket)
+        await pool.close()
+        remove_bucket(s3, bucket)
+
+
+async def discard(api: str, *job_ids: int | None) -> None:
+    """Cancel (when still running) and delete the jobs, so the stack's stages stop working on them."""
+    async with httpx.AsyncClient(base_url=api, timeout=30) as client:
+        for job_id in (j for j in job_ids if j is not None):
+            await client.post(f"/transcripts/{job_id}/cancel")
+            deadline = time.monotonic() + 30
+            while (await client.delete(f"/transcripts/{job_id}")).status_code not in (204, 404):
+                assert time.monotonic() < deadline, f"job {job_id} could not be deleted"
+                await asyncio.sleep(0.5)
+
+
+async def ended(pool, job_id: int, timeout: float = 120) -> dict:
+    """The job's row once it has ended and its result file is written (or given up)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        row = await pool.fetchrow("SELECT status, error, result_written FROM transcripts WHERE id = $1", job_id)
+        if row["status"] != "processing" and row["result_written"]:
+            return dict(row)
+        await asyncio.sleep(0.5)
+    raise AssertionError(f"job {job_id} did not end with its results written")
+
+
+async def test_a_drop_over_max_upload_mb_is_refused_and_not_copied(stack: Stack, fixtures_dir):
+    """Uploads are held to MAX_UPLOAD_MB; a drop must be too, or the diarizer reads a recording of
+    any size to its /tmp (4Gi in Kubernetes) and is evicted, again at each retry."""
+    bucket, key = f"bigbox-{time.monotonic_ns() % 10**9}", "huge call.flac"
+    settings = stack.settings(inbox_bucket=bucket, max_upload_mb=1)
+    s3 = make_client(settings)
+    ensure_buckets(s3, bucket)
+    pool = await create_pool(settings)
+    job_id = None
+    try:
+        await asyncio.to_thread(s3.fput_object, bucket, key, str(fixtures_dir / "jfk.flac"))  # 1.1 MB
+        inbox = Inbox(settings, pool, s3, asyncio.Event())
+        job_id = await inbox.register(key, s3.stat_object(bucket, key).etag.strip('"'))
+        assert job_id is not None
+        assert stored_size(s3, settings.audio_bucket, f"uploads/{job_id}") is None  # never taken in
+        row = await ended(pool, job_id)
+        assert row["status"] == "error" and "MAX_UPLOAD_MB (1 MB)" in row["error"]
+        document = json.loads(s3.get_object(bucket, f"results/{key}.json").read())
+        assert document["status"] == "error" and "MAX_UPLOAD_MB" in document["error"]
+    finally:
+        await discard(stack.api, job_id)
+        await pool.execute("DELETE FROM deleted_drops WHERE source_bucket = $1", bucket)
+        await pool.close()
+        remove_bucket(s3, bucket)
+
+
+async def test_a_drop_whose_result_key_would_be_too_long_is_refused_once(stack: Stack, fixtures_dir):
+    """S3 keys are at most 1024 bytes: `results/<key>.json` of a key near that could never be
+    written, and every scan tried again (with a traceback) for ever."""
+    bucket = f"longbox-{time.monotonic_ns() % 10**9}"
+    key = "calls/" + "x" * 1010 + ".flac"  # 1021 bytes: a drop S3 takes, its result key 1034
+    settings = stack.settings(inbox_bucket=bucket)
+    s3 = make_client(settings)
+    ensure_buckets(s3, bucket)
+    pool = await create_pool(settings)
+    job_id = None
+    try:
+        await asyncio.to_thread(s3.fput_object, bucket, key, str(fixtures_dir / "jfk.flac"))
+        inbox = Inbox(settings, pool, s3, asyncio.Event())
+        job_id = await inbox.register(key, s3.stat_object(bucket, key).etag.strip('"'))
+        row = await ended(pool, job_id)
+        assert row["status"] == "error" and "1034 bytes" in (row["error"] or ""), row
+        # Marked written without a try (moto, unlike S3, would take the key).
+        await pool.execute("UPDATE transcripts SET result_written = false WHERE id = $1", job_id)
+        await inbox.write_result(job_id)
+        assert await pool.fetchval("SELECT result_written FROM transcripts WHERE id = $1", job_id)
+        assert stored_size(s3, bucket, f"results/{key}.json") is None
+    finally:
+        await discard(stack.api, job_id)
+        await pool.execute("DELETE FROM deleted_drops WHERE source_bucket = $1", bucket)
+        await pool.close()
+        remove_bucket(s3, bucket)
+
+
+class SlowStore:
+    """The store client, its writes blocked until `go` is set."""
+
+    def __init__(self, s3, go: threading.Event):
+        self.s3, self.go, self.writing, self.written = s3, go, threading.Event(), threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self.s3, name)
+
+    def put_object(self, *args, **kwargs):
+        self.writing.set()
+        try:
+            self.go.wait(20)
+            return self.s3.put_object(*args, **kwargs)
+        finally:
+            self.written.set()
+
+    async def let_go(self) -> None:
+        """Let the blocked write finish (before its bucket is removed)."""
+        self.go.set()
+        if self.writing.is_set():
+            await asyncio.to_thread(self.written.wait, 20)
+
+
+async def refused_drop(s3, inbox: Inbox, pool, bucket: str, key: str, fixture) -> int:
+    """A drop refused for its metadata, once the running ingest wrote its result file."""
+    await asyncio.to_thread(s3.fput_object, bucket, key, str(fixture), metadata={"num-speakers": "many"})
+    job_id = await inbox.register(key, s3.stat_object(bucket, key).etag.strip('"'))
+    await ended(pool, job_id)
+    return job_id
+
+
+async def test_a_slow_result_write_is_that_steps_failure_not_a_database_outage(stack: Stack, fixtures_dir,
+                                                                                monkeypatch):
+    """A store call given up inside a transaction used to raise TimeoutError, which counts as the
+    database being away: the ending's handler was held and retried for ever before the steps after
+    the result file (redaction, the decoded audio's removal) ran, and a scan gave up whole."""
+    bucket, key = f"slowbox-{time.monotonic_ns() % 10**9}", "slow call.flac"
+    settings = stack.settings(inbox_bucket=bucket)
+    s3 = make_client(settings)
+    ensure_buckets(s3, bucket)
+    pool = await create_pool(settings)
+    go = threading.Event()
+    slow = SlowStore(s3, go)
+    job_id = None
+    try:
+        job_id = await refused_drop(s3, Inbox(settings, pool, s3, asyncio.Event()), pool, bucket, key,
+                                    fixtures_dir / "jfk.flac")
+        monkeypatch.setattr(common.storage, "IN_TRANSACTION_S", 0.2)
+        with pytest.raises(StoreCallTimedOut) as raised:
+            await call_in_transaction(go.wait, 20)
+        assert not isinstance(raised.value, DATABASE_UNAVAILABLE)
+
+        s3.put_object(settings.audio_bucket, pcm_key(job_id), io.BytesIO(b"\0" * 64), 64)
+        inbox = Inbox(settings, pool, s3, asyncio.Event(), s3_quick=slow)
+        ending = TranscriptFailed(job_id=job_id, transcript_id=job_id, filename=key, reason="refused")
+        with pytest.raises(StoreCallTimedOut):
+            await inbox.on_job_ended(ending)
+        assert stored_size(s3, settings.audio_bucket, pcm_key(job_id)) is None  # the other steps ran
+    finally:
+        await slow.let_go()
+        await discard(stack.api, job_id)
+        await pool.execute("DELETE FROM deleted_drops WHERE source_bucket = $1", bucket)
+        await pool.close()
+        remove_bucket(s3, bucket)
+
+
+async def test_an_older_jobs_result_write_cannot_land_after_a_newer_drop_took_the_results_down(
+        stack: Stack, fixtures_dir):
+    """Job 1 checks for a newer drop of its key, finds none, and uploads its results; meanwhile the
+    key is dropped again, and the new drop removes the old results before job 1's upload lands:
+    job 1's results then stood beside the new recording as if they were its own."""
+    bucket, key = f"racebox-{time.monotonic_ns() % 10**9}", "weekly/call.wav"
+    settings = stack.settings(inbox_bucket=bucket)
+    s3 = make_client(settings)
+    ensure_buckets(s3, bucket)
+    pool = await create_pool(settings)
+    slow = SlowStore(s3, threading.Event())
+    first = second = None
+    try:
+        inbox = Inbox(settings, pool, s3, asyncio.Event())
+        first = await refused_drop(s3, inbox, pool, bucket, key, fixtures_dir / "jfk.flac")
+        writing = asyncio.create_task(Inbox(settings, pool, s3, asyncio.Event(), s3_quick=slow).write_result(first))
+        await asyncio.to_thread(slow.writing.wait, 20)  # past its check for a newer drop
+
+        await asyncio.to_thread(s3.fput_object, bucket, key, str(fixtures_dir / "empty.wav"))
+        registering = asyncio.create_task(inbox.register(key, s3.stat_object(bucket, key).etag.strip('"')))
+        deadline = time.monotonic() + 20
+        while not (second := await pool.fetchval(
+                "SELECT id FROM transcripts WHERE source_bucket = $1 AND id > $2", bucket, first)):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(1)  # time for the new drop to take the old results down, had it not waited
+        slow.go.set()
+        await writing
+        assert await registering == second
+        try:
+            left = json.loads(s3.get_object(bucket, f"results/{key}.json").read())
+        except Exception:
+            left = None  # the newer job's are not written yet
+        assert left is None or "impossible" not in (left.get("error") or ""), left
+    finally:
+        await slow.let_go()
+        await discard(stack.api, first, second)
         await pool.execute("DELETE FROM deleted_drops WHERE source_bucket = $1", bucket)
         await pool.close()
         remove_bucket(s3, bucket)

@@ -749,3 +749,14 @@ def test_an_empty_results_prefix_is_refused():
     with pytest.raises(ValidationError, match="RESULTS_PREFIX"):
         Settings(_env_file=None, results_prefix="")
     assert Settings(_env_file=None, results_prefix="results-").results_prefix == "results-"
+
+
+def test_the_audio_bucket_cannot_be_the_inbox():
+    """One bucket for both: each job's copy of a drop (uploads/N) would be dropped in turn, without end."""
+    from pydantic import ValidationError
+
+    from common.settings import Settings
+
+    with pytest.raises(ValidationError, match="AUDIO_BUCKET and INBOX_BUCKET must differ"):
+        Settings(_env_file=None, audio_bucket="media", inbox_bucket="media")
+    assert Settings(_env_file=None, audio_bucket="media", inbox_bucket="drops").inbox_bucket == "drops"

@@ -30,6 +30,7 @@ from common.messages import JobOptions, TranscriptCompleted, TranscriptFailed
 from common.settings import Settings
 from common.storage import (
     STORAGE_UNAVAILABLE,
+    StoreCallTimedOut,
     call_in_transaction,
     is_missing,
     pcm_key,
@@ -50,6 +51,9 @@ INBOX_EVENTS_QUEUE = "stt.ingest.inbox-events"
 RESULTS_QUEUE = "stt.ingest.results"
 # Objects of the inbox listed and checked at a time by the scan.
 SCAN_PAGE = 1000
+# S3's longest key, in UTF-8 bytes: a drop whose result file's key is longer is refused, since
+# that file could never be written (every scan would try again).
+MAX_KEY_BYTES = 1024
 
 
 # The S3 event document MinIO publishes (only the fields used here).
@@ -116,6 +120,20 @@ def drop_options(headers: Mapping[str, str]) -> JobOptions:
             for e in exc.errors())) from exc
 
 
+async def lock_results_of(conn: asyncpg.Connection, bucket: str, key: str) -> None:
+    """For the rest of the transaction: one writer of the drop key's result files at a time. An
+    older job's upload, checked before a newer drop of the key was made, must not land after the
+    newer drop took the old results down."""
+    await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended('stt.drop-results:' || $1 || '/' || $2, 0))",
+                       bucket, key)
+
+
+def result_key_too_long(results_prefix: str, key: str) -> int | None:
+    """The length in bytes of the key's longest result file key, when S3 would refuse it."""
+    longest = max(len(k.encode()) for k in result_keys(results_prefix, key).values())
+    return longest if longest > MAX_KEY_BYTES else None
+
+
 class Inbox:
     def __init__(self, settings: Settings, pool: asyncpg.Pool, s3: Minio, outbox_wake: asyncio.Event,
                  s3_quick: Minio | None = None):
@@ -144,8 +162,16 @@ class Inbox:
                 raise
             log.info("bucket drop %s/%s was removed before it was taken; nothing to do", bucket, key)
             return None
+        # As an upload's: the diarizer reads the whole recording to its /tmp.
+        too_big = stat.size is not None and stat.size > self.settings.max_upload_bytes
+        refused = None
+        if too_big:
+            refused = f"the object exceeds MAX_UPLOAD_MB ({self.settings.max_upload_mb} MB)"
+        elif too_long := result_key_too_long(self.settings.results_prefix, key):
+            refused = (f"the object's key is too long: its result file's key would be {too_long} bytes,"
+                       f" over S3's {MAX_KEY_BYTES}")
         try:
-            options, refused = drop_options(stat.metadata), None
+            options = drop_options(stat.metadata)
         except ValueError as exc:
             # Still a job, so that the drop's result file and the job list say why it did not
             # run; its reference kept, so that the client finds it by that.
@@ -154,13 +180,15 @@ class Inbox:
                 options = JobOptions(reference=metadata_text(reference) if reference else None)
             except ValidationError:
                 options = JobOptions()
-            refused = f"the object's metadata asks for something impossible: {exc}"
+            refused = refused or f"the object's metadata asks for something impossible: {exc}"
         expected = options.expected_speakers
         if refused is None and (unknown := await speakerstore.unknown_names(self.pool, self.owner, expected)):
             refused = ("the object's metadata asks for something impossible: "
                        + unenrolled(unknown, f"{USER_METADATA}expected-speakers"))
 
         def copy(audio_key: str) -> None:
+            if too_big:
+                return  # not kept: a rerun of the job would run it past the limit
             # Only the version this job is made for: an object overwritten meanwhile is a new
             # drop (new ETag), not this job under the old identity.
             self.s3.copy_object(self.settings.audio_bucket, audio_key,
@@ -183,8 +211,14 @@ class Inbox:
             # refused drop's own are written at once, over them.
             keys = result_keys(self.settings.results_prefix, key)
             try:
-                await asyncio.to_thread(remove_objects, self.s3, [(bucket, keys["json"]), (bucket, keys["srt"])])
-            except (*STORAGE_UNAVAILABLE, S3Error) as exc:  # the job is made: the drop is not taken again
+                async with self.pool.acquire() as conn, conn.transaction():
+                    await lock_results_of(conn, bucket, key)
+                    await call_in_transaction(remove_objects, self.s3_quick,
+                                              [(bucket, keys["json"]), (bucket, keys["srt"])])
+            except Exception as exc:
+                if not isinstance(exc, (*STORAGE_UNAVAILABLE, S3Error, StoreCallTimedOut, *DATABASE_UNAVAILABLE)):
+                    raise
+                # The job is made: the drop is not taken again.
                 with job_logged(job_id):
                     log.warning("the earlier results of %s/%s could not be removed (%s): they stay until this"
                                 " job's are written", bucket, key, exc)
@@ -239,17 +273,25 @@ class Inbox:
             row = await jobstore.lock_drop(conn, job_id)
             if row is None:
                 return
+            bucket, source_key = row["source_bucket"], row["source_key"]
+            keys = result_keys(self.settings.results_prefix, source_key)
+            if result_key_too_long(self.settings.results_prefix, source_key):
+                # Refused as it was taken (register says why): S3 would refuse the file every scan.
+                await jobstore.mark_result_written(conn, job_id)
+                log.warning("results not written: the key of %s/%s is too long for a result file", bucket,
+                            source_key)
+                return
+            # Held over the upload, so that a newer drop of the key made meanwhile waits to take
+            # these results down (register) instead of doing it before they land.
+            await lock_results_of(conn, bucket, source_key)
             if await jobstore.newer_drop_of_the_same_key(conn, job_id):
                 # The object was overwritten and its new content is a job of its own: the result
                 # files are that job's, not this older one's.
                 await jobstore.mark_result_written(conn, job_id)
-                log.info("results not written: %s/%s was dropped again since", row["source_bucket"],
-                         row["source_key"])
+                log.info("results not written: %s/%s was dropped again since", bucket, source_key)
                 return
             segments = await jobstore.job_segments(conn, job_id)
             document = await status_document(conn, job_id, rows=segments)
-            keys = result_keys(self.settings.results_prefix, row["source_key"])
-            bucket = row["source_bucket"]
             if document.status == "done":
                 subtitles = to_srt([transcript_segment(r, with_words=True) for r in segments])
                 await call_in_transaction(upload_bytes, self.s3_quick, bucket, keys["srt"], subtitles.encode(),
