@@ -12,9 +12,17 @@ from common.messages import SpeakerName, TranscriptSpeakersUpdated
 from common.outbox import add_to_outbox
 from common.speakers import Match, Profile, RecordingSpeaker, match_speakers
 
-_OWNER = "owner IS NOT DISTINCT FROM $1"
 # A job's `expected_speakers` option (JobOptions): the enrolled people who may be in it.
 _EXPECTED = "options->'expected_speakers'"
+
+
+def _owned_by(owner: str | None, param: str = "$1", column: str = "owner") -> str:
+    """SQL: `column` is `owner`, which the statement is given as `param`. `IS NOT DISTINCT FROM`
+    would say so for a key and for none alike, but no index serves it (transcripts_owner_idx)."""
+    if owner is not None:
+        return f"{column} = {param}"
+    # The parameter stays in the statement: the ones after it keep their numbers.
+    return f"({column} IS NULL AND {param}::text IS NULL)"
 
 
 def _expects(name_param: str) -> str:
@@ -51,26 +59,28 @@ async def add_voiceprint(conn: asyncpg.Connection, speaker_id: int, embedding: l
 async def speaker_enrolled_from(db: Db, owner: str | None, transcript_id: int, label: str) -> asyncpg.Record | None:
     """The owner's speaker (`id`, `name`) that already has a voiceprint from this transcript's speaker."""
     return await db.fetchrow(
-        f"SELECT s.id, s.name FROM speakers s JOIN voiceprints v ON v.speaker_id = s.id WHERE s.{_OWNER}"
+        "SELECT s.id, s.name FROM speakers s JOIN voiceprints v ON v.speaker_id = s.id"
+        f" WHERE {_owned_by(owner, column='s.owner')}"
         " AND v.source_transcript_id = $2 AND v.source_label = $3 LIMIT 1", owner, transcript_id, label)
 
 
 async def voice_enrolled_as(db: Db, owner: str | None, embedding: list[float], model: str) -> asyncpg.Record | None:
     """The owner's speaker that already has this very voiceprint (the same sample), with `id` and `name`."""
     return await db.fetchrow(
-        f"SELECT s.id, s.name FROM speakers s JOIN voiceprints v ON v.speaker_id = s.id WHERE s.{_OWNER}"
+        "SELECT s.id, s.name FROM speakers s JOIN voiceprints v ON v.speaker_id = s.id"
+        f" WHERE {_owned_by(owner, column='s.owner')}"
         " AND v.embedding_model = $2 AND v.embedding <=> $3::real[]::vector < 1e-5 ORDER BY s.id LIMIT 1",
         owner, model, embedding)
 
 
 async def list_speakers(db: Db, owner: str | None) -> list[asyncpg.Record]:
-    return await db.fetch(f"SELECT {_SPEAKER_COLUMNS} FROM speakers s WHERE s.{_OWNER} ORDER BY lower(s.name), s.id",
-                          owner)
+    return await db.fetch(f"SELECT {_SPEAKER_COLUMNS} FROM speakers s WHERE {_owned_by(owner, column='s.owner')}"
+                          " ORDER BY lower(s.name), s.id", owner)
 
 
 async def get_speaker(db: Db, owner: str | None, speaker_id: int) -> asyncpg.Record | None:
-    return await db.fetchrow(f"SELECT {_SPEAKER_COLUMNS} FROM speakers s WHERE s.{_OWNER} AND s.id = $2",
-                             owner, speaker_id)
+    return await db.fetchrow(f"SELECT {_SPEAKER_COLUMNS} FROM speakers s WHERE {_owned_by(owner, column='s.owner')}"
+                             " AND s.id = $2", owner, speaker_id)
 
 
 async def speaker_voiceprints(db: Db, speaker_id: int) -> list[asyncpg.Record]:
@@ -99,8 +109,10 @@ async def _lock_jobs_of_rename(conn: asyncpg.Connection, owner: str | None, spea
     """Lock the jobs a rename from `old` to `new` can change the names of: those with a speaker
     the person named automatically, and the owner's that call a speaker either name by hand
     (where the person may have to give way, or may come in) or expect either."""
-    rows = await conn.fetch(_lock_jobs(f"id IN ({_NAMED_BY}) OR (t.{_OWNER.replace('$1', '$2')} AND"
-                                       f" ({_naming('$3')} OR {_naming('$4')}))"), speaker_id, owner, old, new)
+    # One UNION, not an OR of the two: either side can then use its own index.
+    rows = await conn.fetch(_lock_jobs(f"id IN ({_NAMED_BY} UNION SELECT t.id FROM transcripts t"
+                                       f" WHERE {_owned_by(owner, '$2', 't.owner')}"
+                                       f" AND ({_naming('$3')} OR {_naming('$4')}))"), speaker_id, owner, old, new)
     return [r["id"] for r in rows]
 
 
@@ -142,8 +154,8 @@ async def rename_speaker(conn: asyncpg.Connection, owner: str | None, speaker_id
     # Jobs that expect the person (`expected_speakers`) go on expecting them by the new name.
     await conn.execute(
         f"UPDATE transcripts SET options = jsonb_set(options, '{{expected_speakers}}', (SELECT jsonb_agg(CASE WHEN"
-        f" lower(n) = lower($2) THEN $3 ELSE n END) FROM jsonb_array_elements_text({_EXPECTED}) n)) WHERE {_OWNER}"
-        f" AND {_expects('$2')}", owner, old, name)
+        f" lower(n) = lower($2) THEN $3 ELSE n END) FROM jsonb_array_elements_text({_EXPECTED}) n))"
+        f" WHERE {_owned_by(owner)} AND {_expects('$2')}", owner, old, name)
     return sorted({r["transcript_id"] for r in renamed}), jobs
 
 
@@ -166,7 +178,8 @@ async def delete_speaker(conn: asyncpg.Connection, speaker_id: int) -> list[int]
         # until it committed) left that name behind with matched_speaker_id cleared by the cascade.
         rows += await conn.fetch(
             f"{_UNNAME} WHERE matched_speaker_id IS NULL AND name_source = 'auto' AND lower(name) = lower($2)"
-            f" AND transcript_id IN (SELECT id FROM transcripts WHERE {_OWNER}) RETURNING transcript_id",
+            f" AND transcript_id IN (SELECT id FROM transcripts WHERE {_owned_by(forgotten['owner'])})"
+            " RETURNING transcript_id",
             forgotten["owner"], forgotten["name"])
     transcript_ids = sorted({r["transcript_id"] for r in rows})
     # Those such a matching named are locked only now, after their speakers: rare as that is, a
@@ -175,22 +188,34 @@ async def delete_speaker(conn: asyncpg.Connection, speaker_id: int) -> list[int]
     return transcript_ids
 
 
+# The owner's profiles by embedding model, each with its name as PostgreSQL lowers it.
+OwnerProfiles = dict[str, list[tuple[str, Profile]]]
+
+
 async def owner_profiles(db: Db, owner: str | None, model: str, only: list[str] | None = None,
                          leaving_out: list[str] = ()) -> list[Profile]:
     """The owner's profiles of voiceprints by `model`: with `only`, those whose name is one of
     them; never those named one of `leaving_out` (names compare as PostgreSQL lowers them)."""
+    return [profile for _, profile in await _folded_profiles(db, owner, model, only, leaving_out)]
+
+
+async def _folded_profiles(db: Db, owner: str | None, model: str, only: list[str] | None = None,
+                           leaving_out: list[str] = ()) -> list[tuple[str, Profile]]:
+    """As owner_profiles, each with its name as PostgreSQL lowers it."""
     # Shared locks on the speakers until the caller's transaction ends: forgetting or renaming one
     # waits for a matching that read it (which would otherwise write a name, or an id, that the
     # delete or rename has just done away with), and a matching that starts later reads the outcome.
     rows = await db.fetch(
-        "SELECT s.id, s.name, v.embedding::real[] AS embedding FROM speakers s JOIN voiceprints v"
-        f" ON v.speaker_id = s.id WHERE s.{_OWNER} AND v.embedding_model = $2"
+        "SELECT s.id, s.name, lower(s.name) AS folded, v.embedding::real[] AS embedding FROM speakers s"
+        f" JOIN voiceprints v ON v.speaker_id = s.id WHERE {_owned_by(owner, column='s.owner')}"
+        " AND v.embedding_model = $2"
         " AND ($3::text[] IS NULL OR lower(s.name) IN (SELECT lower(n) FROM unnest($3::text[]) n))"
         " AND lower(s.name) NOT IN (SELECT lower(n) FROM unnest($4::text[]) n)"
         " ORDER BY s.id, v.id FOR SHARE OF s", owner, model, only, list(leaving_out))
-    profiles: dict[int, Profile] = {}
+    profiles: dict[int, tuple[str, Profile]] = {}
     for r in rows:
-        profiles.setdefault(r["id"], Profile(r["id"], r["name"], [])).voiceprints.append(np.asarray(r["embedding"]))
+        _, profile = profiles.setdefault(r["id"], (r["folded"], Profile(r["id"], r["name"], [])))
+        profile.voiceprints.append(np.asarray(r["embedding"]))
     return list(profiles.values())
 
 
@@ -201,7 +226,7 @@ async def unknown_names(db: Db, owner: str | None, names: list[str]) -> list[str
     # Both sides lowered by PostgreSQL: Python's lower() differs from it ("İ", or any non-ASCII
     # letter in a database whose collation is C).
     rows = await db.fetch(f"SELECT n FROM unnest($2::text[]) WITH ORDINALITY AS given(n, i) WHERE NOT EXISTS"
-                          f" (SELECT 1 FROM speakers WHERE {_OWNER} AND lower(name) = lower(n)) ORDER BY i",
+                          f" (SELECT 1 FROM speakers WHERE {_owned_by(owner)} AND lower(name) = lower(n)) ORDER BY i",
                           owner, names)
     return [r["n"] for r in rows]
 
@@ -214,37 +239,52 @@ async def transcripts_near_voice(db: Db, owner: str | None, embedding: list[floa
     # pgvector computes in single precision: the margin keeps a pair at the threshold in.
     rows = await db.fetch(
         "SELECT DISTINCT ts.transcript_id FROM transcript_speakers ts JOIN transcripts t ON t.id = ts.transcript_id"
-        f" WHERE t.{_OWNER} AND ts.embedding_model = $2 AND 1 - (ts.embedding <=> $3::real[]::vector) >= $4"
+        f" WHERE {_owned_by(owner, column='t.owner')} AND ts.embedding_model = $2"
+        " AND 1 - (ts.embedding <=> $3::real[]::vector) >= $4"
         " ORDER BY ts.transcript_id", owner, model, embedding, threshold - 1e-4)
     return [r["transcript_id"] for r in rows]
 
 
 async def name_recording_speakers(conn: asyncpg.Connection, transcript_id: int, owner: str | None,
-                                  threshold: float, min_speech_s: float) -> bool:
+                                  threshold: float, min_speech_s: float, profiles: OwnerProfiles | None = None,
+                                  counting_confidence: bool = False) -> bool:
     """Match the transcript's speakers (by their stored centroids) against the owner's profiles and
     set, change or clear their automatic names; manual names are never touched. True when a name
-    changed."""
+    changed, or with `counting_confidence` a recognised speaker's confidence (what the
+    transcript.speakers_updated event tells as well). `profiles`, from a caller that matches
+    several recordings in one transaction where the owner's people cannot change: the profiles
+    read for one recording are kept there for the next, in place of a read for each."""
     rows = await conn.fetch(
-        "SELECT speaker, embedding::real[] AS embedding, embedding_model, speech_s, name, name_source,"
-        " matched_speaker_id, confidence FROM transcript_speakers WHERE transcript_id = $1"
+        "SELECT speaker, embedding::real[] AS embedding, embedding_model, speech_s, name, lower(name) AS folded,"
+        " name_source, matched_speaker_id, confidence FROM transcript_speakers WHERE transcript_id = $1"
         " ORDER BY speaker FOR UPDATE", transcript_id)
     # A person named by hand in this recording is not given to a second speaker of it, also when
     # the one named has no voice of its own (a label made by moving segments to it).
-    taken = [r["name"] for r in rows if r["name_source"] == "manual" and r["name"]]
+    taken = [r for r in rows if r["name_source"] == "manual" and r["name"]]
     rows = [r for r in rows if r["embedding"] is not None]
     if not rows:
         return False
     manual = {r["speaker"] for r in rows if r["name_source"] == "manual"}
     # The job's `expected_speakers`: the enrolled people who may be in it (none: any of the owner's).
-    expected = await conn.fetchval(
-        f"SELECT CASE WHEN jsonb_typeof({_EXPECTED}) = 'array' AND jsonb_array_length({_EXPECTED}) > 0 THEN"
-        f" ARRAY(SELECT jsonb_array_elements_text({_EXPECTED})) END FROM transcripts WHERE id = $1", transcript_id)
+    expected = await conn.fetchrow(
+        f"SELECT ARRAY(SELECT jsonb_array_elements_text({_EXPECTED})) AS names,"
+        f" ARRAY(SELECT lower(n) FROM jsonb_array_elements_text({_EXPECTED}) n) AS folded FROM transcripts"
+        f" WHERE id = $1 AND jsonb_typeof({_EXPECTED}) = 'array' AND jsonb_array_length({_EXPECTED}) > 0",
+        transcript_id)
     matches: dict[str, Match] = {}
     for model in sorted({r["embedding_model"] for r in rows}):
-        profiles = await owner_profiles(conn, owner, model, only=expected, leaving_out=taken)
+        if profiles is None:
+            candidates = await owner_profiles(conn, owner, model, only=expected and expected["names"],
+                                              leaving_out=[r["name"] for r in taken])
+        else:
+            if model not in profiles:
+                profiles[model] = await _folded_profiles(conn, owner, model)
+            candidates = [profile for folded, profile in profiles[model]
+                          if (expected is None or folded in expected["folded"])
+                          and folded not in {r["folded"] for r in taken}]
         recording = [RecordingSpeaker(r["speaker"], np.asarray(r["embedding"]), r["speech_s"])
                      for r in rows if r["embedding_model"] == model and r["speaker"] not in manual]
-        matches |= match_speakers(recording, profiles, threshold, min_speech_s)
+        matches |= match_speakers(recording, candidates, threshold, min_speech_s)
     changed = False
     for r in rows:
         if r["speaker"] in manual:
@@ -252,7 +292,7 @@ async def name_recording_speakers(conn: asyncpg.Connection, transcript_id: int, 
         match = matches.get(r["speaker"])
         new = (match.name, "auto", match.speaker_id, match.confidence) if match else (None, None, None, None)
         if new != (r["name"], r["name_source"], r["matched_speaker_id"], r["confidence"]):
-            changed |= new[0] != r["name"]
+            changed |= new[0] != r["name"] or (counting_confidence and new[3] != r["confidence"])
             await conn.execute(
                 "UPDATE transcript_speakers SET name = $3, name_source = $4, matched_speaker_id = $5,"
                 " confidence = $6 WHERE transcript_id = $1 AND speaker = $2", transcript_id, r["speaker"], *new)

@@ -123,12 +123,15 @@ def unenrolled(names: list[str], field: str = "expected_speakers") -> str:
 async def _name_again(conn: asyncpg.Connection, settings: Settings, owner: str | None, transcript_ids: list[int],
                       changed: Collection[int] = ()) -> list[int]:
     """Match these recordings of the owner, their jobs locked by the caller's transaction, against
-    the owner's profiles again; the transcripts whose names changed (here, or before: `changed`),
-    each announced once."""
+    the owner's profiles again; the transcripts whose names (or recognised speakers' confidences)
+    changed, here or before (`changed`), each announced once."""
     announced = []
+    # Read once for them all: the caller's transaction holds the owner's people as they are.
+    profiles: speakerstore.OwnerProfiles = {}
     for transcript_id in transcript_ids:
         if (await speakerstore.name_recording_speakers(conn, transcript_id, owner, settings.speaker_match_threshold,
-                                                       settings.speaker_min_speech_s)
+                                                       settings.speaker_min_speech_s, profiles,
+                                                       counting_confidence=True)
                 or transcript_id in changed):
             await speakerstore.announce_speaker_names(conn, transcript_id)
             announced.append(transcript_id)

@@ -476,8 +476,9 @@ async def name_speakers(job_id: JobId, state: State, request: Request,
         job = await jobstore.lock_job(conn, job_id)
         if not visible(job, request_owner(request)):
             raise NotFoundException(detail=f"no job with id {job_id}")
+        before = await jobstore.speaker_names(conn, job_id)
         # A label whose lines were all moved to another keeps its name, listed, until unnamed.
-        labels = await jobstore.job_speaker_labels(conn, job_id) | set(await jobstore.speaker_names(conn, job_id))
+        labels = await jobstore.job_speaker_labels(conn, job_id) | set(before)
         # While the job runs, a speaker may be named before the diarizer has reached it.
         unknown = sorted(label for label in data if label not in labels
                          and not (job["status"] == "processing" and LABEL.match(label)))
@@ -491,8 +492,10 @@ async def name_speakers(job_id: JobId, state: State, request: Request,
         # A speaker unnamed by hand is open to recognition again.
         await speakerstore.name_recording_speakers(conn, job_id, job["owner"], state.settings.speaker_match_threshold,
                                                    state.settings.speaker_min_speech_s)
-        await speakerstore.announce_speaker_names(conn, job_id)
         current = await jobstore.speaker_names(conn, job_id)
+        # Names sent again (a client's retry) announce nothing a second time.
+        if current != before:
+            await speakerstore.announce_speaker_names(conn, job_id)
     state.outbox_wake.set()
     return SpeakerNames(speakers={label: current[label].name if label in current else None
                                   for label in sorted(labels | set(names))})
