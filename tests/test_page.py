@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import uuid
 from pathlib import Path
 
 import httpx
@@ -544,6 +545,198 @@ def test_names_saved_as_another_recording_opens_stay_with_their_own(stack, brows
     assert page.locator("#transcript-status").inner_text() == "Done."
     assert page.input_value("#name-spk_0") == ""
     assert page.locator("#segments .segment .who").all_inner_texts() == ["spk_0", "spk_1"]
+    page.close()
+
+
+def test_a_correction_saved_twice_shows_once_and_keeps_what_is_written_meanwhile(stack, browser):
+    job_id = a_recording_in_the_database(stack, "review.wav", [
+        ("spk_0", "We met on Monday."), ("spk_1", "It was Tuesday."), ("spk_0", "Right, Tuesday.")])
+    page = browser.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    # The server embeds the words before it answers (up to 15 s): the first save is answered
+    # once the test says so.
+    held: list = []
+    sent: list[str] = []
+
+    def first_held(route) -> None:
+        sent.append(route.request.post_data)
+        if held:
+            route.continue_()
+        else:
+            held.append(route)
+
+    page.route(re.compile(rf"/transcripts/{job_id}/segments/0/1$"), first_held)
+    page.goto(stack.api + "/")
+    page.locator(f'#jobs li[data-job="{job_id}"] button').click()
+    page.locator('#transcript[data-ended="true"]').wait_for(timeout=60_000)
+    row = page.locator('#segments li[data-segment="0:1"]')
+    row.get_by_role("button", name="Correct the segment at").click()
+    form = row.get_by_role("form", name="Correct the segment at")
+    form.get_by_label("Words").fill("It was Wednesday.")
+    save = form.get_by_role("button", name="Save correction")
+    save.click()
+    wait_until(page, lambda: held, "the page never sent the correction")
+    # Pressed again while it is on its way: not sent again.
+    save.click(force=True)
+    page.wait_for_timeout(500)
+    assert len(sent) == 1 and save.is_disabled(), sent
+    # Cancelled and opened again meanwhile: written in, it waits for the first save.
+    form.get_by_role("button", name="Cancel").click()
+    row.get_by_role("button", name="Correct the segment at").click()
+    words = row.get_by_role("form", name="Correct the segment at").get_by_label("Words")
+    words.fill("It was Thursday")
+    assert row.get_by_role("button", name="Save correction").is_disabled()
+    with page.expect_response(lambda response: response.request.method == "PATCH"):
+        held[0].continue_()
+    page.locator("#transcript-status", has_text="Correction saved.").wait_for(timeout=30_000)
+    # The segment once, as saved; the form written in meanwhile kept, its text and its focus.
+    assert row.count() == 1
+    assert row.locator(".segment .text").inner_text() == "It was Wednesday."
+    page.keyboard.type(".")
+    assert words.input_value() == "It was Thursday."
+    page.locator("#transcript-status").evaluate("status => { status.textContent = ''; }")
+    row.get_by_role("button", name="Save correction").click()
+    page.locator("#transcript-status", has_text="Correction saved.").wait_for(timeout=30_000)
+    assert row.count() == 1 and row.locator("form").count() == 0
+    assert row.locator(".segment .text").inner_text() == "It was Thursday."
+    segments = httpx.get(f"{stack.api}/transcripts/{job_id}", timeout=30).json()["segments"]
+    assert [(s["text"], s["edited"]) for s in segments][1] == ("It was Thursday.", True), segments
+    assert len(sent) == 2 and errors == []
+    page.close()
+
+
+def test_a_segment_is_corrected_with_the_keyboard(stack, browser):
+    job_id = a_recording_in_the_database(stack, "keys.wav", [("spk_0", "Hello there."), ("spk_1", "Hi.")])
+    page = browser.new_page()
+    page.goto(stack.api + "/")
+    page.locator(f'#jobs li[data-job="{job_id}"] button').click()
+    page.locator('#transcript[data-ended="true"]').wait_for(timeout=60_000)
+    row = page.locator('#segments li[data-segment="0:0"]')
+    correct = row.get_by_role("button", name="Correct the segment at")
+    form = row.get_by_role("form", name="Correct the segment at")
+
+    def focused() -> str:
+        return page.evaluate("(() => { const e = document.activeElement;"
+                             " return `${e.closest('li')?.dataset.segment}/${e.className || e.tagName}`; })()")
+
+    # Escape closes the form, as Cancel does: the focus is back on the button that opened it.
+    correct.focus()
+    page.keyboard.press("Enter")
+    form.wait_for()
+    page.keyboard.press("Escape")
+    form.wait_for(state="detached", timeout=5_000)
+    assert focused() == "0:0/correct"
+    page.keyboard.press("Enter")
+    page.keyboard.press("Tab")
+    page.keyboard.press("Tab")  # Save, then Cancel
+    page.keyboard.press("Enter")
+    form.wait_for(state="detached", timeout=5_000)
+    assert focused() == "0:0/correct"
+    # Saved, the focus is on the corrected segment.
+    page.keyboard.press("Enter")
+    page.keyboard.press("ControlOrMeta+a")
+    page.keyboard.type("Hello, everyone.")
+    page.keyboard.press("Tab")
+    page.keyboard.press("Enter")
+    page.locator("#transcript-status", has_text="Correction saved.").wait_for(timeout=30_000)
+    assert row.locator(".segment .text").inner_text() == "Hello, everyone."
+    assert focused() == "0:0/segment"
+    page.close()
+
+
+def test_opening_another_recording_asks_before_losing_names_and_corrections(stack, browser):
+    first = a_recording_in_the_database(stack, "naming.wav", [("spk_0", "One."), ("spk_1", "Two.")])
+    second = a_recording_in_the_database(stack, "elsewhere.wav", [("spk_0", "Three.")])
+    page = browser.new_page()
+    asked: list[str] = []
+    accept: list[bool] = []
+
+    def answer(dialog) -> None:
+        asked.append(dialog.message)
+        dialog.accept() if accept else dialog.dismiss()
+
+    page.on("dialog", answer)
+    page.goto(stack.api + "/")
+    page.locator(f'#jobs li[data-job="{first}"] button').click()
+    page.locator('#transcript[data-ended="true"]').wait_for(timeout=60_000)
+    page.fill("#name-spk_1", "Ben")
+    # Not discarded: the name typed stays.
+    page.locator(f'#jobs li[data-job="{second}"] button').click()
+    wait_until(page, lambda: asked, "the page never asked")
+    assert asked == ["Discard unsaved names and corrections?"]
+    page.wait_for_timeout(500)
+    assert page.locator("#transcript").get_attribute("data-job") == str(first)
+    assert page.input_value("#name-spk_1") == "Ben"
+    # The recording open, clicked again: it stays as it is, nothing asked.
+    page.locator(f'#jobs li[data-job="{first}"] button').click()
+    page.wait_for_timeout(500)
+    assert page.input_value("#name-spk_1") == "Ben" and len(asked) == 1
+    # Discarded: the other recording opens.
+    accept.append(True)
+    page.locator(f'#jobs li[data-job="{second}"] button').click()
+    page.locator(f'#transcript[data-job="{second}"][data-ended="true"]').wait_for(timeout=60_000)
+    assert len(asked) == 2
+    # A correction being written is asked for too.
+    page.locator("#segments li").first.get_by_role("button", name="Correct the segment at").click()
+    accept.clear()
+    page.locator(f'#jobs li[data-job="{first}"] button').click()
+    wait_until(page, lambda: len(asked) == 3, "the page never asked")
+    page.wait_for_timeout(500)
+    assert page.locator("#transcript").get_attribute("data-job") == str(second)
+    assert page.get_by_role("form", name="Correct the segment at").count() == 1
+    page.close()
+
+
+def test_a_search_answered_after_a_later_one_is_not_shown(stack, browser):
+    tag = uuid.uuid4().hex[:6]
+    early = a_recording_in_the_database(stack, f"early_{tag}.wav", [("spk_0", "The pineapple harvest was late.")])
+    late = a_recording_in_the_database(stack, f"late_{tag}.wav", [("spk_0", "The zeppelin landed at noon.")])
+    stack.query("UPDATE segments SET search_text = to_tsvector(stt_text_config('en'), text)"
+                " WHERE transcript_id = ANY($1::bigint[])", [early, late])
+    page = browser.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    # The first search is slow to answer (the embedding service busy): it is answered once a
+    # second one has been.
+    held: list = []
+    page.route(re.compile(r"/search\?.*q=pineapple"),
+               lambda route: route.continue_() if held else held.append(route))
+    page.goto(stack.api + "/")
+    page.fill("#query", "pineapple")
+    page.press("#query", "Enter")
+    wait_until(page, lambda: held, "the page never searched")
+    page.fill("#query", "zeppelin")
+    page.press("#query", "Enter")
+    page.locator("#hits li button", has_text=f"late_{tag}.wav").first.wait_for(timeout=30_000)
+    shown = page.locator("#hits li").all_inner_texts()
+    with page.expect_response(lambda response: "pineapple" in response.url):
+        held[0].continue_()
+    page.wait_for_timeout(500)  # time for the answer to be read (and, wrongly, shown)
+    assert page.locator("#hits li").all_inner_texts() == shown
+    assert f"early_{tag}.wav" not in page.locator("#hits").inner_text()
+    assert errors == []
+    page.close()
+
+
+def test_a_translated_transcript_reads_as_english(stack, browser):
+    """Asked to translate, Whisper writes English whatever is spoken: screen readers are told the
+    text is English, not the language spoken (the job's) nor a passage's."""
+    job_id = stack.value("INSERT INTO transcripts (filename, status, language, options, completed_at)"
+                         " VALUES ('anruf.wav', 'done', 'de', $1::jsonb, now()) RETURNING id",
+                         json.dumps({"task": "translate", "language": "multi"}))
+    for index, (language, text) in enumerate([("de", "Good day, how are you?"), ("fr", "Very well, thank you.")]):
+        stack.query("INSERT INTO segments (transcript_id, chunk_index, index, speaker, start_ts, end_ts, text,"
+                    " language) VALUES ($1, 0, $2, 'spk_0', $3, $4, $5, $6)", job_id, index, 2.0 * index,
+                    2.0 * index + 1.5, text, language)
+    page = browser.new_page()
+    page.goto(stack.api + "/")
+    page.locator(f'#jobs li[data-job="{job_id}"] button').click()
+    page.locator('#transcript[data-ended="true"]').wait_for(timeout=60_000)
+    page.locator('#segments[lang="en"]').wait_for(state="attached", timeout=10_000)
+    texts = page.locator("#segments .segment .text")
+    assert texts.count() == 2
+    assert page.eval_on_selector_all("#segments .segment .text", "texts => texts.map((t) => t.lang)") == ["", ""]
     page.close()
 
 

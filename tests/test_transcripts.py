@@ -630,6 +630,39 @@ def test_a_segment_corrected_by_hand_reads_so_everywhere(stack, fixtures_dir):
                        timeout=30).status_code == 404
 
 
+
+def test_a_correction_that_changes_nothing_is_no_correction(stack):
+    """A PATCH giving a segment the words and speaker it has: answered with the segment as it is,
+    not marked edited, and no segment.updated (its webhooks would tell of a change)."""
+    job_id = stack.value("INSERT INTO transcripts (filename, status, stage, progress, language, completed_at)"
+                         " VALUES ('same.wav', 'done', 'done', 1, 'en', now()) RETURNING id")
+    try:
+        stack.query("INSERT INTO segments (transcript_id, chunk_index, index, speaker, start_ts, end_ts, text)"
+                    " VALUES ($1, 0, 0, 'spk_0', 0, 1.5, 'As it was said.'), ($1, 0, 1, 'spk_1', 2, 3.5, 'Yes.')",
+                    job_id)
+
+        async def correct_and_hear() -> tuple[list[httpx.Response], list[dict]]:
+            connection = await aio_pika.connect_robust(stack.amqp_url)
+            async with connection:
+                queue = await events_queue(await connection.channel(), "segment.updated")
+                # The same words (spaced otherwise) and speaker, then a real change of another
+                # segment: its event is the first to come.
+                answers = [httpx.patch(f"{stack.api}/transcripts/{job_id}/segments/0/{index}", json=body, timeout=30)
+                           for index, body in ((0, {"text": " As it  was said. ", "speaker": "spk_0"}),
+                                               (0, {"speaker": "spk_0"}), (1, {"speaker": "spk_0"}))]
+                return answers, await job_events(queue, job_id, lambda bodies: bodies, timeout=30)
+
+        answers, events = asyncio.run(correct_and_hear())
+        assert [answer.status_code for answer in answers] == [200, 200, 200], [answer.text for answer in answers]
+        for same in (answers[0].json(), answers[1].json()):
+            assert (same["index"], same["speaker"], same["text"], same["edited"]) == (0, "spk_0", "As it was said.",
+                                                                                      False), same
+        assert answers[2].json()["edited"] is True
+        assert [(event["index"], event["speaker"]) for event in events] == [(1, "spk_0")], events
+        assert stack.value("SELECT edited_at FROM segments WHERE transcript_id = $1 AND index = 0", job_id) is None
+    finally:
+        stack.query("DELETE FROM transcripts WHERE id = $1", job_id)
+
 def test_unknown_format_or_job(dialogue, stack):
     response = transcript(stack, dialogue["id"], format="docx")
     assert response.status_code == 400

@@ -180,6 +180,11 @@ async def correct_segment(job_id: JobId, chunk_index: SegmentChunk, index: Segme
                                            " (see chunk_index and index in its JSON)")
         speaker = data.speaker or segment["speaker"]
         text = new_text if new_text is not None else segment["text"]
+        if text == segment["text"] and speaker == segment["speaker"]:
+            # Not marked edited, and no segment.updated: its webhooks would tell of a change.
+            with job_logged(job_id):
+                log.info("segment %d/%d not corrected: nothing changed", chunk_index, index)
+            return transcript_segment(await jobstore.job_segment(conn, job_id, chunk_index, index))
         if text != segment["text"] and await jobstore.redaction_pending(conn, job_id):
             # The redacted recording is made from the words' times as they are when it is written:
             # retimed or relabelled words would leave redacted speech audible. (It is marked
@@ -206,7 +211,7 @@ async def correct_segment(job_id: JobId, chunk_index: SegmentChunk, index: Segme
     with job_logged(job_id):
         changed = [what for what, new, old in (("text", text, segment["text"]),
                                                ("speaker", speaker, segment["speaker"])) if new != old]
-        log.info("segment %d/%d corrected by hand: %s", chunk_index, index, ", ".join(changed) or "nothing changed")
+        log.info("segment %d/%d corrected by hand: %s", chunk_index, index, ", ".join(changed))
     return corrected
 
 

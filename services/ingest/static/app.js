@@ -16,6 +16,9 @@ const state = {
   pendingSeek: null, peopleRetry: null,
   jobEventAt: new Map(),  // when /events last told of each job (performance.now())
   openedByUploads: new Set(),  // jobs an upload opened, not the user
+  saving: new Set(),  // corrections on their way, as `${jobId}/${chunk_index}:${index}`
+  translated: false,  // the open transcript's text is Whisper's English translation
+  searches: 0,  // searches asked for: an answer to any but the last is dropped
 };
 
 function apiKey() { return sessionStorage.getItem(KEY_STORAGE) || ""; }
@@ -155,7 +158,7 @@ function renderJob(job) {
     item.dataset.job = job.id;
     item.innerHTML = '<button type="button"><span class="name"></span><span class="state"></span>'
       + '<progress max="100"></progress></button>';
-    item.querySelector("button").addEventListener("click", () => openTranscript(job.id));
+    item.querySelector("button").addEventListener("click", () => { if (mayOpen(job.id)) openTranscript(job.id); });
     const list = $("#jobs");
     const after = [...list.children].find((other) => Number(other.dataset.job) < job.id);
     list.insertBefore(item, after || null);
@@ -345,10 +348,22 @@ function uploadAll(files) {
 }
 
 // Edits to the open transcript not saved yet: a name typed (or cleared) in a field, or a
-// correction being written. Opening another transcript would lose them.
+// correction being written. Opening another transcript would lose them; those on their way to
+// the server are saved all the same.
 function unsavedEdits() {
-  const names = [...document.querySelectorAll("#names input")].some((input) => input.value.trim() !== input.dataset.shown);
-  return names || Boolean(document.querySelector("#segments form.correction"));
+  if (state.open === null) return false;
+  const names = [...document.querySelectorAll("#names input")]
+    .some((input) => input.value.trim() !== input.dataset.shown && input.value !== input.dataset.sent);
+  return names || Boolean(document.querySelector("#segments form.correction:not([data-saving])"));
+}
+
+const DISCARD_EDITS = "Discard unsaved names and corrections?";
+
+// Whether the user's click may open `jobId` in place of the open transcript: asked first when
+// that would lose edits. The transcript open, clicked again, keeps its edits.
+function mayOpen(jobId) {
+  if (!unsavedEdits()) return true;
+  return state.open !== jobId && confirm(DISCARD_EDITS);
 }
 
 // A job of files sent opens in place of the open transcript only while the user still looks at
@@ -438,7 +453,7 @@ function renderSegment(segment) {
   button.querySelector(".text").textContent = segment.text;
   // Screen readers and fonts follow the language of the text: the segment's own where the
   // recording switches language, else the transcript's (set on the list).
-  if (segment.language) button.querySelector(".text").lang = segment.language;
+  if (segment.language && !state.translated) button.querySelector(".text").lang = segment.language;
   button.setAttribute("aria-label", segmentLabel(button));
   button.addEventListener("click", () => playFrom(segment.start_ts, button));
   item.appendChild(button);
@@ -464,17 +479,32 @@ function renderSegment(segment) {
 // a reader knows which ones to check against the recording.
 const UNSURE_BELOW = 0.5;
 
-async function markUnsureWords(jobId) {
-  let segments;
+// The done job's whole document: its words' probabilities, and its options (the list and the
+// events do not have them), which say whether the text was translated.
+async function readDone(jobId) {
+  let transcript;
   try {
-    segments = (await (await api(`/transcripts/${jobId}?words=true`)).json()).segments;
+    transcript = await (await api(`/transcripts/${jobId}?words=true`)).json();
   } catch {
     return;  // the transcript reads as it is, without marks
   }
   if (state.open !== jobId) return;
+  if (transcript.options?.task === "translate") showTranslated();
+  markUnsureWords(transcript.segments);
+}
+
+// Translated, the text is English whatever the job's (spoken) language or a segment's is.
+function showTranslated() {
+  state.translated = true;
+  $("#segments").lang = "en";
+  for (const text of document.querySelectorAll("#segments .segment .text[lang]")) text.removeAttribute("lang");
+}
+
+function markUnsureWords(segments) {
+  const items = new Map([...document.querySelectorAll("#segments li")].map((item) => [item.dataset.segment, item]));
   let marked = 0;
   for (const segment of segments) {
-    const text = document.querySelector(`#segments li[data-segment="${segment.chunk_index}:${segment.index}"] .segment .text`);
+    const text = items.get(`${segment.chunk_index}:${segment.index}`)?.querySelector(".segment .text");
     if (text && text.textContent === segment.text) marked += markWords(text, segment.words || []);
   }
   $("#unsure-hint").hidden = marked === 0;
@@ -508,10 +538,15 @@ function markWords(element, words) {
 }
 
 // A segment corrected by hand (PATCH /transcripts/{id}/segments/{chunk}/{index}): its words, or
-// who said them (one of the speakers, or a new one).
+// who said them (one of the speakers, or a new one). One save of a segment at a time, also from a
+// form opened again after Cancel: the server embeds the words before it answers (up to 15 s). The
+// answer replaces the segment's row as it is then, less a form written in meanwhile, which stays.
 function openCorrection(item, segment) {
   if (item.querySelector("form")) return;
   const jobId = state.open;
+  const where = `${segment.chunk_index}:${segment.index}`;
+  const saving = `${jobId}/${where}`;
+  const row = () => document.querySelector(`#segments li[data-segment="${where}"]`);
   const form = document.createElement("form");
   form.className = "correction";
   form.setAttribute("aria-label", `Correct the segment at ${clock(segment.start_ts)}`);
@@ -528,26 +563,63 @@ function openCorrection(item, segment) {
     option.selected = label === segment.speaker;
     select.appendChild(option);
   }
-  form.querySelector("textarea").value = segment.text;
-  form.querySelector(".cancel").addEventListener("click", () => form.remove());
+  const textarea = form.querySelector("textarea");
+  textarea.value = segment.text;
+  const submit = form.querySelector("button[type=submit]");
+  submit.disabled = state.saving.has(saving);
+  const close = () => {
+    form.remove();
+    row()?.querySelector(".correct")?.focus();
+  };
+  form.querySelector(".cancel").addEventListener("click", close);
+  form.addEventListener("keydown", (event) => {
+    if (event.key === "Escape") { event.preventDefault(); close(); }
+  });
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
+    if (submit.disabled) return;
+    // Only what differs from the segment as shown now: words sent unchanged are embedded again.
+    const shown = row().querySelector(".segment");
+    const changes = {};
+    if (textarea.value.trim().split(/\s+/).join(" ") !== shown.querySelector(".text").textContent) changes.text = textarea.value;
+    if (select.value !== shown.dataset.speaker) changes.speaker = select.value;
+    if (!Object.keys(changes).length) { close(); return; }
+    const sent = [textarea.value, select.value];
+    state.saving.add(saving);
+    submit.disabled = true;
+    form.dataset.saving = "true";
     try {
       const corrected = await (await api(`/transcripts/${jobId}/segments/${segment.chunk_index}/${segment.index}`, {
-        method: "PATCH", headers: { "Content-Type": "application/json" },
-        body: JSON.stringify({ text: form.querySelector("textarea").value, speaker: select.value }),
+        method: "PATCH", headers: { "Content-Type": "application/json" }, body: JSON.stringify(changes),
       })).json();
       if (state.open !== jobId) return;
-      item.remove();
+      const before = row();
+      const written = textarea.value !== sent[0] || select.value !== sent[1];
+      const kept = [...(before?.querySelectorAll("form.correction") || [])].find((other) => other !== form || written);
+      // The focus on the row, in the form saved or lost (a button turned off) goes to the
+      // corrected segment; in a form kept, it stays.
+      const focused = document.activeElement;
+      const focusHere = focused === document.body || form.contains(focused) || Boolean(before?.contains(focused));
+      before?.remove();
       renderSegment(corrected);
+      const after = row();
+      if (kept) after.appendChild(kept);
+      if (kept?.contains(focused)) focused.focus();
+      else if (focusHere) after.querySelector(".segment").focus();
       refreshNames();
       $("#transcript-status").textContent = "Correction saved.";
     } catch (error) {
       if (state.open === jobId) $("#transcript-status").textContent = `Not corrected: ${error.message}`;
+    } finally {
+      state.saving.delete(saving);
+      submit.disabled = false;
+      delete form.dataset.saving;
+      const waiting = state.open === jobId ? row()?.querySelector("form.correction button[type=submit]") : null;
+      if (waiting) waiting.disabled = false;
     }
   });
   item.appendChild(form);
-  form.querySelector("textarea").focus();
+  textarea.focus();
 }
 
 // The name fields, one per speaker, updated in place and new speakers appended. Each field keeps
@@ -616,6 +688,7 @@ async function saveNames(event) {
     sent.push([input, input.value]);
   }
   if (!Object.keys(changes).length) return true;
+  for (const [input, value] of sent) input.dataset.sent = value;
   try {
     const answer = await (await api(`/transcripts/${jobId}/speakers`, {
       method: "PATCH", headers: { "Content-Type": "application/json" }, body: JSON.stringify(changes),
@@ -630,6 +703,8 @@ async function saveNames(event) {
   } catch (error) {
     if (state.open === jobId) $("#transcript-status").textContent = error.message;
     return false;
+  } finally {
+    for (const [input] of sent) delete input.dataset.sent;
   }
 }
 
@@ -885,6 +960,7 @@ function renderRerun(jobId, ended) {
     event.preventDefault();
     const submit = form.querySelector("button[type=submit]");
     if (submit.disabled) return;
+    if (unsavedEdits() && !confirm(DISCARD_EDITS)) return;
     submit.disabled = true;
     const speakers = $("#rerun-speakers").value;
     try {
@@ -1045,6 +1121,7 @@ async function openTranscript(jobId) {
   state.names = {};
   state.talk = {};
   state.shown = new Map();
+  state.translated = false;
   const section = $("#transcript");
   section.hidden = false;
   section.dataset.job = jobId;
@@ -1073,7 +1150,7 @@ async function openTranscript(jobId) {
     } else if (type === "progress") {
       renderJob(data);
     } else if (type === "transcript.completed" || type === "transcript.failed") {
-      if (data.language) $("#segments").lang = data.language;
+      if (data.language && !state.translated) $("#segments").lang = data.language;
       section.dataset.ended = "true";
       renderJob(data);
       showStatus(data);
@@ -1084,7 +1161,7 @@ async function openTranscript(jobId) {
       refreshNames();
       if (type === "transcript.completed") {
         loadSpeakingTime(jobId);
-        markUnsureWords(jobId);
+        readDone(jobId);
       }
     }
   }, {
@@ -1104,8 +1181,11 @@ async function search(event) {
   const query = $("#query").value.trim();
   const list = $("#hits");
   list.innerHTML = "";
+  const asked = ++state.searches;
   if (!query) return;
   const key = apiKey();
+  // What an earlier search answers after a later one was asked is not shown (nor its failure).
+  const outdated = () => apiKey() !== key || state.searches !== asked;
   try {
     const path = `/search?limit=20&q=${encodeURIComponent(query)}`;
     let page;
@@ -1114,11 +1194,11 @@ async function search(event) {
       page = await (await api(path)).json();
     } catch (error) {
       // Search by meaning needs the embedding service; by words it still works without it.
-      if (error.status !== 503) throw error;
+      if (error.status !== 503 || outdated()) throw error;
       page = await (await api(`${path}&mode=text`)).json();
       wordsOnly = true;
     }
-    if (apiKey() !== key) return;  // answered for the key before
+    if (outdated()) return;
     if (wordsOnly) {
       const note = document.createElement("li");
       note.textContent = "Searched by words only: search by meaning is unavailable right now.";
@@ -1135,14 +1215,17 @@ async function search(event) {
       button.querySelector("strong").textContent = hit.filename;
       button.querySelector("em").textContent = hit.speaker_name || hit.speaker;
       button.addEventListener("click", async () => {
-        await openTranscript(hit.transcript_id);
+        if (state.open !== hit.transcript_id) {
+          if (!mayOpen(hit.transcript_id)) return;
+          await openTranscript(hit.transcript_id);
+        }
         playFrom(hit.start_ts, null);
       });
       item.appendChild(button);
       list.appendChild(item);
     }
   } catch (error) {
-    if (apiKey() !== key) return;
+    if (outdated()) return;
     list.innerHTML = "";
     const item = document.createElement("li");
     item.textContent = error.message;
