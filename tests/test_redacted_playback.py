@@ -97,6 +97,13 @@ def test_playback_names_its_version_and_honours_if_range(stack, made_job):
         assert answer.status_code == 200 and answer.content == content, validator
         assert "content-range" not in answer.headers
 
+    # A browser checking its own copy gets "not modified", and no recording, for this version only.
+    for validator in (etag, f"W/{etag}", f'"0123456789abcdef", {etag}', "*"):
+        unchanged = audio(stack, job_id, **{"If-None-Match": validator})
+        assert unchanged.status_code == 304 and unchanged.content == b"", validator
+        assert unchanged.headers["etag"] == etag and unchanged.headers["cache-control"] == "private, no-cache"
+    assert audio(stack, job_id, **{"If-None-Match": '"0123456789abcdef"'}).content == content
+
 
 @pytest.mark.parametrize(("filename", "served_as"), [
     ("page.html", "application/octet-stream"), ("picture.svg", "application/octet-stream"),

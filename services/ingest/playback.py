@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from email.utils import format_datetime, parsedate_to_datetime
 
-from litestar import Request, get
+from litestar import Request, Response, get
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException, NotFoundException
 from litestar.response import Stream
@@ -104,6 +104,15 @@ def if_range_holds(header: str | None, etag: str, last_modified: datetime | None
             and date == last_modified.astimezone(UTC).replace(microsecond=0))
 
 
+def none_match(header: str | None, etag: str) -> bool:
+    """Whether `If-None-Match` names this version (RFC 9110, 13.1.2: `*`, or one of a list of
+    tags compared weakly), so that the browser's own copy is still the recording."""
+    if header is None or not etag:
+        return False
+    tags = [tag.strip().removeprefix("W/") for tag in header.split(",")]
+    return "*" in tags or f'"{etag}"' in tags
+
+
 def _changed(exc: S3Error) -> bool:
     return exc.code == "PreconditionFailed" or getattr(exc.response, "status", None) == 412
 
@@ -139,13 +148,16 @@ async def _pieces(state: State, job_id: int, key: str, etag: str, opening: bytes
         offset += len(piece)
 
 
-async def _opening(state: State, key: str, range_header: str | None,
-                   if_range: str | None) -> tuple[Object, tuple[int, int] | None, bytes]:
+async def _opening(state: State, key: str, range_header: str | None, if_range: str | None,
+                   if_none_match: str | None) -> tuple[Object, tuple[int, int] | None, bytes | None]:
     """The object's stat, the span to serve (None: the whole file) and its first piece, read from
-    the version stated; a recording replaced between the two is stated again (twice at most)."""
+    the version stated (None: the version `If-None-Match` names, nothing to send); a recording
+    replaced between the two is stated again (twice at most)."""
     tries = 3
     while True:
         stat = await asyncio.to_thread(state.s3.stat_object, state.settings.audio_bucket, key)
+        if none_match(if_none_match, stat.etag or ""):
+            return stat, None, None
         size = stat.size or 0
         span = byte_range(range_header if if_range_holds(if_range, stat.etag or "", stat.last_modified) else None,
                           size)
@@ -167,7 +179,7 @@ async def _opening(state: State, key: str, range_header: str | None,
                                e410="The recording was removed (AUDIO_RETENTION_DAYS); the transcript is kept",
                                e503="The object store does not answer, or the recording is still being redacted"
                                     " (Retry-After)"))
-async def job_audio(job_id: JobId, state: State, request: Request) -> Stream:
+async def job_audio(job_id: JobId, state: State, request: Request) -> Response:
     job = await jobstore.job_audio(state.pool, job_id)
     if not visible(job, request_owner(request)) or not job["audio_key"]:
         raise NotFoundException(detail=f"no job with id {job_id}")
@@ -184,7 +196,7 @@ async def job_audio(job_id: JobId, state: State, request: Request) -> Stream:
         # Read before answering: a recording removed meanwhile (DELETE, retention) is then a 404,
         # not a 200 whose body breaks off.
         stat, span, opening = await _opening(state, job["audio_key"], request.headers.get("range"),
-                                             request.headers.get("if-range"))
+                                             request.headers.get("if-range"), request.headers.get("if-none-match"))
     except RecordingChanged as exc:
         raise HTTPException(status_code=503, headers={"Retry-After": "1"},
                             detail="the recording was being replaced; try again") from exc
@@ -198,15 +210,18 @@ async def job_audio(job_id: JobId, state: State, request: Request) -> Stream:
     size = stat.size or 0
     first, last = span or (0, size - 1)
     filename = stored_filename(job["filename"], redacted=job["audio_redacted_at"] is not None)
-    headers = {"Accept-Ranges": "bytes", "Content-Length": str(max(0, last - first + 1)),
-               "Content-Disposition": content_disposition(filename).replace("attachment", "inline", 1),
-               # Someone's recording: kept by no shared cache, and checked with the ETag before a
-               # browser plays its own copy again (it changes when the recording is redacted).
-               "Cache-Control": "private, no-cache", "X-Content-Type-Options": "nosniff"}
+    # Someone's recording: kept by no shared cache, and checked with the ETag before a browser
+    # plays its own copy again (it changes when the recording is redacted).
+    headers = {"Cache-Control": "private, no-cache"}
     if stat.etag:
         headers["ETag"] = f'"{stat.etag}"'
     if stat.last_modified is not None:
         headers["Last-Modified"] = http_date(stat.last_modified)
+    if opening is None:
+        return Response(content=b"", status_code=304, headers=headers)
+    headers |= {"Accept-Ranges": "bytes", "Content-Length": str(max(0, last - first + 1)),
+                "Content-Disposition": content_disposition(filename).replace("attachment", "inline", 1),
+                "X-Content-Type-Options": "nosniff"}
     if span:
         headers["Content-Range"] = f"bytes {first}-{last}/{size}"
     return Stream(_pieces(state, job_id, job["audio_key"], stat.etag or "", opening, first, last),
