@@ -16,6 +16,9 @@ from aiohttp import web
 from services.embedder.backends import LOCAL_MODEL_NAME, load_local_model, local_embed
 
 MODELS = {LOCAL_MODEL_NAME, f"{LOCAL_MODEL_NAME}:latest"}
+# A text the model cannot embed: a batch holding it is answered as Ollama answers one whose vector
+# has a NaN (bge-m3 for some inputs, ollama/ollama#15582).
+NAN_TEXT = "<a text whose vector has a NaN>"
 
 
 async def embed(request: web.Request) -> web.Response:
@@ -25,6 +28,8 @@ async def embed(request: web.Request) -> web.Response:
         return web.json_response({"error": f'model "{model}" not found, try pulling it first'}, status=404)
     texts = body.get("input")
     texts = [texts] if isinstance(texts, str) else list(texts or [])
+    if NAN_TEXT in texts:
+        return web.json_response({"error": "failed to encode response: json: unsupported value: NaN"}, status=500)
     vectors = await asyncio.to_thread(local_embed, texts) if texts else []
     return web.json_response({"model": model, "embeddings": vectors, "total_duration": 0,
                               "load_duration": 0, "prompt_eval_count": len(texts)})

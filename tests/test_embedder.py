@@ -15,7 +15,7 @@ from litestar.exceptions import HTTPException
 
 from common.failures import failure_category
 from common.settings import Settings
-from services.embedder.backends import OLLAMA_UNAVAILABLE, OllamaError, local_embed, make_embedder
+from services.embedder.backends import OLLAMA_UNAVAILABLE, OllamaError, OllamaUnavailable, local_embed, make_embedder
 from services.ingest.search import embed_query
 from tests import fake_ollama
 from tests.conftest import free_port
@@ -263,3 +263,73 @@ async def test_a_backend_giving_fewer_vectors_than_segments_fails_the_chunk():
         Segment(index=i, speaker="spk_0", start_ts=i, end_ts=i + 1, text=f"sentence {i}") for i in range(3)])
     with pytest.raises(Exception, match="2 vectors for 3 segments"):  # noqa: PT011
         _ = [produced async for produced in handler.handle(message, handler.Deps(embed=one_short, model_name="m"))]
+
+
+async def test_a_text_ollama_cannot_embed_is_stored_without_a_vector_and_the_job_is_done(stack, caplog):
+    """Ollama answers 500 "json: unsupported value: NaN" for some texts (bge-m3): the chunk's whole
+    batch failed, its retries ran out and the job failed as "embedding service unavailable", and
+    so did every rerun, while Ollama was up. Each text is then embedded alone: the one it cannot
+    embed is stored without a vector (nor a model), the others with theirs, and the job is done."""
+    from common import searchstore
+    from common.db import create_pool
+    from common.messages import ChunkTranscribed, Segment
+    from services.embedder import handler
+    from services.persister import handler as persister
+
+    server = TestServer(fake_ollama.make_app(), host="127.0.0.1")
+    await server.start_server()
+    pool = await create_pool(Settings(_env_file=None, database_url=stack.database_url), max_size=2)
+    job_id = await pool.fetchval("INSERT INTO transcripts (filename) VALUES ('nan-vector.wav') RETURNING id")
+    try:
+        texts = ["The budget is approved.", fake_ollama.NAN_TEXT, "We meet again on Monday."]
+        message = ChunkTranscribed(job_id=job_id, chunk_index=0, chunk_count=1, duration=6.0, language="en",
+                                   segments=[Segment(index=i, speaker="spk_0", start_ts=2 * i, end_ts=2 * i + 1.5,
+                                                     text=text) for i, text in enumerate(texts)])
+        settings = Settings(ollama_url=f"http://127.0.0.1:{server.port}", model_name_embedded="all-minilm",
+                            ollama_retries=1)
+        caplog.set_level(logging.WARNING, logger="services.embedder")
+        async with aiohttp.ClientSession() as session:
+            embed, model = make_embedder(settings, session)
+            [embedded] = [m async for m in handler.handle(message, handler.Deps(embed=embed, model_name=model))]
+        assert [s.embedding is not None for s in embedded.segments] == [True, False, True]
+        said = [r.getMessage() for r in caplog.records if "segment 1 of chunk 1/1" in r.getMessage()]
+        assert len(said) == 1 and "unsupported value: NaN" in said[0], said
+
+        await persister.on_embedded(pool, embedded)
+        if (building := searchstore._index_builds.get((model, 384))) is not None:
+            await building
+        assert await pool.fetchval("SELECT status FROM transcripts WHERE id = $1", job_id) == "done"
+        stored = await pool.fetch("SELECT text, embedding IS NOT NULL AS has_vector, embedding_model FROM segments"
+                                  " WHERE transcript_id = $1 ORDER BY index", job_id)
+        # The refused text stays marked with the model that refused it: a re-embedding with that
+        # model would only be refused again (and count against the run); one with another tries it.
+        assert [tuple(row) for row in stored] == [(texts[0], True, model), (texts[1], False, model),
+                                                  (texts[2], True, model)]
+    finally:
+        await pool.execute("DELETE FROM transcripts WHERE id = $1", job_id)
+        await pool.close()
+        await server.close()
+
+
+@pytest.mark.parametrize("error", [OllamaError("Ollama answered 500: json: unsupported value: NaN"),
+                                   OllamaUnavailable("Ollama answered 503: loading model"),
+                                   OllamaError("Ollama answered 404 for model 'bge-m3'", 404)])
+async def test_a_chunk_whose_texts_all_fail_fails_as_its_batch_did(error):
+    """Texts tried alone only where one text may be the cause, and not all of them when the first
+    few fail too: an Ollama that fails every text fails the chunk with the batch's error, soon."""
+    from common.messages import ChunkTranscribed, Segment
+    from services.embedder import handler
+
+    calls: list[int] = []
+
+    async def failing(texts: list[str]) -> list[list[float]]:
+        calls.append(len(texts))
+        raise error
+
+    message = ChunkTranscribed(job_id=1, chunk_index=0, chunk_count=1, duration=20.0, segments=[
+        Segment(index=i, speaker="spk_0", start_ts=i, end_ts=i + 1, text=f"sentence {i}") for i in range(10)])
+    with pytest.raises(type(error)) as raised:
+        _ = [m async for m in handler.handle(message, handler.Deps(embed=failing, model_name="m"))]
+    assert raised.value is error
+    alone = error.status is None and not isinstance(error, OllamaUnavailable)
+    assert calls == ([10, 1, 1, 1] if alone else [10]), calls

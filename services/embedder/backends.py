@@ -54,6 +54,15 @@ UNAVAILABLE_STATUSES = (502, 503, 504)
 CONNECT_TIMEOUT_S = 10.0
 
 
+def one_text_may_cause(exc: BaseException) -> bool:
+    """Whether a batch's failure may be one text's doing, so that each text alone is worth a try:
+    Ollama's 500 "json: unsupported value: NaN" for some inputs (bge-m3), a 400 for one text.
+    Not Ollama away or slow, TLS, or a model that is not there: every text would meet those."""
+    if isinstance(exc, (*OLLAMA_UNAVAILABLE, OllamaTLSError, TimeoutError, aiohttp.ClientConnectionError)):
+        return False
+    return not (isinstance(exc, OllamaError) and exc.status == 404)
+
+
 async def ollama_embed(session: aiohttp.ClientSession, settings: Settings,
                        texts: list[str]) -> list[list[float]]:
     """POST /api/embed with a batch; retries connection errors, timeouts and 5xx with backoff."""

@@ -205,8 +205,8 @@ async def rerun(job_id: JobId, state: State, request: Request, data: RerunOption
         options = rerun_options(original["options"] or {}, data or JobOptions())
     except ValidationError as exc:
         raise invalid(exc, whole="options") from exc
-    if data is not None and "expected_speakers" in data.model_fields_set:
-        await require_enrolled(state.pool, request_owner(request), options.expected_speakers)
+    # The original's expected speakers too: one forgotten since is refused as POST /recognize would.
+    await require_enrolled(state.pool, request_owner(request), options.expected_speakers)
     asked = idempotency(idempotency_key, "rerun", job_id, options.model_dump(exclude_none=True))
     if (earlier := await earlier_job(state.pool, request_owner(request), asked)) is not None:
         return replayed(earlier)
