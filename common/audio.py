@@ -65,6 +65,8 @@ def _audio_stream(container):
     if not container.streams.audio:
         raise UndecodableAudio("the file has no audio stream")
     stream = container.streams.audio[0]
+    if stream.codec_context is None:  # PyAV gives none to a codec FFmpeg has no decoder for
+        raise UndecodableAudio("its audio codec cannot be decoded here")
     rate, channels = stream.codec_context.sample_rate, stream.codec_context.channels
     if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
         raise UndecodableAudio(f"unsupported sample rate {rate} Hz (8-192 kHz accepted)")
@@ -101,6 +103,14 @@ def _too_long(max_seconds: float, channels: int = 1) -> AudioTooLong:
     return AudioTooLong(f"the audio is longer than the limit of {max_seconds / 3600:g} h")
 
 
+def _check_header_length(stream, max_seconds: float | None, channels: int) -> None:
+    """AudioTooLong when the stream's header says it lasts past `max_seconds`, its `channels`
+    counted one after another."""
+    if max_seconds and stream.duration and stream.time_base:
+        if float(stream.duration * stream.time_base) * channels > max_seconds:
+            raise _too_long(max_seconds, channels)
+
+
 def decode_audio(source: str | BinaryIO, max_seconds: float | None = None, *,
                  separate_channels: bool = False) -> np.ndarray:
     """Decode the first audio stream to float32 mono at 16 kHz in [-1, 1] (with
@@ -115,9 +125,7 @@ def decode_audio(source: str | BinaryIO, max_seconds: float | None = None, *,
             channels = max(1, stream.codec_context.channels) if separate_channels else 1
             layout = stream.codec_context.layout.name if channels > 1 else "mono"
             limit_s = max_seconds / channels if max_seconds else None
-            if limit_s and stream.duration and stream.time_base:
-                if float(stream.duration * stream.time_base) > limit_s:
-                    raise _too_long(max_seconds, channels)
+            _check_header_length(stream, max_seconds, channels)
 
             def resampled(frame) -> None:
                 # Interleaved samples, one row per channel after the reshape (planar output of 8
@@ -162,18 +170,22 @@ def decode_audio(source: str | BinaryIO, max_seconds: float | None = None, *,
     return audio if separate_channels else audio[0]
 
 
-def probe_audio(source: BinaryIO) -> None:
+def probe_audio(source: BinaryIO, max_seconds: float | None = None, *, separate_channels: bool = False) -> None:
     """Cheap check that `source` is decodable audio of an accepted format: opens it and decodes
-    the first frames. Raises UndecodableAudio with a message a user understands."""
+    the first frames, past damaged packets as decode_audio does. Raises UndecodableAudio with a
+    message a user understands, or AudioTooLong when the header's duration is past `max_seconds`
+    (counted as decode_audio counts it, which checks it again: a header may understate it)."""
     try:
         with _open(source) as container:
             stream = _audio_stream(container)
-            for index, frame in enumerate(container.decode(stream)):
+            _check_header_length(stream, max_seconds,
+                                 max(1, stream.codec_context.channels) if separate_channels else 1)
+            for index, frame in enumerate(_frames(container, stream)):
                 if frame.samples > 0:
                     return
                 if index > 50:
                     break
-    except UndecodableAudio:
+    except (UndecodableAudio, AudioTooLong):
         raise
     except (av.error.FFmpegError, ValueError, IndexError, OSError) as exc:
         if _not_about_the_content(exc):

@@ -195,11 +195,24 @@ class JobOptions(BaseModel):
             pairs = [pair for pair in value.replace("\n", ",").split(",") if pair.strip()]
             if any("=" not in pair for pair in pairs):
                 raise ValueError("spelling: write each pair as heard=written, separated by commas")
-            value = dict(pair.split("=", 1) for pair in pairs)
-        if isinstance(value, dict):
-            return {printable_words(str(heard)).lower(): printable_words(str(written))
-                    for heard, written in value.items()}
-        return value
+            items = [pair.split("=", 1) for pair in pairs]
+        elif isinstance(value, dict):
+            items = list(value.items())
+        else:
+            return value
+        kept: dict[str, str] = {}
+        for heard, written in items:
+            # str() made a JSON null "None", written into transcripts.
+            if not isinstance(heard, str) or not isinstance(written, str):
+                raise ValueError(f"spelling: {str(heard)[:40]!r}={str(written)[:40]!r}: both sides are text")
+            key, written = printable_words(heard).lower(), printable_words(written)
+            # Whisper's words are matched in any case: two spellings of one heard side kept one of
+            # them silently.
+            if kept.get(key, written) != written:
+                raise ValueError(f"spelling: {key[:40]!r} is given twice, as {kept[key][:40]!r} and "
+                                 f"{written[:40]!r} (the heard side's case does not count)")
+            kept[key] = written
+        return kept
 
     @field_validator("spelling")
     @classmethod
@@ -215,9 +228,11 @@ class JobOptions(BaseModel):
     @field_validator("vocabulary")
     @classmethod
     def _vocabulary_is_short(cls, terms: list[str]) -> list[str]:
-        if len(", ".join(terms)) > VOCABULARY_MAX_CHARS:
-            raise ValueError(f"vocabulary is longer than {VOCABULARY_MAX_CHARS} characters: keep the names and "
-                             "terms Whisper would otherwise get wrong")
+        # Counted as the page's field counts what it takes, `a,b,c` (spaces around terms and
+        # repeats left out): 150 characters the field allowed were refused counted as "a, b, c".
+        if len(",".join(terms)) > VOCABULARY_MAX_CHARS:
+            raise ValueError(f"vocabulary is longer than {VOCABULARY_MAX_CHARS} characters (its terms with a comma"
+                             " between each): keep the names and terms Whisper would otherwise get wrong")
         return terms
 
     @field_validator("language")

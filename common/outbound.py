@@ -6,6 +6,7 @@ made, so a name that changes its address in between (DNS rebinding) is caught to
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import ipaddress
 import logging
 import socket
@@ -18,6 +19,10 @@ from common.messages import has_control_characters
 log = logging.getLogger(__name__)
 
 MAX_URL_CHARS = 2000
+# Lookups of the names users give run on threads of their own: one given up at its limit goes on
+# in its thread for as long as the system resolver takes (minutes), and in the loop's default
+# executor enough of them held every thread that the object store's calls wait for too.
+_LOOKUPS = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="lookup")
 
 
 def url_problem(url: str, what: str = "a webhook URL",
@@ -60,9 +65,9 @@ async def target_problem(url: str, allow_private: bool, allowed_by: str = "WEBHO
     try:
         # The system resolver's own limit (its timeout times its tries times the search domains)
         # can be minutes: a name server that does not answer is not waited on past this.
-        found = await asyncio.wait_for(asyncio.get_running_loop().getaddrinfo(
-            parts.hostname, parts.port or (443 if parts.scheme == "https" else 80), type=socket.SOCK_STREAM),
-            resolve_timeout_s)
+        found = await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(
+            _LOOKUPS, socket.getaddrinfo, parts.hostname, parts.port or (443 if parts.scheme == "https" else 80),
+            0, socket.SOCK_STREAM), resolve_timeout_s)
     except TimeoutError:
         return f"{parts.hostname} did not resolve within {resolve_timeout_s:g} s"
     except OSError as exc:

@@ -36,6 +36,14 @@ def encode(samples: np.ndarray, container: str, codec: str, rate: int, channels:
     return buffer.getvalue()
 
 
+def without_its_length(flac: bytes) -> bytes:
+    """`flac` with the length its header says (STREAMINFO's total samples) made 0, "unknown"."""
+    data = bytearray(flac)
+    data[21] &= 0xF0
+    data[22:26] = bytes(4)
+    return bytes(data)
+
+
 def wav(samples: np.ndarray, rate: int = SAMPLE_RATE, channels: int = 1) -> bytes:
     return encode(samples, "wav", "pcm_s16le", rate, channels)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import io
+import struct
 
 import av
 import numpy as np
@@ -82,6 +83,44 @@ def test_damage_here_and_there_loses_only_the_damaged_packets():
     # The undamaged second minute is all there, sample for sample.
     tail = SAMPLE_RATE * 55
     assert len(decoded) > tail and np.abs(decoded[-tail:] - original[-tail:]).max() < 1e-4
+
+
+def test_a_codec_without_a_decoder_is_undecodable_audio():
+    """WAV format tag 0x1234 (or MPEG-H in MP4): PyAV opens the stream without a codec context,
+    and its AttributeError answered a submission 500 and was retried by the diarizer."""
+    header = wav_header(32_000)
+    crafted = header[:20] + struct.pack("<H", 0x1234) + header[22:] + bytes(32_000)
+    for attempt in (probe_audio, decode_audio):
+        with pytest.raises(UndecodableAudio, match="its audio codec cannot be decoded here"):
+            attempt(io.BytesIO(crafted))
+
+
+def test_a_damaged_first_frame_is_skipped_by_the_probe_as_by_decoding(fixtures_dir):
+    """The probe decoded without skipping damaged packets: a FLAC whose first frame is damaged
+    was refused at submission, though it decodes."""
+    data = bytearray((fixtures_dir / "jfk.flac").read_bytes())
+    first_frame = 4
+    while not data[first_frame] & 0x80:  # metadata blocks up to the last one
+        first_frame += 4 + int.from_bytes(data[first_frame + 1:first_frame + 4], "big")
+    first_frame += 4 + int.from_bytes(data[first_frame + 1:first_frame + 4], "big")
+    data[first_frame:first_frame + 8] = bytes(8)
+    probe_audio(io.BytesIO(bytes(data)))
+    assert decode_audio(io.BytesIO(bytes(data))).size > 10 * SAMPLE_RATE
+
+
+def test_the_probe_refuses_a_header_past_the_length_limit_as_decoding_does():
+    """MAX_AUDIO_HOURS was only checked by the diarizer: a recording whose header says it is too
+    long was taken, stored and queued, and failed there. Channels kept apart count one after
+    another, as the diarizer counts them."""
+    minute = encode(np.zeros(60 * 8000, dtype=np.float32), "flac", "flac", 8000, channels=2, sample_rate=8000)
+    for limit, separate in ((30, False), (90, True)):
+        with pytest.raises(AudioTooLong) as probed:
+            probe_audio(io.BytesIO(minute), limit, separate_channels=separate)
+        with pytest.raises(AudioTooLong) as decoded:
+            decode_audio(io.BytesIO(minute), limit, separate_channels=separate)
+        assert str(probed.value) == str(decoded.value)  # the job's reason, said at submission
+    probe_audio(io.BytesIO(minute), 90)
+    probe_audio(io.BytesIO(minute), 121, separate_channels=True)
 
 
 def test_png_is_not_audio():

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from common.audio import SAMPLE_RATE, decode_audio
-from tests.audio_files import encode, wav, wav_header
+from tests.audio_files import encode, wav, wav_header, without_its_length
 from tests.conftest import FIXTURES, SERVICES, Stack, free_port, record_figure
 
 
@@ -49,6 +49,12 @@ def pdf() -> bytes:
 def long_silence_flac(hours: float) -> bytes:
     return encode(np.zeros(int(hours * 3600 * 8000), dtype=np.float32), "flac", "flac", 8000,
                   channels=1, sample_rate=8000)
+
+
+def wav_of_codec(format_tag: int) -> bytes:
+    """A WAV whose header names the codec `format_tag`."""
+    header = wav_header(32_000)
+    return header[:20] + format_tag.to_bytes(2, "little") + header[22:] + bytes(32_000)
 
 
 @dataclass
@@ -92,7 +98,15 @@ CASES = [
     Case("6-channel audio", lambda: encode(jfk(), "wav", "pcm_s16le", SAMPLE_RATE, channels=6), job="done"),
     Case("192 kHz audio", lambda: encode(jfk()[: 6 * SAMPLE_RATE], "wav", "pcm_s16le", 192_000, channels=1), job="done"),
     Case("µ-law WAV", lambda: encode(jfk(), "wav", "pcm_mulaw", 8000, channels=1), job="done"),
-    Case("2 hours (over MAX_AUDIO_HOURS)", lambda: long_silence_flac(2.0), "long.flac", job="error", says="longer than"),
+    Case("2 hours (over MAX_AUDIO_HOURS)", lambda: long_silence_flac(2.0), "long.flac", status=413,
+         says="'long.flac' is refused: the audio is longer than the limit of 0.1 h"),
+    Case("2 hours, no length in its header", lambda: without_its_length(long_silence_flac(2.0)), "long.flac",
+         job="error", says="longer than"),
+    Case("2 channels of 4 min kept apart", lambda: encode(np.zeros(240 * 8000, dtype=np.float32), "flac", "flac",
+                                                          8000, channels=2, sample_rate=8000),
+         "call.flac", data={"multichannel": "true"}, status=413, says="its 2 channels kept apart"),
+    Case("codec without a decoder", lambda: wav_of_codec(0x1234), status=415,
+         says="its audio codec cannot be decoded here"),
     Case("file over MAX_UPLOAD_MB", lambda: wav_header(6 * 2**20) + bytes(6 * 2**20), status=413, says="MAX_UPLOAD_MB"),
     Case("missing file field", lambda: b"", status=400, says="send the recording as `file`"),
     Case("unknown form fields", lambda: wav(jfk()), data={"colour": "blue", "priority": "9"}, status=400,
@@ -339,7 +353,7 @@ def test_a_mix_of_bad_inputs_crashes_no_worker_and_orphans_nothing(stack: Stack)
     floor = stack.value("SELECT nextval(pg_get_serial_sequence('transcripts', 'id'))")
     mix = [c for c in CASES if c.name in (
         "random bytes named .wav", "1 Hz sample rate (crafted)", "FLAC truncated halfway",
-        "WAV truncated to 0.3 s", "2 hours (over MAX_AUDIO_HOURS)", "file over MAX_UPLOAD_MB",
+        "WAV truncated to 0.3 s", "2 hours, no length in its header", "file over MAX_UPLOAD_MB",
         "6-channel audio", "unknown language")]
     assert len(mix) == 8
     with concurrent.futures.ThreadPoolExecutor(max_workers=len(mix)) as pool:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -139,3 +143,65 @@ def test_a_service_refusing_its_settings_says_why_without_printing_any_secret(se
     assert started.returncode != 0 and "ADMIN_API_KEY must be one of API_KEYS" in said, said
     for leaked in ("alpha-secret", "beta-secret", "gamma-secret", "broker-password", "database-password"):
         assert leaked not in said, said
+
+
+async def test_a_url_that_stops_sending_gives_up_its_upload_place(monkeypatch):
+    """A URL submission holds a place among MAX_CONCURRENT_UPLOADS while it downloads; a server
+    that sent its headers and then nothing held it for all of AUDIO_URL_TIMEOUT_S (600 s by
+    default), a few of them every upload's place."""
+    from aiohttp import web
+    from litestar.exceptions import HTTPException
+
+    from common.settings import Settings
+    from services.ingest import fetch
+
+    released = asyncio.Event()
+
+    async def stalls(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Length": str(2**20)})
+        await response.prepare(request)
+        await response.write(b"RIFF" + bytes(1000))
+        await released.wait()
+        return response
+
+    app = web.Application()
+    app.router.add_get("/meeting.wav", stalls)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    monkeypatch.setattr(fetch, "READ_IDLE_S", 0.5)
+    started = time.monotonic()
+    try:
+        with pytest.raises(HTTPException) as refused:
+            await fetch.fetch_recording(f"http://127.0.0.1:{port}/meeting.wav",
+                                        Settings(audio_url_allow_private=True, audio_url_timeout_s=10))
+    finally:
+        released.set()
+        await runner.cleanup()
+    assert time.monotonic() - started < 5
+    assert refused.value.status_code == 400
+    assert refused.value.detail == "could not fetch the audio URL: 127.0.0.1 sent nothing for 0.5 s"
+
+
+async def test_name_lookups_given_up_leave_the_default_executor_free(monkeypatch):
+    """A lookup given up at its limit goes on in its thread; on the loop's default executor, a
+    few dozen submissions naming hosts whose name server does not answer held every thread the
+    object store's calls (asyncio.to_thread) wait for."""
+    from common.outbound import target_problem
+
+    released = threading.Event()
+
+    def no_answer(*args, **kwargs):
+        released.wait(30)
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_answer)
+    try:
+        problems = await asyncio.gather(*(target_problem(f"https://host{n}.example/hook", False, resolve_timeout_s=0.2)
+                                          for n in range(40)))
+        assert problems == [f"host{n}.example did not resolve within 0.2 s" for n in range(40)]
+        assert await asyncio.wait_for(asyncio.to_thread(lambda: "answered"), 2) == "answered"
+    finally:
+        released.set()

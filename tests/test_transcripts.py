@@ -39,7 +39,7 @@ from services.ingest.transcripts import (
     txt_timestamp,
     vtt_timestamp,
 )
-from tests.audio_files import encode
+from tests.audio_files import encode, without_its_length
 from tests.conftest import Stack, events_queue, job_events, running_stack
 
 ALICE, BOB = "key-alice-transcripts", "key-bob-transcripts"
@@ -378,9 +378,10 @@ def transcript(stack: Stack, job_id: int, **params) -> httpx.Response:
 
 
 def over_the_length_limit(path: Path) -> Path:
-    """Silence longer than the test stacks' MAX_AUDIO_HOURS (0.1 h): a job that fails."""
-    path.write_bytes(encode(np.zeros(7 * 60 * 8000, dtype=np.float32), "flac", "flac", 8000, channels=1,
-                            sample_rate=8000))
+    """Silence longer than the test stacks' MAX_AUDIO_HOURS (0.1 h), its header not saying how long
+    (refused at submission otherwise): a job that fails."""
+    path.write_bytes(without_its_length(encode(np.zeros(7 * 60 * 8000, dtype=np.float32), "flac", "flac", 8000,
+                                               channels=1, sample_rate=8000)))
     return path
 
 

@@ -191,6 +191,30 @@ def test_a_vocabulary_is_read_as_terms_from_a_form_field_or_bucket_metadata():
         drop_options({"x-amz-meta-vocabulary": ", ".join(f"term {i}" for i in range(30))})
 
 
+def test_a_vocabulary_is_measured_as_the_page_s_field_takes_it():
+    """The page's field takes 150 characters (maxlength) and the terms were measured joined by
+    ", ": 30 terms typed as `a,b,c` within those 150 were refused."""
+    typed = ",".join(f"T{n:03d}" for n in range(30)) + "x"
+    assert len(typed) == 150 and len(JobOptions(vocabulary=typed).vocabulary) == 30
+    assert len(JobOptions(vocabulary=typed.replace(",", ", ")).vocabulary) == 30  # spaces around terms are not kept
+    with pytest.raises(ValidationError, match=r"longer than 150 characters \(its terms with a comma between each\)"):
+        JobOptions(vocabulary=typed + "y")
+
+
+def test_custom_spelling_takes_text_and_one_spelling_for_each_heard_side():
+    """A JSON null was written into transcripts as "None", and two spellings of one heard side in
+    different cases kept one of them silently."""
+    for sent in ({"confu i": None}, {"confu i": 7}, {"confu i": ["ComfyUI"]}):
+        with pytest.raises(ValidationError, match="both sides are text"):
+            JobOptions(spelling=sent)
+    for sent in ({"Confu I": "ComfyUI", "confu  i": "Comfy UI"}, "confu i=ComfyUI, CONFU I=Comfyui"):
+        with pytest.raises(ValidationError, match="'confu i' is given twice, as 'ComfyUI' and"):
+            JobOptions(spelling=sent)
+    # The same pair twice says one thing: kept once.
+    assert JobOptions(spelling={"Confu I": "ComfyUI", "confu i": "ComfyUI"}).spelling == {"confu i": "ComfyUI"}
+    assert JobOptions(spelling="confu i=ComfyUI\nlama=Llama").spelling == {"confu i": "ComfyUI", "lama": "Llama"}
+
+
 def test_non_ascii_bucket_metadata_reads_as_it_was_written():
     """MinIO returns a UTF-8 value as raw bytes (read by HTTP clients as ISO-8859-1: Cyrillic came
     out as mojibake); S3 returns it RFC 2047-encoded. Both read as written; Latin-1 stays."""

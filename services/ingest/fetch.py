@@ -19,6 +19,10 @@ from common.settings import Settings
 
 MAX_REDIRECTS = 5
 CONNECT_TIMEOUT_S = 30.0
+# How long the server may send nothing (before its answer's headers, or between pieces of its
+# body) before the fetch is given up: a URL submission holds one of the MAX_CONCURRENT_UPLOADS
+# places while it downloads, and a server that stalls held it for all of AUDIO_URL_TIMEOUT_S.
+READ_IDLE_S = 60.0
 REDIRECTS = (301, 302, 303, 307, 308)
 BLOCK = 1 << 16
 
@@ -65,7 +69,8 @@ async def fetch_recording(url: str, settings: Settings) -> tuple[BinaryIO, str]:
         # session's total would be per request).
         async with asyncio.timeout(settings.audio_url_timeout_s), \
                 http_session(settings.audio_url_allow_private,
-                             timeout=aiohttp.ClientTimeout(sock_connect=CONNECT_TIMEOUT_S)) as http:
+                             timeout=aiohttp.ClientTimeout(sock_connect=CONNECT_TIMEOUT_S,
+                                                           sock_read=READ_IDLE_S)) as http:
             for _ in range(MAX_REDIRECTS + 1):
                 problem = await target_problem(url, settings.audio_url_allow_private, "AUDIO_URL_ALLOW_PRIVATE",
                                                what="an audio URL", credentials="give a presigned URL instead")
@@ -79,7 +84,10 @@ async def fetch_recording(url: str, settings: Settings) -> tuple[BinaryIO, str]:
                         raise _refused(f"could not fetch the audio URL: {urlsplit(url).hostname} answered "
                                        f"HTTP {response.status}")
                     return await _download(response, settings.max_upload_bytes, too_big), _name_of(response, url)
-    except aiohttp.ServerTimeoutError as exc:  # a TimeoutError too: the connect's own limit, not the whole fetch's
+    except aiohttp.SocketTimeoutError as exc:  # a TimeoutError too, as the next two are
+        raise _refused(f"could not fetch the audio URL: {urlsplit(url).hostname} sent nothing for"
+                       f" {READ_IDLE_S:g} s") from exc
+    except aiohttp.ServerTimeoutError as exc:  # the connect's own limit, not the whole fetch's
         raise _refused(f"could not fetch the audio URL: {urlsplit(url).hostname} did not accept a connection"
                        f" within {CONNECT_TIMEOUT_S:g} s") from exc
     except TimeoutError as exc:  # before OSError, of which it is one

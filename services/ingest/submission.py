@@ -13,7 +13,7 @@ from litestar.exceptions import HTTPException
 from litestar.response import Response
 from pydantic import BaseModel
 
-from common.audio import UndecodableAudio, probe_audio
+from common.audio import AudioTooLong, UndecodableAudio, probe_audio
 from common.logs import job_logged
 from common.messages import JobOptions
 from common.storage import upload_stream
@@ -60,7 +60,8 @@ async def submit_recording(state: State, request: Request, stream, filename: str
                            callback_url: str | None, callback_secret: str | None,
                            asked: Idempotency | None) -> Response[Accepted]:
     """Take a recording's stream (an upload or a download) as a job: its size within
-    MAX_UPLOAD_MB, audio that decodes, then stored and queued (services.ingest.jobs.create_job)."""
+    MAX_UPLOAD_MB, audio that decodes, within MAX_AUDIO_HOURS by its header (the diarizer checks
+    what decodes), then stored and queued (services.ingest.jobs.create_job)."""
     size = checked_size(stream, state.settings.max_upload_bytes, empty="the recording is empty",
                         too_big=f"the file exceeds MAX_UPLOAD_MB ({state.settings.max_upload_mb} MB)")
 
@@ -68,10 +69,13 @@ async def submit_recording(state: State, request: Request, stream, filename: str
         await add_callback(conn, job_id, request_owner(request), callback_url, callback_secret)
 
     try:
-        await asyncio.to_thread(probe_audio, stream)
+        await asyncio.to_thread(probe_audio, stream, state.settings.max_audio_hours * 3600,
+                                separate_channels=options.multichannel)
     except UndecodableAudio as exc:
         detail = f"{filename!r} is not audio this service can decode: {exc}"
         raise HTTPException(status_code=415, detail=detail) from exc
+    except AudioTooLong as exc:
+        raise HTTPException(status_code=413, detail=f"{filename!r} is refused: {exc} (MAX_AUDIO_HOURS)") from exc
     stream.seek(0)
     try:
         job_id = await create_job(
