@@ -416,7 +416,7 @@ def test_job_longer_than_the_ack_timeout_is_not_redelivered_or_duplicated(faulty
         faulty.start_service("diarizer")
         assert wait_for_log(faulty, "diarizer", r"consuming stt\.diarizer", offset, timeout=120)
         set_consumer_timeout(timeout_s * 1000, check_every_ms=1000)
-        for service in ("transcriber", "embedder", "persister"):
+        for service in ("transcriber", "embedder", "persister", "ingest"):  # ingest refuses audio too long
             faulty.stop(service)
             faulty.start_service(service)
         faulty.wait_ready()
@@ -431,7 +431,7 @@ def test_job_longer_than_the_ack_timeout_is_not_redelivered_or_duplicated(faulty
     finally:
         set_consumer_timeout(1_800_000)
         faulty.env.update(CHUNK_MAX_SPEECH_S="300", MAX_AUDIO_HOURS="0.1")
-        for service in ("diarizer", "transcriber", "embedder", "persister"):
+        for service in ("diarizer", "transcriber", "embedder", "persister", "ingest"):
             faulty.stop(service)
             faulty.start_service(service)
         faulty.wait_ready()
