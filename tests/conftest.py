@@ -8,7 +8,10 @@ import asyncio
 import contextlib
 import json
 import os
+import re
+import subprocess
 import time
+import urllib.parse
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -90,6 +93,35 @@ async def job_events(queue: aio_pika.abc.AbstractQueue, job_id: int | None, enou
         if job_id is None or body["transcript_id"] == job_id:
             bodies.append(body)
     return bodies
+
+
+# How the diarizer ends each delivery of a job.submitted (one of these per delivery, job=<id> stamped).
+DIARIZER_DELIVERY_ENDED = r"job\.submitted skipped|\d+ turns, \d+ speakers, \d+ chunks|not diarized|diarizing stopped"
+
+
+def wait_deliveries_handled(stack: Stack, job_id: int, deliveries: int, timeout: float = 300) -> None:
+    """Until the diarizer has ended `deliveries` deliveries of the job's job.submitted and what they
+    sent on has been handled too (the stage queues and the job's outbox rows empty); AssertionError
+    after `timeout` seconds."""
+    vhost = urllib.parse.unquote(urllib.parse.urlsplit(stack.amqp_url).path.lstrip("/"))
+    stages = {f"stt.{service}" for service in ("diarizer", "transcriber", "embedder", "persister")}
+    ended = re.compile(rf"job={job_id} .*(?:{DIARIZER_DELIVERY_ENDED})")
+    deadline, waiting, unsent = time.monotonic() + timeout, {}, None
+    while True:
+        handled = len(ended.findall(stack.log_text("diarizer")))
+        if handled >= deliveries:
+            listed = subprocess.run(["rabbitmqctl", "list_queues", "-q", "-p", vhost, "name", "messages"],
+                                    check=True, capture_output=True, text=True, timeout=60).stdout
+            # (messages: ready and unacknowledged; a stage sends on before it acks)
+            waiting = {row[0]: int(row[1]) for row in map(str.split, listed.splitlines())
+                       if len(row) == 2 and row[0] in stages}
+            unsent = stack.value("SELECT count(*) FROM outbox WHERE body->>'transcript_id' = $1::text"
+                                 " OR body->>'job_id' = $1::text", str(job_id))
+            if waiting.keys() == stages and not any(waiting.values()) and unsent == 0:
+                return
+        assert time.monotonic() < deadline, (f"job {job_id}: {handled} of {deliveries} deliveries handled by the"
+                                             f" diarizer; stage queues {waiting}, {unsent} events unsent")
+        time.sleep(0.5)
 
 
 @pytest.fixture(scope="session")

@@ -162,6 +162,9 @@ def test_diarizer_device_is_checked_at_start_up():
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="DIARIZER_DEVICE=cuda, but torch sees no CUDA device"):
             make_diarizer(Settings(diarization_backend="offline", diarizer_device="cuda"))
+    else:  # a GPU here: cuda is taken at its word and diarizes on it
+        on_gpu, _ = make_diarizer(Settings(diarization_backend="offline", diarizer_device="cuda"))
+        assert on_gpu(np.zeros(SAMPLE_RATE, dtype=np.float32), JobOptions()).turns == []
     diarize, _ = make_diarizer(Settings(diarization_backend="offline", diarizer_device="auto"))
     assert diarize(np.zeros(SAMPLE_RATE, dtype=np.float32), JobOptions()).turns == []
 

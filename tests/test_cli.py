@@ -304,7 +304,18 @@ def test_watch_for_one_job_ends_with_it_when_its_events_are_missed(keyed_stack, 
     assert time.monotonic() - started < 150, watcher.stdout
 
 
-def test_an_enrolled_speaker_is_named_in_printed_transcripts_until_forgotten(keyed_stack, fixtures_dir, tmp_path):
+@pytest.fixture
+def forgets_its_speakers(keyed_stack):
+    """The test enrols voices on the module's stack: they are forgotten after it, passed or
+    failed, or they would name en_dialogue's voices in the tests after it."""
+    yield
+    with httpx.Client(base_url=keyed_stack.api, headers={"X-API-Key": API_KEY}, timeout=30) as client:
+        for speaker in client.get("/speakers").json()["items"]:
+            assert client.delete(f"/speakers/{speaker['id']}").status_code in (204, 404)
+
+
+def test_an_enrolled_speaker_is_named_in_printed_transcripts_until_forgotten(keyed_stack, fixtures_dir, tmp_path,
+                                                                           forgets_its_speakers):
     voices = en_dialogue_voices(fixtures_dir)
     sample, recording = tmp_path / "anna.wav", tmp_path / "meeting.wav"
     sample.write_bytes(voices["a_alone"])
@@ -398,8 +409,9 @@ def test_a_job_still_processing_is_cancelled_then_deleted(keyed_stack, fixtures_
     theirs = stt(keyed_stack, "cancel", job_id, STT_API_KEY=OTHER_KEY)
     assert theirs.returncode == 1 and f"job {job_id}: not cancelled, 404" in theirs.stderr, theirs.stderr
     cancelled = stt(keyed_stack, "cancel", "999999", job_id)
-    assert (cancelled.returncode, cancelled.stdout) == (1, f"cancelled job {job_id} (0 segments kept)\n"), \
-        cancelled.stderr
+    # (however many segments were kept by then: how far it got depends on the machine)
+    assert cancelled.returncode == 1, cancelled.stderr
+    assert re.fullmatch(rf"cancelled job {job_id} \(\d+ segments kept\)\n", cancelled.stdout), cancelled.stdout
     assert "job 999999: not cancelled, 404" in cancelled.stderr
     again = stt(keyed_stack, "cancel", job_id)
     assert again.returncode == 1 and "has already ended (error)" in again.stderr, again.stderr

@@ -143,9 +143,7 @@ async def test_the_scan_makes_each_unannounced_drop_a_job_once_a_page_at_a_time(
         second = await pool.fetch("SELECT id, source_key FROM transcripts WHERE source_bucket = $1", bucket)
     finally:
         # Not left for the stack's stages to transcribe while the tests after this one run.
-        async with httpx.AsyncClient(base_url=stack.api, timeout=30) as api:
-            for row in {r["id"]: r for r in [*first, *second]}.values():
-                await api.delete(f"/transcripts/{row['id']}")
+        await discard(stack.api, *{r["id"] for r in [*first, *second]})
         await pool.execute("DELETE FROM deleted_drops WHERE source_bucket = $1", bucket)
         await pool.close()
         remove_bucket(s3, bucket)

@@ -54,9 +54,12 @@ def test_a_hung_object_store_is_unavailable_quickly_and_leaks_no_threads():
         for connection in accepted:
             connection.close()
     assert all(checks["object_store"].startswith("unavailable") for checks, _ in answers), answers
-    assert answers[0][1] < CHECK_TIMEOUT_S + 0.5, answers
-    # While the first call is stuck, the next checks say so at once and start no call of their own.
-    assert all(elapsed < 0.5 for _, elapsed in answers[1:]), answers
+    # The check's own limit ended the first (the client's, twice as long, would have come later);
+    # a bound that is the behaviour, given the whole limit again as room for a loaded machine.
+    assert answers[0][1] < 2 * CHECK_TIMEOUT_S, answers
+    # While the first call is stuck, the next checks say so without waiting out a check's limit,
+    # and start no call of their own (one connection, below).
+    assert all(elapsed < CHECK_TIMEOUT_S for _, elapsed in answers[1:]), answers
     assert threading.active_count() - threads_before <= 1  # the probe's own thread, at most
     assert len(accepted) == 1
 
@@ -80,8 +83,9 @@ def test_a_stage_workers_store_client_gives_up_on_a_silent_store_and_says_it_is_
         server.close()
         for connection in accepted:
             connection.close()
-    # Each try waits its timeout (and a short pause before the next): about 4 s here, 3 minutes as set.
-    assert time.monotonic() - started < 6
+    # Each try waits its timeout (and a short pause before the next): about 4 s here, 3 minutes as
+    # set. The bound tells the two apart with room for a loaded machine; the tries are counted below.
+    assert time.monotonic() - started < 30
     assert len(accepted) == storage.WORKER_CLIENT_RETRIES + 1
 
 

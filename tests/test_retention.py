@@ -30,7 +30,7 @@ def stored(s3, bucket: str, key: str) -> bool:
     return True
 
 
-def test_the_recording_goes_first_then_the_whole_job(stack, fixtures_dir):
+def test_the_recording_goes_first_then_the_whole_job(stack, fixtures_dir, made_job):
     settings = stack.settings()
     s3 = make_client(settings)
     ensure_buckets(s3, settings.inbox_bucket)
@@ -57,9 +57,16 @@ def test_the_recording_goes_first_then_the_whole_job(stack, fixtures_dir):
     assert stack.wait_finished(halfway)["status"] == "done"
     stack.query("UPDATE transcripts SET completed_at = now() - make_interval(days => 9),"
                 " audio_removed_at = now() - make_interval(days => 1) WHERE id = $1", halfway)
+    # One not due yet (ended 6 days ago): kept whole, so "nothing else was due" is never about no job.
+    not_due = made_job("recent.flac", (fixtures_dir / "jfk.flac").read_bytes())
+    stack.query("UPDATE transcripts SET completed_at = now() - make_interval(days => 6) WHERE id = $1", not_due)
     try:
-        others = stack.value("SELECT count(*) FROM transcripts WHERE id NOT IN ($1, $2, $3, $4)", job_id, drop["id"],
-                             stuck, halfway)
+        # Every other job of the stack, and whether its recording is stored (of the ended ones: a
+        # job still running may yet store or remove its own).
+        others = {r["id"]: r["status"] != "processing" and stored(s3, settings.audio_bucket, f"uploads/{r['id']}")
+                  for r in stack.query("SELECT id, status FROM transcripts WHERE id <> ALL($1::bigint[])",
+                                       [job_id, drop["id"], stuck, halfway])}
+        assert others[not_due] is True
 
         with another_ingest(stack, "ingest-retention", AUDIO_RETENTION_DAYS="7", TRANSCRIPT_RETENTION_DAYS="30") as api:
             # One byte is enough to tell, and a whole download could race the removal.
@@ -84,8 +91,10 @@ def test_the_recording_goes_first_then_the_whole_job(stack, fixtures_dir):
         time.sleep(3 * float(settings.inbox_scan_interval_s) + 1)
         assert stack.query("SELECT id FROM transcripts WHERE source_key = $1", key) == []  # not run again
         # Nothing else was due: every other job of the stack keeps its transcript and its recording.
-        assert stack.value("SELECT count(*) FROM transcripts WHERE id NOT IN ($1, $2, $3, $4)", job_id, drop["id"],
-                           stuck, halfway) == others
+        kept = {r["id"] for r in stack.query("SELECT id FROM transcripts WHERE id = ANY($1::bigint[])", list(others))}
+        assert kept == set(others), sorted(set(others) - kept)
+        removed = [i for i, had in others.items() if had and not stored(s3, settings.audio_bucket, f"uploads/{i}")]
+        assert removed == [], removed
         assert stack.value("SELECT count(*) FROM transcripts WHERE audio_removed_at IS NOT NULL"
                            " AND id NOT IN ($1, $2, $3)", job_id, stuck, halfway) == 0
         # The job that could not be deleted was passed over, and the recordings' retention still ran for it.

@@ -422,19 +422,24 @@ async def test_two_renames_at_once_leave_the_jobs_expecting_the_name_the_person_
         await held.start()
         await holding.execute("SELECT id FROM transcripts WHERE id = $1 FOR UPDATE", source)
 
-        async def let_go_once_both_wait() -> None:
+        async def let_go_once_both_wait() -> bool:
+            both_waited = False
             for _ in range(300):
                 # (the second may wait for the first's turn at the key's people: an advisory lock)
                 if await holding.fetchval("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
                                           " AND wait_event_type = 'Lock'") >= 2:
+                    both_waited = True
                     break
                 await asyncio.sleep(0.1)
-            await held.rollback()
+            await held.rollback()  # let go either way, so the renames end
+            return both_waited
 
         async with httpx.AsyncClient(base_url=stack.api, headers={"X-API-Key": OWNER}, timeout=120) as client:
             where = f"/speakers/{anna.json()['id']}"
-            *answers, _ = await asyncio.gather(client.patch(where, json={"name": "Boris"}),
-                                               client.patch(where, json={"name": "Carl"}), let_go_once_both_wait())
+            *answers, both_waited = await asyncio.gather(client.patch(where, json={"name": "Boris"}),
+                                                         client.patch(where, json={"name": "Carl"}),
+                                                         let_go_once_both_wait())
+        assert both_waited, "the two renames never both waited on the held job: the race was not set up"
         assert [a.status_code for a in answers] == [200, 200], [a.text for a in answers]
         final = owner.get(where).json()["name"]
         assert final in ("Boris", "Carl")
