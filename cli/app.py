@@ -184,12 +184,14 @@ def error_detail(response: httpx.Response) -> str:
     """The service's `detail`; for a body that is not the API's JSON (a proxy's error page, say)
     one line of it, never a whole HTML page printed as the reason."""
     try:
-        detail = response.json().get("detail")
-    except (ValueError, AttributeError):
-        detail = None
-    if detail:
-        return str(detail)
-    line = next((line.strip() for line in response.text.splitlines() if line.strip()), "")
+        body = response.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and body.get("detail"):
+        return str(body["detail"])
+    # Another JSON error (a gateway's {"message": ...}, printed over several lines): all of it, on one.
+    line = (json.dumps(body, ensure_ascii=False, separators=(",", ":")) if body is not None
+            else next((line.strip() for line in response.text.splitlines() if line.strip()), ""))
     if not line or line.startswith("<") or "html" in response.headers.get("content-type", ""):
         return response.reason_phrase or f"HTTP {response.status_code}"
     return line if len(line) <= 200 else line[:199] + "…"

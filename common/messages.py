@@ -76,7 +76,7 @@ def _listed(value: object, clean: Callable[[str], str]) -> object:
 def vocabulary_chars(text: str) -> int:
     """How long `text` is as a job's vocabulary (its terms as the validator keeps them, joined),
     the length VOCABULARY_MAX_CHARS bounds."""
-    return len(", ".join(_listed(text, printable_words)))
+    return len(",".join(_listed(text, printable_words)))
 
 
 REFERENCE_MAX_CHARS = 200
@@ -196,8 +196,11 @@ class JobOptions(BaseModel):
             if any("=" not in pair for pair in pairs):
                 raise ValueError("spelling: write each pair as heard=written, separated by commas")
             items = [pair.split("=", 1) for pair in pairs]
+            typed = True
         elif isinstance(value, dict):
-            items = list(value.items())
+            # A mapping is also how options are stored and read back: refusing one heard side
+            # given twice there would make a stored job unreadable, so the last is kept.
+            items, typed = list(value.items()), False
         else:
             return value
         kept: dict[str, str] = {}
@@ -208,7 +211,7 @@ class JobOptions(BaseModel):
             key, written = printable_words(heard).lower(), printable_words(written)
             # Whisper's words are matched in any case: two spellings of one heard side kept one of
             # them silently.
-            if kept.get(key, written) != written:
+            if typed and kept.get(key, written) != written:
                 raise ValueError(f"spelling: {key[:40]!r} is given twice, as {kept[key][:40]!r} and "
                                  f"{written[:40]!r} (the heard side's case does not count)")
             kept[key] = written
@@ -230,7 +233,7 @@ class JobOptions(BaseModel):
     def _vocabulary_is_short(cls, terms: list[str]) -> list[str]:
         # Counted as the page's field counts what it takes, `a,b,c` (spaces around terms and
         # repeats left out): 150 characters the field allowed were refused counted as "a, b, c".
-        if len(",".join(terms)) > VOCABULARY_MAX_CHARS:
+        if vocabulary_chars(",".join(terms)) > VOCABULARY_MAX_CHARS:
             raise ValueError(f"vocabulary is longer than {VOCABULARY_MAX_CHARS} characters (its terms with a comma"
                              " between each): keep the names and terms Whisper would otherwise get wrong")
         return terms

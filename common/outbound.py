@@ -22,7 +22,9 @@ MAX_URL_CHARS = 2000
 # Lookups of the names users give run on threads of their own: one given up at its limit goes on
 # in its thread for as long as the system resolver takes (minutes), and in the loop's default
 # executor enough of them held every thread that the object store's calls wait for too.
-_LOOKUPS = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="lookup")
+# As many as the notifier delivers at once (DELIVERY_PREFETCH): one endpoint whose name server
+# does not answer holds at most WEBHOOK_CONCURRENCY of them, not every other endpoint's lookup.
+_LOOKUPS = concurrent.futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="lookup")
 
 
 def url_problem(url: str, what: str = "a webhook URL",

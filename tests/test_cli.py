@@ -793,6 +793,13 @@ def test_an_error_page_that_is_not_json_is_reported_in_one_line():
     assert raised.value.detail.startswith("x" * 100) and len(raised.value.detail) <= 200
     assert "\n" not in raised.value.detail
 
+    # A gateway's own JSON error, printed over lines: its content, not its first line ("{").
+    with PageServer(503, "application/json", '{\n  "message": "no Route matched"\n}\n') as api, \
+            httpx.Client(base_url=api) as client:
+        with pytest.raises(ApiError) as raised:
+            checked(client.get("/status/7"))
+    assert raised.value.detail == '{"message":"no Route matched"}'
+
 
 def test_an_empty_events_list_is_sent_for_the_api_to_refuse_not_taken_as_all():
     refusal = {"detail": "events are some of transcript.completed, transcript.failed"}

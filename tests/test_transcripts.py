@@ -794,23 +794,6 @@ def test_a_rerun_repeats_the_options_not_given_and_needs_the_stored_audio(dialog
     assert gone.status_code == 409 and "no longer stored" in gone.json()["detail"], gone.text
 
 
-def test_a_rerun_of_a_job_expecting_a_speaker_forgotten_since_is_refused(stack, made_job):
-    """The original's expected speakers were copied unchecked: a rerun expecting someone no
-    longer enrolled named nobody, where POST /recognize refuses the name."""
-    name = f"Zed {uuid.uuid4().hex[:6]}"
-    speaker = stack.value("INSERT INTO speakers (name) VALUES ($1) RETURNING id", name)
-    filename = f"standup {uuid.uuid4().hex[:6]}.wav"
-    job_id = made_job(filename, b"RIFF a recording", options={"expected_speakers": [name]})
-    stack.query("DELETE FROM speakers WHERE id = $1", speaker)
-    rerun = f"{stack.api}/transcripts/{job_id}/rerun"
-    for body in (None, {"num_speakers": 2}):  # the same options again, or other ones kept beside them
-        refused = httpx.post(rerun, json=body, timeout=30)
-        assert refused.status_code == 400, refused.text
-        assert refused.json()["detail"] == f"expected_speakers: no enrolled speaker is called {name!r}" \
-                                           " (GET /speakers lists them)", refused.text
-    assert stack.value("SELECT count(*) FROM transcripts WHERE filename = $1", filename) == 1
-
-
 def test_delete_removes_rows_and_audio(stack, fixtures_dir):
     job_id = stack.submit(fixtures_dir / "jfk.flac").json()["id"]
     assert stack.wait_finished(job_id)["status"] == "done"

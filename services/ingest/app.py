@@ -205,11 +205,13 @@ async def rerun(job_id: JobId, state: State, request: Request, data: RerunOption
         options = rerun_options(original["options"] or {}, data or JobOptions())
     except ValidationError as exc:
         raise invalid(exc, whole="options") from exc
-    # The original's expected speakers too: one forgotten since is refused as POST /recognize would.
-    await require_enrolled(state.pool, request_owner(request), options.expected_speakers)
     asked = idempotency(idempotency_key, "rerun", job_id, options.model_dump(exclude_none=True))
     if (earlier := await earlier_job(state.pool, request_owner(request), asked)) is not None:
         return replayed(earlier)
+    # Only names the request gives: one of the original's forgotten since names nobody, as it
+    # does in the original (the page's "Run again" could not otherwise rerun such a job).
+    if data is not None and "expected_speakers" in data.model_fields_set:
+        await require_enrolled(state.pool, request_owner(request), options.expected_speakers)
     if original["audio_removed_at"] is not None:  # retention's removal may not have reached the store yet
         raise HTTPException(status_code=409, detail=f"job {job_id}'s recording is no longer stored: it was removed"
                                                     f" after AUDIO_RETENTION_DAYS")

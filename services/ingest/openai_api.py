@@ -128,7 +128,7 @@ def prompt_vocabulary(prompt: str | None) -> str | None:
     if not _breaks_text(text[start - 1]):  # cut inside a sentence: from the next one, if one starts
         start = next((i + 1 for i in range(start, len(text) - 1) if _breaks_text(text[i])), start)
     tail = text[start:].strip()
-    while vocabulary_chars(tail) > VOCABULARY_MAX_CHARS:  # commas count with a space after each
+    while vocabulary_chars(tail) > VOCABULARY_MAX_CHARS:
         tail = tail[1:].lstrip()
     return tail
 
