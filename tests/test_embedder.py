@@ -335,3 +335,82 @@ async def test_a_chunk_whose_texts_all_fail_fails_as_its_batch_did(error):
     assert raised.value is error
     alone = error.status is None and not isinstance(error, OllamaUnavailable)
     assert calls == ([10, 1, 1, 1] if alone else [10]), calls
+
+
+@pytest.mark.parametrize(("texts", "calls", "has_vector"), [
+    # Three failing in a row: the service looks down, not three texts it cannot embed.
+    (["The budget is approved.", fake_ollama.NAN_TEXT, fake_ollama.NAN_TEXT, fake_ollama.NAN_TEXT,
+      "We meet again on Monday."], [5, 1, 1, 1, 1], None),
+    # The last fails with none after it: the first, asked again, proves the service up.
+    (["The budget is approved.", fake_ollama.NAN_TEXT], [2, 1, 1, 1], [True, False]),
+])
+async def test_a_text_counts_as_refused_only_once_the_service_embeds_another_after_it(texts, calls, has_vector):
+    """A crashed model runner answers 500 as a text it cannot embed does: a chunk whose first text
+    was embedded before the outage left all the others without a vector for good."""
+    from common.messages import ChunkTranscribed, Segment
+    from services.embedder import handler
+
+    server = TestServer(fake_ollama.make_app(), host="127.0.0.1")
+    await server.start_server()
+    sent: list[int] = []
+    try:
+        settings = Settings(ollama_url=f"http://127.0.0.1:{server.port}", model_name_embedded="all-minilm",
+                            ollama_retries=0)
+        message = ChunkTranscribed(job_id=1, chunk_index=0, chunk_count=1, duration=10.0, segments=[
+            Segment(index=i, speaker="spk_0", start_ts=i, end_ts=i + 1, text=text) for i, text in enumerate(texts)])
+        async with aiohttp.ClientSession() as session:
+            embed, model = make_embedder(settings, session)
+
+            async def counted(batch: list[str]) -> list[list[float]]:
+                sent.append(len(batch))
+                return await embed(batch)
+
+            produced = handler.handle(message, handler.Deps(embed=counted, model_name=model))
+            if has_vector is None:
+                with pytest.raises(OllamaError, match="NaN"):
+                    _ = [m async for m in produced]
+            else:
+                [embedded] = [m async for m in produced]
+                assert [s.embedding is not None for s in embedded.segments] == has_vector
+    finally:
+        await server.close()
+    assert sent == calls
+
+
+@pytest.mark.parametrize("texts", [5, 2])
+async def test_texts_failing_after_the_first_through_an_outage_fail_the_chunk(texts):
+    """The service goes down after embedding the chunk's first text: the texts after it are not
+    refused texts, whether three fail in a row or the last fail and the first, asked again, too."""
+    from common.messages import ChunkTranscribed, Segment
+    from services.embedder import handler
+
+    sent: list[int] = []
+    batch_error = OllamaError("Ollama answered 500: model runner has unexpectedly stopped")
+
+    async def down_after_one_text(batch: list[str]) -> list[list[float]]:
+        sent.append(len(batch))
+        if len(sent) == 2:
+            return [[1.0, 0.0]]
+        raise batch_error if len(sent) == 1 else OllamaError("Ollama answered 500: model runner has stopped")
+
+    message = ChunkTranscribed(job_id=1, chunk_index=0, chunk_count=1, duration=10.0, segments=[
+        Segment(index=i, speaker="spk_0", start_ts=i, end_ts=i + 1, text=f"sentence {i}") for i in range(texts)])
+    with pytest.raises(OllamaError) as raised:
+        _ = [m async for m in handler.handle(message, handler.Deps(embed=down_after_one_text, model_name="m"))]
+    assert raised.value is batch_error
+    assert sent == ([5, 1, 1, 1, 1] if texts == 5 else [2, 1, 1, 1])
+
+
+async def test_a_text_embedded_alone_into_another_number_of_vectors_fails_the_chunk():
+    from common.messages import ChunkTranscribed, Segment
+    from services.embedder import handler
+
+    async def two_for_one(batch: list[str]) -> list[list[float]]:
+        if len(batch) > 1:
+            raise OllamaError("Ollama answered 400: input too long", 400)
+        return [[1.0, 0.0], [0.0, 1.0]]
+
+    message = ChunkTranscribed(job_id=1, chunk_index=0, chunk_count=1, duration=4.0, segments=[
+        Segment(index=i, speaker="spk_0", start_ts=i, end_ts=i + 1, text=f"sentence {i}") for i in range(2)])
+    with pytest.raises(handler.EmbeddingCountMismatch, match="2 vectors for 1 segment"):
+        _ = [m async for m in handler.handle(message, handler.Deps(embed=two_for_one, model_name="m"))]

@@ -17,8 +17,10 @@ import pytest
 import common.storage
 from common.db import DATABASE_UNAVAILABLE, create_pool
 from common.messages import TranscriptFailed
+from common.settings import Settings
 from common.storage import StoreCallTimedOut, call_in_transaction, ensure_buckets, make_client, pcm_key, stored_size
-from services.ingest.inbox import BucketEvent, Inbox
+from services.ingest import inbox as inbox_module
+from services.ingest.inbox import JOB_ENDED_WAIT_ON, BucketEvent, Inbox
 from tests.conftest import Stack, free_port, wait_for_port
 
 
@@ -358,7 +360,8 @@ async def test_a_slow_result_write_is_that_steps_failure_not_a_database_outage(s
                                                                                 monkeypatch):
     """A store call given up inside a transaction used to raise TimeoutError, which counts as the
     database being away: the ending's handler was held and retried for ever before the steps after
-    the result file (redaction, the decoded audio's removal) ran, and a scan gave up whole."""
+    the result file (redaction, the decoded audio's removal) ran, and a scan gave up whole. Those
+    steps run; the message is then held as through an outage, not retried until dead-lettered."""
     bucket, key = f"slowbox-{time.monotonic_ns() % 10**9}", "slow call.flac"
     settings = stack.settings(inbox_bucket=bucket)
     s3 = make_client(settings)
@@ -378,9 +381,10 @@ async def test_a_slow_result_write_is_that_steps_failure_not_a_database_outage(s
         s3.put_object(settings.audio_bucket, pcm_key(job_id), io.BytesIO(b"\0" * 64), 64)
         inbox = Inbox(settings, pool, s3, asyncio.Event(), s3_quick=slow)
         ending = TranscriptFailed(job_id=job_id, transcript_id=job_id, filename=key, reason="refused")
-        with pytest.raises(StoreCallTimedOut):
+        with pytest.raises(StoreCallTimedOut) as raised:
             await inbox.on_job_ended(ending)
         assert stored_size(s3, settings.audio_bucket, pcm_key(job_id)) is None  # the other steps ran
+        assert isinstance(raised.value, JOB_ENDED_WAIT_ON)  # the consumer holds the message
     finally:
         await slow.let_go()
         await discard(stack.api, job_id)
@@ -414,10 +418,12 @@ async def test_an_older_jobs_result_write_cannot_land_after_a_newer_drop_took_th
                 "SELECT id FROM transcripts WHERE source_bucket = $1 AND id > $2", bucket, first)):
             assert time.monotonic() < deadline
             await asyncio.sleep(0.05)
-        await asyncio.sleep(1)  # time for the new drop to take the old results down, had it not waited
+        # Not waiting for the writer's lock (the inbox consumer and the scan would stall): the
+        # writer takes its results down once it sees the newer drop.
+        assert await asyncio.wait_for(registering, 10) == second
+        assert not writing.done()
         slow.go.set()
         await writing
-        assert await registering == second
         try:
             left = json.loads(s3.get_object(bucket, f"results/{key}.json").read())
         except Exception:
@@ -429,3 +435,24 @@ async def test_an_older_jobs_result_write_cannot_land_after_a_newer_drop_took_th
         await pool.execute("DELETE FROM deleted_drops WHERE source_bucket = $1", bucket)
         await pool.close()
         remove_bucket(s3, bucket)
+
+
+async def test_a_job_ending_raises_a_steps_own_failure_before_a_store_that_did_not_answer(monkeypatch):
+    """A store that did not answer is waited out, holding the message; a step failing for its own
+    reason must still spend the retries, or it would be held for ever."""
+    inbox = Inbox(Settings(_env_file=None), None, None, asyncio.Event())
+
+    async def write_result(job_id: int) -> None:
+        raise StoreCallTimedOut("the object store did not answer upload_json within 30 s")
+
+    async def redact_recording(*args) -> None:
+        raise ValueError("not a recording")
+
+    removed = []
+    monkeypatch.setattr(inbox, "write_result", write_result)
+    monkeypatch.setattr(inbox_module, "redact_recording", redact_recording)
+    monkeypatch.setattr(inbox_module, "remove_objects", lambda *args: removed.append(args))
+    ending = TranscriptFailed(job_id=1, transcript_id=1, filename="call.flac", reason="refused")
+    with pytest.raises(ValueError, match="not a recording"):
+        await inbox.on_job_ended(ending)
+    assert removed == []  # kept for the retry's redaction

@@ -12,7 +12,7 @@ from services.embedder.backends import one_text_may_cause
 
 log = logging.getLogger(__name__)
 
-# Texts tried alone that fail before one is embedded: the service fails them all, not one text.
+# Texts tried alone that fail in a row: the service fails them all, not one text.
 GIVE_UP_AFTER = 3
 
 
@@ -55,24 +55,50 @@ async def handle(message: ChunkTranscribed, deps: Deps) -> AsyncIterator[Contrac
 async def embed_each(message: ChunkTranscribed, deps: Deps, failed: Exception) -> list[list[float] | None]:
     """Each segment's text alone, after the chunk's batch `failed`: a text the service cannot embed
     is left without a vector (stored, found by its words but not by meaning) rather than failing
-    the job, and every rerun of it, while the service is up. Raises `failed` when none is embedded."""
+    the job, and every rerun of it, while the service is up. Raises `failed` when the service
+    looks down rather than refusing texts: GIVE_UP_AFTER texts failing in a row, or texts failing
+    at the end when one it embedded before fails too."""
     vectors: list[list[float] | None] = []
     refused: list[tuple[Segment, Exception]] = []
+    # A text counts as refused only once the service has embedded another after it: a runner that
+    # crashed answers 500 too, and a text stored without a vector is never embedded again.
+    failing: list[tuple[Segment, Exception]] = []
+    embedded_text = None
     for segment in message.segments:
         try:
-            [vector] = await deps.embed([segment.text])
+            alone = await deps.embed([segment.text])
         except Exception as exc:
             if not one_text_may_cause(exc):
                 raise
-            refused.append((segment, exc))
+            failing.append((segment, exc))
             vectors.append(None)
-            if len(refused) == len(vectors) and len(refused) in (GIVE_UP_AFTER, len(message.segments)):
+            if len(failing) >= GIVE_UP_AFTER:
                 raise failed from None
             continue
-        vectors.append(vector)
+        vectors.append(only_vector(alone))
+        refused += failing
+        failing, embedded_text = [], segment.text
+    if failing:
+        # Nothing after them to prove the service up: a text it embedded before is asked again.
+        if embedded_text is None:
+            raise failed from None
+        try:
+            again = await deps.embed([embedded_text])
+        except Exception as exc:
+            if not one_text_may_cause(exc):
+                raise
+            raise failed from None
+        only_vector(again)
+        refused += failing
     with job_logged(message.job_id):
         for segment, why in refused:
             log.warning("segment %d of chunk %d/%d is refused by the embedding service (%s: %s); stored without"
                         " a vector", segment.index, message.chunk_index + 1, message.chunk_count,
                         type(why).__name__, str(why)[:200])
     return vectors
+
+
+def only_vector(vectors: list[list[float]]) -> list[float]:
+    if len(vectors) != 1:
+        raise EmbeddingCountMismatch(f"the embedding backend returned {len(vectors)} vectors for 1 segment")
+    return vectors[0]

@@ -49,6 +49,9 @@ log = logging.getLogger(__name__)
 
 INBOX_EVENTS_QUEUE = "stt.ingest.inbox-events"
 RESULTS_QUEUE = "stt.ingest.results"
+# What the consumer of job endings waits out, holding the message: a store call given up in a
+# transaction (StoreCallTimedOut) is a store that does not answer, as a 5xx is one that fails.
+JOB_ENDED_WAIT_ON: tuple[type[BaseException], ...] = (*DATABASE_UNAVAILABLE, *STORAGE_UNAVAILABLE, StoreCallTimedOut)
 # Objects of the inbox listed and checked at a time by the scan.
 SCAN_PAGE = 1000
 # S3's longest key, in UTF-8 bytes: a drop whose result file's key is longer is refused, since
@@ -120,12 +123,19 @@ def drop_options(headers: Mapping[str, str]) -> JobOptions:
             for e in exc.errors())) from exc
 
 
+RESULTS_LOCK = "hashtextextended('stt.drop-results:' || $1 || '/' || $2, 0)"
+
+
 async def lock_results_of(conn: asyncpg.Connection, bucket: str, key: str) -> None:
     """For the rest of the transaction: one writer of the drop key's result files at a time. An
     older job's upload, checked before a newer drop of the key was made, must not land after the
     newer drop took the old results down."""
-    await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended('stt.drop-results:' || $1 || '/' || $2, 0))",
-                       bucket, key)
+    await conn.execute(f"SELECT pg_advisory_xact_lock({RESULTS_LOCK})", bucket, key)
+
+
+async def try_lock_results_of(conn: asyncpg.Connection, bucket: str, key: str) -> bool:
+    """lock_results_of unless another holds it (False)."""
+    return await conn.fetchval(f"SELECT pg_try_advisory_xact_lock({RESULTS_LOCK})", bucket, key)
 
 
 def result_key_too_long(results_prefix: str, key: str) -> int | None:
@@ -212,9 +222,12 @@ class Inbox:
             keys = result_keys(self.settings.results_prefix, key)
             try:
                 async with self.pool.acquire() as conn, conn.transaction():
-                    await lock_results_of(conn, bucket, key)
-                    await call_in_transaction(remove_objects, self.s3_quick,
-                                              [(bucket, keys["json"]), (bucket, keys["srt"])])
+                    # Not waited for: a writer holds it across store calls of up to 30 s each, and
+                    # this consumer and the scan would stall meanwhile. That writer (or another
+                    # drop's register) takes the old results down once it sees this job.
+                    if await try_lock_results_of(conn, bucket, key):
+                        await call_in_transaction(remove_objects, self.s3_quick,
+                                                  [(bucket, keys["json"]), (bucket, keys["srt"])])
             except Exception as exc:
                 if not isinstance(exc, (*STORAGE_UNAVAILABLE, S3Error, StoreCallTimedOut, *DATABASE_UNAVAILABLE)):
                     raise
@@ -281,8 +294,8 @@ class Inbox:
                 log.warning("results not written: the key of %s/%s is too long for a result file", bucket,
                             source_key)
                 return
-            # Held over the upload, so that a newer drop of the key made meanwhile waits to take
-            # these results down (register) instead of doing it before they land.
+            # Held over the upload, so that a newer drop of the key made meanwhile does not take
+            # the old results down before these land: it leaves that to this writer, once done.
             await lock_results_of(conn, bucket, source_key)
             if await jobstore.newer_drop_of_the_same_key(conn, job_id):
                 # The object was overwritten and its new content is a job of its own: the result
@@ -305,12 +318,40 @@ class Inbox:
             await jobstore.mark_result_written(conn, job_id)
         log.info("results written to %s/%s", bucket, keys["json"] if document.status != "done"
                  else f"{keys['json']} and .srt")
+        await self._take_down_if_dropped_again(job_id, bucket, source_key)
+
+    async def _take_down_if_dropped_again(self, job_id: int, bucket: str, key: str) -> None:
+        """A newer drop of the key made while these results were written found them locked and
+        left them to this writer. Checked once the lock is released, so that no drop can be made
+        unseen between the check and the release."""
+        keys = result_keys(self.settings.results_prefix, key)
+        try:
+            async with self.pool.acquire() as conn, conn.transaction():
+                if not await jobstore.newer_drop_of_the_same_key(conn, job_id):
+                    return
+                await lock_results_of(conn, bucket, key)
+                # A newer job's own results (a refused drop's are written at once) are not touched.
+                if await conn.fetchval(
+                        "SELECT EXISTS (SELECT 1 FROM transcripts WHERE source = 'bucket' AND source_bucket = $1"
+                        " AND source_key = $2 AND id > $3 AND result_written)", bucket, key, job_id):
+                    return
+                await call_in_transaction(remove_objects, self.s3_quick,
+                                          [(bucket, keys["json"]), (bucket, keys["srt"])])
+        except Exception as exc:
+            if not isinstance(exc, (*STORAGE_UNAVAILABLE, S3Error, StoreCallTimedOut, *DATABASE_UNAVAILABLE)):
+                raise
+            log.warning("%s/%s was dropped again while these results were written, and they could not be taken"
+                        " down (%s): they stay until the newer job's are written", bucket, key, exc)
+            return
+        log.info("results taken down: %s/%s was dropped again while they were written", bucket, key)
 
     async def on_job_ended(self, event: TranscriptCompleted | TranscriptFailed) -> None:
         """Each of the three, whatever became of the others (a result file the inbox bucket
         refuses must not keep a recording unredacted), except that the decoded audio stays while
         the recording is not redacted: it is what redaction reads. An error is raised after the
-        steps ran, so that the message is retried (each step does nothing a second time)."""
+        steps ran, so that the message is retried (each step does nothing a second time): a
+        step's own first, else a store call given up (StoreCallTimedOut), which the consumer
+        waits out (JOB_ENDED_WAIT_ON) instead of spending the message's retries."""
         job_id = event.transcript_id
         steps = {
             "writing the result files": lambda: self.write_result(job_id),
@@ -334,7 +375,8 @@ class Inbox:
                     log.warning("%s failed (%s: %s); the other steps go on", what, type(exc).__name__, exc)
                 failed[what] = exc
         if failed:
-            raise next(iter(failed.values()))
+            raise next((e for e in failed.values() if not isinstance(e, StoreCallTimedOut)),
+                       next(iter(failed.values())))
 
     async def run_scanner(self) -> None:
         """The scan, by one ingest replica at a time: each would list the whole inbox and copy
@@ -367,7 +409,8 @@ class Inbox:
             group.create_task(consume(
                 connection, self.settings, "ingest", [Route(BucketEvent, self.on_event, any_routing_key=True)],
                 queue_name=INBOX_EVENTS_QUEUE, wait_on=(*DATABASE_UNAVAILABLE, *STORAGE_UNAVAILABLE)))
-            # An ending's tidying (result files, redaction, the decoded audio's removal) is never
-            # tried again later: through an object-store outage it waits for the store.
+            # An ending's redaction and the decoded audio's removal are never tried again later
+            # (the result files are, by the scan): through a database or object-store outage,
+            # and a store that does not answer, the message waits for it.
             group.create_task(consume(connection, self.settings, "ingest", job_ended, queue_name=RESULTS_QUEUE,
-                                      wait_on=(*DATABASE_UNAVAILABLE, *STORAGE_UNAVAILABLE)))
+                                      wait_on=JOB_ENDED_WAIT_ON))
