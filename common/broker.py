@@ -37,6 +37,8 @@ from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
     AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustChannel,
     AbstractRobustConnection,
 )
 from pydantic import BaseModel, ValidationError
@@ -101,6 +103,11 @@ BROKER_UNAVAILABLE: tuple[type[BaseException], ...] = (
 ROUTING_KEY_HEADER = "x-original-routing-key"
 ENDED_JOBS_KEPT = 10_000
 RETRY_COUNT_HEADER = "x-retry-count"
+# A parked message's retry count, kept for operators under a name the consumer does not read: one
+# sent back from stt.dead-letters gets its retries again.
+RETRIES_SPENT_HEADER = "x-retries-spent"
+# How often a consumer checks that the broker still delivers to it (consume).
+CONSUMER_CHECK_S = 5.0
 
 
 class PermanentError(Exception):
@@ -181,34 +188,50 @@ async def declare_queue(connection: AbstractRobustConnection, name: str, argumen
     """Declare a durable queue on a channel of its own. One made by an earlier version with other
     arguments is used as it is, with a warning (a queue's arguments cannot change in place; the
     broker closes the channel that asks, hence one of its own)."""
-    channel = await connection.channel()
+    channel = await _plain_channel(connection)
     try:
         await channel.declare_queue(name, durable=True, arguments=arguments)
     except aio_pika.exceptions.ChannelPreconditionFailed:
         log.warning("queue %s exists with other arguments than this version declares (%s); using it"
                     " as it is. Delete it while it is empty to apply them.", name, arguments)
-        channel = await connection.channel()
+        channel = await _plain_channel(connection)
         await channel.declare_queue(name, passive=True)
     finally:
         if not channel.is_closed:
             await channel.close()
 
 
-async def declare_topology(connection: AbstractRobustConnection, settings: Settings) -> AbstractChannel:
-    """Declare everything; returns an open channel for publishing."""
-    channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+async def _plain_channel(connection: AbstractRobustConnection) -> AbstractChannel:
+    """A channel that stays closed once closed. A robust one the broker closes (a refused
+    declaration) is opened again at once by aio-pika, and left open: one leaked channel per start
+    while a queue of an earlier version exists. Even one closed here is opened again at the next
+    reconnect while it is not yet garbage, its refused declaration with it, which fails the
+    whole reconnection."""
+    await connection.ready()
+    return await aio_pika.Channel(connection)
+
+
+async def declare_topology(connection: AbstractRobustConnection, settings: Settings,
+                           channel: AbstractRobustChannel | None = None) -> AbstractChannel:
+    """Declare everything; returns an open channel for publishing (`channel`, or a new one).
+    Its queue handles and bindings are not robust: aio-pika would declare each queue again
+    (passively) after a reconnect, and one queue deleted meanwhile would fail every reconnection
+    of the process for good. The bindings are durable; a consumer whose queue went declares all
+    this again (consume)."""
+    if channel is None:
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
     work = await channel.declare_exchange(EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
     await channel.declare_exchange(EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
     dead = await channel.declare_exchange(DEAD_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
     for service, keys in STAGE_BINDINGS.items():
         await declare_queue(connection, stage_queue(service), stage_queue_arguments(service, settings))
-        queue = await channel.get_queue(stage_queue(service))
+        queue = await channel.declare_queue(stage_queue(service), passive=True, robust=False)
         for key in keys:
-            await queue.bind(work, key)
+            await queue.bind(work, key, robust=False)
     for name in (DEAD_LETTERS_QUEUE, PERSISTER_DEAD_QUEUE):
         await declare_queue(connection, name, {"x-queue-type": "quorum", "x-delivery-limit": settings.delivery_limit})
-        queue = await channel.get_queue(name)
-        await queue.bind(dead, "#")
+        queue = await channel.declare_queue(name, passive=True, robust=False)
+        await queue.bind(dead, "#", robust=False)
     return channel
 
 
@@ -397,6 +420,9 @@ async def consume(
     job fails with the error and the message is parked in stt.dead-letters.
     With `ended`, filled here from stt.events, a message of a job that has already failed or
     been cancelled is acked without being handled.
+    A consumer the broker cancelled (its queue deleted; on RabbitMQ 4.3 and later, a delivery
+    held past consumer_timeout), or one whose channel was opened again, declares the topology
+    again and consumes again; where that fails, this raises (the worker exits non-zero).
     """
     by_key = {key: route for route in routes for key in route.keys}
     bus = await open_bus(connection, settings)
@@ -406,7 +432,6 @@ async def consume(
         queue_name = queue_name or stage_queue(service)
         delays = settings.retry_delays
         await declare_delay_queues(channel, queue_name, delays)
-        queue = await channel.declare_queue(queue_name, passive=True)
         if ended is not None:
             await watch_ended_jobs(connection, service, ended)
 
@@ -418,9 +443,10 @@ async def consume(
             work, work_token = metrics.begin_message(service)
             outcome: str | None = None
             in_hand[message.delivery_tag] = message
-            # Every line about this message names its job, the error paths' included.
-            job_token = current_job.set(_job_id_of(message.body))
+            job_token = None
             try:
+                # Every line about this message names its job, the error paths' included.
+                job_token = current_job.set(_job_id_of(message.body))
                 outcome = await settle(message, work)
             except Exception:
                 # The error path itself failed (publishing job.failed or the parked copy while the
@@ -430,7 +456,8 @@ async def consume(
                     await message.nack(requeue=True)
                 outcome = "requeued"
             finally:
-                current_job.reset(job_token)
+                if job_token is not None:
+                    current_job.reset(job_token)
                 in_hand.pop(message.delivery_tag, None)
                 metrics.end_message(work, work_token, queue_name, outcome, started)
 
@@ -512,12 +539,37 @@ async def consume(
                 await message.ack()
                 return "handled"
 
+        async def subscribe() -> tuple[AbstractQueue, str, Any]:
+            # Not robust: after a reconnect aio-pika would declare the queue again (passively)
+            # and fail the whole reconnection for good were it deleted; the watch below
+            # consumes again instead. Returns the queue, the consumer tag and the channel under.
+            queue = await channel.declare_queue(queue_name, passive=True, robust=False)
+            consumer_tag = await queue.consume(on_message, robust=False)
+            return queue, consumer_tag, await channel.get_underlay_channel()
+
+        queue, consumer_tag, consuming_on = await subscribe()
         metrics.consuming(service, queue_name)
         drained = runner.draining()
-        consumer_tag = await queue.consume(on_message)
         log.info("consuming %s (prefetch %d)", queue_name, prefetch or settings.prefetch_count)
         try:
-            await runner.stopping().wait()
+            stop = runner.stopping()
+            while not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), CONSUMER_CHECK_S)
+                    break
+                # aiormq drops a consumer the broker cancels without a word, and aio-pika never
+                # consumes again: the worker would look healthy and take nothing.
+                lost = await _consumer_lost(channel, consuming_on, consumer_tag)
+                if lost is None:
+                    continue
+                log.warning("%s on %s; declaring the queues again and consuming again", lost, queue_name)
+                try:
+                    await declare_topology(connection, settings, bus.channel)
+                    queue, consumer_tag, consuming_on = await subscribe()
+                except Exception as exc:
+                    raise RuntimeError(f"could not consume {queue_name} again after {lost}; exiting"
+                                       " so that the process is started again") from exc
+                log.warning("consuming %s again", queue_name)
             await queue.cancel(consumer_tag)
             deadline = time.monotonic() + settings.shutdown_grace_s
             while in_hand and time.monotonic() < deadline:
@@ -563,6 +615,21 @@ async def _hand_back(bus: Bus, message: AbstractIncomingMessage, queue_name: str
         return False
     finally:
         current_job.reset(token)
+
+
+async def _consumer_lost(channel: AbstractRobustChannel, consuming_on: Any, consumer_tag: str) -> str | None:
+    """Why the broker no longer delivers to this consumer, or None while it does (or while the
+    connection is down: checked again once it is back). `consuming_on`: the channel under
+    `channel` that the consumer was started on."""
+    if channel.is_closed:
+        return None
+    underlay = await channel.get_underlay_channel()
+    if underlay is not consuming_on:
+        return "the consumer's channel was closed and opened again"
+    if consumer_tag not in underlay.consumers:
+        return ("the broker cancelled the consumer (its queue was deleted, or a delivery was held past"
+                " consumer_timeout)")
+    return None
 
 
 def _delivery_open(message: AbstractIncomingMessage) -> bool:
@@ -664,9 +731,13 @@ async def _fail_job(bus: Bus, parsed: BaseModel, stage: str, reason: str, *, per
 
 async def _park(bus: Bus, message: AbstractIncomingMessage, headers: dict[str, Any],
                 routing_key: str, reason: str) -> None:
-    """Keep a copy for operators in stt.dead-letters (inspect, fix, shovel back)."""
+    """Keep a copy for operators in stt.dead-letters (inspect, fix, shovel back). Its retry count
+    is kept as RETRIES_SPENT_HEADER: one sent back gets its retries again."""
+    kept = {key: value for key, value in headers.items() if key != RETRY_COUNT_HEADER}
+    if RETRY_COUNT_HEADER in headers:
+        kept[RETRIES_SPENT_HEADER] = headers[RETRY_COUNT_HEADER]
     await _send_copy(bus, message, DEAD_LETTERS_QUEUE,
-                     {**headers, ROUTING_KEY_HEADER: routing_key, "x-last-error": reason[:500]})
+                     {**kept, ROUTING_KEY_HEADER: routing_key, "x-last-error": reason[:500]})
 
 
 async def _send_copy(bus: Bus, message: AbstractIncomingMessage, queue_name: str,
@@ -682,7 +753,7 @@ async def _send_copy(bus: Bus, message: AbstractIncomingMessage, queue_name: str
 def _job_id_of(body: bytes) -> int | None:
     try:
         job_id = json.loads(body).get("job_id")
-    except (ValueError, AttributeError):
+    except Exception:  # not JSON, not an object, nested past the recursion limit...
         return None
     return job_id if isinstance(job_id, int) else None
 

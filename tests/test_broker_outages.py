@@ -16,8 +16,18 @@ from typing import ClassVar
 import aio_pika
 import pytest
 
-from common import metrics, runner
-from common.broker import Bus, Route, connect, consume, open_bus, retry_queue
+from common import broker, metrics, runner
+from common.broker import (
+    DEAD_LETTERS_QUEUE,
+    Bus,
+    Route,
+    connect,
+    consume,
+    declare_queue,
+    open_bus,
+    retry_queue,
+    stage_queue,
+)
 from common.db import apply_migrations, create_pool
 from common.logs import setup_logging
 from common.messages import Contract, JobProgress, TranscriptCompleted
@@ -138,6 +148,204 @@ async def test_a_publish_refused_mid_handler_is_tried_again_without_running_the_
         channel = await connection.channel()
         for name in (queue_name, "test.out", *(retry_queue(queue_name, d) for d in settings.retry_delays)):
             await channel.queue_delete(name)
+        await connection.close()
+
+
+
+async def consumers_of(connection, name: str) -> int | None:
+    """How many consume `name`; None where it does not exist (on a connection that is not robust:
+    a passive declare of a missing queue closes its channel)."""
+    channel = await connection.channel()
+    try:
+        return (await channel.declare_queue(name, passive=True)).declaration_result.consumer_count
+    except aio_pika.exceptions.ChannelNotFoundEntity:
+        return None
+    finally:
+        if not channel.is_closed:
+            await channel.close()
+
+
+async def next_message(queue, timeout: float) -> aio_pika.abc.AbstractIncomingMessage:
+    """The next message `queue` holds, acked, waiting for it up to `timeout` seconds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while (message := await queue.get(fail=False)) is None:
+        assert asyncio.get_running_loop().time() < deadline, f"nothing came to {queue.name}"
+        await asyncio.sleep(0.1)
+    await message.ack()
+    return message
+
+
+async def stop_consumer(consumer: asyncio.Task, *connections) -> None:
+    runner.stopping().set()
+    try:
+        await asyncio.wait_for(consumer, 20)
+    finally:
+        for connection in connections:
+            await connection.close()
+
+
+async def test_a_consumer_whose_queue_is_deleted_declares_it_again_and_consumes_again(
+        vhost, fresh_runner, monkeypatch, caplog):
+    """An operator deletes an empty stage queue to have it declared anew (README). The broker
+    cancels its consumers (as RabbitMQ 4.3 does for a delivery held past consumer_timeout), which
+    aiormq drops without a word: the worker looked healthy and consumed nothing, for good."""
+    monkeypatch.setattr(broker, "CONSUMER_CHECK_S", 0.2, raising=False)
+    caplog.set_level(logging.WARNING, logger="common.broker")
+    settings = settings_for(vhost)
+    queue_name = stage_queue("embedder")
+    connection = await connect(settings, "test-cancelled")
+    admin = await aio_pika.connect(amqp_url(vhost))
+    handled = asyncio.Event()
+
+    async def handle(message: JobProgress) -> None:
+        handled.set()
+
+    consumer = asyncio.create_task(consume(connection, settings, "embedder",
+                                           [Route(JobProgress, handle, any_routing_key=True)]))
+    try:
+        async def consuming() -> bool:
+            assert not consumer.done(), consumer
+            return await consumers_of(admin, queue_name) == 1
+
+        await wait_until(consuming, 30, "the consumer never started")
+        await (await admin.channel()).queue_delete(queue_name)
+        await wait_until(consuming, 30, "the queue was never declared again with a consumer")
+        await (await admin.channel()).default_exchange.publish(
+            aio_pika.Message(JobProgress(job_id=77, stage="transcribing").model_dump_json().encode()),
+            routing_key=queue_name)
+        await asyncio.wait_for(handled.wait(), 20)
+        assert any(r.levelno == logging.WARNING and "broker cancelled the consumer" in r.getMessage()
+                   for r in caplog.records if r.name == "common.broker")
+    finally:
+        await stop_consumer(consumer, admin, connection)
+
+
+async def test_a_queue_deleted_before_a_reconnect_does_not_keep_the_process_from_reconnecting(
+        vhost, fresh_runner, monkeypatch, caplog):
+    """aio-pika declares again, passively, every queue a robust channel declared: one deleted
+    meanwhile (here a stage queue that no consumer of this process takes, which every service
+    binds) fails the restore, which closes the connection and tries again, for ever. The queues
+    are declared again, and consumed again, by the consumer instead."""
+    monkeypatch.setattr(broker, "CONSUMER_CHECK_S", 0.2, raising=False)
+    caplog.set_level(logging.WARNING, logger="common.broker")
+    settings = settings_for(vhost)
+    queue_name = stage_queue("embedder")
+    connection = await connect(settings, "test-restore")
+    handled = asyncio.Event()
+
+    async def handle(message: JobProgress) -> None:
+        handled.set()
+
+    consumer = asyncio.create_task(consume(connection, settings, "embedder",
+                                           [Route(JobProgress, handle, any_routing_key=True)]))
+    try:
+        admin = await aio_pika.connect(amqp_url(vhost))
+
+        async def consuming() -> bool:
+            assert not consumer.done(), consumer
+            return await consumers_of(admin, queue_name) == 1
+
+        await wait_until(consuming, 30, "the consumer never started")
+        await (await admin.channel()).queue_delete(stage_queue("notifier"))
+        await admin.close()
+        await asyncio.to_thread(subprocess.run, ["rabbitmqctl", "close_all_connections", "--vhost", vhost,
+                                                 "test: connection cut"], check=True, capture_output=True,
+                                timeout=60)
+
+        async def reconnected() -> bool:
+            return any(r.name == "common.broker" and "reconnected" in r.getMessage() for r in caplog.records)
+
+        await wait_until(reconnected, 30, "the connection was never restored")
+        admin = await aio_pika.connect(amqp_url(vhost))
+        await wait_until(consuming, 30, "the consumer never consumed again")
+        assert await consumers_of(admin, stage_queue("notifier")) == 0  # declared again
+        await (await admin.channel()).default_exchange.publish(
+            aio_pika.Message(JobProgress(job_id=78, stage="transcribing").model_dump_json().encode()),
+            routing_key=queue_name)
+        await asyncio.wait_for(handled.wait(), 20)
+        await admin.close()
+    finally:
+        await stop_consumer(consumer, connection)
+
+
+async def test_a_body_nested_past_the_recursion_limit_is_parked_and_the_consumer_goes_on(vhost, fresh_runner):
+    """Reading its job id for the log raised RecursionError outside the consumer's error
+    handling: the delivery was never settled, and the replica (prefetch 1) took nothing more."""
+    settings = settings_for(vhost)
+    queue_name = "test.deep"
+    connection = await connect(settings, "test-deep")
+    handled = asyncio.Event()
+
+    async def handle(message: JobProgress) -> None:
+        handled.set()
+
+    await open_bus(connection, settings)  # stt.dead-letters
+    channel = await connection.channel()
+    await channel.declare_queue(queue_name, durable=True, arguments={"x-queue-type": "quorum"})
+    consumer = asyncio.create_task(consume(connection, settings, "test",
+                                           [Route(JobProgress, handle, any_routing_key=True)],
+                                           queue_name=queue_name, prefetch=1))
+    try:
+        deep = b'{"job_id": 79, "stage": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+        for body in (deep, JobProgress(job_id=80, stage="transcribing").model_dump_json().encode()):
+            await channel.default_exchange.publish(aio_pika.Message(body), routing_key=queue_name)
+        await asyncio.wait_for(handled.wait(), 20)
+        parked = await next_message(await channel.get_queue(DEAD_LETTERS_QUEUE), 10)
+        assert parked.body == deep and parked.headers["x-last-error"] == "invalid message"
+        assert not consumer.done()
+    finally:
+        await stop_consumer(consumer, connection)
+
+
+async def test_a_parked_message_sent_back_gets_its_retries_again(vhost, fresh_runner):
+    """An operator sends a parked message back from stt.dead-letters (README). It kept its retry
+    count, all spent: its first failure parked it again at once, with no retry."""
+    settings = Settings(_env_file=None, amqp_url=amqp_url(vhost), retry_delays_s="1")
+    queue_name = "test.sent-back"
+    connection = await connect(settings, "test-sent-back")
+    tries = []
+
+    async def failing(message: JobProgress) -> None:
+        tries.append(message)
+        raise RuntimeError("the model crashed")
+
+    await open_bus(connection, settings)  # stt.dead-letters
+    channel = await connection.channel()
+    await channel.declare_queue(queue_name, durable=True, arguments={"x-queue-type": "quorum"})
+    consumer = asyncio.create_task(consume(connection, settings, "test",
+                                           [Route(JobProgress, failing, any_routing_key=True)],
+                                           queue_name=queue_name))
+    try:
+        await channel.default_exchange.publish(
+            aio_pika.Message(JobProgress(job_id=81, stage="transcribing").model_dump_json().encode()),
+            routing_key=queue_name)
+        dead_letters = await channel.get_queue(DEAD_LETTERS_QUEUE)
+        parked = await next_message(dead_letters, 20)  # once its one retry failed too
+        assert len(tries) == 2
+        assert "x-retry-count" not in parked.headers and parked.headers["x-retries-spent"] == 1
+        await channel.default_exchange.publish(aio_pika.Message(parked.body, headers=parked.headers),
+                                               routing_key=queue_name)
+        await next_message(dead_letters, 20)
+        assert len(tries) == 4  # a first try and its retry again
+    finally:
+        await stop_consumer(consumer, connection)
+
+
+async def test_a_queue_of_an_earlier_version_leaves_no_channel_open(vhost):
+    """The broker closes a channel whose declaration it refuses; aio-pika opened a robust one
+    again at once, and it stayed open: one more channel at every start."""
+    settings = settings_for(vhost)
+    connection = await connect(settings, "test-legacy")
+    try:
+        channel = await connection.channel()
+        await channel.declare_queue("test.legacy", durable=True, arguments={"x-queue-type": "quorum"})
+        channels = connection.transport.connection.channels
+        before = len(channels)
+        for _ in range(3):
+            await declare_queue(connection, "test.legacy", {"x-queue-type": "quorum", "x-delivery-limit": 3})
+        await asyncio.sleep(1)  # aio-pika reopens a robust channel in the background
+        assert len(channels) == before
+    finally:
         await connection.close()
 
 
