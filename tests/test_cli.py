@@ -656,10 +656,12 @@ class RedirectingServer:
 
 class StandInApi:
     """A local HTTP server answering each (method, path) with its answers in turn, (status, JSON
-    body), the last one again and again: the API as the client sees it when it errs. `requests`
-    holds what it was sent: (method, path, body)."""
+    body), the last one again and again: the API as the client sees it when it errs. With `page`
+    (status, content type, text), every request gets that instead. `requests` holds what it was
+    sent: (method, path, body)."""
 
-    def __init__(self, answers: dict[tuple[str, str], list[tuple[int, dict]]]) -> None:
+    def __init__(self, answers: dict[tuple[str, str], list[tuple[int, dict]]],
+                 page: tuple[int, str, str] | None = None) -> None:
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
         requests = self.requests = []
@@ -668,11 +670,15 @@ class StandInApi:
             def answer(self) -> None:
                 sent = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 requests.append((self.command, self.path.split("?")[0], sent))
-                queue = answers[(self.command, self.path.split("?")[0])]
-                status, body = queue.pop(0) if len(queue) > 1 else queue[0]
-                data = json.dumps(body).encode()
+                if page is not None:
+                    status, content_type, text = page
+                    data = text.encode()
+                else:
+                    queue = answers[(self.command, self.path.split("?")[0])]
+                    status, body = queue.pop(0) if len(queue) > 1 else queue[0]
+                    content_type, data = "application/json", json.dumps(body).encode()
                 self.send_response(status)
-                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
@@ -724,36 +730,10 @@ def test_a_reindex_being_followed_waits_out_a_proxys_bad_gateway():
     assert "10 segments embedded with all-minilm, 0 to do (done)" in result.output
 
 
-class PageServer:
+def page_server(status: int, content_type: str, body: str) -> StandInApi:
     """Answers every request with one page that is not the API's JSON: what --api gets when it
     names a web site, or a proxy in front of the API answers with its own error page."""
-
-    def __init__(self, status: int, content_type: str, body: str) -> None:
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-        class Handler(BaseHTTPRequestHandler):
-            def answer(self) -> None:
-                self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                data = body.encode()
-                self.send_response(status)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            do_GET = do_POST = answer  # noqa: N815 (http.server's names)
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-
-    def __enter__(self) -> str:
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return f"http://127.0.0.1:{self.server.server_port}"
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
+    return StandInApi({}, page=(status, content_type, body))
 
 
 HTML_PAGE = ("<!DOCTYPE html>\n<html>\n<head><title>Welcome</title></head>\n<body>\n"
@@ -761,7 +741,7 @@ HTML_PAGE = ("<!DOCTYPE html>\n<html>\n<head><title>Welcome</title></head>\n<bod
 
 
 def test_an_api_address_answering_a_web_page_is_reported_not_a_traceback():
-    with PageServer(200, "text/html", HTML_PAGE) as api:
+    with page_server(200, "text/html", HTML_PAGE) as api:
         status = subprocess.run([STT, "status", "5", "--api", api], capture_output=True, text=True, timeout=60)
         submitted = subprocess.run([STT, "submit", "https://example.com/a.wav", "--api", api],
                                    capture_output=True, text=True, timeout=60)
@@ -777,16 +757,16 @@ def test_an_error_page_that_is_not_json_is_reported_in_one_line():
     """A proxy's 502 page was printed whole as the error (and as a job's progress stage)."""
     from cli.app import ApiError, SubmittedJob, checked, follow_jobs
 
-    with PageServer(502, "text/html", HTML_PAGE) as api:
+    with page_server(502, "text/html", HTML_PAGE) as api:
         status = subprocess.run([STT, "status", "5", "--api", api], capture_output=True, text=True, timeout=60)
     assert status.returncode == 1
     assert status.stderr.strip() == "error: 502: Bad Gateway", status.stderr
 
-    with PageServer(404, "text/html", HTML_PAGE) as api, httpx.Client(base_url=api) as client:
+    with page_server(404, "text/html", HTML_PAGE) as api, httpx.Client(base_url=api) as client:
         documents = follow_jobs(client, [SubmittedJob(7, "a.wav")])
     assert documents[7]["error"] == "404: Not Found"
 
-    with PageServer(500, "text/plain", "\n\n  " + "x" * 1000 + "\nsecond line\n") as api, \
+    with page_server(500, "text/plain", "\n\n  " + "x" * 1000 + "\nsecond line\n") as api, \
             httpx.Client(base_url=api) as client:
         with pytest.raises(ApiError) as raised:
             checked(client.get("/status/7"))
@@ -794,7 +774,7 @@ def test_an_error_page_that_is_not_json_is_reported_in_one_line():
     assert "\n" not in raised.value.detail
 
     # A gateway's own JSON error, printed over lines: its content, not its first line ("{").
-    with PageServer(503, "application/json", '{\n  "message": "no Route matched"\n}\n') as api, \
+    with page_server(503, "application/json", '{\n  "message": "no Route matched"\n}\n') as api, \
             httpx.Client(base_url=api) as client:
         with pytest.raises(ApiError) as raised:
             checked(client.get("/status/7"))
