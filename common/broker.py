@@ -435,6 +435,8 @@ async def consume(
         if ended is not None:
             await watch_ended_jobs(connection, service, ended)
 
+        # By the message itself, not its delivery tag: tags start again at 1 on a channel opened
+        # again, and a message still running from before would take a new one's place.
         in_hand: dict[int, AbstractIncomingMessage] = {}
 
         async def on_message(message: AbstractIncomingMessage) -> None:
@@ -442,7 +444,7 @@ async def consume(
             started = time.perf_counter()
             work, work_token = metrics.begin_message(service)
             outcome: str | None = None
-            in_hand[message.delivery_tag] = message
+            in_hand[id(message)] = message
             job_token = None
             try:
                 # Every line about this message names its job, the error paths' included.
@@ -458,7 +460,7 @@ async def consume(
             finally:
                 if job_token is not None:
                     current_job.reset(job_token)
-                in_hand.pop(message.delivery_tag, None)
+                in_hand.pop(id(message), None)
                 metrics.end_message(work, work_token, queue_name, outcome, started)
 
         async def settle(message: AbstractIncomingMessage, work: metrics.Work) -> str:
@@ -567,6 +569,12 @@ async def consume(
                     await declare_topology(connection, settings, bus.channel)
                     queue, consumer_tag, consuming_on = await subscribe()
                 except Exception as exc:
+                    if isinstance(exc, BROKER_UNAVAILABLE) and not isinstance(
+                            exc, (aio_pika.exceptions.ChannelNotFoundEntity,
+                                  aio_pika.exceptions.ChannelPreconditionFailed)):
+                        # The broker went away meanwhile: tried again at the next check, once it is back.
+                        log.warning("could not consume %s again yet (%s: %s)", queue_name, type(exc).__name__, exc)
+                        continue
                     raise RuntimeError(f"could not consume {queue_name} again after {lost}; exiting"
                                        " so that the process is started again") from exc
                 log.warning("consuming %s again", queue_name)

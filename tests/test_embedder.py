@@ -338,9 +338,13 @@ async def test_a_chunk_whose_texts_all_fail_fails_as_its_batch_did(error):
 
 
 @pytest.mark.parametrize(("texts", "calls", "has_vector"), [
-    # Three failing in a row: the service looks down, not three texts it cannot embed.
+    # Three failing in a row, none embedded before: the service looks down, not three texts it cannot embed.
+    ([fake_ollama.NAN_TEXT, fake_ollama.NAN_TEXT, fake_ollama.NAN_TEXT, "We meet again on Monday."],
+     [4, 1, 1, 1], None),
+    # Three in a row after one embedded (alike lines, "♪"): that one, asked again, proves the service
+    # up, and the three are refused without waiting for the rest.
     (["The budget is approved.", fake_ollama.NAN_TEXT, fake_ollama.NAN_TEXT, fake_ollama.NAN_TEXT,
-      "We meet again on Monday."], [5, 1, 1, 1, 1], None),
+      "We meet again on Monday."], [5, 1, 1, 1, 1, 1, 1], [True, False, False, False, True]),
     # The last fails with none after it: the first, asked again, proves the service up.
     (["The budget is approved.", fake_ollama.NAN_TEXT], [2, 1, 1, 1], [True, False]),
 ])
@@ -380,7 +384,7 @@ async def test_a_text_counts_as_refused_only_once_the_service_embeds_another_aft
 @pytest.mark.parametrize("texts", [5, 2])
 async def test_texts_failing_after_the_first_through_an_outage_fail_the_chunk(texts):
     """The service goes down after embedding the chunk's first text: the texts after it are not
-    refused texts, whether three fail in a row or the last fail and the first, asked again, too."""
+    refused texts: three fail in a row, or the last fail, and the first, asked again, fails too."""
     from common.messages import ChunkTranscribed, Segment
     from services.embedder import handler
 
@@ -398,7 +402,7 @@ async def test_texts_failing_after_the_first_through_an_outage_fail_the_chunk(te
     with pytest.raises(OllamaError) as raised:
         _ = [m async for m in handler.handle(message, handler.Deps(embed=down_after_one_text, model_name="m"))]
     assert raised.value is batch_error
-    assert sent == ([5, 1, 1, 1, 1] if texts == 5 else [2, 1, 1, 1])
+    assert sent == ([5, 1, 1, 1, 1, 1] if texts == 5 else [2, 1, 1, 1])
 
 
 async def test_a_text_embedded_alone_into_another_number_of_vectors_fails_the_chunk():

@@ -20,7 +20,7 @@ from common.messages import TranscriptFailed
 from common.settings import Settings
 from common.storage import StoreCallTimedOut, call_in_transaction, ensure_buckets, make_client, pcm_key, stored_size
 from services.ingest import inbox as inbox_module
-from services.ingest.inbox import JOB_ENDED_WAIT_ON, BucketEvent, Inbox
+from services.ingest.inbox import BucketEvent, Inbox
 from tests.conftest import Stack, free_port, wait_for_port
 
 
@@ -361,7 +361,8 @@ async def test_a_slow_result_write_is_that_steps_failure_not_a_database_outage(s
     """A store call given up inside a transaction used to raise TimeoutError, which counts as the
     database being away: the ending's handler was held and retried for ever before the steps after
     the result file (redaction, the decoded audio's removal) ran, and a scan gave up whole. Those
-    steps run; the message is then held as through an outage, not retried until dead-lettered."""
+    steps run, and the result files are left to the scan: the message is neither held (one always
+    too large for the bound would be held for ever) nor retried until dead-lettered."""
     bucket, key = f"slowbox-{time.monotonic_ns() % 10**9}", "slow call.flac"
     settings = stack.settings(inbox_bucket=bucket)
     s3 = make_client(settings)
@@ -381,10 +382,8 @@ async def test_a_slow_result_write_is_that_steps_failure_not_a_database_outage(s
         s3.put_object(settings.audio_bucket, pcm_key(job_id), io.BytesIO(b"\0" * 64), 64)
         inbox = Inbox(settings, pool, s3, asyncio.Event(), s3_quick=slow)
         ending = TranscriptFailed(job_id=job_id, transcript_id=job_id, filename=key, reason="refused")
-        with pytest.raises(StoreCallTimedOut) as raised:
-            await inbox.on_job_ended(ending)
+        await inbox.on_job_ended(ending)
         assert stored_size(s3, settings.audio_bucket, pcm_key(job_id)) is None  # the other steps ran
-        assert isinstance(raised.value, JOB_ENDED_WAIT_ON)  # the consumer holds the message
     finally:
         await slow.let_go()
         await discard(stack.api, job_id)

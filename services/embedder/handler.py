@@ -56,14 +56,27 @@ async def embed_each(message: ChunkTranscribed, deps: Deps, failed: Exception) -
     """Each segment's text alone, after the chunk's batch `failed`: a text the service cannot embed
     is left without a vector (stored, found by its words but not by meaning) rather than failing
     the job, and every rerun of it, while the service is up. Raises `failed` when the service
-    looks down rather than refusing texts: GIVE_UP_AFTER texts failing in a row, or texts failing
-    at the end when one it embedded before fails too."""
+    looks down rather than refusing texts: texts failing (GIVE_UP_AFTER in a row, or at the end)
+    where none was embedded before, or where one it embedded before fails too when asked again."""
     vectors: list[list[float] | None] = []
     refused: list[tuple[Segment, Exception]] = []
     # A text counts as refused only once the service has embedded another after it: a runner that
     # crashed answers 500 too, and a text stored without a vector is never embedded again.
     failing: list[tuple[Segment, Exception]] = []
     embedded_text = None
+
+    async def still_up() -> bool:
+        """Whether the service embeds a text it embedded before, asked again."""
+        if embedded_text is None:
+            return False
+        try:
+            only_vector(await deps.embed([embedded_text]))
+        except Exception as exc:
+            if not one_text_may_cause(exc):
+                raise
+            return False
+        return True
+
     for segment in message.segments:
         try:
             alone = await deps.embed([segment.text])
@@ -73,22 +86,20 @@ async def embed_each(message: ChunkTranscribed, deps: Deps, failed: Exception) -
             failing.append((segment, exc))
             vectors.append(None)
             if len(failing) >= GIVE_UP_AFTER:
-                raise failed from None
+                # Several alike texts in a row (lines of "♪") may all be refused: told apart from
+                # a service gone down by one it embedded before.
+                if not await still_up():
+                    raise failed from None
+                refused += failing
+                failing = []
             continue
         vectors.append(only_vector(alone))
         refused += failing
         failing, embedded_text = [], segment.text
     if failing:
         # Nothing after them to prove the service up: a text it embedded before is asked again.
-        if embedded_text is None:
+        if not await still_up():
             raise failed from None
-        try:
-            again = await deps.embed([embedded_text])
-        except Exception as exc:
-            if not one_text_may_cause(exc):
-                raise
-            raise failed from None
-        only_vector(again)
         refused += failing
     with job_logged(message.job_id):
         for segment, why in refused:

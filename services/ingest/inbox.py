@@ -49,9 +49,8 @@ log = logging.getLogger(__name__)
 
 INBOX_EVENTS_QUEUE = "stt.ingest.inbox-events"
 RESULTS_QUEUE = "stt.ingest.results"
-# What the consumer of job endings waits out, holding the message: a store call given up in a
-# transaction (StoreCallTimedOut) is a store that does not answer, as a 5xx is one that fails.
-JOB_ENDED_WAIT_ON: tuple[type[BaseException], ...] = (*DATABASE_UNAVAILABLE, *STORAGE_UNAVAILABLE, StoreCallTimedOut)
+# What the consumer of job endings waits out, holding the message.
+JOB_ENDED_WAIT_ON: tuple[type[BaseException], ...] = (*DATABASE_UNAVAILABLE, *STORAGE_UNAVAILABLE)
 # Objects of the inbox listed and checked at a time by the scan.
 SCAN_PAGE = 1000
 # S3's longest key, in UTF-8 bytes: a drop whose result file's key is longer is refused, since
@@ -125,6 +124,14 @@ def drop_options(headers: Mapping[str, str]) -> JobOptions:
 
 RESULTS_LOCK = "hashtextextended('stt.drop-results:' || $1 || '/' || $2, 0)"
 
+
+
+async def _newer_results_written(conn: asyncpg.Connection, bucket: str, key: str, job_id: int) -> bool:
+    """A newer job of the same drop key has written its own result files (a refused drop's are
+    written at once): they are not this older job's to remove."""
+    return await conn.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM transcripts WHERE source = 'bucket' AND source_bucket = $1"
+        " AND source_key = $2 AND id > $3 AND result_written)", bucket, key, job_id)
 
 async def lock_results_of(conn: asyncpg.Connection, bucket: str, key: str) -> None:
     """For the rest of the transaction: one writer of the drop key's result files at a time. An
@@ -299,7 +306,12 @@ class Inbox:
             await lock_results_of(conn, bucket, source_key)
             if await jobstore.newer_drop_of_the_same_key(conn, job_id):
                 # The object was overwritten and its new content is a job of its own: the result
-                # files are that job's, not this older one's.
+                # files are that job's, not this older one's. Files of this job that an earlier
+                # try's upload landed after it was given up (register left them to this writer)
+                # are taken down.
+                if not await _newer_results_written(conn, bucket, source_key, job_id):
+                    await call_in_transaction(remove_objects, self.s3_quick,
+                                              [(bucket, keys["json"]), (bucket, keys["srt"])])
                 await jobstore.mark_result_written(conn, job_id)
                 log.info("results not written: %s/%s was dropped again since", bucket, source_key)
                 return
@@ -331,9 +343,7 @@ class Inbox:
                     return
                 await lock_results_of(conn, bucket, key)
                 # A newer job's own results (a refused drop's are written at once) are not touched.
-                if await conn.fetchval(
-                        "SELECT EXISTS (SELECT 1 FROM transcripts WHERE source = 'bucket' AND source_bucket = $1"
-                        " AND source_key = $2 AND id > $3 AND result_written)", bucket, key, job_id):
+                if await _newer_results_written(conn, bucket, key, job_id):
                     return
                 await call_in_transaction(remove_objects, self.s3_quick,
                                           [(bucket, keys["json"]), (bucket, keys["srt"])])
@@ -349,9 +359,10 @@ class Inbox:
         """Each of the three, whatever became of the others (a result file the inbox bucket
         refuses must not keep a recording unredacted), except that the decoded audio stays while
         the recording is not redacted: it is what redaction reads. An error is raised after the
-        steps ran, so that the message is retried (each step does nothing a second time): a
-        step's own first, else a store call given up (StoreCallTimedOut), which the consumer
-        waits out (JOB_ENDED_WAIT_ON) instead of spending the message's retries."""
+        steps ran, so that the message is retried (each step does nothing a second time). Result
+        files the store took too long to take (StoreCallTimedOut) are left to the scan, which
+        writes every ended drop's that are missing: held or retried here, one always too large
+        for that bound would hold the message for ever, or park it."""
         job_id = event.transcript_id
         steps = {
             "writing the result files": lambda: self.write_result(job_id),
@@ -374,9 +385,10 @@ class Inbox:
                 with job_logged(job_id):
                     log.warning("%s failed (%s: %s); the other steps go on", what, type(exc).__name__, exc)
                 failed[what] = exc
+        if isinstance(failed.get("writing the result files"), StoreCallTimedOut):
+            del failed["writing the result files"]  # the scan writes them (warned above)
         if failed:
-            raise next((e for e in failed.values() if not isinstance(e, StoreCallTimedOut)),
-                       next(iter(failed.values())))
+            raise next(iter(failed.values()))
 
     async def run_scanner(self) -> None:
         """The scan, by one ingest replica at a time: each would list the whole inbox and copy

@@ -48,8 +48,10 @@ async def main() -> None:
     bus = await open_bus(connection, settings)
     await declare_queue(connection, EVENTS_QUEUE, {"x-queue-type": "quorum", "x-single-active-consumer": True,
                                                    "x-delivery-limit": settings.delivery_limit})
-    events = await bus.channel.get_queue(EVENTS_QUEUE)
-    await events.bind(await bus.channel.get_exchange(EVENTS_EXCHANGE), "#")
+    # Not robust: restored after a reconnect, a queue deleted meanwhile would fail every
+    # reconnection (consume declares its queue again; the binding is durable).
+    events = await bus.channel.declare_queue(EVENTS_QUEUE, passive=True, robust=False)
+    await events.bind(await bus.channel.get_exchange(EVENTS_EXCHANGE), "#", robust=False)
     await declare_delay_queues(bus.channel, handler.DELIVERY_QUEUE,
                                [*settings.webhook_retry_delays, handler.BUSY_ENDPOINT_DELAY_S])
     async with http_session(settings.webhook_allow_private) as http:
