@@ -184,6 +184,32 @@ async def stop_consumer(consumer: asyncio.Task, *connections) -> None:
             await connection.close()
 
 
+async def embedder_consumer(settings: Settings, name: str):
+    """A stage consumer of stt.embedder on a connection of its own: (connection, its task, an event
+    set once it has handled a message)."""
+    connection = await connect(settings, name)
+    handled = asyncio.Event()
+
+    async def handle(message: JobProgress) -> None:
+        handled.set()
+
+    consumer = asyncio.create_task(consume(connection, settings, "embedder",
+                                           [Route(JobProgress, handle, any_routing_key=True)]))
+    return connection, consumer, handled
+
+
+async def consumed_once(admin, consumer: asyncio.Task, queue_name: str) -> bool:
+    """`queue_name` has one consumer, the consumer task still running."""
+    assert not consumer.done(), consumer
+    return await consumers_of(admin, queue_name) == 1
+
+
+async def send_progress(admin, job_id: int, queue_name: str) -> None:
+    await (await admin.channel()).default_exchange.publish(
+        aio_pika.Message(JobProgress(job_id=job_id, stage="transcribing").model_dump_json().encode()),
+        routing_key=queue_name)
+
+
 async def test_a_consumer_whose_queue_is_deleted_declares_it_again_and_consumes_again(
         vhost, fresh_runner, monkeypatch, caplog):
     """An operator deletes an empty stage queue to have it declared anew (README). The broker
@@ -193,26 +219,16 @@ async def test_a_consumer_whose_queue_is_deleted_declares_it_again_and_consumes_
     caplog.set_level(logging.WARNING, logger="common.broker")
     settings = settings_for(vhost)
     queue_name = stage_queue("embedder")
-    connection = await connect(settings, "test-cancelled")
+    connection, consumer, handled = await embedder_consumer(settings, "test-cancelled")
     admin = await aio_pika.connect(amqp_url(vhost))
-    handled = asyncio.Event()
-
-    async def handle(message: JobProgress) -> None:
-        handled.set()
-
-    consumer = asyncio.create_task(consume(connection, settings, "embedder",
-                                           [Route(JobProgress, handle, any_routing_key=True)]))
     try:
-        async def consuming() -> bool:
-            assert not consumer.done(), consumer
-            return await consumers_of(admin, queue_name) == 1
+        def consuming():
+            return consumed_once(admin, consumer, queue_name)
 
         await wait_until(consuming, 30, "the consumer never started")
         await (await admin.channel()).queue_delete(queue_name)
         await wait_until(consuming, 30, "the queue was never declared again with a consumer")
-        await (await admin.channel()).default_exchange.publish(
-            aio_pika.Message(JobProgress(job_id=77, stage="transcribing").model_dump_json().encode()),
-            routing_key=queue_name)
+        await send_progress(admin, 77, queue_name)
         await asyncio.wait_for(handled.wait(), 20)
         assert any(r.levelno == logging.WARNING and "broker cancelled the consumer" in r.getMessage()
                    for r in caplog.records if r.name == "common.broker")
@@ -230,20 +246,12 @@ async def test_a_queue_deleted_before_a_reconnect_does_not_keep_the_process_from
     caplog.set_level(logging.WARNING, logger="common.broker")
     settings = settings_for(vhost)
     queue_name = stage_queue("embedder")
-    connection = await connect(settings, "test-restore")
-    handled = asyncio.Event()
-
-    async def handle(message: JobProgress) -> None:
-        handled.set()
-
-    consumer = asyncio.create_task(consume(connection, settings, "embedder",
-                                           [Route(JobProgress, handle, any_routing_key=True)]))
+    connection, consumer, handled = await embedder_consumer(settings, "test-restore")
     try:
         admin = await aio_pika.connect(amqp_url(vhost))
 
-        async def consuming() -> bool:
-            assert not consumer.done(), consumer
-            return await consumers_of(admin, queue_name) == 1
+        def consuming():  # on the admin connection of the moment (it is opened again below)
+            return consumed_once(admin, consumer, queue_name)
 
         await wait_until(consuming, 30, "the consumer never started")
         await (await admin.channel()).queue_delete(stage_queue("notifier"))
@@ -259,9 +267,7 @@ async def test_a_queue_deleted_before_a_reconnect_does_not_keep_the_process_from
         admin = await aio_pika.connect(amqp_url(vhost))
         await wait_until(consuming, 30, "the consumer never consumed again")
         assert await consumers_of(admin, stage_queue("notifier")) == 0  # declared again
-        await (await admin.channel()).default_exchange.publish(
-            aio_pika.Message(JobProgress(job_id=78, stage="transcribing").model_dump_json().encode()),
-            routing_key=queue_name)
+        await send_progress(admin, 78, queue_name)
         await asyncio.wait_for(handled.wait(), 20)
         await admin.close()
     finally:
