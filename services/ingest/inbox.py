@@ -49,8 +49,6 @@ log = logging.getLogger(__name__)
 
 INBOX_EVENTS_QUEUE = "stt.ingest.inbox-events"
 RESULTS_QUEUE = "stt.ingest.results"
-# What the consumer of job endings waits out, holding the message.
-JOB_ENDED_WAIT_ON: tuple[type[BaseException], ...] = (*DATABASE_UNAVAILABLE, *STORAGE_UNAVAILABLE)
 # Objects of the inbox listed and checked at a time by the scan.
 SCAN_PAGE = 1000
 # S3's longest key, in UTF-8 bytes: a drop whose result file's key is longer is refused, since
@@ -123,15 +121,9 @@ def drop_options(headers: Mapping[str, str]) -> JobOptions:
 
 
 RESULTS_LOCK = "hashtextextended('stt.drop-results:' || $1 || '/' || $2, 0)"
+# Why a drop key's old result files could not be taken down: logged, the drop's job goes on.
+RESULTS_NOT_TAKEN_DOWN = (*STORAGE_UNAVAILABLE, S3Error, StoreCallTimedOut, *DATABASE_UNAVAILABLE)
 
-
-
-async def _newer_results_written(conn: asyncpg.Connection, bucket: str, key: str, job_id: int) -> bool:
-    """A newer job of the same drop key has written its own result files (a refused drop's are
-    written at once): they are not this older job's to remove."""
-    return await conn.fetchval(
-        "SELECT EXISTS (SELECT 1 FROM transcripts WHERE source = 'bucket' AND source_bucket = $1"
-        " AND source_key = $2 AND id > $3 AND result_written)", bucket, key, job_id)
 
 async def lock_results_of(conn: asyncpg.Connection, bucket: str, key: str) -> None:
     """For the rest of the transaction: one writer of the drop key's result files at a time. An
@@ -143,6 +135,14 @@ async def lock_results_of(conn: asyncpg.Connection, bucket: str, key: str) -> No
 async def try_lock_results_of(conn: asyncpg.Connection, bucket: str, key: str) -> bool:
     """lock_results_of unless another holds it (False)."""
     return await conn.fetchval(f"SELECT pg_try_advisory_xact_lock({RESULTS_LOCK})", bucket, key)
+
+
+async def _newer_results_written(conn: asyncpg.Connection, bucket: str, key: str, job_id: int) -> bool:
+    """A newer job of the same drop key has written its own result files (a refused drop's are
+    written at once): they are not this older job's to remove."""
+    return await conn.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM transcripts WHERE source = 'bucket' AND source_bucket = $1"
+        " AND source_key = $2 AND id > $3 AND result_written)", bucket, key, job_id)
 
 
 def result_key_too_long(results_prefix: str, key: str) -> int | None:
@@ -226,17 +226,15 @@ class Inbox:
             # An earlier drop of this key left its result files: until this one's are written they
             # would be read as this recording's (the .json says the results are complete). A
             # refused drop's own are written at once, over them.
-            keys = result_keys(self.settings.results_prefix, key)
             try:
                 async with self.pool.acquire() as conn, conn.transaction():
                     # Not waited for: a writer holds it across store calls of up to 30 s each, and
                     # this consumer and the scan would stall meanwhile. That writer (or another
                     # drop's register) takes the old results down once it sees this job.
                     if await try_lock_results_of(conn, bucket, key):
-                        await call_in_transaction(remove_objects, self.s3_quick,
-                                                  [(bucket, keys["json"]), (bucket, keys["srt"])])
+                        await self._remove_results(bucket, key)
             except Exception as exc:
-                if not isinstance(exc, (*STORAGE_UNAVAILABLE, S3Error, StoreCallTimedOut, *DATABASE_UNAVAILABLE)):
+                if not isinstance(exc, RESULTS_NOT_TAKEN_DOWN):
                     raise
                 # The job is made: the drop is not taken again.
                 with job_logged(job_id):
@@ -310,8 +308,7 @@ class Inbox:
                 # try's upload landed after it was given up (register left them to this writer)
                 # are taken down.
                 if not await _newer_results_written(conn, bucket, source_key, job_id):
-                    await call_in_transaction(remove_objects, self.s3_quick,
-                                              [(bucket, keys["json"]), (bucket, keys["srt"])])
+                    await self._remove_results(bucket, source_key)
                 await jobstore.mark_result_written(conn, job_id)
                 log.info("results not written: %s/%s was dropped again since", bucket, source_key)
                 return
@@ -332,11 +329,15 @@ class Inbox:
                  else f"{keys['json']} and .srt")
         await self._take_down_if_dropped_again(job_id, bucket, source_key)
 
+    async def _remove_results(self, bucket: str, key: str) -> None:
+        """The drop key's result files, removed (within the caller's transaction's bound)."""
+        keys = result_keys(self.settings.results_prefix, key)
+        await call_in_transaction(remove_objects, self.s3_quick, [(bucket, keys["json"]), (bucket, keys["srt"])])
+
     async def _take_down_if_dropped_again(self, job_id: int, bucket: str, key: str) -> None:
         """A newer drop of the key made while these results were written found them locked and
         left them to this writer. Checked once the lock is released, so that no drop can be made
         unseen between the check and the release."""
-        keys = result_keys(self.settings.results_prefix, key)
         try:
             async with self.pool.acquire() as conn, conn.transaction():
                 if not await jobstore.newer_drop_of_the_same_key(conn, job_id):
@@ -345,10 +346,9 @@ class Inbox:
                 # A newer job's own results (a refused drop's are written at once) are not touched.
                 if await _newer_results_written(conn, bucket, key, job_id):
                     return
-                await call_in_transaction(remove_objects, self.s3_quick,
-                                          [(bucket, keys["json"]), (bucket, keys["srt"])])
+                await self._remove_results(bucket, key)
         except Exception as exc:
-            if not isinstance(exc, (*STORAGE_UNAVAILABLE, S3Error, StoreCallTimedOut, *DATABASE_UNAVAILABLE)):
+            if not isinstance(exc, RESULTS_NOT_TAKEN_DOWN):
                 raise
             log.warning("%s/%s was dropped again while these results were written, and they could not be taken"
                         " down (%s): they stay until the newer job's are written", bucket, key, exc)
@@ -422,7 +422,7 @@ class Inbox:
                 connection, self.settings, "ingest", [Route(BucketEvent, self.on_event, any_routing_key=True)],
                 queue_name=INBOX_EVENTS_QUEUE, wait_on=(*DATABASE_UNAVAILABLE, *STORAGE_UNAVAILABLE)))
             # An ending's redaction and the decoded audio's removal are never tried again later
-            # (the result files are, by the scan): through a database or object-store outage,
-            # and a store that does not answer, the message waits for it.
+            # (the result files are, by the scan): through a database or object-store outage the
+            # message waits for it.
             group.create_task(consume(connection, self.settings, "ingest", job_ended, queue_name=RESULTS_QUEUE,
-                                      wait_on=JOB_ENDED_WAIT_ON))
+                                      wait_on=(*DATABASE_UNAVAILABLE, *STORAGE_UNAVAILABLE)))
