@@ -208,7 +208,9 @@ class JobOptions(BaseModel):
             # str() made a JSON null "None", written into transcripts.
             if not isinstance(heard, str) or not isinstance(written, str):
                 raise ValueError(f"spelling: {str(heard)[:40]!r}={str(written)[:40]!r}: both sides are text")
-            key, written = printable_words(heard).lower(), printable_words(written)
+            # str.lower() writes Turkish "İ" as "i" and a combining dot: "İstanbul" and "istanbul" are
+            # one heard side, matched the same way.
+            key, written = printable_words(heard).replace("İ", "i").lower(), printable_words(written)
             # Whisper's words are matched in any case: two spellings of one heard side kept one of
             # them silently.
             if typed and kept.get(key, written) != written:

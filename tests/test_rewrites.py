@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from common.messages import Segment, Word
+from common.messages import JobOptions, Segment, Word
 from services.transcriber.redaction import redact, redact_text
 from services.transcriber.spelling import respell
 
@@ -51,6 +51,55 @@ def test_custom_spelling_of_a_latin_phrase_is_found_inside_chinese():
     assert spelled.text == "我们用GPT-4o写代码, gpts GPT-4o."
     assert [(w.word, w.start, w.end) for w in spelled.words] == [
         ("我们用", 0, 1), ("GPT-4o写", 1, 2), ("代码,", 2, 3), (" gpts", 3, 4), (" GPT-4o.", 4, 5)]
+
+
+@pytest.mark.parametrize("said, stored", [
+    # Groups said hesitantly, as Whisper writes them.
+    ("It's 4111... 1111... 1111... 1111.", "It's [CARD]."),
+    ("It's 4111 - 1111 - 1111 - 1111, thanks.", "It's [CARD], thanks."),
+    # An expiry said right after the card made one run too long for a card: nothing was redacted,
+    # or with a comma the month was taken in ("[CARD]/25").
+    ("It's 4111 1111 1111 1111 12 25 and 737.", "It's [CARD] 12 25 and 737."),
+    ("Card 4111 1111 1111 1111 1225.", "Card [CARD] 1225."),
+    ("Card 4111 1111 1111 1111, 12/25, 737.", "Card [CARD], 12/25, 737."),
+    ("Card 4111... 1111... 1111... 1111, 12/25.", "Card [CARD], 12/25."),
+    # Not a card: numbers with no expiry after them, years, amounts, a date.
+    ("Codes 4111 1111 1111 1111 1111 1111.", "Codes 4111 1111 1111 1111 1111 1111."),
+    ("From 2019 - 2020 - 2021 we sold 1,000,000 units, 12/25 of them abroad.",
+     "From 2019 - 2020 - 2021 we sold 1,000,000 units, 12/25 of them abroad."),
+])
+def test_a_card_number_said_hesitantly_or_with_its_expiry_is_redacted_without_the_expiry(said, stored):
+    assert redact_text(said, ["card"]) == stored
+
+
+@pytest.mark.parametrize("said, stored", [
+    ("Write to anna underscore smith at example dot com.", "Write to [EMAIL]."),
+    ("It's john dash doe at gmail dot com", "It's [EMAIL]"),
+    ("Mail anna at acme dash shop dot com, thanks.", "Mail [EMAIL], thanks."),
+    ("Mail anna@example dot com today.", "Mail [EMAIL] today."),
+    ("Mail anna@müller.de or anna@пример.рф.", "Mail [EMAIL] or [EMAIL]."),
+    ("Schreib an anna hyphen lee at müller dot de.", "Schreib an [EMAIL]."),
+    ("メールはanna@müller.deです", "メールは[EMAIL]です"),
+    # Speech with those words in it but no address stays.
+    ("Look at this, dot com boom.", "Look at this, dot com boom."),
+    ("We made a dash at the park and went home dot.", "We made a dash at the park and went home dot."),
+    ("Meet at 5 dot 30 in the dot com era.", "Meet at 5 dot 30 in the dot com era."),
+])
+def test_an_address_spoken_with_joiners_or_with_letters_beyond_ascii_is_redacted_whole(said, stored):
+    assert redact_text(said, ["email"]) == stored
+
+
+def test_custom_spelling_of_a_turkish_word_with_a_capital_dotted_i_matches_it():
+    """str.lower() made the heard side "İstanbul" an "i" and a combining dot, which no word
+    Whisper writes has: the rule never applied."""
+    words = [Word(word=w, start=i, end=i + 1) for i, w in enumerate(["İstanbul", " ISTANBUL", " i\u0307stanbul."])]
+    segment = Segment(index=0, speaker="spk_0", start_ts=0, end_ts=3, text="".join(w.word for w in words), words=words)
+    for spelling in ({"İstanbul": "Istanbul"}, "istanbul=Istanbul", {"i\u0307stanbul": "Istanbul"}):
+        [spelled] = respell([segment], JobOptions(spelling=spelling).spelling)
+        assert spelled.text == "Istanbul Istanbul Istanbul."
+    assert JobOptions(spelling="İzmir=Izmir").spelling == {"izmir": "Izmir"}
+    with pytest.raises(ValueError, match="'izmir' is given twice"):
+        JobOptions(spelling="İzmir=Izmir, izmir=İzmir")
 
 
 def said_by(speaker: str, *timed: tuple[str, float], index: int = 0) -> Segment:

@@ -9,29 +9,60 @@ import re
 from collections.abc import Iterable
 
 from common.messages import REDACTABLE, Segment, Word, redacted_label
-from services.transcriber.rewrite import SPACED_WORD_CHAR, Finder, rewrite, rewrite_text, rewrite_words
+from services.transcriber.rewrite import SPACED_WORD_CHAR, UNSPACED, Finder, rewrite, rewrite_text, rewrite_words
 
-_DOMAIN_PART = r"[A-Za-z0-9-]+"
+# A domain's letters and digits in any script written with spaces (müller.de, пример.рф), not
+# Chinese or Japanese written right after an address, which is the sentence going on.
+_DOMAIN_PART = rf"(?:[^\W_{UNSPACED}]|-)+"
+_TOP_LEVEL_DOMAIN = rf"[^\W\d_{UNSPACED}]{{2,}}"
 # An address's name: its own letters and digits, not those of Chinese or Japanese written against
 # it ("我的邮箱是anna@example.org" loses the address, not the sentence).
 _NAME_CHAR = rf"(?:{SPACED_WORD_CHAR}|[%+-])"
 _LOCAL_CHAR = rf"(?:{SPACED_WORD_CHAR}|[.%+-])"
-# Digits in groups of four, with a comma, a full stop, a space or a hyphen between groups.
-_GROUP_BREAK = r"(?:[.,] ?| |-)"
+# How a dot, underscore or hyphen in an address is said and written down ("anna underscore smith",
+# "acme dash shop"); a domain has no underscore.
+_SPOKEN_NAME_JOIN = r" (?:dot|underscore|dash|hyphen) "
+_SPOKEN_DOMAIN_JOIN = r" (?:dash|hyphen) "
+_SPOKEN_NAME = rf"(?:{_NAME_CHAR}+{_SPOKEN_NAME_JOIN})*{_LOCAL_CHAR}+"
+# Digits in groups of four, with a comma, a full stop, an ellipsis, a space or a hyphen (spaced
+# or not) between groups: "4111... 1111... 1111... 1111." as Whisper writes groups said hesitantly.
+_GROUP_BREAK = r"(?:(?:[.,]|\.\.\.?|…) ?| [-–] | |-)"
+# What joins the digits of one run: a number said right after another with only these between
+# is one longer number, not a card. A spaced dash, like a full stop, can also end one number
+# before another ("2019 - 2020").
+_DIGIT_JOIN = r"(?:, ?|[ -])"
+# An expiry said right after the card ("12 25", "12/25", "5/2027", or "1225" after a card said
+# without full stops; a year 2020-2039, so that a card's own last group, "1111", is not taken for
+# one), perhaps with its code after it.
+_EXPIRY_SPACED = r"(?:0?[1-9]|1[0-2])(?: ?[/.-] ?| )(?:20)?[23]\d"
+_EXPIRY = rf"(?:{_EXPIRY_SPACED}|(?:0[1-9]|1[0-2])(?:20)?[23]\d)"
+_RUN_ENDS = rf"(?!{_DIGIT_JOIN}?\d|/\d)"
+_CARD_STARTS = r"(?<![\d.,])(?<!\d[ -])(?<!\d, )"
+
+
+def _card_ends(expiry: str) -> str:
+    """Where a card's digits end: the run of digits ends, or an expiry said after it follows."""
+    return rf"(?:{_RUN_ENDS}|(?={_DIGIT_JOIN}{expiry}(?:{_DIGIT_JOIN}\d{{3,4}})?{_RUN_ENDS}))"
+
+
 PATTERNS: dict[str, re.Pattern[str]] = {
-    # Written (a@b.com) or as spoken and written down (a at b dot com).
-    "email": re.compile(rf"{_LOCAL_CHAR}+@{_DOMAIN_PART}(?:\.{_DOMAIN_PART})+"
-                        rf"|(?<!{_LOCAL_CHAR})(?:{_NAME_CHAR}+ dot )*{_LOCAL_CHAR}+ at {_DOMAIN_PART}"
-                        rf"(?:(?: dot |\.){_DOMAIN_PART})*(?: dot |\.)[A-Za-z]{{2,}}(?!{SPACED_WORD_CHAR})",
+    # Written (a@b.com, anna@müller.de) or as spoken and written down (a at b dot com,
+    # anna underscore smith at acme dash shop dot com, anna@example dot com).
+    "email": re.compile(rf"(?<!{_LOCAL_CHAR}){_SPOKEN_NAME}@{_DOMAIN_PART}"
+                        rf"(?:(?:\.| dot |{_SPOKEN_DOMAIN_JOIN}){_DOMAIN_PART})*(?:\.| dot ){_DOMAIN_PART}"
+                        rf"|(?<!{_LOCAL_CHAR}){_SPOKEN_NAME} at {_DOMAIN_PART}"
+                        rf"(?:(?: dot |\.|{_SPOKEN_DOMAIN_JOIN}){_DOMAIN_PART})*(?: dot |\.){_TOP_LEVEL_DOMAIN}"
+                        rf"(?!{SPACED_WORD_CHAR})",
                         re.IGNORECASE),
     # 13-19 digits, grouped or not, and not part of a longer run (two phone numbers said one after
-    # the other are no card); or four groups of four with a full stop after some or all of them,
-    # as Whisper writes groups said each as a sentence of its own ("4111. 1111. 1111. 1111.", or
-    # "4111 1111. 1111, 1111." with a pause in the middle). A number said after the card's last
-    # full stop (its expiry) is not taken into it. No Luhn check: one digit misheard would let
-    # the number through.
-    "card": re.compile(r"(?<![\d.,])(?<!\d[ -])(?<!\d, )\d(?:(?:, ?|[ -])?\d){12,18}(?!(?:, ?|[ -])?\d)"
-                       rf"|(?<![\d.,])(?<!\d[ -])(?<!\d, )\d{{4}}(?:{_GROUP_BREAK}\d{{4}}){{3}}(?!(?:, ?|[ -])?\d)"),
+    # the other are no card) unless what makes it longer is an expiry said right after it ("4111
+    # 1111 1111 1111 12 25"); or four groups of four with a full stop, an ellipsis or a spaced
+    # dash after some or all of them, as Whisper writes groups said each as a sentence of its own
+    # ("4111. 1111. 1111. 1111.", or "4111 1111. 1111, 1111." with a pause in the middle). A
+    # number said after the card (its expiry) is not taken into it. No Luhn check: one digit
+    # misheard would let the number through.
+    "card": re.compile(rf"{_CARD_STARTS}\d(?:{_DIGIT_JOIN}?\d){{12,18}}{_card_ends(_EXPIRY)}"
+                       rf"|{_CARD_STARTS}\d{{4}}(?:{_GROUP_BREAK}\d{{4}}){{3}}{_card_ends(_EXPIRY_SPACED)}"),
     # 7-15 digits with the separators people say them with, a country or area code included
     # (Whisper groups long numbers with commas); not the end of a word or of a number with a
     # decimal point, but right after Chinese, Japanese or Thai, which Whisper writes digits against.

@@ -19,7 +19,13 @@ def _pattern(heard: str) -> re.Pattern[str]:
     ("gpt" in "我们用gpt写代码")."""
     before = "" if _UNSPACED.match(heard[0]) else f"(?<!{SPACED_WORD_CHAR})"
     after = "" if _UNSPACED.match(heard[-1]) else rf"(?!{SPACED_WORD_CHAR}|['’](?!s\b)\w)"
-    return re.compile(before + r"\s+".join(map(re.escape, heard.split())) + after, re.IGNORECASE)
+    return re.compile(before + r"\s+".join(map(_word, heard.split())) + after, re.IGNORECASE)
+
+
+def _word(word: str) -> str:
+    """`word` matched in any case, Turkish "İ" included: an "i" also matches "İ" and "i" with a
+    combining dot, which is how str.lower() wrote "İ" in a heard side stored before."""
+    return re.escape(re.sub("[iIİ]\u0307|İ", "i", word)).replace("i", "i\u0307?")
 
 
 def _finder(spelling: dict[str, str]) -> Finder:
