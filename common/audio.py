@@ -204,5 +204,11 @@ def float_to_pcm16(audio: np.ndarray, block: int = 1 << 20) -> bytes:
     return out.tobytes()
 
 
-def pcm16_to_float(data: bytes) -> np.ndarray:
-    return np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
+def pcm16_to_float(data: bytes | np.ndarray) -> np.ndarray:
+    """float32 samples in [-1, 1] of 16-bit PCM (its bytes, or its samples), in a new array: a
+    slice of a larger read does not keep the rest of it in memory. Scaled in place, without a
+    second copy."""
+    samples = data if isinstance(data, np.ndarray) else np.frombuffer(data, dtype="<i2")
+    audio = samples.astype(np.float32)
+    audio *= np.float32(1 / 32768)
+    return audio

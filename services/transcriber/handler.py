@@ -26,13 +26,16 @@ from services.transcriber.whisper import REGION_PAD_S, HeardAudio, heard_spans, 
 
 log = logging.getLogger(__name__)
 
-# (bucket, key, span) -> float32 samples of that span
+# (bucket, key, span) -> the samples of that span: 16-bit as stored (pcm_reader), or float32 in
+# [-1, 1] (the benchmarks and tests read from memory).
 ReadPcm = Callable[[str, str, TimeSpan], np.ndarray]
 LANGUAGES_KEPT = 512
-# Speech regions of a chunk less than this far apart are read in one ranged GET: the silence
-# between them is cheap to read, a GET for each region of a chatty chunk (dozens) is not. Only
-# across a longer silence is a chunk read in parts.
+# Speech regions of a chunk less than READ_BRIDGE_S apart are read in one ranged GET: a little
+# silence between them is cheap to read, a GET for each region of a chatty chunk (dozens) is not.
+# One GET takes at most READ_MAX_BRIDGED_S of silence in all (3.8 MB): sparse talk (a few seconds
+# every 20 s, over half an hour) would otherwise be fetched whole. Only the speech is kept.
 READ_BRIDGE_S = 30.0
+READ_MAX_BRIDGED_S = 120.0
 
 
 @dataclass
@@ -56,9 +59,9 @@ def pcm_reader(client) -> ReadPcm:
     def read(bucket: str, key: str, span: TimeSpan) -> np.ndarray:
         start, end = _sample(span.start) * 2, _sample(span.end) * 2
         if end <= start:
-            return np.zeros(0, dtype=np.float32)
+            return np.zeros(0, dtype="<i2")
         try:
-            return pcm16_to_float(read_range(client, bucket, key, start, end - start))
+            return np.frombuffer(read_range(client, bucket, key, start, end - start), dtype="<i2")
         except S3Error as exc:
             if is_missing(exc):
                 raise PermanentError("the job's decoded audio is gone") from exc
@@ -71,22 +74,42 @@ def _sample(t: float) -> int:
     return max(0, int(t * SAMPLE_RATE))
 
 
+def _as_float(samples: np.ndarray) -> np.ndarray:
+    return samples if samples.dtype == np.float32 else pcm16_to_float(samples)
+
+
+def read_groups(spans: list[TimeSpan]) -> list[range]:
+    """Which of `spans` (in order) are read together, one GET for each group: the next span
+    joins the group while the silence before it is under READ_BRIDGE_S and the group's silence
+    stays within READ_MAX_BRIDGED_S."""
+    groups: list[range] = []
+    first, bridged = 0, 0.0
+    for i in range(1, len(spans)):
+        gap = max(0.0, spans[i].start - spans[i - 1].end)
+        if gap < READ_BRIDGE_S and bridged + gap <= READ_MAX_BRIDGED_S:
+            bridged += gap
+        else:
+            groups.append(range(first, i))
+            first, bridged = i, 0.0
+    if spans:
+        groups.append(range(first, len(spans)))
+    return groups
+
+
 def _read_heard(message: JobDiarized, deps: Deps, at: float, spans: list[TimeSpan]) -> list[np.ndarray]:
-    """The samples of each of `spans` (the chunk's time; the chunk is `at` s into the PCM), as
-    reading each alone gives them: spans less than READ_BRIDGE_S apart are read in one GET, each
-    span's samples a view of it (the silence read between them is not heard)."""
+    """The float32 samples of each of `spans` (the chunk's time; the chunk is `at` s into the
+    PCM), as reading each alone gives them, each in an array of its own: the silence read
+    between spans of one GET (read_groups) is dropped with the GET's bytes, never converted."""
     pieces: list[np.ndarray] = []
-    first = 0
-    while first < len(spans):
-        last = first + 1
-        while last < len(spans) and spans[last].start - spans[last - 1].end < READ_BRIDGE_S:
-            last += 1
-        read = TimeSpan(start=at + spans[first].start, end=at + spans[last - 1].end)
+    for group in read_groups(spans):
+        read = TimeSpan(start=at + spans[group[0]].start, end=at + spans[group[-1]].end)
         samples, read_from = deps.read_pcm(message.pcm_bucket, message.pcm_key, read), _sample(read.start)
-        for span in spans[first:last]:
+        for span in (spans[i] for i in group):
             a, b = _sample(at + span.start) - read_from, _sample(at + span.end) - read_from
-            pieces.append(samples[a:max(a, b)])
-        first = last
+            piece = samples[a:max(a, b)]
+            if piece.dtype == np.float32 and piece.size < samples.size:
+                piece = piece.copy()
+            pieces.append(_as_float(piece))
     return pieces
 
 
@@ -97,7 +120,7 @@ def language_for(message: JobDiarized, deps: Deps) -> str | None:
     if message.options.language and among is None:
         return message.options.language
     if message.job_id not in deps.languages:
-        probe = [deps.read_pcm(message.pcm_bucket, message.pcm_key, s) for s in message.language_probe]
+        probe = [_as_float(deps.read_pcm(message.pcm_bucket, message.pcm_key, s)) for s in message.language_probe]
         speech = np.concatenate(probe) if probe else np.zeros(0, dtype=np.float32)
         deps.languages[message.job_id] = detect_language(deps.model, speech, among)
         log.info("detected language %s on %.1f s of speech", deps.languages[message.job_id],
@@ -120,7 +143,7 @@ def transcribe(message: JobDiarized, deps: Deps, speech: str = "diarizer") -> Ch
                          end=min(message.duration, message.span.end + REGION_PAD_S))
         # Only what Whisper hears is read: a chunk holds at most CHUNK_MAX_SPEECH_S of speech, but
         # from cut to cut it may span hours of silence (hundreds of MB of PCM). Regions close
-        # together are read at once (READ_BRIDGE_S).
+        # together are read at once (read_groups).
         length_s = heard.end - heard.start
         spans = heard_spans(message.turns, heard.start, length_s, speech)
         audio = HeardAudio(length_s, spans, _read_heard(message, deps, heard.start + offset, spans))

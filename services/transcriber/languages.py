@@ -35,11 +35,20 @@ def detect_language(model, speech: np.ndarray, among: list[str] | None = None) -
         return None
     language, probability, ranked = model.detect_language(speech[:int(WINDOW_S * SAMPLE_RATE)])
     if among is not None:
-        allowed = set(among)
-        language, probability = max(((code, p) for code, p in ranked if code in allowed),
-                                    key=lambda pair: pair[1], default=(among[0], 0.0))
+        language, probability = best_among(ranked, among)
     log.debug("detected language %s (p=%.2f) in %.1f s of speech", language, probability, speech.size / SAMPLE_RATE)
     return language
+
+
+def best_among(ranked: list[tuple[str, float]], among: list[str]) -> tuple[str, float]:
+    """The most likely of the languages `among`, from Whisper's (code, probability) for every
+    language the model knows. A model without Cantonese (all before large-v3) hears it as
+    Chinese, and transcribes a job in `yue` as zh: there Cantonese is as likely as Chinese."""
+    if "yue" in among and all(code != "yue" for code, _ in ranked):
+        ranked = [*ranked, *(("yue", p) for code, p in ranked if code == "zh")]
+    allowed = set(among)
+    return max(((code, p) for code, p in ranked if code in allowed), key=lambda pair: pair[1],
+               default=(among[0], 0.0))
 
 
 @dataclass

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 from faster_whisper import BatchedInferencePipeline, WhisperModel
+from faster_whisper.utils import download_model
+from huggingface_hub.utils import LocalEntryNotFoundError
 
 from common.audio import SAMPLE_RATE
 from common.broker import PermanentError
@@ -45,34 +47,67 @@ NO_SPEECH_PROB = 0.6
 LOW_LOGPROB = -1.0
 
 
+# WHISPER_COMPUTE_TYPE=auto on CUDA: the first of these the GPU computes efficiently. Before compute
+# capability 7 a GPU has no efficient float16 (nor int8_float16), and CTranslate2 refuses to load a
+# model in a type the device lacks.
+CUDA_COMPUTE_TYPES = ("float16", "int8_float16", "float32")
+
+
+def auto_compute_type(device: str, supported: set[str]) -> str:
+    """The compute type `auto` stands for on `device`, given the types it supports
+    (ctranslate2.get_supported_compute_types)."""
+    if device != "cuda":
+        return "int8"
+    return next((kind for kind in CUDA_COMPUTE_TYPES if kind in supported), "float32")
+
+
 def pick_device(settings: Settings) -> tuple[str, str]:
+    import ctranslate2
+
     device = settings.whisper_device
     if device == "auto":
-        import ctranslate2
-
         device = "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
     compute_type = settings.whisper_compute_type
     if compute_type == "auto":
-        compute_type = "float16" if device == "cuda" else "int8"
+        compute_type = auto_compute_type(device, ctranslate2.get_supported_compute_types(device))
     return device, compute_type
 
 
+class ModelNotLoaded(RuntimeError):
+    """WHISPER_MODEL cannot be loaded for another reason than a download that cannot be made: the
+    transcriber does not start, rather than serve another model than the one configured."""
+
+
+def _model_files(name: str) -> str:
+    """The directory of model `name`: itself if it is one, else faster-whisper's download (or the
+    Hugging Face cache's copy). LocalEntryNotFoundError when it is neither cached nor reachable."""
+    return name if Path(name).is_dir() else download_model(name)
+
+
 def load_model(settings: Settings) -> tuple[WhisperModel, str]:
-    """WHISPER_MODEL (a size name or a model directory); if it cannot be loaded (no network
-    for a download), the bundled fallback with a warning. Returns the model and its name."""
+    """WHISPER_MODEL (a size name or a model directory); if it cannot be fetched (no network, and
+    not in the cache), the bundled fallback with a warning. Any other failure (a name that is no
+    model, a device out of memory, a compute type it lacks) is ModelNotLoaded. Returns the model
+    and its name."""
     device, compute_type = pick_device(settings)
     options = {"device": device, "compute_type": compute_type, "cpu_threads": settings.whisper_cpu_threads}
+    name = settings.whisper_model
     try:
-        model = WhisperModel(settings.whisper_model, **options)
-        name = settings.whisper_model
-    except Exception as exc:
+        path = _model_files(name)
+    except LocalEntryNotFoundError as exc:
         fallback = settings.whisper_fallback_model
-        if not fallback or fallback == settings.whisper_model or not Path(fallback).is_dir():
-            raise
-        log.warning("cannot load Whisper model %r (%s); using the bundled model at %s",
-                    settings.whisper_model, type(exc).__name__, fallback)
-        model = WhisperModel(fallback, **options)
-        name = fallback
+        if not fallback or fallback == name or not Path(fallback).is_dir():
+            raise ModelNotLoaded(f"cannot fetch Whisper model {name!r} (WHISPER_MODEL): {exc}") from exc
+        log.warning("cannot fetch Whisper model %r (no network, and not in the cache); using the bundled model"
+                    " at %s", name, fallback)
+        path = name = fallback
+    except Exception as exc:
+        raise ModelNotLoaded(f"cannot load Whisper model {name!r} (WHISPER_MODEL): {exc}") from exc
+    try:
+        model = WhisperModel(path, **options)
+    except Exception as exc:
+        raise ModelNotLoaded(f"cannot load Whisper model {name!r} on {device} with compute type {compute_type}:"
+                             f" {exc}") from exc
     log.info("Whisper model %s on %s (%s)", name, device, compute_type)
     return model, name
 
@@ -99,7 +134,7 @@ def heard_spans(turns: list[SpeakerTurn], offset: float, length_s: float, speech
 class HeardAudio:
     """A chunk's audio as read: the samples of `spans` (the chunk's time) only, the chunk being
     `length_s` long. A chunk holds at most CHUNK_MAX_SPEECH_S of speech but may span hours of
-    silence around it, which is never read nor held."""
+    silence around it, which is not held (and little of it read: the handler's read_groups)."""
     length_s: float
     spans: list[TimeSpan]
     pieces: list[np.ndarray]
