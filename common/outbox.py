@@ -96,14 +96,17 @@ async def flush_outbox(pool: asyncpg.Pool, bus: Bus) -> int:
         if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", LockKey.OUTBOX):
             return 0
         try:
-            after = 0
             while True:
+                # Each batch from the head again, not from after the last one: ids are taken before
+                # commit, so a row committed late has a lower id than rows already sent, and a
+                # cursor would pass it by (sending a job's later rows first, and holding it back
+                # until a read came back empty). Every row read is deleted or left out by id.
                 rows = await conn.fetch(
-                    f"SELECT id, routing_key, body FROM outbox WHERE id > $1 ORDER BY id LIMIT {BATCH}", after)
+                    "SELECT id, routing_key, body FROM outbox WHERE id <> ALL($1::bigint[])"
+                    f" ORDER BY id LIMIT {BATCH}", list(unknown))
                 if not rows:
                     _report_unknown(unknown)
                     return published
-                after = rows[-1]["id"]
                 done = []
                 try:
                     for row in rows:

@@ -200,8 +200,10 @@ async def search_semantic(pool: asyncpg.Pool, vector: list[float], model: str, *
             # The index walk gives up after hnsw.max_scan_tuples (20,000) rows the filters reject: one
             # meeting's or one key's segments in a large store come back short. Short means the
             # filters keep few rows, so ranking all of them exactly is cheap; `+ 0` keeps the
-            # planner off the HNSW index.
-            rows = await conn.fetch(nearest(f"({distance}) + 0"), *args)
+            # planner off the HNSW index. Ties (one text said many times) in the text search's
+            # order, so the same hits make the cut at every request.
+            rows = await conn.fetch(nearest(f"({distance}) + 0, s.transcript_id DESC, s.start_ts, s.chunk_index,"
+                                            " s.index"), *args)
         return rows
 
 

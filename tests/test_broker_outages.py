@@ -14,6 +14,7 @@ import uuid
 from typing import ClassVar
 
 import aio_pika
+import asyncpg
 import pytest
 
 from common import broker, metrics, runner
@@ -432,6 +433,60 @@ async def test_a_row_of_a_kind_this_version_does_not_know_is_left_for_a_newer_ve
     assert [r["id"] for r in await pool.fetch("SELECT id FROM outbox_dead")] == [ids[2]]
     left = [r for r in caplog.records if "does not know" in r.getMessage()]
     assert [r.levelno for r in left] == [logging.WARNING, logging.DEBUG]  # once, not every pass
+
+
+class PublishesAfterHook(Bus):
+    """A Bus that runs `hook` once, after its first publish: what other transactions commit
+    while a flush pass is under way."""
+
+    def __init__(self, bus: Bus, hook):
+        super().__init__(bus.channel, bus.work, bus.events)
+        self.hook = hook
+
+    async def publish_stored(self, routing_key: str, body: dict) -> None:
+        await super().publish_stored(routing_key, body)
+        if self.hook is not None:
+            hook, self.hook = self.hook, None
+            await hook()
+
+
+async def test_a_row_committed_late_with_a_lower_id_goes_out_before_the_jobs_later_rows(outbox_bus, database_url):
+    """Outbox ids are taken before commit. Job 1's first chunk takes its ids, job 2 takes later
+    ones and commits first; while the flusher sends job 2's rows, job 1's first chunk commits
+    and its next chunk (which waited for it) commits rows with higher ids still. The same pass
+    sends job 1's rows in id order, the first chunk's before the next chunk's and its
+    transcript.completed, instead of passing the late low ids by until traffic pauses."""
+    pool, bus, connection = outbox_bus
+    subscriber = await events_queue(await connection.channel(), "#")
+
+    def row(job_id: int, step: str) -> str:
+        return json.dumps({"message_id": uuid.uuid4().hex, "job_id": job_id, "step": step})
+
+    insert = "INSERT INTO outbox (routing_key, body) VALUES ($1, $2::text::jsonb)"
+    first_chunk, other_job, next_chunk = [await asyncpg.connect(database_url) for _ in range(3)]
+    try:
+        first_chunk_tx = first_chunk.transaction()
+        await first_chunk_tx.start()
+        for step in ("chunk 0 segment 0", "chunk 0 segment 1"):
+            await first_chunk.execute(insert, "segment.created", row(1, step))
+        async with other_job.transaction():
+            for step in ("chunk 0 segment 0", "completed"):
+                await other_job.execute(insert, "segment.created", row(2, step))
+
+        async def job_1_commits_both_chunks():
+            await first_chunk_tx.commit()
+            async with next_chunk.transaction():
+                await next_chunk.execute(insert, "segment.created", row(1, "chunk 1 segment 0"))
+                await next_chunk.execute(insert, "transcript.completed", row(1, "completed"))
+
+        assert await flush_outbox(pool, PublishesAfterHook(bus, job_1_commits_both_chunks)) == 6
+    finally:
+        for conn in (first_chunk, other_job, next_chunk):
+            await conn.close()
+    assert await pool.fetchval("SELECT count(*) FROM outbox") == 0  # none held back for a later pass
+    bodies = [json.loads(m.body) for m in await received(subscriber, 6)]
+    assert [b["step"] for b in bodies if b["job_id"] == 1] == [
+        "chunk 0 segment 0", "chunk 0 segment 1", "chunk 1 segment 0", "completed"]
 
 
 async def test_a_lost_broker_connection_is_logged_as_a_warning(vhost, caplog):

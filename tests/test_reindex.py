@@ -217,10 +217,10 @@ async def test_a_segment_corrected_while_it_is_reembedded_is_not_given_its_old_t
     assert {r["embedding_model"] for r in rows[1:]} == {"race-test-model"}
 
 
-async def test_one_run_across_replicas_that_passes_over_a_job_it_cannot_embed(keyed):
+async def test_one_run_across_replicas_that_stores_a_refused_text_without_a_vector(keyed):
     """Two ingest replicas (k8s runs two): a run started through one is reported, and not run
-    again, by the other; a job whose text the embedding service refuses is passed over and named,
-    and the jobs after it are still embedded."""
+    again, by the other; a text the embedding service refuses (while it embeds others) is stored
+    without a vector, marked with the model, and the jobs after it are still embedded."""
     import asyncpg
 
     from services.embedder.backends import OllamaError
@@ -261,9 +261,9 @@ async def test_one_run_across_replicas_that_passes_over_a_job_it_cannot_embed(ke
         await asyncio.wait_for(first.task, 120)
         await asyncio.wait_for(second.task, 30)
         seen_elsewhere = await second.progress()
-        embedded = {r["transcript_id"]: r["embedding_model"] for r in await pool.fetch(
-            "SELECT transcript_id, embedding_model FROM segments WHERE transcript_id = ANY($1)",
-            [refused_job, later_job])}
+        embedded = {r["transcript_id"]: (r["embedding_model"], r["has_vector"]) for r in await pool.fetch(
+            "SELECT transcript_id, embedding_model, embedding IS NOT NULL AS has_vector FROM segments"
+            " WHERE transcript_id = ANY($1)", [refused_job, later_job])}
     finally:
         await pool.execute("DELETE FROM transcripts WHERE id = ANY($1)", [refused_job, later_job])
         await pool.executemany(
@@ -272,8 +272,8 @@ async def test_one_run_across_replicas_that_passes_over_a_job_it_cannot_embed(ke
         await pool.execute("DELETE FROM reindex_runs WHERE model = $1", model)
         await pool.close()
     assert calls["second"] == 0  # no second run over the same jobs
-    assert not seen_elsewhere.running and f": {refused_job}" in seen_elsewhere.error, seen_elsewhere
-    assert embedded == {refused_job: None, later_job: model}
+    assert not seen_elsewhere.running and seen_elsewhere.error is None, seen_elsewhere
+    assert embedded == {refused_job: (model, False), later_job: (model, True)}
 
 
 async def test_a_job_running_as_the_model_changed_is_reembedded_once_it_ends(keyed, monkeypatch):
@@ -452,3 +452,80 @@ async def test_a_run_stops_for_an_outage_and_passes_over_a_jobs_own_error(own_da
         assert said == "InterfaceError: stopped; POST /admin/reindex again to resume", said
     else:
         assert said.startswith("1 jobs could not be embedded") and f": {job_id};" in said, said
+
+
+async def test_texts_the_service_refuses_fail_no_job_and_a_resumed_run_goes_past_them(own_database):
+    """Ollama answers a batch holding some texts with 500 "json: unsupported value: NaN" (bge-m3):
+    each text is then embedded alone, the refused ones stored without a vector and marked with the
+    model (as the embedder stores them), the others with theirs, and the jobs are done. Three such
+    jobs in a row stopped the run, and every resumed run, at the same place, before the later ones."""
+    from aiohttp import ClientSession
+    from aiohttp.test_utils import TestServer
+
+    from common.settings import Settings
+    from services.embedder.backends import make_embedder
+    from services.ingest.reindex import Reindexer
+    from tests import fake_ollama
+
+    pool, old = own_database, "old-test-model"
+    texts_by_job = [["The budget is approved.", fake_ollama.NAN_TEXT],
+                    [fake_ollama.NAN_TEXT, "We meet again on Monday."],
+                    [fake_ollama.NAN_TEXT],
+                    ["Sales grew in the spring."]]
+    jobs = []
+    for texts in texts_by_job:
+        job_id = await pool.fetchval("INSERT INTO transcripts (filename, status) VALUES ('a.wav', 'done') RETURNING id")
+        await pool.executemany("INSERT INTO segments (transcript_id, chunk_index, index, speaker, start_ts, end_ts,"
+                               " text, embedding_model) VALUES ($1, 0, $2, 'spk_0', 0, 1, $3, $4)",
+                               [(job_id, index, text, old) for index, text in enumerate(texts)])
+        jobs.append(job_id)
+    await asyncio.to_thread(fake_ollama.load_local_model)  # as the stand-in loads it before it serves
+    server = TestServer(fake_ollama.make_app(), host="127.0.0.1")
+    await server.start_server()
+    try:
+        settings = Settings(_env_file=None, ollama_url=f"http://127.0.0.1:{server.port}",
+                            model_name_embedded="all-minilm", ollama_retries=0)
+        async with ClientSession() as session:
+            embed, model = make_embedder(settings, session)
+            reindexer = Reindexer(pool, embed, model)
+            reindexer.start()
+            await asyncio.wait_for(reindexer.task, 120)
+            progress = await reindexer.progress()
+    finally:
+        await server.close()
+    stored = await pool.fetch("SELECT transcript_id, text, embedding IS NOT NULL AS has_vector, embedding_model"
+                              " FROM segments ORDER BY transcript_id, index")
+    assert progress.error is None, progress
+    assert (progress.done_segments, progress.pending_segments) == (6, 0), progress
+    assert [tuple(row) for row in stored] == [
+        (job_id, text, text != fake_ollama.NAN_TEXT, model)
+        for job_id, texts in zip(jobs, texts_by_job) for text in texts]
+
+
+async def test_a_service_failing_every_text_alone_still_stops_the_run(own_database):
+    """A crashed model runner answers 500 to every text, as it does to a text it refuses: no text
+    is stored as refused, and three such jobs in a row stop the run, to be resumed."""
+    from services.embedder.backends import OllamaError
+    from services.ingest.reindex import Reindexer
+
+    pool, model = own_database, "crashed-runner-model"
+    for text in ("One.", "Two.", "Three.", "Four."):
+        job_id = await pool.fetchval("INSERT INTO transcripts (filename, status) VALUES ('a.wav', 'done') RETURNING id")
+        await pool.execute("INSERT INTO segments (transcript_id, chunk_index, index, speaker, start_ts, end_ts, text)"
+                           " VALUES ($1, 0, 0, 'spk_0', 0, 1, $2)", job_id, text)
+    asked: list[list[str]] = []
+
+    async def crashed(texts: list[str]) -> list[list[float]]:
+        asked.append(texts)
+        if texts == ["One."] and len(asked) == 1:
+            return [[1.0, 0.0]]
+        raise OllamaError("Ollama answered 500: model runner has unexpectedly stopped")
+
+    reindexer = Reindexer(pool, crashed, model)
+    reindexer.start()
+    await asyncio.wait_for(reindexer.task, 30)
+    error = await pool.fetchval("SELECT error FROM reindex_runs WHERE model = $1", model)
+    assert error == "EmbeddingServiceFailing: stopped; POST /admin/reindex again to resume", error
+    models = [r["embedding_model"] for r in await pool.fetch("SELECT embedding_model FROM segments"
+                                                             " ORDER BY transcript_id")]
+    assert models == [model, None, None, None]

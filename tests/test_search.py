@@ -256,11 +256,13 @@ async def test_a_speaker_named_while_the_job_runs_is_named_in_its_events(searche
     assert {e["speaker_name"] for e in events} == {"John F. Kennedy"}
 
 
-@pytest.mark.parametrize("mode", ["semantic", "text"])
+@pytest.mark.parametrize("mode", ["semantic", "text", "hybrid"])
 def test_pages_of_hits_that_tie_hold_each_hit_once(stack: Stack, mode):
     """Segments that say the same ("Okay.") at the same moment (both parties of a call recorded
     one per channel) have the same vector and rank and tie; each page was a fetch of another size,
-    which may order ties otherwise, so a hit could come twice and another never."""
+    which may order ties otherwise, so a hit could come twice and another never. Every mode
+    orders them alike (newest job first, then by time, chunk and index): hybrid fused the
+    semantic search's ties in the order the database met them."""
     from services.embedder.backends import local_embed
 
     [vector] = local_embed(["Okay."])
@@ -280,8 +282,45 @@ def test_pages_of_hits_that_tie_hold_each_hit_once(stack: Stack, mode):
                 if not (cursor := page.get("next_cursor")):
                     break
         assert sorted(seen) == list(range(1, 10)), seen
+        # Indexes 0-8 in chunks i % 3, all at 0 s: chunk 0's (0, 3, 6), then chunk 1's, chunk 2's.
+        assert seen == [1, 4, 7, 2, 5, 8, 3, 6, 9], seen
     finally:
         stack.query("DELETE FROM transcripts WHERE id = $1", job_id)
+
+
+async def test_the_nearest_ties_that_make_the_cut_are_the_same_at_every_request(stack: Stack):
+    """A filtered search whose index walk comes back short is ranked exactly over every row the
+    filters keep: with more ties (one text said many times) than the limit takes, which make the
+    cut was left to the sort, and a page's hits could change between requests. They are the
+    first in the text search's order: newest job first, then by time. As in the crowded store's
+    test, hnsw.max_scan_tuples = 1 makes the walk come back short."""
+    model, dimensions = "test-model-ties", 8
+    rng = np.random.default_rng(9)
+    query = np.ones(dimensions, dtype=np.float32)
+    others = query + 0.05 * rng.standard_normal((200, dimensions)).astype(np.float32)
+    pool = await asyncpg.create_pool(stack.database_url, min_size=1, max_size=1, server_settings={
+        "hnsw.ef_search": "1", "hnsw.max_scan_tuples": "1", "enable_seqscan": "off",
+        "enable_bitmapscan": "off", "enable_sort": "off"})
+    insert = ("INSERT INTO segments (transcript_id, chunk_index, index, speaker, start_ts, end_ts, text,"
+              " embedding, embedding_model) VALUES ($1, 0, $2, $3, $4, $4::float8 + 1, 'Okay.',"
+              " $5::real[]::vector, $6)")
+    try:
+        job_id = await pool.fetchval(
+            "INSERT INTO transcripts (filename, status) VALUES ('ties-cut.wav', 'done') RETURNING id")
+        await searchstore.ensure_vector_index(pool, model, dimensions)
+        # spk_1's "Okay." 30 times, stored latest first: the order the rows lie in is not the order
+        # asked for.
+        rows = [(i, "spk_0", 1000.0 + i, v.tolist()) for i, v in enumerate(others)]
+        rows += [(1000 + i, "spk_1", float(30 - i), (-query).tolist()) for i in range(30)]
+        await pool.executemany(insert, [(job_id, i, who, start, v, model) for i, who, start, v in rows])
+        await pool.execute("ANALYZE segments")
+        hits = await searchstore.search_semantic(pool, query.tolist(), model, limit=5, owner=None,
+                                              transcript_id=None, speaker="spk_1", language=None,
+                                              since=None, until=None)
+        assert [hit["start_ts"] for hit in hits] == [1.0, 2.0, 3.0, 4.0, 5.0], [tuple(hit) for hit in hits]
+    finally:
+        await forget_test_model(pool, model, dimensions, "ties-cut.wav")
+        await pool.close()
 
 
 async def forget_test_model(pool: asyncpg.Pool, model: str, dimensions: int, filename: str | None = None) -> None:

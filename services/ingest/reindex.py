@@ -28,7 +28,8 @@ from pydantic import BaseModel
 from common import searchstore
 from common.db import DATABASE_UNAVAILABLE, LockKey, every
 from common.logs import job_logged
-from services.embedder.backends import OLLAMA_UNAVAILABLE, EmbedFn
+from services.embedder.backends import OLLAMA_UNAVAILABLE, EmbedFn, one_text_may_cause
+from services.embedder.handler import GIVE_UP_AFTER, only_vector
 from services.ingest.auth import admin_only
 from services.ingest.errors import error_responses
 
@@ -50,7 +51,8 @@ class ReindexProgress(BaseModel):
     error: str | None = None
 
 
-# Jobs that fail one after another: the embedding service is away, not one text it cannot take.
+# Jobs that fail one after another for the embedding service as a whole (not one text it refuses,
+# which is stored without a vector, nor one job's own error): it fails every text.
 STOP_AFTER_FAILED_JOBS = 3
 FAILED_JOBS_LISTED = 20
 CORRECTIONS_INTERVAL_S = 60.0
@@ -59,12 +61,20 @@ COUNTS_FRESH_S = 10.0
 RUNNING_JOBS_CHECK_S = 10.0
 
 
+class EmbeddingServiceFailing(RuntimeError):
+    """A batch's texts failed alone too, and the service failed again a text it had embedded (or
+    had embedded none): it fails every text, not one it refuses."""
+
+
 class Reindexer:
     """One run at a time across every ingest replica (an advisory lock); its end, and why it
     stopped, in `reindex_runs`, so any replica reports the same."""
 
     def __init__(self, pool: asyncpg.Pool, embed: EmbedFn, model: str):
         self.pool, self.embed, self.model = pool, embed, model
+        # A text the service embedded in this run: asked again, it tells a service that is up
+        # and refuses some texts from one that fails every text.
+        self._embedded_text: str | None = None
         self.task: asyncio.Task | None = None
         # When the segments were last counted, whether a run was under way then, and the counts.
         self._counts: tuple[float, bool, asyncpg.Record] | None = None
@@ -99,9 +109,10 @@ class Reindexer:
         """Every ended job not yet in the model, oldest first; then, while jobs that were running
         as the model changed still run (their early segments in the old model), waits for them
         to end and re-embeds them too. Only the jobs there as the run began: it ends while new
-        ones keep coming. None, or why some are left. A job whose embedding fails is
-        passed over (one text the service cannot take must not keep every later job out), unless
-        several in a row fail."""
+        ones keep coming. None, or why some are left. A text the service refuses is stored
+        without a vector; a job that fails is passed over, and the run stops only when several in
+        a row fail for the service as a whole (a stop a resumed run would otherwise meet again at
+        the same jobs, which it does not remember)."""
         log.info("re-embedding stored segments with %s", self.model)
         jobs, failed, failed_in_a_row = 0, [], 0
         warned = False
@@ -116,9 +127,10 @@ class Reindexer:
                 with job_logged(job_id):
                     log.exception("could not re-embed this job; going on with the next")
                 failed.append(job_id)
-                failed_in_a_row += 1
-                if failed_in_a_row >= STOP_AFTER_FAILED_JOBS:
-                    raise
+                if isinstance(exc, EmbeddingServiceFailing) or not one_text_may_be_why(exc):
+                    failed_in_a_row += 1
+                    if failed_in_a_row >= STOP_AFTER_FAILED_JOBS:
+                        raise
                 return
             jobs += 1
             failed_in_a_row = 0
@@ -177,10 +189,24 @@ class Reindexer:
             vectors = []
             for i in range(0, len(rows), BATCH):
                 batch = rows[i:i + BATCH]
-                embedded = await self.embed([r["text"] for r in batch])
+                texts = [r["text"] for r in batch]
+                try:
+                    embedded: list[list[float] | None] = await self.embed(texts)
+                    self._embedded_text = texts[0]
+                except Exception as exc:
+                    if not one_text_may_be_why(exc):
+                        raise
+                    log.warning("embedding %d segments failed (%s: %s); embedding them one by one", len(texts),
+                                type(exc).__name__, str(exc)[:200])
+                    embedded, refused, self._embedded_text = await embed_one_by_one(
+                        self.embed, texts, exc, self._embedded_text)
+                    for position, why in refused:
+                        log.warning("segment %d/%d is refused by the embedding service (%s: %s); stored without"
+                                    " a vector", batch[position]["chunk_index"], batch[position]["index"],
+                                    type(why).__name__, str(why)[:200])
                 vectors += [(r["chunk_index"], r["index"], r["text"], v) for r, v in zip(batch, embedded)]
-            if vectors:
-                await searchstore.ensure_vector_index(self.pool, self.model, len(vectors[0][3]))
+            if (dimensions := next((len(v[3]) for v in vectors if v[3] is not None), None)) is not None:
+                await searchstore.ensure_vector_index(self.pool, self.model, dimensions)
             async with self.pool.acquire() as conn, conn.transaction():
                 await searchstore.store_reindexed(conn, job_id, self.model, vectors)
             log.info("re-embedded %d segments with %s", len(vectors), self.model)
@@ -208,6 +234,62 @@ class Reindexer:
         counts = await self._segment_counts(running)
         return ReindexProgress(model=self.model, running=running, done_segments=counts["done"],
                                pending_segments=counts["pending"], waiting_jobs=counts["waiting_jobs"], error=error)
+
+
+def one_text_may_be_why(exc: BaseException) -> bool:
+    """The embedder's one_text_may_cause, less the database's outages, which stop the run."""
+    return one_text_may_cause(exc) and not isinstance(exc, DATABASE_UNAVAILABLE)
+
+
+async def embed_one_by_one(embed: EmbedFn, texts: list[str], failed: Exception, embedded_text: str | None
+                           ) -> tuple[list[list[float] | None], list[tuple[int, Exception]], str | None]:
+    """Each text alone after their batch `failed`, by the embedder's rule (its embed_each): a text
+    counts as refused (None, and its position and why in the second list) only once the service
+    has embedded another after it, or embeds again one it embedded before (`embedded_text`):
+    a crashed model runner answers 500 as a refused text does, and a text stored as refused is
+    not tried again with this model. Otherwise raises EmbeddingServiceFailing. Also returns a
+    text the service embedded, for the next batch."""
+    vectors: list[list[float] | None] = []
+    refused: list[tuple[int, Exception]] = []
+    failing: list[tuple[int, Exception]] = []
+
+    async def still_up() -> bool:
+        if embedded_text is None:
+            return False
+        try:
+            only_vector(await embed([embedded_text]))
+        except Exception as exc:
+            if not one_text_may_be_why(exc):
+                raise
+            return False
+        return True
+
+    def service_failing() -> EmbeddingServiceFailing:
+        return EmbeddingServiceFailing(f"the texts failed one by one too, and no text is shown to embed now (the batch:"
+                                       f" {type(failed).__name__}: {str(failed)[:200]})")
+
+    for position, text in enumerate(texts):
+        try:
+            alone = await embed([text])
+        except Exception as exc:
+            if not one_text_may_be_why(exc):
+                raise
+            failing.append((position, exc))
+            vectors.append(None)
+            if len(failing) >= GIVE_UP_AFTER:
+                if not await still_up():
+                    raise service_failing() from failed
+                refused += failing
+                failing = []
+            continue
+        vectors.append(only_vector(alone))
+        refused += failing
+        failing, embedded_text = [], text
+    if failing:
+        if not await still_up():
+            raise service_failing() from failed
+        refused += failing
+    return vectors, refused, embedded_text
 
 
 async def embed_corrections(pool: asyncpg.Pool, embed: EmbedFn, model: str,

@@ -178,13 +178,15 @@ async def search(
         raise HTTPException(status_code=503, detail=f"the search took over {searchstore.SEARCH_TIMEOUT_S:g} s and was"
                                                     " stopped: narrow it with transcript_id, speaker, language,"
                                                     " since or until") from exc
+    # The index walk orders ties (one text said many times) as it meets them: ranked, and fused,
+    # in the text search's order, or a tie could change places between two pages' requests.
+    semantic_rows = sorted(semantic_rows, key=lambda r: (-r["score"], -r["transcript_id"], r["start_ts"], _key(r)))
     if mode == "hybrid":
         hits = fuse(text_rows, semantic_rows)
     elif mode == "text":
         hits = [(_key(r), _hit(r, ["text"], r["score"])) for r in text_rows]
     else:
-        in_order = sorted(semantic_rows, key=lambda r: (-r["score"], -r["transcript_id"], r["start_ts"], _key(r)))
-        hits = [(_key(r), _hit(r, ["semantic"], r["score"])) for r in in_order]
+        hits = [(_key(r), _hit(r, ["semantic"], r["score"])) for r in semantic_rows]
     page = hits[offset:offset + limit]
     # Marking the matched words is the costly part of a text search: only for the hits shown.
     marked = await searchstore.highlights(state.pool, query, [key for key, hit in page if "text" in hit.found_by])
