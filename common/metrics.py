@@ -202,9 +202,15 @@ async def watch_queue_depths(connection, queues: Iterable[str], interval_s: floa
             raise
         except Exception as exc:
             if not failing:
-                log.warning("queue depths not readable (%s: %s); the gauges keep their last values",
+                log.warning("queue depths not readable (%s: %s); the queue gauges are left out until they can be read",
                             type(exc).__name__, str(exc)[:200])
                 failing = True
+            # Last values kept through an outage would say the queues are served (consumers >= 1)
+            # while nothing can be known: an alert on absent() fires instead.
+            for name in queues:
+                for gauge in (QUEUE_MESSAGES, QUEUE_CONSUMERS):
+                    with contextlib.suppress(KeyError):
+                        gauge.remove(name)
             stale, channel = channel, None  # closed, not dropped: a robust channel would live on
             if stale is not None:
                 with contextlib.suppress(Exception):

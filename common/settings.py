@@ -79,6 +79,9 @@ class Settings(BaseSettings):
     inbox_api_key: SecretStr | None = None
     # With API_KEYS: the key (one of API_KEYS) allowed to use /admin/* (re-embedding, every key's usage).
     admin_api_key: SecretStr | None = None
+    # Comma-separated origins (`https://chat.example.org`, or `*`) whose browser pages may call the
+    # API (CORS), as chat front ends calling /v1 do; blank: none, no CORS headers are sent.
+    cors_origins: str = ""
 
     # Input limits (checked after decoding)
     max_audio_hours: float = Field(default=6.0, gt=0)
@@ -156,6 +159,10 @@ class Settings(BaseSettings):
     def api_key_list(self) -> list[str]:
         raw = self.api_keys.get_secret_value() if self.api_keys else ""
         return [k.strip() for k in raw.split(",") if k.strip()]
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [origin.strip().rstrip("/") for origin in self.cors_origins.split(",") if origin.strip()]
 
     @property
     def redact_kinds(self) -> list[str]:

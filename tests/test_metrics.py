@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from common.audio import decode_audio
 from common.messages import JobDiarized, SpeakerTurn, TimeSpan
 from services.ingest.app import create_app
-from tests.conftest import SERVICES, Stack
+from tests.conftest import SERVICES, Stack, amqp_url, private_vhost
 
 WORKERS = ("diarizer", "transcriber", "embedder", "persister")
 Samples = list[tuple[str, dict[str, str], float]]
@@ -210,3 +210,44 @@ async def test_the_search_index_build_does_not_log_as_the_message_that_started_i
         current_job.reset(token)
         logging.getLogger("common.searchstore").removeHandler(handler)
     assert seen == [None]
+
+
+async def test_queue_gauges_are_left_out_while_the_queues_cannot_be_read():
+    """While the queues could not be read (a broker outage) the gauges kept their last values:
+    stt_queue_consumers said a worker served the queue, so an alert on 0 consumers (or on the
+    series being absent) could not fire. They are left out until the queues are readable again."""
+    from common import metrics
+
+    name = f"stt.gauge-test-{time.monotonic_ns()}"
+
+    async def ignored(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        pass
+
+    def consumers() -> float | None:
+        [family] = metrics.QUEUE_CONSUMERS.collect()
+        return next((s.value for s in family.samples if s.labels["queue"] == name), None)
+
+    async def until(check) -> None:
+        deadline = time.monotonic() + 20
+        while not check():
+            assert time.monotonic() < deadline, consumers()
+            await asyncio.sleep(0.1)
+
+    with private_vhost() as vhost:
+        connection = await aio_pika.connect_robust(amqp_url(vhost))  # as ingest's
+        watching = asyncio.create_task(metrics.watch_queue_depths(connection, [name], interval_s=0.2))
+        try:
+            channel = await connection.channel()
+            queue = await channel.declare_queue(name)
+            await queue.consume(ignored)
+            await until(lambda: consumers() == 1)
+            await queue.delete(if_unused=False)  # its reads fail
+            await until(lambda: consumers() is None)
+            await channel.declare_queue(name)
+            await until(lambda: consumers() == 0)
+            await connection.close()  # as in an outage
+            await until(lambda: consumers() is None)
+        finally:
+            watching.cancel()
+            await asyncio.gather(watching, return_exceptions=True)
+            await connection.close()

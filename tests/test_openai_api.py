@@ -4,6 +4,7 @@ OpenAI's audio API would use it, against the real stack: only the base URL chang
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 import uuid
@@ -237,3 +238,146 @@ def test_a_fault_is_answered_in_openais_shape_and_logged_once(stack, fixtures_di
                                                       "param": None, "code": None}}
     logged = [r for r in caplog.records if r.exc_info and "the digest broke" in str(r.exc_info[1])]
     assert len(logged) == 1 and "/v1/audio/transcriptions" in logged[0].getMessage(), caplog.text
+
+
+def test_the_sdks_lists_and_objects_reach_the_job_and_unknown_fields_are_refused(stack, client, fixtures_dir):
+    """The SDK sends extra_body's lists as `redact[]` fields and its objects as `spelling[heard]`
+    fields: they were dropped without a word (the job ran unredacted, answered 200, and its
+    request hash did not tell it from one without them). A field neither OpenAI's nor this
+    service's (misspelt, or POST /recognize's) was dropped too."""
+    name = f"lists {uuid.uuid4().hex[:6]}.flac"
+    recording = (name, (fixtures_dir / "jfk.flac").read_bytes())
+    text = client.audio.transcriptions.create(
+        model="whisper-1", file=recording, response_format="text", language="en",
+        # OpenAI's own fields are taken even where ignored, an object among them.
+        timestamp_granularities=["word"], include=["logprobs"], chunking_strategy={"type": "server_vad"},
+        extra_body={"redact": ["email", "number"], "spelling": {"country": "Nation"}})
+    assert "Nation" in text and "country" not in text.lower(), text
+    [job] = stack.query("SELECT options FROM transcripts WHERE filename = $1", name)
+    options = json.loads(job["options"])
+    assert (options["redact"], options["spelling"]) == (["email", "number"], {"country": "Nation"})
+
+    # Other options, another job; the same asked as one plain text field (blanks not given), the same job.
+    client.audio.transcriptions.create(model="whisper-1", file=recording, language="en",
+                                       extra_body={"redact": ["number"]})
+    plain = httpx.post(f"{stack.api}/v1/audio/transcriptions", timeout=300, files={"file": recording},
+                       data={"model": "whisper-1", "language": "en", "redact": "number", "temperature": "",
+                             "num_speakers": "", "response_format": ""})
+    assert plain.status_code == 200, plain.text
+    jobs = stack.query("SELECT options FROM transcripts WHERE filename = $1 ORDER BY id", name)
+    assert [json.loads(job["options"])["redact"] for job in jobs] == [["email", "number"], ["number"]]
+
+    for extra, field in (({"vocabulary": "ComfyUI"}, "vocabulary"), ({"num_speaker": 2}, "num_speaker"),
+                         ({"redact": {"email": True}}, "redact[email]")):
+        with pytest.raises(openai.BadRequestError, match=re.escape(f"unknown form field '{field}'")):
+            client.audio.transcriptions.create(model="whisper-1", file=recording, extra_body=extra)
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.audio.transcriptions.create(model="whisper-1", file=recording, extra_body={"temperature": "hot"})
+    # One field of names: a name cannot hold a comma, so these are two (neither enrolled here).
+    with pytest.raises(openai.BadRequestError, match="no enrolled speaker is called 'Anna', 'Boris'"):
+        client.audio.transcriptions.create(model="whisper-1", file=recording,
+                                           extra_body={"known_speaker_names": "Anna, Boris"})
+    assert len(stack.query("SELECT id FROM transcripts WHERE filename = $1", name)) == 2
+
+
+def same_request_hash(content: bytes, filename: str) -> str:
+    """The hash of a plain request (model whisper-1, nothing else) for this file."""
+    import hashlib
+
+    from common.messages import JobOptions
+    from services.ingest.openai_api import request_hash
+
+    return request_hash(hashlib.sha256(content).hexdigest(), filename, JobOptions(task="transcribe"))
+
+
+def test_text_written_without_spaces_is_joined_without_them(stack, made_job, client, fixtures_dir):
+    """Segments' texts were joined with a space: Chinese, Japanese and Thai came out with spaces
+    between sentences, where they are written without. And the streamed whole text was in the
+    order segments are stored, not the start-time order of the answer without `stream`."""
+    name = f"unspaced {uuid.uuid4().hex[:6]}.flac"
+    content = (fixtures_dir / "jfk.flac").read_bytes()
+    job_id = made_job(name, content)
+    stack.query("UPDATE transcripts SET request_hash = $1 WHERE id = $2", same_request_hash(content, name), job_id)
+    # Within a chunk, a later segment may start first (two speakers at once).
+    for chunk, index, start, text in ((0, 0, 2.0, "今天开会。"), (0, 1, 0.5, "大家好。"),
+                                      (1, 0, 6.0, "Let's begin."), (1, 1, 8.0, "Thank you.")):
+        stack.query("INSERT INTO segments (transcript_id, chunk_index, index, speaker, start_ts, end_ts, text)"
+                    " VALUES ($1, $2, $3, 'spk_0', $4::float8, $4::float8 + 1, $5)", job_id, chunk, index, start, text)
+    whole = client.audio.transcriptions.create(model="whisper-1", file=(name, content)).text
+    assert whole == "大家好。今天开会。Let's begin. Thank you."
+    events = list(client.audio.transcriptions.create(model="whisper-1", file=(name, content), stream=True))
+    assert "".join(e.delta for e in events[:-1]) == "今天开会。大家好。Let's begin. Thank you."
+    assert events[-1].type == "transcript.text.done" and events[-1].text == whole
+    assert [job["id"] for job in stack.query("SELECT id FROM transcripts WHERE filename = $1", name)] == [job_id]
+
+
+def test_a_stopping_server_answers_its_waits_and_streams_so_that_they_are_sent_again(stack, made_job, fixtures_dir):
+    """On SIGTERM a streamed transcription ended as if the text so far were all of it (no
+    transcript.text.done, no error), and a request waiting for its job held the restart for up to
+    5 minutes (here: until the process was killed). Both are told to send the request again."""
+    name = f"stopping {uuid.uuid4().hex[:6]}.flac"
+    content = (fixtures_dir / "jfk.flac").read_bytes()
+    job_id = made_job(name, content, status="processing")  # a job that runs on: nothing works on it
+    stack.query("UPDATE transcripts SET request_hash = $1 WHERE id = $2", same_request_hash(content, name), job_id)
+    outcomes: dict[str, object] = {}
+
+    def ask(how: str, **stream) -> None:
+        try:
+            answer = sdk.audio.transcriptions.create(model="whisper-1", file=(name, content), **stream)
+            outcomes[how] = [e.type for e in answer] if stream else answer
+        except openai.APIError as exc:
+            outcomes[how] = exc
+
+    with another_ingest(stack, "ingest-stopping") as api:
+        sdk = openai.OpenAI(base_url=f"{api}/v1", api_key="-", max_retries=0, timeout=60)
+        asking = [threading.Thread(target=ask, args=("waiting",)),
+                  threading.Thread(target=ask, args=("streaming",), kwargs={"stream": True})]
+        for thread in asking:
+            thread.start()
+        deadline = time.monotonic() + 60
+        while stack.log_text("ingest-stopping").count(f"job={job_id} the same transcription request again") < 2:
+            assert time.monotonic() < deadline, stack.log_tail("ingest-stopping")
+            time.sleep(0.2)
+        time.sleep(1)  # both waiting on the job
+        stopping = time.monotonic()
+        stack.stop("ingest-stopping")  # SIGTERM; killed after 10 s
+        stopped_s = time.monotonic() - stopping
+    for thread in asking:
+        thread.join(30)
+    waiting, streaming = outcomes["waiting"], outcomes["streaming"]
+    assert isinstance(waiting, openai.APIStatusError), waiting
+    assert waiting.status_code == 503 and waiting.response.headers["retry-after"].isdigit()
+    assert "restarting" in waiting.message and "send the same request again" in waiting.message
+    assert isinstance(streaming, openai.APIError) and "send the request again" in streaming.message, streaming
+    assert stopped_s < 8, stopped_s
+
+
+def test_a_browser_page_of_an_allowed_origin_may_call_the_api(stack, fixtures_dir):
+    """A chat front end in the browser calls /v1 from its own origin: the browser first sends a
+    preflight (OPTIONS, without the key), which was answered 401, so the page could never send
+    the request. With CORS_ORIGINS the preflight is answered, and every answer (a 401 too) says
+    the page may read it; an origin not listed, and a server without CORS_ORIGINS, get no such
+    headers."""
+    page = "https://chat.example.org"
+    preflight = {"Origin": page, "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization, content-type, x-stainless-lang"}
+    recording = {"file": ("jfk.flac", (fixtures_dir / "jfk.flac").read_bytes())}
+    with another_ingest(stack, "ingest-cors", API_KEYS="key-cors-1",
+                        CORS_ORIGINS=f"{page}, https://other.example.org") as api:
+        allowed = httpx.options(f"{api}/v1/audio/transcriptions", headers=preflight, timeout=30)
+        assert allowed.status_code in (200, 204), allowed.text
+        assert allowed.headers["access-control-allow-origin"] == page
+        asked = {h.strip().lower() for h in allowed.headers["access-control-allow-headers"].split(",")}
+        assert {"authorization", "content-type", "x-stainless-lang"} <= asked
+        refused = httpx.post(f"{api}/v1/audio/transcriptions", files=recording, data={"model": "whisper-1"},
+                             headers={"Origin": page, "Authorization": "Bearer wrong"}, timeout=30)
+        assert refused.status_code == 401 and refused.headers["access-control-allow-origin"] == page
+        listed = httpx.get(f"{api}/transcripts", headers={"Origin": page, "Authorization": "Bearer key-cors-1"},
+                           timeout=30)
+        assert listed.status_code == 200 and listed.headers["access-control-allow-origin"] == page
+        stranger = httpx.options(f"{api}/v1/audio/transcriptions", headers={**preflight, "Origin": "https://x.example"},
+                                 timeout=30)
+        assert "access-control-allow-origin" not in stranger.headers
+    with another_ingest(stack, "ingest-no-cors", API_KEYS="key-cors-1") as api:
+        answer = httpx.options(f"{api}/v1/audio/transcriptions", headers=preflight, timeout=30)
+        assert answer.status_code == 401 and "access-control-allow-origin" not in answer.headers

@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 import aiohttp
 from litestar import Litestar, Request, get, post
+from litestar.config.cors import CORSConfig
 from litestar.datastructures import State, UploadFile
 from litestar.enums import RequestEncodingType
 from litestar.exceptions import HTTPException, NotFoundException
@@ -389,6 +390,10 @@ def create_app(settings: Settings | None = None) -> Litestar:
         middleware=[http_metrics_middleware, api_key_middleware(settings),  # metrics first: 401s count
                     upload_limit_middleware(settings.max_concurrent_uploads), small_body_middleware,
                     event_stream_limit_middleware(settings.max_event_streams)],
+        # Outside every route's middleware: a browser's preflight (OPTIONS, no API key) is
+        # answered before the key check, and a 401 carries the headers the page needs to read it.
+        cors_config=CORSConfig(allow_origins=settings.cors_origin_list, expose_headers=["Retry-After"])
+        if settings.cors_origin_list else None,
         exception_handlers=EXCEPTION_HANDLERS,
         after_exception=[log_unexpected],
         logging_config=None,  # keep the project's log format (common.logs)

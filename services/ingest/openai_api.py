@@ -17,7 +17,7 @@ import string
 import time
 import unicodedata
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Annotated, Literal
@@ -38,6 +38,7 @@ from common.logs import job_logged
 from common.messages import VOCABULARY_MAX_CHARS, JobOptions, vocabulary_chars
 from services.ingest.admission import RETRY_AFTER_S, UPLOAD_FORM_PARTS, claim_event_stream, release_upload
 from services.ingest.auth import request_owner
+from services.ingest.corrections import _written_unspaced
 from services.ingest.errors import OPENAI_PREFIX, OpenAIErrorBody, error_body, error_responses, invalid
 from services.ingest.jobs import Idempotency, checked_idempotency_key, clean_filename, earlier_job
 from services.ingest.live import job_updates, server_exiting
@@ -67,42 +68,102 @@ class OpenAITranscriptionForm:
     prompt: Annotated[str | None, Parameter(
         description=f"Text Whisper goes on from, or names and terms the recording uses: its last "
                     f"{VOCABULARY_MAX_CHARS} characters become the job's vocabulary")] = None
-    response_format: Annotated[str, Parameter(
-        description="json, text, srt, vtt, verbose_json (segments with their speaker, and words) or diarized_json")] = (
-        "json")
-    temperature: Annotated[float | None, Parameter(description="Accepted and ignored")] = None
-    num_speakers: Annotated[int | None, Parameter(description="This service's own: the number of speakers")] = None
-    min_speakers: Annotated[int | None, Parameter(description="This service's own: at least this many")] = None
-    max_speakers: Annotated[int | None, Parameter(description="This service's own: at most this many")] = None
+    response_format: Annotated[str | None, Parameter(
+        description="json (blank or left out), text, srt, vtt, verbose_json (segments with their speaker, and "
+                    "words) or diarized_json")] = None
+    # Numbers are read as text so that a blank field means "not given", as on POST /recognize.
+    temperature: Annotated[str | None, Parameter(description="A number; accepted and ignored")] = None
+    num_speakers: Annotated[str | None, Parameter(description="This service's own: the number of speakers")] = None
+    min_speakers: Annotated[str | None, Parameter(description="This service's own: at least this many")] = None
+    max_speakers: Annotated[str | None, Parameter(description="This service's own: at most this many")] = None
     spelling: Annotated[str | None, Parameter(
-        description="This service's own: custom spelling, heard=written pairs, comma-separated")] = None
+        description="This service's own: custom spelling, heard=written pairs, comma-separated; or one "
+                    "`spelling[heard]=written` field a pair, as the SDK sends extra_body={\"spelling\": {...}}")] = None
     redact: Annotated[str | None, Parameter(
         description="This service's own: what to replace in the text, comma-separated (email, card, phone, "
-                    "number)")] = None
+                    "number); or one `redact[]` field a kind, as the SDK sends a list")] = None
     stream: Annotated[bool, Parameter(
         description="Events as the text is written: transcript.text.delta per segment, then transcript.text.done")] = (
         False)
 
 
-# OpenAI's diarizing model takes up to 4 names, each with a 2-10 s reference clip, as repeated
-# multipart fields (the SDK sends a list in `extra_body` as `name[]`). Here the names are those of
-# enrolled speakers (README "Speakers"), who become the job's expected_speakers; clips are refused,
-# since a voice is enrolled once, with consent, rather than sent with each request.
-KNOWN_SPEAKER_NAMES = ("known_speaker_names[]", "known_speaker_names")
-KNOWN_SPEAKER_REFERENCES = ("known_speaker_references[]", "known_speaker_references")
+# The fields of OpenAI's transcription request, taken even where ignored (a list comes as
+# `name[]`, repeated, from the SDK, or as `name` from a hand-written form; an object such as
+# chunking_strategy as `name[key]` fields), and this service's own. Any other is refused: a
+# misspelt option, or one only POST /recognize has, would otherwise be dropped without a word.
+OPENAI_FIELDS = ("file", "model", "language", "prompt", "response_format", "temperature", "stream",
+                 "chunking_strategy", "include", "timestamp_granularities", "known_speaker_names",
+                 "known_speaker_references")
+OWN_FIELDS = ("num_speakers", "min_speakers", "max_speakers", "spelling", "redact")
+LIST_FIELDS = ("include", "timestamp_granularities", "known_speaker_names", "known_speaker_references", "redact")
+OBJECT_FIELDS = ("chunking_strategy", "spelling")
 
 
-async def known_speaker_names(request: Request) -> list[str]:
+def unknown_fields(names: Iterable[str]) -> list[str]:
+    def known(name: str) -> bool:
+        field, bracket, key = name.partition("[")
+        if not bracket:
+            return field in OPENAI_FIELDS or field in OWN_FIELDS
+        if key == "]":
+            return field in LIST_FIELDS
+        return field in OBJECT_FIELDS and key.endswith("]")
+
+    return sorted({name for name in names if not known(name)})
+
+
+def field_texts(form, field: str) -> list[str]:
+    """The field's values, sent as `field` or, as the SDK sends a list, `field[]`."""
+    return [value for name in (field, f"{field}[]") for value in form.getall(name, []) if isinstance(value, str)]
+
+
+async def form_list_options(request: Request) -> dict[str, object]:
+    """JobOptions' expected_speakers, redact and spelling as the form gives them, in either shape:
+    one comma-separated text, or as the SDK sends extra_body's lists (`redact[]=email`, one field
+    each) and objects (`spelling[confu i]=ComfyUI`). Unknown fields are refused here."""
     form = await request.form()
-    if any(form.getall(field, []) for field in KNOWN_SPEAKER_REFERENCES):
+    if unknown := unknown_fields(form.keys()):
+        raise HTTPException(status_code=400, detail=(
+            f"unknown form field {', '.join(map(repr, unknown))[:300]}; the fields are OpenAI's "
+            f"({', '.join(OPENAI_FIELDS)}) and this service's own ({', '.join(OWN_FIELDS)}); POST /recognize takes"
+            " the others"))
+    # OpenAI's diarizing model takes up to 4 names, each with a 2-10 s reference clip. Here the names
+    # are those of enrolled speakers (README "Speakers"), who become the job's expected_speakers;
+    # clips are refused, since a voice is enrolled once, with consent, not sent with each request.
+    if field_texts(form, "known_speaker_references"):
         raise HTTPException(status_code=400, detail=(
             "known_speaker_references: reference clips are not taken here; enrol each voice once (POST /speakers, "
             "or `stt speakers enroll NAME sample.wav`) and give its name in known_speaker_names"))
-    return [name for field in KNOWN_SPEAKER_NAMES for name in form.getall(field, []) if isinstance(name, str)]
+    # A name cannot hold a comma, so a single field's "Anna, Boris" can only be two names.
+    names = [name for text in field_texts(form, "known_speaker_names") for name in text.split(",")]
+    kinds = field_texts(form, "redact")
+    pairs = {name[len("spelling["):-1]: value for name, value in form.multi_items()
+             if name.startswith("spelling[") and isinstance(value, str)}
+    spelling_text = field_texts(form, "spelling")
+    if pairs and spelling_text:
+        raise HTTPException(status_code=400, detail="spelling: give it as one text (heard=written, comma-separated)"
+                                                    " or as spelling[heard]=written fields, not both")
+    return {"expected_speakers": names, "redact": ",".join(kinds) if kinds else None,
+            "spelling": pairs or (",".join(spelling_text) if spelling_text else None)}
 
 
 IdempotencyKey = Annotated[str | None, HeaderParameter(
     name="Idempotency-Key", description="As for POST /recognize: the same request again waits for the same job")]
+
+
+def joined_text(texts: Iterable[str]) -> str:
+    """Segments' texts as one: a space between two, but not next to a character of a script
+    written without spaces between words (Chinese, Japanese, Thai), as captions part words."""
+    parts, previous = [], ""
+    for text in texts:
+        parts += [text_separator(previous, text), text]
+        previous = text or previous
+    return "".join(parts)
+
+
+def text_separator(before: str, after: str) -> str:
+    if not before or not after:
+        return ""
+    return "" if _written_unspaced(before[-1]) or _written_unspaced(after[0]) else " "
 
 
 def _breaks_text(char: str) -> bool:
@@ -156,6 +217,7 @@ def file_digest(stream) -> str:
 async def wait_for_end(state: State, job_id: int, timeout_s: float) -> str:
     """The job's status once it has ended, "processing" after `timeout_s`, or "deleted"."""
     deadline = time.monotonic() + timeout_s
+    exiting = server_exiting(state)
     with state.wakeups.listen(job_id) as woken:
         while True:
             job = await jobstore.job(state.pool, job_id)
@@ -163,7 +225,9 @@ async def wait_for_end(state: State, job_id: int, timeout_s: float) -> str:
                 return "deleted"
             status = job["status"]
             left = deadline - time.monotonic()
-            if status != "processing" or left <= 0:
+            # Stopping: the server waits for open answers, so a wait held on would hold the
+            # restart for minutes; the 503 it gets sends the client back to this job elsewhere.
+            if status != "processing" or left <= 0 or exiting():
                 return status
             woken.clear()
             with contextlib.suppress(TimeoutError):
@@ -198,7 +262,7 @@ def verbose_segment(n: int, segment: TranscriptSegment) -> dict:
 
 def rendered(document, response_format: str, task: str) -> Response:
     segments = document.segments
-    text = " ".join(s.text for s in segments)
+    text = joined_text(s.text for s in segments)
     if response_format == "text":
         return Response(text, media_type="text/plain")
     if response_format in ("srt", "vtt"):
@@ -227,13 +291,19 @@ def rendered(document, response_format: str, task: str) -> Response:
 
 async def transcribe_and_wait(state: State, request: Request, data: OpenAITranscriptionForm, task: str,
                               idempotency_key: str | None) -> Response:
-    if data.response_format not in ResponseFormat.__args__:
+    response_format = (data.response_format or "").strip() or "json"
+    if response_format not in ResponseFormat.__args__:
         raise HTTPException(status_code=400, detail=f"response_format: one of {', '.join(ResponseFormat.__args__)}")
+    if data.temperature is not None and data.temperature.strip():
+        try:
+            float(data.temperature)
+        except ValueError:
+            raise HTTPException(status_code=400, detail="temperature: a number") from None
+    listed = await form_list_options(request)
     try:
         options = JobOptions(language=data.language, vocabulary=prompt_vocabulary(data.prompt), task=task,
                              num_speakers=data.num_speakers,
-                             min_speakers=data.min_speakers, max_speakers=data.max_speakers, spelling=data.spelling,
-                             redact=data.redact, expected_speakers=await known_speaker_names(request))
+                             min_speakers=data.min_speakers, max_speakers=data.max_speakers, **listed)
     except ValidationError as exc:
         raise invalid(exc, whole="form") from exc
     await require_enrolled(state.pool, request_owner(request), options.expected_speakers, "known_speaker_names")
@@ -274,16 +344,20 @@ async def transcribe_and_wait(state: State, request: Request, data: OpenAITransc
             log.info("the client went away before the job ended; the job goes on")
         raise HTTPException(status_code=503, detail="the client went away")
     status = waiting.result()
+    if status == "processing" and server_exiting(state)():
+        raise HTTPException(status_code=503, headers={"Retry-After": "1"},
+                            detail=f"this server is restarting; job {job_id} goes on: send the same request again"
+                                   f" to wait for it, or follow GET /status/{job_id}")
     if status == "processing":
         raise HTTPException(status_code=503, headers={"Retry-After": "1"},
                             detail=f"job {job_id} is still processing after {WAIT_S:g} s and goes on: send the same "
                                    f"request again to wait for it, or follow GET /status/{job_id}")
-    document = await fetch_transcript(state.pool, job_id, owner, with_words=data.response_format != "json")
+    document = await fetch_transcript(state.pool, job_id, owner, with_words=response_format != "json")
     if status == "deleted" or document is None:
         raise NotFoundException(detail=f"job {job_id} was deleted while this request waited for it")
     if status == "error":
         raise HTTPException(status_code=422, detail=f"job {job_id} failed: {document.error}")
-    return rendered(document, data.response_format, task)
+    return rendered(document, response_format, task)
 
 
 def _event(data: dict) -> ServerSentEventMessage:
@@ -292,22 +366,36 @@ def _event(data: dict) -> ServerSentEventMessage:
 
 async def text_events(state: State, job_id: int) -> AsyncIterator[ServerSentEventMessage]:
     """OpenAI's streamed transcription: `transcript.text.delta` with each segment as it is stored,
-    then `transcript.text.done` with the whole text; a job that fails (or is deleted) ends the
-    stream with an error, which the SDKs raise."""
-    texts: list[str] = []
+    then `transcript.text.done` with the whole text, in the order the answer without `stream` has
+    it; a job that fails (or is deleted) ends the stream with an error, which the SDKs raise, and
+    so does a server that stops first (the SDK would otherwise take the text so far for all)."""
+    previous = ""
+    segments: list[tuple[float, tuple[int, int], str]] = []
+    ended = False
     async for update in job_updates(state.pool, state.wakeups, job_id, (-1, -1), server_exiting(state)):
         match update:
-            case ("segment", _, segment):
-                yield _event({"type": "transcript.text.delta", "delta": (" " if texts else "") + segment.text})
-                texts.append(segment.text)
+            case ("segment", position, segment):
+                delta = text_separator(previous, segment.text) + segment.text
+                previous = segment.text or previous
+                segments.append((segment.start_ts, position, segment.text))
+                yield _event({"type": "transcript.text.delta", "delta": delta})
             case ("ended", job) if job["status"] == "done":
-                yield _event({"type": "transcript.text.done", "text": " ".join(texts)})
+                ended = True
+                in_time_order = (text for *_, text in sorted(segments))
+                yield _event({"type": "transcript.text.done", "text": joined_text(in_time_order)})
             case ("ended", job):
+                ended = True
                 yield _event(error_body(OPENAI_PREFIX, 500, f"job {job_id} failed: {job['error']}"))
             case ("deleted",):
+                ended = True
                 yield _event(error_body(OPENAI_PREFIX, 500, f"job {job_id} was deleted"))
             case ("quiet",):
                 yield ServerSentEventMessage(data=None, comment="keep-alive", sep="\n")
+    if not ended:
+        with job_logged(job_id):
+            log.info("the server is stopping: the streamed transcription ends with an error; the job goes on")
+        yield _event(error_body(OPENAI_PREFIX, 503, f"this server is restarting; job {job_id} goes on: send the"
+                                                    " request again to follow it"))
 
 
 def openai_error(request: Request, exc: HTTPException) -> Response:
