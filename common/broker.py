@@ -14,8 +14,9 @@ consumer first starts waits in that consumer's queue instead of being dropped):
   at-least-once: the broker lets go of an expired message only once its queue confirmed it.
 - A message whose retries are used up is failed with its reason and parked in
   `stt.dead-letters` by the consumer itself (not rejected, so the reason stays the real one).
-- `stt.<service>.ended.<id>`: each pipeline worker's own exclusive queue of `transcript.failed`
-  events, so a job that failed or was cancelled is not worked on further by any replica.
+- `stt.<service>.ended.<id>`: each pipeline worker's own exclusive queue of `transcript.failed`,
+  `transcript.completed` and `transcript.deleted` events, so a job that ended (failed, was
+  cancelled, done) or was deleted is not worked on further by any replica.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ from common.messages import (
     JobProgress,
     JobSubmitted,
     TranscriptCompleted,
+    TranscriptDeleted,
     TranscriptFailed,
     WebhookDue,
 )
@@ -323,11 +325,12 @@ Handler = Callable[[Any], AsyncIterator[Contract] | Awaitable[Any]]
 
 
 class EndedJobs:
-    """The jobs that ended (done, failed, or cancelled by their owner), as announced on
-    stt.events while this process ran: the newest ENDED_JOBS_KEPT of them. A pipeline stage skips
-    their messages (a job's work delivered again after it was done, or left over after it
-    failed); what a replica started after the announcement still does is dropped by the
-    persister, which stores nothing for a job that is not processing."""
+    """The jobs that ended (done, failed, or cancelled by their owner) or were deleted, as
+    announced on stt.events while this process ran: the newest ENDED_JOBS_KEPT of them. A
+    pipeline stage skips their messages (a job's work delivered again after it was done, or left
+    over after it failed); what a replica started after the announcement still does is dropped by
+    the persister, which stores nothing for a job that is not processing, and announces the end
+    (or the deletion) again for the stages to hear."""
 
     def __init__(self) -> None:
         self._ids: OrderedDict[int, None] = OrderedDict()
@@ -368,13 +371,14 @@ async def watch_job_events(connection: AbstractRobustConnection, queue_prefix: s
 
 
 async def watch_ended_jobs(connection: AbstractRobustConnection, service: str, ended: EndedJobs) -> None:
-    """Fill `ended` from stt.events' transcript.failed and transcript.completed."""
+    """Fill `ended` from stt.events' transcript.failed, transcript.completed and transcript.deleted."""
     def add(job_id: int | None) -> None:
         if job_id is not None:
             ended.add(job_id)
 
     await watch_job_events(connection, f"stt.{service}.ended",
-                           [TranscriptFailed.ROUTING_KEY, TranscriptCompleted.ROUTING_KEY], add)
+                           [TranscriptFailed.ROUTING_KEY, TranscriptCompleted.ROUTING_KEY,
+                            TranscriptDeleted.ROUTING_KEY], add)
 
 
 @dataclass

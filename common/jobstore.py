@@ -21,6 +21,7 @@ from common.messages import (
     SpeakerName,
     SpeakerTurn,
     TranscriptCompleted,
+    TranscriptDeleted,
     TranscriptFailed,
     redacted_label,
 )
@@ -394,9 +395,15 @@ async def remember_deleted_drop(conn: asyncpg.Connection, bucket: str, key: str,
 
 
 async def delete_job(conn: asyncpg.Connection, job_id: int) -> None:
-    """The row; chunks, segments, turns and speakers cascade; its webhook deliveries as below."""
+    """The row; chunks, segments, turns and speakers cascade; its webhook deliveries as below. Its
+    transcript.deleted is queued in the caller's transaction."""
     await conn.execute("DELETE FROM transcripts WHERE id = $1", job_id)
     await forget_deleted_jobs_deliveries(conn, job_id)
+    await add_to_outbox(conn, deletion(job_id))
+
+
+def deletion(job_id: int) -> TranscriptDeleted:
+    return TranscriptDeleted(message_id=f"transcript.deleted:{job_id}", job_id=job_id, transcript_id=job_id)
 
 
 async def forget_deleted_jobs_deliveries(conn: asyncpg.Connection, job_id: int) -> None:
@@ -649,6 +656,19 @@ async def announce_end_again(conn: asyncpg.Connection, job_id: int) -> bool:
     return True
 
 
+async def announce_deletion_again(conn: asyncpg.Connection, job_id: int) -> bool:
+    """Queue a deleted job's transcript.deleted once more, under the same message id. A job is
+    known to have been deleted by its line in the usage ledger, which outlives it; False for a
+    job that exists, or that never did."""
+    deleted = await conn.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM job_usage WHERE job_id = $1)"
+        " AND NOT EXISTS (SELECT 1 FROM transcripts WHERE id = $1)", job_id)
+    if not deleted:
+        return False
+    await add_to_outbox(conn, deletion(job_id))
+    return True
+
+
 def completion(job_id: int, done: asyncpg.Record) -> TranscriptCompleted:
     """A done job's transcript.completed, from what mark_done returns."""
     return TranscriptCompleted(
@@ -717,9 +737,14 @@ async def usage_by_day(db: Db, owner: str | None, since: datetime, until: dateti
         " GROUP BY 1, 2 ORDER BY 1, 2", everyone, owner, since, until)
 
 
-async def stalled_job_ids(db: Db, timeout_s: float) -> list[int]:
-    """Processing jobs that have not moved for `timeout_s`."""
+async def stalled_job_ids(db: Db, timeout_s: float, outages: list[tuple[datetime, datetime]] = ()) -> list[int]:
+    """Processing jobs that have not moved for `timeout_s`, not counting the time within the
+    (since, until) spans of `outages` (when the database could not store their progress)."""
     rows = await db.fetch(
-        "SELECT id FROM transcripts WHERE status = 'processing'"
-        " AND updated_at < now() - make_interval(secs => $1) ORDER BY id", timeout_s)
+        "SELECT id FROM transcripts t WHERE status = 'processing'"
+        " AND updated_at < now() - make_interval(secs => $1)"
+        " AND updated_at + make_interval(secs => $1) + (SELECT COALESCE(sum(GREATEST("
+        "     LEAST(o.until, now()) - GREATEST(o.since, t.updated_at), interval '0')), interval '0')"
+        "   FROM unnest($2::timestamptz[], $3::timestamptz[]) AS o(since, until)) < now()"
+        " ORDER BY id", timeout_s, [since for since, _ in outages], [until for _, until in outages])
     return [r["id"] for r in rows]

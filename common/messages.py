@@ -531,9 +531,20 @@ class TranscriptSpeakersUpdated(Contract):
     speakers: dict[str, SpeakerName]
 
 
+class TranscriptDeleted(Contract):
+    """A job was deleted with its transcript and audio (DELETE /transcripts/{id}, or retention):
+    subscribers remove their copies, and the pipeline's workers stop working on it. Sent again,
+    under the same message id, when a stage reports on the job after that (a redelivered job run
+    by a replica that never heard). Only ids: the job's row, with its filename, is gone by then."""
+
+    ROUTING_KEY: ClassVar[str] = "transcript.deleted"
+
+    transcript_id: int
+
+
 EVENTS: dict[str, type[Contract]] = {
     m.ROUTING_KEY: m for m in (SegmentCreated, SegmentUpdated, TranscriptCompleted, TranscriptFailed,
-                               TranscriptSpeakersUpdated)
+                               TranscriptSpeakersUpdated, TranscriptDeleted)
 }
 
 

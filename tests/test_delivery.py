@@ -696,3 +696,85 @@ async def test_the_stall_reaper_spares_a_job_that_moved_after_it_was_listed(stac
         await conn.execute("DELETE FROM job_usage WHERE job_id = $1", stalled)
         await pool.close()
         await conn.close()
+
+
+async def test_the_stall_reaper_does_not_count_a_database_outage(stack):
+    """Through a PostgreSQL outage no job moves while its messages wait in stt.persister (README:
+    none fails). Once the database is back, a job whose last progress is older than the timeout
+    only because of the outage is spared while its messages land; with the database up for the
+    timeout, it is failed."""
+    from common.db import create_pool
+    from services.persister.handler import DatabaseOutages, reap_stalled_jobs
+    from tests.conftest import free_port
+
+    timeout_s = 4.0
+    outages = DatabaseOutages(grace_s=1.0)
+    conn = await asyncpg.connect(stack.database_url)
+    pool = await create_pool(stack.settings(), max_size=2)
+    # The database as the reaper sees it during the outage: nothing answers there.
+    away = await asyncpg.create_pool(f"postgresql://postgres@127.0.0.1:{free_port()}/stt", min_size=0, max_size=1)
+    job_id = None
+    try:
+        job_id = await conn.fetchval("INSERT INTO transcripts (filename, updated_at) VALUES"
+                                     " ('held through an outage.wav', now()) RETURNING id")
+        outage_ends = time.monotonic() + timeout_s + 1
+        while time.monotonic() < outage_ends:
+            assert await reap_stalled_jobs(away, timeout_s, outages) == []
+            await asyncio.sleep(0.5)
+        assert await conn.fetchval("SELECT updated_at < now() - make_interval(secs => $2) FROM transcripts"
+                                   " WHERE id = $1", job_id, timeout_s)
+        assert job_id not in await reap_stalled_jobs(pool, timeout_s, outages)
+        assert await conn.fetchval("SELECT status FROM transcripts WHERE id = $1", job_id) == "processing"
+        await asyncio.sleep(timeout_s + 2)  # with the database up, and the grace after the outage
+        assert job_id in await reap_stalled_jobs(pool, timeout_s, outages)
+        assert await conn.fetchval("SELECT status FROM transcripts WHERE id = $1", job_id) == "error"
+    finally:
+        if job_id is not None:
+            await conn.execute("DELETE FROM transcripts WHERE id = $1", job_id)
+            await conn.execute("DELETE FROM job_usage WHERE job_id = $1", job_id)
+        await away.close()
+        await pool.close()
+        await conn.close()
+
+
+async def test_work_on_a_deleted_job_announces_the_deletion_again_and_the_stages_stop(stack):
+    """A job.submitted delivered again after its job ended and was deleted reaches a diarizer that
+    never heard of the deletion (a replica started after it). Its progress report makes the
+    persister announce transcript.deleted again (the same event), so the diarizer skips the job's
+    next delivery instead of retrying the download of a recording that is gone until the message
+    is parked in stt.dead-letters; a chunk of the job (a transcriber that never heard) does the same."""
+    import re
+
+    from common import jobstore
+
+    conn = await asyncpg.connect(stack.database_url)
+    connection = await aio_pika.connect(stack.amqp_url)
+    try:
+        job_id = await conn.fetchval("INSERT INTO transcripts (filename, status, stage, completed_at)"
+                                     " VALUES ('deleted before.wav', 'done', 'done', now()) RETURNING id")
+        await jobstore.record_usage(conn, job_id)
+        # Deleted before the stages' time: none of them heard of it.
+        await conn.execute("DELETE FROM transcripts WHERE id = $1", job_id)
+        queue = await events_queue(await connection.channel(), "transcript.deleted")
+        await publish(stack, JobSubmitted(job_id=job_id, audio_bucket="audio", audio_key=f"uploads/{job_id}",
+                                          filename="deleted before.wav"))
+        [announced] = await job_events(queue, job_id, lambda bodies: bodies, timeout=30)
+        assert (announced["message_id"], announced["job_id"]) == (f"transcript.deleted:{job_id}", job_id)
+
+        skipped = re.compile(rf"job={job_id} .*job\.submitted skipped")
+        deadline = time.monotonic() + 30
+        while not skipped.search(stack.log_text("diarizer")):
+            assert time.monotonic() < deadline, "the diarizer never skipped the deleted job's delivery"
+            await asyncio.sleep(0.2)
+        assert not re.search(rf"job={job_id} .*failed after \d+ attempts", stack.log_text("diarizer"))
+
+        await asyncio.sleep(1)
+        while (message := await queue.get(fail=False)) is not None:  # one per attempt that reported
+            await message.ack()
+        await publish(stack, ChunkTranscribed(job_id=job_id, chunk_index=0, chunk_count=1, duration=1.0,
+                                              segments=[segment(0, 0.0, "late")]))
+        [again] = await job_events(queue, job_id, lambda bodies: bodies, timeout=30)
+        assert again["message_id"] == announced["message_id"]
+    finally:
+        await connection.close()
+        await conn.close()

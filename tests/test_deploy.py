@@ -372,7 +372,8 @@ def test_published_event_schema_matches_the_models():
     document = json.loads((ROOT / "docs" / "events.schema.json").read_text())
     assert document == events_json_schema(), "regenerate: python -m common.messages > docs/events.schema.json"
     assert set(document["routing_keys"]) == {"segment.created", "segment.updated", "transcript.completed",
-                                             "transcript.failed", "transcript.speakers_updated"}
+                                             "transcript.failed", "transcript.speakers_updated",
+                                             "transcript.deleted"}
 
 
 # ---- packaging: each extra carries what its code imports, and nothing it does not -------------

@@ -382,6 +382,45 @@ def test_a_job_deleted_as_soon_as_it_ends_still_calls_back_and_leaves_no_deliver
         api.delete(f"/webhooks/{hook['id']}")
 
 
+def test_deleting_a_job_announces_it_on_stt_events_and_to_webhooks(notified, fixtures_dir):
+    """DELETE /transcripts/{id} (and retention's deletes) publishes transcript.deleted, committed
+    with the deletion: subscribers and the owner's webhooks that take it remove their copies.
+    Its delivery goes like the deleted job's others once settled."""
+    import aio_pika
+
+    from tests.conftest import events_queue, job_events
+
+    stack, receiver = notified
+    api = httpx.Client(base_url=stack.api, timeout=30)
+    created = api.post("/webhooks", json={"url": receiver.url("/ok-deletions"), "events": ["transcript.deleted"]})
+    assert created.status_code == 201, created.text
+    hook = created.json()
+    try:
+        job_id = stack.submit_job(fixtures_dir / "jfk.flac")
+        assert stack.wait_finished(job_id, 300)["status"] == "done"
+
+        async def deleted_event() -> dict:
+            connection = await aio_pika.connect(stack.amqp_url)
+            async with connection:
+                queue = await events_queue(await connection.channel(), "transcript.deleted")
+                async with httpx.AsyncClient(base_url=stack.api, timeout=30) as client:
+                    assert (await client.delete(f"/transcripts/{job_id}")).status_code == 204
+                [event] = await job_events(queue, job_id, lambda bodies: bodies, timeout=30)
+                return event
+
+        event = asyncio.run(deleted_event())
+        assert event == {"v": 1, "message_id": f"transcript.deleted:{job_id}", "job_id": job_id,
+                         "transcript_id": job_id}
+        [request] = wait_for(lambda: receiver.got("/ok-deletions"), 60, "the webhook's transcript.deleted")
+        assert verifies(request, hook["secret"]) and request["headers"]["webhook-id"] == event["message_id"]
+        body = json.loads(request["body"])
+        assert (body["type"], body["data"]) == ("transcript.deleted", event)
+        wait_for(lambda: not stack.query("SELECT 1 FROM webhook_deliveries WHERE job_id = $1", job_id), 30,
+                 "the deleted job's deliveries to go")
+    finally:
+        api.delete(f"/webhooks/{hook['id']}")
+
+
 def test_killing_the_notifier_mid_delivery_loses_nothing(notified, fixtures_dir):
     stack, receiver = notified
     api = httpx.Client(base_url=stack.api, timeout=30)

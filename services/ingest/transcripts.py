@@ -256,7 +256,8 @@ async def delete_transcript(pool: asyncpg.Pool, s3: Minio, settings: Settings, j
     result files, then its rows (chunks and segments cascade). A bucket drop's inbox object is
     the user's and stays; its identity is remembered so the inbox scan does not run it again.
     Returns False for an unknown job; raises StillProcessing while the job runs, because its
-    workers would write the objects and rows again."""
+    workers would write the objects and rows again. Its transcript.deleted is committed with the
+    deletion (jobstore.delete_job), for the outbox to publish."""
     async with pool.acquire() as conn, conn.transaction():
         # The row lock also waits out the inbox writing this job's result file, but not for long:
         # a delete sent again while the first waits on a store that does not answer would hold
@@ -416,6 +417,7 @@ async def remove_transcript(job_id: JobId, state: State, request: Request) -> No
                                                     " try again", headers={"Retry-After": "5"}) from exc
     if not deleted:
         raise NotFoundException(detail=f"no job with id {job_id}")
+    state.outbox_wake.set()  # its transcript.deleted
 
 
 class SpeakerNames(BaseModel):

@@ -23,17 +23,30 @@ async def main() -> None:
     settings = get_settings()
     setup_logging(settings.log_level)
     serve_metrics(settings, "persister")
+    # Nothing was stored while this process was not running, or waited here for the database:
+    # the stall reaper gives the messages waiting in stt.persister time to land (DatabaseOutages).
+    outages = handler.DatabaseOutages()
+    outages.unreachable()
     pool = await create_pool(settings)
     await apply_migrations(pool)
+    outages.reachable()
     connection = await connect(settings, "persister")
     bus = await open_bus(connection, settings)
     wake = asyncio.Event()
 
     def then_flush(handle: Callable[..., Awaitable[bool]]):
         """Run the handler (one transaction); when it says it enqueued events (True), wake the
-        outbox flusher for them at once rather than at its next poll."""
+        outbox flusher for them at once rather than at its next poll. Whether it reached the
+        database is noted for the stall reaper."""
         async def run(message) -> None:
-            if await handle(pool, message):
+            try:
+                enqueued = await handle(pool, message)
+            except Exception as exc:
+                if isinstance(exc, DATABASE_UNAVAILABLE):
+                    outages.unreachable()
+                raise
+            outages.reachable()
+            if enqueued:
                 wake.set()
         return run
 
@@ -47,7 +60,7 @@ async def main() -> None:
     log.info("persister ready")
     await asyncio.gather(
         run_outbox_flusher(pool, bus, wake),
-        handler.run_stall_reaper(pool, settings.job_stall_timeout_s, wake),
+        handler.run_stall_reaper(pool, settings.job_stall_timeout_s, wake, outages),
         consume(connection, settings, "persister", routes, prefetch=max(settings.prefetch_count, 16),
                 wait_on=DATABASE_UNAVAILABLE),
         consume(connection, settings, "persister", dead_letters, queue_name=PERSISTER_DEAD_QUEUE,

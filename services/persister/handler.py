@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from datetime import UTC, datetime
 
 import asyncpg
 from pydantic import BaseModel
 
 from common import jobstore, searchstore, speakerstore
+from common.db import DATABASE_UNAVAILABLE
 from common.logs import job_logged
 from common.messages import (
     ChunkEmbedded,
@@ -31,19 +34,19 @@ class DeadLetter(BaseModel):
     job_id: int
 
 
-async def _lock_processing_job(conn: asyncpg.Connection, job_id: int) -> asyncpg.Record | None:
-    """The job's row, locked; None (and the message counted as skipped) when there is nothing to
-    store for it: the job is unknown, or has ended."""
-    row = await jobstore.lock_processing_job(conn, job_id)
-    if row is None:
-        log.warning("message for unknown job; ignored")
-        nothing_to_do()
-        return None
-    if row["status"] != "processing":
+async def _nothing_to_store(conn: asyncpg.Connection, job_id: int, row: asyncpg.Record | None) -> bool:
+    """A chunk of a job that has ended (`row`) or is gone (None) is counted as skipped. One of a
+    deleted job comes from a stage that never heard of the deletion: the deletion is announced
+    again, so that the stages stop working on the job. True when it was (events enqueued)."""
+    nothing_to_do()
+    if row is not None:
         log.info("job already %s; late message ignored", row["status"])
-        nothing_to_do()
-        return None
-    return row
+        return False
+    if await jobstore.announce_deletion_again(conn, job_id):
+        log.info("message for a deleted job ignored; its deletion is announced again")
+        return True
+    log.warning("message for unknown job; ignored")
+    return False
 
 
 async def _store_chunk(conn: asyncpg.Connection, job: asyncpg.Record, message: ChunkTranscribed | ChunkEmbedded,
@@ -77,12 +80,16 @@ async def on_progress(pool: asyncpg.Pool, message: JobProgress) -> bool:
     that never heard so: a replica started after the job was cancelled, or a second delivery of a
     job already done (the broker gave it again after a lost connection). The ending is announced
     again, so that the diarizer stops (or does not store the decoded audio), ingest removes what
-    was stored, and the transcribers skip the chunks. True when it was."""
+    was stored, and the transcribers skip the chunks. Progress of a job deleted since it ended
+    announces its deletion again, to the same end. True when it was."""
     async with pool.acquire() as conn, conn.transaction():
         await jobstore.advance(conn, message.job_id, message.stage, duration=message.duration,
                                chunk_count=message.chunk_count)
         if await jobstore.announce_end_again(conn, message.job_id):
             log.info("%s reported after the job had ended; its ending is announced again", message.stage)
+            return True
+        if await jobstore.announce_deletion_again(conn, message.job_id):
+            log.info("%s reported after the job was deleted; its deletion is announced again", message.stage)
             return True
     return False
 
@@ -91,9 +98,9 @@ async def on_transcribed(pool: asyncpg.Pool, message: ChunkTranscribed) -> bool:
     """Store the chunk's text ahead of its embeddings; returns True when events were enqueued
     (names recognised since an earlier chunk went out, announced)."""
     async with pool.acquire() as conn, conn.transaction():
-        job = await _lock_processing_job(conn, message.job_id)
-        if job is None:
-            return False
+        job = await jobstore.lock_processing_job(conn, message.job_id)
+        if job is None or job["status"] != "processing":
+            return await _nothing_to_store(conn, message.job_id, job)
         if await jobstore.chunk_is_embedded(conn, message.job_id, message.chunk_index):
             nothing_to_do()
             return False  # chunk.embedded already stored this chunk in full
@@ -109,9 +116,9 @@ async def on_embedded(pool: asyncpg.Pool, message: ChunkEmbedded) -> bool:
     if dimensions:
         searchstore.build_vector_index_soon(pool, message.embedding_model, dimensions)
     async with pool.acquire() as conn, conn.transaction():
-        job = await _lock_processing_job(conn, message.job_id)
-        if job is None:
-            return False
+        job = await jobstore.lock_processing_job(conn, message.job_id)
+        if job is None or job["status"] != "processing":
+            return await _nothing_to_store(conn, message.job_id, job)
         if await jobstore.chunk_is_embedded(conn, message.job_id, message.chunk_index):
             log.info("chunk %d already stored; duplicate ignored", message.chunk_index)
             nothing_to_do()
@@ -154,11 +161,58 @@ async def fail_job(pool: asyncpg.Pool, job_id: int, stage: str, reason: str,
     return True
 
 
-async def fail_stalled_jobs(pool: asyncpg.Pool, timeout_s: float) -> list[int]:
+# After the database is back, the messages held through its outage are stored at their next try
+# (at most 30 s apart), and those handed back to stt.persister meanwhile once the queue reaches
+# them: for this long after an outage, its jobs are not taken for stalled either.
+OUTAGE_GRACE_S = 300.0
+OUTAGES_KEPT = 100
+
+
+class DatabaseOutages:
+    """When this persister could not reach the database (wall-clock seconds), and its start (it
+    stored nothing before). A job's messages keep coming meanwhile and wait in stt.persister, so
+    the stall reaper counts neither that time nor `grace_s` after it as the job's lack of
+    progress (README: no job fails because of a database outage)."""
+
+    def __init__(self, grace_s: float = OUTAGE_GRACE_S) -> None:
+        self.grace_s = grace_s
+        self._spans: list[list[float]] = []  # [since, until]
+        self._ongoing = False
+
+    def unreachable(self) -> bool:
+        """The database could not be reached just now; True when that starts an outage."""
+        if self._ongoing:
+            return False
+        now = time.time()
+        self._ongoing = True
+        if self._spans and now - self._spans[-1][1] <= self.grace_s:
+            self._spans[-1][1] = now  # gone again within the grace: the same outage goes on
+        else:
+            self._spans.append([now, now])
+            del self._spans[:-OUTAGES_KEPT]
+        return True
+
+    def reachable(self) -> None:
+        if self._ongoing:
+            self._ongoing = False
+            self._spans[-1][1] = time.time()
+
+    def spans(self) -> list[tuple[datetime, datetime]]:
+        """Each outage, with the grace after it (one still going on: until now)."""
+        now = time.time()
+        last = len(self._spans) - 1
+        return [(datetime.fromtimestamp(since, UTC),
+                 datetime.fromtimestamp((now if self._ongoing and i == last else until) + self.grace_s, UTC))
+                for i, (since, until) in enumerate(self._spans)]
+
+
+async def fail_stalled_jobs(pool: asyncpg.Pool, timeout_s: float,
+                            outages: list[tuple[datetime, datetime]] = ()) -> list[int]:
     """Fail every processing job that has not moved for `timeout_s` (a message lost to an
-    operator's purge, a stage that hangs): it must end, with a reason, and become deletable."""
+    operator's purge, a stage that hangs): it must end, with a reason, and become deletable.
+    The time in `outages` (DatabaseOutages.spans) is not counted."""
     failed = []
-    for job_id in await jobstore.stalled_job_ids(pool, timeout_s):
+    for job_id in await jobstore.stalled_job_ids(pool, timeout_s, outages):
         with job_logged(job_id):
             reason = f"no progress for {timeout_s:g} s (JOB_STALL_TIMEOUT_S); processing was given up"
             # Checked again as it is failed: it may have moved since the list was read.
@@ -167,16 +221,30 @@ async def fail_stalled_jobs(pool: asyncpg.Pool, timeout_s: float) -> list[int]:
     return failed
 
 
-async def run_stall_reaper(pool: asyncpg.Pool, timeout_s: float, wake: asyncio.Event) -> None:
+async def reap_stalled_jobs(pool: asyncpg.Pool, timeout_s: float, outages: DatabaseOutages) -> list[int]:
+    """One round of the stall reaper: the jobs it failed. A database it cannot reach is an
+    outage, noted in `outages`."""
+    try:
+        failed = await fail_stalled_jobs(pool, timeout_s, outages.spans())
+    except Exception as exc:
+        if not isinstance(exc, DATABASE_UNAVAILABLE):
+            log.exception("looking for stalled jobs failed; will try again")
+        elif outages.unreachable():
+            log.warning("looking for stalled jobs: the database is unreachable (%s: %s); the outage is not"
+                        " counted as the jobs' lack of progress", type(exc).__name__, exc)
+        return []
+    outages.reachable()
+    return failed
+
+
+async def run_stall_reaper(pool: asyncpg.Pool, timeout_s: float, wake: asyncio.Event,
+                           outages: DatabaseOutages) -> None:
     if timeout_s <= 0:
         return
     while True:
         await asyncio.sleep(min(30.0, max(1.0, timeout_s / 4)))
-        try:
-            if await fail_stalled_jobs(pool, timeout_s):
-                wake.set()
-        except Exception:
-            log.exception("looking for stalled jobs failed; will try again")
+        if await reap_stalled_jobs(pool, timeout_s, outages):
+            wake.set()
 
 
 async def on_failed(pool: asyncpg.Pool, message: JobFailed) -> bool:
