@@ -27,6 +27,7 @@ import inspect
 import json
 import logging
 import time
+import urllib.parse
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -45,7 +46,7 @@ from aio_pika.abc import (
 from pydantic import BaseModel, ValidationError
 
 from common import metrics, runner
-from common.backoff import backoff, of_type
+from common.backoff import backoff
 from common.failures import failure_category
 from common.logs import current_job
 from common.messages import (
@@ -110,6 +111,8 @@ RETRY_COUNT_HEADER = "x-retry-count"
 RETRIES_SPENT_HEADER = "x-retries-spent"
 # How often a consumer checks that the broker still delivers to it (consume).
 CONSUMER_CHECK_S = 5.0
+# A worker's /healthz fails once a consumer has not checked for this many times CONSUMER_CHECK_S.
+HEALTHY_WITHIN_CHECKS = 6
 
 
 class PermanentError(Exception):
@@ -133,15 +136,66 @@ def watched_queues(*extra: str) -> list[str]:
     return [*(stage_queue(s) for s in STAGE_BINDINGS), PERSISTER_DEAD_QUEUE, DEAD_LETTERS_QUEUE, *extra]
 
 
+class BrokerMisconfigured(RuntimeError):
+    """AMQP_URL names a login or a vhost RabbitMQ refuses (refused_for_good)."""
+
+
+def refused_for_good(exc: BaseException) -> str | None:
+    """What RabbitMQ answered when it refuses this service's connection for good: a wrong user or
+    password, a vhost that does not exist or that the user may not use. None for anything else,
+    a vhost that is down or a connection limit reached included (those pass)."""
+    if isinstance(exc, aio_pika.exceptions.ProbableAuthenticationError):  # the broker's 403 ACCESS_REFUSED
+        return str(exc)
+    if isinstance(exc, aio_pika.exceptions.AuthenticationError):
+        return f"no authentication mechanism in common (the broker offers {exc.args[0]})"
+    # 530 NOT_ALLOWED: raised as ConnectionNotAllowed(text), or (aiormq 6.9, the broker's answer to
+    # Connection.Open) as pamqp's AMQPInternalError(expected, the Connection.Close frame).
+    close = exc.args[1] if len(exc.args) > 1 else None
+    if getattr(close, "reply_code", None) == 530:
+        text = str(close.reply_text)
+    elif type(exc).__name__ == "ConnectionNotAllowed":
+        text = str(exc)
+    else:
+        return None
+    if "not found" in text or ("refused for user" in text and "limit" not in text):
+        return text
+    return None
+
+
+def describe_amqp_url(url: str) -> str:
+    """user@host:port (vhost ...) of an AMQP_URL, without its password."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        vhost = urllib.parse.unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
+        user = urllib.parse.unquote(parts.username or "guest")
+        return f"{user}@{parts.hostname}:{parts.port or 5672} (vhost {vhost})"
+    except ValueError:
+        return "AMQP_URL (unparsable)"
+
+
 async def connect(settings: Settings, name: str) -> AbstractRobustConnection:
-    """A connection that reconnects by itself; waits for the broker at start-up."""
+    """A connection that reconnects by itself; waits for the broker at start-up. A broker that
+    refuses this service's login or vhost is not waited for (BrokerMisconfigured): the process
+    would look alive (its /metrics and /healthz answer) and never work."""
     url = settings.amqp_url.get_secret_value()
-    async for attempt in backoff("RabbitMQ not reachable",
-                                 of_type(ConnectionError, OSError, aio_pika.exceptions.AMQPError)):
-        with attempt:
-            connection = await aio_pika.connect_robust(url, client_properties={"connection_name": name})
-            _log_connection_changes(connection, name)
-            return connection
+
+    def worth_waiting(exc: BaseException) -> bool:
+        return (isinstance(exc, (ConnectionError, OSError, aio_pika.exceptions.AMQPError))
+                and refused_for_good(exc) is None)
+
+    try:
+        async for attempt in backoff("RabbitMQ not reachable", worth_waiting):
+            with attempt:
+                connection = await aio_pika.connect_robust(url, client_properties={"connection_name": name})
+                _log_connection_changes(connection, name)
+                return connection
+    except Exception as exc:
+        refusal = refused_for_good(exc)
+        if refusal is None:
+            raise
+        where = describe_amqp_url(url)
+        log.error("RabbitMQ at %s refuses this service (%s): fix AMQP_URL; not waiting for it", where, refusal)
+        raise BrokerMisconfigured(f"RabbitMQ at {where} refuses this service: {refusal}; fix AMQP_URL") from None
     raise AssertionError("unreachable")
 
 
@@ -553,6 +607,10 @@ async def consume(
             consumer_tag = await queue.consume(on_message, robust=False)
             return queue, consumer_tag, await channel.get_underlay_channel()
 
+        async def consume_again() -> tuple[AbstractQueue, str, Any]:
+            await declare_topology(connection, settings, bus.channel)
+            return await subscribe()
+
         queue, consumer_tag, consuming_on = await subscribe()
         metrics.consuming(service, queue_name)
         drained = runner.draining()
@@ -560,18 +618,18 @@ async def consume(
         try:
             stop = runner.stopping()
             while not stop.is_set():
+                _checked_in(queue_name)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), CONSUMER_CHECK_S)
                     break
                 # aiormq drops a consumer the broker cancels without a word, and aio-pika never
                 # consumes again: the worker would look healthy and take nothing.
-                lost = await _consumer_lost(channel, consuming_on, consumer_tag)
+                lost = await _checking_in_meanwhile(queue_name, _consumer_lost(channel, consuming_on, consumer_tag))
                 if lost is None:
                     continue
                 log.warning("%s on %s; declaring the queues again and consuming again", lost, queue_name)
                 try:
-                    await declare_topology(connection, settings, bus.channel)
-                    queue, consumer_tag, consuming_on = await subscribe()
+                    queue, consumer_tag, consuming_on = await _checking_in_meanwhile(queue_name, consume_again())
                 except Exception as exc:
                     if isinstance(exc, BROKER_UNAVAILABLE) and not isinstance(
                             exc, (aio_pika.exceptions.ChannelNotFoundEntity,
@@ -582,6 +640,7 @@ async def consume(
                     raise RuntimeError(f"could not consume {queue_name} again after {lost}; exiting"
                                        " so that the process is started again") from exc
                 log.warning("consuming %s again", queue_name)
+            metrics.consumer_checks_ended(queue_name)  # stopping is not being stuck
             await queue.cancel(consumer_tag)
             deadline = time.monotonic() + settings.shutdown_grace_s
             while in_hand and time.monotonic() < deadline:
@@ -589,6 +648,7 @@ async def consume(
             for message in list(in_hand.values()):
                 await _hand_back(bus, message, queue_name)
         finally:
+            metrics.consumer_checks_ended(queue_name)
             if not drained.done():
                 drained.set_result(None)
     finally:
@@ -597,6 +657,26 @@ async def consume(
         for opened in (channel, bus.channel):
             with contextlib.suppress(Exception):
                 await opened.close()
+
+
+def _checked_in(queue_name: str) -> None:
+    """The consumer's watchdog checked: the worker's /healthz (common.metrics) fails once it is
+    HEALTHY_WITHIN_CHECKS checks late."""
+    metrics.consumer_checked(queue_name, HEALTHY_WITHIN_CHECKS * CONSUMER_CHECK_S)
+
+
+async def _checking_in_meanwhile(queue_name: str, work: Awaitable[Any]) -> Any:
+    """Await `work`, checking in meanwhile: what the watchdog awaits may wait for the broker to
+    come back (a robust channel waits for its reconnection), and a broker away is no reason for
+    the liveness probe to restart the worker."""
+    waiting = asyncio.ensure_future(work)
+    try:
+        while not waiting.done():
+            _checked_in(queue_name)
+            await asyncio.wait({waiting}, timeout=CONSUMER_CHECK_S)
+        return waiting.result()
+    finally:
+        waiting.cancel()
 
 
 async def _hand_back(bus: Bus, message: AbstractIncomingMessage, queue_name: str) -> bool:

@@ -12,11 +12,14 @@ import asyncio
 import contextlib
 import contextvars
 import logging
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 
 from common.settings import Settings
 
@@ -83,18 +86,62 @@ HTTP_SECONDS = Histogram(
 
 
 def serve_metrics(settings: Settings, service: str) -> None:
-    """Serve /metrics on METRICS_PORT (0: off) from a background thread. A port already in
-    use is logged, not fatal: the worker's job is its stage, not its figures."""
+    """Serve /metrics on METRICS_PORT (0: off) from a background thread, and the worker's probes:
+    /healthz answers 503 while a consumer's watchdog is overdue (consumer_checked: the event loop
+    is blocked, or the watchdog stuck), 200 otherwise, before consuming starts included. A port already
+    in use is logged, not fatal: the worker's job is its stage, not its figures."""
     if not settings.metrics_port:
         log.info("metrics disabled (METRICS_PORT=0)")
         return
     try:
-        start_http_server(settings.metrics_port)
+        server = make_server("0.0.0.0", settings.metrics_port, _with_probes(make_wsgi_app()),
+                             ThreadingWSGIServer, handler_class=_QuietHandler)
     except OSError as exc:
         log.error("metrics not served: port %d is unavailable (%s); give each process on this "
                   "host its own METRICS_PORT", settings.metrics_port, exc)
         return
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     log.info("%s metrics on :%d/metrics", service, settings.metrics_port)
+
+
+# When each consumer's watchdog (common.broker.consume) is due to check again, by queue.
+_checks_due: dict[str, float] = {}
+
+
+def consumer_checked(queue: str, next_within_s: float) -> None:
+    _checks_due[queue] = time.monotonic() + next_within_s
+
+
+def consumer_checks_ended(queue: str) -> None:
+    """The consumer of `queue` stopped checking (the process is stopping): none is due."""
+    _checks_due.pop(queue, None)
+
+
+def overdue_checks() -> list[str]:
+    """The queues whose consumer's watchdog is overdue (read from the metrics server's thread)."""
+    now = time.monotonic()
+    return [queue for queue, due in list(_checks_due.items()) if now > due]
+
+
+def _with_probes(metrics_app):
+    def app(environ, start_response):
+        path = environ.get("PATH_INFO", "")
+        if path == "/healthz":
+            overdue = overdue_checks()
+            return _answer(start_response, not overdue, f"the watchdog of {', '.join(overdue)} is overdue"
+                           " (the event loop is blocked, or the watchdog stuck)" if overdue else "ok")
+        return metrics_app(environ, start_response)  # any other path: the metrics, as before
+    return app
+
+
+def _answer(start_response, ok: bool, text: str) -> list[bytes]:
+    start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain; charset=utf-8")])
+    return [text.encode() + b"\n"]
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 (the base class's name)
+        """Probes every few seconds would fill the log."""
 
 
 @dataclass

@@ -79,11 +79,19 @@ RESTART_S = 5.0
 async def keep_running(what: str, work: Callable[[], Awaitable[object]], restart_s: float = RESTART_S) -> None:
     """Run `work`, which runs until cancelled, again whenever it stops: a server's background task
     (a consumer, a watcher) that fails to declare its queue while the broker restarts is logged
-    and started again, instead of ending without a word while the server goes on without it."""
+    and started again, instead of ending without a word while the server goes on without it (also
+    when it ends with a CancelledError that is not this task's own cancellation)."""
     while True:
         try:
             await work()
             log.error("%s stopped; starting it again in %g s", what, restart_s)
+        except asyncio.CancelledError:
+            if asyncio.current_task().cancelling():
+                raise  # this task is being cancelled: the server is stopping
+            # Not a cancellation of this task: aiormq fails the calls pending on a connection it
+            # drops (no heartbeat from the broker) with CancelledError.
+            log.exception("%s was cancelled from inside (a broker connection dropped under it); starting it"
+                          " again in %g s", what, restart_s)
         except Exception:
             log.exception("%s failed; starting it again in %g s", what, restart_s)
         await asyncio.sleep(restart_s)

@@ -17,6 +17,10 @@ export WHISPER_MODEL="${WHISPER_MODEL:-$PWD/models/whisper-base}"
 export EMBEDDING_BACKEND="${EMBEDDING_BACKEND:-local}"
 export DIARIZATION_BACKEND="${DIARIZATION_BACKEND:-auto}"
 export PYTHONUNBUFFERED=1
+# Ctrl-C: honcho kills what still runs 5 s after it signals the services. A worker's grace ends
+# before that, so the message it holds is handed back instead of counting a delivery against
+# DELIVERY_LIMIT; this wins over .env (whose 30 s suits an orchestrator's stop timeout).
+export SHUTDOWN_GRACE_S=3
 export PATH="$PWD/.venv/bin:$PATH"  # the Procfile's `python` is the venv's
 if [ -z "${MINIO_ENDPOINT:-}" ]; then
   export MINIO_ENDPOINT=127.0.0.1:9000

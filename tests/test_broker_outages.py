@@ -7,9 +7,16 @@ where it is seen."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import os
 import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
 import uuid
 from typing import ClassVar
 
@@ -35,7 +42,7 @@ from common.messages import Contract, JobProgress, TranscriptCompleted
 from common.outbox import flush_outbox, run_outbox_flusher
 from common.settings import Settings
 from devstack import admin_sql, pg_admin_url, with_database
-from tests.conftest import amqp_url, events_queue, private_vhost, rabbitmqctl
+from tests.conftest import ROOT, amqp_url, events_queue, free_port, private_vhost, rabbitmqctl
 
 
 class Produced(Contract):
@@ -555,3 +562,166 @@ def test_log_level_debug_reaches_the_libraries_and_other_levels_keep_them_quiet(
         root.handlers[:], root.level = saved[0], saved[1]
         for name, level in saved[2].items():
             logging.getLogger(name).setLevel(level)
+
+
+class StallingProxy:
+    """A TCP proxy to the broker that can stop passing on what the broker sends, as a network
+    path that hangs without closing does: the client hears no heartbeat."""
+
+    def __init__(self) -> None:
+        self.flowing = asyncio.Event()
+        self.flowing.set()
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def _serve(self, client_reader, client_writer) -> None:
+        broker_reader, broker_writer = await asyncio.open_connection("127.0.0.1", 5672)
+
+        async def pump(reader, writer, gated: bool) -> None:
+            try:
+                while data := await reader.read(65536):
+                    if gated:
+                        await self.flowing.wait()
+                    writer.write(data)
+                    await writer.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                writer.close()
+
+        await asyncio.gather(pump(client_reader, broker_writer, False), pump(broker_reader, client_writer, True))
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+async def test_a_background_task_whose_connection_stalls_is_started_again(vhost, caplog):
+    """aiormq drops a connection that heard no heartbeat and fails the calls pending on it with
+    CancelledError, which keep_running did not catch: ingest's outbox flusher (or its consumers,
+    or its queue depth watcher) ended for good, without a word, while /readyz said ready. Being
+    cancelled itself still stops it."""
+    proxy = StallingProxy()
+    port = await proxy.start()
+    starts: list[int] = []
+    declared = asyncio.Event()
+
+    async def declares_a_queue() -> None:
+        starts.append(len(starts))
+        proxy.flowing.set()
+        connection = await aio_pika.connect(f"amqp://guest:guest@127.0.0.1:{port}/{vhost}?heartbeat=1")
+        try:
+            channel = await connection.channel()
+            if len(starts) == 1:
+                proxy.flowing.clear()  # the broker's answer (and its heartbeats) never arrive
+            await channel.declare_queue("test.stalled", auto_delete=True)
+            declared.set()
+            await asyncio.Event().wait()  # consuming, until cancelled
+        finally:
+            with contextlib.suppress(Exception):
+                await connection.close()
+
+    caplog.set_level(logging.ERROR, logger="common.runner")
+    running = asyncio.create_task(runner.keep_running("the test consumer", declares_a_queue, restart_s=0.05))
+    try:
+        waiting = asyncio.create_task(declared.wait())
+        await asyncio.wait({running, waiting}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+        waiting.cancel()
+        assert not running.done(), "the task ended for good"
+        assert declared.is_set() and starts == [0, 1]
+        running.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(running, 10)
+    finally:
+        running.cancel()
+        proxy.close()
+    [record] = [r for r in caplog.records if r.name == "common.runner"]
+    assert "the test consumer was cancelled from inside" in record.getMessage() and record.exc_info
+
+
+@pytest.mark.parametrize("refused", ["password", "vhost", "permission"])
+async def test_a_broker_refusing_the_login_or_the_vhost_stops_the_start_with_the_reason(refused, vhost, caplog):
+    """connect() waited for ever on a wrong AMQP_URL password (retried as an outage), while the
+    worker's /metrics, its liveness probe, said it was fine; a missing vhost crashed it with
+    `AMQPInternalError("one of ['Connection.OpenOk']", <Connection.Close object>)`. It says
+    where and why, never the password."""
+    unpermitted = f"stt_unpermitted_{uuid.uuid4().hex[:8]}"
+    url = {"password": f"amqp://guest:pw-never-logged@127.0.0.1:5672/{vhost}",
+           "vhost": "amqp://guest:pw-never-logged@127.0.0.1:5672/stt_no_such_vhost",
+           "permission": f"amqp://guest:guest@127.0.0.1:5672/{unpermitted}"}[refused]
+    if refused == "vhost":  # the right password, as guest's is
+        url = url.replace("pw-never-logged", "guest")
+    caplog.set_level(logging.INFO, logger="common.broker")
+    rabbitmqctl("add_vhost", unpermitted)  # no permissions for guest
+    try:
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(broker.BrokerMisconfigured) as stopped:
+            await asyncio.wait_for(connect(Settings(_env_file=None, amqp_url=url), "test-refused"), 20)
+        assert asyncio.get_running_loop().time() - started < 10
+    finally:
+        rabbitmqctl("delete_vhost", unpermitted)
+    said = str(stopped.value)
+    assert "fix AMQP_URL" in said and "guest@127.0.0.1:5672" in said, said
+    assert {"password": "Login was refused", "vhost": "vhost stt_no_such_vhost not found",
+            "permission": f"access to vhost '{unpermitted}' refused for user 'guest'"}[refused] in said, said
+    errors = [r.getMessage() for r in caplog.records if r.name == "common.broker" and r.levelno == logging.ERROR]
+    assert errors and "fix AMQP_URL" in errors[0], errors
+    assert "pw-never-logged" not in " ".join([said, *(r.getMessage() for r in caplog.records)])
+
+
+def test_a_worker_whose_broker_login_is_refused_exits_with_the_reason(vhost):
+    """The process, not only the function: it exits non-zero and says why, instead of running
+    on with its probes passing."""
+    env = {**os.environ, "AMQP_URL": f"amqp://guest:wrong@127.0.0.1:5672/{vhost}", "METRICS_PORT": "0",
+           "EMBEDDING_BACKEND": "ollama", "OLLAMA_URL": "http://127.0.0.1:9", "MODEL_NAME_EMBEDDED": "all-minilm"}
+    finished = subprocess.run([sys.executable, "-m", "services.embedder"], env=env, cwd=ROOT, capture_output=True,
+                              text=True, timeout=60)
+    assert finished.returncode == 1, finished.stderr[-2000:]
+    assert "refuses this service" in finished.stderr and "fix AMQP_URL" in finished.stderr, finished.stderr[-2000:]
+
+
+@pytest.fixture
+def worker_probes():
+    """A worker's metrics server on a port of its own;
+    yields get(path) -> its status code, callable from any thread."""
+    port = free_port()
+    metrics.serve_metrics(Settings(_env_file=None, metrics_port=port), "test")
+
+    def get(path: str) -> int:
+        with contextlib.suppress(urllib.error.HTTPError):
+            return urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5).status
+        return 503
+
+    return get
+
+
+async def test_a_worker_whose_event_loop_is_stuck_fails_its_liveness_probe(vhost, fresh_runner, monkeypatch,
+                                                                          worker_probes):
+    """The liveness probes asked /metrics, served by prometheus_client's own thread: a worker whose
+    event loop was blocked (or whose consumer watchdog had stopped) passed them for ever. /healthz
+    answers 503 once the watchdog is HEALTHY_WITHIN_CHECKS checks late, 200 before consuming starts
+    (loading a model) and again once the loop runs."""
+    monkeypatch.setattr(broker, "CONSUMER_CHECK_S", 0.2, raising=False)
+    assert worker_probes("/healthz") == 200  # starting: nothing consumed yet
+    settings = settings_for(vhost)
+    connection, consumer, _ = await embedder_consumer(settings, "test-liveness")
+    admin = await aio_pika.connect(amqp_url(vhost))
+    try:
+        await wait_until(lambda: consumed_once(admin, consumer, stage_queue("embedder")), 30, "never consumed")
+        await asyncio.sleep(2 * broker.HEALTHY_WITHIN_CHECKS * broker.CONSUMER_CHECK_S)
+        assert await asyncio.to_thread(worker_probes, "/healthz") == 200
+        answers: list[int] = []
+        asking = threading.Timer(2.5, lambda: answers.append(worker_probes("/healthz")))
+        asking.start()
+        time.sleep(3.5)  # a handler blocking the event loop (the watchdog's interval is 0.2 s)
+        asking.join()
+        assert answers == [503]
+        await asyncio.sleep(0.5)
+        assert await asyncio.to_thread(worker_probes, "/healthz") == 200
+        assert await asyncio.to_thread(worker_probes, "/metrics") == 200
+    finally:
+        await stop_consumer(consumer, admin, connection)
+    assert await asyncio.to_thread(worker_probes, "/healthz") == 200  # stopped: nothing overdue

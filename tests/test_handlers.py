@@ -169,6 +169,54 @@ async def test_a_diarization_whose_delivery_is_gone_stops_instead_of_running_bes
         s3.remove_object(settings.audio_bucket, key)
 
 
+@pytest.mark.parametrize("batch_size", [0, 2])
+async def test_a_transcription_whose_delivery_is_gone_stops_instead_of_running_beside_the_next(
+        fixtures_dir, monkeypatch, batch_size):
+    """A closed channel (or the consumer timeout) cancels the handler's task, not its Whisper
+    thread: the chunk delivered again waited behind the orphaned transcription (twice the memory,
+    twice the latency), and each flap of the connection added another. The thread stops at the
+    next segment (batched: the next batch) instead of going on through 8 minutes of speech."""
+    import asyncio
+    import threading
+    import time
+
+    settings = Settings()
+    model, _ = load_model(settings.model_copy(update={"whisper_model": settings.whisper_fallback_model}))
+    speech = decode_audio(str(fixtures_dir / "jfk.flac"))
+    audio = np.concatenate([speech, np.zeros(SAMPLE_RATE, dtype=np.float32)] * 40)
+    duration = audio.size / SAMPLE_RATE
+    chunk = JobDiarized(job_id=1, chunk_index=0, chunk_count=1, pcm_bucket="audio", pcm_key="pcm/1",
+                        duration=duration, span=TimeSpan(start=0, end=duration),
+                        turns=[SpeakerTurn(speaker="spk_0", start=0, end=duration)], options=JobOptions(language="en"))
+    deps = transcriber.Deps(model=model, beam_size=1, batch_size=batch_size,
+                            read_pcm=lambda bucket, key, span: audio[int(span.start * SAMPLE_RATE):
+                                                                     int(span.end * SAMPLE_RATE)])
+    started, ended = threading.Event(), threading.Event()
+    transcribe = transcriber.transcribe
+
+    def transcribe_noting_its_end(*args, **kwargs):
+        started.set()
+        try:
+            return transcribe(*args, **kwargs)
+        finally:
+            ended.set()
+
+    monkeypatch.setattr(transcriber, "transcribe", transcribe_noting_its_end)
+
+    async def run() -> list:
+        return [message async for message in transcriber.handle(chunk, deps)]
+
+    handling = asyncio.create_task(run())
+    assert await asyncio.to_thread(started.wait, 60)
+    await asyncio.sleep(2)  # decoding
+    handling.cancel()
+    cancelled_at = time.monotonic()
+    # One window (30 s of audio) or batch may still be decoded: seconds, or some 15 s on two busy cores.
+    assert await asyncio.to_thread(ended.wait, 40), "the transcription went on after its delivery was gone"
+    assert not handling.done() or handling.cancelled()
+    print(f"batch size {batch_size}: the thread ended {time.monotonic() - cancelled_at:.1f} s after the cancel")
+
+
 def test_batched_decoding_gives_each_person_their_words(fixtures_dir):
     """WHISPER_BATCH_SIZE: the chunk's speech cut into clips where its regions join and decoded
     several at once; the words and who said them are what one window after another gives."""

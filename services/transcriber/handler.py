@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -130,9 +131,45 @@ def language_for(message: JobDiarized, deps: Deps) -> str | None:
     return deps.languages[message.job_id]
 
 
-def transcribe(message: JobDiarized, deps: Deps, speech: str = "diarizer") -> ChunkTranscribed:
+class TranscriptionStopped(Exception):
+    """The chunk's delivery is gone: its transcription stopped between two Whisper segments."""
+
+
+class _Stoppable:
+    """The Whisper model, for one chunk: once `stop` is set, asking it for the next segment (or,
+    batched, the next batch) raises TranscriptionStopped. faster-whisper decodes a window only
+    when its segments are asked for."""
+
+    def __init__(self, model, stop: threading.Event) -> None:
+        self._model, self._stop = model, stop
+
+    def __getattr__(self, name: str):
+        return getattr(self._model, name)
+
+    def _check(self) -> None:
+        if self._stop.is_set():
+            raise TranscriptionStopped
+
+    def transcribe(self, *args, **kwargs):
+        segments, info = self._model.transcribe(*args, **kwargs)
+
+        def until_stopped():
+            for segment in segments:
+                yield segment
+                self._check()
+
+        return until_stopped(), info
+
+    def get_prompt(self, *args, **kwargs):  # what BatchedInferencePipeline asks before each batch
+        self._check()
+        return self._model.get_prompt(*args, **kwargs)
+
+
+def transcribe(message: JobDiarized, deps: Deps, speech: str = "diarizer",
+               stop: threading.Event | None = None) -> ChunkTranscribed:
     """Whisper over the chunk, each word given to the speaker most active under it, spelled as
-    the job asked and with what it asked to have redacted replaced."""
+    the job asked and with what it asked to have redacted replaced. Once `stop` is set, it
+    raises TranscriptionStopped at the next Whisper segment."""
     among = language_choices(message.options.language)
     if message.turns:
         offset = message.pcm_offset_s  # the chunk's channel, with multichannel
@@ -147,7 +184,8 @@ def transcribe(message: JobDiarized, deps: Deps, speech: str = "diarizer") -> Ch
         length_s = heard.end - heard.start
         spans = heard_spans(message.turns, heard.start, length_s, speech)
         audio = HeardAudio(length_s, spans, _read_heard(message, deps, heard.start + offset, spans))
-        segments, language = transcribe_chunk(deps.model, audio, heard.start, message.turns,
+        model = deps.model if stop is None else _Stoppable(deps.model, stop)
+        segments, language = transcribe_chunk(model, audio, heard.start, message.turns,
                                               language_for(message, deps), deps.beam_size, speech,
                                               other_talk=message.other_channels,
                                               vocabulary=message.options.vocabulary, task=message.options.task,
@@ -167,7 +205,15 @@ def transcribe(message: JobDiarized, deps: Deps, speech: str = "diarizer") -> Ch
 async def handle(message: JobDiarized, deps: Deps) -> AsyncIterator[Contract]:
     log.info("transcribing chunk %d/%d (%.1f-%.1f s, %d turns)", message.chunk_index + 1,
              message.chunk_count, message.span.start, message.span.end, len(message.turns))
-    transcribed = await asyncio.to_thread(transcribe, message, deps)
+    # Set when this delivery is gone (its channel closed: the broker restarted, or its consumer
+    # timeout passed). Cancelling the task does not stop its thread, which would go on
+    # transcribing while the copy the broker delivers again waits behind it.
+    delivery_gone = threading.Event()
+    try:
+        transcribed = await asyncio.to_thread(transcribe, message, deps, stop=delivery_gone)
+    except asyncio.CancelledError:
+        delivery_gone.set()
+        raise
     add_audio_seconds(message.span.end - message.span.start)
     log.info("chunk %d/%d transcribed: %d segments, language %s", message.chunk_index + 1,
              message.chunk_count, len(transcribed.segments), transcribed.language)
