@@ -407,7 +407,9 @@ def test_a_request_holds_one_file_and_a_few_parts(stack: Stack):
     """A part with a filename is held by the form parser (in memory up to 1 MiB each) and was not
     counted: a thousand parts of ~1 MiB held ~1 GiB per request. /v1/audio/transcriptions took
     the extra files without a word, /recognize refused them only once all were read. A second
-    file is refused as it begins; the recording routes take at most 64 parts."""
+    file is refused as it begins; the recording routes take at most UPLOAD_FORM_PARTS parts."""
+    from services.ingest.admission import UPLOAD_FORM_PARTS
+
     recording = fixture("jfk.flac")
     for path in ("/recognize", "/v1/audio/transcriptions", "/speakers"):
         two = httpx.post(f"{stack.api}{path}", timeout=60, data={"name": "Anna", "model": "whisper-1"},
@@ -417,9 +419,9 @@ def test_a_request_holds_one_file_and_a_few_parts(stack: Stack):
                            files=[("file", ("a.flac", recording)), ("extra", ("b.bin", b"x" * 1000))])
         assert other.status_code == 400 and "'extra' is a second file" in _detail(other), (path, other.text[:300])
     for path in ("/recognize", "/v1/audio/transcriptions"):
-        many = httpx.post(f"{stack.api}{path}", timeout=60, data={f"f{i}": "x" for i in range(70)},
+        many = httpx.post(f"{stack.api}{path}", timeout=60, data={f"f{i}": "x" for i in range(UPLOAD_FORM_PARTS + 6)},
                           files={"file": ("a.flac", recording)})
-        assert many.status_code == 400 and "more than 64 parts" in _detail(many), (path, many.text[:300])
+        assert many.status_code == 400 and f"more than {UPLOAD_FORM_PARTS} parts" in _detail(many), (path, many.text[:300])
 
 
 def test_a_part_over_the_form_parsers_limits_is_told_which_they_are(stack: Stack):

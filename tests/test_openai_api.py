@@ -280,6 +280,54 @@ def test_the_sdks_lists_and_objects_reach_the_job_and_unknown_fields_are_refused
     assert len(stack.query("SELECT id FROM transcripts WHERE filename = $1", name)) == 2
 
 
+def test_the_sdks_languages_and_keywords_reach_the_job(stack, client, fixtures_dir):
+    """The SDK's transcriptions.create() takes `languages` and `keywords`, and sends them as
+    `languages[]` and `keywords[]` fields: they were refused as unknown. The languages are those
+    the job's passages are told apart among (as `language` "en,de"), the keywords its vocabulary,
+    ahead of the prompt's end; keywords the vocabulary would not take are refused, as on /recognize."""
+    name = f"languages {uuid.uuid4().hex[:6]}.flac"
+    recording = (name, (fixtures_dir / "jfk.flac").read_bytes())
+    text = client.audio.transcriptions.create(model="whisper-1", file=recording, response_format="text",
+                                              languages=["en", "de"], keywords=["Nation", "Anna Kowalski"],
+                                              prompt="We choose to go to the moon.")
+    assert "country" in text.lower(), text
+    [job] = stack.query("SELECT options FROM transcripts WHERE filename = $1", name)
+    options = json.loads(job["options"])
+    assert options["language"] == "en,de"
+    assert options["vocabulary"] == ["Nation", "Anna Kowalski", "We choose to go to the moon."]
+    # The prompt's last words fill the room the keywords leave, within the vocabulary's 150 characters.
+    from services.ingest.openai_api import asked_vocabulary
+
+    assert asked_vocabulary(["x" * 140], "one two three four") == "x" * 140 + ",four"
+
+    with pytest.raises(openai.BadRequestError, match="language and languages: give one of them"):
+        client.audio.transcriptions.create(model="whisper-1", file=recording, language="en", languages=["en", "de"])
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.audio.transcriptions.create(model="whisper-1", file=recording,
+                                           keywords=[f"term {n:02d}" for n in range(20)])
+    error = refused.value.response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["message"].startswith(
+        "keywords: longer than 150 characters"), error
+    assert len(stack.query("SELECT id FROM transcripts WHERE filename = $1", name)) == 1
+
+
+def test_the_documented_100_spelling_pairs_reach_the_job_through_the_sdk(stack, client, fixtures_dir):
+    """The SDK sends each `spelling` pair of extra_body as a form part of its own, and a form took
+    at most 64 parts: some 60 pairs with the file and the other fields were refused with 400,
+    where 100 are documented."""
+    name = f"spellings {uuid.uuid4().hex[:6]}.flac"
+    spelling = {f"heard{n}": f"Written{n}" for n in range(99)} | {"country": "Nation"}
+    text = client.audio.transcriptions.create(
+        model="whisper-1", file=(name, (fixtures_dir / "jfk.flac").read_bytes()), response_format="text",
+        language="en", prompt="We choose to go to the moon.", temperature=0,
+        timestamp_granularities=["word", "segment"],
+        include=["logprobs"], chunking_strategy={"type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 300},
+        extra_body={"spelling": spelling, "redact": ["email", "card", "phone", "number"], "num_speakers": 1})
+    assert "Nation" in text, text
+    [job] = stack.query("SELECT options FROM transcripts WHERE filename = $1", name)
+    assert json.loads(job["options"])["spelling"] == spelling
+
+
 def same_request_hash(content: bytes, filename: str) -> str:
     """The hash of a plain request (model whisper-1, nothing else) for this file."""
     import hashlib

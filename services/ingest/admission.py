@@ -39,9 +39,11 @@ UPLOAD_MIN_RATE = 8 * 1024
 UPLOAD_RATE_GRACE_S = 60.0
 # How often an upload waiting for more of its body looks whether every upload place is now taken.
 UPLOAD_RATE_CHECK_S = 1.0
-# The most parts a recording's form may have (Litestar's own default is 1000): the routes' fields,
-# a few of them lists, with room to spare.
-UPLOAD_FORM_PARTS = 64
+# The most parts a recording's form may have (Litestar's own default is 1000). The OpenAI SDK sends
+# each list item and object key as a part of its own: 100 spelling pairs, ~100 languages, 75
+# one-letter keywords (150 characters), 32 speaker names and the other fields come to ~330. Text
+# fields hold at most SMALL_BODY_BYTES together whatever their number.
+UPLOAD_FORM_PARTS = 512
 # The scope key of a function a handler may call once its upload is stored and its spooled file
 # closed, to give up its place before it answers (the OpenAI-compatible endpoints wait minutes).
 RELEASE_UPLOAD = "stt.release_upload"

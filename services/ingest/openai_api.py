@@ -64,7 +64,9 @@ class OpenAITranscriptionForm:
     file: Annotated[UploadFile, Parameter(description="The recording")]
     model: Annotated[str, Parameter(description="Accepted and ignored: the service's WHISPER_MODEL is used")] = (
         "whisper-1")
-    language: Annotated[str | None, Parameter(description="A Whisper language code; left out: detected")] = None
+    language: Annotated[str | None, Parameter(
+        description="A Whisper language code (or several, comma-separated, for a recording that switches between "
+                    "them); left out: detected")] = None
     prompt: Annotated[str | None, Parameter(
         description=f"Text Whisper goes on from, or names and terms the recording uses: its last "
                     f"{VOCABULARY_MAX_CHARS} characters become the job's vocabulary")] = None
@@ -91,11 +93,12 @@ class OpenAITranscriptionForm:
 # `name[]`, repeated, from the SDK, or as `name` from a hand-written form; an object such as
 # chunking_strategy as `name[key]` fields), and this service's own. Any other is refused: a
 # misspelt option, or one only POST /recognize has, would otherwise be dropped without a word.
-OPENAI_FIELDS = ("file", "model", "language", "prompt", "response_format", "temperature", "stream",
-                 "chunking_strategy", "include", "timestamp_granularities", "known_speaker_names",
+OPENAI_FIELDS = ("file", "model", "language", "languages", "prompt", "keywords", "response_format", "temperature",
+                 "stream", "chunking_strategy", "include", "timestamp_granularities", "known_speaker_names",
                  "known_speaker_references")
 OWN_FIELDS = ("num_speakers", "min_speakers", "max_speakers", "spelling", "redact")
-LIST_FIELDS = ("include", "timestamp_granularities", "known_speaker_names", "known_speaker_references", "redact")
+LIST_FIELDS = ("languages", "keywords", "include", "timestamp_granularities", "known_speaker_names",
+               "known_speaker_references", "redact")
 OBJECT_FIELDS = ("chunking_strategy", "spelling")
 
 
@@ -116,10 +119,37 @@ def field_texts(form, field: str) -> list[str]:
     return [value for name in (field, f"{field}[]") for value in form.getall(name, []) if isinstance(value, str)]
 
 
-async def form_list_options(request: Request) -> dict[str, object]:
-    """JobOptions' expected_speakers, redact and spelling as the form gives them, in either shape:
-    one comma-separated text, or as the SDK sends extra_body's lists (`redact[]=email`, one field
-    each) and objects (`spelling[confu i]=ComfyUI`). Unknown fields are refused here."""
+def asked_language(language: str | None, languages: list[str]) -> str | None:
+    """JobOptions' language from OpenAI's `language` or its `languages` (those the recording may
+    be in: here the ones its passages are told apart among, as `language` "en,de" asks)."""
+    if languages and language and language.strip():
+        raise HTTPException(status_code=400, detail=(
+            "language and languages: give one of them (language: the one spoken; languages: those the recording"
+            " may switch between)"))
+    return ",".join(languages) if languages else language
+
+
+def asked_vocabulary(keywords: list[str], prompt: str | None) -> str | None:
+    """JobOptions' vocabulary from OpenAI's `keywords` (names and terms, as the vocabulary is) and
+    `prompt`: the keywords first, refused where POST /recognize would refuse them as its vocabulary,
+    then as much of the prompt's end as the room they leave takes."""
+    if not keywords:
+        return prompt_vocabulary(prompt)
+    terms = ",".join(keywords)
+    used = vocabulary_chars(terms)
+    if used > VOCABULARY_MAX_CHARS:
+        raise HTTPException(status_code=400, detail=(
+            f"keywords: longer than {VOCABULARY_MAX_CHARS} characters (the terms with a comma between each), the"
+            f" most the job's vocabulary takes: keep the names and terms Whisper would otherwise get wrong"))
+    tail = prompt_vocabulary(prompt, VOCABULARY_MAX_CHARS - used - 1) if used else prompt_vocabulary(prompt)
+    return ",".join(text for text in (terms, tail) if text)
+
+
+async def form_list_options(request: Request, language: str | None, prompt: str | None) -> dict[str, object]:
+    """JobOptions' language, vocabulary, expected_speakers, redact and spelling as the form gives
+    them, in either shape: one comma-separated text, or as the SDK sends its lists and extra_body's
+    (`languages[]=en`, `redact[]=email`, one field each) and objects (`spelling[confu i]=ComfyUI`).
+    Unknown fields are refused here."""
     form = await request.form()
     if unknown := unknown_fields(form.keys()):
         raise HTTPException(status_code=400, detail=(
@@ -142,7 +172,11 @@ async def form_list_options(request: Request) -> dict[str, object]:
     if pairs and spelling_text:
         raise HTTPException(status_code=400, detail="spelling: give it as one text (heard=written, comma-separated)"
                                                     " or as spelling[heard]=written fields, not both")
-    return {"expected_speakers": names, "redact": ",".join(kinds) if kinds else None,
+    # A blank field counts as not given, as elsewhere in the form.
+    languages = [text for text in field_texts(form, "languages") if text.strip()]
+    keywords = [text for text in field_texts(form, "keywords") if text.strip()]
+    return {"language": asked_language(language, languages), "vocabulary": asked_vocabulary(keywords, prompt),
+            "expected_speakers": names, "redact": ",".join(kinds) if kinds else None,
             "spelling": pairs or (",".join(spelling_text) if spelling_text else None)}
 
 
@@ -170,7 +204,7 @@ def _breaks_text(char: str) -> bool:
     return char.isspace() or unicodedata.category(char).startswith("P")
 
 
-def prompt_vocabulary(prompt: str | None) -> str | None:
+def prompt_vocabulary(prompt: str | None, most_chars: int = VOCABULARY_MAX_CHARS) -> str | None:
     """OpenAI's `prompt` is text for Whisper to go on from, often the transcript of the piece
     before (Whisper itself reads only its end). Here it becomes the job's vocabulary, which Whisper
     is also shown as preceding text: its last whole words within the vocabulary's bound. When its
@@ -179,17 +213,19 @@ def prompt_vocabulary(prompt: str | None) -> str | None:
     there is one."""
     if prompt is None:
         return None
+    if most_chars <= 0:
+        return ""
     text = prompt[-4 * VOCABULARY_MAX_CHARS:].strip()
     words = text.split()
-    while words and vocabulary_chars(" ".join(words)) > VOCABULARY_MAX_CHARS:
+    while words and vocabulary_chars(" ".join(words)) > most_chars:
         words.pop(0)
     if words or not text:
         return " ".join(words)
-    start = len(text) - VOCABULARY_MAX_CHARS
+    start = len(text) - most_chars
     if not _breaks_text(text[start - 1]):  # cut inside a sentence: from the next one, if one starts
         start = next((i + 1 for i in range(start, len(text) - 1) if _breaks_text(text[i])), start)
     tail = text[start:].strip()
-    while vocabulary_chars(tail) > VOCABULARY_MAX_CHARS:
+    while vocabulary_chars(tail) > most_chars:
         tail = tail[1:].lstrip()
     return tail
 
@@ -299,10 +335,9 @@ async def transcribe_and_wait(state: State, request: Request, data: OpenAITransc
             float(data.temperature)
         except ValueError:
             raise HTTPException(status_code=400, detail="temperature: a number") from None
-    listed = await form_list_options(request)
+    listed = await form_list_options(request, data.language, data.prompt)
     try:
-        options = JobOptions(language=data.language, vocabulary=prompt_vocabulary(data.prompt), task=task,
-                             num_speakers=data.num_speakers,
+        options = JobOptions(task=task, num_speakers=data.num_speakers,
                              min_speakers=data.min_speakers, max_speakers=data.max_speakers, **listed)
     except ValidationError as exc:
         raise invalid(exc, whole="form") from exc
