@@ -8,7 +8,13 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
+import socket
+import socketserver
+import subprocess
+import sys
+import threading
 import uuid
 from pathlib import Path
 
@@ -625,23 +631,54 @@ def test_a_whisper_model_that_is_no_model_stops_the_transcriber_instead_of_servi
         load_model(settings.model_copy(update={"whisper_model": str(tmp_path)}))
 
 
+def load_tiny_in_a_process(env: dict[str, str], hub_cache: Path) -> subprocess.CompletedProcess:
+    """load_model for WHISPER_MODEL=tiny in a process of its own with `env` (the Hub's address,
+    a proxy) and an empty Hugging Face cache."""
+    env = {**os.environ, "HF_HUB_CACHE": str(hub_cache), "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_TELEMETRY": "1",
+           **env}
+    return subprocess.run(
+        [sys.executable, "-c", "import logging; logging.basicConfig();"
+         " from common.settings import Settings; from services.transcriber.whisper import load_model;"
+         " print(load_model(Settings(whisper_model='tiny', whisper_device='cpu'))[1])"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
 def test_a_whisper_model_that_cannot_be_fetched_is_replaced_by_the_bundled_one(tmp_path):
     """No network and the model not in the cache: the bundled base is loaded, with a warning."""
-    import os
-    import socket
-    import subprocess
-    import sys
-
     settings = Settings()
     with socket.socket() as closed:  # bound, never listening: connections to it are refused
         closed.bind(("127.0.0.1", 0))
-        env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{closed.getsockname()[1]}",
-               "HF_HUB_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_TELEMETRY": "1"}
-        loaded = subprocess.run(
-            [sys.executable, "-c", "import logging; logging.basicConfig();"
-             " from common.settings import Settings; from services.transcriber.whisper import load_model;"
-             " print(load_model(Settings(whisper_model='tiny', whisper_device='cpu'))[1])"],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        loaded = load_tiny_in_a_process({"HF_ENDPOINT": f"http://127.0.0.1:{closed.getsockname()[1]}"}, tmp_path)
     assert loaded.returncode == 0, loaded.stderr
     assert loaded.stdout.strip() == settings.whisper_fallback_model, loaded.stdout
     assert "cannot fetch Whisper model 'tiny'" in loaded.stderr, loaded.stderr
+
+
+class RefusingProxy(socketserver.StreamRequestHandler):
+    """A proxy that lets nothing out, as one left configured on a host without a way out answers."""
+
+    def handle(self):
+        self.rfile.readline()
+        self.wfile.write(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+
+
+def test_a_whisper_model_behind_a_proxy_that_lets_nothing_through_is_replaced_by_the_bundled_one(tmp_path):
+    """huggingface_hub raises a proxy's refusal itself instead of its error for a model it cannot
+    fetch: a host with a leftover HTTPS_PROXY and no way out refused to start (before the fallback
+    was kept for that error alone, it loaded the bundled model). Refused by the proxy or with no
+    proxy listening at all, the bundled base is loaded."""
+    settings = Settings()
+    proxy = socketserver.ThreadingTCPServer(("127.0.0.1", 0), RefusingProxy)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        with socket.socket() as closed:
+            closed.bind(("127.0.0.1", 0))
+            for address in (f"http://127.0.0.1:{proxy.server_address[1]}", f"http://127.0.0.1:{closed.getsockname()[1]}"):
+                loaded = load_tiny_in_a_process({"HTTPS_PROXY": address, "https_proxy": address, "NO_PROXY": "",
+                                                 "no_proxy": "", "HF_ENDPOINT": "https://huggingface.co"}, tmp_path)
+                assert loaded.returncode == 0, (address, loaded.stderr[-3000:])
+                assert loaded.stdout.strip() == settings.whisper_fallback_model, loaded.stdout
+                assert "cannot fetch Whisper model 'tiny'" in loaded.stderr, loaded.stderr
+    finally:
+        proxy.shutdown()
+        proxy.server_close()

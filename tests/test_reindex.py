@@ -529,3 +529,36 @@ async def test_a_service_failing_every_text_alone_still_stops_the_run(own_databa
     models = [r["embedding_model"] for r in await pool.fetch("SELECT embedding_model FROM segments"
                                                              " ORDER BY transcript_id")]
     assert models == [model, None, None, None]
+
+
+async def test_jobs_whose_vectors_cannot_be_stored_stop_the_run(own_database):
+    """The service answers vectors of another dimension than those stored for the model (a model
+    pulled again under the same name): every job fails in the database, not in the service. Such
+    failures did not count toward the stop, so the run embedded the whole store and threw every
+    vector away; now STOP_AFTER_FAILED_JOBS of them in a row stop it, to be resumed once fixed."""
+    from common import searchstore
+    from services.ingest.reindex import STOP_AFTER_FAILED_JOBS, Reindexer
+
+    pool, model = own_database, "redimensioned-model"
+    done = await pool.fetchval("INSERT INTO transcripts (filename, status) VALUES ('a.wav', 'done') RETURNING id")
+    await pool.execute("INSERT INTO segments (transcript_id, chunk_index, index, speaker, start_ts, end_ts, text,"
+                       " embedding, embedding_model) VALUES ($1, 0, 0, 'spk_0', 0, 1, 'Zero.', '[1,0]', $2)",
+                       done, model)
+    await searchstore.ensure_vector_index(pool, model, 2)
+    for text in ("One.", "Two.", "Three.", "Four.", "Five.", "Six."):
+        job_id = await pool.fetchval("INSERT INTO transcripts (filename, status) VALUES ('a.wav', 'done') RETURNING id")
+        await pool.execute("INSERT INTO segments (transcript_id, chunk_index, index, speaker, start_ts, end_ts, text)"
+                           " VALUES ($1, 0, 0, 'spk_0', 0, 1, $2)", job_id, text)
+    asked: list[list[str]] = []
+
+    async def redimensioned(texts: list[str]) -> list[list[float]]:
+        asked.append(texts)
+        return [[1.0, 0.0, 0.0] for _ in texts]
+
+    reindexer = Reindexer(pool, redimensioned, model)
+    reindexer.start()
+    await asyncio.wait_for(reindexer.task, 60)
+    error = await pool.fetchval("SELECT error FROM reindex_runs WHERE model = $1", model)
+    assert error == "DataError: stopped; POST /admin/reindex again to resume", error
+    assert asked == [["One."], ["Two."], ["Three."]][:STOP_AFTER_FAILED_JOBS], asked
+    assert await pool.fetchval("SELECT count(*) FROM segments WHERE embedding_model = $1", model) == 1

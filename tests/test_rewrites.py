@@ -4,6 +4,8 @@ spaces between words, and where a pause puts a full stop in a card number."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from common.messages import JobOptions, Segment, Word
@@ -87,6 +89,46 @@ def test_a_card_number_said_hesitantly_or_with_its_expiry_is_redacted_without_th
 ])
 def test_an_address_spoken_with_joiners_or_with_letters_beyond_ascii_is_redacted_whole(said, stored):
     assert redact_text(said, ["email"]) == stored
+
+
+@pytest.mark.parametrize("said, stored", [
+    # Years and counts said with dashes or ellipses between them have no valid checksum.
+    ("Between 2019 - 2020 - 2021 - 2022 we grew.", "Between 2019 - 2020 - 2021 - 2022 we grew."),
+    ("We paid 1200… 1300… 1400… 1500 for it.", "We paid 1200… 1300… 1400… 1500 for it."),
+    ("We had 1500 – 2000 – 2500 – 3000 people.", "We had 1500 – 2000 – 2500 – 3000 people."),
+    ("Then the count went 1000 1100 1200 1300 12 25.", "Then the count went 1000 1100 1200 1300 12 25."),
+    # Four groups within a longer run are no card, whatever their checksum.
+    ("In 1998 - 1999 - 2000 - 2001 - 2002 it rained.", "In 1998 - 1999 - 2000 - 2001 - 2002 it rained."),
+    ("Codes 4111 - 1111 - 1111 - 1111 - 1111.", "Codes 4111 - 1111 - 1111 - 1111 - 1111."),
+    # A card said hesitantly has one break between all its groups; with its checksum it is a card.
+    ("It's 4111… 1111… 1111… 1111, thanks.", "It's [CARD], thanks."),
+    ("It's 4111 – 1111 – 1111 – 1111 – 12/25.", "It's [CARD] – 12/25."),
+])
+def test_numbers_said_one_after_another_with_dashes_or_ellipses_are_no_card_unless_the_checksum_holds(said, stored):
+    assert redact_text(said, ["card"]) == stored
+
+
+@pytest.mark.parametrize("said", [
+    # A sentence after "dot" is no top-level domain.
+    "We were looking at mid dash year dot So we waited.",
+    "We were at Coca dash Cola dot Then we left.",
+    # A domain beyond ASCII written down after a spoken "at" (not "@") is speech run together.
+    "Let's meet at Müller.de tomorrow.",
+    "Er war at Köln.Da ging er.",
+])
+def test_speech_that_looks_like_a_spoken_address_stays(said):
+    assert redact_text(said, ["email"]) == said
+
+
+@pytest.mark.parametrize("joiner", ["dot", "underscore", "dash"])
+def test_a_long_run_of_joined_words_is_searched_for_addresses_in_linear_time(joiner):
+    """Each word of the run was tried as an address's start and read to the run's end: 20,000
+    characters of "a dot a dot ..." took seconds."""
+    run = f"a {joiner} " * (20_000 // len(f"a {joiner} "))
+    started = time.perf_counter()
+    assert redact_text(run, ["email"]) == run
+    assert redact_text(run + "anna at example dot com", ["email"]) == "[EMAIL]"
+    assert time.perf_counter() - started < 0.5
 
 
 def test_custom_spelling_of_a_turkish_word_with_a_capital_dotted_i_matches_it():

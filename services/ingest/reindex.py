@@ -51,8 +51,9 @@ class ReindexProgress(BaseModel):
     error: str | None = None
 
 
-# Jobs that fail one after another for the embedding service as a whole (not one text it refuses,
-# which is stored without a vector, nor one job's own error): it fails every text.
+# Jobs that fail one after another: the embedding service fails every text, or what it gives cannot
+# be stored (a vector of another dimension than the model's), and every later job would fail the
+# same. A text the service refuses fails no job: it is stored without a vector.
 STOP_AFTER_FAILED_JOBS = 3
 FAILED_JOBS_LISTED = 20
 CORRECTIONS_INTERVAL_S = 60.0
@@ -110,9 +111,9 @@ class Reindexer:
         as the model changed still run (their early segments in the old model), waits for them
         to end and re-embeds them too. Only the jobs there as the run began: it ends while new
         ones keep coming. None, or why some are left. A text the service refuses is stored
-        without a vector; a job that fails is passed over, and the run stops only when several in
-        a row fail for the service as a whole (a stop a resumed run would otherwise meet again at
-        the same jobs, which it does not remember)."""
+        without a vector (so a resumed run does not stop again at the same jobs, which it does not
+        remember); a job that fails anyway is passed over, and the run stops when several in a
+        row fail."""
         log.info("re-embedding stored segments with %s", self.model)
         jobs, failed, failed_in_a_row = 0, [], 0
         warned = False
@@ -127,10 +128,9 @@ class Reindexer:
                 with job_logged(job_id):
                     log.exception("could not re-embed this job; going on with the next")
                 failed.append(job_id)
-                if isinstance(exc, EmbeddingServiceFailing) or not one_text_may_be_why(exc):
-                    failed_in_a_row += 1
-                    if failed_in_a_row >= STOP_AFTER_FAILED_JOBS:
-                        raise
+                failed_in_a_row += 1
+                if failed_in_a_row >= STOP_AFTER_FAILED_JOBS:
+                    raise
                 return
             jobs += 1
             failed_in_a_row = 0

@@ -14,55 +14,88 @@ from services.transcriber.rewrite import SPACED_WORD_CHAR, UNSPACED, Finder, rew
 # A domain's letters and digits in any script written with spaces (müller.de, пример.рф), not
 # Chinese or Japanese written right after an address, which is the sentence going on.
 _DOMAIN_PART = rf"(?:[^\W_{UNSPACED}]|-)+"
-_TOP_LEVEL_DOMAIN = rf"[^\W\d_{UNSPACED}]{{2,}}"
+# After a spoken "at" a domain written down must be in ASCII letters ("support at example.com"):
+# "at Köln.Da" is a sentence run together, not an address.
+_ASCII_DOMAIN_PART = r"[A-Za-z0-9-]+"
+# What may follow the last spoken "dot" of an address: the common generic top-level domains and
+# the country codes, as Whisper writes a word (lower case, or all capitals), not the next
+# sentence's first word ("at mid dash year dot So we").
+_TOP_LEVEL_DOMAINS = (
+    "com net org edu gov mil int info biz name pro mobi aero asia jobs museum travel tel cat coop app dev"
+    " ai io tech online site shop store blog cloud email news xyz club live studio agency design digital"
+    " media space top website art page host link network systems solutions group company world"
+    " ac ad ae af ag al am ao aq ar as at au aw ax az ba bb bd be bf bg bh bi bj bm bn bo br bs bt bw"
+    " by bz ca cc cd cf cg ch ci ck cl cm cn co cr cu cv cw cx cy cz de dj dk dm do dz ec ee eg er es"
+    " et eu fi fj fk fm fo fr ga gd ge gf gg gh gi gl gm gn gp gq gr gs gt gu gw gy hk hm hn hr ht hu"
+    " id ie il im in iq ir is it je jm jo jp ke kg kh ki km kn kp kr kw ky kz la lb lc li lk lr ls lt"
+    " lu lv ly ma mc md me mg mh mk ml mm mn mo mp mq mr ms mt mu mv mw mx my mz na nc ne nf ng ni nl"
+    " no np nr nu nz om pa pe pf pg ph pk pl pm pn pr ps pt pw py qa re ro rs ru rw sa sb sc sd se sg"
+    " sh si sk sl sm sn so sr ss st su sv sx sy sz tc td tf tg th tj tk tl tm tn to tr tt tv tw tz ua"
+    " ug uk us uy uz va vc ve vg vi vn vu wf ws ye yt za zm zw рф").split()
+_SPOKEN_TOP_LEVEL_DOMAIN = (rf"(?-i:{'|'.join(sorted(_TOP_LEVEL_DOMAINS, key=len, reverse=True))}"
+                            rf"|{'|'.join(sorted((d.upper() for d in _TOP_LEVEL_DOMAINS), key=len, reverse=True))})")
 # An address's name: its own letters and digits, not those of Chinese or Japanese written against
 # it ("我的邮箱是anna@example.org" loses the address, not the sentence).
-_NAME_CHAR = rf"(?:{SPACED_WORD_CHAR}|[%+-])"
 _LOCAL_CHAR = rf"(?:{SPACED_WORD_CHAR}|[.%+-])"
 # How a dot, underscore or hyphen in an address is said and written down ("anna underscore smith",
 # "acme dash shop"); a domain has no underscore.
-_SPOKEN_NAME_JOIN = r" (?:dot|underscore|dash|hyphen) "
+_SPOKEN_NAME_JOINERS = ("dot", "underscore", "dash", "hyphen")
+_SPOKEN_NAME_JOIN = rf" (?:{'|'.join(_SPOKEN_NAME_JOINERS)}) "
 _SPOKEN_DOMAIN_JOIN = r" (?:dash|hyphen) "
-_SPOKEN_NAME = rf"(?:{_NAME_CHAR}+{_SPOKEN_NAME_JOIN})*{_LOCAL_CHAR}+"
-# Digits in groups of four, with a comma, a full stop, an ellipsis, a space or a hyphen (spaced
-# or not) between groups: "4111... 1111... 1111... 1111." as Whisper writes groups said hesitantly.
-_GROUP_BREAK = r"(?:(?:[.,]|\.\.\.?|…) ?| [-–] | |-)"
+# A name starts only where no other name's part and joiner stand before it: one start per run of
+# words, so that a long run ("a dot a dot a dot ...") is read once, not once from each of its words.
+_NAME_STARTS = rf"(?<!{_LOCAL_CHAR})" + "".join(rf"(?<!{_LOCAL_CHAR} {joiner} )" for joiner in _SPOKEN_NAME_JOINERS)
+_SPOKEN_NAME = rf"{_NAME_STARTS}(?:{_LOCAL_CHAR}+{_SPOKEN_NAME_JOIN})*{_LOCAL_CHAR}+"
+# Digits in groups of four, with a comma, a full stop, a space or a hyphen between groups.
+_GROUP_BREAK = r"(?:[.,] ?| |-)"
+# Groups said hesitantly, as Whisper writes them: a spaced dash or an ellipsis ("4111... 1111...").
+# Years and counts are written so too ("2019 - 2020 - 2021 - 2022"): such groups are a card only
+# with the same break between all four, not within a longer run of them, and with a valid
+# checksum (_checksum_needed).
+_HESITANT_BREAK = r"(?: [-–] |(?:\.\.\.?|…) ?)"
+_NOT_AFTER_HESITANT_GROUP = r"(?<!\d [-–] )(?<!\d\.\. )(?<!\d\.\.\. )(?<!\d…)(?<!\d… )"
 # What joins the digits of one run: a number said right after another with only these between
-# is one longer number, not a card. A spaced dash, like a full stop, can also end one number
-# before another ("2019 - 2020").
+# is one longer number, not a card.
 _DIGIT_JOIN = r"(?:, ?|[ -])"
 # An expiry said right after the card ("12 25", "12/25", "5/2027", or "1225" after a card said
 # without full stops; a year 2020-2039, so that a card's own last group, "1111", is not taken for
 # one), perhaps with its code after it.
 _EXPIRY_SPACED = r"(?:0?[1-9]|1[0-2])(?: ?[/.-] ?| )(?:20)?[23]\d"
 _EXPIRY = rf"(?:{_EXPIRY_SPACED}|(?:0[1-9]|1[0-2])(?:20)?[23]\d)"
-_RUN_ENDS = rf"(?!{_DIGIT_JOIN}?\d|/\d)"
 _CARD_STARTS = r"(?<![\d.,])(?<!\d[ -])(?<!\d, )"
+_SAME_BREAK_OR_DIGIT_JOIN = rf"(?:(?P=hesitant_break)|{_DIGIT_JOIN})"
 
 
-def _card_ends(expiry: str) -> str:
-    """Where a card's digits end: the run of digits ends, or an expiry said after it follows."""
-    return rf"(?:{_RUN_ENDS}|(?={_DIGIT_JOIN}{expiry}(?:{_DIGIT_JOIN}\d{{3,4}})?{_RUN_ENDS}))"
+def _card_ends(expiry: str, expiry_follows: str, join: str = _DIGIT_JOIN) -> str:
+    """Where a card's digits end: the run of digits ends, or an expiry said after it follows (the
+    empty group `expiry_follows` then matches: such a run is a card only with a valid checksum)."""
+    run_ends = rf"(?!{join}?\d|/\d)"
+    return rf"(?:{run_ends}|(?P<{expiry_follows}>)(?={join}{expiry}(?:{join}\d{{3,4}})?{run_ends}))"
 
 
 PATTERNS: dict[str, re.Pattern[str]] = {
     # Written (a@b.com, anna@müller.de) or as spoken and written down (a at b dot com,
-    # anna underscore smith at acme dash shop dot com, anna@example dot com).
-    "email": re.compile(rf"(?<!{_LOCAL_CHAR}){_SPOKEN_NAME}@{_DOMAIN_PART}"
+    # anna underscore smith at acme dash shop dot com, anna@example dot com, support at example.com).
+    "email": re.compile(rf"{_SPOKEN_NAME}@{_DOMAIN_PART}"
                         rf"(?:(?:\.| dot |{_SPOKEN_DOMAIN_JOIN}){_DOMAIN_PART})*(?:\.| dot ){_DOMAIN_PART}"
-                        rf"|(?<!{_LOCAL_CHAR}){_SPOKEN_NAME} at {_DOMAIN_PART}"
-                        rf"(?:(?: dot |\.|{_SPOKEN_DOMAIN_JOIN}){_DOMAIN_PART})*(?: dot |\.){_TOP_LEVEL_DOMAIN}"
-                        rf"(?!{SPACED_WORD_CHAR})",
+                        rf"|{_SPOKEN_NAME} at (?:{_DOMAIN_PART}(?:(?: dot |\.|{_SPOKEN_DOMAIN_JOIN}){_DOMAIN_PART})*"
+                        rf" dot {_SPOKEN_TOP_LEVEL_DOMAIN}"
+                        rf"|{_ASCII_DOMAIN_PART}(?:(?: dot |\.|{_SPOKEN_DOMAIN_JOIN}){_ASCII_DOMAIN_PART})*"
+                        rf"\.[A-Za-z]{{2,}})(?!{SPACED_WORD_CHAR})",
                         re.IGNORECASE),
     # 13-19 digits, grouped or not, and not part of a longer run (two phone numbers said one after
     # the other are no card) unless what makes it longer is an expiry said right after it ("4111
-    # 1111 1111 1111 12 25"); or four groups of four with a full stop, an ellipsis or a spaced
-    # dash after some or all of them, as Whisper writes groups said each as a sentence of its own
-    # ("4111. 1111. 1111. 1111.", or "4111 1111. 1111, 1111." with a pause in the middle). A
-    # number said after the card (its expiry) is not taken into it. No Luhn check: one digit
-    # misheard would let the number through.
-    "card": re.compile(rf"{_CARD_STARTS}\d(?:{_DIGIT_JOIN}?\d){{12,18}}{_card_ends(_EXPIRY)}"
-                       rf"|{_CARD_STARTS}\d{{4}}(?:{_GROUP_BREAK}\d{{4}}){{3}}{_card_ends(_EXPIRY_SPACED)}"),
+    # 1111 1111 1111 12 25"); or four groups of four with a full stop after some or all of them,
+    # as Whisper writes groups said each as a sentence of its own ("4111. 1111. 1111. 1111.", or
+    # "4111 1111. 1111, 1111." with a pause in the middle); or said hesitantly (_HESITANT_BREAK).
+    # A number said after the card (its expiry) is not taken into it. No Luhn check for a card
+    # said plainly: one digit misheard would let the number through.
+    "card": re.compile(rf"{_CARD_STARTS}\d(?:{_DIGIT_JOIN}?\d){{12,18}}{_card_ends(_EXPIRY, 'expiry_after_run')}"
+                       rf"|{_CARD_STARTS}\d{{4}}(?:{_GROUP_BREAK}\d{{4}}){{3}}"
+                       rf"{_card_ends(_EXPIRY_SPACED, 'expiry_after_groups')}"
+                       rf"|{_CARD_STARTS}{_NOT_AFTER_HESITANT_GROUP}\d{{4}}(?P<hesitant_break>{_HESITANT_BREAK})"
+                       rf"\d{{4}}(?P=hesitant_break)\d{{4}}(?P=hesitant_break)\d{{4}}"
+                       rf"{_card_ends(_EXPIRY_SPACED, 'expiry_after_hesitant', _SAME_BREAK_OR_DIGIT_JOIN)}"),
     # 7-15 digits with the separators people say them with, a country or area code included
     # (Whisper groups long numbers with commas); not the end of a word or of a number with a
     # decimal point, but right after Chinese, Japanese or Thai, which Whisper writes digits against.
@@ -98,12 +131,40 @@ def _phones(match: re.Match[str]) -> list[tuple[int, int]]:
     return phones
 
 
+def _checksum_needed(card: re.Match[str]) -> bool:
+    """Whether a card match is one only with a valid checksum: groups said hesitantly, or digits
+    that run on into an expiry, which years and counts said one after another look like too."""
+    return any(card[group] is not None for group in
+               ("hesitant_break", "expiry_after_run", "expiry_after_groups", "expiry_after_hesitant"))
+
+
+def luhn_valid(digits: str) -> bool:
+    """Whether `digits` pass the Luhn checksum every card number carries in its last digit."""
+    total = 0
+    for position, digit in enumerate(int(d) for d in reversed(digits)):
+        doubled = digit * 2 if position % 2 else digit
+        total += doubled - 9 if doubled > 9 else doubled
+    return total % 10 == 0
+
+
+def _matches(kind: str, text: str) -> Iterable[re.Match[str]]:
+    """PATTERNS[kind]'s matches in `text`, leaving out cards whose checksum _checksum_needed and
+    fails (searching again from the next character, where another may start)."""
+    pattern, position = PATTERNS[kind], 0
+    while match := pattern.search(text, position):
+        if kind == "card" and _checksum_needed(match) and not luhn_valid(re.sub(r"\D", "", match[0])):
+            position = match.start() + 1
+            continue
+        yield match
+        position = match.end()
+
+
 def spans(text: str, kinds: Iterable[str]) -> list[tuple[int, int, str]]:
     """(start, end, kind) of what to redact in `text`, in order, none overlapping; the kinds
     are tried in REDACTABLE's order, so a card number is a card, not a phone or a number."""
     found: list[tuple[int, int, str]] = []
     for kind in (k for k in REDACTABLE if k in set(kinds)):
-        for match in PATTERNS[kind].finditer(text):
+        for match in _matches(kind, text):
             for start, end in _phones(match) if kind == "phone" else [match.span()]:
                 if not any(s < end and start < e for s, e, _ in found):
                     found.append((start, end, kind))

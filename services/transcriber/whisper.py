@@ -13,7 +13,10 @@ bench/accuracy.py prints both."""
 
 from __future__ import annotations
 
+import importlib
 import logging
+import socket
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,9 +81,27 @@ class ModelNotLoaded(RuntimeError):
     transcriber does not start, rather than serve another model than the one configured."""
 
 
+def _fetch_failures() -> tuple[type[BaseException], ...]:
+    """What a download raises where the Hub cannot be reached: nothing cached (LocalEntryNotFoundError,
+    which huggingface_hub raises for a connection it could not make), and what it lets through
+    itself: a proxy's refusal, and on huggingface_hub 0.x a TLS failure, as the HTTP client of its
+    version raises them (requests on 0.x, httpx on 1.x, httpx2 on 2.x), or as the socket does. Not
+    a name the Hub does not know, nor an answer it gives."""
+    failures: list[type[BaseException]] = [LocalEntryNotFoundError, ConnectionError, TimeoutError, ssl.SSLError,
+                                           socket.gaierror]
+    for module, names in (("requests.exceptions", ("ConnectionError", "Timeout")), ("httpx", ("TransportError",)),
+                          ("httpx2", ("TransportError",))):
+        try:
+            client = importlib.import_module(module)
+        except ImportError:
+            continue
+        failures += [getattr(client, name) for name in names if hasattr(client, name)]
+    return tuple(failures)
+
+
 def _model_files(name: str) -> str:
     """The directory of model `name`: itself if it is one, else faster-whisper's download (or the
-    Hugging Face cache's copy). LocalEntryNotFoundError when it is neither cached nor reachable."""
+    Hugging Face cache's copy). One of _fetch_failures() when it is neither cached nor reachable."""
     return name if Path(name).is_dir() else download_model(name)
 
 
@@ -94,12 +115,12 @@ def load_model(settings: Settings) -> tuple[WhisperModel, str]:
     name = settings.whisper_model
     try:
         path = _model_files(name)
-    except LocalEntryNotFoundError as exc:
+    except _fetch_failures() as exc:
         fallback = settings.whisper_fallback_model
         if not fallback or fallback == name or not Path(fallback).is_dir():
             raise ModelNotLoaded(f"cannot fetch Whisper model {name!r} (WHISPER_MODEL): {exc}") from exc
-        log.warning("cannot fetch Whisper model %r (no network, and not in the cache); using the bundled model"
-                    " at %s", name, fallback)
+        log.warning("cannot fetch Whisper model %r (no network, and not in the cache: %s: %s); using the bundled"
+                    " model at %s", name, type(exc).__name__, str(exc)[:200], fallback)
         path = name = fallback
     except Exception as exc:
         raise ModelNotLoaded(f"cannot load Whisper model {name!r} (WHISPER_MODEL): {exc}") from exc
