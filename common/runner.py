@@ -12,20 +12,26 @@ import asyncio
 import logging
 import os
 import signal
+import weakref
 from collections.abc import Awaitable, Callable
 
 log = logging.getLogger(__name__)
 
-_stopping: asyncio.Event | None = None
+# One per event loop: a process runs one, but the tests run the app on several loops in turn, and
+# an asyncio.Event waited on in one loop cannot be waited on in another.
+_stopping: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Event] | None = None
 _drained: list[asyncio.Future] = []
 
 
 def stopping() -> asyncio.Event:
-    """Set once the process was asked to stop (one event per process)."""
+    """Set once the process was asked to stop."""
     global _stopping
     if _stopping is None:
-        _stopping = asyncio.Event()
-    return _stopping
+        _stopping = weakref.WeakKeyDictionary()
+    loop = asyncio.get_running_loop()
+    if loop not in _stopping:
+        _stopping[loop] = asyncio.Event()
+    return _stopping[loop]
 
 
 def draining() -> asyncio.Future:

@@ -328,10 +328,51 @@ def test_scrape_annotations_name_the_metrics_ports():
     assert found == expected
 
 
+def compose_seconds(duration: str) -> float:
+    match = re.fullmatch(r"(?:(\d+)m)?(?:(\d+)s)?", duration)
+    assert match and duration, duration
+    return int(match[1] or 0) * 60 + int(match[2] or 0)
+
+
+def test_ingest_stops_serving_only_once_it_is_out_of_the_endpoints_and_before_it_is_killed():
+    """Kubernetes removes a stopping pod from the Service's endpoints while it sends SIGTERM: the
+    preStop sleep keeps ingest serving until proxies have stopped sending it requests. Then
+    requests in flight get SHUTDOWN_GRACE_S and its consumers' messages as long again, all
+    within the grace period (compose: no endpoints to wait for)."""
+    pod = pod_spec("ingest")
+    [container] = pod["containers"]
+    grace_s = float(k8s_objects("ConfigMap")["stt-settings"]["data"]["SHUTDOWN_GRACE_S"])
+    command = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep" and float(command[1]) >= 5, command
+    # `sleep` is coreutils', in every Debian image (the native sleep action needs Kubernetes 1.30).
+    assert re.search(r"^ARG PYTHON_IMAGE=python:[\d.]+-slim-", (DEPLOY / "Dockerfile").read_text(), re.M)
+    assert pod["terminationGracePeriodSeconds"] >= float(command[1]) + 2 * grace_s + 10
+    compose = load_compose()
+    default = re.fullmatch(r"\$\{SHUTDOWN_GRACE_S:-(\d+)\}", compose["x-settings"]["SHUTDOWN_GRACE_S"])
+    compose_grace_s = float(default[1])
+    assert compose_seconds(compose["services"]["ingest"]["stop_grace_period"]) >= 2 * compose_grace_s + 10
+
+
+def test_ingest_may_take_an_hour_to_migrate_the_database_before_its_startup_probe_gives_up():
+    """A migration killed mid-way rolls back, and the next start runs it again from the start."""
+    probe = pod_spec("ingest")["containers"][0]["startupProbe"]
+    assert probe["periodSeconds"] * probe["failureThreshold"] >= 3600
+
+
 def test_transcriber_runs_on_a_gpu_node():
     pod = pod_spec("transcriber")
     assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert pod["nodeSelector"] and pod["tolerations"]
+
+
+def test_worker_probes_ask_healthz():
+    """The workers' probes asked /metrics, which prometheus_client's thread answers whatever the
+    worker's event loop does."""
+    probes = {worker: {kind: container[kind]["httpGet"]["path"]
+                       for kind in ("startupProbe", "livenessProbe", "readinessProbe") if kind in container}
+              for worker in WORKERS for container in pod_spec(worker)["containers"]}
+    expected = {worker: {"startupProbe": "/healthz", "livenessProbe": "/healthz"} for worker in WORKERS}
+    assert probes == expected
 
 
 def test_kustomization_applies_every_manifest_but_the_secret_template():
@@ -350,6 +391,21 @@ def test_kustomize_builds_everything_into_one_namespace():
     documents = list(yaml.safe_load_all(result.stdout))
     namespaces = {document["metadata"].get("namespace") for document in documents if document["kind"] != "Namespace"}
     assert namespaces == {"stt"}
+
+
+# ---- make run ---------------------------------------------------------------------------------
+
+def test_make_run_gives_workers_a_grace_that_ends_before_honcho_kills_them():
+    """honcho SIGKILLs what still runs KILL_WAIT (5 s) after Ctrl-C: a worker's grace of 30 s never
+    ended, so what it held was never handed back, and each Ctrl-C spent one of the message's
+    DELIVERY_LIMIT deliveries. The script sets it after reading .env, which would otherwise win."""
+    from honcho.manager import KILL_WAIT
+
+    script = (ROOT / "scripts" / "run-local.sh").read_text()
+    [grace] = re.findall(r"^export SHUTDOWN_GRACE_S=(\S+)$", script, re.M)
+    assert float(grace) + 1 < KILL_WAIT  # a second left to hand back and exit
+    assert script.index("export SHUTDOWN_GRACE_S=") > script.index(". ./.env")
+    assert script.index("export SHUTDOWN_GRACE_S=") < script.index("honcho start")
 
 
 # ---- settings and docs -----------------------------------------------------------------------

@@ -7,7 +7,7 @@ import contextlib
 import dataclasses
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -28,14 +28,15 @@ from minio.error import S3Error
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ConfigDict, ValidationError
 
-from common import jobstore
+from common import jobstore, runner
+from common.backoff import backoff, of_type
 from common.broker import connect, open_bus, watched_queues
 from common.db import apply_migrations, create_pool
 from common.logs import job_logged
 from common.messages import REFERENCE_MAX_CHARS, VOCABULARY_MAX_CHARS, JobOptions
 from common.metrics import http_metrics_middleware, watch_queue_depths
 from common.outbox import run_outbox_flusher
-from common.runner import keep_running
+from common.runner import RESTART_S, keep_running
 from common.settings import Settings, get_settings
 from common.storage import QUICK_CLIENT_TIMEOUT_S, ensure_buckets, is_missing, make_client
 from common.webhooks import new_secret
@@ -313,13 +314,70 @@ async def readyz(state: State, need: Annotated[str | None, Parameter(
         await state.probe_pool.fetchval("SELECT 1")
 
     async def broker() -> None:
+        if state.bus is None:
+            raise ConnectionError("not connected yet")
         if state.connection.is_closed or state.bus.channel.is_closed:
             raise ConnectionError("closed")
 
-    checks = await run_checks({"postgres": database, "rabbitmq": broker, "object_store": state.s3_probe})
+    async def object_store() -> None:
+        await state.s3_probe()
+        if not state.buckets_made.is_set():
+            raise LookupError("the buckets are not made yet")
+
+    checks = await run_checks({"postgres": database, "rabbitmq": broker, "object_store": object_store})
     ready = all(checks[name] == "ok" for name in needed)
     return Response({"status": "ready" if ready else "unavailable", "checks": checks},
                     status_code=200 if ready else 503)
+
+
+# RabbitMQ and the object store may be down while ingest starts: the server answers meanwhile
+# (as through their outages later), and these reach them in the background. What runs on the
+# broker waits for it; no request needs it (jobs go out through the outbox, in PostgreSQL). The
+# start waits this long for them, so that where they answer at once the server starts ready.
+DEPENDENCIES_AWAITED_S = 5.0
+
+
+async def make_buckets(state: State, settings: Settings) -> None:
+    """The buckets made (where missing), however long the store takes to answer; until then
+    /readyz reports the object store unavailable."""
+    async for attempt in backoff("the object store's buckets not made yet", of_type(Exception)):
+        with attempt:
+            await asyncio.to_thread(ensure_buckets, state.s3_quick, settings.audio_bucket, settings.inbox_bucket)
+    state.buckets_made.set()
+
+
+async def open_broker(state: State, settings: Settings) -> None:
+    """The connection to RabbitMQ and the topology declared, however long the broker takes."""
+    async for attempt in backoff("RabbitMQ not usable yet", of_type(Exception)):
+        with attempt:
+            if state.connection is None:
+                state.connection = await connect(settings, "ingest")
+            state.bus = await open_bus(state.connection, settings)
+    state.broker_open.set()
+
+
+async def once_broker_open(state: State, work: Callable[[], Awaitable[object]]) -> object:
+    await state.broker_open.wait()
+    return await work()
+
+
+async def consume_until_stopping(state: State, inbox: Inbox) -> None:
+    """Ingest's consumers, started again whenever they stop (as keep_running does) until the
+    process is stopping (common.runner.stopping): they then hand back what they hold as a worker's
+    do, spending no delivery attempt, and this returns."""
+    stopping = runner.stopping()
+    await state.broker_open.wait()
+    while True:
+        try:
+            await inbox.run_consumers(state.connection)
+            if stopping.is_set():
+                return
+            log.error("the inbox's and job ends' consumers stopped; starting them again in %g s", RESTART_S)
+        except Exception:
+            log.exception("the inbox's and job ends' consumers failed; starting them again in %g s", RESTART_S)
+        await asyncio.sleep(RESTART_S)
+        if stopping.is_set():
+            return
 
 
 def create_app(settings: Settings | None = None) -> Litestar:
@@ -339,14 +397,15 @@ def create_app(settings: Settings | None = None) -> Litestar:
         # For store calls made inside a database transaction (common.storage.call_in_transaction).
         state.s3_quick = make_client(settings, timeout_s=QUICK_CLIENT_TIMEOUT_S, connections=8)
         state.s3_probe = ObjectStoreProbe(make_client(settings, timeout_s=CHECK_TIMEOUT_S), settings.audio_bucket)
-        await asyncio.to_thread(ensure_buckets, state.s3, settings.audio_bucket, settings.inbox_bucket)
         state.pool = await create_pool(settings)
         # /readyz asks PostgreSQL on a connection of its own: the requests' pool, all busy (slow
         # searches, waits on a row lock), is not the database being down.
         state.probe_pool = await create_pool(settings, min_size=1, max_size=1)
         await apply_migrations(state.pool)
-        state.connection = await connect(settings, "ingest")
-        state.bus = await open_bus(state.connection, settings)
+        state.buckets_made, state.broker_open = asyncio.Event(), asyncio.Event()
+        state.connection = state.bus = None
+        # One process may run the app more than once (the tests do): this run is not stopping.
+        runner.stopping().clear()
         state.outbox_wake = asyncio.Event()
         # GET /search embeds queries with the embedder's model, whose vectors it searches.
         http = aiohttp.ClientSession()
@@ -355,28 +414,38 @@ def create_app(settings: Settings | None = None) -> Litestar:
         state.wakeups = Wakeups()
         inbox = Inbox(settings, state.pool, state.s3, state.outbox_wake, s3_quick=state.s3_quick)
         queues = watched_queues(INBOX_EVENTS_QUEUE, RESULTS_QUEUE)
-        tasks = [asyncio.create_task(keep_running("the outbox flusher", lambda: run_outbox_flusher(
-                     state.pool, state.bus, state.outbox_wake))),
+        consumers = asyncio.create_task(consume_until_stopping(state, inbox))
+        reaching = {asyncio.create_task(make_buckets(state, settings)),
+                    asyncio.create_task(open_broker(state, settings))}
+        await asyncio.wait(reaching, timeout=DEPENDENCIES_AWAITED_S)
+        tasks = [consumers, *reaching,
+                 asyncio.create_task(keep_running("the outbox flusher", lambda: once_broker_open(
+                     state, lambda: run_outbox_flusher(state.pool, state.bus, state.outbox_wake)))),
                  asyncio.create_task(keep_running("the inbox scanner", inbox.run_scanner)),
-                 asyncio.create_task(keep_running("the inbox's and job ends' consumers",
-                                                  lambda: inbox.run_consumers(state.connection))),
-                 asyncio.create_task(keep_running("the queue depth watcher",
-                                                  lambda: watch_queue_depths(state.connection, queues))),
-                 asyncio.create_task(keep_running("the event streams' wake-ups",
-                                                  lambda: state.wakeups.run(state.connection))),
+                 asyncio.create_task(keep_running("the queue depth watcher", lambda: once_broker_open(
+                     state, lambda: watch_queue_depths(state.connection, queues)))),
+                 asyncio.create_task(keep_running("the event streams' wake-ups", lambda: once_broker_open(
+                     state, lambda: state.wakeups.run(state.connection)))),
                  asyncio.create_task(run_retention(state.pool, state.s3, settings, state.s3_quick)),
                  asyncio.create_task(run_orphan_sweep(state.pool, state.s3, settings.audio_bucket)),
                  asyncio.create_task(run_corrections_embedder(state.pool, *state.query_embedder))]
-        log.info("ingest ready on %s:%d", settings.api_host, settings.api_port)
+        waiting = "" if all(task.done() for task in reaching) else " (RabbitMQ or the object store not reached yet)"
+        log.info("ingest serving on %s:%d%s", settings.api_host, settings.api_port, waiting)
         try:
             yield
         finally:
+            # As a worker stops (common.runner): its consumers take no more messages, let those in
+            # hand finish for up to SHUTDOWN_GRACE_S, and hand the rest back as fresh copies.
+            runner.stopping().set()
+            if state.broker_open.is_set():
+                await asyncio.wait({consumers}, timeout=settings.shutdown_grace_s + 5)
             if state.reindexer.task is not None:
                 tasks.append(state.reindexer.task)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            await state.connection.close()
+            if state.connection is not None:
+                await state.connection.close()
             await state.pool.close()
             await state.probe_pool.close()
             await http.close()

@@ -23,7 +23,7 @@ from minio.error import S3Error
 from pydantic import BaseModel, Field, ValidationError
 
 from common import jobstore, speakerstore
-from common.broker import EVENTS_EXCHANGE, Route, consume
+from common.broker import EVENTS_EXCHANGE, Route, consume, declare_queue, stage_queue_arguments
 from common.db import DATABASE_UNAVAILABLE, LockKey, every
 from common.logs import job_logged
 from common.messages import JobOptions, TranscriptCompleted, TranscriptFailed
@@ -149,6 +149,27 @@ def result_key_too_long(results_prefix: str, key: str) -> int | None:
     """The length in bytes of the key's longest result file key, when S3 would refuse it."""
     longest = max(len(k.encode()) for k in result_keys(results_prefix, key).values())
     return longest if longest > MAX_KEY_BYTES else None
+
+
+async def declare_queues(connection: aio_pika.abc.AbstractRobustConnection, channel: aio_pika.abc.AbstractChannel,
+                         settings: Settings) -> None:
+    """Ingest's two queues, bound to what they take, with the stage queues' delivery limit and
+    dead-letter exchange: a message the broker takes back more than DELIVERY_LIMIT times (its
+    consumer crashing on it each time) is parked in stt.dead-letters with that reason, where
+    RabbitMQ 4 would drop it at its default limit of 20. A queue an earlier version made without
+    them is used as it is (common.broker.declare_queue). Declared and bound without aio-pika's
+    restoring, as common.broker.declare_topology does (a queue deleted meanwhile would fail every
+    reconnection); a consumer whose queue went declares them again when it starts again."""
+    for name in (INBOX_EVENTS_QUEUE, RESULTS_QUEUE):
+        await declare_queue(connection, name, stage_queue_arguments("ingest", settings))
+    minio_events = await channel.declare_exchange(settings.minio_events_exchange, aio_pika.ExchangeType.TOPIC,
+                                                  durable=True)
+    inbox_queue = await channel.declare_queue(INBOX_EVENTS_QUEUE, passive=True, robust=False)
+    await inbox_queue.bind(minio_events, settings.minio_events_routing_key, robust=False)
+    stt_events = await channel.get_exchange(EVENTS_EXCHANGE)
+    results_queue = await channel.declare_queue(RESULTS_QUEUE, passive=True, robust=False)
+    for routing_key in (TranscriptCompleted.ROUTING_KEY, TranscriptFailed.ROUTING_KEY):
+        await results_queue.bind(stt_events, routing_key, robust=False)
 
 
 class Inbox:
@@ -402,20 +423,8 @@ class Inbox:
 
     async def _consume(self, connection: aio_pika.abc.AbstractRobustConnection,
                        channel: aio_pika.abc.AbstractChannel) -> None:
-        events = await channel.declare_exchange(
-            self.settings.minio_events_exchange, aio_pika.ExchangeType.TOPIC, durable=True
-        )
-        inbox_queue = await channel.declare_queue(
-            INBOX_EVENTS_QUEUE, durable=True, arguments={"x-queue-type": "quorum"}
-        )
-        await inbox_queue.bind(events, self.settings.minio_events_routing_key)
-        results_queue = await channel.declare_queue(
-            RESULTS_QUEUE, durable=True, arguments={"x-queue-type": "quorum"}
-        )
-        stt_events = await channel.get_exchange(EVENTS_EXCHANGE)
         job_ended = [Route(TranscriptCompleted, self.on_job_ended), Route(TranscriptFailed, self.on_job_ended)]
-        for route in job_ended:
-            await results_queue.bind(stt_events, route.routing_key)
+        await declare_queues(connection, channel, self.settings)
         # One stopping stops the other, so that both start again together (not a second copy of one).
         async with asyncio.TaskGroup() as group:
             group.create_task(consume(
