@@ -413,7 +413,9 @@ async def forget_deleted_jobs_deliveries(conn: asyncpg.Connection, job_id: int) 
     settled it and comes here again, so a job deleted as soon as it ends is still announced.
     A webhook's last one given up stays while one of the job's is pending after it: the notifier
     gives those one attempt each because of it (a dead endpoint's backlog of a deleted job would
-    otherwise keep its text for the whole retry schedule of each); it goes with the last of them."""
+    otherwise keep its text for the whole retry schedule of each); it goes with the last of them.
+    Its transcript.deleted stays too (ids only, no text; pruned with the delivery log): the
+    deletion announced again (a stage still working on the job) finds it and is not sent again."""
     await conn.execute(
         "DELETE FROM webhooks w WHERE w.job_id = $1"
         " AND NOT EXISTS (SELECT 1 FROM transcripts WHERE id = $1)"
@@ -422,6 +424,7 @@ async def forget_deleted_jobs_deliveries(conn: asyncpg.Connection, job_id: int) 
         job_id)
     await conn.execute(
         "DELETE FROM webhook_deliveries d WHERE d.job_id = $1 AND d.status <> 'pending'"
+        f" AND d.event_type <> '{TranscriptDeleted.ROUTING_KEY}'"
         " AND NOT (d.status = 'failed'"
         " AND NOT EXISTS (SELECT 1 FROM webhook_deliveries s WHERE s.webhook_id = d.webhook_id AND s.job_id = $1"
         " AND s.status <> 'pending' AND s.id > d.id)"
@@ -737,14 +740,39 @@ async def usage_by_day(db: Db, owner: str | None, since: datetime, until: dateti
         " GROUP BY 1, 2 ORDER BY 1, 2", everyone, owner, since, until)
 
 
-async def stalled_job_ids(db: Db, timeout_s: float, outages: list[tuple[datetime, datetime]] = ()) -> list[int]:
-    """Processing jobs that have not moved for `timeout_s`, not counting the time within the
-    (since, until) spans of `outages` (when the database could not store their progress)."""
+async def stall_reaper_round(conn: asyncpg.Connection, absent_after_s: float, missed: bool, grace_s: float) -> None:
+    """The stall reaper's heartbeat, shared by every persister. Time since the last one longer than
+    `absent_after_s`, or `missed` (this persister could not reach the database since its last),
+    was a gap: no persister stored anything, the jobs' messages waited. It is kept, joined to the
+    gap before it when it began within `grace_s` of that one's end (one outage, come back)."""
+    async with conn.transaction():
+        last = await conn.fetchrow("SELECT at, at < now() - make_interval(secs => $1) AS absent"
+                                   " FROM stall_reaper_heartbeat FOR UPDATE", absent_after_s)
+        await conn.execute("UPDATE stall_reaper_heartbeat SET at = GREATEST(at, now())")
+        if not (missed or last["absent"]):
+            return
+        joined = await conn.fetchval(
+            "UPDATE stall_reaper_gaps SET until = GREATEST(until, now())"
+            " WHERE since = (SELECT max(since) FROM stall_reaper_gaps)"
+            " AND until + make_interval(secs => $2) >= $1 RETURNING since", last["at"], grace_s)
+        if joined is None:
+            await conn.execute("INSERT INTO stall_reaper_gaps (since, until) VALUES ($1, now())"
+                               " ON CONFLICT (since) DO UPDATE SET until = GREATEST(stall_reaper_gaps.until, now())",
+                               last["at"])
+        # Those that ended, with their grace, before every processing job's last move count for none.
+        await conn.execute(
+            "DELETE FROM stall_reaper_gaps WHERE until + make_interval(secs => $1) < COALESCE("
+            " (SELECT min(updated_at) FROM transcripts WHERE status = 'processing'), now())", grace_s)
+
+
+async def stalled_job_ids(db: Db, timeout_s: float, grace_s: float) -> list[int]:
+    """Processing jobs that have not moved for `timeout_s`, not counting the time within the gaps
+    of stall_reaper_round, nor `grace_s` after each (the messages held through it land)."""
     rows = await db.fetch(
         "SELECT id FROM transcripts t WHERE status = 'processing'"
         " AND updated_at < now() - make_interval(secs => $1)"
         " AND updated_at + make_interval(secs => $1) + (SELECT COALESCE(sum(GREATEST("
-        "     LEAST(o.until, now()) - GREATEST(o.since, t.updated_at), interval '0')), interval '0')"
-        "   FROM unnest($2::timestamptz[], $3::timestamptz[]) AS o(since, until)) < now()"
-        " ORDER BY id", timeout_s, [since for since, _ in outages], [until for _, until in outages])
+        "     LEAST(g.until + make_interval(secs => $2), now()) - GREATEST(g.since, t.updated_at),"
+        "     interval '0')), interval '0') FROM stall_reaper_gaps g) < now()"
+        " ORDER BY id", timeout_s, grace_s)
     return [r["id"] for r in rows]

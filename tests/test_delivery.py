@@ -698,43 +698,60 @@ async def test_the_stall_reaper_spares_a_job_that_moved_after_it_was_listed(stac
         await conn.close()
 
 
-async def test_the_stall_reaper_does_not_count_a_database_outage(stack):
+async def test_the_stall_reaper_does_not_count_a_database_outage_even_after_a_restart(stack):
     """Through a PostgreSQL outage no job moves while its messages wait in stt.persister (README:
-    none fails). Once the database is back, a job whose last progress is older than the timeout
-    only because of the outage is spared while its messages land; with the database up for the
-    timeout, it is failed."""
-    from common.db import create_pool
-    from services.persister.handler import DatabaseOutages, reap_stalled_jobs
+    none fails). A persister restarted during the outage (a crash loop, a redeploy), or another
+    replica, knew nothing of it and failed, at its first round, every job whose last progress was
+    older than the timeout only because of the outage. It is spared while its messages land; with
+    the database up for the timeout, it is failed; one stalled before the outage is failed at once."""
+    from pydantic import SecretStr
+
+    from common.db import apply_migrations, create_pool
+    from devstack import with_database
+    from services.persister.handler import DatabaseMissed, reap_stalled_jobs
     from tests.conftest import free_port
 
-    timeout_s = 4.0
-    outages = DatabaseOutages(grace_s=1.0)
-    conn = await asyncpg.connect(stack.database_url)
-    pool = await create_pool(stack.settings(), max_size=2)
+    timeout_s, grace_s = 4.0, 1.0
+    name = f"stt_reaper_{uuid.uuid4().hex[:8]}"  # a database of its own: no other persister beats here
+    admin = await asyncpg.connect(stack.database_url)
+    await admin.execute(f"CREATE DATABASE {name}")
+    url = with_database(stack.database_url, name)
+    settings = stack.settings().model_copy(update={"database_url": SecretStr(url)})
+    pool = await create_pool(settings, max_size=2)
     # The database as the reaper sees it during the outage: nothing answers there.
     away = await asyncpg.create_pool(f"postgresql://postgres@127.0.0.1:{free_port()}/stt", min_size=0, max_size=1)
-    job_id = None
     try:
-        job_id = await conn.fetchval("INSERT INTO transcripts (filename, updated_at) VALUES"
-                                     " ('held through an outage.wav', now()) RETURNING id")
+        await apply_migrations(pool)
+        before_restart = DatabaseMissed()
+        assert await reap_stalled_jobs(pool, timeout_s, before_restart, grace_s) == []
+        held = await pool.fetchval("INSERT INTO transcripts (filename, updated_at) VALUES"
+                                   " ('held through an outage.wav', now()) RETURNING id")
+        stalled = await pool.fetchval("INSERT INTO transcripts (filename, updated_at) VALUES"
+                                      " ('stalled before it.wav', now() - interval '1 hour') RETURNING id")
         outage_ends = time.monotonic() + timeout_s + 1
         while time.monotonic() < outage_ends:
-            assert await reap_stalled_jobs(away, timeout_s, outages) == []
+            assert await reap_stalled_jobs(away, timeout_s, before_restart, grace_s) == []
             await asyncio.sleep(0.5)
-        assert await conn.fetchval("SELECT updated_at < now() - make_interval(secs => $2) FROM transcripts"
-                                   " WHERE id = $1", job_id, timeout_s)
-        assert job_id not in await reap_stalled_jobs(pool, timeout_s, outages)
-        assert await conn.fetchval("SELECT status FROM transcripts WHERE id = $1", job_id) == "processing"
-        await asyncio.sleep(timeout_s + 2)  # with the database up, and the grace after the outage
-        assert job_id in await reap_stalled_jobs(pool, timeout_s, outages)
-        assert await conn.fetchval("SELECT status FROM transcripts WHERE id = $1", job_id) == "error"
+        assert await pool.fetchval("SELECT updated_at < now() - make_interval(secs => $2) FROM transcripts"
+                                   " WHERE id = $1", held, timeout_s)
+
+        restarted = DatabaseMissed(since_last_round=False)  # a process that never saw the outage
+        assert await reap_stalled_jobs(pool, timeout_s, restarted, grace_s) == [stalled]
+        assert await pool.fetchval("SELECT status FROM transcripts WHERE id = $1", held) == "processing"
+        spared_until = time.monotonic() + timeout_s - 1  # the database up, the grace after the outage
+        while time.monotonic() < spared_until:
+            assert await reap_stalled_jobs(pool, timeout_s, restarted, grace_s) == []
+            await asyncio.sleep(0.5)
+        deadline = time.monotonic() + 10
+        while not await reap_stalled_jobs(pool, timeout_s, restarted, grace_s):
+            assert time.monotonic() < deadline, "the job was never failed once the database was back"
+            await asyncio.sleep(0.5)
+        assert await pool.fetchval("SELECT status FROM transcripts WHERE id = $1", held) == "error"
     finally:
-        if job_id is not None:
-            await conn.execute("DELETE FROM transcripts WHERE id = $1", job_id)
-            await conn.execute("DELETE FROM job_usage WHERE job_id = $1", job_id)
         await away.close()
         await pool.close()
-        await conn.close()
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        await admin.close()
 
 
 async def test_work_on_a_deleted_job_announces_the_deletion_again_and_the_stages_stop(stack):

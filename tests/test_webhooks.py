@@ -375,19 +375,35 @@ def test_a_job_deleted_as_soon_as_it_ends_still_calls_back_and_leaves_no_deliver
         wait_for(lambda: receiver.events("/ok-deleted", job_id), 60, "the owner's webhook")
         wait_for(lambda: len(receiver.events("/flaky-callback", job_id)) == 3, 60, "the callback's third attempt")
         assert {e["type"] for e in receiver.events("/flaky-callback", job_id)} == {"transcript.completed"}
-        wait_for(lambda: not stack.query("SELECT 1 FROM webhook_deliveries WHERE job_id = $1", job_id)
+        # Its transcript.deleted (to a webhook of an earlier test that takes every event) stays: ids only.
+        wait_for(lambda: not stack.query("SELECT 1 FROM webhook_deliveries WHERE job_id = $1"
+                                         " AND event_type <> 'transcript.deleted'", job_id)
                  and not stack.query("SELECT 1 FROM webhooks WHERE job_id = $1", job_id), 30,
                  "the deleted job's deliveries and callback to go")
     finally:
         api.delete(f"/webhooks/{hook['id']}")
 
 
+def notifier_events_waiting(stack) -> int:
+    """Messages in the notifier's stt.notifier.events, ready or in hand (rabbitmqctl counts both)."""
+    import urllib.parse
+
+    vhost = urllib.parse.unquote(urllib.parse.urlsplit(stack.amqp_url).path.lstrip("/"))
+    listed = subprocess.run(["rabbitmqctl", "list_queues", "-q", "-p", vhost, "name", "messages"],
+                            check=True, capture_output=True, text=True, timeout=60).stdout
+    return sum(int(row[1]) for row in map(str.split, listed.splitlines())
+               if len(row) == 2 and row[0] == "stt.notifier.events")
+
+
 def test_deleting_a_job_announces_it_on_stt_events_and_to_webhooks(notified, fixtures_dir):
     """DELETE /transcripts/{id} (and retention's deletes) publishes transcript.deleted, committed
     with the deletion: subscribers and the owner's webhooks that take it remove their copies.
-    Its delivery goes like the deleted job's others once settled."""
+    The deleted job's other deliveries go once settled; its transcript.deleted stays (ids only), so
+    the deletion announced again (work of a stage that never heard of it) is not delivered again:
+    the webhook got a fresh delivery, with a whole retry schedule, at every announcement."""
     import aio_pika
 
+    from common.messages import JobProgress
     from tests.conftest import events_queue, job_events
 
     stack, receiver = notified
@@ -399,24 +415,47 @@ def test_deleting_a_job_announces_it_on_stt_events_and_to_webhooks(notified, fix
         job_id = stack.submit_job(fixtures_dir / "jfk.flac")
         assert stack.wait_finished(job_id, 300)["status"] == "done"
 
-        async def deleted_event() -> dict:
+        async def deleted_event(delete) -> dict:
             connection = await aio_pika.connect(stack.amqp_url)
             async with connection:
                 queue = await events_queue(await connection.channel(), "transcript.deleted")
-                async with httpx.AsyncClient(base_url=stack.api, timeout=30) as client:
-                    assert (await client.delete(f"/transcripts/{job_id}")).status_code == 204
+                await delete()
                 [event] = await job_events(queue, job_id, lambda bodies: bodies, timeout=30)
                 return event
 
-        event = asyncio.run(deleted_event())
+        async def delete_job() -> None:
+            async with httpx.AsyncClient(base_url=stack.api, timeout=30) as client:
+                assert (await client.delete(f"/transcripts/{job_id}")).status_code == 204
+
+        event = asyncio.run(deleted_event(delete_job))
         assert event == {"v": 1, "message_id": f"transcript.deleted:{job_id}", "job_id": job_id,
                          "transcript_id": job_id}
         [request] = wait_for(lambda: receiver.got("/ok-deletions"), 60, "the webhook's transcript.deleted")
         assert verifies(request, hook["secret"]) and request["headers"]["webhook-id"] == event["message_id"]
         body = json.loads(request["body"])
         assert (body["type"], body["data"]) == ("transcript.deleted", event)
-        wait_for(lambda: not stack.query("SELECT 1 FROM webhook_deliveries WHERE job_id = $1", job_id), 30,
-                 "the deleted job's deliveries to go")
+        wait_for(lambda: not stack.query("SELECT 1 FROM webhook_deliveries WHERE job_id = $1"
+                                         " AND (status = 'pending' OR event_type <> 'transcript.deleted')", job_id),
+                 30, "the deleted job's other deliveries to go")
+        kept = stack.query("SELECT id, event_type, status FROM webhook_deliveries WHERE job_id = $1"
+                           " AND webhook_id = $2", job_id, hook["id"])
+
+        async def late_progress() -> None:  # a diarizer that never heard of the deletion
+            connection = await connect(stack.settings(), "test-late-progress")
+            try:
+                await (await open_bus(connection, stack.settings())).publish(JobProgress(job_id=job_id,
+                                                                                         stage="transcribing"))
+            finally:
+                await connection.close()
+
+        assert asyncio.run(deleted_event(late_progress)) == event  # announced again
+        wait_for(lambda: notifier_events_waiting(stack) == 0, 30, "the notifier to take the announcement")
+        time.sleep(1)
+        assert len(receiver.got("/ok-deletions")) == 1
+        assert [(r["event_type"], r["status"]) for r in kept] == [("transcript.deleted", "delivered")]
+        again = stack.query("SELECT id, event_type, status FROM webhook_deliveries WHERE job_id = $1"
+                            " AND webhook_id = $2", job_id, hook["id"])
+        assert [dict(r) for r in again] == [dict(r) for r in kept]
     finally:
         api.delete(f"/webhooks/{hook['id']}")
 
@@ -560,3 +599,44 @@ def test_the_delivery_log_keeps_settled_deliveries_for_webhook_log_days(notified
                            " WHERE d.webhook_id = $1", webhook_id) == 2
     finally:
         stack.query("DELETE FROM webhooks WHERE id = $1", webhook_id)
+
+
+def test_an_event_of_a_type_the_notifier_does_not_know_is_kept_for_a_newer_notifier(notified):
+    """A newer version publishes an event type this notifier does not know (a rolling upgrade
+    that brings the notifier last): it is retried, for a newer notifier taking over the events
+    queue meanwhile, then parked in stt.dead-letters to be sent back, not dropped (it was lost to
+    every webhook that takes it)."""
+    import aio_pika
+
+    stack, _ = notified
+    job_id = 989898
+    body = {"v": 1, "message_id": f"transcript.summarized:{job_id}", "job_id": job_id, "transcript_id": job_id}
+
+    async def publish_and_find_parked() -> dict | None:
+        connection = await aio_pika.connect(stack.amqp_url)
+        async with connection:
+            channel = await connection.channel()
+            events = await channel.get_exchange("stt.events")
+            await events.publish(aio_pika.Message(json.dumps(body).encode(), content_type="application/json",
+                                                  delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                                                  message_id=body["message_id"]),
+                                 routing_key="transcript.summarized")
+            deadline = time.monotonic() + 30  # the retries wait 1 s and 2 s (RETRY_DELAYS_S)
+            while time.monotonic() < deadline:
+                await asyncio.sleep(0.5)
+                looking = await connection.channel()  # the others go back to the queue with it
+                queue = await looking.declare_queue(DEAD_LETTERS_QUEUE, passive=True)
+                while (message := await queue.get(fail=False)) is not None:
+                    if json.loads(message.body).get("message_id") == body["message_id"]:
+                        await message.ack()
+                        await looking.close()
+                        return {"body": json.loads(message.body), "headers": dict(message.headers)}
+                await looking.close()
+            return None
+
+    found = asyncio.run(publish_and_find_parked())
+    log = stack.log_text("notifier")
+    assert found is not None, log[-3000:]
+    assert found["body"] == body and found["headers"]["x-original-routing-key"] == "transcript.summarized"
+    assert "transcript.summarized failed" in log and "upgrade the notifier" in found["headers"]["x-last-error"]
+    assert "no handler for routing key 'transcript.summarized'" not in log

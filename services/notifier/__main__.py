@@ -27,8 +27,9 @@ from services.notifier import handler
 log = logging.getLogger("services.notifier")
 
 # The notifier's own subscription to every public event. Declared by the notifier (a deployment
-# without one keeps no copy of its events); no dead-letter exchange: an event no handler takes
-# is dropped, never counted against its job.
+# without one keeps no copy of its events); no dead-letter exchange: nothing here is counted
+# against a job. An event of a type this version does not know is retried, then parked in
+# stt.dead-letters (handler.leave_to_a_newer_notifier); earlier notifiers dropped it.
 EVENTS_QUEUE = "stt.notifier.events"
 # Events are fanned out one at a time (prefetch 1) by one replica at a time (single active
 # consumer: with two, one replica could record a job's later event before another recorded the
@@ -59,7 +60,9 @@ async def main() -> None:
         deliver = functools.partial(handler.deliver, pool, http, settings, bus)
         log.info("notifier ready")
         await asyncio.gather(
-            consume(connection, settings, "notifier", [Route(model, fan_out) for model in EVENTS.values()],
+            consume(connection, settings, "notifier",
+                    [*(Route(model, fan_out) for model in EVENTS.values()),
+                     Route(handler.EventOfANewerVersion, handler.leave_to_a_newer_notifier, any_routing_key=True)],
                     queue_name=EVENTS_QUEUE, prefetch=1,
                     wait_on=DATABASE_UNAVAILABLE),
             consume(connection, settings, "notifier", [Route(WebhookDue, deliver)],

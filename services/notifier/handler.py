@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 
 import aiohttp
 import asyncpg
+from pydantic import BaseModel, ConfigDict
 
 from common import jobstore
 from common.broker import Bus, publish_later, stage_queue
@@ -62,6 +63,25 @@ async def fan_out(pool: asyncpg.Pool, event: Contract) -> AsyncIterator[WebhookD
     for row in rows:
         if row["status"] == "pending":
             yield WebhookDue(job_id=event.job_id, webhook_id=row["webhook_id"])
+
+
+class EventOfANewerVersion(BaseModel):
+    """An stt.events message whose type this version does not know: a newer version publishes it."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class UnknownEventType(Exception):
+    pass
+
+
+async def leave_to_a_newer_notifier(event: EventOfANewerVersion) -> None:
+    """Fails, so the event is retried after each RETRY_DELAYS_S delay and then parked in
+    stt.dead-letters: while a rolling upgrade brings the services that publish it, a newer
+    notifier takes over the events queue and delivers it; after, an operator can send it back.
+    Dropped, as a notifier did before, it was lost to every webhook that takes it."""
+    raise UnknownEventType("an event type this notifier does not know (a newer version publishes it);"
+                           " upgrade the notifier")
 
 
 async def deliver(pool: asyncpg.Pool, http: aiohttp.ClientSession, settings: Settings, bus: Bus,

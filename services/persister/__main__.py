@@ -23,13 +23,12 @@ async def main() -> None:
     settings = get_settings()
     setup_logging(settings.log_level)
     serve_metrics(settings, "persister")
-    # Nothing was stored while this process was not running, or waited here for the database:
-    # the stall reaper gives the messages waiting in stt.persister time to land (DatabaseOutages).
-    outages = handler.DatabaseOutages()
-    outages.unreachable()
+    # Nothing was stored while this process was not running, or waited here for the database: the
+    # stall reaper's first round counts the time since its last heartbeat (of any persister) as a
+    # gap, and gives the messages waiting in stt.persister time to land (DatabaseMissed).
+    missed = handler.DatabaseMissed()
     pool = await create_pool(settings)
     await apply_migrations(pool)
-    outages.reachable()
     connection = await connect(settings, "persister")
     bus = await open_bus(connection, settings)
     wake = asyncio.Event()
@@ -43,9 +42,8 @@ async def main() -> None:
                 enqueued = await handle(pool, message)
             except Exception as exc:
                 if isinstance(exc, DATABASE_UNAVAILABLE):
-                    outages.unreachable()
+                    missed.since_last_round = True
                 raise
-            outages.reachable()
             if enqueued:
                 wake.set()
         return run
@@ -60,7 +58,7 @@ async def main() -> None:
     log.info("persister ready")
     await asyncio.gather(
         run_outbox_flusher(pool, bus, wake),
-        handler.run_stall_reaper(pool, settings.job_stall_timeout_s, wake, outages),
+        handler.run_stall_reaper(pool, settings.job_stall_timeout_s, wake, missed),
         consume(connection, settings, "persister", routes, prefetch=max(settings.prefetch_count, 16),
                 wait_on=DATABASE_UNAVAILABLE),
         consume(connection, settings, "persister", dead_letters, queue_name=PERSISTER_DEAD_QUEUE,

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from datetime import UTC, datetime
 
 import asyncpg
 from pydantic import BaseModel
@@ -163,56 +161,31 @@ async def fail_job(pool: asyncpg.Pool, job_id: int, stage: str, reason: str,
 
 # After the database is back, the messages held through its outage are stored at their next try
 # (at most 30 s apart), and those handed back to stt.persister meanwhile once the queue reaches
-# them: for this long after an outage, its jobs are not taken for stalled either.
+# them: for this long after a gap (jobstore.stall_reaper_round), its jobs are not taken for
+# stalled either.
 OUTAGE_GRACE_S = 300.0
-OUTAGES_KEPT = 100
+# Rounds of the stall reaper that no persister ran, for the time since the last to be a gap.
+ROUNDS_MISSED_FOR_A_GAP = 2
 
 
-class DatabaseOutages:
-    """When this persister could not reach the database (wall-clock seconds), and its start (it
-    stored nothing before). A job's messages keep coming meanwhile and wait in stt.persister, so
-    the stall reaper counts neither that time nor `grace_s` after it as the job's lack of
-    progress (README: no job fails because of a database outage)."""
-
-    def __init__(self, grace_s: float = OUTAGE_GRACE_S) -> None:
-        self.grace_s = grace_s
-        self._spans: list[list[float]] = []  # [since, until]
-        self._ongoing = False
-
-    def unreachable(self) -> bool:
-        """The database could not be reached just now; True when that starts an outage."""
-        if self._ongoing:
-            return False
-        now = time.time()
-        self._ongoing = True
-        if self._spans and now - self._spans[-1][1] <= self.grace_s:
-            self._spans[-1][1] = now  # gone again within the grace: the same outage goes on
-        else:
-            self._spans.append([now, now])
-            del self._spans[:-OUTAGES_KEPT]
-        return True
-
-    def reachable(self) -> None:
-        if self._ongoing:
-            self._ongoing = False
-            self._spans[-1][1] = time.time()
-
-    def spans(self) -> list[tuple[datetime, datetime]]:
-        """Each outage, with the grace after it (one still going on: until now)."""
-        now = time.time()
-        last = len(self._spans) - 1
-        return [(datetime.fromtimestamp(since, UTC),
-                 datetime.fromtimestamp((now if self._ongoing and i == last else until) + self.grace_s, UTC))
-                for i, (since, until) in enumerate(self._spans)]
+def reaper_round_s(timeout_s: float) -> float:
+    return min(30.0, max(1.0, timeout_s / 4))
 
 
-async def fail_stalled_jobs(pool: asyncpg.Pool, timeout_s: float,
-                            outages: list[tuple[datetime, datetime]] = ()) -> list[int]:
+class DatabaseMissed:
+    """Whether this persister could not reach the database (a handler, the stall reaper), or
+    started, since the reaper's last round: that time is then a gap, however short it was."""
+
+    def __init__(self, since_last_round: bool = True) -> None:
+        self.since_last_round = since_last_round
+
+
+async def fail_stalled_jobs(pool: asyncpg.Pool, timeout_s: float, grace_s: float = OUTAGE_GRACE_S) -> list[int]:
     """Fail every processing job that has not moved for `timeout_s` (a message lost to an
     operator's purge, a stage that hangs): it must end, with a reason, and become deletable.
-    The time in `outages` (DatabaseOutages.spans) is not counted."""
+    Gaps in the stall reaper's heartbeat, and `grace_s` after each, are not counted."""
     failed = []
-    for job_id in await jobstore.stalled_job_ids(pool, timeout_s, outages):
+    for job_id in await jobstore.stalled_job_ids(pool, timeout_s, grace_s):
         with job_logged(job_id):
             reason = f"no progress for {timeout_s:g} s (JOB_STALL_TIMEOUT_S); processing was given up"
             # Checked again as it is failed: it may have moved since the list was read.
@@ -221,29 +194,35 @@ async def fail_stalled_jobs(pool: asyncpg.Pool, timeout_s: float,
     return failed
 
 
-async def reap_stalled_jobs(pool: asyncpg.Pool, timeout_s: float, outages: DatabaseOutages) -> list[int]:
-    """One round of the stall reaper: the jobs it failed. A database it cannot reach is an
-    outage, noted in `outages`."""
+async def reap_stalled_jobs(pool: asyncpg.Pool, timeout_s: float, missed: DatabaseMissed,
+                            grace_s: float = OUTAGE_GRACE_S) -> list[int]:
+    """One round of the stall reaper: its heartbeat, then the jobs it failed. A database it cannot
+    reach is noted in `missed`. The heartbeat is in the database, so that an outage a persister
+    restarted during, or another replica, still counts (README: no job fails because of one)."""
     try:
-        failed = await fail_stalled_jobs(pool, timeout_s, outages.spans())
+        async with pool.acquire() as conn:
+            await jobstore.stall_reaper_round(conn, ROUNDS_MISSED_FOR_A_GAP * reaper_round_s(timeout_s),
+                                              missed.since_last_round, grace_s)
+        missed.since_last_round = False
+        return await fail_stalled_jobs(pool, timeout_s, grace_s)
     except Exception as exc:
         if not isinstance(exc, DATABASE_UNAVAILABLE):
             log.exception("looking for stalled jobs failed; will try again")
-        elif outages.unreachable():
+            return []
+        if not missed.since_last_round:
             log.warning("looking for stalled jobs: the database is unreachable (%s: %s); the outage is not"
                         " counted as the jobs' lack of progress", type(exc).__name__, exc)
+        missed.since_last_round = True
         return []
-    outages.reachable()
-    return failed
 
 
 async def run_stall_reaper(pool: asyncpg.Pool, timeout_s: float, wake: asyncio.Event,
-                           outages: DatabaseOutages) -> None:
+                           missed: DatabaseMissed) -> None:
     if timeout_s <= 0:
         return
     while True:
-        await asyncio.sleep(min(30.0, max(1.0, timeout_s / 4)))
-        if await reap_stalled_jobs(pool, timeout_s, outages):
+        await asyncio.sleep(reaper_round_s(timeout_s))
+        if await reap_stalled_jobs(pool, timeout_s, missed):
             wake.set()
 
 
