@@ -6,6 +6,8 @@ dependency instead of the store: what they check is the text, not the storage.""
 
 from __future__ import annotations
 
+import hashlib
+import http.server
 import io
 import json
 import os
@@ -15,6 +17,7 @@ import socketserver
 import subprocess
 import sys
 import threading
+import urllib.parse
 import uuid
 from pathlib import Path
 
@@ -631,27 +634,119 @@ def test_a_whisper_model_that_is_no_model_stops_the_transcriber_instead_of_servi
         load_model(settings.model_copy(update={"whisper_model": str(tmp_path)}))
 
 
-def load_tiny_in_a_process(env: dict[str, str], hub_cache: Path) -> subprocess.CompletedProcess:
-    """load_model for WHISPER_MODEL=tiny in a process of its own with `env` (the Hub's address,
-    a proxy) and an empty Hugging Face cache."""
+def load_in_a_process(env: dict[str, str], hub_cache: Path, model: str = "tiny",
+                      retry_delays_s: tuple[float, ...] | None = (0.0, 0.0)) -> subprocess.CompletedProcess:
+    """load_model for WHISPER_MODEL=`model` in a process of its own with `env` (the Hub's address,
+    a proxy) and the Hugging Face cache `hub_cache`; with `retry_delays_s`, as its pauses before
+    fetching again (None: the transcriber's own)."""
     env = {**os.environ, "HF_HUB_CACHE": str(hub_cache), "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_TELEMETRY": "1",
            **env}
+    shorten = "" if retry_delays_s is None else f" whisper.FETCH_RETRY_DELAYS_S = {tuple(retry_delays_s)!r};"
     return subprocess.run(
         [sys.executable, "-c", "import logging; logging.basicConfig();"
-         " from common.settings import Settings; from services.transcriber.whisper import load_model;"
-         " print(load_model(Settings(whisper_model='tiny', whisper_device='cpu'))[1])"],
+         " from common.settings import Settings; from services.transcriber import whisper;" + shorten +
+         f" print(whisper.load_model(Settings(whisper_model={model!r}, whisper_device='cpu'))[1])"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
 def test_a_whisper_model_that_cannot_be_fetched_is_replaced_by_the_bundled_one(tmp_path):
-    """No network and the model not in the cache: the bundled base is loaded, with a warning."""
+    """No network and the model not in the cache: the bundled base is loaded, with a warning that
+    says how to get the model asked for."""
     settings = Settings()
     with socket.socket() as closed:  # bound, never listening: connections to it are refused
         closed.bind(("127.0.0.1", 0))
-        loaded = load_tiny_in_a_process({"HF_ENDPOINT": f"http://127.0.0.1:{closed.getsockname()[1]}"}, tmp_path)
+        loaded = load_in_a_process({"HF_ENDPOINT": f"http://127.0.0.1:{closed.getsockname()[1]}"}, tmp_path)
     assert loaded.returncode == 0, loaded.stderr
     assert loaded.stdout.strip() == settings.whisper_fallback_model, loaded.stdout
     assert "cannot fetch Whisper model 'tiny'" in loaded.stderr, loaded.stderr
+    # Fetched again after each pause (shortened here) before the bundled model is served until a restart.
+    assert loaded.stderr.count("trying again in") == 2, loaded.stderr
+    assert "until the transcriber is restarted" in loaded.stderr, loaded.stderr
+
+
+def test_a_whisper_model_not_cached_with_the_hub_offline_is_replaced_by_the_bundled_one_at_once(tmp_path):
+    """With HF_HUB_OFFLINE set, fetching again cannot help: the bundled base is loaded without
+    waiting out the pauses between fetches."""
+    settings = Settings()
+    loaded = load_in_a_process({"HF_HUB_OFFLINE": "1"}, tmp_path, retry_delays_s=None)
+    assert loaded.returncode == 0, loaded.stderr
+    assert loaded.stdout.strip() == settings.whisper_fallback_model, loaded.stdout
+    assert "trying again" not in loaded.stderr, loaded.stderr
+
+
+# What huggingface_hub answers for a model: the commit its files are at.
+HUB_COMMIT = "4d3c2b1a" * 5
+
+
+def flaky_hub(model_dir: Path, repo: str, refused_gets: int) -> http.server.ThreadingHTTPServer:
+    """A Hugging Face Hub serving `model_dir`'s files as `repo`, whose network breaks partway
+    through model.bin and stays down for `refused_gets` requests more."""
+    files = {path.name: path.read_bytes() for path in model_dir.iterdir() if path.is_file()}
+    failing_gets = [1 + refused_gets]
+
+    class Hub(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_HEAD(self):
+            self.answer(with_body=False)
+
+        def do_GET(self):
+            self.answer(with_body=True)
+
+        def answer(self, with_body: bool):
+            path = urllib.parse.urlsplit(self.path).path
+            name = path.removeprefix(f"/{repo}/resolve/{HUB_COMMIT}/")
+            if path == f"/api/models/{repo}/revision/main":
+                body = json.dumps({"id": repo, "sha": HUB_COMMIT, "siblings": [{"rfilename": n} for n in files]})
+                return self.send(body.encode(), with_body, {"Content-Type": "application/json"})
+            if path == f"/api/models/{repo}/tree/{HUB_COMMIT}":
+                body = json.dumps([{"type": "file", "path": n, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
+                                   for n, data in files.items()])
+                return self.send(body.encode(), with_body, {"Content-Type": "application/json"})
+            if name not in files:
+                return self.send(b"", with_body, status=404)
+            data = files[name]
+            headers = {"X-Repo-Commit": HUB_COMMIT, "ETag": f'"{hashlib.sha1(data).hexdigest()}"'}
+            if with_body and name == "model.bin" and failing_gets[0] > 0:
+                failing_gets[0] -= 1
+                if failing_gets[0] == refused_gets:  # the break: half the file, then the connection is gone
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data[:len(data) // 2])
+                    self.wfile.flush()
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
+            self.send(data, with_body, headers)
+
+        def send(self, body: bytes, with_body: bool, headers: dict[str, str] | None = None, status: int = 200):
+            self.send_response(status)
+            for header, value in {**(headers or {}), "Content-Length": str(len(body))}.items():
+                self.send_header(header, value)
+            self.end_headers()
+            if with_body:
+                self.wfile.write(body)
+
+    return http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+
+
+def test_a_whisper_model_whose_download_the_network_breaks_off_for_a_while_is_fetched_again(tmp_path):
+    """A connection reset partway through the download, and the network down for longer than
+    huggingface_hub resumes it by itself (five times, a second apart): the transcriber served the
+    bundled base for its whole life. Now it fetches the model again after a pause and serves it."""
+    settings = Settings()
+    hub = flaky_hub(Path(settings.whisper_fallback_model), "Systran/faster-whisper-base", refused_gets=5)
+    threading.Thread(target=hub.serve_forever, daemon=True).start()
+    try:
+        loaded = load_in_a_process({"HF_ENDPOINT": f"http://127.0.0.1:{hub.server_address[1]}"}, tmp_path,
+                                   model="base", retry_delays_s=(0.5, 0.5))
+    finally:
+        hub.shutdown()
+        hub.server_close()
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    assert loaded.stdout.strip() == "base", (loaded.stdout, loaded.stderr[-3000:])
+    assert "cannot fetch Whisper model 'base'" in loaded.stderr and "trying again" in loaded.stderr, loaded.stderr
 
 
 class RefusingProxy(socketserver.StreamRequestHandler):
@@ -674,7 +769,7 @@ def test_a_whisper_model_behind_a_proxy_that_lets_nothing_through_is_replaced_by
         with socket.socket() as closed:
             closed.bind(("127.0.0.1", 0))
             for address in (f"http://127.0.0.1:{proxy.server_address[1]}", f"http://127.0.0.1:{closed.getsockname()[1]}"):
-                loaded = load_tiny_in_a_process({"HTTPS_PROXY": address, "https_proxy": address, "NO_PROXY": "",
+                loaded = load_in_a_process({"HTTPS_PROXY": address, "https_proxy": address, "NO_PROXY": "",
                                                  "no_proxy": "", "HF_ENDPOINT": "https://huggingface.co"}, tmp_path)
                 assert loaded.returncode == 0, (address, loaded.stderr[-3000:])
                 assert loaded.stdout.strip() == settings.whisper_fallback_model, loaded.stdout

@@ -108,6 +108,24 @@ def test_numbers_said_one_after_another_with_dashes_or_ellipses_are_no_card_unle
     assert redact_text(said, ["card"]) == stored
 
 
+@pytest.mark.parametrize("said, stored", [
+    # A card with one digit misheard (its checksum fails) and its expiry said straight after it:
+    # the card is replaced as when said on its own, the expiry stays.
+    ("Card 4111 1111 1111 1112, 12/25, thanks.", "Card [CARD], 12/25, thanks."),
+    ("Card 4111 1111 1111 1112 12 25 and 737.", "Card [CARD] 12 25 and 737."),
+    ("Card 5500-0000-0000-0005 1225.", "Card [CARD] 1225."),
+    ("Card 4111111111111112, 12/25.", "Card [CARD], 12/25."),
+    # Groups said hesitantly with a pause, not the same break, between some: a card with its checksum.
+    ("It's 4111... 1111. 1111. 1111.", "It's [CARD]."),
+    ("It's 4111 - 1111, 1111... 1111, 12/25.", "It's [CARD], 12/25."),
+    # Without it, or within a longer run, years and codes said so stay.
+    ("In 2019... 2020. 2021. 2022. we grew.", "In 2019... 2020. 2021. 2022. we grew."),
+    ("Codes 4111... 1111. 1111. 1111... 1111.", "Codes 4111... 1111. 1111. 1111... 1111."),
+])
+def test_a_card_with_a_misheard_digit_before_its_expiry_or_said_with_mixed_breaks_is_redacted(said, stored):
+    assert redact_text(said, ["card"]) == stored
+
+
 @pytest.mark.parametrize("said", [
     # A sentence after "dot" is no top-level domain.
     "We were looking at mid dash year dot So we waited.",

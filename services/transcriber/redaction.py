@@ -48,11 +48,12 @@ _NAME_STARTS = rf"(?<!{_LOCAL_CHAR})" + "".join(rf"(?<!{_LOCAL_CHAR} {joiner} )"
 _SPOKEN_NAME = rf"{_NAME_STARTS}(?:{_LOCAL_CHAR}+{_SPOKEN_NAME_JOIN})*{_LOCAL_CHAR}+"
 # Digits in groups of four, with a comma, a full stop, a space or a hyphen between groups.
 _GROUP_BREAK = r"(?:[.,] ?| |-)"
-# Groups said hesitantly, as Whisper writes them: a spaced dash or an ellipsis ("4111... 1111...").
-# Years and counts are written so too ("2019 - 2020 - 2021 - 2022"): such groups are a card only
-# with the same break between all four, not within a longer run of them, and with a valid
-# checksum (_checksum_needed).
+# Groups said hesitantly, as Whisper writes them: a spaced dash or an ellipsis ("4111... 1111..."),
+# between all four groups or between some, a pause or none between the others ("4111... 1111. 1111.
+# 1111."). Years and counts are written so too ("2019 - 2020 - 2021 - 2022"): such groups are a
+# card only where they are not within a longer run of them and pass the checksum (_is_card).
 _HESITANT_BREAK = r"(?: [-–] |(?:\.\.\.?|…) ?)"
+_HESITANT_OR_GROUP_BREAK = rf"(?:{_HESITANT_BREAK}|{_GROUP_BREAK})"
 _NOT_AFTER_HESITANT_GROUP = r"(?<!\d [-–] )(?<!\d\.\. )(?<!\d\.\.\. )(?<!\d…)(?<!\d… )"
 # What joins the digits of one run: a number said right after another with only these between
 # is one longer number, not a card.
@@ -63,12 +64,18 @@ _DIGIT_JOIN = r"(?:, ?|[ -])"
 _EXPIRY_SPACED = r"(?:0?[1-9]|1[0-2])(?: ?[/.-] ?| )(?:20)?[23]\d"
 _EXPIRY = rf"(?:{_EXPIRY_SPACED}|(?:0[1-9]|1[0-2])(?:20)?[23]\d)"
 _CARD_STARTS = r"(?<![\d.,])(?<!\d[ -])(?<!\d, )"
-_SAME_BREAK_OR_DIGIT_JOIN = rf"(?:(?P=hesitant_break)|{_DIGIT_JOIN})"
+_HESITANT_BREAK_OR_DIGIT_JOIN = rf"(?:{_HESITANT_BREAK}|{_DIGIT_JOIN})"
+# A card's digits as Whisper writes them said plainly: four groups of four ("4111 1111 1111 1111"),
+# or all in one.
+_PLAIN_CARD_DIGITS = re.compile(rf"\d{{4}}(?:{_GROUP_BREAK}\d{{4}}){{3}}|\d{{13,19}}")
+# The first digit of a payment card's number (ISO/IEC 7812's industry: 2, 5 Mastercard; 3 Amex,
+# JCB, Diners; 4 Visa; 6 Discover, UnionPay, Maestro): not 1, as counts said in fours often start.
+_PAYMENT_CARD_FIRST_DIGITS = "23456"
 
 
 def _card_ends(expiry: str, expiry_follows: str, join: str = _DIGIT_JOIN) -> str:
     """Where a card's digits end: the run of digits ends, or an expiry said after it follows (the
-    empty group `expiry_follows` then matches: such a run is a card only with a valid checksum)."""
+    empty group `expiry_follows` then matches, for _is_card)."""
     run_ends = rf"(?!{join}?\d|/\d)"
     return rf"(?:{run_ends}|(?P<{expiry_follows}>)(?={join}{expiry}(?:{join}\d{{3,4}})?{run_ends}))"
 
@@ -88,14 +95,13 @@ PATTERNS: dict[str, re.Pattern[str]] = {
     # 1111 1111 1111 12 25"); or four groups of four with a full stop after some or all of them,
     # as Whisper writes groups said each as a sentence of its own ("4111. 1111. 1111. 1111.", or
     # "4111 1111. 1111, 1111." with a pause in the middle); or said hesitantly (_HESITANT_BREAK).
-    # A number said after the card (its expiry) is not taken into it. No Luhn check for a card
-    # said plainly: one digit misheard would let the number through.
+    # A number said after the card (its expiry) is not taken into it. Which of these need the
+    # checksum: _is_card.
     "card": re.compile(rf"{_CARD_STARTS}\d(?:{_DIGIT_JOIN}?\d){{12,18}}{_card_ends(_EXPIRY, 'expiry_after_run')}"
                        rf"|{_CARD_STARTS}\d{{4}}(?:{_GROUP_BREAK}\d{{4}}){{3}}"
                        rf"{_card_ends(_EXPIRY_SPACED, 'expiry_after_groups')}"
-                       rf"|{_CARD_STARTS}{_NOT_AFTER_HESITANT_GROUP}\d{{4}}(?P<hesitant_break>{_HESITANT_BREAK})"
-                       rf"\d{{4}}(?P=hesitant_break)\d{{4}}(?P=hesitant_break)\d{{4}}"
-                       rf"{_card_ends(_EXPIRY_SPACED, 'expiry_after_hesitant', _SAME_BREAK_OR_DIGIT_JOIN)}"),
+                       rf"|{_CARD_STARTS}{_NOT_AFTER_HESITANT_GROUP}(?P<hesitant>\d{{4}}(?:{_HESITANT_OR_GROUP_BREAK}\d{{4}}){{3}})"
+                       rf"{_card_ends(_EXPIRY_SPACED, 'expiry_after_hesitant', _HESITANT_BREAK_OR_DIGIT_JOIN)}"),
     # 7-15 digits with the separators people say them with, a country or area code included
     # (Whisper groups long numbers with commas); not the end of a word or of a number with a
     # decimal point, but right after Chinese, Japanese or Thai, which Whisper writes digits against.
@@ -131,11 +137,19 @@ def _phones(match: re.Match[str]) -> list[tuple[int, int]]:
     return phones
 
 
-def _checksum_needed(card: re.Match[str]) -> bool:
-    """Whether a card match is one only with a valid checksum: groups said hesitantly, or digits
-    that run on into an expiry, which years and counts said one after another look like too."""
-    return any(card[group] is not None for group in
-               ("hesitant_break", "expiry_after_run", "expiry_after_groups", "expiry_after_hesitant"))
+def _is_card(card: re.Match[str]) -> bool:
+    """Whether a card match is a card. Said plainly, it is, checksum or not: a card with one digit
+    misheard is still a card to redact. Said hesitantly, only with a valid checksum: years and
+    counts are said so too. Running on into an expiry, with a valid checksum, or without one where
+    its digits are said plainly (_PLAIN_CARD_DIGITS) and start as a payment card's do: counts said
+    in fours run on into a number so too ("1000 1100 1200 1300 12 25")."""
+    digits = re.sub(r"\D", "", card[0])
+    if card["hesitant"] is not None:
+        return luhn_valid(digits)
+    if card["expiry_after_run"] is None and card["expiry_after_groups"] is None:
+        return True
+    return luhn_valid(digits) or (_PLAIN_CARD_DIGITS.fullmatch(card[0]) is not None
+                                  and digits[0] in _PAYMENT_CARD_FIRST_DIGITS)
 
 
 def luhn_valid(digits: str) -> bool:
@@ -148,11 +162,11 @@ def luhn_valid(digits: str) -> bool:
 
 
 def _matches(kind: str, text: str) -> Iterable[re.Match[str]]:
-    """PATTERNS[kind]'s matches in `text`, leaving out cards whose checksum _checksum_needed and
-    fails (searching again from the next character, where another may start)."""
+    """PATTERNS[kind]'s matches in `text`, leaving out card matches that are no card (_is_card),
+    searching again from the next character, where another may start."""
     pattern, position = PATTERNS[kind], 0
     while match := pattern.search(text, position):
-        if kind == "card" and _checksum_needed(match) and not luhn_valid(re.sub(r"\D", "", match[0])):
+        if kind == "card" and not _is_card(match):
             position = match.start() + 1
             continue
         yield match

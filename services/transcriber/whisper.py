@@ -17,12 +17,14 @@ import importlib
 import logging
 import socket
 import ssl
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from faster_whisper import BatchedInferencePipeline, WhisperModel
 from faster_whisper.utils import download_model
+from huggingface_hub import constants as hub_constants
 from huggingface_hub.utils import LocalEntryNotFoundError
 
 from common.audio import SAMPLE_RATE
@@ -99,28 +101,51 @@ def _fetch_failures() -> tuple[type[BaseException], ...]:
     return tuple(failures)
 
 
+# A fetch that fails for the network (a connection reset partway through large-v3's 3 GB that
+# huggingface_hub's own quick resumes do not get past, the Hub down for a moment) is tried again
+# after each of these pauses before the bundled model is served, which it then is for the
+# transcriber's whole life. Files already fetched are kept; the one broken off starts again.
+FETCH_RETRY_DELAYS_S = (5.0, 20.0)
+
+
 def _model_files(name: str) -> str:
     """The directory of model `name`: itself if it is one, else faster-whisper's download (or the
     Hugging Face cache's copy). One of _fetch_failures() when it is neither cached nor reachable."""
     return name if Path(name).is_dir() else download_model(name)
 
 
+def _fetched_model_files(name: str) -> str:
+    """_model_files, tried again after each of FETCH_RETRY_DELAYS_S where the fetch fails, except
+    with HF_HUB_OFFLINE set, where nothing is fetched however often it is tried."""
+    for delay in FETCH_RETRY_DELAYS_S:
+        try:
+            return _model_files(name)
+        except _fetch_failures() as exc:
+            if hub_constants.HF_HUB_OFFLINE:
+                raise
+            log.warning("cannot fetch Whisper model %r (%s: %s); trying again in %.0f s", name, type(exc).__name__,
+                        str(exc)[:200], delay)
+            time.sleep(delay)
+    return _model_files(name)
+
+
 def load_model(settings: Settings) -> tuple[WhisperModel, str]:
     """WHISPER_MODEL (a size name or a model directory); if it cannot be fetched (no network, and
-    not in the cache), the bundled fallback with a warning. Any other failure (a name that is no
-    model, a device out of memory, a compute type it lacks) is ModelNotLoaded. Returns the model
-    and its name."""
+    not in the cache) after FETCH_RETRY_DELAYS_S, the bundled fallback with a warning. Any other
+    failure (a name that is no model, a device out of memory, a compute type it lacks) is
+    ModelNotLoaded. Returns the model and its name."""
     device, compute_type = pick_device(settings)
     options = {"device": device, "compute_type": compute_type, "cpu_threads": settings.whisper_cpu_threads}
     name = settings.whisper_model
     try:
-        path = _model_files(name)
+        path = _fetched_model_files(name)
     except _fetch_failures() as exc:
         fallback = settings.whisper_fallback_model
         if not fallback or fallback == name or not Path(fallback).is_dir():
             raise ModelNotLoaded(f"cannot fetch Whisper model {name!r} (WHISPER_MODEL): {exc}") from exc
-        log.warning("cannot fetch Whisper model %r (no network, and not in the cache: %s: %s); using the bundled"
-                    " model at %s", name, type(exc).__name__, str(exc)[:200], fallback)
+        log.warning("cannot fetch Whisper model %r (no network, and not in the cache: %s: %s); serving the bundled"
+                    " model at %s instead until the transcriber is restarted: restart it once the Hugging Face Hub"
+                    " can be reached to serve %r", name, type(exc).__name__, str(exc)[:200], fallback, name)
         path = name = fallback
     except Exception as exc:
         raise ModelNotLoaded(f"cannot load Whisper model {name!r} (WHISPER_MODEL): {exc}") from exc
