@@ -137,13 +137,21 @@ def watched_queues(*extra: str) -> list[str]:
 
 
 class BrokerMisconfigured(RuntimeError):
-    """AMQP_URL names a login or a vhost RabbitMQ refuses (refused_for_good)."""
+    """AMQP_URL names a login or a vhost RabbitMQ refuses (refused_for_good), still refused after
+    REFUSED_FOR_GOOD_AFTER_S."""
+
+
+# A refusal may pass: RabbitMQ answers 403 ACCESS_REFUSED while its LDAP or HTTP authentication
+# backend is down, and "not found" or "refused for user" until an operator (an init Job) makes the
+# vhost, user or permission a service was started with. For this long it is tried again, logged
+# as an error each time; then the service exits with the reason, instead of looking alive.
+REFUSED_FOR_GOOD_AFTER_S = 60.0
 
 
 def refused_for_good(exc: BaseException) -> str | None:
-    """What RabbitMQ answered when it refuses this service's connection for good: a wrong user or
-    password, a vhost that does not exist or that the user may not use. None for anything else,
-    a vhost that is down or a connection limit reached included (those pass)."""
+    """What RabbitMQ answered when it refuses this service's connection: a wrong user or password,
+    a vhost that does not exist or that the user may not use. None for anything else, a vhost
+    that is down or a connection limit reached included (those pass)."""
     if isinstance(exc, aio_pika.exceptions.ProbableAuthenticationError):  # the broker's 403 ACCESS_REFUSED
         return str(exc)
     if isinstance(exc, aio_pika.exceptions.AuthenticationError):
@@ -175,13 +183,25 @@ def describe_amqp_url(url: str) -> str:
 
 async def connect(settings: Settings, name: str) -> AbstractRobustConnection:
     """A connection that reconnects by itself; waits for the broker at start-up. A broker that
-    refuses this service's login or vhost is not waited for (BrokerMisconfigured): the process
-    would look alive (its /metrics and /healthz answer) and never work."""
+    still refuses this service's login or vhost after REFUSED_FOR_GOOD_AFTER_S is not waited for
+    (BrokerMisconfigured): the process would look alive (its /metrics and /healthz answer) and
+    never work."""
     url = settings.amqp_url.get_secret_value()
+    where = describe_amqp_url(url)
+    first_refused_at: list[float] = []
 
     def worth_waiting(exc: BaseException) -> bool:
-        return (isinstance(exc, (ConnectionError, OSError, aio_pika.exceptions.AMQPError))
-                and refused_for_good(exc) is None)
+        if (refusal := refused_for_good(exc)) is None:
+            return isinstance(exc, (ConnectionError, OSError, aio_pika.exceptions.AMQPError))
+        if not first_refused_at:
+            first_refused_at.append(time.monotonic())
+        left_s = REFUSED_FOR_GOOD_AFTER_S - (time.monotonic() - first_refused_at[0])
+        if left_s <= 0:
+            return False
+        log.error("RabbitMQ at %s refuses this service (%s); trying again for up to %.0f s more (an authentication"
+                  " backend down, a vhost, user or permission still to be made), then exiting: check AMQP_URL",
+                  where, refusal, left_s)
+        return True
 
     try:
         async for attempt in backoff("RabbitMQ not reachable", worth_waiting):
@@ -193,7 +213,6 @@ async def connect(settings: Settings, name: str) -> AbstractRobustConnection:
         refusal = refused_for_good(exc)
         if refusal is None:
             raise
-        where = describe_amqp_url(url)
         log.error("RabbitMQ at %s refuses this service (%s): fix AMQP_URL; not waiting for it", where, refusal)
         raise BrokerMisconfigured(f"RabbitMQ at {where} refuses this service: {refusal}; fix AMQP_URL") from None
     raise AssertionError("unreachable")

@@ -18,6 +18,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from types import SimpleNamespace
 from typing import ClassVar
 
 import aio_pika
@@ -32,6 +33,7 @@ from common.broker import (
     connect,
     consume,
     declare_queue,
+    declare_topology,
     open_bus,
     retry_queue,
     stage_queue,
@@ -642,12 +644,118 @@ async def test_a_background_task_whose_connection_stalls_is_started_again(vhost,
     assert "the test consumer was cancelled from inside" in record.getMessage() and record.exc_info
 
 
+async def queue_consumers(admin: aio_pika.abc.AbstractConnection, *names: str) -> list[int]:
+    """How many consumers each queue has; [] while one is not declared yet."""
+    channel = await admin.channel()
+    try:
+        return [(await channel.declare_queue(name, passive=True)).declaration_result.consumer_count
+                for name in names]
+    except aio_pika.exceptions.ChannelNotFoundEntity:
+        return []
+    finally:
+        with contextlib.suppress(Exception):
+            await channel.close()
+
+
+async def test_ingests_consumers_whose_connection_stalls_are_started_again(vhost, fresh_runner, caplog,
+                                                                           monkeypatch):
+    """As keep_running's tasks: aiormq fails the calls pending on a connection it drops (no
+    heartbeat) with CancelledError, which ingest's consumers did not catch: bucket drops and job
+    ends were no longer taken by that replica, without a word, while it said it was ready."""
+    from services.ingest import app as ingest_app
+    from services.ingest.inbox import INBOX_EVENTS_QUEUE, RESULTS_QUEUE, Inbox
+
+    monkeypatch.setattr(ingest_app, "RESTART_S", 0.1)
+    settings = settings_for(vhost)
+    admin = await aio_pika.connect_robust(amqp_url(vhost))
+    await declare_topology(admin, settings)  # stt.events, which ingest's queues are bound to
+    proxy = StallingProxy()
+    port = await proxy.start()
+    connection = await aio_pika.connect_robust(f"amqp://guest:guest@127.0.0.1:{port}/{vhost}?heartbeat=1"
+                                               "&reconnect_interval=0.5")
+    state = SimpleNamespace(broker_open=asyncio.Event(), connection=connection)
+    state.broker_open.set()
+    caplog.set_level(logging.ERROR, logger="services.ingest")
+    proxy.flowing.clear()  # the broker's answers (and its heartbeats) stop as the consumers start
+    consuming = asyncio.create_task(ingest_app.consume_until_stopping(
+        state, Inbox(settings, None, None, asyncio.Event())))
+    try:
+        async def dropped() -> bool:
+            return consuming.done() or any("cancelled from inside" in r.getMessage() for r in caplog.records)
+
+        await wait_until(dropped, 30, "the connection was never dropped")
+        assert not consuming.done(), "the consumers ended for good"
+        proxy.flowing.set()
+
+        async def both_consumed() -> bool:
+            return consuming.done() or await queue_consumers(admin, INBOX_EVENTS_QUEUE, RESULTS_QUEUE) == [1, 1]
+
+        await wait_until(both_consumed, 30, "the consumers were not started again")
+        assert not consuming.done(), "the consumers ended for good"
+    finally:
+        consuming.cancel()
+        await asyncio.gather(consuming, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await connection.close()
+        proxy.close()
+        await admin.close()
+
+
+async def test_one_of_ingests_consumers_cancelled_from_inside_starts_both_again(vhost, fresh_runner, monkeypatch):
+    """Ingest's two consumers run in a TaskGroup, which takes a child that ends cancelled for one it
+    cancelled itself: one consumer whose pending call aiormq failed with CancelledError (its
+    connection dropped) ended without a word, and the other ran on alone, so that bucket drops (or
+    job ends) were no longer taken. Both are started again."""
+    from services.ingest import app as ingest_app
+    from services.ingest import inbox as ingest_inbox
+    from services.ingest.inbox import INBOX_EVENTS_QUEUE, RESULTS_QUEUE, Inbox
+
+    monkeypatch.setattr(ingest_app, "RESTART_S", 0.1)
+    real_consume = ingest_inbox.consume
+    started: list[str] = []
+
+    async def cancelled_from_inside_once(*args, queue_name: str, **kwargs) -> None:
+        started.append(queue_name)
+        if queue_name == INBOX_EVENTS_QUEUE and started.count(queue_name) == 1:
+            # What aiormq does to a call pending on a connection it drops.
+            pending = asyncio.get_running_loop().create_future()
+            asyncio.get_running_loop().call_later(0.5, pending.cancel)
+            await pending
+        await real_consume(*args, queue_name=queue_name, **kwargs)
+
+    monkeypatch.setattr(ingest_inbox, "consume", cancelled_from_inside_once)
+    settings = settings_for(vhost)
+    admin = await aio_pika.connect_robust(amqp_url(vhost))
+    await declare_topology(admin, settings)
+    connection = await aio_pika.connect_robust(amqp_url(vhost))
+    state = SimpleNamespace(broker_open=asyncio.Event(), connection=connection)
+    state.broker_open.set()
+    consuming = asyncio.create_task(ingest_app.consume_until_stopping(
+        state, Inbox(settings, None, None, asyncio.Event())))
+    try:
+        async def both_started_again() -> bool:
+            return consuming.done() or (started.count(INBOX_EVENTS_QUEUE) == 2 and await queue_consumers(
+                admin, INBOX_EVENTS_QUEUE, RESULTS_QUEUE) == [1, 1])
+
+        await wait_until(both_started_again, 20, "the consumers were not both started again")
+        assert not consuming.done(), "the consumers ended for good"
+        assert sorted(started) == sorted([INBOX_EVENTS_QUEUE, RESULTS_QUEUE] * 2), started
+    finally:
+        consuming.cancel()
+        await asyncio.gather(consuming, return_exceptions=True)
+        await connection.close()
+        await admin.close()
+
+
 @pytest.mark.parametrize("refused", ["password", "vhost", "permission"])
-async def test_a_broker_refusing_the_login_or_the_vhost_stops_the_start_with_the_reason(refused, vhost, caplog):
+async def test_a_broker_refusing_the_login_or_the_vhost_stops_the_start_with_the_reason(refused, vhost, caplog,
+                                                                                       monkeypatch):
     """connect() waited for ever on a wrong AMQP_URL password (retried as an outage), while the
     worker's /metrics, its liveness probe, said it was fine; a missing vhost crashed it with
-    `AMQPInternalError("one of ['Connection.OpenOk']", <Connection.Close object>)`. It says
-    where and why, never the password."""
+    `AMQPInternalError("one of ['Connection.OpenOk']", <Connection.Close object>)`. Still refused
+    after REFUSED_FOR_GOOD_AFTER_S (tried again meanwhile, an error each time), it says where and
+    why, never the password."""
+    monkeypatch.setattr(broker, "REFUSED_FOR_GOOD_AFTER_S", 2.0)
     unpermitted = f"stt_unpermitted_{uuid.uuid4().hex[:8]}"
     url = {"password": f"amqp://guest:pw-never-logged@127.0.0.1:5672/{vhost}",
            "vhost": "amqp://guest:pw-never-logged@127.0.0.1:5672/stt_no_such_vhost",
@@ -668,8 +776,55 @@ async def test_a_broker_refusing_the_login_or_the_vhost_stops_the_start_with_the
     assert {"password": "Login was refused", "vhost": "vhost stt_no_such_vhost not found",
             "permission": f"access to vhost '{unpermitted}' refused for user 'guest'"}[refused] in said, said
     errors = [r.getMessage() for r in caplog.records if r.name == "common.broker" and r.levelno == logging.ERROR]
-    assert errors and "fix AMQP_URL" in errors[0], errors
+    assert len(errors) >= 2 and all("trying again" in error for error in errors[:-1]), errors
+    assert "fix AMQP_URL" in errors[-1], errors
     assert "pw-never-logged" not in " ".join([said, *(r.getMessage() for r in caplog.records)])
+
+
+@pytest.mark.parametrize("refused", ["user", "permission"])
+async def test_a_refusal_that_passes_is_waited_for(refused, vhost, caplog):
+    """RabbitMQ refuses a login while its LDAP or HTTP authentication backend is down, and a vhost
+    or user an operator (an init Job) makes after the services start: the worker exited at its
+    first refusal, into a crash loop. It tries again (an error each time) and connects once the
+    refusal passes."""
+    user, unpermitted = f"stt_late_{uuid.uuid4().hex[:8]}", f"stt_unpermitted_{uuid.uuid4().hex[:8]}"
+    url = {"user": f"amqp://{user}:late-secret@127.0.0.1:5672/{vhost}",
+           "permission": f"amqp://guest:guest@127.0.0.1:5672/{unpermitted}"}[refused]
+    caplog.set_level(logging.INFO, logger="common.broker")
+    rabbitmqctl("add_vhost", unpermitted)  # no permissions for guest
+    connecting = asyncio.create_task(connect(Settings(_env_file=None, amqp_url=url), "test-refused-for-now"))
+    try:
+        def refusals() -> list[str]:
+            return [r.getMessage() for r in caplog.records if r.name == "common.broker" and r.levelno == logging.ERROR]
+
+        async def refused_once() -> bool:
+            return bool(refusals()) or connecting.done()
+
+        await wait_until(refused_once, 20, "never refused")
+        assert not connecting.done(), connecting.exception()
+        assert "trying again" in refusals()[0], refusals()
+        if refused == "user":
+            await asyncio.to_thread(rabbitmqctl, "add_user", user, "late-secret")
+            await asyncio.to_thread(rabbitmqctl, "set_permissions", "-p", vhost, user, ".*", ".*", ".*")
+        else:
+            await asyncio.to_thread(rabbitmqctl, "set_permissions", "-p", unpermitted, "guest", ".*", ".*", ".*")
+        connection = await asyncio.wait_for(connecting, 30)
+        await connection.close()
+    finally:
+        connecting.cancel()
+        rabbitmqctl("delete_vhost", unpermitted)
+        if refused == "user":
+            with contextlib.suppress(Exception):
+                rabbitmqctl("delete_user", user)
+    assert "late-secret" not in " ".join(r.getMessage() for r in caplog.records)
+
+
+def refused_for_good_after(seconds: float, module: str) -> list[str]:
+    """The command line of `python -m module` whose refused AMQP login is given up after `seconds`
+    (common.broker.REFUSED_FOR_GOOD_AFTER_S), not a minute."""
+    return [sys.executable, "-c", "import runpy, sys, common.broker; common.broker.REFUSED_FOR_GOOD_AFTER_S ="
+            " float(sys.argv[1]); runpy.run_module(sys.argv[2], run_name='__main__', alter_sys=True)",
+            str(seconds), module]
 
 
 def test_a_worker_whose_broker_login_is_refused_exits_with_the_reason(vhost):
@@ -677,8 +832,8 @@ def test_a_worker_whose_broker_login_is_refused_exits_with_the_reason(vhost):
     on with its probes passing."""
     env = {**os.environ, "AMQP_URL": f"amqp://guest:wrong@127.0.0.1:5672/{vhost}", "METRICS_PORT": "0",
            "EMBEDDING_BACKEND": "ollama", "OLLAMA_URL": "http://127.0.0.1:9", "MODEL_NAME_EMBEDDED": "all-minilm"}
-    finished = subprocess.run([sys.executable, "-m", "services.embedder"], env=env, cwd=ROOT, capture_output=True,
-                              text=True, timeout=60)
+    finished = subprocess.run(refused_for_good_after(1, "services.embedder"), env=env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=60)
     assert finished.returncode == 1, finished.stderr[-2000:]
     assert "refuses this service" in finished.stderr and "fix AMQP_URL" in finished.stderr, finished.stderr[-2000:]
 

@@ -754,6 +754,57 @@ async def test_the_stall_reaper_does_not_count_a_database_outage_even_after_a_re
         await admin.close()
 
 
+@pytest.fixture
+def own_database_url():
+    """A database of its own, no services: no other persister beats there."""
+    from devstack import admin_sql, pg_admin_url, with_database
+
+    name = f"stt_reaper_{uuid.uuid4().hex[:8]}"
+    admin_sql(f"CREATE DATABASE {name}")
+    try:
+        yield with_database(pg_admin_url(), name)
+    finally:
+        admin_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+async def test_a_database_miss_noted_during_the_stall_reapers_heartbeat_is_kept_for_its_next_round(own_database_url):
+    """A handler that cannot reach the database notes it (DatabaseMissed) while the stall reaper's
+    heartbeat is being written: the reaper cleared the note once its write returned, so that
+    outage was never recorded as a gap, and the jobs held through it could be failed as stalled.
+    The note is kept, and the next round records the gap."""
+    from common.db import apply_migrations, create_pool
+    from common.settings import Settings
+    from services.persister.handler import DatabaseMissed, reap_stalled_jobs
+
+    pool = await create_pool(Settings(_env_file=None, database_url=own_database_url), max_size=2)
+    holder = await asyncpg.connect(own_database_url)
+    try:
+        await apply_migrations(pool)
+        missed = DatabaseMissed(since_last_round=False)
+        assert await reap_stalled_jobs(pool, 60, missed, 60) == []
+        # The heartbeat's row held by another transaction: the reaper's write waits on it.
+        holding = holder.transaction()
+        await holding.start()
+        await holder.execute("SELECT 1 FROM stall_reaper_heartbeat FOR UPDATE")
+        beating = asyncio.create_task(reap_stalled_jobs(pool, 60, missed, 60))
+        deadline = time.monotonic() + 10
+        while not await holder.fetchval("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                                        " AND wait_event_type = 'Lock'"):
+            assert time.monotonic() < deadline and not beating.done(), "the heartbeat never waited on the row"
+            await asyncio.sleep(0.05)
+        missed.since_last_round = True  # a handler's miss, meanwhile
+        await holding.rollback()
+        assert await asyncio.wait_for(beating, 10) == []
+        assert missed.since_last_round, "the miss noted during the heartbeat was cleared"
+        next_round_at = await pool.fetchval("SELECT now()")
+        assert await reap_stalled_jobs(pool, 60, missed, 60) == []
+        assert not missed.since_last_round
+        assert await pool.fetchval("SELECT max(until) FROM stall_reaper_gaps") >= next_round_at, "no gap recorded"
+    finally:
+        await holder.close()
+        await pool.close()
+
+
 async def test_work_on_a_deleted_job_announces_the_deletion_again_and_the_stages_stop(stack):
     """A job.submitted delivered again after its job ended and was deleted reaches a diarizer that
     never heard of the deletion (a replica started after it). Its progress report makes the

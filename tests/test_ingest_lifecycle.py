@@ -8,8 +8,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.parse
@@ -18,12 +21,13 @@ from collections.abc import Iterator
 
 import aio_pika
 import httpx
+import pytest
 
 from common.broker import DEAD_LETTERS_QUEUE, declare_topology
 from common.messages import TranscriptCompleted
 from devstack import admin_sql, pg_admin_url, with_database
 from services.ingest.inbox import INBOX_EVENTS_QUEUE, RESULTS_QUEUE, declare_queues
-from tests.conftest import Stack, amqp_url, free_port, private_vhost
+from tests.conftest import ROOT, Stack, amqp_url, free_port, private_vhost
 
 
 class Forwarder:
@@ -302,3 +306,47 @@ async def test_a_job_end_the_broker_takes_back_past_the_delivery_limit_is_parked
             assert await results.get(fail=False) is None
         finally:
             await connection.close()
+
+
+def refused_for_good_after(seconds: float, module: str) -> list[str]:
+    """The command line of `python -m module` whose refused AMQP login is given up after `seconds`
+    (common.broker.REFUSED_FOR_GOOD_AFTER_S), not a minute."""
+    return [sys.executable, "-c", "import runpy, sys, common.broker; common.broker.REFUSED_FOR_GOOD_AFTER_S ="
+            " float(sys.argv[1]); runpy.run_module(sys.argv[2], run_name='__main__', alter_sys=True)",
+            str(seconds), module]
+
+
+@pytest.mark.parametrize("refused_for_s", [0, 7], ids=["at-start", "while-serving"])
+def test_ingest_whose_broker_login_is_refused_exits_with_the_reason(refused_for_s, tmp_path):
+    """Ingest retried a refused AMQP login for ever, as an outage: live and ready, it took uploads
+    whose job.submitted never went out. Refused within its start's wait for its dependencies, or
+    once it serves (REFUSED_FOR_GOOD_AFTER_S is over that wait), it exits non-zero with the reason,
+    as the workers do."""
+    port = free_port()
+    log_path = tmp_path / "ingest.log"
+    with private_vhost() as vhost, own_database() as database_url, log_path.open("w") as log_file:
+        env = {**os.environ, "API_PORT": str(port), "AMQP_URL": f"amqp://guest:never-logged@127.0.0.1:5672/{vhost}",
+               "DATABASE_URL": database_url, "MINIO_ENDPOINT": f"127.0.0.1:{free_port()}",
+               "EMBEDDING_BACKEND": "ollama", "OLLAMA_URL": "http://127.0.0.1:9", "MODEL_NAME_EMBEDDED": "all-minilm"}
+        process = subprocess.Popen(refused_for_good_after(refused_for_s, "services.ingest"), env=env, cwd=ROOT,
+                                   stdout=log_file, stderr=subprocess.STDOUT)
+        try:
+            if refused_for_s:
+                deadline = time.monotonic() + 60
+                while not ((answer := get(f"http://127.0.0.1:{port}/healthz")) and answer.status_code == 200):
+                    assert process.poll() is None, f"exited before serving:\n{log_path.read_text()[-3000:]}"
+                    assert time.monotonic() < deadline, log_path.read_text()[-3000:]
+                    time.sleep(0.2)
+            try:
+                code = process.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                raise AssertionError(f"ingest still running\n{log_path.read_text()[-3000:]}") from None
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    log = log_path.read_text()
+    assert code != 0, log[-3000:]
+    assert "refuses this service" in log and "Login was refused" in log and "fix AMQP_URL" in log, log[-3000:]
+    assert "never-logged" not in log
+

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import uvicorn
 
 from common.logs import setup_logging
@@ -20,7 +22,10 @@ def main() -> None:
                                            access_log=False, timeout_graceful_shutdown=settings.shutdown_grace_s))
     # Event streams end when the server is stopping (it waits for open responses to finish).
     app.state.exiting = lambda: server.should_exit
+    app.state.stop_serving = lambda: setattr(server, "should_exit", True)
     server.run()
+    if app.state.get("broker_refused") is not None:
+        sys.exit(1)  # the reason is in the log (app.stop_on_a_refused_broker)
 
 
 if __name__ == "__main__":

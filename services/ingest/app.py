@@ -30,7 +30,7 @@ from pydantic import ConfigDict, ValidationError
 
 from common import jobstore, runner
 from common.backoff import backoff, of_type
-from common.broker import connect, open_bus, watched_queues
+from common.broker import BrokerMisconfigured, connect, open_bus, watched_queues
 from common.db import apply_migrations, create_pool
 from common.logs import job_logged
 from common.messages import REFERENCE_MAX_CHARS, VOCABULARY_MAX_CHARS, JobOptions
@@ -346,14 +346,31 @@ async def make_buckets(state: State, settings: Settings) -> None:
     state.buckets_made.set()
 
 
+def worth_waiting_for_the_broker(exc: BaseException) -> bool:
+    return isinstance(exc, Exception) and not isinstance(exc, BrokerMisconfigured)
+
+
 async def open_broker(state: State, settings: Settings) -> None:
-    """The connection to RabbitMQ and the topology declared, however long the broker takes."""
-    async for attempt in backoff("RabbitMQ not usable yet", of_type(Exception)):
+    """The connection to RabbitMQ and the topology declared, however long the broker takes; a
+    broker that refuses AMQP_URL's login or vhost for good raises BrokerMisconfigured."""
+    async for attempt in backoff("RabbitMQ not usable yet", worth_waiting_for_the_broker):
         with attempt:
             if state.connection is None:
                 state.connection = await connect(settings, "ingest")
             state.bus = await open_bus(state.connection, settings)
     state.broker_open.set()
+
+
+def stop_on_a_refused_broker(state: State, opening: asyncio.Task) -> None:
+    """Ingest exits once RabbitMQ refuses AMQP_URL for good (common.broker.connect), as every
+    service does: running on, it would look live and ready and take uploads that never go out.
+    Served by __main__, it stops the server (state.stop_serving), which then exits non-zero."""
+    if opening.cancelled() or not isinstance(refused := opening.exception(), BrokerMisconfigured):
+        return
+    log.error("ingest stops: %s", refused)
+    state.broker_refused = refused
+    if (stop_serving := state.get("stop_serving")) is not None:
+        stop_serving()
 
 
 async def once_broker_open(state: State, work: Callable[[], Awaitable[object]]) -> object:
@@ -373,6 +390,13 @@ async def consume_until_stopping(state: State, inbox: Inbox) -> None:
             if stopping.is_set():
                 return
             log.error("the inbox's and job ends' consumers stopped; starting them again in %g s", RESTART_S)
+        except asyncio.CancelledError:
+            if asyncio.current_task().cancelling():
+                raise  # this task is being cancelled: ingest is stopping
+            # As in common.runner.keep_running: aiormq fails the calls pending on a connection it
+            # drops (no heartbeat from the broker) with CancelledError.
+            log.exception("the inbox's and job ends' consumers were cancelled from inside (a broker connection"
+                          " dropped under them); starting them again in %g s", RESTART_S)
         except Exception:
             log.exception("the inbox's and job ends' consumers failed; starting them again in %g s", RESTART_S)
         await asyncio.sleep(RESTART_S)
@@ -415,8 +439,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
         inbox = Inbox(settings, state.pool, state.s3, state.outbox_wake, s3_quick=state.s3_quick)
         queues = watched_queues(INBOX_EVENTS_QUEUE, RESULTS_QUEUE)
         consumers = asyncio.create_task(consume_until_stopping(state, inbox))
-        reaching = {asyncio.create_task(make_buckets(state, settings)),
-                    asyncio.create_task(open_broker(state, settings))}
+        state.broker_refused = None
+        opening = asyncio.create_task(open_broker(state, settings))
+        reaching = {asyncio.create_task(make_buckets(state, settings)), opening}
         await asyncio.wait(reaching, timeout=DEPENDENCIES_AWAITED_S)
         tasks = [consumers, *reaching,
                  asyncio.create_task(keep_running("the outbox flusher", lambda: once_broker_open(
@@ -430,8 +455,11 @@ def create_app(settings: Settings | None = None) -> Litestar:
                  asyncio.create_task(run_orphan_sweep(state.pool, state.s3, settings.audio_bucket)),
                  asyncio.create_task(run_corrections_embedder(state.pool, *state.query_embedder))]
         waiting = "" if all(task.done() for task in reaching) else " (RabbitMQ or the object store not reached yet)"
-        log.info("ingest serving on %s:%d%s", settings.api_host, settings.api_port, waiting)
         try:
+            if opening.done() and isinstance(refused := opening.exception(), BrokerMisconfigured):
+                raise refused  # the start fails with the reason
+            opening.add_done_callback(lambda task: stop_on_a_refused_broker(state, task))
+            log.info("ingest serving on %s:%d%s", settings.api_host, settings.api_port, waiting)
             yield
         finally:
             # As a worker stops (common.runner): its consumers take no more messages, let those in

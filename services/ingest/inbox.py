@@ -12,7 +12,7 @@ import email.errors
 import email.header
 import itertools
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from urllib.parse import unquote_plus
 
 import aio_pika
@@ -427,11 +427,28 @@ class Inbox:
         await declare_queues(connection, channel, self.settings)
         # One stopping stops the other, so that both start again together (not a second copy of one).
         async with asyncio.TaskGroup() as group:
-            group.create_task(consume(
+            group.create_task(cancelled_inside_as_an_error(consume(
                 connection, self.settings, "ingest", [Route(BucketEvent, self.on_event, any_routing_key=True)],
-                queue_name=INBOX_EVENTS_QUEUE, wait_on=(*DATABASE_UNAVAILABLE, *STORAGE_UNAVAILABLE)))
+                queue_name=INBOX_EVENTS_QUEUE, wait_on=(*DATABASE_UNAVAILABLE, *STORAGE_UNAVAILABLE))))
             # An ending's redaction and the decoded audio's removal are never tried again later
             # (the result files are, by the scan): through a database or object-store outage the
             # message waits for it.
-            group.create_task(consume(connection, self.settings, "ingest", job_ended, queue_name=RESULTS_QUEUE,
-                                      wait_on=(*DATABASE_UNAVAILABLE, *STORAGE_UNAVAILABLE)))
+            group.create_task(cancelled_inside_as_an_error(consume(
+                connection, self.settings, "ingest", job_ended, queue_name=RESULTS_QUEUE,
+                wait_on=(*DATABASE_UNAVAILABLE, *STORAGE_UNAVAILABLE))))
+
+
+class CancelledInside(Exception):
+    """A consumer ended with a CancelledError that was not its task's own cancellation."""
+
+
+async def cancelled_inside_as_an_error(work: Awaitable[None]) -> None:
+    """`work`, whose CancelledError from inside (aiormq fails the calls pending on a connection it
+    drops with one) is raised as CancelledInside: a TaskGroup takes a child that ends cancelled
+    for one it cancelled itself, and would run on with the other consumer alone."""
+    try:
+        await work
+    except asyncio.CancelledError as exc:
+        if asyncio.current_task().cancelling():
+            raise
+        raise CancelledInside("cancelled from inside (a broker connection dropped under it)") from exc

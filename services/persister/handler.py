@@ -199,17 +199,23 @@ async def reap_stalled_jobs(pool: asyncpg.Pool, timeout_s: float, missed: Databa
     """One round of the stall reaper: its heartbeat, then the jobs it failed. A database it cannot
     reach is noted in `missed`. The heartbeat is in the database, so that an outage a persister
     restarted during, or another replica, still counts (README: no job fails because of one)."""
+    # Taken before the heartbeat's await: a handler that misses the database meanwhile sets it
+    # again, for the next round, instead of having it cleared once this round is recorded.
+    missed_before, missed.since_last_round = missed.since_last_round, False
+    recorded = False
     try:
         async with pool.acquire() as conn:
             await jobstore.stall_reaper_round(conn, ROUNDS_MISSED_FOR_A_GAP * reaper_round_s(timeout_s),
-                                              missed.since_last_round, grace_s)
-        missed.since_last_round = False
+                                              missed_before, grace_s)
+        recorded = True
         return await fail_stalled_jobs(pool, timeout_s, grace_s)
     except Exception as exc:
+        if missed_before and not recorded:
+            missed.since_last_round = True  # the gap is still to be recorded
         if not isinstance(exc, DATABASE_UNAVAILABLE):
             log.exception("looking for stalled jobs failed; will try again")
             return []
-        if not missed.since_last_round:
+        if not missed_before:
             log.warning("looking for stalled jobs: the database is unreachable (%s: %s); the outage is not"
                         " counted as the jobs' lack of progress", type(exc).__name__, exc)
         missed.since_last_round = True
