@@ -157,6 +157,18 @@ def admin_sql(sql: str, url: str | None = None) -> None:
     asyncio.run(run())
 
 
+@contextlib.contextmanager
+def scratch_database(prefix: str) -> Iterator[str]:
+    """The URL of a new, empty database of the test PostgreSQL, dropped afterwards: a test's own,
+    where no service of the stack writes."""
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    admin_sql(f"CREATE DATABASE {name}")
+    try:
+        yield with_database(pg_admin_url(), name)
+    finally:
+        admin_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
 def postgres_server(action: str) -> None:
     """Stop ("stop", fast: sessions are cut) or start the tests' PostgreSQL server."""
     if os.environ.get("TEST_PG_ADMIN_URL"):  # this machine's own server

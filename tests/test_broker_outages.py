@@ -43,7 +43,7 @@ from common.logs import setup_logging
 from common.messages import Contract, JobProgress, TranscriptCompleted
 from common.outbox import flush_outbox, run_outbox_flusher
 from common.settings import Settings
-from devstack import admin_sql, pg_admin_url, with_database
+from devstack import scratch_database
 from tests.conftest import ROOT, amqp_url, events_queue, free_port, private_vhost, rabbitmqctl
 
 
@@ -71,12 +71,8 @@ def vhost():
 
 @pytest.fixture
 def database_url():
-    name = f"stt_outbox_{uuid.uuid4().hex[:8]}"
-    admin_sql(f"CREATE DATABASE {name}")
-    try:
-        yield with_database(pg_admin_url(), name)
-    finally:
-        admin_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    with scratch_database("stt_outbox") as url:
+        yield url
 
 
 def settings_for(vhost: str, **overrides) -> Settings:

@@ -757,14 +757,10 @@ async def test_the_stall_reaper_does_not_count_a_database_outage_even_after_a_re
 @pytest.fixture
 def own_database_url():
     """A database of its own, no services: no other persister beats there."""
-    from devstack import admin_sql, pg_admin_url, with_database
+    from devstack import scratch_database
 
-    name = f"stt_reaper_{uuid.uuid4().hex[:8]}"
-    admin_sql(f"CREATE DATABASE {name}")
-    try:
-        yield with_database(pg_admin_url(), name)
-    finally:
-        admin_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    with scratch_database("stt_reaper") as url:
+        yield url
 
 
 async def test_a_database_miss_noted_during_the_stall_reapers_heartbeat_is_kept_for_its_next_round(own_database_url):

@@ -513,6 +513,23 @@ def test_a_short_passage_takes_its_own_speakers_language_before_anyone_elses():
     assert [r.language for r in short] == ["de", "de"]
 
 
+def reads_and_hearing(monkeypatch, read):
+    """`read` that records the spans asked of it, those spans, and what Whisper (replaced) hears."""
+    reads: list[TimeSpan] = []
+    heard = []
+
+    def counted(bucket: str, key: str, span: TimeSpan) -> np.ndarray:
+        reads.append(span)
+        return read(bucket, key, span)
+
+    def whisper(model, audio, *args, **kwargs):
+        heard.append(audio)
+        return [], "en"
+
+    monkeypatch.setattr(transcriber, "transcribe_chunk", whisper)
+    return counted, reads, heard
+
+
 def test_a_chunk_of_many_close_speech_regions_is_read_in_one_go(monkeypatch):
     """A GET for each speech region: a chatty chunk (a back-and-forth of short turns) made dozens
     of sequential requests to the store. Regions less than READ_BRIDGE_S apart are read at once,
@@ -528,24 +545,12 @@ def test_a_chunk_of_many_close_speech_regions_is_read_in_one_go(monkeypatch):
              for i, t in enumerate(starts)]
     chunk = JobDiarized(job_id=1, chunk_index=1, chunk_count=3, pcm_bucket="b", pcm_key="k", duration=duration,
                         span=TimeSpan(start=99.0, end=345.0), turns=turns, options=JobOptions(language="en"))
-    reads: list[TimeSpan] = []
-
     def read(bucket: str, key: str, span: TimeSpan) -> np.ndarray:
         """As pcm_reader reads the store."""
         start, end = max(0, int(span.start * SAMPLE_RATE)), int(span.end * SAMPLE_RATE)
         return pcm[start:end].copy() if end > start else np.zeros(0, dtype=np.float32)
 
-    def counted(bucket: str, key: str, span: TimeSpan) -> np.ndarray:
-        reads.append(span)
-        return read(bucket, key, span)
-
-    heard = []
-
-    def whisper(model, audio, *args, **kwargs):  # what it would hear
-        heard.append(audio)
-        return [], "en"
-
-    monkeypatch.setattr(transcriber, "transcribe_chunk", whisper)
+    counted, reads, heard = reads_and_hearing(monkeypatch, read)
     transcriber.transcribe(chunk, transcriber.Deps(model=None, read_pcm=counted))
     [audio] = heard
     at = chunk.span.start - REGION_PAD_S  # the chunk as heard, from a little before it
@@ -581,19 +586,7 @@ def test_sparse_talk_is_read_in_gets_of_little_silence_and_only_its_speech_is_he
     chunk = JobDiarized(job_id=job_id, chunk_index=0, chunk_count=1, pcm_bucket=bucket, pcm_key=pcm_key(job_id),
                         duration=duration, span=TimeSpan(start=0, end=duration), turns=turns,
                         options=JobOptions(language="en"))
-    read, reads = transcriber.pcm_reader(s3), []
-
-    def counted(bucket: str, key: str, span: TimeSpan) -> np.ndarray:
-        reads.append(span)
-        return read(bucket, key, span)
-
-    heard = []
-
-    def whisper(model, audio, *args, **kwargs):  # what it would hear
-        heard.append(audio)
-        return [], "en"
-
-    monkeypatch.setattr(transcriber, "transcribe_chunk", whisper)
+    counted, reads, heard = reads_and_hearing(monkeypatch, transcriber.pcm_reader(s3))
     try:
         transcriber.transcribe(chunk, transcriber.Deps(model=None, read_pcm=counted))
     finally:

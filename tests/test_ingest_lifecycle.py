@@ -25,7 +25,7 @@ import pytest
 
 from common.broker import DEAD_LETTERS_QUEUE, declare_topology
 from common.messages import TranscriptCompleted
-from devstack import admin_sql, pg_admin_url, with_database
+from devstack import scratch_database
 from services.ingest.inbox import INBOX_EVENTS_QUEUE, RESULTS_QUEUE, declare_queues
 from tests.conftest import ROOT, Stack, amqp_url, free_port, private_vhost
 
@@ -96,14 +96,8 @@ def forwarder(target_port: int) -> Iterator[Forwarder]:
         forwarding.close()
 
 
-@contextlib.contextmanager
-def own_database() -> Iterator[str]:
-    name = f"stt_lifecycle_{uuid.uuid4().hex[:8]}"
-    admin_sql(f"CREATE DATABASE {name}")
-    try:
-        yield with_database(pg_admin_url(), name)
-    finally:
-        admin_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+def own_database() -> contextlib.AbstractContextManager[str]:
+    return scratch_database("stt_lifecycle")
 
 
 def port_of(address: str) -> int:
