@@ -502,6 +502,14 @@ async def test_texts_the_service_refuses_fail_no_job_and_a_resumed_run_goes_past
         for job_id, texts in zip(jobs, texts_by_job) for text in texts]
 
 
+async def add_done_jobs(pool, texts: list[str]) -> None:
+    """A done job of one segment per text, in that order."""
+    for text in texts:
+        job_id = await pool.fetchval("INSERT INTO transcripts (filename, status) VALUES ('a.wav', 'done') RETURNING id")
+        await pool.execute("INSERT INTO segments (transcript_id, chunk_index, index, speaker, start_ts, end_ts, text)"
+                           " VALUES ($1, 0, 0, 'spk_0', 0, 1, $2)", job_id, text)
+
+
 async def test_a_service_failing_every_text_alone_still_stops_the_run(own_database):
     """A crashed model runner answers 500 to every text, as it does to a text it refuses: no text
     is stored as refused, and three such jobs in a row stop the run, to be resumed."""
@@ -509,10 +517,7 @@ async def test_a_service_failing_every_text_alone_still_stops_the_run(own_databa
     from services.ingest.reindex import Reindexer
 
     pool, model = own_database, "crashed-runner-model"
-    for text in ("One.", "Two.", "Three.", "Four."):
-        job_id = await pool.fetchval("INSERT INTO transcripts (filename, status) VALUES ('a.wav', 'done') RETURNING id")
-        await pool.execute("INSERT INTO segments (transcript_id, chunk_index, index, speaker, start_ts, end_ts, text)"
-                           " VALUES ($1, 0, 0, 'spk_0', 0, 1, $2)", job_id, text)
+    await add_done_jobs(pool, ["One.", "Two.", "Three.", "Four."])
     asked: list[list[str]] = []
 
     async def crashed(texts: list[str]) -> list[list[float]]:
@@ -545,10 +550,7 @@ async def test_jobs_whose_vectors_cannot_be_stored_stop_the_run(own_database):
                        " embedding, embedding_model) VALUES ($1, 0, 0, 'spk_0', 0, 1, 'Zero.', '[1,0]', $2)",
                        done, model)
     await searchstore.ensure_vector_index(pool, model, 2)
-    for text in ("One.", "Two.", "Three.", "Four.", "Five.", "Six."):
-        job_id = await pool.fetchval("INSERT INTO transcripts (filename, status) VALUES ('a.wav', 'done') RETURNING id")
-        await pool.execute("INSERT INTO segments (transcript_id, chunk_index, index, speaker, start_ts, end_ts, text)"
-                           " VALUES ($1, 0, 0, 'spk_0', 0, 1, $2)", job_id, text)
+    await add_done_jobs(pool, ["One.", "Two.", "Three.", "Four.", "Five.", "Six."])
     asked: list[list[str]] = []
 
     async def redimensioned(texts: list[str]) -> list[list[float]]:
