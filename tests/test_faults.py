@@ -397,20 +397,20 @@ def hold_a_delivery(amqp_url: str, result: dict, wait_s: float) -> None:
 def test_job_longer_than_the_ack_timeout_is_not_redelivered_or_duplicated(faulty, fixtures_dir, tmp_path):
     """Designed around, not configured: a job is cut into chunks, each its own message, so a
     job may run far longer than consumer_timeout while every delivery is acked quickly.
-    A message held on the side proves the timeout was live. The timeout is scaled down (30 s,
-    checked every second) so the job needs minutes, not the half hour of the default."""
+    A message held on the side proves the timeout was live. The timeout is scaled down (15 s,
+    checked every second) so the job needs a minute, not the half hour of the default."""
     parts = [decode_audio(str(fixtures_dir / n)) for n in
              ("sample.wav", "ami_dev00.wav", "ami_dev01.wav", "ru_dialogue.wav", "en_dialogue.wav")]
-    # ~10 minutes: 107 s of work on the 2-core CI machine (2026-12-05), past twice the timeout
-    # (7.5 minutes took 80 s there, and once only 56 s: too short to show anything).
+    # ~5 minutes: about 55 s of work on the 2-core CI machine (10 minutes took 107 s there,
+    # 2026-12-05), past three times the timeout.
     long_file = tmp_path / "meeting.opus"
-    long_file.write_bytes(encode(np.concatenate(parts * 4), "ogg", "libopus", 48_000, channels=1,
+    long_file.write_bytes(encode(np.concatenate(parts * 2), "ogg", "libopus", 48_000, channels=1,
                                     bit_rate=24_000))
     # Every delivery of the chunked stages must be acked within the timeout while the job as a
     # whole runs well past it. The diarizer's one delivery per file is covered by a longer
     # timeout of its own (x-consumer-timeout on its queue, honoured by RabbitMQ 3.12 and later);
     # on this broker the same comes from its channel opening before the timeout is lowered.
-    timeout_s = 30
+    timeout_s = 15
     faulty.env.update(CHUNK_MAX_SPEECH_S="20", MAX_AUDIO_HOURS="1")
     control: dict = {}
     try:
