@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from common.logs import job_logged
-from common.messages import ChunkEmbedded, ChunkTranscribed, Contract, Segment
+from common.messages import ChunkEmbedded, ChunkTranscribed, Contract
 from services.embedder.backends import one_text_may_cause
 
 log = logging.getLogger(__name__)
@@ -53,60 +53,84 @@ async def handle(message: ChunkTranscribed, deps: Deps) -> AsyncIterator[Contrac
 
 
 async def embed_each(message: ChunkTranscribed, deps: Deps, failed: Exception) -> list[list[float] | None]:
-    """Each segment's text alone, after the chunk's batch `failed`: a text the service cannot embed
-    is left without a vector (stored, found by its words but not by meaning) rather than failing
-    the job, and every rerun of it, while the service is up. Raises `failed` when the service
-    looks down rather than refusing texts: texts failing (GIVE_UP_AFTER in a row, or at the end)
-    where none was embedded before, or where one it embedded before fails too when asked again."""
+    """Each segment's text alone, after the chunk's batch `failed` (embed_one_by_one): a text the
+    service cannot embed is left without a vector (stored, found by its words but not by meaning)
+    rather than failing the job, and every rerun of it, while the service is up. Raises `failed`
+    when the service looks down rather than refusing texts."""
+    try:
+        vectors, refused, _ = await embed_one_by_one(deps.embed, [s.text for s in message.segments], failed, None,
+                                                     one_text_may_cause)
+    except EmbeddingServiceFailing:
+        raise failed from None  # as the batch failed: the consumer tells an outage from an error by it
+    with job_logged(message.job_id):
+        for position, why in refused:
+            log.warning("segment %d of chunk %d/%d is refused by the embedding service (%s: %s); stored without"
+                        " a vector", message.segments[position].index, message.chunk_index + 1, message.chunk_count,
+                        type(why).__name__, str(why)[:200])
+    return vectors
+
+
+class EmbeddingServiceFailing(RuntimeError):
+    """A batch's texts failed alone too, and the service failed again a text it had embedded (or
+    had embedded none): it fails every text, not one it refuses."""
+
+
+async def embed_one_by_one(embed: Callable[[list[str]], Awaitable[list[list[float]]]], texts: list[str],
+                           failed: Exception, embedded_text: str | None,
+                           one_text_may_be_why: Callable[[BaseException], bool],
+                           ) -> tuple[list[list[float] | None], list[tuple[int, Exception]], str | None]:
+    """Each text alone after their batch `failed` (the embedder's chunks, ingest's reindex): a
+    text counts as refused (None, and its position and why in the second list) only once the
+    service has embedded another after it, or embeds again one it embedded before
+    (`embedded_text`): a crashed model runner answers 500 as a refused text does, and a text
+    stored as refused is not tried again with this model. Otherwise raises
+    EmbeddingServiceFailing. Errors `one_text_may_be_why` does not allow for are raised as they
+    are. Also returns a text the service embedded, for the next batch."""
     vectors: list[list[float] | None] = []
-    refused: list[tuple[Segment, Exception]] = []
-    # A text counts as refused only once the service has embedded another after it: a runner that
-    # crashed answers 500 too, and a text stored without a vector is never embedded again.
-    failing: list[tuple[Segment, Exception]] = []
-    embedded_text = None
+    refused: list[tuple[int, Exception]] = []
+    failing: list[tuple[int, Exception]] = []
 
     async def still_up() -> bool:
         """Whether the service embeds a text it embedded before, asked again."""
         if embedded_text is None:
             return False
         try:
-            only_vector(await deps.embed([embedded_text]))
+            only_vector(await embed([embedded_text]))
         except Exception as exc:
-            if not one_text_may_cause(exc):
+            if not one_text_may_be_why(exc):
                 raise
             return False
         return True
 
-    for segment in message.segments:
+    def service_failing() -> EmbeddingServiceFailing:
+        return EmbeddingServiceFailing(f"the texts failed one by one too, and no text is shown to embed now (the batch:"
+                                       f" {type(failed).__name__}: {str(failed)[:200]})")
+
+    for position, text in enumerate(texts):
         try:
-            alone = await deps.embed([segment.text])
+            alone = await embed([text])
         except Exception as exc:
-            if not one_text_may_cause(exc):
+            if not one_text_may_be_why(exc):
                 raise
-            failing.append((segment, exc))
+            failing.append((position, exc))
             vectors.append(None)
             if len(failing) >= GIVE_UP_AFTER:
                 # Several alike texts in a row (lines of "♪") may all be refused: told apart from
                 # a service gone down by one it embedded before.
                 if not await still_up():
-                    raise failed from None
+                    raise service_failing() from failed
                 refused += failing
                 failing = []
             continue
         vectors.append(only_vector(alone))
         refused += failing
-        failing, embedded_text = [], segment.text
+        failing, embedded_text = [], text
     if failing:
         # Nothing after them to prove the service up: a text it embedded before is asked again.
         if not await still_up():
-            raise failed from None
+            raise service_failing() from failed
         refused += failing
-    with job_logged(message.job_id):
-        for segment, why in refused:
-            log.warning("segment %d of chunk %d/%d is refused by the embedding service (%s: %s); stored without"
-                        " a vector", segment.index, message.chunk_index + 1, message.chunk_count,
-                        type(why).__name__, str(why)[:200])
-    return vectors
+    return vectors, refused, embedded_text
 
 
 def only_vector(vectors: list[list[float]]) -> list[float]:

@@ -29,7 +29,7 @@ from common import searchstore
 from common.db import DATABASE_UNAVAILABLE, LockKey, every
 from common.logs import job_logged
 from services.embedder.backends import OLLAMA_UNAVAILABLE, EmbedFn, one_text_may_cause
-from services.embedder.handler import GIVE_UP_AFTER, only_vector
+from services.embedder.handler import embed_one_by_one
 from services.ingest.auth import admin_only
 from services.ingest.errors import error_responses
 
@@ -60,11 +60,6 @@ CORRECTIONS_INTERVAL_S = 60.0
 COUNTS_FRESH_S = 10.0
 # How often a run that has done every ended job looks whether the running jobs it waits for ended.
 RUNNING_JOBS_CHECK_S = 10.0
-
-
-class EmbeddingServiceFailing(RuntimeError):
-    """A batch's texts failed alone too, and the service failed again a text it had embedded (or
-    had embedded none): it fails every text, not one it refuses."""
 
 
 class Reindexer:
@@ -199,7 +194,7 @@ class Reindexer:
                     log.warning("embedding %d segments failed (%s: %s); embedding them one by one", len(texts),
                                 type(exc).__name__, str(exc)[:200])
                     embedded, refused, self._embedded_text = await embed_one_by_one(
-                        self.embed, texts, exc, self._embedded_text)
+                        self.embed, texts, exc, self._embedded_text, one_text_may_be_why)
                     for position, why in refused:
                         log.warning("segment %d/%d is refused by the embedding service (%s: %s); stored without"
                                     " a vector", batch[position]["chunk_index"], batch[position]["index"],
@@ -239,57 +234,6 @@ class Reindexer:
 def one_text_may_be_why(exc: BaseException) -> bool:
     """The embedder's one_text_may_cause, less the database's outages, which stop the run."""
     return one_text_may_cause(exc) and not isinstance(exc, DATABASE_UNAVAILABLE)
-
-
-async def embed_one_by_one(embed: EmbedFn, texts: list[str], failed: Exception, embedded_text: str | None
-                           ) -> tuple[list[list[float] | None], list[tuple[int, Exception]], str | None]:
-    """Each text alone after their batch `failed`, by the embedder's rule (its embed_each): a text
-    counts as refused (None, and its position and why in the second list) only once the service
-    has embedded another after it, or embeds again one it embedded before (`embedded_text`):
-    a crashed model runner answers 500 as a refused text does, and a text stored as refused is
-    not tried again with this model. Otherwise raises EmbeddingServiceFailing. Also returns a
-    text the service embedded, for the next batch."""
-    vectors: list[list[float] | None] = []
-    refused: list[tuple[int, Exception]] = []
-    failing: list[tuple[int, Exception]] = []
-
-    async def still_up() -> bool:
-        if embedded_text is None:
-            return False
-        try:
-            only_vector(await embed([embedded_text]))
-        except Exception as exc:
-            if not one_text_may_be_why(exc):
-                raise
-            return False
-        return True
-
-    def service_failing() -> EmbeddingServiceFailing:
-        return EmbeddingServiceFailing(f"the texts failed one by one too, and no text is shown to embed now (the batch:"
-                                       f" {type(failed).__name__}: {str(failed)[:200]})")
-
-    for position, text in enumerate(texts):
-        try:
-            alone = await embed([text])
-        except Exception as exc:
-            if not one_text_may_be_why(exc):
-                raise
-            failing.append((position, exc))
-            vectors.append(None)
-            if len(failing) >= GIVE_UP_AFTER:
-                if not await still_up():
-                    raise service_failing() from failed
-                refused += failing
-                failing = []
-            continue
-        vectors.append(only_vector(alone))
-        refused += failing
-        failing, embedded_text = [], text
-    if failing:
-        if not await still_up():
-            raise service_failing() from failed
-        refused += failing
-    return vectors, refused, embedded_text
 
 
 async def embed_corrections(pool: asyncpg.Pool, embed: EmbedFn, model: str,
