@@ -200,6 +200,60 @@ def test_compose_publishes_every_port_on_this_host_unless_told_otherwise():
             for name, ports in published.items() if ports} == {"ingest": [], "minio": [], "rabbitmq": []}
 
 
+def compose_interpolations(name: str = "compose.yaml") -> dict[str, set[str | None]]:
+    """Every ${VAR}, ${VAR-default} or ${VAR:-default} a compose file interpolates ($$ escapes
+    a dollar for the container's shell): name -> its defaults (None: none)."""
+    found: dict[str, set[str | None]] = {}
+    for match in re.finditer(r"(?<!\$)\$\{(\w+)(?::?-([^}]*))?\}", (DEPLOY / name).read_text()):
+        found.setdefault(match[1], set()).add(match[2])
+    return found
+
+
+def env_example() -> dict[str, str]:
+    """NAME -> value of each `NAME=value` or `# NAME=value` line of .env.example."""
+    return dict(re.findall(r"^#?\s*([A-Z][A-Z0-9_]+)=(.*)$", (ROOT / ".env.example").read_text(), re.M))
+
+
+@pytest.mark.parametrize("name", ["compose.yaml", "compose.gpu.yaml"])
+def test_env_example_lists_every_variable_compose_interpolates_with_its_default(name):
+    """The README has users copy .env.example to .env: the credentials of the bundled servers,
+    API_BIND, RABBITMQ_HOST_PORT and the stop grace periods were found nowhere in it."""
+    listed = env_example()
+    interpolated = compose_interpolations(name)
+    assert sorted(set(interpolated) - set(listed)) == []
+    assert {variable: defaults for variable, defaults in interpolated.items()
+            if defaults != {listed[variable]}} == {}
+
+
+def test_env_example_says_when_the_bundled_servers_take_their_credentials_and_which_characters():
+    """RabbitMQ and PostgreSQL take them only on an empty volume, and they go raw into URLs."""
+    lines = (ROOT / ".env.example").read_text().splitlines()
+    start = end = next(number for number, line in enumerate(lines) if line.startswith("RABBITMQ_USER="))
+    while lines[start - 1].startswith("#"):
+        start -= 1
+    section = " ".join(lines[start:end])  # the comment over RABBITMQ_USER
+    for needed in ("only when their volumes are new", "rabbitmqctl change_password", "ALTER USER",
+                   "remove the volumes", "URL-safe", "openssl rand -hex 24"):
+        assert needed in section, needed
+
+
+def test_compose_stop_grace_periods_follow_shutdown_grace_s():
+    """A hard-coded stop_grace_period let a raised SHUTDOWN_GRACE_S outlast it: Docker killed a
+    worker before it handed its message back. Each is set in .env beside SHUTDOWN_GRACE_S, and
+    its default leaves the hand-back its time (common.runner waits SHUTDOWN_GRACE_S + 5 s for
+    the consumers; ingest gives requests SHUTDOWN_GRACE_S before that)."""
+    compose = load_compose()
+    grace_s = float(re.fullmatch(r"\$\{SHUTDOWN_GRACE_S:-(\d+)\}", compose["x-settings"]["SHUTDOWN_GRACE_S"])[1])
+    periods = {name: service.get("stop_grace_period") for name, service in compose["services"].items()
+               if name in SERVICES}
+    expected = {name: "${STOP_GRACE_PERIOD:-45s}" for name in WORKERS}
+    assert periods == {**expected, "ingest": "${INGEST_STOP_GRACE_PERIOD:-75s}"}
+    assert compose_seconds(compose_default(periods["diarizer"])) >= grace_s + 15
+    assert compose_seconds(compose_default(periods["ingest"])) >= 2 * grace_s + 15
+    text = (ROOT / ".env.example").read_text()
+    assert text.index("STOP_GRACE_PERIOD=") - text.index("SHUTDOWN_GRACE_S=") < 800
+
+
 def test_compose_gpu_transcriber_has_an_image_of_its_own():
     """One tag for both: `make docker-up` ran whichever image was built last, with GPU= or without."""
     assert load_compose("compose.gpu.yaml")["services"]["transcriber"]["image"] != \
@@ -219,6 +273,25 @@ def k8s_documents() -> list[tuple[str, dict]]:
 
 def k8s_objects(kind: str) -> dict[str, dict]:
     return {document["metadata"]["name"]: document for _, document in k8s_documents() if document["kind"] == kind}
+
+
+def k8s_settings() -> dict[str, str]:
+    """The ConfigMap stt-settings' data: deploy/k8s/settings.env, read as kustomize's
+    configMapGenerator reads an env file (NAME=value lines taken literally; # lines and blank
+    ones skipped)."""
+    settings = {}
+    for line in (K8S / "settings.env").read_text().splitlines():
+        line = line.lstrip()
+        if line and not line.startswith("#"):
+            name, _, value = line.partition("=")
+            settings[name] = value
+    return settings
+
+
+def generated_configmaps() -> set[str]:
+    """The names of the ConfigMaps kustomization.yaml generates (before their hash suffix)."""
+    return {generator["name"] for generator in
+            yaml.safe_load((K8S / "kustomization.yaml").read_text()).get("configMapGenerator", [])}
 
 
 def secret_template() -> dict[str, str]:
@@ -281,16 +354,16 @@ def test_each_worker_scales_on_its_own_queue():
 
 
 def test_k8s_config_holds_every_setting():
-    configmap = k8s_objects("ConfigMap")["stt-settings"]["data"]
+    configmap = k8s_settings()
     secret = secret_template()
     missing = [name for name in SETTINGS if name not in configmap and name not in secret]
-    assert missing == [], f"add to deploy/k8s/configmap.yaml or secret.example.yaml: {missing}"
+    assert missing == [], f"add to deploy/k8s/settings.env or secret.example.yaml: {missing}"
     assert [name for name in SECRET_SETTINGS if name not in secret or name in configmap] == []
     parses_as_settings({**configmap, **secret})
 
 
 def test_k8s_pods_read_only_what_exists():
-    configmaps = set(k8s_objects("ConfigMap"))
+    configmaps = set(k8s_objects("ConfigMap")) | generated_configmaps()
     secret = secret_template()
     problems = []
     for name, deployment in k8s_objects("Deployment").items():
@@ -316,7 +389,7 @@ def test_k8s_keeps_database_credentials_from_stage_workers():
 
 
 def test_scrape_annotations_name_the_metrics_ports():
-    configmap = k8s_objects("ConfigMap")["stt-settings"]["data"]
+    configmap = k8s_settings()
     expected = {"ingest": configmap["API_PORT"], **{worker: configmap["METRICS_PORT"] for worker in WORKERS}}
     found = {}
     for name, deployment in k8s_objects("Deployment").items():
@@ -326,6 +399,23 @@ def test_scrape_annotations_name_the_metrics_ports():
                            for port in container.get("ports", [])}
         found[name] = port if port in container_ports else f"{port} (no such containerPort)"
     assert found == expected
+
+
+def test_only_pods_carry_scrape_annotations():
+    """The usual Prometheus configuration scrapes annotated Services' endpoints and annotated pods
+    alike: ingest's Service annotated as its pods were, every ingest series was collected twice."""
+    annotated = {f"{kind} {name}" for kind in ("Service", "Deployment")
+                 for name, document in k8s_objects(kind).items()
+                 if any(key.startswith("prometheus.io/") for key in document["metadata"].get("annotations", {}))}
+    assert annotated == set()
+    assert all("prometheus.io/scrape" in deployment["spec"]["template"]["metadata"]["annotations"]
+               for deployment in k8s_objects("Deployment").values())
+
+
+def compose_default(value: str) -> str:
+    """The default of a `${VAR:-default}` value, or the value itself."""
+    match = re.fullmatch(r"\$\{\w+:-([^}]*)\}", value)
+    return match[1] if match else value
 
 
 def compose_seconds(duration: str) -> float:
@@ -341,7 +431,7 @@ def test_ingest_stops_serving_only_once_it_is_out_of_the_endpoints_and_before_it
     within the grace period (compose: no endpoints to wait for)."""
     pod = pod_spec("ingest")
     [container] = pod["containers"]
-    grace_s = float(k8s_objects("ConfigMap")["stt-settings"]["data"]["SHUTDOWN_GRACE_S"])
+    grace_s = float(k8s_settings()["SHUTDOWN_GRACE_S"])
     command = container["lifecycle"]["preStop"]["exec"]["command"]
     assert command[0] == "sleep" and float(command[1]) >= 5, command
     # `sleep` is coreutils', in every Debian image (the native sleep action needs Kubernetes 1.30).
@@ -350,7 +440,8 @@ def test_ingest_stops_serving_only_once_it_is_out_of_the_endpoints_and_before_it
     compose = load_compose()
     default = re.fullmatch(r"\$\{SHUTDOWN_GRACE_S:-(\d+)\}", compose["x-settings"]["SHUTDOWN_GRACE_S"])
     compose_grace_s = float(default[1])
-    assert compose_seconds(compose["services"]["ingest"]["stop_grace_period"]) >= 2 * compose_grace_s + 10
+    ingest_period = compose_default(compose["services"]["ingest"]["stop_grace_period"])
+    assert compose_seconds(ingest_period) >= 2 * compose_grace_s + 10
 
 
 def test_ingest_may_take_an_hour_to_migrate_the_database_before_its_startup_probe_gives_up():
@@ -382,6 +473,56 @@ def test_kustomization_applies_every_manifest_but_the_secret_template():
     images = {container["image"] for deployment in k8s_objects("Deployment").values()
               for container in deployment["spec"]["template"]["spec"]["containers"]}
     assert {image["name"] for image in kustomization["images"]} == images
+
+
+def test_k8s_transcriber_runs_the_image_compose_tags_for_cuda():
+    """compose tags the CPU target stt-transcriber and the CUDA one stt-transcriber-cuda; the
+    GPU Deployment expected the CUDA image under the CPU image's name."""
+    [container] = pod_spec("transcriber")["containers"]
+    assert container["image"] == load_compose("compose.gpu.yaml")["services"]["transcriber"]["image"]
+    assert container["image"] != load_compose()["services"]["transcriber"]["image"]
+
+
+def test_k8s_settings_are_generated_so_that_a_change_rolls_every_deployment():
+    """A plain ConfigMap changed by `kubectl apply -k` reached each pod only when it restarted, so
+    services that must agree disagreed meanwhile; a generated one is named by its contents."""
+    assert generated_configmaps() == {"stt-settings"}
+    assert "stt-settings" not in k8s_objects("ConfigMap")
+
+
+def kustomize_build(folder: Path) -> list[dict]:
+    result = subprocess.run(["kubectl", "kustomize", str(folder)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return [document for document in yaml.safe_load_all(result.stdout) if document]
+
+
+def configmap_references(documents: list[dict]) -> dict[str, set[str]]:
+    return {document["metadata"]["name"]: {source["configMapRef"]["name"]
+                                           for container in document["spec"]["template"]["spec"]["containers"]
+                                           for source in container.get("envFrom", []) if "configMapRef" in source}
+            for document in documents if document["kind"] == "Deployment"}
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+def test_kustomize_names_the_settings_by_their_contents_and_the_deployments_follow(tmp_path):
+    documents = kustomize_build(K8S)
+    configmaps = {document["metadata"]["name"]: document.get("data", {})
+                  for document in documents if document["kind"] == "ConfigMap"}
+    [name] = configmaps
+    assert re.fullmatch(r"stt-settings-[a-z0-9]{10}", name), name
+    assert configmaps[name] == k8s_settings()  # settings.env is read here as kustomize reads it
+    references = configmap_references(documents)
+    assert set(references) == set(SERVICES) and all(names == {name} for names in references.values())
+    # A changed setting: a ConfigMap of another name, and every pod template changed with it.
+    changed = tmp_path / "k8s"
+    shutil.copytree(K8S, changed)
+    text = (changed / "settings.env").read_text()
+    assert "\nLOG_LEVEL=INFO\n" in text
+    (changed / "settings.env").write_text(text.replace("\nLOG_LEVEL=INFO\n", "\nLOG_LEVEL=DEBUG\n"))
+    rebuilt = kustomize_build(changed)
+    [renamed] = {document["metadata"]["name"] for document in rebuilt if document["kind"] == "ConfigMap"}
+    assert renamed != name
+    assert all(names == {renamed} for names in configmap_references(rebuilt).values())
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
