@@ -288,6 +288,21 @@ def test_pages_of_hits_that_tie_hold_each_hit_once(stack: Stack, mode):
         stack.query("DELETE FROM transcripts WHERE id = $1", job_id)
 
 
+async def short_walk_pool(stack: Stack) -> asyncpg.Pool:
+    """A connection whose HNSW index walks come back short (one row rejected by the filters ends
+    it), and which never plans a search without the index: a crowded store in miniature."""
+    return await asyncpg.create_pool(stack.database_url, min_size=1, max_size=1, server_settings={
+        "hnsw.ef_search": "1", "hnsw.max_scan_tuples": "1", "enable_seqscan": "off",
+        "enable_bitmapscan": "off", "enable_sort": "off"})
+
+
+def segment_insert(text: str) -> str:
+    """Stores a segment saying `text`: ($1 job, $2 index, $3 speaker, $4 start, $5 vector, $6 model)."""
+    return ("INSERT INTO segments (transcript_id, chunk_index, index, speaker, start_ts, end_ts, text,"
+            f" embedding, embedding_model) VALUES ($1, 0, $2, $3, $4, $4::float8 + 1, '{text}',"
+            " $5::real[]::vector, $6)")
+
+
 async def test_the_nearest_ties_that_make_the_cut_are_the_same_at_every_request(stack: Stack):
     """A filtered search whose index walk comes back short is ranked exactly over every row the
     filters keep: with more ties (one text said many times) than the limit takes, which make the
@@ -298,12 +313,7 @@ async def test_the_nearest_ties_that_make_the_cut_are_the_same_at_every_request(
     rng = np.random.default_rng(9)
     query = np.ones(dimensions, dtype=np.float32)
     others = query + 0.05 * rng.standard_normal((200, dimensions)).astype(np.float32)
-    pool = await asyncpg.create_pool(stack.database_url, min_size=1, max_size=1, server_settings={
-        "hnsw.ef_search": "1", "hnsw.max_scan_tuples": "1", "enable_seqscan": "off",
-        "enable_bitmapscan": "off", "enable_sort": "off"})
-    insert = ("INSERT INTO segments (transcript_id, chunk_index, index, speaker, start_ts, end_ts, text,"
-              " embedding, embedding_model) VALUES ($1, 0, $2, $3, $4, $4::float8 + 1, 'Okay.',"
-              " $5::real[]::vector, $6)")
+    pool = await short_walk_pool(stack)
     try:
         job_id = await pool.fetchval(
             "INSERT INTO transcripts (filename, status) VALUES ('ties-cut.wav', 'done') RETURNING id")
@@ -312,7 +322,8 @@ async def test_the_nearest_ties_that_make_the_cut_are_the_same_at_every_request(
         # asked for.
         rows = [(i, "spk_0", 1000.0 + i, v.tolist()) for i, v in enumerate(others)]
         rows += [(1000 + i, "spk_1", float(30 - i), (-query).tolist()) for i in range(30)]
-        await pool.executemany(insert, [(job_id, i, who, start, v, model) for i, who, start, v in rows])
+        await pool.executemany(segment_insert("Okay."),
+                               [(job_id, i, who, start, v, model) for i, who, start, v in rows])
         await pool.execute("ANALYZE segments")
         hits = await searchstore.search_semantic(pool, query.tolist(), model, limit=5, owner=None,
                                               transcript_id=None, speaker="spk_1", language=None,
@@ -403,18 +414,14 @@ async def test_a_narrow_filters_nearest_segments_are_all_found_in_a_crowded_stor
     query = np.ones(dimensions, dtype=np.float32)
     others = query + 0.05 * rng.standard_normal((200, dimensions)).astype(np.float32)
     speaker = -query + 0.05 * rng.standard_normal((5, dimensions)).astype(np.float32)
-    pool = await asyncpg.create_pool(stack.database_url, min_size=1, max_size=1, server_settings={
-        "hnsw.ef_search": "1", "hnsw.max_scan_tuples": "1", "enable_seqscan": "off",
-        "enable_bitmapscan": "off", "enable_sort": "off"})
-    insert = ("INSERT INTO segments (transcript_id, chunk_index, index, speaker, start_ts, end_ts, text,"
-              " embedding, embedding_model) VALUES ($1, 0, $2, $3, $4, $4::float8 + 1, 'words',"
-              " $5::real[]::vector, $6)")
+    pool = await short_walk_pool(stack)
     try:
         job_id = await pool.fetchval(
             "INSERT INTO transcripts (filename, status) VALUES ('crowded.wav', 'done') RETURNING id")
         await searchstore.ensure_vector_index(pool, model, dimensions)
         rows = [(i, "spk_0", v) for i, v in enumerate(others)] + [(1000 + i, "spk_1", v) for i, v in enumerate(speaker)]
-        await pool.executemany(insert, [(job_id, i, who, float(i), v.tolist(), model) for i, who, v in rows])
+        await pool.executemany(segment_insert("words"),
+                               [(job_id, i, who, float(i), v.tolist(), model) for i, who, v in rows])
         await pool.execute("ANALYZE segments")
         hits = await searchstore.search_semantic(pool, query.tolist(), model, limit=10, owner=None,
                                               transcript_id=None, speaker="spk_1", language=None,
