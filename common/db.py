@@ -27,11 +27,13 @@ log = logging.getLogger(__name__)
 # class 08 (connection), class 58 (system error: the server's disk failing, 58030), 53100 disk full,
 # 53200 out of memory, 53300 too many connections, 25006 read-only transaction (a replica promoted
 # mid-failover), 57P01-57P03 shutting down or starting up; and no server to connect to (refused,
-# unreachable, a name that does not resolve, a timeout). Not 57014 (statement timeout, also class
-# 57): a slow statement is this job's error, retried like any other and failed when retries run
-# out. Nor asyncpg's InterfaceErrors but those of a closed connection (a statement given the wrong
-# number of arguments is a mistake), nor an OSError of this machine's disk: held, those would be
-# handed back every OUTAGE_HOLD_S for ever, never failing the job.
+# unreachable, a name that does not resolve, a timeout; and a statement that got no answer for
+# DATABASE_COMMAND_TIMEOUT_S, asyncpg's asyncio.TimeoutError, which is TimeoutError: a connection
+# the network dropped without a reset). Not 57014 (statement timeout, also class 57): a slow
+# statement is this job's error, retried like any other and failed when retries run out. Nor
+# asyncpg's InterfaceErrors but those of a closed connection (a statement given the wrong number of
+# arguments is a mistake), nor an OSError of this machine's disk: held, those would be handed back
+# every OUTAGE_HOLD_S for ever, never failing the job.
 #
 # Test with `isinstance(exc, DATABASE_UNAVAILABLE)`, not in an `except` clause or a handler map:
 # those go by the exception's type alone and miss the errors told apart by what they say
@@ -118,10 +120,28 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
 
+# What a statement that may rightly run for long on a large database is given instead of
+# DATABASE_COMMAND_TIMEOUT_S (asyncpg's `timeout=` of that one call): a migration (an index built
+# over a big table), the wait for another process's migrations, a search index built CONCURRENTLY
+# (searchstore.ensure_vector_index; it also waits for every older transaction). Cut short, such a
+# build is rolled back and begun again at every try, never finishing. A long explicit timeout
+# rather than a connection of its own without one: these run on the pool's connections, as the
+# rest, and asyncpg has no public "no limit" for one call.
+LONG_STATEMENT_TIMEOUT_S = 7 * 86_400.0
+
+
 async def create_pool(settings: Settings, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
     """Waits for the database at start-up instead of crashing; raises DatabaseMisconfigured at
     once when the database answers that this service may not use it (wrong password or user, no
-    such database), which waiting would not change."""
+    such database), which waiting would not change.
+
+    A statement without an answer for DATABASE_COMMAND_TIMEOUT_S raises TimeoutError (in
+    DATABASE_UNAVAILABLE), instead of waiting on a connection the network dropped without a reset
+    until the kernel gives up (15 minutes or more). asyncpg then sends a cancel request and, with
+    no answer to it either within as long again, drops the connection: the caller sees the error
+    once the connection is back in the pool (within about twice the timeout), and the pool makes a
+    new connection for the next query. The pool's max_inactive_connection_lifetime (300 s) is no
+    help there: it closes only connections left idle that long, and never the min_size ones."""
     url = settings.database_url.get_secret_value()
 
     def worth_waiting(exc: BaseException) -> bool:
@@ -131,7 +151,8 @@ async def create_pool(settings: Settings, *, min_size: int = 1, max_size: int = 
     try:
         async for attempt in backoff("PostgreSQL not reachable", worth_waiting):
             with attempt:
-                return await asyncpg.create_pool(url, min_size=min_size, max_size=max_size, init=_init_connection)
+                return await asyncpg.create_pool(url, min_size=min_size, max_size=max_size, init=_init_connection,
+                                                 command_timeout=settings.database_command_timeout_s)
     except DATABASE_MISCONFIGURED as exc:
         where = describe_database_url(url)
         log.error("PostgreSQL at %s refuses this service (%s: %s, SQLSTATE %s): fix DATABASE_URL;"
@@ -193,7 +214,8 @@ async def apply_migrations(pool: asyncpg.Pool) -> list[str]:
     services start at once: an advisory lock lets one apply while the others wait."""
     applied_now = []
     async with pool.acquire() as conn:
-        await conn.execute("SELECT pg_advisory_lock($1)", LockKey.MIGRATIONS)
+        # Another service may be applying migrations (an index build): wait as long as it takes.
+        await conn.execute("SELECT pg_advisory_lock($1)", LockKey.MIGRATIONS, timeout=LONG_STATEMENT_TIMEOUT_S)
         try:
             await conn.execute(
                 "CREATE TABLE IF NOT EXISTS schema_migrations ("
@@ -232,7 +254,7 @@ async def _apply_migration(conn: asyncpg.Connection, version: int, name: str, sq
         # after a while and tries again, letting them through in between.
         await conn.execute(f"SET LOCAL lock_timeout = '{int(MIGRATION_LOCK_TIMEOUT_S * 1000)}ms'")
         try:
-            await conn.execute(sql)
+            await conn.execute(sql, timeout=LONG_STATEMENT_TIMEOUT_S)  # an index over a big table: minutes, hours
         except asyncpg.exceptions.FeatureNotSupportedError as exc:
             if "vector" not in str(exc):
                 raise

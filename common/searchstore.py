@@ -14,7 +14,7 @@ from datetime import datetime
 
 import asyncpg
 
-from common.db import LockKey
+from common.db import LONG_STATEMENT_TIMEOUT_S, LockKey
 from common.jobstore import SEGMENT_TEXT_LANGUAGE, SPEAKER_NAME_JOIN, Db, conditions_set
 
 log = logging.getLogger(__name__)
@@ -60,17 +60,19 @@ async def ensure_vector_index(pool: asyncpg.Pool, model: str, dimensions: int) -
         try:
             valid = await _index_valid(conn, name)
             # A build over a large store, and the drop of one cut short (each waits for every older
-            # transaction), outlast any statement_timeout set for the role's queries. (The pool
+            # transaction), outlast any statement_timeout set for the role's queries, and the
+            # pool's DATABASE_COMMAND_TIMEOUT_S. (The pool
             # resets the setting when the connection goes back.)
             await conn.execute("SET statement_timeout = 0")
             if valid is False:  # a build cut short (a CONCURRENTLY build leaves its index invalid)
                 log.warning("the index of %s was left half built: building it again", model)
-                await conn.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {name}")
+                await conn.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {name}", timeout=LONG_STATEMENT_TIMEOUT_S)
             if not valid:
                 log.info("building the search index of %s (%d dimensions)", model, dimensions)
                 await conn.execute(
                     f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} ON segments USING hnsw"
-                    f" ((embedding::{kind}({int(dimensions)})) {kind}_cosine_ops) WHERE embedding_model = '{literal}'")
+                    f" ((embedding::{kind}({int(dimensions)})) {kind}_cosine_ops) WHERE embedding_model = '{literal}'",
+                    timeout=LONG_STATEMENT_TIMEOUT_S)
         finally:
             await conn.execute("SELECT pg_advisory_unlock($1)", LockKey.VECTOR_INDEX)
     _indexed.add((model, dimensions))

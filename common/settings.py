@@ -44,6 +44,14 @@ class Settings(BaseSettings):
 
     # PostgreSQL (ingest, persister and notifier; the other workers never see it)
     database_url: SecretStr = SecretStr("postgresql://postgres@127.0.0.1:5432/stt")
+    # A statement that gets no answer for this long raises (asyncpg's command_timeout) and counts
+    # as the database being away: the message is held and the query tried again on a new
+    # connection. Without it, a connection the network dropped without a reset (a failover, a NAT
+    # or load balancer forgetting the flow) waits until the kernel gives up, 15 minutes or more.
+    # Keep it above the longest statement these services run on a large database (one that takes
+    # longer would be held as an outage for ever). Migrations and search-index builds are given
+    # longer (common.db.LONG_STATEMENT_TIMEOUT_S).
+    database_command_timeout_s: float = Field(default=300.0, gt=0)
     # A processing job with no progress for this long is failed with a reason (0: never). Keep it
     # above the longest wait a job may spend queued plus the longest single step (the diarizer
     # on one whole file: 15-35 minutes for 4 hours of audio on 2 CPU cores).
