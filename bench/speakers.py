@@ -155,8 +155,10 @@ def enrolled_direction(api: Api, jobs: dict[str, int], labelled: dict[str, Turns
         if person is None:
             continue
         response = api.client.post("/speakers", json={"name": person, "transcript_id": jobs[source], "label": label})
-        # 400: no voice embedding for this label; 422: less speech than SPEAKER_MIN_SPEECH_S.
-        if response.status_code in (400, 422):
+        # 400: no voice embedding for this label; 422: less speech than SPEAKER_MIN_SPEECH_S; 409:
+        # the voice sounds like another person enrolled from this file (a label mixing two people),
+        # which a user told so would not force.
+        if response.status_code in (400, 409, 422):
             continue
         response.raise_for_status()
         speaker_ids.add(response.json()["id"])

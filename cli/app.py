@@ -918,6 +918,8 @@ def speakers_enroll(
     job: Annotated[int | None, typer.Option("--job", help="Instead of a sample: a finished job in which they"
                                                           " speak (with --speaker).", show_default=False)] = None,
     speaker: Annotated[str | None, typer.Option(help="Their label in that job (spk_1).", show_default=False)] = None,
+    force: Annotated[bool, typer.Option("--force", help="Enrol the voice even though it sounds like another"
+                                                        " enrolled speaker (refused otherwise).")] = False,
     api: ApiUrl = DEFAULT_API_URL,
     api_key: ApiKey = None,
 ) -> None:
@@ -927,10 +929,12 @@ def speakers_enroll(
         raise typer.BadParameter("give either a SAMPLE file or --job and --speaker")
     with reporting_api_errors(api), api_client(api, api_key) as client:
         if sample is not None:
-            headers, body = multipart_body(sample, {"name": name}, lambda sent: None)
+            fields = {"name": name, **({"force": "true"} if force else {})}
+            headers, body = multipart_body(sample, fields, lambda sent: None)
             response = client.post("/speakers", content=body, headers=headers, timeout=SPEAKER_CHANGE_TIMEOUT)
         else:
-            response = client.post("/speakers", json={"name": name, "transcript_id": job, "label": speaker},
+            response = client.post("/speakers", json={"name": name, "transcript_id": job, "label": speaker,
+                                                      **({"force": True} if force else {})},
                                    timeout=SPEAKER_CHANGE_TIMEOUT)
         profile = checked(response).json()
     relabelled = ", ".join(map(str, profile["relabelled"])) or "none"
@@ -959,7 +963,15 @@ def speakers_forget(
     with reporting_api_errors(api), api_client(api, api_key) as client:
         items = checked(client.get("/speakers")).json()["items"]
         wanted = " ".join(name.split())  # as the server keeps names
-        found = {i["id"]: i for i in items if i["name"].casefold() == wanted.casefold() or str(i["id"]) == wanted}
+        # The name as it is, else in another case when only one speaker has it so. The server keeps
+        # names unique by PostgreSQL's lower(), which maps letter by letter as Python's lower()
+        # does, where casefold() makes "Maße" and "Masse" one name (two people to the server).
+        named = ([i for i in items if i["name"] == wanted]
+                 or [i for i in items if i["name"].lower() == wanted.lower()])
+        if len(named) > 1:  # forgetting cannot be undone: never guess
+            fail(f"{wanted!r} could be any of {', '.join(repr(i['name']) for i in named)}: give the name exactly"
+                 f" as `stt speakers list` shows it, or the id")
+        found = {i["id"]: i for i in named + [i for i in items if str(i["id"]) == wanted]}
         if not found:
             fail(f"no enrolled speaker called {name!r}")
         if len(found) > 1:  # forgetting cannot be undone: never guess

@@ -65,3 +65,14 @@ def match_speakers(recording: list[RecordingSpeaker], profiles: list[Profile], t
     rows, cols = linear_sum_assignment(-np.maximum(scores - threshold, 0.0))
     return {candidates[i].label: Match(profiles[j].speaker_id, profiles[j].name, round(float(scores[i, j]), 4))
             for i, j in zip(rows, cols) if scores[i, j] >= threshold}
+
+
+def most_alike(embedding: np.ndarray, profiles: list[Profile], threshold: float) -> tuple[Profile, float] | None:
+    """The profile the voice scores highest for, as the matching scores a recording speaker
+    (its best voiceprint), when that score is at least `threshold`: a voice the matching could
+    give that person's name."""
+    scores = similarities([RecordingSpeaker("", np.asarray(embedding), 0.0)], profiles)[0]
+    if not profiles or scores.max() < threshold:
+        return None
+    best = int(scores.argmax())
+    return profiles[best], round(float(scores[best]), 4)

@@ -231,6 +231,48 @@ async def unknown_names(db: Db, owner: str | None, names: list[str]) -> list[str
     return [r["n"] for r in rows]
 
 
+async def enrolled_ids(db: Db, owner: str | None, names: list[str]) -> list[int | None]:
+    """The owner's speaker of each of `names` (compared as PostgreSQL lowers them), None for a
+    name nobody has: what expected_names_now finds them by again, renamed or not."""
+    if not names:
+        return []
+    rows = await db.fetch(f"SELECT (SELECT id FROM speakers WHERE {_owned_by(owner)} AND lower(name) = lower(n)) AS id"
+                          " FROM unnest($2::text[]) WITH ORDINALITY AS given(n, i) ORDER BY i", owner, names)
+    return [r["id"] for r in rows]
+
+
+async def expected_names_now(conn: asyncpg.Connection, owner: str | None, names: list[str],
+                             ids: list[int | None]) -> list[str | None]:
+    """In the transaction that inserts a job expecting `names` (their speakers `ids`, as
+    enrolled_ids found them before the upload): each name as the job is to store it, None for
+    one nobody has now. A rename or forgetting of the owner's people waits from here until the job commits, and
+    then finds it (rename_speaker rewrites it); one that committed before is read here: a person
+    renamed since is expected by their name now, one forgotten since is no name at all (unless
+    someone has it now). A name kept as given when its person still has it in any case."""
+    await _one_change_of_the_owners_people_at_a_time(conn, owner)
+    rows = await conn.fetch(
+        "SELECT given.n, coalesce(CASE WHEN lower(s.name) = lower(given.n) THEN given.n ELSE s.name END,"
+        f" (SELECT given.n FROM speakers WHERE {_owned_by(owner)} AND lower(name) = lower(given.n) LIMIT 1)) AS now"
+        " FROM unnest($2::text[], $3::bigint[]) WITH ORDINALITY AS given(n, id, i)"
+        f" LEFT JOIN speakers s ON s.id = given.id AND {_owned_by(owner, column='s.owner')} ORDER BY given.i",
+        owner, names, ids)
+    return [r["now"] for r in rows]
+
+
+async def other_people_of_voice(db: Db, owner: str | None, speaker_id: int, model: str) -> list[Profile]:
+    """The owner's profiles by `model` but speaker `speaker_id`'s, for an enrolment to tell whom
+    else its voice sounds like (no locks: a check, not a matching)."""
+    rows = await db.fetch(
+        "SELECT s.id, s.name, v.embedding::real[] AS embedding FROM speakers s"
+        f" JOIN voiceprints v ON v.speaker_id = s.id WHERE {_owned_by(owner, column='s.owner')} AND s.id <> $2"
+        " AND v.embedding_model = $3 ORDER BY s.id, v.id",
+        owner, speaker_id, model)
+    profiles: dict[int, Profile] = {}
+    for r in rows:
+        profiles.setdefault(r["id"], Profile(r["id"], r["name"], [])).voiceprints.append(np.asarray(r["embedding"]))
+    return list(profiles.values())
+
+
 async def transcripts_near_voice(db: Db, owner: str | None, embedding: list[float], model: str,
                                  threshold: float) -> list[int]:
     """The owner's transcripts with a speaker whose centroid is at least `threshold` alike (cosine)

@@ -988,3 +988,31 @@ def test_watch_as_a_subscriber_that_can_only_read_events(keyed_stack, fixtures_d
         assert "ACCESS_REFUSED" in refused, refused  # it cannot start or fake jobs
     finally:
         subprocess.run(["rabbitmqctl", "delete_user", user], capture_output=True)
+
+
+def test_forgetting_by_name_never_forgets_a_speaker_the_server_calls_otherwise(keyed_stack, forgets_its_speakers):
+    """The server keeps names unique by PostgreSQL's lower(): "Maße" and "Masse" are two names
+    there, though casefold() makes them one. Forgetting cannot be undone: `forget Maße` never
+    forgets Masse, and with both enrolled forgets the one called so."""
+    from services.ingest.auth import owner_of
+
+    def enrolled() -> list[str]:
+        return [line.split("\t")[1] for line in stt(keyed_stack, "speakers", "list").stdout.splitlines()]
+
+    def enrol(name: str) -> None:
+        keyed_stack.value("INSERT INTO speakers (owner, name) VALUES ($1, $2)", owner_of(API_KEY), name)
+
+    enrol("Masse")
+    wrong = stt(keyed_stack, "speakers", "forget", "Maße")
+    assert wrong.returncode == 1 and "no enrolled speaker called 'Maße'" in wrong.stderr, wrong.stdout + wrong.stderr
+    assert enrolled() == ["Masse"]
+    enrol("Maße")
+    assert sorted(enrolled()) == ["Masse", "Maße"]
+    forgotten = stt(keyed_stack, "speakers", "forget", "Maße")
+    assert (forgotten.returncode, forgotten.stdout) == (0, "forgot Maße\n"), forgotten.stderr
+    assert enrolled() == ["Masse"]
+    # In another case it is still the one speaker called so.
+    enrol("Maße")
+    assert stt(keyed_stack, "speakers", "forget", "MASSE").stdout == "forgot Masse\n"
+    assert stt(keyed_stack, "speakers", "forget", "maße").stdout == "forgot Maße\n"
+    assert enrolled() == []

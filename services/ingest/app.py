@@ -212,7 +212,8 @@ async def rerun(job_id: JobId, state: State, request: Request, data: RerunOption
         return replayed(earlier)
     # Only names the request gives: one of the original's forgotten since names nobody, as it
     # does in the original (the page's "Run again" could not otherwise rerun such a job).
-    if data is not None and "expected_speakers" in data.model_fields_set:
+    names_given = data is not None and "expected_speakers" in data.model_fields_set
+    if names_given:
         await require_enrolled(state.pool, request_owner(request), options.expected_speakers)
     if original["audio_removed_at"] is not None:  # retention's removal may not have reached the store yet
         raise HTTPException(status_code=409, detail=f"job {job_id}'s recording is no longer stored: it was removed"
@@ -234,8 +235,13 @@ async def rerun(job_id: JobId, state: State, request: Request, data: RerunOption
     # A redacted recording was stored as a WAV: the rerun's name says so, for its playback's type.
     filename = stored_filename(original["filename"], redacted=original["audio_redacted_at"] is not None)
     try:
+        # The original's names are kept as they are, a forgotten one too (as above); those the
+        # request gives are refused if nobody has them at the insert (forgotten meanwhile).
         new_id = await create_job(state.pool, state.s3, bucket, copy, filename=filename, options=options,
-                                  owner=request_owner(request), outbox_wake=state.outbox_wake, idempotency=asked)
+                                  owner=request_owner(request), outbox_wake=state.outbox_wake, idempotency=asked,
+                                  keep_unknown_speakers=not names_given)
+    except HTTPException:
+        raise
     except S3Error as exc:
         if not is_missing(exc):
             with job_logged(job_id):

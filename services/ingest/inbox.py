@@ -220,9 +220,13 @@ class Inbox:
                 options = JobOptions()
             refused = refused or f"the object's metadata asks for something impossible: {exc}"
         expected = options.expected_speakers
+
+        def unknown_speakers(unknown: list[str]) -> str:
+            return ("the object's metadata asks for something impossible: "
+                    + unenrolled(unknown, f"{USER_METADATA}expected-speakers"))
+
         if refused is None and (unknown := await speakerstore.unknown_names(self.pool, self.owner, expected)):
-            refused = ("the object's metadata asks for something impossible: "
-                       + unenrolled(unknown, f"{USER_METADATA}expected-speakers"))
+            refused = unknown_speakers(unknown)
 
         def copy(audio_key: str) -> None:
             if too_big:
@@ -236,7 +240,9 @@ class Inbox:
             job_id = await create_job(
                 self.pool, self.s3, self.settings.audio_bucket, copy,
                 filename=clean_filename(key.rsplit("/", 1)[-1]), options=options, owner=self.owner,
-                outbox_wake=self.outbox_wake, drop=BucketDrop(bucket, key, etag), refused=refused)
+                outbox_wake=self.outbox_wake, drop=BucketDrop(bucket, key, etag), refused=refused,
+                # A person forgotten while the object was copied: failed as if forgotten before.
+                refuse_unknown_speakers=unknown_speakers)
         except S3Error as exc:
             if not (is_missing(exc) or exc.code == "PreconditionFailed"):
                 raise

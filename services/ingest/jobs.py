@@ -16,12 +16,13 @@ from litestar.exceptions import HTTPException
 from minio import Minio
 from pydantic import BaseModel, Field
 
-from common import jobstore
+from common import jobstore, speakerstore
 from common.logs import job_logged
 from common.messages import STAGE_OF_SERVICE, STAGES, JobFailed, JobOptions, JobSubmitted, Stage
 from common.outbox import add_to_outbox
 from common.storage import remove_objects
 from services.ingest.segments import TranscriptSegment, transcript_segment
+from services.ingest.speakers import unenrolled
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,9 @@ async def create_job(pool: asyncpg.Pool, s3: Minio, audio_bucket: str, put_audio
                      *, filename: str, options: JobOptions, owner: str | None, outbox_wake: asyncio.Event,
                      drop: BucketDrop | None = None, refused: str | None = None,
                      idempotency: Idempotency | None = None,
-                     also: Callable[[asyncpg.Connection, int], Awaitable[object]] | None = None) -> int | None:
+                     also: Callable[[asyncpg.Connection, int], Awaitable[object]] | None = None,
+                     refuse_unknown_speakers: Callable[[list[str]], str] | None = None,
+                     keep_unknown_speakers: bool = False) -> int | None:
     """The one way a job comes to exist, for uploads and bucket drops alike.
 
     An id is reserved, `put_audio(key)` stores the audio at `uploads/{id}`, then the
@@ -117,15 +120,33 @@ async def create_job(pool: asyncpg.Pool, s3: Minio, audio_bucket: str, put_audio
     deleted by its owner, or when a request with the same `idempotency` key made its job first.
     `also(conn, job_id)` runs in the job's transaction (a callback URL).
     With `refused` (a request that cannot be honoured, found after the audio was taken) the job
-    is failed with that reason instead of submitted, through the same outbox."""
+    is failed with that reason instead of submitted, through the same outbox.
+
+    The options' `expected_speakers` are the owner's people as they are when the job commits
+    (the upload can take minutes, and the callers checked them before it): one renamed meanwhile
+    is expected by the new name, one forgotten meanwhile is refused as an unknown name is, with
+    400 (`require_enrolled`'s answer), or, with `refuse_unknown_speakers(names)`, by failing the
+    job with the reason it gives (a bucket drop); `keep_unknown_speakers` keeps such names as
+    they are (a rerun's, kept from its original job, which may name people forgotten since)."""
     job_id = await jobstore.reserve_job_id(pool)
     key = upload_key(job_id)
+    expected = options.expected_speakers if refused is None else []
     with job_logged(job_id):
+        # Who they are now, to be found again at the insert, renamed or not.
+        speaker_ids = await speakerstore.enrolled_ids(pool, owner, expected)
+        refused = _unknown_speakers(expected, speaker_ids, refuse_unknown_speakers, keep_unknown_speakers) or refused
         created = None
         committed = False
         try:
             await asyncio.to_thread(put_audio, key)
             async with pool.acquire() as conn, conn.transaction():
+                if expected and refused is None:
+                    # From here until the commit no rename or forgetting of the owner's people
+                    # runs: either it ran before and is read here, or it runs after and finds this job.
+                    now = await speakerstore.expected_names_now(conn, owner, expected, speaker_ids)
+                    refused = _unknown_speakers(expected, now, refuse_unknown_speakers, keep_unknown_speakers)
+                    options = options.model_copy(update={"expected_speakers": [
+                        name if name is not None else given for given, name in zip(expected, now, strict=True)]})
                 created = await jobstore.insert_job(
                     conn, job_id, filename=filename, audio_key=key, options=options.model_dump(exclude_none=True),
                     owner=owner, drop=(drop.bucket, drop.key, drop.etag) if drop else None,
@@ -145,6 +166,19 @@ async def create_job(pool: asyncpg.Pool, s3: Minio, audio_bucket: str, put_audio
         if committed:
             outbox_wake.set()
         return created
+
+
+def _unknown_speakers(names: list[str], found: list[object | None], refused_by: Callable[[list[str]], str] | None,
+                      keep: bool) -> str | None:
+    """For create_job: the reason to fail the job with when some of a job's expected `names` are
+    nobody's (`found` None for them), by `refused_by`; without it, 400 as require_enrolled answers
+    an unknown name. None when they all are someone's, or are to be kept as they are."""
+    unknown = [name for name, person in zip(names, found, strict=True) if person is None]
+    if not unknown or keep:
+        return None
+    if refused_by is not None:
+        return refused_by(unknown)
+    raise HTTPException(status_code=400, detail=unenrolled(unknown))
 
 
 async def _row_exists_after_all(pool: asyncpg.Pool, job_id: int, inserted: int | None) -> bool:

@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import Annotated, TypeVar
 
 import asyncpg
+import numpy as np
 from litestar import Request, delete, get, patch, post
 from litestar.datastructures import State, UploadFile
 from litestar.exceptions import HTTPException, NotFoundException
@@ -27,6 +28,7 @@ from common.messages import (
     person_name,
 )
 from common.settings import Settings
+from common.speakers import most_alike
 from services.ingest.admission import SMALL_BODY_BYTES, checked_size
 from services.ingest.auth import request_owner
 from services.ingest.errors import MAX_ID, error_responses, invalid
@@ -80,6 +82,18 @@ class FromTranscript(BaseModel):
     name: str
     transcript_id: int = Field(ge=1, le=MAX_ID)
     label: str = Field(pattern=LABEL.pattern)
+    # Enrol the voice even when it sounds like another enrolled person (see `enrol`).
+    force: bool = False
+
+
+def _form_flag(value: object, field: str) -> bool:
+    """A multipart form's true/false field; absent or blank is false."""
+    text = str(value or "").strip().lower()
+    if text in ("", "false", "0", "no", "off"):
+        return False
+    if text in ("true", "1", "yes", "on"):
+        return True
+    raise HTTPException(status_code=400, detail=f"{field}: true or false")
 
 
 class Rename(BaseModel):
@@ -151,11 +165,15 @@ async def rename_recordings(pool: asyncpg.Pool, settings: Settings, owner: str |
     rename: a key with thousands of transcripts is not matched again whole on every enrolment."""
     changed = []
     for transcript_id in transcript_ids:
-        async with pool.acquire() as conn, conn.transaction():
+        async def name_again(conn: asyncpg.Connection, transcript_id: int = transcript_id) -> list[int]:
             # The job first, then its speakers, as the persister and naming by hand lock them.
             if await jobstore.lock_job(conn, transcript_id) is None:
-                continue  # deleted meanwhile
-            changed += await _name_again(conn, settings, owner, [transcript_id])
+                return []  # deleted meanwhile
+            return await _name_again(conn, settings, owner, [transcript_id])
+
+        # A deadlock with another matching (a rename's, a forgetting's, the persister's) is
+        # given way to and run again, as they are.
+        changed += await _in_transaction_retried(pool, name_again)
     _log_renamed(changed)
     return changed
 
@@ -177,14 +195,14 @@ async def _in_transaction_retried(pool: asyncpg.Pool, work: Callable[[asyncpg.Co
     raise AssertionError("unreachable")
 
 
-async def _profile(pool: asyncpg.Pool, owner: str | None, speaker_id: int) -> SpeakerProfile:
-    row = await speakerstore.get_speaker(pool, owner, speaker_id)
+async def _profile(db: jobstore.Db, owner: str | None, speaker_id: int) -> SpeakerProfile:
+    row = await speakerstore.get_speaker(db, owner, speaker_id)
     if row is None:
         raise NotFoundException(detail=f"no speaker with id {speaker_id}")
     prints = [Voiceprint(id=v["id"], embedding_model=v["embedding_model"], speech_s=round(v["speech_s"], 3),
                          source=v["source"], transcript_id=v["source_transcript_id"], label=v["source_label"],
                          created_at=v["created_at"])
-              for v in await speakerstore.speaker_voiceprints(pool, speaker_id)]
+              for v in await speakerstore.speaker_voiceprints(db, speaker_id)]
     return SpeakerProfile(id=row["id"], name=row["name"], voiceprint_count=row["voiceprints"],
                           created_at=row["created_at"], voiceprints=prints)
 
@@ -257,19 +275,28 @@ async def _voice_of_transcript_speaker(conn: asyncpg.Connection, owner: str | No
                                 e422="The sample holds no speech or several voices, or the job's speaker talks"
                                      " too little to be recognised by",
                                 e409="The job to take the voice from is not done, or that job's speaker (or"
-                                     " the sample) is already a voiceprint of another speaker"))
+                                     " the sample) is already a voiceprint of another speaker, or the voice"
+                                     " sounds like another enrolled speaker (named in the answer; `force`"
+                                     " enrols it all the same)"))
 async def enrol(request: Request, state: State) -> Enrolled:
     """Either multipart/form-data with `name` and `file` (5-60 s of one person talking; refused
     with 422 and the reason when it holds no speech or several voices), or JSON
     `{"name": "Anna", "transcript_id": 12, "label": "spk_1"}` (a finished job's speaker). A name
     the key already enrolled gets one more voiceprint. The key's recordings are then matched
-    again: `relabelled` lists those whose names changed."""
+    again: `relabelled` lists those whose names changed.
+
+    A voice that sounds like another of the key's enrolled speakers (at least
+    SPEAKER_MATCH_THRESHOLD alike to one of their voiceprints, as recognition scores it) is
+    refused with 409 naming them: enrolled, it could take that person's name from their
+    recordings (a sample picked by mistake). `force`: `true` (a form field, or in the JSON)
+    enrols it all the same, for a voice that is the named person's after all."""
     owner = request_owner(request)
     content_type = request.headers.get("content-type", "")
     reference = None
     if content_type.startswith("multipart/form-data"):
         form = await request.form()
         name, upload = enrolled_name(form.get("name")), form.get("file")
+        force = _form_flag(form.get("force"), "force")
         if not isinstance(upload, UploadFile):
             raise HTTPException(status_code=400, detail="a multipart enrolment needs a `name` and a `file`"
                                                         " (the sample)")
@@ -279,7 +306,7 @@ async def enrol(request: Request, state: State) -> Enrolled:
             reference = FromTranscript.model_validate_json(await request.body())
         except ValidationError as exc:
             raise invalid(exc, whole="body") from exc
-        name = enrolled_name(reference.name)
+        name, force = enrolled_name(reference.name), reference.force
     else:
         raise HTTPException(status_code=400, detail="send multipart/form-data (name, file) or JSON (name,"
                                                     " transcript_id, label)")
@@ -304,6 +331,20 @@ async def enrol(request: Request, state: State) -> Enrolled:
                 already = f"the voice of {already}"
         if enrolled_as is not None and enrolled_as["id"] != speaker_id:
             raise HTTPException(status_code=409, detail=f"{already} already a voiceprint of {enrolled_as['name']!r}")
+        if enrolled_as is None and not force:
+            # A voice that recognition would give another person's name: their lines in every
+            # recording could become this person's.
+            threshold = state.settings.speaker_match_threshold
+            alike = most_alike(np.asarray(voice.embedding), await speakerstore.other_people_of_voice(
+                conn, owner, speaker_id, voice.model), threshold)
+            if alike is not None:
+                other, similarity = alike
+                voice_of = (f"the voice of {reference.label} of job {reference.transcript_id}" if reference
+                            else "the sample's voice")
+                raise HTTPException(status_code=409, detail=(
+                    f"{voice_of} sounds like {other.name!r} (similarity {similarity:g}, at least"
+                    f" SPEAKER_MATCH_THRESHOLD {threshold:g}): enrolled as {name!r} it could take their name in"
+                    f" their recordings. If it is {name!r}'s voice all the same, send it again with force=true"))
         with job_logged(reference.transcript_id if reference else None):
             if enrolled_as is not None:
                 log.info("speaker %d already has this voiceprint: nothing added", speaker_id)
@@ -314,10 +355,13 @@ async def enrol(request: Request, state: State) -> Enrolled:
                     transcript_id=reference.transcript_id if reference else None,
                     label=reference.label if reference else None)
                 log.info("enrolled a voiceprint for speaker %d (%.1f s of speech)", speaker_id, voice.speech_s)
+        # What the enrolment made, read before it commits: the person may be renamed or forgotten
+        # (DELETE /speakers/{id}) while the recordings below are matched again, and the voiceprint
+        # was saved all the same.
+        profile = await _profile(conn, owner, speaker_id)
     relabelled = await rename_recordings(state.pool, state.settings, owner, await speakerstore.transcripts_near_voice(
         state.pool, owner, voice.embedding, voice.model, state.settings.speaker_match_threshold))
     state.outbox_wake.set()
-    profile = await _profile(state.pool, owner, speaker_id)
     return Enrolled(**profile.model_dump(), relabelled=relabelled)
 
 

@@ -83,6 +83,8 @@ async def submit_recording(state: State, request: Request, stream, filename: str
             lambda key: upload_stream(state.s3, state.settings.audio_bucket, key, stream),
             filename=filename, options=options, owner=request_owner(request), outbox_wake=state.outbox_wake,
             also=add_callback_url if callback_url else None, idempotency=asked)
+    except HTTPException:
+        raise  # create_job's own answer: an expected speaker forgotten while the recording was stored
     except Exception as exc:
         log.exception("could not submit %r", filename)
         raise Unavailable(detail=f"the job could not be queued ({type(exc).__name__}); try again later") from exc
