@@ -10,18 +10,30 @@ import json
 import threading
 import time
 import urllib.parse
+from types import SimpleNamespace
 
+import aio_pika
 import httpx
+import numpy as np
 import pytest
 
 import common.storage
+from common.broker import connect, declare_topology
 from common.db import DATABASE_UNAVAILABLE, create_pool
-from common.messages import TranscriptFailed
+from common.messages import TranscriptCompleted, TranscriptFailed
 from common.settings import Settings
-from common.storage import StoreCallTimedOut, call_in_transaction, ensure_buckets, make_client, pcm_key, stored_size
+from common.storage import (
+    StoreCallTimedOut,
+    call_in_transaction,
+    ensure_buckets,
+    make_client,
+    pcm_key,
+    stored_size,
+    upload_bytes,
+)
 from services.ingest import inbox as inbox_module
-from services.ingest.inbox import BucketEvent, Inbox
-from tests.conftest import Stack, free_port, wait_for_port
+from services.ingest.inbox import INBOX_EVENTS_QUEUE, RESULTS_QUEUE, BucketEvent, Inbox
+from tests.conftest import Stack, amqp_url, free_port, private_vhost, wait_for_port
 
 
 def minio_event(bucket: str, key: str, etag: str, size: int) -> str:
@@ -40,6 +52,22 @@ def minio_event(bucket: str, key: str, etag: str, size: int) -> str:
     }
     return json.dumps({"EventName": "s3:ObjectCreated:CompleteMultipartUpload",
                        "Key": f"{bucket}/{encoded}", "Records": [record]})
+
+
+def minio_removal(bucket: str, key: str) -> str:
+    """The body MinIO publishes for a removed object (where delete events are configured): no
+    ETag, no size."""
+    encoded = urllib.parse.quote_plus(key, safe="/")
+    record = {
+        "eventVersion": "2.0", "eventSource": "minio:s3", "awsRegion": "",
+        "eventTime": "2026-11-25T10:05:00.000Z", "eventName": "s3:ObjectRemoved:Delete",
+        "userIdentity": {"principalId": "minioadmin"},
+        "s3": {"s3SchemaVersion": "1.0", "configurationId": "Config",
+               "bucket": {"name": bucket, "ownerIdentity": {"principalId": "minioadmin"},
+                          "arn": f"arn:aws:s3:::{bucket}"},
+               "object": {"key": encoded, "sequencer": "1830A8E1A1B2C3D5"}},
+    }
+    return json.dumps({"EventName": "s3:ObjectRemoved:Delete", "Key": f"{bucket}/{encoded}", "Records": [record]})
 
 
 async def test_minio_event_makes_exactly_one_job_and_a_result(stack: Stack, fixtures_dir):
@@ -455,3 +483,180 @@ async def test_a_job_ending_raises_a_steps_own_failure_before_a_store_that_did_n
     with pytest.raises(ValueError, match="not a recording"):
         await inbox.on_job_ended(ending)
     assert removed == []  # kept for the retry's redaction
+
+
+async def test_a_minio_exchange_rabbitmq_refuses_keeps_no_job_end_from_being_taken(stack: Stack, made_job, caplog,
+                                                                                  monkeypatch):
+    """MinIO made MINIO_EVENTS_EXCHANGE first, not durable (its default): ingest's declaration of
+    it was refused before either consumer started, so the job ends' consumer was down too, started
+    again and refused for ever; no recording was redacted nor decoded audio removed, uploads' as
+    well. On a fresh vhost, stt.ingest.results was not even bound to stt.events. The job ends are
+    taken; the inbox events' consumer alone says why it waits, and consumes once the exchange is
+    fixed."""
+    from services.ingest import app as ingest_app
+
+    monkeypatch.setattr(inbox_module, "MINIO_EXCHANGE_RETRY_S", 0.5)
+    with private_vhost() as vhost:
+        settings = stack.settings(amqp_url=amqp_url(vhost))
+        admin = await aio_pika.connect_robust(amqp_url(vhost))
+        channel = await admin.channel()
+        await channel.declare_exchange(settings.minio_events_exchange, aio_pika.ExchangeType.TOPIC, durable=False)
+        connection = await connect(settings, "test-refused-minio-exchange")
+        await declare_topology(connection, settings)  # as ingest's start does, before its consumers
+        state = SimpleNamespace(broker_open=asyncio.Event(), connection=connection)
+        state.broker_open.set()
+        pool = await create_pool(settings)
+        s3 = make_client(settings)
+        consuming = asyncio.create_task(ingest_app.consume_until_stopping(
+            state, Inbox(settings, pool, s3, asyncio.Event())))
+        try:
+            deadline = time.monotonic() + 20
+            while await consumers(admin, RESULTS_QUEUE) < 1:
+                assert time.monotonic() < deadline and not consuming.done(), "the job ends were not consumed"
+                await asyncio.sleep(0.2)
+            job_id = made_job("call.wav", b"RIFF the upload as sent", options={"redact": ["phone"]}, segment=True,
+                              due=True)
+            upload_bytes(s3, settings.audio_bucket, pcm_key(job_id), np.full(5 * 16000, 1000, dtype="<i2").tobytes())
+            ended = TranscriptCompleted(job_id=job_id, transcript_id=job_id, filename="call.wav", segment_count=1)
+            events = await channel.get_exchange("stt.events")
+            await events.publish(aio_pika.Message(ended.model_dump_json().encode(), message_id=ended.message_id,
+                                                  delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                                 routing_key=ended.ROUTING_KEY)
+            deadline = time.monotonic() + 60
+            while stored_size(s3, settings.audio_bucket, pcm_key(job_id)) is not None:
+                assert time.monotonic() < deadline and not consuming.done(), "the job's end was not taken"
+                await asyncio.sleep(0.2)
+            assert await pool.fetchval("SELECT audio_redacted_at IS NOT NULL FROM transcripts WHERE id = $1", job_id)
+            assert s3.get_object(settings.audio_bucket, f"uploads/{job_id}").read(4) == b"RIFF"
+            refusals = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"
+                        and f"MINIO_EVENTS_EXCHANGE '{settings.minio_events_exchange}'" in r.getMessage()]
+            assert refusals and "inequivalent arg 'durable'" in refusals[0], refusals
+
+            # Made as MinIO should make it: the inbox events are consumed at the next try.
+            await channel.exchange_delete(settings.minio_events_exchange)
+            deadline = time.monotonic() + 20
+            while await consumers(admin, INBOX_EVENTS_QUEUE) < 1:
+                assert time.monotonic() < deadline and not consuming.done(), "the inbox events were not consumed"
+                await asyncio.sleep(0.2)
+            assert await consumers(admin, RESULTS_QUEUE) == 1
+        finally:
+            consuming.cancel()
+            await asyncio.gather(consuming, return_exceptions=True)
+            await connection.close()
+            await admin.close()
+            await pool.close()
+
+
+async def consumers(connection: aio_pika.abc.AbstractConnection, queue: str) -> int:
+    """How many consumers the queue has; 0 while it is not declared."""
+    channel = await connection.channel()
+    try:
+        return (await channel.declare_queue(queue, passive=True)).declaration_result.consumer_count
+    except aio_pika.exceptions.ChannelNotFoundEntity:
+        return 0
+    finally:
+        if not channel.is_closed:
+            await channel.close()
+
+
+def test_a_result_files_name_over_255_bytes_is_too_long():
+    """MinIO refuses a name between slashes over 255 bytes: a drop named with 251 to 255 bytes
+    ran, and its `.json` could never be written (retried, parked, and a traceback every scan)."""
+    assert inbox_module.result_key_too_long("results/", "calls/" + "x" * 245 + ".flac") is None  # .json: 255
+    for name in ("x" * 246 + ".flac", "x" * 250 + ".flac", "я" * 125 + ".flac"):  # 251, 255, 255 bytes
+        reason = inbox_module.result_key_too_long("results/", f"calls/{name}")
+        assert reason is not None and f"{len(name.encode()) + 5} bytes, over MinIO's 255" in reason, (name, reason)
+    # A prefix without a slash makes the key's first folder longer.
+    assert inbox_module.result_key_too_long("results-", "x" * 250 + "/call.flac") is not None
+    # The whole key's limit is said as before.
+    assert "1034 bytes, over S3's 1024" in inbox_module.result_key_too_long("results/", "calls/" + "x" * 1010 + ".flac")
+
+
+async def test_a_drop_whose_result_files_name_would_be_too_long_is_refused(stack: Stack, fixtures_dir):
+    bucket = f"namebox-{time.monotonic_ns() % 10**9}"
+    key = "calls/" + "x" * 250 + ".flac"  # a name MinIO takes; its result file's is 260 bytes
+    settings = stack.settings(inbox_bucket=bucket)
+    s3 = make_client(settings)
+    ensure_buckets(s3, bucket)
+    pool = await create_pool(settings)
+    job_id = None
+    try:
+        await asyncio.to_thread(s3.fput_object, bucket, key, str(fixtures_dir / "empty.wav"))
+        inbox = Inbox(settings, pool, s3, asyncio.Event())
+        job_id = await inbox.register(key, s3.stat_object(bucket, key).etag.strip('"'))
+        row = await ended(pool, job_id)
+        assert row["status"] == "error" and "key is too long" in row["error"] and "260 bytes" in row["error"], row
+        # Marked written without a try (moto, unlike MinIO, would take the name).
+        assert stored_size(s3, bucket, f"results/{key}.json") is None
+        # Not copied: such a job cannot be rerun.
+        assert stored_size(s3, settings.audio_bucket, f"uploads/{job_id}") is None
+    finally:
+        await discard(stack.api, job_id)
+        await pool.execute("DELETE FROM deleted_drops WHERE source_bucket = $1", bucket)
+        await pool.close()
+        remove_bucket(s3, bucket)
+
+
+async def test_only_an_object_created_event_is_a_drop_and_one_without_an_etag_is_the_object_there(
+        stack: Stack, fixtures_dir):
+    """MinIO's removal events (delete events configured too) carry no ETag: one taken while the key
+    was there again made a job with ETag "", and the put event (or the scan) then a second job of
+    the same object."""
+    bucket, key = f"eventbox-{time.monotonic_ns() % 10**9}", "calls/again.wav"
+    settings = stack.settings(inbox_bucket=bucket)
+    s3 = make_client(settings)
+    ensure_buckets(s3, bucket)
+    pool = await create_pool(settings)
+    rows = []
+    try:
+        await asyncio.to_thread(s3.fput_object, bucket, key, str(fixtures_dir / "empty.wav"))
+        stat = s3.stat_object(bucket, key)
+        inbox = Inbox(settings, pool, s3, asyncio.Event())
+        # Removed and dropped again; the removal's event comes after the new object is there.
+        await inbox.on_event(BucketEvent.model_validate_json(minio_removal(bucket, key)))
+        assert await pool.fetchval("SELECT count(*) FROM transcripts WHERE source_bucket = $1", bucket) == 0
+
+        # A put event without an ETag (another store's) is the object there now: once.
+        await inbox.on_event(BucketEvent.model_validate_json(minio_event(bucket, key, "", stat.size)))
+        await inbox.on_event(BucketEvent.model_validate_json(minio_event(bucket, key, f'"{stat.etag}"', stat.size)))
+        await inbox.reconcile()
+        rows = await pool.fetch("SELECT id, source_etag FROM transcripts WHERE source_bucket = $1", bucket)
+        assert [r["source_etag"] for r in rows] == [stat.etag.strip('"')]
+    finally:
+        await discard(stack.api, *(r["id"] for r in rows))
+        await pool.execute("DELETE FROM deleted_drops WHERE source_bucket = $1", bucket)
+        await pool.close()
+        remove_bucket(s3, bucket)
+
+
+async def test_a_drop_overwritten_before_it_is_taken_is_not_judged_by_the_newer_content(stack: Stack, fixtures_dir):
+    """A small file overwritten by one over MAX_UPLOAD_MB: the small one's event was taken with the
+    big one's size (not copied, so no ETag precondition ran), and a job refused as too large was
+    recorded under the small one's ETag. The newer content's own event makes its job."""
+    bucket, key = f"swapbox-{time.monotonic_ns() % 10**9}", "calls/weekly.flac"
+    settings = stack.settings(inbox_bucket=bucket, max_upload_mb=1)
+    s3 = make_client(settings)
+    ensure_buckets(s3, bucket)
+    pool = await create_pool(settings)
+    job_ids: list[int | None] = []
+    try:
+        await asyncio.to_thread(s3.fput_object, bucket, key, str(fixtures_dir / "empty.wav"))
+        small = s3.stat_object(bucket, key)
+        await asyncio.to_thread(s3.fput_object, bucket, key, str(fixtures_dir / "jfk.flac"))  # 1.1 MB
+        big = s3.stat_object(bucket, key)
+        inbox = Inbox(settings, pool, s3, asyncio.Event())
+        job_ids.append(await inbox.register(key, small.etag.strip('"')))
+        assert job_ids == [None]
+        assert await pool.fetchval("SELECT count(*) FROM transcripts WHERE source_bucket = $1", bucket) == 0
+
+        await inbox.on_event(BucketEvent.model_validate_json(minio_event(bucket, key, f'"{big.etag}"', big.size)))
+        rows = await pool.fetch("SELECT id, source_etag FROM transcripts WHERE source_bucket = $1", bucket)
+        job_ids.extend(r["id"] for r in rows)
+        assert [r["source_etag"] for r in rows] == [big.etag.strip('"')]
+        row = await ended(pool, rows[0]["id"])
+        assert row["status"] == "error" and "MAX_UPLOAD_MB (1 MB)" in row["error"], row
+    finally:
+        await discard(stack.api, *job_ids)
+        await pool.execute("DELETE FROM deleted_drops WHERE source_bucket = $1", bucket)
+        await pool.close()
+        remove_bucket(s3, bucket)

@@ -8,6 +8,7 @@ removed."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.errors
 import email.header
 import itertools
@@ -16,14 +17,22 @@ from collections.abc import Awaitable, Mapping
 from urllib.parse import unquote_plus
 
 import aio_pika
+import aiormq
 import asyncpg
 from minio import Minio
 from minio.commonconfig import CopySource
 from minio.error import S3Error
 from pydantic import BaseModel, Field, ValidationError
 
-from common import jobstore, speakerstore
-from common.broker import EVENTS_EXCHANGE, Route, consume, declare_queue, stage_queue_arguments
+from common import jobstore, runner, speakerstore
+from common.broker import (
+    EVENTS_EXCHANGE,
+    Route,
+    _plain_channel,
+    consume,
+    declare_queue,
+    stage_queue_arguments,
+)
 from common.db import DATABASE_UNAVAILABLE, LockKey, every
 from common.logs import job_logged
 from common.messages import JobOptions, TranscriptCompleted, TranscriptFailed
@@ -54,6 +63,9 @@ SCAN_PAGE = 1000
 # S3's longest key, in UTF-8 bytes: a drop whose result file's key is longer is refused, since
 # that file could never be written (every scan would try again).
 MAX_KEY_BYTES = 1024
+# MinIO's longest name between two slashes of a key (its objects are files, under folders), in
+# UTF-8 bytes: a longer one is refused likewise.
+MAX_SEGMENT_BYTES = 255
 
 
 # The S3 event document MinIO publishes (only the fields used here).
@@ -83,6 +95,12 @@ class BucketEvent(BaseModel):
 
 def _clean_etag(etag: str | None) -> str:
     return (etag or "").strip('"')
+
+
+def is_object_created(event_name: str) -> bool:
+    """An object put, copied or uploaded in parts: `s3:ObjectCreated:*` (MinIO; S3 names them
+    without `s3:`). Other events (`s3:ObjectRemoved:Delete`...) are no drop."""
+    return event_name.removeprefix("s3:").startswith("ObjectCreated:")
 
 
 USER_METADATA = "x-amz-meta-"
@@ -145,10 +163,55 @@ async def _newer_results_written(conn: asyncpg.Connection, bucket: str, key: str
         " AND source_key = $2 AND id > $3 AND result_written)", bucket, key, job_id)
 
 
-def result_key_too_long(results_prefix: str, key: str) -> int | None:
-    """The length in bytes of the key's longest result file key, when S3 would refuse it."""
-    longest = max(len(k.encode()) for k in result_keys(results_prefix, key).values())
-    return longest if longest > MAX_KEY_BYTES else None
+def result_key_too_long(results_prefix: str, key: str) -> str | None:
+    """Why the store would refuse one of the key's result file keys (None: it would not)."""
+    keys = result_keys(results_prefix, key).values()
+    longest = max(len(k.encode()) for k in keys)
+    if longest > MAX_KEY_BYTES:
+        return f"its result file's key would be {longest} bytes, over S3's {MAX_KEY_BYTES}"
+    # The drop's own name may be up to 255 bytes: `.json` makes one of 251 to 255 bytes too long.
+    segment = max(len(part.encode()) for k in keys for part in k.split("/"))
+    if segment > MAX_SEGMENT_BYTES:
+        return (f"its result file's name would be {segment} bytes, over MinIO's {MAX_SEGMENT_BYTES} for a name"
+                " between slashes")
+    return None
+
+
+async def declare_results_queue(connection: aio_pika.abc.AbstractRobustConnection,
+                                channel: aio_pika.abc.AbstractChannel, settings: Settings) -> None:
+    """stt.ingest.results, bound to the job endings on stt.events (declare_queues)."""
+    await declare_queue(connection, RESULTS_QUEUE, stage_queue_arguments("ingest", settings))
+    stt_events = await channel.get_exchange(EVENTS_EXCHANGE)
+    results_queue = await channel.declare_queue(RESULTS_QUEUE, passive=True, robust=False)
+    for routing_key in (TranscriptCompleted.ROUTING_KEY, TranscriptFailed.ROUTING_KEY):
+        await results_queue.bind(stt_events, routing_key, robust=False)
+
+
+# What RabbitMQ answers when MINIO_EVENTS_EXCHANGE cannot be declared as ingest declares it (it
+# exists as another kind: MinIO made it first, not durable, or not a topic exchange; no configure
+# permission on it; a reserved amq.* name RabbitMQ has no exchange of), or the inbox-events queue
+# not bound to it.
+MINIO_EXCHANGE_REFUSED = (aiormq.exceptions.ChannelPreconditionFailed, aiormq.exceptions.ChannelAccessRefused,
+                          aiormq.exceptions.ChannelNotFoundEntity)
+# How often the inbox-events consumer tries again to declare an exchange RabbitMQ refused.
+MINIO_EXCHANGE_RETRY_S = 30.0
+
+
+async def declare_inbox_events_queue(connection: aio_pika.abc.AbstractRobustConnection, settings: Settings) -> None:
+    """stt.ingest.inbox-events, bound to MINIO_EVENTS_EXCHANGE (a durable topic exchange, declared
+    unless it exists so: MinIO publishes to it). On a channel of its own, not restored by aio-pika
+    (common.broker._plain_channel), since the broker closes the channel of a refused declaration
+    (MINIO_EXCHANGE_REFUSED, raised)."""
+    await declare_queue(connection, INBOX_EVENTS_QUEUE, stage_queue_arguments("ingest", settings))
+    channel = await _plain_channel(connection)
+    try:
+        minio_events = await channel.declare_exchange(settings.minio_events_exchange, aio_pika.ExchangeType.TOPIC,
+                                                      durable=True)
+        inbox_queue = await channel.declare_queue(INBOX_EVENTS_QUEUE, passive=True)
+        await inbox_queue.bind(minio_events, settings.minio_events_routing_key)
+    finally:
+        if not channel.is_closed:
+            await channel.close()
 
 
 async def declare_queues(connection: aio_pika.abc.AbstractRobustConnection, channel: aio_pika.abc.AbstractChannel,
@@ -159,17 +222,10 @@ async def declare_queues(connection: aio_pika.abc.AbstractRobustConnection, chan
     RabbitMQ 4 would drop it at its default limit of 20. A queue an earlier version made without
     them is used as it is (common.broker.declare_queue). Declared and bound without aio-pika's
     restoring, as common.broker.declare_topology does (a queue deleted meanwhile would fail every
-    reconnection); a consumer whose queue went declares them again when it starts again."""
-    for name in (INBOX_EVENTS_QUEUE, RESULTS_QUEUE):
-        await declare_queue(connection, name, stage_queue_arguments("ingest", settings))
-    minio_events = await channel.declare_exchange(settings.minio_events_exchange, aio_pika.ExchangeType.TOPIC,
-                                                  durable=True)
-    inbox_queue = await channel.declare_queue(INBOX_EVENTS_QUEUE, passive=True, robust=False)
-    await inbox_queue.bind(minio_events, settings.minio_events_routing_key, robust=False)
-    stt_events = await channel.get_exchange(EVENTS_EXCHANGE)
-    results_queue = await channel.declare_queue(RESULTS_QUEUE, passive=True, robust=False)
-    for routing_key in (TranscriptCompleted.ROUTING_KEY, TranscriptFailed.ROUTING_KEY):
-        await results_queue.bind(stt_events, routing_key, robust=False)
+    reconnection); a consumer whose queue went declares them again when it starts again. Each
+    consumer declares its own (Inbox._consume): the job ends' must not wait on MinIO's exchange."""
+    await declare_results_queue(connection, channel, settings)
+    await declare_inbox_events_queue(connection, settings)
 
 
 class Inbox:
@@ -200,14 +256,27 @@ class Inbox:
                 raise
             log.info("bucket drop %s/%s was removed before it was taken; nothing to do", bucket, key)
             return None
+        current = _clean_etag(stat.etag)
+        if etag and current != etag:
+            # Overwritten since it was announced or listed: the new content is a drop of its own,
+            # taken by its own event or the scan. Judged here (its size, its metadata), it would
+            # be refused or run under the old content's identity.
+            log.info("bucket drop %s/%s changed before it was taken (ETag %s, now %s); nothing to do", bucket, key,
+                     etag, current)
+            return None
+        if not etag:
+            # Announced without one: the content there now is the drop.
+            etag = current
+            if await jobstore.drop_is_known(self.pool, bucket, key, etag):
+                return None
         # As an upload's: the diarizer reads the whole recording to its /tmp.
         too_big = stat.size is not None and stat.size > self.settings.max_upload_bytes
+        too_long = None if too_big else result_key_too_long(self.settings.results_prefix, key)
         refused = None
         if too_big:
             refused = f"the object exceeds MAX_UPLOAD_MB ({self.settings.max_upload_mb} MB)"
-        elif too_long := result_key_too_long(self.settings.results_prefix, key):
-            refused = (f"the object's key is too long: its result file's key would be {too_long} bytes,"
-                       f" over S3's {MAX_KEY_BYTES}")
+        elif too_long:
+            refused = f"the object's key is too long: {too_long}"
         try:
             options = drop_options(stat.metadata)
         except ValueError as exc:
@@ -229,8 +298,8 @@ class Inbox:
             refused = unknown_speakers(unknown)
 
         def copy(audio_key: str) -> None:
-            if too_big:
-                return  # not kept: a rerun of the job would run it past the limit
+            if too_big or too_long:
+                return  # not kept: a rerun of the job would run past the limit, or again with no result file
             # Only the version this job is made for: an object overwritten meanwhile is a new
             # drop (new ETag), not this job under the old identity.
             self.s3.copy_object(self.settings.audio_bucket, audio_key,
@@ -278,8 +347,14 @@ class Inbox:
     async def on_event(self, event: BucketEvent) -> None:
         for record in event.Records:
             key = unquote_plus(record.s3.object.key)
-            if record.s3.bucket.name == self.settings.inbox_bucket and self.is_input(key):
-                await self.register(key, _clean_etag(record.s3.object.eTag))
+            if record.s3.bucket.name != self.settings.inbox_bucket or not self.is_input(key):
+                continue
+            if not is_object_created(record.eventName):
+                # A removal (which names no ETag) or a restore is no drop; the event is acked.
+                log.info("bucket event %s of %s/%s is no new object; nothing to do", record.eventName or "(unnamed)",
+                         record.s3.bucket.name, key)
+                continue
+            await self.register(key, _clean_etag(record.s3.object.eTag))
 
     async def reconcile(self) -> None:
         """List the inbox for objects no event announced, and write missing result files."""
@@ -430,18 +505,40 @@ class Inbox:
     async def _consume(self, connection: aio_pika.abc.AbstractRobustConnection,
                        channel: aio_pika.abc.AbstractChannel) -> None:
         job_ended = [Route(TranscriptCompleted, self.on_job_ended), Route(TranscriptFailed, self.on_job_ended)]
-        await declare_queues(connection, channel, self.settings)
+        # Not MinIO's exchange: one RabbitMQ refuses must not keep job ends from being taken.
+        await declare_results_queue(connection, channel, self.settings)
         # One stopping stops the other, so that both start again together (not a second copy of one).
         async with asyncio.TaskGroup() as group:
-            group.create_task(cancelled_inside_as_an_error(consume(
-                connection, self.settings, "ingest", [Route(BucketEvent, self.on_event, any_routing_key=True)],
-                queue_name=INBOX_EVENTS_QUEUE, wait_on=(*DATABASE_UNAVAILABLE, *STORAGE_UNAVAILABLE))))
+            group.create_task(cancelled_inside_as_an_error(self._consume_inbox_events(connection)))
             # An ending's redaction and the decoded audio's removal are never tried again later
             # (the result files are, by the scan): through a database or object-store outage the
             # message waits for it.
             group.create_task(cancelled_inside_as_an_error(consume(
                 connection, self.settings, "ingest", job_ended, queue_name=RESULTS_QUEUE,
                 wait_on=(*DATABASE_UNAVAILABLE, *STORAGE_UNAVAILABLE))))
+
+    async def _consume_inbox_events(self, connection: aio_pika.abc.AbstractRobustConnection) -> None:
+        """MinIO's bucket events, once their queue is bound to MINIO_EVENTS_EXCHANGE. While
+        RabbitMQ refuses that exchange, an error every MINIO_EXCHANGE_RETRY_S says why, and the
+        job ends are taken meanwhile (their consumer runs beside this); the scan finds the drops."""
+        stopping = runner.stopping()
+        while True:
+            try:
+                await declare_inbox_events_queue(connection, self.settings)
+                break
+            except MINIO_EXCHANGE_REFUSED as exc:
+                log.error("bucket drops' events are not taken: RabbitMQ refused MINIO_EVENTS_EXCHANGE %r as a durable"
+                          " topic exchange bound to %s (%s: %s). Make it one (MinIO's"
+                          " MINIO_NOTIFY_AMQP_DURABLE=on, EXCHANGE_TYPE=topic; delete the exchange it made), or let"
+                          " ingest's RabbitMQ user configure it; tried again in %g s. Job ends are taken meanwhile,"
+                          " and the inbox scan finds new drops every %g s", self.settings.minio_events_exchange,
+                          INBOX_EVENTS_QUEUE, type(exc).__name__, exc, MINIO_EXCHANGE_RETRY_S,
+                          self.settings.inbox_scan_interval_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), MINIO_EXCHANGE_RETRY_S)
+                return  # the process is stopping
+        await consume(connection, self.settings, "ingest", [Route(BucketEvent, self.on_event, any_routing_key=True)],
+                      queue_name=INBOX_EVENTS_QUEUE, wait_on=(*DATABASE_UNAVAILABLE, *STORAGE_UNAVAILABLE))
 
 
 class CancelledInside(Exception):
