@@ -288,7 +288,17 @@ def test_card_and_phone_numbers_and_addresses_are_hidden_when_asked(stack, brows
     }''', recording)
     assert cancelled == [True, True]
     page.locator("#upload-status", has_text="billing_call.flac accepted as job").wait_for(timeout=60_000)
+    # Opened as it runs, its recording (the upload, with the numbers audible) is not played: the
+    # redacted copy is, once the job is done.
+    job_id = page.locator("#transcript").get_attribute("data-job")
+    asked: list[int] = []
+    page.on("request", lambda request: asked.append(1) if f"/transcripts/{job_id}/audio" in request.url else None)
+    page.locator("#audio-status", has_text="plays once the transcript is done").wait_for(timeout=30_000)
+    assert not asked and page.locator("#player").get_attribute("src") is None
     page.locator('#transcript[data-ended="true"]').wait_for(timeout=300_000)
+    page.wait_for_function("document.querySelector('#player').readyState >= HTMLMediaElement.HAVE_METADATA",
+                           timeout=60_000)
+    assert page.locator("#audio-status").is_hidden(), page.locator("#audio-status").inner_text()
     said = " ".join(page.locator("#segments .segment .text").all_inner_texts())
     assert "[CARD]" in said and "[PHONE]" in said, said
     # The e-mail address comes in the second voice's part, which starts mid-number: Whisper may
@@ -1020,3 +1030,203 @@ def test_a_recording_still_being_redacted_plays_once_it_is(stack, browser, made_
 
     plays_once_redacted(None)  # the audio element streams it
     plays_once_redacted("any-key-the-server-does-not-ask-for")  # fetched with the key
+
+
+def test_a_job_opened_while_it_runs_plays_its_redacted_copy_once_it_ends(stack, browser, made_job):
+    """A job opened while it runs (an upload opens its own) that is redacted as it ends: the page
+    plays the redacted copy, never the upload it had before. A job that asked for redaction is not
+    played while it runs (what is stored then is the upload, with what will be hidden audible); one
+    that did not ask is (the transcriber's REDACT may redact it all the same) and is loaded again
+    once it ends. Streamed by the audio element (no key) and fetched with a key alike. The jobs are
+    made by hand and ended in the database, as the persister ends them."""
+    from common.storage import upload_bytes
+    from tests.audio_files import wav
+
+    s3, bucket = stack.s3(), stack.settings().audio_bucket
+    uploaded = wav(np.full(32_000, 0.1, dtype=np.float32))  # 2 s
+    redacted_copy = wav(np.zeros(16_000, dtype=np.float32))  # 1 s
+
+    def opened_running(key: str | None, options: dict) -> tuple:
+        job_id = made_job("call.wav", uploaded, options=options, status="processing")
+        page = browser.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        if key:
+            page.add_init_script(f"sessionStorage.setItem('stt-api-key', '{key}')")
+        asked: list[int] = []
+        recording = re.compile(rf"/transcripts/{job_id}/audio(\?|$)")
+        page.on("response", lambda response: asked.append(response.status) if recording.search(response.url) else None)
+        page.goto(stack.api + "/")
+        page.locator(f'#jobs li[data-job="{job_id}"][data-status="processing"]').wait_for(timeout=30_000)
+        page.evaluate(f"openTranscript({job_id})")
+        return job_id, page, asked, errors
+
+    def ends_and_is_redacted(job_id: int, page, asked: list[int], errors: list[str], key: str | None) -> None:
+        stack.query("UPDATE transcripts SET status = 'done', stage = 'done', progress = 1, completed_at = now(),"
+                    " audio_redaction_due = true WHERE id = $1", job_id)
+        page.locator('#transcript[data-ended="true"]').wait_for(timeout=30_000)
+        wait_until(page, lambda: 503 in asked, "the page never asked for the recording again as the job ended")
+        upload_bytes(s3, bucket, f"uploads/{job_id}", redacted_copy)
+        stack.query("UPDATE transcripts SET audio_redacted_at = now(), audio_redaction_due = false WHERE id = $1",
+                    job_id)
+        page.wait_for_function("Math.abs(document.querySelector('#player').duration - 1) < 0.1", timeout=30_000)
+        assert page.evaluate("document.querySelector('#player').src.startsWith('blob:')") == bool(key)
+        assert page.locator("#audio-status").is_hidden(), page.locator("#audio-status").inner_text()
+        assert errors == []
+        page.close()
+
+    for key in (None, "any-key-the-server-does-not-ask-for"):
+        # Redaction asked: nothing played (nor asked for) while it runs, and the page says when it plays.
+        job_id, page, asked, errors = opened_running(key, {"redact": ["card"]})
+        page.locator("#audio-status", has_text="plays once the transcript is done").wait_for(timeout=30_000)
+        page.wait_for_timeout(1500)
+        assert asked == [] and page.locator("#player").get_attribute("src") is None, asked
+        ends_and_is_redacted(job_id, page, asked, errors, key)
+        # None asked: the upload plays while it runs; the redacted copy once it has ended.
+        job_id, page, asked, errors = opened_running(key, {})
+        page.wait_for_function("Math.abs(document.querySelector('#player').duration - 2) < 0.1", timeout=30_000)
+        ends_and_is_redacted(job_id, page, asked, errors, key)
+
+
+def test_a_recording_being_redacted_for_long_is_asked_for_until_it_plays(stack, browser, made_job):
+    """The recording of a job just done answers 503 "being redacted" for longer than a few tries
+    (ingest busy, the store slow): the page keeps asking, less often, says why after a while, and
+    plays it once it is there. Streamed by the audio element (no key) and fetched with a key alike."""
+    from tests.audio_files import wav
+
+    job_id = made_job("call.wav", wav(np.zeros(16_000, dtype=np.float32)), redacted=True)
+
+    def plays_after(key: str | None, tries: int) -> None:
+        page = browser.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        if key:
+            page.add_init_script(f"sessionStorage.setItem('stt-api-key', '{key}')")
+        refused: list[str | None] = []  # the Range asked for (the page's own look at why: bytes=0-0)
+
+        def being_redacted(route) -> None:
+            # `tries` loads refused; streamed, each load's look at why too (it is asked at once)
+            tried = [r for r in refused if r != "bytes=0-0"]
+            why = route.request.headers.get("range") == "bytes=0-0"
+            if (len(refused) - len(tried) < len(tried)) if why else (len(tried) < tries):
+                refused.append(route.request.headers.get("range"))
+                route.fulfill(status=503, headers={"Retry-After": "1", "Cache-Control": "no-store"},
+                              json={"detail": f"the recording of job {job_id} is being redacted;"
+                                              " try again in a few seconds"})
+            else:
+                route.continue_()
+
+        page.route(re.compile(rf"/transcripts/{job_id}/audio(\?|$)"), being_redacted)
+        page.goto(stack.api + "/")
+        page.evaluate(f"openTranscript({job_id})")
+        page.locator("#audio-status", has_text="still being redacted").wait_for(timeout=60_000)
+        page.wait_for_function("document.querySelector('#player').readyState >= HTMLMediaElement.HAVE_METADATA",
+                               timeout=60_000)
+        assert len([r for r in refused if r != "bytes=0-0"]) == tries, refused
+        assert page.locator("#audio-status").is_hidden(), page.locator("#audio-status").inner_text()
+        assert errors == []
+        page.close()
+
+    plays_after(None, 9)  # the audio element streams it
+    plays_after("any-key-the-server-does-not-ask-for", 9)  # fetched with the key
+
+
+def test_files_chosen_under_one_key_are_sent_under_it_after_another_is_entered(keyed_stack, fixtures_dir, browser,
+                                                                             tmp_path):
+    """Files chosen under one API key wait their turn while another is entered (another user at the
+    same browser): they are still sent under the first key (its jobs), and the page, showing the
+    second key's recordings now, neither lists nor opens them."""
+    stack = keyed_stack
+    tag = uuid.uuid4().hex[:6]
+    names = [f"first_{tag}.wav", f"second_{tag}.wav"]
+    for name in names:
+        shutil.copy(fixtures_dir / "empty.wav", tmp_path / name)
+    client = httpx.Client(headers={"X-API-Key": KEY}, timeout=30)
+    page = browser.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    sent: list[str | None] = []
+    held: list = []
+
+    def first_held(route) -> None:
+        sent.append(route.request.headers.get("x-api-key"))
+        if held:
+            route.continue_()
+        else:
+            held.append(route)
+
+    page.route(re.compile(r"/recognize$"), first_held)
+    try:
+        page.goto(stack.api + "/")
+        page.fill("#api-key", KEY)
+        page.get_by_role("button", name="Use key").click()
+        page.set_input_files("#file", [str(tmp_path / name) for name in names])
+        page.get_by_role("button", name="Transcribe").click()
+        wait_until(page, lambda: held, "the page never sent the first file")
+        page.fill("#api-key", OTHER_KEY)
+        page.get_by_role("button", name="Use key").click()
+        held[0].continue_()
+        status = page.locator("#upload-status")
+        status.filter(has_text=f"{names[1]} accepted as job").wait_for(timeout=60_000)
+        assert sent == [KEY, KEY], sent
+        listed = {key: {job["filename"] for job in httpx.get(f"{stack.api}/transcripts?limit=100", timeout=30,
+                                                             headers={"X-API-Key": key}).json()["items"]}
+                  for key in (KEY, OTHER_KEY)}
+        assert set(names) <= listed[KEY] and not set(names) & listed[OTHER_KEY], listed
+        page.wait_for_timeout(500)
+        assert [page.locator("#jobs li", has_text=name).count() for name in names] == [0, 0]
+        assert page.locator("#transcript").is_hidden()
+        assert errors == []
+    finally:
+        page.close()
+        for job in client.get(f"{stack.api}/transcripts?limit=100").json()["items"]:
+            if job["filename"] in names:
+                stack.wait_finished(job["id"], client=client)
+                client.delete(f"{stack.api}/transcripts/{job['id']}")
+        client.close()
+
+
+def test_with_api_keys_an_upload_with_redaction_plays_its_redacted_copy(keyed_stack, browser):
+    """An upload opens as it runs; with API keys the page fetches the recording and keeps it. With
+    redaction asked, it is not fetched while the job runs (the upload, the card number audible,
+    is what is stored then): once the job is done, the redacted copy is what plays."""
+    import hashlib
+
+    stack = keyed_stack
+    client = httpx.Client(headers={"X-API-Key": KEY}, timeout=60)
+    page = browser.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.add_init_script(f"sessionStorage.setItem('stt-api-key', '{KEY}')")
+    page.goto(stack.api + "/")
+    page.get_by_label("Hide card and phone numbers, e-mail addresses").check()
+    page.set_input_files("#file", str(ROOT / "tests" / "data" / "billing_call.flac"))
+    page.get_by_role("button", name="Transcribe").click()
+    status = page.locator("#upload-status")
+    status.filter(has_text="billing_call.flac accepted as job").wait_for(timeout=60_000)
+    job_id = int(re.search(r"job (\d+)", status.inner_text())[1])
+    try:
+        page.locator("#audio-status", has_text="plays once the transcript is done").wait_for(timeout=30_000)
+        assert page.locator("#player").get_attribute("src") is None
+        page.locator('#transcript[data-ended="true"]').wait_for(timeout=300_000)
+        page.wait_for_function("document.querySelector('#player').src.startsWith('blob:')"
+                               " && document.querySelector('#player').readyState >= HTMLMediaElement.HAVE_METADATA",
+                               timeout=60_000)
+        played = page.evaluate("fetch(document.querySelector('#player').src).then((r) => r.arrayBuffer())"
+                               ".then((b) => crypto.subtle.digest('SHA-256', b)).then((d) => Array.from("
+                               "new Uint8Array(d), (x) => x.toString(16).padStart(2, '0')).join(''))")
+        stored = client.get(f"{stack.api}/transcripts/{job_id}/audio")
+        assert stored.status_code == 200 and stored.headers["content-type"] == "audio/wav"  # the redacted copy
+        assert played == hashlib.sha256(stored.content).hexdigest()
+        card = page.locator("#segments .segment", has_text="[CARD]").first
+        start = float(card.get_attribute("data-start"))
+        card.click()
+        position = page.evaluate("document.querySelector('#player').currentTime")
+        assert abs(position - start) < 0.5, (position, start)
+        assert page.locator("#audio-status").is_hidden(), page.locator("#audio-status").inner_text()
+        assert errors == []
+    finally:
+        page.close()
+        stack.wait_finished(job_id, client=client)
+        client.delete(f"{stack.api}/transcripts/{job_id}")
+        client.close()

@@ -825,3 +825,21 @@ def test_cantonese_among_the_languages_asked_for_is_found_on_a_model_without_it(
     # large-v3 knows Cantonese: its own probability counts, not Chinese's.
     with_yue = model(("zh", 0.5), ("yue", 0.15), ("en", 0.35))
     assert detect_language(with_yue, speech, among=["yue", "en"]) == "en"
+
+
+def test_words_added_between_two_words_that_overlap_in_time_do_not_end_before_they_start():
+    """Whisper's words overlap now and then (one ends after the next starts): a word added between
+    two such took the "pause" from the first's end back to the second's start, and ended before it
+    started."""
+    from services.ingest.corrections import retimed_words
+
+    overlapping = [{"word": " a", "start": 1.0, "end": 2.0}, {"word": " b", "start": 1.5, "end": 2.5}]
+    words = retimed_words(overlapping, "a new b", 0.0, 3.0)
+    assert [(w.word, w.start, w.end) for w in words] == [("a", 1.0, 2.0), ("new", 1.5, 1.5), ("b", 1.5, 2.5)]
+    # Words written in place of others whose times run backwards (the last ends before the first
+    # starts) do not either.
+    backwards = [{"word": " x", "start": 0.0, "end": 0.5}, {"word": " y", "start": 2.0, "end": 3.0},
+                 {"word": " z", "start": 1.0, "end": 1.5}, {"word": " w", "start": 3.0, "end": 3.5}]
+    for text in ("a new b", "x p q r w", "x p y z q w", "p x w"):
+        for word in retimed_words(overlapping if text == "a new b" else backwards, text, 0.0, 4.0):
+            assert word.start <= word.end, (text, word)

@@ -88,6 +88,7 @@ def _in_place_of(new: list[str], replaced: list[Word], between: tuple[float, flo
     if len(new) == len(replaced):
         return [w if w.word == word else Word(word=word, start=w.start, end=w.end) for word, w in zip(new, replaced)]
     first, last = (replaced[0].start, replaced[-1].end) if replaced else between
+    last = max(first, last)  # (words that overlap in time: none of the new ends before it starts)
     weights = [len(word) + 1 for word in new]
     out, at = [], first
     for word, weight in zip(new, weights):
@@ -129,7 +130,9 @@ def retimed_words(words: list[dict], text: str, start: float, end: float) -> lis
             at += 1
             continue
         k, at = kept[at]
-        pause = (old[previous].end if previous >= 0 else min(start, old[k].start), old[k].start)
+        # Two kept words may overlap in time (the earlier ending after the next starts): the
+        # words between them then take no time, at the next one's start.
+        pause = (min(old[previous].end if previous >= 0 else start, old[k].start), old[k].start)
         out += _in_place_of(written, old[previous + 1:k], pause) + [old[k]]
         written, previous = [], k
     pause_start = old[previous].end if previous >= 0 else start

@@ -23,7 +23,7 @@ from minio.error import S3Error
 
 from common import jobstore
 from common.logs import job_logged
-from common.storage import is_missing, read_range
+from common.storage import STORAGE_UNAVAILABLE, is_missing, read_range
 from services.ingest.auth import request_owner
 from services.ingest.errors import error_responses
 from services.ingest.redacted_audio import REDACTION_RETRY_AFTER_S
@@ -50,13 +50,19 @@ def byte_range(header: str | None, size: int) -> tuple[int, int] | None:
     also for a header this does not serve (another unit, several ranges, a malformed or inverted
     one), which HTTP lets a server ignore (RFC 9110, 14.2). 416 for a range past the end."""
     match = RANGE.fullmatch(header.strip()) if header else None
-    if match is None or match[1] == match[2] == "" or (match[1] and match[2] and int(match[2]) < int(match[1])):
+    if match is None:
         return None
-    if match[1] == "":
-        first, last = max(0, size - int(match[2])), size - 1
+    try:
+        start, end = (int(match[1]) if match[1] else None), (int(match[2]) if match[2] else None)
+    except ValueError:  # a number of more digits than int() reads (4300): ignored too, not a 500
+        return None
+    if (start is None and end is None) or (start is not None and end is not None and end < start):
+        return None
+    if start is None:
+        first, last = max(0, size - end), size - 1
     else:
-        first = int(match[1])
-        last = min(int(match[2]), size - 1) if match[2] else size - 1
+        first = start
+        last = min(end, size - 1) if end is not None else size - 1
     if first >= size or last < first:
         raise RangeNotSatisfiable(detail=f"the recording has {size} bytes",
                                   headers={"Content-Range": f"bytes */{size}"})
@@ -98,7 +104,7 @@ def if_range_holds(header: str | None, etag: str, last_modified: datetime | None
         return bool(etag) and value == f'"{etag}"'
     try:
         date = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):  # a year past what a datetime holds: not a date
         return False
     return (last_modified is not None and date.tzinfo is not None
             and date == last_modified.astimezone(UTC).replace(microsecond=0))
@@ -130,6 +136,15 @@ def _read(s3: Minio, bucket: str, key: str, etag: str, offset: int, last: int) -
     return piece
 
 
+def _why_broken_off(exc: BaseException) -> str:
+    if isinstance(exc, RecordingChanged):
+        return "the recording was replaced meanwhile"
+    if isinstance(exc, S3Error):
+        return ("the recording was removed meanwhile" if is_missing(exc)
+                else f"the object store answered {exc.code}")
+    return f"the object store could not be reached ({type(exc).__name__})"
+
+
 async def _pieces(state: State, job_id: int, key: str, etag: str, opening: bytes, first: int,
                   last: int) -> AsyncIterator[bytes]:
     yield opening
@@ -137,12 +152,14 @@ async def _pieces(state: State, job_id: int, key: str, etag: str, opening: bytes
     while offset <= last:
         try:
             piece = await asyncio.to_thread(_read, state.s3, state.settings.audio_bucket, key, etag, offset, last)
-        except RecordingChanged as exc:
+        except (RecordingChanged, S3Error, *STORAGE_UNAVAILABLE) as exc:
             # Replaced (by its redacted copy) or rewritten since the answer began: what is left of
-            # the body would be another file's bytes. Breaking off the answer (shorter than its
-            # Content-Length) tells the player to ask again; this line says why, and no traceback.
+            # the body would be another file's bytes. Removed (DELETE, retention), or the store
+            # gone or answering with an error of its own: there is no more of it. The status went
+            # out with the first piece: breaking off the answer (shorter than its Content-Length)
+            # tells the player to ask again; this line says why, and no traceback.
             with job_logged(job_id):
-                log.info("playback broken off at byte %d: the recording was replaced meanwhile", offset)
+                log.info("playback broken off at byte %d: %s", offset, _why_broken_off(exc))
             raise AnswerBrokenOff(str(exc)) from None
         yield piece
         offset += len(piece)

@@ -13,6 +13,7 @@ const state = {
   shown: new Map(),  // the open transcript's segments on the page, by `renderSegment`'s key
   uploading: 0, jobsStream: null, jobsRetry: null, jobsCursor: null, jobsListed: false, audioLoads: 0,
   audioRetries: 0,  // of the recording now loading, after a 503
+  audioAgainAtEnd: null,  // the job whose recording is loaded (again) when it ends: it may be redacted then
   pendingSeek: null, peopleRetry: null,
   jobEventAt: new Map(),  // when /events last told of each job (performance.now())
   openedByUploads: new Set(),  // jobs an upload opened, not the user
@@ -282,14 +283,14 @@ function uploadForm(file) {
 const UPLOAD_STALLED_MS = 60_000;
 
 // One send of a prepared upload; `key`, the same on every send of one file, makes a resend after
-// a lost answer give back the job the first made instead of a second one.
-function upload({ file, form, key }) {
+// a lost answer give back the job the first made instead of a second one. It is sent with the API
+// key in use when the file was chosen (`owner`), whatever key was entered since: its job is theirs.
+function upload({ file, form, key, owner }) {
   return new Promise((resolve, reject) => {
     const request = new XMLHttpRequest();
     request.open("POST", "/recognize");
-    for (const [name, value] of Object.entries(authHeaders({ "Idempotency-Key": key }))) {
-      request.setRequestHeader(name, value);
-    }
+    request.setRequestHeader("Idempotency-Key", key);
+    if (owner) request.setRequestHeader("X-API-Key", owner);
     const bar = $("#upload-progress");
     bar.hidden = false;
     bar.value = 0;
@@ -338,10 +339,12 @@ async function uploadWaitingOutBusy(prepared, status) {
 
 // While files upload, "Transcribe" is off (a second click would send them again); once all are
 // sent the file choice is cleared and the bar goes away. Files dropped meanwhile wait their turn
-// (one progress bar, one status line), with the options the form had when they were dropped.
+// (one progress bar, one status line), with the options the form had when they were dropped, and
+// the API key in use then: another key entered meanwhile (another user's) never makes their jobs.
 let uploads = Promise.resolve();
 function uploadAll(files) {
-  const prepared = files.map((file) => ({ file, form: uploadForm(file), key: requestKey() }));
+  const owner = apiKey();
+  const prepared = files.map((file) => ({ file, form: uploadForm(file), key: requestKey(), owner }));
   const openWhenSent = state.open;
   uploads = uploads.catch(() => { /* told on the page */ }).then(() => uploadBatch(prepared, openWhenSent));
   return uploads;
@@ -387,6 +390,12 @@ async function uploadBatch(files, openWhenSent) {
       status.textContent = `Uploading ${item.file.name}…`;
       try {
         const accepted = await uploadWaitingOutBusy(item, status);
+        if (item.owner !== apiKey()) {
+          // Made under the key it was chosen with; the page shows another key's jobs now.
+          status.textContent = `${accepted.filename} accepted as job ${accepted.id}, under the API key it was`
+            + " chosen with (not the one entered since).";
+          continue;
+        }
         renderJob({ id: accepted.id, filename: accepted.filename, status: "processing", stage: "submitted", percent: 0 });
         if (uploadMayOpen(openWhenSent, jobsOfBatch)) {
           status.textContent = `${accepted.filename} accepted as job ${accepted.id}.`;
@@ -1012,9 +1021,12 @@ function audioProblem(text) {
 }
 
 // A 503 (the recording of a job just done still being redacted, the object store busy) passes:
-// the recording is asked for again after the answer's Retry-After (else 5 s), this many times,
-// saying nothing meanwhile.
-const AUDIO_RETRIES = 6;
+// the recording is asked for again after the answer's Retry-After (else 5 s) for as long as the
+// transcript is open. The first few times nothing is said; then why it does not play yet, and it
+// is asked for less often (half as long again each time, up to a minute): a redaction that keeps
+// failing answers 503 until it is done.
+const AUDIO_QUIET_RETRIES = 6;
+const AUDIO_RETRY_MAX_MS = 60_000;
 
 function retryDelayMs(retryAfter) {
   const seconds = Number(retryAfter);
@@ -1023,29 +1035,77 @@ function retryDelayMs(retryAfter) {
   return Math.min(60_000, Math.max(1000, ms));
 }
 
-async function loadAudio(jobId) {
+// One more try after the 503 `error`: how long to wait for it.
+function audioRetryDelayMs(error) {
+  state.audioRetries += 1;
+  const beyond = state.audioRetries - AUDIO_QUIET_RETRIES;
+  if (beyond > 0) {
+    audioProblem(/being redacted/.test(error.detail || "")
+      ? "The recording is still being redacted: it plays once that is done (asking again)."
+      : `The recording is not available yet (${error.detail || error.message}): asking again.`);
+  }
+  return Math.min(AUDIO_RETRY_MAX_MS, retryDelayMs(error.retryAfter) * 1.5 ** Math.max(0, beyond));
+}
+
+// The recording's address for the audio element, another at each load: the browser keeps what it
+// read from an address and reads on from there (Chromium's media cache), and the recording may
+// have been replaced by its redacted copy since (a job played while it ran): the two must not mix.
+const PAGE_OPENED = Date.now().toString(36);
+function audioAddress(jobId) {
+  return `/transcripts/${jobId}/audio?load=${PAGE_OPENED}.${state.audioLoads}`;
+}
+
+function jobEnded(jobId) {
+  const status = state.jobs.get(jobId)?.status;
+  return status === "done" || status === "error"
+    || (state.open === jobId && $("#transcript").dataset.ended === "true");
+}
+
+// The recording of the open job. One still running is loaded again when it ends (`again`), as it
+// may be redacted then (what the job asked for, or the transcriber's REDACT): a seek waiting for
+// it still waits, and what was playing goes on from where it was. While a job that asked for
+// redaction runs, what is stored is the upload with what will be hidden audible: it is not played
+// (the server serves it to its owner; the page waits for the redacted copy).
+async function loadAudio(jobId, { again = false } = {}) {
   const player = $("#player");
+  const seek = again ? (state.pendingSeek ?? (player.paused ? null : player.currentTime)) : null;
   audioProblem("");
   stopAudio();
+  state.pendingSeek = seek;
   const load = state.audioLoads;
+  const current = () => state.open === jobId && state.audioLoads === load;  // not another job, nor this one again
   state.audioRetries = 0;
+  state.audioAgainAtEnd = null;
+  if (!jobEnded(jobId)) {
+    state.audioAgainAtEnd = jobId;
+    let job = null;
+    try {
+      job = await (await api(`/transcripts/${jobId}`)).json();
+    } catch (error) { /* played as if it asked for none; loaded again when it ends all the same */ }
+    if (!current()) return;
+    if (job && job.status !== "processing") {
+      state.audioAgainAtEnd = null;  // ended meanwhile: its recording is the one to play
+    } else if (job?.options?.redact?.length) {
+      audioProblem("The recording plays once the transcript is done: what is hidden in it is made silent first.");
+      return;
+    }
+  }
   if (!apiKey()) {
-    player.src = `/transcripts/${jobId}/audio`;  // streamed, seeking by Range requests
+    player.src = audioAddress(jobId);  // streamed, seeking by Range requests
     return;
   }
   for (;;) {
     try {  // an audio element cannot send the key: fetch the file with it
       const blob = await (await api(`/transcripts/${jobId}/audio`)).blob();
-      if (state.open !== jobId || state.audioLoads !== load) return;  // another job, or this one again
+      if (!current()) return;
       state.audioUrl = URL.createObjectURL(blob);
       player.src = state.audioUrl;
       return;
     } catch (error) {
-      if (state.open !== jobId || state.audioLoads !== load) return;
-      if (error.status === 503 && state.audioRetries < AUDIO_RETRIES) {
-        state.audioRetries += 1;
-        await new Promise((resolve) => setTimeout(resolve, retryDelayMs(error.retryAfter)));
-        if (state.open !== jobId || state.audioLoads !== load) return;
+      if (!current()) return;
+      if (error.status === 503) {
+        await new Promise((resolve) => setTimeout(resolve, audioRetryDelayMs(error)));
+        if (!current()) return;
         continue;
       }
       player.removeAttribute("src");
@@ -1068,13 +1128,11 @@ async function audioFailed() {
       await api(`/transcripts/${jobId}/audio`, { headers: { Range: "bytes=0-0" } });
     } catch (error) {
       reason = error.detail || error.message;
-      if (error.status === 503 && state.audioRetries < AUDIO_RETRIES && state.open === jobId
-          && state.audioLoads === load) {
-        state.audioRetries += 1;
+      if (error.status === 503 && state.open === jobId && state.audioLoads === load) {
         setTimeout(() => {
           if (state.open !== jobId || state.audioLoads !== load) return;  // another job, or this one again
-          player.src = `/transcripts/${jobId}/audio`;  // setting it loads it again
-        }, retryDelayMs(error.retryAfter));
+          player.src = audioAddress(jobId);  // setting it loads it again
+        }, audioRetryDelayMs(error));
         return;
       }
     }
@@ -1159,6 +1217,9 @@ async function openTranscript(jobId) {
       renderDelete(jobId, true);
       renderRerun(jobId, true);
       refreshNames();
+      // Ended, a running job's recording may have been replaced by its redacted copy (or be about
+      // to be: the server answers 503 until it is): loaded again, never the upload kept.
+      if (state.audioAgainAtEnd === jobId) loadAudio(jobId, { again: true });
       if (type === "transcript.completed") {
         loadSpeakingTime(jobId);
         readDone(jobId);
@@ -1288,7 +1349,10 @@ document.addEventListener("DOMContentLoaded", () => {
   $("#names").addEventListener("submit", saveNames);
   $("#search").addEventListener("submit", search);
   $("#player").addEventListener("error", audioFailed);
-  $("#player").addEventListener("loadedmetadata", seekWaiting);
+  $("#player").addEventListener("loadedmetadata", () => {
+    audioProblem("");  // what said it did not play yet
+    seekWaiting();
+  });
   $("#player").addEventListener("timeupdate", () => {
     const now = $("#player").currentTime;
     let current = null;
