@@ -179,8 +179,11 @@ def _across_speakers(segments: list[Segment], runs: list[list[int]], found: dict
             touched = {span for place in covered for span in taken.get(place, ())}
             if touched:
                 theirs = {place for span in touched for place in own[span]}
-                extents = [(min(word[place].start for place in own[span]), max(word[place].end for place in own[span]))
-                           for span in touched]
+                # A speaker's own match may hold words outside this piece (said after a pause
+                # longer than OVERLAP_GAP_S, or after a word of another speaker): their times come
+                # from the segments, not from the piece's words.
+                extents = [(min(segments[p].words[k].start for p, k in own[span]),
+                            max(segments[p].words[k].end for p, k in own[span])) for span in touched]
                 if not theirs <= set(covered) or any(
                         place not in theirs and not any(a <= (word[place].start + word[place].end) / 2 <= b
                                                         for a, b in extents) for place in covered):

@@ -376,14 +376,17 @@ def _talked_over(word: Word, speaker: str, turns: list[SpeakerTurn]) -> bool:
 
 
 def speaker_of(start: float, end: float, turns: list[SpeakerTurn]) -> str:
-    """The speaker whose turn overlaps [start, end] most; else the nearest turn's."""
-    best, best_overlap = None, 0.0
+    """The speaker whose turns overlap [start, end] most, all of one speaker's turns summed (the
+    WhisperX way: a word across a short pause of one speaker, with another's short turn in it,
+    stays with the one who says most of it); a tie goes to the speaker of the earlier turn. With
+    no turn overlapping, the nearest turn's."""
+    overlaps: dict[str, float] = {}
     for turn in turns:
         overlap = min(end, turn.end) - max(start, turn.start)
-        if overlap > best_overlap:
-            best, best_overlap = turn.speaker, overlap
-    if best is not None:
-        return best
+        if overlap > 0:
+            overlaps[turn.speaker] = overlaps.get(turn.speaker, 0.0) + overlap
+    if overlaps:
+        return max(overlaps, key=overlaps.__getitem__)  # the first of equals: the earlier turn's
     middle = (start + end) / 2
     nearest = min(turns, key=lambda t: 0.0 if t.start <= middle <= t.end
                   else min(abs(middle - t.start), abs(middle - t.end)))
