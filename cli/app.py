@@ -136,9 +136,14 @@ def api_client(api: str, api_key: str | None) -> httpx.Client:
 
 
 def api_base(api: str) -> str:
-    """ValueError for an address that is no HTTP one."""
+    """ValueError for an address that is no HTTP one, or that httpx cannot read (an unclosed
+    IPv6 bracket, a port that is no number): its InvalidURL was a traceback."""
     if not api.lower().startswith(("http://", "https://")):
         raise ValueError(f"--api / STT_API_URL must start with http:// or https:// (it is {api!r})")
+    try:
+        httpx.URL(api)
+    except httpx.InvalidURL as exc:
+        raise ValueError(f"--api / STT_API_URL is not a valid URL ({exc}; it is {api!r})") from None
     return api.rstrip("/")
 
 
@@ -1104,6 +1109,30 @@ class EventPrinter:
         return ended if self.job_id is not None else None
 
 
+def checked_amqp_url(amqp_url: str) -> str:
+    """`amqp_url` if it is one to connect to; else a usage error (2) saying why, without the URL
+    (its password). aio-pika's robust connection took a URL without a host (`localhost:5672`, read
+    as a scheme and a path) for a failed connection and tried it again for ever without a word; a
+    port that is no number was a traceback."""
+    from yarl import URL
+
+    def refused(why: str) -> NoReturn:
+        raise typer.BadParameter(f"{why}; give amqp://user:password@host:5672/vhost (or amqps://)",
+                                 param_hint="'--amqp-url' / AMQP_URL")
+
+    try:
+        parts = urlsplit(amqp_url)
+        parts.port  # noqa: B018 (a port that is not a number, or out of range, raises here)
+        URL(amqp_url)  # what aio-pika reads it with
+    except ValueError as exc:
+        refused(f"not a valid URL ({exc})")
+    if parts.scheme.lower() not in ("amqp", "amqps"):
+        refused("not an amqp:// or amqps:// URL")
+    if not parts.hostname:
+        refused("the URL names no host")
+    return amqp_url
+
+
 def where(amqp_url: str) -> str:
     """host:port/vhost of an AMQP URL: never the password."""
     parts = urlsplit(amqp_url)
@@ -1221,6 +1250,7 @@ def watch(
     api_key: ApiKey = None,
 ) -> None:
     """Print segments and completions from the stt.events exchange as they happen."""
+    amqp_url = checked_amqp_url(amqp_url)
     # Imported here: aio-pika takes most of a second to import, and only watch needs it.
     import aio_pika
 

@@ -10,6 +10,7 @@ import concurrent.futures
 import ipaddress
 import logging
 import socket
+import threading
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -22,9 +23,55 @@ MAX_URL_CHARS = 2000
 # Lookups of the names users give run on threads of their own: one given up at its limit goes on
 # in its thread for as long as the system resolver takes (minutes), and in the loop's default
 # executor enough of them held every thread that the object store's calls wait for too.
-# As many as the notifier delivers at once (DELIVERY_PREFETCH): one endpoint whose name server
-# does not answer holds at most WEBHOOK_CONCURRENCY of them, not every other endpoint's lookup.
+# As many as the notifier delivers at once (DELIVERY_PREFETCH).
 _LOOKUPS = concurrent.futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="lookup")
+# One lookup at a time per name (single flight): a lookup still running for a name, its callers
+# given up or not, is waited on by the next caller instead of another thread. Each delivery to a
+# name whose name server does not answer started one more, while the one before it still held its
+# thread, until the 32 were all held and every other name "did not resolve" either.
+_lookups_in_flight: dict[str, _Lookup] = {}
+# Reentrant: cancelling a lookup still queued (under it, so that no caller joins it meanwhile)
+# calls _forget_lookup, which takes it too, there and then.
+_lookups_lock = threading.RLock()
+
+
+class _Lookup:
+    """A name's lookup on a _LOOKUPS thread, and how many callers wait for it now."""
+
+    def __init__(self, host: str) -> None:
+        self.waiting = 0
+        self.future = _LOOKUPS.submit(socket.getaddrinfo, host, None, 0, socket.SOCK_STREAM)
+
+
+def _forget_lookup(host: str, lookup: _Lookup) -> None:
+    with _lookups_lock:
+        if _lookups_in_flight.get(host) is lookup:
+            del _lookups_in_flight[host]
+
+
+async def _resolve(host: str, timeout_s: float) -> list:
+    """getaddrinfo(host) within `timeout_s` (TimeoutError past it), one lookup at a time per name."""
+    with _lookups_lock:
+        lookup = _lookups_in_flight.get(host)
+        started = lookup is None
+        if started:
+            lookup = _lookups_in_flight[host] = _Lookup(host)
+        lookup.waiting += 1
+    if started:
+        # Gone once it ends (or is cancelled): the next caller looks the name up afresh. (Outside
+        # the lock: a lookup already ended calls it here and now.)
+        lookup.future.add_done_callback(lambda _: _forget_lookup(host, lookup))
+    answer = asyncio.wrap_future(lookup.future)
+    # Its outcome is taken even when no one waits for it any more (else asyncio logs it as lost).
+    answer.add_done_callback(lambda done: done.cancelled() or done.exception())
+    try:
+        # Shielded: a caller giving up must not cancel the lookup others may be waiting for.
+        return await asyncio.wait_for(asyncio.shield(answer), timeout_s)
+    finally:
+        with _lookups_lock:
+            lookup.waiting -= 1
+            if not lookup.waiting:
+                lookup.future.cancel()  # only one still queued for a thread: a running one goes on
 
 
 def url_problem(url: str, what: str = "a webhook URL",
@@ -64,26 +111,34 @@ async def target_problem(url: str, allow_private: bool, allowed_by: str = "WEBHO
     if problem or allow_private:
         return problem
     parts = urlsplit(url)
+    host = parts.hostname
     try:
         # The system resolver's own limit (its timeout times its tries times the search domains)
         # can be minutes: a name server that does not answer is not waited on past this.
-        found = await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(
-            _LOOKUPS, socket.getaddrinfo, parts.hostname, parts.port or (443 if parts.scheme == "https" else 80),
-            0, socket.SOCK_STREAM), resolve_timeout_s)
+        found = await _resolve(host, resolve_timeout_s)
     except TimeoutError:
-        return f"{parts.hostname} did not resolve within {resolve_timeout_s:g} s"
+        return f"{host} did not resolve within {resolve_timeout_s:g} s"
     except OSError as exc:
-        return f"{parts.hostname} does not resolve ({exc.strerror or exc})"
+        # Told as a private address is: two answers would tell whoever asks which names the private
+        # network has (a cluster's service names). The log says which it was.
+        log.info("%s does not resolve (%s): refused", host, exc.strerror or exc)
+        return not_public(host, allowed_by)
     except UnicodeError:  # an empty label or one over 63 characters, refused by the IDNA codec
-        return f"{parts.hostname} is not a valid host name"
+        return f"{host} is not a valid host name"
     private = sorted({info[4][0] for info in found if is_private_address(info[4][0])})
     if private:
         # The address stays in the log: told to whoever asks, the answers map the private network's
         # names (a cluster's service names) to their addresses.
-        log.info("%s resolves to %s: refused", parts.hostname, private[0])
-        return (f"{parts.hostname} resolves to a private, loopback or link-local address;"
-                f" set {allowed_by}=true to allow that")
+        log.info("%s resolves to %s: refused", host, private[0])
+        return not_public(host, allowed_by)
     return None
+
+
+def not_public(host: str, allowed_by: str | None = None) -> str:
+    """The one refusal of a name that does not resolve and of one that resolves to a private
+    address: different answers for the two would map the private network's names."""
+    told = f"{host} does not resolve to a public address"
+    return told if allowed_by is None else f"{told} (set {allowed_by}=true to allow private ones)"
 
 
 class PrivateAddressRefused(OSError):
@@ -92,7 +147,7 @@ class PrivateAddressRefused(OSError):
     like target_problem's, it does not tell the address."""
 
     def __init__(self, host: str) -> None:
-        message = f"{host} resolves to a private, loopback or link-local address"
+        message = not_public(host)
         super().__init__(message)
         self.host, self.strerror = host, message
 

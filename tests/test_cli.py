@@ -1016,3 +1016,28 @@ def test_forgetting_by_name_never_forgets_a_speaker_the_server_calls_otherwise(k
     assert stt(keyed_stack, "speakers", "forget", "MASSE").stdout == "forgot Masse\n"
     assert stt(keyed_stack, "speakers", "forget", "maße").stdout == "forgot Maße\n"
     assert enrolled() == []
+
+
+def test_watch_and_the_api_address_refuse_a_url_they_cannot_use_with_the_reason():
+    """`stt watch --amqp-url localhost:5672` (no scheme, so no host) tried to connect again for ever
+    without a word (aio-pika's robust connection takes the error for a failed connection, and its
+    log goes nowhere); a port that is no number was a traceback, and so was an --api httpx cannot
+    read. Each is refused at once with the reason (a usage error, 2, for --amqp-url; 1 for --api,
+    as an --api that is not http(s) is), never printing the URL's password."""
+    command = str(Path(sys.executable).parent / "stt")
+    env = {**os.environ, "COLUMNS": "200"}
+    env.pop("AMQP_URL", None)
+    for url, says in [("localhost:5672", "not an amqp:// or amqps:// URL"),
+                      ("amqp://user:secretpw@host:abc/", "not a valid URL (Port could not be cast to integer"),
+                      ("amqp://user:secretpw@[::1/", "not a valid URL"), ("amqp:///", "the URL names no host")]:
+        try:
+            watched = subprocess.run([command, "watch", "--amqp-url", url], env=env, capture_output=True, text=True,
+                                     timeout=30)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"stt watch --amqp-url {url} still at it after 30 s, without a word")
+        assert watched.returncode == 2 and says in watched.stderr, (url, watched.returncode, watched.stderr)
+        assert "Traceback" not in watched.stderr and "secretpw" not in watched.stderr, watched.stderr
+    status = subprocess.run([command, "status", "1", "--api", "http://[::1"], env=env, capture_output=True, text=True,
+                            timeout=30)
+    assert status.returncode == 1, (status.returncode, status.stderr)
+    assert "--api / STT_API_URL is not a valid URL" in status.stderr and "Traceback" not in status.stderr, status.stderr

@@ -332,5 +332,79 @@ def test_a_name_that_turns_private_as_it_is_connected_to_is_refused_with_the_rea
         response = client.post("/recognize", files=form(url="http://localhost:9/meeting.wav"))
     detail = response.json()["detail"]
     assert response.status_code == 400, response.text
-    assert "localhost resolves to a private" in detail and "AUDIO_URL_ALLOW_PRIVATE" in detail, detail
+    assert "localhost does not resolve to a public address" in detail and "AUDIO_URL_ALLOW_PRIVATE" in detail, detail
     assert not any(leak in detail for leak in ("127.0.0.1", "::1", "[None]")), detail  # the address stays in the log
+
+
+@contextlib.contextmanager
+def trickling(size: int, every_s: float) -> Iterator[str]:
+    """An HTTP server on this machine answering every GET with `size` bytes (its Content-Length),
+    one byte every `every_s` seconds; its address."""
+    stop = threading.Event()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (the http.server name)
+            self.send_response(200)
+            self.send_header("Content-Length", str(size))
+            self.end_headers()
+            for _ in range(size):
+                if stop.wait(every_s):
+                    return
+                try:
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                except OSError:
+                    return  # the fetch was given up
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/meeting.wav"
+    finally:
+        stop.set()
+        server.shutdown()
+
+
+def test_a_recording_trickled_in_by_its_server_gives_up_its_upload_place(stack, monkeypatch):
+    """A `url` submission holds a place among MAX_CONCURRENT_UPLOADS while it downloads, and the rate
+    floor that stops a trickled upload body was never applied to it: MAX_CONCURRENT_UPLOADS
+    submissions of a server sending a byte every 50 s (within the 60 s without anything) locked
+    every upload out for AUDIO_URL_TIMEOUT_S (10 minutes). The download is now held to the body's
+    rate (here 4 KiB/s after 1 s, for the test's sake) while every place is taken, and given up with
+    the reason; while one is free, a slow server takes as long as it takes, as a slow upload does."""
+    from services.ingest import admission
+    from services.ingest.app import create_app
+    from tests.test_bad_input import served
+
+    monkeypatch.setattr(admission, "UPLOAD_RATE_GRACE_S", 1.0)
+    monkeypatch.setattr(admission, "UPLOAD_MIN_RATE", 4096)
+    monkeypatch.setattr(admission, "UPLOAD_RATE_CHECK_S", 0.05)
+    # Every place taken (the only one, by the fetch itself): given up past the grace, not after
+    # AUDIO_URL_TIMEOUT_S (20 s here).
+    with trickling(2**20, 0.1) as url, served(create_app(stack.settings(
+            max_concurrent_uploads=1, audio_url_allow_private=True, audio_url_timeout_s=20))) as api:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            started = time.monotonic()
+            fetching = pool.submit(httpx.post, f"{api}/recognize", files=form(url=url), timeout=60)
+            time.sleep(0.5)
+            held = httpx.post(f"{api}/recognize", files=form(url=url), timeout=30)  # meanwhile: no place
+            answer = fetching.result()
+            elapsed = time.monotonic() - started
+        assert held.status_code == 503, held.text
+        detail = answer.json()["detail"]
+        assert answer.status_code == 400 and "the recording at 127.0.0.1 arrived slower than 4 KiB/s" in detail, detail
+        assert elapsed < 10, (elapsed, detail)
+        # The place is free again.
+        free = httpx.post(f"{api}/recognize", timeout=30)
+        assert free.status_code == 400 and "one of the two" in free.json()["detail"], free.text
+    # One place of two free: the same trickle goes on past the grace to its end (3 s; not audio).
+    with trickling(30, 0.1) as url, served(create_app(stack.settings(
+            max_concurrent_uploads=2, audio_url_allow_private=True, audio_url_timeout_s=20))) as api:
+        started = time.monotonic()
+        answer = httpx.post(f"{api}/recognize", files=form(url=url), timeout=60)
+        assert answer.status_code == 415 and "not audio" in answer.json()["detail"], answer.text
+        assert time.monotonic() - started >= 3.0

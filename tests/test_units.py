@@ -845,6 +845,84 @@ def test_words_added_between_two_words_that_overlap_in_time_do_not_end_before_th
             assert word.start <= word.end, (text, word)
 
 
+def _lookups_answering(monkeypatch, answers: dict, calls: dict):
+    """socket.getaddrinfo answering `answers[host]`: a list of addresses, an OSError to raise, or
+    a threading.Event to wait for (at most 30 s) before raising EAI_AGAIN (a name server that does
+    not answer). Each call is counted in `calls`."""
+    import socket
+    import threading
+
+    def lookup(host, *args, **kwargs):
+        calls[host] = calls.get(host, 0) + 1
+        answer = answers[host]
+        if isinstance(answer, threading.Event):
+            answer.wait(30)
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        if isinstance(answer, OSError):
+            raise answer
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, 0)) for address in answer]
+
+    monkeypatch.setattr(socket, "getaddrinfo", lookup)
+
+
+async def test_a_name_whose_name_server_does_not_answer_holds_one_lookup_thread(monkeypatch):
+    """Every check of a name whose name server does not answer started a lookup of its own, given
+    up after its limit but holding its thread (one of 32) until the system resolver gave up
+    (minutes): a dead endpoint's deliveries took every thread, and then every other name "did not
+    resolve". A name has one lookup at a time: a check finding one still running waits for it."""
+    import asyncio
+    import threading
+
+    from common import outbound
+
+    released = threading.Event()
+    calls: dict[str, int] = {}
+    _lookups_answering(monkeypatch, {"dead.example": released, "alive.example": ["93.184.216.34"]}, calls)
+    try:
+        for _ in range(40):  # more than there are lookup threads, each check given up
+            problem = await outbound.target_problem("https://dead.example/hook", False, resolve_timeout_s=0.05)
+            assert problem == "dead.example did not resolve within 0.05 s"
+        assert calls == {"dead.example": 1}
+        # Another name is looked up at once, as ever.
+        assert await outbound.target_problem("https://alive.example/hook", False, resolve_timeout_s=5) is None
+        assert await outbound.target_problem("https://alive.example/hook", False, resolve_timeout_s=5) is None
+        assert calls["alive.example"] == 2  # one at a time, not remembered: each check looks again
+    finally:
+        released.set()
+    # Once its lookup has ended, the dead name is looked up afresh.
+    for _ in range(100):
+        if "dead.example" not in outbound._lookups_in_flight:
+            break
+        await asyncio.sleep(0.05)
+    assert await outbound.target_problem("https://dead.example/hook", False, resolve_timeout_s=5) == (
+        "dead.example does not resolve to a public address (set WEBHOOK_ALLOW_PRIVATE=true to allow private ones)")
+    assert calls["dead.example"] == 2
+
+
+async def test_a_name_that_does_not_resolve_is_refused_as_one_of_a_private_address_is(monkeypatch, caplog):
+    """A name that did not resolve was refused as "X does not resolve", one that resolves to a
+    private address as "X resolves to a private ... address": through POST /webhooks, a
+    callback_url or a `url`, anyone could tell which names the private network has. The two are
+    one refusal; the log keeps the difference."""
+    import logging
+    import socket
+
+    from common.outbound import PrivateAddressRefused, target_problem
+
+    calls: dict[str, int] = {}
+    no_such_name = socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+    _lookups_answering(monkeypatch, {"db.internal": ["10.0.0.5"], "nothing.internal": no_such_name}, calls)
+    with caplog.at_level(logging.INFO, logger="common.outbound"):
+        exists = await target_problem("https://db.internal/hook", False)
+        missing = await target_problem("https://nothing.internal/hook", False, "AUDIO_URL_ALLOW_PRIVATE")
+    assert exists == "db.internal does not resolve to a public address (set WEBHOOK_ALLOW_PRIVATE=true to allow" \
+                     " private ones)"
+    assert missing == exists.replace("db.", "nothing.").replace("WEBHOOK", "AUDIO_URL")
+    assert "10.0.0.5" in caplog.text and "Name or service not known" in caplog.text
+    # As the connection is made (a name that turned private since the check): the same words.
+    assert PrivateAddressRefused("db.internal").strerror == "db.internal does not resolve to a public address"
+
+
 def _words_said(segments: list[Segment]) -> dict[str, list[Word]]:
     said: dict[str, list[Word]] = {}
     for segment in segments:

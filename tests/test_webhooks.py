@@ -129,7 +129,7 @@ def test_signatures_secrets_and_private_targets():
         # what the notifier connects with: a name that turned private after the check is refused too
         resolver = PublicOnlyResolver()
         try:
-            with pytest.raises(OSError, match="private"):
+            with pytest.raises(OSError, match="localhost does not resolve to a public address"):
                 await resolver.resolve("localhost", 80)
         finally:
             await resolver.close()
@@ -640,3 +640,45 @@ def test_an_event_of_a_type_the_notifier_does_not_know_is_kept_for_a_newer_notif
     assert found["body"] == body and found["headers"]["x-original-routing-key"] == "transcript.summarized"
     assert "transcript.summarized failed" in log and "upgrade the notifier" in found["headers"]["x-last-error"]
     assert "no handler for routing key 'transcript.summarized'" not in log
+
+
+def test_a_dead_server_holds_at_most_webhook_concurrency_deliveries_however_many_webhooks_name_it(notified):
+    """WEBHOOK_CONCURRENCY bounded the deliveries in flight per webhook, and every job's
+    callback_url is a webhook of its own: 40 jobs calling back one dead server took all 32 of the
+    notifier's delivery slots there at once (each up to WEBHOOK_TIMEOUT_S), and another endpoint's
+    delivery waited behind them. The bound is per endpoint (scheme, host, port and path) now."""
+    stack, receiver = notified
+    dead = Receiver()  # a server of its own (another port): /dead holds every request past the timeout
+    webhook_ids = []
+    try:
+        dues = []
+        for job_id in range(989000, 989040):  # no transcripts: deleted jobs, their deliveries go when settled
+            webhook_id, _ = pending_deliveries(stack, dead.url("/dead"), job_id, 1)
+            webhook_ids.append(webhook_id)
+            dues.append(WebhookDue(job_id=job_id, webhook_id=webhook_id))
+        healthy_id, _ = pending_deliveries(stack, receiver.url("/ok-beside-a-dead-server"), 989099, 1)
+        webhook_ids.append(healthy_id)
+        dues.append(WebhookDue(job_id=989099, webhook_id=healthy_id))  # kicked last, behind the 40
+
+        async def kick_all() -> None:
+            connection = await connect(stack.settings(), "test-webhook-kicks")
+            try:
+                bus = await open_bus(connection, stack.settings())
+                for due in dues:
+                    await bus.publish(due)
+            finally:
+                await connection.close()
+
+        asyncio.run(kick_all())
+        first = min(r["at"] for r in wait_for(lambda: dead.got("/dead"), 30, "a delivery to the dead server"))
+        delivered = wait_for(lambda: receiver.got("/ok-beside-a-dead-server"), 30, "the other endpoint's delivery")
+        time.sleep(max(0.0, first + TIMEOUT_S - 0.3 - time.monotonic()))
+        # Before the first attempt there timed out (freeing a slot): those in flight at once.
+        at_once = [r for r in dead.got("/dead") if r["at"] < first + TIMEOUT_S - 0.3]
+        assert len(at_once) <= stack.settings().webhook_concurrency, len(at_once)
+        # Not held behind the dead server: delivered before any slot there could be freed.
+        assert delivered[0]["at"] < first + TIMEOUT_S - 0.3, (delivered[0]["at"], first)
+    finally:
+        for webhook_id in webhook_ids:
+            stack.query("DELETE FROM webhooks WHERE id = $1", webhook_id)
+        dead.server.shutdown()

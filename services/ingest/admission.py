@@ -8,6 +8,7 @@ it is in."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import math
 import time
@@ -50,6 +51,10 @@ RELEASE_UPLOAD = "stt.release_upload"
 # The scope key of a function that says whether every place among MAX_CONCURRENT_UPLOADS is taken
 # (the next upload would be refused), given to each upload that holds one.
 UPLOADS_FULL = "stt.uploads_full"
+# The same function for the code that handles such a request (a recording fetched by URL holds its
+# place as it downloads, and is held to the same rate: services/ingest/fetch.py).
+_uploads_full: contextvars.ContextVar[Callable[[], bool] | None] = contextvars.ContextVar("uploads_full",
+                                                                                         default=None)
 # The scope key of a function an OpenAI-compatible request calls when it turns into an event stream
 # (stream=true, once its upload is stored): True when it got a place among MAX_EVENT_STREAMS.
 CLAIM_EVENT_STREAM = "stt.claim_event_stream"
@@ -119,12 +124,14 @@ def _limit_middleware(limit: int, applies: Callable[[Scope], bool], what: str, s
                     holding, in_progress = True, in_progress + 1
                 return holding
 
+            told = None
             if not applies(scope):
                 scope[scope_key] = claim
             elif claim():
                 scope[scope_key] = release
                 if full_key is not None:
                     scope[full_key] = lambda: in_progress >= limit
+                    told = _uploads_full.set(scope[full_key])
             else:
                 await _refuse(send, scope, 503, f"{in_progress} {what} are in progress, the most this server takes"
                                                 f" at once; try again in {RETRY_AFTER_S} s", retry_after=True)
@@ -133,6 +140,8 @@ def _limit_middleware(limit: int, applies: Callable[[Scope], bool], what: str, s
                 await app(scope, receive, send)
             finally:
                 release()
+                if told is not None:
+                    _uploads_full.reset(told)
 
         return admit
 
@@ -297,6 +306,13 @@ def small_body_middleware(app: ASGIApp) -> ASGIApp:
         await app(scope, receive, send)
 
     return check
+
+
+def uploads_full() -> bool:
+    """Whether every place among MAX_CONCURRENT_UPLOADS is taken, for the upload being handled
+    (False outside one)."""
+    full = _uploads_full.get()
+    return full is not None and full()
 
 
 def release_upload(scope: Scope) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
+import time
 from pathlib import PurePosixPath
 from typing import BinaryIO
 from urllib.parse import unquote, urljoin, urlsplit
@@ -14,8 +15,9 @@ from urllib.parse import unquote, urljoin, urlsplit
 import aiohttp
 from litestar.exceptions import HTTPException
 
-from common.outbound import MAX_URL_CHARS, PrivateAddressRefused, http_session, target_problem
+from common.outbound import MAX_URL_CHARS, PrivateAddressRefused, http_session, not_public, target_problem
 from common.settings import Settings
+from services.ingest import admission
 
 MAX_REDIRECTS = 5
 CONNECT_TIMEOUT_S = 30.0
@@ -38,7 +40,41 @@ def _name_of(response: aiohttp.ClientResponse, url: str) -> str:
     return PurePosixPath(unquote(urlsplit(url).path)).name or urlsplit(url).hostname or "audio"
 
 
-async def _download(response: aiohttp.ClientResponse, max_bytes: int, too_big: str) -> BinaryIO:
+class _RateFloor:
+    """The rate an upload's body is held to (admission.UPLOAD_MIN_RATE on average, counted from the
+    start once UPLOAD_RATE_GRACE_S have passed, while every place among MAX_CONCURRENT_UPLOADS is
+    taken), for a recording fetched by URL: its request holds a place as it downloads, and a server
+    trickling it in (a byte every 50 s, within READ_IDLE_S) held that place for all of
+    AUDIO_URL_TIMEOUT_S while every other upload was refused. While a place is free, a slow server
+    keeps no one out and takes as long as AUDIO_URL_TIMEOUT_S lets it."""
+
+    def __init__(self, url: str) -> None:
+        self.started = time.monotonic()
+        self.received = 0
+        self.host = urlsplit(url).hostname
+        self.given_up = False
+
+    def deadline(self) -> float:
+        """When what came so far must have come by: its average would fall below the rate after."""
+        return self.started + max(admission.UPLOAD_RATE_GRACE_S, self.received / admission.UPLOAD_MIN_RATE)
+
+    async def watch(self, fetching: asyncio.Task) -> None:
+        """Cancel `fetching` once it is too slow while every place is taken (this task runs in its
+        request's context, where admission.uploads_full tells that)."""
+        while not (admission.uploads_full() and time.monotonic() >= self.deadline()):
+            await asyncio.sleep(admission.UPLOAD_RATE_CHECK_S)
+        self.given_up = True
+        fetching.cancel()
+
+    def refusal(self) -> HTTPException:
+        return _refused(
+            f"could not fetch the audio URL: the recording at {self.host} arrived slower than"
+            f" {admission.UPLOAD_MIN_RATE // 1024} KiB/s on average ({self.received} bytes in"
+            f" {time.monotonic() - self.started:.0f} s), too slowly to keep its place among the uploads this server"
+            f" takes at once, every one of them taken; send it again later, or from a faster server")
+
+
+async def _download(response: aiohttp.ClientResponse, max_bytes: int, too_big: str, floor: _RateFloor) -> BinaryIO:
     if response.content_length is not None and response.content_length > max_bytes:
         raise _refused(too_big, 413)
     spool = tempfile.SpooledTemporaryFile(max_size=BLOCK * 16)  # noqa: SIM115 (returned open)
@@ -46,6 +82,7 @@ async def _download(response: aiohttp.ClientResponse, max_bytes: int, too_big: s
         size = 0
         async for block in response.content.iter_chunked(BLOCK):
             size += len(block)
+            floor.received = size
             if size > max_bytes:
                 raise _refused(too_big, 413)
             spool.write(block)
@@ -58,9 +95,24 @@ async def _download(response: aiohttp.ClientResponse, max_bytes: int, too_big: s
 
 async def fetch_recording(url: str, settings: Settings) -> tuple[BinaryIO, str]:
     """The recording at `url` as an open temporary file (the caller closes it), and its name (from
-    Content-Disposition, else the URL's path). 400 with the reason when it cannot be fetched,
-    413 past MAX_UPLOAD_MB."""
+    Content-Disposition, else the URL's path). 400 with the reason when it cannot be fetched (or
+    comes too slowly while every upload place is taken: _RateFloor), 413 past MAX_UPLOAD_MB."""
     url = url.strip()
+    floor = _RateFloor(url)
+    fetching = asyncio.current_task()
+    watching = asyncio.ensure_future(floor.watch(fetching))
+    try:
+        return await _fetch(url, settings, floor)
+    except asyncio.CancelledError:
+        if not floor.given_up:
+            raise
+        fetching.uncancel()
+        raise floor.refusal() from None
+    finally:
+        watching.cancel()
+
+
+async def _fetch(url: str, settings: Settings, floor: _RateFloor) -> tuple[BinaryIO, str]:
     if len(url) > MAX_URL_CHARS:
         raise _refused(f"audio URL refused: longer than {MAX_URL_CHARS} characters")
     too_big = f"the recording at the URL exceeds MAX_UPLOAD_MB ({settings.max_upload_mb} MB)"
@@ -76,6 +128,7 @@ async def fetch_recording(url: str, settings: Settings) -> tuple[BinaryIO, str]:
                                                what="an audio URL", credentials="give a presigned URL instead")
                 if problem:
                     raise _refused(f"audio URL refused: {problem}")
+                floor.host = urlsplit(url).hostname
                 async with http.get(url, allow_redirects=False) as response:
                     if response.status in REDIRECTS and "Location" in response.headers:
                         url = urljoin(url, response.headers["Location"])
@@ -83,7 +136,8 @@ async def fetch_recording(url: str, settings: Settings) -> tuple[BinaryIO, str]:
                     if response.status != 200:
                         raise _refused(f"could not fetch the audio URL: {urlsplit(url).hostname} answered "
                                        f"HTTP {response.status}")
-                    return await _download(response, settings.max_upload_bytes, too_big), _name_of(response, url)
+                    return (await _download(response, settings.max_upload_bytes, too_big, floor),
+                            _name_of(response, url))
     except aiohttp.SocketTimeoutError as exc:  # a TimeoutError too, as the next two are
         raise _refused(f"could not fetch the audio URL: {urlsplit(url).hostname} sent nothing for"
                        f" {READ_IDLE_S:g} s") from exc
@@ -98,8 +152,7 @@ async def fetch_recording(url: str, settings: Settings) -> tuple[BinaryIO, str]:
         # connected to (DNS rebinding): refused as the check refuses it. aiohttp's own wording of
         # the resolver's error ("Cannot connect to host ... [None]") would not say why.
         if isinstance(exc.os_error, PrivateAddressRefused):
-            raise _refused(f"audio URL refused: {exc.os_error.strerror}; set AUDIO_URL_ALLOW_PRIVATE=true to allow"
-                           f" that") from exc
+            raise _refused(f"audio URL refused: {not_public(exc.os_error.host, 'AUDIO_URL_ALLOW_PRIVATE')}") from exc
         raise _refused(f"could not fetch the audio URL: {exc}") from exc
     except (aiohttp.ClientError, OSError) as exc:
         raise _refused(f"could not fetch the audio URL: {exc or type(exc).__name__}") from exc
