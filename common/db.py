@@ -8,6 +8,7 @@ import enum
 import itertools
 import json
 import logging
+import re
 import socket
 import urllib.parse
 from collections.abc import Awaitable, Callable
@@ -190,6 +191,14 @@ def _migrations() -> list[tuple[int, str, str]]:
 # from 0.6 on, setting it where it does not exist is an error.
 PGVECTOR_AT_LEAST = (0, 8)
 MIGRATION_LOCK_TIMEOUT_S = 5.0
+# How often a start-up looks again whether another process still applies the migrations.
+MIGRATION_LOCK_POLL_S = 1.0
+# The first line of a migration that runs outside a transaction, one statement at a time, so that
+# it can build an index with CREATE INDEX CONCURRENTLY: a plain CREATE INDEX blocks every write to
+# the table for the whole build (minutes, hours on a large one), and the replicas of the version
+# before, still serving in a rolling upgrade, would wait all that while. See
+# _apply_migration_outside_transaction for what such a migration's statements must bear.
+NO_TRANSACTION_MARK = "-- migrate: no-transaction"
 
 
 class MissingPgvector(RuntimeError):
@@ -210,12 +219,12 @@ def pgvector_too_old(version: str) -> bool:
 
 
 async def apply_migrations(pool: asyncpg.Pool) -> list[str]:
-    """Apply every migration not yet applied, each in its own transaction. Safe when several
-    services start at once: an advisory lock lets one apply while the others wait."""
+    """Apply every migration not yet applied, each in its own transaction (but those marked
+    NO_TRANSACTION_MARK, which run statement by statement). Safe when several services start at
+    once: an advisory lock lets one apply while the others wait."""
     applied_now = []
     async with pool.acquire() as conn:
-        # Another service may be applying migrations (an index build): wait as long as it takes.
-        await conn.execute("SELECT pg_advisory_lock($1)", LockKey.MIGRATIONS, timeout=LONG_STATEMENT_TIMEOUT_S)
+        await _take_migrations_lock(conn)
         try:
             await conn.execute(
                 "CREATE TABLE IF NOT EXISTS schema_migrations ("
@@ -228,7 +237,10 @@ async def apply_migrations(pool: asyncpg.Pool) -> list[str]:
                     continue
                 for attempt in itertools.count(1):
                     try:
-                        await _apply_migration(conn, version, name, sql)
+                        if _outside_transaction(sql):
+                            await _apply_migration_outside_transaction(conn, version, name, sql)
+                        else:
+                            await _apply_migration(conn, version, name, sql)
                         break
                     except asyncpg.exceptions.LockNotAvailableError:
                         log.warning("migration %s waited %g s for a table another transaction holds (try %d);"
@@ -247,21 +259,129 @@ async def apply_migrations(pool: asyncpg.Pool) -> list[str]:
     return applied_now
 
 
+async def _take_migrations_lock(conn: asyncpg.Connection) -> None:
+    """The migrations' advisory lock. Another process may be applying them (an index build): wait
+    as long as it takes, trying again every MIGRATION_LOCK_POLL_S rather than waiting inside
+    pg_advisory_lock. A session waiting in that statement holds a snapshot all the while, and
+    CREATE INDEX CONCURRENTLY waits, before it ends, for every snapshot older than its own: the
+    build waits for the start-up, which waits for the builder's lock, and PostgreSQL breaks the
+    deadlock by failing one of them (the start-up, or the build, left INVALID)."""
+    waiting = False
+    while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", LockKey.MIGRATIONS):
+        if not waiting:
+            log.info("another process is applying migrations: waiting for it")
+            waiting = True
+        await asyncio.sleep(MIGRATION_LOCK_POLL_S)
+
+
 async def _apply_migration(conn: asyncpg.Connection, version: int, name: str, sql: str) -> None:
     async with conn.transaction():
         # While a migration waits for a table's lock (behind a long transaction of a running
         # replica, in a rolling upgrade), every query of that table queues behind it: it gives up
         # after a while and tries again, letting them through in between.
         await conn.execute(f"SET LOCAL lock_timeout = '{int(MIGRATION_LOCK_TIMEOUT_S * 1000)}ms'")
-        try:
-            await conn.execute(sql, timeout=LONG_STATEMENT_TIMEOUT_S)  # an index over a big table: minutes, hours
-        except asyncpg.exceptions.FeatureNotSupportedError as exc:
-            if "vector" not in str(exc):
-                raise
-            missing = MissingPgvector(str(exc))
-            log.critical("%s", missing)
-            raise missing from exc
+        await _execute_migration_sql(conn, sql)
         await conn.execute("INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", version, name)
+
+
+async def _execute_migration_sql(conn: asyncpg.Connection, sql: str) -> None:
+    try:
+        await conn.execute(sql, timeout=LONG_STATEMENT_TIMEOUT_S)  # an index over a big table: minutes, hours
+    except asyncpg.exceptions.FeatureNotSupportedError as exc:
+        if "vector" not in str(exc):
+            raise
+        missing = MissingPgvector(str(exc))
+        log.critical("%s", missing)
+        raise missing from exc
+
+
+def _outside_transaction(sql: str) -> bool:
+    """Whether a migration's first line is NO_TRANSACTION_MARK."""
+    first = sql.lstrip().partition("\n")[0]
+    return " ".join(first.lower().split()) == NO_TRANSACTION_MARK
+
+
+_CONCURRENTLY = re.compile(r"\bCONCURRENTLY\b", re.IGNORECASE)
+_IDENTIFIER = r'(?:"(?:[^"]|"")+"|[A-Za-z_][\w$]*)'
+_INDEX_BUILT = re.compile(rf"^\s*CREATE\s+(?:UNIQUE\s+)?INDEX\s+CONCURRENTLY\s+(?:IF\s+NOT\s+EXISTS\s+)?"
+                          rf"({_IDENTIFIER}(?:\.{_IDENTIFIER})?)\s+ON\b", re.IGNORECASE)
+_DOLLAR_QUOTE = re.compile(r"\$(?:[A-Za-z_][\w]*)?\$")
+
+
+def _statements(sql: str) -> list[str]:
+    """A migration's statements, without their comments: split at the semicolons outside quoted
+    strings and names, dollar quotes and comments. (E'...' strings with a backslash before a quote
+    are not told apart: a migration run outside a transaction has none.)"""
+    statements: list[str] = []
+    current: list[str] = []
+    i = 0
+    while i < len(sql):
+        if sql.startswith("--", i):
+            end = sql.find("\n", i)
+            i = len(sql) if end < 0 else end
+        elif sql.startswith("/*", i):
+            end = sql.find("*/", i + 2)
+            i = len(sql) if end < 0 else end + 2
+            current.append(" ")
+        elif sql[i] in "'\"":
+            quote, end = sql[i], i + 1
+            while (end := sql.find(quote, end)) >= 0 and sql.startswith(quote * 2, end):
+                end += 2  # a doubled quote stands for itself
+            end = len(sql) if end < 0 else end + 1
+            current.append(sql[i:end])
+            i = end
+        elif (tag := _DOLLAR_QUOTE.match(sql, i)) is not None:
+            end = sql.find(tag.group(), tag.end())
+            end = len(sql) if end < 0 else end + len(tag.group())
+            current.append(sql[i:end])
+            i = end
+        elif sql[i] == ";":
+            statements.append("".join(current).strip())
+            current = []
+            i += 1
+        else:
+            current.append(sql[i])
+            i += 1
+    statements.append("".join(current).strip())
+    return [statement for statement in statements if statement]
+
+
+async def _index_valid(conn: asyncpg.Connection, name: str) -> bool | None:
+    """Whether the index `name` is usable, None when there is none."""
+    return await conn.fetchval("SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass($1)", name)
+
+
+async def _apply_migration_outside_transaction(conn: asyncpg.Connection, version: int, name: str, sql: str) -> None:
+    """A migration marked NO_TRANSACTION_MARK: each statement on its own, committed as it ends;
+    the schema_migrations row once every one has succeeded. A migration interrupted (a pod killed,
+    the database gone, a lock_timeout) runs again from its first statement at the next start: each
+    must bear running again (CREATE INDEX CONCURRENTLY IF NOT EXISTS, DROP ... IF EXISTS).
+
+    A CONCURRENTLY build cut short or failed leaves its index INVALID (unused by queries, yet kept
+    up to date by every write), which IF NOT EXISTS would keep: an index of a name that a statement
+    builds CONCURRENTLY is dropped first when it is invalid, and must be valid after it."""
+    # A role's statement_timeout would cut a build short too, as the pool's command timeout would
+    # (LONG_STATEMENT_TIMEOUT_S below). Both settings are put back after; the pool resets them when
+    # the connection goes back after a failure.
+    await conn.execute("SET statement_timeout = 0")
+    for statement in _statements(sql):
+        # lock_timeout as in a transaction's migration (a statement queued for a table's lock
+        # makes every query of it queue behind), but not for a CONCURRENTLY one: its lock lets
+        # reads and writes through, and the lock_timeout would also cut its wait for every older
+        # transaction, failing the build after it read the whole table.
+        lock_timeout_ms = 0 if _CONCURRENTLY.search(statement) else int(MIGRATION_LOCK_TIMEOUT_S * 1000)
+        await conn.execute(f"SET lock_timeout = {lock_timeout_ms}")
+        built = _INDEX_BUILT.match(statement)
+        index = built.group(1) if built else None
+        if index is not None and await _index_valid(conn, index) is False:
+            log.warning("migration %s: index %s was left half built (INVALID): building it again", name, index)
+            await conn.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {index}", timeout=LONG_STATEMENT_TIMEOUT_S)
+        await _execute_migration_sql(conn, statement)
+        if index is not None and not await _index_valid(conn, index):
+            raise RuntimeError(f"migration {name}: index {index} is not valid after it was built")
+    await conn.execute("RESET lock_timeout")
+    await conn.execute("RESET statement_timeout")
+    await conn.execute("INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", version, name)
 
 
 async def _connection_outside(pool: asyncpg.Pool) -> asyncpg.Connection:

@@ -1,0 +1,257 @@
+"""The migration runner (common/db.py apply_migrations) and what the migrations' indexes are for:
+migrations run outside a transaction (CREATE INDEX CONCURRENTLY), an index build cut short, and
+the queries over tables of a row per job ever reading only their window. Each test on a scratch
+database of the tests' PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import asyncpg
+import pytest
+
+from common import db, jobstore
+from devstack import pg_admin_url, with_database
+
+NEW_INDEXES_MIGRATION = "032_usage_and_listing_indexes.sql"
+NEW_INDEXES = ("job_usage_ended_idx", "transcripts_owner_created_idx", "transcripts_created_idx")
+
+
+@pytest.fixture
+async def database() -> AsyncIterator[str]:
+    """The URL of a database of its own, every migration applied."""
+    admin = pg_admin_url()
+    name = f"stt_migrations_{uuid.uuid4().hex[:8]}"
+    conn = await asyncpg.connect(admin)
+    await conn.execute(f"CREATE DATABASE {name}")
+    url = with_database(admin, name)
+    try:
+        pool = await asyncpg.create_pool(url, min_size=1, max_size=1)
+        try:
+            await db.apply_migrations(pool)
+        finally:
+            await pool.close()
+        yield url
+    finally:
+        await conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        await conn.close()
+
+
+async def as_before_the_new_indexes(conn: asyncpg.Connection) -> None:
+    """The database as the version before NEW_INDEXES_MIGRATION left it."""
+    for index in NEW_INDEXES:
+        await conn.execute(f"DROP INDEX {index}")
+    assert await conn.execute("DELETE FROM schema_migrations WHERE name = $1", NEW_INDEXES_MIGRATION) == "DELETE 1"
+
+
+async def index_valid(conn: asyncpg.Connection, name: str) -> bool | None:
+    return await conn.fetchval("SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass($1)", name)
+
+
+# ---- the queries read their window through an index -------------------------------------------
+
+NOW = dt.datetime(2025, 6, 1, tzinfo=dt.UTC)
+DAY = dt.timedelta(days=1)
+ROWS = 200_000
+
+# A job a minute for ROWS minutes (about 139 days) up to NOW, ids in time order: 98 % of a key
+# with many jobs ("big"), 1 % of a key with few ("small"), 1 % made without a key.
+FILL = f"""
+INSERT INTO transcripts (filename, owner, status, created_at, completed_at)
+SELECT 'job' || g || '.wav', CASE g % 100 WHEN 0 THEN 'small' WHEN 1 THEN NULL ELSE 'big' END, 'done',
+       $1::timestamptz - ({ROWS} - g) * interval '1 minute', $1::timestamptz - ({ROWS} - g) * interval '1 minute'
+FROM generate_series(1, {ROWS}) g;
+INSERT INTO job_usage (job_id, owner, ended_at, status, audio_s)
+SELECT id, owner, completed_at, status, 60 FROM transcripts;
+"""
+
+
+class Explaining:
+    """Stands for the pool in jobstore's functions: the statement one would run, with its
+    arguments, is explained on the database instead (EXPLAIN (FORMAT JSON): the plan, not run)."""
+
+    def __init__(self, conn: asyncpg.Connection):
+        self.conn = conn
+        self.plan: dict = {}
+
+    async def fetch(self, sql: str, *args) -> list:
+        explained = await self.conn.fetchval(f"EXPLAIN (FORMAT JSON) {sql}", *args)
+        self.plan = (json.loads(explained) if isinstance(explained, str) else explained)[0]["Plan"]
+        return []
+
+
+def plan_nodes(plan: dict) -> Iterator[dict]:
+    yield plan
+    for child in plan.get("Plans", []):
+        yield from plan_nodes(child)
+
+
+INDEX_SCANS = {"Index Scan", "Index Only Scan", "Bitmap Index Scan"}
+
+
+def read_through(plan: dict, table: str) -> list[dict]:
+    """The index scans of a plan reading `table`, after checking it reads no table whole."""
+    nodes = list(plan_nodes(plan))
+    assert not [n for n in nodes if n["Node Type"] == "Seq Scan"], json.dumps(plan, indent=1)
+    return [n for n in nodes if n["Node Type"] in INDEX_SCANS and n["Index Name"].startswith(table)]
+
+
+async def test_usage_and_listing_read_only_their_window_through_an_index(database):
+    """GET /usage, GET /admin/usage and GET /transcripts?since=&until= over tables of a row per job
+    ever: each reads its window through an index (structurally, in its plan), where the usage
+    summary read the whole ledger and a listing every job of the key newer than the window."""
+    conn = await asyncpg.connect(database)
+    try:
+        await conn.execute(FILL.replace("$1::timestamptz", f"'{NOW.isoformat()}'::timestamptz"))
+        await conn.execute("ANALYZE transcripts")
+        await conn.execute("ANALYZE job_usage")
+        explaining = Explaining(conn)
+
+        async def usage(owner: str | None, since: dt.datetime, everyone: bool = False) -> list[dict]:
+            await jobstore.usage_by_day(explaining, owner, since, NOW, everyone=everyone)
+            return read_through(explaining.plan, "job_usage")
+
+        async def listing(owner: str | None, since: dt.datetime, until: dt.datetime | None = None) -> list[dict]:
+            await jobstore.list_jobs(explaining, owner=owner, status=None, filename=None, since=since, until=until,
+                                     before_id=None, limit=50)
+            return read_through(explaining.plan, "transcripts")
+
+        # One key's usage, and that of the jobs without a key: the key is looked up in the index,
+        # not checked on every row of the window (or of the ledger).
+        for owner in ("small", None):
+            scans = await usage(owner, NOW - 7 * DAY)
+            assert [s["Index Name"] for s in scans] == ["job_usage_owner_ended"], (owner, explaining.plan)
+            assert "owner" in scans[0]["Index Cond"] and "ended_at" in scans[0]["Index Cond"], explaining.plan
+        # Everyone's (GET /admin/usage, and GET /usage without API keys).
+        for days in (1, 7):
+            scans = await usage(None, NOW - days * DAY, everyone=True)
+            assert [s["Index Name"] for s in scans] == ["job_usage_ended_idx"], (days, explaining.plan)
+
+        # A key with few jobs in a narrow window: its own jobs of the window, not all of its jobs.
+        scans = await listing("small", NOW - DAY)
+        assert [s["Index Name"] for s in scans] == ["transcripts_owner_created_idx"], explaining.plan
+        assert "owner" in scans[0]["Index Cond"] and "created_at" in scans[0]["Index Cond"], explaining.plan
+        # The key with most jobs, and everyone's: the window, not every job newer than its end.
+        for owner, since, until in (("big", NOW - DAY, None), ("big", NOW - 101 * DAY, NOW - 100 * DAY),
+                                    (None, NOW - DAY, None), (None, NOW - 101 * DAY, NOW - 100 * DAY)):
+            scans = await listing(owner, since, until)
+            used = [s["Index Name"] for s in scans]
+            assert used in (["transcripts_owner_created_idx"], ["transcripts_created_idx"]), (owner, since, until, used)
+            assert "created_at" in scans[0]["Index Cond"], explaining.plan
+    finally:
+        await conn.close()
+
+
+# ---- migrations outside a transaction ---------------------------------------------------------
+
+async def test_an_index_build_cut_short_is_built_again_by_the_next_start(database):
+    """A CONCURRENTLY build interrupted or failed leaves its index INVALID (never used by a query,
+    yet updated by every write), which CREATE INDEX CONCURRENTLY IF NOT EXISTS would keep: the
+    next start drops it and builds it again, and only then counts the migration applied."""
+    conn = await asyncpg.connect(database)
+    pool = await asyncpg.create_pool(database, min_size=1, max_size=1)
+    try:
+        await as_before_the_new_indexes(conn)
+        # The first build failed half way (as one cut short does, it leaves its index behind,
+        # INVALID): here a unique index over two jobs of one key.
+        await conn.execute("INSERT INTO transcripts (filename, owner) VALUES ('a.wav', 'key'), ('b.wav', 'key')")
+        with pytest.raises(asyncpg.UniqueViolationError):
+            await conn.execute("CREATE UNIQUE INDEX CONCURRENTLY transcripts_owner_created_idx ON transcripts (owner)")
+        assert await index_valid(conn, "transcripts_owner_created_idx") is False
+        # Another was built, the last never begun.
+        await conn.execute("CREATE INDEX CONCURRENTLY job_usage_ended_idx ON job_usage (ended_at)")
+
+        assert await db.apply_migrations(pool) == [NEW_INDEXES_MIGRATION]
+        for index in NEW_INDEXES:
+            assert await index_valid(conn, index) is True, index
+        assert await conn.fetchval("SELECT pg_get_indexdef(to_regclass('transcripts_owner_created_idx'))") == (
+            "CREATE INDEX transcripts_owner_created_idx ON public.transcripts USING btree (owner, created_at)")
+        assert await conn.fetchval("SELECT count(*) FROM schema_migrations WHERE name = $1", NEW_INDEXES_MIGRATION) == 1
+        assert await db.apply_migrations(pool) == []
+    finally:
+        await pool.close()
+        await conn.close()
+
+
+async def test_start_ups_waiting_for_an_index_build_neither_fail_nor_fail_it(database):
+    """Services starting together while one of them builds an index CONCURRENTLY. That build
+    waits, before it ends, for every transaction older than it, and a start-up waiting inside
+    pg_advisory_lock is one, waiting for the builder's lock: PostgreSQL called it a deadlock and
+    failed one of them (the start-up, or the build)."""
+    setup = await asyncpg.connect(database)
+    pools = [await asyncpg.create_pool(database, min_size=1, max_size=1) for _ in range(3)]
+    try:
+        await as_before_the_new_indexes(setup)
+        # All three wait for the lock, then one applies while the others still wait.
+        await setup.execute("SELECT pg_advisory_lock($1)", db.LockKey.MIGRATIONS)
+        starting = [asyncio.create_task(db.apply_migrations(pool)) for pool in pools]
+        await asyncio.sleep(1)
+        assert not any(task.done() for task in starting)
+        await setup.execute("SELECT pg_advisory_unlock($1)", db.LockKey.MIGRATIONS)
+        results = await asyncio.wait_for(asyncio.gather(*starting), 60)
+        assert sorted(results) == [[], [], [NEW_INDEXES_MIGRATION]]
+        for index in NEW_INDEXES:
+            assert await index_valid(setup, index) is True, index
+    finally:
+        for pool in pools:
+            await pool.close()
+        await setup.close()
+
+
+async def test_an_index_build_outlasts_the_command_timeout_and_the_lock_timeout(database, caplog):
+    """A CONCURRENTLY build waits for every transaction older than it (a long one of a running
+    replica, in a rolling upgrade): neither the pool's command timeout (DATABASE_COMMAND_TIMEOUT_S,
+    1 s here) nor the migrations' lock_timeout (MIGRATION_LOCK_TIMEOUT_S) may cut it short. Cut
+    short, the build is begun again from nothing (on a large table, it reads the whole table each
+    time), and fails again for as long as some transaction is older than that."""
+    caplog.set_level(logging.INFO, logger="common.db")
+    setup = await asyncpg.connect(database)
+    old_replica = await asyncpg.connect(database)
+    pool = await asyncpg.create_pool(database, min_size=1, max_size=1, command_timeout=1)
+    try:
+        await as_before_the_new_indexes(setup)
+        held_s = db.MIGRATION_LOCK_TIMEOUT_S + 2
+        long_transaction = old_replica.transaction(isolation="repeatable_read")
+        await long_transaction.start()
+        await old_replica.fetchval("SELECT count(*) FROM transcripts")  # its snapshot, kept to its end
+        started = time.monotonic()
+        applying = asyncio.create_task(db.apply_migrations(pool))
+        await asyncio.sleep(held_s)
+        assert not applying.done(), applying
+        await long_transaction.commit()
+        assert await asyncio.wait_for(applying, 60) == [NEW_INDEXES_MIGRATION]
+        assert time.monotonic() - started >= held_s
+        # Built once: not given up on a lock_timeout and begun again, nor found half built.
+        assert [r.getMessage() for r in caplog.records if r.name == "common.db" and r.levelno >= logging.WARNING] == []
+        for index in NEW_INDEXES:
+            assert await index_valid(setup, index) is True, index
+    finally:
+        await pool.close()
+        await old_replica.close()
+        await setup.close()
+
+
+def test_a_migration_is_split_into_its_statements_as_postgresql_reads_them():
+    sql = """-- migrate: no-transaction
+-- a comment; with a semicolon
+CREATE INDEX CONCURRENTLY IF NOT EXISTS a_idx ON a (x); /* another; */
+CREATE INDEX CONCURRENTLY "b;idx" ON b (x) WHERE y = 'it''s; here';
+DO $body$ BEGIN PERFORM 1; END $body$;
+SELECT $$;$$, 'x' -- trailing; comment
+;
+"""
+    assert db._outside_transaction(sql)
+    assert not db._outside_transaction("-- migrate: in a transaction\nSELECT 1;")
+    assert db._statements(sql) == [
+        "CREATE INDEX CONCURRENTLY IF NOT EXISTS a_idx ON a (x)",
+        "CREATE INDEX CONCURRENTLY \"b;idx\" ON b (x) WHERE y = 'it''s; here'",
+        "DO $body$ BEGIN PERFORM 1; END $body$",
+        "SELECT $$;$$, 'x'",
+    ]
+    assert [db._INDEX_BUILT.match(s).group(1) for s in db._statements(sql)[:2]] == ["a_idx", '"b;idx"']
