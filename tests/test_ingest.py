@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import copy
 import http.server
 import os
 import subprocess
@@ -17,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import Stack, another_ingest, running_stack
+from tests.conftest import Stack, another_ingest
 
 
 def post(stack: Stack, content: bytes, name: str = "audio.mp3", data: dict | None = None) -> httpx.Response:
@@ -137,9 +138,13 @@ def test_health_readiness_and_openapi(stack):
 
 
 @pytest.fixture(scope="module")
-def two_uploads_at_once(tmp_path_factory):
-    with running_stack(tmp_path_factory, MAX_CONCURRENT_UPLOADS="2") as running:
-        yield running
+def two_uploads_at_once(stack):
+    """The stack as seen through a second ingest that takes two uploads at once (the bound is
+    ingest's own: the workers behind it are the stack's)."""
+    with another_ingest(stack, "ingest-two-uploads", MAX_CONCURRENT_UPLOADS="2") as api:
+        bounded = copy.copy(stack)
+        bounded.api = api
+        yield bounded
 
 
 def slow_upload(stack: Stack, audio: bytes, seconds: float) -> httpx.Response:
