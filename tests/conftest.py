@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import json
 import os
 import re
@@ -155,6 +156,17 @@ def another_ingest(stack: Stack, name: str, **settings: str) -> Iterator[str]:
         yield api
     finally:
         stack.stop(name)
+
+
+@contextlib.contextmanager
+def through_another_ingest(stack: Stack, name: str, **settings: str) -> Iterator[Stack]:
+    """`stack` as seen through one more ingest process with settings of its own: those that are
+    ingest's alone (API_KEYS, MAX_CONCURRENT_UPLOADS), the workers behind it the stack's. Cheaper
+    than a stack of its own."""
+    with another_ingest(stack, name, **settings) as api:
+        seen = copy.copy(stack)
+        seen.api = api
+        yield seen
 
 
 def _answers(url: str) -> bool:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import copy
 import http.server
 import os
 import subprocess
@@ -18,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import Stack, another_ingest
+from tests.conftest import Stack, another_ingest, through_another_ingest
 
 
 def post(stack: Stack, content: bytes, name: str = "audio.mp3", data: dict | None = None) -> httpx.Response:
@@ -141,9 +140,7 @@ def test_health_readiness_and_openapi(stack):
 def two_uploads_at_once(stack):
     """The stack as seen through a second ingest that takes two uploads at once (the bound is
     ingest's own: the workers behind it are the stack's)."""
-    with another_ingest(stack, "ingest-two-uploads", MAX_CONCURRENT_UPLOADS="2") as api:
-        bounded = copy.copy(stack)
-        bounded.api = api
+    with through_another_ingest(stack, "ingest-two-uploads", MAX_CONCURRENT_UPLOADS="2") as bounded:
         yield bounded
 
 

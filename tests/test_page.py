@@ -19,7 +19,7 @@ import pytest
 
 from common.audio import decode_audio
 from tests.audio_files import encode
-from tests.conftest import ROOT, running_stack
+from tests.conftest import ROOT, through_another_ingest
 
 CHROMIUM = os.environ.get("STT_CHROMIUM", shutil.which("chromium") or "/usr/bin/chromium")
 # STT_UPDATE_SCREENSHOT=1 replaces the README's picture with this run's.
@@ -385,9 +385,9 @@ def speakers_shown(page) -> int:
 
 
 @pytest.fixture(scope="module")
-def keyed_stack(tmp_path_factory):
-    with running_stack(tmp_path_factory, API_KEYS=f"{KEY},{OTHER_KEY}") as stack:
-        yield stack
+def keyed_stack(stack):
+    with through_another_ingest(stack, "ingest-page-keys", API_KEYS=f"{KEY},{OTHER_KEY}") as keyed:
+        yield keyed
 
 
 def test_a_segment_is_corrected_on_the_page(stack, fixtures_dir, browser):

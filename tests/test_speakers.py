@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from common.speakers import Profile, RecordingSpeaker, match_speakers
+from services.ingest.auth import owner_of
 from tests.audio_files import en_dialogue_voices
-from tests.conftest import events_queue, job_events, running_stack
+from tests.conftest import events_queue, job_events, through_another_ingest
 
 OWNER, OTHER = "speakers-key-owner-0001", "speakers-key-other-0002"
 
@@ -51,9 +52,9 @@ def voices(tmp_path_factory, fixtures_dir):
 
 
 @pytest.fixture(scope="module")
-def enrolled(tmp_path_factory, fixtures_dir):
-    """A stack with API keys; OWNER's en_dialogue transcript done."""
-    with running_stack(tmp_path_factory, API_KEYS=f"{OWNER},{OTHER}") as stack:
+def enrolled(stack, fixtures_dir):
+    """The stack through an ingest with API keys; OWNER's en_dialogue transcript done."""
+    with through_another_ingest(stack, "ingest-speakers-keys", API_KEYS=f"{OWNER},{OTHER}") as stack:
         owner = httpx.Client(base_url=stack.api, headers={"X-API-Key": OWNER}, timeout=120)
         other = httpx.Client(base_url=stack.api, headers={"X-API-Key": OTHER}, timeout=120)
         source = stack.submit_job(fixtures_dir / "en_dialogue.wav", client=owner)
@@ -142,7 +143,8 @@ async def test_a_voice_enrolled_from_a_transcript_is_named_in_the_next_recording
             assert not any(s.get("speaker_name") for s in stack.status(transcript, owner)["segments"])
         updated = await job_events(queue, job, lambda bodies: any("speakers" in b for b in bodies), 30)
         assert all(n["name"] is None for b in updated if "speakers" in b for n in b["speakers"].values())
-        assert stack.value("SELECT count(*) FROM voiceprints") == 0
+        assert stack.value("SELECT count(*) FROM voiceprints JOIN speakers ON speakers.id = voiceprints.speaker_id"
+                           " WHERE speakers.owner = $1", owner_of(OWNER)) == 0
     finally:
         await connection.close()
 
