@@ -17,6 +17,7 @@ import pytest
 from common import metrics, runner
 from common.broker import (
     DEAD_LETTERS_QUEUE,
+    ROUTING_KEY_HEADER,
     PermanentError,
     Route,
     connect,
@@ -25,7 +26,7 @@ from common.broker import (
     retry_queue,
     stage_queue,
 )
-from common.messages import JobProgress, JobSubmitted
+from common.messages import JobProgress, JobSubmitted, TranscriptDeleted
 from tests.conftest import Stack, amqp_url, private_vhost
 
 QUEUE = "test.shutdown"
@@ -205,11 +206,12 @@ async def test_when_failing_the_job_cannot_be_published_the_message_goes_back_to
 
 
 
-def test_retries_come_back_at_least_once_and_one_notifier_at_a_time_records_events(stack: Stack):
+def test_retry_queues_are_declared_to_dead_letter_at_least_once(stack: Stack):
     """A retry waits in a delay queue until its delay is over, then the broker moves it back to
     its stage's queue. A classic queue does that at most once: where the stage's queue cannot
     take it at that moment (a cluster node down), the retry, and with it the job, is gone. A
-    quorum queue with at-least-once dead-lettering keeps it until the stage's queue confirmed it."""
+    quorum queue with at-least-once dead-lettering keeps it until the stage's queue confirmed it.
+    (What the delay queues are declared with: the broker's failure it guards against is not made here.)"""
     vhost = unquote(urlsplit(stack.amqp_url).path[1:])
     listing = subprocess.run(["rabbitmqctl", "list_queues", "-q", "-p", vhost, "name", "type", "arguments",
                               "--formatter", "json"], check=True, capture_output=True, text=True, timeout=60)
@@ -222,6 +224,51 @@ def test_retries_come_back_at_least_once_and_one_notifier_at_a_time_records_even
         assert arguments["x-dead-letter-strategy"] == "at-least-once", name
         assert arguments["x-overflow"] == "reject-publish", name  # at-least-once needs it
         assert arguments["x-dead-letter-routing-key"] == "stt.transcriber", name
-    # Not a retry, but declared the same way: one notifier at a time records events, in order.
-    events = {key: value for key, _type, value in queues["stt.notifier.events"]["arguments"]}
-    assert events["x-single-active-consumer"] is True
+
+
+NOBODYS_JOB = 987_654_321  # an event of it is recorded for no webhook
+
+
+async def taken_beside(amqp: str, queue_name: str, events: int = 4, timeout: float = 60) -> int:
+    """Two more consumers (prefetch 1, never acking) on `queue_name` beside the one already there,
+    then `events` events for nobody's job put in it: how many the two received by the time the
+    queue holds none ready and every delivery in its vhost not theirs was acked."""
+    vhost = unquote(urlsplit(amqp).path[1:])
+    connection = await aio_pika.connect(amqp)
+    try:
+        received: list = []
+
+        async def receive(message) -> None:
+            received.append(message)
+
+        for _ in range(2):
+            channel = await connection.channel()
+            await channel.set_qos(prefetch_count=1)
+            await (await channel.declare_queue(queue_name, passive=True)).consume(receive)
+        channel = await connection.channel()
+        for _ in range(events):
+            event = TranscriptDeleted(job_id=NOBODYS_JOB, transcript_id=NOBODYS_JOB)
+            await channel.default_exchange.publish(
+                aio_pika.Message(event.model_dump_json().encode(), content_type="application/json",
+                                 headers={ROUTING_KEY_HEADER: event.ROUTING_KEY}), routing_key=queue_name)
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            ready = (await channel.declare_queue(queue_name, passive=True)).declaration_result.message_count
+            listed = await asyncio.to_thread(
+                subprocess.run, ["rabbitmqctl", "list_channels", "-q", "vhost", "messages_unacknowledged"],
+                check=True, capture_output=True, text=True, timeout=60)
+            unacked = sum(int(row[1]) for row in map(str.split, listed.stdout.splitlines())
+                          if len(row) == 2 and row[0] == vhost)
+            if ready == 0 and unacked == len(received):  # (unacked counts what reached the two, heard or not)
+                return len(received)
+            assert asyncio.get_running_loop().time() < deadline, (ready, unacked, len(received))
+            await asyncio.sleep(0.2)
+    finally:
+        await connection.close()  # what the two hold goes back to the queue
+
+
+async def test_one_notifier_at_a_time_records_events(stack: Stack):
+    """Two notifiers recording events at once could record a job's later event before its
+    earlier one: a notifier that starts beside the stack's gets none of the events while the
+    first is there."""
+    assert await taken_beside(stack.amqp_url, "stt.notifier.events") == 0

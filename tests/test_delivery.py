@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import time
 import uuid
+from urllib.parse import unquote, urlsplit
 
 import aio_pika
 import asyncpg
@@ -48,6 +50,46 @@ async def wait_status(conn: asyncpg.Connection, job_id: int, status: str, timeou
         await asyncio.sleep(0.2)
 
 
+async def wait_texts(conn: asyncpg.Connection, job_id: int, texts: list[str], timeout: float = 60) -> None:
+    """Until the job's stored segments are (at least) these texts."""
+    deadline = time.monotonic() + timeout
+    while not set(texts) <= {r["text"] for r in await conn.fetch("SELECT text FROM segments WHERE transcript_id = $1",
+                                                                    job_id)}:
+        assert time.monotonic() < deadline, f"job {job_id}: segments {texts} never stored"
+        await asyncio.sleep(0.2)
+
+
+STAGE_QUEUES = [f"stt.{stage}" for stage in ("diarizer", "transcriber", "embedder", "persister")]
+
+
+async def all_handled(stack: Stack, conn: asyncpg.Connection, job_id: int, timeout: float = 120) -> None:
+    """Until every message sent so far has been handled, duplicates included: no stage queue holds
+    one ready, no channel of the stack's vhost holds one unacknowledged (a stage sends on before it
+    acks), and the job's outbox rows are sent; twice in a row, as the counts are read one after
+    another. Counts asked of the queues themselves: `rabbitmqctl list_queues` reports a quorum
+    queue's as they were up to 5 s before."""
+    vhost = unquote(urlsplit(stack.amqp_url).path.lstrip("/"))
+    connection = await aio_pika.connect(stack.amqp_url)
+    try:
+        channel = await connection.channel()
+        deadline, quiet, counts = time.monotonic() + timeout, 0, {}
+        while quiet < 2:
+            assert time.monotonic() < deadline, f"job {job_id}: messages still in flight: {counts}"
+            await asyncio.sleep(0.3)
+            counts = {name: (await channel.declare_queue(name, passive=True)).declaration_result.message_count
+                      for name in STAGE_QUEUES}
+            listed = await asyncio.to_thread(
+                subprocess.run, ["rabbitmqctl", "list_channels", "-q", "vhost", "messages_unacknowledged"],
+                check=True, capture_output=True, text=True, timeout=60)
+            counts["unacknowledged"] = sum(int(row[1]) for row in map(str.split, listed.stdout.splitlines())
+                                           if len(row) == 2 and row[0] == vhost)
+            counts["outbox"] = await conn.fetchval("SELECT count(*) FROM outbox WHERE body->>'transcript_id' = $1::text"
+                                                   " OR body->>'job_id' = $1::text", str(job_id))
+            quiet = 0 if any(counts.values()) else quiet + 1
+    finally:
+        await connection.close()
+
+
 def segment(index: int, start: float, text: str, speaker: str = "spk_0") -> Segment:
     return Segment(index=index, speaker=speaker, start_ts=start, end_ts=start + 1, text=text)
 
@@ -67,7 +109,8 @@ async def test_duplicates_and_out_of_order_chunks_store_each_segment_once(stack)
         # chunk 0: chunk.embedded before chunk.transcribed, each delivered more than once (the
         # real embedder also embeds the late chunk.transcribed again: one more duplicate).
         await publish(stack, embedded0, embedded0, ChunkTranscribed(chunk_index=0, segments=chunk0, **common))
-        await asyncio.sleep(3)
+        await wait_texts(conn, job_id, ["first", "second"])
+        await all_handled(stack, conn, job_id)  # the copies and the embedder's own chunk.embedded too
         assert await conn.fetchval("SELECT status FROM transcripts WHERE id = $1", job_id) == "processing"
         rows = await conn.fetch("SELECT text, embedding::real[] AS embedding FROM segments"
                                 " WHERE transcript_id = $1", job_id)
@@ -77,7 +120,7 @@ async def test_duplicates_and_out_of_order_chunks_store_each_segment_once(stack)
         transcribed1 = ChunkTranscribed(chunk_index=1, segments=chunk1, **common)
         await publish(stack, transcribed1, transcribed1)
         await wait_status(conn, job_id, "done")
-        await asyncio.sleep(2)  # let any duplicate land
+        await all_handled(stack, conn, job_id)  # the second copy's chunk.embedded, and every event sent
 
         rows = await conn.fetch("SELECT chunk_index, index, text, embedding::real[] AS embedding FROM segments"
                                 " WHERE transcript_id = $1 ORDER BY start_ts", job_id)

@@ -201,12 +201,17 @@ async def test_a_transcription_whose_delivery_is_gone_stops_instead_of_running_b
                             read_pcm=lambda bucket, key, span: audio[int(span.start * SAMPLE_RATE):
                                                                      int(span.end * SAMPLE_RATE)])
     started, ended = threading.Event(), threading.Event()
+    outcome: list = []  # what the thread returned (all the audio transcribed) or raised
     transcribe = transcriber.transcribe
 
     def transcribe_noting_its_end(*args, **kwargs):
         started.set()
         try:
-            return transcribe(*args, **kwargs)
+            outcome.append(transcribe(*args, **kwargs))
+            return outcome[-1]
+        except BaseException as error:
+            outcome.append(error)
+            raise
         finally:
             ended.set()
 
@@ -222,6 +227,9 @@ async def test_a_transcription_whose_delivery_is_gone_stops_instead_of_running_b
     cancelled_at = time.monotonic()
     # One window (30 s of audio) or batch may still be decoded: seconds, or some 15 s on two busy cores.
     assert await asyncio.to_thread(ended.wait, 40), "the transcription went on after its delivery was gone"
+    # Stopped, not finished: a thread that went on through all 8 minutes of audio ends too.
+    assert len(outcome) == 1 and isinstance(outcome[0], transcriber.TranscriptionStopped), [
+        type(o).__name__ for o in outcome]
     assert not handling.done() or handling.cancelled()
     print(f"batch size {batch_size}: the thread ended {time.monotonic() - cancelled_at:.1f} s after the cancel")
 

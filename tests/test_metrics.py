@@ -78,9 +78,11 @@ def test_diarizer_and_transcriber_count_audio_seconds_and_real_time_factor(scrap
     transcribed = moved(scrapes, "transcriber", "stt_audio_seconds_total", stage="transcriber")
     assert 0.5 * duration <= transcribed, (transcribed, duration)  # the chunks' spans: its speech
     for stage in ("diarizer", "transcriber"):
+        # Observed once a job at least, as a positive factor (how fast is the benchmarks' to measure).
         count = moved(scrapes, stage, "stt_real_time_factor_count", stage=stage)
+        assert count >= 1, (stage, count)
         rtf = moved(scrapes, stage, "stt_real_time_factor_sum", stage=stage) / count
-        assert count >= 1 and 0 < rtf < 5, (stage, count, rtf)
+        assert rtf > 0, (stage, count, rtf)
     assert total(scrapes["after"]["embedder"], "stt_audio_seconds_total") == 0  # only stages that know it
 
 

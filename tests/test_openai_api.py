@@ -3,8 +3,11 @@ OpenAI's audio API would use it, against the real stack: only the base URL chang
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import signal
+import subprocess
 import threading
 import time
 import uuid
@@ -387,9 +390,11 @@ def test_a_stopping_server_answers_its_waits_and_streams_so_that_they_are_sent_a
             assert time.monotonic() < deadline, stack.log_tail("ingest-stopping")
             time.sleep(0.2)
         time.sleep(1)  # both waiting on the job
-        stopping = time.monotonic()
-        stack.stop("ingest-stopping")  # SIGTERM; killed after 10 s
-        stopped_s = time.monotonic() - stopping
+        server = stack.processes["ingest-stopping"]
+        server.terminate()  # SIGTERM, as an orchestrator stops it
+        with contextlib.suppress(subprocess.TimeoutExpired):  # (another_ingest kills it)
+            server.wait(120)
+        exited = server.returncode
     for thread in asking:
         thread.join(30)
     waiting, streaming = outcomes["waiting"], outcomes["streaming"]
@@ -397,7 +402,11 @@ def test_a_stopping_server_answers_its_waits_and_streams_so_that_they_are_sent_a
     assert waiting.status_code == 503 and waiting.response.headers["retry-after"].isdigit()
     assert "restarting" in waiting.message and "send the same request again" in waiting.message
     assert isinstance(streaming, openai.APIError) and "send the request again" in streaming.message, streaming
-    assert stopped_s < 8, stopped_s
+    # It stopped of itself (uvicorn raises the SIGTERM again once it shut down), not killed, and
+    # no request was left for it to cut off when SHUTDOWN_GRACE_S ran out.
+    log = stack.log_text("ingest-stopping")
+    assert exited in (0, -signal.SIGTERM), (exited, log[-3000:])
+    assert "timeout graceful shutdown exceeded" not in log, log[-3000:]
 
 
 def test_a_browser_page_of_an_allowed_origin_may_call_the_api(stack, fixtures_dir):

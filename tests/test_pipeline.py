@@ -75,7 +75,8 @@ def test_mp3_is_transcribed(finished):
     doc = finished["multilingual.mp3"]
     assert doc["status"] == "done", doc
     text = normalised(" ".join(s["text"] for s in doc["segments"]))
-    assert "permission is hereby granted" in text or "software" in text, text
+    # The English first half's words: "software" alone is said in the German half too.
+    assert "permission is hereby granted" in text, text
 
 
 def test_silence_is_a_result_not_a_failure(finished):

@@ -28,13 +28,14 @@ from tests.conftest import Stack, events_queue, job_events, running_stack
 OWNER, OTHER = "search-key-owner-0001", "search-key-other-0002"
 TRANSLATOR = "search-key-translator-0003"  # its one job stays out of the other tests' results
 SWITCHER = "search-key-switcher-0004"  # likewise
+NAMER = "search-key-namer-0005"  # likewise
 
 
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory, fixtures_dir):
     """A stack with API keys and the local default embedder, and three finished jobs of OWNER."""
     with running_stack(tmp_path_factory, EMBEDDING_BACKEND="local",
-                       API_KEYS=f"{OWNER},{OTHER},{TRANSLATOR},{SWITCHER}") as stack:
+                       API_KEYS=f"{OWNER},{OTHER},{TRANSLATOR},{SWITCHER},{NAMER}") as stack:
         owner = httpx.Client(headers={"X-API-Key": OWNER}, timeout=60)
         jobs = {name: stack.submit_job(fixtures_dir / name, client=owner)
                 for name in ("en_dialogue.wav", "ru_dialogue.wav", "jfk.flac")}
@@ -215,23 +216,26 @@ def test_named_speakers_show_in_every_format_and_in_search(searched):
     job = jobs["en_dialogue.wav"]
     url = f"{stack.api}/transcripts/{job}/speakers"
     named = owner.patch(url, json={"spk_0": "  Anna\tPetrova "})
-    assert named.status_code == 200, named.text
-    assert named.json()["speakers"] == {"spk_0": "Anna Petrova", "spk_1": None}
-    srt = owner.get(f"{stack.api}/transcripts/{job}", params={"format": "srt"}).text
-    assert "Anna Petrova: " in srt and "spk_0:" not in srt and "spk_1: " in srt
-    assert "<v Anna Petrova>" in owner.get(f"{stack.api}/transcripts/{job}", params={"format": "vtt"}).text
-    assert " Anna_Petrova " in owner.get(f"{stack.api}/transcripts/{job}", params={"format": "rttm"}).text
-    segments = stack.status(job, owner)["segments"]
-    assert {s.get("speaker_name") for s in segments if s["speaker"] == "spk_0"} == {"Anna Petrova"}
-    assert all("speaker_name" not in s for s in segments if s["speaker"] == "spk_1")
-    hits = search(stack, owner, q="sales", mode="text", transcript_id=job).json()["items"]
-    assert {h.get("speaker_name") for h in hits if h["speaker"] == "spk_0"} == {"Anna Petrova"}
-    env = {**os.environ, "STT_API_URL": stack.api, "STT_API_KEY": OWNER, "COLUMNS": "200"}
-    printed = subprocess.run([str(Path(sys.executable).parent / "stt"), "search", "sales", "--job", str(job)],
-                             env=env, capture_output=True, text=True, timeout=60)
-    assert re.search(rf"^job {job} \[.*\] Anna Petrova: ", printed.stdout, re.M), printed.stdout + printed.stderr
-    # null removes a name; other keys, unknown speakers and empty names are refused
-    assert owner.patch(url, json={"spk_0": None}).json()["speakers"]["spk_0"] is None
+    try:
+        assert named.status_code == 200, named.text
+        assert named.json()["speakers"] == {"spk_0": "Anna Petrova", "spk_1": None}
+        srt = owner.get(f"{stack.api}/transcripts/{job}", params={"format": "srt"}).text
+        assert "Anna Petrova: " in srt and "spk_0:" not in srt and "spk_1: " in srt
+        assert "<v Anna Petrova>" in owner.get(f"{stack.api}/transcripts/{job}", params={"format": "vtt"}).text
+        assert " Anna_Petrova " in owner.get(f"{stack.api}/transcripts/{job}", params={"format": "rttm"}).text
+        segments = stack.status(job, owner)["segments"]
+        assert {s.get("speaker_name") for s in segments if s["speaker"] == "spk_0"} == {"Anna Petrova"}
+        assert all("speaker_name" not in s for s in segments if s["speaker"] == "spk_1")
+        hits = search(stack, owner, q="sales", mode="text", transcript_id=job).json()["items"]
+        assert {h.get("speaker_name") for h in hits if h["speaker"] == "spk_0"} == {"Anna Petrova"}
+        env = {**os.environ, "STT_API_URL": stack.api, "STT_API_KEY": OWNER, "COLUMNS": "200"}
+        printed = subprocess.run([str(Path(sys.executable).parent / "stt"), "search", "sales", "--job", str(job)],
+                                 env=env, capture_output=True, text=True, timeout=60)
+        assert re.search(rf"^job {job} \[.*\] Anna Petrova: ", printed.stdout, re.M), printed.stdout + printed.stderr
+        # null removes a name; other keys, unknown speakers and empty names are refused
+        assert owner.patch(url, json={"spk_0": None}).json()["speakers"]["spk_0"] is None
+    finally:  # the other tests read this job's speakers unnamed, whatever failed above
+        owner.patch(url, json={"spk_0": None})
     assert "speaker_name" not in stack.status(job, owner)["segments"][0]
     with httpx.Client(headers={"X-API-Key": OTHER}, timeout=60) as other:
         assert other.patch(url, json={"spk_0": "Mallory"}).status_code == 404
@@ -241,15 +245,17 @@ def test_named_speakers_show_in_every_format_and_in_search(searched):
 
 
 async def test_a_speaker_named_while_the_job_runs_is_named_in_its_events(searched, fixtures_dir):
-    stack, owner, _ = searched
+    """Under a key of its own: OWNER's hits come from the module's three jobs only."""
+    stack, _, _ = searched
     connection = await aio_pika.connect(stack.amqp_url)
     try:
-        queue = await events_queue(await connection.channel(), "segment.created")
-        job = stack.submit_job(fixtures_dir / "jfk.flac", client=owner)
-        named = owner.patch(f"{stack.api}/transcripts/{job}/speakers", json={"spk_0": "John F. Kennedy"})
-        assert named.status_code == 200, named.text
-        events = await job_events(
-            queue, job, lambda bodies: bodies and stack.status(job, owner)["status"] != "processing", timeout=300)
+        with httpx.Client(headers={"X-API-Key": NAMER}, timeout=60) as namer:
+            queue = await events_queue(await connection.channel(), "segment.created")
+            job = stack.submit_job(fixtures_dir / "jfk.flac", client=namer)
+            named = namer.patch(f"{stack.api}/transcripts/{job}/speakers", json={"spk_0": "John F. Kennedy"})
+            assert named.status_code == 200, named.text
+            events = await job_events(
+                queue, job, lambda bodies: bodies and stack.status(job, namer)["status"] != "processing", timeout=300)
     finally:
         await connection.close()
     assert {e["speaker"] for e in events} == {"spk_0"}
