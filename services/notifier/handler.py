@@ -15,7 +15,6 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from urllib.parse import urlsplit
 
 import aiohttp
 import asyncpg
@@ -32,7 +31,7 @@ from common.webhooks import WebhookPayload, signature
 log = logging.getLogger(__name__)
 
 DELIVERY_QUEUE = stage_queue("notifier")
-# An endpoint whose WEBHOOK_CONCURRENCY deliveries are all in flight gets this one again later,
+# A webhook whose WEBHOOK_CONCURRENCY deliveries are all in flight gets this one again later,
 # instead of it holding a consumer slot another endpoint could use.
 BUSY_ENDPOINT_DELAY_S = 5
 # A pending delivery this late (its kick lost: a crash between commit and publish) is kicked again.
@@ -42,23 +41,8 @@ MAX_ERROR_CHARS = 500
 PRUNE_EVERY_S = 3600.0
 PRUNE_BATCH = 1000
 
-# Deliveries in flight in this process, per endpoint (destination; an entry goes when its count is
-# back to 0).
-_in_flight: dict[str, int] = {}
-
-
-def destination(url: str) -> str:
-    """The endpoint a URL is delivered to: its scheme, host, port and path (not its query, which
-    often names the job). WEBHOOK_CONCURRENCY bounds the deliveries in flight to each. Per webhook,
-    every job's callback_url (a webhook of its own) counted as an endpoint: 500 jobs calling back
-    one dead server held every delivery slot there. Not per host: other keys' endpoints on a
-    shared host (a hooks service) are not held back by one of them."""
-    try:
-        parts = urlsplit(url)
-        port = parts.port or {"http": 80, "https": 443}.get(parts.scheme.lower())
-    except ValueError:  # refused before any request: as good as an endpoint of its own
-        return url
-    return f"{parts.scheme.lower()}://{parts.hostname}:{port}{parts.path or '/'}"
+# Deliveries in flight in this process, per webhook (an entry goes when its count is back to 0).
+_in_flight: dict[int, int] = {}
 
 
 async def fan_out(pool: asyncpg.Pool, event: Contract) -> AsyncIterator[WebhookDue]:
@@ -102,21 +86,17 @@ async def leave_to_a_newer_notifier(event: EventOfANewerVersion) -> None:
 
 async def deliver(pool: asyncpg.Pool, http: aiohttp.ClientSession, settings: Settings, bus: Bus,
                   due: WebhookDue) -> None:
-    url = await pool.fetchval("SELECT url FROM webhooks WHERE id = $1", due.webhook_id)
-    if url is None:
-        return  # removed since: its deliveries went with it
-    endpoint = destination(url)
-    if _in_flight.get(endpoint, 0) >= settings.webhook_concurrency:
+    if _in_flight.get(due.webhook_id, 0) >= settings.webhook_concurrency:
         await publish_later(bus, due, DELIVERY_QUEUE, BUSY_ENDPOINT_DELAY_S)
         return
-    _in_flight[endpoint] = _in_flight.get(endpoint, 0) + 1
+    _in_flight[due.webhook_id] = _in_flight.get(due.webhook_id, 0) + 1
     try:
         while await _deliver_in_order(pool, http, settings, bus, due):
             due = due.model_copy(update={"retry_of": None, "after_attempts": None})
     finally:
-        _in_flight[endpoint] -= 1
-        if not _in_flight[endpoint]:
-            del _in_flight[endpoint]
+        _in_flight[due.webhook_id] -= 1
+        if not _in_flight[due.webhook_id]:
+            del _in_flight[due.webhook_id]
 
 
 # How long one message sends a job's deliveries to one endpoint; the rest go on in a message of
