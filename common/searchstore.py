@@ -264,6 +264,12 @@ async def corrected_segments_without_vector(db: Db, after: tuple[int, int, int],
         " ORDER BY s.transcript_id, s.chunk_index, s.index LIMIT $4", *after, limit)
 
 
+# A whole long recording's segments updated with an index to keep, and a count over every
+# segment of a large store: longer than DATABASE_COMMAND_TIMEOUT_S may rightly be, which would
+# count them as the database being away (the reindex stopping at the same job every time).
+BULK_STATEMENT_TIMEOUT_S = 3600.0
+
+
 async def store_reindexed(conn: asyncpg.Connection, job_id: int, model: str,
                           vectors: list[tuple[int, int, str, list[float]]]) -> None:
     """New embeddings, (chunk_index, index, the text embedded, vector), of one model for a job's
@@ -271,7 +277,8 @@ async def store_reindexed(conn: asyncpg.Connection, job_id: int, model: str,
     await conn.executemany(
         "UPDATE segments SET embedding = $4::real[]::vector, embedding_model = $5"
         " WHERE transcript_id = $1 AND chunk_index = $2 AND index = $3 AND text = $6",
-        [(job_id, chunk, index, vector, model, text) for chunk, index, text, vector in vectors])
+        [(job_id, chunk, index, vector, model, text) for chunk, index, text, vector in vectors],
+        timeout=BULK_STATEMENT_TIMEOUT_S)
 
 
 async def reindex_counts(db: Db, model: str) -> asyncpg.Record:
@@ -285,4 +292,4 @@ async def reindex_counts(db: Db, model: str) -> asyncpg.Record:
         " AND (t.status <> 'processing' OR s.embedding_model IS NOT NULL)) AS pending,"
         " count(DISTINCT s.transcript_id) FILTER (WHERE t.status = 'processing' AND s.embedding_model <> $1)"
         " AS waiting_jobs"
-        " FROM segments s JOIN transcripts t ON t.id = s.transcript_id", model)
+        " FROM segments s JOIN transcripts t ON t.id = s.transcript_id", model, timeout=BULK_STATEMENT_TIMEOUT_S)
