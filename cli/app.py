@@ -1124,8 +1124,10 @@ def checked_amqp_url(amqp_url: str) -> str:
         parts = urlsplit(amqp_url)
         parts.port  # noqa: B018 (a port that is not a number, or out of range, raises here)
         URL(amqp_url)  # what aio-pika reads it with
-    except ValueError as exc:
-        refused(f"not a valid URL ({exc})")
+    except ValueError:
+        # Not the parser's words: they quote the part it failed on, which may be the password's
+        # (a "/" or "#" in it makes the rest read as the port).
+        refused("not a valid URL (a port that is not a number, or a password with / ? # or @ not percent-encoded)")
     if parts.scheme.lower() not in ("amqp", "amqps"):
         refused("not an amqp:// or amqps:// URL")
     if not parts.hostname:

@@ -1028,7 +1028,9 @@ def test_watch_and_the_api_address_refuse_a_url_they_cannot_use_with_the_reason(
     env = {**os.environ, "COLUMNS": "200"}
     env.pop("AMQP_URL", None)
     for url, says in [("localhost:5672", "not an amqp:// or amqps:// URL"),
-                      ("amqp://user:secretpw@host:abc/", "not a valid URL (Port could not be cast to integer"),
+                      ("amqp://user:secretpw@host:abc/", "not a valid URL (a port that is not a number"),
+                      # A "/" in the password makes the parser read its first part as the port.
+                      ("amqp://user:secret/pw@host/", "not a valid URL"),
                       ("amqp://user:secretpw@[::1/", "not a valid URL"), ("amqp:///", "the URL names no host")]:
         try:
             watched = subprocess.run([command, "watch", "--amqp-url", url], env=env, capture_output=True, text=True,
@@ -1036,7 +1038,7 @@ def test_watch_and_the_api_address_refuse_a_url_they_cannot_use_with_the_reason(
         except subprocess.TimeoutExpired:
             pytest.fail(f"stt watch --amqp-url {url} still at it after 30 s, without a word")
         assert watched.returncode == 2 and says in watched.stderr, (url, watched.returncode, watched.stderr)
-        assert "Traceback" not in watched.stderr and "secretpw" not in watched.stderr, watched.stderr
+        assert "Traceback" not in watched.stderr and "secret" not in watched.stderr, watched.stderr
     status = subprocess.run([command, "status", "1", "--api", "http://[::1"], env=env, capture_output=True, text=True,
                             timeout=30)
     assert status.returncode == 1, (status.returncode, status.stderr)
