@@ -339,13 +339,15 @@ def test_a_name_that_turns_private_as_it_is_connected_to_is_refused_with_the_rea
 
 
 @contextlib.contextmanager
-def trickling(size: int, every_s: float) -> Iterator[str]:
-    """An HTTP server on this machine answering every GET with `size` bytes (its Content-Length),
-    one byte every `every_s` seconds; its address."""
+def trickling(size: int, every_s: float, answers_after_s: float = 0.0) -> Iterator[str]:
+    """An HTTP server on this machine answering every GET, after `answers_after_s`, with `size`
+    bytes (its Content-Length), one byte every `every_s` seconds; its address."""
     stop = threading.Event()
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 (the http.server name)
+            if stop.wait(answers_after_s):
+                return
             self.send_response(200)
             self.send_header("Content-Length", str(size))
             self.end_headers()
@@ -410,3 +412,9 @@ def test_a_recording_trickled_in_by_its_server_gives_up_its_upload_place(stack, 
         answer = httpx.post(f"{api}/recognize", files=form(url=url), timeout=60)
         assert answer.status_code == 415 and "not audio" in answer.json()["detail"], answer.text
         assert time.monotonic() - started >= 3.0
+    # Every place taken, a server slow to answer (past the grace) and then fast: no trickle, its
+    # time before the answer is bounded by timeouts of its own.
+    with trickling(30, 0.0, answers_after_s=2.0) as url, served(create_app(stack.settings(
+            max_concurrent_uploads=1, audio_url_allow_private=True, audio_url_timeout_s=20))) as api:
+        answer = httpx.post(f"{api}/recognize", files=form(url=url), timeout=60)
+        assert answer.status_code == 415 and "not audio" in answer.json()["detail"], answer.text

@@ -49,13 +49,18 @@ class _RateFloor:
     keeps no one out and takes as long as AUDIO_URL_TIMEOUT_S lets it."""
 
     def __init__(self, url: str) -> None:
-        self.started = time.monotonic()
+        # From the final answer's headers: before them, the address checks, connections, redirects
+        # and the server's first byte are bounded by timeouts of their own (a slow start of a
+        # fast download is no trickle).
+        self.started: float | None = None
         self.received = 0
         self.host = urlsplit(url).hostname
         self.given_up = False
 
     def deadline(self) -> float:
         """When what came so far must have come by: its average would fall below the rate after."""
+        if self.started is None:
+            return float("inf")
         return self.started + max(admission.UPLOAD_RATE_GRACE_S, self.received / admission.UPLOAD_MIN_RATE)
 
     async def watch(self, fetching: asyncio.Task) -> None:
@@ -70,14 +75,15 @@ class _RateFloor:
         return _refused(
             f"could not fetch the audio URL: the recording at {self.host} arrived slower than"
             f" {admission.UPLOAD_MIN_RATE // 1024} KiB/s on average ({self.received} bytes in"
-            f" {time.monotonic() - self.started:.0f} s), too slowly to keep its place among the uploads this server"
-            f" takes at once, every one of them taken; send it again later, or from a faster server")
+            f" {time.monotonic() - (self.started or 0.0):.0f} s), too slowly to keep its place among the uploads"
+            f" this server takes at once, every one of them taken; send it again later, or from a faster server")
 
 
 async def _download(response: aiohttp.ClientResponse, max_bytes: int, too_big: str, floor: _RateFloor) -> BinaryIO:
     if response.content_length is not None and response.content_length > max_bytes:
         raise _refused(too_big, 413)
     spool = tempfile.SpooledTemporaryFile(max_size=BLOCK * 16)  # noqa: SIM115 (returned open)
+    floor.started = time.monotonic()
     try:
         size = 0
         async for block in response.content.iter_chunked(BLOCK):
