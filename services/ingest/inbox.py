@@ -169,9 +169,12 @@ def result_key_too_long(results_prefix: str, key: str) -> str | None:
     longest = max(len(k.encode()) for k in keys)
     if longest > MAX_KEY_BYTES:
         return f"its result file's key would be {longest} bytes, over S3's {MAX_KEY_BYTES}"
-    # The drop's own name may be up to 255 bytes: `.json` makes one of 251 to 255 bytes too long.
+    # MinIO takes a name between slashes of up to 255 bytes: `.json` makes a drop named with 251 to
+    # 255 bytes too long. A drop with a longer name is in a store without that limit (AWS S3), which
+    # takes its results too.
     segment = max(len(part.encode()) for k in keys for part in k.split("/"))
-    if segment > MAX_SEGMENT_BYTES:
+    within_minio = max(len(part.encode()) for part in key.split("/")) <= MAX_SEGMENT_BYTES
+    if within_minio and segment > MAX_SEGMENT_BYTES:
         return (f"its result file's name would be {segment} bytes, over MinIO's {MAX_SEGMENT_BYTES} for a name"
                 " between slashes")
     return None
