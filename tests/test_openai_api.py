@@ -379,6 +379,8 @@ def test_a_stopping_server_answers_its_waits_and_streams_so_that_they_are_sent_a
         except openai.APIError as exc:
             outcomes[how] = exc
 
+    # (Another test's process of the same name wrote to the same log before.)
+    logged_before = len(stack.log_text("ingest-stopping"))
     with another_ingest(stack, "ingest-stopping") as api:
         sdk = openai.OpenAI(base_url=f"{api}/v1", api_key="-", max_retries=0, timeout=60)
         asking = [threading.Thread(target=ask, args=("waiting",)),
@@ -386,7 +388,8 @@ def test_a_stopping_server_answers_its_waits_and_streams_so_that_they_are_sent_a
         for thread in asking:
             thread.start()
         deadline = time.monotonic() + 60
-        while stack.log_text("ingest-stopping").count(f"job={job_id} the same transcription request again") < 2:
+        while stack.log_text("ingest-stopping")[logged_before:].count(
+                f"job={job_id} the same transcription request again") < 2:
             assert time.monotonic() < deadline, stack.log_tail("ingest-stopping")
             time.sleep(0.2)
         time.sleep(1)  # both waiting on the job
@@ -404,7 +407,7 @@ def test_a_stopping_server_answers_its_waits_and_streams_so_that_they_are_sent_a
     assert isinstance(streaming, openai.APIError) and "send the request again" in streaming.message, streaming
     # It stopped of itself (uvicorn raises the SIGTERM again once it shut down), not killed, and
     # no request was left for it to cut off when SHUTDOWN_GRACE_S ran out.
-    log = stack.log_text("ingest-stopping")
+    log = stack.log_text("ingest-stopping")[logged_before:]
     assert exited in (0, -signal.SIGTERM), (exited, log[-3000:])
     assert "timeout graceful shutdown exceeded" not in log, log[-3000:]
 
