@@ -28,7 +28,7 @@ import time
 import urllib.parse
 import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -167,6 +167,39 @@ def scratch_database(prefix: str) -> Iterator[str]:
         yield with_database(pg_admin_url(), name)
     finally:
         admin_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@contextlib.asynccontextmanager
+async def scratch_database_async(prefix: str) -> AsyncIterator[str]:
+    """scratch_database for a test already running in an event loop."""
+    import asyncpg
+
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(pg_admin_url(), timeout=30)
+    try:
+        await admin.execute(f"CREATE DATABASE {name}")
+        try:
+            yield with_database(pg_admin_url(), name)
+        finally:
+            await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    finally:
+        await admin.close()
+
+
+@contextlib.asynccontextmanager
+async def migrated_database(prefix: str) -> AsyncIterator[str]:
+    """The URL of a scratch database with every migration applied."""
+    import asyncpg
+
+    from common.db import apply_migrations
+
+    async with scratch_database_async(prefix) as url:
+        pool = await asyncpg.create_pool(url, min_size=1, max_size=1)
+        try:
+            await apply_migrations(pool)
+        finally:
+            await pool.close()
+        yield url
 
 
 def postgres_server(action: str) -> None:

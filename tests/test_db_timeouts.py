@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import time
 import urllib.parse
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import asyncpg
@@ -19,7 +18,7 @@ import pytest
 
 from common import db
 from common.settings import Settings
-from devstack import pg_admin_url, with_database
+from devstack import pg_admin_url, scratch_database_async
 
 TIMEOUT_S = 1.0
 # A query the fix lets through waits the timeout, then as long again for asyncpg's cancel request
@@ -155,15 +154,8 @@ async def test_a_query_on_a_half_open_connection_fails_as_an_outage_and_the_pool
 
 @pytest.fixture
 async def scratch_url() -> AsyncIterator[str]:
-    admin = pg_admin_url()
-    name = f"stt_timeouts_{uuid.uuid4().hex[:8]}"
-    conn = await asyncpg.connect(admin)
-    await conn.execute(f"CREATE DATABASE {name}")
-    try:
-        yield with_database(admin, name)
-    finally:
-        await conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        await conn.close()
+    async with scratch_database_async("stt_timeouts") as url:
+        yield url
 
 
 async def test_migrations_are_not_cut_short_by_the_command_timeout(scratch_url):

@@ -20,25 +20,14 @@ from common import broker, db, metrics
 from common.failures import failure_category
 from common.messages import ChunkEmbedded, ChunkTranscribed, JobFailed, JobProgress, Segment
 from common.settings import Settings
-from devstack import free_port, pg_admin_url, with_database
+from devstack import free_port, migrated_database, pg_admin_url, with_database
 
 
 @pytest.fixture(scope="module")
 async def database() -> AsyncIterator[str]:
     """A database of its own, every migration applied; its URL."""
-    admin = pg_admin_url()
-    name = f"stt_failures_{uuid.uuid4().hex[:8]}"
-    conn = await asyncpg.connect(admin)
-    await conn.execute(f"CREATE DATABASE {name}")
-    url = with_database(admin, name)
-    try:
-        pool = await asyncpg.create_pool(url, min_size=1, max_size=1)
-        await db.apply_migrations(pool)
-        await pool.close()
+    async with migrated_database("stt_failures") as url:
         yield url
-    finally:
-        await conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        await conn.close()
 
 
 async def raised(conn: asyncpg.Connection, sql: str, *args) -> BaseException:

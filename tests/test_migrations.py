@@ -10,14 +10,13 @@ import datetime as dt
 import json
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterator
 
 import asyncpg
 import pytest
 
 from common import db, jobstore
-from devstack import pg_admin_url, with_database
+from devstack import migrated_database
 
 NEW_INDEXES_MIGRATION = "032_usage_and_listing_indexes.sql"
 NEW_INDEXES = ("job_usage_ended_idx", "transcripts_owner_created_idx", "transcripts_created_idx")
@@ -26,21 +25,8 @@ NEW_INDEXES = ("job_usage_ended_idx", "transcripts_owner_created_idx", "transcri
 @pytest.fixture
 async def database() -> AsyncIterator[str]:
     """The URL of a database of its own, every migration applied."""
-    admin = pg_admin_url()
-    name = f"stt_migrations_{uuid.uuid4().hex[:8]}"
-    conn = await asyncpg.connect(admin)
-    await conn.execute(f"CREATE DATABASE {name}")
-    url = with_database(admin, name)
-    try:
-        pool = await asyncpg.create_pool(url, min_size=1, max_size=1)
-        try:
-            await db.apply_migrations(pool)
-        finally:
-            await pool.close()
+    async with migrated_database("stt_migrations") as url:
         yield url
-    finally:
-        await conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        await conn.close()
 
 
 async def as_before_the_new_indexes(conn: asyncpg.Connection) -> None:

@@ -348,26 +348,16 @@ async def test_a_job_running_as_the_model_changed_is_reembedded_once_it_ends(key
 @pytest.fixture
 async def own_database():
     """A database of its own, every migration applied, and a pool on it: no stack."""
-    import uuid
-
     import asyncpg
 
-    from common.db import apply_migrations
-    from devstack import pg_admin_url, with_database
+    from devstack import migrated_database
 
-    admin = await asyncpg.connect(pg_admin_url())
-    name = f"stt_reindex_{uuid.uuid4().hex[:8]}"
-    await admin.execute(f"CREATE DATABASE {name}")
-    try:
-        pool = await asyncpg.create_pool(with_database(pg_admin_url(), name), min_size=1, max_size=4)
+    async with migrated_database("stt_reindex") as url:
+        pool = await asyncpg.create_pool(url, min_size=1, max_size=4)
         try:
-            await apply_migrations(pool)
             yield pool
         finally:
             await pool.close()
-    finally:
-        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        await admin.close()
 
 
 async def test_a_job_started_after_the_run_began_does_not_keep_it_going(own_database, monkeypatch, caplog):
