@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import time
 import uuid
 from pathlib import Path
 
@@ -49,6 +50,17 @@ def forgets_its_speakers(stack):
     yield
     for speaker in httpx.get(f"{stack.api}/speakers", timeout=30).json()["items"]:
         httpx.delete(f"{stack.api}/speakers/{speaker['id']}", timeout=30)
+
+
+def discard(api: str, client: httpx.Client, *job_ids: int) -> None:
+    """The jobs stopped (when still running) and deleted with the owning key's `client`, once
+    ended: the stack is shared, and the tests after this one list its jobs."""
+    for job_id in job_ids:
+        client.post(f"{api}/transcripts/{job_id}/cancel")
+        deadline = time.monotonic() + 60
+        while client.delete(f"{api}/transcripts/{job_id}").status_code not in (204, 404):
+            assert time.monotonic() < deadline, f"job {job_id} could not be deleted"
+            time.sleep(0.5)
 
 
 def wait_until(page, condition, what: str, timeout_s: float = 30) -> None:
@@ -881,35 +893,44 @@ def test_a_recording_still_processing_can_be_stopped(stack, fixtures_dir, browse
 
 def test_with_api_keys_the_key_is_asked_once_and_used_for_everything(keyed_stack, fixtures_dir, browser):
     stack = keyed_stack
-    mine = stack.submit_job(fixtures_dir / "jfk.flac", client=httpx.Client(headers={"X-API-Key": KEY}))
-    theirs = stack.submit_job(fixtures_dir / "jfk.flac", name="theirs.flac",
-                              client=httpx.Client(headers={"X-API-Key": OTHER_KEY}))
-    page = browser.new_page()
-    page.goto(stack.api + "/")
-    page.locator("#notice", has_text="needs an API key").wait_for(timeout=30_000)
-    page.fill("#api-key", KEY)
-    page.get_by_role("button", name="Use key").click()
-    page.locator(f'#jobs li[data-job="{mine}"][data-status="done"]').wait_for(timeout=300_000)
-    assert page.locator(f'#jobs li[data-job="{theirs}"]').count() == 0
-    page.locator(f'#jobs li[data-job="{mine}"] button').click()
-    page.locator('#transcript[data-ended="true"]').wait_for(timeout=60_000)
-    assert "ask not what your country" in page.locator("#segments").inner_text().lower()
-    # The audio element cannot send the key: the page fetched the file with it.
-    page.wait_for_function("document.querySelector('#player').src.startsWith('blob:')", timeout=30_000)
-    with page.expect_download() as download:
-        page.get_by_role("link", name="Download TXT").click()
-    assert "ask not what your country" in Path(download.value.path()).read_text().lower()
-    # A recording removed by AUDIO_RETENTION_DAYS: the page says why it does not play.
-    stack.query("UPDATE transcripts SET audio_removed_at = now() WHERE id = $1", mine)
-    page.locator(f'#jobs li[data-job="{mine}"] button').click()
-    page.locator("#audio-status", has_text="AUDIO_RETENTION_DAYS").wait_for(timeout=30_000)
-    assert page.locator("#player").get_attribute("src") is None
-    page.locator('#transcript[data-ended="true"]').wait_for(timeout=60_000)  # opened anew: its stream again
-    assert "ask not what your country" in page.locator("#segments").inner_text().lower()
-    # Kept for the browser session: a reload needs no key again.
-    page.reload()
-    page.locator(f'#jobs li[data-job="{mine}"]').wait_for(timeout=30_000)
-    page.close()
+    clients = {key: httpx.Client(headers={"X-API-Key": key}, timeout=30) for key in (KEY, OTHER_KEY)}
+    made: dict[str, list[int]] = {KEY: [], OTHER_KEY: []}
+    page = None
+    try:
+        made[KEY].append(mine := stack.submit_job(fixtures_dir / "jfk.flac", client=clients[KEY]))
+        made[OTHER_KEY].append(theirs := stack.submit_job(fixtures_dir / "jfk.flac", name="theirs.flac",
+                                                          client=clients[OTHER_KEY]))
+        page = browser.new_page()
+        page.goto(stack.api + "/")
+        page.locator("#notice", has_text="needs an API key").wait_for(timeout=30_000)
+        page.fill("#api-key", KEY)
+        page.get_by_role("button", name="Use key").click()
+        page.locator(f'#jobs li[data-job="{mine}"][data-status="done"]').wait_for(timeout=300_000)
+        assert page.locator(f'#jobs li[data-job="{theirs}"]').count() == 0
+        page.locator(f'#jobs li[data-job="{mine}"] button').click()
+        page.locator('#transcript[data-ended="true"]').wait_for(timeout=60_000)
+        assert "ask not what your country" in page.locator("#segments").inner_text().lower()
+        # The audio element cannot send the key: the page fetched the file with it.
+        page.wait_for_function("document.querySelector('#player').src.startsWith('blob:')", timeout=30_000)
+        with page.expect_download() as download:
+            page.get_by_role("link", name="Download TXT").click()
+        assert "ask not what your country" in Path(download.value.path()).read_text().lower()
+        # A recording removed by AUDIO_RETENTION_DAYS: the page says why it does not play.
+        stack.query("UPDATE transcripts SET audio_removed_at = now() WHERE id = $1", mine)
+        page.locator(f'#jobs li[data-job="{mine}"] button').click()
+        page.locator("#audio-status", has_text="AUDIO_RETENTION_DAYS").wait_for(timeout=30_000)
+        assert page.locator("#player").get_attribute("src") is None
+        page.locator('#transcript[data-ended="true"]').wait_for(timeout=60_000)  # opened anew: its stream again
+        assert "ask not what your country" in page.locator("#segments").inner_text().lower()
+        # Kept for the browser session: a reload needs no key again.
+        page.reload()
+        page.locator(f'#jobs li[data-job="{mine}"]').wait_for(timeout=30_000)
+    finally:
+        if page is not None:
+            page.close()
+        for key, client in clients.items():
+            discard(stack.api, client, *made[key])
+            client.close()
 
 
 def test_with_api_keys_a_job_opened_plays_its_own_recording_and_the_list_goes_on(keyed_stack, fixtures_dir, browser):
@@ -1035,10 +1056,12 @@ def test_a_recording_still_being_redacted_plays_once_it_is(stack, browser, made_
 def test_a_job_opened_while_it_runs_plays_its_redacted_copy_once_it_ends(stack, browser, made_job):
     """A job opened while it runs (an upload opens its own) that is redacted as it ends: the page
     plays the redacted copy, never the upload it had before. A job that asked for redaction is not
-    played while it runs (what is stored then is the upload, with what will be hidden audible); one
-    that did not ask is (the transcriber's REDACT may redact it all the same) and is loaded again
-    once it ends. Streamed by the audio element (no key) and fetched with a key alike. The jobs are
-    made by hand and ended in the database, as the persister ends them."""
+    played while it runs (what is stored then is the upload, with what will be hidden audible), nor
+    is one whose options could not be read (GET /transcripts/{id} answered 503: the database
+    restarting); one that did not ask is (the transcriber's REDACT may redact it all the same) and
+    is loaded again once it ends, paused where it was paused. Streamed by the audio element (no
+    key) and fetched with a key alike. The jobs are made by hand and ended in the database, as the
+    persister ends them."""
     from common.storage import upload_bytes
     from tests.audio_files import wav
 
@@ -1046,7 +1069,7 @@ def test_a_job_opened_while_it_runs_plays_its_redacted_copy_once_it_ends(stack, 
     uploaded = wav(np.full(32_000, 0.1, dtype=np.float32))  # 2 s
     redacted_copy = wav(np.zeros(16_000, dtype=np.float32))  # 1 s
 
-    def opened_running(key: str | None, options: dict) -> tuple:
+    def opened_running(key: str | None, options: dict, options_fail: bool = False) -> tuple:
         job_id = made_job("call.wav", uploaded, options=options, status="processing")
         page = browser.new_page()
         errors: list[str] = []
@@ -1056,12 +1079,26 @@ def test_a_job_opened_while_it_runs_plays_its_redacted_copy_once_it_ends(stack, 
         asked: list[int] = []
         recording = re.compile(rf"/transcripts/{job_id}/audio(\?|$)")
         page.on("response", lambda response: asked.append(response.status) if recording.search(response.url) else None)
+        if options_fail:
+            failed: list[str] = []
+
+            def fails_once(route) -> None:
+                if failed:
+                    route.continue_()
+                else:
+                    failed.append(route.request.url)
+                    route.fulfill(status=503, json={"detail": "the database is restarting"})
+
+            page.route(re.compile(rf"/transcripts/{job_id}$"), fails_once)
         page.goto(stack.api + "/")
         page.locator(f'#jobs li[data-job="{job_id}"][data-status="processing"]').wait_for(timeout=30_000)
         page.evaluate(f"openTranscript({job_id})")
+        if options_fail:
+            wait_until(page, lambda: failed, "the page never asked for the job's options")
         return job_id, page, asked, errors
 
-    def ends_and_is_redacted(job_id: int, page, asked: list[int], errors: list[str], key: str | None) -> None:
+    def ends_and_is_redacted(job_id: int, page, asked: list[int], errors: list[str], key: str | None,
+                             paused_at: float | None = None) -> None:
         stack.query("UPDATE transcripts SET status = 'done', stage = 'done', progress = 1, completed_at = now(),"
                     " audio_redaction_due = true WHERE id = $1", job_id)
         page.locator('#transcript[data-ended="true"]').wait_for(timeout=30_000)
@@ -1070,22 +1107,120 @@ def test_a_job_opened_while_it_runs_plays_its_redacted_copy_once_it_ends(stack, 
         stack.query("UPDATE transcripts SET audio_redacted_at = now(), audio_redaction_due = false WHERE id = $1",
                     job_id)
         page.wait_for_function("Math.abs(document.querySelector('#player').duration - 1) < 0.1", timeout=30_000)
+        if paused_at is not None:  # still paused, where it was
+            page.wait_for_function("document.querySelector('#player').readyState >= HTMLMediaElement.HAVE_METADATA",
+                                   timeout=30_000)
+            page.wait_for_timeout(500)
+            player = page.evaluate("(({ currentTime, paused }) => ({ currentTime, paused }))"
+                                   "(document.querySelector('#player'))")
+            assert player["paused"] and abs(player["currentTime"] - paused_at) < 0.05, player
         assert page.evaluate("document.querySelector('#player').src.startsWith('blob:')") == bool(key)
         assert page.locator("#audio-status").is_hidden(), page.locator("#audio-status").inner_text()
         assert errors == []
         page.close()
 
     for key in (None, "any-key-the-server-does-not-ask-for"):
-        # Redaction asked: nothing played (nor asked for) while it runs, and the page says when it plays.
-        job_id, page, asked, errors = opened_running(key, {"redact": ["card"]})
-        page.locator("#audio-status", has_text="plays once the transcript is done").wait_for(timeout=30_000)
-        page.wait_for_timeout(1500)
-        assert asked == [] and page.locator("#player").get_attribute("src") is None, asked
-        ends_and_is_redacted(job_id, page, asked, errors, key)
-        # None asked: the upload plays while it runs; the redacted copy once it has ended.
+        # Redaction asked: nothing played (nor asked for) while it runs, and the page says when it
+        # plays; the same where whether it asked could not be read.
+        for options_fail in (False, True):
+            job_id, page, asked, errors = opened_running(key, {"redact": ["card"]}, options_fail)
+            page.locator("#audio-status", has_text="plays once the transcript is done").wait_for(timeout=30_000)
+            page.wait_for_timeout(1500)
+            assert asked == [] and page.locator("#player").get_attribute("src") is None, asked
+            ends_and_is_redacted(job_id, page, asked, errors, key)
+        # None asked: the upload plays while it runs; the redacted copy once it has ended, paused
+        # where the upload was paused.
         job_id, page, asked, errors = opened_running(key, {})
         page.wait_for_function("Math.abs(document.querySelector('#player').duration - 2) < 0.1", timeout=30_000)
-        ends_and_is_redacted(job_id, page, asked, errors, key)
+        page.evaluate("document.querySelector('#player').currentTime = 0.6")
+        ends_and_is_redacted(job_id, page, asked, errors, key, paused_at=0.6)
+
+
+def test_a_job_opened_while_it_runs_that_ends_unchanged_keeps_its_recording_and_place(stack, browser, made_job):
+    """A job opened while it runs whose recording is the same once it ends (nothing redacted): the
+    page looks at its version (one byte: its ETag) and keeps what it has, loading nothing again;
+    paused, it stays where it was. Streamed by the audio element (no key) and fetched with a key
+    alike."""
+    from tests.audio_files import wav
+
+    uploaded = wav(np.full(32_000, 0.1, dtype=np.float32))  # 2 s
+
+    def kept(key: str | None) -> None:
+        job_id = made_job("call.wav", uploaded, status="processing")
+        page = browser.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        if key:
+            page.add_init_script(f"sessionStorage.setItem('stt-api-key', '{key}')")
+        asked: list[str | None] = []  # each request's Range (the page's look at the version: bytes=0-0)
+        recording = re.compile(rf"/transcripts/{job_id}/audio(\?|$)")
+        page.on("request", lambda request: asked.append(request.headers.get("range"))
+                if recording.search(request.url) else None)
+        page.goto(stack.api + "/")
+        page.locator(f'#jobs li[data-job="{job_id}"][data-status="processing"]').wait_for(timeout=30_000)
+        page.evaluate(f"openTranscript({job_id})")
+        page.wait_for_function("Math.abs(document.querySelector('#player').duration - 2) < 0.1", timeout=30_000)
+        page.evaluate("document.querySelector('#player').currentTime = 1.25")
+        page.wait_for_timeout(1000)
+        src = page.evaluate("document.querySelector('#player').src")
+        before = len(asked)
+        stack.query("UPDATE transcripts SET status = 'done', stage = 'done', progress = 1, completed_at = now()"
+                    " WHERE id = $1", job_id)
+        page.locator('#transcript[data-ended="true"]').wait_for(timeout=30_000)
+        wait_until(page, lambda: len(asked) > before, "the page never looked at the recording as the job ended")
+        page.wait_for_timeout(1500)
+        player = page.evaluate("(({ src, currentTime, paused }) => ({ src, currentTime, paused }))"
+                               "(document.querySelector('#player'))")
+        assert player["src"] == src and player["paused"] and abs(player["currentTime"] - 1.25) < 0.01, player
+        assert asked[before:] == ["bytes=0-0"], asked
+        assert page.locator("#audio-status").is_hidden(), page.locator("#audio-status").inner_text()
+        assert errors == []
+        page.close()
+
+    kept(None)  # the audio element streams it
+    kept("any-key-the-server-does-not-ask-for")  # fetched with the key
+
+
+def test_a_recording_opened_again_is_the_browsers_copy_checked(stack, browser, made_job):
+    """Streamed, a recording's address is that of its version (its ETag): opened again, even after
+    the page is reloaded, it is the same address, so the browser plays the copy it has, checking it
+    first (If-None-Match: 304) rather than reading it all again; a recording replaced (by its
+    redacted copy) has another."""
+    from common.storage import upload_bytes
+    from tests.audio_files import wav
+
+    first = made_job("first.wav", wav(np.full(32_000, 0.1, dtype=np.float32)))
+    second = made_job("second.wav", wav(np.full(16_000, 0.1, dtype=np.float32)))
+    page = browser.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    read: list[tuple[str, str | None]] = []  # each read of a recording's address, and its If-None-Match
+    page.on("response", lambda response: read.append((response.url, response.request.all_headers().get(
+        "if-none-match"))) if "/audio?" in response.url else None)
+    page.goto(stack.api + "/")
+
+    def opened(job_id: int, duration: float) -> str:
+        page.evaluate(f"openTranscript({job_id})")
+        page.wait_for_function(f"Math.abs(document.querySelector('#player').duration - {duration}) < 0.1",
+                               timeout=30_000)
+        return page.evaluate("document.querySelector('#player').src")
+
+    address = opened(first, 2)
+    etag = httpx.get(address, timeout=30).headers["etag"]
+    assert opened(second, 1) != address
+    del read[:]
+    assert opened(first, 2) == address
+    page.reload()
+    assert opened(first, 2) == address
+    page.wait_for_timeout(500)
+    assert read and all(url == address and asked == etag for url, asked in read), (read, etag)
+    # Replaced (here by a recording of another length): another address, the new recording played.
+    upload_bytes(stack.s3(), stack.settings().audio_bucket, f"uploads/{first}",
+                 wav(np.zeros(48_000, dtype=np.float32)))
+    opened(second, 1)
+    assert opened(first, 3) != address
+    assert errors == []
+    page.close()
 
 
 def test_a_recording_being_redacted_for_long_is_asked_for_until_it_plays(stack, browser, made_job):

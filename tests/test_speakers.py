@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import urllib.parse
 
 import aio_pika
 import httpx
@@ -18,6 +19,9 @@ from tests.audio_files import en_dialogue_voices
 from tests.conftest import events_queue, job_events, through_another_ingest
 
 OWNER, OTHER = "speakers-key-owner-0001", "speakers-key-other-0002"
+# The keyed ingest's sessions in pg_stat_activity (its DATABASE_URL's application_name): the
+# enrolments the lock tests hold back, told from any other service's sessions.
+KEYED_INGEST = "ingest-speakers-keys"
 
 
 def test_names_are_an_assignment_not_each_speakers_best_guess():
@@ -51,30 +55,69 @@ def voices(tmp_path_factory, fixtures_dir):
     return {**made, "second_half": second_half}
 
 
+def _with_application_name(url: str, name: str) -> str:
+    """The database URL `url` with `application_name` (asyncpg passes it on as a server setting)."""
+    parts = urllib.parse.urlsplit(url)
+    query = urllib.parse.urlencode([*urllib.parse.parse_qsl(parts.query), ("application_name", name)])
+    return urllib.parse.urlunsplit(parts._replace(query=query))
+
+
+def _jobs_of(client: httpx.Client) -> list[int]:
+    """The ids of every job of the client's key."""
+    ids: list[int] = []
+    cursor = None
+    while True:
+        page = client.get("/transcripts", params={"limit": 100, **({"cursor": cursor} if cursor else {})}).json()
+        ids += [job["id"] for job in page["items"]]
+        cursor = page.get("next_cursor")
+        if cursor is None:
+            return ids
+
+
+def _discard_jobs(client: httpx.Client, keep: int | None = None) -> None:
+    """Every job of the client's key but `keep` deleted, once ended (stopped when still running):
+    the stack is shared, and a job left would be matched again by every later enrolment."""
+    for job_id in _jobs_of(client):
+        if job_id == keep:
+            continue
+        client.post(f"/transcripts/{job_id}/cancel")
+        deadline = time.monotonic() + 60
+        while client.delete(f"/transcripts/{job_id}").status_code not in (204, 404):
+            assert time.monotonic() < deadline, f"job {job_id} could not be deleted"
+            time.sleep(0.5)
+
+
 @pytest.fixture(scope="module")
 def enrolled(stack, fixtures_dir):
-    """The stack through an ingest with API keys; OWNER's en_dialogue transcript done."""
-    with through_another_ingest(stack, "ingest-speakers-keys", API_KEYS=f"{OWNER},{OTHER}") as stack:
+    """The stack through an ingest with API keys; OWNER's en_dialogue transcript done. Every job of
+    both keys is deleted after the module."""
+    with through_another_ingest(stack, KEYED_INGEST, API_KEYS=f"{OWNER},{OTHER}",
+                                DATABASE_URL=_with_application_name(stack.database_url, KEYED_INGEST)) as stack:
         owner = httpx.Client(base_url=stack.api, headers={"X-API-Key": OWNER}, timeout=120)
         other = httpx.Client(base_url=stack.api, headers={"X-API-Key": OTHER}, timeout=120)
-        source = stack.submit_job(fixtures_dir / "en_dialogue.wav", client=owner)
-        assert stack.wait_finished(source, 300, owner)["status"] == "done"
-        yield stack, owner, other, source
-        owner.close()
-        other.close()
+        try:
+            source = stack.submit_job(fixtures_dir / "en_dialogue.wav", client=owner)
+            assert stack.wait_finished(source, 300, owner)["status"] == "done"
+            yield stack, owner, other, source
+        finally:
+            for client in (owner, other):
+                _discard_jobs(client)
+                client.close()
 
 
 @pytest.fixture(autouse=True)
 def no_speakers_left(request):
-    """After each test of the stack, both keys' speakers are forgotten, passed or failed: one left
-    enrolled would name voices in the tests after it."""
+    """After each test of the stack, both keys' speakers are forgotten and the jobs it made
+    deleted (all but OWNER's en_dialogue transcript), passed or failed: one left would name voices,
+    or be named, in the tests after it."""
     yield
     if "enrolled" not in request.fixturenames:
         return
-    _, owner, other, _ = request.getfixturevalue("enrolled")
+    _, owner, other, source = request.getfixturevalue("enrolled")
     for client in (owner, other):
         for speaker in client.get("/speakers").json()["items"]:
             client.delete(f"/speakers/{speaker['id']}")
+        _discard_jobs(client, keep=source)
 
 
 def _speaker_at(document: dict, seconds: float) -> dict:
@@ -325,21 +368,25 @@ async def test_names_in_any_script_are_known_whatever_their_case(enrolled):
     assert [p.name for p in expected] == ["İlker"]
 
 
-async def _speakers_updated(queue: aio_pika.abc.AbstractQueue, transcript_id: int,
+async def _speakers_updated(queue: aio_pika.abc.AbstractQueue, transcript_id: int, client: httpx.Client,
                             quiet_s: float = 3.0) -> dict[int, list[dict]]:
-    """The transcript.speakers_updated events on `queue`, their `speakers` by transcript, once one
-    of `transcript_id` came and then none for `quiet_s` seconds."""
+    """The transcript.speakers_updated events on `queue` of the transcripts of the client's key (the
+    stack is shared: other tests' transcripts are not this test's to count), their `speakers` by
+    transcript, once one of `transcript_id` came and then none of the key's for `quiet_s` seconds."""
+    own = set(_jobs_of(client))
     last = {"count": 0, "at": time.monotonic()}
 
     def then_quiet(bodies: list[dict]) -> bool:
-        if len(bodies) != last["count"]:
-            last.update(count=len(bodies), at=time.monotonic())
+        count = sum(b["transcript_id"] in own for b in bodies)
+        if count != last["count"]:
+            last.update(count=count, at=time.monotonic())
         return (any(b["transcript_id"] == transcript_id for b in bodies)
                 and time.monotonic() - last["at"] >= quiet_s)
 
     events: dict[int, list[dict]] = {}
     for body in await job_events(queue, None, then_quiet, 30 + quiet_s):
-        events.setdefault(body["transcript_id"], []).append(body["speakers"])
+        if body["transcript_id"] in own:
+            events.setdefault(body["transcript_id"], []).append(body["speakers"])
     return events
 
 
@@ -366,7 +413,7 @@ async def test_renaming_a_person_to_a_name_given_by_hand_leaves_it_on_one_speake
         names = owner.get(f"/transcripts/{source}/speakers").json()["speakers"]
         assert ({label: names[label].get("name") for label in (voice_a, voice_b)}
                 == {voice_a: None, voice_b: "Boris"}), names
-        events = await _speakers_updated(queue, source)
+        events = await _speakers_updated(queue, source, owner)
         _told_once_each_with_no_name_twice(events)
         assert (events[source][0][voice_a]["name"], events[source][0][voice_b]["name"]) == (None, "Boris")
         # Named Anna again, the person is no longer the one given by hand: her voice is hers again.
@@ -374,7 +421,7 @@ async def test_renaming_a_person_to_a_name_given_by_hand_leaves_it_on_one_speake
         names = owner.get(f"/transcripts/{source}/speakers").json()["speakers"]
         assert ({label: names[label].get("name") for label in (voice_a, voice_b)}
                 == {voice_a: "Anna", voice_b: "Boris"}), names
-        events = await _speakers_updated(queue, source)
+        events = await _speakers_updated(queue, source, owner)
         _told_once_each_with_no_name_twice(events)
         assert (events[source][0][voice_a]["name"], events[source][0][voice_b]["name"]) == ("Anna", "Boris")
     finally:
@@ -399,7 +446,7 @@ async def test_forgetting_a_person_tells_each_recording_its_names_once(enrolled,
     try:
         queue = await events_queue(await connection.channel(), "transcript.speakers_updated")
         assert owner.delete(f"/speakers/{anna.json()['id']}").status_code == 204
-        events = await _speakers_updated(queue, source)
+        events = await _speakers_updated(queue, source, owner)
         _told_once_each_with_no_name_twice(events)
         assert events[source][0][voice_a]["name"] == "Anne"
         assert owner.get(f"/transcripts/{source}/speakers").json()["speakers"][voice_a]["name"] == "Anne"
@@ -431,7 +478,8 @@ async def test_two_renames_at_once_leave_the_jobs_expecting_the_name_the_person_
             for _ in range(300):
                 # (the second may wait for the first's turn at the key's people: an advisory lock)
                 if await holding.fetchval("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                                          " AND wait_event_type = 'Lock'") >= 2:
+                                          " AND application_name = $1 AND wait_event_type = 'Lock'",
+                                          KEYED_INGEST) >= 2:
                     both_waited = True
                     break
                 await asyncio.sleep(0.1)
@@ -564,7 +612,7 @@ async def test_a_voiceprint_that_only_changes_how_sure_a_name_is_is_announced(en
         again = owner.post("/speakers", json={"name": "Anna", "transcript_id": source, "label": voice_a})
         assert again.status_code == 201 and again.json()["voiceprint_count"] == 2, again.text
         assert source in again.json()["relabelled"], again.json()
-        events = await _speakers_updated(queue, source)
+        events = await _speakers_updated(queue, source, owner)
         _told_once_each_with_no_name_twice(events)
         assert events[source][0][voice_a] == {"name": "Anna", "source": "auto", "confidence": 1.0}, events[source]
         assert owner.get(f"/transcripts/{source}/speakers").json()["speakers"][voice_a]["confidence"] == 1.0
@@ -648,13 +696,15 @@ async def test_a_job_expects_its_people_as_they_are_when_it_is_stored(enrolled, 
 
 
 async def _waits_on_a_lock(conn) -> None:
-    """Until another session of the database waits for a lock (30 s at most)."""
+    """Until a session of the keyed ingest (the enrolment) waits for a lock that `conn` holds (30 s
+    at most): no other service's session waiting on anything else will do."""
     for _ in range(300):
         if await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                               " AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()") >= 1:
+                               " AND application_name = $1 AND wait_event_type = 'Lock'"
+                               " AND pg_backend_pid() = ANY(pg_blocking_pids(pid))", KEYED_INGEST) >= 1:
             return
         await asyncio.sleep(0.1)
-    raise AssertionError("nothing ever waited on the held lock: the race was not set up")
+    raise AssertionError("the enrolment never waited on the held lock: the race was not set up")
 
 
 async def test_an_enrolment_whose_rematching_gives_way_in_a_deadlock_tries_it_again(enrolled):

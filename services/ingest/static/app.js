@@ -13,8 +13,11 @@ const state = {
   shown: new Map(),  // the open transcript's segments on the page, by `renderSegment`'s key
   uploading: 0, jobsStream: null, jobsRetry: null, jobsCursor: null, jobsListed: false, audioLoads: 0,
   audioRetries: 0,  // of the recording now loading, after a 503
-  audioAgainAtEnd: null,  // the job whose recording is loaded (again) when it ends: it may be redacted then
-  pendingSeek: null, peopleRetry: null,
+  audioAgainAtEnd: null,  // the job whose recording is looked at again when it ends: it may be redacted then
+  audioTag: null,  // the ETag of the recording in the player (null: none there yet)
+  pendingSeek: null,  // where to play from once the recording is there
+  pendingPaused: false,  // and to stay paused there (it was paused when it was loaded again)
+  peopleRetry: null,
   jobEventAt: new Map(),  // when /events last told of each job (performance.now())
   openedByUploads: new Set(),  // jobs an upload opened, not the user
   saving: new Set(),  // corrections on their way, as `${jobId}/${chunk_index}:${index}`
@@ -1008,6 +1011,8 @@ function stopAudio() {
   const player = $("#player");
   state.audioLoads += 1;
   state.pendingSeek = null;
+  state.pendingPaused = false;
+  state.audioTag = null;
   player.removeAttribute("src");
   player.load();
   if (state.audioUrl) { URL.revokeObjectURL(state.audioUrl); state.audioUrl = null; }
@@ -1047,12 +1052,25 @@ function audioRetryDelayMs(error) {
   return Math.min(AUDIO_RETRY_MAX_MS, retryDelayMs(error.retryAfter) * 1.5 ** Math.max(0, beyond));
 }
 
-// The recording's address for the audio element, another at each load: the browser keeps what it
-// read from an address and reads on from there (Chromium's media cache), and the recording may
-// have been replaced by its redacted copy since (a job played while it ran): the two must not mix.
+// The recording's address for the audio element: one per version of the recording (its ETag).
+// The browser keeps what it read from an address and reads on from there (Chromium's media
+// cache), and the recording may have been replaced by its redacted copy since (a job played while
+// it ran): the two must not mix. The same version is the same address, so the browser checks its
+// own copy (If-None-Match: 304) instead of reading it all again. Without an ETag, an address of
+// its own at each load.
 const PAGE_OPENED = Date.now().toString(36);
-function audioAddress(jobId) {
-  return `/transcripts/${jobId}/audio?load=${PAGE_OPENED}.${state.audioLoads}`;
+function audioAddress(jobId, tag) {
+  const version = tag.replace(/^W\//, "").replaceAll('"', "") || `load-${PAGE_OPENED}.${state.audioLoads}`;
+  return `/transcripts/${jobId}/audio?v=${encodeURIComponent(version)}`;
+}
+
+// The version of the job's recording stored now: the ETag of its first byte (Range: bytes=0-0),
+// asked of the server, not of the browser's copy. Throws as api() does (503 while it is being
+// redacted, 410 once removed...).
+async function recordingVersion(jobId) {
+  const answer = await api(`/transcripts/${jobId}/audio`, { headers: { Range: "bytes=0-0" }, cache: "no-store" });
+  await answer.arrayBuffer().catch(() => { /* a byte broken off: the ETag is what is asked for */ });
+  return answer.headers.get("ETag") || "";
 }
 
 function jobEnded(jobId) {
@@ -1061,17 +1079,25 @@ function jobEnded(jobId) {
     || (state.open === jobId && $("#transcript").dataset.ended === "true");
 }
 
-// The recording of the open job. One still running is loaded again when it ends (`again`), as it
-// may be redacted then (what the job asked for, or the transcriber's REDACT): a seek waiting for
-// it still waits, and what was playing goes on from where it was. While a job that asked for
-// redaction runs, what is stored is the upload with what will be hidden audible: it is not played
-// (the server serves it to its owner; the page waits for the redacted copy).
+// The recording of the open job. One still running is looked at again when it ends
+// (recordingEnded), as it may be redacted then (what the job asked for, or the transcriber's
+// REDACT). While a job that asked for redaction runs, what is stored is the upload with what will
+// be hidden audible: it is not played (the server serves it to its owner; the page waits for the
+// redacted copy), nor is a running job's whose options could not be read (a 503, the network):
+// it may be one. Loaded `again`, a seek waiting for it still waits, and what was playing goes on
+// from where it was; what was paused stays paused there.
 async function loadAudio(jobId, { again = false } = {}) {
   const player = $("#player");
-  const seek = again ? (state.pendingSeek ?? (player.paused ? null : player.currentTime)) : null;
+  let [seek, paused] = [null, false];
+  if (again && state.pendingSeek !== null) {
+    [seek, paused] = [state.pendingSeek, state.pendingPaused];
+  } else if (again && player.getAttribute("src") && (!player.paused || player.currentTime > 0)) {
+    [seek, paused] = [player.currentTime, player.paused];
+  }
   audioProblem("");
   stopAudio();
   state.pendingSeek = seek;
+  state.pendingPaused = paused;
   const load = state.audioLoads;
   const current = () => state.open === jobId && state.audioLoads === load;  // not another job, nor this one again
   state.audioRetries = 0;
@@ -1081,23 +1107,42 @@ async function loadAudio(jobId, { again = false } = {}) {
     let job = null;
     try {
       job = await (await api(`/transcripts/${jobId}`)).json();
-    } catch (error) { /* played as if it asked for none; loaded again when it ends all the same */ }
+    } catch (error) { /* whether it asked for redaction is not known: played once it has ended */ }
     if (!current()) return;
     if (job && job.status !== "processing") {
       state.audioAgainAtEnd = null;  // ended meanwhile: its recording is the one to play
-    } else if (job?.options?.redact?.length) {
+    } else if (!job) {
+      audioProblem("The recording plays once the transcript is done: whether anything in it is to be made"
+        + " silent first could not be read.");
+      return;
+    } else if (job.options?.redact?.length) {
       audioProblem("The recording plays once the transcript is done: what is hidden in it is made silent first.");
       return;
     }
   }
-  if (!apiKey()) {
-    player.src = audioAddress(jobId);  // streamed, seeking by Range requests
-    return;
-  }
+  fillPlayer(jobId, current);
+}
+
+// The job's recording into the player, as long as current(): fetched with the key (an audio
+// element cannot send it), or streamed by the element, seeking by Range requests, at the address
+// of the version stored now. A 503 is asked again after its wait.
+async function fillPlayer(jobId, current) {
+  const player = $("#player");
+  const streamed = !apiKey();
   for (;;) {
-    try {  // an audio element cannot send the key: fetch the file with it
-      const blob = await (await api(`/transcripts/${jobId}/audio`)).blob();
+    try {
+      if (streamed) {
+        const tag = await recordingVersion(jobId);
+        if (!current()) return;
+        state.audioTag = tag;
+        player.src = audioAddress(jobId, tag);
+        return;
+      }
+      const answer = await api(`/transcripts/${jobId}/audio`);
+      const blob = await answer.blob();
       if (!current()) return;
+      if (state.audioUrl) URL.revokeObjectURL(state.audioUrl);
+      state.audioTag = answer.headers.get("ETag") || "";
       state.audioUrl = URL.createObjectURL(blob);
       player.src = state.audioUrl;
       return;
@@ -1115,29 +1160,46 @@ async function loadAudio(jobId, { again = false } = {}) {
   }
 }
 
+// The job has ended: its recording may have been replaced by its redacted copy, or be about to be
+// (the server answers 503 until it is). It is loaded again (never the upload kept) unless the
+// version stored is the one in the player: what plays, or is paused, then goes on undisturbed.
+async function recordingEnded(jobId) {
+  state.audioAgainAtEnd = null;
+  const load = state.audioLoads;
+  const loaded = state.audioTag;
+  if (loaded) {
+    let stored = null;
+    try {
+      stored = await recordingVersion(jobId);
+    } catch (error) { /* a 503 (being redacted), or not known: loaded again, which says why */ }
+    if (state.open !== jobId || state.audioLoads !== load) return;  // another job, or loaded again meanwhile
+    if (stored === loaded) return;
+  }
+  loadAudio(jobId, { again: true });
+}
+
 // The audio element only says that it failed: the API says why (e.g. a 410, the recording
-// removed after AUDIO_RETENTION_DAYS).
+// removed after AUDIO_RETENTION_DAYS). A 503 is asked again after its wait, at the address of the
+// version stored then (it may have been redacted meanwhile).
 async function audioFailed() {
   const player = $("#player");
   const jobId = state.open;
   const load = state.audioLoads;
   if (jobId === null || !player.getAttribute("src")) return;
+  const current = () => state.open === jobId && state.audioLoads === load;  // not another job, nor this one again
   let reason = "";
   if (!player.src.startsWith("blob:")) {
     try {
-      await api(`/transcripts/${jobId}/audio`, { headers: { Range: "bytes=0-0" } });
+      await recordingVersion(jobId);
     } catch (error) {
       reason = error.detail || error.message;
-      if (error.status === 503 && state.open === jobId && state.audioLoads === load) {
-        setTimeout(() => {
-          if (state.open !== jobId || state.audioLoads !== load) return;  // another job, or this one again
-          player.src = audioAddress(jobId);  // setting it loads it again
-        }, audioRetryDelayMs(error));
+      if (error.status === 503 && current()) {
+        setTimeout(() => { if (current()) fillPlayer(jobId, current); }, audioRetryDelayMs(error));
         return;
       }
     }
   }
-  if (state.open !== jobId || state.audioLoads !== load) return;
+  if (!current()) return;
   audioProblem(reason ? `The recording could not be loaded: ${reason}` : "The recording could not be loaded.");
 }
 
@@ -1147,6 +1209,7 @@ function playFrom(seconds, button) {
   const player = $("#player");
   for (const other of document.querySelectorAll(".segment.playing")) other.classList.remove("playing");
   if (button) button.classList.add("playing");
+  state.pendingPaused = false;
   if (!player.getAttribute("src") || player.readyState < HTMLMediaElement.HAVE_METADATA) {
     state.pendingSeek = seconds;
     // A browser that loads nothing until asked (preload ignored) would never tell it is there.
@@ -1158,8 +1221,17 @@ function playFrom(seconds, button) {
   player.play().catch(() => { /* the browser may refuse to play without sound output */ });
 }
 
+// The recording is there: a seek waiting for it is made (and plays, but where it was paused when
+// it was loaded again).
 function seekWaiting() {
-  if (state.pendingSeek !== null) playFrom(state.pendingSeek, document.querySelector(".segment.playing"));
+  if (state.pendingSeek === null) return;
+  if (state.pendingPaused) {
+    $("#player").currentTime = state.pendingSeek;
+    state.pendingSeek = null;
+    state.pendingPaused = false;
+    return;
+  }
+  playFrom(state.pendingSeek, document.querySelector(".segment.playing"));
 }
 
 // How long each speaker talks (time, share of all talk, words), shown beside its name field.
@@ -1218,8 +1290,8 @@ async function openTranscript(jobId) {
       renderRerun(jobId, true);
       refreshNames();
       // Ended, a running job's recording may have been replaced by its redacted copy (or be about
-      // to be: the server answers 503 until it is): loaded again, never the upload kept.
-      if (state.audioAgainAtEnd === jobId) loadAudio(jobId, { again: true });
+      // to be: the server answers 503 until it is): loaded again then, never the upload kept.
+      if (state.audioAgainAtEnd === jobId) recordingEnded(jobId);
       if (type === "transcript.completed") {
         loadSpeakingTime(jobId);
         readDone(jobId);
