@@ -5,11 +5,13 @@ ingest does not scan: only the event path can make the job."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import threading
 import time
 import urllib.parse
+from collections.abc import AsyncIterator
 from types import SimpleNamespace
 
 import aio_pika
@@ -327,24 +329,32 @@ async def test_a_drop_over_max_upload_mb_is_refused_and_not_copied(stack: Stack,
 async def test_a_drop_whose_result_key_would_be_too_long_is_refused_once(stack: Stack, fixtures_dir):
     """S3 keys are at most 1024 bytes: `results/<key>.json` of a key near that could never be
     written, and every scan tried again (with a traceback) for ever."""
-    bucket = f"longbox-{time.monotonic_ns() % 10**9}"
     key = "calls/" + "x" * 1010 + ".flac"  # 1021 bytes: a drop S3 takes, its result key 1034
+    async with registered_drop(stack, "longbox", key, fixtures_dir / "jfk.flac") as (inbox, job_id):
+        row = await ended(inbox.pool, job_id)
+        assert row["status"] == "error" and "1034 bytes" in (row["error"] or ""), row
+        # Marked written without a try (moto, unlike S3, would take the key).
+        await inbox.pool.execute("UPDATE transcripts SET result_written = false WHERE id = $1", job_id)
+        await inbox.write_result(job_id)
+        assert await inbox.pool.fetchval("SELECT result_written FROM transcripts WHERE id = $1", job_id)
+        assert stored_size(inbox.s3, inbox.settings.inbox_bucket, f"results/{key}.json") is None
+
+
+@contextlib.asynccontextmanager
+async def registered_drop(stack: Stack, bucket_prefix: str, key: str, recording) -> AsyncIterator[tuple[Inbox, int]]:
+    """`recording` dropped as `key` into a bucket of its own and taken by an Inbox of this process:
+    that inbox and the job id; the job, the bucket and what the drop left removed afterwards."""
+    bucket = f"{bucket_prefix}-{time.monotonic_ns() % 10**9}"
     settings = stack.settings(inbox_bucket=bucket)
     s3 = make_client(settings)
     ensure_buckets(s3, bucket)
     pool = await create_pool(settings)
     job_id = None
     try:
-        await asyncio.to_thread(s3.fput_object, bucket, key, str(fixtures_dir / "jfk.flac"))
+        await asyncio.to_thread(s3.fput_object, bucket, key, str(recording))
         inbox = Inbox(settings, pool, s3, asyncio.Event())
         job_id = await inbox.register(key, s3.stat_object(bucket, key).etag.strip('"'))
-        row = await ended(pool, job_id)
-        assert row["status"] == "error" and "1034 bytes" in (row["error"] or ""), row
-        # Marked written without a try (moto, unlike S3, would take the key).
-        await pool.execute("UPDATE transcripts SET result_written = false WHERE id = $1", job_id)
-        await inbox.write_result(job_id)
-        assert await pool.fetchval("SELECT result_written FROM transcripts WHERE id = $1", job_id)
-        assert stored_size(s3, bucket, f"results/{key}.json") is None
+        yield inbox, job_id
     finally:
         await discard(stack.api, job_id)
         await pool.execute("DELETE FROM deleted_drops WHERE source_bucket = $1", bucket)
@@ -575,28 +585,14 @@ def test_a_result_files_name_over_255_bytes_is_too_long():
 
 
 async def test_a_drop_whose_result_files_name_would_be_too_long_is_refused(stack: Stack, fixtures_dir):
-    bucket = f"namebox-{time.monotonic_ns() % 10**9}"
     key = "calls/" + "x" * 250 + ".flac"  # a name MinIO takes; its result file's is 260 bytes
-    settings = stack.settings(inbox_bucket=bucket)
-    s3 = make_client(settings)
-    ensure_buckets(s3, bucket)
-    pool = await create_pool(settings)
-    job_id = None
-    try:
-        await asyncio.to_thread(s3.fput_object, bucket, key, str(fixtures_dir / "empty.wav"))
-        inbox = Inbox(settings, pool, s3, asyncio.Event())
-        job_id = await inbox.register(key, s3.stat_object(bucket, key).etag.strip('"'))
-        row = await ended(pool, job_id)
+    async with registered_drop(stack, "namebox", key, fixtures_dir / "empty.wav") as (inbox, job_id):
+        row = await ended(inbox.pool, job_id)
         assert row["status"] == "error" and "key is too long" in row["error"] and "260 bytes" in row["error"], row
         # Marked written without a try (moto, unlike MinIO, would take the name).
-        assert stored_size(s3, bucket, f"results/{key}.json") is None
+        assert stored_size(inbox.s3, inbox.settings.inbox_bucket, f"results/{key}.json") is None
         # Not copied: such a job cannot be rerun.
-        assert stored_size(s3, settings.audio_bucket, f"uploads/{job_id}") is None
-    finally:
-        await discard(stack.api, job_id)
-        await pool.execute("DELETE FROM deleted_drops WHERE source_bucket = $1", bucket)
-        await pool.close()
-        remove_bucket(s3, bucket)
+        assert stored_size(inbox.s3, inbox.settings.audio_bucket, f"uploads/{job_id}") is None
 
 
 async def test_only_an_object_created_event_is_a_drop_and_one_without_an_etag_is_the_object_there(
