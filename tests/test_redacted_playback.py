@@ -118,11 +118,11 @@ def test_playback_serves_audio_and_video_types_only(stack, made_job, filename, s
     assert answer.headers["x-content-type-options"] == "nosniff"
 
 
-def test_a_recording_replaced_while_it_is_played_breaks_the_answer_off(stack, made_job):
-    """Each piece is read from the version the answer began with: the recording replaced
-    meanwhile (by its redacted copy) ends the answer short, never continues it with the new file."""
-    size = 24 * 1024 * 1024  # many pieces, past what the sockets between hold
-    job_id = made_job("call.mp3", b"\x01" * size)
+def changed_while_played(stack, made_job, size: int, change) -> tuple[int, int]:
+    """A recording of `size` bytes of 1 played, and `change(its key)` done once the server has
+    filled the sockets and waits: the answer must end short with only the first version's bytes.
+    The job's id, and where the ingest log stood before."""
+    job_id = made_job("call.mp3", b"\x01" * size)  # many pieces, past what the sockets between hold
     received = io.BytesIO()
     logged_before = len(stack.log_text("ingest"))
     with httpx.Client(timeout=60) as client, client.stream("GET", f"{stack.api}/transcripts/{job_id}/audio") as answer:
@@ -130,11 +130,20 @@ def test_a_recording_replaced_while_it_is_played_breaks_the_answer_off(stack, ma
         pieces = answer.iter_bytes(64 * 1024)
         received.write(next(pieces))
         time.sleep(1)  # the server has filled the sockets and waits
-        upload_bytes(stack.s3(), stack.settings().audio_bucket, f"uploads/{job_id}", b"\x02" * size)
+        change(f"uploads/{job_id}")
         with pytest.raises(httpx.HTTPError):
             for piece in pieces:
                 received.write(piece)
     assert 0 < received.tell() < size and set(received.getvalue()) == {1}
+    return job_id, logged_before
+
+
+def test_a_recording_replaced_while_it_is_played_breaks_the_answer_off(stack, made_job):
+    """Each piece is read from the version the answer began with: the recording replaced
+    meanwhile (by its redacted copy) ends the answer short, never continues it with the new file."""
+    size = 24 * 1024 * 1024
+    job_id, logged_before = changed_while_played(stack, made_job, size, lambda key: upload_bytes(
+        stack.s3(), stack.settings().audio_bucket, key, b"\x02" * size))
     # Asked again, it is the new recording, whole.
     again = audio(stack, job_id)
     assert again.status_code == 200 and again.content == b"\x02" * size
@@ -154,20 +163,8 @@ def test_a_recording_replaced_while_it_is_played_breaks_the_answer_off(stack, ma
 def test_a_recording_removed_while_it_is_played_breaks_the_answer_off(stack, made_job):
     """The recording removed (a DELETE, retention) after the answer began: the status is sent, so
     the answer ends short, said in a line, not an error with a traceback."""
-    size = 24 * 1024 * 1024  # many pieces, past what the sockets between hold
-    job_id = made_job("call.mp3", b"\x01" * size)
-    received = io.BytesIO()
-    logged_before = len(stack.log_text("ingest"))
-    with httpx.Client(timeout=60) as client, client.stream("GET", f"{stack.api}/transcripts/{job_id}/audio") as answer:
-        assert answer.status_code == 200 and answer.headers["content-length"] == str(size)
-        pieces = answer.iter_bytes(64 * 1024)
-        received.write(next(pieces))
-        time.sleep(1)  # the server has filled the sockets and waits
-        stack.s3().remove_object(stack.settings().audio_bucket, f"uploads/{job_id}")
-        with pytest.raises(httpx.HTTPError):
-            for piece in pieces:
-                received.write(piece)
-    assert 0 < received.tell() < size and set(received.getvalue()) == {1}
+    job_id, logged_before = changed_while_played(
+        stack, made_job, 24 * 1024 * 1024, lambda key: stack.s3().remove_object(stack.settings().audio_bucket, key))
     assert audio(stack, job_id).status_code == 404  # asked again: gone
     deadline = time.monotonic() + 10
     while "playback broken off" not in (logged := stack.log_text("ingest")[logged_before:]):
