@@ -263,20 +263,20 @@ async def declare_queue(connection: AbstractRobustConnection, name: str, argumen
     """Declare a durable queue on a channel of its own. One made by an earlier version with other
     arguments is used as it is, with a warning (a queue's arguments cannot change in place; the
     broker closes the channel that asks, hence one of its own)."""
-    channel = await _plain_channel(connection)
+    channel = await plain_channel(connection)
     try:
         await channel.declare_queue(name, durable=True, arguments=arguments)
     except aio_pika.exceptions.ChannelPreconditionFailed:
         log.warning("queue %s exists with other arguments than this version declares (%s); using it"
                     " as it is. Delete it while it is empty to apply them.", name, arguments)
-        channel = await _plain_channel(connection)
+        channel = await plain_channel(connection)
         await channel.declare_queue(name, passive=True)
     finally:
         if not channel.is_closed:
             await channel.close()
 
 
-async def _plain_channel(connection: AbstractRobustConnection) -> AbstractChannel:
+async def plain_channel(connection: AbstractRobustConnection) -> AbstractChannel:
     """A channel that stays closed once closed. A robust one the broker closes (a refused
     declaration) is opened again at once by aio-pika, and left open: one leaked channel per start
     while a queue of an earlier version exists. Even one closed here is opened again at the next

@@ -26,7 +26,12 @@ import pytest
 from common.broker import DEAD_LETTERS_QUEUE, declare_topology
 from common.messages import TranscriptCompleted
 from devstack import scratch_database
-from services.ingest.inbox import INBOX_EVENTS_QUEUE, RESULTS_QUEUE, declare_queues
+from services.ingest.inbox import (
+    INBOX_EVENTS_QUEUE,
+    RESULTS_QUEUE,
+    declare_inbox_events_queue,
+    declare_results_queue,
+)
 from tests.conftest import ROOT, Stack, amqp_url, free_port, private_vhost
 
 
@@ -275,7 +280,8 @@ async def test_a_job_end_the_broker_takes_back_past_the_delivery_limit_is_parked
             channel = await connection.channel()
             await declare_topology(connection, settings)
             await channel.declare_queue(INBOX_EVENTS_QUEUE, durable=True, arguments={"x-queue-type": "quorum"})
-            await declare_queues(connection, channel, settings)
+            await declare_results_queue(connection, channel, settings)
+            await declare_inbox_events_queue(connection, settings)
 
             ended = TranscriptCompleted(job_id=4242, transcript_id=4242, filename="a.wav", segment_count=0)
             events = await channel.get_exchange("stt.events")

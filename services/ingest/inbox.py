@@ -28,9 +28,9 @@ from common import jobstore, runner, speakerstore
 from common.broker import (
     EVENTS_EXCHANGE,
     Route,
-    _plain_channel,
     consume,
     declare_queue,
+    plain_channel,
     stage_queue_arguments,
 )
 from common.db import DATABASE_UNAVAILABLE, LockKey, every
@@ -182,7 +182,15 @@ def result_key_too_long(results_prefix: str, key: str) -> str | None:
 
 async def declare_results_queue(connection: aio_pika.abc.AbstractRobustConnection,
                                 channel: aio_pika.abc.AbstractChannel, settings: Settings) -> None:
-    """stt.ingest.results, bound to the job endings on stt.events (declare_queues)."""
+    """stt.ingest.results, bound to the job endings on stt.events. Ingest's two queues (this and
+    declare_inbox_events_queue's) have the stage queues' delivery limit and dead-letter exchange:
+    a message the broker takes back more than DELIVERY_LIMIT times (its consumer crashing on it
+    each time) is parked in stt.dead-letters with that reason, where RabbitMQ 4 would drop it at
+    its default limit of 20. A queue an earlier version made without them is used as it is
+    (common.broker.declare_queue). Declared and bound without aio-pika's restoring, as
+    common.broker.declare_topology does (a queue deleted meanwhile would fail every
+    reconnection); a consumer whose queue went declares them again when it starts again. Each
+    consumer declares its own (Inbox._consume): the job ends' must not wait on MinIO's exchange."""
     await declare_queue(connection, RESULTS_QUEUE, stage_queue_arguments("ingest", settings))
     stt_events = await channel.get_exchange(EVENTS_EXCHANGE)
     results_queue = await channel.declare_queue(RESULTS_QUEUE, passive=True, robust=False)
@@ -203,10 +211,10 @@ MINIO_EXCHANGE_RETRY_S = 30.0
 async def declare_inbox_events_queue(connection: aio_pika.abc.AbstractRobustConnection, settings: Settings) -> None:
     """stt.ingest.inbox-events, bound to MINIO_EVENTS_EXCHANGE (a durable topic exchange, declared
     unless it exists so: MinIO publishes to it). On a channel of its own, not restored by aio-pika
-    (common.broker._plain_channel), since the broker closes the channel of a refused declaration
+    (common.broker.plain_channel), since the broker closes the channel of a refused declaration
     (MINIO_EXCHANGE_REFUSED, raised)."""
     await declare_queue(connection, INBOX_EVENTS_QUEUE, stage_queue_arguments("ingest", settings))
-    channel = await _plain_channel(connection)
+    channel = await plain_channel(connection)
     try:
         minio_events = await channel.declare_exchange(settings.minio_events_exchange, aio_pika.ExchangeType.TOPIC,
                                                       durable=True)
@@ -215,20 +223,6 @@ async def declare_inbox_events_queue(connection: aio_pika.abc.AbstractRobustConn
     finally:
         if not channel.is_closed:
             await channel.close()
-
-
-async def declare_queues(connection: aio_pika.abc.AbstractRobustConnection, channel: aio_pika.abc.AbstractChannel,
-                         settings: Settings) -> None:
-    """Ingest's two queues, bound to what they take, with the stage queues' delivery limit and
-    dead-letter exchange: a message the broker takes back more than DELIVERY_LIMIT times (its
-    consumer crashing on it each time) is parked in stt.dead-letters with that reason, where
-    RabbitMQ 4 would drop it at its default limit of 20. A queue an earlier version made without
-    them is used as it is (common.broker.declare_queue). Declared and bound without aio-pika's
-    restoring, as common.broker.declare_topology does (a queue deleted meanwhile would fail every
-    reconnection); a consumer whose queue went declares them again when it starts again. Each
-    consumer declares its own (Inbox._consume): the job ends' must not wait on MinIO's exchange."""
-    await declare_results_queue(connection, channel, settings)
-    await declare_inbox_events_queue(connection, settings)
 
 
 class Inbox:
