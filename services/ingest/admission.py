@@ -61,6 +61,12 @@ CLAIM_EVENT_STREAM = "stt.claim_event_stream"
 OPENAI_PATHS = ("/v1/audio/transcriptions", "/v1/audio/translations")
 
 
+def slow_after(started: float, received: int) -> float:
+    """When `received` bytes, coming since `started` (monotonic), must have come by: past it, their
+    average is under UPLOAD_MIN_RATE, and UPLOAD_RATE_GRACE_S have passed."""
+    return started + max(UPLOAD_RATE_GRACE_S, received / UPLOAD_MIN_RATE)
+
+
 def _is_upload(scope: Scope) -> bool:
     return scope["path"] in UPLOAD_PATHS and scope["method"] == "POST"
 
@@ -177,8 +183,7 @@ def _idle_bounded(receive: Receive, full: Callable[[], bool] = lambda: False) ->
         if body_in:
             return await receive()
         asked = time.monotonic()
-        # The body so far must have come by the time its average would fall below the rate.
-        rate_deadline = started + max(UPLOAD_RATE_GRACE_S, received / UPLOAD_MIN_RATE)
+        rate_deadline = slow_after(started, received)
         coming = asyncio.ensure_future(receive())
         try:
             while True:

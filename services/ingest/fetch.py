@@ -61,7 +61,7 @@ class _RateFloor:
         """When what came so far must have come by: its average would fall below the rate after."""
         if self.started is None:
             return float("inf")
-        return self.started + max(admission.UPLOAD_RATE_GRACE_S, self.received / admission.UPLOAD_MIN_RATE)
+        return admission.slow_after(self.started, self.received)
 
     async def watch(self, fetching: asyncio.Task) -> None:
         """Cancel `fetching` once it is too slow while every place is taken (this task runs in its
