@@ -8,6 +8,7 @@ import hashlib
 import hmac
 import secrets
 from datetime import datetime
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, SerializeAsAny
 
@@ -40,6 +41,19 @@ def signature(secret: str, message_id: str, timestamp: int, body: bytes) -> str:
     """The `webhook-signature` header: `v1,` + base64 HMAC-SHA256 of `id.timestamp.body`."""
     signed = f"{message_id}.{timestamp}.".encode() + body
     return "v1," + base64.b64encode(hmac.new(_key(secret), signed, hashlib.sha256).digest()).decode()
+
+
+def endpoint(url: str) -> str:
+    """The server a webhook URL is delivered to: its scheme, host and port. WEBHOOK_CONCURRENCY
+    bounds the deliveries in flight to each: counted per webhook, every job's callback_url (a
+    webhook of its own) counted apart, and 40 jobs calling back one dead server took every
+    delivery slot of a notifier. Not per path: a dead server holds every path on it alike."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port or {"http": 80, "https": 443}.get(parts.scheme.lower())
+    except ValueError:  # refused before any request: as good as an endpoint of its own
+        return url
+    return f"{parts.scheme.lower()}://{parts.hostname}:{port}"
 
 
 class WebhookPayload(BaseModel):

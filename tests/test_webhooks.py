@@ -37,8 +37,8 @@ MAX_ATTEMPTS = 3
 
 class Receiver:
     """A local HTTP server that records every POST and answers per path: /ok 200, /flaky (and
-    /flaky-anything) 500 twice then 200, /refusing-anything 500 always, /dead never (holds the
-    request), /slow (and /slow-anything) 200 after 1 s."""
+    /flaky-anything) 500 twice then 200, /refusing-anything 500 always, /dead (and /dead-anything)
+    never (holds the request), /slow (and /slow-anything) 200 after 1 s."""
 
     def __init__(self) -> None:
         self.requests: list[dict] = []
@@ -52,7 +52,7 @@ class Receiver:
                     receiver.requests.append({"path": self.path, "headers": dict(self.headers.items()),
                                               "body": body, "at": time.monotonic()})
                     seen = sum(1 for r in receiver.requests if r["path"] == self.path)
-                if self.path == "/dead":
+                if self.path.startswith("/dead"):
                     time.sleep(TIMEOUT_S * 3)
                     return
                 if self.path.startswith("/slow"):
@@ -75,6 +75,10 @@ class Receiver:
     def got(self, path: str) -> list[dict]:
         with self.lock:
             return [r for r in self.requests if r["path"] == path]
+
+    def got_under(self, prefix: str) -> list[dict]:
+        with self.lock:
+            return [r for r in self.requests if r["path"].startswith(prefix)]
 
     def events(self, path: str, job_id: int) -> list[dict]:
         return [json.loads(r["body"]) for r in self.got(path) if json.loads(r["body"])["data"]["job_id"] == job_id]
@@ -276,15 +280,48 @@ def pending_deliveries(stack, url: str, job_id: int, count: int) -> tuple[int, l
 
 def kick(stack, job_id: int, webhook_id: int) -> None:
     """Ask the notifier to send the job's deliveries to the webhook, as fan_out and the sweep do."""
+    kick_all(stack, [WebhookDue(job_id=job_id, webhook_id=webhook_id)])
+
+
+def kick_all(stack, dues: list[WebhookDue]) -> None:
     async def publish() -> None:
         connection = await connect(stack.settings(), "test-webhook-kick")
         try:
             bus = await open_bus(connection, stack.settings())
-            await bus.publish(WebhookDue(job_id=job_id, webhook_id=webhook_id))
+            for due in dues:
+                await bus.publish(due)
         finally:
             await connection.close()
 
     asyncio.run(publish())
+
+
+def messages_in(stack, queue_name: str) -> int:
+    """Messages ready in a queue (a delay queue's are all ready: nothing consumes it)."""
+    async def count() -> int:
+        connection = await connect(stack.settings(), "test-queue-count")
+        try:
+            queue = await (await connection.channel()).declare_queue(queue_name, passive=True)
+            return queue.declaration_result.message_count
+        finally:
+            await connection.close()
+
+    return asyncio.run(count())
+
+
+def callbacks_to_one_server(stack, server: Receiver, first_job_id: int, count: int,
+                            overdue: bool = False) -> list[WebhookDue]:
+    """`count` webhooks, each with one pending delivery of a job of its own, as many jobs'
+    callback_urls naming one server (a path each); their kicks. `overdue`: due an hour ago, as
+    the sweep sees a chain left without a kick that long."""
+    dues = []
+    for job_id in range(first_job_id, first_job_id + count):  # no transcripts: deleted jobs
+        webhook_id, _ = pending_deliveries(stack, server.url(f"/dead-callback?job={job_id}"), job_id, 1)
+        dues.append(WebhookDue(job_id=job_id, webhook_id=webhook_id))
+        if overdue:
+            stack.query("UPDATE webhook_deliveries SET next_attempt_at = now() - interval '1 hour'"
+                        " WHERE webhook_id = $1", webhook_id)
+    return dues
 
 
 def dead_letters(stack) -> int:
@@ -641,3 +678,92 @@ def test_an_event_of_a_type_the_notifier_does_not_know_is_kept_for_a_newer_notif
     assert "transcript.summarized failed" in log and "upgrade the notifier" in found["headers"]["x-last-error"]
     assert "no handler for routing key 'transcript.summarized'" not in log
 
+
+def test_a_dead_server_named_by_many_jobs_callbacks_does_not_hold_back_another_endpoint(notified):
+    """WEBHOOK_CONCURRENCY counted deliveries per webhook, and every job's callback_url is a webhook
+    of its own: 70 jobs calling back one dead server took all 32 of the notifier's delivery slots
+    (each for WEBHOOK_TIMEOUT_S, twice over), and another endpoint's delivery waited behind them.
+    They are counted per endpoint (scheme, host and port) now."""
+    stack, receiver = notified
+    dead = Receiver()  # a server of its own (another port): every /dead path holds requests past the timeout
+    webhook_ids = []
+    try:
+        dues = callbacks_to_one_server(stack, dead, 989000, 70)
+        webhook_ids = [due.webhook_id for due in dues]
+        healthy_id, _ = pending_deliveries(stack, receiver.url("/ok-beside-a-dead-server"), 989099, 1)
+        webhook_ids.append(healthy_id)
+        kick_all(stack, [*dues, WebhookDue(job_id=989099, webhook_id=healthy_id)])  # the healthy one last
+        first = min(r["at"] for r in wait_for(lambda: dead.got_under("/dead"), 30, "a delivery to the dead server"))
+        delivered = wait_for(lambda: receiver.got("/ok-beside-a-dead-server"), 30, "the other endpoint's delivery")
+        time.sleep(max(0.0, first + TIMEOUT_S - 0.3 - time.monotonic()))
+        # Before the first attempt there timed out (freeing a slot): those in flight at once.
+        at_once = [r for r in dead.got_under("/dead") if r["at"] < first + TIMEOUT_S - 0.3]
+        assert len(at_once) <= stack.settings().webhook_concurrency, len(at_once)
+        # Not held behind the dead server: delivered before any of its requests timed out.
+        assert delivered[0]["at"] - first < TIMEOUT_S, delivered[0]["at"] - first
+    finally:
+        for webhook_id in webhook_ids:
+            stack.query("DELETE FROM webhooks WHERE id = $1", webhook_id)
+        dead.server.shutdown()
+
+
+def test_the_sweep_does_not_kick_again_chains_waiting_for_their_endpoints_slot(notified):
+    """A job's chain waiting for its endpoint's slot is sent back every BUSY_ENDPOINT_DELAY_S by
+    its own kick. Counted per endpoint, such a chain held no lock the sweep could see, so the
+    sweep took it for stuck and kicked it again every round, in every replica, and the kicks
+    piled up (each sent back every few seconds for as long as the endpoint stayed busy). Rounds
+    of the sweep add no kick to it now: the kicks waiting for the slot stay one per chain."""
+    stack, _ = notified
+    busy_queue = retry_queue(handler.DELIVERY_QUEUE, handler.BUSY_ENDPOINT_DELAY_S)
+    # A test before may leave kicks going round for a webhook it removed (each stops on its next turn).
+    wait_for(lambda: messages_in(stack, busy_queue) == 0, 30, "no kick waiting for a slot")
+    dead = Receiver()
+    chains = 24
+    log_from = len(stack.log_text("notifier"))
+    webhook_ids = []
+    try:
+        dues = callbacks_to_one_server(stack, dead, 988000, chains, overdue=True)
+        webhook_ids = [due.webhook_id for due in dues]
+        kick_all(stack, dues)
+        wait_for(lambda: dead.got_under("/dead") and messages_in(stack, handler.DELIVERY_QUEUE) == 0, 30,
+                 "every kick taken by the notifier")
+        time.sleep(1)  # the last of them sent back
+
+        async def sweep_for_a_while() -> list:
+            pool = await asyncpg.create_pool(stack.database_url, min_size=1, max_size=2)
+            connection = await connect(stack.settings(), "test-webhook-sweep")
+            try:
+                bus = await open_bus(connection, stack.settings())
+                sweeping = asyncio.create_task(handler.sweep_stuck(pool, bus, every_s=0.5))  # ten rounds
+                await asyncio.sleep(5)
+                sweeping.cancel()
+                await asyncio.gather(sweeping, return_exceptions=True)
+                return [r for r in await handler.overdue_chains(pool) if r["webhook_id"] in webhook_ids]
+            finally:
+                await connection.close()
+                await pool.close()
+
+        waiting = []
+        sampling = threading.Event()
+
+        def sample() -> None:
+            while not sampling.is_set():
+                waiting.append(messages_in(stack, busy_queue))
+                time.sleep(0.25)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        try:
+            taken_for_stuck = asyncio.run(sweep_for_a_while())
+            time.sleep(handler.BUSY_ENDPOINT_DELAY_S)  # the last round's kicks, had there been any, sent back
+        finally:
+            sampling.set()
+            sampler.join()
+        assert waiting and max(waiting) <= chains, waiting
+        assert not taken_for_stuck, taken_for_stuck
+        log = stack.log_text("notifier")[log_from:]
+        assert "webhook.due failed" not in log, log[-3000:]
+    finally:
+        for webhook_id in webhook_ids:
+            stack.query("DELETE FROM webhooks WHERE id = $1", webhook_id)
+        dead.server.shutdown()

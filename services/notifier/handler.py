@@ -26,23 +26,28 @@ from common.messages import Contract, WebhookDue
 from common.metrics import webhook_attempted
 from common.outbound import target_problem
 from common.settings import Settings
-from common.webhooks import WebhookPayload, signature
+from common.webhooks import WebhookPayload, endpoint, signature
 
 log = logging.getLogger(__name__)
 
 DELIVERY_QUEUE = stage_queue("notifier")
-# A webhook whose WEBHOOK_CONCURRENCY deliveries are all in flight gets this one again later,
+# An endpoint whose WEBHOOK_CONCURRENCY deliveries are all in flight gets this one again later,
 # instead of it holding a consumer slot another endpoint could use.
 BUSY_ENDPOINT_DELAY_S = 5
 # A pending delivery this late (its kick lost: a crash between commit and publish) is kicked again.
 STUCK_AFTER_S = 120
+# A chain sent back to wait for its endpoint's slot marks its oldest delivery due now when it is
+# later than this (well within STUCK_AFTER_S, so the sweep never takes it for stuck, and a write
+# a minute per waiting chain rather than one every BUSY_ENDPOINT_DELAY_S).
+WAITING_MARKED_EVERY_S = STUCK_AFTER_S / 2
 SWEEP_EVERY_S = 30.0
 MAX_ERROR_CHARS = 500
 PRUNE_EVERY_S = 3600.0
 PRUNE_BATCH = 1000
 
-# Deliveries in flight in this process, per webhook (an entry goes when its count is back to 0).
-_in_flight: dict[int, int] = {}
+# Deliveries in flight in this process, per endpoint (common.webhooks.endpoint; an entry goes
+# when its count is back to 0).
+_in_flight: dict[str, int] = {}
 
 
 async def fan_out(pool: asyncpg.Pool, event: Contract) -> AsyncIterator[WebhookDue]:
@@ -86,17 +91,36 @@ async def leave_to_a_newer_notifier(event: EventOfANewerVersion) -> None:
 
 async def deliver(pool: asyncpg.Pool, http: aiohttp.ClientSession, settings: Settings, bus: Bus,
                   due: WebhookDue) -> None:
-    if _in_flight.get(due.webhook_id, 0) >= settings.webhook_concurrency:
+    url = await pool.fetchval("SELECT url FROM webhooks WHERE id = $1", due.webhook_id)
+    if url is None:
+        return  # removed since: its deliveries went with it
+    slot = endpoint(url)
+    if _in_flight.get(slot, 0) >= settings.webhook_concurrency:
+        await _mark_waiting_for_a_slot(pool, due)
         await publish_later(bus, due, DELIVERY_QUEUE, BUSY_ENDPOINT_DELAY_S)
         return
-    _in_flight[due.webhook_id] = _in_flight.get(due.webhook_id, 0) + 1
+    _in_flight[slot] = _in_flight.get(slot, 0) + 1
     try:
         while await _deliver_in_order(pool, http, settings, bus, due):
             due = due.model_copy(update={"retry_of": None, "after_attempts": None})
     finally:
-        _in_flight[due.webhook_id] -= 1
-        if not _in_flight[due.webhook_id]:
-            del _in_flight[due.webhook_id]
+        _in_flight[slot] -= 1
+        if not _in_flight[slot]:
+            del _in_flight[slot]
+
+
+async def _mark_waiting_for_a_slot(pool: asyncpg.Pool, due: WebhookDue) -> None:
+    """Tell the sweep that this chain is not stuck: its kick is on its way back for a slot.
+    Its oldest delivery, due long ago, is made due now (no later: the kick coming back finds it
+    due). Unmarked, a chain waiting behind a busy endpoint looked stuck to the sweep, which kicked
+    it again every SWEEP_EVERY_S in every replica, each kick sent back here every
+    BUSY_ENDPOINT_DELAY_S while the endpoint stayed busy: kicks piled up for as long as it did."""
+    await pool.execute(
+        """UPDATE webhook_deliveries SET next_attempt_at = now()
+            WHERE id = (SELECT id FROM webhook_deliveries
+                         WHERE webhook_id = $1 AND job_id = $2 AND status = 'pending' ORDER BY id LIMIT 1)
+              AND status = 'pending' AND next_attempt_at < now() - make_interval(secs => $3)""",
+        due.webhook_id, due.job_id, float(WAITING_MARKED_EVERY_S))
 
 
 # How long one message sends a job's deliveries to one endpoint; the rest go on in a message of
@@ -270,25 +294,30 @@ async def prune_delivery_log(pool: asyncpg.Pool, settings: Settings) -> int:
 
 
 async def overdue_chains(db: asyncpg.Pool | asyncpg.Connection) -> list[asyncpg.Record]:
-    """(webhook_id, job_id) of each job whose oldest pending delivery is long overdue; of a webhook
-    with a delivery in flight (a (webhook, job) lock held, by any replica), only the one overdue
-    longest. Such a webhook is busy, not stuck: its waiting jobs' kicks come back every
-    BUSY_ENDPOINT_DELAY_S until a place frees, and a kick for each of them every sweep piled up
-    behind a slow endpoint for as long as its backlog lasted. A job whose kick was lost is the
-    one overdue longest in time, so it is still kicked."""
+    """(webhook_id, job_id) of each job whose oldest pending delivery is long overdue and which
+    no one is sending (its (webhook, job) lock free in every replica: a holder looks again after
+    letting go). A chain waiting for its endpoint's slot is not overdue: each time its kick is
+    sent back, it is marked due now (_mark_waiting_for_a_slot), so a chain is overdue only once
+    no kick of its own has come for STUCK_AFTER_S, its kick lost. Of a webhook with a delivery in
+    flight, only the one overdue longest: a job whose kick was lost is the one overdue longest in
+    time, so it is still kicked."""
     return await db.fetch(
-        """SELECT webhook_id, job_id FROM (
+        """WITH held AS (
+               SELECT l.classid::bigint AS webhook_key, l.objid::bigint AS job_key FROM pg_locks l
+                WHERE l.locktype = 'advisory' AND l.objsubid = 2 AND l.granted
+                  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()))
+           SELECT webhook_id, job_id FROM (
                SELECT webhook_id, job_id,
                       row_number() OVER (PARTITION BY webhook_id ORDER BY next_attempt_at, id) AS place
                  FROM (SELECT DISTINCT ON (webhook_id, job_id) webhook_id, job_id, id, next_attempt_at
                          FROM webhook_deliveries WHERE status = 'pending'
                         ORDER BY webhook_id, job_id, id) oldest
-                WHERE next_attempt_at < now() - make_interval(secs => $1)) overdue
+                WHERE next_attempt_at < now() - make_interval(secs => $1)
+                  AND NOT EXISTS (SELECT 1 FROM held WHERE held.webhook_key = oldest.webhook_id % 2147483648
+                                                       AND held.job_key = oldest.job_id % 2147483648)) overdue
             WHERE place = 1 OR NOT EXISTS (
-                  SELECT 1 FROM pg_locks l
-                   WHERE l.locktype = 'advisory' AND l.objsubid = 2 AND l.granted
-                     AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-                     AND l.classid::bigint = overdue.webhook_id % 2147483648)""", float(STUCK_AFTER_S))
+                  SELECT 1 FROM held WHERE held.webhook_key = overdue.webhook_id % 2147483648)""",
+        float(STUCK_AFTER_S))
 
 
 async def sweep_stuck(pool: asyncpg.Pool, bus: Bus, every_s: float = SWEEP_EVERY_S) -> None:
