@@ -228,3 +228,80 @@ def test_one_segments_words_of_a_number_with_another_speakers_between_them_get_o
     assert [s.text for s in redacted] == ["Call [PHONE] please.", "[PHONE]"]
     assert [(w.word, w.start, w.end) for w in redacted[0].words] == [
         (" Call", 0, 0.4), (" [PHONE]", 0.5, 1.7), (" please.", 1.8, 2.2)]
+
+
+@pytest.mark.parametrize("said, kinds, stored", [
+    # A card said hesitantly with its expiry or its code straight after it: the four groups are the
+    # card, what follows stays, as when said plainly ("Card [CARD] 1225.").
+    ("Card 4111 – 1111 – 1111 – 1111 – 1225.", "card,phone,email", "Card [CARD] – 1225."),
+    ("Card 4111 – 1111 – 1111 – 1111 – 12 – 25.", "card,phone,email", "Card [CARD] – 12 – 25."),
+    ("Card 4111… 1111… 1111… 1111… 12… 25.", "card,phone,email", "Card [CARD]… 12… 25."),
+    ("Card 4111 – 1111 – 1111 – 1111, 737.", "card,phone,email", "Card [CARD], 737."),
+    ("Card 4111… 1111… 1111… 1111 1225.", "card,phone,email", "Card [CARD] 1225."),
+    ("4111 - 1111 - 1111 - 1111, 737.", "card", "[CARD], 737."),
+    ("Card 4111 — 1111 — 1111 — 1111, 12/25.", "card", "Card [CARD], 12/25."),
+    ("Card 4111. 1111. 1111. 1111, 737.", "card", "Card [CARD], 737."),
+    # The expiry's month and year said with a pause between them.
+    ("4111 1111 1111 1111, 12, 25.", "card", "[CARD], 12, 25."),
+    ("4111111111111111 12, 25.", "card", "[CARD] 12, 25."),
+    # Groups said as sentences and the expiry straight after: all four groups are the card, also
+    # with a digit misheard.
+    ("4111. 1111. 1111. 1111 1225.", "card", "[CARD] 1225."),
+    ("4111. 1111. 1111. 1112 1225.", "card", "[CARD] 1225."),
+    # Still no card: years and counts, a longer run, years said as sentences and then a count.
+    ("Between 2019 – 2020 – 2021 – 2022 – 1225.", "card", "Between 2019 – 2020 – 2021 – 2022 – 1225."),
+    ("Codes 4111 – 1111 – 1111 – 1111 – 1111 – 737.", "card", "Codes 4111 – 1111 – 1111 – 1111 – 1111 – 737."),
+    ("In 2019. 2020. 2021. 2022, 100 people came.", "card", "In 2019. 2020. 2021. 2022, 100 people came."),
+])
+def test_a_card_said_hesitantly_or_in_sentences_is_redacted_without_the_expiry_or_code_after_it(said, kinds, stored):
+    assert redact_text(said, kinds.split(",")) == stored
+
+
+@pytest.mark.parametrize("said, stored", [
+    # Digits said hesitantly, as Whisper writes them.
+    ("Call 555 – 123 – 4567.", "Call [PHONE]."),
+    ("Call 555… 123… 4567.", "Call [PHONE]."),
+    ("Call 555… 1234.", "Call [PHONE]."),
+    ("Call 555 — 123 — 4567.", "Call [PHONE]."),
+    ("Call +49 – 30 – 1234567", "Call [PHONE]"),
+    # An area code with a slash after it, as written in German.
+    ("Meine Nummer ist 089/123456.", "Meine Nummer ist [PHONE]."),
+    ("Meine Nummer ist 089 / 123456.", "Meine Nummer ist [PHONE]."),
+    ("0171/2345678, 089/123456", "[PHONE], [PHONE]"),
+    # Dates and fractions have no area code.
+    ("Am 12/25/2024, am 01/12/2024 und 05/2027: 3/4 davon, 1,000,000 / 2.",
+     "Am 12/25/2024, am 01/12/2024 und 05/2027: 3/4 davon, [PHONE] / 2."),
+])
+def test_a_phone_number_said_hesitantly_or_with_a_slash_after_its_area_code_is_redacted_whole(said, stored):
+    assert redact_text(said, ["phone"]) == stored
+
+
+def test_a_number_match_across_speakers_leaves_a_speakers_other_numbers_in_the_same_word():
+    """A's "9:30" is two numbers; B's "555 1234" said over its end makes "30 555 1234" a phone
+    number across both. The "9" is not in it and stays a number: it was left in clear."""
+    def said(speaker: str, index: int, *timed: tuple[str, float, float]) -> Segment:
+        words = [Word(word=w, start=start, end=end, probability=0.9) for w, start, end in timed]
+        return Segment(index=index, speaker=speaker, start_ts=words[0].start, end_ts=words[-1].end,
+                       text="".join(w.word for w in words).strip(), words=words)
+
+    a = said("spk_0", 0, (" meet", 0.5, 0.65), (" at", 0.65, 0.8), (" 9:30", 0.8, 1.0))
+    b = said("spk_1", 1, (" 555", 0.8, 1.1), (" 1234", 1.1, 1.5))
+    redacted = redact([a, b], ["phone", "number"])
+    assert [s.text for s in redacted] == ["meet at [NUMBER]:[PHONE]", "[PHONE]"]
+    assert [(w.word, w.start, w.end) for w in redacted[0].words] == [
+        (" meet", 0.5, 0.65), (" at", 0.65, 0.8), (" [NUMBER]:[PHONE]", 0.8, 1.0)]
+
+
+@pytest.mark.parametrize("words, spelled", [
+    # README's example: the written side's full stop and the sentence's are one.
+    ([" We", " joined", " acme", " corp."], "We joined ACME Corp."),
+    ([" We", " joined", " acme", " corp", " last", " year."], "We joined ACME Corp. last year."),
+    ([" acme", " corp..."], "ACME Corp..."),
+    ([" Is", " it", " acme", " corp?"], "Is it ACME Corp.?"),
+])
+def test_a_spelling_ending_in_a_full_stop_said_at_a_sentences_end_has_one(words, spelled):
+    timed = [Word(word=w, start=i, end=i + 1) for i, w in enumerate(words)]
+    segment = Segment(index=0, speaker="spk_0", start_ts=0, end_ts=len(words), text="".join(words).strip(), words=timed)
+    [respelled] = respell([segment], JobOptions(spelling="confu i=ComfyUI, acme corp=ACME Corp.").spelling)
+    assert respelled.text == spelled
+    assert respelled.words[-1].end == len(words)

@@ -48,36 +48,49 @@ _NAME_STARTS = rf"(?<!{_LOCAL_CHAR})" + "".join(rf"(?<!{_LOCAL_CHAR} {joiner} )"
 _SPOKEN_NAME = rf"{_NAME_STARTS}(?:{_LOCAL_CHAR}+{_SPOKEN_NAME_JOIN})*{_LOCAL_CHAR}+"
 # Digits in groups of four, with a comma, a full stop, a space or a hyphen between groups.
 _GROUP_BREAK = r"(?:[.,] ?| |-)"
-# Groups said hesitantly, as Whisper writes them: a spaced dash or an ellipsis ("4111... 1111..."),
-# between all four groups or between some, a pause or none between the others ("4111... 1111. 1111.
-# 1111."). Years and counts are written so too ("2019 - 2020 - 2021 - 2022"): such groups are a
-# card only where they are not within a longer run of them and pass the checksum (_is_card).
-_HESITANT_BREAK = r"(?: [-–] |(?:\.\.\.?|…) ?)"
+# Groups said hesitantly, as Whisper writes them: a spaced dash ("4111 – 1111", "4111 — 1111") or
+# an ellipsis ("4111... 1111..."), between all four groups or between some, a pause or none
+# between the others ("4111... 1111. 1111. 1111."). Years and counts are written so too ("2019 -
+# 2020 - 2021 - 2022"): such groups are a card only where they are not within a longer run of them
+# and pass the checksum (_is_card).
+_HESITANT_BREAK = r"(?: [-–—] |(?:\.\.\.?|…) ?)"
 _HESITANT_OR_GROUP_BREAK = rf"(?:{_HESITANT_BREAK}|{_GROUP_BREAK})"
-_NOT_AFTER_HESITANT_GROUP = r"(?<!\d [-–] )(?<!\d\.\. )(?<!\d\.\.\. )(?<!\d…)(?<!\d… )"
+_NOT_AFTER_HESITANT_GROUP = r"(?<!\d [-–—] )(?<!\d\.\. )(?<!\d\.\.\. )(?<!\d…)(?<!\d… )"
 # What joins the digits of one run: a number said right after another with only these between
 # is one longer number, not a card.
 _DIGIT_JOIN = r"(?:, ?|[ -])"
-# An expiry said right after the card ("12 25", "12/25", "5/2027", or "1225" after a card said
-# without full stops; a year 2020-2039, so that a card's own last group, "1111", is not taken for
-# one), perhaps with its code after it.
-_EXPIRY_SPACED = r"(?:0?[1-9]|1[0-2])(?: ?[/.-] ?| )(?:20)?[23]\d"
+# An expiry said right after the card ("12 25", "12/25", "12, 25", "12 – 25", "5/2027", or "1225";
+# a year 2020-2039, so that a card's own last group, "1111", is not taken for one), perhaps with
+# its code after it.
+_EXPIRY_SPACED = rf"(?:0?[1-9]|1[0-2])(?: ?[/.-] ?|, ?| |{_HESITANT_BREAK})(?:20)?[23]\d"
 _EXPIRY = rf"(?:{_EXPIRY_SPACED}|(?:0[1-9]|1[0-2])(?:20)?[23]\d)"
 _CARD_STARTS = r"(?<![\d.,])(?<!\d[ -])(?<!\d, )"
 _HESITANT_BREAK_OR_DIGIT_JOIN = rf"(?:{_HESITANT_BREAK}|{_DIGIT_JOIN})"
 # A card's digits as Whisper writes them said plainly: four groups of four ("4111 1111 1111 1111"),
 # or all in one.
 _PLAIN_CARD_DIGITS = re.compile(rf"\d{{4}}(?:{_GROUP_BREAK}\d{{4}}){{3}}|\d{{13,19}}")
+# Where a slash may follow in a phone number: after its area code, as written in German
+# ("089/123456", "0171 / 2345678"). A date or a fraction has no such group (3-5 digits starting with
+# 0, not after a thousands separator or a decimal point).
+_AFTER_AREA_CODE = "(?:" + "|".join(rf"(?<=(?<![\d,.])0\d{{{n}}})" for n in (2, 3, 4)) + ")"
+# What may stand between a phone number's digits.
+_PHONE_BETWEEN_DIGITS = rf"(?:[\d ().\-–—…]|, ?(?=\d)|{_AFTER_AREA_CODE} ?/ ?(?=\d))"
 # The first digit of a payment card's number (ISO/IEC 7812's industry: 2, 5 Mastercard; 3 Amex,
 # JCB, Diners; 4 Visa; 6 Discover, UnionPay, Maestro): not 1, as counts said in fours often start.
 _PAYMENT_CARD_FIRST_DIGITS = "23456"
 
 
-def _card_ends(expiry: str, expiry_follows: str, join: str = _DIGIT_JOIN) -> str:
+def _card_ends(expiry: str, expiry_follows: str, join: str = _DIGIT_JOIN, code_follows: str | None = None) -> str:
     """Where a card's digits end: the run of digits ends, or an expiry said after it follows (the
-    empty group `expiry_follows` then matches, for _is_card)."""
+    empty group `expiry_follows` then matches, for _is_card), or, given `code_follows`, its
+    three-digit code on its own (that group then matches). A code alone is looked for only after
+    groups said hesitantly, which must pass the checksum: after a run of digits said plainly it
+    would make a list of numbers a card."""
     run_ends = rf"(?!{join}?\d|/\d)"
-    return rf"(?:{run_ends}|(?P<{expiry_follows}>)(?={join}{expiry}(?:{join}\d{{3,4}})?{run_ends}))"
+    ends = rf"{run_ends}|(?P<{expiry_follows}>)(?={join}{expiry}(?:{join}\d{{3,4}})?{run_ends})"
+    if code_follows:
+        ends += rf"|(?P<{code_follows}>)(?={join}\d{{3}}{run_ends})"
+    return rf"(?:{ends})"
 
 
 PATTERNS: dict[str, re.Pattern[str]] = {
@@ -95,17 +108,19 @@ PATTERNS: dict[str, re.Pattern[str]] = {
     # 1111 1111 1111 12 25"); or four groups of four with a full stop after some or all of them,
     # as Whisper writes groups said each as a sentence of its own ("4111. 1111. 1111. 1111.", or
     # "4111 1111. 1111, 1111." with a pause in the middle); or said hesitantly (_HESITANT_BREAK).
-    # A number said after the card (its expiry) is not taken into it. Which of these need the
-    # checksum: _is_card.
+    # A number said after the card (its expiry; its code, after groups said hesitantly) is not
+    # taken into it. Which of these need the checksum: _is_card.
     "card": re.compile(rf"{_CARD_STARTS}\d(?:{_DIGIT_JOIN}?\d){{12,18}}{_card_ends(_EXPIRY, 'expiry_after_run')}"
                        rf"|{_CARD_STARTS}\d{{4}}(?:{_GROUP_BREAK}\d{{4}}){{3}}"
-                       rf"{_card_ends(_EXPIRY_SPACED, 'expiry_after_groups')}"
+                       rf"{_card_ends(_EXPIRY, 'expiry_after_groups')}"
                        rf"|{_CARD_STARTS}{_NOT_AFTER_HESITANT_GROUP}(?P<hesitant>\d{{4}}(?:{_HESITANT_OR_GROUP_BREAK}\d{{4}}){{3}})"
-                       rf"{_card_ends(_EXPIRY_SPACED, 'expiry_after_hesitant', _HESITANT_BREAK_OR_DIGIT_JOIN)}"),
-    # 7-15 digits with the separators people say them with, a country or area code included
-    # (Whisper groups long numbers with commas); not the end of a word or of a number with a
-    # decimal point, but right after Chinese, Japanese or Thai, which Whisper writes digits against.
-    "phone": re.compile(rf"(?<![.,])(?<!{SPACED_WORD_CHAR})\+?\(?\d(?:[\d ().-]|, ?(?=\d)){{5,}}\d(?!\d)"),
+                       + _card_ends(_EXPIRY, "expiry_after_hesitant", _HESITANT_BREAK_OR_DIGIT_JOIN,
+                                    "code_after_hesitant")),
+    # 7-15 digits with the separators people say them with, hesitant ones too ("555… 123… 4567",
+    # "555 – 123 – 4567"), a country or area code included (_AFTER_AREA_CODE); Whisper groups long
+    # numbers with commas. Not the end of a word or of a number with a decimal point, but right
+    # after Chinese, Japanese or Thai, which Whisper writes digits against.
+    "phone": re.compile(rf"(?<![.,])(?<!{SPACED_WORD_CHAR})\+?\(?\d{_PHONE_BETWEEN_DIGITS}{{5,}}\d(?!\d)"),
     "number": re.compile(r"\d(?:[\d,.]*\d)?"),
 }
 

@@ -135,7 +135,8 @@ def _across_speakers(segments: list[Segment], runs: list[list[int]], found: dict
     into a longer match with another speaker's words around it (A's "555 1234" and B's "12" said
     after it are two things said), only one that fills the words of another speaker said in
     between ("555", "123", "4567" given to A, B, A: A's search saw "555 4567"); that one then
-    stands instead."""
+    stands instead of the own spans it covers, and those on its words that it does not cover stay
+    ("9" of A's "9:30" where it is "30" and B's "555 1234")."""
     Place = tuple[int, int]  # a word: (segment, its index there)
     where: dict[Place, tuple[int, int]] = {}  # each word's run and its start in the run's text
     texts: dict[int, str] = {}
@@ -188,7 +189,6 @@ def _across_speakers(segments: list[Segment], runs: list[list[int]], found: dict
                         place not in theirs and not any(a <= (word[place].start + word[place].end) / 2 <= b
                                                         for a, b in extents) for place in covered):
                     continue
-            dropped |= touched
             parts: list[list[int]] = []  # [run, segment, word, start, end]: the words of one segment in a row
             latest: dict[int, list[int]] = {}  # each segment's latest part
             for i, (p, k) in enumerate(covered, start=first):
@@ -202,6 +202,10 @@ def _across_speakers(segments: list[Segment], runs: list[list[int]], found: dict
                 else:
                     latest[p] = [n, p, k, low, high]
                     parts.append(latest[p])
+            # Of the speakers' own spans on its words, only those it covers give way to it: A's
+            # "9" in "9:30" stays a number where the match is "30 555 1234".
+            dropped |= {(n, i) for n, i in touched if any(
+                m == n and found[n][i][0] < high and low < found[n][i][1] for m, _, _, low, high in parts)}
             for n, _, _, low, high in parts:
                 said = texts[n][low:high]
                 # A part keeps the space before it (the other speaker's part ended there).

@@ -5,6 +5,7 @@ Applied before redaction, so what is redacted is the final text."""
 from __future__ import annotations
 
 import re
+import unicodedata
 
 from common.messages import Segment
 from services.transcriber.rewrite import SPACED_WORD_CHAR, UNSPACED, Finder, Replacements, rewrite
@@ -37,6 +38,10 @@ def _finder(spelling: dict[str, str]) -> Finder:
         for pattern, written in patterns:
             for match in pattern.finditer(text):
                 start, end = match.span()
+                # A written side ending in punctuation takes the same mark said after it: "ACME
+                # Corp." at a sentence's end is not "ACME Corp..".
+                if unicodedata.category(written[-1]).startswith("P") and text[end:end + 1] == written[-1]:
+                    end += 1
                 if not any(s < end and start < e for s, e, _ in found):
                     found.append((start, end, written))
         return sorted(found)
