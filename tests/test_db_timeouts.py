@@ -177,3 +177,100 @@ async def test_migrations_are_not_cut_short_by_the_command_timeout(scratch_url):
     finally:
         await other.close()
         await pool.close()
+
+
+async def test_a_chunk_waiting_on_a_row_lock_is_handed_back_and_other_stalled_jobs_still_fail(scratch_url,
+                                                                                                monkeypatch):
+    """A statement that waits on a row another transaction holds (an operator's open psql session)
+    fails with TimeoutError after DATABASE_COMMAND_TIMEOUT_S, each try, and is held as an outage.
+    Every try ran longer than OUTAGE_OVER_AFTER_S, so each started the outage's clock again: the
+    message was never handed back after OUTAGE_HOLD_S, held until the broker's consumer timeout
+    took it back and counted a delivery. And each try noted a gap for the stall reaper, as did the
+    reaper's own try to fail the locked job when it looked stalled: while the lock lasted, no
+    stalled job anywhere was failed. The persister, on the real RabbitMQ and PostgreSQL, with the
+    times scaled down."""
+    from common import broker, metrics
+    from common.broker import connect, declare_topology, open_bus, stage_queue
+    from common.messages import ChunkTranscribed, Segment
+    from services.persister import __main__ as persister_main
+    from services.persister import handler
+    from tests.conftest import amqp_url, private_vhost
+
+    stall_timeout_s, grace_s, hold_s = 3.0, 5.0, 2.0
+    # Each try waits the command timeout on the lock: longer than OUTAGE_OVER_AFTER_S, as the
+    # default 300 s timeout is not shorter than the default 300 s.
+    monkeypatch.setattr(broker, "OUTAGE_OVER_AFTER_S", TIMEOUT_S)
+    real_reap = handler.reap_stalled_jobs
+    monkeypatch.setattr(handler, "reap_stalled_jobs",
+                        lambda pool, timeout_s, missed: real_reap(pool, timeout_s, missed, grace_s))
+    monkeypatch.setattr(persister_main, "setup_logging", lambda level: None)  # pytest's handlers stay
+    # What the persister opens, closed after it (cancelled, main() leaves them open).
+    opened: list = []
+
+    async def opening(open_it, *args, **kwargs):
+        opened.append(await open_it(*args, **kwargs))
+        return opened[-1]
+
+    monkeypatch.setattr(persister_main, "create_pool", lambda *a, **kw: opening(db.create_pool, *a, **kw))
+    monkeypatch.setattr(persister_main, "connect", lambda *a, **kw: opening(connect, *a, **kw))
+    handed_back = metrics.MESSAGES.labels("persister", stage_queue("persister"), "handed_back")
+    conn = await asyncpg.connect(scratch_url)
+    holder = await asyncpg.connect(scratch_url)
+    with private_vhost() as vhost:
+        settings = Settings(_env_file=None, amqp_url=amqp_url(vhost), database_url=scratch_url,
+                            database_command_timeout_s=2 * TIMEOUT_S, outage_hold_s=hold_s,
+                            job_stall_timeout_s=stall_timeout_s, metrics_port=0, retry_delays_s="1,2")
+        monkeypatch.setattr(persister_main, "get_settings", lambda: settings)
+        connection = await connect(settings, "test-row-lock")
+        persister = None
+        try:
+            pool = await db.create_pool(settings, max_size=1)
+            await db.apply_migrations(pool)
+            await pool.close()
+            await declare_topology(connection, settings)
+            # Both had not moved for a little less than the stall timeout when the persister started.
+            await conn.execute("UPDATE stall_reaper_heartbeat SET at = now()")
+            locked, stalled = [await conn.fetchval(
+                "INSERT INTO transcripts (filename, updated_at) VALUES ($1, now() - make_interval(secs => $2))"
+                " RETURNING id", name, stall_timeout_s - 0.5) for name in ("locked.wav", "stalled.wav")]
+            holding = holder.transaction()
+            await holding.start()
+            await holder.execute("SELECT 1 FROM transcripts WHERE id = $1 FOR UPDATE", locked)
+
+            before = handed_back._value.get()
+            started = time.monotonic()
+            persister = asyncio.create_task(persister_main.main())
+            bus = await open_bus(connection, settings)
+            await bus.publish(ChunkTranscribed(
+                job_id=locked, chunk_index=0, chunk_count=1, duration=1.0,
+                segments=[Segment(index=0, speaker="spk_0", start_ts=0.0, end_ts=1.0, text="held")]))
+
+            # Two tries of 2 s and the wait between them; without the fix never.
+            handed_back_within_s = 20.0
+            while handed_back._value.get() == before:
+                assert not persister.done(), persister
+                if time.monotonic() - started > handed_back_within_s:
+                    pytest.fail(f"the chunk waiting on a locked row was not handed back within"
+                                f" {handed_back_within_s:g} s (OUTAGE_HOLD_S={hold_s:g})")
+                await asyncio.sleep(0.2)
+
+            # The start's gap and its grace, the stall timeout, and the reaper's own wait on the
+            # locked job first (2 s); without the fix, never while the lock lasts.
+            failed_within_s = 30.0
+            while await conn.fetchval("SELECT status FROM transcripts WHERE id = $1", stalled) != "error":
+                assert not persister.done(), persister
+                if time.monotonic() - started > failed_within_s:
+                    pytest.fail(f"a stalled job was not failed within {failed_within_s:g} s while another"
+                                " job's row was locked")
+                await asyncio.sleep(0.2)
+            assert await conn.fetchval("SELECT status FROM transcripts WHERE id = $1", locked) == "processing"
+        finally:
+            if persister is not None:
+                persister.cancel()
+                await asyncio.gather(persister, return_exceptions=True)
+            for resource in opened:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(resource.close(), 10)
+            await holder.close()
+            await conn.close()
+            await connection.close()

@@ -35,13 +35,16 @@ async def main() -> None:
 
     def then_flush(handle: Callable[..., Awaitable[bool]]):
         """Run the handler (one transaction); when it says it enqueued events (True), wake the
-        outbox flusher for them at once rather than at its next poll. Whether it reached the
-        database is noted for the stall reaper."""
+        outbox flusher for them at once rather than at its next poll. A database it could not
+        reach is noted for the stall reaper; a statement that timed out is not: it may have waited
+        on a row another transaction holds (an operator's open psql session), and noted for each
+        try it would stop stall detection for every job while the lock lasts. A database that is
+        really away does not answer the reaper's own heartbeat either, which notes it then."""
         async def run(message) -> None:
             try:
                 enqueued = await handle(pool, message)
             except Exception as exc:
-                if isinstance(exc, DATABASE_UNAVAILABLE):
+                if isinstance(exc, DATABASE_UNAVAILABLE) and not isinstance(exc, TimeoutError):
                     missed.since_last_round = True
                 raise
             if enqueued:

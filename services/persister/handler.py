@@ -189,8 +189,15 @@ async def fail_stalled_jobs(pool: asyncpg.Pool, timeout_s: float, grace_s: float
         with job_logged(job_id):
             reason = f"no progress for {timeout_s:g} s (JOB_STALL_TIMEOUT_S); processing was given up"
             # Checked again as it is failed: it may have moved since the list was read.
-            if await fail_job(pool, job_id, "persister", reason, still_for_s=timeout_s):
-                failed.append(job_id)
+            try:
+                if await fail_job(pool, job_id, "persister", reason, still_for_s=timeout_s):
+                    failed.append(job_id)
+            except TimeoutError:
+                # Its row held by another transaction (an operator's open psql session) for
+                # DATABASE_COMMAND_TIMEOUT_S: the jobs after it are still failed, and the heartbeat
+                # just written says the database is there (no gap).
+                log.warning("could not fail the stalled job: no answer within DATABASE_COMMAND_TIMEOUT_S (its row"
+                            " locked by another transaction?); trying again next round")
     return failed
 
 
