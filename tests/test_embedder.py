@@ -7,6 +7,7 @@ import logging
 import ssl
 import time
 
+import aio_pika
 import aiohttp
 import pytest
 from aiohttp import web
@@ -313,12 +314,98 @@ async def test_a_text_ollama_cannot_embed_is_stored_without_a_vector_and_the_job
         await server.close()
 
 
+@pytest.mark.parametrize("texts", [
+    # A short voice note whose only segment is "♪".
+    [fake_ollama.NAN_TEXT],
+    # The first three refused, a later one embeds.
+    [fake_ollama.NAN_TEXT, fake_ollama.NAN_TEXT, fake_ollama.NAN_TEXT, "We meet again on Monday."],
+])
+async def test_a_chunk_whose_first_texts_ollama_cannot_embed_is_done_too(stack, texts):
+    """A text counted as refused only once another text of its chunk had embedded: a chunk of only
+    such texts, or whose first three were, failed the job as "embedding service unavailable" after
+    minutes of retries, and every rerun, while Ollama was up. A probe text the service embeds now
+    tells it from an outage: the job is done, each refused text stored and announced without a
+    vector (marked with the model), the others with theirs."""
+    from common import searchstore
+    from common.db import create_pool
+    from common.messages import ChunkTranscribed, Segment
+    from services.embedder import handler
+    from services.persister import handler as persister
+    from tests.conftest import events_queue, job_events
+
+    server = TestServer(fake_ollama.make_app(), host="127.0.0.1")
+    await server.start_server()
+    pool = await create_pool(Settings(_env_file=None, database_url=stack.database_url), max_size=2)
+    connection = await aio_pika.connect(stack.amqp_url)
+    job_id = await pool.fetchval("INSERT INTO transcripts (filename) VALUES ('music.wav') RETURNING id")
+    try:
+        queue = await events_queue(await connection.channel(), "segment.created")
+        message = ChunkTranscribed(job_id=job_id, chunk_index=0, chunk_count=1, duration=8.0, language="en",
+                                   segments=[Segment(index=i, speaker="spk_0", start_ts=2 * i, end_ts=2 * i + 1.5,
+                                                     text=text) for i, text in enumerate(texts)])
+        settings = Settings(ollama_url=f"http://127.0.0.1:{server.port}", model_name_embedded="all-minilm",
+                            ollama_retries=0)
+        async with aiohttp.ClientSession() as session:
+            embed, model = make_embedder(settings, session)
+            [embedded] = [m async for m in handler.handle(message, handler.Deps(embed=embed, model_name=model))]
+        has_vector = [text != fake_ollama.NAN_TEXT for text in texts]
+        assert [s.embedding is not None for s in embedded.segments] == has_vector
+
+        await persister.on_embedded(pool, embedded)
+        if (building := searchstore._index_builds.get((model, 384))) is not None:
+            await building
+        assert await pool.fetchval("SELECT status FROM transcripts WHERE id = $1", job_id) == "done"
+        stored = await pool.fetch("SELECT text, embedding IS NOT NULL AS has_vector, embedding_model FROM segments"
+                                  " WHERE transcript_id = $1 ORDER BY index", job_id)
+        assert [tuple(row) for row in stored] == [(text, up, model) for text, up in zip(texts, has_vector)]
+        events = await job_events(queue, job_id, lambda bodies: len(bodies) == len(texts), timeout=60)
+        assert sorted((e["index"], e["embedding"] is not None, e["embedding_model"]) for e in events) == [
+            (i, up, model) for i, up in enumerate(has_vector)]
+    finally:
+        await connection.close()
+        await pool.execute("DELETE FROM transcripts WHERE id = $1", job_id)
+        await pool.close()
+        await server.close()
+
+
+@pytest.mark.parametrize("texts", [
+    [fake_ollama.NAN_TEXT],
+    [fake_ollama.NAN_TEXT, fake_ollama.NAN_TEXT, fake_ollama.NAN_TEXT, "We meet again on Monday."],
+])
+async def test_a_crashed_model_runner_still_fails_the_chunk_when_no_text_embedded(texts):
+    """The probe that proves the service up fails too when its model runner has crashed (500 to
+    every text): no text is stored as refused, the chunk fails with its batch's error."""
+    async def crashed(_: web.Request) -> web.Response:
+        return web.json_response({"error": "llama runner process has terminated: exit status 2"}, status=500)
+
+    from common.messages import ChunkTranscribed, Segment
+    from services.embedder import handler
+
+    app = web.Application()
+    app.router.add_post("/api/embed", crashed)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        settings = Settings(ollama_url=f"http://127.0.0.1:{server.port}", model_name_embedded="all-minilm",
+                            ollama_retries=0)
+        message = ChunkTranscribed(job_id=1, chunk_index=0, chunk_count=1, duration=8.0, segments=[
+            Segment(index=i, speaker="spk_0", start_ts=i, end_ts=i + 1, text=text) for i, text in enumerate(texts)])
+        async with aiohttp.ClientSession() as session:
+            embed, model = make_embedder(settings, session)
+            with pytest.raises(OllamaError, match="runner process has terminated") as raised:
+                _ = [m async for m in handler.handle(message, handler.Deps(embed=embed, model_name=model))]
+    finally:
+        await server.close()
+    assert failure_category(raised.value) == "embedding service unavailable"
+
+
 @pytest.mark.parametrize("error", [OllamaError("Ollama answered 500: json: unsupported value: NaN"),
                                    OllamaUnavailable("Ollama answered 503: loading model"),
                                    OllamaError("Ollama answered 404 for model 'bge-m3'", 404)])
 async def test_a_chunk_whose_texts_all_fail_fails_as_its_batch_did(error):
     """Texts tried alone only where one text may be the cause, and not all of them when the first
-    few fail too: an Ollama that fails every text fails the chunk with the batch's error, soon."""
+    few fail too and so does the probe text: an Ollama that fails every text fails the chunk with
+    the batch's error, soon."""
     from common.messages import ChunkTranscribed, Segment
     from services.embedder import handler
 
@@ -334,13 +421,17 @@ async def test_a_chunk_whose_texts_all_fail_fails_as_its_batch_did(error):
         _ = [m async for m in handler.handle(message, handler.Deps(embed=failing, model_name="m"))]
     assert raised.value is error
     alone = error.status is None and not isinstance(error, OllamaUnavailable)
-    assert calls == ([10, 1, 1, 1] if alone else [10]), calls
+    assert calls == ([10, 1, 1, 1, 1] if alone else [10]), calls  # three texts alone, then the probe
 
 
 @pytest.mark.parametrize(("texts", "calls", "has_vector"), [
-    # Three failing in a row, none embedded before: the service looks down, not three texts it cannot embed.
+    # Three failing in a row, none embedded before: the probe text, embedded, proves the service
+    # up, and the text after them is still tried.
     ([fake_ollama.NAN_TEXT, fake_ollama.NAN_TEXT, fake_ollama.NAN_TEXT, "We meet again on Monday."],
-     [4, 1, 1, 1], None),
+     [4, 1, 1, 1, 1, 1], [False, False, False, True]),
+    # Every text fails: the probe text proves the service up. A chunk of one text is not sent again.
+    ([fake_ollama.NAN_TEXT], [1, 1], [False]),
+    ([fake_ollama.NAN_TEXT, fake_ollama.NAN_TEXT], [2, 1, 1, 1], [False, False]),
     # Three in a row after one embedded (alike lines, "♪"): that one, asked again, proves the service
     # up, and the three are refused without waiting for the rest.
     (["The budget is approved.", fake_ollama.NAN_TEXT, fake_ollama.NAN_TEXT, fake_ollama.NAN_TEXT,
@@ -369,13 +460,8 @@ async def test_a_text_counts_as_refused_only_once_the_service_embeds_another_aft
                 sent.append(len(batch))
                 return await embed(batch)
 
-            produced = handler.handle(message, handler.Deps(embed=counted, model_name=model))
-            if has_vector is None:
-                with pytest.raises(OllamaError, match="NaN"):
-                    _ = [m async for m in produced]
-            else:
-                [embedded] = [m async for m in produced]
-                assert [s.embedding is not None for s in embedded.segments] == has_vector
+            [embedded] = [m async for m in handler.handle(message, handler.Deps(embed=counted, model_name=model))]
+            assert [s.embedding is not None for s in embedded.segments] == has_vector
     finally:
         await server.close()
     assert sent == calls

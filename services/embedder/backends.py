@@ -52,6 +52,9 @@ OLLAMA_UNAVAILABLE: tuple[type[BaseException], ...] = (aiohttp.ClientConnectorEr
                                                        OllamaUnavailable)
 UNAVAILABLE_STATUSES = (502, 503, 504)
 CONNECT_TIMEOUT_S = 10.0
+# A plain text any model embeds: asked when no text of a batch has embedded, it tells a service
+# that refuses some texts (up) from one that fails every text (a crashed model runner).
+PROBE_TEXT = "warm-up"
 
 
 def one_text_may_cause(exc: BaseException) -> bool:
@@ -164,7 +167,7 @@ def make_embedder(settings: Settings, session: aiohttp.ClientSession | None) -> 
     if settings.embedding_backend == "local":
         model = settings.local_embedding_model
         local = local_embedder(settings)
-        local(["warm-up"])  # load the model before the first message
+        local([PROBE_TEXT])  # load the model before the first message
 
         async def embed(texts: list[str]) -> list[list[float]]:
             return await asyncio.to_thread(local, texts, settings.embed_batch_size)

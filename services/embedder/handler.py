@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from common.logs import job_logged
 from common.messages import ChunkEmbedded, ChunkTranscribed, Contract
-from services.embedder.backends import one_text_may_cause
+from services.embedder.backends import PROBE_TEXT, one_text_may_cause
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ async def handle(message: ChunkTranscribed, deps: Deps) -> AsyncIterator[Contrac
     try:
         vectors: list[list[float] | None] = await deps.embed(texts) if texts else []
     except Exception as exc:
-        if len(texts) < 2 or not one_text_may_cause(exc):
+        if not one_text_may_cause(exc):
             raise
         log.warning("embedding chunk %d/%d failed (%s: %s); embedding its %d texts one by one",
                     message.chunk_index + 1, message.chunk_count, type(exc).__name__, str(exc)[:200], len(texts))
@@ -72,7 +72,7 @@ async def embed_each(message: ChunkTranscribed, deps: Deps, failed: Exception) -
 
 class EmbeddingServiceFailing(RuntimeError):
     """A batch's texts failed alone too, and the service failed again a text it had embedded (or
-    had embedded none): it fails every text, not one it refuses."""
+    the probe text, when it had embedded none): it fails every text, not one it refuses."""
 
 
 async def embed_one_by_one(embed: Callable[[list[str]], Awaitable[list[list[float]]]], texts: list[str],
@@ -81,9 +81,9 @@ async def embed_one_by_one(embed: Callable[[list[str]], Awaitable[list[list[floa
                            ) -> tuple[list[list[float] | None], list[tuple[int, Exception]], str | None]:
     """Each text alone after their batch `failed` (the embedder's chunks, ingest's reindex): a
     text counts as refused (None, and its position and why in the second list) only once the
-    service has embedded another after it, or embeds again one it embedded before
-    (`embedded_text`): a crashed model runner answers 500 as a refused text does, and a text
-    stored as refused is not tried again with this model. Otherwise raises
+    service has embedded another after it, or embeds now one it embedded before (`embedded_text`)
+    or, having embedded none, PROBE_TEXT: a crashed model runner answers 500 as a refused text
+    does, and a text stored as refused is not tried again with this model. Otherwise raises
     EmbeddingServiceFailing. Errors `one_text_may_be_why` does not allow for are raised as they
     are. Also returns a text the service embedded, for the next batch."""
     vectors: list[list[float] | None] = []
@@ -91,11 +91,9 @@ async def embed_one_by_one(embed: Callable[[list[str]], Awaitable[list[list[floa
     failing: list[tuple[int, Exception]] = []
 
     async def still_up() -> bool:
-        """Whether the service embeds a text it embedded before, asked again."""
-        if embedded_text is None:
-            return False
+        """Whether the service embeds now a text it embedded before, or the probe text."""
         try:
-            only_vector(await embed([embedded_text]))
+            only_vector(await embed([embedded_text or PROBE_TEXT]))
         except Exception as exc:
             if not one_text_may_be_why(exc):
                 raise
@@ -106,9 +104,15 @@ async def embed_one_by_one(embed: Callable[[list[str]], Awaitable[list[list[floa
         return EmbeddingServiceFailing(f"the texts failed one by one too, and no text is shown to embed now (the batch:"
                                        f" {type(failed).__name__}: {str(failed)[:200]})")
 
+    async def embed_alone(text: str) -> list[list[float]]:
+        if len(texts) == 1:
+            # The batch was this text alone: sent again, it would only wait out its retries again.
+            raise failed
+        return await embed([text])
+
     for position, text in enumerate(texts):
         try:
-            alone = await embed([text])
+            alone = await embed_alone(text)
         except Exception as exc:
             if not one_text_may_be_why(exc):
                 raise
@@ -116,7 +120,8 @@ async def embed_one_by_one(embed: Callable[[list[str]], Awaitable[list[list[floa
             vectors.append(None)
             if len(failing) >= GIVE_UP_AFTER:
                 # Several alike texts in a row (lines of "♪") may all be refused: told apart from
-                # a service gone down by one it embedded before.
+                # a service gone down by one it embedded before (or the probe text), and the texts
+                # after them still tried.
                 if not await still_up():
                     raise service_failing() from failed
                 refused += failing
@@ -126,7 +131,8 @@ async def embed_one_by_one(embed: Callable[[list[str]], Awaitable[list[list[floa
         refused += failing
         failing, embedded_text = [], text
     if failing:
-        # Nothing after them to prove the service up: a text it embedded before is asked again.
+        # Nothing after them to prove the service up: a text it embedded before (or the probe
+        # text) is asked again.
         if not await still_up():
             raise service_failing() from failed
         refused += failing
