@@ -17,7 +17,7 @@ from common.metrics import serve_metrics
 from common.runner import run_worker
 from common.settings import get_settings
 from services.embedder import handler
-from services.embedder.backends import OLLAMA_UNAVAILABLE, OllamaTLSError, make_embedder
+from services.embedder.backends import OLLAMA_UNAVAILABLE, PROBE_TEXT, OllamaTLSError, make_embedder
 
 log = logging.getLogger("services.embedder")
 
@@ -58,7 +58,7 @@ async def check_ollama(embed, settings) -> None:
                       " check the host name in OLLAMA_URL", host, exc)
             return
     try:
-        [vector] = await embed(["warm-up"])
+        [vector] = await embed([PROBE_TEXT])
         log.info("Ollama at %s embeds with %s (%d dimensions)", settings.ollama_url, settings.model_name_embedded,
                  len(vector))
     except OllamaTLSError as exc:
