@@ -104,59 +104,67 @@ def _naming(name_param: str) -> str:
             f" AND lower(ts.name) = lower({name_param})) OR {_expects(name_param)})")
 
 
-async def _lock_jobs_of_rename(conn: asyncpg.Connection, owner: str | None, speaker_id: int, old: str | None,
-                               new: str) -> list[int]:
-    """Lock the jobs a rename from `old` to `new` can change the names of: those with a speaker
-    the person named automatically, and the owner's that call a speaker either name by hand
-    (where the person may have to give way, or may come in) or expect either."""
+async def lock_jobs(conn: asyncpg.Connection, transcript_ids: list[int]) -> list[int]:
+    """Lock these jobs, in id order, until the transaction ends; those not deleted."""
+    return [r["id"] for r in await conn.fetch(_lock_jobs("id = ANY($1::bigint[])"), transcript_ids)]
+
+
+async def _jobs_of_rename(conn: asyncpg.Connection, owner: str | None, speaker_id: int, old: str,
+                          new: str) -> list[int]:
+    """The jobs a rename from `old` to `new` can change the names of: those with a speaker the
+    person named automatically, and the owner's that call a speaker either name by hand (where
+    the person may have to give way, or may come in) or expect either."""
     # One UNION, not an OR of the two: either side can then use its own index.
-    rows = await conn.fetch(_lock_jobs(f"id IN ({_NAMED_BY} UNION SELECT t.id FROM transcripts t"
-                                       f" WHERE {_owned_by(owner, '$2', 't.owner')}"
-                                       f" AND ({_naming('$3')} OR {_naming('$4')}))"), speaker_id, owner, old, new)
+    rows = await conn.fetch(f"SELECT id FROM transcripts t WHERE id IN ({_NAMED_BY}"
+                            f" UNION SELECT t.id FROM transcripts t WHERE {_owned_by(owner, '$2', 't.owner')}"
+                            f" AND ({_naming('$3')} OR {_naming('$4')})) ORDER BY id", speaker_id, owner, old, new)
     return [r["id"] for r in rows]
 
 
 async def _one_change_of_the_owners_people_at_a_time(conn: asyncpg.Connection, owner: str | None) -> None:
-    """For the rest of the transaction. A rename or a forgetting locks its person, then matches
-    the recordings it changes again, which reads every person of the owner: two of them at once,
-    of two people, each waited for the other's person, and one failed as a deadlock."""
+    """For the rest of the transaction: one rename or forgetting of the owner's people at a time,
+    and none while a job that expects some of them is inserted (expected_names_now). The name a
+    rename reads is then the one it renames from, and a job being inserted reads its people
+    before such a change or after it, whole. Held only while the person changes: the recordings
+    are matched again after the commit, batch by batch, without it."""
     await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended('stt.speakers:' || coalesce($1, ''), 0))",
                        owner)
 
 
-async def rename_speaker(conn: asyncpg.Connection, owner: str | None, speaker_id: int,
-                         name: str) -> tuple[list[int], list[int]]:
-    """Rename, and carry the new name to every recording speaker it named automatically and to the
-    jobs that expect the person. NameTaken when another of the owner's speakers has the name (the
-    unique index on it says so). The transcripts whose names it changed, and those it can change
-    the names of (a superset), their jobs locked until the transaction ends: the caller matches
-    them again before it commits. Nothing when the speaker has the name already, or is gone."""
+async def rename_speaker(conn: asyncpg.Connection, owner: str | None, speaker_id: int, name: str) -> list[int]:
+    """Rename, and carry the new name to the jobs that expect the person (`expected_speakers`).
+    NameTaken when another of the owner's speakers has the name (the unique index on it says so).
+    The transcripts the rename can change the names of, not locked: the caller matches them
+    again once this commits, and that matching writes the new name on the recording speakers the
+    person named automatically (until then they keep the old one: a recording never shows the
+    new name on a second speaker, one that has it by hand). Sent again with the name the person
+    has (a rename whose matching was cut off), those where the person still has another name;
+    nothing when the person is gone."""
     await _one_change_of_the_owners_people_at_a_time(conn, owner)
-    # The jobs it changes are locked first, in id order, as the persister locks a job before its
-    # speakers and an enrolment a job before the speaker: the other order deadlocked with them.
-    await _lock_jobs_of_rename(conn, owner, speaker_id,
-                               await conn.fetchval("SELECT name FROM speakers WHERE id = $1", speaker_id), name)
-    # Then the speaker, and its name read again under the lock: a rename of it that committed
-    # meanwhile left the jobs expecting the person under its new name, not the one read above,
-    # and a matching that committed meanwhile may have given it a voice in another job. Their
-    # jobs are locked now; while the speaker is locked, no matching can give it another voice.
-    old = await conn.fetchval("SELECT name FROM speakers WHERE id = $1 FOR UPDATE", speaker_id)
-    if old is None or old == name:
-        return [], []
-    jobs = await _lock_jobs_of_rename(conn, owner, speaker_id, old, name)
+    old = await conn.fetchval("SELECT name FROM speakers WHERE id = $1", speaker_id)
+    if old is None:
+        return []
+    if old == name:
+        rows = await conn.fetch(f"{_NAMED_BY} AND name IS DISTINCT FROM $2", speaker_id, name)
+        return sorted({r["transcript_id"] for r in rows})
+    # The jobs that expect the person are locked first, in id order, as the persister locks a job
+    # before its speakers and an enrolment a job before the speaker: the other order deadlocked
+    # with them.
+    await conn.fetch(_lock_jobs(f"{_owned_by(owner, column='t.owner')} AND {_expects('$2')}"), owner, old)
     try:
         async with conn.transaction():  # a savepoint: the caller's transaction goes on
             await conn.execute("UPDATE speakers SET name = $2 WHERE id = $1", speaker_id, name)
     except asyncpg.UniqueViolationError as exc:
         raise NameTaken(name) from exc
-    renamed = await conn.fetch("UPDATE transcript_speakers SET name = $2 WHERE matched_speaker_id = $1"
-                               " AND name_source = 'auto' RETURNING transcript_id", speaker_id, name)
     # Jobs that expect the person (`expected_speakers`) go on expecting them by the new name.
     await conn.execute(
         f"UPDATE transcripts SET options = jsonb_set(options, '{{expected_speakers}}', (SELECT jsonb_agg(CASE WHEN"
         f" lower(n) = lower($2) THEN $3 ELSE n END) FROM jsonb_array_elements_text({_EXPECTED}) n))"
         f" WHERE {_owned_by(owner)} AND {_expects('$2')}", owner, old, name)
-    return sorted({r["transcript_id"] for r in renamed}), jobs
+    # The person is locked by the update: every matching that read them has committed (the voices
+    # it gave them are found here), and one that reads them from now on waits for the commit and
+    # reads the new name.
+    return await _jobs_of_rename(conn, owner, speaker_id, old, name)
 
 
 _UNNAME = "UPDATE transcript_speakers SET name = NULL, name_source = NULL, matched_speaker_id = NULL, confidence = NULL"
@@ -164,11 +172,11 @@ _UNNAME = "UPDATE transcript_speakers SET name = NULL, name_source = NULL, match
 
 async def delete_speaker(conn: asyncpg.Connection, speaker_id: int) -> list[int]:
     """Forget a person: their voiceprints go (cascade) and so does every name matched to them.
-    The transcripts that lost a name, their jobs locked until the transaction ends (for the caller
-    to match them again before it commits)."""
+    The transcripts that lost a name, for the caller to match again once this commits (another
+    person may be the best match for a voice now)."""
     owner = await conn.fetchval("SELECT owner FROM speakers WHERE id = $1", speaker_id)
     await _one_change_of_the_owners_people_at_a_time(conn, owner)
-    # Their jobs first, in id order, as a rename locks them.
+    # Their jobs first, in id order, as every matching locks a job before its speakers.
     await conn.fetch(_lock_jobs(f"id IN ({_NAMED_BY})"), speaker_id)
     rows = await conn.fetch(f"{_UNNAME} WHERE matched_speaker_id = $1 AND name_source = 'auto'"
                             " RETURNING transcript_id", speaker_id)
@@ -176,16 +184,14 @@ async def delete_speaker(conn: asyncpg.Connection, speaker_id: int) -> list[int]
     if forgotten is not None:
         # A matching that named a voice after them meanwhile (its transaction held the delete back
         # until it committed) left that name behind with matched_speaker_id cleared by the cascade.
+        # Its job is not locked before the speaker: rare as that is, a deadlock it may end in is
+        # the caller's to retry.
         rows += await conn.fetch(
             f"{_UNNAME} WHERE matched_speaker_id IS NULL AND name_source = 'auto' AND lower(name) = lower($2)"
             f" AND transcript_id IN (SELECT id FROM transcripts WHERE {_owned_by(forgotten['owner'])})"
             " RETURNING transcript_id",
             forgotten["owner"], forgotten["name"])
-    transcript_ids = sorted({r["transcript_id"] for r in rows})
-    # Those such a matching named are locked only now, after their speakers: rare as that is, a
-    # deadlock it may end in is the caller's to retry.
-    await conn.fetch(_lock_jobs("id = ANY($1::bigint[])"), transcript_ids)
-    return transcript_ids
+    return sorted({r["transcript_id"] for r in rows})
 
 
 # The owner's profiles by embedding model, each with its name as PostgreSQL lowers it.

@@ -40,6 +40,10 @@ SAMPLE_MIN_S = 5.0
 SAMPLE_MAX_S = 60.0
 SAMPLE_MAX_MB = 50  # a minute of uncompressed 48 kHz stereo float is 23 MB
 DEADLOCK_TRIES = 3
+# A rename or forgetting matches the recordings it changes again this many jobs a transaction,
+# after the person's change committed: a chunk store, an upload that expects the owner's people or
+# a change of another of them waits for one such transaction at most, not for all of them.
+MATCHED_AGAIN_PER_TRANSACTION = 100
 T = TypeVar("T")
 # Embedding a sample runs the speaker models in this process: one at a time.
 _embedding_slot = asyncio.Semaphore(1)
@@ -138,7 +142,8 @@ async def _name_again(conn: asyncpg.Connection, settings: Settings, owner: str |
                       changed: Collection[int] = ()) -> list[int]:
     """Match these recordings of the owner, their jobs locked by the caller's transaction, against
     the owner's profiles again; the transcripts whose names (or recognised speakers' confidences)
-    changed, here or before (`changed`), each announced once."""
+    changed, here or before (`changed`, a set: it can hold every recording of the owner), each
+    announced once."""
     announced = []
     # Read once for them all: the caller's transaction holds the owner's people as they are.
     profiles: speakerstore.OwnerProfiles = {}
@@ -178,12 +183,36 @@ async def rename_recordings(pool: asyncpg.Pool, settings: Settings, owner: str |
     return changed
 
 
+async def _name_again_in_batches(state: State, owner: str | None, transcript_ids: list[int],
+                                 changed: Collection[int] = ()) -> list[int]:
+    """After a rename or forgetting committed: these recordings of the owner (in id order) matched
+    again as _name_again does, MATCHED_AGAIN_PER_TRANSACTION jobs a transaction, each batch's jobs
+    locked in id order and then the owner's people (as every matching locks them), and run again
+    when it gives way in a deadlock. The transcripts announced.
+
+    Nothing is held between batches. A recording not reached yet shows what the committed change
+    left it (a rename's old name, a forgotten person's voice unnamed) and is never told of it
+    until its batch; a matching of it meanwhile (a chunk stored, an enrolment, a name given by
+    hand) reads the owner's people as they are now, as its batch then does, and what it changed
+    the batch finds done."""
+    announced = []
+    for start in range(0, len(transcript_ids), MATCHED_AGAIN_PER_TRANSACTION):
+        batch = transcript_ids[start:start + MATCHED_AGAIN_PER_TRANSACTION]
+
+        async def name_again(conn: asyncpg.Connection, batch: list[int] = batch) -> list[int]:
+            return await _name_again(conn, state.settings, owner, await speakerstore.lock_jobs(conn, batch), changed)
+
+        announced += await _in_transaction_retried(state.pool, name_again)
+        state.outbox_wake.set()
+    return announced
+
+
 async def _in_transaction_retried(pool: asyncpg.Pool, work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
-    """`work` in a transaction, run again when PostgreSQL ends it as a deadlock's victim. A rename
-    or forget updates the recording speakers a speaker named, while a matching (the persister's, a
-    name given by hand, or the one a rename or forget of another speaker runs) holds some of them,
-    or that other speaker, and waits for its shared lock on this one: one of the two must give
-    way, and the other's work is whole again on a second run."""
+    """`work` in a transaction, run again when PostgreSQL ends it as a deadlock's victim. A forget
+    updates the recording speakers a speaker named, while a matching (the persister's, a name
+    given by hand, an enrolment's, or the one after a rename or forget) holds some of them and
+    waits for its shared lock on the speaker: one of the two must give way, and the other's work
+    is whole again on a second run."""
     for attempt in range(1, DEADLOCK_TRIES + 1):
         try:
             async with pool.acquire() as conn, conn.transaction():
@@ -390,17 +419,17 @@ async def rename(speaker_id: SpeakerId, data: Rename, request: Request, state: S
         if await speakerstore.get_speaker(conn, owner, speaker_id) is None:
             raise NotFoundException(detail=f"no speaker with id {speaker_id}")
         try:
-            changed, renamed_in = await speakerstore.rename_speaker(conn, owner, speaker_id, name)
+            return await speakerstore.rename_speaker(conn, owner, speaker_id, name)
         except speakerstore.NameTaken as exc:
             raise HTTPException(status_code=409, detail=f"another speaker is already called {name!r}") from exc
-        # Under its new name the person may be one a recording named by hand already (matched again,
-        # the recording keeps that name on one speaker only), or one a job expects; and a recording
-        # where the old name was given by hand to one speaker may now give the person to another.
-        # Matched before the rename commits: no one sees, or is told of, the name on two speakers.
-        return await _name_again(conn, state.settings, owner, renamed_in, changed)
 
-    _log_renamed(await _in_transaction_retried(state.pool, renamed))
-    state.outbox_wake.set()
+    renamed_in = await _in_transaction_retried(state.pool, renamed)
+    # Under its new name the person may be one a recording named by hand already (matched again,
+    # the recording keeps that name on one speaker only), or one a job expects; and a recording
+    # where the old name was given by hand to one speaker may now give the person to another. The
+    # matching writes the new name where the person was recognised, in the same step: no one sees,
+    # or is told of, the name on two speakers. Answered when every recording is matched.
+    _log_renamed(await _name_again_in_batches(state, owner, renamed_in))
     return await _profile(state.pool, owner, speaker_id)
 
 
@@ -414,18 +443,16 @@ async def forget(speaker_id: SpeakerId, request: Request, state: State) -> None:
     async def forgotten(conn: asyncpg.Connection) -> list[int]:
         if await speakerstore.get_speaker(conn, owner, speaker_id) is None:
             raise NotFoundException(detail=f"no speaker with id {speaker_id}")
-        named = await speakerstore.delete_speaker(conn, speaker_id)
-        # Another profile may now be the best match for the voices it named: matched before the
-        # forgetting commits, each transcript is told its names once, as they end. Elsewhere the
-        # assignment stands: a profile no speaker was given takes nothing from the best pairing
-        # when it goes.
-        await _name_again(conn, state.settings, owner, named, named)
-        return named
+        return await speakerstore.delete_speaker(conn, speaker_id)
 
+    # The names go with the person, in one commit. Another profile may now be the best match for
+    # the voices they named: matched again after it, each transcript is told its names once, as
+    # they end (also where nobody takes the voice: that commit told nobody). Elsewhere the
+    # assignment stands: a profile no speaker was given takes nothing from the best pairing when
+    # it goes. Answered when every recording is matched.
     named = await _in_transaction_retried(state.pool, forgotten)
     log.info("forgot speaker %d: %d transcripts lose the name", speaker_id, len(named))
-    _log_renamed(named)
-    state.outbox_wake.set()
+    _log_renamed(await _name_again_in_batches(state, owner, named, changed=set(named)))
 
 
 SPEAKER_ROUTES = [enrol, list_speakers, show_speaker, rename, forget]
