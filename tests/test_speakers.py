@@ -678,6 +678,13 @@ async def test_a_job_expects_its_people_as_they_are_when_it_is_stored(enrolled, 
         assert stack.value("SELECT count(*) FROM transcripts WHERE id = $1", left) == 0
         assert not object_exists(s3, settings.audio_bucket, stored[-1])
 
+        # The OpenAI-compatible endpoint calls them known_speaker_names: its 400 says so.
+        wen = person("Wen")
+        with pytest.raises(HTTPException) as refused:
+            await submit(lambda: owner.delete(f"/speakers/{wen}"), ["Wen"], speakers_field="known_speaker_names")
+        assert refused.value.status_code == 400, refused.value.detail
+        assert refused.value.detail.startswith("known_speaker_names: ") and "'Wen'" in refused.value.detail
+
         yan = person("Yan")
         failed = await submit(lambda: owner.delete(f"/speakers/{yan}"), ["Yan"],
                               refuse_unknown_speakers=lambda names: f"nobody is called {', '.join(names)}")

@@ -109,7 +109,7 @@ async def create_job(pool: asyncpg.Pool, s3: Minio, audio_bucket: str, put_audio
                      idempotency: Idempotency | None = None,
                      also: Callable[[asyncpg.Connection, int], Awaitable[object]] | None = None,
                      refuse_unknown_speakers: Callable[[list[str]], str] | None = None,
-                     keep_unknown_speakers: bool = False) -> int | None:
+                     keep_unknown_speakers: bool = False, speakers_field: str = "expected_speakers") -> int | None:
     """The one way a job comes to exist, for uploads and bucket drops alike.
 
     An id is reserved, `put_audio(key)` stores the audio at `uploads/{id}`, then the
@@ -125,16 +125,18 @@ async def create_job(pool: asyncpg.Pool, s3: Minio, audio_bucket: str, put_audio
     The options' `expected_speakers` are the owner's people as they are when the job commits
     (the upload can take minutes, and the callers checked them before it): one renamed meanwhile
     is expected by the new name, one forgotten meanwhile is refused as an unknown name is, with
-    400 (`require_enrolled`'s answer), or, with `refuse_unknown_speakers(names)`, by failing the
-    job with the reason it gives (a bucket drop); `keep_unknown_speakers` keeps such names as
-    they are (a rerun's, kept from its original job, which may name people forgotten since)."""
+    400 (`require_enrolled`'s answer, naming them `speakers_field`), or, with
+    `refuse_unknown_speakers(names)`, by failing the job with the reason it gives (a bucket
+    drop); `keep_unknown_speakers` keeps such names as they are (a rerun's, kept from its
+    original job, which may name people forgotten since)."""
     job_id = await jobstore.reserve_job_id(pool)
     key = upload_key(job_id)
     expected = options.expected_speakers if refused is None else []
     with job_logged(job_id):
         # Who they are now, to be found again at the insert, renamed or not.
         speaker_ids = await speakerstore.enrolled_ids(pool, owner, expected)
-        refused = _unknown_speakers(expected, speaker_ids, refuse_unknown_speakers, keep_unknown_speakers) or refused
+        refused = _unknown_speakers(expected, speaker_ids, refuse_unknown_speakers, keep_unknown_speakers,
+                                    speakers_field) or refused
         created = None
         committed = False
         try:
@@ -144,7 +146,8 @@ async def create_job(pool: asyncpg.Pool, s3: Minio, audio_bucket: str, put_audio
                     # From here until the commit no rename or forgetting of the owner's people
                     # runs: either it ran before and is read here, or it runs after and finds this job.
                     now = await speakerstore.expected_names_now(conn, owner, expected, speaker_ids)
-                    refused = _unknown_speakers(expected, now, refuse_unknown_speakers, keep_unknown_speakers)
+                    refused = _unknown_speakers(expected, now, refuse_unknown_speakers, keep_unknown_speakers,
+                                                speakers_field)
                     options = options.model_copy(update={"expected_speakers": [
                         name if name is not None else given for given, name in zip(expected, now, strict=True)]})
                 created = await jobstore.insert_job(
@@ -169,7 +172,7 @@ async def create_job(pool: asyncpg.Pool, s3: Minio, audio_bucket: str, put_audio
 
 
 def _unknown_speakers(names: list[str], found: list[object | None], refused_by: Callable[[list[str]], str] | None,
-                      keep: bool) -> str | None:
+                      keep: bool, field: str) -> str | None:
     """For create_job: the reason to fail the job with when some of a job's expected `names` are
     nobody's (`found` None for them), by `refused_by`; without it, 400 as require_enrolled answers
     an unknown name. None when they all are someone's, or are to be kept as they are."""
@@ -178,7 +181,7 @@ def _unknown_speakers(names: list[str], found: list[object | None], refused_by: 
         return None
     if refused_by is not None:
         return refused_by(unknown)
-    raise HTTPException(status_code=400, detail=unenrolled(unknown))
+    raise HTTPException(status_code=400, detail=unenrolled(unknown, field))
 
 
 async def _row_exists_after_all(pool: asyncpg.Pool, job_id: int, inserted: int | None) -> bool:

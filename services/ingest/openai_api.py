@@ -352,7 +352,8 @@ async def transcribe_and_wait(state: State, request: Request, data: OpenAITransc
                else await jobstore.recent_job_asked_so(state.pool, owner, asked.request_hash, REPEAT_WINDOW))
     with contextlib.closing(stream):
         if earlier is None:
-            job_id = (await submit_recording(state, request, stream, filename, options, None, None, asked)).content.id
+            job_id = (await submit_recording(state, request, stream, filename, options, None, None, asked,
+                                                     speakers_field="known_speaker_names")).content.id
         else:
             job_id = earlier["id"]
             with job_logged(job_id):

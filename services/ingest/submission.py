@@ -58,10 +58,11 @@ def replayed(job) -> Response[Accepted]:
 
 async def submit_recording(state: State, request: Request, stream, filename: str, options: JobOptions,
                            callback_url: str | None, callback_secret: str | None,
-                           asked: Idempotency | None) -> Response[Accepted]:
+                           asked: Idempotency | None, speakers_field: str = "expected_speakers") -> Response[Accepted]:
     """Take a recording's stream (an upload or a download) as a job: its size within
     MAX_UPLOAD_MB, audio that decodes, within MAX_AUDIO_HOURS by its header (the diarizer checks
-    what decodes), then stored and queued (services.ingest.jobs.create_job)."""
+    what decodes), then stored and queued (services.ingest.jobs.create_job). `speakers_field` is
+    what the request called the expected speakers, for the 400 of one forgotten meanwhile."""
     size = checked_size(stream, state.settings.max_upload_bytes, empty="the recording is empty",
                         too_big=f"the file exceeds MAX_UPLOAD_MB ({state.settings.max_upload_mb} MB)")
 
@@ -82,7 +83,7 @@ async def submit_recording(state: State, request: Request, stream, filename: str
             state.pool, state.s3, state.settings.audio_bucket,
             lambda key: upload_stream(state.s3, state.settings.audio_bucket, key, stream),
             filename=filename, options=options, owner=request_owner(request), outbox_wake=state.outbox_wake,
-            also=add_callback_url if callback_url else None, idempotency=asked)
+            also=add_callback_url if callback_url else None, idempotency=asked, speakers_field=speakers_field)
     except HTTPException:
         raise  # create_job's own answer: an expected speaker forgotten while the recording was stored
     except Exception as exc:
