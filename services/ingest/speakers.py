@@ -163,32 +163,14 @@ def _log_renamed(transcript_ids: list[int]) -> None:
             log.info("speaker names changed after a change of the enrolled speakers")
 
 
-async def rename_recordings(pool: asyncpg.Pool, settings: Settings, owner: str | None,
-                            transcript_ids: list[int]) -> list[int]:
-    """Match these recordings of the owner against the owner's profiles again; the transcripts
-    whose names changed, each announced. The callers pass only the recordings their change can
-    rename: a key with thousands of transcripts is not matched again whole on every enrolment."""
-    changed = []
-    for transcript_id in transcript_ids:
-        async def name_again(conn: asyncpg.Connection, transcript_id: int = transcript_id) -> list[int]:
-            # The job first, then its speakers, as the persister and naming by hand lock them.
-            if await jobstore.lock_job(conn, transcript_id) is None:
-                return []  # deleted meanwhile
-            return await _name_again(conn, settings, owner, [transcript_id])
-
-        # A deadlock with another matching (a rename's, a forgetting's, the persister's) is
-        # given way to and run again, as they are.
-        changed += await _in_transaction_retried(pool, name_again)
-    _log_renamed(changed)
-    return changed
-
-
-async def _name_again_in_batches(state: State, owner: str | None, transcript_ids: list[int],
+async def match_recordings_again(state: State, owner: str | None, transcript_ids: list[int],
                                  changed: Collection[int] = ()) -> list[int]:
-    """After a rename or forgetting committed: these recordings of the owner (in id order) matched
-    again as _name_again does, MATCHED_AGAIN_PER_TRANSACTION jobs a transaction, each batch's jobs
-    locked in id order and then the owner's people (as every matching locks them), and run again
-    when it gives way in a deadlock. The transcripts announced.
+    """After an enrolment, a rename or a forgetting committed: these recordings of the owner (the
+    callers pass only those their change can rename: a key with thousands of transcripts is not
+    matched again whole on every enrolment) matched again as _name_again does,
+    MATCHED_AGAIN_PER_TRANSACTION jobs a transaction, each batch's jobs locked in id order and
+    then the owner's people (as every matching locks them), and run again when it gives way in a
+    deadlock. The transcripts announced (and logged).
 
     Nothing is held between batches. A recording not reached yet shows what the committed change
     left it (a rename's old name, a forgotten person's voice unnamed) and is never told of it
@@ -204,6 +186,7 @@ async def _name_again_in_batches(state: State, owner: str | None, transcript_ids
 
         announced += await _in_transaction_retried(state.pool, name_again)
         state.outbox_wake.set()
+    _log_renamed(announced)
     return announced
 
 
@@ -388,9 +371,8 @@ async def enrol(request: Request, state: State) -> Enrolled:
         # (DELETE /speakers/{id}) while the recordings below are matched again, and the voiceprint
         # was saved all the same.
         profile = await _profile(conn, owner, speaker_id)
-    relabelled = await rename_recordings(state.pool, state.settings, owner, await speakerstore.transcripts_near_voice(
+    relabelled = await match_recordings_again(state, owner, await speakerstore.transcripts_near_voice(
         state.pool, owner, voice.embedding, voice.model, state.settings.speaker_match_threshold))
-    state.outbox_wake.set()
     return Enrolled(**profile.model_dump(), relabelled=relabelled)
 
 
@@ -429,7 +411,7 @@ async def rename(speaker_id: SpeakerId, data: Rename, request: Request, state: S
     # where the old name was given by hand to one speaker may now give the person to another. The
     # matching writes the new name where the person was recognised, in the same step: no one sees,
     # or is told of, the name on two speakers. Answered when every recording is matched.
-    _log_renamed(await _name_again_in_batches(state, owner, renamed_in))
+    await match_recordings_again(state, owner, renamed_in)
     return await _profile(state.pool, owner, speaker_id)
 
 
@@ -452,7 +434,7 @@ async def forget(speaker_id: SpeakerId, request: Request, state: State) -> None:
     # it goes. Answered when every recording is matched.
     named = await _in_transaction_retried(state.pool, forgotten)
     log.info("forgot speaker %d: %d transcripts lose the name", speaker_id, len(named))
-    _log_renamed(await _name_again_in_batches(state, owner, named, changed=set(named)))
+    await match_recordings_again(state, owner, named, changed=set(named))
 
 
 SPEAKER_ROUTES = [enrol, list_speakers, show_speaker, rename, forget]
