@@ -592,6 +592,10 @@ async def test_an_event_the_notifier_cannot_handle_is_parked_and_the_job_goes_on
         await conn.close()
 
 
+# Digits of other scripts and superscripts, and a number past bigint.
+STRAY_NAMES = ("\u00b2", "\u0661\u0662", "99999999999999999999")
+
+
 async def test_an_upload_left_without_a_job_is_removed_and_a_jobs_upload_kept(stack):
     """An ingest killed between storing a recording and committing its job leaves the upload
     with no row; the hourly look removes such uploads once they are old enough, and no other."""
@@ -608,13 +612,20 @@ async def test_an_upload_left_without_a_job_is_removed_and_a_jobs_upload_kept(st
         s3 = stack.s3()
         for job_id in (kept, orphan):
             s3.put_object("audio", f"uploads/{job_id}", io.BytesIO(b"RIFF"), 4)
+        # Objects no upload of ingest's is named like (put there by hand) are left alone, and stop
+        # nothing: a name str.isdigit() takes for a number that int() refuses, one past bigint.
+        for name in STRAY_NAMES:
+            s3.put_object("audio", f"uploads/{name}", io.BytesIO(b"RIFF"), 4)
         assert await remove_orphan_uploads(pool, s3, "audio", age_s=3600) == 0  # too new to tell
         assert await remove_orphan_uploads(pool, s3, "audio", age_s=0) >= 1
         assert not object_exists(s3, "audio", f"uploads/{orphan}")
         assert object_exists(s3, "audio", f"uploads/{kept}")
+        assert all(object_exists(s3, "audio", f"uploads/{name}") for name in STRAY_NAMES)
         await conn.execute("DELETE FROM transcripts WHERE id = $1", kept)  # the stack is shared
         s3.remove_object("audio", f"uploads/{kept}")
     finally:
+        for name in STRAY_NAMES:
+            stack.s3().remove_object("audio", f"uploads/{name}")
         await pool.close()
         await conn.close()
 
@@ -645,15 +656,20 @@ async def test_decoded_audio_left_after_its_job_ended_is_removed_and_a_running_j
         jobs["deleted"] = await conn.fetchval("SELECT nextval(pg_get_serial_sequence('transcripts', 'id'))")
         for job_id in jobs.values():
             s3.put_object("audio", pcm_key(job_id), io.BytesIO(b"\0\0"), 2)
+        for name in STRAY_NAMES:  # left alone, and stop nothing
+            s3.put_object("audio", f"pcm/{name}.s16le", io.BytesIO(b"\0\0"), 2)
         await remove_leftover_pcm(pool, s3, "audio")  # too new to tell
         assert all(object_exists(s3, "audio", pcm_key(job_id)) for job_id in jobs.values())
         assert await remove_leftover_pcm(pool, s3, "audio", age_s=0) >= 3
         assert {name for name, job_id in jobs.items() if object_exists(s3, "audio", pcm_key(job_id))} == {
             "running", "just ended", "redaction to do"}
+        assert all(object_exists(s3, "audio", f"pcm/{name}.s16le") for name in STRAY_NAMES)
     finally:
         await conn.execute("DELETE FROM transcripts WHERE id = ANY($1::bigint[])", list(jobs.values()))
         for job_id in jobs.values():
             s3.remove_object("audio", pcm_key(job_id))
+        for name in STRAY_NAMES:
+            s3.remove_object("audio", f"pcm/{name}.s16le")
         await pool.close()
         await conn.close()
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
@@ -39,14 +40,22 @@ PAGE = 1000
 PCM_KEPT_AFTER_END_S = 86_400.0
 
 
+def _job_id(name: str) -> int | None:
+    """The job id an object is named by, or None for a name ingest does not give (an object put
+    there by hand). ASCII digits only, and few enough for a bigint: str.isdigit() also takes '²',
+    which int() refuses, and other scripts' digits, which it reads as some job's id; a longer
+    number overflows the id column. One such object stopped every sweep after it."""
+    return int(name) if re.fullmatch(r"[0-9]{1,18}", name) else None
+
+
 def _upload_job_id(key: str) -> int | None:
-    name = key.removeprefix(UPLOAD_PREFIX)
-    return int(name) if name.isdigit() else None
+    return _job_id(key.removeprefix(UPLOAD_PREFIX))
 
 
 def _pcm_job_id(key: str) -> int | None:
-    name = key.removeprefix(PCM_PREFIX).removesuffix(PCM_SUFFIX)
-    return int(name) if key.startswith(PCM_PREFIX) and key.endswith(PCM_SUFFIX) and name.isdigit() else None
+    if not (key.startswith(PCM_PREFIX) and key.endswith(PCM_SUFFIX)):
+        return None
+    return _job_id(key.removeprefix(PCM_PREFIX).removesuffix(PCM_SUFFIX))
 
 
 async def _remove_unneeded(s3: Minio, bucket: str, prefix: str, job_id_of: Callable[[str], int | None],
