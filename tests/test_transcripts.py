@@ -4,11 +4,15 @@ list, and deleting a job with its audio. Formatter edge cases are plain unit tes
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import itertools
 import json
 import re
+import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -40,7 +44,7 @@ from services.ingest.transcripts import (
     vtt_timestamp,
 )
 from tests.audio_files import encode, without_its_length
-from tests.conftest import Stack, events_queue, job_events, running_stack
+from tests.conftest import Stack, events_queue, free_port, job_events, running_stack
 
 ALICE, BOB = "key-alice-transcripts", "key-bob-transcripts"
 
@@ -383,6 +387,34 @@ def over_the_length_limit(path: Path) -> Path:
     path.write_bytes(without_its_length(encode(np.zeros(7 * 60 * 8000, dtype=np.float32), "flac", "flac", 8000,
                                                channels=1, sample_rate=8000)))
     return path
+
+
+@contextlib.contextmanager
+def held(database_url: str, statement: str, *args, at_most_s: float = 10.0) -> Iterator[None]:
+    """`statement` run in a transaction of another connection, kept open (its locks held) until
+    the block ends, or `at_most_s` at most."""
+    import asyncpg
+
+    holding, release = threading.Event(), threading.Event()
+
+    async def hold() -> None:
+        conn = await asyncpg.connect(database_url)
+        try:
+            async with conn.transaction():
+                await conn.execute(statement, *args)
+                holding.set()
+                await asyncio.to_thread(release.wait, at_most_s)
+        finally:
+            await conn.close()
+
+    thread = threading.Thread(target=asyncio.run, args=(hold(),), daemon=True)
+    thread.start()
+    try:
+        assert holding.wait(30), "the statement to hold never ran"
+        yield
+    finally:
+        release.set()
+        thread.join(30)
 
 
 def objects_of(stack: Stack, job_id: int) -> set[str]:
@@ -819,24 +851,18 @@ def test_delete_removes_rows_and_audio(stack, fixtures_dir):
     assert stack.value("SELECT count(*) FROM segments WHERE transcript_id = $1", job_id) > 0
 
     # While another request holds the job (a delete waiting on a store that does not answer), a
-    # second delete says so soon, rather than holding a pooled connection as long as the first.
-    async def held_while_deleting() -> httpx.Response:
-        import asyncpg
-
-        holder = await asyncpg.connect(stack.database_url)
-        try:
-            async with holder.transaction():
-                await holder.execute("SELECT id FROM transcripts WHERE id = $1 FOR UPDATE", job_id)
-                async with httpx.AsyncClient() as client:
-                    return await client.delete(f"{stack.api}/transcripts/{job_id}", timeout=60)
-        finally:
-            await holder.close()
-
-    started = time.monotonic()
-    busy = asyncio.run(held_while_deleting())
-    assert busy.status_code == 503 and "another request" in busy.json()["detail"], busy.text
-    assert busy.headers["retry-after"] and time.monotonic() - started < 20
-    assert objects_of(stack, job_id) == {f"uploads/{job_id}"}
+    # second delete says so soon, rather than holding a pooled connection as long as the first. So
+    # it does while a reindex stores the job's new vectors (every segment of it, in one
+    # transaction), and the recording stays: the job is not left without it.
+    for holding in ("SELECT id FROM transcripts WHERE id = $1 FOR UPDATE",
+                    "UPDATE segments SET embedding_model = embedding_model WHERE transcript_id = $1"):
+        started = time.monotonic()
+        with held(stack.database_url, holding, job_id, at_most_s=30):
+            busy = httpx.delete(f"{stack.api}/transcripts/{job_id}", timeout=60)
+        assert busy.status_code == 503 and "another request" in busy.json()["detail"], (holding, busy.text)
+        assert busy.headers["retry-after"] and time.monotonic() - started < 20
+        assert objects_of(stack, job_id) == {f"uploads/{job_id}"}
+        assert httpx.get(f"{stack.api}/transcripts/{job_id}/audio", timeout=30).status_code == 200
 
     response = httpx.delete(f"{stack.api}/transcripts/{job_id}")
     assert response.status_code == 204 and response.content == b""
@@ -845,6 +871,24 @@ def test_delete_removes_rows_and_audio(stack, fixtures_dir):
         assert stack.value(f"SELECT count(*) FROM {table} WHERE {column} = $1", job_id) == 0
     assert httpx.get(f"{stack.api}/status/{job_id}").status_code == 404
     assert httpx.delete(f"{stack.api}/transcripts/{job_id}").status_code == 404
+
+
+def test_a_delete_the_object_store_fails_leaves_the_job_whole(stack):
+    """The rows are deleted before the objects, in the same transaction: the store failing rolls
+    them back, and the delete can be sent again."""
+    job_id = stack.value("INSERT INTO transcripts (filename, status, stage, completed_at)"
+                         " VALUES ('kept.wav', 'done', 'done', now()) RETURNING id")
+    stack.query("INSERT INTO segments (transcript_id, chunk_index, index, speaker, start_ts, end_ts, text)"
+                " VALUES ($1, 0, 0, 'spk_0', 0, 1, 'Kept.')", job_id)
+    stack.s3().put_object("audio", f"uploads/{job_id}", io.BytesIO(b"RIFF"), 4)
+    with TestClient(create_app(stack.settings(minio_endpoint=f"127.0.0.1:{free_port()}")), timeout=120) as away:
+        refused = away.delete(f"/transcripts/{job_id}")
+    assert refused.status_code == 503 and "nothing was deleted" in refused.json()["detail"], refused.text
+    assert stack.value("SELECT count(*) FROM segments WHERE transcript_id = $1", job_id) == 1
+    assert objects_of(stack, job_id) == {f"uploads/{job_id}"}
+    assert httpx.delete(f"{stack.api}/transcripts/{job_id}", timeout=60).status_code == 204
+    assert objects_of(stack, job_id) == set()
+    assert stack.value("SELECT count(*) FROM transcripts WHERE id = $1", job_id) == 0
 
 
 def test_deleting_a_bucket_drop_keeps_the_users_object_and_does_not_rerun_it(stack, fixtures_dir):
@@ -880,7 +924,7 @@ def keyed_api(stack: Stack):
         yield client
 
 
-def test_another_keys_jobs_are_invisible(keyed_api, fixtures_dir):
+def test_another_keys_jobs_are_invisible(keyed_api, stack, fixtures_dir):
     alice, bob = {"Authorization": f"Bearer {ALICE}"}, {"X-API-Key": BOB}
     with (fixtures_dir / "jfk.flac").open("rb") as f:
         job_id = keyed_api.post("/recognize", files={"file": ("alice.flac", f)}, headers=alice).json()["id"]
@@ -897,6 +941,14 @@ def test_another_keys_jobs_are_invisible(keyed_api, fixtures_dir):
         assert keyed_api.get(f"/transcripts/{job_id}?format={fmt}", headers=alice).status_code == 200
     assert keyed_api.delete(f"/transcripts/{job_id}", headers=bob).status_code == 404
     assert keyed_api.get(f"/status/{job_id}", headers=alice).status_code == 200  # still there
+    # While a request of Alice's holds her job, Bob is still told at once that there is no such
+    # job: a 503 "being changed", or an answer only once she is done, would say that it exists.
+    with held(stack.database_url, "SELECT id FROM transcripts WHERE id = $1 FOR UPDATE", job_id):
+        for method, body in (("DELETE", None), ("PATCH", {"spk_0": "Bob's guess"})):
+            started = time.monotonic()
+            answer = keyed_api.request(method, f"/transcripts/{job_id}" + ("/speakers" if body else ""),
+                                       json=body, headers=bob)
+            assert answer.status_code == 404 and time.monotonic() - started < 4, (method, answer.text)
     assert keyed_api.delete(f"/transcripts/{job_id}", headers=alice).status_code == 204
     assert keyed_api.get(f"/transcripts/{job_id}", headers=alice).status_code == 404
 

@@ -240,7 +240,8 @@ class StillProcessing(Exception):
 
 
 class JobBusy(Exception):
-    """Another request holds the job (deleting it, or writing its result files) for longer than JOB_LOCK_WAIT_S."""
+    """Another request holds the job or its rows (deleting it, writing its result files, a reindex
+    storing its vectors) for longer than JOB_LOCK_WAIT_S."""
 
 
 JOB_LOCK_WAIT_S = 5.0
@@ -252,22 +253,28 @@ class ObjectStoreUnavailable(Exception):
 
 async def delete_transcript(pool: asyncpg.Pool, s3: Minio, settings: Settings, job_id: int,
                             owner: str | None) -> bool:
-    """Remove an ended job: its audio objects (the upload and the decoded PCM), a bucket drop's
-    result files, then its rows (chunks and segments cascade). A bucket drop's inbox object is
-    the user's and stays; its identity is remembered so the inbox scan does not run it again.
-    Returns False for an unknown job; raises StillProcessing while the job runs, because its
-    workers would write the objects and rows again. Its transcript.deleted is committed with the
-    deletion (jobstore.delete_job), for the outbox to publish."""
+    """Remove an ended job: its rows (chunks and segments cascade), then, before they are
+    committed, its audio objects (the upload and the decoded PCM) and a bucket drop's result
+    files. Raises JobBusy, with nothing removed, while another transaction holds the job or its
+    rows for longer than JOB_LOCK_WAIT_S. A bucket drop's inbox object is the user's and stays;
+    its identity is remembered so the inbox scan does not run it again. Returns False for an
+    unknown job; raises StillProcessing while the job runs, because its workers would write the
+    objects and rows again. Its transcript.deleted is committed with the deletion
+    (jobstore.delete_job), for the outbox to publish."""
     async with pool.acquire() as conn, conn.transaction():
-        # The row lock also waits out the inbox writing this job's result file, but not for long:
-        # a delete sent again while the first waits on a store that does not answer would hold
-        # one more pooled connection each time.
+        # Another key's job is unknown at once, without waiting on its lock (a 503 "being
+        # changed" would tell that it exists). Its owner never changes.
+        if not visible(await jobstore.job(conn, job_id), owner):
+            return False
+        # The locks also wait out the inbox writing this job's result file, and a reindex storing
+        # its segments' vectors, but not for long: a delete sent again while the first waits on a
+        # store that does not answer would hold one more pooled connection each time.
         await conn.execute(f"SET LOCAL lock_timeout = '{int(JOB_LOCK_WAIT_S * 1000)}ms'")
         try:
             job = await jobstore.lock_job(conn, job_id)
         except asyncpg.exceptions.LockNotAvailableError as exc:
             raise JobBusy from exc
-        if not visible(job, owner):
+        if job is None:  # deleted meanwhile
             return False
         if job["status"] == "processing":
             raise StillProcessing
@@ -279,14 +286,20 @@ async def delete_transcript(pool: asyncpg.Pool, s3: Minio, settings: Settings, j
                 results = result_keys(settings.results_prefix, job["source_key"])
                 objects += [(job["source_bucket"], key) for key in results.values()]
             await jobstore.remember_deleted_drop(conn, job["source_bucket"], job["source_key"], job["source_etag"])
-        # Objects first: if the store fails, the rows stay and the delete can be repeated.
+        # The rows before the objects, in this transaction: their delete waits on every row of the
+        # job another transaction holds (a reindex storing its vectors), and a recording removed
+        # before that wait gave up would leave the job without it. The store failing rolls the
+        # rows back, so the delete can be repeated.
+        try:
+            await jobstore.delete_job(conn, job_id)
+        except asyncpg.exceptions.LockNotAvailableError as exc:
+            raise JobBusy from exc
         try:
             await call_in_transaction(remove_objects, s3, objects)
         except Exception as exc:
             with job_logged(job_id):
                 log.warning("could not remove its objects (%s)", type(exc).__name__)
             raise ObjectStoreUnavailable from exc
-        await jobstore.delete_job(conn, job_id)
     with job_logged(job_id):
         log.info("deleted (%s)", ", ".join(f"{b}/{k}" for b, k in objects))
     return True
@@ -413,8 +426,8 @@ async def remove_transcript(job_id: JobId, state: State, request: Request) -> No
                                                     " try again", headers={"Retry-After": "5"}) from exc
     except JobBusy as exc:
         raise HTTPException(status_code=503, detail=f"job {job_id} is being changed by another request (a delete,"
-                                                    " or its result files being written); nothing was deleted,"
-                                                    " try again", headers={"Retry-After": "5"}) from exc
+                                                    " its result files being written, or a reindex); nothing was"
+                                                    " deleted, try again", headers={"Retry-After": "5"}) from exc
     if not deleted:
         raise NotFoundException(detail=f"no job with id {job_id}")
     state.outbox_wake.set()  # its transcript.deleted
@@ -475,8 +488,11 @@ async def name_speakers(job_id: JobId, state: State, request: Request,
     """`{"spk_0": "Anna", "spk_1": null}`: names (null removes one) shown in /status, every
     transcript format, search hits, and the segment.created events stored from then on."""
     async with state.pool.acquire() as conn, conn.transaction():
+        # Another key's job is unknown at once, not after waiting on its lock.
+        if not visible(await jobstore.job(conn, job_id), request_owner(request)):
+            raise NotFoundException(detail=f"no job with id {job_id}")
         job = await jobstore.lock_job(conn, job_id)
-        if not visible(job, request_owner(request)):
+        if job is None:  # deleted meanwhile
             raise NotFoundException(detail=f"no job with id {job_id}")
         before = await jobstore.speaker_names(conn, job_id)
         # A label whose lines were all moved to another keeps its name, listed, until unnamed.
