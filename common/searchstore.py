@@ -211,6 +211,14 @@ async def search_semantic(pool: asyncpg.Pool, vector: list[float], model: str, *
 
 # ---- re-embedding (ingest) --------------------------------------------------------------------
 
+# A whole long recording's segments updated with an index to keep, a count over every segment of
+# a large store, and the look for the next job to re-embed (nothing indexes `embedding_model IS
+# DISTINCT FROM`, so it reads past every segment already done): longer than
+# DATABASE_COMMAND_TIMEOUT_S may rightly be, which would count them as the database being away
+# (the reindex stopping at the same place every time).
+BULK_STATEMENT_TIMEOUT_S = 3600.0
+
+
 async def newest_job(db: Db) -> int:
     """The highest job id so far (0 with none)."""
     return await db.fetchval("SELECT coalesce(max(id), 0) FROM transcripts")
@@ -224,7 +232,8 @@ async def next_job_to_reindex(db: Db, model: str, after: int = 0, passed_over: S
         "SELECT s.transcript_id FROM segments s JOIN transcripts t ON t.id = s.transcript_id"
         " WHERE t.status <> 'processing' AND s.embedding_model IS DISTINCT FROM $1 AND s.transcript_id > $2"
         " AND s.transcript_id <> ALL($3::bigint[]) AND ($4::bigint IS NULL OR s.transcript_id <= $4)"
-        " ORDER BY s.transcript_id LIMIT 1", model, after, list(passed_over), up_to)
+        " ORDER BY s.transcript_id LIMIT 1", model, after, list(passed_over), up_to,
+        timeout=BULK_STATEMENT_TIMEOUT_S)
 
 
 async def running_jobs_to_reindex(db: Db, model: str, up_to: int | None = None) -> list[int]:
@@ -262,12 +271,6 @@ async def corrected_segments_without_vector(db: Db, after: tuple[int, int, int],
         " WHERE s.embedding IS NULL AND s.edited_at IS NOT NULL AND t.status <> 'processing'"
         " AND (s.transcript_id, s.chunk_index, s.index) > ($1, $2, $3)"
         " ORDER BY s.transcript_id, s.chunk_index, s.index LIMIT $4", *after, limit)
-
-
-# A whole long recording's segments updated with an index to keep, and a count over every
-# segment of a large store: longer than DATABASE_COMMAND_TIMEOUT_S may rightly be, which would
-# count them as the database being away (the reindex stopping at the same job every time).
-BULK_STATEMENT_TIMEOUT_S = 3600.0
 
 
 async def store_reindexed(conn: asyncpg.Connection, job_id: int, model: str,

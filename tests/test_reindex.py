@@ -9,6 +9,7 @@ import errno
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -345,19 +346,63 @@ async def test_a_job_running_as_the_model_changed_is_reembedded_once_it_ends(key
     assert (after.running, after.pending_segments, after.waiting_jobs, after.error) == (False, 0, 0, None), after
 
 
-@pytest.fixture
-async def own_database():
-    """A database of its own, every migration applied, and a pool on it: no stack."""
-    import asyncpg
+def test_a_run_its_ingest_stopped_midway_is_reported_as_interrupted(keyed):
+    """A run cancelled as its ingest stops (a restart, a deploy), or whose replica died, leaves
+    no end behind: it read as not running with no error, and `stt reindex`, following it, said
+    "stopped" and exited 0 with work left. It says the run was interrupted, and how to go on."""
+    stack, _, _ = keyed
+    admin = httpx.Client(headers={"X-API-Key": ADMIN}, timeout=60)
+    model = admin.get(f"{stack.api}/admin/reindex").json()["model"]
+    # A job running as the model changed, its segment in the old model: the run waits for its end.
+    job = stack.value("INSERT INTO transcripts (filename, status, stage) VALUES ('long-meeting.wav', 'processing',"
+                      " 'transcribing') RETURNING id")
+    stack.query("INSERT INTO segments (transcript_id, chunk_index, index, speaker, start_ts, end_ts, text,"
+                " embedding_model) VALUES ($1, 0, 0, 'spk_0', 0, 1, 'Good morning.', 'model-before-the-switch')", job)
+    env = {**os.environ, "STT_API_URL": stack.api, "STT_API_KEY": ADMIN}
+    following = subprocess.Popen([str(Path(sys.executable).parent / "stt"), "reindex"], env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (progress := admin.get(f"{stack.api}/admin/reindex").json())["running"]:
+            assert time.monotonic() < deadline and following.poll() is None, progress
+            time.sleep(0.2)
+        stack.stop("ingest")
+        stack.start_service("ingest")
+        stack.wait_ready(timeout=120)
+        out, err = following.communicate(timeout=120)
+        progress = admin.get(f"{stack.api}/admin/reindex").json()
+    finally:
+        if following.poll() is None:
+            following.kill()
+            following.communicate()
+        stack.query("DELETE FROM transcripts WHERE id = $1", job)
+        stack.query("DELETE FROM reindex_runs WHERE model = $1", model)
+        admin.close()
+    interrupted = "interrupted (its ingest stopped midway); POST /admin/reindex again to resume"
+    assert (progress["running"], progress.get("error")) == (False, interrupted), progress
+    assert progress["pending_segments"] >= 1, progress
+    assert following.returncode == 1 and interrupted in " ".join(err.split()), (following.returncode, out, err)
 
+
+@pytest.fixture
+async def own_database_url():
+    """A database of its own, every migration applied: no stack."""
     from devstack import migrated_database
 
     async with migrated_database("stt_reindex") as url:
-        pool = await asyncpg.create_pool(url, min_size=1, max_size=4)
-        try:
-            yield pool
-        finally:
-            await pool.close()
+        yield url
+
+
+@pytest.fixture
+async def own_database(own_database_url):
+    """A pool on a database of its own."""
+    import asyncpg
+
+    pool = await asyncpg.create_pool(own_database_url, min_size=1, max_size=4)
+    try:
+        yield pool
+    finally:
+        await pool.close()
 
 
 async def test_a_job_started_after_the_run_began_does_not_keep_it_going(own_database, monkeypatch, caplog):
@@ -554,3 +599,139 @@ async def test_jobs_whose_vectors_cannot_be_stored_stop_the_run(own_database):
     assert error == "DataError: stopped; POST /admin/reindex again to resume", error
     assert asked == [["One."], ["Two."], ["Three."]][:STOP_AFTER_FAILED_JOBS], asked
     assert await pool.fetchval("SELECT count(*) FROM segments WHERE embedding_model = $1", model) == 1
+
+
+async def test_a_look_for_the_next_job_slower_than_the_command_timeout_does_not_stop_the_run(own_database_url):
+    """Which job is next reads every segment of a large store (nothing indexes `embedding_model IS
+    DISTINCT FROM`): given only DATABASE_COMMAND_TIMEOUT_S, it ended every run with TimeoutError.
+    Here a lock holds the look up, as such a read does, past a command timeout of two seconds."""
+    import asyncpg
+
+    from services.ingest.reindex import Reindexer
+
+    model = "slow-look-model"
+    pool = await asyncpg.create_pool(own_database_url, min_size=1, max_size=4, command_timeout=2)
+    holder = await asyncpg.connect(own_database_url)
+
+    async def embed(texts: list[str]) -> list[list[float]]:
+        return [[1.0, 0.0] for _ in texts]
+
+    try:
+        await add_done_jobs(pool, ["One."])
+        reindexer = Reindexer(pool, embed, model)
+        async with holder.transaction():
+            await holder.execute("LOCK TABLE segments IN ACCESS EXCLUSIVE MODE")
+            reindexer.start()
+            deadline = asyncio.get_running_loop().time() + 30
+            while not await holder.fetchval("SELECT count(*) FROM pg_locks WHERE NOT granted"
+                                            " AND relation = 'segments'::regclass"):
+                assert asyncio.get_running_loop().time() < deadline and not reindexer.task.done()
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(4)  # twice the command timeout
+        await asyncio.wait_for(reindexer.task, 30)
+        error = await pool.fetchval("SELECT error FROM reindex_runs WHERE model = $1", model)
+        models = {r["embedding_model"] for r in await pool.fetch("SELECT embedding_model FROM segments")}
+    finally:
+        await holder.close()
+        await pool.close()
+    assert error is None
+    assert models == {model}
+
+
+async def slow_to_count(pool, ask, held_s: float = 4.0) -> float:
+    """Seconds `ask()` takes while a lock holds every read of `segments` up for `held_s`, as a
+    count over a large store takes long."""
+    loop = asyncio.get_running_loop()
+
+    async def timed() -> float:
+        started = loop.time()
+        await ask()
+        return loop.time() - started
+
+    async with pool.acquire() as holder, holder.transaction():
+        await holder.execute("LOCK TABLE segments IN ACCESS EXCLUSIVE MODE")
+        asking = asyncio.create_task(timed())
+        await asyncio.wait({asking}, timeout=held_s)
+    return await asking
+
+
+async def test_counts_slow_to_read_serve_the_polls_after_them_and_the_post_that_starts_a_run(own_database,
+                                                                                            monkeypatch):
+    """`stt reindex` asks how far a run is every second, and the counts read every segment
+    (minutes on a large store). Dated from before they were read, counts slower than
+    COUNTS_FRESH_S were stale on arrival: each poll read every segment again, back to back. And
+    POST /admin/reindex read them all again even just after they were read."""
+    from litestar import Litestar
+    from litestar.datastructures import State
+
+    from common.settings import Settings
+    from services.ingest import reindex
+    from services.ingest.reindex import REINDEX_ROUTES, Reindexer
+
+    monkeypatch.setattr(reindex, "COUNTS_FRESH_S", 3.0)
+    pool, model = own_database, "polled-model"
+    await add_done_jobs(pool, ["One."])
+    underway, go_on = asyncio.Event(), asyncio.Event()
+
+    async def embed(texts: list[str]) -> list[list[float]]:
+        underway.set()
+        await go_on.wait()
+        return [[1.0, 0.0] for _ in texts]
+
+    reindexer = Reindexer(pool, embed, model)
+    app = Litestar(route_handlers=REINDEX_ROUTES, state=State({"reindexer": reindexer,
+                                                                "settings": Settings(_env_file=None)}))
+    # On this event loop, as the run and the pool (litestar's test clients serve from another).
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://ingest") as client:
+        reindexer.start()
+        await asyncio.wait_for(underway.wait(), 30)
+        first = await slow_to_count(pool, lambda: client.get("/admin/reindex"))
+        polled = await slow_to_count(pool, lambda: client.get("/admin/reindex"))
+        go_on.set()
+        await asyncio.wait_for(reindexer.task, 30)
+        outcome = (await client.get("/admin/reindex")).json()
+        started = None
+
+        async def start() -> None:
+            nonlocal started
+            started = await client.post("/admin/reindex")
+
+        posted = await slow_to_count(pool, start)
+        await asyncio.wait_for(reindexer.task, 30)
+    assert first > 3  # the count itself took longer than COUNTS_FRESH_S
+    assert polled < 1, polled
+    assert (outcome["running"], outcome["done_segments"], outcome["pending_segments"]) == (False, 1, 0), outcome
+    assert started.status_code == 202 and posted < 1, (posted, started.text)
+    # The counts read just before, as the run begins (the store is as it was).
+    assert started.json() | {"running": None} == outcome | {"running": None}, started.json()
+
+
+async def test_a_run_cut_short_by_its_ingest_stopping_reads_as_interrupted_on_every_replica(own_database):
+    """An ingest stopping cancels its run, which writes no end; another replica (or the same one
+    once restarted) said it was not running, with no error, and work left."""
+    from services.ingest.reindex import Reindexer
+
+    pool, model = own_database, "interrupted-model"
+    await add_done_jobs(pool, ["One.", "Two."])
+    underway = asyncio.Event()
+
+    async def stuck(texts: list[str]) -> list[list[float]]:
+        underway.set()
+        await asyncio.Event().wait()
+
+    async def embed(texts: list[str]) -> list[list[float]]:
+        return [[1.0, 0.0] for _ in texts]
+
+    stopping, other = Reindexer(pool, stuck, model), Reindexer(pool, embed, model)
+    stopping.start()
+    await asyncio.wait_for(underway.wait(), 30)
+    assert (await other.progress()).running
+    stopping.task.cancel()  # as ingest's shutdown does
+    await asyncio.gather(stopping.task, return_exceptions=True)
+    seen = await other.progress()
+    other.start()  # resumed
+    await asyncio.wait_for(other.task, 30)
+    resumed = await other.progress()
+    assert (seen.running, seen.pending_segments) == (False, 2), seen
+    assert seen.error == "interrupted (its ingest stopped midway); POST /admin/reindex again to resume", seen
+    assert (resumed.running, resumed.pending_segments, resumed.error) == (False, 0, None), resumed

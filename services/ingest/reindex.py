@@ -58,6 +58,7 @@ STOP_AFTER_FAILED_JOBS = 3
 FAILED_JOBS_LISTED = 20
 CORRECTIONS_INTERVAL_S = 60.0
 COUNTS_FRESH_S = 10.0
+INTERRUPTED = "interrupted (its ingest stopped midway); POST /admin/reindex again to resume"
 # How often a run that has done every ended job looks whether the running jobs it waits for ended.
 RUNNING_JOBS_CHECK_S = 10.0
 
@@ -206,27 +207,44 @@ class Reindexer:
                 await searchstore.store_reindexed(conn, job_id, self.model, vectors)
             log.info("re-embedded %d segments with %s", len(vectors), self.model)
 
-    async def _segment_counts(self, running: bool) -> asyncpg.Record:
+    async def _segment_counts(self, running: bool, earlier_counts_will_do: bool = False) -> asyncpg.Record:
         """reindex_counts, read at most every COUNTS_FRESH_S while a run goes on: it reads every
         segment, and `stt reindex` asks every second for as long as a run lasts (hours on a large
-        store). Once no run goes on, the counts are read again: they are the outcome."""
+        store). Once no run goes on, the counts are read again: they are the outcome.
+        `earlier_counts_will_do`: counts read within COUNTS_FRESH_S before the run began are as good
+        (the answer to the request that starts it)."""
         async with self._counting:
-            now = asyncio.get_running_loop().time()
-            if (not running or self._counts is None or now - self._counts[0] >= COUNTS_FRESH_S
-                    or not self._counts[1]):
-                self._counts = now, running, await searchstore.reindex_counts(self.pool, self.model)
-            return self._counts[2]
+            if self._counts is not None and running:
+                read_at, during_a_run, counts = self._counts
+                fresh = asyncio.get_running_loop().time() - read_at < COUNTS_FRESH_S
+                if fresh and (during_a_run or earlier_counts_will_do):
+                    return counts
+            counts = await searchstore.reindex_counts(self.pool, self.model)
+            # Dated once read: dated from the start, counts that took longer than COUNTS_FRESH_S to
+            # read (a large store) were stale on arrival, and every poll read them all again.
+            self._counts = asyncio.get_running_loop().time(), running, counts
+            return counts
 
-    async def progress(self) -> ReindexProgress:
-        # Under way here or in another replica (pg_locks spells a bigint key as two halves).
-        running = self.running or await self.pool.fetchval(
+    async def _under_way_anywhere(self) -> bool:
+        """Under way here or in another replica (pg_locks spells a bigint key as two halves)."""
+        return self.running or await self.pool.fetchval(
             "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 1"
             " AND classid::bigint = $1 AND objid::bigint = $2"
             " AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))",
             LockKey.REINDEX >> 32, LockKey.REINDEX & 0xFFFFFFFF)
-        error = None if running else await self.pool.fetchval(
-            "SELECT error FROM reindex_runs WHERE model = $1", self.model)
-        counts = await self._segment_counts(running)
+
+    async def progress(self, earlier_counts_will_do: bool = False) -> ReindexProgress:
+        running = await self._under_way_anywhere()
+        run = None if running else await self.pool.fetchrow(
+            "SELECT ended_at, error FROM reindex_runs WHERE model = $1", self.model)
+        if run is not None and run["ended_at"] is None:
+            # Begun since the look above (it holds the lock before it marks its row), or cut short.
+            running = await self._under_way_anywhere()
+        error = None
+        if not running and run is not None:
+            # A run cancelled as its ingest stops, or whose replica died, wrote no end.
+            error = run["error"] if run["ended_at"] is not None else INTERRUPTED
+        counts = await self._segment_counts(running, earlier_counts_will_do)
         return ReindexProgress(model=self.model, running=running, done_segments=counts["done"],
                                pending_segments=counts["pending"], waiting_jobs=counts["waiting_jobs"], error=error)
 
@@ -299,7 +317,7 @@ def run_corrections_embedder(pool: asyncpg.Pool, embed: EmbedFn, model: str) -> 
 async def start_reindex(state: State, request: Request) -> ReindexProgress:
     admin_only(state.settings, request, "re-embed transcripts")
     state.reindexer.start()
-    return await state.reindexer.progress()
+    return await state.reindexer.progress(earlier_counts_will_do=True)
 
 
 @get("/admin/reindex", summary="How far re-embedding is", responses=error_responses(401, 403, 503))
