@@ -187,6 +187,22 @@ def test_one_voice_is_one_speaker():
     assert sum(t.end - t.start for t in result.turns) > 6.0  # 11 s with pauses between phrases
 
 
+def test_samples_out_of_range_or_not_numbers_cost_no_speech():
+    """Float audio from a caller of the library (a decoded file never has them): a NaN, an
+    infinity or a sample far past full scale, two a second, is taken as silence or full
+    scale; the dialogue keeps its two people and its speech (an infinity turned into 3.4e38 wiped
+    out the seconds around it, and the whole recording at this rate)."""
+    audio = load("en_dialogue.wav")
+    clean = diarize_offline(audio)
+    spoken = sum(t.end - t.start for t in clean.turns)
+    for bad in (np.nan, np.inf, -np.inf, 1e6):
+        spoilt = audio.copy()
+        spoilt[::8000] = bad
+        result = diarize_offline(spoilt)
+        assert len(speakers(result.turns)) == 2, bad
+        assert abs(sum(t.end - t.start for t in result.turns) - spoken) < 0.5, (bad, result.turns)
+
+
 def test_silence_gives_nothing():
     for audio in (load("empty.wav"), np.zeros(16000 * 3, dtype=np.float32), np.zeros(0, dtype=np.float32)):
         assert diarize_offline(audio) == Diarization()
