@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 import common.storage
+from common import jobstore
 from common.broker import connect, declare_topology
 from common.db import DATABASE_UNAVAILABLE, create_pool
 from common.messages import TranscriptCompleted, TranscriptFailed
@@ -242,6 +243,34 @@ async def test_a_key_dropped_again_keeps_the_newer_jobs_results(stack: Stack, fi
         await pool.execute("DELETE FROM deleted_drops WHERE source_bucket = $1", bucket)
         await pool.close()
         remove_bucket(s3, bucket)
+
+
+async def test_a_drop_whose_bucket_is_gone_is_not_written_again_every_scan(stack: Stack, fixtures_dir):
+    """The inbox bucket removed (its drops with it) before a job's results were written: the
+    results are given up with a warning once, not tried with a traceback at every scan."""
+    bucket, key = f"gonebox-{time.monotonic_ns() % 10**9}", "call.flac"
+    settings = stack.settings(inbox_bucket=bucket)
+    s3 = make_client(settings)
+    ensure_buckets(s3, bucket)
+    pool = await create_pool(settings)
+    inbox = Inbox(settings, pool, s3, asyncio.Event())
+    job = None
+    try:
+        await asyncio.to_thread(s3.fput_object, bucket, key, str(fixtures_dir / "jfk.flac"))
+        job = await inbox.register(key, s3.stat_object(bucket, key).etag.strip('"'))
+        await wait_for_result(s3, bucket, key, "country")
+        remove_bucket(s3, bucket)
+        await pool.execute("UPDATE transcripts SET result_written = false WHERE id = $1", job)
+        await inbox.write_result(job)
+        assert await pool.fetchval("SELECT result_written FROM transcripts WHERE id = $1", job)
+        assert job not in await jobstore.ended_drops_without_result(pool)
+    finally:
+        if job is not None:
+            httpx.delete(f"{stack.api}/transcripts/{job}")
+        await pool.execute("DELETE FROM deleted_drops WHERE source_bucket = $1", bucket)
+        await pool.close()
+        if s3.bucket_exists(bucket):
+            remove_bucket(s3, bucket)
 
 
 async def test_a_refused_drop_keeps_its_reference_and_a_drop_gone_before_it_is_taken_is_no_error(

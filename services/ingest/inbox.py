@@ -398,6 +398,12 @@ class Inbox:
                 log.warning("results not written: the key of %s/%s is too long for a result file", bucket,
                             source_key)
                 return
+            if not await call_in_transaction(self.s3_quick.bucket_exists, bucket):
+                # Removed with the drop in it (or INBOX_BUCKET moved on): tried again, the write
+                # failed with a traceback every scan, for good.
+                await jobstore.mark_result_written(conn, job_id)
+                log.warning("results not written: the bucket %s is gone", bucket)
+                return
             # Held over the upload, so that a newer drop of the key made meanwhile does not take
             # the old results down before these land: it leaves that to this writer, once done.
             await lock_results_of(conn, bucket, source_key)
