@@ -66,8 +66,14 @@ API_AWAY_S = 1800.0
 # How long `submit` keeps offering an upload that the server answers 503 with Retry-After (it
 # takes no more uploads at once, or its database or broker is briefly away; nothing was created).
 UPLOAD_BUSY_WAIT_S = 120.0
-# Sends of one upload whose connection broke (each with the same Idempotency-Key).
+# Sends of one upload whose answer was lost (each with the same Idempotency-Key).
 UPLOAD_ATTEMPTS = 3
+# Seconds before a request whose answer was lost is sent again (times the attempt).
+RESEND_PAUSE_S = 2.0
+# A gateway in front of the API (ingress-nginx, a load balancer) giving up on it: the API may still
+# be at the request (a URL submission downloads and decodes before it answers), or done with it.
+GATEWAY_GAVE_UP = (502, 504)
+REQUEST_TIMEOUT = httpx.Timeout(30, connect=10)
 # Enrolling and forgetting a speaker relabel every past recording of the key before answering.
 SPEAKER_CHANGE_TIMEOUT = httpx.Timeout(300, connect=10)
 WATCHED_ROUTING_KEYS = ("segment.created", "transcript.*")
@@ -113,6 +119,16 @@ class ApiError(Exception):
         self.detail = detail
 
 
+class AnswerLost(Exception):
+    """A request that changes something was sent and its answer never came (sent again where it
+    could be, and lost again): it may have been done. The message says how the answer was lost."""
+
+
+class UnexpectedAnswer(Exception):
+    """The API answered a success whose JSON is not what this client reads: --api names another
+    service, or a gateway answered for it."""
+
+
 @dataclass
 class SubmittedJob:
     id: int
@@ -129,8 +145,7 @@ def fail(message: str) -> NoReturn:
 
 def api_client(api: str, api_key: str | None) -> httpx.Client:
     try:
-        return httpx.Client(base_url=api_base(api), headers=auth_headers(api_key),
-                            timeout=httpx.Timeout(30, connect=10))
+        return httpx.Client(base_url=api_base(api), headers=auth_headers(api_key), timeout=REQUEST_TIMEOUT)
     except ValueError as exc:
         fail(str(exc))
 
@@ -139,12 +154,28 @@ def api_base(api: str) -> str:
     """ValueError for an address that is no HTTP one, or that httpx cannot read (an unclosed
     IPv6 bracket, a port that is no number): its InvalidURL was a traceback."""
     if not api.lower().startswith(("http://", "https://")):
-        raise ValueError(f"--api / STT_API_URL must start with http:// or https:// (it is {api!r})")
+        raise ValueError(f"--api / STT_API_URL must start with http:// or https:// (it is {shown_url(api)!r})")
     try:
         httpx.URL(api)
     except httpx.InvalidURL as exc:
-        raise ValueError(f"--api / STT_API_URL is not a valid URL ({exc}; it is {api!r})") from None
+        # Not the parser's words where the address holds a password: they quote the part they
+        # failed on, which may be the password's (a "/" or "#" in it makes the rest read as the port).
+        reason = (f"it is {shown_url(api)!r}; a password holding / ? # or @ must be percent-encoded"
+                  if shown_url(api) != api else f"{exc}; it is {api!r}")
+        raise ValueError(f"--api / STT_API_URL is not a valid URL ({reason})") from None
     return api.rstrip("/")
+
+
+def shown_url(url: str) -> str:
+    """The address with its password (https://user:password@host, sent as Basic auth) as ***, for
+    messages. Read by hand, not by a URL parser: the address may be one a parser refuses. Everything
+    up to the last @ is taken for the user and password, so a password holding / or @ is hidden too."""
+    scheme, separator, rest = url.partition("://")
+    userinfo, at, host_and_path = rest.rpartition("@")
+    user, colon, _password = userinfo.partition(":")
+    if not (separator and at and colon):
+        return url
+    return f"{scheme}://{user}:***@{host_and_path}"
 
 
 def auth_headers(api_key: str | None) -> dict[str, str]:
@@ -166,11 +197,24 @@ def listed(client: httpx.Client, path: str, params: dict, limit: int | None = No
     while limit is None or len(items) < limit:
         size = 500 if limit is None else min(500, limit - len(items))
         page = checked(client.get(path, params={**params, "limit": size})).json()
-        items.extend(page["items"])
+        items.extend(items_of(page, path))
         if "next_cursor" not in page:
             break
         params["cursor"] = page["next_cursor"]
     return items
+
+
+def items_of(page: object, path: str) -> list[dict]:
+    """A listing's items; UnexpectedAnswer for JSON that is no listing (another service at --api)."""
+    if not isinstance(page, dict) or not isinstance(page.get("items"), list):
+        raise UnexpectedAnswer(f"GET {path} answered JSON that is not a listing ({one_line(page)})")
+    return page["items"]
+
+
+def one_line(value: object) -> str:
+    """JSON on one line, cut to 200 characters: for an answer quoted in a message."""
+    line = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return line if len(line) <= 200 else line[:199] + "…"
 
 
 def checked(response: httpx.Response) -> httpx.Response:
@@ -203,16 +247,85 @@ def error_detail(response: httpx.Response) -> str:
 
 
 @contextlib.contextmanager
-def reporting_api_errors(api: str) -> Iterator[None]:
+def reporting_api_errors(api: str, unconfirmed: str | None = None) -> Iterator[None]:
+    """Errors of the API as one line and exit 1. `unconfirmed`, for a command that changes
+    something, is what to tell when its answer was lost ("the webhook may have been registered:
+    see stt webhooks list"): running it again blindly could do it twice."""
     try:
         yield
+    except AnswerLost as exc:
+        fail(without_password(f"{exc}; {unconfirmed or 'it may have been done'}", api))
     except ApiError as exc:
+        if unconfirmed and exc.status_code in GATEWAY_GAVE_UP:
+            fail(f"{exc} (a gateway that gave up on the API, which may still be at it); {unconfirmed}")
         fail(str(exc))
     except httpx.TransportError as exc:
-        fail(f"cannot reach the API at {api}: {str(exc) or type(exc).__name__}")
+        if unconfirmed and not isinstance(exc, NOT_SENT):
+            fail(without_password(f"{lost_answer(exc)}; {unconfirmed}", api))
+        fail(transport_failure(exc, api))
     except (json.JSONDecodeError, UnicodeDecodeError):
         # What Response.json() raises for a success that is no JSON: --api naming a web page.
-        fail(f"the API at {api} did not answer JSON; is --api right?")
+        fail(f"the API at {shown_url(api)} did not answer JSON; is --api right?")
+    except UnexpectedAnswer as exc:
+        fail(f"the API at {shown_url(api)}: {exc}; is --api right?")
+
+
+def transport_failure(exc: httpx.TransportError, api: str) -> str:
+    """Why a request that changes nothing failed, without the address's password."""
+    if isinstance(exc, httpx.TimeoutException) and not isinstance(exc, NOT_SENT):
+        return f"the API at {shown_url(api)} did not answer within {read_timeout_s(exc)}"
+    return f"cannot reach the API at {shown_url(api)}: {without_password(str(exc) or type(exc).__name__, api)}"
+
+
+def lost_answer(exc: httpx.TransportError) -> str:
+    """How the answer to a request that reached the API (or may have) was lost."""
+    if isinstance(exc, httpx.TimeoutException):
+        return f"the API did not answer within {read_timeout_s(exc)}"
+    return f"the connection broke before the API answered ({str(exc) or type(exc).__name__})"
+
+
+def post_sent_again_once(client: httpx.Client, path: str, body: dict) -> httpx.Response:
+    """POST `body` with an Idempotency-Key; when its answer is lost (the connection broke after it
+    was sent, no answer in time, a gateway's 502 or 504) it is sent once more with the same key,
+    and the service answers with what the first one made instead of making it again. AnswerLost
+    when the second send fails too."""
+    headers = {"Idempotency-Key": str(uuid.uuid4())}
+    try:
+        response = client.post(path, json=body, headers=headers)
+    except httpx.TransportError as exc:
+        if isinstance(exc, NOT_SENT):  # nothing reached the API
+            raise
+        stderr.print(f"{escape(lost_answer(exc))}, sending it again")
+    else:
+        if response.status_code not in GATEWAY_GAVE_UP:
+            return response
+        stderr.print(f"a gateway answered {response.status_code}: {escape(error_detail(response))}, sending it again")
+    time.sleep(RESEND_PAUSE_S)
+    try:
+        response = client.post(path, json=body, headers=headers)
+    except httpx.TransportError as exc:
+        raise AnswerLost("sent again, " + ("the API could not be reached" if isinstance(exc, NOT_SENT)
+                                           else lost_answer(exc))) from exc
+    if response.status_code >= 500:
+        raise AnswerLost(f"sent again, it was answered {response.status_code}: {error_detail(response)}")
+    return response
+
+
+def read_timeout_s(exc: httpx.TimeoutException) -> str:
+    """"30 s": how long the request waited for its answer."""
+    try:
+        seconds = exc.request.extensions["timeout"]["read"]
+    except (RuntimeError, KeyError, TypeError):  # a request not set on the error
+        return "the time allowed"
+    return f"{seconds:g} s" if seconds is not None else "the time allowed"
+
+
+def without_password(text: str, api: str) -> str:
+    """`text` with the password of `api` (as shown_url reads it) as ***."""
+    scheme, separator, rest = api.partition("://")
+    userinfo, at, _ = rest.rpartition("@")
+    _, colon, password = userinfo.partition(":")
+    return text.replace(password, "***") if separator and at and colon and password else text
 
 
 def multipart_body(path: Path, fields: dict[str, str],
@@ -250,9 +363,11 @@ NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.UnsupportedProtocol,
 def upload(client: httpx.Client, source: Path | str, fields: dict[str, str]) -> SubmittedJob:
     """Upload one file, or give the address the service fetches it from; while the server
     answers 503 with Retry-After, wait that long and offer it again, for up to UPLOAD_BUSY_WAIT_S.
-    The request carries an Idempotency-Key, so when the connection breaks after it was sent (the
-    answer lost on the way back) it is sent again, up to UPLOAD_ATTEMPTS times, and the service
-    answers with the job it already made instead of making a second."""
+    The request carries an Idempotency-Key, so when its answer is lost (the connection breaks
+    after it was sent, or a gateway gives up waiting for the API: 502, 504) it is sent again, up to
+    UPLOAD_ATTEMPTS times, and the service answers with the job it already made instead of making
+    a second. AnswerLost when the last attempt fails so after an earlier one may have made the job."""
+    name = escape(source_name(source))
     headers = {"Idempotency-Key": str(uuid.uuid4())}
     deadline = time.monotonic() + UPLOAD_BUSY_WAIT_S
     attempt = 1
@@ -263,21 +378,31 @@ def upload(client: httpx.Client, source: Path | str, fields: dict[str, str]) -> 
         except httpx.TransportError as exc:
             # Not sent on the first attempt (no connection made): nothing reached the service, say
             # so. On a later one the service may be restarting, and may have made the job already.
-            if (isinstance(exc, NOT_SENT) and attempt == 1) or attempt == UPLOAD_ATTEMPTS:
-                if attempt > 1:
-                    stderr.print(f"{escape(source_name(source))}: an earlier attempt may have been accepted;"
-                                 " see stt list before sending it again")
+            if isinstance(exc, NOT_SENT) and attempt == 1:
                 raise
-            reason = escape(str(exc) or type(exc).__name__)
-            stderr.print(f"{escape(source_name(source))}: the connection broke ({reason}), sending it again")
-            time.sleep(2 * attempt)
-            attempt += 1
-            continue
-        wait_s = _retry_after_s(response)
-        if wait_s is None or time.monotonic() + wait_s > deadline:
-            break
-        stderr.print(f"{escape(source_name(source))}: the server is busy, trying again in {wait_s:g} s")
-        time.sleep(wait_s)
+            reason = str(exc) or type(exc).__name__
+            if attempt == UPLOAD_ATTEMPTS:
+                how = "could not reach the API again" if isinstance(exc, NOT_SENT) else "the connection broke"
+                raise AnswerLost(f"no answer: {how} ({reason})") from exc
+            stderr.print(f"{name}: the connection broke ({escape(reason)}), sending it again")
+        else:
+            if response.status_code in GATEWAY_GAVE_UP:
+                gateway_said = f"{response.status_code}: {error_detail(response)}"
+                if attempt == UPLOAD_ATTEMPTS:
+                    raise AnswerLost(f"no answer: a gateway answered {gateway_said}")
+                stderr.print(f"{name}: a gateway answered {escape(gateway_said)}, sending it again")
+            else:
+                wait_s = _retry_after_s(response)
+                if wait_s is None or time.monotonic() + wait_s > deadline:
+                    break
+                stderr.print(f"{name}: the server is busy, trying again in {wait_s:g} s")
+                time.sleep(wait_s)
+                continue
+        time.sleep(RESEND_PAUSE_S * attempt)
+        attempt += 1
+    if attempt > 1 and response.status_code >= 500:
+        # Refused now (busy past the wait, restarting), but an earlier send may have made the job.
+        raise AnswerLost(f"sent again, it was answered {response.status_code}: {error_detail(response)}")
     accepted = checked(response).json()
     return SubmittedJob(id=int(accepted["id"]), filename=accepted.get("filename", source_name(source)))
 
@@ -351,10 +476,23 @@ def stage_label(document: dict) -> str:
     return escape(str(document.get("stage") or document["status"]))
 
 
-def follow_jobs(client: httpx.Client, jobs: list[SubmittedJob]) -> dict[int, dict]:
+def status_document(response: httpx.Response) -> dict:
+    """A /status answer's document; UnexpectedAnswer for JSON that is not one (another service at
+    --api), json.JSONDecodeError or UnicodeDecodeError for no JSON at all (a gateway's page)."""
+    document = response.json()
+    if (not isinstance(document, dict) or not isinstance(document.get("status"), str)
+            or not isinstance(document.get("segments", []), list)):
+        raise UnexpectedAnswer(f"GET {response.request.url.path} answered JSON that is not a job's status"
+                               f" ({one_line(document)})")
+    return document
+
+
+def follow_jobs(client: httpx.Client, jobs: list[SubmittedJob],
+                finished: dict[int, dict] | None = None) -> dict[int, dict]:
     """Poll every job until each is done or in error (or the API stops telling: NOT_FOLLOWED),
-    drawing a stage and percent per job. Returns each job's final status document."""
-    finished: dict[int, dict] = {}
+    drawing a stage and percent per job. Returns each job's final status document, and puts it in
+    `finished` as each ends (for a caller stopped by Ctrl-C to tell which did)."""
+    finished = {} if finished is None else finished
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                TextColumn("{task.fields[stage]}"))
     with Progress(*columns, console=stderr) as progress:
@@ -369,9 +507,10 @@ def follow_jobs(client: httpx.Client, jobs: list[SubmittedJob]) -> dict[int, dic
                 away_s = time.monotonic() - answered_at
                 try:
                     # The segments only once: a long job's would be read again every second.
-                    document = checked(client.get(f"/status/{job.id}", params={"segments": "false"})).json()
+                    document = status_document(checked(client.get(f"/status/{job.id}",
+                                                                   params={"segments": "false"})))
                     if document["status"] in FINISHED:
-                        document = checked(client.get(f"/status/{job.id}")).json()
+                        document = status_document(checked(client.get(f"/status/{job.id}")))
                 except httpx.TransportError as exc:
                     if away_s < API_AWAY_S:
                         progress.update(tasks[job.id], stage="[yellow]API unreachable, retrying")
@@ -389,6 +528,18 @@ def follow_jobs(client: httpx.Client, jobs: list[SubmittedJob]) -> dict[int, dic
                     # Not the job's end: the API would not say how it is (a key refused, the job
                     # deleted, an error of the API's own, an API away for too long).
                     document = {"status": NOT_FOLLOWED, "segments": [], "error": str(exc)}
+                except (UnexpectedAnswer, json.JSONDecodeError, UnicodeDecodeError) as exc:
+                    # Waited out as a 500 is (a page of a gateway's or a captive portal's answered
+                    # 200), then this job is not followed: the others go on being, and each is
+                    # listed with how to look at it later.
+                    answered_at = time.monotonic()
+                    errors_in_a_row[job.id] += 1
+                    if errors_in_a_row[job.id] < FOLLOW_TRIES:
+                        progress.update(tasks[job.id], stage="[yellow]answer not understood, retrying")
+                        continue
+                    error = (str(exc) if isinstance(exc, UnexpectedAnswer)
+                             else f"GET /status/{job.id} answered something that is not JSON")
+                    document = {"status": NOT_FOLLOWED, "segments": [], "error": error}
                 else:
                     answered_at = time.monotonic()
                 errors_in_a_row[job.id] = 0
@@ -519,10 +670,14 @@ def submit(
                 refused += 1
                 stderr.print(Text(f"{name}: refused, {exc}", style="red"))
                 continue
+            except AnswerLost as exc:
+                refused += 1
+                stderr.print(Text(f"{name}: {without_password(str(exc), api)}; it may have been accepted:"
+                                  f" see stt list before sending it again", style="red"))
+                continue
             except httpx.TransportError as exc:
                 refused += 1
-                stderr.print(Text(f"{name}: upload failed, cannot reach the API at {api}: "
-                                  f"{str(exc) or type(exc).__name__}", style="red"))
+                stderr.print(Text(f"{name}: upload failed, {transport_failure(exc, api)}", style="red"))
                 continue
             jobs.append(job)
             stderr.print(f"{escape(name)}: accepted as job [bold]{job.id}[/]")
@@ -536,11 +691,17 @@ def submit(
 
 def wait_and_print(client: httpx.Client, jobs: list[SubmittedJob]) -> int:
     """Follow the jobs to their end and print each transcript; returns how many failed."""
+    finished: dict[int, dict] = {}
     try:
-        documents = follow_jobs(client, jobs)
+        documents = follow_jobs(client, jobs, finished)
     except KeyboardInterrupt:
-        ids = " ".join(str(job.id) for job in jobs)
-        stderr.print(f"stopped waiting; the jobs go on: stt status {ids}")
+        # One command a job: `stt status` takes one id.
+        stderr.print("stopped waiting; the jobs go on:")
+        for job in jobs:
+            ended = finished.get(job.id, {}).get("status")
+            what = (f"is done: stt get {job.id} --format txt" if ended == "done"
+                    else f"failed: stt status {job.id}" if ended == "error" else f"stt status {job.id}")
+            stderr.print(f"  job {job.id} ({escape(job.filename)}) {what}")
         raise typer.Exit(130) from None
     failed = 0
     for job in jobs:
@@ -591,9 +752,10 @@ def rerun(
     changes = {"language": language, **speaker_counts(speakers, min_speakers, max_speakers),
                "expected_speakers": expect, "vocabulary": vocabulary, "task": task, "spelling": spelling,
                "redact": redact, "reference": reference, "multichannel": multichannel}
-    with api_client(api, api_key) as client, reporting_api_errors(api):
-        accepted = checked(client.post(f"/transcripts/{job_id}/rerun",
-                                       json={k: v for k, v in changes.items() if v is not None})).json()
+    unconfirmed = f"a new run of job {job_id} may have been made: see stt list before running it again"
+    with api_client(api, api_key) as client, reporting_api_errors(api, unconfirmed):
+        accepted = checked(post_sent_again_once(client, f"/transcripts/{job_id}/rerun",
+                                                {k: v for k, v in changes.items() if v is not None})).json()
         job = SubmittedJob(id=accepted["id"], filename=accepted["filename"])
         stderr.print(f"job {job_id} runs again as job [bold]{job.id}[/]")
         if not wait:
@@ -616,7 +778,7 @@ def status(
 ) -> None:
     """Show a job's state: status, stage, percent, error."""
     with reporting_api_errors(api), api_client(api, api_key) as client:
-        document = checked(client.get(f"/status/{job_id}")).json()
+        document = status_document(checked(client.get(f"/status/{job_id}")))
     if as_json:
         print_json(document)
         return
@@ -756,7 +918,8 @@ def name(
         if not sep or not label.strip():
             raise typer.BadParameter(f"{pair!r} is not LABEL=NAME (spk_0=Anna)", param_hint="LABEL=NAME")
         changes[label.strip()] = value.strip() or None
-    with reporting_api_errors(api), api_client(api, api_key) as client:
+    with reporting_api_errors(api, f"the names may have been given: see stt name {job_id}"), \
+            api_client(api, api_key) as client:
         speakers = checked(client.patch(f"/transcripts/{job_id}/speakers", json=changes)).json()["speakers"]
     for label, given in speakers.items():
         sys.stdout.write(f"{label}\t{given or '-'}\n")
@@ -773,7 +936,7 @@ def delete(
         checked(client.delete(f"/transcripts/{job_id}"))
         return f"deleted job {job_id}"
 
-    for_each_job(job_ids, api, api_key, delete_one, "not deleted")
+    for_each_job(job_ids, api, api_key, delete_one, "not deleted", "deleted")
 
 
 @app.command()
@@ -788,21 +951,34 @@ def cancel(
         document = checked(client.post(f"/transcripts/{job_id}/cancel")).json()
         return f"cancelled job {job_id} ({len(document['segments'])} segments kept)"
 
-    for_each_job(job_ids, api, api_key, cancel_one, "not cancelled")
+    for_each_job(job_ids, api, api_key, cancel_one, "not cancelled", "cancelled")
 
 
 def for_each_job(job_ids: list[int], api: str, api_key: str | None, act: Callable[[httpx.Client, int], str],
-                 refusal: str) -> None:
+                 refusal: str, done_as: str) -> None:
     """`act` on each job, printing what it says; one the API refuses is reported (`job 7: <refusal>,
-    <reason>`) and the rest go on. Exits 1 if any was refused."""
+    <reason>`) and the rest go on, as does one whose answer was lost (`it may have been <done_as>`).
+    Exits 1 if any was refused or not answered."""
     refused = 0
     with reporting_api_errors(api), api_client(api, api_key) as client:
         for job_id in job_ids:
+            lost = None
             try:
                 done = act(client, job_id)
             except ApiError as exc:
+                if exc.status_code not in GATEWAY_GAVE_UP:
+                    refused += 1
+                    stderr.print(Text(f"job {job_id}: {refusal}, {exc}", style="red"))
+                    continue
+                lost = f"a gateway answered {exc}"
+            except httpx.TransportError as exc:
+                if isinstance(exc, NOT_SENT):  # nothing reached the API, and nothing will
+                    raise
+                lost = without_password(lost_answer(exc), api)
+            if lost is not None:
                 refused += 1
-                stderr.print(Text(f"job {job_id}: {refusal}, {exc}", style="red"))
+                stderr.print(Text(f"job {job_id}: {lost}; it may have been {done_as}: see stt status {job_id}",
+                                  style="red"))
                 continue
             sys.stdout.write(done + "\n")
     if refused:
@@ -833,11 +1009,12 @@ def search(
               "language": language, "since": since, "until": until}
     with reporting_api_errors(api), api_client(api, api_key) as client:
         page = checked(client.get("/search", params={k: v for k, v in params.items() if v is not None})).json()
+        hits = items_of(page, "/search")
     if as_json:
         print_json(page)
         return
     colours = SpeakerColours()
-    for hit in page["items"]:
+    for hit in hits:
         line = Text(f"job {hit['transcript_id']} ", style="bold")
         line.append(f"[{clock(hit['start_ts'])}] ", style="dim")
         colour = colours(f"{hit['transcript_id']}:{hit['speaker']}")
@@ -845,7 +1022,7 @@ def search(
         # Absent from hits only the semantic search found: nothing to mark.
         line.append_text(marked(hit.get("highlighted") or hit["text"]))
         stdout.print(line)
-    if not page["items"]:
+    if not hits:
         stderr.print("nothing found")
 
 
@@ -932,7 +1109,9 @@ def speakers_enroll(
     Enrolling a name again adds a voiceprint."""
     if (sample is None) == (job is None) or (job is None) != (speaker is None):
         raise typer.BadParameter("give either a SAMPLE file or --job and --speaker")
-    with reporting_api_errors(api), api_client(api, api_key) as client:
+    # Enrolling again adds a second voiceprint of the same sample.
+    unconfirmed = f"{name!r} may have been enrolled: see stt speakers list before enrolling again"
+    with reporting_api_errors(api, unconfirmed), api_client(api, api_key) as client:
         if sample is not None:
             fields = {"name": name, **({"force": "true"} if force else {})}
             headers, body = multipart_body(sample, fields, lambda sent: None)
@@ -951,7 +1130,7 @@ def speakers_enroll(
 def speakers_list(api: ApiUrl = DEFAULT_API_URL, api_key: ApiKey = None) -> None:
     """The enrolled speakers: id, name, voiceprints."""
     with reporting_api_errors(api), api_client(api, api_key) as client:
-        items = checked(client.get("/speakers")).json()["items"]
+        items = items_of(checked(client.get("/speakers")).json(), "/speakers")
     for item in items:
         sys.stdout.write(f"{item['id']}\t{item['name']}\t{item['voiceprint_count']} voiceprint(s)\n")
     if not items:
@@ -966,7 +1145,7 @@ def speakers_forget(
 ) -> None:
     """Delete a speaker's voiceprints and every name recognised from them."""
     with reporting_api_errors(api), api_client(api, api_key) as client:
-        items = checked(client.get("/speakers")).json()["items"]
+        items = items_of(checked(client.get("/speakers")).json(), "/speakers")
         wanted = " ".join(name.split())  # as the server keeps names
         # The name as it is, else in another case when only one speaker has it so. The server keeps
         # names unique by PostgreSQL's lower(), which maps letter by letter as Python's lower()
@@ -984,7 +1163,8 @@ def speakers_forget(
             fail(f"{wanted!r} is both the name of speaker {named['id']} and the id of {numbered['name']!r};"
                  f" forget {numbered['name']!r} by name, or rename speaker {named['id']} first")
         [found] = found.values()
-        checked(client.delete(f"/speakers/{found['id']}", timeout=SPEAKER_CHANGE_TIMEOUT))
+        with reporting_api_errors(api, f"{found['name']!r} may have been forgotten: see stt speakers list"):
+            checked(client.delete(f"/speakers/{found['id']}", timeout=SPEAKER_CHANGE_TIMEOUT))
     sys.stdout.write(f"forgot {found['name']}\n")
 
 
@@ -1011,7 +1191,9 @@ def webhooks_add(
         body["events"] = [e.strip() for e in events.split(",") if e.strip()]
     if secret is not None:
         body["secret"] = secret
-    with reporting_api_errors(api), api_client(api, api_key) as client:
+    unconfirmed = "the webhook may have been registered: see stt webhooks list" + (
+        "" if secret is not None else "; if it was, its secret was in the lost answer: remove it and add it again")
+    with reporting_api_errors(api, unconfirmed), api_client(api, api_key) as client:
         hook = checked(client.post("/webhooks", json=body)).json()
     sys.stdout.write(f"webhook {hook['id']}: {hook['url']} ({', '.join(hook['events'])})\n"
                      f"secret: {hook['secret']}\n")
@@ -1036,7 +1218,8 @@ def webhooks_remove(
     api_key: ApiKey = None,
 ) -> None:
     """Stop sending to a webhook and drop its delivery log."""
-    with reporting_api_errors(api), api_client(api, api_key) as client:
+    with reporting_api_errors(api, f"webhook {webhook_id} may have been removed: see stt webhooks list"), \
+            api_client(api, api_key) as client:
         checked(client.delete(f"/webhooks/{webhook_id}"))
     sys.stdout.write(f"removed webhook {webhook_id}\n")
 
@@ -1051,15 +1234,16 @@ def webhooks_deliveries(
     """The webhook's deliveries, newest first, with every attempt."""
     with reporting_api_errors(api), api_client(api, api_key) as client:
         page = checked(client.get(f"/webhooks/{webhook_id}/deliveries")).json()
+        deliveries = items_of(page, f"/webhooks/{webhook_id}/deliveries")
     if as_json:
         print_json(page)
         return
-    for item in page["items"]:
+    for item in deliveries:
         tries = "; ".join(f"{a.get('status_code') or '-'} {a['latency_ms']} ms {a.get('error') or ''}".rstrip()
                           for a in item["attempts"])
         sys.stdout.write(f"{item['id']}\tjob {item['transcript_id']}\t{item['event_type']}\t{item['status']}"
                          f"\t{len(item['attempts'])} attempt(s)\t{tries}\n")
-    if not page["items"]:
+    if not deliveries:
         stderr.print("no deliveries yet")
 
 
@@ -1146,24 +1330,18 @@ def where(amqp_url: str) -> str:
 STATUS_POLL_S = 15.0
 
 
-async def already_ended(api: str, api_key: str | None, job_id: int, when: str = "had already ended") -> int | None:
-    """The exit code for a followed job that has ended (1 for one that does not exist), else None.
-    Only a shortcut: when the API cannot say, watching goes on and the event will tell."""
+async def job_status(api: str, api_key: str | None, job_id: int) -> dict | None:
+    """A followed job's status document, None when the API cannot say (watching goes on and the
+    event will tell); ApiError for a 404, a job the API does not know."""
     try:
         async with httpx.AsyncClient(base_url=api_base(api), headers=auth_headers(api_key), timeout=10) as client:
-            document = checked(await client.get(f"/status/{job_id}", params={"segments": "false"})).json()
+            return status_document(checked(await client.get(f"/status/{job_id}", params={"segments": "false"})))
     except ApiError as exc:
-        if exc.status_code == 404:  # a mistyped id (or a job deleted) would otherwise be watched for ever
-            stderr.print(Text(f"error: job {job_id}: {exc.detail}", style="red"))
-            return 1
+        if exc.status_code == 404:
+            raise
         return None  # 401/403: a subscriber may watch without access to the API
-    except (httpx.HTTPError, ValueError):
+    except (httpx.HTTPError, ValueError, UnexpectedAnswer):
         return None
-    if document.get("status") not in FINISHED:
-        return None
-    stdout.print(Text(f"job {job_id} {when}: {document['status']}",
-                      style="bold green" if document["status"] == "done" else "bold red"))
-    return 0 if document["status"] == "done" else 1
 
 
 async def watch_events(amqp_url: str, job_id: int | None, api: str, api_key: str | None) -> int:
@@ -1181,13 +1359,38 @@ async def watch_events(amqp_url: str, job_id: int | None, api: str, api_key: str
 
     printer = EventPrinter(job_id)
     polling: asyncio.Task | None = None
+    asking_api = True
+    known_to_api = False
+
+    async def ask_api(when: str) -> None:
+        """End watching if the API says the job has ended (or, as far as it can tell, does not exist)."""
+        nonlocal asking_api, known_to_api
+        try:
+            document = await job_status(api, api_key, job_id)
+        except ApiError as exc:  # 404
+            if known_to_api or not (api_key or "").strip():
+                # A mistyped id (or a job deleted) would otherwise be watched for ever.
+                stderr.print(Text(f"error: job {job_id}: {exc.detail}", style="red"))
+                end(1)
+                return
+            # With API keys another key's job is answered 404 too, as if it did not exist, while
+            # this watcher gets the events of every job: its events alone will tell.
+            stderr.print(Text(f"the API does not know job {job_id} for this key (another key's job, or a mistyped"
+                              f" id); watching its events anyway", style="yellow"))
+            asking_api = False
+            return
+        if document is None:
+            return
+        known_to_api = True
+        if document["status"] in FINISHED:
+            stdout.print(Text(f"job {job_id} {when}: {document['status']}",
+                              style="bold green" if document["status"] == "done" else "bold red"))
+            end(0 if document["status"] == "done" else 1)
 
     async def poll_status() -> None:
-        while not outcome.done():
+        while asking_api and not outcome.done():
             await asyncio.sleep(STATUS_POLL_S)
-            code = await already_ended(api, api_key, job_id, when="ended (seen through the API)")
-            if code is not None:
-                end(code)
+            await ask_api("ended (seen through the API)")
 
     async def on_message(message: AbstractIncomingMessage) -> None:
         code = printer.show(message.routing_key or "", message.body)
@@ -1229,10 +1432,9 @@ async def watch_events(amqp_url: str, job_id: int | None, api: str, api_key: str
         stderr.print(f"watching {EVENTS_EXCHANGE} on {escape(where(amqp_url))} for {which} (Ctrl-C to stop)")
         if job_id is not None:
             # Checked after the queue is bound, so an ending between the two is not missed.
-            code = await already_ended(api, api_key, job_id)
-            if code is not None:
-                end(code)
-            polling = asyncio.create_task(poll_status())
+            await ask_api("had already ended")
+            if asking_api and not outcome.done():
+                polling = asyncio.create_task(poll_status())
         return await outcome
     finally:
         if polling is not None:

@@ -277,6 +277,20 @@ def test_watch_for_one_job_ends_with_it(keyed_stack, fixtures_dir):
                      watcher.stdout), watcher.stdout
 
 
+def test_watch_for_another_keys_job_ends_with_its_event(keyed_stack, fixtures_dir):
+    """With API keys the API answers another key's job 404, as if it did not exist, while watch
+    reads the broker's events of every job: `watch --job` exited 1 ("no job"), which the README
+    says means the job failed. It now says the API does not know the job for this key, and the
+    job's event ends it: 0 for done."""
+    submitted = stt(keyed_stack, "submit", str(fixtures_dir / "en_dialogue.wav"), "--no-wait")
+    job_id = int(submitted.stdout.strip())
+    # Fifteen seconds of audio take longer than starting to watch (as in the test after this one).
+    watcher = stt(keyed_stack, "watch", "--job", str(job_id), STT_API_KEY=OTHER_KEY)
+    assert watcher.returncode == 0, watcher.stdout + watcher.stderr
+    assert f"the API does not know job {job_id} for this key" in watcher.stderr, watcher.stderr
+    assert re.search(rf"^job {job_id} done: en_dialogue\.wav", watcher.stdout, re.MULTILINE), watcher.stdout
+
+
 async def declare_events_exchange(url: str) -> None:
     from common.broker import EVENTS_EXCHANGE
 
@@ -397,6 +411,26 @@ def test_a_job_is_named_by_hand_and_deleted(keyed_stack, fixtures_dir):
     assert gone.returncode == 1 and "404" in gone.stderr
 
 
+def test_ctrl_c_while_following_several_jobs_tells_how_to_look_at_each(keyed_stack, fixtures_dir):
+    """It printed `stt status 7 8`, but status takes one id (a usage error): now one line a job."""
+    follower = Background(["submit", str(fixtures_dir / "en_dialogue.wav"), str(fixtures_dir / "en_dialogue.wav")],
+                          cli_env(keyed_stack))
+    try:
+        follower.wait_for(r"accepted as job \d+", timeout=120)
+        deadline = time.monotonic() + 120
+        while len(ids := re.findall(r"accepted as job (\d+)", follower.output)) < 2:
+            assert time.monotonic() < deadline and follower.process.poll() is None, follower.output
+            time.sleep(0.1)
+    finally:
+        code = follower.stop()
+    assert code == 130, follower.output
+    assert "stopped waiting; the jobs go on" in follower.output, follower.output
+    for job_id in ids:
+        assert re.search(rf"^\s*job {job_id} \(en_dialogue\.wav\) (stt status {job_id}|is done: stt get {job_id} "
+                         rf"--format txt)$", follower.output, re.MULTILINE), follower.output
+    assert f"stt status {ids[0]} {ids[1]}" not in follower.output
+
+
 def test_a_job_still_processing_is_cancelled_then_deleted(keyed_stack, fixtures_dir, tmp_path):
     parts = [decode_audio(str(fixtures_dir / n)) for n in ("ami_dev00.wav", "ami_dev01.wav", "ami_trn03.wav")]
     meeting = tmp_path / "meeting.wav"
@@ -470,6 +504,82 @@ def test_an_upload_whose_answer_was_lost_is_sent_again_and_makes_one_job(keyed_s
     assert "the connection broke" in submitted.stderr and proxy.connections == 2
     jobs = keyed_stack.query("SELECT id FROM transcripts WHERE filename = $1", recording.name)
     assert [str(job["id"]) for job in jobs] == [submitted.stdout.strip()]  # the job the first send made
+
+
+class GivingUpGateway:
+    """A gateway in front of the API (as ingress-nginx is) that passes requests on, but for the first
+    POST to `path` answers 504 itself after the API has answered (its wait for the API ran out): the
+    job was made, the client is told the gateway gave up. `keys` holds each such POST's Idempotency-Key."""
+
+    def __init__(self, api: str, path: str) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        keys = self.keys = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def forward(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+                answer = httpx.request(self.command, api + self.path, content=body, headers=headers, timeout=120)
+                status, content_type, data = answer.status_code, answer.headers.get("content-type", ""), answer.content
+                if self.command == "POST" and self.path.split("?")[0] == path:
+                    keys.append(self.headers.get("Idempotency-Key"))
+                    if len(keys) == 1:
+                        status, content_type = 504, "text/html"
+                        data = b"<html><head><title>504 Gateway Time-out</title></head><body>nginx</body></html>"
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = forward  # noqa: N815 (http.server's names)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+
+    def __enter__(self) -> str:
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return f"http://127.0.0.1:{self.server.server_port}"
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+
+
+def test_an_upload_a_gateway_gave_up_on_is_sent_again_and_makes_one_job(keyed_stack, fixtures_dir, tmp_path):
+    """A gateway's 504 (ingress-nginx gives up after 60 s) was printed as "refused", exit 1, and
+    the user submitting again made a second job. The upload carries an Idempotency-Key: it is sent
+    again with it, and the service answers with the job the first send made."""
+    recording = tmp_path / f"gateway-{time.monotonic_ns()}.flac"
+    recording.write_bytes((fixtures_dir / "jfk.flac").read_bytes())
+    gateway = GivingUpGateway(keyed_stack.api, "/recognize")
+    with gateway as api:
+        submitted = stt(keyed_stack, "submit", "--no-wait", "--api", api, str(recording), timeout=120)
+    assert submitted.returncode == 0, submitted.stderr
+    assert "a gateway answered 504: Gateway Timeout, sending it again" in submitted.stderr, submitted.stderr
+    assert "refused" not in submitted.stderr, submitted.stderr
+    assert len(gateway.keys) == 2 and gateway.keys[0] == gateway.keys[1] and gateway.keys[0], gateway.keys
+    jobs = keyed_stack.query("SELECT id FROM transcripts WHERE filename = $1", recording.name)
+    assert [str(job["id"]) for job in jobs] == [submitted.stdout.strip()]
+
+
+def test_a_rerun_whose_answer_was_lost_is_sent_again_and_makes_one_job(keyed_stack, fixtures_dir, tmp_path):
+    """`stt rerun` sent no Idempotency-Key: a lost answer was an error, and running it again made a
+    second rerun. It now sends one, and sends it once more when the answer is lost."""
+    recording = tmp_path / f"rerun-{time.monotonic_ns()}.flac"
+    recording.write_bytes((fixtures_dir / "jfk.flac").read_bytes())
+    first = stt(keyed_stack, "submit", "--no-wait", str(recording))
+    assert first.returncode == 0, first.stderr
+    proxy = AnswerLosingProxy(keyed_stack.api)
+    with proxy as api:
+        rerun = stt(keyed_stack, "rerun", first.stdout.strip(), "--speakers", "1", "--no-wait", "--api", api,
+                    timeout=120)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "sending it again" in rerun.stderr and proxy.connections == 2, rerun.stderr
+    jobs = keyed_stack.query("SELECT id FROM transcripts WHERE filename = $1 ORDER BY id", recording.name)
+    assert [str(job["id"]) for job in jobs] == [first.stdout.strip(), rerun.stdout.strip()]
 
 
 def test_a_call_with_one_party_per_channel_is_transcribed_channel_by_channel(keyed_stack, fixtures_dir):
@@ -613,8 +723,18 @@ def test_a_file_that_cannot_be_written_and_a_mistyped_job_are_reported(keyed_sta
     unwritable = stt(keyed_stack, "get", str(job_id), "--format", "srt", "-o", str(tmp_path / "missing" / "x.srt"))
     assert unwritable.returncode == 1 and "cannot write" in unwritable.stderr, unwritable.stderr
     assert "Traceback" not in unwritable.stderr
-    # Watching a job that does not exist would otherwise wait for ever.
-    watched = stt(keyed_stack, "watch", "--job", "999999", timeout=60)
+
+
+def test_watching_a_job_the_api_does_not_know_ends_only_without_a_key():
+    """Without an API key a 404 means no such job: watching it would wait for ever. With one,
+    another key's job is answered 404 too (test_watch_for_another_keys_job_ends_with_its_event)."""
+    unknown = {"detail": "no job with id 999999"}
+    with private_vhost() as vhost, StandInApi({("GET", "/status/999999"): [(404, unknown)]}) as api:
+        asyncio.run(declare_events_exchange(amqp_url(vhost)))
+        env = {**os.environ, "STT_API_URL": api, "AMQP_URL": amqp_url(vhost)}
+        env.pop("STT_API_KEY", None)
+        watched = subprocess.run([STT, "watch", "--job", "999999"], env=env, capture_output=True, text=True,
+                                 timeout=60)
     assert watched.returncode == 1 and "job 999999: no job with id 999999" in watched.stderr, watched.stderr
 
 
@@ -656,39 +776,53 @@ class RedirectingServer:
 
 class StandInApi:
     """A local HTTP server answering each (method, path) with its answers in turn, (status, JSON
-    body), the last one again and again: the API as the client sees it when it errs. With `page`
-    (status, content type, text), every request gets that instead. `requests` holds what it was
-    sent: (method, path, body)."""
+    body) or (status, JSON body, headers), the last one again and again: the API as the client sees
+    it when it errs. A body that is a str is sent as an HTML page. With `page` (status, content type,
+    text), every request gets that instead. `delays` holds seconds to wait before answering a
+    (method, path): an API that does not answer in time. `requests` holds what it was sent:
+    (method, path, body); `headers` the headers of each."""
 
-    def __init__(self, answers: dict[tuple[str, str], list[tuple[int, dict]]],
-                 page: tuple[int, str, str] | None = None) -> None:
+    def __init__(self, answers: dict[tuple[str, str], list[tuple]],
+                 page: tuple[int, str, str] | None = None, delays: dict[tuple[str, str], float] | None = None) -> None:
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
         requests = self.requests = []
+        sent_headers = self.headers = []
 
         class Handler(BaseHTTPRequestHandler):
             def answer(self) -> None:
                 sent = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 requests.append((self.command, self.path.split("?")[0], sent))
+                sent_headers.append(dict(self.headers))
+                extra_headers: dict[str, str] = {}
                 if page is not None:
                     status, content_type, text = page
                     data = text.encode()
                 else:
                     queue = answers[(self.command, self.path.split("?")[0])]
-                    status, body = queue.pop(0) if len(queue) > 1 else queue[0]
-                    content_type, data = "application/json", json.dumps(body).encode()
+                    status, body, *more = queue.pop(0) if len(queue) > 1 else queue[0]
+                    extra_headers = more[0] if more else {}
+                    content_type, data = (("text/html", body.encode()) if isinstance(body, str)
+                                          else ("application/json", json.dumps(body).encode()))
+                time.sleep((delays or {}).get((self.command, self.path.split("?")[0]), 0))
                 self.send_response(status)
                 self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(data)))
+                for header, value in extra_headers.items():
+                    self.send_header(header, value)
                 self.end_headers()
                 self.wfile.write(data)
 
-            do_GET = do_POST = answer  # noqa: N815 (http.server's names)
+            do_GET = do_POST = do_PATCH = do_DELETE = answer  # noqa: N815 (http.server's names)
 
             def log_message(self, *args) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        class QuietServer(ThreadingHTTPServer):
+            def handle_error(self, request, client_address) -> None:
+                pass  # a client that gave up waiting: the answer goes nowhere
+
+        self.server = QuietServer(("127.0.0.1", free_port()), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_port}"
 
     def __enter__(self) -> str:
@@ -779,6 +913,121 @@ def test_an_error_page_that_is_not_json_is_reported_in_one_line():
         with pytest.raises(ApiError) as raised:
             checked(client.get("/status/7"))
     assert raised.value.detail == '{"message":"no Route matched"}'
+
+
+GATEWAY_TIMEOUT_PAGE = "<html><head><title>504 Gateway Time-out</title></head><body>nginx</body></html>"
+
+
+def test_an_upload_whose_answer_never_comes_may_have_been_accepted_not_refused(fixtures_dir, monkeypatch):
+    """A gateway that gives up on every send (504), or a send again that meets a 503 past the
+    wait: an earlier send may have made the job, so the user is told to look, not "refused"."""
+    from cli import app as cli
+
+    monkeypatch.setattr(cli, "RESEND_PAUSE_S", 0)
+    gave_up = StandInApi({("POST", "/recognize"): [(504, GATEWAY_TIMEOUT_PAGE)]})
+    with gave_up as api:
+        result = CliRunner().invoke(app, ["submit", str(fixtures_dir / "jfk.flac"), "--no-wait", "--api", api])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 1, said
+    assert "jfk.flac: no answer: a gateway answered 504: Gateway Timeout; it may have been accepted: see stt list" \
+           in said, said
+    assert "refused" not in said and len(gave_up.requests) == cli.UPLOAD_ATTEMPTS
+    assert len({headers["Idempotency-Key"] for headers in gave_up.headers}) == 1
+
+    busy = StandInApi({("POST", "/recognize"): [(504, GATEWAY_TIMEOUT_PAGE),
+                                                 (503, {"detail": "busy"}, {"Retry-After": "999"})]})
+    with busy as api:
+        result = CliRunner().invoke(app, ["submit", "https://example.com/a.wav", "--no-wait", "--api", api])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 1 and "sent again, it was answered 503: busy; it may have been accepted" in said, said
+    assert "refused" not in said and len(busy.requests) == 2
+
+
+def test_the_apis_password_is_never_printed(fixtures_dir):
+    """https://user:password@host in --api (httpx sends it as Basic auth) was printed as it is."""
+    secret = "s3cretpw"
+    port = free_port()
+    unreachable = f"http://user:{secret}@127.0.0.1:{port}"
+    outputs = [CliRunner().invoke(app, ["status", "5", "--api", unreachable]),
+               CliRunner().invoke(app, ["submit", str(fixtures_dir / "jfk.flac"), "--api", unreachable]),
+               CliRunner().invoke(app, ["status", "5", "--api", f"http://user:{secret}@[::1"]),
+               CliRunner().invoke(app, ["status", "5", "--api", f"http://user:{secret}#x@host:80"]),
+               CliRunner().invoke(app, ["status", "5", "--api", f"ftp://user:{secret}@host"])]
+    with page_server(200, "text/html", HTML_PAGE) as api:
+        outputs.append(CliRunner().invoke(app, ["status", "5", "--api", api.replace("//", f"//user:{secret}@")]))
+    with StandInApi({("POST", "/transcripts/5/rerun"): [(504, GATEWAY_TIMEOUT_PAGE)]}) as api:
+        outputs.append(CliRunner().invoke(app, ["rerun", "5", "--api", api.replace("//", f"//user:{secret}@")]))
+    for result in outputs:
+        assert result.exit_code == 1 and secret not in result.output, result.output
+    said = [" ".join(result.output.split()) for result in outputs]
+    assert f"cannot reach the API at http://user:***@127.0.0.1:{port}:" in said[0], said[0]
+    assert f"upload failed, cannot reach the API at http://user:***@127.0.0.1:{port}" in said[1], said[1]
+    assert "is not a valid URL" in said[2] and "is not a valid URL" in said[3], said
+    assert "must start with http://" in said[4] and "did not answer JSON" in said[5], said
+
+
+def test_a_change_whose_answer_is_late_may_have_been_made(fixtures_dir, monkeypatch):
+    """A read timeout on a request that changes something was "cannot reach the API", though the
+    API had it: running it again named, enrolled, registered twice. Each says it may have been done
+    and how to look; a rerun is sent once more with its Idempotency-Key first."""
+    from cli import app as cli
+
+    monkeypatch.setattr(cli, "REQUEST_TIMEOUT", httpx.Timeout(0.2, connect=5))
+    monkeypatch.setattr(cli, "SPEAKER_CHANGE_TIMEOUT", httpx.Timeout(0.2, connect=5))
+    monkeypatch.setattr(cli, "RESEND_PAUSE_S", 0)
+    routes = [("PATCH", "/transcripts/7/speakers"), ("POST", "/transcripts/7/cancel"),
+              ("POST", "/transcripts/8/cancel"), ("POST", "/webhooks"), ("POST", "/speakers"),
+              ("POST", "/transcripts/7/rerun"), ("GET", "/status/7")]
+    slow = StandInApi({route: [(200, {})] for route in routes}, delays=dict.fromkeys(routes, 1.0))
+    commands = {"name": ["name", "7", "spk_0=Anna"], "cancel": ["cancel", "7", "8"],
+                "webhooks": ["webhooks", "add", "https://hooks.example/x"],
+                "enroll": ["speakers", "enroll", "Anna", str(fixtures_dir / "jfk.flac")],
+                "rerun": ["rerun", "7"], "status": ["status", "7"]}
+    with slow as api:
+        said = {}
+        for command, args in commands.items():
+            result = CliRunner().invoke(app, [*args, "--api", api])
+            said[command] = " ".join(result.output.split())
+            assert result.exit_code == 1 and "Traceback" not in said[command], said[command]
+    late = "the API did not answer within 0.2 s"
+    assert f"{late}; the names may have been given: see stt name 7" in said["name"], said
+    assert (f"job 7: {late}; it may have been cancelled: see stt status 7" in said["cancel"]
+            and f"job 8: {late}; it may have been cancelled: see stt status 8" in said["cancel"]), said
+    assert f"{late}; the webhook may have been registered: see stt webhooks list" in said["webhooks"], said
+    assert f"{late}; 'Anna' may have been enrolled: see stt speakers list" in said["enroll"], said
+    assert "sending it again" in said["rerun"], said
+    assert f"sent again, {late}; a new run of job 7 may have been made: see stt list" in said["rerun"], said
+    reruns = [headers for (_, path, _), headers in zip(slow.requests, slow.headers, strict=True)
+              if path == "/transcripts/7/rerun"]
+    assert len(reruns) == 2 and reruns[0]["Idempotency-Key"] == reruns[1]["Idempotency-Key"], reruns
+    # Asking changes nothing: no "may have been".
+    assert f"the API at {api} did not answer within 0.2 s" in said["status"] and "may have" not in said["status"]
+    assert "cannot reach" not in " ".join(said.values()), said
+
+
+def test_answers_of_the_wrong_shape_are_reported_not_a_traceback(monkeypatch):
+    """A 200 page that is no JSON while following jobs stopped following all of them with no list
+    of those still running; JSON of another shape on a listing was a KeyError traceback."""
+    from cli import app as cli
+
+    monkeypatch.setattr(cli, "FOLLOW_TRIES", 2)
+    monkeypatch.setattr(cli, "POLL_INTERVAL_S", 0.01)
+    answers = {("POST", "/recognize"): [(202, {"id": 7, "filename": "a.wav"}), (202, {"id": 8, "filename": "b.wav"})],
+               ("GET", "/status/7"): [(200, "<html><body>Please sign in to the Wi-Fi</body></html>")],
+               ("GET", "/status/8"): [(200, {"status": "done", "segments": []})],
+               ("GET", "/transcripts"): [(200, {"hello": "world"})]}
+    with StandInApi(answers) as api:
+        followed = CliRunner().invoke(app, ["submit", "https://example.com/a.wav", "https://example.com/b.wav",
+                                            "--api", api])
+        listed = CliRunner().invoke(app, ["list", "--api", api])
+    said = " ".join(followed.output.split())
+    assert followed.exit_code == 1, said
+    assert ("job 7 (a.wav): could not follow it (GET /status/7 answered something that is not JSON); it may still"
+            " be running: stt status 7") in said, said
+    assert "job 8: b.wav (no speech)" in said, said
+    said = " ".join(listed.output.split())
+    assert listed.exit_code == 1 and isinstance(listed.exception, SystemExit), said  # not a KeyError
+    assert 'GET /transcripts answered JSON that is not a listing ({"hello":"world"})' in said, said
 
 
 def test_an_empty_events_list_is_sent_for_the_api_to_refuse_not_taken_as_all():
