@@ -759,10 +759,13 @@ class HeldThroughOutage(Exception):
 
 # An attempt that ran this long before a dependency failed it met a new outage, not the old one
 # (the longest wait between attempts is 30 s; a connection attempt times out within a minute).
-# Not one that a timeout ended: that attempt spent its time waiting for the dependency's answer
-# (a statement waits DATABASE_COMMAND_TIMEOUT_S, 300 s by default, on a row another transaction
-# holds or on a connection the network dropped), and an outage of such attempts never ended.
+# Not one that a timeout ended within TIMED_OUT_ATTEMPT_S: that attempt spent its time waiting
+# for the dependency's answer (a statement waits DATABASE_COMMAND_TIMEOUT_S, 300 s by default, on a
+# row another transaction holds, up to about twice that on a connection the network dropped), and
+# an outage of such attempts never ended. One that worked longer than that before its timeout (a
+# long chunk embedded, then a fresh connect timeout) met a new outage as any other.
 OUTAGE_OVER_AFTER_S = 300.0
+TIMED_OUT_ATTEMPT_S = 3 * OUTAGE_OVER_AFTER_S
 
 
 def _ended_by_timeout(exc: BaseException) -> bool:
@@ -784,8 +787,8 @@ async def _run_waiting_out_outages(handler: Handler, parsed: BaseModel, bus: Bus
     been down for `hold_s`: counted from the outage's first error, not from the handler's start
     (a long diarization that meets one error at its end is not an outage of that length), and
     counted again after an attempt that ran for OUTAGE_OVER_AFTER_S before failing (the
-    dependency was back meanwhile: this is another outage), unless a timeout failed it (it was
-    waiting on the same outage all along). HeldThroughOutage at once when the
+    dependency was back meanwhile: this is another outage), unless a timeout failed it within
+    TIMED_OUT_ATTEMPT_S (it was waiting on the same outage all along). HeldThroughOutage at once when the
     message is no longer `still_held` (a broker failure closed its channel): the broker gives it
     to a consumer again, so running the handler again here would do the work twice at once.
     A message the handler yields whose publish meets the outage is published again, under the
@@ -803,7 +806,9 @@ async def _run_waiting_out_outages(handler: Handler, parsed: BaseModel, bus: Bus
         if not outage(exc) or not still_held():
             return False
         now = time.monotonic()
-        if outage_since is None or (now - attempt_started > OUTAGE_OVER_AFTER_S and not _ended_by_timeout(exc)):
+        ran_s = now - attempt_started
+        if outage_since is None or (ran_s > OUTAGE_OVER_AFTER_S
+                                    and not (ran_s <= TIMED_OUT_ATTEMPT_S and _ended_by_timeout(exc))):
             outage_since = now
         if now - outage_since < hold_s:
             metrics.DEPENDENCY_WAITS.labels(work.stage).inc()

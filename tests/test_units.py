@@ -647,6 +647,40 @@ async def test_a_message_is_held_through_an_outage_counted_from_its_errors(monke
         await broker._run_waiting_out_outages(never_back, None, None, (ConnectionRefusedError,), work, hold_s=1.0)
 
 
+async def test_an_attempt_that_worked_long_before_a_timeout_met_a_new_outage(monkeypatch):
+    """A timeout ends an attempt that waited on the same outage (a locked row, a dropped
+    connection): that one does not start the clock again. One that worked for longer than such a
+    wait lasts before a fresh timeout (a long chunk embedded) met a new outage: it is held as
+    long again, not handed back at once for the old outage's time."""
+    import asyncio
+    import types
+
+    from common import broker
+
+    monkeypatch.setattr(broker, "OUTAGE_OVER_AFTER_S", 0.2)
+    monkeypatch.setattr(broker, "TIMED_OUT_ATTEMPT_S", 0.5)
+    work = types.SimpleNamespace(stage="test", new_attempt=lambda: None)
+    runs: list[str] = []
+
+    async def handler(_message) -> None:
+        runs.append("run")
+        if len(runs) == 1:
+            raise TimeoutError("no answer at once")
+        if len(runs) == 2:
+            await asyncio.sleep(1.2)  # worked longer than a timed-out wait lasts, then timed out
+            raise TimeoutError("no answer again, later")
+
+    await broker._run_waiting_out_outages(handler, None, None, (TimeoutError,), work, hold_s=1.0)
+    assert len(runs) == 3
+
+    async def waits_on_a_lock(_message) -> None:
+        await asyncio.sleep(0.3)  # past OUTAGE_OVER_AFTER_S, within TIMED_OUT_ATTEMPT_S: the same outage
+        raise TimeoutError("the row is still locked")
+
+    with pytest.raises(broker.HeldThroughOutage):
+        await broker._run_waiting_out_outages(waits_on_a_lock, None, None, (TimeoutError,), work, hold_s=1.0)
+
+
 def test_a_job_failed_by_the_database_says_whether_it_was_down_or_refused_the_data():
     """A vector of another length under the same model name (class 22) failed jobs as "database
     unavailable", which sends people to look at a database that is up."""
