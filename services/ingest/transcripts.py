@@ -422,8 +422,9 @@ async def remove_transcript(job_id: JobId, state: State, request: Request) -> No
                                                     f" (done or error), or cancel it first: POST"
                                                     f" /transcripts/{job_id}/cancel") from exc
     except ObjectStoreUnavailable as exc:
-        raise HTTPException(status_code=503, detail="the object store is unavailable; nothing was deleted,"
-                                                    " try again", headers={"Retry-After": "5"}) from exc
+        raise HTTPException(status_code=503, detail="the object store is unavailable; the job is still there"
+                                                    " (some of its files may be gone already), try again",
+                            headers={"Retry-After": "5"}) from exc
     except JobBusy as exc:
         raise HTTPException(status_code=503, detail=f"job {job_id} is being changed by another request (a delete,"
                                                     " its result files being written, or a reindex); nothing was"
