@@ -305,3 +305,28 @@ def test_a_spelling_ending_in_a_full_stop_said_at_a_sentences_end_has_one(words,
     [respelled] = respell([segment], JobOptions(spelling="confu i=ComfyUI, acme corp=ACME Corp.").spelling)
     assert respelled.text == spelled
     assert respelled.words[-1].end == len(words)
+
+
+@pytest.mark.parametrize("said", [
+    # Four numbers said as a list and then two more were taken for a card with its expiry: with an
+    # expiry written "12, 25" and no checksum; with both written with commas, checksum or not
+    # (5000510052005300 has one); with the four written with commas, an expiry and no checksum.
+    "sales in 2019, 2020, 2021, 2022, 12, 25 percent",
+    "figures 5000, 5100, 5200, 5300, 10, 24",
+    "In 2019, 2020, 2021, 2022, 12, 25 of them.",
+    "sales in 2019 2020 2021 2022, 12, 25 percent",
+    "sales in 2019, 2020, 2021, 2022 12, 25 percent",
+    "sales in 2019, 2020, 2021, 2022, 12/25 of them abroad",
+])
+def test_a_list_of_four_numbers_with_two_more_after_it_is_no_card(said):
+    assert redact_text(said, ["card"]) == said
+
+
+@pytest.mark.parametrize("said, stored", [
+    # With its checksum a card said with commas, or with its expiry written "12, 2025", is a card:
+    # the expiry after it stays.
+    ("4111, 1111, 1111, 1111, 12/25.", "[CARD], 12/25."),
+    ("Card 4111 1111 1111 1111 12, 2025.", "Card [CARD] 12, 2025."),
+])
+def test_a_card_said_with_commas_before_its_expiry_is_redacted_with_its_checksum(said, stored):
+    assert redact_text(said, ["card"]) == stored

@@ -75,6 +75,10 @@ _PLAIN_CARD_DIGITS = re.compile(rf"\d{{4}}(?:{_GROUP_BREAK}\d{{4}}){{3}}|\d{{13,
 _AFTER_AREA_CODE = "(?:" + "|".join(rf"(?<=(?<![\d,.])0\d{{{n}}})" for n in (2, 3, 4)) + ")"
 # What may stand between a phone number's digits.
 _PHONE_BETWEEN_DIGITS = rf"(?:[\d ().\-–—…]|, ?(?=\d)|{_AFTER_AREA_CODE} ?/ ?(?=\d))"
+# An expiry whose month and year have a comma between them ("12, 25"), said right after a card.
+_EXPIRY_WITH_COMMA_AFTER = re.compile(rf"{_DIGIT_JOIN}(?:0?[1-9]|1[0-2]), ?(?:20)?[23]\d")
+# Four groups with a comma between each, as a list of numbers is written ("2019, 2020, 2021, 2022").
+_GROUPS_AS_A_LIST = re.compile(r"\d{4}(?:, ?\d{4}){3}")
 # The first digit of a payment card's number (ISO/IEC 7812's industry: 2, 5 Mastercard; 3 Amex,
 # JCB, Diners; 4 Visa; 6 Discover, UnionPay, Maestro): not 1, as counts said in fours often start.
 _PAYMENT_CARD_FIRST_DIGITS = "23456"
@@ -157,13 +161,19 @@ def _is_card(card: re.Match[str]) -> bool:
     misheard is still a card to redact. Said hesitantly, only with a valid checksum: years and
     counts are said so too. Running on into an expiry, with a valid checksum, or without one where
     its digits are said plainly (_PLAIN_CARD_DIGITS) and start as a payment card's do: counts said
-    in fours run on into a number so too ("1000 1100 1200 1300 12 25")."""
+    in fours run on into a number so too ("1000 1100 1200 1300 12 25"). Numbers said as a list run
+    on so too ("2019, 2020, 2021, 2022, 12/25"): groups with a comma between each need the checksum,
+    and so does an expiry written "12, 25", which after such groups is no expiry at all: six numbers
+    with commas between them are a list, whatever their checksum ("5000, 5100, 5200, 5300, 10, 24")."""
     digits = re.sub(r"\D", "", card[0])
     if card["hesitant"] is not None:
         return luhn_valid(digits)
     if card["expiry_after_run"] is None and card["expiry_after_groups"] is None:
         return True
-    return luhn_valid(digits) or (_PLAIN_CARD_DIGITS.fullmatch(card[0]) is not None
+    groups_as_a_list = _GROUPS_AS_A_LIST.fullmatch(card[0]) is not None
+    if _EXPIRY_WITH_COMMA_AFTER.match(card.string, card.end()):
+        return luhn_valid(digits) and not groups_as_a_list
+    return luhn_valid(digits) or (not groups_as_a_list and _PLAIN_CARD_DIGITS.fullmatch(card[0]) is not None
                                   and digits[0] in _PAYMENT_CARD_FIRST_DIGITS)
 
 
