@@ -80,6 +80,10 @@ def url_problem(url: str, what: str = "a webhook URL",
     if has_control_characters(url):
         return f"{what} cannot hold control characters"
     try:
+        url.encode()
+    except UnicodeEncodeError:  # a lone surrogate: no request can carry it, nor the database store it
+        return f"{what} is not UTF-8 text"
+    try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 (a port that is not a number, or out of range, raises here)
     except ValueError as exc:

@@ -403,6 +403,56 @@ def test_the_text_field_bound_holds_however_the_content_type_is_written(stack: S
             assert unbounded.status_code == 400 and "boundary" in _detail(unbounded), (path, unbounded.text[:300])
 
 
+def _multipart(boundary: str, parts: list[tuple[str, str | None, bytes]], recording: bytes) -> bytes:
+    """A multipart body: text parts (name, Content-Type or None, bytes), then `recording` as `file`."""
+    body = b"".join(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n'.encode()
+                    + (f"Content-Type: {content_type}\r\n".encode() if content_type else b"") + b"\r\n" + value
+                    + b"\r\n" for name, content_type, value in parts)
+    return (body + f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="jfk.flac"\r\n'
+                   f"Content-Type: audio/flac\r\n\r\n".encode() + recording + f"\r\n--{boundary}--\r\n".encode())
+
+
+def test_a_text_field_in_an_odd_charset_or_a_body_not_form_data_is_400_not_a_fault(stack: Stack):
+    """A multipart text field is decoded in its part's charset: one that is no text encoding
+    (rot13, base64, hex) or one of Python's own codecs (punycode; unicode_escape, in which
+    `\\ud800` written out is a lone surrogate the database cannot store: a 503 "try again later"
+    that never succeeds) was a 500 with a traceback, or that 503. So were a field's bytes that are
+    not UTF-8 in a body sent as multipart/mixed, or as text/plain with a boundary, which the form
+    parser reads all the same. Each is a 400 that says what to send; UTF-8, ASCII and Latin-1 (the
+    default of Java's Apache HttpClient) fields are read as before."""
+    recording = fixture("jfk.flac")
+    fields = {"/recognize": ("callback_url", []), "/v1/audio/transcriptions": ("prompt", [("model", None, b"whisper-1")]),
+              "/speakers": ("name", [])}
+    logged_before = len(stack.log_text("ingest"))
+    answers = {}
+    for path, (field_name, others) in fields.items():
+        for charset, value in (("rot13", b"x"), ("base64", b"eA=="), ("hex", b"78"), ("punycode", b"abc-99999999999"),
+                               ("unicode_escape", b"https://example.com/\\ud800"), ("bogus", b"x")):
+            body = _multipart("XX", [*others, (field_name, f"text/plain; charset={charset}", value)], recording)
+            answer = httpx.post(f"{stack.api}{path}", content=body, timeout=60,
+                                headers={"content-type": "multipart/form-data; boundary=XX"})
+            answers[path, charset] = (answer.status_code, "charset" in answer.text, answer.text[:200])
+        # (A body that does not say it is multipart is refused past 1 MiB first: a short one.)
+        body = _multipart("XX", [*others, (field_name, None, b"\xff\xfe")], recording[:100_000])
+        for content_type in ("multipart/mixed; boundary=XX", "text/plain; boundary=XX"):
+            answer = httpx.post(f"{stack.api}{path}", content=body, timeout=60, headers={"content-type": content_type})
+            answers[path, content_type] = (answer.status_code, "multipart/form-data" in answer.text,
+                                           answer.text[:200])
+    assert {case: told[:2] for case, told in answers.items()} == dict.fromkeys(answers, (400, True)), answers
+    logged = stack.log_text("ingest")[logged_before:]
+    assert not any(sign in logged for sign in ("POST /recognize failed", "POST /speakers failed",
+                                                "POST /v1/audio/transcriptions failed", "could not submit")), logged
+    # The charsets clients send are read as before.
+    body = _multipart("XX", [("reference", "text/plain; charset=ISO-8859-1", "Réunion".encode("latin-1")),
+                             ("language", "text/plain; charset=UTF-8", b"en"),
+                             ("task", "text/plain; charset=us-ascii", b"transcribe")], recording)
+    submitted = httpx.post(f"{stack.api}/recognize", content=body, timeout=60,
+                           headers={"content-type": "multipart/form-data; boundary=XX"})
+    assert submitted.status_code == 202, submitted.text[:300]
+    assert stack.wait_finished(submitted.json()["id"])["status"] == "done"
+    assert httpx.get(f"{stack.api}/transcripts/{submitted.json()['id']}").json()["reference"] == "Réunion"
+
+
 def test_a_request_holds_one_file_and_a_few_parts(stack: Stack):
     """A part with a filename is held by the form parser (in memory up to 1 MiB each) and was not
     counted: a thousand parts of ~1 MiB held ~1 GiB per request. /v1/audio/transcriptions took

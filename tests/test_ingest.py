@@ -136,6 +136,24 @@ def test_health_readiness_and_openapi(stack):
     assert "swagger" in httpx.get(f"{stack.api}/docs/").text.lower()
 
 
+def test_the_openapi_document_says_an_upload_may_be_given_up_with_408(stack):
+    """Every route that takes an upload's body answers 408 when it stops coming (or comes too
+    slowly while every upload place is taken); a client generated from the document knows it."""
+    paths = httpx.get(f"{stack.api}/docs/openapi.json").json()["paths"]
+    uploads = ("/recognize", "/v1/audio/transcriptions", "/v1/audio/translations", "/speakers")
+    assert {path: "408" in paths[path]["post"]["responses"] for path in uploads} == dict.fromkeys(uploads, True)
+
+
+def test_a_url_that_is_not_utf8_text_is_refused_by_its_form():
+    """A lone surrogate (from a field decoded with Python's unicode_escape, say) cannot be sent
+    nor stored: the webhook was refused by the database inside the job's transaction, a 503
+    "try again later" that could never succeed."""
+    from common.outbound import url_problem
+
+    assert url_problem("https://example.com/\ud800", "a callback URL") == "a callback URL is not UTF-8 text"
+    assert url_problem("https://example.com/ünïcode") is None
+
+
 @pytest.fixture(scope="module")
 def two_uploads_at_once(stack):
     """The stack as seen through a second ingest that takes two uploads at once (the bound is

@@ -1029,3 +1029,39 @@ async def test_a_rename_sent_again_finishes_the_matching_of_one_cut_off(enrolled
         await connection.close()
         await conn.execute("DELETE FROM transcripts WHERE id = ANY($1::bigint[])", jobs)
         await conn.close()
+
+
+def test_a_request_sent_again_after_its_expected_person_was_renamed_gets_the_job_it_made(enrolled, voices):
+    """A client that lost the answer sends the same request again with its Idempotency-Key: the
+    job the first one made, though a person it expects was renamed meanwhile (the name it gives
+    now names nobody). It was a 400 (the names were checked before the key was looked up), on
+    /recognize and the OpenAI-compatible endpoint alike."""
+    stack, owner, _, source = enrolled
+    voice_a = _speaker_at(stack.status(source, owner), 2.0)["speaker"]
+    anna = owner.post("/speakers", json={"name": "Anna", "transcript_id": source, "label": voice_a})
+    assert anna.status_code == 201, anna.text
+    recording = voices["second_half"].read_bytes()
+    recognize_key, openai_key = f"rename-{time.time_ns()}", f"rename-openai-{time.time_ns()}"
+
+    def recognize() -> httpx.Response:
+        return owner.post("/recognize", files={"file": ("second_half.wav", recording)},
+                          data={"expected_speakers": "Anna"}, headers={"Idempotency-Key": recognize_key})
+
+    def transcribe() -> httpx.Response:
+        return owner.post("/v1/audio/transcriptions", files={"file": ("second_half.wav", recording)},
+                          data={"model": "whisper-1", "known_speaker_names": "Anna"},
+                          headers={"Idempotency-Key": openai_key}, timeout=600)
+
+    first, first_text = recognize(), transcribe()
+    assert first.status_code == 202, first.text
+    assert first_text.status_code == 200, first_text.text
+    assert owner.patch(f"/speakers/{anna.json()['id']}", json={"name": "Anna K."}).status_code == 200
+    again, again_text = recognize(), transcribe()
+    assert again.status_code == 202 and again.json()["id"] == first.json()["id"], again.text
+    assert again.headers.get("idempotent-replayed") == "true"
+    assert again_text.status_code == 200 and again_text.json() == first_text.json(), again_text.text
+    assert stack.value("SELECT count(*) FROM transcripts WHERE idempotency_key = $1", openai_key) == 1
+    # A new request naming the old name is refused, as before.
+    renamed_away = owner.post("/recognize", files={"file": ("second_half.wav", recording)},
+                              data={"expected_speakers": "Anna"})
+    assert renamed_away.status_code == 400 and "'Anna'" in renamed_away.json()["detail"], renamed_away.text

@@ -59,6 +59,12 @@ _uploads_full: contextvars.ContextVar[Callable[[], bool] | None] = contextvars.C
 # (stream=true, once its upload is stored): True when it got a place among MAX_EVENT_STREAMS.
 CLAIM_EVENT_STREAM = "stt.claim_event_stream"
 OPENAI_PATHS = ("/v1/audio/transcriptions", "/v1/audio/translations")
+# The charsets a form's text field may name (its part's Content-Type): UTF-8, and what clients
+# send unasked (US-ASCII; ISO-8859-1, the default of Java's Apache HttpClient). The form parser
+# decodes a field in any codec Python has, some of them no text encoding (rot13, base64: a fault
+# as it decodes) or making text nothing else takes (unicode_escape: `\ud800` written out is a lone
+# surrogate the database refuses, inside the job's transaction).
+FIELD_CHARSETS = frozenset({"utf-8", "utf8", "us-ascii", "ascii", "iso-8859-1", "iso8859-1", "latin-1", "latin1"})
 
 
 def slow_after(started: float, received: int) -> float:
@@ -219,15 +225,20 @@ class _BadContentType(ValueError):
 
 
 def _boundary(headers: list[tuple[bytes, bytes]]) -> tuple[bool, str]:
-    """Whether the body is multipart, and its boundary, read as the form parser reads them
-    (litestar's parse_content_header, which takes any whitespace after `;`). _BadContentType for
-    more than one Content-Type header (the form parser reads the first), or a multipart one
-    without a boundary."""
+    """Whether the body is multipart/form-data, and its boundary, read as the form parser reads
+    them (litestar's parse_content_header, which takes any whitespace after `;`). _BadContentType
+    for more than one Content-Type header (the form parser reads the first), a multipart one
+    without a boundary, or a boundary on another type (multipart/mixed, text/plain): the form
+    parser reads any body with a boundary as a form, and a field's bytes that are not UTF-8 there
+    were a fault (only a form's are the client's)."""
     content_types = [value for name, value in headers if name.lower() == b"content-type"]
     if len(content_types) > 1:
         raise _BadContentType("the request has more than one Content-Type header; send one")
     media_type, options = parse_content_header(content_types[0].decode("latin-1") if content_types else "")
-    if not media_type.startswith("multipart/"):
+    if media_type != "multipart/form-data" and (media_type.startswith("multipart/") or "boundary" in options):
+        told = media_type[:100] or "one without a media type"
+        raise _BadContentType(f"send a multipart/form-data body (curl -F), not {told}")
+    if media_type != "multipart/form-data":
         return False, ""
     boundary = options.get("boundary", "")
     try:
@@ -239,11 +250,16 @@ def _boundary(headers: list[tuple[bytes, bytes]]) -> tuple[bool, str]:
     return True, boundary
 
 
+def _charset_refused(charset: str | None) -> bool:
+    """Whether a text field's charset is not one of FIELD_CHARSETS (none given is UTF-8)."""
+    return charset is not None and charset.lower().replace("_", "-") not in FIELD_CHARSETS
+
+
 def _fields_bounded(receive: Receive, boundary: str) -> Receive:
     """`receive` for a multipart body whose parts without a filename (form fields, which the form
-    parser holds in memory whole) hold at most SMALL_BODY_BYTES together: past that, 413. A part
-    with a filename (the recording) is spooled by the parser (in memory up to 1 MiB), so only
-    one is taken: a second is 400."""
+    parser holds in memory whole) hold at most SMALL_BODY_BYTES together: past that, 413; each
+    in UTF-8 (or FIELD_CHARSETS' others): 400. A part with a filename (the recording) is spooled
+    by the parser (in memory up to 1 MiB), so only one is taken: a second is 400."""
     parser: PushMultipartParser | None = PushMultipartParser(boundary.encode())
     field: str | None = None  # the text field being read, if one is
     fields_bytes = 0
@@ -263,6 +279,10 @@ def _fields_bounded(receive: Receive, boundary: str) -> Receive:
                         raise ClientException(status_code=400, detail=(
                             f"one file per request: the form's part {part.name!r} is a second file (a part with a"
                             f" filename); send each recording in a request of its own"))
+                    if not part.filename and _charset_refused(part.charset):
+                        raise ClientException(status_code=400, detail=(
+                            f"the form's field {part.name[:100]!r} is in charset {part.charset[:100]!r}: send text"
+                            f" fields as UTF-8 (a part's charset may also be US-ASCII or ISO-8859-1)"))
                 elif part and field is not None:
                     fields_bytes += len(part)
                     if fields_bytes > SMALL_BODY_BYTES:

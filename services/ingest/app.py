@@ -146,7 +146,7 @@ IdempotencyKey = Annotated[str | None, HeaderParameter(
 
 
 @post("/recognize", status_code=202, summary="Submit a recording for transcription",
-      responses=_errors(400, 401, 403, 411, 413, 415, 422, 503,
+      responses=_errors(400, 401, 403, 408, 411, 413, 415, 422, 503,
                         e422="The Idempotency-Key was already used for another request"))
 async def recognize(
     data: Annotated[RecognizeForm, Body(media_type=RequestEncodingType.MULTI_PART,
@@ -169,11 +169,13 @@ async def recognize(
                              redact=data.redact, reference=data.reference)
     except ValidationError as exc:
         raise invalid(exc, whole="form") from exc
-    await require_enrolled(state.pool, request_owner(request), options.expected_speakers)
     asked = idempotency(idempotency_key, "recognize", data.file.filename if data.file else None, data.url,
                         options.model_dump(exclude_none=True), data.callback_url)
     if (earlier := await earlier_job(state.pool, request_owner(request), asked)) is not None:
         return replayed(earlier)
+    # After the replay: a person the first request expected may have been renamed since, and its
+    # job is still the answer. (create_job checks the names again as it stores the job.)
+    await require_enrolled(state.pool, request_owner(request), options.expected_speakers)
     callback_url = await checked_target(data.callback_url, state.settings) if data.callback_url else None
     callback_secret = new_secret() if callback_url else None
     if data.file is not None:

@@ -50,6 +50,7 @@ MEANINGS = {
     401: "An API key is required",
     403: "The API key is not valid",
     404: "No such job (for this key)",
+    408: "The body stopped coming for 2 minutes, or came too slowly while every upload place was taken: send it again",
     409: "The job is in a state that does not allow this yet: the message says which",
     410: "Removed on purpose (a retention setting): the message says when",
     411: "A body that is not multipart/form-data must say its Content-Length",

@@ -341,17 +341,18 @@ async def transcribe_and_wait(state: State, request: Request, data: OpenAITransc
                              min_speakers=data.min_speakers, max_speakers=data.max_speakers, **listed)
     except ValidationError as exc:
         raise invalid(exc, whole="form") from exc
-    await require_enrolled(state.pool, request_owner(request), options.expected_speakers, "known_speaker_names")
     filename = clean_filename(data.file.filename)
     stream = data.file.file
     asked = Idempotency(key=checked_idempotency_key(idempotency_key),
                         request_hash=request_hash(await asyncio.to_thread(file_digest, stream), filename, options))
     owner = request_owner(request)
-    # The same request again (the SDK retries after a timeout or a 503): the job it made, not another.
+    # The same request again (the SDK retries after a timeout or a 503): the job it made, not another,
+    # though a person it expects was renamed since.
     earlier = (await earlier_job(state.pool, owner, asked) if idempotency_key is not None
                else await jobstore.recent_job_asked_so(state.pool, owner, asked.request_hash, REPEAT_WINDOW))
     with contextlib.closing(stream):
         if earlier is None:
+            await require_enrolled(state.pool, owner, options.expected_speakers, "known_speaker_names")
             job_id = (await submit_recording(state, request, stream, filename, options, None, None, asked,
                                                      speakers_field="known_speaker_names")).content.id
         else:
@@ -444,7 +445,7 @@ def openai_error(request: Request, exc: HTTPException) -> Response:
 
 _RESPONSES = {code: ResponseSpec(data_container=OpenAIErrorBody, description=spec.description)
               for code, spec in error_responses(
-                  400, 401, 404, 413, 422, 503,
+                  400, 401, 404, 408, 413, 422, 503,
                   e400="Bad request, or a file that is not audio this service can decode: the message says which",
                   e401="An API key is required, or the one given is not valid",
                   e404="The job was deleted while the request waited for it",

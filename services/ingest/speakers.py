@@ -281,7 +281,7 @@ async def _voice_of_transcript_speaker(conn: asyncpg.Connection, owner: str | No
 
 @post("/speakers", status_code=201, summary="Enrol a speaker (or add a voiceprint to one)",
       request_max_body_size=(SAMPLE_MAX_MB + 1) * 1024 * 1024,
-      responses=error_responses(400, 401, 403, 404, 409, 411, 413, 415, 422, 501, 503,
+      responses=error_responses(400, 401, 403, 404, 408, 409, 411, 413, 415, 422, 501, 503,
                                 e501="The speaker models are not installed here (the diarizer extra)",
                                 e404="No such job (for this key) to take the voice from",
                                 e422="The sample holds no speech or several voices, or the job's speaker talks"
