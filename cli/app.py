@@ -168,14 +168,33 @@ def api_base(api: str) -> str:
 
 def shown_url(url: str) -> str:
     """The address with its password (https://user:password@host, sent as Basic auth) as ***, for
-    messages. Read by hand, not by a URL parser: the address may be one a parser refuses. Everything
-    up to the last @ is taken for the user and password, so a password holding / or @ is hidden too."""
-    scheme, separator, rest = url.partition("://")
-    userinfo, at, host_and_path = rest.rpartition("@")
-    user, colon, _password = userinfo.partition(":")
-    if not (separator and at and colon):
+    messages."""
+    userinfo = userinfo_with_password(url)
+    if userinfo is None:
         return url
-    return f"{scheme}://{user}:***@{host_and_path}"
+    return url.replace(f"{userinfo}@", f"{hidden_password(userinfo)}@", 1)
+
+
+def userinfo_with_password(url: str) -> str | None:
+    """The address's `user:password` as written in it; None where it holds no password. The
+    userinfo is what comes before the last @ of the host part, which ends at the first / ? or #:
+    in http://host:8080/a@b the @ is the path's. An address the parser refuses (a password holding
+    / or # makes it read the rest as a port that is no number) is read by hand instead: everything
+    up to its last @ is taken for the user and password, so such a password is hidden too."""
+    _, separator, rest = url.partition("://")
+    if not separator:
+        return None
+    try:
+        urlsplit(url).port  # noqa: B018 (a port that is not a number, or out of range, raises here)
+        authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    except ValueError:
+        authority = rest
+    userinfo, at, _ = authority.rpartition("@")
+    return userinfo if at and ":" in userinfo else None
+
+
+def hidden_password(userinfo: str) -> str:
+    return f"{userinfo.partition(':')[0]}:***"
 
 
 def auth_headers(api_key: str | None) -> dict[str, str]:
@@ -321,11 +340,11 @@ def read_timeout_s(exc: httpx.TimeoutException) -> str:
 
 
 def without_password(text: str, api: str) -> str:
-    """`text` with the password of `api` (as shown_url reads it) as ***."""
-    scheme, separator, rest = api.partition("://")
-    userinfo, at, _ = rest.rpartition("@")
-    _, colon, password = userinfo.partition(":")
-    return text.replace(password, "***") if separator and at and colon and password else text
+    """`text` with the address `api` (wherever it is quoted) showing its password as ***. Only the
+    address's user:password@ is replaced, never the password's characters elsewhere: a short one
+    ("80", "a") would have turned port numbers and ordinary words into ***."""
+    userinfo = userinfo_with_password(api)
+    return text if userinfo is None else text.replace(f"{userinfo}@", f"{hidden_password(userinfo)}@")
 
 
 def multipart_body(path: Path, fields: dict[str, str],
@@ -366,7 +385,8 @@ def upload(client: httpx.Client, source: Path | str, fields: dict[str, str]) -> 
     The request carries an Idempotency-Key, so when its answer is lost (the connection breaks
     after it was sent, or a gateway gives up waiting for the API: 502, 504) it is sent again, up to
     UPLOAD_ATTEMPTS times, and the service answers with the job it already made instead of making
-    a second. AnswerLost when the last attempt fails so after an earlier one may have made the job."""
+    a second. AnswerLost when the last attempt fails so after an earlier one may have made the job,
+    and at once for an address a gateway gave up on (sent again, it would be downloaded again)."""
     name = escape(source_name(source))
     headers = {"Idempotency-Key": str(uuid.uuid4())}
     deadline = time.monotonic() + UPLOAD_BUSY_WAIT_S
@@ -388,6 +408,12 @@ def upload(client: httpx.Client, source: Path | str, fields: dict[str, str]) -> 
         else:
             if response.status_code in GATEWAY_GAVE_UP:
                 gateway_said = f"{response.status_code}: {error_detail(response)}"
+                if not isinstance(source, Path):
+                    # The service downloads and decodes an address before it answers: the gateway
+                    # gave up while it may still be downloading, and a send again would start a
+                    # second download of the same recording.
+                    raise AnswerLost(f"no answer: a gateway answered {gateway_said} (the service may still be"
+                                     f" fetching the address)")
                 if attempt == UPLOAD_ATTEMPTS:
                     raise AnswerLost(f"no answer: a gateway answered {gateway_said}")
                 stderr.print(f"{name}: a gateway answered {escape(gateway_said)}, sending it again")
@@ -1255,6 +1281,8 @@ class EventPrinter:
         # Delivery is at-least-once: a redelivered event is shown once.
         self.seen: OrderedDict[str, None] = OrderedDict()
         self.colours: dict[int, SpeakerColours] = {}
+        # When an event of the followed job last came (or watching began).
+        self.heard_at = time.monotonic()
 
     def show(self, routing_key: str, body: bytes) -> int | None:
         """Print one event. Returns the exit code once the followed job has ended, else None."""
@@ -1266,7 +1294,10 @@ class EventPrinter:
         except ValidationError as exc:
             stderr.print(Text(f"skipped a malformed {routing_key} event: {exc.error_count()} errors", style="yellow"))
             return None
-        if (self.job_id is not None and event.transcript_id != self.job_id) or event.message_id in self.seen:
+        if self.job_id is not None and event.transcript_id != self.job_id:
+            return None
+        self.heard_at = time.monotonic()
+        if event.message_id in self.seen:
             return None
         self.seen[event.message_id] = None
         if len(self.seen) > 10_000:
@@ -1328,6 +1359,17 @@ def where(amqp_url: str) -> str:
 # How often `watch --job` asks the API whether its job ended: its events may have been missed
 # (published while the connection to RabbitMQ was down) and a deleted job has none.
 STATUS_POLL_S = 15.0
+# How long `watch --job` waits for an event of a job the API hides (another key's) before it gives
+# up: with the API silent, a job that ended before watching began, one deleted, or one whose end
+# was published while disconnected would be waited for ever. A running job sends a segment event a
+# chunk; the longest silence of one is its diarization, which covers the whole recording (about
+# 22 minutes for MAX_AUDIO_HOURS' 6 hours at 0.06 of real time, up to 50 on a slow day).
+HIDDEN_JOB_SILENCE_S = 3600.0
+
+
+def how_long(seconds: float) -> str:
+    """"60 minutes", "5 s"."""
+    return f"{seconds / 60:g} minutes" if seconds >= 60 else f"{seconds:g} s"
 
 
 async def job_status(api: str, api_key: str | None, job_id: int) -> dict | None:
@@ -1376,7 +1418,8 @@ async def watch_events(amqp_url: str, job_id: int | None, api: str, api_key: str
             # With API keys another key's job is answered 404 too, as if it did not exist, while
             # this watcher gets the events of every job: its events alone will tell.
             stderr.print(Text(f"the API does not know job {job_id} for this key (another key's job, or a mistyped"
-                              f" id); watching its events anyway", style="yellow"))
+                              f" id); watching its events anyway, until none has come for"
+                              f" {how_long(HIDDEN_JOB_SILENCE_S)}", style="yellow"))
             asking_api = False
             return
         if document is None:
@@ -1391,6 +1434,17 @@ async def watch_events(amqp_url: str, job_id: int | None, api: str, api_key: str
         while asking_api and not outcome.done():
             await asyncio.sleep(STATUS_POLL_S)
             await ask_api("ended (seen through the API)")
+        # The API hides the job: only its events can tell, and they may never come.
+        while not outcome.done():
+            silent_s = time.monotonic() - printer.heard_at
+            if silent_s >= HIDDEN_JOB_SILENCE_S:
+                stderr.print(Text(f"error: no event of job {job_id} for {how_long(HIDDEN_JOB_SILENCE_S)}, and the"
+                                  f" API does not know it for this key: stopped watching (it may have ended before"
+                                  f" watching began, been deleted, or still wait its turn: stt status {job_id}"
+                                  f" with its own key tells)", style="red"))
+                end(1)
+                return
+            await asyncio.sleep(HIDDEN_JOB_SILENCE_S - silent_s)
 
     async def on_message(message: AbstractIncomingMessage) -> None:
         code = printer.show(message.routing_key or "", message.body)
@@ -1433,7 +1487,7 @@ async def watch_events(amqp_url: str, job_id: int | None, api: str, api_key: str
         if job_id is not None:
             # Checked after the queue is bound, so an ending between the two is not missed.
             await ask_api("had already ended")
-            if asking_api and not outcome.done():
+            if not outcome.done():
                 polling = asyncio.create_task(poll_status())
         return await outcome
     finally:
