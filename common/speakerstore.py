@@ -172,8 +172,8 @@ _UNNAME = "UPDATE transcript_speakers SET name = NULL, name_source = NULL, match
 
 async def delete_speaker(conn: asyncpg.Connection, speaker_id: int) -> list[int]:
     """Forget a person: their voiceprints go (cascade) and so does every name matched to them.
-    The transcripts that lost a name, for the caller to match again once this commits (another
-    person may be the best match for a voice now)."""
+    The transcripts that lost a name: the caller announces them in this transaction, and matches
+    them again once it commits (another person may be the best match for a voice now)."""
     owner = await conn.fetchval("SELECT owner FROM speakers WHERE id = $1", speaker_id)
     await _one_change_of_the_owners_people_at_a_time(conn, owner)
     # Their jobs first, in id order, as every matching locks a job before its speakers.

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Annotated, TypeVar
 
@@ -138,20 +138,18 @@ def unenrolled(names: list[str], field: str = "expected_speakers") -> str:
 # ---- announcing and re-naming -----------------------------------------------------------------
 
 
-async def _name_again(conn: asyncpg.Connection, settings: Settings, owner: str | None, transcript_ids: list[int],
-                      changed: Collection[int] = ()) -> list[int]:
+async def _name_again(conn: asyncpg.Connection, settings: Settings, owner: str | None,
+                      transcript_ids: list[int]) -> list[int]:
     """Match these recordings of the owner, their jobs locked by the caller's transaction, against
     the owner's profiles again; the transcripts whose names (or recognised speakers' confidences)
-    changed, here or before (`changed`, a set: it can hold every recording of the owner), each
-    announced once."""
+    changed here, each announced."""
     announced = []
     # Read once for them all: the caller's transaction holds the owner's people as they are.
     profiles: speakerstore.OwnerProfiles = {}
     for transcript_id in transcript_ids:
-        if (await speakerstore.name_recording_speakers(conn, transcript_id, owner, settings.speaker_match_threshold,
-                                                       settings.speaker_min_speech_s, profiles,
-                                                       counting_confidence=True)
-                or transcript_id in changed):
+        if await speakerstore.name_recording_speakers(conn, transcript_id, owner, settings.speaker_match_threshold,
+                                                      settings.speaker_min_speech_s, profiles,
+                                                      counting_confidence=True):
             await speakerstore.announce_speaker_names(conn, transcript_id)
             announced.append(transcript_id)
     return announced
@@ -163,8 +161,7 @@ def _log_renamed(transcript_ids: list[int]) -> None:
             log.info("speaker names changed after a change of the enrolled speakers")
 
 
-async def match_recordings_again(state: State, owner: str | None, transcript_ids: list[int],
-                                 changed: Collection[int] = ()) -> list[int]:
+async def match_recordings_again(state: State, owner: str | None, transcript_ids: list[int]) -> list[int]:
     """After an enrolment, a rename or a forgetting committed: these recordings of the owner (the
     callers pass only those their change can rename: a key with thousands of transcripts is not
     matched again whole on every enrolment) matched again as _name_again does,
@@ -173,16 +170,17 @@ async def match_recordings_again(state: State, owner: str | None, transcript_ids
     deadlock. The transcripts announced (and logged).
 
     Nothing is held between batches. A recording not reached yet shows what the committed change
-    left it (a rename's old name, a forgotten person's voice unnamed) and is never told of it
-    until its batch; a matching of it meanwhile (a chunk stored, an enrolment, a name given by
-    hand) reads the owner's people as they are now, as its batch then does, and what it changed
-    the batch finds done."""
+    left it until its batch: a rename's old name (told of the new one by its batch), a forgotten
+    person's voice unnamed (told by the forgetting's own commit; its batch tells only of another
+    person taking the voice). A matching of it meanwhile (a chunk stored, an enrolment, a name
+    given by hand) reads the owner's people as they are now, as its batch then does, and what it
+    changed the batch finds done."""
     announced = []
     for start in range(0, len(transcript_ids), MATCHED_AGAIN_PER_TRANSACTION):
         batch = transcript_ids[start:start + MATCHED_AGAIN_PER_TRANSACTION]
 
         async def name_again(conn: asyncpg.Connection, batch: list[int] = batch) -> list[int]:
-            return await _name_again(conn, state.settings, owner, await speakerstore.lock_jobs(conn, batch), changed)
+            return await _name_again(conn, state.settings, owner, await speakerstore.lock_jobs(conn, batch))
 
         announced += await _in_transaction_retried(state.pool, name_again)
         state.outbox_wake.set()
@@ -419,22 +417,31 @@ async def rename(speaker_id: SpeakerId, data: Rename, request: Request, state: S
         responses=error_responses(400, 401, 403, 404, 503, e404="No such speaker (for this key)"))
 async def forget(speaker_id: SpeakerId, request: Request, state: State) -> None:
     """Deletes every voiceprint of the speaker and every name recognition gave from them (names
-    given by hand stay); each transcript that loses a name is announced."""
+    given by hand stay); each transcript that loses a name is announced, and announced again
+    where another person then takes the voice."""
     owner = request_owner(request)
 
     async def forgotten(conn: asyncpg.Connection) -> list[int]:
         if await speakerstore.get_speaker(conn, owner, speaker_id) is None:
             raise NotFoundException(detail=f"no speaker with id {speaker_id}")
-        return await speakerstore.delete_speaker(conn, speaker_id)
+        unnamed = await speakerstore.delete_speaker(conn, speaker_id)
+        # Told in the commit that takes the names: a forgetting is asked for privacy, and the
+        # matching after it can be cut off (a restart, a lost database, a deadlock lost on every
+        # try) before it reaches a recording, and a DELETE sent again finds nobody to forget.
+        for transcript_id in unnamed:
+            await speakerstore.announce_speaker_names(conn, transcript_id)
+        return unnamed
 
-    # The names go with the person, in one commit. Another profile may now be the best match for
-    # the voices they named: matched again after it, each transcript is told its names once, as
-    # they end (also where nobody takes the voice: that commit told nobody). Elsewhere the
-    # assignment stands: a profile no speaker was given takes nothing from the best pairing when
-    # it goes. Answered when every recording is matched.
+    # The names go with the person, in one commit that tells each transcript. Another profile may
+    # now be the best match for the voices they named: matched again after it, a transcript where
+    # someone takes the voice is told its names a second time. Elsewhere the assignment stands: a
+    # profile no speaker was given takes nothing from the best pairing when it goes. Answered when
+    # every recording is matched.
     named = await _in_transaction_retried(state.pool, forgotten)
+    state.outbox_wake.set()
     log.info("forgot speaker %d: %d transcripts lose the name", speaker_id, len(named))
-    await match_recordings_again(state, owner, named, changed=set(named))
+    _log_renamed(named)
+    await match_recordings_again(state, owner, named)
 
 
 SPEAKER_ROUTES = [enrol, list_speakers, show_speaker, rename, forget]
