@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
@@ -37,8 +38,9 @@ BUSY_ENDPOINT_DELAY_S = 5
 # A pending delivery this late (its kick lost: a crash between commit and publish) is kicked again.
 STUCK_AFTER_S = 120
 # A chain sent back to wait for its endpoint's slot marks its oldest delivery due now when it is
-# later than this (well within STUCK_AFTER_S, so the sweep never takes it for stuck, and a write
-# a minute per waiting chain rather than one every BUSY_ENDPOINT_DELAY_S).
+# later than this (well within STUCK_AFTER_S, so the sweep never takes it for stuck), and looks
+# at it only this often: a query a minute per waiting chain in a replica, not one at every
+# BUSY_ENDPOINT_DELAY_S.
 WAITING_MARKED_EVERY_S = STUCK_AFTER_S / 2
 SWEEP_EVERY_S = 30.0
 MAX_ERROR_CHARS = 500
@@ -48,6 +50,18 @@ PRUNE_BATCH = 1000
 # Deliveries in flight in this process, per endpoint (common.webhooks.endpoint; an entry goes
 # when its count is back to 0).
 _in_flight: dict[str, int] = {}
+# Each webhook's endpoint, the least recently used going past ENDPOINTS_KEPT: a webhook's URL never
+# changes, and looked up for every kick, it was a query every BUSY_ENDPOINT_DELAY_S per chain
+# waiting for a slot. A webhook removed since keeps its entry; what that kick does stays right
+# (_deliver_in_order finds none of its deliveries; _mark_waiting_for_a_slot finds its chain gone).
+ENDPOINTS_KEPT = 10_000
+_endpoints: OrderedDict[int, str] = OrderedDict()
+# When (time.monotonic()) each (webhook, job) chain sent back to wait for a slot next needs its mark
+# looked at: the mark is written once a WAITING_MARKED_EVERY_S, so the bounces in between need no
+# query. Past MARK_CHECKS_KEPT, the entries whose time has come go (absent and past are alike), and
+# if that is not enough, all: a chain without one is only looked at once more.
+MARK_CHECKS_KEPT = 100_000
+_next_mark_check: dict[tuple[int, int], float] = {}
 
 
 async def fan_out(pool: asyncpg.Pool, event: Contract) -> AsyncIterator[WebhookDue]:
@@ -91,14 +105,14 @@ async def leave_to_a_newer_notifier(event: EventOfANewerVersion) -> None:
 
 async def deliver(pool: asyncpg.Pool, http: aiohttp.ClientSession, settings: Settings, bus: Bus,
                   due: WebhookDue) -> None:
-    url = await pool.fetchval("SELECT url FROM webhooks WHERE id = $1", due.webhook_id)
-    if url is None:
+    slot = await _endpoint_of(pool, due.webhook_id)
+    if slot is None:
         return  # removed since: its deliveries went with it
-    slot = endpoint(url)
     if _in_flight.get(slot, 0) >= settings.webhook_concurrency:
-        await _mark_waiting_for_a_slot(pool, due)
-        await publish_later(bus, due, DELIVERY_QUEUE, BUSY_ENDPOINT_DELAY_S)
+        if await _mark_waiting_for_a_slot(pool, due):
+            await publish_later(bus, due, DELIVERY_QUEUE, BUSY_ENDPOINT_DELAY_S)
         return
+    _next_mark_check.pop((due.webhook_id, due.job_id), None)
     _in_flight[slot] = _in_flight.get(slot, 0) + 1
     try:
         while await _deliver_in_order(pool, http, settings, bus, due):
@@ -109,18 +123,56 @@ async def deliver(pool: asyncpg.Pool, http: aiohttp.ClientSession, settings: Set
             del _in_flight[slot]
 
 
-async def _mark_waiting_for_a_slot(pool: asyncpg.Pool, due: WebhookDue) -> None:
+async def _endpoint_of(pool: asyncpg.Pool, webhook_id: int) -> str | None:
+    """The webhook's endpoint (common.webhooks.endpoint); None when it is not there (removed)."""
+    slot = _endpoints.get(webhook_id)
+    if slot is not None:
+        _endpoints.move_to_end(webhook_id)
+        return slot
+    url = await pool.fetchval("SELECT url FROM webhooks WHERE id = $1", webhook_id)
+    if url is None:
+        return None
+    _endpoints[webhook_id] = slot = endpoint(url)
+    if len(_endpoints) > ENDPOINTS_KEPT:
+        _endpoints.popitem(last=False)
+    return slot
+
+
+async def _mark_waiting_for_a_slot(pool: asyncpg.Pool, due: WebhookDue) -> bool:
     """Tell the sweep that this chain is not stuck: its kick is on its way back for a slot.
-    Its oldest delivery, due long ago, is made due now (no later: the kick coming back finds it
-    due). Unmarked, a chain waiting behind a busy endpoint looked stuck to the sweep, which kicked
-    it again every SWEEP_EVERY_S in every replica, each kick sent back here every
-    BUSY_ENDPOINT_DELAY_S while the endpoint stayed busy: kicks piled up for as long as it did."""
-    await pool.execute(
-        """UPDATE webhook_deliveries SET next_attempt_at = now()
-            WHERE id = (SELECT id FROM webhook_deliveries
-                         WHERE webhook_id = $1 AND job_id = $2 AND status = 'pending' ORDER BY id LIMIT 1)
-              AND status = 'pending' AND next_attempt_at < now() - make_interval(secs => $3)""",
+    Its oldest delivery, due over WAITING_MARKED_EVERY_S ago, is made due now (no later: the kick
+    coming back finds it due). Unmarked, a chain waiting behind a busy endpoint looked stuck to
+    the sweep, which kicked it again every SWEEP_EVERY_S in every replica, each kick sent back
+    here every BUSY_ENDPOINT_DELAY_S while the endpoint stayed busy: kicks piled up for as long as
+    it did. Looked at only once the mark this process last saw is that old (marked since by
+    another replica, it is only looked at sooner than needed). False: the chain has no pending
+    delivery left (settled, or its webhook removed), so its kick need not come back."""
+    chain = (due.webhook_id, due.job_id)
+    now = time.monotonic()
+    if _next_mark_check.get(chain, now) > now:
+        return True
+    # Seconds since the oldest delivery was due (0: marked now; below 0: it waits for a retry).
+    since_due = await pool.fetchval(
+        """WITH head AS (SELECT id, next_attempt_at FROM webhook_deliveries
+                          WHERE webhook_id = $1 AND job_id = $2 AND status = 'pending' ORDER BY id LIMIT 1),
+                marked AS (UPDATE webhook_deliveries d SET next_attempt_at = now() FROM head
+                            WHERE d.id = head.id AND d.status = 'pending'
+                              AND d.next_attempt_at < now() - make_interval(secs => $3)
+                           RETURNING d.next_attempt_at)
+           SELECT extract(epoch FROM now() - coalesce((SELECT next_attempt_at FROM marked), head.next_attempt_at))
+             FROM head""",
         due.webhook_id, due.job_id, float(WAITING_MARKED_EVERY_S))
+    if since_due is None:
+        _next_mark_check.pop(chain, None)
+        return False
+    if len(_next_mark_check) >= MARK_CHECKS_KEPT:
+        for waiting, at in list(_next_mark_check.items()):
+            if at <= now:
+                del _next_mark_check[waiting]
+        if len(_next_mark_check) >= MARK_CHECKS_KEPT:
+            _next_mark_check.clear()
+    _next_mark_check[chain] = now + WAITING_MARKED_EVERY_S - float(since_due)
+    return True
 
 
 # How long one message sends a job's deliveries to one endpoint; the rest go on in a message of
@@ -296,11 +348,11 @@ async def prune_delivery_log(pool: asyncpg.Pool, settings: Settings) -> int:
 async def overdue_chains(db: asyncpg.Pool | asyncpg.Connection) -> list[asyncpg.Record]:
     """(webhook_id, job_id) of each job whose oldest pending delivery is long overdue and which
     no one is sending (its (webhook, job) lock free in every replica: a holder looks again after
-    letting go). A chain waiting for its endpoint's slot is not overdue: each time its kick is
-    sent back, it is marked due now (_mark_waiting_for_a_slot), so a chain is overdue only once
-    no kick of its own has come for STUCK_AFTER_S, its kick lost. Of a webhook with a delivery in
-    flight, only the one overdue longest: a job whose kick was lost is the one overdue longest in
-    time, so it is still kicked."""
+    letting go). A chain waiting for its endpoint's slot is not overdue: while its kick is sent
+    back, it is marked due now once a WAITING_MARKED_EVERY_S (_mark_waiting_for_a_slot), so a
+    chain is overdue only once no kick of its own has come for STUCK_AFTER_S, its kick lost. Of a
+    webhook with a delivery in flight, only the one overdue longest: a job whose kick was lost is
+    the one overdue longest in time, so it is still kicked."""
     return await db.fetch(
         """WITH held AS (
                SELECT l.classid::bigint AS webhook_key, l.objid::bigint AS job_key FROM pg_locks l
