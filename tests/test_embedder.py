@@ -268,64 +268,22 @@ async def test_a_backend_giving_fewer_vectors_than_segments_fails_the_chunk():
         _ = [produced async for produced in handler.handle(message, handler.Deps(embed=one_short, model_name="m"))]
 
 
-async def test_a_text_ollama_cannot_embed_is_stored_without_a_vector_and_the_job_is_done(stack, caplog):
-    """Ollama answers 500 "json: unsupported value: NaN" for some texts (bge-m3): the chunk's whole
-    batch failed, its retries ran out and the job failed as "embedding service unavailable", and
-    so did every rerun, while Ollama was up. Each text is then embedded alone: the one it cannot
-    embed is stored without a vector (nor a model), the others with theirs, and the job is done."""
-    from common import searchstore
-    from common.db import create_pool
-    from common.messages import ChunkTranscribed, Segment
-    from services.embedder import handler
-    from services.persister import handler as persister
-
-    server = TestServer(fake_ollama.make_app(), host="127.0.0.1")
-    await server.start_server()
-    pool = await create_pool(Settings(_env_file=None, database_url=stack.database_url), max_size=2)
-    job_id = await pool.fetchval("INSERT INTO transcripts (filename) VALUES ('nan-vector.wav') RETURNING id")
-    try:
-        texts = ["The budget is approved.", fake_ollama.NAN_TEXT, "We meet again on Monday."]
-        message = ChunkTranscribed(job_id=job_id, chunk_index=0, chunk_count=1, duration=6.0, language="en",
-                                   segments=[Segment(index=i, speaker="spk_0", start_ts=2 * i, end_ts=2 * i + 1.5,
-                                                     text=text) for i, text in enumerate(texts)])
-        settings = Settings(ollama_url=f"http://127.0.0.1:{server.port}", model_name_embedded="all-minilm",
-                            ollama_retries=1)
-        caplog.set_level(logging.WARNING, logger="services.embedder")
-        async with aiohttp.ClientSession() as session:
-            embed, model = make_embedder(settings, session)
-            [embedded] = [m async for m in handler.handle(message, handler.Deps(embed=embed, model_name=model))]
-        assert [s.embedding is not None for s in embedded.segments] == [True, False, True]
-        said = [r.getMessage() for r in caplog.records if "segment 1 of chunk 1/1" in r.getMessage()]
-        assert len(said) == 1 and "unsupported value: NaN" in said[0], said
-
-        await persister.on_embedded(pool, embedded)
-        if (building := searchstore._index_builds.get((model, 384))) is not None:
-            await building
-        assert await pool.fetchval("SELECT status FROM transcripts WHERE id = $1", job_id) == "done"
-        stored = await pool.fetch("SELECT text, embedding IS NOT NULL AS has_vector, embedding_model FROM segments"
-                                  " WHERE transcript_id = $1 ORDER BY index", job_id)
-        # The refused text stays marked with the model that refused it: a re-embedding with that
-        # model would only be refused again (and count against the run); one with another tries it.
-        assert [tuple(row) for row in stored] == [(texts[0], True, model), (texts[1], False, model),
-                                                  (texts[2], True, model)]
-    finally:
-        await pool.execute("DELETE FROM transcripts WHERE id = $1", job_id)
-        await pool.close()
-        await server.close()
-
-
 @pytest.mark.parametrize("texts", [
+    # Ollama answers 500 "json: unsupported value: NaN" for some texts (bge-m3): the chunk's whole
+    # batch failed, and the job with it, while Ollama was up. Each text is then embedded alone.
+    ["The budget is approved.", fake_ollama.NAN_TEXT, "We meet again on Monday."],
     # A short voice note whose only segment is "♪".
     [fake_ollama.NAN_TEXT],
     # The first three refused, a later one embeds.
     [fake_ollama.NAN_TEXT, fake_ollama.NAN_TEXT, fake_ollama.NAN_TEXT, "We meet again on Monday."],
 ])
-async def test_a_chunk_whose_first_texts_ollama_cannot_embed_is_done_too(stack, texts):
+async def test_a_text_ollama_cannot_embed_is_stored_without_a_vector_and_the_job_is_done(stack, texts, caplog):
     """A text counted as refused only once another text of its chunk had embedded: a chunk of only
     such texts, or whose first three were, failed the job as "embedding service unavailable" after
     minutes of retries, and every rerun, while Ollama was up. A probe text the service embeds now
     tells it from an outage: the job is done, each refused text stored and announced without a
-    vector (marked with the model), the others with theirs."""
+    vector (marked with the model that refused it: a re-embedding with that model would only be
+    refused again, one with another tries it), with a warning naming it, the others with theirs."""
     from common import searchstore
     from common.db import create_pool
     from common.messages import ChunkTranscribed, Segment
@@ -345,11 +303,15 @@ async def test_a_chunk_whose_first_texts_ollama_cannot_embed_is_done_too(stack, 
                                                      text=text) for i, text in enumerate(texts)])
         settings = Settings(ollama_url=f"http://127.0.0.1:{server.port}", model_name_embedded="all-minilm",
                             ollama_retries=0)
+        caplog.set_level(logging.WARNING, logger="services.embedder")
         async with aiohttp.ClientSession() as session:
             embed, model = make_embedder(settings, session)
             [embedded] = [m async for m in handler.handle(message, handler.Deps(embed=embed, model_name=model))]
         has_vector = [text != fake_ollama.NAN_TEXT for text in texts]
         assert [s.embedding is not None for s in embedded.segments] == has_vector
+        for index, up in enumerate(has_vector):
+            said = [r.getMessage() for r in caplog.records if f"segment {index} of chunk 1/1" in r.getMessage()]
+            assert len(said) == (0 if up else 1) and all("unsupported value: NaN" in line for line in said), said
 
         await persister.on_embedded(pool, embedded)
         if (building := searchstore._index_builds.get((model, 384))) is not None:
