@@ -22,6 +22,16 @@ from tests import fake_ollama
 from tests.conftest import free_port
 
 
+def chunk_saying(texts: list[str], job_id: int = 1, language: str | None = None):
+    """One chunk of a job, one segment a second for each text, as the transcriber sends it."""
+    from common.messages import ChunkTranscribed, Segment
+
+    return ChunkTranscribed(job_id=job_id, chunk_index=0, chunk_count=1, duration=float(len(texts) + 1),
+                            language=language, segments=[
+                                Segment(index=i, speaker="spk_0", start_ts=i, end_ts=i + 1, text=text)
+                                for i, text in enumerate(texts)])
+
+
 def cosine(a: list[float], b: list[float]) -> float:
     return sum(x * y for x, y in zip(a, b))
 
@@ -256,14 +266,12 @@ async def test_a_backend_giving_fewer_vectors_than_segments_fails_the_chunk():
     """The handler paired segments and vectors with zip, which stops at the shorter: the segments
     past the last vector were left out of chunk.embedded, and the persister, which stores a chunk
     from that message alone, would have deleted their text."""
-    from common.messages import ChunkTranscribed, Segment
     from services.embedder import handler
 
     async def one_short(texts: list[str]) -> list[list[float]]:
         return [[1.0, 0.0]] * (len(texts) - 1)
 
-    message = ChunkTranscribed(job_id=1, chunk_index=0, chunk_count=1, duration=4.0, segments=[
-        Segment(index=i, speaker="spk_0", start_ts=i, end_ts=i + 1, text=f"sentence {i}") for i in range(3)])
+    message = chunk_saying([f"sentence {i}" for i in range(3)])
     with pytest.raises(Exception, match="2 vectors for 3 segments"):  # noqa: PT011
         _ = [produced async for produced in handler.handle(message, handler.Deps(embed=one_short, model_name="m"))]
 
@@ -286,7 +294,6 @@ async def test_a_text_ollama_cannot_embed_is_stored_without_a_vector_and_the_job
     refused again, one with another tries it), with a warning naming it, the others with theirs."""
     from common import searchstore
     from common.db import create_pool
-    from common.messages import ChunkTranscribed, Segment
     from services.embedder import handler
     from services.persister import handler as persister
     from tests.conftest import events_queue, job_events
@@ -298,9 +305,7 @@ async def test_a_text_ollama_cannot_embed_is_stored_without_a_vector_and_the_job
     job_id = await pool.fetchval("INSERT INTO transcripts (filename) VALUES ('music.wav') RETURNING id")
     try:
         queue = await events_queue(await connection.channel(), "segment.created")
-        message = ChunkTranscribed(job_id=job_id, chunk_index=0, chunk_count=1, duration=8.0, language="en",
-                                   segments=[Segment(index=i, speaker="spk_0", start_ts=2 * i, end_ts=2 * i + 1.5,
-                                                     text=text) for i, text in enumerate(texts)])
+        message = chunk_saying(texts, job_id, language="en")
         settings = Settings(ollama_url=f"http://127.0.0.1:{server.port}", model_name_embedded="all-minilm",
                             ollama_retries=0)
         caplog.set_level(logging.WARNING, logger="services.embedder")
@@ -340,7 +345,6 @@ async def test_a_crashed_model_runner_still_fails_the_chunk_when_no_text_embedde
     async def crashed(_: web.Request) -> web.Response:
         return web.json_response({"error": "llama runner process has terminated: exit status 2"}, status=500)
 
-    from common.messages import ChunkTranscribed, Segment
     from services.embedder import handler
 
     app = web.Application()
@@ -350,8 +354,7 @@ async def test_a_crashed_model_runner_still_fails_the_chunk_when_no_text_embedde
     try:
         settings = Settings(ollama_url=f"http://127.0.0.1:{server.port}", model_name_embedded="all-minilm",
                             ollama_retries=0)
-        message = ChunkTranscribed(job_id=1, chunk_index=0, chunk_count=1, duration=8.0, segments=[
-            Segment(index=i, speaker="spk_0", start_ts=i, end_ts=i + 1, text=text) for i, text in enumerate(texts)])
+        message = chunk_saying(texts)
         async with aiohttp.ClientSession() as session:
             embed, model = make_embedder(settings, session)
             with pytest.raises(OllamaError, match="runner process has terminated") as raised:
@@ -368,7 +371,6 @@ async def test_a_chunk_whose_texts_all_fail_fails_as_its_batch_did(error):
     """Texts tried alone only where one text may be the cause, and not all of them when the first
     few fail too and so does the probe text: an Ollama that fails every text fails the chunk with
     the batch's error, soon."""
-    from common.messages import ChunkTranscribed, Segment
     from services.embedder import handler
 
     calls: list[int] = []
@@ -377,8 +379,7 @@ async def test_a_chunk_whose_texts_all_fail_fails_as_its_batch_did(error):
         calls.append(len(texts))
         raise error
 
-    message = ChunkTranscribed(job_id=1, chunk_index=0, chunk_count=1, duration=20.0, segments=[
-        Segment(index=i, speaker="spk_0", start_ts=i, end_ts=i + 1, text=f"sentence {i}") for i in range(10)])
+    message = chunk_saying([f"sentence {i}" for i in range(10)])
     with pytest.raises(type(error)) as raised:
         _ = [m async for m in handler.handle(message, handler.Deps(embed=failing, model_name="m"))]
     assert raised.value is error
@@ -404,7 +405,6 @@ async def test_a_chunk_whose_texts_all_fail_fails_as_its_batch_did(error):
 async def test_a_text_counts_as_refused_only_once_the_service_embeds_another_after_it(texts, calls, has_vector):
     """A crashed model runner answers 500 as a text it cannot embed does: a chunk whose first text
     was embedded before the outage left all the others without a vector for good."""
-    from common.messages import ChunkTranscribed, Segment
     from services.embedder import handler
 
     server = TestServer(fake_ollama.make_app(), host="127.0.0.1")
@@ -413,8 +413,7 @@ async def test_a_text_counts_as_refused_only_once_the_service_embeds_another_aft
     try:
         settings = Settings(ollama_url=f"http://127.0.0.1:{server.port}", model_name_embedded="all-minilm",
                             ollama_retries=0)
-        message = ChunkTranscribed(job_id=1, chunk_index=0, chunk_count=1, duration=10.0, segments=[
-            Segment(index=i, speaker="spk_0", start_ts=i, end_ts=i + 1, text=text) for i, text in enumerate(texts)])
+        message = chunk_saying(texts)
         async with aiohttp.ClientSession() as session:
             embed, model = make_embedder(settings, session)
 
@@ -433,7 +432,6 @@ async def test_a_text_counts_as_refused_only_once_the_service_embeds_another_aft
 async def test_texts_failing_after_the_first_through_an_outage_fail_the_chunk(texts):
     """The service goes down after embedding the chunk's first text: the texts after it are not
     refused texts: three fail in a row, or the last fail, and the first, asked again, fails too."""
-    from common.messages import ChunkTranscribed, Segment
     from services.embedder import handler
 
     sent: list[int] = []
@@ -445,8 +443,7 @@ async def test_texts_failing_after_the_first_through_an_outage_fail_the_chunk(te
             return [[1.0, 0.0]]
         raise batch_error if len(sent) == 1 else OllamaError("Ollama answered 500: model runner has stopped")
 
-    message = ChunkTranscribed(job_id=1, chunk_index=0, chunk_count=1, duration=10.0, segments=[
-        Segment(index=i, speaker="spk_0", start_ts=i, end_ts=i + 1, text=f"sentence {i}") for i in range(texts)])
+    message = chunk_saying([f"sentence {i}" for i in range(texts)])
     with pytest.raises(OllamaError) as raised:
         _ = [m async for m in handler.handle(message, handler.Deps(embed=down_after_one_text, model_name="m"))]
     assert raised.value is batch_error
@@ -454,7 +451,6 @@ async def test_texts_failing_after_the_first_through_an_outage_fail_the_chunk(te
 
 
 async def test_a_text_embedded_alone_into_another_number_of_vectors_fails_the_chunk():
-    from common.messages import ChunkTranscribed, Segment
     from services.embedder import handler
 
     async def two_for_one(batch: list[str]) -> list[list[float]]:
@@ -462,7 +458,6 @@ async def test_a_text_embedded_alone_into_another_number_of_vectors_fails_the_ch
             raise OllamaError("Ollama answered 400: input too long", 400)
         return [[1.0, 0.0], [0.0, 1.0]]
 
-    message = ChunkTranscribed(job_id=1, chunk_index=0, chunk_count=1, duration=4.0, segments=[
-        Segment(index=i, speaker="spk_0", start_ts=i, end_ts=i + 1, text=f"sentence {i}") for i in range(2)])
+    message = chunk_saying([f"sentence {i}" for i in range(2)])
     with pytest.raises(handler.EmbeddingCountMismatch, match="2 vectors for 1 segment"):
         _ = [m async for m in handler.handle(message, handler.Deps(embed=two_for_one, model_name="m"))]
