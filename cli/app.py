@@ -169,10 +169,7 @@ def api_base(api: str) -> str:
 def shown_url(url: str) -> str:
     """The address with its password (https://user:password@host, sent as Basic auth) as ***, for
     messages."""
-    userinfo = userinfo_with_password(url)
-    if userinfo is None:
-        return url
-    return url.replace(f"{userinfo}@", f"{hidden_password(userinfo)}@", 1)
+    return without_password(url, url)
 
 
 def userinfo_with_password(url: str) -> str | None:
