@@ -353,8 +353,9 @@ async def transcribe_and_wait(state: State, request: Request, data: OpenAITransc
     with contextlib.closing(stream):
         if earlier is None:
             await require_enrolled(state.pool, owner, options.expected_speakers, "known_speaker_names")
-            job_id = (await submit_recording(state, request, stream, filename, options, None, None, asked,
-                                                     speakers_field="known_speaker_names")).content.id
+            accepted = await submit_recording(state, request, stream, filename, options, None, None, asked,
+                                              speakers_field="known_speaker_names")
+            job_id = accepted.content.id
         else:
             job_id = earlier["id"]
             with job_logged(job_id):
