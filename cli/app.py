@@ -300,29 +300,50 @@ def lost_answer(exc: httpx.TransportError) -> str:
     return f"the connection broke before the API answered ({str(exc) or type(exc).__name__})"
 
 
-def post_sent_again_once(client: httpx.Client, path: str, body: dict) -> httpx.Response:
-    """POST `body` with an Idempotency-Key; when its answer is lost (the connection broke after it
-    was sent, no answer in time, a gateway's 502 or 504) it is sent once more with the same key,
-    and the service answers with what the first one made instead of making it again. AnswerLost
-    when the second send fails too."""
+def sent_with_key(send: Callable[[dict[str, str]], httpx.Response], *, said_of: str = "", attempts: int = 2,
+                  busy_wait_s: float = 0, gateway_gave_up_means: str | None = None) -> httpx.Response:
+    """The answer to a request that makes something, sent by `send` with the headers given: an
+    Idempotency-Key, so when its answer is lost (the connection broke after it was sent, no answer
+    in time, a gateway gave up waiting for the API: 502, 504) it is sent again with the same key,
+    up to `attempts` times, and the service answers with what the first one made instead of making
+    it again. While the service answers 503 with Retry-After, it waits that long and sends it
+    again, for up to `busy_wait_s`. AnswerLost when the last send fails after an earlier one may
+    have made it, and at once when a gateway gave up on a request that must not be sent again
+    (`gateway_gave_up_means` says why). `said_of` prefixes what is printed meanwhile."""
     headers = {"Idempotency-Key": str(uuid.uuid4())}
-    try:
-        response = client.post(path, json=body, headers=headers)
-    except httpx.TransportError as exc:
-        if isinstance(exc, NOT_SENT):  # nothing reached the API
-            raise
-        stderr.print(f"{escape(lost_answer(exc))}, sending it again")
-    else:
-        if response.status_code not in GATEWAY_GAVE_UP:
-            return response
-        stderr.print(f"a gateway answered {response.status_code}: {escape(error_detail(response))}, sending it again")
-    time.sleep(RESEND_PAUSE_S)
-    try:
-        response = client.post(path, json=body, headers=headers)
-    except httpx.TransportError as exc:
-        raise AnswerLost("sent again, " + ("the API could not be reached" if isinstance(exc, NOT_SENT)
-                                           else lost_answer(exc))) from exc
-    if response.status_code >= 500:
+    deadline = time.monotonic() + busy_wait_s
+    attempt = 1
+    while True:
+        try:
+            response = send(headers)
+        except httpx.TransportError as exc:
+            # Not sent on the first attempt (no connection made): nothing reached the service, say
+            # so. On a later one the service may be restarting, and may have made it already.
+            if isinstance(exc, NOT_SENT) and attempt == 1:
+                raise
+            if attempt == attempts:
+                raise AnswerLost("sent again, " + ("the API could not be reached" if isinstance(exc, NOT_SENT)
+                                                   else lost_answer(exc))) from exc
+            stderr.print(f"{said_of}{escape(lost_answer(exc))}, sending it again")
+        else:
+            if response.status_code in GATEWAY_GAVE_UP:
+                gateway_said = f"{response.status_code}: {error_detail(response)}"
+                if gateway_gave_up_means is not None:
+                    raise AnswerLost(f"no answer: a gateway answered {gateway_said} ({gateway_gave_up_means})")
+                if attempt == attempts:
+                    break
+                stderr.print(f"{said_of}a gateway answered {escape(gateway_said)}, sending it again")
+            else:
+                wait_s = _retry_after_s(response)
+                if wait_s is None or time.monotonic() + wait_s > deadline:
+                    break
+                stderr.print(f"{said_of}the server is busy, trying again in {wait_s:g} s")
+                time.sleep(wait_s)
+                continue
+        time.sleep(RESEND_PAUSE_S * attempt)
+        attempt += 1
+    if attempt > 1 and response.status_code >= 500:
+        # Refused now (busy past the wait, restarting), but an earlier send may have made it.
         raise AnswerLost(f"sent again, it was answered {response.status_code}: {error_detail(response)}")
     return response
 
@@ -377,55 +398,21 @@ NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.UnsupportedProtocol,
 
 
 def upload(client: httpx.Client, source: Path | str, fields: dict[str, str]) -> SubmittedJob:
-    """Upload one file, or give the address the service fetches it from; while the server
-    answers 503 with Retry-After, wait that long and offer it again, for up to UPLOAD_BUSY_WAIT_S.
-    The request carries an Idempotency-Key, so when its answer is lost (the connection breaks
-    after it was sent, or a gateway gives up waiting for the API: 502, 504) it is sent again, up to
-    UPLOAD_ATTEMPTS times, and the service answers with the job it already made instead of making
-    a second. AnswerLost when the last attempt fails so after an earlier one may have made the job,
-    and at once for an address a gateway gave up on (sent again, it would be downloaded again)."""
-    name = escape(source_name(source))
-    headers = {"Idempotency-Key": str(uuid.uuid4())}
-    deadline = time.monotonic() + UPLOAD_BUSY_WAIT_S
-    attempt = 1
-    while True:
-        try:
-            response = (_post_upload(client, source, fields, headers) if isinstance(source, Path)
-                        else _post_url(client, source, fields, headers))
-        except httpx.TransportError as exc:
-            # Not sent on the first attempt (no connection made): nothing reached the service, say
-            # so. On a later one the service may be restarting, and may have made the job already.
-            if isinstance(exc, NOT_SENT) and attempt == 1:
-                raise
-            reason = str(exc) or type(exc).__name__
-            if attempt == UPLOAD_ATTEMPTS:
-                how = "could not reach the API again" if isinstance(exc, NOT_SENT) else "the connection broke"
-                raise AnswerLost(f"no answer: {how} ({reason})") from exc
-            stderr.print(f"{name}: the connection broke ({escape(reason)}), sending it again")
-        else:
-            if response.status_code in GATEWAY_GAVE_UP:
-                gateway_said = f"{response.status_code}: {error_detail(response)}"
-                if not isinstance(source, Path):
-                    # The service downloads and decodes an address before it answers: the gateway
-                    # gave up while it may still be downloading, and a send again would start a
-                    # second download of the same recording.
-                    raise AnswerLost(f"no answer: a gateway answered {gateway_said} (the service may still be"
-                                     f" fetching the address)")
-                if attempt == UPLOAD_ATTEMPTS:
-                    raise AnswerLost(f"no answer: a gateway answered {gateway_said}")
-                stderr.print(f"{name}: a gateway answered {escape(gateway_said)}, sending it again")
-            else:
-                wait_s = _retry_after_s(response)
-                if wait_s is None or time.monotonic() + wait_s > deadline:
-                    break
-                stderr.print(f"{name}: the server is busy, trying again in {wait_s:g} s")
-                time.sleep(wait_s)
-                continue
-        time.sleep(RESEND_PAUSE_S * attempt)
-        attempt += 1
-    if attempt > 1 and response.status_code >= 500:
-        # Refused now (busy past the wait, restarting), but an earlier send may have made the job.
-        raise AnswerLost(f"sent again, it was answered {response.status_code}: {error_detail(response)}")
+    """Upload one file, or give the address the service fetches it from, sent with a key
+    (sent_with_key): again up to UPLOAD_ATTEMPTS times when its answer is lost, and while the
+    server is busy for up to UPLOAD_BUSY_WAIT_S. An address a gateway gave up on is not sent
+    again: the service downloads and decodes it before it answers, so it may still be
+    downloading, and a second send would start a second download of the same recording."""
+    if isinstance(source, Path):
+        def send(headers: dict[str, str]) -> httpx.Response:
+            return _post_upload(client, source, fields, headers)
+        gateway_gave_up_means = None
+    else:
+        def send(headers: dict[str, str]) -> httpx.Response:
+            return _post_url(client, source, fields, headers)
+        gateway_gave_up_means = "the service may still be fetching the address"
+    response = sent_with_key(send, said_of=f"{escape(source_name(source))}: ", attempts=UPLOAD_ATTEMPTS,
+                             busy_wait_s=UPLOAD_BUSY_WAIT_S, gateway_gave_up_means=gateway_gave_up_means)
     accepted = checked(response).json()
     return SubmittedJob(id=int(accepted["id"]), filename=accepted.get("filename", source_name(source)))
 
@@ -777,8 +764,9 @@ def rerun(
                "redact": redact, "reference": reference, "multichannel": multichannel}
     unconfirmed = f"a new run of job {job_id} may have been made: see stt list before running it again"
     with api_client(api, api_key) as client, reporting_api_errors(api, unconfirmed):
-        accepted = checked(post_sent_again_once(client, f"/transcripts/{job_id}/rerun",
-                                                {k: v for k, v in changes.items() if v is not None})).json()
+        accepted = checked(sent_with_key(lambda headers: client.post(
+            f"/transcripts/{job_id}/rerun", json={k: v for k, v in changes.items() if v is not None},
+            headers=headers))).json()
         job = SubmittedJob(id=accepted["id"], filename=accepted["filename"])
         stderr.print(f"job {job_id} runs again as job [bold]{job.id}[/]")
         if not wait:

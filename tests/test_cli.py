@@ -1026,7 +1026,7 @@ def test_an_upload_whose_answer_never_comes_may_have_been_accepted_not_refused(f
         result = CliRunner().invoke(app, ["submit", str(fixtures_dir / "jfk.flac"), "--no-wait", "--api", api])
     said = " ".join(result.output.split())
     assert result.exit_code == 1, said
-    assert "jfk.flac: no answer: a gateway answered 504: Gateway Timeout; it may have been accepted: see stt list" \
+    assert "jfk.flac: sent again, it was answered 504: Gateway Timeout; it may have been accepted: see stt list" \
            in said, said
     assert "refused" not in said and len(gave_up.requests) == cli.UPLOAD_ATTEMPTS
     assert len({headers["Idempotency-Key"] for headers in gave_up.headers}) == 1
