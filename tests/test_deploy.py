@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import fnmatch
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -298,6 +299,18 @@ def secret_template() -> dict[str, str]:
     return yaml.safe_load((K8S / "secret.example.yaml").read_text())["stringData"]
 
 
+def test_keda_reads_the_management_api_as_a_user_of_its_own():
+    """The API answers only users with the monitoring or management tag; with the app's tagless
+    user KEDA read no queue, and the transcriber, scaled to zero, never started."""
+    from urllib.parse import urlsplit
+
+    secret = secret_template()
+    assert urlsplit(secret["RABBITMQ_MANAGEMENT_URL"]).username != urlsplit(secret["AMQP_URL"]).username
+    text = (K8S / "secret.example.yaml").read_text()
+    keda = urlsplit(secret["RABBITMQ_MANAGEMENT_URL"]).username
+    assert f"rabbitmqctl set_user_tags {keda} monitoring" in text
+
+
 def pod_spec(deployment: str) -> dict:
     return k8s_objects("Deployment")[deployment]["spec"]["template"]["spec"]
 
@@ -536,17 +549,73 @@ def test_kustomize_builds_everything_into_one_namespace():
 
 # ---- make run ---------------------------------------------------------------------------------
 
-def test_make_run_gives_workers_a_grace_that_ends_before_honcho_kills_them():
+def run_local(tmp_path: Path, dotenv: str | None, shell: dict[str, str] | None = None) -> dict[str, str]:
+    """Run scripts/run-local.sh (what `make run` runs) with the real honcho, in a tree of its own:
+    local-services.sh only leaves the file local-services-ran, and the Procfile's one service prints
+    the environment it got. Returns that environment."""
+    (tmp_path / "scripts").mkdir(parents=True)
+    shutil.copy(ROOT / "scripts" / "run-local.sh", tmp_path / "scripts")
+    services = tmp_path / "scripts" / "local-services.sh"
+    services.write_text("#!/bin/sh\ntouch local-services-ran\n")
+    services.chmod(0o755)
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    (tmp_path / ".venv" / "bin" / "honcho").symlink_to(venv_tool("honcho"))
+    (tmp_path / "Procfile").write_text("ingest: env\n")
+    if dotenv is not None:
+        (tmp_path / ".env").write_text(dotenv)
+    environment = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "LANG": "C.UTF-8",
+                   "DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none", **(shell or {})}
+    result = subprocess.run([str(tmp_path / "scripts" / "run-local.sh")], env=environment, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", result.stdout)
+    return dict(re.findall(r"^\S* ?ingest\.1 +\| ([A-Za-z_]\w*)=(.*)$", plain, re.M))
+
+
+def test_make_run_gives_workers_a_grace_that_ends_before_honcho_kills_them(tmp_path):
     """honcho SIGKILLs what still runs KILL_WAIT (5 s) after Ctrl-C: a worker's grace of 30 s never
     ended, so what it held was never handed back, and each Ctrl-C spent one of the message's
-    DELIVERY_LIMIT deliveries. The script sets it after reading .env, which would otherwise win."""
+    DELIVERY_LIMIT deliveries. The script's 3 s lost to .env's 30: honcho read .env again and put
+    its values over the environment of each service."""
     from honcho.manager import KILL_WAIT
 
-    script = (ROOT / "scripts" / "run-local.sh").read_text()
-    [grace] = re.findall(r"^export SHUTDOWN_GRACE_S=(\S+)$", script, re.M)
-    assert float(grace) + 1 < KILL_WAIT  # a second left to hand back and exit
-    assert script.index("export SHUTDOWN_GRACE_S=") > script.index(". ./.env")
-    assert script.index("export SHUTDOWN_GRACE_S=") < script.index("honcho start")
+    seen = run_local(tmp_path, "SHUTDOWN_GRACE_S=30\n", {"SHUTDOWN_GRACE_S": "40"})
+    assert float(seen["SHUTDOWN_GRACE_S"]) + 1 < KILL_WAIT  # a second left to hand back and exit
+
+
+def test_make_run_takes_a_setting_from_the_shell_over_dotenv(tmp_path):
+    """As the services themselves do (an environment variable wins over their own reading of
+    .env): sourcing .env overwrote what the shell had set."""
+    seen = run_local(tmp_path, "WHISPER_MODEL=/from/dotenv\nEMBEDDING_BACKEND=ollama\nLOG_LEVEL=DEBUG\n",
+                     {"WHISPER_MODEL": "/from/shell"})
+    assert (seen["WHISPER_MODEL"], seen["EMBEDDING_BACKEND"], seen["LOG_LEVEL"]) == ("/from/shell", "ollama", "DEBUG")
+
+
+def test_make_run_serves_the_api_on_this_host_only_unless_told_otherwise(tmp_path):
+    """Without API_KEYS the API is open; compose publishes it on 127.0.0.1, and `make run`
+    listened on every interface (the settings' default, and .env.example's)."""
+    shutil.copy(ROOT / ".env.example", tmp_path / "env.example")
+    seen = run_local(tmp_path / "copied", (tmp_path / "env.example").read_text())  # cp .env.example .env
+    assert (seen["API_HOST"], seen["SHUTDOWN_GRACE_S"]) == ("127.0.0.1", "3")
+    assert Settings(_env_file=None, api_host=seen["API_HOST"]).api_host == "127.0.0.1"
+    assert run_local(tmp_path / "none", None)["API_HOST"] == "127.0.0.1"
+    assert run_local(tmp_path / "open", "API_HOST=0.0.0.0\n")["API_HOST"] == "0.0.0.0"
+
+
+@pytest.mark.parametrize("url", ["amqp://stt:secret@rabbitmq.example.org:5672/", "amqp://stt:secret@127.0.0.1:5673/",
+                                 "amqps://stt:secret@localhost/stt", "amqp://u:p%40ss@Broker.lan/stt?heartbeat=5"])
+def test_make_run_leaves_the_local_rabbitmq_alone_when_amqp_url_names_another_broker(tmp_path, url):
+    """DATABASE_URL and MINIO_ENDPOINT skip their local stand-ins; AMQP_URL naming another broker
+    still made `make run` start (or insist on) one on 127.0.0.1:5672."""
+    assert run_local(tmp_path, f"AMQP_URL={url}\n")["AMQP_URL"] == url
+    assert not (tmp_path / "local-services-ran").exists()
+
+
+@pytest.mark.parametrize("dotenv", ["", "AMQP_URL=\n", "AMQP_URL=amqp://guest:guest@127.0.0.1:5672/\n",
+                                    "AMQP_URL=amqp://stt:stt@LOCALHOST/stt\n"])
+def test_make_run_starts_the_local_rabbitmq_when_amqp_url_names_it(tmp_path, dotenv):
+    run_local(tmp_path, dotenv)
+    assert (tmp_path / "local-services-ran").exists()
 
 
 # ---- settings and docs -----------------------------------------------------------------------
