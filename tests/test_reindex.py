@@ -735,3 +735,34 @@ async def test_a_run_cut_short_by_its_ingest_stopping_reads_as_interrupted_on_ev
     assert (seen.running, seen.pending_segments) == (False, 2), seen
     assert seen.error == "interrupted (its ingest stopped midway); POST /admin/reindex again to resume", seen
     assert (resumed.running, resumed.pending_segments, resumed.error) == (False, 0, None), resumed
+
+
+async def test_a_run_whose_lock_session_died_stops_instead_of_running_beside_a_second(own_database):
+    """The run's lock is its own session's: with that session gone (a proxy's idle cut, a
+    terminated backend) the run went on over the pool's connections while every replica read it
+    as interrupted, and a POST there started a second run beside it. Now it stops, resumable."""
+    from common.db import LockKey
+    from services.ingest.reindex import LOCK_LOST, Reindexer
+
+    pool, model = own_database, "lock-lost-model"
+    await add_done_jobs(pool, ["One.", "Two.", "Three."])
+    embedding, go_on = asyncio.Event(), asyncio.Event()
+
+    async def embed(texts: list[str]) -> list[list[float]]:
+        embedding.set()
+        await go_on.wait()
+        return [[1.0, 0.0] for _ in texts]
+
+    reindexer = Reindexer(pool, embed, model)
+    reindexer.start()
+    await asyncio.wait_for(embedding.wait(), 30)
+    terminated = await pool.fetchval(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+        " AND objsubid = 1 AND classid::bigint = $1 AND objid::bigint = $2",
+        LockKey.REINDEX >> 32, LockKey.REINDEX & 0xFFFFFFFF)
+    go_on.set()
+    await asyncio.wait_for(reindexer.task, 30)
+    seen = await Reindexer(pool, embed, model).progress()
+    assert terminated == 1
+    assert (seen.running, seen.error) == (False, LOCK_LOST), seen
+    assert seen.pending_segments == 2, seen  # the job under way was stored; the rest wait for the next run

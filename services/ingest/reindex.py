@@ -59,8 +59,13 @@ FAILED_JOBS_LISTED = 20
 CORRECTIONS_INTERVAL_S = 60.0
 COUNTS_FRESH_S = 10.0
 INTERRUPTED = "interrupted (its ingest stopped midway); POST /admin/reindex again to resume"
+LOCK_LOST = "stopped: its database session, which keeps other runs out, was lost; POST /admin/reindex again to resume"
 # How often a run that has done every ended job looks whether the running jobs it waits for ended.
 RUNNING_JOBS_CHECK_S = 10.0
+
+
+class LockLost(Exception):
+    """The session holding the run's advisory lock is gone: another replica may start a run."""
 
 
 class Reindexer:
@@ -94,7 +99,7 @@ class Reindexer:
                 await self.pool.execute(
                     "INSERT INTO reindex_runs (model) VALUES ($1) ON CONFLICT (model)"
                     " DO UPDATE SET started_at = now(), ended_at = NULL, error = NULL", self.model)
-                error = await self._reindex_all()
+                error = await self._reindex_all(conn)
                 # On a connection of the pool's: the lock's own may have died with a restart.
                 await self.pool.execute("UPDATE reindex_runs SET ended_at = now(), error = $2 WHERE model = $1",
                                         self.model, error)
@@ -102,20 +107,28 @@ class Reindexer:
                 with contextlib.suppress(Exception):  # a dead connection took the lock with it
                     await conn.execute("SELECT pg_advisory_unlock($1)", LockKey.REINDEX)
 
-    async def _reindex_all(self) -> str | None:
+    async def _reindex_all(self, lock_holder: asyncpg.Connection) -> str | None:
         """Every ended job not yet in the model, oldest first; then, while jobs that were running
         as the model changed still run (their early segments in the old model), waits for them
         to end and re-embeds them too. Only the jobs there as the run began: it ends while new
         ones keep coming. None, or why some are left. A text the service refuses is stored
         without a vector (so a resumed run does not stop again at the same jobs, which it does not
         remember); a job that fails anyway is passed over, and the run stops when several in a
-        row fail."""
+        row fail. It stops too when `lock_holder`, the session holding the run's lock, is gone:
+        every replica then reads the run as interrupted, and one POST there would start a second."""
         log.info("re-embedding stored segments with %s", self.model)
         jobs, failed, failed_in_a_row = 0, [], 0
         warned = False
 
+        async def still_the_only_run() -> None:
+            try:
+                await lock_holder.fetchval("SELECT 1")
+            except Exception as exc:
+                raise LockLost(f"{type(exc).__name__}: {exc}") from exc
+
         async def reindex(job_id: int) -> None:
             nonlocal jobs, failed_in_a_row
+            await still_the_only_run()
             try:
                 await self._reindex_job(job_id)
             except Exception as exc:
@@ -166,8 +179,13 @@ class Reindexer:
                         log.info("waiting for %d running jobs with segments embedded with another model to end",
                                  told := len(waiting))
                     await asyncio.sleep(RUNNING_JOBS_CHECK_S)
+                    await still_the_only_run()
                     waiting = set(await searchstore.running_jobs_to_reindex(self.pool, self.model, newest))
                     await embedder_not_switched()
+        except LockLost as exc:
+            log.warning("re-embedding stopped after %d jobs: the database session holding the run's lock is gone"
+                        " (%s)", jobs, exc)
+            return LOCK_LOST
         except Exception as exc:
             log.exception("re-embedding stopped after %d jobs", jobs)
             return f"{type(exc).__name__}: stopped; POST /admin/reindex again to resume"
