@@ -59,6 +59,8 @@ TEST_ENV = {
     "INBOX_SCAN_INTERVAL_S": "1",
     "RETRY_DELAYS_S": "1,2",
     "DELIVERY_LIMIT": "3",
+    # A subscriber's full queue holds the outbox this long per kind of event (30 s by default).
+    "EVENT_REFUSED_FOR_S": "5",
     "DIARIZATION_BACKEND": "auto",
     "HF_TOKEN": SECRETS["HF_TOKEN"],
     "EMBEDDING_BACKEND": "ollama",

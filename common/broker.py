@@ -403,7 +403,9 @@ class EndedJobs:
     pipeline stage skips their messages (a job's work delivered again after it was done, or left
     over after it failed); what a replica started after the announcement still does is dropped by
     the persister, which stores nothing for a job that is not processing, and announces the end
-    (or the deletion) again for the stages to hear."""
+    (or the deletion) again for the stages to hear: a failed or deleted job's at a diarizer's
+    progress report or a chunk, a done job's at a diarizer's progress report only (a chunk of a
+    done job is a copy delivered again: every chunk was stored, and no stage has work of it left)."""
 
     def __init__(self) -> None:
         self._ids: OrderedDict[int, None] = OrderedDict()

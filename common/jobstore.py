@@ -619,16 +619,23 @@ async def mark_failed(conn: asyncpg.Connection, job_id: int, reason: str, servic
                       still_for_s: float | None = None) -> asyncpg.Record | None:
     """A processing job failed (the first reason wins): returns its filename and reference, or
     None when it was not processing (or, with `still_for_s`, has moved within that many seconds).
-    The job keeps the pipeline stage `service` works in."""
+    The job keeps the pipeline stage `service` works in.
+
+    With `still_for_s` (the stall reaper) a row another transaction holds is not waited for, and
+    None returned: a handler storing the job's progress, or an operator's open psql session that
+    may last for hours. Waited for, it held the reaper's round for DATABASE_COMMAND_TIMEOUT_S,
+    each round, and the late heartbeats made gaps in which no job anywhere counted as stalled."""
+    still = "" if still_for_s is None else (
+        " AND updated_at < now() - make_interval(secs => $4::float8)"
+        " AND id = (SELECT id FROM transcripts WHERE id = $1 FOR UPDATE SKIP LOCKED)")
     return await conn.fetchrow(
         f"""
         UPDATE transcripts SET status = 'error', error = $2,
             stage = COALESCE($3, stage), completed_at = now(), updated_at = now()
-        WHERE id = $1 AND status = 'processing'
-          AND ($4::float8 IS NULL OR updated_at < now() - make_interval(secs => $4::float8))
+        WHERE id = $1 AND status = 'processing'{still}
         RETURNING filename, {_REFERENCE} AS reference
         """,
-        job_id, reason, STAGE_OF_SERVICE.get(service), still_for_s,
+        job_id, reason, STAGE_OF_SERVICE.get(service), *([] if still_for_s is None else [still_for_s]),
     )
 
 
@@ -636,7 +643,8 @@ async def fail(conn: asyncpg.Connection, job_id: int, reason: str, service: str,
                still_for_s: float | None = None) -> bool:
     """Mark a processing job failed (the first reason wins) and queue its transcript.failed in
     the caller's transaction, which also tells every pipeline worker to stop working on it.
-    False when the job was not processing (or moved within `still_for_s` seconds)."""
+    False when the job was not processing (or, with `still_for_s`, moved within that many
+    seconds, or its row is held by another transaction: mark_failed)."""
     failed = await mark_failed(conn, job_id, reason, service, still_for_s)
     if failed is None:
         return False
@@ -648,10 +656,13 @@ async def fail(conn: asyncpg.Connection, job_id: int, reason: str, service: str,
 async def announce_end_again(conn: asyncpg.Connection, job_id: int) -> bool:
     """Queue an ended job's transcript.completed or transcript.failed once more, under the same
     message id as the first time (subscribers see the same event again, as at-least-once delivery
-    allows). False for a job still processing."""
+    allows). False for a job still processing, or gone. The row is read locked (FOR SHARE): read
+    plainly while a DELETE /transcripts/{id} was committing, the job was found and its end queued
+    after its transcript.deleted; now the read waits for that transaction, finds nothing, and the
+    caller announces the deletion again (announce_deletion_again)."""
     ended = await conn.fetchrow(
-        f"SELECT status, error, {_COMPLETION_COLUMNS} FROM transcripts WHERE id = $1 AND status <> 'processing'",
-        job_id)
+        f"SELECT status, error, {_COMPLETION_COLUMNS} FROM transcripts WHERE id = $1 AND status <> 'processing'"
+        " FOR SHARE", job_id)
     if ended is None:
         return False
     await add_to_outbox(conn, completion(job_id, ended) if ended["status"] == "done"

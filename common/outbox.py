@@ -11,13 +11,16 @@ flusher (a rolling upgrade), and the rows after it still flow, overtaking it (a 
 holds among the kinds this version knows); a row that is no message at all is
 moved to `outbox_dead` with the reason. An event that a queue has refused for EVENT_REFUSED_FOR_S (a
 subscriber's full queue set to reject-publish) is not sent again: the queues that took it have
-it, and the rest must not wait."""
+it, and the rest must not wait. Nor, from then on, is one of its kind that a queue refuses again
+within EVENT_REFUSED_FOR_S of the last refusal (a subscriber slower than the events, whose queue
+has room now and then)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 
 import asyncpg
 from aio_pika.exceptions import DeliveryError
@@ -32,27 +35,60 @@ log = logging.getLogger(__name__)
 
 BATCH = 500
 DELETE_EVERY = 20
-# An event a queue refuses (the broker's nack) is sent again for this long: our own queues on
-# stt.events (the notifier's, ingest's results) refuse only in a broker failure, which passes.
-# Refused longer, it is a subscriber's full queue that refuses new messages: such events are then
-# dropped at once, by routing key, until one of that key goes through again.
+# An event a queue refuses (the broker's nack) is sent again for this long (the setting
+# EVENT_REFUSED_FOR_S; this is its default, and what flush_outbox goes by unless told): our own
+# queues on stt.events (the notifier's, ingest's results) refuse only in a broker failure, which
+# passes. Refused longer, it is a subscriber's full queue that refuses new messages: such events
+# are then dropped at once, by routing key, while that queue goes on refusing them (each refusal
+# within EVENT_REFUSED_FOR_S of the one before), even when one gets through in between: a
+# subscriber slower than the events frees a slot now and then, and had each such one started a
+# new wait of EVENT_REFUSED_FOR_S, every message behind the refused one (every job's
+# job.submitted) would move at that subscriber's pace, and the other queues get the event again
+# at each try.
 EVENT_REFUSED_FOR_S = 30.0
-_events_refused_since: dict[str, float] = {}
 
 
-def refused_too_long(routing_key: str, exc: BaseException) -> bool:
+@dataclass
+class _Refusals:
+    """The refusals of one kind of event."""
+
+    since: float  # the first since one of the kind last went through (before any was dropped)
+    last: float  # the latest
+    dropping: bool  # one was dropped, and the refusals since came within the limit of each other
+
+
+_events_refused_since: dict[str, _Refusals] = {}
+
+
+def refused_too_long(routing_key: str, exc: BaseException, refused_for_s: float = EVENT_REFUSED_FOR_S) -> bool:
     """Whether an event whose publication failed with `exc` is dropped: a queue has refused events
-    of its kind for EVENT_REFUSED_FOR_S while the broker was there. Any other failure (the broker
-    gone, a channel closed) starts the count again: a broker failure often begins with refusals
-    and goes on as a lost connection, and the first refusal after it must not be taken for a
-    subscriber's full queue."""
+    of its kind for `refused_for_s` (EVENT_REFUSED_FOR_S) while the broker was there, or it is
+    dropping them already, and refused one again within `refused_for_s` of the last refusal. Any
+    other failure (the broker gone, a channel closed) starts the count again: a broker failure
+    often begins with refusals and goes on as a lost connection, and the first refusal after it
+    must not be taken for a subscriber's full queue."""
     if not isinstance(exc, DeliveryError):
         _events_refused_since.clear()
         return False
     if routing_key in WORK_MESSAGES:
         return False  # a stage's message is never dropped
-    since = _events_refused_since.setdefault(routing_key, time.monotonic())
-    return time.monotonic() - since >= EVENT_REFUSED_FOR_S
+    limit = refused_for_s
+    now = time.monotonic()
+    refusals = _events_refused_since.get(routing_key)
+    if refusals is None or (refusals.dropping and now - refusals.last >= limit):
+        # The first refusal, or the first after a quiet spell: the queue caught up, or went.
+        refusals = _events_refused_since[routing_key] = _Refusals(since=now, last=now, dropping=False)
+    refusals.last = now
+    refusals.dropping = refusals.dropping or now - refusals.since >= limit
+    return refusals.dropping
+
+
+def _event_went_through(routing_key: str) -> None:
+    """An event of this kind reached every queue bound for it: the refusals of its kind, if any,
+    are over, unless it is being dropped (that lasts while the refusals go on)."""
+    refusals = _events_refused_since.get(routing_key)
+    if refusals is not None and not refusals.dropping:
+        del _events_refused_since[routing_key]
 
 
 async def add_to_outbox(conn: asyncpg.Connection, message: Contract) -> None:
@@ -80,9 +116,10 @@ UNKNOWN_WARN_EVERY_S = 600.0
 _held_row: int | None = None
 
 
-async def flush_outbox(pool: asyncpg.Pool, bus: Bus) -> int:
+async def flush_outbox(pool: asyncpg.Pool, bus: Bus, refused_for_s: float = EVENT_REFUSED_FOR_S) -> int:
     """Publish committed rows in order, then delete them. One flusher at a time across every
-    service and replica (advisory lock), so subscribers see a job's messages in order.
+    service and replica (advisory lock), so subscribers see a job's messages in order. An event a
+    queue refuses is dropped as refused_too_long says, after `refused_for_s` (EVENT_REFUSED_FOR_S).
 
     Each row's body goes out as it was stored, not as this version's model reads it: a row
     written by a newer version keeps the fields this one does not know. A row whose routing key
@@ -124,20 +161,21 @@ async def flush_outbox(pool: asyncpg.Pool, bus: Bus) -> int:
                         try:
                             await bus.publish_stored(key, body)
                             if key in EVENTS:
-                                _events_refused_since.pop(key, None)
+                                _event_went_through(key)
                         except Exception as exc:
                             job_id = body.get("job_id")
                             with job_logged(job_id if isinstance(job_id, int) else None):
-                                if refused_too_long(key, exc):
+                                if refused_too_long(key, exc, refused_for_s):
                                     # The broker gave the event to every queue that took it, and a
-                                    # queue has refused this kind for EVENT_REFUSED_FOR_S: a
-                                    # subscriber's full `sub.*` queue set to reject-publish. Sent
-                                    # again it would be refused again, and every job's messages
-                                    # would wait behind it.
+                                    # queue has refused this kind for EVENT_REFUSED_FOR_S (and goes
+                                    # on refusing it): a subscriber's full `sub.*` queue set to
+                                    # reject-publish. Sent again it would be refused again, and
+                                    # every job's messages would wait behind it.
                                     log.error("event %s (outbox message %d) refused by a queue bound to stt.events"
-                                              " (a subscriber's queue that is full and refuses more?) for %g s;"
-                                              " not sent again: the queues that took it have it", key, row["id"],
-                                              EVENT_REFUSED_FOR_S)
+                                              " (a subscriber's queue that is full and refuses more?), as events"
+                                              " of its kind have been for %g s (EVENT_REFUSED_FOR_S) or more; not"
+                                              " sent again: the queues that took it have it", key, row["id"],
+                                              refused_for_s)
                                 else:
                                     # It stays at the head, and those after it wait: say which it
                                     # is, once (the flusher tries again every few seconds).
@@ -196,12 +234,12 @@ async def _set_aside(conn: asyncpg.Connection, row: asyncpg.Record, error: str) 
                   row["id"], row["routing_key"], error)
 
 
-async def run_outbox_flusher(pool: asyncpg.Pool, bus: Bus, wake: asyncio.Event,
+async def run_outbox_flusher(pool: asyncpg.Pool, bus: Bus, wake: asyncio.Event, refused_for_s: float,
                              interval_s: float = 2.0) -> None:
     """Flush when woken (after a commit that wrote to the outbox) and every `interval_s`, which
     also publishes what another process committed and could not send (it died, or the broker
     was away). A failure (the broker or the database away) is logged when it starts and when it
-    is over, not at every try."""
+    is over, not at every try. `refused_for_s`: the setting EVENT_REFUSED_FOR_S."""
     failing_since: float | None = None
     while True:
         try:
@@ -210,7 +248,7 @@ async def run_outbox_flusher(pool: asyncpg.Pool, bus: Bus, wake: asyncio.Event,
             pass
         wake.clear()
         try:
-            await flush_outbox(pool, bus)
+            await flush_outbox(pool, bus, refused_for_s)
         except Exception as exc:
             if failing_since is None:
                 failing_since = time.monotonic()

@@ -29,6 +29,11 @@ class Settings(BaseSettings):
     # RabbitMQ
     amqp_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
     prefetch_count: int = Field(default=1, ge=1)
+    # An event a queue on stt.events refuses is sent again for this long (a broker failure passes);
+    # refused longer, it is a subscriber's full queue set to reject-publish, and the event is
+    # dropped for it (the queues that took it have it), as is every one of its kind refused again
+    # within this long of the last refusal.
+    event_refused_for_s: float = Field(default=30.0, gt=0)
     # Delays between retries of a failed message; their count is the number of retries.
     retry_delays_s: str = "5,30,120"
     # Deliveries of one message (worker crashes included) before the broker dead-letters it.

@@ -41,7 +41,7 @@ from common.broker import (
 from common.db import apply_migrations, create_pool
 from common.logs import setup_logging
 from common.messages import Contract, JobProgress, TranscriptCompleted
-from common.outbox import flush_outbox, run_outbox_flusher
+from common.outbox import EVENT_REFUSED_FOR_S, flush_outbox, run_outbox_flusher
 from common.settings import Settings
 from devstack import scratch_database
 from tests.conftest import ROOT, amqp_url, events_queue, free_port, private_vhost, rabbitmqctl
@@ -526,7 +526,7 @@ async def test_an_outbox_that_cannot_publish_says_so_once_and_once_more_when_it_
     bus.channel, bus.work, bus.events = broken.channel, broken.work, broken.events
     await pool.execute("INSERT INTO outbox (routing_key, body) VALUES ('transcript.completed', $1)", completed(8))
     caplog.set_level(logging.INFO, logger="common.outbox")
-    flusher = asyncio.create_task(run_outbox_flusher(pool, bus, asyncio.Event(), interval_s=0.05))
+    flusher = asyncio.create_task(run_outbox_flusher(pool, bus, asyncio.Event(), EVENT_REFUSED_FOR_S, interval_s=0.05))
     try:
         await asyncio.sleep(1.5)  # many tries
         bus.channel, bus.work, bus.events = working.channel, working.work, working.events

@@ -187,8 +187,10 @@ async def test_a_chunk_waiting_on_a_row_lock_is_handed_back_and_other_stalled_jo
     message was never handed back after OUTAGE_HOLD_S, held until the broker's consumer timeout
     took it back and counted a delivery. And each try noted a gap for the stall reaper, as did the
     reaper's own try to fail the locked job when it looked stalled: while the lock lasted, no
-    stalled job anywhere was failed. The persister, on the real RabbitMQ and PostgreSQL, with the
-    times scaled down."""
+    stalled job anywhere was failed. Nor, once the reaper waited on the locked row only for the
+    command timeout, was a job that stalled after the lock was taken: every round waited that
+    long, the next heartbeat came late, and the gaps it recorded covered the whole time since.
+    The persister, on the real RabbitMQ and PostgreSQL, with the times scaled down."""
     from common import broker, metrics
     from common.broker import connect, declare_topology, open_bus, stage_queue
     from common.messages import ChunkTranscribed, Segment
@@ -254,8 +256,8 @@ async def test_a_chunk_waiting_on_a_row_lock_is_handed_back_and_other_stalled_jo
                                 f" {handed_back_within_s:g} s (OUTAGE_HOLD_S={hold_s:g})")
                 await asyncio.sleep(0.2)
 
-            # The start's gap and its grace, the stall timeout, and the reaper's own wait on the
-            # locked job first (2 s); without the fix, never while the lock lasts.
+            # The start's gap and its grace, and the stall timeout (the reaper skips the locked
+            # job); without the fix, never while the lock lasts.
             failed_within_s = 30.0
             while await conn.fetchval("SELECT status FROM transcripts WHERE id = $1", stalled) != "error":
                 assert not persister.done(), persister
@@ -263,7 +265,24 @@ async def test_a_chunk_waiting_on_a_row_lock_is_handed_back_and_other_stalled_jo
                     pytest.fail(f"a stalled job was not failed within {failed_within_s:g} s while another"
                                 " job's row was locked")
                 await asyncio.sleep(0.2)
+
+            # A job that moves now, with the lock held for a while already, and then no more.
+            later = await conn.fetchval("INSERT INTO transcripts (filename) VALUES ('later.wav') RETURNING id")
+            moved = time.monotonic()
+            # The stall timeout and a round or two; without the fix never while the lock lasts (the
+            # reaper's round waited on the locked row for the command timeout, longer than
+            # ROUNDS_MISSED_FOR_A_GAP rounds, and each late heartbeat recorded a gap).
+            later_failed_within_s = stall_timeout_s + 10.0
+            while await conn.fetchval("SELECT status FROM transcripts WHERE id = $1", later) != "error":
+                assert not persister.done(), persister
+                if time.monotonic() - moved > later_failed_within_s:
+                    pytest.fail(f"a job that stalled after another job's row was locked was not failed within"
+                                f" {later_failed_within_s:g} s while the lock lasted")
+                await asyncio.sleep(0.2)
             assert await conn.fetchval("SELECT status FROM transcripts WHERE id = $1", locked) == "processing"
+            assert not await conn.fetchval("SELECT count(*) FROM stall_reaper_gaps WHERE until > $1::timestamptz",
+                                           await conn.fetchval("SELECT created_at FROM transcripts WHERE id = $1",
+                                                               later)), "a gap was recorded while the lock lasted"
         finally:
             if persister is not None:
                 persister.cancel()

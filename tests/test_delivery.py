@@ -24,7 +24,6 @@ from common.messages import (
     SpeakerTurn,
     TimeSpan,
 )
-from common.outbox import EVENT_REFUSED_FOR_S
 from tests.conftest import Stack, events_queue, job_events, wait_deliveries_handled
 
 
@@ -399,7 +398,8 @@ async def test_a_subscriber_queue_that_refuses_events_holds_back_nothing(stack, 
     routed to it. The outbox carries jobs' work messages and everyone's events in one order: an
     event sent again and again until that queue has room held back every job behind it. Now an
     event refused for EVENT_REFUSED_FOR_S (a broker failure of our own queues passes sooner) is
-    not sent again."""
+    not sent again. The stack's EVENT_REFUSED_FOR_S is short (devstack.TEST_ENV)."""
+    refused_for_s = float(stack.env["EVENT_REFUSED_FOR_S"])
     connection = await aio_pika.connect(stack.amqp_url)
     try:
         channel = await connection.channel()
@@ -412,8 +412,8 @@ async def test_a_subscriber_queue_that_refuses_events_holds_back_nothing(stack, 
         assert (await asyncio.to_thread(stack.wait_finished, job_id))["status"] == "done"
         # The others still get theirs: each kind of event this queue refuses waits
         # EVENT_REFUSED_FOR_S once, then goes.
-        await job_events(queue, job_id, lambda bodies: bodies, timeout=4 * EVENT_REFUSED_FOR_S)
-        deadline = time.monotonic() + 4 * EVENT_REFUSED_FOR_S
+        await job_events(queue, job_id, lambda bodies: bodies, timeout=4 * refused_for_s + 15)
+        deadline = time.monotonic() + 4 * refused_for_s + 15
         while stack.value("SELECT count(*) FROM outbox WHERE body->>'job_id' = $1", str(job_id)):
             assert time.monotonic() < deadline, "the refused events still hold the outbox"
             await asyncio.sleep(1)
@@ -423,12 +423,60 @@ async def test_a_subscriber_queue_that_refuses_events_holds_back_nothing(stack, 
         later = stack.submit(fixtures_dir / "jfk.flac").json()["id"]
         assert (await asyncio.to_thread(stack.wait_finished, later, 90))["status"] == "done"
         await job_events(queue, later, lambda bodies: bodies, timeout=15)
-        deadline = time.monotonic() + EVENT_REFUSED_FOR_S + 15
+        deadline = time.monotonic() + refused_for_s + 15
         while stack.value("SELECT count(*) FROM outbox WHERE body->>'job_id' = $1", str(later)):
             assert time.monotonic() < deadline, "a later job's refused events still hold the outbox"
             await asyncio.sleep(1)
     finally:
         await connection.close()
+
+
+def test_a_kind_of_event_dropped_for_a_slow_subscriber_stays_dropped_while_the_refusals_go_on(monkeypatch):
+    """A subscriber's bounded queue whose consumer is slower than the events has room for one now
+    and then: that one went through, the kind's refusals were forgotten, and the next refusal
+    began another EVENT_REFUSED_FOR_S of sending the head row again, with everything behind it
+    (every job's job.submitted) moving at the subscriber's pace and the other queues given the
+    event at each try. Now a kind once dropped is dropped at its first refusal while refusals
+    keep coming within EVENT_REFUSED_FOR_S of each other, one going through in between or not."""
+    from aio_pika.exceptions import DeliveryError
+
+    from common import outbox
+
+    now = [1000.0]
+    monkeypatch.setattr(outbox.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(outbox, "_events_refused_since", {})
+    refused, limit, key = DeliveryError(None, None), 5.0, "segment.created"
+    assert not outbox.refused_too_long(key, refused, limit)
+    now[0] += limit
+    assert outbox.refused_too_long(key, refused, limit)  # refused for the limit: dropped
+    for _ in range(3):  # the subscriber takes one now and then
+        now[0] += 1
+        outbox._event_went_through(key)
+        now[0] += 0.5
+        assert outbox.refused_too_long(key, refused, limit)  # dropped at once, no new wait
+    # Another kind is not: its refusals count on their own.
+    assert not outbox.refused_too_long("transcript.completed", refused, limit)
+    # No refusal for the limit (the subscriber caught up, or its queue went): the next one waits again.
+    now[0] += limit
+    outbox._event_went_through(key)
+    assert not outbox.refused_too_long(key, refused, limit)
+    now[0] += limit - 1
+    assert not outbox.refused_too_long(key, refused, limit)
+    now[0] += 1
+    assert outbox.refused_too_long(key, refused, limit)
+    # A kind that went through before it was ever dropped starts its wait again, as before.
+    now[0] += 1
+    outbox._event_went_through("transcript.completed")
+    now[0] += limit
+    assert not outbox.refused_too_long("transcript.completed", refused, limit)
+    # The broker gone ends the dropping: the first refusal after it may be its failure's.
+    assert not outbox.refused_too_long(key, ConnectionError("broker gone"), limit)
+    assert not outbox.refused_too_long(key, refused, limit)
+    # Without a limit given, EVENT_REFUSED_FOR_S.
+    now[0] += limit
+    assert not outbox.refused_too_long(key, refused)
+    now[0] += outbox.EVENT_REFUSED_FOR_S
+    assert outbox.refused_too_long(key, refused)
 
 
 async def test_database_errors_are_told_apart_by_sqlstate(stack):
@@ -561,6 +609,76 @@ async def test_a_job_done_and_delivered_again_announces_its_completion_again(sta
     assert (completed["message_id"], completed["filename"], completed["language"]) == (
         f"transcript.completed:{job['id']}", "twice.wav", "en")
     assert (job["status"], job["stage"]) == ("done", "done")
+
+
+async def test_progress_racing_the_jobs_deletion_announces_the_deletion_not_the_end():
+    """A diarizer's progress on an ended job reaches the persister while DELETE /transcripts/{id}
+    commits: the job's end was read without a lock, found, and queued after the deletion's
+    transcript.deleted, so subscribers heard of the job ending after they heard it was gone. Now
+    the read waits for the deletion, finds nothing, and the deletion is announced again."""
+    from common import db, jobstore
+    from common.messages import JobProgress
+    from common.settings import Settings
+    from devstack import migrated_database
+    from services.persister import handler
+
+    async with migrated_database("stt_end_or_deleted") as url:
+        pool = await db.create_pool(Settings(_env_file=None, database_url=url), max_size=2)
+        deleter = await pool.acquire()
+        try:
+            job_id = await deleter.fetchval("INSERT INTO transcripts (filename, status, stage, completed_at)"
+                                            " VALUES ('racing.wav', 'done', 'done', now()) RETURNING id")
+            await jobstore.record_usage(deleter, job_id)
+            deleting = deleter.transaction()
+            await deleting.start()
+            await jobstore.delete_job(deleter, job_id)
+            progress = asyncio.ensure_future(handler.on_progress(pool, JobProgress(job_id=job_id, stage="diarizing")))
+            async def one_waits_for_a_lock() -> bool:
+                # Inside a transaction pg_stat_activity is read once and kept: cleared for each look.
+                await deleter.execute("SELECT pg_stat_clear_snapshot()")
+                return await deleter.fetchval("SELECT count(*) > 0 FROM pg_stat_activity"
+                                              " WHERE datname = current_database() AND wait_event_type = 'Lock'")
+
+            # Until it waits for the deletion (or, reading without a lock, is done at once).
+            deadline = time.monotonic() + 10
+            while not progress.done() and not await one_waits_for_a_lock():
+                assert time.monotonic() < deadline, "the progress neither ended nor waited for the deletion"
+                await asyncio.sleep(0.05)
+            waited = not progress.done()
+            await deleting.commit()
+            assert await asyncio.wait_for(progress, 30)
+            queued = await deleter.fetch("SELECT routing_key, body->>'message_id' AS message_id FROM outbox"
+                                         " WHERE body->>'job_id' = $1 ORDER BY id", str(job_id))
+            assert [(r["routing_key"], r["message_id"]) for r in queued] == [
+                ("transcript.deleted", f"transcript.deleted:{job_id}")] * 2
+            assert waited  # the race was run: the deletion was not committed yet when the end was read
+        finally:
+            await pool.release(deleter)
+            await pool.close()
+
+
+async def test_a_chunk_of_a_job_that_already_failed_announces_the_failure_again(stack):
+    """A transcriber (or embedder) replica started after a job was cancelled never heard
+    transcript.failed and works through the job's chunks: the first that reaches the persister
+    makes the failure go out again (the same event), so that it skips the rest. Nothing of the
+    chunk is stored."""
+    conn = await asyncpg.connect(stack.database_url)
+    try:
+        job_id = await conn.fetchval("INSERT INTO transcripts (filename, status, error, completed_at, chunk_count)"
+                                     " VALUES ('cancelled late.wav', 'error', 'cancelled', now(), 2) RETURNING id")
+        connection = await aio_pika.connect(stack.amqp_url)
+        async with connection:
+            queue = await events_queue(await connection.channel(), "transcript.failed")
+            await publish(stack, ChunkTranscribed(job_id=job_id, chunk_index=1, chunk_count=2, duration=2.0,
+                                                  segments=[segment(0, 1.0, "after the cancel")]))
+            [failed] = await job_events(queue, job_id, lambda bodies: bodies, timeout=30)
+        assert (failed["message_id"], failed["reason"], failed["filename"]) == (
+            f"transcript.failed:{job_id}", "cancelled", "cancelled late.wav")
+        assert await conn.fetchval("SELECT count(*) FROM segments WHERE transcript_id = $1", job_id) == 0
+        assert await conn.fetchval("SELECT status FROM transcripts WHERE id = $1", job_id) == "error"
+        await conn.execute("DELETE FROM transcripts WHERE id = $1", job_id)  # the stack is shared
+    finally:
+        await conn.close()
 
 
 async def test_an_event_the_notifier_cannot_handle_is_parked_and_the_job_goes_on(stack):

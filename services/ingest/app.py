@@ -453,7 +453,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
         await asyncio.wait(reaching, timeout=DEPENDENCIES_AWAITED_S)
         tasks = [consumers, *reaching,
                  asyncio.create_task(keep_running("the outbox flusher", lambda: once_broker_open(
-                     state, lambda: run_outbox_flusher(state.pool, state.bus, state.outbox_wake)))),
+                     state, lambda: run_outbox_flusher(state.pool, state.bus, state.outbox_wake,
+                                                         settings.event_refused_for_s)))),
                  asyncio.create_task(keep_running("the inbox scanner", inbox.run_scanner)),
                  asyncio.create_task(keep_running("the queue depth watcher", lambda: once_broker_open(
                      state, lambda: watch_queue_depths(state.connection, queues)))),

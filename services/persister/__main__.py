@@ -60,7 +60,7 @@ async def main() -> None:
     dead_letters = [Route(handler.DeadLetter, then_flush(handler.on_dead_letter), routing_keys=JOB_ROUTING_KEYS)]
     log.info("persister ready")
     await asyncio.gather(
-        run_outbox_flusher(pool, bus, wake),
+        run_outbox_flusher(pool, bus, wake, settings.event_refused_for_s),
         handler.run_stall_reaper(pool, settings.job_stall_timeout_s, wake, missed),
         consume(connection, settings, "persister", routes, prefetch=max(settings.prefetch_count, 16),
                 wait_on=DATABASE_UNAVAILABLE),

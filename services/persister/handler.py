@@ -34,10 +34,16 @@ class DeadLetter(BaseModel):
 
 async def _nothing_to_store(conn: asyncpg.Connection, job_id: int, row: asyncpg.Record | None) -> bool:
     """A chunk of a job that has ended (`row`) or is gone (None) is counted as skipped. One of a
-    deleted job comes from a stage that never heard of the deletion: the deletion is announced
-    again, so that the stages stop working on the job. True when it was (events enqueued)."""
+    job that failed (or was cancelled) or was deleted comes from a stage that never heard so (a
+    replica started after the announcement), and that works on through the job's other chunks:
+    the failure or the deletion is announced again (the same event), so that the stages stop
+    working on the job. True when it was (events enqueued). A done job's is a copy delivered
+    again (every chunk was stored): no stage has work of that job left to be told to stop."""
     nothing_to_do()
     if row is not None:
+        if row["status"] == "error" and await jobstore.announce_end_again(conn, job_id):
+            log.info("message for a job that already failed ignored; its failure is announced again")
+            return True
         log.info("job already %s; late message ignored", row["status"])
         return False
     if await jobstore.announce_deletion_again(conn, job_id):
@@ -151,7 +157,8 @@ async def fail_job(pool: asyncpg.Pool, job_id: int, stage: str, reason: str,
                    still_for_s: float | None = None) -> bool:
     """Mark a processing job failed (the first reason wins); returns True if it changed.
     `stage` is the service that gave up; the job keeps the pipeline stage it failed in. With
-    `still_for_s`, only if it has not moved for that long (checked as it is failed)."""
+    `still_for_s`, only if it has not moved for that long (checked as it is failed), and not
+    while another transaction holds its row (that one is not waited for)."""
     async with pool.acquire() as conn, conn.transaction():
         if not await jobstore.fail(conn, job_id, reason, stage, still_for_s):
             return False
@@ -188,16 +195,22 @@ async def fail_stalled_jobs(pool: asyncpg.Pool, timeout_s: float, grace_s: float
     for job_id in await jobstore.stalled_job_ids(pool, timeout_s, grace_s):
         with job_logged(job_id):
             reason = f"no progress for {timeout_s:g} s (JOB_STALL_TIMEOUT_S); processing was given up"
-            # Checked again as it is failed: it may have moved since the list was read.
+            # Checked again as it is failed: it may have moved since the list was read. A row
+            # another transaction holds (an operator's open psql session) is skipped, not waited
+            # for: waited for, each round outlasted ROUNDS_MISSED_FOR_A_GAP rounds, the next
+            # heartbeat came late, and the gaps it recorded kept every other job from counting as
+            # stalled while the lock lasted.
             try:
                 if await fail_job(pool, job_id, "persister", reason, still_for_s=timeout_s):
                     failed.append(job_id)
+                else:
+                    log.debug("not failed as stalled: it moved meanwhile, or another transaction holds its row"
+                              " (tried again next round)")
             except TimeoutError:
-                # Its row held by another transaction (an operator's open psql session) for
-                # DATABASE_COMMAND_TIMEOUT_S: the jobs after it are still failed, and the heartbeat
-                # just written says the database is there (no gap).
-                log.warning("could not fail the stalled job: no answer within DATABASE_COMMAND_TIMEOUT_S (its row"
-                            " locked by another transaction?); trying again next round")
+                # No answer within DATABASE_COMMAND_TIMEOUT_S (a half-open connection): the jobs
+                # after it are still tried.
+                log.warning("could not fail the stalled job: no answer within DATABASE_COMMAND_TIMEOUT_S;"
+                            " trying again next round")
     return failed
 
 
