@@ -428,14 +428,20 @@ def test_a_segment_is_corrected_on_the_page(stack, fixtures_dir, browser):
     page.close()
 
 
-def a_recording_in_the_database(stack, filename: str, said: list[tuple[str, str]]) -> int:
+def a_recording_in_the_database(stack, filename: str, said: list[tuple[str, str]], turns: list[str] | None = None,
+                                ended_hours_ago: float = 0) -> int:
     """A finished job made in the database, with nothing transcribed (the tests of the name fields
-    need no recording processed): `said` is who says what, a segment every 2 s."""
-    job_id = stack.value("INSERT INTO transcripts (filename, status, language, completed_at)"
-                         " VALUES ($1, 'done', 'en', now()) RETURNING id", filename)
+    need no recording processed): `said` is who says what, a segment every 2 s; `turns`, the
+    speakers the diarizer found, a second's turn each; ended `ended_hours_ago` (over an hour ago,
+    /events no longer tells of it)."""
+    job_id = stack.value("INSERT INTO transcripts (filename, status, language, completed_at) VALUES ($1, 'done',"
+                         " 'en', now() - make_interval(secs => $2 * 3600)) RETURNING id", filename, ended_hours_ago)
     for index, (speaker, text) in enumerate(said):
         stack.query("INSERT INTO segments (transcript_id, chunk_index, index, speaker, start_ts, end_ts, text)"
                     " VALUES ($1, 0, $2, $3, $4, $5, $6)", job_id, index, speaker, 2.0 * index, 2.0 * index + 1.5, text)
+    for index, speaker in enumerate(turns or []):
+        stack.query("INSERT INTO speaker_turns (transcript_id, chunk_index, index, speaker, start_ts, end_ts)"
+                    " VALUES ($1, 0, $2, $3, $4, $5)", job_id, index, speaker, float(index), index + 1.0)
     return job_id
 
 
@@ -488,6 +494,8 @@ def test_a_file_uploaded_in_the_background_leaves_the_transcript_being_named_ope
     page.locator(f'#jobs li[data-job="{job_id}"] button').click()
     page.locator('#transcript[data-ended="true"]').wait_for(timeout=60_000)
     page.fill("#name-spk_1", "Ben")
+    # And the next file is chosen, to be sent once this one is.
+    page.set_input_files("#file", str(fixtures_dir / "jfk.flac"))
     held[0].continue_()
     status = page.locator("#upload-status")
     status.filter(has_text="empty.wav accepted as job").wait_for(timeout=60_000)
@@ -495,6 +503,9 @@ def test_a_file_uploaded_in_the_background_leaves_the_transcript_being_named_ope
     # The new job is listed, and said to be; the recording being named stays open as it was.
     page.locator(f'#jobs li[data-job="{uploaded}"]').wait_for(timeout=30_000)
     assert "not opened" in status.inner_text()
+    # The file chosen meanwhile is still chosen, the upload done.
+    page.locator("#upload-progress").wait_for(state="hidden", timeout=10_000)
+    assert page.eval_on_selector("#file", "input => [...input.files].map((file) => file.name)") == ["jfk.flac"]
     assert page.locator("#transcript").get_attribute("data-job") == str(job_id)
     assert page.locator("#transcript-title").inner_text() == "interview.wav"
     assert page.input_value("#name-spk_1") == "Ben"
@@ -505,17 +516,22 @@ def test_a_file_uploaded_in_the_background_leaves_the_transcript_being_named_ope
         httpx.delete(f"{stack.api}/transcripts/{done_with}", timeout=30)
 
 
-def segment_events(job_id: int, filename: str, segments: list[dict]) -> str:
-    """A job's event stream (/transcripts/{id}/events) as the server sends it: its segments, then
-    its end."""
+def sends_events(page, job_id: int, filename: str, said: list[tuple[str, str]], names: list[str | None]) -> None:
+    """The page is sent the job's event stream (/transcripts/{id}/events) as the server sent it
+    live: the segments of a_recording_in_the_database's `said`, each with the speaker's name as it
+    was when it was sent (`names`, one a segment), then the job's end."""
     def event(kind: str, data: dict, event_id: str) -> str:
         return f"event: {kind}\ndata: {json.dumps(data)}\nid: {event_id}\n\n"
 
-    stream = [event("segment.created", {"transcript_id": job_id, "chunk_index": 0, "index": i, **segment}, f"0:{i}")
-              for i, segment in enumerate(segments)]
+    stream = [event("segment.created", {"transcript_id": job_id, "chunk_index": 0, "index": i, "speaker": speaker,
+                                        "speaker_name": name, "start_ts": 2.0 * i, "end_ts": 2.0 * i + 1.5,
+                                        "text": text}, f"0:{i}")
+              for i, ((speaker, text), name) in enumerate(zip(said, names, strict=True))]
     ended = {"id": job_id, "transcript_id": job_id, "filename": filename, "status": "done", "stage": "done",
              "percent": 100, "language": "en"}
-    return "".join(stream) + event("transcript.completed", ended, "end")
+    body = "".join(stream) + event("transcript.completed", ended, "end")
+    page.route(f"**/transcripts/{job_id}/events", lambda route: route.fulfill(
+        status=200, content_type="text/event-stream", body=body))
 
 
 def test_a_name_recognised_after_its_field_was_made_is_kept_when_others_are_saved(stack, browser):
@@ -523,13 +539,10 @@ def test_a_name_recognised_after_its_field_was_made_is_kept_when_others_are_save
     job_id = a_recording_in_the_database(stack, "call.wav", said)
     stack.query("INSERT INTO transcript_speakers (transcript_id, speaker, name, name_source)"
                 " VALUES ($1, 'spk_0', 'Anna', 'auto')", job_id)
+    page = browser.new_page()
     # As the page saw it live: spk_0's voice was recognised between its first segment and its
     # second, so the first came unnamed.
-    segments = [{"speaker": speaker, "speaker_name": "Anna" if i == 2 else None, "start_ts": 2.0 * i,
-                 "end_ts": 2.0 * i + 1.5, "text": text} for i, (speaker, text) in enumerate(said)]
-    page = browser.new_page()
-    page.route(f"**/transcripts/{job_id}/events", lambda route: route.fulfill(
-        status=200, content_type="text/event-stream", body=segment_events(job_id, "call.wav", segments)))
+    sends_events(page, job_id, "call.wav", said, [None, None, "Anna"])
     page.goto(stack.api + "/")
     page.locator(f'#jobs li[data-job="{job_id}"] button').click()
     page.locator('#transcript[data-ended="true"]').wait_for(timeout=60_000)
@@ -543,6 +556,103 @@ def test_a_name_recognised_after_its_field_was_made_is_kept_when_others_are_save
     assert page.input_value("#name-spk_0") == "Anna"
     assert page.locator("#segments .segment .who").all_inner_texts() == ["Anna", "Ben", "Anna"]
     page.close()
+
+
+def test_names_given_or_taken_back_after_the_segments_were_sent_are_shown_at_the_end(stack, browser):
+    said = [("spk_0", "Hello."), ("spk_1", "Hi there."), ("spk_0", "Shall we begin?")]
+    job_id = a_recording_in_the_database(stack, "renamed.wav", said)
+    stack.query("INSERT INTO transcript_speakers (transcript_id, speaker, name, name_source)"
+                " VALUES ($1, 'spk_1', 'Anna', 'auto')", job_id)
+    page = browser.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    # As the page saw it live: spk_0 recognised as Ben (a voice forgotten since), spk_1 not yet
+    # (her voice was enrolled meanwhile in another tab, or a later chunk matched her).
+    sends_events(page, job_id, "renamed.wav", said, ["Ben", None, "Ben"])
+    page.goto(stack.api + "/")
+    page.locator(f'#jobs li[data-job="{job_id}"] button').click()
+    page.locator('#transcript[data-ended="true"]').wait_for(timeout=60_000)
+    # At the end, the names as the server has them.
+    page.locator("#segments .segment .who", has_text="Anna").wait_for(timeout=15_000)
+    assert page.locator("#segments .segment .who").all_inner_texts() == ["spk_0", "Anna", "spk_0"]
+    assert (page.input_value("#name-spk_0"), page.input_value("#name-spk_1")) == ("", "Anna")
+    assert errors == []
+    page.close()
+
+
+def test_someone_else_is_a_speaker_the_recording_does_not_have(stack, browser):
+    """The diarizer found three voices; two of them say something. "Someone else" in a correction
+    is a fourth, not the third (whose turns would then count as the corrected words' speaker's)."""
+    job_id = a_recording_in_the_database(stack, "three.wav", [("spk_0", "Hello."), ("spk_1", "Hi.")],
+                                         turns=["spk_0", "spk_1", "spk_2"])
+    page = browser.new_page()
+    page.goto(stack.api + "/")
+    page.locator(f'#jobs li[data-job="{job_id}"] button').click()
+    page.locator('#transcript[data-ended="true"]').wait_for(timeout=60_000)
+    page.locator("label[for='name-spk_0']", has_text="(talks").wait_for(timeout=30_000)
+    page.locator("#segments li").first.get_by_role("button", name="Correct the segment at").click()
+    offered = page.eval_on_selector_all("#segments form.correction option",
+                                        "options => options.map((option) => [option.value, option.textContent])")
+    assert offered == [["spk_0", "spk_0"], ["spk_1", "spk_1"], ["spk_3", "spk_3 (someone else)"]], offered
+    page.close()
+
+
+def test_a_recording_deleted_elsewhere_long_after_it_ended_leaves_the_page(stack, browser):
+    """/events tells of a deletion only for the jobs of the last hour: one that ended before it,
+    deleted while open (from the command line, by retention), is found gone by the page's own
+    calls: a 404 there, and the job itself gone too. A 404 of only what was asked for (here its
+    recording, not stored) leaves it be."""
+    job_id = a_recording_in_the_database(stack, "archived.wav", [("spk_0", "Hello."), ("spk_1", "Hi.")],
+                                         ended_hours_ago=2)
+    page = browser.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(stack.api + "/")
+    page.locator(f'#jobs li[data-job="{job_id}"] button').click()
+    page.locator('#transcript[data-ended="true"]').wait_for(timeout=60_000)
+    page.locator("#audio-status", has_text="could not be loaded").wait_for(timeout=30_000)
+    assert page.locator(f'#jobs li[data-job="{job_id}"]').count() == 1
+    assert page.locator("#transcript-status").inner_text() == "Done."
+
+    assert httpx.delete(f"{stack.api}/transcripts/{job_id}", timeout=30).status_code == 204
+    page.fill("#name-spk_1", "Ben")
+    page.get_by_role("button", name="Save names").click()
+    page.locator("#transcript-status", has_text="was deleted").wait_for(timeout=15_000)
+    page.locator(f'#jobs li[data-job="{job_id}"]').wait_for(state="detached", timeout=5_000)
+    for control in ("#downloads a", "#delete", "#rerun", "#player"):
+        assert not page.locator(control).is_visible(), control
+    assert errors == []
+    page.close()
+
+
+def test_the_page_and_a_recording_answer_head_as_they_answer_get(keyed_stack, made_job):
+    """HEAD wherever GET works (RFC 9110, 9.1: curl -I, a download tool asking the size first): the
+    same status and headers, no body; a recording's to its owner's key only."""
+    from services.ingest.auth import owner_of
+
+    stack = keyed_stack
+    got, headed = httpx.get(f"{stack.api}/", timeout=30), httpx.head(f"{stack.api}/", timeout=30)
+    assert got.headers["content-type"] == "text/html; charset=utf-8"
+    assert headed.status_code == 200 and headed.content == b""
+    assert without_date(headed.headers) == without_date(got.headers)
+
+    content = bytes(range(256)) * 40
+    job_id = made_job("talk.flac", content)
+    stack.query("UPDATE transcripts SET owner = $1 WHERE id = $2", owner_of(KEY), job_id)
+    url = f"{stack.api}/transcripts/{job_id}/audio"
+    mine = {"X-API-Key": KEY}
+    etag = httpx.get(url, headers=mine, timeout=30).headers["etag"]
+    for asked, status in (({}, 200), ({"Range": "bytes=100-199"}, 206), ({"If-None-Match": etag}, 304)):
+        got, headed = (httpx.request(method, url, headers={**mine, **asked}, timeout=30) for method in ("GET", "HEAD"))
+        assert (got.status_code, headed.status_code, headed.content) == (status, status, b""), asked
+        assert without_date(headed.headers) == without_date(got.headers), asked
+    assert httpx.head(url, headers=mine, timeout=30).headers["content-length"] == str(len(content))
+    assert httpx.head(url, headers={"X-API-Key": OTHER_KEY}, timeout=30).status_code == 404
+    assert httpx.head(url, timeout=30).status_code == 401
+
+
+def without_date(headers: httpx.Headers) -> dict[str, str]:
+    return {name: value for name, value in headers.items() if name != "date"}
 
 
 def test_names_saved_as_another_recording_opens_stay_with_their_own(stack, browser):

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from email.utils import format_datetime, parsedate_to_datetime
 
-from litestar import Request, Response, get
+from litestar import Request, Response, get, head
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException, NotFoundException
 from litestar.response import Stream
@@ -166,10 +166,10 @@ async def _pieces(state: State, job_id: int, key: str, etag: str, opening: bytes
 
 
 async def _opening(state: State, key: str, range_header: str | None, if_range: str | None,
-                   if_none_match: str | None) -> tuple[Object, tuple[int, int] | None, bytes | None]:
+                   if_none_match: str | None, read: bool = True) -> tuple[Object, tuple[int, int] | None, bytes | None]:
     """The object's stat, the span to serve (None: the whole file) and its first piece, read from
-    the version stated (None: the version `If-None-Match` names, nothing to send); a recording
-    replaced between the two is stated again (twice at most)."""
+    the version stated (None: the version `If-None-Match` names, nothing to send; b"" when not
+    `read`, for HEAD); a recording replaced between the two is stated again (twice at most)."""
     tries = 3
     while True:
         stat = await asyncio.to_thread(state.s3.stat_object, state.settings.audio_bucket, key)
@@ -181,7 +181,7 @@ async def _opening(state: State, key: str, range_header: str | None, if_range: s
         first, last = span or (0, size - 1)
         try:
             opening = (await asyncio.to_thread(_read, state.s3, state.settings.audio_bucket, key, stat.etag or "",
-                                               first, last) if size else b"")
+                                               first, last) if size and read else b"")
         except RecordingChanged:
             tries -= 1
             if not tries:
@@ -197,6 +197,18 @@ async def _opening(state: State, key: str, range_header: str | None, if_range: s
                                e503="The object store does not answer, or the recording is still being redacted"
                                     " (Retry-After)"))
 async def job_audio(job_id: JobId, state: State, request: Request) -> Response:
+    return await _recording(job_id, state, request, headers_only=False)
+
+
+# HEAD wherever GET works (RFC 9110, 9.1: curl -I, a download tool asking the size first): the
+# same checks and headers as GET (Range, If-Range and If-None-Match included), and nothing of the
+# recording read. Not listed in the OpenAPI document, as no GET's implied HEAD is.
+@head("/transcripts/{job_id:int}/audio", include_in_schema=False, name="job_audio/head")
+async def job_audio_head(job_id: JobId, state: State, request: Request) -> Response[None]:
+    return await _recording(job_id, state, request, headers_only=True)
+
+
+async def _recording(job_id: int, state: State, request: Request, headers_only: bool) -> Response:
     job = await jobstore.job_audio(state.pool, job_id)
     if not visible(job, request_owner(request)) or not job["audio_key"]:
         raise NotFoundException(detail=f"no job with id {job_id}")
@@ -213,7 +225,8 @@ async def job_audio(job_id: JobId, state: State, request: Request) -> Response:
         # Read before answering: a recording removed meanwhile (DELETE, retention) is then a 404,
         # not a 200 whose body breaks off.
         stat, span, opening = await _opening(state, job["audio_key"], request.headers.get("range"),
-                                             request.headers.get("if-range"), request.headers.get("if-none-match"))
+                                             request.headers.get("if-range"), request.headers.get("if-none-match"),
+                                             read=not headers_only)
     except RecordingChanged as exc:
         raise HTTPException(status_code=503, headers={"Retry-After": "1"},
                             detail="the recording was being replaced; try again") from exc
@@ -241,8 +254,11 @@ async def job_audio(job_id: JobId, state: State, request: Request) -> Response:
                 "X-Content-Type-Options": "nosniff"}
     if span:
         headers["Content-Range"] = f"bytes {first}-{last}/{size}"
+    if headers_only:  # the Content-Length set above stays (the server sends no body for HEAD)
+        return Response(content=b"", status_code=206 if span else 200, media_type=media_type(filename),
+                        headers=headers)
     return Stream(_pieces(state, job_id, job["audio_key"], stat.etag or "", opening, first, last),
                   status_code=206 if span else 200, media_type=media_type(filename), headers=headers)
 
 
-PLAYBACK_ROUTES = [job_audio]
+PLAYBACK_ROUTES = [job_audio, job_audio_head]

@@ -21,6 +21,7 @@ const state = {
   jobEventAt: new Map(),  // when /events last told of each job (performance.now())
   openedByUploads: new Set(),  // jobs an upload opened, not the user
   saving: new Set(),  // corrections on their way, as `${jobId}/${chunk_index}:${index}`
+  namesAsked: 0,  // names asked for or sent: an answer of names older than the last is not shown
   translated: false,  // the open transcript's text is Whisper's English translation
   searches: 0,  // searches asked for: an answer to any but the last is dropped
 };
@@ -340,10 +341,11 @@ async function uploadWaitingOutBusy(prepared, status) {
   }
 }
 
-// While files upload, "Transcribe" is off (a second click would send them again); once all are
-// sent the file choice is cleared and the bar goes away. Files dropped meanwhile wait their turn
-// (one progress bar, one status line), with the options the form had when they were dropped, and
-// the API key in use then: another key entered meanwhile (another user's) never makes their jobs.
+// While files upload, "Transcribe" is off (a second click would send them again), the file choice
+// is cleared as they are taken (files chosen meanwhile are sent with the next click), and once all
+// are sent the bar goes away. Files dropped meanwhile wait their turn (one progress bar, one status
+// line), with the options the form had when they were dropped, and the API key in use then:
+// another key entered meanwhile (another user's) never makes their jobs.
 let uploads = Promise.resolve();
 function uploadAll(files) {
   const owner = apiKey();
@@ -417,7 +419,6 @@ async function uploadBatch(files, openWhenSent) {
     state.uploading -= 1;
     if (!state.uploading) {
       submit.disabled = false;
-      $("#file").value = "";
       $("#upload-progress").hidden = true;
     }
   }
@@ -497,7 +498,8 @@ async function readDone(jobId) {
   let transcript;
   try {
     transcript = await (await api(`/transcripts/${jobId}?words=true`)).json();
-  } catch {
+  } catch (error) {
+    forgottenIfGone(jobId, error);
     return;  // the transcript reads as it is, without marks
   }
   if (state.open !== jobId) return;
@@ -563,7 +565,10 @@ function openCorrection(item, segment) {
   form.className = "correction";
   form.setAttribute("aria-label", `Correct the segment at ${clock(segment.start_ts)}`);
   const labels = [...new Set([...state.speakers, segment.speaker])];
-  const fresh = `spk_${Math.max(-1, ...labels.map((l) => Number(l.split("_")[1]) || 0)) + 1}`;
+  // Past every label the job has: those with segments on the page, and those the diarizer found
+  // that have none (their turns, in the speaking times).
+  const taken = [...labels, ...Object.keys(state.talk)];
+  const fresh = `spk_${Math.max(-1, ...taken.map((l) => Number(l.split("_")[1]) || 0)) + 1}`;
   form.innerHTML = '<label>Speaker <select name="speaker"></select></label>'
     + '<label>Words <textarea name="text" rows="2"></textarea></label>'
     + '<button type="submit">Save correction</button><button type="button" class="cancel">Cancel</button>';
@@ -621,6 +626,7 @@ function openCorrection(item, segment) {
       refreshNames();
       $("#transcript-status").textContent = "Correction saved.";
     } catch (error) {
+      if (await forgottenIfGone(jobId, error)) return;
       if (state.open === jobId) $("#transcript-status").textContent = `Not corrected: ${error.message}`;
     } finally {
       state.saving.delete(saving);
@@ -700,6 +706,7 @@ async function saveNames(event) {
     sent.push([input, input.value]);
   }
   if (!Object.keys(changes).length) return true;
+  state.namesAsked += 1;  // names asked for before are older than the answer to these
   for (const [input, value] of sent) input.dataset.sent = value;
   try {
     const answer = await (await api(`/transcripts/${jobId}/speakers`, {
@@ -713,6 +720,7 @@ async function saveNames(event) {
     $("#transcript-status").textContent = "Names saved.";
     return true;
   } catch (error) {
+    if (await forgottenIfGone(jobId, error)) return false;
     if (state.open === jobId) $("#transcript-status").textContent = error.message;
     return false;
   } finally {
@@ -733,7 +741,7 @@ async function rememberVoices() {
     const speakers = (await (await api(`/transcripts/${jobId}/speakers`)).json()).speakers;
     named = Object.entries(speakers).filter(([, s]) => s.name && s.source === "manual").map(([label, s]) => [label, s.name]);
   } catch (error) {
-    say(`Not remembered: ${error.message}`);
+    if (!(await forgottenIfGone(jobId, error))) say(`Not remembered: ${error.message}`);
     return;
   }
   if (!named.length) {
@@ -749,6 +757,7 @@ async function rememberVoices() {
       });
       said.push(`${name}'s voice remembered.`);
     } catch (error) {
+      if (await forgottenIfGone(jobId, error)) return;
       said.push(`${name}: ${error.message}`);
     }
   }
@@ -829,16 +838,23 @@ async function forgetPerson(person) {
 // The open transcript's names as the server has them now, in the fields not typed in: opened
 // anew, it would lose the names being typed and a correction being written.
 async function reloadNames(jobId) {
+  const asked = ++state.namesAsked;
   let speakers;
   try {
     speakers = (await (await api(`/transcripts/${jobId}/speakers`)).json()).speakers;
   } catch (error) {
+    if (await forgottenIfGone(jobId, error)) return;
     if (state.open === jobId) $("#transcript-status").textContent = `The names could not be reloaded: ${error.message}`;
     return;
   }
-  if (state.open !== jobId) return;
-  state.names = Object.fromEntries(Object.entries(speakers).filter(([, s]) => s.name).map(([label, s]) => [label, s.name]));
+  if (state.open !== jobId || asked !== state.namesAsked) return;  // another transcript, or names newer than these
+  state.names = namesOf(speakers);
   refreshNames();
+}
+
+// GET /transcripts/{id}/speakers' speakers as state.names: label -> name, of those named.
+function namesOf(speakers) {
+  return Object.fromEntries(Object.entries(speakers).filter(([, s]) => s.name).map(([label, s]) => [label, s.name]));
 }
 
 function showStatus(job) {
@@ -889,6 +905,7 @@ function renderDownloads(jobId, ended) {
           response = await api(link.href);
           blob = await response.blob();
         } catch (error) {
+          if (await forgottenIfGone(jobId, error)) return;
           if (state.open === jobId) $("#transcript-status").textContent = `Not downloaded: ${error.message}`;
           return;
         }
@@ -921,6 +938,24 @@ function renderDelete(jobId, ended) {
     }
     forgetJob(jobId);
   };
+}
+
+// A 404 from one of the job's own calls (its recording, names, corrections, downloads): the job
+// may have been deleted elsewhere (the CLI, retention) with nothing telling the page, as /events
+// tells only of the jobs of the last hour; or only what was asked for is gone (a recording no
+// longer stored, a segment). The job itself is asked for: gone, it leaves the page as a deletion
+// /events tells of does. True when it is gone.
+async function forgottenIfGone(jobId, error) {
+  if (error?.status !== 404) return false;
+  if (state.deleted.has(jobId)) return true;
+  try {
+    await api(`/status/${jobId}?segments=false`);
+    return false;  // there: what was asked for is what is gone
+  } catch (other) {
+    if (other.status !== 404) return false;  // not known: the first answer is said as it is
+  }
+  forgetJob(jobId, { elsewhere: true });
+  return true;
 }
 
 // A deleted job leaves the page: its row, and its transcript if open. Deleted here (the button
@@ -956,6 +991,7 @@ function renderCancel(jobId, ended) {
       const stopped = await (await api(`/transcripts/${jobId}/cancel`, { method: "POST" })).json();
       if (state.open === jobId) showStatus(stopped);
     } catch (error) {
+      if (await forgottenIfGone(jobId, error)) return;
       if (state.open === jobId) $("#transcript-status").textContent = `Not stopped: ${error.message}`;
     }
   };
@@ -985,6 +1021,7 @@ function renderRerun(jobId, ended) {
       renderJob({ id: accepted.id, filename: accepted.filename, status: "processing", stage: "submitted", percent: 0 });
       if (state.open === jobId) openTranscript(accepted.id);  // else listed: another was opened meanwhile
     } catch (error) {
+      if (await forgottenIfGone(jobId, error)) return;
       if (state.open === jobId) $("#transcript-status").textContent = `Not run again: ${error.message}`;
     } finally {
       submit.disabled = false;
@@ -1107,7 +1144,9 @@ async function loadAudio(jobId, { again = false } = {}) {
     let job = null;
     try {
       job = await (await api(`/transcripts/${jobId}`)).json();
-    } catch (error) { /* whether it asked for redaction is not known: played once it has ended */ }
+    } catch (error) {  // whether it asked for redaction is not known: played once it has ended
+      if (await forgottenIfGone(jobId, error)) return;
+    }
     if (!current()) return;
     if (job && job.status !== "processing") {
       state.audioAgainAtEnd = null;  // ended meanwhile: its recording is the one to play
@@ -1153,6 +1192,7 @@ async function fillPlayer(jobId, current) {
         if (!current()) return;
         continue;
       }
+      if (await forgottenIfGone(jobId, error) || !current()) return;
       player.removeAttribute("src");
       audioProblem(`The recording could not be loaded: ${error.detail || error.message}`);
       return;
@@ -1197,6 +1237,7 @@ async function audioFailed() {
         setTimeout(() => { if (current()) fillPlayer(jobId, current); }, audioRetryDelayMs(error));
         return;
       }
+      if (await forgottenIfGone(jobId, error)) return;
     }
   }
   if (!current()) return;
@@ -1234,14 +1275,21 @@ function seekWaiting() {
   playFrom(state.pendingSeek, document.querySelector(".segment.playing"));
 }
 
-// How long each speaker talks (time, share of all talk, words), shown beside its name field.
+// How long each speaker talks (time, share of all talk, words), shown beside its name field; and
+// the names as the server has them now: a segment.created event carries the name its speaker had
+// when it was sent, and one given or taken back since (a voice enrolled in another tab, a later
+// chunk matched again) is told by no event. Fields typed in keep their text (refreshNames).
 async function loadSpeakingTime(jobId) {
+  const asked = ++state.namesAsked;
   try {
     const answer = await (await api(`/transcripts/${jobId}/speakers`)).json();
     if (state.open !== jobId) return;
     state.talk = answer.speakers;
+    if (asked === state.namesAsked) state.names = namesOf(answer.speakers);  // else names newer than these
     refreshNames();
-  } catch (error) { /* the names work without it */ }
+  } catch (error) {
+    forgottenIfGone(jobId, error);  // else the names work without it
+  }
 }
 
 async function openTranscript(jobId) {
@@ -1398,6 +1446,8 @@ document.addEventListener("DOMContentLoaded", () => {
     if (state.uploading) return;
     const files = [...$("#file").files];
     if (!files.length) { $("#upload-status").textContent = "Choose a file first."; return; }
+    // Cleared as they are taken, not once they are sent: files chosen meanwhile are the next ones.
+    $("#file").value = "";
     uploadAll(files);
   });
   // Files dropped anywhere on the page are uploaded (else the browser would leave the page to
