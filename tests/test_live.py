@@ -4,9 +4,13 @@ misses nothing; the recording is served with Range support."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import threading
 import time
+import urllib.parse
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -192,6 +196,108 @@ def test_event_streams_past_the_limit_are_told_to_come_back_later(stack):
                 time.sleep(0.5)
             assert status == 204
     finally:
+        stack.query("DELETE FROM transcripts WHERE id = $1", running)
+
+
+class CuttableProxy:
+    """Forwards TCP connections to the PostgreSQL of `database_url` (TCP, or a local server's Unix
+    socket). cut() closes every connection and refuses new ones: PostgreSQL gone, as the process
+    that connects through it sees it (its connections end, and connecting again is refused)."""
+
+    def __init__(self, database_url: str):
+        parts = urllib.parse.urlsplit(database_url)
+        query = urllib.parse.parse_qs(parts.query)
+        host = parts.hostname or (query.get("host") or [""])[0] or "127.0.0.1"
+        port = parts.port or int((query.get("port") or ["5432"])[0])
+        self.upstream = ((socket.AF_UNIX, f"{host}/.s.PGSQL.{port}") if host.startswith("/")
+                         else (socket.AF_INET, (host, port)))
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = urllib.parse.urlunsplit(("postgresql", f"{parts.username or 'postgres'}@127.0.0.1:"
+                                            f"{self.listener.getsockname()[1]}", parts.path, "sslmode=disable", ""))
+        self.sockets: list[socket.socket] = []
+        self.lock = threading.Lock()
+        self.is_cut = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return  # cut
+            with self.lock:
+                if self.is_cut:  # (a pool connecting again at once, as its connections end)
+                    client.close()
+                    return
+                server = socket.socket(self.upstream[0])
+                server.connect(self.upstream[1])
+                self.sockets += [client, server]
+            for source, sink in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        with self.lock:
+            self.is_cut = True
+            for sock in [self.listener, *self.sockets]:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)  # (a listening socket: connecting is refused from now)
+                sock.close()
+
+
+def events_until(lines: Iterator[str], event: str) -> None:
+    """Reads a stream's lines up to its first event named `event`."""
+    for line in lines:
+        if line == f"event: {event}":
+            return
+    raise AssertionError(f"the stream ended before a {event} event")
+
+
+def rest_of(lines: Iterator[str], within_s: float = 30) -> list[str]:
+    """A stream's lines to its end, which comes within `within_s` (keep-alives come every 15 s)."""
+    deadline, read = time.monotonic() + within_s, []
+    for line in lines:
+        assert time.monotonic() < deadline, f"the stream goes on: {read}"
+        read.append(line)
+    return read
+
+
+def test_event_streams_end_cleanly_when_postgresql_goes_away(stack):
+    """A stream open when PostgreSQL goes away read it once a second and broke off with a
+    traceback ("Exception caught after response started"); /events answered 200 and broke the same
+    way at its first read, every 2 s for each open page (EventSource reconnects). Now an open
+    stream ends as a whole body, said once in the log, and a new one is 503 with Retry-After."""
+    running = stack.value("INSERT INTO transcripts (filename) VALUES ('outage.wav') RETURNING id")
+    proxy = CuttableProxy(stack.database_url)
+    try:
+        with another_ingest(stack, "ingest-db-outage", DATABASE_URL=proxy.url) as api, httpx.Client(
+                timeout=httpx.Timeout(30, connect=10)) as client:
+            with client.stream("GET", f"{api}/events") as jobs, \
+                    client.stream("GET", f"{api}/transcripts/{running}/events") as job:
+                assert jobs.status_code == job.status_code == 200
+                jobs_lines, job_lines = jobs.iter_lines(), job.iter_lines()
+                events_until(jobs_lines, "job")
+                events_until(job_lines, "progress")
+                proxy.cut()
+                # The rest of each body reads to its end: not broken off (httpx.RemoteProtocolError).
+                rest_of(jobs_lines)
+                rest_of(job_lines)
+            for url in (f"{api}/events", f"{api}/transcripts/{running}/events"):
+                answer = client.get(url)
+                assert answer.status_code == 503 and answer.headers["retry-after"].isdigit(), (url, answer.text)
+            log = stack.log_text("ingest-db-outage")
+        assert "Exception caught after response started" not in log and "Exception in ASGI application" not in log
+        ended = [line for line in log.splitlines() if "ended: PostgreSQL is unavailable" in line]
+        assert len(ended) == 2 and sum(f"job={running} " in line for line in ended) == 1, ended
+    finally:
+        proxy.cut()
         stack.query("DELETE FROM transcripts WHERE id = $1", running)
 
 

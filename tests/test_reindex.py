@@ -5,10 +5,13 @@ endpoints, on one real stack with an admin key and a user key."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -54,13 +57,38 @@ def test_usage_counts_each_keys_audio_and_outlives_deleted_jobs(keyed):
     assert user.get(f"{stack.api}/usage", params={"since": "2020-01-02", "until": "2020-01-01"}).status_code == 400
 
     assert user.get(f"{stack.api}/admin/usage").status_code == 403
-    [by_key] = admin.get(f"{stack.api}/admin/usage").json()["keys"]
-    assert by_key["key"] == "…" + USER[-4:] and by_key["jobs"] == 2, by_key
+    # Every key in API_KEYS, the admin's (no jobs) too.
+    admins, users = admin.get(f"{stack.api}/admin/usage").json()["keys"]
+    assert (admins["key"], admins["jobs"], admins["days"]) == ("…" + ADMIN[-4:], 0, []), admins
+    assert users["key"] == "…" + USER[-4:] and users["jobs"] == 2, users
     printed = stt(stack, USER, "usage")
     assert printed.returncode == 0, printed.stderr
     assert printed.stdout.splitlines()[-1].split("\t")[:4] == ["total", "2", "2", "0"], printed.stdout
-    assert stt(stack, ADMIN, "usage", "--all-keys").stdout.startswith(f"…{USER[-4:]}\t2\t2\t0\t")
+    by_keys = stt(stack, ADMIN, "usage", "--all-keys").stdout.splitlines()
+    assert by_keys[0] == f"…{ADMIN[-4:]}\t0\t0\t0\t00:00.0" and by_keys[1].startswith(f"…{USER[-4:]}\t2\t2\t0\t")
     admin.close()
+
+
+def test_usage_tells_removed_keys_apart_and_lists_keys_without_jobs(keyed):
+    """Every key no longer in API_KEYS read "a removed key" (two of them: two lines alike), and a
+    key without jobs in the period was left out, where the README says every key is listed."""
+    from services.ingest.auth import owner_of
+
+    stack, _, _ = keyed
+    gone = ["removed-key-one-7777", "removed-key-two-7777"]  # (the same last four characters)
+    made = [stack.value("INSERT INTO job_usage (job_id, owner, ended_at, status, audio_s) VALUES"
+                        " (-1 - $2::bigint, $1, now(), 'done', 10) RETURNING job_id", owner_of(key), jobs)
+            for key, jobs in ((gone[0], 0), (gone[1], 1), (gone[1], 2))]
+    try:
+        keys = httpx.get(f"{stack.api}/admin/usage", headers={"X-API-Key": ADMIN}, timeout=60).json()["keys"]
+    finally:
+        stack.query("DELETE FROM job_usage WHERE job_id = ANY($1)", made)
+    named = {k["key"]: k["jobs"] for k in keys}
+    assert named["…" + ADMIN[-4:]] == 0, keys  # no jobs, listed
+    removed = {name: jobs for name, jobs in named.items() if name.startswith("a removed key")}
+    # Each by the start of its hash, which whoever has the key can work out; never by the key.
+    assert removed == {f"a removed key #{owner_of(gone[0])[:8]}": 1, f"a removed key #{owner_of(gone[1])[:8]}": 2}
+    assert not any(key[-4:] in name for key in gone for name in removed), removed
 
 
 async def test_a_segment_corrected_while_ollama_is_away_is_found_by_meaning_once_it_is_back(keyed):
@@ -162,6 +190,60 @@ async def test_a_correction_the_embedding_service_refuses_holds_up_no_other(keye
                      for r in kept])
     finally:
         await pool.close()
+
+
+def test_a_correction_refused_answers_at_once_without_asking_the_embedding_service(keyed):
+    """The new text was embedded before anything was checked: a correction of a job still
+    processing (409), of a segment there is not (404) or of a recording being redacted (409), or
+    one that changes nothing, waited for the embedding service (up to REQUEST_EMBED_TIMEOUT_S, 15 s,
+    against a slow one) before its answer. Here the service takes requests and never answers."""
+    from services.ingest.auth import owner_of
+    from tests.conftest import wait_for_port
+
+    stack, user, jobs = keyed
+    segment = user.get(f"{stack.api}/transcripts/{jobs[0]}").json()["segments"][0]
+    made = [stack.value("INSERT INTO transcripts (filename, owner, status, completed_at, audio_redaction_due)"
+                        " VALUES ('held.wav', $1, $2, CASE WHEN $2 = 'done' THEN now() END, $3) RETURNING id",
+                        owner_of(USER), status, due) for status, due in (("processing", False), ("done", True))]
+    for job_id in made:
+        stack.query("INSERT INTO segments (transcript_id, chunk_index, index, speaker, start_ts, end_ts, text, words)"
+                    " VALUES ($1, 0, 0, 'spk_0', 0, 1, 'as it was', '[]'::jsonb)", job_id)
+    ollama_port = int(stack.env["OLLAMA_URL"].rsplit(":", 1)[1])
+    received: list[bytes] = []
+
+    def silent(connection: socket.socket) -> None:
+        with connection, contextlib.suppress(OSError):
+            while data := connection.recv(65536):
+                received.append(data)
+
+    def accept(listener: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                threading.Thread(target=silent, args=(listener.accept()[0],), daemon=True).start()
+
+    stack.stop("ollama")
+    listener = socket.create_server(("127.0.0.1", ollama_port))
+    threading.Thread(target=accept, args=(listener,), daemon=True).start()
+    try:
+        asked = {f"{stack.api}/transcripts/{made[0]}/segments/0/0": "words of a job processing",
+                 f"{stack.api}/transcripts/{jobs[0]}/segments/999/0": "words of no segment",
+                 f"{stack.api}/transcripts/{made[1]}/segments/0/0": "words of a recording being redacted",
+                 f"{stack.api}/transcripts/{jobs[0]}/segments/{segment['chunk_index']}/{segment['index']}":
+                     f"  {segment['text']} "}
+        started = time.monotonic()
+        answers = [user.patch(url, json={"text": text}) for url, text in asked.items()]
+        took = time.monotonic() - started
+    finally:
+        listener.shutdown(socket.SHUT_RDWR)
+        listener.close()
+        stack.start("ollama", "-m", "tests.fake_ollama", "--port", str(ollama_port))
+        wait_for_port(ollama_port, timeout=120)
+        stack.query("DELETE FROM transcripts WHERE id = ANY($1)", made)
+    assert [a.status_code for a in answers] == [409, 404, 409, 200], [a.text for a in answers]
+    assert answers[3].json()["edited"] == segment["edited"]  # nothing changed
+    sent = b"".join(received)
+    assert not [text for text in asked.values() if text.strip().encode() in sent], sent
+    assert took < 5, f"{took:.1f} s for four refused or empty corrections"
 
 
 def test_a_new_embedding_model_reembeds_every_stored_segment(keyed):

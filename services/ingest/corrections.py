@@ -10,6 +10,7 @@ import unicodedata
 from difflib import SequenceMatcher
 from typing import Annotated
 
+from asyncpg import Record
 from litestar import Request, patch
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException, NotFoundException
@@ -139,6 +140,27 @@ def retimed_words(words: list[dict], text: str, start: float, end: float) -> lis
     return out + _in_place_of(written, old[previous + 1:], (pause_start, max(end, pause_start)))
 
 
+def _refused(job_id: int, job: Record | None, request: Request) -> None:
+    """404 for a job the caller cannot see, 409 for one still processing."""
+    if not visible(job, request_owner(request)):
+        raise NotFoundException(detail=f"no job with id {job_id}")
+    if job["status"] == "processing":
+        raise HTTPException(status_code=409, detail=f"job {job_id} is still processing; correct it once it has"
+                                                    " ended (its chunks may still be written)")
+
+
+def _no_segment(job_id: int, chunk_index: int, index: int, segment: Record | None) -> None:
+    if segment is None:
+        raise NotFoundException(detail=f"job {job_id} has no segment {chunk_index}/{index}"
+                                       " (see chunk_index and index in its JSON)")
+
+
+def _being_redacted(job_id: int) -> None:
+    raise HTTPException(status_code=409, headers={"Retry-After": str(REDACTION_RETRY_AFTER_S)},
+                        detail=f"the recording of job {job_id} is being redacted; correct its words once"
+                               " that is done (a speaker can be corrected now)")
+
+
 SegmentChunk = Annotated[int, PathParameter(ge=0, le=1_000_000, description="The segment's chunk_index")]
 SegmentIndex = Annotated[int, PathParameter(ge=0, le=1_000_000, description="The segment's index in its chunk")]
 
@@ -159,28 +181,28 @@ async def correct_segment(job_id: JobId, chunk_index: SegmentChunk, index: Segme
     # segment's vector is in; otherwise they are embedded within a minute (reindex.embed_corrections)
     # with the model search asks in, once the embedding service answers. They are embedded before
     # the job is locked: a slow embedding service (a minute a try) must not hold the lock, and a
-    # pool connection, that every other change of the job waits on.
+    # pool connection, that every other change of the job waits on. And only for a correction that
+    # will be made: what refuses it is checked first without the locks (and again under them, as
+    # it may have changed meanwhile), so that a refused one answers at once, asking nothing of the
+    # embedding service.
     new_embedding = None
     if new_text is not None:
-        if not visible(await jobstore.job(state.pool, job_id), request_owner(request)):
-            raise NotFoundException(detail=f"no job with id {job_id}")
-        try:
-            new_embedding = await embed_for_request(embed, new_text)
-        except Exception as exc:  # the embedding service is away: the text is what matters
-            with job_logged(job_id):
-                log.warning("segment %d/%d not embedded (%s); it will be once the service answers", chunk_index, index,
-                            type(exc).__name__)
+        _refused(job_id, await jobstore.job(state.pool, job_id), request)
+        stored = await jobstore.job_segment(state.pool, job_id, chunk_index, index)
+        _no_segment(job_id, chunk_index, index, stored)
+        if new_text != stored["text"]:  # (the text as it is: a speaker's correction at most, nothing to embed)
+            if await jobstore.redaction_pending(state.pool, job_id):
+                _being_redacted(job_id)
+            try:
+                new_embedding = await embed_for_request(embed, new_text)
+            except Exception as exc:  # the embedding service is away: the text is what matters
+                with job_logged(job_id):
+                    log.warning("segment %d/%d not embedded (%s); it will be once the service answers", chunk_index,
+                                index, type(exc).__name__)
     async with state.pool.acquire() as conn, conn.transaction():
-        job = await jobstore.lock_job(conn, job_id)
-        if not visible(job, request_owner(request)):
-            raise NotFoundException(detail=f"no job with id {job_id}")
-        if job["status"] == "processing":
-            raise HTTPException(status_code=409, detail=f"job {job_id} is still processing; correct it once it has"
-                                                        " ended (its chunks may still be written)")
+        _refused(job_id, await jobstore.lock_job(conn, job_id), request)
         segment = await jobstore.lock_segment(conn, job_id, chunk_index, index)
-        if segment is None:
-            raise NotFoundException(detail=f"job {job_id} has no segment {chunk_index}/{index}"
-                                           " (see chunk_index and index in its JSON)")
+        _no_segment(job_id, chunk_index, index, segment)
         speaker = data.speaker or segment["speaker"]
         text = new_text if new_text is not None else segment["text"]
         if text == segment["text"] and speaker == segment["speaker"]:
@@ -192,9 +214,7 @@ async def correct_segment(job_id: JobId, chunk_index: SegmentChunk, index: Segme
             # The redacted recording is made from the words' times as they are when it is written:
             # retimed or relabelled words would leave redacted speech audible. (It is marked
             # written under this lock, so a correction waits for it or comes after.)
-            raise HTTPException(status_code=409, headers={"Retry-After": str(REDACTION_RETRY_AFTER_S)},
-                                detail=f"the recording of job {job_id} is being redacted; correct its words once"
-                                       " that is done (a speaker can be corrected now)")
+            _being_redacted(job_id)
         embedding = None
         if text == segment["text"]:
             await jobstore.correct_segment(conn, job_id, chunk_index, index, speaker=speaker)

@@ -31,6 +31,8 @@ from pydantic import BaseModel
 
 from common import jobstore
 from common.broker import watch_job_events
+from common.db import DATABASE_UNAVAILABLE
+from common.logs import job_logged
 from common.messages import TranscriptCompleted, TranscriptFailed
 from services.ingest.auth import request_owner
 from services.ingest.errors import error_responses
@@ -173,6 +175,19 @@ async def _wait(wake: asyncio.Event, timeout: float) -> float:
     return loop.time() - started
 
 
+def _database_away(exc: Exception, stream: str, job_id: int | None = None) -> bool:
+    """Whether `exc`, raised by a stream's read, is PostgreSQL being away; logged once if so. The
+    stream then ends as a finished body: raised there, the error would reach the server after the
+    response started ("Exception caught after response started", a traceback a second per open
+    page). The client reconnects (EventSource after `retry`) and is answered 503 with Retry-After
+    while the outage lasts (job_events and all_events read before they answer)."""
+    if not isinstance(exc, DATABASE_UNAVAILABLE):
+        return False
+    with job_logged(job_id):
+        log.warning("%s ended: PostgreSQL is unavailable (%s)", stream, type(exc).__name__)
+    return True
+
+
 # What job_updates yields: a segment (where it is kept, and the segment), a change of progress,
 # the job's end (its row), its deletion, or a quiet while in which nothing happened.
 Segment = tuple[Literal["segment"], tuple[int, int], TranscriptSegment]
@@ -185,21 +200,28 @@ Quiet = tuple[Literal["quiet"]]
 async def job_updates(pool: asyncpg.Pool, wakeups: Wakeups, job_id: int, after: tuple[int, int],
                       exiting: Callable[[], bool]) -> AsyncIterator[Segment | Progress | Ended | Deleted | Quiet]:
     """A job's segments after `after` in order as they are stored, its progress when it changes,
-    then its end or deletion (the last update); a quiet every KEEPALIVE_S without news."""
+    then its end or deletion (the last update); a quiet every KEEPALIVE_S without news. PostgreSQL
+    going away ends the updates too, with no last one (logged once, see _database_away)."""
     sent_progress = None
     quiet_s = 0.0
     with wakeups.listen(job_id) as wake:
         while not exiting():
-            job = await jobstore.job(pool, job_id)
+            try:
+                job = await jobstore.job(pool, job_id)
+                # Read before the segments: a job seen ended has every segment it will have stored.
+                # While it runs, segments go out in order, up to the first chunk still missing; once
+                # it has ended (failed or cancelled with a chunk missing too) nothing more comes: all.
+                ended = job is not None and job["status"] in ("done", "error")
+                up_to_chunk = None if ended or job is None else await jobstore.stored_chunk_prefix(pool, job_id)
+                rows = [] if job is None else await jobstore.segments_after(pool, job_id, after, up_to_chunk)
+            except Exception as exc:
+                if _database_away(exc, f"the event stream of job {job_id}", job_id):
+                    return
+                raise
             if job is None:
                 yield ("deleted",)
                 return
-            # Read before the segments: a job seen ended has every segment it will have stored.
-            # While it runs, segments go out in order, up to the first chunk still missing; once it
-            # has ended (failed or cancelled with a chunk missing too) nothing more comes: all.
-            ended = job["status"] in ("done", "error")
-            up_to_chunk = None if ended else await jobstore.stored_chunk_prefix(pool, job_id)
-            for row in await jobstore.segments_after(pool, job_id, after, up_to_chunk):
+            for row in rows:
                 after = (row["chunk_index"], row["index"])
                 yield "segment", after, transcript_segment(row)
                 quiet_s = 0.0
@@ -242,20 +264,29 @@ async def job_stream(pool: asyncpg.Pool, wakeups: Wakeups, job_id: int, last_eve
                 yield ServerSentEventMessage(data=None, comment="keep-alive", sep="\n")
 
 
-async def jobs_stream(pool: asyncpg.Pool, wakeups: Wakeups, owner: str | None,
-                      exiting: Callable[[], bool]) -> AsyncIterator[ServerSentEventMessage]:
+async def jobs_stream(pool: asyncpg.Pool, wakeups: Wakeups, owner: str | None, exiting: Callable[[], bool],
+                      recent: list[asyncpg.Record] | None = None) -> AsyncIterator[ServerSentEventMessage]:
     """`job` events: every recent job of the owner once (the 100 newest), then each change. A job
     sent while it was processing is followed until it ends, also once newer ones push it out of
-    the 100 (a batch of 150 uploads). A job sent that is then deleted gets a `job.deleted`."""
+    the 100 (a batch of 150 uploads). A job sent that is then deleted gets a `job.deleted`.
+    `recent`: the owner's recent jobs as just read (the first read). PostgreSQL going away ends
+    the stream (logged once, see _database_away)."""
     sent: dict[int, JobProgressEvent] = {}
     quiet_s = 0.0
     yield ServerSentEventMessage(data=None, comment="stream of jobs", retry=RETRY_MS, sep="\n")
     with wakeups.listen(None) as wake:
         while not exiting():
-            recent = await jobstore.recent_jobs(pool, owner)
-            in_view = {row["id"] for row in recent}
-            outside = [job_id for job_id in sent if job_id not in in_view]
-            still_there = {row["id"]: row for row in await jobstore.jobs_progress(pool, outside)} if outside else {}
+            try:
+                if recent is None:
+                    recent = await jobstore.recent_jobs(pool, owner)
+                in_view = {row["id"] for row in recent}
+                outside = [job_id for job_id in sent if job_id not in in_view]
+                still_there = ({row["id"]: row for row in await jobstore.jobs_progress(pool, outside)}
+                               if outside else {})
+            except Exception as exc:
+                if _database_away(exc, "an event stream of jobs"):
+                    return
+                raise
             earlier = []
             for job_id in outside:
                 if job_id not in still_there:
@@ -273,6 +304,7 @@ async def jobs_stream(pool: asyncpg.Pool, wakeups: Wakeups, owner: str | None,
                     sent[row["id"]] = progress
                     yield _message("job", progress)
                     quiet_s = 0.0
+            recent = None
             quiet_s += await _wait(wake, POLL_S)
             if quiet_s >= KEEPALIVE_S:
                 quiet_s = 0.0
@@ -306,7 +338,11 @@ async def all_events(state: State, request: Request) -> ServerSentEvent:
     """A `job` event ({id, filename, status, stage, percent}) for each recent job at first (the
     processing ones and those that changed in the last hour, 100 at most), then one whenever a
     job of yours is created or moves on; `job.deleted` ({id}) when one of those sent is deleted."""
-    return ServerSentEvent(jobs_stream(state.pool, state.wakeups, request_owner(request), server_exiting(state)),
+    owner = request_owner(request)
+    # Read before answering: PostgreSQL away is then a 503 with Retry-After (an EventSource stops
+    # reconnecting), not a 200 whose stream breaks off at its first read.
+    recent = await jobstore.recent_jobs(state.pool, owner)
+    return ServerSentEvent(jobs_stream(state.pool, state.wakeups, owner, server_exiting(state), recent),
                            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
 

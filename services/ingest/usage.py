@@ -47,7 +47,8 @@ class Usage(BaseModel):
 
 
 class KeyUsage(Usage):
-    # The key's last four characters ("none": jobs made while API keys were off).
+    # The key's last four characters; "none": jobs made while API keys were off; "a removed key #"
+    # and the start of its hash (owner_of) for a key no longer in API_KEYS.
     key: str
 
 
@@ -99,12 +100,25 @@ async def usage_by_key(state: State, request: Request, since: EndedSince = None,
     start, end = period(since, until)
     rows = await jobstore.usage_by_day(state.pool, None, start, end, everyone=True)
     names = {owner_of(key): f"…{key[-4:]}" for key in state.settings.api_key_list}
-    by_owner: dict[str | None, list] = {}
-    for row in rows:
+    # Every key in API_KEYS, in its order (one without jobs in the period with zeros), then the
+    # removed keys that had jobs, then the jobs without a key.
+    by_owner: dict[str | None, list] = {owner: [] for owner in names}
+    for row in sorted(rows, key=lambda row: row["owner"] is None):
         by_owner.setdefault(row["owner"], []).append(row)
     return UsageByKey(since=start, until=end, keys=[
-        KeyUsage(key=names.get(owner, "none" if owner is None else "a removed key"), **summed(owned, start, end)
-                 .model_dump()) for owner, owned in by_owner.items()])
+        KeyUsage(key=_key_name(owner, names), **summed(owned, start, end).model_dump())
+        for owner, owned in by_owner.items()])
+
+
+# Of a removed key's hash (owner_of, itself no secret: SHA-256 of the key), what tells it apart
+# from the others: whoever still has the key finds it with `printf %s KEY | sha256sum`.
+REMOVED_KEY_HASH_CHARS = 8
+
+
+def _key_name(owner: str | None, names: dict[str, str]) -> str:
+    if owner is None:
+        return "none"
+    return names.get(owner) or f"a removed key #{owner[:REMOVED_KEY_HASH_CHARS]}"
 
 
 USAGE_ROUTES = [own_usage, usage_by_key]
