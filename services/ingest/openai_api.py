@@ -406,11 +406,13 @@ async def text_events(state: State, job_id: int) -> AsyncIterator[ServerSentEven
     """OpenAI's streamed transcription: `transcript.text.delta` with each segment as it is stored,
     then `transcript.text.done` with the whole text, in the order the answer without `stream` has
     it; a job that fails (or is deleted) ends the stream with an error, which the SDKs raise, and
-    so does a server that stops first (the SDK would otherwise take the text so far for all)."""
+    so does a server that stops first, or PostgreSQL going away (the SDK would otherwise take the
+    text so far for all)."""
     previous = ""
     segments: list[tuple[float, tuple[int, int], str]] = []
     ended = False
-    async for update in job_updates(state.pool, state.wakeups, job_id, (-1, -1), server_exiting(state)):
+    exiting = server_exiting(state)
+    async for update in job_updates(state.pool, state.wakeups, job_id, (-1, -1), exiting):
         match update:
             case ("segment", position, segment):
                 delta = text_separator(previous, segment.text) + segment.text
@@ -430,10 +432,13 @@ async def text_events(state: State, job_id: int) -> AsyncIterator[ServerSentEven
             case ("quiet",):
                 yield ServerSentEventMessage(data=None, comment="keep-alive", sep="\n")
     if not ended:
-        with job_logged(job_id):
-            log.info("the server is stopping: the streamed transcription ends with an error; the job goes on")
-        yield _event(error_body(OPENAI_PREFIX, 503, f"this server is restarting; job {job_id} goes on: send the"
-                                                    " request again to follow it"))
+        # The server stopping, or PostgreSQL gone (job_updates logged that): the job goes on either way.
+        why = "this server is restarting" if exiting() else "the job store is unavailable"
+        if exiting():
+            with job_logged(job_id):
+                log.info("the server is stopping: the streamed transcription ends with an error; the job goes on")
+        yield _event(error_body(OPENAI_PREFIX, 503, f"{why}; job {job_id} goes on: send the request again to"
+                                                    " follow it"))
 
 
 def openai_error(request: Request, exc: HTTPException) -> Response:
