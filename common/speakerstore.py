@@ -104,9 +104,69 @@ def _naming(name_param: str) -> str:
             f" AND lower(ts.name) = lower({name_param})) OR {_expects(name_param)})")
 
 
-async def lock_jobs(conn: asyncpg.Connection, transcript_ids: list[int]) -> list[int]:
-    """Lock these jobs, in id order, until the transaction ends; those not deleted."""
-    return [r["id"] for r in await conn.fetch(_lock_jobs("id = ANY($1::bigint[])"), transcript_ids)]
+async def lock_jobs(conn: asyncpg.Connection, transcript_ids: list[int], skip_locked: bool = False) -> list[int]:
+    """Lock these jobs, in id order, until the transaction ends; those not deleted. `skip_locked`:
+    those another transaction holds are left out, not waited for."""
+    return [r["id"] for r in await conn.fetch(_lock_jobs("id = ANY($1::bigint[])") + " SKIP LOCKED" * skip_locked,
+                                              transcript_ids)]
+
+
+# ---- recordings due a matching after a change of their owner's people ------------------------
+
+
+async def matching_due(conn: asyncpg.Connection, transcript_ids: list[int], announce: bool = False) -> None:
+    """Record, in the transaction that changes the owner's people, that these recordings are to be
+    matched again once it commits (speaker_matching_due): the commit that makes the change makes
+    the work it leaves, and a matching cut off before its end leaves it to the sweep
+    (services.ingest.speakers.finish_left_matchings). `announce`: each is told its names by that
+    matching even where it changes none. In id order, as matchings_done locks them: a matching
+    that holds some of them waits for this transaction, never the other way round as well."""
+    if not transcript_ids:
+        return
+    await conn.execute(
+        "INSERT INTO speaker_matching_due AS d (transcript_id, announce, pending_since)"
+        " SELECT id, $2, clock_timestamp() FROM unnest($1::bigint[]) id ORDER BY id"
+        " ON CONFLICT (transcript_id) DO UPDATE SET announce = d.announce OR excluded.announce,"
+        " changes = d.changes + 1", sorted(set(transcript_ids)), announce)
+
+
+async def matchings_due(db: Db, transcript_ids: list[int]) -> dict[int, int]:
+    """Those of these recordings still due a matching, in id order, each with its row's `changes`
+    as read now (no lock taken: a change may add to it meanwhile, see matchings_done)."""
+    rows = await db.fetch("SELECT transcript_id, changes FROM speaker_matching_due"
+                          " WHERE transcript_id = ANY($1::bigint[]) ORDER BY transcript_id", transcript_ids)
+    return {r["transcript_id"]: r["changes"] for r in rows}
+
+
+async def matchings_done(conn: asyncpg.Connection, due: dict[int, int]) -> dict[int, bool]:
+    """These recordings, as matchings_due read them, matched again in the caller's transaction:
+    their rows deleted, but a row a change wrote to since it was read (its `changes` grew: that
+    change may have committed after the matching read the people) stays due. Those deleted, each
+    with whether it asks to be announced whatever the matching changed."""
+    # Locked in id order first, as matching_due writes them; the delete then waits for nobody.
+    await conn.fetch("SELECT 1 FROM speaker_matching_due WHERE transcript_id = ANY($1::bigint[])"
+                     " ORDER BY transcript_id FOR UPDATE", list(due))
+    rows = await conn.fetch(
+        "DELETE FROM speaker_matching_due d USING unnest($1::bigint[], $2::integer[]) AS seen(id, changes)"
+        " WHERE d.transcript_id = seen.id AND d.changes = seen.changes RETURNING d.transcript_id, d.announce",
+        list(due), list(due.values()))
+    return {r["transcript_id"]: r["announce"] for r in rows}
+
+
+async def matchings_left(db: Db, older_than_s: float, after: int, limit: int) -> list[asyncpg.Record]:
+    """Up to `limit` recordings (`transcript_id`, `owner`) due a matching for at least
+    `older_than_s` seconds, after transcript `after`, in id order."""
+    return await db.fetch(
+        "SELECT d.transcript_id, t.owner FROM speaker_matching_due d JOIN transcripts t ON t.id = d.transcript_id"
+        " WHERE d.transcript_id > $1 AND d.pending_since <= clock_timestamp() - make_interval(secs => $2)"
+        " ORDER BY d.transcript_id LIMIT $3", after, older_than_s, limit)
+
+
+async def forget_matchings_of_deleted_jobs(db: Db) -> int:
+    """Drop the rows of recordings whose job was deleted (nothing left to match); how many."""
+    return int((await db.execute(
+        "DELETE FROM speaker_matching_due d WHERE NOT EXISTS (SELECT 1 FROM transcripts t"
+        " WHERE t.id = d.transcript_id)")).split()[-1])
 
 
 async def _jobs_of_rename(conn: asyncpg.Connection, owner: str | None, speaker_id: int, old: str,
@@ -134,19 +194,22 @@ async def _one_change_of_the_owners_people_at_a_time(conn: asyncpg.Connection, o
 async def rename_speaker(conn: asyncpg.Connection, owner: str | None, speaker_id: int, name: str) -> list[int]:
     """Rename, and carry the new name to the jobs that expect the person (`expected_speakers`).
     NameTaken when another of the owner's speakers has the name (the unique index on it says so).
-    The transcripts the rename can change the names of, not locked: the caller matches them
-    again once this commits, and that matching writes the new name on the recording speakers the
-    person named automatically (until then they keep the old one: a recording never shows the
-    new name on a second speaker, one that has it by hand). Sent again with the name the person
-    has (a rename whose matching was cut off), those where the person still has another name;
-    nothing when the person is gone."""
+    The transcripts the rename can change the names of, not locked, each recorded as due a
+    matching (matching_due) in this transaction: the caller matches them again once this
+    commits, and that matching writes the new name on the recording speakers the person named
+    automatically (until then they keep the old one: a recording never shows the new name on a
+    second speaker, one that has it by hand). Sent again with the name the person has (a rename
+    whose matching was cut off), those where the person still has another name; nothing when the
+    person is gone."""
     await _one_change_of_the_owners_people_at_a_time(conn, owner)
     old = await conn.fetchval("SELECT name FROM speakers WHERE id = $1", speaker_id)
     if old is None:
         return []
     if old == name:
         rows = await conn.fetch(f"{_NAMED_BY} AND name IS DISTINCT FROM $2", speaker_id, name)
-        return sorted({r["transcript_id"] for r in rows})
+        due = sorted({r["transcript_id"] for r in rows})
+        await matching_due(conn, due)
+        return due
     # The jobs that expect the person are locked first, in id order, as the persister locks a job
     # before its speakers and an enrolment a job before the speaker: the other order deadlocked
     # with them.
@@ -164,7 +227,9 @@ async def rename_speaker(conn: asyncpg.Connection, owner: str | None, speaker_id
     # The person is locked by the update: every matching that read them has committed (the voices
     # it gave them are found here), and one that reads them from now on waits for the commit and
     # reads the new name.
-    return await _jobs_of_rename(conn, owner, speaker_id, old, name)
+    due = await _jobs_of_rename(conn, owner, speaker_id, old, name)
+    await matching_due(conn, due)
+    return due
 
 
 _UNNAME = "UPDATE transcript_speakers SET name = NULL, name_source = NULL, matched_speaker_id = NULL, confidence = NULL"
@@ -172,8 +237,13 @@ _UNNAME = "UPDATE transcript_speakers SET name = NULL, name_source = NULL, match
 
 async def delete_speaker(conn: asyncpg.Connection, speaker_id: int) -> list[int]:
     """Forget a person: their voiceprints go (cascade) and so does every name matched to them.
-    The transcripts that lost a name: the caller announces them in this transaction, and matches
-    them again once it commits (another person may be the best match for a voice now)."""
+    The transcripts that lost a name, each recorded in this transaction as due a matching that
+    announces it (matching_due with `announce`): the caller matches them again once this commits
+    (another person may be the best match for a voice now), and each batch of that matching tells
+    its transcripts their names as they end, whether or not someone took the voice. A matching
+    cut off before its end (a restart, a lost database) leaves the rest due, for the sweep: once
+    this commits, every transcript that lost the name is told so, and the forgetting's own commit
+    writes one row a transcript, not an event."""
     owner = await conn.fetchval("SELECT owner FROM speakers WHERE id = $1", speaker_id)
     await _one_change_of_the_owners_people_at_a_time(conn, owner)
     # Their jobs first, in id order, as every matching locks a job before its speakers.
@@ -191,7 +261,9 @@ async def delete_speaker(conn: asyncpg.Connection, speaker_id: int) -> list[int]
             f" AND transcript_id IN (SELECT id FROM transcripts WHERE {_owned_by(forgotten['owner'])})"
             " RETURNING transcript_id",
             forgotten["owner"], forgotten["name"])
-    return sorted({r["transcript_id"] for r in rows})
+    unnamed = sorted({r["transcript_id"] for r in rows})
+    await matching_due(conn, unnamed, announce=True)
+    return unnamed
 
 
 # The owner's profiles by embedding model, each with its name as PostgreSQL lowers it.

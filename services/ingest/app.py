@@ -75,7 +75,7 @@ from services.ingest.redacted_audio import PROCESSING_RETRY_AFTER_S, REDACTION_R
 from services.ingest.reindex import REINDEX_ROUTES, Reindexer, run_corrections_embedder
 from services.ingest.retention import run_retention
 from services.ingest.search import SEARCH_ROUTES
-from services.ingest.speakers import SPEAKER_ROUTES, require_enrolled
+from services.ingest.speakers import SPEAKER_ROUTES, require_enrolled, run_matching_sweep
 from services.ingest.submission import Accepted, Unavailable, accepted, replayed, submit_recording
 from services.ingest.transcripts import TRANSCRIPT_ROUTES, JobId, stored_filename, visible
 from services.ingest.usage import USAGE_ROUTES
@@ -462,6 +462,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
                      state, lambda: state.wakeups.run(state.connection)))),
                  asyncio.create_task(run_retention(state.pool, state.s3, settings, state.s3_quick)),
                  asyncio.create_task(run_orphan_sweep(state.pool, state.s3, settings.audio_bucket)),
+                 # What a change of enrolled speakers left to match when its request was cut off.
+                 asyncio.create_task(run_matching_sweep(state)),
                  asyncio.create_task(run_corrections_embedder(state.pool, *state.query_embedder))]
         waiting = "" if all(task.done() for task in reaching) else " (RabbitMQ or the object store not reached yet)"
         try:

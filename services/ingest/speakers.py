@@ -1,7 +1,8 @@
 """Enrolled speakers: /speakers (enrol, list, show, rename, forget). A speaker is a name and a set of
 voiceprints, owned by the API key like jobs. Every change re-names the owner's recordings it can
 change from their stored voices (no audio is processed again) and announces each transcript
-whose names changed with `transcript.speakers_updated`."""
+whose names changed (after a forgetting, each that lost a name) with
+`transcript.speakers_updated`; what a request cut off leaves undone, a sweep finishes."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import Annotated, TypeVar
+from typing import Annotated, NamedTuple, TypeVar
 
 import asyncpg
 import numpy as np
@@ -44,6 +45,12 @@ DEADLOCK_TRIES = 3
 # after the person's change committed: a chunk store, an upload that expects the owner's people or
 # a change of another of them waits for one such transaction at most, not for all of them.
 MATCHED_AGAIN_PER_TRANSACTION = 100
+# The recordings a change leaves to match again are recorded in its commit
+# (speakerstore.matching_due), each deleted by the batch that matches it: a request cut off before
+# its last batch leaves the rest due, and run_matching_sweep, in every replica, finishes what has
+# been due this long (a live request's batches usually get there first).
+PENDING_MATCHING_GRACE_S = 60.0
+MATCHING_SWEEP_INTERVAL_S = 30.0
 T = TypeVar("T")
 # Embedding a sample runs the speaker models in this process: one at a time.
 _embedding_slot = asyncio.Semaphore(1)
@@ -138,21 +145,39 @@ def unenrolled(names: list[str], field: str = "expected_speakers") -> str:
 # ---- announcing and re-naming -----------------------------------------------------------------
 
 
-async def _name_again(conn: asyncpg.Connection, settings: Settings, owner: str | None,
-                      transcript_ids: list[int]) -> list[int]:
-    """Match these recordings of the owner, their jobs locked by the caller's transaction, against
-    the owner's profiles again; the transcripts whose names (or recognised speakers' confidences)
-    changed here, each announced."""
-    announced = []
+class Matched(NamedTuple):
+    done: list[int]  # matched and no longer due (one a change wrote to meanwhile stays due: not here)
+    changed: list[int]  # whose names, or recognised speakers' confidences, changed
+    announced: list[int]
+
+
+async def _match_batch(conn: asyncpg.Connection, settings: Settings, owner: str | None, transcript_ids: list[int],
+                       skip_locked: bool = False) -> Matched:
+    """One batch of a matching after a change of the owner's people, in the caller's transaction:
+    these recordings' jobs locked in id order (`skip_locked`: those another transaction holds
+    passed over), and those of them still due a matching (speakerstore.matching_due) matched
+    against the owner's people again; their rows deleted, and each transcript told its names
+    where they (or a recognised speaker's confidence) changed or its row asks for it (a
+    forgetting's). Committed, the batch is done for good; cut off, it is still due. A recording
+    no longer due (matched by another request's batch or the sweep meanwhile) is not matched
+    again."""
+    due = await speakerstore.matchings_due(conn, await speakerstore.lock_jobs(conn, transcript_ids, skip_locked))
+    changed = []
     # Read once for them all: the caller's transaction holds the owner's people as they are.
     profiles: speakerstore.OwnerProfiles = {}
-    for transcript_id in transcript_ids:
+    for transcript_id in due:
         if await speakerstore.name_recording_speakers(conn, transcript_id, owner, settings.speaker_match_threshold,
                                                       settings.speaker_min_speech_s, profiles,
                                                       counting_confidence=True):
-            await speakerstore.announce_speaker_names(conn, transcript_id)
-            announced.append(transcript_id)
-    return announced
+            changed.append(transcript_id)
+    # The rows are locked only now, after the people were read: a change of them (a rename holds
+    # the person it renames) writes its rows after that, and waiting for its rows here while it
+    # waits for the people this batch read would deadlock.
+    done = await speakerstore.matchings_done(conn, due) if due else {}
+    announced = sorted({transcript_id for transcript_id, announce in done.items() if announce}.union(changed))
+    for transcript_id in announced:
+        await speakerstore.announce_speaker_names(conn, transcript_id)
+    return Matched(sorted(done), changed, announced)
 
 
 def _log_renamed(transcript_ids: list[int]) -> None:
@@ -161,31 +186,81 @@ def _log_renamed(transcript_ids: list[int]) -> None:
             log.info("speaker names changed after a change of the enrolled speakers")
 
 
+async def _match_in_one_transaction(state: State, owner: str | None, transcript_ids: list[int],
+                                    skip_locked: bool = False) -> Matched:
+    """_match_batch in a transaction of its own, run again when it gives way in a deadlock; the
+    outbox woken for what it announced."""
+
+    async def batch(conn: asyncpg.Connection) -> Matched:
+        return await _match_batch(conn, state.settings, owner, transcript_ids, skip_locked)
+
+    matched = await _in_transaction_retried(state.pool, batch)
+    if matched.announced:
+        state.outbox_wake.set()
+    _log_renamed(matched.changed)
+    return matched
+
+
 async def match_recordings_again(state: State, owner: str | None, transcript_ids: list[int]) -> list[int]:
-    """After an enrolment, a rename or a forgetting committed: these recordings of the owner (the
-    callers pass only those their change can rename: a key with thousands of transcripts is not
-    matched again whole on every enrolment) matched again as _name_again does,
-    MATCHED_AGAIN_PER_TRANSACTION jobs a transaction, each batch's jobs locked in id order and
-    then the owner's people (as every matching locks them), and run again when it gives way in a
-    deadlock. The transcripts announced (and logged).
+    """After an enrolment, a rename or a forgetting committed, and recorded in that commit the
+    recordings it leaves due a matching (speakerstore.matching_due): these recordings of the
+    owner (the callers pass only those their change can rename: a key with thousands of
+    transcripts is not matched again whole on every enrolment) matched again,
+    MATCHED_AGAIN_PER_TRANSACTION jobs a transaction (_match_batch), each batch's jobs locked in
+    id order and then the owner's people (as every matching locks them), and run again when it
+    gives way in a deadlock. The transcripts whose names changed (in these batches: one the sweep
+    got to first is not counted).
 
     Nothing is held between batches. A recording not reached yet shows what the committed change
-    left it until its batch: a rename's old name (told of the new one by its batch), a forgotten
-    person's voice unnamed (told by the forgetting's own commit; its batch tells only of another
-    person taking the voice). A matching of it meanwhile (a chunk stored, an enrolment, a name
-    given by hand) reads the owner's people as they are now, as its batch then does, and what it
-    changed the batch finds done."""
-    announced = []
+    left it until its batch: a rename's old name, a forgotten person's voice unnamed; its batch
+    tells it its names. A matching of it meanwhile (a chunk stored, an enrolment, a name given by
+    hand) reads the owner's people as they are now, as its batch then does, and what it changed
+    the batch finds done. Cut off before the last batch (a restart, a lost database), the rest
+    stays due and run_matching_sweep finishes it after PENDING_MATCHING_GRACE_S."""
+    changed = []
     for start in range(0, len(transcript_ids), MATCHED_AGAIN_PER_TRANSACTION):
         batch = transcript_ids[start:start + MATCHED_AGAIN_PER_TRANSACTION]
+        changed += (await _match_in_one_transaction(state, owner, batch)).changed
+    return changed
 
-        async def name_again(conn: asyncpg.Connection, batch: list[int] = batch) -> list[int]:
-            return await _name_again(conn, state.settings, owner, await speakerstore.lock_jobs(conn, batch))
 
-        announced += await _in_transaction_retried(state.pool, name_again)
-        state.outbox_wake.set()
-    _log_renamed(announced)
-    return announced
+async def finish_left_matchings(state: State, grace_s: float = PENDING_MATCHING_GRACE_S) -> list[int]:
+    """The recordings due a matching for longer than `grace_s` (the request of the change that
+    left them was cut off, or is still on its way through thousands) matched again, in id order,
+    MATCHED_AGAIN_PER_TRANSACTION jobs a transaction, each batch one owner's, as the request's
+    batches are (_match_batch): a forgetting's recordings are told their names there. A job
+    another transaction holds (a request's batch, another replica's sweep, a chunk being stored)
+    is passed over, left for the next sweep, and a recording matched meanwhile is not matched
+    again. The recordings matched (each once, whoever else sweeps at the same time)."""
+    dropped = await speakerstore.forget_matchings_of_deleted_jobs(state.pool)
+    if dropped:
+        log.info("%d recordings due a matching of voices were deleted meanwhile", dropped)
+    matched, after = [], 0
+    while rows := await speakerstore.matchings_left(state.pool, grace_s, after, MATCHED_AGAIN_PER_TRANSACTION):
+        after = rows[-1]["transcript_id"]
+        of_owner: dict[str | None, list[int]] = {}
+        for row in rows:
+            of_owner.setdefault(row["owner"], []).append(row["transcript_id"])
+        for owner, transcript_ids in of_owner.items():
+            matched += (await _match_in_one_transaction(state, owner, transcript_ids, skip_locked=True)).done
+    return matched
+
+
+async def run_matching_sweep(state: State) -> None:
+    """Every MATCHING_SWEEP_INTERVAL_S, finish_left_matchings: what a change of someone's people
+    left due when its request was cut off (a restart, a crash, a lost database) is matched, and
+    a forgetting's transcripts are told the name went, though the DELETE cannot be sent again.
+    Every ingest replica sweeps: each batch takes its recordings by locking their jobs, so no
+    recording is matched twice at once."""
+    while True:
+        try:
+            if matched := await finish_left_matchings(state):
+                log.warning("matched %d recordings again that a change of enrolled speakers left due for over %g s"
+                            " (its request was cut off, or is still on its way through many)", len(matched),
+                            PENDING_MATCHING_GRACE_S)
+        except Exception:
+            log.exception("finishing the matchings of voices left unfinished failed; will try again")
+        await asyncio.sleep(MATCHING_SWEEP_INTERVAL_S)
 
 
 async def _in_transaction_retried(pool: asyncpg.Pool, work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
@@ -365,12 +440,16 @@ async def enrol(request: Request, state: State) -> Enrolled:
                     transcript_id=reference.transcript_id if reference else None,
                     label=reference.label if reference else None)
                 log.info("enrolled a voiceprint for speaker %d (%.1f s of speech)", speaker_id, voice.speech_s)
+        # The recordings the voice can name someone in, due a matching from this commit on: cut
+        # off before the end of the matching below, the sweep finishes it (run_matching_sweep).
+        near = await speakerstore.transcripts_near_voice(conn, owner, voice.embedding, voice.model,
+                                                         state.settings.speaker_match_threshold)
+        await speakerstore.matching_due(conn, near)
         # What the enrolment made, read before it commits: the person may be renamed or forgotten
         # (DELETE /speakers/{id}) while the recordings below are matched again, and the voiceprint
         # was saved all the same.
         profile = await _profile(conn, owner, speaker_id)
-    relabelled = await match_recordings_again(state, owner, await speakerstore.transcripts_near_voice(
-        state.pool, owner, voice.embedding, voice.model, state.settings.speaker_match_threshold))
+    relabelled = await match_recordings_again(state, owner, near)
     return Enrolled(**profile.model_dump(), relabelled=relabelled)
 
 
@@ -417,28 +496,25 @@ async def rename(speaker_id: SpeakerId, data: Rename, request: Request, state: S
         responses=error_responses(400, 401, 403, 404, 503, e404="No such speaker (for this key)"))
 async def forget(speaker_id: SpeakerId, request: Request, state: State) -> None:
     """Deletes every voiceprint of the speaker and every name recognition gave from them (names
-    given by hand stay); each transcript that loses a name is announced, and announced again
-    where another person then takes the voice."""
+    given by hand stay); each transcript that loses a name is matched again (another person may
+    take the voice) and announced once, with its names as they end."""
     owner = request_owner(request)
 
     async def forgotten(conn: asyncpg.Connection) -> list[int]:
         if await speakerstore.get_speaker(conn, owner, speaker_id) is None:
             raise NotFoundException(detail=f"no speaker with id {speaker_id}")
-        unnamed = await speakerstore.delete_speaker(conn, speaker_id)
-        # Told in the commit that takes the names: a forgetting is asked for privacy, and the
-        # matching after it can be cut off (a restart, a lost database, a deadlock lost on every
-        # try) before it reaches a recording, and a DELETE sent again finds nobody to forget.
-        for transcript_id in unnamed:
-            await speakerstore.announce_speaker_names(conn, transcript_id)
-        return unnamed
+        return await speakerstore.delete_speaker(conn, speaker_id)
 
-    # The names go with the person, in one commit that tells each transcript. Another profile may
-    # now be the best match for the voices they named: matched again after it, a transcript where
-    # someone takes the voice is told its names a second time. Elsewhere the assignment stands: a
-    # profile no speaker was given takes nothing from the best pairing when it goes. Answered when
-    # every recording is matched.
+    # The names go with the person, in one commit, which records each transcript that lost one as
+    # due a matching that announces it (speakerstore.delete_speaker): one row a transcript, not an
+    # event, so the commit stays short for a person recognised in thousands of recordings. Another
+    # profile may now be the best match for the voices they named; elsewhere the assignment stands
+    # (a profile no speaker was given takes nothing from the best pairing when it goes). Each
+    # batch below tells its transcripts their names. A forgetting is asked for privacy, and the
+    # matching can be cut off (a restart, a lost database, a deadlock lost on every try) while a
+    # DELETE sent again finds nobody to forget: what it leaves stays due, and the sweep
+    # (run_matching_sweep) matches and announces it. Answered when every recording is matched.
     named = await _in_transaction_retried(state.pool, forgotten)
-    state.outbox_wake.set()
     log.info("forgot speaker %d: %d transcripts lose the name", speaker_id, len(named))
     _log_renamed(named)
     await match_recordings_again(state, owner, named)
