@@ -304,6 +304,60 @@ def test_upload_that_stops_midway_leaves_nothing_behind(stack: Stack):
     record_figure(f"bad input | {'upload stopped midway':<32} | no job, no row, no stored audio")
 
 
+def test_an_upload_its_client_gives_up_is_counted_as_the_clients_and_logged(stack: Stack):
+    """A client that closes its connection in the middle of its body was answered (to no one) 500
+    "client disconnected prematurely", Litestar's own, counted as a 500 in stt_http_requests_total
+    and logged nowhere: a fault here to whoever watches the figures. It is 499 (nginx's "client
+    closed request"), logged with the reason."""
+    from tests.test_metrics import parse, total
+
+    def counted(status: str) -> float:
+        samples = parse(httpx.get(stack.metrics_url("ingest"), timeout=10).text)
+        return total(samples, "stt_http_requests_total", method="POST", route="/recognize", status=status)
+
+    before, logged_before = {status: counted(status) for status in ("499", "500")}, len(stack.log_text("ingest"))
+    url = urlparse(stack.api)
+    head = (b'--gone\r\nContent-Disposition: form-data; name="file"; filename="gone.wav"\r\n'
+            b"Content-Type: audio/wav\r\n\r\n") + wav(jfk())[:100_000]
+    with socket.create_connection((url.hostname, url.port)) as sock:
+        sock.sendall((f"POST /recognize HTTP/1.1\r\nHost: {url.hostname}\r\n"
+                      f"Content-Type: multipart/form-data; boundary=gone\r\n"
+                      f"Content-Length: {len(head) + 400_000}\r\n\r\n").encode() + head)
+        time.sleep(0.5)
+    deadline = time.monotonic() + 10
+    while counted("499") == before["499"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert {status: counted(status) - before[status] for status in before} == {"499": 1, "500": 0}
+    logged = stack.log_text("ingest")[logged_before:]
+    assert (f"POST /recognize: the client closed the connection before the whole body came"
+            f" ({len(head) + 400_000} bytes announced); answered 499") in logged, logged
+
+
+def test_a_multipart_body_cut_short_or_not_in_its_boundary_is_told_so(stack: Stack):
+    """Every multipart body the form parser could not read was answered "headers must be UTF-8 (a
+    filename in another encoding?)": one cut short before its closing boundary, or written with
+    another boundary than its Content-Type names, too. That is said only of headers that are not
+    UTF-8 now (test_non_utf8_filename); the others are told what is wrong with them."""
+    part = b'--cut\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\nRIFF'
+    answers = {
+        "cut short": httpx.post(f"{stack.api}/recognize", content=part, timeout=60,
+                                headers={"content-type": "multipart/form-data; boundary=cut"}),
+        "another boundary": httpx.post(f"{stack.api}/recognize", content=part + b"\r\n--cut--\r\n", timeout=60,
+                                       headers={"content-type": "multipart/form-data; boundary=other"}),
+        "junk": httpx.post(f"{stack.api}/recognize", content=b"hello", timeout=60,
+                           headers={"content-type": "multipart/form-data; boundary=cut"}),
+        "a line break that is not CRLF": httpx.post(
+            f"{stack.api}/recognize", content=part.replace(b"cut\r\n", b"cut\n", 1) + b"\r\n--cut--\r\n", timeout=60,
+            headers={"content-type": "multipart/form-data; boundary=cut"}),
+    }
+    details = {what: (answer.status_code, answer.json()["detail"]) for what, answer in answers.items()}
+    assert all(status == 400 and "UTF-8" not in detail for status, detail in details.values()), details
+    assert "it ends before its closing boundary (--cut--): it was cut short" in details["cut short"][1], details
+    assert "(--other--)" in details["another boundary"][1] and "(--cut--)" in details["junk"][1], details
+    assert "Invalid line break after first boundary" in details["a line break that is not CRLF"][1], details
+    assert "(--cut)" in details["a line break that is not CRLF"][1], details
+
+
 def test_non_utf8_filename(stack: Stack):
     boundary = "latinboundary"
     body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"".encode()

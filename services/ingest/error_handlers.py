@@ -1,6 +1,7 @@
 """How ingest answers the errors its routes do not answer themselves: Litestar's own 4xx with a
 detail that says what is at fault, undecodable form fields, backing services that are down
-(503 with Retry-After), and anything else (a 500, logged with its job)."""
+(503 with Retry-After), a client gone before its body was in (499, logged), and anything else (a
+500, logged with its job)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import contextlib
 import logging
 
 from litestar import Request, Response
-from litestar.exceptions import ClientException, HTTPException, ValidationException
+from litestar.exceptions import ClientException, HTTPException, InternalServerException, ValidationException
 
 from common.db import DATABASE_UNAVAILABLE
 from common.logs import job_logged
@@ -21,6 +22,27 @@ log = logging.getLogger(__name__)
 
 # The routes whose form takes at most UPLOAD_FORM_PARTS parts (Body(multipart_form_part_limit=...)).
 FORM_PART_LIMITED_PATHS = ("/recognize", *OPENAI_PATHS)
+# Litestar's words (an InternalServerException, a 500) for a request whose client closed the
+# connection before the whole of its body came (Request.stream, on http.disconnect).
+CLIENT_GONE = "client disconnected prematurely"
+# nginx's "client closed request": the answer reaches no one, but stt_http_requests_total and the
+# log tell a client that gave up (an upload cancelled, a laptop closed) from a fault here (a 500).
+CLIENT_CLOSED_REQUEST = 499
+
+
+def _unparsable_form(cause: BaseException | None, boundary: str) -> str:
+    """Why the form parser could not read a multipart body (`cause`: its ParserError): a part's
+    headers that are not UTF-8 (a filename in another encoding), a body that ends before its closing
+    boundary (cut short, or not written with the boundary its Content-Type names, which the parser
+    then never finds), or another fault of its form, in the parser's words."""
+    said = str(cause.args[0]) if cause is not None and cause.args else "unknown"
+    if cause is not None and any(isinstance(arg, UnicodeDecodeError) for arg in cause.args):
+        return "the multipart body could not be parsed: headers must be UTF-8 (a filename in another encoding?)"
+    if said.startswith("Unexpected end of multipart stream"):
+        return (f"the multipart body could not be parsed: it ends before its closing boundary (--{boundary[:100]}--):"
+                f" it was cut short, or its parts are not separated by the boundary its Content-Type names")
+    return (f"the multipart body could not be parsed ({said[:200]}): is it cut short, or is its boundary not the"
+            f" one its Content-Type names (--{boundary[:100]})?")
 
 
 def clearer_client_error(request: Request, exc: ClientException) -> Response:
@@ -51,7 +73,7 @@ def clearer_client_error(request: Request, exc: ClientException) -> Response:
         else:
             detail = f"the body exceeds {SMALL_BODY_BYTES // 1024} KiB; send a recording itself as a multipart upload"
     elif exc.status_code == 400 and detail == "Invalid multipart/form-data":
-        detail = ("the multipart body could not be parsed: headers must be UTF-8 (a filename in another encoding?)"
+        detail = (_unparsable_form(exc.__cause__, request.content_type[1].get("boundary", ""))
                   if request.content_type[0] == "multipart/form-data" else
                   f"send a multipart/form-data body (curl -F), not {request.content_type[0] or 'no content type'}")
     return Response(error_body(request.url.path, exc.status_code, detail, exc.extra), status_code=exc.status_code,
@@ -108,8 +130,22 @@ def internal_error(request: Request, exc: Exception) -> Response:
     catches, is a 503 like the others."""
     if isinstance(exc, (*DATABASE_UNAVAILABLE, *STORAGE_UNAVAILABLE)):
         return service_unavailable(request, exc)
+    if isinstance(exc, InternalServerException) and exc.detail == CLIENT_GONE:
+        return client_gone(request)
     detail = exc.detail if isinstance(exc, HTTPException) else "Internal Server Error"
     return Response(error_body(request.url.path, 500, detail), status_code=500)
+
+
+def client_gone(request: Request) -> Response:
+    """A client that closed its connection before its body was all in: CLIENT_CLOSED_REQUEST, logged
+    with the reason (Litestar's own answer was a 500 logged nowhere)."""
+    announced = request.headers.get("content-length")
+    length = f"{announced[:20]} bytes announced" if announced else "sent in chunks"
+    with _for_the_routes_job(request.scope):
+        log.info("%s %s: the client closed the connection before the whole body came (%s); answered %d",
+                 request.method, request.url.path, length, CLIENT_CLOSED_REQUEST)
+    return Response(error_body(request.url.path, CLIENT_CLOSED_REQUEST, "the client closed the connection before"
+                               " the whole body came"), status_code=CLIENT_CLOSED_REQUEST)
 
 
 def service_unavailable(request: Request, exc: Exception) -> Response:

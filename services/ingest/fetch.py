@@ -48,13 +48,15 @@ class _RateFloor:
     AUDIO_URL_TIMEOUT_S while every other upload was refused. While a place is free, a slow server
     keeps no one out and takes as long as AUDIO_URL_TIMEOUT_S lets it."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self) -> None:
         # From the final answer's headers: before them, the address checks, connections, redirects
         # and the server's first byte are bounded by timeouts of their own (a slow start of a
         # fast download is no trickle).
         self.started: float | None = None
         self.received = 0
-        self.host = urlsplit(url).hostname
+        # Set by _fetch once the address has passed its checks: a URL that is not one (`http://[::1`)
+        # fails to split, and is refused there with the reason.
+        self.host: str | None = None
         self.given_up = False
 
     def deadline(self) -> float:
@@ -104,7 +106,7 @@ async def fetch_recording(url: str, settings: Settings) -> tuple[BinaryIO, str]:
     Content-Disposition, else the URL's path). 400 with the reason when it cannot be fetched (or
     comes too slowly while every upload place is taken: _RateFloor), 413 past MAX_UPLOAD_MB."""
     url = url.strip()
-    floor = _RateFloor(url)
+    floor = _RateFloor()
     fetching = asyncio.current_task()
     watching = asyncio.ensure_future(floor.watch(fetching))
     try:
@@ -137,7 +139,11 @@ async def _fetch(url: str, settings: Settings, floor: _RateFloor) -> tuple[Binar
                 floor.host = urlsplit(url).hostname
                 async with http.get(url, allow_redirects=False) as response:
                     if response.status in REDIRECTS and "Location" in response.headers:
-                        url = urljoin(url, response.headers["Location"])
+                        try:
+                            url = urljoin(url, response.headers["Location"])
+                        except ValueError as exc:  # `http://[`, a host NFKC makes another: urlsplit's
+                            raise _refused(f"could not fetch the audio URL: {floor.host} redirected to an address"
+                                           f" that is not a valid URL ({exc})") from exc
                         continue
                     if response.status != 200:
                         raise _refused(f"could not fetch the audio URL: {urlsplit(url).hostname} answered "
