@@ -860,6 +860,35 @@ async def _recordings_in_the_database(conn, owner: str, count: int, anna: int) -
     return sorted(ids)
 
 
+# Scores 0.8 on Anna's voice ([1, 0, 0]): second to her, and above SPEAKER_MATCH_THRESHOLD.
+BORIS_SOUNDING_LIKE_ANNA = "[0.8, 0.6, 0]"
+
+
+@contextlib.asynccontextmanager
+async def _anna_and_boris_in_recordings(enrolled, count: int,
+                                       boris: str = BORIS_SOUNDING_LIKE_ANNA) -> AsyncIterator[SimpleNamespace]:
+    """Anna and Boris (his voice `boris`) enrolled for the key, `count` made-up recordings where
+    Anna was recognised, a queue of their transcript.speakers_updated, and a second connection
+    (`holding`) to hold locks with; the recordings removed after."""
+    import asyncpg
+
+    stack, _, _, source = enrolled
+    key_owner = stack.value("SELECT owner FROM transcripts WHERE id = $1", source)
+    conn, holding = await asyncpg.connect(stack.database_url), await asyncpg.connect(stack.database_url)
+    connection = await aio_pika.connect(stack.amqp_url)
+    jobs: list[int] = []
+    try:
+        people = await _enrolled_in_the_database(conn, key_owner, {"Anna": "[1, 0, 0]", "Boris": boris})
+        jobs = await _recordings_in_the_database(conn, key_owner, count, people["Anna"])
+        queue = await events_queue(await connection.channel(), "transcript.speakers_updated")
+        yield SimpleNamespace(conn=conn, holding=holding, people=people, jobs=jobs, queue=queue)
+    finally:
+        await connection.close()
+        await holding.close()
+        await conn.execute("DELETE FROM transcripts WHERE id = ANY($1::bigint[])", jobs)
+        await conn.close()
+
+
 async def _names_in(conn, jobs: list[int]) -> dict[int, dict[str, tuple]]:
     """job -> label -> (name, source) of those jobs' recording speakers."""
     names: dict[int, dict[str, tuple]] = {}
@@ -903,18 +932,11 @@ async def test_a_rename_matches_its_recordings_again_a_batch_at_a_time(enrolled)
     and the jobs already matched are free. No recording shows one name on two speakers meanwhile,
     and the end is what one transaction left: the new name wherever the person was recognised,
     a name given by hand winning, each transcript told its names once."""
-    import asyncpg
-
     from services.ingest.speakers import MATCHED_AGAIN_PER_TRANSACTION as BATCH
 
-    stack, owner, _, source = enrolled
-    key_owner = stack.value("SELECT owner FROM transcripts WHERE id = $1", source)
-    conn, holding = await asyncpg.connect(stack.database_url), await asyncpg.connect(stack.database_url)
-    connection = await aio_pika.connect(stack.amqp_url)
-    jobs: list[int] = []
-    try:
-        people = await _enrolled_in_the_database(conn, key_owner, {"Anna": "[1, 0, 0]", "Boris": "[0, 1, 0]"})
-        jobs = await _recordings_in_the_database(conn, key_owner, 3 * BATCH, people["Anna"])
+    stack, owner, _, _ = enrolled
+    async with _anna_and_boris_in_recordings(enrolled, 3 * BATCH, boris="[0, 1, 0]") as made:
+        conn, holding, people, jobs, queue = made.conn, made.holding, made.people, made.jobs, made.queue
         # Given the new name by hand, spk_1 keeps it: recognition names nobody else so there.
         new_by_hand = jobs[0::10]
         await conn.execute("UPDATE transcript_speakers SET name = 'Anna K.', name_source = 'manual'"
@@ -924,7 +946,6 @@ async def test_a_rename_matches_its_recordings_again_a_batch_at_a_time(enrolled)
         await conn.execute("UPDATE transcript_speakers SET name = CASE speaker WHEN 'spk_1' THEN 'Anna' END,"
                            " name_source = CASE speaker WHEN 'spk_1' THEN 'manual' END, matched_speaker_id = NULL,"
                            " confidence = NULL WHERE transcript_id = ANY($1::bigint[])", old_by_hand)
-        queue = await events_queue(await connection.channel(), "transcript.speakers_updated")
         held = holding.transaction()
         await held.start()
         await holding.execute("SELECT id FROM transcripts WHERE id = $1 FOR UPDATE", jobs[2 * BATCH])
@@ -958,11 +979,6 @@ async def test_a_rename_matches_its_recordings_again_a_batch_at_a_time(enrolled)
         _told_once_each_with_no_name_twice(events)
         for job in jobs:
             assert {label: (n["name"], n["source"]) for label, n in events[job][0].items()} == names[job]
-    finally:
-        await connection.close()
-        await holding.close()
-        await conn.execute("DELETE FROM transcripts WHERE id = ANY($1::bigint[])", jobs)
-        await conn.close()
 
 
 async def test_forgetting_a_person_takes_their_names_at_once_and_matches_the_recordings_a_batch_at_a_time(enrolled):
@@ -975,20 +991,11 @@ async def test_forgetting_a_person_takes_their_names_at_once_and_matches_the_rec
     is finished by the sweep, and leaves no subscriber with the forgotten name
     (test_a_forgetting_cut_off_after_its_commit_is_finished_by_the_sweep). The DELETE answers
     once every recording is matched, each told once by the forgetting."""
-    import asyncpg
-
     from services.ingest.speakers import MATCHED_AGAIN_PER_TRANSACTION as BATCH
 
-    stack, owner, _, source = enrolled
-    key_owner = stack.value("SELECT owner FROM transcripts WHERE id = $1", source)
-    conn, holding = await asyncpg.connect(stack.database_url), await asyncpg.connect(stack.database_url)
-    connection = await aio_pika.connect(stack.amqp_url)
-    jobs: list[int] = []
-    try:
-        # Boris scores 0.8 on Anna's voice: second to her, and above SPEAKER_MATCH_THRESHOLD.
-        people = await _enrolled_in_the_database(conn, key_owner, {"Anna": "[1, 0, 0]", "Boris": "[0.8, 0.6, 0]"})
-        jobs = await _recordings_in_the_database(conn, key_owner, 3 * BATCH, people["Anna"])
-        queue = await events_queue(await connection.channel(), "transcript.speakers_updated")
+    stack, owner, _, _ = enrolled
+    async with _anna_and_boris_in_recordings(enrolled, 3 * BATCH) as made:
+        conn, holding, people, jobs, queue = made.conn, made.holding, made.people, made.jobs, made.queue
         held = holding.transaction()
         await held.start()
         # The third batch's first job: a speaker of it that Anna never named.
@@ -1041,11 +1048,6 @@ async def test_forgetting_a_person_takes_their_names_at_once_and_matches_the_rec
             expected = ["Boris", "Boris K."] if job in jobs[:2 * BATCH] else ["Boris K."]
             assert [told["spk_0"]["name"] for told in events[job]] == expected, (job, events[job])
             assert {label: (n["name"], n["source"]) for label, n in events[job][-1].items()} == names[job]
-    finally:
-        await connection.close()
-        await holding.close()
-        await conn.execute("DELETE FROM transcripts WHERE id = ANY($1::bigint[])", jobs)
-        await conn.close()
 
 
 async def test_a_rename_sent_again_finishes_the_matching_of_one_cut_off(enrolled):
@@ -1159,20 +1161,12 @@ async def test_a_batch_matched_before_a_forgetting_was_cut_off_is_not_matched_ag
     or PostgreSQL failing over): the first batch's recordings are matched, told and no longer
     due, the second's still due. The sweep finishes those, and only those: each transcript is
     told its names once."""
-    import asyncpg
-
     from services.ingest.speakers import MATCHED_AGAIN_PER_TRANSACTION as BATCH
     from services.ingest.speakers import finish_left_matchings
 
-    stack, owner, _, source = enrolled
-    key_owner = stack.value("SELECT owner FROM transcripts WHERE id = $1", source)
-    conn, holding = await asyncpg.connect(stack.database_url), await asyncpg.connect(stack.database_url)
-    connection = await aio_pika.connect(stack.amqp_url)
-    jobs: list[int] = []
-    try:
-        people = await _enrolled_in_the_database(conn, key_owner, {"Anna": "[1, 0, 0]", "Boris": "[0.8, 0.6, 0]"})
-        jobs = await _recordings_in_the_database(conn, key_owner, 2 * BATCH, people["Anna"])
-        queue = await events_queue(await connection.channel(), "transcript.speakers_updated")
+    stack, owner, _, _ = enrolled
+    async with _anna_and_boris_in_recordings(enrolled, 2 * BATCH) as made:
+        conn, holding, people, jobs, queue = made.conn, made.holding, made.people, made.jobs, made.queue
         held = holding.transaction()
         await held.start()
         # The second batch's first job: a speaker of it that Anna never named.
@@ -1204,11 +1198,6 @@ async def test_a_batch_matched_before_a_forgetting_was_cut_off_is_not_matched_ag
         _told_once_each_with_no_name_twice(events)
         for job in jobs:
             assert {label: (n["name"], n["source"]) for label, n in events[job][0].items()} == names[job]
-    finally:
-        await connection.close()
-        await holding.close()
-        await conn.execute("DELETE FROM transcripts WHERE id = ANY($1::bigint[])", jobs)
-        await conn.close()
 
 
 def test_a_request_sent_again_after_its_expected_person_was_renamed_gets_the_job_it_made(enrolled, voices):
