@@ -253,6 +253,45 @@ def test_batched_decoding_gives_each_person_their_words(fixtures_dir):
         assert len(set(said) ^ set(by_speaker[0][speaker])) <= 2, (said, by_speaker[0][speaker])
 
 
+def test_batched_decoding_of_a_quick_hand_over_to_another_language_transcribes_both(fixtures_dir):
+    """WHISPER_BATCH_SIZE with language=en,de: where one person hands over to another in another
+    language with under 0.6 s between, the language part is cut halfway between them, and the
+    pause where a clip may end is the same instant computed in another order, a float's rounding
+    after the part's start. With 30 s of talk after it, the first clip was that rounding long
+    (no samples): faster-whisper crashed in its word alignment (IndexError), every try of the
+    chunk alike, and the job failed."""
+    from common.turns import speech_regions
+    from services.transcriber.languages import language_spans, passages
+    from services.transcriber.whisper import REGION_PAD_S
+
+    settings = Settings()
+    model, _ = load_model(settings.model_copy(update={"whisper_model": settings.whisper_fallback_model}))
+    licence = decode_audio(str(fixtures_dir / "multilingual.mp3"))  # English to 29.2 s, then German from 31.0 s
+
+    def clip(start: float, end: float) -> np.ndarray:
+        return licence[round(start * SAMPLE_RATE):round(end * SAMPLE_RATE)]
+
+    english, german = clip(20.0, 29.2), np.concatenate([clip(31.0, 59.9), clip(31.0, 40.0)])  # 9.2 s, 37.9 s
+    audio = np.concatenate([english, np.zeros(round(0.3 * SAMPLE_RATE), dtype=np.float32), german])
+    offset = 100.7  # the chunk's start in the job
+    handed_over = offset + english.size / SAMPLE_RATE
+    turns = [SpeakerTurn(speaker="spk_0", start=offset, end=handed_over),
+             SpeakerTurn(speaker="spk_1", start=handed_over + 0.3, end=offset + audio.size / SAMPLE_RATE)]
+    # The case: the pause lies a rounding error after the start of the German part.
+    runs = passages(turns, offset, audio.size / SAMPLE_RATE)
+    runs[0].language, runs[1].language = "en", "de"
+    [_, (german_part, _)] = language_spans(runs, audio.size / SAMPLE_RATE, REGION_PAD_S)
+    first, second = speech_regions(turns)
+    assert 0 < (first.end + second.start) / 2 - offset - german_part.start < 1e-9
+
+    segments, language = transcribe_chunk(model, audio, offset, turns, None, among=["en", "de"], batch_size=8)
+
+    assert language == "de"
+    assert {(s.speaker, s.language) for s in segments} == {("spk_0", "en"), ("spk_1", "de")}, segments
+    assert {"software", "permission"} <= set(words(" ".join(s.text for s in segments if s.speaker == "spk_0")))
+    assert {"und", "der", "software"} <= set(words(" ".join(s.text for s in segments if s.speaker == "spk_1")))
+
+
 def test_a_jobs_vocabulary_is_spelled_as_given(fixtures_dir):
     """hotwords.mp3 says "ComfyUI" twice; Whisper alone writes it as words it knows."""
     settings = Settings()
@@ -633,6 +672,65 @@ def test_a_whisper_model_that_is_no_model_stops_the_transcriber_instead_of_servi
         load_model(settings.model_copy(update={"whisper_model": "mediun"}))
     with pytest.raises(RuntimeError, match=f"cannot load Whisper model '{tmp_path}' on cpu with compute type int8"):
         load_model(settings.model_copy(update={"whisper_model": str(tmp_path)}))
+
+
+def test_a_whisper_model_the_gpu_cannot_run_moves_to_the_cpu_with_auto_and_stops_the_transcriber_otherwise(
+        monkeypatch, caplog):
+    """A GPU host where CTranslate2 cannot load cuBLAS (or cuDNN): the model loaded, and its first
+    encode raised `Library libcublas.so.12 is not found or cannot be loaded`, so with
+    WHISPER_DEVICE=auto every job failed while the transcriber looked healthy. load_model now
+    transcribes a second of silence on a GPU: with auto, the model is loaded on the CPU instead,
+    with a warning; with cuda, the transcriber does not start, saying why. WHISPER_DEVICE=cuda on a
+    host without CUDA raised CTranslate2's bare RuntimeError, not ModelNotLoaded."""
+    import logging
+
+    import ctranslate2
+
+    from services.transcriber import whisper
+
+    fallback = Settings().whisper_fallback_model
+    if ctranslate2.get_cuda_device_count() == 0:  # a host without CUDA (this one): CTranslate2's own refusal
+        with pytest.raises(whisper.ModelNotLoaded, match=r"cannot load Whisper model '.*' on cuda \(WHISPER_DEVICE\)"
+                                                         r" with compute type auto \(WHISPER_COMPUTE_TYPE\): "):
+            load_model(Settings(whisper_model=fallback, whisper_device="cuda"))
+    # The warm-up as the real model takes it (on the CPU here).
+    whisper.warm_up(load_model(Settings(whisper_model=fallback, whisper_device="cpu"))[0])
+
+    loaded = []
+
+    class WhisperWithoutCublas:
+        """Stands in for faster_whisper.WhisperModel on a GPU host whose cuBLAS CTranslate2 cannot
+        load (this machine has no GPU): it loads anywhere, and on CUDA its first encode, when the
+        segments are asked for, raises what CTranslate2 raises there."""
+
+        def __init__(self, path, device, compute_type, cpu_threads):
+            self.device, self.compute_type = device, compute_type
+            loaded.append(self)
+
+        def transcribe(self, audio, **options):
+            def segments():
+                if self.device == "cuda":
+                    raise RuntimeError("Library libcublas.so.12 is not found or cannot be loaded")
+                yield from ()
+
+            return segments(), None
+
+    monkeypatch.setattr(whisper, "WhisperModel", WhisperWithoutCublas)
+    monkeypatch.setattr(ctranslate2, "get_cuda_device_count", lambda: 1)
+    monkeypatch.setattr(ctranslate2, "get_supported_compute_types",
+                        lambda device: {"float32", "float16", "int8", "int8_float16"} if device == "cuda"
+                        else {"float32", "int8", "int8_float32"})
+    with caplog.at_level(logging.WARNING, logger=whisper.log.name):
+        model, name = load_model(Settings(whisper_model=fallback, whisper_device="auto"))
+    assert name == fallback and [(m.device, m.compute_type) for m in loaded] == [("cuda", "float16"), ("cpu", "int8")]
+    assert model is loaded[-1]
+    [warning] = [r for r in caplog.records if r.name == whisper.log.name and r.levelno >= logging.WARNING]
+    assert "cannot transcribe there" in warning.getMessage() and "libcublas.so.12" in warning.getMessage()
+    assert "runs on the CPU instead (int8)" in warning.getMessage(), warning.getMessage()
+
+    with pytest.raises(whisper.ModelNotLoaded, match=r"loads on cuda with compute type float16 but cannot transcribe"
+                                                     r" there: Library libcublas.so.12 is not found"):
+        load_model(Settings(whisper_model=fallback, whisper_device="cuda"))
 
 
 def load_in_a_process(env: dict[str, str], hub_cache: Path, model: str = "tiny",

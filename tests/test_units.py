@@ -66,6 +66,26 @@ def test_batched_clips_end_where_regions_join_or_in_a_pause_and_hold_at_most_a_w
     assert [(c["start"], c["end"]) for c in _clips([TimeSpan(start=5, end=75)], [])] == [(0, 30), (30, 60), (60, 70)]
 
 
+def test_batched_clips_are_never_too_short_for_whisper_to_hear():
+    """A language part cut in a pause starts where the pause is, give or take a float's rounding:
+    the pause ~1e-14 s into the part was a place to cut, and faster-whisper was handed a clip of
+    no samples, crashed in its word alignment, and the job failed. No clip is shorter than
+    CLIP_MIN_S, nor longer than CLIP_MAX_S."""
+    from services.transcriber.whisper import CLIP_MAX_S, CLIP_MIN_S
+
+    cases = [([TimeSpan(start=10, end=50)], [10 + 1e-14]), ([TimeSpan(start=10, end=50)], [50 - 1e-14]),
+             ([TimeSpan(start=0, end=10), TimeSpan(start=20, end=20 + 1e-14), TimeSpan(start=30, end=55)], []),
+             ([TimeSpan(start=10, end=40.01)], []), ([TimeSpan(start=10, end=40.03)], [])]
+    for spans, pauses in cases:
+        clips = _clips(spans, pauses)
+        assert all(CLIP_MIN_S <= c["end"] - c["start"] <= CLIP_MAX_S for c in clips), (spans, pauses, clips)
+        # End to end, all of it.
+        assert clips[0]["start"] == 0 and all(a["end"] == b["start"] for a, b in zip(clips, clips[1:]))
+        assert clips[-1]["end"] == pytest.approx(sum(s.end - s.start for s in spans)), clips
+    assert [(c["start"], c["end"]) for c in _clips([TimeSpan(start=10, end=50)], [10 + 1e-14])] == [(0, 30), (30, 40)]
+    assert _clips([TimeSpan(start=10, end=10.01)], []) == []  # nothing Whisper could time a word in
+
+
 def test_a_chunk_ends_in_a_wide_pause_near_its_end_rather_than_a_narrow_one():
     """Each chunk is heard with 0.3 s more audio on each side: at a 0.1 s hand-over both would
     hear the same words, and a word timed differently by each could be written twice or never."""
@@ -615,6 +635,38 @@ def test_whisper_with_its_own_voice_filter_gives_words_in_the_chunks_time():
     segments, _ = transcribe_chunk(BurstHearingModel(), audio, 10.0, [turn("spk_0", 10.0, 14.0)], "en",
                                    speech="whisper-vad")
     assert [(w.start, w.end) for s in segments for w in s.words] == [(11.0, 11.5)]
+
+
+def test_an_english_only_whisper_model_fails_a_job_in_another_language():
+    """WHISPER_MODEL=medium.en and a job in German: Whisper was told German, which an English-only
+    model cannot write, wrote English, and the job and its segments said German (searched with
+    German stemming). The job fails, saying why; English, detected or asked for, is transcribed."""
+    from types import SimpleNamespace
+
+    from common.broker import PermanentError
+    from common.messages import JobDiarized
+    from services.transcriber.handler import Deps, transcribe
+
+    class EnglishOnly(BurstHearingModel):
+        model = SimpleNamespace(is_multilingual=False)
+        # An English-only model's vocabulary has the language tokens too, never trained on.
+        hf_tokenizer = SimpleNamespace(token_to_id=lambda token: 50261)
+
+    audio = np.zeros(6 * 16_000, dtype=np.float32)
+    audio[16_000:24_000] = 0.5
+    deps = Deps(model=EnglishOnly(), read_pcm=lambda _b, _k, s: audio[round(s.start * 16_000):round(s.end * 16_000)])
+
+    def transcribed(language: str | None):
+        return transcribe(JobDiarized(job_id=1, chunk_index=0, chunk_count=1, pcm_bucket="b", pcm_key="k",
+                                      duration=6.0, span=TimeSpan(start=0, end=6.0), turns=[turn("spk_0", 0.0, 6.0)],
+                                      options=JobOptions(language=language)), deps)
+
+    for language in ("de", "yue"):
+        with pytest.raises(PermanentError, match=f"transcribes English only, not language '{language}'"):
+            transcribed(language)
+    for language in ("en", None, "multi"):
+        done = transcribed(language)
+        assert done.language == "en" and [s.text for s in done.segments] == ["word"], (language, done)
 
 
 async def test_a_message_is_held_through_an_outage_counted_from_its_errors(monkeypatch):

@@ -47,6 +47,10 @@ REGION_BRIDGE_S = 1.0
 OVERLAP_MIN_S = 0.1
 # Whisper's window: with WHISPER_BATCH_SIZE, the speech heard is cut into clips of at most this.
 CLIP_MAX_S = 30.0
+# ...and of at least this: Whisper's time step (one timestamp token, one encoder frame). A shorter
+# clip holds no word Whisper could time, and one under a sample long crashes faster-whisper's
+# word alignment (a clip of 0 frames).
+CLIP_MIN_S = 0.02
 # faster-whisper's defaults for a window it takes for silence (no_speech_threshold, log_prob_threshold).
 NO_SPEECH_PROB = 0.6
 LOW_LOGPROB = -1.0
@@ -72,10 +76,17 @@ def pick_device(settings: Settings) -> tuple[str, str]:
     device = settings.whisper_device
     if device == "auto":
         device = "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
-    compute_type = settings.whisper_compute_type
-    if compute_type == "auto":
-        compute_type = auto_compute_type(device, ctranslate2.get_supported_compute_types(device))
-    return device, compute_type
+    return device, compute_type_on(device, settings)
+
+
+def compute_type_on(device: str, settings: Settings) -> str:
+    """WHISPER_COMPUTE_TYPE, `auto` made the type it stands for on `device`. CTranslate2 raises a
+    RuntimeError where it cannot reach CUDA on a host without a usable GPU (or driver)."""
+    import ctranslate2
+
+    if settings.whisper_compute_type != "auto":
+        return settings.whisper_compute_type
+    return auto_compute_type(device, ctranslate2.get_supported_compute_types(device))
 
 
 class ModelNotLoaded(RuntimeError):
@@ -129,14 +140,32 @@ def _fetched_model_files(name: str) -> str:
     return _model_files(name)
 
 
+def warm_up(model: WhisperModel) -> None:
+    """A second of silence transcribed (one window encoded, one token decoded): CTranslate2 loads
+    a GPU's cuBLAS and cuDNN only when it first computes, so a model that loads on a GPU whose
+    libraries are missing (`Library libcublas.so.12 is not found or cannot be loaded`) failed at
+    every job's first word instead of at start-up."""
+    segments, _ = model.transcribe(np.zeros(SAMPLE_RATE, dtype=np.float32), language="en", beam_size=1,
+                                   temperature=0.0, condition_on_previous_text=False, without_timestamps=True,
+                                   max_new_tokens=1)
+    for _ in segments:
+        pass
+
+
 def load_model(settings: Settings) -> tuple[WhisperModel, str]:
     """WHISPER_MODEL (a size name or a model directory); if it cannot be fetched (no network, and
     not in the cache) after FETCH_RETRY_DELAYS_S, the bundled fallback with a warning. Any other
-    failure (a name that is no model, a device out of memory, a compute type it lacks) is
-    ModelNotLoaded. Returns the model and its name."""
-    device, compute_type = pick_device(settings)
-    options = {"device": device, "compute_type": compute_type, "cpu_threads": settings.whisper_cpu_threads}
+    failure (a name that is no model, a device out of memory, a compute type it lacks, a device
+    CTranslate2 cannot reach, a model that loads but cannot transcribe there) is ModelNotLoaded,
+    except that with WHISPER_DEVICE=auto a GPU on which it loads but cannot transcribe (its CUDA
+    libraries missing) gives way to the CPU, with a warning. Returns the model and its name."""
     name = settings.whisper_model
+    try:
+        device, compute_type = pick_device(settings)
+    except Exception as exc:
+        raise ModelNotLoaded(f"cannot load Whisper model {name!r} on {settings.whisper_device} (WHISPER_DEVICE) with"
+                             f" compute type {settings.whisper_compute_type} (WHISPER_COMPUTE_TYPE): {exc}") from exc
+    options = {"device": device, "compute_type": compute_type, "cpu_threads": settings.whisper_cpu_threads}
     try:
         path = _fetched_model_files(name)
     except _fetch_failures() as exc:
@@ -154,6 +183,24 @@ def load_model(settings: Settings) -> tuple[WhisperModel, str]:
     except Exception as exc:
         raise ModelNotLoaded(f"cannot load Whisper model {name!r} on {device} with compute type {compute_type}:"
                              f" {exc}") from exc
+    try:
+        if device == "cuda":  # on the CPU, CTranslate2 loads nothing when it first computes
+            warm_up(model)
+    except Exception as exc:
+        if settings.whisper_device != "auto":
+            raise ModelNotLoaded(f"Whisper model {name!r} loads on {device} with compute type {compute_type} but"
+                                 f" cannot transcribe there: {exc}") from exc
+        del model
+        device, compute_type = "cpu", compute_type_on("cpu", settings)
+        log.error("Whisper model %r loads on the GPU but cannot transcribe there (%s: %s): WHISPER_DEVICE=auto,"
+                  " so it runs on the CPU instead (%s), many times slower. Make CTranslate2's CUDA libraries (cuBLAS"
+                  " 12, cuDNN 9) loadable, or set WHISPER_DEVICE=cpu", name, type(exc).__name__, str(exc)[:300],
+                  compute_type)
+        try:
+            model = WhisperModel(path, **{**options, "device": device, "compute_type": compute_type})
+        except Exception as cpu_exc:
+            raise ModelNotLoaded(f"cannot load Whisper model {name!r} on the GPU ({exc}) nor on the CPU with compute"
+                                 f" type {compute_type}: {cpu_exc}") from cpu_exc
     log.info("Whisper model %s on %s (%s)", name, device, compute_type)
     return model, name
 
@@ -212,7 +259,11 @@ def model_language(model, language: str | None) -> str | None:
     """The language code to give `model` for a job's `language`. Whisper before large-v3 (the
     bundled base, the default medium) has no <|yue|>, and writes Cantonese as Chinese: a job in
     Cantonese is transcribed as zh there (given a code it lacks, faster-whisper decodes with no
-    language at all). Any other code the model lacks fails the job."""
+    language at all). Any other code the model lacks fails the job, as does any language but
+    English on an English-only model (`medium.en`), which would write English whatever was said
+    and the job would be labelled (and searched) as the language asked for."""
+    if language not in (None, "en") and not getattr(getattr(model, "model", None), "is_multilingual", True):
+        raise PermanentError(f"the Whisper model in use transcribes English only, not language {language!r}")
     tokenizer = getattr(model, "hf_tokenizer", None)
     if (language is None or tokenizer is None or not model.model.is_multilingual
             or tokenizer.token_to_id(f"<|{language}|>") is not None):
@@ -293,8 +344,11 @@ def transcribe_chunk(model: WhisperModel, audio: np.ndarray | HeardAudio, offset
                 continue
             heard = np.concatenate([heard_audio.samples(s.start, s.end) for s in spans])
             if batch_size > 1:
+                clips = _clips(spans, pauses)
+                if not clips:  # under CLIP_MIN_S in all: nothing Whisper could time a word in
+                    continue
                 pieces, info = BatchedInferencePipeline(model).transcribe(
-                    heard, vad_filter=False, clip_timestamps=_clips(spans, pauses), batch_size=batch_size,
+                    heard, vad_filter=False, clip_timestamps=clips, batch_size=batch_size,
                     language=model_language(model, part_language), **options)
                 # The batched pipeline skips no window as silent (nor retries one at a higher
                 # temperature): what one window after another would have dropped is dropped here.
@@ -325,19 +379,28 @@ def transcribe_chunk(model: WhisperModel, audio: np.ndarray | HeardAudio, offset
 
 
 def _clips(spans: list[TimeSpan], pauses: list[float]) -> list[dict[str, float]]:
-    """The spans laid end to end, cut into clips of at most CLIP_MAX_S, in the joined audio's
-    seconds: each as long as it can be while it ends where one span ends and the next begins, or
-    at one of `pauses` (chunk times between two people's turns or in one's silence) inside a
-    span; only talk with no pause for CLIP_MAX_S is cut where the window is full."""
+    """The spans laid end to end, cut into clips of CLIP_MIN_S to CLIP_MAX_S, in the joined
+    audio's seconds: each as long as it can be while it ends where one span ends and the next
+    begins, or at one of `pauses` (chunk times between two people's turns or in one's silence)
+    inside a span; only talk with no pause for CLIP_MAX_S is cut where the window is full. A
+    pause or join less than CLIP_MIN_S from the clip's start or the end of all is no place to cut
+    (a language part cut in a pause starts there, give or take a float's rounding). None where
+    all of it is shorter than CLIP_MIN_S."""
     joined, bounds = 0.0, []
     for span in spans:
         bounds += [joined + t - span.start for t in pauses if span.start < t < span.end]
         joined += span.end - span.start
         bounds.append(joined)
     clips, start = [], 0.0
-    while start < joined - 1e-9:
-        fitting = [b for b in bounds if start < b <= start + CLIP_MAX_S]
-        end = max(fitting) if fitting else min(start + CLIP_MAX_S, joined)
+    while joined - start >= CLIP_MIN_S:
+        fitting = [b for b in bounds if start + CLIP_MIN_S <= b <= start + CLIP_MAX_S
+                   and (b >= joined or joined - b >= CLIP_MIN_S)]
+        if fitting:
+            end = max(fitting)
+        elif joined - start <= CLIP_MAX_S:
+            end = joined
+        else:  # cut where the window is full, unless that leaves too little after it to hear
+            end = min(start + CLIP_MAX_S, joined - 2 * CLIP_MIN_S)
         clips.append({"start": start, "end": end})
         start = end
     return clips
