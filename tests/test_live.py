@@ -272,8 +272,8 @@ def rest_of(lines: Iterator[str], within_s: float = 30) -> list[str]:
 def test_event_streams_end_cleanly_when_postgresql_goes_away(stack):
     """A stream open when PostgreSQL goes away read it once a second and broke off with a
     traceback ("Exception caught after response started"); /events answered 200 and broke the same
-    way at its first read, every 2 s for each open page (EventSource reconnects). Now an open
-    stream ends as a whole body, said once in the log, and a new one is 503 with Retry-After."""
+    way at its first read, every 2 s for each open page (EventSource reconnects). Now a stream
+    ends as a whole body, said once in the log, and a job's new one is 503 with Retry-After."""
     running = stack.value("INSERT INTO transcripts (filename) VALUES ('outage.wav') RETURNING id")
     proxy = CuttableProxy(stack.database_url)
     try:
@@ -289,13 +289,18 @@ def test_event_streams_end_cleanly_when_postgresql_goes_away(stack):
                 # The rest of each body reads to its end: not broken off (httpx.RemoteProtocolError).
                 rest_of(jobs_lines)
                 rest_of(job_lines)
-            for url in (f"{api}/events", f"{api}/transcripts/{running}/events"):
-                answer = client.get(url)
-                assert answer.status_code == 503 and answer.headers["retry-after"].isdigit(), (url, answer.text)
+            # A job's stream, which reads the job before it answers, is refused while it is away; the
+            # list's is answered and ends at its first read, so that an EventSource reconnects after
+            # the `retry` it begins with (a 503 would stop it for good) until PostgreSQL is back.
+            answer = client.get(f"{api}/transcripts/{running}/events")
+            assert answer.status_code == 503 and answer.headers["retry-after"].isdigit(), answer.text
+            answer = client.get(f"{api}/events")
+            assert answer.status_code == 200 and answer.text.startswith(": stream of jobs\nretry: "), answer.text
+            assert "event:" not in answer.text, answer.text
             log = stack.log_text("ingest-db-outage")
         assert "Exception caught after response started" not in log and "Exception in ASGI application" not in log
         ended = [line for line in log.splitlines() if "ended: PostgreSQL is unavailable" in line]
-        assert len(ended) == 2 and sum(f"job={running} " in line for line in ended) == 1, ended
+        assert len(ended) == 3 and sum(f"job={running} " in line for line in ended) == 1, ended
     finally:
         proxy.cut()
         stack.query("DELETE FROM transcripts WHERE id = $1", running)

@@ -264,21 +264,21 @@ async def job_stream(pool: asyncpg.Pool, wakeups: Wakeups, job_id: int, last_eve
                 yield ServerSentEventMessage(data=None, comment="keep-alive", sep="\n")
 
 
-async def jobs_stream(pool: asyncpg.Pool, wakeups: Wakeups, owner: str | None, exiting: Callable[[], bool],
-                      recent: list[asyncpg.Record] | None = None) -> AsyncIterator[ServerSentEventMessage]:
+async def jobs_stream(pool: asyncpg.Pool, wakeups: Wakeups, owner: str | None,
+                      exiting: Callable[[], bool]) -> AsyncIterator[ServerSentEventMessage]:
     """`job` events: every recent job of the owner once (the 100 newest), then each change. A job
     sent while it was processing is followed until it ends, also once newer ones push it out of
     the 100 (a batch of 150 uploads). A job sent that is then deleted gets a `job.deleted`.
-    `recent`: the owner's recent jobs as just read (the first read). PostgreSQL going away ends
-    the stream (logged once, see _database_away)."""
+    PostgreSQL going away ends the stream (logged once, see _database_away): an EventSource
+    reconnects after the `retry` the stream begins with, and is answered again once it is back
+    (a 503 would stop it for good)."""
     sent: dict[int, JobProgressEvent] = {}
     quiet_s = 0.0
     yield ServerSentEventMessage(data=None, comment="stream of jobs", retry=RETRY_MS, sep="\n")
     with wakeups.listen(None) as wake:
         while not exiting():
             try:
-                if recent is None:
-                    recent = await jobstore.recent_jobs(pool, owner)
+                recent = await jobstore.recent_jobs(pool, owner)
                 in_view = {row["id"] for row in recent}
                 outside = [job_id for job_id in sent if job_id not in in_view]
                 still_there = ({row["id"]: row for row in await jobstore.jobs_progress(pool, outside)}
@@ -304,7 +304,6 @@ async def jobs_stream(pool: asyncpg.Pool, wakeups: Wakeups, owner: str | None, e
                     sent[row["id"]] = progress
                     yield _message("job", progress)
                     quiet_s = 0.0
-            recent = None
             quiet_s += await _wait(wake, POLL_S)
             if quiet_s >= KEEPALIVE_S:
                 quiet_s = 0.0
@@ -338,11 +337,7 @@ async def all_events(state: State, request: Request) -> ServerSentEvent:
     """A `job` event ({id, filename, status, stage, percent}) for each recent job at first (the
     processing ones and those that changed in the last hour, 100 at most), then one whenever a
     job of yours is created or moves on; `job.deleted` ({id}) when one of those sent is deleted."""
-    owner = request_owner(request)
-    # Read before answering: PostgreSQL away is then a 503 with Retry-After (an EventSource stops
-    # reconnecting), not a 200 whose stream breaks off at its first read.
-    recent = await jobstore.recent_jobs(state.pool, owner)
-    return ServerSentEvent(jobs_stream(state.pool, state.wakeups, owner, server_exiting(state), recent),
+    return ServerSentEvent(jobs_stream(state.pool, state.wakeups, request_owner(request), server_exiting(state)),
                            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
 

@@ -96,13 +96,14 @@ class Reindexer:
             if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", LockKey.REINDEX):
                 return  # another replica's run is under way
             try:
-                await self.pool.execute(
+                started_at = await self.pool.fetchval(
                     "INSERT INTO reindex_runs (model) VALUES ($1) ON CONFLICT (model)"
-                    " DO UPDATE SET started_at = now(), ended_at = NULL, error = NULL", self.model)
+                    " DO UPDATE SET started_at = now(), ended_at = NULL, error = NULL RETURNING started_at", self.model)
                 error = await self._reindex_all(conn)
-                # On a connection of the pool's: the lock's own may have died with a restart.
-                await self.pool.execute("UPDATE reindex_runs SET ended_at = now(), error = $2 WHERE model = $1",
-                                        self.model, error)
+                # On a connection of the pool's: the lock's own may have died with a restart. Only
+                # this run's row: with its lock lost, another replica's run may have begun since.
+                await self.pool.execute("UPDATE reindex_runs SET ended_at = now(), error = $2"
+                                        " WHERE model = $1 AND started_at = $3", self.model, error, started_at)
             finally:
                 with contextlib.suppress(Exception):  # a dead connection took the lock with it
                     await conn.execute("SELECT pg_advisory_unlock($1)", LockKey.REINDEX)

@@ -22,6 +22,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from common import jobstore, speakerstore
 from common.audio import SAMPLE_RATE, AudioTooLong, UndecodableAudio, decode_audio
+from common.db import DATABASE_UNAVAILABLE
 from common.logs import job_logged
 from common.messages import (
     SPEAKER_NAME_MAX_CHARS,
@@ -242,7 +243,14 @@ async def finish_left_matchings(state: State, grace_s: float = PENDING_MATCHING_
         for row in rows:
             of_owner.setdefault(row["owner"], []).append(row["transcript_id"])
         for owner, transcript_ids in of_owner.items():
-            matched += (await _match_in_one_transaction(state, owner, transcript_ids, skip_locked=True)).done
+            try:
+                matched += (await _match_in_one_transaction(state, owner, transcript_ids, skip_locked=True)).done
+            except Exception as exc:
+                if isinstance(exc, DATABASE_UNAVAILABLE):
+                    raise  # no batch would go: the next sweep tries again
+                # This batch's own failure: the rows after it (other owners' forgettings) still go.
+                log.exception("could not match recordings %s again; passed over until the next sweep",
+                              ", ".join(map(str, transcript_ids)))
     return matched
 
 

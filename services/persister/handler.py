@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections import OrderedDict
 
 import asyncpg
 from pydantic import BaseModel
@@ -26,6 +28,28 @@ from common.settings import get_settings
 
 log = logging.getLogger(__name__)
 
+# A failed job's failure is announced again at a late chunk at most this often by one persister:
+# the chunks in flight as a job is cancelled (in every transcriber and embedder) all come late, and
+# each would send the same transcript.failed again, which ingest acts on again (a bucket drop's
+# results rewritten) and every subscriber gets. Once tells a stage that missed it.
+FAILURE_ANNOUNCED_AGAIN_EVERY_S = 60.0
+_failures_announced_again: OrderedDict[int, float] = OrderedDict()
+FAILURES_ANNOUNCED_AGAIN_KEPT = 10_000
+
+
+def _failure_due_again(job_id: int) -> bool:
+    """Whether a late chunk of this failed job should announce the failure again (and, if so,
+    counted as announced now)."""
+    now = time.monotonic()
+    if now - _failures_announced_again.get(job_id, -FAILURE_ANNOUNCED_AGAIN_EVERY_S) < FAILURE_ANNOUNCED_AGAIN_EVERY_S:
+        return False
+    _failures_announced_again[job_id] = now
+    _failures_announced_again.move_to_end(job_id)
+    while len(_failures_announced_again) > FAILURES_ANNOUNCED_AGAIN_KEPT:
+        _failures_announced_again.popitem(last=False)
+    return True
+
+
 class DeadLetter(BaseModel):
     """Any message the broker dead-lettered; only its job matters here."""
 
@@ -37,11 +61,12 @@ async def _nothing_to_store(conn: asyncpg.Connection, job_id: int, row: asyncpg.
     job that failed (or was cancelled) or was deleted comes from a stage that never heard so (a
     replica started after the announcement), and that works on through the job's other chunks:
     the failure or the deletion is announced again (the same event), so that the stages stop
-    working on the job. True when it was (events enqueued). A done job's is a copy delivered
+    working on the job (a failure at most every FAILURE_ANNOUNCED_AGAIN_EVERY_S: the chunks in
+    flight as it failed all come late). True when it was (events enqueued). A done job's is a copy delivered
     again (every chunk was stored): no stage has work of that job left to be told to stop."""
     nothing_to_do()
     if row is not None:
-        if row["status"] == "error" and await jobstore.announce_end_again(conn, job_id):
+        if row["status"] == "error" and _failure_due_again(job_id) and await jobstore.announce_end_again(conn, job_id):
             log.info("message for a job that already failed ignored; its failure is announced again")
             return True
         log.info("job already %s; late message ignored", row["status"])
