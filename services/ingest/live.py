@@ -179,8 +179,9 @@ def _database_away(exc: Exception, stream: str, job_id: int | None = None) -> bo
     """Whether `exc`, raised by a stream's read, is PostgreSQL being away; logged once if so. The
     stream then ends as a finished body: raised there, the error would reach the server after the
     response started ("Exception caught after response started", a traceback a second per open
-    page). The client reconnects (EventSource after `retry`) and is answered 503 with Retry-After
-    while the outage lasts (job_events and all_events read before they answer)."""
+    page). The client reconnects (EventSource after `retry`): a job's stream is answered 503 with
+    Retry-After while the outage lasts (job_events reads before it answers), the list's answered
+    and ended at once again (an EventSource given a 503 would stop for good)."""
     if not isinstance(exc, DATABASE_UNAVAILABLE):
         return False
     with job_logged(job_id):

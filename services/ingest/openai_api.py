@@ -433,8 +433,9 @@ async def text_events(state: State, job_id: int) -> AsyncIterator[ServerSentEven
                 yield ServerSentEventMessage(data=None, comment="keep-alive", sep="\n")
     if not ended:
         # The server stopping, or PostgreSQL gone (job_updates logged that): the job goes on either way.
-        why = "this server is restarting" if exiting() else "the job store is unavailable"
-        if exiting():
+        stopping = exiting()
+        why = "this server is restarting" if stopping else "the job store is unavailable"
+        if stopping:
             with job_logged(job_id):
                 log.info("the server is stopping: the streamed transcription ends with an error; the job goes on")
         yield _event(error_body(OPENAI_PREFIX, 503, f"{why}; job {job_id} goes on: send the request again to"

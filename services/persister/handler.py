@@ -41,7 +41,8 @@ def _failure_due_again(job_id: int) -> bool:
     """Whether a late chunk of this failed job should announce the failure again (and, if so,
     counted as announced now)."""
     now = time.monotonic()
-    if now - _failures_announced_again.get(job_id, -FAILURE_ANNOUNCED_AGAIN_EVERY_S) < FAILURE_ANNOUNCED_AGAIN_EVERY_S:
+    last = _failures_announced_again.get(job_id)
+    if last is not None and now - last < FAILURE_ANNOUNCED_AGAIN_EVERY_S:
         return False
     _failures_announced_again[job_id] = now
     _failures_announced_again.move_to_end(job_id)
