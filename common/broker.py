@@ -29,7 +29,6 @@ import logging
 import time
 import urllib.parse
 import uuid
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -65,6 +64,7 @@ from common.messages import (
     TranscriptFailed,
     WebhookDue,
 )
+from common.recent import Recent
 from common.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -408,12 +408,12 @@ class EndedJobs:
     done job is a copy delivered again: every chunk was stored, and no stage has work of it left)."""
 
     def __init__(self) -> None:
-        self._ids: OrderedDict[int, None] = OrderedDict()
+        self._ids: Recent[int, None] = Recent(ENDED_JOBS_KEPT)
 
     def add(self, job_id: int) -> None:
-        self._ids[job_id] = None
-        while len(self._ids) > ENDED_JOBS_KEPT:
-            self._ids.popitem(last=False)
+        # An end announced again keeps the place of its first announcement (put would make it newest).
+        if job_id not in self._ids:
+            self._ids.put(job_id, None)
 
     def __contains__(self, job_id: object) -> bool:
         return job_id in self._ids

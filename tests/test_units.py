@@ -1086,3 +1086,44 @@ def test_a_word_goes_to_the_speaker_whose_turns_overlap_it_most_in_all():
              for w, s, e in [(" so", 4.0, 4.5), (" anyway", 4.6, 5.5), (" then", 5.6, 6.0)]]
     assert [(s, "".join(w.word for w in r).strip()) for s, r, _ in _runs_by_speaker(words, [None] * 3, turns)] == [
         ("spk_0", "so anyway then")]
+
+
+def test_recent_keeps_only_its_newest_entries():
+    from common.recent import Recent
+
+    recent: Recent[int, str] = Recent(2)
+    recent[1], recent[2], recent[3] = "one", "two", "three"
+    assert len(recent) == 2 and 1 not in recent
+    assert (recent.peek(2), recent.peek(3)) == ("two", "three")
+    recent.put(2, "two again")  # stored again: the newest now, so 3 is the oldest
+    recent[4] = "four"
+    assert 3 not in recent and (recent.peek(2), recent.peek(4)) == ("two again", "four")
+
+
+def test_a_recent_entry_used_is_kept_and_one_only_looked_at_is_not():
+    """get counts as a use (the notifier's endpoints, least recently used going first); peek and
+    `in` do not (the persister's announced failures and the transcriber's languages go oldest first)."""
+    from common.recent import Recent
+
+    used: Recent[int, str] = Recent(2)
+    used[1], used[2] = "one", "two"
+    assert used.get(1) == "one" and used.get(5) is None and used.get(5, "none") == "none"
+    used[3] = "three"
+    assert 1 in used and 2 not in used
+
+    looked_at: Recent[int, str] = Recent(2)
+    looked_at[1], looked_at[2] = "one", "two"
+    assert 1 in looked_at and looked_at.peek(1) == "one" and looked_at.peek(5) is None
+    looked_at[3] = "three"
+    assert 1 not in looked_at and 2 in looked_at
+
+
+def test_ended_jobs_keep_the_newest_ends_in_the_order_first_announced():
+    from common.broker import ENDED_JOBS_KEPT, EndedJobs
+
+    ended = EndedJobs()
+    for job_id in range(ENDED_JOBS_KEPT):
+        ended.add(job_id)
+    ended.add(0)  # announced again: keeps its first place
+    ended.add(ENDED_JOBS_KEPT)
+    assert 0 not in ended and 1 in ended and ENDED_JOBS_KEPT in ended

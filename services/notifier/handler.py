@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
@@ -26,6 +25,7 @@ from common.broker import Bus, publish_later, stage_queue
 from common.messages import Contract, WebhookDue
 from common.metrics import webhook_attempted
 from common.outbound import target_problem
+from common.recent import Recent
 from common.settings import Settings
 from common.webhooks import WebhookPayload, endpoint, signature
 
@@ -55,7 +55,7 @@ _in_flight: dict[str, int] = {}
 # waiting for a slot. A webhook removed since keeps its entry; what that kick does stays right
 # (_deliver_in_order finds none of its deliveries; _mark_waiting_for_a_slot finds its chain gone).
 ENDPOINTS_KEPT = 10_000
-_endpoints: OrderedDict[int, str] = OrderedDict()
+_endpoints: Recent[int, str] = Recent(ENDPOINTS_KEPT)
 # When (time.monotonic()) each (webhook, job) chain sent back to wait for a slot next needs its mark
 # looked at: the mark is written once a WAITING_MARKED_EVERY_S, so the bounces in between need no
 # query. Past MARK_CHECKS_KEPT, the entries whose time has come go (absent and past are alike), and
@@ -127,14 +127,11 @@ async def _endpoint_of(pool: asyncpg.Pool, webhook_id: int) -> str | None:
     """The webhook's endpoint (common.webhooks.endpoint); None when it is not there (removed)."""
     slot = _endpoints.get(webhook_id)
     if slot is not None:
-        _endpoints.move_to_end(webhook_id)
         return slot
     url = await pool.fetchval("SELECT url FROM webhooks WHERE id = $1", webhook_id)
     if url is None:
         return None
     _endpoints[webhook_id] = slot = endpoint(url)
-    if len(_endpoints) > ENDPOINTS_KEPT:
-        _endpoints.popitem(last=False)
     return slot
 
 

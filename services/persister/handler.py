@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict
 
 import asyncpg
 from pydantic import BaseModel
@@ -24,6 +23,7 @@ from common.messages import (
 )
 from common.metrics import nothing_to_do
 from common.outbox import add_to_outbox
+from common.recent import Recent
 from common.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -33,21 +33,18 @@ log = logging.getLogger(__name__)
 # each would send the same transcript.failed again, which ingest acts on again (a bucket drop's
 # results rewritten) and every subscriber gets. Once tells a stage that missed it.
 FAILURE_ANNOUNCED_AGAIN_EVERY_S = 60.0
-_failures_announced_again: OrderedDict[int, float] = OrderedDict()
 FAILURES_ANNOUNCED_AGAIN_KEPT = 10_000
+_failures_announced_again: Recent[int, float] = Recent(FAILURES_ANNOUNCED_AGAIN_KEPT)
 
 
 def _failure_due_again(job_id: int) -> bool:
     """Whether a late chunk of this failed job should announce the failure again (and, if so,
     counted as announced now)."""
     now = time.monotonic()
-    last = _failures_announced_again.get(job_id)
+    last = _failures_announced_again.peek(job_id)
     if last is not None and now - last < FAILURE_ANNOUNCED_AGAIN_EVERY_S:
         return False
     _failures_announced_again[job_id] = now
-    _failures_announced_again.move_to_end(job_id)
-    while len(_failures_announced_again) > FAILURES_ANNOUNCED_AGAIN_KEPT:
-        _failures_announced_again.popitem(last=False)
     return True
 
 

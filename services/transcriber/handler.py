@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -19,6 +18,7 @@ from common.audio import SAMPLE_RATE, pcm16_to_float
 from common.broker import PermanentError
 from common.messages import ChunkTranscribed, Contract, JobDiarized, TimeSpan, language_choices
 from common.metrics import add_audio_seconds
+from common.recent import Recent
 from common.storage import is_missing, read_range
 from services.transcriber.languages import detect_language
 from services.transcriber.redaction import redact
@@ -50,7 +50,7 @@ class Deps:
     redact: list[str] = field(default_factory=list)
     # Language per job, detected once on the job's first speech (the same probe in every chunk,
     # so replicas agree without talking to each other).
-    languages: OrderedDict[int, str | None] = field(default_factory=OrderedDict)
+    languages: Recent[int, str | None] = field(default_factory=lambda: Recent(LANGUAGES_KEPT))
 
 
 def pcm_reader(client) -> ReadPcm:
@@ -124,11 +124,9 @@ def language_for(message: JobDiarized, deps: Deps) -> str | None:
         probe = [_as_float(deps.read_pcm(message.pcm_bucket, message.pcm_key, s)) for s in message.language_probe]
         speech = np.concatenate(probe) if probe else np.zeros(0, dtype=np.float32)
         deps.languages[message.job_id] = detect_language(deps.model, speech, among)
-        log.info("detected language %s on %.1f s of speech", deps.languages[message.job_id],
+        log.info("detected language %s on %.1f s of speech", deps.languages.peek(message.job_id),
                  speech.size / SAMPLE_RATE)
-        while len(deps.languages) > LANGUAGES_KEPT:
-            deps.languages.popitem(last=False)
-    return deps.languages[message.job_id]
+    return deps.languages.peek(message.job_id)
 
 
 class TranscriptionStopped(Exception):
