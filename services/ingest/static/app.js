@@ -713,6 +713,9 @@ async function saveNames(event) {
       method: "PATCH", headers: { "Content-Type": "application/json" }, body: JSON.stringify(changes),
     })).json();
     if (state.open !== jobId) return true;
+    // A names read started before this answer may have been read on the server before these
+    // names were saved: its answer, however late, is older than this one.
+    state.namesAsked += 1;
     // A field typed in again while the names were on their way stays a change.
     for (const [input, value] of sent) if (input.value === value) input.dataset.shown = value;
     state.names = Object.fromEntries(Object.entries(answer.speakers).filter(([, name]) => name));
