@@ -412,6 +412,49 @@ def test_a_stopping_server_answers_its_waits_and_streams_so_that_they_are_sent_a
     assert "timeout graceful shutdown exceeded" not in log, log[-3000:]
 
 
+def test_a_stream_ended_by_postgresql_going_away_says_the_job_store_is_unavailable(stack, made_job, fixtures_dir):
+    """A streamed transcription whose updates stopped because PostgreSQL went away ended saying
+    "this server is restarting", which sends an operator looking at the wrong thing; it says the
+    job store is unavailable, and still that the job goes on and the request may be sent again."""
+    from tests.test_live import CuttableProxy
+
+    name = f"outage {uuid.uuid4().hex[:6]}.flac"
+    content = (fixtures_dir / "jfk.flac").read_bytes()
+    job_id = made_job(name, content, status="processing")  # a job that runs on: nothing works on it
+    stack.query("UPDATE transcripts SET request_hash = $1 WHERE id = $2", same_request_hash(content, name), job_id)
+    outcome: list[object] = []
+
+    def stream() -> None:
+        try:
+            outcome.append([e.type for e in sdk.audio.transcriptions.create(model="whisper-1", file=(name, content),
+                                                                             stream=True)])
+        except openai.APIError as exc:
+            outcome.append(exc)
+
+    proxy = CuttableProxy(stack.database_url)
+    logged_before = len(stack.log_text("ingest-openai-db-outage"))
+    try:
+        with another_ingest(stack, "ingest-openai-db-outage", DATABASE_URL=proxy.url) as api:
+            sdk = openai.OpenAI(base_url=f"{api}/v1", api_key="-", max_retries=0, timeout=60)
+            streaming = threading.Thread(target=stream)
+            streaming.start()
+            deadline = time.monotonic() + 60
+            while f"job={job_id} the same transcription request again" not in \
+                    stack.log_text("ingest-openai-db-outage")[logged_before:]:
+                assert time.monotonic() < deadline and streaming.is_alive(), stack.log_tail("ingest-openai-db-outage")
+                time.sleep(0.2)
+            time.sleep(1)  # the stream reads the job
+            proxy.cut()
+            streaming.join(30)
+    finally:
+        proxy.cut()
+    [ended] = outcome
+    assert isinstance(ended, openai.APIError), ended
+    assert ended.message.startswith(f"the job store is unavailable; job {job_id} goes on: send the request again"), \
+        ended.message
+    assert "restarting" not in ended.message, ended.message
+
+
 def test_a_browser_page_of_an_allowed_origin_may_call_the_api(stack, fixtures_dir):
     """A chat front end in the browser calls /v1 from its own origin: the browser first sends a
     preflight (OPTIONS, without the key), which was answered 401, so the page could never send

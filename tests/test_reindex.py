@@ -848,3 +848,53 @@ async def test_a_run_whose_lock_session_died_stops_instead_of_running_beside_a_s
     assert terminated == 1
     assert (seen.running, seen.error) == (False, LOCK_LOST), seen
     assert seen.pending_segments == 2, seen  # the job under way was stored; the rest wait for the next run
+
+
+async def test_a_run_that_lost_its_lock_writes_its_end_only_on_its_own_row(own_database, caplog):
+    """A run's lock session dies while it embeds; a run through another replica begins, does every
+    job but one it cannot embed, and ends saying so. The first run, finding that job next, sees its
+    lock gone and ends: its end (LOCK_LOST) was written over the later run's row, and every replica
+    then read the later run's outcome as "stopped, POST again", the job it could not embed unnamed."""
+    from common.db import LockKey
+    from services.embedder.backends import OllamaError
+    from services.ingest.reindex import Reindexer
+
+    pool, model = own_database, "overtaken-model"
+    await add_done_jobs(pool, ["One.", "Two."])
+    not_embedded = await pool.fetchval("SELECT transcript_id FROM segments WHERE text = 'Two.'")
+    embedding, go_on = asyncio.Event(), asyncio.Event()
+
+    async def held(texts: list[str]) -> list[list[float]]:
+        embedding.set()
+        await go_on.wait()
+        return [[1.0, 0.0] for _ in texts]
+
+    async def failing_on_two(texts: list[str]) -> list[list[float]]:
+        if "Two." in texts:
+            raise OllamaError("Ollama answered 404: model not found", status=404)  # no one text's doing
+        return [[1.0, 0.0] for _ in texts]
+
+    lock_held = ("FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 1"
+                 " AND classid::bigint = $1 AND objid::bigint = $2")
+    lock_key = LockKey.REINDEX >> 32, LockKey.REINDEX & 0xFFFFFFFF
+    first = Reindexer(pool, held, model)
+    first.start()
+    await asyncio.wait_for(embedding.wait(), 30)
+    await pool.fetchval(f"SELECT count(pg_terminate_backend(pid)) {lock_held}", *lock_key)
+    deadline = asyncio.get_running_loop().time() + 30
+    while await pool.fetchval(f"SELECT count(*) {lock_held}", *lock_key):  # the session goes a moment later
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.1)
+    later = Reindexer(pool, failing_on_two, model)
+    later.start()
+    await asyncio.wait_for(later.task, 30)
+    later_end = await pool.fetchrow("SELECT started_at, ended_at, error FROM reindex_runs WHERE model = $1", model)
+    go_on.set()
+    await asyncio.wait_for(first.task, 30)
+    row = await pool.fetchrow("SELECT started_at, ended_at, error FROM reindex_runs WHERE model = $1", model)
+    seen = await later.progress()
+    assert later_end["ended_at"] is not None, later_end  # the later run got the lock and ended
+    assert later_end["error"].startswith("1 jobs could not be embedded") and f": {not_embedded};" in later_end["error"]
+    assert any("lock is gone" in r.getMessage() for r in caplog.records), "the first run did not see its lock lost"
+    assert dict(row) == dict(later_end), row
+    assert (seen.running, seen.error) == (False, later_end["error"]), seen
