@@ -99,18 +99,27 @@ def is_private_address(address: str) -> bool:
     ip = ipaddress.ip_address(address.split("%", 1)[0])
     if isinstance(ip, ipaddress.IPv6Address) and (ip.ipv4_mapped or ip.sixtofour):
         ip = ip.ipv4_mapped or ip.sixtofour
+    # Site-local (fec0::/10, deprecated but still routed inside some networks) is neither private
+    # nor non-global to ipaddress.
+    site_local = isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local
     # `not is_global` also takes what is neither private nor public: carrier-grade NAT
     # (100.64.0.0/10), where some clouds answer their metadata requests.
     return (ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_reserved
-            or ip.is_unspecified or not ip.is_global)
+            or ip.is_unspecified or not ip.is_global or site_local)
+
+
+class TemporaryProblem(str):
+    """A target_problem that may pass by itself: the name servers did not answer in time, or
+    answered that they could not for now. Told as a name that does not resolve is (a 400), a valid
+    URL checked during a name server's blip was refused for good: clients do not send a 400 again."""
 
 
 async def target_problem(url: str, allow_private: bool, allowed_by: str = "WEBHOOK_ALLOW_PRIVATE",
                          resolve_timeout_s: float = 10.0, **form) -> str | None:
     """Why nothing may be requested from `url` now, or None: a bad form (`form`: url_problem's
-    wording), a host that does not resolve (within `resolve_timeout_s`), or (unless
-    `allow_private`, the setting `allowed_by`) one that resolves to a loopback, link-local or
-    private address."""
+    wording), a host that does not resolve (within `resolve_timeout_s`, or for now: a
+    TemporaryProblem), or (unless `allow_private`, the setting `allowed_by`) one that resolves to
+    a loopback, link-local or private address."""
     problem = url_problem(url, **form)
     if problem or allow_private:
         return problem
@@ -121,8 +130,10 @@ async def target_problem(url: str, allow_private: bool, allowed_by: str = "WEBHO
         # can be minutes: a name server that does not answer is not waited on past this.
         found = await _resolve(host, resolve_timeout_s)
     except TimeoutError:
-        return f"{host} did not resolve within {resolve_timeout_s:g} s"
+        return TemporaryProblem(f"{host} did not resolve within {resolve_timeout_s:g} s")
     except OSError as exc:
+        if isinstance(exc, socket.gaierror) and exc.errno == socket.EAI_AGAIN:
+            return TemporaryProblem(f"{host} could not be resolved for now (temporary failure in name resolution)")
         # Told as a private address is: two answers would tell whoever asks which names the private
         # network has (a cluster's service names). The log says which it was.
         log.info("%s does not resolve (%s): refused", host, exc.strerror or exc)

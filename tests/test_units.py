@@ -981,7 +981,7 @@ async def test_a_name_whose_name_server_does_not_answer_holds_one_lookup_thread(
             break
         await asyncio.sleep(0.05)
     assert await outbound.target_problem("https://dead.example/hook", False, resolve_timeout_s=5) == (
-        "dead.example does not resolve to a public address (set WEBHOOK_ALLOW_PRIVATE=true to allow private ones)")
+        "dead.example could not be resolved for now (temporary failure in name resolution)")
     assert calls["dead.example"] == 2
 
 
@@ -1127,3 +1127,40 @@ def test_ended_jobs_keep_the_newest_ends_in_the_order_first_announced():
     ended.add(0)  # announced again: keeps its first place
     ended.add(ENDED_JOBS_KEPT)
     assert 0 not in ended and 1 in ended and ENDED_JOBS_KEPT in ended
+
+
+async def test_a_temporary_name_resolution_failure_is_told_apart_from_a_name_that_does_not_exist(monkeypatch):
+    """Every resolution error was "does not resolve to a public address", a final 400 through the
+    API, a name server's blip (EAI_AGAIN) and a lookup given up at its limit too. Those two are a
+    TemporaryProblem now; a name that does not exist keeps the words a private address gets."""
+    import socket
+    import threading
+
+    from common.outbound import TemporaryProblem, target_problem
+
+    no_answer = threading.Event()
+    calls: dict[str, int] = {}
+    _lookups_answering(monkeypatch, {"blip.example": socket.gaierror(socket.EAI_AGAIN, "Temporary failure"),
+                                     "nothing.example": socket.gaierror(socket.EAI_NONAME, "Name or service not known"),
+                                     "silent.example": no_answer}, calls)
+    try:
+        blip = await target_problem("https://blip.example/hook", False)
+        silent = await target_problem("https://silent.example/hook", False, resolve_timeout_s=0.05)
+    finally:
+        no_answer.set()
+    missing = await target_problem("https://nothing.example/hook", False)
+    assert isinstance(blip, TemporaryProblem) and isinstance(silent, TemporaryProblem), (blip, silent)
+    assert blip == "blip.example could not be resolved for now (temporary failure in name resolution)"
+    assert silent == "silent.example did not resolve within 0.05 s"
+    assert not isinstance(missing, TemporaryProblem)
+    assert missing == "nothing.example does not resolve to a public address (set WEBHOOK_ALLOW_PRIVATE=true to allow" \
+                      " private ones)"
+
+
+def test_ipv6_site_local_addresses_are_not_public():
+    """fec0::/10 (site-local, deprecated but still routed inside some networks) is neither private
+    nor non-global to Python 3.11's ipaddress: a name resolving there was requested."""
+    from common.outbound import is_private_address
+
+    assert is_private_address("fec0::1") and is_private_address("feff::1") and is_private_address("fec0::1%eth0")
+    assert not is_private_address("2606:4700::1")

@@ -885,3 +885,75 @@ def test_chains_waiting_for_a_busy_endpoint_ask_the_database_once_a_minute_not_a
     assert seen["eleven turns"] == seen["ten turns"] + chains, seen
     assert seen["marked again"] == chains - 2 and seen["sent back again"] == chains - 2, seen
     assert seen["delivered"] == [f"/waiting?job={first_job_id + 2}"], seen
+
+
+def test_a_job_given_up_on_once_gets_a_whole_schedule_again_once_the_endpoint_has_delivered_since(notified):
+    """Behind a delivery of a job given up, the job's later ones got one attempt each for ever,
+    though the endpoint had delivered other jobs' events since: a job given up on one bad day had
+    its deletion, a week later, tried once and given up at its first 502. One attempt each only
+    while the endpoint has delivered nothing since the one given up."""
+    stack, receiver = notified
+    back_job, still_dead_job, other_job = 989898, 989899, 989900  # no transcripts: deleted jobs
+    webhook_id = stack.value("INSERT INTO webhooks (url, events, secret) VALUES ($1, '{segment.created}',"
+                             " 'a-secret-of-16-chars') RETURNING id", receiver.url("/refusing-since"))
+
+    def delivery(event_id: str, job_id: int, status: str = "pending", settled_days_ago: int | None = None) -> None:
+        stack.query("INSERT INTO webhook_deliveries (webhook_id, event_id, event_type, job_id, payload, status,"
+                    " attempts, finished_at) VALUES ($1, $2, 'segment.created', $3, $4, $5, $6,"
+                    " now() - make_interval(days => $7))", webhook_id, event_id, job_id,
+                    json.dumps({"type": "segment.created", "data": {"job_id": job_id, "message_id": event_id}}),
+                    status, 0 if status == "pending" else MAX_ATTEMPTS, settled_days_ago)
+
+    try:
+        delivery("evt-back-given-up", back_job, "failed", 7)
+        delivery("evt-other-delivered", other_job, "delivered", 6)
+        delivery("evt-still-dead-given-up", still_dead_job, "failed", 5)
+        delivery("evt-back-later", back_job)
+        delivery("evt-still-dead-later", still_dead_job)
+        kick_all(stack, [WebhookDue(job_id=back_job, webhook_id=webhook_id),
+                         WebhookDue(job_id=still_dead_job, webhook_id=webhook_id)])
+        wait_for(lambda: not stack.query("SELECT 1 FROM webhook_deliveries WHERE webhook_id = $1"
+                                         " AND status = 'pending'", webhook_id), 120, "both later deliveries settled")
+        # Given up before the endpoint delivered again: its whole schedule.
+        assert len(receiver.events("/refusing-since", back_job)) == MAX_ATTEMPTS
+        # Given up after the endpoint last delivered: one attempt, as before.
+        assert len(receiver.events("/refusing-since", still_dead_job)) == 1
+    finally:
+        stack.query("DELETE FROM webhooks WHERE id = $1", webhook_id)
+
+
+def test_a_name_server_blip_is_answered_503_with_retry_after_not_a_final_400(notified, monkeypatch):
+    """A public URL checked while the name servers failed for the moment (EAI_AGAIN) was refused
+    as a name that does not resolve, 400, for POST /webhooks and a /recognize callback_url: a
+    client takes a 400 as final, and the URL was refused for good. Now a 503 with Retry-After; a
+    name that does not exist is still refused in the words a private address is."""
+    import socket
+
+    from litestar.testing import TestClient
+
+    from services.ingest.app import create_app
+
+    stack, _ = notified
+    real_lookup = socket.getaddrinfo
+
+    def lookup(host, *args, **kwargs):
+        if host == "blip.example":
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        if host == "nothing.example":
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return real_lookup(host, *args, **kwargs)
+
+    with TestClient(create_app(stack.settings(webhook_allow_private=False)), timeout=60) as client:
+        monkeypatch.setattr(socket, "getaddrinfo", lookup)  # once the app is up: its own connections resolve as ever
+        registered = client.post("/webhooks", json={"url": "https://blip.example/hook"})
+        with (Path(__file__).parent / "audio_files.py").open("rb") as f:
+            submitted = client.post("/recognize", files={"file": ("a.wav", f)},
+                                    data={"callback_url": "https://blip.example/hook"})
+        missing = client.post("/webhooks", json={"url": "https://nothing.example/hook"})
+    for answer in (registered, submitted):
+        assert answer.status_code == 503 and int(answer.headers["retry-after"]) > 0, answer.text
+        assert "blip.example could not be resolved for now" in answer.json()["detail"], answer.text
+    assert missing.status_code == 400, missing.text
+    assert missing.json()["detail"] == ("webhook URL refused: nothing.example does not resolve to a public address"
+                                        " (set WEBHOOK_ALLOW_PRIVATE=true to allow private ones)")
+    assert not stack.query("SELECT 1 FROM webhooks WHERE url = 'https://blip.example/hook'")

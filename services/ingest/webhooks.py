@@ -17,10 +17,10 @@ from litestar.params import Parameter
 from pydantic import BaseModel, ConfigDict
 
 from common.messages import EVENTS, TranscriptCompleted, TranscriptFailed
-from common.outbound import MAX_URL_CHARS, target_problem
+from common.outbound import MAX_URL_CHARS, TemporaryProblem, target_problem
 from common.settings import Settings
 from common.webhooks import SECRET_PREFIX, decoded_secret, new_secret
-from services.ingest.admission import SMALL_BODY_BYTES
+from services.ingest.admission import RETRY_AFTER_S, SMALL_BODY_BYTES
 from services.ingest.auth import request_owner
 from services.ingest.errors import MAX_ID, error_responses
 from services.ingest.transcripts import CursorQuery, LimitQuery
@@ -92,6 +92,9 @@ async def checked_target(url: str, settings: Settings) -> str:
     url = url.strip()
     problem = "the URL is too long" if len(url) > MAX_URL_CHARS else await target_problem(
         url, settings.webhook_allow_private)
+    if isinstance(problem, TemporaryProblem):
+        raise HTTPException(status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)},
+                            detail=f"webhook URL not checked: {problem}; try again shortly")
     if problem:
         raise HTTPException(status_code=400, detail=f"webhook URL refused: {problem}")
     return url

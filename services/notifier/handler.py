@@ -285,13 +285,17 @@ async def _attempt(conn: asyncpg.Connection, http: aiohttp.ClientSession, settin
 
 
 async def _behind_one_given_up(conn: asyncpg.Connection, due: WebhookDue, head: asyncpg.Record) -> bool:
-    """Whether the last settled delivery of the job to the webhook before this one was given up.
-    This one then gets one attempt: each waiting out the whole schedule behind the one before
-    (about a day each) held a dead endpoint's job, 500 segments long, for over a year. One
-    delivered since (the endpoint back) gives the next failure its whole schedule again."""
+    """Whether the last settled delivery of the job to the webhook before this one was given up,
+    and the webhook has delivered nothing since (of this job or any other). This one then gets one
+    attempt: each waiting out the whole schedule behind the one before (about a day each) held a
+    dead endpoint's job, 500 segments long, for over a year. One delivered since (the endpoint
+    back) gives the next failure its whole schedule again: counted of this job only, a job given
+    up on one bad day had each of its events, weeks later, tried once (its deletion never told)."""
     return bool(await conn.fetchval(
-        "SELECT status = 'failed' FROM webhook_deliveries WHERE webhook_id = $1 AND job_id = $2 AND id < $3"
-        " AND status <> 'pending' ORDER BY id DESC LIMIT 1", due.webhook_id, due.job_id, head["id"]))
+        "SELECT d.status = 'failed' AND NOT EXISTS (SELECT 1 FROM webhook_deliveries s WHERE s.webhook_id = $1"
+        " AND s.status = 'delivered' AND s.finished_at >= d.finished_at)"
+        " FROM webhook_deliveries d WHERE d.webhook_id = $1 AND d.job_id = $2 AND d.id < $3"
+        " AND d.status <> 'pending' ORDER BY d.id DESC LIMIT 1", due.webhook_id, due.job_id, head["id"]))
 
 
 async def post(http: aiohttp.ClientSession, url: str, secret: str, event_id: str, body: bytes,
