@@ -924,7 +924,7 @@ def test_a_job_given_up_on_once_gets_a_whole_schedule_again_once_the_endpoint_ha
 
 def test_a_name_server_blip_is_answered_503_with_retry_after_not_a_final_400(notified, monkeypatch):
     """A public URL checked while the name servers failed for the moment (EAI_AGAIN) was refused
-    as a name that does not resolve, 400, for POST /webhooks and a /recognize callback_url: a
+    as a name that does not resolve, 400, for POST /webhooks, a /recognize callback_url and url: a
     client takes a 400 as final, and the URL was refused for good. Now a 503 with Retry-After; a
     name that does not exist is still refused in the words a private address is."""
     import socket
@@ -943,14 +943,16 @@ def test_a_name_server_blip_is_answered_503_with_retry_after_not_a_final_400(not
             raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
         return real_lookup(host, *args, **kwargs)
 
-    with TestClient(create_app(stack.settings(webhook_allow_private=False)), timeout=60) as client:
+    with TestClient(create_app(stack.settings(webhook_allow_private=False, audio_url_allow_private=False)),
+                    timeout=60) as client:
         monkeypatch.setattr(socket, "getaddrinfo", lookup)  # once the app is up: its own connections resolve as ever
         registered = client.post("/webhooks", json={"url": "https://blip.example/hook"})
         with (Path(__file__).parent / "audio_files.py").open("rb") as f:
             submitted = client.post("/recognize", files={"file": ("a.wav", f)},
                                     data={"callback_url": "https://blip.example/hook"})
+        fetched = client.post("/recognize", files={"url": (None, "https://blip.example/a.wav")})
         missing = client.post("/webhooks", json={"url": "https://nothing.example/hook"})
-    for answer in (registered, submitted):
+    for answer in (registered, submitted, fetched):
         assert answer.status_code == 503 and int(answer.headers["retry-after"]) > 0, answer.text
         assert "blip.example could not be resolved for now" in answer.json()["detail"], answer.text
     assert missing.status_code == 400, missing.text

@@ -15,7 +15,14 @@ from urllib.parse import unquote, urljoin, urlsplit
 import aiohttp
 from litestar.exceptions import HTTPException
 
-from common.outbound import MAX_URL_CHARS, PrivateAddressRefused, http_session, not_public, target_problem
+from common.outbound import (
+    MAX_URL_CHARS,
+    PrivateAddressRefused,
+    TemporaryProblem,
+    http_session,
+    not_public,
+    target_problem,
+)
 from common.settings import Settings
 from services.ingest import admission
 
@@ -134,6 +141,9 @@ async def _fetch(url: str, settings: Settings, floor: _RateFloor) -> tuple[Binar
             for _ in range(MAX_REDIRECTS + 1):
                 problem = await target_problem(url, settings.audio_url_allow_private, "AUDIO_URL_ALLOW_PRIVATE",
                                                what="an audio URL", credentials="give a presigned URL instead")
+                if isinstance(problem, TemporaryProblem):
+                    raise HTTPException(status_code=503, headers={"Retry-After": str(admission.RETRY_AFTER_S)},
+                                        detail=f"audio URL not fetched: {problem}; try again shortly")
                 if problem:
                     raise _refused(f"audio URL refused: {problem}")
                 floor.host = urlsplit(url).hostname
