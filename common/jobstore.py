@@ -454,12 +454,34 @@ async def other_chunks_stored(db: Db, job_id: int, chunk_index: int) -> bool:
                              job_id, chunk_index)
 
 
-async def newer_drop_of_the_same_key(db: Db, job_id: int) -> bool:
-    """Whether a later job was made from the same bucket key (the object was dropped again)."""
+async def newer_drop_of_the_same_key(db: Db, job_id: int, etag_there: str | None = None) -> bool:
+    """Whether a later job was made from the same bucket key (the object was dropped again), or,
+    given the ETag of the object at the key now, whether that is other content than the job's:
+    dropped again, and its job deleted since or not made yet."""
     return await db.fetchval(
         "SELECT EXISTS (SELECT 1 FROM transcripts o JOIN transcripts n ON n.source = 'bucket'"
         " AND n.source_bucket = o.source_bucket AND n.source_key = o.source_key AND n.id > o.id"
-        " WHERE o.id = $1 AND o.source = 'bucket')", job_id)
+        " WHERE o.id = $1 AND o.source = 'bucket')"
+        " OR EXISTS (SELECT 1 FROM transcripts WHERE id = $1 AND source = 'bucket' AND source_etag <> $2)",
+        job_id, etag_there)
+
+
+async def newest_drop_wrote_its_results(db: Db, bucket: str, key: str) -> bool:
+    """Whether the key's newest job (its latest drop) has written its result files: until then
+    the files there are an older drop's. True for a key with no job."""
+    return await db.fetchval(
+        "SELECT coalesce((SELECT result_written FROM transcripts WHERE source = 'bucket' AND source_bucket = $1"
+        " AND source_key = $2 ORDER BY id DESC LIMIT 1), true)", bucket, key)
+
+
+async def keys_whose_newest_drop_is_processing(db: Db, bucket: str, keys: list[str]) -> set[str]:
+    """The keys of `keys` whose newest job (their latest drop) is still processing: result files
+    of such a key are an older drop's."""
+    rows = await db.fetch(
+        "SELECT k.key FROM unnest($2::text[]) AS k(key) WHERE (SELECT status FROM transcripts"
+        " WHERE source = 'bucket' AND source_bucket = $1 AND source_key = k.key ORDER BY id DESC LIMIT 1)"
+        " = 'processing'", bucket, keys)
+    return {r["key"] for r in rows}
 
 
 async def mark_result_written(conn: asyncpg.Connection, job_id: int) -> None:

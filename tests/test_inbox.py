@@ -503,6 +503,127 @@ async def test_an_older_jobs_result_write_cannot_land_after_a_newer_drop_took_th
         remove_bucket(s3, bucket)
 
 
+@contextlib.asynccontextmanager
+async def inbox_of_its_own(stack: Stack, bucket_prefix: str) -> AsyncIterator[tuple[Inbox, list[int | None]]]:
+    """An Inbox of this process on a bucket of its own, and a list for the jobs the test makes:
+    they, the bucket and what the drops left are removed afterwards."""
+    bucket = f"{bucket_prefix}-{time.monotonic_ns() % 10**9}"
+    settings = stack.settings(inbox_bucket=bucket)
+    s3 = make_client(settings)
+    ensure_buckets(s3, bucket)
+    pool = await create_pool(settings)
+    jobs: list[int | None] = []
+    try:
+        yield Inbox(settings, pool, s3, asyncio.Event()), jobs
+    finally:
+        await discard(stack.api, *jobs)
+        await pool.execute("DELETE FROM deleted_drops WHERE source_bucket = $1", bucket)
+        await pool.close()
+        remove_bucket(s3, bucket)
+
+
+async def dropped(inbox: Inbox, key: str, recording) -> int:
+    """`recording` put at `key` in the inbox's bucket and taken by `inbox`: its job."""
+    bucket = inbox.settings.inbox_bucket
+    await asyncio.to_thread(inbox.s3.fput_object, bucket, key, str(recording))
+    return await inbox.register(key, inbox.s3.stat_object(bucket, key).etag.strip('"'))
+
+
+async def status_of(pool, job_id: int) -> str:
+    return await pool.fetchval("SELECT status FROM transcripts WHERE id = $1", job_id)
+
+
+async def test_older_results_a_new_drop_did_not_take_down_are_taken_down_by_the_scan(stack: Stack, fixtures_dir):
+    """A new drop's take-down of the key's older results was tried once: a store or database
+    failure, or ingest stopping between the job's commit and the take-down, left the older
+    recording's .json (which says the results are complete) as the new one's while it ran."""
+    async with inbox_of_its_own(stack, "retakebox") as (inbox, jobs):
+        bucket, key, pool = inbox.settings.inbox_bucket, "weekly/call.wav", inbox.pool
+        jobs.append(await refused_drop(inbox.s3, inbox, pool, bucket, key, fixtures_dir / "jfk.flac"))
+        async with pool.acquire() as conn, conn.transaction():
+            # Held, as by a writer whose own take-down then failed: the new drop's is skipped.
+            await inbox_module.lock_results_of(conn, bucket, key)
+            jobs.append(newer := await dropped(inbox, key, fixtures_dir / "en_dialogue.wav"))
+        assert stored_size(inbox.s3, bucket, f"results/{key}.json") is not None  # the older drop's
+        assert await status_of(pool, newer) == "processing"
+        await inbox.reconcile()
+        assert stored_size(inbox.s3, bucket, f"results/{key}.json") is None
+
+
+async def test_an_older_jobs_writer_takes_down_a_newer_drops_results_that_are_not_the_newest_ones(
+        stack: Stack, fixtures_dir):
+    """Dropped three times: the first job's writer (its ending announced again) kept the second
+    drop's results because a newer job had written its own, though the newest, third, had not:
+    they stood as the third recording's."""
+    async with inbox_of_its_own(stack, "thirdbox") as (inbox, jobs):
+        bucket, key, pool = inbox.settings.inbox_bucket, "weekly/call.wav", inbox.pool
+        jobs.append(first := await refused_drop(inbox.s3, inbox, pool, bucket, key, fixtures_dir / "jfk.flac"))
+        jobs.append(await refused_drop(inbox.s3, inbox, pool, bucket, key, fixtures_dir / "empty.wav"))
+        async with pool.acquire() as conn, conn.transaction():
+            await inbox_module.lock_results_of(conn, bucket, key)  # the third drop's take-down skipped
+            jobs.append(third := await dropped(inbox, key, fixtures_dir / "en_dialogue.wav"))
+        assert stored_size(inbox.s3, bucket, f"results/{key}.json") is not None  # the second drop's
+        await pool.execute("UPDATE transcripts SET result_written = false WHERE id = $1", first)
+        await inbox.write_result(first)
+        assert await status_of(pool, third) == "processing"
+        assert stored_size(inbox.s3, bucket, f"results/{key}.json") is None
+
+
+class SlowCopy:
+    """The store client, whose copies land at once but answer only once `go` is set (a large
+    recording's)."""
+
+    def __init__(self, s3, go: threading.Event):
+        self.s3, self.go, self.copied = s3, go, threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self.s3, name)
+
+    def copy_object(self, *args, **kwargs):
+        copied = self.s3.copy_object(*args, **kwargs)
+        self.copied.set()
+        self.go.wait(20)
+        return copied
+
+
+async def test_an_older_drop_taken_after_the_newer_one_wrote_its_results_leaves_them(stack: Stack, fixtures_dir):
+    """An older drop's job, committed after its copy answered, removed the key's results that the
+    newer drop (refused at once) had written meanwhile: for good, since the older job, having a
+    newer drop, never writes, and the newer one had."""
+    go = threading.Event()
+    async with inbox_of_its_own(stack, "latebox") as (inbox, jobs):
+        bucket, key, pool = inbox.settings.inbox_bucket, "weekly/call.wav", inbox.pool
+        slow = SlowCopy(inbox.s3, go)
+        await asyncio.to_thread(inbox.s3.fput_object, bucket, key, str(fixtures_dir / "jfk.flac"))
+        older = asyncio.create_task(Inbox(inbox.settings, pool, slow, asyncio.Event()).register(
+            key, inbox.s3.stat_object(bucket, key).etag.strip('"')))
+        try:
+            assert await asyncio.to_thread(slow.copied.wait, 20)
+            jobs.append(newer := await refused_drop(inbox.s3, inbox, pool, bucket, key, fixtures_dir / "empty.wav"))
+        finally:
+            go.set()
+            jobs.append(first := await older)
+        assert first < newer
+        assert stored_size(inbox.s3, bucket, f"results/{key}.json") is not None, "the newer drop's results removed"
+        document = json.loads(inbox.s3.get_object(bucket, f"results/{key}.json").read())
+        assert "impossible" in document["error"], document
+
+
+async def test_an_older_job_ending_after_the_newer_drops_job_was_deleted_writes_no_results(
+        stack: Stack, fixtures_dir):
+    """DELETE /transcripts/{id} of the key's newest job: the key's older job, still running, no
+    longer saw a newer drop of the key, and wrote its results beside the newer recording."""
+    async with inbox_of_its_own(stack, "deletedbox") as (inbox, jobs):
+        bucket, key, pool = inbox.settings.inbox_bucket, "weekly/call.wav", inbox.pool
+        jobs.append(older := await dropped(inbox, key, fixtures_dir / "en_dialogue.wav"))
+        jobs.append(newer := await refused_drop(inbox.s3, inbox, pool, bucket, key, fixtures_dir / "jfk.flac"))
+        assert httpx.delete(f"{stack.api}/transcripts/{newer}").status_code == 204
+        assert stored_size(inbox.s3, bucket, f"results/{key}.json") is None
+        assert await status_of(pool, older) == "processing"
+        await ended(pool, older, timeout=300)
+        assert stored_size(inbox.s3, bucket, f"results/{key}.json") is None
+
+
 async def test_a_job_ending_raises_a_steps_own_failure_before_a_store_that_did_not_answer(monkeypatch):
     """A store that did not answer is waited out, holding the message; a step failing for its own
     reason must still spend the retries, or it would be held for ever."""

@@ -155,12 +155,14 @@ async def try_lock_results_of(conn: asyncpg.Connection, bucket: str, key: str) -
     return await conn.fetchval(f"SELECT pg_try_advisory_xact_lock({RESULTS_LOCK})", bucket, key)
 
 
-async def _newer_results_written(conn: asyncpg.Connection, bucket: str, key: str, job_id: int) -> bool:
-    """A newer job of the same drop key has written its own result files (a refused drop's are
-    written at once): they are not this older job's to remove."""
-    return await conn.fetchval(
-        "SELECT EXISTS (SELECT 1 FROM transcripts WHERE source = 'bucket' AND source_bucket = $1"
-        " AND source_key = $2 AND id > $3 AND result_written)", bucket, key, job_id)
+def drop_key_of_result(results_prefix: str, name: str) -> str | None:
+    """The drop key whose result file `name` is (result_keys' inverse); None for another object."""
+    if not name.startswith(results_prefix):
+        return None
+    for extension in ("json", "srt"):
+        if name.endswith(f".{extension}"):
+            return name[len(results_prefix):-len(extension) - 1]
+    return None
 
 
 def result_key_too_long(results_prefix: str, key: str) -> str | None:
@@ -320,19 +322,14 @@ class Inbox:
             # would be read as this recording's (the .json says the results are complete). A
             # refused drop's own are written at once, over them.
             try:
-                async with self.pool.acquire() as conn, conn.transaction():
-                    # Not waited for: a writer holds it across store calls of up to 30 s each, and
-                    # this consumer and the scan would stall meanwhile. That writer (or another
-                    # drop's register) takes the old results down once it sees this job.
-                    if await try_lock_results_of(conn, bucket, key):
-                        await self._remove_results(bucket, key)
+                await self._take_down_older_results(bucket, key)
             except Exception as exc:
                 if not isinstance(exc, RESULTS_NOT_TAKEN_DOWN):
                     raise
                 # The job is made: the drop is not taken again.
                 with job_logged(job_id):
-                    log.warning("the earlier results of %s/%s could not be removed (%s): they stay until this"
-                                " job's are written", bucket, key, exc)
+                    log.warning("the earlier results of %s/%s could not be removed (%s): the inbox scan tries"
+                                " again", bucket, key, exc)
         if job_id is not None:
             with job_logged(job_id):
                 if refused:
@@ -362,6 +359,20 @@ class Inbox:
         while page := await asyncio.to_thread(lambda: list(itertools.islice(listing, SCAN_PAGE))):
             drops = [(obj.object_name, _clean_etag(obj.etag)) for obj in page if self.is_input(obj.object_name)]
             new = await jobstore.unknown_drops(self.pool, bucket, drops) if drops else set()
+            # An older drop's result files that the new drop's take-down missed (a store or
+            # database failure, ingest stopped between the job and the take-down).
+            keys_with_results = list({key for obj in page
+                                      if (key := drop_key_of_result(self.settings.results_prefix, obj.object_name))})
+            stale = (await jobstore.keys_whose_newest_drop_is_processing(self.pool, bucket, keys_with_results)
+                     if keys_with_results else set())
+            for key in stale:
+                try:
+                    await self._take_down_older_results(bucket, key)
+                except Exception as exc:
+                    if isinstance(exc, DATABASE_UNAVAILABLE):
+                        raise
+                    log.exception("the older results of %s/%s could not be taken down; tried again next scan",
+                                  bucket, key)
             for key, etag in (drop for drop in drops if drop in new):
                 try:
                     await self.register(key, etag)
@@ -407,37 +418,58 @@ class Inbox:
             # Held over the upload, so that a newer drop of the key made meanwhile does not take
             # the old results down before these land: it leaves that to this writer, once done.
             await lock_results_of(conn, bucket, source_key)
-            if await jobstore.newer_drop_of_the_same_key(conn, job_id):
-                # The object was overwritten and its new content is a job of its own: the result
-                # files are that job's, not this older one's. Files of this job that an earlier
-                # try's upload landed after it was given up (register left them to this writer)
-                # are taken down.
-                if not await _newer_results_written(conn, bucket, source_key, job_id):
-                    await self._remove_results(bucket, source_key)
-                await jobstore.mark_result_written(conn, job_id)
-                log.info("results not written: %s/%s was dropped again since", bucket, source_key)
-                return
-            segments = await jobstore.job_segments(conn, job_id)
-            document = await status_document(conn, job_id, rows=segments)
-            if document.status == "done":
-                subtitles = to_srt([transcript_segment(r, with_words=True) for r in segments])
-                await call_in_transaction(upload_bytes, self.s3_quick, bucket, keys["srt"], subtitles.encode(),
-                                          content_type="application/x-subrip")
-            else:  # an earlier job's subtitles of this key are not this failed job's
-                # (remove_objects: some stores, Google's among them, answer 404 for a key not there)
-                await call_in_transaction(remove_objects, self.s3_quick, [(bucket, keys["srt"])])
-            # The status document last: its presence says the results are complete.
-            await call_in_transaction(upload_json, self.s3_quick, bucket, keys["json"],
-                                      document.model_dump(mode="json", exclude_none=True))
+            # The object was overwritten: the result files are the new content's, not this older
+            # job's, also when its job was deleted since (its row gone) or is not made yet.
+            dropped_again = await jobstore.newer_drop_of_the_same_key(
+                conn, job_id, await self._etag_there(bucket, source_key))
+            if not dropped_again:
+                segments = await jobstore.job_segments(conn, job_id)
+                document = await status_document(conn, job_id, rows=segments)
+                if document.status == "done":
+                    subtitles = to_srt([transcript_segment(r, with_words=True) for r in segments])
+                    await call_in_transaction(upload_bytes, self.s3_quick, bucket, keys["srt"], subtitles.encode(),
+                                              content_type="application/x-subrip")
+                else:  # an earlier job's subtitles of this key are not this failed job's
+                    # (remove_objects: some stores, Google's among them, answer 404 for a key not there)
+                    await call_in_transaction(remove_objects, self.s3_quick, [(bucket, keys["srt"])])
+                # The status document last: its presence says the results are complete.
+                await call_in_transaction(upload_json, self.s3_quick, bucket, keys["json"],
+                                          document.model_dump(mode="json", exclude_none=True))
             await jobstore.mark_result_written(conn, job_id)
-        log.info("results written to %s/%s", bucket, keys["json"] if document.status != "done"
-                 else f"{keys['json']} and .srt")
+        if dropped_again:
+            log.info("results not written: %s/%s was dropped again since", bucket, source_key)
+        else:
+            log.info("results written to %s/%s", bucket, keys["json"] if document.status != "done"
+                     else f"{keys['json']} and .srt")
+        # Written or not: a drop made while the lock was held left its take-down to this writer,
+        # and so did files of this job that an earlier try's upload landed after it was given up.
         await self._take_down_if_dropped_again(job_id, bucket, source_key)
+
+    async def _etag_there(self, bucket: str, key: str) -> str | None:
+        """The ETag of the object at the drop key now; None when it is gone (removed by its user
+        once taken, its results are still this job's)."""
+        try:
+            stat = await call_in_transaction(self.s3_quick.stat_object, bucket, key)
+        except S3Error as exc:
+            if not is_missing(exc):
+                raise
+            return None
+        return _clean_etag(stat.etag)
 
     async def _remove_results(self, bucket: str, key: str) -> None:
         """The drop key's result files, removed (within the caller's transaction's bound)."""
         keys = result_keys(self.settings.results_prefix, key)
         await call_in_transaction(remove_objects, self.s3_quick, [(bucket, keys["json"]), (bucket, keys["srt"])])
+
+    async def _take_down_older_results(self, bucket: str, key: str) -> None:
+        """The key's result files, removed while its newest drop has not written its own. Not
+        waited for when another holds them: a writer holds them across store calls of up to 30 s
+        each, and the inbox consumer and the scan would stall meanwhile. That writer takes them
+        down once it sees the newer drop, or the next scan does."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            if (await try_lock_results_of(conn, bucket, key)
+                    and not await jobstore.newest_drop_wrote_its_results(conn, bucket, key)):
+                await self._remove_results(bucket, key)
 
     async def _take_down_if_dropped_again(self, job_id: int, bucket: str, key: str) -> None:
         """A newer drop of the key made while these results were written found them locked and
@@ -448,15 +480,16 @@ class Inbox:
                 if not await jobstore.newer_drop_of_the_same_key(conn, job_id):
                     return
                 await lock_results_of(conn, bucket, key)
-                # A newer job's own results (a refused drop's are written at once) are not touched.
-                if await _newer_results_written(conn, bucket, key, job_id):
+                # The newest job's own results (a refused drop's are written at once) are not
+                # touched; any other's would be read as the newest recording's.
+                if await jobstore.newest_drop_wrote_its_results(conn, bucket, key):
                     return
                 await self._remove_results(bucket, key)
         except Exception as exc:
             if not isinstance(exc, RESULTS_NOT_TAKEN_DOWN):
                 raise
             log.warning("%s/%s was dropped again while these results were written, and they could not be taken"
-                        " down (%s): they stay until the newer job's are written", bucket, key, exc)
+                        " down (%s): the inbox scan tries again", bucket, key, exc)
             return
         log.info("results taken down: %s/%s was dropped again while they were written", bucket, key)
 
