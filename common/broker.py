@@ -259,6 +259,32 @@ def stage_queue_arguments(service: str, settings: Settings) -> dict[str, Any]:
     return arguments
 
 
+# RabbitMQ 4 takes any negative delivery limit for none. Not -1, the one it documents: pamqp 3.3.0
+# (which aiormq pins) packs -128..-1 as an unsigned byte and fails; -129 goes as a signed short.
+NO_DELIVERY_LIMIT_ON_RABBITMQ_4 = -129
+
+
+async def broker_version(connection: AbstractRobustConnection) -> str:
+    """The RabbitMQ version ("4.1.0") that `connection` announced when it opened; "" if unknown."""
+    await connection.ready()
+    transport = connection.transport
+    if transport is None:
+        return ""
+    return str(transport.connection.server_properties.get("version", ""))
+
+
+def dead_letters_queue_arguments(version: str) -> dict[str, Any]:
+    """stt.dead-letters' arguments on a RabbitMQ of `version`: no delivery limit. People read it
+    (the management UI's "Get messages" with requeue, rabbitmqadmin get), each look a delivery
+    given back: a limit would delete the only copy of a parked message at the (limit + 1)-th look.
+    RabbitMQ 3 has none unless given one; RabbitMQ 4 has 20 unless told it has none."""
+    arguments: dict[str, Any] = {"x-queue-type": "quorum"}
+    major = version.split(".", 1)[0]
+    if major.isdigit() and int(major) >= 4:
+        arguments["x-delivery-limit"] = NO_DELIVERY_LIMIT_ON_RABBITMQ_4
+    return arguments
+
+
 async def declare_queue(connection: AbstractRobustConnection, name: str, arguments: dict[str, Any]) -> None:
     """Declare a durable queue on a channel of its own. One made by an earlier version with other
     arguments is used as it is, with a warning (a queue's arguments cannot change in place; the
@@ -303,8 +329,11 @@ async def declare_topology(connection: AbstractRobustConnection, settings: Setti
         queue = await channel.declare_queue(stage_queue(service), passive=True, robust=False)
         for key in keys:
             await queue.bind(work, key, robust=False)
-    for name in (DEAD_LETTERS_QUEUE, PERSISTER_DEAD_QUEUE):
-        await declare_queue(connection, name, {"x-queue-type": "quorum", "x-delivery-limit": settings.delivery_limit})
+    dead_letters_arguments = dead_letters_queue_arguments(await broker_version(connection))
+    for name, arguments in ((DEAD_LETTERS_QUEUE, dead_letters_arguments),
+                            (PERSISTER_DEAD_QUEUE, {"x-queue-type": "quorum",
+                                                    "x-delivery-limit": settings.delivery_limit})):
+        await declare_queue(connection, name, arguments)
         queue = await channel.declare_queue(name, passive=True, robust=False)
         await queue.bind(dead, "#", robust=False)
     return channel
@@ -534,7 +563,9 @@ async def consume(
                 # broker went away): the message goes back to the queue, never left unacked.
                 log.exception("could not settle a %s message; returning it to the queue", queue_name)
                 if not message.processed and _delivery_open(message):
-                    await message.nack(requeue=True)
+                    # A reject, not a nack: from RabbitMQ 4.3 a nack's requeue counts toward no
+                    # delivery limit, and a message whose error path always fails would loop for ever.
+                    await message.reject(requeue=True)
                 outcome = "requeued"
             finally:
                 if job_token is not None:
@@ -545,7 +576,7 @@ async def consume(
         async def settle(message: AbstractIncomingMessage, work: metrics.Work) -> str:
             """Handle one message; returns what became of it (metrics.OUTCOMES)."""
             headers = dict(message.headers or {})
-            routing_key = str(headers.get(ROUTING_KEY_HEADER) or message.routing_key)
+            routing_key = _routing_key_of(message, headers)
             route = by_key.get(routing_key) or by_key.get("*")
             if route is None:
                 log.error("no handler for routing key %r on %s; dead-lettering", routing_key, queue_name)
@@ -580,7 +611,7 @@ async def consume(
                 if await _hand_back(bus, message, queue_name):
                     return "handed_back"
                 if _delivery_open(message):
-                    await message.nack(requeue=True)
+                    await message.reject(requeue=True)  # counts toward the delivery limit (on_message)
                 return "requeued"
             except PermanentError as exc:
                 log.warning("%s failed permanently: %s", routing_key, exc)
@@ -614,7 +645,7 @@ async def consume(
                 except Exception:
                     log.exception("could not schedule a retry; the broker will redeliver")
                     if _delivery_open(message):
-                        await message.nack(requeue=True)
+                        await message.reject(requeue=True)  # counts toward the delivery limit (on_message)
                     return "requeued"
             else:
                 await message.ack()
@@ -700,14 +731,30 @@ async def _checking_in_meanwhile(queue_name: str, work: Awaitable[Any]) -> Any:
         waiting.cancel()
 
 
+def _routing_key_of(message: AbstractIncomingMessage, headers: dict[str, Any]) -> str:
+    """The routing key to handle a message by: the one it was first published with. A copy this
+    module sent straight to a queue (a retry, a parked or handed-back message) carries it in
+    ROUTING_KEY_HEADER. One the broker dead-lettered (its worker crashed on it every time) has it
+    in its latest x-death entry: moved back to its queue by a shovel or the management UI's "Move
+    messages", its own routing key is that queue's name."""
+    if headers.get(ROUTING_KEY_HEADER):
+        return str(headers[ROUTING_KEY_HEADER])
+    deaths = headers.get("x-death")
+    if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict):
+        routing_keys = deaths[0].get("routing-keys")
+        if isinstance(routing_keys, list) and routing_keys:
+            return str(routing_keys[0])
+    return str(message.routing_key)
+
+
 async def _hand_back(bus: Bus, message: AbstractIncomingMessage, queue_name: str) -> bool:
     """Return an unfinished message to its queue as a new copy, then ack the original: unlike a
-    nack or a closed channel, this spends none of the broker's delivery limit (a replica that
+    reject or a closed channel, this spends none of the broker's delivery limit (a replica that
     stops, or a database that is away, is not a crash) and no retry. False: it was not (already
     acked by its handler, or taken back by the broker, which redelivers it; or the copy failed)."""
     token = current_job.set(_job_id_of(message.body))
     headers = dict(message.headers or {})
-    routing_key = str(headers.get(ROUTING_KEY_HEADER) or message.routing_key)
+    routing_key = _routing_key_of(message, headers)
     if message.processed or not _delivery_open(message):
         # Acked by its handler after all (finished while the others were handed back), or taken
         # back by the broker with its channel: a copy would make it twice.

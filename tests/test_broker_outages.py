@@ -24,14 +24,17 @@ from typing import ClassVar
 import aio_pika
 import asyncpg
 import pytest
+from pamqp import commands, frame
 
 from common import broker, metrics, runner
 from common.broker import (
     DEAD_LETTERS_QUEUE,
+    ROUTING_KEY_HEADER,
     Bus,
     Route,
     connect,
     consume,
+    dead_letters_queue_arguments,
     declare_queue,
     declare_topology,
     open_bus,
@@ -343,6 +346,86 @@ async def test_a_parked_message_sent_back_gets_its_retries_again(vhost, fresh_ru
         await stop_consumer(consumer, connection)
 
 
+async def taken(queue, timeout: float) -> aio_pika.abc.AbstractIncomingMessage:
+    """The next message `queue` holds, unsettled (as basic.get gives it to the management UI),
+    waiting for it up to `timeout` seconds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while (message := await queue.get(fail=False)) is None:
+        assert asyncio.get_running_loop().time() < deadline, f"nothing came to {queue.name}"
+        await asyncio.sleep(0.1)
+    return message
+
+
+async def test_a_parked_message_stays_however_often_it_is_looked_at(vhost):
+    """People read stt.dead-letters: the management UI's "Get messages" with requeue, or
+    rabbitmqadmin get, each look a delivery given back. It had the stage queues' delivery limit
+    and no dead-letter exchange: the (DELIVERY_LIMIT + 1)-th look deleted the only copy of a
+    parked message (a job's end needed to redact it later, an event to send back to a newer
+    notifier)."""
+    settings = settings_for(vhost, delivery_limit=2)
+    connection = await connect(settings, "test-looked-at")
+    try:
+        await open_bus(connection, settings)  # stt.dead-letters
+        channel = await connection.channel()
+        parked = await channel.get_queue(DEAD_LETTERS_QUEUE)
+        body = JobProgress(job_id=83, stage="transcribing").model_dump_json().encode()
+        headers = {ROUTING_KEY_HEADER: JobProgress.ROUTING_KEY}
+        await channel.default_exchange.publish(aio_pika.Message(body, headers=headers), routing_key=DEAD_LETTERS_QUEUE)
+        for _ in range(settings.delivery_limit + 3):
+            await (await taken(parked, 10)).nack(requeue=True)
+        message = await taken(parked, 10)
+        await message.ack()
+        assert message.body == body
+    finally:
+        await connection.close()
+
+
+def test_parked_messages_have_no_delivery_limit_on_rabbitmq_4_either():
+    """RabbitMQ 4 gives a quorum queue declared without a delivery limit one of 20, and takes a
+    negative one for none: stt.dead-letters is declared with one there, in a form the client can
+    send (pamqp 3.3 cannot encode -1). RabbitMQ 3 has none by default, and drops a message at
+    its first return where the limit is negative: none is given there."""
+    arguments = dead_letters_queue_arguments("4.1.0")
+    assert arguments["x-queue-type"] == "quorum" and arguments["x-delivery-limit"] < 0
+    frame.marshal(commands.Queue.Declare(queue=DEAD_LETTERS_QUEUE, durable=True, arguments=arguments), 1)
+    assert dead_letters_queue_arguments("3.10.8") == {"x-queue-type": "quorum"}
+
+
+async def test_a_message_the_broker_dead_lettered_moved_back_to_its_queue_is_handled(vhost, fresh_runner):
+    """A message its worker crashed on every time is dead-lettered by the broker, without
+    ROUTING_KEY_HEADER. Moved back to its queue (a shovel, the management UI's "Move messages":
+    the default exchange, the queue's name as routing key, the headers kept), it was rejected as
+    having no handler for that name, and parked again. It is handled by the routing key its
+    x-death names."""
+    settings = settings_for(vhost, delivery_limit=1)
+    connection = await connect(settings, "test-moved-back")
+    handled: list[JobProgress] = []
+
+    async def handle(message: JobProgress) -> None:
+        handled.append(message)
+
+    bus = await open_bus(connection, settings)
+    channel = await connection.channel()
+    persister = await channel.get_queue(stage_queue("persister"))
+    sent = JobProgress(job_id=84, stage="transcribing")
+    await bus.publish(sent)
+    for _ in range(settings.delivery_limit + 1):  # its worker crashes on it every time
+        await (await taken(persister, 10)).reject(requeue=True)
+    parked = await next_message(await channel.get_queue(DEAD_LETTERS_QUEUE), 10)
+    assert ROUTING_KEY_HEADER not in parked.headers and parked.headers["x-death"][0]["reason"] == "delivery_limit"
+    await channel.default_exchange.publish(aio_pika.Message(parked.body, headers=parked.headers),
+                                           routing_key=stage_queue("persister"))
+    consumer = asyncio.create_task(consume(connection, settings, "persister", [Route(JobProgress, handle)]))
+    try:
+        async def was_handled() -> bool:
+            return bool(handled) or consumer.done()
+
+        await wait_until(was_handled, 20, "the message moved back was never handled")
+        assert handled == [sent]
+    finally:
+        await stop_consumer(consumer, connection)
+
+
 async def test_a_queue_of_an_earlier_version_leaves_no_channel_open(vhost):
     """The broker closes a channel whose declaration it refuses; aio-pika opened a robust one
     again at once, and it stayed open: one more channel at every start."""
@@ -638,6 +721,56 @@ async def test_a_background_task_whose_connection_stalls_is_started_again(vhost,
         proxy.close()
     [record] = [r for r in caplog.records if r.name == "common.runner"]
     assert "the test consumer was cancelled from inside" in record.getMessage() and record.exc_info
+
+
+async def test_the_persisters_outbox_flusher_whose_connection_stalls_is_started_again(vhost, database_url, caplog):
+    """aiormq fails a publish confirm pending on a connection it gives up on (no heartbeat) with
+    CancelledError, which run_outbox_flusher does not catch: the persister's flusher ended, and
+    with it main()'s gather and the process. It is started again, as ingest's is, and publishes
+    the event once the broker answers again."""
+    from services.persister.__main__ import flush_outbox_until_stopped
+
+    settings = settings_for(vhost, database_url=database_url)
+    pool = await create_pool(settings, max_size=2)
+    await apply_migrations(pool)
+    proxy = StallingProxy()
+    port = await proxy.start()
+    connection = await aio_pika.connect_robust(f"amqp://guest:guest@127.0.0.1:{port}/{vhost}?heartbeat=1"
+                                               "&reconnect_interval=0.5")
+    admin = await aio_pika.connect(amqp_url(vhost))
+    bus = await open_bus(connection, settings)
+    subscriber = await events_queue(await admin.channel(), "transcript.completed")
+    wake = asyncio.Event()
+    caplog.set_level(logging.ERROR, logger="common.runner")
+    flusher = asyncio.create_task(flush_outbox_until_stopped(pool, bus, wake, settings, restart_s=0.1))
+    try:
+        proxy.flowing.clear()  # the broker's confirm (and its heartbeats) never arrive
+        await pool.execute("INSERT INTO outbox (routing_key, body) VALUES ('transcript.completed', $1)",
+                           completed(9))
+        wake.set()
+
+        async def dropped() -> bool:
+            return flusher.done() or any("cancelled from inside" in r.getMessage() for r in caplog.records)
+
+        await wait_until(dropped, 30, "the connection was never dropped")
+        assert not flusher.done(), "the outbox flusher ended for good"
+        proxy.flowing.set()
+        message = await next_message(subscriber, 30)  # at least once: a copy may follow
+        assert json.loads(message.body)["job_id"] == 9
+
+        async def published() -> bool:
+            return flusher.done() or await pool.fetchval("SELECT count(*) FROM outbox") == 0
+
+        await wait_until(published, 30, "the outbox was never published")
+        assert not flusher.done(), "the outbox flusher ended for good"
+    finally:
+        flusher.cancel()
+        await asyncio.gather(flusher, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await connection.close()
+        proxy.close()
+        await admin.close()
+        await pool.close()
 
 
 async def queue_consumers(admin: aio_pika.abc.AbstractConnection, *names: str) -> list[int]:

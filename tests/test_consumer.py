@@ -1,7 +1,8 @@
 """How a consumer settles what it holds when it stops or when its own error path fails, on the
 real broker. A worker asked to stop (SIGTERM on scale-down) hands back what it holds without
-spending a delivery attempt: on a queue whose delivery limit is 1, a nack or a closed channel
-would drop the message; handing it back keeps it whole and unredelivered."""
+spending a delivery attempt: RabbitMQ drops (or dead-letters) a message given back more times
+than the queue's delivery limit, so on a queue whose limit is 1 a nack or a closed channel spends
+one of its two deliveries; handing it back keeps it whole and unredelivered."""
 
 from __future__ import annotations
 
@@ -40,8 +41,8 @@ def fresh_runner():
 
 
 async def queue_holding_one(channel, name: str, message: JobProgress):
-    """A fresh quorum queue whose delivery limit is 1 (a nack or a lost channel would drop what it
-    holds), holding `message`."""
+    """A fresh quorum queue whose delivery limit is 1 (a second nack or lost channel would drop what
+    it holds), holding `message`."""
     await channel.queue_delete(name)
     queue = await channel.declare_queue(name, durable=True, arguments={"x-queue-type": "quorum", "x-delivery-limit": 1})
     await channel.default_exchange.publish(
@@ -91,7 +92,7 @@ async def test_a_stopping_consumer_hands_back_its_message_without_spending_a_del
 async def test_a_message_held_through_a_long_outage_goes_back_to_its_queue_unspent(stack: Stack, fresh_runner):
     """A worker holds a message while its database is down, trying again. Held past the broker's
     consumer timeout (30 min by default), the broker takes it back and counts a delivery: an
-    outage of DELIVERY_LIMIT times that (2.5 hours) dead-lettered the message and failed its job.
+    outage of DELIVERY_LIMIT + 1 times that (3 hours) dead-lettered the message and failed its job.
     After OUTAGE_HOLD_S the worker hands it back as a new copy instead (a fresh delivery count),
     and handles it once the database is back."""
     settings = stack.settings(outage_hold_s=1.0, shutdown_grace_s=0.5)

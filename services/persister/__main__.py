@@ -6,17 +6,28 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
-from common.broker import JOB_ROUTING_KEYS, PERSISTER_DEAD_QUEUE, Route, connect, consume, open_bus
+import asyncpg
+
+from common.broker import JOB_ROUTING_KEYS, PERSISTER_DEAD_QUEUE, Bus, Route, connect, consume, open_bus
 from common.db import DATABASE_UNAVAILABLE, apply_migrations, create_pool
 from common.logs import setup_logging
 from common.messages import ChunkEmbedded, ChunkTranscribed, JobFailed, JobProgress
 from common.metrics import serve_metrics
 from common.outbox import run_outbox_flusher
-from common.runner import run_worker
-from common.settings import get_settings
+from common.runner import RESTART_S, keep_running, run_worker
+from common.settings import Settings, get_settings
 from services.persister import handler
 
 log = logging.getLogger("services.persister")
+
+
+async def flush_outbox_until_stopped(pool: asyncpg.Pool, bus: Bus, wake: asyncio.Event, settings: Settings,
+                                     restart_s: float = RESTART_S) -> None:
+    """The outbox flusher, started again whenever it stops, as ingest runs its own: aiormq fails a
+    publish confirm pending on a connection it gives up on (no heartbeat) with CancelledError,
+    which run_outbox_flusher does not catch, and its end would end main() and the process."""
+    await keep_running("the outbox flusher", lambda: run_outbox_flusher(pool, bus, wake, settings.event_refused_for_s),
+                       restart_s)
 
 
 async def main() -> None:
@@ -60,7 +71,7 @@ async def main() -> None:
     dead_letters = [Route(handler.DeadLetter, then_flush(handler.on_dead_letter), routing_keys=JOB_ROUTING_KEYS)]
     log.info("persister ready")
     await asyncio.gather(
-        run_outbox_flusher(pool, bus, wake, settings.event_refused_for_s),
+        flush_outbox_until_stopped(pool, bus, wake, settings),
         handler.run_stall_reaper(pool, settings.job_stall_timeout_s, wake, missed),
         consume(connection, settings, "persister", routes, prefetch=max(settings.prefetch_count, 16),
                 wait_on=DATABASE_UNAVAILABLE),
