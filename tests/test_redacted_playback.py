@@ -266,6 +266,32 @@ async def test_the_redacted_copy_of_a_job_gone_meanwhile_is_removed_without_hold
     assert stack.value("SELECT audio_redacted_at FROM transcripts WHERE id = $1", job_id) is None
 
 
+async def test_a_redacted_copy_left_by_a_stopped_run_is_removed_when_the_job_end_is_retried(stack, made_job):
+    """Retention removed the recording (and marked its objects removed) while a redaction wrote its
+    copy; ingest stopped before removing that copy. The retried job-end message is the only step
+    that looks again: the copy must not stay stored while playback answers 410."""
+    from common.db import create_pool
+    from common.messages import TranscriptCompleted
+    from services.ingest.inbox import Inbox
+
+    settings = stack.settings()
+    bucket = settings.audio_bucket
+    job_id = made_job("call.mp3", b"ID3 the upload as sent", options={"redact": ["phone"]}, segment=True,
+                      due=True)
+    stack.query("UPDATE transcripts SET audio_removed_at = now(), audio_objects_removed_at = now() WHERE id = $1",
+                job_id)
+    upload_bytes(stack.s3(), bucket, f"uploads/{job_id}", b"RIFF the redacted copy")  # landed after the removal
+    ended = TranscriptCompleted(job_id=job_id, transcript_id=job_id, filename="call.mp3", segment_count=1)
+    pool = await create_pool(settings)
+    try:
+        await Inbox(settings, pool, stack.s3(), asyncio.Event()).on_job_ended(ended)  # the retry
+    finally:
+        await pool.close()
+    with pytest.raises(S3Error):
+        stack.s3().stat_object(bucket, f"uploads/{job_id}")
+    assert audio(stack, job_id).status_code == 410
+
+
 async def test_a_job_with_redaction_is_marked_as_it_ends(stack, made_job):
     """The persister marks a job's recording as still to be redacted in the transaction that ends
     the job: when the job asked for redaction, or the transcriber replaced words of it (REDACT).
