@@ -205,3 +205,20 @@ async def test_name_lookups_given_up_leave_the_default_executor_free(monkeypatch
         assert await asyncio.wait_for(asyncio.to_thread(lambda: "answered"), 2) == "answered"
     finally:
         released.set()
+
+
+def test_api_answers_say_no_store_and_the_recording_and_page_keep_their_own(stack, made_job):
+    """A shared cache keeps a 200 that says nothing when the request has no Authorization or
+    Cookie header: one key's transcript, asked for with X-API-Key, would be served to anyone."""
+    job_id = made_job("call.wav", b"RIFF the recording", segment=True)
+    for path, params in ((f"/status/{job_id}", {}), (f"/transcripts/{job_id}", {"format": "srt"}),
+                         (f"/transcripts/{job_id}", {}), ("/transcripts", {}), (f"/transcripts/{job_id}/speakers", {}),
+                         ("/status/999999999", {})):
+        response = httpx.get(f"{stack.api}{path}", params=params, timeout=30)
+        assert response.status_code == (404 if "999999999" in path else 200), (path, response.text)
+        assert response.headers.get_list("cache-control") == ["no-store"], (path, params)
+    for path, own in ((f"/transcripts/{job_id}/audio", "private, no-cache"), ("/", "no-cache"),
+                      ("/ui/app.js", "no-cache")):
+        response = httpx.get(f"{stack.api}{path}", timeout=30)
+        assert response.status_code == 200 and response.headers.get_list("cache-control") == [own], path
+

@@ -90,13 +90,13 @@ def test_vtt_has_header_voice_tags_and_escaped_text():
     assert to_vtt(SEGMENTS) == (
         "WEBVTT\n\n"
         "00:00:00.500 --> 00:00:03.250\n<v spk_0>Hello everyone.\n\n"
-        "00:00:03.900 --> 01:01:01.500\n<v spk_1>Tom &amp; Jerry &lt;3 second line -&gt; x\n"
+        "00:00:03.900 --> 01:01:01.500\n<v spk_1>Tom &amp; Jerry &lt;3 second line --&gt; x\n"
     )
 
 
 def test_txt_lines_and_empty_transcripts():
     assert to_txt(SEGMENTS) == ("[00:00:00] spk_0: Hello everyone.\n"
-                                "[00:00:03] spk_1: Tom & Jerry <3 second line -> x\n")
+                                "[00:00:03] spk_1: Tom & Jerry <3 second line --> x\n")
     assert (to_srt([]), to_vtt([]), to_txt([])) == ("", "WEBVTT\n", "")
 
 
@@ -986,3 +986,25 @@ def test_progress_moves_chunk_by_chunk(chunked, fixtures_dir):
     assert "transcribing" in {stage for stage, _ in seen}
     srt = httpx.get(f"{chunked.api}/transcripts/{job_id}", params={"format": "srt"}, timeout=30).text
     assert_cues_match(parse_srt(srt), document["segments"])  # chunks come back in time order
+
+
+def test_an_arrow_in_the_text_is_rewritten_only_in_srt():
+    """SRT has no escaping; WebVTT's &gt; already keeps `-->` from reading as timing, and text has no cues."""
+    segment = TranscriptSegment(speaker="spk_0", start_ts=0.0, end_ts=2.0, text="x --> 0")
+    assert to_txt([segment]) == "[00:00:00] spk_0: x --> 0\n"
+    assert to_vtt([segment]).splitlines()[-1] == "<v spk_0>x --&gt; 0"
+    assert to_srt([segment]).splitlines()[-1] == "spk_0: x -> 0"
+
+
+def test_rttm_of_a_file_or_speakers_named_as_pandas_na_strings_reads_back_whole(tmp_path):
+    """pyannote.database's load_rttm reads with pandas' default NA strings: a file id `null` lost
+    every turn, speakers `None` and `NA` became one speaker with no name."""
+    from pyannote.database.util import load_rttm
+
+    turns = [SpeakerTurn(speaker=f"spk_{n}", start=2.0 * n, end=2.0 * n + 1.5) for n in range(4)]
+    rttm = to_rttm(rttm_uri("null.wav"), turns, {"spk_0": "None", "spk_1": "NA", "spk_2": "n/a"})
+    (tmp_path / "hyp.rttm").write_text(rttm)
+    [(uri, hypothesis)] = load_rttm(tmp_path / "hyp.rttm").items()
+    assert uri == "null_"
+    assert [label for _, _, label in hypothesis.itertracks(yield_label=True)] == ["None_", "NA_", "n/a_", "spk_3"]
+

@@ -23,6 +23,7 @@ from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.params import Body, FromPath, HeaderParameter, Parameter
 from litestar.plugins.pydantic import PydanticPlugin
 from litestar.response import Response
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from minio.commonconfig import CopySource
 from minio.error import S3Error
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -412,6 +413,31 @@ async def consume_until_stopping(state: State, inbox: Inbox) -> None:
             return
 
 
+def no_store_middleware(app: ASGIApp) -> ASGIApp:
+    """`Cache-Control: no-store` on every answer that does not say its own (the recording, the
+    page and its files, event streams do): a shared cache keeps a 200 that says nothing for a
+    while when the request has no Authorization or Cookie header, so it would serve one key's
+    transcript, sent with X-API-Key, to anyone, and the same /status over and over. A middleware,
+    not the app's cache_control: that one adds a second Cache-Control to a route's own, and
+    leaves out error answers."""
+
+    async def add_header(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+
+        async def send_with_header(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = message.get("headers") or []
+                if not any(name.lower() == b"cache-control" for name, _ in headers):
+                    message = {**message, "headers": [*headers, (b"cache-control", b"no-store")]}
+            await send(message)
+
+        await app(scope, receive, send_with_header)
+
+    return add_header
+
+
 def create_app(settings: Settings | None = None) -> Litestar:
     settings = settings or get_settings()
 
@@ -495,7 +521,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
                         *CORRECTION_ROUTES, *SEARCH_ROUTES, *REINDEX_ROUTES, *USAGE_ROUTES, *OPENAI_ROUTES,
                         *SPEAKER_ROUTES, *WEBHOOK_ROUTES, *LIVE_ROUTES, *PLAYBACK_ROUTES, *PAGE_ROUTES],
         lifespan=[lifespan],
-        middleware=[http_metrics_middleware, api_key_middleware(settings),  # metrics first: 401s count
+        middleware=[http_metrics_middleware, no_store_middleware,  # metrics first: 401s count
+                    api_key_middleware(settings),
                     upload_limit_middleware(settings.max_concurrent_uploads), small_body_middleware,
                     event_stream_limit_middleware(settings.max_event_streams)],
         # Outside every route's middleware: a browser's preflight (OPTIONS, no API key) is

@@ -103,8 +103,13 @@ def txt_timestamp(seconds: float) -> str:
 
 
 def _one_line(text: str) -> str:
-    """Cue text on one line: a blank line would end the cue, and `-->` would read as timing."""
-    return re.sub(r"-{2,}>", "->", " ".join(text.split()))
+    """Text on one line: in a cue, a blank line would end it."""
+    return " ".join(text.split())
+
+
+def _srt_line(text: str) -> str:
+    """SRT has no escaping: `-->` in a cue's text would read as timing. (WebVTT's &gt; covers it.)"""
+    return re.sub(r"-{2,}>", "->", _one_line(text))
 
 
 def to_srt(segments: Sequence[TranscriptSegment], line_width: int = LINE_WIDTH,
@@ -112,7 +117,7 @@ def to_srt(segments: Sequence[TranscriptSegment], line_width: int = LINE_WIDTH,
     """Numbered cues of at most `line_count` lines, each starting with the speaker."""
     cues = [
         f"{number}\n{srt_timestamp(cue.start)} --> {srt_timestamp(cue.end)}\n"
-        + "\n".join(_one_line(line) for line in [f"{cue.speaker}: {cue.lines[0]}", *cue.lines[1:]]) + "\n"
+        + "\n".join(_srt_line(line) for line in [f"{cue.speaker}: {cue.lines[0]}", *cue.lines[1:]]) + "\n"
         for number, cue in enumerate(caption_cues(segments, line_width, line_count), start=1)
     ]
     return "\n".join(cues)
@@ -146,14 +151,28 @@ def rttm_uri(filename: str) -> str:
     """RTTM's file field: the name without its extension, one token (fields are split at
     whitespace; any other character, in any script, is kept, so a reference's file id matches)."""
     stem = download_name(filename, "")[:-1]
-    return re.sub(r"\s", "_", stem) or "audio"
+    return rttm_token(re.sub(r"\s", "_", stem) or "audio")
+
+
+# pandas' default NA strings (pandas._libs.parsers.STR_NA_VALUES): pyannote.database's load_rttm
+# reads with them, so a file id or speaker that is one of them exactly would lose its turns or be
+# merged with another.
+PANDAS_NA_STRINGS = frozenset({
+    "", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>", "N/A",
+    "NA", "NULL", "NaN", "None", "n/a", "nan", "null"})
+
+
+def rttm_token(token: str) -> str:
+    """A file id or speaker as RTTM readers built on pandas read it back: an NA string gets a `_`."""
+    return f"{token}_" if token in PANDAS_NA_STRINGS else token
 
 
 def to_rttm(uri: str, turns: Sequence[SpeakerTurn], names: dict[str, str] | None = None) -> str:
     """NIST RTTM, one SPEAKER line per turn (overlapping turns included; a turn's pieces that touch,
     cut between chunks, joined), as pyannote.metrics,
-    dscore and md-eval read it; a named speaker appears under its name (blanks as _)."""
-    names = {label: re.sub(r"\s+", "_", name.strip()) for label, name in (names or {}).items()}
+    dscore and md-eval read it; a named speaker appears under its name (blanks as _, a pandas NA
+    string such as `None` with a _ appended)."""
+    names = {label: rttm_token(re.sub(r"\s+", "_", name.strip())) for label, name in (names or {}).items()}
     # A turn cut where talk longer than a chunk was split comes back as one.
     joined: list[SpeakerTurn] = []
     open_turn: dict[str, int] = {}  # speaker -> index in `joined` of their latest turn
