@@ -1008,3 +1008,42 @@ def test_rttm_of_a_file_or_speakers_named_as_pandas_na_strings_reads_back_whole(
     assert uri == "null_"
     assert [label for _, _, label in hypothesis.itertracks(yield_label=True)] == ["None_", "NA_", "n/a_", "spk_3"]
 
+
+def test_a_segment_given_to_another_speaker_is_marked_overlap_as_the_transcriber_would(stack):
+    """`overlap` is whether another speaker talks during the segment's words: given by hand to
+    another speaker (or retimed by a new text), a segment inside spk_0's turn is talked over by
+    spk_0. It kept the transcriber's flag, false, in the JSON and segment.updated alike."""
+    job_id = stack.value("INSERT INTO transcripts (filename, status, stage, progress, language, completed_at)"
+                         " VALUES ('relabelled.wav', 'done', 'done', 1, 'en', now()) RETURNING id")
+    said = [[{"word": " One", "start": 1.0, "end": 1.4}, {"word": " two.", "start": 1.5, "end": 2.0}],
+            [{"word": " Three", "start": 2.5, "end": 2.9}, {"word": " four.", "start": 3.0, "end": 3.5}]]
+    try:
+        stack.query("INSERT INTO speaker_turns (transcript_id, chunk_index, index, speaker, start_ts, end_ts)"
+                    " VALUES ($1, 0, 0, 'spk_0', 0.5, 4.0), ($1, 0, 1, 'spk_1', 5.0, 7.0)", job_id)
+        stack.query("INSERT INTO segments (transcript_id, chunk_index, index, speaker, start_ts, end_ts, text, words)"
+                    " VALUES ($1, 0, 0, 'spk_0', 1.0, 2.0, 'One two.', $2::jsonb),"
+                    " ($1, 0, 1, 'spk_0', 2.5, 3.5, 'Three four.', $3::jsonb)",
+                    job_id, json.dumps(said[0]), json.dumps(said[1]))
+
+        async def correct_and_hear() -> tuple[list[httpx.Response], list[dict]]:
+            connection = await aio_pika.connect_robust(stack.amqp_url)
+            async with connection:
+                queue = await events_queue(await connection.channel(), "segment.updated")
+                answers = [httpx.patch(f"{stack.api}/transcripts/{job_id}/segments/0/{index}", json=body, timeout=30)
+                           for index, body in ((0, {"speaker": "spk_1"}),
+                                               (1, {"speaker": "spk_1", "text": "Three, four."}))]
+                return answers, await job_events(queue, job_id, lambda bodies: len(bodies) >= 2, timeout=30)
+
+        answers, events = asyncio.run(correct_and_hear())
+        assert [answer.status_code for answer in answers] == [200, 200], [answer.text for answer in answers]
+        assert [(a.json()["speaker"], a.json()["overlap"]) for a in answers] == [("spk_1", True)] * 2
+        assert sorted((e["index"], e["speaker"], e["overlap"]) for e in events) == [(0, "spk_1", True),
+                                                                                    (1, "spk_1", True)]
+        segments = httpx.get(f"{stack.api}/transcripts/{job_id}", timeout=30).json()["segments"]
+        assert [(s["speaker"], s["overlap"]) for s in segments] == [("spk_1", True)] * 2
+        assert stack.status(job_id)["segments"] == segments
+        # Back to the speaker whose turn it is: nobody talks over it again.
+        back = httpx.patch(f"{stack.api}/transcripts/{job_id}/segments/0/0", json={"speaker": "spk_0"}, timeout=30)
+        assert (back.json()["speaker"], back.json()["overlap"]) == ("spk_0", False), back.text
+    finally:
+        stack.query("DELETE FROM transcripts WHERE id = $1", job_id)
