@@ -1523,3 +1523,32 @@ def test_with_api_keys_an_upload_with_redaction_plays_its_redacted_copy(keyed_st
         stack.wait_finished(job_id, client=client)
         client.delete(f"{stack.api}/transcripts/{job_id}")
         client.close()
+
+
+def test_a_voice_forgotten_whose_answer_is_lost_is_not_said_to_be_kept(stack, browser, forgets_its_speakers):
+    """The server commits the forgetting, then a proxy answers 504 (re-matching a key's thousands of
+    recordings took too long): the page does not say the voice was kept, and shows what the server has."""
+    anna = stack.value("INSERT INTO speakers (name) VALUES ('Anna') RETURNING id")
+    page = browser.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.on("dialog", lambda dialog: dialog.accept())
+    answered: list[int] = []
+
+    def forgotten_then_timed_out(route) -> None:
+        if route.request.method != "DELETE":
+            route.continue_()
+            return
+        answered.append(route.fetch().status)
+        route.fulfill(status=504, json={"detail": "the proxy timed out"})
+
+    page.route(f"{stack.api}/speakers/{anna}", forgotten_then_timed_out)
+    page.goto(stack.api + "/")
+    page.get_by_role("button", name="Forget Anna").click()
+    page.locator("#notice", has_text="Anna may have been forgotten").wait_for(timeout=30_000)
+    assert answered == [204]
+    page.get_by_role("button", name="Forget Anna").wait_for(state="detached", timeout=30_000)
+    assert "not forgotten" not in page.locator("#notice").inner_text()
+    assert httpx.get(f"{stack.api}/speakers/{anna}", timeout=30).status_code == 404
+    assert errors == []
+    page.close()
