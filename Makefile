@@ -49,7 +49,7 @@ run: install models
 
 test: install models services
 	$(BIN)/ruff check common services tests cli bench
-	$(BIN)/python -m pytest -ra $(PYTEST_ARGS)
+	scripts/run-tests.sh $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check common services tests cli bench
