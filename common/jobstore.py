@@ -196,32 +196,22 @@ async def lock_segment(conn: asyncpg.Connection, job_id: int, chunk_index: int, 
 
 
 async def correct_segment(conn: asyncpg.Connection, job_id: int, chunk_index: int, index: int, *, speaker: str,
-                          overlap: bool, text: str | None = None, words: list[dict] | None = None,
-                          text_language: str | None = None, embedding: list[float] | None = None,
-                          embedding_model: str | None = None) -> None:
-    """A segment's speaker as corrected by hand, with `overlap` as it is for that speaker and
-    those words (common.overlap.talked_over over turns_under the words); with `text`, also its
-    text with its words retimed, indexed again for search, and `embedding` in place of its vector
-    (None: left for ingest to embed within a minute, reindex.embed_corrections)."""
+                          text: str | None = None, words: list[dict] | None = None, text_language: str | None = None,
+                          embedding: list[float] | None = None, embedding_model: str | None = None) -> None:
+    """A segment's speaker as corrected by hand; with `text`, also its text with its words
+    retimed, indexed again for search, and `embedding` in place of its vector (None: left for
+    ingest to embed within a minute, reindex.embed_corrections)."""
     if text is None:
-        await conn.execute("UPDATE segments SET speaker = $4, overlap = $5, edited_at = now()"
+        await conn.execute("UPDATE segments SET speaker = $4, edited_at = now()"
                            " WHERE transcript_id = $1 AND chunk_index = $2 AND index = $3",
-                           job_id, chunk_index, index, speaker, overlap)
+                           job_id, chunk_index, index, speaker)
         return
     await conn.execute(
         "UPDATE segments SET speaker = $4, text = $5, words = $6, search_text = to_tsvector(stt_text_config($7), $5),"
-        " embedding = $8::real[]::vector, embedding_model = $9, overlap = $10, edited_at = now()"
+        " embedding = $8::real[]::vector, embedding_model = $9, edited_at = now()"
         " WHERE transcript_id = $1 AND chunk_index = $2 AND index = $3",
         job_id, chunk_index, index, speaker, text, words, text_language, embedding,
-        embedding_model if embedding is not None else None, overlap)
-
-
-async def turns_under(db: Db, job_id: int, start: float, end: float) -> list[SpeakerTurn]:
-    """The diarizer's turns of a job (every channel's) that overlap [start, end]."""
-    rows = await db.fetch(
-        "SELECT speaker, start_ts, end_ts FROM speaker_turns WHERE transcript_id = $1 AND start_ts < $3"
-        " AND end_ts > $2 ORDER BY start_ts, end_ts, speaker", job_id, start, end)
-    return [SpeakerTurn(speaker=r["speaker"], start=r["start_ts"], end=r["end_ts"]) for r in rows]
+        embedding_model if embedding is not None else None)
 
 
 async def speaker_word_counts(db: Db, job_id: int) -> dict[str, int]:

@@ -12,14 +12,13 @@ import pytest
 from pydantic import ValidationError
 
 from common.messages import JobOptions, Segment, SpeakerTurn, TimeSpan, Word, language_choices
-from common.overlap import word_talked_over
 from common.turns import speech_regions
 from services.diarizer.pipeline import language_probe, plan_chunks
 from services.ingest.inbox import drop_options
 from services.transcriber.languages import Passage, language_spans, passages
 from services.transcriber.redaction import redact, redact_text, redact_words
 from services.transcriber.spelling import respell
-from services.transcriber.whisper import _clips, _heard_times, _runs_by_speaker, speaker_of
+from services.transcriber.whisper import _clips, _heard_times, _runs_by_speaker, _talked_over, speaker_of
 from tests.conftest import ROOT
 
 
@@ -181,17 +180,17 @@ def test_a_chunk_may_end_where_one_speaker_hands_over_to_the_next():
 
 def test_a_word_is_talked_over_when_another_speakers_turn_covers_part_of_it():
     turns = [turn("spk_0", 0.0, 3.0), turn("spk_1", 2.0, 5.0)]
-    assert word_talked_over(Word(word=" yes", start=2.2, end=2.6), "spk_0", turns)
-    assert not word_talked_over(Word(word=" no", start=0.5, end=0.9), "spk_0", turns)
-    assert not word_talked_over(Word(word=" so", start=2.95, end=3.3), "spk_1", turns)  # 0.05 s is a touch
+    assert _talked_over(Word(word=" yes", start=2.2, end=2.6), "spk_0", turns)
+    assert not _talked_over(Word(word=" no", start=0.5, end=0.9), "spk_0", turns)
+    assert not _talked_over(Word(word=" so", start=2.95, end=3.3), "spk_1", turns)  # 0.05 s is a touch
     # A hand-over with nobody talking at once: a word timed across it is not talked over.
     handover = [turn("spk_0", 0.0, 3.0), turn("spk_1", 3.0, 5.0)]
     assert speaker_of(2.7, 3.2, handover) == "spk_0"
-    assert not word_talked_over(Word(word=" then", start=2.7, end=3.2), "spk_0", handover)
-    assert not word_talked_over(Word(word=" well", start=2.8, end=3.4), "spk_1", handover)
+    assert not _talked_over(Word(word=" then", start=2.7, end=3.2), "spk_0", handover)
+    assert not _talked_over(Word(word=" well", start=2.8, end=3.4), "spk_1", handover)
     # With no turn of its own under it (one channel's word where its diarization has a gap while
     # the other channel talks), another speaker's turn over the word is enough.
-    assert word_talked_over(Word(word=" hm", start=3.5, end=3.9), "spk_0", turns)
+    assert _talked_over(Word(word=" hm", start=3.5, end=3.9), "spk_0", turns)
     assert speaker_of(2.2, 2.6, turns) == "spk_0"  # a tie goes to the earlier turn: the same words, the same speakers
     assert speaker_of(2.5, 3.5, turns) == "spk_1"  # most of the word is in spk_1's turn
 

@@ -10,7 +10,7 @@ import unicodedata
 from difflib import SequenceMatcher
 from typing import Annotated
 
-from asyncpg import Connection, Record
+from asyncpg import Record
 from litestar import Request, patch
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException, NotFoundException
@@ -21,7 +21,6 @@ from common import jobstore
 from common.logs import job_logged
 from common.messages import SegmentUpdated, Word
 from common.outbox import add_to_outbox
-from common.overlap import talked_over
 from services.ingest.admission import SMALL_BODY_BYTES
 from services.ingest.auth import request_owner
 from services.ingest.captions import written_with_spaces
@@ -141,15 +140,6 @@ def retimed_words(words: list[dict], text: str, start: float, end: float) -> lis
     return out + _in_place_of(written, old[previous + 1:], (pause_start, max(end, pause_start)))
 
 
-async def _talked_over(conn: Connection, job_id: int, words: list[Word], speaker: str, segment: Record) -> bool:
-    """The corrected segment's `overlap`: the transcriber's rule (common.overlap) over the job's
-    turns, for its speaker and words as they are now. A segment without timed words is taken as
-    one word over its whole time."""
-    words = words or [Word(word=segment["text"], start=segment["start_ts"], end=segment["end_ts"])]
-    turns = await jobstore.turns_under(conn, job_id, min(w.start for w in words), max(w.end for w in words))
-    return talked_over(words, speaker, turns)
-
-
 def _refused(job_id: int, job: Record | None, request: Request) -> None:
     """404 for a job the caller cannot see, 409 for one still processing."""
     if not visible(job, request_owner(request)):
@@ -227,16 +217,13 @@ async def correct_segment(job_id: JobId, chunk_index: SegmentChunk, index: Segme
             _being_redacted(job_id)
         embedding = None
         if text == segment["text"]:
-            words = [Word(**w) for w in segment["words"]]
-            overlap = await _talked_over(conn, job_id, words, speaker, segment)
-            await jobstore.correct_segment(conn, job_id, chunk_index, index, speaker=speaker, overlap=overlap)
+            await jobstore.correct_segment(conn, job_id, chunk_index, index, speaker=speaker)
         else:
             if segment["embedding_model"] == model:
                 embedding = new_embedding
             words = retimed_words(segment["words"], text, segment["start_ts"], segment["end_ts"])
-            overlap = await _talked_over(conn, job_id, words, speaker, segment)
-            await jobstore.correct_segment(conn, job_id, chunk_index, index, speaker=speaker, overlap=overlap,
-                                           text=text, words=[w.model_dump() for w in words],
+            await jobstore.correct_segment(conn, job_id, chunk_index, index, speaker=speaker, text=text,
+                                           words=[w.model_dump() for w in words],
                                            text_language=segment["text_language"],
                                            embedding=embedding, embedding_model=model)
         corrected = transcript_segment(await jobstore.job_segment(conn, job_id, chunk_index, index))

@@ -30,7 +30,6 @@ from huggingface_hub.utils import LocalEntryNotFoundError
 from common.audio import SAMPLE_RATE
 from common.broker import PermanentError
 from common.messages import Segment, SpeakerTurn, TimeSpan, Word
-from common.overlap import talked_over
 from common.settings import Settings
 from common.turns import speech_regions
 from services.transcriber.languages import identify, language_spans, passages
@@ -44,6 +43,8 @@ MAX_SEGMENT_S = 30.0
 # trailing consonants), and regions closer than REGION_BRIDGE_S are heard as one.
 REGION_PAD_S = 0.3
 REGION_BRIDGE_S = 1.0
+# A word is talked over when another speaker's turn covers this much of it.
+OVERLAP_MIN_S = 0.1
 # Whisper's window: with WHISPER_BATCH_SIZE, the speech heard is cut into clips of at most this.
 CLIP_MAX_S = 30.0
 # ...and of at least this: Whisper's time step (one timestamp token, one encoder frame). A shorter
@@ -372,7 +373,7 @@ def transcribe_chunk(model: WhisperModel, audio: np.ndarray | HeardAudio, offset
         if text:
             segments.append(Segment(index=len(segments), speaker=speaker, start_ts=run[0].start,
                                     end_ts=run[-1].end, text=text, words=run,
-                                    overlap=talked_over(run, speaker, everyone),
+                                    overlap=any(_talked_over(w, speaker, everyone) for w in run),
                                     language=run_language if among else None))
     return segments, _most_spoken(words, spoken)
 
@@ -421,6 +422,20 @@ def _most_spoken(words: list[Word], spoken: list[str | None]) -> str | None:
     for word, language in zip(words, spoken):
         seconds[language] = seconds.get(language, 0.0) + word.end - word.start
     return max(seconds, key=seconds.__getitem__)
+
+
+def _talked_over(word: Word, speaker: str, turns: list[SpeakerTurn]) -> bool:
+    """Whether, inside the word, another speaker's turn runs at the same time as one of its own
+    speaker's. Not merely another turn under the word: word times are often a little off the
+    turns', and a word across a hand-over is no one talking over anyone."""
+    needed = max(1e-3, min(OVERLAP_MIN_S, (word.end - word.start) / 2))
+    own = [(max(word.start, t.start), min(word.end, t.end)) for t in turns
+           if t.speaker == speaker and min(word.end, t.end) > max(word.start, t.start)]
+    # No turn of its own speaker under the word (given by the nearest turn: another channel's
+    # talk, or speech the diarizer missed): the word's own time counts.
+    own = own or [(word.start, word.end)]
+    return any(t.speaker != speaker and min(end, t.end) - max(start, t.start) >= needed
+               for t in turns for start, end in own)
 
 
 def speaker_of(start: float, end: float, turns: list[SpeakerTurn]) -> str:
