@@ -259,30 +259,13 @@ def stage_queue_arguments(service: str, settings: Settings) -> dict[str, Any]:
     return arguments
 
 
-# RabbitMQ 4 takes any negative delivery limit for none. Not -1, the one it documents: pamqp 3.3.0
-# (which aiormq pins) packs -128..-1 as an unsigned byte and fails; -129 goes as a signed short.
-NO_DELIVERY_LIMIT_ON_RABBITMQ_4 = -129
-
-
-async def broker_version(connection: AbstractRobustConnection) -> str:
-    """The RabbitMQ version ("4.1.0") that `connection` announced when it opened; "" if unknown."""
-    await connection.ready()
-    transport = connection.transport
-    if transport is None:
-        return ""
-    return str(transport.connection.server_properties.get("version", ""))
-
-
-def dead_letters_queue_arguments(version: str) -> dict[str, Any]:
-    """stt.dead-letters' arguments on a RabbitMQ of `version`: no delivery limit. People read it
-    (the management UI's "Get messages" with requeue, rabbitmqadmin get), each look a delivery
-    given back: a limit would delete the only copy of a parked message at the (limit + 1)-th look.
-    RabbitMQ 3 has none unless given one; RabbitMQ 4 has 20 unless told it has none."""
-    arguments: dict[str, Any] = {"x-queue-type": "quorum"}
-    major = version.split(".", 1)[0]
-    if major.isdigit() and int(major) >= 4:
-        arguments["x-delivery-limit"] = NO_DELIVERY_LIMIT_ON_RABBITMQ_4
-    return arguments
+# stt.dead-letters is read by people (the management UI's "Get messages" with requeue, rabbitmqadmin
+# get), each look a delivery given back: a limit would delete the only copy of a parked message at
+# its (limit + 1)-th look. Not none: RabbitMQ 4 gives a quorum queue declared without one a limit
+# of 20 (a queue declared so on RabbitMQ 3 keeps no limit only until the broker is upgraded), and
+# RabbitMQ 3 drops a message at its first return where the limit is negative. A limit no one looks
+# up to holds on both.
+DEAD_LETTERS_QUEUE_ARGUMENTS: dict[str, Any] = {"x-queue-type": "quorum", "x-delivery-limit": 1_000_000}
 
 
 async def declare_queue(connection: AbstractRobustConnection, name: str, arguments: dict[str, Any]) -> None:
@@ -329,8 +312,7 @@ async def declare_topology(connection: AbstractRobustConnection, settings: Setti
         queue = await channel.declare_queue(stage_queue(service), passive=True, robust=False)
         for key in keys:
             await queue.bind(work, key, robust=False)
-    dead_letters_arguments = dead_letters_queue_arguments(await broker_version(connection))
-    for name, arguments in ((DEAD_LETTERS_QUEUE, dead_letters_arguments),
+    for name, arguments in ((DEAD_LETTERS_QUEUE, DEAD_LETTERS_QUEUE_ARGUMENTS),
                             (PERSISTER_DEAD_QUEUE, {"x-queue-type": "quorum",
                                                     "x-delivery-limit": settings.delivery_limit})):
         await declare_queue(connection, name, arguments)

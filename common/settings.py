@@ -36,7 +36,8 @@ class Settings(BaseSettings):
     event_refused_for_s: float = Field(default=30.0, gt=0)
     # Delays between retries of a failed message; their count is the number of retries.
     retry_delays_s: str = "5,30,120"
-    # Deliveries of one message (worker crashes included) before the broker dead-letters it.
+    # Returns of one message to its queue unfinished (worker crashes included): the broker
+    # dead-letters it after delivery_limit + 1 deliveries.
     delivery_limit: int = Field(default=5, ge=1)
     # On SIGTERM a worker finishes what it holds for this long, then hands the rest back.
     shutdown_grace_s: float = Field(default=30.0, ge=0)

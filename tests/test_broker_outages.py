@@ -24,7 +24,6 @@ from typing import ClassVar
 import aio_pika
 import asyncpg
 import pytest
-from pamqp import commands, frame
 
 from common import broker, metrics, runner
 from common.broker import (
@@ -34,7 +33,6 @@ from common.broker import (
     Route,
     connect,
     consume,
-    dead_letters_queue_arguments,
     declare_queue,
     declare_topology,
     open_bus,
@@ -378,17 +376,6 @@ async def test_a_parked_message_stays_however_often_it_is_looked_at(vhost):
         assert message.body == body
     finally:
         await connection.close()
-
-
-def test_parked_messages_have_no_delivery_limit_on_rabbitmq_4_either():
-    """RabbitMQ 4 gives a quorum queue declared without a delivery limit one of 20, and takes a
-    negative one for none: stt.dead-letters is declared with one there, in a form the client can
-    send (pamqp 3.3 cannot encode -1). RabbitMQ 3 has none by default, and drops a message at
-    its first return where the limit is negative: none is given there."""
-    arguments = dead_letters_queue_arguments("4.1.0")
-    assert arguments["x-queue-type"] == "quorum" and arguments["x-delivery-limit"] < 0
-    frame.marshal(commands.Queue.Declare(queue=DEAD_LETTERS_QUEUE, durable=True, arguments=arguments), 1)
-    assert dead_letters_queue_arguments("3.10.8") == {"x-queue-type": "quorum"}
 
 
 async def test_a_message_the_broker_dead_lettered_moved_back_to_its_queue_is_handled(vhost, fresh_runner):
