@@ -26,8 +26,10 @@ done
 in_process_log=$(mktemp)
 in_process_tmp=$(mktemp -d)  # its own: pytest prunes the older numbered temp folders of a run
 trap 'rm -rf "$in_process_log" "$in_process_tmp"' EXIT
-"${PYTEST[@]}" --basetemp="$in_process_tmp" "$@" "${IN_PROCESS[@]}" > "$in_process_log" 2>&1 &
+# Its own temp folder and no cache: the other run keeps .pytest_cache (--lf) as one run would.
+"${PYTEST[@]}" "$@" --basetemp="$in_process_tmp" -p no:cacheprovider "${IN_PROCESS[@]}" > "$in_process_log" 2>&1 &
 in_process=$!
+trap 'kill "$in_process" 2>/dev/null; exit 130' INT TERM
 "${PYTEST[@]}" "$@" "${others[@]}"
 others_status=$?
 wait "$in_process"
