@@ -952,7 +952,12 @@ def test_a_name_server_blip_is_answered_503_with_retry_after_not_a_final_400(not
                                     data={"callback_url": "https://blip.example/hook"})
         fetched = client.post("/recognize", files={"url": (None, "https://blip.example/a.wav")})
         missing = client.post("/webhooks", json={"url": "https://nothing.example/hook"})
-    for answer in (registered, submitted, fetched):
+    # Not checked first where private addresses are allowed: the blip meets the fetch's own lookup.
+    monkeypatch.undo()
+    with TestClient(create_app(stack.settings(audio_url_allow_private=True)), timeout=60) as client:
+        monkeypatch.setattr(socket, "getaddrinfo", lookup)
+        fetched_unchecked = client.post("/recognize", files={"url": (None, "http://blip.example/a.wav")})
+    for answer in (registered, submitted, fetched, fetched_unchecked):
         assert answer.status_code == 503 and int(answer.headers["retry-after"]) > 0, answer.text
         assert "blip.example could not be resolved for now" in answer.json()["detail"], answer.text
     assert missing.status_code == 400, missing.text

@@ -6,6 +6,7 @@ included (each hop is checked), unless AUDIO_URL_ALLOW_PRIVATE."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import tempfile
 import time
 from pathlib import PurePosixPath
@@ -175,6 +176,12 @@ async def _fetch(url: str, settings: Settings, floor: _RateFloor) -> tuple[Binar
         # the resolver's error ("Cannot connect to host ... [None]") would not say why.
         if isinstance(exc.os_error, PrivateAddressRefused):
             raise _refused(f"audio URL refused: {not_public(exc.os_error.host, 'AUDIO_URL_ALLOW_PRIVATE')}") from exc
+        # The name servers failing for the moment as aiohttp resolves the name again to connect
+        # (or, with AUDIO_URL_ALLOW_PRIVATE, first): a blip to wait out, as target_problem tells it.
+        if getattr(exc.os_error, "errno", None) == socket.EAI_AGAIN:
+            raise HTTPException(status_code=503, headers={"Retry-After": str(admission.RETRY_AFTER_S)},
+                                detail=f"audio URL not fetched: {urlsplit(url).hostname} could not be resolved"
+                                       " for now (temporary failure in name resolution); try again shortly") from exc
         raise _refused(f"could not fetch the audio URL: {exc}") from exc
     except (aiohttp.ClientError, OSError) as exc:
         raise _refused(f"could not fetch the audio URL: {exc or type(exc).__name__}") from exc
