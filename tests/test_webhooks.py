@@ -891,33 +891,42 @@ def test_a_job_given_up_on_once_gets_a_whole_schedule_again_once_the_endpoint_ha
     """Behind a delivery of a job given up, the job's later ones got one attempt each for ever,
     though the endpoint had delivered other jobs' events since: a job given up on one bad day had
     its deletion, a week later, tried once and given up at its first 502. One attempt each only
-    while the endpoint has delivered nothing since the one given up."""
+    while the endpoint has delivered nothing since the one given up, or where the endpoint
+    answered the one given up with a refusal (a 4xx: it refuses that job, and each of the job's
+    events waiting out a whole schedule held its chain for a year)."""
     stack, receiver = notified
-    back_job, still_dead_job, other_job = 989898, 989899, 989900  # no transcripts: deleted jobs
+    back_job, still_dead_job, other_job, refused_job = 989898, 989899, 989900, 989901  # no transcripts
     webhook_id = stack.value("INSERT INTO webhooks (url, events, secret) VALUES ($1, '{segment.created}',"
                              " 'a-secret-of-16-chars') RETURNING id", receiver.url("/refusing-since"))
 
-    def delivery(event_id: str, job_id: int, status: str = "pending", settled_days_ago: int | None = None) -> None:
-        stack.query("INSERT INTO webhook_deliveries (webhook_id, event_id, event_type, job_id, payload, status,"
-                    " attempts, finished_at) VALUES ($1, $2, 'segment.created', $3, $4, $5, $6,"
-                    " now() - make_interval(days => $7))", webhook_id, event_id, job_id,
-                    json.dumps({"type": "segment.created", "data": {"job_id": job_id, "message_id": event_id}}),
-                    status, 0 if status == "pending" else MAX_ATTEMPTS, settled_days_ago)
+    def delivery(event_id: str, job_id: int, status: str = "pending", settled_days_ago: int | None = None) -> int:
+        return stack.value("INSERT INTO webhook_deliveries (webhook_id, event_id, event_type, job_id, payload,"
+                           " status, attempts, finished_at) VALUES ($1, $2, 'segment.created', $3, $4, $5, $6,"
+                           " now() - make_interval(days => $7)) RETURNING id", webhook_id, event_id, job_id,
+                           json.dumps({"type": "segment.created", "data": {"job_id": job_id, "message_id": event_id}}),
+                           status, 0 if status == "pending" else MAX_ATTEMPTS, settled_days_ago)
 
     try:
+        refused = delivery("evt-refused-given-up", refused_job, "failed", 7)
+        stack.query("INSERT INTO webhook_attempts (delivery_id, attempt, status_code, latency_ms)"
+                    " VALUES ($1, $2, 404, 5)", refused, MAX_ATTEMPTS)
         delivery("evt-back-given-up", back_job, "failed", 7)
         delivery("evt-other-delivered", other_job, "delivered", 6)
         delivery("evt-still-dead-given-up", still_dead_job, "failed", 5)
         delivery("evt-back-later", back_job)
         delivery("evt-still-dead-later", still_dead_job)
+        delivery("evt-refused-later", refused_job)
         kick_all(stack, [WebhookDue(job_id=back_job, webhook_id=webhook_id),
-                         WebhookDue(job_id=still_dead_job, webhook_id=webhook_id)])
+                         WebhookDue(job_id=still_dead_job, webhook_id=webhook_id),
+                         WebhookDue(job_id=refused_job, webhook_id=webhook_id)])
         wait_for(lambda: not stack.query("SELECT 1 FROM webhook_deliveries WHERE webhook_id = $1"
                                          " AND status = 'pending'", webhook_id), 120, "both later deliveries settled")
         # Given up before the endpoint delivered again: its whole schedule.
         assert len(receiver.events("/refusing-since", back_job)) == MAX_ATTEMPTS
         # Given up after the endpoint last delivered: one attempt, as before.
         assert len(receiver.events("/refusing-since", still_dead_job)) == 1
+        # Refused by an endpoint that delivers other jobs: one attempt.
+        assert len(receiver.events("/refusing-since", refused_job)) == 1
     finally:
         stack.query("DELETE FROM webhooks WHERE id = $1", webhook_id)
 

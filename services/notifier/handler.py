@@ -290,10 +290,14 @@ async def _behind_one_given_up(conn: asyncpg.Connection, due: WebhookDue, head: 
     attempt: each waiting out the whole schedule behind the one before (about a day each) held a
     dead endpoint's job, 500 segments long, for over a year. One delivered since (the endpoint
     back) gives the next failure its whole schedule again: counted of this job only, a job given
-    up on one bad day had each of its events, weeks later, tried once (its deletion never told)."""
+    up on one bad day had each of its events, weeks later, tried once (its deletion never told).
+    Unless the one given up was refused (a 4xx answer but 429): an endpoint that delivers other
+    jobs and refuses this one's would hold each of its events a whole schedule, for a year."""
     return bool(await conn.fetchval(
-        "SELECT d.status = 'failed' AND NOT EXISTS (SELECT 1 FROM webhook_deliveries s WHERE s.webhook_id = $1"
+        "SELECT d.status = 'failed' AND (NOT EXISTS (SELECT 1 FROM webhook_deliveries s WHERE s.webhook_id = $1"
         " AND s.status = 'delivered' AND s.finished_at >= d.finished_at)"
+        " OR coalesce((SELECT a.status_code BETWEEN 400 AND 499 AND a.status_code <> 429 FROM webhook_attempts a"
+        " WHERE a.delivery_id = d.id ORDER BY a.attempt DESC LIMIT 1), false))"
         " FROM webhook_deliveries d WHERE d.webhook_id = $1 AND d.job_id = $2 AND d.id < $3"
         " AND d.status <> 'pending' ORDER BY d.id DESC LIMIT 1", due.webhook_id, due.job_id, head["id"]))
 
