@@ -114,6 +114,15 @@ class TemporaryProblem(str):
     URL checked during a name server's blip was refused for good: clients do not send a 400 again."""
 
 
+def name_servers_failing(exc: BaseException | None) -> bool:
+    """Whether a name lookup's error says the name servers fail for the moment (EAI_AGAIN)."""
+    return isinstance(exc, socket.gaierror) and exc.errno == socket.EAI_AGAIN
+
+
+def unresolved_for_now(host: str | None) -> TemporaryProblem:
+    return TemporaryProblem(f"{host} could not be resolved for now (temporary failure in name resolution)")
+
+
 async def target_problem(url: str, allow_private: bool, allowed_by: str = "WEBHOOK_ALLOW_PRIVATE",
                          resolve_timeout_s: float = 10.0, **form) -> str | None:
     """Why nothing may be requested from `url` now, or None: a bad form (`form`: url_problem's
@@ -132,8 +141,8 @@ async def target_problem(url: str, allow_private: bool, allowed_by: str = "WEBHO
     except TimeoutError:
         return TemporaryProblem(f"{host} did not resolve within {resolve_timeout_s:g} s")
     except OSError as exc:
-        if isinstance(exc, socket.gaierror) and exc.errno == socket.EAI_AGAIN:
-            return TemporaryProblem(f"{host} could not be resolved for now (temporary failure in name resolution)")
+        if name_servers_failing(exc):
+            return unresolved_for_now(host)
         # Told as a private address is: two answers would tell whoever asks which names the private
         # network has (a cluster's service names). The log says which it was.
         log.info("%s does not resolve (%s): refused", host, exc.strerror or exc)

@@ -6,7 +6,6 @@ included (each hop is checked), unless AUDIO_URL_ALLOW_PRIVATE."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import tempfile
 import time
 from pathlib import PurePosixPath
@@ -21,8 +20,10 @@ from common.outbound import (
     PrivateAddressRefused,
     TemporaryProblem,
     http_session,
+    name_servers_failing,
     not_public,
     target_problem,
+    unresolved_for_now,
 )
 from common.settings import Settings
 from services.ingest import admission
@@ -39,6 +40,11 @@ BLOCK = 1 << 16
 
 def _refused(detail: str, status_code: int = 400) -> HTTPException:
     return HTTPException(status_code=status_code, detail=detail)
+
+
+def _not_fetched_for_now(problem: TemporaryProblem) -> HTTPException:
+    return HTTPException(status_code=503, headers={"Retry-After": str(admission.RETRY_AFTER_S)},
+                         detail=f"audio URL not fetched: {problem}; try again shortly")
 
 
 def _name_of(response: aiohttp.ClientResponse, url: str) -> str:
@@ -143,8 +149,7 @@ async def _fetch(url: str, settings: Settings, floor: _RateFloor) -> tuple[Binar
                 problem = await target_problem(url, settings.audio_url_allow_private, "AUDIO_URL_ALLOW_PRIVATE",
                                                what="an audio URL", credentials="give a presigned URL instead")
                 if isinstance(problem, TemporaryProblem):
-                    raise HTTPException(status_code=503, headers={"Retry-After": str(admission.RETRY_AFTER_S)},
-                                        detail=f"audio URL not fetched: {problem}; try again shortly")
+                    raise _not_fetched_for_now(problem)
                 if problem:
                     raise _refused(f"audio URL refused: {problem}")
                 floor.host = urlsplit(url).hostname
@@ -178,10 +183,8 @@ async def _fetch(url: str, settings: Settings, floor: _RateFloor) -> tuple[Binar
             raise _refused(f"audio URL refused: {not_public(exc.os_error.host, 'AUDIO_URL_ALLOW_PRIVATE')}") from exc
         # The name servers failing for the moment as aiohttp resolves the name again to connect
         # (or, with AUDIO_URL_ALLOW_PRIVATE, first): a blip to wait out, as target_problem tells it.
-        if getattr(exc.os_error, "errno", None) == socket.EAI_AGAIN:
-            raise HTTPException(status_code=503, headers={"Retry-After": str(admission.RETRY_AFTER_S)},
-                                detail=f"audio URL not fetched: {urlsplit(url).hostname} could not be resolved"
-                                       " for now (temporary failure in name resolution); try again shortly") from exc
+        if name_servers_failing(exc.os_error):
+            raise _not_fetched_for_now(unresolved_for_now(urlsplit(url).hostname)) from exc
         raise _refused(f"could not fetch the audio URL: {exc}") from exc
     except (aiohttp.ClientError, OSError) as exc:
         raise _refused(f"could not fetch the audio URL: {exc or type(exc).__name__}") from exc

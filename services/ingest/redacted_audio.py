@@ -69,15 +69,18 @@ async def redact_recording(pool: asyncpg.Pool, s3: Minio, bucket: str, job_id: i
     PCM is removed. Either way the job ends no longer held back as being redacted
     (audio_redaction_due cleared): redacted, or, its decoded audio gone, stored as uploaded."""
     job = await jobstore.job_audio(pool, job_id)
-    if job is not None and job["audio_removed_at"] and job["audio_key"]:
-        # A run stopped between writing its copy and removing it (below) left the copy stored
-        # over a recording retention had removed, and marked its objects removed: the retry is
-        # the only step that still looks. Already gone is no error.
-        with job_logged(job_id):
-            await asyncio.to_thread(remove_objects, s3, [(bucket, job["audio_key"])])
-            log.info("its recording was removed; any redacted copy written meanwhile is removed too")
+    if job is None:
         return
-    if job is None or job["status"] != "done" or job["audio_removed_at"] or job["audio_redacted_at"]:
+    if job["audio_removed_at"]:
+        if job["audio_key"]:
+            # A run stopped between writing its copy and removing it (below) left the copy stored
+            # over a recording retention had removed, and marked its objects removed: the retry is
+            # the only step that still looks. Already gone is no error.
+            with job_logged(job_id):
+                await asyncio.to_thread(remove_objects, s3, [(bucket, job["audio_key"])])
+                log.info("its recording was removed; any redacted copy written meanwhile is removed too")
+        return
+    if job["status"] != "done" or job["audio_redacted_at"]:
         return
     spans = await jobstore.redacted_word_times(pool, job_id)
     options = JobOptions.model_validate(job["options"] or {})

@@ -123,9 +123,9 @@ def language_for(message: JobDiarized, deps: Deps) -> str | None:
     if message.job_id not in deps.languages:
         probe = [_as_float(deps.read_pcm(message.pcm_bucket, message.pcm_key, s)) for s in message.language_probe]
         speech = np.concatenate(probe) if probe else np.zeros(0, dtype=np.float32)
-        deps.languages[message.job_id] = detect_language(deps.model, speech, among)
-        log.info("detected language %s on %.1f s of speech", deps.languages.peek(message.job_id),
-                 speech.size / SAMPLE_RATE)
+        language = detect_language(deps.model, speech, among)
+        deps.languages[message.job_id] = language
+        log.info("detected language %s on %.1f s of speech", language, speech.size / SAMPLE_RATE)
     return deps.languages.peek(message.job_id)
 
 
