@@ -9,7 +9,8 @@ its data under `.state/`) unless TEST_PG_ADMIN_URL names another server.
     with running_stack(log_dir, env=TEST_ENV, ollama=True) as stack: ...
 
 `python devstack.py database-url` starts the embedded PostgreSQL of `make run` (data in
-`.state/postgres`, kept across runs) and prints the URL of its `stt` database.
+`.state/postgres`, kept across runs) and prints the URL of its `stt` database;
+`python devstack.py test-database` starts the tests' (`make test` does, before its workers).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ SERVICES = ("ingest", "diarizer", "transcriber", "embedder", "persister", "notif
 WORKERS = SERVICES[1:]
 STATE_DIR = ROOT / ".state"
 TEST_PG_DATA = STATE_DIR / "test-postgres"
+TEST_PG_CONNECTIONS = 300
 WHISPER_MODEL = ROOT / "models" / "whisper-base"
 LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \|")
 
@@ -461,9 +463,35 @@ def running_stack(log_dir: Path, *, env: dict[str, str], services: tuple[str, ..
             admin_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
+def test_postgres_for_workers() -> None:
+    """Start the tests' embedded PostgreSQL with room for several stacks side by side (`make test`
+    runs a stack per pytest-xdist worker; each stack's pools take up to about 40 connections, the
+    default of 100 is too few for two at their peak). TEST_PG_ADMIN_URL's server is left as it is."""
+    if os.environ.get("TEST_PG_ADMIN_URL"):
+        return
+    import asyncpg
+
+    async def connections_allowed(set_to: int | None = None) -> int:
+        conn = await asyncpg.connect(embedded_postgres(TEST_PG_DATA, fresh_handle=True), timeout=30)
+        try:
+            if set_to:
+                await conn.execute(f"ALTER SYSTEM SET max_connections = {set_to}")
+            return int(await conn.fetchval("SHOW max_connections"))
+        finally:
+            await conn.close()
+
+    if asyncio.run(connections_allowed()) < TEST_PG_CONNECTIONS:
+        asyncio.run(connections_allowed(set_to=TEST_PG_CONNECTIONS))
+        stop_embedded_postgres(TEST_PG_DATA)  # max_connections takes a restart
+        asyncio.run(connections_allowed())
+
+
 def main() -> None:
+    if sys.argv[1:] == ["test-database"]:
+        test_postgres_for_workers()
+        return
     if sys.argv[1:] != ["database-url"]:
-        raise SystemExit("usage: python devstack.py database-url")
+        raise SystemExit("usage: python devstack.py database-url | test-database")
     import asyncpg
 
     admin = embedded_postgres(STATE_DIR / "postgres")
