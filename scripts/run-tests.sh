@@ -19,8 +19,9 @@ for arg in "$@"; do
 done
 
 # The slowest files first, so that no worker is left with a long one at the end.
-SLOWEST_FIRST=(tests/test_cli.py tests/test_pipeline.py tests/test_broker_outages.py tests/test_transcripts.py
-               tests/test_webhooks.py tests/test_speakers.py)
+SLOWEST_FIRST=(tests/test_page.py tests/test_cli.py tests/test_transcripts.py tests/test_webhooks.py
+               tests/test_bad_input.py tests/test_handlers.py tests/test_reindex.py tests/test_broker_outages.py
+               tests/test_speakers.py)
 rest=("${SLOWEST_FIRST[@]}")
 for file in tests/test_*.py; do
   case " ${FAULTS[*]} ${IN_PROCESS[*]} ${SLOWEST_FIRST[*]} " in

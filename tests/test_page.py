@@ -217,12 +217,14 @@ def test_upload_follow_read_play_and_download(stack, fixtures_dir, browser, tmp_
     # offers nothing more for it, and does not keep asking for it.
     page.locator(f'#jobs li[data-job="{expecting}"][data-status="done"] button').click(timeout=300_000)
     page.locator('#transcript[data-ended="true"]').wait_for(timeout=60_000)
-    streams: list[str] = []
-    page.on("request", lambda request: streams.append(request.url)
-            if f"/transcripts/{expecting}" in request.url else None)
     assert httpx.delete(f"{stack.api}/transcripts/{expecting}", timeout=30).status_code == 204
     page.locator("#transcript-status", has_text="was deleted").wait_for(timeout=15_000)
     page.locator(f'#jobs li[data-job="{expecting}"]').wait_for(state="detached", timeout=5_000)
+    # From here on (before it, the player may still have been fetching the recording, on a busy
+    # machine later than the transcript's end).
+    streams: list[str] = []
+    page.on("request", lambda request: streams.append(request.url)
+            if f"/transcripts/{expecting}" in request.url else None)
     assert page.locator("#transcript").is_visible()
     for control in ("#downloads a", "#delete", "#cancel", "#rerun", "#player"):
         assert not page.locator(control).is_visible(), control
