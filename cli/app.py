@@ -53,8 +53,9 @@ UPLOAD_CHUNK_BYTES = 256 * 1024
 POLL_INTERVAL_S = 1.0
 FINISHED = ("done", "error")
 NOT_FOLLOWED = "not followed"  # follow_jobs' status for a job the API stopped telling about
-# Answers worth waiting out while following a job: the API or its database is restarting.
-TRANSIENT_STATUS_CODES = (502, 503, 504)
+# Answers worth waiting out while following a job: the API or its database is restarting (a
+# gateway's 502/504, Cloudflare's 520-524).
+TRANSIENT_STATUS_CODES = (502, 503, 504, 520, 521, 522, 523, 524)
 # Waited out too, for a while (a gateway's rate limit, an error of one request), before the job
 # is reported as not followed: the job itself goes on either way.
 RETRIED_STATUS_CODES = (429, 500)
@@ -64,15 +65,17 @@ FOLLOW_TRIES = 60
 # VPN that is gone never comes back, and a script would wait for ever.
 API_AWAY_S = 1800.0
 # How long `submit` keeps offering an upload that the server answers 503 with Retry-After (it
-# takes no more uploads at once, or its database or broker is briefly away; nothing was created).
+# takes no more uploads at once, or its database or broker is briefly away; nothing was created),
+# or a gateway's rate limit answers 429 with Retry-After.
 UPLOAD_BUSY_WAIT_S = 120.0
 # Sends of one upload whose answer was lost (each with the same Idempotency-Key).
 UPLOAD_ATTEMPTS = 3
 # Seconds before a request whose answer was lost is sent again (times the attempt).
 RESEND_PAUSE_S = 2.0
-# A gateway in front of the API (ingress-nginx, a load balancer) giving up on it: the API may still
-# be at the request (a URL submission downloads and decodes before it answers), or done with it.
-GATEWAY_GAVE_UP = (502, 504)
+# A gateway in front of the API (ingress-nginx, a load balancer, Cloudflare's 520-524) giving up on
+# it: the API may still be at the request (a URL submission downloads and decodes before it
+# answers), or done with it.
+GATEWAY_GAVE_UP = (502, 504, 520, 521, 522, 523, 524)
 REQUEST_TIMEOUT = httpx.Timeout(30, connect=10)
 # Enrolling and forgetting a speaker relabel every past recording of the key before answering.
 SPEAKER_CHANGE_TIMEOUT = httpx.Timeout(300, connect=10)
@@ -110,13 +113,21 @@ class TranscriptFormat(StrEnum):
     rttm = "rttm"
 
 
-class ApiError(Exception):
-    """The API answered with an error; the message carries its status and `detail`."""
+# The Content-Type the API gives each text format (services/ingest/transcripts.py MEDIA_TYPES; the
+# client is installed without the services): a 200 of another type (a captive portal's page) is
+# no transcript.
+TEXT_MEDIA_TYPES = {"srt": "application/x-subrip", "vtt": "text/vtt", "txt": "text/plain", "rttm": "text/plain"}
 
-    def __init__(self, status_code: int, detail: str) -> None:
+
+class ApiError(Exception):
+    """The API answered with an error; the message carries its status and `detail`.
+    `retry_after_s`: how long a 429 or 503 asked to wait (its Retry-After), None otherwise."""
+
+    def __init__(self, status_code: int, detail: str, retry_after_s: float | None = None) -> None:
         super().__init__(f"{status_code}: {detail}")
         self.status_code = status_code
         self.detail = detail
+        self.retry_after_s = retry_after_s
 
 
 class AnswerLost(Exception):
@@ -168,30 +179,31 @@ def api_base(api: str) -> str:
 
 def shown_url(url: str) -> str:
     """The address with its password (https://user:password@host, sent as Basic auth) as ***, for
-    messages."""
+    messages; a user name without a password (https://TOKEN@host) is often a token: all ***."""
     return without_password(url, url)
 
 
-def userinfo_with_password(url: str) -> str | None:
-    """The address's `user:password` as written in it; None where it holds no password. The
-    userinfo is what comes before the last @ of the host part, which ends at the first / ? or #:
-    in http://host:8080/a@b the @ is the path's. An address the parser refuses (a password holding
-    / or # makes it read the rest as a port that is no number) is read by hand instead: everything
-    up to its last @ is taken for the user and password, so such a password is hidden too."""
+def userinfo_of(url: str) -> str | None:
+    """The address's userinfo (`user:password`, or a token as the user name) as written in it;
+    None where it holds none. The userinfo is what comes before the last @ of the host part, which
+    begins after the scheme's :// and ends at the first / ? or #: in http://host:8080/a@b the @ is
+    the path's. An address the parser refuses (a password holding / or # makes it read the rest as
+    a port that is no number), or one without a scheme (`user:pw@host:8000`, refused by api_base),
+    is read by hand instead: everything up to its last @ is taken for the userinfo, so such a
+    password is hidden too."""
     _, separator, rest = url.partition("://")
-    if not separator:
-        return None
-    try:
-        urlsplit(url).port  # noqa: B018 (a port that is not a number, or out of range, raises here)
-        authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
-    except ValueError:
-        authority = rest
+    authority = rest if separator else url
+    if separator:
+        with contextlib.suppress(ValueError):
+            urlsplit(url).port  # noqa: B018 (a port that is not a number, or out of range, raises here)
+            authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
     userinfo, at, _ = authority.rpartition("@")
-    return userinfo if at and ":" in userinfo else None
+    return userinfo if at and userinfo else None
 
 
 def hidden_password(userinfo: str) -> str:
-    return f"{userinfo.partition(':')[0]}:***"
+    user, colon, _ = userinfo.partition(":")
+    return f"{user}:***" if colon else "***"
 
 
 def auth_headers(api_key: str | None) -> dict[str, str]:
@@ -241,7 +253,7 @@ def checked(response: httpx.Response) -> httpx.Response:
         raise ApiError(response.status_code, f"the API answered with a redirect to {response.headers.get('location')}:"
                                              " give that address as --api")
     if not response.is_success:
-        raise ApiError(response.status_code, error_detail(response))
+        raise ApiError(response.status_code, error_detail(response), _retry_after_s(response))
     return response
 
 
@@ -304,12 +316,13 @@ def sent_with_key(send: Callable[[dict[str, str]], httpx.Response], *, said_of: 
                   busy_wait_s: float = 0, gateway_gave_up_means: str | None = None) -> httpx.Response:
     """The answer to a request that makes something, sent by `send` with the headers given: an
     Idempotency-Key, so when its answer is lost (the connection broke after it was sent, no answer
-    in time, a gateway gave up waiting for the API: 502, 504) it is sent again with the same key,
-    up to `attempts` times, and the service answers with what the first one made instead of making
-    it again. While the service answers 503 with Retry-After, it waits that long and sends it
-    again, for up to `busy_wait_s`. AnswerLost when the last send fails after an earlier one may
-    have made it, and at once when a gateway gave up on a request that must not be sent again
-    (`gateway_gave_up_means` says why). `said_of` prefixes what is printed meanwhile."""
+    in time, a gateway gave up waiting for the API: 502, 504, 520-524) it is sent again with the
+    same key, up to `attempts` times, and the service answers with what the first one made instead
+    of making it again. While the service answers 503 with Retry-After (or a gateway's rate limit
+    429 with Retry-After), it waits that long and sends it again, for up to `busy_wait_s`.
+    AnswerLost when the last send fails after an earlier one may have made it, and at once when a
+    gateway gave up on a request that must not be sent again (`gateway_gave_up_means` says why).
+    `said_of` prefixes what is printed meanwhile."""
     headers = {"Idempotency-Key": str(uuid.uuid4())}
     deadline = time.monotonic() + busy_wait_s
     attempt = 1
@@ -342,8 +355,9 @@ def sent_with_key(send: Callable[[dict[str, str]], httpx.Response], *, said_of: 
                 continue
         time.sleep(RESEND_PAUSE_S * attempt)
         attempt += 1
-    if attempt > 1 and response.status_code >= 500:
-        # Refused now (busy past the wait, restarting), but an earlier send may have made it.
+    if attempt > 1 and (response.status_code >= 500 or response.status_code == 429):
+        # Refused now (busy or rate-limited past the wait, restarting), but an earlier send may
+        # have made it.
         raise AnswerLost(f"sent again, it was answered {response.status_code}: {error_detail(response)}")
     return response
 
@@ -358,10 +372,11 @@ def read_timeout_s(exc: httpx.TimeoutException) -> str:
 
 
 def without_password(text: str, api: str) -> str:
-    """`text` with the address `api` (wherever it is quoted) showing its password as ***. Only the
-    address's user:password@ is replaced, never the password's characters elsewhere: a short one
-    ("80", "a") would have turned port numbers and ordinary words into ***."""
-    userinfo = userinfo_with_password(api)
+    """`text` with the address `api` (wherever it is quoted) showing its password (or a user name
+    without one, a token) as ***. Only the address's userinfo@ is replaced, never the password's
+    characters elsewhere: a short one ("80", "a") would have turned port numbers and ordinary
+    words into ***."""
+    userinfo = userinfo_of(api)
     return text if userinfo is None else text.replace(f"{userinfo}@", f"{hidden_password(userinfo)}@")
 
 
@@ -418,7 +433,15 @@ def upload(client: httpx.Client, source: Path | str, fields: dict[str, str]) -> 
 
 
 def source_name(source: Path | str) -> str:
-    return printable_name(source) if isinstance(source, Path) else source
+    return printable_name(source) if isinstance(source, Path) else shown_address(source)
+
+
+def shown_address(url: str) -> str:
+    """A recording's address as printed: scheme, host and path only. A presigned URL's query holds
+    its signature (anyone with it may fetch the recording until it expires), userinfo a password."""
+    scheme, _, rest = url.partition("://")
+    authority, slash, path = re.split(r"[?#]", rest, maxsplit=1)[0].partition("/")
+    return f"{scheme}://{authority.rpartition('@')[2]}{slash}{path}"
 
 
 def printable_name(path: Path) -> str:
@@ -448,8 +471,9 @@ def _post_url(client: httpx.Client, url: str, fields: dict[str, str], headers: d
 
 
 def _retry_after_s(response: httpx.Response) -> float | None:
-    """Seconds a 503 asks to wait (its Retry-After, in seconds), None for any other answer."""
-    if response.status_code != 503:
+    """Seconds a 503 (the service busy) or a 429 (a rate limit) asks to wait (its Retry-After, in
+    seconds), None for any other answer."""
+    if response.status_code not in (429, 503):
         return None
     try:
         return min(max(float(response.headers["retry-after"]), 0.0), UPLOAD_BUSY_WAIT_S)
@@ -500,8 +524,9 @@ def status_document(response: httpx.Response) -> dict:
 def follow_jobs(client: httpx.Client, jobs: list[SubmittedJob],
                 finished: dict[int, dict] | None = None) -> dict[int, dict]:
     """Poll every job until each is done or in error (or the API stops telling: NOT_FOLLOWED),
-    drawing a stage and percent per job. Returns each job's final status document, and puts it in
-    `finished` as each ends (for a caller stopped by Ctrl-C to tell which did)."""
+    drawing a stage and percent per job. A 429 or 503 with Retry-After pauses all the polling for
+    that long, waited out as the API away is. Returns each job's final status document, and puts it
+    in `finished` as each ends (for a caller stopped by Ctrl-C to tell which did)."""
     finished = {} if finished is None else finished
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                TextColumn("{task.fields[stage]}"))
@@ -511,6 +536,7 @@ def follow_jobs(client: httpx.Client, jobs: list[SubmittedJob],
         errors_in_a_row = dict.fromkeys(tasks, 0)
         answered_at = time.monotonic()  # when the API last answered (other than 502-504)
         while True:
+            pause_s = POLL_INTERVAL_S
             for job in jobs:
                 if job.id in finished:
                     continue
@@ -528,7 +554,12 @@ def follow_jobs(client: httpx.Client, jobs: list[SubmittedJob],
                     document = {"status": NOT_FOLLOWED, "segments": [],
                                 "error": f"the API has not answered for {away_s / 60:.0f} minutes ({exc})"}
                 except ApiError as exc:
-                    if exc.status_code not in TRANSIENT_STATUS_CODES:
+                    if exc.retry_after_s is not None and away_s < API_AWAY_S:
+                        # Asked to slow down: polling the other jobs now would be asked the same.
+                        pause_s = max(pause_s, exc.retry_after_s)
+                        progress.update(tasks[job.id], stage=f"[yellow]{escape(exc.detail)}, retrying")
+                        break
+                    if exc.status_code not in TRANSIENT_STATUS_CODES and exc.retry_after_s is None:
                         answered_at = time.monotonic()
                     errors_in_a_row[job.id] += exc.status_code in RETRIED_STATUS_CODES
                     if (exc.status_code in TRANSIENT_STATUS_CODES and away_s < API_AWAY_S) or (
@@ -558,7 +589,7 @@ def follow_jobs(client: httpx.Client, jobs: list[SubmittedJob],
                     finished[job.id] = document
             if len(finished) == len(jobs):
                 return finished
-            time.sleep(POLL_INTERVAL_S)
+            time.sleep(pause_s)
 
 
 # ---- printing -------------------------------------------------------------------------------
@@ -672,10 +703,12 @@ def submit(
     jobs: list[SubmittedJob] = []
     refused = 0
     with reporting_api_errors(api), api_client(api, api_key) as client:
-        for source in sources:
+        for number, source in enumerate(sources):
             name = source_name(source)
             try:
                 job = upload(client, source, fields)
+            except KeyboardInterrupt:
+                stopped_uploading(name, jobs, [source_name(s) for s in sources[number + 1:]])
             except ApiError as exc:
                 refused += 1
                 stderr.print(Text(f"{name}: refused, {exc}", style="red"))
@@ -699,19 +732,36 @@ def submit(
     raise typer.Exit(1 if refused or failed else 0)
 
 
+def stopped_uploading(name: str, jobs: list[SubmittedJob], not_sent: list[str]) -> NoReturn:
+    """Ctrl-C while an upload waited for its answer: the service may have made its job all the
+    same, so the user is told to look before sending it again, and how to look at those accepted."""
+    stderr.print(Text(f"{name}: stopped before the API answered; it may have been accepted: see stt list before"
+                      f" sending it again", style="red"))
+    if not_sent:
+        stderr.print(f"not sent: {escape(', '.join(not_sent))}")
+    if jobs:
+        stderr.print("the jobs accepted go on:")
+        print_how_to_look(jobs, {})
+    raise typer.Exit(130)
+
+
+def print_how_to_look(jobs: list[SubmittedJob], finished: dict[int, dict]) -> None:
+    """One command a job (`stt status` takes one id): its status, or its transcript once done."""
+    for job in jobs:
+        ended = finished.get(job.id, {}).get("status")
+        what = (f"is done: stt get {job.id} --format txt" if ended == "done"
+                else f"failed: stt status {job.id}" if ended == "error" else f"stt status {job.id}")
+        stderr.print(f"  job {job.id} ({escape(job.filename)}) {what}")
+
+
 def wait_and_print(client: httpx.Client, jobs: list[SubmittedJob]) -> int:
     """Follow the jobs to their end and print each transcript; returns how many failed."""
     finished: dict[int, dict] = {}
     try:
         documents = follow_jobs(client, jobs, finished)
     except KeyboardInterrupt:
-        # One command a job: `stt status` takes one id.
         stderr.print("stopped waiting; the jobs go on:")
-        for job in jobs:
-            ended = finished.get(job.id, {}).get("status")
-            what = (f"is done: stt get {job.id} --format txt" if ended == "done"
-                    else f"failed: stt status {job.id}" if ended == "error" else f"stt status {job.id}")
-            stderr.print(f"  job {job.id} ({escape(job.filename)}) {what}")
+        print_how_to_look(jobs, finished)
         raise typer.Exit(130) from None
     failed = 0
     for job in jobs:
@@ -764,9 +814,13 @@ def rerun(
                "redact": redact, "reference": reference, "multichannel": multichannel}
     unconfirmed = f"a new run of job {job_id} may have been made: see stt list before running it again"
     with api_client(api, api_key) as client, reporting_api_errors(api, unconfirmed):
-        accepted = checked(sent_with_key(lambda headers: client.post(
-            f"/transcripts/{job_id}/rerun", json={k: v for k, v in changes.items() if v is not None},
-            headers=headers))).json()
+        try:
+            accepted = checked(sent_with_key(lambda headers: client.post(
+                f"/transcripts/{job_id}/rerun", json={k: v for k, v in changes.items() if v is not None},
+                headers=headers))).json()
+        except KeyboardInterrupt:
+            stderr.print(Text(f"stopped before the API answered; {unconfirmed}", style="red"))
+            raise typer.Exit(130) from None
         job = SubmittedJob(id=accepted["id"], filename=accepted["filename"])
         stderr.print(f"job {job_id} runs again as job [bold]{job.id}[/]")
         if not wait:
@@ -879,16 +933,38 @@ def get(
         if output_format is TranscriptFormat.json:
             content = (json.dumps(response.json(), indent=2, ensure_ascii=False) + "\n").encode()
         else:
+            expected = TEXT_MEDIA_TYPES[output_format.value]
+            media_type = response.headers.get("content-type", "").partition(";")[0].strip().lower()
+            if media_type != expected:
+                raise UnexpectedAnswer(f"GET /transcripts/{job_id} answered {media_type or 'no Content-Type'},"
+                                       f" not {expected}")
             content = response.content
     if output is None:
         sys.stdout.buffer.write(content)
         sys.stdout.flush()
     else:
         try:
-            output.write_bytes(content)
+            write_atomically(output, content)
         except OSError as exc:
             fail(f"cannot write {output}: {exc.strerror or exc}")
         stderr.print(f"wrote {escape(str(output))}")
+
+
+def write_atomically(path: Path, content: bytes) -> None:
+    """`content` written to a temporary file beside `path` (beside the file a link points to),
+    then renamed over it: a write that fails (a full disk, Ctrl-C) leaves the old file as it was,
+    never half of the new one."""
+    target = path.resolve()
+    temporary = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        with temporary.open("xb") as file:
+            file.write(content)
+        with contextlib.suppress(FileNotFoundError):  # a file kept private stays so
+            temporary.chmod(target.stat().st_mode & 0o7777)
+        os.replace(temporary, target)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 class SearchMode(StrEnum):
@@ -1195,7 +1271,7 @@ def webhooks_add(
     api: ApiUrl = DEFAULT_API_URL,
     api_key: ApiKey = None,
 ) -> None:
-    """Register URL; prints its id and the signing secret (shown this once)."""
+    """Register URL; prints its id and the signing secret the server made (shown this once)."""
     body: dict = {"url": url}
     # An empty --events is sent as an empty list, for the API to refuse, not taken as "all events".
     if events is not None:
@@ -1206,8 +1282,10 @@ def webhooks_add(
         "" if secret is not None else "; if it was, its secret was in the lost answer: remove it and add it again")
     with reporting_api_errors(api, unconfirmed), api_client(api, api_key) as client:
         hook = checked(client.post("/webhooks", json=body)).json()
-    sys.stdout.write(f"webhook {hook['id']}: {hook['url']} ({', '.join(hook['events'])})\n"
-                     f"secret: {hook['secret']}\n")
+    sys.stdout.write(f"webhook {hook['id']}: {hook['url']} ({', '.join(hook['events'])})\n")
+    # A secret the user gave is theirs already: printed, it would end up in logs and scrollback.
+    if secret is None:
+        sys.stdout.write(f"secret: {hook['secret']}\n")
 
 
 @webhooks_app.command("list")

@@ -1175,6 +1175,12 @@ def test_the_webhook_secret_is_read_from_the_environment():
     assert result.exit_code == 0, result.output
     [(_, _, sent)] = stand_in.requests
     assert json.loads(sent)["secret"] == "whsec_from-the-environment-1234"
+    # The user's own secret is not printed back (logs, scrollback); one the server made is, once.
+    assert result.output == "webhook 3: https://hooks.example/x (transcript.completed)\n", result.output
+    with StandInApi({("POST", "/webhooks"): [(201, {**hook, "secret": "whsec_made-by-the-server"})]}) as api:
+        made = CliRunner().invoke(app, ["webhooks", "add", "https://hooks.example/x", "--api", api],
+                                  env={"STT_WEBHOOK_SECRET": None})
+    assert made.exit_code == 0 and "secret: whsec_made-by-the-server\n" in made.output, made.output
 
 
 def test_watch_for_one_job_stopped_before_it_ends_does_not_exit_as_done():
@@ -1232,6 +1238,180 @@ def test_an_unreachable_api_is_reported(fixtures_dir):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert "cannot reach the API at http://127.0.0.1:9" in result.stderr
+
+
+SUBTITLES = "1\n00:00:00,000 --> 00:00:02,000\nspk_0: Hello.\n"
+
+
+def test_get_writes_only_the_formats_answer_and_keeps_the_file_until_then(tmp_path):
+    """A 200 of another kind (a captive portal's page) was written as the subtitles over a good
+    file, exit 0. The answer's type must be the format's (parameters aside); the file is replaced
+    only then, and keeps its permissions."""
+    from cli.app import TEXT_MEDIA_TYPES
+    from services.ingest.transcripts import MEDIA_TYPES
+
+    assert TEXT_MEDIA_TYPES == MEDIA_TYPES
+    target = tmp_path / "meeting.srt"
+    target.write_text(SUBTITLES)
+    target.chmod(0o600)
+    with page_server(200, "text/html; charset=utf-8", HTML_PAGE) as api:
+        portal = CliRunner().invoke(app, ["get", "5", "-f", "srt", "-o", str(target), "--api", api])
+        printed = CliRunner().invoke(app, ["get", "5", "-f", "txt", "--api", api])
+    said = " ".join(portal.output.split())
+    assert portal.exit_code == 1, said
+    assert (f"the API at {api}: GET /transcripts/5 answered text/html, not application/x-subrip; is --api"
+            f" right?") in said, said
+    assert target.read_text() == SUBTITLES
+    assert printed.exit_code == 1 and "lorem ipsum" not in printed.output, printed.output
+
+    newer = SUBTITLES.replace("Hello", "Goodbye")
+    with page_server(200, "application/x-subrip; charset=utf-8", newer) as api:
+        written = CliRunner().invoke(app, ["get", "5", "-f", "srt", "-o", str(target), "--api", api])
+    assert written.exit_code == 0, written.output
+    assert target.read_text() == newer and target.stat().st_mode & 0o777 == 0o600
+    assert [path.name for path in tmp_path.iterdir()] == ["meeting.srt"]  # no temporary file left
+
+
+class HoldingApi:
+    """Accepts the first `answered` POSTs at once (as job 7) and holds every later one without an
+    answer, as the service does while it decodes a long recording. `held` is set once one is held."""
+
+    def __init__(self, answered: int) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        held = self.held = threading.Event()
+        released = self.released = threading.Event()
+        posts = self.posts = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                posts.append(self.path)
+                if len(posts) > answered:
+                    held.set()
+                    released.wait(60)
+                    return
+                data = json.dumps({"id": 7, "filename": "a.wav"}).encode()
+                self.send_response(202)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+
+    def __enter__(self) -> str:
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return f"http://127.0.0.1:{self.server.server_port}"
+
+    def __exit__(self, *exc: object) -> None:
+        self.released.set()
+        self.server.shutdown()
+
+
+def test_ctrl_c_while_an_upload_waits_for_its_answer_says_it_may_have_been_accepted():
+    """Ctrl-C while the service held an upload printed only "Aborted!": the job may exist all the
+    same, and the jobs accepted before it were not listed. Now as when following is stopped: 130."""
+    outputs, codes = {}, {}
+    for command, answered in ((["submit", "--no-wait", "https://example.com/a.wav", "https://example.com/b.wav",
+                                "https://example.com/c.wav"], 1), (["rerun", "5"], 0)):
+        holding = HoldingApi(answered)
+        with holding as api:
+            waiting = Background(command, {**os.environ, "STT_API_URL": api, "PYTHONUNBUFFERED": "1"})
+            try:
+                assert holding.held.wait(60) and waiting.process.poll() is None, waiting.output
+            finally:
+                codes[command[0]] = waiting.stop()
+            outputs[command[0]] = waiting.output
+    assert codes == {"submit": 130, "rerun": 130}, outputs
+    submitted, rerun = (" ".join(outputs[name].split()) for name in ("submit", "rerun"))
+    assert "Aborted" not in submitted + rerun and "Traceback" not in submitted + rerun, outputs
+    assert ("https://example.com/b.wav: stopped before the API answered; it may have been accepted: see stt list"
+            " before sending it again") in submitted, submitted
+    assert "not sent: https://example.com/c.wav" in submitted, submitted
+    assert re.search(r"^\s*job 7 \(a\.wav\) stt status 7$", outputs["submit"], re.MULTILINE), outputs["submit"]
+    assert ("stopped before the API answered; a new run of job 5 may have been made: see stt list before running"
+            " it again") in rerun, rerun
+
+
+def test_a_rate_limit_that_says_how_long_to_wait_is_waited_out(monkeypatch):
+    """A 429 with Retry-After (a gateway's rate limit) refused an upload at once, and while
+    following counted as one of FOLLOW_TRIES failures at once, polled again a second later."""
+    from cli import app as cli
+
+    monkeypatch.setattr(cli, "FOLLOW_TRIES", 2)
+    monkeypatch.setattr(cli, "POLL_INTERVAL_S", 0.01)
+    limited = (429, {"detail": "rate limited"}, {"Retry-After": "1"})
+    answers = {("POST", "/recognize"): [limited, (202, {"id": 7, "filename": "a.wav"})],
+               ("GET", "/status/7"): [limited, limited, limited, (200, {"status": "done", "segments": []})]}
+    with StandInApi(answers) as api:
+        started = time.monotonic()
+        result = CliRunner().invoke(app, ["submit", "https://example.com/a.wav", "--api", api])
+        took_s = time.monotonic() - started
+    said = " ".join(result.output.split())
+    assert "the server is busy, trying again in 1 s" in said and "refused" not in said, said
+    assert result.exit_code == 0 and "job 7: a.wav (no speech)" in said, said
+    assert took_s >= 4, took_s  # 1 s before the upload again, then 1 s after each 429 while following
+
+
+def test_an_address_with_a_password_or_token_never_prints_it_even_without_its_scheme():
+    """`user:pw@host:8000` (no scheme) printed the password in its error, and a token given as the
+    user name (https://TOKEN@host) was never hidden."""
+    port = free_port()
+    no_scheme = CliRunner().invoke(app, ["status", "5", "--api", "user:s3cretpw@api.example.com:8000"])
+    token = CliRunner().invoke(app, ["status", "5", "--api", f"http://t0kensecret@127.0.0.1:{port}"])
+    for result in (no_scheme, token):
+        assert result.exit_code == 1 and "s3cretpw" not in result.output and "t0kensecret" not in result.output, \
+            result.output
+    assert "(it is 'user:***@api.example.com:8000')" in " ".join(no_scheme.output.split()), no_scheme.output
+    assert f"cannot reach the API at http://***@127.0.0.1:{port}:" in " ".join(token.output.split()), token.output
+
+
+CLOUDFLARE_TIMEOUT_PAGE = "<html><head><title>524: A timeout occurred</title></head><body>cloudflare</body></html>"
+
+
+def test_a_cloudflare_gateway_time_out_may_have_been_done_not_refused(tmp_path, monkeypatch):
+    """Cloudflare answers 520-524 when it gives up on the API (524: no answer in 100 s): it was
+    reported as "refused", and the user sending it again made a second job."""
+    from cli import app as cli
+
+    monkeypatch.setattr(cli, "RESEND_PAUSE_S", 0)
+    recording = tmp_path / "call.wav"
+    recording.write_bytes(b"RIFF" + bytes(100))
+    gave_up = StandInApi({("POST", "/recognize"): [(524, CLOUDFLARE_TIMEOUT_PAGE)],
+                          ("POST", "/transcripts/7/cancel"): [(522, CLOUDFLARE_TIMEOUT_PAGE)]})
+    with gave_up as api:
+        submitted = CliRunner().invoke(app, ["submit", str(recording), "--no-wait", "--api", api])
+        cancelled = CliRunner().invoke(app, ["cancel", "7", "--api", api])
+    said = " ".join(submitted.output.split())
+    assert submitted.exit_code == 1 and "refused" not in said, said
+    assert "call.wav: sent again, it was answered 524" in said and "it may have been accepted: see stt list" in said
+    uploads = [headers["Idempotency-Key"] for (_, path, _), headers in zip(gave_up.requests, gave_up.headers,
+                                                                           strict=True) if path == "/recognize"]
+    assert len(uploads) == cli.UPLOAD_ATTEMPTS and len(set(uploads)) == 1, uploads
+    said = " ".join(cancelled.output.split())
+    assert cancelled.exit_code == 1 and "not cancelled" not in said, said
+    assert "job 7: a gateway answered 522" in said and "it may have been cancelled: see stt status 7" in said, said
+
+
+def test_a_presigned_address_is_shown_without_its_signature():
+    """A presigned URL's query (its signature: anyone with it may fetch the recording) and a
+    password in it were printed in every line about it; the service is still sent all of it."""
+    address = "https://user:pw@bucket.example:9000/calls/a.wav?X-Amz-Credential=AKIA&X-Amz-Signature=0123abcd#t=5"
+    stand_in = StandInApi({("POST", "/recognize"): [(202, {"id": 7, "filename": "a.wav"}),
+                                                     (415, {"detail": "not audio"})]})
+    with stand_in as api:
+        accepted = CliRunner().invoke(app, ["submit", "--no-wait", address, "--api", api])
+        refused = CliRunner().invoke(app, ["submit", "--no-wait", address, "--api", api])
+    shown = "https://bucket.example:9000/calls/a.wav"
+    assert accepted.exit_code == 0 and f"{shown}: accepted as job 7" in accepted.output, accepted.output
+    assert refused.exit_code == 1 and f"{shown}: refused, 415: not audio" in refused.output, refused.output
+    for result in (accepted, refused):
+        assert "0123abcd" not in result.output and "AKIA" not in result.output and "pw@" not in result.output
+    assert b"X-Amz-Signature=0123abcd" in stand_in.requests[0][2]
 
 
 def test_runs_as_a_module():
