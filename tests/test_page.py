@@ -20,7 +20,7 @@ import pytest
 
 from common.audio import decode_audio
 from tests.audio_files import encode
-from tests.conftest import ROOT, through_another_ingest
+from tests.conftest import ROOT, free_port, through_another_ingest
 
 CHROMIUM = os.environ.get("STT_CHROMIUM", shutil.which("chromium") or "/usr/bin/chromium")
 # STT_UPDATE_SCREENSHOT=1 replaces the README's picture with this run's.
@@ -184,7 +184,8 @@ def test_upload_follow_read_play_and_download(stack, fixtures_dir, browser, tmp_
     # Search by meaning unavailable (the embedding service away: the server's 503): the page
     # searches by words and says so.
     by_meaning = re.compile(r"/search\?(?!.*mode=text)")
-    page.route(by_meaning, lambda route: route.fulfill(status=503, json={"detail": "embedding service unavailable"}))
+    page.route(by_meaning, lambda route: route.fulfill(status=503, json={
+        "status_code": 503, "detail": "embedding service unavailable", "extra": {"code": "embedding_unavailable"}}))
     page.fill("#query", "sales numbers")
     page.press("#query", "Enter")
     page.locator("#hits li", has_text="by words only").wait_for(timeout=30_000)
@@ -899,6 +900,64 @@ def test_a_search_answered_after_a_later_one_is_not_shown(stack, browser):
     assert f"early_{tag}.wav" not in page.locator("#hits").inner_text()
     assert errors == []
     page.close()
+
+
+@pytest.fixture
+def embedder_away(stack):
+    """The stack through an ingest whose embedding service refuses connections: a search by meaning
+    is answered 503 at once."""
+    with through_another_ingest(stack, "ingest-page-embedder-away", OLLAMA_URL=f"http://127.0.0.1:{free_port()}",
+                                OLLAMA_RETRIES="0") as away:
+        yield away
+
+
+def test_only_a_search_the_embedding_service_refused_is_asked_again_by_words(embedder_away, browser):
+    """Every 503 of a search was asked again with mode=text: one over its time limit, or with the
+    database away, made the person wait twice, then read that search by meaning was unavailable.
+    Those now say why they failed, at once; the embedding service's own 503 (its extra.code), here
+    the server's, is still searched by words."""
+    stack = embedder_away
+    tag = uuid.uuid4().hex[:6]
+    job_id = a_recording_in_the_database(stack, f"quokka_{tag}.wav", [("spk_0", "A quokka smiled at the camera.")])
+    stack.query("UPDATE segments SET search_text = to_tsvector(stt_text_config('en'), text) WHERE transcript_id = $1",
+                job_id)
+    page = browser.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    asked: list[str] = []
+    refusals: list[str] = []
+
+    def searched(route) -> None:
+        asked.append(route.request.url)
+        if refusals:
+            route.fulfill(status=503, headers={"Retry-After": "5"},
+                          json={"status_code": 503, "detail": refusals.pop(0)})
+        else:
+            route.continue_()
+
+    try:
+        page.route(re.compile(r"/search\?"), searched)
+        page.goto(stack.api + "/")
+        for why in ("the search took over 15 s and was stopped: narrow it with transcript_id, speaker, language,"
+                    " since or until", "a backing service is unavailable; try again shortly"):
+            asked.clear()
+            refusals.append(why)
+            page.fill("#query", "quokka")
+            page.press("#query", "Enter")
+            page.locator("#hits li", has_text=why).wait_for(timeout=15_000)
+            page.wait_for_timeout(1000)  # time for a search by words to be asked (wrongly)
+            assert len(asked) == 1 and "mode=text" not in asked[0], asked
+            assert page.locator("#hits").inner_text() == f"503: {why}"
+        asked.clear()
+        page.fill("#query", "quokka")
+        page.press("#query", "Enter")
+        page.locator("#hits li", has_text="by words only").wait_for(timeout=30_000)
+        page.locator("#hits li button", has_text=f"quokka_{tag}.wav").wait_for(timeout=30_000)
+        assert len(asked) == 2 and "mode=text" not in asked[0] and asked[1].endswith("&mode=text"), asked
+        assert errors == []
+    finally:
+        page.close()
+        stack.query("DELETE FROM transcripts WHERE id = $1", job_id)
 
 
 def test_a_translated_transcript_reads_as_english(stack, browser):

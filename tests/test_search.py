@@ -23,7 +23,7 @@ from common import searchstore
 from common.audio import SAMPLE_RATE, decode_audio
 from common.db import LockKey
 from tests.audio_files import wav
-from tests.conftest import Stack, events_queue, job_events, running_stack
+from tests.conftest import Stack, events_queue, free_port, job_events, running_stack, through_another_ingest
 
 OWNER, OTHER = "search-key-owner-0001", "search-key-other-0002"
 TRANSLATOR = "search-key-translator-0003"  # its one job stays out of the other tests' results
@@ -496,3 +496,76 @@ async def test_a_search_that_runs_too_long_is_stopped_and_frees_its_connection(s
     finally:
         await pool.execute("DELETE FROM transcripts WHERE filename = 'long-search.wav'")
         await pool.close()
+
+
+# A statement of a search by words (also of the marking of its hits), or by meaning.
+SEARCH_STATEMENTS = ("SELECT pid, query FROM pg_stat_activity WHERE datname = current_database()"
+                     " AND pid <> pg_backend_pid() AND state = 'active'"
+                     " AND (query LIKE '%websearch_to_tsquery%' OR query LIKE '%<=>%')")
+
+
+async def searches_running(watcher: asyncpg.Connection, count: int, within_s: float = 30) -> list[asyncpg.Record]:
+    """Once `count` search statements run (AssertionError after `within_s`): each pid and query."""
+    for _ in range(int(within_s * 10)):
+        if len(running := await watcher.fetch(SEARCH_STATEMENTS)) >= count:
+            return running
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{count} search statements never ran at once: {running}")
+
+
+async def no_search_runs_after_the_answer(watcher: asyncpg.Connection) -> None:
+    """For 2 s, no search statement runs: one left running would wait for the test's lock on
+    segments all that time. (Each look from a transaction of its own: pg_stat_activity is read once
+    per transaction.)"""
+    for _ in range(20):
+        assert await watcher.fetch(SEARCH_STATEMENTS) == [], "a search still runs after its answer came"
+        await asyncio.sleep(0.1)
+
+
+async def test_a_hybrid_search_whose_query_cannot_be_embedded_leaves_nothing_running(stack: Stack):
+    """The two halves of a hybrid search run at once. When the embedding service refused the query
+    (a 503 at once), the search by words went on, holding a connection of ingest's pool for up to
+    SEARCH_TIMEOUT_S; it is now stopped, and waited for, before the answer. Here it could never
+    end by itself: the test holds a lock on segments that it waits for. The 503 says what it is
+    (extra.code), for a client to search by words only then."""
+    watcher = await asyncpg.connect(stack.database_url)
+    locker = await asyncpg.connect(stack.database_url)
+    try:
+        with through_another_ingest(stack, "ingest-embedder-away", OLLAMA_URL=f"http://127.0.0.1:{free_port()}",
+                                    OLLAMA_RETRIES="0") as away:
+            async with locker.transaction(), httpx.AsyncClient(timeout=60) as client:
+                await locker.execute("LOCK TABLE segments IN ACCESS EXCLUSIVE MODE")
+                refused = await client.get(f"{away.api}/search", params={"q": "budget"})
+                assert refused.status_code == 503, refused.text
+                assert refused.json()["extra"] == {"code": "embedding_unavailable"}, refused.text
+                assert refused.headers["retry-after"] == "5"
+                await no_search_runs_after_the_answer(watcher)
+    finally:
+        await locker.close()
+        await watcher.close()
+
+
+@pytest.mark.parametrize("stop, answer", [
+    ("pg_cancel_backend", "the search took over 15 s and was stopped"),  # as statement_timeout cancels it
+    ("pg_terminate_backend", "a backing service is unavailable"),  # its connection lost: the database away
+])
+async def test_a_search_by_words_that_fails_stops_the_search_by_meaning(stack: Stack, stop, answer):
+    """The other way round: the search by words fails while the search by meaning runs (each waits
+    for the test's lock on segments), and the search by meaning is stopped before the answer. Its
+    503 is not the embedding service's (no extra.code): searching by words would not help."""
+    watcher = await asyncpg.connect(stack.database_url)
+    locker = await asyncpg.connect(stack.database_url)
+    try:
+        async with locker.transaction(), httpx.AsyncClient(timeout=60) as client:
+            await locker.execute("LOCK TABLE segments IN ACCESS EXCLUSIVE MODE")
+            searching = asyncio.create_task(client.get(f"{stack.api}/search", params={"q": "budget"}))
+            running = await searches_running(watcher, 2)
+            [by_words] = [row["pid"] for row in running if "websearch_to_tsquery" in row["query"]]
+            assert await watcher.fetchval(f"SELECT {stop}($1)", by_words)
+            refused = await asyncio.wait_for(searching, 30)
+            assert refused.status_code == 503 and answer in refused.json()["detail"], refused.text
+            assert "extra" not in refused.json(), refused.text
+            await no_search_runs_after_the_answer(watcher)
+    finally:
+        await locker.close()
+        await watcher.close()

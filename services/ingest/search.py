@@ -8,6 +8,7 @@ import asyncio
 import base64
 import binascii
 import logging
+from collections.abc import Awaitable
 from typing import Annotated, Literal
 
 import aiohttp
@@ -93,6 +94,22 @@ async def _nothing() -> list:
     return []
 
 
+async def both(first: Awaitable[list], second: Awaitable[list]) -> tuple[list, list]:
+    """The results of `first` and `second`, run at once. When one fails, the other is cancelled and
+    waited for (its statement stopped, its connection back in the pool) and the first failure is
+    raised as it is: with asyncio.gather, a search by words went on after the embedding service
+    refused the query, holding a connection of the pool for up to SEARCH_TIMEOUT_S."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = group.create_task(first), group.create_task(second)
+    except BaseExceptionGroup as failed:
+        first_failure = failed.exceptions[0]
+    else:
+        return tasks[0].result(), tasks[1].result()
+    # Raised outside the except clause: its own cause and context stay, not the group's.
+    raise first_failure
+
+
 def _key(row) -> tuple[int, int, int]:
     return row["transcript_id"], row["chunk_index"], row["index"]
 
@@ -121,6 +138,9 @@ def fuse(text_rows: list, semantic_rows: list) -> list[tuple[tuple[int, int, int
 # retried (OLLAMA_TIMEOUT_S, OLLAMA_RETRIES: about 4 minutes in all), which suits a queue, not a
 # person waiting on a search.
 REQUEST_EMBED_TIMEOUT_S = 15.0
+# `extra.code` of the 503 for a query that could not be embedded: only that one is worth asking
+# again with mode=text. A search over its time limit, or the database away, is a 503 too.
+EMBEDDING_UNAVAILABLE = "embedding_unavailable"
 
 
 async def embed_for_request(embed: EmbedFn, text: str, timeout_s: float = REQUEST_EMBED_TIMEOUT_S) -> list[float]:
@@ -136,12 +156,15 @@ async def embed_query(embed: EmbedFn, query: str, timeout_s: float = REQUEST_EMB
     except (OllamaError, aiohttp.ClientError, TimeoutError) as exc:
         log.warning("could not embed a search query: %s", exc or type(exc).__name__)
         raise HTTPException(status_code=503, detail="embedding service unavailable: semantic search cannot run;"
-                                                    " mode=text still works", headers={"Retry-After": "5"}) from exc
+                                                    " mode=text still works", headers={"Retry-After": "5"},
+                            extra={"code": EMBEDDING_UNAVAILABLE}) from exc
     return vector
 
 
 @get("/search", summary="Find what was said: by words, by meaning, or both",
-     responses=error_responses(400, 401, 403, 503))
+     responses=error_responses(400, 401, 403, 503, e503=(
+         f"The embedding service is unavailable (extra.code {EMBEDDING_UNAVAILABLE!r}: mode=text still works),"
+         " the search ran over its time limit, or the database is unavailable")))
 async def search(
     state: State, request: Request, q: QueryText, mode: ModeQuery = "hybrid",
     transcript_id: TranscriptQuery = None, speaker: SpeakerQuery = None, language: LanguageQuery = None,
@@ -171,7 +194,7 @@ async def search(
 
     # Hybrid runs both searches at once, on two connections: its latency is the slower one's.
     try:
-        text_rows, semantic_rows = await asyncio.gather(
+        text_rows, semantic_rows = await both(
             by_words() if mode in ("text", "hybrid") else _nothing(),
             by_meaning() if mode in ("semantic", "hybrid") else _nothing())
     except asyncpg.exceptions.QueryCanceledError as exc:

@@ -43,16 +43,23 @@ function explainRefusal(status) {
   else if (status === 403) notice("The API key was refused.");
 }
 
-// The answer when OK; else throws an Error with the answer's `status` and `detail` (the API's reason).
+// The answer when OK; else throws an Error with the answer's `status`, `detail` (the API's reason)
+// and `code` (its `extra.code`, where it has one: what tells GET /search's 503s apart).
 async function api(path, options = {}) {
   const response = await fetch(path, { ...options, headers: authHeaders(options.headers || {}) });
   explainRefusal(response.status);
   if (!response.ok) {
     let detail = response.statusText;
-    try { detail = (await response.json()).detail || detail; } catch (error) { /* not JSON */ }
+    let extra;
+    try {
+      const body = await response.json();
+      detail = body.detail || detail;
+      extra = body.extra;
+    } catch (error) { /* not JSON */ }
     const error = new Error(`${response.status}: ${detail}`);
     error.status = response.status;
     error.detail = detail;
+    error.code = extra?.code;
     error.retryAfter = response.headers.get("Retry-After");
     throw error;
   }
@@ -1366,6 +1373,9 @@ async function openTranscript(jobId) {
 
 // ---- search -------------------------------------------------------------------------------
 
+// The `extra.code` of GET /search's 503 when the query could not be embedded (search.py).
+const EMBEDDING_UNAVAILABLE = "embedding_unavailable";
+
 async function search(event) {
   event.preventDefault();
   const query = $("#query").value.trim();
@@ -1383,8 +1393,9 @@ async function search(event) {
     try {
       page = await (await api(path)).json();
     } catch (error) {
-      // Search by meaning needs the embedding service; by words it still works without it.
-      if (error.status !== 503 || outdated()) throw error;
+      // Search by meaning needs the embedding service; by words it still works without it. Other
+      // 503s (the search ran over its time limit, the database is away) fail by words too.
+      if (error.status !== 503 || error.code !== EMBEDDING_UNAVAILABLE || outdated()) throw error;
       page = await (await api(`${path}&mode=text`)).json();
       wordsOnly = true;
     }
