@@ -384,7 +384,7 @@ async def _apply_migration_outside_transaction(conn: asyncpg.Connection, version
     await conn.execute("INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", version, name)
 
 
-async def _connection_outside(pool: asyncpg.Pool) -> asyncpg.Connection:
+async def connection_outside(pool: asyncpg.Pool) -> asyncpg.Connection:
     """A connection of its own, made as `pool` makes its connections (the same DATABASE_URL and
     options, and create_pool's init), but not one of them."""
     conn = await asyncpg.connect(*pool._connect_args, **pool._connect_kwargs)
@@ -405,7 +405,7 @@ async def every(interval_s: float, pool: asyncpg.Pool, lock_key: int, work: Call
     requests' pool would be one connection short all that while."""
     while True:
         try:
-            conn = await _connection_outside(pool)
+            conn = await connection_outside(pool)
             try:
                 if await conn.fetchval("SELECT pg_try_advisory_lock($1)", lock_key):
                     await work()  # the lock goes with the connection

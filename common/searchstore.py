@@ -34,11 +34,14 @@ def _indexed_as(dimensions: int) -> str | None:
     return next((kind for kind, most in HNSW_MAX_DIMENSIONS.items() if dimensions <= most), None)
 
 
-async def ensure_vector_index(pool: asyncpg.Pool, model: str, dimensions: int) -> None:
+async def ensure_vector_index(pool: asyncpg.Pool, model: str, dimensions: int,
+                              build_on: asyncpg.Connection | None = None) -> None:
     """An HNSW cosine index over the segments of one embedding model (vectors of one model all
     have its dimension; an index needs a fixed one). Built CONCURRENTLY: a plain build locks
     `segments` against writes while it reads the whole table (minutes on a large store), and
-    every persister, correction and delete would wait. Run outside any transaction."""
+    every persister, correction and delete would wait. Run outside any transaction. `build_on`:
+    a connection of the caller's own (a reindex's) to build on, instead of one of `pool`'s held
+    for the whole build."""
     if (model, dimensions) in _indexed:
         return
     kind = _indexed_as(dimensions)
@@ -47,35 +50,44 @@ async def ensure_vector_index(pool: asyncpg.Pool, model: str, dimensions: int) -
                     " search reads every segment of it", model, dimensions, HNSW_MAX_DIMENSIONS["halfvec"])
         _indexed.add((model, dimensions))
         return
+    if build_on is not None:
+        there = await _build_vector_index(build_on, model, dimensions, kind)
+    else:
+        async with pool.acquire() as conn:
+            there = await _build_vector_index(conn, model, dimensions, kind)
+    if there:
+        _indexed.add((model, dimensions))
+
+
+async def _build_vector_index(conn: asyncpg.Connection, model: str, dimensions: int, kind: str) -> bool:
+    """ensure_vector_index's build on `conn`; whether the index is there now."""
     name = "segments_embedding_" + hashlib.sha256(f"{model}:{dimensions}".encode()).hexdigest()[:16]
     literal = model.replace("'", "''")
     # One builder at a time (among every process). The others do not wait for it: a concurrent
     # build takes in the rows written while it runs, so they store their vectors and look again
     # next time (waiting would hold their connections for the whole build).
-    async with pool.acquire() as conn:
-        if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", LockKey.VECTOR_INDEX):
-            if await _index_valid(conn, name):
-                _indexed.add((model, dimensions))
-            return
-        try:
-            valid = await _index_valid(conn, name)
-            # A build over a large store, and the drop of one cut short (each waits for every older
-            # transaction), outlast any statement_timeout set for the role's queries, and the
-            # pool's DATABASE_COMMAND_TIMEOUT_S. (The pool
-            # resets the setting when the connection goes back.)
-            await conn.execute("SET statement_timeout = 0")
-            if valid is False:  # a build cut short (a CONCURRENTLY build leaves its index invalid)
-                log.warning("the index of %s was left half built: building it again", model)
-                await conn.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {name}", timeout=LONG_STATEMENT_TIMEOUT_S)
-            if not valid:
-                log.info("building the search index of %s (%d dimensions)", model, dimensions)
-                await conn.execute(
-                    f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} ON segments USING hnsw"
-                    f" ((embedding::{kind}({int(dimensions)})) {kind}_cosine_ops) WHERE embedding_model = '{literal}'",
-                    timeout=LONG_STATEMENT_TIMEOUT_S)
-        finally:
-            await conn.execute("SELECT pg_advisory_unlock($1)", LockKey.VECTOR_INDEX)
-    _indexed.add((model, dimensions))
+    if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", LockKey.VECTOR_INDEX):
+        return bool(await _index_valid(conn, name))
+    try:
+        valid = await _index_valid(conn, name)
+        # A build over a large store, and the drop of one cut short (each waits for every older
+        # transaction), outlast any statement_timeout set for the role's queries, and the
+        # pool's DATABASE_COMMAND_TIMEOUT_S. (Put back after; the pool also resets the setting
+        # when its connection goes back.)
+        await conn.execute("SET statement_timeout = 0")
+        if valid is False:  # a build cut short (a CONCURRENTLY build leaves its index invalid)
+            log.warning("the index of %s was left half built: building it again", model)
+            await conn.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {name}", timeout=LONG_STATEMENT_TIMEOUT_S)
+        if not valid:
+            log.info("building the search index of %s (%d dimensions)", model, dimensions)
+            await conn.execute(
+                f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} ON segments USING hnsw"
+                f" ((embedding::{kind}({int(dimensions)})) {kind}_cosine_ops) WHERE embedding_model = '{literal}'",
+                timeout=LONG_STATEMENT_TIMEOUT_S)
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", LockKey.VECTOR_INDEX)
+        await conn.execute("RESET statement_timeout")
+    return True
 
 
 _index_builds: dict[tuple[str, int], asyncio.Task] = {}
@@ -262,21 +274,26 @@ async def segments_to_reindex(db: Db, job_id: int, model: str) -> list[asyncpg.R
         " AND embedding_model IS DISTINCT FROM $2 ORDER BY chunk_index, index", job_id, model)
 
 
-async def corrected_segments_without_vector(db: Db, after: tuple[int, int, int], limit: int) -> list[asyncpg.Record]:
+async def corrected_segments_without_vector(db: Db, model: str, after: tuple[int, int, int],
+                                            limit: int) -> list[asyncpg.Record]:
     """transcript_id, chunk_index, index and text of segments of ended jobs corrected by hand and
-    left without a vector (the embedding service was away), in that order, after `after`."""
+    left without a vector (the embedding service was away), in that order, after `after`. Not
+    those whose text `model` refused: stored without a vector and marked with it (store_reindexed,
+    as a reindex or the embedder stores them), they are not tried again with it."""
     return await db.fetch(
         "SELECT s.transcript_id, s.chunk_index, s.index, s.text FROM segments s"
         " JOIN transcripts t ON t.id = s.transcript_id"
         " WHERE s.embedding IS NULL AND s.edited_at IS NOT NULL AND t.status <> 'processing'"
-        " AND (s.transcript_id, s.chunk_index, s.index) > ($1, $2, $3)"
-        " ORDER BY s.transcript_id, s.chunk_index, s.index LIMIT $4", *after, limit)
+        " AND s.embedding_model IS DISTINCT FROM $1"
+        " AND (s.transcript_id, s.chunk_index, s.index) > ($2, $3, $4)"
+        " ORDER BY s.transcript_id, s.chunk_index, s.index LIMIT $5", model, *after, limit)
 
 
 async def store_reindexed(conn: asyncpg.Connection, job_id: int, model: str,
-                          vectors: list[tuple[int, int, str, list[float]]]) -> None:
+                          vectors: list[tuple[int, int, str, list[float] | None]]) -> None:
     """New embeddings, (chunk_index, index, the text embedded, vector), of one model for a job's
-    segments; a segment whose text was corrected meanwhile keeps waiting for its own."""
+    segments (a vector of None: the text was refused, stored without one and marked with the
+    model); a segment whose text was corrected meanwhile keeps waiting for its own."""
     await conn.executemany(
         "UPDATE segments SET embedding = $4::real[]::vector, embedding_model = $5"
         " WHERE transcript_id = $1 AND chunk_index = $2 AND index = $3 AND text = $6",

@@ -137,61 +137,6 @@ async def test_a_segment_corrected_while_ollama_is_away_is_found_by_meaning_once
     assert await asyncio.to_thread(top_hit) == (jobs[0], said)
 
 
-async def test_a_correction_the_embedding_service_refuses_holds_up_no_other(keyed):
-    """One text the service cannot take (Ollama answered 500 to some models' NaN): passed over and
-    remembered; the others are embedded; while the service is simply away, nothing is remembered."""
-    import asyncpg
-
-    from common.db import LockKey
-    from services.embedder.backends import OllamaError
-    from services.ingest.reindex import embed_corrections
-
-    stack, _, jobs = keyed
-    pool = await asyncpg.create_pool(stack.database_url, min_size=2, max_size=3)
-    asked: list[list[str]] = []
-
-    async def refusing(texts: list[str]) -> list[list[float]]:
-        asked.append(texts)
-        if any("POISON" in text for text in texts):
-            raise OllamaError("Ollama answered 500: json: unsupported value: NaN")
-        return [[1.0] + [0.0] * 383 for _ in texts]
-
-    async def away(texts: list[str]) -> list[list[float]]:
-        raise OllamaError("cannot reach Ollama at http://ollama:11434")
-
-    where = "transcript_id = $1 AND chunk_index = 0 AND index < 3"
-    try:
-        async with pool.acquire() as lock:
-            while not await lock.fetchval("SELECT pg_try_advisory_lock($1)", LockKey.CORRECTIONS):
-                await asyncio.sleep(0.2)  # ingest's own turn is under way
-            kept = await pool.fetch("SELECT index, text, edited_at, embedding::real[] AS embedding, embedding_model"
-                                    f" FROM segments WHERE {where} ORDER BY index", jobs[0])
-            assert len(kept) == 3
-            try:
-                # Three corrections made while the service was away, the second one its poison.
-                await pool.execute("UPDATE segments SET embedding = NULL, embedding_model = NULL, edited_at = now(),"
-                                   f" text = CASE index WHEN 1 THEN 'POISON ' || text ELSE text END WHERE {where}",
-                                   jobs[0])
-                refused: set[tuple] = set()
-                assert await embed_corrections(pool, away, "all-minilm", refused) == 0 and not refused
-                assert await embed_corrections(pool, refusing, "all-minilm", refused) == 2
-                assert [index for _, _, index, _ in refused] == [1]
-                asked.clear()
-                assert await embed_corrections(pool, refusing, "all-minilm", refused) == 0 and asked == []
-                models = await pool.fetch(f"SELECT index, embedding_model FROM segments WHERE {where} ORDER BY index",
-                                          jobs[0])
-                assert [(r["index"], r["embedding_model"]) for r in models] == [(0, "all-minilm"), (1, None),
-                                                                               (2, "all-minilm")]
-            finally:
-                await pool.executemany(
-                    "UPDATE segments SET text = $3, edited_at = $4, embedding = $5::real[]::vector,"
-                    " embedding_model = $6 WHERE transcript_id = $1 AND chunk_index = 0 AND index = $2",
-                    [(jobs[0], r["index"], r["text"], r["edited_at"], r["embedding"], r["embedding_model"])
-                     for r in kept])
-    finally:
-        await pool.close()
-
-
 def test_a_correction_refused_answers_at_once_without_asking_the_embedding_service(keyed):
     """The new text was embedded before anything was checked: a correction of a job still
     processing (409), of a segment there is not (404) or of a recording being redacted (409), or
@@ -485,6 +430,170 @@ async def own_database(own_database_url):
         yield pool
     finally:
         await pool.close()
+
+
+async def corrected_job(pool, texts: list[str]) -> int:
+    """A done job whose segments, one per text in that order, were corrected by hand while the
+    embedding service was away (no vector)."""
+    job_id = await pool.fetchval("INSERT INTO transcripts (filename, status) VALUES ('a.wav', 'done') RETURNING id")
+    await pool.executemany("INSERT INTO segments (transcript_id, chunk_index, index, speaker, start_ts, end_ts, text,"
+                           " edited_at) VALUES ($1, 0, $2, 'spk_0', 0, 1, $3, now())",
+                           [(job_id, index, text) for index, text in enumerate(texts)])
+    return job_id
+
+
+async def vectors_by_index(pool, job_id: int) -> list[tuple[int, str | None, bool]]:
+    return [tuple(r) for r in await pool.fetch(
+        "SELECT index, embedding_model, embedding IS NOT NULL FROM segments WHERE transcript_id = $1 ORDER BY index",
+        job_id)]
+
+
+async def test_a_correction_the_embedding_service_refuses_holds_up_no_other(own_database):
+    """One text the service cannot take (Ollama answered 500 to some models' NaN): stored without
+    a vector, marked with the model, and not asked again; the others are embedded; while the
+    service is simply away, nothing is marked."""
+    from services.embedder.backends import OllamaError
+    from services.ingest.reindex import embed_corrections
+
+    pool, model = own_database, "all-minilm"
+    asked: list[list[str]] = []
+
+    async def refusing(texts: list[str]) -> list[list[float]]:
+        asked.append(texts)
+        if any("POISON" in text for text in texts):
+            raise OllamaError("Ollama answered 500: json: unsupported value: NaN")
+        return [[1.0] + [0.0] * 383 for _ in texts]
+
+    async def away(texts: list[str]) -> list[list[float]]:
+        raise OllamaError("cannot reach Ollama at http://ollama:11434")
+
+    job_id = await corrected_job(pool, ["Hello there.", "POISON of a text.", "See you soon."])
+    assert await embed_corrections(pool, away, model) == 0
+    assert await vectors_by_index(pool, job_id) == [(0, None, False), (1, None, False), (2, None, False)]
+    assert await embed_corrections(pool, refusing, model) == 2
+    asked.clear()
+    assert await embed_corrections(pool, refusing, model) == 0 and asked == []
+    assert await vectors_by_index(pool, job_id) == [(0, model, True), (1, model, False), (2, model, True)]
+
+
+async def test_corrections_the_service_refuses_three_in_a_row_hold_up_none_after_them(own_database):
+    """Three corrected texts in a row that the model refuses (Ollama's 500 for a NaN vector): the
+    turn ended at the third, and every turn began again at the first, so no corrected segment after
+    them ever got its vector; the refused ones, remembered only in memory, were asked again at
+    every turn after a restart. Now they are marked with the model, as a reindex marks them, and
+    the next turns neither stop at them nor ask for them again."""
+    from aiohttp import ClientSession
+    from aiohttp.test_utils import TestServer
+
+    from common.settings import Settings
+    from services.embedder.backends import make_embedder
+    from services.ingest.reindex import embed_corrections
+    from tests import fake_ollama
+
+    pool = own_database
+    refused_first = await corrected_job(pool, [fake_ollama.NAN_TEXT] * 3 + ["The budget is approved."])
+    later = await corrected_job(pool, ["We meet again on Monday."])
+    await asyncio.to_thread(fake_ollama.load_local_model)  # as the stand-in loads it before it serves
+    server = TestServer(fake_ollama.make_app(), host="127.0.0.1")
+    await server.start_server()
+    asked: list[list[str]] = []
+    try:
+        settings = Settings(_env_file=None, ollama_url=f"http://127.0.0.1:{server.port}",
+                            model_name_embedded="all-minilm", ollama_retries=0)
+        async with ClientSession() as session:
+            embed, model = make_embedder(settings, session)
+
+            async def counted(texts: list[str]) -> list[list[float]]:
+                asked.append(texts)
+                return await embed(texts)
+
+            first_turn = await embed_corrections(pool, counted, model)
+            asked.clear()
+            next_turn = await embed_corrections(pool, counted, model)
+    finally:
+        await server.close()
+    assert first_turn == 2
+    assert await vectors_by_index(pool, refused_first) == [(0, model, False), (1, model, False), (2, model, False),
+                                                           (3, model, True)]
+    assert await vectors_by_index(pool, later) == [(0, model, True)]
+    assert (next_turn, asked) == (0, [])
+
+
+async def test_a_reindex_keeps_none_of_the_requests_pool_connections(own_database_url, monkeypatch):
+    """A run held its advisory lock on a connection of the requests' pool for as long as it went
+    on (hours on a large store, or waiting for a running job to end), and built the search index
+    on another: the requests had two connections fewer. Now the lock and the build are on a
+    connection of its own, as `every` holds its locks: here, while the build waits (behind a
+    transaction writing to `segments`) and while the run waits for a running job, every one of the
+    pool's connections can be taken at once."""
+    import asyncpg
+
+    from common.db import LockKey
+    from services.ingest import reindex
+    from services.ingest.reindex import Reindexer
+
+    monkeypatch.setattr(reindex, "RUNNING_JOBS_CHECK_S", 0.2)
+    model, old, pool_size = "own-connection-model", "old-test-model", 3
+    pool = await asyncpg.create_pool(own_database_url, min_size=1, max_size=pool_size)
+    writer = await asyncpg.connect(own_database_url)
+    lock_held = ("SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 1"
+                 " AND classid::bigint = $1 AND objid::bigint = $2")
+    lock_key = LockKey.REINDEX >> 32, LockKey.REINDEX & 0xFFFFFFFF
+
+    async def job(status: str) -> int:
+        job_id = await pool.fetchval("INSERT INTO transcripts (filename, status, stage) VALUES ('a.wav', $1, $2)"
+                                     " RETURNING id", status, "transcribing" if status == "processing" else "done")
+        await pool.execute("INSERT INTO segments (transcript_id, chunk_index, index, speaker, start_ts, end_ts, text,"
+                           " embedding_model) VALUES ($1, 0, 0, 'spk_0', 0, 1, 'Hello.', $2)", job_id, old)
+        return job_id
+
+    async def embed(texts: list[str]) -> list[list[float]]:
+        return [[1.0, 0.0] for _ in texts]
+
+    async def every_connection_free() -> bool:
+        """All the pool's connections taken at once (none waits for one the run holds), and the
+        run's lock on none of them."""
+        taken = []
+        try:
+            while len(taken) < pool_size:
+                taken.append(await pool.acquire(timeout=5))
+            pids = {conn.get_server_pid() for conn in taken}
+            return not pids & {r["pid"] for r in await taken[0].fetch(lock_held, *lock_key)}
+        except TimeoutError:
+            return False
+        finally:
+            for conn in taken:
+                await pool.release(conn)
+
+    async def until(what: str, *args) -> None:
+        deadline = asyncio.get_running_loop().time() + 30
+        while not await pool.fetchval(what, *args):
+            assert asyncio.get_running_loop().time() < deadline, what
+            await asyncio.sleep(0.1)
+
+    ended, running = await job("done"), await job("processing")
+    reindexer = Reindexer(pool, embed, model)
+    try:
+        async with writer.transaction():
+            await writer.execute("LOCK TABLE segments IN ROW EXCLUSIVE MODE")  # the build waits for it to end
+            reindexer.start()
+            await until("SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE query LIKE 'CREATE INDEX CONCURRENTLY%'"
+                        " AND wait_event_type = 'Lock')")
+            free_while_building = await every_connection_free()
+        await until("SELECT embedding_model = $2 FROM segments WHERE transcript_id = $1", ended, model)
+        free_while_waiting = await every_connection_free()
+        assert not reindexer.task.done()  # waiting for the running job
+        await pool.execute("UPDATE transcripts SET status = 'done', stage = 'done', completed_at = now()"
+                           " WHERE id = $1", running)
+        await asyncio.wait_for(reindexer.task, 30)
+        error = await pool.fetchval("SELECT error FROM reindex_runs WHERE model = $1", model)
+    finally:
+        if reindexer.task is not None and not reindexer.task.done():
+            reindexer.task.cancel()
+            await asyncio.gather(reindexer.task, return_exceptions=True)
+        await writer.close()
+        await pool.close()
+    assert (free_while_building, free_while_waiting, error) == (True, True, None)
 
 
 async def test_a_job_started_after_the_run_began_does_not_keep_it_going(own_database, monkeypatch, caplog):
@@ -823,11 +932,15 @@ async def test_a_run_whose_lock_session_died_stops_instead_of_running_beside_a_s
     """The run's lock is its own session's: with that session gone (a proxy's idle cut, a
     terminated backend) the run went on over the pool's connections while every replica read it
     as interrupted, and a POST there started a second run beside it. Now it stops, resumable."""
+    from common import searchstore
     from common.db import LockKey
     from services.ingest.reindex import LOCK_LOST, Reindexer
 
     pool, model = own_database, "lock-lost-model"
     await add_done_jobs(pool, ["One.", "Two.", "Three."])
+    # Its search index there already: a run builds one on its lock's session, and a build on the
+    # lost session fails, the job under way with it (the run stops the same).
+    await searchstore.ensure_vector_index(pool, model, 2)
     embedding, go_on = asyncio.Event(), asyncio.Event()
 
     async def embed(texts: list[str]) -> list[list[float]]:

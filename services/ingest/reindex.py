@@ -10,7 +10,8 @@ restarted ingest resumes by asking again. One run at a time across replicas, its
 in `reindex_runs`. With API keys on, only ADMIN_API_KEY may call it.
 
 Apart from runs, `embed_corrections` gives a vector every minute to the segments corrected by
-hand while the embedding service was away, so search by meaning finds them once it is back."""
+hand while the embedding service was away, so search by meaning finds them once it is back; a
+text the service refuses is marked as a run marks it, and not tried again with that model."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from litestar.datastructures import State
 from pydantic import BaseModel
 
 from common import searchstore
-from common.db import DATABASE_UNAVAILABLE, LockKey, every
+from common.db import DATABASE_UNAVAILABLE, LockKey, connection_outside, every
 from common.logs import job_logged
 from services.embedder.backends import OLLAMA_UNAVAILABLE, EmbedFn, one_text_may_cause
 from services.embedder.handler import embed_one_by_one
@@ -91,8 +92,11 @@ class Reindexer:
             self.task = asyncio.create_task(self._run())
 
     async def _run(self) -> None:
-        async with self.pool.acquire() as conn:
-            # A session lock, held while the run goes on: it goes if this replica dies.
+        # A session lock, held while the run goes on (hours on a large store), on a connection of
+        # its own, as `every` holds its locks, and the search index built on it too: one of the
+        # requests' pool would be taken all that while. The lock goes if this replica dies.
+        conn = await connection_outside(self.pool)
+        try:
             if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", LockKey.REINDEX):
                 return  # another replica's run is under way
             try:
@@ -105,8 +109,15 @@ class Reindexer:
                 await self.pool.execute("UPDATE reindex_runs SET ended_at = now(), error = $2"
                                         " WHERE model = $1 AND started_at = $3", self.model, error, started_at)
             finally:
+                # Before the close: a closed session's lock goes only once its backend has ended, a
+                # moment later, and a replica asked meanwhile would still read the run as under way.
                 with contextlib.suppress(Exception):  # a dead connection took the lock with it
                     await conn.execute("SELECT pg_advisory_unlock($1)", LockKey.REINDEX)
+        finally:
+            try:
+                await conn.close(timeout=10)
+            except Exception:
+                conn.terminate()
 
     async def _reindex_all(self, lock_holder: asyncpg.Connection) -> str | None:
         """Every ended job not yet in the model, oldest first; then, while jobs that were running
@@ -116,7 +127,8 @@ class Reindexer:
         without a vector (so a resumed run does not stop again at the same jobs, which it does not
         remember); a job that fails anyway is passed over, and the run stops when several in a
         row fail. It stops too when `lock_holder`, the session holding the run's lock, is gone:
-        every replica then reads the run as interrupted, and one POST there would start a second."""
+        every replica then reads the run as interrupted, and one POST there would start a second.
+        Search indexes are built on `lock_holder` (a build takes minutes, hours on a large store)."""
         log.info("re-embedding stored segments with %s", self.model)
         jobs, failed, failed_in_a_row = 0, [], 0
         warned = False
@@ -131,8 +143,10 @@ class Reindexer:
             nonlocal jobs, failed_in_a_row
             await still_the_only_run()
             try:
-                await self._reindex_job(job_id)
+                await self._reindex_job(job_id, lock_holder)
             except Exception as exc:
+                if isinstance(exc, DATABASE_UNAVAILABLE):
+                    await still_the_only_run()  # the lock's session lost in an index build on it
                 if isinstance(exc, (*DATABASE_UNAVAILABLE, *OLLAMA_UNAVAILABLE)):
                     raise  # the database or the embedding service away: no job of them would go
                 with job_logged(job_id):
@@ -198,7 +212,7 @@ class Reindexer:
                     " POST /admin/reindex again to try them again")
         return None
 
-    async def _reindex_job(self, job_id: int) -> None:
+    async def _reindex_job(self, job_id: int, build_index_on: asyncpg.Connection | None = None) -> None:
         with job_logged(job_id):
             rows = await searchstore.segments_to_reindex(self.pool, job_id, self.model)
             vectors = []
@@ -221,7 +235,7 @@ class Reindexer:
                                     type(why).__name__, str(why)[:200])
                 vectors += [(r["chunk_index"], r["index"], r["text"], v) for r, v in zip(batch, embedded)]
             if (dimensions := next((len(v[3]) for v in vectors if v[3] is not None), None)) is not None:
-                await searchstore.ensure_vector_index(self.pool, self.model, dimensions)
+                await searchstore.ensure_vector_index(self.pool, self.model, dimensions, build_index_on)
             async with self.pool.acquire() as conn, conn.transaction():
                 await searchstore.store_reindexed(conn, job_id, self.model, vectors)
             log.info("re-embedded %d segments with %s", len(vectors), self.model)
@@ -273,62 +287,58 @@ def one_text_may_be_why(exc: BaseException) -> bool:
     return one_text_may_cause(exc) and not isinstance(exc, DATABASE_UNAVAILABLE)
 
 
-async def embed_corrections(pool: asyncpg.Pool, embed: EmbedFn, model: str,
-                            refused: set[tuple] | None = None) -> int:
-    """Vectors for the hand-corrected segments left without one; how many were stored. While the
-    embedding service is away they wait for the next turn; a text it refuses (added to `refused`,
-    which later turns leave alone) is passed over, not a stop for the others."""
-    refused = set() if refused is None else refused
+async def embed_corrections(pool: asyncpg.Pool, embed: EmbedFn, model: str) -> int:
+    """Vectors for the hand-corrected segments left without one; how many got one. While the
+    embedding service is away they wait for the next turn. Where a batch fails in a way one text
+    may cause, its texts are embedded one by one as in a run: a text still refused is stored
+    without a vector, marked with the model (as a run marks it), and not tried again with it, so
+    that refused texts hold up none after them, at this turn or any later one."""
     stored, after = 0, (0, -1, -1)
-    while rows := await searchstore.corrected_segments_without_vector(pool, after, BATCH):
+    embedded_text: str | None = None  # for embed_one_by_one: one the service embedded this turn
+    while rows := await searchstore.corrected_segments_without_vector(pool, model, after, BATCH):
         after = (rows[-1]["transcript_id"], rows[-1]["chunk_index"], rows[-1]["index"])
-        rows = [r for r in rows if tuple(r) not in refused]
+        texts = [r["text"] for r in rows]
         try:
-            embedded = list(zip(rows, await embed([r["text"] for r in rows]))) if rows else []
+            vectors: list[list[float] | None] = await embed(texts)
+            embedded_text = texts[0]
         except Exception as exc:
-            # One text may be what the service refuses: each alone, unless it is simply away. A
-            # text counts as refused once the service has embedded another after it.
-            embedded, failing = [], []
-            for row in rows:
-                try:
-                    [vector] = await embed([row["text"]])
-                except Exception as alone:
-                    failing.append((row, alone))
-                    if len(failing) >= STOP_AFTER_FAILED_JOBS:
-                        log.warning("segments corrected by hand still have no vector (%s: %s); trying again in"
-                                    " %.0f s", type(exc).__name__, exc, CORRECTIONS_INTERVAL_S)
-                        return stored + await _store_corrections(pool, model, embedded)
-                    continue
-                for refused_row, why in failing:
-                    refused.add(tuple(refused_row))
-                    with job_logged(refused_row["transcript_id"]):
-                        log.warning("segment %d/%d, corrected by hand, is refused by the embedding service (%s: %s);"
-                                    " left without a vector", refused_row["chunk_index"], refused_row["index"],
-                                    type(why).__name__, why)
-                failing = []
-                embedded.append((row, vector))
-        stored += await _store_corrections(pool, model, embedded)
+            try:
+                if not one_text_may_be_why(exc):
+                    raise
+                vectors, refused, embedded_text = await embed_one_by_one(embed, texts, exc, embedded_text,
+                                                                         one_text_may_be_why)
+            except Exception as failing:
+                log.warning("segments corrected by hand still have no vector (%s: %s); trying again in %.0f s",
+                            type(failing).__name__, str(failing)[:200], CORRECTIONS_INTERVAL_S)
+                return stored
+            for position, why in refused:
+                with job_logged(rows[position]["transcript_id"]):
+                    log.warning("segment %d/%d, corrected by hand, is refused by the embedding service (%s: %s);"
+                                " left without a vector, not tried again with %s", rows[position]["chunk_index"],
+                                rows[position]["index"], type(why).__name__, str(why)[:200], model)
+        stored += await _store_corrections(pool, model, list(zip(rows, vectors)))
     return stored
 
 
-async def _store_corrections(pool: asyncpg.Pool, model: str, embedded: list[tuple[asyncpg.Record, list[float]]]) -> int:
-    if not embedded:
-        return 0
-    await searchstore.ensure_vector_index(pool, model, len(embedded[0][1]))
+async def _store_corrections(pool: asyncpg.Pool, model: str,
+                             embedded: list[tuple[asyncpg.Record, list[float] | None]]) -> int:
+    """Stores the vectors (None: refused, marked with the model); how many were vectors."""
+    if (dimensions := next((len(v) for _, v in embedded if v is not None), None)) is not None:
+        await searchstore.ensure_vector_index(pool, model, dimensions)
     for job_id, group in itertools.groupby(embedded, key=lambda pair: pair[0]["transcript_id"]):
         group = list(group)
         async with pool.acquire() as conn, conn.transaction():
             await searchstore.store_reindexed(conn, job_id, model, [(r["chunk_index"], r["index"], r["text"], v)
                                                                  for r, v in group])
-        with job_logged(job_id):
-            log.info("%d segments corrected by hand embedded with %s", len(group), model)
-    return len(embedded)
+        if given := sum(v is not None for _, v in group):
+            with job_logged(job_id):
+                log.info("%d segments corrected by hand embedded with %s", given, model)
+    return sum(v is not None for _, v in embedded)
 
 
 def run_corrections_embedder(pool: asyncpg.Pool, embed: EmbedFn, model: str) -> Awaitable[None]:
-    refused: set[tuple] = set()  # for as long as this process runs; a new text is tried again
     return every(CORRECTIONS_INTERVAL_S, pool, LockKey.CORRECTIONS,
-                 lambda: embed_corrections(pool, embed, model, refused), "embedding corrected segments")
+                 lambda: embed_corrections(pool, embed, model), "embedding corrected segments")
 
 
 @post("/admin/reindex", status_code=202, summary="Re-embed stored segments with the current model",
