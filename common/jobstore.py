@@ -127,10 +127,10 @@ async def job_by_idempotency_key(db: Db, owner: str | None, idempotency_key: str
 async def recent_job_asked_so(db: Db, owner: str | None, request_hash: str,
                               ended_within: timedelta) -> asyncpg.Record | None:
     """The owner's newest job that a request with this hash made (its id), still processing or
-    done within `ended_within`."""
+    ended (done, failed or cancelled) within `ended_within`."""
     return await db.fetchrow(
         "SELECT id FROM transcripts WHERE request_hash = $2 AND coalesce(owner, '') = coalesce($1, '')"
-        " AND (status = 'processing' OR (status = 'done' AND completed_at > now() - $3::interval))"
+        " AND (status = 'processing' OR completed_at > now() - $3::interval)"
         " ORDER BY id DESC LIMIT 1", owner, request_hash, ended_within)
 
 

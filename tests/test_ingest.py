@@ -17,6 +17,7 @@ from urllib.parse import quote, unquote
 
 import httpx
 import pytest
+from pydantic import SecretStr
 
 from tests.conftest import Stack, another_ingest, through_another_ingest
 
@@ -461,3 +462,105 @@ def test_a_recording_trickled_in_by_its_server_gives_up_its_upload_place(stack, 
             max_concurrent_uploads=1, audio_url_allow_private=True, audio_url_timeout_s=20))) as api:
         answer = httpx.post(f"{api}/recognize", files=form(url=url), timeout=60)
         assert answer.status_code == 415 and "not audio" in answer.json()["detail"], answer.text
+
+
+class CommitAnswerCutter:
+    """Forwards TCP connections to PostgreSQL byte for byte, but once a connection sends the COMMIT
+    of a transaction that inserted a job, the answer to it (which PostgreSQL sends once it has
+    committed) is not passed on: the connection is closed instead, as a network dropping it then
+    does. Once only; later connections are forwarded whole."""
+
+    COMMIT = b"Q\x00\x00\x00\x0cCOMMIT;\x00"  # asyncpg's, a simple query
+
+    def __init__(self, upstream):
+        self.upstream = upstream
+        self.cut = False
+        self.tasks: set = set()
+        self.writers: list = []
+
+    async def __aenter__(self) -> CommitAnswerCutter:
+        import asyncio
+
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        import asyncio
+
+        self.server.close()
+        for task in self.tasks:
+            task.cancel()
+        for writer in self.writers:
+            writer.close()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    async def _serve(self, client_reader, client_writer) -> None:
+        import asyncio
+
+        server_reader, server_writer = await self.upstream()
+        self.writers += [client_writer, server_writer]
+        committing = asyncio.Event()
+
+        async def to_server() -> None:
+            inserted = False
+            with contextlib.suppress(ConnectionError, OSError):
+                while data := await client_reader.read(65536):
+                    inserted = inserted or b"INSERT INTO transcripts" in data
+                    if inserted and not self.cut and self.COMMIT in data:
+                        self.cut = True
+                        committing.set()
+                    server_writer.write(data)
+                    await server_writer.drain()
+            server_writer.close()
+
+        async def to_client() -> None:
+            with contextlib.suppress(ConnectionError, OSError):
+                while data := await server_reader.read(65536):
+                    if committing.is_set():  # the COMMIT's answer: it came, so the row is committed
+                        break
+                    client_writer.write(data)
+                    await client_writer.drain()
+            client_writer.close()
+            server_writer.close()
+
+        for pump in (to_server(), to_client()):
+            task = asyncio.create_task(pump)
+            self.tasks.add(task)
+
+
+async def test_a_job_whose_commit_answer_was_lost_is_the_requests_answer(stack):
+    """The job's COMMIT went through but its answer was lost (the connection dropped as it came):
+    the recording was kept and the job runs, yet the request was answered 503 "nothing was created;
+    try again", and a client sending it again (without an Idempotency-Key) got a second job. The
+    job is the answer now (POST /recognize's 202 with its id)."""
+    import asyncio
+
+    from common.db import create_pool
+    from common.messages import JobOptions
+    from common.storage import object_exists, upload_bytes
+    from services.ingest.jobs import create_job
+    from tests.test_db_timeouts import _through, _upstream
+
+    settings = stack.settings()
+    url = settings.database_url.get_secret_value()
+    s3 = stack.s3()
+    stored: list[str] = []
+
+    def put_audio(key: str) -> None:
+        upload_bytes(s3, settings.audio_bucket, key, b"RIFF-not-really-audio")
+        stored.append(key)
+
+    async with CommitAnswerCutter(_upstream(url)) as proxy:
+        pool = await create_pool(settings.model_copy(update={"database_url": SecretStr(_through(proxy, url))}))
+        try:
+            # Failed through the outbox at once (`refused`), so that no worker takes the made-up audio.
+            job_id = await create_job(pool, s3, settings.audio_bucket, put_audio, filename="commit lost.wav",
+                                      options=JobOptions(), owner=None, outbox_wake=asyncio.Event(),
+                                      refused="a test's job: its commit's answer was lost")
+        finally:
+            await pool.close()
+    assert proxy.cut
+    assert stored == [f"uploads/{job_id}"]
+    assert stack.value("SELECT filename FROM transcripts WHERE id = $1", job_id) == "commit lost.wav"
+    assert object_exists(s3, settings.audio_bucket, stored[0])

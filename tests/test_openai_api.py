@@ -3,14 +3,18 @@ OpenAI's audio API would use it, against the real stack: only the base URL chang
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
 import json
 import re
 import signal
+import socket
 import subprocess
 import threading
 import time
 import uuid
+from urllib.parse import urlparse
 
 import httpx
 import openai
@@ -484,3 +488,102 @@ def test_a_browser_page_of_an_allowed_origin_may_call_the_api(stack, fixtures_di
     with another_ingest(stack, "ingest-no-cors", API_KEYS="key-cors-1") as api:
         answer = httpx.options(f"{api}/v1/audio/transcriptions", headers=preflight, timeout=30)
         assert answer.status_code == 401 and "access-control-allow-origin" not in answer.headers
+
+
+def test_blank_stream_and_repeated_plain_redact_and_spelling_fields_are_taken(stack, made_job, fixtures_dir):
+    """README: a blank field counts as not given; `stream=` was refused with 400 "Expected bool,
+    got str". And `redact` and `spelling` sent as repeated plain fields (curl -F redact=email -F
+    redact=card) were refused with 400 before the form's repeated fields were read."""
+    from common.messages import JobOptions
+    from services.ingest.openai_api import request_hash
+
+    name = f"fields {uuid.uuid4().hex[:6]}.flac"
+    content = (fixtures_dir / "jfk.flac").read_bytes()
+    digest = hashlib.sha256(content).hexdigest()
+    plain = made_job(name, content, segment=True)
+    stack.query("UPDATE transcripts SET request_hash = $1 WHERE id = $2", same_request_hash(content, name), plain)
+    blank = httpx.post(f"{stack.api}/v1/audio/transcriptions", timeout=60, files={"file": (name, content)},
+                       data={"model": "whisper-1", "stream": ""})
+    assert blank.status_code == 200 and blank.json()["text"] == "call me at [PHONE].", blank.text
+    bad = httpx.post(f"{stack.api}/v1/audio/transcriptions", timeout=60, files={"file": (name, content)},
+                     data={"model": "whisper-1", "stream": "sometimes"})
+    assert bad.status_code == 400 and "stream: true or false" in bad.json()["error"]["message"], bad.text
+
+    # The same request as one made with both kinds and both pairs: its job, found by the request's hash.
+    asked = JobOptions(task="transcribe", redact="email,card", spelling="confu i=ComfyUI,jay son=JSON")
+    repeated = made_job(name, content, segment=True)
+    stack.query("UPDATE transcripts SET request_hash = $1 WHERE id = $2", request_hash(digest, name, asked), repeated)
+    answer = httpx.post(f"{stack.api}/v1/audio/transcriptions", timeout=60, files={"file": (name, content)},
+                        data={"model": "whisper-1", "redact": ["email", "card"],
+                              "spelling": ["confu i=ComfyUI", "jay son=JSON"], "stream": "false"})
+    assert answer.status_code == 200 and answer.json()["text"] == "call me at [PHONE].", answer.text
+    assert [job["id"] for job in stack.query("SELECT id FROM transcripts WHERE filename = $1 ORDER BY id", name)] == [
+        plain, repeated]
+
+
+@pytest.mark.parametrize("field", ["known_speaker_references", "known_speaker_references[]"])
+def test_reference_clips_are_refused_as_such_whatever_their_size(stack, fixtures_dir, field):
+    """Four reference clips as data URLs (as the SDK sends them) are some 1.7 MB of text fields:
+    they were refused with 413 "text fields hold over 1024 KiB", not with the reason they are not
+    taken (enrol each voice once)."""
+    clip = "data:audio/wav;base64," + base64.b64encode(b"\0" * 320_000).decode()  # 10 s at 16 kHz
+    name = f"references {uuid.uuid4().hex[:6]}.flac"
+    answer = httpx.post(f"{stack.api}/v1/audio/transcriptions", timeout=60,
+                        files={"file": (name, (fixtures_dir / "jfk.flac").read_bytes())},
+                        data={"model": "gpt-4o-transcribe-diarize", f"known_speaker_names{field[24:]}": list("ABCD"),
+                              field: [clip] * 4})
+    assert answer.status_code == 400, answer.text
+    assert "enrol each voice once" in answer.json()["error"]["message"], answer.text
+    assert not stack.query("SELECT id FROM transcripts WHERE filename = $1", name)
+
+
+def test_a_job_that_failed_is_not_made_again_by_the_same_request(stack, made_job, fixtures_dir):
+    """The same request again (the SDK's retry) found the job it made only while that ran or once
+    done: one that failed (or was cancelled) meanwhile was made again, and failed again (or, being
+    cancelled, came back). It is answered as a wait for it that saw it fail is."""
+    name = f"failed {uuid.uuid4().hex[:6]}.flac"
+    content = (fixtures_dir / "jfk.flac").read_bytes()
+    job_id = made_job(name, content, status="processing")
+    stack.query("UPDATE transcripts SET status = 'error', error = 'cancelled by its owner', completed_at = now(),"
+                " request_hash = $1 WHERE id = $2", same_request_hash(content, name), job_id)
+    sdk = openai.OpenAI(base_url=f"{stack.api}/v1", api_key="-", max_retries=0, timeout=60)
+    with pytest.raises(openai.UnprocessableEntityError) as refused:
+        sdk.audio.transcriptions.create(model="whisper-1", file=(name, content))
+    error = refused.value.response.json()["error"]
+    assert error["message"] == f"job {job_id} failed: cancelled by its owner", error
+    assert [job["id"] for job in stack.query("SELECT id FROM transcripts WHERE filename = $1", name)] == [job_id]
+
+
+def test_a_client_that_leaves_during_the_wait_is_counted_as_the_clients(stack, made_job, fixtures_dir):
+    """A client that closed its connection while its request waited for the job was answered 503,
+    counted in stt_http_requests_total as a fault here; it is 499, as a client gone before its
+    body came is."""
+    from tests.test_metrics import parse, total
+
+    def counted(status: str) -> float:
+        samples = parse(httpx.get(stack.metrics_url("ingest"), timeout=10).text)
+        return total(samples, "stt_http_requests_total", method="POST", route="/v1/audio/transcriptions",
+                     status=status)
+
+    name = f"leaving {uuid.uuid4().hex[:6]}.flac"
+    content = (fixtures_dir / "jfk.flac").read_bytes()
+    job_id = made_job(name, content, status="processing")  # a job that runs on: nothing works on it
+    stack.query("UPDATE transcripts SET request_hash = $1 WHERE id = $2", same_request_hash(content, name), job_id)
+    before, logged_before = {status: counted(status) for status in ("499", "503")}, len(stack.log_text("ingest"))
+    body = (f'--leaving\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
+            f"Content-Type: audio/flac\r\n\r\n").encode() + content + b"\r\n--leaving--\r\n"
+    url = urlparse(stack.api)
+    with socket.create_connection((url.hostname, url.port)) as sock:
+        sock.sendall((f"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: {url.hostname}\r\n"
+                      f"Content-Type: multipart/form-data; boundary=leaving\r\n"
+                      f"Content-Length: {len(body)}\r\n\r\n").encode() + body)
+        deadline = time.monotonic() + 30
+        while f"job={job_id} the same transcription request again" not in stack.log_text("ingest")[logged_before:]:
+            assert time.monotonic() < deadline, stack.log_tail("ingest")
+            time.sleep(0.2)
+        time.sleep(1)  # waiting on the job
+    deadline = time.monotonic() + 10
+    while counted("499") == before["499"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert {status: counted(status) - before[status] for status in before} == {"499": 1, "503": 0}
+    assert f"job={job_id} the client went away before the job ended" in stack.log_text("ingest")[logged_before:]

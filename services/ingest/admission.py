@@ -59,6 +59,13 @@ _uploads_full: contextvars.ContextVar[Callable[[], bool] | None] = contextvars.C
 # (stream=true, once its upload is stored): True when it got a place among MAX_EVENT_STREAMS.
 CLAIM_EVENT_STREAM = "stt.claim_event_stream"
 OPENAI_PATHS = ("/v1/audio/transcriptions", "/v1/audio/translations")
+# OpenAI's diarizing model takes a 2-10 s reference clip with each known speaker's name. Here a
+# voice is enrolled once, with consent, not sent with each request; and four clips, as data URLs,
+# are megabytes of text field: refused as their part begins, not as text fields over their bound.
+KNOWN_SPEAKER_REFERENCES = ("known_speaker_references", "known_speaker_references[]")
+KNOWN_SPEAKER_REFERENCES_REFUSED = (
+    "known_speaker_references: reference clips are not taken here; enrol each voice once (POST /speakers, or `stt"
+    " speakers enroll NAME sample.wav`) and give its name in known_speaker_names")
 # The charsets a form's text field may name (its part's Content-Type): UTF-8, and what clients
 # send unasked (US-ASCII; ISO-8859-1, the default of Java's Apache HttpClient). The form parser
 # decodes a field in any codec Python has, some of them no text encoding (rot13, base64: a fault
@@ -255,11 +262,12 @@ def _charset_refused(charset: str | None) -> bool:
     return charset is not None and charset.lower().replace("_", "-") not in FIELD_CHARSETS
 
 
-def _fields_bounded(receive: Receive, boundary: str) -> Receive:
+def _fields_bounded(receive: Receive, boundary: str, openai: bool = False) -> Receive:
     """`receive` for a multipart body whose parts without a filename (form fields, which the form
     parser holds in memory whole) hold at most SMALL_BODY_BYTES together: past that, 413; each
     in UTF-8 (or FIELD_CHARSETS' others): 400. A part with a filename (the recording) is spooled
-    by the parser (in memory up to 1 MiB), so only one is taken: a second is 400."""
+    by the parser (in memory up to 1 MiB), so only one is taken: a second is 400. With `openai`
+    (an OpenAI-compatible request), a known_speaker_references part is 400 as it begins."""
     parser: PushMultipartParser | None = PushMultipartParser(boundary.encode())
     field: str | None = None  # the text field being read, if one is
     fields_bytes = 0
@@ -273,6 +281,8 @@ def _fields_bounded(receive: Receive, boundary: str) -> Receive:
         try:
             for part in parser.parse(message["body"]):
                 if isinstance(part, MultipartSegment):
+                    if openai and part.name in KNOWN_SPEAKER_REFERENCES:
+                        raise ClientException(status_code=400, detail=KNOWN_SPEAKER_REFERENCES_REFUSED)
                     field = None if part.filename else part.name
                     files += bool(part.filename)
                     if files > 1:
@@ -317,7 +327,7 @@ def small_body_middleware(app: ASGIApp) -> ASGIApp:
                 return
             receive = _idle_bounded(receive, lambda: scope.get(UPLOADS_FULL, lambda: False)())
             if multipart:
-                receive = _fields_bounded(receive, boundary)
+                receive = _fields_bounded(receive, boundary, openai=_is_openai_upload(scope))
             length = headers.get(b"content-length")
             if not multipart and length is None and b"transfer-encoding" in headers:
                 await _refuse(send, scope, 411, "a body that is not multipart/form-data must say its Content-Length;"

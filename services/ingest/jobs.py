@@ -116,7 +116,8 @@ async def create_job(pool: asyncpg.Pool, s3: Minio, audio_bucket: str, put_audio
     `transcripts` row and its `job.submitted` are committed in one transaction: the outbox
     publishes the message (now, or after a broker outage or a crash of this process), so a
     committed job always runs. Anything that fails before the commit leaves no row and no object
-    behind. Returns None when `drop` already is a job (another process made it first) or was
+    behind; a commit whose answer was lost, its row found after all, returns the job as if
+    answered. Returns None when `drop` already is a job (another process made it first) or was
     deleted by its owner, or when a request with the same `idempotency` key made its job first.
     `also(conn, job_id)` runs in the job's transaction (a callback URL).
     With `refused` (a request that cannot be honoured, found after the audio was taken) the job
@@ -138,7 +139,6 @@ async def create_job(pool: asyncpg.Pool, s3: Minio, audio_bucket: str, put_audio
         refused = _unknown_speakers(expected, speaker_ids, refuse_unknown_speakers, keep_unknown_speakers,
                                     speakers_field) or refused
         created = None
-        committed = False
         try:
             await asyncio.to_thread(put_audio, key)
             async with pool.acquire() as conn, conn.transaction():
@@ -162,11 +162,20 @@ async def create_job(pool: asyncpg.Pool, s3: Minio, audio_bucket: str, put_audio
                     ) if refused is not None else JobSubmitted(
                         message_id=f"job.submitted:{job_id}", job_id=job_id, audio_bucket=audio_bucket,
                         audio_key=key, filename=filename, options=options))
-            committed = created is not None
-        finally:
-            if not committed and not await _row_exists_after_all(pool, job_id, created):
+        except BaseException as exc:
+            row_there = await _row_exists_after_all(pool, job_id, created)
+            if row_there is False:  # an object left over is better than a job without its audio
                 await asyncio.to_thread(_remove_quietly, s3, audio_bucket, key)
-        if committed:
+            # The COMMIT's answer lost (the connection dropped as it came) though the row and its
+            # outbox message were committed: the job runs, and is the request's answer. Told "nothing
+            # was created", a client would send the recording again and get a second job.
+            if row_there is not True or not isinstance(exc, Exception):
+                raise
+            log.warning("the job's transaction failed as seen from here (%s), yet its row was committed: the job"
+                        " runs", type(exc).__name__)
+        if created is None:  # another request's job, or a drop already known: this upload is not needed
+            await asyncio.to_thread(_remove_quietly, s3, audio_bucket, key)
+        else:
             outbox_wake.set()
         return created
 
@@ -184,16 +193,15 @@ def _unknown_speakers(names: list[str], found: list[object | None], refused_by: 
     raise HTTPException(status_code=400, detail=unenrolled(unknown, field))
 
 
-async def _row_exists_after_all(pool: asyncpg.Pool, job_id: int, inserted: int | None) -> bool:
+async def _row_exists_after_all(pool: asyncpg.Pool, job_id: int, inserted: int | None) -> bool | None:
     """After a failure past the insert (a later statement, or the COMMIT itself, whose answer can
-    be lost), whether the job's row was committed anyway. When that cannot be told, it is taken
-    to be: an object left over is better than a job without its audio."""
+    be lost), whether the job's row was committed anyway; None when that cannot be told."""
     if inserted is None:
         return False
     try:
         return await jobstore.job(pool, job_id) is not None
     except Exception:
-        return True
+        return None
 
 
 SPEAKER_COUNTS = {"num_speakers", "min_speakers", "max_speakers"}

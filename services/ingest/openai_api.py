@@ -30,15 +30,22 @@ from litestar.openapi import ResponseSpec
 from litestar.params import Body, HeaderParameter, Parameter
 from litestar.response import Response, ServerSentEvent
 from litestar.response.sse import ServerSentEventMessage
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from common import jobstore
 from common.languages import LANGUAGE_NAMES
 from common.logs import job_logged
 from common.messages import VOCABULARY_MAX_CHARS, JobOptions, vocabulary_chars
-from services.ingest.admission import RETRY_AFTER_S, UPLOAD_FORM_PARTS, claim_event_stream, release_upload
+from services.ingest.admission import (
+    KNOWN_SPEAKER_REFERENCES_REFUSED,
+    RETRY_AFTER_S,
+    UPLOAD_FORM_PARTS,
+    claim_event_stream,
+    release_upload,
+)
 from services.ingest.auth import request_owner
 from services.ingest.corrections import _written_unspaced
+from services.ingest.error_handlers import CLIENT_CLOSED_REQUEST
 from services.ingest.errors import OPENAI_PREFIX, OpenAIErrorBody, error_body, error_responses, invalid
 from services.ingest.jobs import Idempotency, checked_idempotency_key, clean_filename, earlier_job
 from services.ingest.live import job_updates, server_exiting
@@ -78,15 +85,10 @@ class OpenAITranscriptionForm:
     num_speakers: Annotated[str | None, Parameter(description="This service's own: the number of speakers")] = None
     min_speakers: Annotated[str | None, Parameter(description="This service's own: at least this many")] = None
     max_speakers: Annotated[str | None, Parameter(description="This service's own: at most this many")] = None
-    spelling: Annotated[str | None, Parameter(
-        description="This service's own: custom spelling, heard=written pairs, comma-separated; or one "
-                    "`spelling[heard]=written` field a pair, as the SDK sends extra_body={\"spelling\": {...}}")] = None
-    redact: Annotated[str | None, Parameter(
-        description="This service's own: what to replace in the text, comma-separated (email, card, phone, "
-                    "number); or one `redact[]` field a kind, as the SDK sends a list")] = None
-    stream: Annotated[bool, Parameter(
-        description="Events as the text is written: transcript.text.delta per segment, then transcript.text.done")] = (
-        False)
+    # As text, so that a blank field means "not given" (false).
+    stream: Annotated[str | None, Parameter(
+        description="true: events as the text is written, transcript.text.delta per segment, then "
+                    "transcript.text.done; false, blank or left out: the whole answer once the job ends")] = None
 
 
 # The fields of OpenAI's transcription request, taken even where ignored (a list comes as
@@ -158,11 +160,10 @@ async def form_list_options(request: Request, language: str | None, prompt: str 
             " the others"))
     # OpenAI's diarizing model takes up to 4 names, each with a 2-10 s reference clip. Here the names
     # are those of enrolled speakers (README "Speakers"), who become the job's expected_speakers;
-    # clips are refused, since a voice is enrolled once, with consent, not sent with each request.
+    # clips are refused (as their part begins, by admission's body check; here too, for a form
+    # that reached the handler some other way).
     if field_texts(form, "known_speaker_references"):
-        raise HTTPException(status_code=400, detail=(
-            "known_speaker_references: reference clips are not taken here; enrol each voice once (POST /speakers, "
-            "or `stt speakers enroll NAME sample.wav`) and give its name in known_speaker_names"))
+        raise HTTPException(status_code=400, detail=KNOWN_SPEAKER_REFERENCES_REFUSED)
     # A name cannot hold a comma, so a single field's "Anna, Boris" can only be two names.
     names = [name for text in field_texts(form, "known_speaker_names") for name in text.split(",")]
     kinds = field_texts(form, "redact")
@@ -178,6 +179,17 @@ async def form_list_options(request: Request, language: str | None, prompt: str 
     return {"language": asked_language(language, languages), "vocabulary": asked_vocabulary(keywords, prompt),
             "expected_speakers": names, "redact": ",".join(kinds) if kinds else None,
             "spelling": pairs or (",".join(spelling_text) if spelling_text else None)}
+
+
+def asked_stream(text: str | None) -> bool:
+    """`stream` read as POST /recognize reads its multichannel: true/false, 1/0, yes/no, on/off;
+    a blank field counts as not given (false)."""
+    if text is None or not text.strip():
+        return False
+    try:
+        return TypeAdapter(bool).validate_python(text.strip())
+    except ValidationError:
+        raise HTTPException(status_code=400, detail="stream: true or false (blank or left out: false)") from None
 
 
 IdempotencyKey = Annotated[str | None, HeaderParameter(
@@ -330,6 +342,7 @@ async def transcribe_and_wait(state: State, request: Request, data: OpenAITransc
     response_format = (data.response_format or "").strip() or "json"
     if response_format not in ResponseFormat.__args__:
         raise HTTPException(status_code=400, detail=f"response_format: one of {', '.join(ResponseFormat.__args__)}")
+    stream_events = asked_stream(data.stream)
     if data.temperature is not None and data.temperature.strip():
         try:
             float(data.temperature)
@@ -369,7 +382,7 @@ async def transcribe_and_wait(state: State, request: Request, data: OpenAITransc
                             detail=f"job {job_id} goes on, but this server has as many event streams and waiting"
                                    f" requests open as it takes: send the same request again in {RETRY_AFTER_S} s"
                                    f" to follow it, or follow GET /status/{job_id}")
-    if data.stream:
+    if stream_events:
         return ServerSentEvent(text_events(state, job_id), headers={"Cache-Control": "no-store",
                                                                      "X-Accel-Buffering": "no"})
     waiting = asyncio.ensure_future(wait_for_end(state, job_id, WAIT_S))
@@ -379,8 +392,10 @@ async def transcribe_and_wait(state: State, request: Request, data: OpenAITransc
     if not waiting.done():
         waiting.cancel()
         with job_logged(job_id):
-            log.info("the client went away before the job ended; the job goes on")
-        raise HTTPException(status_code=503, detail="the client went away")
+            log.info("the client went away before the job ended; the job goes on; answered %d", CLIENT_CLOSED_REQUEST)
+        # The client's doing, not a fault here: counted as one gone before its body came is.
+        raise HTTPException(status_code=CLIENT_CLOSED_REQUEST,
+                            detail=f"the client closed the connection before job {job_id} ended; the job goes on")
     status = waiting.result()
     if status == "processing" and server_exiting(state)():
         raise HTTPException(status_code=503, headers={"Retry-After": "1"},
