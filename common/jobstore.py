@@ -517,11 +517,13 @@ async def advance(db: Db, job_id: int, stage: str, *, language: str | None = Non
     )
 
 
-async def chunk_is_embedded(conn: asyncpg.Connection, job_id: int, chunk_index: int) -> bool:
-    """The chunk was stored in full (text and embeddings) by an earlier delivery."""
-    return bool(await conn.fetchval(
-        "SELECT embedded_at IS NOT NULL FROM chunks WHERE transcript_id = $1 AND chunk_index = $2",
-        job_id, chunk_index))
+async def stored_chunk(conn: asyncpg.Connection, job_id: int, chunk_index: int) -> asyncpg.Record | None:
+    """The chunk as an earlier delivery stored it (`embedded`: text and embeddings, and its
+    segments' `texts` in order), None when none did."""
+    return await conn.fetchrow(
+        "SELECT embedded_at IS NOT NULL AS embedded, ARRAY(SELECT text FROM segments s WHERE s.transcript_id = $1"
+        " AND s.chunk_index = $2 ORDER BY s.index) AS texts FROM chunks WHERE transcript_id = $1 AND chunk_index = $2",
+        job_id, chunk_index)
 
 
 async def record_chunk(conn: asyncpg.Connection, job_id: int, chunk_index: int, segment_count: int,

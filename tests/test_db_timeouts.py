@@ -190,7 +190,11 @@ async def test_a_chunk_waiting_on_a_row_lock_is_handed_back_and_other_stalled_jo
     stalled job anywhere was failed. Nor, once the reaper waited on the locked row only for the
     command timeout, was a job that stalled after the lock was taken: every round waited that
     long, the next heartbeat came late, and the gaps it recorded covered the whole time since.
-    The persister, on the real RabbitMQ and PostgreSQL, with the times scaled down."""
+    Nor, with many of the locked job's chunks in hand at once (the persister handles up to 16), while
+    they waited on the row for the command timeout: they held every pooled connection, the reaper's
+    heartbeat waited behind them, and came late. Now a lock is waited for LOCK_WAIT_S at most, and
+    the pool has connections beyond the handlers'. The persister, on the real RabbitMQ and
+    PostgreSQL, with the times scaled down."""
     from common import broker, metrics
     from common.broker import connect, declare_topology, open_bus, stage_queue
     from common.messages import ChunkTranscribed, Segment
@@ -202,6 +206,8 @@ async def test_a_chunk_waiting_on_a_row_lock_is_handed_back_and_other_stalled_jo
     # Each try waits the command timeout on the lock: longer than OUTAGE_OVER_AFTER_S, as the
     # default 300 s timeout is not shorter than the default 300 s.
     monkeypatch.setattr(broker, "OUTAGE_OVER_AFTER_S", TIMEOUT_S)
+    # Shorter than the command timeout, as the default 5 s is than the default 300 s.
+    monkeypatch.setattr(handler, "LOCK_WAIT_S", TIMEOUT_S / 2)
     real_reap = handler.reap_stalled_jobs
     monkeypatch.setattr(handler, "reap_stalled_jobs",
                         lambda pool, timeout_s, missed: real_reap(pool, timeout_s, missed, grace_s))
@@ -243,9 +249,13 @@ async def test_a_chunk_waiting_on_a_row_lock_is_handed_back_and_other_stalled_jo
             started = time.monotonic()
             persister = asyncio.create_task(persister_main.main())
             bus = await open_bus(connection, settings)
-            await bus.publish(ChunkTranscribed(
-                job_id=locked, chunk_index=0, chunk_count=1, duration=1.0,
-                segments=[Segment(index=0, speaker="spk_0", start_ts=0.0, end_ts=1.0, text="held")]))
+            # More of the locked job's chunks than the pool held connections before the fix.
+            chunks = 12
+            for chunk_index in range(chunks):
+                await bus.publish(ChunkTranscribed(
+                    job_id=locked, chunk_index=chunk_index, chunk_count=chunks, duration=float(chunks),
+                    segments=[Segment(index=0, speaker="spk_0", start_ts=chunk_index, end_ts=chunk_index + 1.0,
+                                      text="held")]))
 
             # Two tries of 2 s and the wait between them; without the fix never.
             handed_back_within_s = 20.0

@@ -851,6 +851,89 @@ async def test_a_speaker_enrolled_while_a_job_runs_is_announced_for_the_segments
         await conn.close()
 
 
+async def test_a_voiceprint_made_while_a_job_runs_announces_the_new_confidence_for_the_segments_already_out():
+    """Chunk 0 named its speaker with the confidence of the one voiceprint there was; then a
+    closer voiceprint of the same person was made (between an enrolment's commit and ingest's
+    matching of this recording, which found nothing left to change here). Chunk 1 then changed only
+    the confidence: it was written silently, and the subscribers kept chunk 0's."""
+    from common import db
+    from common.settings import Settings
+    from devstack import migrated_database
+    from services.persister import handler
+
+    model = "campplus_sv_zh_en_16k-common_advanced"
+    voice = [0.0] * 192
+    voice[7] = 1.0
+    near = [0.0] * 192
+    near[7], near[8] = 0.8, 0.6  # cosine 0.8 to the voice: the same person, less sure
+    async with migrated_database("stt_confidence") as url:
+        pool = await db.create_pool(Settings(_env_file=None, database_url=url), max_size=2)
+        try:
+            job_id = await pool.fetchval("INSERT INTO transcripts (filename) VALUES ('closer.wav') RETURNING id")
+            speaker_id = await pool.fetchval("INSERT INTO speakers (name) VALUES ('Anna') RETURNING id")
+
+            async def voiceprint(embedding: list[float]) -> None:
+                await pool.execute("INSERT INTO voiceprints (speaker_id, embedding, embedding_model, speech_s, source)"
+                                   " VALUES ($1, $2::real[]::vector, $3, 20, 'sample')", speaker_id, embedding, model)
+
+            heard = [SpeakerEmbedding(speaker="spk_0", embedding=voice, model=model, speech_s=20.0)]
+            common = {"job_id": job_id, "chunk_count": 2, "duration": 20.0, "language": "en", "speakers": heard}
+            await voiceprint(near)
+            assert not await handler.on_transcribed(pool, ChunkTranscribed(
+                chunk_index=0, segments=[segment(0, 0.0, "first")], **common))
+            assert await pool.fetchval("SELECT confidence FROM transcript_speakers WHERE transcript_id = $1",
+                                       job_id) == pytest.approx(0.8)
+            await voiceprint(voice)
+            assert await handler.on_transcribed(pool, ChunkTranscribed(
+                chunk_index=1, segments=[segment(0, 10.0, "second")], **common))
+            [update] = await pool.fetch("SELECT body FROM outbox WHERE routing_key = 'transcript.speakers_updated'"
+                                        " AND body->>'job_id' = $1", str(job_id))
+            told = update["body"]["speakers"]["spk_0"]
+            assert (told["name"], told["confidence"]) == ("Anna", pytest.approx(1.0))
+        finally:
+            await pool.close()
+
+
+async def test_a_chunk_transcribed_twice_keeps_its_first_text_through_its_embedding():
+    """A transcriber stopped after publishing a chunk's text, before acking; another replica
+    transcribed the chunk again, and read it differently. The second text replaced the first,
+    which live streams had sent already, and the chunk.embedded of either could come first: the
+    transcript ended up mixed. Now the first text stored stays, and so does its own embedding."""
+    from common import db
+    from common.settings import Settings
+    from devstack import migrated_database
+    from services.persister import handler
+
+    async with migrated_database("stt_first_text") as url:
+        pool = await db.create_pool(Settings(_env_file=None, database_url=url), max_size=2)
+        try:
+            job_id = await pool.fetchval("INSERT INTO transcripts (filename) VALUES ('twice.wav') RETURNING id")
+            common = {"job_id": job_id, "chunk_index": 0, "chunk_count": 2, "duration": 20.0, "language": "en"}
+            first = [segment(0, 0.0, "we meet on monday"), segment(1, 2.0, "at noon", "spk_1")]
+            second = [segment(0, 0.0, "we meet on sunday")]
+
+            async def stored() -> list[tuple[str, bool]]:
+                return [tuple(r) for r in await pool.fetch(
+                    "SELECT text, embedding IS NOT NULL FROM segments WHERE transcript_id = $1 ORDER BY index", job_id)]
+
+            await handler.on_transcribed(pool, ChunkTranscribed(segments=first, **common))
+            await handler.on_transcribed(pool, ChunkTranscribed(segments=second, **common))
+            assert await stored() == [("we meet on monday", False), ("at noon", False)]
+
+            def embedded(segments: list[Segment]) -> ChunkEmbedded:
+                return ChunkEmbedded(embedding_model="all-minilm", **common,
+                                     segments=[s.model_copy(update={"embedding": [0.5] * 384}) for s in segments])
+
+            await handler.on_embedded(pool, embedded(second))  # the second text's embedding came first
+            assert await stored() == [("we meet on monday", False), ("at noon", False)]
+            await handler.on_embedded(pool, embedded(first))
+            assert await stored() == [("we meet on monday", True), ("at noon", True)]
+            assert await pool.fetchval("SELECT count(*) FROM outbox WHERE routing_key = 'segment.created'"
+                                       " AND body->>'job_id' = $1", str(job_id)) == 2
+        finally:
+            await pool.close()
+
+
 async def test_the_stall_reaper_spares_a_job_that_moved_after_it_was_listed(stack):
     """The reaper lists jobs with no progress for JOB_STALL_TIMEOUT_S, then fails them one by one;
     a job that a chunk moved meanwhile (a stage back after an outage) must not be failed."""

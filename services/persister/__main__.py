@@ -20,6 +20,14 @@ from services.persister import handler
 
 log = logging.getLogger("services.persister")
 
+# Messages of stt.persister handled at once, whatever PREFETCH_COUNT says: each is a short
+# transaction, and one job's chunks come in bursts.
+HANDLED_AT_ONCE = 16
+# Pooled connections beyond the handlers': the stall reaper, the outbox flusher and a search index
+# build. Without them, handlers holding every connection (waiting on a locked job row) kept the
+# reaper's heartbeat waiting, and the gaps it recorded stopped stall detection for every job.
+OTHER_CONNECTIONS = 3
+
 
 async def flush_outbox_until_stopped(pool: asyncpg.Pool, bus: Bus, wake: asyncio.Event, settings: Settings,
                                      restart_s: float = RESTART_S) -> None:
@@ -30,6 +38,13 @@ async def flush_outbox_until_stopped(pool: asyncpg.Pool, bus: Bus, wake: asyncio
                        restart_s)
 
 
+# A lock held past handler.LOCK_WAIT_S (an operator's open psql session on a job's row) is waited
+# out like an outage: the message is held, tried again, and handed back every OUTAGE_HOLD_S while
+# the lock lasts; no retry is spent and the job is not failed, which is not its fault. (Not noted
+# for the stall reaper either: then_flush notes only DATABASE_UNAVAILABLE.)
+WAITED_OUT = (*DATABASE_UNAVAILABLE, asyncpg.exceptions.LockNotAvailableError)
+
+
 async def main() -> None:
     settings = get_settings()
     setup_logging(settings.log_level)
@@ -38,7 +53,9 @@ async def main() -> None:
     # stall reaper's first round counts the time since its last heartbeat (of any persister) as a
     # gap, and gives the messages waiting in stt.persister time to land (DatabaseMissed).
     missed = handler.DatabaseMissed()
-    pool = await create_pool(settings)
+    prefetch = max(settings.prefetch_count, HANDLED_AT_ONCE)
+    # Every message in hand, of stt.persister and of the dead-letter queue, may hold a connection.
+    pool = await create_pool(settings, max_size=prefetch + settings.prefetch_count + OTHER_CONNECTIONS)
     await apply_migrations(pool)
     connection = await connect(settings, "persister")
     bus = await open_bus(connection, settings)
@@ -73,10 +90,8 @@ async def main() -> None:
     await asyncio.gather(
         flush_outbox_until_stopped(pool, bus, wake, settings),
         handler.run_stall_reaper(pool, settings.job_stall_timeout_s, wake, missed),
-        consume(connection, settings, "persister", routes, prefetch=max(settings.prefetch_count, 16),
-                wait_on=DATABASE_UNAVAILABLE),
-        consume(connection, settings, "persister", dead_letters, queue_name=PERSISTER_DEAD_QUEUE,
-                wait_on=DATABASE_UNAVAILABLE),
+        consume(connection, settings, "persister", routes, prefetch=prefetch, wait_on=WAITED_OUT),
+        consume(connection, settings, "persister", dead_letters, queue_name=PERSISTER_DEAD_QUEUE, wait_on=WAITED_OUT),
     )
 
 

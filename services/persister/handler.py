@@ -36,6 +36,19 @@ FAILURE_ANNOUNCED_AGAIN_EVERY_S = 60.0
 FAILURES_ANNOUNCED_AGAIN_KEPT = 10_000
 _failures_announced_again: Recent[int, float] = Recent(FAILURES_ANNOUNCED_AGAIN_KEPT)
 
+# How long a handler waits for a lock another transaction holds (an operator's open psql session
+# on a job's row) before it gives up, hands its connection back to the pool, and the message is
+# held and tried again (LockNotAvailableError, services.persister.__main__). Waited for up to
+# DATABASE_COMMAND_TIMEOUT_S (300 s) instead, the messages of the locked job took every pooled
+# connection, and the stall reaper's heartbeat, late behind them, recorded gaps in which no
+# stalled job anywhere was failed while the lock lasted.
+LOCK_WAIT_S = 5.0
+
+
+async def _bound_lock_waits(conn: asyncpg.Connection) -> None:
+    """LOCK_WAIT_S for every lock the caller's transaction waits for from now on."""
+    await conn.execute(f"SET LOCAL lock_timeout = '{int(LOCK_WAIT_S * 1000)}ms'")
+
 
 def _failure_due_again(job_id: int) -> bool:
     """Whether a late chunk of this failed job should announce the failure again (and, if so,
@@ -89,11 +102,16 @@ async def _store_chunk(conn: asyncpg.Connection, job: asyncpg.Record, message: C
     announced = False
     if message.speakers:
         settings = get_settings()
+        # A recognised speaker's confidence counts as well: a voiceprint made between an
+        # enrolment's commit and the matching of this recording changes only that, and
+        # transcript.speakers_updated tells it (as ingest's matching does).
         renamed = await speakerstore.name_recording_speakers(
-            conn, job_id, job["owner"], settings.speaker_match_threshold, settings.speaker_min_speech_s)
+            conn, job_id, job["owner"], settings.speaker_match_threshold, settings.speaker_min_speech_s,
+            counting_confidence=True)
         if renamed and await jobstore.other_chunks_stored(conn, job_id, message.chunk_index):
-            # Someone was enrolled since an earlier chunk's segments went out without the name
-            # (that enrolment's own pass may have found nothing left to change here).
+            # Someone was enrolled (or given a voiceprint) since an earlier chunk's segments went
+            # out without the name or with another confidence (that enrolment's own pass may have
+            # found nothing left to change here).
             await speakerstore.announce_speaker_names(conn, job_id)
             announced = True
     stage = await jobstore.stage_after_chunk(conn, job_id, message.chunk_count)
@@ -110,6 +128,7 @@ async def on_progress(pool: asyncpg.Pool, message: JobProgress) -> bool:
     was stored, and the transcribers skip the chunks. Progress of a job deleted since it ended
     announces its deletion again, to the same end. True when it was."""
     async with pool.acquire() as conn, conn.transaction():
+        await _bound_lock_waits(conn)
         await jobstore.advance(conn, message.job_id, message.stage, duration=message.duration,
                                chunk_count=message.chunk_count)
         if await jobstore.announce_end_again(conn, message.job_id):
@@ -123,14 +142,22 @@ async def on_progress(pool: asyncpg.Pool, message: JobProgress) -> bool:
 
 async def on_transcribed(pool: asyncpg.Pool, message: ChunkTranscribed) -> bool:
     """Store the chunk's text ahead of its embeddings; returns True when events were enqueued
-    (names recognised since an earlier chunk went out, announced)."""
+    (names recognised since an earlier chunk went out, announced). The first text stored of a
+    chunk stays: a second chunk.transcribed of it (a transcriber stopped after publishing, before
+    acking, and the chunk transcribed again by another replica) may read differently, and live
+    streams have sent the first already. A failed try stores nothing (its transaction is rolled
+    back), and a rerun is a job of its own: neither meets a chunk stored before."""
     async with pool.acquire() as conn, conn.transaction():
+        await _bound_lock_waits(conn)
         job = await jobstore.lock_processing_job(conn, message.job_id)
         if job is None or job["status"] != "processing":
             return await _nothing_to_store(conn, message.job_id, job)
-        if await jobstore.chunk_is_embedded(conn, message.job_id, message.chunk_index):
+        if (stored := await jobstore.stored_chunk(conn, message.job_id, message.chunk_index)) is not None:
             nothing_to_do()
-            return False  # chunk.embedded already stored this chunk in full
+            if not stored["embedded"]:
+                log.info("chunk %d/%d text already stored; this copy is left out", message.chunk_index + 1,
+                         message.chunk_count)
+            return False  # stored already: its text (the first), or in full by chunk.embedded
         announced = await _store_chunk(conn, job, message, embedding_model=None)
     log.info("stored chunk %d/%d text (%d segments)",
              message.chunk_index + 1, message.chunk_count, len(message.segments))
@@ -143,11 +170,21 @@ async def on_embedded(pool: asyncpg.Pool, message: ChunkEmbedded) -> bool:
     if dimensions:
         searchstore.build_vector_index_soon(pool, message.embedding_model, dimensions)
     async with pool.acquire() as conn, conn.transaction():
+        await _bound_lock_waits(conn)
         job = await jobstore.lock_processing_job(conn, message.job_id)
         if job is None or job["status"] != "processing":
             return await _nothing_to_store(conn, message.job_id, job)
-        if await jobstore.chunk_is_embedded(conn, message.job_id, message.chunk_index):
+        stored = await jobstore.stored_chunk(conn, message.job_id, message.chunk_index)
+        if stored is not None and stored["embedded"]:
             log.info("chunk %d already stored; duplicate ignored", message.chunk_index)
+            nothing_to_do()
+            return False
+        if stored is not None and stored["texts"] != [s.text for s in message.segments]:
+            # The embedding of another transcription of the chunk than the one whose text is stored
+            # (and may have been streamed): the embedder embeds every copy of chunk.transcribed, so
+            # the stored text's own chunk.embedded comes as well, and is the one stored.
+            log.info("chunk %d embedded from another transcription than the stored one; left for the stored"
+                     " one's", message.chunk_index)
             nothing_to_do()
             return False
         await _store_chunk(conn, job, message, embedding_model=message.embedding_model)
@@ -183,6 +220,7 @@ async def fail_job(pool: asyncpg.Pool, job_id: int, stage: str, reason: str,
     `still_for_s`, only if it has not moved for that long (checked as it is failed), and not
     while another transaction holds its row (that one is not waited for)."""
     async with pool.acquire() as conn, conn.transaction():
+        await _bound_lock_waits(conn)
         if not await jobstore.fail(conn, job_id, reason, stage, still_for_s):
             return False
     log.warning("job failed in %s: %s", stage, reason)
@@ -234,6 +272,9 @@ async def fail_stalled_jobs(pool: asyncpg.Pool, timeout_s: float, grace_s: float
                 # after it are still tried.
                 log.warning("could not fail the stalled job: no answer within DATABASE_COMMAND_TIMEOUT_S;"
                             " trying again next round")
+            except asyncpg.exceptions.LockNotAvailableError:
+                log.warning("could not fail the stalled job: a lock it needs was held for over %g s (LOCK_WAIT_S);"
+                            " trying again next round", LOCK_WAIT_S)
     return failed
 
 
