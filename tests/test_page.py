@@ -565,10 +565,11 @@ def test_a_file_uploaded_in_the_background_leaves_the_transcript_being_named_ope
         httpx.delete(f"{stack.api}/transcripts/{done_with}", timeout=30)
 
 
-def sends_events(page, job_id: int, filename: str, said: list[tuple[str, str]], names: list[str | None]) -> None:
+def sends_events(page, job_id: int, filename: str, said: list[tuple[str, str]], names: list[str | None],
+                 failed: bool = False) -> None:
     """The page is sent the job's event stream (/transcripts/{id}/events) as the server sent it
     live: the segments of a_recording_in_the_database's `said`, each with the speaker's name as it
-    was when it was sent (`names`, one a segment), then the job's end."""
+    was when it was sent (`names`, one a segment), then the job's end (its failure when `failed`)."""
     def event(kind: str, data: dict, event_id: str) -> str:
         return f"event: {kind}\ndata: {json.dumps(data)}\nid: {event_id}\n\n"
 
@@ -576,9 +577,9 @@ def sends_events(page, job_id: int, filename: str, said: list[tuple[str, str]], 
                                         "speaker_name": name, "start_ts": 2.0 * i, "end_ts": 2.0 * i + 1.5,
                                         "text": text}, f"0:{i}")
               for i, ((speaker, text), name) in enumerate(zip(said, names, strict=True))]
-    ended = {"id": job_id, "transcript_id": job_id, "filename": filename, "status": "done", "stage": "done",
-             "percent": 100, "language": "en"}
-    body = "".join(stream) + event("transcript.completed", ended, "end")
+    ended = {"id": job_id, "transcript_id": job_id, "filename": filename, "status": "error" if failed else "done",
+             "stage": "failed" if failed else "done", "percent": 100, "language": "en"}
+    body = "".join(stream) + event("transcript.failed" if failed else "transcript.completed", ended, "end")
     page.route(f"**/transcripts/{job_id}/events", lambda route: route.fulfill(
         status=200, content_type="text/event-stream", body=body))
 
@@ -1523,6 +1524,9 @@ def test_files_chosen_under_one_key_are_sent_under_it_after_another_is_entered(k
         status = page.locator("#upload-status")
         status.filter(has_text=f"{names[1]} accepted as job").wait_for(timeout=60_000)
         assert sent == [KEY, KEY], sent
+        # Each said below the status line, the first not taken away by the second.
+        kept = page.locator("#upload-outcomes li").all_inner_texts()
+        assert [line.split(" accepted")[0] for line in kept] == names, kept
         listed = {key: {job["filename"] for job in httpx.get(f"{stack.api}/transcripts?limit=100", timeout=30,
                                                              headers={"X-API-Key": key}).json()["items"]}
                   for key in (KEY, OTHER_KEY)}
@@ -1613,3 +1617,173 @@ def test_a_voice_forgotten_whose_answer_is_lost_is_not_said_to_be_kept(stack, br
     assert httpx.get(f"{stack.api}/speakers/{anna}", timeout=30).status_code == 404
     assert errors == []
     page.close()
+
+
+def drops_files(page, files: list[tuple[str, bytes]]) -> None:
+    """`files` (name, content) dropped on the page, as from a file manager."""
+    page.evaluate("""(files) => {
+      const transfer = new DataTransfer();
+      for (const [name, content] of files) {
+        const bytes = Uint8Array.from(atob(content), (c) => c.charCodeAt(0));
+        transfer.items.add(new File([bytes], name, { type: "audio/wav" }));
+      }
+      document.querySelector("#drop").dispatchEvent(new DragEvent("drop", { dataTransfer: transfer, bubbles: true,
+                                                                            cancelable: true }));
+    }""", [[name, base64.b64encode(content).decode()] for name, content in files])
+
+
+def test_each_file_of_a_batch_says_what_became_of_it(stack, fixtures_dir, browser):
+    """Options the server would refuse are not sent with files dropped, and a speaker count goes
+    while the parties are one per channel. Of three files dropped at once, one is refused, one's
+    answer a proxy loses (502) after it was all sent, and one's answer is lost on every send: the
+    second is sent again with its Idempotency-Key (its job, made once, opens), and what became of
+    the first and the third stays said below the status line."""
+    tag = uuid.uuid4().hex[:6]
+    refused, lost_once, lost_for_good = (f"{what}_{tag}.wav" for what in ("refused", "lost_once", "lost_for_good"))
+    audio = (fixtures_dir / "empty.wav").read_bytes()
+    page = browser.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    sends: list[tuple[str, str]] = []  # (file, Idempotency-Key)
+
+    def answers_lost(route) -> None:
+        name = re.search(rb'filename="([^"]+)"', route.request.post_data_buffer or b"")[1].decode()
+        sends.append((name, route.request.headers["idempotency-key"]))
+        tries = [sent for sent, _ in sends].count(name)
+        if name == refused:
+            route.fulfill(status=415, json={"detail": "not a recording"})
+        elif name == lost_once and tries == 1:
+            route.fetch()  # the job is made
+            route.fulfill(status=502, body="Bad Gateway")
+        elif name == lost_for_good and tries == 1:
+            route.fetch()
+            route.abort("connectionreset")
+        elif name == lost_for_good:
+            route.fulfill(status=504, body="Gateway Timeout")
+        else:
+            route.continue_()
+
+    page.route(re.compile(r"/recognize$"), answers_lost)
+    try:
+        page.goto(stack.api + "/")
+        page.fill("#speakers", "40")
+        drops_files(page, [(f"too_many_speakers_{tag}.wav", audio)])
+        page.wait_for_timeout(500)
+        assert sends == []
+        page.get_by_label("One party per channel").check()
+        assert page.locator("#speakers").is_disabled() and page.input_value("#speakers") == ""
+        page.get_by_label("One party per channel").uncheck()
+        assert page.locator("#speakers").is_enabled()
+
+        drops_files(page, [(refused, audio), (lost_once, audio), (lost_for_good, audio)])
+        status = page.locator("#upload-status")
+        wait_until(page, lambda: len(sends) == 7 and page.locator("#upload button[type=submit]").is_enabled(),
+                   "the files were never all sent")
+        assert status.inner_text().startswith(f"{lost_for_good}: sent; the answer was lost"), (status.inner_text(),
+                                                                                              sends)
+        outcomes = page.locator("#upload-outcomes li").all_inner_texts()
+        assert [line.split(":")[0] for line in outcomes] == [refused, lost_for_good], outcomes
+        assert "415 not a recording" in outcomes[0]
+        assert outcomes[1].endswith("sent; the answer was lost: check the list before sending it again."), outcomes
+        assert [sent for sent, _ in sends] == [refused, lost_once, lost_once] + [lost_for_good] * 4, sends
+        assert len({key for sent, key in sends if sent == lost_once}) == 1
+        assert len({key for sent, key in sends if sent == lost_for_good}) == 1
+        made = [job["id"] for job in httpx.get(f"{stack.api}/transcripts?limit=100", timeout=30).json()["items"]
+                if job["filename"] == lost_once]
+        assert len(made) == 1, made
+        assert page.locator("#transcript").get_attribute("data-job") == str(made[0])
+        assert errors == []
+    finally:
+        page.close()
+        with httpx.Client(timeout=30) as client:
+            mine = [job["id"] for job in client.get(f"{stack.api}/transcripts?limit=100").json()["items"]
+                    if tag in job["filename"]]
+            discard(stack.api, client, *mine)
+
+
+def test_the_open_transcript_and_the_list_keep_to_what_the_server_has(stack, browser):
+    """"More" answered after an event told of a newer state does not set a row back; a job that
+    failed shows the names it has then; a name with a comma is not saved (it could not be
+    remembered); a voice that sounds like another person's is remembered once the user confirms;
+    and a job run again under one API key is not listed under the key entered meanwhile."""
+    tag = uuid.uuid4().hex[:6]
+    stale = stack.value("INSERT INTO transcripts (filename) VALUES ($1) RETURNING id", f"stale_{tag}.wav")
+    failed = a_recording_in_the_database(stack, f"failed_{tag}.wav", [("spk_0", "Hello.")])
+    stack.query("INSERT INTO transcript_speakers (transcript_id, speaker, name, name_source)"
+                " VALUES ($1, 'spk_0', 'Anna', 'auto')", failed)
+    said = [("spk_0", "Hello."), ("spk_1", "Hi there.")]
+    voices = a_recording_in_the_database(stack, f"voices_{tag}.wav", said)
+    page = browser.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    dialogs: list[str] = []
+    page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.accept()))
+
+    def first_page_ends_before_stale(route) -> None:
+        answer = route.fetch()
+        items = [job for job in answer.json()["items"] if job["id"] > stale]
+        route.fulfill(response=answer, json={"items": items, "next_cursor": stale + 1})
+
+    page.route(re.compile(r"/transcripts\?limit=50$"), first_page_ends_before_stale)
+    held: dict[str, list] = {"events": [], "more": [], "rerun": []}
+    page.route(f"{stack.api}/events", lambda route: held["events"].append(route))
+    page.route(re.compile(r"/transcripts\?limit=50&cursor="), lambda route: held["more"].append(route))
+    page.route(re.compile(r"/transcripts/\d+/rerun$"), lambda route: held["rerun"].append(route))
+    enrolments: list[dict] = []
+
+    def sounds_like_ben(route) -> None:
+        if route.request.method != "POST":
+            route.continue_()
+            return
+        enrolments.append(route.request.post_data_json)
+        if len(enrolments) == 1:
+            route.fulfill(status=409, json={"detail": "it sounds like 'Ben': if it is 'Anna''s voice all the same,"
+                                                      " send it again with force=true"})
+        else:
+            route.fulfill(status=201, json={"id": 1, "name": "Anna"})
+
+    page.route(f"{stack.api}/speakers", sounds_like_ben)
+    sends_events(page, failed, f"failed_{tag}.wav", said[:1], [None], failed=True)
+    sends_events(page, voices, f"voices_{tag}.wav", said, [None, None])
+    try:
+        page.goto(stack.api + "/")
+        page.get_by_role("button", name="More").click()
+        wait_until(page, lambda: held["more"] and held["events"], "the page never asked for more, or for events")
+        done = {"id": stale, "filename": f"stale_{tag}.wav", "status": "done", "stage": "done", "percent": 100}
+        held["events"][0].fulfill(status=200, content_type="text/event-stream",
+                                  body=f"event: job\ndata: {json.dumps(done)}\n\n")
+        row = f'#jobs li[data-job="{stale}"]'
+        page.locator(f'{row}[data-status="done"]').wait_for(timeout=10_000)
+        held["more"][0].fulfill(response=held["more"][0].fetch())  # listed as processing, before the event
+        page.wait_for_function("!document.querySelector('#more-jobs').disabled", timeout=10_000)
+        assert page.locator(row).get_attribute("data-status") == "done"
+
+        page.locator(f'#jobs li[data-job="{failed}"] button').click()
+        page.wait_for_function("document.querySelector('#name-spk_0')?.value === 'Anna'", timeout=10_000)
+
+        page.locator(f'#jobs li[data-job="{voices}"] button').click()
+        page.locator('#transcript[data-ended="true"]').wait_for(timeout=30_000)
+        page.fill("#name-spk_0", "Smith, Anna")
+        page.get_by_role("button", name="Save names").click()
+        page.locator("#transcript-status", has_text="cannot hold a comma").wait_for(timeout=10_000)
+        speakers = httpx.get(f"{stack.api}/transcripts/{voices}/speakers", timeout=30).json()["speakers"]
+        assert not speakers.get("spk_0", {}).get("name"), speakers
+        page.fill("#name-spk_0", "Anna")
+        page.get_by_role("button", name="Remember voices").click()
+        page.locator("#transcript-status", has_text="Anna's voice remembered.").wait_for(timeout=30_000)
+        assert [enrolment.get("force") for enrolment in enrolments] == [False, True], enrolments
+        assert len(dialogs) == 1 and "Remember anyway?" in dialogs[0], dialogs
+
+        page.locator("#rerun button[type=submit]").click()
+        wait_until(page, lambda: held["rerun"], "the page never asked to run it again")
+        page.fill("#api-key", "another-users-key")
+        page.get_by_role("button", name="Use key").click()
+        held["rerun"][0].fulfill(status=202, json={"id": voices + 1_000_000, "filename": f"voices_{tag}.wav"})
+        page.wait_for_timeout(500)
+        assert page.locator(f'#jobs li[data-job="{voices + 1_000_000}"]').count() == 0
+        assert errors == []
+    finally:
+        page.close()
+        stack.query("UPDATE transcripts SET status = 'done', stage = 'done', completed_at = now() WHERE id = $1", stale)
+        for job_id in (stale, failed, voices):
+            httpx.delete(f"{stack.api}/transcripts/{job_id}", timeout=30)

@@ -257,10 +257,13 @@ async function loadJobs() {
 async function loadMoreJobs() {
   const more = $("#more-jobs");
   const key = apiKey();
+  const askedAt = performance.now();
   more.disabled = true;
   try {
     const page = await (await api(`/transcripts?limit=50&cursor=${encodeURIComponent(state.jobsCursor)}`)).json();
-    if (apiKey() === key) showJobsPage(page);
+    if (apiKey() !== key) return;
+    // A job /events told of while the page was on its way is newer there than in the page.
+    showJobsPage({ ...page, items: page.items.filter((job) => !((state.jobEventAt.get(job.id) ?? -1) > askedAt)) });
   } catch (error) {
     notice(`No more recordings could be listed: ${error.message}`);
   } finally {
@@ -278,7 +281,7 @@ function uploadForm(file) {
   const language = $("#language").value;
   const speakers = $("#speakers").value;
   if (language) form.append("language", language);
-  if (speakers) form.append("num_speakers", speakers);
+  if (speakers && !$("#multichannel").checked) form.append("num_speakers", speakers);
   if ($("#multichannel").checked) form.append("multichannel", "true");
   if ($("#translate").checked) form.append("task", "translate");
   if ($("#redact").checked) form.append("redact", $("#redact").value);
@@ -313,7 +316,8 @@ function upload({ file, form, key, owner }) {
     };
     // Once the file is sent, the server stores it before it answers (minutes for a big one): no
     // longer a stall.
-    request.upload.onload = () => clearTimeout(stalled);
+    let sent = false;
+    request.upload.onload = () => { sent = true; clearTimeout(stalled); };
     request.onloadend = () => clearTimeout(stalled);
     request.onload = () => {
       bar.value = 100;
@@ -323,9 +327,17 @@ function upload({ file, form, key, owner }) {
       const error = new Error(`${file.name}: ${request.status} ${body.detail || request.statusText}`);
       error.status = request.status;
       error.retryAfter = Number(request.getResponseHeader("Retry-After")) || 0;
+      // A proxy that answers 502 or 504 was sent the file: the job may have been made.
+      error.answerLost = request.status === 502 || request.status === 504;
+      error.maybeMade = error.answerLost;
       reject(error);
     };
-    request.onerror = () => reject(new Error(`${file.name}: the upload failed`));
+    request.onerror = () => {
+      const error = new Error(`${file.name}: the upload failed`);
+      error.answerLost = true;
+      error.maybeMade = sent;
+      reject(error);
+    };
     request.onabort = () => reject(new Error(`${file.name}: the upload stalled (nothing sent for ${UPLOAD_STALLED_MS / 1000} s)`));
     request.send(form);
   });
@@ -335,12 +347,31 @@ function upload({ file, form, key, owner }) {
 // database or broker is briefly away; nothing was made) is offered again, as `stt submit` does.
 const UPLOAD_BUSY_WAIT_MS = 120_000;
 
+// How many times a file whose answer was lost (the connection dropped, a proxy's 502 or 504) is
+// sent again: with its Idempotency-Key, the server gives back the job an earlier send made, or
+// makes it now.
+const UPLOAD_ANSWER_LOST_RESENDS = 3;
+const UPLOAD_ANSWER_LOST_WAIT_MS = 2_000;
+
 async function uploadWaitingOutBusy(prepared, status) {
   const giveUpAt = Date.now() + UPLOAD_BUSY_WAIT_MS;
+  let resends = 0;
+  let maybeMade = false;
   for (;;) {
     try {
       return await upload(prepared);
     } catch (error) {
+      if (error.answerLost) {
+        maybeMade ||= error.maybeMade;
+        if (resends === UPLOAD_ANSWER_LOST_RESENDS) {
+          if (!maybeMade) throw error;
+          throw new Error(`${prepared.file.name}: sent; the answer was lost: check the list before sending it again.`);
+        }
+        resends += 1;
+        status.textContent = `${prepared.file.name}: no answer came; sending it again…`;
+        await new Promise((resolve) => setTimeout(resolve, UPLOAD_ANSWER_LOST_WAIT_MS));
+        continue;
+      }
       if (error.status !== 503 || !error.retryAfter || Date.now() + error.retryAfter * 1000 > giveUpAt) throw error;
       status.textContent = `${prepared.file.name}: the server is busy; sending it again in ${error.retryAfter} s…`;
       await new Promise((resolve) => setTimeout(resolve, error.retryAfter * 1000));
@@ -355,6 +386,7 @@ async function uploadWaitingOutBusy(prepared, status) {
 // another key entered meanwhile (another user's) never makes their jobs.
 let uploads = Promise.resolve();
 function uploadAll(files) {
+  if (!state.uploading) $("#upload-outcomes").replaceChildren();  // of the files sent before
   const owner = apiKey();
   const prepared = files.map((file) => ({ file, form: uploadForm(file), key: requestKey(), owner }));
   const openWhenSent = state.open;
@@ -391,6 +423,14 @@ function uploadMayOpen(openWhenSent, jobsOfBatch) {
   return chosenBeforeOrByUploads && !unsavedEdits();
 }
 
+// What became of a file that made no job of the key in use (refused, or made under the key it
+// was chosen with): kept, one line each, as the status line goes on to the next file.
+function keepUploadOutcome(text) {
+  const line = document.createElement("li");
+  line.textContent = text;
+  $("#upload-outcomes").appendChild(line);
+}
+
 async function uploadBatch(files, openWhenSent) {
   const status = $("#upload-status");
   const submit = $("#upload button[type=submit]");
@@ -406,6 +446,7 @@ async function uploadBatch(files, openWhenSent) {
           // Made under the key it was chosen with; the page shows another key's jobs now.
           status.textContent = `${accepted.filename} accepted as job ${accepted.id}, under the API key it was`
             + " chosen with (not the one entered since).";
+          keepUploadOutcome(status.textContent);
           continue;
         }
         renderJob({ id: accepted.id, filename: accepted.filename, status: "processing", stage: "submitted", percent: 0 });
@@ -420,6 +461,7 @@ async function uploadBatch(files, openWhenSent) {
         jobsOfBatch.add(accepted.id);
       } catch (error) {
         status.textContent = error.message;
+        keepUploadOutcome(error.message);
       }
     }
   } finally {
@@ -713,6 +755,14 @@ async function saveNames(event) {
     sent.push([input, input.value]);
   }
   if (!Object.keys(changes).length) return true;
+  // Such a name would be saved, but never remembered as a voice (a comma separates the names of
+  // the people expected in a recording).
+  const withComma = Object.values(changes).find((name) => name && name.includes(","));
+  if (withComma) {
+    $("#transcript-status").textContent = `Not saved: a name cannot hold a comma ("${withComma}"): commas`
+      + " separate the names of the people expected in a recording.";
+    return false;
+  }
   state.namesAsked += 1;  // names asked for before are older than the answer to these
   for (const [input, value] of sent) input.dataset.sent = value;
   try {
@@ -759,12 +809,19 @@ async function rememberVoices() {
     return;
   }
   const said = [];
+  const enrol = (name, label, force) => api("/speakers", {
+    method: "POST", headers: { "Content-Type": "application/json" },
+    body: JSON.stringify({ name, transcript_id: jobId, label, force }),
+  });
   for (const [label, name] of named) {
     try {
-      await api("/speakers", {
-        method: "POST", headers: { "Content-Type": "application/json" },
-        body: JSON.stringify({ name, transcript_id: jobId, label }),
-      });
+      try {
+        await enrol(name, label, false);
+      } catch (error) {
+        // 409: the voice sounds like another person remembered; the user may know better.
+        if (error.status !== 409 || !confirm(`${name}: ${error.message}\n\nRemember anyway?`)) throw error;
+        await enrol(name, label, true);
+      }
       said.push(`${name}'s voice remembered.`);
     } catch (error) {
       if (await forgottenIfGone(jobId, error)) return;
@@ -1027,6 +1084,7 @@ function renderRerun(jobId, ended) {
     if (unsavedEdits() && !confirm(DISCARD_EDITS)) return;
     submit.disabled = true;
     const speakers = $("#rerun-speakers").value;
+    const key = apiKey();
     try {
       const accepted = await (await api(`/transcripts/${jobId}/rerun`, {
         method: "POST", headers: { "Content-Type": "application/json", "Idempotency-Key": requestKey() },
@@ -1034,6 +1092,7 @@ function renderRerun(jobId, ended) {
         // for it (a count does not go with channels kept apart).
         body: JSON.stringify(speakers ? { num_speakers: Number(speakers), multichannel: false } : { num_speakers: null }),
       })).json();
+      if (apiKey() !== key) return;  // another key's list is shown now: not this job's
       renderJob({ id: accepted.id, filename: accepted.filename, status: "processing", stage: "submitted", percent: 0 });
       if (state.open === jobId) openTranscript(accepted.id);  // else listed: another was opened meanwhile
     } catch (error) {
@@ -1356,10 +1415,9 @@ async function openTranscript(jobId) {
       // Ended, a running job's recording may have been replaced by its redacted copy (or be about
       // to be: the server answers 503 until it is): loaded again then, never the upload kept.
       if (state.audioAgainAtEnd === jobId) recordingEnded(jobId);
-      if (type === "transcript.completed") {
-        loadSpeakingTime(jobId);
-        readDone(jobId);
-      }
+      // Names and speaking times as the job left them, a failed one's included.
+      loadSpeakingTime(jobId);
+      if (type === "transcript.completed") readDone(jobId);
     }
   }, {
     endId: "end",
@@ -1461,6 +1519,14 @@ document.addEventListener("DOMContentLoaded", () => {
     loadPeople();
   });
   $("#more-jobs").addEventListener("click", loadMoreJobs);
+  // Parties kept one per channel are not counted (the server refuses both): no count then.
+  const countOnlyMixed = () => {
+    const speakers = $("#speakers");
+    speakers.disabled = $("#multichannel").checked;
+    if (speakers.disabled) speakers.value = "";
+  };
+  $("#multichannel").addEventListener("change", countOnlyMixed);
+  countOnlyMixed();  // a box the browser ticked again on reload
   $("#upload").addEventListener("submit", (event) => {
     event.preventDefault();
     if (state.uploading) return;
@@ -1486,7 +1552,8 @@ document.addEventListener("DOMContentLoaded", () => {
     event.preventDefault();
     drop.classList.remove("over");
     const files = [...event.dataTransfer.files];
-    if (files.length) uploadAll(files);
+    // As "Transcribe" does: options the server would refuse are shown, nothing is sent.
+    if (files.length && $("#upload").reportValidity()) uploadAll(files);
   });
   $("#names").addEventListener("submit", saveNames);
   $("#search").addEventListener("submit", search);
