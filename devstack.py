@@ -86,14 +86,15 @@ def free_port() -> int:
     """A port free now and not handed out before by this process: the ports of one stack are
     picked before its processes bind them, and the kernel may offer a port it offered a moment
     ago (a worker's metrics once got moto's S3 port). Under pytest-xdist each worker takes only
-    ports of its own residue (port % workers), so two workers' stacks never pick the same one."""
+    ports of its own residue, so two workers' stacks never pick the same one; of the port halved,
+    as Linux hands out odd ports to bind(0) (even ones go to outgoing connections)."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
     worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
     while True:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        if port not in _handed_out and port % workers == worker % workers:
+        if port not in _handed_out and (port >> 1) % workers == worker % workers:
             _handed_out.add(port)
             return port
 
