@@ -953,8 +953,12 @@ def get(
 def write_atomically(path: Path, content: bytes) -> None:
     """`content` written to a temporary file beside `path` (beside the file a link points to),
     then renamed over it: a write that fails (a full disk, Ctrl-C) leaves the old file as it was,
-    never half of the new one."""
+    never half of the new one. Not a device or a pipe (`/dev/null`, `/dev/stdout`): written to as
+    it is."""
     target = path.resolve()
+    if target.exists() and not target.is_file():
+        target.write_bytes(content)
+        return
     temporary = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
     try:
         with temporary.open("xb") as file:

@@ -1272,6 +1272,23 @@ def test_get_writes_only_the_formats_answer_and_keeps_the_file_until_then(tmp_pa
     assert [path.name for path in tmp_path.iterdir()] == ["meeting.srt"]  # no temporary file left
 
 
+def test_get_writes_into_a_pipe_as_it_is(tmp_path):
+    """-o naming a pipe or a device (/dev/stdout, /dev/null) was replaced by a regular file (as
+    root, /dev/null too) or refused: only a regular file is written beside and renamed over."""
+    import stat
+
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    read: list[str] = []
+    reader = threading.Thread(target=lambda: read.append(pipe.read_text()), daemon=True)
+    reader.start()
+    with page_server(200, "application/x-subrip; charset=utf-8", SUBTITLES) as api:
+        written = CliRunner().invoke(app, ["get", "5", "-f", "srt", "-o", str(pipe), "--api", api])
+    reader.join(10)
+    assert written.exit_code == 0, written.output
+    assert read == [SUBTITLES] and stat.S_ISFIFO(pipe.stat().st_mode), read
+
+
 class HoldingApi:
     """Accepts the first `answered` POSTs at once (as job 7) and holds every later one without an
     answer, as the service does while it decodes a long recording. `held` is set once one is held."""
