@@ -124,14 +124,15 @@ async def job_by_idempotency_key(db: Db, owner: str | None, idempotency_key: str
         " WHERE coalesce(t.owner, '') = coalesce($1, '') AND t.idempotency_key = $2", owner, idempotency_key)
 
 
-async def recent_job_asked_so(db: Db, owner: str | None, request_hash: str,
-                              ended_within: timedelta) -> asyncpg.Record | None:
-    """The owner's newest job that a request with this hash made (its id), still processing or
-    ended (done, failed or cancelled) within `ended_within`."""
+async def recent_job_asked_so(db: Db, owner: str | None, request_hash: str, done_within: timedelta,
+                              failed_within: timedelta) -> asyncpg.Record | None:
+    """The owner's newest job that a request with this hash made (its id), still processing, done
+    within `done_within`, or failed (or cancelled) within `failed_within`."""
     return await db.fetchrow(
         "SELECT id FROM transcripts WHERE request_hash = $2 AND coalesce(owner, '') = coalesce($1, '')"
-        " AND (status = 'processing' OR completed_at > now() - $3::interval)"
-        " ORDER BY id DESC LIMIT 1", owner, request_hash, ended_within)
+        " AND (status = 'processing' OR completed_at > now() - CASE WHEN status = 'done' THEN $3::interval"
+        " ELSE $4::interval END)"
+        " ORDER BY id DESC LIMIT 1", owner, request_hash, done_within, failed_within)
 
 
 async def drop_is_known(db: Db, bucket: str, key: str, etag: str) -> bool:

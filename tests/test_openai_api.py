@@ -552,6 +552,12 @@ def test_a_job_that_failed_is_not_made_again_by_the_same_request(stack, made_job
     error = refused.value.response.json()["error"]
     assert error["message"] == f"job {job_id} failed: cancelled by its owner", error
     assert [job["id"] for job in stack.query("SELECT id FROM transcripts WHERE filename = $1", name)] == [job_id]
+    # Sent again on purpose a while later (past the SDK's retries), it is a new job.
+    stack.query("UPDATE transcripts SET completed_at = now() - interval '3 minutes' WHERE id = $1", job_id)
+    patient = openai.OpenAI(base_url=f"{stack.api}/v1", api_key="-", max_retries=0, timeout=300)
+    assert "ask not" in patient.audio.transcriptions.create(model="whisper-1", file=(name, content)).text.lower()
+    again = [job["id"] for job in stack.query("SELECT id FROM transcripts WHERE filename = $1 ORDER BY id", name)]
+    assert len(again) == 2 and again[0] == job_id, again
 
 
 def test_a_client_that_leaves_during_the_wait_is_counted_as_the_clients(stack, made_job, fixtures_dir):

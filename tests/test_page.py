@@ -1738,7 +1738,8 @@ def test_the_open_transcript_and_the_list_keep_to_what_the_server_has(stack, bro
         enrolments.append(route.request.post_data_json)
         if len(enrolments) == 1:
             route.fulfill(status=409, json={"detail": "it sounds like 'Ben': if it is 'Anna''s voice all the same,"
-                                                      " send it again with force=true"})
+                                                      " send it again with force=true",
+                                            "extra": {"code": "sounds_like_another"}})
         else:
             route.fulfill(status=201, json={"id": 1, "name": "Anna"})
 

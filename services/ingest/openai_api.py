@@ -64,6 +64,10 @@ POLL_S = 2.0
 # The same request again finds the job it made while that runs and this long after it is done:
 # a job that ends between the SDK's attempts (or before a person sends it again) is not redone.
 REPEAT_WINDOW = timedelta(minutes=10)
+# A failed or cancelled job is the answer to the same request for less long: long enough for the
+# SDK's own retries (sent again as soon as an answer is lost), short enough that a person sending
+# it again on purpose, a while later, gets a new job.
+FAILED_REPEAT_WINDOW = timedelta(minutes=2)
 
 
 @dataclass
@@ -362,7 +366,8 @@ async def transcribe_and_wait(state: State, request: Request, data: OpenAITransc
     # The same request again (the SDK retries after a timeout or a 503): the job it made, not another,
     # though a person it expects was renamed since.
     earlier = (await earlier_job(state.pool, owner, asked) if idempotency_key is not None
-               else await jobstore.recent_job_asked_so(state.pool, owner, asked.request_hash, REPEAT_WINDOW))
+               else await jobstore.recent_job_asked_so(state.pool, owner, asked.request_hash, REPEAT_WINDOW,
+                                                      FAILED_REPEAT_WINDOW))
     with contextlib.closing(stream):
         if earlier is None:
             await require_enrolled(state.pool, owner, options.expected_speakers, "known_speaker_names")

@@ -37,6 +37,8 @@ from services.ingest.errors import MAX_ID, error_responses, invalid
 from services.ingest.segments import LABEL
 
 log = logging.getLogger(__name__)
+# The 409 of a voice that sounds like another enrolled person: the one that `force` overrides.
+SOUNDS_LIKE_ANOTHER = "sounds_like_another"
 
 SAMPLE_MIN_S = 5.0
 SAMPLE_MAX_S = 60.0
@@ -437,7 +439,8 @@ async def enrol(request: Request, state: State) -> Enrolled:
                 raise HTTPException(status_code=409, detail=(
                     f"{voice_of} sounds like {other.name!r} (similarity {similarity:g}, at least"
                     f" SPEAKER_MATCH_THRESHOLD {threshold:g}): enrolled as {name!r} it could take their name in"
-                    f" their recordings. If it is {name!r}'s voice all the same, send it again with force=true"))
+                    f" their recordings. If it is {name!r}'s voice all the same, send it again with force=true"),
+                    extra={"code": SOUNDS_LIKE_ANOTHER})
         with job_logged(reference.transcript_id if reference else None):
             if enrolled_as is not None:
                 log.info("speaker %d already has this voiceprint: nothing added", speaker_id)

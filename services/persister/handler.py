@@ -41,8 +41,10 @@ _failures_announced_again: Recent[int, float] = Recent(FAILURES_ANNOUNCED_AGAIN_
 # held and tried again (LockNotAvailableError, services.persister.__main__). Waited for up to
 # DATABASE_COMMAND_TIMEOUT_S (300 s) instead, the messages of the locked job took every pooled
 # connection, and the stall reaper's heartbeat, late behind them, recorded gaps in which no
-# stalled job anywhere was failed while the lock lasted.
-LOCK_WAIT_S = 5.0
+# stalled job anywhere was failed while the lock lasted. Long enough that the persister's own
+# handlers queued on one job's row (a burst of a long job's chunks, each a short transaction) never
+# reach it.
+LOCK_WAIT_S = 30.0
 
 
 async def _bound_lock_waits(conn: asyncpg.Connection) -> None:

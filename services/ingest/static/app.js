@@ -818,8 +818,9 @@ async function rememberVoices() {
       try {
         await enrol(name, label, false);
       } catch (error) {
-        // 409: the voice sounds like another person remembered; the user may know better.
-        if (error.status !== 409 || !confirm(`${name}: ${error.message}\n\nRemember anyway?`)) throw error;
+        // The voice sounds like another person remembered (the 409 that force overrides; not the
+        // one of a voice remembered already); the user may know better.
+        if (error.code !== "sounds_like_another" || !confirm(`${name}: ${error.message}\n\nRemember anyway?`)) throw error;
         await enrol(name, label, true);
       }
       said.push(`${name}'s voice remembered.`);
