@@ -20,6 +20,7 @@ import pytest
 from pydantic import SecretStr
 
 from tests.conftest import Stack, another_ingest, through_another_ingest
+from tests.test_db_timeouts import FreezableProxy
 
 
 def post(stack: Stack, content: bytes, name: str = "audio.mp3", data: dict | None = None) -> httpx.Response:
@@ -464,7 +465,7 @@ def test_a_recording_trickled_in_by_its_server_gives_up_its_upload_place(stack, 
         assert answer.status_code == 415 and "not audio" in answer.json()["detail"], answer.text
 
 
-class CommitAnswerCutter:
+class CommitAnswerCutter(FreezableProxy):
     """Forwards TCP connections to PostgreSQL byte for byte, but once a connection sends the COMMIT
     of a transaction that inserted a job, the answer to it (which PostgreSQL sends once it has
     committed) is not passed on: the connection is closed instead, as a network dropping it then
@@ -473,27 +474,8 @@ class CommitAnswerCutter:
     COMMIT = b"Q\x00\x00\x00\x0cCOMMIT;\x00"  # asyncpg's, a simple query
 
     def __init__(self, upstream):
-        self.upstream = upstream
+        super().__init__(upstream)  # its start and close; its own forwarding
         self.cut = False
-        self.tasks: set = set()
-        self.writers: list = []
-
-    async def __aenter__(self) -> CommitAnswerCutter:
-        import asyncio
-
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc_info) -> None:
-        import asyncio
-
-        self.server.close()
-        for task in self.tasks:
-            task.cancel()
-        for writer in self.writers:
-            writer.close()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
 
     async def _serve(self, client_reader, client_writer) -> None:
         import asyncio
