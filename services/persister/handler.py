@@ -5,8 +5,10 @@ outbox table in that same transaction and are published after commit (common.out
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 
 import asyncpg
 from pydantic import BaseModel
@@ -47,9 +49,12 @@ _failures_announced_again: Recent[int, float] = Recent(FAILURES_ANNOUNCED_AGAIN_
 LOCK_WAIT_S = 30.0
 
 
-async def _bound_lock_waits(conn: asyncpg.Connection) -> None:
-    """LOCK_WAIT_S for every lock the caller's transaction waits for from now on."""
-    await conn.execute(f"SET LOCAL lock_timeout = '{int(LOCK_WAIT_S * 1000)}ms'")
+@contextlib.asynccontextmanager
+async def _transaction(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
+    """A pooled connection in a transaction whose every lock wait is bounded by LOCK_WAIT_S."""
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute(f"SET LOCAL lock_timeout = '{int(LOCK_WAIT_S * 1000)}ms'")
+        yield conn
 
 
 def _failure_due_again(job_id: int) -> bool:
@@ -129,8 +134,7 @@ async def on_progress(pool: asyncpg.Pool, message: JobProgress) -> bool:
     again, so that the diarizer stops (or does not store the decoded audio), ingest removes what
     was stored, and the transcribers skip the chunks. Progress of a job deleted since it ended
     announces its deletion again, to the same end. True when it was."""
-    async with pool.acquire() as conn, conn.transaction():
-        await _bound_lock_waits(conn)
+    async with _transaction(pool) as conn:
         await jobstore.advance(conn, message.job_id, message.stage, duration=message.duration,
                                chunk_count=message.chunk_count)
         if await jobstore.announce_end_again(conn, message.job_id):
@@ -149,8 +153,7 @@ async def on_transcribed(pool: asyncpg.Pool, message: ChunkTranscribed) -> bool:
     acking, and the chunk transcribed again by another replica) may read differently, and live
     streams have sent the first already. A failed try stores nothing (its transaction is rolled
     back), and a rerun is a job of its own: neither meets a chunk stored before."""
-    async with pool.acquire() as conn, conn.transaction():
-        await _bound_lock_waits(conn)
+    async with _transaction(pool) as conn:
         job = await jobstore.lock_processing_job(conn, message.job_id)
         if job is None or job["status"] != "processing":
             return await _nothing_to_store(conn, message.job_id, job)
@@ -171,8 +174,7 @@ async def on_embedded(pool: asyncpg.Pool, message: ChunkEmbedded) -> bool:
     dimensions = next((len(s.embedding) for s in message.segments if s.embedding), None)
     if dimensions:
         searchstore.build_vector_index_soon(pool, message.embedding_model, dimensions)
-    async with pool.acquire() as conn, conn.transaction():
-        await _bound_lock_waits(conn)
+    async with _transaction(pool) as conn:
         job = await jobstore.lock_processing_job(conn, message.job_id)
         if job is None or job["status"] != "processing":
             return await _nothing_to_store(conn, message.job_id, job)
@@ -221,8 +223,7 @@ async def fail_job(pool: asyncpg.Pool, job_id: int, stage: str, reason: str,
     `stage` is the service that gave up; the job keeps the pipeline stage it failed in. With
     `still_for_s`, only if it has not moved for that long (checked as it is failed), and not
     while another transaction holds its row (that one is not waited for)."""
-    async with pool.acquire() as conn, conn.transaction():
-        await _bound_lock_waits(conn)
+    async with _transaction(pool) as conn:
         if not await jobstore.fail(conn, job_id, reason, stage, still_for_s):
             return False
     log.warning("job failed in %s: %s", stage, reason)
