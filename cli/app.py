@@ -53,9 +53,6 @@ UPLOAD_CHUNK_BYTES = 256 * 1024
 POLL_INTERVAL_S = 1.0
 FINISHED = ("done", "error")
 NOT_FOLLOWED = "not followed"  # follow_jobs' status for a job the API stopped telling about
-# Answers worth waiting out while following a job: the API or its database is restarting (a
-# gateway's 502/504, Cloudflare's 520-524).
-TRANSIENT_STATUS_CODES = (502, 503, 504, 520, 521, 522, 523, 524)
 # Waited out too, for a while (a gateway's rate limit, an error of one request), before the job
 # is reported as not followed: the job itself goes on either way.
 RETRIED_STATUS_CODES = (429, 500)
@@ -76,6 +73,9 @@ RESEND_PAUSE_S = 2.0
 # it: the API may still be at the request (a URL submission downloads and decodes before it
 # answers), or done with it.
 GATEWAY_GAVE_UP = (502, 504, 520, 521, 522, 523, 524)
+# Answers worth waiting out while following a job: the API or its database is restarting (503, or
+# a gateway in front of it giving up).
+TRANSIENT_STATUS_CODES = (503, *GATEWAY_GAVE_UP)
 REQUEST_TIMEOUT = httpx.Timeout(30, connect=10)
 # Enrolling and forgetting a speaker relabel every past recording of the key before answering.
 SPEAKER_CHANGE_TIMEOUT = httpx.Timeout(300, connect=10)
