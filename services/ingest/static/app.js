@@ -203,6 +203,12 @@ function showJobsPage(page) {
 // one page), each row as the server has it now. A row in that span that the server no longer
 // lists was deleted while nothing could tell the page: it goes. False when answered for the key
 // before.
+// The listed jobs but those /events told of since `askedAt`: newer there than in a list that was on
+// its way meanwhile (and the stream does not tell them again).
+function notToldSince(jobs, askedAt) {
+  return jobs.filter((job) => !((state.jobEventAt.get(job.id) ?? -1) > askedAt));
+}
+
 async function listJobs(key) {
   const askedAt = performance.now();
   const shown = [...state.jobs.keys()];
@@ -220,9 +226,7 @@ async function listJobs(key) {
   for (const id of shown) {
     if (id >= (next ?? 0) && !listed.has(id)) forgetJob(id, { elsewhere: true });
   }
-  // A job /events told of while the list was on its way is newer there than in the list (and
-  // the stream does not tell it again).
-  showJobsPage({ items: items.filter((job) => !((state.jobEventAt.get(job.id) ?? -1) > askedAt)), next_cursor: next });
+  showJobsPage({ items: notToldSince(items, askedAt), next_cursor: next });
   state.jobsListed = true;
   return true;
 }
@@ -262,8 +266,7 @@ async function loadMoreJobs() {
   try {
     const page = await (await api(`/transcripts?limit=50&cursor=${encodeURIComponent(state.jobsCursor)}`)).json();
     if (apiKey() !== key) return;
-    // A job /events told of while the page was on its way is newer there than in the page.
-    showJobsPage({ ...page, items: page.items.filter((job) => !((state.jobEventAt.get(job.id) ?? -1) > askedAt)) });
+    showJobsPage({ ...page, items: notToldSince(page.items, askedAt) });
   } catch (error) {
     notice(`No more recordings could be listed: ${error.message}`);
   } finally {
@@ -791,6 +794,10 @@ async function saveNames(event) {
 // Each speaker of the open transcript named by hand becomes a voiceprint of that person (POST
 // /speakers). Names recognition gave are left out: a voice it got wrong would become a voiceprint
 // of the wrong person, and one it got right is known already.
+// The `extra.code` of POST /speakers' 409 that `force` overrides: the voice sounds like someone
+// already remembered (speakers.py), not the 409 of a voice remembered already.
+const SOUNDS_LIKE_ANOTHER = "sounds_like_another";
+
 async function rememberVoices() {
   const jobId = state.open;  // the transcript whose voices these are, whatever is opened meanwhile
   // Said under that transcript only: not under another opened meanwhile.
@@ -818,9 +825,8 @@ async function rememberVoices() {
       try {
         await enrol(name, label, false);
       } catch (error) {
-        // The voice sounds like another person remembered (the 409 that force overrides; not the
-        // one of a voice remembered already); the user may know better.
-        if (error.code !== "sounds_like_another" || !confirm(`${name}: ${error.message}\n\nRemember anyway?`)) throw error;
+        // The voice sounds like another person remembered: the user may know better.
+        if (error.code !== SOUNDS_LIKE_ANOTHER || !confirm(`${name}: ${error.message}\n\nRemember anyway?`)) throw error;
         await enrol(name, label, true);
       }
       said.push(`${name}'s voice remembered.`);
