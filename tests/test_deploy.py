@@ -226,6 +226,21 @@ def test_env_example_lists_every_variable_compose_interpolates_with_its_default(
             if defaults != {listed[variable]}} == {}
 
 
+def test_every_commented_setting_of_env_example_works_when_uncommented(tmp_path):
+    """The file tells users to remove the `# ` to set a value: a line with an explanation after its
+    value stopped `make run` (bash sources .env) and gave the services the explanation as part of
+    the value."""
+    uncommented = re.sub(r"^# ([A-Z][A-Z0-9_]+=)", r"\1", (ROOT / ".env.example").read_text(), flags=re.M)
+    (tmp_path / ".env").write_text(uncommented)
+    sourced = subprocess.run(["bash", "-c", "set -euo pipefail; set -a; . ./.env; env -0"], cwd=tmp_path,
+                             capture_output=True, text=True)
+    assert sourced.returncode == 0, sourced.stderr
+    values = dict(item.split("=", 1) for item in sourced.stdout.split("\0") if "=" in item)
+    for name, value in re.findall(r"^([A-Z][A-Z0-9_]+)=(.*)$", uncommented, re.M):
+        assert values[name] == value.strip("'\""), name
+        assert "  " not in value and " (" not in value, (name, value)
+
+
 def test_env_example_says_when_the_bundled_servers_take_their_credentials_and_which_characters():
     """RabbitMQ and PostgreSQL take them only on an empty volume, and they go raw into URLs."""
     lines = (ROOT / ".env.example").read_text().splitlines()
