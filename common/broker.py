@@ -853,6 +853,8 @@ async def _run_waiting_out_outages(handler: Handler, parsed: BaseModel, bus: Bus
         # the handler is given up (HeldThroughOutage), not run again.
         nonlocal attempt_started
         first = True
+        held = False
+        publishing_since = time.perf_counter()
         try:
             async for attempt in backoff("RabbitMQ unavailable; holding a produced message", wait_more,
                                          max_delay_s=30.0):
@@ -861,12 +863,16 @@ async def _run_waiting_out_outages(handler: Handler, parsed: BaseModel, bus: Bus
                         # A try after a wait: how long the first ran since the handler started
                         # (or since the last wait) tells a new outage from the one before.
                         attempt_started = time.monotonic()
+                        held = True
                     first = False
                     await bus.publish(produced)
         except Exception as exc:
             if outage(exc):
                 raise HeldThroughOutage from exc
             raise
+        finally:
+            if held:  # waiting for the broker is not the handler's work (its real-time factor)
+                work.held_s += time.perf_counter() - publishing_since
 
     try:
         async for attempt in backoff("dependency unavailable; holding the message", wait_more, max_delay_s=30.0):

@@ -151,12 +151,15 @@ class Work:
     stage: str
     audio_s: float = 0.0
     attempt_started: float = field(default_factory=time.perf_counter)
+    # Seconds of this attempt spent holding a produced message while the broker was away.
+    held_s: float = 0.0
     nothing_to_do: bool = False
 
     def new_attempt(self) -> None:
         self.audio_s = 0.0
         self.nothing_to_do = False
         self.attempt_started = time.perf_counter()
+        self.held_s = 0.0
 
 
 _current_work: contextvars.ContextVar[Work | None] = contextvars.ContextVar("stt_work", default=None)
@@ -187,8 +190,9 @@ def end_message(work: Work, token: contextvars.Token, queue: str, outcome: str |
     MESSAGE_SECONDS.labels(work.stage, queue).observe(time.perf_counter() - started)
     if outcome == "handled" and work.audio_s > 0:
         AUDIO_SECONDS.labels(work.stage).inc(work.audio_s)
-        # The last attempt only: time spent holding the message through an outage is not work.
-        REAL_TIME_FACTOR.labels(work.stage).observe((time.perf_counter() - work.attempt_started) / work.audio_s)
+        # The last attempt only, less its publishes held: time spent holding through an outage is not work.
+        worked_s = time.perf_counter() - work.attempt_started - work.held_s
+        REAL_TIME_FACTOR.labels(work.stage).observe(worked_s / work.audio_s)
 
 
 def nothing_to_do() -> None:

@@ -21,6 +21,7 @@ import aio_pika
 import httpx
 import pytest
 
+from common import runner
 from common.storage import pcm_key, upload_bytes
 from devstack import (  # noqa: F401 (re-exported for the tests)
     ROOT,
@@ -52,6 +53,17 @@ def private_vhost() -> Iterator[str]:
 
 def amqp_url(vhost: str) -> str:
     return f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
+
+
+@pytest.fixture
+def fresh_runner():
+    """The process-wide stop signal made anew, before and after: one made by an earlier test
+    belongs to that test's event loop (the tests of a file share one)."""
+    runner._stopping = None
+    runner._drained.clear()
+    yield
+    runner._stopping = None
+    runner._drained.clear()
 
 
 # Figures the fault and bad-input tests measured, printed at the end of the run.

@@ -54,17 +54,6 @@ class Produced(Contract):
 
 
 @pytest.fixture
-def fresh_runner():
-    """The process-wide stop signal made anew, before and after: one made by an earlier test
-    belongs to that test's event loop."""
-    runner._stopping = None
-    runner._drained.clear()
-    yield
-    runner._stopping = None
-    runner._drained.clear()
-
-
-@pytest.fixture
 def vhost():
     with private_vhost() as name:
         yield name

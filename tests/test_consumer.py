@@ -13,7 +13,6 @@ import subprocess
 from urllib.parse import unquote, urlsplit
 
 import aio_pika
-import pytest
 
 from common import metrics, runner
 from common.broker import (
@@ -31,13 +30,6 @@ from common.messages import JobProgress, JobSubmitted, TranscriptDeleted
 from tests.conftest import Stack, amqp_url, private_vhost
 
 QUEUE = "test.shutdown"
-
-
-@pytest.fixture
-def fresh_runner():
-    yield
-    runner._stopping = None
-    runner._drained.clear()
 
 
 async def queue_holding_one(channel, name: str, message: JobProgress):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
+from typing import ClassVar
 
 import aio_pika
 import httpx
@@ -12,10 +14,13 @@ import pytest
 from litestar.testing import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from common import metrics, runner
 from common.audio import decode_audio
-from common.messages import JobDiarized, SpeakerTurn, TimeSpan
+from common.broker import Route, connect, consume
+from common.messages import Contract, JobDiarized, JobProgress, SpeakerTurn, TimeSpan
+from common.settings import Settings
 from services.ingest.app import create_app
-from tests.conftest import SERVICES, Stack, amqp_url, private_vhost
+from tests.conftest import SERVICES, Stack, amqp_url, private_vhost, rabbitmqctl
 
 WORKERS = ("diarizer", "transcriber", "embedder", "persister")
 Samples = list[tuple[str, dict[str, str], float]]
@@ -253,3 +258,68 @@ async def test_queue_gauges_are_left_out_while_the_queues_cannot_be_read():
             watching.cancel()
             await asyncio.gather(watching, return_exceptions=True)
             await connection.close()
+
+
+class Transcribed(Contract):
+    ROUTING_KEY: ClassVar[str] = "test.rtf-transcribed"
+
+
+def real_time_factors(stage: str) -> tuple[float, float]:
+    """The count and sum of the stage's observed real-time factors."""
+    [family] = metrics.REAL_TIME_FACTOR.collect()
+    figures = {s.name: s.value for s in family.samples if s.labels.get("stage") == stage}
+    return figures.get("stt_real_time_factor_count", 0.0), figures.get("stt_real_time_factor_sum", 0.0)
+
+
+async def test_a_publish_held_through_an_outage_is_not_counted_in_the_real_time_factor(fresh_runner):
+    """A transcriber that handled a 30 s chunk at once, then waited for the broker to take its
+    text, observed the wait as work: an RTF of the whole hold (up to OUTAGE_HOLD_S, 600 s) over
+    30 s. The broker refuses the publish for some seconds here (a nack, as while its queues
+    recover), and the factor observed is that of the work alone."""
+    stage, queue_name, audio_s = "test-rtf-hold", "test.rtf-hold", 30.0
+    with private_vhost() as vhost:
+        settings = Settings(_env_file=None, amqp_url=amqp_url(vhost), retry_delays_s="1,2", outage_hold_s=120.0)
+        connection = await connect(settings, "test-rtf-hold")
+        try:
+            channel = await connection.channel()
+            work = await channel.declare_exchange("stt", aio_pika.ExchangeType.TOPIC, durable=True)
+            out = await channel.declare_queue("test.rtf-out", durable=True)
+            await out.bind(work, Transcribed.ROUTING_KEY)
+            await asyncio.to_thread(rabbitmqctl, "set_policy", "-p", vhost, "--apply-to", "queues", "refuse",
+                                    r"^test\.rtf-out$", json.dumps({"max-length": 0, "overflow": "reject-publish"}))
+            await channel.declare_queue(queue_name, durable=True, arguments={"x-queue-type": "quorum"})
+            await channel.default_exchange.publish(
+                aio_pika.Message(JobProgress(job_id=4711, stage="transcribing").model_dump_json().encode()),
+                routing_key=queue_name)
+
+            async def handler(message: JobProgress):
+                metrics.add_audio_seconds(audio_s)  # the work: done at once
+                yield Transcribed(job_id=message.job_id)
+
+            waits = metrics.DEPENDENCY_WAITS.labels(stage)
+            waits_before = waits._value.get()
+            count_before, sum_before = real_time_factors(stage)
+            consumer = asyncio.create_task(consume(connection, settings, stage,
+                                                   [Route(JobProgress, handler, any_routing_key=True)],
+                                                   queue_name=queue_name))
+            deadline = time.monotonic() + 30
+            while waits._value.get() == waits_before:  # the publish was refused: the hold began
+                assert not consumer.done() and time.monotonic() < deadline, "the publish was never refused"
+                await asyncio.sleep(0.05)
+            held_from = time.monotonic()
+            await asyncio.sleep(1.0)
+            await asyncio.to_thread(rabbitmqctl, "clear_policy", "-p", vhost, "refuse")
+            arrived = None
+            while arrived is None:
+                assert not consumer.done() and time.monotonic() < deadline + 30, "the text never arrived"
+                arrived = await out.get(fail=False)
+                await asyncio.sleep(0.05)
+            held_s = time.monotonic() - held_from
+            runner.stopping().set()
+            await asyncio.wait_for(consumer, 40)
+        finally:
+            await connection.close()
+    count, total_rtf = real_time_factors(stage)
+    assert count == count_before + 1
+    worked_s = (total_rtf - sum_before) * audio_s
+    assert held_s >= 1.0 and worked_s < 0.5, (held_s, worked_s)
