@@ -1,5 +1,5 @@
 """GET /readyz, and what else ingest does in the background, against an object store that
-accepts connections and never answers."""
+accepts connections and never answers, and a database whose connection the network dropped."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ import time
 
 from common.settings import Settings
 from common.storage import make_client
-from services.ingest.readiness import CHECK_TIMEOUT_S, ObjectStoreProbe, run_checks
+from devstack import pg_admin_url
+from services.ingest.readiness import CHECK_TIMEOUT_S, DatabaseProbe, ObjectStoreProbe, run_checks
+from tests.test_db_timeouts import FreezableProxy, _through, _upstream, _within
 
 
 def silent_server() -> tuple[socket.socket, list[socket.socket]]:
@@ -62,6 +64,35 @@ def test_a_hung_object_store_is_unavailable_quickly_and_leaks_no_threads():
     assert all(elapsed < CHECK_TIMEOUT_S for _, elapsed in answers[1:]), answers
     assert threading.active_count() - threads_before <= 1  # the probe's own thread, at most
     assert len(accepted) == 1
+
+
+async def test_a_database_flow_dropped_without_a_reset_is_unavailable_in_time_and_ok_once_reachable_again():
+    """A failover, or a NAT forgetting the flow, leaves the check's connection with neither an
+    answer nor a reset. The check gives up within its limit, and once the database is reached again
+    (new connections are forwarded) the next check is ok. Before, on a pool of one connection, the
+    first check never answered, and every later one timed out waiting for that connection until the
+    kernel dropped the flow (15 minutes or more): every ingest replica unready at once."""
+    admin = pg_admin_url()
+    async with FreezableProxy(_upstream(admin)) as proxy:
+        probe = DatabaseProbe(_through(proxy, admin))
+        try:
+            assert await run_checks({"postgres": probe}) == {"postgres": "ok"}
+            proxy.freeze()
+            # Without the fix the check is still waiting after this long (for ever, here).
+            hangs_s = 4 * CHECK_TIMEOUT_S
+            outcome = await _within(hangs_s, run_checks({"postgres": probe}))
+            assert outcome is not None, f"the check on a dropped flow did not answer within {hangs_s:g} s"
+            checks, took = outcome
+            assert checks["postgres"].startswith("unavailable"), checks
+            assert took < CHECK_TIMEOUT_S + 0.5, took
+
+            outcome = await _within(hangs_s, run_checks({"postgres": probe}))
+            assert outcome is not None, f"the check after the outage did not answer within {hangs_s:g} s"
+            checks, took = outcome
+            assert checks == {"postgres": "ok"}, checks
+            assert took < CHECK_TIMEOUT_S, took
+        finally:
+            probe.close()
 
 
 def test_a_stage_workers_store_client_gives_up_on_a_silent_store_and_says_it_is_unavailable(monkeypatch):

@@ -71,7 +71,7 @@ from services.ingest.openai_api import OPENAI_ROUTES
 from services.ingest.orphans import run_orphan_sweep
 from services.ingest.page import PAGE_ROUTES
 from services.ingest.playback import PLAYBACK_ROUTES
-from services.ingest.readiness import CHECK_TIMEOUT_S, ObjectStoreProbe, run_checks
+from services.ingest.readiness import CHECK_TIMEOUT_S, DatabaseProbe, ObjectStoreProbe, run_checks
 from services.ingest.redacted_audio import PROCESSING_RETRY_AFTER_S, REDACTION_RETRY_AFTER_S
 from services.ingest.reindex import REINDEX_ROUTES, Reindexer, run_corrections_embedder
 from services.ingest.retention import run_retention
@@ -319,9 +319,6 @@ async def readyz(state: State, need: Annotated[str | None, Parameter(
         raise HTTPException(status_code=400, detail=f"unknown check {', '.join(sorted(unknown))}; the checks are"
                                                     f" {', '.join(READINESS_CHECKS)}")
 
-    async def database() -> None:
-        await state.probe_pool.fetchval("SELECT 1")
-
     async def broker() -> None:
         if state.bus is None:
             raise ConnectionError("not connected yet")
@@ -333,7 +330,7 @@ async def readyz(state: State, need: Annotated[str | None, Parameter(
         if not state.buckets_made.is_set():
             raise LookupError("the buckets are not made yet")
 
-    checks = await run_checks({"postgres": database, "rabbitmq": broker, "object_store": object_store})
+    checks = await run_checks({"postgres": state.database_probe, "rabbitmq": broker, "object_store": object_store})
     ready = all(checks[name] == "ok" for name in needed)
     return Response({"status": "ready" if ready else "unavailable", "checks": checks},
                     status_code=200 if ready else 503)
@@ -458,7 +455,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         state.pool = await create_pool(settings)
         # /readyz asks PostgreSQL on a connection of its own: the requests' pool, all busy (slow
         # searches, waits on a row lock), is not the database being down.
-        state.probe_pool = await create_pool(settings, min_size=1, max_size=1)
+        state.database_probe = DatabaseProbe(settings.database_url.get_secret_value())
         await apply_migrations(state.pool)
         state.buckets_made, state.broker_open = asyncio.Event(), asyncio.Event()
         state.connection = state.bus = None
@@ -512,7 +509,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             if state.connection is not None:
                 await state.connection.close()
             await state.pool.close()
-            await state.probe_pool.close()
+            state.database_probe.close()
             await http.close()
             state.s3_probe.close()
 

@@ -1,6 +1,7 @@
 """GET /readyz's checks. Each has its own short deadline, and the object-store check runs on its
 own client (short socket timeouts, no retries) in its own single thread: a hung S3 endpoint
-answers "unavailable" within seconds and never piles up blocked threads that uploads need."""
+answers "unavailable" within seconds and never piles up blocked threads that uploads need. The
+database check runs on a connection of its own, dropped as soon as a check on it fails."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import asyncio
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
+import asyncpg
 from minio import Minio
 
 CHECK_TIMEOUT_S = 3.0
@@ -45,6 +47,37 @@ class ObjectStoreProbe:
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+class DatabaseProbe:
+    """SELECT 1 on a connection of its own, one check at a time. A check that fails or is cut off
+    terminates the connection, and the next one connects afresh: on a flow the network dropped
+    without a reset (a failover, a NAT forgetting it), a cancelled query's answer never comes, and
+    close() or a pool's release would wait for it for as long as the kernel keeps the flow (15
+    minutes or more), every later check waiting behind it."""
+
+    def __init__(self, database_url: str) -> None:
+        self.database_url = database_url
+        self.connection: asyncpg.Connection | None = None
+        self.one_at_a_time = asyncio.Lock()  # a connection runs one query at once
+
+    async def __call__(self) -> None:
+        async with self.one_at_a_time:
+            if self.connection is None or self.connection.is_closed():
+                self.connection = await asyncpg.connect(self.database_url, timeout=CHECK_TIMEOUT_S)
+            connection = self.connection
+            try:
+                await connection.fetchval("SELECT 1", timeout=CHECK_TIMEOUT_S)
+            except BaseException:  # run_checks' deadline cancels it, too
+                self.connection = None
+                connection.terminate()
+                raise
+
+    def close(self) -> None:
+        # Not close(): it waits for a check in flight, which on a dead flow never answers.
+        if self.connection is not None:
+            self.connection.terminate()
+            self.connection = None
 
 
 async def run_checks(checks: dict[str, object]) -> dict[str, str]:
