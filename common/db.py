@@ -201,15 +201,20 @@ MIGRATION_LOCK_POLL_S = 1.0
 NO_TRANSACTION_MARK = "-- migrate: no-transaction"
 
 
+INSTALL_PGVECTOR = (
+    f"Install pgvector {'.'.join(map(str, PGVECTOR_AT_LEAST))} or later on the database server (Debian/Ubuntu: apt"
+    " install postgresql-<version>-pgvector; Docker: the pgvector/pgvector image), or leave DATABASE_URL unset for"
+    " `make run`'s embedded PostgreSQL.")
+# What a start-up runs where the database's pgvector is older than the server's (see
+# _update_outdated_pgvector), and what to run by hand where it may not.
+UPDATE_PGVECTOR = "ALTER EXTENSION vector UPDATE"
+
+
 class MissingPgvector(RuntimeError):
     """The database has no pgvector extension to install, or too old a one."""
 
-    def __init__(self, detail: str):
-        super().__init__(
-            f"PostgreSQL lacks a usable pgvector extension ({detail}). Install pgvector "
-            f"{'.'.join(map(str, PGVECTOR_AT_LEAST))} or later on the "
-            "database server (Debian/Ubuntu: apt install postgresql-<version>-pgvector; Docker: the "
-            "pgvector/pgvector image), or leave DATABASE_URL unset for `make run`'s embedded PostgreSQL.")
+    def __init__(self, detail: str, remedy: str = INSTALL_PGVECTOR):
+        super().__init__(f"PostgreSQL lacks a usable pgvector extension ({detail}). {remedy}")
 
 
 def pgvector_too_old(version: str) -> bool:
@@ -226,6 +231,7 @@ async def apply_migrations(pool: asyncpg.Pool) -> list[str]:
     async with pool.acquire() as conn:
         await _take_migrations_lock(conn)
         try:
+            await _update_outdated_pgvector(conn)
             await conn.execute(
                 "CREATE TABLE IF NOT EXISTS schema_migrations ("
                 " version integer PRIMARY KEY, name text NOT NULL,"
@@ -249,14 +255,68 @@ async def apply_migrations(pool: asyncpg.Pool) -> list[str]:
                         await asyncio.sleep(min(30.0, attempt * MIGRATION_LOCK_TIMEOUT_S))
                 log.info("applied migration %s", name)
                 applied_now.append(name)
-            version = await conn.fetchval("SELECT extversion FROM pg_extension WHERE extname = 'vector'")
-            if version is None or pgvector_too_old(version):
-                missing = MissingPgvector(f"version {version} is installed" if version else "not installed")
-                log.critical("%s", missing)
-                raise missing
+            await _refuse_unusable_pgvector(conn)
         finally:
             await conn.execute("SELECT pg_advisory_unlock($1)", LockKey.MIGRATIONS)
     return applied_now
+
+
+async def _installed_pgvector(conn: asyncpg.Connection) -> str | None:
+    """The version of pgvector installed in this database, None where there is none."""
+    return await conn.fetchval("SELECT extversion FROM pg_extension WHERE extname = 'vector'")
+
+
+async def _available_pgvector(conn: asyncpg.Connection) -> str | None:
+    """The server's version of pgvector (what CREATE EXTENSION and ALTER EXTENSION ... UPDATE
+    install), None where it has none. (pg_available_extensions reads every extension's control
+    file: looked at only where the installed version is too old.)"""
+    return await conn.fetchval("SELECT default_version FROM pg_available_extensions WHERE name = 'vector'")
+
+
+async def _update_outdated_pgvector(conn: asyncpg.Connection) -> None:
+    """Bring this database's pgvector up to the server's version where it is older than
+    PGVECTOR_AT_LEAST and the server's is recent enough: upgrading the server's pgvector leaves each
+    database's extension (its SQL objects, and the version apply_migrations checks) as it was until
+    ALTER EXTENSION vector UPDATE runs there. Before the migrations, so that they find it up to date.
+    Raises MissingPgvector, naming that statement, where this service may not run it (only the
+    extension's owner or a superuser may)."""
+    installed = await _installed_pgvector(conn)
+    if installed is None or not pgvector_too_old(installed):
+        return
+    available = await _available_pgvector(conn)
+    if available is None or pgvector_too_old(available):
+        return  # nothing recent enough to update to: _refuse_unusable_pgvector says what to install
+    log.info("pgvector in this database is %s, the server has %s: updating it (%s)", installed, available,
+             UPDATE_PGVECTOR)
+    try:
+        await conn.execute(UPDATE_PGVECTOR)
+    except asyncpg.PostgresError as exc:
+        if isinstance(exc, DATABASE_UNAVAILABLE):
+            raise
+        outdated = MissingPgvector(
+            f"version {installed} is installed in this database, though the server has {available}, and"
+            f" {UPDATE_PGVECTOR} failed: {exc}",
+            f"Have the extension's owner or a superuser run `{UPDATE_PGVECTOR}` in this database.")
+        log.critical("%s", outdated)
+        raise outdated from exc
+    log.info("pgvector in this database updated from %s to %s", installed, await _installed_pgvector(conn))
+
+
+async def _refuse_unusable_pgvector(conn: asyncpg.Connection) -> None:
+    """Raises MissingPgvector where this database has no pgvector, or too old a one (where the
+    server's is recent enough, _update_outdated_pgvector has updated it already)."""
+    installed = await _installed_pgvector(conn)
+    if installed is None:
+        missing = MissingPgvector("not installed")
+    elif pgvector_too_old(installed):
+        available = await _available_pgvector(conn)
+        missing = MissingPgvector(
+            f"version {installed} is installed, and the server has {available or 'none'}",
+            f"{INSTALL_PGVECTOR} The next start then updates this database's extension ({UPDATE_PGVECTOR}).")
+    else:
+        return
+    log.critical("%s", missing)
+    raise missing
 
 
 async def _take_migrations_lock(conn: asyncpg.Connection) -> None:
@@ -280,6 +340,10 @@ async def _apply_migration(conn: asyncpg.Connection, version: int, name: str, sq
         # replica, in a rolling upgrade), every query of that table queues behind it: it gives up
         # after a while and tries again, letting them through in between.
         await conn.execute(f"SET LOCAL lock_timeout = '{int(MIGRATION_LOCK_TIMEOUT_S * 1000)}ms'")
+        # A role's or database's statement_timeout (common on managed PostgreSQL) would cut a long
+        # migration short (a table rewritten, an index built over a large table), failing every
+        # start; as the pool's command timeout would (LONG_STATEMENT_TIMEOUT_S).
+        await conn.execute("SET LOCAL statement_timeout = 0")
         await _execute_migration_sql(conn, sql)
         await conn.execute("INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", version, name)
 

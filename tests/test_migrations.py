@@ -1,7 +1,8 @@
 """The migration runner (common/db.py apply_migrations) and what the migrations' indexes are for:
-migrations run outside a transaction (CREATE INDEX CONCURRENTLY), an index build cut short, and
-the queries over tables of a row per job ever reading only their window. Each test on a scratch
-database of the tests' PostgreSQL."""
+migrations run outside a transaction (CREATE INDEX CONCURRENTLY), an index build cut short, the
+queries over tables of a row per job ever reading only their window, a database's pgvector older
+than its server's, and a statement_timeout set for the database. Each test on a scratch database
+of the tests' PostgreSQL."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import datetime as dt
 import json
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 
 import asyncpg
@@ -219,6 +221,102 @@ async def test_an_index_build_outlasts_the_command_timeout_and_the_lock_timeout(
             assert await index_valid(setup, index) is True, index
     finally:
         await pool.close()
+        await old_replica.close()
+        await setup.close()
+
+
+# ---- what the database's administrators left as it was ---------------------------------------
+
+async def as_created_with_pgvector_0_7_4(conn: asyncpg.Connection) -> None:
+    """This database's pgvector as a database created with pgvector 0.7.4 keeps it after the
+    server's is upgraded: its SQL objects and version those of 0.7.4 until ALTER EXTENSION vector
+    UPDATE runs. (Without the objects that 0.8.0 added, that update would fail making them again.)"""
+    for from_type in ("integer[]", "real[]", "double precision[]", "numeric[]"):
+        for member in (f"CAST ({from_type} AS sparsevec)",  # the cast first: it uses the function
+                       f"FUNCTION array_to_sparsevec({from_type}, integer, boolean)"):
+            await conn.execute(f"ALTER EXTENSION vector DROP {member}")
+            await conn.execute(f"DROP {member}")
+    await conn.execute("UPDATE pg_extension SET extversion = '0.7.4' WHERE extname = 'vector'")
+
+
+async def test_a_database_whose_pgvector_predates_the_servers_is_brought_up_to_date(database, caplog):
+    """A database created when pgvector 0.5 was enough, its server's pgvector since upgraded to 0.8:
+    the start-up updates the database's extension, where it was refused for good, telling to
+    install the pgvector that the server already has."""
+    caplog.set_level(logging.INFO, logger="common.db")
+    conn = await asyncpg.connect(database)
+    pool = await asyncpg.create_pool(database, min_size=1, max_size=1)
+    try:
+        await as_created_with_pgvector_0_7_4(conn)
+        assert await db.apply_migrations(pool) == []
+        installed, available = (await conn.fetchrow(
+            "SELECT extversion, default_version FROM pg_extension JOIN pg_available_extensions ON name = extname"
+            " WHERE extname = 'vector'")).values()
+        assert installed == available and not db.pgvector_too_old(installed)
+        assert any("ALTER EXTENSION vector UPDATE" in r.getMessage() for r in caplog.records if r.name == "common.db")
+    finally:
+        await pool.close()
+        await conn.close()
+
+
+async def test_a_pgvector_the_service_may_not_update_is_refused_saying_what_to_run(database):
+    """Where the service's role does not own the extension (nor is a superuser), it may not update
+    it: refused, naming the statement its owner is to run rather than a pgvector to install."""
+    admin = await asyncpg.connect(database)
+    role, password = f"stt_not_owner_{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    await admin.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
+    try:
+        await as_created_with_pgvector_0_7_4(admin)
+        pool = await asyncpg.create_pool(database, user=role, password=password, min_size=1, max_size=1)
+        try:
+            with pytest.raises(db.MissingPgvector, match=r"must be owner.*run `ALTER EXTENSION vector UPDATE`"):
+                await db.apply_migrations(pool)
+        finally:
+            await pool.close()
+        assert await admin.fetchval("SELECT extversion FROM pg_extension WHERE extname = 'vector'") == "0.7.4"
+    finally:
+        await admin.execute(f"DROP ROLE {role}")
+        await admin.close()
+
+
+async def test_a_statement_timeout_of_the_database_or_role_does_not_cut_a_migration_short(database):
+    """A statement_timeout set for the database or the service's role (ALTER ROLE ... SET
+    statement_timeout, common on managed PostgreSQL) cancelled a migration that outlasted it,
+    not tried again: every start failed. Here the migration waits for a transaction of a running
+    replica that writes to its table (a table rewritten, an index built over a large one alike)."""
+    migration = "019_reference.sql"
+    setup = await asyncpg.connect(database)
+    old_replica = await asyncpg.connect(database)
+    try:
+        await setup.execute("DROP INDEX transcripts_reference")
+        assert await setup.execute("DELETE FROM schema_migrations WHERE name = $1", migration) == "DELETE 1"
+        await setup.execute(f"ALTER DATABASE {await setup.fetchval('SELECT current_database()')}"
+                            " SET statement_timeout = '10ms'")
+        writing = old_replica.transaction()
+        await writing.start()
+        await old_replica.execute("INSERT INTO transcripts (filename) VALUES ('a.wav')")
+        pool = await asyncpg.create_pool(database, min_size=1, max_size=1)
+        try:
+            assert await pool.fetchval("SHOW statement_timeout") == "10ms"
+            applying = asyncio.create_task(db.apply_migrations(pool))
+
+            async def waiting_for_the_replica() -> bool:
+                return bool(await setup.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND wait_event_type = 'Lock' AND query LIKE '%CREATE INDEX transcripts_reference%'"))
+
+            deadline = time.monotonic() + 30
+            while not applying.done() and not await waiting_for_the_replica():
+                assert time.monotonic() < deadline, "the migration never waited for the replica's transaction"
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.3)  # 30 times the statement_timeout, well within MIGRATION_LOCK_TIMEOUT_S
+            assert not applying.done(), applying.exception() if applying.done() else None
+            await writing.commit()
+            assert await asyncio.wait_for(applying, 30) == [migration]
+            assert await index_valid(setup, "transcripts_reference") is True
+        finally:
+            await pool.close()
+    finally:
         await old_replica.close()
         await setup.close()
 
