@@ -889,6 +889,39 @@ def test_auto_compute_type_is_one_the_gpu_computes():
     assert auto_compute_type("cpu", {"float32", "int8", "int8_float32"}) == "int8"
 
 
+def test_a_compute_type_the_cpu_lacks_gives_way_to_int8_there_with_a_warning(caplog):
+    """One WHISPER_COMPUTE_TYPE=float16 shared by the CUDA and CPU transcribers (compose's .env):
+    with WHISPER_DEVICE=auto on a host without a usable GPU, or cpu, CTranslate2 refused to load
+    the model in float16 on the CPU, and the transcriber started again without end instead of
+    falling back to the CPU as promised. A type CTranslate2 does not know is still refused."""
+    import logging
+
+    import ctranslate2
+
+    from common.settings import Settings
+    from services.transcriber import whisper
+
+    if ctranslate2.get_cuda_device_count() > 0:
+        pytest.skip("with a GPU, WHISPER_DEVICE=auto loads the model on it")
+    bundled = str(ROOT / "models" / "whisper-base")
+    for device in ("auto", "cpu"):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger=whisper.log.name):
+            model, _ = whisper.load_model(Settings(_env_file=None, whisper_model=bundled, whisper_device=device,
+                                                   whisper_compute_type="float16"))
+        # int8_float32: what CTranslate2 calls int8 on the CPU (int8 weights, float32 activations).
+        assert (model.model.device, model.model.compute_type) == ("cpu", "int8_float32")
+        [warning] = [r for r in caplog.records if r.name == whisper.log.name and r.levelno >= logging.WARNING]
+        assert "WHISPER_COMPUTE_TYPE=float16" in warning.getMessage() and "in int8 instead" in warning.getMessage()
+        assert caplog.records[-1].getMessage() == f"Whisper model {bundled} on cpu (int8)"
+    # What the CPU computes is kept, and what the GPU fallback (load_model's warm-up) takes too.
+    assert whisper.compute_type_on("cpu", Settings(_env_file=None, whisper_compute_type="float32")) == "float32"
+    assert whisper.compute_type_on("cpu", Settings(_env_file=None, whisper_compute_type="bfloat16")) == "int8"
+    with pytest.raises(whisper.ModelNotLoaded, match="Invalid compute type: flaot16"):
+        whisper.load_model(Settings(_env_file=None, whisper_model=bundled, whisper_device="cpu",
+                                    whisper_compute_type="flaot16"))
+
+
 def test_cantonese_among_the_languages_asked_for_is_found_on_a_model_without_it():
     """language=yue,en on Whisper before large-v3 (the bundled base, the default medium): the
     model has no Cantonese, and ranks what it hears as Chinese, which was not among the languages

@@ -79,14 +79,33 @@ def pick_device(settings: Settings) -> tuple[str, str]:
     return device, compute_type_on(device, settings)
 
 
+# The compute types CTranslate2 computes on some devices and not on others. The CPU lacking the
+# one set (float16 from an .env shared with a CUDA transcriber, with WHISPER_DEVICE=auto on a host
+# without a usable GPU) failed every load, and the transcriber restarted without end: the CPU takes
+# int8 instead. Any other name (`default`, `float`, a mistake) is CTranslate2's to take or refuse.
+DEVICE_COMPUTE_TYPES = ("int8", "int8_float32", "int8_float16", "int8_bfloat16", "int16", "float16", "bfloat16",
+                        "float32")
+
+
 def compute_type_on(device: str, settings: Settings) -> str:
-    """WHISPER_COMPUTE_TYPE, `auto` made the type it stands for on `device`. CTranslate2 raises a
-    RuntimeError where it cannot reach CUDA on a host without a usable GPU (or driver)."""
+    """WHISPER_COMPUTE_TYPE, `auto` made the type it stands for on `device`, and on the CPU one it
+    lacks made int8, with a warning. CTranslate2 raises a RuntimeError where it cannot reach CUDA on
+    a host without a usable GPU (or driver)."""
     import ctranslate2
 
-    if settings.whisper_compute_type != "auto":
-        return settings.whisper_compute_type
-    return auto_compute_type(device, ctranslate2.get_supported_compute_types(device))
+    configured = settings.whisper_compute_type
+    if configured == "auto":
+        return auto_compute_type(device, ctranslate2.get_supported_compute_types(device))
+    if device != "cpu" or configured not in DEVICE_COMPUTE_TYPES:
+        return configured
+    supported = ctranslate2.get_supported_compute_types("cpu")
+    if configured in supported:
+        return configured
+    replacement = "int8" if "int8" in supported else "float32"
+    log.warning("WHISPER_COMPUTE_TYPE=%s: CTranslate2 cannot compute it on the CPU (only %s), so the Whisper model"
+                " runs on the CPU in %s instead. Set WHISPER_COMPUTE_TYPE=auto (or one of those) where Whisper runs on"
+                " the CPU", configured, ", ".join(sorted(supported)), replacement)
+    return replacement
 
 
 class ModelNotLoaded(RuntimeError):
@@ -155,10 +174,11 @@ def warm_up(model: WhisperModel) -> None:
 def load_model(settings: Settings) -> tuple[WhisperModel, str]:
     """WHISPER_MODEL (a size name or a model directory); if it cannot be fetched (no network, and
     not in the cache) after FETCH_RETRY_DELAYS_S, the bundled fallback with a warning. Any other
-    failure (a name that is no model, a device out of memory, a compute type it lacks, a device
+    failure (a name that is no model, a device out of memory, a compute type the GPU lacks, a device
     CTranslate2 cannot reach, a model that loads but cannot transcribe there) is ModelNotLoaded,
     except that with WHISPER_DEVICE=auto a GPU on which it loads but cannot transcribe (its CUDA
-    libraries missing) gives way to the CPU, with a warning. Returns the model and its name."""
+    libraries missing) gives way to the CPU, with a warning. On the CPU, a compute type only a GPU
+    computes gives way to int8 (compute_type_on). Returns the model and its name."""
     name = settings.whisper_model
     try:
         device, compute_type = pick_device(settings)
