@@ -212,17 +212,18 @@ class CuttableProxy:
         self.upstream = ((socket.AF_UNIX, f"{host}/.s.PGSQL.{port}") if host.startswith("/")
                          else (socket.AF_INET, (host, port)))
         self.listener = socket.create_server(("127.0.0.1", 0))
-        self.url = urllib.parse.urlunsplit(("postgresql", f"{parts.username or 'postgres'}@127.0.0.1:"
-                                            f"{self.listener.getsockname()[1]}", parts.path, "sslmode=disable", ""))
+        self.port = self.listener.getsockname()[1]
+        self.url = urllib.parse.urlunsplit(("postgresql", f"{parts.username or 'postgres'}@127.0.0.1:{self.port}",
+                                            parts.path, "sslmode=disable", ""))
         self.sockets: list[socket.socket] = []
         self.lock = threading.Lock()
         self.is_cut = False
-        threading.Thread(target=self._accept, daemon=True).start()
+        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
 
-    def _accept(self) -> None:
+    def _accept(self, listener: socket.socket) -> None:
         while True:
             try:
-                client, _ = self.listener.accept()
+                client, _ = listener.accept()
             except OSError:
                 return  # cut
             with self.lock:
@@ -251,12 +252,21 @@ class CuttableProxy:
                     sock.shutdown(socket.SHUT_RDWR)  # (a listening socket: connecting is refused from now)
                 sock.close()
 
+    def restore(self) -> None:
+        """PostgreSQL back: connecting through the same port works again."""
+        with self.lock:
+            self.listener = socket.create_server(("127.0.0.1", self.port))
+            self.sockets, self.is_cut = [], False
+        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
 
-def events_until(lines: Iterator[str], event: str) -> None:
-    """Reads a stream's lines up to its first event named `event`."""
+
+def events_until(lines: Iterator[str], event: str) -> list[str]:
+    """Reads a stream's lines up to its first event named `event`; those read."""
+    read = []
     for line in lines:
+        read.append(line)
         if line == f"event: {event}":
-            return
+            return read
     raise AssertionError(f"the stream ended before a {event} event")
 
 
@@ -269,12 +279,23 @@ def rest_of(lines: Iterator[str], within_s: float = 30) -> list[str]:
     return read
 
 
+def store_segment(stack, job_id: int, chunk: int) -> None:
+    """Chunk `chunk` of the job stored, with one segment (id `chunk:0` on its stream)."""
+    stack.query("INSERT INTO chunks (transcript_id, chunk_index) VALUES ($1, $2)", job_id, chunk)
+    stack.query("INSERT INTO segments (transcript_id, chunk_index, index, speaker, start_ts, end_ts, text)"
+                " VALUES ($1, $2, 0, 'spk_0', $3::float8, $3::float8 + 1, $4)", job_id, chunk, chunk * 10.0,
+                f"chunk {chunk}")
+
+
 def test_event_streams_end_cleanly_when_postgresql_goes_away(stack):
     """A stream open when PostgreSQL goes away read it once a second and broke off with a
     traceback ("Exception caught after response started"); /events answered 200 and broke the same
     way at its first read, every 2 s for each open page (EventSource reconnects). Now a stream
-    ends as a whole body, said once in the log, and a job's new one is 503 with Retry-After."""
-    running = stack.value("INSERT INTO transcripts (filename) VALUES ('outage.wav') RETURNING id")
+    ends as a whole body, said once in the log, and a new one, a job's or the list's, is answered
+    and ends at once until PostgreSQL is back: a job's was a 503, after which an EventSource never
+    reconnected, and its page missed the rest of the job."""
+    running = stack.value("INSERT INTO transcripts (filename, chunk_count) VALUES ('outage.wav', 2) RETURNING id")
+    store_segment(stack, running, 0)
     proxy = CuttableProxy(stack.database_url)
     try:
         with another_ingest(stack, "ingest-db-outage", DATABASE_URL=proxy.url) as api, httpx.Client(
@@ -284,23 +305,38 @@ def test_event_streams_end_cleanly_when_postgresql_goes_away(stack):
                 assert jobs.status_code == job.status_code == 200
                 jobs_lines, job_lines = jobs.iter_lines(), job.iter_lines()
                 events_until(jobs_lines, "job")
-                events_until(job_lines, "progress")
+                assert "id: 0:0" in events_until(job_lines, "progress")
                 proxy.cut()
                 # The rest of each body reads to its end: not broken off (httpx.RemoteProtocolError).
                 rest_of(jobs_lines)
                 rest_of(job_lines)
-            # A job's stream, which reads the job before it answers, is refused while it is away; the
-            # list's is answered and ends at its first read, so that an EventSource reconnects after
-            # the `retry` it begins with (a 503 would stop it for good) until PostgreSQL is back.
-            answer = client.get(f"{api}/transcripts/{running}/events")
-            assert answer.status_code == 503 and answer.headers["retry-after"].isdigit(), answer.text
-            answer = client.get(f"{api}/events")
-            assert answer.status_code == 200 and answer.text.startswith(": stream of jobs\nretry: "), answer.text
-            assert "event:" not in answer.text, answer.text
+            # Meanwhile the job goes on (the workers' PostgreSQL is not this ingest's proxy) and ends.
+            store_segment(stack, running, 1)
+            stack.query("UPDATE transcripts SET status = 'done', language = 'en', completed_at = now(),"
+                        " updated_at = now() WHERE id = $1", running)
+            # Each stream, reconnected as an EventSource does, is answered and ends at once with
+            # nothing but the `retry` it begins with, so that the EventSource reconnects after it
+            # (a 503 would stop it for good) until PostgreSQL is back.
+            resumed = {"Last-Event-ID": "0:0"}
+            for url, opening in ((f"{api}/transcripts/{running}/events", f": stream of job {running}\nretry: "),
+                                 (f"{api}/events", ": stream of jobs\nretry: ")):
+                answer = client.get(url, headers=resumed)
+                assert answer.status_code == 200 and answer.text.startswith(opening), (url, answer.text)
+                assert answer.headers["content-type"].startswith("text/event-stream"), url
+                assert "event:" not in answer.text, (url, answer.text)
             log = stack.log_text("ingest-db-outage")
+            # Back, the job's stream resumes after the segment its client saw: the rest, and the end.
+            proxy.restore()
+            deadline = time.monotonic() + 30
+            while not segments_of(rest := read_events(f"{api}/transcripts/{running}/events", headers=resumed,
+                                                      timeout=30)):
+                assert time.monotonic() < deadline, "the job's stream stays empty once PostgreSQL is back"
+                time.sleep(2)  # (the `retry` an EventSource waits)
+            assert [s["id"] for s in segments_of(rest)] == ["1:0"], rest
+            assert rest[-1]["event"] == "transcript.completed" and rest[-1]["id"] == "end", rest
         assert "Exception caught after response started" not in log and "Exception in ASGI application" not in log
         ended = [line for line in log.splitlines() if "ended: PostgreSQL is unavailable" in line]
-        assert len(ended) == 3 and sum(f"job={running} " in line for line in ended) == 1, ended
+        assert len(ended) == 4 and sum(f"job={running} " in line for line in ended) == 2, ended
     finally:
         proxy.cut()
         stack.query("DELETE FROM transcripts WHERE id = $1", running)

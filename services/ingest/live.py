@@ -97,6 +97,21 @@ class Wakeups:
                     await channel.close()
 
 
+def _opening(stream: str) -> ServerSentEventMessage:
+    """What a stream begins with: which one it is, and how long an EventSource waits to reconnect."""
+    return ServerSentEventMessage(data=None, comment=stream, retry=RETRY_MS, sep="\n")
+
+
+async def _opening_only(stream: str) -> AsyncIterator[ServerSentEventMessage]:
+    """A stream whose first read found PostgreSQL away: the opening, and the end. An EventSource
+    reconnects after its `retry` and is answered in full once PostgreSQL is back."""
+    yield _opening(stream)
+
+
+def _event_stream(messages: AsyncIterator[ServerSentEventMessage]) -> ServerSentEvent:
+    return ServerSentEvent(messages, headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+
 def _message(event: str, data: BaseModel, event_id: str | None = None) -> ServerSentEventMessage:
     return ServerSentEventMessage(data=data.model_dump_json(exclude_none=True), event=event, id=event_id, sep="\n")
 
@@ -179,9 +194,9 @@ def _database_away(exc: Exception, stream: str, job_id: int | None = None) -> bo
     """Whether `exc`, raised by a stream's read, is PostgreSQL being away; logged once if so. The
     stream then ends as a finished body: raised there, the error would reach the server after the
     response started ("Exception caught after response started", a traceback a second per open
-    page). The client reconnects (EventSource after `retry`): a job's stream is answered 503 with
-    Retry-After while the outage lasts (job_events reads before it answers), the list's answered
-    and ended at once again (an EventSource given a 503 would stop for good)."""
+    page). The client reconnects (EventSource after `retry`), and while the outage lasts each
+    stream, a job's or the list's, is answered with its opening alone and ended at once (an
+    EventSource given a 503 would stop for good)."""
     if not isinstance(exc, DATABASE_UNAVAILABLE):
         return False
     with job_logged(job_id):
@@ -240,12 +255,16 @@ async def job_updates(pool: asyncpg.Pool, wakeups: Wakeups, job_id: int, after: 
                 yield ("quiet",)
 
 
+def _job_stream_name(job_id: int) -> str:
+    return f"stream of job {job_id}"
+
+
 async def job_stream(pool: asyncpg.Pool, wakeups: Wakeups, job_id: int, last_event_id: str | None,
                      exiting: Callable[[], bool]) -> AsyncIterator[ServerSentEventMessage]:
     position = _position(last_event_id)
     if position == END_ID:
         return
-    yield ServerSentEventMessage(data=None, comment=f"stream of job {job_id}", retry=RETRY_MS, sep="\n")
+    yield _opening(_job_stream_name(job_id))
     async for update in job_updates(pool, wakeups, job_id, position if isinstance(position, tuple) else (-1, -1),
                                     exiting):
         match update:
@@ -275,7 +294,7 @@ async def jobs_stream(pool: asyncpg.Pool, wakeups: Wakeups, owner: str | None,
     (a 503 would stop it for good)."""
     sent: dict[int, JobProgressEvent] = {}
     quiet_s = 0.0
-    yield ServerSentEventMessage(data=None, comment="stream of jobs", retry=RETRY_MS, sep="\n")
+    yield _opening("stream of jobs")
     with wakeups.listen(None) as wake:
         while not exiting():
             try:
@@ -323,13 +342,21 @@ async def job_events(job_id: JobId, state: State, request: Request) -> ServerSen
     (status, stage, percent) when it changes, then `transcript.completed` or `transcript.failed`
     (id `end`), and the stream ends. Reconnect with `Last-Event-ID` to resume after the last
     segment received; after the end (`Last-Event-ID: end`) the answer is 204, which stops an
-    EventSource from reconnecting."""
+    EventSource from reconnecting. While PostgreSQL is away the stream is its opening alone, as
+    /events's is, for any id (it tells nothing): a 503 would stop an EventSource for good, and one
+    reconnecting after `retry` gets the 404, or the rest of the job, once PostgreSQL is back."""
     if _position(request.headers.get("last-event-id")) == END_ID:
         return Response(content=None, status_code=204)
-    if not visible(await jobstore.job(state.pool, job_id), request_owner(request)):
+    try:
+        job = await jobstore.job(state.pool, job_id)
+    except Exception as exc:
+        if _database_away(exc, f"the event stream of job {job_id}", job_id):
+            return _event_stream(_opening_only(_job_stream_name(job_id)))
+        raise
+    if not visible(job, request_owner(request)):
         raise NotFoundException(detail=f"no job with id {job_id}")
-    stream = job_stream(state.pool, state.wakeups, job_id, request.headers.get("last-event-id"), server_exiting(state))
-    return ServerSentEvent(stream, headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+    return _event_stream(job_stream(state.pool, state.wakeups, job_id, request.headers.get("last-event-id"),
+                                    server_exiting(state)))
 
 
 @get("/events", summary="Status, stage and percent of all your jobs as they change (text/event-stream)",
@@ -338,8 +365,7 @@ async def all_events(state: State, request: Request) -> ServerSentEvent:
     """A `job` event ({id, filename, status, stage, percent}) for each recent job at first (the
     processing ones and those that changed in the last hour, 100 at most), then one whenever a
     job of yours is created or moves on; `job.deleted` ({id}) when one of those sent is deleted."""
-    return ServerSentEvent(jobs_stream(state.pool, state.wakeups, request_owner(request), server_exiting(state)),
-                           headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+    return _event_stream(jobs_stream(state.pool, state.wakeups, request_owner(request), server_exiting(state)))
 
 
 LIVE_ROUTES = [job_events, all_events]
