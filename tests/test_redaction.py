@@ -1,11 +1,13 @@
-"""The redacted recording (README "Redaction") written over the real S3 protocol: a call recorded
-one party per channel keeps its channels apart, and only the redacted time goes silent. The
-whole path (a job asking for redaction, its recording replaced) runs in test_cli."""
+"""Redaction (README "Redaction"): what is found when things to redact are said one right after
+another, and the redacted recording written over the real S3 protocol: a call recorded one party
+per channel keeps its channels apart, and only the redacted time goes silent. The whole path (a
+job asking for redaction, its recording replaced) runs in test_cli."""
 
 from __future__ import annotations
 
 import asyncio
 import io
+import re
 import time
 import uuid
 import wave
@@ -15,8 +17,65 @@ import numpy as np
 import pytest
 
 from common.audio import SAMPLE_RATE
+from common.messages import Segment, Word
 from common.storage import upload_bytes
 from services.ingest.redacted_audio import MARGIN_S, write_redacted
+from services.transcriber.redaction import redact, redact_text
+
+# One of each kind (a card said plainly and said hesitantly), and what Whisper writes between two
+# things said one after the other: a sentence's end, a pause, a hesitation, a list.
+SAID = {"card": "4111 1111 1111 1111", "card said hesitantly": "4111 – 1111 – 1111 – 1111",
+        "phone": "555-123-4567", "email": "anna@example.com"}
+KINDS = ["email", "card", "phone"]
+BETWEEN = [". ", "... ", " – ", ", "]
+LEFT_IN_CLEAR = re.compile(r"\d|@")
+
+
+def _segment(text: str, start: float, index: int = 0) -> Segment:
+    """One speaker's segment of `text`, a word for each space-separated part, 0.4 s apart."""
+    words = [Word(word=f" {part}", start=round(start + 0.4 * n, 3), end=round(start + 0.4 * n + 0.3, 3),
+                  probability=0.9) for n, part in enumerate(text.split())]
+    return Segment(index=index, speaker="spk_0", start_ts=words[0].start, end_ts=words[-1].end, text=text, words=words)
+
+
+@pytest.mark.parametrize("said, stored", [
+    (" 4111 1111 1111 1111. 555-123-4567.", " [CARD]. [PHONE]."),
+    (" 555-123-4567. 4111 1111 1111 1111.", " [PHONE]. [CARD]."),
+    ("Call 555-123-4567. 4111 1111 1111 1111.", "Call [PHONE]. [CARD]."),
+    ("Call 4111 1111 1111 1111. 555-123-4567.", "Call [CARD]. [PHONE]."),
+])
+def test_a_phone_number_said_right_before_or_after_a_card_is_redacted_too(said, stored):
+    """A phone number read with the card next to it into one match overlapped the card and was
+    dropped, and left in clear, with it."""
+    assert redact_text(said, ["card", "phone"]) == stored
+
+
+@pytest.mark.parametrize("between", BETWEEN)
+@pytest.mark.parametrize("first, second", [(a, b) for a in SAID for b in SAID if a != b])
+def test_two_things_to_redact_said_one_after_the_other_leave_nothing_in_clear(first, second, between):
+    """Neither in the text nor in the words, whose labelled ones are silenced in the recording:
+    each word that held a digit or the address is inside a labelled word's time. A card said
+    hesitantly after a phone number and a comma ("555-123-4567, 4111 – 1111 – 1111 – 1111") kept
+    twelve of its digits in clear: only the match of the first four with the phone number was
+    replaced."""
+    said = f"It's {SAID[first]}{between}{SAID[second]}."
+    assert not LEFT_IN_CLEAR.search(redact_text(said, KINDS)), said
+    segment = _segment(said, 0)
+    [redacted] = redact([segment], KINDS)
+    assert not LEFT_IN_CLEAR.search(redacted.text), said
+    labelled = [(w.start, w.end) for w in redacted.words if re.search(r"\[(CARD|PHONE|EMAIL)\]", w.word)]
+    assert all(any(start <= w.start and w.end <= end for start, end in labelled)
+               for w in segment.words if LEFT_IN_CLEAR.search(w.word)), said
+
+
+def test_a_phone_number_in_the_next_segment_after_a_card_is_redacted():
+    """One speaker's segments 1.3 s apart are searched as one text: the card in the first and the
+    phone number in the second made one match, and the phone number was left in clear."""
+    card = _segment("Card 4111 1111 1111 1111.", 0)
+    phone = _segment("555 123 4567.", card.end_ts + 1.3, index=1)
+    redacted = redact([card, phone], ["card", "phone"])
+    assert [s.text for s in redacted] == ["Card [CARD].", "[PHONE]."]
+    assert [(w.word, w.start, w.end) for w in redacted[1].words] == [(" [PHONE].", phone.start_ts, phone.end_ts)]
 
 
 def test_each_channel_keeps_its_own_audio_and_loses_only_the_redacted_time(stack):

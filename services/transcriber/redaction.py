@@ -198,15 +198,30 @@ def _matches(kind: str, text: str) -> Iterable[re.Match[str]]:
         position = match.end()
 
 
+# Blanks out what the kinds before found while a later kind is searched: no pattern matches it or
+# runs across it, and one stands for each character blanked, so what is found keeps its place.
+_FOUND = "\0"
+
+
+def _masked(text: str, found: list[tuple[int, int, str]]) -> str:
+    """`text` with what `found` covers blanked out with _FOUND."""
+    pieces, position = [], 0
+    for start, end, _ in sorted(found):
+        pieces += [text[position:start], _FOUND * (end - start)]
+        position = end
+    return "".join(pieces) + text[position:]
+
+
 def spans(text: str, kinds: Iterable[str]) -> list[tuple[int, int, str]]:
     """(start, end, kind) of what to redact in `text`, in order, none overlapping; the kinds
-    are tried in REDACTABLE's order, so a card number is a card, not a phone or a number."""
+    are tried in REDACTABLE's order, so a card number is a card, not a phone or a number. Each
+    kind is searched with what the kinds before it found blanked out: a phone number said right
+    after a card ("4111 1111 1111 1111. 555-123-4567.") would otherwise be read with the card
+    into one match that overlaps it, and be dropped, and left in clear, with it."""
     found: list[tuple[int, int, str]] = []
     for kind in (k for k in REDACTABLE if k in set(kinds)):
-        for match in _matches(kind, text):
-            for start, end in _phones(match) if kind == "phone" else [match.span()]:
-                if not any(s < end and start < e for s, e, _ in found):
-                    found.append((start, end, kind))
+        for match in _matches(kind, _masked(text, found)):
+            found += [(start, end, kind) for start, end in (_phones(match) if kind == "phone" else [match.span()])]
     return sorted(found)
 
 
