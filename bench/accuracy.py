@@ -9,7 +9,9 @@ diarizer's speech regions, the default, or faster-whisper's own VAD filter) besi
 words each gives against bare Whisper. The previous diarizer's figures (silero-vad + GE2E, the
 default until 2026-11-30, deterministic) are printed beside the new ones. A last table splits the
 collar-0 error into its parts: speech missed (where the diarizer heard nobody, or in overlap with
-too few people), false alarm and confusion.
+too few people), false alarm and confusion. The header says how many CPUs the process may use and
+the devices the diarizer and Whisper ran on: the real-time-factor target is judged only on 2 CPUs
+with the diarizer on the CPU (n/a elsewhere).
 
     python -m bench.accuracy [--fixtures DIR] [--json out.json]
 """
@@ -33,6 +35,7 @@ from bench.common import (
     fmt,
     load_components,
     load_fixtures,
+    machine,
     missed_speech,
     normalize,
     quiet_logs,
@@ -51,6 +54,7 @@ AMI_DER_TARGET = {"0.5": 0.16, "0": 0.25}
 CLEAN_DER_TARGET = 0.03
 CPWER_MARGIN = 0.01
 RTF_TARGET = 0.10
+RTF_TARGET_CPUS = 2  # the issue's "on 2 cores"
 SPEECH_CHOICES = ("diarizer", "whisper-vad")
 
 # The previous offline diarizer (silero-vad + resemblyzer GE2E + spectral clustering, commit
@@ -88,6 +92,7 @@ def evaluate(fixtures_dir: Path) -> dict:
     t = time.perf_counter()
     diarize, backend, model = load_components(settings)
     load_s = time.perf_counter() - t
+    measured_on = machine(settings, model)
     rows = []
     fixtures = load_fixtures(fixtures_dir)
     if not fixtures:
@@ -126,8 +131,8 @@ def evaluate(fixtures_dir: Path) -> dict:
                 row[f"cpwer_{speech}"] = errors / length if length else None
         rows.append(row)
         print(f"  {fixture.name}: done (diarized in {diarize_s:.1f} s)", flush=True)
-    return {"diarization_backend": backend, "model_load_s": round(load_s, 2), "files": rows,
-            "pooled": pooled(rows), "targets": targets(rows)}
+    return {"diarization_backend": backend, "model_load_s": round(load_s, 2), **measured_on, "files": rows,
+            "pooled": pooled(rows), "targets": targets(rows, measured_on["cpus"], measured_on["diarizer_device"])}
 
 
 def _pool(rows: list[dict], key: str) -> float | None:
@@ -142,8 +147,14 @@ def _pool_previous(stems, collar_index: int) -> float | None:
     return sum(e for e, _ in counts) / total if total else None
 
 
+def ami_label(rows: list[dict]) -> str:
+    """The AMI group's name, saying how many of its clips were scored when some are missing."""
+    scored = sum(1 for r in rows if r["stem"] in AMI and "der_0.5" in r)
+    return f"AMI ({len(AMI)} clips)" if scored == len(AMI) else f"AMI ({scored} of {len(AMI)} clips)"
+
+
 def pooled(rows: list[dict]) -> dict:
-    groups = {"AMI (9 clips)": AMI, "dialogues + sample": CLEAN, "all with RTTM": tuple(r["stem"] for r in rows)}
+    groups = {ami_label(rows): AMI, "dialogues + sample": CLEAN, "all with RTTM": tuple(r["stem"] for r in rows)}
     out = {}
     for name, stems in groups.items():
         members = [r for r in rows if r["stem"] in stems]
@@ -159,7 +170,9 @@ def _rate(counts) -> float | None:
     return None if counts is None else counts[0] / counts[1] if counts[1] else 0.0
 
 
-def targets(rows: list[dict]) -> list[dict]:
+def targets(rows: list[dict], cpus: int | None, diarizer_device: str | None) -> list[dict]:
+    """Each target met (True), not (False) or unmeasured (None); `cpus` (those the process may use)
+    and `diarizer_device` are where the real-time factor was measured."""
     pool = pooled(rows)
     by_stem = {r["stem"]: r for r in rows}
     out = []
@@ -167,19 +180,22 @@ def targets(rows: list[dict]) -> list[dict]:
     def add(target: str, value: str | None, met: bool | None) -> None:
         out.append({"target": target, "value": value, "met": met})
 
-    # A target whose files are missing is said to be unmeasured, not left out or counted as met.
+    # A target whose files are missing is said to be unmeasured, not left out or counted as met:
+    # pooled without a clip (the worst, say) is not the nine clips' figure.
     missing_ami = [s for s in AMI if "der_0.5" not in by_stem.get(s, {})]
     if missing_ami:
         add("every AMI clip scored", "missing: " + ", ".join(missing_ami), None)
     for collar, limit in AMI_DER_TARGET.items():
-        value = pool["AMI (9 clips)"][f"der_{collar}"]
+        value = pool[ami_label(rows)][f"der_{collar}"]
         label = "+-0.25 s" if collar == "0.5" else "collar 0"
         add(f"pooled AMI DER ({label}) <= {100 * limit:.0f}%", fmt(value) + "%" if value is not None else None,
-            None if value is None else value <= limit)
-    worse = [s for s in AMI if s in by_stem and "der_0.5" in by_stem[s]
-             and _rate(by_stem[s]["der_0.5"]) > _rate(PREVIOUS[s][0]) + 1e-9]
-    add("no AMI clip worse than the previous diarizer (+-0.25 s)", ", ".join(worse) or "none",
-        None if len(missing_ami) == len(AMI) else not worse)
+            None if value is None or missing_ami else value <= limit)
+    for collar_index, (collar, label) in enumerate((("0.5", "+-0.25 s"), ("0", "collar 0"))):
+        worse = [s for s in AMI if f"der_{collar}" in by_stem.get(s, {})
+                 and _rate(by_stem[s][f"der_{collar}"]) > _rate(PREVIOUS[s][collar_index]) + 1e-9]
+        # One clip worse is NOT MET whatever the missing ones give; none worse is met only with all scored.
+        add(f"no AMI clip worse than the previous diarizer ({label})", ", ".join(worse) or "none",
+            False if worse else None if missing_ami else True)
     for stem in CLEAN:
         r = by_stem.get(stem)
         if r is None or "der_0.5" not in r:
@@ -200,8 +216,13 @@ def targets(rows: list[dict]) -> list[dict]:
             add(f"cpWER <= bare WER + 1 point {r['stem']}", f"{100 * cp:.1f} vs {100 * bare:.1f} + 1",
                 cp <= bare + CPWER_MARGIN + 1e-9)
     rtf = pool["rtf"]
-    add(f"diarization real-time factor <= {RTF_TARGET:.2f} (wall, warm)", None if rtf is None else _three_places(rtf),
-        None if rtf is None else rtf <= RTF_TARGET)
+    value = None if rtf is None else _three_places(rtf)
+    if rtf is not None and cpus != RTF_TARGET_CPUS:
+        value += f" (n/a: {cpus or 'unknown'} CPUs, target is on {RTF_TARGET_CPUS})"
+    elif rtf is not None and diarizer_device != "cpu":
+        value += f" (n/a: diarizer on {diarizer_device or 'unknown'}, target is on CPU)"
+    add(f"diarization real-time factor <= {RTF_TARGET:.2f} (wall, warm, {RTF_TARGET_CPUS} CPUs)", value,
+        None if rtf is None or cpus != RTF_TARGET_CPUS or diarizer_device != "cpu" else rtf <= RTF_TARGET)
     return out
 
 
@@ -225,7 +246,7 @@ def breakdown(rows: list[dict]) -> str:
     in overlap where it has too few people), false alarm, confusion."""
     scored = [r for r in rows if "parts_0" in r]
     lines = [_parts_row(r["file"], [r]) for r in scored]
-    lines.append(_parts_row("AMI (9 clips)", [r for r in scored if r["stem"] in AMI]))
+    lines.append(_parts_row(ami_label(rows), [r for r in scored if r["stem"] in AMI]))
     return table(["file", "ref s", "missed %", "as silence", "in overlap", "(>2 at once)", "false alarm %",
                   "confusion %"], lines)
 
@@ -251,12 +272,15 @@ def render(report: dict) -> str:
         ])
     pooled_rows = [[name, fmt(v["der_0.5"]), fmt(v["previous_0.5"]), fmt(v["der_0"]), fmt(v["previous_0"])]
                    for name, v in report["pooled"].items() if isinstance(v, dict)]
-    lines = [f"diarization backend: {report['diarization_backend']}; models loaded in {report['model_load_s']} s",
+    lines = [f"diarization backend: {report['diarization_backend']} on {report.get('diarizer_device') or '?'};"
+             f" Whisper on {report.get('whisper_device') or '?'}; {report.get('cpus') or '?'} CPUs usable;"
+             f" models loaded in {report['model_load_s']} s",
              table(headers, rows), "",
              "pooled DER (total error / total reference):",
              table(["files", "DER±.25 %", "previous", "DER@0 %", "previous"], pooled_rows),
              f"diarization real-time factor over all files: {_three_places(report['pooled']['rtf'])}"
-             " (wall, models loaded and warm; decoding the audio not counted)", "",
+             f" (wall, models loaded and warm; decoding the audio not counted; {report.get('cpus') or '?'} CPUs,"
+             f" diarizer on {report.get('diarizer_device') or '?'})", "",
              "where the error is (collar 0, shares of reference speaker time; '>2 at once' is the part of",
              "the reference a model of at most two simultaneous speakers cannot give):",
              breakdown(report["files"]), "", "targets:"]

@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import os
+import re
 import time
 import unicodedata
 import wave
@@ -142,11 +143,26 @@ def _numerals_as_digits(words: list[str]) -> list[str]:
     return out
 
 
+# Signs Whisper writes where a reference spells the word out ("12%" for "twelve percent"), and the
+# word's other forms, made one token, so that neither scores a missing word; a currency sign
+# before an amount is said after it ("$5 million": "five million dollars").
+_SIGN_WORDS = {"%": "percent", "$": "dollar", "€": "euro", "+": "plus"}
+_SAME_WORDS = {
+    "процент": "percent", "процента": "percent", "процентов": "percent", "dollars": "dollar",
+    "доллар": "dollar", "доллара": "dollar", "долларов": "dollar", "euros": "euro", "евро": "euro",
+    "плюс": "plus",
+}
+_SIGN_BEFORE_AMOUNT = re.compile(r"([$€])\s*(\d[\d.,]*(?:\s+(?:thousand|million|billion|trillion)\b)?)")
+
+
 def normalize(text: str) -> str:
-    """Lowercase, punctuation stripped (any script), whitespace collapsed, number words as digits."""
+    """Lowercase, punctuation stripped (any script), whitespace collapsed, number words as digits,
+    percent and currency signs as their words."""
     text = unicodedata.normalize("NFKC", text).lower().replace("ё", "е")
-    text = "".join(" " if unicodedata.category(c).startswith(("P", "S")) else c for c in text)
-    return " ".join(_numerals_as_digits(text.split()))
+    text = re.sub(r"\bper cent\b", "percent", _SIGN_BEFORE_AMOUNT.sub(r"\2 \1", text))
+    text = "".join(f" {_SIGN_WORDS[c]} " if c in _SIGN_WORDS
+                   else " " if unicodedata.category(c).startswith(("P", "S")) else c for c in text)
+    return " ".join(_numerals_as_digits([_SAME_WORDS.get(word, word) for word in text.split()]))
 
 
 def wer(reference: str, hypothesis: str) -> float:
@@ -439,6 +455,20 @@ def load_components(settings):
     diarize, backend = make_diarizer(settings)
     model, _ = load_model(settings)
     return diarize, backend, model
+
+
+def usable_cpus() -> int | None:
+    """The CPUs this process may run on (a taskset or container's cpuset narrows them)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def machine(settings, model) -> dict:
+    """Where a run is measured: the CPUs it may use and the devices the diarizer (as
+    make_diarizer picks it) and the loaded Whisper model run on."""
+    from services.diarizer.pipeline import pick_device
+
+    return {"cpus": usable_cpus(), "diarizer_device": pick_device(settings.diarizer_device),
+            "whisper_device": getattr(getattr(model, "model", None), "device", None)}
 
 
 def warm_up(diarize, model, settings, waveform: np.ndarray) -> None:

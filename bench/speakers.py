@@ -11,8 +11,10 @@ the reference; then the enrolled speakers are forgotten (`DELETE /speakers/{id}`
 direction.
 
 Scores, as shares of the second file's reference speech time (10 ms frames, overlap included):
-- accuracy: time of each enrolled person that carries their name (the targets' denominator is
-  the time of people enrolled from the first file);
+- accuracy: time of each recurring person (in both files' references, enrolled or not) that
+  carries their name; a person whose enrolment was refused or whom the first file's diarization
+  lost counts against it. The accuracy over the people enrolled from the first file alone is
+  printed beside it, as a secondary figure;
 - false accepts: speech time under a name that is not one of the people talking then (a wrong
   person, or a person never enrolled given someone's name).
 
@@ -82,16 +84,16 @@ def _mask(turns: Turns, frames: int) -> np.ndarray:
     return mask
 
 
-def score(reference: Turns, named: Turns, enrolled: set[str], recurring: set[str] | None = None) -> dict[str, float]:
-    """Frame counts: `target` (enrolled people's speech), `correct` (of it, under their name),
-    `speech` (all reference speech), `wrong` (speech under a name of nobody talking then);
-    `recurring` / `correct_recurring`: the same over everyone of `recurring` (the people of both
-    files, enrolled or not: a person the enrolment file's diarization lost counts here);
+def score(reference: Turns, named: Turns, enrolled: set[str], recurring: set[str]) -> dict[str, float]:
+    """Frame counts: `recurring` (speech of the people of both files, enrolled or not: a person
+    the enrolment file's diarization lost or whose enrolment was refused counts here),
+    `correct_recurring` (of it, under their name); `target` / `correct`: the same over the people
+    enrolled only; `speech` (all reference speech), `wrong` (speech under a name of nobody talking then);
     `strangers` / `strangers_named`: speech where only people never enrolled talk, and of it what
     went under a name (false accepts of strangers alone)."""
     frames = int(np.ceil(max([b for _, _, b in reference + named] + [0]) / FRAME_S)) + 1
     people = {s for s, _, _ in reference}
-    recurring = people & (recurring if recurring is not None else enrolled)
+    recurring = people & recurring
     nobody = np.zeros(frames, dtype=bool)
     talking = {p: _mask([t for t in reference if t[0] == p], frames) for p in people}
     names = {n for n, _, _ in named}
@@ -192,19 +194,21 @@ def enrolled_profiles(voices: dict[str, list[RecordingSpeaker]], labelled: dict[
     return profiles
 
 
-def recognised(voices: dict[str, list[RecordingSpeaker]], labelled: dict[str, Turns], files, scored_on: str,
-               candidates: list[Profile], people: set[str], threshold: float, min_speech_s: float) -> dict[str, float]:
-    """`scored_on`'s speakers named by matching against `candidates`, scored for `people`."""
+def recognised(voices: dict[str, list[RecordingSpeaker]], labelled: dict[str, Turns], files, source: str,
+               scored_on: str, candidates: list[Profile], people: set[str], threshold: float,
+               min_speech_s: float) -> dict[str, float]:
+    """`scored_on`'s speakers named by matching against `candidates`, scored for `people` (enrolled
+    from `source`) and for everyone `source` and `scored_on` share."""
     matches = match_speakers(voices[scored_on], candidates, threshold, min_speech_s)
     named = [(matches[s].name, a, b) for s, a, b in labelled[scored_on] if s in matches]
-    return score(files[scored_on][1], named, people)
+    return score(files[scored_on][1], named, people, recurring_people(files, source, scored_on))
 
 
 def offline_direction(voices: dict[str, list[RecordingSpeaker]], labelled: dict[str, Turns], files, source: str,
                       scored_on: str, threshold: float, min_speech_s: float) -> dict[str, float]:
     """The same as `enrolled_direction` from the stored voices, at any threshold."""
     profiles = enrolled_profiles(voices, labelled, files, [source], min_speech_s)
-    return recognised(voices, labelled, files, scored_on, list(profiles.values()), set(profiles), threshold,
+    return recognised(voices, labelled, files, source, scored_on, list(profiles.values()), set(profiles), threshold,
                       min_speech_s)
 
 
@@ -216,7 +220,7 @@ def roster_direction(voices: dict[str, list[RecordingSpeaker]], labelled: dict[s
     roster = enrolled_profiles(voices, labelled, files, [n for n in files if n != scored_on], min_speech_s)
     people = set(enrolled_profiles(voices, labelled, files, [source], min_speech_s))
     candidates = [p for p in roster.values() if not expected or p.name in people]
-    return recognised(voices, labelled, files, scored_on, candidates, people, threshold, min_speech_s)
+    return recognised(voices, labelled, files, source, scored_on, candidates, people, threshold, min_speech_s)
 
 
 def diarization_ceiling(voices, labelled: dict[str, Turns], files, source: str, scored_on: str,
@@ -238,18 +242,33 @@ def diarization_ceiling(voices, labelled: dict[str, Turns], files, source: str, 
 
 
 def rates(counts: list[dict[str, float]]) -> tuple[float | None, float | None]:
-    target = sum(c["target"] for c in counts)
+    """Accuracy over every recurring person (the targets' figure), and false accepts."""
+    recurring = sum(c["recurring"] for c in counts)
     speech = sum(c["speech"] for c in counts)
-    return (sum(c["correct"] for c in counts) / target if target else None,
+    return (sum(c["correct_recurring"] for c in counts) / recurring if recurring else None,
             sum(c["wrong"] for c in counts) / speech if speech else None)
 
 
-def other_rates(counts: list[dict[str, float]]) -> tuple[float | None, float | None]:
-    """Accuracy over every person of both files, and the share of strangers' speech named."""
-    recurring = sum(c["recurring"] for c in counts)
+def secondary_rates(counts: list[dict[str, float]]) -> tuple[float | None, float | None]:
+    """Accuracy over the people enrolled from the first file only, and the share of strangers'
+    speech named."""
+    target = sum(c["target"] for c in counts)
     strangers = sum(c["strangers"] for c in counts)
-    return (sum(c["correct_recurring"] for c in counts) / recurring if recurring else None,
+    return (sum(c["correct"] for c in counts) / target if target else None,
             sum(c["strangers_named"] for c in counts) / strangers if strangers else None)
+
+
+def target_rows(by_group: dict[str, list[dict[str, float]]], held_out_ami: list[dict[str, float]]) -> list[list[str]]:
+    """The issue's targets, accuracy over every recurring person's speech: [target, value, verdict]."""
+    rows = []
+    for group, counts, how in (("AMI", by_group["ami"], ""), ("synthetic", by_group["synthetic"], ""),
+                               ("AMI", held_out_ami, ", threshold held out")):
+        accuracy, false_accepts = rates(counts)
+        rows += [[f"{group} accuracy >= {100 * ACCURACY_TARGET:.0f} %{how}", fmt(accuracy),
+                  verdict(None if accuracy is None else accuracy >= ACCURACY_TARGET)],
+                 [f"{group} false accepts <= {100 * FALSE_ACCEPT_TARGET:.0f} %{how}", fmt(false_accepts),
+                  verdict(None if false_accepts is None else false_accepts <= FALSE_ACCEPT_TARGET)]]
+    return rows
 
 
 def main() -> None:
@@ -283,7 +302,7 @@ def main() -> None:
             by_group[group].append(counts)
             accuracy, false_accepts = rates([counts])
             rows.append([f"{source} -> {scored_on}", fmt(accuracy), fmt(false_accepts),
-                         fmt(counts["target"] * FRAME_S, "s")])
+                         fmt(counts["recurring"] * FRAME_S, "s"), fmt(counts["target"] * FRAME_S, "s")])
 
     def sweep_at(value: float, directions) -> tuple[float | None, float | None]:
         return rates([offline_direction(voices, labelled, files, s, t, value, min_speech_s) for _, s, t in directions])
@@ -320,18 +339,19 @@ def main() -> None:
     for group in ("ami", "synthetic"):
         accuracy, false_accepts = rates(held_out[group])
         held_out_rows.append([f"{group}, pooled", "", fmt(accuracy), fmt(false_accepts)])
-    held_out_ami = rates(held_out["ami"])
 
     ami_accuracy, ami_false = rates(by_group["ami"])
     synthetic_accuracy, synthetic_false = rates(by_group["synthetic"])
     print(f"# bench.speakers: threshold {threshold:g} (SPEAKER_MATCH_THRESHOLD), speakers need"
           f" {min_speech_s:g} s of speech\n")
-    print(table(["enrolled from -> scored on", "accuracy %", "false accepts %", "enrolled speech s"], rows))
+    print("accuracy: share of the speech of every person of both files (enrolled or not) under their name\n")
+    print(table(["enrolled from -> scored on", "accuracy %", "false accepts %", "recurring speech s",
+                 "of it enrolled s"], rows))
     print()
-    ami_everyone, ami_strangers = other_rates(by_group["ami"])
+    ami_enrolled_only, ami_strangers = secondary_rates(by_group["ami"])
     print(table(["pooled", "accuracy %", "false accepts %"],
                 [["AMI pairs", fmt(ami_accuracy), fmt(ami_false)],
-                 ["  over every person of both files / of strangers' speech", fmt(ami_everyone),
+                 ["  over the people enrolled only / of strangers' speech", fmt(ami_enrolled_only),
                   fmt(ami_strangers)],
                  ["  with perfect recognition (the diarization's ceiling)", fmt(ceiling["ami"][0]),
                   fmt(ceiling["ami"][1])],
@@ -345,20 +365,7 @@ def main() -> None:
           " accuracy)\n")
     print(table(["held out", "threshold", "accuracy %", "false accepts %"], held_out_rows))
     print("\n## targets\n")
-    print(table(["target", "value", "verdict"], [
-        [f"AMI accuracy >= {100 * ACCURACY_TARGET:.0f} %", fmt(ami_accuracy),
-         verdict(None if ami_accuracy is None else ami_accuracy >= ACCURACY_TARGET)],
-        [f"AMI false accepts <= {100 * FALSE_ACCEPT_TARGET:.0f} %", fmt(ami_false),
-         verdict(None if ami_false is None else ami_false <= FALSE_ACCEPT_TARGET)],
-        [f"synthetic accuracy >= {100 * ACCURACY_TARGET:.0f} %", fmt(synthetic_accuracy),
-         verdict(None if synthetic_accuracy is None else synthetic_accuracy >= ACCURACY_TARGET)],
-        [f"synthetic false accepts <= {100 * FALSE_ACCEPT_TARGET:.0f} %", fmt(synthetic_false),
-         verdict(None if synthetic_false is None else synthetic_false <= FALSE_ACCEPT_TARGET)],
-        [f"AMI accuracy >= {100 * ACCURACY_TARGET:.0f} %, threshold held out", fmt(held_out_ami[0]),
-         verdict(None if held_out_ami[0] is None else held_out_ami[0] >= ACCURACY_TARGET)],
-        [f"AMI false accepts <= {100 * FALSE_ACCEPT_TARGET:.0f} %, threshold held out", fmt(held_out_ami[1]),
-         verdict(None if held_out_ami[1] is None else held_out_ami[1] <= FALSE_ACCEPT_TARGET)],
-    ]))
+    print(table(["target", "value", "verdict"], target_rows(by_group, held_out["ami"])))
 
 
 if __name__ == "__main__":
