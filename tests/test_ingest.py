@@ -6,6 +6,7 @@ import concurrent.futures
 import contextlib
 import http.server
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -457,12 +458,87 @@ def test_a_recording_trickled_in_by_its_server_gives_up_its_upload_place(stack, 
         answer = httpx.post(f"{api}/recognize", files=form(url=url), timeout=60)
         assert answer.status_code == 415 and "not audio" in answer.json()["detail"], answer.text
         assert time.monotonic() - started >= 3.0
-    # Every place taken, a server slow to answer (past the grace) and then fast: no trickle, its
-    # time before the answer is bounded by timeouts of its own.
-    with trickling(30, 0.0, answers_after_s=2.0) as url, served(create_app(stack.settings(
+    # Every place taken, a server slow to answer (within the grace) and then fast: no trickle. The
+    # time before its answer counts too (past the grace with nothing come, it is given up:
+    # test_a_server_that_trickles_the_start_of_its_answer_gives_up_its_upload_place).
+    with trickling(30, 0.0, answers_after_s=0.5) as url, served(create_app(stack.settings(
             max_concurrent_uploads=1, audio_url_allow_private=True, audio_url_timeout_s=20))) as api:
         answer = httpx.post(f"{api}/recognize", files=form(url=url), timeout=60)
         assert answer.status_code == 415 and "not audio" in answer.json()["detail"], answer.text
+
+
+@contextlib.contextmanager
+def never_answering(how: str) -> Iterator[str]:
+    """A server on this machine that reads each request and never gets to its answer's end: it
+    sends `HTTP/1.1 200 OK` and header lines a byte every 0.3 s ("trickled status line"), or an
+    `HTTP/1.1 102 Processing` answer every 0.3 s, which an HTTP client skips to wait on for the
+    final one ("102 answers"); its address."""
+    stop = threading.Event()
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def pieces() -> Iterator[bytes]:
+        if how == "102 answers":
+            while True:
+                yield b"HTTP/1.1 102 Processing\r\n\r\n"
+        yield from (bytes([byte]) for byte in b"HTTP/1.1 200 OK\r\n")
+        while True:
+            yield from (bytes([byte]) for byte in b"X-Still-Coming: yes\r\n")
+
+    def answer(connection: socket.socket) -> None:
+        with connection:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                got = connection.recv(4096)
+                if not got:
+                    return
+                request += got
+            for piece in pieces():
+                if stop.wait(0.3):
+                    return
+                try:
+                    connection.sendall(piece)
+                except OSError:
+                    return  # the fetch was given up
+
+    def serve() -> None:
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return  # closed
+            threading.Thread(target=answer, args=(connection,), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}/meeting.wav"
+    finally:
+        stop.set()
+        listener.close()
+
+
+@pytest.mark.parametrize("how", ["trickled status line", "102 answers"])
+def test_a_server_that_trickles_the_start_of_its_answer_gives_up_its_upload_place(stack, monkeypatch, how):
+    """The rate floor counted from the final answer's headers, so everything before them was left
+    to the timeouts on silence (60 s without a byte, 30 s per connection, 6 hops): a server that
+    sent its status line a byte every 50 s, or `102 Processing` again and again, or answered each
+    of 5 redirects after 59 s, held its upload place for all of AUDIO_URL_TIMEOUT_S (10 minutes)
+    while every other upload was refused. The floor now counts from the fetch's start, as README
+    says and as it does for an upload's body: here given up past the 1 s grace, not after 20 s."""
+    from services.ingest import admission
+    from services.ingest.app import create_app
+    from tests.test_bad_input import served
+
+    monkeypatch.setattr(admission, "UPLOAD_RATE_GRACE_S", 1.0)
+    monkeypatch.setattr(admission, "UPLOAD_MIN_RATE", 4096)
+    monkeypatch.setattr(admission, "UPLOAD_RATE_CHECK_S", 0.05)
+    with never_answering(how) as url, served(create_app(stack.settings(
+            max_concurrent_uploads=1, audio_url_allow_private=True, audio_url_timeout_s=20))) as api:
+        started = time.monotonic()
+        answer = httpx.post(f"{api}/recognize", files=form(url=url), timeout=60)
+        elapsed = time.monotonic() - started
+        detail = answer.json()["detail"]
+        assert answer.status_code == 400 and "the recording at 127.0.0.1 arrived slower than 4 KiB/s" in detail, detail
+        assert elapsed < 10, (elapsed, detail)
 
 
 class CommitAnswerCutter(FreezableProxy):

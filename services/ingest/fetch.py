@@ -63,10 +63,13 @@ class _RateFloor:
     keeps no one out and takes as long as AUDIO_URL_TIMEOUT_S lets it."""
 
     def __init__(self) -> None:
-        # From the final answer's headers: before them, the address checks, connections, redirects
-        # and the server's first byte are bounded by timeouts of their own (a slow start of a
-        # fast download is no trickle).
-        self.started: float | None = None
+        # From the fetch's start, as an upload's body is counted from its request's: the timeouts
+        # before the final answer's headers only bound silence (READ_IDLE_S restarts with each
+        # byte, CONNECT_TIMEOUT_S is per hop), so a status line sent a byte every 50 s, 102
+        # answers sent again and again, or 5 redirects each after 59 s held the place for all of
+        # AUDIO_URL_TIMEOUT_S. A slow answer followed by a fast body is kept if its bytes make up
+        # the rate by the end of the grace.
+        self.started = time.monotonic()
         self.received = 0
         # Set by _fetch once the address has passed its checks: a URL that is not one (`http://[::1`)
         # fails to split, and is refused there with the reason.
@@ -75,8 +78,6 @@ class _RateFloor:
 
     def deadline(self) -> float:
         """When what came so far must have come by: its average would fall below the rate after."""
-        if self.started is None:
-            return float("inf")
         return admission.slow_after(self.started, self.received)
 
     async def watch(self, fetching: asyncio.Task) -> None:
@@ -88,10 +89,12 @@ class _RateFloor:
         fetching.cancel()
 
     def refusal(self) -> HTTPException:
+        # No host yet while the first address is still being checked (a slow name server).
+        at = f" at {self.host}" if self.host else ""
         return _refused(
-            f"could not fetch the audio URL: the recording at {self.host} arrived slower than"
+            f"could not fetch the audio URL: the recording{at} arrived slower than"
             f" {admission.UPLOAD_MIN_RATE // 1024} KiB/s on average ({self.received} bytes in"
-            f" {time.monotonic() - (self.started or 0.0):.0f} s), too slowly to keep its place among the uploads"
+            f" {time.monotonic() - self.started:.0f} s), too slowly to keep its place among the uploads"
             f" this server takes at once, every one of them taken; send it again later, or from a faster server")
 
 
@@ -99,7 +102,6 @@ async def _download(response: aiohttp.ClientResponse, max_bytes: int, too_big: s
     if response.content_length is not None and response.content_length > max_bytes:
         raise _refused(too_big, 413)
     spool = tempfile.SpooledTemporaryFile(max_size=BLOCK * 16)  # noqa: SIM115 (returned open)
-    floor.started = time.monotonic()
     try:
         size = 0
         async for block in response.content.iter_chunked(BLOCK):
