@@ -374,3 +374,58 @@ async def test_a_recording_whose_decoded_audio_is_gone_stays_as_uploaded_and_is_
     assert corrected.status_code == 200, corrected.text
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("stays as uploaded" in line for line in warned), warned  # stamped job=N in the service's log
+
+
+async def test_a_label_typed_by_hand_before_the_job_end_step_is_not_redacted(stack, made_job):
+    """The job-end step follows the mark, not the words: a job without redaction whose words a
+    user corrected to "call me at [PHONE]" before ingest handled its end (behind other jobs, or an
+    outage) keeps its recording as uploaded, not a 16 kHz WAV with the typed label silent."""
+    from common.db import create_pool
+    from common.messages import TranscriptCompleted
+    from services.ingest.inbox import Inbox
+
+    settings = stack.settings()
+    content = b"\x00\x00\x00\x18ftypmp42 the video as uploaded"
+    job_id = made_job("meeting.mp4", content, segment=True)  # done, not due, no redact option
+    upload_bytes(stack.s3(), settings.audio_bucket, pcm_key(job_id), b"\xe8\x03" * 5 * 16000)  # still stored
+    corrected = httpx.patch(f"{stack.api}/transcripts/{job_id}/segments/0/0",
+                            json={"text": "call me at [PHONE] tomorrow"}, timeout=60)
+    assert corrected.status_code == 200, corrected.text
+    ended = TranscriptCompleted(job_id=job_id, transcript_id=job_id, filename="meeting.mp4", segment_count=1)
+    pool = await create_pool(settings)
+    try:
+        await Inbox(settings, pool, stack.s3(), asyncio.Event()).on_job_ended(ended)
+    finally:
+        await pool.close()
+    assert stack.value("SELECT audio_redacted_at FROM transcripts WHERE id = $1", job_id) is None
+    played = audio(stack, job_id)
+    assert played.status_code == 200 and played.content == content, played.text[:200]
+    assert played.headers["content-type"].split(";")[0] == "video/mp4"
+
+
+async def test_a_job_marked_for_the_transcribers_redact_alone_is_redacted_as_it_ends(stack, made_job):
+    """No `redact` option, words the transcriber's REDACT replaced: the persister marked it as it
+    ended (test_a_job_with_redaction_is_marked_as_it_ends), and the mark is what the job-end step
+    follows: its recording is the WAV with those words silent."""
+    import wave
+
+    import numpy as np
+
+    from common.db import create_pool
+    from services.ingest.redacted_audio import MARGIN_S, redact_recording
+
+    settings = stack.settings()
+    job_id = made_job("call.mp3", b"ID3 the upload as sent", segment=True, due=True)
+    upload_bytes(stack.s3(), settings.audio_bucket, pcm_key(job_id), np.full(5 * 16000, 1000, dtype="<i2").tobytes())
+    pool = await create_pool(settings)
+    try:
+        await redact_recording(pool, stack.s3(), settings.audio_bucket, job_id)
+    finally:
+        await pool.close()
+    assert stack.value("SELECT audio_redacted_at IS NOT NULL AND NOT audio_redaction_due FROM transcripts"
+                       " WHERE id = $1", job_id)
+    with wave.open(io.BytesIO(stack.s3().get_object(settings.audio_bucket, f"uploads/{job_id}").read())) as stored:
+        frames = np.frombuffer(stored.readframes(stored.getnframes()), dtype="<i2")
+    start, end = SEGMENT_WORDS[-1]["start"], SEGMENT_WORDS[-1]["end"]  # " [PHONE]."
+    assert (frames[round((start - MARGIN_S) * 16000):round((end + MARGIN_S) * 16000)] == 0).all()
+    assert (frames[:round((start - MARGIN_S) * 16000)] == 1000).all()

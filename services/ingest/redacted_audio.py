@@ -64,10 +64,11 @@ def write_redacted(s3: Minio, bucket: str, audio_key: str, pcm: str, channels: i
 
 
 async def redact_recording(pool: asyncpg.Pool, s3: Minio, bucket: str, job_id: int) -> None:
-    """For a done job that asked for redaction (or whose words the transcriber's REDACT replaced):
-    its recording rewritten with those words silent, once. Called when the job ends, before its
-    PCM is removed. Either way the job ends no longer held back as being redacted
-    (audio_redaction_due cleared): redacted, or, its decoded audio gone, stored as uploaded."""
+    """For a done job marked, as it ended, with its recording still to redact (it asked for
+    redaction, or the transcriber's REDACT replaced words of it): its recording rewritten with
+    those words silent, once. Called when the job ends, before its PCM is removed. Either way the
+    job ends no longer held back as being redacted (audio_redaction_due cleared): redacted, or,
+    its decoded audio gone, stored as uploaded."""
     job = await jobstore.job_audio(pool, job_id)
     if job is None:
         return
@@ -82,8 +83,13 @@ async def redact_recording(pool: asyncpg.Pool, s3: Minio, bucket: str, job_id: i
         return
     if job["status"] != "done" or job["audio_redacted_at"]:
         return
-    spans = await jobstore.redacted_word_times(pool, job_id)
     options = JobOptions.model_validate(job["options"] or {})
+    # The mark set as the job ended is followed, not the words as they are now: corrections are
+    # allowed without it, and a label typed in one ("call me at [PHONE]") is no redaction. A job
+    # ended before the mark came in (migration 029) that asked for redaction is still redacted.
+    if not job["audio_redaction_due"] and not options.redact:
+        return
+    spans = await jobstore.redacted_word_times(pool, job_id)
     if not spans and not options.redact:
         if job["audio_redaction_due"]:  # nothing to silence: not held back for good
             await jobstore.clear_redaction_due(pool, job_id)
