@@ -4,6 +4,7 @@ The outcome of each case is printed as a table at the end of the run."""
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextlib
 import socket
@@ -230,6 +231,60 @@ def test_oversized_stream_is_refused_while_it_streams(stack: Stack):
     status = answer.split(b"\r\n", 1)[0].decode(errors="replace")
     record_figure(f"bad input | {'64 MB chunked upload (limit 5 MB)':<32} | {status} after {sent / 2**20:.1f} MB sent")
     assert status.startswith("HTTP/1.1 413"), answer[:300]
+
+
+def test_a_body_read_whole_that_says_both_its_length_and_chunked_is_refused_before_it_is_read(stack: Stack):
+    """With Content-Length and Transfer-Encoding: chunked both, the server reads the body as
+    chunked, of any length: a Content-Length of 10 bounded nothing, and a JSON enrolment went into
+    ingest's memory whole up to the route's bound for a sample (51 MiB), past the 1 MiB of a body
+    read whole. It is refused as a chunked body is, before more than its first piece is sent."""
+    url = urlparse(stack.api)
+    bodies = {"/recognize": ("application/x-www-form-urlencoded", b"url=" + b"a" * (2 * 2**20)),
+              "/v1/audio/transcriptions": ("application/x-www-form-urlencoded", b"model=" + b"a" * (2 * 2**20)),
+              "/speakers": ("application/json", b'{"name": "' + b"a" * (2 * 2**20) + b'"}')}
+    piece = 2**16
+    answers = {}
+    for path, (content_type, body) in bodies.items():
+        with socket.create_connection((url.hostname, url.port), timeout=10) as sock:
+            sock.sendall((f"POST {path} HTTP/1.1\r\nHost: {url.hostname}\r\nContent-Type: {content_type}\r\n"
+                          f"Content-Length: 10\r\nTransfer-Encoding: chunked\r\n\r\n").encode())
+            sock.sendall(f"{piece:x}\r\n".encode() + body[:piece] + b"\r\n")
+            try:
+                answer = sock.recv(4096)  # refused before the rest is sent
+            except TimeoutError:  # the server waits for the rest: it is reading the body
+                answer = b"no answer until all of the body was sent; then "
+                with contextlib.suppress(OSError):
+                    for start in range(piece, len(body), piece):
+                        chunk = body[start:start + piece]
+                        sock.sendall(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+                    sock.sendall(b"0\r\n\r\n")
+                    answer += sock.recv(4096)
+        answers[path] = answer
+    assert all(a.startswith((b"HTTP/1.1 411", b"HTTP/1.1 413")) for a in answers.values()), {
+        path: a[:400] for path, a in answers.items()}
+
+
+def test_a_body_read_whole_is_given_up_past_its_bound_whatever_its_headers_said():
+    """Behind the 411 and 413 on a body's headers: were a server to deliver more of a JSON or
+    URL-encoded body than they said, it is given up (413) once past SMALL_BODY_BYTES."""
+    from litestar.exceptions import ClientException
+
+    from services.ingest.admission import SMALL_BODY_BYTES, _small_body_bounded
+
+    pieces = iter([{"type": "http.request", "body": bytes(2**16), "more_body": True}] * 64)  # 4 MiB
+
+    async def receive() -> dict:
+        return next(pieces)
+
+    async def read_until_refused() -> tuple[int, int]:
+        bounded, read = _small_body_bounded(receive), 0
+        try:
+            while True:
+                read += len((await bounded())["body"])
+        except ClientException as refused:
+            return refused.status_code, read
+
+    assert asyncio.run(read_until_refused()) == (413, SMALL_BODY_BYTES)
 
 
 def test_a_form_field_is_bounded_like_a_body_read_whole(stack: Stack, fixtures_dir):

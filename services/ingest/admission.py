@@ -28,6 +28,8 @@ RETRY_AFTER_S = 5
 # The most a request body without a recording (JSON, a URL-encoded form) may hold: such bodies are
 # read into memory whole.
 SMALL_BODY_BYTES = 1024 * 1024
+SMALL_BODY_TOO_BIG = (f"a body that is not multipart/form-data holds no recording: at most {SMALL_BODY_BYTES // 1024}"
+                      f" KiB; send the recording itself as a multipart upload")
 # How long an upload's body may stop coming before the request is given up.
 UPLOAD_IDLE_S = 120.0
 # The slowest an upload's body may come on average, counted from the start of the request once
@@ -309,13 +311,31 @@ def _fields_bounded(receive: Receive, boundary: str, openai: bool = False) -> Re
     return watched
 
 
+def _small_body_bounded(receive: Receive) -> Receive:
+    """`receive` for a body read into memory whole that gives up (413) once more than
+    SMALL_BODY_BYTES of it have come, whatever its headers said."""
+    received = 0
+
+    async def bounded() -> Message:
+        nonlocal received
+        message = await receive()
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            if received > SMALL_BODY_BYTES:
+                raise ClientException(status_code=413, detail=SMALL_BODY_TOO_BIG)
+        return message
+
+    return bounded
+
+
 def small_body_middleware(app: ASGIApp) -> ASGIApp:
     """The upload routes take bodies up to MAX_UPLOAD_MB, streamed to disk when they are multipart;
     a JSON or URL-encoded body (an address to fetch, a speaker from a transcript) is read into
-    memory whole, so it must say its length (411) and stay within SMALL_BODY_BYTES (413). So
-    are a multipart body's text fields together (413); it holds one file (400), and its boundary
-    and Content-Type must be unambiguous (400). A body that stops coming, or comes too slowly
-    while every upload place is taken, is given up (408)."""
+    memory whole, so it must say its length, not come chunked (411), and stay within
+    SMALL_BODY_BYTES (413), as its headers say and as it comes. So are a multipart body's text
+    fields together (413); it holds one file (400), and its boundary and Content-Type must be
+    unambiguous (400). A body that stops coming, or comes too slowly while every upload place is
+    taken, is given up (408)."""
 
     async def check(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and _is_upload(scope):
@@ -328,15 +348,18 @@ def small_body_middleware(app: ASGIApp) -> ASGIApp:
             receive = _idle_bounded(receive, lambda: scope.get(UPLOADS_FULL, lambda: False)())
             if multipart:
                 receive = _fields_bounded(receive, boundary, openai=_is_openai_upload(scope))
+            else:
+                receive = _small_body_bounded(receive)
             length = headers.get(b"content-length")
-            if not multipart and length is None and b"transfer-encoding" in headers:
-                await _refuse(send, scope, 411, "a body that is not multipart/form-data must say its Content-Length;"
-                                                " send a recording itself as a multipart upload")
+            # With Transfer-Encoding beside a Content-Length, the server reads the body by the
+            # former, of any length: its Content-Length bounds nothing.
+            if not multipart and b"transfer-encoding" in headers:
+                await _refuse(send, scope, 411, "a body that is not multipart/form-data must be sent with its"
+                                                " Content-Length, not chunked (Transfer-Encoding); send a recording"
+                                                " itself as a multipart upload")
                 return
             if not multipart and length is not None and not (length.isdigit() and int(length) <= SMALL_BODY_BYTES):
-                await _refuse(send, scope, 413, f"a body that is not multipart/form-data holds no recording: at most "
-                                                f"{SMALL_BODY_BYTES // 1024} KiB; send the recording itself as a "
-                                                f"multipart upload")
+                await _refuse(send, scope, 413, SMALL_BODY_TOO_BIG)
                 return
         await app(scope, receive, send)
 
