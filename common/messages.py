@@ -286,8 +286,8 @@ class SpeakerTurn(_Interval):
 
 
 class SpeakerEmbedding(BaseModel):
-    """One speaker of a recording as the diarizer heard it: a unit-length voice embedding (the
-    mean over that speaker's cleanest speech) and the speaker model that made it."""
+    """One speaker of a recording as the diarizer heard it: a unit-length voice embedding (of up
+    to a minute of the speech where that speaker talks alone) and the speaker model that made it."""
 
     speaker: str
     embedding: list[float]

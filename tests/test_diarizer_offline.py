@@ -339,6 +339,25 @@ def test_a_split_voice_that_is_another_speakers_is_not_a_new_speaker():
     assert float(result[0] @ a) == pytest.approx(1.0) and float(result[1] @ b) > 0.9
 
 
+def test_a_rare_voice_in_a_long_recording_is_a_speaker():
+    """A person with a dozen window voices among 9,000 (past MAX_CLUSTERED, so an even sample is
+    clustered): whether a cluster is a voice was decided within the sample, where this person
+    has about four, under the five a voice needs, so they were folded into someone else, and a
+    count of 7 split a frequent speaker instead. Counted over the whole file, they are found."""
+    rng = np.random.default_rng(0)
+    voices = clustering._normalize(rng.normal(size=(7, 192)))
+    who = np.arange(9_000) % 6
+    who = np.insert(who, np.arange(12) * 4 + 4000, 6)  # the rare voice, in one stretch of the file
+    embeddings = clustering._normalize(voices[who] + 0.03 * rng.normal(size=(len(who), 192))).astype(np.float32)
+    sampled = who[np.linspace(0, len(who) - 1, clustering.MAX_CLUSTERED).round().astype(int)]
+    assert 0 < np.sum(sampled == 6) < clustering.MIN_CLUSTER_SIZE
+    for hints in ((), (7, 7)):
+        centroids = clustering.cluster_centroids(embeddings, *hints)
+        assert len(centroids) == 7, hints
+        assert sorted(np.argmax(centroids @ voices.T, axis=1)) == list(range(7)), hints
+        assert (centroids @ voices.T).max(axis=1).min() > 0.9, hints
+
+
 def _lone(speaker_of_frame: list[int], speakers: int = 2) -> np.ndarray:
     binary = np.zeros((len(speaker_of_frame), speakers), dtype=bool)
     for frame, speaker in enumerate(speaker_of_frame):
@@ -350,6 +369,51 @@ def _lone(speaker_of_frame: list[int], speakers: int = 2) -> np.ndarray:
 def _change_frames(binary: np.ndarray) -> list[int]:
     who = reconstruction._lone_speaker(binary)
     return [int(f) for f in np.flatnonzero(who[1:] != who[:-1]) + 1]
+
+
+def test_a_voice_too_short_for_an_embedding_turns_on_no_idle_speaker():
+    """A window's local speaker with under half a second of speech has no embedding, so no
+    global speaker, but counts among the people talking. Beside someone, the count's second
+    place went to the first of the speakers not talking there (all at 0), and a speaker absent
+    from those windows got a turn over the real one. That place now goes to the speaker heard
+    nearest in time, never to one heard nowhere; alone, its frames go the same way, so its
+    speech stays."""
+    frames, step = 589, 0.0169
+    activity = np.zeros((2, frames, 3), dtype=np.uint8)
+    offsets = np.array([0, 148])
+
+    def talks(window: int, local: int, first: int, last: int) -> None:  # file frames
+        activity[window, max(0, first - offsets[window]):last - offsets[window], local] = 1
+
+    for w in range(2):
+        talks(w, 0, 100, 500)  # speaker 1
+        talks(w, 1, 300, 318)  # someone too short for a voice, over them
+        talks(w, 2, 560, 580)  # and alone, after a pause
+    assigned = np.array([[1, -1, -1], [1, -1, -1]])
+    activations, count = reconstruction.accumulate(activity, assigned, offsets, frames + 148, 3)
+    assert (count[300:318] == 2).all() and (count[560:580] == 1).all()
+    binary = reconstruction.binarize(activations, count)
+    assert not binary[:, [0, 2]].any(), "a speaker heard nowhere was turned on"
+    assert binary[100:500, 1].all() and binary[560:580, 1].all()
+    turns = reconstruction.turns_from_binary(binary, step, step, (frames + 148) * step, ["a", "b", "c"])
+    assert {t.speaker for t in turns} == {"b"}
+    # Between two speakers, each frame of the lone short voice goes to the one heard nearer
+    # (speaker 2 from frame 640).
+    activity[:, :, 1] = 0
+    talks(1, 1, 640, 700)
+    assigned[1, 1] = 2
+    binary = reconstruction.binarize(*reconstruction.accumulate(activity, assigned, offsets, frames + 148, 3))
+    assert binary[560:570, 1].all() and binary[570:580, 2].all() and (binary[560:580].sum(axis=1) == 1).all()
+    assert not binary[:, 0].any()
+    # Beside speaker 1, the place goes to the speaker heard nearest (2, just after), not the first
+    # of those at 0 (0, heard far before).
+    activations = np.zeros((1000, 3), dtype=np.float32)
+    activations[0:50, 0] = activations[100:500, 1] = activations[330:360, 2] = 1.0
+    count = (activations > 0).sum(axis=1)
+    count[300:318] = 2
+    expected = activations > 0
+    expected[300:318, 2] = True
+    np.testing.assert_array_equal(reconstruction.binarize(activations, count), expected)
 
 
 def test_a_change_only_the_probes_found_moves_into_the_pause_near_it():
@@ -581,3 +645,41 @@ def test_the_services_offline_backend_gives_what_diarize_offline_gives():
     audio = load("sample.wav")
     assert diarize(audio, JobOptions()) == diarize_offline(audio)
     assert diarize(audio[:1500], JobOptions()) == Diarization()
+
+
+def test_an_enrolment_sample_of_one_person_split_in_two_is_one_voice():
+    """A 6 s sample of one person that the diarizer split in two (2.5 s and 2.0 s, their voices
+    0.75 alike) was refused for holding 2.5 s of speech: the split halves were taken for one
+    person only after the under-3 s check. Their speech counts together now. A speaker with no
+    voice (always talked over) cannot be compared and counts as a second voice when it talks for
+    a fifth of the time; it was never checked."""
+    from common.messages import SpeakerEmbedding
+    from services.diarizer.voiceprint import NotOneVoice, main_voice
+
+    def voice(cosine: float) -> list[float]:
+        vector = np.zeros(192)
+        vector[0], vector[1] = cosine, np.sqrt(1 - cosine**2)
+        return vector.tolist()
+
+    def diarization(turns: list[tuple[str, float, float]], voices: dict[str, float]) -> Diarization:
+        turns = [SpeakerTurn(speaker=s, start=a, end=b) for s, a, b in turns]
+        return Diarization(turns=turns, speakers=[
+            SpeakerEmbedding(speaker=s, embedding=voice(c), model=MODEL_NAME,
+                             speech_s=sum(t.end - t.start for t in turns if t.speaker == s))
+            for s, c in voices.items()])
+
+    split = [("spk_0", 0.5, 3.0), ("spk_1", 3.5, 5.5)]
+    kept = main_voice(diarization(split, {"spk_0": 1.0, "spk_1": 0.75}), 0.6)
+    assert kept.speaker == "spk_0" and kept.speech_s == pytest.approx(4.5)
+    with pytest.raises(NotOneVoice, match=r"holds 2\.5 s of speech"):
+        main_voice(diarization(split, {"spk_0": 1.0, "spk_1": 0.3}), 0.6)  # two people
+    two_people = [("spk_0", 0.0, 3.5), ("spk_1", 3.5, 5.5)]
+    with pytest.raises(NotOneVoice, match=r"2 voices \(3\.5 s, 2\.0 s"):
+        main_voice(diarization(two_people, {"spk_0": 1.0, "spk_1": 0.3}), 0.6)
+    with pytest.raises(NotOneVoice, match=r"holds 2\.5 s of speech"):
+        main_voice(diarization(split[:1], {"spk_0": 1.0}), 0.6)
+    talked_over = [("spk_0", 0.0, 5.0), ("spk_1", 1.0, 3.0)]
+    with pytest.raises(NotOneVoice, match=r"2 voices \(5\.0 s, 2\.0 s"):
+        main_voice(diarization(talked_over, {"spk_0": 1.0}), 0.6)
+    a_word_over_them = [("spk_0", 0.0, 5.0), ("spk_1", 1.0, 1.5)]
+    assert main_voice(diarization(a_word_over_them, {"spk_0": 1.0}), 0.6).speaker == "spk_0"

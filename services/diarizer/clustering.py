@@ -6,7 +6,8 @@ hints move the cut along the dendrogram. Every embedding (clean or not) is then 
 centroid with the constraint that two local speakers of one window are two different people
 (an assignment problem per window, not a greedy choice). At most MAX_CLUSTERED embeddings are
 clustered (an even sample over the file): memory stays bounded on a 4-hour file, and the rest are
-assigned to the centroids like everything else.
+assigned to the centroids like everything else. Whether a sampled cluster is large enough to be a
+voice is decided on the whole file: each embedding counts for the sampled one nearest it.
 
 Window-local embeddings cannot separate two voices that the segmentation model kept under one
 local label for whole windows: their embeddings are all mixtures. `split_mixed` checks each
@@ -57,21 +58,39 @@ def _normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-8)
 
 
-def _large_clusters(labels: np.ndarray, min_size: int) -> np.ndarray:
-    values, counts = np.unique(labels, return_counts=True)
-    return values[counts >= min_size]
+def _large_clusters(labels: np.ndarray, min_size: int, weights: np.ndarray) -> np.ndarray:
+    """The clusters whose members stand for at least `min_size` embeddings (labels 0, 1, ...)."""
+    return np.flatnonzero(np.bincount(labels, weights=weights) >= min_size)
 
 
-def _cut_closest_to(linkage: np.ndarray, threshold: float, min_size: int, lo: int, hi: int) -> np.ndarray:
+def _represented(embeddings: np.ndarray, sample: np.ndarray, threshold: float, chunk: int = 2048) -> np.ndarray:
+    """How many of the unit-length `embeddings` each row of `sample` stands for: each embedding
+    counts for the sampled one nearest it, when that is within `threshold` (farther from every
+    sampled one, it could join none of their clusters and counts for none). Chunked: memory is
+    chunk x len(sample), whatever the number of embeddings."""
+    weights = np.zeros(len(sample), dtype=np.float64)
+    sample = sample.astype(np.float32)
+    within = 1 - threshold**2 / 2  # the threshold's Euclidean distance as a cosine
+    for first in range(0, len(embeddings), chunk):
+        similarity = embeddings[first:first + chunk].astype(np.float32) @ sample.T
+        nearest = np.argmax(similarity, axis=1)
+        close = similarity[np.arange(len(nearest)), nearest] >= within
+        weights += np.bincount(nearest[close], minlength=len(sample))
+    return weights
+
+
+def _cut_closest_to(linkage: np.ndarray, threshold: float, min_size: int, lo: int, hi: int,
+                    weights: np.ndarray) -> np.ndarray:
     """The dendrogram cut nearest the threshold whose number of large clusters is within
-    [lo, hi] (or as close to that range as the dendrogram allows). The cuts tried include the
-    one below every merge (each embedding its own cluster): a recording of one window may hold
-    two voices in two embeddings only, alike enough to merge at the threshold (a telephone call),
-    and a count of two must then keep them apart."""
+    [lo, hi] (or as close to that range as the dendrogram allows); a leaf stands for `weights`
+    of the file's embeddings. The cuts tried include the one below every merge (each embedding
+    its own cluster): a recording of one window may hold two voices in two embeddings only,
+    alike enough to merge at the threshold (a telephone call), and a count of two must then keep
+    them apart."""
     from scipy.cluster.hierarchy import fcluster
 
     labels = fcluster(linkage, threshold, criterion="distance") - 1
-    found = len(_large_clusters(labels, min_size))
+    found = len(_large_clusters(labels, min_size, weights))
     if lo <= found <= hi:
         return labels
     target = lo if found < lo else hi
@@ -85,7 +104,7 @@ def _cut_closest_to(linkage: np.ndarray, threshold: float, min_size: int, lo: in
     for merge in order:
         candidate = (np.arange(len(linkage) + 1) if merge < 0
                      else fcluster(by_index, merge, criterion="distance") - 1)
-        gap = abs(len(_large_clusters(candidate, min_size)) - target)
+        gap = abs(len(_large_clusters(candidate, min_size, weights)) - target)
         if gap < best_gap:
             best, best_gap = candidate, gap
         if gap == 0:
@@ -106,13 +125,19 @@ def cluster_centroids(embeddings: np.ndarray, lo: int = 1, hi: int | None = None
     lo = min(lo, hi)
     if n == 1 or hi == 1:
         return _normalize(embeddings.mean(axis=0, keepdims=True))
-    if n > MAX_CLUSTERED:
-        embeddings = embeddings[np.linspace(0, n - 1, MAX_CLUSTERED).round().astype(int)]
-        n = MAX_CLUSTERED
-    tree = linkage(embeddings.astype(np.float64), method=METHOD, metric="euclidean")
     min_size = min(MIN_CLUSTER_SIZE, max(1, round(MIN_CLUSTER_SHARE * n)))
-    labels = _cut_closest_to(tree, threshold, min_size, lo, hi)
-    large = _large_clusters(labels, min_size)
+    if n > MAX_CLUSTERED:
+        # A voice is as large as it is in the whole file, not in the sample: a person with a dozen
+        # window voices among 9,000 has about four in the sample, and the sample's own minimum
+        # folded them into someone else (a speaker count then split a frequent speaker instead).
+        sample = embeddings[np.linspace(0, n - 1, MAX_CLUSTERED).round().astype(int)]
+        weights = _represented(embeddings, sample, threshold)
+        embeddings = sample
+    else:
+        weights = np.ones(n)
+    tree = linkage(embeddings.astype(np.float64), method=METHOD, metric="euclidean")
+    labels = _cut_closest_to(tree, threshold, min_size, lo, hi, weights)
+    large = _large_clusters(labels, min_size, weights)
     if len(large) == 0:
         return _normalize(embeddings.mean(axis=0, keepdims=True))
     centroids = _normalize(np.stack([embeddings[labels == k].mean(axis=0) for k in large]))

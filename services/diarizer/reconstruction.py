@@ -55,16 +55,46 @@ def accumulate(activity: np.ndarray, clusters: np.ndarray, offsets: np.ndarray, 
 
 
 def binarize(activations: np.ndarray, speakers_per_frame: np.ndarray) -> np.ndarray:
-    """(frames, speakers) 0/1: in each frame the `speakers_per_frame` most active speakers."""
+    """(frames, speakers) 0/1: in each frame the `speakers_per_frame` most active speakers.
+    The count also holds local speakers too short in a window for an embedding (no global
+    speaker, no activation). A place they leave that no active speaker fills goes to the speaker
+    heard nearest in time among those not already talking there (it was the first speaker of all
+    those at 0, often one heard nowhere near); a speaker heard nowhere is never turned on."""
     frames, k = activations.shape
     binary = np.zeros((frames, k), dtype=bool)
     if k == 0:
         return binary
     order = np.argsort(-activations, axis=1, kind="stable")
-    for rank in range(min(k, int(speakers_per_frame.max(initial=0)))):
-        on = speakers_per_frame > rank
+    every = np.arange(frames)
+    wanted = np.minimum(speakers_per_frame, k)
+    # The frames with a place no active speaker fills (few: the count's last is at 0 there).
+    short = np.flatnonzero((wanted > 0) & (activations[every, order[every, np.maximum(wanted - 1, 0)]] <= 0))
+    distance = _distance_to_heard(activations, short)
+    for rank in range(int(wanted.max(initial=0))):
+        active = activations[every, order[:, rank]] > 0
+        on = (wanted > rank) & active
         binary[np.flatnonzero(on), order[on, rank]] = True
+        open_place = (wanted[short] > rank) & ~active[short]
+        rows = short[open_place]
+        if len(rows):
+            nearest = np.where(binary[rows], np.inf, distance[open_place])
+            found = np.isfinite(nearest.min(axis=1))
+            binary[rows[found], np.argmin(nearest[found], axis=1)] = True
     return binary
+
+
+def _distance_to_heard(activations: np.ndarray, frames: np.ndarray) -> np.ndarray:
+    """(len(frames), speakers): how many frames from each of `frames` (sorted) the nearest one
+    where that speaker has any activation is; inf for a speaker heard nowhere."""
+    distance = np.full((len(frames), activations.shape[1]), np.inf)
+    for speaker in range(activations.shape[1]):
+        heard = np.flatnonzero(activations[:, speaker] > 0)
+        if len(heard) == 0 or len(frames) == 0:
+            continue
+        after = np.minimum(np.searchsorted(heard, frames), len(heard) - 1)
+        before = np.maximum(after - 1, 0)
+        distance[:, speaker] = np.minimum(np.abs(heard[before] - frames), np.abs(heard[after] - frames))
+    return distance
 
 
 def recheck_single_speaker(binary: np.ndarray, speakers_per_frame: np.ndarray, probe_frames: np.ndarray,
