@@ -1486,6 +1486,78 @@ def test_a_recording_being_redacted_for_long_is_asked_for_until_it_plays(stack, 
     plays_after("any-key-the-server-does-not-ask-for", 9)  # fetched with the key
 
 
+def test_run_again_and_corrected_words_wait_until_the_recording_is_redacted(stack, browser, made_job):
+    """Until ingest's job-end step has written the redacted copy of a done job's recording, the
+    server refuses to run it again or to correct its words (409), and no event tells when it has:
+    the page shows Run again and the words of a correction off, saying why, and on again once the
+    job is no longer marked (no reload), learning it from the recording it asks for again. A
+    speaker can be corrected meanwhile, as the server allows. Run again refused for a redaction the
+    page had not heard of says the server's reason, and turns them off until it is over. Streamed
+    by the audio element (no key) and fetched with a key alike."""
+    from common.storage import upload_bytes
+    from tests.audio_files import wav
+
+    s3, bucket = stack.s3(), stack.settings().audio_bucket
+    recording = wav(np.zeros(16_000, dtype=np.float32))
+
+    def redacted(job_id: int) -> None:  # as the job-end step leaves it
+        upload_bytes(s3, bucket, f"uploads/{job_id}", recording)
+        stack.query("UPDATE transcripts SET audio_redacted_at = now(), audio_redaction_due = false WHERE id = $1",
+                    job_id)
+
+    def waits_for_the_redaction(key: str | None) -> None:
+        job_id = made_job("call.wav", recording, options={"redact": ["phone"]}, due=True, segment=True)
+        page = browser.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        if key:
+            page.add_init_script(f"sessionStorage.setItem('stt-api-key', '{key}')")
+        page.goto(stack.api + "/")
+        page.evaluate(f"window.notReloaded = true; openTranscript({job_id})")
+        page.locator('#transcript[data-ended="true"]').wait_for(timeout=30_000)
+        run_again = page.get_by_role("button", name="Run again")
+        rerun_wait = page.locator("#rerun-wait", has_text="being redacted; try again in a moment")
+        rerun_wait.wait_for(timeout=30_000)
+        assert run_again.is_disabled()
+
+        row = page.locator("#segments li").first
+        row.get_by_role("button", name="Correct the segment at").click()
+        form = page.get_by_role("form", name="Correct the segment at")
+        words_wait = form.locator(".redacting", has_text="being redacted; try again in a moment")
+        assert form.get_by_label("Words").is_disabled() and words_wait.is_visible()
+        form.get_by_label("Speaker").select_option("spk_1")  # the speaker can be corrected now
+        form.get_by_role("button", name="Save correction").click()
+        page.locator("#transcript-status", has_text="Correction saved.").wait_for(timeout=30_000)
+        assert page.locator("#segments .segment").first.get_attribute("data-speaker") == "spk_1"
+        row.get_by_role("button", name="Correct the segment at").click()
+        assert form.get_by_label("Words").is_disabled() and words_wait.is_visible()
+
+        redacted(job_id)
+        page.wait_for_function("!document.querySelector('#rerun button[type=submit]').disabled", timeout=30_000)
+        assert rerun_wait.is_hidden()
+        assert form.get_by_label("Words").is_enabled() and words_wait.is_hidden()  # the form open is on again
+        form.get_by_role("button", name="Cancel").click()
+
+        # Marked again behind the page's back (as if asked just as the job ended): the server's reason.
+        stack.query("UPDATE transcripts SET audio_redacted_at = NULL, audio_redaction_due = true WHERE id = $1",
+                    job_id)
+        run_again.click()
+        page.locator("#transcript-status", has_text=f"Not run again: job {job_id} asked for redaction").wait_for(
+            timeout=30_000)
+        assert "409" not in page.locator("#transcript-status").inner_text()
+        rerun_wait.wait_for(timeout=30_000)
+        assert run_again.is_disabled()
+        redacted(job_id)
+        page.wait_for_function("!document.querySelector('#rerun button[type=submit]').disabled", timeout=30_000)
+        assert rerun_wait.is_hidden()
+        assert page.evaluate("window.notReloaded === true")
+        assert errors == []
+        page.close()
+
+    waits_for_the_redaction(None)  # the audio element streams it
+    waits_for_the_redaction("any-key-the-server-does-not-ask-for")  # fetched with the key
+
+
 def test_files_chosen_under_one_key_are_sent_under_it_after_another_is_entered(keyed_stack, fixtures_dir, browser,
                                                                              tmp_path):
     """Files chosen under one API key wait their turn while another is entered (another user at the

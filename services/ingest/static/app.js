@@ -24,6 +24,8 @@ const state = {
   namesAsked: 0,  // names asked for or sent: an answer of names older than the last is not shown
   translated: false,  // the open transcript's text is Whisper's English translation
   searches: 0,  // searches asked for: an answer to any but the last is dropped
+  redacting: null,  // the job whose recording the server last said is being redacted (markRedacting)
+  correctionForms: 0,  // correction forms made: each one's reason has an id of its own
 };
 
 function apiKey() { return sessionStorage.getItem(KEY_STORAGE) || ""; }
@@ -621,9 +623,11 @@ function openCorrection(item, segment) {
   // that have none (their turns, in the speaking times).
   const taken = [...labels, ...Object.keys(state.talk)];
   const fresh = `spk_${Math.max(-1, ...taken.map((l) => Number(l.split("_")[1]) || 0)) + 1}`;
+  const wait = `words-wait-${++state.correctionForms}`;
   form.innerHTML = '<label>Speaker <select name="speaker"></select></label>'
-    + '<label>Words <textarea name="text" rows="2"></textarea></label>'
-    + '<button type="submit">Save correction</button><button type="button" class="cancel">Cancel</button>';
+    + `<label>Words <textarea name="text" rows="2" aria-describedby="${wait}"></textarea></label>`
+    + '<button type="submit">Save correction</button><button type="button" class="cancel">Cancel</button>'
+    + `<p class="redacting hint" id="${wait}" hidden>${WORDS_WAIT}</p>`;
   const select = form.querySelector("select");
   for (const label of [...labels, fresh]) {
     const option = document.createElement("option");
@@ -636,6 +640,7 @@ function openCorrection(item, segment) {
   textarea.value = segment.text;
   const submit = form.querySelector("button[type=submit]");
   submit.disabled = state.saving.has(saving);
+  showRedactingIn(form);
   const close = () => {
     form.remove();
     row()?.querySelector(".correct")?.focus();
@@ -679,7 +684,7 @@ function openCorrection(item, segment) {
       $("#transcript-status").textContent = "Correction saved.";
     } catch (error) {
       if (await forgottenIfGone(jobId, error)) return;
-      if (state.open === jobId) $("#transcript-status").textContent = `Not corrected: ${error.message}`;
+      if (state.open === jobId) $("#transcript-status").textContent = `Not corrected: ${refusal(jobId, error)}`;
     } finally {
       state.saving.delete(saving);
       submit.disabled = false;
@@ -689,7 +694,7 @@ function openCorrection(item, segment) {
     }
   });
   item.appendChild(form);
-  textarea.focus();
+  (textarea.disabled ? select : textarea).focus();
 }
 
 // The name fields, one per speaker, updated in place and new speakers appended. Each field keeps
@@ -1082,6 +1087,7 @@ function renderCancel(jobId, ended) {
 function renderRerun(jobId, ended) {
   const form = $("#rerun");
   form.hidden = !ended;
+  showRedacting();
   // Off while the request is on its way (a double click would make two jobs), and one
   // Idempotency-Key per submission: sent again, the request gives back the same job.
   form.onsubmit = async (event) => {
@@ -1089,6 +1095,7 @@ function renderRerun(jobId, ended) {
     const submit = form.querySelector("button[type=submit]");
     if (submit.disabled) return;
     if (unsavedEdits() && !confirm(DISCARD_EDITS)) return;
+    form.dataset.sending = "true";
     submit.disabled = true;
     const speakers = $("#rerun-speakers").value;
     const key = apiKey();
@@ -1104,11 +1111,62 @@ function renderRerun(jobId, ended) {
       if (state.open === jobId) openTranscript(accepted.id);  // else listed: another was opened meanwhile
     } catch (error) {
       if (await forgottenIfGone(jobId, error)) return;
-      if (state.open === jobId) $("#transcript-status").textContent = `Not run again: ${error.message}`;
+      if (state.open === jobId) $("#transcript-status").textContent = `Not run again: ${refusal(jobId, error)}`;
     } finally {
-      submit.disabled = false;
+      delete form.dataset.sending;
+      showRedacting();
     }
   };
+}
+
+// ---- a done job's recording still being redacted ------------------------------------------
+
+// Until ingest's job-end step has written the redacted copy of a done job's recording (seconds
+// after it ends), the server refuses to run it again or to correct its words (409), and answers
+// 503 "being redacted" for the recording. No event tells when that is over: the page learns it
+// from the recording, which it asks for again after each such 503 (fillPlayer) and only then.
+const WORDS_WAIT = "The recording is being redacted; try again in a moment to correct the words"
+  + " (the speaker can be corrected now).";
+
+function beingRedacted(error) {
+  return error?.status === 503 && /being redacted/.test(error.detail || "");
+}
+
+// What the server said of the job's recording: being redacted, or not (served, or refused for
+// another reason). Run again and the words of the correction forms follow.
+function markRedacting(jobId, redacting) {
+  if (redacting) state.redacting = jobId;
+  else if (state.redacting === jobId) state.redacting = null;
+  showRedacting();
+}
+
+// Run again, and the words of the correction forms open, off with the reason while the open
+// job's recording is being redacted; on again once it is (a speaker can be corrected meanwhile).
+function showRedacting() {
+  const redacting = state.open !== null && state.redacting === state.open;
+  const form = $("#rerun");
+  form.querySelector("button[type=submit]").disabled = redacting || form.dataset.sending === "true";
+  $("#rerun-wait").hidden = !redacting;
+  for (const correction of document.querySelectorAll("#segments form.correction")) showRedactingIn(correction);
+}
+
+function showRedactingIn(correction) {
+  const redacting = state.open !== null && state.redacting === state.open;
+  correction.querySelector("textarea").disabled = redacting;
+  correction.querySelector(".redacting").hidden = !redacting;
+}
+
+// What to say of a refused request: a 409's reason as the server words it (the job still
+// processing, its recording being redacted...). One for the redaction, asked before the page had
+// heard of it (just as the job ended), turns the controls off, and the recording is looked at
+// again: once it is redacted they are on again.
+function refusal(jobId, error) {
+  if (error.status !== 409) return error.message;
+  if (/redact/.test(error.detail || "") && state.open === jobId) {
+    markRedacting(jobId, true);
+    recordingEnded(jobId);
+  }
+  return error.detail;
 }
 
 // A fresh Idempotency-Key (randomUUID exists only on https and localhost pages).
@@ -1255,11 +1313,13 @@ async function fillPlayer(jobId, current) {
       if (streamed) {
         const tag = await recordingVersion(jobId);
         if (!current()) return;
+        markRedacting(jobId, false);
         state.audioTag = tag;
         player.src = audioAddress(jobId, tag);
         return;
       }
       const answer = await api(`/transcripts/${jobId}/audio`);
+      if (current()) markRedacting(jobId, false);
       const blob = await answer.blob();
       if (!current()) return;
       if (state.audioUrl) URL.revokeObjectURL(state.audioUrl);
@@ -1270,11 +1330,13 @@ async function fillPlayer(jobId, current) {
     } catch (error) {
       if (!current()) return;
       if (error.status === 503) {
+        if (beingRedacted(error)) markRedacting(jobId, true);
         await new Promise((resolve) => setTimeout(resolve, audioRetryDelayMs(error)));
         if (!current()) return;
         continue;
       }
       if (await forgottenIfGone(jobId, error) || !current()) return;
+      markRedacting(jobId, false);
       player.removeAttribute("src");
       audioProblem(`The recording could not be loaded: ${error.detail || error.message}`);
       return;
@@ -1295,7 +1357,10 @@ async function recordingEnded(jobId) {
       stored = await recordingVersion(jobId);
     } catch (error) { /* a 503 (being redacted), or not known: loaded again, which says why */ }
     if (state.open !== jobId || state.audioLoads !== load) return;  // another job, or loaded again meanwhile
-    if (stored === loaded) return;
+    if (stored === loaded) {
+      markRedacting(jobId, false);
+      return;
+    }
   }
   loadAudio(jobId, { again: true });
 }
@@ -1316,6 +1381,7 @@ async function audioFailed() {
     } catch (error) {
       reason = error.detail || error.message;
       if (error.status === 503 && current()) {
+        if (beingRedacted(error)) markRedacting(jobId, true);
         setTimeout(() => { if (current()) fillPlayer(jobId, current); }, audioRetryDelayMs(error));
         return;
       }
@@ -1382,6 +1448,7 @@ async function openTranscript(jobId) {
   state.talk = {};
   state.shown = new Map();
   state.translated = false;
+  state.redacting = null;
   const section = $("#transcript");
   section.hidden = false;
   section.dataset.job = jobId;
