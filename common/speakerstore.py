@@ -8,7 +8,7 @@ import asyncpg
 import numpy as np
 
 from common.jobstore import Db, job_speaker_labels, speaker_names
-from common.messages import SpeakerName, TranscriptSpeakersUpdated
+from common.messages import SegmentCreated, SegmentUpdated, SpeakerName, TranscriptSpeakersUpdated
 from common.outbox import add_to_outbox
 from common.speakers import Match, Profile, RecordingSpeaker, match_speakers
 
@@ -243,13 +243,14 @@ async def delete_speaker(conn: asyncpg.Connection, speaker_id: int) -> list[int]
     its transcripts their names as they end, whether or not someone took the voice. A matching
     cut off before its end (a restart, a lost database) leaves the rest due, for the sweep: once
     this commits, every transcript that lost the name is told so, and the forgetting's own commit
-    writes one row a transcript, not an event."""
+    writes one row a transcript, not an event. The events of those transcripts not sent yet lose
+    the name in the same commit (_take_lost_names_out_of_unsent_events)."""
     owner = await conn.fetchval("SELECT owner FROM speakers WHERE id = $1", speaker_id)
     await _one_change_of_the_owners_people_at_a_time(conn, owner)
     # Their jobs first, in id order, as every matching locks a job before its speakers.
     await conn.fetch(_lock_jobs(f"id IN ({_NAMED_BY})"), speaker_id)
     rows = await conn.fetch(f"{_UNNAME} WHERE matched_speaker_id = $1 AND name_source = 'auto'"
-                            " RETURNING transcript_id", speaker_id)
+                            " RETURNING transcript_id, speaker", speaker_id)
     forgotten = await conn.fetchrow("DELETE FROM speakers WHERE id = $1 RETURNING owner, name", speaker_id)
     if forgotten is not None:
         # A matching that named a voice after them meanwhile (its transaction held the delete back
@@ -259,11 +260,63 @@ async def delete_speaker(conn: asyncpg.Connection, speaker_id: int) -> list[int]
         rows += await conn.fetch(
             f"{_UNNAME} WHERE matched_speaker_id IS NULL AND name_source = 'auto' AND lower(name) = lower($2)"
             f" AND transcript_id IN (SELECT id FROM transcripts WHERE {_owned_by(forgotten['owner'])})"
-            " RETURNING transcript_id",
+            " RETURNING transcript_id, speaker",
             forgotten["owner"], forgotten["name"])
+    await _take_lost_names_out_of_unsent_events(conn, [(r["transcript_id"], r["speaker"]) for r in rows])
     unnamed = sorted({r["transcript_id"] for r in rows})
     await matching_due(conn, unnamed, announce=True)
     return unnamed
+
+
+# The events that tell a recording speaker's name: segment.created and segment.updated (the
+# segment's speaker_name and speaker_confidence) and transcript.speakers_updated (a SpeakerName
+# for each label). transcript.completed and the rest tell none.
+_SEGMENT_EVENTS = f"('{SegmentCreated.ROUTING_KEY}', '{SegmentUpdated.ROUTING_KEY}')"
+_NAMES_EVENT = TranscriptSpeakersUpdated.ROUTING_KEY
+_NO_NAME = SpeakerName().model_dump_json()
+_NO_SEGMENT_NAME = '{"speaker_name": null, "speaker_confidence": null}'
+
+
+def _tells_a_lost_name(kind: str, data: str) -> str:
+    """SQL: the event of routing key `kind` whose body is `data` (jsonb) tells a name of one of
+    `lost.speakers`, the labels of its transcript that lost theirs."""
+    return (f"CASE WHEN {kind} IN {_SEGMENT_EVENTS} THEN {data}->>'speaker' = ANY(lost.speakers)"
+            f" AND ({data}->'speaker_name' <> 'null' OR {data}->'speaker_confidence' <> 'null')"
+            f" WHEN {kind} = '{_NAMES_EVENT}' THEN EXISTS (SELECT 1 FROM jsonb_each({data}->'speakers') s(label, told)"
+            " WHERE s.label = ANY(lost.speakers) AND s.told->'name' <> 'null') ELSE false END")
+
+
+def _lost_names_taken_out(kind: str, data: str) -> str:
+    """SQL: that event's body told with no name for `lost.speakers` (as if it were sent now)."""
+    return (f"CASE WHEN {kind} = '{_NAMES_EVENT}' THEN jsonb_set({data}, '{{speakers}}', {data}->'speakers'"
+            f" || (SELECT jsonb_object_agg(s.label, '{_NO_NAME}'::jsonb) FROM jsonb_object_keys({data}->'speakers')"
+            " s(label) WHERE s.label = ANY(lost.speakers)))"
+            f" ELSE {data} || '{_NO_SEGMENT_NAME}'::jsonb END")
+
+
+async def _take_lost_names_out_of_unsent_events(conn: asyncpg.Connection, lost: list[tuple[int, str]]) -> None:
+    """In the forgetting's transaction: the events not sent yet that tell a name these (transcript,
+    label) speakers lost, rewritten without it. Those are the webhook deliveries still pending (an
+    endpoint down holds a job's backlog for up to a day of retries) and the outbox rows not yet
+    published: a name the user had forgotten was otherwise sent for the first time after the
+    forgetting answered. A delivery is signed at each attempt over its body as stored, so the
+    rewritten one verifies. The job's transcript.speakers_updated, after them, tells the names as
+    they end."""
+    if not lost:
+        return
+    lost_speakers = ("WITH lost AS (SELECT transcript_id, array_agg(speaker) AS speakers"
+                     " FROM unnest($1::bigint[], $2::text[]) AS l(transcript_id, speaker) GROUP BY transcript_id)")
+    transcripts, labels = [transcript_id for transcript_id, _ in lost], [label for _, label in lost]
+    payload_data = "(d.payload::jsonb->'data')"
+    await conn.execute(
+        f"{lost_speakers} UPDATE webhook_deliveries d SET payload = jsonb_set(d.payload::jsonb, '{{data}}',"
+        f" {_lost_names_taken_out('d.event_type', payload_data)})::text FROM lost"
+        f" WHERE d.job_id = lost.transcript_id AND d.status = 'pending'"
+        f" AND {_tells_a_lost_name('d.event_type', payload_data)}", transcripts, labels)
+    await conn.execute(
+        f"{lost_speakers} UPDATE outbox o SET body = {_lost_names_taken_out('o.routing_key', 'o.body')} FROM lost"
+        f" WHERE o.body->'job_id' = to_jsonb(lost.transcript_id) AND {_tells_a_lost_name('o.routing_key', 'o.body')}",
+        transcripts, labels)
 
 
 # The owner's profiles by embedding model, each with its name as PostgreSQL lowers it.

@@ -24,10 +24,12 @@ import httpx
 import pytest
 
 from common.broker import DEAD_LETTERS_QUEUE, connect, declare_delay_queues, open_bus, retry_queue
+from common.db import LockKey
 from common.messages import WebhookDue
 from common.outbound import PublicOnlyResolver, http_session, target_problem
 from common.webhooks import endpoint, new_secret, signature
 from services.notifier import handler
+from tests.audio_files import en_dialogue_voices
 from tests.conftest import amqp_url, another_ingest, free_port, private_vhost, running_stack
 
 # Short waits so retries and give-ups happen within a test.
@@ -38,11 +40,13 @@ MAX_ATTEMPTS = 3
 class Receiver:
     """A local HTTP server that records every POST and answers per path: /ok 200, /flaky (and
     /flaky-anything) 500 twice then 200, /refusing-anything 500 always, /dead (and /dead-anything)
-    never (holds the request), /slow (and /slow-anything) 200 after 1 s."""
+    never (holds the request), /slow (and /slow-anything) 200 after 1 s, /outage-anything 503
+    while `outage` is set and 200 after."""
 
     def __init__(self) -> None:
         self.requests: list[dict] = []
         self.lock = threading.Lock()
+        self.outage = threading.Event()
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -58,7 +62,8 @@ class Receiver:
                 if self.path.startswith("/slow"):
                     time.sleep(1)
                 refused = self.path.startswith("/refusing") or (self.path.startswith("/flaky") and seen <= 2)
-                self.send_response(500 if refused else 200)
+                unavailable = self.path.startswith("/outage") and receiver.outage.is_set()
+                self.send_response(503 if unavailable else 500 if refused else 200)
                 self.send_header("content-length", "0")
                 self.end_headers()
 
@@ -385,6 +390,124 @@ def test_a_deleted_jobs_later_deliveries_get_one_attempt_each_once_one_is_given_
         assert tried == sorted(tried, key=event_ids.index)
     finally:
         stack.query("DELETE FROM webhooks WHERE id = $1", webhook_id)
+
+
+def names_told(event: dict) -> set[str]:
+    """The speaker names a webhook body tells: a segment's, or each of transcript.speakers_updated."""
+    data = event["data"]
+    if event["type"] == "transcript.speakers_updated":
+        return {told["name"] for told in data["speakers"].values() if told["name"] is not None}
+    return {data["speaker_name"]} if data.get("speaker_name") is not None else set()
+
+
+def test_a_forgotten_persons_name_is_not_sent_after_the_forgetting_by_events_waiting_to_go(notified, fixtures_dir,
+                                                                                          tmp_path):
+    """DELETE /speakers/{id} took the person's name out of the transcripts, not out of the events
+    waiting to be sent: a webhook whose endpoint was down got the job's segment.created with the
+    name once it was back, after the forgetting had answered 204, and only then the
+    transcript.speakers_updated without it. The pending deliveries, and the outbox rows not yet
+    published (a segment.updated and a transcript.speakers_updated here), are rewritten in the
+    forgetting's commit, and still verify: a delivery is signed over its body as it is sent."""
+    stack, receiver = notified
+    voices = en_dialogue_voices(fixtures_dir)
+    second_half = tmp_path / "second_half.wav"
+    second_half.write_bytes(voices["second_half"])
+    # The module's notifier gives a backlog up within seconds (MAX_ATTEMPTS); this one retries
+    # the first delivery every 2 s, the others waiting behind it, for as long as the test needs.
+    env = {**stack.env, "METRICS_PORT": str(stack.metrics_ports["notifier"]), "WEBHOOK_MAX_ATTEMPTS": "1000"}
+    stack.stop("notifier")
+    log_from = len(stack.log_text("notifier"))
+    stack.start("notifier", "-m", "services.notifier", env=env)
+    receiver.outage.set()
+    api = httpx.Client(base_url=stack.api, timeout=120)
+    hook = speaker_id = job_id = None
+    try:
+        wait_for(lambda: "consuming stt.notifier (" in stack.log_text("notifier")[log_from:], 60, "the notifier")
+        enrolled = api.post("/speakers", data={"name": "Anna"}, files={"file": ("anna.wav", voices["a_alone"])})
+        assert enrolled.status_code == 201, enrolled.text
+        speaker_id = enrolled.json()["id"]
+        hook = api.post("/webhooks", json={"url": receiver.url("/outage-forget"), "events": [
+            "segment.created", "segment.updated", "transcript.speakers_updated"]}).json()
+        job_id = stack.submit_job(second_half)
+        segments = stack.wait_finished(job_id, 300)["segments"]
+        [label] = {s["speaker"] for s in segments if s.get("speaker_name") == "Anna"}
+        other = next(s for s in segments if s["speaker"] != label)
+
+        def deliveries() -> list:
+            return stack.query("SELECT event_type, status, payload FROM webhook_deliveries"
+                               " WHERE webhook_id = $1 AND job_id = $2 ORDER BY id", hook["id"], job_id)
+
+        # Every segment.created of the job waits for the endpoint, hers with her name.
+        waiting = wait_for(lambda: (d := deliveries()) and sum(r["event_type"] == "segment.created" for r in d)
+                           == len(segments) and d, 60, "every segment.created fanned out")
+        assert all(r["status"] == "pending" for r in waiting)
+        assert any(names_told(json.loads(r["payload"])) == {"Anna"} for r in waiting
+                   if r["event_type"] == "segment.created")
+
+        async def forget_with_nothing_in_flight() -> float:
+            """Her name given to one more segment by hand, and another speaker named by hand (their
+            segment.updated and transcript.speakers_updated left in the outbox), then her forgotten;
+            when it answered. No attempt of the job's deliveries is under way meanwhile (the
+            notifier's lock of the chain), nor a publication from the outbox (the flusher's lock):
+            what goes out after the answer was read after it."""
+            locks = await asyncpg.connect(stack.database_url)
+            try:
+                await locks.execute("SELECT pg_advisory_lock($1::int, $2::int)", hook["id"] % 2**31, job_id % 2**31)
+                await locks.execute("SELECT pg_advisory_lock($1)", LockKey.OUTBOX)
+                async with httpx.AsyncClient(base_url=stack.api, timeout=120) as client:
+                    where = f"{other['chunk_index']}/{other['index']}"
+                    moved = await client.patch(f"/transcripts/{job_id}/segments/{where}", json={"speaker": label})
+                    assert moved.status_code == 200 and moved.json()["speaker_name"] == "Anna", moved.text
+                    named = await client.patch(f"/transcripts/{job_id}/speakers", json={other["speaker"]: "Boris"})
+                    assert named.status_code == 200, named.text
+                    assert await locks.fetchval("SELECT count(*) FROM outbox WHERE routing_key = 'segment.updated'"
+                                                " AND body->>'speaker_name' = 'Anna'") == 1
+                    assert await locks.fetchval("SELECT count(*) FROM outbox WHERE body->>'job_id' = $1 AND body"
+                                                "->'speakers'->$2::text->>'name' = 'Anna'", str(job_id), label) == 1
+                    forgotten = await client.delete(f"/speakers/{speaker_id}")
+                    assert forgotten.status_code == 204, forgotten.text
+                    return time.monotonic()
+            finally:
+                await locks.close()  # and with it its locks
+
+        before = len(deliveries())
+        forgotten_at = asyncio.run(forget_with_nothing_in_flight())
+        speaker_id = None
+        receiver.outage.clear()
+        # The retry the held lock turned away: due now.
+        stack.query("UPDATE webhook_deliveries SET next_attempt_at = now() WHERE webhook_id = $1"
+                    " AND status = 'pending'", hook["id"])
+        kick(stack, job_id, hook["id"])
+        # Then the segment.updated, the name given by hand, and the forgetting's transcript.speakers_updated.
+        wait_for(lambda: (d := deliveries()) and len(d) >= before + 3 and all(r["status"] == "delivered" for r in d),
+                 60, "every delivery of the job delivered")
+        sent = [r for r in receiver.got("/outage-forget") if r["at"] > forgotten_at]
+        # (of every job: the forgetting announces the module's other recordings she was named in too)
+        told_her = [e for e in map(json.loads, (r["body"] for r in sent)) if "Anna" in names_told(e)]
+        assert not told_her, told_her
+        events = [e for e in map(json.loads, (r["body"] for r in sent)) if e["data"]["job_id"] == job_id]
+        assert [e["type"] for e in events].count("segment.created") == len(segments), events
+        hers = [e["data"] for e in events if e["type"].startswith("segment.") and e["data"]["speaker"] == label]
+        assert {e["type"] for e in events} >= {"segment.updated", "transcript.speakers_updated"}, events
+        assert hers and all(s["speaker_confidence"] is None for s in hers), hers
+        # Each transcript.speakers_updated (the one of the name given by hand, rewritten, and the
+        # forgetting's, the last) tells the name given by hand, and hers no more.
+        told = [e["data"]["speakers"] for e in events if e["type"] == "transcript.speakers_updated"]
+        assert len(told) == 2 and events[-1]["type"] == "transcript.speakers_updated", events
+        assert all(speakers[label] == {"name": None, "source": None, "confidence": None}
+                   and speakers[other["speaker"]]["name"] == "Boris" for speakers in told), told
+        assert all(verifies(r, hook["secret"]) for r in sent)
+    finally:
+        receiver.outage.clear()
+        if hook is not None:
+            api.delete(f"/webhooks/{hook['id']}")
+        if speaker_id is not None:
+            api.delete(f"/speakers/{speaker_id}")
+        if job_id is not None:
+            api.delete(f"/transcripts/{job_id}")
+        api.close()
+        stack.stop("notifier")
+        stack.start_service("notifier")
 
 
 def test_private_targets_are_refused_when_not_allowed(notified):

@@ -246,6 +246,13 @@ async def _attempt(conn: asyncpg.Connection, http: aiohttp.ClientSession, settin
               else "failed" if attempt >= settings.webhook_max_attempts or behind_given_up
               else "pending")
     async with conn.transaction():
+        # FOR KEY SHARE waits for a deletion of the job under way (its FOR UPDATE), and holds off
+        # one to come until this commits: one of the two sees the other's outcome. Taken before
+        # the delivery's row, in the order a forgetting of a person takes them (it locks the job,
+        # then rewrites its pending deliveries: speakerstore.delete_speaker); the other way round,
+        # an attempt settled while a forgetting rewrote the job's deliveries deadlocked with it.
+        job_gone = status != "pending" and await conn.fetchval(
+            "SELECT 1 FROM transcripts WHERE id = $1 FOR KEY SHARE", due.job_id) is None
         updated = await conn.fetchval(
             """UPDATE webhook_deliveries SET attempts = $2, status = $3,
                       next_attempt_at = now() + make_interval(secs => $4),
@@ -258,10 +265,7 @@ async def _attempt(conn: asyncpg.Connection, http: aiohttp.ClientSession, settin
             "INSERT INTO webhook_attempts (delivery_id, attempt, status_code, latency_ms, error)"
             " VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
             head["id"], attempt, status_code, latency_ms, error[:MAX_ERROR_CHARS] if error else None)
-        # FOR KEY SHARE waits for a deletion of the job under way (its FOR UPDATE), and holds off
-        # one to come until this commits: one of the two sees the other's outcome.
-        if status != "pending" and await conn.fetchval(
-                "SELECT 1 FROM transcripts WHERE id = $1 FOR KEY SHARE", due.job_id) is None:
+        if job_gone:
             # The job was deleted meanwhile: its text stays nowhere once its deliveries are
             # settled (jobstore.forget_deleted_jobs_deliveries).
             await jobstore.forget_deleted_jobs_deliveries(conn, due.job_id)
