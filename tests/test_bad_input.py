@@ -632,7 +632,23 @@ def test_a_body_trickled_in_gives_up_its_upload_place(stack: Stack, monkeypatch)
     # (raising=False: without these settings the test fails on what the server does, not here.)
     monkeypatch.setattr(admission, "UPLOAD_RATE_GRACE_S", 1.0, raising=False)
     monkeypatch.setattr(admission, "UPLOAD_MIN_RATE", 4096, raising=False)
-    with served(create_app(stack.settings(max_concurrent_uploads=1))) as api:
+    app = create_app(stack.settings(max_concurrent_uploads=1))
+    reading = threading.Event()
+
+    async def noting_the_slow_body_read(scope, receive, send) -> None:
+        """The app, setting `reading` once it reads the slow request's body: it was let in, its
+        place taken (a request is let in or refused before its body is read)."""
+        if scope["type"] != "http" or b"boundary=tb" not in dict(scope["headers"]).get(b"content-type", b""):
+            await app(scope, receive, send)
+            return
+
+        async def noted():
+            reading.set()
+            return await receive()
+
+        await app(scope, noted, send)
+
+    with served(noting_the_slow_body_read) as api:
         url = urlparse(api)
         head = (b'--tb\r\nContent-Disposition: form-data; name="file"; filename="slow.wav"\r\n'
                 b"Content-Type: audio/wav\r\n\r\n")
@@ -642,7 +658,7 @@ def test_a_body_trickled_in_gives_up_its_upload_place(stack: Stack, monkeypatch)
                           f"Content-Type: multipart/form-data; boundary=tb\r\n"
                           f"Content-Length: {4 * 2**20}\r\n\r\n").encode() + head)  # within MAX_UPLOAD_MB
             sock.settimeout(0.2)
-            time.sleep(0.3)  # the request is in: its place taken
+            assert reading.wait(10), "the server never began reading the slow body"
             while not answer and time.monotonic() - started < 15:
                 try:
                     sock.sendall(b"\0")  # a byte at a time, each well within the 2 minutes

@@ -383,12 +383,13 @@ def test_watch_for_one_job_ends_with_it_when_its_events_are_missed(keyed_stack, 
         submitted = stt(keyed_stack, "submit", str(fixtures_dir / "en_dialogue.wav"), "--no-wait")
         job_id = int(submitted.stdout.strip())
         started = time.monotonic()
-        watcher = stt(keyed_stack, "watch", "--job", str(job_id), AMQP_URL=amqp_url(vhost))
+        watcher = stt(keyed_stack, "watch", "--job", str(job_id), timeout=400, AMQP_URL=amqp_url(vhost))
     assert watcher.returncode == 0, watcher.stdout + watcher.stderr
     # Fifteen seconds of audio take longer than starting to watch: it ends while watched.
     assert re.search(rf"job {job_id} ended \(seen through the API\): done", watcher.stdout), watcher.stdout
-    # Within the processing (well under 2 minutes here) and a poll or two of STATUS_POLL_S.
-    assert time.monotonic() - started < 150, watcher.stdout
+    # Within the processing (well under 2 minutes here, more beside other stacks on a loaded
+    # machine) and a poll or two of STATUS_POLL_S; the command's own limit is above this bound.
+    assert time.monotonic() - started < 300, watcher.stdout
 
 
 @pytest.fixture

@@ -385,13 +385,17 @@ def test_a_name_that_turns_private_as_it_is_connected_to_is_refused_with_the_rea
 
 
 @contextlib.contextmanager
-def trickling(size: int, every_s: float, answers_after_s: float = 0.0) -> Iterator[str]:
+def trickling(size: int, every_s: float, answers_after_s: float = 0.0,
+              asked: threading.Event | None = None) -> Iterator[str]:
     """An HTTP server on this machine answering every GET, after `answers_after_s`, with `size`
-    bytes (its Content-Length), one byte every `every_s` seconds; its address."""
+    bytes (its Content-Length), one byte every `every_s` seconds; its address. `asked` is set as a
+    GET arrives."""
     stop = threading.Event()
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 (the http.server name)
+            if asked is not None:
+                asked.set()
             if stop.wait(answers_after_s):
                 return
             self.send_response(200)
@@ -435,12 +439,14 @@ def test_a_recording_trickled_in_by_its_server_gives_up_its_upload_place(stack, 
     monkeypatch.setattr(admission, "UPLOAD_RATE_CHECK_S", 0.05)
     # Every place taken (the only one, by the fetch itself): given up past the grace, not after
     # AUDIO_URL_TIMEOUT_S (20 s here).
-    with trickling(2**20, 0.1) as url, served(create_app(stack.settings(
+    asked = threading.Event()
+    with trickling(2**20, 0.1, asked=asked) as url, served(create_app(stack.settings(
             max_concurrent_uploads=1, audio_url_allow_private=True, audio_url_timeout_s=20))) as api:
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             started = time.monotonic()
             fetching = pool.submit(httpx.post, f"{api}/recognize", files=form(url=url), timeout=60)
-            time.sleep(0.5)
+            # The fetch holds its place from before its GET (the place is taken as its request comes in).
+            assert asked.wait(30), fetching.result() if fetching.done() else "the fetch never asked for the recording"
             held = httpx.post(f"{api}/recognize", files=form(url=url), timeout=30)  # meanwhile: no place
             answer = fetching.result()
             elapsed = time.monotonic() - started
@@ -460,7 +466,9 @@ def test_a_recording_trickled_in_by_its_server_gives_up_its_upload_place(stack, 
         assert time.monotonic() - started >= 3.0
     # Every place taken, a server slow to answer (within the grace) and then fast: no trickle. The
     # time before its answer counts too (past the grace with nothing come, it is given up:
-    # test_a_server_that_trickles_the_start_of_its_answer_gives_up_its_upload_place).
+    # test_a_server_that_trickles_the_start_of_its_answer_gives_up_its_upload_place). A grace of
+    # 3 s: the whole fetch (its 0.5 s wait included) is to end within it however slow the machine.
+    monkeypatch.setattr(admission, "UPLOAD_RATE_GRACE_S", 3.0)
     with trickling(30, 0.0, answers_after_s=0.5) as url, served(create_app(stack.settings(
             max_concurrent_uploads=1, audio_url_allow_private=True, audio_url_timeout_s=20))) as api:
         answer = httpx.post(f"{api}/recognize", files=form(url=url), timeout=60)

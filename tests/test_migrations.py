@@ -290,14 +290,17 @@ async def test_a_statement_timeout_of_the_database_or_role_does_not_cut_a_migrat
     try:
         await setup.execute("DROP INDEX transcripts_reference")
         assert await setup.execute("DELETE FROM schema_migrations WHERE name = $1", migration) == "DELETE 1"
+        # Long enough that the few statements apply_migrations runs before its own SET LOCAL
+        # statement_timeout = 0 (the advisory lock, the pgvector checks, schema_migrations) are not
+        # cut by a stalled CPU; the wait below outlasts it six times.
         await setup.execute(f"ALTER DATABASE {await setup.fetchval('SELECT current_database()')}"
-                            " SET statement_timeout = '10ms'")
+                            " SET statement_timeout = '250ms'")
         writing = old_replica.transaction()
         await writing.start()
         await old_replica.execute("INSERT INTO transcripts (filename) VALUES ('a.wav')")
         pool = await asyncpg.create_pool(database, min_size=1, max_size=1)
         try:
-            assert await pool.fetchval("SHOW statement_timeout") == "10ms"
+            assert await pool.fetchval("SHOW statement_timeout") == "250ms"
             applying = asyncio.create_task(db.apply_migrations(pool))
 
             async def waiting_for_the_replica() -> bool:
@@ -309,7 +312,8 @@ async def test_a_statement_timeout_of_the_database_or_role_does_not_cut_a_migrat
             while not applying.done() and not await waiting_for_the_replica():
                 assert time.monotonic() < deadline, "the migration never waited for the replica's transaction"
                 await asyncio.sleep(0.01)
-            await asyncio.sleep(0.3)  # 30 times the statement_timeout, well within MIGRATION_LOCK_TIMEOUT_S
+            assert db.MIGRATION_LOCK_TIMEOUT_S > 1.5
+            await asyncio.sleep(1.5)  # 6 times the statement_timeout, within MIGRATION_LOCK_TIMEOUT_S
             assert not applying.done(), applying.exception() if applying.done() else None
             await writing.commit()
             assert await asyncio.wait_for(applying, 30) == [migration]

@@ -740,8 +740,12 @@ async def test_an_enrolment_whose_rematching_gives_way_in_a_deadlock_tries_it_ag
     holding = await asyncpg.connect(stack.database_url)
     try:
         # Boris held: the re-matching of `source` (the first recording it matches again) locks the
-        # job and then waits to read Boris; the test then waits for the job. One must give way:
-        # the re-matching, which waited first and so is the first to look for a deadlock.
+        # job and then waits to read Boris; the test then waits for the job. A session looks for a
+        # deadlock once, deadlock_timeout after it began to wait, and gives way if it finds one: the
+        # re-matching looks after 1 s (the server's default), the test's session after 30 s. The
+        # test waits as soon as it sees the re-matching wait, well within that 1 s (waiting after
+        # it, the re-matching would find no deadlock, and the test's session give way at 30 s).
+        await holding.execute("SET deadlock_timeout = '30s'")
         held = holding.transaction()
         await held.start()
         await holding.execute("SELECT id FROM speakers WHERE id = $1 FOR UPDATE", boris.json()["id"])
@@ -750,7 +754,6 @@ async def test_an_enrolment_whose_rematching_gives_way_in_a_deadlock_tries_it_ag
             enrolling = asyncio.create_task(client.post("/speakers", json={"name": "Anna", "transcript_id": source,
                                                                            "label": voice_a}))
             await _waits_on_a_lock(holding)
-            await asyncio.sleep(0.3)
             try:
                 await holding.execute("SELECT id FROM transcripts WHERE id = $1 FOR UPDATE", source)
                 gave_way = "the enrolment"
