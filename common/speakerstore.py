@@ -199,8 +199,8 @@ async def rename_speaker(conn: asyncpg.Connection, owner: str | None, speaker_id
     commits, and that matching writes the new name on the recording speakers the person named
     automatically (until then they keep the old one: a recording never shows the new name on a
     second speaker, one that has it by hand). Sent again with the name the person has (a rename
-    whose matching was cut off), those where the person still has another name; nothing when the
-    person is gone."""
+    whose matching was cut off), those where the person still has another name and the owner's
+    still due a matching (the cut-off rename's among them); nothing when the person is gone."""
     await _one_change_of_the_owners_people_at_a_time(conn, owner)
     old = await conn.fetchval("SELECT name FROM speakers WHERE id = $1", speaker_id)
     if old is None:
@@ -209,7 +209,12 @@ async def rename_speaker(conn: asyncpg.Connection, owner: str | None, speaker_id
         rows = await conn.fetch(f"{_NAMED_BY} AND name IS DISTINCT FROM $2", speaker_id, name)
         due = sorted({r["transcript_id"] for r in rows})
         await matching_due(conn, due)
-        return due
+        # And what the cut-off rename left due: the recordings that call either name by hand, or
+        # expect the person, are not found from the name alone once it is the new one. Taken as
+        # the owner's left due, whatever change left them: matched now, they are done sooner.
+        left = await conn.fetch("SELECT d.transcript_id FROM speaker_matching_due d JOIN transcripts t"
+                                f" ON t.id = d.transcript_id WHERE {_owned_by(owner, column='t.owner')}", owner)
+        return sorted(set(due) | {r["transcript_id"] for r in left})
     # The jobs that expect the person are locked first, in id order, as the persister locks a job
     # before its speakers and an enrolment a job before the speaker: the other order deadlocked
     # with them.
@@ -243,8 +248,8 @@ async def delete_speaker(conn: asyncpg.Connection, speaker_id: int) -> list[int]
     its transcripts their names as they end, whether or not someone took the voice. A matching
     cut off before its end (a restart, a lost database) leaves the rest due, for the sweep: once
     this commits, every transcript that lost the name is told so, and the forgetting's own commit
-    writes one row a transcript, not an event. The events of those transcripts not sent yet lose
-    the name in the same commit (_take_lost_names_out_of_unsent_events)."""
+    writes one row a transcript, not an event. The events of the owner's not sent yet lose the
+    name in the same commit (_take_forgotten_names_out_of_unsent_events)."""
     owner = await conn.fetchval("SELECT owner FROM speakers WHERE id = $1", speaker_id)
     await _one_change_of_the_owners_people_at_a_time(conn, owner)
     # Their jobs first, in id order, as every matching locks a job before its speakers.
@@ -262,7 +267,8 @@ async def delete_speaker(conn: asyncpg.Connection, speaker_id: int) -> list[int]
             f" AND transcript_id IN (SELECT id FROM transcripts WHERE {_owned_by(forgotten['owner'])})"
             " RETURNING transcript_id, speaker",
             forgotten["owner"], forgotten["name"])
-    await _take_lost_names_out_of_unsent_events(conn, [(r["transcript_id"], r["speaker"]) for r in rows])
+        await _take_forgotten_names_out_of_unsent_events(conn, forgotten["owner"], forgotten["name"],
+                                                         [(r["transcript_id"], r["speaker"]) for r in rows])
     unnamed = sorted({r["transcript_id"] for r in rows})
     await matching_due(conn, unnamed, announce=True)
     return unnamed
@@ -273,50 +279,77 @@ async def delete_speaker(conn: asyncpg.Connection, speaker_id: int) -> list[int]
 # for each label). transcript.completed and the rest tell none.
 _SEGMENT_EVENTS = f"('{SegmentCreated.ROUTING_KEY}', '{SegmentUpdated.ROUTING_KEY}')"
 _NAMES_EVENT = TranscriptSpeakersUpdated.ROUTING_KEY
+_NAMING_EVENTS = f"('{SegmentCreated.ROUTING_KEY}', '{SegmentUpdated.ROUTING_KEY}', '{_NAMES_EVENT}')"
 _NO_NAME = SpeakerName().model_dump_json()
 _NO_SEGMENT_NAME = '{"speaker_name": null, "speaker_confidence": null}'
 
 
-def _tells_a_lost_name(kind: str, data: str) -> str:
-    """SQL: the event of routing key `kind` whose body is `data` (jsonb) tells a name of one of
-    `lost.speakers`, the labels of its transcript that lost theirs."""
-    return (f"CASE WHEN {kind} IN {_SEGMENT_EVENTS} THEN {data}->>'speaker' = ANY(lost.speakers)"
-            f" AND ({data}->'speaker_name' <> 'null' OR {data}->'speaker_confidence' <> 'null')"
-            f" WHEN {kind} = '{_NAMES_EVENT}' THEN EXISTS (SELECT 1 FROM jsonb_each({data}->'speakers') s(label, told)"
-            " WHERE s.label = ANY(lost.speakers) AND s.told->'name' <> 'null') ELSE false END")
+def _forgets(job: str, label: str, told_name: str, told_source: str | None = None) -> str:
+    """SQL: the name `told_name` that an event of transcript `job` tells for its speaker `label`
+    goes with the forgetting: that label lost its name in it ($1, $2: the transcripts and labels
+    that did), or it is the forgotten person's name ($3, compared as the unique index on names
+    compares them), told as recognised where `told_source` says how it was given, and not the
+    label's by hand now. A label may have lost the name before: taken back by hand, or taken by
+    another person's voice, while its events waited."""
+    recognised = f" AND {told_source} = 'auto'" if told_source else ""
+    return (f"(EXISTS (SELECT 1 FROM unnest($1::bigint[], $2::text[]) lost(transcript_id, speaker)"
+            f" WHERE lost.transcript_id = {job} AND lost.speaker = {label})"
+            f" OR (lower({told_name}) = lower($3){recognised} AND NOT EXISTS (SELECT 1 FROM transcript_speakers ts"
+            f" WHERE ts.transcript_id = {job} AND ts.speaker = {label} AND ts.name_source = 'manual'"
+            " AND lower(ts.name) = lower($3))))")
 
 
-def _lost_names_taken_out(kind: str, data: str) -> str:
-    """SQL: that event's body told with no name for `lost.speakers` (as if it were sent now)."""
+def _told_forgotten(data: str, job: str) -> str:
+    """SQL: of the labels of transcript.speakers_updated `data`, those whose name goes (_forgets)."""
+    return (f"SELECT s.label FROM jsonb_each({data}->'speakers') s(label, told) WHERE s.told->'name' <> 'null'"
+            " AND " + _forgets(job, "s.label", "s.told->>'name'", "s.told->>'source'"))
+
+
+def _tells_a_forgotten_name(kind: str, data: str, job: str) -> str:
+    """SQL: the event of routing key `kind` whose body is `data` (jsonb), of transcript `job`,
+    tells a name that goes with the forgetting (_forgets)."""
+    segment_forgets = _forgets(job, f"{data}->>'speaker'", f"{data}->>'speaker_name'")
+    return (f"CASE WHEN {kind} IN {_SEGMENT_EVENTS} THEN ({data}->'speaker_name' <> 'null'"
+            f" OR {data}->'speaker_confidence' <> 'null') AND {segment_forgets}"
+            f" WHEN {kind} = '{_NAMES_EVENT}' THEN EXISTS ({_told_forgotten(data, job)}) ELSE false END")
+
+
+def _forgotten_names_taken_out(kind: str, data: str, job: str) -> str:
+    """SQL: that event's body told without the names that go (as if it were sent now)."""
     return (f"CASE WHEN {kind} = '{_NAMES_EVENT}' THEN jsonb_set({data}, '{{speakers}}', {data}->'speakers'"
-            f" || (SELECT jsonb_object_agg(s.label, '{_NO_NAME}'::jsonb) FROM jsonb_object_keys({data}->'speakers')"
-            " s(label) WHERE s.label = ANY(lost.speakers)))"
+            f" || coalesce((SELECT jsonb_object_agg(f.label, '{_NO_NAME}'::jsonb) FROM ({_told_forgotten(data, job)})"
+            " f), '{}'::jsonb))"
             f" ELSE {data} || '{_NO_SEGMENT_NAME}'::jsonb END")
 
 
-async def _take_lost_names_out_of_unsent_events(conn: asyncpg.Connection, lost: list[tuple[int, str]]) -> None:
-    """In the forgetting's transaction: the events not sent yet that tell a name these (transcript,
-    label) speakers lost, rewritten without it. Those are the webhook deliveries still pending (an
-    endpoint down holds a job's backlog for up to a day of retries) and the outbox rows not yet
-    published: a name the user had forgotten was otherwise sent for the first time after the
-    forgetting answered. A delivery is signed at each attempt over its body as stored, so the
-    rewritten one verifies. The job's transcript.speakers_updated, after them, tells the names as
-    they end."""
-    if not lost:
-        return
-    lost_speakers = ("WITH lost AS (SELECT transcript_id, array_agg(speaker) AS speakers"
-                     " FROM unnest($1::bigint[], $2::text[]) AS l(transcript_id, speaker) GROUP BY transcript_id)")
+async def _take_forgotten_names_out_of_unsent_events(conn: asyncpg.Connection, owner: str | None, name: str,
+                                                     lost: list[tuple[int, str]]) -> None:
+    """In the forgetting's transaction: the owner's events not sent yet that tell the forgotten
+    person's `name` (or any name of these (transcript, label) speakers, which lost theirs in it),
+    rewritten without it. Those are the webhook deliveries still pending (an endpoint down holds a
+    job's backlog for up to a day of retries) and the outbox rows not yet published: a name the
+    user had forgotten was otherwise sent for the first time after the forgetting answered. Not
+    only the labels that lose the name now: one taken back by hand (or by another person's voice)
+    since its events were queued no longer has it, and its events still told it. A label that
+    has the name by hand now keeps it. A delivery is signed at each attempt over its body as
+    stored, so the rewritten one verifies. The job's transcript.speakers_updated, after them,
+    tells the names as they end."""
     transcripts, labels = [transcript_id for transcript_id, _ in lost], [label for _, label in lost]
     payload_data = "(d.payload::jsonb->'data')"
+    # Those of the owner's webhooks: a deleted job's included (its events still go out).
     await conn.execute(
-        f"{lost_speakers} UPDATE webhook_deliveries d SET payload = jsonb_set(d.payload::jsonb, '{{data}}',"
-        f" {_lost_names_taken_out('d.event_type', payload_data)})::text FROM lost"
-        f" WHERE d.job_id = lost.transcript_id AND d.status = 'pending'"
-        f" AND {_tells_a_lost_name('d.event_type', payload_data)}", transcripts, labels)
+        f"UPDATE webhook_deliveries d SET payload = jsonb_set(d.payload::jsonb, '{{data}}',"
+        f" {_forgotten_names_taken_out('d.event_type', payload_data, 'd.job_id')})::text FROM webhooks w"
+        f" WHERE w.id = d.webhook_id AND {_owned_by(owner, '$4', 'w.owner')} AND d.status = 'pending'"
+        f" AND d.event_type IN {_NAMING_EVENTS}"
+        f" AND {_tells_a_forgotten_name('d.event_type', payload_data, 'd.job_id')}",
+        transcripts, labels, name, owner)
+    # The rows of the owner's jobs (the body's job_id is a JSON number).
     await conn.execute(
-        f"{lost_speakers} UPDATE outbox o SET body = {_lost_names_taken_out('o.routing_key', 'o.body')} FROM lost"
-        f" WHERE o.body->'job_id' = to_jsonb(lost.transcript_id) AND {_tells_a_lost_name('o.routing_key', 'o.body')}",
-        transcripts, labels)
+        f"UPDATE outbox o SET body = {_forgotten_names_taken_out('o.routing_key', 'o.body', 't.id')} FROM transcripts t"
+        f" WHERE o.body->'job_id' = to_jsonb(t.id) AND {_owned_by(owner, '$4', 't.owner')}"
+        f" AND o.routing_key IN {_NAMING_EVENTS} AND {_tells_a_forgotten_name('o.routing_key', 'o.body', 't.id')}",
+        transcripts, labels, name, owner)
 
 
 # The owner's profiles by embedding model, each with its name as PostgreSQL lowers it.
@@ -473,9 +506,15 @@ async def name_recording_speakers(conn: asyncpg.Connection, transcript_id: int, 
 
 
 async def announce_speaker_names(conn: asyncpg.Connection, transcript_id: int) -> None:
-    """Queue transcript.speakers_updated with every speaker of the transcript and its name now."""
+    """Queue transcript.speakers_updated with every speaker of the transcript and its name now.
+    A matching still due that asks to announce it (a forgetting's) need not any more: this tells
+    the names it would (the caller matched the recording against the people as they are, the
+    job locked), and a forgetting announces each transcript once. Whatever that matching still
+    changes, it announces as a change."""
     labels = await job_speaker_labels(conn, transcript_id)
     names = await speaker_names(conn, transcript_id)
     speakers = {label: names.get(label, SpeakerName()) for label in sorted(labels | set(names))}
     await add_to_outbox(conn, TranscriptSpeakersUpdated(job_id=transcript_id, transcript_id=transcript_id,
                                                         speakers=speakers))
+    await conn.execute("UPDATE speaker_matching_due SET announce = false WHERE transcript_id = $1 AND announce",
+                       transcript_id)

@@ -1087,6 +1087,39 @@ async def test_a_rename_sent_again_finishes_the_matching_of_one_cut_off(enrolled
         await conn.close()
 
 
+async def test_a_rename_sent_again_matches_the_recordings_its_cut_off_commit_left_due(enrolled):
+    """The rename committed (here through the store) and its matching never ran: a recording where
+    another speaker was given the old name by hand had left her voice unnamed, and the rename
+    recorded it due. Sent again, the rename found only the recordings where the person still had
+    another name, and left this one to the sweep a minute later, though its answer comes when all
+    are matched: it matches the key's recordings still due as well."""
+    import asyncpg
+
+    from common import speakerstore
+
+    stack, owner, _, source = enrolled
+    key_owner = stack.value("SELECT owner FROM transcripts WHERE id = $1", source)
+    conn = await asyncpg.connect(stack.database_url)
+    jobs: list[int] = []
+    try:
+        people = await _enrolled_in_the_database(conn, key_owner, {"Anna": "[1, 0, 0]"})
+        jobs = await _recordings_in_the_database(conn, key_owner, 1, people["Anna"])
+        # spk_1 given her old name by hand, spk_0 (her voice) unnamed: the name was taken.
+        await conn.execute("UPDATE transcript_speakers SET name = CASE speaker WHEN 'spk_1' THEN 'Anna' END,"
+                           " name_source = CASE speaker WHEN 'spk_1' THEN 'manual' END, matched_speaker_id = NULL,"
+                           " confidence = NULL WHERE transcript_id = $1", jobs[0])
+        async with conn.transaction():
+            assert await speakerstore.rename_speaker(conn, key_owner, people["Anna"], "Anna K.") == jobs
+        assert await _due(conn, jobs) == [(jobs[0], False)]
+        again = owner.patch(f"/speakers/{people['Anna']}", json={"name": "Anna K."})
+        assert again.status_code == 200 and again.json()["name"] == "Anna K.", again.text
+        assert (await _names_in(conn, jobs))[jobs[0]] == {"spk_0": ("Anna K.", "auto"), "spk_1": ("Anna", "manual")}
+        assert await _due(conn, jobs) == []
+    finally:
+        await conn.execute("DELETE FROM transcripts WHERE id = ANY($1::bigint[])", jobs)
+        await conn.close()
+
+
 @contextlib.asynccontextmanager
 async def _sweeping(stack) -> AsyncIterator[SimpleNamespace]:
     """What ingest's sweep of matchings left due works with (the database pool, the settings, the
@@ -1153,6 +1186,45 @@ async def test_a_forgetting_cut_off_after_its_commit_is_finished_by_the_sweep(en
         _told_once_each_with_no_name_twice(events)
         for job in jobs:
             assert {label: (n["name"], n["source"]) for label, n in events[job][0].items()} == names[job]
+    finally:
+        await connection.close()
+        await conn.execute("DELETE FROM transcripts WHERE id = ANY($1::bigint[])", jobs)
+        await conn.close()
+
+
+async def test_a_recording_told_its_names_after_a_forgetting_is_not_told_them_again_by_its_matching(enrolled):
+    """A forgetting records its recordings due a matching that announces them. One matched and
+    announced first by another change of it (its speakers named by hand here; a chunk stored
+    does the same) was announced a second time, with the same names, by the forgetting's
+    matching: each transcript is told once."""
+    import asyncpg
+
+    from common import speakerstore
+    from services.ingest.speakers import finish_left_matchings
+
+    stack, owner, _, source = enrolled
+    key_owner = stack.value("SELECT owner FROM transcripts WHERE id = $1", source)
+    conn = await asyncpg.connect(stack.database_url)
+    connection = await aio_pika.connect(stack.amqp_url)
+    jobs: list[int] = []
+    try:
+        people = await _enrolled_in_the_database(conn, key_owner, {"Anna": "[1, 0, 0]"})
+        jobs = await _recordings_in_the_database(conn, key_owner, 1, people["Anna"])
+        queue = await events_queue(await connection.channel(), "transcript.speakers_updated")
+        # The forgetting committed; its matching not run yet (cut off, or not at this job yet).
+        async with conn.transaction():
+            assert await speakerstore.delete_speaker(conn, people["Anna"]) == jobs
+        assert await _due(conn, jobs) == [(jobs[0], True)]
+        named = owner.patch(f"/transcripts/{jobs[0]}/speakers", json={"spk_1": "Carl"})
+        assert named.status_code == 200, named.text
+        async with _sweeping(stack) as state:
+            assert jobs[0] in await finish_left_matchings(state, grace_s=0)
+        assert await _due(conn, jobs) == []
+        events = await _speakers_updated(queue, jobs[0], owner)
+        assert list(events) == jobs, events
+        _told_once_each_with_no_name_twice(events)
+        assert {label: (n["name"], n["source"]) for label, n in events[jobs[0]][0].items()} == {
+            "spk_0": (None, None), "spk_1": ("Carl", "manual")}
     finally:
         await connection.close()
         await conn.execute("DELETE FROM transcripts WHERE id = ANY($1::bigint[])", jobs)

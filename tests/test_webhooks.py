@@ -401,14 +401,19 @@ def names_told(event: dict) -> set[str]:
     return {data["speaker_name"]} if data.get("speaker_name") is not None else set()
 
 
+@pytest.mark.parametrize("taken_back_by_hand", [False, True], ids=["named-at-the-forgetting", "taken-back-before"])
 def test_a_forgotten_persons_name_is_not_sent_after_the_forgetting_by_events_waiting_to_go(notified, fixtures_dir,
-                                                                                          tmp_path):
+                                                                                          tmp_path,
+                                                                                          taken_back_by_hand):
     """DELETE /speakers/{id} took the person's name out of the transcripts, not out of the events
     waiting to be sent: a webhook whose endpoint was down got the job's segment.created with the
     name once it was back, after the forgetting had answered 204, and only then the
     transcript.speakers_updated without it. The pending deliveries, and the outbox rows not yet
     published (a segment.updated and a transcript.speakers_updated here), are rewritten in the
-    forgetting's commit, and still verify: a delivery is signed over its body as it is sent."""
+    forgetting's commit, and still verify: a delivery is signed over its body as it is sent.
+    `taken_back_by_hand`: the name was taken back by hand (null) before the forgetting, while
+    the events that tell it waited; the speaker no longer had it when she was forgotten, and
+    only the speakers that lost it then had their events rewritten."""
     stack, receiver = notified
     voices = en_dialogue_voices(fixtures_dir)
     second_half = tmp_path / "second_half.wav"
@@ -465,6 +470,9 @@ def test_a_forgotten_persons_name_is_not_sent_after_the_forgetting_by_events_wai
                                                 " AND body->>'speaker_name' = 'Anna'") == 1
                     assert await locks.fetchval("SELECT count(*) FROM outbox WHERE body->>'job_id' = $1 AND body"
                                                 "->'speakers'->$2::text->>'name' = 'Anna'", str(job_id), label) == 1
+                    if taken_back_by_hand:
+                        unnamed = await client.patch(f"/transcripts/{job_id}/speakers", json={label: None})
+                        assert unnamed.status_code == 200 and unnamed.json()["speakers"][label] is None, unnamed.text
                     forgotten = await client.delete(f"/speakers/{speaker_id}")
                     assert forgotten.status_code == 204, forgotten.text
                     return time.monotonic()
@@ -492,11 +500,14 @@ def test_a_forgotten_persons_name_is_not_sent_after_the_forgetting_by_events_wai
         assert {e["type"] for e in events} >= {"segment.updated", "transcript.speakers_updated"}, events
         assert hers and all(s["speaker_confidence"] is None for s in hers), hers
         # Each transcript.speakers_updated (the one of the name given by hand, rewritten, and the
-        # forgetting's, the last) tells the name given by hand, and hers no more.
+        # forgetting's, the last; or, her name taken back by hand first, that one's, as the
+        # forgetting took nothing from the transcript) tells the name given by hand, and hers no more.
         told = [e["data"]["speakers"] for e in events if e["type"] == "transcript.speakers_updated"]
         assert len(told) == 2 and events[-1]["type"] == "transcript.speakers_updated", events
-        assert all(speakers[label] == {"name": None, "source": None, "confidence": None}
-                   and speakers[other["speaker"]]["name"] == "Boris" for speakers in told), told
+        no_name = {"name": None, "source": None, "confidence": None}
+        last = {**no_name, "source": "manual"} if taken_back_by_hand else no_name
+        assert [speakers[label] for speakers in told] == [no_name, last], told
+        assert all(speakers[other["speaker"]]["name"] == "Boris" for speakers in told), told
         assert all(verifies(r, hook["secret"]) for r in sent)
     finally:
         receiver.outage.clear()
