@@ -749,6 +749,54 @@ async def test_the_persisters_outbox_flusher_whose_connection_stalls_is_started_
         await pool.close()
 
 
+async def test_the_notifiers_sweep_whose_connection_stalls_is_started_again(vhost, database_url, caplog):
+    """The notifier ran its sweep for overdue deliveries straight in main()'s gather: a kick whose
+    publish confirm aiormq failed with CancelledError (its connection heard no heartbeat) ended
+    the sweep, main() and the process. It is started again, as the persister's outbox flusher is,
+    and kicks the overdue delivery once the broker answers again."""
+    from services.notifier.__main__ import sweep_until_stopped
+
+    settings = settings_for(vhost, database_url=database_url)
+    pool = await create_pool(settings, max_size=2)
+    await apply_migrations(pool)
+    webhook_id = await pool.fetchval("INSERT INTO webhooks (url, events, secret) VALUES"
+                                     " ('http://127.0.0.1:9/hook', '{transcript.completed}', 'secret') RETURNING id")
+    await pool.execute("INSERT INTO webhook_deliveries (webhook_id, event_id, event_type, job_id, payload,"
+                       " next_attempt_at) VALUES ($1, 'e1', 'transcript.completed', 11, '{}',"
+                       " now() - interval '1 hour')", webhook_id)
+    proxy = StallingProxy()
+    port = await proxy.start()
+    connection = await aio_pika.connect_robust(f"amqp://guest:guest@127.0.0.1:{port}/{vhost}?heartbeat=1"
+                                               "&reconnect_interval=0.5")
+    admin = await aio_pika.connect(amqp_url(vhost))
+    bus = await open_bus(connection, settings)
+    kicks = await (await admin.channel()).declare_queue(stage_queue("notifier"), passive=True)
+    caplog.set_level(logging.ERROR, logger="common.runner")
+    proxy.flowing.clear()  # the broker's confirm of the kick (and its heartbeats) never arrive
+    sweeping = asyncio.create_task(sweep_until_stopped(pool, bus, every_s=0.5, restart_s=0.1))
+    try:
+        async def dropped() -> bool:
+            return sweeping.done() or any("cancelled from inside" in r.getMessage() for r in caplog.records)
+
+        await wait_until(dropped, 30, "the connection was never dropped")
+        assert not sweeping.done(), "the sweep ended for good"
+        # The kick whose confirm never came reached the queue: only a kick of the sweep started
+        # again counts.
+        await kicks.purge()
+        proxy.flowing.set()
+        message = await next_message(kicks, 30)
+        assert json.loads(message.body)["webhook_id"] == webhook_id
+        assert not sweeping.done(), "the sweep ended for good"
+    finally:
+        sweeping.cancel()
+        await asyncio.gather(sweeping, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await connection.close()
+        proxy.close()
+        await admin.close()
+        await pool.close()
+
+
 async def queue_consumers(admin: aio_pika.abc.AbstractConnection, *names: str) -> list[int]:
     """How many consumers each queue has; [] while one is not declared yet."""
     channel = await admin.channel()

@@ -6,8 +6,11 @@ import asyncio
 import functools
 import logging
 
+import asyncpg
+
 from common.broker import (
     EVENTS_EXCHANGE,
+    Bus,
     Route,
     connect,
     consume,
@@ -20,7 +23,7 @@ from common.logs import setup_logging
 from common.messages import EVENTS, WebhookDue
 from common.metrics import delivering_webhooks, serve_metrics
 from common.outbound import http_session
-from common.runner import run_worker
+from common.runner import RESTART_S, keep_running, run_worker
 from common.settings import get_settings
 from services.notifier import handler
 
@@ -36,6 +39,15 @@ EVENTS_QUEUE = "stt.notifier.events"
 # earlier one), so a job's deliveries are recorded, and sent, in the order its events were
 # published. Deliveries in flight per replica (each endpoint gets at most WEBHOOK_CONCURRENCY).
 DELIVERY_PREFETCH = 32
+
+
+async def sweep_until_stopped(pool: asyncpg.Pool, bus: Bus, every_s: float = handler.SWEEP_EVERY_S,
+                              restart_s: float = RESTART_S) -> None:
+    """The sweep for overdue deliveries, started again whenever it stops, as the persister's
+    outbox flusher: aiormq fails a publish confirm pending on a connection it gives up on (no
+    heartbeat) with CancelledError, which sweep_stuck does not catch, and its end would end main()
+    and the process."""
+    await keep_running("the overdue delivery sweep", lambda: handler.sweep_stuck(pool, bus, every_s), restart_s)
 
 
 async def main() -> None:
@@ -67,7 +79,7 @@ async def main() -> None:
                     wait_on=DATABASE_UNAVAILABLE),
             consume(connection, settings, "notifier", [Route(WebhookDue, deliver)],
                     prefetch=DELIVERY_PREFETCH, wait_on=DATABASE_UNAVAILABLE),
-            handler.sweep_stuck(pool, bus),
+            sweep_until_stopped(pool, bus),
             every(handler.PRUNE_EVERY_S, pool, LockKey.WEBHOOK_PRUNE,
                   functools.partial(handler.prune_delivery_log, pool, settings), "pruning the delivery log"),
         )
