@@ -65,7 +65,9 @@ def test_cancelling_while_transcribing_stops_every_stage_and_keeps_what_was_stor
     stack = small_chunks
     job_id = stack.submit_job(meeting)
 
-    async def cancel_and_hear_it() -> tuple[httpx.Response, int, list[dict]]:
+    async def cancel_and_hear_it() -> tuple[httpx.Response, int, int, list[dict]]:
+        """The cancel's answer, the chunks started before it, the job's chunk count, and every
+        transcript.failed of the job heard until what was in hand then has reached the persister."""
         connection = await aio_pika.connect_robust(stack.amqp_url)
         async with connection:
             channel = await connection.channel()
@@ -78,32 +80,35 @@ def test_cancelling_while_transcribing_stops_every_stage_and_keeps_what_was_stor
             answer = httpx.post(f"{stack.api}/transcripts/{job_id}/cancel", timeout=30)
             transcribed_then = log_count(stack, "transcriber", rf"job={job_id} transcribing chunk")
             failed = await job_events(queue, job_id, lambda bodies: bodies, timeout=30)
-            return answer, transcribed_then, failed
+            [job] = stack.query("SELECT chunk_count FROM transcripts WHERE id = $1", job_id)
+            chunk_count = job["chunk_count"]
+            # Every chunk message is settled one way or the other: worked on, or skipped unworked.
+            deadline = time.monotonic() + 120
+            while log_count(stack, "transcriber", rf"job={job_id} transcribing chunk") \
+                    + skipped(stack, "transcriber") < chunk_count:
+                assert time.monotonic() < deadline, stack.log_tail("transcriber")
+                await asyncio.sleep(0.5)
+            # What was in hand reaches the persister, which stores none of it, and does not announce
+            # the cancel again: the stages working then heard it.
+            heard_until = time.monotonic() + 8
+            failed += await job_events(queue, job_id, lambda _: time.monotonic() > heard_until, timeout=30)
+            return answer, transcribed_then, chunk_count, failed
 
-    answer, transcribed_then, failed = asyncio.run(cancel_and_hear_it())
+    answer, transcribed_then, chunk_count, failed = asyncio.run(cancel_and_hear_it())
     assert answer.status_code == 200, answer.text
     document = answer.json()
     assert document["status"] == "error" and document["error"] == "cancelled"
     assert document["segments"], "what was stored before the cancel is kept"
-    assert failed[0]["reason"] == "cancelled"
+    assert [body["reason"] for body in failed] == ["cancelled"], failed
     assert stack.status(job_id) == document
 
-    [job] = stack.query("SELECT chunk_count FROM transcripts WHERE id = $1", job_id)
-    chunk_count = job["chunk_count"]
     assert chunk_count >= 8
-    # Every chunk message is settled one way or the other: worked on, or skipped unworked.
-    deadline = time.monotonic() + 120
-    while log_count(stack, "transcriber", rf"job={job_id} transcribing chunk") + skipped(stack, "transcriber") \
-            < chunk_count:
-        assert time.monotonic() < deadline, stack.log_tail("transcriber")
-        time.sleep(0.5)
     transcribed = log_count(stack, "transcriber", rf"job={job_id} transcribing chunk")
     record_figure(f"{'cancel while transcribing':<34} {chunk_count} chunks: {transcribed_then} started before the"
                   f" cancel, {transcribed - transcribed_then} after, {skipped(stack, 'transcriber'):.0f} skipped")
     # At most the chunk in hand, and one taken before the news arrived, after the cancel.
     assert transcribed <= transcribed_then + 2 < chunk_count
     assert skipped(stack, "transcriber") == chunk_count - transcribed
-    time.sleep(2)  # what was in hand reaches the persister, which stores none of it
     assert stack.status(job_id)["segments"] == document["segments"]
 
     assert httpx.post(f"{stack.api}/transcripts/{job_id}/cancel", timeout=30).status_code == 409

@@ -300,8 +300,13 @@ async def delete_transcript(pool: asyncpg.Pool, s3: Minio, settings: Settings, j
         objects = [(settings.audio_bucket, job["audio_key"] or upload_key(job_id)),
                    (settings.audio_bucket, pcm_key(job_id))]
         if job["source"] == "bucket":
-            # Its result files, unless the object was dropped again since: they are that job's.
-            if not await jobstore.newer_drop_of_the_same_key(conn, job_id):
+            # Imported here, not above: inbox imports this module.
+            from services.ingest.inbox import result_key_too_long
+
+            # Its result files, unless the object was dropped again since: they are that job's. A
+            # key too long for them has none, and the store refuses even to delete such a key.
+            if (not result_key_too_long(settings.results_prefix, job["source_key"])
+                    and not await jobstore.newer_drop_of_the_same_key(conn, job_id)):
                 results = result_keys(settings.results_prefix, job["source_key"])
                 objects += [(job["source_bucket"], key) for key in results.values()]
             await jobstore.remember_deleted_drop(conn, job["source_bucket"], job["source_key"], job["source_etag"])
