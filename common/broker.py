@@ -509,7 +509,8 @@ async def consume(
     Any other error retries after the next delay of RETRY_DELAYS_S; when they are used up the
     job fails with the error and the message is parked in stt.dead-letters.
     With `ended`, filled here from stt.events, a message of a job that has already failed or
-    been cancelled is acked without being handled.
+    been cancelled is acked without being handled, and a message its handler yields for a job
+    that ended meanwhile is not published.
     A consumer the broker cancelled (its queue deleted; on RabbitMQ 4.3 and later, a delivery
     held past consumer_timeout), or one whose channel was opened again, declares the topology
     again and consumes again; where that fails, this raises (the worker exits non-zero).
@@ -582,7 +583,7 @@ async def consume(
                 return "skipped"
             try:
                 await _run_waiting_out_outages(route.handler, parsed, bus, (*BROKER_UNAVAILABLE, *wait_on), work,
-                                               settings.outage_hold_s, lambda: _delivery_open(message))
+                                               settings.outage_hold_s, lambda: _delivery_open(message), ended=ended)
             except HeldThroughOutage as exc:
                 if not _delivery_open(message):
                     log.warning("%s: the broker took the message back with its channel (%s); it is delivered again",
@@ -813,7 +814,8 @@ def _ended_by_timeout(exc: BaseException) -> bool:
 
 async def _run_waiting_out_outages(handler: Handler, parsed: BaseModel, bus: Bus,
                                    wait_on: tuple[type[BaseException], ...], work: metrics.Work,
-                                   hold_s: float, still_held: Callable[[], bool] = lambda: True) -> None:
+                                   hold_s: float, still_held: Callable[[], bool] = lambda: True, *,
+                                   ended: EndedJobs | None = None) -> None:
     """Run the handler, trying again while a dependency is down; HeldThroughOutage once it has
     been down for `hold_s`: counted from the outage's first error, not from the handler's start
     (a long diarization that meets one error at its end is not an outage of that length), and
@@ -824,7 +826,7 @@ async def _run_waiting_out_outages(handler: Handler, parsed: BaseModel, bus: Bus
     to a consumer again, so running the handler again here would do the work twice at once.
     A message the handler yields whose publish meets the outage is published again, under the
     same hold, while the handler waits at its yield: only an outage the handler itself raised
-    runs it again."""
+    runs it again. A message for a job in `ended` when it would be published is not published."""
     outage_since: float | None = None
     attempt_started = time.monotonic()
 
@@ -859,6 +861,15 @@ async def _run_waiting_out_outages(handler: Handler, parsed: BaseModel, bus: Bus
             async for attempt in backoff("RabbitMQ unavailable; holding a produced message", wait_more,
                                          max_delay_s=30.0):
                 with attempt:
+                    job_id = getattr(produced, "job_id", None)
+                    if ended is not None and job_id in ended:
+                        # The job ended while the handler worked (a chunk transcribed as it was
+                        # cancelled) or while this publish was held: nobody wants it, and the persister
+                        # would announce the end again for it.
+                        log.info("job %s has ended (done, failed or cancelled); the %s it produced is not published",
+                                 job_id, produced.ROUTING_KEY)
+                        work.nothing_to_do = True
+                        return
                     if not first:
                         # A try after a wait: how long the first ran since the handler started
                         # (or since the last wait) tells a new outage from the one before.

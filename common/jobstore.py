@@ -492,12 +492,9 @@ async def mark_result_written(conn: asyncpg.Connection, job_id: int) -> None:
 # ---- progress (persister) ---------------------------------------------------------------------
 
 async def lock_processing_job(conn: asyncpg.Connection, job_id: int) -> asyncpg.Record | None:
-    """The job's row (id, status, filename, chunk_count, owner, and ended_s_ago: seconds since it
-    ended, by the database's clock, None while processing), locked until the transaction ends."""
+    """The job's row (id, status, filename, chunk_count, owner), locked until the transaction ends."""
     return await conn.fetchrow(
-        "SELECT id, status, filename, chunk_count, owner,"
-        " EXTRACT(EPOCH FROM now() - completed_at)::float8 AS ended_s_ago"
-        " FROM transcripts WHERE id = $1 FOR UPDATE", job_id)
+        "SELECT id, status, filename, chunk_count, owner FROM transcripts WHERE id = $1 FOR UPDATE", job_id)
 
 
 async def advance(db: Db, job_id: int, stage: str, *, language: str | None = None,

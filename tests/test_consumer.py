@@ -18,6 +18,7 @@ from common import metrics, runner
 from common.broker import (
     DEAD_LETTERS_QUEUE,
     ROUTING_KEY_HEADER,
+    EndedJobs,
     PermanentError,
     Route,
     connect,
@@ -197,6 +198,81 @@ async def test_when_failing_the_job_cannot_be_published_the_message_goes_back_to
         finally:
             await connection.close()
 
+
+
+async def produced_while_its_job_ends(stack: Stack, job_ends: bool) -> tuple[list[JobProgress], str, str]:
+    """A stage whose handler, working on a message of job 31337 (a chunk being transcribed), yields
+    its one result only once released; the job ends meanwhile (`job_ends`: added to the consumer's
+    EndedJobs, as its transcript.failed would) or not. Returns what reached the persister's queue
+    within 2 s of the release, the input queue's `messages_ready messages_unacknowledged` once the
+    consumer counted the message, and the outcome it was counted as."""
+    queue_name = "test.ended"
+    with private_vhost() as vhost:
+        settings = stack.settings(amqp_url=amqp_url(vhost), shutdown_grace_s=0.5)
+        connection = await connect(settings, "test-ended")
+        try:
+            channel = await connection.channel()
+            sent = JobProgress(job_id=31337, stage="transcribing")
+            await queue_holding_one(channel, queue_name, sent)
+            working, release, ended = asyncio.Event(), asyncio.Event(), EndedJobs()
+
+            async def transcribe(message: JobProgress):
+                working.set()
+                await release.wait()
+                yield JobProgress(job_id=message.job_id, stage="embedding")
+
+            counted = {outcome: metrics.MESSAGES.labels("test", queue_name, outcome) for outcome in metrics.OUTCOMES}
+            before = {outcome: counter._value.get() for outcome, counter in counted.items()}
+            consumer = asyncio.create_task(consume(connection, settings, "test",
+                                                   [Route(JobProgress, transcribe, any_routing_key=True)],
+                                                   queue_name=queue_name, ended=ended))
+            await asyncio.wait_for(working.wait(), 20)
+            if job_ends:
+                ended.add(sent.job_id)
+            release.set()
+            deadline = asyncio.get_running_loop().time() + 10
+            while not (outcomes := [o for o, c in counted.items() if c._value.get() > before[o]]):
+                assert asyncio.get_running_loop().time() < deadline, "the message was never settled"
+                await asyncio.sleep(0.1)
+            deadline = asyncio.get_running_loop().time() + 10
+            while True:  # (the ack is not confirmed: the broker may take it in a moment after it was sent)
+                listed = await asyncio.to_thread(
+                    subprocess.run, ["rabbitmqctl", "list_queues", "-q", "-p", vhost, "name", "messages_ready",
+                                     "messages_unacknowledged"], check=True, capture_output=True, text=True, timeout=60)
+                [left] = [" ".join(row[1:]) for row in map(str.split, listed.stdout.splitlines())
+                          if row[:1] == [queue_name]]
+                if left == "0 0" or asyncio.get_running_loop().time() > deadline:
+                    break
+                await asyncio.sleep(0.5)
+            persister = await channel.declare_queue(stage_queue("persister"), passive=True)
+            published, deadline = [], asyncio.get_running_loop().time() + 2
+            while asyncio.get_running_loop().time() < deadline:
+                if (message := await persister.get(fail=False)) is not None:
+                    await message.ack()
+                    published.append(JobProgress.model_validate_json(message.body))
+                await asyncio.sleep(0.1)
+            runner.stopping().set()
+            await asyncio.wait_for(consumer, 10)
+            return published, left, " ".join(outcomes)
+        finally:
+            await connection.close()
+
+
+async def test_what_a_stage_produces_for_a_job_that_ended_meanwhile_is_not_published(stack: Stack, fresh_runner):
+    """A chunk a transcriber finishes after its job was cancelled is thrown away there, not sent on:
+    the persister would announce the failure again for it (a chunk handed in a minute or more
+    after the end) and every subscriber would get transcript.failed twice. Its message is acked."""
+    published, left, outcome = await produced_while_its_job_ends(stack, job_ends=True)
+    assert published == []
+    assert left == "0 0"  # acked: neither back in the queue nor held unacked
+    assert outcome == "skipped"
+
+
+async def test_what_a_stage_produces_for_a_job_still_running_is_published(stack: Stack, fresh_runner):
+    published, left, outcome = await produced_while_its_job_ends(stack, job_ends=False)
+    assert [(m.job_id, m.stage) for m in published] == [(31337, "embedding")]
+    assert left == "0 0"
+    assert outcome == "handled"
 
 
 def test_retry_queues_are_declared_to_dead_letter_at_least_once(stack: Stack):

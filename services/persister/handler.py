@@ -30,11 +30,10 @@ from common.settings import get_settings
 
 log = logging.getLogger(__name__)
 
-# A failed job's failure is announced again at a late chunk at most this often by one persister,
-# and not within this long of the job's end (its first announcement): the chunks in flight as a job
-# is cancelled or fails (in every transcriber and embedder) all come late, from stages that heard
-# the end, and each would send the same transcript.failed again, which ingest acts on again (a
-# bucket drop's results rewritten) and every subscriber gets. Once tells a stage that missed it.
+# A failed job's failure is announced again at a late chunk at most this often by one persister:
+# the chunks in flight as a job is cancelled (in every transcriber and embedder) all come late, and
+# each would send the same transcript.failed again, which ingest acts on again (a bucket drop's
+# results rewritten) and every subscriber gets. Once tells a stage that missed it.
 FAILURE_ANNOUNCED_AGAIN_EVERY_S = 60.0
 FAILURES_ANNOUNCED_AGAIN_KEPT = 10_000
 _failures_announced_again: Recent[int, float] = Recent(FAILURES_ANNOUNCED_AGAIN_KEPT)
@@ -58,11 +57,9 @@ async def _transaction(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
         yield conn
 
 
-def _failure_due_again(job_id: int, ended_s_ago: float | None) -> bool:
-    """Whether a late chunk of this failed job, which ended `ended_s_ago` (None: not known), should
-    announce the failure again (and, if so, counted as announced now)."""
-    if ended_s_ago is not None and ended_s_ago < FAILURE_ANNOUNCED_AGAIN_EVERY_S:
-        return False
+def _failure_due_again(job_id: int) -> bool:
+    """Whether a late chunk of this failed job should announce the failure again (and, if so,
+    counted as announced now)."""
     now = time.monotonic()
     last = _failures_announced_again.peek(job_id)
     if last is not None and now - last < FAILURE_ANNOUNCED_AGAIN_EVERY_S:
@@ -82,14 +79,12 @@ async def _nothing_to_store(conn: asyncpg.Connection, job_id: int, row: asyncpg.
     job that failed (or was cancelled) or was deleted comes from a stage that never heard so (a
     replica started after the announcement), and that works on through the job's other chunks:
     the failure or the deletion is announced again (the same event), so that the stages stop
-    working on the job (a failure at most every FAILURE_ANNOUNCED_AGAIN_EVERY_S, counted from its
-    end: the chunks in flight as it failed all come late). True when it was (events enqueued). A
-    done job's is a copy delivered again (every chunk was stored): no stage has work of that job
-    left to be told to stop."""
+    working on the job (a failure at most every FAILURE_ANNOUNCED_AGAIN_EVERY_S: the chunks in
+    flight as it failed all come late). True when it was (events enqueued). A done job's is a copy delivered
+    again (every chunk was stored): no stage has work of that job left to be told to stop."""
     nothing_to_do()
     if row is not None:
-        if (row["status"] == "error" and _failure_due_again(job_id, row["ended_s_ago"])
-                and await jobstore.announce_end_again(conn, job_id)):
+        if row["status"] == "error" and _failure_due_again(job_id) and await jobstore.announce_end_again(conn, job_id):
             log.info("message for a job that already failed ignored; its failure is announced again")
             return True
         log.info("job already %s; late message ignored", row["status"])
