@@ -699,13 +699,10 @@ async def test_a_background_task_whose_connection_stalls_is_started_again(vhost,
     assert "the test consumer was cancelled from inside" in record.getMessage() and record.exc_info
 
 
-async def test_the_persisters_outbox_flusher_whose_connection_stalls_is_started_again(vhost, database_url, caplog):
-    """aiormq fails a publish confirm pending on a connection it gives up on (no heartbeat) with
-    CancelledError, which run_outbox_flusher does not catch: the persister's flusher ended, and
-    with it main()'s gather and the process. It is started again, as ingest's is, and publishes
-    the event once the broker answers again."""
-    from services.persister.__main__ import flush_outbox_until_stopped
-
+@contextlib.asynccontextmanager
+async def bus_through_a_stalling_proxy(vhost: str, database_url: str):
+    """(settings, a migrated pool, a Bus on a robust connection with 1 s heartbeats through a
+    StallingProxy, an admin connection straight to the broker, the proxy), all closed after."""
     settings = settings_for(vhost, database_url=database_url)
     pool = await create_pool(settings, max_size=2)
     await apply_migrations(pool)
@@ -714,39 +711,55 @@ async def test_the_persisters_outbox_flusher_whose_connection_stalls_is_started_
     connection = await aio_pika.connect_robust(f"amqp://guest:guest@127.0.0.1:{port}/{vhost}?heartbeat=1"
                                                "&reconnect_interval=0.5")
     admin = await aio_pika.connect(amqp_url(vhost))
-    bus = await open_bus(connection, settings)
-    subscriber = await events_queue(await admin.channel(), "transcript.completed")
-    wake = asyncio.Event()
-    caplog.set_level(logging.ERROR, logger="common.runner")
-    flusher = asyncio.create_task(flush_outbox_until_stopped(pool, bus, wake, settings, restart_s=0.1))
     try:
-        proxy.flowing.clear()  # the broker's confirm (and its heartbeats) never arrive
-        await pool.execute("INSERT INTO outbox (routing_key, body) VALUES ('transcript.completed', $1)",
-                           completed(9))
-        wake.set()
-
-        async def dropped() -> bool:
-            return flusher.done() or any("cancelled from inside" in r.getMessage() for r in caplog.records)
-
-        await wait_until(dropped, 30, "the connection was never dropped")
-        assert not flusher.done(), "the outbox flusher ended for good"
-        proxy.flowing.set()
-        message = await next_message(subscriber, 30)  # at least once: a copy may follow
-        assert json.loads(message.body)["job_id"] == 9
-
-        async def published() -> bool:
-            return flusher.done() or await pool.fetchval("SELECT count(*) FROM outbox") == 0
-
-        await wait_until(published, 30, "the outbox was never published")
-        assert not flusher.done(), "the outbox flusher ended for good"
+        yield settings, pool, await open_bus(connection, settings), admin, proxy
     finally:
-        flusher.cancel()
-        await asyncio.gather(flusher, return_exceptions=True)
         with contextlib.suppress(Exception):
             await connection.close()
         proxy.close()
         await admin.close()
         await pool.close()
+
+
+async def stopped(task: asyncio.Task) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_the_persisters_outbox_flusher_whose_connection_stalls_is_started_again(vhost, database_url, caplog):
+    """aiormq fails a publish confirm pending on a connection it gives up on (no heartbeat) with
+    CancelledError, which run_outbox_flusher does not catch: the persister's flusher ended, and
+    with it main()'s gather and the process. It is started again, as ingest's is, and publishes
+    the event once the broker answers again."""
+    from services.persister.__main__ import flush_outbox_until_stopped
+
+    async with bus_through_a_stalling_proxy(vhost, database_url) as (settings, pool, bus, admin, proxy):
+        subscriber = await events_queue(await admin.channel(), "transcript.completed")
+        wake = asyncio.Event()
+        caplog.set_level(logging.ERROR, logger="common.runner")
+        flusher = asyncio.create_task(flush_outbox_until_stopped(pool, bus, wake, settings, restart_s=0.1))
+        try:
+            proxy.flowing.clear()  # the broker's confirm (and its heartbeats) never arrive
+            await pool.execute("INSERT INTO outbox (routing_key, body) VALUES ('transcript.completed', $1)",
+                               completed(9))
+            wake.set()
+
+            async def dropped() -> bool:
+                return flusher.done() or any("cancelled from inside" in r.getMessage() for r in caplog.records)
+
+            await wait_until(dropped, 30, "the connection was never dropped")
+            assert not flusher.done(), "the outbox flusher ended for good"
+            proxy.flowing.set()
+            message = await next_message(subscriber, 30)  # at least once: a copy may follow
+            assert json.loads(message.body)["job_id"] == 9
+
+            async def published() -> bool:
+                return flusher.done() or await pool.fetchval("SELECT count(*) FROM outbox") == 0
+
+            await wait_until(published, 30, "the outbox was never published")
+            assert not flusher.done(), "the outbox flusher ended for good"
+        finally:
+            await stopped(flusher)
 
 
 async def test_the_notifiers_sweep_whose_connection_stalls_is_started_again(vhost, database_url, caplog):
@@ -756,45 +769,31 @@ async def test_the_notifiers_sweep_whose_connection_stalls_is_started_again(vhos
     and kicks the overdue delivery once the broker answers again."""
     from services.notifier.__main__ import sweep_until_stopped
 
-    settings = settings_for(vhost, database_url=database_url)
-    pool = await create_pool(settings, max_size=2)
-    await apply_migrations(pool)
-    webhook_id = await pool.fetchval("INSERT INTO webhooks (url, events, secret) VALUES"
-                                     " ('http://127.0.0.1:9/hook', '{transcript.completed}', 'secret') RETURNING id")
-    await pool.execute("INSERT INTO webhook_deliveries (webhook_id, event_id, event_type, job_id, payload,"
-                       " next_attempt_at) VALUES ($1, 'e1', 'transcript.completed', 11, '{}',"
-                       " now() - interval '1 hour')", webhook_id)
-    proxy = StallingProxy()
-    port = await proxy.start()
-    connection = await aio_pika.connect_robust(f"amqp://guest:guest@127.0.0.1:{port}/{vhost}?heartbeat=1"
-                                               "&reconnect_interval=0.5")
-    admin = await aio_pika.connect(amqp_url(vhost))
-    bus = await open_bus(connection, settings)
-    kicks = await (await admin.channel()).declare_queue(stage_queue("notifier"), passive=True)
-    caplog.set_level(logging.ERROR, logger="common.runner")
-    proxy.flowing.clear()  # the broker's confirm of the kick (and its heartbeats) never arrive
-    sweeping = asyncio.create_task(sweep_until_stopped(pool, bus, every_s=0.5, restart_s=0.1))
-    try:
-        async def dropped() -> bool:
-            return sweeping.done() or any("cancelled from inside" in r.getMessage() for r in caplog.records)
+    async with bus_through_a_stalling_proxy(vhost, database_url) as (settings, pool, bus, admin, proxy):
+        webhook_id = await pool.fetchval("INSERT INTO webhooks (url, events, secret) VALUES ('http://127.0.0.1:9/hook',"
+                                         " '{transcript.completed}', 'secret') RETURNING id")
+        await pool.execute("INSERT INTO webhook_deliveries (webhook_id, event_id, event_type, job_id, payload,"
+                           " next_attempt_at) VALUES ($1, 'e1', 'transcript.completed', 11, '{}',"
+                           " now() - interval '1 hour')", webhook_id)
+        kicks = await (await admin.channel()).declare_queue(stage_queue("notifier"), passive=True)
+        caplog.set_level(logging.ERROR, logger="common.runner")
+        proxy.flowing.clear()  # the broker's confirm of the kick (and its heartbeats) never arrive
+        sweeping = asyncio.create_task(sweep_until_stopped(pool, bus, every_s=0.5, restart_s=0.1))
+        try:
+            async def dropped() -> bool:
+                return sweeping.done() or any("cancelled from inside" in r.getMessage() for r in caplog.records)
 
-        await wait_until(dropped, 30, "the connection was never dropped")
-        assert not sweeping.done(), "the sweep ended for good"
-        # The kick whose confirm never came reached the queue: only a kick of the sweep started
-        # again counts.
-        await kicks.purge()
-        proxy.flowing.set()
-        message = await next_message(kicks, 30)
-        assert json.loads(message.body)["webhook_id"] == webhook_id
-        assert not sweeping.done(), "the sweep ended for good"
-    finally:
-        sweeping.cancel()
-        await asyncio.gather(sweeping, return_exceptions=True)
-        with contextlib.suppress(Exception):
-            await connection.close()
-        proxy.close()
-        await admin.close()
-        await pool.close()
+            await wait_until(dropped, 30, "the connection was never dropped")
+            assert not sweeping.done(), "the sweep ended for good"
+            # The kick whose confirm never came reached the queue: only a kick of the sweep started
+            # again counts.
+            await kicks.purge()
+            proxy.flowing.set()
+            message = await next_message(kicks, 30)
+            assert json.loads(message.body)["webhook_id"] == webhook_id
+            assert not sweeping.done(), "the sweep ended for good"
+        finally:
+            await stopped(sweeping)
 
 
 async def queue_consumers(admin: aio_pika.abc.AbstractConnection, *names: str) -> list[int]:
