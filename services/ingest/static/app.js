@@ -1142,8 +1142,12 @@ function markRedacting(jobId, redacting) {
 
 // Run again, and the words of the correction forms open, off with the reason while the open
 // job's recording is being redacted; on again once it is (a speaker can be corrected meanwhile).
+function openRecordingRedacting() {
+  return state.open !== null && state.redacting === state.open;
+}
+
 function showRedacting() {
-  const redacting = state.open !== null && state.redacting === state.open;
+  const redacting = openRecordingRedacting();
   const form = $("#rerun");
   form.querySelector("button[type=submit]").disabled = redacting || form.dataset.sending === "true";
   $("#rerun-wait").hidden = !redacting;
@@ -1151,7 +1155,7 @@ function showRedacting() {
 }
 
 function showRedactingIn(correction) {
-  const redacting = state.open !== null && state.redacting === state.open;
+  const redacting = openRecordingRedacting();
   correction.querySelector("textarea").disabled = redacting;
   correction.querySelector(".redacting").hidden = !redacting;
 }
