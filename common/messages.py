@@ -4,6 +4,7 @@ consumer and test that uses it (see docs/design.md)."""
 
 from __future__ import annotations
 
+import unicodedata
 import uuid
 from collections.abc import Callable
 from typing import ClassVar, Literal, get_args
@@ -96,8 +97,9 @@ def printable_words(text: str) -> str:
 
 
 def person_name(text: str) -> str:
-    """A speaker's name as it is kept."""
-    return printable_words(text)
+    """A speaker's name as it is kept: in NFC, so that "José" typed with a combining accent (as
+    macOS writes file names) and with a precomposed "é" is one person, not two."""
+    return unicodedata.normalize("NFC", printable_words(text))
 
 
 class JobOptions(BaseModel):

@@ -343,3 +343,32 @@ SELECT $$;$$, 'x' -- trailing; comment
         "SELECT $$;$$, 'x'",
     ]
     assert [db._INDEX_BUILT.match(s).group(1) for s in db._statements(sql)[:2]] == ["a_idx", '"b;idx"']
+
+
+NFC_NAMES_MIGRATION = "034_person_names_nfc.sql"
+
+
+async def test_names_stored_before_with_combining_accents_are_brought_to_nfc(database):
+    """A name enrolled with a combining accent before names were kept in NFC is found by the same
+    name typed with a precomposed letter; where the owner already has the NFC name, the other row
+    keeps its own (the unique index allows one of them only)."""
+    decomposed, precomposed = "Jose\u0301", "Jos\u00e9"
+    conn = await asyncpg.connect(database)
+    pool = await asyncpg.create_pool(database, min_size=1, max_size=1)
+    try:
+        assert await conn.execute("DELETE FROM schema_migrations WHERE name = $1", NFC_NAMES_MIGRATION) == "DELETE 1"
+        await conn.execute("INSERT INTO speakers (owner, name) VALUES ('a', $1), ('b', $1), ('b', $2)",
+                           decomposed, precomposed)
+        job_id = await conn.fetchval("INSERT INTO transcripts (filename, owner) VALUES ('a.wav', 'a') RETURNING id")
+        await conn.execute("INSERT INTO transcript_speakers (transcript_id, speaker, embedding, embedding_model, name)"
+                           " VALUES ($1, 'spk_0', '[1]', 'm', $2)", job_id, decomposed)
+
+        assert await db.apply_migrations(pool) == [NFC_NAMES_MIGRATION]
+
+        assert await conn.fetch("SELECT owner, name FROM speakers ORDER BY owner, name") == [
+            ("a", precomposed), ("b", decomposed), ("b", precomposed)]
+        by_hand = await conn.fetchval("SELECT name FROM transcript_speakers WHERE transcript_id = $1", job_id)
+        assert by_hand == precomposed
+    finally:
+        await pool.close()
+        await conn.close()

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from common.messages import JobOptions, Segment, SpeakerTurn, TimeSpan, Word, language_choices
+from common.messages import JobOptions, Segment, SpeakerTurn, TimeSpan, Word, language_choices, person_name
 from common.turns import speech_regions
 from services.diarizer.pipeline import language_probe, plan_chunks
 from services.ingest.inbox import drop_options
@@ -374,6 +374,12 @@ def test_expected_speakers_are_names_each_once():
         JobOptions(expected_speakers=[f"Person {i}" for i in range(33)])
     with pytest.raises(ValidationError, match="at most 100 characters"):
         JobOptions(expected_speakers="A" * 101)
+
+
+def test_a_name_typed_with_a_combining_accent_is_the_same_person_as_with_a_precomposed_letter():
+    decomposed, precomposed = "Jose\u0301", "Jos\u00e9"
+    assert JobOptions(expected_speakers=f"{decomposed}, {precomposed}").expected_speakers == [precomposed]
+    assert person_name(f" {decomposed}\n") == precomposed
 
 
 def test_every_line_about_a_job_names_it_even_where_its_error_is_logged():
