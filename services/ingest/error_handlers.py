@@ -45,17 +45,22 @@ def _unparsable_form(cause: BaseException | None, boundary: str) -> str:
             f" one its Content-Type names (--{boundary[:100]})?")
 
 
+def _said(message: object) -> str:
+    """A validation message without the "Value error, " pydantic puts before our own checks' words."""
+    return str(message).removeprefix("Value error, ")
+
+
 def clearer_client_error(request: Request, exc: ClientException) -> Response:
     """Litestar's own 4xx answers, with a detail that says which field or limit is at fault."""
     detail = exc.detail
     if isinstance(exc, ValidationException) and isinstance(exc.extra, list):
         field = "form field" if request.content_type[0].startswith("multipart/") else "field"
         where = {"query": "query parameter", "path": "path parameter"}
-        # A check across fields (min_speakers > max_speakers) has no key.
-        problems = [f"{where.get(e.get('source'), field)} {e['key']}: {e.get('message')}" if e.get("key")
-                    else str(e.get("message")) for e in exc.extra if isinstance(e, dict) and e.get("message")]
+        # A check across fields (min_speakers > max_speakers) has no key: its message says it all.
+        problems = [f"invalid {where.get(e.get('source'), field)} {e['key']}: {_said(e['message'])}" if e.get("key")
+                    else _said(e["message"]) for e in exc.extra if isinstance(e, dict) and e.get("message")]
         if problems:
-            detail = "invalid " + "; ".join(problems)
+            detail = "; ".join(problems)
     elif exc.status_code == 400 and detail == "Request Entity Too Large":
         # The form parser's limits, which it words alike.
         parts = (UPLOAD_FORM_PARTS if request.url.path in FORM_PART_LIMITED_PATHS
