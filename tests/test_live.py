@@ -176,7 +176,8 @@ def test_the_jobs_stream_says_when_a_job_it_showed_is_deleted(stack):
 
 def test_event_streams_past_the_limit_are_told_to_come_back_later(stack):
     """Each open stream reads PostgreSQL every second: past MAX_EVENT_STREAMS a new one is 503
-    with Retry-After (the page tries again), and a closed one gives its place back."""
+    with Retry-After (the page tries again; an EventSource is told to reconnect later), and a
+    closed one gives its place back."""
     running = stack.value("INSERT INTO transcripts (filename) VALUES ('streamed.wav') RETURNING id")
     try:
         with another_ingest(stack, "ingest-two-streams", MAX_EVENT_STREAMS="2") as api, httpx.Client(
@@ -187,6 +188,11 @@ def test_event_streams_past_the_limit_are_told_to_come_back_later(stack):
                 with client.stream("GET", f"{api}/events") as refused:
                     assert refused.status_code == 503 and refused.headers["retry-after"].isdigit()
                     assert "event streams" in json.loads(refused.read())["detail"]
+                # A browser's EventSource stops for good on a 503: it is given a stream that ends
+                # at once and has it reconnect after Retry-After's wait.
+                told = client.get(f"{api}/events", headers={"Accept": "text/event-stream"})
+                assert told.status_code == 200 and told.headers["content-type"].startswith("text/event-stream")
+                assert told.text.startswith(": 2 event streams are in progress") and "\nretry: 5000\n\n" in told.text
                 # Other requests are not counted.
                 assert client.get(f"{api}/transcripts/{running}").status_code == 200
             deadline = time.monotonic() + 15

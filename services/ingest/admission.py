@@ -12,7 +12,7 @@ import contextvars
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import BinaryIO
 
 from litestar._multipart import parse_content_header
@@ -117,10 +117,34 @@ def _is_openai_upload(scope: Scope) -> bool:
     return scope["path"] in OPENAI_PATHS and scope["method"] == "POST"
 
 
+async def _refuse_busy(send: Send, scope: Scope, detail: str) -> None:
+    await _refuse(send, scope, 503, detail, retry_after=True)
+
+
+def _asks_for_event_stream(scope: Scope) -> bool:
+    """An `EventSource` (it sends `Accept: text/event-stream`; the page reads with fetch and does not)."""
+    return any(name == b"accept" and b"text/event-stream" in value.lower() for name, value in scope["headers"])
+
+
+async def _refuse_event_stream(send: Send, scope: Scope, detail: str) -> None:
+    """Past MAX_EVENT_STREAMS. An EventSource given a 503 stops for good, so it is given a stream
+    that ends at once, saying why, whose `retry` has it come back after Retry-After's wait; any
+    other client gets the 503 with Retry-After."""
+    if not _asks_for_event_stream(scope):
+        await _refuse_busy(send, scope, detail)
+        return
+    body = f": {detail}\nretry: {RETRY_AFTER_S * 1000}\n\n".encode()
+    await send({"type": "http.response.start", "status": 200, "headers": [
+        (b"content-type", b"text/event-stream; charset=utf-8"), (b"content-length", str(len(body)).encode()),
+        (b"cache-control", b"no-cache"), (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
+
+
 def _limit_middleware(limit: int, applies: Callable[[Scope], bool], what: str, scope_key: str,
-                      may_claim: Callable[[Scope], bool] = lambda scope: False, full_key: str | None = None):
+                      may_claim: Callable[[Scope], bool] = lambda scope: False, full_key: str | None = None,
+                      refuse: Callable[[Send, Scope, str], Awaitable[None]] = _refuse_busy):
     """At most `limit` requests that `applies` to in progress at once in this process, each
-    counted until its response has ended; past it, 503 with Retry-After. A request that
+    counted until its response has ended; past it, `refuse` answers (503 with Retry-After). A request that
     `may_claim` one is given `scope[scope_key]`, a function that takes a place (False when there
     is none), held from then until its response has ended. With `full_key`, a request holding a
     place is given `scope[full_key]`, a function that says whether every place is taken."""
@@ -154,8 +178,8 @@ def _limit_middleware(limit: int, applies: Callable[[Scope], bool], what: str, s
                     scope[full_key] = lambda: in_progress >= limit
                     told = _uploads_full.set(scope[full_key])
             else:
-                await _refuse(send, scope, 503, f"{in_progress} {what} are in progress, the most this server takes"
-                                                f" at once; try again in {RETRY_AFTER_S} s", retry_after=True)
+                await refuse(send, scope, f"{in_progress} {what} are in progress, the most this server takes"
+                                          f" at once; try again in {RETRY_AFTER_S} s")
                 return
             try:
                 await app(scope, receive, send)
@@ -178,7 +202,8 @@ def event_stream_limit_middleware(limit: int):
     """MAX_EVENT_STREAMS: each open stream reads PostgreSQL every second, so without a bound
     enough idle browser tabs would hold the database pool that every request needs. An
     OpenAI-compatible request with stream=true claims its place once its upload is stored."""
-    return _limit_middleware(limit, _is_event_stream, "event streams", CLAIM_EVENT_STREAM, _is_openai_upload)
+    return _limit_middleware(limit, _is_event_stream, "event streams", CLAIM_EVENT_STREAM, _is_openai_upload,
+                             refuse=_refuse_event_stream)
 
 
 def _idle_bounded(receive: Receive, full: Callable[[], bool] = lambda: False) -> Receive:
