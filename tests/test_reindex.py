@@ -69,6 +69,20 @@ def test_usage_counts_each_keys_audio_and_outlives_deleted_jobs(keyed):
     admin.close()
 
 
+def test_the_admins_usage_tells_apart_keys_that_end_alike_and_does_not_show_short_keys():
+    """Keys named by their last four characters alone: alice-key-2026 and bob-key-2026 were two lines
+    "…2026" nobody could tell apart, and a key "abcd" was shown whole."""
+    from services.ingest.auth import owner_of
+    from services.ingest.usage import key_names
+
+    names = key_names(["alice-key-2026", "bob-key-2026", "abcd", "team-key-02"])
+    assert list(names) == [owner_of(key) for key in ("alice-key-2026", "bob-key-2026", "abcd", "team-key-02")]
+    alice, bob, short, team = names.values()
+    assert alice == f"…2026 #{owner_of('alice-key-2026')[:8]}" and bob == f"…2026 #{owner_of('bob-key-2026')[:8]}"
+    assert short == f"a short key #{owner_of('abcd')[:8]}" and "abcd" not in short
+    assert team == "…y-02"
+
+
 def test_usage_tells_removed_keys_apart_and_lists_keys_without_jobs(keyed):
     """Every key no longer in API_KEYS read "a removed key" (two of them: two lines alike), and a
     key without jobs in the period was left out, where the README says every key is listed."""

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from datetime import UTC, date, datetime, timedelta
 from typing import Annotated
 
@@ -99,7 +100,7 @@ async def usage_by_key(state: State, request: Request, since: EndedSince = None,
     admin_only(state.settings, request, "see every key's usage")
     start, end = period(since, until)
     rows = await jobstore.usage_by_day(state.pool, None, start, end, everyone=True)
-    names = {owner_of(key): f"…{key[-4:]}" for key in state.settings.api_key_list}
+    names = key_names(state.settings.api_key_list)
     # Every key in API_KEYS, in its order (one without jobs in the period with zeros), then the
     # removed keys that had jobs, then the jobs without a key.
     by_owner: dict[str | None, list] = {owner: [] for owner in names}
@@ -113,6 +114,24 @@ async def usage_by_key(state: State, request: Request, since: EndedSince = None,
 # Of a removed key's hash (owner_of, itself no secret: SHA-256 of the key), what tells it apart
 # from the others: whoever still has the key finds it with `printf %s KEY | sha256sum`.
 REMOVED_KEY_HASH_CHARS = 8
+
+
+# A key this short or shorter would be half shown by its last four characters.
+SHORT_KEY_CHARS = 8
+
+
+def key_names(keys: list[str]) -> dict[str, str]:
+    """Each key's hash and how the admin's list names it: by its last four characters, with its
+    hash's tag beside them where another key ends alike; a short key by the tag alone."""
+    endings = Counter(key[-4:] for key in keys)
+
+    def name(key: str) -> str:
+        tag = f"#{owner_of(key)[:REMOVED_KEY_HASH_CHARS]}"
+        if len(key) <= SHORT_KEY_CHARS:
+            return f"a short key {tag}"
+        return f"…{key[-4:]}" + (f" {tag}" if endings[key[-4:]] > 1 else "")
+
+    return {owner_of(key): name(key) for key in keys}
 
 
 def _key_name(owner: str | None, names: dict[str, str]) -> str:
