@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -1146,3 +1147,72 @@ def test_a_name_server_blip_is_answered_503_with_retry_after_not_a_final_400(not
     assert missing.json()["detail"] == ("webhook URL refused: nothing.example does not resolve to a public address"
                                         " (set WEBHOOK_ALLOW_PRIVATE=true to allow private ones)")
     assert not stack.query("SELECT 1 FROM webhooks WHERE url = 'https://blip.example/hook'")
+
+
+def test_owner_less_webhooks_take_no_events_while_api_keys_are_set(notified):
+    """A webhook registered while API_KEYS was unset has no owner: once keys are set, no key can
+    list or remove it, yet it got every owner-less job's events (a bucket drop's without
+    INBOX_API_KEY), segment text included. While keys are set it takes none, and the notifier
+    says at start how many there are and how to remove them; a key's webhook, and an owner-less
+    job's own callback_url (only that job's ending, asked for by its submitter), still take theirs.
+    Without keys the owner-less webhook takes them as before."""
+    from common.messages import SegmentCreated, TranscriptCompleted
+
+    stack, receiver = notified
+    ownerless_job, keyed_job = (stack.value(
+        "INSERT INTO transcripts (filename, status, stage, progress, owner) VALUES ($1, 'done', 'done', 1, $2)"
+        " RETURNING id", filename, owner) for filename, owner in (("ownerless.wav", None), ("keyed.wav", "a-key-hash")))
+    everything = ["segment.created", "transcript.completed"]
+    ownerless_hook = stack.value("INSERT INTO webhooks (url, events, secret) VALUES ($1, $2, 'a-secret-of-16-chars')"
+                                 " RETURNING id", receiver.url("/ok-ownerless"), everything)
+    keyed_hook = stack.value("INSERT INTO webhooks (owner, url, events, secret) VALUES ('a-key-hash', $1, $2,"
+                             " 'a-secret-of-16-chars') RETURNING id", receiver.url("/ok-keyed"), everything)
+    stack.query("INSERT INTO webhooks (url, events, secret, job_id) VALUES ($1, '{transcript.completed}',"
+                " 'a-secret-of-16-chars', $2)", receiver.url("/ok-ownerless-callback"), ownerless_job)
+    ownerless_hooks = stack.value("SELECT count(*) FROM webhooks WHERE owner IS NULL AND job_id IS NULL")
+
+    def publish_events(*events) -> None:
+        async def publish() -> None:
+            connection = await connect(stack.settings(), "test-ownerless-events")
+            try:
+                bus = await open_bus(connection, stack.settings())
+                for event in events:
+                    await bus.publish_event(event)
+            finally:
+                await connection.close()
+
+        asyncio.run(publish())
+
+    def segment_of(job_id: int) -> SegmentCreated:
+        return SegmentCreated(job_id=job_id, transcript_id=job_id, chunk_index=0, index=0, speaker="spk_0",
+                              start_ts=0.0, end_ts=1.0, text="the account number is 4711")
+
+    env = {**stack.env, "METRICS_PORT": str(stack.metrics_ports["notifier"]), "API_KEYS": "key-a,key-b"}
+    stack.stop("notifier")
+    log_from = len(stack.log_text("notifier"))
+    stack.start("notifier", "-m", "services.notifier", env=env)
+    try:
+        wait_for(lambda: "consuming stt.notifier (" in stack.log_text("notifier")[log_from:], 60, "the notifier")
+        log = stack.log_text("notifier")[log_from:]
+        warned = re.findall(r"\| WARNING +\| [\w.:]+ \| (\d+) webhooks registered while API_KEYS was unset .*"
+                            r"DELETE FROM webhooks WHERE owner IS NULL AND job_id IS NULL", log)
+        assert warned == [str(ownerless_hooks)], log
+        publish_events(segment_of(ownerless_job), segment_of(keyed_job),
+                       TranscriptCompleted(job_id=ownerless_job, transcript_id=ownerless_job,
+                                           filename="ownerless.wav", segment_count=1))
+        # Events are fanned out in the order they came: by the callback's, the segments' were too.
+        wait_for(lambda: receiver.events("/ok-ownerless-callback", ownerless_job), 60, "the owner-less job's callback")
+        wait_for(lambda: receiver.events("/ok-keyed", keyed_job), 60, "the key's webhook")
+        assert not stack.query("SELECT 1 FROM webhook_deliveries WHERE webhook_id = $1", ownerless_hook)
+        assert not receiver.got("/ok-ownerless")
+
+        stack.stop("notifier")
+        stack.start_service("notifier")  # without keys, as before
+        publish_events(segment_of(ownerless_job))
+        [sent] = wait_for(lambda: receiver.events("/ok-ownerless", ownerless_job), 60, "the owner-less webhook")
+        assert sent["data"]["text"] == "the account number is 4711"
+    finally:
+        stack.query("DELETE FROM webhooks WHERE id = ANY ($1::bigint[])", [ownerless_hook, keyed_hook])
+        stack.query("DELETE FROM transcripts WHERE id = ANY ($1::bigint[])", [ownerless_job, keyed_job])
+        stack.stop("notifier")
+        stack.start_service("notifier")

@@ -57,6 +57,7 @@ async def main() -> None:
     delivering_webhooks()
     pool = await create_pool(settings, max_size=DELIVERY_PREFETCH + 4)
     await apply_migrations(pool)
+    await handler.warn_of_ownerless_endpoints(pool, settings)
     connection = await connect(settings, "notifier")
     bus = await open_bus(connection, settings)
     await declare_queue(connection, EVENTS_QUEUE, {"x-queue-type": "quorum", "x-single-active-consumer": True,
@@ -68,7 +69,7 @@ async def main() -> None:
     await declare_delay_queues(bus.channel, handler.DELIVERY_QUEUE,
                                [*settings.webhook_retry_delays, handler.BUSY_ENDPOINT_DELAY_S])
     async with http_session(settings.webhook_allow_private) as http:
-        fan_out = functools.partial(handler.fan_out, pool)
+        fan_out = functools.partial(handler.fan_out, pool, keys_configured=bool(settings.api_key_list))
         deliver = functools.partial(handler.deliver, pool, http, settings, bus)
         log.info("notifier ready")
         await asyncio.gather(

@@ -64,24 +64,43 @@ MARK_CHECKS_KEPT = 100_000
 _next_mark_check: dict[tuple[int, int], float] = {}
 
 
-async def fan_out(pool: asyncpg.Pool, event: Contract) -> AsyncIterator[WebhookDue]:
-    """A delivery per webhook that takes `event` (idempotent: a redelivered event adds none)."""
+async def fan_out(pool: asyncpg.Pool, event: Contract, *, keys_configured: bool = False
+                  ) -> AsyncIterator[WebhookDue]:
+    """A delivery per webhook that takes `event` (idempotent: a redelivered event adds none).
+    `keys_configured` (API_KEYS set): endpoints without an owner take nothing (warn_of_ownerless_endpoints)."""
     payload = WebhookPayload(type=event.ROUTING_KEY, timestamp=datetime.now(UTC), data=event).model_dump_json()
     async with pool.acquire() as conn:
         rows = await conn.fetch(
             """INSERT INTO webhook_deliveries (webhook_id, event_id, event_type, job_id, payload)
                SELECT w.id, $1, $2, $3, $4 FROM webhooks w
                 WHERE $2 = ANY (w.events)
-                  AND (w.job_id = $3 OR (w.job_id IS NULL AND coalesce(w.owner, '') = (
+                  AND (w.job_id = $3 OR (w.job_id IS NULL AND (w.owner IS NOT NULL OR NOT $5)
+                      AND coalesce(w.owner, '') = (
                       -- The job's owner; from the usage ledger when the job was deleted since it ended.
                       SELECT coalesce(owner, '') FROM (SELECT owner FROM transcripts WHERE id = $3
                           UNION ALL SELECT owner FROM job_usage WHERE job_id = $3) o LIMIT 1)))
                ON CONFLICT (webhook_id, event_id) DO UPDATE SET event_type = EXCLUDED.event_type
                RETURNING webhook_id, status""",
-            event.message_id, event.ROUTING_KEY, event.job_id, payload)
+            event.message_id, event.ROUTING_KEY, event.job_id, payload, keys_configured)
     for row in rows:
         if row["status"] == "pending":
             yield WebhookDue(job_id=event.job_id, webhook_id=row["webhook_id"])
+
+
+async def warn_of_ownerless_endpoints(pool: asyncpg.Pool, settings: Settings) -> int:
+    """With API_KEYS set, how many endpoints registered while it was unset (owner NULL) take no
+    events, logged once: no key can list or remove them (GET/DELETE /webhooks are a key's own), so
+    each would get every owner-less job's events (bucket drops without INBOX_API_KEY), segment
+    text included, for ever. A job's own callback_url is still used: it takes only that job's
+    ending, which its submitter asked for, and goes with the job."""
+    if not settings.api_key_list:
+        return 0
+    count = await pool.fetchval("SELECT count(*) FROM webhooks WHERE owner IS NULL AND job_id IS NULL")
+    if count:
+        log.warning("%d webhooks registered while API_KEYS was unset belong to no key and are no longer sent"
+                    " events while it is set; remove them with DELETE FROM webhooks WHERE owner IS NULL AND"
+                    " job_id IS NULL, or unset API_KEYS to use them again", count)
+    return count
 
 
 class EventOfANewerVersion(BaseModel):
