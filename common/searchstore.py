@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import hashlib
+import html
 import logging
 from collections.abc import Sequence
 from datetime import datetime
@@ -171,20 +172,31 @@ async def search_text(pool: asyncpg.Pool, query: str, *, limit: int, timeout_s: 
             *args)
 
 
+# ts_headline marks the matched words with these, and the text is HTML-escaped after: marking the
+# raw text (as it was indexed) keeps the marks on the words the index matched, where escaping it
+# first would have the parser read "&lt;", "&amp;" and what was a tag otherwise. These two
+# characters in the text itself become spaces (blanks to the parser too): each one left is a mark.
+_MARK_START, _MARK_END = "\x01", "\x02"
+
+
+def _marked_html(headline: str) -> str:
+    return html.escape(headline).replace(_MARK_START, "<mark>").replace(_MARK_END, "</mark>")
+
+
 async def highlights(db: Db, query: str, keys: list[tuple[int, int, int]]) -> dict[tuple[int, int, int], str]:
-    """The text of these segments (transcript_id, chunk_index, index) with the words `query`
-    matched marked <mark>...</mark>, each in its own language."""
+    """The text of these segments (transcript_id, chunk_index, index) as HTML: escaped, with the
+    words `query` matched, each in its segment's language, in <mark>...</mark>, its only markup."""
     if not keys:
         return {}
     rows = await db.fetch(
         "SELECT s.transcript_id, s.chunk_index, s.index,"
-        f" ts_headline({_SEGMENT_TEXT_CONFIG}, s.text, q.query,"
-        " 'StartSel=<mark>, StopSel=</mark>, HighlightAll=true') AS highlighted"
+        f" ts_headline({_SEGMENT_TEXT_CONFIG}, translate(s.text, $5, '  '), q.query, $6) AS headline"
         f" FROM segments s JOIN transcripts t ON t.id = s.transcript_id, (SELECT {_TEXT_QUERY} AS query) q"
         " WHERE (s.transcript_id, s.chunk_index, s.index) IN"
         " (SELECT * FROM unnest($2::bigint[], $3::int[], $4::int[]))",
-        query, [k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys])
-    return {(r["transcript_id"], r["chunk_index"], r["index"]): r["highlighted"] for r in rows}
+        query, [k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys],
+        _MARK_START + _MARK_END, f"StartSel={_MARK_START}, StopSel={_MARK_END}, HighlightAll=true")
+    return {(r["transcript_id"], r["chunk_index"], r["index"]): _marked_html(r["headline"]) for r in rows}
 
 
 async def search_semantic(pool: asyncpg.Pool, vector: list[float], model: str, *, limit: int,

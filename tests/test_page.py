@@ -916,10 +916,12 @@ def test_only_a_search_the_embedding_service_refused_is_asked_again_by_words(emb
     """Every 503 of a search was asked again with mode=text: one over its time limit, or with the
     database away, made the person wait twice, then read that search by meaning was unavailable.
     Those now say why they failed, at once; the embedding service's own 503 (its extra.code), here
-    the server's, is still searched by words."""
+    the server's, is still searched by words. Markup a transcript says shows as text: the page
+    turned a "<mark>" typed in a correction into a highlight."""
     stack = embedder_away
     tag = uuid.uuid4().hex[:6]
-    job_id = a_recording_in_the_database(stack, f"quokka_{tag}.wav", [("spk_0", "A quokka smiled at the camera.")])
+    said = "A quokka smiled at the <b>camera</b> & <mark>us</mark>."
+    job_id = a_recording_in_the_database(stack, f"quokka_{tag}.wav", [("spk_0", said)])
     stack.query("UPDATE segments SET search_text = to_tsvector(stt_text_config('en'), text) WHERE transcript_id = $1",
                 job_id)
     page = browser.new_page()
@@ -953,8 +955,10 @@ def test_only_a_search_the_embedding_service_refused_is_asked_again_by_words(emb
         page.fill("#query", "quokka")
         page.press("#query", "Enter")
         page.locator("#hits li", has_text="by words only").wait_for(timeout=30_000)
-        page.locator("#hits li button", has_text=f"quokka_{tag}.wav").wait_for(timeout=30_000)
+        hit = page.locator("#hits li button", has_text=f"quokka_{tag}.wav")
+        hit.wait_for(timeout=30_000)
         assert len(asked) == 2 and "mode=text" not in asked[0] and asked[1].endswith("&mode=text"), asked
+        assert hit.inner_text().endswith(f": {said}") and hit.locator("mark").all_inner_texts() == ["quokka"]
         assert errors == []
     finally:
         page.close()

@@ -294,6 +294,26 @@ def test_pages_of_hits_that_tie_hold_each_hit_once(stack: Stack, mode):
         stack.query("DELETE FROM transcripts WHERE id = $1", job_id)
 
 
+def test_the_marked_text_is_escaped_html_whose_only_markup_is_the_marks(stack: Stack):
+    """`highlighted` was the text as said with <mark> tags added: a "<mark>" typed in a correction
+    was shown as a highlight, and a client showing `highlighted` as HTML showed any markup a
+    transcript held. Now everything the text says is escaped; the matched words alone are marked."""
+    said = 'Type <mark>this</mark> & <b>bold</b> "quoted"\x01tariffs.'  # \x01: what ts_headline marks with
+    job_id = stack.value("INSERT INTO transcripts (filename, status, language) VALUES ('markup.wav', 'done', 'en')"
+                         " RETURNING id")
+    try:
+        stack.query("INSERT INTO segments (transcript_id, chunk_index, index, speaker, start_ts, end_ts, text,"
+                    " search_text) VALUES ($1, 0, 0, 'spk_0', 0, 1, $2, to_tsvector('english', $2))", job_id, said)
+        escaped = "Type &lt;mark&gt;this&lt;/mark&gt; &amp; &lt;b&gt;{}&lt;/b&gt; &quot;quoted&quot; {}."
+        with httpx.Client(timeout=60) as client:
+            for query, marked in (("tariffs", escaped.format("bold", "<mark>tariffs</mark>")),
+                                  ("bold", escaped.format("<mark>bold</mark>", "tariffs"))):
+                hits = search(stack, client, q=query, mode="text", transcript_id=job_id).json()["items"]
+                assert [(hit["text"], hit["highlighted"]) for hit in hits] == [(said, marked)], hits
+    finally:
+        stack.query("DELETE FROM transcripts WHERE id = $1", job_id)
+
+
 async def short_walk_pool(stack: Stack) -> asyncpg.Pool:
     """A connection whose HNSW index walks come back short (one row rejected by the filters ends
     it), and which never plans a search without the index: a crowded store in miniature."""

@@ -1546,8 +1546,8 @@ async function search(event) {
       const item = document.createElement("li");
       const button = document.createElement("button");
       button.type = "button";
-      // Only <mark> survives from the highlighted text: everything else is escaped.
-      const text = escapeHtml(hit.highlighted || hit.text).replace(/&lt;(\/?)mark&gt;/g, "<$1mark>");
+      // `highlighted` is HTML already: the text escaped, the matched words in <mark>.
+      const text = hit.highlighted || escapeHtml(hit.text);
       button.innerHTML = `<strong></strong> <span class="time">[${clock(hit.start_ts)}]</span> <em></em>: ${text}`;
       button.querySelector("strong").textContent = hit.filename;
       button.querySelector("em").textContent = hit.speaker_name || hit.speaker;
