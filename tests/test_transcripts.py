@@ -1010,3 +1010,30 @@ def test_rttm_of_a_file_or_speakers_named_as_pandas_na_strings_reads_back_whole(
     assert uri == "null_"
     assert [label for _, _, label in hypothesis.itertracks(yield_label=True)] == ["None_", "NA_", "n/a_", "spk_3"]
 
+
+
+def test_rttm_of_a_file_or_speakers_named_with_double_quotes_reads_back_as_written(tmp_path):
+    """pandas reads a field that starts with `"` as quoted: `"Bob"` came back as Bob, one with
+    Bob's name, and a lone `"` swallowed the rest of the file."""
+    from pyannote.database.util import load_rttm
+
+    turns = [SpeakerTurn(speaker=f"spk_{n}", start=2.0 * n, end=2.0 * n + 1.5) for n in range(5)]
+    names = {"spk_0": '"Bob"', "spk_1": "Bob", "spk_2": '"Ann', "spk_3": 'Jo "JJ" Lee'}
+    rttm = to_rttm(rttm_uri('"draft.wav'), turns, names)
+    (tmp_path / "hyp.rttm").write_text(rttm)
+    [(uri, hypothesis)] = load_rttm(tmp_path / "hyp.rttm").items()
+    labels = [label for _, _, label in hypothesis.itertracks(yield_label=True)]
+    assert uri == "'draft" and labels == ["'Bob'", "Bob", "'Ann", "Jo_'JJ'_Lee", "spk_4"]
+    assert [line.split()[1] for line in rttm.splitlines()] == [uri] * 5
+    assert [line.split()[7] for line in rttm.splitlines()] == labels  # each reads back as written
+
+
+def test_download_name_replaces_only_an_extension():
+    """A dot in a name is not always an extension's: "Dr. Smith interview" was downloaded as Dr.srt."""
+    assert [download_name(name, "srt") for name in (
+        "Dr. Smith interview", "2025.11.25 standup", "standup 2025.11.25", "meeting.", "clip.WEBM", "x.m4a",
+        "call.3gp", "notes v1.2", "a.tar.gz")] == [
+        "Dr. Smith interview.srt", "2025.11.25 standup.srt", "standup 2025.11.25.srt", "meeting.srt", "clip.srt",
+        "x.srt", "call.srt", "notes v1.2.srt", "a.tar.srt"]
+    assert (rttm_uri("Dr. Smith interview"), rttm_uri("2025.11.25 standup.m4a")) == (
+        "Dr._Smith_interview", "2025.11.25_standup")

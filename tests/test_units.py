@@ -1203,3 +1203,76 @@ def test_ipv6_site_local_addresses_are_not_public():
 
     assert is_private_address("fec0::1") and is_private_address("feff::1") and is_private_address("fec0::1%eth0")
     assert not is_private_address("2606:4700::1")
+
+
+# ---- subtitle lines of scripts written without spaces, speaker labels ----------------------------
+
+
+def _pieces_segment(pieces: list[str], step: float = 0.45):
+    """A segment whose text is `pieces` written together, as Whisper gives Thai or Chinese: each
+    piece a word with its own time."""
+    from services.ingest.segments import TranscriptSegment
+
+    words = [Word(word=piece, start=round(0.3 + n * step, 3), end=round(0.3 + n * step + step - 0.1, 3))
+             for n, piece in enumerate(pieces)]
+    return TranscriptSegment(speaker="spk_0", start_ts=words[0].start, end_ts=words[-1].end,
+                             text="".join(pieces), words=words)
+
+
+def test_thai_subtitle_lines_never_start_with_a_mark_torn_from_its_syllable():
+    """Whisper cuts Thai into pieces that may start with a tone mark or vowel sign (ก + ่อน), or
+    end with a vowel written before its consonant (เ + ขา): a line that starts with ่ shows it on
+    nothing, a line that ends with เ tears the syllable in two."""
+    import unicodedata
+
+    from services.ingest.captions import caption_cues
+
+    pieces = (["ก", "่อน", "ท", "ี่", "เ", "ขา", "จะ", "ไป", "โ", "รง", "เ", "รียน", "น", "้ำ", "ก", "็", "ไหล"]
+              + ["ส", "วั", "สดี", "ค", "รับ", "วัน", "นี้", "อา", "กา", "ศ", "ร้", "อน", "ม", "า", "ก"]) * 2
+    for width in range(12, 21):
+        for count in (1, 2):
+            cues = caption_cues([_pieces_segment(pieces)], width, count, speaker_takes_room=False)
+            lines = [line for cue in cues for line in cue.lines]
+            assert "".join(lines) == "".join(pieces) and len(cues) > 1
+            on_nothing = [line for line in lines if unicodedata.category(line[0]) in ("Mn", "Mc", "Me")
+                          or line[0] in "ะาำ"]
+            torn_after_leading_vowel = [line for line in lines if line[-1] in "เแโใไ"]
+            assert (on_nothing, torn_after_leading_vowel) == ([], []), (width, count)
+
+
+def test_a_question_mark_of_chinese_or_thai_never_makes_a_cue_or_line_of_its_own():
+    from services.ingest.captions import caption_cues
+
+    chinese = _pieces_segment(["你", "今", "天", "去", "哪", "里", "？"])
+    assert [cue.lines for cue in caption_cues([chinese], 12, 1, speaker_takes_room=False)] == [
+        ["你今天去哪"], ["里？"]]
+    thai = _pieces_segment(["คุณ", "จะ", "ไป", "ไหน", "กัน", "ดี", "?"])  # 12 columns and the ?
+    assert [cue.lines for cue in caption_cues([thai], 12, 1, speaker_takes_room=False)] == [
+        ["คุณจะไปไหนกัน"], ["ดี?"]]
+    passage = list("我们今天开会。大家好！你去哪里？我不知道，真的。「好」、对吧？")
+    for width in range(12, 21):
+        for count in (1, 2):
+            cues = caption_cues([_pieces_segment(passage)], width, count, speaker_takes_room=False)
+            lines = [line for cue in cues for line in cue.lines]
+            assert "".join(lines) == "".join(passage)
+            assert not [line for line in lines if line[0] in "。！？，」、"], (width, count, lines)
+
+
+def test_a_speaker_label_is_spk_and_a_number_as_the_diarizer_writes_it():
+    """`spk_1\\n`, `spk_１` (full-width digit) and `spk_01` are not labels: a correction to one would
+    make a speaker no one else shows, and naming one while the job runs names no one."""
+    from services.ingest.corrections import SegmentCorrection
+    from services.ingest.segments import is_label
+    from services.ingest.speakers import FromTranscript
+
+    labels, not_labels = ["spk_0", "spk_7", "spk_10", "spk_9999"], ["spk_1\n", "spk_１", "spk_01", "spk_00",
+                                                                   "spk_10000", "spk_", " spk_1", "spk_-1"]
+    assert [is_label(text) for text in labels + not_labels] == [True] * len(labels) + [False] * len(not_labels)
+    for text in labels:
+        assert SegmentCorrection(speaker=text).speaker == text
+        assert FromTranscript(name="Anna", transcript_id=1, label=text).label == text
+    for text in not_labels:
+        with pytest.raises(ValidationError):
+            SegmentCorrection(speaker=text)
+        with pytest.raises(ValidationError):
+            FromTranscript(name="Anna", transcript_id=1, label=text)

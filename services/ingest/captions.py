@@ -76,11 +76,35 @@ def written_with_spaces(character: str) -> bool:
         first <= code <= last for first, last in UNSPACED_SCRIPTS)
 
 
+# Thai and Lao vowels written before the consonant they follow in speech: the syllable goes on.
+LEADING_VOWELS = frozenset("\u0e40\u0e41\u0e42\u0e43\u0e44\u0ec0\u0ec1\u0ec2\u0ec3\u0ec4")
+# Thai and Lao vowels and the repetition mark, letters rather than marks, that only follow one.
+FOLLOWING_LETTERS = frozenset("\u0e30\u0e32\u0e33\u0e45\u0e46\u0eb0\u0eb2\u0eb3\u0ec6")
+# Punctuation that ends what is before it, where the script puts no space before it: full stops
+# and commas of Thai, Myanmar and Khmer, and the ASCII ones that follow those scripts' words.
+CLOSING_MARKS = frozenset(".?!…,;:%\u0e5a\u0e5b\u104a\u104b\u17d4\u17d5\u17d6")
+# Wide punctuation that opens or stands alone rather than closes (#, @, quotes, the song mark).
+WIDE_NOT_CLOSING = frozenset("〽＂＇＃＆＊＠＼﹟﹠﹡﹨﹫")
+
+
+def _part_of_previous_letter(character: str) -> bool:
+    """A combining mark (a Thai tone mark, a vowel sign) or a vowel that only follows a consonant."""
+    return unicodedata.category(character) in ("Mn", "Mc", "Me") or character in FOLLOWING_LETTERS
+
+
+def _closing(character: str) -> bool:
+    """Punctuation that ends what is before it: ）, ？, 。, and the full stops of Thai, Myanmar, Khmer."""
+    category = unicodedata.category(character)
+    return category == "Pe" or character in CLOSING_MARKS or (
+        category == "Po" and unicodedata.east_asian_width(character) in "WF" and character not in WIDE_NOT_CLOSING)
+
+
 def _tokens(segment: Captioned) -> list[_Token] | None:
     """The words with their spacing as in the segment's text (none between Chinese words), or
     None when the segment has no word times or its words are not found in its text (blank ones
-    left out). Words
-    written together ("12" "%") make one token."""
+    left out). A token is where a line may break after: words written together ("12" "%") make
+    one, and so do pieces of one syllable (Whisper cuts Thai, Lao, Khmer and Myanmar words into
+    pieces that may start with a tone mark or vowel sign) and a word with the ？ after it."""
     if not segment.words:
         return None
     tokens, cursor = [], 0
@@ -92,10 +116,16 @@ def _tokens(segment: Captioned) -> list[_Token] | None:
         if found < 0:
             return None
         spaced = found > cursor and segment.text[cursor:found].isspace()
-        if tokens and not spaced and written_with_spaces(tokens[-1].text[-1]) and written_with_spaces(bare[0]):
+        previous = tokens[-1].text[-1] if tokens else ""
+        together = bool(tokens) and (
+            # A syllable is never torn: a mark or dependent vowel stays with the letter before it
+            # (even past a space, on which it would otherwise sit), a leading vowel with the next.
+            _part_of_previous_letter(bare[0]) or previous in LEADING_VOWELS
             # "12" and "%": a line may break between two words only where a space is, or
-            # between characters of a script written without spaces.
-            tokens[-1] = _Token(tokens[-1].text + bare, tokens[-1].start, word.end)
+            # between characters of a script written without spaces, but never before "？".
+            or not spaced and (written_with_spaces(previous) and written_with_spaces(bare[0]) or _closing(bare[0])))
+        if together:
+            tokens[-1] = _Token(tokens[-1].text + (" " if spaced else "") + bare, tokens[-1].start, word.end)
         else:
             tokens.append(_Token((" " if spaced and tokens else "") + bare, word.start, word.end))
         cursor = found + len(bare)

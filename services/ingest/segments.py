@@ -9,8 +9,14 @@ import asyncpg
 
 from common.messages import StoredSegment, Word
 
-# A recording speaker's label, as both diarizer backends write it.
-LABEL = re.compile(r"^spk_\d{1,4}$")
+# A recording speaker's label, as both diarizer backends write it: spk_0, spk_1... in ASCII digits
+# without a leading zero. Also a pydantic pattern, which the Rust regex engine reads: there `$` is
+# the end of the text, while Python's re.match lets it match before a final newline (is_label).
+LABEL = re.compile(r"^spk_(?:0|[1-9][0-9]{0,3})$")
+
+
+def is_label(text: str) -> bool:
+    return LABEL.fullmatch(text) is not None
 
 
 class TranscriptSegment(StoredSegment):

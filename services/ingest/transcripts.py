@@ -32,7 +32,7 @@ from services.ingest.auth import request_owner
 from services.ingest.captions import LINE_COUNT, LINE_WIDTH, caption_cues
 from services.ingest.errors import MAX_ID, error_responses
 from services.ingest.jobs import percent_done, public_stage, result_keys, upload_key
-from services.ingest.segments import LABEL, TranscriptSegment, transcript_segment
+from services.ingest.segments import TranscriptSegment, is_label, transcript_segment
 from services.ingest.speakers import clean_name
 
 log = logging.getLogger(__name__)
@@ -163,7 +163,10 @@ PANDAS_NA_STRINGS = frozenset({
 
 
 def rttm_token(token: str) -> str:
-    """A file id or speaker as RTTM readers built on pandas read it back: an NA string gets a `_`."""
+    """A file id or speaker as RTTM readers built on pandas read it back: `"` becomes `'` (pandas
+    reads a field that starts with one as quoted: `"Bob"` as Bob, and a lone `"` swallows the rest
+    of the file), and an NA string gets a `_`."""
+    token = token.replace('"', "'")
     return f"{token}_" if token in PANDAS_NA_STRINGS else token
 
 
@@ -188,10 +191,16 @@ def to_rttm(uri: str, turns: Sequence[SpeakerTurn], names: dict[str, str] | None
                    " <NA> <NA>\n" for t in joined if round(t.end - t.start, 3) > 0)
 
 
+# What follows a name's last dot when that is an extension (mp3, m4a, webm): not "25 standup" of
+# "2025.11.25 standup", nor " Smith interview" of "Dr. Smith interview"; nothing after a final dot.
+_EXTENSION = re.compile(r"(?=[0-9]*[A-Za-z])[A-Za-z0-9]{1,5}|")
+
+
 def download_name(filename: str, extension: str) -> str:
-    """meeting.mp3 -> meeting.srt (the original name with the format's extension)."""
-    stem, dot, _ = filename.rpartition(".")
-    return f"{stem if dot and stem else filename}.{extension}"
+    """meeting.mp3 -> meeting.srt (the original name with the format's extension in place of its
+    own, where it has one)."""
+    stem, dot, own = filename.rpartition(".")
+    return f"{stem if dot and stem and _EXTENSION.fullmatch(own) else filename}.{extension}"
 
 
 def stored_filename(filename: str, redacted: bool) -> str:
@@ -524,7 +533,7 @@ async def name_speakers(job_id: JobId, state: State, request: Request,
         labels = await jobstore.job_speaker_labels(conn, job_id) | set(before)
         # While the job runs, a speaker may be named before the diarizer has reached it.
         unknown = sorted(label for label in data if label not in labels
-                         and not (job["status"] == "processing" and LABEL.match(label)))
+                         and not (job["status"] == "processing" and is_label(label)))
         if not data or unknown:
             raise HTTPException(status_code=400, detail=f"no such speaker in job {job_id}: {', '.join(unknown)}"
                                 if unknown else "name at least one speaker: {\"spk_0\": \"Anna\"}")

@@ -954,11 +954,14 @@ function showStatus(job) {
   $("#transcript").dataset.status = job.status;
 }
 
-// meeting.mp3 -> meeting.json, as the server names the other formats (download_name).
+// meeting.mp3 -> meeting.json, as the server names the other formats (download_name): only an
+// extension is replaced ("Dr. Smith interview" keeps its whole name).
 function downloadName(jobId, format) {
   const filename = (state.jobs.get(jobId) || {}).filename || "transcript";
   const dot = filename.lastIndexOf(".");
-  return `${dot > 0 ? filename.slice(0, dot) : filename}.${format}`;
+  const own = dot > 0 ? filename.slice(dot + 1) : null;
+  const isExtension = own !== null && (own === "" || /^(?=[0-9]*[A-Za-z])[A-Za-z0-9]{1,5}$/.test(own));
+  return `${isExtension ? filename.slice(0, dot) : filename}.${format}`;
 }
 
 // The exact name (filename*=UTF-8''…, any language) before the ASCII stand-in (filename="…").
