@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import html
 import json
 import logging
 import os
@@ -156,9 +157,22 @@ def fail(message: str) -> NoReturn:
 
 def api_client(api: str, api_key: str | None) -> httpx.Client:
     try:
-        return httpx.Client(base_url=api_base(api), headers=auth_headers(api_key), timeout=REQUEST_TIMEOUT)
+        base_url, headers = api_base(api), auth_headers(api_key)
     except ValueError as exc:
         fail(str(exc))
+    refuse_a_key_with_a_user_in_the_address(api, api_key)
+    return httpx.Client(base_url=base_url, headers=headers, timeout=REQUEST_TIMEOUT)
+
+
+def refuse_a_key_with_a_user_in_the_address(api: str, api_key: str | None) -> None:
+    """A usage error (2) for an API key given with a user name or password in the address: httpx
+    sends the address's as Basic auth, and its Authorization header silently took the place of the
+    key's (`Bearer <key>`)."""
+    if (api_key or "").strip() and userinfo_of(api) is not None:
+        raise typer.BadParameter(
+            "the address holds a user name or password (https://user:password@host), which is sent as"
+            " 'Authorization: Basic' in place of the API key (--api-key / STT_API_KEY): give one or the other",
+            param_hint="'--api' / STT_API_URL")
 
 
 def api_base(api: str) -> str:
@@ -319,12 +333,14 @@ def sent_with_key(send: Callable[[dict[str, str]], httpx.Response], *, said_of: 
     in time, a gateway gave up waiting for the API: 502, 504, 520-524) it is sent again with the
     same key, up to `attempts` times, and the service answers with what the first one made instead
     of making it again. While the service answers 503 with Retry-After (or a gateway's rate limit
-    429 with Retry-After), it waits that long and sends it again, for up to `busy_wait_s`.
+    429 with Retry-After), it waits that long and sends it again, for up to `busy_wait_s` from the
+    first such answer.
     AnswerLost when the last send fails after an earlier one may have made it, and at once when a
     gateway gave up on a request that must not be sent again (`gateway_gave_up_means` says why).
     `said_of` prefixes what is printed meanwhile."""
     headers = {"Idempotency-Key": str(uuid.uuid4())}
-    deadline = time.monotonic() + busy_wait_s
+    # From the first busy answer, not the first send: that answer may come after a long upload.
+    busy_until: float | None = None
     attempt = 1
     while True:
         try:
@@ -348,7 +364,11 @@ def sent_with_key(send: Callable[[dict[str, str]], httpx.Response], *, said_of: 
                 stderr.print(f"{said_of}a gateway answered {escape(gateway_said)}, sending it again")
             else:
                 wait_s = _retry_after_s(response)
-                if wait_s is None or time.monotonic() + wait_s > deadline:
+                if wait_s is None:
+                    break
+                if busy_until is None:
+                    busy_until = time.monotonic() + busy_wait_s
+                if time.monotonic() + wait_s > busy_until:
                     break
                 stderr.print(f"{said_of}the server is busy, trying again in {wait_s:g} s")
                 time.sleep(wait_s)
@@ -950,15 +970,18 @@ def get(
         stderr.print(f"wrote {escape(str(output))}")
 
 
+# /dev/stdout, /dev/fd/3, /proc/self/fd/3: a descriptor of this process, by its number.
+OWN_DESCRIPTOR_PATH = re.compile(r"/(?:dev/std(in|out|err)|(?:dev|proc/self|proc/thread-self)/fd/(\d+))")
+
+
 def write_atomically(path: Path, content: bytes) -> None:
     """`content` written to a temporary file beside `path` (beside the file a link points to),
     then renamed over it: a write that fails (a full disk, Ctrl-C) leaves the old file as it was,
     never half of the new one. Not a device or a pipe (`/dev/null`, `/dev/stdout`): written to as
-    it is."""
-    target = path.resolve()
-    if target.exists() and not target.is_file():
-        target.write_bytes(content)
+    it is (write_in_place)."""
+    if write_in_place(path, content):
         return
+    target = path.resolve()
     temporary = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
     try:
         with temporary.open("xb") as file:
@@ -971,17 +994,68 @@ def write_atomically(path: Path, content: bytes) -> None:
         raise
 
 
+def write_in_place(path: Path, content: bytes) -> bool:
+    """Writes `content` to `path` as it is, without a rename, and says so, where `path` is no
+    regular file (a device, a pipe), is under /proc/, or names a descriptor of this process
+    (/dev/stdout, /dev/fd/N), link by link. Decided on the path as given, before resolving it:
+    /dev/stdout resolves to the file the shell redirected stdout to, and a file renamed over that
+    one wiped what it held (`>> log.txt`). A descriptor is written through, at its offset: a file
+    opened for `{ ...; } > both.txt` is neither truncated nor written over."""
+    hop = os.path.abspath(path)
+    for _ in range(40):  # the kernel's own limit of links followed
+        if (own := OWN_DESCRIPTOR_PATH.fullmatch(hop)) and is_open(
+                descriptor := ("in", "out", "err").index(own[1]) if own[1] else int(own[2])):
+            sys.stdout.flush()
+            write_to_descriptor(descriptor, content)
+            return True
+        if hop.startswith("/proc/") or not os.path.islink(hop):
+            break
+        hop = os.path.normpath(os.path.join(os.path.dirname(hop), os.readlink(hop)))
+    if hop.startswith("/proc/"):
+        in_place = True
+    elif os.path.exists(path):
+        in_place = not os.path.isfile(path)
+    else:
+        # A mistyped device is not made a file (as root, in /dev): writing it fails. A new file
+        # in a folder under /dev (/dev/shm) is made as anywhere else.
+        in_place = os.path.dirname(hop) == "/dev"
+    if not in_place:
+        return False
+    descriptor = os.open(path, os.O_WRONLY | os.O_APPEND)
+    try:
+        write_to_descriptor(descriptor, content)
+    finally:
+        os.close(descriptor)
+    return True
+
+
+def is_open(descriptor: int) -> bool:
+    try:
+        os.fstat(descriptor)
+    except OSError:
+        return False
+    return True
+
+
+def write_to_descriptor(descriptor: int, content: bytes) -> None:
+    view = memoryview(content)
+    while view:
+        view = view[os.write(descriptor, view):]
+
+
 class SearchMode(StrEnum):
     hybrid = "hybrid"
     semantic = "semantic"
     text = "text"
 
 
-def marked(text: str) -> Text:
-    """Text with the server's <mark>...</mark> shown highlighted."""
+def marked(highlighted: str) -> Text:
+    """A hit's `highlighted` as text, what the server's <mark>...</mark> enclose shown highlighted.
+    The server escapes the text (HTML) and adds only those tags: a `<mark>` said in a transcript
+    comes as `&lt;mark&gt;`, and is shown as it was said."""
     line = Text()
-    for i, piece in enumerate(re.split(r"</?mark>", text)):
-        line.append(piece, style="bold reverse" if i % 2 else "")
+    for i, piece in enumerate(re.split(r"</?mark>", highlighted)):
+        line.append(html.unescape(piece), style="bold reverse" if i % 2 else "")
     return line
 
 
@@ -1110,8 +1184,8 @@ def search(
         line.append(f"[{clock(hit['start_ts'])}] ", style="dim")
         colour = colours(f"{hit['transcript_id']}:{hit['speaker']}")
         line.append(f"{hit.get('speaker_name') or hit['speaker']}: ", style=f"bold {colour}")
-        # Absent from hits only the semantic search found: nothing to mark.
-        line.append_text(marked(hit.get("highlighted") or hit["text"]))
+        # Absent from hits only the semantic search found: nothing to mark, and `text` is not escaped.
+        line.append_text(marked(hit["highlighted"]) if hit.get("highlighted") else Text(hit["text"]))
         stdout.print(line)
     if not hits:
         stderr.print("nothing found")
@@ -1145,6 +1219,11 @@ def reindex(
     state = "running" if progress["running"] else "done" if progress["pending_segments"] == 0 else "stopped"
     sys.stdout.write(f"{progress['done_segments']} segments embedded with {progress['model']},"
                      f" {progress['pending_segments']} to do ({state})\n")
+    if state == "stopped":
+        # A run ends without an error where new jobs keep coming in the old model: it leaves them.
+        fail(f"the run stopped with {progress['pending_segments']} segments not embedded with {progress['model']}:"
+             f" switch the embedder to it (EMBEDDING_BACKEND, MODEL_NAME_EMBEDDED, LOCAL_EMBEDDING_MODEL), then"
+             f" run stt reindex again")
 
 
 @app.command()
@@ -1439,18 +1518,28 @@ def how_long(seconds: float) -> str:
     return f"{seconds / 60:g} minutes" if seconds >= 60 else f"{seconds:g} s"
 
 
-async def job_status(api: str, api_key: str | None, job_id: int) -> dict | None:
-    """A followed job's status document, None when the API cannot say (watching goes on and the
-    event will tell); ApiError for a 404, a job the API does not know."""
+class ApiNotAsked(Exception):
+    """The API could not be asked how a followed job is (unreachable, the key refused, an error
+    of its own, an answer that is not a job's status); the message says why."""
+
+
+async def job_status(api: str, api_key: str | None, job_id: int) -> dict:
+    """A followed job's status document; ApiError for a 404, a job the API does not know;
+    ApiNotAsked, with the reason, when the API cannot say (watching goes on and the event will
+    tell)."""
     try:
         async with httpx.AsyncClient(base_url=api_base(api), headers=auth_headers(api_key), timeout=10) as client:
             return status_document(checked(await client.get(f"/status/{job_id}", params={"segments": "false"})))
     except ApiError as exc:
         if exc.status_code == 404:
             raise
-        return None  # 401/403: a subscriber may watch without access to the API
-    except (httpx.HTTPError, ValueError, UnexpectedAnswer):
-        return None
+        raise ApiNotAsked(str(exc)) from None  # 401/403: a subscriber may watch without access to the API
+    except httpx.TransportError as exc:
+        raise ApiNotAsked(transport_failure(exc, api)) from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ApiNotAsked(f"the API at {shown_url(api)} did not answer JSON") from None
+    except (httpx.HTTPError, ValueError, UnexpectedAnswer) as exc:
+        raise ApiNotAsked(without_password(str(exc), api)) from None
 
 
 async def watch_events(amqp_url: str, job_id: int | None, api: str, api_key: str | None) -> int:
@@ -1470,12 +1559,20 @@ async def watch_events(amqp_url: str, job_id: int | None, api: str, api_key: str
     polling: asyncio.Task | None = None
     asking_api = True
     known_to_api = False
+    not_asked_because: str | None = None  # why the API could not be asked, while it has never answered
 
     async def ask_api(when: str) -> None:
         """End watching if the API says the job has ended (or, as far as it can tell, does not exist)."""
-        nonlocal asking_api, known_to_api
+        nonlocal asking_api, known_to_api, not_asked_because
         try:
             document = await job_status(api, api_key, job_id)
+        except ApiNotAsked as exc:
+            if not known_to_api and not_asked_because is None:
+                stderr.print(Text(f"the API could not be asked about job {job_id} ({exc}); watching its events,"
+                                  f" until none has come for {how_long(HIDDEN_JOB_SILENCE_S)}", style="yellow"))
+            if not known_to_api:
+                not_asked_because = str(exc)
+            return
         except ApiError as exc:  # 404
             if known_to_api or not (api_key or "").strip():
                 # A mistyped id (or a job deleted) would otherwise be watched for ever.
@@ -1489,8 +1586,6 @@ async def watch_events(amqp_url: str, job_id: int | None, api: str, api_key: str
                               f" {how_long(HIDDEN_JOB_SILENCE_S)}", style="yellow"))
             asking_api = False
             return
-        if document is None:
-            return
         known_to_api = True
         if document["status"] in FINISHED:
             stdout.print(Text(f"job {job_id} {when}: {document['status']}",
@@ -1498,20 +1593,27 @@ async def watch_events(amqp_url: str, job_id: int | None, api: str, api_key: str
             end(0 if document["status"] == "done" else 1)
 
     async def poll_status() -> None:
-        while asking_api and not outcome.done():
-            await asyncio.sleep(STATUS_POLL_S)
-            await ask_api("ended (seen through the API)")
-        # The API hides the job: only its events can tell, and they may never come.
         while not outcome.done():
+            # Until the API has answered for the job, only its events can tell, and they may never
+            # come (it ended before watching began, was deleted, or its end was missed).
             silent_s = time.monotonic() - printer.heard_at
-            if silent_s >= HIDDEN_JOB_SILENCE_S:
-                stderr.print(Text(f"error: no event of job {job_id} for {how_long(HIDDEN_JOB_SILENCE_S)}, and the"
-                                  f" API does not know it for this key: stopped watching (it may have ended before"
-                                  f" watching began, been deleted, or still wait its turn: stt status {job_id}"
-                                  f" with its own key tells)", style="red"))
+            if not known_to_api and silent_s >= HIDDEN_JOB_SILENCE_S:
+                if asking_api:
+                    why = (f"the API could not be asked about it ({not_asked_because}): stopped watching (stt"
+                           f" status {job_id} tells once the API answers)")
+                else:
+                    why = (f"the API does not know it for this key: stopped watching (it may have ended before"
+                           f" watching began, been deleted, or still wait its turn: stt status {job_id} with its"
+                           f" own key tells)")
+                stderr.print(Text(f"error: no event of job {job_id} for {how_long(HIDDEN_JOB_SILENCE_S)}, and {why}",
+                                  style="red"))
                 end(1)
                 return
-            await asyncio.sleep(HIDDEN_JOB_SILENCE_S - silent_s)
+            if not asking_api:
+                await asyncio.sleep(HIDDEN_JOB_SILENCE_S - silent_s)
+                continue
+            await asyncio.sleep(STATUS_POLL_S if known_to_api else min(STATUS_POLL_S, HIDDEN_JOB_SILENCE_S - silent_s))
+            await ask_api("ended (seen through the API)")
 
     async def on_message(message: AbstractIncomingMessage) -> None:
         code = printer.show(message.routing_key or "", message.body)
@@ -1576,6 +1678,8 @@ def watch(
 ) -> None:
     """Print segments and completions from the stt.events exchange as they happen."""
     amqp_url = checked_amqp_url(amqp_url)
+    if job is not None:  # the API is asked about the job only
+        refuse_a_key_with_a_user_in_the_address(api, api_key)
     # Imported here: aio-pika takes most of a second to import, and only watch needs it.
     import aio_pika
 

@@ -945,14 +945,15 @@ def test_following_a_job_waits_out_an_api_error_and_tells_an_unknown_outcome_fro
     assert documents[8]["status"] == NOT_FOLLOWED and "no job with id 8" in documents[8]["error"]
 
 
+def reindex_progress(running: bool, pending: int) -> tuple[int, dict]:
+    return 200, {"model": "all-minilm", "running": running, "done_segments": 10 - pending,
+                 "pending_segments": pending, "error": None}
+
+
 def test_a_reindex_being_followed_waits_out_a_proxys_bad_gateway():
     """A run takes hours: one 502 from a proxy ended `stt reindex --wait` with an error while the
     run went on on the server."""
-
-    def progress(running: bool, pending: int) -> tuple[int, dict]:
-        return 200, {"model": "all-minilm", "running": running, "done_segments": 10 - pending,
-                     "pending_segments": pending, "error": None}
-
+    progress = reindex_progress
     answers = {("POST", "/admin/reindex"): [progress(True, 10)],
                ("GET", "/admin/reindex"): [(502, {"detail": "Bad Gateway"}), progress(True, 4),
                                            (503, {"detail": "database unavailable"}), progress(False, 0)]}
@@ -960,6 +961,32 @@ def test_a_reindex_being_followed_waits_out_a_proxys_bad_gateway():
         result = CliRunner().invoke(app, ["reindex", "--api", api])
     assert result.exit_code == 0, result.output
     assert "10 segments embedded with all-minilm, 0 to do (done)" in result.output
+
+
+def test_a_reindex_that_stops_with_segments_to_do_exits_1_saying_what_to_do():
+    """A run ends without an error while segments are left in another model (the embedder, not
+    switched, embeds new jobs with the old one): `stt reindex` said "(stopped)" and exited 0."""
+    answers = {("POST", "/admin/reindex"): [reindex_progress(True, 10)],
+               ("GET", "/admin/reindex"): [reindex_progress(False, 3)]}
+    with StandInApi(answers) as api:
+        result = CliRunner().invoke(app, ["reindex", "--api", api])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 1, said
+    assert "7 segments embedded with all-minilm, 3 to do (stopped)" in said, said
+    assert ("error: the run stopped with 3 segments not embedded with all-minilm: switch the embedder to it"
+            " (EMBEDDING_BACKEND, MODEL_NAME_EMBEDDED, LOCAL_EMBEDDING_MODEL), then run stt reindex again"
+            ) in said, said
+
+
+def test_search_highlights_are_unescaped_and_only_the_servers_marks_highlight():
+    """The server sends `highlighted` HTML-escaped, with only its own <mark> tags as markup: an
+    escaped `<` was shown as `&lt;`, and a `<mark>` said in a transcript must show as it is."""
+    from cli.app import marked
+
+    line = marked("1 &lt; 2 &amp;&amp; <mark>Anna</mark> typed &lt;mark&gt;x&lt;/mark&gt; &quot;ok&quot;")
+    assert line.plain == '1 < 2 && Anna typed <mark>x</mark> "ok"'
+    highlighted = [line.plain[span.start:span.end] for span in line.spans if "reverse" in str(span.style)]
+    assert highlighted == ["Anna"]
 
 
 def page_server(status: int, content_type: str, body: str) -> StandInApi:
@@ -1288,6 +1315,91 @@ def test_get_writes_into_a_pipe_as_it_is(tmp_path):
     reader.join(10)
     assert written.exit_code == 0, written.output
     assert read == [SUBTITLES] and stat.S_ISFIFO(pipe.stat().st_mode), read
+
+
+def test_get_to_dev_stdout_writes_through_it_keeping_what_it_held(tmp_path):
+    """`-o /dev/stdout` was resolved to the file stdout was redirected to, and a temporary file was
+    renamed over it: `stt get 5 -o /dev/stdout >> log.txt` wiped the log's earlier lines, and the
+    second of two in `{ ...; ...; } > both.txt` wrote into a file no longer there; into a pipe it
+    failed with "No such file or directory". It is written through stdout, as it is."""
+    log = tmp_path / "log.txt"
+    log.write_text("earlier line\n")
+    both = tmp_path / "both.txt"
+    with page_server(200, "application/x-subrip; charset=utf-8", SUBTITLES) as api:
+        command = [STT, "get", "5", "-f", "srt", "-o", "/dev/stdout", "--api", api]
+        with log.open("a") as appended:
+            runs = [subprocess.run(command, stdout=appended, stderr=subprocess.PIPE, text=True, timeout=60)]
+        with both.open("w") as grouped:  # { echo head; stt ...; stt ...; echo tail; } > both.txt
+            grouped.write("head\n")
+            grouped.flush()
+            runs += [subprocess.run(command, stdout=grouped, stderr=subprocess.PIPE, text=True, timeout=60)
+                     for _ in range(2)]
+            grouped.write("tail\n")
+        piped = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    for result in (*runs, piped):
+        assert result.returncode == 0 and "wrote /dev/stdout" in result.stderr, result.stderr
+    assert log.read_text() == "earlier line\n" + SUBTITLES
+    assert both.read_text() == "head\n" + SUBTITLES * 2 + "tail\n"
+    assert piped.stdout == SUBTITLES
+
+
+def test_a_busy_answer_after_a_long_upload_is_waited_out(monkeypatch):
+    """The busy wait (UPLOAD_BUSY_WAIT_S) was counted from the start of the first send: a 503 with
+    Retry-After that came after an upload longer than that was never offered again, but refused.
+    It is counted from the first busy answer."""
+    from cli import app as cli
+
+    monkeypatch.setattr(cli, "UPLOAD_BUSY_WAIT_S", 1.0)
+    busy = (503, {"detail": "too many uploads at once"}, {"Retry-After": "0.5"})
+    answers = {("POST", "/recognize"): [busy, (202, {"id": 7, "filename": "a.wav"})]}
+    with StandInApi(answers, delays={("POST", "/recognize"): 1.5}) as api:
+        result = CliRunner().invoke(app, ["submit", "--no-wait", "https://example.com/a.wav", "--api", api])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 0 and "refused" not in said, said
+    assert "the server is busy, trying again in 0.5 s" in said and "accepted as job 7" in said, said
+
+
+def test_an_api_key_with_a_user_in_the_api_address_is_refused():
+    """httpx sends an address's user and password (https://user:pw@host, or a token as the user) as
+    Basic auth, which silently took the place of `Authorization: Bearer <key>` from --api-key."""
+    done = {"status": "done", "segments": []}
+    stand_in = StandInApi({("GET", "/status/5"): [(200, done)]})
+    with stand_in as api:
+        for userinfo in ("user:s3cretpw@", "t0kensecret@"):
+            address = api.replace("http://", f"http://{userinfo}")
+            for command in (["status", "5"], ["watch", "--job", "5", "--amqp-url", "amqp://127.0.0.1:1/"]):
+                result = CliRunner().invoke(app, [*command, "--api", address, "--api-key", "KEY"])
+                said = re.sub(r"[\s│]+", " ", result.output)
+                assert result.exit_code == 2, (command, said)
+                assert "in place of the API key" in said and "give one or the other" in said, said
+                assert "s3cretpw" not in said and "t0kensecret" not in said, said
+        assert stand_in.requests == []
+        # Without a key the address's user goes as Basic auth, as before.
+        plain = CliRunner().invoke(app, ["status", "5", "--api", address], env={"STT_API_KEY": None})
+    assert plain.exit_code == 0, plain.output
+    assert stand_in.headers[-1]["Authorization"].startswith("Basic ")
+
+
+def test_watching_a_job_the_api_cannot_be_asked_about_gives_up_when_no_event_comes(capsys, monkeypatch):
+    """`watch --job` asked an API that refused the connection (or answered 401, 403, 5xx) every
+    STATUS_POLL_S without a word, for ever. It now says once that the API could not be asked, and
+    why, and gives up as for a job the API hides: once no event of it came for HIDDEN_JOB_SILENCE_S."""
+    from cli import app as cli
+
+    monkeypatch.setattr(cli, "HIDDEN_JOB_SILENCE_S", 3.0)
+    monkeypatch.setattr(cli, "STATUS_POLL_S", 0.2)
+    api = f"http://127.0.0.1:{free_port()}"
+    with private_vhost() as vhost:
+        asyncio.run(declare_events_exchange(amqp_url(vhost)))
+        started = time.monotonic()
+        code = asyncio.run(asyncio.wait_for(cli.watch_events(amqp_url(vhost), 7, api, API_KEY), 20))
+        took_s = time.monotonic() - started
+    captured = capsys.readouterr()
+    said = " ".join((captured.out + captured.err).split())
+    assert code == 1 and 2.5 < took_s < 15, (code, took_s, said)
+    warning = f"the API could not be asked about job 7 (cannot reach the API at {api}:"
+    assert said.count(warning) == 1 and "until none has come for 3 s" in said, said
+    assert "error: no event of job 7 for 3 s, and the API could not be asked about it (cannot reach" in said, said
 
 
 class HoldingApi:
