@@ -194,11 +194,11 @@ async def test_a_job_deleted_while_its_request_waits_is_not_found(stack):
 
     from common.db import create_pool
     from services.ingest.live import Wakeups
-    from services.ingest.openai_api import wait_for_end
+    from services.ingest.openai_api import wait_for_text
 
     pool = await create_pool(stack.settings())
     try:
-        assert await wait_for_end(SimpleNamespace(pool=pool, wakeups=Wakeups()), 987654321, 5.0) == "deleted"
+        assert await wait_for_text(SimpleNamespace(pool=pool, wakeups=Wakeups()), 987654321, 5.0) == "deleted"
     finally:
         await pool.close()
 
@@ -593,3 +593,121 @@ def test_a_client_that_leaves_during_the_wait_is_counted_as_the_clients(stack, m
         time.sleep(0.2)
     assert {status: counted(status) - before[status] for status in before} == {"499": 1, "503": 0}
     assert f"job={job_id} the client went away before the job ended" in stack.log_text("ingest")[logged_before:]
+
+
+def test_the_text_is_answered_once_stored_without_waiting_for_its_search_vectors(stack, fixtures_dir):
+    """The answer waited for the job to end, which it does once the embedder stored every chunk's
+    search vectors: with Ollama away a request was answered 503 after 5 minutes (and the SDK sent
+    the file again), and a stream never got its transcript.text.done, though every chunk's text
+    was stored, final, minutes before. Both are answered once the job is at `embedding`."""
+    from tests.conftest import wait_for_port
+
+    ollama_port = int(stack.env["OLLAMA_URL"].rsplit(":", 1)[1])
+    name = f"unembedded {uuid.uuid4().hex[:6]}.flac"
+    recording = (name, (fixtures_dir / "jfk.flac").read_bytes())
+    sdk = openai.OpenAI(base_url=f"{stack.api}/v1", api_key="-", max_retries=0, timeout=120)
+    streamed: list = []
+
+    def stream() -> None:
+        streamed.extend(sdk.audio.transcriptions.create(model="whisper-1", file=recording, stream=True))
+
+    stack.stop("ollama")
+    try:
+        answer = sdk.audio.transcriptions.create(model="whisper-1", file=recording, response_format="verbose_json")
+        [held] = stack.query("SELECT id, status, stage FROM transcripts WHERE filename = $1", name)
+        streaming = threading.Thread(target=stream, daemon=True)
+        streaming.start()
+        streaming.join(60)
+        [still] = stack.query("SELECT status, stage FROM transcripts WHERE id = $1", held["id"])
+    finally:
+        stack.start("ollama", "-m", "tests.fake_ollama", "--port", str(ollama_port))
+        wait_for_port(ollama_port, timeout=120)
+    assert (held["status"], held["stage"]) == ("processing", "embedding") == (still["status"], still["stage"])
+    assert "ask not" in answer.text.lower() and answer.language == "english" and answer.segments, answer
+    assert [e.type for e in streamed][-1:] == ["transcript.text.done"] and streamed[-1].text == answer.text
+    assert "".join(e.delta for e in streamed[:-1]) == answer.text
+    # Embedded once Ollama is back, the job ends with that same text, and the same request gets it.
+    assert stack.wait_finished(held["id"], timeout=180)["status"] == "done"
+    assert sdk.audio.transcriptions.create(model="whisper-1", file=recording).text == answer.text
+    assert [job["id"] for job in stack.query("SELECT id FROM transcripts WHERE filename = $1", name)] == [held["id"]]
+
+
+def test_a_stream_without_news_for_the_wait_limit_is_told_to_come_back(stack, made_job, fixtures_dir, monkeypatch):
+    """A streamed transcription had no deadline: its keep-alive comments reset the SDK's read
+    timeout, so a job that never ends held the call open for ever. After WAIT_S without news it
+    ends as a wait past WAIT_S does: the job goes on, send the request again."""
+    from litestar.testing import TestClient
+
+    from services.ingest import live, openai_api
+    from services.ingest.app import create_app
+
+    name = f"endless {uuid.uuid4().hex[:6]}.flac"
+    content = (fixtures_dir / "jfk.flac").read_bytes()
+    job_id = made_job(name, content, status="processing")  # a job that runs on: nothing works on it
+    stack.query("UPDATE transcripts SET request_hash = $1 WHERE id = $2", same_request_hash(content, name), job_id)
+    monkeypatch.setattr(openai_api, "WAIT_S", 2.0)
+    monkeypatch.setattr(live, "KEEPALIVE_S", 0.5)
+    # Without a deadline the stream would never end: the job is failed after a while, which ends it.
+    failing = threading.Timer(30, stack.query, ("UPDATE transcripts SET status = 'error', error = 'given up by the"
+                                                " test' WHERE id = $1", job_id))
+    failing.start()
+    started = time.monotonic()
+    try:
+        with TestClient(create_app(stack.settings()), timeout=60) as http:
+            sdk = openai.OpenAI(base_url="http://testserver.local/v1", api_key="-", http_client=http, max_retries=0)
+            with pytest.raises(openai.APIError) as ended:
+                list(sdk.audio.transcriptions.create(model="whisper-1", file=(name, content), stream=True))
+    finally:
+        failing.cancel()
+    took = time.monotonic() - started
+    assert ended.value.message.startswith(f"job {job_id} is still processing, nothing new for 2 s;"), \
+        ended.value.message
+    assert "goes on: send the request again" in ended.value.message and took < 20, took
+    assert stack.query("SELECT status FROM transcripts WHERE id = $1", job_id)[0]["status"] == "processing"
+
+
+def test_a_diarized_stream_sends_each_segment_with_its_speaker(stack, made_job, client, fixtures_dir):
+    """OpenAI's diarizing model streams a transcript.text.segment event (id, start, end, speaker,
+    text) per segment before transcript.text.done, and its deltas name their segment: here a
+    stream asked for diarized_json sent only deltas, without a word of who spoke. The speakers
+    are named as the answer without `stream` names them (A, B... or an enrolled speaker's name)."""
+    name = f"diarized {uuid.uuid4().hex[:6]}.flac"
+    content = (fixtures_dir / "jfk.flac").read_bytes()
+    job_id = made_job(name, content)
+    stack.query("UPDATE transcripts SET request_hash = $1 WHERE id = $2", same_request_hash(content, name), job_id)
+    for chunk, index, speaker, start, text in ((0, 0, "spk_1", 0.5, "Good morning."), (0, 1, "spk_0", 2.0, "Hello."),
+                                               (1, 0, "spk_2", 6.0, "Shall we begin?"),
+                                               (1, 1, "spk_1", 8.0, "Yes.")):
+        stack.query("INSERT INTO segments (transcript_id, chunk_index, index, speaker, start_ts, end_ts, text)"
+                    " VALUES ($1, $2, $3, $4, $5::float8, $5::float8 + 1, $6)", job_id, chunk, index, speaker, start,
+                    text)
+    stack.query("INSERT INTO transcript_speakers (transcript_id, speaker, name, name_source)"
+                " VALUES ($1, 'spk_2', 'Anna', 'manual')", job_id)
+    whole = client.audio.transcriptions.create(model="whisper-1", file=(name, content), response_format="diarized_json")
+    events = list(client.audio.transcriptions.create(model="whisper-1", file=(name, content), stream=True,
+                                                     response_format="diarized_json"))
+    segments = [e for e in events if e.type == "transcript.text.segment"]
+    assert [(s.id, s.start, s.end, s.speaker, s.text) for s in segments] == [
+        (s.id, s.start, s.end, s.speaker, s.text) for s in whole.segments]
+    assert [s.speaker for s in segments] == ["A", "B", "Anna", "A"]
+    deltas = [e for e in events if e.type == "transcript.text.delta"]
+    assert [d.segment_id for d in deltas] == [s.id for s in segments]
+    assert events[-1].type == "transcript.text.done" and events[-1].text == whole.text
+    # Without diarized_json, deltas alone, as before.
+    plain = list(client.audio.transcriptions.create(model="whisper-1", file=(name, content), stream=True))
+    assert {e.type for e in plain} == {"transcript.text.delta", "transcript.text.done"}
+
+
+def test_a_silent_recordings_language_is_named_as_asked_or_english(stack, client, fixtures_dir):
+    """verbose_json answered "language": null for a recording nobody talks in (no language was
+    detected), where OpenAI's type is a string: the asked language's name, else English."""
+    name = f"silent {uuid.uuid4().hex[:6]}.wav"
+    recording = (name, (fixtures_dir / "empty.wav").read_bytes())
+    detected = client.audio.transcriptions.create(model="whisper-1", file=recording, response_format="verbose_json")
+    asked = client.audio.transcriptions.create(model="whisper-1", file=recording, response_format="verbose_json",
+                                               language="de")
+    assert (detected.text, detected.language) == ("", "english"), detected
+    assert (asked.text, asked.language) == ("", "german"), asked
+    # Nothing was detected in the first; the second's language is the one asked.
+    jobs = stack.query("SELECT status, language FROM transcripts WHERE filename = $1 ORDER BY id", name)
+    assert [(job["status"], job["language"]) for job in jobs] == [("done", None), ("done", "de")]

@@ -1,7 +1,8 @@
 """POST /v1/audio/transcriptions and /v1/audio/translations as OpenAI's audio API has them, so
 that tools and code written for it (the `openai` SDK, chat front ends with a speech button) use
 this service by changing their base URL. The request becomes an ordinary job (listed, searchable,
-deletable like any other); the answer waits for it to end and gives the transcript in the asked
+deletable like any other); the answer waits for its text (every chunk's stored: the job is done,
+or only its search vectors are still being made) and gives the transcript in the asked
 `response_format`, with who said what in `verbose_json` and `diarized_json` (README "OpenAI-
 compatible endpoint")."""
 
@@ -57,8 +58,10 @@ from services.ingest.transcripts import fetch_transcript, to_srt, to_vtt
 log = logging.getLogger(__name__)
 
 ResponseFormat = Literal["json", "text", "srt", "vtt", "verbose_json", "diarized_json"]
-# Below the OpenAI SDK's own timeout (600 s): a job still running then is answered 503 with
-# Retry-After, and the SDK's retry (the same file and options) waits on for that same job.
+# Below the OpenAI SDK's own timeout (600 s): a job whose text is still being written then is
+# answered 503 with Retry-After, and the SDK's retry (the same file and options) waits on for that
+# same job. A stream with nothing new for this long ends so too (its keep-alives reset the SDK's
+# read timeout, so it would otherwise stay open as long as the job does).
 WAIT_S = 300.0
 POLL_S = 2.0
 # The same request again finds the job it made while that runs and this long after it is done:
@@ -91,8 +94,9 @@ class OpenAITranscriptionForm:
     max_speakers: Annotated[str | None, Parameter(description="This service's own: at most this many")] = None
     # As text, so that a blank field means "not given" (false).
     stream: Annotated[str | None, Parameter(
-        description="true: events as the text is written, transcript.text.delta per segment, then "
-                    "transcript.text.done; false, blank or left out: the whole answer once the job ends")] = None
+        description="true: events as the text is written, transcript.text.delta per segment (with "
+                    "diarized_json each followed by its transcript.text.segment), then transcript.text.done; "
+                    "false, blank or left out: the whole answer once the text is written")] = None
 
 
 # The fields of OpenAI's transcription request, taken even where ignored (a list comes as
@@ -266,8 +270,17 @@ def file_digest(stream) -> str:
     return digest.hexdigest()
 
 
-async def wait_for_end(state: State, job_id: int, timeout_s: float) -> str:
-    """The job's status once it has ended, "processing" after `timeout_s`, or "deleted"."""
+def text_written(job) -> bool:
+    """Every chunk's text is stored, final: the job has ended, or only its search vectors are still
+    to come (the persister moves it to `embedding` in the transaction that stores its last chunk's
+    text; spelling and redaction are the transcriber's, before that, and what the embedder's copy
+    stores again is the same text)."""
+    return job["status"] != "processing" or job["stage"] == "embedding"
+
+
+async def wait_for_text(state: State, job_id: int, timeout_s: float) -> str:
+    """The job's status once it has ended, "written" once its text is while it still runs (its
+    search vectors to come), "processing" after `timeout_s`, or "deleted"."""
     deadline = time.monotonic() + timeout_s
     exiting = server_exiting(state)
     with state.wakeups.listen(job_id) as woken:
@@ -276,6 +289,8 @@ async def wait_for_end(state: State, job_id: int, timeout_s: float) -> str:
             if job is None:  # deleted while waited for (the web page, retention)
                 return "deleted"
             status = job["status"]
+            if status == "processing" and text_written(job):
+                return "written"
             left = deadline - time.monotonic()
             # Stopping: the server waits for open answers, so a wait held on would hold the
             # restart for minutes; the 503 it gets sends the client back to this job elsewhere.
@@ -286,13 +301,17 @@ async def wait_for_end(state: State, job_id: int, timeout_s: float) -> str:
                 await asyncio.wait_for(woken.wait(), min(left, POLL_S))
 
 
+def speaker_letter(n: int) -> str:
+    """The label of the recording's n-th speaker (from 0) as OpenAI's diarization has it."""
+    return string.ascii_uppercase[n] if n < 26 else f"S{n + 1}"
+
+
 def speaker_letters(segments: list[TranscriptSegment]) -> dict[str, str]:
     """Speakers as OpenAI's diarization labels them, A, B... in order of first words, unless named."""
     letters: dict[str, str] = {}
     for segment in segments:
         if segment.speaker not in letters:
-            n = len(letters)
-            letters[segment.speaker] = string.ascii_uppercase[n] if n < 26 else f"S{n + 1}"
+            letters[segment.speaker] = speaker_letter(len(letters))
     return {label: next((s.speaker_name for s in segments if s.speaker == label and s.speaker_name), letter)
             for label, letter in letters.items()}
 
@@ -331,14 +350,23 @@ def rendered(document, response_format: str, task: str) -> Response:
                                        "end": s.end_ts, "text": s.text, "speaker": who[s.speaker]}
                                       for n, s in enumerate(segments)],
                          "usage": usage})
-    # OpenAI names the language in English ("english"); a translation's is English.
-    language = "english" if task == "translate" else LANGUAGE_NAMES.get(document.language or "", document.language)
     return Response({
-        "task": task, "language": language, "duration": duration, "text": text,
+        "task": task, "language": language_name(document, task), "duration": duration, "text": text,
         "segments": [verbose_segment(n, s) for n, s in enumerate(segments)],
         "words": [{"word": w.word, "start": w.start, "end": w.end} for s in segments for w in s.words or []],
         "usage": usage,
     })
+
+
+def language_name(document, task: str) -> str:
+    """The language as OpenAI names it, in English ("english"), always a text: a translation's is
+    English; a recording nobody talks in has none detected, and is in the language asked (the
+    first of several), else English."""
+    if task == "translate":
+        return "english"
+    asked = (document.options.language or "").split(",")[0]
+    code = document.language or (asked if asked in LANGUAGE_NAMES else None)
+    return LANGUAGE_NAMES.get(code, code) if code else "english"
 
 
 async def transcribe_and_wait(state: State, request: Request, data: OpenAITranscriptionForm, task: str,
@@ -388,9 +416,9 @@ async def transcribe_and_wait(state: State, request: Request, data: OpenAITransc
                                    f" requests open as it takes: send the same request again in {RETRY_AFTER_S} s"
                                    f" to follow it, or follow GET /status/{job_id}")
     if stream_events:
-        return ServerSentEvent(text_events(state, job_id), headers={"Cache-Control": "no-store",
-                                                                     "X-Accel-Buffering": "no"})
-    waiting = asyncio.ensure_future(wait_for_end(state, job_id, WAIT_S))
+        return ServerSentEvent(text_events(state, job_id, response_format),
+                               headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+    waiting = asyncio.ensure_future(wait_for_text(state, job_id, WAIT_S))
     gone = asyncio.ensure_future(client_gone(request))
     await asyncio.wait({waiting, gone}, return_when=asyncio.FIRST_COMPLETED)
     gone.cancel()
@@ -422,44 +450,74 @@ def _event(data: dict) -> ServerSentEventMessage:
     return ServerSentEventMessage(data=json.dumps(data, ensure_ascii=False), sep="\n")
 
 
-async def text_events(state: State, job_id: int) -> AsyncIterator[ServerSentEventMessage]:
-    """OpenAI's streamed transcription: `transcript.text.delta` with each segment as it is stored,
-    then `transcript.text.done` with the whole text, in the order the answer without `stream` has
-    it; a job that fails (or is deleted) ends the stream with an error, which the SDKs raise, and
-    so does a server that stops first, or PostgreSQL going away (the SDK would otherwise take the
-    text so far for all)."""
+async def text_events(state: State, job_id: int, response_format: str) -> AsyncIterator[ServerSentEventMessage]:
+    """OpenAI's streamed transcription: `transcript.text.delta` with each segment as it is stored
+    (with diarized_json each followed by its `transcript.text.segment`, its speaker named as the
+    answer without `stream` names it), then `transcript.text.done` with the whole text, in the
+    order the answer without `stream` has it, once it is all written (text_written). A job that
+    fails (or is deleted) ends the stream with an error, which the SDKs raise, and so does a server
+    that stops first, PostgreSQL going away (the SDK would otherwise take the text so far for all),
+    or WAIT_S without anything new."""
+    diarized = response_format == "diarized_json"
     previous = ""
     segments: list[tuple[float, tuple[int, int], str]] = []
-    ended = False
+    letters: dict[str, str] = {}
+    news_at = time.monotonic()
     exiting = server_exiting(state)
-    async for update in job_updates(state.pool, state.wakeups, job_id, (-1, -1), exiting):
-        match update:
-            case ("segment", position, segment):
-                delta = text_separator(previous, segment.text) + segment.text
-                previous = segment.text or previous
-                segments.append((segment.start_ts, position, segment.text))
-                yield _event({"type": "transcript.text.delta", "delta": delta})
-            case ("ended", job) if job["status"] == "done":
-                ended = True
-                in_time_order = (text for *_, text in sorted(segments))
-                yield _event({"type": "transcript.text.done", "text": joined_text(in_time_order)})
-            case ("ended", job):
-                ended = True
-                yield _event(error_body(OPENAI_PREFIX, 500, f"job {job_id} failed: {job['error']}"))
-            case ("deleted",):
-                ended = True
-                yield _event(error_body(OPENAI_PREFIX, 500, f"job {job_id} was deleted"))
-            case ("quiet",):
-                yield ServerSentEventMessage(data=None, comment="keep-alive", sep="\n")
-    if not ended:
-        # The server stopping, or PostgreSQL gone (job_updates logged that): the job goes on either way.
-        stopping = exiting()
-        why = "this server is restarting" if stopping else "the job store is unavailable"
-        if stopping:
-            with job_logged(job_id):
-                log.info("the server is stopping: the streamed transcription ends with an error; the job goes on")
-        yield _event(error_body(OPENAI_PREFIX, 503, f"{why}; job {job_id} goes on: send the request again to"
-                                                    " follow it"))
+    async with contextlib.aclosing(job_updates(state.pool, state.wakeups, job_id, (-1, -1), exiting)) as updates:
+        async for update in updates:
+            match update:
+                case ("segment", position, segment):
+                    news_at = time.monotonic()
+                    segment_id = f"seg_{len(segments)}"
+                    delta = text_separator(previous, segment.text) + segment.text
+                    previous = segment.text or previous
+                    segments.append((segment.start_ts, position, segment.text))
+                    yield _event({"type": "transcript.text.delta", "delta": delta,
+                                  **({"segment_id": segment_id} if diarized else {})})
+                    if diarized:
+                        letter = letters.setdefault(segment.speaker, speaker_letter(len(letters)))
+                        yield _event({"type": "transcript.text.segment", "id": segment_id, "start": segment.start_ts,
+                                      "end": segment.end_ts, "text": segment.text,
+                                      "speaker": segment.speaker_name or letter})
+                case ("progress", progress) if progress.status == "processing" and progress.stage == "embedding":
+                    # Every segment was sent before this: read after the job, as the segments are.
+                    yield _event({"type": "transcript.text.done", "text": joined_text(in_time_order(segments))})
+                    return
+                case ("progress", _):
+                    news_at = time.monotonic()
+                case ("ended", job) if job["status"] == "done":
+                    yield _event({"type": "transcript.text.done", "text": joined_text(in_time_order(segments))})
+                    return
+                case ("ended", job):
+                    yield _event(error_body(OPENAI_PREFIX, 500, f"job {job_id} failed: {job['error']}"))
+                    return
+                case ("deleted",):
+                    yield _event(error_body(OPENAI_PREFIX, 500, f"job {job_id} was deleted"))
+                    return
+                case ("quiet",):
+                    yield ServerSentEventMessage(data=None, comment="keep-alive", sep="\n")
+            if time.monotonic() - news_at >= WAIT_S:
+                with job_logged(job_id):
+                    log.info("nothing new for %g s: the streamed transcription ends with an error; the job goes on",
+                             WAIT_S)
+                yield _event(error_body(OPENAI_PREFIX, 503, (
+                    f"job {job_id} is still processing, nothing new for {WAIT_S:g} s; it goes on: send the request"
+                    f" again to follow it, or follow GET /status/{job_id}")))
+                return
+    # The server stopping, or PostgreSQL gone (job_updates logged that): the job goes on either way.
+    stopping = exiting()
+    why = "this server is restarting" if stopping else "the job store is unavailable"
+    if stopping:
+        with job_logged(job_id):
+            log.info("the server is stopping: the streamed transcription ends with an error; the job goes on")
+    yield _event(error_body(OPENAI_PREFIX, 503, f"{why}; job {job_id} goes on: send the request again to"
+                                                " follow it"))
+
+
+def in_time_order(segments: list[tuple[float, tuple[int, int], str]]) -> Iterable[str]:
+    """The texts of (start, position, text) as the answer without `stream` orders its segments."""
+    return (text for *_, text in sorted(segments))
 
 
 def openai_error(request: Request, exc: HTTPException) -> Response:
