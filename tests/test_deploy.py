@@ -410,6 +410,17 @@ def test_k8s_pods_read_only_what_exists():
     assert problems == []
 
 
+def test_the_services_that_ask_whether_api_keys_are_on_are_given_them():
+    """The notifier sends webhooks registered while keys were off (no owner, no key can remove
+    them) nothing once they are on: without API_KEYS it could not tell, and sent them transcripts."""
+    services = load_compose()["services"]
+    given_in_k8s = {name: [variable["name"] for container in pod_spec(name)["containers"]
+                           for variable in container.get("env", [])] for name in ("ingest", "notifier")}
+    for name in ("ingest", "notifier"):
+        assert "API_KEYS" in services[name]["environment"], name
+        assert "API_KEYS" in given_in_k8s[name], name
+
+
 def test_k8s_keeps_database_credentials_from_stage_workers():
     given = {worker: [variable["name"] for container in pod_spec(worker)["containers"]
                       for variable in container.get("env", [])] for worker in STAGE_WORKERS}
