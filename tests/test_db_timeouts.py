@@ -266,8 +266,8 @@ async def test_a_chunk_waiting_on_a_row_lock_is_handed_back_and_other_stalled_jo
                                 f" {handed_back_within_s:g} s (OUTAGE_HOLD_S={hold_s:g})")
                 await asyncio.sleep(0.2)
 
-            # The start's gap and its grace, and the stall timeout (the reaper skips the locked
-            # job); without the fix, never while the lock lasts.
+            # The stall timeout and a round or two (the reaper skips the locked job); without the
+            # fix, never while the lock lasts.
             failed_within_s = 30.0
             while await conn.fetchval("SELECT status FROM transcripts WHERE id = $1", stalled) != "error":
                 assert not persister.done(), persister
@@ -297,6 +297,121 @@ async def test_a_chunk_waiting_on_a_row_lock_is_handed_back_and_other_stalled_jo
             for resource in opened:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(resource.close(), 10)
+            await holder.close()
+            await conn.close()
+            await connection.close()
+
+
+async def test_one_replicas_database_errors_and_restarts_do_not_keep_a_stuck_job_from_failing(scratch_url,
+                                                                                                monkeypatch):
+    """One persister replica whose handlers keep losing their connection (here terminated while
+    they wait on a locked row; in production a dropped pooled connection, too many connections),
+    and that restarts every few seconds, while another replica's stall reaper beats all along: the
+    database is up, and the other replica stores. Each handler's error, and each start, made the
+    next reaper round record a gap, joined to the one before within the grace after it: one gap
+    that never ended, and a stuck job was never failed. The persister, on the real RabbitMQ and
+    PostgreSQL, with the times scaled down."""
+    from common.broker import connect, declare_topology, open_bus
+    from common.messages import ChunkTranscribed, Segment
+    from services.persister import __main__ as persister_main
+    from services.persister import handler
+    from tests.conftest import amqp_url, private_vhost
+
+    stall_timeout_s, grace_s, restart_every_s = 3.0, 3.0, 2.5
+    real_reap = handler.reap_stalled_jobs
+    monkeypatch.setattr(handler, "reap_stalled_jobs",
+                        lambda pool, timeout_s, missed: real_reap(pool, timeout_s, missed, grace_s))
+    monkeypatch.setattr(persister_main, "setup_logging", lambda level: None)  # pytest's handlers stay
+    opened: list = []  # what the running persister opened, closed as it is stopped
+
+    async def opening(open_it, *args, **kwargs):
+        opened.append(await open_it(*args, **kwargs))
+        return opened[-1]
+
+    monkeypatch.setattr(persister_main, "create_pool", lambda *a, **kw: opening(db.create_pool, *a, **kw))
+    monkeypatch.setattr(persister_main, "connect", lambda *a, **kw: opening(connect, *a, **kw))
+    conn = await asyncpg.connect(scratch_url)
+    holder = await asyncpg.connect(scratch_url)
+    dropper = await asyncpg.connect(scratch_url)
+    with private_vhost() as vhost:
+        settings = Settings(_env_file=None, amqp_url=amqp_url(vhost), database_url=scratch_url,
+                            outage_hold_s=1.0, job_stall_timeout_s=stall_timeout_s, metrics_port=0)
+        monkeypatch.setattr(persister_main, "get_settings", lambda: settings)
+        connection = await connect(settings, "test-one-replica")
+        other_replica = await db.create_pool(settings, max_size=2)
+        persister = None
+        background: list[asyncio.Task] = []
+
+        async def stop_persister() -> None:
+            persister.cancel()
+            await asyncio.gather(persister, return_exceptions=True)
+            for resource in opened:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(resource.close(), 10)
+            opened.clear()
+
+        async def other_replica_beats() -> None:
+            missed = handler.DatabaseMissed()
+            while True:
+                await real_reap(other_replica, stall_timeout_s, missed, grace_s)
+                await asyncio.sleep(handler.reaper_round_s(stall_timeout_s))
+
+        terminated = 0
+
+        async def connections_dropped() -> None:
+            # Those of the handlers waiting on the locked row, and no other.
+            nonlocal terminated
+            while True:
+                terminated += await dropper.fetchval(
+                    "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND $1 = ANY(pg_blocking_pids(pid))", holder.get_server_pid())
+                await asyncio.sleep(0.2)
+
+        try:
+            await db.apply_migrations(other_replica)
+            await declare_topology(connection, settings)
+            await conn.execute("UPDATE stall_reaper_heartbeat SET at = now()")
+            background.append(asyncio.create_task(other_replica_beats()))
+            locked = await conn.fetchval("INSERT INTO transcripts (filename) VALUES ('locked.wav') RETURNING id")
+            holding = holder.transaction()
+            await holding.start()
+            await holder.execute("SELECT 1 FROM transcripts WHERE id = $1 FOR UPDATE", locked)
+            bus = await open_bus(connection, settings)
+            chunks = 4
+            for chunk_index in range(chunks):
+                await bus.publish(ChunkTranscribed(
+                    job_id=locked, chunk_index=chunk_index, chunk_count=chunks, duration=float(chunks),
+                    segments=[Segment(index=0, speaker="spk_0", start_ts=chunk_index, end_ts=chunk_index + 1.0,
+                                      text="held")]))
+            background.append(asyncio.create_task(connections_dropped()))
+
+            started = time.monotonic()
+            persister = asyncio.create_task(persister_main.main())
+            restarted = started
+            # Its last progress as the errors and the restarts begin.
+            stuck = await conn.fetchval("INSERT INTO transcripts (filename) VALUES ('stuck.wav') RETURNING id")
+            # The stall timeout and a round or two; without the fix never, while the errors and the
+            # restarts go on.
+            failed_within_s = stall_timeout_s + 12.0
+            while await conn.fetchval("SELECT status FROM transcripts WHERE id = $1", stuck) != "error":
+                assert not persister.done(), persister
+                if time.monotonic() - started > failed_within_s:
+                    pytest.fail(f"a stuck job was not failed within {failed_within_s:g} s while one replica"
+                                f" had database errors ({terminated} connections dropped) and restarted")
+                if time.monotonic() - restarted > restart_every_s:
+                    await stop_persister()
+                    persister = asyncio.create_task(persister_main.main())
+                    restarted = time.monotonic()
+                await asyncio.sleep(0.2)
+            assert terminated > 0, "no handler lost its connection: the errors were not made"
+        finally:
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            if persister is not None:
+                await stop_persister()
+            await other_replica.close()
+            await dropper.close()
             await holder.close()
             await conn.close()
             await connection.close()

@@ -611,6 +611,39 @@ async def test_a_job_done_and_delivered_again_announces_its_completion_again(sta
     assert (job["status"], job["stage"]) == ("done", "done")
 
 
+async def test_a_late_progress_report_of_a_done_job_does_not_announce_its_completion_again():
+    """A job's own job.progress(transcribing), held through a database outage and handed back
+    behind the job's chunks (or tried again), reaches the persister after the job is done: it sent
+    subscribers a second transcript.completed. Only a diarizer run's first report (diarizing: a
+    delivery again) announces the end again."""
+    from common import db
+    from common.messages import JobProgress
+    from common.settings import Settings
+    from devstack import migrated_database
+    from services.persister import handler
+
+    async with migrated_database("stt_late_progress") as url:
+        pool = await db.create_pool(Settings(_env_file=None, database_url=url), max_size=2)
+        try:
+            job_id = await pool.fetchval("INSERT INTO transcripts (filename, status, stage, progress, language,"
+                                         " completed_at) VALUES ('late.wav', 'done', 'done', 1, 'en', now())"
+                                         " RETURNING id")
+
+            async def queued() -> list[str]:
+                return [r["message_id"] for r in await pool.fetch(
+                    "SELECT body->>'message_id' AS message_id FROM outbox WHERE body->>'job_id' = $1 ORDER BY id",
+                    str(job_id))]
+
+            late = JobProgress(job_id=job_id, stage="transcribing", duration=12.0, chunk_count=2)
+            assert not await handler.on_progress(pool, late)
+            assert await queued() == [], "a late progress report announced the completion again"
+            assert await handler.on_progress(pool, JobProgress(job_id=job_id, stage="diarizing"))
+            assert await queued() == [f"transcript.completed:{job_id}"]
+            assert await pool.fetchval("SELECT stage FROM transcripts WHERE id = $1", job_id) == "done"
+        finally:
+            await pool.close()
+
+
 async def test_progress_racing_the_jobs_deletion_announces_the_deletion_not_the_end():
     """A diarizer's progress on an ended job reaches the persister while DELETE /transcripts/{id}
     commits: the job's end was read without a lock, found, and queued after the deletion's
@@ -1028,10 +1061,10 @@ def own_database_url():
 
 
 async def test_a_database_miss_noted_during_the_stall_reapers_heartbeat_is_kept_for_its_next_round(own_database_url):
-    """A handler that cannot reach the database notes it (DatabaseMissed) while the stall reaper's
-    heartbeat is being written: the reaper cleared the note once its write returned, so that
-    outage was never recorded as a gap, and the jobs held through it could be failed as stalled.
-    The note is kept, and the next round records the gap."""
+    """A database miss noted (DatabaseMissed) while the stall reaper's heartbeat is being written:
+    the reaper cleared the note once its write returned, so that outage was never recorded as a
+    gap, and the jobs held through it could be failed as stalled. The note is kept, and the next
+    round records the gap."""
     from common.db import apply_migrations, create_pool
     from common.settings import Settings
     from services.persister.handler import DatabaseMissed, reap_stalled_jobs
@@ -1052,7 +1085,7 @@ async def test_a_database_miss_noted_during_the_stall_reapers_heartbeat_is_kept_
                                         " AND wait_event_type = 'Lock'"):
             assert time.monotonic() < deadline and not beating.done(), "the heartbeat never waited on the row"
             await asyncio.sleep(0.05)
-        missed.since_last_round = True  # a handler's miss, meanwhile
+        missed.since_last_round = True  # a miss noted meanwhile
         await holding.rollback()
         assert await asyncio.wait_for(beating, 10) == []
         assert missed.since_last_round, "the miss noted during the heartbeat was cleared"

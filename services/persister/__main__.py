@@ -40,8 +40,7 @@ async def flush_outbox_until_stopped(pool: asyncpg.Pool, bus: Bus, wake: asyncio
 
 # A lock held past handler.LOCK_WAIT_S (an operator's open psql session on a job's row) is waited
 # out like an outage: the message is held, tried again, and handed back every OUTAGE_HOLD_S while
-# the lock lasts; no retry is spent and the job is not failed, which is not its fault. (Not noted
-# for the stall reaper either: then_flush notes only DATABASE_UNAVAILABLE.)
+# the lock lasts; no retry is spent and the job is not failed, which is not its fault.
 WAITED_OUT = (*DATABASE_UNAVAILABLE, asyncpg.exceptions.LockNotAvailableError)
 
 
@@ -49,9 +48,9 @@ async def main() -> None:
     settings = get_settings()
     setup_logging(settings.log_level)
     serve_metrics(settings, "persister")
-    # Nothing was stored while this process was not running, or waited here for the database: the
-    # stall reaper's first round counts the time since its last heartbeat (of any persister) as a
-    # gap, and gives the messages waiting in stt.persister time to land (DatabaseMissed).
+    # This process's start is no gap of itself: the other replicas may have stored everything
+    # meanwhile. Time no persister was running is one by the shared heartbeat's age
+    # (jobstore.stall_reaper_round); time the reaper could not reach the database, by `missed`.
     missed = handler.DatabaseMissed()
     prefetch = max(settings.prefetch_count, HANDLED_AT_ONCE)
     # Every message in hand, of stt.persister and of the dead-letter queue, may hold a connection.
@@ -63,18 +62,13 @@ async def main() -> None:
 
     def then_flush(handle: Callable[..., Awaitable[bool]]):
         """Run the handler (one transaction); when it says it enqueued events (True), wake the
-        outbox flusher for them at once rather than at its next poll. A database it could not
-        reach is noted for the stall reaper; a statement that timed out is not: it may have waited
-        on a row another transaction holds (an operator's open psql session), and noted for each
-        try it would stop stall detection for every job while the lock lasts. A database that is
-        really away does not answer the reaper's own heartbeat either, which notes it then."""
+        outbox flusher for them at once rather than at its next poll. A database the handler could
+        not reach is not noted for the stall reaper: one replica's error (a dropped connection, too
+        many connections) is no outage while the others store, and noted it made a gap each time,
+        joined to the one before, that kept every stuck job from ever counting as stalled. A
+        database that is really away does not answer any replica's heartbeat either."""
         async def run(message) -> None:
-            try:
-                enqueued = await handle(pool, message)
-            except Exception as exc:
-                if isinstance(exc, DATABASE_UNAVAILABLE) and not isinstance(exc, TimeoutError):
-                    missed.since_last_round = True
-                raise
+            enqueued = await handle(pool, message)
             if enqueued:
                 wake.set()
         return run

@@ -127,17 +127,25 @@ async def _store_chunk(conn: asyncpg.Connection, job: asyncpg.Record, message: C
     return announced
 
 
+# The first progress report of every diarizer run, a delivery again included (services.diarizer.handler).
+DIARIZER_RUN_BEGINS = "diarizing"
+
+
 async def on_progress(pool: asyncpg.Pool, message: JobProgress) -> bool:
-    """The job's stage moves on. Progress of a job that has already ended comes from a diarizer
-    that never heard so: a replica started after the job was cancelled, or a second delivery of a
-    job already done (the broker gave it again after a lost connection). The ending is announced
-    again, so that the diarizer stops (or does not store the decoded audio), ingest removes what
-    was stored, and the transcribers skip the chunks. Progress of a job deleted since it ended
-    announces its deletion again, to the same end. True when it was."""
+    """The job's stage moves on. A diarizer run's first report (`diarizing`) on a job that has
+    already ended comes from a diarizer that never heard so: a replica started after the job was
+    cancelled, or a second delivery of a job already done (the broker gave it again after a lost
+    connection). The ending is announced again, so that the diarizer stops (or does not store the
+    decoded audio), ingest removes what was stored, and the transcribers skip the chunks. Any
+    other report on an ended job is a late copy (held through a database outage and handed back
+    behind the job's chunks, or tried again): announced again, it sent subscribers a second
+    transcript.completed for nothing; a chunk of that run, if any, announces a failure again
+    itself (_nothing_to_store). Progress of a job deleted since it ended announces its deletion
+    again, to the same end. True when it was."""
     async with _transaction(pool) as conn:
         await jobstore.advance(conn, message.job_id, message.stage, duration=message.duration,
                                chunk_count=message.chunk_count)
-        if await jobstore.announce_end_again(conn, message.job_id):
+        if message.stage == DIARIZER_RUN_BEGINS and await jobstore.announce_end_again(conn, message.job_id):
             log.info("%s reported after the job had ended; its ending is announced again", message.stage)
             return True
         if await jobstore.announce_deletion_again(conn, message.job_id):
@@ -244,10 +252,12 @@ def reaper_round_s(timeout_s: float) -> float:
 
 
 class DatabaseMissed:
-    """Whether this persister could not reach the database (a handler, the stall reaper), or
-    started, since the reaper's last round: that time is then a gap, however short it was."""
+    """Whether this persister's stall reaper could not reach the database since its last round:
+    that time is then a gap, however short it was (an outage every replica's reaper meets; one
+    shorter than ROUNDS_MISSED_FOR_A_GAP rounds leaves the shared heartbeat's age short). Not set
+    by a handler's miss, nor by a start: those are one replica's, while the others may store."""
 
-    def __init__(self, since_last_round: bool = True) -> None:
+    def __init__(self, since_last_round: bool = False) -> None:
         self.since_last_round = since_last_round
 
 
@@ -286,8 +296,8 @@ async def reap_stalled_jobs(pool: asyncpg.Pool, timeout_s: float, missed: Databa
     """One round of the stall reaper: its heartbeat, then the jobs it failed. A database it cannot
     reach is noted in `missed`. The heartbeat is in the database, so that an outage a persister
     restarted during, or another replica, still counts (README: no job fails because of one)."""
-    # Taken before the heartbeat's await: a handler that misses the database meanwhile sets it
-    # again, for the next round, instead of having it cleared once this round is recorded.
+    # Taken before the heartbeat's await: a miss noted meanwhile is kept for the next round,
+    # instead of being cleared once this round is recorded.
     missed_before, missed.since_last_round = missed.since_last_round, False
     recorded = False
     try:
