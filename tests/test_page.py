@@ -12,6 +12,7 @@ import re
 import shutil
 import time
 import uuid
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -284,6 +285,47 @@ def test_names_and_terms_typed_in_are_spelled_so(stack, fixtures_dir, browser):
     assert page.eval_on_selector("#file", "input => input.files.length") == 0
     assert page.locator("#upload-progress").is_hidden()
     page.close()
+
+
+def test_a_long_list_of_names_and_terms_is_sent_whole_or_refused_before_it_is_sent(stack, fixtures_dir, browser):
+    """The field holds what the server takes (its terms counted joined by bare commas, as the
+    server counts them): a pasted list longer than that as written is kept and sent whole, not cut
+    off mid-word; one the server would refuse is not sent, and the field says how long it may be."""
+    page = browser.new_page()
+    sent: list[bytes] = []
+
+    def refused(route) -> None:  # no job is made
+        sent.append(route.request.post_data_buffer or b"")
+        route.fulfill(status=415, json={"detail": "not a recording"})
+
+    page.route(re.compile(r"/recognize$"), refused)
+    try:
+        page.goto(stack.api + "/")
+        terms = [f"Term{i:02d}" for i in range(16)]  # 16 × 6 characters + 15 commas: 111 as the server counts
+        pasted = ",   ".join(terms)  # 156 characters as written
+        page.get_by_label("Names and terms").fill(pasted)
+        assert page.input_value("#vocabulary") == pasted
+        assert page.eval_on_selector("#vocabulary", "input => input.validity.valid")
+        page.set_input_files("#file", str(fixtures_dir / "empty.wav"))
+        page.get_by_role("button", name="Transcribe").click()
+        page.locator("#upload-status", has_text="415 not a recording").wait_for(timeout=30_000)
+        assert len(sent) == 1 and pasted.encode() in sent[0], sent
+
+        too_long = ", ".join(f"Kubernetes{i:02d}" for i in range(14))  # 14 × 12 + 13 commas: 181
+        page.get_by_label("Names and terms").fill(too_long)
+        assert page.input_value("#vocabulary") == too_long
+        page.set_input_files("#file", str(fixtures_dir / "empty.wav"))
+        page.get_by_role("button", name="Transcribe").click()
+        page.wait_for_timeout(500)
+        assert len(sent) == 1, "a list the server refuses was sent"
+        message = page.eval_on_selector("#vocabulary", "input => input.validationMessage")
+        assert "150" in message and "181" in message, message
+        page.get_by_label("Names and terms").fill(too_long.rsplit(", ", 1)[0].rsplit(", ", 1)[0])  # 12 terms: 155
+        assert "155" in page.eval_on_selector("#vocabulary", "input => input.validationMessage")
+        page.get_by_label("Names and terms").fill(too_long.rsplit(", ", 3)[0])  # 11 terms: 142
+        assert page.eval_on_selector("#vocabulary", "input => input.validity.valid")
+    finally:
+        page.close()
 
 
 def test_card_and_phone_numbers_and_addresses_are_hidden_when_asked(stack, browser):
@@ -1711,9 +1753,10 @@ def drops_files(page, files: list[tuple[str, bytes]]) -> None:
 def test_each_file_of_a_batch_says_what_became_of_it(stack, fixtures_dir, browser):
     """Options the server would refuse are not sent with files dropped, and a speaker count goes
     while the parties are one per channel. Of three files dropped at once, one is refused, one's
-    answer a proxy loses (502) after it was all sent, and one's answer is lost on every send: the
-    second is sent again with its Idempotency-Key (its job, made once, opens), and what became of
-    the first and the third stays said below the status line."""
+    answer a proxy loses (502) after it was all sent, and one's connection is cut on its first send
+    (the browser says before the file was all sent: it is sent again) and its answer lost on every
+    send after: the second is sent again with its Idempotency-Key (its job, made once, opens), and
+    what became of the first and the third stays said below the status line."""
     tag = uuid.uuid4().hex[:6]
     refused, lost_once, lost_for_good = (f"{what}_{tag}.wav" for what in ("refused", "lost_once", "lost_for_good"))
     audio = (fixtures_dir / "empty.wav").read_bytes()
@@ -1753,7 +1796,7 @@ def test_each_file_of_a_batch_says_what_became_of_it(stack, fixtures_dir, browse
 
         drops_files(page, [(refused, audio), (lost_once, audio), (lost_for_good, audio)])
         status = page.locator("#upload-status")
-        wait_until(page, lambda: len(sends) == 7 and page.locator("#upload button[type=submit]").is_enabled(),
+        wait_until(page, lambda: len(sends) == 8 and page.locator("#upload button[type=submit]").is_enabled(),
                    "the files were never all sent")
         assert status.inner_text().startswith(f"{lost_for_good}: sent; the answer was lost"), (status.inner_text(),
                                                                                               sends)
@@ -1761,7 +1804,7 @@ def test_each_file_of_a_batch_says_what_became_of_it(stack, fixtures_dir, browse
         assert [line.split(":")[0] for line in outcomes] == [refused, lost_for_good], outcomes
         assert "415 not a recording" in outcomes[0]
         assert outcomes[1].endswith("sent; the answer was lost: check the list before sending it again."), outcomes
-        assert [sent for sent, _ in sends] == [refused, lost_once, lost_once] + [lost_for_good] * 4, sends
+        assert [sent for sent, _ in sends] == [refused, lost_once, lost_once] + [lost_for_good] * 5, sends
         assert len({key for sent, key in sends if sent == lost_once}) == 1
         assert len({key for sent, key in sends if sent == lost_for_good}) == 1
         made = [job["id"] for job in httpx.get(f"{stack.api}/transcripts?limit=100", timeout=30).json()["items"]
@@ -1775,6 +1818,127 @@ def test_each_file_of_a_batch_says_what_became_of_it(stack, fixtures_dir, browse
             mine = [job["id"] for job in client.get(f"{stack.api}/transcripts?limit=100").json()["items"]
                     if tag in job["filename"]]
             discard(stack.api, client, *mine)
+
+
+def test_a_file_whose_answer_was_lost_is_not_said_refused_when_sent_again(stack, fixtures_dir, browser):
+    """The first send of a file made its job, but its answer was lost; the send again is refused
+    (the server busy, with no wait to offer). The page says that the file was sent and to check
+    the list: said refused, it would be sent again by hand and made twice."""
+    tag = uuid.uuid4().hex[:6]
+    name = f"lost_then_refused_{tag}.wav"
+    page = browser.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    sends: list[str] = []  # their Idempotency-Keys
+
+    def lost_then_refused(route) -> None:
+        sends.append(route.request.headers["idempotency-key"])
+        if len(sends) == 1:
+            route.fetch()  # the job is made
+            route.fulfill(status=502, body="Bad Gateway")
+        else:
+            route.fulfill(status=503, json={"detail": "the server is busy"})
+
+    page.route(re.compile(r"/recognize$"), lost_then_refused)
+    try:
+        page.goto(stack.api + "/")
+        drops_files(page, [(name, (fixtures_dir / "empty.wav").read_bytes())])
+        wait_until(page, lambda: len(sends) == 2 and page.locator("#upload button[type=submit]").is_enabled(),
+                   "the file was never sent again")
+        said = f"{name}: sent; the answer was lost: check the list before sending it again."
+        assert page.locator("#upload-status").inner_text() == said
+        assert page.locator("#upload-outcomes li").all_inner_texts() == [said]
+        assert len(set(sends)) == 1
+        assert errors == []
+    finally:
+        page.close()
+        with httpx.Client(timeout=30) as client:
+            mine = [job["id"] for job in client.get(f"{stack.api}/transcripts?limit=100").json()["items"]
+                    if tag in job["filename"]]
+            discard(stack.api, client, *mine)
+
+
+def test_a_job_told_of_before_its_answer_came_again_keeps_its_state(stack, fixtures_dir, browser):
+    """The first send of a file made its job, but its answer was lost; the job ends (stopped here)
+    before the send again is answered with that job. Its row stays as it ended, not back at
+    "submitted 0%" (no event would ever set it right)."""
+    other = a_recording_in_the_database(stack, "opened_meanwhile.wav", [("spk_0", "Hello.")])
+    page = browser.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    made: list[int] = []
+    held: list = []
+
+    def lost_then_held(route) -> None:
+        if not made:
+            made.append(route.fetch().json()["id"])
+            route.fulfill(status=502, body="Bad Gateway")
+        else:
+            held.append(route)
+
+    page.route(re.compile(r"/recognize$"), lost_then_held)
+    try:
+        page.goto(stack.api + "/")
+        drops_files(page, [("lost_then_replayed.wav", (fixtures_dir / "empty.wav").read_bytes())])
+        wait_until(page, lambda: held, "the file was never sent again")
+        # Another recording opened meanwhile: the job of the file is listed, not opened (its
+        # transcript's events would set its row right).
+        page.locator(f'#jobs li[data-job="{other}"] button').click()
+        page.locator('#transcript[data-ended="true"]').wait_for(timeout=30_000)
+        httpx.post(f"{stack.api}/transcripts/{made[0]}/cancel", timeout=30)
+        row = page.locator(f'#jobs li[data-job="{made[0]}"]')
+        page.locator(f'#jobs li[data-job="{made[0]}"]:not([data-status="processing"])').wait_for(timeout=30_000)
+        ended = row.get_attribute("data-status"), row.locator(".state").inner_text()
+        held[0].continue_()
+        page.locator("#upload-status", has_text=f"accepted as job {made[0]}").wait_for(timeout=30_000)
+        assert (row.get_attribute("data-status"), row.locator(".state").inner_text()) == ended
+        assert page.locator("#transcript").get_attribute("data-job") == str(other)
+        assert errors == []
+    finally:
+        page.close()
+        with httpx.Client(timeout=30) as client:
+            discard(stack.api, client, *made, other)
+
+
+def test_a_file_cut_off_while_it_is_sent_is_sent_again_for_a_while_then_said_why(stack, fixtures_dir, browser):
+    """A server that answers before it reads the file and closes the connection (busy, or the file
+    over MAX_UPLOAD_MB) reads in a browser as the connection cut while the file is sent. The file
+    is sent again after longer and longer waits, for as long as a busy server is waited for (two
+    minutes, run here on the page's clock), then the page says what may be the cause."""
+    page = browser.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    sends: list[str] = []  # their Idempotency-Keys
+    page.route(re.compile(r"/recognize$"), lambda route: (sends.append(route.request.headers["idempotency-key"]),
+                                                          route.abort("connectionreset")))
+    page.clock.install()
+    try:
+        page.goto(stack.api + "/")
+        # The page's time stands still but as run_for moves it on.
+        page.clock.pause_at(datetime.fromtimestamp(page.evaluate("Date.now()") / 1000 + 1))
+        name = "cut_off.wav"
+        drops_files(page, [(name, (fixtures_dir / "empty.wav").read_bytes())])
+        status = page.locator("#upload-status")
+        submit = page.locator("#upload button[type=submit]")
+        waits: list[int] = []
+        while True:
+            wait_until(page, lambda: len(sends) == len(waits) + 1, "the file was not sent again")
+            wait_until(page, lambda: submit.is_enabled() or re.search(rf"again in {2 ** (len(waits) + 1)} s",
+                                                                         status.inner_text()),
+                       f"no longer wait said after {waits}: {status.inner_text()!r}")
+            if submit.is_enabled():
+                break
+            waits.append(2 ** (len(waits) + 1))
+            page.clock.run_for(waits[-1] * 1000)
+        assert waits == [2, 4, 8, 16, 32], waits  # the next, 64 s, would go past the two minutes
+        said = status.inner_text()
+        assert said.startswith(f"{name}: the upload failed: the connection was cut before the file was all sent")
+        assert "busy" in said and "MAX_UPLOAD_MB" in said, said
+        assert page.locator("#upload-outcomes li").all_inner_texts() == [said]
+        assert len(set(sends)) == 1
+        assert errors == []
+    finally:
+        page.close()
 
 
 def test_the_open_transcript_and_the_list_keep_to_what_the_server_has(stack, browser):
@@ -1864,3 +2028,54 @@ def test_the_open_transcript_and_the_list_keep_to_what_the_server_has(stack, bro
         stack.query("UPDATE transcripts SET status = 'done', stage = 'done', completed_at = now() WHERE id = $1", stale)
         for job_id in (stale, failed, voices):
             httpx.delete(f"{stack.api}/transcripts/{job_id}", timeout=30)
+
+
+def test_what_an_action_came_to_stays_said_while_the_job_runs_on(stack, browser):
+    """Names refused on a job still running stay said in the transcript's status line as the
+    job's progress comes (its row in the list shows that), until the user acts again or the job
+    ends: the user is not left thinking they were saved."""
+    tag = uuid.uuid4().hex[:6]
+    job_id = stack.value("INSERT INTO transcripts (filename, stage, progress) VALUES ($1, 'transcribing', 0.2)"
+                         " RETURNING id", f"running_{tag}.wav")
+    stack.query("INSERT INTO chunks (transcript_id, chunk_index, segment_count, transcribed_at)"
+                " VALUES ($1, 0, 2, now())", job_id)
+    for index, (speaker, text) in enumerate([("spk_0", "Hello."), ("spk_1", "Hi there.")]):
+        stack.query("INSERT INTO segments (transcript_id, chunk_index, index, speaker, start_ts, end_ts, text)"
+                    " VALUES ($1, 0, $2, $3, $4, $5, $6)", job_id, index, speaker, 2.0 * index, 2.0 * index + 1.5,
+                    text)
+    page = browser.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    try:
+        page.goto(stack.api + "/")
+        row = page.locator(f'#jobs li[data-job="{job_id}"]')
+        row.locator("button").click()
+        status = page.locator("#transcript-status")
+        status.filter(has_text="Processing: transcribing, 20%").wait_for(timeout=10_000)
+        page.fill("#name-spk_0", "Smith, Anna")
+        page.get_by_role("button", name="Save names").click()
+        status.filter(has_text="cannot hold a comma").wait_for(timeout=10_000)
+
+        stack.query("UPDATE transcripts SET progress = 0.4 WHERE id = $1", job_id)
+        row.locator(".state", has_text="transcribing 40%").wait_for(timeout=10_000)
+        page.wait_for_timeout(2_000)  # both streams (the list's and the transcript's) have told of it
+        assert "cannot hold a comma" in status.inner_text()
+
+        # Acting again says what that came to, which stays in its turn.
+        page.fill("#name-spk_0", "Anna")
+        page.get_by_role("button", name="Save names").click()
+        status.filter(has_text="Names saved.").wait_for(timeout=10_000)
+        stack.query("UPDATE transcripts SET stage = 'diarizing', progress = 0.6 WHERE id = $1", job_id)
+        row.locator(".state", has_text="diarizing 60%").wait_for(timeout=10_000)
+        page.wait_for_timeout(2_000)
+        assert status.inner_text() == "Names saved."
+
+        # The job's end is said over it.
+        stack.query("UPDATE transcripts SET status = 'done', stage = 'done', progress = 1, completed_at = now()"
+                    " WHERE id = $1", job_id)
+        page.locator('#transcript[data-ended="true"]').wait_for(timeout=10_000)
+        assert status.inner_text() == "Done."
+        assert errors == []
+    finally:
+        page.close()
+        stack.query("DELETE FROM transcripts WHERE id = $1", job_id)

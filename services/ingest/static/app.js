@@ -26,6 +26,7 @@ const state = {
   searches: 0,  // searches asked for: an answer to any but the last is dropped
   redacting: null,  // the job whose recording the server last said is being redacted (markRedacting)
   correctionForms: 0,  // correction forms made: each one's reason has an id of its own
+  said: null,  // { job, status }: what the user's last action came to is in the status line (sayInStatusLine)
 };
 
 function apiKey() { return sessionStorage.getItem(KEY_STORAGE) || ""; }
@@ -188,7 +189,7 @@ function renderJob(job) {
   bar.setAttribute("aria-label", `${merged.filename}: ${label}`);
   item.querySelector("button").setAttribute("aria-current", state.open === job.id ? "true" : "false");
   if (state.open === job.id) {
-    showStatus(merged);
+    showProgress(merged);
     // A job opened from elsewhere (a search hit) is named once its events say what it is.
     if (merged.filename) $("#transcript-title").textContent = merged.filename;
   }
@@ -297,6 +298,30 @@ function uploadForm(file) {
   return form;
 }
 
+// The most the server takes as a job's names and terms (VOCABULARY_MAX_CHARS, common/messages.py),
+// counted as it counts them (vocabularyChars): a field's maxlength would count the spaces after the
+// commas, and cut a pasted list off mid-word without a word.
+const VOCABULARY_MAX_CHARS = 150;
+
+// How long `text` is as the server counts a vocabulary (vocabulary_chars): its terms, split at
+// commas and lines, with what is not printable blanked, blanks collapsed, empty ones and repeats
+// left out, joined by bare commas; in characters (code points).
+function vocabularyChars(text) {
+  const terms = text.replaceAll("\n", ",").split(",")
+    .map((term) => term.replace(/[\p{C}\p{Z}]/gu, " ").split(" ").filter(Boolean).join(" "))
+    .filter(Boolean);
+  return [...[...new Set(terms)].join(",")].length;
+}
+
+// The field refuses (as the browser refuses a form's invalid field) a list the server would.
+function checkVocabulary() {
+  const field = $("#vocabulary");
+  const used = vocabularyChars(field.value);
+  field.setCustomValidity(used <= VOCABULARY_MAX_CHARS ? ""
+    : `Names and terms take at most ${VOCABULARY_MAX_CHARS} characters (spaces around the commas not counted);`
+      + ` these take ${used}: keep those Whisper would otherwise get wrong.`);
+}
+
 // An upload that sends nothing for this long has stalled (a half-open connection): given up, so
 // that the files after it are not held up for as long as the browser would wait.
 const UPLOAD_STALLED_MS = 60_000;
@@ -339,7 +364,9 @@ function upload({ file, form, key, owner }) {
     };
     request.onerror = () => {
       const error = new Error(`${file.name}: the upload failed`);
-      error.answerLost = true;
+      // Cut off before the file was all sent, nothing was made; after, the job may have been.
+      error.cutOff = !sent;
+      error.answerLost = sent;
       error.maybeMade = sent;
       reject(error);
     };
@@ -358,29 +385,49 @@ const UPLOAD_BUSY_WAIT_MS = 120_000;
 const UPLOAD_ANSWER_LOST_RESENDS = 3;
 const UPLOAD_ANSWER_LOST_WAIT_MS = 2_000;
 
+// A send cut off before the file was all sent made nothing. The network may have dropped, or the
+// server answered before reading the file and closed the connection (busy: 503; the file over
+// MAX_UPLOAD_MB: 413), which a browser reports as a failed request, not as that answer. It is
+// sent again as a busy server's file is, within UPLOAD_BUSY_WAIT_MS, after this long and twice as
+// long each time after.
+const UPLOAD_CUT_OFF_FIRST_WAIT_MS = 2_000;
+
 async function uploadWaitingOutBusy(prepared, status) {
+  const name = prepared.file.name;
   const giveUpAt = Date.now() + UPLOAD_BUSY_WAIT_MS;
   let resends = 0;
+  let cutOffWaitMs = UPLOAD_CUT_OFF_FIRST_WAIT_MS;
   let maybeMade = false;
   for (;;) {
+    let waitMs;
     try {
       return await upload(prepared);
     } catch (error) {
-      if (error.answerLost) {
-        maybeMade ||= error.maybeMade;
-        if (resends === UPLOAD_ANSWER_LOST_RESENDS) {
-          if (!maybeMade) throw error;
-          throw new Error(`${prepared.file.name}: sent; the answer was lost: check the list before sending it again.`);
-        }
+      maybeMade ||= Boolean(error.maybeMade);
+      if (error.answerLost && resends < UPLOAD_ANSWER_LOST_RESENDS) {
         resends += 1;
-        status.textContent = `${prepared.file.name}: no answer came; sending it again…`;
-        await new Promise((resolve) => setTimeout(resolve, UPLOAD_ANSWER_LOST_WAIT_MS));
-        continue;
+        status.textContent = `${name}: no answer came; sending it again…`;
+        waitMs = UPLOAD_ANSWER_LOST_WAIT_MS;
+      } else if (error.cutOff && Date.now() + cutOffWaitMs <= giveUpAt) {
+        status.textContent = `${name}: the connection was cut while sending it; sending it again in`
+          + ` ${cutOffWaitMs / 1000} s…`;
+        waitMs = cutOffWaitMs;
+        cutOffWaitMs *= 2;
+      } else if (error.status === 503 && error.retryAfter && Date.now() + error.retryAfter * 1000 <= giveUpAt) {
+        status.textContent = `${name}: the server is busy; sending it again in ${error.retryAfter} s…`;
+        waitMs = error.retryAfter * 1000;
+      } else if (maybeMade) {
+        // Whatever became of the sends after (refused, stalled, cut off): said refused, the file
+        // would be sent again by hand, and its job made twice.
+        throw new Error(`${name}: sent; the answer was lost: check the list before sending it again.`);
+      } else if (error.cutOff) {
+        throw new Error(`${name}: the upload failed: the connection was cut before the file was all sent, each`
+          + " time. The server may be busy, or the file over its size limit (MAX_UPLOAD_MB); or the network is down.");
+      } else {
+        throw error;
       }
-      if (error.status !== 503 || !error.retryAfter || Date.now() + error.retryAfter * 1000 > giveUpAt) throw error;
-      status.textContent = `${prepared.file.name}: the server is busy; sending it again in ${error.retryAfter} s…`;
-      await new Promise((resolve) => setTimeout(resolve, error.retryAfter * 1000));
     }
+    await new Promise((resolve) => setTimeout(resolve, waitMs));
   }
 }
 
@@ -454,7 +501,11 @@ async function uploadBatch(files, openWhenSent) {
           keepUploadOutcome(status.textContent);
           continue;
         }
-        renderJob({ id: accepted.id, filename: accepted.filename, status: "processing", stage: "submitted", percent: 0 });
+        // A send again after a lost answer is answered with the job the first send made, which /events
+        // may have told of already (ended, even): shown as it is, not set back to submitted.
+        if (!state.jobs.has(accepted.id)) {
+          renderJob({ id: accepted.id, filename: accepted.filename, status: "processing", stage: "submitted", percent: 0 });
+        }
         if (uploadMayOpen(openWhenSent, jobsOfBatch)) {
           status.textContent = `${accepted.filename} accepted as job ${accepted.id}.`;
           state.openedByUploads.add(accepted.id);
@@ -681,10 +732,10 @@ function openCorrection(item, segment) {
       if (kept?.contains(focused)) focused.focus();
       else if (focusHere) after.querySelector(".segment").focus();
       refreshNames();
-      $("#transcript-status").textContent = "Correction saved.";
+      sayInStatusLine("Correction saved.");
     } catch (error) {
       if (await forgottenIfGone(jobId, error)) return;
-      if (state.open === jobId) $("#transcript-status").textContent = `Not corrected: ${refusal(jobId, error)}`;
+      if (state.open === jobId) sayInStatusLine(`Not corrected: ${refusal(jobId, error)}`);
     } finally {
       state.saving.delete(saving);
       submit.disabled = false;
@@ -767,8 +818,8 @@ async function saveNames(event) {
   // the people expected in a recording).
   const withComma = Object.values(changes).find((name) => name && name.includes(","));
   if (withComma) {
-    $("#transcript-status").textContent = `Not saved: a name cannot hold a comma ("${withComma}"): commas`
-      + " separate the names of the people expected in a recording.";
+    sayInStatusLine(`Not saved: a name cannot hold a comma ("${withComma}"): commas`
+      + " separate the names of the people expected in a recording.");
     return false;
   }
   state.namesAsked += 1;  // names asked for before are older than the answer to these
@@ -785,11 +836,11 @@ async function saveNames(event) {
     for (const [input, value] of sent) if (input.value === value) input.dataset.shown = value;
     state.names = Object.fromEntries(Object.entries(answer.speakers).filter(([, name]) => name));
     refreshNames();
-    $("#transcript-status").textContent = "Names saved.";
+    sayInStatusLine("Names saved.");
     return true;
   } catch (error) {
     if (await forgottenIfGone(jobId, error)) return false;
-    if (state.open === jobId) $("#transcript-status").textContent = error.message;
+    if (state.open === jobId) sayInStatusLine(error.message);
     return false;
   } finally {
     for (const [input] of sent) delete input.dataset.sent;
@@ -806,7 +857,7 @@ const SOUNDS_LIKE_ANOTHER = "sounds_like_another";
 async function rememberVoices() {
   const jobId = state.open;  // the transcript whose voices these are, whatever is opened meanwhile
   // Said under that transcript only: not under another opened meanwhile.
-  const say = (text) => { if (state.open === jobId) $("#transcript-status").textContent = text; };
+  const say = (text) => { if (state.open === jobId) sayInStatusLine(text); };
   if (!(await saveNames(null))) return;
   let named;
   try {
@@ -929,7 +980,7 @@ async function reloadNames(jobId) {
     speakers = (await (await api(`/transcripts/${jobId}/speakers`)).json()).speakers;
   } catch (error) {
     if (await forgottenIfGone(jobId, error)) return;
-    if (state.open === jobId) $("#transcript-status").textContent = `The names could not be reloaded: ${error.message}`;
+    if (state.open === jobId) sayInStatusLine(`The names could not be reloaded: ${error.message}`);
     return;
   }
   if (state.open !== jobId || asked !== state.namesAsked) return;  // another transcript, or names newer than these
@@ -942,7 +993,27 @@ function namesOf(speakers) {
   return Object.fromEntries(Object.entries(speakers).filter(([, s]) => s.name).map(([label, s]) => [label, s.name]));
 }
 
+// What an action on the open transcript came to (names saved, a stop refused...), or why it is
+// no longer followed: said in the status line until the user acts again or the job's status
+// changes (it ends), as the job's live progress does not write over it (the list's row shows that).
+function sayInStatusLine(text) {
+  $("#transcript-status").textContent = text;
+  state.said = { job: state.open, status: $("#transcript").dataset.status };
+}
+
+// The open job's progress, as its events or the list's tell: in the status line, but over what
+// an action came to while the job's status is the same.
+function showProgress(job) {
+  const said = state.said;
+  if (said && said.job === job.id && said.status === job.status) {
+    $("#transcript").dataset.status = job.status;
+    return;
+  }
+  showStatus(job);
+}
+
 function showStatus(job) {
+  state.said = null;
   const status = $("#transcript-status");
   if (job.status === "processing") status.textContent = `Processing: ${job.stage}, ${job.percent}%`;
   else if ((job.error || job.reason) === "cancelled") status.textContent = "Stopped: the transcript ends where it was.";
@@ -994,7 +1065,7 @@ function renderDownloads(jobId, ended) {
           blob = await response.blob();
         } catch (error) {
           if (await forgottenIfGone(jobId, error)) return;
-          if (state.open === jobId) $("#transcript-status").textContent = `Not downloaded: ${error.message}`;
+          if (state.open === jobId) sayInStatusLine(`Not downloaded: ${error.message}`);
           return;
         }
         const disposition = response.headers.get("content-disposition") || "";
@@ -1021,7 +1092,7 @@ function renderDelete(jobId, ended) {
       await api(`/transcripts/${jobId}`, { method: "DELETE" });
     } catch (error) {
       if (error.status === 404) forgetJob(jobId, { elsewhere: true });  // deleted meanwhile
-      else if (state.open === jobId) $("#transcript-status").textContent = `Not deleted: ${error.message}`;
+      else if (state.open === jobId) sayInStatusLine(`Not deleted: ${error.message}`);
       return;
     }
     forgetJob(jobId);
@@ -1080,7 +1151,7 @@ function renderCancel(jobId, ended) {
       if (state.open === jobId) showStatus(stopped);
     } catch (error) {
       if (await forgottenIfGone(jobId, error)) return;
-      if (state.open === jobId) $("#transcript-status").textContent = `Not stopped: ${error.message}`;
+      if (state.open === jobId) sayInStatusLine(`Not stopped: ${error.message}`);
     }
   };
 }
@@ -1114,7 +1185,7 @@ function renderRerun(jobId, ended) {
       if (state.open === jobId) openTranscript(accepted.id);  // else listed: another was opened meanwhile
     } catch (error) {
       if (await forgottenIfGone(jobId, error)) return;
-      if (state.open === jobId) $("#transcript-status").textContent = `Not run again: ${refusal(jobId, error)}`;
+      if (state.open === jobId) sayInStatusLine(`Not run again: ${refusal(jobId, error)}`);
     } finally {
       delete form.dataset.sending;
       showRedacting();
@@ -1505,7 +1576,7 @@ async function openTranscript(jobId) {
     onGone: (status) => {
       if (state.open !== jobId) return;
       if (status === 404) forgetJob(jobId, { elsewhere: true });
-      else $("#transcript-status").textContent = `Not followed: the server answered ${status}.`;
+      else sayInStatusLine(`Not followed: the server answered ${status}.`);
     },
   });
 }
@@ -1608,6 +1679,8 @@ document.addEventListener("DOMContentLoaded", () => {
   };
   $("#multichannel").addEventListener("change", countOnlyMixed);
   countOnlyMixed();  // a box the browser ticked again on reload
+  $("#vocabulary").addEventListener("input", checkVocabulary);
+  checkVocabulary();  // a list the browser filled in again on reload
   $("#upload").addEventListener("submit", (event) => {
     event.preventDefault();
     if (state.uploading) return;
