@@ -33,10 +33,23 @@ MAX_CHANNELS = 8
 AUDIO_DEMUXERS = ("wav,w64,mp3,aac,mov,ogg,matroska,flac,aiff,caf,amr,au,asf,wv,ape,tta,ac3,eac3,dts,"
                   "truehd,mpeg,mpegts,avi,flv,gsm,voc,mp2")
 OPEN_OPTIONS = {"format_whitelist": AUDIO_DEMUXERS, "protocol_whitelist": "file,pipe"}
+# The accepted containers as a user knows them (by their files' extensions), for the refusal of
+# any other.
+ACCEPTED_CONTAINERS = ("wav, w64, mp3, mp2, aac (ADTS), mp4/m4a/mov, ogg/opus, mkv/webm/mka, flac, aiff, caf, amr, "
+                       "au, wma/asf, wv, ape, tta, ac3, eac3, dts, truehd, mpeg-ps, mpeg-ts, avi, flv, gsm, voc")
+# Demuxers of bare streams, whose length no header gives: FFmpeg estimates it from the first
+# frames' bit rate, which past a quiet start (coded at a low rate) makes a 15-minute AAC 8 hours.
+LENGTH_ESTIMATED_DEMUXERS = frozenset({"aac", "mp3", "ac3", "eac3", "dts", "truehd", "amr", "gsm"})
 
 
 def _open(source: str | BinaryIO):
-    return av.open(source, mode="r", metadata_errors="ignore", options=OPEN_OPTIONS)
+    try:
+        return av.open(source, mode="r", metadata_errors="ignore", options=OPEN_OPTIONS)
+    except av.error.ArgumentError as exc:
+        # What FFmpeg answers (EINVAL) when the container it finds is not on the list; of those on
+        # it, only a damaged TTA header was seen to answer the same, and is told the same.
+        refusal = f"its container format is not one accepted here (accepted: {ACCEPTED_CONTAINERS})"
+        raise UndecodableAudio(refusal) from exc
 
 
 def _undecodable(source: str | BinaryIO, exc: Exception) -> UndecodableAudio:
@@ -103,20 +116,43 @@ def _too_long(max_seconds: float, channels: int = 1) -> AudioTooLong:
     return AudioTooLong(f"the audio is longer than the limit of {max_seconds / 3600:g} h")
 
 
-def _check_header_length(stream, max_seconds: float | None, channels: int) -> None:
+def _check_header_length(container, stream, max_seconds: float | None, channels: int) -> None:
     """AudioTooLong when the stream's header says it lasts past `max_seconds`, its `channels`
-    counted one after another."""
+    counted one after another. A length FFmpeg only estimated is not held against the file: the
+    decoded samples are counted against the limit all the same."""
+    if set(container.format.name.split(",")) & LENGTH_ESTIMATED_DEMUXERS:
+        return
     if max_seconds and stream.duration and stream.time_base:
         if float(stream.duration * stream.time_base) * channels > max_seconds:
             raise _too_long(max_seconds, channels)
 
 
+def _mixed_evenly_by_ffmpeg(layout) -> bool:
+    """Whether FFmpeg's own mix to mono weighs every channel of `layout` alike. It mixes by
+    position: a channel it takes for LFE (the 4th of a 6-, 7- or 8-channel file without a channel
+    mask, read as 5.1 or 7.1; the 3rd of 3, read as 2.1) comes out silent, a centre louder than the
+    others, and it refuses some layouts outright. One channel, or two side by side, it averages
+    (kept so: what stereo decodes to stays as it was)."""
+    return len(layout.channels) == 1 or layout.name in ("stereo", "2 channels", "downmix")
+
+
+def _channels_averaged(interleaved: np.ndarray) -> np.ndarray:
+    """One row of 16-bit samples, the average of float `interleaved`'s columns (its channels):
+    every microphone of a recording heard alike, whatever position FFmpeg gives its channel."""
+    mixed = interleaved.mean(axis=1, dtype=np.float32)
+    mixed *= np.float32(32768)
+    np.rint(mixed, out=mixed)
+    np.clip(mixed, -32768, 32767, out=mixed)
+    return mixed.astype(np.int16)[None, :]
+
+
 def decode_audio(source: str | BinaryIO, max_seconds: float | None = None, *,
                  separate_channels: bool = False) -> np.ndarray:
     """Decode the first audio stream to float32 mono at 16 kHz in [-1, 1] (with
-    `separate_channels`, one row per channel: shape (channels, samples)). The length limit is
-    checked on the header's duration and on the decoded input, before resampling; channels kept
-    apart count one after another, as they are diarized and held in memory."""
+    `separate_channels`, one row per channel: shape (channels, samples); without, every channel
+    counts alike in the mix). The length limit is checked on the header's duration (where the
+    container has one: not on FFmpeg's estimate) and on the decoded input, before resampling;
+    channels kept apart count one after another, as they are diarized and held in memory."""
     pieces: list[np.ndarray] = []
     decoded_s = 0.0
     try:
@@ -125,15 +161,18 @@ def decode_audio(source: str | BinaryIO, max_seconds: float | None = None, *,
             channels = max(1, stream.codec_context.channels) if separate_channels else 1
             layout = stream.codec_context.layout.name if channels > 1 else "mono"
             limit_s = max_seconds / channels if max_seconds else None
-            _check_header_length(stream, max_seconds, channels)
+            _check_header_length(container, stream, max_seconds, channels)
 
             def resampled(frame) -> None:
                 # Interleaved samples, one row per channel after the reshape (planar output of 8
                 # channels crashed PyAV).
                 for out in resampler.resample(frame):
-                    pieces.append(out.to_ndarray().reshape(-1, channels).T)
+                    if averaged:
+                        pieces.append(_channels_averaged(out.to_ndarray().reshape(-1, len(out.layout.channels))))
+                    else:
+                        pieces.append(out.to_ndarray().reshape(-1, channels).T)
 
-            resampler, setup = None, None
+            resampler, setup, averaged = None, None, False
             for frame in _frames(container, stream):
                 decoded_s += frame.samples / (frame.sample_rate or SAMPLE_RATE)
                 if limit_s and decoded_s > limit_s:
@@ -144,7 +183,11 @@ def decode_audio(source: str | BinaryIO, max_seconds: float | None = None, *,
                 if (frame.format.name, frame.layout.name, frame.sample_rate) != setup:
                     if resampler is not None:
                         resampled(None)
-                    resampler = av.AudioResampler(format="s16", layout=layout, rate=SAMPLE_RATE)
+                    averaged = channels == 1 and not _mixed_evenly_by_ffmpeg(frame.layout)
+                    if averaged:  # resampled as it is, its channels averaged here
+                        resampler = av.AudioResampler(format="flt", layout=frame.layout, rate=SAMPLE_RATE)
+                    else:
+                        resampler = av.AudioResampler(format="s16", layout=layout, rate=SAMPLE_RATE)
                     setup = (frame.format.name, frame.layout.name, frame.sample_rate)
                 resampled(frame)
             if resampler is not None:
@@ -178,7 +221,7 @@ def probe_audio(source: BinaryIO, max_seconds: float | None = None, *, separate_
     try:
         with _open(source) as container:
             stream = _audio_stream(container)
-            _check_header_length(stream, max_seconds,
+            _check_header_length(container, stream, max_seconds,
                                  max(1, stream.codec_context.channels) if separate_channels else 1)
             for index, frame in enumerate(_frames(container, stream)):
                 if frame.samples > 0:

@@ -53,6 +53,69 @@ def test_too_long_audio_is_refused_while_decoding(fixtures_dir):
         decode_audio(str(fixtures_dir / "jfk.flac"), max_seconds=5)
 
 
+@pytest.mark.parametrize("channels", [3, 4, 6, 7, 8])
+def test_every_channel_is_heard_alike_when_mixed_to_mono(channels):
+    """A recorder's WAV of one microphone a channel, without a channel mask: FFmpeg took 3 channels
+    for 2.1 and 6, 7 or 8 for 5.1 or 7.1, and its mix to mono gave the channel it took for LFE
+    (the 3rd of 3, the 4th of 6 to 8) nothing: whoever spoke on it was never transcribed."""
+    tone = (np.sin(2 * np.pi * 440 * np.arange(SAMPLE_RATE) / SAMPLE_RATE) * 8000).astype("<i2")
+    levels = []
+    for speaking in range(channels):
+        samples = np.zeros((SAMPLE_RATE, channels), dtype="<i2")
+        samples[:, speaking] = tone
+        data = wav_header(samples.nbytes, channels=channels) + samples.tobytes()
+        mixed = decode_audio(io.BytesIO(data))
+        assert mixed.size == SAMPLE_RATE
+        levels.append(float(np.sqrt(np.mean(mixed ** 2))) * 32768)
+    alone = 8000 / np.sqrt(2) / channels  # each channel an equal part of the mix
+    assert all(abs(level - alone) < 0.02 * alone for level in levels), levels
+
+
+def test_stereo_mixes_both_channels_alike():
+    """FFmpeg's own mix of two channels is already their average: stereo is left to it, and
+    decodes as it did."""
+    tone = (np.sin(2 * np.pi * 440 * np.arange(SAMPLE_RATE) / SAMPLE_RATE) * 8000).astype("<i2")
+    for speaking in range(2):
+        samples = np.zeros((SAMPLE_RATE, 2), dtype="<i2")
+        samples[:, speaking] = tone
+        mixed = decode_audio(io.BytesIO(wav_header(samples.nbytes, channels=2) + samples.tobytes()))
+        assert abs(float(np.sqrt(np.mean(mixed ** 2))) * 32768 - 8000 / np.sqrt(2) / 2) < 20
+
+
+def test_a_length_ffmpeg_only_estimates_is_not_held_against_the_file():
+    """Raw MP3 (without a Xing header that fits it) and ADTS AAC say nothing of their length:
+    FFmpeg estimates it from the first frames' bit rate, and past a quiet start coded at a low
+    rate a 15-minute recording was refused as longer than 6 hours, at submission and in the job.
+    The decoded samples still hold it to the limit."""
+    rng = np.random.default_rng(0)
+    quiet = np.zeros(3 * SAMPLE_RATE, dtype=np.float32)
+    loud = (rng.standard_normal(27 * SAMPLE_RATE) * 0.2).astype(np.float32)
+    mp3 = (encode(quiet, "mp3", "mp3", 44_100, channels=1, bit_rate=32_000) +
+           encode(loud, "mp3", "mp3", 44_100, channels=1, bit_rate=320_000))
+    aac = encode(np.concatenate([quiet, quiet, loud]), "adts", "aac", 44_100, channels=1)
+    for recording, seconds in ((mp3, 30), (aac, 33)):
+        with av.open(io.BytesIO(recording)) as container:
+            stream = container.streams.audio[0]
+            assert float(stream.duration * stream.time_base) > 120  # what the header is taken to say
+        probe_audio(io.BytesIO(recording), 60)
+        probe_audio(io.BytesIO(recording), 40, separate_channels=True)
+        assert abs(decode_audio(io.BytesIO(recording), 60).size / SAMPLE_RATE - seconds) < 0.2
+        with pytest.raises(AudioTooLong, match="longer than the limit"):
+            decode_audio(io.BytesIO(recording), 20)
+
+
+@pytest.mark.parametrize("container, codec", [("nut", "pcm_s16le"), ("sox", "pcm_s32le")])
+def test_a_container_not_accepted_is_said_to_be_one(container, codec):
+    """Audio in a container off the list was refused as "not decodable audio (ArgumentError)":
+    the submitter learns what was wrong and what to send instead."""
+    data = encode(np.zeros(SAMPLE_RATE, dtype=np.float32), container, codec, SAMPLE_RATE, channels=1)
+    for attempt in (probe_audio, decode_audio):
+        with pytest.raises(UndecodableAudio) as refused:
+            attempt(io.BytesIO(data))
+        assert "its container format is not one accepted here" in str(refused.value)
+        assert all(name in str(refused.value) for name in ("wav", "mp3", "mp4/m4a", "ogg", "flac", "webm"))
+
+
 def test_channels_kept_apart_count_one_after_another_against_the_length_limit(fixtures_dir):
     """Each channel is held and diarized on its own: 8 channels of 6 hours held 11 GB, past the
     diarizer's memory, though the file was within MAX_AUDIO_HOURS."""
@@ -125,8 +188,10 @@ def test_the_probe_refuses_a_header_past_the_length_limit_as_decoding_does():
 
 def test_png_is_not_audio():
     png = b"\x89PNG\r\n\x1a\n" + b"\0" * 64
-    with pytest.raises(UndecodableAudio, match="not decodable audio"):
+    with pytest.raises(UndecodableAudio, match="its container format is not one accepted here"):
         probe_audio(io.BytesIO(png))
+    with pytest.raises(UndecodableAudio, match="not decodable audio"):  # detected as no format at all
+        probe_audio(io.BytesIO(bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8))))
 
 
 def test_an_empty_file_is_said_to_be_empty(tmp_path):
@@ -267,5 +332,5 @@ def test_an_error_reading_the_recording_is_not_taken_for_bad_audio(fixtures_dir,
     with pytest.raises(type(error)):
         probe_audio(FailingRead(flac, 0, error))
     # What was always bad input still is.
-    with pytest.raises(UndecodableAudio, match="not decodable audio"):
+    with pytest.raises(UndecodableAudio, match="its container format is not one accepted here"):
         decode_audio(io.BytesIO(b"\x89PNG\r\n\x1a\n" + b"\0" * 64))
