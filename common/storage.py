@@ -6,9 +6,13 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
+import urllib.parse
 from collections.abc import Callable
 from typing import BinaryIO, TypeVar
+from xml.etree import ElementTree
 
+import certifi
 import urllib3
 from minio import Minio
 from minio.error import S3Error, ServerError
@@ -17,9 +21,52 @@ from common.failures import MISSING_OBJECT
 from common.settings import Settings
 
 PART_SIZE = 10 * 1024 * 1024
-# The object store is down or unreachable (no connection, or a 5xx answer): what must happen once
-# it is back is held until then (common.broker.consume's `wait_on`), not retried a few times.
+# The object store is down, unreachable or too busy (no connection, or an answer that it cannot
+# serve now: see store_unavailable_answer): what must happen once it is back is held until then
+# (common.broker.consume's `wait_on`), answered 503 by the API, not retried a few times.
 STORAGE_UNAVAILABLE: tuple[type[BaseException], ...] = (urllib3.exceptions.HTTPError, ServerError)
+
+
+def store_unavailable_answer(status: int) -> bool:
+    """An answer that says the store cannot serve the request now, whatever the request: SlowDown,
+    ServiceUnavailable or a MinIO still starting (503), InternalError (500), a proxy's or load
+    balancer's page (502, 503, 504), too many requests (429). Not 501: an S3 API the store lacks
+    is lacking for good. Other 4xx are about the request (NoSuchKey, AccessDenied...)."""
+    return status == 429 or (status >= 500 and status != 501)
+
+
+class StoreAnswersChecked(urllib3.PoolManager):
+    """The HTTP client under each store client: an answer that says the store is unavailable (after
+    the retries the client's urllib3.Retry makes) is raised as minio's ServerError, one of
+    STORAGE_UNAVAILABLE. minio raises ServerError itself only for an error answer with no body:
+    S3's and MinIO's come with an XML error document (S3Error, which callers take for a refusal of
+    the request) and a proxy's with a page (InvalidResponseError), so a store answering SlowDown
+    for a few minutes failed steps that wait out its outages."""
+
+    def urlopen(self, method, url, redirect=True, **kw):
+        response = super().urlopen(method, url, redirect=redirect, **kw)
+        if not store_unavailable_answer(response.status):
+            return response
+        try:
+            body = response.data or b""  # read here when the caller streams (preload_content=False)
+        finally:
+            response.release_conn()
+        raise ServerError(f"the object store answered {method} {urllib.parse.urlsplit(url).path}"
+                          f" with {response.status} {_what_it_said(response.headers.get('content-type'), body)}",
+                          response.status)
+
+
+def _what_it_said(content_type: str | None, body: bytes) -> str:
+    """The error document's code and message (SlowDown: Please reduce your request rate), or what
+    kind of page it was."""
+    if body and "xml" in (content_type or ""):
+        try:
+            document = ElementTree.fromstring(body)
+        except ElementTree.ParseError:
+            pass
+        else:
+            return f"{document.findtext('Code')}: {document.findtext('Message')}"
+    return f"({content_type or 'no content type'}, {len(body)} bytes)"
 
 
 PCM_PREFIX, PCM_SUFFIX = "pcm/", ".s16le"
@@ -73,12 +120,17 @@ def make_client(settings: Settings, timeout_s: float | None = None, connections:
     """The S3 client; with `timeout_s`, one whose calls give up after that long on a silent
     endpoint, retried `retries` times (none: health checks, calls made inside a database
     transaction; minio's default waits 5 minutes a try), keeping up to `connections` open."""
-    http_client = None
-    if timeout_s is not None:
-        # The last answer of a store that stays busy goes back to minio, which raises ServerError with it.
+    if timeout_s is None:
+        # minio's own client, as it makes it when given none.
+        http_client = StoreAnswersChecked(
+            timeout=urllib3.Timeout(connect=300, read=300), maxsize=10, cert_reqs="CERT_REQUIRED",
+            ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
+            retries=urllib3.Retry(total=5, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]))
+    else:
+        # The last answer of a store that stays busy is raised as ServerError (StoreAnswersChecked).
         retry = (urllib3.Retry(total=retries, backoff_factor=0.5, status_forcelist=[500, 502, 503, 504],
                                raise_on_status=False) if retries else urllib3.Retry(total=0))
-        http_client = urllib3.PoolManager(timeout=urllib3.Timeout(connect=timeout_s, read=timeout_s),
+        http_client = StoreAnswersChecked(timeout=urllib3.Timeout(connect=timeout_s, read=timeout_s),
                                           retries=retry, maxsize=connections)
     return Minio(
         settings.minio_endpoint,

@@ -1,13 +1,20 @@
 """GET /readyz, and what else ingest does in the background, against an object store that
-accepts connections and never answers, and a database whose connection the network dropped."""
+accepts connections and never answers, and a database whose connection the network dropped; and
+what the store clients make of a store that answers it is busy or down."""
 
 from __future__ import annotations
 
 import asyncio
+import http.server
+import io
 import socket
 import threading
 import time
 
+import pytest
+from minio.error import S3Error
+
+from common import storage
 from common.settings import Settings
 from common.storage import make_client
 from devstack import pg_admin_url
@@ -165,3 +172,103 @@ async def test_the_orphan_sweep_held_up_by_the_store_keeps_no_request_connection
             connection.close()
     assert not await sweeping()  # its lock went with its connection
     await pool.close()
+
+
+def answering_server(status: int, content_type: str, body: bytes) -> http.server.ThreadingHTTPServer:
+    """An HTTP server on 127.0.0.1 that answers every S3 request with this status and body."""
+
+    class Answer(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def answer(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = answer
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def s3_error(code: str) -> bytes:
+    return (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>{code} said the'
+            f' store</Message><Resource>/audio/x</Resource><RequestId>17</RequestId></Error>').encode()
+
+
+BUSY_OR_DOWN = {
+    "MinIO throttling (503 SlowDown)": (503, "application/xml", s3_error("SlowDown")),
+    "MinIO starting (503 XMinioServerNotInitialized)": (503, "application/xml", s3_error("XMinioServerNotInitialized")),
+    "S3 ServiceUnavailable (503)": (503, "application/xml", s3_error("ServiceUnavailable")),
+    "S3 InternalError (500)": (500, "application/xml", s3_error("InternalError")),
+    "too many requests (429)": (429, "application/xml", s3_error("TooManyRequests")),
+    "a proxy's 502 page": (502, "text/html", b"<html><body><h1>502 Bad Gateway</h1></body></html>"),
+    "a proxy's 504 page": (504, "text/html", b"<html><body><h1>504 Gateway Time-out</h1></body></html>"),
+}
+
+# The store calls the services make, each through the client that makes it: the job-end step's
+# multipart put of a redacted recording (ingest's default client: its create and complete are
+# POSTs, which urllib3 never retries), result files written and objects looked up inside a
+# transaction (the quick client: no retries), a stage worker's read (retries, then the last answer).
+STORE_CALLS = {
+    "a multipart put": lambda settings: storage.upload_stream(
+        storage.make_client(settings), "audio", "redacted/1.wav", io.BytesIO(bytes(11 * 1024 * 1024))),
+    "a result file written in a transaction": lambda settings: storage.upload_json(
+        storage.make_client(settings, timeout_s=storage.QUICK_CLIENT_TIMEOUT_S), "inbox", "a.json", {"text": ""}),
+    "a size looked up in a transaction": lambda settings: storage.stored_size(
+        storage.make_client(settings, timeout_s=storage.QUICK_CLIENT_TIMEOUT_S), "inbox", "a.json"),
+    "a stage worker's read": lambda settings: storage.read_range(
+        storage.worker_client(settings), "audio", storage.pcm_key(1), 0, 32000),
+}
+
+
+@pytest.mark.parametrize("call", STORE_CALLS)
+@pytest.mark.parametrize("answer", BUSY_OR_DOWN)
+def test_a_store_that_answers_it_is_busy_or_down_is_unavailable(answer, call):
+    """S3 and MinIO answer SlowDown, ServiceUnavailable or a server still starting with an error
+    document, and a proxy in front of them with its own page: the store is unavailable, as when it
+    does not answer at all (consumers hold the message until it is back, the API answers 503), not
+    a failure of the step (a job-end step retried three times, then parked in stt.dead-letters with
+    its recording blocked until an operator stepped in)."""
+    status, content_type, body = BUSY_OR_DOWN[answer]
+    server = answering_server(status, content_type, body)
+    try:
+        with pytest.raises(storage.STORAGE_UNAVAILABLE) as raised:
+            # With its region set, as a client has it once it has asked (the first request to a
+            # bucket asks for its location otherwise): the put's first request is its POST.
+            STORE_CALLS[call](Settings(minio_endpoint=f"127.0.0.1:{server.server_address[1]}",
+                                       minio_region="us-east-1"))
+    finally:
+        server.shutdown()
+        server.server_close()
+    # The log line says what the store answered.
+    assert str(status) in str(raised.value), raised.value
+    if content_type == "application/xml" and call != "a size looked up in a transaction":  # a HEAD has no body
+        assert body.decode().split("<Code>")[1].split("<")[0] in str(raised.value), raised.value
+
+
+def test_a_store_that_refuses_a_request_is_not_unavailable():
+    """A 4xx answer is about the request (no such object, a key without the right), not a store to
+    wait for: what is missing is still missing, and a refusal is still the store's own error."""
+    missing = answering_server(404, "application/xml", s3_error("NoSuchKey"))
+    refusing = answering_server(403, "application/xml", s3_error("AccessDenied"))
+    try:
+        missing_settings = Settings(minio_endpoint=f"127.0.0.1:{missing.server_address[1]}")
+        assert storage.stored_size(storage.make_client(missing_settings, timeout_s=5), "audio", "x") is None
+        with pytest.raises(S3Error) as raised:
+            storage.read_range(storage.worker_client(Settings(minio_endpoint=f"127.0.0.1:{refusing.server_address[1]}")),
+                               "audio", "x", 0, 10)
+        assert raised.value.code == "AccessDenied"
+        assert not isinstance(raised.value, storage.STORAGE_UNAVAILABLE)
+    finally:
+        for server in (missing, refusing):
+            server.shutdown()
+            server.server_close()

@@ -19,7 +19,7 @@ from litestar.exceptions import HTTPException, NotFoundException
 from litestar.response import Stream
 from minio import Minio
 from minio.datatypes import Object
-from minio.error import S3Error
+from minio.error import S3Error, ServerError
 
 from common import jobstore
 from common.logs import job_logged
@@ -142,6 +142,8 @@ def _why_broken_off(exc: BaseException) -> str:
     if isinstance(exc, S3Error):
         return ("the recording was removed meanwhile" if is_missing(exc)
                 else f"the object store answered {exc.code}")
+    if isinstance(exc, ServerError):
+        return str(exc)  # what it answered: SlowDown, a proxy's 502...
     return f"the object store could not be reached ({type(exc).__name__})"
 
 
@@ -233,8 +235,8 @@ async def _recording(job_id: int, state: State, request: Request, headers_only: 
     except S3Error as exc:
         if is_missing(exc):
             raise NotFoundException(detail=f"the audio of job {job_id} is no longer stored") from exc
-        # The store answered with an error of its own (SlowDown, ServiceUnavailable, a server
-        # still starting): a passing state, as an outage of it is.
+        # The store refused the read (a 4xx of its own). One busy or down (SlowDown, a server
+        # still starting) is a ServerError, answered 503 by error_handlers as any outage of it.
         raise HTTPException(status_code=503, headers={"Retry-After": "5"}, detail="the object store could not serve"
                             f" the recording ({exc.code}); try again later") from exc
     size = stat.size or 0
