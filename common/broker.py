@@ -17,6 +17,12 @@ consumer first starts waits in that consumer's queue instead of being dropped):
 - `stt.<service>.ended.<id>`: each pipeline worker's own exclusive queue of `transcript.failed`,
   `transcript.completed` and `transcript.deleted` events, so a job that ended (failed, was
   cancelled, done) or was deleted is not worked on further by any replica.
+
+Connections: each service consumes on one (named `<service>` in RabbitMQ) and publishes on
+another (`<service>.publish`, its Bus). During a resource alarm (memory, disk) RabbitMQ blocks
+every connection that publishes and stops reading it, the acks of its consumers included: a
+service publishing where it consumes would stop draining its queues, the persister those whose
+messages filled the memory, and the pipeline would stand still until an operator stepped in.
 """
 
 from __future__ import annotations
@@ -182,7 +188,8 @@ def describe_amqp_url(url: str) -> str:
 
 
 async def connect(settings: Settings, name: str) -> AbstractRobustConnection:
-    """A connection that reconnects by itself; waits for the broker at start-up. A broker that
+    """A connection that reconnects by itself, named `name` in RabbitMQ (its management UI,
+    rabbitmqctl list_connections); waits for the broker at start-up. A broker that
     still refuses this service's login or vhost after REFUSED_FOR_GOOD_AFTER_S is not waited for
     (BrokerMisconfigured): the process would look alive (its /metrics and /healthz answer) and
     never work."""
@@ -206,7 +213,7 @@ async def connect(settings: Settings, name: str) -> AbstractRobustConnection:
     try:
         async for attempt in backoff("RabbitMQ not reachable", worth_waiting):
             with attempt:
-                connection = await aio_pika.connect_robust(url, client_properties={"connection_name": name})
+                connection = await aio_pika.connect_robust(named_amqp_url(url, name))
                 _log_connection_changes(connection, name)
                 return connection
     except Exception as exc:
@@ -216,6 +223,15 @@ async def connect(settings: Settings, name: str) -> AbstractRobustConnection:
         log.error("RabbitMQ at %s refuses this service (%s): fix AMQP_URL; not waiting for it", where, refusal)
         raise BrokerMisconfigured(f"RabbitMQ at {where} refuses this service: {refusal}; fix AMQP_URL") from None
     raise AssertionError("unreachable")
+
+
+def named_amqp_url(url: str, name: str) -> str:
+    """AMQP_URL with `name=` (aiormq's connection_name) in its query, in place of one it had.
+    Not client_properties: aio-pika ignores them when given a URL. The query's other
+    parameters (heartbeat, TLS files) are kept as written."""
+    parts = urllib.parse.urlsplit(url)
+    query = [part for part in parts.query.split("&") if part and not part.startswith("name=")]
+    return urllib.parse.urlunsplit(parts._replace(query="&".join([*query, f"name={urllib.parse.quote(name)}"])))
 
 
 def _log_connection_changes(connection: AbstractRobustConnection, name: str) -> None:
@@ -493,6 +509,7 @@ async def consume(
     service: str,
     routes: list[Route],
     *,
+    bus: Bus | None = None,
     queue_name: str | None = None,
     prefetch: int | None = None,
     wait_on: tuple[type[BaseException], ...] = (),
@@ -514,9 +531,15 @@ async def consume(
     A consumer the broker cancelled (its queue deleted; on RabbitMQ 4.3 and later, a delivery
     held past consumer_timeout), or one whose channel was opened again, declares the topology
     again and consumes again; where that fails, this raises (the worker exits non-zero).
+    `bus`: where it publishes (what handlers yield, retries, parked and handed-back copies), the
+    service's Bus on its publishing connection (see the module's docstring); its topology
+    declared (open_bus). Without one, it opens one on `connection`, where a publish during an
+    alarm stops its acks too.
     """
     by_key = {key: route for route in routes for key in route.keys}
-    bus = await open_bus(connection, settings)
+    own_bus = bus is None
+    if bus is None:
+        bus = await open_bus(connection, settings)
     channel = await connection.channel()
     try:
         await channel.set_qos(prefetch_count=prefetch or settings.prefetch_count)
@@ -643,7 +666,8 @@ async def consume(
             return queue, consumer_tag, await channel.get_underlay_channel()
 
         async def consume_again() -> tuple[AbstractQueue, str, Any]:
-            await declare_topology(connection, settings, bus.channel)
+            # On the consuming connection: an alarm may block the bus's.
+            await declare_topology(connection, settings, channel)
             return await subscribe()
 
         queue, consumer_tag, consuming_on = await subscribe()
@@ -689,7 +713,7 @@ async def consume(
     finally:
         # Cancelled (a server's background task started again) or failed while setting up: its
         # consumer and channels go with it, or a second copy would consume beside the first.
-        for opened in (channel, bus.channel):
+        for opened in (channel, bus.channel) if own_bus else (channel,):
             with contextlib.suppress(Exception):
                 await opened.close()
 

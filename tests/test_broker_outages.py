@@ -825,7 +825,7 @@ async def test_ingests_consumers_whose_connection_stalls_are_started_again(vhost
     port = await proxy.start()
     connection = await aio_pika.connect_robust(f"amqp://guest:guest@127.0.0.1:{port}/{vhost}?heartbeat=1"
                                                "&reconnect_interval=0.5")
-    state = SimpleNamespace(broker_open=asyncio.Event(), connection=connection)
+    state = SimpleNamespace(broker_open=asyncio.Event(), connection=connection, bus=await open_bus(admin, settings))
     state.broker_open.set()
     caplog.set_level(logging.ERROR, logger="services.ingest")
     proxy.flowing.clear()  # the broker's answers (and its heartbeats) stop as the consumers start
@@ -880,7 +880,7 @@ async def test_one_of_ingests_consumers_cancelled_from_inside_starts_both_again(
     admin = await aio_pika.connect_robust(amqp_url(vhost))
     await declare_topology(admin, settings)
     connection = await aio_pika.connect_robust(amqp_url(vhost))
-    state = SimpleNamespace(broker_open=asyncio.Event(), connection=connection)
+    state = SimpleNamespace(broker_open=asyncio.Event(), connection=connection, bus=await open_bus(admin, settings))
     state.broker_open.set()
     consuming = asyncio.create_task(ingest_app.consume_until_stopping(
         state, Inbox(settings, None, None, asyncio.Event())))

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from common.audio import decode_audio
-from common.messages import JobDiarized, JobOptions, JobSubmitted, TimeSpan, TranscriptCompleted
+from common.messages import JobDiarized, JobFailed, JobOptions, JobSubmitted, TimeSpan, TranscriptCompleted
 from common.storage import object_exists
 from tests.audio_files import encode
 from tests.conftest import (
@@ -462,3 +462,96 @@ def test_job_longer_than_the_ack_timeout_is_not_redelivered_or_duplicated(faulty
     assert document["status"] == "done"
     assert job["chunk_count"] >= 4 and transcribed == job["chunk_count"]  # no chunk worked twice
     assert timeouts == [] and duplicate_segments(faulty, [job_id]) == 0
+
+
+def rabbitmqctl_output(*args: str) -> str:
+    return subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, text=True, timeout=60).stdout.strip()
+
+
+@contextlib.contextmanager
+def memory_alarm():
+    """RabbitMQ's memory alarm, raised (a high watermark of 1 byte) until the block ends; the
+    watermark is set back to what it was. The alarm is the whole broker's: it blocks every
+    connection that publishes."""
+    before = rabbitmqctl_output("eval", "vm_memory_monitor:get_vm_memory_high_watermark().")
+    absolute = re.fullmatch(r"\{absolute,(\d+)\}", before)  # or a fraction of the memory, as 0.4
+    restore = ["absolute", absolute.group(1)] if absolute else [before]
+    try:
+        rabbitmqctl_output("set_vm_memory_high_watermark", "absolute", "1")
+        deadline = time.monotonic() + 30
+        while "memory" not in rabbitmqctl_output("eval", "rabbit_alarm:get_alarms()."):
+            assert time.monotonic() < deadline, "the memory alarm was never raised"
+            time.sleep(0.2)
+        yield
+    finally:
+        rabbitmqctl_output("set_vm_memory_high_watermark", *restore)
+
+
+def connection_states() -> dict[str, str]:
+    """The state (running, blocking, blocked...) of each connection the broker has, by the name
+    its client gave it."""
+    listed = rabbitmqctl_output("list_connections", "-q", "client_properties", "state")
+    return {named.group(1): line.rsplit("\t", 1)[1] for line in listed.splitlines()
+            if (named := re.search(r'"connection_name","([^"]*)"', line))}
+
+
+def persister_queue_depth(stack: Stack) -> int:
+    """stt.persister's messages, ready and unacknowledged, as the broker last counted them (a
+    quorum queue's figures are refreshed every few seconds)."""
+    vhost = stack.amqp_url.rsplit("/", 1)[1]
+    listed = rabbitmqctl_output("list_queues", "-q", "-p", vhost, "name", "messages")
+    return next(int(row[1]) for row in map(str.split, listed.splitlines()) if row[:1] == ["stt.persister"])
+
+
+async def test_the_persister_drains_its_queue_through_a_memory_alarm(faulty):
+    """A memory alarm blocks each connection that publishes, and RabbitMQ then reads nothing more
+    from it, its consumers' acks included. The persister published its outbox on the connection
+    it consumed on: its first event blocked it, stt.persister stopped draining (the queue whose
+    messages may be what filled the memory), and the pipeline stood still until an operator
+    stepped in. It needs no publish to store a message: it drains the queue through the alarm,
+    and publishes the events once the alarm has passed."""
+    jobs = 48  # three times what the persister takes at once (HANDLED_AT_ONCE), whatever PREFETCH_COUNT
+    faulty.stop("persister")
+    offset = log_size(faulty, "persister")
+    rows = faulty.query("INSERT INTO transcripts (filename) SELECT 'alarm-' || n || '.wav'"
+                        " FROM generate_series(1, $1::int) AS n RETURNING id", jobs)
+    job_ids = {row["id"] for row in rows}
+    connection = await aio_pika.connect(faulty.amqp_url)
+    try:
+        announced = await events_queue(await connection.channel(), "transcript.failed")
+        channel = await connection.channel()
+        work = await channel.get_exchange("stt")
+        for job_id in sorted(job_ids):
+            failed = JobFailed(job_id=job_id, stage="transcriber", reason="unreadable chunk")
+            await work.publish(aio_pika.Message(failed.model_dump_json().encode(),
+                                                delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                               routing_key=failed.ROUTING_KEY)
+        try:
+            with memory_alarm():
+                faulty.start("persister", "-m", "services.persister", env={
+                    **faulty.env, "PREFETCH_COUNT": "1", "METRICS_PORT": str(faulty.metrics_ports["persister"])})
+                assert wait_for_log(faulty, "persister", r"consuming stt\.persister ", offset, timeout=60), \
+                    faulty.log_tail("persister")
+                deadline = time.monotonic() + 30
+                while True:
+                    [row] = faulty.query("SELECT count(*) FILTER (WHERE status = 'error') AS failed"
+                                         " FROM transcripts WHERE id = ANY($1::bigint[])", list(job_ids))
+                    ready = (await channel.declare_queue("stt.persister", passive=True)
+                             ).declaration_result.message_count
+                    # Acked too: none left in the persister's hands.
+                    drained = row["failed"] == jobs and ready == 0 and persister_queue_depth(faulty) == 0
+                    if drained or time.monotonic() > deadline:
+                        break
+                    await asyncio.sleep(0.5)
+                connections = connection_states()
+            record_figure(f"{'persister through a memory alarm':<34} {row['failed']}/{jobs} jobs failed and"
+                          f" {jobs - ready} messages taken while it lasted")
+            assert drained, (row["failed"], ready, connections)
+            bodies = await job_events(announced, None, lambda bodies: job_ids <= {b["transcript_id"] for b in bodies},
+                                      60)
+            assert job_ids <= {body["transcript_id"] for body in bodies}
+        finally:
+            faulty.stop("persister")
+            faulty.start_service("persister")
+    finally:
+        await connection.close()

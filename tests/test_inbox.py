@@ -21,7 +21,7 @@ import pytest
 
 import common.storage
 from common import jobstore
-from common.broker import connect, declare_topology
+from common.broker import connect, declare_topology, open_bus
 from common.db import DATABASE_UNAVAILABLE, create_pool
 from common.messages import TranscriptCompleted, TranscriptFailed
 from common.settings import Settings
@@ -694,7 +694,7 @@ async def test_a_minio_exchange_rabbitmq_refuses_keeps_no_job_end_from_being_tak
         await channel.declare_exchange(settings.minio_events_exchange, aio_pika.ExchangeType.TOPIC, durable=False)
         connection = await connect(settings, "test-refused-minio-exchange")
         await declare_topology(connection, settings)  # as ingest's start does, before its consumers
-        state = SimpleNamespace(broker_open=asyncio.Event(), connection=connection)
+        state = SimpleNamespace(broker_open=asyncio.Event(), connection=connection, bus=await open_bus(admin, settings))
         state.broker_open.set()
         pool = await create_pool(settings)
         s3 = make_client(settings)

@@ -6,7 +6,7 @@ import asyncio
 import functools
 import logging
 
-from common.broker import EndedJobs, Route, connect, consume
+from common.broker import EndedJobs, Route, connect, consume, open_bus
 from common.logs import setup_logging
 from common.messages import JobSubmitted
 from common.metrics import serve_metrics
@@ -28,9 +28,10 @@ async def main() -> None:
     ended = EndedJobs()
     deps = handler.Deps(settings=settings, storage=worker_client(settings), diarize=diarize, ended=ended)
     connection = await connect(settings, "diarizer")
+    bus = await open_bus(await connect(settings, "diarizer.publish"), settings)
     log.info("diarizer ready")
     await consume(connection, settings, "diarizer", [Route(JobSubmitted, functools.partial(handler.handle, deps=deps))],
-                  ended=ended)
+                  bus=bus, ended=ended)
 
 
 if __name__ == "__main__":

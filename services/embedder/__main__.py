@@ -10,7 +10,7 @@ import urllib.parse
 
 import aiohttp
 
-from common.broker import EndedJobs, Route, connect, consume
+from common.broker import EndedJobs, Route, connect, consume, open_bus
 from common.logs import setup_logging
 from common.messages import ChunkTranscribed
 from common.metrics import serve_metrics
@@ -35,12 +35,13 @@ async def main() -> None:
         ollama = settings.embedding_backend == "ollama"
         checking = asyncio.create_task(check_ollama(embed, settings)) if ollama else None
         connection = await connect(settings, "embedder")
+        bus = await open_bus(await connect(settings, "embedder.publish"), settings)
         log.info("embedder ready")
         # Ollama not reachable, or a proxy answering 502-504 for it, is an outage: chunks wait for it
         # without spending retries (a restart), as the persister waits for the database.
         await consume(connection, settings, "embedder",
-                      [Route(ChunkTranscribed, functools.partial(handler.handle, deps=deps))], ended=EndedJobs(),
-                      wait_on=OLLAMA_UNAVAILABLE if ollama else ())
+                      [Route(ChunkTranscribed, functools.partial(handler.handle, deps=deps))], bus=bus,
+                      ended=EndedJobs(), wait_on=OLLAMA_UNAVAILABLE if ollama else ())
         if checking is not None:
             checking.cancel()
 

@@ -357,13 +357,18 @@ def worth_waiting_for_the_broker(exc: BaseException) -> bool:
 
 
 async def open_broker(state: State, settings: Settings) -> None:
-    """The connection to RabbitMQ and the topology declared, however long the broker takes; a
-    broker that refuses AMQP_URL's login or vhost for good raises BrokerMisconfigured."""
+    """The connections to RabbitMQ and the topology declared, however long the broker takes; a
+    broker that refuses AMQP_URL's login or vhost for good raises BrokerMisconfigured. The outbox
+    publishes on a connection of its own (state.bus): RabbitMQ stops reading a connection that
+    publishes during a memory or disk alarm, and would take no acks of the consumers, nor answer
+    the queue depth watcher, on it."""
     async for attempt in backoff("RabbitMQ not usable yet", worth_waiting_for_the_broker):
         with attempt:
             if state.connection is None:
                 state.connection = await connect(settings, "ingest")
-            state.bus = await open_bus(state.connection, settings)
+            if state.publishing_connection is None:
+                state.publishing_connection = await connect(settings, "ingest.publish")
+            state.bus = await open_bus(state.publishing_connection, settings)
     state.broker_open.set()
 
 
@@ -392,7 +397,7 @@ async def consume_until_stopping(state: State, inbox: Inbox) -> None:
     await state.broker_open.wait()
     while True:
         try:
-            await inbox.run_consumers(state.connection)
+            await inbox.run_consumers(state.connection, state.bus)
             if stopping.is_set():
                 return
             log.error("the inbox's and job ends' consumers stopped; starting them again in %g s", RESTART_S)
@@ -458,7 +463,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         state.database_probe = DatabaseProbe(settings.database_url.get_secret_value())
         await apply_migrations(state.pool)
         state.buckets_made, state.broker_open = asyncio.Event(), asyncio.Event()
-        state.connection = state.bus = None
+        state.connection = state.publishing_connection = state.bus = None
         # One process may run the app more than once (the tests do): this run is not stopping.
         runner.stopping().clear()
         state.outbox_wake = asyncio.Event()
@@ -506,8 +511,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            if state.connection is not None:
-                await state.connection.close()
+            for connection in (state.connection, state.publishing_connection):
+                if connection is not None:
+                    await connection.close()
             await state.pool.close()
             state.database_probe.close()
             await http.close()

@@ -27,6 +27,7 @@ from pydantic import BaseModel, Field, ValidationError
 from common import jobstore, runner, speakerstore
 from common.broker import (
     EVENTS_EXCHANGE,
+    Bus,
     Route,
     consume,
     declare_queue,
@@ -534,26 +535,27 @@ class Inbox:
         await every(self.settings.inbox_scan_interval_s, self.pool, LockKey.INBOX_SCAN, self.reconcile,
                     "the inbox scan")
 
-    async def run_consumers(self, connection: aio_pika.abc.AbstractRobustConnection) -> None:
+    async def run_consumers(self, connection: aio_pika.abc.AbstractRobustConnection, bus: Bus) -> None:
+        """Consume on `connection`, publish (retries, parked copies) on `bus`'s (common.broker)."""
         async with connection.channel() as channel:
-            await self._consume(connection, channel)
+            await self._consume(connection, channel, bus)
 
     async def _consume(self, connection: aio_pika.abc.AbstractRobustConnection,
-                       channel: aio_pika.abc.AbstractChannel) -> None:
+                       channel: aio_pika.abc.AbstractChannel, bus: Bus) -> None:
         job_ended = [Route(TranscriptCompleted, self.on_job_ended), Route(TranscriptFailed, self.on_job_ended)]
         # Not MinIO's exchange: one RabbitMQ refuses must not keep job ends from being taken.
         await declare_results_queue(connection, channel, self.settings)
         # One stopping stops the other, so that both start again together (not a second copy of one).
         async with asyncio.TaskGroup() as group:
-            group.create_task(cancelled_inside_as_an_error(self._consume_inbox_events(connection)))
+            group.create_task(cancelled_inside_as_an_error(self._consume_inbox_events(connection, bus)))
             # An ending's redaction and the decoded audio's removal are never tried again later
             # (the result files are, by the scan): through a database or object-store outage the
             # message waits for it.
             group.create_task(cancelled_inside_as_an_error(consume(
-                connection, self.settings, "ingest", job_ended, queue_name=RESULTS_QUEUE,
+                connection, self.settings, "ingest", job_ended, bus=bus, queue_name=RESULTS_QUEUE,
                 wait_on=(*DATABASE_UNAVAILABLE, *STORAGE_UNAVAILABLE))))
 
-    async def _consume_inbox_events(self, connection: aio_pika.abc.AbstractRobustConnection) -> None:
+    async def _consume_inbox_events(self, connection: aio_pika.abc.AbstractRobustConnection, bus: Bus) -> None:
         """MinIO's bucket events, once their queue is bound to MINIO_EVENTS_EXCHANGE. While
         RabbitMQ refuses that exchange, an error every MINIO_EXCHANGE_RETRY_S says why, and the
         job ends are taken meanwhile (their consumer runs beside this); the scan finds the drops."""
@@ -574,7 +576,7 @@ class Inbox:
                 await asyncio.wait_for(stopping.wait(), MINIO_EXCHANGE_RETRY_S)
                 return  # the process is stopping
         await consume(connection, self.settings, "ingest", [Route(BucketEvent, self.on_event, any_routing_key=True)],
-                      queue_name=INBOX_EVENTS_QUEUE, wait_on=(*DATABASE_UNAVAILABLE, *STORAGE_UNAVAILABLE))
+                      bus=bus, queue_name=INBOX_EVENTS_QUEUE, wait_on=(*DATABASE_UNAVAILABLE, *STORAGE_UNAVAILABLE))
 
 
 class CancelledInside(Exception):

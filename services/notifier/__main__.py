@@ -59,7 +59,7 @@ async def main() -> None:
     await apply_migrations(pool)
     await handler.warn_of_ownerless_endpoints(pool, settings)
     connection = await connect(settings, "notifier")
-    bus = await open_bus(connection, settings)
+    bus = await open_bus(await connect(settings, "notifier.publish"), settings)
     await declare_queue(connection, EVENTS_QUEUE, {"x-queue-type": "quorum", "x-single-active-consumer": True,
                                                    "x-delivery-limit": settings.delivery_limit})
     # Not robust: restored after a reconnect, a queue deleted meanwhile would fail every
@@ -76,10 +76,9 @@ async def main() -> None:
             consume(connection, settings, "notifier",
                     [*(Route(model, fan_out) for model in EVENTS.values()),
                      Route(handler.EventOfANewerVersion, handler.leave_to_a_newer_notifier, any_routing_key=True)],
-                    queue_name=EVENTS_QUEUE, prefetch=1,
-                    wait_on=DATABASE_UNAVAILABLE),
+                    bus=bus, queue_name=EVENTS_QUEUE, prefetch=1, wait_on=DATABASE_UNAVAILABLE),
             consume(connection, settings, "notifier", [Route(WebhookDue, deliver)],
-                    prefetch=DELIVERY_PREFETCH, wait_on=DATABASE_UNAVAILABLE),
+                    bus=bus, prefetch=DELIVERY_PREFETCH, wait_on=DATABASE_UNAVAILABLE),
             sweep_until_stopped(pool, bus),
             every(handler.PRUNE_EVERY_S, pool, LockKey.WEBHOOK_PRUNE,
                   functools.partial(handler.prune_delivery_log, pool, settings), "pruning the delivery log"),

@@ -57,7 +57,10 @@ async def main() -> None:
     pool = await create_pool(settings, max_size=prefetch + settings.prefetch_count + OTHER_CONNECTIONS)
     await apply_migrations(pool)
     connection = await connect(settings, "persister")
-    bus = await open_bus(connection, settings)
+    # Its outbox publishes on a connection of its own: one that published through a memory alarm
+    # would also stop taking the acks of the messages it stores, and the queue filling the memory
+    # would never drain (common.broker).
+    bus = await open_bus(await connect(settings, "persister.publish"), settings)
     wake = asyncio.Event()
 
     def then_flush(handle: Callable[..., Awaitable[bool]]):
@@ -84,8 +87,9 @@ async def main() -> None:
     await asyncio.gather(
         flush_outbox_until_stopped(pool, bus, wake, settings),
         handler.run_stall_reaper(pool, settings.job_stall_timeout_s, wake, missed),
-        consume(connection, settings, "persister", routes, prefetch=prefetch, wait_on=WAITED_OUT),
-        consume(connection, settings, "persister", dead_letters, queue_name=PERSISTER_DEAD_QUEUE, wait_on=WAITED_OUT),
+        consume(connection, settings, "persister", routes, bus=bus, prefetch=prefetch, wait_on=WAITED_OUT),
+        consume(connection, settings, "persister", dead_letters, bus=bus, queue_name=PERSISTER_DEAD_QUEUE,
+                wait_on=WAITED_OUT),
     )
 
 

@@ -6,7 +6,7 @@ import asyncio
 import functools
 import logging
 
-from common.broker import EndedJobs, Route, connect, consume
+from common.broker import EndedJobs, Route, connect, consume, open_bus
 from common.logs import setup_logging
 from common.messages import JobDiarized
 from common.metrics import serve_metrics
@@ -28,9 +28,10 @@ async def main() -> None:
                         beam_size=settings.whisper_beam_size, batch_size=settings.whisper_batch_size,
                         redact=settings.redact_kinds)
     connection = await connect(settings, "transcriber")
+    bus = await open_bus(await connect(settings, "transcriber.publish"), settings)
     log.info("transcriber ready")
     await consume(connection, settings, "transcriber",
-                  [Route(JobDiarized, functools.partial(handler.handle, deps=deps))], ended=EndedJobs())
+                  [Route(JobDiarized, functools.partial(handler.handle, deps=deps))], bus=bus, ended=EndedJobs())
 
 
 if __name__ == "__main__":
