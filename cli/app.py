@@ -171,7 +171,8 @@ def refuse_a_key_with_a_user_in_the_address(api: str, api_key: str | None) -> No
     if (api_key or "").strip() and userinfo_of(api) is not None:
         raise typer.BadParameter(
             "the address holds a user name or password (https://user:password@host), which is sent as"
-            " 'Authorization: Basic' in place of the API key (--api-key / STT_API_KEY): give one or the other",
+            " 'Authorization: Basic' in place of the API key (--api-key / STT_API_KEY): give one or the other"
+            " (a key left in STT_API_KEY for a server without API_KEYS: --api-key '' or unset it)",
             param_hint="'--api' / STT_API_URL")
 
 
@@ -1222,8 +1223,8 @@ def reindex(
     if state == "stopped":
         # A run ends without an error where new jobs keep coming in the old model: it leaves them.
         fail(f"the run stopped with {progress['pending_segments']} segments not embedded with {progress['model']}:"
-             f" switch the embedder to it (EMBEDDING_BACKEND, MODEL_NAME_EMBEDDED, LOCAL_EMBEDDING_MODEL), then"
-             f" run stt reindex again")
+             f" where the embedder still embeds new jobs with another model, switch it (EMBEDDING_BACKEND,"
+             f" MODEL_NAME_EMBEDDED, LOCAL_EMBEDDING_MODEL); then run stt reindex again")
 
 
 @app.command()

@@ -69,13 +69,13 @@ done
 in_process_log=$(mktemp)
 in_process_tmp=$(mktemp -d)  # its own: pytest prunes the older numbered temp folders of a run
 trap 'rm -rf "$in_process_log" "$in_process_tmp"' EXIT
-# Its own temp folder and cache: it runs beside the fault tests, and two runs writing one cache
-# lose each other's failures. Its cache is kept across runs (--lf, --sw), as theirs is.
+# Each run its own cache, kept across runs (--lf, --sw): the first two run at once, and runs
+# sharing one would lose each other's failures and test counts. Its own temp folder too.
 "${PYTEST[@]}" "$@" --basetemp="$in_process_tmp" -o cache_dir=.pytest_cache/in-process "${IN_PROCESS[@]}" \
   > "$in_process_log" 2>&1 &
 in_process=$!
 trap 'kill "$in_process" 2>/dev/null; exit 130' INT TERM
-"${PYTEST[@]}" "$@" "${FAULTS[@]}"
+"${PYTEST[@]}" "$@" -o cache_dir=.pytest_cache/faults "${FAULTS[@]}"
 faults_status=$?
 wait "$in_process"
 in_process_status=$?

@@ -973,9 +973,9 @@ def test_a_reindex_that_stops_with_segments_to_do_exits_1_saying_what_to_do():
     said = " ".join(result.output.split())
     assert result.exit_code == 1, said
     assert "7 segments embedded with all-minilm, 3 to do (stopped)" in said, said
-    assert ("error: the run stopped with 3 segments not embedded with all-minilm: switch the embedder to it"
-            " (EMBEDDING_BACKEND, MODEL_NAME_EMBEDDED, LOCAL_EMBEDDING_MODEL), then run stt reindex again"
-            ) in said, said
+    assert ("error: the run stopped with 3 segments not embedded with all-minilm: where the embedder still"
+            " embeds new jobs with another model, switch it (EMBEDDING_BACKEND, MODEL_NAME_EMBEDDED,"
+            " LOCAL_EMBEDDING_MODEL); then run stt reindex again") in " ".join(said.split()), said
 
 
 def test_search_highlights_are_unescaped_and_only_the_servers_marks_highlight():
