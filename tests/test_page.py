@@ -1941,6 +1941,51 @@ def test_a_file_cut_off_while_it_is_sent_is_sent_again_for_a_while_then_said_why
         page.close()
 
 
+def test_a_long_upload_answered_busy_at_its_end_is_sent_again(stack, fixtures_dir, browser):
+    """The two minutes a busy server is waited for start at its first 503, not when the file
+    started to go: a file three minutes in the sending (run here on the page's clock), answered
+    503 with Retry-After at its end, is sent again after the wait, and its job made."""
+    tag = uuid.uuid4().hex[:6]
+    name = f"long_then_busy_{tag}.wav"
+    page = browser.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    sends: list[str] = []  # their Idempotency-Keys
+    held: list = []
+
+    def held_then_made(route) -> None:
+        sends.append(route.request.headers["idempotency-key"])
+        if len(sends) == 1:
+            held.append(route)
+        else:
+            route.continue_()
+
+    page.route(re.compile(r"/recognize$"), held_then_made)
+    page.clock.install()
+    try:
+        page.goto(stack.api + "/")
+        started = page.evaluate("Date.now()") / 1000 + 1
+        page.clock.pause_at(datetime.fromtimestamp(started))
+        drops_files(page, [(name, (fixtures_dir / "empty.wav").read_bytes())])
+        wait_until(page, lambda: held, "the file was never sent")
+        # Three minutes of sending: the time moves on, no timer fires (the file kept moving, no stall).
+        page.clock.set_system_time(datetime.fromtimestamp(started + 180))
+        held[0].fulfill(status=503, headers={"Retry-After": "1"}, json={"detail": "2 uploads are in progress"})
+        status = page.locator("#upload-status")
+        wait_until(page, lambda: "sending it again in 1 s" in status.inner_text(),
+                   f"the busy server was not waited for: {status.inner_text()!r}")
+        page.clock.run_for(1_000)
+        status.filter(has_text=f"{name} accepted as job").wait_for(timeout=60_000)
+        assert len(sends) == 2 and len(set(sends)) == 1, sends
+        assert errors == []
+    finally:
+        page.close()
+        with httpx.Client(timeout=30) as client:
+            mine = [job["id"] for job in client.get(f"{stack.api}/transcripts?limit=100").json()["items"]
+                    if tag in job["filename"]]
+            discard(stack.api, client, *mine)
+
+
 def test_the_open_transcript_and_the_list_keep_to_what_the_server_has(stack, browser):
     """"More" answered after an event told of a newer state does not set a row back; a job that
     failed shows the names it has then; a name with a comma is not saved (it could not be

@@ -394,7 +394,8 @@ const UPLOAD_CUT_OFF_FIRST_WAIT_MS = 2_000;
 
 async function uploadWaitingOutBusy(prepared, status) {
   const name = prepared.file.name;
-  const giveUpAt = Date.now() + UPLOAD_BUSY_WAIT_MS;
+  // From the first busy or cut-off answer, not the first send: that may come after a long upload.
+  let giveUpAt = null;
   let resends = 0;
   let cutOffWaitMs = UPLOAD_CUT_OFF_FIRST_WAIT_MS;
   let maybeMade = false;
@@ -404,6 +405,7 @@ async function uploadWaitingOutBusy(prepared, status) {
       return await upload(prepared);
     } catch (error) {
       maybeMade ||= Boolean(error.maybeMade);
+      if (giveUpAt === null && (error.cutOff || error.status === 503)) giveUpAt = Date.now() + UPLOAD_BUSY_WAIT_MS;
       if (error.answerLost && resends < UPLOAD_ANSWER_LOST_RESENDS) {
         resends += 1;
         status.textContent = `${name}: no answer came; sending it again…`;
