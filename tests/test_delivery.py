@@ -546,16 +546,19 @@ async def test_a_job_deleted_as_soon_as_it_ends_is_still_counted_and_announced(s
     from common.messages import TranscriptCompleted
     from services.notifier.handler import fan_out
 
-    owner = f"owner-{uuid.uuid4().hex[:12]}"
+    owner, stranger = f"owner-{uuid.uuid4().hex[:12]}", f"stranger-{uuid.uuid4().hex[:12]}"
     pool = await create_pool(stack.settings())
-    hook = None
+    hooks: list[int] = []
     try:
         async with pool.acquire() as conn:
             job_id = await conn.fetchval("INSERT INTO transcripts (filename, owner, duration)"
                                          " VALUES ('gone.wav', $1, 12.5) RETURNING id", owner)
-            hook = await conn.fetchval("INSERT INTO webhooks (owner, url, events, secret) VALUES"
-                                       " ($1, 'http://127.0.0.1:9/', $2, 'x') RETURNING id", owner,
-                                       ["transcript.completed"])
+            # Another key's endpoint for the same event: the owner's job is none of its business.
+            for who in (owner, stranger):
+                hooks.append(await conn.fetchval("INSERT INTO webhooks (owner, url, events, secret) VALUES"
+                                                 " ($1, 'http://127.0.0.1:9/', $2, 'x') RETURNING id", who,
+                                                 ["transcript.completed"]))
+            hook = hooks[0]
             async with conn.transaction():
                 await jobstore.mark_done(conn, job_id)
             await conn.execute("DELETE FROM transcripts WHERE id = $1", job_id)
@@ -565,8 +568,7 @@ async def test_a_job_deleted_as_soon_as_it_ends_is_still_counted_and_announced(s
                                     duration=12.5, segment_count=0)
         assert [due.webhook_id async for due in fan_out(pool, ended)] == [hook]
     finally:
-        if hook is not None:
-            await pool.execute("DELETE FROM webhooks WHERE id = $1", hook)
+        await pool.execute("DELETE FROM webhooks WHERE id = ANY($1::bigint[])", hooks)
         await pool.close()
 
 

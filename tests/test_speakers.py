@@ -51,11 +51,12 @@ def test_names_are_an_assignment_not_each_speakers_best_guess():
 
 @pytest.fixture(scope="module")
 def voices(tmp_path_factory, fixtures_dir):
-    """en_dialogue's voices in other recordings; the second half as a file to submit."""
+    """en_dialogue's voices in other recordings; its two halves as files to submit."""
     made = en_dialogue_voices(fixtures_dir)
-    second_half = tmp_path_factory.mktemp("voices") / "second_half.wav"
-    second_half.write_bytes(made["second_half"])
-    return {**made, "second_half": second_half}
+    folder = tmp_path_factory.mktemp("voices")
+    for half in ("first_half", "second_half"):
+        (folder / f"{half}.wav").write_bytes(made[half])
+    return {**made, "first_half": folder / "first_half.wav", "second_half": folder / "second_half.wav"}
 
 
 def _with_application_name(url: str, name: str) -> str:
@@ -91,15 +92,17 @@ def _discard_jobs(client: httpx.Client, keep: int | None = None) -> None:
 
 
 @pytest.fixture(scope="module")
-def enrolled(stack, fixtures_dir):
-    """The stack through an ingest with API keys; OWNER's en_dialogue transcript done. Every job of
-    both keys is deleted after the module."""
+def enrolled(stack, voices):
+    """The stack through an ingest with API keys; OWNER's transcript of en_dialogue's first half
+    done (`source`, the recording voices are enrolled from: none of its audio is in
+    `second_half`, the next recording they are recognised in). Every job of both keys is
+    deleted after the module."""
     with through_another_ingest(stack, KEYED_INGEST, API_KEYS=f"{OWNER},{OTHER}",
                                 DATABASE_URL=_with_application_name(stack.database_url, KEYED_INGEST)) as stack:
         owner = httpx.Client(base_url=stack.api, headers={"X-API-Key": OWNER}, timeout=120)
         other = httpx.Client(base_url=stack.api, headers={"X-API-Key": OTHER}, timeout=120)
         try:
-            source = stack.submit_job(fixtures_dir / "en_dialogue.wav", client=owner)
+            source = stack.submit_job(voices["first_half"], client=owner)
             assert stack.wait_finished(source, 300, owner)["status"] == "done"
             yield stack, owner, other, source
         finally:
@@ -111,7 +114,7 @@ def enrolled(stack, fixtures_dir):
 @pytest.fixture(autouse=True)
 def no_speakers_left(request):
     """After each test of the stack, both keys' speakers are forgotten and the jobs it made
-    deleted (all but OWNER's en_dialogue transcript), passed or failed: one left would name voices,
+    deleted (all but OWNER's `source` transcript), passed or failed: one left would name voices,
     or be named, in the tests after it."""
     yield
     if "enrolled" not in request.fixturenames:
@@ -125,6 +128,18 @@ def no_speakers_left(request):
 
 def _speaker_at(document: dict, seconds: float) -> dict:
     return min(document["segments"], key=lambda s: abs((s["start_ts"] + s["end_ts"]) / 2 - seconds))
+
+
+def _lines_of(document: dict, name: str) -> list[str]:
+    """The lower-cased text of the document's segments that carry `name`."""
+    return [s["text"].lower() for s in document["segments"] if s.get("speaker_name") == name]
+
+
+def _is_bs_second_half(lines: list[str]) -> bool:
+    """`second_half`'s lines of voice B ("That is great news, what was the main reason for the
+    growth?"), none of A's ("Yes, sales grew by twelve percent..."), and at least one."""
+    return (bool(lines) and any("growth" in line or "news" in line for line in lines)
+            and not any("sales" in line or "twelve" in line for line in lines))
 
 
 async def test_a_voice_enrolled_from_a_transcript_is_named_in_the_next_recording(enrolled, voices, fixtures_dir):
@@ -174,6 +189,9 @@ async def test_a_voice_enrolled_from_a_transcript_is_named_in_the_next_recording
         theirs = stack.wait_finished(stack.submit_job(voices["second_half"], client=other), 300, other)
         assert theirs["status"] == "done" and theirs["segments"]
         assert not any(s.get("speaker_name") for s in theirs["segments"])
+        # Nor can another key enrol a voice from OWNER's transcript: to it, that job does not exist.
+        taken = other.post("/speakers", json={"name": "Anna", "transcript_id": source, "label": anna_label})
+        assert taken.status_code == 404, taken.text
         assert other.get("/speakers").json()["items"] == []
         assert other.get(f"/speakers/{anna['id']}").status_code == 404
 
@@ -191,6 +209,14 @@ async def test_a_voice_enrolled_from_a_transcript_is_named_in_the_next_recording
         assert all(n["name"] is None for b in updated if "speakers" in b for n in b["speakers"].values())
         assert stack.value("SELECT count(*) FROM voiceprints JOIN speakers ON speakers.id = voiceprints.speaker_id"
                            " WHERE speakers.owner = $1", owner_of(OWNER)) == 0
+
+        # B's voice, enrolled from `source` too, names B's lines of the next recording: the voice
+        # least like itself across the two (~0.71), so a threshold set too strict shows here.
+        boris_label = _speaker_at(first, 5.5)["speaker"]
+        boris = owner.post("/speakers", json={"name": "Boris", "transcript_id": source, "label": boris_label})
+        assert boris.status_code == 201 and job in boris.json()["relabelled"], boris.text
+        said_by_boris = _lines_of(stack.status(job, owner), "Boris")
+        assert _is_bs_second_half(said_by_boris), said_by_boris
     finally:
         await connection.close()
 
@@ -274,7 +300,10 @@ def test_a_job_names_only_the_speakers_it_expects(enrolled, voices):
     assert foreign.status_code == 400 and "'Anya'" in foreign.json()["detail"], foreign.text
 
     job = stack.submit_job(voices["second_half"], {"expected_speakers": "boris"}, client=owner)
-    assert stack.wait_finished(job, 300, owner)["status"] == "done"
+    document = stack.wait_finished(job, 300, owner)
+    assert document["status"] == "done"
+    # The speaker it expects is named, in B's lines (enrolled from `source`, none of the same audio).
+    assert _is_bs_second_half(_lines_of(document, "Boris")), document["segments"]
     # Anna is enrolled after the job ran; re-matching the key's recordings names her in the
     # recording she came from, but not in the job that expects Boris only.
     anna = owner.post("/speakers", json={"name": "Anna", "transcript_id": source, "label": voice_a})
@@ -283,8 +312,10 @@ def test_a_job_names_only_the_speakers_it_expects(enrolled, voices):
     names = {s["speaker"]: s.get("speaker_name") for s in stack.status(job, owner)["segments"]}
     assert "Anna" not in names.values(), names
     # Without the option the same recording names her (so it was the option that kept her out).
-    unrestricted = stack.submit_job(voices["second_half"], client=owner)
-    assert "Anna" in {s.get("speaker_name") for s in stack.wait_finished(unrestricted, 300, owner)["segments"]}
+    unrestricted = stack.wait_finished(stack.submit_job(voices["second_half"], client=owner), 300, owner)
+    assert _is_bs_second_half(_lines_of(unrestricted, "Boris")), unrestricted["segments"]
+    said_by_anna = _lines_of(unrestricted, "Anna")
+    assert said_by_anna and all("sales" in line or "twelve" in line for line in said_by_anna), said_by_anna
     assert owner.post(f"/transcripts/{job}/rerun", json={"expected_speakers": ["Borys"]}).status_code == 400
 
     # Renaming a speaker keeps the jobs that expect them expecting them.

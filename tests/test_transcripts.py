@@ -942,6 +942,10 @@ def test_another_keys_jobs_are_invisible(keyed_api, stack, fixtures_dir):
         assert keyed_api.get(f"/transcripts/{job_id}?format={fmt}", headers=bob).status_code == 404
         assert keyed_api.get(f"/transcripts/{job_id}?format={fmt}", headers=alice).status_code == 200
     assert keyed_api.delete(f"/transcripts/{job_id}", headers=bob).status_code == 404
+    # Nor is its event stream Bob's to follow (Alice's ends with the job's end: it is done).
+    assert keyed_api.get(f"/transcripts/{job_id}/events", headers=bob).status_code == 404
+    told = keyed_api.get(f"/transcripts/{job_id}/events", headers=alice)
+    assert told.status_code == 200 and "transcript.completed" in told.text, told.text
     assert keyed_api.get(f"/status/{job_id}", headers=alice).status_code == 200  # still there
     # While a request of Alice's holds her job, Bob is still told at once that there is no such
     # job: a 503 "being changed", or an answer only once she is done, would say that it exists.
@@ -988,6 +992,16 @@ def test_progress_moves_chunk_by_chunk(chunked, fixtures_dir):
     assert "transcribing" in {stage for stage, _ in seen}
     srt = httpx.get(f"{chunked.api}/transcripts/{job_id}", params={"format": "srt"}, timeout=30).text
     assert_cues_match(parse_srt(srt), document["segments"])  # chunks come back in time order
+    # A speaker keeps one label over the whole job, whichever chunk they talk in: the job has the
+    # reference's speakers, each reference speaker's utterances under one label of their own.
+    heard_as: dict[str, set[str]] = {}
+    for utterance in json.loads((fixtures_dir / "ru_dialogue.json").read_text()):
+        middle = (utterance["start"] + utterance["end"]) / 2
+        under = [s["speaker"] for s in document["segments"] if s["start_ts"] - 0.3 <= middle <= s["end_ts"] + 0.3]
+        heard_as.setdefault(utterance["speaker"], set()).update(under[:1])
+    assert all(len(labels) == 1 for labels in heard_as.values()), heard_as
+    assert len(set.union(*heard_as.values())) == len(heard_as) == 2, heard_as
+    assert {s["speaker"] for s in document["segments"]} == set.union(*heard_as.values()), document["segments"]
 
 
 def test_an_arrow_in_the_text_is_rewritten_only_in_srt():
