@@ -1170,6 +1170,10 @@ def test_owner_less_webhooks_take_no_events_while_api_keys_are_set(notified):
     stack.query("INSERT INTO webhooks (url, events, secret, job_id) VALUES ($1, '{transcript.completed}',"
                 " 'a-secret-of-16-chars', $2)", receiver.url("/ok-ownerless-callback"), ownerless_job)
     ownerless_hooks = stack.value("SELECT count(*) FROM webhooks WHERE owner IS NULL AND job_id IS NULL")
+    # A delivery the owner-less webhook still had pending when keys were set (its endpoint was down).
+    queued = stack.value("INSERT INTO webhook_deliveries (webhook_id, event_id, event_type, job_id, payload,"
+                         " next_attempt_at) VALUES ($1, 'queued-before-keys', 'segment.created', $2, '{}',"
+                         " now() + interval '1 hour') RETURNING id", ownerless_hook, ownerless_job)
 
     def publish_events(*events) -> None:
         async def publish() -> None:
@@ -1195,15 +1199,18 @@ def test_owner_less_webhooks_take_no_events_while_api_keys_are_set(notified):
         wait_for(lambda: "consuming stt.notifier (" in stack.log_text("notifier")[log_from:], 60, "the notifier")
         log = stack.log_text("notifier")[log_from:]
         warned = re.findall(r"\| WARNING +\| [\w.:]+ \| (\d+) webhooks registered while API_KEYS was unset .*"
+                            r"\((\d+) deliveries they had pending given up\).*"
                             r"DELETE FROM webhooks WHERE owner IS NULL AND job_id IS NULL", log)
-        assert warned == [str(ownerless_hooks)], log
+        assert len(warned) == 1 and warned[0][0] == str(ownerless_hooks) and int(warned[0][1]) >= 1, log
+        assert stack.value("SELECT status FROM webhook_deliveries WHERE id = $1", queued) == "failed"
         publish_events(segment_of(ownerless_job), segment_of(keyed_job),
                        TranscriptCompleted(job_id=ownerless_job, transcript_id=ownerless_job,
                                            filename="ownerless.wav", segment_count=1))
         # Events are fanned out in the order they came: by the callback's, the segments' were too.
         wait_for(lambda: receiver.events("/ok-ownerless-callback", ownerless_job), 60, "the owner-less job's callback")
         wait_for(lambda: receiver.events("/ok-keyed", keyed_job), 60, "the key's webhook")
-        assert not stack.query("SELECT 1 FROM webhook_deliveries WHERE webhook_id = $1", ownerless_hook)
+        assert not stack.query("SELECT 1 FROM webhook_deliveries WHERE webhook_id = $1 AND id <> $2", ownerless_hook,
+                               queued)
         assert not receiver.got("/ok-ownerless")
 
         stack.stop("notifier")

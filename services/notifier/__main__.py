@@ -57,7 +57,7 @@ async def main() -> None:
     delivering_webhooks()
     pool = await create_pool(settings, max_size=DELIVERY_PREFETCH + 4)
     await apply_migrations(pool)
-    await handler.warn_of_ownerless_endpoints(pool, settings)
+    await handler.set_ownerless_endpoints_aside(pool, settings)
     connection = await connect(settings, "notifier")
     bus = await open_bus(await connect(settings, "notifier.publish"), settings)
     await declare_queue(connection, EVENTS_QUEUE, {"x-queue-type": "quorum", "x-single-active-consumer": True,

@@ -67,7 +67,7 @@ _next_mark_check: dict[tuple[int, int], float] = {}
 async def fan_out(pool: asyncpg.Pool, event: Contract, *, keys_configured: bool = False
                   ) -> AsyncIterator[WebhookDue]:
     """A delivery per webhook that takes `event` (idempotent: a redelivered event adds none).
-    `keys_configured` (API_KEYS set): endpoints without an owner take nothing (warn_of_ownerless_endpoints)."""
+    `keys_configured` (API_KEYS set): endpoints without an owner take nothing (set_ownerless_endpoints_aside)."""
     payload = WebhookPayload(type=event.ROUTING_KEY, timestamp=datetime.now(UTC), data=event).model_dump_json()
     async with pool.acquire() as conn:
         rows = await conn.fetch(
@@ -87,19 +87,30 @@ async def fan_out(pool: asyncpg.Pool, event: Contract, *, keys_configured: bool 
             yield WebhookDue(job_id=event.job_id, webhook_id=row["webhook_id"])
 
 
-async def warn_of_ownerless_endpoints(pool: asyncpg.Pool, settings: Settings) -> int:
-    """With API_KEYS set, how many endpoints registered while it was unset (owner NULL) take no
-    events, logged once: no key can list or remove them (GET/DELETE /webhooks are a key's own), so
-    each would get every owner-less job's events (bucket drops without INBOX_API_KEY), segment
-    text included, for ever. A job's own callback_url is still used: it takes only that job's
-    ending, which its submitter asked for, and goes with the job."""
+async def set_ownerless_endpoints_aside(pool: asyncpg.Pool, settings: Settings) -> int:
+    """With API_KEYS set, the endpoints registered while it was unset (owner NULL) take no events
+    (fan_out), and the deliveries they still had pending (an endpoint that was down) are given
+    up, not sent: no key can list or remove such an endpoint (GET/DELETE /webhooks are a key's
+    own), so it would get every owner-less job's events (bucket drops without INBOX_API_KEY),
+    segment text included. Said once, with how to remove them. A job's own callback_url is still
+    used: it takes only that job's ending, which its submitter asked for, and goes with the job.
+    How many such endpoints there are."""
     if not settings.api_key_list:
         return 0
-    count = await pool.fetchval("SELECT count(*) FROM webhooks WHERE owner IS NULL AND job_id IS NULL")
+    async with pool.acquire() as conn, conn.transaction():
+        count = await conn.fetchval("SELECT count(*) FROM webhooks WHERE owner IS NULL AND job_id IS NULL")
+        given_up = await conn.fetchval(
+            """WITH given_up AS (
+                   UPDATE webhook_deliveries d SET status = 'failed', finished_at = now()
+                     FROM webhooks w
+                    WHERE w.id = d.webhook_id AND w.owner IS NULL AND w.job_id IS NULL AND d.status = 'pending'
+                   RETURNING 1)
+               SELECT count(*) FROM given_up""")
     if count:
         log.warning("%d webhooks registered while API_KEYS was unset belong to no key and are no longer sent"
-                    " events while it is set; remove them with DELETE FROM webhooks WHERE owner IS NULL AND"
-                    " job_id IS NULL, or unset API_KEYS to use them again", count)
+                    " events while it is set (%d deliveries they had pending given up); remove them with DELETE"
+                    " FROM webhooks WHERE owner IS NULL AND job_id IS NULL, or unset API_KEYS to use them again",
+                    count, given_up)
     return count
 
 
