@@ -43,7 +43,14 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from common.messages import EVENTS, SegmentCreated, TranscriptCompleted, TranscriptFailed, TranscriptSpeakersUpdated
+from common.messages import (
+    EVENTS,
+    SegmentCreated,
+    TranscriptCompleted,
+    TranscriptFailed,
+    TranscriptSpeakersUpdated,
+    person_name,
+)
 
 if TYPE_CHECKING:
     from aio_pika.abc import AbstractIncomingMessage
@@ -1317,7 +1324,7 @@ def speakers_forget(
     """Delete a speaker's voiceprints and every name recognised from them."""
     with reporting_api_errors(api), api_client(api, api_key) as client:
         items = items_of(checked(client.get("/speakers")).json(), "/speakers")
-        wanted = " ".join(name.split())  # as the server keeps names
+        wanted = person_name(name)  # as the server keeps names (blanks collapsed, in NFC)
         # The name as it is, else in another case when only one speaker has it so. The server keeps
         # names unique by PostgreSQL's lower(), which maps letter by letter as Python's lower()
         # does, where casefold() makes "Maße" and "Masse" one name (two people to the server).

@@ -452,6 +452,10 @@ def test_an_enrolled_speaker_is_named_in_printed_transcripts_until_forgotten(key
     assert re.search(r"^\d+\tAnna\t", stt(keyed_stack, "speakers", "list").stdout, re.MULTILINE)
     assert stt(keyed_stack, "speakers", "forget", " anna ").stdout == "forgot Anna\n"
     assert stt(keyed_stack, "speakers", "forget", anna_id).stdout == f"forgot {anna_id}\n"
+    # A name typed with a combining accent is the one kept precomposed (NFC, as the server keeps it).
+    accented = stt(keyed_stack, "speakers", "enroll", "Jos\u00e9", "--job", job_id, "--speaker", other)
+    assert accented.returncode == 0, accented.stdout + accented.stderr
+    assert stt(keyed_stack, "speakers", "forget", "Jose\u0301").stdout == "forgot Jos\u00e9\n"
 
 
 def test_a_job_is_named_by_hand_and_deleted(keyed_stack, fixtures_dir):

@@ -372,3 +372,39 @@ async def test_names_stored_before_with_combining_accents_are_brought_to_nfc(dat
     finally:
         await pool.close()
         await conn.close()
+
+
+EXPECTED_NFC_MIGRATION = "035_expected_speakers_nfc.sql"
+
+
+async def test_the_people_a_job_expects_are_brought_to_nfc_with_the_enrolled_names(database):
+    """A job submitted expecting "José" typed with a combining accent, from before names were kept
+    in NFC, still finds him once his enrolled name is NFC; a spelling one of the owner's speakers
+    still has exactly (kept apart by 034) stays as written."""
+    decomposed, precomposed = "Jose\u0301", "Jos\u00e9"
+    conn = await asyncpg.connect(database)
+    pool = await asyncpg.create_pool(database, min_size=1, max_size=1)
+    try:
+        assert await conn.execute("DELETE FROM schema_migrations WHERE name = $1", EXPECTED_NFC_MIGRATION) == "DELETE 1"
+        await conn.execute("INSERT INTO speakers (owner, name) VALUES ('a', $1), ('b', $1), ('b', $2)",
+                           precomposed, decomposed)
+        jobs = {}
+        for owner in ("a", "b"):
+            jobs[owner] = await conn.fetchval(
+                "INSERT INTO transcripts (filename, owner, options) VALUES ('x.wav', $1, $2::jsonb) RETURNING id",
+                owner, json.dumps({"expected_speakers": [decomposed, "Anna"]}))
+        untouched = await conn.fetchval("INSERT INTO transcripts (filename, owner, options) VALUES"
+                                        " ('y.wav', 'a', '{\"language\": \"en\"}'::jsonb) RETURNING id")
+
+        assert await db.apply_migrations(pool) == [EXPECTED_NFC_MIGRATION]
+
+        async def expected(job_id: int) -> list[str] | None:
+            return json.loads(await conn.fetchval("SELECT options FROM transcripts WHERE id = $1", job_id)).get(
+                "expected_speakers")
+
+        assert await expected(jobs["a"]) == [precomposed, "Anna"]
+        assert await expected(jobs["b"]) == [decomposed, "Anna"]
+        assert await expected(untouched) is None
+    finally:
+        await pool.close()
+        await conn.close()
