@@ -124,6 +124,18 @@ async def _within(seconds: float, query: Awaitable[object]) -> tuple[object, flo
     return None
 
 
+
+async def publish_chunks(bus, job_id: int, chunks: int) -> None:
+    """Every chunk of a job of `chunks`, one segment a chunk, as the transcriber hands them in."""
+    from common.messages import ChunkTranscribed, Segment
+
+    for chunk_index in range(chunks):
+        await bus.publish(ChunkTranscribed(
+            job_id=job_id, chunk_index=chunk_index, chunk_count=chunks, duration=float(chunks),
+            segments=[Segment(index=0, speaker="spk_0", start_ts=chunk_index, end_ts=chunk_index + 1.0,
+                              text="held")]))
+
+
 async def test_a_query_on_a_half_open_connection_fails_as_an_outage_and_the_pool_connects_again():
     """The query waited for ever: no answer came, and no reset either. Now it raises within about
     twice DATABASE_COMMAND_TIMEOUT_S an error in DATABASE_UNAVAILABLE (held, no retry spent), and
@@ -197,7 +209,6 @@ async def test_a_chunk_waiting_on_a_row_lock_is_handed_back_and_other_stalled_jo
     PostgreSQL, with the times scaled down."""
     from common import broker, metrics
     from common.broker import connect, declare_topology, open_bus, stage_queue
-    from common.messages import ChunkTranscribed, Segment
     from services.persister import __main__ as persister_main
     from services.persister import handler
     from tests.conftest import amqp_url, private_vhost
@@ -251,11 +262,7 @@ async def test_a_chunk_waiting_on_a_row_lock_is_handed_back_and_other_stalled_jo
             bus = await open_bus(connection, settings)
             # More of the locked job's chunks than the pool held connections before the fix.
             chunks = 12
-            for chunk_index in range(chunks):
-                await bus.publish(ChunkTranscribed(
-                    job_id=locked, chunk_index=chunk_index, chunk_count=chunks, duration=float(chunks),
-                    segments=[Segment(index=0, speaker="spk_0", start_ts=chunk_index, end_ts=chunk_index + 1.0,
-                                      text="held")]))
+            await publish_chunks(bus, locked, chunks)
 
             # Two tries of 2 s and the wait between them; without the fix never.
             handed_back_within_s = 20.0
@@ -312,7 +319,6 @@ async def test_one_replicas_database_errors_and_restarts_do_not_keep_a_stuck_job
     that never ended, and a stuck job was never failed. The persister, on the real RabbitMQ and
     PostgreSQL, with the times scaled down."""
     from common.broker import connect, declare_topology, open_bus
-    from common.messages import ChunkTranscribed, Segment
     from services.persister import __main__ as persister_main
     from services.persister import handler
     from tests.conftest import amqp_url, private_vhost
@@ -378,11 +384,7 @@ async def test_one_replicas_database_errors_and_restarts_do_not_keep_a_stuck_job
             await holder.execute("SELECT 1 FROM transcripts WHERE id = $1 FOR UPDATE", locked)
             bus = await open_bus(connection, settings)
             chunks = 4
-            for chunk_index in range(chunks):
-                await bus.publish(ChunkTranscribed(
-                    job_id=locked, chunk_index=chunk_index, chunk_count=chunks, duration=float(chunks),
-                    segments=[Segment(index=0, speaker="spk_0", start_ts=chunk_index, end_ts=chunk_index + 1.0,
-                                      text="held")]))
+            await publish_chunks(bus, locked, chunks)
             background.append(asyncio.create_task(connections_dropped()))
 
             started = time.monotonic()

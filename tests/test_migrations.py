@@ -7,6 +7,7 @@ of the tests' PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -348,15 +349,26 @@ SELECT $$;$$, 'x' -- trailing; comment
 NFC_NAMES_MIGRATION = "034_person_names_nfc.sql"
 
 
+@contextlib.asynccontextmanager
+async def as_before(database: str, migration: str) -> AsyncIterator[tuple[asyncpg.Connection, asyncpg.Pool]]:
+    """A connection and a pool to the database with `migration` counted not applied (its data
+    migration then runs again at the next apply_migrations)."""
+    conn = await asyncpg.connect(database)
+    pool = await asyncpg.create_pool(database, min_size=1, max_size=1)
+    try:
+        assert await conn.execute("DELETE FROM schema_migrations WHERE name = $1", migration) == "DELETE 1"
+        yield conn, pool
+    finally:
+        await pool.close()
+        await conn.close()
+
+
 async def test_names_stored_before_with_combining_accents_are_brought_to_nfc(database):
     """A name enrolled with a combining accent before names were kept in NFC is found by the same
     name typed with a precomposed letter; where the owner already has the NFC name, the other row
     keeps its own (the unique index allows one of them only)."""
     decomposed, precomposed = "Jose\u0301", "Jos\u00e9"
-    conn = await asyncpg.connect(database)
-    pool = await asyncpg.create_pool(database, min_size=1, max_size=1)
-    try:
-        assert await conn.execute("DELETE FROM schema_migrations WHERE name = $1", NFC_NAMES_MIGRATION) == "DELETE 1"
+    async with as_before(database, NFC_NAMES_MIGRATION) as (conn, pool):
         await conn.execute("INSERT INTO speakers (owner, name) VALUES ('a', $1), ('b', $1), ('b', $2)",
                            decomposed, precomposed)
         job_id = await conn.fetchval("INSERT INTO transcripts (filename, owner) VALUES ('a.wav', 'a') RETURNING id")
@@ -369,9 +381,6 @@ async def test_names_stored_before_with_combining_accents_are_brought_to_nfc(dat
             ("a", precomposed), ("b", decomposed), ("b", precomposed)]
         by_hand = await conn.fetchval("SELECT name FROM transcript_speakers WHERE transcript_id = $1", job_id)
         assert by_hand == precomposed
-    finally:
-        await pool.close()
-        await conn.close()
 
 
 EXPECTED_NFC_MIGRATION = "035_expected_speakers_nfc.sql"
@@ -382,10 +391,7 @@ async def test_the_people_a_job_expects_are_brought_to_nfc_with_the_enrolled_nam
     in NFC, still finds him once his enrolled name is NFC; a spelling one of the owner's speakers
     still has exactly (kept apart by 034) stays as written."""
     decomposed, precomposed = "Jose\u0301", "Jos\u00e9"
-    conn = await asyncpg.connect(database)
-    pool = await asyncpg.create_pool(database, min_size=1, max_size=1)
-    try:
-        assert await conn.execute("DELETE FROM schema_migrations WHERE name = $1", EXPECTED_NFC_MIGRATION) == "DELETE 1"
+    async with as_before(database, EXPECTED_NFC_MIGRATION) as (conn, pool):
         await conn.execute("INSERT INTO speakers (owner, name) VALUES ('a', $1), ('b', $1), ('b', $2)",
                            precomposed, decomposed)
         jobs = {}
@@ -405,6 +411,3 @@ async def test_the_people_a_job_expects_are_brought_to_nfc_with_the_enrolled_nam
         assert await expected(jobs["a"]) == [precomposed, "Anna"]
         assert await expected(jobs["b"]) == [decomposed, "Anna"]
         assert await expected(untouched) is None
-    finally:
-        await pool.close()
-        await conn.close()

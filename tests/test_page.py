@@ -64,6 +64,14 @@ def discard(api: str, client: httpx.Client, *job_ids: int) -> None:
             time.sleep(0.5)
 
 
+def discard_tagged(api: str, tag: str) -> None:
+    """As discard, every job of the last 100 whose filename holds `tag` (the test's own uploads)."""
+    with httpx.Client(timeout=30) as client:
+        mine = [job["id"] for job in client.get(f"{api}/transcripts?limit=100").json()["items"]
+                if tag in job["filename"]]
+        discard(api, client, *mine)
+
+
 def wait_until(page, condition, what: str, timeout_s: float = 30) -> None:
     """Until `condition()` holds (what a held route or a stream recorded), the page running meanwhile."""
     for _ in range(int(timeout_s * 10)):
@@ -1814,10 +1822,7 @@ def test_each_file_of_a_batch_says_what_became_of_it(stack, fixtures_dir, browse
         assert errors == []
     finally:
         page.close()
-        with httpx.Client(timeout=30) as client:
-            mine = [job["id"] for job in client.get(f"{stack.api}/transcripts?limit=100").json()["items"]
-                    if tag in job["filename"]]
-            discard(stack.api, client, *mine)
+        discard_tagged(stack.api, tag)
 
 
 def test_a_file_whose_answer_was_lost_is_not_said_refused_when_sent_again(stack, fixtures_dir, browser):
@@ -1852,10 +1857,7 @@ def test_a_file_whose_answer_was_lost_is_not_said_refused_when_sent_again(stack,
         assert errors == []
     finally:
         page.close()
-        with httpx.Client(timeout=30) as client:
-            mine = [job["id"] for job in client.get(f"{stack.api}/transcripts?limit=100").json()["items"]
-                    if tag in job["filename"]]
-            discard(stack.api, client, *mine)
+        discard_tagged(stack.api, tag)
 
 
 def test_a_job_told_of_before_its_answer_came_again_keeps_its_state(stack, fixtures_dir, browser):
@@ -1980,10 +1982,7 @@ def test_a_long_upload_answered_busy_at_its_end_is_sent_again(stack, fixtures_di
         assert errors == []
     finally:
         page.close()
-        with httpx.Client(timeout=30) as client:
-            mine = [job["id"] for job in client.get(f"{stack.api}/transcripts?limit=100").json()["items"]
-                    if tag in job["filename"]]
-            discard(stack.api, client, *mine)
+        discard_tagged(stack.api, tag)
 
 
 def test_the_open_transcript_and_the_list_keep_to_what_the_server_has(stack, browser):
