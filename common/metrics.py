@@ -268,6 +268,12 @@ async def watch_queue_depths(connection, queues: Iterable[str], interval_s: floa
                     await asyncio.wait_for(stale.close(), timeout=5)
 
 
+# A scope key an inner middleware sets to have the request counted under another status than the
+# one answered: an EventSource refused past MAX_EVENT_STREAMS is answered 200 (a 503 would stop it
+# for good) and counted as the 503 it is.
+COUNTED_AS = "stt.counted_as"
+
+
 def http_metrics_middleware(app):
     """ASGI middleware (Litestar, per route): counts and times each request under its route
     template (`/status/{job_id}`, not `/status/42`), so label values stay few."""
@@ -293,7 +299,7 @@ def http_metrics_middleware(app):
             await app(scope, receive, send_and_note)
         finally:
             route = scope.get("path_template") or "unmatched"
-            HTTP_REQUESTS.labels(scope["method"], route, str(status)).inc()
+            HTTP_REQUESTS.labels(scope["method"], route, str(scope.get(COUNTED_AS, status))).inc()
             HTTP_SECONDS.labels(scope["method"], route).observe(
                 answered_s if answered_s is not None else time.perf_counter() - started)
 

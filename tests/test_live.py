@@ -193,6 +193,10 @@ def test_event_streams_past_the_limit_are_told_to_come_back_later(stack):
                 told = client.get(f"{api}/events", headers={"Accept": "text/event-stream"})
                 assert told.status_code == 200 and told.headers["content-type"].startswith("text/event-stream")
                 assert told.text.startswith(": 2 event streams are in progress") and "\nretry: 5000\n\n" in told.text
+                # Both refusals count as the 503s they are (saturation shows on dashboards).
+                refusals = [float(line.rsplit(" ", 1)[1]) for line in client.get(f"{api}/metrics").text.splitlines()
+                            if line.startswith('stt_http_requests_total{method="GET",route="/events",status="503"}')]
+                assert refusals == [2.0], refusals
                 # Other requests are not counted.
                 assert client.get(f"{api}/transcripts/{running}").status_code == 200
             deadline = time.monotonic() + 15

@@ -20,6 +20,7 @@ from litestar.exceptions import ClientException, HTTPException
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from multipart import MultipartError, MultipartSegment, PushMultipartParser
 
+from common.metrics import COUNTED_AS
 from services.ingest.errors import error_body
 
 # Recordings (the OpenAI-compatible ones too), and speakers' enrolment samples.
@@ -129,10 +130,11 @@ def _asks_for_event_stream(scope: Scope) -> bool:
 async def _refuse_event_stream(send: Send, scope: Scope, detail: str) -> None:
     """Past MAX_EVENT_STREAMS. An EventSource given a 503 stops for good, so it is given a stream
     that ends at once, saying why, whose `retry` has it come back after Retry-After's wait; any
-    other client gets the 503 with Retry-After."""
+    other client gets the 503 with Retry-After. Either is counted in the metrics as a 503."""
     if not _asks_for_event_stream(scope):
         await _refuse_busy(send, scope, detail)
         return
+    scope[COUNTED_AS] = 503
     body = f": {detail}\nretry: {RETRY_AFTER_S * 1000}\n\n".encode()
     await send({"type": "http.response.start", "status": 200, "headers": [
         (b"content-type", b"text/event-stream; charset=utf-8"), (b"content-length", str(len(body)).encode()),
