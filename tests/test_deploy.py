@@ -789,6 +789,8 @@ def test_make_stop_stops_the_embedded_databases_and_keeps_their_data(tmp_path):
     (checkout / ".venv").symlink_to(ROOT / ".venv")
     data = {"run": checkout / ".state" / "postgres", "tests": checkout / ".state" / "test-postgres"}
     urls = {name: embedded_postgres(folder) for name, folder in data.items()}
+    server_lock = (data["run"] / "postmaster.pid").read_text()
+    bystander = None
     try:
         admin_sql("CREATE TABLE kept (said text)", urls["run"])
         stopped = subprocess.run(["make", "-s", "stop"], cwd=checkout, capture_output=True, text=True, timeout=300)
@@ -799,8 +801,20 @@ def test_make_stop_stops_the_embedded_databases_and_keeps_their_data(tmp_path):
         again = subprocess.run(["make", "-s", "stop"], cwd=checkout, capture_output=True, text=True, timeout=300)
         assert again.returncode == 0, again.stdout + again.stderr
         assert again.stdout.count("not running") == 2, again.stdout
+        # After a crash the lock file stays, and its pid may be another process's by now
+        bystander = subprocess.Popen(["sleep", "300"])
+        pid, folder, started, rest = server_lock.split("\n", 3)
+        crashed_lock = f"{bystander.pid}\n{folder}\n{int(started) - 3600}\n{rest}"
+        (data["run"] / "postmaster.pid").write_text(crashed_lock)
+        after_crash = subprocess.run(["make", "-s", "stop"], cwd=checkout, capture_output=True, text=True, timeout=300)
+        assert after_crash.returncode == 0, after_crash.stdout + after_crash.stderr
+        assert after_crash.stdout.count("not running") == 2, after_crash.stdout
+        assert bystander.poll() is None, "make stop signalled a process that is not the server"
+        (data["run"] / "postmaster.pid").unlink()
         admin_sql("SELECT * FROM kept", embedded_postgres(data["run"], fresh_handle=True))
     finally:
+        if bystander is not None:
+            bystander.kill()
         for folder in data.values():
             with contextlib.suppress(Exception):
                 stop_embedded_postgres(folder)
