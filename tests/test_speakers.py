@@ -376,6 +376,35 @@ def test_a_speaker_who_barely_talks_is_no_voiceprint(enrolled):
                     source, voice_b, talked)
 
 
+async def test_another_keys_job_is_unknown_at_once_and_media_types_are_read_in_any_case(enrolled, voices):
+    """Media types are case-insensitive (RFC 9110 8.3.1): proxies and some clients capitalise them.
+    Another key's job is unknown without waiting on its row's lock, as everywhere else."""
+    import asyncpg
+
+    stack, owner, other, source = enrolled
+    holding = await asyncpg.connect(stack.database_url)
+    try:
+        transaction = holding.transaction()
+        await transaction.start()
+        await holding.execute("SELECT 1 FROM transcripts WHERE id = $1 FOR UPDATE", source)
+        started = time.monotonic()
+        body = f'{{"name": "Nobody", "transcript_id": {source}, "label": "spk_0"}}'
+        answer = await asyncio.to_thread(other.post, "/speakers", content=body,
+                                         headers={"Content-Type": "Application/JSON"})
+        assert answer.status_code == 404, answer.text
+        assert time.monotonic() - started < 5
+        await transaction.rollback()
+    finally:
+        await holding.close()
+
+    request = other.build_request("POST", "/speakers", data={"name": "Nobody"},
+                                  files={"file": ("silence.wav", voices["silence"])})
+    request.headers["Content-Type"] = request.headers["Content-Type"].replace("multipart/form-data",
+                                                                              "Multipart/Form-Data")
+    silent = other.send(request)
+    assert silent.status_code == 422 and "speech" in silent.json()["detail"], silent.text
+
+
 async def test_names_in_any_script_are_known_whatever_their_case(enrolled):
     """PostgreSQL's lower() decides, as for the unique names: Python's differs on "İ"."""
     import asyncpg

@@ -15,6 +15,7 @@ from typing import Annotated, NamedTuple, TypeVar
 import asyncpg
 import numpy as np
 from litestar import Request, delete, get, patch, post
+from litestar._multipart import parse_content_header
 from litestar.datastructures import State, UploadFile
 from litestar.exceptions import HTTPException, NotFoundException
 from litestar.params import Parameter
@@ -340,10 +341,15 @@ async def _voice_of_sample(upload: UploadFile, settings: Settings) -> SpeakerEmb
 
 async def _voice_of_transcript_speaker(conn: asyncpg.Connection, owner: str | None, reference: FromTranscript,
                                        min_speech_s: float) -> SpeakerEmbedding:
+    # Another key's job is unknown at once, without waiting on its lock (the wait would tell that
+    # it exists, and hold up its owner's persister). Its owner never changes.
+    job = await jobstore.job(conn, reference.transcript_id)
+    if job is None or job["owner"] != owner:
+        raise NotFoundException(detail=f"no job with id {reference.transcript_id}")
     # The job's row locked: two enrolments of one recording speaker at once wait for each other,
     # so the second finds the first's voiceprint below.
     job = await jobstore.lock_processing_job(conn, reference.transcript_id)
-    if job is None or job["owner"] != owner:
+    if job is None:
         raise NotFoundException(detail=f"no job with id {reference.transcript_id}")
     if job["status"] != "done":
         raise HTTPException(status_code=409, detail=f"job {reference.transcript_id} is not done")
@@ -386,9 +392,9 @@ async def enrol(request: Request, state: State) -> Enrolled:
     recordings (a sample picked by mistake). `force`: `true` (a form field, or in the JSON)
     enrols it all the same, for a voice that is the named person's after all."""
     owner = request_owner(request)
-    content_type = request.headers.get("content-type", "")
+    media_type = parse_content_header(request.headers.get("content-type", ""))[0]  # lower case
     reference = None
-    if content_type.startswith("multipart/form-data"):
+    if media_type == "multipart/form-data":
         form = await request.form()
         name, upload = enrolled_name(form.get("name")), form.get("file")
         force = _form_flag(form.get("force"), "force")
@@ -396,7 +402,7 @@ async def enrol(request: Request, state: State) -> Enrolled:
             raise HTTPException(status_code=400, detail="a multipart enrolment needs a `name` and a `file`"
                                                         " (the sample)")
         voice = await _voice_of_sample(upload, state.settings)
-    elif content_type.startswith("application/json"):
+    elif media_type == "application/json":
         try:
             reference = FromTranscript.model_validate_json(await request.body())
         except ValidationError as exc:
