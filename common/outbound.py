@@ -95,10 +95,24 @@ def url_problem(url: str, what: str = "a webhook URL",
     return None
 
 
+# NAT64's well-known prefix (RFC 6052): DNS64 answers an IPv4-only name with its IPv4 address in
+# the last 32 bits, so on an IPv6-only cluster every such host is reached there. ipaddress counts it
+# reserved (inside ::/8). The local-use 64:ff9b:1::/48 (RFC 8215) embeds as each network chooses:
+# it stays refused.
+NAT64_WELL_KNOWN_PREFIX = ipaddress.IPv6Network("64:ff9b::/96")
+
+
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 one stands for (mapped, 6to4, NAT64's well-known prefix), or None."""
+    if ip in NAT64_WELL_KNOWN_PREFIX:
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return ip.ipv4_mapped or ip.sixtofour
+
+
 def is_private_address(address: str) -> bool:
     ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and (ip.ipv4_mapped or ip.sixtofour):
-        ip = ip.ipv4_mapped or ip.sixtofour
+    if isinstance(ip, ipaddress.IPv6Address):
+        ip = embedded_ipv4(ip) or ip
     # Site-local (fec0::/10, deprecated but still routed inside some networks) is neither private
     # nor non-global to ipaddress.
     site_local = isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local

@@ -1205,6 +1205,42 @@ def test_ipv6_site_local_addresses_are_not_public():
     assert not is_private_address("2606:4700::1")
 
 
+def test_nat64_addresses_are_judged_by_the_ipv4_address_inside():
+    """On an IPv6-only cluster with DNS64 every IPv4-only host resolves into NAT64's well-known
+    prefix 64:ff9b::/96, which ipaddress counts as reserved: every such webhook target or recording
+    URL was refused. The IPv4 address in its last 32 bits decides, as for mapped and 6to4 forms."""
+    from common.outbound import is_private_address
+
+    assert not is_private_address("64:ff9b::808:808")  # 8.8.8.8
+    assert not is_private_address("64:ff9b::8.8.4.4")
+    for inside in ("169.254.169.254", "127.0.0.1", "10.0.0.1", "192.168.1.1", "100.64.0.1", "0.0.0.0"):
+        assert is_private_address(f"64:ff9b::{inside}"), inside
+    # RFC 8215's local-use prefix embeds addresses as each network chooses: nothing to judge by.
+    assert is_private_address("64:ff9b:1::808:808")
+    # Only the /96 embeds the address in its last 32 bits: the rest of 64:ff9b::/32 stays refused.
+    assert is_private_address("64:ff9b:0:0:1::808:808")
+
+
+async def test_a_webhook_reached_through_nat64_is_registered_and_connected_to(monkeypatch):
+    """With DNS64 an IPv4-only webhook endpoint resolves to 64:ff9b::/96 only: both the check at
+    registration (target_problem) and the one as the connection is made (PublicOnlyResolver) let
+    a public address there through and refuse the metadata service reached that way."""
+    from common.outbound import PrivateAddressRefused, PublicOnlyResolver, target_problem
+
+    _lookups_answering(monkeypatch, {"v4only.example": ["64:ff9b::5db8:d822"],  # 93.184.216.34
+                                     "metadata.example": ["64:ff9b::a9fe:a9fe"]}, {})
+    assert await target_problem("https://v4only.example/hook", False) is None
+    assert "does not resolve to a public address" in await target_problem("https://metadata.example/hook", False)
+    resolver = PublicOnlyResolver()
+    try:
+        found = await resolver.resolve("v4only.example", 443)
+        assert [answer["host"] for answer in found] == ["64:ff9b::5db8:d822"]
+        with pytest.raises(PrivateAddressRefused):
+            await resolver.resolve("metadata.example", 443)
+    finally:
+        await resolver.close()
+
+
 # ---- subtitle lines of scripts written without spaces, speaker labels ----------------------------
 
 
