@@ -187,6 +187,14 @@ def test_one_voice_is_one_speaker():
     assert sum(t.end - t.start for t in result.turns) > 6.0  # 11 s with pauses between phrases
 
 
+def test_speech_up_to_the_end_of_the_file_is_heard():
+    """A file cut while someone talks, 80 ms past the windows' 2.5 s grid: its last 80 ms were in
+    no window, so speech there had no turn (and the transcriber no region) at all."""
+    talk = load("multilingual.mp3")[:int(12.58 * SAMPLE_RATE)]
+    result = diarize_offline(talk)
+    assert max(t.end for t in result.turns) > 12.55, result.turns
+
+
 def test_samples_out_of_range_or_not_numbers_cost_no_speech():
     """Float audio from a caller of the library (a decoded file never has them): a NaN, an
     infinity or a sample far past full scale, two a second, is taken as silence or full

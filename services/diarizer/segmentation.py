@@ -64,7 +64,8 @@ def window_starts(num_samples: int) -> np.ndarray:
     if num_samples <= WINDOW_SAMPLES:
         return np.zeros(1, dtype=np.int64)
     starts = np.arange(0, num_samples - WINDOW_SAMPLES + 1, STEP_SAMPLES, dtype=np.int64)
-    if num_samples - (starts[-1] + WINDOW_SAMPLES) > SAMPLE_RATE // 10:
+    # Any tail longer than a frame (17 ms): up to 0.1 s of a file's end used to be in no window.
+    if num_samples - (starts[-1] + WINDOW_SAMPLES) > SAMPLE_RATE // 50:
         starts = np.append(starts, num_samples - WINDOW_SAMPLES)
     return starts
 
