@@ -68,6 +68,29 @@ def test_two_things_to_redact_said_one_after_the_other_leave_nothing_in_clear(fi
                for w in segment.words if LEFT_IN_CLEAR.search(w.word)), said
 
 
+@pytest.mark.parametrize("said, stored", [
+    ("Wir haben uns am 12.05.2024 getroffen.", "Wir haben uns am 12.05.2024 getroffen."),
+    ("Мы встретились 1.5.2024 и 03.06.24.", "Мы встретились 1.5.2024 и 03.06.24."),
+    ("From 2024-05-12 to 2024-06-13.", "From 2024-05-12 to 2024-06-13."),
+    ("On 12/25/2024 and 25/12/2024.", "On 12/25/2024 and 25/12/2024."),
+    ("Am 12.05.2024 555-123-4567 anrufen.", "Am 12.05.2024 [PHONE] anrufen."),
+    ("On 2024-05-12, 555.123.4567.", "On 2024-05-12, [PHONE]."),
+    # Phone numbers with dots or dashes stay phone numbers, even where some of their digits
+    # would be a date on their own.
+    ("Call 555.123.4567 or 030-1234-5678.", "Call [PHONE] or [PHONE]."),
+    ("Call +49 30 12345678, 1-800-555-0199 or 8-800-555-35-35.", "Call [PHONE], [PHONE] or [PHONE]."),
+    ("Appelez 06.12.34.56.78 ou 555.12.05.2024.", "Appelez [PHONE] ou [PHONE]."),
+    # Not a date: no month 13, no day 32.
+    ("Code 2024-13-45 or 32.05.2024.", "Code [PHONE] or [PHONE]."),
+])
+def test_a_date_written_with_dots_dashes_or_slashes_is_no_phone_number(said, stored):
+    """Whisper writes German and Russian dates with dots: "am 12.05.2024" was stored as "am
+    [PHONE]", and an ISO date "2024-05-12" as "[PHONE]", so the date was gone from the transcript."""
+    assert redact_text(said, ["phone"]) == stored
+    [redacted] = redact([_segment(said, 0)], ["phone"])
+    assert redacted.text == stored
+
+
 def test_a_phone_number_in_the_next_segment_after_a_card_is_redacted():
     """One speaker's segments 1.3 s apart are searched as one text: the card in the first and the
     phone number in the second made one match, and the phone number was left in clear."""

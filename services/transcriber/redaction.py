@@ -75,6 +75,19 @@ _PLAIN_CARD_DIGITS = re.compile(rf"\d{{4}}(?:{_GROUP_BREAK}\d{{4}}){{3}}|\d{{13,
 _AFTER_AREA_CODE = "(?:" + "|".join(rf"(?<=(?<![\d,.])0\d{{{n}}})" for n in (2, 3, 4)) + ")"
 # What may stand between a phone number's digits.
 _PHONE_BETWEEN_DIGITS = rf"(?:[\d ().\-–—…]|, ?(?=\d)|{_AFTER_AREA_CODE} ?/ ?(?=\d))"
+# A date as it is written, which is no phone number: day, month and year with dots
+# ("12.05.2024", "1.5.24", as Whisper writes German and Russian dates), with slashes, either
+# way round ("12/25/2024", "25/12/2024"), or ISO ("2024-05-12"). Only parts within a day's, a
+# month's and a year's ranges, and only a whole run: within a longer run of digits and separators
+# ("06.12.34.56.78", "555.12.05.2024") the same digits are part of a phone number.
+_DAY = r"(?:0?[1-9]|[12]\d|3[01])"
+_MONTH = r"(?:0?[1-9]|1[0-2])"
+_YEAR = r"(?:[12]\d{3}|\d{2})"
+_DATE_SEPARATOR = r"[.,/\-–—]"
+_DATE = re.compile(rf"(?<![\d+])(?<!\d{_DATE_SEPARATOR})"
+                   rf"(?:{_DAY}\.{_MONTH}\.{_YEAR}|(?:{_DAY}/{_MONTH}|{_MONTH}/{_DAY})/{_YEAR}"
+                   rf"|[12]\d{{3}}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12]\d|3[01]))"
+                   rf"(?!\d)(?!{_DATE_SEPARATOR}\d)")
 # An expiry whose month and year have a comma between them ("12, 25"), said right after a card.
 _EXPIRY_WITH_COMMA_AFTER = re.compile(rf"{_DIGIT_JOIN}(?:0?[1-9]|1[0-2]), ?(?:20)?[23]\d")
 # Four groups with a comma between each, as a list of numbers is written ("2019, 2020, 2021, 2022").
@@ -188,8 +201,11 @@ def luhn_valid(digits: str) -> bool:
 
 def _matches(kind: str, text: str) -> Iterable[re.Match[str]]:
     """PATTERNS[kind]'s matches in `text`, leaving out card matches that are no card (_is_card),
-    searching again from the next character, where another may start."""
+    searching again from the next character, where another may start, and phone matches over a
+    date (_DATE)."""
     pattern, position = PATTERNS[kind], 0
+    if kind == "phone":
+        text = _without_dates(text)
     while match := pattern.search(text, position):
         if kind == "card" and not _is_card(match):
             position = match.start() + 1
@@ -201,6 +217,12 @@ def _matches(kind: str, text: str) -> Iterable[re.Match[str]]:
 # Blanks out what the kinds before found while a later kind is searched: no pattern matches it or
 # runs across it, and one stands for each character blanked, so what is found keeps its place.
 _FOUND = "\0"
+
+
+def _without_dates(text: str) -> str:
+    """`text` with its dates (_DATE) blanked out with _FOUND: a phone number said right after
+    one is not read with it into one match ("am 12.05.2024 555-123-4567")."""
+    return _DATE.sub(lambda date: _FOUND * len(date[0]), text)
 
 
 def _masked(text: str, found: list[tuple[int, int, str]]) -> str:
