@@ -36,7 +36,7 @@ import time
 import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aio_pika
@@ -108,6 +108,15 @@ BROKER_UNAVAILABLE: tuple[type[BaseException], ...] = (
     aio_pika.exceptions.ChannelClosed,
     aio_pika.exceptions.DeliveryError,  # a nack while queues recover; PublishError is excluded below
 )
+
+
+def cancelled_from_inside(exc: BaseException) -> bool:
+    """A CancelledError that is not this task's own cancellation: aiormq fails the calls pending on
+    a connection it drops (no heartbeat from the broker), a publish confirm included, with one. A
+    broker outage, as BROKER_UNAVAILABLE; a task being cancelled (stopping) is not."""
+    task = asyncio.current_task()
+    return isinstance(exc, asyncio.CancelledError) and task is not None and task.cancelling() == 0
+
 
 ROUTING_KEY_HEADER = "x-original-routing-key"
 ENDED_JOBS_KEPT = 10_000
@@ -520,7 +529,8 @@ async def consume(
 
     Per message: validate against the route's model, run the handler, publish each message it
     yields (confirmed by the broker), ack once it is done. PermanentError fails the job at once and acks.
-    An error in `wait_on` (always including BROKER_UNAVAILABLE) means a dependency is down:
+    An error in `wait_on` (always including BROKER_UNAVAILABLE, and a CancelledError that is not
+    the task's own: cancelled_from_inside) means a dependency is down:
     the message is held and the handler tried again with backoff until it is back, spending
     no retry, so an outage of RabbitMQ (or the database, for the persister) fails no job.
     Any other error retries after the next delay of RETRY_DELAYS_S; when they are used up the
@@ -551,20 +561,23 @@ async def consume(
 
         # By the message itself, not its delivery tag: tags start again at 1 on a channel opened
         # again, and a message still running from before would take a new one's place.
-        in_hand: dict[int, AbstractIncomingMessage] = {}
+        in_hand: dict[int, InHand] = {}
 
         async def on_message(message: AbstractIncomingMessage) -> None:
             # Counted and timed here, once for every service (common/metrics.py).
             started = time.perf_counter()
             work, work_token = metrics.begin_message(service)
             outcome: str | None = None
-            in_hand[id(message)] = message
+            delivery = InHand(message)
+            in_hand[id(message)] = delivery
             job_token = None
             try:
                 # Every line about this message names its job, the error paths' included.
                 job_token = current_job.set(_job_id_of(message.body))
-                outcome = await settle(message, work)
-            except Exception:
+                outcome = await settle(delivery, work)
+            except (Exception, asyncio.CancelledError) as exc:
+                if not isinstance(exc, Exception) and not cancelled_from_inside(exc):
+                    raise  # this task is being cancelled (its channel closed): the broker takes the message back
                 # The error path itself failed (publishing job.failed or the parked copy while the
                 # broker went away): the message goes back to the queue, never left unacked.
                 log.exception("could not settle a %s message; returning it to the queue", queue_name)
@@ -577,10 +590,12 @@ async def consume(
                 if job_token is not None:
                     current_job.reset(job_token)
                 in_hand.pop(id(message), None)
+                delivery.settled.set()
                 metrics.end_message(work, work_token, queue_name, outcome, started)
 
-        async def settle(message: AbstractIncomingMessage, work: metrics.Work) -> str:
+        async def settle(delivery: InHand, work: metrics.Work) -> str:
             """Handle one message; returns what became of it (metrics.OUTCOMES)."""
+            message = delivery.message
             headers = dict(message.headers or {})
             routing_key = _routing_key_of(message, headers)
             route = by_key.get(routing_key) or by_key.get("*")
@@ -605,8 +620,13 @@ async def consume(
                 await message.ack()
                 return "skipped"
             try:
-                await _run_waiting_out_outages(route.handler, parsed, bus, (*BROKER_UNAVAILABLE, *wait_on), work,
-                                               settings.outage_hold_s, lambda: _delivery_open(message), ended=ended)
+                await _handling(delivery, _run_waiting_out_outages(
+                    route.handler, parsed, bus, (*BROKER_UNAVAILABLE, *wait_on), work, settings.outage_hold_s,
+                    lambda: _delivery_open(message), ended=ended))
+            except HandedBackMeanwhile:
+                log.info("a %s message finished while it was handed back; its copy will find the work done",
+                         routing_key)
+                return "handed_back"
             except HeldThroughOutage as exc:
                 if not _delivery_open(message):
                     log.warning("%s: the broker took the message back with its channel (%s); it is delivered again",
@@ -704,8 +724,15 @@ async def consume(
             deadline = time.monotonic() + settings.shutdown_grace_s
             while in_hand and time.monotonic() < deadline:
                 await asyncio.sleep(0.1)
-            for message in list(in_hand.values()):
-                await _hand_back(bus, message, queue_name)
+            for delivery in list(in_hand.values()):
+                if delivery.handler_running:
+                    delivery.handed_back = True  # before any await: its handler's outcome is not settled now
+                    await _hand_back(bus, delivery.message, queue_name)
+                else:
+                    # Its own task is acking, rejecting or copying it; a copy blocked by the broker
+                    # (an alarm) is not waited for longer: the broker takes it back with the channel.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(delivery.settled.wait(), settings.shutdown_grace_s)
         finally:
             metrics.consumer_checks_ended(queue_name)
             if not drained.done():
@@ -754,30 +781,61 @@ def _routing_key_of(message: AbstractIncomingMessage, headers: dict[str, Any]) -
     return str(message.routing_key)
 
 
+@dataclass
+class InHand:
+    """A delivery a consumer holds, settled (acked, rejected, copied) by one of two, never both: its
+    own task, or, while its handler runs, a stopping consumer's hand-back. Both acked it when its
+    handler finished as it was handed back (aio-pika marks a message acked only once its ack is
+    written): the broker closes a channel that acks a delivery tag twice, and every other delivery
+    in hand on it went back to its queue as a failed delivery, after its copy had been sent."""
+
+    message: AbstractIncomingMessage
+    handler_running: bool = False
+    handed_back: bool = False
+    settled: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class HandedBackMeanwhile(Exception):
+    """The message was handed back while its handler ran: the hand-back settled it."""
+
+
+async def _handling(delivery: InHand, handler_run: Awaitable[None]) -> None:
+    """Await `handler_run`, the only time a stopping consumer may hand the delivery back;
+    HandedBackMeanwhile once it has, instead of what the handler ended with."""
+    delivery.handler_running = True
+    try:
+        await handler_run
+    except (Exception, asyncio.CancelledError) as exc:
+        if delivery.handed_back and (isinstance(exc, Exception) or cancelled_from_inside(exc)):
+            raise HandedBackMeanwhile from exc
+        raise
+    finally:
+        delivery.handler_running = False
+    if delivery.handed_back:
+        raise HandedBackMeanwhile
+
+
 async def _hand_back(bus: Bus, message: AbstractIncomingMessage, queue_name: str) -> bool:
     """Return an unfinished message to its queue as a new copy, then ack the original: unlike a
     reject or a closed channel, this spends none of the broker's delivery limit (a replica that
-    stops, or a database that is away, is not a crash) and no retry. False: it was not (already
-    acked by its handler, or taken back by the broker, which redelivers it; or the copy failed)."""
+    stops, or a database that is away, is not a crash) and no retry. Only its settler may call
+    this (InHand). False: it was not (taken back by the broker, which redelivers it; or the copy
+    failed)."""
     token = current_job.set(_job_id_of(message.body))
     headers = dict(message.headers or {})
     routing_key = _routing_key_of(message, headers)
     if message.processed or not _delivery_open(message):
-        # Acked by its handler after all (finished while the others were handed back), or taken
-        # back by the broker with its channel: a copy would make it twice.
+        # Settled already, or taken back by the broker with its channel: a copy would make it twice.
         current_job.reset(token)
         return False
     try:
         await _send_copy(bus, message, queue_name, {**headers, ROUTING_KEY_HEADER: routing_key})
-        if message.processed:
-            # Its handler acked it while the copy was sent: the copy is the one left over; it
-            # finds the job's work done when it runs.
-            log.info("a %s message finished while it was handed back; its copy will find the work done", routing_key)
-            return True
         await message.ack()
         log.info("an unfinished %s message handed back to %s", routing_key, queue_name)
         return True
-    except Exception:
+    except (Exception, asyncio.CancelledError) as exc:
+        if not isinstance(exc, Exception) and not cancelled_from_inside(exc):
+            raise
         log.exception("could not hand back a %s message; the broker will redeliver it", routing_key)
         return False
     finally:
@@ -856,7 +914,8 @@ async def _run_waiting_out_outages(handler: Handler, parsed: BaseModel, bus: Bus
 
     def outage(exc: BaseException) -> bool:
         # A message returned as unroutable is a configuration error, not an outage.
-        return isinstance(exc, wait_on) and not isinstance(exc, aio_pika.exceptions.PublishError)
+        return (isinstance(exc, wait_on) and not isinstance(exc, aio_pika.exceptions.PublishError)
+                or cancelled_from_inside(exc))
 
     def wait_more(exc: BaseException) -> bool:
         nonlocal outage_since
@@ -901,7 +960,7 @@ async def _run_waiting_out_outages(handler: Handler, parsed: BaseModel, bus: Bus
                         held = True
                     first = False
                     await bus.publish(produced)
-        except Exception as exc:
+        except (Exception, asyncio.CancelledError) as exc:
             if outage(exc):
                 raise HeldThroughOutage from exc
             raise
@@ -921,7 +980,7 @@ async def _run_waiting_out_outages(handler: Handler, parsed: BaseModel, bus: Bus
                             await publish_holding(produced)
                 else:
                     await result
-    except Exception as exc:
+    except (Exception, asyncio.CancelledError) as exc:
         if outage(exc):
             raise HeldThroughOutage from exc
         raise

@@ -796,6 +796,151 @@ async def test_the_notifiers_sweep_whose_connection_stalls_is_started_again(vhos
             await stopped(sweeping)
 
 
+async def test_a_message_whose_publish_confirm_a_dropped_connection_cancelled_is_published_again(
+        vhost, fresh_runner, caplog):
+    """A stage publishes on a connection of its own. aiormq drops it when it hears no heartbeat and
+    fails the publish confirm pending on it with CancelledError, which the consumer took for its
+    own cancellation: the delivery was neither acked nor handed back, and the replica (prefetch 1)
+    took nothing more until the broker's consumer_timeout, while its /healthz stayed green. It is
+    a broker outage like any other: what the handler yielded is published again once the
+    connection is back, the delivery acked, and the next message handled."""
+    settings = settings_for(vhost, outage_hold_s=120.0)
+    queue_name = "test.confirm-cancelled"
+    proxy = StallingProxy()
+    port = await proxy.start()
+    caplog.set_level(logging.WARNING, logger="common.broker")
+    through_proxy = f"amqp://guest:guest@127.0.0.1:{port}/{vhost}?heartbeat=1&reconnect_interval=0.5"
+    publishing = await connect(Settings(_env_file=None, amqp_url=through_proxy), "test-publishing")
+    consuming = await connect(settings, "test-consuming")
+    stalled = asyncio.Event()
+    handled: list[int] = []
+
+    async def handler(message: JobProgress):
+        if not stalled.is_set():
+            stalled.set()
+            proxy.flowing.clear()  # the broker's confirm (and its heartbeats) never arrive
+        yield Produced(job_id=message.job_id, n=1)
+        handled.append(message.job_id)
+
+    consumer = None
+    try:
+        bus = await open_bus(publishing, settings)
+        channel = await consuming.channel()
+        source = await channel.declare_queue(queue_name, durable=True, arguments={"x-queue-type": "quorum"})
+        out = await channel.declare_queue("test.out", durable=True)
+        await out.bind("stt", Produced.ROUTING_KEY)
+        consumer = asyncio.create_task(consume(consuming, settings, "test",
+                                               [Route(JobProgress, handler, any_routing_key=True)],
+                                               bus=bus, queue_name=queue_name, prefetch=1))
+        await send_progress(consuming, 91, queue_name)
+
+        async def dropped() -> bool:
+            assert not consumer.done(), consumer
+            return any("test-publishing lost" in r.getMessage() for r in caplog.records)
+
+        await wait_until(dropped, 30, "the publishing connection was never dropped")
+        proxy.flowing.set()
+        await send_progress(consuming, 92, queue_name)
+
+        async def both_handled() -> bool:
+            assert not consumer.done(), consumer
+            return handled == [91, 92]
+
+        await wait_until(both_handled, 30, f"the messages were not both handled: {handled}")
+        produced: list[int] = []
+        while 92 not in produced:
+            produced.append(json.loads((await next_message(out, 10)).body)["job_id"])
+        # 91 at least once: the copy whose confirm was lost may be there too.
+        assert set(produced) == {91, 92} and await out.get(fail=False) is None, produced
+        runner.stopping().set()
+        await asyncio.wait_for(consumer, 20)
+        assert await source.get(fail=False) is None  # acked, none left for the broker to deliver again
+    finally:
+        if consumer is not None:
+            await stopped(consumer)
+        proxy.flowing.set()
+        with contextlib.suppress(Exception):
+            channel = await consuming.channel()
+            for name in (queue_name, "test.out", *(retry_queue(queue_name, d) for d in settings.retry_delays)):
+                await channel.queue_delete(name)
+        with contextlib.suppress(Exception):
+            await publishing.close()
+        await consuming.close()
+        proxy.close()
+
+
+async def test_a_message_whose_handler_finishes_as_it_is_handed_back_is_acked_once(vhost, fresh_runner):
+    """A stopping consumer hands back what its handlers have not finished (a copy, then an ack).
+    A handler finishing meanwhile acked the same delivery too: aio-pika marks a message acked only
+    once its ack is written, so both acks went out, the broker closed the channel for the unknown
+    delivery tag, and every other message in hand was returned to the queue as a failed delivery
+    instead of being handed back. Here the publishing connection is slow to confirm, as under
+    load, so that the handler's last publish and the hand-back's copy are confirmed together."""
+    settings = settings_for(vhost, shutdown_grace_s=0.5)
+    queue_name = "test.handed-back"
+    proxy = StallingProxy()
+    port = await proxy.start()
+    publishing = await connect(Settings(_env_file=None, amqp_url=f"amqp://guest:guest@127.0.0.1:{port}/{vhost}"),
+                               "test-publishing")
+    consuming = await connect(settings, "test-consuming")
+    started: list[int] = []
+    finish = asyncio.Event()
+
+    async def handler(message: JobProgress):
+        started.append(message.job_id)
+        if message.job_id == 93:
+            await finish.wait()
+            yield Produced(job_id=message.job_id, n=1)
+        else:
+            await asyncio.Event().wait()  # a long job, still running when the consumer stops
+
+    consumer = None
+    try:
+        bus = await open_bus(publishing, settings)
+        channel = await consuming.channel()
+        source = await channel.declare_queue(queue_name, durable=True, arguments={"x-queue-type": "quorum"})
+        out = await channel.declare_queue("test.out", durable=True)
+        await out.bind("stt", Produced.ROUTING_KEY)
+        for job_id in (93, 94):
+            await send_progress(consuming, job_id, queue_name)
+        consumer = asyncio.create_task(consume(consuming, settings, "test",
+                                               [Route(JobProgress, handler, any_routing_key=True)],
+                                               bus=bus, queue_name=queue_name, prefetch=2))
+
+        async def both_started() -> bool:
+            assert not consumer.done(), consumer
+            return sorted(started) == [93, 94]
+
+        await wait_until(both_started, 20, f"the messages were not both taken: {started}")
+        proxy.flowing.clear()  # confirms wait from here
+        runner.stopping().set()
+        await asyncio.sleep(settings.shutdown_grace_s + 1.0)  # 93's copy is sent, its confirm awaited
+        finish.set()  # 93's handler yields: its publish is confirmed with the copy
+        await asyncio.sleep(0.5)
+        proxy.flowing.set()
+        await asyncio.wait_for(consumer, 20)
+
+        left = []
+        while (message := await source.get(fail=False)) is not None:
+            await message.ack()
+            left.append((json.loads(message.body)["job_id"], message.redelivered))
+        # One copy of each, handed back: none returned by a closed channel (redelivered).
+        assert sorted(left) == [(93, False), (94, False)], left
+        assert json.loads((await next_message(out, 10)).body)["job_id"] == 93
+    finally:
+        if consumer is not None:
+            await stopped(consumer)
+        proxy.flowing.set()
+        with contextlib.suppress(Exception):
+            channel = await consuming.channel()
+            for name in (queue_name, "test.out", *(retry_queue(queue_name, d) for d in settings.retry_delays)):
+                await channel.queue_delete(name)
+        with contextlib.suppress(Exception):
+            await publishing.close()
+        await consuming.close()
+        proxy.close()
+
+
 async def queue_consumers(admin: aio_pika.abc.AbstractConnection, *names: str) -> list[int]:
     """How many consumers each queue has; [] while one is not declared yet."""
     channel = await admin.channel()
