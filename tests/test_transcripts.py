@@ -825,9 +825,13 @@ def test_a_rerun_repeats_the_options_not_given_and_needs_the_stored_audio(dialog
                           ({"min_speakers": 5, "max_speakers": 2}, "min_speakers must not exceed max_speakers"),
                           ({"num_speakers": 5, "max_speakers": 2}, "num_speakers must lie within"),
                           ({"vocabulary": ", ".join(f"term {i}" for i in range(30))}, "longer than 150 characters"),
+                          ({"expected_speakers": [f"P{i}" for i in range(33)]}, "expected_speakers: at most 32"),
                           ({"speakers": 4}, "speakers")]:  # a misspelt option is not ignored
         refused = httpx.post(rerun, json=changes, timeout=30)
         assert refused.status_code == 400 and says in refused.json()["detail"], refused.text
+        # In plain words, each field named once (not "options: Value error, min_speakers must...")
+        detail = refused.json()["detail"]
+        assert "Value error" not in detail and "expected_speakers: expected_speakers" not in detail, detail
     assert httpx.post(f"{stack.api}/transcripts/999999999/rerun", timeout=30).status_code == 404
 
     assert stack.wait_finished(again)["status"] == "done"

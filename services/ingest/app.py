@@ -177,7 +177,8 @@ async def recognize(
     # After the replay: a person the first request expected may have been renamed since, and its
     # job is still the answer. (create_job checks the names again as it stores the job.)
     await require_enrolled(state.pool, request_owner(request), options.expected_speakers)
-    callback_url = await checked_target(data.callback_url, state.settings) if data.callback_url else None
+    callback_url = (data.callback_url or "").strip() or None  # blank is left out, as every other field
+    callback_url = await checked_target(callback_url, state.settings) if callback_url else None
     callback_secret = new_secret() if callback_url else None
     if data.file is not None:
         filename, stream = clean_filename(data.file.filename), data.file.file

@@ -15,7 +15,7 @@ from common.db import DATABASE_UNAVAILABLE
 from common.logs import job_logged
 from common.storage import STORAGE_UNAVAILABLE
 from services.ingest.admission import OPENAI_PATHS, SMALL_BODY_BYTES, UPLOAD_FORM_PARTS, UPLOAD_PATHS
-from services.ingest.errors import error_body
+from services.ingest.errors import error_body, plain_message
 from services.ingest.speakers import SAMPLE_MAX_MB
 
 log = logging.getLogger(__name__)
@@ -45,20 +45,18 @@ def _unparsable_form(cause: BaseException | None, boundary: str) -> str:
             f" one its Content-Type names (--{boundary[:100]})?")
 
 
-def _said(message: object) -> str:
-    """A validation message without the "Value error, " pydantic puts before our own checks' words."""
-    return str(message).removeprefix("Value error, ")
-
-
 def clearer_client_error(request: Request, exc: ClientException) -> Response:
     """Litestar's own 4xx answers, with a detail that says which field or limit is at fault."""
     detail = exc.detail
     if isinstance(exc, ValidationException) and isinstance(exc.extra, list):
         field = "form field" if request.content_type[0].startswith("multipart/") else "field"
         where = {"query": "query parameter", "path": "path parameter"}
-        # A check across fields (min_speakers > max_speakers) has no key: its message says it all.
-        problems = [f"invalid {where.get(e.get('source'), field)} {e['key']}: {_said(e['message'])}" if e.get("key")
-                    else _said(e["message"]) for e in exc.extra if isinstance(e, dict) and e.get("message")]
+        # A check across fields (min_speakers > max_speakers) has no key, and a check's own words
+        # may name its field already ("expected_speakers: at most 32 names"): the message says it all.
+        problems = [said if not e.get("key") or said.startswith(f"{e['key']}:")
+                    else f"invalid {where.get(e.get('source'), field)} {e['key']}: {said}"
+                    for e in exc.extra if isinstance(e, dict) and e.get("message")
+                    for said in (plain_message(e["message"]),)]
         if problems:
             detail = "; ".join(problems)
     elif exc.status_code == 400 and detail == "Request Entity Too Large":

@@ -70,7 +70,16 @@ def error_responses(*codes: int, **meanings: str) -> dict[int, ResponseSpec]:
             for code in codes}
 
 
+def plain_message(message: object) -> str:
+    """A validation message without the "Value error, " pydantic puts before our own checks' words."""
+    return str(message).removeprefix("Value error, ")
+
+
 def invalid(exc: ValidationError, whole: str) -> HTTPException:
-    """A 400 naming each field of a request model at fault (`whole` for a check across fields)."""
-    return HTTPException(status_code=400, detail="; ".join(
-        f"{'.'.join(map(str, e['loc'])) or whole}: {e['msg']}" for e in exc.errors()))
+    """A 400 naming each field of a request model at fault (`whole` for a check across fields),
+    once (a check's own words may name it already)."""
+    def problem(error) -> str:
+        field, said = ".".join(map(str, error["loc"])) or whole, plain_message(error["msg"])
+        return said if said.startswith(f"{field}:") else f"{field}: {said}"
+
+    return HTTPException(status_code=400, detail="; ".join(problem(e) for e in exc.errors()))
