@@ -26,7 +26,7 @@ import pytest
 
 from common.broker import DEAD_LETTERS_QUEUE, connect, declare_delay_queues, open_bus, retry_queue
 from common.db import LockKey
-from common.messages import WebhookDue
+from common.messages import SegmentCreated, WebhookDue
 from common.outbound import PublicOnlyResolver, http_session, target_problem
 from common.webhooks import endpoint, new_secret, signature
 from services.notifier import handler
@@ -873,17 +873,11 @@ def test_a_dead_server_named_by_many_jobs_callbacks_does_not_hold_back_another_e
         dead.server.shutdown()
 
 
-def test_the_sweep_does_not_kick_again_chains_waiting_for_their_endpoints_slot(notified):
-    """A job's chain waiting for its endpoint's slot is sent back every BUSY_ENDPOINT_DELAY_S by
-    its own kick. Counted per endpoint, such a chain held no lock the sweep could see, so the
-    sweep took it for stuck and kicked it again every round, in every replica, and the kicks
-    piled up (each sent back every few seconds for as long as the endpoint stayed busy). Rounds
-    of the sweep add no kick to it now: the kicks waiting for the slot stay one per chain."""
-    stack, _ = notified
+def wait_until_no_kick_goes_round(stack) -> None:
+    """A test before may leave kicks going round for a webhook it removed (each stops on its next
+    turn): until none waits for a slot for longer than a turn, not only at one instant (a kick is
+    out of that queue while the notifier handles it)."""
     busy_queue = retry_queue(handler.DELIVERY_QUEUE, handler.BUSY_ENDPOINT_DELAY_S)
-    # A test before may leave kicks going round for a webhook it removed (each stops on its next
-    # turn): none waiting for a slot for longer than a turn, not only at one instant (a kick is
-    # out of that queue while the notifier handles it).
     quiet_since = time.monotonic()
 
     def no_kick_going_round() -> bool:
@@ -893,6 +887,17 @@ def test_the_sweep_does_not_kick_again_chains_waiting_for_their_endpoints_slot(n
         return time.monotonic() - quiet_since > handler.BUSY_ENDPOINT_DELAY_S + 1
 
     wait_for(no_kick_going_round, 60, "no kick waiting for a slot")
+
+
+def test_the_sweep_does_not_kick_again_chains_waiting_for_their_endpoints_slot(notified):
+    """A job's chain waiting for its endpoint's slot is sent back every BUSY_ENDPOINT_DELAY_S by
+    its own kick. Counted per endpoint, such a chain held no lock the sweep could see, so the
+    sweep took it for stuck and kicked it again every round, in every replica, and the kicks
+    piled up (each sent back every few seconds for as long as the endpoint stayed busy). Rounds
+    of the sweep add no kick to it now: the kicks waiting for the slot stay one per chain."""
+    stack, _ = notified
+    busy_queue = retry_queue(handler.DELIVERY_QUEUE, handler.BUSY_ENDPOINT_DELAY_S)
+    wait_until_no_kick_goes_round(stack)
     dead = Receiver()
     chains = 24
     log_from = len(stack.log_text("notifier"))
@@ -1059,6 +1064,155 @@ def test_chains_waiting_for_a_busy_endpoint_ask_the_database_once_a_minute_not_a
     assert seen["eleven turns"] == seen["ten turns"] + chains, seen
     assert seen["marked again"] == chains - 2 and seen["sent back again"] == chains - 2, seen
     assert seen["delivered"] == [f"/waiting?job={first_job_id + 2}"], seen
+
+
+def publish_events(stack, events: list) -> None:
+    """Publish public events on stt.events, as the persister's outbox does."""
+    async def publish() -> None:
+        connection = await connect(stack.settings(), "test-webhook-events")
+        try:
+            bus = await open_bus(connection, stack.settings())
+            for event in events:
+                await bus.publish_event(event)
+        finally:
+            await connection.close()
+
+    asyncio.run(publish())
+
+
+def test_a_busy_endpoint_has_one_request_of_a_job_going_round_however_many_of_its_events_wait(notified):
+    """fan_out asks for each event's delivery on its own, and while the endpoint was busy every
+    such request went round the delay queue, each BUSY_ENDPOINT_DELAY_S: a slow receiver behind on
+    thousands of a job's events had thousands of requests cycling through RabbitMQ and the
+    notifier, ahead of other endpoints' in the same queue. One request of the job goes round now
+    (the others are dropped), and the receiver still gets every event once, in order."""
+    stack, receiver = notified
+    busy_queue = retry_queue(handler.DELIVERY_QUEUE, handler.BUSY_ENDPOINT_DELAY_S)
+    wait_until_no_kick_goes_round(stack)
+    # The stack's notifier, with one delivery at a time to an endpoint: each /slow delivery takes 1 s.
+    env = {**stack.env, "METRICS_PORT": str(stack.metrics_ports["notifier"]), "WEBHOOK_CONCURRENCY": "1"}
+    stack.stop("notifier")
+    log_from = len(stack.log_text("notifier"))
+    stack.start("notifier", "-m", "services.notifier", env=env)
+    # A key's job: the key-less endpoints other tests leave (they take key-less jobs' events) take
+    # none of its events, so the requests going round are all its callback's.
+    job_id = stack.value("INSERT INTO transcripts (filename, owner, status, stage, progress, completed_at)"
+                         " VALUES ('many-events.wav', 'a-key-of-its-own', 'done', 'done', 1, now()) RETURNING id")
+    try:
+        wait_for(lambda: "consuming stt.notifier (" in stack.log_text("notifier")[log_from:], 60, "the notifier")
+        stack.query("INSERT INTO webhooks (url, events, secret, job_id) VALUES ($1, '{segment.created}',"
+                    " 'a-secret-of-16-chars', $2)", receiver.url("/slow-many-events"), job_id)
+        events = [SegmentCreated(job_id=job_id, transcript_id=job_id, chunk_index=0, index=n, speaker="spk_0",
+                                 start_ts=n, end_ts=n + 1, text=f"segment {n}") for n in range(20)]
+        waiting = []
+        sampling = threading.Event()
+
+        def sample() -> None:
+            while not sampling.is_set():
+                waiting.append(messages_in(stack, busy_queue))
+                time.sleep(0.25)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        try:
+            publish_events(stack, events)
+            # Well before the sweep (STUCK_AFTER_S) would kick a delivery a dropped request left behind.
+            wait_for(lambda: len(receiver.events("/slow-many-events", job_id)) >= len(events)
+                     and not stack.query("SELECT 1 FROM webhook_deliveries WHERE job_id = $1 AND status = 'pending'",
+                                         job_id), 60, "every event delivered")
+        finally:
+            sampling.set()
+            sampler.join()
+        delivered = [e["data"]["message_id"] for e in receiver.events("/slow-many-events", job_id)]
+        assert delivered == [event.message_id for event in events]
+        # One request went round while the job's events waited for the endpoint, not one per event.
+        assert max(waiting) == 1, waiting
+        wait_until_no_kick_goes_round(stack)  # and it stopped once they were sent
+        log = stack.log_text("notifier")[log_from:]
+        assert "webhook.due failed" not in log, log[-3000:]
+    finally:
+        stack.query("DELETE FROM transcripts WHERE id = $1", job_id)  # its webhook and deliveries go with it
+        stack.stop("notifier")
+        stack.start_service("notifier")
+
+
+def test_a_jobs_request_going_round_that_does_not_come_back_holds_back_its_new_ones_only_a_while(notified,
+                                                                                              monkeypatch):
+    """The delay queue is shared: the request going round for a job may come back to another
+    replica, or be lost. The job's new requests, dropped while it goes round, go round again once it
+    has not come back for GOING_ROUND_LOST_AFTER_S (held back for ever, the job's deliveries waited
+    for the sweep); the old one, coming back after all, is dropped in turn. Once the endpoint is
+    free, the one going round sends all of the job's deliveries, in order."""
+    stack, _ = notified
+    lost_after_s = 2
+    monkeypatch.setattr(handler, "GOING_ROUND_LOST_AFTER_S", lost_after_s)  # a few turns, made short
+    # The requests sent round stay in their delay queue, to be taken out.
+    monkeypatch.setattr(handler, "BUSY_ENDPOINT_DELAY_S", 600)
+    server = Receiver()  # answers 200 to anything sent here
+    job_id = 986000  # no transcript: a deleted job's
+    webhook_id, event_ids = pending_deliveries(stack, server.url("/going-round"), job_id, 3)
+
+    async def turns() -> dict:
+        pool = await asyncpg.create_pool(stack.database_url, min_size=1, max_size=2)
+        http = http_session(True)
+        busy = endpoint(server.url("/"))
+        seen: dict = {}
+        with private_vhost() as vhost:  # away from the stack's notifier
+            settings = stack.settings(amqp_url=amqp_url(vhost))
+            connection = await connect(settings, "test-webhook-going-round")
+            try:
+                bus = await open_bus(connection, settings)
+                await declare_delay_queues(bus.channel, handler.DELIVERY_QUEUE, [handler.BUSY_ENDPOINT_DELAY_S])
+                delay_queue = await bus.channel.declare_queue(
+                    retry_queue(handler.DELIVERY_QUEUE, handler.BUSY_ENDPOINT_DELAY_S), passive=True)
+
+                async def taken_out() -> list[str]:
+                    """The requests sent round since the last call, taken out of the delay queue as
+                    another replica takes them."""
+                    taken = []
+                    while (message := await delay_queue.get(no_ack=True, fail=False, timeout=10)) is not None:
+                        taken.append(WebhookDue.model_validate_json(message.body).message_id)
+                    return taken
+
+                def named(*dues: WebhookDue) -> list[str]:
+                    return [due.message_id for due in dues]
+
+                async def requested() -> WebhookDue:
+                    """A new request of the job, as fan_out makes one for each event."""
+                    due = WebhookDue(job_id=job_id, webhook_id=webhook_id)
+                    await handler.deliver(pool, http, settings, bus, due)
+                    return due
+
+                handler._in_flight[busy] = settings.webhook_concurrency  # every slot of the endpoint taken
+                first = await requested()
+                second = await requested()
+                seen["two requested, one sent round"] = await taken_out() == named(first)
+                await requested()
+                seen["while the first may come back"] = await taken_out()
+                await asyncio.sleep(lost_after_s + 0.5)
+                third = await requested()
+                seen["once the first did not come back"] = await taken_out() == named(third)
+                await handler.deliver(pool, http, settings, bus, first)  # back after all
+                await handler.deliver(pool, http, settings, bus, second)  # a copy of a request dropped
+                seen["the first back after all"] = await taken_out()
+                handler._in_flight.pop(busy)  # the endpoint free: the one going round comes back
+                await handler.deliver(pool, http, settings, bus, third)
+                seen["delivered"] = [e["data"]["message_id"] for e in server.events("/going-round", job_id)]
+                return seen
+            finally:
+                handler._in_flight.pop(busy, None)
+                await connection.close()
+                await http.close()
+                await pool.close()
+
+    try:
+        seen = asyncio.run(turns())
+    finally:
+        stack.query("DELETE FROM webhooks WHERE id = $1", webhook_id)
+        server.server.shutdown()
+    assert seen == {"two requested, one sent round": True, "while the first may come back": [],
+                    "once the first did not come back": True, "the first back after all": [],
+                    "delivered": event_ids}, seen
 
 
 def test_a_job_given_up_on_once_gets_a_whole_schedule_again_once_the_endpoint_has_delivered_since(notified):

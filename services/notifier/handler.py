@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from typing import NamedTuple
 
 import aiohttp
 import asyncpg
@@ -62,6 +63,26 @@ _endpoints: Recent[int, str] = Recent(ENDPOINTS_KEPT)
 # if that is not enough, all: a chain without one is only looked at once more.
 MARK_CHECKS_KEPT = 100_000
 _next_mark_check: dict[tuple[int, int], float] = {}
+# The request of each (webhook, job) chain this process sends round the delay queue to wait for
+# its busy endpoint. fan_out asks for each event's delivery on its own: sent round too, a job with
+# thousands of events behind a slow endpoint had thousands of requests going round, ahead of other
+# endpoints' in the same queue. While the chain's request goes round, a new one is dropped: the one
+# going round sends every pending delivery once it gets a slot. An entry goes when its request
+# comes back; one that has not come back in GOING_ROUND_LOST_AFTER_S (another replica took it from
+# the shared queue, or it was lost) holds nothing back: the next request goes round instead.
+# Kept as _next_mark_check is.
+GOING_ROUND_LOST_AFTER_S = 3 * BUSY_ENDPOINT_DELAY_S
+
+
+class _GoingRound(NamedTuple):
+    message_id: str
+    since: float  # time.monotonic() it was sent round (or set off to be)
+    # A request was dropped while it was on its way into the queue: it goes round even if it
+    # found the chain settled (its statement may have come before that request's delivery).
+    dropped: bool = False
+
+
+_going_round: dict[tuple[int, int], _GoingRound] = {}
 
 
 async def fan_out(pool: asyncpg.Pool, event: Contract, *, keys_configured: bool = False
@@ -138,11 +159,17 @@ async def deliver(pool: asyncpg.Pool, http: aiohttp.ClientSession, settings: Set
     slot = await _endpoint_of(pool, due.webhook_id)
     if slot is None:
         return  # removed since: its deliveries went with it
+    chain = (due.webhook_id, due.job_id)
+    going_round = _going_round.get(chain)
+    if going_round is not None and going_round.message_id == due.message_id:
+        # Back: a request dropped from now on must not count on it, whatever it finds. Only its
+        # statements from here on can find the chain settled, and they see the deliveries of the
+        # requests dropped before (each committed before it was asked for).
+        del _going_round[chain]
     if _in_flight.get(slot, 0) >= settings.webhook_concurrency:
-        if await _mark_waiting_for_a_slot(pool, due):
-            await publish_later(bus, due, DELIVERY_QUEUE, BUSY_ENDPOINT_DELAY_S)
+        await _wait_for_a_slot(pool, bus, due)
         return
-    _next_mark_check.pop((due.webhook_id, due.job_id), None)
+    _next_mark_check.pop(chain, None)
     _in_flight[slot] = _in_flight.get(slot, 0) + 1
     try:
         while await _deliver_in_order(pool, http, settings, bus, due):
@@ -151,6 +178,37 @@ async def deliver(pool: asyncpg.Pool, http: aiohttp.ClientSession, settings: Set
         _in_flight[slot] -= 1
         if not _in_flight[slot]:
             del _in_flight[slot]
+
+
+async def _wait_for_a_slot(pool: asyncpg.Pool, bus: Bus, due: WebhookDue) -> None:
+    """Send the request round the delay queue to come back for a slot, unless another request of
+    its chain is going round already (_going_round): that one sends this one's delivery too, which
+    was committed before this was asked for. A retry is never dropped (its delivery may be due by
+    RabbitMQ's clock only: _deliver_in_order's `forced`); it goes round in the other's place."""
+    chain = (due.webhook_id, due.job_id)
+    now = time.monotonic()
+    going_round = _going_round.get(chain)
+    if (going_round is not None and due.retry_of is None
+            and now - going_round.since < GOING_ROUND_LOST_AFTER_S):
+        _going_round[chain] = going_round._replace(dropped=True)
+        return
+    if len(_going_round) >= MARK_CHECKS_KEPT:
+        for waiting, other in list(_going_round.items()):
+            if now - other.since >= GOING_ROUND_LOST_AFTER_S:
+                del _going_round[waiting]
+        if len(_going_round) >= MARK_CHECKS_KEPT:
+            _going_round.clear()
+    # Taken before the first await, so that a request coming meanwhile is dropped, not sent round too.
+    _going_round[chain] = _GoingRound(due.message_id, now)
+    settled = not await _mark_waiting_for_a_slot(pool, due)
+    going_round = _going_round.get(chain)
+    if going_round is not None and going_round.message_id != due.message_id:
+        return  # a retry goes round in this one's place
+    if settled and not (going_round is not None and going_round.dropped):
+        _going_round.pop(chain, None)
+        return
+    await publish_later(bus, due, DELIVERY_QUEUE, BUSY_ENDPOINT_DELAY_S)
+    _going_round[chain] = _GoingRound(due.message_id, time.monotonic())
 
 
 async def _endpoint_of(pool: asyncpg.Pool, webhook_id: int) -> str | None:
