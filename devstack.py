@@ -352,11 +352,11 @@ class Stack:
         return rows[0][0] if rows else None
 
     def settings(self, **overrides):
-        """Settings for running a component in this process against this stack."""
-        from common.settings import Settings
-
-        same = {name: self.env[name.upper()] for name in Settings.model_fields if name.upper() in self.env}
-        return Settings(_env_file=None, **{**same, **overrides})
+        """Settings for running a component in this process against this stack: the stack's own
+        and `overrides`, the defaults for the rest (as its processes read them: no .env, nothing
+        from this process's environment)."""
+        same = {name.lower(): self.env[name] for name in setting_names() if name in self.env}
+        return settings_of({**same, **overrides})
 
     # ---- client helpers -------------------------------------------------------------------------
 
@@ -433,6 +433,26 @@ def setting_names() -> frozenset[str]:
     from common.settings import Settings
 
     return frozenset(name.upper() for name in Settings.model_fields)
+
+
+def settings_of(values: Mapping[str, object]):
+    """Settings of `values` (by field name) over the defaults, and nothing else: neither a .env
+    nor this process's environment, which a stack's processes never see (stack_environment). A
+    benchmark run in this process then measures what the stack it compares against runs."""
+    return _settings_of_given_values_only()(**values)
+
+
+@functools.cache
+def _settings_of_given_values_only():
+    from common.settings import Settings
+
+    class GivenValuesOnly(Settings):
+        @classmethod
+        def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                       file_secret_settings):
+            return (init_settings,)
+
+    return GivenValuesOnly
 
 
 def stack_environment(inherited: Mapping[str, str], own: Mapping[str, str]) -> dict[str, str]:

@@ -373,12 +373,14 @@ def cpwer_by_piece(concat: Concatenated, segments: list[tuple[str, float, float,
 # ---- the pipeline's components in-process ---------------------------------------------------
 
 def bench_settings(**overrides):
-    from common.settings import Settings
+    """The product's defaults, the benchmarks' few choices and `overrides`, as the stack they
+    compare against runs with: nothing from a .env or from this shell's environment."""
+    from devstack import settings_of
 
     values = {"diarization_backend": "offline", "hf_token": None,
               "whisper_model": str(WHISPER_MODEL), "log_level": "WARNING"}
     values.update(overrides)
-    return Settings(**values)
+    return settings_of(values)
 
 
 def quiet_logs() -> None:

@@ -219,15 +219,15 @@ def main() -> None:
     args = parser.parse_args()
 
     from bench.stack import running_stack
-    from common.settings import Settings
     from services.embedder.backends import local_embedder
 
     rng = random.Random(7)
-    settings = Settings(embedding_backend="local")
-    embed, model = local_embedder(settings), settings.local_embedding_model
     utterances = references(args.fixtures)
     assert {text for _, _, text in utterances} == set(QUERIES), "the queries follow the references"
     with running_stack(services=("ingest",)) as stack:
+        # The stack's embedding model, the one ingest embeds the queries with (not a .env's).
+        settings = stack.settings()
+        embed, model = local_embedder(settings), settings.local_embedding_model
         print(f"ingest ready; embedding with {model}", flush=True)
         vectors = embed([text for _, _, text in utterances] + DISTRACTORS)
         jobs = [(language, [(speaker, text, vectors[i])]) for i, (language, speaker, text) in enumerate(utterances)]

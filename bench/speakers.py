@@ -36,7 +36,7 @@ from scipy.optimize import linear_sum_assignment
 
 from bench.common import DEFAULT_FIXTURES, SAMPLE_RATE, fmt, quiet_logs, read_rttm, table, verdict, write_wav
 from common.audio import decode_audio
-from common.speakers import Profile, RecordingSpeaker, match_speakers
+from common.speakers import Profile, RecordingSpeaker, match_speakers, most_alike
 
 AMI_PAIRS = [("ami_dev00", "ami_dev01"), ("ami_trn07", "ami_trn08"), ("ami_trn06", "ami_trn09")]
 DIALOGUES = ["en_dialogue", "ru_dialogue"]
@@ -181,16 +181,22 @@ def recurring_people(files, source: str, scored_on: str) -> set[str]:
 
 
 def enrolled_profiles(voices: dict[str, list[RecordingSpeaker]], labelled: dict[str, Turns], files,
-                      names, min_speech_s: float) -> dict[str, Profile]:
-    """person -> profile: each recording speaker of the `names` files with `min_speech_s` of speech
-    (what the API enrols) enrolled as the reference person it mostly is (a person found in several
-    files gets a voiceprint from each)."""
+                      names, threshold: float, min_speech_s: float) -> dict[str, Profile]:
+    """person -> profile: each recording speaker of the `names` files, label by label as
+    `enrolled_direction` sends them, enrolled as the reference person it mostly is (a person found
+    in several files gets a voiceprint from each), where POST /speakers would enrol it: with
+    `min_speech_s` of speech (422), and not at least `threshold` alike to another person already
+    enrolled (409)."""
     profiles: dict[str, Profile] = {}
     for name in names:
-        for voice in voices[name]:
+        for voice in sorted(voices[name], key=lambda v: v.label):
             person = majority_person(files[name][1], labelled[name], voice.label)
-            if person is not None and voice.speech_s >= min_speech_s:
-                profiles.setdefault(person, Profile(len(profiles), person, [])).voiceprints.append(voice.embedding)
+            if person is None or voice.speech_s < min_speech_s:
+                continue
+            others = [profile for profile in profiles.values() if profile.name != person]
+            if most_alike(voice.embedding, others, threshold) is not None:
+                continue
+            profiles.setdefault(person, Profile(len(profiles), person, [])).voiceprints.append(voice.embedding)
     return profiles
 
 
@@ -207,7 +213,7 @@ def recognised(voices: dict[str, list[RecordingSpeaker]], labelled: dict[str, Tu
 def offline_direction(voices: dict[str, list[RecordingSpeaker]], labelled: dict[str, Turns], files, source: str,
                       scored_on: str, threshold: float, min_speech_s: float) -> dict[str, float]:
     """The same as `enrolled_direction` from the stored voices, at any threshold."""
-    profiles = enrolled_profiles(voices, labelled, files, [source], min_speech_s)
+    profiles = enrolled_profiles(voices, labelled, files, [source], threshold, min_speech_s)
     return recognised(voices, labelled, files, source, scored_on, list(profiles.values()), set(profiles), threshold,
                       min_speech_s)
 
@@ -217,19 +223,20 @@ def roster_direction(voices: dict[str, list[RecordingSpeaker]], labelled: dict[s
     """`offline_direction` with everyone of every other file enrolled too (a team's whole roster,
     each person's voiceprints from every file they are in but `scored_on`); with `expected`, the
     job lists the people enrolled from `source` as its expected_speakers, so only they are candidates."""
-    roster = enrolled_profiles(voices, labelled, files, [n for n in files if n != scored_on], min_speech_s)
-    people = set(enrolled_profiles(voices, labelled, files, [source], min_speech_s))
+    roster = enrolled_profiles(voices, labelled, files, [n for n in files if n != scored_on], threshold,
+                               min_speech_s)
+    people = set(enrolled_profiles(voices, labelled, files, [source], threshold, min_speech_s))
     candidates = [p for p in roster.values() if not expected or p.name in people]
     return recognised(voices, labelled, files, source, scored_on, candidates, people, threshold, min_speech_s)
 
 
 def diarization_ceiling(voices, labelled: dict[str, Turns], files, source: str, scored_on: str,
-                        min_speech_s: float) -> dict[str, float]:
+                        threshold: float, min_speech_s: float) -> dict[str, float]:
     """The scores if recognition never erred on this diarization: the people enrolled from
     `source` given to `scored_on`'s speakers (those with `min_speech_s` of speech, as recognition
     requires) one to one, by the most speech in common (two speakers of one recording never get
     one name, as in recognition). Speech the diarization missed or gave to another speaker stays lost."""
-    people = sorted(enrolled_profiles(voices, labelled, files, [source], min_speech_s))
+    people = sorted(enrolled_profiles(voices, labelled, files, [source], threshold, min_speech_s))
     reference = files[scored_on][1]
     labels = sorted(v.label for v in voices[scored_on] if v.speech_s >= min_speech_s)
     overlaps = [speech_in_common(reference, labelled[scored_on], label) for label in labels]
@@ -284,7 +291,7 @@ def main() -> None:
     from bench.stack import running_stack
 
     with tempfile.TemporaryDirectory() as workdir, running_stack() as stack:
-        # The stack's own settings (not .env's, which the stack does not read).
+        # The stack's own settings (not .env's or this shell's, which the stack does not read).
         settings = stack.settings()
         threshold, min_speech_s = settings.speaker_match_threshold, settings.speaker_min_speech_s
         files = prepare_files(args.fixtures, Path(workdir))
@@ -312,7 +319,7 @@ def main() -> None:
         ami = sweep_at(value, [d for d in pairs() if d[0] == "ami"])
         synthetic = sweep_at(value, [d for d in pairs() if d[0] == "synthetic"])
         sweep_rows.append([f"{value:.2f}", fmt(ami[0]), fmt(ami[1]), fmt(synthetic[0]), fmt(synthetic[1])])
-    ceiling = {group: rates([diarization_ceiling(voices, labelled, files, s, t, min_speech_s)
+    ceiling = {group: rates([diarization_ceiling(voices, labelled, files, s, t, threshold, min_speech_s)
                              for g, s, t in pairs() if g == group]) for group in ("ami", "synthetic")}
     roster_rows = []
     for group in ("ami", "synthetic"):
@@ -321,7 +328,7 @@ def main() -> None:
             accuracy, false_accepts = rates([roster_direction(voices, labelled, files, s, t, threshold, min_speech_s,
                                                               expected) for _, s, t in directions])
             roster_rows.append([f"{group}: {candidates}", fmt(accuracy), fmt(false_accepts)])
-    roster = enrolled_profiles(voices, labelled, files, files, min_speech_s)
+    roster = enrolled_profiles(voices, labelled, files, files, threshold, min_speech_s)
     # The threshold above was chosen on these very files; here each pair is scored at a threshold
     # chosen on the other pairs of its group only, which is what a new recording would get.
     held_out_rows, held_out = [], {"ami": [], "synthetic": []}

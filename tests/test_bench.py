@@ -1,10 +1,21 @@
 """The benchmarks' scoring: word normalisation, which targets bench.accuracy judges and on what,
-and bench.speakers' accuracy over every recurring person. Pure functions; no stack, no models."""
+and bench.speakers' accuracy over every recurring person and enrolments; the settings the
+benchmarks run with. No stack, no models."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
 from bench import accuracy, speakers
 from bench.common import cpwer, normalize, wer
+from common.settings import Settings
+from common.speakers import RecordingSpeaker
+from devstack import ROOT
 
 
 def test_percent_and_currency_signs_score_as_their_words():
@@ -97,3 +108,64 @@ def test_speaker_accuracy_counts_a_recurring_person_who_was_not_enrolled():
     rows = speakers.target_rows({"ami": [counts], "synthetic": [counts]}, [counts])
     assert rows[0] == ["AMI accuracy >= 85 %", "50.0", "NOT MET"]
     assert rows[4] == ["AMI accuracy >= 85 %, threshold held out", "50.0", "NOT MET"]
+
+
+def test_every_transcribed_fixture_has_a_cpwer_target_missing_when_not_scored():
+    out = accuracy.targets(good_rows(), 2, "cpu")  # no dialogue or jfk scored (their files absent)
+    for stem in ("en_dialogue", "ru_dialogue", "jfk"):
+        missing = target(out, f"cpWER <= bare WER + 1 point {stem}")
+        assert missing["value"] == "missing"
+        assert missing["met"] is None
+    rows = good_rows() + [{"file": "en_dialogue.wav", "stem": "en_dialogue", "duration_s": 20.0, "diarize_s": 1.0,
+                           "speakers_ref": 2, "speakers_found": 2, "cpwer_diarizer": 0.05, "bare_wer": 0.02},
+                          {"file": "ru_dialogue.wav", "stem": "ru_dialogue", "duration_s": 20.0, "diarize_s": 1.0,
+                           "speakers_ref": 2, "speakers_found": 2}]  # its .json absent: no cpWER
+    out = accuracy.targets(rows, 2, "cpu")
+    assert target(out, "cpWER <= bare WER + 1 point en_dialogue")["met"] is False
+    assert target(out, "cpWER <= bare WER + 1 point ru_dialogue")["value"] == "missing"
+
+
+def test_the_offline_sweep_refuses_an_enrolment_the_api_refuses_as_sounding_like_another_person():
+    reference = [("Anna", 0.0, 10.0), ("Boris", 10.0, 20.0), ("Clara", 20.0, 30.0)]
+    labelled = [("spk_0", 0.0, 10.0), ("spk_1", 10.0, 20.0), ("spk_2", 20.0, 30.0)]
+    # Boris's voice is 0.95 alike to Anna's (POST /speakers answers 409 at a threshold up to 0.95);
+    # Clara's is like nobody's.
+    voices = [RecordingSpeaker("spk_0", np.array([1.0, 0.0, 0.0]), 10.0),
+              RecordingSpeaker("spk_1", np.array([0.95, np.sqrt(1 - 0.95 ** 2), 0.0]), 10.0),
+              RecordingSpeaker("spk_2", np.array([0.0, 0.0, 1.0]), 10.0)]
+    files, by_file, labels = {"meeting": (None, reference)}, {"meeting": voices}, {"meeting": labelled}
+    low = speakers.enrolled_profiles(by_file, labels, files, ["meeting"], threshold=0.3, min_speech_s=2.0)
+    assert sorted(low) == ["Anna", "Clara"]
+    high = speakers.enrolled_profiles(by_file, labels, files, ["meeting"], threshold=0.96, min_speech_s=2.0)
+    assert sorted(high) == ["Anna", "Boris", "Clara"]
+
+
+def test_benchmark_settings_are_the_defaults_whatever_the_shell_and_its_env_file_say(tmp_path, monkeypatch):
+    """A developer's shell: a .env in the working directory (read as `make run` reads it) and a
+    setting exported. The stack a benchmark compares against sees neither (stack_environment)."""
+    (tmp_path / ".env").write_text("WHISPER_BEAM_SIZE=1\nLOCAL_EMBEDDING_MODEL=all-minilm\n")
+    monkeypatch.delenv("STT_ENV_FILE", raising=False)
+    monkeypatch.setenv("SPEAKER_MATCH_THRESHOLD", "0.45")
+    monkeypatch.setenv("MAX_UPLOAD_MB", "5")
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    fields = ["speaker_match_threshold", "whisper_beam_size", "local_embedding_model", "max_upload_mb"]
+    script = f"""
+import json
+from pathlib import Path
+from bench.common import bench_settings
+from common.settings import Settings
+from devstack import Stack
+stack = Stack(env={{"MAX_UPLOAD_MB": "300"}}, api="", log_dir=Path("."))
+for settings in (Settings(), bench_settings(), stack.settings()):
+    print(json.dumps({{name: getattr(settings, name) for name in {fields!r}}}))
+"""
+    ran = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=os.environ.copy(), capture_output=True,
+                         text=True, timeout=120)
+    assert ran.returncode == 0, ran.stderr
+    shell, bench, stack = (json.loads(line) for line in ran.stdout.splitlines())
+    # What this shell gives a plain Settings(): the .env and the exported settings are real.
+    assert shell == {"speaker_match_threshold": 0.45, "whisper_beam_size": 1, "local_embedding_model": "all-minilm",
+                     "max_upload_mb": 5}
+    defaults = {name: Settings.model_fields[name].default for name in fields}
+    assert bench == defaults
+    assert stack == {**defaults, "max_upload_mb": 300}  # the stack's own setting, the defaults for the rest
