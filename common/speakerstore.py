@@ -18,11 +18,19 @@ _EXPECTED = "options->'expected_speakers'"
 
 def _owned_by(owner: str | None, param: str = "$1", column: str = "owner") -> str:
     """SQL: `column` is `owner`, which the statement is given as `param`. `IS NOT DISTINCT FROM`
-    would say so for a key and for none alike, but no index serves it (transcripts_owner_idx)."""
+    would say so for a key and for none alike, but no index serves it (transcripts_owner_idx, on
+    `owner` itself). Not for `speakers`, whose index is on coalesce(owner, ''): _speaker_owned_by."""
     if owner is not None:
         return f"{column} = {param}"
     # The parameter stays in the statement: the ones after it keep their numbers.
     return f"({column} IS NULL AND {param}::text IS NULL)"
+
+
+def _speaker_owned_by(param: str = "$1", column: str = "owner") -> str:
+    """SQL: `column` of `speakers` is the owner the statement is given as `param` (a key or none),
+    as speakers_owner_name_idx, on (coalesce(owner, ''), lower(name)), reads it: `owner = $1`
+    could not use it, and every look-up of an owner's people read the whole table."""
+    return f"coalesce({column}, '') = coalesce({param}::text, '')"
 
 
 def _expects(name_param: str) -> str:
@@ -60,7 +68,7 @@ async def speaker_enrolled_from(db: Db, owner: str | None, transcript_id: int, l
     """The owner's speaker (`id`, `name`) that already has a voiceprint from this transcript's speaker."""
     return await db.fetchrow(
         "SELECT s.id, s.name FROM speakers s JOIN voiceprints v ON v.speaker_id = s.id"
-        f" WHERE {_owned_by(owner, column='s.owner')}"
+        f" WHERE {_speaker_owned_by(column='s.owner')}"
         " AND v.source_transcript_id = $2 AND v.source_label = $3 LIMIT 1", owner, transcript_id, label)
 
 
@@ -68,18 +76,18 @@ async def voice_enrolled_as(db: Db, owner: str | None, embedding: list[float], m
     """The owner's speaker that already has this very voiceprint (the same sample), with `id` and `name`."""
     return await db.fetchrow(
         "SELECT s.id, s.name FROM speakers s JOIN voiceprints v ON v.speaker_id = s.id"
-        f" WHERE {_owned_by(owner, column='s.owner')}"
+        f" WHERE {_speaker_owned_by(column='s.owner')}"
         " AND v.embedding_model = $2 AND v.embedding <=> $3::real[]::vector < 1e-5 ORDER BY s.id LIMIT 1",
         owner, model, embedding)
 
 
 async def list_speakers(db: Db, owner: str | None) -> list[asyncpg.Record]:
-    return await db.fetch(f"SELECT {_SPEAKER_COLUMNS} FROM speakers s WHERE {_owned_by(owner, column='s.owner')}"
+    return await db.fetch(f"SELECT {_SPEAKER_COLUMNS} FROM speakers s WHERE {_speaker_owned_by(column='s.owner')}"
                           " ORDER BY lower(s.name), s.id", owner)
 
 
 async def get_speaker(db: Db, owner: str | None, speaker_id: int) -> asyncpg.Record | None:
-    return await db.fetchrow(f"SELECT {_SPEAKER_COLUMNS} FROM speakers s WHERE {_owned_by(owner, column='s.owner')}"
+    return await db.fetchrow(f"SELECT {_SPEAKER_COLUMNS} FROM speakers s WHERE {_speaker_owned_by(column='s.owner')}"
                              " AND s.id = $2", owner, speaker_id)
 
 
@@ -371,7 +379,7 @@ async def _folded_profiles(db: Db, owner: str | None, model: str, only: list[str
     # delete or rename has just done away with), and a matching that starts later reads the outcome.
     rows = await db.fetch(
         "SELECT s.id, s.name, lower(s.name) AS folded, v.embedding::real[] AS embedding FROM speakers s"
-        f" JOIN voiceprints v ON v.speaker_id = s.id WHERE {_owned_by(owner, column='s.owner')}"
+        f" JOIN voiceprints v ON v.speaker_id = s.id WHERE {_speaker_owned_by(column='s.owner')}"
         " AND v.embedding_model = $2"
         " AND ($3::text[] IS NULL OR lower(s.name) IN (SELECT lower(n) FROM unnest($3::text[]) n))"
         " AND lower(s.name) NOT IN (SELECT lower(n) FROM unnest($4::text[]) n)"
@@ -390,8 +398,8 @@ async def unknown_names(db: Db, owner: str | None, names: list[str]) -> list[str
     # Both sides lowered by PostgreSQL: Python's lower() differs from it ("İ", or any non-ASCII
     # letter in a database whose collation is C).
     rows = await db.fetch(f"SELECT n FROM unnest($2::text[]) WITH ORDINALITY AS given(n, i) WHERE NOT EXISTS"
-                          f" (SELECT 1 FROM speakers WHERE {_owned_by(owner)} AND lower(name) = lower(n)) ORDER BY i",
-                          owner, names)
+                          f" (SELECT 1 FROM speakers WHERE {_speaker_owned_by()} AND lower(name) = lower(n))"
+                          " ORDER BY i", owner, names)
     return [r["n"] for r in rows]
 
 
@@ -400,7 +408,8 @@ async def enrolled_ids(db: Db, owner: str | None, names: list[str]) -> list[int 
     name nobody has: what expected_names_now finds them by again, renamed or not."""
     if not names:
         return []
-    rows = await db.fetch(f"SELECT (SELECT id FROM speakers WHERE {_owned_by(owner)} AND lower(name) = lower(n)) AS id"
+    rows = await db.fetch(f"SELECT (SELECT id FROM speakers WHERE {_speaker_owned_by()}"
+                          " AND lower(name) = lower(n)) AS id"
                           " FROM unnest($2::text[]) WITH ORDINALITY AS given(n, i) ORDER BY i", owner, names)
     return [r["id"] for r in rows]
 
@@ -416,9 +425,9 @@ async def expected_names_now(conn: asyncpg.Connection, owner: str | None, names:
     await _one_change_of_the_owners_people_at_a_time(conn, owner)
     rows = await conn.fetch(
         "SELECT given.n, coalesce(CASE WHEN lower(s.name) = lower(given.n) THEN given.n ELSE s.name END,"
-        f" (SELECT given.n FROM speakers WHERE {_owned_by(owner)} AND lower(name) = lower(given.n) LIMIT 1)) AS now"
+        f" (SELECT given.n FROM speakers WHERE {_speaker_owned_by()} AND lower(name) = lower(given.n) LIMIT 1)) AS now"
         " FROM unnest($2::text[], $3::bigint[]) WITH ORDINALITY AS given(n, id, i)"
-        f" LEFT JOIN speakers s ON s.id = given.id AND {_owned_by(owner, column='s.owner')} ORDER BY given.i",
+        f" LEFT JOIN speakers s ON s.id = given.id AND {_speaker_owned_by(column='s.owner')} ORDER BY given.i",
         owner, names, ids)
     return [r["now"] for r in rows]
 
@@ -428,7 +437,7 @@ async def other_people_of_voice(db: Db, owner: str | None, speaker_id: int, mode
     else its voice sounds like (no locks: a check, not a matching)."""
     rows = await db.fetch(
         "SELECT s.id, s.name, v.embedding::real[] AS embedding FROM speakers s"
-        f" JOIN voiceprints v ON v.speaker_id = s.id WHERE {_owned_by(owner, column='s.owner')} AND s.id <> $2"
+        f" JOIN voiceprints v ON v.speaker_id = s.id WHERE {_speaker_owned_by(column='s.owner')} AND s.id <> $2"
         " AND v.embedding_model = $3 ORDER BY s.id, v.id",
         owner, speaker_id, model)
     profiles: dict[int, Profile] = {}

@@ -11,15 +11,19 @@ import contextlib
 import datetime as dt
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from types import SimpleNamespace
 
 import asyncpg
 import pytest
+from litestar import Request
 
-from common import db, jobstore
+from common import db, jobstore, speakerstore
 from devstack import migrated_database
+from services.ingest.webhooks import list_webhooks
 
 NEW_INDEXES_MIGRATION = "032_usage_and_listing_indexes.sql"
 NEW_INDEXES = ("job_usage_ended_idx", "transcripts_owner_created_idx", "transcripts_created_idx")
@@ -73,6 +77,9 @@ class Explaining:
         explained = await self.conn.fetchval(f"EXPLAIN (FORMAT JSON) {sql}", *args)
         self.plan = (json.loads(explained) if isinstance(explained, str) else explained)[0]["Plan"]
         return []
+
+    async def fetchrow(self, sql: str, *args) -> None:
+        await self.fetch(sql, *args)
 
 
 def plan_nodes(plan: dict) -> Iterator[dict]:
@@ -134,6 +141,93 @@ async def test_usage_and_listing_read_only_their_window_through_an_index(databas
             assert used in (["transcripts_owner_created_idx"], ["transcripts_created_idx"]), (owner, since, until, used)
             assert "created_at" in scans[0]["Index Cond"], explaining.plan
     finally:
+        await conn.close()
+
+
+# A few rows of key "small" and of no key among many of key "big".
+WEBHOOKS_FILL = f"""
+INSERT INTO webhooks (owner, url, events, secret, job_id)
+SELECT CASE g % 1000 WHEN 0 THEN 'small' WHEN 1 THEN NULL ELSE 'big' END, 'https://example.com/' || g,
+       '{{transcript.completed}}', 'secret', CASE WHEN g % 1000 > 1 THEN g END
+FROM generate_series(1, {ROWS}) g;
+"""
+SPEAKERS_FILL = """
+INSERT INTO speakers (owner, name)
+SELECT CASE g % 1000 WHEN 0 THEN 'small' WHEN 1 THEN NULL ELSE 'big' END, 'person ' || g
+FROM generate_series(1, 20000) g;
+INSERT INTO voiceprints (speaker_id, embedding, embedding_model, source)
+SELECT id, '[1, 0, 0]', 'model', 'sample' FROM speakers, generate_series(1, 2);
+"""
+
+
+def owner_looked_up_in(scans: list[dict], index: str) -> bool:
+    return any(s["Index Name"] == index and "owner" in s.get("Index Cond", "") for s in scans)
+
+
+async def test_a_keys_webhooks_are_listed_through_the_owner_index(database):
+    """GET /webhooks of a key with a few endpoints, in a table with a row per job that gave a
+    callback_url: the key is looked up in webhooks_owner_idx, where the listing read every row of
+    the table (its owner filter was one no index serves)."""
+    conn = await asyncpg.connect(database)
+    try:
+        await conn.execute(WEBHOOKS_FILL)
+        await conn.execute("ANALYZE webhooks")
+        explaining = Explaining(conn)
+        for owner in ("small", None):
+            request = Request(scope={"type": "http", "state": {"owner": owner}})
+            await list_webhooks.fn(request, SimpleNamespace(pool=explaining), limit=100, cursor=None)
+            scans = read_through(explaining.plan, "webhooks")
+            assert owner_looked_up_in(scans, "webhooks_owner_idx"), (owner, explaining.plan)
+    finally:
+        await conn.close()
+
+
+async def test_a_keys_people_are_read_through_the_speakers_index(database):
+    """The owner's people, read for every stored chunk by the persister (its matching) and for
+    every submission that expects some (their names): looked up in speakers_owner_name_idx, where
+    each read the whole table of every key's people (their owner filter was one it cannot serve)."""
+    conn = await asyncpg.connect(database)
+    try:
+        await conn.execute(SPEAKERS_FILL)
+        await conn.execute("ANALYZE speakers")
+        await conn.execute("ANALYZE voiceprints")
+        explaining = Explaining(conn)
+        reads = {
+            "owner_profiles": lambda owner: speakerstore.owner_profiles(explaining, owner, "model"),
+            "unknown_names": lambda owner: speakerstore.unknown_names(explaining, owner, ["person 1000", "nobody"]),
+            "enrolled_ids": lambda owner: speakerstore.enrolled_ids(explaining, owner, ["person 1000", "nobody"]),
+            "list_speakers": lambda owner: speakerstore.list_speakers(explaining, owner),
+            "other_people_of_voice": lambda owner: speakerstore.other_people_of_voice(explaining, owner, 1000, "model"),
+        }
+        for owner in ("small", None):
+            for what, read in reads.items():
+                await read(owner)
+                scans = read_through(explaining.plan, "speakers")
+                assert owner_looked_up_in(scans, "speakers_owner_name_idx"), (what, owner, explaining.plan)
+    finally:
+        await conn.close()
+
+
+async def test_every_migration_run_outside_a_transaction_bears_running_again(database):
+    """A migration run a statement at a time and cut off (a pod killed, a lock_timeout) runs again
+    from its first statement at the next start: each of them, run once more over what it made,
+    succeeds and leaves the schema as it was."""
+    again = [name for _, name, sql in db._migrations() if db._outside_transaction(sql)]
+    schema = ("SELECT c.relname, c.relkind, pg_get_indexdef(c.oid), i.indisvalid,"
+              " (SELECT array_agg(a.attname || ' ' || format_type(a.atttypid, a.atttypmod) ORDER BY a.attnum)"
+              "  FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped)"
+              " FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+              " LEFT JOIN pg_index i ON i.indexrelid = c.oid"
+              " WHERE n.nspname = 'public' AND c.relkind IN ('r', 'i') ORDER BY c.relname")
+    conn = await asyncpg.connect(database)
+    pool = await asyncpg.create_pool(database, min_size=1, max_size=1)
+    try:
+        before = await conn.fetch(schema)
+        await conn.execute("DELETE FROM schema_migrations WHERE name = ANY($1::text[])", again)
+        assert await db.apply_migrations(pool) == again
+        assert await conn.fetch(schema) == before
+    finally:
+        await pool.close()
         await conn.close()
 
 
@@ -280,16 +374,30 @@ async def test_a_pgvector_the_service_may_not_update_is_refused_saying_what_to_r
         await admin.close()
 
 
-async def test_a_statement_timeout_of_the_database_or_role_does_not_cut_a_migration_short(database):
+# (migration, what undoes it, what it runs, a check that it is applied): one run in a transaction,
+# one outside (an index built CONCURRENTLY).
+MIGRATIONS_WAITING_FOR_A_WRITER = [
+    ("029_audio_redaction_due.sql", "ALTER TABLE transcripts DROP COLUMN audio_redaction_due",
+     "ALTER TABLE transcripts ADD COLUMN audio_redaction_due",
+     "SELECT count(*) = 1 FROM information_schema.columns WHERE table_name = 'transcripts'"
+     " AND column_name = 'audio_redaction_due'"),
+    ("019_reference.sql", "DROP INDEX transcripts_reference",
+     "CREATE INDEX CONCURRENTLY IF NOT EXISTS transcripts_reference",
+     "SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass('transcripts_reference')"),
+]
+
+
+@pytest.mark.parametrize(("migration", "undo", "statement", "applied"), MIGRATIONS_WAITING_FOR_A_WRITER)
+async def test_a_statement_timeout_of_the_database_or_role_does_not_cut_a_migration_short(
+        database, migration, undo, statement, applied):
     """A statement_timeout set for the database or the service's role (ALTER ROLE ... SET
     statement_timeout, common on managed PostgreSQL) cancelled a migration that outlasted it,
     not tried again: every start failed. Here the migration waits for a transaction of a running
     replica that writes to its table (a table rewritten, an index built over a large one alike)."""
-    migration = "019_reference.sql"
     setup = await asyncpg.connect(database)
     old_replica = await asyncpg.connect(database)
     try:
-        await setup.execute("DROP INDEX transcripts_reference")
+        await setup.execute(undo)
         assert await setup.execute("DELETE FROM schema_migrations WHERE name = $1", migration) == "DELETE 1"
         # Long enough that the few statements apply_migrations runs before its own SET LOCAL
         # statement_timeout = 0 (the advisory lock, the pgvector checks, schema_migrations) are not
@@ -307,7 +415,7 @@ async def test_a_statement_timeout_of_the_database_or_role_does_not_cut_a_migrat
             async def waiting_for_the_replica() -> bool:
                 return bool(await setup.fetchval(
                     "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                    " AND wait_event_type = 'Lock' AND query LIKE '%CREATE INDEX transcripts_reference%'"))
+                    " AND wait_event_type = 'Lock' AND position($1 in query) > 0", statement))
 
             deadline = time.monotonic() + 30
             while not applying.done() and not await waiting_for_the_replica():
@@ -318,9 +426,9 @@ async def test_a_statement_timeout_of_the_database_or_role_does_not_cut_a_migrat
             assert not applying.done(), applying.exception() if applying.done() else None
             await writing.commit()
             assert await asyncio.wait_for(applying, 30) == [migration]
-            assert await index_valid(setup, "transcripts_reference") is True
+            assert await setup.fetchval(applied) is True
         finally:
-            await pool.close()
+            pool.terminate()  # a migration still waiting would keep close() waiting for ever
     finally:
         await old_replica.close()
         await setup.close()
@@ -344,6 +452,46 @@ SELECT $$;$$, 'x' -- trailing; comment
         "SELECT $$;$$, 'x'",
     ]
     assert [db._INDEX_BUILT.match(s).group(1) for s in db._statements(sql)[:2]] == ["a_idx", '"b;idx"']
+
+
+# ---- migrations that lock no big table for long ------------------------------------------------
+
+_TABLE_NAME = r'(?:"(?:[^"]|"")+"|[A-Za-z_][\w$]*)(?:\.(?:"(?:[^"]|"")+"|[A-Za-z_][\w$]*))?'
+_TABLE_CREATED = re.compile(rf"^CREATE\s+TABLE\s+(?:IF\s+NOT\s+EXISTS\s+)?({_TABLE_NAME})", re.IGNORECASE)
+_INDEX_CREATED = re.compile(rf"^CREATE\s+(?:UNIQUE\s+)?INDEX\b.*?\bON\s+(?:ONLY\s+)?({_TABLE_NAME})",
+                            re.IGNORECASE | re.DOTALL)
+_INDEX_DROPPED = re.compile(r"^DROP\s+INDEX\b", re.IGNORECASE)
+
+
+def locking_index_statements() -> list[tuple[str, str]]:
+    """(migration, statement) of every index built on a table an earlier migration made, or
+    dropped, other than CONCURRENTLY in a migration run outside a transaction."""
+    found = []
+    tables_before: set[str] = set()
+    for _, name, sql in db._migrations():
+        statements = db._statements(sql)
+        created_here = {m.group(1).lower() for s in statements if (m := _TABLE_CREATED.match(s))}
+        for statement in statements:
+            built = _INDEX_CREATED.match(statement)
+            if built and built.group(1).lower() in created_here:
+                continue  # an empty table, no one reading it yet
+            if built:
+                assert built.group(1).lower() in tables_before, (name, statement)
+            elif not _INDEX_DROPPED.match(statement):
+                continue
+            if not (db._outside_transaction(sql) and db._CONCURRENTLY.search(statement)):
+                found.append((name, " ".join(statement.split())))
+        tables_before |= created_here
+    return found
+
+
+def test_no_migration_blocks_a_table_that_existed_before_it_for_an_index_build():
+    """An index built without CONCURRENTLY (or in a migration run in a transaction) holds off every
+    write to its table for the whole build, and an ALTER TABLE in the same transaction every read
+    as well: on a large database upgraded from an old version, the API and the persister queued
+    behind it for as long as it read the table (the version before still serving, in a rolling
+    upgrade). A table the migration itself makes is empty: its indexes may be built as it is."""
+    assert locking_index_statements() == []
 
 
 NFC_NAMES_MIGRATION = "034_person_names_nfc.sql"
