@@ -138,12 +138,15 @@ def embedded_postgres_running(data_dir: Path) -> bool:
     if postmaster is None or not postmaster.is_running():
         return False
     # A crash leaves postmaster.pid behind, and its pid may belong to another process since, which
-    # `pg_ctl stop` would signal: only a process started when the file says is the server.
+    # `pg_ctl stop` would signal: only a postgres serving this data folder is the server (not its
+    # start time, which the process's reads off the clock: a clock stepped since would not match).
     try:
-        started = postmaster.process.create_time()
+        arguments = postmaster.process.cmdline()
     except Exception:  # psutil: gone meanwhile, or not ours to look at
         return False
-    return abs(started - postmaster.start_time.timestamp()) < 2
+    folders = [Path(folder) for flag, folder in zip(arguments, arguments[1:]) if flag == "-D"]
+    return bool(arguments) and Path(arguments[0]).name == "postgres" and data_dir.resolve() in (
+        folder.resolve() for folder in folders)
 
 
 def stop_embedded_postgres(data_dir: Path) -> None:

@@ -727,7 +727,9 @@ async def consume(
             for delivery in list(in_hand.values()):
                 if delivery.handler_running:
                     delivery.handed_back = True  # before any await: its handler's outcome is not settled now
-                    await _hand_back(bus, delivery.message, queue_name)
+                    if not await _hand_back(bus, delivery.message, queue_name):
+                        # Not handed back (the copy failed): a handler still running settles it after all.
+                        delivery.handed_back = False
                 else:
                     # Its own task is acking, rejecting or copying it; a copy blocked by the broker
                     # (an alarm) is not waited for longer: the broker takes it back with the channel.

@@ -80,6 +80,9 @@ def test_two_things_to_redact_said_one_after_the_other_leave_nothing_in_clear(fi
     ("Call 555.123.4567 or 030-1234-5678.", "Call [PHONE] or [PHONE]."),
     ("Call +49 30 12345678, 1-800-555-0199 or 8-800-555-35-35.", "Call [PHONE], [PHONE] or [PHONE]."),
     ("Appelez 06.12.34.56.78 ou 555.12.05.2024.", "Appelez [PHONE] ou [PHONE]."),
+    # ...or after an area code or a country code.
+    ("Ruf an: 0171 12.05.1990 oder +7 912 10.10.10.", "Ruf an: [PHONE] oder [PHONE]."),
+    ("Tel. (030) 12.05.2024, Tel. 030 / 12.05.2024, 555 2012-12-12.", "Tel. [PHONE], Tel. [PHONE], [PHONE]."),
     # Not a date: no month 13, no day 32.
     ("Code 2024-13-45 or 32.05.2024.", "Code [PHONE] or [PHONE]."),
 ])

@@ -68,10 +68,11 @@ _next_mark_check: dict[tuple[int, int], float] = {}
 # thousands of events behind a slow endpoint had thousands of requests going round, ahead of other
 # endpoints' in the same queue. While the chain's request goes round, a new one is dropped: the one
 # going round sends every pending delivery once it gets a slot. An entry goes when its request
-# comes back; one that has not come back in GOING_ROUND_LOST_AFTER_S (another replica took it from
-# the shared queue, or it was lost) holds nothing back: the next request goes round instead.
-# Kept as _next_mark_check is.
-GOING_ROUND_LOST_AFTER_S = 3 * BUSY_ENDPOINT_DELAY_S
+# comes back; it holds new requests back only for the request's delay, while the request cannot
+# have been taken yet: after that another replica may have taken it from the shared queue and
+# found the chain settled before a delivery asked for now was committed (or it was lost), so the
+# next request goes round instead. Kept as _next_mark_check is.
+GOING_ROUND_LOST_AFTER_S = BUSY_ENDPOINT_DELAY_S
 
 
 class _GoingRound(NamedTuple):
@@ -208,7 +209,8 @@ async def _wait_for_a_slot(pool: asyncpg.Pool, bus: Bus, due: WebhookDue) -> Non
         _going_round.pop(chain, None)
         return
     await publish_later(bus, due, DELIVERY_QUEUE, BUSY_ENDPOINT_DELAY_S)
-    _going_round[chain] = _GoingRound(due.message_id, time.monotonic())
+    # Since before it was sent: it cannot come back sooner than its delay after that.
+    _going_round[chain] = _GoingRound(due.message_id, now)
 
 
 async def _endpoint_of(pool: asyncpg.Pool, webhook_id: int) -> str | None:

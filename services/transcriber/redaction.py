@@ -79,12 +79,13 @@ _PHONE_BETWEEN_DIGITS = rf"(?:[\d ().\-–—…]|, ?(?=\d)|{_AFTER_AREA_CODE} ?
 # ("12.05.2024", "1.5.24", as Whisper writes German and Russian dates), with slashes, either
 # way round ("12/25/2024", "25/12/2024"), or ISO ("2024-05-12"). Only parts within a day's, a
 # month's and a year's ranges, and only a whole run: within a longer run of digits and separators
-# ("06.12.34.56.78", "555.12.05.2024") the same digits are part of a phone number.
+# ("06.12.34.56.78", "555.12.05.2024"), or after an area code ("0171 12.05.90", "(030) 12.05.24",
+# "030 / 12.05.2024"), the same digits are part of a phone number.
 _DAY = r"(?:0?[1-9]|[12]\d|3[01])"
 _MONTH = r"(?:0?[1-9]|1[0-2])"
 _YEAR = r"(?:[12]\d{3}|\d{2})"
 _DATE_SEPARATOR = r"[.,/\-–—]"
-_DATE = re.compile(rf"(?<![\d+])(?<!\d{_DATE_SEPARATOR})"
+_DATE = re.compile(rf"(?<![\d+])(?<!\d{_DATE_SEPARATOR})(?<![\d)][ /])(?<![\d)] / )"
                    rf"(?:{_DAY}\.{_MONTH}\.{_YEAR}|(?:{_DAY}/{_MONTH}|{_MONTH}/{_DAY})/{_YEAR}"
                    rf"|[12]\d{{3}}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12]\d|3[01]))"
                    rf"(?!\d)(?!{_DATE_SEPARATOR}\d)")
