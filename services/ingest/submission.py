@@ -48,7 +48,10 @@ def accepted(job_id: int, filename: str, callback_secret: str | None = None) -> 
 
 
 def replayed(job) -> Response[Accepted]:
-    """The answer the request with the same Idempotency-Key got: its job, made once."""
+    """The answer the request with the same Idempotency-Key got: its job, made once. None: that
+    job was deleted between this request's insert meeting it and reading it (503: send it again)."""
+    if job is None:
+        raise Unavailable(detail="the same request made a job that was deleted just now; send it again")
     with job_logged(job["id"]):
         log.info("the same request again (Idempotency-Key): no new job")
     answer = accepted(job["id"], job["filename"], job["callback_secret"])
