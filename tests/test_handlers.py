@@ -253,6 +253,99 @@ def test_batched_decoding_gives_each_person_their_words(fixtures_dir):
         assert len(set(said) ^ set(by_speaker[0][speaker])) <= 2, (said, by_speaker[0][speaker])
 
 
+def reference_turns(fixtures_dir: Path, name: str) -> list[SpeakerTurn]:
+    """The fixture's reference who-spoke-when (its .rttm), as the diarizer's turns."""
+    fields = [line.split() for line in (fixtures_dir / f"{name}.rttm").read_text().splitlines() if line.strip()]
+    return [SpeakerTurn(speaker=f[7], start=float(f[3]), end=round(float(f[3]) + float(f[4]), 3)) for f in fields]
+
+
+@pytest.mark.parametrize("name", ["sample", "ami_trn03"])
+def test_a_word_said_at_a_chunk_cut_inside_talk_is_written_once(fixtures_dir, name):
+    """Meetings cut into chunks of at most 6 s of speech (CHUNK_MAX_SPEECH_S), their reference
+    turns as the diarizer's, so that cuts fall inside talk or in pauses under 0.6 s. A chunk heard
+    only 0.3 s before its span: Whisper timed the first word it heard from where that audio
+    starts, which put the middle of the chunk's first word before the cut, and the chunk before,
+    timing it right, left it to this one: "This" (sample, cut at 12.47 s) and "having" (ami_trn03,
+    6.0 s) were in neither chunk. Around every cut, each word the recording transcribed as one
+    chunk gives is written once: none left out, none twice. (A word spelled otherwise, as Whisper
+    may write it with other audio around, is no word lost.)"""
+    import difflib
+
+    from common.messages import JobSubmitted
+    from services.diarizer.handler import chunk_messages
+    from services.diarizer.offline import Diarization
+    from services.transcriber.whisper import REGION_PAD_S
+
+    settings = Settings()
+    model, _ = load_model(settings.model_copy(update={"whisper_model": settings.whisper_fallback_model}))
+    audio = decode_audio(str(fixtures_dir / f"{name}.wav"))
+    duration = round(audio.size / SAMPLE_RATE, 3)
+    turns = reference_turns(fixtures_dir, name)
+    deps = transcriber.Deps(model=model, read_pcm=lambda bucket, key, span: audio[
+        max(0, int(span.start * SAMPLE_RATE)):int(span.end * SAMPLE_RATE)])
+    job = JobSubmitted(job_id=1, audio_bucket="audio", audio_key="uploads/1", filename=f"{name}.wav",
+                       options=JobOptions(language="en"))
+
+    def chunked(max_speech_s: float) -> tuple[list[JobDiarized], list]:
+        chunks = [m for m in chunk_messages(job, duration, Diarization(turns=turns),
+                                            settings.model_copy(update={"chunk_max_speech_s": max_speech_s}),
+                                            waveform=audio) if isinstance(m, JobDiarized)]
+        return chunks, [w for chunk in chunks for s in transcriber.transcribe(chunk, deps).segments for w in s.words]
+
+    [_], whole = chunked(10 * duration)
+    chunks, cut_up = chunked(6.0)
+    cuts = [chunk.span.start for chunk in chunks[1:]]
+    # Cuts where one chunk hears the other's words: its speech within the padding of the cut.
+    assert any(min(t.start for t in chunk.turns) - chunk.span.start < REGION_PAD_S for chunk in chunks[1:]), cuts
+
+    def near_a_cut(found) -> bool:
+        return any(abs((w.start + w.end) / 2 - cut) < 1.0 for w in found for cut in cuts)
+
+    said, written = (["".join(words(w.word)) for w in found] for found in (whole, cut_up))
+    faults = []
+    for op, i1, i2, j1, j2 in difflib.SequenceMatcher(None, said, written, autojunk=False).get_opcodes():
+        if op == "delete" and near_a_cut(whole[i1:i2]):
+            faults.append(f"left out {said[i1:i2]} at {whole[i1].start} s")
+        if op == "insert" and near_a_cut(cut_up[j1:j2]):
+            faults.append(f"written again {written[j1:j2]} at {cut_up[j1].start} s")
+    assert not faults, (cuts, faults)
+
+
+def test_the_first_word_after_a_join_is_the_next_speakers_and_said_in_their_turn(fixtures_dir):
+    """A chunk's speech regions are laid end to end for Whisper, which times the first word after
+    a join from early: from inside the region before, often the end of the previous word, its
+    end where it is. Mapped back through the region holding its middle, it went to the region
+    before: the second person's first word was written as the first person's last, seconds
+    before it was said (hotwords.mp3, then jfk.flac's "And so my fellow Americans" after 3 s;
+    in ami_trn05, FEE078's "Okay" at 5.9 s as FEE081's at 2.0 s)."""
+    from services.transcriber.whisper import REGION_PAD_S
+
+    settings = Settings()
+    model, _ = load_model(settings.model_copy(update={"whisper_model": settings.whisper_fallback_model}))
+    first, second = decode_audio(str(fixtures_dir / "hotwords.mp3")), decode_audio(str(fixtures_dir / "jfk.flac"))
+    audio = np.concatenate([first, np.zeros(3 * SAMPLE_RATE, dtype=np.float32), second])
+    joined_at = (first.size + 3 * SAMPLE_RATE) / SAMPLE_RATE
+    # A diarizer starts a turn somewhere in its first word ("And", about 0.3-0.55 s into jfk.flac).
+    for onset in (0.3, 0.4, 0.5, 0.6):
+        turns = [SpeakerTurn(speaker="spk_0", start=0.0, end=first.size / SAMPLE_RATE),
+                 SpeakerTurn(speaker="spk_1", start=round(joined_at + onset, 3), end=audio.size / SAMPLE_RATE)]
+        segments, _ = transcribe_chunk(model, audio, 0.0, turns, "en")
+        before, after = ([w for s in segments if s.speaker == spk for w in s.words] for spk in ("spk_0", "spk_1"))
+        assert words(after[0].word) == ["and"] and words(before[-1].word) != ["and"], (onset, segments)
+        # Word times are written to the millisecond.
+        assert after[0].start >= turns[1].start - REGION_PAD_S - 1e-3, (onset, after[0])
+        assert before[-1].end <= turns[0].end + REGION_PAD_S + 1e-3, (onset, before[-1])
+    # A meeting, its reference turns as the diarizer's: FEE078 says "Okay" alone at 5.9-6.3 s.
+    meeting = decode_audio(str(fixtures_dir / "ami_trn05.wav"))
+    turns = reference_turns(fixtures_dir, "ami_trn05")
+    [alone] = [t for t in turns if t.speaker == "FEE078" and 5.0 < t.start < 7.0]
+    segments, _ = transcribe_chunk(model, meeting, 0.0, turns, "en")
+    okay = [(s.speaker, w) for s in segments for w in s.words if words(w.word) == ["okay"] and w.start < 7.0]
+    assert [speaker for speaker, _ in okay] == ["FEE078"], segments
+    [(_, word)] = okay
+    assert alone.start - REGION_PAD_S - 1e-3 <= word.start and word.end <= alone.end + REGION_PAD_S + 1e-3, word
+
+
 def test_batched_decoding_of_a_quick_hand_over_to_another_language_transcribes_both(fixtures_dir):
     """WHISPER_BATCH_SIZE with language=en,de: where one person hands over to another in another
     language with under 0.6 s between, the language part is cut halfway between them, and the
@@ -581,7 +674,7 @@ def test_a_chunk_of_many_close_speech_regions_is_read_in_one_go(monkeypatch):
     """A GET for each speech region: a chatty chunk (a back-and-forth of short turns) made dozens
     of sequential requests to the store. Regions less than READ_BRIDGE_S apart are read at once,
     apart only across a long silence; what Whisper hears is the same, sample for sample."""
-    from services.transcriber.whisper import REGION_PAD_S, heard_spans
+    from services.transcriber.whisper import CUT_CONTEXT_S, heard_spans
 
     rng = np.random.default_rng(7)
     duration = 400.0
@@ -600,8 +693,8 @@ def test_a_chunk_of_many_close_speech_regions_is_read_in_one_go(monkeypatch):
     counted, reads, heard = reads_and_hearing(monkeypatch, read)
     transcriber.transcribe(chunk, transcriber.Deps(model=None, read_pcm=counted))
     [audio] = heard
-    at = chunk.span.start - REGION_PAD_S  # the chunk as heard, from a little before it
-    spans = heard_spans(turns, at, audio.length_s)
+    at = chunk.span.start - CUT_CONTEXT_S  # the chunk as heard, from a little before it
+    spans = heard_spans(turns, at, audio.length_s, keep=chunk.span)
     assert len(spans) == 45 and audio.spans == spans
     # One read for the 40 close regions, one for the 5 after the long silence, which is not read.
     assert [(round(r.start, 3), round(r.end, 3)) for r in reads] == [

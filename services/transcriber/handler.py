@@ -23,7 +23,7 @@ from common.storage import is_missing, read_range
 from services.transcriber.languages import detect_language
 from services.transcriber.redaction import redact
 from services.transcriber.spelling import respell
-from services.transcriber.whisper import REGION_PAD_S, HeardAudio, heard_spans, transcribe_chunk
+from services.transcriber.whisper import CUT_CONTEXT_S, HeardAudio, heard_spans, transcribe_chunk
 
 log = logging.getLogger(__name__)
 
@@ -171,16 +171,18 @@ def transcribe(message: JobDiarized, deps: Deps, speech: str = "diarizer",
     among = language_choices(message.options.language)
     if message.turns:
         offset = message.pcm_offset_s  # the chunk's channel, with multichannel
-        # A little of the audio on either side too: a chunk may be cut where one person hands
-        # over to the next with hardly a pause, and the word there must be heard whole. Words
-        # are kept by where their middle falls (transcribe_chunk's `keep`), so none is written twice.
-        heard = TimeSpan(start=max(0.0, message.span.start - REGION_PAD_S),
-                         end=min(message.duration, message.span.end + REGION_PAD_S))
+        # Some of the audio on either side too: a chunk may be cut inside talk, or where one
+        # person hands over to the next with hardly a pause, and the word there must be heard
+        # whole, with enough before it that Whisper times it right (heard_spans: CUT_CONTEXT_S).
+        # Words are kept by where their middle falls (transcribe_chunk's `keep`), so none is
+        # written twice.
+        heard = TimeSpan(start=max(0.0, message.span.start - CUT_CONTEXT_S),
+                         end=min(message.duration, message.span.end + CUT_CONTEXT_S))
         # Only what Whisper hears is read: a chunk holds at most CHUNK_MAX_SPEECH_S of speech, but
         # from cut to cut it may span hours of silence (hundreds of MB of PCM). Regions close
         # together are read at once (read_groups).
         length_s = heard.end - heard.start
-        spans = heard_spans(message.turns, heard.start, length_s, speech)
+        spans = heard_spans(message.turns, heard.start, length_s, speech, keep=message.span)
         audio = HeardAudio(length_s, spans, _read_heard(message, deps, heard.start + offset, spans))
         model = deps.model if stop is None else _Stoppable(deps.model, stop)
         segments, language = transcribe_chunk(model, audio, heard.start, message.turns,

@@ -43,6 +43,12 @@ MAX_SEGMENT_S = 30.0
 # trailing consonants), and regions closer than REGION_BRIDGE_S are heard as one.
 REGION_PAD_S = 0.3
 REGION_BRIDGE_S = 1.0
+# Where a chunk's speech reaches its cut (a cut inside talk, or in a pause too short for the
+# padding), Whisper hears this much past the cut: it times the first word it hears from where the
+# audio starts, so with only the padding the first word after the cut had its middle pulled before
+# the cut and neither chunk wrote it. With more before it, that stretch falls on a word the chunk
+# before owns.
+CUT_CONTEXT_S = 2.0
 # A word is talked over when another speaker's turn covers this much of it.
 OVERLAP_MIN_S = 0.1
 # Whisper's window: with WHISPER_BATCH_SIZE, the speech heard is cut into clips of at most this.
@@ -225,22 +231,33 @@ def load_model(settings: Settings) -> tuple[WhisperModel, str]:
     return model, name
 
 
-def _regions_in_chunk(turns: list[SpeakerTurn], offset: float, length_s: float) -> list[TimeSpan]:
+def _regions_in_chunk(turns: list[SpeakerTurn], offset: float, length_s: float,
+                      keep: TimeSpan | None = None) -> list[TimeSpan]:
+    """The padded speech regions, in chunk time; with `keep` (the chunk's own span, job time), a
+    first or last region that reaches past its cut reaches CUT_CONTEXT_S past it."""
     spans = []
     for region in speech_regions(turns, REGION_BRIDGE_S + 2 * REGION_PAD_S):
         start = max(0.0, region.start - offset - REGION_PAD_S)
         end = min(length_s, region.end - offset + REGION_PAD_S)
         if end > start:
             spans.append(TimeSpan(start=start, end=end))
+    if keep is not None and spans:
+        cut_before, cut_after = keep.start - offset, keep.end - offset
+        if spans[0].start <= cut_before:
+            spans[0] = TimeSpan(start=max(0.0, cut_before - CUT_CONTEXT_S), end=spans[0].end)
+        if spans[-1].end >= cut_after:
+            spans[-1] = TimeSpan(start=spans[-1].start, end=min(length_s, cut_after + CUT_CONTEXT_S))
     return spans
 
 
-def heard_spans(turns: list[SpeakerTurn], offset: float, length_s: float, speech: str = "diarizer") -> list[TimeSpan]:
+def heard_spans(turns: list[SpeakerTurn], offset: float, length_s: float, speech: str = "diarizer",
+                keep: TimeSpan | None = None) -> list[TimeSpan]:
     """What transcribe_chunk listens to of a chunk `length_s` long starting at `offset` in the
-    job, in the chunk's own time: the padded speech regions, or all of it with `speech="whisper-vad"`."""
+    job, in the chunk's own time: the padded speech regions (with `keep`, the chunk's own span,
+    reaching CUT_CONTEXT_S past a cut inside talk), or all of it with `speech="whisper-vad"`."""
     if speech == "whisper-vad":
         return [TimeSpan(start=0.0, end=length_s)]
-    return _regions_in_chunk(turns, offset, length_s)
+    return _regions_in_chunk(turns, offset, length_s, keep)
 
 
 @dataclass
@@ -297,13 +314,17 @@ def model_language(model, language: str | None) -> str | None:
 
 def _heard_times(spans: list[TimeSpan]):
     """Maps a word's (start, end) in the concatenated regions back to the chunk's own time,
-    through the region that holds the middle of the word, its ends kept inside that region: a
-    word Whisper times a little across a junction is not stretched over the silence between."""
+    through the region that holds the end of the word, its ends kept inside that region: a word
+    Whisper times a little across a junction is not stretched over the silence between. By its
+    end, not its middle: Whisper times the first word after a pause from early, often from
+    inside the region before (the silence between goes to the word after it), and its end
+    where it is; by its middle, a region's first word went to the region before, under that
+    region's speaker."""
     lengths = np.array([s.end - s.start for s in spans])
     joined_starts = np.concatenate([[0.0], np.cumsum(lengths)[:-1]])
 
     def to_chunk(start: float, end: float) -> tuple[float, float]:
-        i = max(0, int(np.searchsorted(joined_starts, (start + end) / 2, side="right")) - 1)
+        i = max(0, int(np.searchsorted(joined_starts, end, side="left")) - 1)
         first, length = float(joined_starts[i]), float(lengths[i])
         return tuple(spans[i].start + min(max(t - first, 0.0), length) for t in (start, end))
 
@@ -326,8 +347,9 @@ def transcribe_chunk(model: WhisperModel, audio: np.ndarray | HeardAudio, offset
     text (the language returned is still the one spoken). With `among` (the languages a
     recording switches among), each speaker's passage is transcribed in its own language, the
     segments say which, and the language returned is the one most spoken. With `keep` (job time),
-    only the words whose middle falls within it are kept: the audio may reach a little past the
-    chunk's own span on either side, and what is there belongs to the chunk next to it. With
+    only the words whose middle falls within it are kept: the audio may reach past the chunk's
+    own span on either side (by CUT_CONTEXT_S where its speech reaches a cut: `keep` says where
+    the cuts are), and what is there belongs to the chunk next to it. With
     `batch_size` over 1, the speech heard is cut into clips of up to 30 s where regions join or
     in pauses and decoded that many at once (faster-whisper's batched pipeline) instead of one
     window after another. `audio` is the whole chunk, or what was read of it (HeardAudio: at
@@ -352,7 +374,7 @@ def transcribe_chunk(model: WhisperModel, audio: np.ndarray | HeardAudio, offset
             parts = language_spans(runs, length_s, margin_s=REGION_PAD_S)
         else:
             parts = [(TimeSpan(start=0.0, end=length_s), language)]
-        regions = _regions_in_chunk(turns, offset, length_s)
+        regions = _regions_in_chunk(turns, offset, length_s, keep)
         # Where a batched clip may end besides the regions' joins: between the unbridged regions.
         own_regions = speech_regions(turns) if batch_size > 1 else []
         pauses = [(a.end + b.start) / 2 - offset for a, b in zip(own_regions, own_regions[1:])]
