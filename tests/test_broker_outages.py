@@ -796,6 +796,22 @@ async def test_the_notifiers_sweep_whose_connection_stalls_is_started_again(vhos
             await stopped(sweeping)
 
 
+async def _tear_down_proxied_consumer(consumer, proxy, publishing, consuming, queue_name: str, settings) -> None:
+    """After a test of a consumer publishing through a StallingProxy: stop it, let the proxy flow,
+    delete the test's queues, close both connections and the proxy."""
+    if consumer is not None:
+        await stopped(consumer)
+    proxy.flowing.set()
+    with contextlib.suppress(Exception):
+        channel = await consuming.channel()
+        for name in (queue_name, "test.out", *(retry_queue(queue_name, d) for d in settings.retry_delays)):
+            await channel.queue_delete(name)
+    with contextlib.suppress(Exception):
+        await publishing.close()
+    await consuming.close()
+    proxy.close()
+
+
 async def test_a_message_whose_publish_confirm_a_dropped_connection_cancelled_is_published_again(
         vhost, fresh_runner, caplog):
     """A stage publishes on a connection of its own. aiormq drops it when it hears no heartbeat and
@@ -856,17 +872,7 @@ async def test_a_message_whose_publish_confirm_a_dropped_connection_cancelled_is
         await asyncio.wait_for(consumer, 20)
         assert await source.get(fail=False) is None  # acked, none left for the broker to deliver again
     finally:
-        if consumer is not None:
-            await stopped(consumer)
-        proxy.flowing.set()
-        with contextlib.suppress(Exception):
-            channel = await consuming.channel()
-            for name in (queue_name, "test.out", *(retry_queue(queue_name, d) for d in settings.retry_delays)):
-                await channel.queue_delete(name)
-        with contextlib.suppress(Exception):
-            await publishing.close()
-        await consuming.close()
-        proxy.close()
+        await _tear_down_proxied_consumer(consumer, proxy, publishing, consuming, queue_name, settings)
 
 
 async def test_a_message_whose_handler_finishes_as_it_is_handed_back_is_acked_once(vhost, fresh_runner):
@@ -928,17 +934,7 @@ async def test_a_message_whose_handler_finishes_as_it_is_handed_back_is_acked_on
         assert sorted(left) == [(93, False), (94, False)], left
         assert json.loads((await next_message(out, 10)).body)["job_id"] == 93
     finally:
-        if consumer is not None:
-            await stopped(consumer)
-        proxy.flowing.set()
-        with contextlib.suppress(Exception):
-            channel = await consuming.channel()
-            for name in (queue_name, "test.out", *(retry_queue(queue_name, d) for d in settings.retry_delays)):
-                await channel.queue_delete(name)
-        with contextlib.suppress(Exception):
-            await publishing.close()
-        await consuming.close()
-        proxy.close()
+        await _tear_down_proxied_consumer(consumer, proxy, publishing, consuming, queue_name, settings)
 
 
 async def queue_consumers(admin: aio_pika.abc.AbstractConnection, *names: str) -> list[int]:

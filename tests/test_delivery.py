@@ -240,6 +240,17 @@ async def test_concurrent_start_ups_apply_migrations_once(stack):
         await admin.close()
 
 
+async def applied_by_hand(conn: asyncpg.Connection, version: int, migration: str, sql: str) -> None:
+    """A migration applied as the runner would, its statements one at a time where it is marked
+    to run outside a transaction (CREATE INDEX CONCURRENTLY cannot run in the implicit one of a
+    multi-statement string), and recorded as applied."""
+    from common.db import NO_TRANSACTION_MARK, _statements
+
+    for statement in _statements(sql) if sql.startswith(NO_TRANSACTION_MARK) else [sql]:
+        await conn.execute(statement)
+    await conn.execute("INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", version, migration)
+
+
 async def test_a_migration_waiting_for_a_busy_table_lets_the_running_services_through(stack):
     """A rolling upgrade: an old replica's transaction writing transcripts is open when the new
     version's migration wants to index that table. The migration waits; the old replicas' writes
@@ -258,8 +269,7 @@ async def test_a_migration_waiting_for_a_busy_table_lets_the_running_services_th
         await setup.execute("CREATE TABLE schema_migrations (version integer PRIMARY KEY, name text NOT NULL,"
                             " applied_at timestamptz NOT NULL DEFAULT now())")
         for version, migration, sql in earlier:
-            await setup.execute(sql)
-            await setup.execute("INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", version, migration)
+            await applied_by_hand(setup, version, migration, sql)
         await setup.close()
         old_replica, other_write = await asyncpg.connect(url), await asyncpg.connect(url)
         pool = await asyncpg.create_pool(url, min_size=1, max_size=1)
@@ -300,8 +310,7 @@ async def test_stored_real_array_embeddings_become_vectors(stack):
                            " applied_at timestamptz NOT NULL DEFAULT now())")
         for version, migration, sql in _migrations():
             if version < 7:
-                await conn.execute(sql)
-                await conn.execute("INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", version, migration)
+                await applied_by_hand(conn, version, migration, sql)
         await conn.execute("INSERT INTO transcripts (id, filename) VALUES (1, 'old.wav')")
         await conn.execute("INSERT INTO segments (transcript_id, chunk_index, index, speaker, start_ts, end_ts, text,"
                            " embedding, embedding_model) VALUES (1, 0, 0, 'spk_0', 0, 1, 'hello', $1, 'all-minilm')",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -301,6 +303,26 @@ def kick_all(stack, dues: list[WebhookDue]) -> None:
             await connection.close()
 
     asyncio.run(publish())
+
+
+@contextlib.contextmanager
+def queue_depths(stack, queue_name: str, every_s: float = 0.25) -> Iterator[list[int]]:
+    """messages_in(queue_name) every `every_s` while the block runs, in the list it gives."""
+    depths: list[int] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            depths.append(messages_in(stack, queue_name))
+            time.sleep(every_s)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        yield depths
+    finally:
+        done.set()
+        sampler.join()
 
 
 def messages_in(stack, queue_name: str) -> int:
@@ -924,22 +946,9 @@ def test_the_sweep_does_not_kick_again_chains_waiting_for_their_endpoints_slot(n
                 await connection.close()
                 await pool.close()
 
-        waiting = []
-        sampling = threading.Event()
-
-        def sample() -> None:
-            while not sampling.is_set():
-                waiting.append(messages_in(stack, busy_queue))
-                time.sleep(0.25)
-
-        sampler = threading.Thread(target=sample)
-        sampler.start()
-        try:
+        with queue_depths(stack, busy_queue) as waiting:
             taken_for_stuck = asyncio.run(sweep_for_a_while())
             time.sleep(handler.BUSY_ENDPOINT_DELAY_S)  # the last round's kicks, had there been any, sent back
-        finally:
-            sampling.set()
-            sampler.join()
         assert waiting and max(waiting) <= chains, waiting
         assert not taken_for_stuck, taken_for_stuck
         log = stack.log_text("notifier")[log_from:]
@@ -1104,25 +1113,12 @@ def test_a_busy_endpoint_has_one_request_of_a_job_going_round_however_many_of_it
                     " 'a-secret-of-16-chars', $2)", receiver.url("/slow-many-events"), job_id)
         events = [SegmentCreated(job_id=job_id, transcript_id=job_id, chunk_index=0, index=n, speaker="spk_0",
                                  start_ts=n, end_ts=n + 1, text=f"segment {n}") for n in range(20)]
-        waiting = []
-        sampling = threading.Event()
-
-        def sample() -> None:
-            while not sampling.is_set():
-                waiting.append(messages_in(stack, busy_queue))
-                time.sleep(0.25)
-
-        sampler = threading.Thread(target=sample)
-        sampler.start()
-        try:
+        with queue_depths(stack, busy_queue) as waiting:
             publish_events(stack, events)
             # Well before the sweep (STUCK_AFTER_S) would kick a delivery a dropped request left behind.
             wait_for(lambda: len(receiver.events("/slow-many-events", job_id)) >= len(events)
                      and not stack.query("SELECT 1 FROM webhook_deliveries WHERE job_id = $1 AND status = 'pending'",
                                          job_id), 60, "every event delivered")
-        finally:
-            sampling.set()
-            sampler.join()
         delivered = [e["data"]["message_id"] for e in receiver.events("/slow-many-events", job_id)]
         assert delivered == [event.message_id for event in events]
         # One request went round while the job's events waited for the endpoint, not one per event.
