@@ -796,6 +796,17 @@ async def test_the_notifiers_sweep_whose_connection_stalls_is_started_again(vhos
             await stopped(sweeping)
 
 
+async def _proxied_consumer_queues(publishing, consuming, queue_name: str, settings):
+    """For a test of a consumer publishing through a StallingProxy: its bus on `publishing`, the
+    queue it consumes and test.out, where what it produces goes."""
+    bus = await open_bus(publishing, settings)
+    channel = await consuming.channel()
+    source = await channel.declare_queue(queue_name, durable=True, arguments={"x-queue-type": "quorum"})
+    out = await channel.declare_queue("test.out", durable=True)
+    await out.bind("stt", Produced.ROUTING_KEY)
+    return bus, source, out
+
+
 async def _tear_down_proxied_consumer(consumer, proxy, publishing, consuming, queue_name: str, settings) -> None:
     """After a test of a consumer publishing through a StallingProxy: stop it, let the proxy flow,
     delete the test's queues, close both connections and the proxy."""
@@ -840,11 +851,7 @@ async def test_a_message_whose_publish_confirm_a_dropped_connection_cancelled_is
 
     consumer = None
     try:
-        bus = await open_bus(publishing, settings)
-        channel = await consuming.channel()
-        source = await channel.declare_queue(queue_name, durable=True, arguments={"x-queue-type": "quorum"})
-        out = await channel.declare_queue("test.out", durable=True)
-        await out.bind("stt", Produced.ROUTING_KEY)
+        bus, source, out = await _proxied_consumer_queues(publishing, consuming, queue_name, settings)
         consumer = asyncio.create_task(consume(consuming, settings, "test",
                                                [Route(JobProgress, handler, any_routing_key=True)],
                                                bus=bus, queue_name=queue_name, prefetch=1))
@@ -902,11 +909,7 @@ async def test_a_message_whose_handler_finishes_as_it_is_handed_back_is_acked_on
 
     consumer = None
     try:
-        bus = await open_bus(publishing, settings)
-        channel = await consuming.channel()
-        source = await channel.declare_queue(queue_name, durable=True, arguments={"x-queue-type": "quorum"})
-        out = await channel.declare_queue("test.out", durable=True)
-        await out.bind("stt", Produced.ROUTING_KEY)
+        bus, source, out = await _proxied_consumer_queues(publishing, consuming, queue_name, settings)
         for job_id in (93, 94):
             await send_progress(consuming, job_id, queue_name)
         consumer = asyncio.create_task(consume(consuming, settings, "test",

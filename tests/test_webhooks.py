@@ -293,12 +293,17 @@ def kick(stack, job_id: int, webhook_id: int) -> None:
 
 
 def kick_all(stack, dues: list[WebhookDue]) -> None:
+    published(stack, dues)
+
+
+def published(stack, messages: list, as_events: bool = False) -> None:
+    """Publish work messages (or, `as_events`, public events on stt.events) through a bus."""
     async def publish() -> None:
-        connection = await connect(stack.settings(), "test-webhook-kick")
+        connection = await connect(stack.settings(), "test-webhook-publish")
         try:
             bus = await open_bus(connection, stack.settings())
-            for due in dues:
-                await bus.publish(due)
+            for message in messages:
+                await (bus.publish_event(message) if as_events else bus.publish(message))
         finally:
             await connection.close()
 
@@ -1077,16 +1082,7 @@ def test_chains_waiting_for_a_busy_endpoint_ask_the_database_once_a_minute_not_a
 
 def publish_events(stack, events: list) -> None:
     """Publish public events on stt.events, as the persister's outbox does."""
-    async def publish() -> None:
-        connection = await connect(stack.settings(), "test-webhook-events")
-        try:
-            bus = await open_bus(connection, stack.settings())
-            for event in events:
-                await bus.publish_event(event)
-        finally:
-            await connection.close()
-
-    asyncio.run(publish())
+    published(stack, events, as_events=True)
 
 
 def test_a_busy_endpoint_has_one_request_of_a_job_going_round_however_many_of_its_events_wait(notified):
