@@ -13,9 +13,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import aiohttp
 import asyncpg
@@ -181,6 +181,17 @@ async def deliver(pool: asyncpg.Pool, http: aiohttp.ClientSession, settings: Set
             del _in_flight[slot]
 
 
+def _make_room(entries: dict, expired: Callable[[Any], bool]) -> None:
+    """Past MARK_CHECKS_KEPT entries, those whose value has `expired` go, and if that is not
+    enough, all (a chain without an entry is only looked at once more)."""
+    if len(entries) >= MARK_CHECKS_KEPT:
+        for chain, value in list(entries.items()):
+            if expired(value):
+                del entries[chain]
+        if len(entries) >= MARK_CHECKS_KEPT:
+            entries.clear()
+
+
 async def _wait_for_a_slot(pool: asyncpg.Pool, bus: Bus, due: WebhookDue) -> None:
     """Send the request round the delay queue to come back for a slot, unless another request of
     its chain is going round already (_going_round): that one sends this one's delivery too, which
@@ -193,12 +204,7 @@ async def _wait_for_a_slot(pool: asyncpg.Pool, bus: Bus, due: WebhookDue) -> Non
             and now - going_round.since < GOING_ROUND_LOST_AFTER_S):
         _going_round[chain] = going_round._replace(dropped=True)
         return
-    if len(_going_round) >= MARK_CHECKS_KEPT:
-        for waiting, other in list(_going_round.items()):
-            if now - other.since >= GOING_ROUND_LOST_AFTER_S:
-                del _going_round[waiting]
-        if len(_going_round) >= MARK_CHECKS_KEPT:
-            _going_round.clear()
+    _make_room(_going_round, lambda other: now - other.since >= GOING_ROUND_LOST_AFTER_S)
     # Taken before the first await, so that a request coming meanwhile is dropped, not sent round too.
     _going_round[chain] = _GoingRound(due.message_id, now)
     settled = not await _mark_waiting_for_a_slot(pool, due)
@@ -252,12 +258,7 @@ async def _mark_waiting_for_a_slot(pool: asyncpg.Pool, due: WebhookDue) -> bool:
     if since_due is None:
         _next_mark_check.pop(chain, None)
         return False
-    if len(_next_mark_check) >= MARK_CHECKS_KEPT:
-        for waiting, at in list(_next_mark_check.items()):
-            if at <= now:
-                del _next_mark_check[waiting]
-        if len(_next_mark_check) >= MARK_CHECKS_KEPT:
-            _next_mark_check.clear()
+    _make_room(_next_mark_check, lambda at: at <= now)
     _next_mark_check[chain] = now + WAITING_MARKED_EVERY_S - float(since_due)
     return True
 
