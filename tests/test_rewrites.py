@@ -133,9 +133,30 @@ def test_a_card_with_a_misheard_digit_before_its_expiry_or_said_with_mixed_break
     # A domain beyond ASCII written down after a spoken "at" (not "@") is speech run together.
     "Let's meet at Müller.de tomorrow.",
     "Er war at Köln.Da ging er.",
+    # A country code that is a word too, with the sentence going on after it, ends no address;
+    # nor does a word of a sentence said as the name or the domain.
+    "Staring at the dot in the middle",
+    "I am at home dot so what",
+    "we looked at it dot by dot",
+    "Connect the dots at one dot to another dot",
+    "Staring at the dot IN THE middle",
+    "We laughed at the dot com bubble.",
 ])
 def test_speech_that_looks_like_a_spoken_address_stays(said):
     assert redact_text(said, ["email"]) == said
+
+
+@pytest.mark.parametrize("said, stored", [
+    ("anna at example dot com", "[EMAIL]"),
+    ("boris dot petrov at gmail dot com", "[EMAIL]"),
+    ("Write to anna at web dot de, thanks.", "Write to [EMAIL], thanks."),
+    ("Schreib an anna at web dot de und dann", "Schreib an [EMAIL] und dann"),
+    ("Mail anna at example dot it, thanks.", "Mail [EMAIL], thanks."),
+    ("Mail anna at example dot co dot uk", "Mail [EMAIL]"),
+    ("Schreib an helpdesk at it dot example dot edu oder anna at me dot com.", "Schreib an [EMAIL] oder [EMAIL]."),
+])
+def test_a_spoken_address_ending_in_a_country_code_or_with_a_short_word_in_its_domain_is_redacted(said, stored):
+    assert redact_text(said, ["email"]) == stored
 
 
 @pytest.mark.parametrize("joiner", ["dot", "underscore", "dash"])
@@ -294,6 +315,15 @@ def test_a_number_match_across_speakers_leaves_a_speakers_other_numbers_in_the_s
         (" meet", 0.5, 0.65), (" at", 0.65, 0.8), (" [NUMBER]:[PHONE]", 0.8, 1.0)]
 
 
+def test_a_match_across_speakers_that_covers_part_of_a_speakers_own_one_leaves_nothing_in_clear():
+    """A's "089/1234567" is a phone number; B's "1234567?" said over its end makes "1234567
+    1234567" a card across both. It stood instead of A's phone number and left "089/" in clear."""
+    a = said_by("spk_0", (" Ruf", 0), (" 089/1234567", 0.5))
+    b = said_by("spk_1", (" 1234567?", 0.6), index=1)
+    for kinds in (["card", "phone", "number"], ["card", "phone"]):
+        assert [s.text for s in redact([a, b], kinds)] == ["Ruf [PHONE]", "[PHONE]?"]
+
+
 @pytest.mark.parametrize("words, spelled", [
     # README's example: the written side's full stop and the sentence's are one.
     ([" We", " joined", " acme", " corp."], "We joined ACME Corp."),
@@ -331,4 +361,16 @@ def test_a_list_of_four_numbers_with_two_more_after_it_is_no_card(said):
     ("Card 4111 1111 1111 1111 12, 2025.", "Card [CARD] 12, 2025."),
 ])
 def test_a_card_said_with_commas_before_its_expiry_is_redacted_with_its_checksum(said, stored):
+    assert redact_text(said, ["card"]) == stored
+
+
+@pytest.mark.parametrize("said, stored", [
+    # Four numbers with a comma between each and nothing after them are a list, not a card,
+    # unless their digits pass the checksum.
+    ("Sales in 2019, 2020, 2021, 2022 were flat.", "Sales in 2019, 2020, 2021, 2022 were flat."),
+    ("We booked room 1200, 1300, 1400, 1500", "We booked room 1200, 1300, 1400, 1500"),
+    ("It's 4111, 1111, 1111, 1111.", "It's [CARD]."),
+    ("It's 4111,1111,1111,1111 thanks", "It's [CARD] thanks"),
+])
+def test_four_numbers_said_as_a_list_are_a_card_only_with_the_checksum(said, stored):
     assert redact_text(said, ["card"]) == stored

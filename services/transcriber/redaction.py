@@ -32,8 +32,22 @@ _TOP_LEVEL_DOMAINS = (
     " no np nr nu nz om pa pe pf pg ph pk pl pm pn pr ps pt pw py qa re ro rs ru rw sa sb sc sd se sg"
     " sh si sk sl sm sn so sr ss st su sv sx sy sz tc td tf tg th tj tk tl tm tn to tr tt tv tw tz ua"
     " ug uk us uy uz va vc ve vg vi vn vu wf ws ye yt za zm zw рф").split()
-_SPOKEN_TOP_LEVEL_DOMAIN = (rf"(?-i:{'|'.join(sorted(_TOP_LEVEL_DOMAINS, key=len, reverse=True))}"
-                            rf"|{'|'.join(sorted((d.upper() for d in _TOP_LEVEL_DOMAINS), key=len, reverse=True))})")
+
+
+def _said_as_written(words: list[str]) -> str:
+    """Any of `words` as Whisper writes it, in lower case or all capitals, the longest first."""
+    return "(?-i:" + "|".join(sorted([*words, *(w.upper() for w in words)], key=len, reverse=True)) + ")"
+
+
+# Country codes that are words of a sentence too ("home dot so what", "the dot in the middle", "it
+# dot by dot"): said, one ends an address only where the sentence or the text goes on with no word
+# after it ("anna at web dot it.", "... dot me, thanks", "... dot to谢谢"). The others end one
+# wherever they are ("anna at web dot de und dann").
+_TOP_LEVEL_DOMAINS_AS_WORDS = {"am", "as", "at", "be", "by", "do", "id", "in", "is", "it", "la", "ma", "me", "my",
+                               "no", "pa", "so", "to", "us", "ye"}
+_CODES_NOT_WORDS = [d for d in _TOP_LEVEL_DOMAINS if d not in _TOP_LEVEL_DOMAINS_AS_WORDS]
+_SPOKEN_TOP_LEVEL_DOMAIN = (rf"(?:{_said_as_written(_CODES_NOT_WORDS)}"
+                            rf"|{_said_as_written(sorted(_TOP_LEVEL_DOMAINS_AS_WORDS))}(?!\s*{SPACED_WORD_CHAR}))")
 # An address's name: its own letters and digits, not those of Chinese or Japanese written against
 # it ("我的邮箱是anna@example.org" loses the address, not the sentence).
 _LOCAL_CHAR = rf"(?:{SPACED_WORD_CHAR}|[.%+-])"
@@ -46,6 +60,12 @@ _SPOKEN_DOMAIN_JOIN = r" (?:dash|hyphen) "
 # words, so that a long run ("a dot a dot a dot ...") is read once, not once from each of its words.
 _NAME_STARTS = rf"(?<!{_LOCAL_CHAR})" + "".join(rf"(?<!{_LOCAL_CHAR} {joiner} )" for joiner in _SPOKEN_NAME_JOINERS)
 _SPOKEN_NAME = rf"{_NAME_STARTS}(?:{_LOCAL_CHAR}+{_SPOKEN_NAME_JOIN})*{_LOCAL_CHAR}+"
+# Words of a sentence that no address has as the name said before "at" or as the domain said
+# after it ("I am at home dot...", "laughed at the dot com bubble"); not "me", "my", "it" or "us",
+# which are mail domains (me.com) and their parts (it.example.edu).
+_NO_SPOKEN_ADDRESS_PART = (rf"(?!(?:a|an|the|this|that|these|those|i|you|he|she|we|they|him|her|his|its|our|their"
+                           rf"|them|am|is|are|was|were|be|been)(?!{_LOCAL_CHAR}))")
+_SPOKEN_NAME_BEFORE_AT = rf"{_NAME_STARTS}(?:{_LOCAL_CHAR}+{_SPOKEN_NAME_JOIN})*{_NO_SPOKEN_ADDRESS_PART}{_LOCAL_CHAR}+"
 # Digits in groups of four, with a comma, a full stop, a space or a hyphen between groups.
 _GROUP_BREAK = r"(?:[.,] ?| |-)"
 # Groups said hesitantly, as Whisper writes them: a spaced dash ("4111 – 1111", "4111 — 1111") or
@@ -116,7 +136,8 @@ PATTERNS: dict[str, re.Pattern[str]] = {
     # anna underscore smith at acme dash shop dot com, anna@example dot com, support at example.com).
     "email": re.compile(rf"{_SPOKEN_NAME}@{_DOMAIN_PART}"
                         rf"(?:(?:\.| dot |{_SPOKEN_DOMAIN_JOIN}){_DOMAIN_PART})*(?:\.| dot ){_DOMAIN_PART}"
-                        rf"|{_SPOKEN_NAME} at (?:{_DOMAIN_PART}(?:(?: dot |\.|{_SPOKEN_DOMAIN_JOIN}){_DOMAIN_PART})*"
+                        rf"|{_SPOKEN_NAME_BEFORE_AT} at {_NO_SPOKEN_ADDRESS_PART}"
+                        rf"(?:{_DOMAIN_PART}(?:(?: dot |\.|{_SPOKEN_DOMAIN_JOIN}){_DOMAIN_PART})*"
                         rf" dot {_SPOKEN_TOP_LEVEL_DOMAIN}"
                         rf"|{_ASCII_DOMAIN_PART}(?:(?: dot |\.|{_SPOKEN_DOMAIN_JOIN}){_ASCII_DOMAIN_PART})*"
                         rf"\.[A-Za-z]{{2,}})(?!{SPACED_WORD_CHAR})",
@@ -172,19 +193,20 @@ def _phones(match: re.Match[str]) -> list[tuple[int, int]]:
 
 def _is_card(card: re.Match[str]) -> bool:
     """Whether a card match is a card. Said plainly, it is, checksum or not: a card with one digit
-    misheard is still a card to redact. Said hesitantly, only with a valid checksum: years and
-    counts are said so too. Running on into an expiry, with a valid checksum, or without one where
-    its digits are said plainly (_PLAIN_CARD_DIGITS) and start as a payment card's do: counts said
-    in fours run on into a number so too ("1000 1100 1200 1300 12 25"). Numbers said as a list run
+    misheard is still a card to redact. Said hesitantly, or as a list with a comma between each
+    group ("in 2019, 2020, 2021, 2022 we"), only with a valid checksum: years and counts are said
+    so too. Running on into an expiry, with a valid checksum, or without one where its digits
+    are said plainly (_PLAIN_CARD_DIGITS) and start as a payment card's do: counts said in fours
+    run on into a number so too ("1000 1100 1200 1300 12 25"). Numbers said as a list run
     on so too ("2019, 2020, 2021, 2022, 12/25"): groups with a comma between each need the checksum,
     and so does an expiry written "12, 25", which after such groups is no expiry at all: six numbers
     with commas between them are a list, whatever their checksum ("5000, 5100, 5200, 5300, 10, 24")."""
     digits = re.sub(r"\D", "", card[0])
     if card["hesitant"] is not None:
         return luhn_valid(digits)
-    if card["expiry_after_run"] is None and card["expiry_after_groups"] is None:
-        return True
     groups_as_a_list = _GROUPS_AS_A_LIST.fullmatch(card[0]) is not None
+    if card["expiry_after_run"] is None and card["expiry_after_groups"] is None:
+        return not groups_as_a_list or luhn_valid(digits)
     if _EXPIRY_WITH_COMMA_AFTER.match(card.string, card.end()):
         return luhn_valid(digits) and not groups_as_a_list
     return luhn_valid(digits) or (not groups_as_a_list and _PLAIN_CARD_DIGITS.fullmatch(card[0]) is not None

@@ -136,7 +136,8 @@ def _across_speakers(segments: list[Segment], runs: list[list[int]], found: dict
     after it are two things said), only one that fills the words of another speaker said in
     between ("555", "123", "4567" given to A, B, A: A's search saw "555 4567"); that one then
     stands instead of the own spans it covers, and those on its words that it does not cover stay
-    ("9" of A's "9:30" where it is "30" and B's "555 1234")."""
+    ("9" of A's "9:30" where it is "30" and B's "555 1234"); one it covers only in part keeps it
+    out ("089/" of A's "089/1234567" where it is "1234567" and B's "1234567")."""
     Place = tuple[int, int]  # a word: (segment, its index there)
     where: dict[Place, tuple[int, int]] = {}  # each word's run and its start in the run's text
     texts: dict[int, str] = {}
@@ -204,8 +205,15 @@ def _across_speakers(segments: list[Segment], runs: list[list[int]], found: dict
                     parts.append(latest[p])
             # Of the speakers' own spans on its words, only those it covers give way to it: A's
             # "9" in "9:30" stays a number where the match is "30 555 1234".
-            dropped |= {(n, i) for n, i in touched if any(
+            overlapped = {(n, i) for n, i in touched if any(
                 m == n and found[n][i][0] < high and low < found[n][i][1] for m, _, _, low, high in parts)}
+            # Where it covers one of them only in part, that one stays and the match is not taken:
+            # A's phone number "089/1234567" and B's "1234567" said over its end make the card
+            # "1234567 1234567", which in its place would leave A's "089/" in clear.
+            if any(not all(any(m == n and low <= c < high for m, _, _, low, high in parts)
+                           for c in range(found[n][i][0], found[n][i][1])) for n, i in overlapped):
+                continue
+            dropped |= overlapped
             for n, _, _, low, high in parts:
                 said = texts[n][low:high]
                 # A part keeps the space before it (the other speaker's part ended there).
