@@ -63,8 +63,10 @@ clean:
 	rm -rf $(VENV) models .pytest_cache
 
 # Containers (deploy/compose.yaml): settings from .env when there is one; the CUDA transcriber on
-# a reserved GPU when nvidia-smi finds one (needs the NVIDIA Container Toolkit; GPU= forces CPU).
-GPU ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
+# a reserved GPU when nvidia-smi finds one and the NVIDIA Container Toolkit is installed (Docker
+# hands a GPU to a container through its nvidia-container-runtime-hook; without it the transcriber
+# could not be created). GPU= forces CPU, GPU=yes the GPU.
+GPU ?= $(shell nvidia-smi -L >/dev/null 2>&1 && command -v nvidia-container-runtime-hook >/dev/null 2>&1 && echo yes)
 COMPOSE := docker compose $(if $(wildcard .env),--env-file .env) -f deploy/compose.yaml \
 	$(if $(GPU),-f deploy/compose.gpu.yaml)
 
@@ -73,6 +75,8 @@ docker-build:
 
 # More workers of a stage: make docker-up SCALE="transcriber=2 diarizer=2"
 docker-up:
+	@if [ -z "$(GPU)" ] && nvidia-smi -L >/dev/null 2>&1 && ! command -v nvidia-container-runtime-hook >/dev/null; \
+	then echo "A GPU, but no NVIDIA Container Toolkit (nvidia-container-runtime-hook): the transcriber runs on CPU"; fi
 	$(COMPOSE) up -d $(foreach stage,$(SCALE),--scale $(stage))
 
 docker-down:

@@ -86,12 +86,15 @@ HTTP_SECONDS = Histogram(
 
 
 def serve_metrics(settings: Settings, service: str) -> None:
-    """Serve /metrics on METRICS_PORT (0: off) from a background thread, and the worker's probes:
+    """Serve /metrics on METRICS_PORT (0: off, /healthz too) from a background thread, and the worker's probes:
     /healthz answers 503 while a consumer's watchdog is overdue (consumer_checked: the event loop
     is blocked, or the watchdog stuck), 200 otherwise, before consuming starts included. A port already
     in use is logged, not fatal: the worker's job is its stage, not its figures."""
     if not settings.metrics_port:
-        log.info("metrics disabled (METRICS_PORT=0)")
+        # The images' HEALTHCHECK and the Kubernetes probes ask /healthz on this port: said here,
+        # a worker restarted by them over and over is explained in its own log.
+        log.warning("METRICS_PORT=0: neither /metrics nor /healthz served; a health check asking "
+                    "/healthz fails")
         return
     try:
         server = make_server("0.0.0.0", settings.metrics_port, _with_probes(make_wsgi_app()),

@@ -35,10 +35,11 @@ export WHISPER_MODEL="${WHISPER_MODEL:-$PWD/models/whisper-base}"
 export EMBEDDING_BACKEND="${EMBEDDING_BACKEND:-local}"
 export DIARIZATION_BACKEND="${DIARIZATION_BACKEND:-auto}"
 export PYTHONUNBUFFERED=1
-# Ctrl-C: honcho kills what still runs 5 s after it signals the services. A worker's grace ends
-# before that, so the message it holds is handed back instead of counting a delivery against
-# DELIVERY_LIMIT; this wins over .env and the shell (30 s suits an orchestrator's stop timeout).
-export SHUTDOWN_GRACE_S=3
+# Ctrl-C: honcho kills what still runs 5 s after it signals the services. Every grace ends before
+# that, ingest's two included (requests in flight, then its consumers: 2 x SHUTDOWN_GRACE_S), so a
+# message held is handed back instead of counting a delivery against DELIVERY_LIMIT; this wins
+# over .env and the shell (30 s suits an orchestrator's stop timeout).
+export SHUTDOWN_GRACE_S=1
 export PATH="$PWD/.venv/bin:$PATH"  # the Procfile's `python` is the venv's
 # `-e /dev/null`: the environment above is .env's already; honcho's own reading of .env would put
 # .env's values back over it (SHUTDOWN_GRACE_S, the shell's settings) in every service.

@@ -272,6 +272,49 @@ def test_compose_stop_grace_periods_follow_shutdown_grace_s():
     assert text.index("STOP_GRACE_PERIOD=") - text.index("SHUTDOWN_GRACE_S=") < 800
 
 
+def compose_interpolated(value: str, environment: dict[str, str]) -> str:
+    """`value` as compose passes it to a container: each ${VAR:-default} from `environment` or its
+    default, and $$ (a dollar escaped for the container's shell) as $."""
+    value = re.sub(r"(?<!\$)\$\{(\w+):-([^}]*)\}", lambda match: environment.get(match[1]) or match[2], value)
+    return value.replace("$$", "$")
+
+
+def run_ollama_pull(tmp_path: Path, present: list[str], pull_exits: int = 0,
+                    environment: dict[str, str] | None = None) -> tuple[int, list[str]]:
+    """Run the ollama-pull service's entrypoint, with its environment, in this machine's shell,
+    against a stand-in `ollama` that knows the models `present` (`show` fails for any other) and
+    whose `pull` exits `pull_exits`. Returns the exit status and the ollama commands run."""
+    service = load_compose()["services"]["ollama-pull"]
+    (tmp_path / "bin").mkdir(parents=True)
+    (tmp_path / "present").write_text("".join(f"{model}\n" for model in present))
+    ollama = tmp_path / "bin" / "ollama"
+    ollama.write_text(f'#!/bin/sh\necho "$*" >> "{tmp_path}/calls"\n'
+                      f'case "$1" in show) grep -qxF "$2" "{tmp_path}/present" ;; pull) exit {pull_exits} ;;'
+                      ' *) exit 2 ;; esac\n')
+    ollama.chmod(0o755)
+    container_environment = {name: compose_interpolated(str(value), environment or {})
+                             for name, value in service["environment"].items()}
+    result = subprocess.run([compose_interpolated(part, environment or {}) for part in service["entrypoint"]],
+                            env={**container_environment, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"},
+                            capture_output=True, text=True, timeout=30)
+    calls = tmp_path / "calls"
+    return result.returncode, calls.read_text().splitlines() if calls.exists() else []
+
+
+def test_compose_pulls_the_embedding_model_only_when_ollama_lacks_it(tmp_path):
+    """`ollama pull` asks the registry even for a model it has: every `make docker-up` without
+    internet failed the pull, and the embedder, waiting for it to succeed, never started (a model
+    re-published under the same name would also have changed the vectors of later jobs)."""
+    assert run_ollama_pull(tmp_path / "present", ["bge-m3"], pull_exits=1) == (0, ["show bge-m3"])
+    assert run_ollama_pull(tmp_path / "missing", []) == (0, ["show bge-m3", "pull bge-m3"])
+    offline, _ = run_ollama_pull(tmp_path / "offline", [], pull_exits=1)
+    assert offline != 0  # the embedder is not started without its model
+    assert run_ollama_pull(tmp_path / "named", ["bge-m3"], environment={"MODEL_NAME_EMBEDDED": "nomic-embed-text"}) \
+        == (0, ["show nomic-embed-text", "pull nomic-embed-text"])
+    assert load_compose()["services"]["embedder"]["depends_on"]["ollama-pull"] == \
+        {"condition": "service_completed_successfully"}
+
+
 def test_compose_gpu_transcriber_has_an_image_of_its_own():
     """One tag for both: `make docker-up` ran whichever image was built last, with GPU= or without."""
     assert load_compose("compose.gpu.yaml")["services"]["transcriber"]["image"] != \
@@ -485,6 +528,27 @@ def test_ingest_stops_serving_only_once_it_is_out_of_the_endpoints_and_before_it
     assert compose_seconds(ingest_period) >= 2 * compose_grace_s + 10
 
 
+def comment_above(path: Path, setting: str) -> str:
+    """The comment lines right above `setting=` in an env file, joined."""
+    lines = path.read_text().splitlines()
+    end = next(number for number, line in enumerate(lines) if line.startswith(f"{setting}="))
+    start = end
+    while start and lines[start - 1].startswith("#"):
+        start -= 1
+    return " ".join(line.lstrip("# ") for line in lines[start:end])
+
+
+def test_the_settings_files_say_that_metrics_port_0_turns_the_workers_healthz_off():
+    """"0 turns it off" read as /metrics only: /healthz went with it, and the probes and the
+    images' HEALTHCHECK, which ask it on METRICS_PORT, restarted every worker in a loop."""
+    assert all(probe["httpGet"]["port"] == "metrics"
+               for worker in WORKERS for container in pod_spec(worker)["containers"]
+               for probe in (container["startupProbe"], container["livenessProbe"]))
+    for path in (K8S / "settings.env", ROOT / ".env.example"):
+        said = comment_above(path, "METRICS_PORT")
+        assert "/healthz" in said and re.search(r"\bnot 0\b", said, re.I), (path, said)
+
+
 def test_ingest_may_take_an_hour_to_migrate_the_database_before_its_startup_probe_gives_up():
     """A migration killed mid-way rolls back, and the next start runs it again from the start."""
     probe = pod_spec("ingest")["containers"][0]["startupProbe"]
@@ -604,11 +668,15 @@ def test_make_run_gives_workers_a_grace_that_ends_before_honcho_kills_them(tmp_p
     """honcho SIGKILLs what still runs KILL_WAIT (5 s) after Ctrl-C: a worker's grace of 30 s never
     ended, so what it held was never handed back, and each Ctrl-C spent one of the message's
     DELIVERY_LIMIT deliveries. The script's 3 s lost to .env's 30: honcho read .env again and put
-    its values over the environment of each service."""
+    its values over the environment of each service. Then 3 s was a worker's but not ingest's:
+    it gives requests in flight SHUTDOWN_GRACE_S (uvicorn's graceful shutdown), then its consumers
+    as long again (services/ingest/app.py), 6 s in all."""
     from honcho.manager import KILL_WAIT
 
     seen = run_local(tmp_path, "SHUTDOWN_GRACE_S=30\n", {"SHUTDOWN_GRACE_S": "40"})
-    assert float(seen["SHUTDOWN_GRACE_S"]) + 1 < KILL_WAIT  # a second left to hand back and exit
+    grace_s = float(seen["SHUTDOWN_GRACE_S"])
+    assert grace_s + 1 < KILL_WAIT  # a second left to hand back and exit
+    assert 2 * grace_s + 1 < KILL_WAIT  # ingest's
 
 
 def test_make_run_takes_a_setting_from_the_shell_over_dotenv(tmp_path):
@@ -624,7 +692,7 @@ def test_make_run_serves_the_api_on_this_host_only_unless_told_otherwise(tmp_pat
     listened on every interface (the settings' default, and .env.example's)."""
     shutil.copy(ROOT / ".env.example", tmp_path / "env.example")
     seen = run_local(tmp_path / "copied", (tmp_path / "env.example").read_text())  # cp .env.example .env
-    assert (seen["API_HOST"], seen["SHUTDOWN_GRACE_S"]) == ("127.0.0.1", "3")
+    assert (seen["API_HOST"], seen["SHUTDOWN_GRACE_S"]) == ("127.0.0.1", "1")
     assert Settings(_env_file=None, api_host=seen["API_HOST"]).api_host == "127.0.0.1"
     assert run_local(tmp_path / "none", None)["API_HOST"] == "127.0.0.1"
     assert run_local(tmp_path / "open", "API_HOST=0.0.0.0\n")["API_HOST"] == "0.0.0.0"
@@ -644,6 +712,37 @@ def test_make_run_leaves_the_local_rabbitmq_alone_when_amqp_url_names_another_br
 def test_make_run_starts_the_local_rabbitmq_when_amqp_url_names_it(tmp_path, dotenv):
     run_local(tmp_path, dotenv)
     assert (tmp_path / "local-services-ran").exists()
+
+
+def make_docker_up(tmp_path: Path, tools: tuple[str, ...], *args: str) -> tuple[str, str]:
+    """Run `make docker-up` from a copy of the Makefile with only `tools` on PATH (stand-ins that
+    succeed) and a `docker` that records its arguments. Returns those arguments and make's output."""
+    (tmp_path / "bin").mkdir(parents=True)
+    shutil.copy(ROOT / "Makefile", tmp_path)
+    for tool in tools:
+        (tmp_path / "bin" / tool).write_text("#!/bin/sh\nexit 0\n")
+        (tmp_path / "bin" / tool).chmod(0o755)
+    (tmp_path / "bin" / "docker").write_text(f'#!/bin/sh\necho "$*" > "{tmp_path}/docker-args"\n')
+    (tmp_path / "bin" / "docker").chmod(0o755)
+    result = subprocess.run([shutil.which("make"), "-s", "docker-up", *args], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=60, env={"PATH": str(tmp_path / "bin"), "HOME": str(tmp_path)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    return (tmp_path / "docker-args").read_text(), result.stdout
+
+
+def test_make_docker_up_reserves_a_gpu_only_where_docker_can_hand_one_to_a_container(tmp_path):
+    """nvidia-smi alone decided: on a host with the driver but not the NVIDIA Container Toolkit
+    (whose hook Docker runs to give a container the GPU) the transcriber could not be created."""
+    hook = "nvidia-container-runtime-hook"
+    both, said = make_docker_up(tmp_path / "both", ("nvidia-smi", hook))
+    assert "-f deploy/compose.gpu.yaml" in both and said == ""
+    driver_only, said = make_docker_up(tmp_path / "driver-only", ("nvidia-smi",))
+    assert "compose.gpu.yaml" not in driver_only and "-f deploy/compose.yaml" in driver_only
+    assert "no NVIDIA Container Toolkit" in said
+    no_gpu, said = make_docker_up(tmp_path / "no-gpu", (hook,))
+    assert "compose.gpu.yaml" not in no_gpu and said == ""
+    forced_cpu, said = make_docker_up(tmp_path / "forced-cpu", ("nvidia-smi", hook), "GPU=")
+    assert "compose.gpu.yaml" not in forced_cpu and said == ""
 
 
 # ---- make test, the test stacks and make stop --------------------------------------------------

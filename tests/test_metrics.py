@@ -181,6 +181,15 @@ def test_a_failing_chunk_counts_as_retried_then_dead_lettered(stack: Stack):
              >= parked_before + 1, 20)
 
 
+def test_a_worker_without_metrics_says_that_its_healthz_is_off_too(caplog):
+    """METRICS_PORT=0 turns /healthz off with /metrics: the probes and HEALTHCHECK asking it then
+    restart the worker over and over, and its log only said "metrics disabled"."""
+    with caplog.at_level(logging.INFO, logger="common.metrics"):
+        metrics.serve_metrics(Settings(_env_file=None, metrics_port=0), "test")
+    [record] = caplog.records
+    assert record.levelno == logging.WARNING and "/healthz" in record.getMessage()
+
+
 def test_a_message_that_takes_hours_falls_in_a_bucket_of_its_own():
     """The top finite bucket was 1 h, while the diarizer may work on one recording for hours
     (MAX_AUDIO_HOURS is 6): a 2-hour and a 5-hour message were both just "over an hour"."""
