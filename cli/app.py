@@ -47,6 +47,7 @@ from common.messages import (
     EVENTS,
     SegmentCreated,
     TranscriptCompleted,
+    TranscriptDeleted,
     TranscriptFailed,
     TranscriptSpeakersUpdated,
     person_name,
@@ -141,6 +142,11 @@ class ApiError(Exception):
 class AnswerLost(Exception):
     """A request that changes something was sent and its answer never came (sent again where it
     could be, and lost again): it may have been done. The message says how the answer was lost."""
+
+
+class FileChanged(Exception):
+    """A file being uploaded ended before the size it had when its upload began, or went on past
+    it (still being written, or cut): the request cannot carry the Content-Length it declared."""
 
 
 class UnexpectedAnswer(Exception):
@@ -359,8 +365,9 @@ def sent_with_key(send: Callable[[dict[str, str]], httpx.Response], *, said_of: 
             if isinstance(exc, NOT_SENT) and attempt == 1:
                 raise
             if attempt == attempts:
-                raise AnswerLost("sent again, " + ("the API could not be reached" if isinstance(exc, NOT_SENT)
-                                                   else lost_answer(exc))) from exc
+                raise AnswerLost(("sent again, " if attempt > 1 else "")
+                                 + ("the API could not be reached" if isinstance(exc, NOT_SENT)
+                                    else lost_answer(exc))) from exc
             stderr.print(f"{said_of}{escape(lost_answer(exc))}, sending it again")
         else:
             if response.status_code in GATEWAY_GAVE_UP:
@@ -411,7 +418,9 @@ def without_password(text: str, api: str) -> str:
 def multipart_body(path: Path, fields: dict[str, str],
                    on_sent: Callable[[int], None]) -> tuple[dict[str, str], Iterator[bytes]]:
     """Headers and a streamed multipart/form-data body: the file is read in chunks as httpx
-    sends them (never whole into memory), and `on_sent` hears of each chunk."""
+    sends them (never whole into memory), and `on_sent` hears of each chunk. The body raises
+    FileChanged, before its end is sent, where the file no longer has the size declared (OSError
+    where it cannot be read), so the server never takes the request for a complete one."""
     boundary = secrets.token_hex(16)
     parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
              for name, value in fields.items()]
@@ -421,16 +430,25 @@ def multipart_body(path: Path, fields: dict[str, str],
     head = b"".join(parts)
     tail = f"\r\n--{boundary}--\r\n".encode()
 
+    size = path.stat().st_size
+
     def body() -> Iterator[bytes]:
         yield head
+        left = size
         with path.open("rb") as file:
-            while chunk := file.read(UPLOAD_CHUNK_BYTES):
+            while left:
+                chunk = file.read(min(UPLOAD_CHUNK_BYTES, left))
+                if not chunk:
+                    raise FileChanged(f"it shrank below the {size} bytes it had when its upload began")
+                left -= len(chunk)
                 yield chunk
                 on_sent(len(chunk))
+            if file.read(1):
+                raise FileChanged(f"it grew past the {size} bytes it had when its upload began")
         yield tail
 
     # A known length lets the server refuse an over-size upload before it is sent.
-    length = len(head) + path.stat().st_size + len(tail)
+    length = len(head) + size + len(tail)
     headers = {"Content-Type": f"multipart/form-data; boundary={boundary}", "Content-Length": str(length)}
     return headers, body()
 
@@ -590,8 +608,11 @@ def follow_jobs(client: httpx.Client, jobs: list[SubmittedJob],
                     if exc.status_code not in TRANSIENT_STATUS_CODES and exc.retry_after_s is None:
                         answered_at = time.monotonic()
                     errors_in_a_row[job.id] += exc.status_code in RETRIED_STATUS_CODES
+                    # One asking to wait is waited out as the API away is, within API_AWAY_S only: past
+                    # it, FOLLOW_TRIES more polls a job would keep a script waiting on a rate limit.
                     if (exc.status_code in TRANSIENT_STATUS_CODES and away_s < API_AWAY_S) or (
-                            exc.status_code in RETRIED_STATUS_CODES and errors_in_a_row[job.id] < FOLLOW_TRIES):
+                            exc.status_code in RETRIED_STATUS_CODES and exc.retry_after_s is None
+                            and errors_in_a_row[job.id] < FOLLOW_TRIES):
                         progress.update(tasks[job.id], stage=f"[yellow]{escape(exc.detail)}, retrying")
                         continue
                     # Not the job's end: the API would not say how it is (a key refused, the job
@@ -749,6 +770,15 @@ def submit(
             except httpx.TransportError as exc:
                 refused += 1
                 stderr.print(Text(f"{name}: upload failed, {transport_failure(exc, api)}", style="red"))
+                continue
+            except FileChanged as exc:
+                refused += 1
+                stderr.print(Text(f"{name}: not sent, it changed while it was being sent ({exc}); is it still being"
+                                  f" written?", style="red"))
+                continue
+            except OSError as exc:  # gone, or unreadable, since it was checked
+                refused += 1
+                stderr.print(Text(f"{name}: not sent, it cannot be read ({exc.strerror or exc})", style="red"))
                 continue
             jobs.append(job)
             stderr.print(f"{escape(name)}: accepted as job [bold]{job.id}[/]")
@@ -1289,16 +1319,28 @@ def speakers_enroll(
         raise typer.BadParameter("give either a SAMPLE file or --job and --speaker")
     # Enrolling again adds a second voiceprint of the same sample.
     unconfirmed = f"{name!r} may have been enrolled: see stt speakers list before enrolling again"
-    with reporting_api_errors(api, unconfirmed), api_client(api, api_key) as client:
+
+    def send(_: dict[str, str]) -> httpx.Response:
         if sample is not None:
             fields = {"name": name, **({"force": "true"} if force else {})}
             headers, body = multipart_body(sample, fields, lambda sent: None)
-            response = client.post("/speakers", content=body, headers=headers, timeout=SPEAKER_CHANGE_TIMEOUT)
-        else:
-            response = client.post("/speakers", json={"name": name, "transcript_id": job, "label": speaker,
-                                                      **({"force": True} if force else {})},
-                                   timeout=SPEAKER_CHANGE_TIMEOUT)
-        profile = checked(response).json()
+            return client.post("/speakers", content=body, headers=headers, timeout=SPEAKER_CHANGE_TIMEOUT)
+        return client.post("/speakers", json={"name": name, "transcript_id": job, "label": speaker,
+                                              **({"force": True} if force else {})}, timeout=SPEAKER_CHANGE_TIMEOUT)
+
+    with reporting_api_errors(api, unconfirmed), api_client(api, api_key) as client:
+        try:
+            # Offered again while the server is busy (503 or 429 with Retry-After: nothing was
+            # made), as an upload is; sent once only otherwise: POST /speakers takes no
+            # Idempotency-Key, and a second send would add a second voiceprint.
+            profile = checked(sent_with_key(send, attempts=1, busy_wait_s=UPLOAD_BUSY_WAIT_S)).json()
+        except KeyboardInterrupt:
+            stderr.print(Text(f"stopped before the API answered; {unconfirmed}", style="red"))
+            raise typer.Exit(130) from None
+        except FileChanged as exc:
+            fail(f"{sample}: not sent, it changed while it was being sent ({exc}); is it still being written?")
+        except OSError as exc:  # gone, or unreadable, since it was checked
+            fail(f"{sample}: not sent, it cannot be read ({exc.strerror or exc})")
     relabelled = ", ".join(map(str, profile["relabelled"])) or "none"
     sys.stdout.write(f"speaker {profile['id']} {profile['name']}: {profile['voiceprint_count']} voiceprint(s);"
                      f" transcripts renamed: {relabelled}\n")
@@ -1341,8 +1383,13 @@ def speakers_forget(
             fail(f"{wanted!r} is both the name of speaker {named['id']} and the id of {numbered['name']!r};"
                  f" forget {numbered['name']!r} by name, or rename speaker {named['id']} first")
         [found] = found.values()
-        with reporting_api_errors(api, f"{found['name']!r} may have been forgotten: see stt speakers list"):
-            checked(client.delete(f"/speakers/{found['id']}", timeout=SPEAKER_CHANGE_TIMEOUT))
+        unconfirmed = f"{found['name']!r} may have been forgotten: see stt speakers list"
+        with reporting_api_errors(api, unconfirmed):
+            try:
+                checked(client.delete(f"/speakers/{found['id']}", timeout=SPEAKER_CHANGE_TIMEOUT))
+            except KeyboardInterrupt:
+                stderr.print(Text(f"stopped before the API answered; {unconfirmed}", style="red"))
+                raise typer.Exit(130) from None
     sys.stdout.write(f"forgot {found['name']}\n")
 
 
@@ -1473,6 +1520,10 @@ class EventPrinter:
             stdout.print(Text(f"job {event.transcript_id} speakers: {names}", style="bold"))
         elif isinstance(event, TranscriptFailed):
             stdout.print(Text(f"job {event.transcript_id} failed: {event.filename}: {event.reason}", style="bold red"))
+            ended = 1
+        elif isinstance(event, TranscriptDeleted):
+            # Its last event: nothing of a deleted job comes after it, nor does the API know it.
+            stdout.print(Text(f"job {event.transcript_id} was deleted", style="bold red"))
             ended = 1
         stdout.file.flush()
         return ended if self.job_id is not None else None

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -1236,6 +1236,39 @@ def test_watch_for_one_job_stopped_before_it_ends_does_not_exit_as_done():
     assert codes == {(True, signal.SIGINT): 130, (True, signal.SIGTERM): 143, (False, signal.SIGTERM): 0}
 
 
+def test_watch_for_one_job_ends_when_it_is_deleted():
+    """`watch --job` ignored its job's transcript.deleted: with an API that cannot say (another
+    key's job, the API unreachable) it waited HIDDEN_JOB_SILENCE_S (60 minutes) before exiting 1.
+    It now says so and exits 1 at once; another job's deletion changes nothing."""
+    from common.broker import EVENTS_EXCHANGE
+    from common.messages import TranscriptDeleted
+
+    async def publish(url: str, *events: TranscriptDeleted) -> None:
+        connection = await aio_pika.connect(url)
+        try:
+            exchange = await (await connection.channel()).get_exchange(EVENTS_EXCHANGE)
+            for event in events:
+                await exchange.publish(aio_pika.Message(event.model_dump_json().encode()),
+                                       routing_key=event.ROUTING_KEY)
+        finally:
+            await connection.close()
+
+    processing = {"status": "processing", "stage": "transcribing", "percent": 40}
+    with private_vhost() as vhost, StandInApi({("GET", "/status/7"): [(200, processing)]}) as api:
+        asyncio.run(declare_events_exchange(amqp_url(vhost)))
+        env = {**os.environ, "STT_API_URL": api, "AMQP_URL": amqp_url(vhost), "PYTHONUNBUFFERED": "1"}
+        watcher = Background(["watch", "--job", "7"], env)
+        try:
+            watcher.wait_for(r"watching stt\.events", timeout=60)
+            asyncio.run(publish(amqp_url(vhost), TranscriptDeleted(job_id=8, transcript_id=8),
+                                TranscriptDeleted(job_id=7, transcript_id=7)))
+            code = watcher.process.wait(30)
+        finally:
+            watcher.stop()
+    assert code == 1 and "job 7 was deleted" in watcher.output, watcher.output
+    assert "job 8" not in watcher.output and "Traceback" not in watcher.output, watcher.output
+
+
 def test_a_redirect_is_reported_not_taken_for_success(tmp_path):
     with RedirectingServer() as api:
         deleted = subprocess.run([STT, "delete", "5", "--api", api], capture_output=True, text=True, timeout=60)
@@ -1363,6 +1396,86 @@ def test_a_busy_answer_after_a_long_upload_is_waited_out(monkeypatch):
     assert "the server is busy, trying again in 0.5 s" in said and "accepted as job 7" in said, said
 
 
+class ChangingFilesApi:
+    """Accepts every upload it got whole (job 1, 2...), read in full only after `on_upload[filename]`
+    ran as its first bytes came: a file changed or removed while it is being sent. `accepted` holds
+    the file names of those accepted."""
+
+    def __init__(self, on_upload: dict[str, Callable[[], None]]) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        accepted = self.accepted = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+                length = int(self.headers["Content-Length"])
+                first = self.rfile.read(min(length, 64 * 1024))
+                filename = re.search(rb'filename="([^"]+)"', first).group(1).decode()
+                on_upload.get(filename, lambda: None)()
+                got = len(first)
+                while got < length and (data := self.rfile.read1(min(1 << 20, length - got))):
+                    got += len(data)
+                if got < length:
+                    return  # the client gave up on it
+                accepted.append(filename)
+                data = json.dumps({"id": len(accepted), "filename": filename}).encode()
+                self.send_response(202)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+
+    def __enter__(self) -> str:
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return f"http://127.0.0.1:{self.server.server_port}"
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+
+
+def test_a_file_that_changes_or_goes_while_the_files_are_sent_is_not_sent_and_the_others_are(tmp_path):
+    """A file that shrank or grew while it was sent raised h11's LocalProtocolError ("Too little/
+    much data for declared Content-Length"), and one gone before its turn FileNotFoundError: a
+    traceback, the files after it never sent, the jobs accepted not listed. Each is now not sent,
+    saying why, and the others are; `speakers enroll` says the same of its sample. The files are
+    larger than what the sockets hold, so each changes before it has been read to its end."""
+    size = 32 * 1024 * 1024
+    files = {name: tmp_path / name for name in ("shrinks.wav", "grows.wav", "stays.wav", "goes.wav")}
+    for name, path in files.items():
+        with path.open("wb") as file:
+            file.truncate(1000 if name in ("stays.wav", "goes.wav") else size)
+
+    def shrink_one_and_remove_another() -> None:
+        os.truncate(files["shrinks.wav"], 1024 * 1024)
+        files["goes.wav"].unlink()
+
+    def grow() -> None:
+        with files["grows.wav"].open("ab") as file:
+            file.write(b"\0" * 1000)
+
+    stand_in = ChangingFilesApi({"shrinks.wav": shrink_one_and_remove_another, "grows.wav": grow})
+    with stand_in as api:
+        result = CliRunner().invoke(app, ["submit", "--no-wait", *map(str, files.values()), "--api", api])
+        files["grows.wav"].write_bytes(b"\0" * size)
+        enrolled = CliRunner().invoke(app, ["speakers", "enroll", "Anna", str(files["grows.wav"]), "--api", api])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 1 and "Traceback" not in said, said
+    assert stand_in.accepted == ["stays.wav"] and "stays.wav: accepted as job 1" in said, said
+    assert (f"shrinks.wav: not sent, it changed while it was being sent (it shrank below the {size} bytes it had"
+            f" when its upload began); is it still being written?") in said, said
+    assert (f"grows.wav: not sent, it changed while it was being sent (it grew past the {size} bytes it had when"
+            f" its upload began); is it still being written?") in said, said
+    assert "goes.wav: not sent, it cannot be read (No such file or directory)" in said, said
+    enrolled_said = " ".join(enrolled.output.split())
+    assert enrolled.exit_code == 1 and "Traceback" not in enrolled_said, enrolled_said
+    assert "grows.wav: not sent, it changed while it was being sent (it grew past" in enrolled_said, enrolled_said
+
+
 def test_an_api_key_with_a_user_in_the_api_address_is_refused():
     """httpx sends an address's user and password (https://user:pw@host, or a token as the user) as
     Basic auth, which silently took the place of `Authorization: Bearer <key>` from --api-key."""
@@ -1469,6 +1582,47 @@ def test_ctrl_c_while_an_upload_waits_for_its_answer_says_it_may_have_been_accep
     assert re.search(r"^\s*job 7 \(a\.wav\) stt status 7$", outputs["submit"], re.MULTILINE), outputs["submit"]
     assert ("stopped before the API answered; a new run of job 5 may have been made: see stt list before running"
             " it again") in rerun, rerun
+
+
+def test_enrolling_waits_out_a_busy_server_and_ctrl_c_says_it_may_have_been_done(fixtures_dir):
+    """`speakers enroll` posted once: a 503 with Retry-After (uploads busy, the database briefly
+    away; nothing made) exited 1 at once, where submit waits it out. It now waits too. Ctrl-C while
+    enrolling or forgetting waits for the answer printed click's bare "Aborted!"; it now says the
+    change may have been made and how to look, 130."""
+    sample = str(fixtures_dir / "jfk.flac")
+    busy = (503, {"detail": "too many uploads at once"}, {"Retry-After": "0.5"})
+    profile = {"id": 3, "name": "Anna", "voiceprint_count": 1, "relabelled": []}
+    for source in ([sample], ["--job", "12", "--speaker", "spk_1"]):
+        stand_in = StandInApi({("POST", "/speakers"): [busy, busy, (201, profile)]})
+        with stand_in as api:
+            result = CliRunner().invoke(app, ["speakers", "enroll", "Anna", *source, "--api", api])
+        said = " ".join(result.output.split())
+        assert result.exit_code == 0 and "speaker 3 Anna: 1 voiceprint(s)" in said, said
+        assert said.count("the server is busy, trying again in 0.5 s") == 2, said
+        sent = [body for _, _, body in stand_in.requests]
+        assert len(sent) == 3 and all(len(body) == len(sent[0]) for body in sent), [len(body) for body in sent]
+
+    listing = {"items": [{"id": 3, "name": "Anna", "voiceprint_count": 1}]}
+    slow = {("POST", "/speakers"): 60.0, ("DELETE", "/speakers/3"): 60.0}
+    outputs, codes = {}, {}
+    for command in (["enroll", "Anna", sample], ["forget", "Anna"]):
+        stand_in = StandInApi({("POST", "/speakers"): [(201, profile)], ("GET", "/speakers"): [(200, listing)],
+                               ("DELETE", "/speakers/3"): [(204, {})]}, delays=slow)
+        with stand_in as api:
+            waiting = Background(["speakers", *command], {**os.environ, "STT_API_URL": api, "PYTHONUNBUFFERED": "1"})
+            try:
+                deadline = time.monotonic() + 60
+                while not any((method, path) in slow for method, path, _ in stand_in.requests):
+                    assert time.monotonic() < deadline and waiting.process.poll() is None, waiting.output
+                    time.sleep(0.1)
+            finally:
+                codes[command[0]] = waiting.stop()
+            outputs[command[0]] = " ".join(waiting.output.split())
+    assert codes == {"enroll": 130, "forget": 130}, outputs
+    assert "Aborted" not in str(outputs) and "Traceback" not in str(outputs), outputs
+    assert ("stopped before the API answered; 'Anna' may have been enrolled: see stt speakers list before enrolling"
+            " again") in outputs["enroll"], outputs
+    assert "stopped before the API answered; 'Anna' may have been forgotten: see stt speakers list" in outputs["forget"]
 
 
 def test_a_rate_limit_that_says_how_long_to_wait_is_waited_out(monkeypatch):
@@ -1593,6 +1747,24 @@ def test_following_a_job_gives_up_on_an_api_gone_for_good(monkeypatch):
     assert {job_id: document["status"] for job_id, document in outcome.items()} == {4: cli.NOT_FOLLOWED,
                                                                                      5: cli.NOT_FOLLOWED}
     assert "has not answered for" in outcome[4]["error"]
+
+
+def test_following_a_rate_limited_job_stops_once_the_api_has_been_away_long_enough(monkeypatch):
+    """Past API_AWAY_S, a 429 with Retry-After counted as a 429 without one: FOLLOW_TRIES (60) more
+    polls, a second apart, a job. It now ends following the job at once, as a 503 does."""
+    from cli import app as cli
+
+    monkeypatch.setattr(cli, "API_AWAY_S", 1.0)
+    monkeypatch.setattr(cli, "POLL_INTERVAL_S", 0.05)
+    limited = (429, {"detail": "rate limited"}, {"Retry-After": "0.2"})
+    stand_in = StandInApi({("GET", "/status/7"): [limited]})
+    with stand_in as api, httpx.Client(base_url=api) as client:
+        started = time.monotonic()
+        documents = cli.follow_jobs(client, [cli.SubmittedJob(7, "a.wav")])
+        took_s = time.monotonic() - started
+    assert documents[7]["status"] == cli.NOT_FOLLOWED and "429: rate limited" in documents[7]["error"], documents
+    # One poll every Retry-After within API_AWAY_S, then none.
+    assert len(stand_in.requests) <= 8 and 1.0 <= took_s < 3, (len(stand_in.requests), took_s)
 
 
 def test_exact_and_ranged_speaker_counts_exclude_each_other(fixtures_dir):
