@@ -182,3 +182,25 @@ def test_a_job_that_has_ended_cannot_be_cancelled(small_chunks, fixtures_dir):
     assert answer.status_code == 409 and "already ended (done)" in answer.json()["detail"]
     assert stack.status(job_id)["status"] == "done"
     assert httpx.post(f"{stack.api}/transcripts/999999/cancel", timeout=30).status_code == 404
+
+
+def test_another_keys_cancel_is_refused_at_once_while_the_job_is_held(stack, made_job):
+    """While a request of the owner's holds the job, another key is told at once that there is no
+    such job: an answer only once the owner's request is done would say that it exists."""
+    from litestar.testing import TestClient
+
+    from services.ingest.app import create_app
+    from services.ingest.auth import owner_of
+    from tests.test_transcripts import held
+
+    alice, bob = "key-alice-cancel", "key-bob-cancel"
+    job_id = made_job("held.wav", b"RIFF", status="processing")
+    stack.query("UPDATE transcripts SET owner = $2 WHERE id = $1", job_id, owner_of(alice))
+    with TestClient(create_app(stack.settings(api_keys=f"{alice},{bob}")), timeout=60) as api:
+        with held(stack.database_url, "SELECT id FROM transcripts WHERE id = $1 FOR UPDATE", job_id):
+            started = time.monotonic()
+            answer = api.post(f"/transcripts/{job_id}/cancel", headers={"X-API-Key": bob})
+            assert answer.status_code == 404 and time.monotonic() - started < 4, answer.text
+        assert stack.value("SELECT status FROM transcripts WHERE id = $1", job_id) == "processing"
+        cancelled = api.post(f"/transcripts/{job_id}/cancel", headers={"X-API-Key": alice})
+        assert cancelled.status_code == 200 and cancelled.json()["error"] == "cancelled", cancelled.text

@@ -712,6 +712,29 @@ def test_a_correction_that_changes_nothing_is_no_correction(stack):
     finally:
         stack.query("DELETE FROM transcripts WHERE id = $1", job_id)
 
+def test_a_correction_waits_only_briefly_on_a_job_another_request_holds(stack):
+    """While another transaction holds the job, or the segment (a reindex storing its vectors), a
+    correction says so soon rather than holding a pooled connection as long as it lasts."""
+    job_id = stack.value("INSERT INTO transcripts (filename, status, stage, progress, language, completed_at)"
+                         " VALUES ('held.wav', 'done', 'done', 1, 'en', now()) RETURNING id")
+    where = f"{stack.api}/transcripts/{job_id}/segments/0/0"
+    try:
+        stack.query("INSERT INTO segments (transcript_id, chunk_index, index, speaker, start_ts, end_ts, text)"
+                    " VALUES ($1, 0, 0, 'spk_0', 0, 1.5, 'Held for a while.')", job_id)
+        for holding in ("SELECT id FROM transcripts WHERE id = $1 FOR UPDATE",
+                        "UPDATE segments SET embedding_model = embedding_model WHERE transcript_id = $1"):
+            started = time.monotonic()
+            with held(stack.database_url, holding, job_id, at_most_s=30):
+                busy = httpx.patch(where, json={"speaker": "spk_1"}, timeout=60)
+            assert busy.status_code == 503 and "nothing was corrected" in busy.json()["detail"], (holding, busy.text)
+            assert busy.headers["retry-after"] and time.monotonic() - started < 20
+            assert stack.value("SELECT speaker FROM segments WHERE transcript_id = $1", job_id) == "spk_0"
+        moved = httpx.patch(where, json={"speaker": "spk_1"}, timeout=30)
+        assert moved.status_code == 200 and moved.json()["speaker"] == "spk_1", moved.text
+    finally:
+        stack.query("DELETE FROM transcripts WHERE id = $1", job_id)
+
+
 def test_unknown_format_or_job(dialogue, stack):
     response = transcript(stack, dialogue["id"], format="docx")
     assert response.status_code == 400
@@ -809,6 +832,24 @@ def test_a_reference_given_at_submission_comes_back_with_the_job_and_its_end(sta
     rerun = httpx.post(f"{stack.api}/transcripts/{done}/rerun", json={"language": "en"}, timeout=30).json()["id"]
     assert [i["id"] for i in list_jobs(stack, reference=ours)["items"]] == [rerun, done]
     assert transcript(stack, rerun).json()["reference"] == ours
+
+
+def test_the_reference_filter_reads_the_reference_as_submission_does(stack):
+    """Submission keeps a reference without the spaces around it, and takes a blank one for none:
+    so does the list's filter."""
+    tag, reference = uuid.uuid4().hex[:8], f"CALL-{uuid.uuid4().hex[:8]}"
+    given, other = (stack.value("INSERT INTO transcripts (filename, status, stage, progress, options, completed_at)"
+                                " VALUES ($1, 'done', 'done', 1, $2::jsonb, now()) RETURNING id",
+                                f"{tag}-{n}.wav", json.dumps(options))
+                    for n, options in enumerate(({"reference": reference}, {})))
+    try:
+        for asked in (reference, f" {reference}  "):
+            assert [i["id"] for i in list_jobs(stack, reference=asked)["items"]] == [given], repr(asked)
+        for blank in ("", "   "):
+            assert [i["id"] for i in list_jobs(stack, filename=tag, reference=blank)["items"]] == [other, given]
+        assert list_jobs(stack, reference=f"{reference} x")["items"] == []
+    finally:
+        stack.query("DELETE FROM transcripts WHERE id = ANY($1::bigint[])", [given, other])
 
 
 # ---- delete -----------------------------------------------------------------------------------
@@ -954,11 +995,11 @@ def test_another_keys_jobs_are_invisible(keyed_api, stack, fixtures_dir):
     # While a request of Alice's holds her job, Bob is still told at once that there is no such
     # job: a 503 "being changed", or an answer only once she is done, would say that it exists.
     with held(stack.database_url, "SELECT id FROM transcripts WHERE id = $1 FOR UPDATE", job_id):
-        for method, body in (("DELETE", None), ("PATCH", {"spk_0": "Bob's guess"})):
+        for method, path, body in (("DELETE", "", None), ("PATCH", "/speakers", {"spk_0": "Bob's guess"}),
+                                   ("PATCH", "/segments/0/0", {"speaker": "spk_1"})):
             started = time.monotonic()
-            answer = keyed_api.request(method, f"/transcripts/{job_id}" + ("/speakers" if body else ""),
-                                       json=body, headers=bob)
-            assert answer.status_code == 404 and time.monotonic() - started < 4, (method, answer.text)
+            answer = keyed_api.request(method, f"/transcripts/{job_id}{path}", json=body, headers=bob)
+            assert answer.status_code == 404 and time.monotonic() - started < 4, (method, path, answer.text)
     assert keyed_api.delete(f"/transcripts/{job_id}", headers=alice).status_code == 204
     assert keyed_api.get(f"/transcripts/{job_id}", headers=alice).status_code == 404
 

@@ -270,8 +270,11 @@ async def cancel(job_id: JobId, state: State, request: Request) -> JobStatus:
     segments stored so far; transcript.failed announces it, and every stage stops working on it
     (a chunk already being transcribed is finished and thrown away). Then it can be deleted."""
     async with state.pool.acquire() as conn, conn.transaction():
+        # Another key's job is unknown at once, not after waiting on its lock.
+        if not visible(await jobstore.job(conn, job_id), request_owner(request)):
+            raise NotFoundException(detail=f"no job with id {job_id}")
         job = await jobstore.lock_job(conn, job_id)
-        if not visible(job, request_owner(request)):
+        if job is None:  # deleted meanwhile
             raise NotFoundException(detail=f"no job with id {job_id}")
         if not await jobstore.fail(conn, job_id, CANCELLED, "ingest"):
             raise HTTPException(status_code=409, detail=f"job {job_id} has already ended ({job['status']})")

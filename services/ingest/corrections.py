@@ -11,6 +11,7 @@ from difflib import SequenceMatcher
 from typing import Annotated
 
 from asyncpg import Record
+from asyncpg.exceptions import LockNotAvailableError
 from litestar import Request, patch
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException, NotFoundException
@@ -28,7 +29,7 @@ from services.ingest.errors import error_responses
 from services.ingest.redacted_audio import REDACTION_RETRY_AFTER_S
 from services.ingest.search import embed_for_request
 from services.ingest.segments import LABEL, TranscriptSegment, transcript_segment
-from services.ingest.transcripts import JobId, visible
+from services.ingest.transcripts import JobBusy, JobId, lock_job_briefly, visible
 
 log = logging.getLogger(__name__)
 
@@ -184,10 +185,11 @@ async def correct_segment(job_id: JobId, chunk_index: SegmentChunk, index: Segme
     # pool connection, that every other change of the job waits on. And only for a correction that
     # will be made: what refuses it is checked first without the locks (and again under them, as
     # it may have changed meanwhile), so that a refused one answers at once, asking nothing of the
-    # embedding service.
+    # embedding service. Another key's job is unknown at once too, not after waiting on its lock
+    # (which would tell that it exists).
+    _refused(job_id, await jobstore.job(state.pool, job_id), request)
     new_embedding = None
     if new_text is not None:
-        _refused(job_id, await jobstore.job(state.pool, job_id), request)
         stored = await jobstore.job_segment(state.pool, job_id, chunk_index, index)
         _no_segment(job_id, chunk_index, index, stored)
         if new_text != stored["text"]:  # (the text as it is: a speaker's correction at most, nothing to embed)
@@ -200,8 +202,13 @@ async def correct_segment(job_id: JobId, chunk_index: SegmentChunk, index: Segme
                     log.warning("segment %d/%d not embedded (%s); it will be once the service answers", chunk_index,
                                 index, type(exc).__name__)
     async with state.pool.acquire() as conn, conn.transaction():
-        _refused(job_id, await jobstore.lock_job(conn, job_id), request)
-        segment = await jobstore.lock_segment(conn, job_id, chunk_index, index)
+        try:
+            _refused(job_id, await lock_job_briefly(conn, job_id), request)
+            segment = await jobstore.lock_segment(conn, job_id, chunk_index, index)
+        except (JobBusy, LockNotAvailableError) as exc:
+            raise HTTPException(status_code=503, headers={"Retry-After": "5"},
+                                detail=f"job {job_id} is being changed by another request; nothing was"
+                                       " corrected, try again") from exc
         _no_segment(job_id, chunk_index, index, segment)
         speaker = data.speaker or segment["speaker"]
         text = new_text if new_text is not None else segment["text"]

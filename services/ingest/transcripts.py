@@ -275,6 +275,18 @@ class JobBusy(Exception):
 JOB_LOCK_WAIT_S = 5.0
 
 
+async def lock_job_briefly(conn: asyncpg.Connection, job_id: int) -> asyncpg.Record | None:
+    """jobstore.lock_job, waiting at most JOB_LOCK_WAIT_S for it, and for every other lock this
+    transaction takes after it (the job's segments); raises JobBusy past that. A request sent again
+    while the first waits on a transaction that does not end would hold one more pooled connection
+    each time."""
+    await conn.execute(f"SET LOCAL lock_timeout = '{int(JOB_LOCK_WAIT_S * 1000)}ms'")
+    try:
+        return await jobstore.lock_job(conn, job_id)
+    except asyncpg.exceptions.LockNotAvailableError as exc:
+        raise JobBusy from exc
+
+
 class ObjectStoreUnavailable(Exception):
     pass
 
@@ -295,13 +307,8 @@ async def delete_transcript(pool: asyncpg.Pool, s3: Minio, settings: Settings, j
         if not visible(await jobstore.job(conn, job_id), owner):
             return False
         # The locks also wait out the inbox writing this job's result file, and a reindex storing
-        # its segments' vectors, but not for long: a delete sent again while the first waits on a
-        # store that does not answer would hold one more pooled connection each time.
-        await conn.execute(f"SET LOCAL lock_timeout = '{int(JOB_LOCK_WAIT_S * 1000)}ms'")
-        try:
-            job = await jobstore.lock_job(conn, job_id)
-        except asyncpg.exceptions.LockNotAvailableError as exc:
-            raise JobBusy from exc
+        # its segments' vectors, but not for long.
+        job = await lock_job_briefly(conn, job_id)
         if job is None:  # deleted meanwhile
             return False
         if job["status"] == "processing":
@@ -351,7 +358,8 @@ LimitQuery = Annotated[int, QueryParameter(ge=1, le=500, description="Items per 
 CursorQuery = Annotated[int | None, QueryParameter(ge=1, le=MAX_ID, description="next_cursor of the previous page")]
 StatusQuery = Annotated[JobState | None, QueryParameter(description="Only jobs in this state")]
 ReferenceQuery = Annotated[str | None, QueryParameter(
-    max_length=REFERENCE_MAX_CHARS, description="Only jobs submitted with this `reference` (exactly)")]
+    max_length=REFERENCE_MAX_CHARS, description="Only jobs submitted with this `reference` (exactly;"
+                                                " the spaces around it do not count, nor does a blank one)")]
 FilenameQuery = Annotated[str | None, QueryParameter(max_length=255, description="Substring of the filename, any case")]
 # Strings parsed here rather than datetimes parsed by the framework, which takes only full RFC 3339
 # times: `since=2026-12-01` is what people type.
@@ -425,8 +433,9 @@ async def get_transcripts(
     filename: FilenameQuery = None, since: SinceQuery = None, until: UntilQuery = None,
     reference: ReferenceQuery = None,
 ) -> TranscriptPage:
+    # As submission reads it: the spaces around it are not kept, and a blank one is none.
     filters = ListFilters(status=status, filename=filename, since=as_utc(since, "since"),
-                          until=as_utc(until, "until"), reference=reference)
+                          until=as_utc(until, "until"), reference=(reference or "").strip() or None)
     return await list_transcripts(state.pool, request_owner(request), filters, limit, cursor)
 
 
