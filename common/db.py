@@ -131,6 +131,37 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
 LONG_STATEMENT_TIMEOUT_S = 7 * 86_400.0
 
 
+# What the server's end of every connection is told, so that it notices a client gone without a
+# word (its node lost, the network cut) in about a minute: keepalive probes after 30 s of silence,
+# 10 s apart, the third unanswered ending the session; and data it sent unacknowledged for 60 s
+# ending it too. Left to the OS (2 h 11 min by default), such a session's advisory locks outlived
+# their holder all that while: the outbox flusher's (held while it publishes), taken by no other
+# replica, left every job.submitted and event in the outbox (uploads answered 202 and never
+# started); `every`'s turns and a reindex run were skipped likewise. Sent as startup parameters,
+# not SET: the pool's reset (RESET ALL) as a connection goes back puts a session's values back to
+# those it started with. (Over a Unix socket the server has nothing to probe, and ignores them.)
+SERVER_TCP_KEEPALIVES_IDLE_S = 30
+SERVER_TCP_KEEPALIVES_INTERVAL_S = 10
+SERVER_TCP_KEEPALIVES_COUNT = 3
+SERVER_TCP_USER_TIMEOUT_MS = 60_000
+
+
+def server_keepalive_settings() -> dict[str, str]:
+    """The startup parameters of SERVER_TCP_KEEPALIVES_IDLE_S and the three after it."""
+    return {"tcp_keepalives_idle": str(SERVER_TCP_KEEPALIVES_IDLE_S),
+            "tcp_keepalives_interval": str(SERVER_TCP_KEEPALIVES_INTERVAL_S),
+            "tcp_keepalives_count": str(SERVER_TCP_KEEPALIVES_COUNT),
+            "tcp_user_timeout": str(SERVER_TCP_USER_TIMEOUT_MS)}
+
+
+def _refuses_keepalive_settings(exc: BaseException, sent: dict[str, str]) -> bool:
+    """Whether a connection was refused for one of the startup parameters `sent`: PgBouncer (which
+    the README offers in front of PostgreSQL) refuses those it does not know ("unsupported startup
+    parameter: tcp_keepalives_idle", SQLSTATE 08P01) unless its ignore_startup_parameters names
+    them."""
+    return isinstance(exc, asyncpg.PostgresError) and any(name in str(exc) for name in sent)
+
+
 async def create_pool(settings: Settings, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
     """Waits for the database at start-up instead of crashing; raises DatabaseMisconfigured at
     once when the database answers that this service may not use it (wrong password or user, no
@@ -142,8 +173,17 @@ async def create_pool(settings: Settings, *, min_size: int = 1, max_size: int = 
     no answer to it either within as long again, drops the connection: the caller sees the error
     once the connection is back in the pool (within about twice the timeout), and the pool makes a
     new connection for the next query. The pool's max_inactive_connection_lifetime (300 s) is no
-    help there: it closes only connections left idle that long, and never the min_size ones."""
+    help there: it closes only connections left idle that long, and never the min_size ones.
+
+    Every connection, the pool's and connection_outside's, carries server_keepalive_settings();
+    where they are refused (a PgBouncer in front), the pool is made without them, with a warning."""
     url = settings.database_url.get_secret_value()
+    keepalive = server_keepalive_settings()
+
+    async def pool(server_settings: dict[str, str]) -> asyncpg.Pool:
+        return await asyncpg.create_pool(url, min_size=min_size, max_size=max_size, init=_init_connection,
+                                         command_timeout=settings.database_command_timeout_s,
+                                         server_settings=server_settings)
 
     def worth_waiting(exc: BaseException) -> bool:
         return isinstance(exc, (TimeoutError, OSError, asyncpg.PostgresError)) and not isinstance(
@@ -152,8 +192,18 @@ async def create_pool(settings: Settings, *, min_size: int = 1, max_size: int = 
     try:
         async for attempt in backoff("PostgreSQL not reachable", worth_waiting):
             with attempt:
-                return await asyncpg.create_pool(url, min_size=min_size, max_size=max_size, init=_init_connection,
-                                                 command_timeout=settings.database_command_timeout_s)
+                try:
+                    return await pool(keepalive)
+                except asyncpg.PostgresError as exc:
+                    if not _refuses_keepalive_settings(exc, keepalive):
+                        raise
+                    log.warning("PostgreSQL at %s (or a connection pooler in front of it) refuses the keepalive"
+                                " settings (%s); connecting without them. A client that vanishes then keeps its"
+                                " session, and its advisory locks, until the OS gives up on it (hours by default):"
+                                " have the pooler probe its clients (PgBouncer: tcp_keepidle, tcp_keepintvl,"
+                                " tcp_keepcnt, tcp_user_timeout)", describe_database_url(url), exc)
+                    keepalive = {}
+                    return await pool(keepalive)
     except DATABASE_MISCONFIGURED as exc:
         where = describe_database_url(url)
         log.error("PostgreSQL at %s refuses this service (%s: %s, SQLSTATE %s): fix DATABASE_URL;"

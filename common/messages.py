@@ -7,6 +7,7 @@ from __future__ import annotations
 import unicodedata
 import uuid
 from collections.abc import Callable
+from datetime import datetime
 from typing import ClassVar, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -423,6 +424,10 @@ class JobProgress(Contract):
     stage: Stage
     duration: float | None = None
     chunk_count: int | None = Field(default=None, ge=1, le=MAX_CHUNKS)
+    # When the diarizer run reporting began (on its first report, `diarizing`): the persister tells a
+    # run that began after the job ended (it announces the end again) from a late copy of a report
+    # of the run that did the job. None from a diarizer of an earlier version.
+    run_started_at: datetime | None = None
 
 
 class JobFailed(Contract):

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 import urllib.parse
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import asyncpg
@@ -417,3 +419,153 @@ async def test_one_replicas_database_errors_and_restarts_do_not_keep_a_stuck_job
             await holder.close()
             await conn.close()
             await connection.close()
+
+
+async def _session_settings(conn: asyncpg.Connection) -> dict[str, tuple[str, str]]:
+    """The keepalive settings a session started with (reset_val, which SHOW gives too over TCP; a
+    Unix socket's session shows 0), and where each came from."""
+    return {r["name"]: (r["reset_val"], r["source"]) for r in await conn.fetch(
+        "SELECT name, reset_val, source FROM pg_settings WHERE name = ANY($1::text[])",
+        list(db.server_keepalive_settings()))}
+
+
+async def test_every_connection_asks_the_server_to_notice_a_client_that_vanished(scratch_url):
+    """A service's session holding an advisory lock (the outbox flusher's, while it publishes)
+    on a host that vanished kept it until the server's OS gave up on the peer: 2 h 11 min by
+    default, no job.submitted leaving the outbox meanwhile. Every connection of the services now
+    starts with keepalive settings of about a minute: the pool's, still after the pool's reset
+    (RESET ALL) as one goes back, and connection_outside's (`every`'s turns, a reindex run)."""
+    wanted = {name: (value, "client") for name, value in db.server_keepalive_settings().items()}
+    assert wanted["tcp_keepalives_idle"][0] == str(db.SERVER_TCP_KEEPALIVES_IDLE_S)
+    pool = await db.create_pool(Settings(_env_file=None, database_url=scratch_url), min_size=1, max_size=1)
+    try:
+        async with pool.acquire() as conn:
+            assert await _session_settings(conn) == wanted
+            await conn.execute("SET tcp_keepalives_idle = 7200")
+        async with pool.acquire() as conn:  # the same connection, reset
+            assert await _session_settings(conn) == wanted
+        outside = await db.connection_outside(pool)
+        try:
+            assert await _session_settings(outside) == wanted
+        finally:
+            await outside.close()
+    finally:
+        await pool.close()
+
+
+def _tcp(url: str) -> bool:
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or (urllib.parse.parse_qs(parts.query).get("host") or [""])[0]
+    return bool(host) and not host.startswith("/")
+
+
+TCP_REPAIR = 19  # linux/tcp.h: a socket closed in repair mode goes without a FIN or a reset
+
+
+@contextlib.asynccontextmanager
+async def database_over_tcp(scratch_url: str) -> AsyncIterator[str]:
+    """A scratch database reached over TCP: the tests' own when it is, else one of a PostgreSQL on
+    127.0.0.1:5432 (this machine's, and CI's), dropped afterwards."""
+    if _tcp(scratch_url):
+        yield scratch_url
+        return
+    try:
+        admin = await asyncpg.connect("postgresql://postgres@127.0.0.1:5432/postgres", timeout=5)
+    except (OSError, asyncpg.PostgresError):
+        pytest.skip("the tests' PostgreSQL is reached over a Unix socket and none answers on 127.0.0.1:5432")
+    name = f"stt_keepalive_{uuid.uuid4().hex[:8]}"
+    try:
+        await admin.execute(f"CREATE DATABASE {name}")
+        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+    finally:
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        await admin.close()
+
+
+async def test_an_advisory_lock_of_a_client_that_vanished_is_freed_within_the_keepalive(scratch_url, monkeypatch):
+    """The outbox flusher's lock, held by a pooled connection whose client then vanishes without a
+    word (here its socket closed in TCP repair mode, as by a host that rebooted: nothing is sent,
+    and the server hears of it only when it probes). Without the keepalive settings the server
+    probes after the OS's 2 hours: the lock stayed taken, and no other flusher could publish. With
+    them (scaled down here), it is free within a few seconds. Needs a PostgreSQL over TCP and
+    CAP_NET_ADMIN (root); skipped otherwise."""
+    async with database_over_tcp(scratch_url) as url:
+        await _vanished_clients_lock_is_freed(url, monkeypatch)
+
+
+async def _vanished_clients_lock_is_freed(scratch_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    idle_s, interval_s, count = 1, 1, 2
+    monkeypatch.setattr(db, "SERVER_TCP_KEEPALIVES_IDLE_S", idle_s)
+    monkeypatch.setattr(db, "SERVER_TCP_KEEPALIVES_INTERVAL_S", interval_s)
+    monkeypatch.setattr(db, "SERVER_TCP_KEEPALIVES_COUNT", count)
+    monkeypatch.setattr(db, "SERVER_TCP_USER_TIMEOUT_MS", (idle_s + interval_s * count) * 1000)
+    freed_within_s = idle_s + interval_s * count + 5.0
+    observer = await asyncpg.connect(scratch_url)
+    pool = await db.create_pool(Settings(_env_file=None, database_url=scratch_url), min_size=1, max_size=1)
+    try:
+        conn = await pool.acquire()
+        assert await conn.fetchval("SELECT pg_try_advisory_lock($1)", db.LockKey.OUTBOX)
+        # Until the client has acknowledged every answer (a delayed ACK): what the server still
+        # had in flight would be sent again to the socket gone, and reset at once.
+        await asyncio.sleep(1.0)
+        sock = conn._transport.get_extra_info("socket")  # asyncpg's own (there is no public way)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 1)
+        except PermissionError:
+            pytest.skip("TCP repair mode needs CAP_NET_ADMIN")
+        conn._transport.abort()  # closes the socket, in repair mode silently (terminate() says goodbye first)
+        started = time.monotonic()
+        while not await observer.fetchval("SELECT pg_try_advisory_lock($1)", db.LockKey.OUTBOX):
+            if time.monotonic() - started > freed_within_s:
+                pytest.fail(f"the advisory lock of a vanished client was still held after {freed_within_s:g} s")
+            await asyncio.sleep(0.2)
+    finally:
+        pool.terminate()
+        await observer.close()
+
+
+class RefusingPooler(FreezableProxy):
+    """A connection pooler in front of PostgreSQL that refuses a startup parameter it does not
+    know, as PgBouncer does unless its ignore_startup_parameters names it (its very answer: an
+    ErrorResponse, SQLSTATE 08P01, and the connection closed); others it forwards."""
+
+    REFUSED = "tcp_keepalives_idle"
+
+    async def _serve(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        length = int.from_bytes(await client_reader.readexactly(4), "big")
+        startup = await client_reader.readexactly(length - 4)
+        if f"\0{self.REFUSED}\0".encode() in b"\0" + startup[4:]:
+            fields = b"".join(kind + text.encode() + b"\0" for kind, text in (
+                (b"S", "FATAL"), (b"V", "FATAL"), (b"C", "08P01"),
+                (b"M", f"unsupported startup parameter: {self.REFUSED}"))) + b"\0"
+            client_writer.write(b"E" + (len(fields) + 4).to_bytes(4, "big") + fields)
+            await client_writer.drain()
+            client_writer.close()
+            return
+        server_reader, server_writer = await self.upstream()
+        server_writer.write(length.to_bytes(4, "big") + startup)
+        flowing = asyncio.Event()
+        flowing.set()
+        self.writers += [client_writer, server_writer]
+        for reader, writer in ((client_reader, server_writer), (server_reader, client_writer)):
+            self.tasks.add(asyncio.create_task(self._pump(reader, writer, flowing)))
+
+
+async def test_a_pooler_that_refuses_the_keepalive_settings_is_connected_to_without_them(caplog):
+    """PgBouncer, which the README offers in front of PostgreSQL, refuses startup parameters it
+    does not know: with the keepalive settings, every connection was refused, and each service
+    waited at start-up for ever. Where they are refused, the pool is made without them (the
+    pooler's own keepalive settings stand in), with a warning saying so."""
+    admin = pg_admin_url()
+    async with RefusingPooler(_upstream(admin)) as pooler:
+        settings = Settings(_env_file=None, database_url=_through(pooler, admin))
+        outcome = await _within(HANGS_S, db.create_pool(settings, min_size=1, max_size=1))
+        if outcome is None:
+            pytest.fail(f"no pool through a pooler that refuses the keepalive settings after {HANGS_S:g} s")
+        pool, _ = outcome
+        assert isinstance(pool, asyncpg.Pool), repr(pool)
+        try:
+            assert await pool.fetchval("SELECT 1") == 1
+            assert "refuses the keepalive settings" in caplog.text
+        finally:
+            await pool.close()

@@ -1150,3 +1150,100 @@ async def test_work_on_a_deleted_job_announces_the_deletion_again_and_the_stages
     finally:
         await connection.close()
         await conn.close()
+
+
+@pytest.mark.parametrize("kind", ["chunk.transcribed", "chunk.embedded"])
+async def test_a_failure_announced_again_whose_commit_fails_is_announced_at_the_next_try(kind, monkeypatch):
+    """A late chunk of a failed job (from a stage that never heard of the failure) queues
+    transcript.failed again, and the persister counts the failure as announced, for a minute. It
+    was counted before the transaction committed: where the commit failed, the next try of the
+    message found it announced, ignored the chunk, and no transcript.failed went out. Here the
+    commit fails for real, on a deferred constraint trigger of the outbox."""
+    from common import db
+    from common.recent import Recent
+    from common.settings import Settings
+    from devstack import migrated_database
+    from services.persister import handler
+
+    # This process's count of announcements, of no other test's job of the same id.
+    monkeypatch.setattr(handler, "_failures_announced_again", Recent(handler.FAILURES_ANNOUNCED_AGAIN_KEPT))
+    async with migrated_database("stt_failure_again") as url:
+        pool = await db.create_pool(Settings(_env_file=None, database_url=url), max_size=2)
+        try:
+            job_id = await pool.fetchval("INSERT INTO transcripts (filename, status, error, completed_at, chunk_count)"
+                                         " VALUES ('cancelled.wav', 'error', 'cancelled', now(), 2) RETURNING id")
+            await pool.execute("""
+                CREATE FUNCTION refuse_commit() RETURNS trigger LANGUAGE plpgsql AS
+                $$ BEGIN RAISE EXCEPTION 'commit refused'; END $$;
+                CREATE CONSTRAINT TRIGGER refuse_commit AFTER INSERT ON outbox
+                    DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse_commit();
+            """)
+            late = ChunkTranscribed(job_id=job_id, chunk_index=1, chunk_count=2, duration=2.0,
+                                    segments=[segment(0, 1.0, "after the cancel")])
+            if kind == "chunk.embedded":
+                late = ChunkEmbedded(**late.model_dump(), embedding_model="test-model")
+            handle = handler.on_embedded if kind == "chunk.embedded" else handler.on_transcribed
+
+            with pytest.raises(asyncpg.exceptions.RaiseError, match="commit refused"):
+                await handle(pool, late)
+            assert await pool.fetchval("SELECT count(*) FROM outbox") == 0
+            await pool.execute("DROP TRIGGER refuse_commit ON outbox")
+
+            assert await handle(pool, late), "the next try queued no transcript.failed"
+            assert [r["message_id"] for r in await pool.fetch("SELECT body->>'message_id' AS message_id FROM outbox")] \
+                == [f"transcript.failed:{job_id}"]
+            assert not await handle(pool, late)  # and then once a minute, as before
+        finally:
+            await pool.close()
+
+
+async def test_a_late_copy_of_the_diarizers_first_report_does_not_announce_the_end_again():
+    """The first progress report (diarizing) of the diarizer run that did a job, held through a
+    database outage and handed back behind the job's chunks, reached the persister after the job
+    was done: taken for a run begun after the end, it sent subscribers a second
+    transcript.completed, and ingest ran the job's end again. The diarizer stamps when its run
+    began; a run begun after the job ended (a delivery again, a replica started after a cancel)
+    still announces the end again."""
+    from common import db
+    from common.settings import Settings
+    from devstack import migrated_database
+    from services.diarizer.handler import handle
+    from services.persister import handler
+
+    async def diarizer_begins(job_id: int):
+        """The first report of a diarizer run of the job, as the diarizer makes it."""
+        run = handle(JobSubmitted(job_id=job_id, audio_bucket="audio", audio_key=f"uploads/{job_id}",
+                                  filename="late.wav"), None)
+        try:
+            return await anext(run)
+        finally:
+            await run.aclose()
+
+    async with migrated_database("stt_late_first_report") as url:
+        pool = await db.create_pool(Settings(_env_file=None, database_url=url), max_size=2)
+        try:
+            async def queued(job_id: int) -> list[str]:
+                return [r["message_id"] for r in await pool.fetch(
+                    "SELECT body->>'message_id' AS message_id FROM outbox WHERE body->>'job_id' = $1 ORDER BY id",
+                    str(job_id))]
+
+            job_id = await pool.fetchval("INSERT INTO transcripts (filename) VALUES ('late.wav') RETURNING id")
+            first = await diarizer_begins(job_id)
+            assert first.stage == handler.DIARIZER_RUN_BEGINS and first.run_started_at is not None
+            await asyncio.sleep(0.05)
+            await pool.execute("UPDATE transcripts SET status = 'done', stage = 'done', progress = 1,"
+                               " completed_at = now() WHERE id = $1", job_id)
+
+            assert not await handler.on_progress(pool, first)
+            assert await queued(job_id) == [], "a late copy of the run's first report announced the completion again"
+
+            assert await handler.on_progress(pool, await diarizer_begins(job_id))  # a delivery again
+            assert await queued(job_id) == [f"transcript.completed:{job_id}"]
+
+            cancelled = await pool.fetchval("INSERT INTO transcripts (filename, status, error, completed_at)"
+                                            " VALUES ('cancelled.wav', 'error', 'cancelled', now()) RETURNING id")
+            await asyncio.sleep(0.05)
+            assert await handler.on_progress(pool, await diarizer_begins(cancelled))  # a replica started after
+            assert await queued(cancelled) == [f"transcript.failed:{cancelled}"]
+        finally:
+            await pool.close()

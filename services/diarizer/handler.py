@@ -12,6 +12,7 @@ import tempfile
 import threading
 from collections.abc import AsyncIterator, Container
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import numpy as np
 from minio import Minio
@@ -120,7 +121,7 @@ def all_channels(channels: list[Diarization]) -> Diarization:
 
 
 async def handle(message: JobSubmitted, deps: Deps) -> AsyncIterator[Contract]:
-    yield JobProgress(job_id=message.job_id, stage="diarizing")
+    yield JobProgress(job_id=message.job_id, stage="diarizing", run_started_at=datetime.now(UTC))
     waveform = await asyncio.to_thread(decode, message, deps)
     if waveform.ndim == 2 and len(waveform) == 1:
         waveform = waveform[0]  # multichannel asked for, one channel given: an ordinary job

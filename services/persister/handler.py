@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
 
@@ -59,13 +60,30 @@ async def _transaction(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
 
 def _failure_due_again(job_id: int) -> bool:
     """Whether a late chunk of this failed job should announce the failure again (and, if so,
-    counted as announced now)."""
+    counted as announced now: the other late chunks of the job wait for the row lock its
+    transaction holds, and find it counted; _failure_counted_once_committed takes it back if that
+    transaction does not commit)."""
     now = time.monotonic()
     last = _failures_announced_again.peek(job_id)
     if last is not None and now - last < FAILURE_ANNOUNCED_AGAIN_EVERY_S:
         return False
     _failures_announced_again[job_id] = now
     return True
+
+
+@contextlib.asynccontextmanager
+async def _failure_counted_once_committed(job_id: int) -> AsyncIterator[None]:
+    """Around a chunk's transaction: a failure announced again in it (_failure_due_again) stays
+    counted only if the transaction commits. Kept when it was rolled back instead (an error at
+    commit, a lost connection), the message's next try found the failure announced, ignored the
+    chunk, and queued nothing: the stage that never heard of the failure was not told."""
+    before = _failures_announced_again.peek(job_id)
+    try:
+        yield
+    except BaseException:
+        if _failures_announced_again.peek(job_id) != before:
+            _failures_announced_again[job_id] = -math.inf if before is None else before  # -inf: never
+        raise
 
 
 class DeadLetter(BaseModel):
@@ -131,21 +149,35 @@ async def _store_chunk(conn: asyncpg.Connection, job: asyncpg.Record, message: C
 DIARIZER_RUN_BEGINS = "diarizing"
 
 
+async def _run_began_after_the_end(conn: asyncpg.Connection, message: JobProgress) -> bool:
+    """Whether the job had ended when the diarizer run reporting `message` began: its
+    run_started_at (the diarizer's clock) after the job's completed_at (the database's; a run that
+    did the job began a whole job's processing before its end). A report without the stamp (a
+    diarizer of an earlier version) counts as a run begun after the end. False for a job still
+    processing, or gone."""
+    if message.run_started_at is None:
+        return True
+    return bool(await conn.fetchval("SELECT completed_at < $2 FROM transcripts WHERE id = $1",
+                                    message.job_id, message.run_started_at))
+
+
 async def on_progress(pool: asyncpg.Pool, message: JobProgress) -> bool:
-    """The job's stage moves on. A diarizer run's first report (`diarizing`) on a job that has
-    already ended comes from a diarizer that never heard so: a replica started after the job was
-    cancelled, or a second delivery of a job already done (the broker gave it again after a lost
-    connection). The ending is announced again, so that the diarizer stops (or does not store the
-    decoded audio), ingest removes what was stored, and the transcribers skip the chunks. Any
-    other report on an ended job is a late copy (held through a database outage and handed back
-    behind the job's chunks, or tried again): announced again, it sent subscribers a second
-    transcript.completed for nothing; a chunk of that run, if any, announces a failure again
-    itself (_nothing_to_store). Progress of a job deleted since it ended announces its deletion
-    again, to the same end. True when it was."""
+    """The job's stage moves on. A diarizer run's first report (`diarizing`) from a run that began
+    after the job had ended comes from a diarizer that never heard so: a replica started after the
+    job was cancelled, or a second delivery of a job already done (the broker gave it again after a
+    lost connection). The ending is announced again, so that the diarizer stops (or does not store
+    the decoded audio), ingest removes what was stored, and the transcribers skip the chunks. Any
+    other report on an ended job, the first report of the run that did the job included, is a late
+    copy (held through a database outage and handed back behind the job's chunks, or tried again):
+    announced again, it sent subscribers a second transcript.completed for nothing, and ingest ran
+    the job's end again; a chunk of that run, if any, announces a failure again itself
+    (_nothing_to_store). Progress of a job deleted since it ended announces its deletion again, to
+    the same end. True when it was."""
     async with _transaction(pool) as conn:
         await jobstore.advance(conn, message.job_id, message.stage, duration=message.duration,
                                chunk_count=message.chunk_count)
-        if message.stage == DIARIZER_RUN_BEGINS and await jobstore.announce_end_again(conn, message.job_id):
+        if (message.stage == DIARIZER_RUN_BEGINS and await _run_began_after_the_end(conn, message)
+                and await jobstore.announce_end_again(conn, message.job_id)):
             log.info("%s reported after the job had ended; its ending is announced again", message.stage)
             return True
         if await jobstore.announce_deletion_again(conn, message.job_id):
@@ -161,7 +193,7 @@ async def on_transcribed(pool: asyncpg.Pool, message: ChunkTranscribed) -> bool:
     acking, and the chunk transcribed again by another replica) may read differently, and live
     streams have sent the first already. A failed try stores nothing (its transaction is rolled
     back), and a rerun is a job of its own: neither meets a chunk stored before."""
-    async with _transaction(pool) as conn:
+    async with _failure_counted_once_committed(message.job_id), _transaction(pool) as conn:
         job = await jobstore.lock_processing_job(conn, message.job_id)
         if job is None or job["status"] != "processing":
             return await _nothing_to_store(conn, message.job_id, job)
@@ -182,7 +214,7 @@ async def on_embedded(pool: asyncpg.Pool, message: ChunkEmbedded) -> bool:
     dimensions = next((len(s.embedding) for s in message.segments if s.embedding), None)
     if dimensions:
         searchstore.build_vector_index_soon(pool, message.embedding_model, dimensions)
-    async with _transaction(pool) as conn:
+    async with _failure_counted_once_committed(message.job_id), _transaction(pool) as conn:
         job = await jobstore.lock_processing_job(conn, message.job_id)
         if job is None or job["status"] != "processing":
             return await _nothing_to_store(conn, message.job_id, job)
