@@ -366,6 +366,24 @@ def test_a_rare_voice_in_a_long_recording_is_a_speaker():
         assert (centroids @ voices.T).max(axis=1).min() > 0.9, hints
 
 
+def test_a_count_finds_a_person_who_says_one_sentence_without_splitting_the_main_speaker():
+    """Two minutes of one person and a second who says one sentence (four window voices, under
+    the five a voice needs): told there are two people, the cut walked down the dendrogram until
+    it held two large clusters, halves of the main speaker, and the sentence went to one of them.
+    The count lowers the size a voice needs to that of the second largest cluster instead."""
+    rng = np.random.default_rng(0)
+    voices = clustering._normalize(rng.normal(size=(2, 192)))
+    who = np.zeros(120, dtype=int)
+    who[60:64] = 1
+    embeddings = clustering._normalize(voices[who] + 0.05 * rng.normal(size=(120, 192))).astype(np.float32)
+    assert len(clustering.cluster_centroids(embeddings)) == 1  # unhinted, the sentence is no voice
+    for hints in ((2, 2), (2, None)):
+        centroids = clustering.cluster_centroids(embeddings, *hints)
+        assert len(centroids) == 2, hints
+        assert sorted(np.argmax(centroids @ voices.T, axis=1)) == [0, 1], (hints, centroids @ voices.T)
+        assert (centroids @ voices.T).max(axis=1).min() > 0.9, (hints, centroids @ voices.T)
+
+
 def _lone(speaker_of_frame: list[int], speakers: int = 2) -> np.ndarray:
     binary = np.zeros((len(speaker_of_frame), speakers), dtype=bool)
     for frame, speaker in enumerate(speaker_of_frame):

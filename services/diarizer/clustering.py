@@ -1,8 +1,9 @@
 """Speaker clustering of window-local speaker embeddings.
 
 Agglomerative (average linkage) clustering of the cleanest embeddings, cut at a distance
-threshold; clusters too small to be a voice are folded into the nearest large one; speaker-count
-hints move the cut along the dendrogram. Every embedding (clean or not) is then assigned to a
+threshold; clusters too small to be a voice are folded into the nearest large one; a speaker
+count first lowers the size a voice needs to that of the count's smallest cluster at the threshold,
+and only then moves the cut along the dendrogram. Every embedding (clean or not) is then assigned to a
 centroid with the constraint that two local speakers of one window are two different people
 (an assignment problem per window, not a greedy choice). At most MAX_CLUSTERED embeddings are
 clustered (an even sample over the file): memory stays bounded on a 4-hour file, and the rest are
@@ -79,6 +80,23 @@ def _represented(embeddings: np.ndarray, sample: np.ndarray, threshold: float, c
     return weights
 
 
+def _size_for_count(linkage: np.ndarray, threshold: float, min_size: int, lo: int, hi: int,
+                    weights: np.ndarray) -> float:
+    """The size a cluster needs to be a voice when at least `lo` are asked for: `min_size`, or,
+    when the threshold's cut holds that many clusters but fewer large ones, the size of its
+    lo-th largest (at least 2; as pyannote does with a count). A person who says one sentence
+    in a long recording has about four window voices, under MIN_CLUSTER_SIZE: looking further
+    down the dendrogram for a second large cluster split the main speaker in two instead."""
+    from scipy.cluster.hierarchy import fcluster
+
+    sizes = np.sort(np.bincount(fcluster(linkage, threshold, criterion="distance") - 1, weights=weights))[::-1]
+    if np.sum(sizes >= min_size) >= lo or len(sizes) < lo:
+        return min_size
+    lowered = sizes[lo - 1]
+    # Ties at the lowered size could make more voices than allowed: the walk decides those.
+    return lowered if lowered >= 2 and np.sum(sizes >= lowered) <= hi else min_size
+
+
 def _cut_closest_to(linkage: np.ndarray, threshold: float, min_size: int, lo: int, hi: int,
                     weights: np.ndarray) -> np.ndarray:
     """The dendrogram cut nearest the threshold whose number of large clusters is within
@@ -136,6 +154,7 @@ def cluster_centroids(embeddings: np.ndarray, lo: int = 1, hi: int | None = None
     else:
         weights = np.ones(n)
     tree = linkage(embeddings.astype(np.float64), method=METHOD, metric="euclidean")
+    min_size = _size_for_count(tree, threshold, min_size, lo, hi, weights)
     labels = _cut_closest_to(tree, threshold, min_size, lo, hi, weights)
     large = _large_clusters(labels, min_size, weights)
     if len(large) == 0:
