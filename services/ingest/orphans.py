@@ -44,8 +44,9 @@ def _job_id(name: str) -> int | None:
     """The job id an object is named by, or None for a name ingest does not give (an object put
     there by hand). ASCII digits only, and few enough for a bigint: str.isdigit() also takes '²',
     which int() refuses, and other scripts' digits, which it reads as some job's id; a longer
-    number overflows the id column. One such object stopped every sweep after it."""
-    return int(name) if re.fullmatch(r"[0-9]{1,18}", name) else None
+    number overflows the id column. One such object stopped every sweep after it. Nor a leading
+    zero, which no id is written with: "007" is not job 7's, and removed as its orphan."""
+    return int(name) if re.fullmatch(r"0|[1-9][0-9]{0,17}", name) else None
 
 
 def _upload_job_id(key: str) -> int | None:
