@@ -19,7 +19,7 @@ import subprocess
 import time
 import urllib.parse
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import aio_pika
@@ -158,6 +158,38 @@ def wait_deliveries_handled(stack: Stack, job_id: int, deliveries: int, timeout:
         assert time.monotonic() < deadline, (f"job {job_id}: {handled} of {deliveries} deliveries handled by the"
                                              f" diarizer; stage queues {waiting}, {unsent} events unsent")
         time.sleep(0.5)
+
+
+async def wait_settled(stack: Stack, queues: Sequence[str], job_ids: Sequence[int] = (), timeout: float = 120) -> None:
+    """Until whatever was sent so far has been handled: none of `queues` holds a message ready, no
+    channel of the stack's vhost holds one unacknowledged (a consumer sends on what it makes before
+    it acks), and the jobs' outbox rows are sent; twice in a row, as the counts are read one after
+    another. Ready counts asked of the queues themselves: `rabbitmqctl list_queues` reports a
+    quorum queue's as they were up to 5 s before."""
+    vhost = urllib.parse.unquote(urllib.parse.urlsplit(stack.amqp_url).path.lstrip("/"))
+    connection = await aio_pika.connect(stack.amqp_url)
+    try:
+        channel = await connection.channel()
+        deadline, quiet, counts = time.monotonic() + timeout, 0, {}
+        while True:
+            counts = {name: (await channel.declare_queue(name, passive=True)).declaration_result.message_count
+                      for name in queues}
+            listed = await asyncio.to_thread(
+                subprocess.run, ["rabbitmqctl", "list_channels", "-q", "vhost", "messages_unacknowledged"],
+                check=True, capture_output=True, text=True, timeout=60)
+            counts["unacknowledged"] = sum(int(row[1]) for row in map(str.split, listed.stdout.splitlines())
+                                           if len(row) == 2 and row[0] == vhost)
+            if job_ids:
+                counts["outbox"] = await asyncio.to_thread(
+                    stack.value, "SELECT count(*) FROM outbox WHERE body->>'transcript_id' = ANY($1::text[])"
+                    " OR body->>'job_id' = ANY($1::text[])", [str(job_id) for job_id in job_ids])
+            quiet = 0 if any(counts.values()) else quiet + 1
+            if quiet == 2:
+                return
+            assert time.monotonic() < deadline, f"jobs {list(job_ids)}: messages still in flight: {counts}"
+            await asyncio.sleep(0.2)
+    finally:
+        await connection.close()
 
 
 @pytest.fixture(scope="session")

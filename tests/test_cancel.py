@@ -5,6 +5,7 @@ enough of them to see the transcriber stop."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import time
 from datetime import datetime
@@ -17,7 +18,7 @@ import pytest
 from common.audio import decode_audio
 from common.storage import object_exists, pcm_key
 from tests.audio_files import encode
-from tests.conftest import events_queue, job_events, record_figure, running_stack
+from tests.conftest import events_queue, job_events, record_figure, running_stack, wait_settled
 
 
 @pytest.fixture(scope="module")
@@ -127,18 +128,37 @@ def test_cancelling_while_transcribing_stops_every_stage_and_keeps_what_was_stor
 
 def test_cancelling_while_diarizing_sends_no_chunk_and_leaves_no_audio(small_chunks, meeting):
     stack = small_chunks
-    job_id = stack.submit_job(meeting)
-    answer = httpx.post(f"{stack.api}/transcripts/{job_id}/cancel", timeout=30)
-    assert answer.status_code == 200, answer.text
-    assert answer.json()["segments"] == [] and answer.json()["error"] == "cancelled"
-    # Deleted at once, while the diarizer may still be decoding or diarizing the file.
-    assert httpx.delete(f"{stack.api}/transcripts/{job_id}", timeout=30).status_code == 204
 
-    deadline = time.monotonic() + 120
-    while not re.search(rf"job={job_id} .*the job has ended", stack.log_text("diarizer")):
-        assert time.monotonic() < deadline, stack.log_tail("diarizer")
-        time.sleep(0.3)
-    time.sleep(1)
+    async def cancel_and_delete() -> tuple[int, list[dict]]:
+        """The job, and every chunk message of it sent for the transcriber, or by it, until the
+        diarizer is done with it."""
+        connection = await aio_pika.connect(stack.amqp_url)
+        async with connection:
+            channel = await connection.channel()
+            chunks = await channel.declare_queue(exclusive=True)
+            for routing_key in ("job.diarized", "chunk.transcribed"):
+                await chunks.bind(await channel.get_exchange("stt"), routing_key)
+            job_id = stack.submit_job(meeting)
+            answer = httpx.post(f"{stack.api}/transcripts/{job_id}/cancel", timeout=30)
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["segments"] == [] and answer.json()["error"] == "cancelled"
+            # Deleted at once, while the diarizer may still be decoding or diarizing the file.
+            assert httpx.delete(f"{stack.api}/transcripts/{job_id}", timeout=30).status_code == 204
+            deadline = time.monotonic() + 120
+            while not re.search(rf"job={job_id} .*the job has ended", stack.log_text("diarizer")):
+                assert time.monotonic() < deadline, stack.log_tail("diarizer")
+                await asyncio.sleep(0.3)
+            # Its delivery acked (what it sends goes before), and anything sent on taken and acked;
+            # a diarizer that went on after noting the end would take minutes to send its chunks.
+            await wait_settled(stack, ["stt.diarizer", "stt.transcriber"], timeout=300)
+            sent = []
+            while (message := await chunks.get(fail=False)) is not None:
+                await message.ack()
+                sent.append(json.loads(message.body))
+            return job_id, [body for body in sent if body.get("job_id") == job_id]
+
+    job_id, sent = asyncio.run(cancel_and_delete())
+    assert sent == []
     assert f"job={job_id} " not in stack.log_text("transcriber")
     assert not pcm_exists(stack, job_id)  # the PCM it may have stored after the delete is removed
     assert stack.query("SELECT 1 FROM transcripts WHERE id = $1", job_id) == []

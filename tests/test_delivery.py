@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 import time
 import uuid
-from urllib.parse import unquote, urlsplit
 
 import aio_pika
 import asyncpg
@@ -18,13 +16,14 @@ from common.messages import (
     ChunkTranscribed,
     Contract,
     JobDiarized,
+    JobFailed,
     JobSubmitted,
     Segment,
     SpeakerEmbedding,
     SpeakerTurn,
     TimeSpan,
 )
-from tests.conftest import Stack, events_queue, job_events, wait_deliveries_handled
+from tests.conftest import Stack, events_queue, job_events, wait_deliveries_handled, wait_settled
 
 
 async def publish(stack: Stack, *messages: Contract) -> None:
@@ -61,34 +60,6 @@ async def wait_texts(conn: asyncpg.Connection, job_id: int, texts: list[str], ti
 STAGE_QUEUES = [f"stt.{stage}" for stage in ("diarizer", "transcriber", "embedder", "persister")]
 
 
-async def all_handled(stack: Stack, conn: asyncpg.Connection, job_id: int, timeout: float = 120) -> None:
-    """Until every message sent so far has been handled, duplicates included: no stage queue holds
-    one ready, no channel of the stack's vhost holds one unacknowledged (a stage sends on before it
-    acks), and the job's outbox rows are sent; twice in a row, as the counts are read one after
-    another. Counts asked of the queues themselves: `rabbitmqctl list_queues` reports a quorum
-    queue's as they were up to 5 s before."""
-    vhost = unquote(urlsplit(stack.amqp_url).path.lstrip("/"))
-    connection = await aio_pika.connect(stack.amqp_url)
-    try:
-        channel = await connection.channel()
-        deadline, quiet, counts = time.monotonic() + timeout, 0, {}
-        while quiet < 2:
-            assert time.monotonic() < deadline, f"job {job_id}: messages still in flight: {counts}"
-            await asyncio.sleep(0.3)
-            counts = {name: (await channel.declare_queue(name, passive=True)).declaration_result.message_count
-                      for name in STAGE_QUEUES}
-            listed = await asyncio.to_thread(
-                subprocess.run, ["rabbitmqctl", "list_channels", "-q", "vhost", "messages_unacknowledged"],
-                check=True, capture_output=True, text=True, timeout=60)
-            counts["unacknowledged"] = sum(int(row[1]) for row in map(str.split, listed.stdout.splitlines())
-                                           if len(row) == 2 and row[0] == vhost)
-            counts["outbox"] = await conn.fetchval("SELECT count(*) FROM outbox WHERE body->>'transcript_id' = $1::text"
-                                                   " OR body->>'job_id' = $1::text", str(job_id))
-            quiet = 0 if any(counts.values()) else quiet + 1
-    finally:
-        await connection.close()
-
-
 def segment(index: int, start: float, text: str, speaker: str = "spk_0") -> Segment:
     return Segment(index=index, speaker=speaker, start_ts=start, end_ts=start + 1, text=text)
 
@@ -109,7 +80,7 @@ async def test_duplicates_and_out_of_order_chunks_store_each_segment_once(stack)
         # real embedder also embeds the late chunk.transcribed again: one more duplicate).
         await publish(stack, embedded0, embedded0, ChunkTranscribed(chunk_index=0, segments=chunk0, **common))
         await wait_texts(conn, job_id, ["first", "second"])
-        await all_handled(stack, conn, job_id)  # the copies and the embedder's own chunk.embedded too
+        await wait_settled(stack, STAGE_QUEUES, [job_id])  # the copies and the embedder's own chunk.embedded too
         assert await conn.fetchval("SELECT status FROM transcripts WHERE id = $1", job_id) == "processing"
         rows = await conn.fetch("SELECT text, embedding::real[] AS embedding FROM segments"
                                 " WHERE transcript_id = $1", job_id)
@@ -119,7 +90,7 @@ async def test_duplicates_and_out_of_order_chunks_store_each_segment_once(stack)
         transcribed1 = ChunkTranscribed(chunk_index=1, segments=chunk1, **common)
         await publish(stack, transcribed1, transcribed1)
         await wait_status(conn, job_id, "done")
-        await all_handled(stack, conn, job_id)  # the second copy's chunk.embedded, and every event sent
+        await wait_settled(stack, STAGE_QUEUES, [job_id])  # the second copy's chunk.embedded, and every event sent
 
         rows = await conn.fetch("SELECT chunk_index, index, text, embedding::real[] AS embedding FROM segments"
                                 " WHERE transcript_id = $1 ORDER BY start_ts", job_id)
@@ -718,7 +689,8 @@ async def test_a_chunk_of_a_job_that_already_failed_announces_the_failure_again(
                 await publish(stack, ChunkTranscribed(job_id=job_id, chunk_index=index, chunk_count=2, duration=2.0,
                                                       segments=[segment(0, 1.0, "after the cancel")]))
             [failed] = await job_events(queue, job_id, lambda bodies: bodies, timeout=30)
-            await asyncio.sleep(3)  # the other two handled meanwhile (the persister takes 16 at once)
+            # The other two handled too (by the embedder as well), and whatever they announced sent.
+            await wait_settled(stack, [*STAGE_QUEUES, "stt.persister.dead"], [job_id])
             assert await queue.get(fail=False) is None
         assert (failed["message_id"], failed["reason"], failed["filename"]) == (
             f"transcript.failed:{job_id}", "cancelled", "cancelled late.wav")
@@ -736,6 +708,9 @@ async def test_an_event_the_notifier_cannot_handle_is_parked_and_the_job_goes_on
     try:
         job_id = await conn.fetchval("INSERT INTO transcripts (filename) VALUES ('still going.wav') RETURNING id")
         channel = await connection.channel()
+        # The consumer publishes a job.failed (confirmed) before it parks the message.
+        failures = await channel.declare_queue(exclusive=True)
+        await failures.bind(await channel.get_exchange("stt"), JobFailed.ROUTING_KEY)
         events = await channel.get_exchange("stt.events")
         await events.publish(aio_pika.Message(json.dumps({"job_id": job_id, "v": 1}).encode(),
                                               content_type="application/json"), routing_key="segment.created")
@@ -750,7 +725,11 @@ async def test_an_event_the_notifier_cannot_handle_is_parked_and_the_job_goes_on
                 continue
             await message.ack()
             parked = json.loads(message.body).get("job_id") == job_id
-        await asyncio.sleep(2)  # a job.failed, had one been published, would be stored by now
+        published = []
+        while (failure := await failures.get(fail=False)) is not None:
+            await failure.ack()
+            published.append(json.loads(failure.body))
+        assert [body for body in published if body.get("job_id") == job_id] == []
         assert await conn.fetchval("SELECT status FROM transcripts WHERE id = $1", job_id) == "processing"
         await conn.execute("DELETE FROM transcripts WHERE id = $1", job_id)  # the stack is shared
     finally:
@@ -858,7 +837,8 @@ async def test_a_webhook_delivery_dead_lettered_fails_no_job_and_a_stages_messag
             await dead.publish(aio_pika.Message(json.dumps(body).encode(), content_type="application/json"),
                                routing_key=routing_key)
         await wait_status(conn, chunk_job, "error", timeout=30)
-        await asyncio.sleep(1)  # the two were published together: the other has been taken by now
+        # The other handled too: taken from the persister's dead queue, and whatever it made sent.
+        await wait_settled(stack, [*STAGE_QUEUES, "stt.persister.dead"], [webhook_job])
         assert await conn.fetchval("SELECT status FROM transcripts WHERE id = $1", webhook_job) == "processing"
         await conn.execute("DELETE FROM transcripts WHERE id = $1", webhook_job)  # the stack is shared
     finally:

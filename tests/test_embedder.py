@@ -80,13 +80,30 @@ async def test_unknown_ollama_model_fails_with_a_clear_reason(flaky_ollama):
     assert failure_category(raised.value).startswith("the embedding service refused the request (4")
 
 
-async def test_unreachable_ollama_raises_after_retries():
-    settings = Settings(ollama_url="http://127.0.0.1:9", model_name_embedded="all-minilm", ollama_retries=1,
-                        ollama_timeout_s=2)
-    async with aiohttp.ClientSession() as session:
-        embed, _ = make_embedder(settings, session)
-        with pytest.raises(aiohttp.ClientConnectionError):
-            await embed(["hello"])
+@pytest.mark.parametrize("retries", [0, 1])
+async def test_unreachable_ollama_raises_after_retries(retries):
+    """A host that takes each connection and closes it unanswered: OLLAMA_RETRIES more tries after
+    the first, then the connection error."""
+    attempts = 0
+
+    async def hang_up(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal attempts
+        attempts += 1
+        writer.close()
+
+    server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        settings = Settings(ollama_url=f"http://127.0.0.1:{port}", model_name_embedded="all-minilm",
+                            ollama_retries=retries, ollama_timeout_s=2)
+        async with aiohttp.ClientSession() as session:
+            embed, _ = make_embedder(settings, session)
+            with pytest.raises(aiohttp.ClientConnectionError):
+                await embed(["hello"])
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert attempts == retries + 1
 
 
 async def test_an_ollama_host_that_drops_connection_attempts_is_an_outage():
