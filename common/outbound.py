@@ -109,6 +109,20 @@ def embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
     return ip.ipv4_mapped or ip.sixtofour
 
 
+# IANA's special-purpose ranges that are not globally reachable, refused whatever the interpreter's
+# ipaddress says: before CVE-2024-4032's fix (3.11.10, 3.12.4) it counts most of 192.0.0.0/24
+# (192.0.0.192: a cloud's older metadata address) as global. All of 192.0.0.0/24 is refused, its
+# anycast 192.0.0.9 and .10 too: no webhook or recording is served there. 2001::/23 is left to
+# ipaddress, which refuses all of it on older releases and all but its global parts on newer ones.
+NOT_GLOBALLY_REACHABLE_IPV4 = tuple(ipaddress.IPv4Network(network) for network in (
+    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
+    "192.0.0.0/24", "192.0.2.0/24", "192.168.0.0/16", "198.18.0.0/15", "198.51.100.0/24",
+    "203.0.113.0/24", "240.0.0.0/4", "255.255.255.255/32"))
+# ::ffff:0:0/96 and 64:ff9b::/96 are not here: the IPv4 address inside them is judged instead.
+NOT_GLOBALLY_REACHABLE_IPV6 = tuple(ipaddress.IPv6Network(network) for network in (
+    "::1/128", "::/128", "64:ff9b:1::/48", "100::/64", "2001:db8::/32", "fc00::/7", "fe80::/10"))
+
+
 def is_private_address(address: str) -> bool:
     ip = ipaddress.ip_address(address.split("%", 1)[0])
     if isinstance(ip, ipaddress.IPv6Address):
@@ -118,8 +132,9 @@ def is_private_address(address: str) -> bool:
     site_local = isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local
     # `not is_global` also takes what is neither private nor public: carrier-grade NAT
     # (100.64.0.0/10), where some clouds answer their metadata requests.
+    denied = NOT_GLOBALLY_REACHABLE_IPV4 if ip.version == 4 else NOT_GLOBALLY_REACHABLE_IPV6
     return (ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_reserved
-            or ip.is_unspecified or not ip.is_global or site_local)
+            or ip.is_unspecified or not ip.is_global or site_local or any(ip in network for network in denied))
 
 
 class TemporaryProblem(str):

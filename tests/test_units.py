@@ -1222,6 +1222,23 @@ def test_nat64_addresses_are_judged_by_the_ipv4_address_inside():
     assert is_private_address("64:ff9b:0:0:1::808:808")
 
 
+def test_special_purpose_ranges_are_refused_whatever_the_interpreter_says():
+    """Before CVE-2024-4032's fix (Python 3.11.10, 3.12.4) ipaddress counted most of 192.0.0.0/24
+    as global: a webhook or recording URL resolving to 192.0.0.192 (a cloud's older metadata
+    address) was requested. IANA's not globally reachable ranges are refused on every release."""
+    from common.outbound import is_private_address
+
+    for address in ("192.0.0.192", "192.0.0.1", "192.0.0.9", "192.0.0.255", "192.0.2.1", "198.18.0.1",
+                    "198.51.100.1", "203.0.113.1", "240.0.0.1", "255.255.255.255", "0.0.0.0",
+                    "::1", "::", "100::1", "2001:db8::1", "fc00::1", "fe80::1%eth0", "64:ff9b:1::1"):
+        assert is_private_address(address), address
+    # Inside IPv6's NAT64, mapped and 6to4 forms the IPv4 address is judged the same way.
+    for address in ("64:ff9b::192.0.0.192", "::ffff:192.0.0.192", "2002:c000:c0::1"):
+        assert is_private_address(address), address
+    for address in ("8.8.8.8", "1.1.1.1", "2606:4700::1111", "64:ff9b::8.8.8.8", "::ffff:8.8.8.8"):
+        assert not is_private_address(address), address
+
+
 async def test_a_webhook_reached_through_nat64_is_registered_and_connected_to(monkeypatch):
     """With DNS64 an IPv4-only webhook endpoint resolves to 64:ff9b::/96 only: both the check at
     registration (target_problem) and the one as the connection is made (PublicOnlyResolver) let
