@@ -52,9 +52,9 @@ EVENT_REFUSED_FOR_S = 30.0
 class _Refusals:
     """The refusals of one kind of event."""
 
-    since: float  # the first since one of the kind last went through (before any was dropped)
+    since: float  # the spell's first: each refusal since came within the limit of the one before
     last: float  # the latest
-    dropping: bool  # one was dropped, and the refusals since came within the limit of each other
+    dropping: bool  # one was dropped in this spell
 
 
 _events_refused_since: dict[str, _Refusals] = {}
@@ -62,11 +62,14 @@ _events_refused_since: dict[str, _Refusals] = {}
 
 def refused_too_long(routing_key: str, exc: BaseException, refused_for_s: float = EVENT_REFUSED_FOR_S) -> bool:
     """Whether an event whose publication failed with `exc` is dropped: a queue has refused events
-    of its kind for `refused_for_s` (EVENT_REFUSED_FOR_S) while the broker was there, or it is
-    dropping them already, and refused one again within `refused_for_s` of the last refusal. Any
-    other failure (the broker gone, a channel closed) starts the count again: a broker failure
-    often begins with refusals and goes on as a lost connection, and the first refusal after it
-    must not be taken for a subscriber's full queue."""
+    of its kind for `refused_for_s` (EVENT_REFUSED_FOR_S) while the broker was there, each refusal
+    within `refused_for_s` of the one before, or it is dropping them already, and refused one again
+    within `refused_for_s` of the last refusal. A refusal `refused_for_s` or more after the last one
+    starts a new spell, dropping or not: another process's flusher may have published that kind
+    since (this one's record of refusals is its own), and an old refusal must not make a new one
+    look long. Any other failure (the broker gone, a channel closed) starts the count again: a
+    broker failure often begins with refusals and goes on as a lost connection, and the first
+    refusal after it must not be taken for a subscriber's full queue."""
     if not isinstance(exc, DeliveryError):
         _events_refused_since.clear()
         return False
@@ -75,8 +78,9 @@ def refused_too_long(routing_key: str, exc: BaseException, refused_for_s: float 
     limit = refused_for_s
     now = time.monotonic()
     refusals = _events_refused_since.get(routing_key)
-    if refusals is None or (refusals.dropping and now - refusals.last >= limit):
-        # The first refusal, or the first after a quiet spell: the queue caught up, or went.
+    if refusals is None or now - refusals.last >= limit:
+        # The first refusal, or the first after a quiet spell: the queue caught up, or went, or
+        # the broker failure passed (another flusher may have published the kind meanwhile).
         refusals = _events_refused_since[routing_key] = _Refusals(since=now, last=now, dropping=False)
     refusals.last = now
     refusals.dropping = refusals.dropping or now - refusals.since >= limit

@@ -427,7 +427,9 @@ def test_a_kind_of_event_dropped_for_a_slow_subscriber_stays_dropped_while_the_r
     monkeypatch.setattr(outbox, "_events_refused_since", {})
     refused, limit, key = DeliveryError(None, None), 5.0, "segment.created"
     assert not outbox.refused_too_long(key, refused, limit)
-    now[0] += limit
+    now[0] += limit - 1
+    assert not outbox.refused_too_long(key, refused, limit)
+    now[0] += 1
     assert outbox.refused_too_long(key, refused, limit)  # refused for the limit: dropped
     for _ in range(3):  # the subscriber takes one now and then
         now[0] += 1
@@ -455,7 +457,7 @@ def test_a_kind_of_event_dropped_for_a_slow_subscriber_stays_dropped_while_the_r
     # Without a limit given, EVENT_REFUSED_FOR_S.
     now[0] += limit
     assert not outbox.refused_too_long(key, refused)
-    now[0] += outbox.EVENT_REFUSED_FOR_S
+    now[0] += outbox.EVENT_REFUSED_FOR_S - limit
     assert outbox.refused_too_long(key, refused)
 
 

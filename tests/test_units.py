@@ -770,7 +770,10 @@ def test_an_event_is_dropped_only_when_a_queue_refused_it_for_a_while_with_the_b
     monkeypatch.setattr(outbox, "_events_refused_since", {})
     refused = DeliveryError(None, None)
     assert not outbox.refused_too_long("transcript.completed", refused)
-    now[0] += outbox.EVENT_REFUSED_FOR_S + 1
+    while now[0] + 2 < 1000.0 + outbox.EVENT_REFUSED_FOR_S:  # the flusher tries every 2 s
+        now[0] += 2
+        assert not outbox.refused_too_long("transcript.completed", refused)
+    now[0] = 1000.0 + outbox.EVENT_REFUSED_FOR_S
     assert outbox.refused_too_long("transcript.completed", refused)  # refused all along: dropped
     # Refused, then the connection lost for longer than the limit, then refused once more.
     now[0] += 1
@@ -780,6 +783,35 @@ def test_an_event_is_dropped_only_when_a_queue_refused_it_for_a_while_with_the_b
     now[0] += outbox.EVENT_REFUSED_FOR_S + 5
     assert not outbox.refused_too_long("transcript.failed", refused)
     assert not outbox.refused_too_long("transcript.completed", refused)
+
+
+def test_an_old_refusal_does_not_make_the_first_refusal_hours_later_drop_the_event(monkeypatch):
+    """Each flusher process keeps its own record of refusals, and only its own publication of that
+    kind clears it. Refused once, then published by another process's flusher, then refused again
+    an hour later: that refusal begins a new spell, sent again for EVENT_REFUSED_FOR_S, not dropped
+    at once (an hour since the first refusal is no hour of refusals)."""
+    from aio_pika.exceptions import DeliveryError
+
+    from common import outbox
+
+    now = [1000.0]
+    monkeypatch.setattr(outbox.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(outbox, "_events_refused_since", {})
+    refused, limit = DeliveryError(None, None), outbox.EVENT_REFUSED_FOR_S
+    assert not outbox.refused_too_long("segment.created", refused)  # a transient nack at t0
+    now[0] += 3600  # meanwhile another process published the row; this one sent no segment.created
+    assert not outbox.refused_too_long("segment.created", refused)  # a new spell: sent again
+    # A spell that lasts still drops: refused every 2 s (the flusher's interval) for the limit.
+    while now[0] + 2 < 1000.0 + 3600 + limit:
+        now[0] += 2
+        assert not outbox.refused_too_long("segment.created", refused)
+    now[0] = 1000.0 + 3600 + limit
+    assert outbox.refused_too_long("segment.created", refused)
+    now[0] += limit - 1  # and goes on dropping while the refusals come within the limit
+    assert outbox.refused_too_long("segment.created", refused)
+    # A quiet spell of the limit ends the dropping as well: the next refusal waits again.
+    now[0] += limit
+    assert not outbox.refused_too_long("segment.created", refused)
 
 
 def _corrected_segment(text: str, words: list[Word]):
