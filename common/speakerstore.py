@@ -189,11 +189,12 @@ async def _jobs_of_rename(conn: asyncpg.Connection, owner: str | None, speaker_i
     return [r["id"] for r in rows]
 
 
-async def _one_change_of_the_owners_people_at_a_time(conn: asyncpg.Connection, owner: str | None) -> None:
-    """For the rest of the transaction: one rename or forgetting of the owner's people at a time,
-    and none while a job that expects some of them is inserted (expected_names_now). The name a
-    rename reads is then the one it renames from, and a job being inserted reads its people
-    before such a change or after it, whole. Held only while the person changes: the recordings
+async def one_change_of_the_owners_people_at_a_time(conn: asyncpg.Connection, owner: str | None) -> None:
+    """For the rest of the transaction: one enrolment, rename or forgetting of the owner's people at
+    a time, and none while a job that expects some of them is inserted (expected_names_now). The
+    name a rename reads is then the one it renames from, an enrolment sees the voiceprint another
+    made at the same time (one voice is not enrolled under two names), and a job being inserted
+    reads its people before such a change or after it, whole. Held only while the person changes: the recordings
     are matched again after the commit, batch by batch, without it."""
     await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended('stt.speakers:' || coalesce($1, ''), 0))",
                        owner)
@@ -209,7 +210,7 @@ async def rename_speaker(conn: asyncpg.Connection, owner: str | None, speaker_id
     second speaker, one that has it by hand). Sent again with the name the person has (a rename
     whose matching was cut off), those where the person still has another name and the owner's
     still due a matching (the cut-off rename's among them); nothing when the person is gone."""
-    await _one_change_of_the_owners_people_at_a_time(conn, owner)
+    await one_change_of_the_owners_people_at_a_time(conn, owner)
     old = await conn.fetchval("SELECT name FROM speakers WHERE id = $1", speaker_id)
     if old is None:
         return []
@@ -259,7 +260,7 @@ async def delete_speaker(conn: asyncpg.Connection, speaker_id: int) -> list[int]
     writes one row a transcript, not an event. The events of the owner's not sent yet lose the
     name in the same commit (_take_forgotten_names_out_of_unsent_events)."""
     owner = await conn.fetchval("SELECT owner FROM speakers WHERE id = $1", speaker_id)
-    await _one_change_of_the_owners_people_at_a_time(conn, owner)
+    await one_change_of_the_owners_people_at_a_time(conn, owner)
     # Their jobs first, in id order, as every matching locks a job before its speakers.
     await conn.fetch(_lock_jobs(f"id IN ({_NAMED_BY})"), speaker_id)
     rows = await conn.fetch(f"{_UNNAME} WHERE matched_speaker_id = $1 AND name_source = 'auto'"
@@ -422,7 +423,7 @@ async def expected_names_now(conn: asyncpg.Connection, owner: str | None, names:
     then finds it (rename_speaker rewrites it); one that committed before is read here: a person
     renamed since is expected by their name now, one forgotten since is no name at all (unless
     someone has it now). A name kept as given when its person still has it in any case."""
-    await _one_change_of_the_owners_people_at_a_time(conn, owner)
+    await one_change_of_the_owners_people_at_a_time(conn, owner)
     rows = await conn.fetch(
         "SELECT given.n, coalesce(CASE WHEN lower(s.name) = lower(given.n) THEN given.n ELSE s.name END,"
         f" (SELECT given.n FROM speakers WHERE {_speaker_owned_by()} AND lower(name) = lower(given.n) LIMIT 1)) AS now"

@@ -666,6 +666,64 @@ def test_a_rerun_of_an_enrolled_recording_cannot_enrol_the_same_voice_under_anot
     assert owner.delete(f"/transcripts/{again}").status_code == 204  # not matched again by the tests after
 
 
+async def test_one_voice_enrolled_under_two_names_at_once_is_refused_for_the_second(enrolled):
+    """Two enrolments of one voice under two names at the same time (two recordings' speakers of
+    one voice, as a rerun gives; the same sample sent twice is alike): each read the key's
+    voiceprints before the other committed, and both were enrolled, one voice as two people. The
+    second to run must find the first's voiceprint and answer 409."""
+    import asyncpg
+
+    stack, owner, _, source = enrolled
+    voice_a = _speaker_at(stack.status(source, owner), 2.0)["speaker"]
+    key_owner = stack.value("SELECT owner FROM transcripts WHERE id = $1", source)
+    holding = await asyncpg.connect(stack.database_url)
+    copy = None
+    try:
+        # A second finished recording with voice A's stored voice, without running a rerun.
+        copy = await holding.fetchval("INSERT INTO transcripts (filename, owner, status) VALUES ('copy.wav', $1,"
+                                      " 'done') RETURNING id", key_owner)
+        await holding.execute("INSERT INTO transcript_speakers (transcript_id, speaker, embedding, embedding_model,"
+                              " speech_s) SELECT $1, 'spk_0', embedding, embedding_model, speech_s"
+                              " FROM transcript_speakers WHERE transcript_id = $2 AND speaker = $3",
+                              copy, source, voice_a)
+        # `source` held due a matching: an enrolment past its checks waits to record it (the first
+        # recording its voice can name someone in) until both enrolments wait, on it or each other.
+        held = holding.transaction()
+        await held.start()
+        await holding.execute("INSERT INTO speaker_matching_due AS d (transcript_id) VALUES ($1)"
+                              " ON CONFLICT (transcript_id) DO UPDATE SET changes = d.changes", source)
+
+        async def let_go_once_both_wait() -> bool:
+            both_waited = False
+            for _ in range(300):
+                if await holding.fetchval("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                                          " AND application_name = $1 AND wait_event_type = 'Lock'",
+                                          KEYED_INGEST) >= 2:
+                    both_waited = True
+                    break
+                await asyncio.sleep(0.1)
+            await held.rollback()  # let go either way, so the enrolments end
+            return both_waited
+
+        async with httpx.AsyncClient(base_url=stack.api, headers={"X-API-Key": OWNER}, timeout=120) as client:
+            *answers, both_waited = await asyncio.gather(
+                client.post("/speakers", json={"name": "Anna", "transcript_id": source, "label": voice_a}),
+                client.post("/speakers", json={"name": "Boris", "transcript_id": copy, "label": "spk_0"}),
+                let_go_once_both_wait())
+        assert both_waited, "the two enrolments never both waited: the race was not set up"
+        assert sorted(a.status_code for a in answers) == [201, 409], [a.text for a in answers]
+        [enrolled_as] = [a.json()["name"] for a in answers if a.status_code == 201]
+        [refused] = [a.json()["detail"] for a in answers if a.status_code == 409]
+        assert f"already a voiceprint of {enrolled_as!r}" in refused, refused
+        people = [(s["name"], s["voiceprint_count"]) for s in owner.get("/speakers").json()["items"]]
+        assert people == [(enrolled_as, 1)], people
+    finally:
+        if copy is not None:
+            await holding.execute("DELETE FROM speaker_matching_due WHERE transcript_id = $1", copy)
+            await holding.execute("DELETE FROM transcripts WHERE id = $1", copy)
+        await holding.close()
+
+
 async def test_a_voiceprint_that_only_changes_how_sure_a_name_is_is_announced(enrolled, voices):
     """The event and /speakers tell each speaker's confidence: a second voiceprint of a person
     that matches their voice in a recording better changes it there, and says so."""

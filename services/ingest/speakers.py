@@ -412,9 +412,15 @@ async def enrol(request: Request, state: State) -> Enrolled:
         raise HTTPException(status_code=400, detail="send multipart/form-data (name, file) or JSON (name,"
                                                     " transcript_id, label)")
     async with state.pool.acquire() as conn, conn.transaction():
+        # One enrolment of the owner's people at a time, taken before any row as a rename, a
+        # forgetting and a job's insert take it: two enrolments of one voice under two names at
+        # once (the same sample, or two recordings' speakers of one voice) each read the owner's
+        # voiceprints without the other's, and both committed: one voice, two people. The second
+        # waits here and finds the first's voiceprint below (409).
+        await speakerstore.one_change_of_the_owners_people_at_a_time(conn, owner)
         if reference is not None:
             voice = await _voice_of_transcript_speaker(conn, owner, reference, state.settings.speaker_min_speech_s)
-        # Locks the speaker's row: the same enrolment sent twice at once waits here and finds the first.
+        # The person of that name, made if new; their row locked until the commit.
         speaker_id = await speakerstore.create_speaker(conn, owner, name)
         # The same voice twice would count double in its profile, or (under two names) leave the
         # matching to pick between two people with one voice. Sent again for the same person (a
