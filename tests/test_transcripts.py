@@ -735,6 +735,47 @@ def test_a_correction_waits_only_briefly_on_a_job_another_request_holds(stack):
         stack.query("DELETE FROM transcripts WHERE id = $1", job_id)
 
 
+def test_long_corrections_and_their_widest_subtitles_leave_the_service_answering(stack):
+    """A segment corrected to 10,000 characters, then to 10,000 others of the same two kinds, and
+    its widest subtitles: matching the words took 33 s and cutting the cues 6 s, on the event loop,
+    so that nothing else was answered meanwhile, liveness checks included (a pod restarted)."""
+    import random
+
+    job_id = stack.value("INSERT INTO transcripts (filename, status, stage, progress, language, completed_at)"
+                         " VALUES ('long.wav', 'done', 'done', 1, 'zh', now()) RETURNING id")
+    where = f"{stack.api}/transcripts/{job_id}/segments/0/0"
+    slowest, stop = [0.0], threading.Event()
+
+    def check_liveness() -> None:
+        while not stop.wait(0.2):
+            started = time.monotonic()
+            assert httpx.get(f"{stack.api}/healthz", timeout=120).status_code == 200
+            slowest[0] = max(slowest[0], time.monotonic() - started)
+
+    checker = threading.Thread(target=check_liveness, daemon=True)
+    try:
+        said = [{"word": c, "start": i * 0.5, "end": i * 0.5 + 0.5} for i, c in enumerate("你好。")]
+        stack.query("INSERT INTO segments (transcript_id, chunk_index, index, speaker, start_ts, end_ts, text, words)"
+                    " VALUES ($1, 0, 0, 'spk_0', 0, 30, '你好。', $2::jsonb)", job_id, json.dumps(said))
+        checker.start()
+        rng = random.Random(7)
+        for _ in range(2):
+            text = "".join(rng.choice("的是") for _ in range(10_000))
+            corrected = httpx.patch(where, json={"text": text}, timeout=120)
+            assert corrected.status_code == 200 and corrected.json()["text"] == text, corrected.text[:200]
+        stored = httpx.get(f"{stack.api}/transcripts/{job_id}?words=true", timeout=30).json()["segments"][0]
+        assert [w["word"] for w in stored["words"]] == list(text)
+        for format in ("srt", "vtt"):
+            subtitles = transcript(stack, job_id, format=format, max_line_width=200, max_line_count=10)
+            assert subtitles.status_code == 200 and subtitles.text.count(" --> ") > 1, subtitles.text[:200]
+        stop.set()
+        checker.join(120)
+        assert slowest[0] < 3, f"/healthz took {slowest[0]:.1f} s"
+    finally:
+        stop.set()
+        stack.query("DELETE FROM transcripts WHERE id = $1", job_id)
+
+
 def test_unknown_format_or_job(dialogue, stack):
     response = transcript(stack, dialogue["id"], format="docx")
     assert response.status_code == 400

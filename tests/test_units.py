@@ -1003,6 +1003,43 @@ def test_words_added_between_two_words_that_overlap_in_time_do_not_end_before_th
             assert word.start <= word.end, (text, word)
 
 
+def test_a_segment_corrected_twice_to_long_repetitive_text_is_retimed_in_moments():
+    """A segment corrected to 10,000 characters, then again to 10,000 others of the same two
+    kinds: matching the old words to the new took difflib 33 s, during which the ingest answered
+    nothing, liveness checks included. Texts that long are retimed as wholly new ones: each word in
+    place of the one there was, taking its time."""
+    import random
+    import time
+
+    from services.ingest.corrections import MAX_SEGMENT_CHARS, retimed_words
+
+    rng = random.Random(7)
+    said = [{"word": " Hello", "start": 0.0, "end": 0.5}, {"word": " there.", "start": 0.5, "end": 1.0}]
+    first_text, second_text = ("".join(rng.choice("的是") for _ in range(MAX_SEGMENT_CHARS)) for _ in range(2))
+    started = time.monotonic()
+    first = retimed_words(said, first_text, 0.0, 30.0)
+    second = retimed_words([w.model_dump() for w in first], second_text, 0.0, 30.0)
+    took = time.monotonic() - started
+    assert took < 5, f"{took:.1f} s"
+    assert [w.word for w in first] == list(first_text) and [w.word for w in second] == list(second_text)
+    assert [(w.start, w.end) for w in second] == [(w.start, w.end) for w in first]
+
+
+def test_a_long_real_segment_corrected_by_a_character_keeps_the_others_times():
+    """The bound on matching leaves a long segment matched (880 characters here; 30 s of speech,
+    a segment's most, is a few hundred): only the changed character is new."""
+    from services.ingest.corrections import WORD_MATCH_BUDGET, retimed_words
+
+    said = "我们今天和客户开会讨论了新产品的发布计划，大家都觉得时间有点紧，但是我们会尽力按时完成。" * 20
+    assert len(said) ** 2 <= WORD_MATCH_BUDGET
+    stored = [{"word": c, "start": round(i * 0.03, 3), "end": round(i * 0.03 + 0.03, 3), "probability": 0.9}
+              for i, c in enumerate(said)]
+    corrected = said[:500] + "用" + said[501:]
+    words = retimed_words(stored, corrected, 0.0, stored[-1]["end"])
+    assert [(w.word, w.start, w.end) for w in words] == [(c, w["start"], w["end"]) for c, w in zip(corrected, stored)]
+    assert [i for i, w in enumerate(words) if w.probability is None] == [500]
+
+
 def _lookups_answering(monkeypatch, answers: dict, calls: dict):
     """socket.getaddrinfo answering `answers[host]`: a list of addresses, an OSError to raise, or
     a threading.Event to wait for (at most 30 s) before raising EAI_AGAIN (a name server that does
@@ -1342,6 +1379,78 @@ def test_a_question_mark_of_chinese_or_thai_never_makes_a_cue_or_line_of_its_own
             lines = [line for cue in cues for line in cue.lines]
             assert "".join(lines) == "".join(passage)
             assert not [line for line in lines if line[0] in "。！？，」、"], (width, count, lines)
+
+
+def test_subtitles_of_segments_corrected_to_10000_characters_are_cut_in_moments():
+    """Wide cues (?max_line_width=200&max_line_count=10) of a segment corrected to 10,000 Chinese
+    characters took 6 s: each cue's lines were counted again for every character added, and its
+    lines balanced by trying every cut."""
+    import random
+    import time
+
+    from services.ingest.captions import columns
+    from services.ingest.corrections import MAX_SEGMENT_CHARS
+    from services.ingest.segments import TranscriptSegment
+    from services.ingest.transcripts import to_srt, to_vtt
+
+    rng = random.Random(3)
+    segments = []
+    for n, speaker in enumerate(("spk_0", "spk_1")):
+        text = "".join(chr(rng.randint(0x4E00, 0x9FFF)) for _ in range(MAX_SEGMENT_CHARS))
+        step = 30.0 / len(text)
+        words = [Word(word=c, start=round(n * 30 + i * step, 3), end=round(n * 30 + (i + 1) * step, 3))
+                 for i, c in enumerate(text)]
+        segments.append(TranscriptSegment(speaker=speaker, start_ts=n * 30.0, end_ts=n * 30.0 + 30, text=text,
+                                          words=words))
+    started = time.monotonic()
+    srt, vtt = to_srt(segments, 200, 10), to_vtt(segments, 200, 10)
+    took = time.monotonic() - started
+    assert took < 5, f"{took:.1f} s"
+    srt_cues = [block.split("\n")[2:] for block in srt.strip().split("\n\n")]  # the speaker takes room
+    vtt_cues = [[re.sub(r"^<v spk_\d>", "", line) for line in block.split("\n")[1:]]
+                for block in vtt.strip().split("\n\n")[1:]]  # the voice tag does not
+    for cues in (srt_cues, vtt_cues):
+        assert all(len(lines) <= 10 and all(columns(line) <= 200 for line in lines) for lines in cues)
+        assert "".join(re.sub(r"^spk_\d: ", "", line) for lines in cues for line in lines) == "".join(
+            s.text for s in segments)
+
+
+def test_subtitle_lines_are_as_even_as_trying_every_cut_makes_them():
+    """wrap finds where to cut by bisection: the lines it gives are those of trying every cut, the
+    first of equally good ones, for words of any width (a mark that takes no column, a word wider
+    than a line) and a first line partly taken by the speaker's name."""
+    import random
+
+    from services.ingest.captions import _lines_needed, _Token, wrap
+
+    def every_cut(tokens, width, count, taken):
+        widths = [(t.columns, t.bare_columns) for t in tokens]
+        fewest = _lines_needed(widths, width, taken)
+        if fewest > count:
+            return None
+        n, inf, cut = len(tokens), float("inf"), {}
+        widest = [[0 if i == n else inf for i in range(n + 1)] for _ in range(fewest + 1)]
+        for k in range(1, fewest + 1):
+            for i in range(n - 1, -1, -1):
+                for j in range(i + 1, n + 1):
+                    used = sum(w[0] for w in widths[i + 1:j]) + widths[i][1] + (taken if i == 0 else 0)
+                    if used > width and j > i + 1:
+                        break
+                    if max(used, widest[k - 1][j]) < widest[k][i]:
+                        widest[k][i], cut[(k, i)] = max(used, widest[k - 1][j]), j
+        lines, i, k = [], 0, fewest
+        while i < n:
+            lines.append("".join(t.text for t in tokens[i:cut[(k, i)]]).strip())
+            i, k = cut[(k, i)], k - 1
+        return lines
+
+    rng = random.Random(11)
+    vocabulary = ["a", "I", "the", "meeting", "ok.", "我", "们", "。", "ก", "่อน", "\u200b", "é", "안녕하세요", "x" * 30]
+    for _ in range(3000):
+        tokens = [_Token((" " if i and rng.random() < 0.6 else "") + rng.choice(vocabulary), 0.0, 0.0)
+                  for i in range(rng.randint(1, 30))]
+        width, count, taken = rng.randint(1, 50), rng.randint(1, 12), rng.choice([0, 0, rng.randint(0, 20)])
+        assert wrap(tokens, width, count, taken) == every_cut(tokens, width, count, taken), (tokens, width, count)
 
 
 def test_a_speaker_label_is_spk_and_a_number_as_the_diarizer_writes_it():

@@ -9,6 +9,7 @@ Japanese character takes two, as on screen."""
 from __future__ import annotations
 
 import unicodedata
+from bisect import bisect_left, bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -164,6 +165,13 @@ def wrap(tokens: Sequence[_Token], width: int, count: int, first_line_taken: int
     def line_width(i: int, j: int) -> int:
         return running[j] - running[i] - widths[i][0] + widths[i][1] + (first_line_taken if i == 0 else 0)
 
+    # longest[i]: where the longest line that starts at tokens[i] ends (a single token wider than
+    # a line still makes one); needed[i]: the fewest lines tokens[i:] fit on (filled greedily).
+    longest, needed = [0] * n, [0] * (n + 1)
+    for i in range(n - 1, -1, -1):
+        room = width - line_width(i, i) + running[i]  # line_width(i, j) <= width where running[j] <= room
+        longest[i] = max(i + 1, bisect_right(running, room, i + 1, n + 1) - 1)
+        needed[i] = 1 + needed[longest[i]]
     # widest[k][i]: the narrowest possible widest line for tokens[i:] on at most k lines.
     inf = float("inf")
     widest = [[inf] * (n + 1) for _ in range(fewest + 1)]
@@ -171,14 +179,23 @@ def wrap(tokens: Sequence[_Token], width: int, count: int, first_line_taken: int
     for k in range(fewest + 1):
         widest[k][n] = 0
     for k in range(1, fewest + 1):
+        rest = widest[k - 1]
         for i in range(n - 1, -1, -1):
-            for j in range(i + 1, n + 1):
-                used = line_width(i, j)
-                if used > width and j > i + 1:
-                    break
-                candidate = max(used, widest[k - 1][j])
-                if candidate < widest[k][i]:
-                    widest[k][i], cut[(k, i)] = candidate, j
+            if needed[i] > k:
+                continue  # they do not fit: no way to cut them
+            # Cutting after more tokens widens this line and narrows the widest of the rest (fewer
+            # tokens never need wider lines), so the best cut is where the two cross: found by
+            # bisection rather than trying each (a line of a wide subtitle holds a hundred Chinese
+            # characters). Of cuts as good, the first, as trying each from the first chose.
+            first, last = i + 1, longest[i]
+            crossing = first + bisect_left(range(first, last + 1), True,
+                                           key=lambda j: line_width(i, j) >= rest[j])
+            j = crossing
+            if crossing > first and (crossing > last or rest[crossing - 1] <= line_width(i, crossing)):
+                j = first + bisect_left(range(first, crossing), -rest[crossing - 1], key=lambda j: -rest[j])
+            candidate = max(line_width(i, j), rest[j])
+            if candidate < inf:
+                widest[k][i], cut[(k, i)] = candidate, j
     lines, i, k = [], 0, fewest
     while i < n:
         j = cut[(k, i)]
@@ -194,8 +211,11 @@ def _break_after(tokens: Sequence[_Token], room: int) -> int:
     def ends_with(i: int, marks: tuple[str, ...]) -> bool:
         return tokens[i - 1].text.rstrip().endswith(marks)
 
-    candidates = [i for i in range(1, len(tokens))
-                  if columns(_joined(tokens[:i])) * 3 >= room and tokens[i - 1].end - tokens[0].start >= MIN_CUE_S]
+    candidates, shown = [], 0  # shown: the columns of tokens[:i] as one line (the first one's space dropped)
+    for i in range(1, len(tokens)):
+        shown += tokens[0].bare_columns if i == 1 else tokens[i - 1].columns
+        if shown * 3 >= room and tokens[i - 1].end - tokens[0].start >= MIN_CUE_S:
+            candidates.append(i)
     for marks in (SENTENCE_ENDS, CLAUSE_ENDS):
         marked = [i for i in candidates if ends_with(i, marks)]
         if marked:
@@ -221,8 +241,13 @@ def _segment_cues(segment: Captioned, width: int, count: int, speaker_takes_room
     cues, start = [], 0
     while start < len(tokens):
         end = start + 1
-        while end < len(tokens) and tokens[end].end - tokens[start].start <= MAX_CUE_S \
-                and _lines_needed(widths[start:end + 1], width, label) <= count:
+        # The lines the cue's tokens need, filled as _lines_needed fills them, a token at a time.
+        lines, used = 1, label + widths[start][1]
+        while end < len(tokens) and tokens[end].end - tokens[start].start <= MAX_CUE_S:
+            spaced, bare = widths[end]
+            lines, used = (lines, used + spaced) if used + spaced <= width else (lines + 1, bare)
+            if lines > count:
+                break
             end += 1
         if end < len(tokens):
             end = start + _break_after(tokens[start:end + 1], width * count - label)

@@ -4,9 +4,11 @@ PATCH /transcripts/{id}/segments/{chunk_index}/{index}; README "Corrections"."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import unicodedata
+from bisect import bisect_left
 from difflib import SequenceMatcher
 from typing import Annotated
 
@@ -34,6 +36,11 @@ from services.ingest.transcripts import JobBusy, JobId, lock_job_briefly, visibl
 log = logging.getLogger(__name__)
 
 MAX_SEGMENT_CHARS = 10_000
+# Above this many old pieces times new ones a corrected text's words are retimed as a wholly new
+# text's, not matched to the old: difflib's matching is near quadratic, far worse on repetitive
+# text (two texts of 10,000 characters of two kinds took 33 s). At this size it takes 0.2 s at
+# most; a real segment (at most 30 s of speech) has a few hundred pieces.
+WORD_MATCH_BUDGET = 1_000_000
 
 
 class SegmentCorrection(BaseModel):
@@ -92,9 +99,10 @@ def _in_place_of(new: list[str], replaced: list[Word], between: tuple[float, flo
     first, last = (replaced[0].start, replaced[-1].end) if replaced else between
     last = max(first, last)  # (words that overlap in time: none of the new ends before it starts)
     weights = [len(word) + 1 for word in new]
+    total = sum(weights)
     out, at = [], first
     for word, weight in zip(new, weights):
-        length = (last - first) * weight / sum(weights)
+        length = (last - first) * weight / total
         out.append(Word(word=word, start=round(at, 3), end=round(at + length, 3)))
         at += length
     return out
@@ -104,7 +112,7 @@ def retimed_words(words: list[dict], text: str, start: float, end: float) -> lis
     """The corrected text's words with times, parted as the transcriber's are (a character at a
     time in Chinese, Japanese or Thai). A word left as it was keeps its time and probability;
     words written in place of others take their time (see _in_place_of), and words added between
-    two kept ones the pause between them."""
+    two kept ones the pause between them. Texts too long to compare (WORD_MATCH_BUDGET) keep none."""
     old = [Word(word=w["word"].strip(), start=w["start"], end=w["end"], probability=w.get("probability"))
            for w in words if w["word"].strip()]  # a blank word (Whisper writes one now and then) times nothing
     # Old and new are compared piece by piece, a piece being what a new word is: one of Whisper's
@@ -117,12 +125,15 @@ def retimed_words(words: list[dict], text: str, start: float, end: float) -> lis
     spans = _word_spans(text)
     new = [text[a:b] for a, b in spans]
     kept: dict[int, tuple[int, int]] = {}  # where a kept word starts among the new: (its index in old, where it ends)
-    for i, j, size in SequenceMatcher(None, pieces, new, autojunk=False).get_matching_blocks():
-        for k in range(len(old)):
-            if i <= first_piece[k] and first_piece[k + 1] <= i + size:
-                begins, ends = j + first_piece[k] - i, j + first_piece[k + 1] - i
-                if text[spans[begins][0]:spans[ends - 1][1]] == old[k].word:  # not parted by a space now
-                    kept[begins] = (k, ends)
+    matched = (SequenceMatcher(None, pieces, new, autojunk=False).get_matching_blocks()
+               if len(pieces) * len(new) <= WORD_MATCH_BUDGET else [])
+    for i, j, size in matched:
+        k = bisect_left(first_piece, i, 0, len(old))  # the old words wholly in the block
+        while k < len(old) and first_piece[k + 1] <= i + size:
+            begins, ends = j + first_piece[k] - i, j + first_piece[k + 1] - i
+            if text[spans[begins][0]:spans[ends - 1][1]] == old[k].word:  # not parted by a space now
+                kept[begins] = (k, ends)
+            k += 1
     out: list[Word] = []
     written: list[str] = []
     previous, at = -1, 0  # the last kept word's index in old; the next new word
@@ -139,6 +150,16 @@ def retimed_words(words: list[dict], text: str, start: float, end: float) -> lis
         written, previous = [], k
     pause_start = old[previous].end if previous >= 0 else start
     return out + _in_place_of(written, old[previous + 1:], (pause_start, max(end, pause_start)))
+
+
+async def _retimed(segment: Record, text: str) -> list[Word]:
+    """retimed_words off the event loop: a long text takes a while (see WORD_MATCH_BUDGET)."""
+    return await asyncio.to_thread(retimed_words, segment["words"], text, segment["start_ts"], segment["end_ts"])
+
+
+def _timing(segment: Record) -> tuple:
+    """What a segment's corrected words are retimed from."""
+    return segment["words"], segment["start_ts"], segment["end_ts"]
 
 
 def _refused(job_id: int, job: Record | None, request: Request) -> None:
@@ -186,15 +207,17 @@ async def correct_segment(job_id: JobId, chunk_index: SegmentChunk, index: Segme
     # will be made: what refuses it is checked first without the locks (and again under them, as
     # it may have changed meanwhile), so that a refused one answers at once, asking nothing of the
     # embedding service. Another key's job is unknown at once too, not after waiting on its lock
-    # (which would tell that it exists).
+    # (which would tell that it exists). The new words are timed before the locks too, and again
+    # under them only where the segment's words changed meanwhile.
     _refused(job_id, await jobstore.job(state.pool, job_id), request)
-    new_embedding = None
+    new_embedding = stored = new_words = None
     if new_text is not None:
         stored = await jobstore.job_segment(state.pool, job_id, chunk_index, index)
         _no_segment(job_id, chunk_index, index, stored)
         if new_text != stored["text"]:  # (the text as it is: a speaker's correction at most, nothing to embed)
             if await jobstore.redaction_pending(state.pool, job_id):
                 _being_redacted(job_id)
+            new_words = await _retimed(stored, new_text)
             try:
                 new_embedding = await embed_for_request(embed, new_text)
             except Exception as exc:  # the embedding service is away: the text is what matters
@@ -228,9 +251,10 @@ async def correct_segment(job_id: JobId, chunk_index: SegmentChunk, index: Segme
         else:
             if segment["embedding_model"] == model:
                 embedding = new_embedding
-            words = retimed_words(segment["words"], text, segment["start_ts"], segment["end_ts"])
+            if new_words is None or _timing(stored) != _timing(segment):
+                new_words = await _retimed(segment, text)
             await jobstore.correct_segment(conn, job_id, chunk_index, index, speaker=speaker, text=text,
-                                           words=[w.model_dump() for w in words],
+                                           words=[w.model_dump() for w in new_words],
                                            text_language=segment["text_language"],
                                            embedding=embedding, embedding_model=model)
         corrected = transcript_segment(await jobstore.job_segment(conn, job_id, chunk_index, index))

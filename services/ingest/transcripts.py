@@ -3,6 +3,7 @@ jobs; deleting a job with its audio. The formatters are plain functions of the s
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from collections.abc import Sequence
@@ -415,7 +416,9 @@ async def get_transcript(
                        {label: n.name for label, n in (await jobstore.speaker_names(state.pool, job_id)).items()
                         if n.name})
     elif subtitles:
-        body = SUBTITLE_FORMATTERS[format](document.segments, max_line_width, max_line_count)
+        # Off the event loop: cutting a long transcript into cues takes a while, and every other
+        # request (liveness checks too) would wait for it.
+        body = await asyncio.to_thread(SUBTITLE_FORMATTERS[format], document.segments, max_line_width, max_line_count)
     else:
         body = to_txt(document.segments)
     return Response(
