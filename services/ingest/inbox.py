@@ -427,7 +427,8 @@ class Inbox:
                 segments = await jobstore.job_segments(conn, job_id)
                 document = await status_document(conn, job_id, rows=segments)
                 if document.status == "done":
-                    subtitles = to_srt([transcript_segment(r, with_words=True) for r in segments])
+                    subtitles = await asyncio.to_thread(to_srt, [transcript_segment(r, with_words=True)
+                                                                 for r in segments])
                     await call_in_transaction(upload_bytes, self.s3_quick, bucket, keys["srt"], subtitles.encode(),
                                               content_type="application/x-subrip")
                 else:  # an earlier job's subtitles of this key are not this failed job's

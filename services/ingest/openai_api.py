@@ -443,7 +443,8 @@ async def transcribe_and_wait(state: State, request: Request, data: OpenAITransc
         raise NotFoundException(detail=f"job {job_id} was deleted while this request waited for it")
     if status == "error":
         raise HTTPException(status_code=422, detail=f"job {job_id} failed: {document.error}")
-    return rendered(document, response_format, task)
+    # Off the event loop: subtitles of corrected segments thousands of characters long take moments.
+    return await asyncio.to_thread(rendered, document, response_format, task)
 
 
 def _event(data: dict) -> ServerSentEventMessage:
