@@ -384,6 +384,18 @@ def test_a_count_finds_a_person_who_says_one_sentence_without_splitting_the_main
         assert (centroids @ voices.T).max(axis=1).min() > 0.9, (hints, centroids @ voices.T)
 
 
+def test_a_count_does_not_make_voices_of_clusters_tied_at_the_lowered_size():
+    """One person and four pairs of stray voices, each pair its own cluster at the threshold: at
+    least two people asked for, lowering the size a voice needs to the second largest cluster's
+    made every pair a voice (five speakers, not two)."""
+    rng = np.random.default_rng(1)
+    voices = clustering._normalize(rng.normal(size=(5, 192)))
+    who = np.array([0] * 50 + [1, 1, 2, 2, 3, 3, 4, 4])
+    embeddings = clustering._normalize(voices[who] + 0.05 * rng.normal(size=(len(who), 192))).astype(np.float32)
+    for hints in ((2, None), (2, 3)):
+        assert len(clustering.cluster_centroids(embeddings, *hints)) == 2, hints
+
+
 def _lone(speaker_of_frame: list[int], speakers: int = 2) -> np.ndarray:
     binary = np.zeros((len(speaker_of_frame), speakers), dtype=bool)
     for frame, speaker in enumerate(speaker_of_frame):

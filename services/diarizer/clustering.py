@@ -80,21 +80,25 @@ def _represented(embeddings: np.ndarray, sample: np.ndarray, threshold: float, c
     return weights
 
 
-def _size_for_count(linkage: np.ndarray, threshold: float, min_size: int, lo: int, hi: int,
+def _size_for_count(linkage: np.ndarray, threshold: float, min_size: int, lo: int,
                     weights: np.ndarray) -> float:
-    """The size a cluster needs to be a voice when at least `lo` are asked for: `min_size`, or,
-    when the threshold's cut holds that many clusters but fewer large ones, the size of its
-    lo-th largest (at least 2; as pyannote does with a count). A person who says one sentence
+    """The size a cluster needs to be a voice when at least `lo` (2 or more) are asked for:
+    `min_size`, or, when the threshold's cut holds that many clusters but fewer large ones, and
+    exactly `lo` as large as its lo-th largest, that size (at least 2; as pyannote does with a
+    count). A person who says one sentence
     in a long recording has about four window voices, under MIN_CLUSTER_SIZE: looking further
     down the dendrogram for a second large cluster split the main speaker in two instead."""
     from scipy.cluster.hierarchy import fcluster
 
+    if lo < 2:
+        return min_size
     sizes = np.sort(np.bincount(fcluster(linkage, threshold, criterion="distance") - 1, weights=weights))[::-1]
     if np.sum(sizes >= min_size) >= lo or len(sizes) < lo:
         return min_size
     lowered = sizes[lo - 1]
-    # Ties at the lowered size could make more voices than allowed: the walk decides those.
-    return lowered if lowered >= 2 and np.sum(sizes >= lowered) <= hi else min_size
+    # Only where that makes exactly the count: clusters tied at the lowered size (a main voice's
+    # stray pairs) would all become voices; the walk decides those, as before.
+    return lowered if lowered >= 2 and np.sum(sizes >= lowered) == lo else min_size
 
 
 def _cut_closest_to(linkage: np.ndarray, threshold: float, min_size: int, lo: int, hi: int,
@@ -154,7 +158,7 @@ def cluster_centroids(embeddings: np.ndarray, lo: int = 1, hi: int | None = None
     else:
         weights = np.ones(n)
     tree = linkage(embeddings.astype(np.float64), method=METHOD, metric="euclidean")
-    min_size = _size_for_count(tree, threshold, min_size, lo, hi, weights)
+    min_size = _size_for_count(tree, threshold, min_size, lo, weights)
     labels = _cut_closest_to(tree, threshold, min_size, lo, hi, weights)
     large = _large_clusters(labels, min_size, weights)
     if len(large) == 0:
