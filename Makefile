@@ -63,10 +63,17 @@ clean:
 	rm -rf $(VENV) models .pytest_cache
 
 # Containers (deploy/compose.yaml): settings from .env when there is one; the CUDA transcriber on
-# a reserved GPU when nvidia-smi finds one and the NVIDIA Container Toolkit is installed (Docker
-# hands a GPU to a container through its nvidia-container-runtime-hook; without it the transcriber
-# could not be created). GPU= forces CPU, GPU=yes the GPU.
-GPU ?= $(shell nvidia-smi -L >/dev/null 2>&1 && command -v nvidia-container-runtime-hook >/dev/null 2>&1 && echo yes)
+# a reserved GPU when nvidia-smi finds one and Docker can hand it to a container: the NVIDIA
+# Container Toolkit's hook is installed, or the daemon lists an nvidia runtime, or it is Docker
+# Desktop's (which needs no toolkit); without one the transcriber could not be created. GPU=
+# forces CPU, GPU=yes the GPU.
+DOCKER_GIVES_GPU = $(shell if command -v nvidia-container-runtime-hook >/dev/null 2>&1; then echo yes; else \
+	case "$$(docker info --format '{{.OperatingSystem}} {{json .Runtimes}}' 2>/dev/null)" in \
+	(*"Docker Desktop"*|*nvidia*) echo yes;; esac; fi)
+ifeq ($(origin GPU),undefined)
+GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
+GPU := $(if $(GPU),$(DOCKER_GIVES_GPU))
+endif
 COMPOSE := docker compose $(if $(wildcard .env),--env-file .env) -f deploy/compose.yaml \
 	$(if $(GPU),-f deploy/compose.gpu.yaml)
 
@@ -75,8 +82,8 @@ docker-build:
 
 # More workers of a stage: make docker-up SCALE="transcriber=2 diarizer=2"
 docker-up:
-	@if [ -z "$(GPU)" ] && nvidia-smi -L >/dev/null 2>&1 && ! command -v nvidia-container-runtime-hook >/dev/null; \
-	then echo "A GPU, but no NVIDIA Container Toolkit (nvidia-container-runtime-hook): the transcriber runs on CPU"; fi
+	@if [ -z "$(GPU)" ] && nvidia-smi -L >/dev/null 2>&1 && [ -z "$(DOCKER_GIVES_GPU)" ]; then echo "A GPU, but Docker has no"\
+	" NVIDIA Container Toolkit (nvidia-container-runtime-hook) to give it to a container: the transcriber runs on CPU"; fi
 	$(COMPOSE) up -d $(foreach stage,$(SCALE),--scale $(stage))
 
 docker-down:

@@ -714,15 +714,18 @@ def test_make_run_starts_the_local_rabbitmq_when_amqp_url_names_it(tmp_path, dot
     assert (tmp_path / "local-services-ran").exists()
 
 
-def make_docker_up(tmp_path: Path, tools: tuple[str, ...], *args: str) -> tuple[str, str]:
+def make_docker_up(tmp_path: Path, tools: tuple[str, ...], *args: str, docker_info: str = "Debian GNU/Linux 12"
+                   ' {"runc":{"path":"runc"}}') -> tuple[str, str]:
     """Run `make docker-up` from a copy of the Makefile with only `tools` on PATH (stand-ins that
-    succeed) and a `docker` that records its arguments. Returns those arguments and make's output."""
+    succeed) and a `docker` that records its arguments (but `docker info`'s, which prints
+    `docker_info`). Returns those arguments and make's output."""
     (tmp_path / "bin").mkdir(parents=True)
     shutil.copy(ROOT / "Makefile", tmp_path)
     for tool in tools:
         (tmp_path / "bin" / tool).write_text("#!/bin/sh\nexit 0\n")
         (tmp_path / "bin" / tool).chmod(0o755)
-    (tmp_path / "bin" / "docker").write_text(f'#!/bin/sh\necho "$*" > "{tmp_path}/docker-args"\n')
+    (tmp_path / "bin" / "docker").write_text(f'#!/bin/sh\n[ "$1" = info ] && {{ echo \'{docker_info}\'; exit 0; }}\n'
+                                             f'echo "$*" > "{tmp_path}/docker-args"\n')
     (tmp_path / "bin" / "docker").chmod(0o755)
     result = subprocess.run([shutil.which("make"), "-s", "docker-up", *args], cwd=tmp_path, capture_output=True,
                             text=True, timeout=60, env={"PATH": str(tmp_path / "bin"), "HOME": str(tmp_path)})
@@ -743,6 +746,12 @@ def test_make_docker_up_reserves_a_gpu_only_where_docker_can_hand_one_to_a_conta
     assert "compose.gpu.yaml" not in no_gpu and said == ""
     forced_cpu, said = make_docker_up(tmp_path / "forced-cpu", ("nvidia-smi", hook), "GPU=")
     assert "compose.gpu.yaml" not in forced_cpu and said == ""
+    # Docker Desktop (WSL2) gives containers the GPU with no toolkit on the host; a daemon set up
+    # with the nvidia runtime has it where the hook is not on this host's PATH.
+    for name, info in (("desktop", 'Docker Desktop {"runc":{"path":"runc"}}'),
+                       ("runtime", 'Ubuntu 24.04 {"nvidia":{"path":"nvidia-container-runtime"},"runc":{}}')):
+        given, said = make_docker_up(tmp_path / name, ("nvidia-smi",), docker_info=info)
+        assert "-f deploy/compose.gpu.yaml" in given and said == "", name
 
 
 # ---- make test, the test stacks and make stop --------------------------------------------------
