@@ -152,6 +152,8 @@ def test_speech_that_looks_like_a_spoken_address_stays(said):
     ("Write to anna at web dot de, thanks.", "Write to [EMAIL], thanks."),
     ("Schreib an anna at web dot de und dann", "Schreib an [EMAIL] und dann"),
     ("Mail anna at example dot it, thanks.", "Mail [EMAIL], thanks."),
+    ("Mail john at icloud dot me and that is it", "Mail [EMAIL] and that is it"),
+    ("Schreib anna at web dot it danke", "Schreib [EMAIL] danke"),
     ("Mail anna at example dot co dot uk", "Mail [EMAIL]"),
     ("Schreib an helpdesk at it dot example dot edu oder anna at me dot com.", "Schreib an [EMAIL] oder [EMAIL]."),
 ])

@@ -39,12 +39,12 @@ def _said_as_written(words: list[str]) -> str:
     return "(?-i:" + "|".join(sorted([*words, *(w.upper() for w in words)], key=len, reverse=True)) + ")"
 
 
-# Country codes that are words of a sentence too ("home dot so what", "the dot in the middle", "it
-# dot by dot"): said, one ends an address only where the sentence or the text goes on with no word
-# after it ("anna at web dot it.", "... dot me, thanks", "... dot to谢谢"). The others end one
-# wherever they are ("anna at web dot de und dann").
-_TOP_LEVEL_DOMAINS_AS_WORDS = {"am", "as", "at", "be", "by", "do", "id", "in", "is", "it", "la", "ma", "me", "my",
-                               "no", "pa", "so", "to", "us", "ye"}
+# Country codes that follow "dot" in a sentence as words ("home dot so what", "it dot by dot",
+# "one dot to another"): said, one ends an address only where the sentence or the text goes on
+# with no word after it ("anna at web dot to.", "... dot so, thanks", "... dot to谢谢"). The others
+# end one wherever they are ("anna at web dot de und dann", "john at icloud dot me and then"):
+# only these few, as an address left in clear costs more than a sentence's words redacted.
+_TOP_LEVEL_DOMAINS_AS_WORDS = {"by", "do", "so", "to"}
 _CODES_NOT_WORDS = [d for d in _TOP_LEVEL_DOMAINS if d not in _TOP_LEVEL_DOMAINS_AS_WORDS]
 _SPOKEN_TOP_LEVEL_DOMAIN = (rf"(?:{_said_as_written(_CODES_NOT_WORDS)}"
                             rf"|{_said_as_written(sorted(_TOP_LEVEL_DOMAINS_AS_WORDS))}(?!\s*{SPACED_WORD_CHAR}))")
