@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import aio_pika
@@ -588,17 +589,48 @@ def test_an_upload_whose_answer_was_lost_is_sent_again_and_makes_one_job(keyed_s
     assert [str(job["id"]) for job in jobs] == [submitted.stdout.strip()]  # the job the first send made
 
 
-class GivingUpGateway:
+class QuietHandler(BaseHTTPRequestHandler):
+    """A request handler that prints no line for each request."""
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def send_json(handler: BaseHTTPRequestHandler, status: int, body: object) -> None:
+    data = json.dumps(body).encode()
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
+
+
+class LocalServer:
+    """An HTTP server on a free local port, serving on a thread of its own while in a `with`, which
+    gives its address."""
+
+    def __init__(self, handler: type[BaseHTTPRequestHandler],
+                 server_class: type[ThreadingHTTPServer] = ThreadingHTTPServer) -> None:
+        self.server = server_class(("127.0.0.1", free_port()), handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+
+    def __enter__(self) -> str:
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self.url
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+
+
+class GivingUpGateway(LocalServer):
     """A gateway in front of the API (as ingress-nginx is) that passes requests on, but for the first
     POST to `path` answers 504 itself after the API has answered (its wait for the API ran out): the
     job was made, the client is told the gateway gave up. `keys` holds each such POST's Idempotency-Key."""
 
     def __init__(self, api: str, path: str) -> None:
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
         keys = self.keys = []
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def forward(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
@@ -617,17 +649,7 @@ class GivingUpGateway:
 
             do_GET = do_POST = forward  # noqa: N815 (http.server's names)
 
-            def log_message(self, *args) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-
-    def __enter__(self) -> str:
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return f"http://127.0.0.1:{self.server.server_port}"
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
+        super().__init__(Handler)
 
 
 def test_an_upload_a_gateway_gave_up_on_is_sent_again_and_makes_one_job(keyed_stack, fixtures_dir, tmp_path):
@@ -850,13 +872,11 @@ def test_file_names_that_are_not_utf8_or_hold_a_backslash_are_sent(keyed_stack, 
     assert [row["filename"] for row in job] == ["caf\ufffd a\\b.flac"]
 
 
-class RedirectingServer:
+class RedirectingServer(LocalServer):
     """Answers every request with a permanent redirect, as a proxy sending http:// to https:// does."""
 
-    def __enter__(self) -> str:
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-        class Handler(BaseHTTPRequestHandler):
+    def __init__(self) -> None:
+        class Handler(QuietHandler):
             def answer(self) -> None:
                 self.send_response(301)
                 self.send_header("Location", "https://stt.example" + self.path)
@@ -865,18 +885,10 @@ class RedirectingServer:
 
             do_GET = do_POST = do_DELETE = do_PATCH = answer
 
-            def log_message(self, *args) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return f"http://127.0.0.1:{self.server.server_port}"
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
+        super().__init__(Handler)
 
 
-class StandInApi:
+class StandInApi(LocalServer):
     """A local HTTP server answering each (method, path) with its answers in turn, (status, JSON
     body) or (status, JSON body, headers), the last one again and again: the API as the client sees
     it when it errs. A body that is a str is sent as an HTML page. With `page` (status, content type,
@@ -886,12 +898,10 @@ class StandInApi:
 
     def __init__(self, answers: dict[tuple[str, str], list[tuple]],
                  page: tuple[int, str, str] | None = None, delays: dict[tuple[str, str], float] | None = None) -> None:
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
         requests = self.requests = []
         sent_headers = self.headers = []
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def answer(self) -> None:
                 sent = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 requests.append((self.command, self.path.split("?")[0], sent))
@@ -917,22 +927,11 @@ class StandInApi:
 
             do_GET = do_POST = do_PATCH = do_DELETE = answer  # noqa: N815 (http.server's names)
 
-            def log_message(self, *args) -> None:
-                pass
-
         class QuietServer(ThreadingHTTPServer):
             def handle_error(self, request, client_address) -> None:
                 pass  # a client that gave up waiting: the answer goes nowhere
 
-        self.server = QuietServer(("127.0.0.1", free_port()), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}"
-
-    def __enter__(self) -> str:
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return self.url
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
+        super().__init__(Handler, QuietServer)
 
 
 def test_following_a_job_waits_out_an_api_error_and_tells_an_unknown_outcome_from_a_failure():
@@ -1396,17 +1395,15 @@ def test_a_busy_answer_after_a_long_upload_is_waited_out(monkeypatch):
     assert "the server is busy, trying again in 0.5 s" in said and "accepted as job 7" in said, said
 
 
-class ChangingFilesApi:
+class ChangingFilesApi(LocalServer):
     """Accepts every upload it got whole (job 1, 2...), read in full only after `on_upload[filename]`
     ran as its first bytes came: a file changed or removed while it is being sent. `accepted` holds
     the file names of those accepted."""
 
     def __init__(self, on_upload: dict[str, Callable[[], None]]) -> None:
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
         accepted = self.accepted = []
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_POST(self) -> None:  # noqa: N802 (http.server's name)
                 length = int(self.headers["Content-Length"])
                 first = self.rfile.read(min(length, 64 * 1024))
@@ -1418,24 +1415,9 @@ class ChangingFilesApi:
                 if got < length:
                     return  # the client gave up on it
                 accepted.append(filename)
-                data = json.dumps({"id": len(accepted), "filename": filename}).encode()
-                self.send_response(202)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                send_json(self, 202, {"id": len(accepted), "filename": filename})
 
-            def log_message(self, *args) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-
-    def __enter__(self) -> str:
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return f"http://127.0.0.1:{self.server.server_port}"
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
+        super().__init__(Handler)
 
 
 def test_a_file_that_changes_or_goes_while_the_files_are_sent_is_not_sent_and_the_others_are(tmp_path):
@@ -1519,18 +1501,16 @@ def test_watching_a_job_the_api_cannot_be_asked_about_gives_up_when_no_event_com
     assert "error: no event of job 7 for 3 s, and the API could not be asked about it (cannot reach" in said, said
 
 
-class HoldingApi:
+class HoldingApi(LocalServer):
     """Accepts the first `answered` POSTs at once (as job 7) and holds every later one without an
     answer, as the service does while it decodes a long recording. `held` is set once one is held."""
 
     def __init__(self, answered: int) -> None:
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
         held = self.held = threading.Event()
         released = self.released = threading.Event()
         posts = self.posts = []
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_POST(self) -> None:  # noqa: N802 (http.server's name)
                 self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 posts.append(self.path)
@@ -1538,25 +1518,13 @@ class HoldingApi:
                     held.set()
                     released.wait(60)
                     return
-                data = json.dumps({"id": 7, "filename": "a.wav"}).encode()
-                self.send_response(202)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                send_json(self, 202, {"id": 7, "filename": "a.wav"})
 
-            def log_message(self, *args) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-
-    def __enter__(self) -> str:
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return f"http://127.0.0.1:{self.server.server_port}"
+        super().__init__(Handler)
 
     def __exit__(self, *exc: object) -> None:
         self.released.set()
-        self.server.shutdown()
+        super().__exit__(*exc)
 
 
 def test_ctrl_c_while_an_upload_waits_for_its_answer_says_it_may_have_been_accepted():

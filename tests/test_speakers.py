@@ -10,6 +10,7 @@ import time
 import urllib.parse
 from collections.abc import AsyncIterator
 from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 import aio_pika
 import httpx
@@ -20,6 +21,9 @@ from common.speakers import Profile, RecordingSpeaker, match_speakers
 from services.ingest.auth import owner_of
 from tests.audio_files import en_dialogue_voices
 from tests.conftest import events_queue, job_events, through_another_ingest
+
+if TYPE_CHECKING:
+    import asyncpg
 
 OWNER, OTHER = "speakers-key-owner-0001", "speakers-key-other-0002"
 # The keyed ingest's sessions in pg_stat_activity (its DATABASE_URL's application_name): the
@@ -518,6 +522,21 @@ async def test_forgetting_a_person_tells_each_recording_the_name_went_and_who_to
         await connection.close()
 
 
+async def _let_go_once_two_wait(holding: asyncpg.Connection, held: asyncpg.transaction.Transaction) -> bool:
+    """Rolls `held` back once two of the keyed ingest's requests wait on a lock (or after 30 s):
+    whether both waited, that is whether the race was set up."""
+    both_waited = False
+    for _ in range(300):
+        # (the second may wait for the first's turn at the key's people: an advisory lock)
+        if await holding.fetchval("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                                  " AND application_name = $1 AND wait_event_type = 'Lock'", KEYED_INGEST) >= 2:
+            both_waited = True
+            break
+        await asyncio.sleep(0.1)
+    await held.rollback()  # let go either way, so the requests end
+    return both_waited
+
+
 async def test_two_renames_at_once_leave_the_jobs_expecting_the_name_the_person_ends_with(enrolled):
     """Both renames read the old name before either has renamed; the second to run must carry the
     name the first gave on to the jobs that expect the person, not look for the old one."""
@@ -537,24 +556,11 @@ async def test_two_renames_at_once_leave_the_jobs_expecting_the_name_the_person_
         await held.start()
         await holding.execute("SELECT id FROM transcripts WHERE id = $1 FOR UPDATE", source)
 
-        async def let_go_once_both_wait() -> bool:
-            both_waited = False
-            for _ in range(300):
-                # (the second may wait for the first's turn at the key's people: an advisory lock)
-                if await holding.fetchval("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                                          " AND application_name = $1 AND wait_event_type = 'Lock'",
-                                          KEYED_INGEST) >= 2:
-                    both_waited = True
-                    break
-                await asyncio.sleep(0.1)
-            await held.rollback()  # let go either way, so the renames end
-            return both_waited
-
         async with httpx.AsyncClient(base_url=stack.api, headers={"X-API-Key": OWNER}, timeout=120) as client:
             where = f"/speakers/{anna.json()['id']}"
             *answers, both_waited = await asyncio.gather(client.patch(where, json={"name": "Boris"}),
                                                          client.patch(where, json={"name": "Carl"}),
-                                                         let_go_once_both_wait())
+                                                         _let_go_once_two_wait(holding, held))
         assert both_waited, "the two renames never both waited on the held job: the race was not set up"
         assert [a.status_code for a in answers] == [200, 200], [a.text for a in answers]
         final = owner.get(where).json()["name"]
@@ -693,23 +699,11 @@ async def test_one_voice_enrolled_under_two_names_at_once_is_refused_for_the_sec
         await holding.execute("INSERT INTO speaker_matching_due AS d (transcript_id) VALUES ($1)"
                               " ON CONFLICT (transcript_id) DO UPDATE SET changes = d.changes", source)
 
-        async def let_go_once_both_wait() -> bool:
-            both_waited = False
-            for _ in range(300):
-                if await holding.fetchval("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                                          " AND application_name = $1 AND wait_event_type = 'Lock'",
-                                          KEYED_INGEST) >= 2:
-                    both_waited = True
-                    break
-                await asyncio.sleep(0.1)
-            await held.rollback()  # let go either way, so the enrolments end
-            return both_waited
-
         async with httpx.AsyncClient(base_url=stack.api, headers={"X-API-Key": OWNER}, timeout=120) as client:
             *answers, both_waited = await asyncio.gather(
                 client.post("/speakers", json={"name": "Anna", "transcript_id": source, "label": voice_a}),
                 client.post("/speakers", json={"name": "Boris", "transcript_id": copy, "label": "spk_0"}),
-                let_go_once_both_wait())
+                _let_go_once_two_wait(holding, held))
         assert both_waited, "the two enrolments never both waited: the race was not set up"
         assert sorted(a.status_code for a in answers) == [201, 409], [a.text for a in answers]
         [enrolled_as] = [a.json()["name"] for a in answers if a.status_code == 201]
