@@ -359,6 +359,12 @@ def sent_with_key(send: Callable[[dict[str, str]], httpx.Response], *, said_of: 
     while True:
         try:
             response = send(headers)
+        except (FileChanged, OSError) as exc:
+            if attempt == 1:
+                raise
+            # Not sent again, but the first send, whose answer was lost, may have made it.
+            reason = exc if isinstance(exc, FileChanged) else (exc.strerror or exc)
+            raise AnswerLost(f"not sent again, it changed or cannot be read now ({reason})") from exc
         except httpx.TransportError as exc:
             # Not sent on the first attempt (no connection made): nothing reached the service, say
             # so. On a later one the service may be restarting, and may have made it already.

@@ -1458,6 +1458,27 @@ def test_a_file_that_changes_or_goes_while_the_files_are_sent_is_not_sent_and_th
     assert "grows.wav: not sent, it changed while it was being sent (it grew past" in enrolled_said, enrolled_said
 
 
+def test_a_file_gone_before_it_is_sent_again_may_have_been_accepted_by_its_first_send(tmp_path):
+    """The first send went whole and its answer was lost; before the second, the file was removed
+    (or changed as it was sent again). It was said "not sent", yet the first send may have made a
+    job: submitting it again would make a second."""
+    recording = tmp_path / "lost.wav"
+    recording.write_bytes(b"\0" * 1000)
+
+    class Handler(QuietHandler):
+        def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+            self.rfile.read(int(self.headers["Content-Length"]))
+            recording.unlink(missing_ok=True)
+            self.close_connection = True  # no answer: the connection closes after the whole upload
+
+    with LocalServer(Handler) as api:
+        result = CliRunner().invoke(app, ["submit", "--no-wait", str(recording), "--api", api])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 1 and "Traceback" not in said, said
+    assert "lost.wav: not sent," not in said, said
+    assert "it may have been accepted: see stt list before sending it again" in said, said
+
+
 def test_an_api_key_with_a_user_in_the_api_address_is_refused():
     """httpx sends an address's user and password (https://user:pw@host, or a token as the user) as
     Basic auth, which silently took the place of `Authorization: Bearer <key>` from --api-key."""
