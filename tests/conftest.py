@@ -19,10 +19,11 @@ import subprocess
 import time
 import urllib.parse
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 
 import aio_pika
+import asyncpg
 import httpx
 import pytest
 
@@ -190,6 +191,27 @@ async def wait_settled(stack: Stack, queues: Sequence[str], job_ids: Sequence[in
             await asyncio.sleep(0.2)
     finally:
         await connection.close()
+
+
+THIS_MACHINES_POSTGRES = "postgresql://postgres@127.0.0.1:5432"
+
+
+@contextlib.asynccontextmanager
+async def database_of_this_machines_postgres(prefix: str) -> AsyncIterator[tuple[asyncpg.Connection, str]]:
+    """A new database of the PostgreSQL on 127.0.0.1:5432 (this machine's and CI's, not the tests'
+    embedded one: no pgvector, and reached over TCP), with an admin connection to that server;
+    dropped afterwards. Skips the test where none answers there."""
+    try:
+        admin = await asyncpg.connect(f"{THIS_MACHINES_POSTGRES}/postgres", timeout=5)
+    except (OSError, asyncpg.PostgresError):
+        pytest.skip("no PostgreSQL on 127.0.0.1:5432 to try")
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    try:
+        await admin.execute(f"CREATE DATABASE {name}")
+        yield admin, f"{THIS_MACHINES_POSTGRES}/{name}"
+    finally:
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        await admin.close()
 
 
 @pytest.fixture(scope="session")

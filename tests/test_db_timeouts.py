@@ -12,7 +12,6 @@ import contextlib
 import socket
 import time
 import urllib.parse
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import asyncpg
@@ -21,6 +20,7 @@ import pytest
 from common import db
 from common.settings import Settings
 from devstack import pg_admin_url, scratch_database_async
+from tests.conftest import database_of_this_machines_postgres
 
 TIMEOUT_S = 1.0
 # A query the fix lets through waits the timeout, then as long again for asyncpg's cancel request
@@ -469,17 +469,8 @@ async def database_over_tcp(scratch_url: str) -> AsyncIterator[str]:
     if _tcp(scratch_url):
         yield scratch_url
         return
-    try:
-        admin = await asyncpg.connect("postgresql://postgres@127.0.0.1:5432/postgres", timeout=5)
-    except (OSError, asyncpg.PostgresError):
-        pytest.skip("the tests' PostgreSQL is reached over a Unix socket and none answers on 127.0.0.1:5432")
-    name = f"stt_keepalive_{uuid.uuid4().hex[:8]}"
-    try:
-        await admin.execute(f"CREATE DATABASE {name}")
-        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
-    finally:
-        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        await admin.close()
+    async with database_of_this_machines_postgres("stt_keepalive") as (_, url):
+        yield url
 
 
 async def test_an_advisory_lock_of_a_client_that_vanished_is_freed_within_the_keepalive(scratch_url, monkeypatch):

@@ -23,7 +23,14 @@ from common.messages import (
     SpeakerTurn,
     TimeSpan,
 )
-from tests.conftest import Stack, events_queue, job_events, wait_deliveries_handled, wait_settled
+from tests.conftest import (
+    Stack,
+    database_of_this_machines_postgres,
+    events_queue,
+    job_events,
+    wait_deliveries_handled,
+    wait_settled,
+)
 
 
 async def publish(stack: Stack, *messages: Contract) -> None:
@@ -330,24 +337,15 @@ async def test_a_database_without_pgvector_is_refused_with_what_to_install():
     """This machine's own PostgreSQL 15 has no pgvector (the embedded one the tests use has)."""
     from common.db import MissingPgvector, apply_migrations
 
-    try:
-        admin = await asyncpg.connect("postgresql://postgres@127.0.0.1:5432/postgres", timeout=5)
-    except (OSError, asyncpg.PostgresError):
-        pytest.skip("no PostgreSQL on 127.0.0.1:5432 to try")
-    name = f"stt_novector_{uuid.uuid4().hex[:8]}"
-    try:
+    async with database_of_this_machines_postgres("stt_novector") as (admin, url):
         if await admin.fetchval("SELECT count(*) FROM pg_available_extensions WHERE name = 'vector'"):
             pytest.skip("that PostgreSQL has pgvector")
-        await admin.execute(f"CREATE DATABASE {name}")
-        pool = await asyncpg.create_pool(f"postgresql://postgres@127.0.0.1:5432/{name}", min_size=1, max_size=1)
+        pool = await asyncpg.create_pool(url, min_size=1, max_size=1)
         try:
             with pytest.raises(MissingPgvector, match="apt install postgresql-<version>-pgvector"):
                 await apply_migrations(pool)
         finally:
             await pool.close()
-    finally:
-        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        await admin.close()
 
 
 async def test_an_event_that_cannot_be_published_is_set_aside_and_later_ones_flow(stack, fixtures_dir):
