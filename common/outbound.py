@@ -120,7 +120,7 @@ NOT_GLOBALLY_REACHABLE_IPV4 = tuple(ipaddress.IPv4Network(network) for network i
     "203.0.113.0/24", "240.0.0.0/4", "255.255.255.255/32"))
 # ::ffff:0:0/96 and 64:ff9b::/96 are not here: the IPv4 address inside them is judged instead.
 NOT_GLOBALLY_REACHABLE_IPV6 = tuple(ipaddress.IPv6Network(network) for network in (
-    "::1/128", "::/128", "64:ff9b:1::/48", "100::/64", "2001:db8::/32", "fc00::/7", "fe80::/10"))
+    "::1/128", "::/128", "64:ff9b:1::/48", "100::/64", "2001:db8::/32", "3fff::/20", "fc00::/7", "fe80::/10"))
 
 
 def is_private_address(address: str) -> bool:

@@ -1299,7 +1299,7 @@ def test_special_purpose_ranges_are_refused_whatever_the_interpreter_says():
 
     for address in ("192.0.0.192", "192.0.0.1", "192.0.0.9", "192.0.0.255", "192.0.2.1", "198.18.0.1",
                     "198.51.100.1", "203.0.113.1", "240.0.0.1", "255.255.255.255", "0.0.0.0",
-                    "::1", "::", "100::1", "2001:db8::1", "fc00::1", "fe80::1%eth0", "64:ff9b:1::1"):
+                    "::1", "::", "100::1", "2001:db8::1", "3fff::1", "fc00::1", "fe80::1%eth0", "64:ff9b:1::1"):
         assert is_private_address(address), address
     # Inside IPv6's NAT64, mapped and 6to4 forms the IPv4 address is judged the same way.
     for address in ("64:ff9b::192.0.0.192", "::ffff:192.0.0.192", "2002:c000:c0::1"):
