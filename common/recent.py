@@ -34,6 +34,9 @@ class Recent(Generic[K, V]):
     def peek(self, key: K, default: V | None = None) -> V | None:
         return self._entries.get(key, default)
 
+    def pop(self, key: K, default: V | None = None) -> V | None:
+        return self._entries.pop(key, default)
+
     def __contains__(self, key: object) -> bool:
         return key in self._entries
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
 from collections.abc import AsyncIterator
 
@@ -82,7 +81,10 @@ async def _failure_counted_once_committed(job_id: int) -> AsyncIterator[None]:
         yield
     except BaseException:
         if _failures_announced_again.peek(job_id) != before:
-            _failures_announced_again[job_id] = -math.inf if before is None else before  # -inf: never
+            if before is None:
+                _failures_announced_again.pop(job_id)
+            else:
+                _failures_announced_again[job_id] = before
         raise
 
 
