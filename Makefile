@@ -70,11 +70,10 @@ clean:
 DOCKER_GIVES_GPU = $(shell if command -v nvidia-container-runtime-hook >/dev/null 2>&1; then echo yes; else \
 	case "$$(docker info --format '{{.OperatingSystem}} {{json .Runtimes}}' 2>/dev/null)" in \
 	(*"Docker Desktop"*|*nvidia*) echo yes;; esac; fi)
-ifeq ($(origin GPU),undefined)
-GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
-GPU := $(if $(GPU),$(DOCKER_GIVES_GPU))
-endif
-COMPOSE := docker compose $(if $(wildcard .env),--env-file .env) -f deploy/compose.yaml \
+# Both recursive: nvidia-smi and Docker are asked only by the targets that use them, not by every
+# make (make test, make run).
+GPU ?= $(if $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes),$(DOCKER_GIVES_GPU))
+COMPOSE = docker compose $(if $(wildcard .env),--env-file .env) -f deploy/compose.yaml \
 	$(if $(GPU),-f deploy/compose.gpu.yaml)
 
 docker-build:
