@@ -116,15 +116,28 @@ def _too_long(max_seconds: float, channels: int = 1) -> AudioTooLong:
     return AudioTooLong(f"the audio is longer than the limit of {max_seconds / 3600:g} h")
 
 
+def _header_seconds(container, stream) -> float | None:
+    """How long the header says the stream lasts, or None where it says nothing. Matroska/WebM and
+    FLV give no stream a length, only the whole file (Matroska's Segment Duration, FLV's metadata
+    or last timestamp): FFmpeg leaves the stream's unset and sets the container's. Where it
+    estimates one from the bit rate instead, it sets the stream's, so the container's alone is the
+    file's own word."""
+    if stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    if stream.duration is None and container.duration and container.duration > 0:
+        return container.duration / av.time_base
+    return None
+
+
 def _check_header_length(container, stream, max_seconds: float | None, channels: int) -> None:
-    """AudioTooLong when the stream's header says it lasts past `max_seconds`, its `channels`
+    """AudioTooLong when the header says the stream lasts past `max_seconds`, its `channels`
     counted one after another. A length FFmpeg only estimated is not held against the file: the
     decoded samples are counted against the limit all the same."""
     if set(container.format.name.split(",")) & LENGTH_ESTIMATED_DEMUXERS:
         return
-    if max_seconds and stream.duration and stream.time_base:
-        if float(stream.duration * stream.time_base) * channels > max_seconds:
-            raise _too_long(max_seconds, channels)
+    seconds = _header_seconds(container, stream) if max_seconds else None
+    if seconds is not None and seconds * channels > max_seconds:
+        raise _too_long(max_seconds, channels)
 
 
 def _mixed_evenly_by_ffmpeg(layout) -> bool:
@@ -239,11 +252,16 @@ def probe_audio(source: BinaryIO, max_seconds: float | None = None, *, separate_
 
 def float_to_pcm16(audio: np.ndarray, block: int = 1 << 20) -> bytes:
     """16-bit little-endian samples, converted a block at a time: 4 bytes a sample beside the input
-    (the samples and their bytes), where whole-array steps took 16."""
+    (the samples and their bytes), where whole-array steps took 16. Scaled by 32768 and rounded,
+    the inverse of decoding's (and pcm16_to_float's) 1/32768: 16-bit samples decoded and stored
+    again come back as they were (scaled by 32767 and truncated, each lost a step, and ±1 became 0)."""
     flat = audio.reshape(-1)
     out = np.empty(flat.shape, dtype="<i2")
     for first in range(0, len(flat), block):
-        out[first:first + block] = np.clip(flat[first:first + block], -1.0, 1.0) * np.float32(32767.0)
+        scaled = flat[first:first + block] * np.float32(32768)
+        np.rint(scaled, out=scaled)
+        np.clip(scaled, -32768, 32767, out=scaled)
+        out[first:first + block] = scaled
     return out.tobytes()
 
 

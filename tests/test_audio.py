@@ -10,7 +10,16 @@ import av
 import numpy as np
 import pytest
 
-from common.audio import MAX_BAD_PACKETS, SAMPLE_RATE, AudioTooLong, UndecodableAudio, decode_audio, probe_audio
+from common.audio import (
+    MAX_BAD_PACKETS,
+    SAMPLE_RATE,
+    AudioTooLong,
+    UndecodableAudio,
+    decode_audio,
+    float_to_pcm16,
+    pcm16_to_float,
+    probe_audio,
+)
 from common.messages import JobOptions
 from common.settings import Settings
 from services.diarizer.pipeline import make_diarizer
@@ -184,6 +193,45 @@ def test_the_probe_refuses_a_header_past_the_length_limit_as_decoding_does():
         assert str(probed.value) == str(decoded.value)  # the job's reason, said at submission
     probe_audio(io.BytesIO(minute), 90)
     probe_audio(io.BytesIO(minute), 121, separate_channels=True)
+
+
+
+@pytest.mark.parametrize("container, codec, rate", [
+    ("webm", "libopus", 48_000),
+    ("matroska", "aac", 44_100),  # .mka
+    ("flv", "aac", 44_100),
+])
+def test_a_length_only_the_container_gives_is_held_against_the_file(container, codec, rate):
+    """Matroska/WebM and FLV give the length of the whole file, none of its stream: only the
+    stream's was read, so a 7-hour .webm, .mka or .flv was taken at submission, stored, and failed
+    in the diarizer after decoding 6 hours of it."""
+    seconds = 2
+    stereo = encode(np.zeros(seconds * 8000, dtype=np.float32), container, codec, rate, sample_rate=8000)
+    with av.open(io.BytesIO(stereo)) as opened:
+        assert opened.streams.audio[0].duration is None and opened.duration / av.time_base >= seconds
+    for limit, separate in ((1, False), (3, True)):
+        with pytest.raises(AudioTooLong) as probed:
+            probe_audio(io.BytesIO(stereo), limit, separate_channels=separate)
+        with pytest.raises(AudioTooLong) as decoded:
+            decode_audio(io.BytesIO(stereo), limit, separate_channels=separate)
+        assert str(probed.value) == str(decoded.value)
+    probe_audio(io.BytesIO(stereo), 3)
+    probe_audio(io.BytesIO(stereo), 5, separate_channels=True)
+
+
+def test_16_bit_samples_decoded_and_stored_again_come_back_as_they_were():
+    """What the diarizer stores for the transcriber (float_to_pcm16 of the decoded audio) was
+    scaled by 32767 and truncated where decoding scales by 1/32768: every sample lost a step, and
+    a quiet recording's ±1 became 0."""
+    every = np.arange(-32768, 32768, dtype=np.int16)
+    assert np.frombuffer(float_to_pcm16(pcm16_to_float(every), block=1000), dtype="<i2").tolist() == every.tolist()
+    assert np.frombuffer(float_to_pcm16(pcm16_to_float(every.tobytes())), dtype="<i2").tolist() == every.tolist()
+    samples = np.random.default_rng(3).integers(-32768, 32768, SAMPLE_RATE, dtype=np.int16)
+    samples[:6] = [1, -1, 2, -2, 32767, -32768]
+    decoded = decode_audio(io.BytesIO(wav_header(samples.nbytes) + samples.tobytes()))
+    assert float_to_pcm16(decoded) == samples.astype("<i2").tobytes()
+    assert np.frombuffer(float_to_pcm16(np.array([1.5, -1.5, 1.0, -1.0], dtype=np.float32)), dtype="<i2").tolist() \
+        == [32767, -32768, 32767, -32768]  # clipped, as ever
 
 
 def test_png_is_not_audio():

@@ -101,6 +101,11 @@ CASES = [
     Case("µ-law WAV", lambda: encode(jfk(), "wav", "pcm_mulaw", 8000, channels=1), job="done"),
     Case("2 hours (over MAX_AUDIO_HOURS)", lambda: long_silence_flac(2.0), "long.flac", status=413,
          says="'long.flac' is refused: the audio is longer than the limit of 0.1 h"),
+    # Matroska/WebM and FLV give the file's length, not the stream's: one was taken, and failed
+    # after it was stored and decoded.
+    Case("7 min of WebM (over MAX_AUDIO_HOURS)", lambda: encode(np.zeros(420 * 8000, dtype=np.float32), "webm", "libopus",
+                                                                48_000, channels=1, sample_rate=8000),
+         "long.webm", status=413, says="'long.webm' is refused: the audio is longer than the limit of 0.1 h"),
     Case("2 hours, no length in its header", lambda: without_its_length(long_silence_flac(2.0)), "long.flac",
          job="error", says="longer than"),
     Case("2 channels of 4 min kept apart", lambda: encode(np.zeros(240 * 8000, dtype=np.float32), "flac", "flac",
