@@ -508,6 +508,17 @@ def test_blank_stream_and_repeated_plain_redact_and_spelling_fields_are_taken(st
     bad = httpx.post(f"{stack.api}/v1/audio/transcriptions", timeout=60, files={"file": (name, content)},
                      data={"model": "whisper-1", "stream": "sometimes"})
     assert bad.status_code == 400 and "stream: true or false" in bad.json()["error"]["message"], bad.text
+    # The README's words in any case, and only those: pydantic's lax bool took t/f and y/n too.
+    for word in ("t", "f", "y", "n", "tru", "nope"):
+        bad = httpx.post(f"{stack.api}/v1/audio/transcriptions", timeout=60, files={"file": (name, content)},
+                         data={"model": "whisper-1", "stream": word})
+        assert bad.status_code == 400 and "stream: true or false" in bad.json()["error"]["message"], (word, bad.text)
+    for word, streamed in (("OFF", False), ("No", False), ("0", False), ("YES", True), ("On", True)):
+        answer = httpx.post(f"{stack.api}/v1/audio/transcriptions", timeout=60, files={"file": (name, content)},
+                            data={"model": "whisper-1", "stream": word})
+        assert answer.status_code == 200, (word, answer.text)
+        assert answer.headers["content-type"].startswith("text/event-stream") == streamed, (word, answer.headers)
+        assert "call me at [PHONE]." in answer.text, (word, answer.text)
 
     # The same request as one made with both kinds and both pairs: its job, found by the request's hash.
     asked = JobOptions(task="transcribe", redact="email,card", spelling="confu i=ComfyUI,jay son=JSON")
@@ -517,6 +528,17 @@ def test_blank_stream_and_repeated_plain_redact_and_spelling_fields_are_taken(st
                         data={"model": "whisper-1", "redact": ["email", "card"],
                               "spelling": ["confu i=ComfyUI", "jay son=JSON"], "stream": "false"})
     assert answer.status_code == 200 and answer.json()["text"] == "call me at [PHONE].", answer.text
+    # The SDK sends extra_body's list of pairs as `spelling[]` fields: refused as an unknown field,
+    # where repeated plain `spelling` fields are taken. The same job, by the request's hash.
+    sdk = openai.OpenAI(base_url=f"{stack.api}/v1", api_key="-", max_retries=0)
+    listed = sdk.audio.transcriptions.create(model="whisper-1", file=(name, content), extra_body={
+        "redact": ["email", "card"], "spelling": ["confu i=ComfyUI", "jay son=JSON"]})
+    assert listed.text == "call me at [PHONE]."
+    # Pairs both as texts and as spelling[heard] fields are still refused, as with plain `spelling` texts.
+    for texts in ("spelling", "spelling[]"):
+        both = httpx.post(f"{stack.api}/v1/audio/transcriptions", timeout=60, files={"file": (name, content)},
+                          data={"model": "whisper-1", texts: "confu i=ComfyUI", "spelling[jay son]": "JSON"})
+        assert both.status_code == 400 and "not both" in both.json()["error"]["message"], (texts, both.text)
     assert [job["id"] for job in stack.query("SELECT id FROM transcripts WHERE filename = $1 ORDER BY id", name)] == [
         plain, repeated]
 

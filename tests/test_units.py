@@ -1471,3 +1471,52 @@ def test_a_speaker_label_is_spk_and_a_number_as_the_diarizer_writes_it():
             SegmentCorrection(speaker=text)
         with pytest.raises(ValidationError):
             FromTranscript(name="Anna", transcript_id=1, label=text)
+
+
+# --- OpenAI-compatible answers: verbose_json's words in time order; segment texts joined -------
+
+
+def test_verbose_json_words_are_in_time_order_though_speakers_overlap():
+    """verbose_json's `words` were listed segment by segment: with A talking 0-10 s and B's "Yes."
+    at 3.0 s the list went back in time, where OpenAI's words always go forward."""
+    from types import SimpleNamespace
+
+    from services.ingest.openai_api import rendered
+    from services.ingest.segments import TranscriptSegment
+
+    def segment(speaker: str, start: float, end: float, words: list[tuple[str, float, float]]) -> TranscriptSegment:
+        return TranscriptSegment(speaker=speaker, start_ts=start, end_ts=end, text=" ".join(w for w, *_ in words),
+                                 words=[Word(word=w, start=s, end=e) for w, s, e in words])
+
+    a = segment("spk_0", 0.0, 10.0, [("So", 0.0, 1.0), ("we", 2.0, 3.0), ("agreed", 3.0, 3.5), ("on", 3.0, 5.0),
+                                     ("it.", 8.0, 10.0)])
+    b = segment("spk_1", 3.0, 4.0, [("Yes.", 3.0, 3.5), ("Sure.", 3.6, 4.0)])
+    document = SimpleNamespace(segments=[a, b], duration=10.0, language="en", options=JobOptions(task="transcribe"))
+    words = rendered(document, "verbose_json", "transcribe").content["words"]
+    assert [(w["word"], w["start"]) for w in words] == [
+        ("So", 0.0), ("we", 2.0), ("agreed", 3.0), ("Yes.", 3.0), ("on", 3.0), ("Sure.", 3.6), ("it.", 8.0)]
+    # By start, then end; words of the same times stay as listed (A's before B's).
+    assert all(x["start"] <= y["start"] for x, y in zip(words, words[1:]))
+
+
+def test_segment_texts_are_joined_without_a_space_only_next_to_letters_of_unspaced_scripts():
+    """An emoji or a full-width symbol is as wide as a Chinese character, and was taken for one:
+    "That is funny 😂" and "Okay." were joined as "That is funny 😂Okay.". A space is left out
+    only next to a Chinese, Japanese or Thai letter, past the punctuation where the two meet."""
+    from services.ingest.captions import written_unspaced_letter, written_with_spaces
+    from services.ingest.openai_api import joined_text, text_separator
+
+    assert joined_text(["That is funny 😂", "Okay."]) == "That is funny 😂 Okay."
+    assert joined_text(["Price: ＄5 ＃", "Next."]) == "Price: ＄5 ＃ Next."
+    assert joined_text(["Good 👍🏽", "😂", "Okay."]) == "Good 👍🏽 😂 Okay."
+    # Chinese, Japanese and Thai stay joined without one, their punctuation too, and next to Latin text.
+    assert joined_text(["大家好。", "「今天开会」", "Let's begin.", "好的。"]) == (
+        "大家好。「今天开会」Let's begin.好的。")
+    assert joined_text(["ありがとうー", "はい。"]) == "ありがとうーはい。"
+    assert joined_text(["สวัสดีครับ", "ไม่", "Hello"]) == "สวัสดีครับไม่Hello"  # ไม่ ends with a tone mark
+    assert joined_text(["안녕하세요.", "네."]) == "안녕하세요. 네."  # Korean is written with spaces
+    assert text_separator("", "x") == text_separator("x", "") == ""
+    assert [written_unspaced_letter(c) for c in "我の々カｶกລកမ"] == [True] * 9
+    assert not any(written_unspaced_letter(c) for c in "😂＄＃。、（a안")
+    # Subtitles still part Chinese and Japanese at each character (their lines break between any two).
+    assert not any(written_with_spaces(c) for c in "我の。")

@@ -71,6 +71,24 @@ def columns(text: str) -> int:
                else 1 for c in text)
 
 
+# Where letters of scripts written without spaces are: those above, and Chinese and Japanese
+# (ideographs, 々 and 〇, kana, the prolonged sound mark, half-width katakana, bopomofo).
+UNSPACED_LETTER_BLOCKS = UNSPACED_SCRIPTS + (
+    (0x19E0, 0x19FF), (0xA9E0, 0xA9FF), (0xAA60, 0xAA7F),  # Khmer symbols, Myanmar extensions
+    (0x3005, 0x3007), (0x3021, 0x3029), (0x3031, 0x3035), (0x3038, 0x303C), (0x3040, 0x30FF), (0x3100, 0x312F),
+    (0x31A0, 0x31BF), (0x31F0, 0x31FF), (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0xFF66, 0xFF9F),
+    (0x1AFF0, 0x1B16F), (0x20000, 0x323AF))
+
+
+def written_unspaced_letter(character: str) -> bool:
+    """A letter (or digit, or mark) of Chinese, Japanese, Thai, Lao, Khmer or Myanmar, scripts
+    written without spaces between words. Unlike written_with_spaces, not any wide character:
+    an emoji or a full-width symbol is no letter of theirs, nor is Korean, written with spaces."""
+    code = ord(character)
+    return unicodedata.category(character)[0] in "LMN" and any(
+        first <= code <= last for first, last in UNSPACED_LETTER_BLOCKS)
+
+
 def written_with_spaces(character: str) -> bool:
     code = ord(character)
     return unicodedata.east_asian_width(character) not in "WF" and not any(

@@ -31,7 +31,7 @@ from litestar.openapi import ResponseSpec
 from litestar.params import Body, HeaderParameter, Parameter
 from litestar.response import Response, ServerSentEvent
 from litestar.response.sse import ServerSentEventMessage
-from pydantic import TypeAdapter, ValidationError
+from pydantic import ValidationError
 
 from common import jobstore
 from common.languages import LANGUAGE_NAMES
@@ -45,7 +45,7 @@ from services.ingest.admission import (
     release_upload,
 )
 from services.ingest.auth import request_owner
-from services.ingest.corrections import _written_unspaced
+from services.ingest.captions import written_unspaced_letter
 from services.ingest.error_handlers import CLIENT_CLOSED_REQUEST
 from services.ingest.errors import OPENAI_PREFIX, OpenAIErrorBody, error_body, error_responses, invalid
 from services.ingest.jobs import Idempotency, checked_idempotency_key, clean_filename, earlier_job
@@ -108,7 +108,7 @@ OPENAI_FIELDS = ("file", "model", "language", "languages", "prompt", "keywords",
                  "known_speaker_references")
 OWN_FIELDS = ("num_speakers", "min_speakers", "max_speakers", "spelling", "redact")
 LIST_FIELDS = ("languages", "keywords", "include", "timestamp_granularities", "known_speaker_names",
-               "known_speaker_references", "redact")
+               "known_speaker_references", "redact", "spelling")
 OBJECT_FIELDS = ("chunking_strategy", "spelling")
 
 
@@ -175,8 +175,9 @@ async def form_list_options(request: Request, language: str | None, prompt: str 
     # A name cannot hold a comma, so a single field's "Anna, Boris" can only be two names.
     names = [name for text in field_texts(form, "known_speaker_names") for name in text.split(",")]
     kinds = field_texts(form, "redact")
+    # spelling[heard]=written fields are pairs; spelling[] fields (the SDK's list) are texts, as spelling ones.
     pairs = {name[len("spelling["):-1]: value for name, value in form.multi_items()
-             if name.startswith("spelling[") and isinstance(value, str)}
+             if name.startswith("spelling[") and name != "spelling[]" and isinstance(value, str)}
     spelling_text = field_texts(form, "spelling")
     if pairs and spelling_text:
         raise HTTPException(status_code=400, detail="spelling: give it as one text (heard=written, comma-separated)"
@@ -189,15 +190,20 @@ async def form_list_options(request: Request, language: str | None, prompt: str 
             "spelling": pairs or (",".join(spelling_text) if spelling_text else None)}
 
 
+STREAM_WORDS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False,
+                "off": False}
+
+
 def asked_stream(text: str | None) -> bool:
-    """`stream` read as POST /recognize reads its multichannel: true/false, 1/0, yes/no, on/off;
-    a blank field counts as not given (false)."""
+    """`stream`: true/false, 1/0, yes/no, on/off in any case, as the README lists them (not the
+    t/f, y/n pydantic's lax bool takes too); a blank field counts as not given (false)."""
     if text is None or not text.strip():
         return False
     try:
-        return TypeAdapter(bool).validate_python(text.strip())
-    except ValidationError:
-        raise HTTPException(status_code=400, detail="stream: true or false (blank or left out: false)") from None
+        return STREAM_WORDS[text.strip().lower()]
+    except KeyError:
+        raise HTTPException(status_code=400, detail=(
+            "stream: true or false (1/0, yes/no, on/off; blank or left out: false)")) from None
 
 
 IdempotencyKey = Annotated[str | None, HeaderParameter(
@@ -215,9 +221,23 @@ def joined_text(texts: Iterable[str]) -> str:
 
 
 def text_separator(before: str, after: str) -> str:
+    """A space, unless a letter of a script written without spaces (Chinese, Japanese, Thai...) is
+    next to where the two meet, past the punctuation and symbols there ("好。" "「是」"): an emoji or
+    a full-width symbol next to a Latin word is not one ("funny 😂" "Okay.")."""
     if not before or not after:
         return ""
-    return "" if _written_unspaced(before[-1]) or _written_unspaced(after[0]) else " "
+    nearest = (_nearest_letter(reversed(before)), _nearest_letter(after))
+    return "" if any(c and written_unspaced_letter(c) for c in nearest) else " "
+
+
+def _nearest_letter(characters: Iterable[str]) -> str:
+    """The first letter or digit, past punctuation, symbols and marks; "" at a space or the end."""
+    for c in characters:
+        if c.isspace():
+            return ""
+        if unicodedata.category(c)[0] in "LN":
+            return c
+    return ""
 
 
 def _breaks_text(char: str) -> bool:
@@ -353,9 +373,17 @@ def rendered(document, response_format: str, task: str) -> Response:
     return Response({
         "task": task, "language": language_name(document, task), "duration": duration, "text": text,
         "segments": [verbose_segment(n, s) for n, s in enumerate(segments)],
-        "words": [{"word": w.word, "start": w.start, "end": w.end} for s in segments for w in s.words or []],
+        # In time order, as OpenAI's: segments of two people talking at once overlap, so their
+        # words listed segment by segment would go back in time.
+        "words": verbose_words(segments),
         "usage": usage,
     })
+
+
+def verbose_words(segments: list[TranscriptSegment]) -> list[dict]:
+    """verbose_json's `words`: every segment's, sorted by (start, end), stable for ties."""
+    words = [{"word": w.word, "start": w.start, "end": w.end} for s in segments for w in s.words or []]
+    return sorted(words, key=lambda w: (w["start"], w["end"]))
 
 
 def language_name(document, task: str) -> str:
