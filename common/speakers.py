@@ -2,8 +2,9 @@
 
 A recording speaker is scored against a profile by the best cosine similarity between its
 centroid (the diarizer's mean voice embedding) and any of the profile's voiceprints. Names are
-an assignment, not a greedy pick: one profile names at most one speaker of a recording, in the
-pairing that maximises the summed margin of similarity over the threshold."""
+one to one (one profile names at most one speaker of a recording) and stable: the pairs are taken
+from the most alike down, so no speaker is given a person another speaker of the recording sounds
+more like, and a clear match is never given up for two marginal ones."""
 
 from __future__ import annotations
 
@@ -54,17 +55,27 @@ def match_speakers(recording: list[RecordingSpeaker], profiles: list[Profile], t
                    min_speech_s: float) -> dict[str, Match]:
     """label -> the enrolled speaker it is, for the speakers recognised; the others are left out.
     A speaker with less than `min_speech_s` of speech has too noisy a centroid to be named."""
-    from scipy.optimize import linear_sum_assignment
-
     candidates = [s for s in recording if s.speech_s >= min_speech_s]
     scores = similarities(candidates, profiles)
     if scores.size == 0:
         return {}
-    # Maximise the summed margin over the threshold: a pair under it gains nothing (and is dropped
-    # below), so a clear match is never traded for two marginal ones.
-    rows, cols = linear_sum_assignment(-np.maximum(scores - threshold, 0.0))
-    return {candidates[i].label: Match(profiles[j].speaker_id, profiles[j].name, round(float(scores[i, j]), 4))
-            for i, j in zip(rows, cols) if scores[i, j] >= threshold}
+    # A stable matching: pairs at or over the threshold, most alike first (ties in speaker, then
+    # profile order), each speaker and each profile taken once. A person goes to the speaker that
+    # sounds most like them among those still unnamed, so a clear match is never traded for two
+    # marginal ones (a sum of margins would give a speaker at 0.90 its second choice at 0.75 to
+    # name another at 0.76), and forgetting a person no speaker got changes no other name.
+    matches: dict[str, Match] = {}
+    named: set[int] = set()
+    order = np.argsort(-scores, axis=None, kind="stable")
+    for i, j in zip(*(axis.tolist() for axis in np.unravel_index(order, scores.shape))):
+        if scores[i, j] < threshold:
+            break
+        label = candidates[i].label
+        if label in matches or j in named:
+            continue
+        matches[label] = Match(profiles[j].speaker_id, profiles[j].name, round(float(scores[i, j]), 4))
+        named.add(j)
+    return matches
 
 
 def most_alike(embedding: np.ndarray, profiles: list[Profile], threshold: float) -> tuple[Profile, float] | None:

@@ -31,18 +31,44 @@ OWNER, OTHER = "speakers-key-owner-0001", "speakers-key-other-0002"
 KEYED_INGEST = "ingest-speakers-keys"
 
 
-def test_names_are_an_assignment_not_each_speakers_best_guess():
+def _voices_scoring(scores: list[list[float]], alike: list[list[float]], people: list[list[float]]) -> np.ndarray:
+    """Unit vectors, the people's first and then the speakers', whose cosines are `people` (the
+    people's among themselves), `scores` (speaker by person) and `alike` (the speakers' among
+    themselves): rows of the Cholesky factor of their Gram matrix."""
+    scores = np.asarray(scores)
+    gram = np.block([[np.asarray(people), scores.T], [scores, np.asarray(alike)]])
+    return np.linalg.cholesky(gram)
+
+
+def test_names_are_one_to_one_and_never_trade_a_clear_match_for_two_marginal_ones():
+    # spk_0 scores 0.90 Anna / 0.75 Boris, spk_1 0.76 Anna / 0.30 Boris. The pairing with the
+    # largest sum of margins over 0.6 named spk_0 Boris and spk_1 Anna (0.15 + 0.16 > 0.30):
+    # Anna's clear match given up for two marginal ones.
+    anna, boris, spk_0, spk_1 = _voices_scoring([[0.90, 0.75], [0.76, 0.30]], [[1.0, 0.7], [0.7, 1.0]],
+                                                [[1.0, 0.6], [0.6, 1.0]])
+    profiles = [Profile(1, "Anna", [anna]), Profile(2, "Boris", [boris])]
+    recording = [RecordingSpeaker("spk_0", spk_0, 10.0), RecordingSpeaker("spk_1", spk_1, 10.0)]
+    matches = match_speakers(recording, profiles, threshold=0.6, min_speech_s=2.0)
+    assert {label: (m.name, m.confidence) for label, m in matches.items()} == {"spk_0": ("Anna", 0.9)}
+    # A speaker never gets a person another speaker sounds more like: spk_0 sounds most like Anna
+    # (0.8), spk_1 like Anna only (0.75); Anna is spk_0's, and spk_1 is left unnamed rather than
+    # named for a person another speaker matched better. No two speakers share a person.
     anna, boris = np.array([1.0, 0.0, 0.0]), np.array([0.0, 1.0, 0.0])
-    # spk_0 sounds most like Anna, but spk_1 sounds like Anna only: the best pairing gives Anna to
-    # spk_1 and Boris to spk_0, where a greedy pick would leave spk_1 unnamed.
+    profiles = [Profile(1, "Anna", [anna]), Profile(2, "Boris", [boris])]
     recording = [RecordingSpeaker("spk_0", np.array([0.8, 0.6, 0.0]), 10.0),
                  RecordingSpeaker("spk_1", np.array([0.75, 0.0, 0.66]), 10.0),
                  RecordingSpeaker("spk_2", np.array([0.0, 0.0, 1.0]), 10.0)]
-    profiles = [Profile(1, "Anna", [anna]), Profile(2, "Boris", [boris])]
     matches = match_speakers(recording, profiles, threshold=0.5, min_speech_s=2.0)
-    assert {label: m.name for label, m in matches.items()} == {"spk_0": "Boris", "spk_1": "Anna"}
-    assert matches["spk_1"].confidence == pytest.approx(0.75 / np.linalg.norm([0.75, 0, 0.66]), abs=1e-3)
-    # But a clear match is not traded for two marginal ones.
+    assert {label: m.name for label, m in matches.items()} == {"spk_0": "Anna"}
+    # With a third person spk_1 sounds like (0.66), spk_1 gets them, its second choice; but not
+    # when spk_2 sounds more like her (1.0): then spk_2 is Carla and spk_1 still nobody.
+    with_carla = [*profiles, Profile(3, "Carla", [np.array([0.0, 0.0, 1.0])])]
+    matches = match_speakers(recording[:2], with_carla, threshold=0.5, min_speech_s=2.0)
+    assert {label: m.name for label, m in matches.items()} == {"spk_0": "Anna", "spk_1": "Carla"}
+    assert matches["spk_1"].confidence == pytest.approx(0.66 / np.linalg.norm([0.75, 0, 0.66]), abs=1e-3)
+    matches = match_speakers(recording, with_carla, threshold=0.5, min_speech_s=2.0)
+    assert {label: m.name for label, m in matches.items()} == {"spk_0": "Anna", "spk_2": "Carla"}
+    # Two people over the threshold for one speaker: the more alike one, the other left free.
     clear = [RecordingSpeaker("spk_0", np.array([0.9, 0.55, 0.0]), 10.0),
              RecordingSpeaker("spk_1", np.array([0.55, 0.0, 0.83]), 10.0)]
     matches = match_speakers(clear, profiles, threshold=0.5, min_speech_s=2.0)
@@ -823,16 +849,56 @@ async def test_a_job_expects_its_people_as_they_are_when_it_is_stored(enrolled, 
             owner.delete(f"/transcripts/{job}")
 
 
-async def _waits_on_a_lock(conn) -> None:
-    """Until a session of the keyed ingest (the enrolment) waits for a lock that `conn` holds (30 s
-    at most): no other service's session waiting on anything else will do."""
-    for _ in range(300):
+async def _waits_on_a_lock(conn, ingest: str = KEYED_INGEST, timeout: float = 30) -> None:
+    """Until a session of the keyed ingest (`ingest`, its application_name: the enrolment) waits
+    for a lock that `conn` holds (`timeout` s at most): no other service's session waiting on
+    anything else will do."""
+    for _ in range(round(timeout * 10)):
         if await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
                                " AND application_name = $1 AND wait_event_type = 'Lock'"
-                               " AND pg_backend_pid() = ANY(pg_blocking_pids(pid))", KEYED_INGEST) >= 1:
+                               " AND pg_backend_pid() = ANY(pg_blocking_pids(pid))", ingest) >= 1:
             return
         await asyncio.sleep(0.1)
     raise AssertionError("the enrolment never waited on the held lock: the race was not set up")
+
+
+async def test_an_enrolment_from_a_sample_holds_no_upload_place_once_the_sample_is_read(stack, voices,
+                                                                                         fixtures_dir):
+    """A sample enrolment held a place among MAX_CONCURRENT_UPLOADS for its whole request: the
+    wait for the speaker models, embedding the sample and the re-matching of every past recording
+    of its key. With room for one upload, a recording sent while an enrolment waits past its
+    sample (here on the lock of the key's people, which the test holds) must be accepted."""
+    import asyncpg
+
+    key, ingest = "speakers-key-uploads-0003", "ingest-speakers-one-upload"
+    with through_another_ingest(stack, ingest, API_KEYS=key, MAX_CONCURRENT_UPLOADS="1",
+                                DATABASE_URL=_with_application_name(stack.database_url, ingest)) as bounded:
+        holding = await asyncpg.connect(stack.database_url)
+        client = httpx.AsyncClient(base_url=bounded.api, headers={"X-API-Key": key}, timeout=300)
+        try:
+            held = holding.transaction()
+            await held.start()
+            # The lock every change of the key's people takes (one_change_of_the_owners_people_at_a_time).
+            await holding.execute("SELECT pg_advisory_xact_lock(hashtextextended('stt.speakers:' || $1, 0))",
+                                  owner_of(key))
+            enrolling = asyncio.create_task(client.post("/speakers", data={"name": "Anya"},
+                                                        files={"file": ("sample.wav", voices["a_alone"])}))
+            try:
+                await _waits_on_a_lock(holding, ingest, timeout=180)  # the models load on first use
+                recording = await client.post("/recognize", files={
+                    "file": ("jfk.flac", (fixtures_dir / "jfk.flac").read_bytes())})
+                assert recording.status_code == 202, recording.text
+            finally:
+                await held.rollback()
+                answer = await enrolling
+            assert answer.status_code == 201 and answer.json()["name"] == "Anya", answer.text
+        finally:
+            await holding.close()
+            await client.aclose()
+            with httpx.Client(base_url=bounded.api, headers={"X-API-Key": key}, timeout=120) as cleaning:
+                for speaker in cleaning.get("/speakers").json()["items"]:
+                    cleaning.delete(f"/speakers/{speaker['id']}")
+                _discard_jobs(cleaning)
 
 
 # What ingest logs when a matching gave way in a deadlock (services.ingest.speakers._in_transaction_retried).

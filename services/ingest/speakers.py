@@ -19,6 +19,7 @@ from litestar._multipart import parse_content_header
 from litestar.datastructures import State, UploadFile
 from litestar.exceptions import HTTPException, NotFoundException
 from litestar.params import Parameter
+from litestar.types import Scope
 from pydantic import BaseModel, Field, ValidationError
 
 from common import jobstore, speakerstore
@@ -32,7 +33,7 @@ from common.messages import (
 )
 from common.settings import Settings
 from common.speakers import most_alike
-from services.ingest.admission import SMALL_BODY_BYTES, checked_size
+from services.ingest.admission import SMALL_BODY_BYTES, checked_size, release_upload
 from services.ingest.auth import request_owner
 from services.ingest.errors import MAX_ID, error_responses, invalid
 from services.ingest.segments import LABEL
@@ -312,7 +313,11 @@ def _no_speaker_models() -> HTTPException:
                                                  " transcript's speaker")
 
 
-async def _voice_of_sample(upload: UploadFile, settings: Settings) -> SpeakerEmbedding:
+async def _voice_of_sample(upload: UploadFile, settings: Settings, scope: Scope) -> SpeakerEmbedding:
+    """The voice of an enrolment sample. Once it is decoded (its spooled file closed), the request
+    gives up its place among MAX_CONCURRENT_UPLOADS: the wait for the speaker models, embedding
+    the sample and the re-matching of the key's past recordings after it hold none, or a few
+    enrolments would have every recording upload refused (503) for all that time."""
     stream = upload.file
     checked_size(stream, min(settings.max_upload_bytes, SAMPLE_MAX_MB * 1024 * 1024), empty="the sample is empty",
                  too_big=f"a sample is at most {min(settings.max_upload_mb, SAMPLE_MAX_MB)} MB")
@@ -326,6 +331,9 @@ async def _voice_of_sample(upload: UploadFile, settings: Settings) -> SpeakerEmb
         raise HTTPException(status_code=400, detail=f"a sample is {SAMPLE_MIN_S:g}-{SAMPLE_MAX_S:g} s long") from exc
     except UndecodableAudio as exc:
         raise HTTPException(status_code=415, detail=f"the sample is not audio this service can decode: {exc}") from exc
+    finally:
+        stream.close()  # a sample is never kept: its spooled file goes now, not with the request
+        release_upload(scope)
     seconds = len(waveform) / SAMPLE_RATE
     if not SAMPLE_MIN_S <= seconds <= SAMPLE_MAX_S:
         raise HTTPException(status_code=400, detail=f"a sample is {SAMPLE_MIN_S:g}-{SAMPLE_MAX_S:g} s long;"
@@ -401,7 +409,7 @@ async def enrol(request: Request, state: State) -> Enrolled:
         if not isinstance(upload, UploadFile):
             raise HTTPException(status_code=400, detail="a multipart enrolment needs a `name` and a `file`"
                                                         " (the sample)")
-        voice = await _voice_of_sample(upload, state.settings)
+        voice = await _voice_of_sample(upload, state.settings, request.scope)
     elif media_type == "application/json":
         try:
             reference = FromTranscript.model_validate_json(await request.body())
