@@ -1260,14 +1260,21 @@ def reindex(
             answered_at = time.monotonic()
     if progress.get("error"):
         fail(progress["error"])
-    state = "running" if progress["running"] else "done" if progress["pending_segments"] == 0 else "stopped"
+    # The counts are of the run's jobs (those there as it began). It ends without an error where
+    # the embedder, not switched, embeds new jobs with another model: it leaves those.
+    not_switched = not progress["running"] and progress.get("embedder_not_switched", False)
+    state = "running" if progress["running"] else "done" if progress["pending_segments"] == 0 and not not_switched \
+        else "stopped"
     sys.stdout.write(f"{progress['done_segments']} segments embedded with {progress['model']},"
                      f" {progress['pending_segments']} to do ({state})\n")
+    if not_switched:
+        fail(f"jobs started during the run were embedded with another model than {progress['model']}: the embedder"
+             f" was not switched; switch it (EMBEDDING_BACKEND, MODEL_NAME_EMBEDDED, LOCAL_EMBEDDING_MODEL),"
+             f" then run stt reindex again")
     if state == "stopped":
-        # A run ends without an error where new jobs keep coming in the old model: it leaves them.
-        fail(f"the run stopped with {progress['pending_segments']} segments not embedded with {progress['model']}:"
-             f" where the embedder still embeds new jobs with another model, switch it (EMBEDDING_BACKEND,"
-             f" MODEL_NAME_EMBEDDED, LOCAL_EMBEDDING_MODEL); then run stt reindex again")
+        # Its jobs that ended just as it finished (cancelled before they were embedded).
+        fail(f"the run ended with {progress['pending_segments']} segments of its jobs not embedded with"
+             f" {progress['model']} (jobs that ended as it finished); run stt reindex again")
 
 
 @app.command()

@@ -313,8 +313,9 @@ async def store_reindexed(conn: asyncpg.Connection, job_id: int, model: str,
         timeout=BULK_STATEMENT_TIMEOUT_S)
 
 
-async def reindex_counts(db: Db, model: str) -> asyncpg.Record:
-    """Segments embedded with `model` (done); those still to do (pending): of ended jobs, every
+async def reindex_counts(db: Db, model: str, up_to: int | None = None) -> asyncpg.Record:
+    """Over the jobs up to job `up_to` (a run's: those there as it began; every job with None):
+    segments embedded with `model` (done); those still to do (pending): of ended jobs, every
     segment not embedded with it; of running jobs, those embedded with another model (re-embedded
     once their job ends; the embedder embeds the others); and how many running jobs have such
     segments (waiting_jobs)."""
@@ -324,4 +325,5 @@ async def reindex_counts(db: Db, model: str) -> asyncpg.Record:
         " AND (t.status <> 'processing' OR s.embedding_model IS NOT NULL)) AS pending,"
         " count(DISTINCT s.transcript_id) FILTER (WHERE t.status = 'processing' AND s.embedding_model <> $1)"
         " AS waiting_jobs"
-        " FROM segments s JOIN transcripts t ON t.id = s.transcript_id", model, timeout=BULK_STATEMENT_TIMEOUT_S)
+        " FROM segments s JOIN transcripts t ON t.id = s.transcript_id"
+        " WHERE $2::bigint IS NULL OR s.transcript_id <= $2", model, up_to, timeout=BULK_STATEMENT_TIMEOUT_S)

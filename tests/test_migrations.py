@@ -559,3 +559,20 @@ async def test_the_people_a_job_expects_are_brought_to_nfc_with_the_enrolled_nam
         assert await expected(jobs["a"]) == [precomposed, "Anna"]
         assert await expected(jobs["b"]) == [decomposed, "Anna"]
         assert await expected(untouched) is None
+
+
+REINDEX_BOUNDS_MIGRATION = "036_reindex_run_bounds.sql"
+
+
+async def test_a_reindex_run_recorded_before_its_bounds_were_kept_reads_as_covering_every_job(database):
+    """reindex_runs gains the newest job a run covers and whether it saw the embedder not switched:
+    a run's row from before keeps its outcome, with no newest job (its counts cover every job) and
+    the embedder not said to be unswitched."""
+    async with as_before(database, REINDEX_BOUNDS_MIGRATION) as (conn, pool):
+        await conn.execute("ALTER TABLE reindex_runs DROP COLUMN newest_job, DROP COLUMN embedder_not_switched")
+        await conn.execute("INSERT INTO reindex_runs (model, ended_at, error) VALUES ('m', now(), 'why')")
+
+        assert await db.apply_migrations(pool) == [REINDEX_BOUNDS_MIGRATION]
+
+        row = await conn.fetchrow("SELECT error, newest_job, embedder_not_switched FROM reindex_runs")
+        assert tuple(row) == ("why", None, False)

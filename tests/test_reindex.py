@@ -425,6 +425,64 @@ def test_a_run_its_ingest_stopped_midway_is_reported_as_interrupted(keyed):
     assert following.returncode == 1 and interrupted in " ".join(err.split()), (following.returncode, out, err)
 
 
+def test_jobs_ended_after_the_run_began_do_not_make_it_look_unfinished(keyed):
+    """A job cancelled (or failed) while a run goes on keeps its segments stored from
+    chunk.transcribed, never embedded (no model): started after the run began, it is not the
+    run's, which still said "(stopped)", exited 1 and told the operator to switch an embedder that
+    was switched. The counts cover the run's jobs: it is done. Only a job started since that the
+    embedder embedded with another model gets the advice to switch it."""
+    stack, _, _ = keyed
+    admin = httpx.Client(headers={"X-API-Key": ADMIN}, timeout=60)
+    model = admin.get(f"{stack.api}/admin/reindex").json()["model"]
+    env = {**os.environ, "STT_API_URL": stack.api, "STT_API_KEY": ADMIN}
+    made = []
+
+    def job(status: str, embedded_with: str | None) -> int:
+        job_id = stack.value("INSERT INTO transcripts (filename, status, stage, error) VALUES ('a.wav', $1, $2, $3)"
+                             " RETURNING id", status, "transcribing" if status == "processing" else status,
+                             "cancelled" if status == "error" else None)
+        stack.query("INSERT INTO segments (transcript_id, chunk_index, index, speaker, start_ts, end_ts, text,"
+                    " embedding_model) VALUES ($1, 0, 0, 'spk_0', 0, 1, 'Good morning.', $2)", job_id, embedded_with)
+        made.append(job_id)
+        return job_id
+
+    def run_while(started_since: tuple[str, str | None]) -> subprocess.CompletedProcess:
+        """`stt reindex` over a job running as the model changed (the run waits for its end); once
+        the run is under way, a job in `started_since` (status, model) begins and ends."""
+        running = job("processing", "model-before-the-switch")
+        following = subprocess.Popen([str(Path(sys.executable).parent / "stt"), "reindex"], env=env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 60
+            while not (progress := admin.get(f"{stack.api}/admin/reindex").json())["running"]:
+                assert time.monotonic() < deadline and following.poll() is None, progress
+                time.sleep(0.2)
+            job(*started_since)
+            stack.query("UPDATE transcripts SET status = 'done', stage = 'done', completed_at = now() WHERE id = $1",
+                        running)
+            out, err = following.communicate(timeout=120)
+        finally:
+            if following.poll() is None:
+                following.kill()
+                following.communicate()
+        return subprocess.CompletedProcess(following.args, following.returncode, out, err)
+
+    try:
+        cancelled = run_while(("error", None))
+        progress = admin.get(f"{stack.api}/admin/reindex").json()
+        not_switched = run_while(("done", "model-before-the-switch"))
+    finally:
+        stack.query("DELETE FROM transcripts WHERE id = ANY($1)", made)
+        stack.query("DELETE FROM reindex_runs WHERE model = $1", model)
+        admin.close()
+    said = cancelled.stdout + cancelled.stderr
+    assert cancelled.returncode == 0 and "0 to do (done)" in cancelled.stdout and "switch" not in said, said
+    assert (progress["running"], progress["pending_segments"], progress["waiting_jobs"], progress.get("error")) \
+        == (False, 0, 0, None), progress
+    said = " ".join((not_switched.stdout + not_switched.stderr).split())
+    assert not_switched.returncode == 1 and "(stopped)" in said and "switch it" in said, said
+
+
 @pytest.fixture
 async def own_database_url():
     """A database of its own, every migration applied: no stack."""
@@ -651,12 +709,15 @@ async def test_a_job_started_after_the_run_began_does_not_keep_it_going(own_data
                            " WHERE id = $1", running)
         await asyncio.wait_for(reindexer.task, 15)
         error = await pool.fetchval("SELECT error FROM reindex_runs WHERE model = $1", model)
+        outcome = await reindexer.progress()
     finally:
         if reindexer.task is not None and not reindexer.task.done():
             reindexer.task.cancel()
             await asyncio.gather(reindexer.task, return_exceptions=True)
     assert error is None
     assert (await models(running), await models(late)) == ({model}, {old})
+    # Its own jobs done; the one it left is the embedder's, which it says was not switched.
+    assert (outcome.done_segments, outcome.pending_segments, outcome.embedder_not_switched) == (2, 0, True), outcome
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and f"job {late}" in warnings[0] and old in warnings[0], warnings
 

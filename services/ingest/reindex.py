@@ -5,9 +5,11 @@ MODEL_NAME_EMBEDDED or LOCAL_EMBEDDING_MODEL changed), so search covers every tr
 then waits for the jobs that were running as the model changed (with segments in the old one)
 to end and does them too. Only jobs there when the run began: a job started since is the
 embedder's, which embeds it with the new model once it was switched (one it embeds with another
-model says it was not: a WARNING, and the run leaves it). What is left is whatever is not yet in the current model, so a
-restarted ingest resumes by asking again. One run at a time across replicas, its outcome kept
-in `reindex_runs`. With API keys on, only ADMIN_API_KEY may call it.
+model says it was not: a WARNING, the run leaves it, and its outcome says so). Its counts are of
+its jobs only (a job started since and cancelled before it was embedded is none of its work).
+What is left is whatever is not yet in the current model, so a restarted ingest resumes by asking
+again. One run at a time across replicas, its outcome (and the newest job it covers) kept in
+`reindex_runs`. With API keys on, only ADMIN_API_KEY may call it.
 
 Apart from runs, `embed_corrections` gives a vector every minute to the segments corrected by
 hand while the embedding service was away, so search by meaning finds them once it is back; a
@@ -42,14 +44,19 @@ BATCH = 256  # texts per embedding call
 class ReindexProgress(BaseModel):
     model: str
     running: bool
-    # Segments embedded with `model`, and those still to do: of ended jobs, every other; of
-    # running ones, those embedded with another model (the embedder's before the switch).
+    # Of the run's jobs (those there as it began; every job where none ran yet): segments embedded
+    # with `model`, and those still to do: of ended jobs, every other; of running ones, those
+    # embedded with another model (the embedder's before the switch). Jobs started since are the
+    # embedder's.
     done_segments: int
     pending_segments: int
     # Running jobs with segments embedded with another model: a run waits for them to end, then
     # re-embeds them, before it is done.
     waiting_jobs: int = 0
     error: str | None = None
+    # The run, ended, saw a job started since it began embedded with another model: the embedder
+    # was not switched, and the run left such jobs.
+    embedder_not_switched: bool = False
 
 
 # Jobs that fail one after another: the embedding service fails every text, or what it gives cannot
@@ -79,8 +86,9 @@ class Reindexer:
         # and refuses some texts from one that fails every text.
         self._embedded_text: str | None = None
         self.task: asyncio.Task | None = None
-        # When the segments were last counted, whether a run was under way then, and the counts.
-        self._counts: tuple[float, bool, asyncpg.Record] | None = None
+        # When the segments were last counted, whether a run was under way then, up to which job,
+        # and the counts.
+        self._counts: tuple[float, bool, int, asyncpg.Record] | None = None
         self._counting = asyncio.Lock()
 
     @property
@@ -100,14 +108,21 @@ class Reindexer:
             if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", LockKey.REINDEX):
                 return  # another replica's run is under way
             try:
+                # The jobs there as the run begins, the run's (its counts are theirs): those started
+                # since are not waited for (the embedder does them; one not yet switched would keep
+                # the run going for ever).
+                newest = await searchstore.newest_job(self.pool)
                 started_at = await self.pool.fetchval(
-                    "INSERT INTO reindex_runs (model) VALUES ($1) ON CONFLICT (model)"
-                    " DO UPDATE SET started_at = now(), ended_at = NULL, error = NULL RETURNING started_at", self.model)
-                error = await self._reindex_all(conn)
+                    "INSERT INTO reindex_runs (model, newest_job) VALUES ($1, $2) ON CONFLICT (model)"
+                    " DO UPDATE SET started_at = now(), ended_at = NULL, error = NULL,"
+                    " newest_job = EXCLUDED.newest_job, embedder_not_switched = false RETURNING started_at",
+                    self.model, newest)
+                error, not_switched = await self._reindex_all(conn, newest)
                 # On a connection of the pool's: the lock's own may have died with a restart. Only
                 # this run's row: with its lock lost, another replica's run may have begun since.
-                await self.pool.execute("UPDATE reindex_runs SET ended_at = now(), error = $2"
-                                        " WHERE model = $1 AND started_at = $3", self.model, error, started_at)
+                await self.pool.execute(
+                    "UPDATE reindex_runs SET ended_at = now(), error = $2, embedder_not_switched = $4"
+                    " WHERE model = $1 AND started_at = $3", self.model, error, started_at, not_switched)
             finally:
                 # Before the close: a closed session's lock goes only once its backend has ended, a
                 # moment later, and a replica asked meanwhile would still read the run as under way.
@@ -119,11 +134,12 @@ class Reindexer:
             except Exception:
                 conn.terminate()
 
-    async def _reindex_all(self, lock_holder: asyncpg.Connection) -> str | None:
+    async def _reindex_all(self, lock_holder: asyncpg.Connection, newest: int) -> tuple[str | None, bool]:
         """Every ended job not yet in the model, oldest first; then, while jobs that were running
         as the model changed still run (their early segments in the old model), waits for them
-        to end and re-embeds them too. Only the jobs there as the run began: it ends while new
-        ones keep coming. None, or why some are left. A text the service refuses is stored
+        to end and re-embeds them too. Only the jobs there as the run began (up to job `newest`):
+        it ends while new ones keep coming. None, or why some are left; and whether the embedder
+        embedded a job started since with another model (embedder_not_switched). A text the service refuses is stored
         without a vector (so a resumed run does not stop again at the same jobs, which it does not
         remember); a job that fails anyway is passed over, and the run stops when several in a
         row fail. It stops too when `lock_holder`, the session holding the run's lock, is gone:
@@ -173,9 +189,6 @@ class Reindexer:
                             " once it is", seen["transcript_id"], seen["embedding_model"], self.model)
 
         try:
-            # The jobs there as the run begins: those started since are not waited for (the
-            # embedder does them; one not yet switched would keep the run going for ever).
-            newest = await searchstore.newest_job(self.pool)
             while True:
                 after, found = 0, False
                 while (job_id := await searchstore.next_job_to_reindex(self.pool, self.model, after,
@@ -200,17 +213,17 @@ class Reindexer:
         except LockLost as exc:
             log.warning("re-embedding stopped after %d jobs: the database session holding the run's lock is gone"
                         " (%s)", jobs, exc)
-            return LOCK_LOST
+            return LOCK_LOST, warned
         except Exception as exc:
             log.exception("re-embedding stopped after %d jobs", jobs)
-            return f"{type(exc).__name__}: stopped; POST /admin/reindex again to resume"
+            return f"{type(exc).__name__}: stopped; POST /admin/reindex again to resume", warned
         log.info("re-embedding done: %d jobs now embedded with %s, %d not", jobs, self.model, len(failed))
         if failed:
             listed = ", ".join(map(str, failed[:FAILED_JOBS_LISTED]))
             listed += ", ..." if len(failed) > FAILED_JOBS_LISTED else ""
             return (f"{len(failed)} jobs could not be embedded (ingest's log says why): {listed};"
-                    " POST /admin/reindex again to try them again")
-        return None
+                    " POST /admin/reindex again to try them again"), warned
+        return None, warned
 
     async def _reindex_job(self, job_id: int, build_index_on: asyncpg.Connection | None = None) -> None:
         with job_logged(job_id):
@@ -240,22 +253,22 @@ class Reindexer:
                 await searchstore.store_reindexed(conn, job_id, self.model, vectors)
             log.info("re-embedded %d segments with %s", len(vectors), self.model)
 
-    async def _segment_counts(self, running: bool, earlier_counts_will_do: bool = False) -> asyncpg.Record:
-        """reindex_counts, read at most every COUNTS_FRESH_S while a run goes on: it reads every
-        segment, and `stt reindex` asks every second for as long as a run lasts (hours on a large
-        store). Once no run goes on, the counts are read again: they are the outcome.
-        `earlier_counts_will_do`: counts read within COUNTS_FRESH_S before the run began are as good
-        (the answer to the request that starts it)."""
+    async def _segment_counts(self, running: bool, up_to: int, earlier_counts_will_do: bool = False) -> asyncpg.Record:
+        """reindex_counts up to job `up_to`, read at most every COUNTS_FRESH_S while a run goes on:
+        it reads every segment, and `stt reindex` asks every second for as long as a run lasts
+        (hours on a large store). Once no run goes on, the counts are read again: they are the
+        outcome. `earlier_counts_will_do`: counts read within COUNTS_FRESH_S before the run began
+        are as good (the answer to the request that starts it)."""
         async with self._counting:
             if self._counts is not None and running:
-                read_at, during_a_run, counts = self._counts
+                read_at, during_a_run, counted_up_to, counts = self._counts
                 fresh = asyncio.get_running_loop().time() - read_at < COUNTS_FRESH_S
-                if fresh and (during_a_run or earlier_counts_will_do):
+                if fresh and (during_a_run or earlier_counts_will_do) and counted_up_to == up_to:
                     return counts
-            counts = await searchstore.reindex_counts(self.pool, self.model)
+            counts = await searchstore.reindex_counts(self.pool, self.model, up_to)
             # Dated once read: dated from the start, counts that took longer than COUNTS_FRESH_S to
             # read (a large store) were stale on arrival, and every poll read them all again.
-            self._counts = asyncio.get_running_loop().time(), running, counts
+            self._counts = asyncio.get_running_loop().time(), running, up_to, counts
             return counts
 
     async def _under_way_anywhere(self) -> bool:
@@ -268,18 +281,27 @@ class Reindexer:
 
     async def progress(self, earlier_counts_will_do: bool = False) -> ReindexProgress:
         running = await self._under_way_anywhere()
-        run = None if running else await self.pool.fetchrow(
-            "SELECT ended_at, error FROM reindex_runs WHERE model = $1", self.model)
-        if run is not None and run["ended_at"] is None:
+        run = await self.pool.fetchrow(
+            "SELECT ended_at, error, newest_job, embedder_not_switched FROM reindex_runs WHERE model = $1", self.model)
+        if not running and run is not None and run["ended_at"] is None:
             # Begun since the look above (it holds the lock before it marks its row), or cut short.
             running = await self._under_way_anywhere()
-        error = None
+        error, not_switched = None, False
         if not running and run is not None:
             # A run cancelled as its ingest stops, or whose replica died, wrote no end.
             error = run["error"] if run["ended_at"] is not None else INTERRUPTED
-        counts = await self._segment_counts(running, earlier_counts_will_do)
+            not_switched = run["embedder_not_switched"]
+        # The counts of the run's jobs, up to the newest there as it began: a job started since,
+        # cancelled or failed before the embedder embedded it, is not the run's to do. A run under
+        # way that has not marked its row yet (the row, if any, an earlier run's) takes every job
+        # there now, as every job is where no run has been.
+        newest = await searchstore.newest_job(self.pool)
+        its_own_row = run is not None and not (running and run["ended_at"] is not None)
+        up_to = newest if not its_own_row or run["newest_job"] is None else min(run["newest_job"], newest)
+        counts = await self._segment_counts(running, up_to, earlier_counts_will_do)
         return ReindexProgress(model=self.model, running=running, done_segments=counts["done"],
-                               pending_segments=counts["pending"], waiting_jobs=counts["waiting_jobs"], error=error)
+                               pending_segments=counts["pending"], waiting_jobs=counts["waiting_jobs"], error=error,
+                               embedder_not_switched=not_switched)
 
 
 def one_text_may_be_why(exc: BaseException) -> bool:
