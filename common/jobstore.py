@@ -407,11 +407,24 @@ def deletion(job_id: int) -> TranscriptDeleted:
     return TranscriptDeleted(message_id=f"transcript.deleted:{job_id}", job_id=job_id, transcript_id=job_id)
 
 
-async def forget_deleted_jobs_deliveries(conn: asyncpg.Connection, job_id: int) -> None:
+# A deleted job's callback webhook that never got a delivery is removed once its job ended this
+# long ago (forget_deleted_jobs_deliveries): its end was fanned out long since, if a notifier was
+# there to take it (none was: the callback would never get one).
+UNANNOUNCED_CALLBACK_KEPT_S = 86400.0
+
+
+async def forget_deleted_jobs_deliveries(conn: asyncpg.Connection, job_id: int, *, end_fanned_out: bool = False
+                                         ) -> None:
     """A deleted job's settled webhook deliveries (they carry its text), and its callback webhook
     once one of its deliveries is settled and none pending (its events are the job's last:
     transcript.completed or transcript.failed). A pending delivery stays until the notifier has
     settled it and comes here again, so a job deleted as soon as it ends is still announced.
+    A callback without any delivery (its job's end never reached a notifier: none was there, or
+    its event was lost) goes too once that end cannot come any more: `end_fanned_out` (the
+    notifier fanning out the job's transcript.deleted, which comes after its end), or the job
+    ended over UNANNOUNCED_CALLBACK_KEPT_S ago. Removed at once, the callback of a job deleted
+    before the notifier fanned out its end was gone when it did, and its end never sent; kept,
+    it stayed for ever, listed by GET /webhooks (with its secret in the database) for a job long gone.
     A webhook's last one given up stays while one of the job's is pending after it: the notifier
     gives those one attempt each because of it (a dead endpoint's backlog of a deleted job would
     otherwise keep its text for the whole retry schedule of each); it goes with the last of them.
@@ -420,9 +433,11 @@ async def forget_deleted_jobs_deliveries(conn: asyncpg.Connection, job_id: int) 
     await conn.execute(
         "DELETE FROM webhooks w WHERE w.job_id = $1"
         " AND NOT EXISTS (SELECT 1 FROM transcripts WHERE id = $1)"
-        " AND EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.webhook_id = w.id AND d.status <> 'pending')"
-        " AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.webhook_id = w.id AND d.status = 'pending')",
-        job_id)
+        " AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.webhook_id = w.id AND d.status = 'pending')"
+        " AND (EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.webhook_id = w.id AND d.status <> 'pending')"
+        " OR $2 OR EXISTS (SELECT 1 FROM job_usage u WHERE u.job_id = $1"
+        " AND u.ended_at < now() - make_interval(secs => $3)))",
+        job_id, end_fanned_out, UNANNOUNCED_CALLBACK_KEPT_S)
     await conn.execute(
         "DELETE FROM webhook_deliveries d WHERE d.job_id = $1 AND d.status <> 'pending'"
         f" AND d.event_type <> '{TranscriptDeleted.ROUTING_KEY}'"

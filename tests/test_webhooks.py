@@ -13,6 +13,7 @@ import hmac
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -421,6 +422,83 @@ def test_a_deleted_jobs_later_deliveries_get_one_attempt_each_once_one_is_given_
         stack.query("DELETE FROM webhooks WHERE id = $1", webhook_id)
 
 
+class LateBodyServer:
+    """A local HTTP server that answers 200 and then fails to send the body it announced: /stall
+    (and /stall-anything) announces a chunked body and sends no chunk for TIMEOUT_S * 2, the
+    connection kept open; /cut (and /cut-anything) announces 10 bytes and closes without one. It
+    records each request's path."""
+
+    def __init__(self) -> None:
+        self.paths: list[str] = []
+        self.lock = threading.Lock()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            threading.Thread(target=self._answer, args=(connection,), daemon=True).start()
+
+    def _answer(self, connection: socket.socket) -> None:
+        with connection, contextlib.suppress(OSError):
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += connection.recv(65536)
+            head, _, body = data.partition(b"\r\n\r\n")
+            lines = head.decode("latin-1").split("\r\n")
+            length = next(int(line.split(":", 1)[1]) for line in lines if line.lower().startswith("content-length:"))
+            while len(body) < length:
+                body += connection.recv(65536)
+            path = lines[0].split()[1]
+            with self.lock:
+                self.paths.append(path)
+            if path.startswith("/stall"):
+                connection.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+                time.sleep(TIMEOUT_S * 2)
+                connection.sendall(b"0\r\n\r\n")
+            else:
+                connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n")
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.listener.getsockname()[1]}{path}"
+
+    def got(self, path: str) -> int:
+        with self.lock:
+            return self.paths.count(path)
+
+
+def test_a_200_whose_body_comes_late_or_cut_short_is_delivered_once(notified):
+    """The status line decides: an endpoint that answered 200 has the event, whatever then
+    becomes of the body. Its body read first, a body late past WEBHOOK_TIMEOUT_S (or cut short)
+    made the attempt "no answer within" and the event was sent again, and again."""
+    stack, _ = notified
+    server = LateBodyServer()
+    log_from = len(stack.log_text("notifier"))
+    hooks = {}
+    try:
+        for path, job_id in (("/stall-body", 989801), ("/cut-body", 989802)):  # no transcripts: deleted jobs
+            hooks[path] = (job_id, *pending_deliveries(stack, server.url(path), job_id, 1))
+            kick(stack, job_id, hooks[path][1])
+        tried = [f"webhook {webhook_id}: segment.created " for _, webhook_id, _ in hooks.values()]
+        wait_for(lambda: all(line in stack.log_text("notifier")[log_from:] for line in tried), 60,
+                 "both deliveries tried")
+        time.sleep(1 + TIMEOUT_S + 1)  # past a retry's delay and its timeout: none came
+        log = stack.log_text("notifier")[log_from:]
+        for path, (job_id, webhook_id, _) in hooks.items():
+            told = [line for line in log.splitlines() if f"webhook {webhook_id}: " in line]
+            assert len(told) == 1 and re.search(r"segment.created delivered \(HTTP 200, \d+ ms, attempt 1\)",
+                                                told[0]), told
+            assert server.got(path) == 1, (path, server.paths)
+            assert not stack.query("SELECT 1 FROM webhook_deliveries WHERE job_id = $1", job_id)
+    finally:
+        for _, webhook_id, _ in hooks.values():
+            stack.query("DELETE FROM webhooks WHERE id = $1", webhook_id)
+        server.listener.close()
+
+
 def names_told(event: dict) -> set[str]:
     """The speaker names a webhook body tells: a segment's, or each of transcript.speakers_updated."""
     data = event["data"]
@@ -582,6 +660,80 @@ def test_a_job_deleted_as_soon_as_it_ends_still_calls_back_and_leaves_no_deliver
                  "the deleted job's deliveries and callback to go")
     finally:
         api.delete(f"/webhooks/{hook['id']}")
+
+
+def purge(stack, queue_name: str) -> None:
+    async def run() -> None:
+        connection = await connect(stack.settings(), "test-queue-purge")
+        try:
+            queue = await (await connection.channel()).declare_queue(queue_name, passive=True)
+            await queue.purge()
+        finally:
+            await connection.close()
+
+    asyncio.run(run())
+
+
+def test_a_deleted_jobs_callback_that_never_got_its_end_goes_once_the_end_cannot_come(notified, fixtures_dir):
+    """A job's callback whose transcript.completed never reached a notifier (none there, the event
+    lost) stayed for ever after the job was deleted: listed by GET /webhooks for a deleted job,
+    its secret kept. It goes when the notifier fans out the job's transcript.deleted (after its
+    end, in order), or with the job when the job ended over UNANNOUNCED_CALLBACK_KEPT_S ago (no
+    notifier may ever come). A job deleted before the notifier fanned out its end keeps its
+    callback until it has been sent."""
+    stack, receiver = notified
+    api = httpx.Client(base_url=stack.api, timeout=30)
+    jobs: dict[str, int] = {}
+
+    def submitted(name: str) -> int:
+        jobs[name] = stack.submit_job(fixtures_dir / "jfk.flac",
+                                      data={"callback_url": receiver.url(f"/ok-unannounced-{name}")})
+        return jobs[name]
+
+    def callback_of(name: str) -> list:
+        return stack.query("SELECT id FROM webhooks WHERE job_id = $1", jobs[name])
+
+    def listed() -> set[int]:
+        """The jobs whose callbacks GET /webhooks lists."""
+        found, cursor = set(), None
+        while True:
+            page = api.get("/webhooks", params={"limit": 500, **({"cursor": cursor} if cursor else {})}).json()
+            found |= {w.get("transcript_id") for w in page["items"]}  # absent for an endpoint
+            if (cursor := page.get("next_cursor")) is None:  # absent on the last page
+                return found
+
+    def ends_published() -> bool:
+        return not stack.query("SELECT 1 FROM outbox WHERE (body->>'job_id')::bigint = ANY($1::bigint[])",
+                               list(jobs.values()))
+
+    stack.stop("notifier")
+    try:
+        # recent: ended just now; old: ended two days ago. No notifier takes their ends.
+        for name in ("recent", "old"):
+            assert stack.wait_finished(submitted(name), 300)["status"] == "done"
+        wait_for(ends_published, 60, "their ends published")
+        purge(stack, "stt.notifier.events")
+        stack.query("UPDATE job_usage SET ended_at = now() - interval '2 days' WHERE job_id = $1", jobs["old"])
+        # announced: deleted before the notifier (back later) fans out its end.
+        assert stack.wait_finished(submitted("announced"), 300)["status"] == "done"
+        wait_for(ends_published, 60, "its end published")
+        for job_id in jobs.values():
+            assert api.delete(f"/transcripts/{job_id}").status_code == 204
+        assert not callback_of("old") and jobs["old"] not in listed()
+        assert callback_of("recent") and callback_of("announced")
+    finally:
+        stack.start_service("notifier")
+        # Their transcript.deleted fanned out before the tests after this one add webhooks that take it.
+        with contextlib.suppress(AssertionError):
+            wait_for(lambda: notifier_events_waiting(stack) == 0, 60, "the notifier's events fanned out")
+    wait_for(lambda: receiver.events("/ok-unannounced-announced", jobs["announced"]), 60,
+             "the completion of the job deleted before the notifier fanned it out")
+    wait_for(lambda: not callback_of("recent") and not callback_of("announced"), 60,
+             "the callbacks to go once their jobs' deletions were fanned out")
+    assert not {jobs["recent"], jobs["announced"]} & listed()
+    assert [e["type"] for e in receiver.events("/ok-unannounced-announced", jobs["announced"])] == \
+        ["transcript.completed"]
+    assert not receiver.got("/ok-unannounced-recent") and not receiver.got("/ok-unannounced-old")
 
 
 def notifier_events_waiting(stack) -> int:

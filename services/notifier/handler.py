@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict
 
 from common import jobstore
 from common.broker import Bus, publish_later, stage_queue
-from common.messages import Contract, WebhookDue
+from common.messages import Contract, TranscriptDeleted, WebhookDue
 from common.metrics import webhook_attempted
 from common.outbound import target_problem
 from common.recent import Recent
@@ -104,6 +104,10 @@ async def fan_out(pool: asyncpg.Pool, event: Contract, *, keys_configured: bool 
                ON CONFLICT (webhook_id, event_id) DO UPDATE SET event_type = EXCLUDED.event_type
                RETURNING webhook_id, status""",
             event.message_id, event.ROUTING_KEY, event.job_id, payload, keys_configured)
+        if isinstance(event, TranscriptDeleted):
+            # Events are fanned out one at a time, in the order they were published: the job's end
+            # came before, so its callback without a delivery of it never gets one.
+            await jobstore.forget_deleted_jobs_deliveries(conn, event.job_id, end_fanned_out=True)
     for row in rows:
         if row["status"] == "pending":
             yield WebhookDue(job_id=event.job_id, webhook_id=row["webhook_id"])
@@ -397,31 +401,54 @@ async def _behind_one_given_up(conn: asyncpg.Connection, due: WebhookDue, head: 
         " AND d.status <> 'pending' ORDER BY d.id DESC LIMIT 1", due.webhook_id, due.job_id, head["id"]))
 
 
+# How long an answer's body is read (within the POST's WEBHOOK_TIMEOUT_S) once its status line
+# came: only so that a short one leaves the connection fit to be used again.
+BODY_READ_S = 1.0
+
+
 async def post(http: aiohttp.ClientSession, url: str, secret: str, event_id: str, body: bytes,
                timeout_s: float) -> tuple[int | None, str | None]:
     """(status code, error or None) of one signed POST; redirects are not followed (a 3xx is a
-    failure: following it could lead anywhere, a private address included)."""
+    failure: following it could lead anywhere, a private address included). The status line
+    decides: a 2xx is delivered whatever becomes of its body (late, cut short). Read first, a body
+    that came late or was cut short made an endpoint's 200 a failed attempt, and the event, which
+    the endpoint had taken, was sent to it again."""
     timestamp = int(time.time())
     headers = {"content-type": "application/json", "webhook-id": event_id,
                "webhook-timestamp": str(timestamp),
                "webhook-signature": signature(secret, event_id, timestamp, body),
                "user-agent": "stt-pipeline-webhooks"}
+    status: int | None = None
     try:
         async with http.post(url, data=body, headers=headers, allow_redirects=False,
                              timeout=aiohttp.ClientTimeout(total=timeout_s)) as response:
-            await response.content.read(4096)
-            if 200 <= response.status < 300:
-                return response.status, None
-            return response.status, f"HTTP {response.status}"
+            status = response.status
+            await _read_some_of_the_body(response)
     except TimeoutError:
-        return None, f"no answer within {timeout_s:g} s"
+        if status is None:
+            return None, f"no answer within {timeout_s:g} s"
     except aiohttp.ClientError as exc:
-        return None, f"{type(exc).__name__}: {exc}"
+        if status is None:
+            return None, f"{type(exc).__name__}: {exc}"
     except Exception as exc:
         # Anything else (a URL aiohttp cannot take, an SSL context error) is a failed attempt too:
         # raised, it would leave the attempt unrecorded and be kicked again for ever.
-        log.exception("POST to a webhook failed unexpectedly")
-        return None, f"{type(exc).__name__}: {exc}"
+        if status is None:
+            log.exception("POST to a webhook failed unexpectedly")
+            return None, f"{type(exc).__name__}: {exc}"
+    if 200 <= status < 300:
+        return status, None
+    return status, f"HTTP {status}"
+
+
+async def _read_some_of_the_body(response: aiohttp.ClientResponse) -> None:
+    """Up to 4 KiB of the answer's body, for at most BODY_READ_S; one that comes later, or is cut
+    short, is left (the connection is then closed, not used again)."""
+    try:
+        async with asyncio.timeout(BODY_READ_S):
+            await response.content.read(4096)
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        log.debug("an answer's body not read (%s)", type(exc).__name__)
 
 
 async def prune_delivery_log(pool: asyncpg.Pool, settings: Settings) -> int:
