@@ -140,9 +140,9 @@ def test_upload_follow_read_play_and_download(stack, fixtures_dir, browser, tmp_
     # Name a speaker from the page: the transcript shows it, and screen readers say it.
     page.get_by_role("button", name="Save names").click()
     page.locator("#segments .segment[data-speaker='spk_0'] .who", has_text="Anna").first.wait_for(timeout=30_000)
-    labels = [segments.nth(i).get_attribute("aria-label") for i in range(segments.count())
-              if segments.nth(i).get_attribute("data-speaker") == "spk_0"]
-    assert labels and all(re.match(r"Play from [\d:.]+: Anna: ", label) for label in labels), labels
+    annas = page.locator("#segments .segment[data-speaker='spk_0']")
+    named = page.get_by_role("button", name=re.compile(r"^Play from [\d:.]+ ?: Anna ?: "))
+    assert annas.count() and named.count() == annas.count(), (named.count(), annas.count())
 
     # Remember that voice: Anna becomes an enrolled speaker, listed under Known voices.
     page.get_by_role("button", name="Remember voices").click()
@@ -518,9 +518,13 @@ def test_forgetting_a_voice_keeps_the_names_and_the_correction_being_typed(stack
     words = page.get_by_role("form", name="Correct the segment at").get_by_label("Words")
     words.fill("Good morning.")
 
-    # Forgotten, Anna's name leaves the transcript; what is being typed stays.
-    page.get_by_role("button", name="Forget Anna").click()
+    # Forgotten, Anna's name leaves the transcript; what is being typed stays. Her Forget button
+    # gone with the list made anew, the focus goes to the list's heading, not to the page's top.
+    page.get_by_role("button", name="Forget Anna").focus()
+    page.keyboard.press("Enter")
     page.locator("#segments .segment[data-speaker='spk_0'] .who", has_text="spk_0").first.wait_for(timeout=30_000)
+    page.get_by_role("button", name="Forget Anna").wait_for(state="detached", timeout=30_000)
+    page.wait_for_function("document.activeElement?.id === 'people-title'", timeout=5_000)
     assert page.input_value("#name-spk_0") == ""
     assert page.input_value("#name-spk_1") == "Ben"
     assert words.input_value(timeout=5_000) == "Good morning."
@@ -926,8 +930,12 @@ def test_a_search_answered_after_a_later_one_is_not_shown(stack, browser):
     tag = uuid.uuid4().hex[:6]
     early = a_recording_in_the_database(stack, f"early_{tag}.wav", [("spk_0", "The pineapple harvest was late.")])
     late = a_recording_in_the_database(stack, f"late_{tag}.wav", [("spk_0", "The zeppelin landed at noon.")])
+    # More than a page of hits (20), one said right to left.
+    many = a_recording_in_the_database(stack, f"many_{tag}.wav", [("spk_0", f"Walrus sighting number {n}.")
+                                                                  for n in range(24)]
+                                       + [("spk_1", "שלום לכולם walrus")])
     stack.query("UPDATE segments SET search_text = to_tsvector(stt_text_config('en'), text)"
-                " WHERE transcript_id = ANY($1::bigint[])", [early, late])
+                " WHERE transcript_id = ANY($1::bigint[])", [early, late, many])
     page = browser.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda error: errors.append(str(error)))
@@ -949,8 +957,32 @@ def test_a_search_answered_after_a_later_one_is_not_shown(stack, browser):
     page.wait_for_timeout(500)  # time for the answer to be read (and, wrongly, shown)
     assert page.locator("#hits li").all_inner_texts() == shown
     assert f"early_{tag}.wav" not in page.locator("#hits").inner_text()
+
+    # A page of hits at a time: "More results" follows next_cursor until every hit is shown.
+    page.fill("#query", "walrus")
+    page.press("#query", "Enter")
+    hits = page.locator("#hits li button")
+    page.wait_for_function("document.querySelectorAll('#hits li button').length === 20", timeout=30_000)
+    more = page.get_by_role("button", name="More results")
+    for _ in range(10):
+        if more.is_hidden():
+            break
+        before = hits.count()
+        more.click()
+        page.wait_for_function(f"document.querySelectorAll('#hits li button').length > {before}"
+                               " || document.querySelector('#more-hits').hidden", timeout=30_000)
+    assert more.is_hidden()
+    mine = hits.filter(has_text=f"many_{tag}.wav")
+    assert mine.count() == 25, mine.count()
+    texts = hits.all_inner_texts()
+    assert len(texts) == len(set(texts)), texts  # no page shown twice
+    # Each part of a hit reads in the direction of its own words.
+    hebrew = page.locator("#hits .said", has_text="שלום")
+    assert hebrew.get_attribute("dir") == "auto"
+    assert hebrew.evaluate("e => getComputedStyle(e).direction") == "rtl"
     assert errors == []
     page.close()
+    stack.query("DELETE FROM transcripts WHERE id = ANY($1::bigint[])", [early, late, many])
 
 
 @pytest.fixture
@@ -1408,6 +1440,20 @@ def test_a_job_opened_while_it_runs_plays_its_redacted_copy_once_it_ends(stack, 
         page.wait_for_function("Math.abs(document.querySelector('#player').duration - 2) < 0.1", timeout=30_000)
         page.evaluate("document.querySelector('#player').currentTime = 0.6")
         ends_and_is_redacted(job_id, page, asked, errors, key, paused_at=0.6)
+        # Redaction asked, and the job stopped: only a job that ends done is redacted, so its
+        # upload (the numbers audible) is never played: the server's reason is said in place of
+        # the player.
+        job_id, page, asked, errors = opened_running(key, {"redact": ["card"]})
+        page.locator("#audio-status", has_text="plays once the transcript is done").wait_for(timeout=30_000)
+        assert httpx.post(f"{stack.api}/transcripts/{job_id}/cancel", timeout=30).status_code == 200
+        page.locator('#transcript[data-ended="true"]').wait_for(timeout=30_000)
+        page.locator("#audio-status", has_text="asked for redaction, and it was stopped before its recording was"
+                                               " redacted").wait_for(timeout=30_000)
+        page.wait_for_timeout(1000)
+        assert page.locator("#player").is_hidden() and page.locator("#player").get_attribute("src") is None
+        assert 409 in asked and not {200, 206} & set(asked), asked
+        assert errors == []
+        page.close()
 
 
 def test_a_job_opened_while_it_runs_that_ends_unchanged_keeps_its_recording_and_place(stack, browser, made_job):
@@ -1453,6 +1499,99 @@ def test_a_job_opened_while_it_runs_that_ends_unchanged_keeps_its_recording_and_
 
     kept(None)  # the audio element streams it
     kept("any-key-the-server-does-not-ask-for")  # fetched with the key
+
+
+def test_segments_are_read_out_whole_and_each_in_its_own_direction(stack, browser):
+    """A segment's button is named by what it shows, with words for a screen reader (no aria-label
+    said in place of it): the words Whisper was unsure of, underlined on screen, are said to be.
+    Text written right to left (Hebrew, Arabic) reads so: a segment's words, a name typed in."""
+    tag = uuid.uuid4().hex[:6]
+    job_id = a_recording_in_the_database(stack, f"bidi_{tag}.wav", [
+        ("spk_0", "We met in Zanzibar today."), ("spk_1", "שלום לכולם, מה שלומכם?")])
+    words = [{"word": " We", "start": 0.0, "end": 0.2, "probability": 0.9},
+             {"word": " met", "start": 0.2, "end": 0.4, "probability": 0.9},
+             {"word": " in", "start": 0.4, "end": 0.5, "probability": 0.9},
+             {"word": " Zanzibar", "start": 0.5, "end": 1.0, "probability": 0.3},
+             {"word": " today.", "start": 1.0, "end": 1.5, "probability": 0.9}]
+    stack.query("UPDATE segments SET words = $2::jsonb WHERE transcript_id = $1 AND index = 0", job_id,
+                json.dumps(words))
+    page = browser.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    try:
+        page.goto(stack.api + "/")
+        page.locator(f'#jobs li[data-job="{job_id}"] button').click()
+        page.locator('#transcript[data-ended="true"]').wait_for(timeout=30_000)
+        page.locator("#segments mark.unsure", has_text="Zanzibar").wait_for(timeout=30_000)
+        first = page.locator("#segments .segment").first
+        assert first.get_attribute("aria-label") is None
+        named = page.get_by_role("button", name=re.compile(
+            r"^Play from 00:00\.0 ?: spk_0 ?: We met in Zanzibar \(unsure\) today\.$"))
+        assert named.count() == 1, first.evaluate("b => b.textContent")
+        assert first.locator(".text").inner_text() == "We met in Zanzibar today."  # the words as they are
+
+        hebrew = page.locator("#segments .segment .text", has_text="שלום")
+        assert hebrew.get_attribute("dir") == "auto"
+        assert hebrew.evaluate("e => getComputedStyle(e).direction") == "rtl"
+        page.fill("#name-spk_1", "דנה")
+        name = page.locator("#name-spk_1")
+        assert name.get_attribute("dir") == "auto"
+        assert name.evaluate("e => getComputedStyle(e).direction") == "rtl"
+        page.get_by_role("button", name="Save names").click()
+        page.locator("#transcript-status", has_text="Names saved.").wait_for(timeout=30_000)
+        assert page.get_by_role("button", name=re.compile(r"^Play from 00:02\.0 ?: דנה ?: שלום")).count() == 1
+        assert errors == []
+    finally:
+        page.close()
+        stack.query("DELETE FROM transcripts WHERE id = $1", job_id)
+
+
+def test_the_focus_is_not_lost_when_the_control_pressed_goes(stack, browser, made_job):
+    """Stop processing, Run again and Delete recording go once pressed (hidden, or the transcript
+    closed): the focus goes to the transcript's title (the job stopped; the new job opened) or to
+    the heading of the recordings (deleted), not back to the top of the page, where a keyboard or
+    screen reader user would have to start again."""
+    from tests.audio_files import wav
+
+    job_id = made_job("focus.wav", wav(np.zeros(16_000, dtype=np.float32)), status="processing")
+    page = browser.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.on("dialog", lambda dialog: dialog.accept())
+    rerun = None
+
+    def press(name: str) -> None:
+        page.get_by_role("button", name=name).focus()
+        page.keyboard.press("Enter")
+
+    def focused_on(element_id: str) -> None:
+        page.wait_for_function(f"document.activeElement?.id === '{element_id}'", timeout=5_000)
+
+    try:
+        page.goto(stack.api + "/")
+        page.locator(f'#jobs li[data-job="{job_id}"][data-status="processing"]').wait_for(timeout=30_000)
+        page.evaluate(f"openTranscript({job_id})")
+        press("Stop processing")
+        page.locator("#transcript-status", has_text="Stopped").wait_for(timeout=30_000)
+        page.locator('#transcript[data-ended="true"]').wait_for(timeout=30_000)
+        focused_on("transcript-title")
+
+        press("Run again")
+        page.wait_for_function(f"document.querySelector('#transcript').dataset.job !== '{job_id}'", timeout=30_000)
+        rerun = int(page.locator("#transcript").get_attribute("data-job"))
+        focused_on("transcript-title")
+
+        page.locator(f'#jobs li[data-job="{job_id}"] button').click()
+        page.locator('#transcript[data-ended="true"]').wait_for(timeout=30_000)
+        press("Delete recording")
+        page.locator(f'#jobs li[data-job="{job_id}"]').wait_for(state="detached", timeout=30_000)
+        focused_on("jobs-title")
+        assert errors == []
+    finally:
+        page.close()
+        if rerun is not None:
+            with httpx.Client(timeout=30) as client:
+                discard(stack.api, client, rerun)
 
 
 def test_a_recording_opened_again_is_the_browsers_copy_checked(stack, browser, made_job):
@@ -2066,6 +2205,17 @@ def test_the_open_transcript_and_the_list_keep_to_what_the_server_has(stack, bro
         held["rerun"][0].fulfill(status=202, json={"id": voices + 1_000_000, "filename": f"voices_{tag}.wav"})
         page.wait_for_timeout(500)
         assert page.locator(f'#jobs li[data-job="{voices + 1_000_000}"]').count() == 0
+
+        # A key no request can carry (a header holds printable ASCII only: fetch throws on it, and
+        # the list was asked for again for ever, saying it could not be listed) is refused as it
+        # is entered, said so; the key in use stays.
+        page.fill("#api-key", "clé-ключ")
+        page.get_by_role("button", name="Use key").click()
+        page.locator("#notice", has_text="only printable ASCII").wait_for(timeout=5_000)
+        assert page.evaluate("sessionStorage.getItem('stt-api-key')") == "another-users-key"
+        assert page.locator("#api-key").get_attribute("aria-invalid") == "true"
+        page.wait_for_timeout(2_500)
+        assert "could not be listed" not in page.locator("#notice").inner_text()
         assert errors == []
     finally:
         page.close()
@@ -2095,7 +2245,24 @@ def test_what_an_action_came_to_stays_said_while_the_job_runs_on(stack, browser)
         row = page.locator(f'#jobs li[data-job="{job_id}"]')
         row.locator("button").click()
         status = page.locator("#transcript-status")
-        status.filter(has_text="Processing: transcribing, 20%").wait_for(timeout=10_000)
+        status.filter(has_text="Processing").wait_for(timeout=10_000)
+        page.wait_for_timeout(2_000)  # both streams have told of it
+        # The live status line says the status as it changes, not each percent: a screen reader
+        # would read every one out. It is not written as the job goes on.
+        page.evaluate("""() => {
+            window.statusWrites = 0;
+            new MutationObserver((changes) => { window.statusWrites += changes.length; }).observe(
+                document.querySelector('#transcript-status'), { childList: true, characterData: true, subtree: true });
+        }""")
+        stack.query("UPDATE transcripts SET progress = 0.3 WHERE id = $1", job_id)
+        row.locator(".state", has_text="transcribing 30%").wait_for(timeout=10_000)
+        page.wait_for_timeout(2_000)  # both streams (the list's and the transcript's) have told of it
+        assert page.evaluate("window.statusWrites") == 0 and status.inner_text() == "Processing…"
+        # The percent is shown in a line of its own, in no live region.
+        progress = page.locator("#transcript-progress")
+        assert progress.inner_text() == "transcribing: 30%"
+        assert page.evaluate("!document.querySelector('#transcript-progress')"
+                             ".closest('[aria-live], [role=status], [role=alert], [role=log]')")
         page.fill("#name-spk_0", "Smith, Anna")
         page.get_by_role("button", name="Save names").click()
         status.filter(has_text="cannot hold a comma").wait_for(timeout=10_000)
@@ -2104,6 +2271,7 @@ def test_what_an_action_came_to_stays_said_while_the_job_runs_on(stack, browser)
         row.locator(".state", has_text="transcribing 40%").wait_for(timeout=10_000)
         page.wait_for_timeout(2_000)  # both streams (the list's and the transcript's) have told of it
         assert "cannot hold a comma" in status.inner_text()
+        assert progress.inner_text() == "transcribing: 40%"  # shown all the same
 
         # Acting again says what that came to, which stays in its turn.
         page.fill("#name-spk_0", "Anna")
@@ -2118,7 +2286,7 @@ def test_what_an_action_came_to_stays_said_while_the_job_runs_on(stack, browser)
         stack.query("UPDATE transcripts SET status = 'done', stage = 'done', progress = 1, completed_at = now()"
                     " WHERE id = $1", job_id)
         page.locator('#transcript[data-ended="true"]').wait_for(timeout=10_000)
-        assert status.inner_text() == "Done."
+        assert status.inner_text() == "Done." and progress.is_hidden()
         assert errors == []
     finally:
         page.close()

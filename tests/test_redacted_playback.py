@@ -45,6 +45,39 @@ def test_a_recording_still_to_be_redacted_is_not_served_until_it_is(stack, made_
     assert served.headers["content-type"] == "audio/wav" and "call.wav" in served.headers["content-disposition"]
 
 
+def test_a_job_with_redaction_that_is_stopped_or_fails_never_serves_its_upload(stack, made_job):
+    """Only a job that ends done has its recording redacted: one stopped (POST .../cancel) or
+    failed keeps the upload, with what its transcript shows as [CARD] or [PHONE] audible. It is
+    not served, GET nor HEAD, whether the job asked for redaction or the transcriber's REDACT
+    replaced words of it; a job of neither plays as uploaded."""
+    asked = made_job("call.mp3", b"ID3 the upload as sent", options={"redact": ["card"]}, status="processing")
+    by_words = made_job("words.mp3", b"ID3 another upload", status="processing", segment=True)
+    failed = made_job("failed.mp3", b"ID3 a third upload", options={"redact": ["phone"]}, status="processing")
+    neither = made_job("plain.mp3", b"ID3 nothing to hide", status="processing")
+    for job_id in (asked, by_words, neither):
+        stopped = httpx.post(f"{stack.api}/transcripts/{job_id}/cancel", timeout=60)
+        assert stopped.status_code == 200 and stopped.json()["error"] == "cancelled", stopped.text
+    stack.query("UPDATE transcripts SET status = 'error', error = 'the transcriber failed', completed_at = now()"
+                " WHERE id = $1", failed)
+    for job_id, ended in ((asked, "was stopped"), (by_words, "was stopped"), (failed, "failed")):
+        for method in ("GET", "HEAD"):
+            refused = httpx.request(method, f"{stack.api}/transcripts/{job_id}/audio", timeout=60)
+            assert refused.status_code == 409, (job_id, method, refused.status_code)
+            assert b"upload" not in refused.content and "retry-after" not in refused.headers
+            assert refused.headers["cache-control"] == "no-store"
+        detail = audio(stack, job_id).json()["detail"]
+        assert f"asked for redaction, and it {ended} before its recording was redacted" in detail, detail
+        assert "being redacted" not in detail  # what the page waits out (a done job's 503)
+        # Nor a piece of it.
+        assert audio(stack, job_id, Range="bytes=0-3").status_code == 409
+    played = audio(stack, neither)
+    assert played.status_code == 200 and played.content == b"ID3 nothing to hide", played.text
+    # A redacted copy stored (audio_redacted_at) is what plays.
+    upload_bytes(stack.s3(), stack.settings().audio_bucket, f"uploads/{asked}", b"RIFF the redacted copy")
+    stack.query("UPDATE transcripts SET audio_redacted_at = now() WHERE id = $1", asked)
+    assert audio(stack, asked).content == b"RIFF the redacted copy"
+
+
 def test_words_are_not_corrected_while_the_recording_is_being_redacted(stack, made_job):
     """The redacted copy silences the words' times as they are when it is written: a correction
     before it (retiming "[PHONE]." or dropping the label) would leave the number audible."""

@@ -192,9 +192,31 @@ async def _opening(state: State, key: str, range_header: str | None, if_range: s
         return stat, span, opening
 
 
+async def _redaction_asked(state: State, job_id: int, job) -> bool:
+    """The job asked for redaction (its `redact` option; options that cannot be read count as
+    asking), or words of it were redacted (the transcriber's REDACT)."""
+    options = job["options"]
+    if not isinstance(options, dict):
+        return options is not None
+    redact = options.get("redact")
+    if redact:
+        return True
+    return bool(await jobstore.redacted_word_times(state.pool, job_id))
+
+
+async def _not_redacted(state: State, job_id: int) -> str:
+    job = await jobstore.job(state.pool, job_id)
+    ended = "was stopped" if job is not None and job["error"] == "cancelled" else "failed"
+    return (f"the recording of job {job_id} is not played: the job asked for redaction, and it {ended} before its"
+            " recording was redacted (only a job that ends done has it redacted). Its transcript is kept; run it"
+            " again to have the recording redacted, or delete it")
+
+
 @get("/transcripts/{job_id:int}/audio", summary="The job's recording as uploaded (supports Range)",
-     responses=error_responses(400, 401, 403, 404, 410, 416, 503,
+     responses=error_responses(400, 401, 403, 404, 409, 410, 416, 503,
                                e404="No such job (for this key), or its audio is gone",
+                               e409="The job asked for redaction and ended in error (stopped or failed) before"
+                                    " its recording was redacted: the upload is never served",
                                e410="The recording was removed (AUDIO_RETENTION_DAYS); the transcript is kept",
                                e503="The object store does not answer, or the recording is still being redacted"
                                     " (Retry-After)"))
@@ -223,6 +245,11 @@ async def _recording(job_id: int, state: State, request: Request, headers_only: 
         raise HTTPException(status_code=503, headers={"Retry-After": str(REDACTION_RETRY_AFTER_S),
                                                       "Cache-Control": "no-store"},
                             detail=f"the recording of job {job_id} is being redacted; try again in a few seconds")
+    if job["status"] == "error" and job["audio_redacted_at"] is None and await _redaction_asked(state, job_id, job):
+        # Only a job that ends done has its recording redacted: one stopped or failed keeps the
+        # upload, with what its transcript shows as [CARD] or [PHONE] audible, for good.
+        raise HTTPException(status_code=409, headers={"Cache-Control": "no-store"},
+                            detail=await _not_redacted(state, job_id))
     try:
         # Read before answering: a recording removed meanwhile (DELETE, retention) is then a 404,
         # not a 200 whose body breaks off.

@@ -24,15 +24,47 @@ const state = {
   namesAsked: 0,  // names asked for or sent: an answer of names older than the last is not shown
   translated: false,  // the open transcript's text is Whisper's English translation
   searches: 0,  // searches asked for: an answer to any but the last is dropped
+  searchMore: null,  // { path, cursor }: where "More results" of the last search goes on from
   redacting: null,  // the job whose recording the server last said is being redacted (markRedacting)
   correctionForms: 0,  // correction forms made: each one's reason has an id of its own
   said: null,  // { job, status }: what the user's last action came to is in the status line (sayInStatusLine)
 };
 
 function apiKey() { return sessionStorage.getItem(KEY_STORAGE) || ""; }
+
+// What an API key can hold: it goes in a header (X-API-Key), which a browser sends only of
+// printable ASCII (fetch throws on anything else, and the page would ask again for ever).
+const KEY_CHARACTERS = /^[\x20-\x7e]*$/;
+function keyProblem(key) {
+  return KEY_CHARACTERS.test(key) ? ""
+    : "An API key holds only printable ASCII (letters, digits, punctuation): this one has other characters"
+      + " (a letter of another alphabet, an accent, or something pasted along with it). Not used: check it and"
+      + " enter it again.";
+}
 function authHeaders(extra = {}) {
   const key = apiKey();
   return key ? { ...extra, "X-API-Key": key } : extra;
+}
+
+// A live region's text changed only when it differs: some screen readers say a region again
+// whenever it is written, the same words or not.
+function setText(element, text) {
+  if (element.textContent !== text) element.textContent = text;
+}
+
+// Whether the focus is nowhere (on the body), or on something removed or hidden: a keyboard or
+// screen reader user would go on from the top of the page.
+function focusLost() {
+  const active = document.activeElement;
+  return !active || active === document.body || !active.isConnected || active.closest("[hidden]") !== null;
+}
+
+// Hides or shows a control of the open transcript; one hidden with the focus hands it to the
+// transcript's title (focusable: tabindex=-1), not to nowhere.
+function setShown(element, shown) {
+  const hadFocus = !shown && element.contains(document.activeElement);
+  element.hidden = !shown;
+  if (hadFocus) $("#transcript-title").focus();
 }
 
 function notice(text) {
@@ -274,6 +306,9 @@ async function loadMoreJobs() {
     notice(`No more recordings could be listed: ${error.message}`);
   } finally {
     more.disabled = false;
+    // Turned off meanwhile, the button lost the focus: back on it, or on the list's heading once
+    // every recording is listed.
+    if (apiKey() === key && focusLost()) (more.hidden ? $("#jobs-title") : more).focus();
   }
 }
 
@@ -540,12 +575,6 @@ function speakerIndex(label) {
 
 function speakerName(label) { return state.names[label] || label; }
 
-// What a screen reader says for a segment's button: kept in step with the speaker's name.
-function segmentLabel(button) {
-  const text = button.querySelector(".text").textContent;
-  return `Play from ${clock(Number(button.dataset.start))}: ${speakerName(button.dataset.speaker)}: ${text}`;
-}
-
 // Shows a segment once, in time order. True when it brings a speaker or a name the page did not
 // have (the name fields and the other segments' names need `refreshNames` then); work per segment
 // stays the same however long the transcript, as a long meeting's segments arrive in a burst.
@@ -568,13 +597,17 @@ function renderSegment(segment) {
   button.dataset.start = segment.start_ts;
   button.style.setProperty("--speaker", colour);
   button.style.setProperty("--speaker-text", colour);
-  button.innerHTML = `<span class="time">${clock(segment.start_ts)}</span><span class="who"></span><span class="text"></span>`;
+  // Its name is what it shows, with words for a screen reader around it (visually hidden): "Play
+  // from 00:04.0: Anna: …", the words Whisper was unsure of said to be (markWords). No aria-label:
+  // that would be said in place of the content, and leave the unsure words unsaid.
+  button.innerHTML = '<span class="visually-hidden">Play from </span>'
+    + `<span class="time">${clock(segment.start_ts)}</span><span class="visually-hidden">: </span>`
+    + '<span class="who" dir="auto"></span><span class="visually-hidden">: </span><span class="text" dir="auto"></span>';
   button.querySelector(".who").textContent = speakerName(segment.speaker);
   button.querySelector(".text").textContent = segment.text;
   // Screen readers and fonts follow the language of the text: the segment's own where the
   // recording switches language, else the transcript's (set on the list).
   if (segment.language && !state.translated) button.querySelector(".text").lang = segment.language;
-  button.setAttribute("aria-label", segmentLabel(button));
   button.addEventListener("click", () => playFrom(segment.start_ts, button));
   item.appendChild(button);
   if (segment.chunk_index !== undefined && segment.chunk_index !== null) {
@@ -678,7 +711,7 @@ function openCorrection(item, segment) {
   const fresh = `spk_${Math.max(-1, ...taken.map((l) => Number(l.split("_")[1]) || 0)) + 1}`;
   const wait = `words-wait-${++state.correctionForms}`;
   form.innerHTML = '<label>Speaker <select name="speaker"></select></label>'
-    + `<label>Words <textarea name="text" rows="2" aria-describedby="${wait}"></textarea></label>`
+    + `<label>Words <textarea name="text" rows="2" dir="auto" aria-describedby="${wait}"></textarea></label>`
     + '<button type="submit">Save correction</button><button type="button" class="cancel">Cancel</button>'
     + `<p class="redacting hint" id="${wait}" hidden>${WORDS_WAIT}</p>`;
   const select = form.querySelector("select");
@@ -756,7 +789,6 @@ function openCorrection(item, segment) {
 function refreshNames() {
   for (const button of document.querySelectorAll("#segments .segment")) {
     button.querySelector(".who").textContent = speakerName(button.dataset.speaker);
-    button.setAttribute("aria-label", segmentLabel(button));
   }
   const form = $("#names");
   if (!state.speakers.length) { form.replaceChildren(); return; }
@@ -779,6 +811,7 @@ function refreshNames() {
       input.id = id;
       input.dataset.label = label;
       input.placeholder = "name";
+      input.dir = "auto";  // a name in Arabic or Hebrew is written right to left
       input.value = input.dataset.shown = state.names[label] ?? "";
       field.append(caption, " ", input);
       form.insertBefore(field, save);
@@ -926,6 +959,7 @@ async function loadPeople() {
     item.dataset.speaker = person.id;
     item.innerHTML = '<span class="name"></span> <span class="hint"></span> <button type="button" class="link"></button>';
     item.querySelector(".name").textContent = person.name;
+    item.querySelector(".name").dir = "auto";
     const count = person.voiceprint_count;
     item.querySelector(".hint").textContent = `${count} voiceprint${count === 1 ? "" : "s"}`;
     const forget = item.querySelector("button");
@@ -969,8 +1003,10 @@ async function forgetPerson(person) {
     }
     if (error.status !== 404) notice(`${person.name} may have been forgotten (${error.message})`);
   }
-  loadPeople();
   if (state.open !== null) reloadNames(state.open);  // names recognised from that voice are gone
+  await loadPeople();
+  // Its Forget button is gone with the list made anew: the focus goes to the list's heading.
+  if (focusLost()) $("#people-title").focus();
 }
 
 // The open transcript's names as the server has them now, in the fields not typed in: opened
@@ -997,15 +1033,19 @@ function namesOf(speakers) {
 
 // What an action on the open transcript came to (names saved, a stop refused...), or why it is
 // no longer followed: said in the status line until the user acts again or the job's status
-// changes (it ends), as the job's live progress does not write over it (the list's row shows that).
+// changes (it ends), as the job's live progress does not write over it (the progress line and
+// the list's row show that). Written even when the words are the same: an action done again is
+// said again.
 function sayInStatusLine(text) {
   $("#transcript-status").textContent = text;
   state.said = { job: state.open, status: $("#transcript").dataset.status };
 }
 
-// The open job's progress, as its events or the list's tell: in the status line, but over what
-// an action came to while the job's status is the same.
+// The open job's progress, as its events or the list's tell: in the progress line (not a live
+// region: a screen reader is not told each percent), and its status in the status line (a live
+// region: told as it changes), but over what an action came to while the job's status is the same.
 function showProgress(job) {
+  progressLine(job);
   const said = state.said;
   if (said && said.job === job.id && said.status === job.status) {
     $("#transcript").dataset.status = job.status;
@@ -1016,15 +1056,24 @@ function showProgress(job) {
 
 function showStatus(job) {
   state.said = null;
+  progressLine(job);
   const status = $("#transcript-status");
-  if (job.status === "processing") status.textContent = `Processing: ${job.stage}, ${job.percent}%`;
-  else if ((job.error || job.reason) === "cancelled") status.textContent = "Stopped: the transcript ends where it was.";
-  else if (job.status === "error") status.textContent = `Failed: ${job.error || job.reason || "see the job's status"}`;
+  if (job.status === "processing") setText(status, "Processing…");
+  else if ((job.error || job.reason) === "cancelled") setText(status, "Stopped: the transcript ends where it was.");
+  else if (job.status === "error") setText(status, `Failed: ${job.error || job.reason || "see the job's status"}`);
   // Ended with no segment at all: said, rather than a bare "Done." over an empty list.
   else if ($("#transcript").dataset.ended === "true" && !$("#segments").children.length) {
-    status.textContent = "Done: nobody talks in this recording.";
-  } else status.textContent = "Done.";
+    setText(status, "Done: nobody talks in this recording.");
+  } else setText(status, "Done.");
   $("#transcript").dataset.status = job.status;
+}
+
+// Where a job still processing is (its stage and percent), as its row in the list says it.
+function progressLine(job) {
+  const line = $("#transcript-progress");
+  const processing = job.status === "processing";
+  line.textContent = processing ? `${job.stage}: ${job.percent ?? 0}%` : "";
+  line.hidden = !processing;
 }
 
 // meeting.mp3 -> meeting.json, as the server names the other formats (download_name): only an
@@ -1086,7 +1135,7 @@ function renderDownloads(jobId, ended) {
 
 function renderDelete(jobId, ended) {
   const button = $("#delete");
-  button.hidden = !ended;
+  setShown(button, ended);
   button.onclick = async () => {
     const job = state.jobs.get(jobId) || {};
     if (!confirm(`Delete ${job.filename || `job ${jobId}`}: its transcript, speaker voices and audio?`)) return;
@@ -1098,6 +1147,8 @@ function renderDelete(jobId, ended) {
       return;
     }
     forgetJob(jobId);
+    // The transcript is closed: the list of recordings is where the user goes on.
+    if (focusLost()) $("#jobs-title").focus();
   };
 }
 
@@ -1137,6 +1188,7 @@ function forgetJob(jobId, { elsewhere = false } = {}) {
   renderCancel(jobId, true);
   renderDelete(jobId, false);
   renderRerun(jobId, false);
+  $("#transcript-progress").hidden = true;
   $("#transcript-status").textContent = "This recording was deleted (in another tab, from the command line,"
     + " or by the retention settings): its transcript, speaker voices and audio are gone from the server.";
 }
@@ -1144,13 +1196,16 @@ function forgetJob(jobId, { elsewhere = false } = {}) {
 // A job still processing can be stopped (POST /transcripts/{id}/cancel); what it has stored stays.
 function renderCancel(jobId, ended) {
   const button = $("#cancel");
-  button.hidden = ended;
+  setShown(button, !ended);
   button.onclick = async () => {
     const job = state.jobs.get(jobId) || {};
     if (!confirm(`Stop processing ${job.filename || `job ${jobId}`}? What is transcribed so far is kept.`)) return;
     try {
       const stopped = await (await api(`/transcripts/${jobId}/cancel`, { method: "POST" })).json();
-      if (state.open === jobId) showStatus(stopped);
+      if (state.open === jobId) {
+        showStatus(stopped);
+        renderCancel(jobId, true);  // stopped: the focus goes to the transcript's title
+      }
     } catch (error) {
       if (await forgottenIfGone(jobId, error)) return;
       if (state.open === jobId) sayInStatusLine(`Not stopped: ${error.message}`);
@@ -1162,7 +1217,7 @@ function renderCancel(jobId, ended) {
 // (blank: found automatically) and the first job's other options; the new job opens.
 function renderRerun(jobId, ended) {
   const form = $("#rerun");
-  form.hidden = !ended;
+  setShown(form, ended);
   showRedacting();
   // Off while the request is on its way (a double click would make two jobs), and one
   // Idempotency-Key per submission: sent again, the request gives back the same job.
@@ -1184,13 +1239,23 @@ function renderRerun(jobId, ended) {
       })).json();
       if (apiKey() !== key) return;  // another key's list is shown now: not this job's
       renderJob({ id: accepted.id, filename: accepted.filename, status: "processing", stage: "submitted", percent: 0 });
-      if (state.open === jobId) openTranscript(accepted.id);  // else listed: another was opened meanwhile
+      if (state.open === jobId) {  // else listed: another was opened meanwhile
+        openTranscript(accepted.id);
+        // The button, turned off while the request was on its way, lost the focus: the new
+        // job's title has it.
+        if (focusLost()) $("#transcript-title").focus();
+      }
     } catch (error) {
       if (await forgottenIfGone(jobId, error)) return;
       if (state.open === jobId) sayInStatusLine(`Not run again: ${refusal(jobId, error)}`);
     } finally {
       delete form.dataset.sending;
       showRedacting();
+      // Refused: the focus the button lost as it was turned off is back on it (or, still off while
+      // the recording is redacted, on the speaker count before it).
+      if (state.open === jobId && !form.hidden && focusLost()) {
+        (submit.disabled ? $("#rerun-speakers") : submit).focus();
+      }
     }
   };
 }
@@ -1278,8 +1343,23 @@ function stopAudio() {
 // Why the recording does not play (under the player; the transcript reads on); "" hides it.
 function audioProblem(text) {
   const line = $("#audio-status");
-  line.textContent = text;
+  setText(line, text);
   line.hidden = !text;
+}
+
+// The recording will not play, whatever is asked again: the server's reason in place of the
+// player. A 409: a job that asked for redaction and was stopped or failed before its recording
+// was redacted (only a job that ends done has it redacted), whose upload is never served.
+function recordingRefused(error) {
+  const player = $("#player");
+  player.removeAttribute("src");
+  const reason = error.detail || error.message;
+  if (error.status === 409) {
+    player.hidden = true;
+    audioProblem(reason.charAt(0).toUpperCase() + reason.slice(1));
+  } else {
+    audioProblem(`The recording could not be loaded: ${reason}`);
+  }
 }
 
 // A 503 (the recording of a job just done still being redacted, the object store busy) passes:
@@ -1353,6 +1433,7 @@ async function loadAudio(jobId, { again = false } = {}) {
   }
   audioProblem("");
   stopAudio();
+  player.hidden = false;
   state.pendingSeek = seek;
   state.pendingPaused = paused;
   const load = state.audioLoads;
@@ -1417,8 +1498,7 @@ async function fillPlayer(jobId, current) {
       }
       if (await forgottenIfGone(jobId, error) || !current()) return;
       markRedacting(jobId, false);
-      player.removeAttribute("src");
-      audioProblem(`The recording could not be loaded: ${error.detail || error.message}`);
+      recordingRefused(error);
       return;
     }
   }
@@ -1454,12 +1534,12 @@ async function audioFailed() {
   const load = state.audioLoads;
   if (jobId === null || !player.getAttribute("src")) return;
   const current = () => state.open === jobId && state.audioLoads === load;  // not another job, nor this one again
-  let reason = "";
+  let refused = null;
   if (!player.src.startsWith("blob:")) {
     try {
       await recordingVersion(jobId);
     } catch (error) {
-      reason = error.detail || error.message;
+      refused = error;
       if (error.status === 503 && current()) {
         if (beingRedacted(error)) markRedacting(jobId, true);
         setTimeout(() => { if (current()) fillPlayer(jobId, current); }, audioRetryDelayMs(error));
@@ -1469,7 +1549,8 @@ async function audioFailed() {
     }
   }
   if (!current()) return;
-  audioProblem(reason ? `The recording could not be loaded: ${reason}` : "The recording could not be loaded.");
+  if (refused) recordingRefused(refused);
+  else audioProblem("The recording could not be loaded.");
 }
 
 // A seek asked for before the recording of the job just opened is there (fetched with the key)
@@ -1593,13 +1674,15 @@ async function search(event) {
   const query = $("#query").value.trim();
   const list = $("#hits");
   list.innerHTML = "";
+  state.searchMore = null;
+  $("#more-hits").hidden = true;
   const asked = ++state.searches;
   if (!query) return;
   const key = apiKey();
   // What an earlier search answers after a later one was asked is not shown (nor its failure).
   const outdated = () => apiKey() !== key || state.searches !== asked;
   try {
-    const path = `/search?limit=20&q=${encodeURIComponent(query)}`;
+    let path = `/search?limit=20&q=${encodeURIComponent(query)}`;
     let page;
     let wordsOnly = false;
     try {
@@ -1608,7 +1691,8 @@ async function search(event) {
       // Search by meaning needs the embedding service; by words it still works without it. Other
       // 503s (the search ran over its time limit, the database is away) fail by words too.
       if (error.status !== 503 || error.code !== EMBEDDING_UNAVAILABLE || outdated()) throw error;
-      page = await (await api(`${path}&mode=text`)).json();
+      path = `${path}&mode=text`;
+      page = await (await api(path)).json();
       wordsOnly = true;
     }
     if (outdated()) return;
@@ -1618,25 +1702,7 @@ async function search(event) {
       list.appendChild(note);
     }
     if (!page.items.length) list.insertAdjacentHTML("beforeend", "<li>Nothing found.</li>");
-    for (const hit of page.items) {
-      const item = document.createElement("li");
-      const button = document.createElement("button");
-      button.type = "button";
-      // `highlighted` is HTML already: the text escaped, the matched words in <mark>.
-      const text = hit.highlighted || escapeHtml(hit.text);
-      button.innerHTML = `<strong></strong> <span class="time">[${clock(hit.start_ts)}]</span> <em></em>: ${text}`;
-      button.querySelector("strong").textContent = hit.filename;
-      button.querySelector("em").textContent = hit.speaker_name || hit.speaker;
-      button.addEventListener("click", async () => {
-        if (state.open !== hit.transcript_id) {
-          if (!mayOpen(hit.transcript_id)) return;
-          await openTranscript(hit.transcript_id);
-        }
-        playFrom(hit.start_ts, null);
-      });
-      item.appendChild(button);
-      list.appendChild(item);
-    }
+    showHits(page, path);
   } catch (error) {
     if (outdated()) return;
     list.innerHTML = "";
@@ -1646,14 +1712,86 @@ async function search(event) {
   }
 }
 
+// A page of hits at the end of the list; "More results" asks for the next one (its next_cursor,
+// searched as the first page was: by words only, if it was) while there is one.
+function showHits(page, path) {
+  const list = $("#hits");
+  for (const hit of page.items) {
+    const item = document.createElement("li");
+    const button = document.createElement("button");
+    button.type = "button";
+    // `highlighted` is HTML already: the text escaped, the matched words in <mark>. Each part in
+    // the direction of its own words (a name or a passage in Arabic or Hebrew, right to left).
+    const text = hit.highlighted || escapeHtml(hit.text);
+    button.innerHTML = '<strong dir="auto"></strong> <span class="time">[' + clock(hit.start_ts) + ']</span>'
+      + ` <em dir="auto"></em>: <span class="said" dir="auto">${text}</span>`;
+    button.querySelector("strong").textContent = hit.filename;
+    button.querySelector("em").textContent = hit.speaker_name || hit.speaker;
+    button.addEventListener("click", async () => {
+      if (state.open !== hit.transcript_id) {
+        if (!mayOpen(hit.transcript_id)) return;
+        await openTranscript(hit.transcript_id);
+      }
+      playFrom(hit.start_ts, null);
+    });
+    item.appendChild(button);
+    list.appendChild(item);
+  }
+  const cursor = page.next_cursor ?? null;
+  state.searchMore = cursor === null ? null : { path, cursor };
+  $("#more-hits").hidden = cursor === null;
+}
+
+async function moreHits() {
+  const more = $("#more-hits");
+  const next = state.searchMore;
+  if (!next || more.disabled) return;
+  const key = apiKey();
+  const asked = state.searches;
+  const outdated = () => apiKey() !== key || state.searches !== asked;
+  more.disabled = true;
+  try {
+    const page = await (await api(`${next.path}&cursor=${encodeURIComponent(next.cursor)}`)).json();
+    if (outdated()) return;
+    const shown = $("#hits").children.length;
+    showHits(page, next.path);
+    more.disabled = false;
+    // The button, turned off meanwhile, lost the focus: it has it again while it is there; once
+    // every hit is shown, the first new one has it.
+    if (focusLost()) (more.hidden ? $("#hits").children[shown]?.querySelector("button") : more)?.focus();
+  } catch (error) {
+    if (outdated()) return;
+    const item = document.createElement("li");
+    item.className = "problem";
+    item.textContent = `No more results could be had: ${error.message}`;
+    $("#hits").appendChild(item);
+  } finally {
+    more.disabled = false;
+    if (!more.hidden && focusLost()) more.focus();
+  }
+}
+
 // ---- wiring -------------------------------------------------------------------------------
 
 document.addEventListener("DOMContentLoaded", () => {
+  // One kept by a page before keys were checked: no request could carry it.
+  if (keyProblem(apiKey())) sessionStorage.removeItem(KEY_STORAGE);
   $("#api-key").value = apiKey();
   // Another key, another user's data: nothing of the one before stays (its streams included).
   $("#key-form").addEventListener("submit", (event) => {
     event.preventDefault();
-    sessionStorage.setItem(KEY_STORAGE, $("#api-key").value.trim());
+    const field = $("#api-key");
+    const key = field.value.trim();
+    // A key no request can carry is refused here, said so; the key in use stays.
+    const problem = keyProblem(key);
+    field.setAttribute("aria-invalid", problem ? "true" : "false");
+    if (problem) {
+      notice(problem);
+      field.focus();
+      return;
+    }
+    notice("");
+    sessionStorage.setItem(KEY_STORAGE, key);
     if (state.jobsStream) state.jobsStream.stop();
     state.jobsStream = null;
     clearTimeout(state.jobsRetry);
@@ -1667,6 +1805,9 @@ document.addEventListener("DOMContentLoaded", () => {
     $("#jobs").innerHTML = "";
     $("#more-jobs").hidden = true;
     $("#hits").innerHTML = "";
+    state.searches += 1;  // an answer on its way is the key before's
+    state.searchMore = null;
+    $("#more-hits").hidden = true;
     $("#people").innerHTML = "";
     showExpectedChoices([]);
     loadJobs();
@@ -1713,6 +1854,7 @@ document.addEventListener("DOMContentLoaded", () => {
   });
   $("#names").addEventListener("submit", saveNames);
   $("#search").addEventListener("submit", search);
+  $("#more-hits").addEventListener("click", moreHits);
   $("#player").addEventListener("error", audioFailed);
   $("#player").addEventListener("loadedmetadata", () => {
     audioProblem("");  // what said it did not play yet
