@@ -680,6 +680,24 @@ def test_a_segment_corrected_by_hand_reads_so_everywhere(stack, fixtures_dir):
 
 
 
+def test_naming_speakers_answers_them_in_the_order_the_speaker_list_has(stack):
+    """spk_2 before spk_10 in PATCH's answer, as GET /transcripts/{id}/speakers and every format
+    list them (sorted as text, spk_10 came before spk_2 there only)."""
+    job_id = stack.value("INSERT INTO transcripts (filename, status, stage, progress, language, completed_at)"
+                         " VALUES ('eleven.wav', 'done', 'done', 1, 'en', now()) RETURNING id")
+    try:
+        stack.query("INSERT INTO segments (transcript_id, chunk_index, index, speaker, start_ts, end_ts, text)"
+                    " VALUES ($1, 0, 0, 'spk_10', 0, 1, 'One.'), ($1, 0, 1, 'spk_2', 1, 2, 'Two.'),"
+                    " ($1, 0, 2, 'spk_0', 2, 3, 'Three.')", job_id)
+        named = httpx.patch(f"{stack.api}/transcripts/{job_id}/speakers", json={"spk_2": "Anna"}, timeout=30)
+        assert named.status_code == 200, named.text
+        listed = httpx.get(f"{stack.api}/transcripts/{job_id}/speakers", timeout=30).json()["speakers"]
+        assert list(named.json()["speakers"]) == list(listed) == ["spk_0", "spk_2", "spk_10"]
+        assert named.json()["speakers"]["spk_2"] == "Anna"
+    finally:
+        stack.query("DELETE FROM transcripts WHERE id = $1", job_id)
+
+
 def test_a_correction_that_changes_nothing_is_no_correction(stack):
     """A PATCH giving a segment the words and speaker it has: answered with the segment as it is,
     not marked edited, and no segment.updated (its webhooks would tell of a change)."""

@@ -524,7 +524,7 @@ async def list_job_speakers(job_id: JobId, state: State, request: Request) -> Tr
         label: TranscriptSpeaker(**(names[label].model_dump() if label in names else {}),
                                  speech_s=seconds.get(label, 0.0), words=words.get(label, 0),
                                  share=round(seconds.get(label, 0.0) / total_s, 3) if total_s else 0.0)
-        for label in sorted(labels | set(names), key=lambda label: (len(label), label))})
+        for label in in_speaker_order(labels | set(names))})
 
 
 @patch("/transcripts/{job_id:int}/speakers", summary="Name a job's speakers", request_max_body_size=SMALL_BODY_BYTES,
@@ -562,7 +562,14 @@ async def name_speakers(job_id: JobId, state: State, request: Request,
             await speakerstore.announce_speaker_names(conn, job_id)
     state.outbox_wake.set()
     return SpeakerNames(speakers={label: current[label].name if label in current else None
-                                  for label in sorted(labels | set(names))})
+                                  for label in in_speaker_order(labels | set(names))})
+
+
+
+def in_speaker_order(labels: set[str]) -> list[str]:
+    """spk_2 before spk_10, as the diarizer numbers them (names given by hand to other labels
+    sorted likewise, shorter first)."""
+    return sorted(labels, key=lambda label: (len(label), label))
 
 
 TRANSCRIPT_ROUTES = [get_transcript, get_transcripts, remove_transcript, list_job_speakers, name_speakers]
