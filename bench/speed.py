@@ -1,7 +1,8 @@
 """python -m bench.speed: wall times of the same audio and the same models, side by side.
 
   (a) floor   bare models in one process: decode once, diarize, transcribe the whole file in
-              one call, embed the segment texts (local all-MiniLM-L6-v2)
+              one call, embed the segment texts (the local embedding backend with
+              LOCAL_EMBEDDING_MODEL's default, as the stack runs; named in each table's header)
   (b) seed    the naive prototype: per diarization turn, decode the file from disk again, write
               the turn to a temporary wav, WhisperModel.transcribe(path) on it (language
               detected per clip); then embed
@@ -188,11 +189,12 @@ def default_comparison(fixtures, seconds: float, seed_budget: float, tmp: Path) 
         stack_run = run_stack_job(stack, path, timeout=900)
         stack_run["transcription_stage_s"] = transcription_stage_s(stack, stack_run["job_id"], ["transcriber"])
     log(f"(c) {stack_run['wall_s']:.1f} s")
-    report_comparison("default", concat, floor, seed, stack_run, c_over_a_target=1.10, b_over_c_target=2.0)
+    report_comparison("default", concat, floor, seed, stack_run, c_over_a_target=1.10, b_over_c_target=2.0,
+                      embedding_model=settings.local_embedding_model)
 
 
 def report_comparison(label: str, concat: Concatenated, floor: dict | None, seed: dict, stack_run: dict,
-                      c_over_a_target: float | None, b_over_c_target: float) -> None:
+                      c_over_a_target: float | None, b_over_c_target: float, embedding_model: str) -> None:
     rows = []
     piece_names = sorted({Path(n).stem for n, a, _ in concat.pieces if any(a == s for s, _ in concat.text_regions)})
     entries = [("(a) floor: bare models, one process", floor), ("(b) seed: per-turn wav files", seed),
@@ -211,7 +213,8 @@ def report_comparison(label: str, concat: Concatenated, floor: dict | None, seed
                      fmt(pieces.get("all"))]
                     + [fmt(pieces.get(k)) for k in piece_names])
     print()
-    print(f"== {label}: {concat.duration:.0f} s of audio ({concat.duration / 60:.1f} min) ==")
+    print(f"== {label}: {concat.duration:.0f} s of audio ({concat.duration / 60:.1f} min);"
+          f" embedding model {embedding_model} (local) ==")
     print(table(["run", "wall s", "RTF", "cpWER % file", "cpWER % pieces"]
                 + [f"{k} %" for k in piece_names], rows))
     print("  cpWER % file: one speaker mapping over the whole file (every transcribed piece);"
@@ -239,7 +242,8 @@ def report_comparison(label: str, concat: Concatenated, floor: dict | None, seed
     print(f"  cpWER (c) {fmt(stack_cp)} % vs (b) {fmt(seed_cp)} %   target (c) <= (b): "
           f"{verdict(at_most(stack_cp, seed_cp))}")
     strip = lambda r: {k: v for k, v in r.items() if k != "segment_tuples"} if r else None  # noqa: E731
-    REPORT[label] = {**out, "floor": strip(floor), "seed": strip(seed), "stack": strip(stack_run)}
+    REPORT[label] = {**out, "embedding_model": embedding_model, "floor": strip(floor), "seed": strip(seed),
+                     "stack": strip(stack_run)}
 
 
 # ---- --long ---------------------------------------------------------------------------------
@@ -352,7 +356,8 @@ def concurrent(fixtures, n: int) -> None:
     rows.append(["makespan (first submit to last done)", fmt(makespan, "s")])
     print()
     print(f"== --concurrent {n}: {n} files, {audio_s:.0f} s of audio in all; "
-          f"{states.count('done')}/{n} done, submits took {t_submitted - t0:.1f} s ==")
+          f"{states.count('done')}/{n} done, submits took {t_submitted - t0:.1f} s;"
+          f" embedding model {settings.local_embedding_model} (local) ==")
     print(table(["stage (total work, one process, in sequence)", "s"], rows))
     print(f"\n  makespan / slowest stage's work ({slowest}) = {makespan / work[slowest]:.2f} "
           f"(1.00 = perfectly pipelined; sum of all stages = {sum(work.values()):.1f} s)")
