@@ -839,3 +839,30 @@ async def test_a_drop_overwritten_before_it_is_taken_is_not_judged_by_the_newer_
         await pool.execute("DELETE FROM deleted_drops WHERE source_bucket = $1", bucket)
         await pool.close()
         remove_bucket(s3, bucket)
+
+
+async def test_a_key_with_a_line_break_is_logged_on_one_line(stack: Stack, caplog):
+    """S3 takes a line break in a key, and an event's key is unquoted: logged as it was, a dropped
+    object's key wrote a line of its own, as well formed as any service's (here one claiming
+    another job). Keys are logged escaped, on the line they belong to."""
+    import logging
+
+    bucket = f"linebox-{time.monotonic_ns() % 10**9}"
+    forged = "2026-01-01 00:00:00,000 | INFO     | services.ingest.inbox:339 | job=1 bucket drop x/y became a job"
+    key = f"calls/a.wav\n{forged}"
+    settings = stack.settings(inbox_bucket=bucket)
+    s3 = make_client(settings)
+    ensure_buckets(s3, bucket)
+    pool = await create_pool(settings)
+    try:
+        inbox = Inbox(settings, pool, s3, asyncio.Event())
+        caplog.set_level(logging.INFO, logger="services.ingest.inbox")
+        # Announced, then gone before it was taken; and a removal's event.
+        assert await inbox.register(key, "0123456789abcdef0123456789abcdef") is None
+        await inbox.on_event(BucketEvent.model_validate_json(minio_removal(bucket, key)))
+    finally:
+        await pool.close()
+        remove_bucket(s3, bucket)
+    said = [r.getMessage() for r in caplog.records if r.name == "services.ingest.inbox"]
+    assert len(said) == 2 and all("calls/a.wav\\n2026-01-01" in line for line in said), said
+    assert not any("\n" in line for line in said), said

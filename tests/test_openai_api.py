@@ -733,3 +733,39 @@ def test_a_silent_recordings_language_is_named_as_asked_or_english(stack, client
     # Nothing was detected in the first; the second's language is the one asked.
     jobs = stack.query("SELECT status, language FROM transcripts WHERE filename = $1 ORDER BY id", name)
     assert [(job["status"], job["language"]) for job in jobs] == [("done", None), ("done", "de")]
+
+
+def test_postgresql_going_away_while_a_request_waits_is_logged_with_its_job(stack, made_job, fixtures_dir):
+    """The route has no job_id in its path: the 503 of PostgreSQL going away while the request
+    waited for its job (and a 500 in rendering) was logged without `job=`, though the job was
+    known by then. The request records its job once known, and the error's line carries it."""
+    from tests.test_live import CuttableProxy
+
+    name = f"wait outage {uuid.uuid4().hex[:6]}.flac"
+    content = (fixtures_dir / "jfk.flac").read_bytes()
+    job_id = made_job(name, content, status="processing")  # a job that runs on: nothing works on it
+    stack.query("UPDATE transcripts SET request_hash = $1 WHERE id = $2", same_request_hash(content, name), job_id)
+    answers: list[httpx.Response] = []
+    proxy = CuttableProxy(stack.database_url)
+    process = "ingest-openai-wait-outage"
+    logged_before = len(stack.log_text(process))
+    try:
+        with another_ingest(stack, process, DATABASE_URL=proxy.url) as api:
+            waiting = threading.Thread(target=lambda: answers.append(httpx.post(
+                f"{api}/v1/audio/transcriptions", files={"file": (name, content)}, data={"model": "whisper-1"},
+                timeout=60)))
+            waiting.start()
+            deadline = time.monotonic() + 60
+            while f"job={job_id} the same transcription request again" not in stack.log_text(process)[logged_before:]:
+                assert time.monotonic() < deadline and waiting.is_alive(), stack.log_tail(process)
+                time.sleep(0.2)
+            time.sleep(1)  # waiting on the job
+            proxy.cut()
+            waiting.join(30)
+            logged = stack.log_text(process)[logged_before:]
+    finally:
+        proxy.cut()
+    [answer] = answers
+    assert answer.status_code == 503, answer.text
+    [line] = [line for line in logged.splitlines() if "backing service unavailable" in line]
+    assert f"job={job_id} POST /v1/audio/transcriptions: backing service unavailable" in line, line

@@ -1086,3 +1086,58 @@ async def test_a_run_that_lost_its_lock_writes_its_end_only_on_its_own_row(own_d
     assert any("lock is gone" in r.getMessage() for r in caplog.records), "the first run did not see its lock lost"
     assert dict(row) == dict(later_end), row
     assert (seen.running, seen.error) == (False, later_end["error"]), seen
+
+
+async def test_a_search_index_that_cannot_be_built_fails_no_job_and_names_none(own_database, caplog):
+    """The model's search index was built inside the job under way: its lines carried that job's
+    id, and a build that failed (here a segment of the model stored with vectors of another
+    dimension, which the index's cast refuses) failed the job though its vectors were good, three
+    in a row stopping the run ("could not be embedded"). The persister stores vectors without the
+    index all the same: so does a run now, the build's failure logged once, naming no job."""
+    import logging
+
+    from common.logs import _JobIdFilter
+    from services.ingest.reindex import STOP_AFTER_FAILED_JOBS, Reindexer
+
+    pool, model = own_database, "unindexable-model"
+    old = await pool.fetchval("INSERT INTO transcripts (filename, status) VALUES ('a.wav', 'done') RETURNING id")
+    await pool.execute("INSERT INTO segments (transcript_id, chunk_index, index, speaker, start_ts, end_ts, text,"
+                       " embedding, embedding_model) VALUES ($1, 0, 0, 'spk_0', 0, 1, 'Zero.', '[1,0]', $2)",
+                       old, model)
+    texts = ["One.", "Two.", "Three.", "Four."][:STOP_AFTER_FAILED_JOBS + 1]
+    await add_done_jobs(pool, texts)
+
+    async def embed(batch: list[str]) -> list[list[float]]:
+        return [[1.0, 0.0, 0.0] for _ in batch]
+
+    class Lines(logging.Handler):  # the lines as the services log them, `job=` and all
+        def __init__(self) -> None:
+            super().__init__(logging.INFO)
+            self.addFilter(_JobIdFilter())
+            self.lines: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.lines.append(record.getMessage())
+
+    lines = Lines()
+    loggers = [logging.getLogger(name) for name in ("common.searchstore", "services.ingest.reindex")]
+    for logger in loggers:
+        caplog.set_level(logging.INFO, logger=logger.name)
+        logger.addHandler(lines)
+    try:
+        reindexer = Reindexer(pool, embed, model)
+        reindexer.start()
+        await asyncio.wait_for(reindexer.task, 60)
+    finally:
+        for logger in loggers:
+            logger.removeHandler(lines)
+    error = await pool.fetchval("SELECT error FROM reindex_runs WHERE model = $1", model)
+    assert error is None, error
+    stored = await pool.fetch("SELECT text FROM segments WHERE embedding_model = $1 AND embedding IS NOT NULL"
+                              " AND transcript_id <> $2 ORDER BY transcript_id", model, old)
+    assert [r["text"] for r in stored] == texts
+    index_lines = [line for line in lines.lines if "search index" in line]
+    assert index_lines and not any(line.startswith("job=") for line in index_lines), index_lines
+    failed = [line for line in lines.lines if "could not build the search index" in line]
+    assert len(failed) == 1, lines.lines
+    assert not any("could not re-embed" in line for line in lines.lines), lines.lines

@@ -100,8 +100,12 @@ def _unknown_charset(exc: BaseException) -> bool:
 
 
 def _for_the_routes_job(scope) -> contextlib.AbstractContextManager:
-    """Lines logged inside carry the job of the route's `job_id`, when it has one."""
+    """Lines logged inside carry the job of the route's `job_id`, when it has one: its path's, or
+    the one a route without one in its path records in the request's state once it knows it
+    (POST /v1/audio/transcriptions, waiting for the job it made)."""
     job_id = (scope.get("path_params") or {}).get("job_id")
+    if not isinstance(job_id, int):
+        job_id = (scope.get("state") or {}).get("job_id")
     return job_logged(job_id) if isinstance(job_id, int) else contextlib.nullcontext()
 
 

@@ -139,6 +139,16 @@ def drop_options(headers: Mapping[str, str]) -> JobOptions:
             for e in exc.errors())) from exc
 
 
+def loggable(text: object) -> str:
+    """Text from a dropped object (its key, the store's error naming it) as logged: its line
+    breaks, other unprintable characters and backslashes escaped as Python writes them. S3 takes a
+    line break in a key (and an event's key is unquoted): logged as it was, it began a line of
+    its own, as well formed as any service's, saying anything of any job. (clean_filename drops
+    such characters: two keys that differ in them would read alike.)"""
+    return "".join(c if c.isprintable() and c != "\\" else c.encode("unicode_escape").decode("ascii")
+                   for c in str(text))
+
+
 RESULTS_LOCK = "hashtextextended('stt.drop-results:' || $1 || '/' || $2, 0)"
 # Why a drop key's old result files could not be taken down: logged, the drop's job goes on.
 RESULTS_NOT_TAKEN_DOWN = (*STORAGE_UNAVAILABLE, S3Error, StoreCallTimedOut, *DATABASE_UNAVAILABLE)
@@ -254,15 +264,15 @@ class Inbox:
         except S3Error as exc:
             if not is_missing(exc):
                 raise
-            log.info("bucket drop %s/%s was removed before it was taken; nothing to do", bucket, key)
+            log.info("bucket drop %s/%s was removed before it was taken; nothing to do", bucket, loggable(key))
             return None
         current = _clean_etag(stat.etag)
         if etag and current != etag:
             # Overwritten since it was announced or listed: the new content is a drop of its own,
             # taken by its own event or the scan. Judged here (its size, its metadata), it would
             # be refused or run under the old content's identity.
-            log.info("bucket drop %s/%s changed before it was taken (ETag %s, now %s); nothing to do", bucket, key,
-                     etag, current)
+            log.info("bucket drop %s/%s changed before it was taken (ETag %s, now %s); nothing to do", bucket,
+                     loggable(key), loggable(etag), loggable(current))
             return None
         if not etag:
             # Announced without one: the content there now is the drop.
@@ -316,7 +326,8 @@ class Inbox:
             if not (is_missing(exc) or exc.code == "PreconditionFailed"):
                 raise
             # Removed, or overwritten (the new content is a drop of its own), since announced.
-            log.info("bucket drop %s/%s changed before it was taken (%s); nothing to do", bucket, key, exc.code)
+            log.info("bucket drop %s/%s changed before it was taken (%s); nothing to do", bucket, loggable(key),
+                     loggable(exc.code))
             return None
         if job_id is not None and refused is None:
             # An earlier drop of this key left its result files: until this one's are written they
@@ -330,13 +341,13 @@ class Inbox:
                 # The job is made: the drop is not taken again.
                 with job_logged(job_id):
                     log.warning("the earlier results of %s/%s could not be removed (%s): the inbox scan tries"
-                                " again", bucket, key, exc)
+                                " again", bucket, loggable(key), loggable(exc))
         if job_id is not None:
             with job_logged(job_id):
                 if refused:
-                    log.warning("bucket drop %s/%s became a job, failed: %s", bucket, key, refused)
+                    log.warning("bucket drop %s/%s became a job, failed: %s", bucket, loggable(key), loggable(refused))
                 else:
-                    log.info("bucket drop %s/%s became a job", bucket, key)
+                    log.info("bucket drop %s/%s became a job", bucket, loggable(key))
         return job_id
 
     async def on_event(self, event: BucketEvent) -> None:
@@ -346,8 +357,8 @@ class Inbox:
                 continue
             if not is_object_created(record.eventName):
                 # A removal (which names no ETag) or a restore is no drop; the event is acked.
-                log.info("bucket event %s of %s/%s is no new object; nothing to do", record.eventName or "(unnamed)",
-                         record.s3.bucket.name, key)
+                log.info("bucket event %s of %s/%s is no new object; nothing to do",
+                         loggable(record.eventName or "(unnamed)"), record.s3.bucket.name, loggable(key))
                 continue
             await self.register(key, _clean_etag(record.s3.object.eTag))
 
@@ -373,7 +384,7 @@ class Inbox:
                     if isinstance(exc, DATABASE_UNAVAILABLE):
                         raise
                     log.exception("the older results of %s/%s could not be taken down; tried again next scan",
-                                  bucket, key)
+                                  bucket, loggable(key))
             for key, etag in (drop for drop in drops if drop in new):
                 try:
                     await self.register(key, etag)
@@ -382,7 +393,7 @@ class Inbox:
                         raise  # everything would fail: the scan as a whole tries again
                     # One object that cannot be taken (gone since the listing, unreadable...) must
                     # not keep every object after it from being seen; it is tried again next scan.
-                    log.exception("bucket drop %s could not be registered; skipped this scan", key)
+                    log.exception("bucket drop %s could not be registered; skipped this scan", loggable(key))
         for job_id in await jobstore.ended_drops_without_result(self.pool):
             try:
                 await self.write_result(job_id)
@@ -408,7 +419,7 @@ class Inbox:
                 # Refused as it was taken (register says why): S3 would refuse the file every scan.
                 await jobstore.mark_result_written(conn, job_id)
                 log.warning("results not written: the key of %s/%s is too long for a result file", bucket,
-                            source_key)
+                            loggable(source_key))
                 return
             if not await call_in_transaction(self.s3_quick.bucket_exists, bucket):
                 # Removed with the drop in it (or INBOX_BUCKET moved on): tried again, the write
@@ -439,10 +450,10 @@ class Inbox:
                                           document.model_dump(mode="json", exclude_none=True))
             await jobstore.mark_result_written(conn, job_id)
         if dropped_again:
-            log.info("results not written: %s/%s was dropped again since", bucket, source_key)
+            log.info("results not written: %s/%s was dropped again since", bucket, loggable(source_key))
         else:
-            log.info("results written to %s/%s", bucket, keys["json"] if document.status != "done"
-                     else f"{keys['json']} and .srt")
+            log.info("results written to %s/%s", bucket, loggable(keys["json"] if document.status != "done"
+                                                                  else f"{keys['json']} and .srt"))
         # Written or not: a drop made while the lock was held left its take-down to this writer,
         # and so did files of this job that an earlier try's upload landed after it was given up.
         await self._take_down_if_dropped_again(job_id, bucket, source_key)
@@ -491,9 +502,9 @@ class Inbox:
             if not isinstance(exc, RESULTS_NOT_TAKEN_DOWN):
                 raise
             log.warning("%s/%s was dropped again while these results were written, and they could not be taken"
-                        " down (%s): the inbox scan tries again", bucket, key, exc)
+                        " down (%s): the inbox scan tries again", bucket, loggable(key), loggable(exc))
             return
-        log.info("results taken down: %s/%s was dropped again while they were written", bucket, key)
+        log.info("results taken down: %s/%s was dropped again while they were written", bucket, loggable(key))
 
     async def on_job_ended(self, event: TranscriptCompleted | TranscriptFailed) -> None:
         """Each of the three, whatever became of the others (a result file the inbox bucket
@@ -523,7 +534,8 @@ class Inbox:
                 if isinstance(exc, (*DATABASE_UNAVAILABLE, *STORAGE_UNAVAILABLE)):
                     raise  # an outage: the consumer waits it out and runs them all again
                 with job_logged(job_id):
-                    log.warning("%s failed (%s: %s); the other steps go on", what, type(exc).__name__, exc)
+                    log.warning("%s failed (%s: %s); the other steps go on", what, type(exc).__name__,
+                                loggable(exc))
                 failed[what] = exc
         if isinstance(failed.get("writing the result files"), StoreCallTimedOut):
             del failed["writing the result files"]  # the scan writes them (warned above)

@@ -434,6 +434,9 @@ async def transcribe_and_wait(state: State, request: Request, data: OpenAITransc
             job_id = earlier["id"]
             with job_logged(job_id):
                 log.info("the same transcription request again: waiting for its job")
+    # The route has no job_id in its path: an error it ends with from here (PostgreSQL going away
+    # during the wait, a 500 in rendering) is logged with this job (error_handlers._for_the_routes_job).
+    request.scope.setdefault("state", {})["job_id"] = job_id
     # The recording is stored: waiting for the job holds no upload's place.
     release_upload(request.scope)
     # Waiting reads PostgreSQL every few seconds, as an event stream does: one of their places,

@@ -90,6 +90,8 @@ class Reindexer:
         # and the counts.
         self._counts: tuple[float, bool, int, asyncpg.Record] | None = None
         self._counting = asyncio.Lock()
+        # The dimensions whose search index this run could not build: not tried again in the run.
+        self._unindexed: set[int] = set()
 
     @property
     def running(self) -> bool:
@@ -147,6 +149,7 @@ class Reindexer:
         Search indexes are built on `lock_holder` (a build takes minutes, hours on a large store)."""
         log.info("re-embedding stored segments with %s", self.model)
         jobs, failed, failed_in_a_row = 0, [], 0
+        self._unindexed.clear()
         warned = False
 
         async def still_the_only_run() -> None:
@@ -247,11 +250,30 @@ class Reindexer:
                                     " a vector", batch[position]["chunk_index"], batch[position]["index"],
                                     type(why).__name__, str(why)[:200])
                 vectors += [(r["chunk_index"], r["index"], r["text"], v) for r, v in zip(batch, embedded)]
-            if (dimensions := next((len(v[3]) for v in vectors if v[3] is not None), None)) is not None:
-                await searchstore.ensure_vector_index(self.pool, self.model, dimensions, build_index_on)
+        # The model's index serves every job, not this one: its lines (and its failure) name none.
+        if (dimensions := next((len(v[3]) for v in vectors if v[3] is not None), None)) is not None:
+            await self._ensure_index(dimensions, build_index_on)
+        with job_logged(job_id):
             async with self.pool.acquire() as conn, conn.transaction():
                 await searchstore.store_reindexed(conn, job_id, self.model, vectors)
             log.info("re-embedded %d segments with %s", len(vectors), self.model)
+
+    async def _ensure_index(self, dimensions: int, build_on: asyncpg.Connection | None) -> None:
+        """The model's search index, built once the first vectors of `dimensions` are in hand. A
+        build that fails but for an outage (which stops the run) fails no job: search by meaning
+        works without the index, only slower, and the vectors are stored all the same, as the
+        persister stores them. It is logged once and not tried again in this run (a build reads
+        every segment of the model); the embedder's next vectors, or the next run, try again."""
+        if dimensions in self._unindexed:
+            return
+        try:
+            await searchstore.ensure_vector_index(self.pool, self.model, dimensions, build_on)
+        except Exception as exc:
+            if isinstance(exc, DATABASE_UNAVAILABLE):
+                raise
+            self._unindexed.add(dimensions)
+            log.exception("could not build the search index of %s (%d dimensions); storing its vectors without it,"
+                          " search by meaning reads every segment of it meanwhile", self.model, dimensions)
 
     async def _segment_counts(self, running: bool, up_to: int, earlier_counts_will_do: bool = False) -> asyncpg.Record:
         """reindex_counts up to job `up_to`, read at most every COUNTS_FRESH_S while a run goes on:
