@@ -10,9 +10,11 @@ import json
 import logging
 import re
 import socket
+import ssl
 import urllib.parse
 from collections.abc import Awaitable, Callable
 from importlib import resources
+from typing import TypeVar
 
 import asyncpg
 
@@ -87,13 +89,40 @@ class DatabaseUnavailableByContent(Exception, metaclass=_MatchedByContent):
 DATABASE_UNAVAILABLE: tuple[type[BaseException], ...] = (*_UNAVAILABLE_TYPES, DatabaseUnavailableByContent)
 
 # The database answered, but refuses this service for good: a wrong password or user, a database
-# that does not exist (a mistyped DATABASE_URL). Waiting for it at start-up would leave a process
-# that looks alive (its /metrics is served) and never works.
-DATABASE_MISCONFIGURED: tuple[type[BaseException], ...] = (
+# that does not exist (a mistyped DATABASE_URL), a role without CONNECT on the database (42501); or
+# the connection's TLS cannot be set up as DATABASE_URL asks (sslmode=require against a server
+# without SSL, verify-full with a CA that did not sign the server's certificate, a root certificate
+# file that is not there). Waiting for it at start-up would leave a process that looks alive (its
+# /metrics is served) and never works.
+#
+# Test with `isinstance(exc, DATABASE_MISCONFIGURED)`, not in an `except` clause: the refused SSL
+# upgrade is a plain ConnectionError told apart by what it says (DatabaseMisconfiguredByContent).
+_MISCONFIGURED_TYPES: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.InvalidPasswordError,
     asyncpg.exceptions.InvalidAuthorizationSpecificationError,
     asyncpg.exceptions.InvalidCatalogNameError,
+    asyncpg.exceptions.InsufficientPrivilegeError,  # "permission denied for database" (no CONNECT)
+    asyncpg.exceptions.ClientConfigurationError,  # sslmode=verify-*: no root certificate file
 )
+# TLS errors of a connection lost mid-handshake (a server restarting), as opposed to one refused.
+_SSL_CONNECTION_LOST = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError, ssl.SSLWantReadError,
+                        ssl.SSLWantWriteError)
+
+
+class DatabaseMisconfiguredByContent(Exception, metaclass=_MatchedByContent):
+    """TLS refusals: asyncpg's ConnectionError when the server answers the SSL request with no
+    (sslmode=require, verify-ca or verify-full against a server with ssl off); and a TLS handshake
+    that failed, not for the connection being lost (a certificate that does not verify: an
+    ssl.SSLCertVerificationError, which is an OSError; a protocol neither side accepts)."""
+
+    @staticmethod
+    def matches(exc: object) -> bool:
+        if isinstance(exc, ssl.SSLError):
+            return not isinstance(exc, _SSL_CONNECTION_LOST)
+        return isinstance(exc, ConnectionError) and "rejected SSL upgrade" in str(exc)
+
+
+DATABASE_MISCONFIGURED: tuple[type[BaseException], ...] = (*_MISCONFIGURED_TYPES, DatabaseMisconfiguredByContent)
 
 
 class DatabaseMisconfigured(RuntimeError):
@@ -162,10 +191,33 @@ def _refuses_keepalive_settings(exc: BaseException, sent: dict[str, str]) -> boo
     return isinstance(exc, asyncpg.PostgresError) and any(name in str(exc) for name in sent)
 
 
+_Connected = TypeVar("_Connected")
+
+
+async def with_keepalive_settings(url: str, connect: Callable[[dict[str, str]], Awaitable[_Connected]]) -> _Connected:
+    """`connect(server_settings)` (a pool, a connection to `url`) with server_keepalive_settings();
+    where they are refused (a PgBouncer in front), again without them, with a warning. Every session
+    the services open is made through here: create_pool's (and so connection_outside's), and
+    /readyz's (services.ingest.readiness.DatabaseProbe)."""
+    keepalive = server_keepalive_settings()
+    try:
+        return await connect(keepalive)
+    except asyncpg.PostgresError as exc:
+        if not _refuses_keepalive_settings(exc, keepalive):
+            raise
+        log.warning("PostgreSQL at %s (or a connection pooler in front of it) refuses the keepalive"
+                    " settings (%s); connecting without them. A client that vanishes then keeps its"
+                    " session, and its advisory locks, until the OS gives up on it (hours by default):"
+                    " have the pooler probe its clients (PgBouncer: tcp_keepidle, tcp_keepintvl,"
+                    " tcp_keepcnt, tcp_user_timeout)", describe_database_url(url), exc)
+        return await connect({})
+
+
 async def create_pool(settings: Settings, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
     """Waits for the database at start-up instead of crashing; raises DatabaseMisconfigured at
     once when the database answers that this service may not use it (wrong password or user, no
-    such database), which waiting would not change.
+    such database, no CONNECT on it) or the TLS DATABASE_URL asks for cannot be had
+    (DATABASE_MISCONFIGURED), which waiting would not change.
 
     A statement without an answer for DATABASE_COMMAND_TIMEOUT_S raises TimeoutError (in
     DATABASE_UNAVAILABLE), instead of waiting on a connection the network dropped without a reset
@@ -178,7 +230,6 @@ async def create_pool(settings: Settings, *, min_size: int = 1, max_size: int = 
     Every connection, the pool's and connection_outside's, carries server_keepalive_settings();
     where they are refused (a PgBouncer in front), the pool is made without them, with a warning."""
     url = settings.database_url.get_secret_value()
-    keepalive = server_keepalive_settings()
 
     async def pool(server_settings: dict[str, str]) -> asyncpg.Pool:
         return await asyncpg.create_pool(url, min_size=min_size, max_size=max_size, init=_init_connection,
@@ -192,24 +243,17 @@ async def create_pool(settings: Settings, *, min_size: int = 1, max_size: int = 
     try:
         async for attempt in backoff("PostgreSQL not reachable", worth_waiting):
             with attempt:
-                try:
-                    return await pool(keepalive)
-                except asyncpg.PostgresError as exc:
-                    if not _refuses_keepalive_settings(exc, keepalive):
-                        raise
-                    log.warning("PostgreSQL at %s (or a connection pooler in front of it) refuses the keepalive"
-                                " settings (%s); connecting without them. A client that vanishes then keeps its"
-                                " session, and its advisory locks, until the OS gives up on it (hours by default):"
-                                " have the pooler probe its clients (PgBouncer: tcp_keepidle, tcp_keepintvl,"
-                                " tcp_keepcnt, tcp_user_timeout)", describe_database_url(url), exc)
-                    keepalive = {}
-                    return await pool(keepalive)
-    except DATABASE_MISCONFIGURED as exc:
+                return await with_keepalive_settings(url, pool)
+    except Exception as exc:
+        if not isinstance(exc, DATABASE_MISCONFIGURED):  # not an `except` clause: some go by content
+            raise
         where = describe_database_url(url)
-        log.error("PostgreSQL at %s refuses this service (%s: %s, SQLSTATE %s): fix DATABASE_URL;"
-                  " not waiting for it", where, type(exc).__name__, exc, exc.sqlstate)
+        sqlstate = getattr(exc, "sqlstate", None)
+        why = f"SQLSTATE {sqlstate}" if sqlstate else "refused before any SQL: its TLS or connection options"
+        log.error("PostgreSQL at %s refuses this service (%s: %s, %s): fix DATABASE_URL;"
+                  " not waiting for it", where, type(exc).__name__, exc, why)
         raise DatabaseMisconfigured(f"PostgreSQL at {where} refuses this service: {exc}"
-                                    f" (SQLSTATE {exc.sqlstate}); fix DATABASE_URL") from None
+                                    f" ({why}); fix DATABASE_URL") from None
     raise AssertionError("unreachable")
 
 
@@ -267,6 +311,37 @@ class MissingPgvector(RuntimeError):
         super().__init__(f"PostgreSQL lacks a usable pgvector extension ({detail}). {remedy}")
 
 
+# PostgreSQL 14.0 to 14.3: CREATE INDEX CONCURRENTLY (and REINDEX CONCURRENTLY) could miss rows
+# updated while the index was built, leaving a corrupt index without a word; fixed in 14.4. The
+# migrations marked NO_TRANSACTION_MARK and searchstore.ensure_vector_index build indexes so.
+CONCURRENT_INDEX_BUILD_BROKEN = range(140000, 140004)  # server_version_num
+
+
+class UnsupportedPostgres(RuntimeError):
+    """The database server is a PostgreSQL version this service may not use."""
+
+
+def postgres_version_refused(server_version_num: int) -> str | None:
+    """Why the PostgreSQL of `server_version_num` (140003 for 14.3) is refused, None where it is
+    not (CONCURRENT_INDEX_BUILD_BROKEN)."""
+    if server_version_num in CONCURRENT_INDEX_BUILD_BROKEN:
+        major, minor = divmod(server_version_num, 10000)
+        return (f"PostgreSQL {major}.{minor} may build a corrupt index with CREATE INDEX CONCURRENTLY (rows updated"
+                " during the build can be left out of it), which the migrations and the search indexes use;"
+                " fixed in PostgreSQL 14.4: upgrade the server to 14.4 or later (any later minor release of 14,"
+                " or a later major version)")
+    return None
+
+
+async def _refuse_unsupported_postgres(conn: asyncpg.Connection) -> None:
+    """Raises UnsupportedPostgres where postgres_version_refused refuses the server."""
+    refused = postgres_version_refused(int(await conn.fetchval("SELECT current_setting('server_version_num')")))
+    if refused is not None:
+        unsupported = UnsupportedPostgres(refused)
+        log.critical("%s", unsupported)
+        raise unsupported
+
+
 def pgvector_too_old(version: str) -> bool:
     """Whether an installed pgvector version ("0.7.4") is older than PGVECTOR_AT_LEAST."""
     numbers = tuple(int(part) for part in version.split(".")[:2] if part.isdigit())
@@ -276,9 +351,12 @@ def pgvector_too_old(version: str) -> bool:
 async def apply_migrations(pool: asyncpg.Pool) -> list[str]:
     """Apply every migration not yet applied, each in its own transaction (but those marked
     NO_TRANSACTION_MARK, which run statement by statement). Safe when several services start at
-    once: an advisory lock lets one apply while the others wait."""
+    once: an advisory lock lets one apply while the others wait. Raises UnsupportedPostgres, before
+    any, on a server postgres_version_refused refuses, and MissingPgvector without a usable
+    pgvector."""
     applied_now = []
     async with pool.acquire() as conn:
+        await _refuse_unsupported_postgres(conn)
         await _take_migrations_lock(conn)
         try:
             await _update_outdated_pgvector(conn)

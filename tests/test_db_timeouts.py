@@ -10,9 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
+import subprocess
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -560,3 +563,99 @@ async def test_a_pooler_that_refuses_the_keepalive_settings_is_connected_to_with
             assert "refuses the keepalive settings" in caplog.text
         finally:
             await pool.close()
+
+
+async def _refused_at_start(url: str) -> BaseException:
+    """What create_pool, as each service calls it at start, raises for `url`, within a few seconds
+    (waiting it out as an outage would not end: it fails the test)."""
+    started = time.monotonic()
+    try:
+        await asyncio.wait_for(db.create_pool(Settings(_env_file=None, database_url=url), min_size=1, max_size=1),
+                               10)
+    except TimeoutError:
+        pytest.fail(f"create_pool still waited for {db.describe_database_url(url)} after 10 s, as for an outage")
+    except Exception as exc:  # noqa: BLE001 (which one is asserted by the caller)
+        assert time.monotonic() - started < 8
+        return exc
+    pytest.fail("create_pool connected")
+
+
+async def test_a_role_without_connect_or_a_tls_the_server_lacks_stops_the_start_with_the_reason():
+    """A role the database refuses CONNECT to (42501, "permission denied for database"), and
+    sslmode=require against a server with ssl off (asyncpg: a ConnectionError, "rejected SSL
+    upgrade"), were waited for as an outage: a warning every 15 s and a process that looked alive,
+    for ever. Against this machine's PostgreSQL on 127.0.0.1:5432 (trust authentication)."""
+    async with database_of_this_machines_postgres("stt_noconnect") as (admin, url):
+        database = urllib.parse.urlsplit(url).path.lstrip("/")
+        role = f"{database}_role"
+        await admin.execute(f"CREATE ROLE {role} LOGIN")
+        try:
+            await admin.execute(f"REVOKE CONNECT ON DATABASE {database} FROM PUBLIC")
+            refused = await _refused_at_start(url.replace("//postgres@", f"//{role}@"))
+            assert isinstance(refused, db.DatabaseMisconfigured), repr(refused)
+            assert "42501" in str(refused) and database in str(refused), str(refused)
+        finally:
+            await admin.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+            await admin.execute(f"DROP ROLE IF EXISTS {role}")
+        if await admin.fetchval("SHOW ssl") == "on":
+            pytest.skip("this PostgreSQL has ssl on: sslmode=require is not refused")
+        refused = await _refused_at_start(url.replace(database, "postgres") + "?sslmode=require")
+        assert isinstance(refused, db.DatabaseMisconfigured), repr(refused)
+        assert "SSL" in str(refused) and "DATABASE_URL" in str(refused), str(refused)
+
+
+class TlsPooler(FreezableProxy):
+    """A connection pooler in front of PostgreSQL that ends the clients' TLS itself (as PgBouncer
+    with client_tls_sslmode does), with `certificate`, and forwards the session in the clear."""
+
+    SSL_REQUEST = (8).to_bytes(4, "big") + (80877103).to_bytes(4, "big")
+
+    def __init__(self, upstream: Opener, certificate: Path, key: Path):
+        super().__init__(upstream)
+        self.tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.tls.load_cert_chain(certificate, key)
+
+    async def _serve(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        self.writers.append(client_writer)
+        with contextlib.suppress(ConnectionError, OSError, asyncio.IncompleteReadError):
+            if await client_reader.readexactly(8) != self.SSL_REQUEST:
+                client_writer.close()
+                return
+            client_writer.write(b"S")
+            await client_writer.drain()
+            await client_writer.start_tls(self.tls)
+            await super()._serve(client_reader, client_writer)
+
+
+def _self_signed(folder: Path, name: str) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (its own CA) and its key."""
+    certificate, key = folder / f"{name}.crt", folder / f"{name}.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", f"/CN={name}",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(certificate)],
+                   check=True, capture_output=True)
+    return certificate, key
+
+
+async def test_a_certificate_that_does_not_verify_stops_the_start_and_a_lost_handshake_is_waited_for(tmp_path):
+    """sslmode=verify-full with a CA that did not sign the server's certificate fails the handshake
+    with ssl.SSLCertVerificationError, an OSError that create_pool waited out as an outage, for
+    ever. Through a pooler ending TLS in front of the tests' real PostgreSQL (which has none of its
+    own to try): with the CA that signed its certificate the pool connects; with another, the
+    start stops with the reason. A handshake cut off by the server going away stays an outage."""
+    server_certificate, server_key = _self_signed(tmp_path, "pooler")
+    other_ca, _ = _self_signed(tmp_path, "another-ca")
+    admin = pg_admin_url()
+    async with TlsPooler(_upstream(admin), server_certificate, server_key) as pooler:
+        plain = _through(pooler, admin).removesuffix("?sslmode=disable")
+        pool = await asyncio.wait_for(db.create_pool(
+            Settings(_env_file=None, database_url=f"{plain}?sslmode=verify-full&sslrootcert={server_certificate}"),
+            min_size=1, max_size=1), 10)
+        try:
+            assert await pool.fetchval("SELECT 1") == 1
+        finally:
+            await pool.close()
+        refused = await _refused_at_start(f"{plain}?sslmode=verify-full&sslrootcert={other_ca}")
+        assert isinstance(refused, db.DatabaseMisconfigured), repr(refused)
+        assert "certificate verify failed" in str(refused) and "DATABASE_URL" in str(refused), str(refused)
+    assert not isinstance(ssl.SSLEOFError(8, "EOF occurred in violation of protocol"), db.DATABASE_MISCONFIGURED)
+    assert not isinstance(ConnectionRefusedError(111, "Connection refused"), db.DATABASE_MISCONFIGURED)

@@ -14,12 +14,13 @@ import time
 import pytest
 from minio.error import S3Error
 
-from common import storage
+from common import db, storage
 from common.settings import Settings
 from common.storage import make_client
 from devstack import pg_admin_url
 from services.ingest.readiness import CHECK_TIMEOUT_S, DatabaseProbe, ObjectStoreProbe, run_checks
-from tests.test_db_timeouts import FreezableProxy, _through, _upstream, _within
+from tests.conftest import database_of_this_machines_postgres
+from tests.test_db_timeouts import FreezableProxy, RefusingPooler, _session_settings, _through, _upstream, _within
 
 
 def silent_server() -> tuple[socket.socket, list[socket.socket]]:
@@ -98,6 +99,29 @@ async def test_a_database_flow_dropped_without_a_reset_is_unavailable_in_time_an
             assert outcome is not None, f"the check after the outage did not answer within {hangs_s:g} s"
             checks, _ = outcome
             assert checks == {"postgres": "ok"}, checks  # ok: within CHECK_TIMEOUT_S (run_checks' limit)
+        finally:
+            probe.close()
+
+
+async def test_the_database_checks_session_carries_the_keepalive_settings_and_does_without_where_refused(caplog):
+    """/readyz's connection was the one session of the services made without the TCP keepalive
+    settings: a client that vanished left it on the server for the OS's 2 hours. Over TCP, to this
+    machine's PostgreSQL (over a Unix socket the server ignores them); and through a pooler that
+    refuses them (PgBouncer), the check still connects, without them."""
+    wanted = {name: (value, "client") for name, value in db.server_keepalive_settings().items()}
+    async with database_of_this_machines_postgres("stt_readyz") as (_, url):
+        probe = DatabaseProbe(url)
+        try:
+            assert await run_checks({"postgres": probe}) == {"postgres": "ok"}
+            assert await _session_settings(probe.connection) == wanted
+        finally:
+            probe.close()
+    admin = pg_admin_url()
+    async with RefusingPooler(_upstream(admin)) as pooler:
+        probe = DatabaseProbe(_through(pooler, admin))
+        try:
+            assert await run_checks({"postgres": probe}) == {"postgres": "ok"}
+            assert "refuses the keepalive settings" in caplog.text
         finally:
             probe.close()
 

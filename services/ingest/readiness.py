@@ -12,6 +12,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import asyncpg
 from minio import Minio
 
+from common.db import with_keepalive_settings
+
 CHECK_TIMEOUT_S = 3.0
 
 
@@ -54,7 +56,9 @@ class DatabaseProbe:
     terminates the connection, and the next one connects afresh: on a flow the network dropped
     without a reset (a failover, a NAT forgetting it), a cancelled query's answer never comes, and
     close() or a pool's release would wait for it for as long as the kernel keeps the flow (15
-    minutes or more), every later check waiting behind it."""
+    minutes or more), every later check waiting behind it. Its session carries the TCP keepalive
+    settings every session of the services does (common.db.with_keepalive_settings: without them
+    where a pooler refuses them)."""
 
     def __init__(self, database_url: str) -> None:
         self.database_url = database_url
@@ -64,7 +68,7 @@ class DatabaseProbe:
     async def __call__(self) -> None:
         async with self.one_at_a_time:
             if self.connection is None or self.connection.is_closed():
-                self.connection = await asyncpg.connect(self.database_url, timeout=CHECK_TIMEOUT_S)
+                self.connection = await with_keepalive_settings(self.database_url, self._connect)
             connection = self.connection
             try:
                 await connection.fetchval("SELECT 1", timeout=CHECK_TIMEOUT_S)
@@ -72,6 +76,9 @@ class DatabaseProbe:
                 self.connection = None
                 connection.terminate()
                 raise
+
+    async def _connect(self, server_settings: dict[str, str]) -> asyncpg.Connection:
+        return await asyncpg.connect(self.database_url, timeout=CHECK_TIMEOUT_S, server_settings=server_settings)
 
     def close(self) -> None:
         # Not close(): it waits for a check in flight, which on a dead flow never answers.
