@@ -103,6 +103,13 @@ def person_name(text: str) -> str:
     return unicodedata.normalize("NFC", printable_words(text))
 
 
+# A yes-or-no field's words (in any case, blanks around them ignored): as the README lists them,
+# not the t/f, y/n pydantic's lax bool takes too.
+BOOLEAN_WORDS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False,
+                 "off": False}
+BOOLEAN_WORDS_SAID = "true or false (1/0, yes/no, on/off; blank or left out: false)"
+
+
 class JobOptions(BaseModel):
     """What the user asked for at submission."""
 
@@ -149,8 +156,14 @@ class JobOptions(BaseModel):
 
     @field_validator("multichannel", mode="before")
     @classmethod
-    def _blank_is_false(cls, value: object) -> object:
-        return False if value is None or (isinstance(value, str) and not value.strip()) else value
+    def _yes_or_no(cls, value: object) -> object:
+        # The words BOOLEAN_WORDS lists, not the t/f, y/n pydantic's lax bool takes too; a blank
+        # field asks for nothing (false). JSON's true/false and 1/0 as they are.
+        if value is None or isinstance(value, bool) or (type(value) is int and value in (0, 1)):
+            return bool(value)
+        if isinstance(value, str) and (word := value.strip().lower()) in {"", *BOOLEAN_WORDS}:
+            return BOOLEAN_WORDS.get(word, False)
+        raise ValueError(f"multichannel: {BOOLEAN_WORDS_SAID}")
 
     @field_validator("task", mode="before")
     @classmethod

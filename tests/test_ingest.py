@@ -122,6 +122,82 @@ def test_a_request_sent_again_with_its_idempotency_key_makes_one_job(stack, fixt
     assert reruns[1].headers["idempotent-replayed"] == "true"
 
 
+def test_a_rerun_sent_again_after_a_person_its_original_expects_was_renamed_gets_its_job(stack, made_job,
+                                                                                         fixtures_dir):
+    """`stt rerun 5 --speakers 3` lost its answer, and the person job 5 expects was renamed before
+    it was sent again: the resend was 422 "this Idempotency-Key was used for another request", as
+    its key's hash was of job 5's options (the rename rewrites them) merged with the changes. The
+    hash is of what the request itself asked for: the resend gets the job the first one made."""
+    name = f"Anna {uuid.uuid4().hex[:8]}"
+    speaker_id = stack.value("INSERT INTO speakers (owner, name) VALUES (NULL, $1) RETURNING id", name)
+    made: list[int] = []
+    try:
+        original = made_job("expects anna.flac", (fixtures_dir / "jfk.flac").read_bytes(),
+                            options={"expected_speakers": [name]})
+        key = f"rerun-renamed-{uuid.uuid4()}"
+
+        def rerun() -> httpx.Response:
+            return httpx.post(f"{stack.api}/transcripts/{original}/rerun", json={"num_speakers": 1},
+                              headers={"Idempotency-Key": key}, timeout=60)
+
+        first = rerun()
+        assert first.status_code == 202, first.text
+        made.append(first.json()["id"])
+        renamed = httpx.patch(f"{stack.api}/speakers/{speaker_id}", json={"name": f"{name} K."}, timeout=60)
+        assert renamed.status_code == 200, renamed.text
+        assert stack.value("SELECT options->'expected_speakers'->>0 FROM transcripts WHERE id = $1",
+                           original) == f"{name} K."
+        again = rerun()
+        assert again.status_code == 202, again.text
+        assert again.json()["id"] == first.json()["id"] and again.headers.get("idempotent-replayed") == "true"
+        assert stack.value("SELECT count(*) FROM transcripts WHERE idempotency_key = $1", key) == 1
+        # Another request under the same key is still refused.
+        other = httpx.post(f"{stack.api}/transcripts/{original}/rerun", json={"num_speakers": 2},
+                           headers={"Idempotency-Key": key}, timeout=60)
+        assert other.status_code == 422 and f"job {first.json()['id']}" in other.json()["detail"], other.text
+    finally:
+        for job_id in made:
+            httpx.post(f"{stack.api}/transcripts/{job_id}/cancel", timeout=60)
+            stack.wait_finished(job_id, 120)
+            httpx.delete(f"{stack.api}/transcripts/{job_id}", timeout=60)
+        httpx.delete(f"{stack.api}/speakers/{speaker_id}", timeout=60)
+
+
+def test_multichannel_is_one_of_the_listed_words(stack, made_job, fixtures_dir):
+    """`multichannel` took pydantic's lax bool: t/f, y/n were taken, "true " (a blank after it) was
+    a 400. It takes true/false, 1/0, yes/no, on/off in any case, blanks around them ignored, as
+    `stream` does; on /recognize and in a rerun's JSON alike (bucket drops: tests/test_units.py)."""
+    audio = (fixtures_dir / "jfk.flac").read_bytes()
+    original = made_job("any.flac", audio)
+    made: list[int] = []
+
+    def recognize(value: str) -> httpx.Response:
+        return post(stack, audio, "jfk.flac", {"multichannel": value})
+
+    def rerun(value: object) -> httpx.Response:
+        return httpx.post(f"{stack.api}/transcripts/{original}/rerun", json={"multichannel": value}, timeout=60)
+
+    try:
+        for send, value in ((recognize, "t"), (recognize, "Y"), (rerun, "n"), (rerun, "f"), (rerun, 2)):
+            refused = send(value)
+            assert refused.status_code == 400, (value, refused.text)
+            assert refused.json()["detail"] == ("multichannel: true or false (1/0, yes/no, on/off; blank or left out:"
+                                                " false)"), refused.text
+        for send, value, meant in ((recognize, " TRUE ", True), (recognize, "off", False), (rerun, " On ", True),
+                                   (rerun, "0", False), (rerun, True, True)):
+            taken = send(value)
+            assert taken.status_code == 202, (value, taken.text)
+            made.append(taken.json()["id"])
+            assert stack.value("SELECT (options->>'multichannel')::boolean FROM transcripts WHERE id = $1",
+                               made[-1]) is meant, value
+    finally:
+        for job_id in made:
+            httpx.post(f"{stack.api}/transcripts/{job_id}/cancel", timeout=60)
+        for job_id in made:
+            stack.wait_finished(job_id, 120)
+            httpx.delete(f"{stack.api}/transcripts/{job_id}", timeout=60)
+
+
 def test_unknown_job_is_404(stack):
     for job_id in ("987654321", "0", "-3", str(2**63), "1" + "0" * 30):  # beyond bigint too, not a 500
         response = httpx.get(f"{stack.api}/status/{job_id}")
@@ -554,17 +630,33 @@ class CommitAnswerCutter(FreezableProxy):
     """Forwards TCP connections to PostgreSQL byte for byte, but once a connection sends the COMMIT
     of a transaction that inserted a job, the answer to it (which PostgreSQL sends once it has
     committed) is not passed on: the connection is closed instead, as a network dropping it then
-    does. Once only; later connections are forwarded whole."""
+    does. Once only; later connections are forwarded whole. With `down_s`, PostgreSQL goes down
+    then as far as its clients can tell: every connection is closed, and those made in the next
+    `down_s` seconds are closed as they come (until come_back())."""
 
     COMMIT = b"Q\x00\x00\x00\x0cCOMMIT;\x00"  # asyncpg's, a simple query
 
-    def __init__(self, upstream):
+    def __init__(self, upstream, down_s: float = 0):
         super().__init__(upstream)  # its start and close; its own forwarding
         self.cut = False
+        self.down_s, self.down_until, self.refused = down_s, 0.0, 0
+
+    def go_down(self) -> None:
+        if self.down_s:
+            self.down_until = time.monotonic() + self.down_s
+            for writer in self.writers:
+                writer.close()
+
+    def come_back(self) -> None:
+        self.down_until = 0.0
 
     async def _serve(self, client_reader, client_writer) -> None:
         import asyncio
 
+        if time.monotonic() < self.down_until:
+            self.refused += 1
+            client_writer.close()
+            return
         server_reader, server_writer = await self.upstream()
         self.writers += [client_writer, server_writer]
         committing = asyncio.Event()
@@ -585,6 +677,7 @@ class CommitAnswerCutter(FreezableProxy):
             with contextlib.suppress(ConnectionError, OSError):
                 while data := await server_reader.read(65536):
                     if committing.is_set():  # the COMMIT's answer: it came, so the row is committed
+                        self.go_down()
                         break
                     client_writer.write(data)
                     await client_writer.drain()
@@ -631,3 +724,83 @@ async def test_a_job_whose_commit_answer_was_lost_is_the_requests_answer(stack):
     assert stored == [f"uploads/{job_id}"]
     assert stack.value("SELECT filename FROM transcripts WHERE id = $1", job_id) == "commit lost.wav"
     assert object_exists(s3, settings.audio_bucket, stored[0])
+
+
+async def test_a_job_whose_commit_answer_was_lost_as_postgresql_went_down_is_looked_for_until_it_is_back(stack):
+    """PostgreSQL went down as the job's COMMIT was answered: the row was looked for once, at once,
+    the database still down, and the request was answered 503 "the job could not be queued ... try
+    again later" while its job was committed and runs (a client without an Idempotency-Key sent it
+    again: two jobs). It is looked for again, a little later each time, for ROW_CHECK_S (10 s):
+    the database back after 2 s, the job is the request's answer."""
+    import asyncio
+
+    from common.db import create_pool
+    from common.messages import JobOptions
+    from common.storage import object_exists, upload_bytes
+    from services.ingest.jobs import create_job
+    from tests.test_db_timeouts import _through, _upstream
+
+    settings = stack.settings()
+    url = settings.database_url.get_secret_value()
+    s3 = stack.s3()
+    stored: list[str] = []
+
+    def put_audio(key: str) -> None:
+        upload_bytes(s3, settings.audio_bucket, key, b"RIFF-not-really-audio")
+        stored.append(key)
+
+    async with CommitAnswerCutter(_upstream(url), down_s=2.0) as proxy:
+        pool = await create_pool(settings.model_copy(update={"database_url": SecretStr(_through(proxy, url))}))
+        try:
+            started = time.monotonic()
+            job_id = await create_job(pool, s3, settings.audio_bucket, put_audio, filename="postgres went down.wav",
+                                      options=JobOptions(), owner=None, outbox_wake=asyncio.Event(),
+                                      refused="a test's job: PostgreSQL went down as it committed",
+                                      tell_maybe_created=True)
+            elapsed = time.monotonic() - started
+        finally:
+            await pool.close()
+    assert proxy.cut and proxy.refused >= 1  # it was asked while down, and again once back
+    assert 2.0 <= elapsed < 10, elapsed
+    assert stored == [f"uploads/{job_id}"]
+    assert stack.value("SELECT filename FROM transcripts WHERE id = $1", job_id) == "postgres went down.wav"
+    assert object_exists(s3, settings.audio_bucket, stored[0])
+
+
+async def test_a_job_whose_commit_cannot_be_told_is_named_in_the_503(stack, fixtures_dir, monkeypatch):
+    """PostgreSQL went down as the job's COMMIT was answered, and stays down past ROW_CHECK_S: the
+    503 said "the job could not be queued ... try again later" (nothing made, as the README says of
+    a 503), while job N was committed and runs. It names the job, to look up before sending again."""
+    import asyncio
+
+    from services.ingest import jobs
+    from services.ingest.app import create_app
+    from tests.test_bad_input import served
+    from tests.test_db_timeouts import _through, _upstream
+
+    monkeypatch.setattr(jobs, "ROW_CHECK_S", 1.5)
+    reference = f"went down {uuid.uuid4()}"
+    settings = stack.settings()
+    url = settings.database_url.get_secret_value()
+    async with CommitAnswerCutter(_upstream(url), down_s=600) as proxy:
+        # Served in a thread of its own, its database reached through this loop's proxy.
+        server = served(create_app(stack.settings(database_url=SecretStr(_through(proxy, url)))))
+        api = await asyncio.to_thread(server.__enter__)
+        try:
+            async with httpx.AsyncClient(timeout=60) as client:
+                answer = await client.post(f"{api}/recognize", files={
+                    "file": ("jfk.flac", (fixtures_dir / "jfk.flac").read_bytes())}, data={"reference": reference})
+        finally:
+            proxy.come_back()  # for the app to stop as usual
+            await asyncio.to_thread(server.__exit__, None, None, None)
+    [job_id] = [r["id"] for r in stack.query("SELECT id FROM transcripts WHERE options->>'reference' = $1", reference)]
+    try:
+        assert proxy.cut and proxy.refused >= 1
+        assert answer.status_code == 503, answer.text
+        detail = answer.json()["detail"]
+        assert f"job {job_id} may have been created" in detail and f"GET /status/{job_id}" in detail, detail
+        assert "try again later" not in detail, detail
+    finally:
+        httpx.post(f"{stack.api}/transcripts/{job_id}/cancel", timeout=60)
+        stack.wait_finished(job_id, 120)
+        httpx.delete(f"{stack.api}/transcripts/{job_id}", timeout=60)

@@ -1520,3 +1520,71 @@ def test_segment_texts_are_joined_without_a_space_only_next_to_letters_of_unspac
     assert not any(written_unspaced_letter(c) for c in "😂＄＃。、（a안")
     # Subtitles still part Chinese and Japanese at each character (their lines break between any two).
     assert not any(written_with_spaces(c) for c in "我の。")
+
+
+def test_a_dropped_objects_key_is_logged_escaped_on_one_line():
+    """A key with a line break (S3 takes one) began a log line of its own; unprintable characters
+    and backslashes are escaped as Python writes them, so that keys that differ in them differ."""
+    from services.ingest.inbox import loggable
+
+    assert loggable("calls/monday.wav") == "calls/monday.wav"
+    assert loggable("звонки/пн 1.wav") == "звонки/пн 1.wav"  # printable letters of any script stay
+    assert loggable("a\nb\r\tc\x00\x1b[31m\u2028d") == "a\\nb\\r\\tc\\x00\\x1b[31m\\u2028d"
+    assert loggable("a\\nb") == "a\\\\nb" != loggable("a\nb")
+    assert "\n" not in loggable(RuntimeError("no such key: a\nb"))
+
+
+def test_an_error_of_a_route_without_a_job_in_its_path_is_logged_with_the_job_it_recorded():
+    """POST /v1/audio/transcriptions has no job_id in its path: once it knows its job it records it
+    in the request's state, and an error it then ends with is logged with it."""
+    from common.logs import current_job
+    from services.ingest.error_handlers import _for_the_routes_job
+
+    for scope, job in [({"path_params": {"job_id": 7}}, 7), ({"path_params": {}, "state": {"job_id": 8}}, 8),
+                       ({"state": {"owner": "x"}}, None), ({}, None)]:
+        with _for_the_routes_job(scope):
+            assert current_job.get() == job, scope
+
+
+def test_postgresql_14_before_14_4_is_refused_for_its_concurrent_index_builds():
+    """PostgreSQL 14.0-14.3 could build a corrupt index with CREATE INDEX CONCURRENTLY (rows updated
+    during the build left out), as the migrations and the search indexes build theirs: the README
+    asked for "14 or later", and a start-up applied them there. apply_migrations now refuses such a
+    server first (UnsupportedPostgres, naming the fix); the check by server_version_num."""
+    from common.db import postgres_version_refused
+
+    for refused in (140000, 140001, 140002, 140003):
+        reason = postgres_version_refused(refused)
+        assert reason is not None and f"14.{refused - 140000}" in reason and "14.4" in reason, (refused, reason)
+        assert "upgrade" in reason
+    for allowed in (140004, 140013, 150000, 150020, 160004, 170002, 180000):
+        assert postgres_version_refused(allowed) is None, allowed
+
+
+# --- multichannel's words (ingest fixes) ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("value, meant", [
+    ("true", True), (" TRUE ", True), ("Yes", True), ("on", True), ("1", True), (True, True), (1, True),
+    ("false", False), ("No ", False), ("OFF", False), ("0", False), (False, False), (0, False), ("", False),
+    ("  ", False), (None, False)])
+def test_multichannel_takes_the_listed_words_wherever_it_is_given(value, meant):
+    """One field for POST /recognize's form, a rerun's JSON and a bucket drop's metadata: true/false,
+    1/0, yes/no, on/off in any case, blanks around them ignored, as `stream` takes them."""
+    from services.ingest.jobs import rerun_options
+    from services.ingest.openai_api import asked_stream
+
+    assert JobOptions(multichannel=value).multichannel is meant
+    assert rerun_options({"language": "en"}, JobOptions.model_validate({"multichannel": value})).multichannel is meant
+    if isinstance(value, str):
+        assert drop_options({"x-amz-meta-multichannel": value}).multichannel is meant
+        assert asked_stream(value) is meant
+
+
+@pytest.mark.parametrize("value", ["t", "f", "y", "n", "T", "truee", "maybe", "2", 2, -1, 1.0, [True]])
+def test_multichannel_refuses_what_pydantic_would_take_as_a_bool_and_other_words(value):
+    with pytest.raises(ValidationError, match="multichannel: true or false"):
+        JobOptions(multichannel=value)
+    if isinstance(value, str):
+        with pytest.raises(ValueError, match="x-amz-meta-multichannel"):
+            drop_options({"x-amz-meta-multichannel": value})

@@ -57,6 +57,7 @@ from services.ingest.errors import invalid
 from services.ingest.fetch import fetch_recording
 from services.ingest.inbox import INBOX_EVENTS_QUEUE, RESULTS_QUEUE, Inbox
 from services.ingest.jobs import (
+    JobMaybeCreated,
     JobStatus,
     clean_filename,
     create_job,
@@ -77,7 +78,14 @@ from services.ingest.reindex import REINDEX_ROUTES, Reindexer, run_corrections_e
 from services.ingest.retention import run_retention
 from services.ingest.search import SEARCH_ROUTES
 from services.ingest.speakers import SPEAKER_ROUTES, require_enrolled, run_matching_sweep
-from services.ingest.submission import Accepted, Unavailable, accepted, replayed, submit_recording
+from services.ingest.submission import (
+    Accepted,
+    Unavailable,
+    accepted,
+    maybe_created,
+    replayed,
+    submit_recording,
+)
 from services.ingest.transcripts import TRANSCRIPT_ROUTES, JobId, stored_filename, visible
 from services.ingest.usage import USAGE_ROUTES
 from services.ingest.webhooks import WEBHOOK_ROUTES, checked_target
@@ -211,7 +219,10 @@ async def rerun(job_id: JobId, state: State, request: Request, data: RerunOption
         options = rerun_options(original["options"] or {}, data or JobOptions())
     except ValidationError as exc:
         raise invalid(exc, whole="options") from exc
-    asked = idempotency(idempotency_key, "rerun", job_id, options.model_dump(exclude_none=True))
+    # What this request asked for, as sent: not the options merged with the original's, which a
+    # rename of a person the original expects rewrites (its resend would be another request).
+    asked = idempotency(idempotency_key, "rerun", job_id,
+                        data.model_dump(include=data.model_fields_set) if data is not None else {})
     if (earlier := await earlier_job(state.pool, request_owner(request), asked)) is not None:
         return replayed(earlier)
     # Only names the request gives: one of the original's forgotten since names nobody, as it
@@ -243,9 +254,11 @@ async def rerun(job_id: JobId, state: State, request: Request, data: RerunOption
         # request gives are refused if nobody has them at the insert (forgotten meanwhile).
         new_id = await create_job(state.pool, state.s3, bucket, copy, filename=filename, options=options,
                                   owner=request_owner(request), outbox_wake=state.outbox_wake, idempotency=asked,
-                                  keep_unknown_speakers=not names_given)
+                                  keep_unknown_speakers=not names_given, tell_maybe_created=True)
     except HTTPException:
         raise
+    except JobMaybeCreated as exc:
+        raise maybe_created(exc) from exc
     except S3Error as exc:
         if not is_missing(exc):
             with job_logged(job_id):

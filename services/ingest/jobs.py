@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import re
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -94,6 +95,21 @@ async def earlier_job(pool: asyncpg.Pool, owner: str | None, asked: Idempotency 
     return job
 
 
+# How long create_job looks for its row after its transaction failed past the insert (the COMMIT's
+# answer lost as PostgreSQL went down, or restarted): told "nothing was created" while the job was
+# committed and runs, a client sends the recording again and gets a second job.
+ROW_CHECK_S = 10.0
+
+
+class JobMaybeCreated(Exception):
+    """create_job's transaction failed past the insert, and whether it was committed anyway could
+    not be told within ROW_CHECK_S: job `job_id` may exist, and then runs (raised from the error)."""
+
+    def __init__(self, job_id: int) -> None:
+        super().__init__(f"whether job {job_id} was committed could not be told")
+        self.job_id = job_id
+
+
 @dataclass(frozen=True)
 class BucketDrop:
     """The inbox object a job was made from: one job per (bucket, key, ETag)."""
@@ -109,7 +125,8 @@ async def create_job(pool: asyncpg.Pool, s3: Minio, audio_bucket: str, put_audio
                      idempotency: Idempotency | None = None,
                      also: Callable[[asyncpg.Connection, int], Awaitable[object]] | None = None,
                      refuse_unknown_speakers: Callable[[list[str]], str] | None = None,
-                     keep_unknown_speakers: bool = False, speakers_field: str = "expected_speakers") -> int | None:
+                     keep_unknown_speakers: bool = False, speakers_field: str = "expected_speakers",
+                     tell_maybe_created: bool = False) -> int | None:
     """The one way a job comes to exist, for uploads and bucket drops alike.
 
     An id is reserved, `put_audio(key)` stores the audio at `uploads/{id}`, then the
@@ -117,9 +134,11 @@ async def create_job(pool: asyncpg.Pool, s3: Minio, audio_bucket: str, put_audio
     publishes the message (now, or after a broker outage or a crash of this process), so a
     committed job always runs. Anything that fails before the commit leaves no row and no object
     behind; a commit whose answer was lost, its row found after all, returns the job as if
-    answered. Returns None when `drop` already is a job (another process made it first) or was
-    deleted by its owner, or when a request with the same `idempotency` key made its job first.
-    `also(conn, job_id)` runs in the job's transaction (a callback URL).
+    answered; one that cannot be told (the database away for ROW_CHECK_S) raises the error, or
+    with `tell_maybe_created` JobMaybeCreated from it (a request's answer names the job to look
+    up before sending again). Returns None when `drop` already is a job (another process made it
+    first) or was deleted by its owner, or when a request with the same `idempotency` key made its
+    job first. `also(conn, job_id)` runs in the job's transaction (a callback URL).
     With `refused` (a request that cannot be honoured, found after the audio was taken) the job
     is failed with that reason instead of submitted, through the same outbox.
 
@@ -163,12 +182,18 @@ async def create_job(pool: asyncpg.Pool, s3: Minio, audio_bucket: str, put_audio
                         message_id=f"job.submitted:{job_id}", job_id=job_id, audio_bucket=audio_bucket,
                         audio_key=key, filename=filename, options=options))
         except BaseException as exc:
-            row_there = await _row_exists_after_all(pool, job_id, created)
+            # Not waited for when the request was cancelled: only a failure is looked into.
+            row_there = await _row_exists_after_all(pool, job_id, created,
+                                                    ROW_CHECK_S if isinstance(exc, Exception) else 0)
             if row_there is False:  # an object left over is better than a job without its audio
                 await asyncio.to_thread(_remove_quietly, s3, audio_bucket, key)
             # The COMMIT's answer lost (the connection dropped as it came) though the row and its
             # outbox message were committed: the job runs, and is the request's answer. Told "nothing
             # was created", a client would send the recording again and get a second job.
+            if row_there is None and tell_maybe_created and isinstance(exc, Exception):
+                log.warning("the job's transaction failed as seen from here (%s), and whether its row was"
+                            " committed could not be told", type(exc).__name__)
+                raise JobMaybeCreated(job_id) from exc
             if row_there is not True or not isinstance(exc, Exception):
                 raise
             log.warning("the job's transaction failed as seen from here (%s), yet its row was committed: the job"
@@ -193,15 +218,27 @@ def _unknown_speakers(names: list[str], found: list[object | None], refused_by: 
     raise HTTPException(status_code=400, detail=unenrolled(unknown, field))
 
 
-async def _row_exists_after_all(pool: asyncpg.Pool, job_id: int, inserted: int | None) -> bool | None:
+async def _row_exists_after_all(pool: asyncpg.Pool, job_id: int, inserted: int | None,
+                                 wait_s: float = 0) -> bool | None:
     """After a failure past the insert (a later statement, or the COMMIT itself, whose answer can
-    be lost), whether the job's row was committed anyway; None when that cannot be told."""
+    be lost), whether the job's row was committed anyway: asked again, a little later each time,
+    for `wait_s` while the database does not answer (the failure is often its going down); None
+    when that cannot be told."""
     if inserted is None:
         return False
-    try:
-        return await jobstore.job(pool, job_id) is not None
-    except Exception:
-        return None
+    deadline, pause = time.monotonic() + wait_s, 0.2
+    while True:
+        try:
+            # A connection is waited for (made anew, the old one dropped) only until the deadline.
+            async with pool.acquire(timeout=max(deadline - time.monotonic(), 1.0)) as conn:
+                return await jobstore.job(conn, job_id) is not None
+        except Exception as exc:
+            if time.monotonic() + pause > deadline:
+                with job_logged(job_id):
+                    log.warning("whether the job's row was committed could not be told (%s)", type(exc).__name__)
+                return None
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, 2.0)
 
 
 SPEAKER_COUNTS = {"num_speakers", "min_speakers", "max_speakers"}

@@ -36,6 +36,7 @@ from pydantic import ValidationError
 from common import jobstore
 from common.languages import LANGUAGE_NAMES
 from common.logs import job_logged
+from common.messages import BOOLEAN_WORDS as STREAM_WORDS
 from common.messages import VOCABULARY_MAX_CHARS, JobOptions, vocabulary_chars
 from services.ingest.admission import (
     KNOWN_SPEAKER_REFERENCES_REFUSED,
@@ -188,10 +189,6 @@ async def form_list_options(request: Request, language: str | None, prompt: str 
     return {"language": asked_language(language, languages), "vocabulary": asked_vocabulary(keywords, prompt),
             "expected_speakers": names, "redact": ",".join(kinds) if kinds else None,
             "spelling": pairs or (",".join(spelling_text) if spelling_text else None)}
-
-
-STREAM_WORDS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False,
-                "off": False}
 
 
 def asked_stream(text: str | None) -> bool:

@@ -19,7 +19,7 @@ from common.messages import JobOptions
 from common.storage import upload_stream
 from services.ingest.admission import checked_size
 from services.ingest.auth import request_owner
-from services.ingest.jobs import Idempotency, create_job, earlier_job
+from services.ingest.jobs import Idempotency, JobMaybeCreated, create_job, earlier_job
 from services.ingest.webhooks import add_callback
 
 log = logging.getLogger(__name__)
@@ -35,12 +35,23 @@ class Accepted(BaseModel):
 
 class Unavailable(HTTPException):
     """The job could not be stored or queued; nothing was created, so the same request may come
-    again (the CLI sends it again after Retry-After)."""
+    again (the CLI sends it again after Retry-After). maybe_created's alone names a job that may
+    have been created."""
 
     status_code = 503
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, headers={"Retry-After": "5", **(kwargs.pop("headers", None) or {})}, **kwargs)
+
+
+def maybe_created(exc: JobMaybeCreated) -> Unavailable:
+    """The 503 of a job whose COMMIT failed as seen from here, with the database away since: unlike
+    any other, something may have been created (and runs)."""
+    job_id = exc.job_id
+    cause = type(exc.__cause__).__name__ if exc.__cause__ is not None else "the database did not answer"
+    return Unavailable(detail=f"the job could not be confirmed ({cause}): job {job_id} may have been created and"
+                              f" then runs; check GET /status/{job_id} before sending the request again (sent"
+                              f" again with the same Idempotency-Key, it gets that job if it was created)")
 
 
 def accepted(job_id: int, filename: str, callback_secret: str | None = None) -> Response[Accepted]:
@@ -86,9 +97,12 @@ async def submit_recording(state: State, request: Request, stream, filename: str
             state.pool, state.s3, state.settings.audio_bucket,
             lambda key: upload_stream(state.s3, state.settings.audio_bucket, key, stream),
             filename=filename, options=options, owner=request_owner(request), outbox_wake=state.outbox_wake,
-            also=add_callback_url if callback_url else None, idempotency=asked, speakers_field=speakers_field)
+            also=add_callback_url if callback_url else None, idempotency=asked, speakers_field=speakers_field,
+            tell_maybe_created=True)
     except HTTPException:
         raise  # create_job's own answer: an expected speaker forgotten while the recording was stored
+    except JobMaybeCreated as exc:
+        raise maybe_created(exc) from exc
     except Exception as exc:
         log.exception("could not submit %r", filename)
         raise Unavailable(detail=f"the job could not be queued ({type(exc).__name__}); try again later") from exc
