@@ -3,8 +3,8 @@
 A recording speaker is scored against a profile by the best cosine similarity between its
 centroid (the diarizer's mean voice embedding) and any of the profile's voiceprints. Names are
 one to one (one profile names at most one speaker of a recording) and stable: the pairs are taken
-from the most alike down, so no speaker is given a person another speaker of the recording sounds
-more like, and a clear match is never given up for two marginal ones."""
+from the most alike down, so each person goes to the most alike speaker not already given a closer
+match, and a clear match is never given up for two marginal ones."""
 
 from __future__ import annotations
 
