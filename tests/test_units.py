@@ -1016,11 +1016,11 @@ def test_a_segment_corrected_twice_to_long_repetitive_text_is_retimed_in_moments
     rng = random.Random(7)
     said = [{"word": " Hello", "start": 0.0, "end": 0.5}, {"word": " there.", "start": 0.5, "end": 1.0}]
     first_text, second_text = ("".join(rng.choice("的是") for _ in range(MAX_SEGMENT_CHARS)) for _ in range(2))
-    started = time.monotonic()
+    started = time.process_time()  # CPU time: other work on the machine does not count
     first = retimed_words(said, first_text, 0.0, 30.0)
     second = retimed_words([w.model_dump() for w in first], second_text, 0.0, 30.0)
-    took = time.monotonic() - started
-    assert took < 5, f"{took:.1f} s"
+    took = time.process_time() - started
+    assert took < 5, f"{took:.1f} s of CPU"
     assert [w.word for w in first] == list(first_text) and [w.word for w in second] == list(second_text)
     assert [(w.start, w.end) for w in second] == [(w.start, w.end) for w in first]
 
@@ -1402,10 +1402,12 @@ def test_subtitles_of_segments_corrected_to_10000_characters_are_cut_in_moments(
                  for i, c in enumerate(text)]
         segments.append(TranscriptSegment(speaker=speaker, start_ts=n * 30.0, end_ts=n * 30.0 + 30, text=text,
                                           words=words))
-    started = time.monotonic()
+    # The process's CPU time, not the wall clock: other work on the machine (a test beside this
+    # one) does not count. About 1 s here now, 6 s before.
+    started = time.process_time()
     srt, vtt = to_srt(segments, 200, 10), to_vtt(segments, 200, 10)
-    took = time.monotonic() - started
-    assert took < 5, f"{took:.1f} s"
+    took = time.process_time() - started
+    assert took < 4, f"{took:.1f} s of CPU"
     srt_cues = [block.split("\n")[2:] for block in srt.strip().split("\n\n")]  # the speaker takes room
     vtt_cues = [[re.sub(r"^<v spk_\d>", "", line) for line in block.split("\n")[1:]]
                 for block in vtt.strip().split("\n\n")[1:]]  # the voice tag does not
