@@ -606,14 +606,21 @@ async def test_a_role_without_connect_or_a_tls_the_server_lacks_stops_the_start_
 
 class TlsPooler(FreezableProxy):
     """A connection pooler in front of PostgreSQL that ends the clients' TLS itself (as PgBouncer
-    with client_tls_sslmode does), with `certificate`, and forwards the session in the clear."""
+    with client_tls_sslmode does), with `certificate`, and forwards the session in the clear. While
+    `cut` is AFTER_THE_S or MID_HANDSHAKE, it goes away as a server restarting does instead: it
+    closes the client's socket right after answering the SSL request with S, or once it has sent
+    half of its answer to the client's hello (`cut_off` counts those connections)."""
 
     SSL_REQUEST = (8).to_bytes(4, "big") + (80877103).to_bytes(4, "big")
+    AFTER_THE_S = "right after its S"
+    MID_HANDSHAKE = "partway into the TLS handshake"
 
     def __init__(self, upstream: Opener, certificate: Path, key: Path):
         super().__init__(upstream)
         self.tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         self.tls.load_cert_chain(certificate, key)
+        self.cut: str | None = None
+        self.cut_off = 0
 
     async def _serve(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
         self.writers.append(client_writer)
@@ -623,8 +630,27 @@ class TlsPooler(FreezableProxy):
                 return
             client_writer.write(b"S")
             await client_writer.drain()
+            if self.cut is not None:
+                await self._go_away(client_reader, client_writer, self.cut)
+                return
             await client_writer.start_tls(self.tls)
             await super()._serve(client_reader, client_writer)
+
+    async def _go_away(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter,
+                       where: str) -> None:
+        if where == self.MID_HANDSHAKE:
+            incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+            handshake = self.tls.wrap_bio(incoming, outgoing, server_side=True)
+            while not outgoing.pending and (hello := await client_reader.read(65536)):
+                incoming.write(hello)
+                with contextlib.suppress(ssl.SSLWantReadError):
+                    handshake.do_handshake()
+            answer = outgoing.read()  # ServerHello, the certificate...: half of it, then gone
+            assert answer, "the client sent no TLS hello"
+            client_writer.write(answer[: len(answer) // 2])
+            await client_writer.drain()
+        client_writer.close()
+        self.cut_off += 1
 
 
 def _self_signed(folder: Path, name: str) -> tuple[Path, Path]:
@@ -636,26 +662,63 @@ def _self_signed(folder: Path, name: str) -> tuple[Path, Path]:
     return certificate, key
 
 
+# How long the pooler cuts every handshake off: create_pool's first try and the one after its first
+# backoff (1 s) are cut off; the next (2 s later) finds the pooler behaving.
+CUT_OFF_FOR_S = 2.5
+
+
+async def _lost_handshakes_are_waited_for(pooler: TlsPooler, url: str, where: str) -> None:
+    """create_pool for `url` while `pooler` cuts every handshake off at `where`: still waiting
+    (not raising DatabaseMisconfigured) after CUT_OFF_FOR_S, having tried again; and connected soon
+    after the pooler behaves again."""
+    pooler.cut, before = where, pooler.cut_off
+    starting = asyncio.ensure_future(db.create_pool(Settings(_env_file=None, database_url=url), min_size=1,
+                                                    max_size=1))
+    try:
+        done, _ = await asyncio.wait({starting}, timeout=CUT_OFF_FOR_S)
+        if done:
+            ended = starting.exception() or starting.result()
+            if isinstance(ended, asyncpg.Pool):
+                await ended.close()
+            pytest.fail(f"with the TLS handshake cut off {where}, create_pool did not wait it out as an"
+                        f" outage: it ended within {CUT_OFF_FOR_S:g} s with {ended!r}")
+        assert pooler.cut_off - before >= 2, (where, pooler.cut_off - before)  # a try, and another after it
+        pooler.cut = None
+        pool = await asyncio.wait_for(starting, 10)
+    finally:
+        pooler.cut = None
+        if not starting.done():
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
+    try:
+        assert await pool.fetchval("SELECT 1") == 1
+    finally:
+        await pool.close()
+
+
 async def test_a_certificate_that_does_not_verify_stops_the_start_and_a_lost_handshake_is_waited_for(tmp_path):
     """sslmode=verify-full with a CA that did not sign the server's certificate fails the handshake
     with ssl.SSLCertVerificationError, an OSError that create_pool waited out as an outage, for
     ever. Through a pooler ending TLS in front of the tests' real PostgreSQL (which has none of its
     own to try): with the CA that signed its certificate the pool connects; with another, the
-    start stops with the reason. A handshake cut off by the server going away stays an outage."""
+    start stops with the reason. A handshake the server cuts off by going away (the pooler closing
+    the socket right after its S, or halfway through its answer to the client's hello), as in a
+    restart, stays an outage: create_pool keeps trying, and connects once the server is back."""
     server_certificate, server_key = _self_signed(tmp_path, "pooler")
     other_ca, _ = _self_signed(tmp_path, "another-ca")
     admin = pg_admin_url()
     async with TlsPooler(_upstream(admin), server_certificate, server_key) as pooler:
         plain = _through(pooler, admin).removesuffix("?sslmode=disable")
-        pool = await asyncio.wait_for(db.create_pool(
-            Settings(_env_file=None, database_url=f"{plain}?sslmode=verify-full&sslrootcert={server_certificate}"),
-            min_size=1, max_size=1), 10)
+        verified = f"{plain}?sslmode=verify-full&sslrootcert={server_certificate}"
+        pool = await asyncio.wait_for(db.create_pool(Settings(_env_file=None, database_url=verified),
+                                                     min_size=1, max_size=1), 10)
         try:
             assert await pool.fetchval("SELECT 1") == 1
         finally:
             await pool.close()
+        for where in (TlsPooler.AFTER_THE_S, TlsPooler.MID_HANDSHAKE):
+            await _lost_handshakes_are_waited_for(pooler, verified, where)
         refused = await _refused_at_start(f"{plain}?sslmode=verify-full&sslrootcert={other_ca}")
         assert isinstance(refused, db.DatabaseMisconfigured), repr(refused)
         assert "certificate verify failed" in str(refused) and "DATABASE_URL" in str(refused), str(refused)
-    assert not isinstance(ssl.SSLEOFError(8, "EOF occurred in violation of protocol"), db.DATABASE_MISCONFIGURED)
     assert not isinstance(ConnectionRefusedError(111, "Connection refused"), db.DATABASE_MISCONFIGURED)

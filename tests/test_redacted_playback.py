@@ -72,10 +72,28 @@ def test_a_job_with_redaction_that_is_stopped_or_fails_never_serves_its_upload(s
         assert audio(stack, job_id, Range="bytes=0-3").status_code == 409
     played = audio(stack, neither)
     assert played.status_code == 200 and played.content == b"ID3 nothing to hide", played.text
-    # A redacted copy stored (audio_redacted_at) is what plays.
+
+    # Nor copied into a rerun that would not redact it (its playback would serve it): one with
+    # `"redact": []` (or null) is refused, for good; one of `by_words` leaving `redact` out is
+    # redacted by the transcriber's REDACT again, as the job was.
+    newest = stack.value("SELECT max(id) FROM transcripts")
+    for job_id, body in ((asked, {"redact": []}), (failed, {"redact": None}), (by_words, {"redact": []})):
+        refused = httpx.post(f"{stack.api}/transcripts/{job_id}/rerun", json=body, timeout=60)
+        assert refused.status_code == 409, (job_id, refused.text)
+        assert "must keep redaction" in refused.json()["detail"] and "retry-after" not in refused.headers
+    assert stack.value("SELECT count(*) FROM transcripts WHERE id > $1", newest) == 0
+    # A rerun that keeps the original's `redact` (the default) or gives one goes on, and redacts.
+    for job_id, body, kept in ((asked, {}, ["card"]), (failed, {"num_speakers": 2}, ["phone"]),
+                               (by_words, {"redact": ["phone"]}, ["phone"])):
+        assert _rerun_then_remove(stack, job_id, body, redact=kept).status_code == 202, job_id
+    assert _rerun_then_remove(stack, by_words, {}).status_code == 202
+    assert _rerun_then_remove(stack, neither, {"redact": []}).status_code == 202
+
+    # A redacted copy stored (audio_redacted_at) is what plays, and what a rerun without `redact` copies.
     upload_bytes(stack.s3(), stack.settings().audio_bucket, f"uploads/{asked}", b"RIFF the redacted copy")
     stack.query("UPDATE transcripts SET audio_redacted_at = now() WHERE id = $1", asked)
     assert audio(stack, asked).content == b"RIFF the redacted copy"
+    assert _rerun_then_remove(stack, asked, {"redact": []}).status_code == 202
 
 
 def test_words_are_not_corrected_while_the_recording_is_being_redacted(stack, made_job):
@@ -352,11 +370,16 @@ async def test_a_job_with_redaction_is_marked_as_it_ends(stack, made_job):
     assert due == {asked: True, by_words: True, neither: False}
 
 
-def _rerun_then_remove(stack, job_id: int) -> httpx.Response:
-    """POST /transcripts/{job_id}/rerun; the job it made, if any, cancelled and deleted."""
-    answer = httpx.post(f"{stack.api}/transcripts/{job_id}/rerun", json={}, timeout=60)
+def _rerun_then_remove(stack, job_id: int, body: dict | None = None,
+                       redact: list[str] | None = None) -> httpx.Response:
+    """POST /transcripts/{job_id}/rerun with `body` ({}); the job it made, if any, cancelled and
+    deleted, once its `redact` option is checked to be `redact` (when given)."""
+    answer = httpx.post(f"{stack.api}/transcripts/{job_id}/rerun", json=body or {}, timeout=60)
     if answer.status_code == 202:
         new_id = answer.json()["id"]
+        if redact is not None:
+            assert json.loads(stack.value("SELECT (options->'redact')::text FROM transcripts WHERE id = $1",
+                                          new_id)) == redact
         httpx.post(f"{stack.api}/transcripts/{new_id}/cancel", timeout=30)
         stack.wait_finished(new_id, timeout=120)
         httpx.delete(f"{stack.api}/transcripts/{new_id}", timeout=30)

@@ -71,7 +71,7 @@ from services.ingest.live import LIVE_ROUTES, Wakeups
 from services.ingest.openai_api import OPENAI_ROUTES
 from services.ingest.orphans import run_orphan_sweep
 from services.ingest.page import PAGE_ROUTES
-from services.ingest.playback import PLAYBACK_ROUTES
+from services.ingest.playback import PLAYBACK_ROUTES, redaction_asked
 from services.ingest.readiness import CHECK_TIMEOUT_S, DatabaseProbe, ObjectStoreProbe, run_checks
 from services.ingest.redacted_audio import PROCESSING_RETRY_AFTER_S, REDACTION_RETRY_AFTER_S
 from services.ingest.reindex import REINDEX_ROUTES, Reindexer, run_corrections_embedder
@@ -206,7 +206,9 @@ class RerunOptions(JobOptions):
 @post("/transcripts/{job_id:int}/rerun", status_code=202, summary="Run a recording again with other options",
       request_max_body_size=SMALL_BODY_BYTES,
       responses=_errors(400, 401, 403, 404, 409, 413, 422, 503, e413="The JSON body is over 1 MiB",
-                        e409="The recording is no longer stored, or is still to be redacted (Retry-After)",
+                        e409="The recording is no longer stored, or is still to be redacted (Retry-After), or"
+                             " its job asked for redaction and ended in error unredacted and the rerun would"
+                             " not redact",
                         e422="The Idempotency-Key was already used for another request"))
 async def rerun(job_id: JobId, state: State, request: Request, data: RerunOptions | None = None,
                 idempotency_key: IdempotencyKey = None) -> Response[Accepted]:
@@ -242,6 +244,17 @@ async def rerun(job_id: JobId, state: State, request: Request, data: RerunOption
                             detail=f"job {job_id} asked for redaction and its recording is not redacted yet"
                                    f" ({'the job is still processing' if still else 'it is being redacted'});"
                                    " rerun it once that is done")
+    turned_off = data is not None and "redact" in data.model_fields_set and not options.redact
+    if (turned_off and original["status"] == "error" and original["audio_redacted_at"] is None
+            and await redaction_asked(state, job_id, original)):
+        # Stopped or failed before its recording was redacted: what is stored is the upload, never
+        # played (GET .../audio answers 409). A copy of it in a job told not to redact would be. A
+        # rerun leaving `redact` out keeps the job's (or, where only the transcriber's REDACT
+        # redacted it, is redacted by REDACT again).
+        raise HTTPException(status_code=409, detail=f"job {job_id} asked for redaction and ended in error (stopped or"
+                                                    " failed) before its recording was redacted: a rerun of it must"
+                                                    " keep redaction, as the recording asked for it; leave out"
+                                                    " `redact` to keep the job's, or give the kinds to redact")
     bucket = state.settings.audio_bucket
 
     def copy(key: str) -> None:

@@ -192,9 +192,10 @@ async def _opening(state: State, key: str, range_header: str | None, if_range: s
         return stat, span, opening
 
 
-async def _redaction_asked(state: State, job_id: int, job) -> bool:
+async def redaction_asked(state: State, job_id: int, job) -> bool:
     """The job asked for redaction (its `redact` option; options that cannot be read count as
-    asking), or words of it were redacted (the transcriber's REDACT)."""
+    asking), or words of it were redacted (the transcriber's REDACT). What playback refuses a job
+    ended in error unredacted for, and what a rerun of such a job must keep (POST .../rerun)."""
     options = job["options"]
     if not isinstance(options, dict):
         return options is not None
@@ -245,7 +246,7 @@ async def _recording(job_id: int, state: State, request: Request, headers_only: 
         raise HTTPException(status_code=503, headers={"Retry-After": str(REDACTION_RETRY_AFTER_S),
                                                       "Cache-Control": "no-store"},
                             detail=f"the recording of job {job_id} is being redacted; try again in a few seconds")
-    if job["status"] == "error" and job["audio_redacted_at"] is None and await _redaction_asked(state, job_id, job):
+    if job["status"] == "error" and job["audio_redacted_at"] is None and await redaction_asked(state, job_id, job):
         # Only a job that ends done has its recording redacted: one stopped or failed keeps the
         # upload, with what its transcript shows as [CARD] or [PHONE] audible, for good.
         raise HTTPException(status_code=409, headers={"Cache-Control": "no-store"},
