@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # `make test`: the whole suite in three pytest runs. First the fault tests, alone (they stop
 # RabbitMQ and the tests' PostgreSQL, and spend minutes waiting on outages, restarts and timeouts
-# with the CPU idle), with the in-process diarizer tests (CPU alone, no broker or database) beside
-# them; then the rest in TEST_WORKERS pytest-xdist workers (2 by default; 0 runs them in one
+# with the CPU idle), with the in-process tests (the diarizer's and the unit tests: CPU alone, no
+# broker, database or object store) beside them; then the rest in TEST_WORKERS pytest-xdist workers (2 by default; 0 runs them in one
 # process), a test file to a worker, each worker with a stack of its own. Arguments go to every
 # run; an argument naming tests (a path under tests/, not an option's value) runs just those, in
 # one run.
@@ -10,7 +10,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTEST=(.venv/bin/python -m pytest -ra)
 FAULTS=(tests/test_faults.py)
-IN_PROCESS=(tests/test_diarizer_offline.py tests/test_diarizer_pipeline.py)
+IN_PROCESS=(tests/test_diarizer_offline.py tests/test_diarizer_pipeline.py tests/test_units.py tests/test_audio.py
+            tests/test_rewrites.py)
 WORKERS=${TEST_WORKERS:-2}  # devstack.test_pg_connections reads it so too
 
 # pytest's options whose value may come as the next argument (the ones used with a path or a
@@ -80,7 +81,7 @@ faults_status=$?
 wait "$in_process"
 in_process_status=$?
 echo
-echo "=== the in-process diarizer tests (${IN_PROCESS[*]}), run beside the fault tests ==="
+echo "=== the in-process tests (${IN_PROCESS[*]}), run beside the fault tests ==="
 cat "$in_process_log"
 trap 'exit 130' INT TERM
 echo

@@ -820,7 +820,7 @@ def test_make_test_last_failed_reruns_the_in_process_runs_failures(tmp_path):
     first, _ = run_tests_script(tmp_path, workers="0")
     assert first.returncode == 1, first.stdout + first.stderr
     again, _ = run_tests_script(tmp_path, "--lf", workers="0")
-    in_process = again.stdout.split("=== the in-process diarizer tests")[1].split("=== the other tests")[0]
+    in_process = again.stdout.split("=== the in-process tests")[1].split("=== the other tests")[0]
     assert "rerun previous 1 failure" in in_process and "1 failed" in in_process
     assert "passed" not in in_process
 
