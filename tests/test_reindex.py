@@ -108,7 +108,6 @@ def test_usage_tells_removed_keys_apart_and_lists_keys_without_jobs(keyed):
 async def test_a_segment_corrected_while_ollama_is_away_is_found_by_meaning_once_it_is_back(keyed):
     """Before the model changes (the next test): ingest's query model is the stored one."""
     import aiohttp
-    import asyncpg
 
     from common.db import LockKey
     from services.embedder.backends import make_embedder
@@ -127,7 +126,9 @@ async def test_a_segment_corrected_while_ollama_is_away_is_found_by_meaning_once
 
     # Ingest's own turn, every minute, is held off by holding its lock throughout; this test
     # takes that turn itself, at once.
-    pool = await asyncpg.create_pool(stack.database_url, min_size=2, max_size=3)
+    from common.db import create_pool
+
+    pool = await create_pool(stack.settings(), min_size=2, max_size=3)  # ingest's codecs (the outbox's jsonb)
     try:
         async with pool.acquire() as lock, aiohttp.ClientSession() as http:
             while not await lock.fetchval("SELECT pg_try_advisory_lock($1)", LockKey.CORRECTIONS):
@@ -495,9 +496,11 @@ async def own_database_url():
 @pytest.fixture
 async def own_database(own_database_url):
     """A pool on a database of its own."""
-    import asyncpg
 
-    pool = await asyncpg.create_pool(own_database_url, min_size=1, max_size=4)
+    from common.db import create_pool
+    from common.settings import Settings
+
+    pool = await create_pool(Settings(_env_file=None, database_url=own_database_url), min_size=1, max_size=4)
     try:
         yield pool
     finally:
@@ -1141,3 +1144,37 @@ async def test_a_search_index_that_cannot_be_built_fails_no_job_and_names_none(o
     failed = [line for line in lines.lines if "could not build the search index" in line]
     assert len(failed) == 1, lines.lines
     assert not any("could not re-embed" in line for line in lines.lines), lines.lines
+
+
+async def test_each_correction_given_its_vector_later_is_announced_with_it(own_database_url):
+    """The corrections embedder stored the vectors and told nobody: segment.updated had gone out
+    without one, and subscribers keeping vectors from the events kept the old text's (or none).
+    Now each segment it gives a vector is announced, in the same transaction, by a segment.updated
+    carrying it; a text the service refuses (stored without one) is not, and the flusher is woken."""
+    from common.db import create_pool
+    from common.settings import Settings
+    from services.embedder.backends import OllamaError
+    from services.ingest.reindex import embed_corrections
+
+    model = "all-minilm"
+
+    async def refusing(texts: list[str]) -> list[list[float]]:
+        if any("POISON" in text for text in texts):
+            raise OllamaError("Ollama answered 500: json: unsupported value: NaN")
+        return [[float(len(text))] + [0.0] * 383 for text in texts]
+
+    pool = await create_pool(Settings(_env_file=None, database_url=own_database_url), max_size=2)  # ingest's codecs
+    try:
+        job_id = await corrected_job(pool, ["Hello there.", "POISON of a text.", "See you soon."])
+        wake = asyncio.Event()
+        assert await embed_corrections(pool, refusing, model, wake) == 2 and wake.is_set()
+        events = [row["body"] for row in await pool.fetch(
+            "SELECT body FROM outbox WHERE routing_key = 'segment.updated' ORDER BY id")]
+        assert [(e["transcript_id"], e["index"], e["text"], e["embedding_model"], e["embedding"][:2])
+                for e in events] == [(job_id, 0, "Hello there.", model, [12.0, 0.0]),
+                                     (job_id, 2, "See you soon.", model, [13.0, 0.0])], events
+        wake.clear()
+        assert await embed_corrections(pool, refusing, model, wake) == 0 and not wake.is_set()
+        assert await pool.fetchval("SELECT count(*) FROM outbox") == 2
+    finally:
+        await pool.close()

@@ -1155,3 +1155,65 @@ def test_download_name_replaces_only_an_extension():
         "x.srt", "call.srt", "notes v1.2.srt", "a.tar.srt"]
     assert (rttm_uri("Dr. Smith interview"), rttm_uri("2025.11.25 standup.m4a")) == (
         "Dr._Smith_interview", "2025.11.25_standup")
+
+
+def test_a_correction_embedded_later_is_announced_again_with_its_vector(stack):
+    """A correction made while the embedding service is away (or slow, or the segment's vector in
+    an older model) goes out in segment.updated without a vector; ingest's corrections embedder
+    gave it one later and told nobody, so a subscriber keeping vectors from the events kept the
+    old text's (or none) for good. It now sends a second segment.updated with the vector, once the
+    text it embedded is still the segment's (one corrected again meanwhile waits for its own)."""
+    import aiohttp
+
+    from common.db import LockKey, create_pool
+    from services.embedder.backends import make_embedder
+    from services.ingest.reindex import embed_corrections
+    from tests.conftest import through_another_ingest
+
+    job_id = stack.value("INSERT INTO transcripts (filename, status, stage, progress, language, completed_at)"
+                         " VALUES ('later.wav', 'done', 'done', 1, 'en', now()) RETURNING id")
+    first, second = "The giraffes were fed fresh leaves.", "The zebras were fed fresh hay at noon."
+    try:
+        stack.query("INSERT INTO segments (transcript_id, chunk_index, index, speaker, start_ts, end_ts, text)"
+                    " VALUES ($1, 0, 0, 'spk_0', 0, 3, 'The giraffe was fed.')", job_id)
+        with through_another_ingest(stack, "ingest-corrections-embedder-away", OLLAMA_RETRIES="0",
+                                    OLLAMA_URL=f"http://127.0.0.1:{free_port()}") as away:
+            where = f"{away.api}/transcripts/{job_id}/segments/0/0"
+
+            async def correct_then_embed() -> tuple[list[dict], list[float], str]:
+                pool = await create_pool(stack.settings(), min_size=2, max_size=3)  # as ingest's (its codecs)
+                connection = await aio_pika.connect_robust(stack.amqp_url)
+                try:
+                    async with pool.acquire() as lock, aiohttp.ClientSession() as http, connection, \
+                            httpx.AsyncClient(timeout=60) as client:
+                        # The ingests' own turns (every minute) are held off; the test takes them.
+                        while not await lock.fetchval("SELECT pg_try_advisory_lock($1)", LockKey.CORRECTIONS):
+                            await asyncio.sleep(0.2)
+                        queue = await events_queue(await connection.channel(), "segment.updated")
+                        corrected = await client.patch(where, json={"text": first})
+                        assert corrected.status_code == 200, corrected.text
+                        embed, model = make_embedder(stack.settings(), http)
+
+                        async def corrected_again_meanwhile(texts: list[str]) -> list[list[float]]:
+                            vectors = await embed(texts)
+                            again = await client.patch(where, json={"text": second})
+                            assert again.status_code == 200, again.text
+                            return vectors
+
+                        await embed_corrections(pool, corrected_again_meanwhile, model)  # `first` is not stored
+                        assert await embed_corrections(pool, embed, model) >= 1
+                        [expected] = await embed([second])
+                        return await job_events(queue, job_id, lambda bodies: len(bodies) >= 3, timeout=30), \
+                            expected, model
+                finally:
+                    await pool.close()
+
+            events, expected, model = asyncio.run(correct_then_embed())
+        assert [(event["text"], event["embedding"] is None) for event in events] == [
+            (first, True), (second, True), (second, False)], events
+        announced = events[2]
+        assert (announced["chunk_index"], announced["index"], announced["speaker"]) == (0, 0, "spk_0")
+        assert announced["embedding_model"] == model and np.allclose(announced["embedding"], expected, atol=1e-5)
+        assert stack.value("SELECT embedding_model FROM segments WHERE transcript_id = $1", job_id) == model
+    finally:
+        stack.query("DELETE FROM transcripts WHERE id = $1", job_id)

@@ -522,7 +522,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
                  asyncio.create_task(run_orphan_sweep(state.pool, state.s3, settings.audio_bucket)),
                  # What a change of enrolled speakers left to match when its request was cut off.
                  asyncio.create_task(run_matching_sweep(state)),
-                 asyncio.create_task(run_corrections_embedder(state.pool, *state.query_embedder))]
+                 asyncio.create_task(run_corrections_embedder(state.pool, *state.query_embedder, state.outbox_wake))]
         waiting = "" if all(task.done() for task in reaching) else " (RabbitMQ or the object store not reached yet)"
         try:
             if opening.done() and isinstance(refused := opening.exception(), BrokerMisconfigured):

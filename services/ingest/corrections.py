@@ -12,7 +12,7 @@ from bisect import bisect_left
 from difflib import SequenceMatcher
 from typing import Annotated
 
-from asyncpg import Record
+from asyncpg import Connection, Record
 from asyncpg.exceptions import LockNotAvailableError
 from litestar import Request, patch
 from litestar.datastructures import State
@@ -183,6 +183,18 @@ def _being_redacted(job_id: int) -> None:
                                " that is done (a speaker can be corrected now)")
 
 
+async def announce_segment(conn: Connection, job_id: int, chunk_index: int, index: int,
+                           embedding: list[float] | None, model: str) -> TranscriptSegment:
+    """The segment as it is now, and its segment.updated added to the outbox in the caller's
+    transaction (who commits it wakes the flusher): with `embedding`, of `model`, where it has
+    one; without, its vector comes in a later segment.updated (reindex.embed_corrections)."""
+    segment = transcript_segment(await jobstore.job_segment(conn, job_id, chunk_index, index))
+    await add_to_outbox(conn, SegmentUpdated(
+        job_id=job_id, transcript_id=job_id, **segment.model_dump(exclude={"words", "edited"}),
+        embedding=embedding, embedding_model=model if embedding is not None else None))
+    return segment
+
+
 SegmentChunk = Annotated[int, PathParameter(ge=0, le=1_000_000, description="The segment's chunk_index")]
 SegmentIndex = Annotated[int, PathParameter(ge=0, le=1_000_000, description="The segment's index in its chunk")]
 
@@ -257,10 +269,7 @@ async def correct_segment(job_id: JobId, chunk_index: SegmentChunk, index: Segme
                                            words=[w.model_dump() for w in new_words],
                                            text_language=segment["text_language"],
                                            embedding=embedding, embedding_model=model)
-        corrected = transcript_segment(await jobstore.job_segment(conn, job_id, chunk_index, index))
-        await add_to_outbox(conn, SegmentUpdated(
-            job_id=job_id, transcript_id=job_id, **corrected.model_dump(exclude={"words", "edited"}),
-            embedding=embedding, embedding_model=model if embedding is not None else None))
+        corrected = await announce_segment(conn, job_id, chunk_index, index, embedding, model)
     state.outbox_wake.set()
     with job_logged(job_id):
         changed = [what for what, new, old in (("text", text, segment["text"]),

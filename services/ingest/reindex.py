@@ -12,7 +12,8 @@ again. One run at a time across replicas, its outcome (and the newest job it cov
 `reindex_runs`. With API keys on, only ADMIN_API_KEY may call it.
 
 Apart from runs, `embed_corrections` gives a vector every minute to the segments corrected by
-hand while the embedding service was away, so search by meaning finds them once it is back; a
+hand while the embedding service was away, so search by meaning finds them once it is back, and
+announces each in a segment.updated carrying it (its correction's went out without one); a
 text the service refuses is marked as a run marks it, and not tried again with that model."""
 
 from __future__ import annotations
@@ -28,12 +29,13 @@ from litestar import Request, get, post
 from litestar.datastructures import State
 from pydantic import BaseModel
 
-from common import searchstore
+from common import jobstore, searchstore
 from common.db import DATABASE_UNAVAILABLE, LockKey, connection_outside, every
 from common.logs import job_logged
 from services.embedder.backends import OLLAMA_UNAVAILABLE, EmbedFn, one_text_may_cause
 from services.embedder.handler import embed_one_by_one
 from services.ingest.auth import admin_only
+from services.ingest.corrections import announce_segment
 from services.ingest.errors import error_responses
 
 log = logging.getLogger(__name__)
@@ -331,12 +333,15 @@ def one_text_may_be_why(exc: BaseException) -> bool:
     return one_text_may_cause(exc) and not isinstance(exc, DATABASE_UNAVAILABLE)
 
 
-async def embed_corrections(pool: asyncpg.Pool, embed: EmbedFn, model: str) -> int:
-    """Vectors for the hand-corrected segments left without one; how many got one. While the
-    embedding service is away they wait for the next turn. Where a batch fails in a way one text
-    may cause, its texts are embedded one by one as in a run: a text still refused is stored
-    without a vector, marked with the model (as a run marks it), and not tried again with it, so
-    that refused texts hold up none after them, at this turn or any later one."""
+async def embed_corrections(pool: asyncpg.Pool, embed: EmbedFn, model: str,
+                            outbox_wake: asyncio.Event | None = None) -> int:
+    """Vectors for the hand-corrected segments left without one; how many got one. Each is
+    announced in a segment.updated carrying it (see _store_corrections), and `outbox_wake` set
+    to publish them at once. While the embedding service is away they wait for the next turn.
+    Where a batch fails in a way one text may cause, its texts are embedded one by one as in a
+    run: a text still refused is stored without a vector, marked with the model (as a run marks
+    it), and not tried again with it, so that refused texts hold up none after them, at this turn
+    or any later one."""
     stored, after = 0, (0, -1, -1)
     embedded_text: str | None = None  # for embed_one_by_one: one the service embedded this turn
     while rows := await searchstore.corrected_segments_without_vector(pool, model, after, BATCH):
@@ -360,29 +365,48 @@ async def embed_corrections(pool: asyncpg.Pool, embed: EmbedFn, model: str) -> i
                     log.warning("segment %d/%d, corrected by hand, is refused by the embedding service (%s: %s);"
                                 " left without a vector, not tried again with %s", rows[position]["chunk_index"],
                                 rows[position]["index"], type(why).__name__, str(why)[:200], model)
-        stored += await _store_corrections(pool, model, list(zip(rows, vectors)))
+        given = await _store_corrections(pool, model, list(zip(rows, vectors)))
+        if given and outbox_wake is not None:
+            outbox_wake.set()
+        stored += given
     return stored
 
 
 async def _store_corrections(pool: asyncpg.Pool, model: str,
                              embedded: list[tuple[asyncpg.Record, list[float] | None]]) -> int:
-    """Stores the vectors (None: refused, marked with the model); how many were vectors."""
+    """Stores the vectors (None: refused, marked with the model); how many were stored. A segment
+    given its vector is announced in the same transaction: a segment.updated carrying it, as a
+    correction made with the service there carries it (its correction's went out without one,
+    and subscribers keeping vectors from the events would keep the old text's, or none). One
+    whose text was corrected again since it was read keeps waiting for its own, and is not told."""
     if (dimensions := next((len(v) for _, v in embedded if v is not None), None)) is not None:
         await searchstore.ensure_vector_index(pool, model, dimensions)
+    stored = 0
     for job_id, group in itertools.groupby(embedded, key=lambda pair: pair[0]["transcript_id"]):
         group = list(group)
         async with pool.acquire() as conn, conn.transaction():
+            # Locked before the vectors are stored: a correction made meanwhile then waits for this
+            # transaction, and the segments whose text is still the one embedded are those stored.
+            now = [await jobstore.lock_segment(conn, job_id, r["chunk_index"], r["index"]) for r, _ in group]
             await searchstore.store_reindexed(conn, job_id, model, [(r["chunk_index"], r["index"], r["text"], v)
                                                                  for r, v in group])
-        if given := sum(v is not None for _, v in group):
+            given = [(r, v) for (r, v), segment in zip(group, now)
+                     if v is not None and segment is not None and segment["text"] == r["text"]]
+            for r, v in given:
+                await announce_segment(conn, job_id, r["chunk_index"], r["index"], v, model)
+        if given:
             with job_logged(job_id):
-                log.info("%d segments corrected by hand embedded with %s", given, model)
-    return sum(v is not None for _, v in embedded)
+                log.info("%d segments corrected by hand embedded with %s", len(given), model)
+        stored += len(given)
+    return stored
 
 
-def run_corrections_embedder(pool: asyncpg.Pool, embed: EmbedFn, model: str) -> Awaitable[None]:
+def run_corrections_embedder(pool: asyncpg.Pool, embed: EmbedFn, model: str,
+                             outbox_wake: asyncio.Event | None = None) -> Awaitable[None]:
+    """`outbox_wake`: the outbox flusher's, set when segment.updated events were added (without
+    it they go out at the flusher's next turn, every 2 s)."""
     return every(CORRECTIONS_INTERVAL_S, pool, LockKey.CORRECTIONS,
-                 lambda: embed_corrections(pool, embed, model), "embedding corrected segments")
+                 lambda: embed_corrections(pool, embed, model, outbox_wake), "embedding corrected segments")
 
 
 @post("/admin/reindex", status_code=202, summary="Re-embed stored segments with the current model",
