@@ -724,6 +724,14 @@ async def test_a_job_started_after_the_run_began_does_not_keep_it_going(own_data
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and f"job {late}" in warnings[0] and old in warnings[0], warnings
 
+    # A run begun and ended by an ingest from before migration 036 (a rolling upgrade) writes only
+    # its times and error: the earlier run's bounds and "not switched" are not taken for its own.
+    await pool.execute("UPDATE reindex_runs SET started_at = now(), ended_at = NULL, error = NULL WHERE model = $1",
+                       model)
+    await pool.execute("UPDATE reindex_runs SET ended_at = now(), error = NULL WHERE model = $1", model)
+    older_ingests = await reindexer.progress()
+    assert (older_ingests.embedder_not_switched, older_ingests.pending_segments) == (False, 1), older_ingests
+
 
 @pytest.mark.parametrize("raised, stops", [
     # This machine's disk (a local model's cache): that job's failure, passed over and named.

@@ -117,9 +117,10 @@ class Reindexer:
                 # the run going for ever).
                 newest = await searchstore.newest_job(self.pool)
                 started_at = await self.pool.fetchval(
-                    "INSERT INTO reindex_runs (model, newest_job) VALUES ($1, $2) ON CONFLICT (model)"
-                    " DO UPDATE SET started_at = now(), ended_at = NULL, error = NULL,"
-                    " newest_job = EXCLUDED.newest_job, embedder_not_switched = false RETURNING started_at",
+                    "INSERT INTO reindex_runs (model, newest_job, bounds_started_at) VALUES ($1, $2, now())"
+                    " ON CONFLICT (model) DO UPDATE SET started_at = now(), ended_at = NULL, error = NULL,"
+                    " newest_job = EXCLUDED.newest_job, embedder_not_switched = false, bounds_started_at = now()"
+                    " RETURNING started_at",
                     self.model, newest)
                 error, not_switched = await self._reindex_all(conn, newest)
                 # On a connection of the pool's: the lock's own may have died with a restart. Only
@@ -306,7 +307,12 @@ class Reindexer:
     async def progress(self, earlier_counts_will_do: bool = False) -> ReindexProgress:
         running = await self._under_way_anywhere()
         run = await self.pool.fetchrow(
-            "SELECT ended_at, error, newest_job, embedder_not_switched FROM reindex_runs WHERE model = $1", self.model)
+            # newest_job and embedder_not_switched are the run's own only where it wrote them: a run
+            # begun by an ingest from before migration 036 (a rolling upgrade) leaves an earlier
+            # run's there, and is read as one with no bounds (every job; not said unswitched).
+            "SELECT ended_at, error, CASE WHEN bounds_started_at = started_at THEN newest_job END AS newest_job,"
+            " bounds_started_at = started_at AND embedder_not_switched AS embedder_not_switched"
+            " FROM reindex_runs WHERE model = $1", self.model)
         if not running and run is not None and run["ended_at"] is None:
             # Begun since the look above (it holds the lock before it marks its row), or cut short.
             running = await self._under_way_anywhere()
@@ -314,7 +320,7 @@ class Reindexer:
         if not running and run is not None:
             # A run cancelled as its ingest stops, or whose replica died, wrote no end.
             error = run["error"] if run["ended_at"] is not None else INTERRUPTED
-            not_switched = run["embedder_not_switched"]
+            not_switched = bool(run["embedder_not_switched"])
         # The counts of the run's jobs, up to the newest there as it began: a job started since,
         # cancelled or failed before the embedder embedded it, is not the run's to do. A run under
         # way that has not marked its row yet (the row, if any, an earlier run's) takes every job
