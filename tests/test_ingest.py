@@ -689,16 +689,14 @@ class CommitAnswerCutter(FreezableProxy):
             self.tasks.add(task)
 
 
-async def test_a_job_whose_commit_answer_was_lost_is_the_requests_answer(stack):
-    """The job's COMMIT went through but its answer was lost (the connection dropped as it came):
-    the recording was kept and the job runs, yet the request was answered 503 "nothing was created;
-    try again", and a client sending it again (without an Idempotency-Key) got a second job. The
-    job is the answer now (POST /recognize's 202 with its id)."""
+async def job_through_a_cut_commit(stack, filename: str, down_s: float | None = None):
+    """create_job through a proxy that loses the answer to its COMMIT (and keeps PostgreSQL away
+    for `down_s` after): the job id, the object keys stored, the proxy and the seconds it took."""
     import asyncio
 
     from common.db import create_pool
     from common.messages import JobOptions
-    from common.storage import object_exists, upload_bytes
+    from common.storage import upload_bytes
     from services.ingest.jobs import create_job
     from tests.test_db_timeouts import _through, _upstream
 
@@ -711,19 +709,33 @@ async def test_a_job_whose_commit_answer_was_lost_is_the_requests_answer(stack):
         upload_bytes(s3, settings.audio_bucket, key, b"RIFF-not-really-audio")
         stored.append(key)
 
-    async with CommitAnswerCutter(_upstream(url)) as proxy:
+    async with CommitAnswerCutter(_upstream(url), down_s=down_s or 0) as proxy:
         pool = await create_pool(settings.model_copy(update={"database_url": SecretStr(_through(proxy, url))}))
         try:
+            started = time.monotonic()
             # Failed through the outbox at once (`refused`), so that no worker takes the made-up audio.
-            job_id = await create_job(pool, s3, settings.audio_bucket, put_audio, filename="commit lost.wav",
+            job_id = await create_job(pool, s3, settings.audio_bucket, put_audio, filename=filename,
                                       options=JobOptions(), owner=None, outbox_wake=asyncio.Event(),
-                                      refused="a test's job: its commit's answer was lost")
+                                      refused="a test's job: its commit's answer was lost",
+                                      tell_maybe_created=down_s is not None)
+            elapsed = time.monotonic() - started
         finally:
             await pool.close()
+    return job_id, stored, proxy, elapsed
+
+
+async def test_a_job_whose_commit_answer_was_lost_is_the_requests_answer(stack):
+    """The job's COMMIT went through but its answer was lost (the connection dropped as it came):
+    the recording was kept and the job runs, yet the request was answered 503 "nothing was created;
+    try again", and a client sending it again (without an Idempotency-Key) got a second job. The
+    job is the answer now (POST /recognize's 202 with its id)."""
+    from common.storage import object_exists
+
+    job_id, stored, proxy, _ = await job_through_a_cut_commit(stack, "commit lost.wav")
     assert proxy.cut
     assert stored == [f"uploads/{job_id}"]
     assert stack.value("SELECT filename FROM transcripts WHERE id = $1", job_id) == "commit lost.wav"
-    assert object_exists(s3, settings.audio_bucket, stored[0])
+    assert object_exists(stack.s3(), stack.settings().audio_bucket, stored[0])
 
 
 async def test_a_job_whose_commit_answer_was_lost_as_postgresql_went_down_is_looked_for_until_it_is_back(stack):
@@ -732,39 +744,14 @@ async def test_a_job_whose_commit_answer_was_lost_as_postgresql_went_down_is_loo
     again later" while its job was committed and runs (a client without an Idempotency-Key sent it
     again: two jobs). It is looked for again, a little later each time, for ROW_CHECK_S (10 s):
     the database back after 2 s, the job is the request's answer."""
-    import asyncio
+    from common.storage import object_exists
 
-    from common.db import create_pool
-    from common.messages import JobOptions
-    from common.storage import object_exists, upload_bytes
-    from services.ingest.jobs import create_job
-    from tests.test_db_timeouts import _through, _upstream
-
-    settings = stack.settings()
-    url = settings.database_url.get_secret_value()
-    s3 = stack.s3()
-    stored: list[str] = []
-
-    def put_audio(key: str) -> None:
-        upload_bytes(s3, settings.audio_bucket, key, b"RIFF-not-really-audio")
-        stored.append(key)
-
-    async with CommitAnswerCutter(_upstream(url), down_s=2.0) as proxy:
-        pool = await create_pool(settings.model_copy(update={"database_url": SecretStr(_through(proxy, url))}))
-        try:
-            started = time.monotonic()
-            job_id = await create_job(pool, s3, settings.audio_bucket, put_audio, filename="postgres went down.wav",
-                                      options=JobOptions(), owner=None, outbox_wake=asyncio.Event(),
-                                      refused="a test's job: PostgreSQL went down as it committed",
-                                      tell_maybe_created=True)
-            elapsed = time.monotonic() - started
-        finally:
-            await pool.close()
+    job_id, stored, proxy, elapsed = await job_through_a_cut_commit(stack, "postgres went down.wav", down_s=2.0)
     assert proxy.cut and proxy.refused >= 1  # it was asked while down, and again once back
     assert 2.0 <= elapsed < 10, elapsed
     assert stored == [f"uploads/{job_id}"]
     assert stack.value("SELECT filename FROM transcripts WHERE id = $1", job_id) == "postgres went down.wav"
-    assert object_exists(s3, settings.audio_bucket, stored[0])
+    assert object_exists(stack.s3(), stack.settings().audio_bucket, stored[0])
 
 
 async def test_a_job_whose_commit_cannot_be_told_is_named_in_the_503(stack, fixtures_dir, monkeypatch):

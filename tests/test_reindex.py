@@ -400,21 +400,16 @@ def test_a_run_its_ingest_stopped_midway_is_reported_as_interrupted(keyed):
                       " 'transcribing') RETURNING id")
     stack.query("INSERT INTO segments (transcript_id, chunk_index, index, speaker, start_ts, end_ts, text,"
                 " embedding_model) VALUES ($1, 0, 0, 'spk_0', 0, 1, 'Good morning.', 'model-before-the-switch')", job)
-    env = {**os.environ, "STT_API_URL": stack.api, "STT_API_KEY": ADMIN}
-    following = subprocess.Popen([str(Path(sys.executable).parent / "stt"), "reindex"], env=env,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    following = None
     try:
-        deadline = time.monotonic() + 60
-        while not (progress := admin.get(f"{stack.api}/admin/reindex").json())["running"]:
-            assert time.monotonic() < deadline and following.poll() is None, progress
-            time.sleep(0.2)
+        following = stt_reindex_under_way(stack, admin)
         stack.stop("ingest")
         stack.start_service("ingest")
         stack.wait_ready(timeout=120)
         out, err = following.communicate(timeout=120)
         progress = admin.get(f"{stack.api}/admin/reindex").json()
     finally:
-        if following.poll() is None:
+        if following is not None and following.poll() is None:
             following.kill()
             following.communicate()
         stack.query("DELETE FROM transcripts WHERE id = $1", job)
@@ -426,6 +421,20 @@ def test_a_run_its_ingest_stopped_midway_is_reported_as_interrupted(keyed):
     assert following.returncode == 1 and interrupted in " ".join(err.split()), (following.returncode, out, err)
 
 
+def stt_reindex_under_way(stack, admin: httpx.Client) -> subprocess.Popen:
+    """`stt reindex` as the admin, once the run it started is under way."""
+    env = {**os.environ, "STT_API_URL": stack.api, "STT_API_KEY": ADMIN}
+    following = subprocess.Popen([str(Path(sys.executable).parent / "stt"), "reindex"], env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (progress := admin.get(f"{stack.api}/admin/reindex").json())["running"]:
+        if time.monotonic() > deadline or following.poll() is not None:
+            following.kill()
+            raise AssertionError((progress, following.communicate()))
+        time.sleep(0.2)
+    return following
+
+
 def test_jobs_ended_after_the_run_began_do_not_make_it_look_unfinished(keyed):
     """A job cancelled (or failed) while a run goes on keeps its segments stored from
     chunk.transcribed, never embedded (no model): started after the run began, it is not the
@@ -435,7 +444,6 @@ def test_jobs_ended_after_the_run_began_do_not_make_it_look_unfinished(keyed):
     stack, _, _ = keyed
     admin = httpx.Client(headers={"X-API-Key": ADMIN}, timeout=60)
     model = admin.get(f"{stack.api}/admin/reindex").json()["model"]
-    env = {**os.environ, "STT_API_URL": stack.api, "STT_API_KEY": ADMIN}
     made = []
 
     def job(status: str, embedded_with: str | None) -> int:
@@ -451,13 +459,8 @@ def test_jobs_ended_after_the_run_began_do_not_make_it_look_unfinished(keyed):
         """`stt reindex` over a job running as the model changed (the run waits for its end); once
         the run is under way, a job in `started_since` (status, model) begins and ends."""
         running = job("processing", "model-before-the-switch")
-        following = subprocess.Popen([str(Path(sys.executable).parent / "stt"), "reindex"], env=env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        following = stt_reindex_under_way(stack, admin)
         try:
-            deadline = time.monotonic() + 60
-            while not (progress := admin.get(f"{stack.api}/admin/reindex").json())["running"]:
-                assert time.monotonic() < deadline and following.poll() is None, progress
-                time.sleep(0.2)
             job(*started_since)
             stack.query("UPDATE transcripts SET status = 'done', stage = 'done', completed_at = now() WHERE id = $1",
                         running)
