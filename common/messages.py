@@ -225,8 +225,10 @@ class JobOptions(BaseModel):
             if not isinstance(heard, str) or not isinstance(written, str):
                 raise ValueError(f"spelling: {str(heard)[:40]!r}={str(written)[:40]!r}: both sides are text")
             # str.lower() writes Turkish "İ" as "i" and a combining dot: "İstanbul" and "istanbul" are
-            # one heard side, matched the same way.
-            key, written = printable_words(heard).replace("İ", "i").lower(), printable_words(written)
+            # one heard side, matched the same way. Both sides in NFC, as Whisper writes: "nguyễn"
+            # typed with combining accents and precomposed is one heard side, not two.
+            key = unicodedata.normalize("NFC", printable_words(heard)).replace("İ", "i").lower()
+            written = unicodedata.normalize("NFC", printable_words(written))
             # Whisper's words are matched in any case: two spellings of one heard side kept one of
             # them silently.
             if typed and kept.get(key, written) != written:

@@ -376,3 +376,36 @@ def test_a_card_said_with_commas_before_its_expiry_is_redacted_with_its_checksum
 ])
 def test_four_numbers_said_as_a_list_are_a_card_only_with_the_checksum(said, stored):
     assert redact_text(said, ["card"]) == stored
+
+
+@pytest.mark.parametrize("heard, said, stored", [
+    # A vowel sign or virama (a combining mark, which Python's \w leaves out) goes on the word.
+    ("राम", "रामायण में राम आए", "रामायण में Ram आए"),
+    ("राम", "राम्या और राम", "राम्या और Ram"),
+    ("मत", "इसकी कीमत क्या है? मत पूछो", "इसकी कीमत क्या है? Mat पूछो"),
+    ("cafe", "cafe\u0301 or cafe", "cafe\u0301 or Cafe"),
+])
+def test_custom_spelling_is_not_applied_inside_a_word_whose_next_or_last_letter_is_a_combining_mark(
+        heard, said, stored):
+    written = {"राम": "Ram", "मत": "Mat", "cafe": "Cafe"}[heard]
+    words = [Word(word=(" " if i else "") + w, start=i, end=i + 1) for i, w in enumerate(said.split())]
+    segment = Segment(index=0, speaker="spk_0", start_ts=0, end_ts=len(words), text=said, words=words)
+    [spelled] = respell([segment], JobOptions(spelling=f"{heard}={written}").spelling)
+    assert spelled.text == stored
+
+
+def test_custom_spelling_typed_with_combining_accents_matches_the_precomposed_words_whisper_writes():
+    """"nguyễn" typed with combining accents (as macOS may write it) was kept so, and never matched
+    Whisper's precomposed "Nguyễn": the pair was accepted and did nothing."""
+    import unicodedata
+
+    decomposed = unicodedata.normalize("NFD", "nguyễn=Nguyễn Văn A")
+    assert JobOptions(spelling=decomposed).spelling == {"nguyễn": "Nguyễn Văn A"}
+    with pytest.raises(ValueError, match="is given twice"):
+        JobOptions(spelling=f"nguyễn=X, {unicodedata.normalize('NFD', 'nguyễn')}=Y")
+    said = "Anh Nguyễn nói, " + unicodedata.normalize("NFD", "Nguyễn") + " nghe."
+    words = [Word(word=(" " if i else "") + w, start=i, end=i + 1) for i, w in enumerate(said.split())]
+    segment = Segment(index=0, speaker="spk_0", start_ts=0, end_ts=len(words), text=said, words=words)
+    for spelling in (decomposed, {unicodedata.normalize("NFD", "nguyễn"): "Nguyễn Văn A"}):
+        [spelled] = respell([segment], JobOptions(spelling=spelling).spelling)
+        assert spelled.text == "Anh Nguyễn Văn A nói, Nguyễn Văn A nghe."

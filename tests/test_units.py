@@ -1590,3 +1590,47 @@ def test_multichannel_refuses_what_pydantic_would_take_as_a_bool_and_other_words
     if isinstance(value, str):
         with pytest.raises(ValueError, match="x-amz-meta-multichannel"):
             drop_options({"x-amz-meta-multichannel": value})
+
+
+def test_a_vocabulary_past_what_whisper_is_told_loses_whole_terms_with_a_warning_naming_the_job(caplog):
+    """150 characters of Chinese are about 240 of Whisper's tokens, and faster-whisper's get_prompt
+    keeps 223 of the hotwords' tokens: the last terms were cut off unsaid, the last of them in the
+    middle of a character. Now whole terms are left out, with a warning that names the job."""
+    import logging
+
+    from faster_whisper import WhisperModel
+    from faster_whisper.tokenizer import Tokenizer
+
+    from common.logs import _JobIdFilter, job_logged
+    from common.messages import VOCABULARY_MAX_CHARS
+    from services.transcriber import whisper
+
+    model = WhisperModel(str(ROOT / "models" / "whisper-base"), device="cpu", compute_type="int8")
+    english = JobOptions(vocabulary="ComfyUI, Kubernetes, PostgreSQL, RabbitMQ, faster-whisper, pyannote, Grafana,"
+                                    " Prometheus, Anthropic, Hetzner, Siobhan Nguyen, Joaquin").vocabulary
+    tokenizer = Tokenizer(model.hf_tokenizer, True, task="transcribe", language="zh")
+    assert len(tokenizer.encode(" " + ", ".join(english))) < 100  # 136 characters
+
+    def told(hotwords: str) -> str:
+        """What Whisper is told of `hotwords` before each window."""
+        prompt = model.get_prompt(tokenizer, [], hotwords=hotwords)
+        return tokenizer.decode(prompt[1:prompt.index(tokenizer.sot)]).strip()
+
+    caplog.handler.addFilter(_JobIdFilter())
+    # Names of ancient Chinese bronzes and beasts: a character is two or three tokens.
+    terms = [a + b for a in ("饕餮", "麒麟", "鳳凰", "貔貅", "獬豸", "睚眦")
+             for b in ("氍毹", "罍觥", "甗簋", "琮璜", "彝鼎", "觚觯")]
+    for comma in (",", "，"):  # terms as the validator splits them, or one text with Chinese commas
+        vocabulary = JobOptions(vocabulary=comma.join(terms)[:VOCABULARY_MAX_CHARS]).vocabulary
+        whole = ", ".join(vocabulary)
+        assert told(whole) != whole  # what faster-whisper does with all of it
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger=whisper.log.name), job_logged(4242):
+            hotwords = whisper._hotwords(model, vocabulary)
+            assert whisper._hotwords(model, english) == ", ".join(english)
+        assert told(hotwords) == hotwords and whole.startswith(hotwords)
+        kept = re.split(r"\s*[,，]\s*", hotwords)
+        assert kept == terms[:len(kept)] and 10 < len(kept) < 30
+        [warning] = [r.getMessage() for r in caplog.records if r.name == whisper.log.name]
+        assert warning.startswith("job=4242 ") and warning.endswith(whole[len(hotwords):].lstrip(", ，"))
+    assert whisper._hotwords(model, []) is None and whisper._hotwords(model, None) is None

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import re
 import socket
 import ssl
 import time
@@ -331,6 +332,41 @@ def _heard_times(spans: list[TimeSpan]):
     return to_chunk
 
 
+# faster-whisper keeps this many of the hotwords' tokens and cuts the rest off unsaid, wherever
+# that falls (inside a term, inside a character's bytes): get_prompt keeps max_length // 2 - 1 of
+# them, Whisper's 448-token context halved. The job's VOCABULARY_MAX_CHARS is 150 characters, about
+# 50 tokens in English, but one token a character and more in Chinese, Hindi or Georgian.
+HOTWORDS_MAX_TOKENS = 448 // 2 - 1
+
+
+def hotwords_that_fit(tokenizer, hotwords: str, max_tokens: int = HOTWORDS_MAX_TOKENS) -> tuple[str, str]:
+    """`hotwords` cut after its last whole term (at a comma: ", ", or Chinese and Japanese "，"
+    and "、"; at a space only where no term fits whole) that keeps what faster-whisper encodes
+    (with a space before) within `max_tokens` of `tokenizer`'s tokens, and the rest."""
+    def fits(text: str) -> bool:
+        return len(tokenizer.encode(" " + text, add_special_tokens=False).ids) <= max_tokens
+    if fits(hotwords):
+        return hotwords, ""
+    for boundary in (r"\s*[,，、]\s*", r"\s+"):
+        for cut in reversed(list(re.finditer(boundary, hotwords))):
+            if fits(hotwords[:cut.start()]):
+                return hotwords[:cut.start()], hotwords[cut.end():]
+    return "", hotwords
+
+
+def _hotwords(model, vocabulary: list[str] | None) -> str | None:
+    """The job's vocabulary as Whisper's hotwords: whole terms only, those past what faster-whisper
+    keeps of them left out with a warning (the log line names the job) instead of cut off unsaid."""
+    hotwords = ", ".join(vocabulary or [])
+    tokenizer = getattr(model, "hf_tokenizer", None)
+    if hotwords and tokenizer is not None:
+        hotwords, dropped = hotwords_that_fit(tokenizer, hotwords)
+        if dropped:
+            log.warning("vocabulary is longer than the %d tokens Whisper is told: left out: %s", HOTWORDS_MAX_TOKENS,
+                        dropped)
+    return hotwords or None
+
+
 def transcribe_chunk(model: WhisperModel, audio: np.ndarray | HeardAudio, offset: float,
                      turns: list[SpeakerTurn], language: str | None,
                      beam_size: int = 5, speech: str = "diarizer",
@@ -360,7 +396,7 @@ def transcribe_chunk(model: WhisperModel, audio: np.ndarray | HeardAudio, offset
     # Whisper's `hotwords`, not its `initial_prompt`: without conditioning on the previous text
     # the initial prompt reaches only the first window.
     options = dict(task=task, beam_size=beam_size, word_timestamps=True,
-                   condition_on_previous_text=False, hotwords=", ".join(vocabulary or []) or None)
+                   condition_on_previous_text=False, hotwords=_hotwords(model, vocabulary))
     length_s = heard_audio.length_s
     if speech == "whisper-vad":
         pieces, info = model.transcribe(heard_audio.samples(0.0, length_s), vad_filter=True,
