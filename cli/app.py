@@ -71,9 +71,14 @@ FOLLOW_TRIES = 60
 # VPN that is gone never comes back, and a script would wait for ever.
 API_AWAY_S = 1800.0
 # How long `submit` keeps offering an upload that the server answers 503 with Retry-After (it
-# takes no more uploads at once, or its database or broker is briefly away; nothing was created),
-# or a gateway's rate limit answers 429 with Retry-After.
+# takes no more uploads at once, or its database or broker is briefly away; nothing was created,
+# unless the detail says a job may have been created: MAYBE_CREATED), or a gateway's rate limit
+# answers 429 with Retry-After.
 UPLOAD_BUSY_WAIT_S = 120.0
+# In a 503's detail: the database went away as the job was committed, so it may exist and run
+# (services/ingest/submission.py maybe_created). Sent again with the same Idempotency-Key, the
+# upload gets that job if it was created; else it is reported as maybe accepted, not refused.
+MAYBE_CREATED = re.compile(r"\bjob (\d+) may have been created\b")
 # Sends of one upload whose answer was lost (each with the same Idempotency-Key).
 UPLOAD_ATTEMPTS = 3
 # Seconds before a request whose answer was lost is sent again (times the attempt).
@@ -478,8 +483,29 @@ def upload(client: httpx.Client, source: Path | str, fields: dict[str, str]) -> 
         def send(headers: dict[str, str]) -> httpx.Response:
             return _post_url(client, source, fields, headers)
         gateway_gave_up_means = "the service may still be fetching the address"
-    response = sent_with_key(send, said_of=f"{escape(source_name(source))}: ", attempts=UPLOAD_ATTEMPTS,
-                             busy_wait_s=UPLOAD_BUSY_WAIT_S, gateway_gave_up_means=gateway_gave_up_means)
+    # A 503 naming a job that may have been created (its COMMIT's answer lost, the database away
+    # since): sent again with the same key while the server asks to wait, it gets that job if it
+    # was; if no send confirms it, the upload may have been accepted as that job, not refused.
+    maybe_created: list[str] = []
+
+    def sent(headers: dict[str, str]) -> httpx.Response:
+        response = send(headers)
+        if response.status_code == 503 and MAYBE_CREATED.search(error_detail(response)):
+            maybe_created.append(f"it was answered 503: {error_detail(response)}")
+        return response
+
+    try:
+        response = sent_with_key(sent, said_of=f"{escape(source_name(source))}: ", attempts=UPLOAD_ATTEMPTS,
+                                 busy_wait_s=UPLOAD_BUSY_WAIT_S, gateway_gave_up_means=gateway_gave_up_means)
+    except (AnswerLost, httpx.TransportError) as exc:
+        if maybe_created:
+            then = (str(exc) if isinstance(exc, AnswerLost) else "the API could not be reached"
+                    if isinstance(exc, NOT_SENT) else lost_answer(exc))
+            raise AnswerLost(f"{maybe_created[0]}; then {then}") from exc
+        raise
+    if maybe_created and not response.is_success:
+        later = f"it was answered {response.status_code}: {error_detail(response)}"
+        raise AnswerLost(maybe_created[0] if later == maybe_created[0] else f"{maybe_created[0]}; then {later}")
     accepted = checked(response).json()
     return SubmittedJob(id=int(accepted["id"]), filename=accepted.get("filename", source_name(source)))
 

@@ -1071,6 +1071,38 @@ def test_an_upload_whose_answer_never_comes_may_have_been_accepted_not_refused(f
     assert "refused" not in said and len(busy.requests) == 2
 
 
+# services/ingest/submission.py maybe_created: the database went away as the job was committed.
+MAYBE_CREATED_DETAIL = ("the job could not be confirmed (ConnectionDoesNotExistError): job 12 may have been created"
+                        " and then runs; check GET /status/12 before sending the request again (sent again with the"
+                        " same Idempotency-Key, it gets that job if it was created)")
+
+
+def test_an_upload_answered_that_its_job_may_have_been_created_is_not_refused(fixtures_dir, monkeypatch):
+    """A 503 whose detail names a job that may have been created was printed as "refused, 503",
+    and the user submitting again made a second job. It is sent again with the same key while the
+    server asks to wait (it gets that job if it was created); never confirmed, the file is told
+    as maybe accepted as that job, not refused, even where a later 503 names no job."""
+    from cli import app as cli
+
+    monkeypatch.setattr(cli, "UPLOAD_BUSY_WAIT_S", 0.5)
+    maybe = (503, {"detail": MAYBE_CREATED_DETAIL}, {"Retry-After": "0.2"})
+    for later in (maybe, (503, {"detail": "the job could not be queued (OSError); try again later"})):
+        api_answers = StandInApi({("POST", "/recognize"): [maybe, later]})
+        with api_answers as api:
+            result = CliRunner().invoke(app, ["submit", str(fixtures_dir / "jfk.flac"), "--no-wait", "--api", api])
+        said = " ".join(result.output.split())
+        assert result.exit_code == 1 and result.stdout == "", said
+        assert "jfk.flac: it was answered 503: the job could not be confirmed" in said, said
+        assert "job 12 may have been created" in said, said
+        assert "it may have been accepted: see stt list before sending it again" in said, said
+        assert "refused" not in said, said
+        assert len({headers["Idempotency-Key"] for headers in api_answers.headers}) == 1
+    # Confirmed by a send again (the database back): that job, once.
+    with StandInApi({("POST", "/recognize"): [maybe, (202, {"id": 12, "filename": "jfk.flac"})]}) as api:
+        result = CliRunner().invoke(app, ["submit", str(fixtures_dir / "jfk.flac"), "--no-wait", "--api", api])
+    assert result.exit_code == 0 and result.stdout.strip() == "12", result.output
+
+
 def test_the_apis_password_is_never_printed(fixtures_dir):
     """https://user:password@host in --api (httpx sends it as Basic auth) was printed as it is."""
     secret = "s3cretpw"

@@ -81,9 +81,20 @@ def test_a_job_with_redaction_that_is_stopped_or_fails_never_serves_its_upload(s
         refused = httpx.post(f"{stack.api}/transcripts/{job_id}/rerun", json=body, timeout=60)
         assert refused.status_code == 409, (job_id, refused.text)
         assert "must keep redaction" in refused.json()["detail"] and "retry-after" not in refused.headers
+    # Nor into one that redacts other kinds than the job asked for: it would copy the upload,
+    # redact only emails at its end, and play the card number.
+    for job_id, body, kinds in ((asked, {"redact": ["email"]}, "(card)"),
+                                (failed, {"redact": ["card", "email"]}, "(phone)")):
+        refused = httpx.post(f"{stack.api}/transcripts/{job_id}/rerun", json=body, timeout=60)
+        assert refused.status_code == 409, (job_id, refused.text)
+        detail = refused.json()["detail"]
+        assert "must keep redaction" in detail and kinds in detail and "retry-after" not in refused.headers
     assert stack.value("SELECT count(*) FROM transcripts WHERE id > $1", newest) == 0
-    # A rerun that keeps the original's `redact` (the default) or gives one goes on, and redacts.
+    # A rerun that keeps the original's `redact` (the default) or gives one with its kinds (and
+    # more) goes on, and redacts.
     for job_id, body, kept in ((asked, {}, ["card"]), (failed, {"num_speakers": 2}, ["phone"]),
+                               (asked, {"redact": ["card", "email"]}, ["card", "email"]),
+                               (failed, {"redact": ["phone"]}, ["phone"]),
                                (by_words, {"redact": ["phone"]}, ["phone"])):
         assert _rerun_then_remove(stack, job_id, body, redact=kept).status_code == 202, job_id
     assert _rerun_then_remove(stack, by_words, {}).status_code == 202

@@ -208,7 +208,7 @@ class RerunOptions(JobOptions):
       responses=_errors(400, 401, 403, 404, 409, 413, 422, 503, e413="The JSON body is over 1 MiB",
                         e409="The recording is no longer stored, or is still to be redacted (Retry-After), or"
                              " its job asked for redaction and ended in error unredacted and the rerun would"
-                             " not redact",
+                             " not redact every kind it asked for",
                         e422="The Idempotency-Key was already used for another request"))
 async def rerun(job_id: JobId, state: State, request: Request, data: RerunOptions | None = None,
                 idempotency_key: IdempotencyKey = None) -> Response[Accepted]:
@@ -244,17 +244,24 @@ async def rerun(job_id: JobId, state: State, request: Request, data: RerunOption
                             detail=f"job {job_id} asked for redaction and its recording is not redacted yet"
                                    f" ({'the job is still processing' if still else 'it is being redacted'});"
                                    " rerun it once that is done")
-    turned_off = data is not None and "redact" in data.model_fields_set and not options.redact
-    if (turned_off and original["status"] == "error" and original["audio_redacted_at"] is None
+    # Given, `redact` must keep every kind the job asked for: `["email"]` for a job of `["card"]`
+    # would copy the upload, redact emails only, and play the card number.
+    stored = original["options"] if isinstance(original["options"], dict) else {}
+    asked_kinds = set(stored.get("redact") or [])
+    dropped = asked_kinds - set(options.redact)
+    weakened = data is not None and "redact" in data.model_fields_set and (not options.redact or bool(dropped))
+    if (weakened and original["status"] == "error" and original["audio_redacted_at"] is None
             and await redaction_asked(state, job_id, original)):
         # Stopped or failed before its recording was redacted: what is stored is the upload, never
-        # played (GET .../audio answers 409). A copy of it in a job told not to redact would be. A
-        # rerun leaving `redact` out keeps the job's (or, where only the transcriber's REDACT
-        # redacted it, is redacted by REDACT again).
+        # played (GET .../audio answers 409). A copy of it in a job told not to redact it, or to
+        # redact fewer kinds, would be. A rerun leaving `redact` out keeps the job's (or, where only
+        # the transcriber's REDACT redacted it, is redacted by REDACT again).
+        kept = f" of every kind it asked for ({', '.join(sorted(asked_kinds))})" if asked_kinds else ""
         raise HTTPException(status_code=409, detail=f"job {job_id} asked for redaction and ended in error (stopped or"
                                                     " failed) before its recording was redacted: a rerun of it must"
-                                                    " keep redaction, as the recording asked for it; leave out"
-                                                    " `redact` to keep the job's, or give the kinds to redact")
+                                                    f" keep redaction{kept}, as the recording asked for it; leave out"
+                                                    " `redact` to keep the job's, or give the kinds to redact"
+                                                    f"{' including those' if asked_kinds else ''}")
     bucket = state.settings.audio_bucket
 
     def copy(key: str) -> None:
