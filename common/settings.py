@@ -3,6 +3,7 @@ lists them all with their defaults; the README explains each."""
 
 from __future__ import annotations
 
+import math
 import os
 from functools import cache
 from pathlib import Path
@@ -34,7 +35,8 @@ class Settings(BaseSettings):
     # dropped for it (the queues that took it have it), as is every one of its kind refused again
     # within this long of the last refusal.
     event_refused_for_s: float = Field(default=30.0, gt=0)
-    # Delays between retries of a failed message; their count is the number of retries.
+    # Delays between retries of a failed message; their count is the number of retries. Whole
+    # seconds, at least 1 each (checked at load: parse_delays).
     retry_delays_s: str = "5,30,120"
     # Returns of one message to its queue unfinished (worker crashes included): the broker
     # dead-letters it after delivery_limit + 1 deliveries.
@@ -163,11 +165,11 @@ class Settings(BaseSettings):
 
     @property
     def webhook_retry_delays(self) -> list[int]:
-        return [max(1, int(float(d))) for d in self.webhook_retry_delays_s.split(",") if d.strip()] or [60]
+        return parse_delays(self.webhook_retry_delays_s) or [60]
 
     @property
     def retry_delays(self) -> list[int]:
-        return [int(float(d)) for d in self.retry_delays_s.split(",") if d.strip()]
+        return parse_delays(self.retry_delays_s)
 
     @property
     def api_key_list(self) -> list[str]:
@@ -196,6 +198,15 @@ class Settings(BaseSettings):
         if level not in LOG_LEVELS:
             raise ValueError(f"{value!r} is not a log level: use one of {', '.join(LOG_LEVELS)}")
         return level
+
+    @field_validator("retry_delays_s", "webhook_retry_delays_s")
+    @classmethod
+    def _delays_in_whole_seconds(cls, value: str) -> str:
+        # Read only when a worker starts consuming (RETRY_DELAYS_S: every worker, ingest's consumers)
+        # or the notifier declares its queues: a value they cannot read crashed them at each start
+        # ("5s"), a negative one was refused by RabbitMQ (x-message-ttl), 0.5 became 0.
+        parse_delays(value)
+        return value
 
     @field_validator("inbox_api_key", "admin_api_key", mode="before")
     @classmethod
@@ -226,6 +237,25 @@ class Settings(BaseSettings):
             # without end, and the orphan sweep would take drops named uploads/<digits> for its own.
             raise ValueError("AUDIO_BUCKET and INBOX_BUCKET must differ")
         return self
+
+
+def parse_delays(value: str) -> list[int]:
+    """A comma-separated list of delays in whole seconds, each at least 1 (blank items skipped). They
+    become RabbitMQ delay queues (`<queue>.delay.<N>s`, x-message-ttl N * 1000), so anything else is
+    refused (ValueError) rather than cut to a whole number."""
+    delays = []
+    for item in value.split(","):
+        if not (item := item.strip()):
+            continue
+        try:
+            seconds = float(item)
+        except ValueError:
+            raise ValueError(f"{item!r} is not a number of seconds: give whole seconds, comma-separated"
+                             " (5,30,120)") from None
+        if not (math.isfinite(seconds) and seconds >= 1 and seconds.is_integer()):
+            raise ValueError(f"{item!r}: each delay must be a whole number of seconds, at least 1")
+        delays.append(int(seconds))
+    return delays
 
 
 @cache

@@ -116,6 +116,16 @@ WORKER_CLIENT_TIMEOUT_S = 60.0
 WORKER_CLIENT_RETRIES = 2
 
 
+def tls_trust() -> dict[str, str]:
+    """The certificates every store client trusts with MINIO_SECURE=true: the file SSL_CERT_FILE
+    names, else certifi's bundle, as minio's own client does. Each client takes them from here: the
+    timeout clients gave urllib3 none, so it loaded the system's store, and with an internal CA in
+    that store only /readyz and the workers' reads went through while every upload failed TLS.
+    Certifi rather than the system's store: it is what the client writing uploads always trusted,
+    and the same in every image whatever the base image's CA package holds."""
+    return {"cert_reqs": "CERT_REQUIRED", "ca_certs": os.environ.get("SSL_CERT_FILE") or certifi.where()}
+
+
 def make_client(settings: Settings, timeout_s: float | None = None, connections: int = 1, retries: int = 0) -> Minio:
     """The S3 client; with `timeout_s`, one whose calls give up after that long on a silent
     endpoint, retried `retries` times (none: health checks, calls made inside a database
@@ -123,15 +133,14 @@ def make_client(settings: Settings, timeout_s: float | None = None, connections:
     if timeout_s is None:
         # minio's own client, as it makes it when given none.
         http_client = StoreAnswersChecked(
-            timeout=urllib3.Timeout(connect=300, read=300), maxsize=10, cert_reqs="CERT_REQUIRED",
-            ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
+            timeout=urllib3.Timeout(connect=300, read=300), maxsize=10, **tls_trust(),
             retries=urllib3.Retry(total=5, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]))
     else:
         # The last answer of a store that stays busy is raised as ServerError (StoreAnswersChecked).
         retry = (urllib3.Retry(total=retries, backoff_factor=0.5, status_forcelist=[500, 502, 503, 504],
                                raise_on_status=False) if retries else urllib3.Retry(total=0))
         http_client = StoreAnswersChecked(timeout=urllib3.Timeout(connect=timeout_s, read=timeout_s),
-                                          retries=retry, maxsize=connections)
+                                          retries=retry, maxsize=connections, **tls_trust())
     return Minio(
         settings.minio_endpoint,
         access_key=settings.minio_access_key,

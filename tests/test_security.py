@@ -222,3 +222,94 @@ def test_api_answers_say_no_store_and_the_recording_and_page_keep_their_own(stac
         response = httpx.get(f"{stack.api}{path}", timeout=30)
         assert response.status_code == 200 and response.headers.get_list("cache-control") == [own], path
 
+
+
+def test_every_store_client_trusts_the_same_certificates_over_tls(tmp_path, monkeypatch):
+    """MINIO_SECURE=true against a store whose certificate an internal CA signed: ingest's main
+    client trusted SSL_CERT_FILE or certifi's bundle, the timeout clients (s3_quick, the /readyz
+    probe, the workers' worker_client) the system's store (OpenSSL's default paths, here
+    SSL_CERT_DIR standing in for it). With the CA there only, /readyz was green and the workers
+    read audio while every upload failed TLS. Now all go through with the CA in SSL_CERT_FILE,
+    and none without it."""
+    import datetime
+    import http.server
+    import ipaddress
+    import ssl
+
+    import urllib3
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    from common import storage
+    from common.settings import Settings
+    from services.ingest.readiness import CHECK_TIMEOUT_S
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key, server_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "stt test internal CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
+          .not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+          .sign(ca_key, hashes.SHA256()))
+    server = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "store")]))
+              .issuer_name(ca_name).public_key(server_key.public_key()).serial_number(x509.random_serial_number())
+              .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=1))
+              .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                             critical=False)
+              .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+              .sign(ca_key, hashes.SHA256()))
+    ca_file, cert_file, key_file = tmp_path / "ca.pem", tmp_path / "store.pem", tmp_path / "store.key"
+    ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    cert_file.write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(server_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                  serialization.NoEncryption()))
+    system_store = tmp_path / "system-store"  # a directory OpenSSL looks up by subject hash
+    system_store.mkdir()
+    subject_hash = subprocess.run(["openssl", "x509", "-hash", "-noout", "-in", str(ca_file)], check=True,
+                                  capture_output=True, text=True).stdout.strip()
+    (system_store / f"{subject_hash}.0").write_bytes(ca_file.read_bytes())
+
+    class Store(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):  # bucket_exists: the bucket is there
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Store)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert_file, key_file)
+    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    settings = Settings(_env_file=None, minio_endpoint=f"127.0.0.1:{httpd.server_address[1]}", minio_secure=True,
+                        minio_region="us-east-1")  # no location lookup: HEAD only
+
+    def answers() -> list[str]:
+        clients = [storage.make_client(settings),  # ingest's state.s3
+                   storage.make_client(settings, timeout_s=storage.QUICK_CLIENT_TIMEOUT_S, connections=8),  # s3_quick
+                   storage.make_client(settings, timeout_s=CHECK_TIMEOUT_S),  # the /readyz probe
+                   storage.worker_client(settings)]  # the diarizer's and transcriber's
+        said = []
+        for client in clients:
+            try:
+                said.append("exists" if client.bucket_exists("audio") else "missing")
+            except urllib3.exceptions.HTTPError as exc:
+                said.append("untrusted" if "CERTIFICATE_VERIFY_FAILED" in str(exc) else repr(exc))
+        return said
+
+    try:
+        monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+        monkeypatch.setenv("SSL_CERT_DIR", str(system_store))  # the CA in the "system's store" only
+        assert answers() == ["untrusted"] * 4
+        monkeypatch.setenv("SSL_CERT_FILE", str(ca_file))
+        assert answers() == ["exists"] * 4
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

@@ -1634,3 +1634,68 @@ def test_a_vocabulary_past_what_whisper_is_told_loses_whole_terms_with_a_warning
         [warning] = [r.getMessage() for r in caplog.records if r.name == whisper.log.name]
         assert warning.startswith("job=4242 ") and warning.endswith(whole[len(hotwords):].lstrip(", ，"))
     assert whisper._hotwords(model, []) is None and whisper._hotwords(model, None) is None
+
+
+def test_every_store_client_trusts_the_same_certificates(monkeypatch, tmp_path):
+    """With MINIO_SECURE=true ingest's main client trusted SSL_CERT_FILE or certifi's bundle, while
+    the timeout clients (s3_quick, the /readyz probe, the workers' worker_client) passed none and
+    urllib3 loaded the system's store: with an internal CA there only, /readyz was green and the
+    workers read audio while every upload failed TLS. Every client now trusts the same."""
+    import certifi
+
+    from common import storage
+    from common.settings import Settings
+    from services.ingest.readiness import CHECK_TIMEOUT_S
+
+    settings = Settings(_env_file=None, minio_endpoint="store.invalid:9000", minio_secure=True)
+
+    def trusted() -> list[tuple[str | None, str | None]]:
+        clients = [storage.make_client(settings),  # ingest's state.s3
+                   storage.make_client(settings, timeout_s=storage.QUICK_CLIENT_TIMEOUT_S, connections=8),  # s3_quick
+                   storage.make_client(settings, timeout_s=CHECK_TIMEOUT_S),  # the /readyz probe
+                   storage.worker_client(settings)]  # the diarizer's and transcriber's
+        return [(c._http.connection_pool_kw.get("cert_reqs"), c._http.connection_pool_kw.get("ca_certs"))
+                for c in clients]
+
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    assert trusted() == [("CERT_REQUIRED", certifi.where())] * 4
+    bundle = tmp_path / "internal-ca.pem"
+    bundle.write_text("")
+    monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
+    assert trusted() == [("CERT_REQUIRED", str(bundle))] * 4
+
+
+@pytest.mark.parametrize("value, delays", [("5,30,120", [5, 30, 120]), (" 1, 2 ,", [1, 2]), ("30.0", [30]), ("", [])])
+def test_retry_delays_are_read_at_load(value, delays):
+    """Whole seconds, at least 1 each; a blank RETRY_DELAYS_S means no retries, a blank
+    WEBHOOK_RETRY_DELAYS_S one minute."""
+    from common.settings import Settings
+
+    settings = Settings(_env_file=None, retry_delays_s=value, webhook_retry_delays_s=value)
+    assert settings.retry_delays == delays and settings.retry_delays_s == value
+    assert settings.webhook_retry_delays == (delays or [60])
+
+
+@pytest.mark.parametrize("setting", ["RETRY_DELAYS_S", "WEBHOOK_RETRY_DELAYS_S"])
+@pytest.mark.parametrize("value, said", [("5s,30s", "'5s' is not a number of seconds"),
+                                         ("1m", "'1m' is not a number of seconds"),
+                                         ("5,-30", "'-30': each delay must be a whole number of seconds, at least 1"),
+                                         ("0.5", "'0.5': each delay must be"), ("0", "'0': each delay must be"),
+                                         ("1.5", "'1.5': each delay must be"), ("inf", "'inf': each delay must be"),
+                                         ("nan", "'nan': each delay must be")])
+def test_retry_delays_that_cannot_be_delays_stop_the_start(monkeypatch, setting, value, said):
+    """RETRY_DELAYS_S=5s,30s loaded, then every worker crashed at each start when it began to
+    consume (ingest's consumers restarted for ever); WEBHOOK_RETRY_DELAYS_S=1m stopped the
+    notifier at start with a traceback; a negative delay was a negative x-message-ttl RabbitMQ
+    refuses, and 0.5 became 0. Now the start stops at once, in the one line other settings get."""
+    from common import settings as settings_module
+
+    monkeypatch.setenv(setting, value)
+    settings_module.get_settings.cache_clear()
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            settings_module.get_settings()
+    finally:
+        settings_module.get_settings.cache_clear()
+    told = str(stopped.value)
+    assert told.startswith(f"invalid settings: {setting}: Value error, {said}") and "\n" not in told
