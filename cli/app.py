@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.utils
 import html
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -22,6 +24,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NoReturn
@@ -70,14 +73,14 @@ FOLLOW_TRIES = 60
 # the job is reported as not followed: a restart or an upgrade takes minutes; a port-forward or a
 # VPN that is gone never comes back, and a script would wait for ever.
 API_AWAY_S = 1800.0
-# How long `submit` keeps offering an upload that the server answers 503 with Retry-After (it
-# takes no more uploads at once, or its database or broker is briefly away; nothing was created,
-# unless the detail says a job may have been created: MAYBE_CREATED), or a gateway's rate limit
-# answers 429 with Retry-After.
+# How long `submit` keeps offering an upload (`rerun` and `speakers enroll` their request) that the
+# server answers 503 with Retry-After (it takes no more uploads at once, or its database or broker
+# is briefly away; nothing was created, unless the detail says a job may have been created:
+# MAYBE_CREATED), or a gateway's rate limit answers 429 with Retry-After.
 UPLOAD_BUSY_WAIT_S = 120.0
 # In a 503's detail: the database went away as the job was committed, so it may exist and run
 # (services/ingest/submission.py maybe_created). Sent again with the same Idempotency-Key, the
-# upload gets that job if it was created; else it is reported as maybe accepted, not refused.
+# upload or rerun gets that job if it was created; else it is reported as maybe made, not refused.
 MAYBE_CREATED = re.compile(r"\bjob (\d+) may have been created\b")
 # Sends of one upload whose answer was lost (each with the same Idempotency-Key).
 UPLOAD_ATTEMPTS = 3
@@ -368,8 +371,7 @@ def sent_with_key(send: Callable[[dict[str, str]], httpx.Response], *, said_of: 
             if attempt == 1:
                 raise
             # Not sent again, but the first send, whose answer was lost, may have made it.
-            reason = exc if isinstance(exc, FileChanged) else (exc.strerror or exc)
-            raise AnswerLost(f"not sent again, it changed or cannot be read now ({reason})") from exc
+            raise not_sent_again(exc) from exc
         except httpx.TransportError as exc:
             # Not sent on the first attempt (no connection made): nothing reached the service, say
             # so. On a later one the service may be restarting, and may have made it already.
@@ -405,6 +407,48 @@ def sent_with_key(send: Callable[[dict[str, str]], httpx.Response], *, said_of: 
         # Refused now (busy or rate-limited past the wait, restarting), but an earlier send may
         # have made it.
         raise AnswerLost(f"sent again, it was answered {response.status_code}: {error_detail(response)}")
+    return response
+
+
+def not_sent_again(exc: FileChanged | OSError) -> AnswerLost:
+    """A file that changed or cannot be read as it was to be sent again, after a send that may have
+    made what it asked for."""
+    reason = exc if isinstance(exc, FileChanged) else (exc.strerror or exc)
+    return AnswerLost(f"not sent again, it changed or cannot be read now ({reason})")
+
+
+def sent_confirming(send: Callable[[dict[str, str]], httpx.Response], *, said_of: str = "", attempts: int = 2,
+                    busy_wait_s: float = 0, gateway_gave_up_means: str | None = None) -> httpx.Response:
+    """sent_with_key with these, for a request that makes a job: a 503 naming a job that may
+    have been created (MAYBE_CREATED: its COMMIT's answer lost, the database away since) is sent
+    again with the same key while the server asks to wait (busy_wait_s), and gets that job if it was
+    created. If no send confirms it, AnswerLost naming that job (the request may have been
+    accepted as it), not a refusal; so too where the file to send again changed or went meanwhile."""
+    maybe_created: list[str] = []
+
+    def sent(headers: dict[str, str]) -> httpx.Response:
+        try:
+            response = send(headers)
+        except (FileChanged, OSError) as exc:
+            if not maybe_created:
+                raise
+            raise not_sent_again(exc) from exc
+        if response.status_code == 503 and MAYBE_CREATED.search(error_detail(response)):
+            maybe_created.append(f"it was answered 503: {error_detail(response)}")
+        return response
+
+    try:
+        response = sent_with_key(sent, said_of=said_of, attempts=attempts, busy_wait_s=busy_wait_s,
+                                 gateway_gave_up_means=gateway_gave_up_means)
+    except (AnswerLost, httpx.TransportError) as exc:
+        if maybe_created:
+            then = (str(exc) if isinstance(exc, AnswerLost) else "the API could not be reached"
+                    if isinstance(exc, NOT_SENT) else lost_answer(exc))
+            raise AnswerLost(f"{maybe_created[0]}; then {then}") from exc
+        raise
+    if maybe_created and not response.is_success:
+        later = f"it was answered {response.status_code}: {error_detail(response)}"
+        raise AnswerLost(maybe_created[0] if later == maybe_created[0] else f"{maybe_created[0]}; then {later}")
     return response
 
 
@@ -471,7 +515,7 @@ NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.UnsupportedProtocol,
 
 def upload(client: httpx.Client, source: Path | str, fields: dict[str, str]) -> SubmittedJob:
     """Upload one file, or give the address the service fetches it from, sent with a key
-    (sent_with_key): again up to UPLOAD_ATTEMPTS times when its answer is lost, and while the
+    (sent_confirming): again up to UPLOAD_ATTEMPTS times when its answer is lost, and while the
     server is busy for up to UPLOAD_BUSY_WAIT_S. An address a gateway gave up on is not sent
     again: the service downloads and decodes it before it answers, so it may still be
     downloading, and a second send would start a second download of the same recording."""
@@ -483,29 +527,9 @@ def upload(client: httpx.Client, source: Path | str, fields: dict[str, str]) -> 
         def send(headers: dict[str, str]) -> httpx.Response:
             return _post_url(client, source, fields, headers)
         gateway_gave_up_means = "the service may still be fetching the address"
-    # A 503 naming a job that may have been created (its COMMIT's answer lost, the database away
-    # since): sent again with the same key while the server asks to wait, it gets that job if it
-    # was; if no send confirms it, the upload may have been accepted as that job, not refused.
-    maybe_created: list[str] = []
-
-    def sent(headers: dict[str, str]) -> httpx.Response:
-        response = send(headers)
-        if response.status_code == 503 and MAYBE_CREATED.search(error_detail(response)):
-            maybe_created.append(f"it was answered 503: {error_detail(response)}")
-        return response
-
-    try:
-        response = sent_with_key(sent, said_of=f"{escape(source_name(source))}: ", attempts=UPLOAD_ATTEMPTS,
-                                 busy_wait_s=UPLOAD_BUSY_WAIT_S, gateway_gave_up_means=gateway_gave_up_means)
-    except (AnswerLost, httpx.TransportError) as exc:
-        if maybe_created:
-            then = (str(exc) if isinstance(exc, AnswerLost) else "the API could not be reached"
-                    if isinstance(exc, NOT_SENT) else lost_answer(exc))
-            raise AnswerLost(f"{maybe_created[0]}; then {then}") from exc
-        raise
-    if maybe_created and not response.is_success:
-        later = f"it was answered {response.status_code}: {error_detail(response)}"
-        raise AnswerLost(maybe_created[0] if later == maybe_created[0] else f"{maybe_created[0]}; then {later}")
+    # A 503 naming a job that may have been created: the upload may have been accepted as that job.
+    response = sent_confirming(send, said_of=f"{escape(source_name(source))}: ", attempts=UPLOAD_ATTEMPTS,
+                               busy_wait_s=UPLOAD_BUSY_WAIT_S, gateway_gave_up_means=gateway_gave_up_means)
     accepted = checked(response).json()
     return SubmittedJob(id=int(accepted["id"]), filename=accepted.get("filename", source_name(source)))
 
@@ -550,13 +574,24 @@ def _post_url(client: httpx.Client, url: str, fields: dict[str, str], headers: d
 
 def _retry_after_s(response: httpx.Response) -> float | None:
     """Seconds a 503 (the service busy) or a 429 (a rate limit) asks to wait (its Retry-After, in
-    seconds), None for any other answer."""
-    if response.status_code not in (429, 503):
+    seconds or an HTTP date, as gateways' rate limits give it: the whole seconds until then), at
+    most UPLOAD_BUSY_WAIT_S; None for any other answer."""
+    if response.status_code not in (429, 503) or "retry-after" not in response.headers:
         return None
+    value = response.headers["retry-after"].strip()
     try:
-        return min(max(float(response.headers["retry-after"]), 0.0), UPLOAD_BUSY_WAIT_S)
-    except (KeyError, ValueError):
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        # An HTTP date is GMT; one written with -0000 is read without a zone.
+        when = when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+        seconds = math.ceil((when - datetime.now(UTC)).total_seconds())
+    if math.isnan(seconds):
         return None
+    return min(max(seconds, 0.0), UPLOAD_BUSY_WAIT_S)
 
 
 def _post_upload(client: httpx.Client, path: Path, fields: dict[str, str], headers: dict[str, str]) -> httpx.Response:
@@ -905,9 +940,11 @@ def rerun(
     unconfirmed = f"a new run of job {job_id} may have been made: see stt list before running it again"
     with api_client(api, api_key) as client, reporting_api_errors(api, unconfirmed):
         try:
-            accepted = checked(sent_with_key(lambda headers: client.post(
+            # Waited out as an upload is while the server is busy (its database briefly away), with
+            # the same key; a 503 naming a job that may have been created is a run that may exist.
+            accepted = checked(sent_confirming(lambda headers: client.post(
                 f"/transcripts/{job_id}/rerun", json={k: v for k, v in changes.items() if v is not None},
-                headers=headers))).json()
+                headers=headers), busy_wait_s=UPLOAD_BUSY_WAIT_S)).json()
         except KeyboardInterrupt:
             stderr.print(Text(f"stopped before the API answered; {unconfirmed}", style="red"))
             raise typer.Exit(130) from None
@@ -1269,10 +1306,18 @@ def reindex(
 ) -> None:
     """Re-embed stored transcripts with the embedding model the services now use (resumable)."""
     with reporting_api_errors(api), api_client(api, api_key) as client:
-        progress = checked(client.post("/admin/reindex")).json()
-        stderr.print(f"re-embedding with {progress['model']}: {progress['pending_segments']} segments to do")
+        progress: dict | None = None
+        try:
+            progress = checked(client.post("/admin/reindex")).json()
+        except httpx.ReadTimeout as exc:
+            # The server may count every segment before it answers (an hour on a big store): the
+            # run has likely started. It is followed (or, with --no-wait, asked about) as below.
+            stderr.print(f"POST /admin/reindex: {escape(lost_answer(exc))}; the run may have started:"
+                         f" {'following it' if wait else 'asking how far it is'}")
+        else:
+            stderr.print(f"re-embedding with {progress['model']}: {progress['pending_segments']} segments to do")
         answered_at = time.monotonic()
-        while wait and progress["running"]:
+        while progress is None or (wait and progress["running"]):
             time.sleep(1)
             # A run takes hours: one proxy's 502 or a dropped connection is waited out as when
             # following a job, not taken for the run's end (the run goes on on the server).

@@ -16,7 +16,8 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -596,11 +597,14 @@ class QuietHandler(BaseHTTPRequestHandler):
         pass
 
 
-def send_json(handler: BaseHTTPRequestHandler, status: int, body: object) -> None:
+def send_json(handler: BaseHTTPRequestHandler, status: int, body: object,
+              headers: dict[str, str] | None = None) -> None:
     data = json.dumps(body).encode()
     handler.send_response(status)
     handler.send_header("Content-Type", "application/json")
     handler.send_header("Content-Length", str(len(data)))
+    for header, value in (headers or {}).items():
+        handler.send_header(header, value)
     handler.end_headers()
     handler.wfile.write(data)
 
@@ -967,8 +971,10 @@ def test_a_reindex_being_followed_waits_out_a_proxys_bad_gateway():
 
 
 def test_a_reindex_that_stops_with_segments_to_do_exits_1_saying_what_to_do():
-    """A run ends without an error while segments are left in another model (the embedder, not
-    switched, embeds new jobs with the old one): `stt reindex` said "(stopped)" and exited 0."""
+    """A run ends without an error while segments of its jobs are left (one ended just as it
+    finished), or having seen the embedder, not switched, embed new jobs with the old model:
+    `stt reindex` said "(stopped)" and exited 0. It exits 1, saying to run it again, and to switch
+    the embedder only where the run saw it not switched."""
     answers = {("POST", "/admin/reindex"): [reindex_progress(True, 10)],
                ("GET", "/admin/reindex"): [reindex_progress(False, 3)]}
     with StandInApi(answers) as api:
@@ -976,9 +982,43 @@ def test_a_reindex_that_stops_with_segments_to_do_exits_1_saying_what_to_do():
     said = " ".join(result.output.split())
     assert result.exit_code == 1, said
     assert "7 segments embedded with all-minilm, 3 to do (stopped)" in said, said
-    assert ("error: the run stopped with 3 segments not embedded with all-minilm: where the embedder still"
-            " embeds new jobs with another model, switch it (EMBEDDING_BACKEND, MODEL_NAME_EMBEDDED,"
-            " LOCAL_EMBEDDING_MODEL); then run stt reindex again") in " ".join(said.split()), said
+    assert ("error: the run ended with 3 segments of its jobs not embedded with all-minilm (jobs that ended as it"
+            " finished); run stt reindex again") in said and "switch" not in said, said
+    not_switched = (200, {**reindex_progress(False, 0)[1], "embedder_not_switched": True})
+    with StandInApi({("POST", "/admin/reindex"): [reindex_progress(True, 10)],
+                     ("GET", "/admin/reindex"): [not_switched]}) as api:
+        result = CliRunner().invoke(app, ["reindex", "--api", api])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 1 and "0 to do (stopped)" in said, said
+    assert "the embedder was not switched; switch it" in said, said
+
+
+def test_a_reindex_whose_start_is_not_answered_in_time_is_followed(monkeypatch):
+    """POST /admin/reindex may count every segment before it answers (an hour on a big store): its
+    read timeout printed "did not answer within 30 s" and exited 1, though the run had started. It
+    is said that the run may have started, and the run is followed (asked about, with --no-wait)."""
+    from cli import app as cli
+
+    monkeypatch.setattr(cli, "REQUEST_TIMEOUT", httpx.Timeout(0.2, connect=5))
+    slow_start = {("POST", "/admin/reindex"): 1.0}
+    followed = StandInApi({("POST", "/admin/reindex"): [reindex_progress(True, 10)],
+                           ("GET", "/admin/reindex"): [reindex_progress(True, 4), reindex_progress(False, 0)]},
+                          delays=slow_start)
+    with followed as api:
+        result = CliRunner().invoke(app, ["reindex", "--api", api])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 0, said
+    assert ("POST /admin/reindex: the API did not answer within 0.2 s; the run may have started: following it"
+            in said), said
+    assert "10 segments embedded with all-minilm, 0 to do (done)" in said, said
+    asked = StandInApi({("POST", "/admin/reindex"): [reindex_progress(True, 10)],
+                        ("GET", "/admin/reindex"): [reindex_progress(True, 4)]}, delays=slow_start)
+    with asked as api:
+        result = CliRunner().invoke(app, ["reindex", "--no-wait", "--api", api])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 0 and "the run may have started: asking how far it is" in said, said
+    assert "6 segments embedded with all-minilm, 4 to do (running)" in said, said
+    assert [method for method, _, _ in asked.requests] == ["POST", "GET"], asked.requests
 
 
 def test_search_highlights_are_unescaped_and_only_the_servers_marks_highlight():
@@ -1101,6 +1141,38 @@ def test_an_upload_answered_that_its_job_may_have_been_created_is_not_refused(fi
     with StandInApi({("POST", "/recognize"): [maybe, (202, {"id": 12, "filename": "jfk.flac"})]}) as api:
         result = CliRunner().invoke(app, ["submit", str(fixtures_dir / "jfk.flac"), "--no-wait", "--api", api])
     assert result.exit_code == 0 and result.stdout.strip() == "12", result.output
+
+
+def test_a_rerun_waits_out_a_busy_server_and_a_run_that_may_have_been_made_is_said_so(monkeypatch):
+    """`stt rerun` took a 503 or 429 with Retry-After (the database briefly away, a rate limit) as
+    its end, exit 1, its Idempotency-Key thrown away: after a 503 naming a job that may have been
+    created, running it again could make a second run. It waits them out as submit does, with the
+    same key (getting that job if it was created); never confirmed, it says a new run may have been
+    made, naming the job."""
+    from cli import app as cli
+
+    monkeypatch.setattr(cli, "UPLOAD_BUSY_WAIT_S", 1.0)
+    route = ("POST", "/transcripts/5/rerun")
+    maybe = (503, {"detail": MAYBE_CREATED_DETAIL}, {"Retry-After": "0.2"})
+    limited = (429, {"detail": "rate limited"}, {"Retry-After": "0.2"})
+    confirmed = StandInApi({route: [limited, maybe, (202, {"id": 12, "filename": "a.wav"})]})
+    with confirmed as api:
+        result = CliRunner().invoke(app, ["rerun", "5", "--no-wait", "--api", api])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 0 and result.stdout.strip() == "12", said
+    assert said.count("the server is busy, trying again in 0.2 s") == 2, said
+    assert len(confirmed.requests) == 3, confirmed.requests
+    assert len({headers["Idempotency-Key"] for headers in confirmed.headers}) == 1
+
+    never = StandInApi({route: [maybe]})
+    with never as api:
+        result = CliRunner().invoke(app, ["rerun", "5", "--no-wait", "--api", api])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 1 and result.stdout == "", said
+    assert ("it was answered 503: the job could not be confirmed (ConnectionDoesNotExistError): job 12 may have been"
+            " created") in said, said
+    assert "a new run of job 5 may have been made: see stt list before running it again" in said, said
+    assert len(never.requests) >= 2 and len({headers["Idempotency-Key"] for headers in never.headers}) == 1
 
 
 def test_the_apis_password_is_never_printed(fixtures_dir):
@@ -1511,6 +1583,46 @@ def test_a_file_gone_before_it_is_sent_again_may_have_been_accepted_by_its_first
     assert "it may have been accepted: see stt list before sending it again" in said, said
 
 
+def test_a_file_that_changes_or_goes_after_its_job_may_have_been_created_may_have_been_accepted(tmp_path):
+    """After a 503 naming a job that may have been created, a file removed during the Retry-After
+    wait (or changed as it was sent again) was said "not sent": the wait counts as no attempt, so
+    its error was taken for a first send's. Yet the job may exist, and submitting it again would
+    make a second: it is said that it may have been accepted, naming the job."""
+    size = 32 * 1024 * 1024
+    goes, shrinks = tmp_path / "goes.wav", tmp_path / "shrinks.wav"
+    goes.write_bytes(b"\0" * 1000)
+    with shrinks.open("wb") as file:
+        file.truncate(size)
+    sends: dict[str, int] = {}
+
+    class Handler(QuietHandler):
+        def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+            length = int(self.headers["Content-Length"])
+            first = self.rfile.read(min(length, 64 * 1024))
+            filename = re.search(rb'filename="([^"]+)"', first).group(1).decode()
+            sends[filename] = sends.get(filename, 0) + 1
+            if sends[filename] > 1:
+                os.truncate(shrinks, 1024 * 1024)  # as it is sent again
+            got = len(first)
+            while got < length and (data := self.rfile.read1(min(1 << 20, length - got))):
+                got += len(data)
+            if got < length:
+                return  # the client gave up on it
+            goes.unlink(missing_ok=True)  # before the client sends it again
+            send_json(self, 503, {"detail": MAYBE_CREATED_DETAIL}, {"Retry-After": "0.2"})
+
+    with LocalServer(Handler) as api:
+        result = CliRunner().invoke(app, ["submit", "--no-wait", str(goes), str(shrinks), "--api", api])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 1 and "Traceback" not in said and "not sent," not in said, said
+    assert sends == {"goes.wav": 1, "shrinks.wav": 2}, sends
+    maybe = "it was answered 503: the job could not be confirmed (ConnectionDoesNotExistError): job 12 may have been"
+    assert (f"goes.wav: {maybe}" in said and "then not sent again, it changed or cannot be read now (No such file or"
+            " directory); it may have been accepted: see stt list before sending it again" in said), said
+    assert (f"shrinks.wav: {maybe}" in said and f"then not sent again, it changed or cannot be read now (it shrank"
+            f" below the {size} bytes it had when its upload began); it may have been accepted" in said), said
+
+
 def test_an_api_key_with_a_user_in_the_api_address_is_refused():
     """httpx sends an address's user and password (https://user:pw@host, or a token as the user) as
     Basic auth, which silently took the place of `Authorization: Bearer <key>` from --api-key."""
@@ -1664,6 +1776,36 @@ def test_a_rate_limit_that_says_how_long_to_wait_is_waited_out(monkeypatch):
     assert "the server is busy, trying again in 1 s" in said and "refused" not in said, said
     assert result.exit_code == 0 and "job 7: a.wav (no speech)" in said, said
     assert took_s >= 4, took_s  # 1 s before the upload again, then 1 s after each 429 while following
+
+
+def test_a_retry_after_given_as_a_date_is_waited_out():
+    """RFC 9110 lets Retry-After be an HTTP date (Wed, 09 Dec 2026 10:00:00 GMT), as gateways' 429s
+    give it: it was not read (float() of it failed), and the upload was refused at once. It is the
+    whole seconds from now to then, kept within the busy wait as the seconds form is."""
+    from cli import app as cli
+    from cli.app import ApiError, checked
+
+    def retry_after(seconds: float) -> dict[str, str]:
+        return {"Retry-After": format_datetime(datetime.now(UTC) + timedelta(seconds=seconds), usegmt=True)}
+
+    answers = {("POST", "/recognize"): [(429, {"detail": "rate limited"}, retry_after(2)),
+                                        (202, {"id": 7, "filename": "a.wav"})]}
+    with StandInApi(answers) as api:
+        started = time.monotonic()
+        result = CliRunner().invoke(app, ["submit", "--no-wait", "https://example.com/a.wav", "--api", api])
+        took_s = time.monotonic() - started
+    said = " ".join(result.output.split())
+    assert result.exit_code == 0 and "refused" not in said and "accepted as job 7" in said, said
+    assert re.search(r"the server is busy, trying again in [12] s", said), said
+    assert took_s >= 0.9, took_s
+
+    waits = {}
+    for name, seconds in (("far", 3600), ("past", -60)):
+        with StandInApi({("GET", "/status/7"): [(503, {"detail": "busy"}, retry_after(seconds))]}) as api, \
+                httpx.Client(base_url=api) as client, pytest.raises(ApiError) as raised:
+            checked(client.get("/status/7"))
+        waits[name] = raised.value.retry_after_s
+    assert waits == {"far": cli.UPLOAD_BUSY_WAIT_S, "past": 0.0}, waits
 
 
 def test_an_address_with_a_password_or_token_never_prints_it_even_without_its_scheme():
