@@ -2256,10 +2256,11 @@ def test_what_an_action_came_to_stays_said_while_the_job_runs_on(stack, browser)
         }""")
         stack.query("UPDATE transcripts SET progress = 0.3 WHERE id = $1", job_id)
         row.locator(".state", has_text="transcribing 30%").wait_for(timeout=10_000)
-        page.wait_for_timeout(2_000)  # both streams (the list's and the transcript's) have told of it
-        assert page.evaluate("window.statusWrites") == 0 and status.inner_text() == "Processing…"
-        # The percent is shown in a line of its own, in no live region.
+        # The percent is shown in a line of its own, in no live region: once the transcript's own
+        # stream has told of it, the status line was not written.
         progress = page.locator("#transcript-progress")
+        progress.filter(has_text="transcribing: 30%").wait_for(timeout=10_000)
+        assert page.evaluate("window.statusWrites") == 0 and status.inner_text() == "Processing…"
         assert progress.inner_text() == "transcribing: 30%"
         assert page.evaluate("!document.querySelector('#transcript-progress')"
                              ".closest('[aria-live], [role=status], [role=alert], [role=log]')")
@@ -2269,9 +2270,8 @@ def test_what_an_action_came_to_stays_said_while_the_job_runs_on(stack, browser)
 
         stack.query("UPDATE transcripts SET progress = 0.4 WHERE id = $1", job_id)
         row.locator(".state", has_text="transcribing 40%").wait_for(timeout=10_000)
-        page.wait_for_timeout(2_000)  # both streams (the list's and the transcript's) have told of it
+        progress.filter(has_text="transcribing: 40%").wait_for(timeout=10_000)  # shown all the same
         assert "cannot hold a comma" in status.inner_text()
-        assert progress.inner_text() == "transcribing: 40%"  # shown all the same
 
         # Acting again says what that came to, which stays in its turn.
         page.fill("#name-spk_0", "Anna")

@@ -422,12 +422,16 @@ def test_a_run_its_ingest_stopped_midway_is_reported_as_interrupted(keyed):
 
 
 def stt_reindex_under_way(stack, admin: httpx.Client) -> subprocess.Popen:
-    """`stt reindex` as the admin, once the run it started is under way."""
+    """`stt reindex` as the admin, once the run it started is under way and has recorded the jobs
+    it covers."""
     env = {**os.environ, "STT_API_URL": stack.api, "STT_API_KEY": ADMIN}
     following = subprocess.Popen([str(Path(sys.executable).parent / "stt"), "reindex"], env=env,
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
-    while not (progress := admin.get(f"{stack.api}/admin/reindex").json())["running"]:
+    # Running, and its row written: the jobs it covers are fixed then (a job made after is not its).
+    while not ((progress := admin.get(f"{stack.api}/admin/reindex").json())["running"] and stack.value(
+            "SELECT bounds_started_at = started_at AND ended_at IS NULL FROM reindex_runs WHERE model = $1",
+            progress["model"])):
         if time.monotonic() > deadline or following.poll() is not None:
             following.kill()
             raise AssertionError((progress, following.communicate()))

@@ -25,6 +25,7 @@ const state = {
   translated: false,  // the open transcript's text is Whisper's English translation
   searches: 0,  // searches asked for: an answer to any but the last is dropped
   searchMore: null,  // { path, cursor }: where "More results" of the last search goes on from
+  hitsShown: new Set(),  // the hits of the last search on the page, so a later page shows none again
   redacting: null,  // the job whose recording the server last said is being redacted (markRedacting)
   correctionForms: 0,  // correction forms made: each one's reason has an id of its own
   said: null,  // { job, status }: what the user's last action came to is in the status line (sayInStatusLine)
@@ -1675,6 +1676,7 @@ async function search(event) {
   const list = $("#hits");
   list.innerHTML = "";
   state.searchMore = null;
+  state.hitsShown = new Set();
   $("#more-hits").hidden = true;
   const asked = ++state.searches;
   if (!query) return;
@@ -1717,6 +1719,11 @@ async function search(event) {
 function showHits(page, path) {
   const list = $("#hits");
   for (const hit of page.items) {
+    // Pages are cut from the ranking as it is when each is asked: a segment stored meanwhile moves
+    // the others down, and one already shown would come again on the next page.
+    const seen = `${hit.transcript_id} ${hit.start_ts} ${hit.speaker} ${hit.text}`;
+    if (state.hitsShown.has(seen)) continue;
+    state.hitsShown.add(seen);
     const item = document.createElement("li");
     const button = document.createElement("button");
     button.type = "button";
