@@ -270,9 +270,9 @@ async def set_speaker_names(conn: asyncpg.Connection, job_id: int, names: dict[s
 
 async def job_audio(db: Db, job_id: int) -> asyncpg.Record | None:
     """filename, audio_key, owner, audio_removed_at and audio_redacted_at of a job (the uploaded
-    recording), with its status, options, duration, audio_redaction_due and redaction_pending
-    (that of redaction_pending())."""
-    return await db.fetchrow("SELECT filename, audio_key, owner, audio_removed_at, audio_redacted_at, status,"
+    recording), with its status, error, options, duration, audio_redaction_due and
+    redaction_pending (that of redaction_pending())."""
+    return await db.fetchrow("SELECT filename, audio_key, owner, audio_removed_at, audio_redacted_at, status, error,"
                              " options, duration, audio_redaction_due,"
                              f" (status = 'done' AND {_RECORDING_TO_REDACT}) AS redaction_pending"
                              " FROM transcripts WHERE id = $1", job_id)

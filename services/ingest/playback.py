@@ -205,9 +205,8 @@ async def redaction_asked(state: State, job_id: int, job) -> bool:
     return bool(await jobstore.redacted_word_times(state.pool, job_id))
 
 
-async def _not_redacted(state: State, job_id: int) -> str:
-    job = await jobstore.job(state.pool, job_id)
-    ended = "was stopped" if job is not None and job["error"] == "cancelled" else "failed"
+def _not_redacted(job_id: int, job) -> str:
+    ended = "was stopped" if job["error"] == "cancelled" else "failed"
     return (f"the recording of job {job_id} is not played: the job asked for redaction, and it {ended} before its"
             " recording was redacted (only a job that ends done has it redacted). Its transcript is kept; run it"
             " again to have the recording redacted, or delete it")
@@ -250,7 +249,7 @@ async def _recording(job_id: int, state: State, request: Request, headers_only: 
         # Only a job that ends done has its recording redacted: one stopped or failed keeps the
         # upload, with what its transcript shows as [CARD] or [PHONE] audible, for good.
         raise HTTPException(status_code=409, headers={"Cache-Control": "no-store"},
-                            detail=await _not_redacted(state, job_id))
+                            detail=_not_redacted(job_id, job))
     try:
         # Read before answering: a recording removed meanwhile (DELETE, retention) is then a 404,
         # not a 200 whose body breaks off.
